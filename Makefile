@@ -1,0 +1,37 @@
+# Every target sets itself up: a .venv in the repository with the package installed editable.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# A CPU build of torch that lies on these machines' disk; an unpinned torch pulls a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+# The Triton release of the GPU machines, so the interpreter tests and AOT compiles match what runs there.
+TRITON_SPEC ?= triton==3.6.0
+# Triton 3.6's interpreter calls int() on 1-element arrays, which numpy 2.4 refuses.
+NUMPY_SPEC ?= numpy<2.4
+STAMP := $(VENV)/.kdfast-installed
+
+.PHONY: setup test bench lint build clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]" "$(TRITON_SPEC)" "$(NUMPY_SPEC)"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(VENV)/bin/kdfast bench
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+build: setup
+	$(VENV)/bin/kdfast build
+
+clean:
+	rm -rf $(VENV) build *.egg-info

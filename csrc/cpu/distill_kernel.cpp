@@ -1,0 +1,315 @@
+// CPU distillation row kernel (DESIGN.md, "Algorithms"). Per row:
+//   pass 0  max of both rows (the only pass that reads memory; 16-bit rows are widened into scratch here)
+//   pass 1  tempered exps into a per-thread scratch row that stays in L2, and their sums
+//   pass 2  per-element loss terms; writes the gradient for forward/reverse KL, whose gradient needs only
+//           pass-1 statistics; for JSD and the skews stores u_j = q_j * dL/dq_j and U = sum u
+//   pass 3  (JSD, skews) gradient q_j-chain: dL/da_j = u_j - q_j * U
+// The student gradient is (kd_scale / T) * dL/da + ce_weight * (softmax(s) - onehot(label)), times the
+// reduction's scale.
+#include "distill_kernel.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "simd_math.h"
+
+namespace kdfast_cpu {
+namespace {
+
+struct Scratch {
+  std::vector<float> student, teacher, exp_student, exp_teacher, exp_ce;
+  void reserve(int64_t vocab) {
+    for (auto* buffer : {&student, &teacher, &exp_student, &exp_teacher, &exp_ce}) {
+      if (static_cast<int64_t>(buffer->size()) < vocab) buffer->resize(vocab);
+    }
+  }
+};
+
+template <typename T>
+const float* widen_row(const T* row, int64_t vocab, std::vector<float>& out) {
+  float* dst = out.data();
+  for (int64_t j = 0; j < vocab; ++j) dst[j] = to_float(row[j]);
+  return dst;
+}
+const float* widen_row(const float* row, int64_t, std::vector<float>&) { return row; }
+
+// Runs body(j, F{}) over a row: F = VFloat on full vector blocks, then F = float on the tail.
+template <typename Body>
+inline void for_lanes(int64_t vocab, Body&& body) {
+  int64_t j = 0;
+  for (; j + kLanes <= vocab; j += kLanes) body(j, VFloat{});
+  for (; j < vocab; ++j) body(j, 0.0f);
+}
+
+// Vector accumulators; the scalar tail adds into lane 0.
+inline void accumulate(VFloat& acc, VFloat value) { acc += value; }
+inline void accumulate(VFloat& acc, float value) { acc[0] += value; }
+
+float row_max(const float* x, int64_t vocab) {
+  VFloat best = splat<VFloat>(-INFINITY);
+  float tail = -INFINITY;
+  for_lanes(vocab, [&](int64_t j, auto zero) {
+    using F = decltype(zero);
+    const F v = load<F>(x + j);
+    if constexpr (std::is_same_v<F, VFloat>) {
+      best = v > best ? v : best;
+    } else {
+      tail = v > tail ? v : tail;
+    }
+  });
+  const float head = horizontal_max(best);
+  return head > tail ? head : tail;
+}
+
+// 0 * (anything) = 0: a zero probability adds nothing even against a log of -inf.
+template <typename F>
+inline F weighted(F prob, F log_ratio) {
+  return prob == 0.0f ? splat<F>(0.0f) : prob * log_ratio;
+}
+
+struct RowStats {
+  float max_s, max_t, log_z_s, log_z_t, inv_z_s, inv_z_t, log_z_ce, inv_z_ce, reverse_kl;
+};
+
+RowStats exp_pass(const float* s, const float* t, const DistillArgs& a, Scratch& w) {
+  const int64_t vocab = a.vocab;
+  const float inv_t = a.inv_temperature;
+  RowStats st{};
+  st.max_s = row_max(s, vocab);
+  float* es = w.exp_student.data();
+  float* et = w.exp_teacher.data();
+  float* ec = w.exp_ce.data();
+  VFloat z_s_acc{}, z_t_acc{}, z_ce_acc{}, rkl_acc{};
+  const float ms = st.max_s;
+  if (a.has_kd) {
+    st.max_t = row_max(t, vocab);
+    const float mt = st.max_t;
+    const bool want_rkl = a.divergence == kReverseKL;
+    const bool ce_squared = a.has_ce && a.temperature_power == 2;
+    for_lanes(vocab, [&](int64_t j, auto zero) {
+      using F = decltype(zero);
+      const F ds = (load<F>(s + j) - ms) * inv_t;
+      const F dt = (load<F>(t + j) - mt) * inv_t;
+      const F e_s = fast_exp(ds);
+      const F e_t = fast_exp(dt);
+      store(es + j, e_s);
+      store(et + j, e_t);
+      accumulate(z_s_acc, e_s);
+      accumulate(z_t_acc, e_t);
+      // Centred on both maxima so that a constant offset between the models cannot cancel away digits.
+      if (want_rkl) accumulate(rkl_acc, weighted(e_s, ds - dt));
+      if (ce_squared) accumulate(z_ce_acc, e_s * e_s);  // exp(s - m) = exp((s - m) / 2)^2
+    });
+  }
+  const float z_s = horizontal_sum(z_s_acc), z_t = horizontal_sum(z_t_acc);
+  if (a.has_ce && !(a.has_kd && a.temperature_power == 2)) {
+    if (a.has_kd && a.temperature_power == 1) {
+      z_ce_acc = splat<VFloat>(0.0f);
+      z_ce_acc[0] = z_s;
+    } else {
+      for_lanes(vocab, [&](int64_t j, auto zero) {
+        using F = decltype(zero);
+        const F e = fast_exp(load<F>(s + j) - ms);
+        store(ec + j, e);
+        accumulate(z_ce_acc, e);
+      });
+    }
+  }
+  const float z_ce = horizontal_sum(z_ce_acc);
+  st.log_z_s = std::log(z_s);
+  st.log_z_t = std::log(z_t);
+  st.inv_z_s = 1.0f / z_s;
+  st.inv_z_t = 1.0f / z_t;
+  st.log_z_ce = std::log(z_ce);
+  st.inv_z_ce = 1.0f / z_ce;
+  st.reverse_kl = horizontal_sum(rkl_acc) * st.inv_z_s - st.log_z_s + st.log_z_t;
+  return st;
+}
+
+// How the gradient pass finds softmax(s)_j at temperature 1: from the tempered exps (T = 1: as they are,
+// T = 2: squared) or from the separate exps pass 1 kept. A template parameter, so each loop is branch-free.
+enum CeSource : int { kNoCe = 0, kCeFromTempered = 1, kCeFromTemperedSquared = 2, kCeFromOwnExps = 3 };
+
+// Pass 2: the divergence value; stores u_j in the teacher-exp slot (read just before) when pass 3 needs it,
+// or writes the KD part of the gradient (unscaled) into kd_grad for the two-pass divergences.
+float divergence_pass(const float* s, const float* t, const DistillArgs& a, const RowStats& st, Scratch& w,
+                      float* kd_grad, float* u_sum) {
+  const int64_t vocab = a.vocab;
+  const float inv_t = a.inv_temperature, beta = a.beta;
+  const float log_beta = beta > 0.0f ? std::log(beta) : -INFINITY;
+  const float log_1m_beta = beta < 1.0f ? std::log1p(-beta) : -INFINITY;
+  const float* es = w.exp_student.data();
+  float* et = w.exp_teacher.data();
+  VFloat kd_acc{}, u_acc{};
+  const float ms = st.max_s, mt = st.max_t;
+  const int divergence = a.divergence;
+  // Per-element loss terms; each case is branch-free inside, the switch is per block.
+  for_lanes(vocab, [&](int64_t j, auto zero) {
+    using F = decltype(zero);
+    const F q = load<F>(es + j) * st.inv_z_s;
+    const F ls = (load<F>(s + j) - ms) * inv_t - st.log_z_s;
+    const F lt = (load<F>(t + j) - mt) * inv_t - st.log_z_t;
+    switch (divergence) {
+      case kForwardKL: {
+        const F p = load<F>(et + j) * st.inv_z_t;
+        accumulate(kd_acc, weighted(p, lt - ls));
+        store(kd_grad + j, q - p);
+        break;
+      }
+      case kReverseKL:
+        store(kd_grad + j, weighted(q, ls - lt - st.reverse_kl));
+        break;
+      case kJSD: {
+        const F p = load<F>(et + j) * st.inv_z_t;
+        const F lm = log_add_exp(lt + log_beta, ls + log_1m_beta);
+        const F q_term = weighted(q, ls - lm);
+        accumulate(kd_acc, beta * weighted(p, lt - lm) + (1.0f - beta) * q_term);
+        const F u = (1.0f - beta) * q_term;  // q * dL/dq
+        store(et + j, u);
+        accumulate(u_acc, u);
+        break;
+      }
+      case kSkewForwardKL: {
+        const F p = load<F>(et + j) * st.inv_z_t;
+        const F lm = log_add_exp(lt + log_beta, ls + log_1m_beta);
+        accumulate(kd_acc, weighted(p, lt - lm));
+        const F u = -(1.0f - beta) * weighted(q, fast_exp(lt - lm));  // -(1-b) q p / m
+        store(et + j, u);
+        accumulate(u_acc, u);
+        break;
+      }
+      default: {  // kSkewReverseKL
+        const F lm = log_add_exp(ls + log_beta, lt + log_1m_beta);
+        accumulate(kd_acc, weighted(q, ls - lm));
+        const F u = weighted(q, ls - lm - beta * fast_exp(ls - lm));  // q * dL/dq
+        store(et + j, u);
+        accumulate(u_acc, u);
+        break;
+      }
+    }
+  });
+  const float usum = horizontal_sum(u_acc);
+  const float kd = divergence == kReverseKL ? st.reverse_kl : horizontal_sum(kd_acc);
+  *u_sum = usum;
+  return kd;
+}
+
+template <bool kThreePass, int kCe, typename GradT>
+void write_gradient_loop(GradT* g, const float* kd_grad_or_u, float u_sum, float kd_coef, float ce_coef,
+                         const RowStats& st, const Scratch& w, int64_t vocab) {
+  const float* es = w.exp_student.data();
+  const float* ec = w.exp_ce.data();
+  const float q_u = st.inv_z_s * u_sum;
+  for_lanes(vocab, [&](int64_t j, auto zero) {
+    using F = decltype(zero);
+    F kd_part = load<F>(kd_grad_or_u + j);
+    if constexpr (kThreePass) kd_part = kd_part - load<F>(es + j) * q_u;
+    F ce_part = zero;
+    if constexpr (kCe == kCeFromTempered) ce_part = load<F>(es + j) * st.inv_z_ce;
+    if constexpr (kCe == kCeFromTemperedSquared) ce_part = load<F>(es + j) * load<F>(es + j) * st.inv_z_ce;
+    if constexpr (kCe == kCeFromOwnExps) ce_part = load<F>(ec + j) * st.inv_z_ce;
+    store_grad(g + j, kd_coef * kd_part + ce_coef * ce_part);
+  });
+}
+
+template <int kCe, typename GradT>
+void write_gradient_ce(GradT* g, const float* kd_grad_or_u, bool three_pass, float u_sum, float kd_coef,
+                       float ce_coef, const RowStats& st, const Scratch& w, int64_t vocab) {
+  if (three_pass) {
+    write_gradient_loop<true, kCe>(g, kd_grad_or_u, u_sum, kd_coef, ce_coef, st, w, vocab);
+  } else {
+    write_gradient_loop<false, kCe>(g, kd_grad_or_u, u_sum, kd_coef, ce_coef, st, w, vocab);
+  }
+}
+
+template <typename GradT>
+void write_gradient(GradT* g, const float* kd_grad_or_u, bool three_pass, float u_sum, int64_t label,
+                    float row_scale, const DistillArgs& a, const RowStats& st, const Scratch& w) {
+  const float kd_coef = a.has_kd ? row_scale * a.kd_scale * a.inv_temperature : 0.0f;
+  const float ce_coef = a.has_ce ? row_scale * a.ce_weight : 0.0f;
+  if (!a.has_kd) {  // CE only: the kd buffer was never filled; zero coefficient alone would read garbage*0
+    write_gradient_loop<false, kCeFromOwnExps>(g, w.exp_ce.data(), 0.0f, 0.0f, ce_coef, st, w, a.vocab);
+  } else if (!a.has_ce) {
+    write_gradient_ce<kNoCe>(g, kd_grad_or_u, three_pass, u_sum, kd_coef, ce_coef, st, w, a.vocab);
+  } else if (a.temperature_power == 1) {
+    write_gradient_ce<kCeFromTempered>(g, kd_grad_or_u, three_pass, u_sum, kd_coef, ce_coef, st, w, a.vocab);
+  } else if (a.temperature_power == 2) {
+    write_gradient_ce<kCeFromTemperedSquared>(g, kd_grad_or_u, three_pass, u_sum, kd_coef, ce_coef, st, w,
+                                              a.vocab);
+  } else {
+    write_gradient_ce<kCeFromOwnExps>(g, kd_grad_or_u, three_pass, u_sum, kd_coef, ce_coef, st, w, a.vocab);
+  }
+  if (a.has_ce) from_float(to_float(g[label]) - ce_coef, &g[label]);
+}
+
+template <typename GradT>
+float process_row(const float* s, const float* t, int64_t label, float row_scale, GradT* g,
+                  const DistillArgs& a, Scratch& w) {
+  const RowStats st = exp_pass(s, t, a, w);
+  float kd = 0.0f, u_sum = 0.0f;
+  const bool three_pass = a.divergence != kForwardKL && a.divergence != kReverseKL;
+  // Two-pass divergences write their KD gradient into the teacher-exp slot once it has been read.
+  float* kd_grad = w.exp_teacher.data();
+  if (a.has_kd) kd = divergence_pass(s, t, a, st, w, kd_grad, &u_sum);
+  float ce = 0.0f;
+  if (a.has_ce) ce = st.log_z_ce - (s[label] - st.max_s);
+  if (g != nullptr) write_gradient(g, kd_grad, three_pass, u_sum, label, row_scale, a, st, w);
+  return a.kd_scale * kd + a.ce_weight * ce;
+}
+
+template <typename GradT>
+void zero_row(GradT* g, int64_t vocab) {
+  for (int64_t j = 0; j < vocab; ++j) from_float(0.0f, &g[j]);
+}
+
+template <typename StudentT, typename TeacherT>
+void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
+  thread_local Scratch scratch;
+  scratch.reserve(a.vocab);
+  const float row_scale = a.grad != nullptr ? *a.grad_scale : 0.0f;
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t b = row / a.rows_per_batch, r = row % a.rows_per_batch;
+    const StudentT* s_raw = static_cast<const StudentT*>(a.student) + b * a.student_stride_b + r * a.student_stride_r;
+    const TeacherT* t_raw = static_cast<const TeacherT*>(a.teacher) + b * a.teacher_stride_b + r * a.teacher_stride_r;
+    StudentT* g = a.grad == nullptr ? nullptr
+                                    : static_cast<StudentT*>(a.grad) + b * a.grad_stride_b + r * a.grad_stride_r;
+    const int64_t label = a.labels != nullptr ? a.labels[row] : 0;
+    if (a.labels != nullptr && label == a.ignore_index) {
+      a.loss_rows[row] = 0.0f;
+      if (g != nullptr) zero_row(g, a.vocab);
+      continue;
+    }
+    if (a.has_ce && (label < 0 || label >= a.vocab)) {  // the host check refuses these; never read out of bounds
+      a.loss_rows[row] = std::numeric_limits<float>::quiet_NaN();
+      if (g != nullptr) zero_row(g, a.vocab);
+      continue;
+    }
+    const float* s = widen_row(s_raw, a.vocab, scratch.student);
+    const float* t = a.has_kd ? widen_row(t_raw, a.vocab, scratch.teacher) : nullptr;
+    a.loss_rows[row] = process_row(s, t, label, row_scale, g, a, scratch);
+  }
+}
+
+template <typename StudentT>
+void dispatch_teacher(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
+  switch (a.teacher_kind) {
+    case ScalarKind::kFloat32: return run_rows<StudentT, float>(a, row_begin, row_end);
+    case ScalarKind::kBFloat16: return run_rows<StudentT, BFloat16>(a, row_begin, row_end);
+    case ScalarKind::kFloat16: return run_rows<StudentT, Float16>(a, row_begin, row_end);
+  }
+}
+
+}  // namespace
+
+void distill_rows_cpu(const DistillArgs& args, int64_t row_begin, int64_t row_end) {
+  switch (args.student_kind) {
+    case ScalarKind::kFloat32: return dispatch_teacher<float>(args, row_begin, row_end);
+    case ScalarKind::kBFloat16: return dispatch_teacher<BFloat16>(args, row_begin, row_end);
+    case ScalarKind::kFloat16: return dispatch_teacher<Float16>(args, row_begin, row_end);
+  }
+}
+
+}  // namespace kdfast_cpu

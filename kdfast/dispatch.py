@@ -1,0 +1,59 @@
+"""Backend choice: `backend=` argument, else KDFAST_BACKEND, else by device (DESIGN.md, "Backends")."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kdfast.options import BACKENDS
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """The concrete backend for tensors on `device`; raises ValueError for an impossible request."""
+    if requested == "auto":
+        requested = os.environ.get("KDFAST_BACKEND", "auto") or "auto"
+        if requested not in BACKENDS:
+            raise ValueError(f"KDFAST_BACKEND must be one of {BACKENDS}, got {requested!r}")
+    if requested == "auto":
+        if device.type == "cuda":
+            # The only GPU kernel so far; measured-rule dispatch arrives with the CUDA backend.
+            return "triton" if triton_available() else "torch"
+        if device.type == "cpu":
+            from kdfast.backends import cpu_backend
+
+            return "cpu" if cpu_backend.available() else "torch"
+        return "torch"
+    if requested == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
+    if requested == "triton":
+        if not triton_available():
+            raise ValueError("backend='triton' needs the triton package (pip install triton)")
+        if device.type == "cpu" and not triton_interpreter_enabled():
+            raise ValueError("backend='triton' runs on CUDA tensors, or on CPU tensors only under TRITON_INTERPRET=1")
+    if requested == "cuda":
+        raise ValueError("backend='cuda' (hand-written CUDA kernels) is not part of this build yet; "
+                         "use backend='triton' or 'auto' on GPUs")
+    return requested
+
+
+def backend_module(name: str):
+    if name == "cpu":
+        from kdfast.backends import cpu_backend as module
+    elif name == "triton":
+        from kdfast.backends import triton_backend as module
+    else:
+        from kdfast.backends import torch_backend as module
+    return module

@@ -1,0 +1,80 @@
+"""The loss contract written as plain, differentiable PyTorch: the truth for tests and the eager baseline.
+
+Readable rather than fast: it materialises every [tokens x vocab] intermediate. Tests run it in float64;
+benchmarks run it in float32 as "what a user would write in eager PyTorch" (and under torch.compile).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kdfast.options import LossOptions
+
+
+def _xlogx_ratio(prob: torch.Tensor, log_prob: torch.Tensor, log_other: torch.Tensor) -> torch.Tensor:
+    """prob * (log_prob - log_other) with 0 * log 0 = 0, so -inf logits add nothing instead of NaN.
+
+    The difference is masked before the product so that no NaN reaches the gradient either.
+    """
+    diff = torch.where(prob == 0, torch.zeros_like(prob), log_prob - log_other)
+    return prob * diff
+
+
+def _log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """log(w * a + (1 - w) * b) as a log-sum-exp of log-probabilities (never log of underflowed sums)."""
+    log_w = math.log(weight_a) if weight_a > 0 else -math.inf
+    log_1mw = math.log1p(-weight_a) if weight_a < 1 else -math.inf
+    return torch.logsumexp(torch.stack([log_a + log_w, log_b + log_1mw]), dim=0)
+
+
+def divergence_rows(student_logits, teacher_logits, divergence: str, beta: float, temperature: float):
+    """Per-row divergence of the temperature-softened distributions, shape [...]."""
+    log_q = torch.log_softmax(student_logits / temperature, dim=-1)
+    log_p = torch.log_softmax(teacher_logits / temperature, dim=-1)
+    p, q = log_p.exp(), log_q.exp()
+    if divergence == "forward_kl":
+        terms = _xlogx_ratio(p, log_p, log_q)
+    elif divergence == "reverse_kl":
+        terms = _xlogx_ratio(q, log_q, log_p)
+    elif divergence == "jsd":
+        log_m = _log_mixture(log_p, log_q, beta)
+        terms = beta * _xlogx_ratio(p, log_p, log_m) + (1 - beta) * _xlogx_ratio(q, log_q, log_m)
+    elif divergence == "skew_forward_kl":
+        terms = _xlogx_ratio(p, log_p, _log_mixture(log_p, log_q, beta))
+    elif divergence == "skew_reverse_kl":
+        terms = _xlogx_ratio(q, log_q, _log_mixture(log_q, log_p, beta))
+    else:
+        raise ValueError(f"unknown divergence {divergence!r}")
+    return terms.sum(-1)
+
+
+def distill_loss_reference(student_logits, teacher_logits, labels=None, *, num_items_in_batch=None,
+                           dtype: torch.dtype | None = torch.float64, **options) -> torch.Tensor:
+    """The contract of `kdfast.distill_loss`, computed naively in `dtype` (None: the inputs' dtype)."""
+    opts = LossOptions(**{k: v for k, v in options.items() if k not in ("inplace_backward", "backend")})
+    if dtype is not None:
+        student_logits, teacher_logits = student_logits.to(dtype), teacher_logits.to(dtype)
+    lead_shape = student_logits.shape[:-1]
+    keep = torch.ones(lead_shape, dtype=torch.bool, device=student_logits.device)
+    if labels is not None:
+        keep = labels != opts.ignore_index
+    rows = torch.zeros(lead_shape, dtype=student_logits.dtype, device=student_logits.device)
+    if opts.has_kd:
+        kd = divergence_rows(student_logits, teacher_logits, opts.divergence, opts.beta, opts.temperature)
+        rows = rows + opts.kd_scale * kd
+    if opts.has_ce:
+        safe_labels = torch.where(keep, labels, torch.zeros_like(labels))
+        log_probs = torch.log_softmax(student_logits, dim=-1)
+        ce = -log_probs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+        rows = rows + opts.ce_weight * ce
+    rows = torch.where(keep, rows, torch.zeros_like(rows))
+    if opts.reduction == "none":
+        return rows
+    total = rows.sum()
+    if opts.reduction == "sum":
+        return total
+    if num_items_in_batch is not None:
+        return total / num_items_in_batch
+    return total / keep.sum().clamp(min=1)

@@ -1,0 +1,20 @@
+"""Pure-Python install: the native code in csrc/ is JIT-built on first use (kdfast/native_build.py)."""
+
+from setuptools import setup
+
+setup(
+    name="kdfast",
+    version="0.1.0",
+    description="Fused knowledge-distillation losses for large-vocabulary language models",
+    python_requires=">=3.9",
+    packages=["kdfast", "kdfast.backends", "kdfast.integrations", "kdfast.kernels"],
+    # kernels/ sits at the repository root (project layout) but installs as kdfast.kernels.
+    package_dir={"kdfast": "kdfast", "kdfast.kernels": "kernels"},
+    install_requires=["torch>=2.4", "rich>=13"],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "ninja", "triton>=3.0", "trl>=0.12",
+                "transformers>=4.44"],
+    },
+    entry_points={"console_scripts": ["kdfast = kdfast.cli:main"]},
+)
