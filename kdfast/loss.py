@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from kdfast.dispatch import resolve_backend
 from kdfast.function import DistillFunction
 from kdfast.options import LossOptions
 from kdfast.validation import check_labels, check_num_items, check_pair
@@ -28,7 +27,6 @@ def distill_loss(student_logits, teacher_logits, labels=None, *, divergence="for
     check_pair(student_logits, teacher_logits, opts)
     check_labels(labels, student_logits, opts)
     check_num_items(num_items_in_batch)
-    opts = LossOptions(**{**opts.__dict__, "backend": resolve_backend(backend, student_logits.device)})
     return DistillFunction.apply(student_logits, teacher_logits.detach(), labels, num_items_in_batch, opts)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kdfast.dispatch import backend_module
+from kdfast.dispatch import backend_module, resolve_backend
 from kdfast.options import LossOptions
 
 
@@ -20,7 +20,9 @@ def _options(divergence, beta, temperature, kd_weight, ce_weight, t2_scale, igno
 
 def _run(student, teacher, labels, grad_scale, grad, settings):
     opts = _options(*settings)
-    return backend_module(opts.backend).forward_rows(student, teacher, labels, grad_scale, grad, opts)
+    # Resolved here, inside the op, so torch.compile never traces the build / availability checks.
+    backend = resolve_backend(opts.backend, student.device)
+    return backend_module(backend).forward_rows(student, teacher, labels, grad_scale, grad, opts)
 
 
 @torch.library.custom_op("kdfast::distill_forward", mutates_args=())

@@ -42,8 +42,18 @@ class LossOptions:
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
 
     @property
+    def effective_divergence(self) -> str:
+        """TRL's convention (DESIGN.md): jsd with beta = 0 is forward KL and with beta = 1 reverse KL exactly
+        (the mixture formula alone would give 0 at both ends)."""
+        if self.divergence == "jsd" and self.beta == 0.0:
+            return "forward_kl"
+        if self.divergence == "jsd" and self.beta == 1.0:
+            return "reverse_kl"
+        return self.divergence
+
+    @property
     def divergence_code(self) -> int:
-        return DIVERGENCES[self.divergence]
+        return DIVERGENCES[self.effective_divergence]
 
     @property
     def kd_scale(self) -> float:

@@ -62,7 +62,7 @@ def distill_loss_reference(student_logits, teacher_logits, labels=None, *, num_i
         keep = labels != opts.ignore_index
     rows = torch.zeros(lead_shape, dtype=student_logits.dtype, device=student_logits.device)
     if opts.has_kd:
-        kd = divergence_rows(student_logits, teacher_logits, opts.divergence, opts.beta, opts.temperature)
+        kd = divergence_rows(student_logits, teacher_logits, opts.effective_divergence, opts.beta, opts.temperature)
         rows = rows + opts.kd_scale * kd
     if opts.has_ce:
         safe_labels = torch.where(keep, labels, torch.zeros_like(labels))

@@ -40,6 +40,8 @@ def check_pair(student_logits, teacher_logits, opts: LossOptions) -> None:
 
 
 def _label_check_costs_no_sync(labels: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():  # a data-dependent branch would break the graph; the kernels mark NaN
+        return False
     return labels.device.type == "cpu" or os.environ.get("KDFAST_CHECK_LABELS") == "1"
 
 

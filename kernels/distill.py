@@ -57,7 +57,8 @@ def _kd_terms(ls, lt, q, p, beta, log_beta, log_1m_beta, DIVERGENCE: tl.constexp
     elif DIVERGENCE == 3:  # skew forward KL: KL(p || b p + (1 - b) q)
         lm = _log_add_exp(lt + log_beta, ls + log_1m_beta)
         terms = _weighted(p, lt - lm)
-        u = -(1.0 - beta) * _weighted(q, tl.exp(lt - lm))
+        # q * p / m in log space: q may underflow where p / m is huge (beta = 0: m = q).
+        u = tl.where(lm == float("-inf"), 0.0, -(1.0 - beta) * tl.exp(ls + lt - lm))
     else:  # skew reverse KL: KL(q || (1 - b) p + b q)
         lm = _log_add_exp(ls + log_beta, lt + log_1m_beta)
         terms = _weighted(q, ls - lm)
@@ -99,6 +100,8 @@ def distill_fwd_kernel(
         row_scale = tl.load(grad_scale_ptr)
 
     if keep:
+        # Read before any pass writes the gradient over the logits (inplace_backward).
+        s_label = tl.load(s_row + safe_label).to(tl.float32)
         # ---- pass 1: running statistics ----
         m_s = NEG_INF
         z_s = 0.0
@@ -201,7 +204,6 @@ def distill_fwd_kernel(
         if HAS_KD:
             loss += kd_scale * kd
         if HAS_CE:
-            s_label = tl.load(s_row + safe_label).to(tl.float32)
             # Out-of-range labels are refused on the host where that costs no sync; here they poison the row.
             ce = tl.where(label_ok, log_z_c - s_label, float("nan"))
             loss += ce_weight * ce

@@ -176,7 +176,8 @@ float divergence_pass(const float* s, const float* t, const DistillArgs& a, cons
         const F p = load<F>(et + j) * st.inv_z_t;
         const F lm = log_add_exp(lt + log_beta, ls + log_1m_beta);
         accumulate(kd_acc, weighted(p, lt - lm));
-        const F u = -(1.0f - beta) * weighted(q, fast_exp(lt - lm));  // -(1-b) q p / m
+        // -(1-b) q p / m in log space: q may underflow where p / m is huge (beta = 0: m = q).
+        const F u = lm == -INFINITY ? splat<F>(0.0f) : -(1.0f - beta) * fast_exp(ls + lt - lm);
         store(et + j, u);
         accumulate(u_acc, u);
         break;

@@ -32,7 +32,7 @@ def _kd_rows_and_grad(s, t, opts: LossOptions):
     ls = torch.log_softmax(s * inv_t, dim=-1)
     lt = torch.log_softmax(t * inv_t, dim=-1)
     q, p = ls.exp(), lt.exp()
-    beta, name = opts.beta, opts.divergence
+    beta, name = opts.beta, opts.effective_divergence
     if name == "forward_kl":
         return _weighted(p, lt - ls).sum(-1), q - p
     if name == "reverse_kl":
@@ -47,7 +47,8 @@ def _kd_rows_and_grad(s, t, opts: LossOptions):
     elif name == "skew_forward_kl":
         lm = _log_mixture(lt, ls, beta)
         kd = _weighted(p, lt - lm).sum(-1)
-        u = -(1 - beta) * _weighted(q, (lt - lm).exp())
+        # q * p / m in log space: q may underflow where p / m is huge (beta = 0: m = q).
+        u = -(1 - beta) * torch.where(lm == -math.inf, torch.zeros_like(lm), (ls + lt - lm).exp())
     else:
         lm = _log_mixture(ls, lt, beta)
         kd = _weighted(q, ls - lm).sum(-1)

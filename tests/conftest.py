@@ -1,0 +1,39 @@
+"""Shared fixtures. Without a GPU the Triton kernels run under Triton's interpreter (DESIGN.md, "Tests and CI")."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before kernels are decorated (the first import of kdfast.kernels.distill).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from kdfast.native_build import cpu_extension_or_none  # noqa: E402
+
+
+def available_backends():
+    """Every backend this machine can run; 'cpu' is required (a failed build must fail the suite here)."""
+    backends = ["torch", "cpu"]
+    try:
+        import triton  # noqa: F401
+
+        backends.append("triton")
+    except ImportError:
+        pass
+    return backends
+
+
+BACKENDS = available_backends()
+
+
+def device_for(backend: str) -> str:
+    if backend == "triton" and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_kernel_builds():
+    assert cpu_extension_or_none() is not None, "the C++ CPU kernel failed to build"

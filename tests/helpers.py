@@ -1,0 +1,57 @@
+"""Input factories and the comparison every loss test makes: kdfast vs the float64 reference."""
+
+from __future__ import annotations
+
+import torch
+
+import kdfast
+from kdfast.reference import distill_loss_reference
+
+# Tolerances per input dtype: the kernels accumulate in fp32; 16-bit inputs round the gradient on store.
+TOLERANCES = {torch.float32: (2e-5, 1e-5), torch.bfloat16: (2e-2, 1e-2), torch.float16: (5e-3, 2e-3)}
+
+
+def make_logits(shape, dtype, scale=3.0, seed=0, device="cpu"):
+    generator = torch.Generator().manual_seed(seed)
+    student = (torch.randn(shape, generator=generator) * scale).to(dtype).to(device)
+    teacher = (torch.randn(shape, generator=generator) * scale).to(dtype).to(device)
+    return student, teacher
+
+
+def make_labels(lead_shape, vocab, pattern, seed=0, device="cpu"):
+    generator = torch.Generator().manual_seed(seed + 1)
+    labels = torch.randint(0, vocab, lead_shape, generator=generator)
+    flat = labels.view(-1)
+    if pattern == "some":
+        flat[::3] = -100
+    elif pattern == "all":
+        flat[:] = -100
+    return labels.to(device)
+
+
+def run_both(student, teacher, labels, backend, num_items_in_batch=None, **options):
+    """(loss, grad) from kdfast and from the float64 reference, for the same inputs."""
+    s = student.detach().clone().requires_grad_(True)
+    loss = kdfast.distill_loss(s, teacher, labels, backend=backend, num_items_in_batch=num_items_in_batch,
+                               **options)
+    weights = torch.randn(loss.shape, generator=torch.Generator().manual_seed(7)).to(loss.device)
+    (loss * weights).sum().backward()
+    s64 = student.detach().double().requires_grad_(True)
+    ref = distill_loss_reference(s64, teacher.double(), labels, num_items_in_batch=num_items_in_batch,
+                                 **{k: v for k, v in options.items() if k != "inplace_backward"})
+    (ref * weights.double()).sum().backward()
+    return loss, s.grad, ref, s64.grad
+
+
+def assert_matches_reference(student, teacher, labels, backend, **options):
+    loss, grad, ref, ref_grad = run_both(student, teacher, labels, backend, **options)
+    assert loss.dtype == torch.float32, "the loss is float32 whatever the input dtype"
+    assert grad.dtype == student.dtype, "the gradient has the student's dtype"
+    rtol, atol = TOLERANCES[student.dtype]
+    # Close distributions make KL a difference of nearly equal fp32 log-probabilities (~1e-7 * log V
+    # each), which the weights then multiply: the absolute slack scales with them.
+    temperature = options.get("temperature", 1.0)
+    kd_scale = options.get("kd_weight", 1.0) * (temperature**2 if options.get("t2_scale", True) else 1.0)
+    atol = atol * (1.0 + abs(kd_scale) + abs(options.get("ce_weight", 0.0)))
+    torch.testing.assert_close(loss.double().cpu(), ref.cpu(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(grad.double().cpu(), ref_grad.cpu(), rtol=rtol, atol=atol)

@@ -1,0 +1,119 @@
+"""Edge numerics (DESIGN.md): extreme logits, -inf teacher entries, NaN propagation, strided inputs."""
+
+import math
+
+import pytest
+import torch
+from conftest import BACKENDS, device_for
+from helpers import assert_matches_reference, make_labels, make_logits
+
+import kdfast
+from kdfast.reference import distill_loss_reference
+
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_extreme_logits(backend, divergence):
+    """|z| ~ 1e3 with a constant offset between the models: no overflow, no cancelled digits."""
+    device = device_for(backend)
+    student, teacher = make_logits((4, 300), torch.float32, scale=1e3, device=device)
+    teacher = teacher + 700.0
+    labels = make_labels((4,), 300, "none", device=device)
+    assert_matches_reference(student, teacher, labels, backend, divergence=divergence, temperature=2.0,
+                             ce_weight=0.5, beta=0.4, reduction="none")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"])
+def test_minus_inf_teacher_tail(backend, divergence):
+    """A padded vocab tail with teacher logits of -inf: 0 * log 0 = 0, finite loss and gradient."""
+    device = device_for(backend)
+    student, teacher = make_logits((3, 4, 70), torch.float32, device=device)
+    teacher[..., 60:] = -math.inf
+    teacher[0, 0, :5] = -math.inf  # and a few inside the row
+    assert_matches_reference(student, teacher, None, backend, divergence=divergence, beta=0.5,
+                                         temperature=2.0, reduction="none")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_minus_inf_teacher_reverse_kl_is_infinite(backend):
+    """Reverse KL where the student has mass and the teacher none is +inf, as in the reference."""
+    device = device_for(backend)
+    student, teacher = make_logits((2, 30), torch.float32, device=device)
+    teacher[0, 20:] = -math.inf
+    loss = kdfast.distill_loss(student, teacher, divergence="reverse_kl", reduction="none", backend=backend)
+    ref = distill_loss_reference(student, teacher, divergence="reverse_kl", reduction="none")
+    assert math.isinf(loss[0].item()) and math.isinf(ref[0].item())
+    torch.testing.assert_close(loss[1].double().cpu(), ref[1].cpu(), rtol=2e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_nan_propagates_to_its_row_only(backend, divergence):
+    device = device_for(backend)
+    student, teacher = make_logits((4, 50), torch.float32, device=device)
+    student[1, 7] = math.nan
+    teacher[2, 3] = math.nan
+    labels = make_labels((4,), 50, "none", device=device)
+    loss = kdfast.distill_loss(student, teacher, labels, divergence=divergence, ce_weight=0.5, reduction="none",
+                               backend=backend)
+    assert torch.isnan(loss[1]) and torch.isnan(loss[2])
+    assert torch.isfinite(loss[0]) and torch.isfinite(loss[3])
+    total = kdfast.distill_loss(student, teacher, labels, divergence=divergence, backend=backend)
+    assert torch.isnan(total)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_non_contiguous_inputs(backend, inplace):
+    """The causal shift `logits[:, :-1]`, a strided vocab, and a 4-D batch all match the reference."""
+    device = device_for(backend)
+    student, teacher = make_logits((2, 6, 41), torch.float32, device=device)
+    labels = make_labels((2, 5), 41, "some", device=device)
+    assert_matches_reference(student[:, :-1], teacher[:, 1:], labels, backend, ce_weight=0.5, divergence="jsd",
+                             inplace_backward=inplace)
+    wide_s, wide_t = make_logits((3, 82), torch.float32, device=device)
+    assert_matches_reference(wide_s[:, ::2], wide_t[:, ::2], None, backend, inplace_backward=inplace)
+    deep_s, deep_t = make_logits((2, 2, 3, 17), torch.float32, device=device)
+    assert_matches_reference(deep_s[:, :, :-1], deep_t[:, :, :-1], None, backend, reduction="none",
+                             inplace_backward=inplace)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_backward_overwrites_logits_with_the_gradient(backend, dtype):
+    device = device_for(backend)
+    student, teacher = make_logits((2, 5, 64), dtype, device=device)
+    labels = make_labels((2, 5), 64, "some", device=device)
+    options = dict(divergence="reverse_kl", ce_weight=0.5, temperature=2.0, backend=backend)
+
+    plain = student.clone().requires_grad_(True)
+    kdfast.distill_loss(plain, teacher, labels, **options).backward()
+
+    leaf = student.clone().requires_grad_(True)
+    logits = leaf * 1.0  # a non-leaf, as an LM head's output is
+    logits.retain_grad()
+    loss = kdfast.distill_loss(logits, teacher, labels, inplace_backward=True, **options)
+    loss.backward()
+    torch.testing.assert_close(leaf.grad, plain.grad)
+    torch.testing.assert_close(logits.detach(), plain.grad)  # the storage now holds the gradient
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_grad_forward_matches(backend):
+    device = device_for(backend)
+    student, teacher = make_logits((3, 29), torch.float32, device=device)
+    with torch.no_grad():
+        loss = kdfast.distill_loss(student, teacher, divergence="skew_reverse_kl", backend=backend)
+    ref = distill_loss_reference(student, teacher, divergence="skew_reverse_kl")
+    torch.testing.assert_close(loss.double().cpu(), ref.cpu(), rtol=2e-5, atol=1e-6)
+
+
+def test_backends_agree_on_bf16_teacher_with_fp32_student():
+    student, _ = make_logits((3, 100), torch.float32)
+    _, teacher = make_logits((3, 100), torch.bfloat16)
+    results = [kdfast.distill_loss(student, teacher, backend=b) for b in BACKENDS]
+    for result in results[1:]:
+        torch.testing.assert_close(result, results[0], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,80 @@
+"""Compiles the Triton kernel ahead of time for real GPUs and reports what ptxas says; run without
+TRITON_INTERPRET (the interpreter replaces the kernels). Prints one JSON line per variant.
+
+    python tests/triton_aot_check.py
+"""
+
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kdfast.kernels import distill
+
+POINTER_TYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+FLOAT_ARGS = {"inv_t", "beta", "log_beta", "log_1m_beta", "kd_scale", "ce_weight"}
+
+
+def compile_kernel(dtype: str, capability: int, num_warps: int, **constexprs):
+    """The signature the launcher produces for [batch, rows, vocab] logits with a vocab divisible by 16."""
+    kernel = distill.distill_fwd_kernel
+    signature, aligned = {}, []
+    for index, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in ("student_ptr", "teacher_ptr", "grad_ptr"):
+            signature[name] = POINTER_TYPES[dtype]
+        elif name == "labels_ptr":
+            signature[name] = "*i64"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32"
+        else:
+            signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
+        # Triton specialises pointers and integers divisible by 16 at launch: so do we here.
+        if name.endswith("_ptr") or "stride" in name or name == "vocab":
+            aligned.append(index)
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
+                       attrs={(index,): [["tt.divisibility", 16]] for index in aligned})
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
+
+
+def ptxas_report(ptx: str, capability: int) -> dict:
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
+        handle.write(ptx)
+    arch = f"sm_{capability}a" if capability == 90 else f"sm_{capability}"
+    out = subprocess.run([ptxas, "-v", f"-arch={arch}", handle.name, "-o", os.devnull], capture_output=True,
+                         text=True, check=True).stderr
+    registers = re.search(r"Used (\d+) registers", out)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    return {"registers": int(registers.group(1)) if registers else None,
+            "spill_store_bytes": int(spills.group(1)) if spills else None,
+            "spill_load_bytes": int(spills.group(2)) if spills else None}
+
+
+def main() -> int:
+    block_v, num_warps = distill.launch_config(128_256)
+    flag_sets = [dict(HAS_KD=True, HAS_CE=True, CE_OWN_STATS=True, HAS_LABELS=True, WRITE_GRAD=True),
+                 dict(HAS_KD=True, HAS_CE=False, CE_OWN_STATS=False, HAS_LABELS=False, WRITE_GRAD=False),
+                 dict(HAS_KD=False, HAS_CE=True, CE_OWN_STATS=True, HAS_LABELS=True, WRITE_GRAD=True)]
+    for capability, divergence, dtype, flags in itertools.product([80, 90], range(5), ["bf16", "fp16", "fp32"],
+                                                                   flag_sets):
+        compiled = compile_kernel(dtype, capability, num_warps, DIVERGENCE=divergence, BLOCK_V=block_v, **flags)
+        ptx = compiled.asm["ptx"]
+        loads = sorted(set(re.findall(r"ld\.global(?:\.[a-z0-9]+)*", ptx)))
+        report = {"capability": capability, "divergence": divergence, "dtype": dtype, **flags,
+                  "vector_loads": any(".v4" in load or ".v2" in load for load in loads), "loads": loads,
+                  **ptxas_report(ptx, capability)}
+        print(json.dumps(report), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
