@@ -1,0 +1,229 @@
+"""Forward+backward of kdfast.distill_loss vs the same math in eager PyTorch and under torch.compile.
+
+Same inputs, same process; medians over repeats, ratios, and the extra peak memory of each contender.
+CPU (default): 2048 x 32000 fp32, forward_kl + CE, T=2, against the copy-bandwidth floor (12 bytes per
+element: read both logits, write the gradient). CUDA: 8192 x 128256 bf16 with triton.testing.do_bench,
+reporting GB/s for the bytes each kernel must move.
+
+    python benchmarks/bench_distill.py [--tokens N --vocab V --dtype fp32 --repeats R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import kdfast
+from kdfast.reference import distill_loss_reference
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ---- peak memory (CPU: the process's peak RSS, reset through /proc; CUDA: the allocator's peak) ----
+def _reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # resets VmHWM, the peak resident set size
+    return _rss_kib("VmRSS") * 1024
+
+
+def _peak_bytes(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return _rss_kib("VmHWM") * 1024
+
+
+def _rss_kib(field):
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _time(fn, device, repeats, warmup=2):
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=max(100, repeats * 20), return_mode="median")
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def measure(name, fn, device, repeats):
+    ms = _time(fn, device, repeats)
+    base = _reset_peak(device)
+    fn()
+    extra = max(0, _peak_bytes(device) - base)
+    return {"method": name, "median_ms": ms, "extra_peak_bytes": extra}
+
+
+def contenders(student, teacher, labels, options, compile_model):
+    """name -> zero-argument callable doing forward + backward. Gradients are taken with autograd.grad, as
+    the LM head's backward would receive them (a leaf's .grad accumulation would add a copy for aliases)."""
+    def eager():
+        x = student.detach().requires_grad_(True)
+        torch.autograd.grad(distill_loss_reference(x, teacher, labels, dtype=torch.float32, **options), x)
+
+    compiled_loss = torch.compile(lambda x: distill_loss_reference(x, teacher, labels, dtype=torch.float32,
+                                                                   **options))
+
+    def compiled():
+        x = student.detach().requires_grad_(True)
+        torch.autograd.grad(compiled_loss(x), x)
+
+    def fused_fresh():
+        x = student.detach().requires_grad_(True)
+        torch.autograd.grad(kdfast.distill_loss(x, teacher, labels, **options), x)
+
+    work = student.clone()
+
+    def fused_inplace():
+        # The logits are overwritten by the gradient; re-filling them is the caller's next forward, not ours.
+        x = work.detach().requires_grad_(True)
+        torch.autograd.grad(kdfast.distill_loss(x, teacher, labels, inplace_backward=True, **options), x)
+
+    methods = {"torch eager": eager}
+    if compile_model:
+        methods["torch.compile"] = compiled
+    methods["kdfast (fresh gradient)"] = fused_fresh
+    methods["kdfast (inplace_backward)"] = fused_inplace
+    return methods
+
+
+def copy_floor_ms(student, device, repeats):
+    """Time of moving 12 bytes per element at the measured copy bandwidth (fp32 on CPU)."""
+    src = student.float() if device.type == "cpu" else student
+    dst = torch.empty_like(src)
+    copy_ms = _time(lambda: dst.copy_(src), device, repeats)
+    bandwidth = 2 * src.numel() * src.element_size() / (copy_ms / 1e3)  # read + write
+    return bandwidth
+
+
+def kernel_bytes_for(args):
+    """Bytes the fused kernel must move: both rows read once per pass, plus the gradient write."""
+    passes = 2 if args.divergence in ("forward_kl", "reverse_kl") else 3
+    return args.tokens * args.vocab * DTYPES[args.dtype].itemsize * (2 * passes + 1)
+
+
+def environment(device):
+    name = torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or platform.machine())
+    return {"device": name, "torch": torch.__version__, "kdfast": kdfast.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
+
+
+def run(args) -> list[dict]:
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(args.tokens, args.vocab, generator=generator).to(dtype).to(device)
+    teacher = torch.randn(args.tokens, args.vocab, generator=generator).to(dtype).to(device)
+    labels = torch.randint(0, args.vocab, (args.tokens,), generator=generator).to(device)
+    options = dict(divergence=args.divergence, temperature=args.temperature, ce_weight=args.ce_weight)
+
+    # The benchmark only reports speed for a loss that is right: check it against the reference first.
+    check = kdfast.distill_loss(student, teacher, labels, **options)
+    truth = distill_loss_reference(student, teacher, labels, **options)
+    if not torch.allclose(check.double().cpu(), truth.cpu(), rtol=1e-3, atol=1e-3):
+        raise SystemExit(f"kdfast disagrees with the reference ({check.item()} vs {truth.item()}): not timing it")
+
+    console = Console(width=max(100, Console().width))
+    rows = []
+    for name, fn in contenders(student, teacher, labels, options, not args.no_compile).items():
+        console.print(f"[dim]timing {name}...[/dim]")
+        rows.append(measure(name, fn, device, args.repeats))
+    bandwidth = copy_floor_ms(student, device, args.repeats)
+    # CPU: 12 bytes per element (the issue's floor); GPU: the kernel's own pass traffic.
+    floor_bytes = 3 * student.numel() * 4 if device.type == "cpu" else kernel_bytes_for(args)
+    floor_ms = floor_bytes / bandwidth * 1e3
+    eager_ms = rows[0]["median_ms"]
+    compile_ms = next((r["median_ms"] for r in rows if r["method"] == "torch.compile"), None)
+    env = environment(device)
+    for row in rows:
+        row.update(env, tokens=args.tokens, vocab=args.vocab, dtype=args.dtype, divergence=args.divergence,
+                   temperature=args.temperature, ce_weight=args.ce_weight,
+                   speedup_vs_eager=eager_ms / row["median_ms"],
+                   speedup_vs_compile=(compile_ms / row["median_ms"]) if compile_ms else None,
+                   ratio_to_floor=row["median_ms"] / floor_ms, floor_ms=floor_ms,
+                   copy_bandwidth_gbs=bandwidth / 1e9)
+    report(console, rows, env, args, floor_ms, bandwidth)
+    write_csv(rows, env)
+    return rows
+
+
+def report(console, rows, env, args, floor_ms, bandwidth):
+    table = Table(title=f"fwd+bwd, {args.tokens} x {args.vocab} {args.dtype}, {args.divergence} + CE "
+                        f"(ce_weight={args.ce_weight}), T={args.temperature} on {env['device']}")
+    for column in ("method", "median ms", "x eager", "x compile", "x floor", "extra peak MiB"):
+        table.add_column(column, justify="right" if column != "method" else "left")
+    for row in rows:
+        vs_compile = f"{row['speedup_vs_compile']:.2f}" if row["speedup_vs_compile"] else "-"
+        table.add_row(row["method"], f"{row['median_ms']:.1f}", f"{row['speedup_vs_eager']:.2f}", vs_compile,
+                      f"{row['ratio_to_floor']:.2f}", f"{row['extra_peak_bytes'] / 2**20:.0f}")
+    console.print(table)
+    if args.device == "cuda":
+        for row in rows:
+            if row["method"].startswith("kdfast"):
+                gbs = kernel_bytes_for(args) / (row["median_ms"] / 1e3) / 1e9
+                console.print(f"{row['method']}: {gbs:.0f} GB/s = {gbs / (bandwidth / 1e9):.0%} of copy bandwidth")
+    console.print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s -> floor {floor_ms:.1f} ms; "
+                  f"medians of {args.repeats}; "
+                  f"torch {env['torch']}, {env['threads']} threads, {env['cpu_capability']}, "
+                  f"THP_MEM_ALLOC_ENABLE={env['thp_mem_alloc']}")
+
+
+def write_csv(rows, env):
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    device_tag = "".join(c if c.isalnum() else "_" for c in env["device"]).strip("_").lower() or "cpu"
+    path = RESULTS / f"bench_distill_{device_tag}.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    Console().print(f"wrote {path}")
+
+
+def parse_args(argv=None):
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--tokens", type=int, default=8192 if cuda else 2048)
+    parser.add_argument("--vocab", type=int, default=128_256 if cuda else 32_000)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if cuda else "fp32")
+    parser.add_argument("--divergence", default="forward_kl")
+    parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--ce-weight", type=float, default=0.5)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

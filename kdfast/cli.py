@@ -1,0 +1,39 @@
+"""The `kdfast` command: `kdfast bench` (the side-by-side benchmark), `kdfast build` (compile ahead)."""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+import time
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _bench(rest):
+    script = BENCHMARKS / "bench_distill.py"
+    if not script.exists():
+        raise SystemExit(f"{script} not found: `kdfast bench` runs from a source checkout (pip install -e .)")
+    module = runpy.run_path(str(script), run_name="kdfast_bench")
+    module["main"](rest)
+
+
+def _build(_rest):
+    from kdfast.native_build import cpu_capability, load_cpu_extension
+
+    start = time.perf_counter()
+    load_cpu_extension()
+    print(f"kdfast CPU kernel ready ({cpu_capability()}) in {time.perf_counter() - start:.1f} s")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="kdfast", description="Fused knowledge-distillation losses")
+    parser.add_argument("command", choices=["bench", "build"])
+    args, rest = parser.parse_known_args(argv)
+    {"bench": _bench, "build": _build}[args.command](rest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
