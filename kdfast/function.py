@@ -74,6 +74,14 @@ class DistillFunction(torch.autograd.Function):
         # version check on the saved tensor).
         if ctx.reduction == "none":
             grad.mul_(grad_output.unsqueeze(-1))
-        else:
+        elif not _is_one_on_host(grad_output):
             grad.mul_(grad_output)
         return grad, None, None, None, None
+
+
+def _is_one_on_host(grad_output: torch.Tensor) -> bool:
+    """True for the usual `loss.backward()` seed on a CPU tensor, whose read costs no device sync: the
+    [N, V] rescale by 1 is then skipped (a full extra pass over the gradient otherwise)."""
+    if torch.compiler.is_compiling() or grad_output.device.type != "cpu" or grad_output.numel() != 1:
+        return False
+    return bool(grad_output == 1)
