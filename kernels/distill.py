@@ -62,8 +62,26 @@ def _kd_terms(ls, lt, q, p, beta, log_beta, log_1m_beta, DIVERGENCE: tl.constexp
     else:  # skew reverse KL: KL(q || (1 - b) p + b q)
         lm = _log_add_exp(ls + log_beta, lt + log_1m_beta)
         terms = _weighted(q, ls - lm)
-        u = _weighted(q, ls - lm - beta * tl.exp(ls - lm))
+        # beta * q / m as exp(log beta + ls - lm): at beta = 0, q / m may overflow (0 * inf).
+        u = _weighted(q, ls - lm - tl.exp(ls - lm + log_beta))
     return terms, u
+
+
+@triton.jit
+def _log_probs(row_ptr, cols, mask, inv_t, log_z):
+    """Loads a block of logits (fp32 right after the load) and returns them, log-probabilities at T, probs."""
+    x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    log_prob = x * inv_t - log_z
+    return x, log_prob, tl.exp(log_prob)
+
+
+@triton.jit
+def _ce_grad(s, q, log_z_c, cols, label, ce_coef, CE_OWN_STATS: tl.constexpr):
+    """ce_weight * (softmax(s) - onehot(label)), times the row scale; softmax(s) is q when T = 1."""
+    ce_prob = q
+    if CE_OWN_STATS:
+        ce_prob = tl.exp(s - log_z_c)
+    return ce_coef * (ce_prob - tl.where(cols == label, 1.0, 0.0))
 
 
 @triton.jit
@@ -152,13 +170,10 @@ def distill_fwd_kernel(
         for start in range(0, vocab, BLOCK_V):
             cols = start + offsets
             mask = cols < vocab
-            s = tl.load(s_row + cols, mask=mask, other=NEG_INF).to(tl.float32)
-            ls = s * inv_t - log_z_s
-            q = tl.exp(ls)
+            s, ls, q = _log_probs(s_row, cols, mask, inv_t, log_z_s)
             grad_kd = tl.zeros([BLOCK_V], dtype=tl.float32)
             if HAS_KD:
-                lt = tl.load(t_row + cols, mask=mask, other=NEG_INF).to(tl.float32) * inv_t - log_z_t
-                p = tl.exp(lt)
+                _, lt, p = _log_probs(t_row, cols, mask, inv_t, log_z_t)
                 if DIVERGENCE == 0:
                     kd_acc += tl.where(mask, _weighted(p, lt - ls), 0.0)
                     grad_kd = q - p
@@ -171,10 +186,7 @@ def distill_fwd_kernel(
             if WRITE_GRAD and (DIVERGENCE == 0 or DIVERGENCE == 1 or not HAS_KD):
                 grad = kd_coef * grad_kd
                 if HAS_CE:
-                    ce_prob = q
-                    if CE_OWN_STATS:
-                        ce_prob = tl.exp(s - log_z_c)
-                    grad += ce_coef * (ce_prob - tl.where(cols == safe_label, 1.0, 0.0))
+                    grad += _ce_grad(s, q, log_z_c, cols, safe_label, ce_coef, CE_OWN_STATS)
                 tl.store(g_row + cols, grad.to(g_row.dtype.element_ty), mask=mask)
         kd = tl.sum(kd_acc, axis=0)
         if DIVERGENCE == 1:
@@ -186,18 +198,12 @@ def distill_fwd_kernel(
             for start in range(0, vocab, BLOCK_V):
                 cols = start + offsets
                 mask = cols < vocab
-                s = tl.load(s_row + cols, mask=mask, other=NEG_INF).to(tl.float32)
-                ls = s * inv_t - log_z_s
-                q = tl.exp(ls)
-                lt = tl.load(t_row + cols, mask=mask, other=NEG_INF).to(tl.float32) * inv_t - log_z_t
-                p = tl.exp(lt)
+                s, ls, q = _log_probs(s_row, cols, mask, inv_t, log_z_s)
+                _, lt, p = _log_probs(t_row, cols, mask, inv_t, log_z_t)
                 _, u = _kd_terms(ls, lt, q, p, beta, log_beta, log_1m_beta, DIVERGENCE)
                 grad = kd_coef * (u - q * u_sum)
                 if HAS_CE:
-                    ce_prob = q
-                    if CE_OWN_STATS:
-                        ce_prob = tl.exp(s - log_z_c)
-                    grad += ce_coef * (ce_prob - tl.where(cols == safe_label, 1.0, 0.0))
+                    grad += _ce_grad(s, q, log_z_c, cols, safe_label, ce_coef, CE_OWN_STATS)
                 tl.store(g_row + cols, grad.to(g_row.dtype.element_ty), mask=mask)
 
         loss = 0.0

@@ -27,7 +27,8 @@ def cases(draw):
     return student, teacher, labels, options
 
 
-@settings(max_examples=60, deadline=None)
+# Derandomised so CI is repeatable; raise max_examples locally to search wider.
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(case=cases(), backend=st.sampled_from(BACKENDS))
 def test_random_inputs_match_reference(case, backend):
     student, teacher, labels, options = case

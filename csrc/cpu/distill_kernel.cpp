@@ -185,7 +185,8 @@ float divergence_pass(const float* s, const float* t, const DistillArgs& a, cons
       default: {  // kSkewReverseKL
         const F lm = log_add_exp(ls + log_beta, lt + log_1m_beta);
         accumulate(kd_acc, weighted(q, ls - lm));
-        const F u = weighted(q, ls - lm - beta * fast_exp(ls - lm));  // q * dL/dq
+        // q * dL/dq; beta * q / m as exp(log beta + ls - lm): at beta = 0, q / m may overflow (0 * inf).
+        const F u = weighted(q, ls - lm - fast_exp(ls - lm + log_beta));
         store(et + j, u);
         accumulate(u_acc, u);
         break;

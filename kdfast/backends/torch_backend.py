@@ -52,7 +52,9 @@ def _kd_rows_and_grad(s, t, opts: LossOptions):
     else:
         lm = _log_mixture(ls, lt, beta)
         kd = _weighted(q, ls - lm).sum(-1)
-        u = _weighted(q, ls - lm - beta * (ls - lm).exp())
+        # beta * q / m as exp(log beta + ls - lm): at beta = 0, q / m may overflow (0 * inf).
+        log_beta = math.log(beta) if beta > 0 else -math.inf
+        u = _weighted(q, ls - lm - (ls - lm + log_beta).exp())
     return kd, u - q * u.sum(-1, keepdim=True)
 
 
