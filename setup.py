@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="Fused knowledge-distillation losses for large-vocabulary language models",
     python_requires=">=3.9",
-    packages=["kdfast", "kdfast.backends", "kdfast.integrations", "kdfast.kernels"],
+    packages=["kdfast", "kdfast.backends", "kdfast.kernels"],
     # kernels/ sits at the repository root (project layout) but installs as kdfast.kernels.
     package_dir={"kdfast": "kdfast", "kdfast.kernels": "kernels"},
     install_requires=["torch>=2.4", "rich>=13"],

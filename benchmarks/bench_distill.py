@@ -82,38 +82,29 @@ def measure(name, fn, device, repeats):
 def contenders(student, teacher, labels, options, compile_model):
     """name -> zero-argument callable doing forward + backward. Gradients are taken with autograd.grad, as
     the LM head's backward would receive them (a leaf's .grad accumulation would add a copy for aliases)."""
-    def eager():
-        x = student.detach().requires_grad_(True)
-        torch.autograd.grad(distill_loss_reference(x, teacher, labels, dtype=torch.float32, **options), x)
+    def eager_loss(x):
+        return distill_loss_reference(x, teacher, labels, dtype=torch.float32, **options)
 
-    compiled_loss = torch.compile(lambda x: distill_loss_reference(x, teacher, labels, dtype=torch.float32,
-                                                                   **options))
+    def fwd_bwd(loss_fn, logits):
+        x = logits.detach().requires_grad_(True)
+        torch.autograd.grad(loss_fn(x), x)
 
-    def compiled():
-        x = student.detach().requires_grad_(True)
-        torch.autograd.grad(compiled_loss(x), x)
-
-    def fused_fresh():
-        x = student.detach().requires_grad_(True)
-        torch.autograd.grad(kdfast.distill_loss(x, teacher, labels, **options), x)
-
-    work = student.clone()
-
-    def fused_inplace():
-        # The logits are overwritten by the gradient; re-filling them is the caller's next forward, not ours.
-        x = work.detach().requires_grad_(True)
-        torch.autograd.grad(kdfast.distill_loss(x, teacher, labels, inplace_backward=True, **options), x)
-
-    methods = {"torch eager": eager}
+    methods = {"torch eager": lambda: fwd_bwd(eager_loss, student)}
     if compile_model:
-        methods["torch.compile"] = compiled
-    methods["kdfast (fresh gradient)"] = fused_fresh
-    methods["kdfast (inplace_backward)"] = fused_inplace
+        compiled_loss = torch.compile(eager_loss)
+        methods["torch.compile"] = lambda: fwd_bwd(compiled_loss, student)
+    methods["kdfast (fresh gradient)"] = lambda: fwd_bwd(
+        lambda x: kdfast.distill_loss(x, teacher, labels, **options), student)
+    # The in-place contender overwrites its logits with the gradient on every call (same work each time);
+    # re-filling them is the caller's next forward, not the loss's.
+    work = student.clone()
+    methods["kdfast (inplace_backward)"] = lambda: fwd_bwd(
+        lambda x: kdfast.distill_loss(x, teacher, labels, inplace_backward=True, **options), work)
     return methods
 
 
-def copy_floor_ms(student, device, repeats):
-    """Time of moving 12 bytes per element at the measured copy bandwidth (fp32 on CPU)."""
+def copy_bandwidth(student, device, repeats):
+    """Measured copy bandwidth in bytes/s (read + write), in fp32 on the CPU."""
     src = student.float() if device.type == "cpu" else student
     dst = torch.empty_like(src)
     copy_ms = _time(lambda: dst.copy_(src), device, repeats)
@@ -122,9 +113,10 @@ def copy_floor_ms(student, device, repeats):
 
 
 def kernel_bytes_for(args):
-    """Bytes the fused kernel must move: both rows read once per pass, plus the gradient write."""
+    """Bytes a fwd+bwd must move: both rows read once per pass, the gradient written, and on a GPU the
+    backward's rescale by grad_output (read + write of the gradient: it cannot test for 1 without a sync)."""
     passes = 2 if args.divergence in ("forward_kl", "reverse_kl") else 3
-    return args.tokens * args.vocab * DTYPES[args.dtype].itemsize * (2 * passes + 1)
+    return args.tokens * args.vocab * DTYPES[args.dtype].itemsize * (2 * passes + 1 + 2)
 
 
 def environment(device):
@@ -155,7 +147,7 @@ def run(args) -> list[dict]:
     for name, fn in contenders(student, teacher, labels, options, not args.no_compile).items():
         console.print(f"[dim]timing {name}...[/dim]")
         rows.append(measure(name, fn, device, args.repeats))
-    bandwidth = copy_floor_ms(student, device, args.repeats)
+    bandwidth = copy_bandwidth(student, device, args.repeats)
     # CPU: 12 bytes per element (the issue's floor); GPU: the kernel's own pass traffic.
     floor_bytes = 3 * student.numel() * 4 if device.type == "cpu" else kernel_bytes_for(args)
     floor_ms = floor_bytes / bandwidth * 1e3

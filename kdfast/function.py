@@ -13,7 +13,8 @@ def as_rows_view(logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
     `logits[:, :-1]` (the usual causal shift) stays a view: the kernels take a batch and a row stride.
     """
-    if logits.stride(-1) != 1:
+    # A vocab of 1 has no vocab stride to speak of (and .contiguous() may hand such a tensor back as is).
+    if logits.stride(-1) != 1 and logits.shape[-1] > 1:
         return as_rows_view(logits.contiguous())[0], True
     if logits.dim() == 2:
         return logits.unsqueeze(0), False

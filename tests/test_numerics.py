@@ -82,6 +82,14 @@ def test_non_contiguous_inputs(backend, inplace):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_vocab_of_one_with_odd_strides(backend):
+    """A [tokens, 1] transpose: contiguous by torch's rules, yet its vocab stride is not 1."""
+    device = device_for(backend)
+    student, teacher = make_logits((1, 5), torch.float32, device=device)
+    assert_matches_reference(student.t(), teacher.t(), None, backend, reduction="none")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inplace_backward_overwrites_logits_with_the_gradient(backend, dtype):
     device = device_for(backend)

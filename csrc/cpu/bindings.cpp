@@ -13,7 +13,8 @@ namespace {
 
 #define CHECK_CPU(x) TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor, got ", (x).device())
 #define CHECK_3D_VOCAB_CONTIGUOUS(x) \
-  TORCH_CHECK((x).dim() == 3 && (x).stride(2) == 1, #x " must be a [batch, rows, vocab] view with vocab stride 1")
+  TORCH_CHECK((x).dim() == 3 && ((x).stride(2) == 1 || (x).size(2) == 1), \
+              #x " must be a [batch, rows, vocab] view with vocab stride 1")
 
 kdfast_cpu::ScalarKind scalar_kind(const at::Tensor& x, const char* name) {
   switch (x.scalar_type()) {

@@ -8,7 +8,6 @@
 // reduction's scale.
 #include "distill_kernel.h"
 
-#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <type_traits>
