@@ -56,27 +56,31 @@ def _rss_kib(field):
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _time(fn, device, repeats, warmup=2):
-    for _ in range(warmup):
-        fn()
+def time_methods(methods, device, repeats, warmup=2):
+    """name -> median ms. On the CPU the repeats are interleaved (one of each method per round), so that
+    noise from a shared machine falls on every method alike instead of on whichever ran at a bad moment."""
+    for fn in methods.values():
+        for _ in range(warmup):
+            fn()
     if device.type == "cuda":
         import triton.testing
 
-        return triton.testing.do_bench(fn, warmup=25, rep=max(100, repeats * 20), return_mode="median")
-    samples = []
+        return {name: triton.testing.do_bench(fn, warmup=25, rep=max(100, repeats * 20), return_mode="median")
+                for name, fn in methods.items()}
+    samples = {name: [] for name in methods}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def measure(name, fn, device, repeats):
-    ms = _time(fn, device, repeats)
+def extra_peak_bytes(fn, device):
+    """Peak memory of one call beyond what was held before it."""
     base = _reset_peak(device)
     fn()
-    extra = max(0, _peak_bytes(device) - base)
-    return {"method": name, "median_ms": ms, "extra_peak_bytes": extra}
+    return max(0, _peak_bytes(device) - base)
 
 
 def contenders(student, teacher, labels, options, compile_model):
@@ -103,13 +107,11 @@ def contenders(student, teacher, labels, options, compile_model):
     return methods
 
 
-def copy_bandwidth(student, device, repeats):
-    """Measured copy bandwidth in bytes/s (read + write), in fp32 on the CPU."""
+def copy_method(student, device):
+    """A plain copy of the logits (fp32 on the CPU): its time gives the machine's copy bandwidth."""
     src = student.float() if device.type == "cpu" else student
     dst = torch.empty_like(src)
-    copy_ms = _time(lambda: dst.copy_(src), device, repeats)
-    bandwidth = 2 * src.numel() * src.element_size() / (copy_ms / 1e3)  # read + write
-    return bandwidth
+    return (lambda: dst.copy_(src)), 2 * src.numel() * src.element_size()  # read + write
 
 
 def kernel_bytes_for(args):
@@ -143,11 +145,13 @@ def run(args) -> list[dict]:
         raise SystemExit(f"kdfast disagrees with the reference ({check.item()} vs {truth.item()}): not timing it")
 
     console = Console(width=max(100, Console().width))
-    rows = []
-    for name, fn in contenders(student, teacher, labels, options, not args.no_compile).items():
-        console.print(f"[dim]timing {name}...[/dim]")
-        rows.append(measure(name, fn, device, args.repeats))
-    bandwidth = copy_bandwidth(student, device, args.repeats)
+    methods = contenders(student, teacher, labels, options, not args.no_compile)
+    copy, copy_bytes = copy_method(student, device)
+    console.print(f"[dim]timing {', '.join(methods)} and a copy, {args.repeats} interleaved rounds...[/dim]")
+    medians = time_methods({**methods, "copy": copy}, device, args.repeats)
+    rows = [{"method": name, "median_ms": medians[name], "extra_peak_bytes": extra_peak_bytes(fn, device)}
+            for name, fn in methods.items()]
+    bandwidth = copy_bytes / (medians["copy"] / 1e3)
     # CPU: 12 bytes per element (the issue's floor); GPU: the kernel's own pass traffic.
     floor_bytes = 3 * student.numel() * 4 if device.type == "cpu" else kernel_bytes_for(args)
     floor_ms = floor_bytes / bandwidth * 1e3

@@ -82,8 +82,8 @@ inline F fast_exp(F x) {
   poly = poly * r * r + r + 1.0f;
   F result = poly * bits_as_float((round_to_int(n) + 127) << 23);
   result = x < -87.3365f ? splat<F>(0.0f) : result;
-  result = x > 88.7228f ? splat<F>(INFINITY) : result;
-  return x != x ? x : result;
+  // NaN needs no select: every comparison above is false for it, and the polynomial carries it through.
+  return x > 88.7228f ? splat<F>(INFINITY) : result;
 }
 
 // log(x) for x in [1, 2^126) (the kernel only takes log(1 + exp(-d)), in [1, 2]), about 2 ulp:
