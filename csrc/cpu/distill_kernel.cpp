@@ -152,10 +152,10 @@ enum CeSource : int { kNoCe = 0, kCeFromTempered = 1, kCeFromTemperedSquared = 2
 // exps (forward KL: no pass 2 at all), or u_j - q_j * U (JSD, skews).
 enum KdSource : int { kNoKd = 0, kKdFromBuffer = 1, kKdFromExps = 2, kKdUMinusQU = 3 };
 
-// Pass 2: the divergence value; stores u_j in the teacher-exp slot (read just before) when pass 3 needs it,
-// or writes the KD part of the gradient (unscaled) into kd_grad for the two-pass divergences.
+// Pass 2 (all but forward KL, whose value and gradient come from pass 1): the divergence value, and into
+// kd_buffer (the teacher-exp slot, each entry read just before) reverse KL's gradient or the JSD/skew u_j.
 float divergence_pass(const float* s, const float* t, const DistillArgs& a, const RowStats& st, Scratch& w,
-                      float* kd_grad, float* u_sum) {
+                      float* kd_buffer, float* u_sum) {
   const int64_t vocab = a.vocab;
   const float inv_t = a.inv_temperature, beta = a.beta;
   const float log_beta = beta > 0.0f ? std::log(beta) : -INFINITY;
@@ -173,7 +173,7 @@ float divergence_pass(const float* s, const float* t, const DistillArgs& a, cons
     const F lt = (load<F>(t + j) - mt) * inv_t - st.log_z_t;
     switch (divergence) {
       case kReverseKL:
-        store(kd_grad + j, weighted(q, ls - lt - st.reverse_kl));
+        store(kd_buffer + j, weighted(q, ls - lt - st.reverse_kl));
         break;
       case kJSD: {
         const F p = load<F>(et + j) * st.inv_z_t;
