@@ -20,11 +20,20 @@ def _bench(rest):
 
 
 def _build(_rest):
-    from kdfast.native_build import cpu_capability, load_cpu_extension
+    """Compiles the CPU kernel, and the CUDA kernels when torch sees a GPU or KDFAST_CUDA_ARCHS names targets."""
+    import os
+
+    import torch
+
+    from kdfast.native_build import cpu_capability, cuda_archs, load_cpu_extension, load_cuda_extension
 
     start = time.perf_counter()
     load_cpu_extension()
     print(f"kdfast CPU kernel ready ({cpu_capability()}) in {time.perf_counter() - start:.1f} s")
+    if torch.cuda.is_available() or os.environ.get("KDFAST_CUDA_ARCHS"):
+        start = time.perf_counter()
+        load_cuda_extension()
+        print(f"kdfast CUDA kernels ready (sm_{', sm_'.join(cuda_archs())}) in {time.perf_counter() - start:.1f} s")
 
 
 def main(argv=None):

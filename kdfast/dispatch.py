@@ -21,16 +21,28 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_backend(requested: str, device: torch.device) -> str:
-    """The concrete backend for tensors on `device`; raises ValueError for an impossible request."""
+def cuda_kernels_available() -> bool:
+    from kdfast.backends import cuda_backend
+
+    return cuda_backend.available()
+
+
+def auto_gpu_backend(rows: int, vocab: int) -> str:
+    """The faster GPU kernel for a [rows, vocab] problem (the rule and its measurements: README, "Backends")."""
+    if cuda_kernels_available():
+        return "cuda"
+    return "triton" if triton_available() else "torch"
+
+
+def resolve_backend(requested: str, device: torch.device, rows: int = 0, vocab: int = 0) -> str:
+    """The concrete backend for [rows, vocab] tensors on `device`; raises ValueError for an impossible request."""
     if requested == "auto":
         requested = os.environ.get("KDFAST_BACKEND", "auto") or "auto"
         if requested not in BACKENDS:
             raise ValueError(f"KDFAST_BACKEND must be one of {BACKENDS}, got {requested!r}")
     if requested == "auto":
         if device.type == "cuda":
-            # The only GPU kernel so far; measured-rule dispatch arrives with the CUDA backend.
-            return "triton" if triton_available() else "torch"
+            return auto_gpu_backend(rows, vocab)
         if device.type == "cpu":
             from kdfast.backends import cpu_backend
 
@@ -44,14 +56,19 @@ def resolve_backend(requested: str, device: torch.device) -> str:
         if device.type == "cpu" and not triton_interpreter_enabled():
             raise ValueError("backend='triton' runs on CUDA tensors, or on CPU tensors only under TRITON_INTERPRET=1")
     if requested == "cuda":
-        raise ValueError("backend='cuda' (hand-written CUDA kernels) is not part of this build yet; "
-                         "use backend='triton' or 'auto' on GPUs")
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+        if not cuda_kernels_available():
+            raise ValueError("backend='cuda': the kdfast CUDA kernels could not be built here (see the warning "
+                             "above); use backend='triton' or 'auto'")
     return requested
 
 
 def backend_module(name: str):
     if name == "cpu":
         from kdfast.backends import cpu_backend as module
+    elif name == "cuda":
+        from kdfast.backends import cuda_backend as module
     elif name == "triton":
         from kdfast.backends import triton_backend as module
     else:

@@ -75,6 +75,8 @@ class DistillFunction(torch.autograd.Function):
         # version check on the saved tensor).
         if ctx.reduction == "none":
             grad.mul_(grad_output.unsqueeze(-1))
+        elif grad.is_cuda:
+            ops.scale_gradient_(grad, grad_output)
         elif not _is_one_on_host(grad_output):
             grad.mul_(grad_output)
         return grad, None, None, None, None

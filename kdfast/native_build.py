@@ -1,9 +1,9 @@
 """JIT build of the native kernels in csrc/ (ninja through torch.utils.cpp_extension), cached per machine.
 
-Nothing compiles at `pip install`; the first CPU call (or `kdfast build`) compiles once and later
-processes load the cached library. The CPU kernel is compiled for the SIMD level torch reports for this
-machine, and that level is part of the build's name, so a cache copied to an older CPU rebuilds instead
-of crashing on an illegal instruction.
+Nothing compiles at `pip install`; the first call (or `kdfast build`) compiles once and later processes
+load the cached library. The CPU kernel is compiled for the SIMD level torch reports for this machine and
+the CUDA kernels for the GPU architectures in use (or KDFAST_CUDA_ARCHS); either is part of the build's
+name, so a cache copied to another machine rebuilds instead of crashing on an illegal instruction.
 """
 
 from __future__ import annotations
@@ -71,4 +71,52 @@ def cpu_extension_or_none():
     except NativeBuildError as error:
         warnings.warn(f"{error}\nkdfast falls back to the pure-PyTorch backend on CPU tensors.",
                       RuntimeWarning, stacklevel=3)
+        return None
+
+
+CUDA_SOURCES = ("distill_launch.cu", "distill_rows_bf16.cu", "distill_rows_fp16.cu", "distill_rows_fp32.cu",
+                "bindings.cpp")
+
+
+def cuda_archs() -> list[str]:
+    """Targets such as ['90', '80'] from KDFAST_CUDA_ARCHS ('9.0;8.0', '90 80', 'sm_90'), else the visible
+    devices' own."""
+    requested = os.environ.get("KDFAST_CUDA_ARCHS", "").replace(";", " ").replace(",", " ").split()
+    if requested:
+        return sorted({arch.lower().removeprefix("sm_").replace(".", "") for arch in requested})
+    capabilities = {torch.cuda.get_device_capability(index) for index in range(torch.cuda.device_count())}
+    return sorted(f"{major}{minor}" for major, minor in capabilities)
+
+
+@functools.cache
+def load_cuda_extension():
+    """Builds (first time) and loads the CUDA kernels; registers torch.ops.kdfast_cuda. Raises NativeBuildError."""
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None:
+        raise NativeBuildError("this torch build has no CUDA support, so the kdfast CUDA kernels cannot be built")
+    archs = cuda_archs()
+    if not archs:
+        raise NativeBuildError("no CUDA device is visible and KDFAST_CUDA_ARCHS is not set")
+    name = "kdfast_cuda_sm" + "_".join(archs)
+    # Naming the targets ourselves stops cpp_extension from adding its own (TORCH_CUDA_ARCH_LIST).
+    gencode = [f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in archs]
+    try:
+        cpp_extension.load(name=name, sources=[str(CSRC / "cuda" / source) for source in CUDA_SOURCES],
+                           extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo", *gencode],
+                           is_python_module=False, build_directory=_build_directory(name),
+                           verbose=os.environ.get("KDFAST_VERBOSE_BUILD") == "1")
+    except Exception as error:  # nvcc missing, headers missing, ninja missing, link error...
+        raise NativeBuildError(f"building the kdfast CUDA kernels ({name}) failed: {error}") from error
+    return torch.ops.kdfast_cuda
+
+
+@functools.cache
+def cuda_extension_or_none():
+    """The CUDA kernels if they build; otherwise None, after one warning."""
+    try:
+        return load_cuda_extension()
+    except NativeBuildError as error:
+        warnings.warn(f"{error}\nkdfast uses the Triton kernel on CUDA tensors instead.", RuntimeWarning,
+                      stacklevel=3)
         return None

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from kdfast.dispatch import backend_module, resolve_backend
+from kdfast.dispatch import backend_module, resolve_backend, triton_available
 from kdfast.options import LossOptions
+
+
+def triton_gpu_available() -> bool:
+    return triton_available() and torch.cuda.is_available()
 
 
 def _options(divergence, beta, temperature, kd_weight, ce_weight, t2_scale, ignore_index, backend):
@@ -21,7 +25,7 @@ def _options(divergence, beta, temperature, kd_weight, ce_weight, t2_scale, igno
 def _run(student, teacher, labels, grad_scale, grad, settings):
     opts = _options(*settings)
     # Resolved here, inside the op, so torch.compile never traces the build / availability checks.
-    backend = resolve_backend(opts.backend, student.device)
+    backend = resolve_backend(opts.backend, student.device, student.shape[0] * student.shape[1], student.shape[2])
     return backend_module(backend).forward_rows(student, teacher, labels, grad_scale, grad, opts)
 
 
@@ -60,3 +64,20 @@ def distill_forward_inplace(student: torch.Tensor, teacher: torch.Tensor, labels
 @distill_forward_inplace.register_fake
 def _(student, teacher, labels, grad_scale, *settings):
     return student.new_empty(student.shape[0] * student.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("kdfast::scale_gradient_", mutates_args=("grad",))
+def scale_gradient_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
+    """grad *= grad_output (one element). On a GPU the factor is read by the kernel, which writes nothing
+    when it is 1 (the usual loss.backward()), so neither a host sync nor a pass over the gradient is paid."""
+    if grad.is_cuda and grad.is_contiguous() and triton_gpu_available():
+        from kdfast.kernels.rescale import scale_unless_one_
+
+        scale_unless_one_(grad, grad_output.reshape(1).to(torch.float32))
+    else:
+        grad.mul_(grad_output)
+
+
+@scale_gradient_.register_fake
+def _(grad, grad_output):
+    return None

@@ -10,11 +10,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kdfast.native_build import cpu_extension_or_none  # noqa: E402
+from kdfast.native_build import cpu_extension_or_none, cuda_extension_or_none  # noqa: E402
 
 
 def available_backends():
-    """Every backend this machine can run; 'cpu' is required (a failed build must fail the suite here)."""
+    """Every backend this machine can run; 'cpu' is required (a failed build must fail the suite here), and
+    so is 'cuda' wherever a GPU is visible."""
     backends = ["torch", "cpu"]
     try:
         import triton  # noqa: F401
@@ -22,6 +23,8 @@ def available_backends():
         backends.append("triton")
     except ImportError:
         pass
+    if torch.cuda.is_available():
+        backends.append("cuda")
     return backends
 
 
@@ -29,7 +32,7 @@ BACKENDS = available_backends()
 
 
 def device_for(backend: str) -> str:
-    if backend == "triton" and torch.cuda.is_available():
+    if backend in ("triton", "cuda") and torch.cuda.is_available():
         return "cuda"
     return "cpu"
 
@@ -37,3 +40,5 @@ def device_for(backend: str) -> str:
 @pytest.fixture(scope="session", autouse=True)
 def _cpu_kernel_builds():
     assert cpu_extension_or_none() is not None, "the C++ CPU kernel failed to build"
+    if torch.cuda.is_available():
+        assert cuda_extension_or_none() is not None, "the CUDA kernels failed to build"

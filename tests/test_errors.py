@@ -77,3 +77,9 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
 def test_one_dimensional_logits_are_refused():
     with pytest.raises(ValueError, match=r"student_logits must have shape \[tokens, vocab\]"):
         kdfast.distill_loss(torch.randn(10), torch.randn(10))
+
+
+def test_cuda_backend_on_cpu_tensors_is_refused():
+    student, teacher, labels = _inputs()
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+        kdfast.distill_loss(student, teacher, labels, backend="cuda")

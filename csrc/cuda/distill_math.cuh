@@ -1,0 +1,227 @@
+// Device helpers for the distillation kernels: 16-byte loads and stores, base-2 fast math, and the
+// per-row statistics with their merge (DESIGN.md, "Algorithms").
+//
+// Everything runs in base 2: x = s * log2(e) / T, so each exponential is one ex2.approx instruction.
+// Stats keep, for the student (s) and the teacher (t), a running max m and sum z of 2^(x - m); `acc` is the
+// centred sum that yields forward KL (sum 2^(y - m_t) * ((y - m_t) - (x - m_s))) or reverse KL (roles
+// swapped) without another pass over the row; (m_c, z_c) are the student's statistics at T = 1 when
+// cross-entropy cannot reuse the tempered ones.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace kdfast_cuda {
+
+constexpr float kLn2 = 0.693147180559945309f;
+constexpr float kLog2e = 1.442695040888963407f;
+constexpr float kNegInf = -__builtin_huge_valf();
+
+// How cross-entropy gets softmax(s) at T = 1: not at all, the tempered statistics themselves (T = 1, or no
+// KD, where the kernel runs at T = 1), their squares (T = 2: 2^(2x) needs no new exponential), or its own.
+enum CeStats : int { kCeNone = 0, kCeShared = 1, kCeSquared = 2, kCeOwn = 3 };
+
+// Kernel modes: the two-pass divergences, the three-pass mixtures (JSD and the skews, chosen at run
+// time), and cross-entropy alone.
+enum Mode : int { kModeForwardKL = 0, kModeReverseKL = 1, kModeMixture = 2, kModeCeOnly = 3 };
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float fast_log2(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// 0 * anything = 0: a zero probability adds nothing, even against a log of -inf.
+__device__ __forceinline__ float weighted(float prob, float log_ratio) {
+  return prob == 0.0f ? 0.0f : prob * log_ratio;
+}
+
+__device__ __forceinline__ float log2_add_exp2(float a, float b) {
+  const float hi = fmaxf(a, b), lo = fminf(a, b);
+  return hi == kNegInf ? hi : hi + fast_log2(1.0f + fast_exp2(lo - hi));
+}
+
+// A max that is -inf serves as 0 for exponentials (so 2^(-inf - ref) = 0, never NaN).
+__device__ __forceinline__ float safe_ref(float m) { return m == kNegInf ? 0.0f : m; }
+
+// How far a max moved (0 when it did not, including -inf to -inf).
+__device__ __forceinline__ float shift(float m_new, float m_old) { return m_new == m_old ? 0.0f : m_new - m_old; }
+
+// ---- 8 consecutive elements as floats: one 16-byte access for 16-bit types, two for float32 ----
+__device__ __forceinline__ void load8(const float* p, float (&out)[8]) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+  out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+}
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float (&out)[8]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // bf16 is the top half of a float32
+    out[2 * i] = __uint_as_float(words[i] << 16);
+    out[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ void load8(const __half* p, float (&out)[8]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const __half2* pairs = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __half22float2(pairs[i]);
+    out[2 * i] = f.x, out[2 * i + 1] = f.y;
+  }
+}
+
+__device__ __forceinline__ void store8(float* p, const float (&in)[8]) {
+  reinterpret_cast<float4*>(p)[0] = make_float4(in[0], in[1], in[2], in[3]);
+  reinterpret_cast<float4*>(p)[1] = make_float4(in[4], in[5], in[6], in[7]);
+}
+__device__ __forceinline__ void store8(__nv_bfloat16* p, const float (&in)[8]) {
+  uint4 raw;
+  __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) pairs[i] = __floats2bfloat162_rn(in[2 * i], in[2 * i + 1]);
+  *reinterpret_cast<uint4*>(p) = raw;
+}
+__device__ __forceinline__ void store8(__half* p, const float (&in)[8]) {
+  uint4 raw;
+  __half2* pairs = reinterpret_cast<__half2*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) pairs[i] = __floats2half2_rn(in[2 * i], in[2 * i + 1]);
+  *reinterpret_cast<uint4*>(p) = raw;
+}
+
+__device__ __forceinline__ float load1(const float* p) { return *p; }
+__device__ __forceinline__ float load1(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+__device__ __forceinline__ float load1(const __half* p) { return __half2float(*p); }
+__device__ __forceinline__ void store1(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store1(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void store1(__half* p, float v) { *p = __float2half_rn(v); }
+
+struct Stats {
+  float m_s, z_s, m_t, z_t, acc, m_c, z_c;
+};
+constexpr int kStatsFloats = 7;
+
+__device__ __forceinline__ Stats empty_stats() { return Stats{kNegInf, 0.0f, kNegInf, 0.0f, 0.0f, kNegInf, 0.0f}; }
+
+// Re-expresses a partial state relative to new maxima (m_s, m_t, m_c >= its own): the one rule used both
+// by the running update within a thread and by the merge of two threads' (or two blocks') states.
+template <int MODE>
+__device__ __forceinline__ Stats rebase(const Stats& a, float m_s, float m_t, float m_c, int ce_stats) {
+  Stats r = a;
+  const float ds = shift(m_s, a.m_s), dt = shift(m_t, a.m_t);
+  const float scale_s = ds == 0.0f ? 1.0f : fast_exp2(-ds);
+  const float scale_t = dt == 0.0f ? 1.0f : fast_exp2(-dt);
+  if (MODE == kModeForwardKL) {
+    r.acc = scale_t * (a.acc + (a.z_t == 0.0f ? 0.0f : a.z_t * (ds - dt)));
+  } else if (MODE == kModeReverseKL) {
+    r.acc = scale_s * (a.acc + (a.z_s == 0.0f ? 0.0f : a.z_s * (dt - ds)));
+  }
+  r.m_s = m_s, r.m_t = m_t;
+  r.z_s = a.z_s * scale_s;
+  r.z_t = a.z_t * scale_t;
+  if (ce_stats == kCeSquared) {
+    r.z_c = a.z_c * scale_s * scale_s;
+  } else if (ce_stats == kCeOwn) {
+    const float dc = shift(m_c, a.m_c);
+    r.z_c = a.z_c * (dc == 0.0f ? 1.0f : fast_exp2(-dc));
+    r.m_c = m_c;
+  }
+  return r;
+}
+
+template <int MODE>
+__device__ __forceinline__ Stats merge(const Stats& a, const Stats& b, int ce_stats) {
+  const float m_s = fmaxf(a.m_s, b.m_s), m_t = fmaxf(a.m_t, b.m_t), m_c = fmaxf(a.m_c, b.m_c);
+  const Stats x = rebase<MODE>(a, m_s, m_t, m_c, ce_stats), y = rebase<MODE>(b, m_s, m_t, m_c, ce_stats);
+  return Stats{m_s, x.z_s + y.z_s, m_t, x.z_t + y.z_t, x.acc + y.acc, m_c, x.z_c + y.z_c};
+}
+
+// Folds N elements (x, y: tempered base-2 logits of student and teacher; c: the student's at T = 1) into a
+// thread's running state: one rebase per N elements, then one exponential per element and model.
+template <int MODE, int N>
+__device__ __forceinline__ void accumulate(Stats& st, const float (&x)[N], const float (&y)[N], const float (&c)[N],
+                                           int ce_stats) {
+  constexpr bool kKD = MODE != kModeCeOnly;
+  float mx = kNegInf, my = kNegInf, mc = kNegInf;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    mx = fmaxf(mx, x[i]);
+    if (kKD) my = fmaxf(my, y[i]);
+    if (ce_stats == kCeOwn) mc = fmaxf(mc, c[i]);
+  }
+  if (mx > st.m_s || my > st.m_t || mc > st.m_c) {  // rare once a row is under way
+    st = rebase<MODE>(st, fmaxf(st.m_s, mx), fmaxf(st.m_t, my), fmaxf(st.m_c, mc), ce_stats);
+  }
+  const float ref_s = safe_ref(st.m_s), ref_t = safe_ref(st.m_t), ref_c = safe_ref(st.m_c);
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const float ds = x[i] - ref_s;
+    const float e_s = fast_exp2(ds);
+    st.z_s += e_s;
+    if (ce_stats == kCeSquared) st.z_c += e_s * e_s;
+    if (ce_stats == kCeOwn) st.z_c += fast_exp2(c[i] - ref_c);
+    if (kKD) {
+      const float dt = y[i] - ref_t;
+      const float e_t = fast_exp2(dt);
+      st.z_t += e_t;
+      if (MODE == kModeForwardKL) st.acc += weighted(e_t, dt - ds);
+      if (MODE == kModeReverseKL) st.acc += weighted(e_s, ds - dt);
+    }
+  }
+}
+
+template <int MODE>
+__device__ __forceinline__ Stats shuffle_xor(const Stats& a, int lane_mask) {
+  Stats b;
+  b.m_s = __shfl_xor_sync(0xffffffffu, a.m_s, lane_mask);
+  b.z_s = __shfl_xor_sync(0xffffffffu, a.z_s, lane_mask);
+  b.m_t = __shfl_xor_sync(0xffffffffu, a.m_t, lane_mask);
+  b.z_t = __shfl_xor_sync(0xffffffffu, a.z_t, lane_mask);
+  b.acc = __shfl_xor_sync(0xffffffffu, a.acc, lane_mask);
+  b.m_c = __shfl_xor_sync(0xffffffffu, a.m_c, lane_mask);
+  b.z_c = __shfl_xor_sync(0xffffffffu, a.z_c, lane_mask);
+  return b;
+}
+
+// Block-wide merge of every thread's state; all threads get the result. `scratch` holds one Stats per warp.
+template <int MODE, int THREADS>
+__device__ Stats block_merge(Stats st, Stats* scratch, int ce_stats) {
+#pragma unroll
+  for (int mask = 16; mask > 0; mask >>= 1) st = merge<MODE>(st, shuffle_xor<MODE>(st, mask), ce_stats);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // scratch may still be read from an earlier reduction
+  if (lane == 0) scratch[warp] = st;
+  __syncthreads();
+  Stats total = scratch[0];
+#pragma unroll
+  for (int w = 1; w < THREADS / 32; ++w) total = merge<MODE>(total, scratch[w], ce_stats);
+  return total;
+}
+
+template <int THREADS>
+__device__ float2 block_sum2(float2 v, float2* scratch) {
+#pragma unroll
+  for (int mask = 16; mask > 0; mask >>= 1) {
+    v.x += __shfl_xor_sync(0xffffffffu, v.x, mask);
+    v.y += __shfl_xor_sync(0xffffffffu, v.y, mask);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float2 total = make_float2(0.0f, 0.0f);
+#pragma unroll
+  for (int w = 0; w < THREADS / 32; ++w) total.x += scratch[w].x, total.y += scratch[w].y;
+  return total;
+}
+
+}  // namespace kdfast_cuda

@@ -1,0 +1,8 @@
+// Instantiates the row kernels for fp16 student logits (teacher: fp16 or float32).
+#include "distill_rows.cuh"
+
+namespace kdfast_cuda {
+cudaError_t launch_student_fp16(const Launch& launch, cudaStream_t stream) {
+  return launch_student<__half>(launch, stream);
+}
+}  // namespace kdfast_cuda
