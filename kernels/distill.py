@@ -33,7 +33,9 @@ def _log_add_exp(a, b):
     hi = tl.maximum(a, b)
     lo = tl.minimum(a, b)
     # log(1 + x) with tl.log: libdevice's log1p is not available under the interpreter.
-    return tl.where(hi == float("-inf"), hi, hi + tl.log(1.0 + tl.exp(lo - hi)))
+    result = tl.where(hi == float("-inf"), hi, hi + tl.log(1.0 + tl.exp(lo - hi)))
+    # On a GPU maximum / minimum drop a NaN operand (the interpreter keeps it); the row's loss must see it.
+    return tl.where((a != a) | (b != b), a + b, result)
 
 
 @triton.jit

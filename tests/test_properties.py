@@ -1,7 +1,7 @@
 """Hypothesis-generated shapes, scales and settings against the float64 reference."""
 
 import torch
-from conftest import BACKENDS
+from conftest import BACKENDS, device_for
 from helpers import assert_matches_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -32,4 +32,5 @@ def cases(draw):
 @given(case=cases(), backend=st.sampled_from(BACKENDS))
 def test_random_inputs_match_reference(case, backend):
     student, teacher, labels, options = case
-    assert_matches_reference(student, teacher, labels, backend, **options)
+    device = device_for(backend)
+    assert_matches_reference(student.to(device), teacher.to(device), labels.to(device), backend, **options)

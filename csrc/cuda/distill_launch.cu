@@ -34,7 +34,7 @@ cudaError_t launch_distill(const DistillArgs& args, cudaStream_t stream) {
   launch.a = args;
   // Without KD the kernel runs at T = 1, where cross-entropy shares the student's statistics.
   const float inv_t = args.has_kd ? args.inv_temperature : 1.0f;
-  launch.k_x = kLog2e * inv_t;
+  launch.k = kLog2e * inv_t;
   launch.log2_beta = args.beta > 0.0f ? std::log2(args.beta) : -INFINITY;
   launch.log2_1m_beta = args.beta < 1.0f ? std::log2(1.0f - args.beta) : -INFINITY;
   if (!args.has_ce) {

@@ -1,11 +1,13 @@
 // Device helpers for the distillation kernels: 16-byte loads and stores, base-2 fast math, and the
 // per-row statistics with their merge (DESIGN.md, "Algorithms").
 //
-// Everything runs in base 2: x = s * log2(e) / T, so each exponential is one ex2.approx instruction.
-// Stats keep, for the student (s) and the teacher (t), a running max m and sum z of 2^(x - m); `acc` is the
-// centred sum that yields forward KL (sum 2^(y - m_t) * ((y - m_t) - (x - m_s))) or reverse KL (roles
-// swapped) without another pass over the row; (m_c, z_c) are the student's statistics at T = 1 when
-// cross-entropy cannot reuse the tempered ones.
+// Everything runs in base 2, so each exponential is one ex2.approx instruction: an exponent is
+// (s - m) * k with k = log2(e) / T. Maxima stay in the logits' own units and are subtracted before the
+// scaling: s * k - m * k would round each product at |s| ~ 1e3 by ~1e-4, a 1e-4 relative error in every
+// probability. Stats keep, for the student (s) and the teacher (t), the running max m and the sum z of
+// 2^((x - m) * k); `acc` is the centred sum that yields forward KL (sum 2^(dt) * (dt - ds)) or reverse KL
+// (roles swapped) without another pass over the row; z_c is the student's sum at T = 1 when
+// cross-entropy cannot reuse the tempered one (the max is the same logit at every temperature).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -46,6 +48,8 @@ __device__ __forceinline__ float weighted(float prob, float log_ratio) {
 
 __device__ __forceinline__ float log2_add_exp2(float a, float b) {
   const float hi = fmaxf(a, b), lo = fminf(a, b);
+  // fmaxf / fminf drop a NaN operand; the NaN must reach the row's loss instead.
+  if (a != a || b != b) return a + b;
   return hi == kNegInf ? hi : hi + fast_log2(1.0f + fast_exp2(lo - hi));
 }
 
@@ -106,18 +110,19 @@ __device__ __forceinline__ void store1(__nv_bfloat16* p, float v) { *p = __float
 __device__ __forceinline__ void store1(__half* p, float v) { *p = __float2half_rn(v); }
 
 struct Stats {
-  float m_s, z_s, m_t, z_t, acc, m_c, z_c;
+  float m_s, z_s, m_t, z_t, acc, z_c;
 };
-constexpr int kStatsFloats = 7;
+constexpr int kStatsFloats = 6;
 
-__device__ __forceinline__ Stats empty_stats() { return Stats{kNegInf, 0.0f, kNegInf, 0.0f, 0.0f, kNegInf, 0.0f}; }
+__device__ __forceinline__ Stats empty_stats() { return Stats{kNegInf, 0.0f, kNegInf, 0.0f, 0.0f, 0.0f}; }
 
-// Re-expresses a partial state relative to new maxima (m_s, m_t, m_c >= its own): the one rule used both
-// by the running update within a thread and by the merge of two threads' (or two blocks') states.
+// Re-expresses a partial state relative to new maxima (m_s, m_t >= its own): the one rule used both by the
+// running update within a thread and by the merge of two threads' (or two blocks') states.
 template <int MODE>
-__device__ __forceinline__ Stats rebase(const Stats& a, float m_s, float m_t, float m_c, int ce_stats) {
+__device__ __forceinline__ Stats rebase(const Stats& a, float m_s, float m_t, float k, int ce_stats) {
   Stats r = a;
-  const float ds = shift(m_s, a.m_s), dt = shift(m_t, a.m_t);
+  const float raw_ds = shift(m_s, a.m_s);
+  const float ds = raw_ds * k, dt = shift(m_t, a.m_t) * k;
   const float scale_s = ds == 0.0f ? 1.0f : fast_exp2(-ds);
   const float scale_t = dt == 0.0f ? 1.0f : fast_exp2(-dt);
   if (MODE == kModeForwardKL) {
@@ -128,49 +133,43 @@ __device__ __forceinline__ Stats rebase(const Stats& a, float m_s, float m_t, fl
   r.m_s = m_s, r.m_t = m_t;
   r.z_s = a.z_s * scale_s;
   r.z_t = a.z_t * scale_t;
-  if (ce_stats == kCeSquared) {
-    r.z_c = a.z_c * scale_s * scale_s;
-  } else if (ce_stats == kCeOwn) {
-    const float dc = shift(m_c, a.m_c);
-    r.z_c = a.z_c * (dc == 0.0f ? 1.0f : fast_exp2(-dc));
-    r.m_c = m_c;
-  }
+  if (ce_stats == kCeSquared) r.z_c = a.z_c * scale_s * scale_s;
+  if (ce_stats == kCeOwn) r.z_c = a.z_c * (raw_ds == 0.0f ? 1.0f : fast_exp2(-raw_ds * kLog2e));
   return r;
 }
 
 template <int MODE>
-__device__ __forceinline__ Stats merge(const Stats& a, const Stats& b, int ce_stats) {
-  const float m_s = fmaxf(a.m_s, b.m_s), m_t = fmaxf(a.m_t, b.m_t), m_c = fmaxf(a.m_c, b.m_c);
-  const Stats x = rebase<MODE>(a, m_s, m_t, m_c, ce_stats), y = rebase<MODE>(b, m_s, m_t, m_c, ce_stats);
-  return Stats{m_s, x.z_s + y.z_s, m_t, x.z_t + y.z_t, x.acc + y.acc, m_c, x.z_c + y.z_c};
+__device__ __forceinline__ Stats merge(const Stats& a, const Stats& b, float k, int ce_stats) {
+  const float m_s = fmaxf(a.m_s, b.m_s), m_t = fmaxf(a.m_t, b.m_t);
+  const Stats x = rebase<MODE>(a, m_s, m_t, k, ce_stats), y = rebase<MODE>(b, m_s, m_t, k, ce_stats);
+  return Stats{m_s, x.z_s + y.z_s, m_t, x.z_t + y.z_t, x.acc + y.acc, x.z_c + y.z_c};
 }
 
-// Folds N elements (x, y: tempered base-2 logits of student and teacher; c: the student's at T = 1) into a
-// thread's running state: one rebase per N elements, then one exponential per element and model.
+// Folds N elements (s, t: raw logits of student and teacher) into a thread's running state: one rebase per
+// N elements when a max moved, then one exponential per element and model.
 template <int MODE, int N>
-__device__ __forceinline__ void accumulate(Stats& st, const float (&x)[N], const float (&y)[N], const float (&c)[N],
+__device__ __forceinline__ void accumulate(Stats& st, const float (&s)[N], const float (&t)[N], float k,
                                            int ce_stats) {
   constexpr bool kKD = MODE != kModeCeOnly;
-  float mx = kNegInf, my = kNegInf, mc = kNegInf;
+  float ms = kNegInf, mt = kNegInf;
 #pragma unroll
   for (int i = 0; i < N; ++i) {
-    mx = fmaxf(mx, x[i]);
-    if (kKD) my = fmaxf(my, y[i]);
-    if (ce_stats == kCeOwn) mc = fmaxf(mc, c[i]);
+    ms = fmaxf(ms, s[i]);
+    if (kKD) mt = fmaxf(mt, t[i]);
   }
-  if (mx > st.m_s || my > st.m_t || mc > st.m_c) {  // rare once a row is under way
-    st = rebase<MODE>(st, fmaxf(st.m_s, mx), fmaxf(st.m_t, my), fmaxf(st.m_c, mc), ce_stats);
+  if (ms > st.m_s || mt > st.m_t) {  // rare once a row is under way
+    st = rebase<MODE>(st, fmaxf(st.m_s, ms), fmaxf(st.m_t, mt), k, ce_stats);
   }
-  const float ref_s = safe_ref(st.m_s), ref_t = safe_ref(st.m_t), ref_c = safe_ref(st.m_c);
+  const float ref_s = safe_ref(st.m_s), ref_t = safe_ref(st.m_t);
 #pragma unroll
   for (int i = 0; i < N; ++i) {
-    const float ds = x[i] - ref_s;
+    const float ds = (s[i] - ref_s) * k;
     const float e_s = fast_exp2(ds);
     st.z_s += e_s;
     if (ce_stats == kCeSquared) st.z_c += e_s * e_s;
-    if (ce_stats == kCeOwn) st.z_c += fast_exp2(c[i] - ref_c);
+    if (ce_stats == kCeOwn) st.z_c += fast_exp2((s[i] - ref_s) * kLog2e);
     if (kKD) {
-      const float dt = y[i] - ref_t;
+      const float dt = (t[i] - ref_t) * k;
       const float e_t = fast_exp2(dt);
       st.z_t += e_t;
       if (MODE == kModeForwardKL) st.acc += weighted(e_t, dt - ds);
@@ -187,23 +186,22 @@ __device__ __forceinline__ Stats shuffle_xor(const Stats& a, int lane_mask) {
   b.m_t = __shfl_xor_sync(0xffffffffu, a.m_t, lane_mask);
   b.z_t = __shfl_xor_sync(0xffffffffu, a.z_t, lane_mask);
   b.acc = __shfl_xor_sync(0xffffffffu, a.acc, lane_mask);
-  b.m_c = __shfl_xor_sync(0xffffffffu, a.m_c, lane_mask);
   b.z_c = __shfl_xor_sync(0xffffffffu, a.z_c, lane_mask);
   return b;
 }
 
 // Block-wide merge of every thread's state; all threads get the result. `scratch` holds one Stats per warp.
 template <int MODE, int THREADS>
-__device__ Stats block_merge(Stats st, Stats* scratch, int ce_stats) {
+__device__ Stats block_merge(Stats st, Stats* scratch, float k, int ce_stats) {
 #pragma unroll
-  for (int mask = 16; mask > 0; mask >>= 1) st = merge<MODE>(st, shuffle_xor<MODE>(st, mask), ce_stats);
+  for (int mask = 16; mask > 0; mask >>= 1) st = merge<MODE>(st, shuffle_xor<MODE>(st, mask), k, ce_stats);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   __syncthreads();  // scratch may still be read from an earlier reduction
   if (lane == 0) scratch[warp] = st;
   __syncthreads();
   Stats total = scratch[0];
 #pragma unroll
-  for (int w = 1; w < THREADS / 32; ++w) total = merge<MODE>(total, scratch[w], ce_stats);
+  for (int w = 1; w < THREADS / 32; ++w) total = merge<MODE>(total, scratch[w], k, ce_stats);
   return total;
 }
 

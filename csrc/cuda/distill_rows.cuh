@@ -19,12 +19,12 @@
 namespace kdfast_cuda {
 
 constexpr int kThreads = 256;
-constexpr int kWorkspaceStats = 8;  // Stats + the student's logit at the label
+constexpr int kWorkspaceStats = kStatsFloats + 1;  // Stats + the student's logit at the label
 constexpr int kWorkspaceTerms = 2;  // mixtures: sum of loss terms, U
 
 struct Launch {
   DistillArgs a;
-  float k_x;           // log2(e) / T: tempered base-2 logits (1 / T = 1 without KD)
+  float k;             // log2(e) / T: exponents are (x - max) * k (T = 1 without KD)
   float log2_beta, log2_1m_beta;
   int ce_stats;        // CeStats
 };
@@ -86,38 +86,34 @@ template <int MODE, typename S, typename T>
 __device__ Stats range_stats(const Launch& L, const RowPointers<S, T>& p, int64_t begin, int64_t end,
                              Stats* scratch) {
   Stats st = empty_stats();
-  const float k_x = L.k_x;
+  const float k = L.k;
   const int ce_stats = L.ce_stats;
   for_each_block_of_row<MODE != kModeCeOnly>(p, begin, end, false, [&](int64_t, auto& s, auto& t) {
-    constexpr int N = kLanesOf<decltype(s)>;
-    float x[N], y[N], c[N];
-#pragma unroll
-    for (int i = 0; i < N; ++i) x[i] = s[i] * k_x, y[i] = t[i] * k_x, c[i] = s[i] * kLog2e;
-    accumulate<MODE, N>(st, x, y, c, ce_stats);
+    accumulate<MODE, kLanesOf<decltype(s)>>(st, s, t, k, ce_stats);
   });
-  return block_merge<MODE, kThreads>(st, scratch, ce_stats);
+  return block_merge<MODE, kThreads>(st, scratch, k, ce_stats);
 }
 
-// Per-row constants from the merged statistics (log-normalisers in base 2).
+// Per-row constants from the merged statistics. log2 q_j = (s_j - ref_s) * k - log2_z_s, and alike for p.
 struct RowConstants {
-  float lz_s, lz_t, lz_c;
-  float squared_ce;  // kCeSquared: softmax(s)_j = q_j^2 * squared_ce
-  float closed_kd;   // forward / reverse KL, from the centred sum
+  float ref_s, ref_t;  // the maxima, in logit units
+  float log2_z_s, log2_z_t, log2_z_c;
+  float squared_ce;    // kCeSquared: softmax(s)_j = q_j^2 * squared_ce
+  float closed_kd;     // forward / reverse KL, from the centred sum
 };
 
 template <int MODE>
 __device__ __forceinline__ RowConstants row_constants(const Stats& st, int ce_stats) {
   RowConstants k;
-  const float log2_z_s = log2f(st.z_s), log2_z_t = log2f(st.z_t);
-  k.lz_s = safe_ref(st.m_s) + log2_z_s;
-  k.lz_t = safe_ref(st.m_t) + log2_z_t;
-  k.lz_c = k.lz_s;
-  if (ce_stats == kCeSquared) k.lz_c = 2.0f * safe_ref(st.m_s) + log2f(st.z_c);
-  if (ce_stats == kCeOwn) k.lz_c = safe_ref(st.m_c) + log2f(st.z_c);
-  k.squared_ce = exp2f(2.0f * k.lz_s - k.lz_c);
+  k.ref_s = safe_ref(st.m_s);
+  k.ref_t = safe_ref(st.m_t);
+  k.log2_z_s = log2f(st.z_s);
+  k.log2_z_t = log2f(st.z_t);
+  k.log2_z_c = ce_stats == kCeShared ? k.log2_z_s : log2f(st.z_c);
+  k.squared_ce = exp2f(2.0f * k.log2_z_s - k.log2_z_c);
   k.closed_kd = 0.0f;
-  if (MODE == kModeForwardKL) k.closed_kd = kLn2 * (st.acc / st.z_t - log2_z_t + log2_z_s);
-  if (MODE == kModeReverseKL) k.closed_kd = kLn2 * (st.acc / st.z_s - log2_z_s + log2_z_t);
+  if (MODE == kModeForwardKL) k.closed_kd = kLn2 * (st.acc / st.z_t - k.log2_z_t + k.log2_z_s);
+  if (MODE == kModeReverseKL) k.closed_kd = kLn2 * (st.acc / st.z_s - k.log2_z_s + k.log2_z_t);
   return k;
 }
 
@@ -151,7 +147,7 @@ __device__ float2 range_mixture_sums(const Launch& L, const RowPointers<S, T>& p
     constexpr int N = kLanesOf<decltype(s)>;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      const float lq = s[i] * L.k_x - k.lz_s, lp = t[i] * L.k_x - k.lz_t;
+      const float lq = (s[i] - k.ref_s) * L.k - k.log2_z_s, lp = (t[i] - k.ref_t) * L.k - k.log2_z_t;
       float term, u;
       mixture_terms(a.divergence, a.beta, L.log2_beta, L.log2_1m_beta, lq, lp, fast_exp2(lq), fast_exp2(lp), term, u);
       acc.x += term;
@@ -175,13 +171,13 @@ __device__ void range_gradient(const Launch& L, const RowPointers<S, T>& p, cons
     float g[N];
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      const float lq = s[i] * L.k_x - k.lz_s;
+      const float lq = (s[i] - k.ref_s) * L.k - k.log2_z_s;
       const float q = fast_exp2(lq);
+      const float lp = (t[i] - k.ref_t) * L.k - k.log2_z_t;
       float grad_kd = 0.0f;
-      if (MODE == kModeForwardKL) grad_kd = q - fast_exp2(t[i] * L.k_x - k.lz_t);
-      if (MODE == kModeReverseKL) grad_kd = weighted(q, kLn2 * (lq - (t[i] * L.k_x - k.lz_t)) - k.closed_kd);
+      if (MODE == kModeForwardKL) grad_kd = q - fast_exp2(lp);
+      if (MODE == kModeReverseKL) grad_kd = weighted(q, kLn2 * (lq - lp) - k.closed_kd);
       if (MODE == kModeMixture) {
-        const float lp = t[i] * L.k_x - k.lz_t;
         float term, u;
         mixture_terms(a.divergence, a.beta, L.log2_beta, L.log2_1m_beta, lq, lp, q, fast_exp2(lp), term, u);
         grad_kd = u - q * u_sum;
@@ -190,7 +186,7 @@ __device__ void range_gradient(const Launch& L, const RowPointers<S, T>& p, cons
       if (ce_stats != kCeNone) {
         float ce_prob = q;
         if (ce_stats == kCeSquared) ce_prob = q * q * k.squared_ce;
-        if (ce_stats == kCeOwn) ce_prob = fast_exp2(s[i] * kLog2e - k.lz_c);
+        if (ce_stats == kCeOwn) ce_prob = fast_exp2((s[i] - k.ref_s) * kLog2e - k.log2_z_c);
         g[i] += ce_coef * (ce_prob - (col + i == label ? 1.0f : 0.0f));
       }
     }
@@ -214,7 +210,10 @@ __device__ __forceinline__ float row_loss(const Launch& L, const RowConstants& k
   float loss = 0.0f;
   if (MODE != kModeCeOnly) loss += a.kd_scale * (MODE == kModeMixture ? mixture_kd : k.closed_kd);
   // Out-of-range labels are refused on the host where that costs no sync; here they poison the row.
-  if (a.has_ce) loss += a.ce_weight * (label_ok ? kLn2 * k.lz_c - s_label : __int_as_float(0x7fc00000));
+  // log sum exp(s) - s_label = (max - s_label) + ln z_c, the difference taken first (|s| may be ~1e3).
+  if (a.has_ce) {
+    loss += a.ce_weight * (label_ok ? (k.ref_s - s_label) + kLn2 * k.log2_z_c : __int_as_float(0x7fc00000));
+  }
   return loss;
 }
 
@@ -282,7 +281,7 @@ __device__ __forceinline__ Stats merged_split_stats(const Launch& L, int64_t row
   const float* ws = L.a.workspace + row * L.a.splits * kWorkspaceStats;
   Stats total = empty_stats();
   for (int i = 0; i < L.a.splits; ++i, ws += kWorkspaceStats) {
-    total = merge<MODE>(total, Stats{ws[0], ws[1], ws[2], ws[3], ws[4], ws[5], ws[6]}, L.ce_stats);
+    total = merge<MODE>(total, Stats{ws[0], ws[1], ws[2], ws[3], ws[4], ws[5]}, L.k, L.ce_stats);
   }
   return total;
 }
@@ -298,9 +297,9 @@ __global__ void __launch_bounds__(kThreads) distill_split_stats_kernel(const Lau
   const Stats st = range_stats<MODE>(L, p, sp.begin, sp.end, stats_scratch);
   if (threadIdx.x == 0) {
     float* ws = a.workspace + (sp.row * a.splits + sp.index) * kWorkspaceStats;
-    ws[0] = st.m_s, ws[1] = st.z_s, ws[2] = st.m_t, ws[3] = st.z_t, ws[4] = st.acc, ws[5] = st.m_c, ws[6] = st.z_c;
+    ws[0] = st.m_s, ws[1] = st.z_s, ws[2] = st.m_t, ws[3] = st.z_t, ws[4] = st.acc, ws[5] = st.z_c;
     // The label's logit, read here: the gradient kernel may write over the logits (inplace_backward).
-    if (sp.index == 0) ws[7] = (a.has_ce && lab.label_ok) ? load1(p.s + lab.label) : 0.0f;
+    if (sp.index == 0) ws[kStatsFloats] = (a.has_ce && lab.label_ok) ? load1(p.s + lab.label) : 0.0f;
   }
 }
 
@@ -341,7 +340,7 @@ __global__ void __launch_bounds__(kThreads) distill_split_gradient_kernel(const 
   }
   if (p.g) range_gradient<MODE>(L, p, k, sums.y, lab.label, *a.grad_scale, sp.begin, sp.end, true);
   if (sp.index == 0 && threadIdx.x == 0) {
-    const float s_label = a.workspace[sp.row * a.splits * kWorkspaceStats + 7];
+    const float s_label = a.workspace[sp.row * a.splits * kWorkspaceStats + kStatsFloats];
     a.loss_rows[sp.row] = row_loss<MODE>(L, k, sums.x, lab.label_ok, s_label);
   }
 }
