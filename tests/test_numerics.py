@@ -16,13 +16,18 @@ DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_rever
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_extreme_logits(backend, divergence):
-    """|z| ~ 1e3 with a constant offset between the models: no overflow, no cancelled digits."""
+    """|z| ~ 1e3 with a constant offset between the models: no overflow, no cancelled digits beyond fp32's."""
     device = device_for(backend)
     student, teacher = make_logits((4, 300), torch.float32, scale=1e3, device=device)
     teacher = teacher + 700.0
     labels = make_labels((4,), 300, "none", device=device)
+    # Here a row's KL reaches ~2.6e3, which fp32 holds to +-1.2e-4, and reverse KL's gradient q (log q - log p
+    # - KL) subtracts it from per-element terms of that size: every fp32 kernel is off by about q * ulp(KL)
+    # (measured: 1.8e-4 on an H200; the same bound holds for the CPU and Triton kernels).
+    kd_coef = 4.0 / 2.0  # kd_scale (T^2) / T
+    kl_resolution = torch.finfo(torch.float32).eps * 4096 * kd_coef  # two ulps of a KL in [2048, 4096)
     assert_matches_reference(student, teacher, labels, backend, divergence=divergence, temperature=2.0,
-                             ce_weight=0.5, beta=0.4, reduction="none")
+                             ce_weight=0.5, beta=0.4, reduction="none", extra_atol=kl_resolution)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
