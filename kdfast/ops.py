@@ -25,7 +25,7 @@ def _options(divergence, beta, temperature, kd_weight, ce_weight, t2_scale, igno
 def _run(student, teacher, labels, grad_scale, grad, settings):
     opts = _options(*settings)
     # Resolved here, inside the op, so torch.compile never traces the build / availability checks.
-    backend = resolve_backend(opts.backend, student.device, student.shape[0] * student.shape[1], student.shape[2])
+    backend = resolve_backend(opts.backend, student.device)
     return backend_module(backend).forward_rows(student, teacher, labels, grad_scale, grad, opts)
 
 

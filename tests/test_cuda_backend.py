@@ -70,8 +70,7 @@ def test_cuda_matches_triton_at_a_real_vocab():
     torch.testing.assert_close(results[0][1], results[1][1], rtol=2e-2, atol=1e-6)
 
 
-def test_auto_uses_a_gpu_kernel():
+def test_auto_picks_the_cuda_kernels():
     from kdfast.dispatch import resolve_backend
 
-    assert resolve_backend("auto", torch.device("cuda"), 8192, 128_256) in ("cuda", "triton")
-    assert resolve_backend("auto", torch.device("cuda"), 2, 256_000) in ("cuda", "triton")
+    assert resolve_backend("auto", torch.device("cuda")) == "cuda"  # they built: conftest checks it
