@@ -13,8 +13,9 @@ setup(
     install_requires=["torch>=2.4", "rich>=13"],
     extras_require={
         "triton": ["triton>=3.0"],
+        # liger-kernel and matplotlib: the side-by-side benchmarks and the `kdfast profile` plot.
         "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "ninja", "triton>=3.0", "trl>=0.12",
-                "transformers>=4.44"],
+                "transformers>=4.44", "liger-kernel>=0.5", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["kdfast = kdfast.cli:main"]},
 )

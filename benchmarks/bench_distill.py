@@ -24,36 +24,11 @@ from rich.console import Console
 from rich.table import Table
 
 import kdfast
+from kdfast.memory import extra_peak_bytes
 from kdfast.reference import distill_loss_reference
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# ---- peak memory (CPU: the process's peak RSS, reset through /proc; CUDA: the allocator's peak) ----
-def _reset_peak(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")  # resets VmHWM, the peak resident set size
-    return _rss_kib("VmRSS") * 1024
-
-
-def _peak_bytes(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    return _rss_kib("VmHWM") * 1024
-
-
-def _rss_kib(field):
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def time_methods(methods, device, repeats, warmup=2):
@@ -74,13 +49,6 @@ def time_methods(methods, device, repeats, warmup=2):
             fn()
             samples[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(values) for name, values in samples.items()}
-
-
-def extra_peak_bytes(fn, device):
-    """Peak memory of one call beyond what was held before it."""
-    base = _reset_peak(device)
-    fn()
-    return max(0, _peak_bytes(device) - base)
 
 
 def contenders(student, teacher, labels, options, compile_model):

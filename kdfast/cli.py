@@ -1,4 +1,5 @@
-"""The `kdfast` command: `kdfast bench` (the side-by-side benchmark), `kdfast build` (compile ahead)."""
+"""The `kdfast` command: `kdfast bench` (the side-by-side benchmarks), `kdfast profile` (peak memory over a
+sweep of shapes), `kdfast build` (compile the kernels ahead)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,22 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def _bench(rest):
-    script = BENCHMARKS / "bench_distill.py"
+def _run_script(name, argv):
+    script = BENCHMARKS / name
     if not script.exists():
-        raise SystemExit(f"{script} not found: `kdfast bench` runs from a source checkout (pip install -e .)")
-    module = runpy.run_path(str(script), run_name="kdfast_bench")
-    module["main"](rest)
+        raise SystemExit(f"{script} not found: `kdfast bench` and `kdfast profile` run from a source checkout "
+                         "(pip install -e .)")
+    runpy.run_path(str(script), run_name="kdfast_script")["main"](argv)
+
+
+def _bench(rest):
+    """The logits-level loss (options: benchmarks/bench_distill.py --help), then the fused linear loss."""
+    _run_script("bench_distill.py", rest)
+    _run_script("bench_linear.py", [])
+
+
+def _profile(rest):
+    _run_script("profile_memory.py", rest)
 
 
 def _build(_rest):
@@ -38,9 +49,9 @@ def _build(_rest):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="kdfast", description="Fused knowledge-distillation losses")
-    parser.add_argument("command", choices=["bench", "build"])
+    parser.add_argument("command", choices=["bench", "profile", "build"])
     args, rest = parser.parse_known_args(argv)
-    {"bench": _bench, "build": _build}[args.command](rest)
+    {"bench": _bench, "profile": _profile, "build": _build}[args.command](rest)
     return 0
 
 

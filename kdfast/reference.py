@@ -78,3 +78,22 @@ def distill_loss_reference(student_logits, teacher_logits, labels=None, *, num_i
     if num_items_in_batch is not None:
         return total / num_items_in_batch
     return total / keep.sum().clamp(min=1)
+
+
+def linear_distill_loss_reference(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
+                                  student_bias=None, teacher_bias=None, softcap=None, chunk_size=None,
+                                  dtype: torch.dtype | None = torch.float64, **options) -> torch.Tensor:
+    """The contract of `kdfast.linear_distill_loss`: full logits of both heads, then the logits-level
+    reference (`chunk_size` is accepted and ignored: the reference has no chunks)."""
+    def head_logits(hidden, weight, bias):
+        if dtype is not None:
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        logits = hidden @ weight.t()
+        if bias is not None:
+            logits = logits + bias
+        return softcap * torch.tanh(logits / softcap) if softcap is not None else logits
+
+    return distill_loss_reference(head_logits(student_hidden, student_weight, student_bias),
+                                  head_logits(teacher_hidden, teacher_weight, teacher_bias), labels,
+                                  dtype=dtype, **options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -46,24 +47,29 @@ def _label_check_costs_no_sync(labels: torch.Tensor) -> bool:
 
 
 def check_labels(labels, student_logits, opts: LossOptions) -> None:
+    check_labels_for(labels, tuple(student_logits.shape[:-1]), student_logits.shape[-1], student_logits.device,
+                     opts, "the logits")
+
+
+def check_labels_for(labels, lead_shape: tuple, vocab: int, device, opts: LossOptions, what: str) -> None:
+    """labels: integer, shaped `lead_shape` (one per row of `what`), on `device`, and in [0, vocab)."""
     if labels is None:
         if opts.has_ce:
             raise ValueError(f"ce_weight={opts.ce_weight} needs labels (int64 of shape "
-                             f"{tuple(student_logits.shape[:-1])}); pass labels or set ce_weight=0")
+                             f"{tuple(lead_shape)}); pass labels or set ce_weight=0")
         return
     if not isinstance(labels, torch.Tensor):
         raise ValueError(f"labels must be an integer torch.Tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor (int64 token ids), got dtype {labels.dtype}")
-    if labels.shape != student_logits.shape[:-1]:
-        raise ValueError(f"labels shape {tuple(labels.shape)} must equal the logits' leading shape "
-                         f"{tuple(student_logits.shape[:-1])}")
-    if labels.device != student_logits.device:
-        raise ValueError(f"labels are on {labels.device} but the logits are on {student_logits.device}")
+    if labels.shape != lead_shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)} must equal {what}' leading shape "
+                         f"{tuple(lead_shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but {what} are on {device}")
     # Reading the labels' range on a GPU is a host sync, which DESIGN.md keeps out of the loss: there the
     # kernels mark such rows NaN instead, and KDFAST_CHECK_LABELS=1 turns the (syncing) check on.
     if opts.has_ce and labels.numel() and _label_check_costs_no_sync(labels):
-        vocab = student_logits.shape[-1]
         bad = ((labels < 0) | (labels >= vocab)) & (labels != opts.ignore_index)
         if bool(bad.any()):
             first = labels[bad][0].item()
@@ -81,3 +87,54 @@ def check_num_items(num_items_in_batch) -> None:
         return
     if not isinstance(num_items_in_batch, (int, float)) or num_items_in_batch <= 0:
         raise ValueError(f"num_items_in_batch must be a positive number, got {num_items_in_batch!r}")
+
+
+def _check_floating(name: str, tensor, shape_text: str) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape {shape_text}, got {type(tensor).__name__}")
+    if tensor.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name} must be float32, bfloat16 or float16, got dtype {tensor.dtype}")
+
+
+def check_linear_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+                        teacher_bias, softcap, chunk_size, opts: LossOptions) -> None:
+    """Shapes [..., H_s] / [V, H_s] / [V] for the student and [..., H_t] / [V, H_t] / [V] for the teacher."""
+    _check_floating("student_hidden", student_hidden, "[..., hidden_s]")
+    _check_floating("teacher_hidden", teacher_hidden, "[..., hidden_t]")
+    _check_floating("student_weight", student_weight, "[vocab, hidden_s]")
+    _check_floating("teacher_weight", teacher_weight, "[vocab, hidden_t]")
+    if student_hidden.dim() < 2:
+        raise ValueError(f"student_hidden must have shape [tokens, hidden_s] or [batch, seq, hidden_s], got "
+                         f"{tuple(student_hidden.shape)}")
+    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(f"teacher_hidden leading shape {tuple(teacher_hidden.shape[:-1])} must equal "
+                         f"student_hidden's {tuple(student_hidden.shape[:-1])}: one teacher row per token")
+    for model, hidden, weight in (("student", student_hidden, student_weight),
+                                  ("teacher", teacher_hidden, teacher_weight)):
+        if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+            raise ValueError(f"{model}_weight must have shape [vocab, {hidden.shape[-1]}] (the {model} hidden "
+                             f"size), got {tuple(weight.shape)}")
+    if teacher_weight.shape[0] != student_weight.shape[0]:
+        raise ValueError(f"teacher_weight vocab size {teacher_weight.shape[0]} != student_weight vocab size "
+                         f"{student_weight.shape[0]}: both heads must score the same vocabulary")
+    vocab = student_weight.shape[0]
+    for name, bias in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
+        if bias is not None:
+            _check_floating(name, bias, f"[{vocab}]")
+            if tuple(bias.shape) != (vocab,):
+                raise ValueError(f"{name} must have shape [{vocab}] (the vocab size), got {tuple(bias.shape)}")
+    tensors = [t for t in (student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+                           teacher_bias) if t is not None]
+    if len({t.device for t in tensors}) > 1:
+        raise ValueError(f"every hidden state, weight and bias must be on one device, got "
+                         f"{sorted({str(t.device) for t in tensors})}")
+    for name, tensor in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+                         ("teacher_bias", teacher_bias)):
+        if tensor is not None and tensor.requires_grad and opts.has_kd:
+            raise ValueError(f"{name} requires grad, but the teacher is a constant in kdfast: pass "
+                             f"{name}.detach() (or compute the teacher under torch.no_grad())")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    if chunk_size != "auto" and not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool)
+                                     and chunk_size > 0):
+        raise ValueError(f"chunk_size must be 'auto' or a positive int, got {chunk_size!r}")

@@ -1,0 +1,170 @@
+"""Forward+backward of kdfast.linear_distill_loss (hidden states and LM heads in, no [tokens x vocab] logits)
+vs eager PyTorch, torch.compile and Liger-Kernel's chunked LigerFusedLinearJSDLoss, against the four GEMMs
+alone (both heads forward, d hidden, d weight): the floor of any fused linear loss.
+
+Same inputs, same process; medians of interleaved rounds, ratios, and the extra peak memory of each.
+CPU default: N=4096, H=256, V=32000 fp32, forward_kl + CE(0.5), T=2.
+
+    python benchmarks/bench_linear.py [--tokens N --hidden H --vocab V --repeats R --no-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or through `kdfast bench`
+from bench_distill import DTYPES, RESULTS, environment, time_methods  # noqa: E402
+
+import kdfast  # noqa: E402
+from kdfast.memory import extra_peak_bytes  # noqa: E402
+from kdfast.reference import linear_distill_loss_reference  # noqa: E402
+
+
+def make_inputs(args, device):
+    generator = torch.Generator().manual_seed(0)
+    dtype = DTYPES[args.dtype]
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(dtype).to(device)
+
+    scale = args.hidden ** -0.5 * 4  # logits of a few units, as a trained head gives
+    return dict(student_hidden=randn(args.tokens, args.hidden),
+                student_weight=randn(args.vocab, args.hidden, scale=scale),
+                teacher_hidden=randn(args.tokens, args.teacher_hidden),
+                teacher_weight=randn(args.vocab, args.teacher_hidden, scale=args.teacher_hidden ** -0.5 * 4),
+                labels=torch.randint(0, args.vocab, (args.tokens,), generator=generator).to(device))
+
+
+def contenders(inputs, options, with_compile, chunk_size="auto"):
+    """name -> zero-argument callable: loss forward + gradients of the student's hidden states and head."""
+    hs, ws = inputs["student_hidden"], inputs["student_weight"]
+    ht, wt, labels = inputs["teacher_hidden"], inputs["teacher_weight"], inputs["labels"]
+
+    def fwd_bwd(loss_fn):
+        h, w = hs.detach().requires_grad_(True), ws.detach().requires_grad_(True)
+        torch.autograd.grad(loss_fn(h, w), (h, w))
+
+    def eager(h, w):
+        return linear_distill_loss_reference(h, w, ht, wt, labels, dtype=None, **options)
+
+    methods = {"torch eager": lambda: fwd_bwd(eager)}
+    if with_compile:
+        compiled = torch.compile(eager)
+        methods["torch.compile"] = lambda: fwd_bwd(compiled)
+    if importlib.util.find_spec("liger_kernel"):
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        # beta=0 is forward KL in Liger's JSD; hard (CE) and soft (KD) weights as kdfast's ce/kd weights.
+        liger = LigerFusedLinearJSDLoss(weight_hard_loss=options["ce_weight"], weight_soft_loss=1.0, beta=0.0,
+                                        temperature=options["temperature"])
+        methods["Liger chunked (LigerFusedLinearJSDLoss)"] = lambda: fwd_bwd(
+            lambda h, w: liger(h, w, ht, wt, labels))
+    methods["kdfast linear_distill_loss"] = lambda: fwd_bwd(
+        lambda h, w: kdfast.linear_distill_loss(h, w, ht, wt, labels, chunk_size=chunk_size, **options))
+
+    def four_gemms():
+        student = hs @ ws.t()
+        teacher = ht @ wt.t()  # noqa: F841 (the teacher's head: the second GEMM every method pays)
+        student @ ws, student.t() @ hs  # d hidden and d weight, with the logits standing in for their gradient
+
+    methods["four GEMMs alone (floor)"] = four_gemms
+    return methods
+
+
+def run(args) -> list[dict]:
+    device = torch.device(args.device)
+    inputs = make_inputs(args, device)
+    options = dict(divergence="forward_kl", temperature=args.temperature, ce_weight=args.ce_weight)
+    heads = {k: v for k, v in inputs.items() if k != "labels"}
+    check = kdfast.linear_distill_loss(**heads, labels=inputs["labels"], **options).item()
+    truth = linear_distill_loss_reference(**heads, labels=inputs["labels"], **options).item()
+    if abs(check - truth) > 1e-3 * max(1.0, abs(truth)):
+        raise SystemExit(f"kdfast disagrees with the reference ({check} vs {truth}): not timing it")
+
+    console = Console(width=max(110, Console().width))
+    methods = contenders(inputs, options, not args.no_compile, args.chunk_size)
+    console.print(f"[dim]timing {', '.join(methods)}, {args.repeats} interleaved rounds...[/dim]")
+    medians = time_methods(methods, device, args.repeats)
+    one_logits = args.tokens * args.vocab * 4
+    env = environment(device)
+    rows = [{"method": name, "median_ms": medians[name], "extra_peak_bytes": extra_peak_bytes(fn, device)}
+            for name, fn in methods.items()]
+    floor_ms = medians["four GEMMs alone (floor)"]
+    reference = {name: medians.get(name) for name in ("torch eager", "torch.compile",
+                                                      "Liger chunked (LigerFusedLinearJSDLoss)")}
+    for row in rows:
+        row.update(env, tokens=args.tokens, hidden=args.hidden, teacher_hidden=args.teacher_hidden,
+                   vocab=args.vocab, dtype=args.dtype, ratio_to_gemm_floor=row["median_ms"] / floor_ms,
+                   extra_peak_vs_one_logits_tensor=row["extra_peak_bytes"] / one_logits,
+                   **{f"speedup_vs_{key.split()[0].lower().replace('.', '_')}": (value / row["median_ms"]
+                                                                               if value else None)
+                      for key, value in reference.items()})
+    report(console, rows, args, env)
+    write_csv(rows, env)
+    return rows
+
+
+def report(console, rows, args, env):
+    table = Table(title=f"fused linear fwd+bwd, N={args.tokens}, H_s={args.hidden}, H_t={args.teacher_hidden}, "
+                        f"V={args.vocab} {args.dtype}, forward_kl + CE({args.ce_weight}), T={args.temperature} "
+                        f"on {env['device']}")
+    for column in ("method", "median ms", "x eager", "x compile", "x Liger", "x GEMM floor", "extra peak MiB",
+                   "extra / [N,V] fp32"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+
+    def ratio(value):
+        return f"{value:.2f}" if value else "-"
+
+    for row in rows:
+        table.add_row(row["method"], f"{row['median_ms']:.0f}", ratio(row["speedup_vs_torch"]),
+                      ratio(row["speedup_vs_torch_compile"]), ratio(row["speedup_vs_liger"]),
+                      f"{row['ratio_to_gemm_floor']:.2f}", f"{row['extra_peak_bytes'] / 2**20:.0f}",
+                      f"{row['extra_peak_vs_one_logits_tensor']:.2f}")
+    console.print(table)
+    console.print(f"medians of {args.repeats} interleaved rounds; torch {env['torch']}, {env['threads']} threads; "
+                  "extra peak: process RSS high-water mark above the memory held before the call (CPU)")
+
+
+def write_csv(rows, env):
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    device_tag = "".join(c if c.isalnum() else "_" for c in env["device"]).strip("_").lower() or "cpu"
+    path = RESULTS / f"bench_linear_{device_tag}.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    Console().print(f"wrote {path}")
+
+
+def parse_args(argv=None):
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--tokens", type=int, default=8192 if cuda else 4096)
+    parser.add_argument("--hidden", type=int, default=2048 if cuda else 256)
+    parser.add_argument("--teacher-hidden", type=int, default=4096 if cuda else 256)
+    parser.add_argument("--vocab", type=int, default=128_256 if cuda else 32_000)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if cuda else "fp32")
+    parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--ce-weight", type=float, default=0.5)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
+    parser.add_argument("--chunk-size", type=lambda v: v if v == "auto" else int(v), default="auto",
+                        help="kdfast's chunk_size (tokens per chunk)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

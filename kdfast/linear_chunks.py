@@ -1,0 +1,133 @@
+"""The chunked orchestrator of the fused linear loss (DESIGN.md, "Algorithms"): tokens in chunks; per chunk
+both LM heads on the platform's GEMM, the logits-level kernel for loss and dlogits in place, then
+d hidden = G W_s and d W_s += G^T X (and d b_s) accumulated. Only the loss kernel differs between devices.
+
+At most one chunk of logits per model exists at a time, so memory is bounded by the chunk, not by
+tokens x vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kdfast.dispatch import backend_module, resolve_backend
+from kdfast.options import LossOptions
+
+# Bytes the chunk's logits (both models) may take: small enough that the loss adds little to the step's
+# peak, large enough that each GEMM stays efficient (measured: benchmarks/bench_linear.py).
+CHUNK_BUDGET_BYTES = {"cpu": 48 * 2**20, "cuda": 512 * 2**20}
+# The weight gradient of 16-bit heads is summed in float32; each chunk's product is added a vocab slice at
+# a time so that its 16-bit temporary stays this small.
+WEIGHT_GRAD_SLICE_BYTES = 64 * 2**20
+
+
+@dataclass
+class Heads:
+    """Flattened inputs of one call: hidden [N, H] and head [V, H] (+ bias [V]) per model."""
+
+    student_hidden: torch.Tensor
+    student_weight: torch.Tensor
+    student_bias: torch.Tensor | None
+    teacher_hidden: torch.Tensor
+    teacher_weight: torch.Tensor
+    teacher_bias: torch.Tensor | None
+    labels: torch.Tensor | None  # [N] int64, contiguous
+    softcap: float | None
+    student_dtype: torch.dtype  # the GEMMs' dtype (autocast's, or the inputs' promoted type)
+    teacher_dtype: torch.dtype
+
+    @property
+    def rows(self) -> int:
+        return self.student_hidden.shape[0]
+
+    @property
+    def vocab(self) -> int:
+        return self.student_weight.shape[0]
+
+
+@dataclass
+class Wanted:
+    hidden: bool
+    weight: bool
+    bias: bool
+
+    @property
+    def any(self) -> bool:
+        return self.hidden or self.weight or self.bias
+
+
+def chunk_rows(chunk_size, heads: Heads) -> int:
+    if chunk_size != "auto":
+        return min(int(chunk_size), max(heads.rows, 1))
+    budget = CHUNK_BUDGET_BYTES.get(heads.student_hidden.device.type, CHUNK_BUDGET_BYTES["cpu"])
+    per_row = heads.vocab * (heads.student_dtype.itemsize + heads.teacher_dtype.itemsize)
+    if heads.softcap is not None:
+        per_row += heads.vocab * heads.student_dtype.itemsize  # the uncapped student logits, kept for the chain rule
+    rows = max(16, budget // per_row // 16 * 16)
+    return min(rows, max(heads.rows, 1))
+
+
+def _logits(hidden, weight, bias, dtype):
+    logits = hidden.to(dtype) @ weight.to(dtype).t()
+    if bias is not None:
+        logits += bias.to(dtype)
+    return logits
+
+
+def _accumulate_weight_grad(acc: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
+    """acc [V, H] += grad_logits^T [V, C] @ hidden [C, H], with acc in float32."""
+    if grad_logits.dtype == acc.dtype:
+        acc.addmm_(grad_logits.t(), hidden)
+        return
+    step = max(1, WEIGHT_GRAD_SLICE_BYTES // max(1, hidden.shape[1] * grad_logits.element_size()))
+    for start in range(0, acc.shape[0], step):
+        acc[start:start + step] += grad_logits[:, start:start + step].t() @ hidden
+
+
+def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted: Wanted, chunk_size,
+               row_weights: torch.Tensor | None = None):
+    """Loss rows [N] float32 and the wanted gradients (d hidden in the hidden's dtype; d weight and d bias in
+    float32), each already multiplied by grad_scale and, when given, by row_weights [N]."""
+    device = heads.student_hidden.device
+    kernel = backend_module(resolve_backend(opts.backend, device))
+    loss_rows = torch.empty(heads.rows, dtype=torch.float32, device=device)
+    d_hidden = torch.empty_like(heads.student_hidden) if wanted.hidden else None
+    d_weight = (torch.zeros(heads.student_weight.shape, dtype=torch.float32, device=device)
+                if wanted.weight else None)
+    d_bias = torch.zeros(heads.vocab, dtype=torch.float32, device=device) if wanted.bias else None
+    weight_s = heads.student_weight.to(heads.student_dtype)  # one cast for all chunks (a no-op when equal)
+    weight_t = heads.teacher_weight.to(heads.teacher_dtype)
+    step = chunk_rows(chunk_size, heads)
+    for start in range(0, heads.rows, step):
+        rows = slice(start, start + step)
+        hidden = heads.student_hidden[rows].to(heads.student_dtype)
+        student = _logits(hidden, weight_s, heads.student_bias, heads.student_dtype)
+        teacher = _logits(heads.teacher_hidden[rows], weight_t, heads.teacher_bias, heads.teacher_dtype)
+        uncapped = None
+        if heads.softcap is not None:
+            uncapped, student = student, torch.tanh(student / heads.softcap).mul_(heads.softcap)
+            teacher.div_(heads.softcap).tanh_().mul_(heads.softcap)
+        labels = heads.labels[rows] if heads.labels is not None else None
+        grad = student.unsqueeze(0) if wanted.any else None  # dlogits overwrite the chunk's logits
+        loss_rows[rows] = kernel.forward_rows(student.unsqueeze(0), teacher.unsqueeze(0), labels, grad_scale,
+                                              grad, opts)
+        del teacher
+        if not wanted.any:
+            continue
+        grad_logits = student
+        if row_weights is not None:
+            grad_logits.mul_(row_weights[rows, None].to(grad_logits.dtype))
+        if uncapped is not None:
+            # d/dz [c tanh(z / c)] = 1 - tanh(z / c)^2
+            tanh = uncapped.div_(heads.softcap).tanh_()
+            grad_logits.mul_(tanh.mul_(tanh).neg_().add_(1.0))
+            del tanh, uncapped
+        if wanted.hidden:
+            d_hidden[rows] = grad_logits @ weight_s
+        if wanted.weight:
+            _accumulate_weight_grad(d_weight, grad_logits, hidden)
+        if wanted.bias:
+            d_bias += grad_logits.sum(0, dtype=torch.float32)
+    return loss_rows, d_hidden, d_weight, d_bias

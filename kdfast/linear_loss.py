@@ -1,0 +1,72 @@
+"""The fused linear API: `linear_distill_loss` and its `nn.Module`, `LinearDistillLoss`. Takes the last hidden
+states and the LM-head weights; never holds logits for all tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from kdfast.linear_function import LinearDistillFunction
+from kdfast.options import LossOptions
+from kdfast.validation import check_labels_for, check_linear_inputs, check_num_items
+
+
+def linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
+                        student_bias=None, teacher_bias=None, softcap=None, chunk_size="auto",
+                        divergence="forward_kl", beta=0.5, temperature=1.0, kd_weight=1.0, ce_weight=0.0,
+                        t2_scale=True, ignore_index=-100, reduction="mean", num_items_in_batch=None,
+                        inplace_backward=False, backend="auto"):
+    """`distill_loss(student_hidden @ student_weight.T + student_bias, teacher_hidden @ teacher_weight.T +
+    teacher_bias, labels, ...)`, computed `chunk_size` tokens at a time ("auto": sized from a memory budget).
+
+    Hidden states are [..., H_s] and [..., H_t] (the sizes may differ), weights [V, H_s] and [V, H_t], biases
+    [V]. `softcap` applies Gemma-2's `c * tanh(z / c)` to both models' logits before the temperature.
+    Gradients flow to student_hidden, student_weight and student_bias; the teacher is a constant. Under
+    `torch.autocast` the GEMMs run in autocast's dtype; sums are kept in float32. The chunk's logits are
+    always overwritten by their gradient (they are the loss's own buffers), so `inplace_backward` changes
+    nothing here; it is accepted so that every `distill_loss` keyword works.
+    """
+    opts = LossOptions(divergence=divergence, beta=beta, temperature=temperature, kd_weight=kd_weight,
+                       ce_weight=ce_weight, t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
+                       inplace_backward=inplace_backward, backend=backend)
+    check_linear_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+                        teacher_bias, softcap, chunk_size, opts)
+    check_labels_for(labels, tuple(student_hidden.shape[:-1]), student_weight.shape[0], student_hidden.device,
+                     opts, "the hidden states")
+    check_num_items(num_items_in_batch)
+    detach = (lambda t: t.detach() if t is not None else None)
+    return LinearDistillFunction.apply(student_hidden, student_weight, student_bias, detach(teacher_hidden),
+                                       detach(teacher_weight), detach(teacher_bias), labels, num_items_in_batch,
+                                       opts, softcap, chunk_size)
+
+
+class LinearDistillLoss(torch.nn.Module):
+    """`linear_distill_loss` with its settings fixed at construction."""
+
+    def __init__(self, *, softcap=None, chunk_size="auto", divergence="forward_kl", beta=0.5, temperature=1.0,
+                 kd_weight=1.0, ce_weight=0.0, t2_scale=True, ignore_index=-100, reduction="mean",
+                 inplace_backward=False, backend="auto"):
+        super().__init__()
+        # Validated now, so a bad setting fails where the module is built rather than at the first step.
+        self.options = LossOptions(divergence=divergence, beta=beta, temperature=temperature,
+                                   kd_weight=kd_weight, ce_weight=ce_weight, t2_scale=t2_scale,
+                                   ignore_index=ignore_index, reduction=reduction,
+                                   inplace_backward=inplace_backward, backend=backend)
+        if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+            raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+        if chunk_size != "auto" and not (isinstance(chunk_size, int) and chunk_size > 0):
+            raise ValueError(f"chunk_size must be 'auto' or a positive int, got {chunk_size!r}")
+        self.softcap = softcap
+        self.chunk_size = chunk_size
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
+                student_bias=None, teacher_bias=None, num_items_in_batch=None):
+        return linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                                   student_bias=student_bias, teacher_bias=teacher_bias, softcap=self.softcap,
+                                   chunk_size=self.chunk_size, num_items_in_batch=num_items_in_batch,
+                                   **self.options.__dict__)
+
+    def extra_repr(self) -> str:
+        o = self.options
+        return (f"divergence={o.divergence!r}, beta={o.beta}, temperature={o.temperature}, "
+                f"kd_weight={o.kd_weight}, ce_weight={o.ce_weight}, reduction={o.reduction!r}, "
+                f"softcap={self.softcap}, chunk_size={self.chunk_size!r}")
