@@ -143,3 +143,17 @@ def test_module_matches_function():
     want = kdfast.linear_distill_loss(labels=labels, divergence="skew_forward_kl", ce_weight=0.5, softcap=10.0,
                                       chunk_size=3, **heads)
     torch.testing.assert_close(got, want)
+
+
+def test_shifted_views_and_empty_batches():
+    """hidden[:, :-1] (the causal shift) is a non-contiguous view; a batch of no tokens gives 0, not NaN."""
+    heads = make_heads((3, 9), 8, 12, 60)
+    labels = make_labels((3, 9), 60, "some")
+    shifted = {k: (v[:, :-1] if k.endswith("hidden") else v) for k, v in heads.items()}
+    assert_linear_matches_reference(shifted, labels[:, 1:], "auto", ce_weight=0.5, chunk_size=5)
+    empty = {k: (v[:0] if k.endswith("hidden") else v) for k, v in heads.items()}
+    hidden = empty["student_hidden"].clone().requires_grad_(True)
+    loss = kdfast.linear_distill_loss(hidden, empty["student_weight"], empty["teacher_hidden"],
+                                      empty["teacher_weight"], labels[:0], ce_weight=0.5)
+    loss.backward()
+    assert loss.item() == 0.0 and hidden.grad.shape == hidden.shape
