@@ -75,11 +75,20 @@ class DistillFunction(torch.autograd.Function):
         # version check on the saved tensor).
         if ctx.reduction == "none":
             grad.mul_(grad_output.unsqueeze(-1))
-        elif grad.is_cuda:
-            ops.scale_gradient_(grad, grad_output)
-        elif not _is_one_on_host(grad_output):
-            grad.mul_(grad_output)
+        else:
+            rescale_gradient_(grad, grad_output)
         return grad, None, None, None, None
+
+
+def rescale_gradient_(grad: torch.Tensor | None, grad_output: torch.Tensor) -> None:
+    """grad *= grad_output (one element), skipping the pass when the factor is 1: on a GPU the kernel reads it
+    (no host sync), on the CPU the host does."""
+    if grad is None:
+        return
+    if grad.is_cuda:
+        ops.scale_gradient_(grad, grad_output)
+    elif not _is_one_on_host(grad_output):
+        grad.mul_(grad_output)
 
 
 def _is_one_on_host(grad_output: torch.Tensor) -> bool:

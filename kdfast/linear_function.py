@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kdfast import ops
-from kdfast.function import _is_one_on_host, reduction_scale
+from kdfast.function import reduction_scale, rescale_gradient_
 from kdfast.linear_chunks import Heads, Wanted, run_chunks
 from kdfast.options import LossOptions
 
@@ -22,15 +21,6 @@ def gemm_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return torch.promote_types(hidden.dtype, weight.dtype)
-
-
-def _rescale(grad: torch.Tensor | None, grad_output: torch.Tensor) -> None:
-    if grad is None:
-        return
-    if grad.is_cuda:
-        ops.scale_gradient_(grad, grad_output)
-    elif not _is_one_on_host(grad_output):
-        grad.mul_(grad_output)
 
 
 class LinearDistillFunction(torch.autograd.Function):
@@ -89,5 +79,5 @@ class LinearDistillFunction(torch.autograd.Function):
         else:
             d_hidden, d_weight, d_bias = ctx.saved_tensors
             for grad in (d_hidden, d_weight, d_bias):
-                _rescale(grad, grad_output)
+                rescale_gradient_(grad, grad_output)
         return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None, None

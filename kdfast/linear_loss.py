@@ -7,7 +7,7 @@ import torch
 
 from kdfast.linear_function import LinearDistillFunction
 from kdfast.options import LossOptions
-from kdfast.validation import check_labels_for, check_linear_inputs, check_num_items
+from kdfast.validation import check_chunk_settings, check_labels_for, check_linear_inputs, check_num_items
 
 
 def linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
@@ -51,10 +51,7 @@ class LinearDistillLoss(torch.nn.Module):
                                    kd_weight=kd_weight, ce_weight=ce_weight, t2_scale=t2_scale,
                                    ignore_index=ignore_index, reduction=reduction,
                                    inplace_backward=inplace_backward, backend=backend)
-        if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
-            raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
-        if chunk_size != "auto" and not (isinstance(chunk_size, int) and chunk_size > 0):
-            raise ValueError(f"chunk_size must be 'auto' or a positive int, got {chunk_size!r}")
+        check_chunk_settings(softcap, chunk_size)
         self.softcap = softcap
         self.chunk_size = chunk_size
 

@@ -133,6 +133,10 @@ def check_linear_inputs(student_hidden, student_weight, teacher_hidden, teacher_
         if tensor is not None and tensor.requires_grad and opts.has_kd:
             raise ValueError(f"{name} requires grad, but the teacher is a constant in kdfast: pass "
                              f"{name}.detach() (or compute the teacher under torch.no_grad())")
+    check_chunk_settings(softcap, chunk_size)
+
+
+def check_chunk_settings(softcap, chunk_size) -> None:
     if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
     if chunk_size != "auto" and not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool)
