@@ -34,9 +34,15 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_
                      opts, "the hidden states")
     check_num_items(num_items_in_batch)
     detach = (lambda t: t.detach() if t is not None else None)
-    return LinearDistillFunction.apply(student_hidden, student_weight, student_bias, detach(teacher_hidden),
-                                       detach(teacher_weight), detach(teacher_bias), labels, num_items_in_batch,
-                                       opts, softcap, chunk_size)
+    return _apply(student_hidden, student_weight, student_bias, detach(teacher_hidden), detach(teacher_weight),
+                  detach(teacher_bias), labels, num_items_in_batch, opts, softcap, chunk_size)
+
+
+# The chunk loop is driven from the host (a Python loop of GEMMs and kernel calls): torch.compile runs the
+# model around it and calls it as is, rather than tracing into the loop.
+@torch.compiler.disable
+def _apply(*args):
+    return LinearDistillFunction.apply(*args)
 
 
 class LinearDistillLoss(torch.nn.Module):

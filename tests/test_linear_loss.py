@@ -157,3 +157,20 @@ def test_shifted_views_and_empty_batches():
                                       empty["teacher_weight"], labels[:0], ce_weight=0.5)
     loss.backward()
     assert loss.item() == 0.0 and hidden.grad.shape == hidden.shape
+
+
+def test_runs_inside_a_compiled_model():
+    heads = make_heads((12,), 8, 8, 50)
+    hidden = heads["student_hidden"].clone().requires_grad_(True)
+
+    def model_and_loss(x):
+        return kdfast.linear_distill_loss(torch.tanh(x) * 2, heads["student_weight"], heads["teacher_hidden"],
+                                          heads["teacher_weight"], temperature=2.0)
+
+    compiled = torch.compile(model_and_loss)(hidden)
+    compiled.backward()
+    plain_input = hidden.detach().clone().requires_grad_(True)
+    plain = model_and_loss(plain_input)
+    plain.backward()
+    torch.testing.assert_close(compiled, plain)
+    torch.testing.assert_close(hidden.grad, plain_input.grad)

@@ -1,0 +1,32 @@
+"""The benchmark and profiling commands run end to end on tiny shapes (results go to a temporary folder)."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(tmp_path, *args):
+    env = {"KDFAST_RESULTS_DIR": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(Path.home()),
+           "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_bench_linear_smoke(tmp_path):
+    _run(tmp_path, "benchmarks/bench_linear.py", "--tokens", "64", "--hidden", "16", "--teacher-hidden", "24",
+         "--vocab", "500", "--repeats", "1", "--no-compile")
+    rows = list(csv.DictReader(next(tmp_path.glob("bench_linear_*.csv")).open()))
+    assert {r["method"] for r in rows} >= {"torch eager", "kdfast linear_distill_loss", "four GEMMs alone (floor)"}
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_profile_smoke(tmp_path):
+    _run(tmp_path, "-m", "kdfast.cli", "profile", "--tokens", "32", "--vocab", "100", "200", "--hidden", "8",
+         "--teacher-hidden", "8", "--no-compile")
+    assert list(tmp_path.glob("profile_memory_*.png")) and list(tmp_path.glob("profile_memory_*.csv"))
