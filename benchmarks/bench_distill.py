@@ -160,10 +160,11 @@ def report(console, rows, env, args, floor_ms, bandwidth):
                   f"THP_MEM_ALLOC_ENABLE={env['thp_mem_alloc']}")
 
 
-def write_csv(rows, env):
+def write_csv(rows, env, name="bench_distill"):
+    """RESULTS/<name>_<device>.csv, one row per method."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     device_tag = "".join(c if c.isalnum() else "_" for c in env["device"]).strip("_").lower() or "cpu"
-    path = RESULTS / f"bench_distill_{device_tag}.csv"
+    path = RESULTS / f"{name}_{device_tag}.csv"
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()

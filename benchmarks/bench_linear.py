@@ -11,7 +11,6 @@ CPU default: N=4096, H=256, V=32000 fp32, forward_kl + CE(0.5), T=2.
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or through `kdfast bench`
-from bench_distill import DTYPES, RESULTS, environment, time_methods  # noqa: E402
+from bench_distill import DTYPES, environment, time_methods, write_csv  # noqa: E402
 
 import kdfast  # noqa: E402
 from kdfast.memory import extra_peak_bytes  # noqa: E402
@@ -108,7 +107,7 @@ def run(args) -> list[dict]:
                                                                                if value else None)
                       for key, value in reference.items()})
     report(console, rows, args, env)
-    write_csv(rows, env)
+    write_csv(rows, env, "bench_linear")
     return rows
 
 
@@ -131,17 +130,6 @@ def report(console, rows, args, env):
     console.print(table)
     console.print(f"medians of {args.repeats} interleaved rounds; torch {env['torch']}, {env['threads']} threads; "
                   "extra peak: process RSS high-water mark above the memory held before the call (CPU)")
-
-
-def write_csv(rows, env):
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    device_tag = "".join(c if c.isalnum() else "_" for c in env["device"]).strip("_").lower() or "cpu"
-    path = RESULTS / f"bench_linear_{device_tag}.csv"
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    Console().print(f"wrote {path}")
 
 
 def parse_args(argv=None):
