@@ -23,9 +23,10 @@ status=0
 
 echo "== build the CUDA kernels" | tee "$LOGS/gpu_build.txt"
 timeout 240 "$PYTHON" -c "from kdfast.native_build import load_cpu_extension as l; l()" >/tmp/cpu_build.log 2>&1 &
+cpu_build=$!
 ( time timeout 240 "$PYTHON" -c "from kdfast.native_build import load_cuda_extension as l; l(); print('built')" ) \
   2>&1 | tail -n 30 | tee -a "$LOGS/gpu_build.txt" || status=1
-wait || status=1; tail -n 5 /tmp/cpu_build.log >>"$LOGS/gpu_build.txt"
+wait "$cpu_build" || status=1; tail -n 5 /tmp/cpu_build.log >>"$LOGS/gpu_build.txt"
 
 echo "== benchmark" | tee "$LOGS/gpu_bench.txt"
 timeout "${BENCH_TIMEOUT:-240}" "$PYTHON" benchmarks/bench_gpu_kernels.py 2>&1 | tee -a "$LOGS/gpu_bench.txt" || status=1
