@@ -1,0 +1,138 @@
+"""What the trainers need from a Hugging Face causal LM to distil without its logits: the decoder's last hidden
+states, the LM head's weight and bias, and the logit post-processing its config names. Generic over
+architectures: only `get_decoder()`, `get_output_embeddings()` and config attributes are used."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from kdfast.linear_loss import linear_distill_loss
+from kdfast.options import LossOptions
+
+
+def output_head(model) -> torch.nn.Module:
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"{type(model).__name__}.get_output_embeddings() must return a linear LM head with a "
+                         f"[vocab, hidden] weight, got {type(head).__name__}")
+    if hasattr(head, "base_layer"):
+        # A PEFT adapter on the head: its base weight alone is not what the head computes.
+        raise ValueError("the LM head carries a PEFT adapter, which the fused loss cannot apply: leave the head "
+                         "out of LoraConfig(target_modules=...) or merge the adapter first")
+    return head
+
+
+def last_hidden_state(model, input_ids, attention_mask=None) -> torch.Tensor:
+    """The decoder's output before the LM head, [batch, seq, hidden]."""
+    outputs = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def logit_scale(model) -> float:
+    """The factor a model applies to its logits before any softcap: Cohere's `logit_scale` multiplies, Granite's
+    `logits_scaling` divides. 1 for most models."""
+    config = _text_config(model)
+    scale = getattr(config, "logit_scale", None)
+    if scale is None and getattr(config, "logits_scaling", None):
+        scale = 1.0 / config.logits_scaling
+    return 1.0 if scale is None else float(scale)
+
+
+def final_softcap(student, teacher) -> float | None:
+    """Gemma-2's `final_logit_softcapping`, which the fused loss applies to both models alike."""
+    caps = [getattr(_text_config(model), "final_logit_softcapping", None) for model in (student, teacher)]
+    if caps[0] != caps[1]:
+        raise ValueError(f"the student's final_logit_softcapping ({caps[0]}) and the teacher's ({caps[1]}) differ; "
+                         "kdfast applies one softcap to both models")
+    return caps[0]
+
+
+def shared_vocab_size(student_rows: int, teacher_rows: int, vocab_size: int | None) -> int:
+    """The vocabulary both heads are compared over. Heads are often padded past the tokenizer (to a multiple of
+    64, say), so rows past `vocab_size` are dropped; without `vocab_size` the heads must have equal rows."""
+    if vocab_size is None:
+        if student_rows != teacher_rows:
+            raise ValueError(f"the student's LM head has {student_rows} rows and the teacher's {teacher_rows}: pass "
+                             "vocab_size=<the tokenizer's length> if they differ only by padding (a shared "
+                             "tokenizer is required)")
+        return student_rows
+    if not isinstance(vocab_size, int) or vocab_size <= 0:
+        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    if vocab_size > min(student_rows, teacher_rows):
+        raise ValueError(f"vocab_size={vocab_size} but the student's LM head has {student_rows} rows and the "
+                         f"teacher's {teacher_rows}: the models do not share that vocabulary")
+    return vocab_size
+
+
+def gathered(*params):
+    """Under DeepSpeed ZeRO-3 each rank holds a shard of every parameter; a weight used outside its module's own
+    forward (the LM heads here) must be gathered for the duration. A no-op otherwise."""
+    partitioned = list({id(p): p for p in params if p is not None and hasattr(p, "ds_id")}.values())
+    if not partitioned:
+        return contextlib.nullcontext()
+    return _zero3_gather(partitioned)
+
+
+def _zero3_gather(params):
+    import deepspeed
+
+    # modifier_rank=None: read-only, nothing is written back to the shards on exit.
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def distill_from_hidden(student, teacher, student_hidden, teacher_hidden, labels, options: LossOptions, *,
+                        chunk_size="auto", vocab_size=None, num_items_in_batch=None):
+    """The fused loss between two causal LMs' heads over already-shifted hidden states and labels."""
+    student_head, teacher_head = output_head(student), output_head(teacher)
+    vocab = shared_vocab_size(student_head.weight.shape[0], teacher_head.weight.shape[0], vocab_size)
+    softcap = final_softcap(student, teacher)
+    # A logit scale is folded into the hidden states: (s·h)Wᵀ = s·(hWᵀ), and autograd carries s into d hidden.
+    student_scale, teacher_scale = logit_scale(student), logit_scale(teacher)
+    if student_scale != 1.0:
+        student_hidden = student_hidden * student_scale
+    if teacher_scale != 1.0:
+        teacher_hidden = teacher_hidden * teacher_scale
+    sliced_bias = (lambda head: head.bias[:vocab] if head.bias is not None else None)
+    with gathered(student_head.weight, student_head.bias, teacher_head.weight, teacher_head.bias):
+        # The teacher is frozen here even where its trainer left requires_grad on (TRL does).
+        teacher_bias = sliced_bias(teacher_head)
+        return linear_distill_loss(student_hidden, student_head.weight[:vocab], teacher_hidden.detach(),
+                                   teacher_head.weight[:vocab].detach(), labels,
+                                   student_bias=sliced_bias(student_head),
+                                   teacher_bias=teacher_bias.detach() if teacher_bias is not None else None,
+                                   softcap=softcap, chunk_size=chunk_size, num_items_in_batch=num_items_in_batch,
+                                   **options.__dict__)
+
+
+def run_through_wrapper(wrapper, inner, fn, *args):
+    """Calls fn(*args) as `inner`'s forward, entered through `wrapper` (DDP, a DeepSpeed engine), so the wrapper
+    still does its per-forward work (DDP's gradient-sync set-up, ZeRO-3's hooks) though the loss skips the model's
+    own forward. Without a wrapper it is fn(*args)."""
+    if wrapper is inner:
+        return fn(*args)
+    had_own_forward = "forward" in inner.__dict__
+    original = inner.forward
+
+    def restore():
+        if had_own_forward:
+            inner.forward = original
+        else:
+            inner.__dict__.pop("forward", None)
+
+    def redirected(*redirected_args):
+        restore()  # fn may call the real forward itself
+        return fn(*redirected_args)
+
+    inner.forward = redirected
+    try:
+        return wrapper(*args)
+    finally:
+        restore()
