@@ -1,5 +1,5 @@
 """The `kdfast` command: `kdfast bench` (the side-by-side benchmarks), `kdfast profile` (peak memory over a
-sweep of shapes), `kdfast build` (compile the kernels ahead)."""
+sweep of shapes), `kdfast distill` (an end-to-end distillation run), `kdfast build` (compile the kernels ahead)."""
 
 from __future__ import annotations
 
@@ -21,13 +21,21 @@ def _run_script(name, argv):
 
 
 def _bench(rest):
-    """The logits-level loss (options: benchmarks/bench_distill.py --help), then the fused linear loss."""
+    """The logits-level loss (options: benchmarks/bench_distill.py --help), the fused linear loss, then the
+    vocab-parallel loss on 2 CPU ranks."""
     _run_script("bench_distill.py", rest)
     _run_script("bench_linear.py", [])
+    _run_script("bench_vocab_parallel.py", [])
 
 
 def _profile(rest):
     _run_script("profile_memory.py", rest)
+
+
+def _distill(rest):
+    from kdfast.demo.main import main as distill_main
+
+    distill_main(rest)
 
 
 def _build(_rest):
@@ -49,9 +57,9 @@ def _build(_rest):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="kdfast", description="Fused knowledge-distillation losses")
-    parser.add_argument("command", choices=["bench", "profile", "build"])
+    parser.add_argument("command", choices=["bench", "profile", "distill", "build"])
     args, rest = parser.parse_known_args(argv)
-    {"bench": _bench, "profile": _profile, "build": _build}[args.command](rest)
+    {"bench": _bench, "profile": _profile, "distill": _distill, "build": _build}[args.command](rest)
     return 0
 
 

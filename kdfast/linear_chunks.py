@@ -87,11 +87,12 @@ def _accumulate_weight_grad(acc: torch.Tensor, grad_logits: torch.Tensor, hidden
 
 
 def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted: Wanted, chunk_size,
-               row_weights: torch.Tensor | None = None):
+               row_weights: torch.Tensor | None = None, kernel=None):
     """Loss rows [N] float32 and the wanted gradients (d hidden in the hidden's dtype; d weight and d bias in
-    float32), each already multiplied by grad_scale and, when given, by row_weights [N]."""
+    float32), each already multiplied by grad_scale and, when given, by row_weights [N]. `kernel` replaces the
+    backend's logits-level kernel (the vocab-parallel one: kdfast.vocab_parallel.ShardKernel)."""
     device = heads.student_hidden.device
-    kernel = backend_module(resolve_backend(opts.backend, device))
+    kernel = kernel or backend_module(resolve_backend(opts.backend, device))
     loss_rows = torch.empty(heads.rows, dtype=torch.float32, device=device)
     d_hidden = torch.empty_like(heads.student_hidden) if wanted.hidden else None
     d_weight = (torch.zeros(heads.student_weight.shape, dtype=torch.float32, device=device)

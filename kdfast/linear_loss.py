@@ -14,7 +14,8 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_
                         student_bias=None, teacher_bias=None, softcap=None, chunk_size="auto",
                         divergence="forward_kl", beta=0.5, temperature=1.0, kd_weight=1.0, ce_weight=0.0,
                         t2_scale=True, ignore_index=-100, reduction="mean", num_items_in_batch=None,
-                        inplace_backward=False, backend="auto"):
+                        inplace_backward=False, backend="auto", process_group=None, vocab_range=None,
+                        reduce_hidden_grad=True):
     """`distill_loss(student_hidden @ student_weight.T + student_bias, teacher_hidden @ teacher_weight.T +
     teacher_bias, labels, ...)`, computed `chunk_size` tokens at a time ("auto": sized from a memory budget).
 
@@ -24,18 +25,57 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_
     `torch.autocast` the GEMMs run in autocast's dtype; sums are kept in float32. The chunk's logits are
     always overwritten by their gradient (they are the loss's own buffers), so `inplace_backward` changes
     nothing here; it is accepted so that every `distill_loss` keyword works.
+
+    Vocab parallel (tensor-parallel LM heads): with a `process_group`, both weights (and biases) are this rank's
+    rows `vocab_range` of the global heads (default: equal contiguous shards in rank order); hidden states and
+    labels (global token ids) are the same on every rank. Each rank gets its shard's weight gradient and the
+    full d hidden, summed over the ranks unless `reduce_hidden_grad=False` leaves that to the caller's own
+    tensor-parallel layer.
     """
     opts = LossOptions(divergence=divergence, beta=beta, temperature=temperature, kd_weight=kd_weight,
                        ce_weight=ce_weight, t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
                        inplace_backward=inplace_backward, backend=backend)
-    check_linear_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
-                        teacher_bias, softcap, chunk_size, opts)
-    check_labels_for(labels, tuple(student_hidden.shape[:-1]), student_weight.shape[0], student_hidden.device,
-                     opts, "the hidden states")
-    check_num_items(num_items_in_batch)
+    args = (student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias, labels,
+            num_items_in_batch, softcap, chunk_size, opts)
+    shard = None
+    if process_group is not None:
+        shard = _agree_on_shard(*args, process_group, vocab_range, reduce_hidden_grad)
+    else:
+        if vocab_range is not None:
+            raise ValueError("vocab_range needs a process_group (the ranks that hold the other shards)")
+        _check(*args, vocab=student_weight.shape[0] if isinstance(student_weight, torch.Tensor) else 0)
     detach = (lambda t: t.detach() if t is not None else None)
     return _apply(student_hidden, student_weight, student_bias, detach(teacher_hidden), detach(teacher_weight),
-                  detach(teacher_bias), labels, num_items_in_batch, opts, softcap, chunk_size)
+                  detach(teacher_bias), labels, num_items_in_batch, opts, softcap, chunk_size, shard)
+
+
+def _check(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias, labels,
+           num_items_in_batch, softcap, chunk_size, opts, vocab):
+    check_linear_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+                        teacher_bias, softcap, chunk_size, opts)
+    check_labels_for(labels, tuple(student_hidden.shape[:-1]), vocab, student_hidden.device, opts,
+                     "the hidden states")
+    check_num_items(num_items_in_batch)
+
+
+def _agree_on_shard(*args):
+    """Checks this rank's inputs, then agrees with the other ranks (a bad input raises on every rank)."""
+    from kdfast.distributed import agree_on_shard
+
+    *inputs, process_group, vocab_range, reduce_hidden_grad = args
+    student_hidden, student_weight, labels, opts = inputs[0], inputs[1], inputs[6], inputs[-1]
+    error = None
+    try:
+        # Labels are global token ids: their range is checked in the exchange, against the global vocabulary.
+        _check(*inputs, vocab=2**62)
+    except ValueError as exc:
+        error = exc
+    valid = error is None
+    local_vocab = student_weight.shape[0] if valid else 0
+    rows = student_hidden.numel() // student_hidden.shape[-1] if valid else -1
+    device = student_hidden.device if valid else torch.device("cpu")
+    return agree_on_shard(process_group, vocab_range, local_vocab, rows, labels if valid else None, opts, device,
+                          error, reduce_hidden_grad)
 
 
 # The chunk loop is driven from the host (a Python loop of GEMMs and kernel calls): torch.compile runs the
@@ -50,7 +90,8 @@ class LinearDistillLoss(torch.nn.Module):
 
     def __init__(self, *, softcap=None, chunk_size="auto", divergence="forward_kl", beta=0.5, temperature=1.0,
                  kd_weight=1.0, ce_weight=0.0, t2_scale=True, ignore_index=-100, reduction="mean",
-                 inplace_backward=False, backend="auto"):
+                 inplace_backward=False, backend="auto", process_group=None, vocab_range=None,
+                 reduce_hidden_grad=True):
         super().__init__()
         # Validated now, so a bad setting fails where the module is built rather than at the first step.
         self.options = LossOptions(divergence=divergence, beta=beta, temperature=temperature,
@@ -60,13 +101,15 @@ class LinearDistillLoss(torch.nn.Module):
         check_chunk_settings(softcap, chunk_size)
         self.softcap = softcap
         self.chunk_size = chunk_size
+        self.process_group, self.vocab_range, self.reduce_hidden_grad = process_group, vocab_range, reduce_hidden_grad
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
                 student_bias=None, teacher_bias=None, num_items_in_batch=None):
         return linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                                    student_bias=student_bias, teacher_bias=teacher_bias, softcap=self.softcap,
                                    chunk_size=self.chunk_size, num_items_in_batch=num_items_in_batch,
-                                   **self.options.__dict__)
+                                   process_group=self.process_group, vocab_range=self.vocab_range,
+                                   reduce_hidden_grad=self.reduce_hidden_grad, **self.options.__dict__)
 
     def extra_repr(self) -> str:
         o = self.options

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from kdfast.function import DistillFunction
+from kdfast.function import DistillFunction, reduction_scale
 from kdfast.options import LossOptions
-from kdfast.validation import check_labels, check_num_items, check_pair
+from kdfast.validation import check_labels, check_labels_for, check_num_items, check_pair
 
 
 def distill_loss(student_logits, teacher_logits, labels=None, *, divergence="forward_kl", beta=0.5,
                  temperature=1.0, kd_weight=1.0, ce_weight=0.0, t2_scale=True, ignore_index=-100,
-                 reduction="mean", num_items_in_batch=None, inplace_backward=False, backend="auto"):
+                 reduction="mean", num_items_in_batch=None, inplace_backward=False, backend="auto",
+                 process_group=None, vocab_range=None):
     """Fused distillation loss over [..., vocab] logits (DESIGN.md, "The loss").
 
     total = kd_weight * (T^2 if t2_scale else 1) * divergence(teacher || student at T)
@@ -20,30 +21,67 @@ def distill_loss(student_logits, teacher_logits, labels=None, *, divergence="for
     `num_items_in_batch`), "sum" sums, "none" returns per-row values shaped like the labels.
     The gradient is computed in the forward pass; `inplace_backward=True` writes it over the student
     logits' storage (no [tokens, vocab] allocation), so nothing else may need those logits afterwards.
+
+    Vocab parallel: with a `process_group`, the logits' last dimension is this rank's shard `vocab_range`
+    = [start, stop) of the global vocabulary (default: equal contiguous shards in rank order); labels are global
+    token ids. Every rank returns the same loss and gets its shard's slice of the gradient; ranks exchange
+    O(rows) statistics (kdfast.vocab_parallel).
     """
     opts = LossOptions(divergence=divergence, beta=beta, temperature=temperature, kd_weight=kd_weight,
                        ce_weight=ce_weight, t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
                        inplace_backward=inplace_backward, backend=backend)
+    if process_group is not None:
+        return _vocab_parallel_loss(student_logits, teacher_logits, labels, num_items_in_batch, opts,
+                                    process_group, vocab_range)
+    if vocab_range is not None:
+        raise ValueError("vocab_range needs a process_group (the ranks that hold the other shards)")
     check_pair(student_logits, teacher_logits, opts)
     check_labels(labels, student_logits, opts)
     check_num_items(num_items_in_batch)
     return DistillFunction.apply(student_logits, teacher_logits.detach(), labels, num_items_in_batch, opts)
 
 
+def _vocab_parallel_loss(student_logits, teacher_logits, labels, num_items_in_batch, opts, process_group,
+                         vocab_range):
+    from kdfast.distributed import agree_on_shard
+    from kdfast.vocab_parallel import ShardedDistillFunction
+
+    error = None
+    try:  # a bad input is reported through the ranks' exchange, so every rank raises instead of hanging
+        check_pair(student_logits, teacher_logits, opts)
+        # The range of global token ids is checked in the exchange, against the global vocabulary.
+        check_labels_for(labels, tuple(student_logits.shape[:-1]), 2**62, student_logits.device, opts, "the logits")
+        check_num_items(num_items_in_batch)
+    except ValueError as exc:
+        error = exc
+    valid = isinstance(student_logits, torch.Tensor) and student_logits.dim() >= 1
+    local_vocab = student_logits.shape[-1] if valid else 0
+    rows = student_logits.numel() // max(local_vocab, 1) if valid else -1
+    device = student_logits.device if valid else torch.device("cpu")
+    shard = agree_on_shard(process_group, vocab_range, local_vocab, rows, labels if error is None else None, opts,
+                           device, error)
+    flat_labels = labels.reshape(-1).to(torch.int64) if labels is not None else None
+    scale = reduction_scale(flat_labels, rows, opts, num_items_in_batch, device)
+    return ShardedDistillFunction.apply(student_logits, teacher_logits.detach(), labels, scale, opts, shard)
+
+
 class DistillLoss(torch.nn.Module):
     """`distill_loss` with its settings fixed at construction."""
 
     def __init__(self, *, divergence="forward_kl", beta=0.5, temperature=1.0, kd_weight=1.0, ce_weight=0.0,
-                 t2_scale=True, ignore_index=-100, reduction="mean", inplace_backward=False, backend="auto"):
+                 t2_scale=True, ignore_index=-100, reduction="mean", inplace_backward=False, backend="auto",
+                 process_group=None, vocab_range=None):
         super().__init__()
         # Validated now, so a bad setting fails where the module is built rather than at the first step.
         self.options = LossOptions(divergence=divergence, beta=beta, temperature=temperature,
                                    kd_weight=kd_weight, ce_weight=ce_weight, t2_scale=t2_scale,
                                    ignore_index=ignore_index, reduction=reduction,
                                    inplace_backward=inplace_backward, backend=backend)
+        self.process_group, self.vocab_range = process_group, vocab_range
 
     def forward(self, student_logits, teacher_logits, labels=None, num_items_in_batch=None):
         return distill_loss(student_logits, teacher_logits, labels, num_items_in_batch=num_items_in_batch,
+                            process_group=self.process_group, vocab_range=self.vocab_range,
                             **self.options.__dict__)
 
     def extra_repr(self) -> str:

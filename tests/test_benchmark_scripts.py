@@ -30,3 +30,11 @@ def test_profile_smoke(tmp_path):
     _run(tmp_path, "-m", "kdfast.cli", "profile", "--tokens", "32", "--vocab", "100", "200", "--hidden", "8",
          "--teacher-hidden", "8", "--no-compile")
     assert list(tmp_path.glob("profile_memory_*.png")) and list(tmp_path.glob("profile_memory_*.csv"))
+
+
+def test_bench_vocab_parallel_smoke(tmp_path):
+    _run(tmp_path, "benchmarks/bench_vocab_parallel.py", "--tokens", "32", "--vocab", "200", "--repeats", "1")
+    rows = {r["method"]: r for r in csv.DictReader(next(tmp_path.glob("bench_vocab_parallel_*.csv")).open())}
+    sent = int(rows["kdfast vocab-parallel"]["bytes_sent_per_rank"])
+    assert sent == 7 * 8 + 2 * 32 * 3 * 4, "the check exchange plus two [rows, 3] float32 collectives"
+    assert int(rows["gather full logits + kdfast"]["bytes_sent_per_rank"]) == 2 * 32 * 100 * 4

@@ -26,36 +26,50 @@ def _log_mixture(log_a, log_b, weight_a: float):
     return torch.logaddexp(log_a + log_w, log_b + log_1mw)
 
 
+def kd_sums(ls, lt, opts: LossOptions):
+    """Row sums over these vocab columns of the divergence's terms, and the elementwise u_j = q_j * dL/dq_j the
+    gradient needs (None for forward and reverse KL), from log-probabilities `ls` (student) and `lt` (teacher)
+    at T. Over a vocab shard (kdfast.vocab_parallel) the sums are partial and the caller adds them up."""
+    beta, name = opts.beta, opts.effective_divergence
+    q, p = ls.exp(), lt.exp()
+    if name == "forward_kl":
+        return _weighted(p, lt - ls).sum(-1), None
+    if name == "reverse_kl":
+        return _weighted(q, ls - lt).sum(-1), None
+    if name == "jsd":
+        lm = _log_mixture(lt, ls, beta)
+        q_term = _weighted(q, ls - lm)
+        return (beta * _weighted(p, lt - lm) + (1 - beta) * q_term).sum(-1), (1 - beta) * q_term
+    if name == "skew_forward_kl":
+        lm = _log_mixture(lt, ls, beta)
+        # q * p / m in log space: q may underflow where p / m is huge (beta = 0: m = q).
+        u = -(1 - beta) * torch.where(lm == -math.inf, torch.zeros_like(lm), (ls + lt - lm).exp())
+        return _weighted(p, lt - lm).sum(-1), u
+    lm = _log_mixture(ls, lt, beta)
+    # beta * q / m as exp(log beta + ls - lm): at beta = 0, q / m may overflow (0 * inf).
+    log_beta = math.log(beta) if beta > 0 else -math.inf
+    return _weighted(q, ls - lm).sum(-1), _weighted(q, ls - lm - (ls - lm + log_beta).exp())
+
+
+def kd_gradient(ls, lt, u, kd, u_sum, opts: LossOptions):
+    """d(divergence)/d(s / T) from the whole row's divergence `kd` [R] and sum of u `u_sum` [R]."""
+    name = opts.effective_divergence
+    q = ls.exp()
+    if name == "forward_kl":
+        return q - lt.exp()
+    if name == "reverse_kl":
+        return _weighted(q, ls - lt - kd[:, None])
+    # The rest: dL/da_j = u_j - q_j * sum(u).
+    return u - q * u_sum[:, None]
+
+
 def _kd_rows_and_grad(s, t, opts: LossOptions):
     """Divergence per row and d(divergence)/d(s / T), both float32."""
     inv_t = 1.0 / opts.temperature
     ls = torch.log_softmax(s * inv_t, dim=-1)
     lt = torch.log_softmax(t * inv_t, dim=-1)
-    q, p = ls.exp(), lt.exp()
-    beta, name = opts.beta, opts.effective_divergence
-    if name == "forward_kl":
-        return _weighted(p, lt - ls).sum(-1), q - p
-    if name == "reverse_kl":
-        kd = _weighted(q, ls - lt).sum(-1)
-        return kd, _weighted(q, ls - lt - kd[:, None])
-    # The rest: dL/da_j = u_j - q_j * sum(u), with u_j = q_j * dL/dq_j.
-    if name == "jsd":
-        lm = _log_mixture(lt, ls, beta)
-        q_term = _weighted(q, ls - lm)
-        kd = (beta * _weighted(p, lt - lm) + (1 - beta) * q_term).sum(-1)
-        u = (1 - beta) * q_term
-    elif name == "skew_forward_kl":
-        lm = _log_mixture(lt, ls, beta)
-        kd = _weighted(p, lt - lm).sum(-1)
-        # q * p / m in log space: q may underflow where p / m is huge (beta = 0: m = q).
-        u = -(1 - beta) * torch.where(lm == -math.inf, torch.zeros_like(lm), (ls + lt - lm).exp())
-    else:
-        lm = _log_mixture(ls, lt, beta)
-        kd = _weighted(q, ls - lm).sum(-1)
-        # beta * q / m as exp(log beta + ls - lm): at beta = 0, q / m may overflow (0 * inf).
-        log_beta = math.log(beta) if beta > 0 else -math.inf
-        u = _weighted(q, ls - lm - (ls - lm + log_beta).exp())
-    return kd, u - q * u.sum(-1, keepdim=True)
+    kd, u = kd_sums(ls, lt, opts)
+    return kd, kd_gradient(ls, lt, u, kd, u.sum(-1) if u is not None else None, opts)
 
 
 def _chunk_rows(s, t, labels, row_scale, opts: LossOptions, want_grad: bool):

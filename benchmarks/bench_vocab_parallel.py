@@ -1,0 +1,145 @@
+"""Vocab-parallel distillation (kdfast's `process_group=`) vs what users do without it: gathering the full
+logits onto every rank and running the loss there. Per call (forward + backward, each rank's gradient shard):
+bytes each rank sends, and median time, side by side in the same processes.
+
+CPU default: 2 ranks on gloo, 2048 tokens x 32000 vocab fp32 (16000 per rank), forward_kl + CE(0.5), T=2.
+With several GPUs (--device cuda), NCCL and one GPU per rank.
+
+    python benchmarks/bench_vocab_parallel.py [--ranks R --tokens N --vocab V --repeats K --device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or through `kdfast bench`
+from bench_distill import environment, write_csv  # noqa: E402
+
+import kdfast  # noqa: E402
+from kdfast.distributed import count_traffic  # noqa: E402
+
+OPTIONS = dict(divergence="forward_kl", temperature=2.0, ce_weight=0.5)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--vocab", type=int, default=32_000)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args(argv)
+    if args.vocab % args.ranks:
+        parser.error("--vocab must divide evenly into --ranks shards")
+    if args.device == "cuda" and torch.cuda.device_count() < args.ranks:
+        parser.error(f"--device cuda needs {args.ranks} GPUs, found {torch.cuda.device_count()}")
+    return args
+
+
+def gather_full(shard, group):
+    """What users do without vocab parallelism: every rank gathers every shard into [N, V]."""
+    parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, shard.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def contenders(student, teacher, labels, start, stop, traffic_bytes):
+    group = dist.group.WORLD
+
+    def vocab_parallel():
+        x = student.detach().requires_grad_(True)
+        with count_traffic() as traffic:
+            loss = kdfast.distill_loss(x, teacher, labels, process_group=group, **OPTIONS)
+            loss.backward()
+        traffic_bytes["kdfast vocab-parallel"] = traffic.bytes
+
+    def gathered():
+        x = student.detach().requires_grad_(True)
+        full_student = gather_full(x.detach(), group).requires_grad_(True)
+        full_teacher = gather_full(teacher, group)
+        traffic_bytes["gather full logits + kdfast"] = (x.numel() + teacher.numel()) * x.element_size()
+        kdfast.distill_loss(full_student, full_teacher, labels, **OPTIONS).backward()
+        x.grad = full_student.grad[:, start:stop]  # this rank's slice, as the sharded head needs it
+
+    return {"kdfast vocab-parallel": vocab_parallel, "gather full logits + kdfast": gathered}
+
+
+def worker(rank, args, store, out):
+    device = torch.device(f"cuda:{rank}" if args.device == "cuda" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(max(1, torch.get_num_threads() // args.ranks))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{store}",
+                            rank=rank, world_size=args.ranks)
+    shard = args.vocab // args.ranks
+    start, stop = rank * shard, (rank + 1) * shard
+    generator = torch.Generator().manual_seed(0)
+    full_student = torch.randn(args.tokens, args.vocab, generator=generator)
+    full_teacher = torch.randn(args.tokens, args.vocab, generator=generator)
+    labels = torch.randint(0, args.vocab, (args.tokens,), generator=generator).to(device)
+    student = full_student[:, start:stop].contiguous().to(device)
+    teacher = full_teacher[:, start:stop].contiguous().to(device)
+    del full_student, full_teacher
+    traffic = {}
+    methods = contenders(student, teacher, labels, start, stop, traffic)
+    samples = {name: [] for name in methods}
+    for round_index in range(args.repeats + 1):  # round 0 warms up
+        for name, fn in methods.items():
+            dist.barrier()
+            begin = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if round_index:
+                samples[name].append((time.perf_counter() - begin) * 1e3)
+    if rank == 0:
+        torch.save({name: (statistics.median(values), traffic[name]) for name, values in samples.items()}, out)
+    dist.destroy_process_group()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # Spawned ranks import the worker by module name (this file may run as __main__ or through runpy).
+    import bench_vocab_parallel
+
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "results.pt"
+        mp.start_processes(bench_vocab_parallel.worker, args=(args, str(Path(folder) / "store"), str(out)),
+                           nprocs=args.ranks, start_method="spawn")
+        results = torch.load(out)
+    env = environment(torch.device(args.device if args.device == "cpu" else "cuda"))
+    baseline_ms, baseline_bytes = results["gather full logits + kdfast"]
+    rows = []
+    for name, (ms, sent) in results.items():
+        rows.append({"method": name, "ranks": args.ranks, "backend": "nccl" if args.device == "cuda" else "gloo",
+                     "tokens": args.tokens, "vocab": args.vocab, "median_ms": round(ms, 2),
+                     "bytes_sent_per_rank": sent, "bytes_ratio_to_gather": round(sent / baseline_bytes, 6),
+                     "speedup_vs_gather": round(baseline_ms / ms, 2), **env})
+    console = Console(width=max(100, Console().width))
+    table = Table(title=f"vocab-parallel fwd+bwd, {args.ranks} ranks ({rows[0]['backend']}), {args.tokens} x "
+                        f"{args.vocab} fp32 ({args.vocab // args.ranks} per rank), {OPTIONS}")
+    for column in ("method", "median ms", "x gather", "bytes sent per rank", "bytes / gather"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in rows:
+        table.add_row(row["method"], f"{row['median_ms']:.1f}", f"{row['speedup_vs_gather']:.2f}",
+                      f"{row['bytes_sent_per_rank']:,}", f"{row['bytes_ratio_to_gather']:.2e}")
+    console.print(table)
+    console.print(f"medians of {args.repeats} rounds (interleaved, barrier before each call), rank 0's clock; "
+                  f"torch {env['torch']}")
+    write_csv(rows, env, name="bench_vocab_parallel")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""`kdfast distill`: the CLI smoke run of the issue (`--steps 5`), the on-disk data and checkpoint options, and the
+teacher cache. Every report number must come from the run: the Markdown and the CSV agree row by row."""
+
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from kdfast.demo import models
+from kdfast.demo.corpus import train_tokenizer
+from kdfast.demo.main import main as distill_main
+
+TEXT = "\n".join(f"def function_{i}(value):\n    return value * {i} + {i % 7}\n" for i in range(400))
+
+
+def _report_rows(out_dir):
+    (csv_path,) = out_dir.glob("distill_demo_*.csv")
+    with csv_path.open() as handle:
+        table = list(csv.DictReader(handle))
+    markdown = csv_path.with_suffix(".md").read_text()
+    assert csv_path.with_suffix(".png").stat().st_size > 10_000
+    for row in table:
+        assert f"| {row['model']} | {row['parameters']} | {row['steps']} |" in markdown
+    return {row["model"]: row for row in table}
+
+
+def test_cli_smoke_run_with_five_steps(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "kdfast.cli", "distill", "--steps", "5", "--cache-dir",
+                             str(tmp_path / "cache"), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = _report_rows(tmp_path / "out")
+    assert rows["student, distilled with kdfast"]["steps"] == "5"
+    assert rows["student, plain CE (equal steps)"]["steps"] == "5"
+    assert rows["teacher"]["steps"] == "20", "the teacher trains 4 x --steps"
+    assert "Per distillation step" in result.stdout
+    assert list((tmp_path / "cache").glob("teacher-*/kdfast_teacher.json")), "the teacher was not cached"
+
+
+def test_data_file_and_checkpoints_on_disk(tmp_path):
+    data = tmp_path / "corpus.txt"
+    data.write_text(TEXT)
+    tokenizer = train_tokenizer([TEXT], 300)
+    size = models.ModelSize(hidden=32, layers=1, heads=2)
+    for name, seed in (("teacher", 1), ("student", 0)):
+        model = models.new_model(size, len(tokenizer) + 4, 16, seed)  # heads padded past the tokenizer
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    tiny = ["--steps", "2", "--seq-len", "16", "--batch-size", "2", "--eval-windows", "4",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
+    distill_main(["--data", str(data), "--teacher", str(tmp_path / "teacher"), "--student",
+                  str(tmp_path / "student"), *tiny])
+    rows = _report_rows(tmp_path / "out")
+    assert rows["teacher"]["steps"] == "checkpoint"
+    assert int(rows["student, distilled with kdfast"]["parameters"]) == models.parameter_count(
+        models.load_checkpoint(tmp_path / "student"))
+
+
+def test_student_without_teacher_is_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        distill_main(["--student", str(tmp_path)])
+
+
+def test_teacher_cache_round_trip(tmp_path):
+    size = models.ModelSize(hidden=32, layers=1, heads=2)
+    settings = {"size": models.size_settings(size), "steps": 3}
+    path = models.teacher_cache_path(tmp_path, settings)
+    assert models.cached_teacher(path) is None
+    assert path != models.teacher_cache_path(tmp_path, {**settings, "steps": 4}), "the key must cover settings"
+    model = models.new_model(size, 50, 8, seed=0)
+    models.save_teacher(model, path, settings, {"steps": 3})
+    loaded, record = models.cached_teacher(path)
+    assert record["steps"] == 3 and record["settings"] == settings
+    for original, reloaded in zip(model.parameters(), loaded.parameters()):
+        assert original.equal(reloaded)

@@ -1,0 +1,186 @@
+"""What each rank runs in the vocab-parallel tests (spawned by test_vocab_parallel.py): every case compares this
+rank's loss and gradient shard with the single-process, full-vocabulary result that the rank computes itself from
+the same seeded inputs, and returns None or the failure's text."""
+
+from __future__ import annotations
+
+import traceback
+
+import torch
+import torch.distributed as dist
+
+import kdfast
+from kdfast.distributed import count_traffic
+
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"]
+ROWS, VOCAB, HIDDEN = 12, 48, 16  # 48: equal shards for 2 and 3 ranks
+SETTINGS = dict(temperature=2.0, kd_weight=0.8, ce_weight=0.3, beta=0.3)
+
+
+def shard_bounds(world: int, uneven: bool) -> list[tuple[int, int]]:
+    if not uneven:
+        size = VOCAB // world
+        return [(r * size, (r + 1) * size) for r in range(world)]
+    cuts = {2: [0, 13, VOCAB], 3: [0, 7, 30, VOCAB]}[world]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _inputs(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    student = torch.randn(2, ROWS // 2, VOCAB, generator=generator) * 3
+    teacher = torch.randn(2, ROWS // 2, VOCAB, generator=generator) * 3
+    labels = torch.randint(0, VOCAB, (2, ROWS // 2), generator=generator)
+    labels[0, ::3] = -100
+    return student, teacher, labels
+
+
+def _close(actual, expected, what):
+    torch.testing.assert_close(actual, expected, rtol=2e-5, atol=2e-6, msg=lambda m: f"{what}: {m}")
+
+
+def logits_case(divergence, reduction, uneven):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    start, stop = shard_bounds(world, uneven)[rank]
+    student, teacher, labels = _inputs()
+    settings = dict(SETTINGS, divergence=divergence, reduction=reduction)
+    full = student.clone().requires_grad_(True)
+    expected = kdfast.distill_loss(full, teacher, labels, backend="torch", **settings)
+    weights = torch.linspace(0.5, 1.5, expected.numel()).view(expected.shape)
+    (expected * weights).sum().backward()
+    shard = student[..., start:stop].clone().requires_grad_(True)
+    loss = kdfast.distill_loss(shard, teacher[..., start:stop], labels, process_group=dist.group.WORLD,
+                               vocab_range=(start, stop) if uneven else None, **settings)
+    (loss * weights).sum().backward()
+    _close(loss, expected, "loss")
+    _close(shard.grad, full.grad[..., start:stop], "gradient shard")
+
+
+def linear_case(divergence, reduction, uneven, reduce_hidden_grad=True):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    start, stop = shard_bounds(world, uneven)[rank]
+    generator = torch.Generator().manual_seed(1)
+    hs, ht = torch.randn(ROWS, HIDDEN, generator=generator), torch.randn(ROWS, HIDDEN + 4, generator=generator)
+    ws, wt = torch.randn(VOCAB, HIDDEN, generator=generator), torch.randn(VOCAB, HIDDEN + 4, generator=generator)
+    bs, bt = torch.randn(VOCAB, generator=generator), torch.randn(VOCAB, generator=generator)
+    labels = torch.randint(0, VOCAB, (ROWS,), generator=generator)
+    labels[::4] = -100
+    settings = dict(SETTINGS, divergence=divergence, reduction=reduction, softcap=8.0, chunk_size=5)
+    full = [t.clone().requires_grad_(True) for t in (hs, ws, bs)]
+    expected = kdfast.linear_distill_loss(full[0], full[1], ht, wt, labels, student_bias=full[2], teacher_bias=bt,
+                                          backend="torch", **settings)
+    weights = torch.linspace(0.5, 1.5, expected.numel()).view(expected.shape)
+    (expected * weights).sum().backward()
+    mine = [hs.clone().requires_grad_(True), ws[start:stop].clone().requires_grad_(True),
+            bs[start:stop].clone().requires_grad_(True)]
+    loss = kdfast.linear_distill_loss(mine[0], mine[1], ht, wt[start:stop], labels, student_bias=mine[2],
+                                      teacher_bias=bt[start:stop], process_group=dist.group.WORLD,
+                                      vocab_range=(start, stop) if uneven else None,
+                                      reduce_hidden_grad=reduce_hidden_grad, **settings)
+    (loss * weights).sum().backward()
+    _close(loss, expected, "loss")
+    _close(mine[1].grad, full[1].grad[start:stop], "weight gradient shard")
+    _close(mine[2].grad, full[2].grad[start:stop], "bias gradient shard")
+    d_hidden = mine[0].grad
+    if not reduce_hidden_grad:  # the caller's reduction: the shards' partial sums add up to the full gradient
+        d_hidden = d_hidden.clone()
+        dist.all_reduce(d_hidden)
+    _close(d_hidden, full[0].grad, "hidden gradient")
+
+
+def traffic_case():
+    """Bytes sent per call do not depend on the vocabulary, and grow linearly with the rows."""
+    sent = {}
+    for rows, vocab_per_rank in ((8, 10), (8, 400), (64, 10)):
+        student = torch.randn(rows, vocab_per_rank, requires_grad=True)
+        teacher = torch.randn(rows, vocab_per_rank)
+        labels = torch.zeros(rows, dtype=torch.int64)
+        with count_traffic() as traffic:
+            kdfast.distill_loss(student, teacher, labels, divergence="jsd", ce_weight=0.5,
+                                process_group=dist.group.WORLD).backward()
+        sent[(rows, vocab_per_rank)] = (traffic.calls, traffic.bytes)
+    assert sent[(8, 10)] == sent[(8, 400)], sent
+    calls, small = sent[(8, 10)]
+    assert calls == 3, f"expected the check exchange, one all-gather and one all-reduce; got {calls} calls"
+    # float32 [rows, 3] twice, plus the fixed 7 x int64 check.
+    assert small == 8 * 3 * 4 * 2 + 7 * 8, sent
+    assert sent[(64, 10)][1] == 64 * 3 * 4 * 2 + 7 * 8, sent
+
+
+def error_case(kind):
+    """A mismatch between ranks raises the same ValueError on every rank (the caller checks it was raised)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rows = ROWS + (rank if kind == "rows" else 0)
+    local_vocab = 10
+    student, teacher = torch.randn(rows, local_vocab), torch.randn(rows, local_vocab)
+    vocab_range = None
+    if kind == "gap":
+        vocab_range = (rank * 12, rank * 12 + local_vocab)  # holes between the shards
+    if kind == "one_rank_bad_dtype" and rank == world - 1:
+        teacher = teacher.to(torch.int64)
+    if kind == "labels_out_of_range":
+        labels = torch.full((rows,), world * local_vocab)  # one past the global vocabulary
+        return kdfast.distill_loss(student, teacher, labels, ce_weight=0.5, process_group=dist.group.WORLD)
+    kdfast.distill_loss(student, teacher, process_group=dist.group.WORLD, vocab_range=vocab_range)
+
+
+def expect_error(kind, *messages):
+    """One of `messages` in the error: the rank with the bad input names it, the others name that rank."""
+    try:
+        error_case(kind)
+    except ValueError as exc:
+        assert any(message in str(exc) for message in messages), f"{kind}: {exc}"
+        return
+    raise AssertionError(f"{kind}: no error was raised on rank {dist.get_rank()}")
+
+
+def ddp_case():
+    """Data parallelism needs nothing from the loss: one DDP step's gradients equal the average of the ranks'
+    own gradients, computed without DDP."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    head = torch.nn.Linear(HIDDEN, VOCAB)
+    ddp = torch.nn.parallel.DistributedDataParallel(head)
+    generator = torch.Generator().manual_seed(100 + rank)
+    hidden, teacher = torch.randn(ROWS, HIDDEN, generator=generator), torch.randn(ROWS, VOCAB, generator=generator)
+    labels = torch.randint(0, VOCAB, (ROWS,), generator=generator)
+    kdfast.distill_loss(ddp(hidden), teacher, labels, ce_weight=0.5).backward()
+    local = torch.nn.Linear(HIDDEN, VOCAB)
+    local.load_state_dict(head.state_dict())
+    kdfast.distill_loss(local(hidden), teacher, labels, ce_weight=0.5).backward()
+    average = local.weight.grad.clone()
+    dist.all_reduce(average)
+    _close(head.weight.grad, average / world, "DDP weight gradient")
+
+
+def cases(world):
+    listed = {}
+    for divergence in DIVERGENCES:
+        for reduction in ("mean", "sum", "none"):
+            for uneven in (False, True):
+                listed[f"logits-{divergence}-{reduction}-{'uneven' if uneven else 'equal'}"] = (
+                    logits_case, (divergence, reduction, uneven))
+        for reduction in ("mean", "none"):
+            listed[f"linear-{divergence}-{reduction}-uneven"] = (linear_case, (divergence, reduction, True))
+    listed["linear-caller-reduces-hidden-grad"] = (linear_case, ("jsd", "mean", False, False))
+    listed["traffic-is-o-rows"] = (traffic_case, ())
+    listed["error-rows-differ"] = (expect_error, ("rows", "same tokens (rows)"))
+    listed["error-ranges-gap"] = (expect_error, ("gap", "must tile [0, V)"))
+    listed["error-one-rank-bad-input"] = (expect_error,
+                                          ("one_rank_bad_dtype", "teacher_logits", "refused their inputs"))
+    listed["error-labels-out-of-range"] = (expect_error, ("labels_out_of_range", "labels must lie in"))
+    listed["ddp-step"] = (ddp_case, ())
+    return listed
+
+
+def run_all(rank, world, store_path, out_path):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
+    results = {}
+    for name, (fn, args) in cases(world).items():
+        try:
+            fn(*args)
+            results[name] = None
+        except Exception:  # reported to the test, which fails with this text
+            results[name] = traceback.format_exc()
+    dist.destroy_process_group()
+    torch.save(results, out_path)
