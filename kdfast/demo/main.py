@@ -113,7 +113,7 @@ def get_teacher(args, corpus, device, console, progress):
     cached = cached_teacher(path)
     if cached is not None:
         console.print(f"teacher: cached at {path}")
-        return cached[0].to(device), cached[1]
+        return cached[0].to(device), {**cached[1], "cached_at": str(path)}
     console.print(f"teacher: training {args.teacher_steps} steps (once; cached at {path})")
     teacher = new_model(TEACHER_SIZE, len(corpus.tokenizer), args.seq_len, settings["seed"]).to(device)
     optimizer = adamw(teacher, settings["lr"])
@@ -155,10 +155,6 @@ def main(argv=None):
     settings = dict(divergence=args.divergence, temperature=args.temperature, kd_weight=args.kd_weight,
                     ce_weight=args.ce_weight)
     fused, eager = fused_distill_step(teacher, settings, vocab), eager_distill_step(teacher, settings, vocab)
-    with console.status("per-step cost: fused vs eager distillation loss"):
-        costs = step_costs(fresh_student(), next(Batches(corpus.train, args.batch_size, args.seq_len, 1)).to(device),
-                           {"kdfast fused loss": fused, "eager PyTorch loss": eager}, rounds=5)
-
     def student_run(name, loss_step):
         student = fresh_student()
         optimizer = adamw(student, args.lr)
@@ -172,6 +168,11 @@ def main(argv=None):
         train_side_by_side(distilled, plain, args.steps, progress)
     runs = {"distilled": distilled.result, "plain": plain.result}
     student = plain.model
+    # Measured after training: the peak-memory probe pins glibc's mmap threshold for the rest of the process
+    # (kdfast.memory), which would slow the training steps' large allocations.
+    with console.status("per-step cost: fused vs eager distillation loss"):
+        costs = step_costs(fresh_student(), next(Batches(corpus.train, args.batch_size, args.seq_len, 1)).to(device),
+                           {"kdfast fused loss": fused, "eager PyTorch loss": eager}, rounds=5)
     teacher_loss = held_out_loss(teacher, windows, args.batch_size)
     summary = report.Summary(
         corpus=corpus.description, device=str(device), settings=settings, steps=args.steps,

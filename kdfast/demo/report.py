@@ -39,7 +39,9 @@ def rows(summary: Summary) -> list[dict]:
     """One row per model state compared; losses are held-out nats per token."""
     distilled, plain = summary.runs["distilled"], summary.runs["plain"]
     teacher_steps = summary.teacher_record.get("steps", "checkpoint")
-    table = [("teacher", summary.teacher_params, teacher_steps, summary.teacher_record.get("train_seconds", ""),
+    # A cached teacher's steps and seconds are from the run that trained it; its loss is measured in this one.
+    teacher_name = "teacher (cached)" if "cached_at" in summary.teacher_record else "teacher"
+    table = [(teacher_name, summary.teacher_params, teacher_steps, summary.teacher_record.get("train_seconds", ""),
               summary.teacher_loss)]
     if "equal steps" in plain.marks:
         step, seconds, loss = plain.marks["equal steps"]
@@ -69,10 +71,15 @@ def findings(summary: Summary, table: list[dict]) -> list[str]:
     lines.append(compare(f"Equal wall time ({plain.seconds:.0f} s of training; plain CE took {plain.steps} steps, "
                          f"the two students stepping in turn up to step {summary.steps})",
                          by_name["student, plain CE (equal wall time)"]))
-    best_student = min(value for name, value in by_name.items() if name != "teacher")
-    ratio = by_name["teacher"] / best_student
+    teacher = table[0]["perplexity"]
+    best_student = min(row["perplexity"] for row in table[1:])
+    ratio = teacher / best_student
     verdict = "clearly stronger" if ratio < 0.8 else "NOT clearly stronger: train it longer (--teacher-steps)"
-    lines.append(f"Teacher perplexity {by_name['teacher']:.1f} is {ratio:.2f}x the best student's: {verdict}")
+    lines.append(f"Teacher perplexity {teacher:.1f} is {ratio:.2f}x the best student's: {verdict}")
+    record = summary.teacher_record
+    if "cached_at" in record:
+        lines.append(f"The teacher was trained by an earlier run ({record['steps']} steps, "
+                     f"{record['train_seconds']} s) and loaded from {record['cached_at']}")
     (fused_s, fused_peak), (eager_s, eager_peak) = summary.costs["kdfast fused loss"], summary.costs[
         "eager PyTorch loss"]
     lines.append(f"Per distillation step (student fwd+bwd with the teacher's forward, median of 5): kdfast fused "
