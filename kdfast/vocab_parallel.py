@@ -18,6 +18,7 @@ from kdfast.distributed import VocabShard, all_gather, all_reduce_sum
 from kdfast.options import LossOptions
 
 _CHUNK_ELEMENTS = 1 << 22  # float32 elements per temporary: 16 MiB
+_CLOSED_FORM = ("forward_kl", "reverse_kl")  # their gradient needs no elementwise u
 
 
 class ShardKernel:
@@ -89,20 +90,22 @@ def sharded_rows(student, teacher, labels, grad_scale, grad, opts: LossOptions, 
         return loss
 
     for chunk in _chunks(rows, shard.size):
-        g = torch.zeros((chunk.stop - chunk.start, shard.size), dtype=torch.float32, device=device)
+        g = None
         if opts.has_kd:
             ls, lt = _log_probs(student, teacher, chunk, lse, inv_t)
-            _, u = kd_sums(ls, lt, opts)
-            g += (opts.kd_scale * inv_t) * kd_gradient(ls, lt, u, totals[chunk, 0], totals[chunk, 1], opts)
+            u = kd_sums(ls, lt, opts)[1] if opts.effective_divergence not in _CLOSED_FORM else None
+            g = kd_gradient(ls, lt, u, totals[chunk, 0], totals[chunk, 1], opts).mul_(opts.kd_scale * inv_t)
         if opts.has_ce:
-            ce_grad = (student[chunk].float() - lse[chunk, 2:3]).exp()
+            ce_grad = (student[chunk].float() - lse[chunk, 2:3]).exp_()
             if owned is not None:
                 hit = owned[chunk].to(torch.float32)
                 ce_grad.scatter_add_(-1, local_labels[chunk, None], -hit[:, None])
-            g += opts.ce_weight * ce_grad
+            g = ce_grad.mul_(opts.ce_weight) if g is None else g.add_(ce_grad, alpha=opts.ce_weight)
+        if g is None:  # kd_weight = ce_weight = 0: a zero loss
+            g = torch.zeros((chunk.stop - chunk.start, shard.size), dtype=torch.float32, device=device)
         if keep is not None:
-            g = torch.where(keep[chunk, None], g, torch.zeros_like(g))
-        grad[chunk] = g * grad_scale
+            g.masked_fill_(~keep[chunk, None], 0.0)  # a fill, not a product: NaN in an ignored row stays out
+        grad[chunk] = g.mul_(grad_scale)
     return loss
 
 

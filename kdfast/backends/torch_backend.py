@@ -31,11 +31,11 @@ def kd_sums(ls, lt, opts: LossOptions):
     gradient needs (None for forward and reverse KL), from log-probabilities `ls` (student) and `lt` (teacher)
     at T. Over a vocab shard (kdfast.vocab_parallel) the sums are partial and the caller adds them up."""
     beta, name = opts.beta, opts.effective_divergence
-    q, p = ls.exp(), lt.exp()
     if name == "forward_kl":
-        return _weighted(p, lt - ls).sum(-1), None
+        return _weighted(lt.exp(), lt - ls).sum(-1), None
     if name == "reverse_kl":
-        return _weighted(q, ls - lt).sum(-1), None
+        return _weighted(ls.exp(), ls - lt).sum(-1), None
+    q, p = ls.exp(), lt.exp()
     if name == "jsd":
         lm = _log_mixture(lt, ls, beta)
         q_term = _weighted(q, ls - lm)
