@@ -203,3 +203,13 @@ def test_teacher_is_frozen_in_eval_mode_on_the_students_dtype(tmp_path):
     trainer = make_trainer(tmp_path, student, teacher)
     assert not trainer.teacher_model.training
     assert all(not p.requires_grad and p.dtype == torch.bfloat16 for p in trainer.teacher_model.parameters())
+
+
+def test_evaluate_reports_the_distillation_loss(tmp_path):
+    student, teacher = student_and_teacher()
+    batch = token_batch()
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=training_args(tmp_path),
+                                  eval_dataset=as_examples(batch), **SETTINGS)
+    metrics = trainer.evaluate()
+    expected = reference_loss(student, teacher, batch, **SETTINGS).item()
+    assert abs(metrics["eval_loss"] - expected) < 1e-4 * max(1.0, abs(expected)), (metrics, expected)
