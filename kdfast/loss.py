@@ -41,6 +41,8 @@ def distill_loss(student_logits, teacher_logits, labels=None, *, divergence="for
     return DistillFunction.apply(student_logits, teacher_logits.detach(), labels, num_items_in_batch, opts)
 
 
+# Collectives and a host-side agreement check: inside a torch.compile'd model this runs as is, untraced.
+@torch.compiler.disable
 def _vocab_parallel_loss(student_logits, teacher_logits, labels, num_items_in_batch, opts, process_group,
                          vocab_range):
     from kdfast.distributed import agree_on_shard

@@ -48,8 +48,10 @@ def logits_case(divergence, reduction, uneven):
     weights = torch.linspace(0.5, 1.5, expected.numel()).view(expected.shape)
     (expected * weights).sum().backward()
     shard = student[..., start:stop].clone().requires_grad_(True)
-    loss = kdfast.distill_loss(shard, teacher[..., start:stop], labels, process_group=dist.group.WORLD,
-                               vocab_range=(start, stop) if uneven else None, **settings)
+    # The module form for uneven shards, the function for equal ones: both take the group.
+    loss_fn = (kdfast.DistillLoss(process_group=dist.group.WORLD, vocab_range=(start, stop), **settings) if uneven
+               else lambda s, t, y: kdfast.distill_loss(s, t, y, process_group=dist.group.WORLD, **settings))
+    loss = loss_fn(shard, teacher[..., start:stop], labels)
     (loss * weights).sum().backward()
     _close(loss, expected, "loss")
     _close(shard.grad, full.grad[..., start:stop], "gradient shard")
@@ -72,10 +74,10 @@ def linear_case(divergence, reduction, uneven, reduce_hidden_grad=True):
     (expected * weights).sum().backward()
     mine = [hs.clone().requires_grad_(True), ws[start:stop].clone().requires_grad_(True),
             bs[start:stop].clone().requires_grad_(True)]
-    loss = kdfast.linear_distill_loss(mine[0], mine[1], ht, wt[start:stop], labels, student_bias=mine[2],
-                                      teacher_bias=bt[start:stop], process_group=dist.group.WORLD,
-                                      vocab_range=(start, stop) if uneven else None,
-                                      reduce_hidden_grad=reduce_hidden_grad, **settings)
+    criterion = kdfast.LinearDistillLoss(process_group=dist.group.WORLD, vocab_range=(start, stop) if uneven else None,
+                                         reduce_hidden_grad=reduce_hidden_grad, **settings)  # calls the function
+    loss = criterion(mine[0], mine[1], ht, wt[start:stop], labels, student_bias=mine[2],
+                     teacher_bias=bt[start:stop])
     (loss * weights).sum().backward()
     _close(loss, expected, "loss")
     _close(mine[1].grad, full[1].grad[start:stop], "weight gradient shard")
@@ -159,7 +161,7 @@ def cases(world):
             for uneven in (False, True):
                 listed[f"logits-{divergence}-{reduction}-{'uneven' if uneven else 'equal'}"] = (
                     logits_case, (divergence, reduction, uneven))
-        for reduction in ("mean", "none"):
+        for reduction in ("mean", "sum", "none"):
             listed[f"linear-{divergence}-{reduction}-uneven"] = (linear_case, (divergence, reduction, True))
     listed["linear-caller-reduces-hidden-grad"] = (linear_case, ("jsd", "mean", False, False))
     listed["traffic-is-o-rows"] = (traffic_case, ())

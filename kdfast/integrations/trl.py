@@ -15,7 +15,10 @@ from kdfast.options import LossOptions
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # TRL warns that its experimental namespace may change
-    from trl.experimental.gkd import GKDTrainer as _TRLGKDTrainer
+    try:
+        from trl.experimental.gkd import GKDTrainer as _TRLGKDTrainer
+    except ImportError:  # TRL before GKD moved to trl.experimental
+        from trl import GKDTrainer as _TRLGKDTrainer
 
 _TRL_IGNORE_INDEX = -100  # TRL masks exactly this label value
 
