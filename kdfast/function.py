@@ -63,21 +63,30 @@ class DistillFunction(torch.autograd.Function):
         if grad is not None:
             ctx.save_for_backward(grad)
         ctx.reduction = opts.reduction
-        if opts.reduction == "none":
-            return loss_rows.view(lead_shape)
-        total = loss_rows.sum()
-        return total * scale if opts.reduction == "mean" else total
+        return reduced(loss_rows, lead_shape, opts.reduction, scale)
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        # In place: the buffer is ours and used once (a retained second backward is refused by autograd's
-        # version check on the saved tensor).
-        if ctx.reduction == "none":
-            grad.mul_(grad_output.unsqueeze(-1))
-        else:
-            rescale_gradient_(grad, grad_output)
-        return grad, None, None, None, None
+        return saved_gradient_times(ctx, grad_output), None, None, None, None
+
+
+def reduced(loss_rows: torch.Tensor, lead_shape, reduction: str, scale: torch.Tensor) -> torch.Tensor:
+    """The returned loss: rows shaped like the labels ("none"), their sum, or their sum times the scale."""
+    if reduction == "none":
+        return loss_rows.view(lead_shape)
+    total = loss_rows.sum()
+    return total * scale if reduction == "mean" else total
+
+
+def saved_gradient_times(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+    """The gradient computed in forward, times grad_output (per row for "none"). In place: the buffer is ours
+    and used once (a retained second backward is refused by autograd's version check on the saved tensor)."""
+    (grad,) = ctx.saved_tensors
+    if ctx.reduction == "none":
+        grad.mul_(grad_output.unsqueeze(-1))
+    else:
+        rescale_gradient_(grad, grad_output)
+    return grad
 
 
 def rescale_gradient_(grad: torch.Tensor | None, grad_output: torch.Tensor) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from kdfast.distributed import all_reduce_sum
-from kdfast.function import reduction_scale, rescale_gradient_
+from kdfast.function import reduced, reduction_scale, rescale_gradient_
 from kdfast.linear_chunks import Heads, Wanted, run_chunks
 from kdfast.options import LossOptions
 from kdfast.vocab_parallel import ShardKernel
@@ -56,10 +56,7 @@ class LinearDistillFunction(torch.autograd.Function):
                                                                    kernel=kernel)
                 d_hidden = _summed_over_shards(d_hidden, shard)
                 ctx.save_for_backward(*LinearDistillFunction._as_input_dtypes(ctx, d_hidden, d_weight, d_bias))
-        if opts.reduction == "none":
-            return loss_rows.view(lead_shape)
-        total = loss_rows.sum()
-        return total * scale if opts.reduction == "mean" else total
+        return reduced(loss_rows, lead_shape, opts.reduction, scale)
 
     @staticmethod
     def _as_input_dtypes(ctx, d_hidden, d_weight, d_bias):

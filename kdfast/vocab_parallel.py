@@ -15,6 +15,7 @@ import torch
 
 from kdfast.backends.torch_backend import kd_gradient, kd_sums
 from kdfast.distributed import VocabShard, all_gather, all_reduce_sum
+from kdfast.function import reduced, saved_gradient_times
 from kdfast.options import LossOptions
 
 # float32 elements per temporary. On the CPU 1 MiB, so that the dozen elementwise ops of a pass run in L2
@@ -155,18 +156,8 @@ class ShardedDistillFunction(torch.autograd.Function):
         if grad is not None:
             ctx.save_for_backward(grad.view(student_logits.shape))
         ctx.reduction = opts.reduction
-        if opts.reduction == "none":
-            return loss_rows.view(student_logits.shape[:-1])
-        total = loss_rows.sum()
-        return total * scale if opts.reduction == "mean" else total
+        return reduced(loss_rows, student_logits.shape[:-1], opts.reduction, scale)
 
     @staticmethod
     def backward(ctx, grad_output):
-        from kdfast.function import rescale_gradient_
-
-        (grad,) = ctx.saved_tensors
-        if ctx.reduction == "none":
-            grad.mul_(grad_output.unsqueeze(-1))
-        else:
-            rescale_gradient_(grad, grad_output)
-        return grad, None, None, None, None, None
+        return saved_gradient_times(ctx, grad_output), None, None, None, None, None
