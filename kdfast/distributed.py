@@ -81,6 +81,24 @@ def _settings_code(opts: LossOptions) -> int:
     return zlib.crc32(text.encode())
 
 
+def check_then_agree(check, local_vocab, rows_of: torch.Tensor, process_group, vocab_range, labels,
+                     opts: LossOptions, reduce_hidden_grad: bool = True) -> VocabShard:
+    """Runs this rank's input checks (`check()`, raising ValueError) and then the agreement exchange, which every
+    rank must reach whatever its inputs: a failed check is carried through it, so all ranks raise instead of the
+    others hanging. `local_vocab()` is this rank's shard size (called only when the checks passed); `rows_of`
+    is the student tensor whose leading dimensions are the rows, and whose device the exchange uses."""
+    error = None
+    try:
+        check()
+    except ValueError as exc:
+        error = exc
+    valid = error is None
+    rows = rows_of.numel() // max(rows_of.shape[-1], 1) if valid else -1
+    device = rows_of.device if isinstance(rows_of, torch.Tensor) else None
+    return agree_on_shard(process_group, vocab_range, local_vocab() if valid else 0, rows,
+                          labels if valid else None, opts, device, error, reduce_hidden_grad)
+
+
 def agree_on_shard(process_group, vocab_range, local_vocab: int, rows: int, labels, opts: LossOptions, device,
                    local_error: Exception | None = None, reduce_hidden_grad: bool = True) -> VocabShard:
     """Exchanges [start, stop, rows, settings, label range, error flag] with every rank and checks that the
@@ -107,6 +125,9 @@ def agree_on_shard(process_group, vocab_range, local_vocab: int, rows: int, labe
     low, high = _label_range(labels, opts)
     mine = torch.tensor([start, stop, rows, _settings_code(opts), low, high, int(local_error is not None)],
                         dtype=torch.int64)
+    if device is None:  # no tensor to take it from: NCCL still needs the exchange on this rank's GPU
+        nccl = dist.get_backend(process_group) == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     everyone = all_gather(mine.to(device), process_group).cpu().tolist()
     _raise_on_mismatch(everyone, rank, local_error, opts)
     return VocabShard(process_group, start, stop, max(row[1] for row in everyone), reduce_hidden_grad)

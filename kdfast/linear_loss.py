@@ -35,47 +35,27 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_
     opts = LossOptions(divergence=divergence, beta=beta, temperature=temperature, kd_weight=kd_weight,
                        ce_weight=ce_weight, t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
                        inplace_backward=inplace_backward, backend=backend)
-    args = (student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias, labels,
-            num_items_in_batch, softcap, chunk_size, opts)
+    def check(vocab):
+        check_linear_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+                            teacher_bias, softcap, chunk_size, opts)
+        check_labels_for(labels, tuple(student_hidden.shape[:-1]), vocab, student_hidden.device, opts,
+                         "the hidden states")
+        check_num_items(num_items_in_batch)
+
     shard = None
     if process_group is not None:
-        shard = _agree_on_shard(*args, process_group, vocab_range, reduce_hidden_grad)
+        from kdfast.distributed import check_then_agree
+
+        # Labels are global token ids: their range is checked in the exchange, against the global vocabulary.
+        shard = check_then_agree(lambda: check(2**62), lambda: student_weight.shape[0], student_hidden, process_group,
+                                 vocab_range, labels, opts, reduce_hidden_grad)
     else:
         if vocab_range is not None:
             raise ValueError("vocab_range needs a process_group (the ranks that hold the other shards)")
-        _check(*args, vocab=student_weight.shape[0] if isinstance(student_weight, torch.Tensor) else 0)
+        check(student_weight.shape[0] if isinstance(student_weight, torch.Tensor) else 0)
     detach = (lambda t: t.detach() if t is not None else None)
     return _apply(student_hidden, student_weight, student_bias, detach(teacher_hidden), detach(teacher_weight),
                   detach(teacher_bias), labels, num_items_in_batch, opts, softcap, chunk_size, shard)
-
-
-def _check(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias, labels,
-           num_items_in_batch, softcap, chunk_size, opts, vocab):
-    check_linear_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
-                        teacher_bias, softcap, chunk_size, opts)
-    check_labels_for(labels, tuple(student_hidden.shape[:-1]), vocab, student_hidden.device, opts,
-                     "the hidden states")
-    check_num_items(num_items_in_batch)
-
-
-def _agree_on_shard(*args):
-    """Checks this rank's inputs, then agrees with the other ranks (a bad input raises on every rank)."""
-    from kdfast.distributed import agree_on_shard
-
-    *inputs, process_group, vocab_range, reduce_hidden_grad = args
-    student_hidden, student_weight, labels, opts = inputs[0], inputs[1], inputs[6], inputs[-1]
-    error = None
-    try:
-        # Labels are global token ids: their range is checked in the exchange, against the global vocabulary.
-        _check(*inputs, vocab=2**62)
-    except ValueError as exc:
-        error = exc
-    valid = error is None
-    local_vocab = student_weight.shape[0] if valid else 0
-    rows = student_hidden.numel() // student_hidden.shape[-1] if valid else -1
-    device = student_hidden.device if valid else torch.device("cpu")
-    return agree_on_shard(process_group, vocab_range, local_vocab, rows, labels if valid else None, opts, device,
-                          error, reduce_hidden_grad)
 
 
 # The chunk loop is driven from the host (a Python loop of GEMMs and kernel calls): torch.compile runs the

@@ -45,23 +45,18 @@ def distill_loss(student_logits, teacher_logits, labels=None, *, divergence="for
 @torch.compiler.disable
 def _vocab_parallel_loss(student_logits, teacher_logits, labels, num_items_in_batch, opts, process_group,
                          vocab_range):
-    from kdfast.distributed import agree_on_shard
+    from kdfast.distributed import check_then_agree
     from kdfast.vocab_parallel import ShardedDistillFunction
 
-    error = None
-    try:  # a bad input is reported through the ranks' exchange, so every rank raises instead of hanging
+    def check():
         check_pair(student_logits, teacher_logits, opts)
         # The range of global token ids is checked in the exchange, against the global vocabulary.
         check_labels_for(labels, tuple(student_logits.shape[:-1]), 2**62, student_logits.device, opts, "the logits")
         check_num_items(num_items_in_batch)
-    except ValueError as exc:
-        error = exc
-    valid = isinstance(student_logits, torch.Tensor) and student_logits.dim() >= 1
-    local_vocab = student_logits.shape[-1] if valid else 0
-    rows = student_logits.numel() // max(local_vocab, 1) if valid else -1
-    device = student_logits.device if valid else torch.device("cpu")
-    shard = agree_on_shard(process_group, vocab_range, local_vocab, rows, labels if error is None else None, opts,
-                           device, error)
+
+    shard = check_then_agree(check, lambda: student_logits.shape[-1], student_logits, process_group, vocab_range,
+                             labels, opts)
+    rows, device = student_logits.numel() // student_logits.shape[-1], student_logits.device
     flat_labels = labels.reshape(-1).to(torch.int64) if labels is not None else None
     scale = reduction_scale(flat_labels, rows, opts, num_items_in_batch, device)
     return ShardedDistillFunction.apply(student_logits, teacher_logits.detach(), labels, scale, opts, shard)

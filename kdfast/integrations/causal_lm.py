@@ -112,6 +112,18 @@ def distill_from_hidden(student, teacher, student_hidden, teacher_hidden, labels
                                    **options.__dict__)
 
 
+def batch_distill_loss(student, teacher, inputs, options: LossOptions, *, chunk_size="auto", vocab_size=None,
+                       num_items_in_batch=None):
+    """The fused loss of one batch: both decoders' last hidden states (the teacher's under no_grad), position i
+    predicting `inputs["labels"][:, i + 1]`. Called under the caller's autocast."""
+    input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
+    student_hidden = last_hidden_state(student, input_ids, attention_mask)[:, :-1]
+    with torch.no_grad():
+        teacher_hidden = last_hidden_state(teacher, input_ids, attention_mask)[:, :-1]
+    return distill_from_hidden(student, teacher, student_hidden, teacher_hidden, inputs["labels"][:, 1:], options,
+                               chunk_size=chunk_size, vocab_size=vocab_size, num_items_in_batch=num_items_in_batch)
+
+
 def run_through_wrapper(wrapper, inner, fn, *args):
     """Calls fn(*args) as `inner`'s forward, entered through `wrapper` (DDP, a DeepSpeed engine), so the wrapper
     still does its per-forward work (DDP's gradient-sync set-up, ZeRO-3's hooks) though the loss skips the model's

@@ -10,7 +10,7 @@ import functools
 import torch
 from transformers import Trainer
 
-from kdfast.integrations.causal_lm import distill_from_hidden, last_hidden_state, run_through_wrapper
+from kdfast.integrations.causal_lm import batch_distill_loss, run_through_wrapper
 from kdfast.options import LossOptions
 from kdfast.validation import check_chunk_settings
 
@@ -91,14 +91,7 @@ class DistillationTrainer(Trainer):
 
     def _student_loss(self, student, inputs, num_items_in_batch):
         teacher = self.accelerator.unwrap_model(self.teacher_model)
-        input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
-        # The hidden state at position i predicts token i + 1.
-        labels = inputs["labels"][:, 1:]
         # Mixed precision comes from the Trainer's settings: the model's own (autocast-wrapped) forward is skipped.
         with self.accelerator.autocast():
-            student_hidden = last_hidden_state(student, input_ids, attention_mask)[:, :-1]
-            with torch.no_grad():
-                teacher_hidden = last_hidden_state(teacher, input_ids, attention_mask)[:, :-1]
-            return distill_from_hidden(student, teacher, student_hidden, teacher_hidden, labels,
-                                       self.distill_options, chunk_size=self.chunk_size, vocab_size=self.vocab_size,
-                                       num_items_in_batch=num_items_in_batch)
+            return batch_distill_loss(student, teacher, inputs, self.distill_options, chunk_size=self.chunk_size,
+                                      vocab_size=self.vocab_size, num_items_in_batch=num_items_in_batch)

@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from kdfast.integrations.causal_lm import distill_from_hidden, last_hidden_state, run_through_wrapper
+from kdfast.integrations.causal_lm import batch_distill_loss, run_through_wrapper
 from kdfast.loss import distill_loss
 from kdfast.options import LossOptions
 
@@ -67,12 +67,7 @@ class GKDTrainer(_TRLGKDTrainer):
     def _student_loss(self, student, inputs, num_items_in_batch):
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         self.teacher_model.eval()
-        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         options = LossOptions(divergence="jsd", beta=self.beta, temperature=1.0, t2_scale=False,
                               ignore_index=_TRL_IGNORE_INDEX, reduction="mean")
         with self.accelerator.autocast():
-            student_hidden = last_hidden_state(student, input_ids, attention_mask)[:, :-1]
-            with torch.no_grad():
-                teacher_hidden = last_hidden_state(teacher, input_ids, attention_mask)[:, :-1]
-            return distill_from_hidden(student, teacher, student_hidden, teacher_hidden, inputs["labels"][:, 1:],
-                                       options, num_items_in_batch=num_items_in_batch)
+            return batch_distill_loss(student, teacher, inputs, options, num_items_in_batch=num_items_in_batch)
