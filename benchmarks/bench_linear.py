@@ -2,7 +2,8 @@
 vs eager PyTorch, torch.compile and Liger-Kernel's chunked LigerFusedLinearJSDLoss, against the four GEMMs
 alone (both heads forward, d hidden, d weight): the floor of any fused linear loss.
 
-Same inputs, same process; medians of interleaved rounds, ratios, and the extra peak memory of each.
+Same inputs, same process; medians of interleaved rounds, ratios, and the extra peak memory of each (on the
+CPU measured in a fresh process per contender).
 CPU default: N=4096, H=256, V=32000 fp32, forward_kl + CE(0.5), T=2.
 
     python benchmarks/bench_linear.py [--tokens N --hidden H --vocab V --repeats R --no-compile]
@@ -20,10 +21,9 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or through `kdfast bench`
-from bench_distill import DTYPES, environment, time_methods, write_csv  # noqa: E402
+from bench_distill import DTYPES, environment, extra_peaks, time_methods, write_csv  # noqa: E402
 
 import kdfast  # noqa: E402
-from kdfast.memory import extra_peak_bytes  # noqa: E402
 from kdfast.reference import linear_distill_loss_reference  # noqa: E402
 
 
@@ -78,6 +78,14 @@ def contenders(inputs, options, with_compile, chunk_size="auto"):
     return methods
 
 
+def memory_contender(settings: dict, name: str):
+    """The contender `name` on freshly made inputs: what a child process measures (kdfast.memory)."""
+    args = argparse.Namespace(**settings)
+    inputs = make_inputs(args, torch.device(args.device))
+    options = dict(divergence="forward_kl", temperature=args.temperature, ce_weight=args.ce_weight)
+    return contenders(inputs, options, name == "torch.compile", args.chunk_size)[name]
+
+
 def run(args) -> list[dict]:
     device = torch.device(args.device)
     inputs = make_inputs(args, device)
@@ -94,8 +102,9 @@ def run(args) -> list[dict]:
     medians = time_methods(methods, device, args.repeats)
     one_logits = args.tokens * args.vocab * 4
     env = environment(device)
-    rows = [{"method": name, "median_ms": medians[name], "extra_peak_bytes": extra_peak_bytes(fn, device)}
-            for name, fn in methods.items()]
+    console.print("[dim]measuring each one's peak memory...[/dim]")
+    peaks = extra_peaks(methods, args, device, __file__)
+    rows = [{"method": name, "median_ms": medians[name], "extra_peak_bytes": peaks[name]} for name in methods]
     floor_ms = medians["four GEMMs alone (floor)"]
     reference = {name: medians.get(name) for name in ("torch eager", "torch.compile",
                                                       "Liger chunked (LigerFusedLinearJSDLoss)")}
@@ -132,9 +141,8 @@ def report(console, rows, args, env):
                   "extra peak: process RSS high-water mark above the memory held before the call (CPU)")
 
 
-def parse_args(argv=None):
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     cuda = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
     parser.add_argument("--tokens", type=int, default=8192 if cuda else 4096)
     parser.add_argument("--hidden", type=int, default=2048 if cuda else 256)
@@ -147,11 +155,12 @@ def parse_args(argv=None):
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
     parser.add_argument("--chunk-size", type=lambda v: v if v == "auto" else int(v), default="auto",
                         help="kdfast's chunk_size (tokens per chunk)")
-    return parser.parse_args(argv)
 
 
 def main(argv=None):
-    run(parse_args(argv))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a GPU machine (DESIGN.md, "Tests and CI"): builds the CUDA kernels, benchmarks them against
+# One command for a GPU machine (docs/DESIGN.md, "Tests and CI"): builds the CUDA kernels, benchmarks them against
 # the Triton kernel, eager PyTorch, torch.compile (and Liger-Kernel when its wheel is carried in .whl/),
 # benchmarks the fused linear loss against its four-GEMM floor, then runs the GPU tests of every backend. Results: benchmarks/results/ (and $OUT, when the device tool runs it).
 # Uses the machine's own python3/torch/triton (there is no network there).

@@ -19,29 +19,29 @@ from rich.progress import track
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or through `kdfast profile`
-from bench_distill import DTYPES, RESULTS, environment  # noqa: E402
+import bench_linear  # noqa: E402
+from bench_distill import DTYPES, RESULTS, environment, extra_peaks  # noqa: E402
 from bench_linear import contenders, make_inputs  # noqa: E402
-
-from kdfast.memory import extra_peak_bytes  # noqa: E402
 
 FLOOR = "four GEMMs alone (floor)"
 
 
 def measure(args, tokens, vocab, device):
-    shape = argparse.Namespace(tokens=tokens, vocab=vocab, hidden=args.hidden, teacher_hidden=args.teacher_hidden,
-                               dtype=args.dtype)
+    shape = argparse.Namespace(device=args.device, tokens=tokens, vocab=vocab, hidden=args.hidden,
+                               teacher_hidden=args.teacher_hidden, dtype=args.dtype, temperature=2.0, ce_weight=0.5,
+                               chunk_size="auto")
     inputs = make_inputs(shape, device)
-    options = dict(divergence="forward_kl", temperature=2.0, ce_weight=0.5)
-    rows = []
-    for name, step in contenders(inputs, options, not args.no_compile).items():
-        if name == FLOOR:
-            continue
-        step()  # compile, build and allocator warm-up are not the step's memory
-        extra = extra_peak_bytes(step, device)
-        rows.append(dict(tokens=tokens, vocab=vocab, hidden=args.hidden, dtype=args.dtype, method=name,
-                         extra_peak_mib=extra / 2**20, logits_tensors=extra / (tokens * vocab * 4)))
+    options = dict(divergence="forward_kl", temperature=shape.temperature, ce_weight=shape.ce_weight)
+    methods = {name: step for name, step in contenders(inputs, options, not args.no_compile).items() if name != FLOOR}
+    if device.type == "cuda":
+        for step in methods.values():
+            step()  # compile, build and allocator warm-up are not the step's memory
     del inputs
-    return rows
+    # On the CPU each contender runs in a fresh process (kdfast.memory), warmed up there first.
+    peaks = extra_peaks(methods, shape, device, bench_linear.__file__)
+    return [dict(tokens=tokens, vocab=vocab, hidden=args.hidden, dtype=args.dtype, method=name,
+                 extra_peak_mib=peaks[name] / 2**20, logits_tensors=peaks[name] / (tokens * vocab * 4))
+            for name in methods]
 
 
 def plot(rows, path, env):
@@ -66,9 +66,8 @@ def plot(rows, path, env):
     figure.savefig(path, dpi=120)
 
 
-def main(argv=None):
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     cuda = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192] if cuda else [256, 1024])
     parser.add_argument("--vocab", type=int, nargs="+", default=[32_000, 64_000, 128_256, 256_000])
@@ -76,7 +75,9 @@ def main(argv=None):
     parser.add_argument("--teacher-hidden", type=int, default=4096 if cuda else 256)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if cuda else "fp32")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (a compile per shape)")
-    args = parser.parse_args(argv)
+
+
+def run(args):
     device = torch.device(args.device)
     env = environment(device)
     shapes = [(t, v) for t in args.tokens for v in args.vocab]
@@ -105,6 +106,12 @@ def main(argv=None):
         writer.writerows({**r, **env} for r in rows)
     plot(rows, png_path, env)
     Console().print(f"wrote {csv_path} and {png_path}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

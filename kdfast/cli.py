@@ -1,44 +1,59 @@
-"""The `kdfast` command: `kdfast bench` (the side-by-side benchmarks), `kdfast profile` (peak memory over a
-sweep of shapes), `kdfast distill` (an end-to-end distillation run), `kdfast build` (compile the kernels ahead)."""
+"""The `kdfast` command. Each subcommand has its own options (`kdfast <command> --help`):
+
+    kdfast bench [logits | linear | vocab-parallel] [options]   the side-by-side benchmarks (all, or one)
+    kdfast profile [options]                                   peak memory over a sweep of shapes
+    kdfast distill [options]                                   an end-to-end distillation run
+    kdfast build                                               compile the native kernels ahead of their first use
+"""
 
 from __future__ import annotations
 
 import argparse
-import runpy
+import importlib
 import sys
 import time
-from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+from kdfast.package_files import package_folder
 
-
-def _run_script(name, argv):
-    script = BENCHMARKS / name
-    if not script.exists():
-        raise SystemExit(f"{script} not found: `kdfast bench` and `kdfast profile` run from a source checkout "
-                         "(pip install -e .)")
-    runpy.run_path(str(script), run_name="kdfast_script")["main"](argv)
+# `kdfast bench <name>` -> the benchmark script (benchmarks/ in a checkout, kdfast/benchmarks in an install).
+BENCHMARKS = {"logits": "bench_distill", "linear": "bench_linear", "vocab-parallel": "bench_vocab_parallel"}
 
 
-def _bench(rest):
-    """The logits-level loss (options: benchmarks/bench_distill.py --help), the fused linear loss, then the
-    vocab-parallel loss on 2 CPU ranks."""
-    _run_script("bench_distill.py", rest)
-    _run_script("bench_linear.py", [])
-    _run_script("bench_vocab_parallel.py", [])
+def benchmark_module(name: str):
+    folder = str(package_folder("benchmarks"))
+    if folder not in sys.path:
+        sys.path.insert(0, folder)  # the scripts import each other by module name
+    return importlib.import_module(name)
 
 
-def _profile(rest):
-    _run_script("profile_memory.py", rest)
+def _summary(module) -> str:
+    """The first sentence of a module's docstring."""
+    paragraph = " ".join((module.__doc__ or "").strip().split("\n\n")[0].split())
+    return paragraph.split(". ")[0].rstrip(".:")
 
 
-def _distill(rest):
-    from kdfast.demo.main import main as distill_main
+def _run_benchmarks(args):
+    if args.benchmark is not None:
+        args.module.run(args)
+        return
+    for name in BENCHMARKS.values():  # all three, each with its defaults
+        module = benchmark_module(name)
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        module.run(parser.parse_args([]))
 
-    distill_main(rest)
+
+def _profile(args):
+    benchmark_module("profile_memory").run(args)
 
 
-def _build(_rest):
+def _distill(args):
+    from kdfast.demo.main import run
+
+    run(args)
+
+
+def _build(_args):
     """Compiles the CPU kernel, and the CUDA kernels when torch sees a GPU or KDFAST_CUDA_ARCHS names targets."""
     import os
 
@@ -55,11 +70,49 @@ def _build(_rest):
         print(f"kdfast CUDA kernels ready (sm_{', sm_'.join(cuda_archs())}) in {time.perf_counter() - start:.1f} s")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="kdfast", description="Fused knowledge-distillation losses")
-    parser.add_argument("command", choices=["bench", "profile", "distill", "build"])
-    args, rest = parser.parse_known_args(argv)
-    {"bench": _bench, "profile": _profile, "distill": _distill, "build": _build}[args.command](rest)
+def _add_bench(commands) -> None:
+    bench = commands.add_parser("bench", help="the side-by-side benchmarks: logits-level, fused linear, vocab-parallel",
+                                description="Runs the three side-by-side benchmarks with their defaults, or the one "
+                                            "named, with its options (kdfast bench <name> --help).")
+    bench.set_defaults(handler=_run_benchmarks, benchmark=None)
+    which = bench.add_subparsers(dest="benchmark", metavar="<benchmark>")
+    for name, module_name in BENCHMARKS.items():
+        module = benchmark_module(module_name)
+        sub = which.add_parser(name, help=_summary(module), description=module.__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sub)
+        sub.set_defaults(module=module, checked_by=getattr(module, "check_args", None), parser=sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdfast", description=__doc__.splitlines()[0],
+                                     epilog="`kdfast <command> --help` lists that command's options.")
+    commands = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    _add_bench(commands)
+    profile_module = benchmark_module("profile_memory")
+    profile = commands.add_parser("profile", help=_summary(profile_module), description=profile_module.__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    profile_module.add_arguments(profile)
+    profile.set_defaults(handler=_profile)
+
+    from kdfast.demo import arguments as distill_arguments
+
+    distill = commands.add_parser("distill", help=distill_arguments.DESCRIPTION,
+                                  description=distill_arguments.DESCRIPTION)
+    distill_arguments.add_arguments(distill)
+    distill.set_defaults(handler=_distill, checked_by=distill_arguments.check_args, parser=distill)
+    build = commands.add_parser("build", help="compile the native kernels ahead of their first use",
+                                description=_build.__doc__)
+    build.set_defaults(handler=_build)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    check = getattr(args, "checked_by", None)
+    if check is not None:
+        check(args.parser, args)
+    args.handler(args)
     return 0
 
 

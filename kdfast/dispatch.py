@@ -1,4 +1,4 @@
-"""Backend choice: `backend=` argument, else KDFAST_BACKEND, else by device (DESIGN.md, "Backends")."""
+"""Backend choice: `backend=` argument, else KDFAST_BACKEND, else by device (docs/DESIGN.md, "Backends")."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import os
 
 import torch
 
-from kdfast.options import BACKENDS
+from kdfast.kernel_abi import FUSED, PhaseCall
+from kdfast.options import BACKENDS, LossOptions
 
 
 def triton_interpreter_enabled() -> bool:
@@ -75,3 +76,22 @@ def backend_module(name: str):
     else:
         from kdfast.backends import torch_backend as module
     return module
+
+
+class DeviceRows:
+    """A backend's `forward_rows` for one device: the rows kernel of a single-device loss. The fused linear loss
+    takes it or its vocab-parallel twin (kdfast.vocab_parallel.ShardedRows), which share this interface."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.module = backend_module(backend)
+
+    def __call__(self, student, teacher, labels, grad_scale, grad, opts: LossOptions, call: PhaseCall = FUSED):
+        return self.module.forward_rows(student, teacher, labels, grad_scale, grad, opts, call)
+
+    def reduce_hidden_grad(self, d_hidden):
+        return d_hidden  # one device holds the whole vocabulary: d hidden is complete
+
+
+def device_rows(opts: LossOptions, device: torch.device) -> DeviceRows:
+    return DeviceRows(resolve_backend(opts.backend, device))

@@ -76,9 +76,8 @@ def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
 
 
 def _settings_code(opts: LossOptions) -> int:
-    text = repr((opts.divergence, opts.beta, opts.temperature, opts.kd_weight, opts.ce_weight, opts.t2_scale,
-                 opts.ignore_index, opts.reduction))
-    return zlib.crc32(text.encode())
+    """A checksum of the settings that must agree across ranks (each rank may pick its own backend)."""
+    return zlib.crc32(opts.replace(backend="auto", inplace_backward=False).encoded().encode())
 
 
 def check_then_agree(check, local_vocab, rows_of: torch.Tensor, process_group, vocab_range, labels,

@@ -1,4 +1,4 @@
-"""The chunked orchestrator of the fused linear loss (DESIGN.md, "Algorithms"): tokens in chunks; per chunk
+"""The chunked orchestrator of the fused linear loss (docs/DESIGN.md, "Algorithms"): tokens in chunks; per chunk
 both LM heads on the platform's GEMM, the logits-level kernel for loss and dlogits in place, then
 d hidden = G W_s and d W_s += G^T X (and d b_s) accumulated. Only the loss kernel differs between devices.
 
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kdfast.dispatch import backend_module, resolve_backend
 from kdfast.options import LossOptions
 
 # Bytes the chunk's logits (both models) may take: small enough that the loss adds little to the step's
@@ -69,11 +68,22 @@ def chunk_rows(chunk_size, heads: Heads) -> int:
     return min(rows, max(heads.rows, 1))
 
 
-def _logits(hidden, weight, bias, dtype):
-    logits = hidden.to(dtype) @ weight.to(dtype).t()
+class ChunkBuffers:
+    """The chunk's logits of both models (and the student's before its softcap), allocated once per call and reused
+    by every chunk: a fresh allocation per chunk would hold two generations at the moment the next one is made."""
+
+    def __init__(self, rows: int, heads: Heads):
+        device = heads.student_hidden.device
+        self.student = torch.empty(rows, heads.vocab, dtype=heads.student_dtype, device=device)
+        self.teacher = torch.empty(rows, heads.vocab, dtype=heads.teacher_dtype, device=device)
+        self.uncapped = torch.empty_like(self.student) if heads.softcap is not None else None
+
+
+def _logits_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    torch.mm(hidden.to(out.dtype), weight.t(), out=out)
     if bias is not None:
-        logits += bias.to(dtype)
-    return logits
+        out.add_(bias.to(out.dtype))
+    return out
 
 
 def _accumulate_weight_grad(acc: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
@@ -86,46 +96,50 @@ def _accumulate_weight_grad(acc: torch.Tensor, grad_logits: torch.Tensor, hidden
         acc[start:start + step] += grad_logits[:, start:start + step].t() @ hidden
 
 
-def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted: Wanted, chunk_size,
-               row_weights: torch.Tensor | None = None, kernel=None):
+def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted: Wanted, chunk_size, rows_kernel,
+               row_weights: torch.Tensor | None = None):
     """Loss rows [N] float32 and the wanted gradients (d hidden in the hidden's dtype; d weight and d bias in
-    float32), each already multiplied by grad_scale and, when given, by row_weights [N]. `kernel` replaces the
-    backend's logits-level kernel (the vocab-parallel one: kdfast.vocab_parallel.ShardKernel)."""
+    float32), each already multiplied by grad_scale and, when given, by row_weights [N]. `rows_kernel` is the
+    logits-level kernel of the device (kdfast.dispatch.DeviceRows) or of a vocab shard
+    (kdfast.vocab_parallel.ShardedRows)."""
     device = heads.student_hidden.device
-    kernel = kernel or backend_module(resolve_backend(opts.backend, device))
     loss_rows = torch.empty(heads.rows, dtype=torch.float32, device=device)
-    d_hidden = torch.empty_like(heads.student_hidden) if wanted.hidden else None
+    d_hidden = (torch.empty(heads.student_hidden.shape, dtype=heads.student_hidden.dtype, device=device)
+                if wanted.hidden else None)
     d_weight = (torch.zeros(heads.student_weight.shape, dtype=torch.float32, device=device)
                 if wanted.weight else None)
     d_bias = torch.zeros(heads.vocab, dtype=torch.float32, device=device) if wanted.bias else None
     weight_s = heads.student_weight.to(heads.student_dtype)  # one cast for all chunks (a no-op when equal)
     weight_t = heads.teacher_weight.to(heads.teacher_dtype)
     step = chunk_rows(chunk_size, heads)
+    buffers = ChunkBuffers(min(step, heads.rows), heads)
     for start in range(0, heads.rows, step):
         rows = slice(start, start + step)
+        count = min(step, heads.rows - start)
         hidden = heads.student_hidden[rows].to(heads.student_dtype)
-        student = _logits(hidden, weight_s, heads.student_bias, heads.student_dtype)
-        teacher = _logits(heads.teacher_hidden[rows], weight_t, heads.teacher_bias, heads.teacher_dtype)
-        uncapped = None
+        teacher = _logits_into(buffers.teacher[:count], heads.teacher_hidden[rows], weight_t, heads.teacher_bias)
+        student = buffers.student[:count]
         if heads.softcap is not None:
-            uncapped, student = student, torch.tanh(student / heads.softcap).mul_(heads.softcap)
+            uncapped = _logits_into(buffers.uncapped[:count], hidden, weight_s, heads.student_bias)
+            torch.div(uncapped, heads.softcap, out=student).tanh_().mul_(heads.softcap)
             teacher.div_(heads.softcap).tanh_().mul_(heads.softcap)
+        else:
+            _logits_into(student, hidden, weight_s, heads.student_bias)
         labels = heads.labels[rows] if heads.labels is not None else None
         grad = student.unsqueeze(0) if wanted.any else None  # dlogits overwrite the chunk's logits
-        loss_rows[rows] = kernel.forward_rows(student.unsqueeze(0), teacher.unsqueeze(0), labels, grad_scale,
-                                              grad, opts)
-        del teacher
+        loss_rows[rows] = rows_kernel(student.unsqueeze(0), teacher.unsqueeze(0), labels, grad_scale, grad, opts)
         if not wanted.any:
             continue
         grad_logits = student
         if row_weights is not None:
             grad_logits.mul_(row_weights[rows, None].to(grad_logits.dtype))
-        if uncapped is not None:
+        if heads.softcap is not None:
             # d/dz [c tanh(z / c)] = 1 - tanh(z / c)^2
             tanh = uncapped.div_(heads.softcap).tanh_()
             grad_logits.mul_(tanh.mul_(tanh).neg_().add_(1.0))
-            del tanh, uncapped
-        if wanted.hidden:
+        if wanted.hidden and d_hidden.dtype == grad_logits.dtype:
+            torch.mm(grad_logits, weight_s, out=d_hidden[rows])
+        elif wanted.hidden:  # autocast: a 16-bit product for float32 hidden states
             d_hidden[rows] = grad_logits @ weight_s
         if wanted.weight:
             _accumulate_weight_grad(d_weight, grad_logits, hidden)

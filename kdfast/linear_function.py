@@ -8,13 +8,15 @@ Nothing is computed for gradients when no student input requires one.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from kdfast.distributed import all_reduce_sum
-from kdfast.function import reduced, reduction_scale, rescale_gradient_
 from kdfast.linear_chunks import Heads, Wanted, run_chunks
 from kdfast.options import LossOptions
-from kdfast.vocab_parallel import ShardKernel
+from kdfast.reduction import reduced, reduction_scale
+from kdfast.saved_gradient import rescale_gradient_
+from kdfast.views import flat_labels
 
 
 def gemm_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -25,36 +27,45 @@ def gemm_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How the chunks run: the head's logit post-processing, the chunk size, and the rows kernel (a device's or a
+    vocab shard's)."""
+
+    softcap: float | None
+    chunk_size: int | str
+    rows_kernel: object
+
+
 class LinearDistillFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                labels, num_items_in_batch, opts: LossOptions, softcap, chunk_size, shard=None):
+                labels, num_items_in_batch, opts: LossOptions, plan: ChunkPlan):
         lead_shape = student_hidden.shape[:-1]
-        flat_labels = labels.reshape(-1).to(torch.int64).contiguous() if labels is not None else None
+        labels = flat_labels(labels)
         heads = Heads(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias,
                       teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight, teacher_bias,
-                      flat_labels, softcap, gemm_dtype(student_hidden, student_weight),
+                      labels, plan.softcap, gemm_dtype(student_hidden, student_weight),
                       gemm_dtype(teacher_hidden, teacher_weight))
         wanted = Wanted(ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                         student_bias is not None and ctx.needs_input_grad[2])
-        scale = reduction_scale(flat_labels, heads.rows, opts, num_items_in_batch, student_hidden.device)
-        ctx.reduction, ctx.shard = opts.reduction, shard
-        kernel = ShardKernel(shard) if shard is not None else None
+        scale = reduction_scale(labels, heads.rows, opts, num_items_in_batch, student_hidden.device)
+        ctx.reduction, ctx.plan = opts.reduction, plan
         ctx.shapes = (student_hidden.shape, student_weight.dtype,
                       student_bias.dtype if student_bias is not None else None)
         # The chunks' casts and GEMMs are ours: autocast must not cast them again.
         with torch.autocast(student_hidden.device.type, enabled=False):
             if opts.reduction == "none" and wanted.any:
-                loss_rows, *_ = run_chunks(heads, opts, scale, Wanted(False, False, False), chunk_size,
-                                           kernel=kernel)
-                ctx.heads, ctx.opts, ctx.wanted, ctx.chunk_size = heads, opts, wanted, chunk_size
+                loss_rows, *_ = run_chunks(heads, opts, scale, Wanted(False, False, False), plan.chunk_size,
+                                           plan.rows_kernel)
+                ctx.heads, ctx.opts, ctx.wanted = heads, opts, wanted
                 # Saved too so that autograd refuses a backward after they were modified in place.
                 ctx.save_for_backward(student_hidden, student_weight, student_bias, teacher_hidden,
                                       teacher_weight, teacher_bias)
             else:
-                loss_rows, d_hidden, d_weight, d_bias = run_chunks(heads, opts, scale, wanted, chunk_size,
-                                                                   kernel=kernel)
-                d_hidden = _summed_over_shards(d_hidden, shard)
+                loss_rows, d_hidden, d_weight, d_bias = run_chunks(heads, opts, scale, wanted, plan.chunk_size,
+                                                                   plan.rows_kernel)
+                d_hidden = plan.rows_kernel.reduce_hidden_grad(d_hidden)
                 ctx.save_for_backward(*LinearDistillFunction._as_input_dtypes(ctx, d_hidden, d_weight, d_bias))
         return reduced(loss_rows, lead_shape, opts.reduction, scale)
 
@@ -72,25 +83,16 @@ class LinearDistillFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         if ctx.reduction == "none":
-            heads = ctx.heads
+            plan = ctx.plan
             weights = grad_output.reshape(-1).to(torch.float32)
             ones = torch.ones((), dtype=torch.float32, device=weights.device)
             with torch.autocast(weights.device.type, enabled=False):
-                kernel = ShardKernel(ctx.shard) if ctx.shard is not None else None
-                _, d_hidden, d_weight, d_bias = run_chunks(heads, ctx.opts, ones, ctx.wanted, ctx.chunk_size,
-                                                           row_weights=weights, kernel=kernel)
-                d_hidden = _summed_over_shards(d_hidden, ctx.shard)
+                _, d_hidden, d_weight, d_bias = run_chunks(ctx.heads, ctx.opts, ones, ctx.wanted, plan.chunk_size,
+                                                           plan.rows_kernel, row_weights=weights)
+                d_hidden = plan.rows_kernel.reduce_hidden_grad(d_hidden)
             d_hidden, d_weight, d_bias = LinearDistillFunction._as_input_dtypes(ctx, d_hidden, d_weight, d_bias)
         else:
             d_hidden, d_weight, d_bias = ctx.saved_tensors
             for grad in (d_hidden, d_weight, d_bias):
                 rescale_gradient_(grad, grad_output)
-        return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None, None, None
-
-
-def _summed_over_shards(d_hidden, shard):
-    """Each rank's d hidden covers its vocab shard only; the full gradient is their sum, unless the caller's own
-    tensor-parallel layer does that reduction (reduce_hidden_grad=False)."""
-    if d_hidden is None or shard is None or not shard.reduce_hidden_grad:
-        return d_hidden
-    return all_reduce_sum(d_hidden, shard.group)
+        return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None

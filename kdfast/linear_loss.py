@@ -1,11 +1,13 @@
 """The fused linear API: `linear_distill_loss` and its `nn.Module`, `LinearDistillLoss`. Takes the last hidden
-states and the LM-head weights; never holds logits for all tokens."""
+states and the LM-head weights; never holds logits for all tokens. Both build the settings record and call
+`fused_linear_loss`, as the integrations do."""
 
 from __future__ import annotations
 
 import torch
 
-from kdfast.linear_function import LinearDistillFunction
+from kdfast.dispatch import device_rows
+from kdfast.linear_function import ChunkPlan, LinearDistillFunction
 from kdfast.options import LossOptions
 from kdfast.validation import check_chunk_settings, check_labels_for, check_linear_inputs, check_num_items
 
@@ -35,6 +37,17 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_
     opts = LossOptions(divergence=divergence, beta=beta, temperature=temperature, kd_weight=kd_weight,
                        ce_weight=ce_weight, t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
                        inplace_backward=inplace_backward, backend=backend)
+    return fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, opts,
+                             student_bias=student_bias, teacher_bias=teacher_bias, softcap=softcap,
+                             chunk_size=chunk_size, num_items_in_batch=num_items_in_batch,
+                             process_group=process_group, vocab_range=vocab_range,
+                             reduce_hidden_grad=reduce_hidden_grad)
+
+
+def fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, opts: LossOptions, *,
+                      student_bias=None, teacher_bias=None, softcap=None, chunk_size="auto", num_items_in_batch=None,
+                      process_group=None, vocab_range=None, reduce_hidden_grad=True):
+    """`linear_distill_loss` with its loss settings already in one record."""
     def check(vocab):
         check_linear_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
                             teacher_bias, softcap, chunk_size, opts)
@@ -42,20 +55,22 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_
                          "the hidden states")
         check_num_items(num_items_in_batch)
 
-    shard = None
     if process_group is not None:
         from kdfast.distributed import check_then_agree
+        from kdfast.vocab_parallel import ShardedRows
 
         # Labels are global token ids: their range is checked in the exchange, against the global vocabulary.
         shard = check_then_agree(lambda: check(2**62), lambda: student_weight.shape[0], student_hidden, process_group,
                                  vocab_range, labels, opts, reduce_hidden_grad)
+        rows_kernel = ShardedRows(device_rows(opts, student_hidden.device), shard)
     else:
         if vocab_range is not None:
             raise ValueError("vocab_range needs a process_group (the ranks that hold the other shards)")
         check(student_weight.shape[0] if isinstance(student_weight, torch.Tensor) else 0)
+        rows_kernel = device_rows(opts, student_hidden.device)
     detach = (lambda t: t.detach() if t is not None else None)
     return _apply(student_hidden, student_weight, student_bias, detach(teacher_hidden), detach(teacher_weight),
-                  detach(teacher_bias), labels, num_items_in_batch, opts, softcap, chunk_size, shard)
+                  detach(teacher_bias), labels, num_items_in_batch, opts, ChunkPlan(softcap, chunk_size, rows_kernel))
 
 
 # The chunk loop is driven from the host (a Python loop of GEMMs and kernel calls): torch.compile runs the
@@ -66,18 +81,14 @@ def _apply(*args):
 
 
 class LinearDistillLoss(torch.nn.Module):
-    """`linear_distill_loss` with its settings fixed at construction."""
+    """`linear_distill_loss` with its settings fixed at construction: takes `softcap`, `chunk_size`,
+    `process_group`, `vocab_range`, `reduce_hidden_grad` and every loss setting keyword of `distill_loss`."""
 
-    def __init__(self, *, softcap=None, chunk_size="auto", divergence="forward_kl", beta=0.5, temperature=1.0,
-                 kd_weight=1.0, ce_weight=0.0, t2_scale=True, ignore_index=-100, reduction="mean",
-                 inplace_backward=False, backend="auto", process_group=None, vocab_range=None,
-                 reduce_hidden_grad=True):
+    def __init__(self, *, softcap=None, chunk_size="auto", process_group=None, vocab_range=None,
+                 reduce_hidden_grad=True, **settings):
         super().__init__()
         # Validated now, so a bad setting fails where the module is built rather than at the first step.
-        self.options = LossOptions(divergence=divergence, beta=beta, temperature=temperature,
-                                   kd_weight=kd_weight, ce_weight=ce_weight, t2_scale=t2_scale,
-                                   ignore_index=ignore_index, reduction=reduction,
-                                   inplace_backward=inplace_backward, backend=backend)
+        self.options = LossOptions.build("LinearDistillLoss", **settings)
         check_chunk_settings(softcap, chunk_size)
         self.softcap = softcap
         self.chunk_size = chunk_size
@@ -85,11 +96,11 @@ class LinearDistillLoss(torch.nn.Module):
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
                 student_bias=None, teacher_bias=None, num_items_in_batch=None):
-        return linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-                                   student_bias=student_bias, teacher_bias=teacher_bias, softcap=self.softcap,
-                                   chunk_size=self.chunk_size, num_items_in_batch=num_items_in_batch,
-                                   process_group=self.process_group, vocab_range=self.vocab_range,
-                                   reduce_hidden_grad=self.reduce_hidden_grad, **self.options.__dict__)
+        return fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, self.options,
+                                 student_bias=student_bias, teacher_bias=teacher_bias, softcap=self.softcap,
+                                 chunk_size=self.chunk_size, num_items_in_batch=num_items_in_batch,
+                                 process_group=self.process_group, vocab_range=self.vocab_range,
+                                 reduce_hidden_grad=self.reduce_hidden_grad)
 
     def extra_repr(self) -> str:
         o = self.options

@@ -1,19 +1,23 @@
-"""The public API: `distill_loss` and its `nn.Module`, `DistillLoss`."""
+"""The public API: `distill_loss` and its `nn.Module`, `DistillLoss`. Both build the settings record and call
+`logits_loss`, as the integrations do."""
 
 from __future__ import annotations
 
 import torch
 
-from kdfast.function import DistillFunction, reduction_scale
+from kdfast.dispatch import device_rows
+from kdfast.function import DistillFunction
 from kdfast.options import LossOptions
+from kdfast.reduction import reduction_scale
 from kdfast.validation import check_labels, check_labels_for, check_num_items, check_pair
+from kdfast.views import flat_labels
 
 
 def distill_loss(student_logits, teacher_logits, labels=None, *, divergence="forward_kl", beta=0.5,
                  temperature=1.0, kd_weight=1.0, ce_weight=0.0, t2_scale=True, ignore_index=-100,
                  reduction="mean", num_items_in_batch=None, inplace_backward=False, backend="auto",
                  process_group=None, vocab_range=None):
-    """Fused distillation loss over [..., vocab] logits (DESIGN.md, "The loss").
+    """Fused distillation loss over [..., vocab] logits (docs/DESIGN.md, "The loss").
 
     total = kd_weight * (T^2 if t2_scale else 1) * divergence(teacher || student at T)
             + ce_weight * cross_entropy(student at T=1, labels)
@@ -30,6 +34,13 @@ def distill_loss(student_logits, teacher_logits, labels=None, *, divergence="for
     opts = LossOptions(divergence=divergence, beta=beta, temperature=temperature, kd_weight=kd_weight,
                        ce_weight=ce_weight, t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
                        inplace_backward=inplace_backward, backend=backend)
+    return logits_loss(student_logits, teacher_logits, labels, opts, num_items_in_batch=num_items_in_batch,
+                       process_group=process_group, vocab_range=vocab_range)
+
+
+def logits_loss(student_logits, teacher_logits, labels, opts: LossOptions, *, num_items_in_batch=None,
+                process_group=None, vocab_range=None):
+    """`distill_loss` with its settings already in one record."""
     if process_group is not None:
         return _vocab_parallel_loss(student_logits, teacher_logits, labels, num_items_in_batch, opts,
                                     process_group, vocab_range)
@@ -57,29 +68,24 @@ def _vocab_parallel_loss(student_logits, teacher_logits, labels, num_items_in_ba
     shard = check_then_agree(check, lambda: student_logits.shape[-1], student_logits, process_group, vocab_range,
                              labels, opts)
     rows, device = student_logits.numel() // student_logits.shape[-1], student_logits.device
-    flat_labels = labels.reshape(-1).to(torch.int64) if labels is not None else None
-    scale = reduction_scale(flat_labels, rows, opts, num_items_in_batch, device)
-    return ShardedDistillFunction.apply(student_logits, teacher_logits.detach(), labels, scale, opts, shard)
+    scale = reduction_scale(flat_labels(labels), rows, opts, num_items_in_batch, device)
+    return ShardedDistillFunction.apply(student_logits, teacher_logits.detach(), labels, scale, opts, shard,
+                                        device_rows(opts, device))
 
 
 class DistillLoss(torch.nn.Module):
-    """`distill_loss` with its settings fixed at construction."""
+    """`distill_loss` with its settings fixed at construction: `DistillLoss(temperature=2.0, ce_weight=0.5, ...)`
+    takes every setting keyword of `distill_loss`, and `process_group` / `vocab_range`."""
 
-    def __init__(self, *, divergence="forward_kl", beta=0.5, temperature=1.0, kd_weight=1.0, ce_weight=0.0,
-                 t2_scale=True, ignore_index=-100, reduction="mean", inplace_backward=False, backend="auto",
-                 process_group=None, vocab_range=None):
+    def __init__(self, *, process_group=None, vocab_range=None, **settings):
         super().__init__()
         # Validated now, so a bad setting fails where the module is built rather than at the first step.
-        self.options = LossOptions(divergence=divergence, beta=beta, temperature=temperature,
-                                   kd_weight=kd_weight, ce_weight=ce_weight, t2_scale=t2_scale,
-                                   ignore_index=ignore_index, reduction=reduction,
-                                   inplace_backward=inplace_backward, backend=backend)
+        self.options = LossOptions.build("DistillLoss", **settings)
         self.process_group, self.vocab_range = process_group, vocab_range
 
     def forward(self, student_logits, teacher_logits, labels=None, num_items_in_batch=None):
-        return distill_loss(student_logits, teacher_logits, labels, num_items_in_batch=num_items_in_batch,
-                            process_group=self.process_group, vocab_range=self.vocab_range,
-                            **self.options.__dict__)
+        return logits_loss(student_logits, teacher_logits, labels, self.options, num_items_in_batch=num_items_in_batch,
+                           process_group=self.process_group, vocab_range=self.vocab_range)
 
     def extra_repr(self) -> str:
         o = self.options

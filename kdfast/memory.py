@@ -1,10 +1,11 @@
-"""Peak memory of one call, beyond what was held before it: the process's resident set on the CPU (its
-high-water mark, reset through /proc/self/clear_refs), the caching allocator's peak on CUDA.
+"""Peak memory of one call, beyond what was held before it: the caching allocator's peak on CUDA, the process's
+resident high-water mark on the CPU (reset through /proc/self/clear_refs).
 
-On the CPU, glibc keeps freed blocks below its (self-raising) mmap threshold for reuse, so a call whose
-buffers fit in memory an earlier call freed would measure as needing nothing. The first measurement
-therefore pins the threshold at 1 MiB (blocks at least that large are mapped fresh and unmapped on free)
-and every measurement starts by trimming the heap: each call is charged for every large buffer it touches.
+On the CPU, glibc keeps freed blocks for reuse, so a call whose buffers fit in memory an earlier call freed would
+measure as needing nothing. Each measurement therefore first trims the heap (malloc_trim hands free pages back;
+it changes no setting), so that the call is charged for every page it touches. `extra_peak_bytes_in_child`
+measures in a freshly spawned process, as a user's training process would see it, and leaves the caller's
+process untouched.
 """
 
 from __future__ import annotations
@@ -12,19 +13,20 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import importlib
+import importlib.util
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import torch
-
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
 @functools.cache
 def _libc():
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-        return libc
-    except (OSError, AttributeError):  # not glibc: measure as is
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:  # not glibc: measure as is
         return None
 
 
@@ -43,7 +45,7 @@ def reset_peak(device: torch.device) -> int:
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device)
     libc = _libc()
-    if libc is not None:
+    if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")  # resets VmHWM, the peak resident set size (Linux)
@@ -58,7 +60,34 @@ def peak_bytes(device: torch.device) -> int:
 
 
 def extra_peak_bytes(fn, device: torch.device) -> int:
-    """Peak memory while fn() runs, beyond what was held before it."""
+    """Peak memory while fn() runs, beyond what was held before it, in this process."""
     base = reset_peak(device)
     fn()
     return max(0, peak_bytes(device) - base)
+
+
+def _load(target: str):
+    """'package.module:function' or '/path/to/file.py:function' -> the function."""
+    where, name = target.rsplit(":", 1)
+    if where.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(Path(where).stem, where)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    return getattr(module, name)
+
+
+def _measure_here(target: str, args: tuple, device_type: str, warmup: int) -> int:
+    step = _load(target)(*args)  # builds the inputs and returns the step to measure
+    for _ in range(warmup):  # kernel loading and first-call set-up are not the step's memory
+        step()
+    return extra_peak_bytes(step, torch.device(device_type))
+
+
+def extra_peak_bytes_in_child(target: str, *args, device: str = "cpu", warmup: int = 1) -> int:
+    """The extra peak memory of a step measured in a fresh spawned process: `target(*args)` ('module:function' or
+    'file.py:function') builds the inputs there and returns a zero-argument step; after `warmup` calls, one call is
+    measured."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_measure_here, target, args, device, warmup).result()

@@ -2,14 +2,15 @@
 
 Two ops because an op may either return a fresh gradient or write it over its input, not both:
 `kdfast::distill_forward` returns (loss rows, gradient); `kdfast::distill_forward_inplace` writes the
-gradient over the student logits and returns the loss rows.
+gradient over the student logits and returns the loss rows. Both take the settings record whole, as the text
+`LossOptions.encoded()` gives (an op's schema takes no dataclass).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kdfast.dispatch import backend_module, resolve_backend, triton_available
+from kdfast.dispatch import device_rows, triton_available
 from kdfast.options import LossOptions
 
 
@@ -17,26 +18,17 @@ def triton_gpu_available() -> bool:
     return triton_available() and torch.cuda.is_available()
 
 
-def _options(divergence, beta, temperature, kd_weight, ce_weight, t2_scale, ignore_index, backend):
-    return LossOptions(divergence=divergence, beta=beta, temperature=temperature, kd_weight=kd_weight,
-                       ce_weight=ce_weight, t2_scale=t2_scale, ignore_index=ignore_index, backend=backend)
-
-
-def _run(student, teacher, labels, grad_scale, grad, settings):
-    opts = _options(*settings)
+def _run(student, teacher, labels, grad_scale, grad, settings: str):
+    opts = LossOptions.decode(settings)
     # Resolved here, inside the op, so torch.compile never traces the build / availability checks.
-    backend = resolve_backend(opts.backend, student.device)
-    return backend_module(backend).forward_rows(student, teacher, labels, grad_scale, grad, opts)
+    return device_rows(opts, student.device)(student, teacher, labels, grad_scale, grad, opts)
 
 
 @torch.library.custom_op("kdfast::distill_forward", mutates_args=())
 def distill_forward(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
-                    grad_scale: torch.Tensor, want_grad: bool, divergence: str, beta: float,
-                    temperature: float, kd_weight: float, ce_weight: float, t2_scale: bool,
-                    ignore_index: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                    grad_scale: torch.Tensor, want_grad: bool, settings: str) -> tuple[torch.Tensor, torch.Tensor]:
     """[batch, rows, vocab] views in; loss rows [batch * rows] float32 and the gradient (or an empty tensor)."""
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if want_grad else None
-    settings = (divergence, beta, temperature, kd_weight, ce_weight, t2_scale, ignore_index, backend)
     loss_rows = _run(student, teacher, labels, grad_scale, grad, settings)
     if grad is None:
         grad = student.new_empty(0)
@@ -44,7 +36,7 @@ def distill_forward(student: torch.Tensor, teacher: torch.Tensor, labels: torch.
 
 
 @distill_forward.register_fake
-def _(student, teacher, labels, grad_scale, want_grad, *settings):
+def _(student, teacher, labels, grad_scale, want_grad, settings):
     rows = student.shape[0] * student.shape[1]
     grad_shape = student.shape if want_grad else (0,)
     return (student.new_empty(rows, dtype=torch.float32),
@@ -53,16 +45,13 @@ def _(student, teacher, labels, grad_scale, want_grad, *settings):
 
 @torch.library.custom_op("kdfast::distill_forward_inplace", mutates_args=("student",))
 def distill_forward_inplace(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
-                            grad_scale: torch.Tensor, divergence: str, beta: float, temperature: float,
-                            kd_weight: float, ce_weight: float, t2_scale: bool, ignore_index: int,
-                            backend: str) -> torch.Tensor:
+                            grad_scale: torch.Tensor, settings: str) -> torch.Tensor:
     """Like distill_forward, but the gradient overwrites `student`; returns the loss rows."""
-    settings = (divergence, beta, temperature, kd_weight, ce_weight, t2_scale, ignore_index, backend)
     return _run(student, teacher, labels, grad_scale, student, settings)
 
 
 @distill_forward_inplace.register_fake
-def _(student, teacher, labels, grad_scale, *settings):
+def _(student, teacher, labels, grad_scale, settings):
     return student.new_empty(student.shape[0] * student.shape[1], dtype=torch.float32)
 
 

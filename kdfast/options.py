@@ -1,12 +1,18 @@
-"""The loss settings shared by every backend, validated once on the host."""
+"""The loss settings: one frozen record, validated once where the public function or module builds it, then passed
+whole to the autograd Functions, the custom ops (as its `encoded()` text) and the backends."""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import functools
 import math
+import numbers
 from dataclasses import dataclass
 
-# The integer codes are part of the kernel ABI (Triton constexpr, C++ switch): keep them in sync.
-DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_forward_kl": 3, "skew_reverse_kl": 4}
+from kdfast.kernel_abi import Divergence
+
+DIVERGENCES = {d.setting: d for d in Divergence}
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 
@@ -31,29 +37,67 @@ class LossOptions:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and self.temperature > 0):
+        if not (_is_number(self.temperature) and math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
-        if not (isinstance(self.beta, (int, float)) and 0.0 <= self.beta <= 1.0):
+        if not (_is_number(self.beta) and 0.0 <= self.beta <= 1.0):
             raise ValueError(f"beta must be a number in [0, 1], got {self.beta!r}")
         for name in ("kd_weight", "ce_weight"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value)):
+            if not (_is_number(value) and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not isinstance(self.ignore_index, numbers.Integral) or isinstance(self.ignore_index, bool):
+            raise ValueError(f"ignore_index must be an int, got {self.ignore_index!r}")
+        # Plain Python values (numpy scalars in, say), so that the record encodes and compares as itself.
+        for name in ("beta", "temperature", "kd_weight", "ce_weight"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        object.__setattr__(self, "ignore_index", int(self.ignore_index))
+        object.__setattr__(self, "t2_scale", bool(self.t2_scale))
+        object.__setattr__(self, "inplace_backward", bool(self.inplace_backward))
+        # Encoded once, as plain repr text that torch.compile can trace when it traces the record's construction.
+        object.__setattr__(self, "_encoded", ";".join(f"{name}={getattr(self, name)!r}" for name in _FIELD_NAMES))
+
+    @classmethod
+    def build(cls, owner: str, **settings) -> LossOptions:
+        """The record from keyword settings, with a clear error for a name it does not know (the modules and
+        trainers take `**settings`)."""
+        unknown = sorted(set(settings) - {field.name for field in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"{owner} got unknown loss setting(s) {unknown}; the settings are "
+                            f"{[field.name for field in dataclasses.fields(cls)]}")
+        return cls(**settings)
+
+    def replace(self, **changes) -> LossOptions:
+        return dataclasses.replace(self, **changes)
+
+    def encoded(self) -> str:
+        """The record as text: the custom ops' one settings argument (torch.library takes no dataclasses)."""
+        return self._encoded
+
+    @staticmethod
+    def decode(text: str) -> LossOptions:
+        return _decode(text)
 
     @property
-    def effective_divergence(self) -> str:
-        """TRL's convention (DESIGN.md): jsd with beta = 0 is forward KL and with beta = 1 reverse KL exactly
-        (the mixture formula alone would give 0 at both ends)."""
-        if self.divergence == "jsd" and self.beta == 0.0:
-            return "forward_kl"
-        if self.divergence == "jsd" and self.beta == 1.0:
-            return "reverse_kl"
-        return self.divergence
+    def effective_divergence(self) -> Divergence:
+        """The divergence the kernels compute. TRL's convention (docs/DESIGN.md): jsd with beta = 0 is forward KL and
+        with beta = 1 reverse KL exactly (the mixture formula alone would give 0 at both ends). The skews with
+        beta = 0 are the plain KLs, computed in their closed forms (no mixture whose ratio p/q could overflow)."""
+        divergence = DIVERGENCES[self.divergence]
+        if divergence in (Divergence.JSD, Divergence.SKEW_FORWARD_KL) and self.beta == 0.0:
+            return Divergence.FORWARD_KL
+        if (divergence == Divergence.JSD and self.beta == 1.0) or (
+                divergence == Divergence.SKEW_REVERSE_KL and self.beta == 0.0):
+            return Divergence.REVERSE_KL
+        return divergence
 
     @property
     def divergence_code(self) -> int:
-        return DIVERGENCES[self.effective_divergence]
+        return int(self.effective_divergence)
+
+    @property
+    def is_mixture(self) -> bool:
+        """JSD and the skews: their gradient needs a per-element score and its row sum (docs/DESIGN.md)."""
+        return self.effective_divergence not in (Divergence.FORWARD_KL, Divergence.REVERSE_KL)
 
     @property
     def kd_scale(self) -> float:
@@ -67,3 +111,22 @@ class LossOptions:
     @property
     def has_ce(self) -> bool:
         return self.ce_weight != 0.0
+
+    @property
+    def gradient_needs_row_sums(self) -> bool:
+        """Whether a vocab shard's gradient waits for whole-row sums (reverse KL and the mixtures do; forward KL
+        and CE need only the normalisers)."""
+        return self.has_kd and self.effective_divergence != Divergence.FORWARD_KL
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+_FIELD_NAMES = tuple(field.name for field in dataclasses.fields(LossOptions))
+
+
+@functools.lru_cache(maxsize=256)
+def _decode(text: str) -> LossOptions:
+    pairs = (item.split("=", 1) for item in text.split(";"))
+    return LossOptions(**{name: ast.literal_eval(value) for name, value in pairs})

@@ -50,6 +50,14 @@ def divergence_rows(student_logits, teacher_logits, divergence: str, beta: float
     return terms.sum(-1)
 
 
+def _trl_convention(divergence: str, beta: float) -> str:
+    """TRL's generalized JSD at its ends: beta = 0 is forward KL and beta = 1 reverse KL (the mixture formula
+    alone would give 0 there)."""
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        return "forward_kl" if beta == 0.0 else "reverse_kl"
+    return divergence
+
+
 def distill_loss_reference(student_logits, teacher_logits, labels=None, *, num_items_in_batch=None,
                            dtype: torch.dtype | None = torch.float64, **options) -> torch.Tensor:
     """The contract of `kdfast.distill_loss`, computed naively in `dtype` (None: the inputs' dtype)."""
@@ -62,7 +70,8 @@ def distill_loss_reference(student_logits, teacher_logits, labels=None, *, num_i
         keep = labels != opts.ignore_index
     rows = torch.zeros(lead_shape, dtype=student_logits.dtype, device=student_logits.device)
     if opts.has_kd:
-        kd = divergence_rows(student_logits, teacher_logits, opts.effective_divergence, opts.beta, opts.temperature)
+        kd = divergence_rows(student_logits, teacher_logits, _trl_convention(opts.divergence, opts.beta), opts.beta,
+                             opts.temperature)
         rows = rows + opts.kd_scale * kd
     if opts.has_ce:
         safe_labels = torch.where(keep, labels, torch.zeros_like(labels))

@@ -67,7 +67,7 @@ def check_labels_for(labels, lead_shape: tuple, vocab: int, device, opts: LossOp
                          f"{tuple(lead_shape)}")
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but {what} are on {device}")
-    # Reading the labels' range on a GPU is a host sync, which DESIGN.md keeps out of the loss: there the
+    # Reading the labels' range on a GPU is a host sync, which docs/DESIGN.md keeps out of the loss: there the
     # kernels mark such rows NaN instead, and KDFAST_CHECK_LABELS=1 turns the (syncing) check on.
     if opts.has_ce and labels.numel() and _label_check_costs_no_sync(labels):
         bad = ((labels < 0) | (labels >= vocab)) & (labels != opts.ignore_index)

@@ -1,12 +1,17 @@
-"""Triton distillation row kernel (DESIGN.md, "Algorithms"): one program per row, vocab streamed in blocks.
+"""Triton distillation row kernel (docs/DESIGN.md, "Algorithms" and "Shards and phases"): one program per row,
+vocab streamed in blocks, in any phase.
 
-pass 1  online max / sum-exp for the student at T, the teacher at T, the student at 1 (CE, when T != 1),
-        and the centred sum that gives reverse KL without another pass;  # read 2 x row
+pass 1  FUSED / STATS: online max / sum-exp of the student at T, the teacher at T and the student at 1 (CE), the
+        student's running argmax r with the teacher's logit there, and the centred sum that gives reverse KL
+        without another pass;  # read 2 x row
 pass 2  per-element loss terms; forward/reverse KL also write the gradient;  # read 2 x row (+ write row)
-pass 3  JSD and the skews only: their gradient needs sum_j u_j from pass 2;  # read 2 x row, write row
+pass 3  FUSED JSD and skews only: their gradient needs D = sum(q * d) from pass 2;  # read 2 x row, write row
+SUMS and GRADIENT take the global log-sum-exps instead of pass 1 and run pass 2 alone.
 Memory traffic for forward KL in bf16: 2 + 2 + 2 + 2 (reads) + 2 (write) = 10 bytes per element.
-The gradient is (kd_scale / T) * dL/da + ce_weight * (softmax(s) - onehot(label)), times the reduction's
-scale; dL/da_j = u_j - q_j * sum(u) with u_j = q_j * dL/dq_j (forward KL: u = -p, sum(u) = -1).
+The gradient is (kd_scale / T) * dL/da + ce_weight * (softmax(s) - onehot(label)), times the reduction's scale;
+dL/da = q * (d - D) with d = h - h_r (h = dL/dq) centred on the student's argmax r (forward KL: q - p).
+Log-probabilities are (x - max) / T - log z, never x / T - (log z + max), which would round every one of them
+by the size of |max| / T.
 """
 
 from __future__ import annotations
@@ -17,8 +22,17 @@ import torch
 import triton
 import triton.language as tl
 
-# Divergence codes: kdfast/options.py DIVERGENCES.
-FORWARD_KL, REVERSE_KL, JSD, SKEW_FORWARD_KL, SKEW_REVERSE_KL = 0, 1, 2, 3, 4
+from kdfast.kernel_abi import STAT_COLUMNS, Divergence, Phase
+
+FORWARD_KL = tl.constexpr(int(Divergence.FORWARD_KL))
+REVERSE_KL = tl.constexpr(int(Divergence.REVERSE_KL))
+JSD = tl.constexpr(int(Divergence.JSD))
+SKEW_FORWARD_KL = tl.constexpr(int(Divergence.SKEW_FORWARD_KL))
+FUSED = tl.constexpr(int(Phase.FUSED))
+STATS = tl.constexpr(int(Phase.STATS))
+SUMS = tl.constexpr(int(Phase.SUMS))
+GRADIENT = tl.constexpr(int(Phase.GRADIENT))
+COLUMNS = tl.constexpr(STAT_COLUMNS)
 MAX_BLOCK_V = 4096
 
 
@@ -39,65 +53,59 @@ def _log_add_exp(a, b):
 
 
 @triton.jit
-def _online_update(m_old, z_old, block_values):
-    """New running max (safe: never -inf as a reference) and sum of exp relative to it."""
-    m_new = tl.maximum(m_old, tl.max(block_values, axis=0))
-    alpha = tl.where(m_old == m_new, 1.0, tl.exp(m_old - m_new))
-    ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    z_new = z_old * alpha + tl.sum(tl.exp(block_values - ref), axis=0)
-    return m_new, z_new, alpha
+def _finite_or_zero(reference):
+    return tl.where((reference == float("-inf")) | (reference == float("inf")), 0.0, reference)
 
 
 @triton.jit
-def _kd_terms(ls, lt, q, p, beta, log_beta, log_1m_beta, DIVERGENCE: tl.constexpr):
-    """Per-element divergence terms and u = q * dL/dq, for the divergences that need a sum of u."""
-    if DIVERGENCE == 2:  # JSD
-        lm = _log_add_exp(lt + log_beta, ls + log_1m_beta)
-        q_term = _weighted(q, ls - lm)
-        terms = beta * _weighted(p, lt - lm) + (1.0 - beta) * q_term
-        u = (1.0 - beta) * q_term
-    elif DIVERGENCE == 3:  # skew forward KL: KL(p || b p + (1 - b) q)
-        lm = _log_add_exp(lt + log_beta, ls + log_1m_beta)
-        terms = _weighted(p, lt - lm)
-        # q * p / m in log space: q may underflow where p / m is huge (beta = 0: m = q).
-        u = tl.where(lm == float("-inf"), 0.0, -(1.0 - beta) * tl.exp(ls + lt - lm))
-    else:  # skew reverse KL: KL(q || (1 - b) p + b q)
-        lm = _log_add_exp(ls + log_beta, lt + log_1m_beta)
-        terms = _weighted(q, ls - lm)
-        # beta * q / m as exp(log beta + ls - lm): at beta = 0, q / m may overflow (0 * inf).
-        u = _weighted(q, ls - lm - tl.exp(ls - lm + log_beta))
-    return terms, u
+def _mixture_term_and_score(ls, lt, q, p, beta, log_beta, log_1m_beta, DIVERGENCE: tl.constexpr):
+    """Per-element divergence terms and scores h = dL/dq (up to a constant) of JSD and the skews (beta > 0), from
+    x = log p - log q: log(m / q) and log(m / p) are log-sum-exps of x and a constant, exact in both limits of a
+    near-one-hot row (no difference of two large log-probabilities)."""
+    x = lt - ls
+    if DIVERGENCE == JSD:  # m = b p + (1 - b) q
+        log_m_over_q = _log_add_exp(x + log_beta, log_1m_beta + tl.zeros_like(x))
+        log_p_over_m = tl.where(x == float("inf"), -log_beta, x - log_m_over_q)
+        terms = beta * _weighted(p, log_p_over_m) - (1.0 - beta) * _weighted(q, log_m_over_q)
+        h = -(1.0 - beta) * log_m_over_q
+    elif DIVERGENCE == SKEW_FORWARD_KL:  # KL(p || m), m = b p + (1 - b) q: p / m <= 1 / b
+        log_m_over_p = _log_add_exp(log_beta + tl.zeros_like(x), log_1m_beta - x)
+        terms = -_weighted(p, log_m_over_p)
+        h = -(1.0 - beta) * tl.exp(-log_m_over_p)
+    else:  # skew reverse KL: KL(q || m), m = (1 - b) p + b q: q / m <= 1 / b
+        log_m_over_q = _log_add_exp(log_beta + tl.zeros_like(x), x + log_1m_beta)
+        terms = -_weighted(q, log_m_over_q)
+        h = -log_m_over_q - beta * tl.exp(-log_m_over_q)
+    return terms, h
 
 
 @triton.jit
-def _log_probs(row_ptr, cols, mask, inv_t, log_z):
-    """Loads a block of logits (fp32 right after the load) and returns them, log-probabilities at T, probs."""
-    x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
-    log_prob = x * inv_t - log_z
-    return x, log_prob, tl.exp(log_prob)
+def _load(row_ptr, cols, mask):
+    """A block of logits, float32 right after the load (the interpreter computes bfloat16 arithmetic wrongly)."""
+    return tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
 
 
 @triton.jit
-def _ce_grad(s, q, log_z_c, cols, label, ce_coef, CE_OWN_STATS: tl.constexpr):
+def _ce_grad(s, q, ref_c, log_z_c, cols, local_label, ce_coef, CE_FROM_TEMPERED: tl.constexpr):
     """ce_weight * (softmax(s) - onehot(label)), times the row scale; softmax(s) is q when T = 1."""
     ce_prob = q
-    if CE_OWN_STATS:
-        ce_prob = tl.exp(s - log_z_c)
-    return ce_coef * (ce_prob - tl.where(cols == label, 1.0, 0.0))
+    if not CE_FROM_TEMPERED:
+        ce_prob = tl.exp((s - ref_c) - log_z_c)
+    return ce_coef * (ce_prob - tl.where(cols == local_label, 1.0, 0.0))
 
 
 @triton.jit
 def distill_fwd_kernel(
     # data ptrs
-    student_ptr, teacher_ptr, labels_ptr, grad_ptr, loss_ptr, grad_scale_ptr,
+    student_ptr, teacher_ptr, labels_ptr, grad_ptr, out_ptr, grad_scale_ptr, row_stats_ptr, row_totals_ptr,
     # shapes
-    rows_per_batch, vocab,
+    rows_per_batch, vocab, col_offset,
     # strides (elements)
     student_stride_b, student_stride_r, teacher_stride_b, teacher_stride_r, grad_stride_b, grad_stride_r,
     # loss settings
     inv_t, beta, log_beta, log_1m_beta, kd_scale, ce_weight, ignore_index,
-    DIVERGENCE: tl.constexpr, HAS_KD: tl.constexpr, HAS_CE: tl.constexpr, CE_OWN_STATS: tl.constexpr,
-    HAS_LABELS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    DIVERGENCE: tl.constexpr, PHASE: tl.constexpr, HAS_KD: tl.constexpr, HAS_CE: tl.constexpr,
+    CE_FROM_TEMPERED: tl.constexpr, HAS_LABELS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     batch_index = row // rows_per_batch
@@ -108,116 +116,205 @@ def distill_fwd_kernel(
     offsets = tl.arange(0, BLOCK_V)
     NEG_INF: tl.constexpr = float("-inf")
 
-    label = 0
     keep = True
+    held = False
+    local_label = -1
+    poisoned = False
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)
         keep = label != ignore_index
-    label_ok = (label >= 0) & (label < vocab)
-    safe_label = tl.where(label_ok, label, 0)
+        if HAS_CE:  # (CE always comes with labels: the host checks it)
+            local_label = label - col_offset
+            held = (local_label >= 0) & (local_label < vocab)
+            if PHASE == FUSED:
+                # A whole row whose label is out of range: refused on the host where that costs no sync; NaN here.
+                poisoned = keep & (held == 0)
     row_scale = 0.0
     if WRITE_GRAD:
         row_scale = tl.load(grad_scale_ptr)
 
-    if keep:
-        # Read before any pass writes the gradient over the logits (inplace_backward).
-        s_label = tl.load(s_row + safe_label).to(tl.float32)
-        # ---- pass 1: running statistics ----
-        m_s = NEG_INF
-        z_s = 0.0
-        m_t = NEG_INF
-        z_t = 0.0
-        m_c = NEG_INF
-        z_c = 0.0
-        rkl_acc = 0.0  # sum exp(a - m_s) * ((a - m_s) - (b - m_t)), kept centred on the running maxima
-        for start in range(0, vocab, BLOCK_V):
-            cols = start + offsets
-            mask = cols < vocab
-            s = tl.load(s_row + cols, mask=mask, other=NEG_INF).to(tl.float32)
-            a = s * inv_t
-            if HAS_KD:
-                b = tl.load(t_row + cols, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
-                m_s_old = m_s
-                m_t_old = m_t
-                z_s_old = z_s
-                m_s, z_s, alpha_s = _online_update(m_s, z_s, a)
-                m_t, z_t, _ = _online_update(m_t, z_t, b)
-                if DIVERGENCE == 1:
-                    ref_s = tl.where(m_s == NEG_INF, 0.0, m_s)
-                    ref_t = tl.where(m_t == NEG_INF, 0.0, m_t)
-                    shift_s = tl.where(m_s == m_s_old, 0.0, m_s - m_s_old)
-                    shift_t = tl.where(m_t == m_t_old, 0.0, m_t - m_t_old)
-                    carried = tl.where(z_s_old == 0.0, 0.0, z_s_old * (shift_t - shift_s))
-                    e_s = tl.exp(a - ref_s)
-                    block_terms = _weighted(e_s, (a - ref_s) - (b - ref_t))
-                    rkl_acc = alpha_s * (rkl_acc + carried) + tl.sum(block_terms, axis=0)
-            if HAS_CE and CE_OWN_STATS:
-                m_c, z_c, _ = _online_update(m_c, z_c, s)
-        log_z_s = tl.log(z_s) + tl.where(m_s == NEG_INF, 0.0, m_s)  # log-normaliser of a
-        log_z_t = tl.log(z_t) + tl.where(m_t == NEG_INF, 0.0, m_t)
-        if CE_OWN_STATS:
-            log_z_c = tl.log(z_c) + tl.where(m_c == NEG_INF, 0.0, m_c)
-        else:
-            log_z_c = log_z_s
-        if HAS_KD:
-            reverse_kl = rkl_acc / z_s - tl.log(z_s) + tl.log(z_t)
-        else:
-            reverse_kl = 0.0
-
-        # ---- pass 2: loss terms (and the gradient of the two-pass divergences) ----
-        kd_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
-        u_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
-        kd_coef = row_scale * kd_scale * inv_t
-        ce_coef = row_scale * ce_weight
-        for start in range(0, vocab, BLOCK_V):
-            cols = start + offsets
-            mask = cols < vocab
-            s, ls, q = _log_probs(s_row, cols, mask, inv_t, log_z_s)
-            grad_kd = tl.zeros([BLOCK_V], dtype=tl.float32)
-            if HAS_KD:
-                _, lt, p = _log_probs(t_row, cols, mask, inv_t, log_z_t)
-                if DIVERGENCE == 0:
-                    kd_acc += tl.where(mask, _weighted(p, lt - ls), 0.0)
-                    grad_kd = q - p
-                elif DIVERGENCE == 1:
-                    grad_kd = _weighted(q, ls - lt - reverse_kl)
-                else:
-                    terms, u = _kd_terms(ls, lt, q, p, beta, log_beta, log_1m_beta, DIVERGENCE)
-                    kd_acc += tl.where(mask, terms, 0.0)
-                    u_acc += tl.where(mask, u, 0.0)
-            if WRITE_GRAD and (DIVERGENCE == 0 or DIVERGENCE == 1 or not HAS_KD):
-                grad = kd_coef * grad_kd
-                if HAS_CE:
-                    grad += _ce_grad(s, q, log_z_c, cols, safe_label, ce_coef, CE_OWN_STATS)
-                tl.store(g_row + cols, grad.to(g_row.dtype.element_ty), mask=mask)
-        kd = tl.sum(kd_acc, axis=0)
-        if DIVERGENCE == 1:
-            kd = reverse_kl
-        u_sum = tl.sum(u_acc, axis=0)
-
-        # ---- pass 3: gradient of JSD and the skews, which needs sum(u) ----
-        if WRITE_GRAD and HAS_KD and DIVERGENCE >= 2:
+    if keep & (poisoned == 0):
+        s_label = 0.0
+        if HAS_CE:
+            # Read before any pass writes the gradient over the logits (inplace_backward).
+            s_label = tl.load(s_row + tl.where(held, local_label, 0)).to(tl.float32)
+        ref_s = 0.0
+        log_z_s = 0.0
+        ref_t = 0.0
+        log_z_t = 0.0
+        ref_c = 0.0
+        log_z_c = 0.0
+        t_ref = 0.0
+        ref_index = -1
+        rkl_d = 0.0
+        rkl_offset = 0.0
+        if (PHASE == FUSED) | (PHASE == STATS):
+            # ---- pass 1: running statistics (maxima in logit units) ----
+            m_s = NEG_INF
+            z_s = 0.0
+            z_c = 0.0
+            m_t = NEG_INF
+            z_t = 0.0
+            rkl_acc = 0.0  # sum exp((s - m_s) / T) * ((s - m_s) - (t - t_ref)) / T
             for start in range(0, vocab, BLOCK_V):
                 cols = start + offsets
                 mask = cols < vocab
-                s, ls, q = _log_probs(s_row, cols, mask, inv_t, log_z_s)
-                _, lt, p = _log_probs(t_row, cols, mask, inv_t, log_z_t)
-                _, u = _kd_terms(ls, lt, q, p, beta, log_beta, log_1m_beta, DIVERGENCE)
-                grad = kd_coef * (u - q * u_sum)
-                if HAS_CE:
-                    grad += _ce_grad(s, q, log_z_c, cols, safe_label, ce_coef, CE_OWN_STATS)
-                tl.store(g_row + cols, grad.to(g_row.dtype.element_ty), mask=mask)
+                s = _load(s_row, cols, mask)
+                block_max = tl.max(s, axis=0)
+                m_new = tl.maximum(m_s, block_max)
+                ref_new = _finite_or_zero(m_new)
+                moved = m_new != m_s
+                if HAS_KD:
+                    t = _load(t_row, cols, mask)
+                    t_max_new = tl.maximum(m_t, tl.max(t, axis=0))
+                    alpha_s = tl.where(moved, tl.exp((m_s - m_new) * inv_t), 1.0)
+                    e_s = tl.exp((s - ref_new) * inv_t)
+                    if (DIVERGENCE == REVERSE_KL) & (PHASE == FUSED):
+                        at_max = tl.argmax(s, axis=0)
+                        t_at_max = tl.sum(tl.where(offsets == at_max, t, 0.0), axis=0)
+                        # No teacher mass at r makes reverse KL infinite anyway: any finite reference then serves.
+                        t_candidate = tl.where(t_at_max == NEG_INF, _finite_or_zero(t_max_new), t_at_max)
+                        t_ref_new = tl.where(block_max > m_s, t_candidate, t_ref)
+                        shift = ((_finite_or_zero(m_s) - ref_new) + (t_ref_new - t_ref)) * inv_t
+                        carried = tl.where(z_s == 0.0, 0.0, z_s * shift)
+                        block_terms = _weighted(e_s, ((s - ref_new) - (t - t_ref_new)) * inv_t)
+                        rkl_acc = alpha_s * (rkl_acc + carried) + tl.sum(block_terms, axis=0)
+                        t_ref = t_ref_new
+                    z_s = z_s * alpha_s + tl.sum(e_s, axis=0)
+                    alpha_t = tl.where(t_max_new != m_t, tl.exp((m_t - t_max_new) * inv_t), 1.0)
+                    z_t = z_t * alpha_t + tl.sum(tl.exp((t - _finite_or_zero(t_max_new)) * inv_t), axis=0)
+                    m_t = t_max_new
+                    if (DIVERGENCE != FORWARD_KL) & (PHASE == FUSED):
+                        block_index = start + tl.argmax(s, axis=0)
+                        ref_index = tl.where(block_max > m_s, block_index, ref_index)
+                if HAS_CE and not CE_FROM_TEMPERED:
+                    alpha_c = tl.where(moved, tl.exp(m_s - m_new), 1.0)
+                    z_c = z_c * alpha_c + tl.sum(tl.exp(s - ref_new), axis=0)
+                m_s = m_new
+            ref_s = _finite_or_zero(m_s)
+            ref_t = _finite_or_zero(m_t)
+            log_z_s = tl.log(z_s)
+            log_z_t = tl.log(z_t)
+            ref_c = ref_s
+            log_z_c = tl.log(z_c)
+            if CE_FROM_TEMPERED:
+                log_z_c = log_z_s
+            rkl_d = rkl_acc / z_s
+            rkl_offset = (ref_t - t_ref) * inv_t - log_z_s + log_z_t
+        else:
+            # SUMS / GRADIENT: the global log-sum-exps (references 0)
+            log_z_s = tl.load(row_stats_ptr + row * COLUMNS)
+            log_z_t = tl.load(row_stats_ptr + row * COLUMNS + 1)
+            log_z_c = tl.load(row_stats_ptr + row * COLUMNS + 2)
+            if CE_FROM_TEMPERED:
+                log_z_c = log_z_s
 
-        loss = 0.0
-        if HAS_KD:
-            loss += kd_scale * kd
-        if HAS_CE:
-            # Out-of-range labels are refused on the host where that costs no sync; here they poison the row.
-            ce = tl.where(label_ok, log_z_c - s_label, float("nan"))
-            loss += ce_weight * ce
-        tl.store(loss_ptr + row, loss)
+        if PHASE == STATS:
+            stats_s = 0.0
+            stats_t = 0.0
+            stats_c = 0.0
+            if HAS_KD:
+                stats_s = ref_s * inv_t + log_z_s
+                stats_t = ref_t * inv_t + log_z_t
+            if HAS_CE:
+                stats_c = ref_c + log_z_c
+            tl.store(out_ptr + row * COLUMNS, stats_s)
+            tl.store(out_ptr + row * COLUMNS + 1, stats_t)
+            tl.store(out_ptr + row * COLUMNS + 2, stats_c)
+        else:
+            total_d = 0.0
+            if PHASE == GRADIENT:
+                total_d = tl.load(row_totals_ptr + row * COLUMNS + 1)
+            # The mixtures' score at r (fused): h_r, from s_r = the row's max.
+            h_ref = 0.0
+            if (DIVERGENCE >= JSD) & (PHASE == FUSED) & HAS_KD:
+                t_r = tl.load(t_row + ref_index).to(tl.float32)
+                lt_r = (t_r - ref_t) * inv_t - log_z_t
+                ref_terms, h_ref = _mixture_term_and_score(-log_z_s, lt_r, tl.exp(-log_z_s), tl.exp(lt_r), beta,
+                                                           log_beta, log_1m_beta, DIVERGENCE)
+
+            # ---- pass 2: loss terms (and the gradient of all but the fused mixtures) ----
+            kd_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+            d_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+            kd_coef = row_scale * kd_scale * inv_t
+            ce_coef = row_scale * ce_weight
+            for start in range(0, vocab, BLOCK_V):
+                cols = start + offsets
+                mask = cols < vocab
+                s = _load(s_row, cols, mask)
+                ls = (s - ref_s) * inv_t - log_z_s
+                q = tl.exp(ls)
+                grad_kd = tl.zeros([BLOCK_V], dtype=tl.float32)
+                if HAS_KD:
+                    t = _load(t_row, cols, mask)
+                    lt = (t - ref_t) * inv_t - log_z_t
+                    p = tl.exp(lt)
+                    if DIVERGENCE == FORWARD_KL:
+                        kd_acc += tl.where(mask, _weighted(p, lt - ls), 0.0)
+                        grad_kd = q - p
+                    elif DIVERGENCE == REVERSE_KL:
+                        if PHASE == FUSED:
+                            grad_kd = _weighted(q, ((s - ref_s) - (t - t_ref)) * inv_t - rkl_d)
+                        else:
+                            kd_acc += tl.where(mask, _weighted(q, ls - lt), 0.0)
+                            grad_kd = _weighted(q, (ls - lt) - total_d)
+                    else:
+                        terms, h = _mixture_term_and_score(ls, lt, q, p, beta, log_beta, log_1m_beta, DIVERGENCE)
+                        d = tl.where(cols == ref_index, 0.0, h - h_ref)
+                        kd_acc += tl.where(mask, terms, 0.0)
+                        d_acc += tl.where(mask, _weighted(q, d), 0.0)
+                        grad_kd = _weighted(q, d - total_d)
+                writes = WRITE_GRAD and ((DIVERGENCE == FORWARD_KL) or (not HAS_KD) or (PHASE == GRADIENT)
+                                         or ((DIVERGENCE == REVERSE_KL) and (PHASE == FUSED)))
+                if writes:
+                    grad = kd_coef * grad_kd
+                    if HAS_CE:
+                        grad += _ce_grad(s, q, ref_c, log_z_c, cols, local_label, ce_coef, CE_FROM_TEMPERED)
+                    tl.store(g_row + cols, grad.to(g_row.dtype.element_ty), mask=mask)
+            kd = tl.sum(kd_acc, axis=0)
+            row_d = tl.sum(d_acc, axis=0)
+            if (DIVERGENCE == REVERSE_KL) & (PHASE == FUSED):
+                row_d = rkl_d
+                # No teacher mass where the student has some: reverse KL is +inf (the sum may have met inf - inf).
+                kd = tl.where(rkl_d == float("inf"), float("inf"), rkl_d + rkl_offset)
+            if (DIVERGENCE == REVERSE_KL) & (PHASE == SUMS):
+                row_d = kd
+
+            # ---- pass 3: gradient of the fused mixtures, which needs D ----
+            if WRITE_GRAD and HAS_KD and (DIVERGENCE >= JSD) and (PHASE == FUSED):
+                for start in range(0, vocab, BLOCK_V):
+                    cols = start + offsets
+                    mask = cols < vocab
+                    s = _load(s_row, cols, mask)
+                    t = _load(t_row, cols, mask)
+                    ls = (s - ref_s) * inv_t - log_z_s
+                    lt = (t - ref_t) * inv_t - log_z_t
+                    q = tl.exp(ls)
+                    unused_terms, h = _mixture_term_and_score(ls, lt, q, tl.exp(lt), beta, log_beta, log_1m_beta,
+                                                              DIVERGENCE)
+                    grad = kd_coef * _weighted(q, tl.where(cols == ref_index, 0.0, h - h_ref) - row_d)
+                    if HAS_CE:
+                        grad += _ce_grad(s, q, ref_c, log_z_c, cols, local_label, ce_coef, CE_FROM_TEMPERED)
+                    tl.store(g_row + cols, grad.to(g_row.dtype.element_ty), mask=mask)
+
+            if PHASE == FUSED:
+                loss = 0.0
+                if HAS_KD:
+                    loss += kd_scale * kd
+                if HAS_CE:
+                    # log sum exp(s) - s_label = (max - s_label) + log z, the difference taken first.
+                    loss += ce_weight * ((ref_c - s_label) + log_z_c)
+                tl.store(out_ptr + row, loss)
+            elif PHASE == SUMS:
+                tl.store(out_ptr + row * COLUMNS, kd)
+                tl.store(out_ptr + row * COLUMNS + 1, row_d)
+                tl.store(out_ptr + row * COLUMNS + 2, tl.where(held, s_label, 0.0))
     else:
-        tl.store(loss_ptr + row, 0.0)
+        if PHASE == FUSED:
+            tl.store(out_ptr + row, tl.where(poisoned, float("nan"), 0.0))
+        elif PHASE != GRADIENT:
+            for column in tl.static_range(COLUMNS):
+                tl.store(out_ptr + row * COLUMNS + column, 0.0)
         if WRITE_GRAD:
             for start in range(0, vocab, BLOCK_V):
                 cols = start + offsets
@@ -230,29 +327,32 @@ def launch_config(vocab: int) -> tuple[int, int]:
     return block, (8 if block >= 2048 else 4)
 
 
-def distill_forward_rows(student, teacher, labels, grad_scale, grad, *, divergence_code: int, beta: float,
-                         temperature: float, kd_scale: float, ce_weight: float, ignore_index: int,
-                         has_kd: bool, has_ce: bool) -> torch.Tensor:
-    """Launches one program per row of the [batch, rows, vocab] views; returns float32 loss rows."""
+def distill_forward_rows(student, teacher, labels, grad_scale, grad, opts, call) -> torch.Tensor:
+    """Launches one program per row of the [batch, rows, vocab] views in `call`'s phase (settings: the record
+    `opts`); returns the phase's float32 outputs."""
     batch, rows_per_batch, vocab = student.shape
     rows = batch * rows_per_batch
-    loss_rows = torch.empty(rows, dtype=torch.float32, device=student.device)
+    shape = {Phase.FUSED: (rows,), Phase.GRADIENT: (0,)}.get(call.phase, (rows, STAT_COLUMNS))
+    out = torch.empty(shape, dtype=torch.float32, device=student.device)
     if rows == 0:
-        return loss_rows
+        return out
     block_v, num_warps = launch_config(vocab)
     write_grad = grad is not None
     grad_arg = grad if write_grad else student  # never written when WRITE_GRAD is off
+    beta = opts.beta
+    stats = call.row_stats if call.row_stats is not None else out
+    totals = call.row_totals if call.row_totals is not None else out
     distill_fwd_kernel[(rows,)](
-        student, teacher, labels if labels is not None else loss_rows, grad_arg, loss_rows, grad_scale,
-        rows_per_batch, vocab,
+        student, teacher, labels if labels is not None else out, grad_arg, out, grad_scale, stats, totals,
+        rows_per_batch, vocab, int(call.col_offset),
         student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
         grad_arg.stride(0), grad_arg.stride(1),
-        1.0 / temperature, float(beta),
+        1.0 / opts.temperature, float(beta),
         math.log(beta) if beta > 0 else -math.inf, math.log1p(-beta) if beta < 1 else -math.inf,
-        float(kd_scale), float(ce_weight), int(ignore_index),
-        DIVERGENCE=divergence_code, HAS_KD=has_kd, HAS_CE=has_ce,
-        # CE needs its own max/sum unless it can reuse the student's statistics at T = 1.
-        CE_OWN_STATS=has_ce and (temperature != 1.0 or not has_kd),
+        float(opts.kd_scale), float(opts.ce_weight), int(opts.ignore_index),
+        DIVERGENCE=opts.divergence_code, PHASE=int(call.phase), HAS_KD=opts.has_kd, HAS_CE=opts.has_ce,
+        # CE reuses the student's tempered statistics at T = 1.
+        CE_FROM_TEMPERED=opts.has_ce and opts.has_kd and opts.temperature == 1.0,
         HAS_LABELS=labels is not None, WRITE_GRAD=write_grad, BLOCK_V=block_v, num_warps=num_warps,
     )
-    return loss_rows
+    return out

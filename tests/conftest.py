@@ -1,4 +1,4 @@
-"""Shared fixtures. Without a GPU the Triton kernels run under Triton's interpreter (DESIGN.md, "Tests and CI")."""
+"""Shared fixtures. Without a GPU the Triton kernels run under Triton's interpreter (docs/DESIGN.md, "Tests and CI")."""
 
 import os
 

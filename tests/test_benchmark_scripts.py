@@ -38,3 +38,4 @@ def test_bench_vocab_parallel_smoke(tmp_path):
     sent = int(rows["kdfast vocab-parallel"]["bytes_sent_per_rank"])
     assert sent == 7 * 8 + 2 * 32 * 3 * 4, "the check exchange plus two [rows, 3] float32 collectives"
     assert int(rows["gather full logits + kdfast"]["bytes_sent_per_rank"]) == 2 * 32 * 100 * 4
+    assert float(rows["kdfast on the shard alone"]["x_shard_alone"]) == 1.0

@@ -6,6 +6,7 @@ TRITON_INTERPRET (the interpreter replaces the kernels). Prints one JSON line pe
 
 import itertools
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -38,7 +39,7 @@ def compile_kernel(dtype: str, capability: int, num_warps: int, **constexprs):
         else:
             signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
         # Triton specialises pointers and integers divisible by 16 at launch: so do we here.
-        if name.endswith("_ptr") or "stride" in name or name == "vocab":
+        if name.endswith("_ptr") or "stride" in name or name in ("vocab", "col_offset"):
             aligned.append(index)
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
                        attrs={(index,): [["tt.divisibility", 16]] for index in aligned})
@@ -59,20 +60,40 @@ def ptxas_report(ptx: str, capability: int) -> dict:
             "spill_load_bytes": int(spills.group(2)) if spills else None}
 
 
-def main() -> int:
+FUSED_FLAGS = [dict(PHASE=0, HAS_KD=True, HAS_CE=True, CE_FROM_TEMPERED=False, HAS_LABELS=True, WRITE_GRAD=True),
+               dict(PHASE=0, HAS_KD=True, HAS_CE=False, CE_FROM_TEMPERED=False, HAS_LABELS=False, WRITE_GRAD=False),
+               dict(PHASE=0, HAS_KD=False, HAS_CE=True, CE_FROM_TEMPERED=False, HAS_LABELS=True, WRITE_GRAD=True)]
+# A vocab shard's phases (bf16): statistics, sums (forward KL writes its gradient there), gradient.
+SHARD_FLAGS = [dict(PHASE=1, HAS_KD=True, HAS_CE=True, CE_FROM_TEMPERED=True, HAS_LABELS=True, WRITE_GRAD=False),
+               dict(PHASE=2, HAS_KD=True, HAS_CE=True, CE_FROM_TEMPERED=False, HAS_LABELS=True, WRITE_GRAD=True),
+               dict(PHASE=3, HAS_KD=True, HAS_CE=True, CE_FROM_TEMPERED=False, HAS_LABELS=True, WRITE_GRAD=True)]
+
+
+def variants():
+    for capability, divergence in itertools.product([80, 90], range(5)):
+        for dtype, flags in itertools.product(["bf16", "fp16", "fp32"], FUSED_FLAGS):
+            yield capability, divergence, dtype, flags
+        for flags in SHARD_FLAGS:
+            write_grad = flags["WRITE_GRAD"] and not (flags["PHASE"] == 2 and divergence != 0)
+            yield capability, divergence, "bf16", dict(flags, WRITE_GRAD=write_grad)
+
+
+def report(variant) -> str:
+    capability, divergence, dtype, flags = variant
     block_v, num_warps = distill.launch_config(128_256)
-    flag_sets = [dict(HAS_KD=True, HAS_CE=True, CE_OWN_STATS=True, HAS_LABELS=True, WRITE_GRAD=True),
-                 dict(HAS_KD=True, HAS_CE=False, CE_OWN_STATS=False, HAS_LABELS=False, WRITE_GRAD=False),
-                 dict(HAS_KD=False, HAS_CE=True, CE_OWN_STATS=True, HAS_LABELS=True, WRITE_GRAD=True)]
-    for capability, divergence, dtype, flags in itertools.product([80, 90], range(5), ["bf16", "fp16", "fp32"],
-                                                                   flag_sets):
-        compiled = compile_kernel(dtype, capability, num_warps, DIVERGENCE=divergence, BLOCK_V=block_v, **flags)
-        ptx = compiled.asm["ptx"]
-        loads = sorted(set(re.findall(r"ld\.global(?:\.[a-z0-9]+)*", ptx)))
-        report = {"capability": capability, "divergence": divergence, "dtype": dtype, **flags,
-                  "vector_loads": any(".v4" in load or ".v2" in load for load in loads), "loads": loads,
-                  **ptxas_report(ptx, capability)}
-        print(json.dumps(report), flush=True)
+    compiled = compile_kernel(dtype, capability, num_warps, DIVERGENCE=divergence, BLOCK_V=block_v, **flags)
+    ptx = compiled.asm["ptx"]
+    loads = sorted(set(re.findall(r"ld\.global(?:\.[a-z0-9]+)*", ptx)))
+    return json.dumps({"capability": capability, "divergence": divergence, "dtype": dtype, **flags,
+                       "vector_loads": any(".v4" in load or ".v2" in load for load in loads), "loads": loads,
+                       **ptxas_report(ptx, capability)})
+
+
+def main() -> int:
+    # Two workers: each compile is a Python front end plus a ptxas process.
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        for line in pool.imap(report, list(variants())):
+            print(line, flush=True)
     return 0
 
 

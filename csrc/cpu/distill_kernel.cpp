@@ -1,33 +1,26 @@
-// CPU distillation row kernel (DESIGN.md, "Algorithms"). Per row:
-//   pass 0  max of both rows (the only pass that reads memory; 16-bit rows are widened into scratch here)
-//   pass 1  tempered exps into a per-thread scratch row that stays in L2, their sums, and the centred sums
-//           that give forward and reverse KL without another pass
-//   pass 2  (all but forward KL) per-element loss terms; reverse KL stores its gradient, JSD and the skews
-//           store u_j = q_j * dL/dq_j and U = sum u
-//   pass 3  the gradient: forward KL straight from the exps (q - p), reverse KL from pass 2's buffer,
-//           JSD and the skews as dL/da_j = u_j - q_j * U
-// The student gradient is (kd_scale / T) * dL/da + ce_weight * (softmax(s) - onehot(label)), times the
-// reduction's scale.
+// CPU distillation row kernel (docs/DESIGN.md, "Algorithms" and "Shards and phases"). Per row:
+//   pass 0  FUSED / STATS: the max of both rows (the only pass that reads memory; 16-bit rows are widened into
+//           scratch here) and, for reverse KL and the mixtures, the student's argmax r, the reference entry.
+//           A shard's STATS reads the row once (stats_pass.h); its SUMS and GRADIENT take one pass from the global
+//           log-sum-exps (shard_pass.h).
+//   pass 1  tempered exps into a per-thread scratch row that stays in L2, their sums, and the centred sums that
+//           give forward and reverse KL without another pass
+//   pass 2  mixtures (JSD, skews): per-element loss terms and scores d_j = h_j - h_r (h = dL/dq), D = sum q d
+//   pass 3  the gradient: forward KL straight from the exps (q - p), reverse KL as q (c_j - D) with
+//           c_j = ((s_j - s_r) - (t_j - t_r)) / T, the mixtures as q (d_j - D)
+// Centring on r keeps the gradient near a dominant entry free of cancellation: there q_r ~ 1 and the old
+// u_r - q_r U subtracted two numbers of the loss's size. The student gradient is (kd_scale / T) * dL/da +
+// ce_weight * (softmax(s) - onehot(label)), times the reduction's scale.
 #include "distill_kernel.h"
 
-#include <cmath>
 #include <limits>
-#include <type_traits>
-#include <vector>
 
-#include "simd_math.h"
+#include "row_math.h"
+#include "shard_pass.h"
+#include "stats_pass.h"
 
 namespace kdfast_cpu {
 namespace {
-
-struct Scratch {
-  std::vector<float> student, teacher, exp_student, exp_teacher, exp_ce;
-  void reserve(int64_t vocab) {
-    for (auto* buffer : {&student, &teacher, &exp_student, &exp_teacher, &exp_ce}) {
-      if (static_cast<int64_t>(buffer->size()) < vocab) buffer->resize(vocab);
-    }
-  }
-};
 
 template <typename T>
 const float* widen_row(const T* row, int64_t vocab, std::vector<float>& out) {
@@ -36,18 +29,6 @@ const float* widen_row(const T* row, int64_t vocab, std::vector<float>& out) {
   return dst;
 }
 const float* widen_row(const float* row, int64_t, std::vector<float>&) { return row; }
-
-// Runs body(j, F{}) over a row: F = VFloat on full vector blocks, then F = float on the tail.
-template <typename Body>
-inline void for_lanes(int64_t vocab, Body&& body) {
-  int64_t j = 0;
-  for (; j + kLanes <= vocab; j += kLanes) body(j, VFloat{});
-  for (; j < vocab; ++j) body(j, 0.0f);
-}
-
-// Vector accumulators; the scalar tail adds into lane 0.
-inline void accumulate(VFloat& acc, VFloat value) { acc += value; }
-inline void accumulate(VFloat& acc, float value) { acc[0] += value; }
 
 float row_max(const float* x, int64_t vocab) {
   VFloat best = splat<VFloat>(-INFINITY);
@@ -65,14 +46,22 @@ float row_max(const float* x, int64_t vocab) {
   return head > tail ? head : tail;
 }
 
-// 0 * (anything) = 0: a zero probability adds nothing even against a log of -inf.
-template <typename F>
-inline F weighted(F prob, F log_ratio) {
-  return prob == 0.0f ? splat<F>(0.0f) : prob * log_ratio;
+int64_t first_index_of(const float* x, int64_t vocab, float value) {
+  for (int64_t j = 0; j < vocab; ++j) {
+    if (x[j] == value) return j;
+  }
+  return 0;
 }
 
 struct RowStats {
-  float max_s, max_t, log_z_s, log_z_t, inv_z_s, inv_z_t, log_z_ce, inv_z_ce, forward_kl, reverse_kl;
+  // References in logit units: e_s = exp((s - ref_s) / T), e_t = exp((t - ref_t) / T), CE's own exp(s - ref_ce).
+  float ref_s, ref_t, ref_ce;
+  float t_at_ref;  // the teacher's logit at the reference entry r (reverse KL's centring)
+  float log_z_s, log_z_t, inv_z_s, inv_z_t, log_z_ce, inv_z_ce;
+  float forward_kl;  // over these columns
+  float centred;     // reverse KL's D = sum_j q_j c_j: the gradient's row sum
+  float rkl_offset;  // reverse KL = D + rkl_offset (log q_r - log p_r)
+  int64_t ref_index;  // r: the student's argmax (fused reverse KL and mixtures), else -1
 };
 
 // The next row's logits, prefetched into L2 while this row computes: pass 0 is the only pass that reads
@@ -83,19 +72,35 @@ struct NextRow {
   int student_element_bytes = 4, teacher_element_bytes = 4;
 };
 
-RowStats exp_pass(const float* s, const float* t, const DistillArgs& a, Scratch& w, const NextRow& next) {
+// Pass 0: the maxima, and for reverse KL and the mixtures (fused) the reference entry r.
+RowStats row_references(const float* s, const float* t, const DistillArgs& a) {
+  RowStats st{};
+  st.ref_index = -1;
+  st.ref_s = row_max(s, a.vocab);
+  st.ref_ce = st.ref_s;
+  if (!a.has_kd) return st;
+  st.ref_t = row_max(t, a.vocab);
+  st.t_at_ref = st.ref_t;
+  if (a.phase == kPhaseFused && a.divergence != kForwardKL) {
+    st.ref_index = first_index_of(s, a.vocab, st.ref_s);
+    const float t_r = t[st.ref_index];
+    // With no teacher mass at r (t_r = -inf) reverse KL is infinite anyway: centre on the teacher's max then.
+    if (std::isfinite(t_r)) st.t_at_ref = t_r;
+  }
+  return st;
+}
+
+// Pass 1: the exps into scratch, their sums and the KL sums.
+void exp_pass(const float* s, const float* t, const DistillArgs& a, Scratch& w, const NextRow& next, RowStats& st) {
   const int64_t vocab = a.vocab;
   const float inv_t = a.inv_temperature;
-  RowStats st{};
-  st.max_s = row_max(s, vocab);
   float* es = w.exp_student.data();
   float* et = w.exp_teacher.data();
   float* ec = w.exp_ce.data();
   VFloat z_s_acc{}, z_t_acc{}, z_ce_acc{}, fkl_acc{}, rkl_acc{};
-  const float ms = st.max_s;
+  const bool ce_from_tempered = a.has_ce && a.has_kd && (a.temperature_power == 1 || a.temperature_power == 2);
   if (a.has_kd) {
-    st.max_t = row_max(t, vocab);
-    const float mt = st.max_t;
+    const float rs = st.ref_s, rt = st.ref_t, tr = st.t_at_ref;
     const bool want_fkl = a.divergence == kForwardKL, want_rkl = a.divergence == kReverseKL;
     const bool ce_squared = a.has_ce && a.temperature_power == 2;
     for_lanes(vocab, [&](int64_t j, auto zero) {
@@ -104,8 +109,9 @@ RowStats exp_pass(const float* s, const float* t, const DistillArgs& a, Scratch&
         __builtin_prefetch(next.student + j * next.student_element_bytes, 0, 2);
         __builtin_prefetch(next.teacher + j * next.teacher_element_bytes, 0, 2);
       }
-      const F ds = (load<F>(s + j) - ms) * inv_t;
-      const F dt = (load<F>(t + j) - mt) * inv_t;
+      const F sj = load<F>(s + j), tj = load<F>(t + j);
+      const F ds = (sj - rs) * inv_t;
+      const F dt = (tj - rt) * inv_t;
       const F e_s = fast_exp(ds);
       const F e_t = fast_exp(dt);
       store(es + j, e_s);
@@ -114,25 +120,22 @@ RowStats exp_pass(const float* s, const float* t, const DistillArgs& a, Scratch&
       accumulate(z_t_acc, e_t);
       // Centred on both maxima so that a constant offset between the models cannot cancel away digits.
       if (want_fkl) accumulate(fkl_acc, weighted(e_t, dt - ds));
-      if (want_rkl) accumulate(rkl_acc, weighted(e_s, ds - dt));
+      // Centred on r: c_r = 0 exactly, and c_j is a difference of logit differences.
+      if (want_rkl) accumulate(rkl_acc, weighted(e_s, ((sj - rs) - (tj - tr)) * inv_t));
       if (ce_squared) accumulate(z_ce_acc, e_s * e_s);  // exp(s - m) = exp((s - m) / 2)^2
     });
   }
-  const float z_s = horizontal_sum(z_s_acc), z_t = horizontal_sum(z_t_acc);
-  if (a.has_ce && !(a.has_kd && a.temperature_power == 2)) {
-    if (a.has_kd && a.temperature_power == 1) {
-      z_ce_acc = splat<VFloat>(0.0f);
-      z_ce_acc[0] = z_s;
-    } else {
-      for_lanes(vocab, [&](int64_t j, auto zero) {
-        using F = decltype(zero);
-        const F e = fast_exp(load<F>(s + j) - ms);
-        store(ec + j, e);
-        accumulate(z_ce_acc, e);
-      });
-    }
+  if (a.has_ce && !ce_from_tempered) {
+    const float rc = st.ref_ce;
+    for_lanes(vocab, [&](int64_t j, auto zero) {
+      using F = decltype(zero);
+      const F e = fast_exp(load<F>(s + j) - rc);
+      store(ec + j, e);
+      accumulate(z_ce_acc, e);
+    });
   }
-  const float z_ce = horizontal_sum(z_ce_acc);
+  const float z_s = horizontal_sum(z_s_acc), z_t = horizontal_sum(z_t_acc);
+  const float z_ce = (ce_from_tempered && a.temperature_power == 1) ? z_s : horizontal_sum(z_ce_acc);
   st.log_z_s = std::log(z_s);
   st.log_z_t = std::log(z_t);
   st.inv_z_s = 1.0f / z_s;
@@ -140,119 +143,105 @@ RowStats exp_pass(const float* s, const float* t, const DistillArgs& a, Scratch&
   st.log_z_ce = std::log(z_ce);
   st.inv_z_ce = 1.0f / z_ce;
   st.forward_kl = horizontal_sum(fkl_acc) * st.inv_z_t - st.log_z_t + st.log_z_s;
-  st.reverse_kl = horizontal_sum(rkl_acc) * st.inv_z_s - st.log_z_s + st.log_z_t;
-  return st;
+  st.centred = horizontal_sum(rkl_acc) * st.inv_z_s;
+  st.rkl_offset = (st.ref_t - st.t_at_ref) * inv_t - st.log_z_s + st.log_z_t;
 }
 
-// How the gradient pass finds softmax(s)_j at temperature 1: from the tempered exps (T = 1: as they are,
-// T = 2: squared) or from the separate exps pass 1 kept. A template parameter, so each loop is branch-free.
-enum CeSource : int { kNoCe = 0, kCeFromTempered = 1, kCeFromTemperedSquared = 2, kCeFromOwnExps = 3 };
+// The score at the reference entry (fused calls), computed as pass 2 computes it there; 0 without one.
+float reference_score(const float* t, const DistillArgs& a, const RowStats& st, const MixtureConstants& mc) {
+  if (st.ref_index < 0) return 0.0f;
+  const float ls = -st.log_z_s;  // s_r is the row's max
+  const float lt = (t[st.ref_index] - st.ref_t) * a.inv_temperature - st.log_z_t;
+  const float p = fast_exp((t[st.ref_index] - st.ref_t) * a.inv_temperature) * st.inv_z_t;
+  float term, h;
+  mixture_term_and_score<float>(a.divergence, mc.beta, mc.log_beta, mc.log_1m_beta, ls, lt, st.inv_z_s, p, term, h);
+  return h;
+}
 
-// Where the gradient pass finds the KD part of dL/da_j: pass 2's buffer (reverse KL), q - p straight from the
-// exps (forward KL: no pass 2 at all), or u_j - q_j * U (JSD, skews).
-enum KdSource : int { kNoKd = 0, kKdFromBuffer = 1, kKdFromExps = 2, kKdUMinusQU = 3 };
-
-// Pass 2 (all but forward KL, whose value and gradient come from pass 1): the divergence value, and into
-// kd_buffer (the teacher-exp slot, each entry read just before) reverse KL's gradient or the JSD/skew u_j.
-float divergence_pass(const float* s, const float* t, const DistillArgs& a, const RowStats& st, Scratch& w,
-                      float* kd_buffer, float* u_sum) {
-  const int64_t vocab = a.vocab;
-  const float inv_t = a.inv_temperature, beta = a.beta;
-  const float log_beta = beta > 0.0f ? std::log(beta) : -INFINITY;
-  const float log_1m_beta = beta < 1.0f ? std::log1p(-beta) : -INFINITY;
+// Pass 2 (mixtures): returns the sum of the loss terms over these columns; writes d_j = h_j - h_ref into the
+// teacher-exp slot (each entry read just before) and sets *d_sum = sum_j q_j d_j.
+float mixture_pass(const float* s, const float* t, const DistillArgs& a, const RowStats& st, Scratch& w,
+                   float* d_sum) {
+  const MixtureConstants mc(a.beta);
+  const float h_ref = reference_score(t, a, st, mc);
+  const float inv_t = a.inv_temperature;
   const float* es = w.exp_student.data();
   float* et = w.exp_teacher.data();
-  VFloat kd_acc{}, u_acc{};
-  const float ms = st.max_s, mt = st.max_t;
+  VFloat kd_acc{}, d_acc{};
   const int divergence = a.divergence;
-  // Per-element loss terms; each case is branch-free inside, the switch is per block.
-  for_lanes(vocab, [&](int64_t j, auto zero) {
+  for_lanes(a.vocab, [&](int64_t j, auto zero) {
     using F = decltype(zero);
     const F q = load<F>(es + j) * st.inv_z_s;
-    const F ls = (load<F>(s + j) - ms) * inv_t - st.log_z_s;
-    const F lt = (load<F>(t + j) - mt) * inv_t - st.log_z_t;
-    switch (divergence) {
-      case kReverseKL:
-        store(kd_buffer + j, weighted(q, ls - lt - st.reverse_kl));
-        break;
-      case kJSD: {
-        const F p = load<F>(et + j) * st.inv_z_t;
-        const F lm = log_add_exp(lt + log_beta, ls + log_1m_beta);
-        const F q_term = weighted(q, ls - lm);
-        accumulate(kd_acc, beta * weighted(p, lt - lm) + (1.0f - beta) * q_term);
-        const F u = (1.0f - beta) * q_term;  // q * dL/dq
-        store(et + j, u);
-        accumulate(u_acc, u);
-        break;
-      }
-      case kSkewForwardKL: {
-        const F p = load<F>(et + j) * st.inv_z_t;
-        const F lm = log_add_exp(lt + log_beta, ls + log_1m_beta);
-        accumulate(kd_acc, weighted(p, lt - lm));
-        // -(1-b) q p / m in log space: q may underflow where p / m is huge (beta = 0: m = q).
-        const F u = lm == -INFINITY ? splat<F>(0.0f) : -(1.0f - beta) * fast_exp(ls + lt - lm);
-        store(et + j, u);
-        accumulate(u_acc, u);
-        break;
-      }
-      default: {  // kSkewReverseKL
-        const F lm = log_add_exp(ls + log_beta, lt + log_1m_beta);
-        accumulate(kd_acc, weighted(q, ls - lm));
-        // q * dL/dq; beta * q / m as exp(log beta + ls - lm): at beta = 0, q / m may overflow (0 * inf).
-        const F u = weighted(q, ls - lm - fast_exp(ls - lm + log_beta));
-        store(et + j, u);
-        accumulate(u_acc, u);
-        break;
-      }
-    }
+    const F p = load<F>(et + j) * st.inv_z_t;
+    const F ls = (load<F>(s + j) - st.ref_s) * inv_t - st.log_z_s;
+    const F lt = (load<F>(t + j) - st.ref_t) * inv_t - st.log_z_t;
+    F term, h;
+    mixture_term_and_score<F>(divergence, mc.beta, mc.log_beta, mc.log_1m_beta, ls, lt, q, p, term, h);
+    const F d = h - h_ref;
+    store(et + j, d);
+    accumulate(kd_acc, term);
+    accumulate(d_acc, weighted(q, d));
   });
-  const float usum = horizontal_sum(u_acc);
-  const float kd = divergence == kReverseKL ? st.reverse_kl : horizontal_sum(kd_acc);
-  *u_sum = usum;
-  return kd;
+  float total_d = horizontal_sum(d_acc);
+  if (st.ref_index >= 0) {  // d_r is 0 by definition, not merely up to rounding
+    total_d -= weighted(es[st.ref_index] * st.inv_z_s, et[st.ref_index]);
+    et[st.ref_index] = 0.0f;
+  }
+  *d_sum = total_d;
+  return horizontal_sum(kd_acc);
 }
 
+// Where the gradient pass finds the KD part of dL/da_j: q - p from the exps (forward KL), q (c_j - D) from the
+// logits (reverse KL), or q (d_j - D) from pass 2's scores (mixtures).
+enum KdSource : int { kNoKd = 0, kKdFromExps = 1, kKdFromLogits = 2, kKdFromScores = 3 };
+
+struct GradientTerms {
+  const float* s;
+  const float* t;
+  const float* scores;
+  float row_sum;  // D
+  float kd_coef, ce_coef;
+};
+
 template <int kKd, int kCe, typename GradT>
-void write_gradient_loop(GradT* g, const float* kd_buffer, float u_sum, float kd_coef, float ce_coef,
-                         const RowStats& st, const Scratch& w, int64_t vocab) {
+void write_gradient_loop(GradT* g, const GradientTerms& terms, const RowStats& st, const Scratch& w,
+                         const DistillArgs& a) {
   const float* es = w.exp_student.data();
   const float* et = w.exp_teacher.data();
   const float* ec = w.exp_ce.data();
-  const float q_u = st.inv_z_s * u_sum;
-  for_lanes(vocab, [&](int64_t j, auto zero) {
+  const float inv_t = a.inv_temperature, rs = st.ref_s, tr = st.t_at_ref, big_d = terms.row_sum;
+  for_lanes(a.vocab, [&](int64_t j, auto zero) {
     using F = decltype(zero);
     F kd_part = zero;
-    if constexpr (kKd == kKdFromBuffer) kd_part = load<F>(kd_buffer + j);
     if constexpr (kKd == kKdFromExps) kd_part = load<F>(es + j) * st.inv_z_s - load<F>(et + j) * st.inv_z_t;
-    if constexpr (kKd == kKdUMinusQU) kd_part = load<F>(kd_buffer + j) - load<F>(es + j) * q_u;
+    if constexpr (kKd == kKdFromLogits) {
+      const F c = ((load<F>(terms.s + j) - rs) - (load<F>(terms.t + j) - tr)) * inv_t;
+      kd_part = weighted(load<F>(es + j) * st.inv_z_s, c - big_d);
+    }
+    if constexpr (kKd == kKdFromScores) kd_part = weighted(load<F>(es + j) * st.inv_z_s, load<F>(terms.scores + j) - big_d);
     F ce_part = zero;
     if constexpr (kCe == kCeFromTempered) ce_part = load<F>(es + j) * st.inv_z_ce;
     if constexpr (kCe == kCeFromTemperedSquared) ce_part = load<F>(es + j) * load<F>(es + j) * st.inv_z_ce;
     if constexpr (kCe == kCeFromOwnExps) ce_part = load<F>(ec + j) * st.inv_z_ce;
-    store_grad(g + j, kd_coef * kd_part + ce_coef * ce_part);
+    store_grad(g + j, terms.kd_coef * kd_part + terms.ce_coef * ce_part);
   });
 }
 
 // Turns the runtime (kd source, ce source) pair into one branch-free loop instantiation.
 template <int kCe, typename GradT>
-void write_gradient_ce(GradT* g, const float* kd_buffer, KdSource kd_source, float u_sum, float kd_coef,
-                       float ce_coef, const RowStats& st, const Scratch& w, int64_t vocab) {
+void write_gradient_ce(GradT* g, KdSource kd_source, const GradientTerms& terms, const RowStats& st,
+                       const Scratch& w, const DistillArgs& a) {
   switch (kd_source) {
-    case kNoKd: return write_gradient_loop<kNoKd, kCe>(g, kd_buffer, u_sum, kd_coef, ce_coef, st, w, vocab);
-    case kKdFromBuffer:
-      return write_gradient_loop<kKdFromBuffer, kCe>(g, kd_buffer, u_sum, kd_coef, ce_coef, st, w, vocab);
-    case kKdFromExps:
-      return write_gradient_loop<kKdFromExps, kCe>(g, kd_buffer, u_sum, kd_coef, ce_coef, st, w, vocab);
-    case kKdUMinusQU:
-      return write_gradient_loop<kKdUMinusQU, kCe>(g, kd_buffer, u_sum, kd_coef, ce_coef, st, w, vocab);
+    case kNoKd: return write_gradient_loop<kNoKd, kCe>(g, terms, st, w, a);
+    case kKdFromExps: return write_gradient_loop<kKdFromExps, kCe>(g, terms, st, w, a);
+    case kKdFromLogits: return write_gradient_loop<kKdFromLogits, kCe>(g, terms, st, w, a);
+    case kKdFromScores: return write_gradient_loop<kKdFromScores, kCe>(g, terms, st, w, a);
   }
 }
 
 template <typename GradT>
-void write_gradient(GradT* g, const float* kd_buffer, KdSource kd_source, float u_sum, int64_t label,
-                    float row_scale, const DistillArgs& a, const RowStats& st, const Scratch& w) {
-  const float kd_coef = row_scale * a.kd_scale * a.inv_temperature;
-  const float ce_coef = row_scale * a.ce_weight;
+void write_gradient(GradT* g, KdSource kd_source, const GradientTerms& terms, int64_t local_label,
+                    const DistillArgs& a, const RowStats& st, const Scratch& w) {
   CeSource ce_source = kNoCe;
   if (a.has_ce) {
     ce_source = !a.has_kd ? kCeFromOwnExps
@@ -261,44 +250,66 @@ void write_gradient(GradT* g, const float* kd_buffer, KdSource kd_source, float 
                                            : kCeFromOwnExps;
   }
   switch (ce_source) {
-    case kNoCe: write_gradient_ce<kNoCe>(g, kd_buffer, kd_source, u_sum, kd_coef, ce_coef, st, w, a.vocab); break;
-    case kCeFromTempered:
-      write_gradient_ce<kCeFromTempered>(g, kd_buffer, kd_source, u_sum, kd_coef, ce_coef, st, w, a.vocab);
-      break;
-    case kCeFromTemperedSquared:
-      write_gradient_ce<kCeFromTemperedSquared>(g, kd_buffer, kd_source, u_sum, kd_coef, ce_coef, st, w, a.vocab);
-      break;
-    case kCeFromOwnExps:
-      write_gradient_ce<kCeFromOwnExps>(g, kd_buffer, kd_source, u_sum, kd_coef, ce_coef, st, w, a.vocab);
-      break;
+    case kNoCe: write_gradient_ce<kNoCe>(g, kd_source, terms, st, w, a); break;
+    case kCeFromTempered: write_gradient_ce<kCeFromTempered>(g, kd_source, terms, st, w, a); break;
+    case kCeFromTemperedSquared: write_gradient_ce<kCeFromTemperedSquared>(g, kd_source, terms, st, w, a); break;
+    case kCeFromOwnExps: write_gradient_ce<kCeFromOwnExps>(g, kd_source, terms, st, w, a); break;
   }
-  if (a.has_ce) from_float(to_float(g[label]) - ce_coef, &g[label]);
+  if (local_label >= 0) from_float(to_float(g[local_label]) - terms.ce_coef, &g[local_label]);
 }
 
+// One kept row in any phase: writes its outputs (and its gradient when g is set).
 template <typename GradT>
-float process_row(const float* s, const float* t, int64_t label, float row_scale, GradT* g,
-                  const DistillArgs& a, Scratch& w, const NextRow& next) {
-  const RowStats st = exp_pass(s, t, a, w, next);
-  float kd = 0.0f, u_sum = 0.0f;
+void process_row(const float* s, const float* t, int64_t row, int64_t label, GradT* g, float row_scale,
+                 const DistillArgs& a, Scratch& w, const NextRow& next) {
+  const int64_t local_label = a.has_ce ? label - a.col_offset : -1;
+  const bool held = local_label >= 0 && local_label < a.vocab;
+  // Read before the gradient is written: it may overwrite the logits (inplace_backward).
+  const float s_label = held ? s[local_label] : 0.0f;
+  if (a.phase == kPhaseSums || a.phase == kPhaseGradient) {
+    const ShardSums sums = shard_row(s, t, g, row, row_scale, held ? local_label : -1, a);
+    if (a.phase == kPhaseSums) {
+      float* out = a.out + row * kStatColumns;
+      out[0] = sums.kd, out[1] = sums.d, out[2] = s_label;
+    }
+    return;
+  }
+  if (a.phase == kPhaseStats) return stats_row(s, t, a, a.out + row * kStatColumns);
+  RowStats st = row_references(s, t, a);
+  exp_pass(s, t, a, w, next, st);
+  float kd = 0.0f, row_sum = 0.0f;
   KdSource kd_source = kNoKd;
-  // Pass 2 writes its per-element buffer into the teacher-exp slot once it has been read.
-  float* kd_buffer = w.exp_teacher.data();
   if (a.has_kd && a.divergence == kForwardKL) {
     kd = st.forward_kl;
     kd_source = kKdFromExps;
+  } else if (a.has_kd && a.divergence == kReverseKL) {
+    row_sum = st.centred;
+    kd = row_sum + st.rkl_offset;
+    kd_source = kKdFromLogits;
   } else if (a.has_kd) {
-    kd = divergence_pass(s, t, a, st, w, kd_buffer, &u_sum);
-    kd_source = a.divergence == kReverseKL ? kKdFromBuffer : kKdUMinusQU;
+    kd = mixture_pass(s, t, a, st, w, &row_sum);
+    kd_source = kKdFromScores;
   }
-  float ce = 0.0f;
-  if (a.has_ce) ce = st.log_z_ce - (s[label] - st.max_s);
-  if (g != nullptr) write_gradient(g, kd_buffer, kd_source, u_sum, label, row_scale, a, st, w);
-  return a.kd_scale * kd + a.ce_weight * ce;
+  if (g != nullptr) {
+    const GradientTerms terms{s, t, w.exp_teacher.data(), row_sum, row_scale * a.kd_scale * a.inv_temperature,
+                              row_scale * a.ce_weight};
+    write_gradient(g, kd_source, terms, held ? local_label : -1, a, st, w);
+  }
+  const float ce = a.has_ce ? st.log_z_ce - (s_label - st.ref_ce) : 0.0f;
+  a.out[row] = a.kd_scale * kd + a.ce_weight * ce;
 }
 
 template <typename GradT>
 void zero_row(GradT* g, int64_t vocab) {
   for (int64_t j = 0; j < vocab; ++j) from_float(0.0f, &g[j]);
+}
+
+// A row that contributes nothing (ignored, or a fused row whose label is out of range: NaN).
+void write_empty_row(const DistillArgs& a, int64_t row, float loss) {
+  if (a.phase == kPhaseFused) a.out[row] = loss;
+  if (a.phase == kPhaseStats || a.phase == kPhaseSums) {
+    for (int c = 0; c < kStatColumns; ++c) a.out[row * kStatColumns + c] = 0.0f;
+  }
 }
 
 template <typename StudentT, typename TeacherT>
@@ -327,18 +338,19 @@ void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
                                     : static_cast<StudentT*>(a.grad) + b * a.grad_stride_b + r * a.grad_stride_r;
     const int64_t label = a.labels != nullptr ? a.labels[row] : 0;
     if (a.labels != nullptr && label == a.ignore_index) {
-      a.loss_rows[row] = 0.0f;
+      write_empty_row(a, row, 0.0f);
       if (g != nullptr) zero_row(g, a.vocab);
       continue;
     }
-    if (a.has_ce && (label < 0 || label >= a.vocab)) {  // the host check refuses these; never read out of bounds
-      a.loss_rows[row] = std::numeric_limits<float>::quiet_NaN();
+    // The host check refuses these; never read out of bounds. (A shard holds only some labels: not an error.)
+    if (a.phase == kPhaseFused && a.has_ce && (label < 0 || label >= a.vocab)) {
+      write_empty_row(a, row, std::numeric_limits<float>::quiet_NaN());
       if (g != nullptr) zero_row(g, a.vocab);
       continue;
     }
     const float* s = widen_row(s_raw, a.vocab, scratch.student);
     const float* t = a.has_kd ? widen_row(t_raw, a.vocab, scratch.teacher) : nullptr;
-    a.loss_rows[row] = process_row(s, t, label, row_scale, g, a, scratch, next);
+    process_row(s, t, row, label, g, row_scale, a, scratch, next);
   }
 }
 

@@ -109,7 +109,7 @@ inline F fast_log_ge1(F x) {
   return x != x ? x : result;
 }
 
-// log(exp(a) + exp(b)) without forming the sum: a mixture's log-probability (DESIGN.md, numerics).
+// log(exp(a) + exp(b)) without forming the sum: a mixture's log-probability (docs/DESIGN.md, numerics).
 template <typename F>
 inline F log_add_exp(F a, F b) {
   const F hi = a > b ? a : b;

@@ -1,13 +1,15 @@
 // Device helpers for the distillation kernels: 16-byte loads and stores, base-2 fast math, and the
-// per-row statistics with their merge (DESIGN.md, "Algorithms").
+// per-row statistics with their merge (docs/DESIGN.md, "Algorithms").
 //
 // Everything runs in base 2, so each exponential is one ex2.approx instruction: an exponent is
 // (s - m) * k with k = log2(e) / T. Maxima stay in the logits' own units and are subtracted before the
 // scaling: s * k - m * k would round each product at |s| ~ 1e3 by ~1e-4, a 1e-4 relative error in every
 // probability. Stats keep, for the student (s) and the teacher (t), the running max m and the sum z of
 // 2^((x - m) * k); `acc` is the centred sum that yields forward KL (sum 2^(dt) * (dt - ds)) or reverse KL
-// (roles swapped) without another pass over the row; z_c is the student's sum at T = 1 when
-// cross-entropy cannot reuse the tempered one (the max is the same logit at every temperature).
+// without another pass over the row; z_c is the student's sum at T = 1 when cross-entropy cannot reuse the
+// tempered one (the max is the same logit at every temperature). Reverse KL and the mixtures also keep the
+// reference entry r, the student's argmax (ref_col), with the teacher's logit there (t_ref): reverse KL's acc is
+// sum 2^(ds) * ((s - m_s) - (t - t_ref)) * k, which is 0 at r and has no cancellation near a dominant entry.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -109,17 +111,25 @@ __device__ __forceinline__ void store1(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store1(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 __device__ __forceinline__ void store1(__half* p, float v) { *p = __float2half_rn(v); }
 
-struct Stats {
-  float m_s, z_s, m_t, z_t, acc, z_c;
-};
-constexpr int kStatsFloats = 6;
-
-__device__ __forceinline__ Stats empty_stats() { return Stats{kNegInf, 0.0f, kNegInf, 0.0f, 0.0f, 0.0f}; }
-
-// Re-expresses a partial state relative to new maxima (m_s, m_t >= its own): the one rule used both by the
-// running update within a thread and by the merge of two threads' (or two blocks') states.
+// Whether a mode keeps the reference entry r (the student's argmax) in its statistics.
 template <int MODE>
-__device__ __forceinline__ Stats rebase(const Stats& a, float m_s, float m_t, float k, int ce_stats) {
+constexpr bool kCentred = MODE == kModeReverseKL || MODE == kModeMixture;
+
+struct Stats {
+  float m_s, z_s, m_t, z_t, acc, z_c, t_ref, ref_col;  // ref_col: a column index (exact in float below 2^24)
+};
+constexpr int kStatsFloats = 8;
+
+__device__ __forceinline__ Stats empty_stats() {
+  return Stats{kNegInf, 0.0f, kNegInf, 0.0f, 0.0f, 0.0f, 0.0f, -1.0f};
+}
+
+// Re-expresses a partial state relative to new maxima (m_s, m_t >= its own) and, in the centred modes, a new
+// reference (t_ref, ref_col): the one rule used both by the running update within a thread and by the merge of
+// two threads' (or two blocks') states.
+template <int MODE>
+__device__ __forceinline__ Stats rebase(const Stats& a, float m_s, float m_t, float t_ref, float ref_col, float k,
+                                        int ce_stats) {
   Stats r = a;
   const float raw_ds = shift(m_s, a.m_s);
   const float ds = raw_ds * k, dt = shift(m_t, a.m_t) * k;
@@ -128,9 +138,11 @@ __device__ __forceinline__ Stats rebase(const Stats& a, float m_s, float m_t, fl
   if (MODE == kModeForwardKL) {
     r.acc = scale_t * (a.acc + (a.z_t == 0.0f ? 0.0f : a.z_t * (ds - dt)));
   } else if (MODE == kModeReverseKL) {
-    r.acc = scale_s * (a.acc + (a.z_s == 0.0f ? 0.0f : a.z_s * (dt - ds)));
+    const float dref = (t_ref - a.t_ref) * k;  // (s - m) - (t - t_ref) moves by -ds + dref
+    r.acc = scale_s * (a.acc + (a.z_s == 0.0f ? 0.0f : a.z_s * (dref - ds)));
   }
   r.m_s = m_s, r.m_t = m_t;
+  r.t_ref = t_ref, r.ref_col = ref_col;
   r.z_s = a.z_s * scale_s;
   r.z_t = a.z_t * scale_t;
   if (ce_stats == kCeSquared) r.z_c = a.z_c * scale_s * scale_s;
@@ -141,24 +153,46 @@ __device__ __forceinline__ Stats rebase(const Stats& a, float m_s, float m_t, fl
 template <int MODE>
 __device__ __forceinline__ Stats merge(const Stats& a, const Stats& b, float k, int ce_stats) {
   const float m_s = fmaxf(a.m_s, b.m_s), m_t = fmaxf(a.m_t, b.m_t);
-  const Stats x = rebase<MODE>(a, m_s, m_t, k, ce_stats), y = rebase<MODE>(b, m_s, m_t, k, ce_stats);
-  return Stats{m_s, x.z_s + y.z_s, m_t, x.z_t + y.z_t, x.acc + y.acc, x.z_c + y.z_c};
+  float t_ref = a.t_ref, ref_col = a.ref_col;
+  if (kCentred<MODE>) {
+    // The reference entry is the first column holding the larger max (ties: the lower column, as on the CPU).
+    const bool b_wins = b.m_s > a.m_s ||
+                        (b.m_s == a.m_s && b.ref_col >= 0.0f && (a.ref_col < 0.0f || b.ref_col < a.ref_col));
+    if (b_wins) t_ref = b.t_ref, ref_col = b.ref_col;
+  }
+  const Stats x = rebase<MODE>(a, m_s, m_t, t_ref, ref_col, k, ce_stats);
+  const Stats y = rebase<MODE>(b, m_s, m_t, t_ref, ref_col, k, ce_stats);
+  return Stats{m_s, x.z_s + y.z_s, m_t, x.z_t + y.z_t, x.acc + y.acc, x.z_c + y.z_c, t_ref, ref_col};
 }
 
-// Folds N elements (s, t: raw logits of student and teacher) into a thread's running state: one rebase per
-// N elements when a max moved, then one exponential per element and model.
+// Folds N elements (s, t: raw logits of student and teacher; the first at column `col`) into a thread's running
+// state: one rebase per N elements when a max moved, then one exponential per element and model.
 template <int MODE, int N>
-__device__ __forceinline__ void accumulate(Stats& st, const float (&s)[N], const float (&t)[N], float k,
+__device__ __forceinline__ void accumulate(Stats& st, const float (&s)[N], const float (&t)[N], int64_t col, float k,
                                            int ce_stats) {
   constexpr bool kKD = MODE != kModeCeOnly;
-  float ms = kNegInf, mt = kNegInf;
+  float ms = kNegInf, mt = kNegInf, t_at_max = 0.0f;
+  int at_max = 0;
 #pragma unroll
   for (int i = 0; i < N; ++i) {
-    ms = fmaxf(ms, s[i]);
+    if (kCentred<MODE>) {
+      // The teacher's logit is taken here, not as t[at_max] after the loop: a runtime index would move the
+      // arrays to local memory.
+      if (s[i] > ms) ms = s[i], at_max = i, t_at_max = t[i];
+    } else {
+      ms = fmaxf(ms, s[i]);
+    }
     if (kKD) mt = fmaxf(mt, t[i]);
   }
   if (ms > st.m_s || mt > st.m_t) {  // rare once a row is under way
-    st = rebase<MODE>(st, fmaxf(st.m_s, ms), fmaxf(st.m_t, mt), k, ce_stats);
+    float t_ref = st.t_ref, ref_col = st.ref_col;
+    if (kCentred<MODE> && ms > st.m_s) {
+      t_ref = t_at_max;
+      ref_col = static_cast<float>(col + at_max);
+      // No teacher mass at r makes reverse KL infinite anyway: any finite reference then serves.
+      if (MODE == kModeReverseKL && t_ref == kNegInf) t_ref = safe_ref(fmaxf(st.m_t, mt));
+    }
+    st = rebase<MODE>(st, fmaxf(st.m_s, ms), fmaxf(st.m_t, mt), t_ref, ref_col, k, ce_stats);
   }
   const float ref_s = safe_ref(st.m_s), ref_t = safe_ref(st.m_t);
 #pragma unroll
@@ -173,7 +207,7 @@ __device__ __forceinline__ void accumulate(Stats& st, const float (&s)[N], const
       const float e_t = fast_exp2(dt);
       st.z_t += e_t;
       if (MODE == kModeForwardKL) st.acc += weighted(e_t, dt - ds);
-      if (MODE == kModeReverseKL) st.acc += weighted(e_s, ds - dt);
+      if (MODE == kModeReverseKL) st.acc += weighted(e_s, ((s[i] - ref_s) - (t[i] - st.t_ref)) * k);
     }
   }
 }
@@ -187,6 +221,10 @@ __device__ __forceinline__ Stats shuffle_xor(const Stats& a, int lane_mask) {
   b.z_t = __shfl_xor_sync(0xffffffffu, a.z_t, lane_mask);
   b.acc = __shfl_xor_sync(0xffffffffu, a.acc, lane_mask);
   b.z_c = __shfl_xor_sync(0xffffffffu, a.z_c, lane_mask);
+  if (kCentred<MODE>) {
+    b.t_ref = __shfl_xor_sync(0xffffffffu, a.t_ref, lane_mask);
+    b.ref_col = __shfl_xor_sync(0xffffffffu, a.ref_col, lane_mask);
+  }
   return b;
 }
 

@@ -1,14 +1,18 @@
 // The distillation row kernels, templated on the student and teacher element types and the mode; each
 // distill_rows_<dtype>.cu instantiates one student type (so ninja compiles them in parallel).
 //
-// One block per row (distill_row_kernel) when rows fill the GPU:
+// FUSED, one block per row (distill_row_kernel) when rows fill the GPU:
 //   pass 1  statistics (and forward/reverse KL from the centred sum)        read 2 x row
-//   pass 2  mixtures only (JSD, skews): loss terms and U = sum u             read 2 x row
+//   pass 2  mixtures only (JSD, skews): loss terms and D = sum q d           read 2 x row
 //   last    the gradient, written over a fresh buffer or the logits          read 2 x row, write 1 x row
 // Forward KL in bf16 moves 2 + 2 + 2 + 2 + 2 = 10 bytes per element. The last pass runs in the opposite
 // direction to the pass before it, so it starts on the part of the row that is still in L2.
-// Few long rows (splits > 1): the same passes as three kernels over vocab ranges, whose blocks exchange
-// their partial statistics through a small workspace [rows, splits, 10] floats.
+// FUSED, few long rows (splits > 1): the same passes as three kernels over vocab ranges, whose blocks exchange
+// their partial statistics through a small workspace [rows, splits, 11] floats.
+// A vocab shard's phases (docs/DESIGN.md, "Shards and phases"), one block per row: STATS (pass 1 alone, the
+// log-sum-exps out), then SUMS or GRADIENT (one pass from the global log-sum-exps).
+// Reverse KL and the mixtures are centred on the student's argmax r (fused): reverse KL's gradient is
+// q (c - D) with c = ((s - s_r) - (t - t_r)) / T, a mixture's q (d - D) with d = h - h_r, d_r = 0.
 #pragma once
 
 #include <type_traits>
@@ -18,9 +22,11 @@
 
 namespace kdfast_cuda {
 
+using namespace kdfast;  // the divergence and phase codes
+
 constexpr int kThreads = 256;
 constexpr int kWorkspaceStats = kStatsFloats + 1;  // Stats + the student's logit at the label
-constexpr int kWorkspaceTerms = 2;  // mixtures: sum of loss terms, U
+constexpr int kWorkspaceTerms = 2;  // mixtures: sum of loss terms, D
 
 struct Launch {
   DistillArgs a;
@@ -88,79 +94,116 @@ __device__ Stats range_stats(const Launch& L, const RowPointers<S, T>& p, int64_
   Stats st = empty_stats();
   const float k = L.k;
   const int ce_stats = L.ce_stats;
-  for_each_block_of_row<MODE != kModeCeOnly>(p, begin, end, false, [&](int64_t, auto& s, auto& t) {
-    accumulate<MODE, kLanesOf<decltype(s)>>(st, s, t, k, ce_stats);
+  for_each_block_of_row<MODE != kModeCeOnly>(p, begin, end, false, [&](int64_t col, auto& s, auto& t) {
+    accumulate<MODE, kLanesOf<decltype(s)>>(st, s, t, col, k, ce_stats);
   });
   return block_merge<MODE, kThreads>(st, scratch, k, ce_stats);
 }
 
-// Per-row constants from the merged statistics. log2 q_j = (s_j - ref_s) * k - log2_z_s, and alike for p.
+// JSD and the skews: the element's loss term and score h = dL/dq (natural units, up to a constant), from
+// x = log2 p - log2 q: log2(m / q) and log2(m / p) are log-sum-exps of x and a constant, exact in both limits of a
+// near-one-hot row. beta > 0 here (beta = 0 is a plain KL).
+__device__ __forceinline__ void mixture_terms(int divergence, float beta, float log2_beta, float log2_1m_beta,
+                                              float lq, float lp, float q, float p, float& term, float& h) {
+  const float x = lp - lq;
+  if (divergence == kJSD) {  // m = b p + (1 - b) q
+    const float log2_m_over_q = log2_add_exp2(x + log2_beta, log2_1m_beta);
+    const float log2_p_over_m = x == -kNegInf ? -log2_beta : x - log2_m_over_q;
+    term = kLn2 * (beta * weighted(p, log2_p_over_m) - (1.0f - beta) * weighted(q, log2_m_over_q));
+    h = -(1.0f - beta) * kLn2 * log2_m_over_q;
+  } else if (divergence == kSkewForwardKL) {  // KL(p || m), m = b p + (1 - b) q: p / m <= 1 / b
+    const float log2_m_over_p = log2_add_exp2(log2_beta, log2_1m_beta - x);
+    term = -kLn2 * weighted(p, log2_m_over_p);
+    h = -(1.0f - beta) * fast_exp2(-log2_m_over_p);
+  } else {  // skew reverse KL: KL(q || m), m = (1 - b) p + b q: q / m <= 1 / b
+    const float log2_m_over_q = log2_add_exp2(log2_beta, x + log2_1m_beta);
+    term = -kLn2 * weighted(q, log2_m_over_q);
+    h = -kLn2 * log2_m_over_q - beta * fast_exp2(-log2_m_over_q);
+  }
+}
+
+// Per-row constants of a fused row from its merged statistics. log2 q_j = (s_j - ref_s) * k - log2_z_s, and
+// alike for p.
 struct RowConstants {
   float ref_s, ref_t;  // the maxima, in logit units
   float log2_z_s, log2_z_t, log2_z_c;
   float squared_ce;    // kCeSquared: softmax(s)_j = q_j^2 * squared_ce
   float closed_kd;     // forward / reverse KL, from the centred sum
+  float rkl_d;         // reverse KL: D = ln2 * sum q c, the gradient's row sum
+  float t_ref;         // reverse KL's centring reference
+  int64_t ref_col;     // r, the reference entry (centred modes), else -1
+  float h_ref;         // mixtures: the score at r
 };
 
 template <int MODE>
-__device__ __forceinline__ RowConstants row_constants(const Stats& st, int ce_stats) {
+__device__ __forceinline__ RowConstants row_constants(const Launch& L, const Stats& st) {
   RowConstants k;
   k.ref_s = safe_ref(st.m_s);
   k.ref_t = safe_ref(st.m_t);
   k.log2_z_s = log2f(st.z_s);
   k.log2_z_t = log2f(st.z_t);
-  k.log2_z_c = ce_stats == kCeShared ? k.log2_z_s : log2f(st.z_c);
+  k.log2_z_c = L.ce_stats == kCeShared ? k.log2_z_s : log2f(st.z_c);
   k.squared_ce = exp2f(2.0f * k.log2_z_s - k.log2_z_c);
-  k.closed_kd = 0.0f;
+  k.closed_kd = k.rkl_d = k.h_ref = 0.0f;
+  k.t_ref = st.t_ref;
+  k.ref_col = kCentred<MODE> ? static_cast<int64_t>(st.ref_col) : -1;
   if (MODE == kModeForwardKL) k.closed_kd = kLn2 * (st.acc / st.z_t - k.log2_z_t + k.log2_z_s);
-  if (MODE == kModeReverseKL) k.closed_kd = kLn2 * (st.acc / st.z_s - k.log2_z_s + k.log2_z_t);
+  if (MODE == kModeReverseKL) {
+    k.rkl_d = kLn2 * (st.acc / st.z_s);
+    k.closed_kd = k.rkl_d + kLn2 * ((k.ref_t - st.t_ref) * L.k - k.log2_z_s + k.log2_z_t);
+  }
+  if (MODE == kModeMixture) {
+    const float lq = -k.log2_z_s;  // s_r is the row's max
+    const float lp = (st.t_ref - k.ref_t) * L.k - k.log2_z_t;
+    float term;
+    mixture_terms(L.a.divergence, L.a.beta, L.log2_beta, L.log2_1m_beta, lq, lp, fast_exp2(lq), fast_exp2(lp), term,
+                  k.h_ref);
+  }
   return k;
 }
 
-// JSD and the skews: the element's loss term and u = q * dL/dq (natural units), from base-2 log-probs.
-__device__ __forceinline__ void mixture_terms(int divergence, float beta, float log2_beta, float log2_1m_beta,
-                                              float lq, float lp, float q, float p, float& term, float& u) {
-  if (divergence == kJSD) {
-    const float lm = log2_add_exp2(lp + log2_beta, lq + log2_1m_beta);
-    const float q_term = kLn2 * weighted(q, lq - lm);
-    term = beta * kLn2 * weighted(p, lp - lm) + (1.0f - beta) * q_term;
-    u = (1.0f - beta) * q_term;
-  } else if (divergence == kSkewForwardKL) {  // KL(p || b p + (1 - b) q)
-    const float lm = log2_add_exp2(lp + log2_beta, lq + log2_1m_beta);
-    term = kLn2 * weighted(p, lp - lm);
-    // q * p / m in log space: q may underflow where p / m is huge (beta = 0: m = q).
-    u = lm == kNegInf ? 0.0f : -(1.0f - beta) * fast_exp2(lq + lp - lm);
-  } else {  // skew reverse KL: KL(q || (1 - b) p + b q)
-    const float lm = log2_add_exp2(lq + log2_beta, lp + log2_1m_beta);
-    term = kLn2 * weighted(q, lq - lm);
-    u = weighted(q, kLn2 * (lq - lm) - fast_exp2(lq - lm + log2_beta));
-  }
-}
-
-// ---- pass 2 (mixtures): sum of terms and U over [begin, end), summed over the block ----
+// ---- pass 2 (mixtures): sum of terms and D over [begin, end), summed over the block ----
 template <typename S, typename T>
 __device__ float2 range_mixture_sums(const Launch& L, const RowPointers<S, T>& p, const RowConstants& k,
                                      int64_t begin, int64_t end, bool reverse, float2* scratch) {
   float2 acc = make_float2(0.0f, 0.0f);
   const DistillArgs& a = L.a;
-  for_each_block_of_row<true>(p, begin, end, reverse, [&](int64_t, auto& s, auto& t) {
+  for_each_block_of_row<true>(p, begin, end, reverse, [&](int64_t col, auto& s, auto& t) {
     constexpr int N = kLanesOf<decltype(s)>;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       const float lq = (s[i] - k.ref_s) * L.k - k.log2_z_s, lp = (t[i] - k.ref_t) * L.k - k.log2_z_t;
-      float term, u;
-      mixture_terms(a.divergence, a.beta, L.log2_beta, L.log2_1m_beta, lq, lp, fast_exp2(lq), fast_exp2(lp), term, u);
+      const float q = fast_exp2(lq);
+      float term, h;
+      mixture_terms(a.divergence, a.beta, L.log2_beta, L.log2_1m_beta, lq, lp, q, fast_exp2(lp), term, h);
       acc.x += term;
-      acc.y += u;
+      acc.y += col + i == k.ref_col ? 0.0f : weighted(q, h - k.h_ref);
     }
   });
   return block_sum2<kThreads>(acc, scratch);
 }
 
-// ---- last pass: the gradient over [begin, end) ----
+// softmax(s)_j at T = 1 from what a pass already has: q itself (T = 1), q^2 (T = 2), or its own exponential.
+__device__ __forceinline__ float ce_probability(int ce_stats, float q, float s, float ref_s, float squared_ce,
+                                                float log2_z_c) {
+  if (ce_stats == kCeSquared) return q * q * squared_ce;
+  if (ce_stats == kCeOwn) return fast_exp2((s - ref_s) * kLog2e - log2_z_c);
+  return q;
+}
+
+template <typename S, int N>
+__device__ __forceinline__ void store_block(S* g, int64_t col, const float (&values)[N]) {
+  if constexpr (N == 8) {
+    store8(g + col, values);
+  } else {
+    store1(g + col, values[0]);
+  }
+}
+
+// ---- last pass (fused): the gradient over [begin, end) ----
 // (kd_scale / T) * dL/da + ce_weight * (softmax(s) - onehot(label)), times the reduction's scale.
 template <int MODE, typename S, typename T>
-__device__ void range_gradient(const Launch& L, const RowPointers<S, T>& p, const RowConstants& k, float u_sum,
+__device__ void range_gradient(const Launch& L, const RowPointers<S, T>& p, const RowConstants& k, float mixture_d,
                                int64_t label, float row_scale, int64_t begin, int64_t end, bool reverse) {
   const DistillArgs& a = L.a;
   const float kd_coef = row_scale * a.kd_scale * a.inv_temperature;
@@ -176,25 +219,19 @@ __device__ void range_gradient(const Launch& L, const RowPointers<S, T>& p, cons
       const float lp = (t[i] - k.ref_t) * L.k - k.log2_z_t;
       float grad_kd = 0.0f;
       if (MODE == kModeForwardKL) grad_kd = q - fast_exp2(lp);
-      if (MODE == kModeReverseKL) grad_kd = weighted(q, kLn2 * (lq - lp) - k.closed_kd);
+      if (MODE == kModeReverseKL) grad_kd = weighted(q, kLn2 * (((s[i] - k.ref_s) - (t[i] - k.t_ref)) * L.k) - k.rkl_d);
       if (MODE == kModeMixture) {
-        float term, u;
-        mixture_terms(a.divergence, a.beta, L.log2_beta, L.log2_1m_beta, lq, lp, q, fast_exp2(lp), term, u);
-        grad_kd = u - q * u_sum;
+        float term, h;
+        mixture_terms(a.divergence, a.beta, L.log2_beta, L.log2_1m_beta, lq, lp, q, fast_exp2(lp), term, h);
+        grad_kd = weighted(q, (col + i == k.ref_col ? 0.0f : h - k.h_ref) - mixture_d);
       }
       g[i] = kd_coef * grad_kd;
       if (ce_stats != kCeNone) {
-        float ce_prob = q;
-        if (ce_stats == kCeSquared) ce_prob = q * q * k.squared_ce;
-        if (ce_stats == kCeOwn) ce_prob = fast_exp2((s[i] - k.ref_s) * kLog2e - k.log2_z_c);
+        const float ce_prob = ce_probability(ce_stats, q, s[i], k.ref_s, k.squared_ce, k.log2_z_c);
         g[i] += ce_coef * (ce_prob - (col + i == label ? 1.0f : 0.0f));
       }
     }
-    if constexpr (N == 8) {
-      store8(p.g + col, g);
-    } else {
-      store1(p.g + col, g[0]);
-    }
+    store_block(p.g, col, g);
   });
 }
 
@@ -218,21 +255,23 @@ __device__ __forceinline__ float row_loss(const Launch& L, const RowConstants& k
 }
 
 struct RowLabel {
-  int64_t label;
+  int64_t label;  // the label's column in this call's range, or -1
   bool keep, label_ok;
 };
 
 __device__ __forceinline__ RowLabel row_label(const DistillArgs& a, int64_t row) {
   RowLabel r{-1, true, false};
   if (a.labels) {
-    r.label = a.labels[row];
-    r.keep = r.label != a.ignore_index;
-    r.label_ok = r.label >= 0 && r.label < a.vocab;
+    const int64_t label = a.labels[row];
+    r.keep = label != a.ignore_index;
+    const int64_t local = label - a.col_offset;  // labels are global token ids
+    r.label_ok = a.has_ce && local >= 0 && local < a.vocab;
+    r.label = r.label_ok ? local : -1;
   }
   return r;
 }
 
-// ---- one block per row ----
+// ---- FUSED, one block per row ----
 template <typename S, typename T, int MODE>
 __global__ void __launch_bounds__(kThreads) distill_row_kernel(const Launch L) {
   __shared__ Stats stats_scratch[kThreads / 32];
@@ -243,24 +282,24 @@ __global__ void __launch_bounds__(kThreads) distill_row_kernel(const Launch L) {
   const RowLabel lab = row_label(a, row);
   if (!lab.keep) {
     if (p.g) range_zero(p.g, 0, a.vocab);
-    if (threadIdx.x == 0) a.loss_rows[row] = 0.0f;
+    if (threadIdx.x == 0) a.out[row] = 0.0f;
     return;
   }
   // Read before any thread writes the gradient over the logits (inplace_backward); the barriers in the
   // reductions below order it before those writes.
-  const float s_label = (a.has_ce && lab.label_ok && threadIdx.x == 0) ? load1(p.s + lab.label) : 0.0f;
+  const float s_label = (lab.label_ok && threadIdx.x == 0) ? load1(p.s + lab.label) : 0.0f;
   const Stats st = range_stats<MODE>(L, p, 0, a.vocab, stats_scratch);
-  const RowConstants k = row_constants<MODE>(st, L.ce_stats);
+  const RowConstants k = row_constants<MODE>(L, st);
   float2 sums = make_float2(0.0f, 0.0f);
   if (MODE == kModeMixture) sums = range_mixture_sums(L, p, k, 0, a.vocab, true, sum_scratch);
   if (p.g) {
     const float row_scale = *a.grad_scale;
     range_gradient<MODE>(L, p, k, sums.y, lab.label, row_scale, 0, a.vocab, MODE != kModeMixture);
   }
-  if (threadIdx.x == 0) a.loss_rows[row] = row_loss<MODE>(L, k, sums.x, lab.label_ok, s_label);
+  if (threadIdx.x == 0) a.out[row] = row_loss<MODE>(L, k, sums.x, lab.label_ok, s_label);
 }
 
-// ---- several blocks per row: vocab ranges of 8-element multiples ----
+// ---- FUSED, several blocks per row: vocab ranges of 8-element multiples ----
 struct Split {
   int64_t row, begin, end;
   int index;
@@ -281,7 +320,7 @@ __device__ __forceinline__ Stats merged_split_stats(const Launch& L, int64_t row
   const float* ws = L.a.workspace + row * L.a.splits * kWorkspaceStats;
   Stats total = empty_stats();
   for (int i = 0; i < L.a.splits; ++i, ws += kWorkspaceStats) {
-    total = merge<MODE>(total, Stats{ws[0], ws[1], ws[2], ws[3], ws[4], ws[5]}, L.k, L.ce_stats);
+    total = merge<MODE>(total, Stats{ws[0], ws[1], ws[2], ws[3], ws[4], ws[5], ws[6], ws[7]}, L.k, L.ce_stats);
   }
   return total;
 }
@@ -298,8 +337,9 @@ __global__ void __launch_bounds__(kThreads) distill_split_stats_kernel(const Lau
   if (threadIdx.x == 0) {
     float* ws = a.workspace + (sp.row * a.splits + sp.index) * kWorkspaceStats;
     ws[0] = st.m_s, ws[1] = st.z_s, ws[2] = st.m_t, ws[3] = st.z_t, ws[4] = st.acc, ws[5] = st.z_c;
+    ws[6] = st.t_ref, ws[7] = st.ref_col;
     // The label's logit, read here: the gradient kernel may write over the logits (inplace_backward).
-    if (sp.index == 0) ws[kStatsFloats] = (a.has_ce && lab.label_ok) ? load1(p.s + lab.label) : 0.0f;
+    if (sp.index == 0) ws[kStatsFloats] = lab.label_ok ? load1(p.s + lab.label) : 0.0f;
   }
 }
 
@@ -310,7 +350,7 @@ __global__ void __launch_bounds__(kThreads) distill_split_mixture_kernel(const L
   const Split sp = block_split(a, a.splits);
   if (!row_label(a, sp.row).keep) return;
   const RowPointers<S, T> p = row_pointers<S, T>(L, sp.row);
-  const RowConstants k = row_constants<kModeMixture>(merged_split_stats<kModeMixture>(L, sp.row), L.ce_stats);
+  const RowConstants k = row_constants<kModeMixture>(L, merged_split_stats<kModeMixture>(L, sp.row));
   const float2 sums = range_mixture_sums(L, p, k, sp.begin, sp.end, false, sum_scratch);
   if (threadIdx.x == 0) {
     float* ws = a.workspace + a.batch * a.rows_per_batch * a.splits * kWorkspaceStats +
@@ -328,10 +368,10 @@ __global__ void __launch_bounds__(kThreads) distill_split_gradient_kernel(const 
   const RowPointers<S, T> p = row_pointers<S, T>(L, sp.row);
   if (!lab.keep) {
     if (p.g) range_zero(p.g, sp.begin, sp.end);
-    if (sp.index == 0 && threadIdx.x == 0) a.loss_rows[sp.row] = 0.0f;
+    if (sp.index == 0 && threadIdx.x == 0) a.out[sp.row] = 0.0f;
     return;
   }
-  const RowConstants k = row_constants<MODE>(merged_split_stats<MODE>(L, sp.row), L.ce_stats);
+  const RowConstants k = row_constants<MODE>(L, merged_split_stats<MODE>(L, sp.row));
   float2 sums = make_float2(0.0f, 0.0f);
   if (MODE == kModeMixture) {
     const float* ws = a.workspace + a.batch * a.rows_per_batch * a.splits * kWorkspaceStats +
@@ -341,21 +381,137 @@ __global__ void __launch_bounds__(kThreads) distill_split_gradient_kernel(const 
   if (p.g) range_gradient<MODE>(L, p, k, sums.y, lab.label, *a.grad_scale, sp.begin, sp.end, true);
   if (sp.index == 0 && threadIdx.x == 0) {
     const float s_label = a.workspace[sp.row * a.splits * kWorkspaceStats + kStatsFloats];
-    a.loss_rows[sp.row] = row_loss<MODE>(L, k, sums.x, lab.label_ok, s_label);
+    a.out[sp.row] = row_loss<MODE>(L, k, sums.x, lab.label_ok, s_label);
+  }
+}
+
+// ---- a vocab shard: STATS, one block per row ----
+// Out: the row's log-sum-exps over this shard [student at T, teacher at T, student at 1] (natural log).
+template <typename S, typename T, int MODE>
+__global__ void __launch_bounds__(kThreads) distill_stats_kernel(const Launch L) {
+  __shared__ Stats stats_scratch[kThreads / 32];
+  const DistillArgs& a = L.a;
+  const int64_t row = blockIdx.x;
+  float* out = a.out + row * kStatColumns;
+  if (!row_label(a, row).keep) {
+    if (threadIdx.x < kStatColumns) out[threadIdx.x] = 0.0f;
+    return;
+  }
+  const RowPointers<S, T> p = row_pointers<S, T>(L, row);
+  const Stats st = range_stats<MODE>(L, p, 0, a.vocab, stats_scratch);
+  if (threadIdx.x == 0) {
+    const float ref_s = safe_ref(st.m_s), ref_t = safe_ref(st.m_t);
+    out[0] = a.has_kd ? kLn2 * (ref_s * L.k + log2f(st.z_s)) : 0.0f;
+    out[1] = a.has_kd ? kLn2 * (ref_t * L.k + log2f(st.z_t)) : 0.0f;
+    // At T = 1 (or without KD, where the kernel runs at T = 1) the tempered sum is CE's own.
+    const float log2_z_c = L.ce_stats == kCeShared ? ref_s * L.k + log2f(st.z_s) : ref_s * kLog2e + log2f(st.z_c);
+    out[2] = a.has_ce ? kLn2 * log2_z_c : 0.0f;
+  }
+}
+
+// ---- a vocab shard: SUMS or GRADIENT from the global log-sum-exps, one pass, one block per row ----
+// SUMS out: [divergence terms, D, the label's logit (0 where another rank holds it)]; forward KL and CE also
+// write their gradient. GRADIENT: q (c - D) (reverse KL, c = log q - log p), q (h - D) (mixtures).
+template <typename S, typename T, int MODE, int PHASE>
+__global__ void __launch_bounds__(kThreads) distill_shard_kernel(const Launch L) {
+  __shared__ float2 sum_scratch[kThreads / 32];
+  const DistillArgs& a = L.a;
+  const int64_t row = blockIdx.x;
+  const RowLabel lab = row_label(a, row);
+  const RowPointers<S, T> p = row_pointers<S, T>(L, row);
+  if (!lab.keep) {
+    if (p.g) range_zero(p.g, 0, a.vocab);
+    if (PHASE == kPhaseSums && threadIdx.x < kStatColumns) a.out[row * kStatColumns + threadIdx.x] = 0.0f;
+    return;
+  }
+  const float* given = a.row_stats + row * kStatColumns;
+  const float log2_z_c = given[2] * kLog2e;
+  // References 0: log2 q = s * k - log2 z. Without KD the kernel runs at T = 1 on CE's own statistics.
+  const float log2_z_s = a.has_kd ? given[0] * kLog2e : log2_z_c;
+  const float log2_z_t = given[1] * kLog2e;
+  const float squared_ce = exp2f(2.0f * log2_z_s - log2_z_c);
+  const float total_d = PHASE == kPhaseGradient ? a.row_totals[row * kStatColumns + 1] : 0.0f;
+  const float s_label = (lab.label_ok && threadIdx.x == 0) ? load1(p.s + lab.label) : 0.0f;
+  __syncthreads();  // the label's logit is read before any thread writes the gradient over the logits
+  const float row_scale = p.g ? *a.grad_scale : 0.0f;
+  const float kd_coef = row_scale * a.kd_scale * a.inv_temperature;
+  const float ce_coef = a.has_ce ? row_scale * a.ce_weight : 0.0f;
+  const int ce_stats = L.ce_stats;
+  float2 acc = make_float2(0.0f, 0.0f);
+  for_each_block_of_row<MODE != kModeCeOnly>(p, 0, a.vocab, false, [&](int64_t col, auto& s, auto& t) {
+    constexpr int N = kLanesOf<decltype(s)>;
+    float g[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const float lq = s[i] * L.k - log2_z_s;
+      const float q = fast_exp2(lq);
+      float grad_kd = 0.0f;
+      if (MODE != kModeCeOnly) {
+        const float lp = t[i] * L.k - log2_z_t;
+        const float pt = fast_exp2(lp);
+        if (MODE == kModeForwardKL) {
+          acc.x += kLn2 * weighted(pt, lp - lq);
+          grad_kd = q - pt;
+        } else if (MODE == kModeReverseKL) {
+          const float c = kLn2 * (lq - lp);
+          acc.x += weighted(q, c);
+          grad_kd = weighted(q, c - total_d);
+        } else {
+          float term, h;
+          mixture_terms(a.divergence, a.beta, L.log2_beta, L.log2_1m_beta, lq, lp, q, pt, term, h);
+          acc.x += term;
+          acc.y += weighted(q, h);
+          grad_kd = weighted(q, h - total_d);
+        }
+      }
+      g[i] = kd_coef * grad_kd;
+      if (ce_stats != kCeNone) {
+        const float ce_prob = ce_probability(ce_stats, q, s[i], 0.0f, squared_ce, log2_z_c);
+        g[i] += ce_coef * (ce_prob - (col + i == lab.label ? 1.0f : 0.0f));
+      }
+    }
+    if (p.g) store_block(p.g, col, g);
+  });
+  if (PHASE == kPhaseSums) {
+    const float2 sums = block_sum2<kThreads>(acc, sum_scratch);
+    if (threadIdx.x == 0) {
+      float* out = a.out + row * kStatColumns;
+      out[0] = sums.x;
+      out[1] = MODE == kModeReverseKL ? sums.x : sums.y;
+      out[2] = s_label;
+    }
   }
 }
 
 template <typename S, typename T, int MODE>
 cudaError_t launch_mode(const Launch& L, cudaStream_t stream) {
   const int64_t rows = L.a.batch * L.a.rows_per_batch;
+  const unsigned row_blocks = static_cast<unsigned>(rows);
+  switch (L.a.phase) {
+    case kPhaseStats:
+      distill_stats_kernel<S, T, MODE == kModeCeOnly ? kModeCeOnly : kModeForwardKL>
+          <<<row_blocks, kThreads, 0, stream>>>(L);
+      return cudaGetLastError();
+    case kPhaseSums:
+      distill_shard_kernel<S, T, MODE, kPhaseSums><<<row_blocks, kThreads, 0, stream>>>(L);
+      return cudaGetLastError();
+    case kPhaseGradient:  // reverse KL and the mixtures only (pack_distill_args refuses the others)
+      if constexpr (kCentred<MODE>) {
+        distill_shard_kernel<S, T, MODE, kPhaseGradient><<<row_blocks, kThreads, 0, stream>>>(L);
+        return cudaGetLastError();
+      }
+      return cudaErrorInvalidValue;
+    default:
+      break;
+  }
   if (L.a.splits <= 1) {
-    distill_row_kernel<S, T, MODE><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(L);
+    distill_row_kernel<S, T, MODE><<<row_blocks, kThreads, 0, stream>>>(L);
     return cudaGetLastError();
   }
   const unsigned blocks = static_cast<unsigned>(rows * L.a.splits);
   distill_split_stats_kernel<S, T, MODE><<<blocks, kThreads, 0, stream>>>(L);
   if (MODE == kModeMixture) distill_split_mixture_kernel<S, T><<<blocks, kThreads, 0, stream>>>(L);
-  distill_split_gradient_kernel<S, T, MODE><<<L.a.grad ? blocks : static_cast<unsigned>(rows), kThreads, 0, stream>>>(L);
+  distill_split_gradient_kernel<S, T, MODE><<<L.a.grad ? blocks : row_blocks, kThreads, 0, stream>>>(L);
   return cudaGetLastError();
 }
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from kdfast.native_build import cpu_extension_or_none
+from kdfast.kernel_abi import FUSED, PhaseCall, native_settings
+from kdfast.native_build import cpu_extension_or_none, load_cpu_extension
 from kdfast.options import LossOptions
 
 
@@ -10,11 +11,9 @@ def available() -> bool:
     return cpu_extension_or_none() is not None
 
 
-def forward_rows(student, teacher, labels, grad_scale, grad, opts: LossOptions):
-    ops = cpu_extension_or_none()
-    if ops is None:
-        raise RuntimeError("the kdfast CPU kernel is not available on this machine (see the build warning)")
+def forward_rows(student, teacher, labels, grad_scale, grad, opts: LossOptions, call: PhaseCall = FUSED):
+    ops = load_cpu_extension()  # raises NativeBuildError, saying why, when the kernel cannot be built here
     teacher = teacher if opts.has_kd else student  # unused by the kernel without KD; any valid view will do
-    return ops.distill_forward(student, teacher, labels, grad_scale, grad, opts.divergence_code,
-                               float(opts.beta), float(opts.temperature), opts.kd_scale,
-                               float(opts.ce_weight), int(opts.ignore_index), opts.has_kd, opts.has_ce)
+    ints, floats = native_settings(opts, call.phase, call.col_offset)
+    return ops.distill_forward(student, teacher, labels, grad_scale, grad, call.row_stats, call.row_totals, ints,
+                               floats)

@@ -6,7 +6,8 @@ import os
 
 import torch
 
-from kdfast.native_build import cuda_extension_or_none
+from kdfast.kernel_abi import FUSED, PhaseCall, native_settings
+from kdfast.native_build import cuda_extension_or_none, load_cuda_extension
 from kdfast.options import LossOptions
 
 
@@ -22,16 +23,13 @@ def forced_splits() -> int:
     return int(value)
 
 
-def forward_rows(student, teacher, labels, grad_scale, grad, opts: LossOptions):
-    ops = cuda_extension_or_none()
-    if ops is None:
-        raise RuntimeError("the kdfast CUDA kernels are not available on this machine (see the build warning)")
+def forward_rows(student, teacher, labels, grad_scale, grad, opts: LossOptions, call: PhaseCall = FUSED):
+    ops = load_cuda_extension()  # raises NativeBuildError, saying why, when the kernels cannot be built here
     if not opts.has_kd:
         teacher = student  # unused by the kernel without KD; any valid view will do
     elif teacher.dtype not in (student.dtype, torch.float32):
         # The kernels pair a teacher of the student's dtype or float32; widening is exact.
         teacher = teacher.float()
-    return ops.distill_forward(student, teacher, labels, grad_scale, grad, opts.divergence_code,
-                               float(opts.beta), float(opts.temperature), opts.kd_scale,
-                               float(opts.ce_weight), int(opts.ignore_index), opts.has_kd, opts.has_ce,
-                               forced_splits())
+    ints, floats = native_settings(opts, call.phase, call.col_offset, forced_splits())
+    return ops.distill_forward(student, teacher, labels, grad_scale, grad, call.row_stats, call.row_totals, ints,
+                               floats)

@@ -1,4 +1,4 @@
-"""The loss contract in plain PyTorch, with the kernels' closed-form gradient, chunked over rows.
+"""The loss contract in plain PyTorch (kdfast.divergences), every phase, chunked over rows.
 
 Works on any device; memory beyond inputs and gradient is a few float32 [chunk, vocab] temporaries.
 """
@@ -9,111 +9,103 @@ import math
 
 import torch
 
+from kdfast import divergences
+from kdfast.kernel_abi import FUSED, STAT_COLUMNS, Phase, PhaseCall
 from kdfast.options import LossOptions
 
 # About 64 MiB of float32 per temporary: large enough to keep the vector units busy, small next to [N, V].
 _CHUNK_ELEMENTS = 1 << 24
 
 
-def _weighted(prob: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
-    """prob * log_ratio with 0 * anything = 0 (teacher logits of -inf add nothing)."""
-    return torch.where(prob == 0, torch.zeros_like(prob), prob * log_ratio)
+def _normalisers(x, inv_t, given):
+    """(reference, log z) with log-probabilities (x - reference) / T - log z: from the rows themselves, or from
+    the global log-sum-exps `given` [R] of a shard's later phases (reference 0)."""
+    if given is None:
+        return divergences.log_normaliser(x, inv_t)
+    return torch.zeros_like(given[:, None]), given[:, None]
 
 
-def _log_mixture(log_a, log_b, weight_a: float):
-    log_w = math.log(weight_a) if weight_a > 0 else -math.inf
-    log_1mw = math.log1p(-weight_a) if weight_a < 1 else -math.inf
-    return torch.logaddexp(log_a + log_w, log_b + log_1mw)
-
-
-def kd_sums(ls, lt, opts: LossOptions):
-    """Row sums over these vocab columns of the divergence's terms, and the elementwise u_j = q_j * dL/dq_j the
-    gradient needs (None for forward and reverse KL), from log-probabilities `ls` (student) and `lt` (teacher)
-    at T. Over a vocab shard (kdfast.vocab_parallel) the sums are partial and the caller adds them up."""
-    beta, name = opts.beta, opts.effective_divergence
-    if name == "forward_kl":
-        return _weighted(lt.exp(), lt - ls).sum(-1), None
-    if name == "reverse_kl":
-        return _weighted(ls.exp(), ls - lt).sum(-1), None
-    q, p = ls.exp(), lt.exp()
-    if name == "jsd":
-        lm = _log_mixture(lt, ls, beta)
-        q_term = _weighted(q, ls - lm)
-        return (beta * _weighted(p, lt - lm) + (1 - beta) * q_term).sum(-1), (1 - beta) * q_term
-    if name == "skew_forward_kl":
-        lm = _log_mixture(lt, ls, beta)
-        # q * p / m in log space: q may underflow where p / m is huge (beta = 0: m = q).
-        u = -(1 - beta) * torch.where(lm == -math.inf, torch.zeros_like(lm), (ls + lt - lm).exp())
-        return _weighted(p, lt - lm).sum(-1), u
-    lm = _log_mixture(ls, lt, beta)
-    # beta * q / m as exp(log beta + ls - lm): at beta = 0, q / m may overflow (0 * inf).
-    log_beta = math.log(beta) if beta > 0 else -math.inf
-    return _weighted(q, ls - lm).sum(-1), _weighted(q, ls - lm - (ls - lm + log_beta).exp())
-
-
-def kd_gradient(ls, lt, u, kd, u_sum, opts: LossOptions):
-    """d(divergence)/d(s / T) from the whole row's divergence `kd` [R] and sum of u `u_sum` [R]."""
-    name = opts.effective_divergence
-    q = ls.exp()
-    if name == "forward_kl":
-        return q - lt.exp()
-    if name == "reverse_kl":
-        return _weighted(q, ls - lt - kd[:, None])
-    # The rest: dL/da_j = u_j - q_j * sum(u).
-    return u - q * u_sum[:, None]
-
-
-def _kd_rows_and_grad(s, t, opts: LossOptions):
-    """Divergence per row and d(divergence)/d(s / T), both float32."""
+def _chunk_rows(s, t, labels, row_scale, opts: LossOptions, call: PhaseCall, given, totals, want_grad: bool):
+    """This chunk's outputs ([R] for FUSED, [R, 3] for STATS and SUMS, None for GRADIENT) and gradient."""
+    rows, vocab = s.shape
     inv_t = 1.0 / opts.temperature
-    ls = torch.log_softmax(s * inv_t, dim=-1)
-    lt = torch.log_softmax(t * inv_t, dim=-1)
-    kd, u = kd_sums(ls, lt, opts)
-    return kd, kd_gradient(ls, lt, u, kd, u.sum(-1) if u is not None else None, opts)
-
-
-def _chunk_rows(s, t, labels, row_scale, opts: LossOptions, want_grad: bool):
-    loss = torch.zeros(s.shape[0], dtype=torch.float32, device=s.device)
-    grad = torch.zeros(s.shape, dtype=torch.float32, device=s.device) if want_grad else None
+    zeros = torch.zeros(rows, dtype=torch.float32, device=s.device)
+    ref_s = log_z_s = ref_t = log_z_t = None
     if opts.has_kd:
-        kd, kd_grad = _kd_rows_and_grad(s, t, opts)
-        loss = loss + opts.kd_scale * kd
-        if want_grad:
-            grad += (opts.kd_scale / opts.temperature) * kd_grad
-    if opts.has_ce:
-        log_probs = torch.log_softmax(s, dim=-1)
-        in_range = (labels >= 0) & (labels < s.shape[-1])
-        safe = torch.where(in_range, labels, torch.zeros_like(labels))
-        ce = -log_probs.gather(-1, safe[:, None]).squeeze(-1)
-        # Out-of-range labels (refused on the host where that costs no sync) poison their row, never hide.
-        loss = loss + opts.ce_weight * torch.where(in_range, ce, torch.full_like(ce, math.nan))
-        if want_grad:
-            ce_grad = log_probs.exp()
-            ce_grad.scatter_add_(-1, safe[:, None], -torch.ones_like(ce[:, None]))
-            grad += opts.ce_weight * ce_grad
-    if labels is not None:
-        keep = labels != opts.ignore_index
-        loss = torch.where(keep, loss, torch.zeros_like(loss))
-        if want_grad:
-            grad = torch.where(keep[:, None], grad, torch.zeros_like(grad))
+        ref_s, log_z_s = _normalisers(s, inv_t, given[:, 0] if given is not None else None)
+        ref_t, log_z_t = _normalisers(t, inv_t, given[:, 1] if given is not None else None)
+    ref_c, log_z_c = _normalisers(s, 1.0, given[:, 2] if given is not None else None)
+    keep = labels != opts.ignore_index if labels is not None else None
+    if call.phase == Phase.STATS:
+        columns = [(ref_s * inv_t + log_z_s)[:, 0] if opts.has_kd else zeros,
+                   (ref_t * inv_t + log_z_t)[:, 0] if opts.has_kd else zeros,
+                   (ref_c + log_z_c)[:, 0] if opts.has_ce else zeros]
+        out = torch.stack(columns, dim=-1)
+        return (torch.where(keep[:, None], out, torch.zeros_like(out)) if keep is not None else out), None
+
+    kd = row_sum = ls = lt = scores = None
+    if opts.has_kd:
+        ls, lt = (s - ref_s) * inv_t - log_z_s, (t - ref_t) * inv_t - log_z_t
+        kd, scores, row_sum = divergences.kd_parts(s, t, ls, lt, opts, centre=call.phase == Phase.FUSED)
+        if call.phase == Phase.GRADIENT:
+            row_sum = totals[:, 1]
+    held = label_logit = None
+    if labels is not None and opts.has_ce:
+        local = labels - call.col_offset
+        held = (local >= 0) & (local < vocab)
+        safe = torch.where(held, local, torch.zeros_like(local))
+        label_logit = torch.where(held, s.gather(-1, safe[:, None]).squeeze(-1), zeros)
+
+    grad = None
     if want_grad:
-        grad = grad * row_scale
-    return loss, grad
+        grad = torch.zeros_like(s)
+        if opts.has_kd:
+            grad += (opts.kd_scale * inv_t) * divergences.kd_gradient(ls, lt, scores, row_sum, opts)
+        if opts.has_ce:
+            grad += opts.ce_weight * ((s - ref_c) - log_z_c).exp()
+            grad.scatter_add_(-1, safe[:, None], -opts.ce_weight * held.to(grad.dtype)[:, None])
+        grad *= row_scale
+
+    if call.phase == Phase.FUSED:
+        out = opts.kd_scale * kd if opts.has_kd else zeros
+        if opts.has_ce:
+            # log sum exp(s) - s_label = (max - s_label) + log z, the difference taken first.
+            ce = (ref_c[:, 0] - label_logit) + log_z_c[:, 0]
+            # Out-of-range labels (refused on the host where that costs no sync) poison their row, never hide.
+            out = out + opts.ce_weight * torch.where(held, ce, torch.full_like(ce, math.nan))
+            if grad is not None:
+                grad.masked_fill_(~held[:, None], 0.0)
+    elif call.phase == Phase.SUMS:
+        out = torch.stack([kd if kd is not None else zeros, row_sum if row_sum is not None else zeros,
+                           label_logit if label_logit is not None else zeros], dim=-1)
+    else:
+        out = None
+    if keep is not None:
+        if out is not None:
+            out = torch.where(keep.view(-1, *([1] * (out.dim() - 1))), out, torch.zeros_like(out))
+        if grad is not None:
+            grad.masked_fill_(~keep[:, None], 0.0)  # a fill, not a product: NaN in an ignored row stays out
+    return out, grad
 
 
-def forward_rows(student, teacher, labels, grad_scale, grad, opts: LossOptions) -> torch.Tensor:
+def forward_rows(student, teacher, labels, grad_scale, grad, opts: LossOptions, call: PhaseCall = FUSED):
     batch, rows_per_batch, vocab = student.shape
-    loss_rows = torch.empty(batch * rows_per_batch, dtype=torch.float32, device=student.device)
+    rows = batch * rows_per_batch
+    shape = {Phase.FUSED: (rows,), Phase.GRADIENT: (0,)}.get(call.phase, (rows, STAT_COLUMNS))
+    out = torch.empty(shape, dtype=torch.float32, device=student.device)
     step = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
     for b in range(batch):
         for start in range(0, rows_per_batch, step):
             stop = min(start + step, rows_per_batch)
+            flat = slice(b * rows_per_batch + start, b * rows_per_batch + stop)
             s = student[b, start:stop].float()
             t = teacher[b, start:stop].float() if opts.has_kd else None
-            flat = slice(b * rows_per_batch + start, b * rows_per_batch + stop)
-            chunk_labels = labels[flat] if labels is not None else None
-            rows, chunk_grad = _chunk_rows(s, t, chunk_labels, grad_scale, opts, grad is not None)
-            loss_rows[flat] = rows
+            chunk_out, chunk_grad = _chunk_rows(
+                s, t, labels[flat] if labels is not None else None, grad_scale, opts, call,
+                call.row_stats[flat] if call.row_stats is not None else None,
+                call.row_totals[flat] if call.row_totals is not None else None, grad is not None)
+            if chunk_out is not None:
+                out[flat] = chunk_out
             if grad is not None:
                 grad[b, start:stop] = chunk_grad
-    return loss_rows
+    return out

@@ -13,16 +13,14 @@ trained on the first run and cached, keyed by its settings and the corpus. `--te
 
 from __future__ import annotations
 
-import argparse
-import os
 import time
-from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kdfast.demo import report
+from kdfast.demo.arguments import parse_args
 from kdfast.demo.corpus import load_corpus
 from kdfast.demo.models import (
     STUDENT_SIZE,
@@ -49,49 +47,6 @@ from kdfast.demo.training import (
     warmup_then_constant,
     warmup_then_cosine,
 )
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="kdfast distill", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=240, help="training steps of each student (default 240)")
-    parser.add_argument("--teacher-steps", type=int, default=None,
-                        help="steps to train the teacher when it is not cached (default: 4 x --steps)")
-    parser.add_argument("--teacher", type=Path, help="a causal-LM checkpoint directory to use as the teacher")
-    parser.add_argument("--student", type=Path, help="a checkpoint directory to start both students from")
-    parser.add_argument("--data", type=Path, help="a UTF-8 text file (default: the Python standard library)")
-    parser.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary when one is trained")
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3, help="the students' learning rate")
-    # Measured with the default teacher: T=2 gave a held-out perplexity of 69.6 at 240 steps, T=1 64.0.
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--divergence", default="forward_kl")
-    parser.add_argument("--kd-weight", type=float, default=0.5)
-    parser.add_argument("--ce-weight", type=float, default=0.5)
-    parser.add_argument("--eval-windows", type=int, default=160, help="held-out windows of --seq-len tokens")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
-    parser.add_argument("--out", type=Path, default=default_out_dir(), help="where the report files go")
-    args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error("--steps must be >= 1")
-    if args.student and not args.teacher:
-        parser.error("--student needs --teacher (the tokenizer comes from the teacher's checkpoint)")
-    args.teacher_steps = args.teacher_steps or 4 * args.steps
-    return args
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "kdfast" / "distill"
-
-
-def default_out_dir() -> Path:
-    checkout_results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
-    if os.environ.get("KDFAST_RESULTS_DIR"):
-        return Path(os.environ["KDFAST_RESULTS_DIR"])
-    return checkout_results if checkout_results.parent.is_dir() else Path("kdfast-distill-results")
 
 
 def progress_bar(console):
@@ -129,7 +84,10 @@ def get_teacher(args, corpus, device, console, progress):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    return run(parse_args(argv))
+
+
+def run(args):
     console = Console()
     device = torch.device(args.device)
     started = time.perf_counter()
@@ -168,8 +126,7 @@ def main(argv=None):
         train_side_by_side(distilled, plain, args.steps, progress)
     runs = {"distilled": distilled.result, "plain": plain.result}
     student = plain.model
-    # Measured after training: the peak-memory probe pins glibc's mmap threshold for the rest of the process
-    # (kdfast.memory), which would slow the training steps' large allocations.
+    # Measured after training, so that the probe's heap trimming (kdfast.memory) cannot slow the training steps.
     with console.status("per-step cost: fused vs eager distillation loss"):
         costs = step_costs(fresh_student(), next(Batches(corpus.train, args.batch_size, args.seq_len, 1)).to(device),
                            {"kdfast fused loss": fused, "eager PyTorch loss": eager}, rounds=5)

@@ -8,7 +8,7 @@ import contextlib
 
 import torch
 
-from kdfast.linear_loss import linear_distill_loss
+from kdfast.linear_loss import fused_linear_loss
 from kdfast.options import LossOptions
 
 
@@ -104,12 +104,11 @@ def distill_from_hidden(student, teacher, student_hidden, teacher_hidden, labels
     with gathered(student_head.weight, student_head.bias, teacher_head.weight, teacher_head.bias):
         # The teacher is frozen here even where its trainer left requires_grad on (TRL does).
         teacher_bias = sliced_bias(teacher_head)
-        return linear_distill_loss(student_hidden, student_head.weight[:vocab], teacher_hidden.detach(),
-                                   teacher_head.weight[:vocab].detach(), labels,
-                                   student_bias=sliced_bias(student_head),
-                                   teacher_bias=teacher_bias.detach() if teacher_bias is not None else None,
-                                   softcap=softcap, chunk_size=chunk_size, num_items_in_batch=num_items_in_batch,
-                                   **options.__dict__)
+        return fused_linear_loss(student_hidden, student_head.weight[:vocab], teacher_hidden.detach(),
+                                 teacher_head.weight[:vocab].detach(), labels, options,
+                                 student_bias=sliced_bias(student_head),
+                                 teacher_bias=teacher_bias.detach() if teacher_bias is not None else None,
+                                 softcap=softcap, chunk_size=chunk_size, num_items_in_batch=num_items_in_batch)
 
 
 def batch_distill_loss(student, teacher, inputs, options: LossOptions, *, chunk_size="auto", vocab_size=None,

@@ -1,0 +1,70 @@
+// What the CPU and CUDA kernels and the Python side agree on (kdfast/kernel_abi.py is the Python twin; a test
+// holds them equal): the divergence codes, the phases, the order of the settings lists, and the one argument
+// struct both kernels read. No torch headers, so plain g++ / nvcc compile-check the kernels.
+#pragma once
+
+#include <cstdint>
+
+namespace kdfast {
+
+enum class ScalarKind : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+enum Divergence : int { kForwardKL = 0, kReverseKL = 1, kJSD = 2, kSkewForwardKL = 3, kSkewReverseKL = 4 };
+
+// docs/DESIGN.md, "Shards and phases".
+enum Phase : int { kPhaseFused = 0, kPhaseStats = 1, kPhaseSums = 2, kPhaseGradient = 3 };
+constexpr int kStatColumns = 3;  // STATS: lse of student at T, teacher at T, student at 1; SUMS: terms, D, label logit
+
+// Positions in the int and float settings lists the ops take.
+enum IntSetting : int {
+  kSettingDivergence = 0,
+  kSettingIgnoreIndex = 1,
+  kSettingHasKd = 2,
+  kSettingHasCe = 3,
+  kSettingPhase = 4,
+  kSettingColOffset = 5,
+  kSettingSplits = 6,
+  kIntSettingCount = 7
+};
+enum FloatSetting : int {
+  kSettingBeta = 0,
+  kSettingTemperature = 1,
+  kSettingKdScale = 2,
+  kSettingCeWeight = 3,
+  kFloatSettingCount = 4
+};
+
+struct DistillArgs {
+  // data pointers; grad may alias student (inplace_backward) and is null when no gradient is wanted
+  const void* student;
+  const void* teacher;
+  void* grad;
+  const int64_t* labels;     // [batch * rows_per_batch] global token ids, or null
+  float* out;                // FUSED: loss rows [rows]; STATS / SUMS: [rows, kStatColumns]; GRADIENT: unused
+  const float* grad_scale;   // one float: the reduction's factor (1/kept rows, 1/num_items, 1)
+  const float* row_stats;    // SUMS / GRADIENT: the global log-sum-exps [rows, kStatColumns]
+  const float* row_totals;   // GRADIENT: the global SUMS [rows, kStatColumns]
+  ScalarKind student_kind, teacher_kind;
+  // shapes: logical rows are (b, r) with b < batch, r < rows_per_batch; the vocab stride is 1
+  int64_t batch, rows_per_batch, vocab;
+  // strides in elements
+  int64_t student_stride_b, student_stride_r, teacher_stride_b, teacher_stride_r, grad_stride_b, grad_stride_r;
+  // loss settings
+  int divergence;
+  float beta, temperature, inv_temperature, kd_scale, ce_weight;
+  int temperature_power;  // 1 or 2 when T is that integer (CE reuses the tempered exps), else 0
+  int64_t ignore_index;
+  bool has_kd, has_ce;
+  // the shard: this call's columns are [col_offset, col_offset + vocab) of the global vocabulary
+  int phase;
+  int64_t col_offset;
+  // CUDA only: splits > 1 cuts each row into vocab ranges handled by separate blocks, whose partial statistics
+  // meet in `workspace`
+  int splits;
+  float* workspace;
+};
+
+// A mixture (JSD, skews) needs a per-element score and its row sum before its gradient.
+inline bool is_mixture(int divergence) { return divergence != kForwardKL && divergence != kReverseKL; }
+
+}  // namespace kdfast

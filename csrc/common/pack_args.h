@@ -1,0 +1,142 @@
+// Tensors and settings lists -> DistillArgs, with readable input checks: the one packing both bindings use.
+// Slim ATen headers only (no torch/extension.h), which keeps the JIT compile short.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/ArrayRef.h>
+
+#include <optional>
+
+#include "kernel_abi.h"
+
+namespace kdfast {
+
+// The op both extensions register (under their own namespace).
+constexpr const char* kDistillForwardSchema =
+    "distill_forward(Tensor student, Tensor teacher, Tensor? labels, Tensor grad_scale, Tensor(a!)? grad, "
+    "Tensor? row_stats, Tensor? row_totals, int[] int_settings, float[] float_settings) -> Tensor";
+
+#define KDFAST_CHECK_DEVICE(x, device_type) \
+  TORCH_CHECK((x).device().type() == (device_type), #x " must be on ", (device_type), ", got ", (x).device())
+#define KDFAST_CHECK_ROWS_VIEW(x) \
+  TORCH_CHECK((x).dim() == 3 && ((x).stride(2) == 1 || (x).size(2) == 1), \
+              #x " must be a [batch, rows, vocab] view with vocab stride 1")
+
+inline ScalarKind scalar_kind(const at::Tensor& x, const char* name) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return ScalarKind::kFloat32;
+    case at::kBFloat16: return ScalarKind::kBFloat16;
+    case at::kHalf: return ScalarKind::kFloat16;
+    default: TORCH_CHECK(false, name, " must be float32, bfloat16 or float16, got ", x.scalar_type());
+  }
+}
+
+inline void check_row_table(const std::optional<at::Tensor>& table, const char* name, int64_t rows,
+                            c10::DeviceType device_type) {
+  TORCH_CHECK(table.has_value(), name, " is required in this phase");
+  KDFAST_CHECK_DEVICE(*table, device_type);
+  TORCH_CHECK(table->scalar_type() == at::kFloat && table->is_contiguous() && table->dim() == 2 &&
+                  table->size(0) == rows && table->size(1) == kStatColumns,
+              name, " must be a contiguous float32 [", rows, ", ", kStatColumns, "] tensor, got ", table->sizes());
+}
+
+struct PackedCall {
+  DistillArgs args;
+  at::Tensor out;
+};
+
+inline PackedCall pack_distill_args(const at::Tensor& student, const at::Tensor& teacher,
+                                    const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
+                                    const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& row_stats,
+                                    const std::optional<at::Tensor>& row_totals, c10::IntArrayRef ints,
+                                    c10::ArrayRef<double> floats, c10::DeviceType device_type) {
+  TORCH_CHECK(ints.size() == kIntSettingCount && floats.size() == kFloatSettingCount, "kdfast: expected ",
+              kIntSettingCount, " int and ", kFloatSettingCount, " float settings, got ", ints.size(), " and ",
+              floats.size(), " (the Python package and the compiled kernel disagree: rebuild with `kdfast build`)");
+  KDFAST_CHECK_DEVICE(student, device_type);
+  KDFAST_CHECK_DEVICE(teacher, device_type);
+  KDFAST_CHECK_DEVICE(grad_scale, device_type);
+  KDFAST_CHECK_ROWS_VIEW(student);
+  KDFAST_CHECK_ROWS_VIEW(teacher);
+  TORCH_CHECK(teacher.sizes() == student.sizes(), "teacher shape ", teacher.sizes(), " != student shape ",
+              student.sizes());
+  TORCH_CHECK(teacher.device() == student.device(), "teacher and student logits must be on one device");
+  TORCH_CHECK(grad_scale.scalar_type() == at::kFloat && grad_scale.numel() == 1, "grad_scale must be one float32");
+
+  DistillArgs a{};
+  a.divergence = static_cast<int>(ints[kSettingDivergence]);
+  a.ignore_index = ints[kSettingIgnoreIndex];
+  a.has_kd = ints[kSettingHasKd] != 0;
+  a.has_ce = ints[kSettingHasCe] != 0;
+  a.phase = static_cast<int>(ints[kSettingPhase]);
+  a.col_offset = ints[kSettingColOffset];
+  a.splits = static_cast<int>(ints[kSettingSplits]);
+  TORCH_CHECK(a.divergence >= kForwardKL && a.divergence <= kSkewReverseKL, "unknown divergence code ",
+              a.divergence);
+  TORCH_CHECK(a.phase >= kPhaseFused && a.phase <= kPhaseGradient, "unknown phase ", a.phase);
+  TORCH_CHECK(a.phase != kPhaseFused || a.col_offset == 0, "a fused call covers the whole row (col_offset 0)");
+  const double temperature = floats[kSettingTemperature];
+  a.beta = static_cast<float>(floats[kSettingBeta]);
+  a.temperature = static_cast<float>(temperature);
+  a.inv_temperature = static_cast<float>(1.0 / temperature);
+  a.kd_scale = static_cast<float>(floats[kSettingKdScale]);
+  a.ce_weight = static_cast<float>(floats[kSettingCeWeight]);
+  a.temperature_power = temperature == 1.0 ? 1 : (temperature == 2.0 ? 2 : 0);
+
+  a.student = student.data_ptr();
+  a.teacher = teacher.data_ptr();
+  a.student_kind = scalar_kind(student, "student_logits");
+  a.teacher_kind = scalar_kind(teacher, "teacher_logits");
+  a.student_stride_b = student.stride(0);
+  a.student_stride_r = student.stride(1);
+  a.teacher_stride_b = teacher.stride(0);
+  a.teacher_stride_r = teacher.stride(1);
+  a.batch = student.size(0);
+  a.rows_per_batch = student.size(1);
+  a.vocab = student.size(2);
+  const int64_t rows = a.batch * a.rows_per_batch;
+  if (labels.has_value()) {
+    KDFAST_CHECK_DEVICE(*labels, device_type);
+    TORCH_CHECK(labels->scalar_type() == at::kLong && labels->is_contiguous() && labels->numel() == rows,
+                "labels must be a contiguous int64 tensor with one entry per row");
+    a.labels = labels->data_ptr<int64_t>();
+  }
+  if (grad.has_value()) {
+    KDFAST_CHECK_DEVICE(*grad, device_type);
+    KDFAST_CHECK_ROWS_VIEW(*grad);
+    TORCH_CHECK(grad->sizes() == student.sizes() && grad->scalar_type() == student.scalar_type(),
+                "grad must match the student logits' shape and dtype");
+    TORCH_CHECK(a.phase != kPhaseStats, "the STATS phase writes no gradient");
+    TORCH_CHECK(a.phase != kPhaseSums || !a.has_kd || a.divergence == kForwardKL,
+                "in the SUMS phase only forward KL and CE write their gradient (the others need GRADIENT)");
+    a.grad = grad->data_ptr();
+    a.grad_stride_b = grad->stride(0);
+    a.grad_stride_r = grad->stride(1);
+  }
+  TORCH_CHECK(a.phase != kPhaseGradient || grad.has_value(), "the GRADIENT phase needs a grad to write");
+  TORCH_CHECK(a.phase != kPhaseGradient || (a.has_kd && a.divergence != kForwardKL),
+              "the GRADIENT phase is for reverse KL and the mixtures (forward KL and CE write theirs in SUMS)");
+  if (a.phase == kPhaseSums || a.phase == kPhaseGradient) {
+    check_row_table(row_stats, "row_stats", rows, device_type);
+    a.row_stats = row_stats->data_ptr<float>();
+  }
+  if (a.phase == kPhaseGradient) {
+    check_row_table(row_totals, "row_totals", rows, device_type);
+    a.row_totals = row_totals->data_ptr<float>();
+  }
+  a.grad_scale = grad_scale.data_ptr<float>();
+  const auto float_options = student.options().dtype(at::kFloat);
+  at::Tensor out;
+  if (a.phase == kPhaseFused) {
+    out = at::empty({rows}, float_options);
+  } else if (a.phase == kPhaseGradient) {
+    out = at::empty({0}, float_options);
+  } else {
+    out = at::empty({rows, kStatColumns}, float_options);
+  }
+  a.out = out.data_ptr<float>();
+  return {a, out};
+}
+
+}  // namespace kdfast

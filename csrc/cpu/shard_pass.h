@@ -1,0 +1,117 @@
+// A vocab shard's SUMS and GRADIENT phases on the CPU (docs/DESIGN.md, "Shards and phases"): one pass over the
+// row from the global log-sum-exps. Its probabilities are final as soon as they are computed, so the divergence's
+// sums and the gradient come out of the same loop, with nothing kept between passes. Log-probabilities are
+// (x - T lse) / T; the centring on a reference entry needs the row's argmax, which no shard knows: D is then the
+// plain sum of q * h over the vocabulary (the GRADIENT phase takes it from row_totals).
+#pragma once
+
+#include "row_math.h"
+
+namespace kdfast_cpu {
+
+enum ShardKd : int { kShardNoKd = 0, kShardForwardKL = 1, kShardReverseKL = 2, kShardMixture = 3 };
+
+struct ShardSums {
+  float kd;  // the divergence's terms over these columns
+  float d;   // D: the gradient's row sum over these columns (reverse KL: the same as kd)
+};
+
+struct ShardRow {
+  float ref_s, ref_t, ref_ce;  // T lse_s, T lse_t (logit units), lse_c
+  float inv_z_ce;              // softmax(s) at T = 1 from the tempered probabilities: q * this (T = 1), q^2 * this
+  float total_d;               // GRADIENT: the global D
+  float kd_coef, ce_coef;
+};
+
+template <int kKd, int kCe, typename GradT>
+ShardSums shard_loop(const float* s, const float* t, GradT* g, const ShardRow& r, const DistillArgs& a) {
+  const float inv_t = a.inv_temperature;
+  const MixtureConstants mc(a.beta);
+  const int divergence = a.divergence;
+  VFloat kd_acc{}, d_acc{};
+  for_lanes(a.vocab, [&](int64_t j, auto zero) {
+    using F = decltype(zero);
+    const F sj = load<F>(s + j);
+    const F ls = (sj - r.ref_s) * inv_t;
+    const F q = fast_exp(ls);
+    F grad_kd = zero;
+    if constexpr (kKd != kShardNoKd) {
+      const F lt = (load<F>(t + j) - r.ref_t) * inv_t;
+      const F p = fast_exp(lt);
+      if constexpr (kKd == kShardForwardKL) {
+        accumulate(kd_acc, weighted(p, lt - ls));
+        grad_kd = q - p;
+      }
+      if constexpr (kKd == kShardReverseKL) {
+        const F c = ls - lt;
+        accumulate(kd_acc, weighted(q, c));
+        grad_kd = weighted(q, c - r.total_d);
+      }
+      if constexpr (kKd == kShardMixture) {
+        F term, h;
+        mixture_term_and_score<F>(divergence, mc.beta, mc.log_beta, mc.log_1m_beta, ls, lt, q, p, term, h);
+        accumulate(kd_acc, term);
+        accumulate(d_acc, weighted(q, h));
+        grad_kd = weighted(q, h - r.total_d);
+      }
+    }
+    if (g != nullptr) {
+      F ce = zero;
+      if constexpr (kCe == kCeFromTempered) ce = q * r.inv_z_ce;
+      if constexpr (kCe == kCeFromTemperedSquared) ce = q * q * r.inv_z_ce;
+      if constexpr (kCe == kCeFromOwnExps) ce = fast_exp(sj - r.ref_ce);
+      store_grad(g + j, r.kd_coef * grad_kd + r.ce_coef * ce);
+    }
+  });
+  const float kd = horizontal_sum(kd_acc);
+  return {kd, kKd == kShardReverseKL ? kd : horizontal_sum(d_acc)};
+}
+
+template <int kCe, typename GradT>
+ShardSums shard_loop_ce(ShardKd kd, const float* s, const float* t, GradT* g, const ShardRow& r,
+                        const DistillArgs& a) {
+  switch (kd) {
+    case kShardNoKd: return shard_loop<kShardNoKd, kCe>(s, t, g, r, a);
+    case kShardForwardKL: return shard_loop<kShardForwardKL, kCe>(s, t, g, r, a);
+    case kShardReverseKL: return shard_loop<kShardReverseKL, kCe>(s, t, g, r, a);
+    default: return shard_loop<kShardMixture, kCe>(s, t, g, r, a);
+  }
+}
+
+// One row of SUMS or GRADIENT. local_label: the label's column here, or -1 when another rank holds it.
+template <typename GradT>
+ShardSums shard_row(const float* s, const float* t, GradT* g, int64_t row, float row_scale, int64_t local_label,
+                    const DistillArgs& a) {
+  const float* lse = a.row_stats + row * kStatColumns;
+  ShardRow r{};
+  r.ref_s = lse[0] * a.temperature;
+  r.ref_t = lse[1] * a.temperature;
+  r.ref_ce = lse[2];
+  r.total_d = a.phase == kPhaseGradient ? a.row_totals[row * kStatColumns + 1] : 0.0f;
+  r.kd_coef = row_scale * a.kd_scale * a.inv_temperature;
+  r.ce_coef = row_scale * a.ce_weight;
+  const ShardKd kd = !a.has_kd ? kShardNoKd
+                     : a.divergence == kForwardKL ? kShardForwardKL
+                     : a.divergence == kReverseKL ? kShardReverseKL
+                                                  : kShardMixture;
+  CeSource ce = kNoCe;
+  if (a.has_ce && g != nullptr) {
+    ce = !a.has_kd ? kCeFromOwnExps
+         : a.temperature_power == 1 ? kCeFromTempered
+         : a.temperature_power == 2 ? kCeFromTemperedSquared
+                                    : kCeFromOwnExps;
+    // exp(s - lse_c) = q (T = 1) or q^2 (T = 2) times exp(power * lse_s - lse_c).
+    if (ce != kCeFromOwnExps) r.inv_z_ce = std::exp(a.temperature_power * lse[0] - lse[2]);
+  }
+  ShardSums sums{};
+  switch (ce) {
+    case kNoCe: sums = shard_loop_ce<kNoCe>(kd, s, t, g, r, a); break;
+    case kCeFromTempered: sums = shard_loop_ce<kCeFromTempered>(kd, s, t, g, r, a); break;
+    case kCeFromTemperedSquared: sums = shard_loop_ce<kCeFromTemperedSquared>(kd, s, t, g, r, a); break;
+    case kCeFromOwnExps: sums = shard_loop_ce<kCeFromOwnExps>(kd, s, t, g, r, a); break;
+  }
+  if (g != nullptr && local_label >= 0) from_float(to_float(g[local_label]) - r.ce_coef, &g[local_label]);
+  return sums;
+}
+
+}  // namespace kdfast_cpu

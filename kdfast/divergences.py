@@ -1,0 +1,96 @@
+"""The divergences' math, once, in PyTorch (float32): the torch backend runs it, and it is the readable statement of
+what the C++, CUDA and Triton kernels compute (docs/DESIGN.md, "The gradient"). The float64 oracle the tests hold
+everything to is kdfast.reference, written apart and naively on purpose.
+
+Per row, with log-probabilities ls (student) and lt (teacher) at T, q = exp(ls), p = exp(lt):
+- a row's divergence is the sum of its per-element terms;
+- its gradient with respect to a = s / T is q * (h - sum(q * h)) with h = dL/dq; forward KL's is simply q - p.
+  Near a dominant entry (q_r ~ 1) that difference cancels; centred on r it does not: with d = h - h_r (d_r = 0)
+  and D = sum(q * d), the gradient is q * (d - D). Reverse KL's d is formed from logit differences,
+  ((s - s_r) - (t - t_r)) / T, so that no log-probability of the loss's size is subtracted. A vocab shard does
+  not know r: it uses h itself (the global row sums then come from all shards).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kdfast.kernel_abi import Divergence
+from kdfast.options import LossOptions
+
+
+def weighted(prob: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
+    """prob * log_ratio with 0 * anything = 0 (teacher logits of -inf add nothing, and no NaN from 0 * inf)."""
+    return torch.where(prob == 0, torch.zeros_like(prob), prob * log_ratio)
+
+
+def finite_or_zero(reference: torch.Tensor) -> torch.Tensor:
+    """A row max of -inf (a row of -inf logits) serves as 0, so that x - max is -inf rather than NaN."""
+    return torch.where(torch.isinf(reference), torch.zeros_like(reference), reference)
+
+
+def log_normaliser(x: torch.Tensor, inv_t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max in logit units, log sum exp((x - max) / T)), each [rows, 1]: log-probabilities are then
+    (x - max) / T - log z, with no rounding of the size of |max| / T."""
+    reference = finite_or_zero(x.max(-1, keepdim=True).values)
+    return reference, torch.logsumexp((x - reference) * inv_t, dim=-1, keepdim=True)
+
+
+def _log_add_exp(a, b) -> torch.Tensor:
+    return torch.logaddexp(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32))
+
+
+def mixture_term_and_score(ls, lt, opts: LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """A mixture's per-element loss terms and scores h = dL/dq (up to a constant, which centring removes), from
+    x = log p - log q: log(m / q) and log(m / p) are log-sum-exps of x and a constant, so a near-one-hot row gives
+    them exactly (no difference of two large log-probabilities). Beta is in (0, 1] here: beta = 0 is a plain
+    KL (LossOptions.effective_divergence)."""
+    beta, divergence = opts.beta, opts.effective_divergence
+    log_beta, log_1m_beta = math.log(beta), (math.log1p(-beta) if beta < 1 else -math.inf)
+    q, p = ls.exp(), lt.exp()
+    x = lt - ls
+    if divergence == Divergence.JSD:  # m = b p + (1 - b) q
+        log_m_over_q = _log_add_exp(x + log_beta, log_1m_beta)
+        log_p_over_m = torch.where(x == math.inf, torch.full_like(x, -log_beta), x - log_m_over_q)
+        term = beta * weighted(p, log_p_over_m) - (1 - beta) * weighted(q, log_m_over_q)
+        return term, -(1 - beta) * log_m_over_q
+    if divergence == Divergence.SKEW_FORWARD_KL:  # KL(p || m), m = b p + (1 - b) q: p / m <= 1 / b
+        log_m_over_p = _log_add_exp(log_beta, log_1m_beta - x)
+        return -weighted(p, log_m_over_p), -(1 - beta) * (-log_m_over_p).exp()
+    log_m_over_q = _log_add_exp(log_beta, x + log_1m_beta)  # skew reverse KL: KL(q || m), m = (1 - b) p + b q
+    return -weighted(q, log_m_over_q), -log_m_over_q - beta * (-log_m_over_q).exp()
+
+
+def kd_parts(s, t, ls, lt, opts: LossOptions, centre: bool):
+    """(divergence per row [R], scores d [R, V] or None, D = sum(q * d) [R]) for raw logits s, t and their
+    log-probabilities at T. `centre`: a whole row, centred on the student's argmax; else a shard, uncentred."""
+    divergence = opts.effective_divergence
+    q = ls.exp()
+    if divergence == Divergence.FORWARD_KL:
+        return weighted(lt.exp(), lt - ls).sum(-1), None, torch.zeros_like(ls[:, 0])
+    reference = s.argmax(-1, keepdim=True) if centre else None
+    if divergence == Divergence.REVERSE_KL:
+        if reference is None:
+            scores = ls - lt
+            row_sum = weighted(q, scores).sum(-1)
+            return row_sum, scores, row_sum
+        # With no teacher mass at r (t_r = -inf, an infinite divergence) the teacher's argmax anchors t instead.
+        anchor = torch.where(torch.isfinite(t.gather(-1, reference)), reference, t.argmax(-1, keepdim=True))
+        scores = ((s - s.gather(-1, reference)) - (t - t.gather(-1, anchor))) / opts.temperature
+        row_sum = weighted(q, scores).sum(-1)
+        # log q - log p - scores is one constant per row; read where it is finite.
+        offset = (ls - lt - scores).gather(-1, anchor).squeeze(-1)
+        return row_sum + offset, scores, row_sum
+    terms, scores = mixture_term_and_score(ls, lt, opts)
+    if reference is not None:
+        scores = (scores - scores.gather(-1, reference)).scatter(-1, reference, 0.0)
+    return terms.sum(-1), scores, weighted(q, scores).sum(-1)
+
+
+def kd_gradient(ls, lt, scores, row_sum, opts: LossOptions) -> torch.Tensor:
+    """d(divergence)/d(s / T) [R, V] from kd_parts' scores and the row's D (the global one on a shard)."""
+    if opts.effective_divergence == Divergence.FORWARD_KL:
+        return ls.exp() - lt.exp()
+    return weighted(ls.exp(), scores - row_sum[:, None])

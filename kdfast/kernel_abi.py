@@ -1,0 +1,68 @@
+"""What the kernels and the Python side agree on: the divergence codes, the phases a kernel runs, and the order of
+the settings the native kernels take. The C++ twin is csrc/common/kernel_abi.h (tests/test_kernel_abi.py holds
+the two equal); the Triton kernels import these names.
+
+Phases (docs/DESIGN.md, "Shards and phases"): a kernel sees the columns [col_offset, col_offset + V_local) of the
+global vocabulary. FUSED is a whole row on one device (col_offset 0). A vocabulary split over ranks runs
+STATS (each row's log-sum-exps over the local columns), exchanges them, runs SUMS (the divergence's partial row
+sums and the label's logit, given the global log-sum-exps; forward KL and CE also write their gradient here),
+exchanges those, and runs GRADIENT (the gradient of the divergences whose gradient needs a whole-row sum).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+
+class Divergence(enum.IntEnum):
+    FORWARD_KL = 0
+    REVERSE_KL = 1
+    JSD = 2
+    SKEW_FORWARD_KL = 3
+    SKEW_REVERSE_KL = 4
+
+    @property
+    def setting(self) -> str:
+        """The name users pass as `divergence=`."""
+        return self.name.lower()
+
+
+class Phase(enum.IntEnum):
+    FUSED = 0
+    STATS = 1  # out [rows, 3]: log-sum-exp of the student at T, the teacher at T, the student at 1
+    SUMS = 2  # out [rows, 3]: divergence terms, D (the gradient's row sum), the label's logit (0 if not held)
+    GRADIENT = 3  # out: nothing; reverse KL and mixtures: writes the gradient from the global lse and sums
+
+
+STAT_COLUMNS = 3  # the width of the STATS and SUMS outputs, and of what ranks exchange per row
+
+
+@dataclass(frozen=True)
+class PhaseCall:
+    """Which phase a backend's `forward_rows` runs, over which columns, with the global row tables it needs."""
+
+    phase: Phase = Phase.FUSED
+    col_offset: int = 0
+    row_stats: torch.Tensor | None = None  # SUMS, GRADIENT: the global log-sum-exps [rows, 3]
+    row_totals: torch.Tensor | None = None  # GRADIENT: the global SUMS [rows, 3]
+
+
+FUSED = PhaseCall()
+
+# The native kernels take their settings as two lists in this order (csrc/common/kernel_abi.h, IntSetting and
+# FloatSetting).
+INT_SETTINGS = ("divergence", "ignore_index", "has_kd", "has_ce", "phase", "col_offset", "splits")
+FLOAT_SETTINGS = ("beta", "temperature", "kd_scale", "ce_weight")
+
+
+def native_settings(opts, phase: Phase = Phase.FUSED, col_offset: int = 0, splits: int = 0):
+    """The (ints, floats) a native kernel takes for the settings record `opts` (kdfast.options.LossOptions)."""
+    ints = {"divergence": int(opts.divergence_code), "ignore_index": int(opts.ignore_index),
+            "has_kd": int(opts.has_kd), "has_ce": int(opts.has_ce), "phase": int(phase),
+            "col_offset": int(col_offset), "splits": int(splits)}
+    floats = {"beta": float(opts.beta), "temperature": float(opts.temperature), "kd_scale": float(opts.kd_scale),
+              "ce_weight": float(opts.ce_weight)}
+    return [ints[name] for name in INT_SETTINGS], [floats[name] for name in FLOAT_SETTINGS]
