@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from kdfast.kernel_abi import FUSED, PhaseCall
+from kdfast.kernel_abi import FUSED, PhaseCall, SparseTargets
 from kdfast.options import BACKENDS, LossOptions
 
 
@@ -28,15 +28,19 @@ def cuda_kernels_available() -> bool:
     return cuda_backend.available()
 
 
-def auto_gpu_backend() -> str:
+def auto_gpu_backend(sparse: bool = False) -> str:
     """The faster GPU kernel. Measured on an H200 (README, "Backends"), the CUDA kernels beat Triton at many
-    rows (8192 x 128256) and at few long rows (2 x 256000) alike, so the rule needs no shape."""
+    rows (8192 x 128256) and at few long rows (2 x 256000) alike, so the rule needs no shape. A sparse teacher's
+    CUDA kernel has not been measured (nor run) on a GPU yet: there Triton, whose kernel CI runs under its
+    interpreter and compiles for sm_80 and sm_90, comes first."""
+    if sparse and triton_available():
+        return "triton"
     if cuda_kernels_available():
         return "cuda"
     return "triton" if triton_available() else "torch"
 
 
-def resolve_backend(requested: str, device: torch.device) -> str:
+def resolve_backend(requested: str, device: torch.device, sparse: bool = False) -> str:
     """The concrete backend for tensors on `device`; raises ValueError for an impossible request."""
     if requested == "auto":
         requested = os.environ.get("KDFAST_BACKEND", "auto") or "auto"
@@ -44,7 +48,7 @@ def resolve_backend(requested: str, device: torch.device) -> str:
             raise ValueError(f"KDFAST_BACKEND must be one of {BACKENDS}, got {requested!r}")
     if requested == "auto":
         if device.type == "cuda":
-            return auto_gpu_backend()
+            return auto_gpu_backend(sparse)
         if device.type == "cpu":
             from kdfast.backends import cpu_backend
 
@@ -87,6 +91,9 @@ class DeviceRows:
         self.module = backend_module(backend)
 
     def __call__(self, student, teacher, labels, grad_scale, grad, opts: LossOptions, call: PhaseCall = FUSED):
+        """`teacher`: a dense teacher's logits, or a sparse teacher's SparseTargets."""
+        if isinstance(teacher, SparseTargets):
+            return self.module.sparse_forward_rows(student, teacher, labels, grad_scale, grad, opts, call)
         return self.module.forward_rows(student, teacher, labels, grad_scale, grad, opts, call)
 
     def reduce_hidden_grad(self, d_hidden):
@@ -94,4 +101,4 @@ class DeviceRows:
 
 
 def device_rows(opts: LossOptions, device: torch.device) -> DeviceRows:
-    return DeviceRows(resolve_backend(opts.backend, device))
+    return DeviceRows(resolve_backend(opts.backend, device, sparse=opts.tail_code != 0))

@@ -1,4 +1,5 @@
-"""The logits-level autograd Function: forward runs the fused op (loss rows + gradient), backward only rescales."""
+"""The logits-level autograd Functions (a dense teacher's logits, or a sparse teacher's ids and log-probs): forward
+runs the fused op (loss rows + gradient), backward only rescales."""
 
 from __future__ import annotations
 
@@ -11,30 +12,55 @@ from kdfast.saved_gradient import saved_gradient_times
 from kdfast.views import as_rows_view, flat_labels
 
 
+def _fused_forward(ctx, student_logits, labels, num_items_in_batch, opts: LossOptions, fresh_op, inplace_op):
+    """The shared forward: `fresh_op(student, labels, scale, want_grad)` returns (loss rows, gradient);
+    `inplace_op(student, labels, scale)` writes the gradient over the student and returns the loss rows."""
+    lead_shape = student_logits.shape[:-1]
+    student, student_copied = as_rows_view(student_logits)
+    labels = flat_labels(labels)
+    scale = reduction_scale(labels, student.shape[0] * student.shape[1], opts, num_items_in_batch, student.device)
+    want_grad = ctx.needs_input_grad[0]
+    grad = None
+    if want_grad and opts.inplace_backward:
+        loss_rows = inplace_op(student, labels, scale)
+        # The gradient now lives in the student's own storage (or in the copy, when one was needed).
+        grad = student.reshape(student_logits.shape) if student_copied else student_logits
+    else:
+        loss_rows, fresh = fresh_op(student, labels, scale, want_grad)
+        if want_grad:
+            grad = fresh.view(student_logits.shape)
+    if grad is not None:
+        ctx.save_for_backward(grad)
+    ctx.reduction = opts.reduction
+    return reduced(loss_rows, lead_shape, opts.reduction, scale)
+
+
 class DistillFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, labels, num_items_in_batch, opts: LossOptions):
-        lead_shape = student_logits.shape[:-1]
-        student, student_copied = as_rows_view(student_logits)
         teacher, _ = as_rows_view(teacher_logits)
-        labels = flat_labels(labels)
-        scale = reduction_scale(labels, student.shape[0] * student.shape[1], opts, num_items_in_batch,
-                                student.device)
-        want_grad = ctx.needs_input_grad[0]
-        grad = None
-        if want_grad and opts.inplace_backward:
-            loss_rows = ops.distill_forward_inplace(student, teacher, labels, scale, opts.encoded())
-            # The gradient now lives in the student's own storage (or in the copy, when one was needed).
-            grad = student.reshape(student_logits.shape) if student_copied else student_logits
-        else:
-            loss_rows, fresh = ops.distill_forward(student, teacher, labels, scale, want_grad, opts.encoded())
-            if want_grad:
-                grad = fresh.view(student_logits.shape)
-        if grad is not None:
-            ctx.save_for_backward(grad)
-        ctx.reduction = opts.reduction
-        return reduced(loss_rows, lead_shape, opts.reduction, scale)
+        settings = opts.encoded()
+        return _fused_forward(
+            ctx, student_logits, labels, num_items_in_batch, opts,
+            lambda s, y, scale, want: ops.distill_forward(s, teacher, y, scale, want, settings),
+            lambda s, y, scale: ops.distill_forward_inplace(s, teacher, y, scale, settings))
 
     @staticmethod
     def backward(ctx, grad_output):
         return saved_gradient_times(ctx, grad_output), None, None, None, None
+
+
+class SparseDistillFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_logits, teacher_ids, teacher_logprobs, labels, num_items_in_batch, opts):
+        ids, _ = as_rows_view(teacher_ids)
+        logprobs, _ = as_rows_view(teacher_logprobs)
+        settings = opts.encoded()
+        return _fused_forward(
+            ctx, student_logits, labels, num_items_in_batch, opts,
+            lambda s, y, scale, want: ops.sparse_distill_forward(s, ids, logprobs, y, scale, want, settings),
+            lambda s, y, scale: ops.sparse_distill_forward_inplace(s, ids, logprobs, y, scale, settings))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return saved_gradient_times(ctx, grad_output), None, None, None, None, None

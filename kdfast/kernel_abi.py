@@ -50,19 +50,31 @@ class PhaseCall:
     row_totals: torch.Tensor | None = None  # GRADIENT: the global SUMS [rows, 3]
 
 
+@dataclass(frozen=True)
+class SparseTargets:
+    """A sparse teacher's rows, in the place of its logits: [batch, rows, K] global token ids (-1: padding) and their
+    log-probabilities, K contiguous."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+
+    def rows(self, index) -> SparseTargets:
+        return SparseTargets(self.ids[index], self.logprobs[index])
+
+
 FUSED = PhaseCall()
 
 # The native kernels take their settings as two lists in this order (csrc/common/kernel_abi.h, IntSetting and
 # FloatSetting).
-INT_SETTINGS = ("divergence", "ignore_index", "has_kd", "has_ce", "phase", "col_offset", "splits")
-FLOAT_SETTINGS = ("beta", "temperature", "kd_scale", "ce_weight")
+INT_SETTINGS = ("divergence", "ignore_index", "has_kd", "has_ce", "phase", "col_offset", "splits", "tail")
+FLOAT_SETTINGS = ("beta", "temperature", "kd_scale", "ce_weight", "teacher_scale")
 
 
 def native_settings(opts, phase: Phase = Phase.FUSED, col_offset: int = 0, splits: int = 0):
     """The (ints, floats) a native kernel takes for the settings record `opts` (kdfast.options.LossOptions)."""
     ints = {"divergence": int(opts.divergence_code), "ignore_index": int(opts.ignore_index),
             "has_kd": int(opts.has_kd), "has_ce": int(opts.has_ce), "phase": int(phase),
-            "col_offset": int(col_offset), "splits": int(splits)}
+            "col_offset": int(col_offset), "splits": int(splits), "tail": int(opts.tail_code)}
     floats = {"beta": float(opts.beta), "temperature": float(opts.temperature), "kd_scale": float(opts.kd_scale),
-              "ce_weight": float(opts.ce_weight)}
+              "ce_weight": float(opts.ce_weight), "teacher_scale": float(opts.teacher_scale)}
     return [ints[name] for name in INT_SETTINGS], [floats[name] for name in FLOAT_SETTINGS]

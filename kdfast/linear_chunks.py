@@ -1,6 +1,7 @@
 """The chunked orchestrator of the fused linear loss (docs/DESIGN.md, "Algorithms"): tokens in chunks; per chunk
-both LM heads on the platform's GEMM, the logits-level kernel for loss and dlogits in place, then
-d hidden = G W_s and d W_s += G^T X (and d b_s) accumulated. Only the loss kernel differs between devices.
+the student's LM head on the platform's GEMM, the teacher's (a dense head's GEMM, or a sparse teacher's rows: no
+GEMM at all), the logits-level kernel for loss and dlogits in place, then d hidden = G W_s and d W_s += G^T X (and
+d b_s) accumulated. Only the loss kernel differs between devices.
 
 At most one chunk of logits per model exists at a time, so memory is bounded by the chunk, not by
 tokens x vocab.
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kdfast.kernel_abi import SparseTargets
 from kdfast.options import LossOptions
 
 # Bytes the chunk's logits (both models) may take: small enough that the loss adds little to the step's
@@ -23,19 +25,27 @@ WEIGHT_GRAD_SLICE_BYTES = 64 * 2**20
 
 
 @dataclass
+class TeacherHead:
+    """A dense teacher: hidden states [N, H_t] and its LM head [V, H_t] (+ bias [V]), a constant."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    dtype: torch.dtype  # its GEMM's dtype
+
+
+@dataclass
 class Heads:
-    """Flattened inputs of one call: hidden [N, H] and head [V, H] (+ bias [V]) per model."""
+    """Flattened inputs of one call: the student's hidden [N, H] and head [V, H] (+ bias [V]), and the teacher: a
+    TeacherHead, or a sparse teacher's SparseTargets ([N, K] ids and log-probs)."""
 
     student_hidden: torch.Tensor
     student_weight: torch.Tensor
     student_bias: torch.Tensor | None
-    teacher_hidden: torch.Tensor
-    teacher_weight: torch.Tensor
-    teacher_bias: torch.Tensor | None
+    teacher: TeacherHead | SparseTargets
     labels: torch.Tensor | None  # [N] int64, contiguous
     softcap: float | None
     student_dtype: torch.dtype  # the GEMMs' dtype (autocast's, or the inputs' promoted type)
-    teacher_dtype: torch.dtype
 
     @property
     def rows(self) -> int:
@@ -44,6 +54,10 @@ class Heads:
     @property
     def vocab(self) -> int:
         return self.student_weight.shape[0]
+
+    @property
+    def dense_teacher(self) -> bool:
+        return isinstance(self.teacher, TeacherHead)
 
 
 @dataclass
@@ -61,7 +75,9 @@ def chunk_rows(chunk_size, heads: Heads) -> int:
     if chunk_size != "auto":
         return min(int(chunk_size), max(heads.rows, 1))
     budget = CHUNK_BUDGET_BYTES.get(heads.student_hidden.device.type, CHUNK_BUDGET_BYTES["cpu"])
-    per_row = heads.vocab * (heads.student_dtype.itemsize + heads.teacher_dtype.itemsize)
+    per_row = heads.vocab * heads.student_dtype.itemsize
+    if heads.dense_teacher:
+        per_row += heads.vocab * heads.teacher.dtype.itemsize
     if heads.softcap is not None:
         per_row += heads.vocab * heads.student_dtype.itemsize  # the uncapped student logits, kept for the chain rule
     rows = max(16, budget // per_row // 16 * 16)
@@ -75,7 +91,8 @@ class ChunkBuffers:
     def __init__(self, rows: int, heads: Heads):
         device = heads.student_hidden.device
         self.student = torch.empty(rows, heads.vocab, dtype=heads.student_dtype, device=device)
-        self.teacher = torch.empty(rows, heads.vocab, dtype=heads.teacher_dtype, device=device)
+        self.teacher = (torch.empty(rows, heads.vocab, dtype=heads.teacher.dtype, device=device)
+                        if heads.dense_teacher else None)
         self.uncapped = torch.empty_like(self.student) if heads.softcap is not None else None
 
 
@@ -110,24 +127,30 @@ def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted
                 if wanted.weight else None)
     d_bias = torch.zeros(heads.vocab, dtype=torch.float32, device=device) if wanted.bias else None
     weight_s = heads.student_weight.to(heads.student_dtype)  # one cast for all chunks (a no-op when equal)
-    weight_t = heads.teacher_weight.to(heads.teacher_dtype)
+    teacher = heads.teacher
+    weight_t = teacher.weight.to(teacher.dtype) if heads.dense_teacher else None
     step = chunk_rows(chunk_size, heads)
     buffers = ChunkBuffers(min(step, heads.rows), heads)
     for start in range(0, heads.rows, step):
         rows = slice(start, start + step)
         count = min(step, heads.rows - start)
         hidden = heads.student_hidden[rows].to(heads.student_dtype)
-        teacher = _logits_into(buffers.teacher[:count], heads.teacher_hidden[rows], weight_t, heads.teacher_bias)
+        if heads.dense_teacher:
+            teacher_rows = _logits_into(buffers.teacher[:count], teacher.hidden[rows], weight_t, teacher.bias)
+            if heads.softcap is not None:
+                teacher_rows.div_(heads.softcap).tanh_().mul_(heads.softcap)
+            teacher_rows = teacher_rows.unsqueeze(0)
+        else:  # a sparse teacher's log-probs are final: the softcap is the student's alone
+            teacher_rows = SparseTargets(teacher.ids[rows].unsqueeze(0), teacher.logprobs[rows].unsqueeze(0))
         student = buffers.student[:count]
         if heads.softcap is not None:
             uncapped = _logits_into(buffers.uncapped[:count], hidden, weight_s, heads.student_bias)
             torch.div(uncapped, heads.softcap, out=student).tanh_().mul_(heads.softcap)
-            teacher.div_(heads.softcap).tanh_().mul_(heads.softcap)
         else:
             _logits_into(student, hidden, weight_s, heads.student_bias)
         labels = heads.labels[rows] if heads.labels is not None else None
         grad = student.unsqueeze(0) if wanted.any else None  # dlogits overwrite the chunk's logits
-        loss_rows[rows] = rows_kernel(student.unsqueeze(0), teacher.unsqueeze(0), labels, grad_scale, grad, opts)
+        loss_rows[rows] = rows_kernel(student.unsqueeze(0), teacher_rows, labels, grad_scale, grad, opts)
         if not wanted.any:
             continue
         grad_logits = student

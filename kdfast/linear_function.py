@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kdfast.linear_chunks import Heads, Wanted, run_chunks
+from kdfast.kernel_abi import SparseTargets
+from kdfast.linear_chunks import Heads, TeacherHead, Wanted, run_chunks
 from kdfast.options import LossOptions
 from kdfast.reduction import reduced, reduction_scale
 from kdfast.saved_gradient import rescale_gradient_
@@ -39,14 +40,19 @@ class ChunkPlan:
 
 class LinearDistillFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                labels, num_items_in_batch, opts: LossOptions, plan: ChunkPlan):
+    def forward(ctx, student_hidden, student_weight, student_bias, labels, num_items_in_batch, opts: LossOptions,
+                plan: ChunkPlan, teacher):
+        """`teacher`: a TeacherHead (its tensors [..., H_t]) or SparseTargets ([..., K]), constants either way."""
         lead_shape = student_hidden.shape[:-1]
         labels = flat_labels(labels)
-        heads = Heads(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias,
-                      teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight, teacher_bias,
-                      labels, plan.softcap, gemm_dtype(student_hidden, student_weight),
-                      gemm_dtype(teacher_hidden, teacher_weight))
+        if isinstance(teacher, TeacherHead):
+            teacher = TeacherHead(teacher.hidden.reshape(-1, teacher.hidden.shape[-1]), teacher.weight, teacher.bias,
+                                  gemm_dtype(teacher.hidden, teacher.weight))
+        else:
+            k = teacher.ids.shape[-1]
+            teacher = SparseTargets(teacher.ids.reshape(-1, k), teacher.logprobs.reshape(-1, k))
+        heads = Heads(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias, teacher,
+                      labels, plan.softcap, gemm_dtype(student_hidden, student_weight))
         wanted = Wanted(ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                         student_bias is not None and ctx.needs_input_grad[2])
         scale = reduction_scale(labels, heads.rows, opts, num_items_in_batch, student_hidden.device)
@@ -60,8 +66,7 @@ class LinearDistillFunction(torch.autograd.Function):
                                            plan.rows_kernel)
                 ctx.heads, ctx.opts, ctx.wanted = heads, opts, wanted
                 # Saved too so that autograd refuses a backward after they were modified in place.
-                ctx.save_for_backward(student_hidden, student_weight, student_bias, teacher_hidden,
-                                      teacher_weight, teacher_bias)
+                ctx.save_for_backward(student_hidden, student_weight, student_bias)
             else:
                 loss_rows, d_hidden, d_weight, d_bias = run_chunks(heads, opts, scale, wanted, plan.chunk_size,
                                                                    plan.rows_kernel)
@@ -95,4 +100,4 @@ class LinearDistillFunction(torch.autograd.Function):
             d_hidden, d_weight, d_bias = ctx.saved_tensors
             for grad in (d_hidden, d_weight, d_bias):
                 rescale_gradient_(grad, grad_output)
-        return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None
+        return d_hidden, d_weight, d_bias, None, None, None, None, None

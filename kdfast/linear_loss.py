@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from kdfast.dispatch import device_rows
+from kdfast.linear_chunks import TeacherHead
 from kdfast.linear_function import ChunkPlan, LinearDistillFunction
 from kdfast.options import LossOptions
 from kdfast.validation import check_chunk_settings, check_labels_for, check_linear_inputs, check_num_items
@@ -68,15 +69,16 @@ def fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_we
             raise ValueError("vocab_range needs a process_group (the ranks that hold the other shards)")
         check(student_weight.shape[0] if isinstance(student_weight, torch.Tensor) else 0)
         rows_kernel = device_rows(opts, student_hidden.device)
-    detach = (lambda t: t.detach() if t is not None else None)
-    return _apply(student_hidden, student_weight, student_bias, detach(teacher_hidden), detach(teacher_weight),
-                  detach(teacher_bias), labels, num_items_in_batch, opts, ChunkPlan(softcap, chunk_size, rows_kernel))
+    teacher = TeacherHead(teacher_hidden.detach(), teacher_weight.detach(),
+                          teacher_bias.detach() if teacher_bias is not None else None, teacher_hidden.dtype)
+    return apply_linear(student_hidden, student_weight, student_bias, labels, num_items_in_batch, opts,
+                        ChunkPlan(softcap, chunk_size, rows_kernel), teacher)
 
 
 # The chunk loop is driven from the host (a Python loop of GEMMs and kernel calls): torch.compile runs the
 # model around it and calls it as is, rather than tracing into the loop.
 @torch.compiler.disable
-def _apply(*args):
+def apply_linear(*args):
     return LinearDistillFunction.apply(*args)
 
 

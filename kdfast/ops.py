@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 
 from kdfast.dispatch import device_rows, triton_available
+from kdfast.kernel_abi import SparseTargets
 from kdfast.options import LossOptions
+from kdfast.sparse_options import SparseOptions
 
 
 def triton_gpu_available() -> bool:
@@ -52,6 +54,43 @@ def distill_forward_inplace(student: torch.Tensor, teacher: torch.Tensor, labels
 
 @distill_forward_inplace.register_fake
 def _(student, teacher, labels, grad_scale, settings):
+    return student.new_empty(student.shape[0] * student.shape[1], dtype=torch.float32)
+
+
+def _run_sparse(student, ids, logprobs, labels, grad_scale, grad, settings: str):
+    opts = SparseOptions.decode(settings)
+    return device_rows(opts, student.device)(student, SparseTargets(ids, logprobs), labels, grad_scale, grad, opts)
+
+
+@torch.library.custom_op("kdfast::sparse_distill_forward", mutates_args=())
+def sparse_distill_forward(student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor,
+                           labels: torch.Tensor | None, grad_scale: torch.Tensor, want_grad: bool,
+                           settings: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sparse teacher's distill_forward: [batch, rows, K] ids and log-probs in place of the teacher's logits."""
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if want_grad else None
+    loss_rows = _run_sparse(student, ids, logprobs, labels, grad_scale, grad, settings)
+    if grad is None:
+        grad = student.new_empty(0)
+    return loss_rows, grad
+
+
+@sparse_distill_forward.register_fake
+def _(student, ids, logprobs, labels, grad_scale, want_grad, settings):
+    rows = student.shape[0] * student.shape[1]
+    grad_shape = student.shape if want_grad else (0,)
+    return (student.new_empty(rows, dtype=torch.float32),
+            torch.empty(grad_shape, dtype=student.dtype, device=student.device))
+
+
+@torch.library.custom_op("kdfast::sparse_distill_forward_inplace", mutates_args=("student",))
+def sparse_distill_forward_inplace(student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor,
+                                   labels: torch.Tensor | None, grad_scale: torch.Tensor,
+                                   settings: str) -> torch.Tensor:
+    return _run_sparse(student, ids, logprobs, labels, grad_scale, student, settings)
+
+
+@sparse_distill_forward_inplace.register_fake
+def _(student, ids, logprobs, labels, grad_scale, settings):
     return student.new_empty(student.shape[0] * student.shape[1], dtype=torch.float32)
 
 

@@ -53,17 +53,19 @@ class LossOptions:
         object.__setattr__(self, "ignore_index", int(self.ignore_index))
         object.__setattr__(self, "t2_scale", bool(self.t2_scale))
         object.__setattr__(self, "inplace_backward", bool(self.inplace_backward))
-        # Encoded once, as plain repr text that torch.compile can trace when it traces the record's construction.
-        object.__setattr__(self, "_encoded", ";".join(f"{name}={getattr(self, name)!r}" for name in _FIELD_NAMES))
+        # Encoded once, as plain repr text that torch.compile can trace when it traces the record's construction
+        # (the field names are a class attribute, set below each class: dataclasses.fields is not traceable).
+        names = type(self).FIELD_NAMES
+        object.__setattr__(self, "_encoded", ";".join(f"{name}={getattr(self, name)!r}" for name in names))
 
     @classmethod
     def build(cls, owner: str, **settings) -> LossOptions:
         """The record from keyword settings, with a clear error for a name it does not know (the modules and
         trainers take `**settings`)."""
-        unknown = sorted(set(settings) - {field.name for field in dataclasses.fields(cls)})
+        unknown = sorted(set(settings) - set(cls.FIELD_NAMES))
         if unknown:
             raise TypeError(f"{owner} got unknown loss setting(s) {unknown}; the settings are "
-                            f"{[field.name for field in dataclasses.fields(cls)]}")
+                            f"{list(cls.FIELD_NAMES)}")
         return cls(**settings)
 
     def replace(self, **changes) -> LossOptions:
@@ -73,9 +75,9 @@ class LossOptions:
         """The record as text: the custom ops' one settings argument (torch.library takes no dataclasses)."""
         return self._encoded
 
-    @staticmethod
-    def decode(text: str) -> LossOptions:
-        return _decode(text)
+    @classmethod
+    def decode(cls, text: str) -> LossOptions:
+        return _decode(cls, text)
 
     @property
     def effective_divergence(self) -> Divergence:
@@ -113,6 +115,15 @@ class LossOptions:
         return self.ce_weight != 0.0
 
     @property
+    def tail_code(self) -> int:
+        """0: a dense teacher (kdfast.sparse_options.SparseOptions sets the sparse ones)."""
+        return 0
+
+    @property
+    def teacher_scale(self) -> float:
+        return 1.0
+
+    @property
     def gradient_needs_row_sums(self) -> bool:
         """Whether a vocab shard's gradient waits for whole-row sums (reverse KL and the mixtures do; forward KL
         and CE need only the normalisers)."""
@@ -123,10 +134,14 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-_FIELD_NAMES = tuple(field.name for field in dataclasses.fields(LossOptions))
+def field_names(cls) -> tuple[str, ...]:
+    return tuple(field.name for field in dataclasses.fields(cls))
+
+
+LossOptions.FIELD_NAMES = field_names(LossOptions)
 
 
 @functools.lru_cache(maxsize=256)
-def _decode(text: str) -> LossOptions:
+def _decode(cls, text: str) -> LossOptions:
     pairs = (item.split("=", 1) for item in text.split(";"))
-    return LossOptions(**{name: ast.literal_eval(value) for name, value in pairs})
+    return cls(**{name: ast.literal_eval(value) for name, value in pairs})

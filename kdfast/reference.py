@@ -33,6 +33,11 @@ def divergence_rows(student_logits, teacher_logits, divergence: str, beta: float
     """Per-row divergence of the temperature-softened distributions, shape [...]."""
     log_q = torch.log_softmax(student_logits / temperature, dim=-1)
     log_p = torch.log_softmax(teacher_logits / temperature, dim=-1)
+    return divergence_of(log_p, log_q, divergence, beta)
+
+
+def divergence_of(log_p, log_q, divergence: str, beta: float):
+    """The divergence between two distributions given by their log-probabilities over the last dimension."""
     p, q = log_p.exp(), log_q.exp()
     if divergence == "forward_kl":
         terms = _xlogx_ratio(p, log_p, log_q)
@@ -64,14 +69,21 @@ def distill_loss_reference(student_logits, teacher_logits, labels=None, *, num_i
     opts = LossOptions(**{k: v for k, v in options.items() if k not in ("inplace_backward", "backend")})
     if dtype is not None:
         student_logits, teacher_logits = student_logits.to(dtype), teacher_logits.to(dtype)
+    kd = None
+    if opts.has_kd:
+        kd = divergence_rows(student_logits, teacher_logits, _trl_convention(opts.divergence, opts.beta), opts.beta,
+                             opts.temperature)
+    return _reduced_reference(student_logits, kd, labels, opts, num_items_in_batch)
+
+
+def _reduced_reference(student_logits, kd, labels, opts: LossOptions, num_items_in_batch):
+    """kd_scale * kd + ce_weight * CE per row, ignored rows dropped, then the reduction."""
     lead_shape = student_logits.shape[:-1]
     keep = torch.ones(lead_shape, dtype=torch.bool, device=student_logits.device)
     if labels is not None:
         keep = labels != opts.ignore_index
     rows = torch.zeros(lead_shape, dtype=student_logits.dtype, device=student_logits.device)
     if opts.has_kd:
-        kd = divergence_rows(student_logits, teacher_logits, _trl_convention(opts.divergence, opts.beta), opts.beta,
-                             opts.temperature)
         rows = rows + opts.kd_scale * kd
     if opts.has_ce:
         safe_labels = torch.where(keep, labels, torch.zeros_like(labels))
@@ -106,3 +118,56 @@ def linear_distill_loss_reference(student_hidden, student_weight, teacher_hidden
     return distill_loss_reference(head_logits(student_hidden, student_weight, student_bias),
                                   head_logits(teacher_hidden, teacher_weight, teacher_bias), labels,
                                   dtype=dtype, **options)
+
+
+def sparse_distill_loss_reference(student_logits, teacher_ids, teacher_logprobs, labels=None, *,
+                                  num_items_in_batch=None, dtype: torch.dtype | None = torch.float64, **options):
+    """The contract of `kdfast.sparse_distill_loss`, computed naively: the student's full softmax at T, its
+    probabilities at the teacher's ids and, for tail="bucket", its mass outside them summed over those columns."""
+    from kdfast.sparse_options import REST_AS_NONE, SparseOptions
+
+    opts = SparseOptions(**{k: v for k, v in options.items() if k not in ("inplace_backward", "backend")})
+    student = student_logits.to(dtype) if dtype is not None else student_logits
+    logprobs = teacher_logprobs.to(student.dtype)
+    valid = teacher_ids >= 0
+    ids = torch.where(valid, teacher_ids, torch.zeros_like(teacher_ids))
+    log_q = torch.log_softmax(student / opts.temperature, dim=-1)
+    log_q_ids = log_q.gather(-1, ids)
+    minus_inf = torch.full_like(logprobs, -math.inf)
+    if opts.tail == "renormalize":
+        scaled = torch.where(valid, logprobs * opts.teacher_scale, minus_inf)
+        total = torch.logsumexp(scaled, dim=-1, keepdim=True)
+        log_p = torch.where(valid, scaled - torch.where(torch.isinf(total), torch.zeros_like(total), total), minus_inf)
+        kd = _xlogx_ratio(log_p.exp(), log_p, log_q_ids).sum(-1)
+        kd = torch.where(valid.any(-1), kd, torch.zeros_like(kd))  # no teacher ids: nothing to match
+    else:
+        p = torch.where(valid, logprobs.exp(), torch.zeros_like(logprobs))
+        rest_p = 1.0 - p.sum(-1, keepdim=True)
+        rest_p = torch.where(rest_p <= REST_AS_NONE, torch.zeros_like(rest_p), rest_p)
+        hits = torch.zeros(student.shape, dtype=torch.int64, device=student.device).scatter_add(-1, ids, valid.long())
+        outside = hits == 0  # True off the ids (padding ids all point at column 0: counted, not scattered)
+        rest_q = (log_q.exp() * outside).sum(-1, keepdim=True)
+        # log 0 = -inf without a NaN gradient (the ids may cover the whole vocabulary)
+        log_rest_q = torch.where(rest_q > 0, torch.where(rest_q > 0, rest_q, torch.ones_like(rest_q)).log(),
+                                 torch.full_like(rest_q, -math.inf))
+        log_p_buckets = torch.cat([torch.where(valid, logprobs, minus_inf), rest_p.log()], dim=-1)
+        log_q_buckets = torch.cat([torch.where(valid, log_q_ids, minus_inf), log_rest_q], dim=-1)
+        kd = divergence_of(log_p_buckets, log_q_buckets, _trl_convention(opts.divergence, opts.beta), opts.beta)
+    return _reduced_reference(student, kd, labels, opts, num_items_in_batch)
+
+
+def linear_sparse_distill_loss_reference(student_hidden, student_weight, teacher_ids, teacher_logprobs, labels=None, *,
+                                         student_bias=None, softcap=None, chunk_size=None,
+                                         dtype: torch.dtype | None = torch.float64, **options) -> torch.Tensor:
+    """The contract of `kdfast.linear_sparse_distill_loss`: the student's full logits, then the sparse reference."""
+    hidden, weight = student_hidden, student_weight
+    bias = student_bias
+    if dtype is not None:
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return sparse_distill_loss_reference(logits, teacher_ids, teacher_logprobs, labels, dtype=dtype, **options)

@@ -96,44 +96,57 @@ def _check_floating(name: str, tensor, shape_text: str) -> None:
         raise ValueError(f"{name} must be float32, bfloat16 or float16, got dtype {tensor.dtype}")
 
 
-def check_linear_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
-                        teacher_bias, softcap, chunk_size, opts: LossOptions) -> None:
-    """Shapes [..., H_s] / [V, H_s] / [V] for the student and [..., H_t] / [V, H_t] / [V] for the teacher."""
+def check_linear_student(student_hidden, student_weight, student_bias, softcap, chunk_size) -> None:
+    """hidden [..., H_s], weight [V, H_s], bias [V]; the chunk settings."""
     _check_floating("student_hidden", student_hidden, "[..., hidden_s]")
-    _check_floating("teacher_hidden", teacher_hidden, "[..., hidden_t]")
     _check_floating("student_weight", student_weight, "[vocab, hidden_s]")
-    _check_floating("teacher_weight", teacher_weight, "[vocab, hidden_t]")
     if student_hidden.dim() < 2:
         raise ValueError(f"student_hidden must have shape [tokens, hidden_s] or [batch, seq, hidden_s], got "
                          f"{tuple(student_hidden.shape)}")
+    if student_weight.dim() != 2 or student_weight.shape[1] != student_hidden.shape[-1]:
+        raise ValueError(f"student_weight must have shape [vocab, {student_hidden.shape[-1]}] (the student hidden "
+                         f"size), got {tuple(student_weight.shape)}")
+    _check_bias("student_bias", student_bias, student_weight.shape[0])
+    _check_one_device(student_hidden, student_weight, student_bias)
+    check_chunk_settings(softcap, chunk_size)
+
+
+def check_linear_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+                        teacher_bias, softcap, chunk_size, opts: LossOptions) -> None:
+    """Shapes [..., H_s] / [V, H_s] / [V] for the student and [..., H_t] / [V, H_t] / [V] for the teacher."""
+    _check_floating("teacher_hidden", teacher_hidden, "[..., hidden_t]")
+    _check_floating("teacher_weight", teacher_weight, "[vocab, hidden_t]")
+    check_linear_student(student_hidden, student_weight, student_bias, softcap, chunk_size)
     if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
         raise ValueError(f"teacher_hidden leading shape {tuple(teacher_hidden.shape[:-1])} must equal "
                          f"student_hidden's {tuple(student_hidden.shape[:-1])}: one teacher row per token")
-    for model, hidden, weight in (("student", student_hidden, student_weight),
-                                  ("teacher", teacher_hidden, teacher_weight)):
-        if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-            raise ValueError(f"{model}_weight must have shape [vocab, {hidden.shape[-1]}] (the {model} hidden "
-                             f"size), got {tuple(weight.shape)}")
+    if teacher_weight.dim() != 2 or teacher_weight.shape[1] != teacher_hidden.shape[-1]:
+        raise ValueError(f"teacher_weight must have shape [vocab, {teacher_hidden.shape[-1]}] (the teacher hidden "
+                         f"size), got {tuple(teacher_weight.shape)}")
     if teacher_weight.shape[0] != student_weight.shape[0]:
         raise ValueError(f"teacher_weight vocab size {teacher_weight.shape[0]} != student_weight vocab size "
                          f"{student_weight.shape[0]}: both heads must score the same vocabulary")
-    vocab = student_weight.shape[0]
-    for name, bias in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
-        if bias is not None:
-            _check_floating(name, bias, f"[{vocab}]")
-            if tuple(bias.shape) != (vocab,):
-                raise ValueError(f"{name} must have shape [{vocab}] (the vocab size), got {tuple(bias.shape)}")
-    tensors = [t for t in (student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
-                           teacher_bias) if t is not None]
-    if len({t.device for t in tensors}) > 1:
-        raise ValueError(f"every hidden state, weight and bias must be on one device, got "
-                         f"{sorted({str(t.device) for t in tensors})}")
+    _check_bias("teacher_bias", teacher_bias, student_weight.shape[0])
+    _check_one_device(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias)
     for name, tensor in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
                          ("teacher_bias", teacher_bias)):
         if tensor is not None and tensor.requires_grad and opts.has_kd:
             raise ValueError(f"{name} requires grad, but the teacher is a constant in kdfast: pass "
                              f"{name}.detach() (or compute the teacher under torch.no_grad())")
-    check_chunk_settings(softcap, chunk_size)
+
+
+def _check_bias(name: str, bias, vocab: int) -> None:
+    if bias is not None:
+        _check_floating(name, bias, f"[{vocab}]")
+        if tuple(bias.shape) != (vocab,):
+            raise ValueError(f"{name} must have shape [{vocab}] (the vocab size), got {tuple(bias.shape)}")
+
+
+def _check_one_device(*tensors) -> None:
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"every hidden state, weight and bias must be on one device, got "
+                         f"{sorted(str(d) for d in devices)}")
 
 
 def check_chunk_settings(softcap, chunk_size) -> None:
@@ -142,3 +155,36 @@ def check_chunk_settings(softcap, chunk_size) -> None:
     if chunk_size != "auto" and not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool)
                                      and chunk_size > 0):
         raise ValueError(f"chunk_size must be 'auto' or a positive int, got {chunk_size!r}")
+
+
+def check_sparse_targets(teacher_ids, teacher_logprobs, lead_shape: tuple, vocab: int, device, opts: LossOptions,
+                         what: str) -> None:
+    """teacher_ids: integer [..., K] (one row per row of `what`, -1 = padding) within [-1, vocab);
+    teacher_logprobs: float of the same shape, on the same device, not requiring grad."""
+    if not isinstance(teacher_ids, torch.Tensor):
+        raise ValueError(f"teacher_ids must be an integer torch.Tensor of shape [..., K], got "
+                         f"{type(teacher_ids).__name__}")
+    if teacher_ids.dtype.is_floating_point or teacher_ids.dtype.is_complex or teacher_ids.dtype == torch.bool:
+        raise ValueError(f"teacher_ids must be an integer tensor (token ids, -1 for padding), got dtype "
+                         f"{teacher_ids.dtype}")
+    _check_floating("teacher_logprobs", teacher_logprobs, "[..., K]")
+    if teacher_ids.dim() < 1 or tuple(teacher_ids.shape[:-1]) != tuple(lead_shape):
+        raise ValueError(f"teacher_ids shape {tuple(teacher_ids.shape)} must be {what}' leading shape "
+                         f"{tuple(lead_shape)} plus K: one row of K teacher ids per row")
+    if teacher_ids.shape[-1] < 1:
+        raise ValueError(f"teacher_ids must hold at least one id per row (K >= 1), got {tuple(teacher_ids.shape)}")
+    if teacher_logprobs.shape != teacher_ids.shape:
+        raise ValueError(f"teacher_logprobs shape {tuple(teacher_logprobs.shape)} must equal teacher_ids shape "
+                         f"{tuple(teacher_ids.shape)}")
+    for name, tensor in (("teacher_ids", teacher_ids), ("teacher_logprobs", teacher_logprobs)):
+        if tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device} but {what} are on {device}")
+    if teacher_logprobs.requires_grad and opts.has_kd:
+        raise ValueError("teacher_logprobs requires grad, but the teacher is a constant in kdfast: pass "
+                         "teacher_logprobs.detach()")
+    # As for labels: reading the range on a GPU is a host sync; there the kernels poison such rows with NaN.
+    if opts.has_kd and teacher_ids.numel() and _label_check_costs_no_sync(teacher_ids):
+        bad = (teacher_ids < -1) | (teacher_ids >= vocab)
+        if bool(bad.any()):
+            raise ValueError(f"teacher_ids must lie in [0, {vocab}) or be -1 (padding); found "
+                             f"{teacher_ids[bad][0].item()}")

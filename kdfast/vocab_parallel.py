@@ -64,9 +64,11 @@ class ShardedDistillFunction(torch.autograd.Function):
     """`distill_loss` over vocab shards: gradient in forward, backward rescales (like DistillFunction)."""
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, labels, scale, opts: LossOptions, shard: VocabShard, kernel):
+    def forward(ctx, student_logits, teacher, labels, scale, opts: LossOptions, shard: VocabShard, kernel):
+        """`teacher`: the teacher's logits over this shard's columns, or a sparse teacher's SparseTargets."""
         student, copied = as_rows_view(student_logits)
-        teacher, _ = as_rows_view(teacher_logits)
+        if isinstance(teacher, torch.Tensor):
+            teacher = as_rows_view(teacher)[0]
         grad = None
         if ctx.needs_input_grad[0]:
             grad = student

@@ -8,6 +8,7 @@ import pytest
 
 from kdfast.kernel_abi import FLOAT_SETTINGS, INT_SETTINGS, STAT_COLUMNS, Divergence, Phase, native_settings
 from kdfast.options import LossOptions
+from kdfast.sparse_options import REST_AS_NONE, TAILS
 
 HEADER = (Path(__file__).resolve().parent.parent / "csrc" / "common" / "kernel_abi.h").read_text()
 
@@ -26,6 +27,11 @@ def test_divergence_codes_match_the_header():
     assert _enum("Divergence") == expected
     assert {d.name: int(d) for d in Divergence} == {"FORWARD_KL": 0, "REVERSE_KL": 1, "JSD": 2, "SKEW_FORWARD_KL": 3,
                                                     "SKEW_REVERSE_KL": 4}
+
+
+def test_tails_match_the_header():
+    assert _enum("Tail") == {"kTailDense": 0, **{f"kTail{_camel(name)}": code for name, code in TAILS.items()}}
+    assert float(re.search(r"kRestAsNone = ([0-9.e-]+);", HEADER).group(1)) == REST_AS_NONE
 
 
 def test_phases_match_the_header():
@@ -55,8 +61,9 @@ def test_native_settings_follow_the_record():
     opts = LossOptions(divergence="jsd", beta=0.25, temperature=2.0, kd_weight=0.5, ce_weight=0.1, ignore_index=-7)
     ints, floats = native_settings(opts, Phase.SUMS, col_offset=96)
     assert dict(zip(INT_SETTINGS, ints)) == {"divergence": 2, "ignore_index": -7, "has_kd": 1, "has_ce": 1,
-                                             "phase": 2, "col_offset": 96, "splits": 0}
-    assert dict(zip(FLOAT_SETTINGS, floats)) == {"beta": 0.25, "temperature": 2.0, "kd_scale": 2.0, "ce_weight": 0.1}
+                                             "phase": 2, "col_offset": 96, "splits": 0, "tail": 0}
+    assert dict(zip(FLOAT_SETTINGS, floats)) == {"beta": 0.25, "temperature": 2.0, "kd_scale": 2.0, "ce_weight": 0.1,
+                                                 "teacher_scale": 1.0}
 
 
 def test_record_round_trips_through_its_text():

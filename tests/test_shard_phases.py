@@ -8,16 +8,19 @@ from conftest import BACKENDS, device_for
 from helpers import make_labels, make_logits
 
 from kdfast.dispatch import DeviceRows
-from kdfast.kernel_abi import Phase, PhaseCall
+from kdfast.kernel_abi import Phase, PhaseCall, SparseTargets
 from kdfast.options import LossOptions
+from kdfast.sparse_options import SparseOptions
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"]
 BOUNDS = [0, 13, 14, 61]  # uneven shards, one of a single column
 
 
 def sharded(kernel, student, teacher, labels, opts, grad_scale):
+    """`teacher`: dense logits (each shard gets its columns) or SparseTargets (every shard gets them whole)."""
     shards = list(zip(BOUNDS[:-1], BOUNDS[1:]))
-    views = [(student[..., a:b], teacher[..., a:b]) for a, b in shards]
+    sparse = isinstance(teacher, SparseTargets)
+    views = [(student[..., a:b], teacher if sparse else teacher[..., a:b]) for a, b in shards]
     stats = torch.stack([kernel(s, t, labels, grad_scale, None, opts, PhaseCall(Phase.STATS, a))
                          for (s, t), (a, _) in zip(views, shards)])
     lse = torch.logsumexp(stats, dim=0)
@@ -70,3 +73,27 @@ def test_gradient_phase_writes_over_the_logits(backend):
         kernel(s, t, labels, scale, s, opts, PhaseCall(Phase.GRADIENT, a, lse, sums))
     torch.testing.assert_close(opts.kd_scale * sums[:, 0] + opts.ce_weight * (lse[:, 2] - sums[:, 2]), expected[0])
     torch.testing.assert_close(work, expected[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence,tail", [(d, "bucket") for d in DIVERGENCES] + [("forward_kl", "renormalize")])
+@pytest.mark.parametrize("temperature,kd_weight,ce_weight", [(2.0, 1.0, 0.5), (0.7, 1.0, 0.0), (1.5, 0.0, 1.0)])
+def test_sparse_shards_equal_the_whole_row(backend, divergence, tail, temperature, kd_weight, ce_weight):
+    """A sparse teacher: every shard sees all K ids (global), gathers the student's probabilities at the ones it
+    holds, and the shard starting the vocabulary adds the rest bucket."""
+    device = device_for(backend)
+    student, teacher = make_logits((1, 6, BOUNDS[-1]), torch.float32, device=device)
+    top = torch.log_softmax(teacher / temperature, dim=-1).topk(9, dim=-1)
+    ids = top.indices.clone()
+    ids[0, 2, 4] = -1  # padding
+    targets = SparseTargets(ids, top.values.contiguous())
+    labels = make_labels((6,), BOUNDS[-1], "some", device=device)
+    opts = SparseOptions(divergence=divergence, beta=0.3, temperature=temperature, kd_weight=kd_weight,
+                         ce_weight=ce_weight, tail=tail, backend=backend)
+    kernel = DeviceRows(backend)
+    scale = torch.tensor(0.25, device=device)
+    whole_grad = torch.empty_like(student)
+    whole = kernel(student, targets, labels, scale, whole_grad, opts)
+    loss, grad = sharded(kernel, student, targets, labels, opts, scale)
+    torch.testing.assert_close(loss, whole, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(grad, whole_grad, rtol=2e-5, atol=2e-6)

@@ -1,5 +1,5 @@
-"""Compiles the Triton kernel ahead of time for real GPUs and reports what ptxas says; run without
-TRITON_INTERPRET (the interpreter replaces the kernels). Prints one JSON line per variant.
+"""Compiles the Triton kernels (a dense teacher's and a sparse one's) ahead of time for real GPUs and reports what
+ptxas says; run without TRITON_INTERPRET (the interpreter replaces the kernels). Prints one JSON line per variant.
 
     python tests/triton_aot_check.py
 """
@@ -17,22 +17,22 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kdfast.kernels import distill
+from kdfast.kernels import distill, sparse
 
 POINTER_TYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
-FLOAT_ARGS = {"inv_t", "beta", "log_beta", "log_1m_beta", "kd_scale", "ce_weight"}
+FLOAT_ARGS = {"inv_t", "beta", "log_beta", "log_1m_beta", "kd_scale", "ce_weight", "teacher_scale"}
 
 
-def compile_kernel(dtype: str, capability: int, num_warps: int, **constexprs):
-    """The signature the launcher produces for [batch, rows, vocab] logits with a vocab divisible by 16."""
-    kernel = distill.distill_fwd_kernel
+def compile_kernel(dtype: str, capability: int, num_warps: int, kernel=distill.distill_fwd_kernel, **constexprs):
+    """The signature the launcher produces for [batch, rows, vocab] logits with a vocab divisible by 16 (and, for the
+    sparse kernel, int64 ids and float32 log-probs)."""
     signature, aligned = {}, []
     for index, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name in ("student_ptr", "teacher_ptr", "grad_ptr"):
             signature[name] = POINTER_TYPES[dtype]
-        elif name == "labels_ptr":
+        elif name in ("labels_ptr", "ids_ptr"):
             signature[name] = "*i64"
         elif name.endswith("_ptr"):
             signature[name] = "*fp32"
@@ -76,15 +76,21 @@ def variants():
         for flags in SHARD_FLAGS:
             write_grad = flags["WRITE_GRAD"] and not (flags["PHASE"] == 2 and divergence != 0)
             yield capability, divergence, "bf16", dict(flags, WRITE_GRAD=write_grad)
+        # A sparse teacher (K = 64), bucket: fused, then the shard's phases.
+        for flags in [FUSED_FLAGS[0], *SHARD_FLAGS]:
+            write_grad = flags["WRITE_GRAD"] and not (flags["PHASE"] == 2 and divergence != 0)
+            yield capability, divergence, "bf16", dict(flags, WRITE_GRAD=write_grad, TAIL=1, BLOCK_K=64)
 
 
 def report(variant) -> str:
     capability, divergence, dtype, flags = variant
     block_v, num_warps = distill.launch_config(128_256)
-    compiled = compile_kernel(dtype, capability, num_warps, DIVERGENCE=divergence, BLOCK_V=block_v, **flags)
+    kernel = sparse.sparse_fwd_kernel if "TAIL" in flags else distill.distill_fwd_kernel
+    compiled = compile_kernel(dtype, capability, num_warps, kernel, DIVERGENCE=divergence, BLOCK_V=block_v, **flags)
     ptx = compiled.asm["ptx"]
     loads = sorted(set(re.findall(r"ld\.global(?:\.[a-z0-9]+)*", ptx)))
-    return json.dumps({"capability": capability, "divergence": divergence, "dtype": dtype, **flags,
+    return json.dumps({"capability": capability, "divergence": divergence, "dtype": dtype, "kernel": kernel.__name__,
+                       **flags,
                        "vector_loads": any(".v4" in load or ".v2" in load for load in loads), "loads": loads,
                        **ptxas_report(ptx, capability)})
 

@@ -89,6 +89,59 @@ def linear_case(divergence, reduction, uneven, reduce_hidden_grad=True):
     _close(d_hidden, full[0].grad, "hidden gradient")
 
 
+def _sparse_teacher(k=9, seed=2):
+    generator = torch.Generator().manual_seed(seed)
+    top = torch.log_softmax(torch.randn(ROWS, VOCAB, generator=generator) * 2, dim=-1).topk(k, dim=-1)
+    ids = top.indices.clone()
+    ids[1, 0] = -1  # padding
+    return ids, top.values
+
+
+def sparse_case(divergence, tail, reduction, uneven):
+    """A sparse teacher: every rank passes the same global ids; the loss and each shard's gradient equal the
+    single-process ones."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    start, stop = shard_bounds(world, uneven)[rank]
+    generator = torch.Generator().manual_seed(3)
+    student = torch.randn(ROWS, VOCAB, generator=generator) * 3
+    labels = torch.randint(0, VOCAB, (ROWS,), generator=generator)
+    labels[::5] = -100
+    ids, logprobs = _sparse_teacher()
+    settings = dict(temperature=2.0, kd_weight=0.8, ce_weight=0.3, beta=0.3, divergence=divergence, tail=tail,
+                    reduction=reduction)
+    full = student.clone().requires_grad_(True)
+    expected = kdfast.sparse_distill_loss(full, ids, logprobs, labels, backend="torch", **settings)
+    weights = torch.linspace(0.5, 1.5, expected.numel()).view(expected.shape)
+    (expected * weights).sum().backward()
+    shard = student[:, start:stop].clone().requires_grad_(True)
+    loss = kdfast.sparse_distill_loss(shard, ids, logprobs, labels, process_group=dist.group.WORLD,
+                                      vocab_range=(start, stop) if uneven else None, **settings)
+    (loss * weights).sum().backward()
+    _close(loss, expected, "loss")
+    _close(shard.grad, full.grad[:, start:stop], "gradient shard")
+
+
+def linear_sparse_case(divergence, reduction):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    start, stop = shard_bounds(world, True)[rank]
+    generator = torch.Generator().manual_seed(4)
+    hs, ws = torch.randn(ROWS, HIDDEN, generator=generator), torch.randn(VOCAB, HIDDEN, generator=generator)
+    labels = torch.randint(0, VOCAB, (ROWS,), generator=generator)
+    ids, logprobs = _sparse_teacher()
+    settings = dict(temperature=2.0, ce_weight=0.5, divergence=divergence, reduction=reduction, chunk_size=5)
+    full = [hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)]
+    expected = kdfast.linear_sparse_distill_loss(full[0], full[1], ids, logprobs, labels, backend="torch", **settings)
+    weights = torch.linspace(0.5, 1.5, expected.numel()).view(expected.shape)
+    (expected * weights).sum().backward()
+    mine = [hs.clone().requires_grad_(True), ws[start:stop].clone().requires_grad_(True)]
+    loss = kdfast.linear_sparse_distill_loss(mine[0], mine[1], ids, logprobs, labels, process_group=dist.group.WORLD,
+                                             vocab_range=(start, stop), **settings)
+    (loss * weights).sum().backward()
+    _close(loss, expected, "loss")
+    _close(mine[1].grad, full[1].grad[start:stop], "weight gradient shard")
+    _close(mine[0].grad, full[0].grad, "hidden gradient")
+
+
 def traffic_case():
     """Bytes sent per call do not depend on the vocabulary, and grow linearly with the rows."""
     sent = {}
@@ -164,6 +217,11 @@ def cases(world):
         for reduction in ("mean", "sum", "none"):
             listed[f"linear-{divergence}-{reduction}-uneven"] = (linear_case, (divergence, reduction, True))
     listed["linear-caller-reduces-hidden-grad"] = (linear_case, ("jsd", "mean", False, False))
+    for divergence in DIVERGENCES:
+        listed[f"sparse-{divergence}-bucket-mean-uneven"] = (sparse_case, (divergence, "bucket", "mean", True))
+        listed[f"linear-sparse-{divergence}-none"] = (linear_sparse_case, (divergence, "none"))
+    listed["sparse-forward_kl-renormalize-sum-equal"] = (sparse_case, ("forward_kl", "renormalize", "sum", False))
+    listed["sparse-jsd-bucket-none-equal"] = (sparse_case, ("jsd", "bucket", "none", False))
     listed["traffic-is-o-rows"] = (traffic_case, ())
     listed["error-rows-differ"] = (expect_error, ("rows", "same tokens (rows)"))
     listed["error-ranges-gap"] = (expect_error, ("gap", "must tile [0, V)"))

@@ -24,15 +24,21 @@ enum IntSetting : int {
   kSettingPhase = 4,
   kSettingColOffset = 5,
   kSettingSplits = 6,
-  kIntSettingCount = 7
+  kSettingTail = 7,
+  kIntSettingCount = 8
 };
 enum FloatSetting : int {
   kSettingBeta = 0,
   kSettingTemperature = 1,
   kSettingKdScale = 2,
   kSettingCeWeight = 3,
-  kFloatSettingCount = 4
+  kSettingTeacherScale = 4,
+  kFloatSettingCount = 5
 };
+
+// A sparse teacher's treatment of the mass outside its K ids (0: a dense teacher).
+enum Tail : int { kTailDense = 0, kTailBucket = 1, kTailRenormalize = 2 };
+constexpr double kRestAsNone = 1e-6;  // a teacher rest 1 - sum(p) of at most this much counts as none
 
 struct DistillArgs {
   // data pointers; grad may alias student (inplace_backward) and is null when no gradient is wanted
@@ -58,6 +64,14 @@ struct DistillArgs {
   // the shard: this call's columns are [col_offset, col_offset + vocab) of the global vocabulary
   int phase;
   int64_t col_offset;
+  // a sparse teacher (tail != kTailDense), in place of `teacher`: per row K global token ids (-1: padding) and
+  // their log-probabilities, K contiguous
+  int tail;
+  float teacher_scale;  // renormalize: stored log-probs times this are log-probs at T (up to a constant)
+  const int64_t* teacher_ids;
+  const void* teacher_logprobs;
+  ScalarKind logprob_kind;
+  int64_t topk, ids_stride_b, ids_stride_r, logprobs_stride_b, logprobs_stride_r;
   // CUDA only: splits > 1 cuts each row into vocab ranges handled by separate blocks, whose partial statistics
   // meet in `workspace`
   int splits;

@@ -12,10 +12,15 @@
 
 namespace kdfast {
 
-// The op both extensions register (under their own namespace).
+// The ops both extensions register (under their own namespace): a dense teacher's logits, or a sparse teacher's
+// ids and log-probabilities.
 constexpr const char* kDistillForwardSchema =
     "distill_forward(Tensor student, Tensor teacher, Tensor? labels, Tensor grad_scale, Tensor(a!)? grad, "
     "Tensor? row_stats, Tensor? row_totals, int[] int_settings, float[] float_settings) -> Tensor";
+constexpr const char* kSparseDistillForwardSchema =
+    "sparse_distill_forward(Tensor student, Tensor teacher_ids, Tensor teacher_logprobs, Tensor? labels, "
+    "Tensor grad_scale, Tensor(a!)? grad, Tensor? row_stats, Tensor? row_totals, int[] int_settings, "
+    "float[] float_settings) -> Tensor";
 
 #define KDFAST_CHECK_DEVICE(x, device_type) \
   TORCH_CHECK((x).device().type() == (device_type), #x " must be on ", (device_type), ", got ", (x).device())
@@ -46,22 +51,17 @@ struct PackedCall {
   at::Tensor out;
 };
 
-inline PackedCall pack_distill_args(const at::Tensor& student, const at::Tensor& teacher,
-                                    const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
-                                    const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& row_stats,
-                                    const std::optional<at::Tensor>& row_totals, c10::IntArrayRef ints,
-                                    c10::ArrayRef<double> floats, c10::DeviceType device_type) {
+// Everything but the teacher: the student's rows, labels, gradient, the shard's row tables, the settings lists.
+inline PackedCall pack_common(const at::Tensor& student, const std::optional<at::Tensor>& labels,
+                              const at::Tensor& grad_scale, const std::optional<at::Tensor>& grad,
+                              const std::optional<at::Tensor>& row_stats, const std::optional<at::Tensor>& row_totals,
+                              c10::IntArrayRef ints, c10::ArrayRef<double> floats, c10::DeviceType device_type) {
   TORCH_CHECK(ints.size() == kIntSettingCount && floats.size() == kFloatSettingCount, "kdfast: expected ",
               kIntSettingCount, " int and ", kFloatSettingCount, " float settings, got ", ints.size(), " and ",
               floats.size(), " (the Python package and the compiled kernel disagree: rebuild with `kdfast build`)");
   KDFAST_CHECK_DEVICE(student, device_type);
-  KDFAST_CHECK_DEVICE(teacher, device_type);
   KDFAST_CHECK_DEVICE(grad_scale, device_type);
   KDFAST_CHECK_ROWS_VIEW(student);
-  KDFAST_CHECK_ROWS_VIEW(teacher);
-  TORCH_CHECK(teacher.sizes() == student.sizes(), "teacher shape ", teacher.sizes(), " != student shape ",
-              student.sizes());
-  TORCH_CHECK(teacher.device() == student.device(), "teacher and student logits must be on one device");
   TORCH_CHECK(grad_scale.scalar_type() == at::kFloat && grad_scale.numel() == 1, "grad_scale must be one float32");
 
   DistillArgs a{};
@@ -72,9 +72,11 @@ inline PackedCall pack_distill_args(const at::Tensor& student, const at::Tensor&
   a.phase = static_cast<int>(ints[kSettingPhase]);
   a.col_offset = ints[kSettingColOffset];
   a.splits = static_cast<int>(ints[kSettingSplits]);
+  a.tail = static_cast<int>(ints[kSettingTail]);
   TORCH_CHECK(a.divergence >= kForwardKL && a.divergence <= kSkewReverseKL, "unknown divergence code ",
               a.divergence);
   TORCH_CHECK(a.phase >= kPhaseFused && a.phase <= kPhaseGradient, "unknown phase ", a.phase);
+  TORCH_CHECK(a.tail >= kTailDense && a.tail <= kTailRenormalize, "unknown tail code ", a.tail);
   TORCH_CHECK(a.phase != kPhaseFused || a.col_offset == 0, "a fused call covers the whole row (col_offset 0)");
   const double temperature = floats[kSettingTemperature];
   a.beta = static_cast<float>(floats[kSettingBeta]);
@@ -82,16 +84,13 @@ inline PackedCall pack_distill_args(const at::Tensor& student, const at::Tensor&
   a.inv_temperature = static_cast<float>(1.0 / temperature);
   a.kd_scale = static_cast<float>(floats[kSettingKdScale]);
   a.ce_weight = static_cast<float>(floats[kSettingCeWeight]);
+  a.teacher_scale = static_cast<float>(floats[kSettingTeacherScale]);
   a.temperature_power = temperature == 1.0 ? 1 : (temperature == 2.0 ? 2 : 0);
 
   a.student = student.data_ptr();
-  a.teacher = teacher.data_ptr();
   a.student_kind = scalar_kind(student, "student_logits");
-  a.teacher_kind = scalar_kind(teacher, "teacher_logits");
   a.student_stride_b = student.stride(0);
   a.student_stride_r = student.stride(1);
-  a.teacher_stride_b = teacher.stride(0);
-  a.teacher_stride_r = teacher.stride(1);
   a.batch = student.size(0);
   a.rows_per_batch = student.size(1);
   a.vocab = student.size(2);
@@ -137,6 +136,53 @@ inline PackedCall pack_distill_args(const at::Tensor& student, const at::Tensor&
   }
   a.out = out.data_ptr<float>();
   return {a, out};
+}
+
+// A dense teacher: logits shaped like the student's.
+inline PackedCall pack_distill_args(const at::Tensor& student, const at::Tensor& teacher,
+                                    const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
+                                    const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& row_stats,
+                                    const std::optional<at::Tensor>& row_totals, c10::IntArrayRef ints,
+                                    c10::ArrayRef<double> floats, c10::DeviceType device_type) {
+  PackedCall call = pack_common(student, labels, grad_scale, grad, row_stats, row_totals, ints, floats, device_type);
+  TORCH_CHECK(call.args.tail == kTailDense, "distill_forward takes a dense teacher (sparse_distill_forward: ids)");
+  KDFAST_CHECK_DEVICE(teacher, device_type);
+  KDFAST_CHECK_ROWS_VIEW(teacher);
+  TORCH_CHECK(teacher.sizes() == student.sizes(), "teacher shape ", teacher.sizes(), " != student shape ",
+              student.sizes());
+  TORCH_CHECK(teacher.device() == student.device(), "teacher and student logits must be on one device");
+  call.args.teacher = teacher.data_ptr();
+  call.args.teacher_kind = scalar_kind(teacher, "teacher_logits");
+  call.args.teacher_stride_b = teacher.stride(0);
+  call.args.teacher_stride_r = teacher.stride(1);
+  return call;
+}
+
+// A sparse teacher: [batch, rows, K] global token ids and their log-probabilities, K contiguous.
+inline PackedCall pack_sparse_args(const at::Tensor& student, const at::Tensor& ids, const at::Tensor& logprobs,
+                                   const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
+                                   const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& row_stats,
+                                   const std::optional<at::Tensor>& row_totals, c10::IntArrayRef ints,
+                                   c10::ArrayRef<double> floats, c10::DeviceType device_type) {
+  PackedCall call = pack_common(student, labels, grad_scale, grad, row_stats, row_totals, ints, floats, device_type);
+  DistillArgs& a = call.args;
+  TORCH_CHECK(a.tail != kTailDense, "sparse_distill_forward needs a sparse tail setting");
+  KDFAST_CHECK_DEVICE(ids, device_type);
+  KDFAST_CHECK_DEVICE(logprobs, device_type);
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 3 && ids.size(0) == a.batch &&
+                  ids.size(1) == a.rows_per_batch && (ids.stride(2) == 1 || ids.size(2) == 1),
+              "teacher_ids must be an int64 [batch, rows, K] view with K contiguous, got ", ids.sizes());
+  TORCH_CHECK(logprobs.sizes() == ids.sizes() && (logprobs.stride(2) == 1 || logprobs.size(2) == 1),
+              "teacher_logprobs must be shaped like teacher_ids with K contiguous, got ", logprobs.sizes());
+  a.teacher_ids = ids.data_ptr<int64_t>();
+  a.teacher_logprobs = logprobs.data_ptr();
+  a.logprob_kind = scalar_kind(logprobs, "teacher_logprobs");
+  a.topk = ids.size(2);
+  a.ids_stride_b = ids.stride(0);
+  a.ids_stride_r = ids.stride(1);
+  a.logprobs_stride_b = logprobs.stride(0);
+  a.logprobs_stride_r = logprobs.stride(1);
+  return call;
 }
 
 }  // namespace kdfast

@@ -5,6 +5,7 @@
 
 #include "../common/pack_args.h"
 #include "distill_kernel.h"
+#include "sparse_kernel.h"
 
 namespace {
 
@@ -21,8 +22,27 @@ at::Tensor distill_forward(const at::Tensor& student, const at::Tensor& teacher,
   return call.out;
 }
 
+at::Tensor sparse_distill_forward(const at::Tensor& student, const at::Tensor& teacher_ids,
+                                  const at::Tensor& teacher_logprobs, const std::optional<at::Tensor>& labels,
+                                  const at::Tensor& grad_scale, const std::optional<at::Tensor>& grad,
+                                  const std::optional<at::Tensor>& row_stats,
+                                  const std::optional<at::Tensor>& row_totals, c10::IntArrayRef int_settings,
+                                  c10::ArrayRef<double> float_settings) {
+  auto call = kdfast::pack_sparse_args(student, teacher_ids, teacher_logprobs, labels, grad_scale, grad, row_stats,
+                                       row_totals, int_settings, float_settings, c10::DeviceType::CPU);
+  const int64_t rows = call.args.batch * call.args.rows_per_batch;
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) { kdfast_cpu::sparse_rows_cpu(call.args, begin, end); });
+  return call.out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY(kdfast_cpu, m) { m.def(kdfast::kDistillForwardSchema); }
+TORCH_LIBRARY(kdfast_cpu, m) {
+  m.def(kdfast::kDistillForwardSchema);
+  m.def(kdfast::kSparseDistillForwardSchema);
+}
 
-TORCH_LIBRARY_IMPL(kdfast_cpu, CPU, m) { m.impl("distill_forward", &distill_forward); }
+TORCH_LIBRARY_IMPL(kdfast_cpu, CPU, m) {
+  m.impl("distill_forward", &distill_forward);
+  m.impl("sparse_distill_forward", &sparse_distill_forward);
+}

@@ -15,62 +15,13 @@
 
 #include <limits>
 
+#include "gradient_pass.h"
 #include "row_math.h"
 #include "shard_pass.h"
 #include "stats_pass.h"
 
 namespace kdfast_cpu {
 namespace {
-
-template <typename T>
-const float* widen_row(const T* row, int64_t vocab, std::vector<float>& out) {
-  float* dst = out.data();
-  for (int64_t j = 0; j < vocab; ++j) dst[j] = to_float(row[j]);
-  return dst;
-}
-const float* widen_row(const float* row, int64_t, std::vector<float>&) { return row; }
-
-float row_max(const float* x, int64_t vocab) {
-  VFloat best = splat<VFloat>(-INFINITY);
-  float tail = -INFINITY;
-  for_lanes(vocab, [&](int64_t j, auto zero) {
-    using F = decltype(zero);
-    const F v = load<F>(x + j);
-    if constexpr (std::is_same_v<F, VFloat>) {
-      best = v > best ? v : best;
-    } else {
-      tail = v > tail ? v : tail;
-    }
-  });
-  const float head = horizontal_max(best);
-  return head > tail ? head : tail;
-}
-
-int64_t first_index_of(const float* x, int64_t vocab, float value) {
-  for (int64_t j = 0; j < vocab; ++j) {
-    if (x[j] == value) return j;
-  }
-  return 0;
-}
-
-struct RowStats {
-  // References in logit units: e_s = exp((s - ref_s) / T), e_t = exp((t - ref_t) / T), CE's own exp(s - ref_ce).
-  float ref_s, ref_t, ref_ce;
-  float t_at_ref;  // the teacher's logit at the reference entry r (reverse KL's centring)
-  float log_z_s, log_z_t, inv_z_s, inv_z_t, log_z_ce, inv_z_ce;
-  float forward_kl;  // over these columns
-  float centred;     // reverse KL's D = sum_j q_j c_j: the gradient's row sum
-  float rkl_offset;  // reverse KL = D + rkl_offset (log q_r - log p_r)
-  int64_t ref_index;  // r: the student's argmax (fused reverse KL and mixtures), else -1
-};
-
-// The next row's logits, prefetched into L2 while this row computes: pass 0 is the only pass that reads
-// memory, and without this it waits on DRAM while the core idles (measured: ~16% of the kernel).
-struct NextRow {
-  const char* student = nullptr;
-  const char* teacher = nullptr;
-  int student_element_bytes = 4, teacher_element_bytes = 4;
-};
 
 // Pass 0: the maxima, and for reverse KL and the mixtures (fused) the reference entry r.
 RowStats row_references(const float* s, const float* t, const DistillArgs& a) {
@@ -191,73 +142,6 @@ float mixture_pass(const float* s, const float* t, const DistillArgs& a, const R
   return horizontal_sum(kd_acc);
 }
 
-// Where the gradient pass finds the KD part of dL/da_j: q - p from the exps (forward KL), q (c_j - D) from the
-// logits (reverse KL), or q (d_j - D) from pass 2's scores (mixtures).
-enum KdSource : int { kNoKd = 0, kKdFromExps = 1, kKdFromLogits = 2, kKdFromScores = 3 };
-
-struct GradientTerms {
-  const float* s;
-  const float* t;
-  const float* scores;
-  float row_sum;  // D
-  float kd_coef, ce_coef;
-};
-
-template <int kKd, int kCe, typename GradT>
-void write_gradient_loop(GradT* g, const GradientTerms& terms, const RowStats& st, const Scratch& w,
-                         const DistillArgs& a) {
-  const float* es = w.exp_student.data();
-  const float* et = w.exp_teacher.data();
-  const float* ec = w.exp_ce.data();
-  const float inv_t = a.inv_temperature, rs = st.ref_s, tr = st.t_at_ref, big_d = terms.row_sum;
-  for_lanes(a.vocab, [&](int64_t j, auto zero) {
-    using F = decltype(zero);
-    F kd_part = zero;
-    if constexpr (kKd == kKdFromExps) kd_part = load<F>(es + j) * st.inv_z_s - load<F>(et + j) * st.inv_z_t;
-    if constexpr (kKd == kKdFromLogits) {
-      const F c = ((load<F>(terms.s + j) - rs) - (load<F>(terms.t + j) - tr)) * inv_t;
-      kd_part = weighted(load<F>(es + j) * st.inv_z_s, c - big_d);
-    }
-    if constexpr (kKd == kKdFromScores) kd_part = weighted(load<F>(es + j) * st.inv_z_s, load<F>(terms.scores + j) - big_d);
-    F ce_part = zero;
-    if constexpr (kCe == kCeFromTempered) ce_part = load<F>(es + j) * st.inv_z_ce;
-    if constexpr (kCe == kCeFromTemperedSquared) ce_part = load<F>(es + j) * load<F>(es + j) * st.inv_z_ce;
-    if constexpr (kCe == kCeFromOwnExps) ce_part = load<F>(ec + j) * st.inv_z_ce;
-    store_grad(g + j, terms.kd_coef * kd_part + terms.ce_coef * ce_part);
-  });
-}
-
-// Turns the runtime (kd source, ce source) pair into one branch-free loop instantiation.
-template <int kCe, typename GradT>
-void write_gradient_ce(GradT* g, KdSource kd_source, const GradientTerms& terms, const RowStats& st,
-                       const Scratch& w, const DistillArgs& a) {
-  switch (kd_source) {
-    case kNoKd: return write_gradient_loop<kNoKd, kCe>(g, terms, st, w, a);
-    case kKdFromExps: return write_gradient_loop<kKdFromExps, kCe>(g, terms, st, w, a);
-    case kKdFromLogits: return write_gradient_loop<kKdFromLogits, kCe>(g, terms, st, w, a);
-    case kKdFromScores: return write_gradient_loop<kKdFromScores, kCe>(g, terms, st, w, a);
-  }
-}
-
-template <typename GradT>
-void write_gradient(GradT* g, KdSource kd_source, const GradientTerms& terms, int64_t local_label,
-                    const DistillArgs& a, const RowStats& st, const Scratch& w) {
-  CeSource ce_source = kNoCe;
-  if (a.has_ce) {
-    ce_source = !a.has_kd ? kCeFromOwnExps
-                : a.temperature_power == 1 ? kCeFromTempered
-                : a.temperature_power == 2 ? kCeFromTemperedSquared
-                                           : kCeFromOwnExps;
-  }
-  switch (ce_source) {
-    case kNoCe: write_gradient_ce<kNoCe>(g, kd_source, terms, st, w, a); break;
-    case kCeFromTempered: write_gradient_ce<kCeFromTempered>(g, kd_source, terms, st, w, a); break;
-    case kCeFromTemperedSquared: write_gradient_ce<kCeFromTemperedSquared>(g, kd_source, terms, st, w, a); break;
-    case kCeFromOwnExps: write_gradient_ce<kCeFromOwnExps>(g, kd_source, terms, st, w, a); break;
-  }
-  if (local_label >= 0) from_float(to_float(g[local_label]) - terms.ce_coef, &g[local_label]);
-}
-
 // One kept row in any phase: writes its outputs (and its gradient when g is set).
 template <typename GradT>
 void process_row(const float* s, const float* t, int64_t row, int64_t label, GradT* g, float row_scale,
@@ -297,11 +181,6 @@ void process_row(const float* s, const float* t, int64_t row, int64_t label, Gra
   }
   const float ce = a.has_ce ? st.log_z_ce - (s_label - st.ref_ce) : 0.0f;
   a.out[row] = a.kd_scale * kd + a.ce_weight * ce;
-}
-
-template <typename GradT>
-void zero_row(GradT* g, int64_t vocab) {
-  for (int64_t j = 0; j < vocab; ++j) from_float(0.0f, &g[j]);
 }
 
 // A row that contributes nothing (ignored, or a fused row whose label is out of range: NaN).

@@ -42,8 +42,33 @@ at::Tensor distill_forward(const at::Tensor& student, const at::Tensor& teacher,
   return call.out;
 }
 
+at::Tensor sparse_distill_forward(const at::Tensor& student, const at::Tensor& teacher_ids,
+                                  const at::Tensor& teacher_logprobs, const std::optional<at::Tensor>& labels,
+                                  const at::Tensor& grad_scale, const std::optional<at::Tensor>& grad,
+                                  const std::optional<at::Tensor>& row_stats,
+                                  const std::optional<at::Tensor>& row_totals, c10::IntArrayRef int_settings,
+                                  c10::ArrayRef<double> float_settings) {
+  const c10::cuda::CUDAGuard device_guard(student.device());
+  TORCH_CHECK(teacher_logprobs.scalar_type() == at::kFloat, "the CUDA sparse kernel takes float32 teacher_logprobs");
+  auto call = kdfast::pack_sparse_args(student, teacher_ids, teacher_logprobs, labels, grad_scale, grad, row_stats,
+                                       row_totals, int_settings, float_settings, c10::DeviceType::CUDA);
+  kdfast::DistillArgs& args = call.args;
+  const int64_t rows = args.batch * args.rows_per_batch;
+  at::Tensor workspace = at::empty({kdfast_cuda::sparse_workspace_floats(rows, args.topk)}, call.out.options());
+  args.workspace = workspace.data_ptr<float>();
+  const cudaError_t error = kdfast_cuda::launch_sparse(args, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(error == cudaSuccess, "kdfast CUDA kernel launch failed: ", cudaGetErrorString(error));
+  return call.out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY(kdfast_cuda, m) { m.def(kdfast::kDistillForwardSchema); }
+TORCH_LIBRARY(kdfast_cuda, m) {
+  m.def(kdfast::kDistillForwardSchema);
+  m.def(kdfast::kSparseDistillForwardSchema);
+}
 
-TORCH_LIBRARY_IMPL(kdfast_cuda, CUDA, m) { m.impl("distill_forward", &distill_forward); }
+TORCH_LIBRARY_IMPL(kdfast_cuda, CUDA, m) {
+  m.impl("distill_forward", &distill_forward);
+  m.impl("sparse_distill_forward", &sparse_distill_forward);
+}

@@ -25,4 +25,8 @@ int64_t workspace_floats(int64_t rows, int splits);
 // Enqueues the kernels of args.phase on `stream`; returns the launch error, if any.
 cudaError_t launch_distill(const DistillArgs& args, cudaStream_t stream);
 
+// A sparse teacher: its per-id workspace (args.workspace) holds sparse_workspace_floats(rows, K) floats.
+int64_t sparse_workspace_floats(int64_t rows, int64_t topk);
+cudaError_t launch_sparse(const DistillArgs& args, cudaStream_t stream);
+
 }  // namespace kdfast_cuda

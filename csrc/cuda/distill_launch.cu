@@ -2,13 +2,16 @@
 #include <algorithm>
 #include <cmath>
 
-#include "distill_rows.cuh"
+#include "sparse_rows.cuh"
 
 namespace kdfast_cuda {
 
 cudaError_t launch_student_bf16(const Launch& launch, cudaStream_t stream);
 cudaError_t launch_student_fp16(const Launch& launch, cudaStream_t stream);
 cudaError_t launch_student_fp32(const Launch& launch, cudaStream_t stream);
+cudaError_t launch_sparse_bf16(const Launch& launch, cudaStream_t stream);
+cudaError_t launch_sparse_fp16(const Launch& launch, cudaStream_t stream);
+cudaError_t launch_sparse_fp32(const Launch& launch, cudaStream_t stream);
 
 bool supported_pair(ScalarKind student, ScalarKind teacher) {
   return teacher == student || teacher == ScalarKind::kFloat32;
@@ -28,8 +31,12 @@ int64_t workspace_floats(int64_t rows, int splits) {
   return splits > 1 ? rows * splits * (kWorkspaceStats + kWorkspaceTerms) : 0;
 }
 
-cudaError_t launch_distill(const DistillArgs& args, cudaStream_t stream) {
-  if (args.batch * args.rows_per_batch == 0) return cudaSuccess;
+int64_t sparse_workspace_floats(int64_t rows, int64_t topk) { return rows * topk * kIdArrays; }
+
+namespace {
+
+// The per-launch constants both kernels' launches share.
+Launch make_launch(const DistillArgs& args) {
   Launch launch;
   launch.a = args;
   // Without KD the kernel runs at T = 1, where cross-entropy shares the student's statistics.
@@ -46,10 +53,28 @@ cudaError_t launch_distill(const DistillArgs& args, cudaStream_t stream) {
   } else {
     launch.ce_stats = kCeOwn;
   }
+  return launch;
+}
+
+}  // namespace
+
+cudaError_t launch_distill(const DistillArgs& args, cudaStream_t stream) {
+  if (args.batch * args.rows_per_batch == 0) return cudaSuccess;
+  const Launch launch = make_launch(args);
   switch (args.student_kind) {
     case ScalarKind::kBFloat16: return launch_student_bf16(launch, stream);
     case ScalarKind::kFloat16: return launch_student_fp16(launch, stream);
     default: return launch_student_fp32(launch, stream);
+  }
+}
+
+cudaError_t launch_sparse(const DistillArgs& args, cudaStream_t stream) {
+  if (args.batch * args.rows_per_batch == 0) return cudaSuccess;
+  const Launch launch = make_launch(args);
+  switch (args.student_kind) {
+    case ScalarKind::kBFloat16: return launch_sparse_bf16(launch, stream);
+    case ScalarKind::kFloat16: return launch_sparse_fp16(launch, stream);
+    default: return launch_sparse_fp32(launch, stream);
   }
 }
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kdfast.kernel_abi import FUSED, PhaseCall, native_settings
+from kdfast.kernel_abi import FUSED, PhaseCall, SparseTargets, native_settings
 from kdfast.native_build import cpu_extension_or_none, load_cpu_extension
 from kdfast.options import LossOptions
 
@@ -17,3 +17,11 @@ def forward_rows(student, teacher, labels, grad_scale, grad, opts: LossOptions, 
     ints, floats = native_settings(opts, call.phase, call.col_offset)
     return ops.distill_forward(student, teacher, labels, grad_scale, grad, call.row_stats, call.row_totals, ints,
                                floats)
+
+
+def sparse_forward_rows(student, teacher: SparseTargets, labels, grad_scale, grad, opts: LossOptions,
+                        call: PhaseCall = FUSED):
+    ops = load_cpu_extension()
+    ints, floats = native_settings(opts, call.phase, call.col_offset)
+    return ops.sparse_distill_forward(student, teacher.ids, teacher.logprobs, labels, grad_scale, grad, call.row_stats,
+                                      call.row_totals, ints, floats)

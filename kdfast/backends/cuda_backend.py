@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from kdfast.kernel_abi import FUSED, PhaseCall, native_settings
+from kdfast.kernel_abi import FUSED, PhaseCall, SparseTargets, native_settings
 from kdfast.native_build import cuda_extension_or_none, load_cuda_extension
 from kdfast.options import LossOptions
 
@@ -33,3 +33,12 @@ def forward_rows(student, teacher, labels, grad_scale, grad, opts: LossOptions, 
     ints, floats = native_settings(opts, call.phase, call.col_offset, forced_splits())
     return ops.distill_forward(student, teacher, labels, grad_scale, grad, call.row_stats, call.row_totals, ints,
                                floats)
+
+
+def sparse_forward_rows(student, teacher: SparseTargets, labels, grad_scale, grad, opts: LossOptions,
+                        call: PhaseCall = FUSED):
+    ops = load_cuda_extension()
+    ints, floats = native_settings(opts, call.phase, call.col_offset, forced_splits())
+    teacher = SparseTargets(teacher.ids, teacher.logprobs.float())  # [rows, K]: widening costs nothing to speak of
+    return ops.sparse_distill_forward(student, teacher.ids, teacher.logprobs, labels, grad_scale, grad, call.row_stats,
+                                      call.row_totals, ints, floats)

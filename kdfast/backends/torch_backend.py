@@ -10,6 +10,7 @@ import math
 import torch
 
 from kdfast import divergences
+from kdfast.backends.torch_sparse import sparse_forward_rows  # noqa: F401 (the backend's sparse entry point)
 from kdfast.kernel_abi import FUSED, STAT_COLUMNS, Phase, PhaseCall
 from kdfast.options import LossOptions
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kdfast.kernel_abi import FUSED, PhaseCall
+from kdfast.kernel_abi import FUSED, PhaseCall, SparseTargets
 from kdfast.options import LossOptions
 
 
@@ -10,3 +10,10 @@ def forward_rows(student, teacher, labels, grad_scale, grad, opts: LossOptions, 
     from kdfast.kernels.distill import distill_forward_rows
 
     return distill_forward_rows(student, teacher if opts.has_kd else student, labels, grad_scale, grad, opts, call)
+
+
+def sparse_forward_rows(student, teacher: SparseTargets, labels, grad_scale, grad, opts: LossOptions,
+                        call: PhaseCall = FUSED):
+    from kdfast.kernels.sparse import sparse_forward_rows as launch
+
+    return launch(student, teacher.ids, teacher.logprobs, labels, grad_scale, grad, opts, call)

@@ -1,0 +1,301 @@
+// The CPU kernel of a sparse teacher (docs/DESIGN.md, "A sparse teacher"; kdfast/sparse_math.py states the same
+// math in PyTorch). Per row of the student's logits and the teacher's K (id, log-prob) pairs:
+//   pass 0   FUSED / STATS: the row's max (the only pass that reads memory)
+//   pass 1   tempered exps into scratch, their sum, CE's; then the student's mass outside the ids, summed over
+//            those columns (the ids' entries zeroed for it), never as the total minus the ids' part
+//   buckets  the teacher's K + 1 buckets (its rest 1 - sum(p) in float64) against the student's: the divergence,
+//            the gradient at the ids' columns and the factor q_j is multiplied by at every other column
+//   last     the gradient, q * factor + CE everywhere, then the ids' columns
+// A shard's SUMS and GRADIENT take the global log-sum-exps in place of pass 0 and the sums (the exps are then the
+// probabilities); the shard that starts the vocabulary adds the rest bucket.
+#include "sparse_kernel.h"
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "gradient_pass.h"
+#include "row_math.h"
+
+namespace kdfast_cpu {
+namespace {
+
+// Per thread: the K + 1 buckets (the ids, then the rest) of the row at hand.
+struct Buckets {
+  std::vector<float> logprobs, log_q, log_p, terms, scores, id_gradients, saved;
+  std::vector<int64_t> column;  // the id's column in this call's range, or -1
+  std::vector<char> counted;
+  void reserve(int64_t k) {
+    for (auto* v : {&logprobs, &log_q, &log_p, &terms, &scores, &id_gradients, &saved}) v->resize(k + 1);
+    column.resize(k + 1);
+    counted.resize(k + 1);
+  }
+};
+
+float logprob_at(const DistillArgs& a, const void* row, int64_t k) {
+  switch (a.logprob_kind) {
+    case ScalarKind::kBFloat16: return to_float(static_cast<const BFloat16*>(row)[k]);
+    case ScalarKind::kFloat16: return to_float(static_cast<const Float16*>(row)[k]);
+    default: return static_cast<const float*>(row)[k];
+  }
+}
+
+// log P at the K ids and of the rest (index K); -inf for padding and for no rest.
+void teacher_buckets(const DistillArgs& a, const int64_t* ids, Buckets& b) {
+  const int64_t k_count = a.topk;
+  const float minus_inf = -std::numeric_limits<float>::infinity();
+  if (a.tail == kTailRenormalize) {
+    double top = -std::numeric_limits<double>::infinity(), sum = 0.0;
+    for (int64_t k = 0; k < k_count; ++k) {
+      if (ids[k] >= 0) top = std::max(top, static_cast<double>(b.logprobs[k]) * a.teacher_scale);
+    }
+    for (int64_t k = 0; k < k_count; ++k) {
+      if (ids[k] >= 0) sum += std::exp(static_cast<double>(b.logprobs[k]) * a.teacher_scale - top);
+    }
+    const double total = top + std::log(sum);
+    for (int64_t k = 0; k < k_count; ++k) {
+      b.log_p[k] = ids[k] >= 0 ? static_cast<float>(static_cast<double>(b.logprobs[k]) * a.teacher_scale - total)
+                               : minus_inf;
+    }
+    b.log_p[k_count] = minus_inf;
+    return;
+  }
+  double sum = 0.0;  // float64: in float32 a rest of 1e-5 would carry a relative error of 1e-2
+  for (int64_t k = 0; k < k_count; ++k) {
+    b.log_p[k] = ids[k] >= 0 ? b.logprobs[k] : minus_inf;
+    if (ids[k] >= 0) sum += std::exp(static_cast<double>(b.logprobs[k]));
+  }
+  const double rest = 1.0 - sum;
+  b.log_p[k_count] = rest <= kRestAsNone ? minus_inf : static_cast<float>(std::log(rest));
+}
+
+struct BucketSums {
+  float kd, row_sum, rest_factor;
+};
+
+// The buckets' divergence over the counted ones, D, the gradient at the ids' columns (into b.id_gradients) and
+// the rest's factor; `centre`: on the student's largest bucket (a whole row); `given_d`: the global D (GRADIENT).
+BucketSums bucket_math(const DistillArgs& a, Buckets& b, bool centre, const float* given_d) {
+  const int64_t n = a.topk + 1;
+  float kd = 0.0f, row_sum = 0.0f;
+  if (a.divergence == kForwardKL) {
+    // d/da_j = q_j sum(P) - P_b q_j / Q_b: sum(P) is 1, but for a renormalised row with no ids (then 0).
+    float total = 0.0f;
+    for (int64_t i = 0; i < n; ++i) total += std::exp(b.log_p[i]);
+    for (int64_t i = 0; i < n; ++i) {
+      const float p = std::exp(b.log_p[i]);
+      if (b.counted[i]) kd += weighted(p, b.log_p[i] - b.log_q[i]);
+      if (i < n - 1) b.id_gradients[i] = std::exp(b.log_q[i]) * total - p;
+    }
+    const float rest_q = std::exp(b.log_q[n - 1]), rest_p = std::exp(b.log_p[n - 1]);
+    return {kd, 0.0f, total - (rest_q > 0.0f ? rest_p / rest_q : 0.0f)};
+  }
+  const MixtureConstants mc(a.beta);
+  int64_t reference = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float q = std::exp(b.log_q[i]), p = std::exp(b.log_p[i]);
+    if (a.divergence == kReverseKL) {
+      b.terms[i] = weighted(q, b.log_q[i] - b.log_p[i]);
+      b.scores[i] = b.log_q[i] - b.log_p[i];
+    } else {
+      mixture_term_and_score<float>(a.divergence, mc.beta, mc.log_beta, mc.log_1m_beta, b.log_q[i], b.log_p[i], q, p,
+                                    b.terms[i], b.scores[i]);
+    }
+    if (b.log_q[i] > b.log_q[reference]) reference = i;
+  }
+  if (centre) {
+    const float score_r = b.scores[reference];
+    for (int64_t i = 0; i < n; ++i) b.scores[i] = i == reference ? 0.0f : b.scores[i] - score_r;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    if (!b.counted[i]) continue;
+    kd += b.terms[i];
+    row_sum += weighted(std::exp(b.log_q[i]), b.scores[i]);
+  }
+  const float d = given_d != nullptr ? *given_d : row_sum;
+  for (int64_t i = 0; i + 1 < n; ++i) b.id_gradients[i] = weighted(std::exp(b.log_q[i]), b.scores[i] - d);
+  // No column outside the ids (Q_rest = 0): nothing takes the rest's factor, whose score is then undefined.
+  return {kd, row_sum, b.log_q[n - 1] == -INFINITY ? 0.0f : b.scores[n - 1] - d};
+}
+
+// Pass 1 (exps into scratch and their sums) and, for a whole row or STATS, the mass outside the ids.
+void exp_pass(const float* s, const DistillArgs& a, const float* given, Scratch& w, Buckets& b, RowStats& st,
+              float* log_z_rest) {
+  const float inv_t = a.has_kd ? a.inv_temperature : 1.0f;
+  // CE's softmax at T = 1 as the gradient pass reads it (gradient_pass.h): the tempered exps (T = 1), their squares
+  // (T = 2), or its own exps (other temperatures, and CE alone).
+  const bool ce_squared = a.has_ce && a.has_kd && a.temperature_power == 2;
+  const bool ce_own = a.has_ce && !(a.has_kd && (a.temperature_power == 1 || a.temperature_power == 2));
+  float* es = w.exp_student.data();
+  float* ec = w.exp_ce.data();
+  VFloat z_acc{}, z_ce_acc{};
+  const float rs = st.ref_s, rc = st.ref_ce;
+  for_lanes(a.vocab, [&](int64_t j, auto zero) {
+    using F = decltype(zero);
+    const F sj = load<F>(s + j);
+    const F e = fast_exp((sj - rs) * inv_t);
+    store(es + j, e);
+    accumulate(z_acc, e);
+    if (ce_squared) accumulate(z_ce_acc, e * e);
+    if (ce_own) {
+      const F c = fast_exp(sj - rc);
+      store(ec + j, c);
+      accumulate(z_ce_acc, c);
+    }
+  });
+  if (given != nullptr) {  // the exps are the probabilities; CE's softmax at T = 1 from them, or its own exps
+    st.log_z_s = 0.0f, st.inv_z_s = 1.0f, st.log_z_ce = 0.0f, st.inv_z_ce = 1.0f;
+    if (a.has_ce && !ce_own) st.inv_z_ce = std::exp(a.temperature_power * given[0] - given[2]);
+    *log_z_rest = given[1] - given[0];  // log of the student's mass outside the ids (natural units of Q)
+    return;
+  }
+  const float z = horizontal_sum(z_acc);
+  st.log_z_s = std::log(z);
+  st.inv_z_s = 1.0f / z;
+  const float z_ce = (ce_squared || ce_own) ? horizontal_sum(z_ce_acc) : z;
+  st.log_z_ce = std::log(z_ce);
+  st.inv_z_ce = 1.0f / z_ce;
+  if (!a.has_kd) return;
+  // Sum over the columns outside the ids: their exps zeroed for the sum, then restored.
+  for (int64_t k = 0; k < a.topk; ++k) {
+    if (b.column[k] >= 0) b.saved[k] = es[b.column[k]], es[b.column[k]] = 0.0f;
+  }
+  VFloat rest_acc{};
+  for_lanes(a.vocab, [&](int64_t j, auto zero) {
+    using F = decltype(zero);
+    accumulate(rest_acc, load<F>(es + j));
+  });
+  for (int64_t k = 0; k < a.topk; ++k) {
+    if (b.column[k] >= 0) es[b.column[k]] = b.saved[k];
+  }
+  *log_z_rest = std::log(horizontal_sum(rest_acc));  // relative to the row's reference, like log z
+}
+
+// softmax(s) at T = 1 at one column, read as exp_pass left it.
+float ce_probability(const DistillArgs& a, const RowStats& st, const Scratch& w, int64_t column) {
+  const float e = w.exp_student[column];
+  if (a.has_kd && a.temperature_power == 1) return e * st.inv_z_ce;
+  if (a.has_kd && a.temperature_power == 2) return e * e * st.inv_z_ce;
+  return w.exp_ce[column] * st.inv_z_ce;
+}
+
+template <typename GradT>
+void sparse_row(const float* s, const int64_t* ids, int64_t row, int64_t label, GradT* g, float row_scale,
+                const DistillArgs& a, Scratch& w, Buckets& b) {
+  const int64_t k_count = a.topk;
+  for (int64_t k = 0; k < k_count; ++k) {
+    const int64_t local = ids[k] - a.col_offset;
+    b.column[k] = (ids[k] >= 0 && local >= 0 && local < a.vocab) ? local : -1;
+  }
+  const int64_t local_label = a.has_ce ? label - a.col_offset : -1;
+  const bool held = local_label >= 0 && local_label < a.vocab;
+  const float s_label = held ? s[local_label] : 0.0f;  // before the gradient may overwrite the logits
+  const bool later_phase = a.phase == kPhaseSums || a.phase == kPhaseGradient;
+  const float* given = later_phase ? a.row_stats + row * kStatColumns : nullptr;
+  RowStats st{};
+  if (given != nullptr) {
+    st.ref_s = a.has_kd ? given[0] * a.temperature : given[2];
+    st.ref_ce = given[2];
+  } else {
+    st.ref_s = st.ref_ce = row_max(s, a.vocab);
+  }
+  float log_z_rest = -INFINITY;
+  exp_pass(s, a, given, w, b, st, &log_z_rest);
+  const float inv_t = a.has_kd ? a.inv_temperature : 1.0f;
+  if (a.phase == kPhaseStats) {
+    float* out = a.out + row * kStatColumns;
+    out[0] = a.has_kd ? st.ref_s * inv_t + st.log_z_s : 0.0f;
+    out[1] = a.has_kd ? st.ref_s * inv_t + log_z_rest : 0.0f;
+    out[2] = a.has_ce ? st.ref_ce + st.log_z_ce : 0.0f;
+    return;
+  }
+  BucketSums sums{0.0f, 0.0f, 0.0f};
+  if (a.has_kd) {
+    teacher_buckets(a, ids, b);
+    for (int64_t k = 0; k < k_count; ++k) {
+      b.log_q[k] = b.column[k] >= 0 ? (s[b.column[k]] - st.ref_s) * inv_t - st.log_z_s : -INFINITY;
+      b.counted[k] = b.column[k] >= 0;
+    }
+    b.log_q[k_count] = given != nullptr ? log_z_rest : log_z_rest - st.log_z_s;
+    b.counted[k_count] = a.col_offset == 0;  // one shard adds the rest bucket
+    const float* given_d = a.phase == kPhaseGradient ? a.row_totals + row * kStatColumns + 1 : nullptr;
+    sums = bucket_math(a, b, a.phase == kPhaseFused, given_d);
+  }
+  if (g != nullptr) {
+    GradientTerms terms{s, nullptr, nullptr, 0.0f, row_scale * a.kd_scale * a.inv_temperature,
+                        row_scale * a.ce_weight, sums.rest_factor};
+    write_gradient(g, a.has_kd ? kKdFromRestFactor : kNoKd, terms, -1, a, st, w);
+    if (a.has_kd) {
+      for (int64_t k = 0; k < k_count; ++k) {
+        const int64_t column = b.column[k];
+        if (column < 0) continue;
+        const float ce = a.has_ce ? terms.ce_coef * ce_probability(a, st, w, column) : 0.0f;
+        from_float(terms.kd_coef * b.id_gradients[k] + ce, &g[column]);
+      }
+    }
+    if (held) from_float(to_float(g[local_label]) - terms.ce_coef, &g[local_label]);
+  }
+  if (a.phase == kPhaseFused) {
+    const float ce = a.has_ce ? st.log_z_ce - (s_label - st.ref_ce) : 0.0f;
+    a.out[row] = a.kd_scale * sums.kd + a.ce_weight * ce;
+  } else if (a.phase == kPhaseSums) {
+    float* out = a.out + row * kStatColumns;
+    out[0] = sums.kd, out[1] = sums.row_sum, out[2] = s_label;
+  }
+}
+
+void write_empty_row(const DistillArgs& a, int64_t row, float loss) {
+  if (a.phase == kPhaseFused) a.out[row] = loss;
+  if (a.phase == kPhaseStats || a.phase == kPhaseSums) {
+    for (int c = 0; c < kStatColumns; ++c) a.out[row * kStatColumns + c] = 0.0f;
+  }
+}
+
+template <typename StudentT>
+void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
+  thread_local Scratch scratch;
+  thread_local Buckets buckets;
+  scratch.reserve(a.vocab);
+  buckets.reserve(a.topk);
+  const float row_scale = a.grad != nullptr ? *a.grad_scale : 0.0f;
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t bi = row / a.rows_per_batch, r = row % a.rows_per_batch;
+    const StudentT* s_raw = static_cast<const StudentT*>(a.student) + bi * a.student_stride_b + r * a.student_stride_r;
+    StudentT* g = a.grad == nullptr ? nullptr
+                                    : static_cast<StudentT*>(a.grad) + bi * a.grad_stride_b + r * a.grad_stride_r;
+    const int64_t* ids = a.teacher_ids + bi * a.ids_stride_b + r * a.ids_stride_r;
+    const int64_t lp_offset = bi * a.logprobs_stride_b + r * a.logprobs_stride_r;
+    const int element = a.logprob_kind == ScalarKind::kFloat32 ? 4 : 2;
+    const void* lp = static_cast<const char*>(a.teacher_logprobs) + lp_offset * element;
+    const int64_t label = a.labels != nullptr ? a.labels[row] : 0;
+    if (a.labels != nullptr && label == a.ignore_index) {
+      write_empty_row(a, row, 0.0f);
+      if (g != nullptr) zero_row(g, a.vocab);
+      continue;
+    }
+    bool poisoned = a.phase == kPhaseFused && a.has_ce && (label < 0 || label >= a.vocab);
+    for (int64_t k = 0; k < a.topk && a.phase == kPhaseFused && a.has_kd; ++k) {
+      poisoned = poisoned || ids[k] < -1 || ids[k] >= a.vocab;  // refused on the host where that costs no sync
+    }
+    if (poisoned) {
+      write_empty_row(a, row, std::numeric_limits<float>::quiet_NaN());
+      if (g != nullptr) zero_row(g, a.vocab);
+      continue;
+    }
+    for (int64_t k = 0; k < a.topk; ++k) buckets.logprobs[k] = logprob_at(a, lp, k);
+    const float* s = widen_row(s_raw, a.vocab, scratch.student);
+    sparse_row(s, ids, row, label, g, row_scale, a, scratch, buckets);
+  }
+}
+
+}  // namespace
+
+void sparse_rows_cpu(const DistillArgs& args, int64_t row_begin, int64_t row_end) {
+  switch (args.student_kind) {
+    case ScalarKind::kFloat32: return run_rows<float>(args, row_begin, row_end);
+    case ScalarKind::kBFloat16: return run_rows<BFloat16>(args, row_begin, row_end);
+    case ScalarKind::kFloat16: return run_rows<Float16>(args, row_begin, row_end);
+  }
+}
+
+}  // namespace kdfast_cpu

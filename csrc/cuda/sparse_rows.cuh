@@ -1,0 +1,297 @@
+// The CUDA kernel of a sparse teacher (docs/DESIGN.md, "A sparse teacher"; kdfast/sparse_math.py states the same
+// math in PyTorch), one block per row, in any phase. Each row's K (id, log-prob) pairs and what the kernel derives
+// from them live in a workspace of sparse_workspace_floats(rows, K) floats (global memory: K may be large).
+//   pass 0   FUSED / STATS: the row's max                                                   read row
+//   pass 1   the tempered exps' sum in float64, and the same exps at the ids, so that the student's mass outside
+//            the ids is their difference to float64's precision; CE's sum                    read row
+//   buckets  the teacher's K + 1 buckets (its rest in float64) against the student's (threads over K)
+//   last     the gradient, q * factor + CE everywhere, then (after a barrier) the ids' columns  read row, write row
+// SUMS and GRADIENT take the global log-sum-exps in place of passes 0 and 1; the shard at col_offset 0 adds the
+// rest bucket. Everything runs in base 2 as in distill_rows.cuh; the teacher's log-probs are natural.
+#pragma once
+
+#include "distill_rows.cuh"
+
+namespace kdfast_cuda {
+
+template <typename T, typename Op>
+__device__ T block_reduce(T v, T* scratch, Op op) {
+#pragma unroll
+  for (int mask = 16; mask > 0; mask >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, mask));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // scratch may still be read from an earlier reduction
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  T total = scratch[0];
+#pragma unroll
+  for (int w = 1; w < kThreads / 32; ++w) total = op(total, scratch[w]);
+  return total;
+}
+
+struct Add {
+  template <typename T>
+  __device__ T operator()(T x, T y) const { return x + y; }
+};
+struct Max {
+  __device__ float operator()(float x, float y) const { return fmaxf(x, y); }
+};
+struct Min {
+  __device__ int operator()(int x, int y) const { return min(x, y); }
+};
+
+// A row's per-id arrays in the workspace.
+struct IdArrays {
+  float* column;    // [K] the id's column in this call's range, or -1 (exact in float below 2^24 columns)
+  float* logit;     // [K] the student's logit there, kept: the gradient may overwrite the logits
+  float* log_q;     // [K] base 2
+  float* log_p;     // [K] base 2
+  float* gradient;  // [K] d/da at the ids' columns
+};
+constexpr int kIdArrays = 5;
+
+// JSD, the skews and reverse KL at one bucket: term and score (natural units) from base-2 log-probabilities.
+__device__ __forceinline__ void bucket_scores(const Launch& L, int mode, float lq, float lp, float& term, float& h) {
+  if (mode == kModeReverseKL) {
+    term = kLn2 * weighted(fast_exp2(lq), lq - lp);
+    h = kLn2 * (lq - lp);
+    return;
+  }
+  mixture_terms(L.a.divergence, L.a.beta, L.log2_beta, L.log2_1m_beta, lq, lp, fast_exp2(lq), fast_exp2(lp), term, h);
+}
+
+template <typename S, int MODE>
+__global__ void __launch_bounds__(kThreads) sparse_row_kernel(const Launch L) {
+  __shared__ double double_scratch[kThreads / 32];
+  __shared__ float float_scratch[kThreads / 32];
+  __shared__ int int_scratch[kThreads / 32];
+  const DistillArgs& a = L.a;
+  constexpr bool kKD = MODE != kModeCeOnly;
+  const int64_t row = blockIdx.x, k_count = a.topk;
+  const int64_t bi = row / a.rows_per_batch, ri = row % a.rows_per_batch;
+  const RowPointers<S, S> p = row_pointers<S, S>(L, row);
+  const int64_t* ids = a.teacher_ids + bi * a.ids_stride_b + ri * a.ids_stride_r;
+  const float* logprobs = static_cast<const float*>(a.teacher_logprobs) + bi * a.logprobs_stride_b +
+                          ri * a.logprobs_stride_r;
+  IdArrays sh;
+  sh.column = a.workspace + row * k_count * kIdArrays;
+  sh.logit = sh.column + k_count;
+  sh.log_q = sh.logit + k_count;
+  sh.log_p = sh.log_q + k_count;
+  sh.gradient = sh.log_p + k_count;
+
+  const RowLabel lab = row_label(a, row);
+  int bad = 0;
+  for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {
+    const int64_t local = ids[k] - a.col_offset;
+    const bool held = ids[k] >= 0 && local >= 0 && local < a.vocab;
+    sh.column[k] = held ? static_cast<float>(local) : -1.0f;
+    sh.logit[k] = held ? load1(p.s + local) : 0.0f;
+    bad |= kKD && a.phase == kPhaseFused && (ids[k] < -1 || ids[k] >= a.vocab);
+  }
+  // Ids outside [-1, V) (refused on the host where that costs no sync) or a label outside [0, V) poison the row.
+  const bool poisoned = lab.keep && a.phase == kPhaseFused && (__syncthreads_or(bad) || (a.has_ce && !lab.label_ok));
+  if (!lab.keep || poisoned) {
+    if (p.g) range_zero(p.g, 0, a.vocab);
+    if (threadIdx.x == 0 && a.phase == kPhaseFused) a.out[row] = poisoned ? __int_as_float(0x7fc00000) : 0.0f;
+    if (threadIdx.x < kStatColumns && (a.phase == kPhaseStats || a.phase == kPhaseSums)) {
+      a.out[row * kStatColumns + threadIdx.x] = 0.0f;
+    }
+    return;
+  }
+  const float s_label = (lab.label_ok && threadIdx.x == 0) ? load1(p.s + lab.label) : 0.0f;
+  __syncthreads();  // the label's logit and the ids' are read before any thread writes the gradient over the logits
+  const int ce_stats = L.ce_stats;
+  float ref = 0.0f, log2_z = 0.0f, log2_z_c = 0.0f, log2_rest = kNegInf;  // log2_rest: relative to log2_z
+  const bool later_phase = a.phase == kPhaseSums || a.phase == kPhaseGradient;
+  if (!later_phase) {
+    float m = kNegInf;
+    for_each_block_of_row<false>(p, 0, a.vocab, false, [&](int64_t, auto& s, auto&) {
+      constexpr int N = kLanesOf<decltype(s)>;
+#pragma unroll
+      for (int i = 0; i < N; ++i) m = fmaxf(m, s[i]);
+    });
+    ref = safe_ref(block_reduce(m, float_scratch, Max{}));
+    double z = 0.0;
+    float z_c = 0.0f;
+    for_each_block_of_row<false>(p, 0, a.vocab, false, [&](int64_t, auto& s, auto&) {
+      constexpr int N = kLanesOf<decltype(s)>;
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const float e = fast_exp2((s[i] - ref) * L.k);
+        z += e;
+        if (ce_stats == kCeSquared) z_c += e * e;
+        if (ce_stats == kCeOwn) z_c += fast_exp2((s[i] - ref) * kLog2e);
+      }
+    });
+    const double total = block_reduce(z, double_scratch, Add{});
+    log2_z = log2f(static_cast<float>(total));
+    log2_z_c = ce_stats == kCeShared ? log2_z : log2f(block_reduce(z_c, float_scratch, Add{}));
+    if (kKD) {
+      double at_ids = 0.0;  // the same exps as pass 1's, at the ids
+      for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {
+        if (sh.column[k] >= 0.0f) at_ids += fast_exp2((sh.logit[k] - ref) * L.k);
+      }
+      log2_rest = log2f(static_cast<float>(total - block_reduce(at_ids, double_scratch, Add{}))) - log2_z;
+    }
+  } else {
+    const float* lse = a.row_stats + row * kStatColumns;
+    log2_z_c = lse[2] * kLog2e;
+    log2_z = kKD ? lse[0] * kLog2e : log2_z_c;
+    log2_rest = (lse[1] - lse[0]) * kLog2e;
+    if (ce_stats == kCeShared) log2_z_c = log2_z;
+  }
+  if (a.phase == kPhaseStats) {
+    if (threadIdx.x == 0) {
+      float* out = a.out + row * kStatColumns;
+      out[0] = kKD ? kLn2 * (ref * L.k + log2_z) : 0.0f;
+      out[1] = kKD ? kLn2 * (ref * L.k + log2_z + log2_rest) : 0.0f;
+      out[2] = a.has_ce ? kLn2 * (ref * kLog2e + log2_z_c) : 0.0f;
+    }
+    return;
+  }
+
+  // ---- the buckets ----
+  float kd = 0.0f, row_d = 0.0f, rest_factor = 1.0f;
+  if (kKD) {
+    const bool renormalize = a.tail == kTailRenormalize;
+    float top = kNegInf;
+    for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {
+      if (ids[k] >= 0) top = fmaxf(top, logprobs[k] * a.teacher_scale);
+    }
+    top = renormalize ? safe_ref(block_reduce(top, float_scratch, Max{})) : 0.0f;
+    double mass = 0.0;  // the K probabilities' sum, float64: their rest 1 - sum must not cancel
+    for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {
+      if (ids[k] >= 0) mass += exp(static_cast<double>(renormalize ? logprobs[k] * a.teacher_scale - top : logprobs[k]));
+    }
+    mass = block_reduce(mass, double_scratch, Add{});
+    const float log2_shift = renormalize ? (top + static_cast<float>(log(mass))) * kLog2e : 0.0f;
+    const double rest = 1.0 - mass;
+    const float log2_p_rest = (renormalize || rest <= kRestAsNone) ? kNegInf : static_cast<float>(log2(rest));
+    for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {
+      const float lp = renormalize ? logprobs[k] * a.teacher_scale * kLog2e - log2_shift : logprobs[k] * kLog2e;
+      sh.log_p[k] = ids[k] >= 0 ? lp : kNegInf;
+      sh.log_q[k] = sh.column[k] >= 0.0f ? (sh.logit[k] - ref) * L.k - log2_z : kNegInf;
+    }
+    __syncthreads();
+    const bool owns_rest = a.col_offset == 0;  // one shard adds the rest bucket
+    const float q_rest = fast_exp2(log2_rest), p_rest = fast_exp2(log2_p_rest);
+    if (MODE == kModeForwardKL) {
+      // d/da_j = q_j sum(P) - P_b q_j / Q_b (sum(P) is 1 but for a renormalised row with no ids)
+      float terms = 0.0f, p_sum = 0.0f;
+      for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {
+        const float pk = fast_exp2(sh.log_p[k]);
+        p_sum += pk;
+        if (sh.column[k] >= 0.0f) terms += kLn2 * weighted(pk, sh.log_p[k] - sh.log_q[k]);
+      }
+      const float p_total = block_reduce(p_sum, float_scratch, Add{}) + p_rest;
+      kd = block_reduce(terms, float_scratch, Add{}) +
+           (owns_rest ? kLn2 * weighted(p_rest, log2_p_rest - log2_rest) : 0.0f);
+      for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {
+        sh.gradient[k] = fast_exp2(sh.log_q[k]) * p_total - fast_exp2(sh.log_p[k]);
+      }
+      rest_factor = p_total - (q_rest > 0.0f ? p_rest / q_rest : 0.0f);
+    } else {
+      // centred on the student's largest bucket (a whole row)
+      float h_ref = 0.0f, rest_term, rest_h;
+      bucket_scores(L, MODE, log2_rest, log2_p_rest, rest_term, rest_h);
+      int reference = -1;
+      if (a.phase == kPhaseFused) {
+        float largest = kNegInf;
+        for (int64_t k = threadIdx.x; k < k_count; k += kThreads) largest = fmaxf(largest, sh.log_q[k]);
+        largest = block_reduce(largest, float_scratch, Max{});
+        int first = static_cast<int>(k_count);
+        for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {
+          if (sh.log_q[k] == largest) first = min(first, static_cast<int>(k));
+        }
+        first = block_reduce(first, int_scratch, Min{});
+        if (log2_rest > largest || first >= k_count) {
+          h_ref = rest_h;
+        } else {
+          reference = first;
+          float unused;
+          bucket_scores(L, MODE, sh.log_q[first], sh.log_p[first], unused, h_ref);
+        }
+      }
+      rest_h = reference < 0 && a.phase == kPhaseFused ? 0.0f : rest_h - h_ref;
+      float terms = 0.0f, d_sum = 0.0f;
+      for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {
+        float term, h;
+        bucket_scores(L, MODE, sh.log_q[k], sh.log_p[k], term, h);
+        h = k == reference ? 0.0f : h - h_ref;
+        sh.gradient[k] = h;  // the score, until D is known
+        if (sh.column[k] >= 0.0f) terms += term, d_sum += weighted(fast_exp2(sh.log_q[k]), h);
+      }
+      kd = block_reduce(terms, float_scratch, Add{}) + (owns_rest ? rest_term : 0.0f);
+      row_d = block_reduce(d_sum, float_scratch, Add{}) + (owns_rest ? weighted(q_rest, rest_h) : 0.0f);
+      const float d = a.phase == kPhaseGradient ? a.row_totals[row * kStatColumns + 1] : row_d;
+      for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {
+        sh.gradient[k] = weighted(fast_exp2(sh.log_q[k]), sh.gradient[k] - d);
+      }
+      rest_factor = q_rest > 0.0f ? rest_h - d : 0.0f;  // no column outside the ids: unused
+    }
+    __syncthreads();
+  }
+
+  // ---- last pass: the gradient, then the ids' columns ----
+  if (p.g) {
+    const float row_scale = *a.grad_scale;
+    const float kd_coef = row_scale * a.kd_scale * a.inv_temperature;
+    const float ce_coef = a.has_ce ? row_scale * a.ce_weight : 0.0f;
+    const float squared_ce = exp2f(2.0f * log2_z - log2_z_c);
+    for_each_block_of_row<false>(p, 0, a.vocab, true, [&](int64_t col, auto& s, auto&) {
+      constexpr int N = kLanesOf<decltype(s)>;
+      float g[N];
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const float q = fast_exp2((s[i] - ref) * L.k - log2_z);
+        g[i] = kKD ? kd_coef * weighted(q, rest_factor) : 0.0f;
+        if (ce_stats != kCeNone) {
+          const float ce_prob = ce_probability(ce_stats, q, s[i], ref, squared_ce, log2_z_c);
+          g[i] += ce_coef * (ce_prob - (col + i == lab.label ? 1.0f : 0.0f));
+        }
+      }
+      store_block(p.g, col, g);
+    });
+    if (kKD) {
+      __syncthreads();  // the ids' columns are written after the dense pass's
+      for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {
+        if (sh.column[k] < 0.0f) continue;
+        const int64_t col = static_cast<int64_t>(sh.column[k]);
+        float g = kd_coef * sh.gradient[k];
+        if (ce_stats != kCeNone) {
+          const float q = fast_exp2((sh.logit[k] - ref) * L.k - log2_z);
+          const float ce_prob = ce_probability(ce_stats, q, sh.logit[k], ref, squared_ce, log2_z_c);
+          g += ce_coef * (ce_prob - (col == lab.label ? 1.0f : 0.0f));
+        }
+        store1(p.g + col, g);
+      }
+    }
+  }
+  if (threadIdx.x == 0) {
+    if (a.phase == kPhaseFused) {
+      float loss = kKD ? a.kd_scale * kd : 0.0f;
+      if (a.has_ce) loss += a.ce_weight * ((ref - s_label) + kLn2 * log2_z_c);
+      a.out[row] = loss;
+    } else if (a.phase == kPhaseSums) {
+      float* out = a.out + row * kStatColumns;
+      out[0] = kd, out[1] = row_d, out[2] = s_label;
+    }
+  }
+}
+
+template <typename S>
+cudaError_t launch_sparse_student(const Launch& L, cudaStream_t stream) {
+  const unsigned rows = static_cast<unsigned>(L.a.batch * L.a.rows_per_batch);
+  if (!L.a.has_kd) {
+    sparse_row_kernel<S, kModeCeOnly><<<rows, kThreads, 0, stream>>>(L);
+  } else if (L.a.divergence == kForwardKL) {
+    sparse_row_kernel<S, kModeForwardKL><<<rows, kThreads, 0, stream>>>(L);
+  } else if (L.a.divergence == kReverseKL) {
+    sparse_row_kernel<S, kModeReverseKL><<<rows, kThreads, 0, stream>>>(L);
+  } else {
+    sparse_row_kernel<S, kModeMixture><<<rows, kThreads, 0, stream>>>(L);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace kdfast_cuda

@@ -1,0 +1,303 @@
+"""Triton kernel of a sparse teacher (docs/DESIGN.md, "A sparse teacher"; kdfast/sparse_math.py states the same math
+in PyTorch): one program per row of the student's logits, with the teacher's K (id, log-prob) pairs as one block.
+
+pass 0   FUSED / STATS: the row's max;  # read row
+pass 1   the tempered exps' sum in float64, and the same exps at the ids (computed alike), so that the student's mass
+         outside the ids is their difference to float64's precision (never a float32 total minus a float32 part);
+         CE's own sum;  # read row
+buckets  the teacher's K + 1 buckets (its rest in float64) against the student's: the divergence, the gradient at
+         the ids' columns, the factor q_j is multiplied by at every other column
+last     the gradient, q * factor + CE everywhere, then (after a barrier) the ids' columns;  # read row, write row
+SUMS and GRADIENT take the global log-sum-exps in place of passes 0 and 1; the shard at col_offset 0 adds the rest.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kdfast.kernel_abi import STAT_COLUMNS, Phase
+from kdfast.kernels.distill import (
+    COLUMNS,
+    FORWARD_KL,
+    FUSED,
+    GRADIENT,
+    REVERSE_KL,
+    STATS,
+    SUMS,
+    _finite_or_zero,
+    _load,
+    _mixture_term_and_score,
+    _weighted,
+    launch_config,
+)
+from kdfast.sparse_options import REST_AS_NONE
+
+RENORMALIZE = tl.constexpr(2)
+NONE_REST = tl.constexpr(REST_AS_NONE)
+
+
+@triton.jit
+def _scores(log_q, log_p, beta, log_beta, log_1m_beta, DIVERGENCE: tl.constexpr):
+    """Per-bucket divergence terms and scores h (reverse KL and the mixtures)."""
+    if DIVERGENCE == REVERSE_KL:
+        terms = _weighted(tl.exp(log_q), log_q - log_p)
+        h = log_q - log_p
+    else:
+        terms, h = _mixture_term_and_score(log_q, log_p, tl.exp(log_q), tl.exp(log_p), beta, log_beta, log_1m_beta,
+                                           DIVERGENCE)
+    return terms, h
+
+
+@triton.jit
+def sparse_fwd_kernel(
+    # data ptrs
+    student_ptr, ids_ptr, logprobs_ptr, labels_ptr, grad_ptr, out_ptr, grad_scale_ptr, row_stats_ptr, row_totals_ptr,
+    # shapes
+    rows_per_batch, vocab, col_offset, topk,
+    # strides (elements)
+    student_stride_b, student_stride_r, ids_stride_b, ids_stride_r, lp_stride_b, lp_stride_r, grad_stride_b,
+    grad_stride_r,
+    # loss settings
+    inv_t, beta, log_beta, log_1m_beta, kd_scale, ce_weight, teacher_scale, ignore_index,
+    DIVERGENCE: tl.constexpr, PHASE: tl.constexpr, TAIL: tl.constexpr, HAS_KD: tl.constexpr, HAS_CE: tl.constexpr,
+    CE_FROM_TEMPERED: tl.constexpr, HAS_LABELS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    batch_index = row // rows_per_batch
+    row_index = row % rows_per_batch
+    s_row = student_ptr + batch_index * student_stride_b + row_index * student_stride_r
+    g_row = grad_ptr + batch_index * grad_stride_b + row_index * grad_stride_r
+    offsets = tl.arange(0, BLOCK_V)
+    NEG_INF: tl.constexpr = float("-inf")
+
+    # The teacher's K pairs, as one block.
+    k_offsets = tl.arange(0, BLOCK_K)
+    k_mask = k_offsets < topk
+    ids = tl.load(ids_ptr + batch_index * ids_stride_b + row_index * ids_stride_r + k_offsets, mask=k_mask, other=-1)
+    logprobs = tl.load(logprobs_ptr + batch_index * lp_stride_b + row_index * lp_stride_r + k_offsets, mask=k_mask,
+                       other=NEG_INF).to(tl.float32)
+    valid = ids >= 0
+    local_ids = ids - col_offset
+    held = valid & (local_ids >= 0) & (local_ids < vocab)
+    safe_ids = tl.where(held, local_ids, 0)
+
+    keep = True
+    held_label = False
+    local_label = -1
+    poisoned = False
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row)
+        keep = label != ignore_index
+        if HAS_CE:
+            local_label = label - col_offset
+            held_label = (local_label >= 0) & (local_label < vocab)
+            if PHASE == FUSED:
+                poisoned = keep & (held_label == 0)
+    if HAS_KD and (PHASE == FUSED):
+        # Ids outside [-1, V): refused on the host where that costs no sync; here the row is NaN.
+        bad_ids = tl.sum(tl.where(k_mask & ((ids < -1) | (ids >= vocab)), 1, 0), axis=0)
+        poisoned = poisoned | (keep & (bad_ids > 0))
+    row_scale = 0.0
+    if WRITE_GRAD:
+        row_scale = tl.load(grad_scale_ptr)
+
+    if keep & (poisoned == 0):
+        # Read before any pass writes the gradient over the logits (inplace_backward).
+        s_ids = tl.load(s_row + safe_ids, mask=held, other=NEG_INF).to(tl.float32)
+        s_label = 0.0
+        if HAS_CE:
+            s_label = tl.load(s_row + tl.where(held_label, local_label, 0)).to(tl.float32)
+        ref = 0.0
+        log_z = 0.0
+        log_z_c = 0.0
+        log_rest = NEG_INF  # log of the student's mass outside the ids, relative to log z's reference
+        if (PHASE == FUSED) | (PHASE == STATS):
+            # ---- pass 0: the max ----
+            m = NEG_INF
+            for start in range(0, vocab, BLOCK_V):
+                cols = start + offsets
+                m = tl.maximum(m, tl.max(_load(s_row, cols, cols < vocab), axis=0))
+            ref = _finite_or_zero(m)
+            # ---- pass 1: the exps' sums (float64), against the final max ----
+            z = tl.zeros([BLOCK_V], dtype=tl.float64)
+            z_c = tl.zeros([BLOCK_V], dtype=tl.float32)
+            for start in range(0, vocab, BLOCK_V):
+                cols = start + offsets
+                s = _load(s_row, cols, cols < vocab)
+                z += tl.exp((s - ref) * inv_t).to(tl.float64)
+                if HAS_CE and not CE_FROM_TEMPERED:
+                    z_c += tl.exp(s - ref)
+            total = tl.sum(z, axis=0)
+            log_z = tl.log(total.to(tl.float32))
+            log_z_c = tl.log(tl.sum(z_c, axis=0))
+            if CE_FROM_TEMPERED:
+                log_z_c = log_z
+            if HAS_KD:
+                at_ids = tl.sum(tl.where(held, tl.exp((s_ids - ref) * inv_t), 0.0).to(tl.float64), axis=0)
+                log_rest = tl.log((total - at_ids).to(tl.float32))
+        else:
+            # SUMS / GRADIENT: the global log-sum-exps (references 0); without KD the kernel runs on CE's
+            log_z = tl.load(row_stats_ptr + row * COLUMNS)
+            log_rest = tl.load(row_stats_ptr + row * COLUMNS + 1) - log_z
+            log_z_c = tl.load(row_stats_ptr + row * COLUMNS + 2)
+            if not HAS_KD:
+                log_z = log_z_c
+            if CE_FROM_TEMPERED:
+                log_z_c = log_z
+
+        if PHASE == STATS:
+            stats_s = 0.0
+            stats_rest = 0.0
+            stats_c = 0.0
+            if HAS_KD:
+                stats_s = ref * inv_t + log_z
+                stats_rest = ref * inv_t + log_rest
+            if HAS_CE:
+                stats_c = ref + log_z_c
+            tl.store(out_ptr + row * COLUMNS, stats_s)
+            tl.store(out_ptr + row * COLUMNS + 1, stats_rest)
+            tl.store(out_ptr + row * COLUMNS + 2, stats_c)
+        else:
+            if PHASE == FUSED:
+                log_rest = log_rest - log_z  # as the shards' phases have it: relative to the normaliser
+            # ---- the buckets: the K ids and the rest ----
+            kd = 0.0
+            row_d = 0.0
+            rest_factor = 1.0
+            id_grads = tl.zeros([BLOCK_K], dtype=tl.float32)
+            if HAS_KD:
+                # The teacher: log P at the ids and of the rest (float64 sum), or renormalised over the ids.
+                if TAIL == RENORMALIZE:
+                    scaled = tl.where(valid, logprobs * teacher_scale, NEG_INF)
+                    top = tl.max(scaled, axis=0)
+                    lse = top + tl.log(tl.sum(tl.where(valid, tl.exp(scaled - _finite_or_zero(top)), 0.0), axis=0))
+                    log_p = tl.where(valid, scaled - lse, NEG_INF)
+                    log_p_rest = NEG_INF
+                else:
+                    log_p = tl.where(valid, logprobs, NEG_INF)
+                    p_sum = tl.sum(tl.where(valid, tl.exp(logprobs.to(tl.float64)), 0.0), axis=0)
+                    rest_p = (1.0 - p_sum).to(tl.float32)
+                    # (a floor float32 holds as a normal number: Triton makes smaller literals float64)
+                    log_p_rest = tl.where(rest_p <= NONE_REST, NEG_INF, tl.log(tl.maximum(rest_p, 1e-30)))
+                log_q = tl.where(held, (s_ids - ref) * inv_t - log_z, NEG_INF)
+                owns_rest = col_offset == 0  # one shard adds the rest bucket
+                if DIVERGENCE == FORWARD_KL:
+                    # d/da_j = q_j sum(P) - P_b q_j / Q_b (sum(P) is 1 but for a renormalised row with no ids)
+                    p = tl.exp(log_p)
+                    p_rest = tl.exp(log_p_rest)
+                    q_rest = tl.exp(log_rest)
+                    p_total = tl.sum(p, axis=0) + p_rest
+                    kd = tl.sum(tl.where(held, _weighted(p, log_p - log_q), 0.0), axis=0)
+                    kd += tl.where(owns_rest, _weighted(p_rest, log_p_rest - log_rest), 0.0)
+                    id_grads = tl.exp(log_q) * p_total - p
+                    rest_factor = p_total - tl.where(q_rest > 0.0, p_rest / tl.where(q_rest > 0.0, q_rest, 1.0), 0.0)
+                else:
+                    terms, h = _scores(log_q, log_p, beta, log_beta, log_1m_beta, DIVERGENCE)
+                    rest_term, rest_h = _scores(log_rest, log_p_rest, beta, log_beta, log_1m_beta, DIVERGENCE)
+                    if PHASE == FUSED:  # centred on the student's largest bucket
+                        largest = tl.max(log_q, axis=0)
+                        at_largest = tl.argmax(log_q, axis=0)
+                        h_ref = tl.where(log_rest > largest, rest_h,
+                                         tl.sum(tl.where(k_offsets == at_largest, h, 0.0), axis=0))
+                        h = tl.where(log_rest > largest, h - h_ref, tl.where(k_offsets == at_largest, 0.0, h - h_ref))
+                        rest_h = tl.where(log_rest > largest, 0.0, rest_h - h_ref)
+                    q = tl.exp(log_q)
+                    q_rest = tl.exp(log_rest)
+                    kd = tl.sum(tl.where(held, terms, 0.0), axis=0) + tl.where(owns_rest, rest_term, 0.0)
+                    row_d = tl.sum(tl.where(held, _weighted(q, h), 0.0), axis=0)
+                    row_d += tl.where(owns_rest, _weighted(q_rest, rest_h), 0.0)
+                    d = row_d
+                    if PHASE == GRADIENT:
+                        d = tl.load(row_totals_ptr + row * COLUMNS + 1)
+                    id_grads = _weighted(q, h - d)
+                    rest_factor = tl.where(q_rest > 0.0, rest_h - d, 0.0)  # no column outside the ids: unused
+
+            # ---- last pass: the gradient ----
+            kd_coef = row_scale * kd_scale * inv_t
+            ce_coef = row_scale * ce_weight
+            if WRITE_GRAD:
+                for start in range(0, vocab, BLOCK_V):
+                    cols = start + offsets
+                    mask = cols < vocab
+                    s = _load(s_row, cols, mask)
+                    q_block = tl.exp((s - ref) * inv_t - log_z)
+                    grad = tl.zeros([BLOCK_V], dtype=tl.float32)
+                    if HAS_KD:
+                        grad = kd_coef * _weighted(q_block, tl.zeros([BLOCK_V], dtype=tl.float32) + rest_factor)
+                    if HAS_CE:
+                        ce_prob = q_block
+                        if not CE_FROM_TEMPERED:
+                            ce_prob = tl.exp((s - ref) - log_z_c)
+                        grad += ce_coef * (ce_prob - tl.where(cols == local_label, 1.0, 0.0))
+                    tl.store(g_row + cols, grad.to(g_row.dtype.element_ty), mask=mask)
+                if HAS_KD:
+                    tl.debug_barrier()  # the ids' columns below are written after the dense pass's
+                    grad_ids = kd_coef * id_grads
+                    if HAS_CE:
+                        q_ids = tl.exp((s_ids - ref) * inv_t - log_z)
+                        ce_ids = q_ids
+                        if not CE_FROM_TEMPERED:
+                            ce_ids = tl.exp((s_ids - ref) - log_z_c)
+                        grad_ids += ce_coef * (ce_ids - tl.where(local_ids == local_label, 1.0, 0.0))
+                    tl.store(g_row + safe_ids, grad_ids.to(g_row.dtype.element_ty), mask=held)
+
+            if PHASE == FUSED:
+                loss = 0.0
+                if HAS_KD:
+                    loss += kd_scale * kd
+                if HAS_CE:
+                    loss += ce_weight * ((ref - s_label) + log_z_c)
+                tl.store(out_ptr + row, loss)
+            elif PHASE == SUMS:
+                tl.store(out_ptr + row * COLUMNS, kd)
+                tl.store(out_ptr + row * COLUMNS + 1, row_d)
+                tl.store(out_ptr + row * COLUMNS + 2, tl.where(held_label, s_label, 0.0))
+    else:
+        if PHASE == FUSED:
+            tl.store(out_ptr + row, tl.where(poisoned, float("nan"), 0.0))
+        elif PHASE != GRADIENT:
+            for column in tl.static_range(COLUMNS):
+                tl.store(out_ptr + row * COLUMNS + column, 0.0)
+        if WRITE_GRAD:
+            for start in range(0, vocab, BLOCK_V):
+                cols = start + offsets
+                tl.store(g_row + cols, tl.zeros([BLOCK_V], dtype=g_row.dtype.element_ty), mask=cols < vocab)
+
+
+def sparse_forward_rows(student, ids, logprobs, labels, grad_scale, grad, opts, call) -> torch.Tensor:
+    """Launches one program per row of the [batch, rows, vocab] student views and [batch, rows, K] teacher views in
+    `call`'s phase; returns the phase's float32 outputs."""
+    batch, rows_per_batch, vocab = student.shape
+    rows = batch * rows_per_batch
+    shape = {Phase.FUSED: (rows,), Phase.GRADIENT: (0,)}.get(call.phase, (rows, STAT_COLUMNS))
+    out = torch.empty(shape, dtype=torch.float32, device=student.device)
+    if rows == 0:
+        return out
+    block_v, num_warps = launch_config(vocab)
+    write_grad = grad is not None
+    grad_arg = grad if write_grad else student  # never written when WRITE_GRAD is off
+    beta = opts.beta
+    stats = call.row_stats if call.row_stats is not None else out
+    totals = call.row_totals if call.row_totals is not None else out
+    topk = ids.shape[-1]
+    sparse_fwd_kernel[(rows,)](
+        student, ids, logprobs, labels if labels is not None else out, grad_arg, out, grad_scale, stats, totals,
+        rows_per_batch, vocab, int(call.col_offset), topk,
+        student.stride(0), student.stride(1), ids.stride(0), ids.stride(1), logprobs.stride(0), logprobs.stride(1),
+        grad_arg.stride(0), grad_arg.stride(1),
+        1.0 / opts.temperature if opts.has_kd else 1.0, float(beta),
+        math.log(beta) if beta > 0 else -math.inf, math.log1p(-beta) if beta < 1 else -math.inf,
+        float(opts.kd_scale), float(opts.ce_weight), float(opts.teacher_scale), int(opts.ignore_index),
+        DIVERGENCE=opts.divergence_code, PHASE=int(call.phase), TAIL=opts.tail_code, HAS_KD=opts.has_kd,
+        HAS_CE=opts.has_ce,
+        # CE reuses the student's tempered statistics at T = 1 (and without KD the kernel runs at T = 1).
+        CE_FROM_TEMPERED=opts.has_ce and (opts.temperature == 1.0 or not opts.has_kd),
+        HAS_LABELS=labels is not None, WRITE_GRAD=write_grad, BLOCK_V=block_v,
+        BLOCK_K=max(16, triton.next_power_of_2(topk)), num_warps=num_warps,
+    )
+    return out

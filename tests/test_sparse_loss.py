@@ -1,0 +1,208 @@
+"""kdfast.sparse_distill_loss (a teacher's top-k or sampled log-probs) on every backend against its float64 reference:
+divergences, both tails, dtypes, K, temperatures, reductions, ignore patterns; K = V against the dense loss; the
+errors; the in-place, module and compiled forms."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from conftest import BACKENDS, device_for
+from helpers import TOLERANCES, make_labels, make_logits
+
+import kdfast
+from kdfast.reference import sparse_distill_loss_reference
+
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"]
+
+
+def teacher_topk(teacher_logits, k, temperature, dtype=torch.float32):
+    top = torch.log_softmax(teacher_logits.float() / temperature, dim=-1).topk(k, dim=-1)
+    return top.indices, top.values.to(dtype)
+
+
+def assert_sparse_matches_reference(student, ids, logprobs, labels, backend, extra_atol=0.0, **options):
+    s = student.detach().clone().requires_grad_(True)
+    loss = kdfast.sparse_distill_loss(s, ids, logprobs, labels, backend=backend, **options)
+    weights = torch.randn(loss.shape, generator=torch.Generator().manual_seed(7)).to(loss.device)
+    (loss * weights).sum().backward()
+    s64 = student.detach().double().cpu().requires_grad_(True)
+    ref = sparse_distill_loss_reference(s64, ids.cpu(), logprobs.cpu(), labels.cpu() if labels is not None else None,
+                                        **{k: v for k, v in options.items() if k != "inplace_backward"})
+    (ref * weights.double().cpu()).sum().backward()
+    assert loss.dtype == torch.float32 and s.grad.dtype == student.dtype
+    rtol, atol = TOLERANCES[student.dtype]
+    temperature = options.get("temperature", 1.0)
+    atol = atol * (1.0 + temperature**2 + abs(options.get("ce_weight", 0.0))) + extra_atol
+    torch.testing.assert_close(loss.double().cpu(), ref.detach(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(s.grad.double().cpu(), s64.grad, rtol=rtol, atol=atol)
+
+
+def _grid():
+    cases = []
+    settings = itertools.cycle(itertools.product([1.0, 2.0, 0.7], ["mean", "sum", "none"], ["none", "some", "all"]))
+    pairs = [(d, "bucket") for d in DIVERGENCES] + [("forward_kl", "renormalize")]
+    for backend, (divergence, tail), dtype, k in itertools.product(BACKENDS, pairs, [torch.float32, torch.bfloat16],
+                                                                   [1, 7, 64]):
+        temperature, reduction, ignore = next(settings)
+        cases.append(pytest.param(backend, divergence, tail, dtype, k, temperature, reduction, ignore,
+                                  id=f"{backend}-{divergence}-{tail}-{str(dtype)[6:]}-K{k}-T{temperature}-{reduction}"
+                                     f"-{ignore}"))
+    return cases
+
+
+@pytest.mark.parametrize("backend,divergence,tail,dtype,k,temperature,reduction,ignore", _grid())
+def test_matches_reference(backend, divergence, tail, dtype, k, temperature, reduction, ignore):
+    device = device_for(backend)
+    student, teacher = make_logits((2, 3, 64), dtype, device=device)
+    ids, logprobs = teacher_topk(teacher, k, temperature)
+    ids[0, 1, 0] = -1  # padding
+    labels = make_labels((2, 3), 64, ignore, device=device)
+    assert_sparse_matches_reference(student, ids, logprobs, labels, backend, divergence=divergence, tail=tail,
+                                    temperature=temperature, reduction=reduction, ce_weight=0.5, beta=0.3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_all_ids_with_bucket_equal_the_dense_loss(backend, divergence):
+    """K = V and the teacher's full log-softmax at T: the buckets are the vocabulary, the rest is none."""
+    device = device_for(backend)
+    student, teacher = make_logits((5, 40), torch.float32, device=device)
+    labels = make_labels((5,), 40, "some", device=device)
+    ids, logprobs = teacher_topk(teacher, 40, 1.5)
+    settings = dict(divergence=divergence, temperature=1.5, ce_weight=0.5, beta=0.3, backend=backend)
+    sparse_input, dense_input = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+    sparse = kdfast.sparse_distill_loss(sparse_input, ids, logprobs, labels, **settings)
+    dense = kdfast.distill_loss(dense_input, teacher, labels, **settings)
+    sparse.backward()
+    dense.backward()
+    torch.testing.assert_close(sparse, dense, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(sparse_input.grad, dense_input.grad, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_renormalize_retempers_and_matches_sampled_counts(backend):
+    device = device_for(backend)
+    student, teacher = make_logits((4, 30), torch.float32, device=device)
+    ids, logprobs = teacher_topk(teacher, 6, 1.0)
+    # Log-probs stored at T = 1 and trained at T = 2: teacher_temperature re-tempers them.
+    assert_sparse_matches_reference(student, ids, logprobs, None, backend, tail="renormalize", temperature=2.0,
+                                    teacher_temperature=1.0)
+    # n samples from the teacher, stored as log(count / n): the sampled estimator.
+    counts = torch.tensor([5.0, 3.0, 1.0, 1.0, 0.0, 0.0], device=device).expand(4, 6)
+    sampled_ids = torch.where(counts > 0, ids, torch.full_like(ids, -1))
+    assert_sparse_matches_reference(student, sampled_ids, (counts / 10).log(), None, backend, tail="renormalize")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_without_teacher_ids(backend):
+    """All padding: bucket's teacher is all rest (divergence 0 for forward KL); renormalize has nothing to match."""
+    device = device_for(backend)
+    student, teacher = make_logits((3, 20), torch.float32, device=device)
+    ids, logprobs = teacher_topk(teacher, 4, 1.0)
+    ids[1] = -1
+    for tail in ("bucket", "renormalize"):
+        assert_sparse_matches_reference(student, ids, logprobs, None, backend, tail=tail, reduction="none")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence,k", [("forward_kl", 8), ("reverse_kl", 80)])
+def test_logits_near_a_thousand(backend, divergence, k):
+    """|logits| ~ 1e3. Reverse KL takes every id: a top-k teacher that peaked has no rest, so where the student
+    has mass outside its ids reverse KL is infinite (in float64 too)."""
+    device = device_for(backend)
+    student, teacher = make_logits((4, 80), torch.float32, scale=300.0, device=device)
+    ids, logprobs = teacher_topk(teacher, k, 2.0)
+    labels = make_labels((4,), 80, "none", device=device)
+    s = student.clone().requires_grad_(True)
+    loss = kdfast.sparse_distill_loss(s, ids, logprobs, labels, divergence=divergence, temperature=2.0,
+                                      ce_weight=0.5, backend=backend)
+    loss.backward()
+    s64 = student.double().cpu().requires_grad_(True)
+    ref = sparse_distill_loss_reference(s64, ids.cpu(), logprobs.cpu(), labels.cpu(), divergence=divergence,
+                                        temperature=2.0, ce_weight=0.5)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= 1e-4 * abs(ref.item())
+    assert ((s.grad.double().cpu() - s64.grad).norm() / s64.grad.norm()).item() < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_and_module(backend):
+    device = device_for(backend)
+    student, teacher = make_logits((2, 4, 33), torch.float32, device=device)
+    ids, logprobs = teacher_topk(teacher, 5, 2.0)
+    labels = make_labels((2, 4), 33, "some", device=device)
+    settings = dict(divergence="jsd", temperature=2.0, ce_weight=0.5, backend=backend)
+    plain = student.clone().requires_grad_(True)
+    kdfast.sparse_distill_loss(plain, ids, logprobs, labels, **settings).backward()
+    leaf = student.clone().requires_grad_(True)
+    logits = leaf * 1.0
+    kdfast.sparse_distill_loss(logits, ids, logprobs, labels, inplace_backward=True, **settings).backward()
+    torch.testing.assert_close(leaf.grad, plain.grad)
+    module = kdfast.SparseDistillLoss(**settings)
+    torch.testing.assert_close(module(student, ids, logprobs, labels),
+                               kdfast.sparse_distill_loss(student, ids, logprobs, labels, **settings))
+    assert "tail='bucket'" in repr(module)
+
+
+def test_runs_inside_torch_compile():
+    student, teacher = make_logits((2, 5, 24), torch.float32)
+    ids, logprobs = teacher_topk(teacher, 4, 1.0)
+    head = torch.nn.Linear(24, 24)
+
+    def step(x):
+        return kdfast.sparse_distill_loss(head(x), ids, logprobs, temperature=1.0)
+
+    eager = step(student)
+    eager.backward()
+    eager_grad = head.weight.grad.clone()
+    head.weight.grad = None
+    compiled = torch.compile(step, fullgraph=True)(student)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(head.weight.grad, eager_grad)
+
+
+def _inputs():
+    return torch.randn(4, 10), torch.randint(0, 10, (4, 3)), torch.randn(4, 3).log_softmax(-1)
+
+
+@pytest.mark.parametrize("change,extra,match", [
+    (dict(teacher_ids=torch.randint(0, 10, (4, 2))), {}, r"teacher_logprobs shape \(4, 3\) must equal teacher_ids"),
+    (dict(teacher_ids=torch.randint(0, 10, (5, 3)), teacher_logprobs=torch.randn(5, 3)), {},
+     r"teacher_ids shape \(5, 3\) must be the student logits' leading shape \(4,\)"),
+    (dict(teacher_ids=torch.rand(4, 3)), {}, "teacher_ids must be an integer tensor"),
+    (dict(teacher_ids=torch.full((4, 3), 10)), {}, r"teacher_ids must lie in \[0, 10\) or be -1"),
+    (dict(teacher_ids=torch.full((4, 3), -2)), {}, r"teacher_ids must lie in \[0, 10\) or be -1"),
+    (dict(teacher_logprobs=torch.randn(4, 3).long()), {}, "teacher_logprobs must be float32, bfloat16 or float16"),
+    ({}, dict(teacher_temperature=2.0), "teacher_temperature re-tempers stored log-probs and needs"),
+    ({}, dict(tail="truncate"), "tail must be one of"),
+    ({}, dict(tail="renormalize", divergence="jsd"), "takes divergence='forward_kl' only"),
+    ({}, dict(tail="renormalize", teacher_temperature=0.0), "teacher_temperature must be None or a finite number > 0"),
+])
+def test_bad_input_is_a_clear_value_error(change, extra, match):
+    student, ids, logprobs = _inputs()
+    arguments = dict(student_logits=student, teacher_ids=ids, teacher_logprobs=logprobs)
+    arguments.update(change)
+    with pytest.raises(ValueError, match=match):
+        kdfast.sparse_distill_loss(**arguments, **extra)
+
+
+def test_teacher_logprobs_requiring_grad_are_refused():
+    student, ids, logprobs = _inputs()
+    with pytest.raises(ValueError, match="teacher_logprobs requires grad"):
+        kdfast.sparse_distill_loss(student, ids, logprobs.requires_grad_(True))
+
+
+def test_unknown_module_setting_is_named():
+    with pytest.raises(TypeError, match=r"SparseDistillLoss got unknown loss setting\(s\) \['topk'\]"):
+        kdfast.SparseDistillLoss(topk=32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_out_of_range_ids_on_cuda_poison_their_row():
+    student, ids, logprobs = (t.cuda() for t in _inputs())
+    ids[2, 1] = 10
+    for backend in ("cuda", "triton"):
+        loss = kdfast.sparse_distill_loss(student, ids, logprobs, reduction="none", backend=backend)
+        assert math.isnan(loss[2].item()) and torch.isfinite(loss[[0, 1, 3]]).all()
