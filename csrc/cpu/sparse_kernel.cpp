@@ -1,8 +1,8 @@
 // The CPU kernel of a sparse teacher (docs/DESIGN.md, "A sparse teacher"; kdfast/sparse_math.py states the same
 // math in PyTorch). Per row of the student's logits and the teacher's K (id, log-prob) pairs:
 //   pass 0   FUSED / STATS: the row's max (the only pass that reads memory)
-//   pass 1   tempered exps into scratch, their sum, CE's; then the student's mass outside the ids, summed over
-//            those columns (the ids' entries zeroed for it), never as the total minus the ids' part
+//   pass 1   tempered exps into scratch, their sum, CE's, and the student's mass outside the ids, summed over
+//            those columns (a vector holding ids adds its other lanes), never as the total minus the ids' part
 //   buckets  the teacher's K + 1 buckets (its rest 1 - sum(p) in float64) against the student's: the divergence,
 //            the gradient at the ids' columns and the factor q_j is multiplied by at every other column
 //   last     the gradient, q * factor + CE everywhere, then the ids' columns
@@ -10,8 +10,10 @@
 // probabilities); the shard that starts the vocabulary adds the rest bucket.
 #include "sparse_kernel.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "gradient_pass.h"
@@ -22,12 +24,14 @@ namespace {
 
 // Per thread: the K + 1 buckets (the ids, then the rest) of the row at hand.
 struct Buckets {
-  std::vector<float> logprobs, log_q, log_p, terms, scores, id_gradients, saved;
+  std::vector<float> logprobs, log_q, log_p, terms, scores, id_gradients;
   std::vector<int64_t> column;  // the id's column in this call's range, or -1
+  std::vector<int64_t> sorted;  // the held ids' columns, ascending
   std::vector<char> counted;
   void reserve(int64_t k) {
-    for (auto* v : {&logprobs, &log_q, &log_p, &terms, &scores, &id_gradients, &saved}) v->resize(k + 1);
+    for (auto* v : {&logprobs, &log_q, &log_p, &terms, &scores, &id_gradients}) v->resize(k + 1);
     column.resize(k + 1);
+    sorted.resize(k + 1);
     counted.resize(k + 1);
   }
 };
@@ -119,8 +123,10 @@ BucketSums bucket_math(const DistillArgs& a, Buckets& b, bool centre, const floa
 }
 
 // Pass 1 (exps into scratch and their sums) and, for a whole row or STATS, the mass outside the ids.
+// next_row: the next row's logits, prefetched into L2 while this row computes (pass 0, the only pass that reads
+// memory, would otherwise wait on DRAM while the core idles).
 void exp_pass(const float* s, const DistillArgs& a, const float* given, Scratch& w, Buckets& b, RowStats& st,
-              float* log_z_rest) {
+              float* log_z_rest, const char* next_row, int next_row_bytes) {
   const float inv_t = a.has_kd ? a.inv_temperature : 1.0f;
   // CE's softmax at T = 1 as the gradient pass reads it (gradient_pass.h): the tempered exps (T = 1), their squares
   // (T = 2), or its own exps (other temperatures, and CE alone).
@@ -128,14 +134,44 @@ void exp_pass(const float* s, const DistillArgs& a, const float* given, Scratch&
   const bool ce_own = a.has_ce && !(a.has_kd && (a.temperature_power == 1 || a.temperature_power == 2));
   float* es = w.exp_student.data();
   float* ec = w.exp_ce.data();
-  VFloat z_acc{}, z_ce_acc{};
+  VFloat z_acc{}, z_ce_acc{}, rest_acc{};
   const float rs = st.ref_s, rc = st.ref_ce;
+  // The mass outside the ids is summed here, over those columns alone: a vector holding ids adds its other lanes
+  // (the ids' columns sorted, so one comparison a vector finds them).
+  const bool want_rest = given == nullptr && a.has_kd;
+  int64_t held = 0;
+  if (want_rest) {
+    for (int64_t k = 0; k < a.topk; ++k) {
+      if (b.column[k] >= 0) b.sorted[held++] = b.column[k];
+    }
+    std::sort(b.sorted.begin(), b.sorted.begin() + held);
+  }
+  int64_t next = 0;  // the first sorted id column not yet passed
   for_lanes(a.vocab, [&](int64_t j, auto zero) {
     using F = decltype(zero);
+    if (std::is_same_v<F, VFloat> && next_row != nullptr) {  // one 64-byte line per vector: the next row into L2
+      __builtin_prefetch(next_row + j * next_row_bytes, 0, 2);
+    }
     const F sj = load<F>(s + j);
     const F e = fast_exp((sj - rs) * inv_t);
     store(es + j, e);
     accumulate(z_acc, e);
+    if (want_rest) {
+      constexpr int64_t kWidth = std::is_same_v<F, VFloat> ? kLanes : 1;
+      if (next < held && b.sorted[next] < j + kWidth) {
+        F outside = e;
+        for (; next < held && b.sorted[next] < j + kWidth; ++next) {
+          if constexpr (std::is_same_v<F, VFloat>) {
+            outside[b.sorted[next] - j] = 0.0f;
+          } else {
+            outside = 0.0f;
+          }
+        }
+        accumulate(rest_acc, outside);
+      } else {
+        accumulate(rest_acc, e);
+      }
+    }
     if (ce_squared) accumulate(z_ce_acc, e * e);
     if (ce_own) {
       const F c = fast_exp(sj - rc);
@@ -155,20 +191,7 @@ void exp_pass(const float* s, const DistillArgs& a, const float* given, Scratch&
   const float z_ce = (ce_squared || ce_own) ? horizontal_sum(z_ce_acc) : z;
   st.log_z_ce = std::log(z_ce);
   st.inv_z_ce = 1.0f / z_ce;
-  if (!a.has_kd) return;
-  // Sum over the columns outside the ids: their exps zeroed for the sum, then restored.
-  for (int64_t k = 0; k < a.topk; ++k) {
-    if (b.column[k] >= 0) b.saved[k] = es[b.column[k]], es[b.column[k]] = 0.0f;
-  }
-  VFloat rest_acc{};
-  for_lanes(a.vocab, [&](int64_t j, auto zero) {
-    using F = decltype(zero);
-    accumulate(rest_acc, load<F>(es + j));
-  });
-  for (int64_t k = 0; k < a.topk; ++k) {
-    if (b.column[k] >= 0) es[b.column[k]] = b.saved[k];
-  }
-  *log_z_rest = std::log(horizontal_sum(rest_acc));  // relative to the row's reference, like log z
+  if (want_rest) *log_z_rest = std::log(horizontal_sum(rest_acc));  // relative to the row's reference, like log z
 }
 
 // softmax(s) at T = 1 at one column, read as exp_pass left it.
@@ -181,7 +204,7 @@ float ce_probability(const DistillArgs& a, const RowStats& st, const Scratch& w,
 
 template <typename GradT>
 void sparse_row(const float* s, const int64_t* ids, int64_t row, int64_t label, GradT* g, float row_scale,
-                const DistillArgs& a, Scratch& w, Buckets& b) {
+                const DistillArgs& a, Scratch& w, Buckets& b, const char* next_row, int next_row_bytes) {
   const int64_t k_count = a.topk;
   for (int64_t k = 0; k < k_count; ++k) {
     const int64_t local = ids[k] - a.col_offset;
@@ -200,7 +223,7 @@ void sparse_row(const float* s, const int64_t* ids, int64_t row, int64_t label, 
     st.ref_s = st.ref_ce = row_max(s, a.vocab);
   }
   float log_z_rest = -INFINITY;
-  exp_pass(s, a, given, w, b, st, &log_z_rest);
+  exp_pass(s, a, given, w, b, st, &log_z_rest, next_row, next_row_bytes);
   const float inv_t = a.has_kd ? a.inv_temperature : 1.0f;
   if (a.phase == kPhaseStats) {
     float* out = a.out + row * kStatColumns;
@@ -284,7 +307,13 @@ void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
     }
     for (int64_t k = 0; k < a.topk; ++k) buckets.logprobs[k] = logprob_at(a, lp, k);
     const float* s = widen_row(s_raw, a.vocab, scratch.student);
-    sparse_row(s, ids, row, label, g, row_scale, a, scratch, buckets);
+    const char* next_row = nullptr;
+    if (row + 1 < row_end) {
+      const int64_t nb = (row + 1) / a.rows_per_batch, nr = (row + 1) % a.rows_per_batch;
+      next_row = reinterpret_cast<const char*>(static_cast<const StudentT*>(a.student) + nb * a.student_stride_b +
+                                               nr * a.student_stride_r);
+    }
+    sparse_row(s, ids, row, label, g, row_scale, a, scratch, buckets, next_row, static_cast<int>(sizeof(StudentT)));
   }
 }
 
