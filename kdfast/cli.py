@@ -16,7 +16,8 @@ import time
 from kdfast.package_files import package_folder
 
 # `kdfast bench <name>` -> the benchmark script (benchmarks/ in a checkout, kdfast/benchmarks in an install).
-BENCHMARKS = {"logits": "bench_distill", "linear": "bench_linear", "vocab-parallel": "bench_vocab_parallel"}
+BENCHMARKS = {"logits": "bench_distill", "linear": "bench_linear", "sparse": "bench_sparse",
+              "linear-sparse": "bench_linear_sparse", "vocab-parallel": "bench_vocab_parallel"}
 
 
 def benchmark_module(name: str):
@@ -36,7 +37,7 @@ def _run_benchmarks(args):
     if args.benchmark is not None:
         args.module.run(args)
         return
-    for name in BENCHMARKS.values():  # all three, each with its defaults
+    for name in BENCHMARKS.values():  # every one, each with its defaults
         module = benchmark_module(name)
         parser = argparse.ArgumentParser()
         module.add_arguments(parser)

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _run(tmp_path, *args):
     env = {"KDFAST_RESULTS_DIR": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(Path.home()),
-           "TRITON_INTERPRET": "1"}
+           "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}  # the source tree, installed or not
     result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result.stdout
@@ -23,6 +23,22 @@ def test_bench_linear_smoke(tmp_path):
          "--vocab", "500", "--repeats", "1", "--no-compile")
     rows = list(csv.DictReader(next(tmp_path.glob("bench_linear_*.csv")).open()))
     assert {r["method"] for r in rows} >= {"torch eager", "kdfast linear_distill_loss", "four GEMMs alone (floor)"}
+
+
+def test_bench_sparse_smoke(tmp_path):
+    _run(tmp_path, "benchmarks/bench_sparse.py", "--tokens", "64", "--vocab", "500", "--top-k", "8", "--repeats", "1",
+         "--no-compile")
+    rows = {r["method"]: r for r in csv.DictReader(next(tmp_path.glob("bench_sparse_*.csv")).open())}
+    assert float(rows["torch eager (DistillKit-style top-k)"]["speedup_vs_eager"]) == 1.0
+    assert float(rows["kdfast bucket (inplace_backward)"]["ratio_to_floor"]) > 0
+
+
+def test_bench_linear_sparse_smoke(tmp_path):
+    _run(tmp_path, "benchmarks/bench_linear_sparse.py", "--tokens", "64", "--hidden", "16", "--wide-teacher", "32",
+         "--vocab", "500", "--top-k", "8", "--repeats", "1")
+    rows = {r["method"]: r for r in csv.DictReader(next(tmp_path.glob("bench_linear_sparse_*.csv")).open())}
+    assert float(rows["kdfast linear_sparse_distill_loss"]["time_vs_sparse"]) == 1.0
+    assert "kdfast linear_distill_loss, live teacher H_t=32" in rows
 
 
 @pytest.mark.filterwarnings("ignore")

@@ -1,0 +1,179 @@
+"""Forward+backward of kdfast.sparse_distill_loss (a teacher given as its top-k ids and log-probs) vs the same loss
+in eager PyTorch as DistillKit and axolotl write it (the student's full log-softmax, gathered at the ids) and under
+torch.compile, against the copy-bandwidth floor of 8 bytes per element (read the student's logits once, write the
+gradient).
+
+Same inputs, same process; medians of interleaved rounds, ratios, and the extra peak memory of each contender (on
+the CPU measured in a fresh process per contender).
+CPU default: 2048 x 32000 fp32, K=32 (the teacher's top-32 at T=2), forward_kl + CE(0.5). CUDA: 8192 x 128256
+bf16, K=64, reporting GB/s for the bytes the kernel must move.
+
+    python benchmarks/bench_sparse.py [--tokens N --vocab V --top-k K --dtype fp32 --repeats R --no-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or through `kdfast bench`
+from bench_distill import DTYPES, copy_method, environment, extra_peaks, time_methods, write_csv  # noqa: E402
+
+import kdfast  # noqa: E402
+from kdfast.reference import sparse_distill_loss_reference  # noqa: E402
+
+FLOOR_BYTES_PER_ELEMENT = 8  # the student's logits read once (fp32), the gradient written once
+
+
+def top_k_targets(teacher_logits: torch.Tensor, k: int, temperature: float):
+    """What a teacher cache stores: the top-k ids of the teacher's softmax at `temperature` and their log-probs."""
+    logprobs = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    values, ids = logprobs.topk(k, dim=-1)
+    return ids, values
+
+
+def distillkit_style_loss(student_logits, teacher_ids, teacher_logprobs, labels, *, temperature, ce_weight):
+    """The top-k forward KL in eager PyTorch as the tools that do it today write it: the student's full log-softmax
+    at T, gathered at the teacher's ids, against the renormalised top-k teacher; plus CE; T^2 scaling; mean."""
+    log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p = torch.log_softmax(teacher_logprobs.float(), dim=-1)  # renormalised over the K ids
+    kd = (log_p.exp() * (log_p - log_q.gather(-1, teacher_ids))).sum(-1).mean() * temperature ** 2
+    ce = torch.nn.functional.cross_entropy(student_logits.float(), labels)
+    return kd + ce_weight * ce
+
+
+def make_inputs(args, device):
+    generator = torch.Generator().manual_seed(0)
+    dtype = DTYPES[args.dtype]
+    student = torch.randn(args.tokens, args.vocab, generator=generator).to(dtype).to(device)
+    teacher = torch.randn(args.tokens, args.vocab, generator=generator) * 2
+    ids, logprobs = top_k_targets(teacher, args.top_k, args.temperature)
+    labels = torch.randint(0, args.vocab, (args.tokens,), generator=generator).to(device)
+    return student, ids.to(device), logprobs.to(device), labels
+
+
+def options(args, tail="bucket") -> dict:
+    return dict(divergence="forward_kl", temperature=args.temperature, ce_weight=args.ce_weight, tail=tail)
+
+
+def contenders(student, ids, logprobs, labels, args, with_compile):
+    """name -> zero-argument callable doing forward + the gradient of the student's logits."""
+    def fwd_bwd(loss_fn, logits):
+        x = logits.detach().requires_grad_(True)
+        torch.autograd.grad(loss_fn(x), x)
+
+    def eager(x):
+        return distillkit_style_loss(x, ids, logprobs, labels, temperature=args.temperature,
+                                     ce_weight=args.ce_weight)
+
+    methods = {"torch eager (DistillKit-style top-k)": lambda: fwd_bwd(eager, student)}
+    if with_compile:
+        compiled = torch.compile(eager)
+        methods["torch.compile (same)"] = lambda: fwd_bwd(compiled, student)
+    methods["kdfast bucket (fresh gradient)"] = lambda: fwd_bwd(
+        lambda x: kdfast.sparse_distill_loss(x, ids, logprobs, labels, **options(args)), student)
+    # In place: the logits are overwritten by their gradient on every call (the same work each time).
+    work = student.clone()
+    methods["kdfast bucket (inplace_backward)"] = lambda: fwd_bwd(
+        lambda x: kdfast.sparse_distill_loss(x, ids, logprobs, labels, inplace_backward=True, **options(args)), work)
+    methods["kdfast renormalize (inplace_backward)"] = lambda: fwd_bwd(
+        lambda x: kdfast.sparse_distill_loss(x, ids, logprobs, labels, inplace_backward=True,
+                                             **options(args, "renormalize")), work)
+    return methods
+
+
+def memory_contender(settings: dict, name: str):
+    """The contender `name` on freshly made inputs: what a child process measures (kdfast.memory)."""
+    args = argparse.Namespace(**settings)
+    student, ids, logprobs, labels = make_inputs(args, torch.device(args.device))
+    return contenders(student, ids, logprobs, labels, args, name.startswith("torch.compile"))[name]
+
+
+def check_against_reference(student, ids, logprobs, labels, args):
+    """Speed is only reported for a loss that is right."""
+    for tail in ("bucket", "renormalize"):
+        check = kdfast.sparse_distill_loss(student, ids, logprobs, labels, **options(args, tail)).item()
+        truth = sparse_distill_loss_reference(student, ids, logprobs, labels, **options(args, tail)).item()
+        if abs(check - truth) > 1e-3 * max(1.0, abs(truth)):
+            raise SystemExit(f"kdfast ({tail}) disagrees with the reference ({check} vs {truth}): not timing it")
+    eager = distillkit_style_loss(student, ids, logprobs, labels, temperature=args.temperature,
+                                  ce_weight=args.ce_weight).item()
+    renormalize = kdfast.sparse_distill_loss(student, ids, logprobs, labels, **options(args, "renormalize")).item()
+    if abs(eager - renormalize) > 1e-3 * max(1.0, abs(renormalize)):
+        raise SystemExit(f"the eager baseline computes another loss ({eager} vs {renormalize}): not timing it")
+
+
+def run(args) -> list[dict]:
+    device = torch.device(args.device)
+    student, ids, logprobs, labels = make_inputs(args, device)
+    check_against_reference(student, ids, logprobs, labels, args)
+
+    console = Console(width=max(110, Console().width))
+    methods = contenders(student, ids, logprobs, labels, args, not args.no_compile)
+    copy, copy_bytes = copy_method(student, device)
+    console.print(f"[dim]timing {', '.join(methods)} and a copy, {args.repeats} interleaved rounds...[/dim]")
+    medians = time_methods({**methods, "copy": copy}, device, args.repeats)
+    console.print("[dim]measuring each one's peak memory...[/dim]")
+    peaks = extra_peaks(methods, args, device, __file__)
+    bandwidth = copy_bytes / (medians["copy"] / 1e3)
+    floor_bytes = student.numel() * (FLOOR_BYTES_PER_ELEMENT if device.type == "cpu" else 2 * student.element_size())
+    floor_ms = floor_bytes / bandwidth * 1e3
+    eager_ms = medians["torch eager (DistillKit-style top-k)"]
+    compile_ms = medians.get("torch.compile (same)")
+    env = environment(device)
+    rows = []
+    for name in methods:
+        ms = medians[name]
+        rows.append({"method": name, "median_ms": ms, "extra_peak_bytes": peaks[name], **env,
+                     "tokens": args.tokens, "vocab": args.vocab, "top_k": args.top_k, "dtype": args.dtype,
+                     "temperature": args.temperature, "ce_weight": args.ce_weight,
+                     "speedup_vs_eager": eager_ms / ms, "speedup_vs_compile": compile_ms / ms if compile_ms else None,
+                     "ratio_to_floor": ms / floor_ms, "floor_ms": floor_ms, "copy_bandwidth_gbs": bandwidth / 1e9,
+                     "gbs": floor_bytes / (ms / 1e3) / 1e9})
+    report(console, rows, env, args, floor_ms, bandwidth)
+    write_csv(rows, env, "bench_sparse")
+    return rows
+
+
+def report(console, rows, env, args, floor_ms, bandwidth):
+    table = Table(title=f"sparse teacher fwd+bwd, {args.tokens} x {args.vocab} {args.dtype}, K={args.top_k}, "
+                        f"forward_kl + CE({args.ce_weight}), T={args.temperature} on {env['device']}")
+    for column in ("method", "median ms", "x eager", "x compile", "x floor", "GB/s", "extra peak MiB"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in rows:
+        vs_compile = f"{row['speedup_vs_compile']:.2f}" if row["speedup_vs_compile"] else "-"
+        table.add_row(row["method"], f"{row['median_ms']:.1f}", f"{row['speedup_vs_eager']:.2f}", vs_compile,
+                      f"{row['ratio_to_floor']:.2f}", f"{row['gbs']:.0f}", f"{row['extra_peak_bytes'] / 2**20:.0f}")
+    console.print(table)
+    per_element = FLOOR_BYTES_PER_ELEMENT if args.device == "cpu" else 2 * DTYPES[args.dtype].itemsize
+    console.print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s -> floor ({per_element} bytes per element: the "
+                  f"logits read once, the gradient written) {floor_ms:.1f} ms; GB/s = floor bytes / time; medians of "
+                  f"{args.repeats}; torch {env['torch']}, {env['threads']} threads")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--tokens", type=int, default=8192 if cuda else 2048)
+    parser.add_argument("--vocab", type=int, default=128_256 if cuda else 32_000)
+    parser.add_argument("--top-k", type=int, default=64 if cuda else 32)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if cuda else "fp32")
+    parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--ce-weight", type=float, default=0.5)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
