@@ -10,7 +10,7 @@ setup(
     description="Fused knowledge-distillation losses for large-vocabulary language models",
     python_requires=">=3.9",
     packages=["kdfast", "kdfast.backends", "kdfast.demo", "kdfast.integrations", "kdfast.kernels", "kdfast.csrc",
-              "kdfast.benchmarks"],
+              "kdfast.benchmarks", "kdfast.teacher_cache"],
     # kernels/, csrc/ and benchmarks/ sit at the repository root (project layout) but install inside kdfast.
     package_dir={"kdfast": "kdfast", "kdfast.kernels": "kernels", "kdfast.csrc": "csrc",
                  "kdfast.benchmarks": "benchmarks"},
@@ -23,11 +23,13 @@ setup(
         "triton": ["triton>=3.0"],
         # `kdfast bench` / `kdfast profile`: tables and plots.
         "bench": ["rich>=13", "matplotlib>=3.7"],
-        # The trainer integrations and `kdfast distill` (tokenizers comes with transformers).
-        "integrations": ["transformers>=4.44", "trl>=0.12", "rich>=13", "matplotlib>=3.7"],
+        # The trainer integrations, `kdfast distill` and `kdfast teacher-cache` (tokenizers comes with transformers;
+        # safetensors holds the teacher cache's shards).
+        "integrations": ["transformers>=4.44", "trl>=0.12", "rich>=13", "matplotlib>=3.7", "safetensors>=0.4"],
         # liger-kernel: the side-by-side benchmarks; peft: the LoRA-student tests.
         "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "triton>=3.0", "trl>=0.12", "transformers>=4.44",
-                "liger-kernel>=0.5", "rich>=13", "matplotlib>=3.7", "peft>=0.13"],
+                "liger-kernel>=0.5", "rich>=13", "matplotlib>=3.7", "peft>=0.13", "safetensors>=0.4",
+                "datasets>=2.18"],
     },
     entry_points={"console_scripts": ["kdfast = kdfast.cli:main"]},
 )

@@ -1,9 +1,11 @@
 """The `kdfast` command. Each subcommand has its own options (`kdfast <command> --help`):
 
-    kdfast bench [logits | linear | vocab-parallel] [options]   the side-by-side benchmarks (all, or one)
-    kdfast profile [options]                                   peak memory over a sweep of shapes
-    kdfast distill [options]                                   an end-to-end distillation run
-    kdfast build                                               compile the native kernels ahead of their first use
+    kdfast bench [logits | linear | sparse | linear-sparse | vocab-parallel] [options]
+                                       the side-by-side benchmarks (all, or one)
+    kdfast profile [options]           peak memory over a sweep of shapes
+    kdfast distill [options]           an end-to-end distillation run
+    kdfast teacher-cache [options]     store a teacher's top-k next-token log-probs for distilling without it
+    kdfast build                       compile the native kernels ahead of their first use
 """
 
 from __future__ import annotations
@@ -102,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                                   description=distill_arguments.DESCRIPTION)
     distill_arguments.add_arguments(distill)
     distill.set_defaults(handler=_distill, checked_by=distill_arguments.check_args, parser=distill)
+    from kdfast.teacher_cache import command as cache_command
+
+    cache = commands.add_parser("teacher-cache", help=cache_command.DESCRIPTION, description=cache_command.__doc__)
+    cache_command.add_arguments(cache)
+    cache.set_defaults(handler=cache_command.run, checked_by=cache_command.check_args, parser=cache)
     build = commands.add_parser("build", help="compile the native kernels ahead of their first use",
                                 description=_build.__doc__)
     build.set_defaults(handler=_build)

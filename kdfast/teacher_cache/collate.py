@@ -1,0 +1,63 @@
+"""Batches of examples that carry a sparse teacher: `teacher_ids` / `teacher_logprobs` rows aligned with the tokens
+(row j: the teacher's distribution of token j; a row for the first token may be left out, as inference servers leave
+it out of their prompt log-probs) are padded and shifted exactly as the labels are."""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def _rows(example: dict, name: str, tokens: int, index: int) -> torch.Tensor:
+    rows = torch.as_tensor(example[name])
+    if rows.dim() != 2:
+        raise ValueError(f"example {index}: {name} must be [tokens, K] (one row of K per token), got shape "
+                         f"{tuple(rows.shape)}")
+    if rows.shape[0] == tokens - 1:  # no row for the first token: nothing predicts it
+        rows = torch.cat([torch.full_like(rows[:1], -1 if name == "teacher_ids" else 0), rows])
+    if rows.shape[0] != tokens:
+        raise ValueError(f"example {index}: {name} has {rows.shape[0]} rows for {tokens} input_ids; it needs one row "
+                         "per token (or per token after the first)")
+    return rows
+
+
+class SparseTeacherCollator:
+    """examples -> a batch of `input_ids` (padded with `pad_token_id`), `attention_mask`, `labels` (the example's, or
+    its input_ids; -100 at padding), `teacher_ids` [B, S, K] (-1 at padding) and `teacher_logprobs` [B, S, K]
+    (float32, 0 at padding). Examples may differ in length and in K."""
+
+    def __init__(self, pad_token_id: int = 0):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict:
+        if not examples:
+            raise ValueError("no examples to collate")
+        missing = {"input_ids", "teacher_ids", "teacher_logprobs"} - set(examples[0])
+        if missing:
+            raise ValueError(f"examples need input_ids, teacher_ids and teacher_logprobs; missing {sorted(missing)}")
+        tokens = [torch.as_tensor(example["input_ids"], dtype=torch.int64) for example in examples]
+        length, width = max(t.numel() for t in tokens), 0
+        rows = []
+        for index, (example, ids) in enumerate(zip(examples, tokens)):
+            teacher_ids = _rows(example, "teacher_ids", ids.numel(), index)
+            teacher_logprobs = _rows(example, "teacher_logprobs", ids.numel(), index)
+            if teacher_ids.shape != teacher_logprobs.shape:
+                raise ValueError(f"example {index}: teacher_ids {tuple(teacher_ids.shape)} and teacher_logprobs "
+                                 f"{tuple(teacher_logprobs.shape)} differ in shape")
+            rows.append((teacher_ids, teacher_logprobs))
+            width = max(width, teacher_ids.shape[1])
+        batch = {"input_ids": torch.full((len(examples), length), self.pad_token_id, dtype=torch.int64),
+                 "attention_mask": torch.zeros(len(examples), length, dtype=torch.int64),
+                 "labels": torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.int64),
+                 "teacher_ids": torch.full((len(examples), length, width), -1, dtype=torch.int64),
+                 "teacher_logprobs": torch.zeros(len(examples), length, width)}
+        for index, (example, ids, (teacher_ids, teacher_logprobs)) in enumerate(zip(examples, tokens, rows)):
+            size, k = ids.numel(), teacher_ids.shape[1]
+            labels = torch.as_tensor(example["labels"], dtype=torch.int64) if "labels" in example else ids
+            batch["input_ids"][index, :size] = ids
+            batch["attention_mask"][index, :size] = 1
+            batch["labels"][index, :size] = labels
+            batch["teacher_ids"][index, :size, :k] = teacher_ids
+            batch["teacher_logprobs"][index, :size, :k] = teacher_logprobs
+        return batch
