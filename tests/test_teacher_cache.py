@@ -232,7 +232,6 @@ def test_a_second_writer_on_the_same_folder_is_refused(teacher, tmp_path):
 
     folder = tmp_path / "cache"
     folder.mkdir()
-    with exclusive(folder):
-        with pytest.raises(RuntimeError, match=f"pid {os.getpid()}.* is writing the teacher cache"):
-            with exclusive(folder):
-                pass
+    with exclusive(folder), pytest.raises(RuntimeError, match=f"pid {os.getpid()}.* is writing the teacher cache"):
+        with exclusive(folder):
+            pass

@@ -15,7 +15,8 @@ MODEL_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--teacher", type=Path, required=True, help="a causal-LM checkpoint folder (nothing is fetched)")
+    parser.add_argument("--teacher", type=Path, required=True,
+                        help="a causal-LM checkpoint folder (nothing is fetched)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", type=Path, help="a UTF-8 text file, tokenised with the teacher's tokenizer")
     source.add_argument("--tokens", type=Path, help="token ids: a .pt/.npy tensor (1-D stream or 2-D windows) or a "
