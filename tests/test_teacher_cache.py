@@ -232,6 +232,6 @@ def test_a_second_writer_on_the_same_folder_is_refused(teacher, tmp_path):
 
     folder = tmp_path / "cache"
     folder.mkdir()
-    with exclusive(folder), pytest.raises(RuntimeError, match=f"pid {os.getpid()}.* is writing the teacher cache"):
-        with exclusive(folder):
-            pass
+    refused = pytest.raises(RuntimeError, match=f"pid {os.getpid()}.* is writing the teacher cache")
+    with exclusive(folder), refused, exclusive(folder):
+        pass
