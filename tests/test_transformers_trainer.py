@@ -186,7 +186,7 @@ def test_vocab_mismatch_is_a_clear_error(tmp_path):
 
 def test_bad_settings_and_batches_are_clear_errors(tmp_path):
     student, teacher = student_and_teacher()
-    with pytest.raises(ValueError, match="teacher_model is required"):
+    with pytest.raises(ValueError, match="a teacher is required"):
         DistillationTrainer(model=student, args=training_args(tmp_path))
     with pytest.raises(ValueError, match="temperature"):
         make_trainer(tmp_path, student, teacher, temperature=0.0)

@@ -9,7 +9,9 @@ import contextlib
 import torch
 
 from kdfast.linear_loss import fused_linear_loss
+from kdfast.linear_sparse_loss import fused_linear_sparse_loss
 from kdfast.options import LossOptions
+from kdfast.sparse_options import SparseOptions
 
 
 def output_head(model) -> torch.nn.Module:
@@ -147,3 +149,29 @@ def run_through_wrapper(wrapper, inner, fn, *args):
         return wrapper(*args)
     finally:
         restore()
+
+
+def batch_sparse_distill_loss(student, inputs, options: SparseOptions, *, chunk_size="auto", vocab_size=None,
+                              num_items_in_batch=None):
+    """The fused loss of one batch against a sparse teacher: `inputs["teacher_ids"]` / `["teacher_logprobs"]`
+    [batch, seq, K], row j the teacher's distribution of token j (aligned with the labels, shifted with them)."""
+    missing = [name for name in ("labels", "teacher_ids", "teacher_logprobs") if name not in inputs]
+    if missing:
+        raise ValueError(f"a batch against a sparse teacher needs labels, teacher_ids and teacher_logprobs; missing "
+                         f"{missing} (kdfast.teacher_cache.SparseTeacherCollator makes such batches)")
+    head = output_head(student)
+    rows = head.weight.shape[0]
+    vocab = rows if vocab_size is None else vocab_size
+    if not 0 < vocab <= rows:
+        raise ValueError(f"vocab_size={vocab_size} but the student's LM head has {rows} rows")
+    hidden = last_hidden_state(student, inputs["input_ids"], inputs.get("attention_mask"))[:, :-1]
+    scale = logit_scale(student)
+    if scale != 1.0:
+        hidden = hidden * scale
+    softcap = getattr(_text_config(student), "final_logit_softcapping", None)
+    with gathered(head.weight, head.bias):
+        bias = head.bias[:vocab] if head.bias is not None else None
+        return fused_linear_sparse_loss(hidden, head.weight[:vocab], inputs["teacher_ids"][:, 1:],
+                                        inputs["teacher_logprobs"][:, 1:], inputs["labels"][:, 1:], options,
+                                        student_bias=bias, softcap=softcap, chunk_size=chunk_size,
+                                        num_items_in_batch=num_items_in_batch)

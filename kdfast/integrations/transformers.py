@@ -1,6 +1,7 @@
-"""`DistillationTrainer`: a `transformers.Trainer` whose loss is kdfast's fused distillation loss between the
-student and a frozen teacher, computed from both decoders' last hidden states and LM-head weights, so neither
-model's logits are ever built for the whole batch."""
+"""`DistillationTrainer`: a `transformers.Trainer` whose loss is kdfast's fused distillation loss, computed from the
+student's last hidden states and LM-head weight, against a frozen teacher model (its hidden states and head) or a
+sparse teacher (a teacher cache, or dataset columns of top-k ids and log-probs), so no model's logits are ever
+built for the whole batch."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import functools
 import torch
 from transformers import Trainer
 
-from kdfast.integrations.causal_lm import batch_distill_loss, run_through_wrapper
+from kdfast.integrations.causal_lm import batch_distill_loss, batch_sparse_distill_loss, run_through_wrapper
+from kdfast.integrations.sparse_teacher import TEACHER_COLUMNS, sparse_options, sparse_training_data
 from kdfast.options import LossOptions
+from kdfast.teacher_cache.collate import SparseTeacherCollator
 from kdfast.validation import check_chunk_settings
 
 
@@ -23,37 +26,69 @@ def _floating_dtype(model) -> torch.dtype:
 
 
 class DistillationTrainer(Trainer):
-    """`Trainer(model=student, ...)` plus `teacher_model` and the loss settings of `kdfast.linear_distill_loss`:
+    """`Trainer(model=student, ...)` plus a teacher and the loss settings of `kdfast.linear_distill_loss`:
     `total = kd_weight · T² · divergence + ce_weight · CE` per kept token, averaged over the batch's label tokens
     (`num_items_in_batch`, so gradient accumulation gives the loss of the whole accumulated batch).
 
+    The teacher is one of:
+    - `teacher_model`: run in eval mode under no_grad, on the student's device and dtype;
+    - `teacher_cache`: a `kdfast teacher-cache` folder (or `TeacherCache`); it is the training data unless
+      `train_dataset` is given, whose rows must then be the cache's windows in order. Its tokenizer must be the
+      student's (`processing_class`), and for tail="bucket" its temperature the loss's;
+    - neither: `train_dataset` rows carry `teacher_ids` / `teacher_logprobs` ([tokens, K] or [tokens - 1, K]: row j
+      the teacher's distribution of token j), e.g. from an inference server.
+    With a sparse teacher `tail` and `teacher_temperature` are those of `kdfast.linear_sparse_distill_loss`, and the
+    default collator is `SparseTeacherCollator`.
+
     Batches need `input_ids`, `labels` (-100 where ignored; unshifted, as `DataCollatorForLanguageModeling`
-    gives them) and optionally `attention_mask`. The teacher runs in eval mode under no_grad, on the student's
-    device and dtype. `vocab_size` is the tokenizer's vocabulary both models share (default: the length of
-    `processing_class` when given); LM-head rows past it are padding and are dropped.
+    gives them) and optionally `attention_mask`. `vocab_size` is the tokenizer's vocabulary both models share
+    (default: the length of `processing_class` when given); LM-head rows past it are padding and are dropped.
     """
 
-    def __init__(self, model=None, teacher_model=None, args=None, *, divergence="forward_kl", temperature=1.0,
-                 kd_weight=0.5, ce_weight=0.5, beta=0.5, t2_scale=True, chunk_size="auto", backend="auto",
-                 vocab_size=None, **trainer_kwargs):
-        if teacher_model is None:
-            raise ValueError("teacher_model is required: the model the student learns from")
-        # Validated before the Trainer's own (slow) set-up, so a bad setting fails at once.
-        self.distill_options = LossOptions(divergence=divergence, beta=beta, temperature=temperature,
-                                           kd_weight=kd_weight, ce_weight=ce_weight, t2_scale=t2_scale,
-                                           reduction="mean", backend=backend)
+    def __init__(self, model=None, teacher_model=None, args=None, *, teacher_cache=None, divergence="forward_kl",
+                 temperature=1.0, kd_weight=0.5, ce_weight=0.5, beta=0.5, t2_scale=True, tail="bucket",
+                 teacher_temperature=None, chunk_size="auto", backend="auto", vocab_size=None, **trainer_kwargs):
+        if teacher_model is not None and teacher_cache is not None:
+            raise ValueError("pass teacher_model or teacher_cache, not both")
         check_chunk_settings(None, chunk_size)
         self.chunk_size = chunk_size
+        tokenizer = trainer_kwargs.get("processing_class")
+        self.teacher_cache = None
+        # Validated before the Trainer's own (slow) set-up, so a bad setting fails at once.
+        if teacher_model is not None:
+            self.distill_options = LossOptions(divergence=divergence, beta=beta, temperature=temperature,
+                                               kd_weight=kd_weight, ce_weight=ce_weight, t2_scale=t2_scale,
+                                               reduction="mean", backend=backend)
+        else:
+            trainer_kwargs["train_dataset"], self.teacher_cache = sparse_training_data(
+                teacher_cache, trainer_kwargs.get("train_dataset"), tokenizer)
+            self.distill_options = sparse_options(self.teacher_cache, divergence=divergence, beta=beta,
+                                                  temperature=temperature, teacher_temperature=teacher_temperature,
+                                                  tail=tail, kd_weight=kd_weight, ce_weight=ce_weight,
+                                                  t2_scale=t2_scale, backend=backend)
+            if trainer_kwargs.get("data_collator") is None:
+                pad = getattr(tokenizer, "pad_token_id", None)
+                trainer_kwargs["data_collator"] = SparseTeacherCollator(pad_token_id=pad if pad is not None else 0)
         super().__init__(model=model, args=args, **trainer_kwargs)
         tokenizer = self.processing_class
         if vocab_size is None and tokenizer is not None and hasattr(tokenizer, "__len__"):
             vocab_size = len(tokenizer)
+        if self.teacher_cache is not None:
+            vocab_size = self.teacher_cache.settings.vocab_size if vocab_size is None else vocab_size
+            if vocab_size < self.teacher_cache.settings.vocab_size:
+                raise ValueError(f"vocab_size={vocab_size} but the teacher cache's ids range over "
+                                 f"{self.teacher_cache.settings.vocab_size} tokens")
         self.vocab_size = vocab_size
-        self.teacher_model = self._placed_teacher(teacher_model)
+        self.teacher_model = self._placed_teacher(teacher_model) if teacher_model is not None else None
         # compute_loss divides by num_items_in_batch: have the Trainer count it (over the shifted labels) and take
         # the loss as already normalised for gradient accumulation whenever it is given.
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
+
+    def _set_signature_columns_if_needed(self):
+        # The teacher's columns are not arguments of the student's forward, but the loss needs them.
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *TEACHER_COLUMNS]))
 
     def _placed_teacher(self, teacher):
         teacher.eval()
@@ -90,8 +125,12 @@ class DistillationTrainer(Trainer):
         return (loss, {"loss": loss}) if return_outputs else loss
 
     def _student_loss(self, student, inputs, num_items_in_batch):
-        teacher = self.accelerator.unwrap_model(self.teacher_model)
         # Mixed precision comes from the Trainer's settings: the model's own (autocast-wrapped) forward is skipped.
+        if self.teacher_model is None:
+            with self.accelerator.autocast():
+                return batch_sparse_distill_loss(student, inputs, self.distill_options, chunk_size=self.chunk_size,
+                                                 vocab_size=self.vocab_size, num_items_in_batch=num_items_in_batch)
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
         with self.accelerator.autocast():
             return batch_distill_loss(student, teacher, inputs, self.distill_options, chunk_size=self.chunk_size,
                                       vocab_size=self.vocab_size, num_items_in_batch=num_items_in_batch)
