@@ -10,6 +10,7 @@ import pytest
 from kdfast.demo import models
 from kdfast.demo.corpus import train_tokenizer
 from kdfast.demo.main import main as distill_main
+from kdfast.teacher_cache import TeacherCache
 
 TEXT = "\n".join(f"def function_{i}(value):\n    return value * {i} + {i % 7}\n" for i in range(400))
 
@@ -74,3 +75,25 @@ def test_teacher_cache_round_trip(tmp_path):
     assert record["steps"] == 3 and record["settings"] == settings
     for original, reloaded in zip(model.parameters(), loaded.parameters()):
         assert original.equal(reloaded)
+
+
+def test_cached_teacher_students_are_reported_and_the_cache_reused(tmp_path, capsys):
+    data = tmp_path / "corpus.txt"
+    data.write_text(TEXT)
+    tokenizer = train_tokenizer([TEXT], 300)
+    teacher = models.new_model(models.ModelSize(hidden=32, layers=1, heads=2), len(tokenizer), 16, 1)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    arguments = ["--data", str(data), "--teacher", str(tmp_path / "teacher"), "--steps", "3", "--seq-len", "16",
+                 "--batch-size", "2", "--eval-windows", "4", "--teacher-cache", "--cache-k", "4", "2",
+                 "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
+    distill_main(arguments)
+    rows = _report_rows(tmp_path / "out")
+    for k in (4, 2):
+        assert rows[f"student, cached teacher top-{k} (bucket)"]["steps"] == "3"
+    assert "student, plain CE (equal wall time, cached teacher top-4 (bucket))" in rows
+    (folder_4,) = (tmp_path / "cache").glob("teacher-cache-k4-*")
+    assert TeacherCache(folder_4).settings.num_windows == 3 * 2, "the windows of the students' three batches"
+    capsys.readouterr()
+    distill_main(arguments)
+    assert "reused from an earlier run" in " ".join(capsys.readouterr().out.split())

@@ -235,3 +235,14 @@ def test_a_second_writer_on_the_same_folder_is_refused(teacher, tmp_path):
     refused = pytest.raises(RuntimeError, match=f"pid {os.getpid()}.* is writing the teacher cache")
     with exclusive(folder), refused, exclusive(folder):
         pass
+
+
+def test_batch_reads_across_shards_as_items_do(teacher, tmp_path):
+    cache = _build(teacher, tmp_path / "cache", windows_per_shard=5)
+    batch = cache.batch(3, 12)  # windows from three shards
+    for offset, window in enumerate(range(3, 12)):
+        item = cache[window]
+        for name in ("input_ids", "teacher_ids", "teacher_logprobs"):
+            assert torch.equal(batch[name][offset], item[name]), (name, window)
+    with pytest.raises(IndexError, match="out of range"):
+        cache.batch(0, len(cache) + 1)

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 DESCRIPTION = ("distils a small LLaMA-style student from a stronger teacher on the CPU, beside the same student "
-               "trained with plain cross-entropy, and reports what the run measured")
+               "trained with plain cross-entropy (and, with --teacher-cache, students of the teacher's stored top-k), "
+               "and reports what the run measured")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--divergence", default="forward_kl")
     parser.add_argument("--kd-weight", type=float, default=0.5)
     parser.add_argument("--ce-weight", type=float, default=0.5)
+    parser.add_argument("--teacher-cache", action="store_true",
+                        help="also train students on the teacher's stored top-k log-probs (a teacher cache built "
+                             "once over the students' batches, or reused), with no teacher forward per step")
+    parser.add_argument("--cache-k", type=int, nargs="+", default=[32, 8, 64], metavar="K",
+                        help="top-k of the cached teachers (default 32 8 64): the first trains beside the others "
+                             "and is compared at equal wall time, the rest at equal steps")
     parser.add_argument("--eval-windows", type=int, default=160, help="held-out windows of --seq-len tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -41,6 +48,8 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--steps must be >= 1")
     if args.student and not args.teacher:
         parser.error("--student needs --teacher (the tokenizer comes from the teacher's checkpoint)")
+    if min(args.cache_k) < 1:
+        parser.error(f"--cache-k values must be >= 1, got {args.cache_k}")
     args.teacher_steps = args.teacher_steps or 4 * args.steps
 
 

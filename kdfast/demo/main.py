@@ -3,6 +3,8 @@ student trained with plain cross-entropy on identical batches, and reports what 
 
 - held-out perplexity of the teacher, the plain-CE student and the distilled student at equal steps, and of the
   plain-CE student given the distilled student's training time (equal wall time);
+- with --teacher-cache, students trained on the teacher's stored top-k log-probs (k = 32, 8, 64; a teacher cache
+  over the students' own batches), the first beside the others and against plain CE at its own wall time;
 - the per-step cost and extra peak memory of kdfast's fused loss vs the same loss computed eagerly;
 - loss curves (PNG), a Markdown table and a CSV.
 
@@ -21,6 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kdfast.demo import report
 from kdfast.demo.arguments import parse_args
+from kdfast.demo.cached_teacher import CachedBatches, build_caches, cached_distill_step, training_windows
 from kdfast.demo.corpus import load_corpus
 from kdfast.demo.models import (
     STUDENT_SIZE,
@@ -83,6 +86,19 @@ def get_teacher(args, corpus, device, console, progress):
     return teacher, record
 
 
+def cached_students(args, teacher, corpus, settings, vocab, student_run, console):
+    """With --teacher-cache: a student per --cache-k on the teacher's stored top-k over the very batches the other
+    students see (the cache built once, or reused), and each cache's size and build rate."""
+    if not args.teacher_cache:
+        return [], {}
+    windows = training_windows(Batches(corpus.train, args.batch_size, args.seq_len, args.seed), args.steps)
+    caches = build_caches(teacher, windows, corpus.tokenizer, args.cache_k, settings["temperature"], args.cache_dir,
+                          args.batch_size, console)
+    runs = [student_run(f"student, cached teacher top-{k} (bucket)", cached_distill_step(settings, vocab),
+                        CachedBatches(cache, args.batch_size)) for k, cache in caches.items()]
+    return runs, {k: cache.stats for k, cache in caches.items()}
+
+
 def main(argv=None):
     return run(parse_args(argv))
 
@@ -113,18 +129,23 @@ def run(args):
     settings = dict(divergence=args.divergence, temperature=args.temperature, kd_weight=args.kd_weight,
                     ce_weight=args.ce_weight)
     fused, eager = fused_distill_step(teacher, settings, vocab), eager_distill_step(teacher, settings, vocab)
-    def student_run(name, loss_step):
+
+    def student_run(name, loss_step, batches=None):
         student = fresh_student()
         optimizer = adamw(student, args.lr)
-        return Run(name, student, loss_step, Batches(corpus.train, args.batch_size, args.seq_len, args.seed),
-                   optimizer, warmup_then_constant(optimizer, 30), eval_windows=windows,
-                   eval_batch=args.batch_size, eval_every=max(1, args.steps // 6))
+        batches = batches or Batches(corpus.train, args.batch_size, args.seq_len, args.seed)
+        return Run(name, student, loss_step, batches, optimizer, warmup_then_constant(optimizer, 30),
+                   eval_windows=windows, eval_batch=args.batch_size, eval_every=max(1, args.steps // 6))
 
     distilled = student_run("student, distilled (kdfast)", fused)
     plain = student_run("student, plain cross-entropy", cross_entropy_step)
+    cached, cache_stats = cached_students(args, teacher, corpus, settings, vocab, student_run, console)
+    main_cached = cached[:1]  # steps in turn with the others; the other k at equal steps afterwards
     with progress_bar(console) as progress:
-        train_side_by_side(distilled, plain, args.steps, progress)
-    runs = {"distilled": distilled.result, "plain": plain.result}
+        train_side_by_side([distilled, *main_cached], plain, args.steps, progress)
+        for run in cached[1:]:
+            train_steps(run, args.steps, progress)
+    runs = {"distilled": distilled.result, "plain": plain.result, "cached": [run.result for run in cached]}
     student = plain.model
     # Measured after training, so that the probe's heap trimming (kdfast.memory) cannot slow the training steps.
     with console.status("per-step cost: fused vs eager distillation loss"):
@@ -135,7 +156,7 @@ def run(args):
         corpus=corpus.description, device=str(device), settings=settings, steps=args.steps,
         eval_tokens=windows.shape[0] * args.seq_len, teacher_loss=teacher_loss, teacher_record=teacher_record,
         teacher_params=parameter_count(teacher), student_params=parameter_count(student), runs=runs, costs=costs,
-        total_seconds=time.perf_counter() - started)
+        cache_stats=cache_stats, total_seconds=time.perf_counter() - started)
     report.print_and_write(summary, console, args.out)
     return 0
 

@@ -7,7 +7,7 @@ import csv
 import datetime
 import math
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,9 +25,10 @@ class Summary:
     teacher_record: dict
     teacher_params: int
     student_params: int
-    runs: dict  # "distilled", "plain" -> training.RunResult
+    runs: dict  # "distilled", "plain" -> training.RunResult; "cached" -> [RunResult] (first: beside the others)
     costs: dict  # name -> (median seconds, extra peak bytes)
     total_seconds: float
+    cache_stats: dict = field(default_factory=dict)  # k -> the teacher cache's stats (TeacherCache.stats)
 
 
 def device_tag(device: str) -> str:
@@ -48,10 +49,48 @@ def rows(summary: Summary) -> list[dict]:
         table.append(("student, plain CE (equal steps)", summary.student_params, step, round(seconds, 1), loss))
     table.append(("student, distilled with kdfast", summary.student_params, distilled.steps,
                   round(distilled.seconds, 1), distilled.curve[-1][2]))
-    table.append(("student, plain CE (equal wall time)", summary.student_params, plain.steps,
-                  round(plain.seconds, 1), plain.curve[-1][2]))
+    step, seconds, loss = plain.marks.get(f"equal wall time: {distilled.name}", plain.curve[-1])
+    table.append(("student, plain CE (equal wall time)", summary.student_params, step, round(seconds, 1), loss))
+    for index, run in enumerate(summary.runs.get("cached", [])):
+        table.append((run.name, summary.student_params, run.steps, round(run.seconds, 1), run.curve[-1][2]))
+        mark = plain.marks.get(f"equal wall time: {run.name}")
+        if index == 0 and mark is not None:
+            table.append((plain_at_wall_time_of(run), summary.student_params, mark[0], round(mark[1], 1), mark[2]))
     return [dict(model=name, parameters=params, steps=steps, train_seconds=seconds, held_out_loss=round(loss, 4),
                  perplexity=round(math.exp(loss), 2)) for name, params, steps, seconds, loss in table]
+
+
+def plain_at_wall_time_of(run) -> str:
+    return f"student, plain CE (equal wall time, {run.name.removeprefix('student, ')})"
+
+
+def cached_findings(summary: Summary, by_name: dict) -> list[str]:
+    """How the students of a cached teacher compare: with the online teacher at equal steps, and with plain CE at the
+    main one's wall time; and what each cache cost to build and store."""
+    runs = summary.runs.get("cached", [])
+    if not runs:
+        return []
+    online = by_name["student, distilled with kdfast"]
+    online_step_ms = summary.runs["distilled"].seconds / summary.runs["distilled"].steps * 1e3
+    lines = []
+    for index, run in enumerate(runs):
+        perplexity = by_name[run.name]
+        line = (f"{run.name.removeprefix('student, ').capitalize()}: perplexity {perplexity:.1f} at {run.steps} steps, "
+                f"{perplexity / online - 1:+.1%} vs the online teacher's student ({online:.1f}); "
+                f"{run.seconds / run.steps * 1e3:.0f} ms per step vs {online_step_ms:.0f} with the teacher online")
+        if index == 0:
+            plain = by_name.get(plain_at_wall_time_of(run))
+            if plain is not None:
+                change = perplexity / plain - 1
+                line += (f"; at equal wall time ({run.seconds:.0f} s) {abs(change):.1%} "
+                         f"{'lower' if change < 0 else 'higher'} than plain CE's ({plain:.1f})")
+        lines.append(line)
+    for k, stats in summary.cache_stats.items():
+        built = (f"built at {stats['tokens_per_second']:,.0f} tokens/s ({stats['seconds']:.1f} s)"
+                 if stats["tokens_per_second"] else "reused from an earlier run")
+        lines.append(f"Teacher cache top-{k}: {stats['tokens']:,} tokens, {stats['bytes_per_token']:.0f} bytes/token, "
+                     f"{built}")
+    return lines
 
 
 def findings(summary: Summary, table: list[dict]) -> list[str]:
@@ -69,8 +108,9 @@ def findings(summary: Summary, table: list[dict]) -> list[str]:
         lines.append(compare(f"Equal steps ({summary.steps})", by_name["student, plain CE (equal steps)"]))
     plain = summary.runs["plain"]
     lines.append(compare(f"Equal wall time ({plain.seconds:.0f} s of training; plain CE took {plain.steps} steps, "
-                         f"the two students stepping in turn up to step {summary.steps})",
+                         f"the students stepping in turn up to step {summary.steps})",
                          by_name["student, plain CE (equal wall time)"]))
+    lines.extend(cached_findings(summary, by_name))
     teacher = table[0]["perplexity"]
     best_student = min(row["perplexity"] for row in table[1:])
     ratio = teacher / best_student
@@ -96,8 +136,10 @@ def plot(summary: Summary, path: Path):
     import matplotlib.pyplot as plt
 
     figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for key, label in (("plain", "student, plain CE"), ("distilled", "student, distilled (kdfast)")):
-        curve = summary.runs[key].curve
+    curves = [("student, plain CE", summary.runs["plain"].curve),
+              ("student, distilled (kdfast)", summary.runs["distilled"].curve)]
+    curves += [(run.name.removeprefix("student, "), run.curve) for run in summary.runs.get("cached", [])]
+    for label, curve in curves:
         by_step.plot([c[0] for c in curve], [c[2] for c in curve], marker=".", label=label)
         by_time.plot([c[1] for c in curve], [c[2] for c in curve], marker=".", label=label)
     for axes, xlabel in ((by_step, "training step"), (by_time, "training seconds")):

@@ -148,8 +148,8 @@ class Run:
 
     def step(self) -> None:
         model, result = self.model, self.result
-        batch = next(self.batches).to(model.device)
-        start = time.perf_counter()
+        start = time.perf_counter()  # fetching the batch counts: for a cached teacher it is a read from disk
+        batch = to_device(next(self.batches), model.device)
         with torch.autocast(model.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
             loss = self.loss_step(model, batch)
         loss.backward()
@@ -178,22 +178,34 @@ def train_steps(run: Run, steps: int, progress) -> RunResult:
     return run.finish()
 
 
-def train_side_by_side(distilled: Run, plain: Run, steps: int, progress) -> None:
-    """Both students step in turn on identical batches, so a busy moment on a shared machine slows both alike;
-    then the plain student goes on alone until it has trained as long as the distilled one (equal wall time).
-    The plain run's state at `steps` is marked "equal steps"."""
-    tasks = {run: progress.add_task(run.result.name, total=steps) for run in (distilled, plain)}
+def train_side_by_side(students: list, plain: Run, steps: int, progress) -> None:
+    """The students and the plain-CE run step in turn on identical batches, so a busy moment on a shared machine
+    slows all alike; then the plain run goes on alone until it has trained as long as each student (equal wall
+    time), its state marked "equal steps" at `steps` and "equal wall time: <student>" at each student's time."""
+    runs = [*students, plain]
+    tasks = {run: progress.add_task(run.result.name, total=steps) for run in runs}
     for done in range(1, steps + 1):
-        for run in (distilled, plain):
+        for run in runs:
             run.step()
             progress.update(tasks[run], completed=done)
     if plain.result.curve[-1][0] != steps:
         plain.evaluate()
     plain.result.marks["equal steps"] = plain.result.curve[-1]
-    distilled.finish()
-    budget = distilled.result.seconds
-    progress.update(tasks[plain], total=budget, completed=plain.result.seconds)
-    while plain.result.seconds < budget:
-        plain.step()
-        progress.update(tasks[plain], completed=min(plain.result.seconds, budget))
+    budgets = sorted((run.finish().seconds, run.result.name) for run in students)
+    # A student that trained no longer than plain CE's first `steps` is compared with that state: plain CE then had
+    # at least the student's time.
+    for budget, name in budgets:
+        progress.update(tasks[plain], total=budget, completed=min(plain.result.seconds, budget))
+        while plain.result.seconds < budget:
+            plain.step()
+            progress.update(tasks[plain], completed=min(plain.result.seconds, budget))
+        if plain.result.curve[-1][0] != plain.result.steps:
+            plain.evaluate()
+        plain.result.marks[f"equal wall time: {name}"] = plain.result.curve[-1]
     plain.finish()
+
+
+def to_device(batch, device):
+    if isinstance(batch, dict):
+        return {name: value.to(device) for name, value in batch.items()}
+    return batch.to(device)

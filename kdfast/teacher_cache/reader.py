@@ -67,6 +67,23 @@ class TeacherCache(torch.utils.data.Dataset):
                 "teacher_ids": torch.cat([torch.full_like(ids[:1], -1), ids]),
                 "teacher_logprobs": torch.cat([torch.zeros_like(logprobs[:1]), logprobs])}
 
+    def batch(self, start: int, end: int) -> dict:
+        """Windows [start, end) stacked, read as whole slices (a shard at a time), as items are: `input_ids`
+        [n, L + 1], `teacher_ids` / `teacher_logprobs` [n, L + 1, k]. For consecutive batches without a DataLoader."""
+        if not 0 <= start < end <= len(self):
+            raise IndexError(f"windows [{start}, {end}) out of range for a cache of {len(self)} windows")
+        per_shard, parts = self.settings.windows_per_shard, {"input_ids": [], "teacher_ids": [], "teacher_logprobs": []}
+        for index in range(start // per_shard, (end - 1) // per_shard + 1):
+            shard = self._shard(index)
+            low, high = max(start - index * per_shard, 0), min(end - index * per_shard, per_shard)
+            for name, values in parts.items():
+                values.append(shard.get_slice(name)[low:high])
+        ids = torch.cat(parts["teacher_ids"]).to(torch.int64)
+        logprobs = torch.cat(parts["teacher_logprobs"]).to(torch.float32)
+        return {"input_ids": torch.cat(parts["input_ids"]).to(torch.int64),
+                "teacher_ids": torch.cat([torch.full_like(ids[:, :1], -1), ids], 1),
+                "teacher_logprobs": torch.cat([torch.zeros_like(logprobs[:, :1]), logprobs], 1)}
+
     def windows(self) -> torch.Tensor:
         """Every window's token ids, [num_windows, window_tokens] int64."""
         return torch.cat([self._shard(index).get_tensor("input_ids").to(torch.int64)
