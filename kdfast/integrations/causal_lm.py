@@ -151,6 +151,26 @@ def run_through_wrapper(wrapper, inner, fn, *args):
         restore()
 
 
+def sparse_distill_from_hidden(student, student_hidden, teacher_ids, teacher_logprobs, labels,
+                               options: SparseOptions, *, chunk_size="auto", vocab_size=None, num_items_in_batch=None):
+    """The fused loss of a causal LM's head against a sparse teacher, over already-aligned hidden states, teacher rows
+    [..., K] and labels."""
+    head = output_head(student)
+    rows = head.weight.shape[0]
+    vocab = rows if vocab_size is None else vocab_size
+    if not 0 < vocab <= rows:
+        raise ValueError(f"vocab_size={vocab_size} but the student's LM head has {rows} rows")
+    scale = logit_scale(student)
+    if scale != 1.0:
+        student_hidden = student_hidden * scale
+    softcap = getattr(_text_config(student), "final_logit_softcapping", None)
+    with gathered(head.weight, head.bias):
+        bias = head.bias[:vocab] if head.bias is not None else None
+        return fused_linear_sparse_loss(student_hidden, head.weight[:vocab], teacher_ids, teacher_logprobs, labels,
+                                        options, student_bias=bias, softcap=softcap, chunk_size=chunk_size,
+                                        num_items_in_batch=num_items_in_batch)
+
+
 def batch_sparse_distill_loss(student, inputs, options: SparseOptions, *, chunk_size="auto", vocab_size=None,
                               num_items_in_batch=None):
     """The fused loss of one batch against a sparse teacher: `inputs["teacher_ids"]` / `["teacher_logprobs"]`
@@ -159,19 +179,7 @@ def batch_sparse_distill_loss(student, inputs, options: SparseOptions, *, chunk_
     if missing:
         raise ValueError(f"a batch against a sparse teacher needs labels, teacher_ids and teacher_logprobs; missing "
                          f"{missing} (kdfast.teacher_cache.SparseTeacherCollator makes such batches)")
-    head = output_head(student)
-    rows = head.weight.shape[0]
-    vocab = rows if vocab_size is None else vocab_size
-    if not 0 < vocab <= rows:
-        raise ValueError(f"vocab_size={vocab_size} but the student's LM head has {rows} rows")
     hidden = last_hidden_state(student, inputs["input_ids"], inputs.get("attention_mask"))[:, :-1]
-    scale = logit_scale(student)
-    if scale != 1.0:
-        hidden = hidden * scale
-    softcap = getattr(_text_config(student), "final_logit_softcapping", None)
-    with gathered(head.weight, head.bias):
-        bias = head.bias[:vocab] if head.bias is not None else None
-        return fused_linear_sparse_loss(hidden, head.weight[:vocab], inputs["teacher_ids"][:, 1:],
-                                        inputs["teacher_logprobs"][:, 1:], inputs["labels"][:, 1:], options,
-                                        student_bias=bias, softcap=softcap, chunk_size=chunk_size,
-                                        num_items_in_batch=num_items_in_batch)
+    return sparse_distill_from_hidden(student, hidden, inputs["teacher_ids"][:, 1:], inputs["teacher_logprobs"][:, 1:],
+                                      inputs["labels"][:, 1:], options, chunk_size=chunk_size, vocab_size=vocab_size,
+                                      num_items_in_batch=num_items_in_batch)

@@ -1,0 +1,84 @@
+"""kdfast's ServerDistillationTrainer against TRL's own on the same inputs and the same top-k answer from a (stubbed)
+teacher server: equal loss and gradients where kdfast computes it (forward KL with the tail bucket), TRL's own loss
+elsewhere."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from tiny_models import student_and_teacher, word_tokenizer
+
+pytest.importorskip("trl.experimental.server_distillation")
+
+
+class StubClient:
+    """Stands in for TRL's VLLMClient: the tests answer the teacher's log-probs themselves."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+
+@pytest.fixture
+def trainers(tmp_path, monkeypatch):
+    import trl.generation.vllm_client
+
+    monkeypatch.setattr(trl.generation.vllm_client, "VLLMClient", StubClient)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from trl.experimental.server_distillation import ServerDistillationConfig
+        from trl.experimental.server_distillation import ServerDistillationTrainer as TRLTrainer
+
+        from kdfast.integrations.trl_server import ServerDistillationTrainer
+
+    def make(cls, student, **settings):
+        args = ServerDistillationConfig(output_dir=str(tmp_path), teacher_model_server_url="http://stub", report_to=[],
+                                        use_cpu=True, per_device_train_batch_size=2, bf16=False,
+                                        **{"beta": 0.0, "loss_top_k": 4, "temperature": 2.0, **settings})
+        trainer = cls(model=student, args=args, processing_class=word_tokenizer())
+        trainer.current_gradient_accumulation_steps = 2
+        return trainer
+
+    return lambda student, **settings: (make(TRLTrainer, copy.deepcopy(student), **settings),
+                                        make(ServerDistillationTrainer, student, **settings))
+
+
+def server_answer(teacher, inputs, k, temperature):
+    """What TRL's server call returns: the teacher's top-k log-probs at each completion token, -inf at padding."""
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    with torch.no_grad():
+        logits = teacher(input_ids=ids).logits[:, inputs["prompt_ids"].shape[1] - 1:-1]
+    values, token_ids = torch.log_softmax(logits / temperature, -1).topk(k, -1)
+    padding = inputs["completion_mask"] == 0
+    values = values.masked_fill(padding[..., None], float("-inf"))
+    return {"topk_logprobs": values, "topk_token_ids": token_ids.masked_fill(padding[..., None], 0),
+            "actual_logprobs": values[..., 0]}
+
+
+def make_inputs():
+    generator = torch.Generator().manual_seed(0)
+    completion_mask = torch.ones(2, 6, dtype=torch.int64)
+    completion_mask[1, 4:] = 0
+    return {"prompt_ids": torch.randint(2, 96, (2, 3), generator=generator),
+            "prompt_mask": torch.ones(2, 3, dtype=torch.int64),
+            "completion_ids": torch.randint(2, 96, (2, 6), generator=generator), "completion_mask": completion_mask}
+
+
+@pytest.mark.parametrize("add_tail", [True, False])
+def test_matches_trls_loss_and_gradients(trainers, add_tail):
+    student, teacher = student_and_teacher(head_scale=4.0)
+    theirs, ours = trainers(student, loss_add_tail=add_tail)
+    inputs = make_inputs()
+    answer = server_answer(teacher, inputs, 4, 2.0)
+    for trainer in (theirs, ours):
+        trainer._get_teacher_token_logprobs_from_server = lambda *args, **kwargs: answer
+    head_calls = []
+    ours.model.lm_head.register_forward_hook(lambda *args: head_calls.append(1))
+    their_loss = theirs.compute_loss(theirs.model, inputs)
+    our_loss = ours.compute_loss(ours.model, inputs)
+    assert bool(head_calls) != add_tail, "with the tail bucket kdfast's fused loss runs, never the LM head's forward"
+    torch.testing.assert_close(our_loss, their_loss, rtol=1e-5, atol=1e-6)
+    their_loss.backward()
+    our_loss.backward()
+    for (name, mine), theirs_param in zip(ours.model.named_parameters(), theirs.model.parameters()):
+        torch.testing.assert_close(mine.grad, theirs_param.grad, rtol=1e-4, atol=1e-7, msg=name)
