@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One command for a GPU machine (docs/DESIGN.md, "Tests and CI"): builds the CUDA kernels, benchmarks them against
 # the Triton kernel, eager PyTorch, torch.compile (and Liger-Kernel when its wheel is carried in .whl/),
-# benchmarks the fused linear loss against its four-GEMM floor, then runs the GPU tests of every backend. Results: benchmarks/results/ (and $OUT, when the device tool runs it).
+# benchmarks the fused linear loss against its four-GEMM floor and the sparse-teacher kernel against the copy bandwidth,
+# then runs the GPU tests of every backend (sparse paths included). Results: benchmarks/results/ (and $OUT, when the
+# device tool runs it).
 # Uses the machine's own python3/torch/triton (there is no network there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +38,11 @@ echo "== fused linear benchmark (8192 tokens, H_s 2048, H_t 4096, V 128256 bf16)
 timeout "${LINEAR_TIMEOUT:-180}" "$PYTHON" benchmarks/bench_linear.py --no-compile 2>&1 | tee -a "$LOGS/gpu_linear.txt" \
   || status=1
 cp "$RESULTS"/bench_linear_* "$LOGS"/ 2>/dev/null
+
+echo "== sparse teacher benchmark (8192 x 128256 bf16, K=64: GB/s vs copy bandwidth)" | tee "$LOGS/gpu_sparse.txt"
+timeout "${SPARSE_TIMEOUT:-120}" "$PYTHON" benchmarks/bench_sparse.py --no-compile 2>&1 | tee -a "$LOGS/gpu_sparse.txt" \
+  || status=1
+cp "$RESULTS"/bench_sparse_* "$LOGS"/ 2>/dev/null
 
 echo "== GPU tests (every backend; the ahead-of-time compile checks run in CI instead)" | tee "$LOGS/gpu_tests.txt"
 timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" tests \

@@ -85,12 +85,13 @@ def test_cached_teacher_students_are_reported_and_the_cache_reused(tmp_path, cap
     teacher.save_pretrained(tmp_path / "teacher")
     tokenizer.save_pretrained(tmp_path / "teacher")
     arguments = ["--data", str(data), "--teacher", str(tmp_path / "teacher"), "--steps", "3", "--seq-len", "16",
-                 "--batch-size", "2", "--eval-windows", "4", "--teacher-cache", "--cache-k", "4", "2",
+                 "--batch-size", "2", "--eval-windows", "4", "--teacher-cache", "--cache-k", "4", "2", "--cache-samples", "3",
                  "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
     distill_main(arguments)
     rows = _report_rows(tmp_path / "out")
     for k in (4, 2):
         assert rows[f"student, cached teacher top-{k} (bucket)"]["steps"] == "3"
+    assert rows["student, cached teacher 3 samples (renormalize)"]["steps"] == "3"
     assert "student, plain CE (equal wall time, cached teacher top-4 (bucket))" in rows
     (folder_4,) = (tmp_path / "cache").glob("teacher-cache-k4-*")
     assert TeacherCache(folder_4).settings.num_windows == 3 * 2, "the windows of the students' three batches"

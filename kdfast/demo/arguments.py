@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-k", type=int, nargs="+", default=[32, 8, 64], metavar="K",
                         help="top-k of the cached teachers (default 32 8 64): the first trains beside the others "
                              "and is compared at equal wall time, the rest at equal steps")
+    parser.add_argument("--cache-samples", type=int, nargs="*", default=[32], metavar="N",
+                        help="also a student on n samples per token from the teacher, with counts (tail="
+                             "'renormalize': the unbiased sampled estimator); default 32, none to skip")
     parser.add_argument("--eval-windows", type=int, default=160, help="held-out windows of --seq-len tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -48,8 +51,8 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--steps must be >= 1")
     if args.student and not args.teacher:
         parser.error("--student needs --teacher (the tokenizer comes from the teacher's checkpoint)")
-    if min(args.cache_k) < 1:
-        parser.error(f"--cache-k values must be >= 1, got {args.cache_k}")
+    if min(args.cache_k + args.cache_samples) < 1:
+        parser.error(f"--cache-k and --cache-samples values must be >= 1, got {args.cache_k} {args.cache_samples}")
     args.teacher_steps = args.teacher_steps or 4 * args.steps
 
 

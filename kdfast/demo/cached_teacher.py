@@ -19,22 +19,36 @@ def training_windows(batches, steps: int) -> torch.Tensor:
     return torch.cat([next(batches) for _ in range(steps)])
 
 
-def cache_folder(cache_dir: Path, teacher, windows: torch.Tensor, k: int, temperature: float) -> Path:
-    """One folder per teacher, windows, k and temperature: a rerun reuses it, another teacher never collides."""
-    key = digest(f"{weights_checksum(teacher)}-{tensor_fingerprint(windows)}-{k}-{temperature}")[:16]
-    return cache_dir / f"teacher-cache-k{k}-{key}"
+def cache_folder(cache_dir: Path, teacher, windows: torch.Tensor, method: str, k: int, temperature: float) -> Path:
+    """One folder per teacher, windows, method, k and temperature: a rerun reuses it, another teacher never
+    collides."""
+    kind = "" if method == "top_k" else f"{method}-"
+    key = digest(f"{weights_checksum(teacher)}-{tensor_fingerprint(windows)}-{kind}{k}-{temperature}")[:16]
+    return cache_dir / ("teacher-cache-" + (f"k{k}" if method == "top_k" else f"samples{k}") + f"-{key}")
 
 
-def build_caches(teacher, windows, tokenizer, ks, temperature: float, cache_dir: Path, batch_size: int, console):
-    """k -> TeacherCache over `windows` (built, finished or reused)."""
+def build_caches(teacher, windows, tokenizer, kinds, temperature: float, cache_dir: Path, batch_size: int, console):
+    """(method, k) -> TeacherCache over `windows` (built, finished or reused), for each of `kinds`."""
     caches = {}
-    for k in ks:
-        console.print(f"teacher cache, top-{k} at T={temperature}:")
-        caches[k] = build_teacher_cache(teacher, windows, cache_folder(cache_dir, teacher, windows, k, temperature),
-                                        tokenizer=tokenizer, k=k, temperature=temperature, batch_size=batch_size,
-                                        windows_per_shard=16 * batch_size, vocab_size=len(tokenizer),
-                                        console=console)
+    for method, k in kinds:
+        console.print(f"teacher cache, {describe(method, k)} at T={temperature}:")
+        folder = cache_folder(cache_dir, teacher, windows, method, k, temperature)
+        caches[method, k] = build_teacher_cache(teacher, windows, folder, tokenizer=tokenizer, k=k, method=method,
+                                                temperature=temperature, batch_size=batch_size,
+                                                windows_per_shard=16 * batch_size, vocab_size=len(tokenizer),
+                                                console=console)
     return caches
+
+
+def describe(method: str, k: int) -> str:
+    return f"top-{k}" if method == "top_k" else f"{k} samples"
+
+
+def top_k_mass(cache, windows: int = 512) -> float:
+    """The teacher's mean probability mass inside its stored ids, over the first `windows` windows: what a top-k
+    cache keeps of the teacher."""
+    batch = cache.batch(0, min(windows, len(cache)))
+    return batch["teacher_logprobs"][:, 1:].exp().sum(-1).mean().item()
 
 
 class CachedBatches:

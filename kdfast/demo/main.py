@@ -23,7 +23,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kdfast.demo import report
 from kdfast.demo.arguments import parse_args
-from kdfast.demo.cached_teacher import CachedBatches, build_caches, cached_distill_step, training_windows
+from kdfast.demo.cached_teacher import (
+    CachedBatches,
+    build_caches,
+    cached_distill_step,
+    describe,
+    top_k_mass,
+    training_windows,
+)
 from kdfast.demo.corpus import load_corpus
 from kdfast.demo.models import (
     STUDENT_SIZE,
@@ -87,16 +94,23 @@ def get_teacher(args, corpus, device, console, progress):
 
 
 def cached_students(args, teacher, corpus, settings, vocab, student_run, console):
-    """With --teacher-cache: a student per --cache-k on the teacher's stored top-k over the very batches the other
-    students see (the cache built once, or reused), and each cache's size and build rate."""
+    """With --teacher-cache: a student per --cache-k on the teacher's stored top-k (tail="bucket") and one per
+    --cache-samples on n samples from it (tail="renormalize": the unbiased sampled estimator), over the very batches
+    the other students see (each cache built once, or reused); and each cache's size, build rate and top-k mass."""
     if not args.teacher_cache:
         return [], {}
     windows = training_windows(Batches(corpus.train, args.batch_size, args.seq_len, args.seed), args.steps)
-    caches = build_caches(teacher, windows, corpus.tokenizer, args.cache_k, settings["temperature"], args.cache_dir,
+    kinds = [("top_k", k) for k in args.cache_k] + [("sample", n) for n in args.cache_samples]
+    caches = build_caches(teacher, windows, corpus.tokenizer, kinds, settings["temperature"], args.cache_dir,
                           args.batch_size, console)
-    runs = [student_run(f"student, cached teacher top-{k} (bucket)", cached_distill_step(settings, vocab),
-                        CachedBatches(cache, args.batch_size)) for k, cache in caches.items()]
-    return runs, {k: cache.stats for k, cache in caches.items()}
+    runs = []
+    for (method, k), cache in caches.items():
+        tail = "bucket" if method == "top_k" else "renormalize"
+        runs.append(student_run(f"student, cached teacher {describe(method, k)} ({tail})",
+                                cached_distill_step(settings, vocab, tail), CachedBatches(cache, args.batch_size)))
+    stats = {describe(method, k): {**cache.stats, "mass": top_k_mass(cache) if method == "top_k" else None}
+             for (method, k), cache in caches.items()}
+    return runs, stats
 
 
 def main(argv=None):

@@ -85,11 +85,13 @@ def cached_findings(summary: Summary, by_name: dict) -> list[str]:
                 line += (f"; at equal wall time ({run.seconds:.0f} s) {abs(change):.1%} "
                          f"{'lower' if change < 0 else 'higher'} than plain CE's ({plain:.1f})")
         lines.append(line)
-    for k, stats in summary.cache_stats.items():
+    for kind, stats in summary.cache_stats.items():
         built = (f"built at {stats['tokens_per_second']:,.0f} tokens/s ({stats['seconds']:.1f} s)"
                  if stats["tokens_per_second"] else "reused from an earlier run")
-        lines.append(f"Teacher cache top-{k}: {stats['tokens']:,} tokens, {stats['bytes_per_token']:.0f} bytes/token, "
-                     f"{built}")
+        mass = (f"; the stored ids hold {stats['mass']:.1%} of the teacher's probability on average"
+                if stats.get("mass") is not None else "")
+        lines.append(f"Teacher cache, {kind}: {stats['tokens']:,} tokens, {stats['bytes_per_token']:.0f} bytes/token, "
+                     f"{built}{mass}")
     return lines
 
 
