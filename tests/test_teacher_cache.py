@@ -92,7 +92,7 @@ def test_rerun_keeps_finished_shards_and_recomputes_damaged_ones(teacher, tmp_pa
     folder = tmp_path / "cache"
     first = _build(teacher, folder)
     sums = {i: e["sha256"] for i, e in first.manifest.shards.items()}
-    again = _build(teacher, folder)
+    again = _build(teacher, folder, teacher_name="the same checkpoint, loaded from elsewhere")
     assert again.stats["shards_computed"] == 0 and again.stats["shards_reused"] == len(sums)
 
     shard = folder / first.manifest.shards[2]["file"]

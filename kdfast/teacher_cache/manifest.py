@@ -44,8 +44,11 @@ class CacheSettings:
         return start, min(start + self.windows_per_shard, self.num_windows)
 
     def differences(self, other: CacheSettings) -> list[str]:
+        """The settings that differ, but for the teacher's name: the same checkpoint loaded from another path (or
+        trained in this process, with no path) makes the same cache."""
         return [f"{name}: {getattr(self, name)!r} vs {getattr(other, name)!r}"
-                for name in (f.name for f in dataclasses.fields(self)) if getattr(self, name) != getattr(other, name)]
+                for name in (f.name for f in dataclasses.fields(self))
+                if name != "teacher" and getattr(self, name) != getattr(other, name)]
 
 
 def shard_name(index: int) -> str:
