@@ -86,7 +86,7 @@ def test_cached_teacher_students_are_reported_and_the_cache_reused(tmp_path, cap
     tokenizer.save_pretrained(tmp_path / "teacher")
     arguments = ["--data", str(data), "--teacher", str(tmp_path / "teacher"), "--steps", "3", "--seq-len", "16",
                  "--batch-size", "2", "--eval-windows", "4", "--teacher-cache", "--cache-k", "4", "2",
-                 "--cache-samples", "3",                 "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
+                 "--cache-samples", "3", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
     distill_main(arguments)
     rows = _report_rows(tmp_path / "out")
     for k in (4, 2):
