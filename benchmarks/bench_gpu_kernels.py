@@ -85,7 +85,7 @@ def contenders(student, teacher, labels, options, with_compile):
 
 
 def kernel_only(student, teacher, labels, options):
-    """The forward op alone (loss rows + a fresh gradient), replayed from a CUDA graph: the kernels' own GPU
+    """The forward op alone (loss parts + a fresh gradient), replayed from a CUDA graph: the kernels' own GPU
     time, without the host's launch overhead, which dominates small shapes in the fwd+bwd timings."""
     from kdfast.backends import cuda_backend, triton_backend
     from kdfast.options import LossOptions

@@ -75,6 +75,14 @@ def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor, group) -> torch.Tensor:
+    import torch.distributed as dist
+
+    _record(tensor)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return tensor
+
+
 def _settings_code(opts: LossOptions) -> int:
     """A checksum of the settings that must agree across ranks (each rank may pick its own backend)."""
     return zlib.crc32(opts.replace(backend="auto", inplace_backward=False).encoded().encode())
@@ -134,7 +142,7 @@ def agree_on_shard(process_group, vocab_range, local_vocab: int, rows: int, labe
 
 def _label_range(labels, opts: LossOptions) -> tuple[int, int]:
     """(min, max) of the kept labels, or (0, -1) when there are none to check."""
-    if labels is None or not opts.has_ce or labels.numel() == 0:
+    if labels is None or not opts.needs_labels or labels.numel() == 0:
         return 0, -1
     kept = labels[labels != opts.ignore_index]
     if kept.numel() == 0:

@@ -48,6 +48,9 @@ def mixture_term_and_score(ls, lt, opts: LossOptions) -> tuple[torch.Tensor, tor
     them exactly (no difference of two large log-probabilities). Beta is in (0, 1] here: beta = 0 is a plain
     KL (LossOptions.effective_divergence)."""
     beta, divergence = opts.beta, opts.effective_divergence
+    if divergence == Divergence.TVD:  # 0.5 * sum |p - q|; h its subgradient, -0.5 where q == p (Liger's)
+        q, p = ls.exp(), lt.exp()
+        return 0.5 * (p - q).abs(), torch.where(q > p, 0.5, -0.5)
     log_beta, log_1m_beta = math.log(beta), (math.log1p(-beta) if beta < 1 else -math.inf)
     q, p = ls.exp(), lt.exp()
     x = lt - ls
@@ -94,3 +97,41 @@ def kd_gradient(ls, lt, scores, row_sum, opts: LossOptions) -> torch.Tensor:
     if opts.effective_divergence == Divergence.FORWARD_KL:
         return ls.exp() - lt.exp()
     return weighted(ls.exp(), scores - row_sum[:, None])
+
+
+def ce_target_logit(opts: LossOptions, label_logit, shifted_sum, vocab: int):
+    """The CE target's logit (relative to the same reference as its arguments): the label's, or with label smoothing
+    eps (1 - eps) * label_logit + eps / V * sum_j s_j over the whole vocabulary of V columns (`shifted_sum`: this
+    call's columns; a shard's partial sums add up over the ranks)."""
+    eps = opts.label_smoothing
+    return label_logit if eps == 0.0 else (1.0 - eps) * label_logit + (eps / vocab) * shifted_sum
+
+
+def ce_coefficients(opts: LossOptions, row_scale, lse, vocab: int):
+    """(soft [R], label, uniform): the CE family's gradient is soft * softmax(s) - label * onehot - uniform per row:
+    the CE's (1 - eps) on the label and eps / V on every column, and the z-loss's 2 * weight * lse on the softmax."""
+    ce = row_scale * opts.ce_weight
+    z = 2.0 * opts.z_loss_weight * lse if opts.z_loss_weight else torch.zeros_like(lse)  # no 0 * inf on -inf rows
+    soft = row_scale * (opts.ce_weight + z)
+    return soft, ce * (1.0 - opts.label_smoothing), ce * (opts.label_smoothing / vocab)
+
+
+def fused_parts(kd, label_logit, held, row_max, log_z_c, opts: LossOptions, zeros, shifted_sum=None,
+                vocab: int = 1) -> torch.Tensor:
+    """A FUSED chunk's parts [R, PART_COLUMNS]: the divergence, the CE, the z-loss log(Z)^2 (student, T = 1) and
+    whether the label's logit is the row's largest (ties count). A label out of range (refused on the host where
+    that costs no sync) poisons its row with NaN, never hides. `shifted_sum`: sum_j (s_j - row_max) for label
+    smoothing."""
+    kd = kd if kd is not None else zeros
+    z = (row_max + log_z_c) ** 2 if opts.z_loss_weight != 0.0 else zeros
+    if label_logit is None:
+        return torch.stack([kd, zeros, z, zeros], dim=-1)
+    correct = (held & (label_logit >= row_max)).float()
+    ce = zeros
+    if opts.has_ce:
+        # log sum exp(s) - target = log z - (target - max), the difference taken first.
+        ce = log_z_c - ce_target_logit(opts, label_logit - row_max, shifted_sum, vocab)
+    if opts.needs_labels:
+        poisoned = torch.full_like(zeros, math.nan)
+        kd, ce, z = (torch.where(held, part, poisoned) for part in (kd, ce, z))
+    return torch.stack([kd, ce, z, correct], dim=-1)

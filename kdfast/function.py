@@ -7,14 +7,14 @@ import torch
 
 from kdfast import ops
 from kdfast.options import LossOptions
-from kdfast.reduction import reduced, reduction_scale
+from kdfast.reduction import reduced_outputs, reduction_scale
 from kdfast.saved_gradient import saved_gradient_times
 from kdfast.views import as_rows_view, flat_labels
 
 
 def _fused_forward(ctx, student_logits, labels, num_items_in_batch, opts: LossOptions, fresh_op, inplace_op):
-    """The shared forward: `fresh_op(student, labels, scale, want_grad)` returns (loss rows, gradient);
-    `inplace_op(student, labels, scale)` writes the gradient over the student and returns the loss rows."""
+    """The shared forward: `fresh_op(student, labels, scale, want_grad)` returns (the rows' parts, gradient);
+    `inplace_op(student, labels, scale)` writes the gradient over the student and returns the rows' parts."""
     lead_shape = student_logits.shape[:-1]
     student, student_copied = as_rows_view(student_logits)
     labels = flat_labels(labels)
@@ -22,17 +22,18 @@ def _fused_forward(ctx, student_logits, labels, num_items_in_batch, opts: LossOp
     want_grad = ctx.needs_input_grad[0]
     grad = None
     if want_grad and opts.inplace_backward:
-        loss_rows = inplace_op(student, labels, scale)
+        parts = inplace_op(student, labels, scale)
         # The gradient now lives in the student's own storage (or in the copy, when one was needed).
         grad = student.reshape(student_logits.shape) if student_copied else student_logits
     else:
-        loss_rows, fresh = fresh_op(student, labels, scale, want_grad)
+        parts, fresh = fresh_op(student, labels, scale, want_grad)
         if want_grad:
             grad = fresh.view(student_logits.shape)
     if grad is not None:
         ctx.save_for_backward(grad)
     ctx.reduction = opts.reduction
-    return reduced(loss_rows, lead_shape, opts.reduction, scale)
+    return reduced_outputs(ctx, parts, lead_shape, labels, opts, scale)
+
 
 
 class DistillFunction(torch.autograd.Function):
@@ -46,7 +47,7 @@ class DistillFunction(torch.autograd.Function):
             lambda s, y, scale: ops.distill_forward_inplace(s, teacher, y, scale, settings))
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, *summary_grad):
         return saved_gradient_times(ctx, grad_output), None, None, None, None
 
 
@@ -62,5 +63,5 @@ class SparseDistillFunction(torch.autograd.Function):
             lambda s, y, scale: ops.sparse_distill_forward_inplace(s, ids, logprobs, y, scale, settings))
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, *summary_grad):
         return saved_gradient_times(ctx, grad_output), None, None, None, None, None

@@ -23,6 +23,7 @@ class Divergence(enum.IntEnum):
     JSD = 2
     SKEW_FORWARD_KL = 3
     SKEW_REVERSE_KL = 4
+    TVD = 5
 
     @property
     def setting(self) -> str:
@@ -31,13 +32,19 @@ class Divergence(enum.IntEnum):
 
 
 class Phase(enum.IntEnum):
-    FUSED = 0
+    FUSED = 0  # out [rows, 3]: the loss's parts (PART_COLUMNS)
     STATS = 1  # out [rows, 3]: log-sum-exp of the student at T, the teacher at T, the student at 1
-    SUMS = 2  # out [rows, 3]: divergence terms, D (the gradient's row sum), the label's logit (0 if not held)
+    SUMS = 2  # out [rows, 3]: divergence terms, D (the gradient's row sum), the CE target's logit (kernel_abi.h)
     GRADIENT = 3  # out: nothing; reverse KL and mixtures: writes the gradient from the global lse and sums
 
 
 STAT_COLUMNS = 3  # the width of the STATS and SUMS outputs, and of what ranks exchange per row
+# FUSED writes each row's parts, before any weight: the divergence, the cross-entropy (NaN for a label out of
+# range), the z-loss, and 1 where the student's largest logit is the label's (token accuracy). The total,
+# kd_scale * divergence + ce_weight * CE + z_loss_weight * z, is formed from them (kdfast.reduction), so the parts
+# cost no extra pass.
+PART_COLUMNS = 4
+PART_KD, PART_CE, PART_Z, PART_CORRECT = 0, 1, 2, 3  # PART_Z: log(Z)^2 of the student at T = 1 (the z-loss)
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,7 @@ class PhaseCall:
     col_offset: int = 0
     row_stats: torch.Tensor | None = None  # SUMS, GRADIENT: the global log-sum-exps [rows, 3]
     row_totals: torch.Tensor | None = None  # GRADIENT: the global SUMS [rows, 3]
+    global_vocab: int = 0  # the whole vocabulary's size (label smoothing spreads eps over it); 0: these columns
 
 
 @dataclass(frozen=True)
@@ -66,15 +74,21 @@ FUSED = PhaseCall()
 
 # The native kernels take their settings as two lists in this order (csrc/common/kernel_abi.h, IntSetting and
 # FloatSetting).
-INT_SETTINGS = ("divergence", "ignore_index", "has_kd", "has_ce", "phase", "col_offset", "splits", "tail")
-FLOAT_SETTINGS = ("beta", "temperature", "kd_scale", "ce_weight", "teacher_scale")
+INT_SETTINGS = ("divergence", "ignore_index", "has_kd", "has_ce", "phase", "col_offset", "splits", "tail",
+                "global_vocab")
+FLOAT_SETTINGS = ("beta", "temperature", "kd_scale", "ce_weight", "teacher_scale", "label_smoothing",
+                  "z_loss_weight")
 
 
-def native_settings(opts, phase: Phase = Phase.FUSED, col_offset: int = 0, splits: int = 0):
-    """The (ints, floats) a native kernel takes for the settings record `opts` (kdfast.options.LossOptions)."""
+def native_settings(opts, call: PhaseCall = None, splits: int = 0):
+    """The (ints, floats) a native kernel takes for the settings record `opts` (kdfast.options.LossOptions) in the
+    phase `call`."""
+    call = call or FUSED
     ints = {"divergence": int(opts.divergence_code), "ignore_index": int(opts.ignore_index),
-            "has_kd": int(opts.has_kd), "has_ce": int(opts.has_ce), "phase": int(phase),
-            "col_offset": int(col_offset), "splits": int(splits), "tail": int(opts.tail_code)}
+            "has_kd": int(opts.has_kd), "has_ce": int(opts.has_ce), "phase": int(call.phase),
+            "col_offset": int(call.col_offset), "splits": int(splits), "tail": int(opts.tail_code),
+            "global_vocab": int(call.global_vocab)}
     floats = {"beta": float(opts.beta), "temperature": float(opts.temperature), "kd_scale": float(opts.kd_scale),
-              "ce_weight": float(opts.ce_weight), "teacher_scale": float(opts.teacher_scale)}
+              "ce_weight": float(opts.ce_weight), "teacher_scale": float(opts.teacher_scale),
+              "label_smoothing": float(opts.label_smoothing), "z_loss_weight": float(opts.z_loss_weight)}
     return [ints[name] for name in INT_SETTINGS], [floats[name] for name in FLOAT_SETTINGS]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kdfast.kernel_abi import SparseTargets
+from kdfast.kernel_abi import PART_COLUMNS, SparseTargets
 from kdfast.options import LossOptions
 
 # Bytes the chunk's logits (both models) may take: small enough that the loss adds little to the step's
@@ -115,12 +115,12 @@ def _accumulate_weight_grad(acc: torch.Tensor, grad_logits: torch.Tensor, hidden
 
 def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted: Wanted, chunk_size, rows_kernel,
                row_weights: torch.Tensor | None = None):
-    """Loss rows [N] float32 and the wanted gradients (d hidden in the hidden's dtype; d weight and d bias in
-    float32), each already multiplied by grad_scale and, when given, by row_weights [N]. `rows_kernel` is the
-    logits-level kernel of the device (kdfast.dispatch.DeviceRows) or of a vocab shard
+    """The rows' loss parts [N, PART_COLUMNS] float32 and the wanted gradients (d hidden in the hidden's dtype;
+    d weight and d bias in float32), each already multiplied by grad_scale and, when given, by row_weights [N].
+    `rows_kernel` is the logits-level kernel of the device (kdfast.dispatch.DeviceRows) or of a vocab shard
     (kdfast.vocab_parallel.ShardedRows)."""
     device = heads.student_hidden.device
-    loss_rows = torch.empty(heads.rows, dtype=torch.float32, device=device)
+    parts = torch.empty(heads.rows, PART_COLUMNS, dtype=torch.float32, device=device)
     d_hidden = (torch.empty(heads.student_hidden.shape, dtype=heads.student_hidden.dtype, device=device)
                 if wanted.hidden else None)
     d_weight = (torch.zeros(heads.student_weight.shape, dtype=torch.float32, device=device)
@@ -150,7 +150,7 @@ def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted
             _logits_into(student, hidden, weight_s, heads.student_bias)
         labels = heads.labels[rows] if heads.labels is not None else None
         grad = student.unsqueeze(0) if wanted.any else None  # dlogits overwrite the chunk's logits
-        loss_rows[rows] = rows_kernel(student.unsqueeze(0), teacher_rows, labels, grad_scale, grad, opts)
+        parts[rows] = rows_kernel(student.unsqueeze(0), teacher_rows, labels, grad_scale, grad, opts)
         if not wanted.any:
             continue
         grad_logits = student
@@ -168,4 +168,4 @@ def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted
             _accumulate_weight_grad(d_weight, grad_logits, hidden)
         if wanted.bias:
             d_bias += grad_logits.sum(0, dtype=torch.float32)
-    return loss_rows, d_hidden, d_weight, d_bias
+    return parts, d_hidden, d_weight, d_bias

@@ -15,7 +15,7 @@ import torch
 from kdfast.kernel_abi import SparseTargets
 from kdfast.linear_chunks import Heads, TeacherHead, Wanted, run_chunks
 from kdfast.options import LossOptions
-from kdfast.reduction import reduced, reduction_scale
+from kdfast.reduction import reduced_outputs, reduction_scale
 from kdfast.saved_gradient import rescale_gradient_
 from kdfast.views import flat_labels
 
@@ -62,17 +62,17 @@ class LinearDistillFunction(torch.autograd.Function):
         # The chunks' casts and GEMMs are ours: autocast must not cast them again.
         with torch.autocast(student_hidden.device.type, enabled=False):
             if opts.reduction == "none" and wanted.any:
-                loss_rows, *_ = run_chunks(heads, opts, scale, Wanted(False, False, False), plan.chunk_size,
+                parts, *_ = run_chunks(heads, opts, scale, Wanted(False, False, False), plan.chunk_size,
                                            plan.rows_kernel)
                 ctx.heads, ctx.opts, ctx.wanted = heads, opts, wanted
                 # Saved too so that autograd refuses a backward after they were modified in place.
                 ctx.save_for_backward(student_hidden, student_weight, student_bias)
             else:
-                loss_rows, d_hidden, d_weight, d_bias = run_chunks(heads, opts, scale, wanted, plan.chunk_size,
-                                                                   plan.rows_kernel)
+                parts, d_hidden, d_weight, d_bias = run_chunks(heads, opts, scale, wanted, plan.chunk_size,
+                                                               plan.rows_kernel)
                 d_hidden = plan.rows_kernel.reduce_hidden_grad(d_hidden)
                 ctx.save_for_backward(*LinearDistillFunction._as_input_dtypes(ctx, d_hidden, d_weight, d_bias))
-        return reduced(loss_rows, lead_shape, opts.reduction, scale)
+        return reduced_outputs(ctx, parts, lead_shape, labels, opts, scale)
 
     @staticmethod
     def _as_input_dtypes(ctx, d_hidden, d_weight, d_bias):
@@ -86,7 +86,7 @@ class LinearDistillFunction(torch.autograd.Function):
         return d_hidden, d_weight, d_bias
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, *summary_grad):
         if ctx.reduction == "none":
             plan = ctx.plan
             weights = grad_output.reshape(-1).to(torch.float32)

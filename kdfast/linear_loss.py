@@ -10,6 +10,8 @@ from kdfast.dispatch import device_rows
 from kdfast.linear_chunks import TeacherHead
 from kdfast.linear_function import ChunkPlan, LinearDistillFunction
 from kdfast.options import LossOptions
+from kdfast.reduction import returned
+from kdfast.shared_vocab import heads_cut_to_vocab
 from kdfast.validation import check_chunk_settings, check_labels_for, check_linear_inputs, check_num_items
 
 
@@ -17,7 +19,8 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_
                         student_bias=None, teacher_bias=None, softcap=None, chunk_size="auto",
                         divergence="forward_kl", beta=0.5, temperature=1.0, kd_weight=1.0, ce_weight=0.0,
                         t2_scale=True, ignore_index=-100, reduction="mean", num_items_in_batch=None,
-                        inplace_backward=False, backend="auto", process_group=None, vocab_range=None,
+                        inplace_backward=False, backend="auto", return_components=False, vocab_size=None,
+                        label_smoothing=0.0, z_loss_weight=0.0, process_group=None, vocab_range=None,
                         reduce_hidden_grad=True):
     """`distill_loss(student_hidden @ student_weight.T + student_bias, teacher_hidden @ teacher_weight.T +
     teacher_bias, labels, ...)`, computed `chunk_size` tokens at a time ("auto": sized from a memory budget).
@@ -27,7 +30,8 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_
     Gradients flow to student_hidden, student_weight and student_bias; the teacher is a constant. Under
     `torch.autocast` the GEMMs run in autocast's dtype; sums are kept in float32. The chunk's logits are
     always overwritten by their gradient (they are the loss's own buffers), so `inplace_backward` changes
-    nothing here; it is accepted so that every `distill_loss` keyword works.
+    nothing here; it is accepted so that every `distill_loss` keyword works (`return_components` too).
+    `vocab_size` keeps the first `vocab_size` rows of heads padded to different sizes (the others get no gradient).
 
     Vocab parallel (tensor-parallel LM heads): with a `process_group`, both weights (and biases) are this rank's
     rows `vocab_range` of the global heads (default: equal contiguous shards in rank order); hidden states and
@@ -37,7 +41,8 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_
     """
     opts = LossOptions(divergence=divergence, beta=beta, temperature=temperature, kd_weight=kd_weight,
                        ce_weight=ce_weight, t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
-                       inplace_backward=inplace_backward, backend=backend)
+                       inplace_backward=inplace_backward, backend=backend, return_components=return_components,
+                       vocab_size=vocab_size, label_smoothing=label_smoothing, z_loss_weight=z_loss_weight)
     return fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, opts,
                              student_bias=student_bias, teacher_bias=teacher_bias, softcap=softcap,
                              chunk_size=chunk_size, num_items_in_batch=num_items_in_batch,
@@ -49,6 +54,9 @@ def fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_we
                       student_bias=None, teacher_bias=None, softcap=None, chunk_size="auto", num_items_in_batch=None,
                       process_group=None, vocab_range=None, reduce_hidden_grad=True):
     """`linear_distill_loss` with its loss settings already in one record."""
+    student_weight, student_bias, teacher_weight, teacher_bias = heads_cut_to_vocab(
+        opts, process_group, student_weight, student_bias, teacher_weight, teacher_bias)
+
     def check(vocab):
         check_linear_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
                             teacher_bias, softcap, chunk_size, opts)
@@ -78,8 +86,9 @@ def fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_we
 # The chunk loop is driven from the host (a Python loop of GEMMs and kernel calls): torch.compile runs the
 # model around it and calls it as is, rather than tracing into the loop.
 @torch.compiler.disable
-def apply_linear(*args):
-    return LinearDistillFunction.apply(*args)
+def apply_linear(student_hidden, student_weight, student_bias, labels, num_items_in_batch, opts, plan, teacher):
+    return returned(LinearDistillFunction.apply(student_hidden, student_weight, student_bias, labels,
+                                                num_items_in_batch, opts, plan, teacher), opts, labels)
 
 
 class LinearDistillLoss(torch.nn.Module):

@@ -10,6 +10,7 @@ from kdfast.dispatch import device_rows
 from kdfast.kernel_abi import SparseTargets
 from kdfast.linear_function import ChunkPlan
 from kdfast.linear_loss import apply_linear
+from kdfast.shared_vocab import heads_cut_to_vocab
 from kdfast.sparse_options import SparseOptions
 from kdfast.validation import (
     check_chunk_settings,
@@ -24,8 +25,9 @@ def linear_sparse_distill_loss(student_hidden, student_weight, teacher_ids, teac
                                student_bias=None, softcap=None, chunk_size="auto", divergence="forward_kl", beta=0.5,
                                temperature=1.0, teacher_temperature=None, tail="bucket", kd_weight=1.0,
                                ce_weight=0.0, t2_scale=True, ignore_index=-100, reduction="mean",
-                               num_items_in_batch=None, inplace_backward=False, backend="auto", process_group=None,
-                               vocab_range=None, reduce_hidden_grad=True):
+                               num_items_in_batch=None, inplace_backward=False, backend="auto",
+                               return_components=False, vocab_size=None, label_smoothing=0.0, z_loss_weight=0.0,
+                               process_group=None, vocab_range=None, reduce_hidden_grad=True):
     """`sparse_distill_loss(student_hidden @ student_weight.T + student_bias, teacher_ids, teacher_logprobs, labels,
     ...)`, computed `chunk_size` tokens at a time. `teacher_ids` / `teacher_logprobs` are [..., K] with the hidden
     states' leading shape. `softcap` applies to the student's logits (the teacher's log-probs are final). Gradients
@@ -34,7 +36,8 @@ def linear_sparse_distill_loss(student_hidden, student_weight, teacher_ids, teac
     opts = SparseOptions(divergence=divergence, beta=beta, temperature=temperature,
                          teacher_temperature=teacher_temperature, tail=tail, kd_weight=kd_weight, ce_weight=ce_weight,
                          t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
-                         inplace_backward=inplace_backward, backend=backend)
+                         inplace_backward=inplace_backward, backend=backend, return_components=return_components,
+                         vocab_size=vocab_size, label_smoothing=label_smoothing, z_loss_weight=z_loss_weight)
     return fused_linear_sparse_loss(student_hidden, student_weight, teacher_ids, teacher_logprobs, labels, opts,
                                     student_bias=student_bias, softcap=softcap, chunk_size=chunk_size,
                                     num_items_in_batch=num_items_in_batch, process_group=process_group,
@@ -45,6 +48,8 @@ def fused_linear_sparse_loss(student_hidden, student_weight, teacher_ids, teache
                              opts: SparseOptions, *, student_bias=None, softcap=None, chunk_size="auto",
                              num_items_in_batch=None, process_group=None, vocab_range=None, reduce_hidden_grad=True):
     """`linear_sparse_distill_loss` with its loss settings already in one record."""
+    student_weight, student_bias, _, _ = heads_cut_to_vocab(opts, process_group, student_weight, student_bias)
+
     def check(vocab):
         check_linear_student(student_hidden, student_weight, student_bias, softcap, chunk_size)
         lead_shape = tuple(student_hidden.shape[:-1])

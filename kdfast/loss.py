@@ -8,7 +8,8 @@ import torch
 from kdfast.dispatch import device_rows
 from kdfast.function import DistillFunction
 from kdfast.options import LossOptions
-from kdfast.reduction import reduction_scale
+from kdfast.reduction import reduction_scale, returned
+from kdfast.shared_vocab import refuse_over_shards
 from kdfast.validation import check_labels, check_labels_for, check_num_items, check_pair
 from kdfast.views import flat_labels
 
@@ -16,6 +17,7 @@ from kdfast.views import flat_labels
 def distill_loss(student_logits, teacher_logits, labels=None, *, divergence="forward_kl", beta=0.5,
                  temperature=1.0, kd_weight=1.0, ce_weight=0.0, t2_scale=True, ignore_index=-100,
                  reduction="mean", num_items_in_batch=None, inplace_backward=False, backend="auto",
+                 return_components=False, vocab_size=None, label_smoothing=0.0, z_loss_weight=0.0,
                  process_group=None, vocab_range=None):
     """Fused distillation loss over [..., vocab] logits (docs/DESIGN.md, "The loss").
 
@@ -30,10 +32,18 @@ def distill_loss(student_logits, teacher_logits, labels=None, *, divergence="for
     = [start, stop) of the global vocabulary (default: equal contiguous shards in rank order); labels are global
     token ids. Every rank returns the same loss and gets its shard's slice of the gradient; ranks exchange
     O(rows) statistics (kdfast.vocab_parallel).
+
+    `vocab_size`: the vocabulary both models share when their logits are padded to different widths (a Qwen
+    teacher's 152064 columns, its student's 151936): columns at and past it are left out of both softmaxes (views,
+    no copy) and get a zero gradient; a model narrower than it is an error.
+
+    `return_components=True` returns `(loss, kdfast.LossComponents)`: the divergence and the CE, each reduced as the
+    loss is and before its weight, and the student's token accuracy, from the same pass (for logging).
     """
     opts = LossOptions(divergence=divergence, beta=beta, temperature=temperature, kd_weight=kd_weight,
                        ce_weight=ce_weight, t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
-                       inplace_backward=inplace_backward, backend=backend)
+                       inplace_backward=inplace_backward, backend=backend, return_components=return_components,
+                       vocab_size=vocab_size, label_smoothing=label_smoothing, z_loss_weight=z_loss_weight)
     return logits_loss(student_logits, teacher_logits, labels, opts, num_items_in_batch=num_items_in_batch,
                        process_group=process_group, vocab_range=vocab_range)
 
@@ -42,6 +52,7 @@ def logits_loss(student_logits, teacher_logits, labels, opts: LossOptions, *, nu
                 process_group=None, vocab_range=None):
     """`distill_loss` with its settings already in one record."""
     if process_group is not None:
+        refuse_over_shards(opts)
         return _vocab_parallel_loss(student_logits, teacher_logits, labels, num_items_in_batch, opts,
                                     process_group, vocab_range)
     if vocab_range is not None:
@@ -49,7 +60,8 @@ def logits_loss(student_logits, teacher_logits, labels, opts: LossOptions, *, nu
     check_pair(student_logits, teacher_logits, opts)
     check_labels(labels, student_logits, opts)
     check_num_items(num_items_in_batch)
-    return DistillFunction.apply(student_logits, teacher_logits.detach(), labels, num_items_in_batch, opts)
+    return returned(DistillFunction.apply(student_logits, teacher_logits.detach(), labels, num_items_in_batch, opts),
+                    opts, labels)
 
 
 # Collectives and a host-side agreement check: inside a torch.compile'd model this runs as is, untraced.
@@ -69,8 +81,8 @@ def _vocab_parallel_loss(student_logits, teacher_logits, labels, num_items_in_ba
                              labels, opts)
     rows, device = student_logits.numel() // student_logits.shape[-1], student_logits.device
     scale = reduction_scale(flat_labels(labels), rows, opts, num_items_in_batch, device)
-    return ShardedDistillFunction.apply(student_logits, teacher_logits.detach(), labels, scale, opts, shard,
-                                        device_rows(opts, device))
+    return returned(ShardedDistillFunction.apply(student_logits, teacher_logits.detach(), labels, scale, opts, shard,
+                                                 device_rows(opts, device)), opts, labels)
 
 
 class DistillLoss(torch.nn.Module):

@@ -1,9 +1,9 @@
 """The loss as torch.library custom ops (real + fake implementations), so torch.compile can trace it.
 
 Two ops because an op may either return a fresh gradient or write it over its input, not both:
-`kdfast::distill_forward` returns (loss rows, gradient); `kdfast::distill_forward_inplace` writes the
-gradient over the student logits and returns the loss rows. Both take the settings record whole, as the text
-`LossOptions.encoded()` gives (an op's schema takes no dataclass).
+`kdfast::distill_forward` returns (the rows' loss parts, gradient); `kdfast::distill_forward_inplace` writes the
+gradient over the student logits and returns the parts (kernel_abi.PART_COLUMNS). Both take the settings record
+whole, as the text `LossOptions.encoded()` gives (an op's schema takes no dataclass).
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 from kdfast.dispatch import device_rows, triton_available
-from kdfast.kernel_abi import SparseTargets
+from kdfast.kernel_abi import PART_COLUMNS, SparseTargets
 from kdfast.options import LossOptions
+from kdfast.shared_vocab import shared_columns
 from kdfast.sparse_options import SparseOptions
 
 
@@ -22,6 +23,7 @@ def triton_gpu_available() -> bool:
 
 def _run(student, teacher, labels, grad_scale, grad, settings: str):
     opts = LossOptions.decode(settings)
+    student, teacher, grad = shared_columns(student, teacher, grad, opts.vocab_size)
     # Resolved here, inside the op, so torch.compile never traces the build / availability checks.
     return device_rows(opts, student.device)(student, teacher, labels, grad_scale, grad, opts)
 
@@ -29,7 +31,8 @@ def _run(student, teacher, labels, grad_scale, grad, settings: str):
 @torch.library.custom_op("kdfast::distill_forward", mutates_args=())
 def distill_forward(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
                     grad_scale: torch.Tensor, want_grad: bool, settings: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """[batch, rows, vocab] views in; loss rows [batch * rows] float32 and the gradient (or an empty tensor)."""
+    """[batch, rows, vocab] views in; the rows' loss parts [batch * rows, PART_COLUMNS] float32 and the gradient (or
+    an empty tensor)."""
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if want_grad else None
     loss_rows = _run(student, teacher, labels, grad_scale, grad, settings)
     if grad is None:
@@ -41,24 +44,25 @@ def distill_forward(student: torch.Tensor, teacher: torch.Tensor, labels: torch.
 def _(student, teacher, labels, grad_scale, want_grad, settings):
     rows = student.shape[0] * student.shape[1]
     grad_shape = student.shape if want_grad else (0,)
-    return (student.new_empty(rows, dtype=torch.float32),
+    return (student.new_empty(rows, PART_COLUMNS, dtype=torch.float32),
             torch.empty(grad_shape, dtype=student.dtype, device=student.device))
 
 
 @torch.library.custom_op("kdfast::distill_forward_inplace", mutates_args=("student",))
 def distill_forward_inplace(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
                             grad_scale: torch.Tensor, settings: str) -> torch.Tensor:
-    """Like distill_forward, but the gradient overwrites `student`; returns the loss rows."""
+    """Like distill_forward, but the gradient overwrites `student`; returns the rows' loss parts."""
     return _run(student, teacher, labels, grad_scale, student, settings)
 
 
 @distill_forward_inplace.register_fake
 def _(student, teacher, labels, grad_scale, settings):
-    return student.new_empty(student.shape[0] * student.shape[1], dtype=torch.float32)
+    return student.new_empty(student.shape[0] * student.shape[1], PART_COLUMNS, dtype=torch.float32)
 
 
 def _run_sparse(student, ids, logprobs, labels, grad_scale, grad, settings: str):
     opts = SparseOptions.decode(settings)
+    student, _, grad = shared_columns(student, None, grad, opts.vocab_size)
     return device_rows(opts, student.device)(student, SparseTargets(ids, logprobs), labels, grad_scale, grad, opts)
 
 
@@ -78,7 +82,7 @@ def sparse_distill_forward(student: torch.Tensor, ids: torch.Tensor, logprobs: t
 def _(student, ids, logprobs, labels, grad_scale, want_grad, settings):
     rows = student.shape[0] * student.shape[1]
     grad_shape = student.shape if want_grad else (0,)
-    return (student.new_empty(rows, dtype=torch.float32),
+    return (student.new_empty(rows, PART_COLUMNS, dtype=torch.float32),
             torch.empty(grad_shape, dtype=student.dtype, device=student.device))
 
 
@@ -91,7 +95,7 @@ def sparse_distill_forward_inplace(student: torch.Tensor, ids: torch.Tensor, log
 
 @sparse_distill_forward_inplace.register_fake
 def _(student, ids, logprobs, labels, grad_scale, settings):
-    return student.new_empty(student.shape[0] * student.shape[1], dtype=torch.float32)
+    return student.new_empty(student.shape[0] * student.shape[1], PART_COLUMNS, dtype=torch.float32)
 
 
 @torch.library.custom_op("kdfast::scale_gradient_", mutates_args=("grad",))

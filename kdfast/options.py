@@ -29,6 +29,10 @@ class LossOptions:
     reduction: str = "mean"
     inplace_backward: bool = False
     backend: str = "auto"
+    return_components: bool = False  # also return kdfast.LossComponents (the divergence, the CE, the accuracy)
+    vocab_size: int | None = None  # the vocabulary both models share; wider logits' extra columns are padding
+    label_smoothing: float = 0.0  # the CE's target: (1 - eps) onehot + eps / V (PyTorch's definition)
+    z_loss_weight: float = 0.0  # PaLM's z-loss, weight * log(Z)^2 of the student at T = 1
 
     def __post_init__(self):
         if self.divergence not in DIVERGENCES:
@@ -41,18 +45,26 @@ class LossOptions:
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
         if not (_is_number(self.beta) and 0.0 <= self.beta <= 1.0):
             raise ValueError(f"beta must be a number in [0, 1], got {self.beta!r}")
-        for name in ("kd_weight", "ce_weight"):
+        for name in ("kd_weight", "ce_weight", "z_loss_weight"):
             value = getattr(self, name)
             if not (_is_number(value) and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not (_is_number(self.label_smoothing) and 0.0 <= self.label_smoothing <= 1.0):
+            raise ValueError(f"label_smoothing must be a number in [0, 1], got {self.label_smoothing!r}")
         if not isinstance(self.ignore_index, numbers.Integral) or isinstance(self.ignore_index, bool):
             raise ValueError(f"ignore_index must be an int, got {self.ignore_index!r}")
+        if self.vocab_size is not None:
+            if not isinstance(self.vocab_size, numbers.Integral) or isinstance(self.vocab_size, bool) \
+                    or self.vocab_size < 1:
+                raise ValueError(f"vocab_size must be None or a positive int, got {self.vocab_size!r}")
+            object.__setattr__(self, "vocab_size", int(self.vocab_size))
         # Plain Python values (numpy scalars in, say), so that the record encodes and compares as itself.
-        for name in ("beta", "temperature", "kd_weight", "ce_weight"):
+        for name in ("beta", "temperature", "kd_weight", "ce_weight", "label_smoothing", "z_loss_weight"):
             object.__setattr__(self, name, float(getattr(self, name)))
         object.__setattr__(self, "ignore_index", int(self.ignore_index))
         object.__setattr__(self, "t2_scale", bool(self.t2_scale))
         object.__setattr__(self, "inplace_backward", bool(self.inplace_backward))
+        object.__setattr__(self, "return_components", bool(self.return_components))
         # Encoded once, as plain repr text that torch.compile can trace when it traces the record's construction
         # (the field names are a class attribute, set below each class: dataclasses.fields is not traceable).
         names = type(self).FIELD_NAMES
@@ -112,6 +124,12 @@ class LossOptions:
 
     @property
     def has_ce(self) -> bool:
+        """Whether the kernels need the student's statistics at T = 1: for the CE term or for the z-loss."""
+        return self.ce_weight != 0.0 or self.z_loss_weight != 0.0
+
+    @property
+    def needs_labels(self) -> bool:
+        """The CE term reads the labels (the z-loss does not)."""
         return self.ce_weight != 0.0
 
     @property

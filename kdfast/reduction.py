@@ -1,11 +1,29 @@
 """The reductions, shared by every autograd Function: the factor the summed loss (and so the gradient) takes,
-computed on the device (no host sync), and the loss returned."""
+computed on the device (no host sync), the loss formed from the kernels' per-row parts, and those parts reduced
+for logging (`return_components=True`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from kdfast.kernel_abi import PART_CE, PART_CORRECT, PART_KD, PART_Z
 from kdfast.options import LossOptions
+
+
+@dataclass(frozen=True)
+class LossComponents:
+    """The parts of a returned loss, detached, for logging. `kd`: the divergence before kd_weight and T^2; `ce`: the
+    cross-entropy before ce_weight (label smoothing included); `z_loss`: log(Z)^2 of the student at T = 1 before
+    z_loss_weight; each reduced as the loss is (None when its weight is 0: not computed). `accuracy`: the share of
+    the kept rows whose largest student logit is the label's (a tie counts as a hit), or per row 1.0 / 0.0 with
+    reduction="none"; None without labels."""
+
+    kd: torch.Tensor | None
+    ce: torch.Tensor | None
+    z_loss: torch.Tensor | None
+    accuracy: torch.Tensor | None
 
 
 def reduction_scale(labels, rows: int, opts: LossOptions, num_items_in_batch, device) -> torch.Tensor:
@@ -21,9 +39,57 @@ def reduction_scale(labels, rows: int, opts: LossOptions, num_items_in_batch, de
     return 1.0 / denominator
 
 
-def reduced(loss_rows: torch.Tensor, lead_shape, reduction: str, scale: torch.Tensor) -> torch.Tensor:
-    """The returned loss: rows shaped like the labels ("none"), their sum, or their sum times the scale."""
-    if reduction == "none":
-        return loss_rows.view(lead_shape)
-    total = loss_rows.sum()
-    return total * scale if reduction == "mean" else total
+def reduced(parts: torch.Tensor, lead_shape, opts: LossOptions, scale: torch.Tensor) -> torch.Tensor:
+    """The returned loss from the kernels' parts [rows, PART_COLUMNS]: kd_scale * divergence + ce_weight * CE per row
+    (a NaN part, from a label out of range, poisons its row whatever the weights), shaped like the labels ("none"),
+    summed, or summed times the scale."""
+    if opts.reduction == "none":
+        return weighted_total(parts, opts).view(lead_shape)
+    total = weighted_total(parts.sum(0), opts)
+    return total * scale if opts.reduction == "mean" else total
+
+
+def weighted_total(parts: torch.Tensor, opts: LossOptions) -> torch.Tensor:
+    total = parts[..., PART_CE].mul(opts.ce_weight).add_(parts[..., PART_KD], alpha=opts.kd_scale)
+    return total.add_(parts[..., PART_Z], alpha=opts.z_loss_weight) if opts.z_loss_weight != 0.0 else total
+
+
+def component_summary(parts: torch.Tensor, lead_shape, labels, opts: LossOptions, scale: torch.Tensor) -> torch.Tensor:
+    """The parts reduced one by one, as a tensor (an autograd Function's second output): [PART_COLUMNS] (the
+    divergence, the CE and the z-loss reduced as the loss, the accuracy over the kept rows), or [*lead_shape,
+    PART_COLUMNS] per row for reduction="none"."""
+    parts = parts.detach()
+    if opts.reduction == "none":
+        return parts.view(*lead_shape, parts.shape[-1])
+    sums = parts.sum(0)
+    factor = scale if opts.reduction == "mean" else torch.ones_like(scale)
+    kept = (labels != opts.ignore_index).sum() if labels is not None else torch.zeros((), device=parts.device)
+    return torch.stack([sums[PART_KD] * factor, sums[PART_CE] * factor, sums[PART_Z] * factor,
+                        sums[PART_CORRECT] / kept.clamp(min=1).to(sums.dtype)])
+
+
+def loss_components(summary: torch.Tensor, opts: LossOptions, has_labels: bool) -> LossComponents:
+    """component_summary's tensor as the record users get."""
+    return LossComponents(summary[..., PART_KD] if opts.has_kd else None,
+                          summary[..., PART_CE] if opts.ce_weight != 0.0 else None,
+                          summary[..., PART_Z] if opts.z_loss_weight != 0.0 else None,
+                          summary[..., PART_CORRECT] if has_labels else None)
+
+
+def returned(outputs, opts: LossOptions, labels):
+    """What the public functions return: the loss, or with return_components (loss, LossComponents)."""
+    if not opts.return_components:
+        return outputs
+    loss, summary = outputs
+    return loss, loss_components(summary, opts, labels is not None)
+
+
+def reduced_outputs(ctx, parts, lead_shape, labels, opts: LossOptions, scale):
+    """A Function's outputs from the kernels' parts: the loss, and with return_components the summary of its parts
+    (kdfast.reduction.component_summary), which has no gradient."""
+    loss = reduced(parts, lead_shape, opts, scale)
+    if not opts.return_components:
+        return loss
+    summary = component_summary(parts, lead_shape, labels, opts, scale)
+    ctx.mark_non_differentiable(summary)
+    return loss, summary

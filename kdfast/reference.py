@@ -50,6 +50,8 @@ def divergence_of(log_p, log_q, divergence: str, beta: float):
         terms = _xlogx_ratio(p, log_p, _log_mixture(log_p, log_q, beta))
     elif divergence == "skew_reverse_kl":
         terms = _xlogx_ratio(q, log_q, _log_mixture(log_q, log_p, beta))
+    elif divergence == "tvd":
+        terms = 0.5 * (p - q).abs()
     else:
         raise ValueError(f"unknown divergence {divergence!r}")
     return terms.sum(-1)
@@ -69,6 +71,8 @@ def distill_loss_reference(student_logits, teacher_logits, labels=None, *, num_i
     opts = LossOptions(**{k: v for k, v in options.items() if k not in ("inplace_backward", "backend")})
     if dtype is not None:
         student_logits, teacher_logits = student_logits.to(dtype), teacher_logits.to(dtype)
+    if opts.vocab_size is not None:  # padding columns: in neither softmax (their gradient is then 0)
+        student_logits, teacher_logits = student_logits[..., :opts.vocab_size], teacher_logits[..., :opts.vocab_size]
     kd = None
     if opts.has_kd:
         kd = divergence_rows(student_logits, teacher_logits, _trl_convention(opts.divergence, opts.beta), opts.beta,
@@ -77,7 +81,8 @@ def distill_loss_reference(student_logits, teacher_logits, labels=None, *, num_i
 
 
 def _reduced_reference(student_logits, kd, labels, opts: LossOptions, num_items_in_batch):
-    """kd_scale * kd + ce_weight * CE per row, ignored rows dropped, then the reduction."""
+    """kd_scale * kd + ce_weight * CE + z_loss_weight * log(Z)^2 per row, ignored rows dropped, then the
+    reduction."""
     lead_shape = student_logits.shape[:-1]
     keep = torch.ones(lead_shape, dtype=torch.bool, device=student_logits.device)
     if labels is not None:
@@ -85,11 +90,16 @@ def _reduced_reference(student_logits, kd, labels, opts: LossOptions, num_items_
     rows = torch.zeros(lead_shape, dtype=student_logits.dtype, device=student_logits.device)
     if opts.has_kd:
         rows = rows + opts.kd_scale * kd
-    if opts.has_ce:
+    if opts.ce_weight != 0.0:
         safe_labels = torch.where(keep, labels, torch.zeros_like(labels))
         log_probs = torch.log_softmax(student_logits, dim=-1)
         ce = -log_probs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+        # PyTorch's label smoothing: the target (1 - eps) onehot + eps / V
+        eps = opts.label_smoothing
+        ce = (1 - eps) * ce - eps * log_probs.mean(-1) if eps else ce
         rows = rows + opts.ce_weight * ce
+    if opts.z_loss_weight != 0.0:  # PaLM's z-loss: log(Z)^2 of the student at T = 1
+        rows = rows + opts.z_loss_weight * torch.logsumexp(student_logits, dim=-1) ** 2
     rows = torch.where(keep, rows, torch.zeros_like(rows))
     if opts.reduction == "none":
         return rows
@@ -128,6 +138,8 @@ def sparse_distill_loss_reference(student_logits, teacher_ids, teacher_logprobs,
 
     opts = SparseOptions(**{k: v for k, v in options.items() if k not in ("inplace_backward", "backend")})
     student = student_logits.to(dtype) if dtype is not None else student_logits
+    if opts.vocab_size is not None:
+        student = student[..., :opts.vocab_size]
     logprobs = teacher_logprobs.to(student.dtype)
     valid = teacher_ids >= 0
     ids = torch.where(valid, teacher_ids, torch.zeros_like(teacher_ids))

@@ -8,7 +8,8 @@ import torch
 from kdfast.dispatch import device_rows
 from kdfast.function import SparseDistillFunction
 from kdfast.kernel_abi import SparseTargets
-from kdfast.reduction import reduction_scale
+from kdfast.reduction import reduction_scale, returned
+from kdfast.shared_vocab import check_vocab_size, refuse_over_shards
 from kdfast.sparse_options import SparseOptions
 from kdfast.validation import check_labels, check_labels_for, check_logits, check_num_items, check_sparse_targets
 from kdfast.views import as_rows_view, flat_labels
@@ -17,7 +18,8 @@ from kdfast.views import as_rows_view, flat_labels
 def sparse_distill_loss(student_logits, teacher_ids, teacher_logprobs, labels=None, *, divergence="forward_kl",
                         beta=0.5, temperature=1.0, teacher_temperature=None, tail="bucket", kd_weight=1.0,
                         ce_weight=0.0, t2_scale=True, ignore_index=-100, reduction="mean", num_items_in_batch=None,
-                        inplace_backward=False, backend="auto", process_group=None, vocab_range=None):
+                        inplace_backward=False, backend="auto", return_components=False, vocab_size=None,
+                        label_smoothing=0.0, z_loss_weight=0.0, process_group=None, vocab_range=None):
     """Distillation against a sparse teacher: `teacher_ids` [..., K] (-1 = padding) and `teacher_logprobs` [..., K]
     its log-probabilities there, at the loss's temperature (or at `teacher_temperature`, tail="renormalize").
 
@@ -27,12 +29,14 @@ def sparse_distill_loss(student_logits, teacher_ids, teacher_logprobs, labels=No
     tail="renormalize" (forward KL): sum_k P_k (log P_k - log q_k), P = p / sum p, the top-k cross-entropy (with
     log-probs log(count / n) of n samples from the teacher, the unbiased sampled estimator).
     The CE mix, T^2 scaling, ignore_index, reductions, num_items_in_batch, inplace_backward and vocab parallelism
-    (the logits' last dimension a rank's shard; teacher ids global) are those of `distill_loss`.
+    (the logits' last dimension a rank's shard; teacher ids global), `return_components` and `vocab_size` (ids
+    must lie below it) are those of `distill_loss`.
     """
     opts = SparseOptions(divergence=divergence, beta=beta, temperature=temperature,
                          teacher_temperature=teacher_temperature, tail=tail, kd_weight=kd_weight, ce_weight=ce_weight,
                          t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
-                         inplace_backward=inplace_backward, backend=backend)
+                         inplace_backward=inplace_backward, backend=backend, return_components=return_components,
+                         vocab_size=vocab_size, label_smoothing=label_smoothing, z_loss_weight=z_loss_weight)
     return sparse_logits_loss(student_logits, teacher_ids, teacher_logprobs, labels, opts,
                               num_items_in_batch=num_items_in_batch, process_group=process_group,
                               vocab_range=vocab_range)
@@ -42,20 +46,24 @@ def sparse_logits_loss(student_logits, teacher_ids, teacher_logprobs, labels, op
                        num_items_in_batch=None, process_group=None, vocab_range=None):
     """`sparse_distill_loss` with its settings already in one record."""
     if process_group is not None:
+        refuse_over_shards(opts)
         return _vocab_parallel_loss(student_logits, teacher_ids, teacher_logprobs, labels, num_items_in_batch, opts,
                                     process_group, vocab_range)
     if vocab_range is not None:
         raise ValueError("vocab_range needs a process_group (the ranks that hold the other shards)")
     _check(student_logits, teacher_ids, teacher_logprobs, labels, num_items_in_batch, opts)
     check_labels(labels, student_logits, opts)
-    return SparseDistillFunction.apply(student_logits, teacher_ids.to(torch.int64), teacher_logprobs.detach(), labels,
-                                       num_items_in_batch, opts)
+    return returned(SparseDistillFunction.apply(student_logits, teacher_ids.to(torch.int64), teacher_logprobs.detach(),
+                                                labels, num_items_in_batch, opts), opts, labels)
 
 
 def _check(student_logits, teacher_ids, teacher_logprobs, labels, num_items_in_batch, opts, vocab=None):
     check_logits("student_logits", student_logits)
+    if opts.vocab_size is not None:
+        check_vocab_size(opts.vocab_size, student_logits=student_logits.shape[-1])
     check_sparse_targets(teacher_ids, teacher_logprobs, tuple(student_logits.shape[:-1]),
-                         vocab or student_logits.shape[-1], student_logits.device, opts, "the student logits")
+                         vocab or opts.vocab_size or student_logits.shape[-1], student_logits.device, opts,
+                         "the student logits")
     check_num_items(num_items_in_batch)
 
 
@@ -80,7 +88,8 @@ def _vocab_parallel_loss(student_logits, teacher_ids, teacher_logprobs, labels, 
     rows, device = student_logits.numel() // student_logits.shape[-1], student_logits.device
     scale = reduction_scale(flat_labels(labels), rows, opts, num_items_in_batch, device)
     targets = SparseTargets(as_rows_view(ids)[0], as_rows_view(teacher_logprobs.detach())[0])
-    return ShardedDistillFunction.apply(student_logits, targets, labels, scale, opts, shard, device_rows(opts, device))
+    return returned(ShardedDistillFunction.apply(student_logits, targets, labels, scale, opts, shard,
+                                                 device_rows(opts, device)), opts, labels)
 
 
 class SparseDistillLoss(torch.nn.Module):

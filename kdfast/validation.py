@@ -8,6 +8,7 @@ import os
 import torch
 
 from kdfast.options import LossOptions
+from kdfast.shared_vocab import check_vocab_size, mismatch_hint
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -26,12 +27,15 @@ def check_logits(name: str, logits) -> None:
 def check_pair(student_logits, teacher_logits, opts: LossOptions) -> None:
     check_logits("student_logits", student_logits)
     check_logits("teacher_logits", teacher_logits)
-    if teacher_logits.shape[-1] != student_logits.shape[-1]:
-        raise ValueError(f"teacher_logits vocab size {teacher_logits.shape[-1]} != student_logits vocab size "
-                         f"{student_logits.shape[-1]}: both models must score the same vocabulary")
-    if teacher_logits.shape != student_logits.shape:
+    student_width, teacher_width = student_logits.shape[-1], teacher_logits.shape[-1]
+    if opts.vocab_size is not None:
+        check_vocab_size(opts.vocab_size, student_logits=student_width, teacher_logits=teacher_width)
+    elif teacher_width != student_width:
+        raise ValueError(f"teacher_logits vocab size {teacher_width} != student_logits vocab size {student_width}: "
+                         f"both models must score the same vocabulary" + mismatch_hint(student_width, teacher_width))
+    if teacher_logits.shape[:-1] != student_logits.shape[:-1]:
         raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} must equal student_logits shape "
-                         f"{tuple(student_logits.shape)}")
+                         f"{tuple(student_logits.shape)}" + (" but for the vocabulary" if opts.vocab_size else ""))
     if teacher_logits.device != student_logits.device:
         raise ValueError(f"teacher_logits is on {teacher_logits.device} but student_logits is on "
                          f"{student_logits.device}: both must be on the same device")
@@ -47,14 +51,14 @@ def _label_check_costs_no_sync(labels: torch.Tensor) -> bool:
 
 
 def check_labels(labels, student_logits, opts: LossOptions) -> None:
-    check_labels_for(labels, tuple(student_logits.shape[:-1]), student_logits.shape[-1], student_logits.device,
-                     opts, "the logits")
+    check_labels_for(labels, tuple(student_logits.shape[:-1]), opts.vocab_size or student_logits.shape[-1],
+                     student_logits.device, opts, "the logits")
 
 
 def check_labels_for(labels, lead_shape: tuple, vocab: int, device, opts: LossOptions, what: str) -> None:
     """labels: integer, shaped `lead_shape` (one per row of `what`), on `device`, and in [0, vocab)."""
     if labels is None:
-        if opts.has_ce:
+        if opts.needs_labels:
             raise ValueError(f"ce_weight={opts.ce_weight} needs labels (int64 of shape "
                              f"{tuple(lead_shape)}); pass labels or set ce_weight=0")
         return
@@ -69,7 +73,7 @@ def check_labels_for(labels, lead_shape: tuple, vocab: int, device, opts: LossOp
         raise ValueError(f"labels are on {labels.device} but {what} are on {device}")
     # Reading the labels' range on a GPU is a host sync, which docs/DESIGN.md keeps out of the loss: there the
     # kernels mark such rows NaN instead, and KDFAST_CHECK_LABELS=1 turns the (syncing) check on.
-    if opts.has_ce and labels.numel() and _label_check_costs_no_sync(labels):
+    if opts.needs_labels and labels.numel() and _label_check_costs_no_sync(labels):
         bad = ((labels < 0) | (labels >= vocab)) & (labels != opts.ignore_index)
         if bool(bad.any()):
             first = labels[bad][0].item()
@@ -125,7 +129,8 @@ def check_linear_inputs(student_hidden, student_weight, teacher_hidden, teacher_
                          f"size), got {tuple(teacher_weight.shape)}")
     if teacher_weight.shape[0] != student_weight.shape[0]:
         raise ValueError(f"teacher_weight vocab size {teacher_weight.shape[0]} != student_weight vocab size "
-                         f"{student_weight.shape[0]}: both heads must score the same vocabulary")
+                         f"{student_weight.shape[0]}: both heads must score the same vocabulary"
+                         + mismatch_hint(student_weight.shape[0], teacher_weight.shape[0]))
     _check_bias("teacher_bias", teacher_bias, student_weight.shape[0])
     _check_one_device(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias)
     for name, tensor in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),

@@ -11,36 +11,61 @@ phases over the shard's columns:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from kdfast.distributed import VocabShard, all_gather, all_reduce_sum
-from kdfast.kernel_abi import FUSED, Phase, PhaseCall
+from kdfast.distributed import VocabShard, all_gather, all_reduce_max, all_reduce_sum
+from kdfast.kernel_abi import FUSED, PART_CE, PART_COLUMNS, PART_CORRECT, PART_KD, PART_Z, Phase, PhaseCall
 from kdfast.options import LossOptions
-from kdfast.reduction import reduced
+from kdfast.reduction import reduced_outputs
 from kdfast.saved_gradient import saved_gradient_times
 from kdfast.views import as_rows_view, flat_labels
 
 
 def sharded_rows(kernel, student, teacher, labels, grad_scale, grad, opts: LossOptions, shard: VocabShard):
-    """Loss rows [N] (float32, identical on every rank) and, into `grad` ([batch, rows, V_shard] views, like the
-    logits) when given, this rank's slice of d(loss)/d(student logits) times grad_scale. `kernel` is a device's
-    rows kernel (kdfast.dispatch.DeviceRows)."""
+    """The rows' loss parts [N, PART_COLUMNS] (float32, identical on every rank) and, into `grad` ([batch, rows,
+    V_shard] views, like the logits) when given, this rank's slice of d(loss)/d(student logits) times grad_scale.
+    `kernel` is a device's rows kernel (kdfast.dispatch.DeviceRows)."""
+    # Token accuracy needs the row's global max and the label's logit, which no phase exchanges (SUMS carries the CE
+    # target's logit, smoothed or not): one more read of the shard (before SUMS may write the gradient over it) and
+    # an all-reduce of [rows, 2], paid only when the components are asked for.
+    want_accuracy = labels is not None and opts.return_components
+    label_and_max = _label_logit_and_max(student, labels, shard) if want_accuracy else None
     stats = kernel(student, teacher, labels, grad_scale, None, opts, PhaseCall(Phase.STATS, shard.start))
     lse = torch.logsumexp(all_gather(stats, shard.group), dim=0)
     one_pass = grad is not None and not opts.gradient_needs_row_sums
     sums = kernel(student, teacher, labels, grad_scale, grad if one_pass else None, opts,
-                  PhaseCall(Phase.SUMS, shard.start, row_stats=lse))
+                  PhaseCall(Phase.SUMS, shard.start, row_stats=lse, global_vocab=shard.vocab))
     totals = all_reduce_sum(sums, shard.group)
     if grad is not None and not one_pass:
-        kernel(student, teacher, labels, grad_scale, grad, opts, PhaseCall(Phase.GRADIENT, shard.start, lse, totals))
-    loss = torch.zeros(lse.shape[0], dtype=torch.float32, device=lse.device)
+        kernel(student, teacher, labels, grad_scale, grad, opts,
+               PhaseCall(Phase.GRADIENT, shard.start, lse, totals, global_vocab=shard.vocab))
+    parts = torch.zeros(lse.shape[0], PART_COLUMNS, dtype=torch.float32, device=lse.device)
     if opts.has_kd:
-        loss += opts.kd_scale * totals[:, 0]
-    if opts.has_ce:
-        loss += opts.ce_weight * (lse[:, 2] - totals[:, 2])
+        parts[:, PART_KD] = totals[:, 0]
+    if opts.needs_labels:
+        parts[:, PART_CE] = lse[:, 2] - totals[:, 2]
+    if opts.z_loss_weight != 0.0:
+        parts[:, PART_Z] = lse[:, 2] ** 2
+    if want_accuracy:
+        label_logit, row_max = all_reduce_max(label_and_max, shard.group).unbind(-1)
+        held = (labels >= 0) & (labels < shard.vocab)
+        parts[:, PART_CORRECT] = (held & (label_logit >= row_max)).float()
     if labels is not None:
-        loss = torch.where(labels != opts.ignore_index, loss, torch.zeros_like(loss))
-    return loss
+        parts = torch.where((labels != opts.ignore_index)[:, None], parts, torch.zeros_like(parts))
+    return parts
+
+
+def _label_logit_and_max(student, labels, shard: VocabShard) -> torch.Tensor:
+    """[rows, 2]: the label's logit where this shard holds it (else -inf) and the shard's largest logit, to be
+    max-reduced over the ranks."""
+    batch, rows_per_batch, _ = student.shape
+    local = (labels - shard.start).view(batch, rows_per_batch, 1)
+    held = (local >= 0) & (local < shard.size)
+    label_logit = student.gather(-1, torch.where(held, local, torch.zeros_like(local))).float()
+    label_logit = torch.where(held, label_logit, torch.full_like(label_logit, -math.inf))
+    return torch.cat([label_logit, student.amax(-1, keepdim=True).float()], dim=-1).reshape(-1, 2)
 
 
 class ShardedRows:
@@ -74,13 +99,14 @@ class ShardedDistillFunction(torch.autograd.Function):
             grad = student
             if not opts.inplace_backward:
                 grad = torch.empty_like(student, memory_format=torch.contiguous_format)
-        loss_rows = sharded_rows(kernel, student, teacher, flat_labels(labels), scale, grad, opts, shard)
+        labels = flat_labels(labels)
+        parts = sharded_rows(kernel, student, teacher, labels, scale, grad, opts, shard)
         if grad is not None:
             in_place = grad is student and not copied
             ctx.save_for_backward(student_logits if in_place else grad.reshape(student_logits.shape))
         ctx.reduction = opts.reduction
-        return reduced(loss_rows, student_logits.shape[:-1], opts.reduction, scale)
+        return reduced_outputs(ctx, parts, student_logits.shape[:-1], labels, opts, scale)
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, *summary_grad):
         return saved_gradient_times(ctx, grad_output), None, None, None, None, None, None

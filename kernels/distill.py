@@ -8,7 +8,8 @@ pass 2  per-element loss terms; forward/reverse KL also write the gradient;  # r
 pass 3  FUSED JSD and skews only: their gradient needs D = sum(q * d) from pass 2;  # read 2 x row, write row
 SUMS and GRADIENT take the global log-sum-exps instead of pass 1 and run pass 2 alone.
 Memory traffic for forward KL in bf16: 2 + 2 + 2 + 2 (reads) + 2 (write) = 10 bytes per element.
-The gradient is (kd_scale / T) * dL/da + ce_weight * (softmax(s) - onehot(label)), times the reduction's scale;
+The gradient is (kd_scale / T) * dL/da plus the CE family's soft * softmax(s) - label * onehot - uniform (the CE's
+smoothed target and the z-loss; kernel_abi.h), times the reduction's scale;
 dL/da = q * (d - D) with d = h - h_r (h = dL/dq) centred on the student's argmax r (forward KL: q - p).
 Log-probabilities are (x - max) / T - log z, never x / T - (log z + max), which would round every one of them
 by the size of |max| / T.
@@ -22,17 +23,24 @@ import torch
 import triton
 import triton.language as tl
 
-from kdfast.kernel_abi import STAT_COLUMNS, Divergence, Phase
+from kdfast import kernel_abi
+from kdfast.kernel_abi import PART_COLUMNS, STAT_COLUMNS, Divergence, Phase
 
 FORWARD_KL = tl.constexpr(int(Divergence.FORWARD_KL))
 REVERSE_KL = tl.constexpr(int(Divergence.REVERSE_KL))
 JSD = tl.constexpr(int(Divergence.JSD))
 SKEW_FORWARD_KL = tl.constexpr(int(Divergence.SKEW_FORWARD_KL))
+TVD = tl.constexpr(int(Divergence.TVD))
 FUSED = tl.constexpr(int(Phase.FUSED))
 STATS = tl.constexpr(int(Phase.STATS))
 SUMS = tl.constexpr(int(Phase.SUMS))
 GRADIENT = tl.constexpr(int(Phase.GRADIENT))
 COLUMNS = tl.constexpr(STAT_COLUMNS)
+PARTS = tl.constexpr(PART_COLUMNS)
+PART_KD = tl.constexpr(kernel_abi.PART_KD)
+PART_CE = tl.constexpr(kernel_abi.PART_CE)
+PART_Z = tl.constexpr(kernel_abi.PART_Z)
+PART_CORRECT = tl.constexpr(kernel_abi.PART_CORRECT)
 MAX_BLOCK_V = 4096
 
 
@@ -72,6 +80,9 @@ def _mixture_term_and_score(ls, lt, q, p, beta, log_beta, log_1m_beta, DIVERGENC
         log_m_over_p = _log_add_exp(log_beta + tl.zeros_like(x), log_1m_beta - x)
         terms = -_weighted(p, log_m_over_p)
         h = -(1.0 - beta) * tl.exp(-log_m_over_p)
+    elif DIVERGENCE == TVD:  # 0.5 * sum |p - q|; h its subgradient, -0.5 where q == p (Liger's LigerTVDLoss)
+        terms = 0.5 * tl.abs(p - q)
+        h = tl.where(q > p, 0.5, -0.5) + tl.zeros_like(x)
     else:  # skew reverse KL: KL(q || m), m = (1 - b) p + b q: q / m <= 1 / b
         log_m_over_q = _log_add_exp(log_beta + tl.zeros_like(x), x + log_1m_beta)
         terms = -_weighted(q, log_m_over_q)
@@ -86,12 +97,14 @@ def _load(row_ptr, cols, mask):
 
 
 @triton.jit
-def _ce_grad(s, q, ref_c, log_z_c, cols, local_label, ce_coef, CE_FROM_TEMPERED: tl.constexpr):
-    """ce_weight * (softmax(s) - onehot(label)), times the row scale; softmax(s) is q when T = 1."""
+def _ce_grad(s, q, ref_c, log_z_c, cols, local_label, soft_coef, label_coef, uniform_coef,
+             CE_FROM_TEMPERED: tl.constexpr):
+    """The CE family's gradient, times the row scale: soft * softmax(s) - label * onehot(label) - uniform
+    (kernel_abi.h, CeCoefficients: the CE's smoothed target and the z-loss); softmax(s) is q when T = 1."""
     ce_prob = q
     if not CE_FROM_TEMPERED:
         ce_prob = tl.exp((s - ref_c) - log_z_c)
-    return ce_coef * (ce_prob - tl.where(cols == local_label, 1.0, 0.0))
+    return soft_coef * ce_prob - tl.where(cols == local_label, label_coef, 0.0) - uniform_coef
 
 
 @triton.jit
@@ -103,10 +116,14 @@ def distill_fwd_kernel(
     # strides (elements)
     student_stride_b, student_stride_r, teacher_stride_b, teacher_stride_r, grad_stride_b, grad_stride_r,
     # loss settings
-    inv_t, beta, log_beta, log_1m_beta, kd_scale, ce_weight, ignore_index,
+    inv_t, beta, log_beta, log_1m_beta, kd_scale, ce_weight, label_smoothing, inv_global_vocab, z_loss_weight,
+    ignore_index,
     DIVERGENCE: tl.constexpr, PHASE: tl.constexpr, HAS_KD: tl.constexpr, HAS_CE: tl.constexpr,
     CE_FROM_TEMPERED: tl.constexpr, HAS_LABELS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    NEEDS_LABELS: tl.constexpr, SMOOTH: tl.constexpr,
 ):
+    # HAS_CE: the student's statistics at T = 1 (the CE term, or the z-loss alone); NEEDS_LABELS: the CE term (its
+    # weight is not 0); SMOOTH: label smoothing, whose target needs sum_j s_j.
     row = tl.program_id(0).to(tl.int64)
     batch_index = row // rows_per_batch
     row_index = row % rows_per_batch
@@ -117,16 +134,18 @@ def distill_fwd_kernel(
     NEG_INF: tl.constexpr = float("-inf")
 
     keep = True
-    held = False
+    in_range = False  # the label's column is in this call's range
+    held = False  # ... and CE takes it
     local_label = -1
     poisoned = False
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)
         keep = label != ignore_index
-        if HAS_CE:  # (CE always comes with labels: the host checks it)
-            local_label = label - col_offset
-            held = (local_label >= 0) & (local_label < vocab)
-            if PHASE == FUSED:
+        local_label = label - col_offset
+        in_range = (local_label >= 0) & (local_label < vocab)
+        if HAS_CE:  # (the CE term always comes with labels: the host checks it)
+            held = in_range
+            if (PHASE == FUSED) and NEEDS_LABELS:
                 # A whole row whose label is out of range: refused on the host where that costs no sync; NaN here.
                 poisoned = keep & (held == 0)
     row_scale = 0.0
@@ -135,9 +154,9 @@ def distill_fwd_kernel(
 
     if keep & (poisoned == 0):
         s_label = 0.0
-        if HAS_CE:
+        if HAS_LABELS:
             # Read before any pass writes the gradient over the logits (inplace_backward).
-            s_label = tl.load(s_row + tl.where(held, local_label, 0)).to(tl.float32)
+            s_label = tl.load(s_row + tl.where(in_range, local_label, 0)).to(tl.float32)
         ref_s = 0.0
         log_z_s = 0.0
         ref_t = 0.0
@@ -237,13 +256,20 @@ def distill_fwd_kernel(
             kd_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
             d_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
             kd_coef = row_scale * kd_scale * inv_t
-            ce_coef = row_scale * ce_weight
+            # the CE family's coefficients (kernel_abi.h, CeCoefficients); lse: the student's at T = 1
+            lse_c = ref_c + log_z_c
+            soft_coef = row_scale * (ce_weight + tl.where(z_loss_weight != 0.0, 2.0 * z_loss_weight * lse_c, 0.0))
+            label_coef = row_scale * ce_weight * (1.0 - label_smoothing)
+            uniform_coef = row_scale * ce_weight * label_smoothing * inv_global_vocab
+            s_acc = tl.zeros([BLOCK_V], dtype=tl.float32)  # sum_j (s_j - ref_c): a smoothed target's uniform part
             for start in range(0, vocab, BLOCK_V):
                 cols = start + offsets
                 mask = cols < vocab
                 s = _load(s_row, cols, mask)
                 ls = (s - ref_s) * inv_t - log_z_s
                 q = tl.exp(ls)
+                if SMOOTH:
+                    s_acc += tl.where(mask, s - ref_c, 0.0)
                 grad_kd = tl.zeros([BLOCK_V], dtype=tl.float32)
                 if HAS_KD:
                     t = _load(t_row, cols, mask)
@@ -269,10 +295,15 @@ def distill_fwd_kernel(
                 if writes:
                     grad = kd_coef * grad_kd
                     if HAS_CE:
-                        grad += _ce_grad(s, q, ref_c, log_z_c, cols, local_label, ce_coef, CE_FROM_TEMPERED)
+                        grad += _ce_grad(s, q, ref_c, log_z_c, cols, local_label, soft_coef, label_coef,
+                                         uniform_coef, CE_FROM_TEMPERED)
                     tl.store(g_row + cols, grad.to(g_row.dtype.element_ty), mask=mask)
             kd = tl.sum(kd_acc, axis=0)
             row_d = tl.sum(d_acc, axis=0)
+            # The CE target's logit relative to ref_c: the label's, or (1 - eps) s_label + eps mean(s) smoothed.
+            target = tl.where(in_range, s_label - ref_c, 0.0)
+            if SMOOTH:
+                target = (1.0 - label_smoothing) * target + label_smoothing * inv_global_vocab * tl.sum(s_acc, axis=0)
             if (DIVERGENCE == REVERSE_KL) & (PHASE == FUSED):
                 row_d = rkl_d
                 # No teacher mass where the student has some: reverse KL is +inf (the sum may have met inf - inf).
@@ -294,24 +325,36 @@ def distill_fwd_kernel(
                                                               DIVERGENCE)
                     grad = kd_coef * _weighted(q, tl.where(cols == ref_index, 0.0, h - h_ref) - row_d)
                     if HAS_CE:
-                        grad += _ce_grad(s, q, ref_c, log_z_c, cols, local_label, ce_coef, CE_FROM_TEMPERED)
+                        grad += _ce_grad(s, q, ref_c, log_z_c, cols, local_label, soft_coef, label_coef,
+                                         uniform_coef, CE_FROM_TEMPERED)
                     tl.store(g_row + cols, grad.to(g_row.dtype.element_ty), mask=mask)
 
             if PHASE == FUSED:
-                loss = 0.0
-                if HAS_KD:
-                    loss += kd_scale * kd
+                ce = 0.0
+                z = 0.0
                 if HAS_CE:
-                    # log sum exp(s) - s_label = (max - s_label) + log z, the difference taken first.
-                    loss += ce_weight * ((ref_c - s_label) + log_z_c)
-                tl.store(out_ptr + row, loss)
+                    # log sum exp(s) - target = log z - (target - max), the difference taken first.
+                    ce = log_z_c - target
+                    z = tl.where(z_loss_weight != 0.0, lse_c * lse_c, 0.0)
+                kd_part = 0.0
+                if HAS_KD:  # (without KD the reverse-KL statistics above are 0 / 0)
+                    kd_part = kd
+                tl.store(out_ptr + row * PARTS + PART_KD, kd_part)
+                tl.store(out_ptr + row * PARTS + PART_CE, ce)
+                tl.store(out_ptr + row * PARTS + PART_Z, z)
+                # ref_s: the row's largest logit (a tie counts as a hit)
+                tl.store(out_ptr + row * PARTS + PART_CORRECT, tl.where(in_range & (s_label >= ref_s), 1.0, 0.0))
             elif PHASE == SUMS:
                 tl.store(out_ptr + row * COLUMNS, kd)
                 tl.store(out_ptr + row * COLUMNS + 1, row_d)
-                tl.store(out_ptr + row * COLUMNS + 2, tl.where(held, s_label, 0.0))
+                tl.store(out_ptr + row * COLUMNS + 2, target)  # (ref_c is 0 here)
     else:
         if PHASE == FUSED:
-            tl.store(out_ptr + row, tl.where(poisoned, float("nan"), 0.0))
+            empty = tl.where(poisoned, float("nan"), 0.0)  # a label out of range poisons the total
+            tl.store(out_ptr + row * PARTS + PART_KD, empty)
+            tl.store(out_ptr + row * PARTS + PART_CE, empty)
+            tl.store(out_ptr + row * PARTS + PART_Z, empty)
+            tl.store(out_ptr + row * PARTS + PART_CORRECT, 0.0)
         elif PHASE != GRADIENT:
             for column in tl.static_range(COLUMNS):
                 tl.store(out_ptr + row * COLUMNS + column, 0.0)
@@ -332,7 +375,7 @@ def distill_forward_rows(student, teacher, labels, grad_scale, grad, opts, call)
     `opts`); returns the phase's float32 outputs."""
     batch, rows_per_batch, vocab = student.shape
     rows = batch * rows_per_batch
-    shape = {Phase.FUSED: (rows,), Phase.GRADIENT: (0,)}.get(call.phase, (rows, STAT_COLUMNS))
+    shape = {Phase.FUSED: (rows, PART_COLUMNS), Phase.GRADIENT: (0,)}.get(call.phase, (rows, STAT_COLUMNS))
     out = torch.empty(shape, dtype=torch.float32, device=student.device)
     if rows == 0:
         return out
@@ -349,10 +392,12 @@ def distill_forward_rows(student, teacher, labels, grad_scale, grad, opts, call)
         grad_arg.stride(0), grad_arg.stride(1),
         1.0 / opts.temperature, float(beta),
         math.log(beta) if beta > 0 else -math.inf, math.log1p(-beta) if beta < 1 else -math.inf,
-        float(opts.kd_scale), float(opts.ce_weight), int(opts.ignore_index),
+        float(opts.kd_scale), float(opts.ce_weight), float(opts.label_smoothing),
+        1.0 / (call.global_vocab or vocab), float(opts.z_loss_weight), int(opts.ignore_index),
         DIVERGENCE=opts.divergence_code, PHASE=int(call.phase), HAS_KD=opts.has_kd, HAS_CE=opts.has_ce,
         # CE reuses the student's tempered statistics at T = 1.
         CE_FROM_TEMPERED=opts.has_ce and opts.has_kd and opts.temperature == 1.0,
-        HAS_LABELS=labels is not None, WRITE_GRAD=write_grad, BLOCK_V=block_v, num_warps=num_warps,
+        HAS_LABELS=labels is not None, WRITE_GRAD=write_grad, BLOCK_V=block_v, NEEDS_LABELS=opts.needs_labels,
+        SMOOTH=opts.has_ce and opts.label_smoothing != 0.0, num_warps=num_warps,
     )
     return out

@@ -19,12 +19,17 @@ import torch
 import triton
 import triton.language as tl
 
-from kdfast.kernel_abi import STAT_COLUMNS, Phase
+from kdfast.kernel_abi import PART_COLUMNS, STAT_COLUMNS, Phase
 from kdfast.kernels.distill import (
     COLUMNS,
     FORWARD_KL,
     FUSED,
     GRADIENT,
+    PART_CE,
+    PART_CORRECT,
+    PART_KD,
+    PART_Z,
+    PARTS,
     REVERSE_KL,
     STATS,
     SUMS,
@@ -62,11 +67,14 @@ def sparse_fwd_kernel(
     student_stride_b, student_stride_r, ids_stride_b, ids_stride_r, lp_stride_b, lp_stride_r, grad_stride_b,
     grad_stride_r,
     # loss settings
-    inv_t, beta, log_beta, log_1m_beta, kd_scale, ce_weight, teacher_scale, ignore_index,
+    inv_t, beta, log_beta, log_1m_beta, kd_scale, ce_weight, label_smoothing, inv_global_vocab, z_loss_weight,
+    teacher_scale, ignore_index,
     DIVERGENCE: tl.constexpr, PHASE: tl.constexpr, TAIL: tl.constexpr, HAS_KD: tl.constexpr, HAS_CE: tl.constexpr,
     CE_FROM_TEMPERED: tl.constexpr, HAS_LABELS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, NEEDS_LABELS: tl.constexpr, SMOOTH: tl.constexpr,
 ):
+    # HAS_CE: the student's statistics at T = 1 (the CE term, or the z-loss alone); NEEDS_LABELS: the CE term;
+    # SMOOTH: label smoothing, whose target needs sum_j s_j (kernels/distill.py).
     row = tl.program_id(0).to(tl.int64)
     batch_index = row // rows_per_batch
     row_index = row % rows_per_batch
@@ -87,16 +95,18 @@ def sparse_fwd_kernel(
     safe_ids = tl.where(held, local_ids, 0)
 
     keep = True
-    held_label = False
+    label_in_range = False  # the label's column is in this call's range
+    held_label = False  # ... and CE takes it
     local_label = -1
     poisoned = False
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)
         keep = label != ignore_index
+        local_label = label - col_offset
+        label_in_range = (local_label >= 0) & (local_label < vocab)
         if HAS_CE:
-            local_label = label - col_offset
-            held_label = (local_label >= 0) & (local_label < vocab)
-            if PHASE == FUSED:
+            held_label = label_in_range
+            if (PHASE == FUSED) and NEEDS_LABELS:
                 poisoned = keep & (held_label == 0)
     if HAS_KD and (PHASE == FUSED):
         # Ids outside [-1, V): refused on the host where that costs no sync; here the row is NaN.
@@ -110,12 +120,17 @@ def sparse_fwd_kernel(
         # Read before any pass writes the gradient over the logits (inplace_backward).
         s_ids = tl.load(s_row + safe_ids, mask=held, other=NEG_INF).to(tl.float32)
         s_label = 0.0
-        if HAS_CE:
-            s_label = tl.load(s_row + tl.where(held_label, local_label, 0)).to(tl.float32)
+        if HAS_LABELS:
+            s_label = tl.load(s_row + tl.where(label_in_range, local_label, 0)).to(tl.float32)
         ref = 0.0
         log_z = 0.0
         log_z_c = 0.0
         log_rest = NEG_INF  # log of the student's mass outside the ids, relative to log z's reference
+        s_acc = tl.zeros([BLOCK_V], dtype=tl.float32)  # sum_j (s_j - ref): a smoothed CE target's uniform part
+        if SMOOTH and (PHASE == SUMS):  # (FUSED sums it in pass 1), read before the gradient may overwrite it
+            for start in range(0, vocab, BLOCK_V):
+                cols = start + offsets
+                s_acc += tl.where(cols < vocab, _load(s_row, cols, cols < vocab), 0.0)
         if (PHASE == FUSED) | (PHASE == STATS):
             # ---- pass 0: the max ----
             m = NEG_INF
@@ -132,6 +147,8 @@ def sparse_fwd_kernel(
                 z += tl.exp((s - ref) * inv_t).to(tl.float64)
                 if HAS_CE and not CE_FROM_TEMPERED:
                     z_c += tl.exp(s - ref)
+                if SMOOTH:
+                    s_acc += tl.where(cols < vocab, s - ref, 0.0)
             total = tl.sum(z, axis=0)
             log_z = tl.log(total.to(tl.float32))
             log_z_c = tl.log(tl.sum(z_c, axis=0))
@@ -219,7 +236,11 @@ def sparse_fwd_kernel(
 
             # ---- last pass: the gradient ----
             kd_coef = row_scale * kd_scale * inv_t
-            ce_coef = row_scale * ce_weight
+            # the CE family's coefficients (kernel_abi.h, CeCoefficients); lse: the student's at T = 1
+            lse_c = ref + log_z_c
+            soft_coef = row_scale * (ce_weight + tl.where(z_loss_weight != 0.0, 2.0 * z_loss_weight * lse_c, 0.0))
+            label_coef = row_scale * ce_weight * (1.0 - label_smoothing)
+            uniform_coef = row_scale * ce_weight * label_smoothing * inv_global_vocab
             if WRITE_GRAD:
                 for start in range(0, vocab, BLOCK_V):
                     cols = start + offsets
@@ -233,7 +254,7 @@ def sparse_fwd_kernel(
                         ce_prob = q_block
                         if not CE_FROM_TEMPERED:
                             ce_prob = tl.exp((s - ref) - log_z_c)
-                        grad += ce_coef * (ce_prob - tl.where(cols == local_label, 1.0, 0.0))
+                        grad += soft_coef * ce_prob - tl.where(cols == local_label, label_coef, 0.0) - uniform_coef
                     tl.store(g_row + cols, grad.to(g_row.dtype.element_ty), mask=mask)
                 if HAS_KD:
                     tl.debug_barrier()  # the ids' columns below are written after the dense pass's
@@ -243,23 +264,36 @@ def sparse_fwd_kernel(
                         ce_ids = q_ids
                         if not CE_FROM_TEMPERED:
                             ce_ids = tl.exp((s_ids - ref) - log_z_c)
-                        grad_ids += ce_coef * (ce_ids - tl.where(local_ids == local_label, 1.0, 0.0))
+                        grad_ids += soft_coef * ce_ids - tl.where(local_ids == local_label, label_coef, 0.0) \
+                            - uniform_coef
                     tl.store(g_row + safe_ids, grad_ids.to(g_row.dtype.element_ty), mask=held)
 
+            # The CE target's logit relative to ref: the label's, or (1 - eps) s_label + eps mean(s) smoothed.
+            target = tl.where(label_in_range, s_label - ref, 0.0)
+            if SMOOTH:
+                target = (1.0 - label_smoothing) * target + label_smoothing * inv_global_vocab * tl.sum(s_acc, axis=0)
             if PHASE == FUSED:
-                loss = 0.0
-                if HAS_KD:
-                    loss += kd_scale * kd
+                ce = 0.0
+                z_part = 0.0
                 if HAS_CE:
-                    loss += ce_weight * ((ref - s_label) + log_z_c)
-                tl.store(out_ptr + row, loss)
+                    ce = log_z_c - target
+                    z_part = tl.where(z_loss_weight != 0.0, lse_c * lse_c, 0.0)
+                tl.store(out_ptr + row * PARTS + PART_KD, kd)
+                tl.store(out_ptr + row * PARTS + PART_CE, ce)
+                tl.store(out_ptr + row * PARTS + PART_Z, z_part)
+                # ref: the row's largest logit (a tie counts as a hit)
+                tl.store(out_ptr + row * PARTS + PART_CORRECT, tl.where(label_in_range & (s_label >= ref), 1.0, 0.0))
             elif PHASE == SUMS:
                 tl.store(out_ptr + row * COLUMNS, kd)
                 tl.store(out_ptr + row * COLUMNS + 1, row_d)
-                tl.store(out_ptr + row * COLUMNS + 2, tl.where(held_label, s_label, 0.0))
+                tl.store(out_ptr + row * COLUMNS + 2, target)  # (ref is 0 here)
     else:
         if PHASE == FUSED:
-            tl.store(out_ptr + row, tl.where(poisoned, float("nan"), 0.0))
+            empty = tl.where(poisoned, float("nan"), 0.0)  # a label or id out of range poisons the total
+            tl.store(out_ptr + row * PARTS + PART_KD, empty)
+            tl.store(out_ptr + row * PARTS + PART_CE, empty)
+            tl.store(out_ptr + row * PARTS + PART_Z, empty)
+            tl.store(out_ptr + row * PARTS + PART_CORRECT, 0.0)
         elif PHASE != GRADIENT:
             for column in tl.static_range(COLUMNS):
                 tl.store(out_ptr + row * COLUMNS + column, 0.0)
@@ -274,7 +308,7 @@ def sparse_forward_rows(student, ids, logprobs, labels, grad_scale, grad, opts, 
     `call`'s phase; returns the phase's float32 outputs."""
     batch, rows_per_batch, vocab = student.shape
     rows = batch * rows_per_batch
-    shape = {Phase.FUSED: (rows,), Phase.GRADIENT: (0,)}.get(call.phase, (rows, STAT_COLUMNS))
+    shape = {Phase.FUSED: (rows, PART_COLUMNS), Phase.GRADIENT: (0,)}.get(call.phase, (rows, STAT_COLUMNS))
     out = torch.empty(shape, dtype=torch.float32, device=student.device)
     if rows == 0:
         return out
@@ -292,12 +326,14 @@ def sparse_forward_rows(student, ids, logprobs, labels, grad_scale, grad, opts, 
         grad_arg.stride(0), grad_arg.stride(1),
         1.0 / opts.temperature if opts.has_kd else 1.0, float(beta),
         math.log(beta) if beta > 0 else -math.inf, math.log1p(-beta) if beta < 1 else -math.inf,
-        float(opts.kd_scale), float(opts.ce_weight), float(opts.teacher_scale), int(opts.ignore_index),
+        float(opts.kd_scale), float(opts.ce_weight), float(opts.label_smoothing), 1.0 / (call.global_vocab or vocab),
+        float(opts.z_loss_weight), float(opts.teacher_scale), int(opts.ignore_index),
         DIVERGENCE=opts.divergence_code, PHASE=int(call.phase), TAIL=opts.tail_code, HAS_KD=opts.has_kd,
         HAS_CE=opts.has_ce,
         # CE reuses the student's tempered statistics at T = 1 (and without KD the kernel runs at T = 1).
         CE_FROM_TEMPERED=opts.has_ce and (opts.temperature == 1.0 or not opts.has_kd),
-        HAS_LABELS=labels is not None, WRITE_GRAD=write_grad, BLOCK_V=block_v,
+        HAS_LABELS=labels is not None, WRITE_GRAD=write_grad, BLOCK_V=block_v, NEEDS_LABELS=opts.needs_labels,
+        SMOOTH=opts.has_ce and opts.label_smoothing != 0.0,
         BLOCK_K=max(16, triton.next_power_of_2(topk)), num_warps=num_warps,
     )
     return out

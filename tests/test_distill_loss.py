@@ -8,7 +8,7 @@ import torch
 from conftest import BACKENDS, device_for
 from helpers import assert_matches_reference, make_labels, make_logits
 
-DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"]
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TEMPERATURES = [1.0, 2.0, 0.7]
 REDUCTIONS = ["mean", "sum", "none"]

@@ -6,7 +6,20 @@ from pathlib import Path
 
 import pytest
 
-from kdfast.kernel_abi import FLOAT_SETTINGS, INT_SETTINGS, STAT_COLUMNS, Divergence, Phase, native_settings
+from kdfast.kernel_abi import (
+    FLOAT_SETTINGS,
+    INT_SETTINGS,
+    PART_CE,
+    PART_COLUMNS,
+    PART_CORRECT,
+    PART_KD,
+    PART_Z,
+    STAT_COLUMNS,
+    Divergence,
+    Phase,
+    PhaseCall,
+    native_settings,
+)
 from kdfast.options import LossOptions
 from kdfast.sparse_options import REST_AS_NONE, TAILS
 
@@ -23,10 +36,10 @@ def _camel(text: str) -> str:
 
 
 def test_divergence_codes_match_the_header():
-    expected = {"kForwardKL": 0, "kReverseKL": 1, "kJSD": 2, "kSkewForwardKL": 3, "kSkewReverseKL": 4}
+    expected = {"kForwardKL": 0, "kReverseKL": 1, "kJSD": 2, "kSkewForwardKL": 3, "kSkewReverseKL": 4, "kTVD": 5}
     assert _enum("Divergence") == expected
     assert {d.name: int(d) for d in Divergence} == {"FORWARD_KL": 0, "REVERSE_KL": 1, "JSD": 2, "SKEW_FORWARD_KL": 3,
-                                                    "SKEW_REVERSE_KL": 4}
+                                                    "SKEW_REVERSE_KL": 4, "TVD": 5}
 
 
 def test_tails_match_the_header():
@@ -37,6 +50,9 @@ def test_tails_match_the_header():
 def test_phases_match_the_header():
     assert _enum("Phase") == {f"kPhase{_camel(p.name)}": int(p) for p in Phase}
     assert int(re.search(r"kStatColumns = (\d+)", HEADER).group(1)) == STAT_COLUMNS
+    assert int(re.search(r"kPartColumns = (\d+)", HEADER).group(1)) == PART_COLUMNS
+    assert _enum("PartColumn") == {"kPartKd": PART_KD, "kPartCe": PART_CE, "kPartZ": PART_Z,
+                                   "kPartCorrect": PART_CORRECT}
 
 
 @pytest.mark.parametrize("enum_name,names", [("IntSetting", INT_SETTINGS), ("FloatSetting", FLOAT_SETTINGS)])
@@ -51,19 +67,25 @@ def test_triton_kernels_use_the_python_codes():
     pytest.importorskip("triton")
     from kdfast.kernels import distill
 
-    assert [distill.FORWARD_KL.value, distill.REVERSE_KL.value, distill.JSD.value, distill.SKEW_FORWARD_KL.value] == \
-        [Divergence.FORWARD_KL, Divergence.REVERSE_KL, Divergence.JSD, Divergence.SKEW_FORWARD_KL]
+    assert [distill.FORWARD_KL.value, distill.REVERSE_KL.value, distill.JSD.value, distill.SKEW_FORWARD_KL.value,
+            distill.TVD.value] == \
+        [Divergence.FORWARD_KL, Divergence.REVERSE_KL, Divergence.JSD, Divergence.SKEW_FORWARD_KL, Divergence.TVD]
     assert [distill.FUSED.value, distill.STATS.value, distill.SUMS.value, distill.GRADIENT.value] == list(Phase)
     assert distill.COLUMNS.value == STAT_COLUMNS
 
 
 def test_native_settings_follow_the_record():
-    opts = LossOptions(divergence="jsd", beta=0.25, temperature=2.0, kd_weight=0.5, ce_weight=0.1, ignore_index=-7)
-    ints, floats = native_settings(opts, Phase.SUMS, col_offset=96)
+    opts = LossOptions(divergence="jsd", beta=0.25, temperature=2.0, kd_weight=0.5, ce_weight=0.1, ignore_index=-7,
+                       label_smoothing=0.1, z_loss_weight=1e-4)
+    ints, floats = native_settings(opts, PhaseCall(Phase.SUMS, col_offset=96, global_vocab=1000))
     assert dict(zip(INT_SETTINGS, ints)) == {"divergence": 2, "ignore_index": -7, "has_kd": 1, "has_ce": 1,
-                                             "phase": 2, "col_offset": 96, "splits": 0, "tail": 0}
+                                             "phase": 2, "col_offset": 96, "splits": 0, "tail": 0,
+                                             "global_vocab": 1000}
     assert dict(zip(FLOAT_SETTINGS, floats)) == {"beta": 0.25, "temperature": 2.0, "kd_scale": 2.0, "ce_weight": 0.1,
-                                                 "teacher_scale": 1.0}
+                                                 "teacher_scale": 1.0, "label_smoothing": 0.1, "z_loss_weight": 1e-4}
+    # The z-loss alone needs the student's statistics at T = 1, but not the labels.
+    z_only = LossOptions(kd_weight=0.0, z_loss_weight=1e-4)
+    assert z_only.has_ce and not z_only.needs_labels
 
 
 def test_record_round_trips_through_its_text():

@@ -12,7 +12,7 @@ from helpers import make_labels
 import kdfast
 from kdfast.reference import linear_sparse_distill_loss_reference
 
-DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"]
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 TOLERANCES = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (3e-2, 3e-2)}
 
 

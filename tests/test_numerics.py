@@ -10,7 +10,7 @@ from helpers import assert_matches_reference, make_labels, make_logits
 import kdfast
 from kdfast.reference import distill_loss_reference
 
-DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"]
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

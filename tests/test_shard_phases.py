@@ -10,9 +10,10 @@ from helpers import make_labels, make_logits
 from kdfast.dispatch import DeviceRows
 from kdfast.kernel_abi import Phase, PhaseCall, SparseTargets
 from kdfast.options import LossOptions
+from kdfast.reduction import weighted_total
 from kdfast.sparse_options import SparseOptions
 
-DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"]
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 BOUNDS = [0, 13, 14, 61]  # uneven shards, one of a single column
 
 
@@ -26,29 +27,32 @@ def sharded(kernel, student, teacher, labels, opts, grad_scale):
     lse = torch.logsumexp(stats, dim=0)
     grads = [torch.empty_like(s) for s, _ in views]
     one_pass = not opts.gradient_needs_row_sums
-    sums = sum(kernel(s, t, labels, grad_scale, g if one_pass else None, opts, PhaseCall(Phase.SUMS, a, lse))
+    vocab = BOUNDS[-1]
+    sums = sum(kernel(s, t, labels, grad_scale, g if one_pass else None, opts,
+                      PhaseCall(Phase.SUMS, a, lse, global_vocab=vocab))
                for (s, t), g, (a, _) in zip(views, grads, shards))
     if not one_pass:
         for (s, t), g, (a, _) in zip(views, grads, shards):
-            kernel(s, t, labels, grad_scale, g, opts, PhaseCall(Phase.GRADIENT, a, lse, sums))
-    loss = opts.kd_scale * sums[:, 0] + opts.ce_weight * (lse[:, 2] - sums[:, 2])
+            kernel(s, t, labels, grad_scale, g, opts, PhaseCall(Phase.GRADIENT, a, lse, sums, global_vocab=vocab))
+    loss = opts.kd_scale * sums[:, 0] + opts.ce_weight * (lse[:, 2] - sums[:, 2]) + opts.z_loss_weight * lse[:, 2] ** 2
     return torch.where(labels != opts.ignore_index, loss, torch.zeros_like(loss)), torch.cat(grads, dim=-1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-@pytest.mark.parametrize("temperature,kd_weight,ce_weight", [(2.0, 1.0, 0.5), (1.0, 0.7, 0.3), (0.7, 1.0, 0.0),
-                                                             (1.5, 0.0, 1.0)])
-def test_shards_equal_the_whole_row(backend, divergence, temperature, kd_weight, ce_weight):
+@pytest.mark.parametrize("temperature,kd_weight,ce_weight,smoothing,z_weight",
+                         [(2.0, 1.0, 0.5, 0.0, 0.0), (1.0, 0.7, 0.3, 0.1, 1e-2), (0.7, 1.0, 0.0, 0.0, 0.0),
+                          (1.5, 0.0, 1.0, 0.2, 0.0), (2.0, 1.0, 0.0, 0.0, 1e-2)])
+def test_shards_equal_the_whole_row(backend, divergence, temperature, kd_weight, ce_weight, smoothing, z_weight):
     device = device_for(backend)
     student, teacher = make_logits((1, 6, BOUNDS[-1]), torch.float32, device=device)
     labels = make_labels((6,), BOUNDS[-1], "some", device=device)
     opts = LossOptions(divergence=divergence, beta=0.3, temperature=temperature, kd_weight=kd_weight,
-                       ce_weight=ce_weight, backend=backend)
+                       ce_weight=ce_weight, label_smoothing=smoothing, z_loss_weight=z_weight, backend=backend)
     kernel = DeviceRows(backend)
     scale = torch.tensor(0.25, device=device)
     whole_grad = torch.empty_like(student)
-    whole = kernel(student, teacher, labels, scale, whole_grad, opts)
+    whole = weighted_total(kernel(student, teacher, labels, scale, whole_grad, opts), opts)
     loss, grad = sharded(kernel, student, teacher, labels, opts, scale)
     torch.testing.assert_close(loss, whole, rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(grad, whole_grad, rtol=2e-5, atol=2e-6)
@@ -77,8 +81,11 @@ def test_gradient_phase_writes_over_the_logits(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence,tail", [(d, "bucket") for d in DIVERGENCES] + [("forward_kl", "renormalize")])
-@pytest.mark.parametrize("temperature,kd_weight,ce_weight", [(2.0, 1.0, 0.5), (0.7, 1.0, 0.0), (1.5, 0.0, 1.0)])
-def test_sparse_shards_equal_the_whole_row(backend, divergence, tail, temperature, kd_weight, ce_weight):
+@pytest.mark.parametrize("temperature,kd_weight,ce_weight,smoothing,z_weight",
+                         [(2.0, 1.0, 0.5, 0.0, 0.0), (0.7, 1.0, 0.0, 0.0, 1e-2), (1.5, 0.0, 1.0, 0.1, 0.0),
+                          (1.0, 1.0, 0.5, 0.2, 1e-2)])
+def test_sparse_shards_equal_the_whole_row(backend, divergence, tail, temperature, kd_weight, ce_weight, smoothing,
+                                           z_weight):
     """A sparse teacher: every shard sees all K ids (global), gathers the student's probabilities at the ones it
     holds, and the shard starting the vocabulary adds the rest bucket."""
     device = device_for(backend)
@@ -89,11 +96,12 @@ def test_sparse_shards_equal_the_whole_row(backend, divergence, tail, temperatur
     targets = SparseTargets(ids, top.values.contiguous())
     labels = make_labels((6,), BOUNDS[-1], "some", device=device)
     opts = SparseOptions(divergence=divergence, beta=0.3, temperature=temperature, kd_weight=kd_weight,
-                         ce_weight=ce_weight, tail=tail, backend=backend)
+                         ce_weight=ce_weight, label_smoothing=smoothing, z_loss_weight=z_weight, tail=tail,
+                         backend=backend)
     kernel = DeviceRows(backend)
     scale = torch.tensor(0.25, device=device)
     whole_grad = torch.empty_like(student)
-    whole = kernel(student, targets, labels, scale, whole_grad, opts)
+    whole = weighted_total(kernel(student, targets, labels, scale, whole_grad, opts), opts)
     loss, grad = sharded(kernel, student, targets, labels, opts, scale)
     torch.testing.assert_close(loss, whole, rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(grad, whole_grad, rtol=2e-5, atol=2e-6)

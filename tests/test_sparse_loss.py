@@ -13,7 +13,7 @@ from helpers import TOLERANCES, make_labels, make_logits
 import kdfast
 from kdfast.reference import sparse_distill_loss_reference
 
-DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"]
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 
 
 def teacher_topk(teacher_logits, k, temperature, dtype=torch.float32):

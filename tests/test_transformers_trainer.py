@@ -213,3 +213,53 @@ def test_evaluate_reports_the_distillation_loss(tmp_path):
     metrics = trainer.evaluate()
     expected = reference_loss(student, teacher, batch, **SETTINGS).item()
     assert abs(metrics["eval_loss"] - expected) < 1e-4 * max(1.0, abs(expected)), (metrics, expected)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_the_loss_parts_are_logged_beside_the_loss(tmp_path, accumulation):
+    """kd_loss and ce_loss (before their weights) and token_accuracy, from the loss's own pass; with the weights they
+    give the logged loss, and they equal the float64 reference's terms (no step moves the weights: lr 0)."""
+    student, teacher = student_and_teacher()
+    batch = token_batch()
+    with torch.no_grad():  # labels that the student's argmax hits at every other position: accuracy near 1/2
+        predicted = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
+    hits = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    hits[:, 1::2] = batch["labels"][:, 1::2] != -100
+    shifted = torch.zeros_like(batch["labels"])
+    shifted[:, 1:] = predicted[:, :-1]  # label j is predicted at position j - 1
+    batch["labels"] = torch.where(hits, shifted, batch["labels"])
+    args = training_args(tmp_path, max_steps=2, per_device_train_batch_size=4 // accumulation,
+                         gradient_accumulation_steps=accumulation, learning_rate=0.0, logging_strategy="steps",
+                         logging_steps=1)
+    trainer = make_trainer(tmp_path, student, teacher, train=as_examples(batch), args=args)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2
+    kd = reference_loss(student, teacher, batch, **{**SETTINGS, "kd_weight": 1.0, "ce_weight": 0.0,
+                                                    "t2_scale": False}).item()
+    ce = reference_loss(student, teacher, batch, **{**SETTINGS, "kd_weight": 0.0, "ce_weight": 1.0}).item()
+    with torch.no_grad():
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    kept = labels != -100
+    accuracy = (((logits.argmax(-1) == labels) & kept).sum() / kept.sum()).item()
+    for entry in logs:
+        assert entry["kd_loss"] == pytest.approx(kd, abs=2e-4)
+        assert entry["ce_loss"] == pytest.approx(ce, abs=2e-4)
+        total = SETTINGS["kd_weight"] * SETTINGS["temperature"] ** 2 * entry["kd_loss"] + SETTINGS["ce_weight"] * \
+            entry["ce_loss"]
+        assert entry["loss"] == pytest.approx(total, abs=1e-3)
+        assert 0.3 < entry["token_accuracy"] < 0.7
+        if accumulation == 1:  # (with accumulation it is the micro-batches' mean)
+            assert entry["token_accuracy"] == pytest.approx(accuracy, abs=1e-4)
+
+
+def test_label_smoothing_and_z_loss_reach_the_trainers_loss(tmp_path):
+    student, teacher = student_and_teacher()
+    batch = token_batch()
+    extra = dict(label_smoothing=0.1, z_loss_weight=1e-3)
+    trainer = make_trainer(tmp_path, student, teacher, **extra)
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+    expected = reference_loss(student, teacher, batch, **{**SETTINGS, **extra})
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-5)

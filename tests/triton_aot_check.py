@@ -17,10 +17,12 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from kdfast.kernel_abi import Divergence
 from kdfast.kernels import distill, sparse
 
 POINTER_TYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
-FLOAT_ARGS = {"inv_t", "beta", "log_beta", "log_1m_beta", "kd_scale", "ce_weight", "teacher_scale"}
+FLOAT_ARGS = {"inv_t", "beta", "log_beta", "log_1m_beta", "kd_scale", "ce_weight", "label_smoothing",
+              "inv_global_vocab", "z_loss_weight", "teacher_scale"}
 
 
 def compile_kernel(dtype: str, capability: int, num_warps: int, kernel=distill.distill_fwd_kernel, **constexprs):
@@ -60,17 +62,24 @@ def ptxas_report(ptx: str, capability: int) -> dict:
             "spill_load_bytes": int(spills.group(2)) if spills else None}
 
 
-FUSED_FLAGS = [dict(PHASE=0, HAS_KD=True, HAS_CE=True, CE_FROM_TEMPERED=False, HAS_LABELS=True, WRITE_GRAD=True),
-               dict(PHASE=0, HAS_KD=True, HAS_CE=False, CE_FROM_TEMPERED=False, HAS_LABELS=False, WRITE_GRAD=False),
-               dict(PHASE=0, HAS_KD=False, HAS_CE=True, CE_FROM_TEMPERED=False, HAS_LABELS=True, WRITE_GRAD=True)]
+# NEEDS_LABELS follows HAS_CE; the label-smoothing branch (SMOOTH) is compiled in the fused CE case and in SUMS.
+FUSED_FLAGS = [dict(PHASE=0, HAS_KD=True, HAS_CE=True, CE_FROM_TEMPERED=False, HAS_LABELS=True, WRITE_GRAD=True,
+                    NEEDS_LABELS=True, SMOOTH=False),
+               dict(PHASE=0, HAS_KD=True, HAS_CE=False, CE_FROM_TEMPERED=False, HAS_LABELS=False, WRITE_GRAD=False,
+                    NEEDS_LABELS=False, SMOOTH=False),
+               dict(PHASE=0, HAS_KD=False, HAS_CE=True, CE_FROM_TEMPERED=False, HAS_LABELS=True, WRITE_GRAD=True,
+                    NEEDS_LABELS=True, SMOOTH=True)]
 # A vocab shard's phases (bf16): statistics, sums (forward KL writes its gradient there), gradient.
-SHARD_FLAGS = [dict(PHASE=1, HAS_KD=True, HAS_CE=True, CE_FROM_TEMPERED=True, HAS_LABELS=True, WRITE_GRAD=False),
-               dict(PHASE=2, HAS_KD=True, HAS_CE=True, CE_FROM_TEMPERED=False, HAS_LABELS=True, WRITE_GRAD=True),
-               dict(PHASE=3, HAS_KD=True, HAS_CE=True, CE_FROM_TEMPERED=False, HAS_LABELS=True, WRITE_GRAD=True)]
+SHARD_FLAGS = [dict(PHASE=1, HAS_KD=True, HAS_CE=True, CE_FROM_TEMPERED=True, HAS_LABELS=True, WRITE_GRAD=False,
+                    NEEDS_LABELS=True, SMOOTH=False),
+               dict(PHASE=2, HAS_KD=True, HAS_CE=True, CE_FROM_TEMPERED=False, HAS_LABELS=True, WRITE_GRAD=True,
+                    NEEDS_LABELS=True, SMOOTH=True),
+               dict(PHASE=3, HAS_KD=True, HAS_CE=True, CE_FROM_TEMPERED=False, HAS_LABELS=True, WRITE_GRAD=True,
+                    NEEDS_LABELS=True, SMOOTH=False)]
 
 
 def variants():
-    for capability, divergence in itertools.product([80, 90], range(5)):
+    for capability, divergence in itertools.product([80, 90], range(len(Divergence))):
         for dtype, flags in itertools.product(["bf16", "fp16", "fp32"], FUSED_FLAGS):
             yield capability, divergence, dtype, flags
         for flags in SHARD_FLAGS:

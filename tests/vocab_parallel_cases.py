@@ -12,7 +12,7 @@ import torch.distributed as dist
 import kdfast
 from kdfast.distributed import count_traffic
 
-DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"]
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 ROWS, VOCAB, HIDDEN = 12, 48, 16  # 48: equal shards for 2 and 3 ranks
 SETTINGS = dict(temperature=2.0, kd_weight=0.8, ce_weight=0.3, beta=0.3)
 
@@ -207,6 +207,51 @@ def ddp_case():
     _close(head.weight.grad, average / world, "DDP weight gradient")
 
 
+def components_case(form, reduction):
+    """return_components over shards equals the single-process parts (the accuracy needs the global row max)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    start, stop = shard_bounds(world, True)[rank]
+    student, teacher, labels = _inputs()
+    labels[1, ::2] = student[1, ::2].argmax(-1)  # some hits
+    settings = dict(SETTINGS, divergence="jsd", reduction=reduction, return_components=True)
+    if form == "logits":
+        _, expected = kdfast.distill_loss(student, teacher, labels, backend="torch", **settings)
+        _, parts = kdfast.distill_loss(student[..., start:stop], teacher[..., start:stop], labels,
+                                       process_group=dist.group.WORLD, vocab_range=(start, stop), **settings)
+    else:
+        ids, logprobs = (t.view(2, ROWS // 2, -1) for t in _sparse_teacher())
+        _, expected = kdfast.sparse_distill_loss(student, ids, logprobs, labels, backend="torch", **settings)
+        _, parts = kdfast.sparse_distill_loss(student[..., start:stop], ids, logprobs, labels,
+                                              process_group=dist.group.WORLD, vocab_range=(start, stop), **settings)
+    for name in ("kd", "ce", "accuracy"):
+        _close(getattr(parts, name), getattr(expected, name), name)
+
+
+def ce_options_case(form):
+    """Label smoothing (eps / V over the global vocabulary) and the z-loss over shards: the loss, its z part and each
+    shard's gradient equal the single process's."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    start, stop = shard_bounds(world, True)[rank]
+    student, teacher, labels = _inputs()
+    settings = dict(SETTINGS, divergence="jsd", label_smoothing=0.1, z_loss_weight=1e-2, return_components=True)
+    full = student.clone().requires_grad_(True)
+    shard = student[..., start:stop].clone().requires_grad_(True)
+    group = dict(process_group=dist.group.WORLD, vocab_range=(start, stop))
+    if form == "logits":
+        expected, expected_parts = kdfast.distill_loss(full, teacher, labels, backend="torch", **settings)
+        loss, parts = kdfast.distill_loss(shard, teacher[..., start:stop], labels, **group, **settings)
+    else:
+        ids, logprobs = (t.view(2, ROWS // 2, -1) for t in _sparse_teacher())
+        expected, expected_parts = kdfast.sparse_distill_loss(full, ids, logprobs, labels, backend="torch", **settings)
+        loss, parts = kdfast.sparse_distill_loss(shard, ids, logprobs, labels, **group, **settings)
+    expected.backward()
+    loss.backward()
+    _close(loss, expected, "loss")
+    _close(parts.z_loss, expected_parts.z_loss, "z-loss part")
+    _close(parts.ce, expected_parts.ce, "smoothed CE part")
+    _close(shard.grad, full.grad[..., start:stop], "gradient shard")
+
+
 def cases(world):
     listed = {}
     for divergence in DIVERGENCES:
@@ -222,6 +267,11 @@ def cases(world):
         listed[f"linear-sparse-{divergence}-none"] = (linear_sparse_case, (divergence, "none"))
     listed["sparse-forward_kl-renormalize-sum-equal"] = (sparse_case, ("forward_kl", "renormalize", "sum", False))
     listed["sparse-jsd-bucket-none-equal"] = (sparse_case, ("jsd", "bucket", "none", False))
+    for form in ("logits", "sparse"):
+        for reduction in ("mean", "none"):
+            listed[f"components-{form}-{reduction}"] = (components_case, (form, reduction))
+    listed["ce-options-logits"] = (ce_options_case, ("logits",))
+    listed["ce-options-sparse"] = (ce_options_case, ("sparse",))
     listed["traffic-is-o-rows"] = (traffic_case, ())
     listed["error-rows-differ"] = (expect_error, ("rows", "same tokens (rows)"))
     listed["error-ranges-gap"] = (expect_error, ("gap", "must tile [0, V)"))

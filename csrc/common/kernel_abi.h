@@ -5,15 +5,36 @@
 
 #include <cstdint>
 
+// Functions both the host and the CUDA kernels call.
+#ifdef __CUDACC__
+#define KDFAST_HOST_DEVICE __host__ __device__
+#else
+#define KDFAST_HOST_DEVICE
+#endif
+
 namespace kdfast {
 
 enum class ScalarKind : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-enum Divergence : int { kForwardKL = 0, kReverseKL = 1, kJSD = 2, kSkewForwardKL = 3, kSkewReverseKL = 4 };
+enum Divergence : int {
+  kForwardKL = 0,
+  kReverseKL = 1,
+  kJSD = 2,
+  kSkewForwardKL = 3,
+  kSkewReverseKL = 4,
+  kTVD = 5  // total variation distance
+};
 
 // docs/DESIGN.md, "Shards and phases".
 enum Phase : int { kPhaseFused = 0, kPhaseStats = 1, kPhaseSums = 2, kPhaseGradient = 3 };
-constexpr int kStatColumns = 3;  // STATS: lse of student at T, teacher at T, student at 1; SUMS: terms, D, label logit
+// STATS: lse of student at T, teacher at T, student at 1; SUMS: terms, D, the CE target's logit (the label's, or with
+// label smoothing eps: (1 - eps) s_label + eps / V * sum_j s_j)
+constexpr int kStatColumns = 3;
+// FUSED: each row's parts before any weight: the divergence, the CE (NaN for a label out of range), the z-loss
+// log(Z)^2 of the student at T = 1, and 1 where the student's largest logit is the label's. The total is formed from
+// them on the Python side.
+constexpr int kPartColumns = 4;
+enum PartColumn : int { kPartKd = 0, kPartCe = 1, kPartZ = 2, kPartCorrect = 3 };
 
 // Positions in the int and float settings lists the ops take.
 enum IntSetting : int {
@@ -25,7 +46,8 @@ enum IntSetting : int {
   kSettingColOffset = 5,
   kSettingSplits = 6,
   kSettingTail = 7,
-  kIntSettingCount = 8
+  kSettingGlobalVocab = 8,
+  kIntSettingCount = 9
 };
 enum FloatSetting : int {
   kSettingBeta = 0,
@@ -33,7 +55,9 @@ enum FloatSetting : int {
   kSettingKdScale = 2,
   kSettingCeWeight = 3,
   kSettingTeacherScale = 4,
-  kFloatSettingCount = 5
+  kSettingLabelSmoothing = 5,
+  kSettingZLossWeight = 6,
+  kFloatSettingCount = 7
 };
 
 // A sparse teacher's treatment of the mass outside its K ids (0: a dense teacher).
@@ -46,7 +70,7 @@ struct DistillArgs {
   const void* teacher;
   void* grad;
   const int64_t* labels;     // [batch * rows_per_batch] global token ids, or null
-  float* out;                // FUSED: loss rows [rows]; STATS / SUMS: [rows, kStatColumns]; GRADIENT: unused
+  float* out;                // FUSED: [rows, kPartColumns]; STATS / SUMS: [rows, kStatColumns]; GRADIENT: unused
   const float* grad_scale;   // one float: the reduction's factor (1/kept rows, 1/num_items, 1)
   const float* row_stats;    // SUMS / GRADIENT: the global log-sum-exps [rows, kStatColumns]
   const float* row_totals;   // GRADIENT: the global SUMS [rows, kStatColumns]
@@ -60,7 +84,12 @@ struct DistillArgs {
   float beta, temperature, inv_temperature, kd_scale, ce_weight;
   int temperature_power;  // 1 or 2 when T is that integer (CE reuses the tempered exps), else 0
   int64_t ignore_index;
-  bool has_kd, has_ce;
+  bool has_kd, has_ce;  // has_ce: the student's statistics at T = 1 are needed (the CE term, or the z-loss alone)
+  // The CE's gradient is soft_coef * softmax(s) - label_coef * onehot - uniform_coef, per row: soft_coef = scale *
+  // (ce_weight + 2 z_loss_weight lse), label_coef = scale * ce_weight (1 - eps), uniform_coef = scale * ce_weight *
+  // eps / global_vocab.
+  float label_smoothing, z_loss_weight;
+  int64_t global_vocab;  // the whole vocabulary (a shard's own columns are `vocab`)
   // the shard: this call's columns are [col_offset, col_offset + vocab) of the global vocabulary
   int phase;
   int64_t col_offset;
@@ -77,6 +106,18 @@ struct DistillArgs {
   int splits;
   float* workspace;
 };
+
+// The CE family's per-row gradient coefficients (see DistillArgs), given the reduction's scale and the row's
+// log-sum-exp at T = 1.
+struct CeCoefficients {
+  float soft, label, uniform;
+};
+KDFAST_HOST_DEVICE inline CeCoefficients ce_coefficients(const DistillArgs& a, float row_scale, float lse) {
+  const float ce = row_scale * a.ce_weight;
+  const float z = a.z_loss_weight != 0.0f ? 2.0f * a.z_loss_weight * lse : 0.0f;  // no 0 * inf for a row of -inf
+  return {row_scale * (a.ce_weight + z), ce * (1.0f - a.label_smoothing),
+          ce * a.label_smoothing / static_cast<float>(a.global_vocab)};
+}
 
 // A mixture (JSD, skews) needs a per-element score and its row sum before its gradient.
 inline bool is_mixture(int divergence) { return divergence != kForwardKL && divergence != kReverseKL; }

@@ -73,7 +73,8 @@ inline PackedCall pack_common(const at::Tensor& student, const std::optional<at:
   a.col_offset = ints[kSettingColOffset];
   a.splits = static_cast<int>(ints[kSettingSplits]);
   a.tail = static_cast<int>(ints[kSettingTail]);
-  TORCH_CHECK(a.divergence >= kForwardKL && a.divergence <= kSkewReverseKL, "unknown divergence code ",
+  a.global_vocab = ints[kSettingGlobalVocab];
+  TORCH_CHECK(a.divergence >= kForwardKL && a.divergence <= kTVD, "unknown divergence code ",
               a.divergence);
   TORCH_CHECK(a.phase >= kPhaseFused && a.phase <= kPhaseGradient, "unknown phase ", a.phase);
   TORCH_CHECK(a.tail >= kTailDense && a.tail <= kTailRenormalize, "unknown tail code ", a.tail);
@@ -85,6 +86,8 @@ inline PackedCall pack_common(const at::Tensor& student, const std::optional<at:
   a.kd_scale = static_cast<float>(floats[kSettingKdScale]);
   a.ce_weight = static_cast<float>(floats[kSettingCeWeight]);
   a.teacher_scale = static_cast<float>(floats[kSettingTeacherScale]);
+  a.label_smoothing = static_cast<float>(floats[kSettingLabelSmoothing]);
+  a.z_loss_weight = static_cast<float>(floats[kSettingZLossWeight]);
   a.temperature_power = temperature == 1.0 ? 1 : (temperature == 2.0 ? 2 : 0);
 
   a.student = student.data_ptr();
@@ -94,6 +97,10 @@ inline PackedCall pack_common(const at::Tensor& student, const std::optional<at:
   a.batch = student.size(0);
   a.rows_per_batch = student.size(1);
   a.vocab = student.size(2);
+  // Unknown (0): a whole row's own columns. A shard's caller passes the whole vocabulary (label smoothing needs it).
+  if (a.global_vocab <= 0) a.global_vocab = a.col_offset + a.vocab;
+  TORCH_CHECK(a.global_vocab >= a.col_offset + a.vocab, "global_vocab ", a.global_vocab, " < the shard's end ",
+              a.col_offset + a.vocab);
   const int64_t rows = a.batch * a.rows_per_batch;
   if (labels.has_value()) {
     KDFAST_CHECK_DEVICE(*labels, device_type);
@@ -128,7 +135,7 @@ inline PackedCall pack_common(const at::Tensor& student, const std::optional<at:
   const auto float_options = student.options().dtype(at::kFloat);
   at::Tensor out;
   if (a.phase == kPhaseFused) {
-    out = at::empty({rows}, float_options);
+    out = at::empty({rows, kPartColumns}, float_options);
   } else if (a.phase == kPhaseGradient) {
     out = at::empty({0}, float_options);
   } else {

@@ -9,8 +9,8 @@
 //   pass 3  the gradient: forward KL straight from the exps (q - p), reverse KL as q (c_j - D) with
 //           c_j = ((s_j - s_r) - (t_j - t_r)) / T, the mixtures as q (d_j - D)
 // Centring on r keeps the gradient near a dominant entry free of cancellation: there q_r ~ 1 and the old
-// u_r - q_r U subtracted two numbers of the loss's size. The student gradient is (kd_scale / T) * dL/da +
-// ce_weight * (softmax(s) - onehot(label)), times the reduction's scale.
+// u_r - q_r U subtracted two numbers of the loss's size. The student gradient is (kd_scale / T) * dL/da plus the
+// CE family's soft * softmax(s) - label * onehot(label) - uniform (kernel_abi.h), times the reduction's scale.
 #include "distill_kernel.h"
 
 #include <limits>
@@ -146,15 +146,19 @@ float mixture_pass(const float* s, const float* t, const DistillArgs& a, const R
 template <typename GradT>
 void process_row(const float* s, const float* t, int64_t row, int64_t label, GradT* g, float row_scale,
                  const DistillArgs& a, Scratch& w, const NextRow& next) {
-  const int64_t local_label = a.has_ce ? label - a.col_offset : -1;
-  const bool held = local_label >= 0 && local_label < a.vocab;
+  const int64_t local_label = a.labels != nullptr ? label - a.col_offset : -1;
+  const bool in_range = local_label >= 0 && local_label < a.vocab;
+  const bool held = a.has_ce && in_range;  // CE's label here
   // Read before the gradient is written: it may overwrite the logits (inplace_backward).
-  const float s_label = held ? s[local_label] : 0.0f;
+  const float s_label = in_range ? s[local_label] : 0.0f;
   if (a.phase == kPhaseSums || a.phase == kPhaseGradient) {
+    // The CE target's logit over these columns, read before the gradient may overwrite them.
+    const bool smoothing = a.phase == kPhaseSums && a.has_ce && a.label_smoothing != 0.0f;
+    const float target = ce_target_logit(a, s_label, smoothing ? shifted_row_sum(s, a.vocab, 0.0f) : 0.0f);
     const ShardSums sums = shard_row(s, t, g, row, row_scale, held ? local_label : -1, a);
     if (a.phase == kPhaseSums) {
       float* out = a.out + row * kStatColumns;
-      out[0] = sums.kd, out[1] = sums.d, out[2] = s_label;
+      out[0] = sums.kd, out[1] = sums.d, out[2] = target;
     }
     return;
   }
@@ -174,18 +178,28 @@ void process_row(const float* s, const float* t, int64_t row, int64_t label, Gra
     kd = mixture_pass(s, t, a, st, w, &row_sum);
     kd_source = kKdFromScores;
   }
+  const float lse_ce = st.ref_ce + st.log_z_ce;  // the student's log-partition at T = 1
+  // Read before the gradient may overwrite the logits (inplace_backward).
+  const float shifted_sum = a.has_ce && a.label_smoothing != 0.0f ? shifted_row_sum(s, a.vocab, st.ref_ce) : 0.0f;
   if (g != nullptr) {
     const GradientTerms terms{s, t, w.exp_teacher.data(), row_sum, row_scale * a.kd_scale * a.inv_temperature,
-                              row_scale * a.ce_weight};
+                              ce_coefficients(a, row_scale, lse_ce)};
     write_gradient(g, kd_source, terms, held ? local_label : -1, a, st, w);
   }
-  const float ce = a.has_ce ? st.log_z_ce - (s_label - st.ref_ce) : 0.0f;
-  a.out[row] = a.kd_scale * kd + a.ce_weight * ce;
+  float* parts = a.out + row * kPartColumns;
+  parts[kPartKd] = kd;
+  // log sum exp(s) - target = log z - (target - ref), the difference taken first (|s| may be ~1e3).
+  parts[kPartCe] = a.has_ce ? st.log_z_ce - ce_target_logit(a, s_label - st.ref_ce, shifted_sum) : 0.0f;
+  parts[kPartZ] = a.z_loss_weight != 0.0f ? lse_ce * lse_ce : 0.0f;
+  parts[kPartCorrect] = in_range && s_label >= st.ref_s ? 1.0f : 0.0f;  // ref_s: the student's largest logit
 }
 
-// A row that contributes nothing (ignored, or a fused row whose label is out of range: NaN).
+// A row that contributes nothing (ignored: 0), or a fused row whose label is out of range (NaN: it poisons the total).
 void write_empty_row(const DistillArgs& a, int64_t row, float loss) {
-  if (a.phase == kPhaseFused) a.out[row] = loss;
+  if (a.phase == kPhaseFused) {
+    float* parts = a.out + row * kPartColumns;
+    parts[kPartKd] = loss, parts[kPartCe] = loss, parts[kPartZ] = loss, parts[kPartCorrect] = 0.0f;
+  }
   if (a.phase == kPhaseStats || a.phase == kPhaseSums) {
     for (int c = 0; c < kStatColumns; ++c) a.out[row * kStatColumns + c] = 0.0f;
   }
@@ -222,7 +236,7 @@ void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
       continue;
     }
     // The host check refuses these; never read out of bounds. (A shard holds only some labels: not an error.)
-    if (a.phase == kPhaseFused && a.has_ce && (label < 0 || label >= a.vocab)) {
+    if (a.phase == kPhaseFused && a.ce_weight != 0.0f && (label < 0 || label >= a.vocab)) {
       write_empty_row(a, row, std::numeric_limits<float>::quiet_NaN());
       if (g != nullptr) zero_row(g, a.vocab);
       continue;

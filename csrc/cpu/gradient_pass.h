@@ -1,5 +1,6 @@
-// The gradient pass of the CPU kernels: (kd_scale / T) * dL/da + ce_weight * (softmax(s) - onehot(label)), times
-// the reduction's scale, from the exps pass 1 kept in scratch. Runtime (kd source, ce source) pairs become one
+// The gradient pass of the CPU kernels: (kd_scale / T) * dL/da plus the CE family's soft * softmax(s) - label *
+// onehot(label) - uniform (kernel_abi.h, CeCoefficients), times the reduction's scale, from the exps pass 1 kept in
+// scratch. Runtime (kd source, ce source) pairs become one
 // branch-free loop instantiation each.
 #pragma once
 
@@ -17,7 +18,8 @@ struct GradientTerms {
   const float* t;
   const float* scores;
   float row_sum;  // D
-  float kd_coef, ce_coef;
+  float kd_coef;
+  CeCoefficients ce;  // the CE family's coefficients (kernel_abi.h)
   float rest_factor = 0.0f;  // kKdFromRestFactor
 };
 
@@ -44,7 +46,11 @@ void write_gradient_loop(GradT* g, const GradientTerms& terms, const RowStats& s
     if constexpr (kCe == kCeFromTempered) ce_part = load<F>(es + j) * st.inv_z_ce;
     if constexpr (kCe == kCeFromTemperedSquared) ce_part = load<F>(es + j) * load<F>(es + j) * st.inv_z_ce;
     if constexpr (kCe == kCeFromOwnExps) ce_part = load<F>(ec + j) * st.inv_z_ce;
-    store_grad(g + j, terms.kd_coef * kd_part + terms.ce_coef * ce_part);
+    if constexpr (kCe == kNoCe) {
+      store_grad(g + j, terms.kd_coef * kd_part);
+    } else {
+      store_grad(g + j, terms.kd_coef * kd_part + terms.ce.soft * ce_part - terms.ce.uniform);
+    }
   });
 }
 
@@ -77,7 +83,7 @@ void write_gradient(GradT* g, KdSource kd_source, const GradientTerms& terms, in
     case kCeFromTemperedSquared: write_gradient_ce<kCeFromTemperedSquared>(g, kd_source, terms, st, w, a); break;
     case kCeFromOwnExps: write_gradient_ce<kCeFromOwnExps>(g, kd_source, terms, st, w, a); break;
   }
-  if (local_label >= 0) from_float(to_float(g[local_label]) - terms.ce_coef, &g[local_label]);
+  if (local_label >= 0) from_float(to_float(g[local_label]) - terms.ce.label, &g[local_label]);
 }
 
 }  // namespace kdfast_cpu

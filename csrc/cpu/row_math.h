@@ -73,6 +73,25 @@ inline float row_max(const float* x, int64_t vocab) {
   return head > tail ? head : tail;
 }
 
+// sum_j (x_j - ref): label smoothing's uniform part of the CE target (its mean logit, relative to ref).
+inline float shifted_row_sum(const float* x, int64_t vocab, float ref) {
+  VFloat acc{};
+  for_lanes(vocab, [&](int64_t j, auto zero) {
+    using F = decltype(zero);
+    accumulate(acc, load<F>(x + j) - ref);
+  });
+  return horizontal_sum(acc);
+}
+
+// The CE's target logit relative to ref: the label's (s_label - ref), or with label smoothing eps
+// (1 - eps)(s_label - ref) + eps / V * sum_j (s_j - ref) over the whole vocabulary (`shifted_sum` covers this call's
+// columns; a shard's partial sums add up over the ranks).
+inline float ce_target_logit(const DistillArgs& a, float s_label_shifted, float shifted_sum) {
+  if (a.label_smoothing == 0.0f) return s_label_shifted;
+  return (1.0f - a.label_smoothing) * s_label_shifted +
+         a.label_smoothing * shifted_sum / static_cast<float>(a.global_vocab);
+}
+
 inline int64_t first_index_of(const float* x, int64_t vocab, float value) {
   for (int64_t j = 0; j < vocab; ++j) {
     if (x[j] == value) return j;
@@ -105,6 +124,12 @@ inline void mixture_term_and_score(int divergence, float beta, float log_beta, f
       const F log_m_over_p = log_add_exp(splat<F>(log_beta), log_1m_beta - x);
       term = -weighted(p, log_m_over_p);
       h = -(1.0f - beta) * fast_exp(-log_m_over_p);
+      break;
+    }
+    case kTVD: {  // 0.5 * sum |p - q|; h its subgradient, -0.5 where q == p (Liger's LigerTVDLoss)
+      const F diff = p - q;
+      term = 0.5f * (diff < 0.0f ? -diff : diff);
+      h = q > p ? splat<F>(0.5f) : splat<F>(-0.5f);
       break;
     }
     default: {  // kSkewReverseKL: KL(q || m), m = (1 - b) p + b q: q / m <= 1 / b

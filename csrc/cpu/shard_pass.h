@@ -20,7 +20,8 @@ struct ShardRow {
   float ref_s, ref_t, ref_ce;  // T lse_s, T lse_t (logit units), lse_c
   float inv_z_ce;              // softmax(s) at T = 1 from the tempered probabilities: q * this (T = 1), q^2 * this
   float total_d;               // GRADIENT: the global D
-  float kd_coef, ce_coef;
+  float kd_coef;
+  CeCoefficients ce;
 };
 
 template <int kKd, int kCe, typename GradT>
@@ -60,7 +61,11 @@ ShardSums shard_loop(const float* s, const float* t, GradT* g, const ShardRow& r
       if constexpr (kCe == kCeFromTempered) ce = q * r.inv_z_ce;
       if constexpr (kCe == kCeFromTemperedSquared) ce = q * q * r.inv_z_ce;
       if constexpr (kCe == kCeFromOwnExps) ce = fast_exp(sj - r.ref_ce);
-      store_grad(g + j, r.kd_coef * grad_kd + r.ce_coef * ce);
+      if constexpr (kCe == kNoCe) {
+        store_grad(g + j, r.kd_coef * grad_kd);
+      } else {
+        store_grad(g + j, r.kd_coef * grad_kd + r.ce.soft * ce - r.ce.uniform);
+      }
     }
   });
   const float kd = horizontal_sum(kd_acc);
@@ -89,7 +94,7 @@ ShardSums shard_row(const float* s, const float* t, GradT* g, int64_t row, float
   r.ref_ce = lse[2];
   r.total_d = a.phase == kPhaseGradient ? a.row_totals[row * kStatColumns + 1] : 0.0f;
   r.kd_coef = row_scale * a.kd_scale * a.inv_temperature;
-  r.ce_coef = row_scale * a.ce_weight;
+  r.ce = ce_coefficients(a, row_scale, lse[2]);
   const ShardKd kd = !a.has_kd ? kShardNoKd
                      : a.divergence == kForwardKL ? kShardForwardKL
                      : a.divergence == kReverseKL ? kShardReverseKL
@@ -110,7 +115,7 @@ ShardSums shard_row(const float* s, const float* t, GradT* g, int64_t row, float
     case kCeFromTemperedSquared: sums = shard_loop_ce<kCeFromTemperedSquared>(kd, s, t, g, r, a); break;
     case kCeFromOwnExps: sums = shard_loop_ce<kCeFromOwnExps>(kd, s, t, g, r, a); break;
   }
-  if (g != nullptr && local_label >= 0) from_float(to_float(g[local_label]) - r.ce_coef, &g[local_label]);
+  if (g != nullptr && local_label >= 0) from_float(to_float(g[local_label]) - r.ce.label, &g[local_label]);
   return sums;
 }
 

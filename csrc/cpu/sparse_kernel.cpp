@@ -210,9 +210,10 @@ void sparse_row(const float* s, const int64_t* ids, int64_t row, int64_t label, 
     const int64_t local = ids[k] - a.col_offset;
     b.column[k] = (ids[k] >= 0 && local >= 0 && local < a.vocab) ? local : -1;
   }
-  const int64_t local_label = a.has_ce ? label - a.col_offset : -1;
-  const bool held = local_label >= 0 && local_label < a.vocab;
-  const float s_label = held ? s[local_label] : 0.0f;  // before the gradient may overwrite the logits
+  const int64_t local_label = a.labels != nullptr ? label - a.col_offset : -1;
+  const bool in_range = local_label >= 0 && local_label < a.vocab;
+  const bool held = a.has_ce && in_range;  // CE's label here
+  const float s_label = in_range ? s[local_label] : 0.0f;  // before the gradient may overwrite the logits
   const bool later_phase = a.phase == kPhaseSums || a.phase == kPhaseGradient;
   const float* given = later_phase ? a.row_stats + row * kStatColumns : nullptr;
   RowStats st{};
@@ -244,31 +245,43 @@ void sparse_row(const float* s, const int64_t* ids, int64_t row, int64_t label, 
     const float* given_d = a.phase == kPhaseGradient ? a.row_totals + row * kStatColumns + 1 : nullptr;
     sums = bucket_math(a, b, a.phase == kPhaseFused, given_d);
   }
+  const float lse_ce = st.ref_ce + st.log_z_ce;  // the student's log-partition at T = 1 (given[2] in later phases)
+  // The CE target's logit over these columns, read before the gradient may overwrite them.
+  const float shifted_sum = a.has_ce && a.label_smoothing != 0.0f && a.phase != kPhaseGradient
+                                ? shifted_row_sum(s, a.vocab, a.phase == kPhaseFused ? st.ref_ce : 0.0f)
+                                : 0.0f;
   if (g != nullptr) {
     GradientTerms terms{s, nullptr, nullptr, 0.0f, row_scale * a.kd_scale * a.inv_temperature,
-                        row_scale * a.ce_weight, sums.rest_factor};
+                        ce_coefficients(a, row_scale, lse_ce), sums.rest_factor};
     write_gradient(g, a.has_kd ? kKdFromRestFactor : kNoKd, terms, -1, a, st, w);
     if (a.has_kd) {
       for (int64_t k = 0; k < k_count; ++k) {
         const int64_t column = b.column[k];
         if (column < 0) continue;
-        const float ce = a.has_ce ? terms.ce_coef * ce_probability(a, st, w, column) : 0.0f;
+        const float ce = a.has_ce ? terms.ce.soft * ce_probability(a, st, w, column) - terms.ce.uniform : 0.0f;
         from_float(terms.kd_coef * b.id_gradients[k] + ce, &g[column]);
       }
     }
-    if (held) from_float(to_float(g[local_label]) - terms.ce_coef, &g[local_label]);
+    if (held) from_float(to_float(g[local_label]) - terms.ce.label, &g[local_label]);
   }
   if (a.phase == kPhaseFused) {
-    const float ce = a.has_ce ? st.log_z_ce - (s_label - st.ref_ce) : 0.0f;
-    a.out[row] = a.kd_scale * sums.kd + a.ce_weight * ce;
+    float* parts = a.out + row * kPartColumns;
+    parts[kPartKd] = sums.kd;
+    parts[kPartCe] = a.has_ce ? st.log_z_ce - ce_target_logit(a, s_label - st.ref_ce, shifted_sum) : 0.0f;
+    parts[kPartZ] = a.z_loss_weight != 0.0f ? lse_ce * lse_ce : 0.0f;
+    parts[kPartCorrect] = in_range && s_label >= st.ref_s ? 1.0f : 0.0f;  // ref_s: the student's largest logit
   } else if (a.phase == kPhaseSums) {
     float* out = a.out + row * kStatColumns;
-    out[0] = sums.kd, out[1] = sums.row_sum, out[2] = s_label;
+    out[0] = sums.kd, out[1] = sums.row_sum, out[2] = ce_target_logit(a, s_label, shifted_sum);
   }
 }
 
+// An ignored row (0), or a fused row with a label or id out of range (NaN: it poisons the total).
 void write_empty_row(const DistillArgs& a, int64_t row, float loss) {
-  if (a.phase == kPhaseFused) a.out[row] = loss;
+  if (a.phase == kPhaseFused) {
+    float* parts = a.out + row * kPartColumns;
+    parts[kPartKd] = loss, parts[kPartCe] = loss, parts[kPartZ] = loss, parts[kPartCorrect] = 0.0f;
+  }
   if (a.phase == kPhaseStats || a.phase == kPhaseSums) {
     for (int c = 0; c < kStatColumns; ++c) a.out[row * kStatColumns + c] = 0.0f;
   }
@@ -296,7 +309,7 @@ void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
       if (g != nullptr) zero_row(g, a.vocab);
       continue;
     }
-    bool poisoned = a.phase == kPhaseFused && a.has_ce && (label < 0 || label >= a.vocab);
+    bool poisoned = a.phase == kPhaseFused && a.ce_weight != 0.0f && (label < 0 || label >= a.vocab);
     for (int64_t k = 0; k < a.topk && a.phase == kPhaseFused && a.has_kd; ++k) {
       poisoned = poisoned || ids[k] < -1 || ids[k] >= a.vocab;  // refused on the host where that costs no sync
     }

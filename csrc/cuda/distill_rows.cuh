@@ -25,7 +25,8 @@ namespace kdfast_cuda {
 using namespace kdfast;  // the divergence and phase codes
 
 constexpr int kThreads = 256;
-constexpr int kWorkspaceStats = kStatsFloats + 1;  // Stats + the student's logit at the label
+// Stats, the student's logit at the label, and (label smoothing) the range's sum of s - its own max
+constexpr int kWorkspaceStats = kStatsFloats + 2;
 constexpr int kWorkspaceTerms = 2;  // mixtures: sum of loss terms, D
 
 struct Launch {
@@ -115,6 +116,9 @@ __device__ __forceinline__ void mixture_terms(int divergence, float beta, float 
     const float log2_m_over_p = log2_add_exp2(log2_beta, log2_1m_beta - x);
     term = -kLn2 * weighted(p, log2_m_over_p);
     h = -(1.0f - beta) * fast_exp2(-log2_m_over_p);
+  } else if (divergence == kTVD) {  // 0.5 * sum |p - q|; h its subgradient, -0.5 where q == p (Liger's)
+    term = 0.5f * fabsf(p - q);
+    h = q > p ? 0.5f : -0.5f;
   } else {  // skew reverse KL: KL(q || m), m = (1 - b) p + b q: q / m <= 1 / b
     const float log2_m_over_q = log2_add_exp2(log2_beta, x + log2_1m_beta);
     term = -kLn2 * weighted(q, log2_m_over_q);
@@ -202,12 +206,16 @@ __device__ __forceinline__ void store_block(S* g, int64_t col, const float (&val
 
 // ---- last pass (fused): the gradient over [begin, end) ----
 // (kd_scale / T) * dL/da + ce_weight * (softmax(s) - onehot(label)), times the reduction's scale.
-template <int MODE, typename S, typename T>
+// kCeExtras: label smoothing or the z-loss is on (their coefficients differ); without them the loop is the plain
+// CE's, whose registers the measured kernels were tuned with.
+template <int MODE, bool kCeExtras = false, typename S, typename T>
 __device__ void range_gradient(const Launch& L, const RowPointers<S, T>& p, const RowConstants& k, float mixture_d,
                                int64_t label, float row_scale, int64_t begin, int64_t end, bool reverse) {
   const DistillArgs& a = L.a;
   const float kd_coef = row_scale * a.kd_scale * a.inv_temperature;
-  const float ce_coef = a.has_ce ? row_scale * a.ce_weight : 0.0f;
+  // The CE family's coefficients (kernel_abi.h): the smoothed target and the z-loss; lse: the student's at T = 1.
+  const CeCoefficients ce =
+      a.has_ce ? ce_coefficients(a, row_scale, k.ref_s + kLn2 * k.log2_z_c) : CeCoefficients{0.0f, 0.0f, 0.0f};
   const int ce_stats = L.ce_stats;
   for_each_block_of_row<MODE != kModeCeOnly>(p, begin, end, reverse, [&](int64_t col, auto& s, auto& t) {
     constexpr int N = kLanesOf<decltype(s)>;
@@ -228,51 +236,86 @@ __device__ void range_gradient(const Launch& L, const RowPointers<S, T>& p, cons
       g[i] = kd_coef * grad_kd;
       if (ce_stats != kCeNone) {
         const float ce_prob = ce_probability(ce_stats, q, s[i], k.ref_s, k.squared_ce, k.log2_z_c);
-        g[i] += ce_coef * (ce_prob - (col + i == label ? 1.0f : 0.0f));
+        if constexpr (kCeExtras) {
+          g[i] += ce.soft * ce_prob - (col + i == label ? ce.label : 0.0f) - ce.uniform;
+        } else {  // soft = label = row_scale * ce_weight, uniform = 0
+          g[i] += ce.soft * (ce_prob - (col + i == label ? 1.0f : 0.0f));
+        }
       }
     }
     store_block(p.g, col, g);
   });
 }
 
+// sum over [begin, end) of s - ref, summed over the block: label smoothing's uniform part of the CE target. Only
+// with label smoothing, and read before any gradient is written over the logits.
+template <typename S, typename T>
+__device__ float range_shifted_sum(const RowPointers<S, T>& p, float ref, int64_t begin, int64_t end,
+                                   float2* scratch) {
+  float acc = 0.0f;
+  for_each_block_of_row<false>(p, begin, end, false, [&](int64_t, auto& s, auto&) {
+    constexpr int N = kLanesOf<decltype(s)>;
+#pragma unroll
+    for (int i = 0; i < N; ++i) acc += s[i] - ref;
+  });
+  return block_sum2<kThreads>(make_float2(acc, 0.0f), scratch).x;
+}
+
+__device__ __forceinline__ bool smoothing(const DistillArgs& a) { return a.has_ce && a.label_smoothing != 0.0f; }
+
+
 template <typename S>
 __device__ void range_zero(S* g, int64_t begin, int64_t end) {
   for (int64_t col = begin + threadIdx.x; col < end; col += kThreads) store1(g + col, 0.0f);
 }
 
-template <int MODE>
-__device__ __forceinline__ float row_loss(const Launch& L, const RowConstants& k, float mixture_kd, bool label_ok,
-                                          float s_label) {
-  const DistillArgs& a = L.a;
-  float loss = 0.0f;
-  if (MODE != kModeCeOnly) loss += a.kd_scale * (MODE == kModeMixture ? mixture_kd : k.closed_kd);
-  // Out-of-range labels are refused on the host where that costs no sync; here they poison the row.
-  // log sum exp(s) - s_label = (max - s_label) + ln z_c, the difference taken first (|s| may be ~1e3).
-  if (a.has_ce) {
-    loss += a.ce_weight * (label_ok ? (k.ref_s - s_label) + kLn2 * k.log2_z_c : __int_as_float(0x7fc00000));
-  }
-  return loss;
-}
-
 struct RowLabel {
-  int64_t label;  // the label's column in this call's range, or -1
+  int64_t label;   // CE's label: its column in this call's range, or -1
+  int64_t column;  // the label's column in this call's range whether or not CE is on (token accuracy), or -1
   bool keep, label_ok;
 };
 
 __device__ __forceinline__ RowLabel row_label(const DistillArgs& a, int64_t row) {
-  RowLabel r{-1, true, false};
+  RowLabel r{-1, -1, true, false};
   if (a.labels) {
     const int64_t label = a.labels[row];
     r.keep = label != a.ignore_index;
     const int64_t local = label - a.col_offset;  // labels are global token ids
-    r.label_ok = a.has_ce && local >= 0 && local < a.vocab;
+    const bool in_range = local >= 0 && local < a.vocab;
+    r.column = in_range ? local : -1;
+    r.label_ok = a.has_ce && in_range;
     r.label = r.label_ok ? local : -1;
   }
   return r;
 }
 
+// A fused row's parts (kPartColumns, before any weight), written by one thread: the divergence, the CE, and whether
+// the label's logit is the row's largest (a tie counts). Out-of-range labels are refused on the host where that
+// costs no sync; here they poison the row. log sum exp(s) - s_label = (max - s_label) + ln z_c, the difference
+// taken first (|s| may be ~1e3).
+template <int MODE>
+__device__ __forceinline__ void write_row_parts(const Launch& L, const RowConstants& k, float mixture_kd,
+                                                bool label_ok, bool in_range, float s_label, float shifted_sum,
+                                                float* parts) {
+  const DistillArgs& a = L.a;
+  const float nan = __int_as_float(0x7fc00000);
+  const bool poisoned = a.ce_weight != 0.0f && !label_ok;
+  const float kd = MODE == kModeCeOnly ? 0.0f : (MODE == kModeMixture ? mixture_kd : k.closed_kd);
+  const float eps = a.label_smoothing;
+  // The CE target's logit relative to the max: the label's, or (1 - eps) s_label + eps mean(s) smoothed.
+  float target = in_range ? s_label - k.ref_s : 0.0f;
+  if (eps != 0.0f) target = (1.0f - eps) * target + eps * shifted_sum / static_cast<float>(a.global_vocab);
+  const float lse = k.ref_s + kLn2 * k.log2_z_c;
+  parts[kPartKd] = poisoned ? nan : kd;
+  parts[kPartCe] = a.has_ce ? (poisoned ? nan : kLn2 * k.log2_z_c - target) : 0.0f;
+  parts[kPartZ] = a.has_ce && a.z_loss_weight != 0.0f ? (poisoned ? nan : lse * lse) : 0.0f;
+  parts[kPartCorrect] = in_range && s_label >= k.ref_s ? 1.0f : 0.0f;
+}
+
 // ---- FUSED, one block per row ----
-template <typename S, typename T, int MODE>
+// EXTRAS: label smoothing or the z-loss (ce_extras), a separate instantiation so that the plain kernels keep their
+// registers.
+template <typename S, typename T, int MODE, bool EXTRAS>
 __global__ void __launch_bounds__(kThreads) distill_row_kernel(const Launch L) {
   __shared__ Stats stats_scratch[kThreads / 32];
   __shared__ float2 sum_scratch[kThreads / 32];
@@ -282,21 +325,32 @@ __global__ void __launch_bounds__(kThreads) distill_row_kernel(const Launch L) {
   const RowLabel lab = row_label(a, row);
   if (!lab.keep) {
     if (p.g) range_zero(p.g, 0, a.vocab);
-    if (threadIdx.x == 0) a.out[row] = 0.0f;
+    if (threadIdx.x < kPartColumns) a.out[row * kPartColumns + threadIdx.x] = 0.0f;
     return;
   }
+  const bool label_ok = lab.label_ok, in_range = lab.column >= 0;  // (flags, not the 64-bit column, stay live)
   // Read before any thread writes the gradient over the logits (inplace_backward); the barriers in the
   // reductions below order it before those writes.
-  const float s_label = (lab.label_ok && threadIdx.x == 0) ? load1(p.s + lab.label) : 0.0f;
+  const float s_label = (lab.column >= 0 && threadIdx.x == 0) ? load1(p.s + lab.column) : 0.0f;
   const Stats st = range_stats<MODE>(L, p, 0, a.vocab, stats_scratch);
   const RowConstants k = row_constants<MODE>(L, st);
   float2 sums = make_float2(0.0f, 0.0f);
   if (MODE == kModeMixture) sums = range_mixture_sums(L, p, k, 0, a.vocab, true, sum_scratch);
+  // Label smoothing's sum, read before the gradient may overwrite the logits; in shared memory, not a register
+  // live through the gradient pass.
+  __shared__ float shifted_sum;
+  if (smoothing(a)) {
+    const float sum = range_shifted_sum(p, k.ref_s, 0, a.vocab, sum_scratch);
+    if (threadIdx.x == 0) shifted_sum = sum;
+  }
   if (p.g) {
     const float row_scale = *a.grad_scale;
-    range_gradient<MODE>(L, p, k, sums.y, lab.label, row_scale, 0, a.vocab, MODE != kModeMixture);
+    range_gradient<MODE, EXTRAS>(L, p, k, sums.y, lab.label, row_scale, 0, a.vocab, MODE != kModeMixture);
   }
-  if (threadIdx.x == 0) a.out[row] = row_loss<MODE>(L, k, sums.x, lab.label_ok, s_label);
+  if (threadIdx.x == 0) {
+    write_row_parts<MODE>(L, k, sums.x, label_ok, in_range, s_label, smoothing(a) ? shifted_sum : 0.0f,
+                          a.out + row * kPartColumns);
+  }
 }
 
 // ---- FUSED, several blocks per row: vocab ranges of 8-element multiples ----
@@ -325,21 +379,39 @@ __device__ __forceinline__ Stats merged_split_stats(const Launch& L, int64_t row
   return total;
 }
 
+// Label smoothing over a split row: each range's sum of s - its own max (workspace), moved to the row's max.
+__device__ __forceinline__ float split_shifted_sum(const Launch& L, int64_t row, float ref) {
+  const DistillArgs& a = L.a;
+  const float* ws = a.workspace + row * a.splits * kWorkspaceStats;
+  const int64_t span = ((a.vocab + a.splits - 1) / a.splits + 7) / 8 * 8;
+  float total = 0.0f;
+  for (int i = 0; i < a.splits; ++i, ws += kWorkspaceStats) {
+    const int64_t begin = min(a.vocab, i * span), count = min(a.vocab, begin + span) - begin;
+    if (count > 0) total += ws[kStatsFloats + 1] + static_cast<float>(count) * (safe_ref(ws[0]) - ref);
+  }
+  return total;
+}
+
 template <typename S, typename T, int MODE>
 __global__ void __launch_bounds__(kThreads) distill_split_stats_kernel(const Launch L) {
   __shared__ Stats stats_scratch[kThreads / 32];
+  __shared__ float2 sum_scratch[kThreads / 32];
   const DistillArgs& a = L.a;
   const Split sp = block_split(a, a.splits);
   const RowLabel lab = row_label(a, sp.row);
   if (!lab.keep) return;
   const RowPointers<S, T> p = row_pointers<S, T>(L, sp.row);
   const Stats st = range_stats<MODE>(L, p, sp.begin, sp.end, stats_scratch);
+  // Label smoothing: this range's sum of s - its own max, read before the gradient kernel may overwrite it.
+  const float range_sum =
+      smoothing(a) ? range_shifted_sum(p, safe_ref(st.m_s), sp.begin, sp.end, sum_scratch) : 0.0f;
   if (threadIdx.x == 0) {
+    a.workspace[(sp.row * a.splits + sp.index) * kWorkspaceStats + kStatsFloats + 1] = range_sum;
     float* ws = a.workspace + (sp.row * a.splits + sp.index) * kWorkspaceStats;
     ws[0] = st.m_s, ws[1] = st.z_s, ws[2] = st.m_t, ws[3] = st.z_t, ws[4] = st.acc, ws[5] = st.z_c;
     ws[6] = st.t_ref, ws[7] = st.ref_col;
     // The label's logit, read here: the gradient kernel may write over the logits (inplace_backward).
-    if (sp.index == 0) ws[kStatsFloats] = lab.label_ok ? load1(p.s + lab.label) : 0.0f;
+    if (sp.index == 0) ws[kStatsFloats] = lab.column >= 0 ? load1(p.s + lab.column) : 0.0f;
   }
 }
 
@@ -360,7 +432,7 @@ __global__ void __launch_bounds__(kThreads) distill_split_mixture_kernel(const L
 }
 
 // Gradient of each range and, from range 0, the row's loss. Without a gradient it runs one block per row.
-template <typename S, typename T, int MODE>
+template <typename S, typename T, int MODE, bool EXTRAS>
 __global__ void __launch_bounds__(kThreads) distill_split_gradient_kernel(const Launch L) {
   const DistillArgs& a = L.a;
   const Split sp = block_split(a, a.grad ? a.splits : 1);
@@ -368,9 +440,10 @@ __global__ void __launch_bounds__(kThreads) distill_split_gradient_kernel(const 
   const RowPointers<S, T> p = row_pointers<S, T>(L, sp.row);
   if (!lab.keep) {
     if (p.g) range_zero(p.g, sp.begin, sp.end);
-    if (sp.index == 0 && threadIdx.x == 0) a.out[sp.row] = 0.0f;
+    if (sp.index == 0 && threadIdx.x < kPartColumns) a.out[sp.row * kPartColumns + threadIdx.x] = 0.0f;
     return;
   }
+  const bool label_ok = lab.label_ok, in_range = lab.column >= 0;
   const RowConstants k = row_constants<MODE>(L, merged_split_stats<MODE>(L, sp.row));
   float2 sums = make_float2(0.0f, 0.0f);
   if (MODE == kModeMixture) {
@@ -378,10 +451,11 @@ __global__ void __launch_bounds__(kThreads) distill_split_gradient_kernel(const 
                       sp.row * a.splits * kWorkspaceTerms;
     for (int i = 0; i < a.splits; ++i) sums.x += ws[2 * i], sums.y += ws[2 * i + 1];
   }
-  if (p.g) range_gradient<MODE>(L, p, k, sums.y, lab.label, *a.grad_scale, sp.begin, sp.end, true);
+  if (p.g) range_gradient<MODE, EXTRAS>(L, p, k, sums.y, lab.label, *a.grad_scale, sp.begin, sp.end, true);
   if (sp.index == 0 && threadIdx.x == 0) {
     const float s_label = a.workspace[sp.row * a.splits * kWorkspaceStats + kStatsFloats];
-    a.out[sp.row] = row_loss<MODE>(L, k, sums.x, lab.label_ok, s_label);
+    const float shifted_sum = smoothing(a) ? split_shifted_sum(L, sp.row, k.ref_s) : 0.0f;
+    write_row_parts<MODE>(L, k, sums.x, label_ok, in_range, s_label, shifted_sum, a.out + sp.row * kPartColumns);
   }
 }
 
@@ -410,7 +484,8 @@ __global__ void __launch_bounds__(kThreads) distill_stats_kernel(const Launch L)
 }
 
 // ---- a vocab shard: SUMS or GRADIENT from the global log-sum-exps, one pass, one block per row ----
-// SUMS out: [divergence terms, D, the label's logit (0 where another rank holds it)]; forward KL and CE also
+// SUMS out: [divergence terms, D, the CE target's logit (the label's, 0 where another rank holds it; smoothed with
+// label smoothing)]; forward KL and CE also
 // write their gradient. GRADIENT: q (c - D) (reverse KL, c = log q - log p), q (h - D) (mixtures).
 template <typename S, typename T, int MODE, int PHASE>
 __global__ void __launch_bounds__(kThreads) distill_shard_kernel(const Launch L) {
@@ -431,12 +506,15 @@ __global__ void __launch_bounds__(kThreads) distill_shard_kernel(const Launch L)
   const float log2_z_t = given[1] * kLog2e;
   const float squared_ce = exp2f(2.0f * log2_z_s - log2_z_c);
   const float total_d = PHASE == kPhaseGradient ? a.row_totals[row * kStatColumns + 1] : 0.0f;
-  const float s_label = (lab.label_ok && threadIdx.x == 0) ? load1(p.s + lab.label) : 0.0f;
+  const float s_label = (lab.column >= 0 && threadIdx.x == 0) ? load1(p.s + lab.column) : 0.0f;
   __syncthreads();  // the label's logit is read before any thread writes the gradient over the logits
   const float row_scale = p.g ? *a.grad_scale : 0.0f;
   const float kd_coef = row_scale * a.kd_scale * a.inv_temperature;
-  const float ce_coef = a.has_ce ? row_scale * a.ce_weight : 0.0f;
+  // The CE family's coefficients (kernel_abi.h), from the global log-sum-exp at T = 1.
+  const CeCoefficients ce = a.has_ce ? ce_coefficients(a, row_scale, given[2]) : CeCoefficients{0.0f, 0.0f, 0.0f};
   const int ce_stats = L.ce_stats;
+  const bool smooth = PHASE == kPhaseSums && smoothing(a);
+  float s_sum = 0.0f;  // label smoothing: this shard's sum of s (references are 0 here)
   float2 acc = make_float2(0.0f, 0.0f);
   for_each_block_of_row<MODE != kModeCeOnly>(p, 0, a.vocab, false, [&](int64_t col, auto& s, auto& t) {
     constexpr int N = kLanesOf<decltype(s)>;
@@ -467,18 +545,22 @@ __global__ void __launch_bounds__(kThreads) distill_shard_kernel(const Launch L)
       g[i] = kd_coef * grad_kd;
       if (ce_stats != kCeNone) {
         const float ce_prob = ce_probability(ce_stats, q, s[i], 0.0f, squared_ce, log2_z_c);
-        g[i] += ce_coef * (ce_prob - (col + i == lab.label ? 1.0f : 0.0f));
+        g[i] += ce.soft * ce_prob - (col + i == lab.label ? ce.label : 0.0f) - ce.uniform;
       }
+      if (smooth) s_sum += s[i];
     }
     if (p.g) store_block(p.g, col, g);
   });
   if (PHASE == kPhaseSums) {
     const float2 sums = block_sum2<kThreads>(acc, sum_scratch);
+    const float shard_sum = smooth ? block_sum2<kThreads>(make_float2(s_sum, 0.0f), sum_scratch).x : 0.0f;
     if (threadIdx.x == 0) {
       float* out = a.out + row * kStatColumns;
       out[0] = sums.x;
       out[1] = MODE == kModeReverseKL ? sums.x : sums.y;
-      out[2] = s_label;
+      // The CE target's logit over these columns: the label's, or smoothed (1 - eps) s_label + eps / V sum s.
+      const float eps = a.label_smoothing;
+      out[2] = smooth ? (1.0f - eps) * s_label + eps * shard_sum / static_cast<float>(a.global_vocab) : s_label;
     }
   }
 }
@@ -486,6 +568,8 @@ __global__ void __launch_bounds__(kThreads) distill_shard_kernel(const Launch L)
 template <typename S, typename T, int MODE>
 cudaError_t launch_mode(const Launch& L, cudaStream_t stream) {
   const int64_t rows = L.a.batch * L.a.rows_per_batch;
+  // Label smoothing or the z-loss: their own instantiations of the fused kernels (see range_gradient).
+  const bool extras = L.a.has_ce && (L.a.label_smoothing != 0.0f || L.a.z_loss_weight != 0.0f);
   const unsigned row_blocks = static_cast<unsigned>(rows);
   switch (L.a.phase) {
     case kPhaseStats:
@@ -505,13 +589,22 @@ cudaError_t launch_mode(const Launch& L, cudaStream_t stream) {
       break;
   }
   if (L.a.splits <= 1) {
-    distill_row_kernel<S, T, MODE><<<row_blocks, kThreads, 0, stream>>>(L);
+    if (extras) {
+      distill_row_kernel<S, T, MODE, true><<<row_blocks, kThreads, 0, stream>>>(L);
+    } else {
+      distill_row_kernel<S, T, MODE, false><<<row_blocks, kThreads, 0, stream>>>(L);
+    }
     return cudaGetLastError();
   }
   const unsigned blocks = static_cast<unsigned>(rows * L.a.splits);
   distill_split_stats_kernel<S, T, MODE><<<blocks, kThreads, 0, stream>>>(L);
   if (MODE == kModeMixture) distill_split_mixture_kernel<S, T><<<blocks, kThreads, 0, stream>>>(L);
-  distill_split_gradient_kernel<S, T, MODE><<<L.a.grad ? blocks : row_blocks, kThreads, 0, stream>>>(L);
+  const unsigned gradient_blocks = L.a.grad ? blocks : row_blocks;
+  if (extras) {
+    distill_split_gradient_kernel<S, T, MODE, true><<<gradient_blocks, kThreads, 0, stream>>>(L);
+  } else {
+    distill_split_gradient_kernel<S, T, MODE, false><<<gradient_blocks, kThreads, 0, stream>>>(L);
+  }
   return cudaGetLastError();
 }
 

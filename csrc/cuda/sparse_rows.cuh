@@ -89,16 +89,20 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(const Launch L) {
     bad |= kKD && a.phase == kPhaseFused && (ids[k] < -1 || ids[k] >= a.vocab);
   }
   // Ids outside [-1, V) (refused on the host where that costs no sync) or a label outside [0, V) poison the row.
-  const bool poisoned = lab.keep && a.phase == kPhaseFused && (__syncthreads_or(bad) || (a.has_ce && !lab.label_ok));
+  const bool poisoned =
+      lab.keep && a.phase == kPhaseFused && (__syncthreads_or(bad) || (a.ce_weight != 0.0f && !lab.label_ok));
   if (!lab.keep || poisoned) {
     if (p.g) range_zero(p.g, 0, a.vocab);
-    if (threadIdx.x == 0 && a.phase == kPhaseFused) a.out[row] = poisoned ? __int_as_float(0x7fc00000) : 0.0f;
+    if (threadIdx.x < kPartColumns && a.phase == kPhaseFused) {  // kd and CE NaN when poisoned; no hit
+      a.out[row * kPartColumns + threadIdx.x] =
+          poisoned && threadIdx.x != kPartCorrect ? __int_as_float(0x7fc00000) : 0.0f;
+    }
     if (threadIdx.x < kStatColumns && (a.phase == kPhaseStats || a.phase == kPhaseSums)) {
       a.out[row * kStatColumns + threadIdx.x] = 0.0f;
     }
     return;
   }
-  const float s_label = (lab.label_ok && threadIdx.x == 0) ? load1(p.s + lab.label) : 0.0f;
+  const float s_label = (lab.column >= 0 && threadIdx.x == 0) ? load1(p.s + lab.column) : 0.0f;
   __syncthreads();  // the label's logit and the ids' are read before any thread writes the gradient over the logits
   const int ce_stats = L.ce_stats;
   float ref = 0.0f, log2_z = 0.0f, log2_z_c = 0.0f, log2_rest = kNegInf;  // log2_rest: relative to log2_z
@@ -148,6 +152,20 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(const Launch L) {
       out[2] = a.has_ce ? kLn2 * (ref * kLog2e + log2_z_c) : 0.0f;
     }
     return;
+  }
+
+  // Label smoothing: sum_j (s_j - ref) over these columns, read before the gradient may overwrite them; kept in
+  // shared memory (thread 0 reads it at the end) rather than a register through the passes below.
+  __shared__ float shifted_sum;
+  if (a.has_ce && a.label_smoothing != 0.0f && a.phase != kPhaseGradient) {
+    float acc = 0.0f;
+    for_each_block_of_row<false>(p, 0, a.vocab, false, [&](int64_t, auto& s, auto&) {
+      constexpr int N = kLanesOf<decltype(s)>;
+#pragma unroll
+      for (int i = 0; i < N; ++i) acc += s[i] - ref;
+    });
+    acc = block_reduce(acc, float_scratch, Add{});
+    if (threadIdx.x == 0) shifted_sum = acc;
   }
 
   // ---- the buckets ----
@@ -236,7 +254,9 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(const Launch L) {
   if (p.g) {
     const float row_scale = *a.grad_scale;
     const float kd_coef = row_scale * a.kd_scale * a.inv_temperature;
-    const float ce_coef = a.has_ce ? row_scale * a.ce_weight : 0.0f;
+    // The CE family's coefficients (kernel_abi.h); lse: the student's at T = 1.
+    const CeCoefficients ce =
+        a.has_ce ? ce_coefficients(a, row_scale, ref + kLn2 * log2_z_c) : CeCoefficients{0.0f, 0.0f, 0.0f};
     const float squared_ce = exp2f(2.0f * log2_z - log2_z_c);
     for_each_block_of_row<false>(p, 0, a.vocab, true, [&](int64_t col, auto& s, auto&) {
       constexpr int N = kLanesOf<decltype(s)>;
@@ -245,36 +265,53 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(const Launch L) {
       for (int i = 0; i < N; ++i) {
         const float q = fast_exp2((s[i] - ref) * L.k - log2_z);
         g[i] = kKD ? kd_coef * weighted(q, rest_factor) : 0.0f;
-        if (ce_stats != kCeNone) {
-          const float ce_prob = ce_probability(ce_stats, q, s[i], ref, squared_ce, log2_z_c);
-          g[i] += ce_coef * (ce_prob - (col + i == lab.label ? 1.0f : 0.0f));
+        if (ce_stats != kCeNone) {  // the label's own term is written once, below
+          g[i] += ce.soft * ce_probability(ce_stats, q, s[i], ref, squared_ce, log2_z_c) - ce.uniform;
         }
       }
       store_block(p.g, col, g);
     });
+    __shared__ int label_is_id;
+    if (threadIdx.x == 0) label_is_id = 0;
+    __syncthreads();  // the ids' columns and the label's are written after the dense pass's
     if (kKD) {
-      __syncthreads();  // the ids' columns are written after the dense pass's
       for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {
         if (sh.column[k] < 0.0f) continue;
         const int64_t col = static_cast<int64_t>(sh.column[k]);
         float g = kd_coef * sh.gradient[k];
         if (ce_stats != kCeNone) {
           const float q = fast_exp2((sh.logit[k] - ref) * L.k - log2_z);
-          const float ce_prob = ce_probability(ce_stats, q, sh.logit[k], ref, squared_ce, log2_z_c);
-          g += ce_coef * (ce_prob - (col == lab.label ? 1.0f : 0.0f));
+          g += ce.soft * ce_probability(ce_stats, q, sh.logit[k], ref, squared_ce, log2_z_c) - ce.uniform;
+          if (col == lab.label) g -= ce.label, label_is_id = 1;
         }
         store1(p.g + col, g);
       }
+      __syncthreads();
+    }
+    // The label's column, when no id wrote it: as the dense pass computed it, plus its own term. (Kept out of the
+    // dense loop, whose registers are at the edge of spilling.)
+    if (threadIdx.x == 0 && lab.label >= 0 && !label_is_id && ce_stats != kCeNone) {
+      const float q = fast_exp2((s_label - ref) * L.k - log2_z);
+      float g = kKD ? kd_coef * weighted(q, rest_factor) : 0.0f;
+      g += ce.soft * ce_probability(ce_stats, q, s_label, ref, squared_ce, log2_z_c) - ce.uniform - ce.label;
+      store1(p.g + lab.label, g);
     }
   }
   if (threadIdx.x == 0) {
+    // The CE target's logit relative to ref: the label's, or (1 - eps) s_label + eps / V sum s smoothed.
+    const float eps = a.label_smoothing;
+    float target = lab.column >= 0 ? s_label - ref : 0.0f;
+    if (eps != 0.0f) target = (1.0f - eps) * target + eps * shifted_sum / static_cast<float>(a.global_vocab);
     if (a.phase == kPhaseFused) {
-      float loss = kKD ? a.kd_scale * kd : 0.0f;
-      if (a.has_ce) loss += a.ce_weight * ((ref - s_label) + kLn2 * log2_z_c);
-      a.out[row] = loss;
+      const float lse = ref + kLn2 * log2_z_c;
+      float* parts = a.out + row * kPartColumns;
+      parts[kPartKd] = kKD ? kd : 0.0f;
+      parts[kPartCe] = a.has_ce ? kLn2 * log2_z_c - target : 0.0f;
+      parts[kPartZ] = a.has_ce && a.z_loss_weight != 0.0f ? lse * lse : 0.0f;
+      parts[kPartCorrect] = lab.column >= 0 && s_label >= ref ? 1.0f : 0.0f;  // ref: the row's largest logit
     } else if (a.phase == kPhaseSums) {
       float* out = a.out + row * kStatColumns;
-      out[0] = kd, out[1] = row_d, out[2] = s_label;
+      out[0] = kd, out[1] = row_d, out[2] = target;  // (ref is 0 here)
     }
   }
 }

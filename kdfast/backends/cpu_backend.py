@@ -14,7 +14,7 @@ def available() -> bool:
 def forward_rows(student, teacher, labels, grad_scale, grad, opts: LossOptions, call: PhaseCall = FUSED):
     ops = load_cpu_extension()  # raises NativeBuildError, saying why, when the kernel cannot be built here
     teacher = teacher if opts.has_kd else student  # unused by the kernel without KD; any valid view will do
-    ints, floats = native_settings(opts, call.phase, call.col_offset)
+    ints, floats = native_settings(opts, call)
     return ops.distill_forward(student, teacher, labels, grad_scale, grad, call.row_stats, call.row_totals, ints,
                                floats)
 
@@ -22,6 +22,6 @@ def forward_rows(student, teacher, labels, grad_scale, grad, opts: LossOptions, 
 def sparse_forward_rows(student, teacher: SparseTargets, labels, grad_scale, grad, opts: LossOptions,
                         call: PhaseCall = FUSED):
     ops = load_cpu_extension()
-    ints, floats = native_settings(opts, call.phase, call.col_offset)
+    ints, floats = native_settings(opts, call)
     return ops.sparse_distill_forward(student, teacher.ids, teacher.logprobs, labels, grad_scale, grad, call.row_stats,
                                       call.row_totals, ints, floats)

@@ -30,7 +30,7 @@ def forward_rows(student, teacher, labels, grad_scale, grad, opts: LossOptions, 
     elif teacher.dtype not in (student.dtype, torch.float32):
         # The kernels pair a teacher of the student's dtype or float32; widening is exact.
         teacher = teacher.float()
-    ints, floats = native_settings(opts, call.phase, call.col_offset, forced_splits())
+    ints, floats = native_settings(opts, call, forced_splits())
     return ops.distill_forward(student, teacher, labels, grad_scale, grad, call.row_stats, call.row_totals, ints,
                                floats)
 
@@ -38,7 +38,7 @@ def forward_rows(student, teacher, labels, grad_scale, grad, opts: LossOptions, 
 def sparse_forward_rows(student, teacher: SparseTargets, labels, grad_scale, grad, opts: LossOptions,
                         call: PhaseCall = FUSED):
     ops = load_cuda_extension()
-    ints, floats = native_settings(opts, call.phase, call.col_offset, forced_splits())
+    ints, floats = native_settings(opts, call, forced_splits())
     teacher = SparseTargets(teacher.ids, teacher.logprobs.float())  # [rows, K]: widening costs nothing to speak of
     return ops.sparse_distill_forward(student, teacher.ids, teacher.logprobs, labels, grad_scale, grad, call.row_stats,
                                       call.row_totals, ints, floats)

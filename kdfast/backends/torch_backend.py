@@ -5,13 +5,11 @@ Works on any device; memory beyond inputs and gradient is a few float32 [chunk, 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from kdfast import divergences
 from kdfast.backends.torch_sparse import sparse_forward_rows  # noqa: F401 (the backend's sparse entry point)
-from kdfast.kernel_abi import FUSED, STAT_COLUMNS, Phase, PhaseCall
+from kdfast.kernel_abi import FUSED, PART_COLUMNS, STAT_COLUMNS, Phase, PhaseCall
 from kdfast.options import LossOptions
 
 # About 64 MiB of float32 per temporary: large enough to keep the vector units busy, small next to [N, V].
@@ -51,34 +49,38 @@ def _chunk_rows(s, t, labels, row_scale, opts: LossOptions, call: PhaseCall, giv
         if call.phase == Phase.GRADIENT:
             row_sum = totals[:, 1]
     held = label_logit = None
-    if labels is not None and opts.has_ce:
+    if labels is not None:
         local = labels - call.col_offset
         held = (local >= 0) & (local < vocab)
         safe = torch.where(held, local, torch.zeros_like(local))
         label_logit = torch.where(held, s.gather(-1, safe[:, None]).squeeze(-1), zeros)
 
+    global_vocab = call.global_vocab or vocab
+    smoothing = opts.has_ce and opts.label_smoothing != 0.0 and call.phase in (Phase.FUSED, Phase.SUMS)
+    # sum_j (s_j - reference): label smoothing's part of the CE target (the reference is 0 on a shard)
+    shifted_sum = (s - ref_c).sum(-1) if smoothing else None
     grad = None
     if want_grad:
         grad = torch.zeros_like(s)
         if opts.has_kd:
             grad += (opts.kd_scale * inv_t) * divergences.kd_gradient(ls, lt, scores, row_sum, opts)
         if opts.has_ce:
-            grad += opts.ce_weight * ((s - ref_c) - log_z_c).exp()
-            grad.scatter_add_(-1, safe[:, None], -opts.ce_weight * held.to(grad.dtype)[:, None])
+            soft, label, uniform = divergences.ce_coefficients(opts, 1.0, (ref_c + log_z_c)[:, 0], global_vocab)
+            grad += soft[:, None] * ((s - ref_c) - log_z_c).exp() - uniform
+            if labels is not None:
+                grad.scatter_add_(-1, safe[:, None], -label * held.to(grad.dtype)[:, None])
         grad *= row_scale
 
     if call.phase == Phase.FUSED:
-        out = opts.kd_scale * kd if opts.has_kd else zeros
-        if opts.has_ce:
-            # log sum exp(s) - s_label = (max - s_label) + log z, the difference taken first.
-            ce = (ref_c[:, 0] - label_logit) + log_z_c[:, 0]
-            # Out-of-range labels (refused on the host where that costs no sync) poison their row, never hide.
-            out = out + opts.ce_weight * torch.where(held, ce, torch.full_like(ce, math.nan))
-            if grad is not None:
-                grad.masked_fill_(~held[:, None], 0.0)
+        out = divergences.fused_parts(kd, label_logit, held, ref_c[:, 0], log_z_c[:, 0], opts, zeros, shifted_sum,
+                                      global_vocab)
+        if opts.needs_labels and grad is not None:
+            grad.masked_fill_(~held[:, None], 0.0)
     elif call.phase == Phase.SUMS:
-        out = torch.stack([kd if kd is not None else zeros, row_sum if row_sum is not None else zeros,
-                           label_logit if label_logit is not None else zeros], dim=-1)
+        target = divergences.ce_target_logit(opts, label_logit if label_logit is not None else zeros, shifted_sum,
+                                             global_vocab)
+        out = torch.stack([kd if kd is not None else zeros, row_sum if row_sum is not None else zeros, target],
+                          dim=-1)
     else:
         out = None
     if keep is not None:
@@ -92,7 +94,7 @@ def _chunk_rows(s, t, labels, row_scale, opts: LossOptions, call: PhaseCall, giv
 def forward_rows(student, teacher, labels, grad_scale, grad, opts: LossOptions, call: PhaseCall = FUSED):
     batch, rows_per_batch, vocab = student.shape
     rows = batch * rows_per_batch
-    shape = {Phase.FUSED: (rows,), Phase.GRADIENT: (0,)}.get(call.phase, (rows, STAT_COLUMNS))
+    shape = {Phase.FUSED: (rows, PART_COLUMNS), Phase.GRADIENT: (0,)}.get(call.phase, (rows, STAT_COLUMNS))
     out = torch.empty(shape, dtype=torch.float32, device=student.device)
     step = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
     for b in range(batch):

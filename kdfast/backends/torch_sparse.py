@@ -9,7 +9,7 @@ import math
 import torch
 
 from kdfast import divergences, sparse_math
-from kdfast.kernel_abi import FUSED, STAT_COLUMNS, Phase, PhaseCall, SparseTargets
+from kdfast.kernel_abi import FUSED, PART_COLUMNS, STAT_COLUMNS, Phase, PhaseCall, SparseTargets
 from kdfast.sparse_options import SparseOptions
 
 _CHUNK_ELEMENTS = 1 << 24
@@ -54,12 +54,16 @@ def _chunk_rows(s, ids, logprobs, labels, row_scale, opts: SparseOptions, call: 
         if want_grad:
             id_gradients, rest_factor = sparse_math.bucket_gradient(log_q_buckets, log_p_buckets, scores, row_sum, opts)
     label_held = label_logit = None
-    if labels is not None and opts.has_ce:
+    if labels is not None:
         local_label = labels - call.col_offset
         label_held = (local_label >= 0) & (local_label < vocab)
         safe_label = torch.where(label_held, local_label, torch.zeros_like(local_label))
         label_logit = torch.where(label_held, s.gather(-1, safe_label[:, None]).squeeze(-1), zeros)
 
+    global_vocab = call.global_vocab or vocab
+    smoothing = opts.has_ce and opts.label_smoothing != 0.0 and call.phase in (Phase.FUSED, Phase.SUMS)
+    # sum_j (s_j - reference): label smoothing's part of the CE target (the reference is 0 on a shard)
+    shifted_sum = (s - ref_c).sum(-1) if smoothing else None
     grad = None
     if want_grad:
         grad = torch.zeros_like(s)
@@ -72,20 +76,22 @@ def _chunk_rows(s, ids, logprobs, labels, row_scale, opts: SparseOptions, call: 
             kd_part = kd_part[:, :vocab]
             grad += (opts.kd_scale * inv_t) * kd_part
         if opts.has_ce:
-            grad += opts.ce_weight * ((s - ref_c) - log_z_c).exp()
-            grad.scatter_add_(-1, safe_label[:, None], -opts.ce_weight * label_held.to(grad.dtype)[:, None])
+            soft, label, uniform = divergences.ce_coefficients(opts, 1.0, (ref_c + log_z_c)[:, 0], global_vocab)
+            grad += soft[:, None] * ((s - ref_c) - log_z_c).exp() - uniform
+            if labels is not None:
+                grad.scatter_add_(-1, safe_label[:, None], -label * label_held.to(grad.dtype)[:, None])
         grad *= row_scale
 
     if call.phase == Phase.FUSED:
-        out = opts.kd_scale * kd if opts.has_kd else zeros
-        if opts.has_ce:
-            ce = (ref_c[:, 0] - label_logit) + log_z_c[:, 0]
-            out = out + opts.ce_weight * torch.where(label_held, ce, torch.full_like(ce, math.nan))
-            if grad is not None:
-                grad.masked_fill_(~label_held[:, None], 0.0)
+        out = divergences.fused_parts(kd, label_logit, label_held, ref_c[:, 0], log_z_c[:, 0], opts, zeros,
+                                      shifted_sum, global_vocab)
+        if opts.needs_labels and grad is not None:
+            grad.masked_fill_(~label_held[:, None], 0.0)
     elif call.phase == Phase.SUMS:
-        out = torch.stack([kd if kd is not None else zeros, row_sum if row_sum is not None else zeros,
-                           label_logit if label_logit is not None else zeros], dim=-1)
+        target = divergences.ce_target_logit(opts, label_logit if label_logit is not None else zeros, shifted_sum,
+                                             global_vocab)
+        out = torch.stack([kd if kd is not None else zeros, row_sum if row_sum is not None else zeros, target],
+                          dim=-1)
     else:
         out = None
     if keep is not None:
@@ -100,7 +106,7 @@ def sparse_forward_rows(student, teacher: SparseTargets, labels, grad_scale, gra
                         call: PhaseCall = FUSED):
     batch, rows_per_batch, vocab = student.shape
     rows = batch * rows_per_batch
-    shape = {Phase.FUSED: (rows,), Phase.GRADIENT: (0,)}.get(call.phase, (rows, STAT_COLUMNS))
+    shape = {Phase.FUSED: (rows, PART_COLUMNS), Phase.GRADIENT: (0,)}.get(call.phase, (rows, STAT_COLUMNS))
     out = torch.empty(shape, dtype=torch.float32, device=student.device)
     step = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
     for b in range(batch):

@@ -60,9 +60,10 @@ def sparse_training_data(teacher_cache, train_dataset, tokenizer):
 
 
 def sparse_options(cache, *, divergence, beta, temperature, teacher_temperature, tail, kd_weight, ce_weight, t2_scale,
-                   backend) -> SparseOptions:
-    """The loss settings against a sparse teacher; a cache's temperature must be the loss's for tail="bucket", and is
-    the default `teacher_temperature` of tail="renormalize" (which re-tempers)."""
+                   backend, **ce_settings) -> SparseOptions:
+    """The loss settings against a sparse teacher (`ce_settings`: label_smoothing, z_loss_weight); a cache's temperature
+    must be the loss's for tail="bucket", and is the default `teacher_temperature` of tail="renormalize" (which
+    re-tempers)."""
     if cache is not None:
         stored = cache.settings.temperature
         if tail == "renormalize" and teacher_temperature is None and stored != temperature:
@@ -73,4 +74,4 @@ def sparse_options(cache, *, divergence, beta, temperature, teacher_temperature,
                              "tail='renormalize', which re-tempers them)")
     return SparseOptions(divergence=divergence, beta=beta, temperature=temperature,
                          teacher_temperature=teacher_temperature, tail=tail, kd_weight=kd_weight, ce_weight=ce_weight,
-                         t2_scale=t2_scale, reduction="mean", backend=backend)
+                         t2_scale=t2_scale, reduction="mean", backend=backend, **ce_settings)

@@ -12,6 +12,7 @@ import torch
 from transformers import Trainer
 
 from kdfast.integrations.causal_lm import batch_distill_loss, batch_sparse_distill_loss, run_through_wrapper
+from kdfast.integrations.logged_parts import LoggedParts
 from kdfast.integrations.sparse_teacher import TEACHER_COLUMNS, sparse_options, sparse_training_data
 from kdfast.options import LossOptions
 from kdfast.teacher_cache.collate import SparseTeacherCollator
@@ -28,7 +29,9 @@ def _floating_dtype(model) -> torch.dtype:
 class DistillationTrainer(Trainer):
     """`Trainer(model=student, ...)` plus a teacher and the loss settings of `kdfast.linear_distill_loss`:
     `total = kd_weight · T² · divergence + ce_weight · CE` per kept token, averaged over the batch's label tokens
-    (`num_items_in_batch`, so gradient accumulation gives the loss of the whole accumulated batch).
+    (`num_items_in_batch`, so gradient accumulation gives the loss of the whole accumulated batch), plus
+    `z_loss_weight · log(Z)²` and the CE's `label_smoothing` when set. The parts are logged beside the loss as
+    `kd_loss`, `ce_loss`, `z_loss` and `token_accuracy`.
 
     The teacher is one of:
     - `teacher_model`: run in eval mode under no_grad, on the student's device and dtype;
@@ -47,7 +50,8 @@ class DistillationTrainer(Trainer):
 
     def __init__(self, model=None, teacher_model=None, args=None, *, teacher_cache=None, divergence="forward_kl",
                  temperature=1.0, kd_weight=0.5, ce_weight=0.5, beta=0.5, t2_scale=True, tail="bucket",
-                 teacher_temperature=None, chunk_size="auto", backend="auto", vocab_size=None, **trainer_kwargs):
+                 teacher_temperature=None, label_smoothing=0.0, z_loss_weight=0.0, chunk_size="auto", backend="auto",
+                 vocab_size=None, **trainer_kwargs):
         if teacher_model is not None and teacher_cache is not None:
             raise ValueError("pass teacher_model or teacher_cache, not both")
         check_chunk_settings(None, chunk_size)
@@ -58,6 +62,7 @@ class DistillationTrainer(Trainer):
         if teacher_model is not None:
             self.distill_options = LossOptions(divergence=divergence, beta=beta, temperature=temperature,
                                                kd_weight=kd_weight, ce_weight=ce_weight, t2_scale=t2_scale,
+                                               label_smoothing=label_smoothing, z_loss_weight=z_loss_weight,
                                                reduction="mean", backend=backend)
         else:
             trainer_kwargs["train_dataset"], self.teacher_cache = sparse_training_data(
@@ -65,10 +70,14 @@ class DistillationTrainer(Trainer):
             self.distill_options = sparse_options(self.teacher_cache, divergence=divergence, beta=beta,
                                                   temperature=temperature, teacher_temperature=teacher_temperature,
                                                   tail=tail, kd_weight=kd_weight, ce_weight=ce_weight,
-                                                  t2_scale=t2_scale, backend=backend)
+                                                  t2_scale=t2_scale, backend=backend,
+                                                  label_smoothing=label_smoothing, z_loss_weight=z_loss_weight)
             if trainer_kwargs.get("data_collator") is None:
                 pad = getattr(tokenizer, "pad_token_id", None)
                 trainer_kwargs["data_collator"] = SparseTeacherCollator(pad_token_id=pad if pad is not None else 0)
+        # The loss's parts come from the same pass; they are logged beside the loss (kd_loss, ce_loss, token_accuracy).
+        self.distill_options = self.distill_options.replace(return_components=True)
+        self._logged_parts = LoggedParts()
         super().__init__(model=model, args=args, **trainer_kwargs)
         tokenizer = self.processing_class
         if vocab_size is None and tokenizer is not None and hasattr(tokenizer, "__len__"):
@@ -128,9 +137,24 @@ class DistillationTrainer(Trainer):
         # Mixed precision comes from the Trainer's settings: the model's own (autocast-wrapped) forward is skipped.
         if self.teacher_model is None:
             with self.accelerator.autocast():
-                return batch_sparse_distill_loss(student, inputs, self.distill_options, chunk_size=self.chunk_size,
-                                                 vocab_size=self.vocab_size, num_items_in_batch=num_items_in_batch)
-        teacher = self.accelerator.unwrap_model(self.teacher_model)
-        with self.accelerator.autocast():
-            return batch_distill_loss(student, teacher, inputs, self.distill_options, chunk_size=self.chunk_size,
-                                      vocab_size=self.vocab_size, num_items_in_batch=num_items_in_batch)
+                loss, parts = batch_sparse_distill_loss(student, inputs, self.distill_options,
+                                                        chunk_size=self.chunk_size, vocab_size=self.vocab_size,
+                                                        num_items_in_batch=num_items_in_batch)
+        else:
+            teacher = self.accelerator.unwrap_model(self.teacher_model)
+            with self.accelerator.autocast():
+                loss, parts = batch_distill_loss(student, teacher, inputs, self.distill_options,
+                                                 chunk_size=self.chunk_size, vocab_size=self.vocab_size,
+                                                 num_items_in_batch=num_items_in_batch)
+        if student.training:
+            # Scaled as compute_loss scales the loss, so that the logged parts add up as the logged loss does.
+            scale = (self.accelerator.num_processes
+                     if self.args.average_tokens_across_devices and num_items_in_batch is not None else 1)
+            self._logged_parts.add(parts, scale)
+        return loss
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs:  # a training log: the parts since the last one, averaged as the Trainer averages the loss
+            steps = max(1, self.state.global_step - getattr(self, "_globalstep_last_logged", 0))
+            logs = {**logs, **self._logged_parts.pop(steps)}
+        return super().log(logs, *args, **kwargs)

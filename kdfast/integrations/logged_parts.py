@@ -1,0 +1,32 @@
+"""The loss's parts (kdfast.LossComponents) summed over a trainer's micro-batches between two logs, kept on the device
+so that no step waits on the host; read once per log."""
+
+from __future__ import annotations
+
+import torch
+
+
+class LoggedParts:
+    def __init__(self):
+        self._sums: dict[str, torch.Tensor] = {}
+        self._batches = 0
+
+    def add(self, parts, scale: float = 1.0) -> None:
+        """`parts`: one micro-batch's LossComponents. kd, ce and z are summed like the loss (each micro-batch's share
+        of its optimizer step); the token accuracy is averaged over micro-batches."""
+        for name, value, factor in (("kd_loss", parts.kd, scale), ("ce_loss", parts.ce, scale),
+                                    ("z_loss", parts.z_loss, scale), ("token_accuracy", parts.accuracy, 1.0)):
+            if value is not None:
+                value = value.detach().float() * factor
+                self._sums[name] = self._sums[name] + value if name in self._sums else value
+        self._batches += 1
+
+    def pop(self, optimizer_steps: int) -> dict[str, float]:
+        """The averages since the last pop (kd_loss, ce_loss, z_loss per optimizer step, token_accuracy per
+        micro-batch), and a fresh start."""
+        out = {}
+        for name, total in self._sums.items():
+            divisor = self._batches if name == "token_accuracy" else optimizer_steps
+            out[name] = round(float(total) / max(1, divisor), 4)
+        self._sums, self._batches = {}, 0
+        return out
