@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from kdfast import divergences
+from kdfast.backends import torch_rows
 from kdfast.backends.torch_sparse import sparse_forward_rows  # noqa: F401 (the backend's sparse entry point)
 from kdfast.kernel_abi import FUSED, PART_COLUMNS, STAT_COLUMNS, Phase, PhaseCall
 from kdfast.options import LossOptions
@@ -48,47 +49,16 @@ def _chunk_rows(s, t, labels, row_scale, opts: LossOptions, call: PhaseCall, giv
         kd, scores, row_sum = divergences.kd_parts(s, t, ls, lt, opts, centre=call.phase == Phase.FUSED)
         if call.phase == Phase.GRADIENT:
             row_sum = totals[:, 1]
-    held = label_logit = None
-    if labels is not None:
-        local = labels - call.col_offset
-        held = (local >= 0) & (local < vocab)
-        safe = torch.where(held, local, torch.zeros_like(local))
-        label_logit = torch.where(held, s.gather(-1, safe[:, None]).squeeze(-1), zeros)
-
-    global_vocab = call.global_vocab or vocab
-    smoothing = opts.has_ce and opts.label_smoothing != 0.0 and call.phase in (Phase.FUSED, Phase.SUMS)
-    # sum_j (s_j - reference): label smoothing's part of the CE target (the reference is 0 on a shard)
-    shifted_sum = (s - ref_c).sum(-1) if smoothing else None
+    label_cols = torch_rows.label_columns(s, labels, ref_c, opts, call, zeros)
     grad = None
     if want_grad:
         grad = torch.zeros_like(s)
         if opts.has_kd:
             grad += (opts.kd_scale * inv_t) * divergences.kd_gradient(ls, lt, scores, row_sum, opts)
         if opts.has_ce:
-            soft, label, uniform = divergences.ce_coefficients(opts, 1.0, (ref_c + log_z_c)[:, 0], global_vocab)
-            grad += soft[:, None] * ((s - ref_c) - log_z_c).exp() - uniform
-            if labels is not None:
-                grad.scatter_add_(-1, safe[:, None], -label * held.to(grad.dtype)[:, None])
+            torch_rows.add_ce_gradient(grad, s, ref_c, log_z_c, label_cols, opts)
         grad *= row_scale
-
-    if call.phase == Phase.FUSED:
-        out = divergences.fused_parts(kd, label_logit, held, ref_c[:, 0], log_z_c[:, 0], opts, zeros, shifted_sum,
-                                      global_vocab)
-        if opts.needs_labels and grad is not None:
-            grad.masked_fill_(~held[:, None], 0.0)
-    elif call.phase == Phase.SUMS:
-        target = divergences.ce_target_logit(opts, label_logit if label_logit is not None else zeros, shifted_sum,
-                                             global_vocab)
-        out = torch.stack([kd if kd is not None else zeros, row_sum if row_sum is not None else zeros, target],
-                          dim=-1)
-    else:
-        out = None
-    if keep is not None:
-        if out is not None:
-            out = torch.where(keep.view(-1, *([1] * (out.dim() - 1))), out, torch.zeros_like(out))
-        if grad is not None:
-            grad.masked_fill_(~keep[:, None], 0.0)  # a fill, not a product: NaN in an ignored row stays out
-    return out, grad
+    return torch_rows.phase_outputs(kd, row_sum, label_cols, ref_c, log_z_c, keep, grad, opts, call, zeros)
 
 
 def forward_rows(student, teacher, labels, grad_scale, grad, opts: LossOptions, call: PhaseCall = FUSED):

@@ -9,6 +9,7 @@ import math
 import torch
 
 from kdfast import divergences, sparse_math
+from kdfast.backends import torch_rows
 from kdfast.kernel_abi import FUSED, PART_COLUMNS, STAT_COLUMNS, Phase, PhaseCall, SparseTargets
 from kdfast.sparse_options import SparseOptions
 
@@ -53,17 +54,7 @@ def _chunk_rows(s, ids, logprobs, labels, row_scale, opts: SparseOptions, call: 
             row_sum = totals[:, 1]
         if want_grad:
             id_gradients, rest_factor = sparse_math.bucket_gradient(log_q_buckets, log_p_buckets, scores, row_sum, opts)
-    label_held = label_logit = None
-    if labels is not None:
-        local_label = labels - call.col_offset
-        label_held = (local_label >= 0) & (local_label < vocab)
-        safe_label = torch.where(label_held, local_label, torch.zeros_like(local_label))
-        label_logit = torch.where(label_held, s.gather(-1, safe_label[:, None]).squeeze(-1), zeros)
-
-    global_vocab = call.global_vocab or vocab
-    smoothing = opts.has_ce and opts.label_smoothing != 0.0 and call.phase in (Phase.FUSED, Phase.SUMS)
-    # sum_j (s_j - reference): label smoothing's part of the CE target (the reference is 0 on a shard)
-    shifted_sum = (s - ref_c).sum(-1) if smoothing else None
+    label_cols = torch_rows.label_columns(s, labels, ref_c, opts, call, zeros)
     grad = None
     if want_grad:
         grad = torch.zeros_like(s)
@@ -76,30 +67,9 @@ def _chunk_rows(s, ids, logprobs, labels, row_scale, opts: SparseOptions, call: 
             kd_part = kd_part[:, :vocab]
             grad += (opts.kd_scale * inv_t) * kd_part
         if opts.has_ce:
-            soft, label, uniform = divergences.ce_coefficients(opts, 1.0, (ref_c + log_z_c)[:, 0], global_vocab)
-            grad += soft[:, None] * ((s - ref_c) - log_z_c).exp() - uniform
-            if labels is not None:
-                grad.scatter_add_(-1, safe_label[:, None], -label * label_held.to(grad.dtype)[:, None])
+            torch_rows.add_ce_gradient(grad, s, ref_c, log_z_c, label_cols, opts)
         grad *= row_scale
-
-    if call.phase == Phase.FUSED:
-        out = divergences.fused_parts(kd, label_logit, label_held, ref_c[:, 0], log_z_c[:, 0], opts, zeros,
-                                      shifted_sum, global_vocab)
-        if opts.needs_labels and grad is not None:
-            grad.masked_fill_(~label_held[:, None], 0.0)
-    elif call.phase == Phase.SUMS:
-        target = divergences.ce_target_logit(opts, label_logit if label_logit is not None else zeros, shifted_sum,
-                                             global_vocab)
-        out = torch.stack([kd if kd is not None else zeros, row_sum if row_sum is not None else zeros, target],
-                          dim=-1)
-    else:
-        out = None
-    if keep is not None:
-        if out is not None:
-            out = torch.where(keep.view(-1, *([1] * (out.dim() - 1))), out, torch.zeros_like(out))
-        if grad is not None:
-            grad.masked_fill_(~keep[:, None], 0.0)
-    return out, grad
+    return torch_rows.phase_outputs(kd, row_sum, label_cols, ref_c, log_z_c, keep, grad, opts, call, zeros)
 
 
 def sparse_forward_rows(student, teacher: SparseTargets, labels, grad_scale, grad, opts: SparseOptions,
