@@ -108,6 +108,54 @@ def _ce_grad(s, q, ref_c, log_z_c, cols, local_label, soft_coef, label_coef, uni
 
 
 @triton.jit
+def _ce_target(in_range, s_label, ref, s_acc, label_smoothing, inv_global_vocab, SMOOTH: tl.constexpr):
+    """The CE target's logit relative to ref: the label's, or (1 - eps) s_label + eps mean(s) with label smoothing
+    (s_acc: a block of partial sums of s - ref)."""
+    target = tl.where(in_range, s_label - ref, 0.0)
+    if SMOOTH:
+        target = (1.0 - label_smoothing) * target + label_smoothing * inv_global_vocab * tl.sum(s_acc, axis=0)
+    return target
+
+
+@triton.jit
+def _store_outputs(out_ptr, row, kd, row_d, target, log_z_c, lse_c, hit, z_loss_weight, HAS_KD: tl.constexpr,
+                   HAS_CE: tl.constexpr, PHASE: tl.constexpr):
+    """FUSED: the row's parts (kernel_abi.PART_COLUMNS); SUMS: [divergence terms, D, the CE target's logit]."""
+    if PHASE == FUSED:
+        kd_part = 0.0
+        if HAS_KD:  # (without KD a kernel's divergence statistics may be 0 / 0)
+            kd_part = kd
+        ce = 0.0
+        z = 0.0
+        if HAS_CE:
+            # log sum exp(s) - target = log z - (target - max), the difference taken first.
+            ce = log_z_c - target
+            z = tl.where(z_loss_weight != 0.0, lse_c * lse_c, 0.0)
+        tl.store(out_ptr + row * PARTS + PART_KD, kd_part)
+        tl.store(out_ptr + row * PARTS + PART_CE, ce)
+        tl.store(out_ptr + row * PARTS + PART_Z, z)
+        tl.store(out_ptr + row * PARTS + PART_CORRECT, tl.where(hit, 1.0, 0.0))
+    elif PHASE == SUMS:
+        tl.store(out_ptr + row * COLUMNS, kd)
+        tl.store(out_ptr + row * COLUMNS + 1, row_d)
+        tl.store(out_ptr + row * COLUMNS + 2, target)
+
+
+@triton.jit
+def _store_skipped_row(out_ptr, row, poisoned, PHASE: tl.constexpr):
+    """An ignored row's outputs (0), or a fused row's with a label or id out of range (NaN: it poisons the total)."""
+    if PHASE == FUSED:
+        empty = tl.where(poisoned, float("nan"), 0.0)
+        tl.store(out_ptr + row * PARTS + PART_KD, empty)
+        tl.store(out_ptr + row * PARTS + PART_CE, empty)
+        tl.store(out_ptr + row * PARTS + PART_Z, empty)
+        tl.store(out_ptr + row * PARTS + PART_CORRECT, 0.0)
+    elif PHASE != GRADIENT:
+        for column in tl.static_range(COLUMNS):
+            tl.store(out_ptr + row * COLUMNS + column, 0.0)
+
+
+@triton.jit
 def distill_fwd_kernel(
     # data ptrs
     student_ptr, teacher_ptr, labels_ptr, grad_ptr, out_ptr, grad_scale_ptr, row_stats_ptr, row_totals_ptr,
@@ -300,10 +348,7 @@ def distill_fwd_kernel(
                     tl.store(g_row + cols, grad.to(g_row.dtype.element_ty), mask=mask)
             kd = tl.sum(kd_acc, axis=0)
             row_d = tl.sum(d_acc, axis=0)
-            # The CE target's logit relative to ref_c: the label's, or (1 - eps) s_label + eps mean(s) smoothed.
-            target = tl.where(in_range, s_label - ref_c, 0.0)
-            if SMOOTH:
-                target = (1.0 - label_smoothing) * target + label_smoothing * inv_global_vocab * tl.sum(s_acc, axis=0)
+            target = _ce_target(in_range, s_label, ref_c, s_acc, label_smoothing, inv_global_vocab, SMOOTH)
             if (DIVERGENCE == REVERSE_KL) & (PHASE == FUSED):
                 row_d = rkl_d
                 # No teacher mass where the student has some: reverse KL is +inf (the sum may have met inf - inf).
@@ -329,35 +374,11 @@ def distill_fwd_kernel(
                                          uniform_coef, CE_FROM_TEMPERED)
                     tl.store(g_row + cols, grad.to(g_row.dtype.element_ty), mask=mask)
 
-            if PHASE == FUSED:
-                ce = 0.0
-                z = 0.0
-                if HAS_CE:
-                    # log sum exp(s) - target = log z - (target - max), the difference taken first.
-                    ce = log_z_c - target
-                    z = tl.where(z_loss_weight != 0.0, lse_c * lse_c, 0.0)
-                kd_part = 0.0
-                if HAS_KD:  # (without KD the reverse-KL statistics above are 0 / 0)
-                    kd_part = kd
-                tl.store(out_ptr + row * PARTS + PART_KD, kd_part)
-                tl.store(out_ptr + row * PARTS + PART_CE, ce)
-                tl.store(out_ptr + row * PARTS + PART_Z, z)
-                # ref_s: the row's largest logit (a tie counts as a hit)
-                tl.store(out_ptr + row * PARTS + PART_CORRECT, tl.where(in_range & (s_label >= ref_s), 1.0, 0.0))
-            elif PHASE == SUMS:
-                tl.store(out_ptr + row * COLUMNS, kd)
-                tl.store(out_ptr + row * COLUMNS + 1, row_d)
-                tl.store(out_ptr + row * COLUMNS + 2, target)  # (ref_c is 0 here)
+            # ref_s: the row's largest logit (a tie counts as a hit); in SUMS ref_c is 0
+            _store_outputs(out_ptr, row, kd, row_d, target, log_z_c, lse_c, in_range & (s_label >= ref_s),
+                           z_loss_weight, HAS_KD, HAS_CE, PHASE)
     else:
-        if PHASE == FUSED:
-            empty = tl.where(poisoned, float("nan"), 0.0)  # a label out of range poisons the total
-            tl.store(out_ptr + row * PARTS + PART_KD, empty)
-            tl.store(out_ptr + row * PARTS + PART_CE, empty)
-            tl.store(out_ptr + row * PARTS + PART_Z, empty)
-            tl.store(out_ptr + row * PARTS + PART_CORRECT, 0.0)
-        elif PHASE != GRADIENT:
-            for column in tl.static_range(COLUMNS):
-                tl.store(out_ptr + row * COLUMNS + column, 0.0)
+        _store_skipped_row(out_ptr, row, poisoned, PHASE)  # a label out of range poisons the total
         if WRITE_GRAD:
             for start in range(0, vocab, BLOCK_V):
                 cols = start + offsets

@@ -25,17 +25,15 @@ from kdfast.kernels.distill import (
     FORWARD_KL,
     FUSED,
     GRADIENT,
-    PART_CE,
-    PART_CORRECT,
-    PART_KD,
-    PART_Z,
-    PARTS,
     REVERSE_KL,
     STATS,
     SUMS,
+    _ce_target,
     _finite_or_zero,
     _load,
     _mixture_term_and_score,
+    _store_outputs,
+    _store_skipped_row,
     _weighted,
     launch_config,
 )
@@ -268,35 +266,12 @@ def sparse_fwd_kernel(
                             - uniform_coef
                     tl.store(g_row + safe_ids, grad_ids.to(g_row.dtype.element_ty), mask=held)
 
-            # The CE target's logit relative to ref: the label's, or (1 - eps) s_label + eps mean(s) smoothed.
-            target = tl.where(label_in_range, s_label - ref, 0.0)
-            if SMOOTH:
-                target = (1.0 - label_smoothing) * target + label_smoothing * inv_global_vocab * tl.sum(s_acc, axis=0)
-            if PHASE == FUSED:
-                ce = 0.0
-                z_part = 0.0
-                if HAS_CE:
-                    ce = log_z_c - target
-                    z_part = tl.where(z_loss_weight != 0.0, lse_c * lse_c, 0.0)
-                tl.store(out_ptr + row * PARTS + PART_KD, kd)
-                tl.store(out_ptr + row * PARTS + PART_CE, ce)
-                tl.store(out_ptr + row * PARTS + PART_Z, z_part)
-                # ref: the row's largest logit (a tie counts as a hit)
-                tl.store(out_ptr + row * PARTS + PART_CORRECT, tl.where(label_in_range & (s_label >= ref), 1.0, 0.0))
-            elif PHASE == SUMS:
-                tl.store(out_ptr + row * COLUMNS, kd)
-                tl.store(out_ptr + row * COLUMNS + 1, row_d)
-                tl.store(out_ptr + row * COLUMNS + 2, target)  # (ref is 0 here)
+            target = _ce_target(label_in_range, s_label, ref, s_acc, label_smoothing, inv_global_vocab, SMOOTH)
+            # ref: the row's largest logit (a tie counts as a hit); in SUMS it is 0
+            _store_outputs(out_ptr, row, kd, row_d, target, log_z_c, lse_c, label_in_range & (s_label >= ref),
+                           z_loss_weight, HAS_KD, HAS_CE, PHASE)
     else:
-        if PHASE == FUSED:
-            empty = tl.where(poisoned, float("nan"), 0.0)  # a label or id out of range poisons the total
-            tl.store(out_ptr + row * PARTS + PART_KD, empty)
-            tl.store(out_ptr + row * PARTS + PART_CE, empty)
-            tl.store(out_ptr + row * PARTS + PART_Z, empty)
-            tl.store(out_ptr + row * PARTS + PART_CORRECT, 0.0)
-        elif PHASE != GRADIENT:
-            for column in tl.static_range(COLUMNS):
-                tl.store(out_ptr + row * COLUMNS + column, 0.0)
+        _store_skipped_row(out_ptr, row, poisoned, PHASE)  # a label or id out of range poisons the total
         if WRITE_GRAD:
             for start in range(0, vocab, BLOCK_V):
                 cols = start + offsets
