@@ -128,8 +128,9 @@ def batch_distill_loss(student, teacher, inputs, options: LossOptions, *, chunk_
 def run_through_wrapper(wrapper, inner, fn, *args):
     """Calls fn(*args) as `inner`'s forward, entered through `wrapper` (DDP, a DeepSpeed engine), so the wrapper
     still does its per-forward work (DDP's gradient-sync set-up, ZeRO-3's hooks) though the loss skips the model's
-    own forward. Without a wrapper it is fn(*args)."""
-    if wrapper is inner:
+    own forward. An FSDP2 model is its own wrapper: its forward hooks gather the root's parameters (embeddings, LM
+    head), which calling its decoder directly would leave sharded. Without a wrapper it is fn(*args)."""
+    if wrapper is inner and not _is_fsdp2(inner):
         return fn(*args)
     had_own_forward = "forward" in inner.__dict__
     original = inner.forward
@@ -149,6 +150,14 @@ def run_through_wrapper(wrapper, inner, fn, *args):
         return wrapper(*args)
     finally:
         restore()
+
+
+def _is_fsdp2(module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed support
+        return False
+    return isinstance(module, FSDPModule)
 
 
 def sparse_distill_from_hidden(student, student_hidden, teacher_ids, teacher_logprobs, labels,
