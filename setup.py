@@ -26,10 +26,10 @@ setup(
         # The trainer integrations, `kdfast distill` and `kdfast teacher-cache` (tokenizers comes with transformers;
         # safetensors holds the teacher cache's shards).
         "integrations": ["transformers>=4.44", "trl>=0.12", "rich>=13", "matplotlib>=3.7", "safetensors>=0.4"],
-        # liger-kernel: the side-by-side benchmarks; peft: the LoRA-student tests.
+        # liger-kernel: the side-by-side benchmarks; peft: the LoRA-student tests; deepspeed: ZeRO-3 on 2 CPU ranks.
         "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "triton>=3.0", "trl>=0.12", "transformers>=4.44",
                 "liger-kernel>=0.5", "rich>=13", "matplotlib>=3.7", "peft>=0.13", "safetensors>=0.4",
-                "datasets>=2.18"],
+                "datasets>=2.18", "deepspeed>=0.16"],
     },
     entry_points={"console_scripts": ["kdfast = kdfast.cli:main"]},
 )

@@ -85,9 +85,13 @@ def gathered(*params):
 
 def _zero3_gather(params):
     import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
+    # Only what is sharded now: a parameter ZeRO-3 keeps whole (below its persistence threshold) or one a module's
+    # forward has already gathered must not be released on exit (DeepSpeed refuses to free an active parameter).
+    sharded = [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
     # modifier_rank=None: read-only, nothing is written back to the shards on exit.
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return deepspeed.zero.GatheredParameters(sharded, modifier_rank=None) if sharded else contextlib.nullcontext()
 
 
 def distill_from_hidden(student, teacher, student_hidden, teacher_hidden, labels, options: LossOptions, *,
