@@ -6,7 +6,6 @@ process. Every rank runs the same batch, so the averaged gradients are the singl
 from __future__ import annotations
 
 import os
-import traceback
 
 import torch
 
@@ -60,14 +59,8 @@ def run_all(rank, world, port, out_path):
                       LOCAL_RANK=str(rank), LOCAL_SIZE=str(world), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     import deepspeed
+    from rank_cases import run_cases
 
     deepspeed.init_distributed(dist_backend="gloo")
-    results = {}
-    for name, case in CASES.items():
-        try:
-            case()
-            results[name] = None
-        except Exception:  # noqa: BLE001 (reported per case)
-            results[name] = traceback.format_exc()
-    torch.save(results, out_path)
+    run_cases(CASES, out_path)
     torch.distributed.destroy_process_group()

@@ -5,7 +5,6 @@ own forward as DistillationTrainer enters it), against the same student unsharde
 from __future__ import annotations
 
 import functools
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -95,14 +94,9 @@ CASES = {"dense-teacher": functools.partial(steps_case, False), "sparse-teacher"
 
 
 def run_all(rank, world, store_path, out_path):
+    from rank_cases import run_cases
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
-    results = {}
-    for name, case in CASES.items():
-        try:
-            case()
-            results[name] = None
-        except Exception:  # noqa: BLE001 (reported per case)
-            results[name] = traceback.format_exc()
-    torch.save(results, out_path)
+    run_cases(CASES, out_path)
     dist.destroy_process_group()

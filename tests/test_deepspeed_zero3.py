@@ -5,8 +5,7 @@ import socket
 
 import deepspeed_cases
 import pytest
-import torch
-import torch.multiprocessing as mp
+from rank_cases import failures, spawn_ranks
 
 WORLD = 2
 
@@ -19,13 +18,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("zero3")
-    outs = [str(folder / f"rank{rank}.pt") for rank in range(WORLD)]
-    context = mp.start_processes(_worker, args=(WORLD, _free_port(), outs), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    while not context.join(timeout=300):
-        pass
-    return [torch.load(out) for out in outs]
+    return spawn_ranks(_worker, WORLD, tmp_path_factory.mktemp("zero3"), _free_port())
 
 
 def _worker(rank, world, port, outs):
@@ -34,5 +27,5 @@ def _worker(rank, world, port, outs):
 
 @pytest.mark.parametrize("case", list(deepspeed_cases.CASES))
 def test_case_on_every_rank(outcomes, case):
-    failed = {rank: results[case] for rank, results in enumerate(outcomes) if results[case] is not None}
-    assert not failed, "\n".join(f"rank {rank}:\n{error}" for rank, error in failed.items())
+    failed = failures(outcomes, case)
+    assert not failed, failed

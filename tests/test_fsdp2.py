@@ -4,8 +4,7 @@ sparse teacher. Each case is reported as its own test."""
 
 import fsdp2_cases
 import pytest
-import torch
-import torch.multiprocessing as mp
+from rank_cases import failures, spawn_ranks
 
 WORLD = 2
 
@@ -13,12 +12,7 @@ WORLD = 2
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fsdp2")
-    outs = [str(folder / f"rank{rank}.pt") for rank in range(WORLD)]
-    context = mp.start_processes(_worker, args=(WORLD, str(folder / "store"), outs), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    while not context.join(timeout=300):
-        pass
-    return [torch.load(out) for out in outs]
+    return spawn_ranks(_worker, WORLD, folder, str(folder / "store"))
 
 
 def _worker(rank, world, store, outs):
@@ -27,5 +21,5 @@ def _worker(rank, world, store, outs):
 
 @pytest.mark.parametrize("case", list(fsdp2_cases.CASES))
 def test_case_on_every_rank(outcomes, case):
-    failed = {rank: results[case] for rank, results in enumerate(outcomes) if results[case] is not None}
-    assert not failed, "\n".join(f"rank {rank}:\n{error}" for rank, error in failed.items())
+    failed = failures(outcomes, case)
+    assert not failed, failed

@@ -1,0 +1,36 @@
+"""The harness of the multi-process tests: each spawned rank runs every case and saves {case: None or the failure's
+traceback}; the test process collects them and reports each case as its own test."""
+
+from __future__ import annotations
+
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+
+def run_cases(cases: dict, out_path: str) -> None:
+    """On a rank: runs every case, saving None or the failure's text per case."""
+    results = {}
+    for name, case in cases.items():
+        try:
+            case()
+            results[name] = None
+        except Exception:  # noqa: BLE001 (reported per case)
+            results[name] = traceback.format_exc()
+    torch.save(results, out_path)
+
+
+def spawn_ranks(worker, world: int, folder, *args) -> list[dict]:
+    """Runs worker(rank, world, *args, out_paths) on `world` spawned ranks; returns each rank's results."""
+    outs = [str(folder / f"rank{rank}.pt") for rank in range(world)]
+    context = mp.start_processes(worker, args=(world, *args, outs), nprocs=world, join=False, start_method="spawn")
+    while not context.join(timeout=300):
+        pass
+    return [torch.load(out) for out in outs]
+
+
+def failures(outcomes: list[dict], case: str) -> str:
+    """The failures of `case` over the ranks, as one text ('' when none)."""
+    return "\n".join(f"rank {rank}:\n{results[case]}" for rank, results in enumerate(outcomes)
+                     if results[case] is not None)
