@@ -116,8 +116,8 @@ def ce_coefficients(opts: LossOptions, row_scale, lse, vocab: int):
     return soft, ce * (1.0 - opts.label_smoothing), ce * (opts.label_smoothing / vocab)
 
 
-def fused_parts(kd, label_logit, held, row_max, log_z_c, opts: LossOptions, zeros, shifted_sum=None,
-                vocab: int = 1) -> torch.Tensor:
+def fused_parts(kd, label_logit, held, row_max, log_z_c, opts: LossOptions, zeros, shifted_sum,
+                vocab: int) -> torch.Tensor:
     """A FUSED chunk's parts [R, PART_COLUMNS]: the divergence, the CE, the z-loss log(Z)^2 (student, T = 1) and
     whether the label's logit is the row's largest (ties count). A label out of range (refused on the host where
     that costs no sync) poisons its row with NaN, never hides. `shifted_sum`: sum_j (s_j - row_max) for label

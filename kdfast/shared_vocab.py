@@ -24,7 +24,7 @@ def mismatch_hint(student_width: int, teacher_width: int) -> str:
 
 
 def shared_rows(tensor: torch.Tensor | None, vocab_size: int | None) -> torch.Tensor | None:
-    """A head's weight or bias (or a logits tensor's columns when `columns`) cut to the shared vocabulary: a view."""
+    """A head's weight or bias cut to the shared vocabulary's rows: a view."""
     if tensor is None or vocab_size is None or tensor.shape[0] == vocab_size:
         return tensor
     return tensor[:vocab_size]
@@ -60,11 +60,12 @@ def heads_cut_to_vocab(opts, process_group, student_weight, student_bias, teache
     if isinstance(teacher_weight, torch.Tensor):
         widths["teacher_weight"] = teacher_weight.shape[0]
     check_vocab_size(opts.vocab_size, **widths)
+
     def cut(weight, bias):
+        if not isinstance(weight, torch.Tensor):
+            return weight, bias
         # A bias is cut with its weight only when it matches it: any other shape is refused by the input checks.
-        matching = isinstance(bias, torch.Tensor) and isinstance(weight, torch.Tensor) and \
-            bias.shape[:1] == weight.shape[:1]
-        return (shared_rows(weight, opts.vocab_size) if isinstance(weight, torch.Tensor) else weight,
-                shared_rows(bias, opts.vocab_size) if matching else bias)
+        matching = isinstance(bias, torch.Tensor) and bias.shape[:1] == weight.shape[:1]
+        return shared_rows(weight, opts.vocab_size), shared_rows(bias, opts.vocab_size) if matching else bias
 
     return (*cut(student_weight, student_bias), *cut(teacher_weight, teacher_bias))

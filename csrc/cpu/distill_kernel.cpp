@@ -178,31 +178,14 @@ void process_row(const float* s, const float* t, int64_t row, int64_t label, Gra
     kd = mixture_pass(s, t, a, st, w, &row_sum);
     kd_source = kKdFromScores;
   }
-  const float lse_ce = st.ref_ce + st.log_z_ce;  // the student's log-partition at T = 1
   // Read before the gradient may overwrite the logits (inplace_backward).
   const float shifted_sum = a.has_ce && a.label_smoothing != 0.0f ? shifted_row_sum(s, a.vocab, st.ref_ce) : 0.0f;
   if (g != nullptr) {
     const GradientTerms terms{s, t, w.exp_teacher.data(), row_sum, row_scale * a.kd_scale * a.inv_temperature,
-                              ce_coefficients(a, row_scale, lse_ce)};
+                              ce_coefficients(a, row_scale, st.ref_ce + st.log_z_ce)};
     write_gradient(g, kd_source, terms, held ? local_label : -1, a, st, w);
   }
-  float* parts = a.out + row * kPartColumns;
-  parts[kPartKd] = kd;
-  // log sum exp(s) - target = log z - (target - ref), the difference taken first (|s| may be ~1e3).
-  parts[kPartCe] = a.has_ce ? st.log_z_ce - ce_target_logit(a, s_label - st.ref_ce, shifted_sum) : 0.0f;
-  parts[kPartZ] = a.z_loss_weight != 0.0f ? lse_ce * lse_ce : 0.0f;
-  parts[kPartCorrect] = in_range && s_label >= st.ref_s ? 1.0f : 0.0f;  // ref_s: the student's largest logit
-}
-
-// A row that contributes nothing (ignored: 0), or a fused row whose label is out of range (NaN: it poisons the total).
-void write_empty_row(const DistillArgs& a, int64_t row, float loss) {
-  if (a.phase == kPhaseFused) {
-    float* parts = a.out + row * kPartColumns;
-    parts[kPartKd] = loss, parts[kPartCe] = loss, parts[kPartZ] = loss, parts[kPartCorrect] = 0.0f;
-  }
-  if (a.phase == kPhaseStats || a.phase == kPhaseSums) {
-    for (int c = 0; c < kStatColumns; ++c) a.out[row * kStatColumns + c] = 0.0f;
-  }
+  write_fused_parts(a, row, kd, st, s_label, in_range, shifted_sum);
 }
 
 template <typename StudentT, typename TeacherT>
@@ -231,13 +214,13 @@ void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
                                     : static_cast<StudentT*>(a.grad) + b * a.grad_stride_b + r * a.grad_stride_r;
     const int64_t label = a.labels != nullptr ? a.labels[row] : 0;
     if (a.labels != nullptr && label == a.ignore_index) {
-      write_empty_row(a, row, 0.0f);
+      write_skipped_row(a, row, 0.0f);
       if (g != nullptr) zero_row(g, a.vocab);
       continue;
     }
     // The host check refuses these; never read out of bounds. (A shard holds only some labels: not an error.)
     if (a.phase == kPhaseFused && a.ce_weight != 0.0f && (label < 0 || label >= a.vocab)) {
-      write_empty_row(a, row, std::numeric_limits<float>::quiet_NaN());
+      write_skipped_row(a, row, std::numeric_limits<float>::quiet_NaN());
       if (g != nullptr) zero_row(g, a.vocab);
       continue;
     }

@@ -152,6 +152,30 @@ struct RowStats {
   int64_t ref_index;  // r: the student's argmax (fused reverse KL and mixtures), else -1
 };
 
+// A fused row's parts (kPartColumns, before any weight): the divergence, the CE against its target (log sum exp(s)
+// - target = log z - (target - ref), the difference taken first: |s| may be ~1e3), the z-loss log(Z)^2 at T = 1,
+// and whether the label's logit is the row's largest (ref_s; a tie counts as a hit).
+inline void write_fused_parts(const DistillArgs& a, int64_t row, float kd, const RowStats& st, float s_label,
+                              bool in_range, float shifted_sum) {
+  const float lse_ce = st.ref_ce + st.log_z_ce;
+  float* parts = a.out + row * kPartColumns;
+  parts[kPartKd] = kd;
+  parts[kPartCe] = a.has_ce ? st.log_z_ce - ce_target_logit(a, s_label - st.ref_ce, shifted_sum) : 0.0f;
+  parts[kPartZ] = a.z_loss_weight != 0.0f ? lse_ce * lse_ce : 0.0f;
+  parts[kPartCorrect] = in_range && s_label >= st.ref_s ? 1.0f : 0.0f;
+}
+
+// An ignored row (0), or a fused row with a label or id out of range (NaN: it poisons the total).
+inline void write_skipped_row(const DistillArgs& a, int64_t row, float loss) {
+  if (a.phase == kPhaseFused) {
+    float* parts = a.out + row * kPartColumns;
+    parts[kPartKd] = loss, parts[kPartCe] = loss, parts[kPartZ] = loss, parts[kPartCorrect] = 0.0f;
+  }
+  if (a.phase == kPhaseStats || a.phase == kPhaseSums) {
+    for (int c = 0; c < kStatColumns; ++c) a.out[row * kStatColumns + c] = 0.0f;
+  }
+}
+
 struct MixtureConstants {
   float beta, log_beta, log_1m_beta;
   explicit MixtureConstants(float b)

@@ -265,25 +265,10 @@ void sparse_row(const float* s, const int64_t* ids, int64_t row, int64_t label, 
     if (held) from_float(to_float(g[local_label]) - terms.ce.label, &g[local_label]);
   }
   if (a.phase == kPhaseFused) {
-    float* parts = a.out + row * kPartColumns;
-    parts[kPartKd] = sums.kd;
-    parts[kPartCe] = a.has_ce ? st.log_z_ce - ce_target_logit(a, s_label - st.ref_ce, shifted_sum) : 0.0f;
-    parts[kPartZ] = a.z_loss_weight != 0.0f ? lse_ce * lse_ce : 0.0f;
-    parts[kPartCorrect] = in_range && s_label >= st.ref_s ? 1.0f : 0.0f;  // ref_s: the student's largest logit
+    write_fused_parts(a, row, sums.kd, st, s_label, in_range, shifted_sum);
   } else if (a.phase == kPhaseSums) {
     float* out = a.out + row * kStatColumns;
     out[0] = sums.kd, out[1] = sums.row_sum, out[2] = ce_target_logit(a, s_label, shifted_sum);
-  }
-}
-
-// An ignored row (0), or a fused row with a label or id out of range (NaN: it poisons the total).
-void write_empty_row(const DistillArgs& a, int64_t row, float loss) {
-  if (a.phase == kPhaseFused) {
-    float* parts = a.out + row * kPartColumns;
-    parts[kPartKd] = loss, parts[kPartCe] = loss, parts[kPartZ] = loss, parts[kPartCorrect] = 0.0f;
-  }
-  if (a.phase == kPhaseStats || a.phase == kPhaseSums) {
-    for (int c = 0; c < kStatColumns; ++c) a.out[row * kStatColumns + c] = 0.0f;
   }
 }
 
@@ -305,7 +290,7 @@ void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
     const void* lp = static_cast<const char*>(a.teacher_logprobs) + lp_offset * element;
     const int64_t label = a.labels != nullptr ? a.labels[row] : 0;
     if (a.labels != nullptr && label == a.ignore_index) {
-      write_empty_row(a, row, 0.0f);
+      write_skipped_row(a, row, 0.0f);
       if (g != nullptr) zero_row(g, a.vocab);
       continue;
     }
@@ -314,7 +299,7 @@ void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
       poisoned = poisoned || ids[k] < -1 || ids[k] >= a.vocab;  // refused on the host where that costs no sync
     }
     if (poisoned) {
-      write_empty_row(a, row, std::numeric_limits<float>::quiet_NaN());
+      write_skipped_row(a, row, std::numeric_limits<float>::quiet_NaN());
       if (g != nullptr) zero_row(g, a.vocab);
       continue;
     }

@@ -289,10 +289,20 @@ __device__ __forceinline__ RowLabel row_label(const DistillArgs& a, int64_t row)
   return r;
 }
 
-// A fused row's parts (kPartColumns, before any weight), written by one thread: the divergence, the CE, and whether
-// the label's logit is the row's largest (a tie counts). Out-of-range labels are refused on the host where that
-// costs no sync; here they poison the row. log sum exp(s) - s_label = (max - s_label) + ln z_c, the difference
-// taken first (|s| may be ~1e3).
+// The CE target's logit relative to ref: the label's, or (1 - eps) s_label + eps mean(s) with label smoothing
+// (shifted_sum: sum_j s_j - ref over the row, or a shard's raw sum with ref 0).
+__device__ __forceinline__ float ce_target(const DistillArgs& a, bool in_range, float s_label, float ref,
+                                           float shifted_sum) {
+  const float target = in_range ? s_label - ref : 0.0f;
+  if (!smoothing(a)) return target;
+  const float eps = a.label_smoothing;
+  return (1.0f - eps) * target + eps * shifted_sum / static_cast<float>(a.global_vocab);
+}
+
+// A fused row's parts (kPartColumns, before any weight), written by one thread: the divergence, the CE (log sum
+// exp(s) - target = ln z_c - (target - max), the difference taken first: |s| may be ~1e3), the z-loss, and whether
+// the label's logit is the row's largest (a tie counts). A row whose label is out of range (refused on the host
+// where that costs no sync) is poisoned: NaN parts.
 template <int MODE>
 __device__ __forceinline__ void write_row_parts(const Launch& L, const RowConstants& k, float mixture_kd,
                                                 bool label_ok, bool in_range, float s_label, float shifted_sum,
@@ -301,10 +311,7 @@ __device__ __forceinline__ void write_row_parts(const Launch& L, const RowConsta
   const float nan = __int_as_float(0x7fc00000);
   const bool poisoned = a.ce_weight != 0.0f && !label_ok;
   const float kd = MODE == kModeCeOnly ? 0.0f : (MODE == kModeMixture ? mixture_kd : k.closed_kd);
-  const float eps = a.label_smoothing;
-  // The CE target's logit relative to the max: the label's, or (1 - eps) s_label + eps mean(s) smoothed.
-  float target = in_range ? s_label - k.ref_s : 0.0f;
-  if (eps != 0.0f) target = (1.0f - eps) * target + eps * shifted_sum / static_cast<float>(a.global_vocab);
+  const float target = ce_target(a, in_range, s_label, k.ref_s, shifted_sum);
   const float lse = k.ref_s + kLn2 * k.log2_z_c;
   parts[kPartKd] = poisoned ? nan : kd;
   parts[kPartCe] = a.has_ce ? (poisoned ? nan : kLn2 * k.log2_z_c - target) : 0.0f;
@@ -558,9 +565,7 @@ __global__ void __launch_bounds__(kThreads) distill_shard_kernel(const Launch L)
       float* out = a.out + row * kStatColumns;
       out[0] = sums.x;
       out[1] = MODE == kModeReverseKL ? sums.x : sums.y;
-      // The CE target's logit over these columns: the label's, or smoothed (1 - eps) s_label + eps / V sum s.
-      const float eps = a.label_smoothing;
-      out[2] = smooth ? (1.0f - eps) * s_label + eps * shard_sum / static_cast<float>(a.global_vocab) : s_label;
+      out[2] = ce_target(a, lab.column >= 0, s_label, 0.0f, shard_sum);  // this shard's share of the target
     }
   }
 }

@@ -301,7 +301,7 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(const Launch L) {
     // The CE target's logit relative to ref: the label's, or (1 - eps) s_label + eps / V sum s smoothed.
     const float eps = a.label_smoothing;
     float target = lab.column >= 0 ? s_label - ref : 0.0f;
-    if (eps != 0.0f) target = (1.0f - eps) * target + eps * shifted_sum / static_cast<float>(a.global_vocab);
+    if (smoothing(a)) target = (1.0f - eps) * target + eps * shifted_sum / static_cast<float>(a.global_vocab);
     if (a.phase == kPhaseFused) {
       const float lse = ref + kLn2 * log2_z_c;
       float* parts = a.out + row * kPartColumns;

@@ -68,10 +68,10 @@ class CachedBatches:
 
 def cached_distill_step(settings: dict, vocab: int, tail: str = "bucket"):
     """The loss of a student on a cached teacher: the fused sparse loss over its last hidden states."""
-    options = SparseOptions(tail=tail, reduction="mean", **settings)
+    options = SparseOptions(tail=tail, reduction="mean", vocab_size=vocab, **settings)
 
     def step(model, batch):
         inputs = {**batch, "labels": batch["input_ids"]}
-        return batch_sparse_distill_loss(model, inputs, options, vocab_size=vocab)
+        return batch_sparse_distill_loss(model, inputs, options)
 
     return step

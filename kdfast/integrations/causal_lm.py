@@ -57,23 +57,6 @@ def final_softcap(student, teacher) -> float | None:
     return caps[0]
 
 
-def shared_vocab_size(student_rows: int, teacher_rows: int, vocab_size: int | None) -> int:
-    """The vocabulary both heads are compared over. Heads are often padded past the tokenizer (to a multiple of
-    64, say), so rows past `vocab_size` are dropped; without `vocab_size` the heads must have equal rows."""
-    if vocab_size is None:
-        if student_rows != teacher_rows:
-            raise ValueError(f"the student's LM head has {student_rows} rows and the teacher's {teacher_rows}: pass "
-                             "vocab_size=<the tokenizer's length> if they differ only by padding (a shared "
-                             "tokenizer is required)")
-        return student_rows
-    if not isinstance(vocab_size, int) or vocab_size <= 0:
-        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
-    if vocab_size > min(student_rows, teacher_rows):
-        raise ValueError(f"vocab_size={vocab_size} but the student's LM head has {student_rows} rows and the "
-                         f"teacher's {teacher_rows}: the models do not share that vocabulary")
-    return vocab_size
-
-
 def gathered(*params):
     """Under DeepSpeed ZeRO-3 each rank holds a shard of every parameter; a weight used outside its module's own
     forward (the LM heads here) must be gathered for the duration. A no-op otherwise."""
@@ -95,10 +78,10 @@ def _zero3_gather(params):
 
 
 def distill_from_hidden(student, teacher, student_hidden, teacher_hidden, labels, options: LossOptions, *,
-                        chunk_size="auto", vocab_size=None, num_items_in_batch=None):
-    """The fused loss between two causal LMs' heads over already-shifted hidden states and labels."""
+                        chunk_size="auto", num_items_in_batch=None):
+    """The fused loss between two causal LMs' heads over already-shifted hidden states and labels. Heads padded past
+    the tokenizer are cut to `options.vocab_size` by the loss itself."""
     student_head, teacher_head = output_head(student), output_head(teacher)
-    vocab = shared_vocab_size(student_head.weight.shape[0], teacher_head.weight.shape[0], vocab_size)
     softcap = final_softcap(student, teacher)
     # A logit scale is folded into the hidden states: (s·h)Wᵀ = s·(hWᵀ), and autograd carries s into d hidden.
     student_scale, teacher_scale = logit_scale(student), logit_scale(teacher)
@@ -106,18 +89,16 @@ def distill_from_hidden(student, teacher, student_hidden, teacher_hidden, labels
         student_hidden = student_hidden * student_scale
     if teacher_scale != 1.0:
         teacher_hidden = teacher_hidden * teacher_scale
-    sliced_bias = (lambda head: head.bias[:vocab] if head.bias is not None else None)
     with gathered(student_head.weight, student_head.bias, teacher_head.weight, teacher_head.bias):
         # The teacher is frozen here even where its trainer left requires_grad on (TRL does).
-        teacher_bias = sliced_bias(teacher_head)
-        return fused_linear_loss(student_hidden, student_head.weight[:vocab], teacher_hidden.detach(),
-                                 teacher_head.weight[:vocab].detach(), labels, options,
-                                 student_bias=sliced_bias(student_head),
-                                 teacher_bias=teacher_bias.detach() if teacher_bias is not None else None,
-                                 softcap=softcap, chunk_size=chunk_size, num_items_in_batch=num_items_in_batch)
+        teacher_bias = teacher_head.bias.detach() if teacher_head.bias is not None else None
+        return fused_linear_loss(student_hidden, student_head.weight, teacher_hidden.detach(),
+                                 teacher_head.weight.detach(), labels, options, student_bias=student_head.bias,
+                                 teacher_bias=teacher_bias, softcap=softcap, chunk_size=chunk_size,
+                                 num_items_in_batch=num_items_in_batch)
 
 
-def batch_distill_loss(student, teacher, inputs, options: LossOptions, *, chunk_size="auto", vocab_size=None,
+def batch_distill_loss(student, teacher, inputs, options: LossOptions, *, chunk_size="auto",
                        num_items_in_batch=None):
     """The fused loss of one batch: both decoders' last hidden states (the teacher's under no_grad), position i
     predicting `inputs["labels"][:, i + 1]`. Called under the caller's autocast."""
@@ -126,7 +107,7 @@ def batch_distill_loss(student, teacher, inputs, options: LossOptions, *, chunk_
     with torch.no_grad():
         teacher_hidden = last_hidden_state(teacher, input_ids, attention_mask)[:, :-1]
     return distill_from_hidden(student, teacher, student_hidden, teacher_hidden, inputs["labels"][:, 1:], options,
-                               chunk_size=chunk_size, vocab_size=vocab_size, num_items_in_batch=num_items_in_batch)
+                               chunk_size=chunk_size, num_items_in_batch=num_items_in_batch)
 
 
 def run_through_wrapper(wrapper, inner, fn, *args):
@@ -165,26 +146,21 @@ def _is_fsdp2(module) -> bool:
 
 
 def sparse_distill_from_hidden(student, student_hidden, teacher_ids, teacher_logprobs, labels,
-                               options: SparseOptions, *, chunk_size="auto", vocab_size=None, num_items_in_batch=None):
+                               options: SparseOptions, *, chunk_size="auto", num_items_in_batch=None):
     """The fused loss of a causal LM's head against a sparse teacher, over already-aligned hidden states, teacher rows
-    [..., K] and labels."""
+    [..., K] and labels (a head padded past the tokenizer is cut to `options.vocab_size` by the loss itself)."""
     head = output_head(student)
-    rows = head.weight.shape[0]
-    vocab = rows if vocab_size is None else vocab_size
-    if not 0 < vocab <= rows:
-        raise ValueError(f"vocab_size={vocab_size} but the student's LM head has {rows} rows")
     scale = logit_scale(student)
     if scale != 1.0:
         student_hidden = student_hidden * scale
     softcap = getattr(_text_config(student), "final_logit_softcapping", None)
     with gathered(head.weight, head.bias):
-        bias = head.bias[:vocab] if head.bias is not None else None
-        return fused_linear_sparse_loss(student_hidden, head.weight[:vocab], teacher_ids, teacher_logprobs, labels,
-                                        options, student_bias=bias, softcap=softcap, chunk_size=chunk_size,
+        return fused_linear_sparse_loss(student_hidden, head.weight, teacher_ids, teacher_logprobs, labels, options,
+                                        student_bias=head.bias, softcap=softcap, chunk_size=chunk_size,
                                         num_items_in_batch=num_items_in_batch)
 
 
-def batch_sparse_distill_loss(student, inputs, options: SparseOptions, *, chunk_size="auto", vocab_size=None,
+def batch_sparse_distill_loss(student, inputs, options: SparseOptions, *, chunk_size="auto",
                               num_items_in_batch=None):
     """The fused loss of one batch against a sparse teacher: `inputs["teacher_ids"]` / `["teacher_logprobs"]`
     [batch, seq, K], row j the teacher's distribution of token j (aligned with the labels, shifted with them)."""
@@ -194,5 +170,5 @@ def batch_sparse_distill_loss(student, inputs, options: SparseOptions, *, chunk_
                          f"{missing} (kdfast.teacher_cache.SparseTeacherCollator makes such batches)")
     hidden = last_hidden_state(student, inputs["input_ids"], inputs.get("attention_mask"))[:, :-1]
     return sparse_distill_from_hidden(student, hidden, inputs["teacher_ids"][:, 1:], inputs["teacher_logprobs"][:, 1:],
-                                      inputs["labels"][:, 1:], options, chunk_size=chunk_size, vocab_size=vocab_size,
+                                      inputs["labels"][:, 1:], options, chunk_size=chunk_size,
                                       num_items_in_batch=num_items_in_batch)

@@ -87,12 +87,18 @@ class DistillationTrainer(Trainer):
             if vocab_size < self.teacher_cache.settings.vocab_size:
                 raise ValueError(f"vocab_size={vocab_size} but the teacher cache's ids range over "
                                  f"{self.teacher_cache.settings.vocab_size} tokens")
-        self.vocab_size = vocab_size
+        # The loss itself cuts heads padded past the tokenizer (and refuses a model narrower than it).
+        self.distill_options = self.distill_options.replace(vocab_size=vocab_size)
         self.teacher_model = self._placed_teacher(teacher_model) if teacher_model is not None else None
         # compute_loss divides by num_items_in_batch: have the Trainer count it (over the shifted labels) and take
         # the loss as already normalised for gradient accumulation whenever it is given.
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The vocabulary both models share (LM-head rows past it are padding): the loss settings' own."""
+        return self.distill_options.vocab_size
 
     def _set_signature_columns_if_needed(self):
         # The teacher's columns are not arguments of the student's forward, but the loss needs them.
@@ -138,13 +144,13 @@ class DistillationTrainer(Trainer):
         if self.teacher_model is None:
             with self.accelerator.autocast():
                 loss, parts = batch_sparse_distill_loss(student, inputs, self.distill_options,
-                                                        chunk_size=self.chunk_size, vocab_size=self.vocab_size,
+                                                        chunk_size=self.chunk_size,
                                                         num_items_in_batch=num_items_in_batch)
         else:
             teacher = self.accelerator.unwrap_model(self.teacher_model)
             with self.accelerator.autocast():
                 loss, parts = batch_distill_loss(student, teacher, inputs, self.distill_options,
-                                                 chunk_size=self.chunk_size, vocab_size=self.vocab_size,
+                                                 chunk_size=self.chunk_size,
                                                  num_items_in_batch=num_items_in_batch)
         if student.training:
             # Scaled as compute_loss scales the loss, so that the logged parts add up as the logged loss does.
