@@ -20,7 +20,8 @@ def steps_case():
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
     from tiny_models import student_and_teacher, token_batch
 
-    from kdfast.integrations.causal_lm import batch_distill_loss, run_through_wrapper
+    from kdfast.integrations.causal_lm import batch_distill_loss
+    from kdfast.integrations.sharding import run_through_wrapper
     from kdfast.options import LossOptions
 
     opts = LossOptions(divergence="jsd", beta=0.3, temperature=2.0, kd_weight=0.7, ce_weight=0.4)

@@ -24,7 +24,7 @@ def _loss_fn(student, teacher, sparse: bool, opts):
     return lambda inputs: batch_distill_loss(student, teacher, inputs, opts)
 
 
-def _sparse_inputs(teacher, batch, k=8):
+def sparse_inputs(teacher, batch, k=8):
     """The teacher's top-k log-probs at T = 2 as a sparse teacher's batch columns (row j: token j's distribution)."""
     with torch.no_grad():
         logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -33,30 +33,41 @@ def _sparse_inputs(teacher, batch, k=8):
     return {**batch, "teacher_ids": shift(top.indices), "teacher_logprobs": shift(top.values)}
 
 
-def steps_case(sparse: bool):
+def _shard(model, head_unit: bool):
+    """`fully_shard` on each decoder layer, on the LM head alone when `head_unit` (no forward of the head ever runs,
+    so only the loss unshards it), and on the model."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    if head_unit:
+        fully_shard(model.lm_head)
+    fully_shard(model)
+
+
+def steps_case(sparse: bool, head_unit: bool = False, shard_teacher: bool = False):
     """Loss, every parameter's gradient after one step, and the parameters after 3 SGD steps equal the unsharded
     student's."""
     from tiny_models import student_and_teacher, token_batch
-    from torch.distributed.fsdp import fully_shard
 
-    from kdfast.integrations.causal_lm import run_through_wrapper
+    from kdfast.integrations.sharding import run_through_wrapper
     from kdfast.options import LossOptions
     from kdfast.sparse_options import SparseOptions
 
     settings = dict(divergence="jsd", beta=0.3, temperature=2.0, kd_weight=0.7, ce_weight=0.4)
     opts = SparseOptions(**settings) if sparse else LossOptions(**settings)
     student, teacher = student_and_teacher(head_scale=4.0)
-    reference, _ = student_and_teacher(head_scale=4.0)
+    reference, reference_teacher = student_and_teacher(head_scale=4.0)
     batch = token_batch()
     if sparse:
-        batch = _sparse_inputs(teacher, batch)
-    for layer in student.model.layers:
-        fully_shard(layer)
-    fully_shard(student)
+        batch = sparse_inputs(teacher, batch)
+    _shard(student, head_unit)
+    if shard_teacher:
+        _shard(teacher, head_unit)
     optimizers = [torch.optim.SGD(model.parameters(), lr=0.5) for model in (student, reference)]
     for step in range(STEPS):
         loss = run_through_wrapper(student, student, _loss_fn(student, teacher, sparse, opts), batch)
-        expected = _loss_fn(reference, teacher, sparse, opts)(batch)
+        expected = _loss_fn(reference, reference_teacher, sparse, opts)(batch)
         loss.backward()
         expected.backward()
         torch.testing.assert_close(loss, expected, msg=f"loss at step {step}")
@@ -90,6 +101,10 @@ def direct_decoder_call_case():
 
 
 CASES = {"dense-teacher": functools.partial(steps_case, False), "sparse-teacher": functools.partial(steps_case, True),
+         "head-in-its-own-unit": functools.partial(steps_case, False, head_unit=True),
+         "sharded-teacher-head-in-its-own-unit": functools.partial(steps_case, False, head_unit=True,
+                                                                   shard_teacher=True),
+         "sparse-teacher-head-in-its-own-unit": functools.partial(steps_case, True, head_unit=True),
          "decoder-outside-root-forward": direct_decoder_call_case}
 
 

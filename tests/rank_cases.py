@@ -3,6 +3,7 @@ traceback}; the test process collects them and reports each case as its own test
 
 from __future__ import annotations
 
+import socket
 import traceback
 
 import torch
@@ -19,6 +20,13 @@ def run_cases(cases: dict, out_path: str) -> None:
         except Exception:  # noqa: BLE001 (reported per case)
             results[name] = traceback.format_exc()
     torch.save(results, out_path)
+
+
+def free_port() -> int:
+    """A TCP port free now on this machine, for the ranks' rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def spawn_ranks(worker, world: int, folder, *args) -> list[dict]:

@@ -1,24 +1,16 @@
 """The trainers' fused loss on a student in a real DeepSpeed ZeRO-3 engine, 2 gloo ranks on CPU
 (tests/deepspeed_cases.py): loss, gradients and 3 optimizer steps equal the unsharded student's."""
 
-import socket
-
 import deepspeed_cases
 import pytest
-from rank_cases import failures, spawn_ranks
+from rank_cases import failures, free_port, spawn_ranks
 
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
-    return spawn_ranks(_worker, WORLD, tmp_path_factory.mktemp("zero3"), _free_port())
+    return spawn_ranks(_worker, WORLD, tmp_path_factory.mktemp("zero3"), free_port())
 
 
 def _worker(rank, world, port, outs):

@@ -4,10 +4,9 @@ architectures: only `get_decoder()`, `get_output_embeddings()` and config attrib
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
+from kdfast.integrations.sharding import run_through_wrapper, whole_head
 from kdfast.linear_loss import fused_linear_loss
 from kdfast.linear_sparse_loss import fused_linear_sparse_loss
 from kdfast.options import LossOptions
@@ -17,7 +16,8 @@ from kdfast.sparse_options import SparseOptions
 def output_head(model) -> torch.nn.Module:
     head = model.get_output_embeddings()
     weight = getattr(head, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+    # A ZeRO-3 partitioned weight is an empty tensor between gathers; its ds_shape is the whole one.
+    if not isinstance(weight, torch.Tensor) or len(getattr(weight, "ds_shape", weight.shape)) != 2:
         raise ValueError(f"{type(model).__name__}.get_output_embeddings() must return a linear LM head with a "
                          f"[vocab, hidden] weight, got {type(head).__name__}")
     if hasattr(head, "base_layer"):
@@ -57,26 +57,6 @@ def final_softcap(student, teacher) -> float | None:
     return caps[0]
 
 
-def gathered(*params):
-    """Under DeepSpeed ZeRO-3 each rank holds a shard of every parameter; a weight used outside its module's own
-    forward (the LM heads here) must be gathered for the duration. A no-op otherwise."""
-    partitioned = list({id(p): p for p in params if p is not None and hasattr(p, "ds_id")}.values())
-    if not partitioned:
-        return contextlib.nullcontext()
-    return _zero3_gather(partitioned)
-
-
-def _zero3_gather(params):
-    import deepspeed
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    # Only what is sharded now: a parameter ZeRO-3 keeps whole (below its persistence threshold) or one a module's
-    # forward has already gathered must not be released on exit (DeepSpeed refuses to free an active parameter).
-    sharded = [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
-    # modifier_rank=None: read-only, nothing is written back to the shards on exit.
-    return deepspeed.zero.GatheredParameters(sharded, modifier_rank=None) if sharded else contextlib.nullcontext()
-
-
 def distill_from_hidden(student, teacher, student_hidden, teacher_hidden, labels, options: LossOptions, *,
                         chunk_size="auto", num_items_in_batch=None):
     """The fused loss between two causal LMs' heads over already-shifted hidden states and labels. Heads padded past
@@ -89,7 +69,7 @@ def distill_from_hidden(student, teacher, student_hidden, teacher_hidden, labels
         student_hidden = student_hidden * student_scale
     if teacher_scale != 1.0:
         teacher_hidden = teacher_hidden * teacher_scale
-    with gathered(student_head.weight, student_head.bias, teacher_head.weight, teacher_head.bias):
+    with whole_head(student, student_head), whole_head(teacher, teacher_head, frozen=True):
         # The teacher is frozen here even where its trainer left requires_grad on (TRL does).
         teacher_bias = teacher_head.bias.detach() if teacher_head.bias is not None else None
         return fused_linear_loss(student_hidden, student_head.weight, teacher_hidden.detach(),
@@ -105,44 +85,11 @@ def batch_distill_loss(student, teacher, inputs, options: LossOptions, *, chunk_
     input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
     student_hidden = last_hidden_state(student, input_ids, attention_mask)[:, :-1]
     with torch.no_grad():
-        teacher_hidden = last_hidden_state(teacher, input_ids, attention_mask)[:, :-1]
+        # An FSDP2 teacher is entered through its own forward, which gathers its root's parameters (embeddings).
+        teacher_hidden = run_through_wrapper(teacher, teacher, last_hidden_state, teacher, input_ids,
+                                             attention_mask)[:, :-1]
     return distill_from_hidden(student, teacher, student_hidden, teacher_hidden, inputs["labels"][:, 1:], options,
                                chunk_size=chunk_size, num_items_in_batch=num_items_in_batch)
-
-
-def run_through_wrapper(wrapper, inner, fn, *args):
-    """Calls fn(*args) as `inner`'s forward, entered through `wrapper` (DDP, a DeepSpeed engine), so the wrapper
-    still does its per-forward work (DDP's gradient-sync set-up, ZeRO-3's hooks) though the loss skips the model's
-    own forward. An FSDP2 model is its own wrapper: its forward hooks gather the root's parameters (embeddings, LM
-    head), which calling its decoder directly would leave sharded. Without a wrapper it is fn(*args)."""
-    if wrapper is inner and not _is_fsdp2(inner):
-        return fn(*args)
-    had_own_forward = "forward" in inner.__dict__
-    original = inner.forward
-
-    def restore():
-        if had_own_forward:
-            inner.forward = original
-        else:
-            inner.__dict__.pop("forward", None)
-
-    def redirected(*redirected_args):
-        restore()  # fn may call the real forward itself
-        return fn(*redirected_args)
-
-    inner.forward = redirected
-    try:
-        return wrapper(*args)
-    finally:
-        restore()
-
-
-def _is_fsdp2(module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch built without distributed support
-        return False
-    return isinstance(module, FSDPModule)
 
 
 def sparse_distill_from_hidden(student, student_hidden, teacher_ids, teacher_logprobs, labels,
@@ -154,7 +101,7 @@ def sparse_distill_from_hidden(student, student_hidden, teacher_ids, teacher_log
     if scale != 1.0:
         student_hidden = student_hidden * scale
     softcap = getattr(_text_config(student), "final_logit_softcapping", None)
-    with gathered(head.weight, head.bias):
+    with whole_head(student, head):
         return fused_linear_sparse_loss(student_hidden, head.weight, teacher_ids, teacher_logprobs, labels, options,
                                         student_bias=head.bias, softcap=softcap, chunk_size=chunk_size,
                                         num_items_in_batch=num_items_in_batch)

@@ -11,8 +11,9 @@ import functools
 import torch
 from transformers import Trainer
 
-from kdfast.integrations.causal_lm import batch_distill_loss, batch_sparse_distill_loss, run_through_wrapper
+from kdfast.integrations.causal_lm import batch_distill_loss, batch_sparse_distill_loss
 from kdfast.integrations.logged_parts import LoggedParts
+from kdfast.integrations.sharding import fsdp2_sharded_teacher, run_through_wrapper
 from kdfast.integrations.sparse_teacher import TEACHER_COLUMNS, sparse_options, sparse_training_data
 from kdfast.options import LossOptions
 from kdfast.teacher_cache.collate import SparseTeacherCollator
@@ -40,6 +41,8 @@ class DistillationTrainer(Trainer):
       student's (`processing_class`), and for tail="bucket" its temperature the loss's;
     - neither: `train_dataset` rows carry `teacher_ids` / `teacher_logprobs` ([tokens, K] or [tokens - 1, K]: row j
       the teacher's distribution of token j), e.g. from an inference server.
+    Under FSDP2 or DeepSpeed ZeRO-3 the teacher is sharded as the student is (`shard_teacher=True`, the default) or
+    replicated whole on every process (`shard_teacher=False`: faster, when it fits).
     With a sparse teacher `tail` and `teacher_temperature` are those of `kdfast.linear_sparse_distill_loss`, and the
     default collator is `SparseTeacherCollator`.
 
@@ -51,11 +54,11 @@ class DistillationTrainer(Trainer):
     def __init__(self, model=None, teacher_model=None, args=None, *, teacher_cache=None, divergence="forward_kl",
                  temperature=1.0, kd_weight=0.5, ce_weight=0.5, beta=0.5, t2_scale=True, tail="bucket",
                  teacher_temperature=None, label_smoothing=0.0, z_loss_weight=0.0, chunk_size="auto", backend="auto",
-                 vocab_size=None, **trainer_kwargs):
+                 vocab_size=None, shard_teacher=True, **trainer_kwargs):
         if teacher_model is not None and teacher_cache is not None:
             raise ValueError("pass teacher_model or teacher_cache, not both")
         check_chunk_settings(None, chunk_size)
-        self.chunk_size = chunk_size
+        self.chunk_size, self.shard_teacher = chunk_size, shard_teacher
         tokenizer = trainer_kwargs.get("processing_class")
         self.teacher_cache = None
         # Validated before the Trainer's own (slow) set-up, so a bad setting fails at once.
@@ -110,6 +113,8 @@ class DistillationTrainer(Trainer):
         teacher.requires_grad_(False)
         if self.is_deepspeed_enabled:
             return self._deepspeed_teacher(teacher)
+        if self.shard_teacher and self.is_fsdp_enabled and self.accelerator.is_fsdp2:
+            return fsdp2_sharded_teacher(self.accelerator, teacher)
         if getattr(teacher, "hf_device_map", None) is None:  # a model spread by device_map stays where it is
             teacher = teacher.to(device=self.args.device, dtype=_floating_dtype(self.model))
         return teacher
@@ -120,12 +125,13 @@ class DistillationTrainer(Trainer):
         import deepspeed
 
         config = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
-        if config.get("zero_optimization", {}).get("stage") != 3:
+        if not self.shard_teacher or config.get("zero_optimization", {}).get("stage") != 3:
             config["zero_optimization"] = {"stage": 0}
         config.pop("optimizer", None)
         config.pop("scheduler", None)
         engine, *_ = deepspeed.initialize(model=teacher, config=config)
-        return engine.eval()
+        engine.eval()  # DeepSpeedEngine.eval() returns None, not the engine
+        return engine
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "labels" not in inputs:

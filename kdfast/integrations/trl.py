@@ -9,7 +9,8 @@ import warnings
 
 import torch
 
-from kdfast.integrations.causal_lm import batch_distill_loss, run_through_wrapper
+from kdfast.integrations.causal_lm import batch_distill_loss
+from kdfast.integrations.sharding import fsdp2_sharded_teacher, run_through_wrapper
 from kdfast.loss import distill_loss
 from kdfast.options import LossOptions
 
@@ -56,18 +57,35 @@ class GKDTrainer(_TRLGKDTrainer):
     """TRL's `GKDTrainer` (same arguments, on-policy sampling with probability `lmbda`, `seq_kd`) whose loss is
     kdfast's fused one: JSD with `args.beta` at temperature 1 (TRL's `temperature` is its sampling temperature
     and does not enter its loss), per label token or per `num_items_in_batch`, computed from both models' last
-    hidden states and LM-head weights."""
+    hidden states and LM-head weights. Under accelerate's FSDP2 plugin the teacher is sharded as the student is
+    (`shard_teacher=True`, the default; TRL keeps a whole copy per process) or kept whole (`shard_teacher=False`)."""
+
+    def __init__(self, *args, shard_teacher=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        if shard_teacher and self.is_fsdp_enabled and self.accelerator.is_fsdp2:
+            self.teacher_model = fsdp2_sharded_teacher(self.accelerator,
+                                                       self.accelerator.unwrap_model(self.teacher_model))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         student = self.accelerator.unwrap_model(model)
         loss = run_through_wrapper(model, student, functools.partial(self._student_loss, student), inputs,
                                    num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts every process's tokens and the gradients are averaged over processes: the
+            # factor makes N processes train as one process on the whole batch (TRL's own compute_loss does not
+            # apply it).
+            loss = loss * self.accelerator.num_processes
         return (loss, {"loss": loss}) if return_outputs else loss
 
     def _student_loss(self, student, inputs, num_items_in_batch):
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         self.teacher_model.eval()
-        options = LossOptions(divergence="jsd", beta=self.beta, temperature=1.0, t2_scale=False,
-                              ignore_index=_TRL_IGNORE_INDEX, reduction="mean")
         with self.accelerator.autocast():
-            return batch_distill_loss(student, teacher, inputs, options, num_items_in_batch=num_items_in_batch)
+            return batch_distill_loss(student, teacher, inputs, gkd_options(self.beta),
+                                      num_items_in_batch=num_items_in_batch)
+
+
+def gkd_options(beta: float) -> LossOptions:
+    """TRL's GKD loss as kdfast settings: JSD with `beta` at temperature 1, no T², per label token."""
+    return LossOptions(divergence="jsd", beta=beta, temperature=1.0, t2_scale=False, ignore_index=_TRL_IGNORE_INDEX,
+                       reduction="mean")

@@ -11,7 +11,8 @@ import warnings
 
 import torch
 
-from kdfast.integrations.causal_lm import last_hidden_state, run_through_wrapper, sparse_distill_from_hidden
+from kdfast.integrations.causal_lm import last_hidden_state, sparse_distill_from_hidden
+from kdfast.integrations.sharding import run_through_wrapper
 from kdfast.sparse_options import SparseOptions
 
 with warnings.catch_warnings():

@@ -1,0 +1,225 @@
+"""What each rank runs in tests/test_trainer_fsdp2.py and tests/test_trainer_zero3.py: `DistillationTrainer` and
+kdfast's TRL `GKDTrainer` under accelerate's FSDP2 plugin or DeepSpeed ZeRO-3 (set up by `TrainingArguments`, as
+`accelerate launch` with such a config sets them up), 2 gloo ranks on CPU, each taking half of every batch. The loss of
+each step, every parameter's gradient in the first step and the parameters after 3 SGD steps equal an unsharded
+student's trained on the whole batch in the same process.
+
+The gradient is read from the first step's update, (before - after) / lr, because DeepSpeed's step runs inside
+its backward (no hook sees the whole gradient before it); for FSDP2 that is the same number.
+
+accelerate picks FSDP or DeepSpeed only on accelerator devices (a CPU run becomes DDP), so `allow_sharding_on_cpu`
+keeps the plugin the Trainer passes; everything after (the plugin's sharding of each layer, the embeddings and the
+head, DeepSpeed's engines, the Trainer's code paths for each) is accelerate's, DeepSpeed's (its CPU accelerator) and
+the Trainer's own."""
+
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+
+import torch
+import torch.distributed as dist
+
+STEPS = 3
+LR = 0.5
+SETTINGS = dict(divergence="jsd", beta=0.3, temperature=2.0, kd_weight=0.7, ce_weight=0.4)
+FSDP2 = dict(use_cpu=True, fsdp=True,
+             fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
+# "auto" values are the Trainer's (batch size, clipping 0 = max_grad_norm); SGD is "untested" with ZeRO.
+ZERO3 = dict(use_cpu=True, deepspeed={"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto",
+                                       "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True})
+
+
+def allow_sharding_on_cpu():
+    """Keeps the FSDP or DeepSpeed plugin the Trainer passes where accelerate, on CPU, would run plain DDP (it picks
+    either only on accelerator devices; without `use_cpu` it would see one process, not two). What the original
+    does with each plugin on a GPU is done here."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, deepspeed_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, deepspeed_plugin=deepspeed_plugin, **kwargs)
+        if self.distributed_type != DistributedType.MULTI_CPU:
+            return
+        if fsdp_plugin is not None:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+        elif deepspeed_plugin is not None:
+            self.distributed_type = DistributedType.DEEPSPEED
+            deepspeed_plugin.set_mixed_precision(self._mixed_precision)
+            deepspeed_plugin.select(_from_accelerator_state=True)
+            self.deepspeed_plugins = deepspeed_plugin
+
+    AcceleratorState.__init__ = init
+
+
+def _whole(param):
+    """A parameter's whole value on this rank: a DTensor's full tensor, a ZeRO-3 partition's gathered fp32 one."""
+    if hasattr(param, "ds_id"):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(param)
+    return (param.full_tensor() if hasattr(param, "full_tensor") else param).detach().clone()
+
+
+class _FirstStepParameters:
+    """A Trainer callback keeping every parameter's whole value after the first optimizer step."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            params = None
+
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                if self.params is None:
+                    self.params = {name: _whole(p) for name, p in model.named_parameters()}
+
+        return Callback()
+
+
+def _recording_losses(trainer):
+    """Each compute_loss result of the trainer, detached, in order."""
+    losses, compute_loss = [], trainer.compute_loss
+
+    def recorded(*args, **kwargs):
+        loss = compute_loss(*args, **kwargs)
+        losses.append(loss.detach().clone())
+        return loss
+
+    trainer.compute_loss = recorded
+    return losses
+
+
+def _reference_run(student, batch, batch_loss):
+    """`student` (unsharded) trained on the whole batch: each step's loss, the first step's gradients, the final
+    parameters."""
+    optimizer = torch.optim.SGD(student.parameters(), lr=LR)
+    losses, first_grads = [], None
+    for _ in range(STEPS):
+        loss = batch_loss(student, batch)
+        loss.backward()
+        losses.append(loss.detach())
+        if first_grads is None:
+            first_grads = {name: p.grad.clone() for name, p in student.named_parameters()}
+        optimizer.step()
+        optimizer.zero_grad()
+    return losses, first_grads, {name: p.detach() for name, p in student.named_parameters()}
+
+
+def _train_and_compare(trainer, expected, teacher_sharded=None):
+    from torch.distributed.fsdp import FSDPModule
+
+    expected_losses, expected_grads, expected_params = expected
+    initial = {name: _whole(p) for name, p in trainer.model.named_parameters()}
+    callback = _FirstStepParameters()
+    trainer.add_callback(callback)
+    losses = _recording_losses(trainer)
+    trainer.train()
+    if trainer.is_fsdp_enabled:
+        assert isinstance(trainer.model, FSDPModule), type(trainer.model)
+        if teacher_sharded is not None:
+            assert isinstance(trainer.teacher_model, FSDPModule) == teacher_sharded, type(trainer.teacher_model)
+    else:
+        assert trainer.is_deepspeed_enabled
+        if teacher_sharded is not None:
+            teacher_partitioned = any(hasattr(p, "ds_id") for p in trainer.teacher_model.parameters())
+            assert teacher_partitioned == teacher_sharded
+    # Each rank's loss is its tokens' sum over the whole batch's count times the world size (the gradients are
+    # averaged over ranks): their mean is the whole batch's loss.
+    step_losses = torch.stack(losses)
+    dist.all_reduce(step_losses)
+    torch.testing.assert_close(step_losses / dist.get_world_size(), torch.stack(expected_losses), rtol=1e-5,
+                               atol=1e-6)
+    for name, after in callback.params.items():
+        # The difference of two fp32 parameters is exact to their rounding: a few ulps of the parameter, over lr.
+        slack = 4 * torch.finfo(torch.float32).eps * initial[name].abs().max().item() / LR
+        torch.testing.assert_close((initial[name] - after) / LR, expected_grads[name], rtol=1e-4, atol=1e-7 + slack,
+                                   msg=lambda m, name=name: f"gradient of {name}: {m}")
+    for name, param in trainer.model.named_parameters():
+        torch.testing.assert_close(_whole(param), expected_params[name], rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, name=name: f"{name} after {STEPS} steps: {m}")
+
+
+def _args(tmp_path, setup, **overrides):
+    from tiny_models import training_args
+
+    return training_args(tmp_path, max_steps=STEPS, per_device_train_batch_size=2, optim="sgd", learning_rate=LR,
+                         max_grad_norm=0.0, lr_scheduler_type="constant", **setup, **overrides)
+
+
+def distillation_case(tmp_path, setup, *, sparse: bool, shard_teacher: bool = True):
+    from fsdp2_cases import sparse_inputs
+    from tiny_models import as_examples, student_and_teacher, token_batch
+
+    from kdfast.integrations.causal_lm import batch_distill_loss, batch_sparse_distill_loss
+    from kdfast.integrations.transformers import DistillationTrainer
+    from kdfast.options import LossOptions
+    from kdfast.sparse_options import SparseOptions
+
+    student, teacher = student_and_teacher(head_scale=4.0)
+    batch = token_batch()
+    if sparse:
+        batch = sparse_inputs(teacher, batch)
+        opts = SparseOptions(**SETTINGS)
+        batch_loss = lambda model, inputs: batch_sparse_distill_loss(model, inputs, opts)  # noqa: E731
+    else:
+        opts = LossOptions(**SETTINGS)
+        batch_loss = lambda model, inputs: batch_distill_loss(model, teacher, inputs, opts)  # noqa: E731
+    expected = _reference_run(student_and_teacher(head_scale=4.0)[0], batch, batch_loss)
+    trainer = DistillationTrainer(model=student, teacher_model=None if sparse else teacher,
+                                  args=_args(tmp_path, setup), train_dataset=as_examples(batch),
+                                  shard_teacher=shard_teacher, **SETTINGS)
+    _train_and_compare(trainer, expected, teacher_sharded=None if sparse else shard_teacher)
+
+
+def trl_gkd_case(tmp_path, setup):
+    """kdfast's TRL GKDTrainer (off-policy, lmbda 0) with its teacher sharded. Rows of equal length, so that each
+    process's share of the tokens is the same."""
+    import warnings
+
+    from datasets import Dataset
+    from tiny_models import student_and_teacher, token_batch, word_tokenizer
+    from transformers import default_data_collator
+    from trl.experimental.gkd import GKDConfig
+
+    from kdfast.integrations.causal_lm import batch_distill_loss
+    from kdfast.integrations.trl import GKDTrainer, gkd_options
+
+    student, teacher = student_and_teacher(head_scale=4.0)
+    batch = token_batch()
+    batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
+    batch["labels"] = batch["input_ids"].clone()
+    opts = gkd_options(beta=0.5)
+    expected = _reference_run(student_and_teacher(head_scale=4.0)[0], batch,
+                              lambda model, inputs: batch_distill_loss(model, teacher, inputs, opts))
+    args = _args(tmp_path, setup, config_cls=GKDConfig, beta=0.5, lmbda=0.0, max_new_tokens=4, bf16=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TRL's experimental-namespace warning
+        trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, processing_class=word_tokenizer(),
+                             train_dataset=Dataset.from_dict({k: v.tolist() for k, v in batch.items()}),
+                             data_collator=default_data_collator)
+    _train_and_compare(trainer, expected, teacher_sharded=True)
+
+
+CASES = {"sharded-teacher": functools.partial(distillation_case, sparse=False),
+         "replicated-teacher": functools.partial(distillation_case, sparse=False, shard_teacher=False),
+         "sparse-teacher": functools.partial(distillation_case, sparse=True),
+         "trl-gkd": trl_gkd_case}
+
+
+def run_all(rank, world, port, setup_name, folder, out_path):
+    from rank_cases import run_cases
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), LOCAL_SIZE=str(world), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    setup = {"fsdp2": FSDP2, "zero3": ZERO3}[setup_name]
+    allow_sharding_on_cpu()
+    folder = pathlib.Path(folder)
+    run_cases({name: functools.partial(case, folder / name, setup) for name, case in CASES.items()}, out_path)
+    if dist.is_initialized():
+        dist.destroy_process_group()
