@@ -2,6 +2,7 @@
 
     kdfast bench [logits | linear | sparse | linear-sparse | vocab-parallel] [options]
                                        the side-by-side benchmarks (all, or one)
+    kdfast bench sharded-memory        peak memory per process with the student sharded by FSDP2 (minutes)
     kdfast profile [options]           peak memory over a sweep of shapes
     kdfast distill [options]           an end-to-end distillation run
     kdfast teacher-cache [options]     store a teacher's top-k next-token log-probs for distilling without it
@@ -20,6 +21,8 @@ from kdfast.package_files import package_folder
 # `kdfast bench <name>` -> the benchmark script (benchmarks/ in a checkout, kdfast/benchmarks in an install).
 BENCHMARKS = {"logits": "bench_distill", "linear": "bench_linear", "sparse": "bench_sparse",
               "linear-sparse": "bench_linear_sparse", "vocab-parallel": "bench_vocab_parallel"}
+# Run only when named: several processes training real models, minutes on a CPU.
+NAMED_ONLY = {"sharded-memory": "bench_sharded_memory"}
 
 
 def benchmark_module(name: str):
@@ -74,12 +77,13 @@ def _build(_args):
 
 
 def _add_bench(commands) -> None:
-    bench = commands.add_parser("bench", help="the side-by-side benchmarks: logits-level, fused linear, vocab-parallel",
-                                description="Runs the three side-by-side benchmarks with their defaults, or the one "
+    bench = commands.add_parser("bench", help="the side-by-side benchmarks: logits, fused linear, sparse, vocab-parallel",
+                                description="Runs the side-by-side benchmarks with their defaults (all but "
+                                            "sharded-memory), or the one "
                                             "named, with its options (kdfast bench <name> --help).")
     bench.set_defaults(handler=_run_benchmarks, benchmark=None)
     which = bench.add_subparsers(dest="benchmark", metavar="<benchmark>")
-    for name, module_name in BENCHMARKS.items():
+    for name, module_name in {**BENCHMARKS, **NAMED_ONLY}.items():
         module = benchmark_module(module_name)
         sub = which.add_parser(name, help=_summary(module), description=module.__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -55,3 +55,12 @@ def test_bench_vocab_parallel_smoke(tmp_path):
     assert sent == 7 * 8 + 2 * 32 * 3 * 4, "the check exchange plus two [rows, 3] float32 collectives"
     assert int(rows["gather full logits + kdfast"]["bytes_sent_per_rank"]) == 2 * 32 * 100 * 4
     assert float(rows["kdfast on the shard alone"]["x_shard_alone"]) == 1.0
+
+
+def test_bench_sharded_memory_smoke(tmp_path):
+    _run(tmp_path, "benchmarks/bench_sharded_memory.py", "--size", "tiny", "--steps", "1", "--length", "8")
+    rows = {r["setup"]: r for r in csv.DictReader(next(tmp_path.glob("bench_sharded_memory_tiny_*.csv")).open())}
+    assert [int(r["processes"]) for r in rows.values()] == [1, 2, 2]
+    whole, sharded = rows["one process, nothing sharded"], rows["FSDP2, teacher sharded"]
+    assert int(sharded["student_param_kib"]) < int(whole["student_param_kib"]), "each process holds a shard"
+    assert float(whole["x_one_process"]) == 1.0
