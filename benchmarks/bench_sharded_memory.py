@@ -69,9 +69,8 @@ def worker(rank, world, setup, args, store, out):
     from kdfast.integrations.causal_lm import batch_distill_loss
     from kdfast.integrations.sharding import run_through_wrapper
     from kdfast.memory import peak_bytes, reset_peak
-    from kdfast.options import LossOptions
-
     from kdfast.native_build import load_cpu_extension
+    from kdfast.options import LossOptions
 
     torch.set_num_threads(max(1, torch.get_num_threads() // world))
     cpu = torch.device("cpu")

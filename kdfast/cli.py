@@ -77,10 +77,10 @@ def _build(_args):
 
 
 def _add_bench(commands) -> None:
-    bench = commands.add_parser("bench", help="the side-by-side benchmarks: logits, fused linear, sparse, vocab-parallel",
+    bench = commands.add_parser("bench", help="the side-by-side benchmarks: logits, linear, sparse, vocab-parallel",
                                 description="Runs the side-by-side benchmarks with their defaults (all but "
-                                            "sharded-memory), or the one "
-                                            "named, with its options (kdfast bench <name> --help).")
+                                            "sharded-memory), or the one named, with its options "
+                                            "(kdfast bench <name> --help).")
     bench.set_defaults(handler=_run_benchmarks, benchmark=None)
     which = bench.add_subparsers(dest="benchmark", metavar="<benchmark>")
     for name, module_name in {**BENCHMARKS, **NAMED_ONLY}.items():
