@@ -68,6 +68,10 @@ def contenders(inputs, options, with_compile, chunk_size="auto"):
             lambda h, w: liger(h, w, ht, wt, labels))
     methods["kdfast linear_distill_loss"] = lambda: fwd_bwd(
         lambda h, w: kdfast.linear_distill_loss(h, w, ht, wt, labels, chunk_size=chunk_size, **options))
+    if hs.dtype != torch.float32:  # with 16-bit heads: the cost of logits never rounded to 16 bits
+        methods["kdfast, fp32 logits"] = lambda: fwd_bwd(
+            lambda h, w: kdfast.linear_distill_loss(h, w, ht, wt, labels, chunk_size=chunk_size, fp32_logits=True,
+                                                    **options))
 
     def four_gemms():
         student = hs @ ws.t()

@@ -3,6 +3,7 @@
     kdfast bench [logits | linear | sparse | linear-sparse | vocab-parallel] [options]
                                        the side-by-side benchmarks (all, or one)
     kdfast bench sharded-memory        peak memory per process with the student sharded by FSDP2 (minutes)
+    kdfast bench linear-precision      loss and gradient errors of the fused linear loss on bf16 heads vs float64
     kdfast profile [options]           peak memory over a sweep of shapes
     kdfast distill [options]           an end-to-end distillation run
     kdfast teacher-cache [options]     store a teacher's top-k next-token log-probs for distilling without it
@@ -22,7 +23,7 @@ from kdfast.package_files import package_folder
 BENCHMARKS = {"logits": "bench_distill", "linear": "bench_linear", "sparse": "bench_sparse",
               "linear-sparse": "bench_linear_sparse", "vocab-parallel": "bench_vocab_parallel"}
 # Run only when named: several processes training real models, minutes on a CPU.
-NAMED_ONLY = {"sharded-memory": "bench_sharded_memory"}
+NAMED_ONLY = {"sharded-memory": "bench_sharded_memory", "linear-precision": "bench_linear_precision"}
 
 
 def benchmark_module(name: str):
@@ -79,7 +80,7 @@ def _build(_args):
 def _add_bench(commands) -> None:
     bench = commands.add_parser("bench", help="the side-by-side benchmarks: logits, linear, sparse, vocab-parallel",
                                 description="Runs the side-by-side benchmarks with their defaults (all but "
-                                            "sharded-memory), or the one named, with its options "
+                                            "sharded-memory and linear-precision), or the one named, with its options "
                                             "(kdfast bench <name> --help).")
     bench.set_defaults(handler=_run_benchmarks, benchmark=None)
     which = bench.add_subparsers(dest="benchmark", metavar="<benchmark>")

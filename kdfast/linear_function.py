@@ -36,6 +36,7 @@ class ChunkPlan:
     softcap: float | None
     chunk_size: int | str
     rows_kernel: object
+    fp32_logits: bool = False  # logits kept in float32 where the GEMMs are 16-bit
 
 
 class LinearDistillFunction(torch.autograd.Function):
@@ -52,7 +53,7 @@ class LinearDistillFunction(torch.autograd.Function):
             k = teacher.ids.shape[-1]
             teacher = SparseTargets(teacher.ids.reshape(-1, k), teacher.logprobs.reshape(-1, k))
         heads = Heads(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias, teacher,
-                      labels, plan.softcap, gemm_dtype(student_hidden, student_weight))
+                      labels, plan.softcap, gemm_dtype(student_hidden, student_weight), plan.fp32_logits)
         wanted = Wanted(ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                         student_bias is not None and ctx.needs_input_grad[2])
         scale = reduction_scale(labels, heads.rows, opts, num_items_in_batch, student_hidden.device)

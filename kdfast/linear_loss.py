@@ -16,7 +16,7 @@ from kdfast.validation import check_chunk_settings, check_labels_for, check_line
 
 
 def linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
-                        student_bias=None, teacher_bias=None, softcap=None, chunk_size="auto",
+                        student_bias=None, teacher_bias=None, softcap=None, chunk_size="auto", fp32_logits=False,
                         divergence="forward_kl", beta=0.5, temperature=1.0, kd_weight=1.0, ce_weight=0.0,
                         t2_scale=True, ignore_index=-100, reduction="mean", num_items_in_batch=None,
                         inplace_backward=False, backend="auto", return_components=False, vocab_size=None,
@@ -27,6 +27,8 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_
 
     Hidden states are [..., H_s] and [..., H_t] (the sizes may differ), weights [V, H_s] and [V, H_t], biases
     [V]. `softcap` applies Gemma-2's `c * tanh(z / c)` to both models' logits before the temperature.
+    `fp32_logits`: with 16-bit GEMMs, the chunk's logits are kept in float32 as the GEMM accumulated them, never
+    rounded to 16 bits before the softmax (on CUDA the GEMM writes float32; elsewhere it runs in float32).
     Gradients flow to student_hidden, student_weight and student_bias; the teacher is a constant. Under
     `torch.autocast` the GEMMs run in autocast's dtype; sums are kept in float32. The chunk's logits are
     always overwritten by their gradient (they are the loss's own buffers), so `inplace_backward` changes
@@ -45,21 +47,21 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_
                        vocab_size=vocab_size, label_smoothing=label_smoothing, z_loss_weight=z_loss_weight)
     return fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, opts,
                              student_bias=student_bias, teacher_bias=teacher_bias, softcap=softcap,
-                             chunk_size=chunk_size, num_items_in_batch=num_items_in_batch,
+                             chunk_size=chunk_size, fp32_logits=fp32_logits, num_items_in_batch=num_items_in_batch,
                              process_group=process_group, vocab_range=vocab_range,
                              reduce_hidden_grad=reduce_hidden_grad)
 
 
 def fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, opts: LossOptions, *,
-                      student_bias=None, teacher_bias=None, softcap=None, chunk_size="auto", num_items_in_batch=None,
-                      process_group=None, vocab_range=None, reduce_hidden_grad=True):
+                      student_bias=None, teacher_bias=None, softcap=None, chunk_size="auto", fp32_logits=False,
+                      num_items_in_batch=None, process_group=None, vocab_range=None, reduce_hidden_grad=True):
     """`linear_distill_loss` with its loss settings already in one record."""
     student_weight, student_bias, teacher_weight, teacher_bias = heads_cut_to_vocab(
         opts, process_group, student_weight, student_bias, teacher_weight, teacher_bias)
 
     def check(vocab):
         check_linear_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
-                            teacher_bias, softcap, chunk_size, opts)
+                            teacher_bias, softcap, chunk_size, opts, fp32_logits)
         check_labels_for(labels, tuple(student_hidden.shape[:-1]), vocab, student_hidden.device, opts,
                          "the hidden states")
         check_num_items(num_items_in_batch)
@@ -80,7 +82,7 @@ def fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_we
     teacher = TeacherHead(teacher_hidden.detach(), teacher_weight.detach(),
                           teacher_bias.detach() if teacher_bias is not None else None, teacher_hidden.dtype)
     return apply_linear(student_hidden, student_weight, student_bias, labels, num_items_in_batch, opts,
-                        ChunkPlan(softcap, chunk_size, rows_kernel), teacher)
+                        ChunkPlan(softcap, chunk_size, rows_kernel, fp32_logits), teacher)
 
 
 # The chunk loop is driven from the host (a Python loop of GEMMs and kernel calls): torch.compile runs the
@@ -92,24 +94,24 @@ def apply_linear(student_hidden, student_weight, student_bias, labels, num_items
 
 
 class LinearDistillLoss(torch.nn.Module):
-    """`linear_distill_loss` with its settings fixed at construction: takes `softcap`, `chunk_size`,
+    """`linear_distill_loss` with its settings fixed at construction: takes `softcap`, `chunk_size`, `fp32_logits`,
     `process_group`, `vocab_range`, `reduce_hidden_grad` and every loss setting keyword of `distill_loss`."""
 
-    def __init__(self, *, softcap=None, chunk_size="auto", process_group=None, vocab_range=None,
+    def __init__(self, *, softcap=None, chunk_size="auto", fp32_logits=False, process_group=None, vocab_range=None,
                  reduce_hidden_grad=True, **settings):
         super().__init__()
         # Validated now, so a bad setting fails where the module is built rather than at the first step.
         self.options = LossOptions.build("LinearDistillLoss", **settings)
-        check_chunk_settings(softcap, chunk_size)
-        self.softcap = softcap
-        self.chunk_size = chunk_size
+        check_chunk_settings(softcap, chunk_size, fp32_logits)
+        self.softcap, self.chunk_size, self.fp32_logits = softcap, chunk_size, fp32_logits
         self.process_group, self.vocab_range, self.reduce_hidden_grad = process_group, vocab_range, reduce_hidden_grad
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
                 student_bias=None, teacher_bias=None, num_items_in_batch=None):
         return fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, self.options,
                                  student_bias=student_bias, teacher_bias=teacher_bias, softcap=self.softcap,
-                                 chunk_size=self.chunk_size, num_items_in_batch=num_items_in_batch,
+                                 chunk_size=self.chunk_size, fp32_logits=self.fp32_logits,
+                                 num_items_in_batch=num_items_in_batch,
                                  process_group=self.process_group, vocab_range=self.vocab_range,
                                  reduce_hidden_grad=self.reduce_hidden_grad)
 
@@ -117,4 +119,4 @@ class LinearDistillLoss(torch.nn.Module):
         o = self.options
         return (f"divergence={o.divergence!r}, beta={o.beta}, temperature={o.temperature}, "
                 f"kd_weight={o.kd_weight}, ce_weight={o.ce_weight}, reduction={o.reduction!r}, "
-                f"softcap={self.softcap}, chunk_size={self.chunk_size!r}")
+                f"softcap={self.softcap}, chunk_size={self.chunk_size!r}, fp32_logits={self.fp32_logits}")

@@ -22,7 +22,8 @@ from kdfast.validation import (
 
 
 def linear_sparse_distill_loss(student_hidden, student_weight, teacher_ids, teacher_logprobs, labels=None, *,
-                               student_bias=None, softcap=None, chunk_size="auto", divergence="forward_kl", beta=0.5,
+                               student_bias=None, softcap=None, chunk_size="auto", fp32_logits=False,
+                               divergence="forward_kl", beta=0.5,
                                temperature=1.0, teacher_temperature=None, tail="bucket", kd_weight=1.0,
                                ce_weight=0.0, t2_scale=True, ignore_index=-100, reduction="mean",
                                num_items_in_batch=None, inplace_backward=False, backend="auto",
@@ -30,7 +31,8 @@ def linear_sparse_distill_loss(student_hidden, student_weight, teacher_ids, teac
                                process_group=None, vocab_range=None, reduce_hidden_grad=True):
     """`sparse_distill_loss(student_hidden @ student_weight.T + student_bias, teacher_ids, teacher_logprobs, labels,
     ...)`, computed `chunk_size` tokens at a time. `teacher_ids` / `teacher_logprobs` are [..., K] with the hidden
-    states' leading shape. `softcap` applies to the student's logits (the teacher's log-probs are final). Gradients
+    states' leading shape. `softcap` applies to the student's logits (the teacher's log-probs are final);
+    `fp32_logits` as for `linear_distill_loss`. Gradients
     flow to student_hidden, student_weight and student_bias. Vocab parallel as for `linear_distill_loss` (the
     student head's rows a rank's shard; teacher ids global)."""
     opts = SparseOptions(divergence=divergence, beta=beta, temperature=temperature,
@@ -40,18 +42,20 @@ def linear_sparse_distill_loss(student_hidden, student_weight, teacher_ids, teac
                          vocab_size=vocab_size, label_smoothing=label_smoothing, z_loss_weight=z_loss_weight)
     return fused_linear_sparse_loss(student_hidden, student_weight, teacher_ids, teacher_logprobs, labels, opts,
                                     student_bias=student_bias, softcap=softcap, chunk_size=chunk_size,
-                                    num_items_in_batch=num_items_in_batch, process_group=process_group,
+                                    fp32_logits=fp32_logits, num_items_in_batch=num_items_in_batch,
+                                    process_group=process_group,
                                     vocab_range=vocab_range, reduce_hidden_grad=reduce_hidden_grad)
 
 
 def fused_linear_sparse_loss(student_hidden, student_weight, teacher_ids, teacher_logprobs, labels,
                              opts: SparseOptions, *, student_bias=None, softcap=None, chunk_size="auto",
-                             num_items_in_batch=None, process_group=None, vocab_range=None, reduce_hidden_grad=True):
+                             fp32_logits=False, num_items_in_batch=None, process_group=None, vocab_range=None,
+                             reduce_hidden_grad=True):
     """`linear_sparse_distill_loss` with its loss settings already in one record."""
     student_weight, student_bias, _, _ = heads_cut_to_vocab(opts, process_group, student_weight, student_bias)
 
     def check(vocab):
-        check_linear_student(student_hidden, student_weight, student_bias, softcap, chunk_size)
+        check_linear_student(student_hidden, student_weight, student_bias, softcap, chunk_size, fp32_logits)
         lead_shape = tuple(student_hidden.shape[:-1])
         check_sparse_targets(teacher_ids, teacher_logprobs, lead_shape, vocab, student_hidden.device, opts,
                              "the hidden states")
@@ -76,26 +80,27 @@ def fused_linear_sparse_loss(student_hidden, student_weight, teacher_ids, teache
         rows_kernel = device_rows(opts, student_hidden.device)
     teacher = SparseTargets(teacher_ids.to(torch.int64), teacher_logprobs.detach())
     return apply_linear(student_hidden, student_weight, student_bias, labels, num_items_in_batch, opts,
-                        ChunkPlan(softcap, chunk_size, rows_kernel), teacher)
+                        ChunkPlan(softcap, chunk_size, rows_kernel, fp32_logits), teacher)
 
 
 class LinearSparseDistillLoss(torch.nn.Module):
-    """`linear_sparse_distill_loss` with its settings fixed at construction: `softcap`, `chunk_size`,
+    """`linear_sparse_distill_loss` with its settings fixed at construction: `softcap`, `chunk_size`, `fp32_logits`,
     `process_group`, `vocab_range`, `reduce_hidden_grad` and every loss setting of `sparse_distill_loss`."""
 
-    def __init__(self, *, softcap=None, chunk_size="auto", process_group=None, vocab_range=None,
+    def __init__(self, *, softcap=None, chunk_size="auto", fp32_logits=False, process_group=None, vocab_range=None,
                  reduce_hidden_grad=True, **settings):
         super().__init__()
         self.options = SparseOptions.build("LinearSparseDistillLoss", **settings)
-        check_chunk_settings(softcap, chunk_size)
-        self.softcap, self.chunk_size = softcap, chunk_size
+        check_chunk_settings(softcap, chunk_size, fp32_logits)
+        self.softcap, self.chunk_size, self.fp32_logits = softcap, chunk_size, fp32_logits
         self.process_group, self.vocab_range, self.reduce_hidden_grad = process_group, vocab_range, reduce_hidden_grad
 
     def forward(self, student_hidden, student_weight, teacher_ids, teacher_logprobs, labels=None, student_bias=None,
                 num_items_in_batch=None):
         return fused_linear_sparse_loss(student_hidden, student_weight, teacher_ids, teacher_logprobs, labels,
                                         self.options, student_bias=student_bias, softcap=self.softcap,
-                                        chunk_size=self.chunk_size, num_items_in_batch=num_items_in_batch,
+                                        chunk_size=self.chunk_size, fp32_logits=self.fp32_logits,
+                                        num_items_in_batch=num_items_in_batch,
                                         process_group=self.process_group, vocab_range=self.vocab_range,
                                         reduce_hidden_grad=self.reduce_hidden_grad)
 
@@ -103,4 +108,4 @@ class LinearSparseDistillLoss(torch.nn.Module):
         o = self.options
         return (f"divergence={o.divergence!r}, tail={o.tail!r}, temperature={o.temperature}, "
                 f"kd_weight={o.kd_weight}, ce_weight={o.ce_weight}, softcap={self.softcap}, "
-                f"chunk_size={self.chunk_size!r}")
+                f"chunk_size={self.chunk_size!r}, fp32_logits={self.fp32_logits}")

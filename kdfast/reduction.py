@@ -30,12 +30,16 @@ def reduction_scale(labels, rows: int, opts: LossOptions, num_items_in_batch, de
     """1 for "sum" and "none"; for "mean", 1 / num_items_in_batch, else 1 / kept rows (at least 1: never NaN)."""
     if opts.reduction != "mean":
         return torch.ones((), dtype=torch.float32, device=device)
-    if num_items_in_batch is not None:
-        denominator = torch.as_tensor(num_items_in_batch, device=device).to(torch.float32)
+    # Numbers from the host become device scalars by a fill, never a copy: a copy from host memory is not allowed
+    # while a CUDA graph is being captured.
+    if isinstance(num_items_in_batch, torch.Tensor):
+        denominator = num_items_in_batch.to(device=device, dtype=torch.float32).reshape(())
+    elif num_items_in_batch is not None:
+        denominator = torch.full((), float(num_items_in_batch), dtype=torch.float32, device=device)
     elif labels is not None:
         denominator = (labels != opts.ignore_index).sum().clamp(min=1).to(torch.float32)
     else:
-        denominator = torch.tensor(float(max(rows, 1)), device=device)
+        denominator = torch.full((), float(max(rows, 1)), dtype=torch.float32, device=device)
     return 1.0 / denominator
 
 

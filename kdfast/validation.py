@@ -71,8 +71,9 @@ def check_labels_for(labels, lead_shape: tuple, vocab: int, device, opts: LossOp
                          f"{tuple(lead_shape)}")
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but {what} are on {device}")
-    # Reading the labels' range on a GPU is a host sync, which docs/DESIGN.md keeps out of the loss: there the
-    # kernels mark such rows NaN instead, and KDFAST_CHECK_LABELS=1 turns the (syncing) check on.
+    # Reading the labels' range on a GPU is a host sync, which docs/DESIGN.md keeps out of the loss: there the CUDA
+    # kernels stop the step with a device-side assert (Triton's mark such rows NaN), and KDFAST_CHECK_LABELS=1 turns
+    # the (syncing) check on.
     if opts.needs_labels and labels.numel() and _label_check_costs_no_sync(labels):
         bad = ((labels < 0) | (labels >= vocab)) & (labels != opts.ignore_index)
         if bool(bad.any()):
@@ -100,7 +101,8 @@ def _check_floating(name: str, tensor, shape_text: str) -> None:
         raise ValueError(f"{name} must be float32, bfloat16 or float16, got dtype {tensor.dtype}")
 
 
-def check_linear_student(student_hidden, student_weight, student_bias, softcap, chunk_size) -> None:
+def check_linear_student(student_hidden, student_weight, student_bias, softcap, chunk_size,
+                         fp32_logits=False) -> None:
     """hidden [..., H_s], weight [V, H_s], bias [V]; the chunk settings."""
     _check_floating("student_hidden", student_hidden, "[..., hidden_s]")
     _check_floating("student_weight", student_weight, "[vocab, hidden_s]")
@@ -112,15 +114,15 @@ def check_linear_student(student_hidden, student_weight, student_bias, softcap, 
                          f"size), got {tuple(student_weight.shape)}")
     _check_bias("student_bias", student_bias, student_weight.shape[0])
     _check_one_device(student_hidden, student_weight, student_bias)
-    check_chunk_settings(softcap, chunk_size)
+    check_chunk_settings(softcap, chunk_size, fp32_logits)
 
 
 def check_linear_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
-                        teacher_bias, softcap, chunk_size, opts: LossOptions) -> None:
+                        teacher_bias, softcap, chunk_size, opts: LossOptions, fp32_logits=False) -> None:
     """Shapes [..., H_s] / [V, H_s] / [V] for the student and [..., H_t] / [V, H_t] / [V] for the teacher."""
     _check_floating("teacher_hidden", teacher_hidden, "[..., hidden_t]")
     _check_floating("teacher_weight", teacher_weight, "[vocab, hidden_t]")
-    check_linear_student(student_hidden, student_weight, student_bias, softcap, chunk_size)
+    check_linear_student(student_hidden, student_weight, student_bias, softcap, chunk_size, fp32_logits)
     if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
         raise ValueError(f"teacher_hidden leading shape {tuple(teacher_hidden.shape[:-1])} must equal "
                          f"student_hidden's {tuple(student_hidden.shape[:-1])}: one teacher row per token")
@@ -154,12 +156,14 @@ def _check_one_device(*tensors) -> None:
                          f"{sorted(str(d) for d in devices)}")
 
 
-def check_chunk_settings(softcap, chunk_size) -> None:
+def check_chunk_settings(softcap, chunk_size, fp32_logits=False) -> None:
     if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
     if chunk_size != "auto" and not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool)
                                      and chunk_size > 0):
         raise ValueError(f"chunk_size must be 'auto' or a positive int, got {chunk_size!r}")
+    if not isinstance(fp32_logits, bool):
+        raise ValueError(f"fp32_logits must be True or False, got {fp32_logits!r}")
 
 
 def check_sparse_targets(teacher_ids, teacher_logprobs, lead_shape: tuple, vocab: int, device, opts: LossOptions,

@@ -64,3 +64,11 @@ def test_bench_sharded_memory_smoke(tmp_path):
     whole, sharded = rows["one process, nothing sharded"], rows["FSDP2, teacher sharded"]
     assert int(sharded["student_param_kib"]) < int(whole["student_param_kib"]), "each process holds a shard"
     assert float(whole["x_one_process"]) == 1.0
+
+
+def test_bench_linear_precision_smoke(tmp_path):
+    _run(tmp_path, "benchmarks/bench_linear_precision.py", "--tokens", "64", "--hidden", "32", "--teacher-hidden",
+         "48", "--vocab", "2000")
+    rows = {r["method"]: r for r in csv.DictReader(next(tmp_path.glob("bench_linear_precision_*.csv")).open())}
+    rounded, fp32 = rows["kdfast (bf16 logits, default)"], rows["kdfast, fp32_logits=True"]
+    assert float(fp32["d_hidden_rel_error"]) < float(rounded["d_hidden_rel_error"])

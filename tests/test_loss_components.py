@@ -146,10 +146,11 @@ def test_accuracy_counts_ties_and_skips_ignored_rows():
     assert parts.accuracy.item() == pytest.approx(2 / 3)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cuda"])  # CUDA stops the step: test_cuda_step.py
 @pytest.mark.parametrize("sparse", [False, True])
 def test_a_label_out_of_range_poisons_its_row(backend, sparse):
-    """What a GPU does without the host check (which would sync): the kernels' parts carry NaN into the total."""
+    """What Triton on a GPU does without the host check (which would sync): the kernels' parts carry NaN into the
+    total."""
     device = device_for(backend)
     student, teacher = make_logits((1, 3, 17), torch.float32, device=device)
     if sparse:

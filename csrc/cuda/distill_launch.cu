@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "label_check.cuh"
 #include "sparse_rows.cuh"
 
 namespace kdfast_cuda {
@@ -60,6 +61,7 @@ Launch make_launch(const DistillArgs& args) {
 
 cudaError_t launch_distill(const DistillArgs& args, cudaStream_t stream) {
   if (args.batch * args.rows_per_batch == 0) return cudaSuccess;
+  if (const cudaError_t error = check_labels(args, stream); error != cudaSuccess) return error;
   const Launch launch = make_launch(args);
   switch (args.student_kind) {
     case ScalarKind::kBFloat16: return launch_student_bf16(launch, stream);
@@ -70,6 +72,7 @@ cudaError_t launch_distill(const DistillArgs& args, cudaStream_t stream) {
 
 cudaError_t launch_sparse(const DistillArgs& args, cudaStream_t stream) {
   if (args.batch * args.rows_per_batch == 0) return cudaSuccess;
+  if (const cudaError_t error = check_labels(args, stream); error != cudaSuccess) return error;
   const Launch launch = make_launch(args);
   switch (args.student_kind) {
     case ScalarKind::kBFloat16: return launch_sparse_bf16(launch, stream);
