@@ -1,9 +1,11 @@
 """The `kdfast` command. Each subcommand has its own options (`kdfast <command> --help`):
 
     kdfast bench [logits | linear | sparse | linear-sparse | vocab-parallel] [options]
-                                       the side-by-side benchmarks (all, or one)
+                                       the side-by-side benchmarks (all, or one); those below run when named
     kdfast bench sharded-memory        peak memory per process with the student sharded by FSDP2 (minutes)
     kdfast bench linear-precision      loss and gradient errors of the fused linear loss on bf16 heads vs float64
+    kdfast bench linear-chunks | small-calls | train-step
+                                       chunk sizes; a small call's host cost; a whole training step (GPU-sized)
     kdfast profile [options]           peak memory over a sweep of shapes
     kdfast distill [options]           an end-to-end distillation run
     kdfast teacher-cache [options]     store a teacher's top-k next-token log-probs for distilling without it
@@ -23,7 +25,9 @@ from kdfast.package_files import package_folder
 BENCHMARKS = {"logits": "bench_distill", "linear": "bench_linear", "sparse": "bench_sparse",
               "linear-sparse": "bench_linear_sparse", "vocab-parallel": "bench_vocab_parallel"}
 # Run only when named: several processes training real models, minutes on a CPU.
-NAMED_ONLY = {"sharded-memory": "bench_sharded_memory", "linear-precision": "bench_linear_precision"}
+NAMED_ONLY = {"sharded-memory": "bench_sharded_memory", "linear-precision": "bench_linear_precision",
+              "linear-chunks": "bench_linear_chunks", "small-calls": "bench_small_calls",
+              "train-step": "bench_train_step"}
 
 
 def benchmark_module(name: str):
@@ -79,9 +83,9 @@ def _build(_args):
 
 def _add_bench(commands) -> None:
     bench = commands.add_parser("bench", help="the side-by-side benchmarks: logits, linear, sparse, vocab-parallel",
-                                description="Runs the side-by-side benchmarks with their defaults (all but "
-                                            "sharded-memory and linear-precision), or the one named, with its options "
-                                            "(kdfast bench <name> --help).")
+                                description="Runs the side-by-side benchmarks with their defaults (all but those "
+                                            "`kdfast --help` lists as run when named), or the one named, with its "
+                                            "options (kdfast bench <name> --help).")
     bench.set_defaults(handler=_run_benchmarks, benchmark=None)
     which = bench.add_subparsers(dest="benchmark", metavar="<benchmark>")
     for name, module_name in {**BENCHMARKS, **NAMED_ONLY}.items():

@@ -72,3 +72,24 @@ def test_bench_linear_precision_smoke(tmp_path):
     rows = {r["method"]: r for r in csv.DictReader(next(tmp_path.glob("bench_linear_precision_*.csv")).open())}
     rounded, fp32 = rows["kdfast (bf16 logits, default)"], rows["kdfast, fp32_logits=True"]
     assert float(fp32["d_hidden_rel_error"]) < float(rounded["d_hidden_rel_error"])
+
+
+def test_bench_train_step_smoke(tmp_path):
+    _run(tmp_path, "benchmarks/bench_train_step.py", "--length", "16", "--vocab", "300", "--student", "32,1,64",
+         "--teacher", "48,1,96", "--repeats", "1")
+    rows = {r["method"]: r for r in csv.DictReader(next(tmp_path.glob("bench_train_step_*.csv")).open())}
+    assert float(rows["full logits (eager loss)"]["speedup_vs_full_logits"]) == 1.0
+    assert float(rows["kdfast (DistillationTrainer's loss)"]["median_ms"]) > 0
+
+
+def test_bench_linear_chunks_smoke(tmp_path):
+    _run(tmp_path, "benchmarks/bench_linear_chunks.py", "--tokens", "64", "--hidden", "16", "--teacher-hidden", "24",
+         "--vocab", "500", "--chunks", "16", "32", "--repeats", "1", "--dtype", "bf16")
+    rows = list(csv.DictReader(next(tmp_path.glob("bench_linear_chunks_*.csv")).open()))
+    assert {(r["chunk"], r["fp32_logits"]) for r in rows} >= {("16", "True"), ("32", "False"), ("auto (64)", "True")}
+
+
+def test_bench_small_calls_smoke(tmp_path):
+    _run(tmp_path, "benchmarks/bench_small_calls.py", "--vocab", "1000", "--calls", "3")
+    rows = list(csv.DictReader(next(tmp_path.glob("bench_small_calls_*.csv")).open()))
+    assert [r["backend"] for r in rows] == ["cpu", "torch"] and all(float(r["us_per_call"]) > 0 for r in rows)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The fused linear loss on a GPU in one run (docs/DESIGN.md, "The fused linear loss on a GPU"): against its four-GEMM
+# floor, torch.compile and Liger (its wheel carried in .whl/) at N=8192 H_s=2048 H_t=4096 V=128256 bf16, with and
+# without float32 logits; the chunk size by measurement; errors against float64 on bf16 inputs (kdfast both ways,
+# Liger); the host's cost of a small call, eager and as a CUDA graph replay; a whole training step against full
+# logits and Liger; the logits-level kernels (no regression); then the GPU tests of these paths. Results:
+# benchmarks/results/ (and $OUT, when the device tool runs it).
+set -uo pipefail
+source "$(dirname "$0")/gpu_env.sh"
+
+step() {  # step NAME TIMEOUT SCRIPT [ARGS...]: one benchmark, its log and CSVs beside the others
+  local name=$1 limit=$2; shift 2
+  echo "== $name" | tee -a "$LOGS/gpu_linear_check.txt"
+  timeout "$limit" "$PYTHON" "$@" 2>&1 | tee -a "$LOGS/gpu_linear_check.txt" || status=1
+}
+step "fused linear vs GEMM floor, torch.compile, Liger" 300 benchmarks/bench_linear.py
+step "chunk sizes" 150 benchmarks/bench_linear_chunks.py
+step "errors against float64 on bf16 inputs" 120 benchmarks/bench_linear_precision.py
+step "small calls: host cost, launches, CUDA graph" 90 benchmarks/bench_small_calls.py
+step "whole training step" 240 benchmarks/bench_train_step.py
+step "logits-level kernels" 180 benchmarks/bench_gpu_kernels.py
+echo "== GPU tests of these paths" | tee -a "$LOGS/gpu_linear_check.txt"
+timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider -p no:benchmark -n "${TEST_WORKERS:-8}" \
+  tests/test_cuda_step.py tests/test_fp32_logits.py tests/test_linear_loss.py tests/test_cuda_backend.py \
+  tests/test_numerics.py -rfE 2>&1 | tail -n 60 | tee -a "$LOGS/gpu_linear_check.txt" || status=1
+cp "$RESULTS"/bench_linear_* "$RESULTS"/bench_small_calls_* "$RESULTS"/bench_train_step_* "$LOGS"/ 2>/dev/null
+[ -L kdfast/kernels ] && rm kdfast/kernels
+exit $status
