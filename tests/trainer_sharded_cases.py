@@ -1,8 +1,8 @@
-"""What each rank runs in tests/test_trainer_fsdp2.py and tests/test_trainer_zero3.py: `DistillationTrainer` and
-kdfast's TRL `GKDTrainer` under accelerate's FSDP2 plugin or DeepSpeed ZeRO-3 (set up by `TrainingArguments`, as
-`accelerate launch` with such a config sets them up), 2 gloo ranks on CPU, each taking half of every batch. The loss of
-each step, every parameter's gradient in the first step and the parameters after 3 SGD steps equal an unsharded
-student's trained on the whole batch in the same process.
+"""What each rank runs in tests/test_trainer_sharded.py: `DistillationTrainer` and kdfast's TRL `GKDTrainer`
+under accelerate's FSDP2 plugin or DeepSpeed ZeRO-3 (set up by `TrainingArguments`, as `accelerate launch` with such
+a config sets them up), 2 gloo ranks on CPU, each taking half of every batch. The loss of each step, every
+parameter's gradient in the first step and the parameters after 3 SGD steps equal an unsharded student's trained on
+the whole batch in the same process.
 
 The gradient is read from the first step's update, (before - after) / lr, because DeepSpeed's step runs inside
 its backward (no hook sees the whole gradient before it); for FSDP2 that is the same number.
