@@ -4,8 +4,12 @@
 # without float32 logits; the chunk size by measurement; errors against float64 on bf16 inputs (kdfast both ways,
 # Liger); the host's cost of a small call, eager and as a CUDA graph replay; a whole training step against full
 # logits and Liger; the logits-level kernels (no regression); then the GPU tests of these paths. Results:
-# benchmarks/results/ (and $OUT, when the device tool runs it).
+# benchmarks/results/ (and $OUT, when the device tool runs it). About 10 minutes in all with the build; where one
+# command may run 10 minutes at most, split it: STEPS="linear chunks precision" then STEPS="small step kernels tests"
+# (the kernels' build is cached between the two on the same machine).
 set -uo pipefail
+STEPS=${STEPS:-linear chunks precision small step kernels tests}
+want() { [[ " $STEPS " == *" $1 "* ]]; }
 source "$(dirname "$0")/gpu_env.sh"
 
 step() {  # step NAME TIMEOUT SCRIPT [ARGS...]: one benchmark, its log and CSVs beside the others
@@ -13,16 +17,22 @@ step() {  # step NAME TIMEOUT SCRIPT [ARGS...]: one benchmark, its log and CSVs 
   echo "== $name" | tee -a "$LOGS/gpu_linear_check.txt"
   timeout "$limit" "$PYTHON" "$@" 2>&1 | tee -a "$LOGS/gpu_linear_check.txt" || status=1
 }
-step "fused linear vs GEMM floor, torch.compile, Liger" 300 benchmarks/bench_linear.py
-step "chunk sizes" 150 benchmarks/bench_linear_chunks.py
-step "errors against float64 on bf16 inputs" 120 benchmarks/bench_linear_precision.py
-step "small calls: host cost, launches, CUDA graph" 90 benchmarks/bench_small_calls.py
-step "whole training step" 240 benchmarks/bench_train_step.py
-step "logits-level kernels" 180 benchmarks/bench_gpu_kernels.py
-echo "== GPU tests of these paths" | tee -a "$LOGS/gpu_linear_check.txt"
-timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider -p no:benchmark -n "${TEST_WORKERS:-8}" \
-  tests/test_cuda_step.py tests/test_fp32_logits.py tests/test_linear_loss.py tests/test_cuda_backend.py \
-  tests/test_numerics.py -rfE 2>&1 | tail -n 60 | tee -a "$LOGS/gpu_linear_check.txt" || status=1
-cp "$RESULTS"/bench_linear_* "$RESULTS"/bench_small_calls_* "$RESULTS"/bench_train_step_* "$LOGS"/ 2>/dev/null
+want linear && step "fused linear vs GEMM floor, torch.compile, Liger" 300 benchmarks/bench_linear.py
+want chunks && step "chunk sizes" 150 benchmarks/bench_linear_chunks.py
+want precision && step "errors against float64 on bf16 inputs" 120 benchmarks/bench_linear_precision.py
+want small && step "small calls: host cost, launches, CUDA graph" 90 benchmarks/bench_small_calls.py
+want step && step "whole training step" 240 benchmarks/bench_train_step.py
+want kernels && step "logits-level kernels" 180 benchmarks/bench_gpu_kernels.py
+if want tests; then
+  echo "== GPU tests of these paths" | tee -a "$LOGS/gpu_linear_check.txt"
+  timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider -p no:benchmark -n "${TEST_WORKERS:-8}" \
+    tests/test_cuda_step.py tests/test_fp32_logits.py tests/test_linear_loss.py tests/test_cuda_backend.py \
+    tests/test_numerics.py -rfE 2>&1 | tail -n 60 | tee -a "$LOGS/gpu_linear_check.txt" || status=1
+fi
 [ -L kdfast/kernels ] && rm kdfast/kernels
+if [ -n "${OUT:-}" ]; then  # few files come back from a device run: this run's CSVs and logs in one archive
+  cp "$RESULTS"/*_nvidia_* "$OUT"/ 2>/dev/null
+  (cd "$OUT" && tar -czf /tmp/gpu_linear_results.tgz -- * && find . -type f ! -name gpu_linear_check.txt -delete \
+    && mv /tmp/gpu_linear_results.tgz .)
+fi
 exit $status
