@@ -263,3 +263,19 @@ def test_label_smoothing_and_z_loss_reach_the_trainers_loss(tmp_path):
         loss = trainer.compute_loss(trainer.model, batch)
     expected = reference_loss(student, teacher, batch, **{**SETTINGS, **extra})
     torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_fp32_logits_reaches_the_loss(tmp_path):
+    from kdfast.integrations.causal_lm import batch_distill_loss
+    from kdfast.options import LossOptions
+
+    student, teacher = (model.to(torch.bfloat16) for model in student_and_teacher(head_scale=8.0))
+    batch = token_batch()
+    losses = {flag: make_trainer(tmp_path, student, teacher, fp32_logits=flag).compute_loss(student, batch)
+              for flag in (True, False)}
+    expected = batch_distill_loss(student, teacher, batch, LossOptions(**SETTINGS, reduction="mean"),
+                                  fp32_logits=True)
+    torch.testing.assert_close(losses[True], expected, rtol=0, atol=0)
+    assert losses[True] != losses[False], "bf16 heads: float32 logits give another (closer) loss"
+    with pytest.raises(ValueError, match="fp32_logits must be True or False"):
+        make_trainer(tmp_path, student, teacher, fp32_logits="yes")

@@ -58,7 +58,7 @@ def final_softcap(student, teacher) -> float | None:
 
 
 def distill_from_hidden(student, teacher, student_hidden, teacher_hidden, labels, options: LossOptions, *,
-                        chunk_size="auto", num_items_in_batch=None):
+                        chunk_size="auto", fp32_logits=False, num_items_in_batch=None):
     """The fused loss between two causal LMs' heads over already-shifted hidden states and labels. Heads padded past
     the tokenizer are cut to `options.vocab_size` by the loss itself."""
     student_head, teacher_head = output_head(student), output_head(teacher)
@@ -75,10 +75,11 @@ def distill_from_hidden(student, teacher, student_hidden, teacher_hidden, labels
         return fused_linear_loss(student_hidden, student_head.weight, teacher_hidden.detach(),
                                  teacher_head.weight.detach(), labels, options, student_bias=student_head.bias,
                                  teacher_bias=teacher_bias, softcap=softcap, chunk_size=chunk_size,
+                                 fp32_logits=fp32_logits,
                                  num_items_in_batch=num_items_in_batch)
 
 
-def batch_distill_loss(student, teacher, inputs, options: LossOptions, *, chunk_size="auto",
+def batch_distill_loss(student, teacher, inputs, options: LossOptions, *, chunk_size="auto", fp32_logits=False,
                        num_items_in_batch=None):
     """The fused loss of one batch: both decoders' last hidden states (the teacher's under no_grad), position i
     predicting `inputs["labels"][:, i + 1]`. Called under the caller's autocast."""
@@ -89,11 +90,13 @@ def batch_distill_loss(student, teacher, inputs, options: LossOptions, *, chunk_
         teacher_hidden = run_through_wrapper(teacher, teacher, last_hidden_state, teacher, input_ids,
                                              attention_mask)[:, :-1]
     return distill_from_hidden(student, teacher, student_hidden, teacher_hidden, inputs["labels"][:, 1:], options,
-                               chunk_size=chunk_size, num_items_in_batch=num_items_in_batch)
+                               chunk_size=chunk_size, fp32_logits=fp32_logits,
+                               num_items_in_batch=num_items_in_batch)
 
 
 def sparse_distill_from_hidden(student, student_hidden, teacher_ids, teacher_logprobs, labels,
-                               options: SparseOptions, *, chunk_size="auto", num_items_in_batch=None):
+                               options: SparseOptions, *, chunk_size="auto", fp32_logits=False,
+                               num_items_in_batch=None):
     """The fused loss of a causal LM's head against a sparse teacher, over already-aligned hidden states, teacher rows
     [..., K] and labels (a head padded past the tokenizer is cut to `options.vocab_size` by the loss itself)."""
     head = output_head(student)
@@ -104,10 +107,11 @@ def sparse_distill_from_hidden(student, student_hidden, teacher_ids, teacher_log
     with whole_head(student, head):
         return fused_linear_sparse_loss(student_hidden, head.weight, teacher_ids, teacher_logprobs, labels, options,
                                         student_bias=head.bias, softcap=softcap, chunk_size=chunk_size,
+                                        fp32_logits=fp32_logits,
                                         num_items_in_batch=num_items_in_batch)
 
 
-def batch_sparse_distill_loss(student, inputs, options: SparseOptions, *, chunk_size="auto",
+def batch_sparse_distill_loss(student, inputs, options: SparseOptions, *, chunk_size="auto", fp32_logits=False,
                               num_items_in_batch=None):
     """The fused loss of one batch against a sparse teacher: `inputs["teacher_ids"]` / `["teacher_logprobs"]`
     [batch, seq, K], row j the teacher's distribution of token j (aligned with the labels, shifted with them)."""
@@ -117,5 +121,5 @@ def batch_sparse_distill_loss(student, inputs, options: SparseOptions, *, chunk_
                          f"{missing} (kdfast.teacher_cache.SparseTeacherCollator makes such batches)")
     hidden = last_hidden_state(student, inputs["input_ids"], inputs.get("attention_mask"))[:, :-1]
     return sparse_distill_from_hidden(student, hidden, inputs["teacher_ids"][:, 1:], inputs["teacher_logprobs"][:, 1:],
-                                      inputs["labels"][:, 1:], options, chunk_size=chunk_size,
+                                      inputs["labels"][:, 1:], options, chunk_size=chunk_size, fp32_logits=fp32_logits,
                                       num_items_in_batch=num_items_in_batch)

@@ -41,6 +41,7 @@ class DistillationTrainer(Trainer):
       student's (`processing_class`), and for tail="bucket" its temperature the loss's;
     - neither: `train_dataset` rows carry `teacher_ids` / `teacher_logprobs` ([tokens, K] or [tokens - 1, K]: row j
       the teacher's distribution of token j), e.g. from an inference server.
+    `chunk_size` and `fp32_logits` are those of `kdfast.linear_distill_loss`.
     Under FSDP2 or DeepSpeed ZeRO-3 the teacher is sharded as the student is (`shard_teacher=True`, the default) or
     replicated whole on every process (`shard_teacher=False`: faster, when it fits).
     With a sparse teacher `tail` and `teacher_temperature` are those of `kdfast.linear_sparse_distill_loss`, and the
@@ -54,11 +55,11 @@ class DistillationTrainer(Trainer):
     def __init__(self, model=None, teacher_model=None, args=None, *, teacher_cache=None, divergence="forward_kl",
                  temperature=1.0, kd_weight=0.5, ce_weight=0.5, beta=0.5, t2_scale=True, tail="bucket",
                  teacher_temperature=None, label_smoothing=0.0, z_loss_weight=0.0, chunk_size="auto", backend="auto",
-                 vocab_size=None, shard_teacher=True, **trainer_kwargs):
+                 vocab_size=None, shard_teacher=True, fp32_logits=False, **trainer_kwargs):
         if teacher_model is not None and teacher_cache is not None:
             raise ValueError("pass teacher_model or teacher_cache, not both")
-        check_chunk_settings(None, chunk_size)
-        self.chunk_size, self.shard_teacher = chunk_size, shard_teacher
+        check_chunk_settings(None, chunk_size, fp32_logits)
+        self.chunk_size, self.shard_teacher, self.fp32_logits = chunk_size, shard_teacher, fp32_logits
         tokenizer = trainer_kwargs.get("processing_class")
         self.teacher_cache = None
         # Validated before the Trainer's own (slow) set-up, so a bad setting fails at once.
@@ -150,13 +151,13 @@ class DistillationTrainer(Trainer):
         if self.teacher_model is None:
             with self.accelerator.autocast():
                 loss, parts = batch_sparse_distill_loss(student, inputs, self.distill_options,
-                                                        chunk_size=self.chunk_size,
+                                                        chunk_size=self.chunk_size, fp32_logits=self.fp32_logits,
                                                         num_items_in_batch=num_items_in_batch)
         else:
             teacher = self.accelerator.unwrap_model(self.teacher_model)
             with self.accelerator.autocast():
                 loss, parts = batch_distill_loss(student, teacher, inputs, self.distill_options,
-                                                 chunk_size=self.chunk_size,
+                                                 chunk_size=self.chunk_size, fp32_logits=self.fp32_logits,
                                                  num_items_in_batch=num_items_in_batch)
         if student.training:
             # Scaled as compute_loss scales the loss, so that the logged parts add up as the logged loss does.
