@@ -109,16 +109,19 @@ class ChunkBuffers:
 
 
 @functools.cache
-def dtype_out_gemm(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether GEMMs on this device take `dtype` inputs and write or add into float32 (`out_dtype`, CUDA with
-    torch >= 2.8): the 16-bit product is never rounded, and no 16-bit temporary is made."""
+def dtype_out_gemm(device_type: str, dtype: torch.dtype, accumulate: bool) -> bool:
+    """Whether GEMMs on this device take `dtype` inputs and write float32 (`mm(..., out_dtype=)`), or add into a
+    float32 sum (`addmm(..., out_dtype=, out=)`) when `accumulate` (CUDA, torch >= 2.8): the 16-bit product is never
+    rounded, and no 16-bit temporary is made. Probed once per device type, dtype and kind."""
     if device_type != "cuda" or dtype == torch.float32:
         return False
     try:
         probe = torch.ones(1, 1, dtype=dtype, device=device_type)
-        torch.mm(probe, probe, out_dtype=torch.float32)
-        acc = torch.zeros(1, 1, device=device_type)
-        torch.addmm(acc, probe, probe, out_dtype=torch.float32, out=acc)
+        if accumulate:
+            acc = torch.zeros(1, 1, device=device_type)
+            torch.addmm(acc, probe, probe, out_dtype=torch.float32, out=acc)
+        else:
+            torch.mm(probe, probe, out_dtype=torch.float32)
         return True
     except (TypeError, RuntimeError, NotImplementedError):  # an older torch, or no kernel for this dtype
         return False
@@ -127,7 +130,7 @@ def dtype_out_gemm(device_type: str, dtype: torch.dtype) -> bool:
 def gemm_weight(weight: torch.Tensor, gemm: torch.dtype, logits: torch.Tensor) -> torch.Tensor:
     """The weight as the chunks' logits GEMMs take it: in the GEMM's dtype, or in float32 where float32 logits are
     wanted and the device has no GEMM that writes them from 16-bit inputs (one cast per call)."""
-    if logits.dtype != gemm and not dtype_out_gemm(weight.device.type, gemm):
+    if logits.dtype != gemm and not dtype_out_gemm(weight.device.type, gemm, accumulate=False):
         return weight.to(logits.dtype)
     return weight.to(gemm)
 
@@ -147,7 +150,7 @@ def _accumulate_weight_grad(acc: torch.Tensor, grad_logits: torch.Tensor, hidden
     if grad_logits.dtype == acc.dtype:
         acc.addmm_(grad_logits.t(), hidden)
         return
-    if dtype_out_gemm(acc.device.type, grad_logits.dtype):
+    if dtype_out_gemm(acc.device.type, grad_logits.dtype, accumulate=True):
         # The GEMM adds its product into the float32 accumulator in its epilogue (measured on an H200: 0.99 ms
         # against 1.74 ms for the slices below, per 1024-token chunk at V=128256, H=2048).
         torch.addmm(acc, grad_logits.t(), hidden, out_dtype=torch.float32, out=acc)

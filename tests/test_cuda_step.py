@@ -122,7 +122,8 @@ def test_a_label_out_of_range_stops_the_step_on_cuda(sparse):
 
 
 def test_the_weight_gradient_of_16_bit_heads_is_summed_by_the_gemm():
-    assert dtype_out_gemm("cuda", torch.bfloat16), "torch's GEMMs here cannot add into float32 (torch < 2.8?)"
+    assert dtype_out_gemm("cuda", torch.bfloat16, accumulate=True), "no GEMM here adds into float32 (torch < 2.8?)"
+    assert dtype_out_gemm("cuda", torch.bfloat16, accumulate=False), "no GEMM here writes float32 (torch < 2.8?)"
     hidden = torch.randn(200, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     weight = (torch.randn(3000, 64, device="cuda") / 4).to(torch.bfloat16).requires_grad_(True)
     teacher_hidden, teacher_weight = torch.randn(200, 64, device="cuda"), torch.randn(3000, 64, device="cuda") / 4
