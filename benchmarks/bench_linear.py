@@ -145,14 +145,19 @@ def report(console, rows, args, env):
                   "extra peak: process RSS high-water mark above the memory held before the call (CPU)")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_shape_arguments(parser: argparse.ArgumentParser, cpu_tokens: int = 4096) -> None:
+    """The heads' shape and dtype, as `make_inputs` reads them: the issue-sized GPU shape, a small one on the CPU."""
     cuda = torch.cuda.is_available()
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
-    parser.add_argument("--tokens", type=int, default=8192 if cuda else 4096)
+    parser.add_argument("--tokens", type=int, default=8192 if cuda else cpu_tokens)
     parser.add_argument("--hidden", type=int, default=2048 if cuda else 256)
     parser.add_argument("--teacher-hidden", type=int, default=4096 if cuda else 256)
     parser.add_argument("--vocab", type=int, default=128_256 if cuda else 32_000)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if cuda else "fp32")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_shape_arguments(parser)
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--ce-weight", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=5)

@@ -20,7 +20,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or through `kdfast bench`
 from bench_distill import DTYPES, environment, time_methods, write_csv  # noqa: E402
-from bench_linear import make_inputs  # noqa: E402
+from bench_linear import add_shape_arguments, make_inputs  # noqa: E402
 
 import kdfast  # noqa: E402
 from kdfast.linear_chunks import Heads, TeacherHead, chunk_rows  # noqa: E402
@@ -30,15 +30,9 @@ FLOOR = "four GEMMs alone (floor)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    cuda = torch.cuda.is_available()
-    parser.add_argument("--device", default="cuda" if cuda else "cpu")
-    parser.add_argument("--tokens", type=int, default=8192 if cuda else 2048)
-    parser.add_argument("--hidden", type=int, default=2048 if cuda else 256)
-    parser.add_argument("--teacher-hidden", type=int, default=4096 if cuda else 256)
-    parser.add_argument("--vocab", type=int, default=128_256 if cuda else 32_000)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if cuda else "fp32")
-    parser.add_argument("--chunks", type=int, nargs="+", default=[1024, 2048, 4096, 8192] if cuda else
-                        [256, 512, 1024, 2048])
+    add_shape_arguments(parser, cpu_tokens=2048)
+    parser.add_argument("--chunks", type=int, nargs="+", default=[1024, 2048, 4096, 8192] if torch.cuda.is_available()
+                        else [256, 512, 1024, 2048])
     parser.add_argument("--repeats", type=int, default=5)
 
 

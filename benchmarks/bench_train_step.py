@@ -92,19 +92,8 @@ def contenders(student, teacher, batch, device):
         methods[LIGER] = step(liger_loss)
     methods[KDFAST] = step(lambda: batch_distill_loss(student, teacher, batch, opts))
     if student.dtype != torch.float32:
-        methods[KDFAST_FP32] = step(lambda: _fp32_logits_loss(student, teacher, batch, opts))
+        methods[KDFAST_FP32] = step(lambda: batch_distill_loss(student, teacher, batch, opts, fp32_logits=True))
     return methods
-
-
-def _fp32_logits_loss(student, teacher, batch, opts):
-    from kdfast.linear_loss import fused_linear_loss
-
-    ids = batch["input_ids"]
-    hidden = student.get_decoder()(input_ids=ids).last_hidden_state[:, :-1]
-    with torch.no_grad():
-        teacher_hidden = teacher.get_decoder()(input_ids=ids).last_hidden_state[:, :-1]
-    return fused_linear_loss(hidden, student.lm_head.weight, teacher_hidden, teacher.lm_head.weight.detach(),
-                             batch["labels"][:, 1:], opts, fp32_logits=True)
 
 
 def run(args) -> list[dict]:

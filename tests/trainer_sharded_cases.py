@@ -20,6 +20,7 @@ import pathlib
 
 import torch
 import torch.distributed as dist
+from transformers import TrainerCallback
 
 STEPS = 3
 LR = 0.5
@@ -65,20 +66,14 @@ def _whole(param):
     return (param.full_tensor() if hasattr(param, "full_tensor") else param).detach().clone()
 
 
-class _FirstStepParameters:
-    """A Trainer callback keeping every parameter's whole value after the first optimizer step."""
+class _FirstStepParameters(TrainerCallback):
+    """Keeps every parameter's whole value after the first optimizer step."""
 
-    def __new__(cls):
-        from transformers import TrainerCallback
+    params = None
 
-        class Callback(TrainerCallback):
-            params = None
-
-            def on_step_end(self, args, state, control, model=None, **kwargs):
-                if self.params is None:
-                    self.params = {name: _whole(p) for name, p in model.named_parameters()}
-
-        return Callback()
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.params is None:
+            self.params = {name: _whole(p) for name, p in model.named_parameters()}
 
 
 def _recording_losses(trainer):
