@@ -42,6 +42,14 @@ def _log_add_exp(a, b) -> torch.Tensor:
     return torch.logaddexp(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32))
 
 
+def jsd_log_ratios(x, log_beta: float, log_1m_beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log(m / q), log(m / p)) for m = b p + (1 - b) q, each a log-sum-exp of its own (log(p / m) taken as
+    x - log(m / q) loses |x| * eps where p dominates). Both share log1p(exp(-|y|)), y = x + log(b / (1 - b)): one
+    exp and one log an element, and at b = 0.5 swapping p and q swaps the two exactly (TRL's symmetry)."""
+    shared = torch.log1p(torch.exp(-(x + (log_beta - log_1m_beta)).abs()))
+    return (x + log_beta).clamp_min(log_1m_beta) + shared, (log_1m_beta - x).clamp_min(log_beta) + shared
+
+
 def mixture_term_and_score(ls, lt, opts: LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """A mixture's per-element loss terms and scores h = dL/dq (up to a constant, which centring removes), from
     x = log p - log q: log(m / q) and log(m / p) are log-sum-exps of x and a constant, so a near-one-hot row gives
@@ -55,9 +63,8 @@ def mixture_term_and_score(ls, lt, opts: LossOptions) -> tuple[torch.Tensor, tor
     q, p = ls.exp(), lt.exp()
     x = lt - ls
     if divergence == Divergence.JSD:  # m = b p + (1 - b) q
-        log_m_over_q = _log_add_exp(x + log_beta, log_1m_beta)
-        log_p_over_m = torch.where(x == math.inf, torch.full_like(x, -log_beta), x - log_m_over_q)
-        term = beta * weighted(p, log_p_over_m) - (1 - beta) * weighted(q, log_m_over_q)
+        log_m_over_q, log_m_over_p = jsd_log_ratios(x, log_beta, log_1m_beta)
+        term = -beta * weighted(p, log_m_over_p) - (1 - beta) * weighted(q, log_m_over_q)
         return term, -(1 - beta) * log_m_over_q
     if divergence == Divergence.SKEW_FORWARD_KL:  # KL(p || m), m = b p + (1 - b) q: p / m <= 1 / b
         log_m_over_p = _log_add_exp(log_beta, log_1m_beta - x)

@@ -72,9 +72,13 @@ def _mixture_term_and_score(ls, lt, q, p, beta, log_beta, log_1m_beta, DIVERGENC
     near-one-hot row (no difference of two large log-probabilities)."""
     x = lt - ls
     if DIVERGENCE == JSD:  # m = b p + (1 - b) q
-        log_m_over_q = _log_add_exp(x + log_beta, log_1m_beta + tl.zeros_like(x))
-        log_p_over_m = tl.where(x == float("inf"), -log_beta, x - log_m_over_q)
-        terms = beta * _weighted(p, log_p_over_m) - (1.0 - beta) * _weighted(q, log_m_over_q)
+        # Each log ratio a log-sum-exp of its own (log(p / m) as x - log(m / q) loses |x| * eps where p dominates);
+        # both share log1p(exp(-|y|)), y = x + log(b / (1 - b)), and swap exactly with p and q at b = 0.5. A NaN
+        # reaches both through the shared term (maximum drops it on a GPU).
+        shared = tl.log(1.0 + tl.exp(-tl.abs(x + (log_beta - log_1m_beta))))
+        log_m_over_q = tl.maximum(x + log_beta, log_1m_beta) + shared
+        log_m_over_p = tl.maximum(log_1m_beta - x, log_beta) + shared
+        terms = -beta * _weighted(p, log_m_over_p) - (1.0 - beta) * _weighted(q, log_m_over_q)
         h = -(1.0 - beta) * log_m_over_q
     elif DIVERGENCE == SKEW_FORWARD_KL:  # KL(p || m), m = b p + (1 - b) q: p / m <= 1 / b
         log_m_over_p = _log_add_exp(log_beta + tl.zeros_like(x), log_1m_beta - x)

@@ -114,9 +114,14 @@ inline void mixture_term_and_score(int divergence, float beta, float log_beta, f
   const F x = lt - ls;
   switch (divergence) {
     case kJSD: {  // m = b p + (1 - b) q
-      const F log_m_over_q = log_add_exp(x + log_beta, splat<F>(log_1m_beta));
-      const F log_p_over_m = x == INFINITY ? splat<F>(-log_beta) : x - log_m_over_q;
-      term = beta * weighted(p, log_p_over_m) - (1.0f - beta) * weighted(q, log_m_over_q);
+      // Each log ratio a log-sum-exp of its own (log(p / m) as x - log(m / q) loses |x| * eps where p dominates);
+      // both share log1p(exp(-|y|)), y = x + log(b / (1 - b)), and swap exactly with p and q at b = 0.5.
+      const F y = x + (log_beta - log_1m_beta);
+      const F shared = fast_log_ge1(1.0f + fast_exp(y < 0.0f ? y : -y));
+      const F to_q = x + log_beta, to_p = log_1m_beta - x;
+      const F log_m_over_q = (to_q > log_1m_beta ? to_q : splat<F>(log_1m_beta)) + shared;
+      const F log_m_over_p = (to_p > log_beta ? to_p : splat<F>(log_beta)) + shared;
+      term = -beta * weighted(p, log_m_over_p) - (1.0f - beta) * weighted(q, log_m_over_q);
       h = -(1.0f - beta) * log_m_over_q;
       break;
     }

@@ -108,9 +108,13 @@ __device__ __forceinline__ void mixture_terms(int divergence, float beta, float 
                                               float lq, float lp, float q, float p, float& term, float& h) {
   const float x = lp - lq;
   if (divergence == kJSD) {  // m = b p + (1 - b) q
-    const float log2_m_over_q = log2_add_exp2(x + log2_beta, log2_1m_beta);
-    const float log2_p_over_m = x == -kNegInf ? -log2_beta : x - log2_m_over_q;
-    term = kLn2 * (beta * weighted(p, log2_p_over_m) - (1.0f - beta) * weighted(q, log2_m_over_q));
+    // Each log ratio a log-sum-exp of its own (log(p / m) as x - log(m / q) loses |x| * eps where p dominates);
+    // both share log2(1 + 2^-|y|), y = x + log2(b / (1 - b)), and swap exactly with p and q at b = 0.5. A NaN
+    // reaches both through the shared term (fmaxf drops it).
+    const float shared = fast_log2(1.0f + fast_exp2(-fabsf(x + (log2_beta - log2_1m_beta))));
+    const float log2_m_over_q = fmaxf(x + log2_beta, log2_1m_beta) + shared;
+    const float log2_m_over_p = fmaxf(log2_1m_beta - x, log2_beta) + shared;
+    term = -kLn2 * (beta * weighted(p, log2_m_over_p) + (1.0f - beta) * weighted(q, log2_m_over_q));
     h = -(1.0f - beta) * kLn2 * log2_m_over_q;
   } else if (divergence == kSkewForwardKL) {  // KL(p || m), m = b p + (1 - b) q: p / m <= 1 / b
     const float log2_m_over_p = log2_add_exp2(log2_beta, log2_1m_beta - x);
