@@ -134,7 +134,8 @@ def sparse_distill_loss_reference(student_logits, teacher_ids, teacher_logprobs,
                                   num_items_in_batch=None, dtype: torch.dtype | None = torch.float64, **options):
     """The contract of `kdfast.sparse_distill_loss`, computed naively: the student's full softmax at T, its
     probabilities at the teacher's ids and, for tail="bucket", its mass outside them summed over those columns."""
-    from kdfast.sparse_options import REST_AS_NONE, SparseOptions
+    from kdfast.kernel_abi import Divergence
+    from kdfast.sparse_options import STUDENT_REST_FLOOR_LOG, TEACHER_REST_FLOOR, SparseOptions
 
     opts = SparseOptions(**{k: v for k, v in options.items() if k not in ("inplace_backward", "backend")})
     student = student_logits.to(dtype) if dtype is not None else student_logits
@@ -154,14 +155,21 @@ def sparse_distill_loss_reference(student_logits, teacher_ids, teacher_logprobs,
         kd = torch.where(valid.any(-1), kd, torch.zeros_like(kd))  # no teacher ids: nothing to match
     else:
         p = torch.where(valid, logprobs.exp(), torch.zeros_like(logprobs))
-        rest_p = 1.0 - p.sum(-1, keepdim=True)
-        rest_p = torch.where(rest_p <= REST_AS_NONE, torch.zeros_like(rest_p), rest_p)
+        rest_p = (1.0 - p.sum(-1, keepdim=True)).clamp_min(0.0)  # below 0: rounding
+        if opts.effective_divergence == Divergence.REVERSE_KL:  # the teacher under a log's denominator
+            rest_p = rest_p.clamp_min(TEACHER_REST_FLOOR)
         hits = torch.zeros(student.shape, dtype=torch.int64, device=student.device).scatter_add(-1, ids, valid.long())
         outside = hits == 0  # True off the ids (padding ids all point at column 0: counted, not scattered)
+        covered = ~outside.any(-1, keepdim=True)
         rest_q = (log_q.exp() * outside).sum(-1, keepdim=True)
-        # log 0 = -inf without a NaN gradient (the ids may cover the whole vocabulary)
-        log_rest_q = torch.where(rest_q > 0, torch.where(rest_q > 0, rest_q, torch.ones_like(rest_q)).log(),
-                                 torch.full_like(rest_q, -math.inf))
+        # The student's rest at least exp(-87.3365) of its largest probability (float32's exps vanish below).
+        floor = (STUDENT_REST_FLOOR_LOG + log_q.max(-1, keepdim=True).values).exp()
+        rest_q = torch.where(rest_q < floor, floor, rest_q)
+        # Ids that cover the row leave no rest on either side (the teacher's is then rounding); log 0 = -inf without
+        # a NaN gradient.
+        rest_p = torch.where(covered, torch.zeros_like(rest_p), rest_p)
+        log_rest_q = torch.where(covered, torch.full_like(rest_q, -math.inf),
+                                 torch.where(covered, torch.ones_like(rest_q), rest_q).log())
         log_p_buckets = torch.cat([torch.where(valid, logprobs, minus_inf), rest_p.log()], dim=-1)
         log_q_buckets = torch.cat([torch.where(valid, log_q_ids, minus_inf), log_rest_q], dim=-1)
         kd = divergence_of(log_p_buckets, log_q_buckets, _trl_convention(opts.divergence, opts.beta), opts.beta)

@@ -25,7 +25,8 @@ def sparse_distill_loss(student_logits, teacher_ids, teacher_logprobs, labels=No
 
     With q = softmax(student_logits / T) over the whole vocabulary and p_k = exp(teacher_logprobs_k):
     tail="bucket" (every divergence): the divergence between the teacher's K + 1 buckets (p_1..p_K and the rest
-    1 - sum p, none when at most 1e-6) and the student's (q at the K ids and its mass outside them);
+    1 - sum p, at least 1e-7 under reverse KL; none where the ids hold every column) and the student's (q at the K
+    ids and its mass outside them); an id listed twice is two buckets of one column (both terms, both gradients);
     tail="renormalize" (forward KL): sum_k P_k (log P_k - log q_k), P = p / sum p, the top-k cross-entropy (with
     log-probs log(count / n) of n samples from the teacher, the unbiased sampled estimator).
     The CE mix, T^2 scaling, ignore_index, reductions, num_items_in_batch, inplace_backward and vocab parallelism

@@ -3,10 +3,13 @@ of what the C++, CUDA and Triton sparse kernels compute (docs/DESIGN.md, "A spar
 
 The teacher gives K (id, log-prob) pairs per row. Its distribution is K + 1 buckets: the K probabilities and the
 rest 1 - sum(p) (tail="bucket"), or the K probabilities renormalised and no rest (tail="renormalize"). The student's
-is the same buckets: its probabilities at the K ids and its mass outside them. The divergence is the dense one over
-the buckets, so its gradient with respect to a = s / T has the dense form with one score per bucket: column j of
-bucket b gets q_j * (h_b - sum_b Q_b h_b) (forward KL: Q_k - P_k at an id, q_j (1 - P_rest / Q_rest) elsewhere,
-with 1 = sum(P)).
+is the same buckets: its probabilities at the K ids and its mass outside them. The divergence is the sum of the
+per-bucket terms, one per entry: an id listed twice in a row (peers' data has them) is two buckets of the same
+column, and the gradient is the derivative of that sum. With respect to a = s / T it is, at column j,
+q_j * (H_j - D): H_j the sum of the scores h = dL/dQ of the entries at j (the rest's score off the ids), D the sum
+over the distinct buckets of Q * H. A score known up to a constant (centring removes it) then needs that constant
+once per extra entry of a column (`SCORE_CONSTANT`). Forward KL's gradient needs no score: q_j sum(P) minus the P of
+j's entries at an id, q_j (sum(P) - P_rest / Q_rest) off the ids (sum(P) is 1 but for a renormalised row with no ids).
 """
 
 from __future__ import annotations
@@ -17,11 +20,34 @@ import torch
 
 from kdfast.divergences import mixture_term_and_score, weighted
 from kdfast.kernel_abi import Divergence
-from kdfast.sparse_options import REST_AS_NONE, SparseOptions
+from kdfast.sparse_options import STUDENT_REST_FLOOR_LOG, TEACHER_REST_FLOOR, SparseOptions
+
+# dL/dQ minus the score `mixture_term_and_score` (or reverse KL's log Q - log P) returns: the +1 of Q log Q.
+SCORE_CONSTANT = {Divergence.REVERSE_KL: 1.0, Divergence.SKEW_REVERSE_KL: 1.0}
+
+
+def duplicate_groups(local_ids, held) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first [R, K]: the entry is the first held one of its column, leader [R, K]: the index of that first entry).
+    Entries not held lead groups of their own."""
+    index = torch.arange(local_ids.shape[-1], device=local_ids.device).expand_as(local_ids)
+    keys = torch.where(held, local_ids, -1 - index)  # distinct for the entries not held
+    sorted_keys, order = keys.sort(dim=-1, stable=True)
+    starts = torch.ones_like(held)
+    starts[:, 1:] = sorted_keys[:, 1:] != sorted_keys[:, :-1]
+    run_start = torch.where(starts, index, torch.zeros_like(index)).cummax(-1).values
+    leader = torch.empty_like(order).scatter_(-1, order, order.gather(-1, run_start))
+    return held & (leader == index), leader
+
+
+def group_sum(values, leader) -> torch.Tensor:
+    """Each entry's sum of `values` over the entries of its column (the same float for every one of them)."""
+    return torch.zeros_like(values).scatter_add(-1, leader, values).gather(-1, leader)
 
 
 def teacher_buckets(ids, logprobs, opts: SparseOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log P at the K ids [R, K], log P of the rest [R]); -inf for padding ids and for no rest."""
+    """(log P at the K ids [R, K], log P of the rest [R]); -inf for padding ids and for no rest. The rest is
+    1 - sum(p) as computed (below 0: rounding, none), at least TEACHER_REST_FLOOR where the divergence puts it under
+    a logarithm's denominator (reverse KL): finite for any teacher, exact above the floor."""
     valid = ids >= 0
     minus_inf = torch.full_like(logprobs, -math.inf)
     if opts.tail == "renormalize":
@@ -32,16 +58,29 @@ def teacher_buckets(ids, logprobs, opts: SparseOptions) -> tuple[torch.Tensor, t
     log_p = torch.where(valid, logprobs, minus_inf)
     # 1 - sum(p) in float64 (K terms a row): in float32 a rest of 1e-5 would carry a relative error of 1e-2.
     rest = 1.0 - log_p.double().exp().sum(-1)
-    log_rest = torch.where(rest <= REST_AS_NONE, torch.full_like(rest, -math.inf), rest.clamp_min(1e-300).log())
+    if opts.effective_divergence == Divergence.REVERSE_KL:
+        rest = rest.clamp_min(TEACHER_REST_FLOOR)
+    log_rest = torch.where(rest > 0, rest.clamp_min(1e-300).log(), torch.full_like(rest, -math.inf))
     return log_p, log_rest.to(logprobs.dtype)
 
 
-def bucket_parts(log_q, log_p, counted, opts: SparseOptions, centre: bool):
-    """(the buckets' part of the divergence [R], scores d [R, K + 1] or None, D = sum(Q d) [R]).
+def student_rest(log_sum_outside, covered) -> torch.Tensor:
+    """log of the student's mass outside the ids, relative to the row's reference (log sum exp((s - ref) / T) over
+    those columns): -inf where the ids cover every column, else at least STUDENT_REST_FLOOR_LOG, below which float32
+    exps vanish (so a student whose outside mass underflows still meets a teacher's rest with a finite loss)."""
+    floored = log_sum_outside.clamp_min(STUDENT_REST_FLOOR_LOG)
+    return torch.where(covered, torch.full_like(floored, -math.inf), floored)
 
-    log_q, log_p: [R, K + 1] log-probabilities of the K ids and of the rest (last); counted: [R, K + 1] the buckets this
-    call adds up (a vocab shard: the ids it holds, and the rest on one shard). `centre`: a whole row, centred on the
-    student's largest bucket (docs/DESIGN.md, "The gradient"); a shard's D is uncentred."""
+
+def bucket_parts(log_q, log_p, counted, leader, opts: SparseOptions, centre: bool):
+    """(the buckets' part of the divergence [R], per-entry column scores H [R, K + 1] or None, D [R]).
+
+    log_q, log_p: [R, K + 1] log-probabilities of the K entries and of the rest (last); counted: [R, K + 1] the buckets
+    this call adds up (a vocab shard: the ids it holds, and the rest on one shard); leader: [R, K] duplicate_groups'.
+    A teacher's rest meets no student bucket where the ids cover the row (log Q_rest = -inf): it is rounding of
+    log-probs that cover the vocabulary, and adds nothing. `centre`: a whole row, centred on the student's largest
+    bucket (docs/DESIGN.md, "The gradient"); a shard's D is uncentred."""
+    log_p = torch.cat([log_p[:, :-1], torch.where(log_q[:, -1] == -math.inf, -math.inf, log_p[:, -1])[:, None]], -1)
     q, p = log_q.exp(), log_p.exp()
     zeros = torch.zeros_like(log_q)
     divergence = opts.effective_divergence
@@ -52,24 +91,32 @@ def bucket_parts(log_q, log_p, counted, opts: SparseOptions, centre: bool):
         terms, scores = weighted(q, log_q - log_p), log_q - log_p
     else:
         terms, scores = mixture_term_and_score(log_q, log_p, opts)
+    # A column's score: its first entry's plus, for each further entry, that entry's and the constant (so a column of
+    # one entry keeps its score bit for bit).
+    leads = leader == torch.arange(leader.shape[-1], device=leader.device)
+    extra = torch.where(leads, 0.0, SCORE_CONSTANT.get(divergence, 0.0))
+    column_scores = torch.cat([group_sum(scores[:, :-1] + extra, leader), scores[:, -1:]], dim=-1)
     if centre:
         reference = q.argmax(-1, keepdim=True)
-        scores = (scores - scores.gather(-1, reference)).scatter(-1, reference, 0.0)
-    return (torch.where(counted, terms, zeros).sum(-1), scores,
-            torch.where(counted, weighted(q, scores), zeros).sum(-1))
+        column_scores = (column_scores - column_scores.gather(-1, reference)).scatter(-1, reference, 0.0)
+    first = torch.cat([leads, torch.ones_like(counted[:, -1:])], dim=-1)
+    return (torch.where(counted, terms, zeros).sum(-1), column_scores,
+            torch.where(counted & first, weighted(q, column_scores), zeros).sum(-1))
 
 
-def bucket_gradient(log_q, log_p, scores, row_sum, opts: SparseOptions):
-    """d(divergence)/d(s / T) by bucket: (at the K ids' columns [R, K], rest_factor [R]: q_j * rest_factor at a
-    column j outside the ids), from bucket_parts' scores and the row's D (the global one on a shard)."""
+def bucket_gradient(log_q, log_p, column_scores, row_sum, leader, opts: SparseOptions):
+    """d(divergence)/d(s / T) by bucket: (at the K entries' columns [R, K], the same for every entry of a column;
+    rest_factor [R]: q_j * rest_factor at a column j outside the ids), from bucket_parts' scores and the row's D (the
+    global one on a shard)."""
     q, p = log_q.exp(), log_p.exp()
     if opts.effective_divergence == Divergence.FORWARD_KL:
-        # d/da_j = q_j sum(P) - P_b q_j / Q_b: sum(P) is 1, but for a renormalised row with no ids (then 0)
-        total = p.sum(-1)
-        rest_q, rest_p = q[:, -1], p[:, -1]
+        # d/da_j = q_j sum(P) - q_j sum_b(P_b / Q_b at j): sum(P) is 1, but for a renormalised row with no ids (0).
+        p_rest = torch.where(log_q[:, -1] == -math.inf, 0.0, p[:, -1])  # a rest with no student bucket: none
+        total = p[:, :-1].sum(-1) + p_rest
+        rest_q = q[:, -1]
         safe = torch.where(rest_q > 0, rest_q, torch.ones_like(rest_q))
-        rest_factor = total - torch.where(rest_q > 0, rest_p / safe, torch.zeros_like(rest_q))
-        return q[:, :-1] * total[:, None] - p[:, :-1], rest_factor
+        rest_factor = total - torch.where(rest_q > 0, p_rest / safe, torch.zeros_like(rest_q))
+        return q[:, :-1] * total[:, None] - group_sum(p[:, :-1], leader), rest_factor
     # No column outside the ids (Q_rest = 0): nothing takes the rest's factor, whose score is then undefined.
-    rest_factor = torch.where(q[:, -1] > 0, scores[:, -1] - row_sum, torch.zeros_like(row_sum))
-    return weighted(q[:, :-1], scores[:, :-1] - row_sum[:, None]), rest_factor
+    rest_factor = torch.where(q[:, -1] > 0, column_scores[:, -1] - row_sum, torch.zeros_like(row_sum))
+    return weighted(q[:, :-1], column_scores[:, :-1] - row_sum[:, None]), rest_factor

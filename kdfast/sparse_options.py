@@ -9,7 +9,14 @@ from kdfast.kernel_abi import Divergence
 from kdfast.options import LossOptions, _is_number, field_names
 
 TAILS = {"bucket": 1, "renormalize": 2}  # the kernels' codes (0 is a dense teacher)
-REST_AS_NONE = 1e-6  # a teacher rest of at most this much counts as none (rounding of log-probs that sum to 1)
+# The teacher's rest is 1 - sum(p) as computed (float64; below 0 it is rounding: none). Reverse KL puts it under a
+# logarithm's denominator, where a near-certain teacher's rest of ~0 would make the loss +inf and the gradient NaN:
+# there it counts at least this much (TRL's server loss floors it at 1 - exp(-1e-7) alike).
+TEACHER_REST_FLOOR = 1e-7
+# The student's mass outside the ids is summed from float32 exps relative to the row's largest logit, which vanish
+# below exp(-87.3365) (the smallest normal float32): its log counts at least that much where some column lies outside
+# the ids, so that forward KL against a teacher's rest stays finite. Where the ids cover the row it is none.
+STUDENT_REST_FLOOR_LOG = -87.3365
 
 
 @dataclass(frozen=True)

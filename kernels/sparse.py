@@ -1,12 +1,13 @@
 """Triton kernel of a sparse teacher (docs/DESIGN.md, "A sparse teacher"; kdfast/sparse_math.py states the same math
 in PyTorch): one program per row of the student's logits, with the teacher's K (id, log-prob) pairs as one block.
 
+groups   the entries of each column (an id listed twice is two buckets of one column): a [K, K] comparison
 pass 0   FUSED / STATS: the row's max;  # read row
-pass 1   the tempered exps' sum in float64, and the same exps at the ids (computed alike), so that the student's mass
-         outside the ids is their difference to float64's precision (never a float32 total minus a float32 part);
-         CE's own sum;  # read row
+pass 1   the tempered exps' sum in float64, and the same exps at the distinct ids (computed alike), so that the
+         student's mass outside the ids is their difference to float64's precision (never a float32 total minus a
+         float32 part); CE's own sum;  # read row
 buckets  the teacher's K + 1 buckets (its rest in float64) against the student's: the divergence, the gradient at
-         the ids' columns, the factor q_j is multiplied by at every other column
+         the ids' columns (a column's entries summed), the factor q_j is multiplied by at every other column
 last     the gradient, q * factor + CE everywhere, then (after a barrier) the ids' columns;  # read row, write row
 SUMS and GRADIENT take the global log-sum-exps in place of passes 0 and 1; the shard at col_offset 0 adds the rest.
 """
@@ -37,10 +38,12 @@ from kdfast.kernels.distill import (
     _weighted,
     launch_config,
 )
-from kdfast.sparse_options import REST_AS_NONE
+from kdfast.sparse_math import SCORE_CONSTANT
+from kdfast.sparse_options import STUDENT_REST_FLOOR_LOG, TEACHER_REST_FLOOR
 
 RENORMALIZE = tl.constexpr(2)
-NONE_REST = tl.constexpr(REST_AS_NONE)
+TEACHER_FLOOR = tl.constexpr(TEACHER_REST_FLOOR)
+STUDENT_FLOOR_LOG = tl.constexpr(STUDENT_REST_FLOOR_LOG)
 
 
 @triton.jit
@@ -66,7 +69,7 @@ def sparse_fwd_kernel(
     grad_stride_r,
     # loss settings
     inv_t, beta, log_beta, log_1m_beta, kd_scale, ce_weight, label_smoothing, inv_global_vocab, z_loss_weight,
-    teacher_scale, ignore_index,
+    teacher_scale, score_constant, ignore_index,
     DIVERGENCE: tl.constexpr, PHASE: tl.constexpr, TAIL: tl.constexpr, HAS_KD: tl.constexpr, HAS_CE: tl.constexpr,
     CE_FROM_TEMPERED: tl.constexpr, HAS_LABELS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr, NEEDS_LABELS: tl.constexpr, SMOOTH: tl.constexpr,
@@ -91,6 +94,10 @@ def sparse_fwd_kernel(
     local_ids = ids - col_offset
     held = valid & (local_ids >= 0) & (local_ids < vocab)
     safe_ids = tl.where(held, local_ids, 0)
+    # The entries of each column: same[k, k'] (held ones only); first: the first entry of its column.
+    same = (local_ids[:, None] == local_ids[None, :]) & held[:, None] & held[None, :]  # [BLOCK_K, BLOCK_K]
+    first = held & (tl.sum(tl.where(same & (k_offsets[None, :] < k_offsets[:, None]), 1, 0), axis=1) == 0)
+    covered = tl.sum(tl.where(first, 1, 0), axis=0) == vocab  # the ids hold every column: no rest
 
     keep = True
     label_in_range = False  # the label's column is in this call's range
@@ -153,8 +160,11 @@ def sparse_fwd_kernel(
             if CE_FROM_TEMPERED:
                 log_z_c = log_z
             if HAS_KD:
-                at_ids = tl.sum(tl.where(held, tl.exp((s_ids - ref) * inv_t), 0.0).to(tl.float64), axis=0)
-                log_rest = tl.log((total - at_ids).to(tl.float32))
+                at_ids = tl.sum(tl.where(first, tl.exp((s_ids - ref) * inv_t), 0.0).to(tl.float64), axis=0)
+                outside = (total - at_ids).to(tl.float32)  # <= 0 only by rounding where the ids hold ~everything
+                log_rest = tl.where(outside > 0.0, tl.log(tl.maximum(outside, 1e-30)), NEG_INF)
+                # none where the ids cover the row, else at least the floor (sparse_options.py)
+                log_rest = tl.where(covered, NEG_INF, tl.maximum(log_rest, STUDENT_FLOOR_LOG))
         else:
             # SUMS / GRADIENT: the global log-sum-exps (references 0); without KD the kernel runs on CE's
             log_z = tl.load(row_stats_ptr + row * COLUMNS)
@@ -196,24 +206,33 @@ def sparse_fwd_kernel(
                 else:
                     log_p = tl.where(valid, logprobs, NEG_INF)
                     p_sum = tl.sum(tl.where(valid, tl.exp(logprobs.to(tl.float64)), 0.0), axis=0)
-                    rest_p = (1.0 - p_sum).to(tl.float32)
+                    rest_p = 1.0 - p_sum  # as computed (below 0: rounding, none), floored under reverse KL's log
+                    if DIVERGENCE == REVERSE_KL:
+                        rest_p = tl.maximum(rest_p, TEACHER_FLOOR)
                     # (a floor float32 holds as a normal number: Triton makes smaller literals float64)
-                    log_p_rest = tl.where(rest_p <= NONE_REST, NEG_INF, tl.log(tl.maximum(rest_p, 1e-30)))
+                    log_p_rest = tl.where(rest_p > 0.0, tl.log(tl.maximum(rest_p.to(tl.float32), 1e-30)), NEG_INF)
+                # A teacher's rest meets no student bucket where the ids cover the row: rounding, none.
+                log_p_rest = tl.where(log_rest == NEG_INF, NEG_INF, log_p_rest)
                 log_q = tl.where(held, (s_ids - ref) * inv_t - log_z, NEG_INF)
                 owns_rest = col_offset == 0  # one shard adds the rest bucket
                 if DIVERGENCE == FORWARD_KL:
-                    # d/da_j = q_j sum(P) - P_b q_j / Q_b (sum(P) is 1 but for a renormalised row with no ids)
+                    # d/da_j = q_j sum(P) - q_j sum(P_b / Q_b) over j's buckets (sum(P) is 1 but for a renormalised
+                    # row with no ids)
                     p = tl.exp(log_p)
                     p_rest = tl.exp(log_p_rest)
                     q_rest = tl.exp(log_rest)
                     p_total = tl.sum(p, axis=0) + p_rest
                     kd = tl.sum(tl.where(held, _weighted(p, log_p - log_q), 0.0), axis=0)
                     kd += tl.where(owns_rest, _weighted(p_rest, log_p_rest - log_rest), 0.0)
-                    id_grads = tl.exp(log_q) * p_total - p
+                    id_grads = tl.exp(log_q) * p_total - tl.sum(tl.where(same, p[None, :], 0.0), axis=1)
                     rest_factor = p_total - tl.where(q_rest > 0.0, p_rest / tl.where(q_rest > 0.0, q_rest, 1.0), 0.0)
                 else:
                     terms, h = _scores(log_q, log_p, beta, log_beta, log_1m_beta, DIVERGENCE)
                     rest_term, rest_h = _scores(log_rest, log_p_rest, beta, log_beta, log_1m_beta, DIVERGENCE)
+                    # A column's score: its entries' scores and, per further entry, the constant the score leaves
+                    # out (sparse_math.SCORE_CONSTANT). Zeros added to a lone entry keep it bit for bit.
+                    extra = tl.where(first[None, :], 0.0, score_constant)
+                    h = tl.sum(tl.where(same, h[None, :] + extra, 0.0), axis=1)
                     if PHASE == FUSED:  # centred on the student's largest bucket
                         largest = tl.max(log_q, axis=0)
                         at_largest = tl.argmax(log_q, axis=0)
@@ -224,7 +243,7 @@ def sparse_fwd_kernel(
                     q = tl.exp(log_q)
                     q_rest = tl.exp(log_rest)
                     kd = tl.sum(tl.where(held, terms, 0.0), axis=0) + tl.where(owns_rest, rest_term, 0.0)
-                    row_d = tl.sum(tl.where(held, _weighted(q, h), 0.0), axis=0)
+                    row_d = tl.sum(tl.where(first, _weighted(q, h), 0.0), axis=0)  # D: once a column
                     row_d += tl.where(owns_rest, _weighted(q_rest, rest_h), 0.0)
                     d = row_d
                     if PHASE == GRADIENT:
@@ -302,7 +321,8 @@ def sparse_forward_rows(student, ids, logprobs, labels, grad_scale, grad, opts, 
         1.0 / opts.temperature if opts.has_kd else 1.0, float(beta),
         math.log(beta) if beta > 0 else -math.inf, math.log1p(-beta) if beta < 1 else -math.inf,
         float(opts.kd_scale), float(opts.ce_weight), float(opts.label_smoothing), 1.0 / (call.global_vocab or vocab),
-        float(opts.z_loss_weight), float(opts.teacher_scale), int(opts.ignore_index),
+        float(opts.z_loss_weight), float(opts.teacher_scale),
+        SCORE_CONSTANT.get(opts.effective_divergence, 0.0), int(opts.ignore_index),
         DIVERGENCE=opts.divergence_code, PHASE=int(call.phase), TAIL=opts.tail_code, HAS_KD=opts.has_kd,
         HAS_CE=opts.has_ce,
         # CE reuses the student's tempered statistics at T = 1 (and without KD the kernel runs at T = 1).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import kdfast
-from kdfast.reference import distill_loss_reference
+from kdfast.reference import distill_loss_reference, sparse_distill_loss_reference
 
 # Tolerances per input dtype: the kernels accumulate in fp32; 16-bit inputs round the gradient on store.
 TOLERANCES = {torch.float32: (2e-5, 1e-5), torch.bfloat16: (2e-2, 1e-2), torch.float16: (5e-3, 2e-3)}
@@ -55,3 +55,25 @@ def assert_matches_reference(student, teacher, labels, backend, extra_atol=0.0, 
     atol = atol * (1.0 + abs(kd_scale) + abs(options.get("ce_weight", 0.0))) + extra_atol
     torch.testing.assert_close(loss.double().cpu(), ref.cpu(), rtol=rtol, atol=atol)
     torch.testing.assert_close(grad.double().cpu(), ref_grad.cpu(), rtol=rtol, atol=atol)
+
+
+def teacher_topk(teacher_logits, k, temperature, dtype=torch.float32):
+    top = torch.log_softmax(teacher_logits.float() / temperature, dim=-1).topk(k, dim=-1)
+    return top.indices, top.values.to(dtype)
+
+
+def assert_sparse_matches_reference(student, ids, logprobs, labels, backend, extra_atol=0.0, **options):
+    s = student.detach().clone().requires_grad_(True)
+    loss = kdfast.sparse_distill_loss(s, ids, logprobs, labels, backend=backend, **options)
+    weights = torch.randn(loss.shape, generator=torch.Generator().manual_seed(7)).to(loss.device)
+    (loss * weights).sum().backward()
+    s64 = student.detach().double().cpu().requires_grad_(True)
+    ref = sparse_distill_loss_reference(s64, ids.cpu(), logprobs.cpu(), labels.cpu() if labels is not None else None,
+                                        **{k: v for k, v in options.items() if k != "inplace_backward"})
+    (ref * weights.double().cpu()).sum().backward()
+    assert loss.dtype == torch.float32 and s.grad.dtype == student.dtype
+    rtol, atol = TOLERANCES[student.dtype]
+    temperature = options.get("temperature", 1.0)
+    atol = atol * (1.0 + temperature**2 + abs(options.get("ce_weight", 0.0))) + extra_atol
+    torch.testing.assert_close(loss.double().cpu(), ref.detach(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(s.grad.double().cpu(), s64.grad, rtol=rtol, atol=atol)

@@ -21,7 +21,7 @@ from kdfast.kernel_abi import (
     native_settings,
 )
 from kdfast.options import LossOptions
-from kdfast.sparse_options import REST_AS_NONE, TAILS
+from kdfast.sparse_options import STUDENT_REST_FLOOR_LOG, TAILS, TEACHER_REST_FLOOR
 
 HEADER = (Path(__file__).resolve().parent.parent / "csrc" / "common" / "kernel_abi.h").read_text()
 
@@ -44,7 +44,8 @@ def test_divergence_codes_match_the_header():
 
 def test_tails_match_the_header():
     assert _enum("Tail") == {"kTailDense": 0, **{f"kTail{_camel(name)}": code for name, code in TAILS.items()}}
-    assert float(re.search(r"kRestAsNone = ([0-9.e-]+);", HEADER).group(1)) == REST_AS_NONE
+    assert float(re.search(r"kTeacherRestFloor = ([0-9.e-]+);", HEADER).group(1)) == TEACHER_REST_FLOOR
+    assert float(re.search(r"kStudentRestFloorLog = ([0-9.e-]+)f;", HEADER).group(1)) == STUDENT_REST_FLOOR_LOG
 
 
 def test_phases_match_the_header():

@@ -2,6 +2,8 @@
 GRADIENT from the global row statistics, must give the single-device loss and gradient (docs/DESIGN.md, "Shards
 and phases"). The vocab-parallel loss runs exactly these calls around its two collectives."""
 
+import math
+
 import pytest
 import torch
 from conftest import BACKENDS, device_for
@@ -87,13 +89,16 @@ def test_gradient_phase_writes_over_the_logits(backend):
 def test_sparse_shards_equal_the_whole_row(backend, divergence, tail, temperature, kd_weight, ce_weight, smoothing,
                                            z_weight):
     """A sparse teacher: every shard sees all K ids (global), gathers the student's probabilities at the ones it
-    holds, and the shard starting the vocabulary adds the rest bucket."""
+    holds, and the shard starting the vocabulary adds the rest bucket. Two rows list an id twice."""
     device = device_for(backend)
     student, teacher = make_logits((1, 6, BOUNDS[-1]), torch.float32, device=device)
     top = torch.log_softmax(teacher / temperature, dim=-1).topk(9, dim=-1)
     ids = top.indices.clone()
     ids[0, 2, 4] = -1  # padding
-    targets = SparseTargets(ids, top.values.contiguous())
+    ids[0, 3, 5], ids[0, 5, 8] = ids[0, 3, 1], ids[0, 5, 0]  # repeated ids
+    logprobs = top.values.clone()
+    ids[0, 1, 1:], logprobs[0, 1, 0] = -1, math.log1p(-5e-7)  # a near-certain teacher (its rest under the floor)
+    targets = SparseTargets(ids, logprobs.contiguous())
     labels = make_labels((6,), BOUNDS[-1], "some", device=device)
     opts = SparseOptions(divergence=divergence, beta=0.3, temperature=temperature, kd_weight=kd_weight,
                          ce_weight=ce_weight, label_smoothing=smoothing, z_loss_weight=z_weight, tail=tail,

@@ -62,7 +62,10 @@ enum FloatSetting : int {
 
 // A sparse teacher's treatment of the mass outside its K ids (0: a dense teacher).
 enum Tail : int { kTailDense = 0, kTailBucket = 1, kTailRenormalize = 2 };
-constexpr double kRestAsNone = 1e-6;  // a teacher rest 1 - sum(p) of at most this much counts as none
+// A sparse teacher's rest 1 - sum(p) under reverse KL's logarithm counts at least this much; the student's mass
+// outside the ids at least exp(this) of its row's largest tempered exp (kdfast/sparse_options.py says why).
+constexpr double kTeacherRestFloor = 1e-7;
+constexpr float kStudentRestFloorLog = -87.3365f;
 
 struct DistillArgs {
   // data pointers; grad may alias student (inplace_backward) and is null when no gradient is wanted

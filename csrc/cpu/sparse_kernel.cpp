@@ -1,10 +1,12 @@
 // The CPU kernel of a sparse teacher (docs/DESIGN.md, "A sparse teacher"; kdfast/sparse_math.py states the same
 // math in PyTorch). Per row of the student's logits and the teacher's K (id, log-prob) pairs:
 //   pass 0   FUSED / STATS: the row's max (the only pass that reads memory)
+//   groups   the entries sorted by column: an id listed twice is two buckets of one column (sparse_math.py)
 //   pass 1   tempered exps into scratch, their sum, CE's, and the student's mass outside the ids, summed over
 //            those columns (a vector holding ids adds its other lanes), never as the total minus the ids' part
 //   buckets  the teacher's K + 1 buckets (its rest 1 - sum(p) in float64) against the student's: the divergence,
-//            the gradient at the ids' columns and the factor q_j is multiplied by at every other column
+//            the gradient at the ids' columns (a column's entries summed) and the factor q_j is multiplied by at
+//            every other column
 //   last     the gradient, q * factor + CE everywhere, then the ids' columns
 // A shard's SUMS and GRADIENT take the global log-sum-exps in place of pass 0 and the sums (the exps are then the
 // probabilities); the shard that starts the vocabulary adds the rest bucket.
@@ -24,17 +26,51 @@ namespace {
 
 // Per thread: the K + 1 buckets (the ids, then the rest) of the row at hand.
 struct Buckets {
-  std::vector<float> logprobs, log_q, log_p, terms, scores, id_gradients;
+  std::vector<float> logprobs, log_q, log_p, terms, scores, id_gradients, column_sums;
   std::vector<int64_t> column;  // the id's column in this call's range, or -1
-  std::vector<int64_t> sorted;  // the held ids' columns, ascending
-  std::vector<char> counted;
+  std::vector<int64_t> order;   // the held entries, by column then index
+  std::vector<int64_t> sorted;  // their columns, ascending (a column once per entry)
+  std::vector<int64_t> leader;  // the first held entry of each entry's column (itself when not held)
+  std::vector<char> counted, first;
+  int64_t held = 0, distinct = 0;  // held entries, and the distinct columns they hold
   void reserve(int64_t k) {
-    for (auto* v : {&logprobs, &log_q, &log_p, &terms, &scores, &id_gradients}) v->resize(k + 1);
-    column.resize(k + 1);
-    sorted.resize(k + 1);
+    for (auto* v : {&logprobs, &log_q, &log_p, &terms, &scores, &id_gradients, &column_sums}) v->resize(k + 1);
+    for (auto* v : {&column, &order, &sorted, &leader}) v->resize(k + 1);
     counted.resize(k + 1);
+    first.resize(k + 1);
   }
 };
+
+// The entries grouped by column (after b.column is set).
+void group_entries(int64_t k_count, Buckets& b) {
+  b.held = 0;
+  for (int64_t k = 0; k < k_count; ++k) {
+    b.leader[k] = k;
+    b.first[k] = 0;
+    if (b.column[k] >= 0) b.order[b.held++] = k;
+  }
+  std::sort(b.order.begin(), b.order.begin() + b.held, [&](int64_t i, int64_t j) {
+    return b.column[i] < b.column[j] || (b.column[i] == b.column[j] && i < j);
+  });
+  b.distinct = 0;
+  for (int64_t i = 0; i < b.held; ++i) {
+    const int64_t k = b.order[i];
+    b.sorted[i] = b.column[k];
+    const bool starts = i == 0 || b.sorted[i - 1] != b.column[k];
+    b.first[k] = starts;
+    b.leader[k] = starts ? k : b.leader[b.order[i - 1]];
+    b.distinct += starts;
+  }
+}
+
+// Per entry, the sum of `values` over its column's entries, the first's value plus each further one's and `extra`
+// (so a column of one entry keeps its value bit for bit): written into `out`, the same float for every entry.
+void column_sums(const Buckets& b, int64_t k_count, const std::vector<float>& values, float extra,
+                 std::vector<float>& sums, std::vector<float>& out) {
+  for (int64_t k = 0; k < k_count; ++k) sums[k] = 0.0f;
+  for (int64_t k = 0; k < k_count; ++k) sums[b.leader[k]] += b.leader[k] == k ? values[k] : values[k] + extra;
+  for (int64_t k = 0; k < k_count; ++k) out[k] = sums[b.leader[k]];
+}
 
 float logprob_at(const DistillArgs& a, const void* row, int64_t k) {
   switch (a.logprob_kind) {
@@ -69,8 +105,10 @@ void teacher_buckets(const DistillArgs& a, const int64_t* ids, Buckets& b) {
     b.log_p[k] = ids[k] >= 0 ? b.logprobs[k] : minus_inf;
     if (ids[k] >= 0) sum += std::exp(static_cast<double>(b.logprobs[k]));
   }
-  const double rest = 1.0 - sum;
-  b.log_p[k_count] = rest <= kRestAsNone ? minus_inf : static_cast<float>(std::log(rest));
+  // As computed (below 0: rounding, none); under reverse KL's logarithm at least the floor (kernel_abi.h).
+  double rest = 1.0 - sum;
+  if (a.divergence == kReverseKL) rest = std::max(rest, kTeacherRestFloor);
+  b.log_p[k_count] = rest > 0.0 ? static_cast<float>(std::log(rest)) : minus_inf;
 }
 
 struct BucketSums {
@@ -82,14 +120,19 @@ struct BucketSums {
 BucketSums bucket_math(const DistillArgs& a, Buckets& b, bool centre, const float* given_d) {
   const int64_t n = a.topk + 1;
   float kd = 0.0f, row_sum = 0.0f;
+  // A teacher's rest meets no student bucket where the ids cover the row: it is rounding, and adds nothing.
+  if (b.log_q[n - 1] == -INFINITY) b.log_p[n - 1] = -INFINITY;
   if (a.divergence == kForwardKL) {
-    // d/da_j = q_j sum(P) - P_b q_j / Q_b: sum(P) is 1, but for a renormalised row with no ids (then 0).
+    // d/da_j = q_j sum(P) - q_j sum(P_b / Q_b) over j's buckets: sum(P) is 1, but for a renormalised row with no ids.
     float total = 0.0f;
-    for (int64_t i = 0; i < n; ++i) total += std::exp(b.log_p[i]);
     for (int64_t i = 0; i < n; ++i) {
-      const float p = std::exp(b.log_p[i]);
-      if (b.counted[i]) kd += weighted(p, b.log_p[i] - b.log_q[i]);
-      if (i < n - 1) b.id_gradients[i] = std::exp(b.log_q[i]) * total - p;
+      b.terms[i] = std::exp(b.log_p[i]);  // P, summed per column below
+      total += b.terms[i];
+    }
+    column_sums(b, n - 1, b.terms, 0.0f, b.column_sums, b.scores);
+    for (int64_t i = 0; i < n; ++i) {
+      if (b.counted[i]) kd += weighted(b.terms[i], b.log_p[i] - b.log_q[i]);
+      if (i < n - 1) b.id_gradients[i] = std::exp(b.log_q[i]) * total - b.scores[i];
     }
     const float rest_q = std::exp(b.log_q[n - 1]), rest_p = std::exp(b.log_p[n - 1]);
     return {kd, 0.0f, total - (rest_q > 0.0f ? rest_p / rest_q : 0.0f)};
@@ -107,6 +150,10 @@ BucketSums bucket_math(const DistillArgs& a, Buckets& b, bool centre, const floa
     }
     if (b.log_q[i] > b.log_q[reference]) reference = i;
   }
+  // A column's score: its entries' scores and, per further entry, the constant the score leaves out (the +1 of
+  // Q log Q): sparse_math.py, SCORE_CONSTANT.
+  const bool has_constant = a.divergence == kReverseKL || a.divergence == kSkewReverseKL;
+  column_sums(b, n - 1, b.scores, has_constant ? 1.0f : 0.0f, b.column_sums, b.scores);
   if (centre) {
     const float score_r = b.scores[reference];
     for (int64_t i = 0; i < n; ++i) b.scores[i] = i == reference ? 0.0f : b.scores[i] - score_r;
@@ -114,7 +161,7 @@ BucketSums bucket_math(const DistillArgs& a, Buckets& b, bool centre, const floa
   for (int64_t i = 0; i < n; ++i) {
     if (!b.counted[i]) continue;
     kd += b.terms[i];
-    row_sum += weighted(std::exp(b.log_q[i]), b.scores[i]);
+    if (i == n - 1 || b.first[i]) row_sum += weighted(std::exp(b.log_q[i]), b.scores[i]);  // D: once a column
   }
   const float d = given_d != nullptr ? *given_d : row_sum;
   for (int64_t i = 0; i + 1 < n; ++i) b.id_gradients[i] = weighted(std::exp(b.log_q[i]), b.scores[i] - d);
@@ -139,13 +186,7 @@ void exp_pass(const float* s, const DistillArgs& a, const float* given, Scratch&
   // The mass outside the ids is summed here, over those columns alone: a vector holding ids adds its other lanes
   // (the ids' columns sorted, so one comparison a vector finds them).
   const bool want_rest = given == nullptr && a.has_kd;
-  int64_t held = 0;
-  if (want_rest) {
-    for (int64_t k = 0; k < a.topk; ++k) {
-      if (b.column[k] >= 0) b.sorted[held++] = b.column[k];
-    }
-    std::sort(b.sorted.begin(), b.sorted.begin() + held);
-  }
+  const int64_t held = want_rest ? b.held : 0;  // b.sorted: the held columns, ascending (group_entries)
   int64_t next = 0;  // the first sorted id column not yet passed
   for_lanes(a.vocab, [&](int64_t j, auto zero) {
     using F = decltype(zero);
@@ -191,7 +232,10 @@ void exp_pass(const float* s, const DistillArgs& a, const float* given, Scratch&
   const float z_ce = (ce_squared || ce_own) ? horizontal_sum(z_ce_acc) : z;
   st.log_z_ce = std::log(z_ce);
   st.inv_z_ce = 1.0f / z_ce;
-  if (want_rest) *log_z_rest = std::log(horizontal_sum(rest_acc));  // relative to the row's reference, like log z
+  if (want_rest) {  // relative to the row's reference, like log z: none where the ids cover the row, else floored
+    *log_z_rest = b.distinct == a.vocab ? -INFINITY
+                                        : std::max(std::log(horizontal_sum(rest_acc)), kStudentRestFloorLog);
+  }
 }
 
 // softmax(s) at T = 1 at one column, read as exp_pass left it.
@@ -210,6 +254,7 @@ void sparse_row(const float* s, const int64_t* ids, int64_t row, int64_t label, 
     const int64_t local = ids[k] - a.col_offset;
     b.column[k] = (ids[k] >= 0 && local >= 0 && local < a.vocab) ? local : -1;
   }
+  if (a.has_kd) group_entries(k_count, b);
   const int64_t local_label = a.labels != nullptr ? label - a.col_offset : -1;
   const bool in_range = local_label >= 0 && local_label < a.vocab;
   const bool held = a.has_ce && in_range;  // CE's label here

@@ -1,10 +1,13 @@
 // The CUDA kernel of a sparse teacher (docs/DESIGN.md, "A sparse teacher"; kdfast/sparse_math.py states the same
 // math in PyTorch), one block per row, in any phase. Each row's K (id, log-prob) pairs and what the kernel derives
 // from them live in a workspace of sparse_workspace_floats(rows, K) floats (global memory: K may be large).
+//   groups   each entry's column's first entry (an id listed twice is two buckets of one column; K^2 / threads
+//            comparisons, in the workspace)
 //   pass 0   FUSED / STATS: the row's max                                                   read row
-//   pass 1   the tempered exps' sum in float64, and the same exps at the ids, so that the student's mass outside
-//            the ids is their difference to float64's precision; CE's sum                    read row
-//   buckets  the teacher's K + 1 buckets (its rest in float64) against the student's (threads over K)
+//   pass 1   the tempered exps' sum in float64, and the same exps at the distinct ids, so that the student's mass
+//            outside the ids is their difference to float64's precision; CE's sum            read row
+//   buckets  the teacher's K + 1 buckets (its rest in float64) against the student's (threads over K; a column's
+//            entries summed)
 //   last     the gradient, q * factor + CE everywhere, then (after a barrier) the ids' columns  read row, write row
 // SUMS and GRADIENT take the global log-sum-exps in place of passes 0 and 1; the shard at col_offset 0 adds the
 // rest bucket. Everything runs in base 2 as in distill_rows.cuh; the teacher's log-probs are natural.
@@ -46,8 +49,22 @@ struct IdArrays {
   float* log_q;     // [K] base 2
   float* log_p;     // [K] base 2
   float* gradient;  // [K] d/da at the ids' columns
+  float* first;     // [K] 1 where the entry is the first held one of its column
+  float* score;     // [K] the entry's own score (or P), before its column's entries are summed
 };
-constexpr int kIdArrays = 5;
+constexpr int kIdArrays = 7;
+
+// Per entry k, the sum of `values` over the entries of its column: the first's value plus each further one's and
+// `extra` (a lone entry keeps its value bit for bit; every entry of a column gets the same float).
+__device__ __forceinline__ float column_sum(const IdArrays& sh, int64_t k_count, int64_t k, const float* values,
+                                            float extra) {
+  float sum = 0.0f;
+#pragma unroll 1
+  for (int64_t j = 0; j < k_count; ++j) {
+    if (sh.column[j] == sh.column[k]) sum += sh.first[j] != 0.0f ? values[j] : values[j] + extra;
+  }
+  return sum;
+}
 
 // JSD, the skews and reverse KL at one bucket: term and score (natural units) from base-2 log-probabilities.
 __device__ __forceinline__ void bucket_scores(const Launch& L, int mode, float lq, float lp, float& term, float& h) {
@@ -78,6 +95,8 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(const Launch L) {
   sh.log_q = sh.logit + k_count;
   sh.log_p = sh.log_q + k_count;
   sh.gradient = sh.log_p + k_count;
+  sh.first = sh.gradient + k_count;
+  sh.score = sh.first + k_count;
 
   const RowLabel lab = row_label(a, row);
   int bad = 0;
@@ -104,6 +123,14 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(const Launch L) {
   }
   const float s_label = (lab.column >= 0 && threadIdx.x == 0) ? load1(p.s + lab.column) : 0.0f;
   __syncthreads();  // the label's logit and the ids' are read before any thread writes the gradient over the logits
+  int distinct = 0;  // this thread's share of the distinct columns the ids hold
+  for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {
+    bool first = sh.column[k] >= 0.0f;
+    for (int64_t j = 0; j < k && first; ++j) first = sh.column[j] != sh.column[k];
+    sh.first[k] = first ? 1.0f : 0.0f;
+    distinct += first;
+  }
+  const bool covered = block_reduce(distinct, int_scratch, Add{}) == a.vocab;  // the ids hold every column: no rest
   const int ce_stats = L.ce_stats;
   float ref = 0.0f, log2_z = 0.0f, log2_z_c = 0.0f, log2_rest = kNegInf;  // log2_rest: relative to log2_z
   const bool later_phase = a.phase == kPhaseSums || a.phase == kPhaseGradient;
@@ -131,11 +158,14 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(const Launch L) {
     log2_z = log2f(static_cast<float>(total));
     log2_z_c = ce_stats == kCeShared ? log2_z : log2f(block_reduce(z_c, float_scratch, Add{}));
     if (kKD) {
-      double at_ids = 0.0;  // the same exps as pass 1's, at the ids
+      double at_ids = 0.0;  // the same exps as pass 1's, at the distinct ids
       for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {
-        if (sh.column[k] >= 0.0f) at_ids += fast_exp2((sh.logit[k] - ref) * L.k);
+        if (sh.first[k] != 0.0f) at_ids += fast_exp2((sh.logit[k] - ref) * L.k);
       }
-      log2_rest = log2f(static_cast<float>(total - block_reduce(at_ids, double_scratch, Add{}))) - log2_z;
+      // <= 0 only by rounding where the ids hold ~everything; none where they cover the row, else floored
+      const float outside = static_cast<float>(total - block_reduce(at_ids, double_scratch, Add{}));
+      const float log2_outside = fmaxf(outside > 0.0f ? log2f(outside) : kNegInf, kStudentRestFloorLog * kLog2e);
+      log2_rest = covered ? kNegInf : log2_outside - log2_z;
     }
   } else {
     const float* lse = a.row_stats + row * kStatColumns;
@@ -183,8 +213,11 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(const Launch L) {
     }
     mass = block_reduce(mass, double_scratch, Add{});
     const float log2_shift = renormalize ? (top + static_cast<float>(log(mass))) * kLog2e : 0.0f;
-    const double rest = 1.0 - mass;
-    const float log2_p_rest = (renormalize || rest <= kRestAsNone) ? kNegInf : static_cast<float>(log2(rest));
+    // As computed (below 0: rounding, none), floored under reverse KL's logarithm; none where no student bucket
+    // meets it (the ids cover the row: it is rounding).
+    const double rest = MODE == kModeReverseKL ? fmax(1.0 - mass, kTeacherRestFloor) : 1.0 - mass;
+    const float log2_p_rest =
+        (renormalize || rest <= 0.0 || log2_rest == kNegInf) ? kNegInf : static_cast<float>(log2(rest));
     for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {
       const float lp = renormalize ? logprobs[k] * a.teacher_scale * kLog2e - log2_shift : logprobs[k] * kLog2e;
       sh.log_p[k] = ids[k] >= 0 ? lp : kNegInf;
@@ -198,14 +231,17 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(const Launch L) {
       float terms = 0.0f, p_sum = 0.0f;
       for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {
         const float pk = fast_exp2(sh.log_p[k]);
+        sh.score[k] = pk;
         p_sum += pk;
         if (sh.column[k] >= 0.0f) terms += kLn2 * weighted(pk, sh.log_p[k] - sh.log_q[k]);
       }
-      const float p_total = block_reduce(p_sum, float_scratch, Add{}) + p_rest;
+      const float p_total = block_reduce(p_sum, float_scratch, Add{}) + p_rest;  // (its barrier orders sh.score)
       kd = block_reduce(terms, float_scratch, Add{}) +
            (owns_rest ? kLn2 * weighted(p_rest, log2_p_rest - log2_rest) : 0.0f);
-      for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {
-        sh.gradient[k] = fast_exp2(sh.log_q[k]) * p_total - fast_exp2(sh.log_p[k]);
+      for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {  // q_j sum(P) - the P of j's entries
+        if (sh.column[k] >= 0.0f) {
+          sh.gradient[k] = fast_exp2(sh.log_q[k]) * p_total - column_sum(sh, k_count, k, sh.score, 0.0f);
+        }
       }
       rest_factor = p_total - (q_rest > 0.0f ? p_rest / q_rest : 0.0f);
     } else {
@@ -225,19 +261,31 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(const Launch L) {
         if (log2_rest > largest || first >= k_count) {
           h_ref = rest_h;
         } else {
-          reference = first;
-          float unused;
-          bucket_scores(L, MODE, sh.log_q[first], sh.log_p[first], unused, h_ref);
+          reference = first;  // its score: its column's, once summed below
         }
       }
-      rest_h = reference < 0 && a.phase == kPhaseFused ? 0.0f : rest_h - h_ref;
       float terms = 0.0f, d_sum = 0.0f;
       for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {
-        float term, h;
-        bucket_scores(L, MODE, sh.log_q[k], sh.log_p[k], term, h);
-        h = k == reference ? 0.0f : h - h_ref;
+        float term;
+        bucket_scores(L, MODE, sh.log_q[k], sh.log_p[k], term, sh.score[k]);
+        if (sh.column[k] >= 0.0f) terms += term;
+      }
+      __syncthreads();
+      // A column's score: its entries' scores and, per further entry, the +1 of Q log Q the score leaves out
+      // (kdfast/sparse_math.py, SCORE_CONSTANT).
+      const float extra = (MODE == kModeReverseKL || a.divergence == kSkewReverseKL) ? 1.0f : 0.0f;
+      for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {
+        if (sh.column[k] >= 0.0f) sh.gradient[k] = column_sum(sh, k_count, k, sh.score, extra);
+      }
+      __syncthreads();
+      if (reference >= 0) h_ref = sh.gradient[reference];
+      rest_h = reference < 0 && a.phase == kPhaseFused ? 0.0f : rest_h - h_ref;
+      __syncthreads();  // h_ref is read before the centred scores overwrite it
+      for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {
+        if (sh.column[k] < 0.0f) continue;
+        const float h = k == reference ? 0.0f : sh.gradient[k] - h_ref;
         sh.gradient[k] = h;  // the score, until D is known
-        if (sh.column[k] >= 0.0f) terms += term, d_sum += weighted(fast_exp2(sh.log_q[k]), h);
+        if (sh.first[k] != 0.0f) d_sum += weighted(fast_exp2(sh.log_q[k]), h);  // D: once a column
       }
       kd = block_reduce(terms, float_scratch, Add{}) + (owns_rest ? rest_term : 0.0f);
       row_d = block_reduce(d_sum, float_scratch, Add{}) + (owns_rest ? weighted(q_rest, rest_h) : 0.0f);

@@ -28,7 +28,9 @@ def _chunk_rows(s, ids, logprobs, labels, row_scale, opts: SparseOptions, call: 
     outside = torch.zeros_like(s, dtype=torch.int32).scatter_add(-1, safe_ids, held.to(torch.int32)) == 0
     if given is None:
         ref_s, log_z_s = divergences.log_normaliser(s, inv_t)
-        log_z_rest = torch.logsumexp(torch.where(outside, (s - ref_s) * inv_t, -math.inf), dim=-1, keepdim=True)
+        log_z_rest = sparse_math.student_rest(
+            torch.logsumexp(torch.where(outside, (s - ref_s) * inv_t, -math.inf), dim=-1, keepdim=True),
+            ~outside.any(-1, keepdim=True))
     else:  # the global log-sum-exps (references 0)
         ref_s, log_z_s, log_z_rest = torch.zeros_like(given[:, :1]), given[:, 0:1], given[:, 1:2]
     ref_c, log_z_c = divergences.log_normaliser(s, 1.0) if given is None else (ref_s, given[:, 2:3])
@@ -48,20 +50,22 @@ def _chunk_rows(s, ids, logprobs, labels, row_scale, opts: SparseOptions, call: 
         log_p_buckets = torch.cat([log_p_ids, log_p_rest[:, None]], dim=-1)
         owns_rest = torch.full_like(held[:, :1], call.col_offset == 0)
         counted = torch.cat([held, owns_rest], dim=-1)
-        kd, scores, row_sum = sparse_math.bucket_parts(log_q_buckets, log_p_buckets, counted, opts,
+        _, leader = sparse_math.duplicate_groups(local, held)
+        kd, scores, row_sum = sparse_math.bucket_parts(log_q_buckets, log_p_buckets, counted, leader, opts,
                                                        centre=call.phase == Phase.FUSED)
         if call.phase == Phase.GRADIENT:
             row_sum = totals[:, 1]
         if want_grad:
-            id_gradients, rest_factor = sparse_math.bucket_gradient(log_q_buckets, log_p_buckets, scores, row_sum, opts)
+            id_gradients, rest_factor = sparse_math.bucket_gradient(log_q_buckets, log_p_buckets, scores, row_sum,
+                                                                    leader, opts)
     label_cols = torch_rows.label_columns(s, labels, ref_c, opts, call, zeros)
     grad = None
     if want_grad:
         grad = torch.zeros_like(s)
         if opts.has_kd:
             q = log_q.exp()
-            # Every column takes q * rest_factor, the ids' columns (distinct per row) their own gradient: written
-            # through one spare column that the ids another shard holds point at.
+            # Every column takes q * rest_factor, the ids' columns their own gradient (the same value from every entry
+            # of a column): written through one spare column that the ids another shard holds point at.
             kd_part = torch.cat([divergences.weighted(q, rest_factor[:, None].expand_as(q)), q[:, :1]], dim=-1)
             kd_part.scatter_(-1, torch.where(held, local, torch.full_like(local, vocab)), id_gradients)
             kd_part = kd_part[:, :vocab]
