@@ -26,17 +26,16 @@ from kdfast.sparse_options import STUDENT_REST_FLOOR_LOG, TEACHER_REST_FLOOR, Sp
 SCORE_CONSTANT = {Divergence.REVERSE_KL: 1.0, Divergence.SKEW_REVERSE_KL: 1.0}
 
 
-def duplicate_groups(local_ids, held) -> tuple[torch.Tensor, torch.Tensor]:
-    """(first [R, K]: the entry is the first held one of its column, leader [R, K]: the index of that first entry).
-    Entries not held lead groups of their own."""
+def column_leaders(local_ids, held) -> torch.Tensor:
+    """[R, K]: the index of the first held entry of each entry's column (itself for the first one, and for entries
+    not held, which lead groups of their own)."""
     index = torch.arange(local_ids.shape[-1], device=local_ids.device).expand_as(local_ids)
     keys = torch.where(held, local_ids, -1 - index)  # distinct for the entries not held
     sorted_keys, order = keys.sort(dim=-1, stable=True)
     starts = torch.ones_like(held)
     starts[:, 1:] = sorted_keys[:, 1:] != sorted_keys[:, :-1]
     run_start = torch.where(starts, index, torch.zeros_like(index)).cummax(-1).values
-    leader = torch.empty_like(order).scatter_(-1, order, order.gather(-1, run_start))
-    return held & (leader == index), leader
+    return torch.empty_like(order).scatter_(-1, order, order.gather(-1, run_start))
 
 
 def group_sum(values, leader) -> torch.Tensor:
@@ -76,7 +75,7 @@ def bucket_parts(log_q, log_p, counted, leader, opts: SparseOptions, centre: boo
     """(the buckets' part of the divergence [R], per-entry column scores H [R, K + 1] or None, D [R]).
 
     log_q, log_p: [R, K + 1] log-probabilities of the K entries and of the rest (last); counted: [R, K + 1] the buckets
-    this call adds up (a vocab shard: the ids it holds, and the rest on one shard); leader: [R, K] duplicate_groups'.
+    this call adds up (a vocab shard: the ids it holds, and the rest on one shard); leader: [R, K] column_leaders'.
     A teacher's rest meets no student bucket where the ids cover the row (log Q_rest = -inf): it is rounding of
     log-probs that cover the vocabulary, and adds nothing. `centre`: a whole row, centred on the student's largest
     bucket (docs/DESIGN.md, "The gradient"); a shard's D is uncentred."""

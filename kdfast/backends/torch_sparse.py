@@ -50,7 +50,7 @@ def _chunk_rows(s, ids, logprobs, labels, row_scale, opts: SparseOptions, call: 
         log_p_buckets = torch.cat([log_p_ids, log_p_rest[:, None]], dim=-1)
         owns_rest = torch.full_like(held[:, :1], call.col_offset == 0)
         counted = torch.cat([held, owns_rest], dim=-1)
-        _, leader = sparse_math.duplicate_groups(local, held)
+        leader = sparse_math.column_leaders(local, held)
         kd, scores, row_sum = sparse_math.bucket_parts(log_q_buckets, log_p_buckets, counted, leader, opts,
                                                        centre=call.phase == Phase.FUSED)
         if call.phase == Phase.GRADIENT:
