@@ -123,16 +123,24 @@ def ce_coefficients(opts: LossOptions, row_scale, lse, vocab: int):
     return soft, ce * (1.0 - opts.label_smoothing), ce * (opts.label_smoothing / vocab)
 
 
+def q_log_q(log_q: torch.Tensor) -> torch.Tensor:
+    """sum_j q_j log q_j over the columns given [R], with 0 * log 0 = 0 (a logit of -inf adds nothing, never NaN):
+    minus the student's entropy over a whole row, a shard's share of it over its columns. With log q = d - log Z
+    (d = (s - ref) / T) it is sum_j q_j d_j - log Z: the kernels' H = log Z - sum_j e_j d_j / Z, e = exp(d)."""
+    return weighted(log_q.exp(), log_q).sum(-1)
+
+
 def fused_parts(kd, label_logit, held, row_max, log_z_c, opts: LossOptions, zeros, shifted_sum,
-                vocab: int) -> torch.Tensor:
-    """A FUSED chunk's parts [R, PART_COLUMNS]: the divergence, the CE, the z-loss log(Z)^2 (student, T = 1) and
-    whether the label's logit is the row's largest (ties count). A label out of range (refused on the host where
-    that costs no sync) poisons its row with NaN, never hides. `shifted_sum`: sum_j (s_j - row_max) for label
-    smoothing."""
+                vocab: int, entropy=None) -> torch.Tensor:
+    """A FUSED chunk's parts [R, PART_COLUMNS]: the divergence, the CE, the z-loss log(Z)^2 (student, T = 1),
+    whether the label's logit is the row's largest (ties count) and the student's entropy (`entropy`, None: 0). A
+    label out of range (refused on the host where that costs no sync) poisons its row with NaN, never hides.
+    `shifted_sum`: sum_j (s_j - row_max) for label smoothing."""
     kd = kd if kd is not None else zeros
+    entropy = entropy if entropy is not None else zeros
     z = (row_max + log_z_c) ** 2 if opts.z_loss_weight != 0.0 else zeros
     if label_logit is None:
-        return torch.stack([kd, zeros, z, zeros], dim=-1)
+        return torch.stack([kd, zeros, z, zeros, entropy], dim=-1)
     correct = (held & (label_logit >= row_max)).float()
     ce = zeros
     if opts.has_ce:
@@ -140,5 +148,5 @@ def fused_parts(kd, label_logit, held, row_max, log_z_c, opts: LossOptions, zero
         ce = log_z_c - ce_target_logit(opts, label_logit - row_max, shifted_sum, vocab)
     if opts.needs_labels:
         poisoned = torch.full_like(zeros, math.nan)
-        kd, ce, z = (torch.where(held, part, poisoned) for part in (kd, ce, z))
-    return torch.stack([kd, ce, z, correct], dim=-1)
+        kd, ce, z, entropy = (torch.where(held, part, poisoned) for part in (kd, ce, z, entropy))
+    return torch.stack([kd, ce, z, correct, entropy], dim=-1)

@@ -32,19 +32,22 @@ class Divergence(enum.IntEnum):
 
 
 class Phase(enum.IntEnum):
-    FUSED = 0  # out [rows, 3]: the loss's parts (PART_COLUMNS)
-    STATS = 1  # out [rows, 3]: log-sum-exp of the student at T, the teacher at T, the student at 1
-    SUMS = 2  # out [rows, 3]: divergence terms, D (the gradient's row sum), the CE target's logit (kernel_abi.h)
+    FUSED = 0  # out [rows, PART_COLUMNS]: the loss's parts
+    STATS = 1  # out [rows, 4]: log-sum-exp of the student at T, the teacher at T, the student at 1; 0
+    SUMS = 2  # out [rows, 4]: divergence terms, D (the gradient's row sum), the CE target's logit, sum q log q
     GRADIENT = 3  # out: nothing; reverse KL and mixtures: writes the gradient from the global lse and sums
 
 
-STAT_COLUMNS = 3  # the width of the STATS and SUMS outputs, and of what ranks exchange per row
+STAT_COLUMNS = 4  # the width of the STATS and SUMS outputs, and of what ranks exchange per row
 # FUSED writes each row's parts, before any weight: the divergence, the cross-entropy (NaN for a label out of
-# range), the z-loss, and 1 where the student's largest logit is the label's (token accuracy). The total,
+# range), the z-loss, 1 where the student's largest logit is the label's (token accuracy), and the student's entropy
+# at T (logged as TRL logs it; at T = 1 for CE alone, 0 without either). The total,
 # kd_scale * divergence + ce_weight * CE + z_loss_weight * z, is formed from them (kdfast.reduction), so the parts
 # cost no extra pass.
-PART_COLUMNS = 4
+PART_COLUMNS = 5
 PART_KD, PART_CE, PART_Z, PART_CORRECT = 0, 1, 2, 3  # PART_Z: log(Z)^2 of the student at T = 1 (the z-loss)
+PART_ENTROPY = 4  # -sum_j q_j log q_j, q = softmax(student / T) over the row
+SUM_ENTROPY = 3  # the SUMS column of sum_j q_j log q_j over a shard's columns
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,8 @@ class PhaseCall:
 
     phase: Phase = Phase.FUSED
     col_offset: int = 0
-    row_stats: torch.Tensor | None = None  # SUMS, GRADIENT: the global log-sum-exps [rows, 3]
-    row_totals: torch.Tensor | None = None  # GRADIENT: the global SUMS [rows, 3]
+    row_stats: torch.Tensor | None = None  # SUMS, GRADIENT: the global STATS [rows, STAT_COLUMNS]
+    row_totals: torch.Tensor | None = None  # GRADIENT: the global SUMS [rows, STAT_COLUMNS]
     global_vocab: int = 0  # the whole vocabulary's size (label smoothing spreads eps over it); 0: these columns
 
 

@@ -38,7 +38,8 @@ def distill_loss(student_logits, teacher_logits, labels=None, *, divergence="for
     no copy) and get a zero gradient; a model narrower than it is an error.
 
     `return_components=True` returns `(loss, kdfast.LossComponents)`: the divergence and the CE, each reduced as the
-    loss is and before its weight, and the student's token accuracy, from the same pass (for logging).
+    loss is and before its weight, the student's token accuracy, and the student's entropy at T (reduced as the
+    loss), from the same pass (for logging).
     """
     opts = LossOptions(divergence=divergence, beta=beta, temperature=temperature, kd_weight=kd_weight,
                        ce_weight=ce_weight, t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,

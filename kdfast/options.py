@@ -29,7 +29,7 @@ class LossOptions:
     reduction: str = "mean"
     inplace_backward: bool = False
     backend: str = "auto"
-    return_components: bool = False  # also return kdfast.LossComponents (the divergence, the CE, the accuracy)
+    return_components: bool = False  # also return kdfast.LossComponents (the parts, the accuracy, the entropy)
     vocab_size: int | None = None  # the vocabulary both models share; wider logits' extra columns are padding
     label_smoothing: float = 0.0  # the CE's target: (1 - eps) onehot + eps / V (PyTorch's definition)
     z_loss_weight: float = 0.0  # PaLM's z-loss, weight * log(Z)^2 of the student at T = 1

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kdfast.kernel_abi import PART_CE, PART_CORRECT, PART_KD, PART_Z
+from kdfast.kernel_abi import PART_CE, PART_CORRECT, PART_ENTROPY, PART_KD, PART_Z
 from kdfast.options import LossOptions
 
 
@@ -18,12 +18,17 @@ class LossComponents:
     cross-entropy before ce_weight (label smoothing included); `z_loss`: log(Z)^2 of the student at T = 1 before
     z_loss_weight; each reduced as the loss is (None when its weight is 0: not computed). `accuracy`: the share of
     the kept rows whose largest student logit is the label's (a tie counts as a hit), or per row 1.0 / 0.0 with
-    reduction="none"; None without labels."""
+    reduction="none"; None without labels. `entropy`: the student's entropy -sum_j q_j log q_j, q = softmax(student
+    logits / T), as TRL logs it; with kd_weight=0 (a CE-only loss) that of softmax(student logits) at T = 1, the CE's
+    distribution. Reduced as the loss is: "mean" sums the kept rows' and divides as the loss does (by the kept rows
+    or num_items_in_batch), "sum" sums, "none" gives it per row (0 for an ignored row); None when the loss has
+    neither a divergence nor a CE term. Last, with a default, so that positional construction keeps working."""
 
     kd: torch.Tensor | None
     ce: torch.Tensor | None
     z_loss: torch.Tensor | None
     accuracy: torch.Tensor | None
+    entropy: torch.Tensor | None = None
 
 
 def reduction_scale(labels, rows: int, opts: LossOptions, num_items_in_batch, device) -> torch.Tensor:
@@ -60,8 +65,8 @@ def weighted_total(parts: torch.Tensor, opts: LossOptions) -> torch.Tensor:
 
 def component_summary(parts: torch.Tensor, lead_shape, labels, opts: LossOptions, scale: torch.Tensor) -> torch.Tensor:
     """The parts reduced one by one, as a tensor (an autograd Function's second output): [PART_COLUMNS] (the
-    divergence, the CE and the z-loss reduced as the loss, the accuracy over the kept rows), or [*lead_shape,
-    PART_COLUMNS] per row for reduction="none"."""
+    divergence, the CE, the z-loss and the entropy reduced as the loss, the accuracy over the kept rows), or
+    [*lead_shape, PART_COLUMNS] per row for reduction="none"."""
     parts = parts.detach()
     if opts.reduction == "none":
         return parts.view(*lead_shape, parts.shape[-1])
@@ -69,7 +74,7 @@ def component_summary(parts: torch.Tensor, lead_shape, labels, opts: LossOptions
     factor = scale if opts.reduction == "mean" else torch.ones_like(scale)
     kept = (labels != opts.ignore_index).sum() if labels is not None else torch.zeros((), device=parts.device)
     return torch.stack([sums[PART_KD] * factor, sums[PART_CE] * factor, sums[PART_Z] * factor,
-                        sums[PART_CORRECT] / kept.clamp(min=1).to(sums.dtype)])
+                        sums[PART_CORRECT] / kept.clamp(min=1).to(sums.dtype), sums[PART_ENTROPY] * factor])
 
 
 def loss_components(summary: torch.Tensor, opts: LossOptions, has_labels: bool) -> LossComponents:
@@ -77,7 +82,8 @@ def loss_components(summary: torch.Tensor, opts: LossOptions, has_labels: bool) 
     return LossComponents(summary[..., PART_KD] if opts.has_kd else None,
                           summary[..., PART_CE] if opts.ce_weight != 0.0 else None,
                           summary[..., PART_Z] if opts.z_loss_weight != 0.0 else None,
-                          summary[..., PART_CORRECT] if has_labels else None)
+                          summary[..., PART_CORRECT] if has_labels else None,
+                          summary[..., PART_ENTROPY] if opts.has_kd or opts.needs_labels else None)
 
 
 def returned(outputs, opts: LossOptions, labels):

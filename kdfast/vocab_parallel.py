@@ -3,9 +3,10 @@ V_shard] logits; ranks exchange O(rows) statistics, never logits. The math is th
 phases over the shard's columns:
 
 1. STATS: local log-sum-exps of the student at T, the teacher at T and the student at 1 -> one all-gather of
-   [rows, 3], combined into the global ones;
-2. SUMS: the divergence's partial row sums, D (the gradient's row sum) and the label's logit on the rank that
-   holds it -> one all-reduce of [rows, 3]; forward KL's and CE's gradient is written in the same pass;
+   [rows, STAT_COLUMNS], combined into the global ones;
+2. SUMS: the divergence's partial row sums, D (the gradient's row sum), the label's logit on the rank that
+   holds it and the shard's sum q log q (minus the ranks' total is the student's entropy) -> one all-reduce of
+   [rows, STAT_COLUMNS]; forward KL's and CE's gradient is written in the same pass;
 3. GRADIENT (reverse KL and the mixtures): this rank's slice of the gradient from those global row values.
 """
 
@@ -16,7 +17,18 @@ import math
 import torch
 
 from kdfast.distributed import VocabShard, all_gather, all_reduce_max, all_reduce_sum
-from kdfast.kernel_abi import FUSED, PART_CE, PART_COLUMNS, PART_CORRECT, PART_KD, PART_Z, Phase, PhaseCall
+from kdfast.kernel_abi import (
+    FUSED,
+    PART_CE,
+    PART_COLUMNS,
+    PART_CORRECT,
+    PART_ENTROPY,
+    PART_KD,
+    PART_Z,
+    SUM_ENTROPY,
+    Phase,
+    PhaseCall,
+)
 from kdfast.options import LossOptions
 from kdfast.reduction import reduced_outputs
 from kdfast.saved_gradient import saved_gradient_times
@@ -48,6 +60,8 @@ def sharded_rows(kernel, student, teacher, labels, grad_scale, grad, opts: LossO
         parts[:, PART_CE] = lse[:, 2] - totals[:, 2]
     if opts.z_loss_weight != 0.0:
         parts[:, PART_Z] = lse[:, 2] ** 2
+    if opts.has_kd or opts.has_ce:
+        parts[:, PART_ENTROPY] = -totals[:, SUM_ENTROPY]  # the shards' sum q log q over the whole row
     if want_accuracy:
         label_logit, row_max = all_reduce_max(label_and_max, shard.group).unbind(-1)
         held = (labels >= 0) & (labels < shard.vocab)

@@ -2,9 +2,10 @@
 vocab streamed in blocks, in any phase.
 
 pass 1  FUSED / STATS: online max / sum-exp of the student at T, the teacher at T and the student at 1 (CE), the
-        student's running argmax r with the teacher's logit there, and the centred sum that gives reverse KL
-        without another pass;  # read 2 x row
-pass 2  per-element loss terms; forward/reverse KL also write the gradient;  # read 2 x row (+ write row)
+        student's running argmax r with the teacher's logit there, the centred sum that gives reverse KL without
+        another pass, and (FUSED) the sum of e log e that gives the student's entropy;  # read 2 x row
+pass 2  per-element loss terms (SUMS: and q log q); forward/reverse KL also write the gradient;
+        # read 2 x row (+ write row)
 pass 3  FUSED JSD and skews only: their gradient needs D = sum(q * d) from pass 2;  # read 2 x row, write row
 SUMS and GRADIENT take the global log-sum-exps instead of pass 1 and run pass 2 alone.
 Memory traffic for forward KL in bf16: 2 + 2 + 2 + 2 (reads) + 2 (write) = 10 bytes per element.
@@ -41,6 +42,8 @@ PART_KD = tl.constexpr(kernel_abi.PART_KD)
 PART_CE = tl.constexpr(kernel_abi.PART_CE)
 PART_Z = tl.constexpr(kernel_abi.PART_Z)
 PART_CORRECT = tl.constexpr(kernel_abi.PART_CORRECT)
+PART_ENTROPY = tl.constexpr(kernel_abi.PART_ENTROPY)
+SUM_ENTROPY = tl.constexpr(kernel_abi.SUM_ENTROPY)
 MAX_BLOCK_V = 4096
 
 
@@ -95,6 +98,21 @@ def _mixture_term_and_score(ls, lt, q, p, beta, log_beta, log_1m_beta, DIVERGENC
 
 
 @triton.jit
+def _fold_e_log_e(acc, z, alpha, shift, e, d):
+    """The running sum_j e_j d_j (e_j = exp(d_j), d_j = (s_j - ref) / T, z = sum_j e_j) when the reference moves
+    to the new running max: each earlier d_j gains shift = (old ref - new ref) / T and each e_j the factor alpha.
+    The row's sum q log q is then acc / z - log z."""
+    carried = tl.where(z == 0.0, 0.0, z * shift)
+    return alpha * (acc + carried) + tl.sum(_weighted(e, d), axis=0)
+
+
+@triton.jit
+def _q_log_q(log_q, mask):
+    """A block's terms q log q of the entropy, from log q: 0 where q = 0 (a -inf logit, a masked lane)."""
+    return tl.where(mask, _weighted(tl.exp(log_q), log_q), 0.0)
+
+
+@triton.jit
 def _load(row_ptr, cols, mask):
     """A block of logits, float32 right after the load (the interpreter computes bfloat16 arithmetic wrongly)."""
     return tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
@@ -122,9 +140,11 @@ def _ce_target(in_range, s_label, ref, s_acc, label_smoothing, inv_global_vocab,
 
 
 @triton.jit
-def _store_outputs(out_ptr, row, kd, row_d, target, log_z_c, lse_c, hit, z_loss_weight, HAS_KD: tl.constexpr,
-                   HAS_CE: tl.constexpr, PHASE: tl.constexpr):
-    """FUSED: the row's parts (kernel_abi.PART_COLUMNS); SUMS: [divergence terms, D, the CE target's logit]."""
+def _store_outputs(out_ptr, row, kd, row_d, target, log_z_c, lse_c, hit, z_loss_weight, q_log_q,
+                   HAS_KD: tl.constexpr, HAS_CE: tl.constexpr, PHASE: tl.constexpr):
+    """FUSED: the row's parts (kernel_abi.PART_COLUMNS); SUMS: [divergence terms, D, the CE target's logit,
+    sum q log q]. q_log_q: sum_j q_j log q_j over these columns of the student's distribution (at T with KD, else
+    at T = 1), 0 without either."""
     if PHASE == FUSED:
         kd_part = 0.0
         if HAS_KD:  # (without KD a kernel's divergence statistics may be 0 / 0)
@@ -139,10 +159,15 @@ def _store_outputs(out_ptr, row, kd, row_d, target, log_z_c, lse_c, hit, z_loss_
         tl.store(out_ptr + row * PARTS + PART_CE, ce)
         tl.store(out_ptr + row * PARTS + PART_Z, z)
         tl.store(out_ptr + row * PARTS + PART_CORRECT, tl.where(hit, 1.0, 0.0))
+        entropy = 0.0
+        if HAS_KD or HAS_CE:
+            entropy = -q_log_q
+        tl.store(out_ptr + row * PARTS + PART_ENTROPY, entropy)
     elif PHASE == SUMS:
         tl.store(out_ptr + row * COLUMNS, kd)
         tl.store(out_ptr + row * COLUMNS + 1, row_d)
         tl.store(out_ptr + row * COLUMNS + 2, target)
+        tl.store(out_ptr + row * COLUMNS + SUM_ENTROPY, q_log_q)
 
 
 @triton.jit
@@ -154,6 +179,7 @@ def _store_skipped_row(out_ptr, row, poisoned, PHASE: tl.constexpr):
         tl.store(out_ptr + row * PARTS + PART_CE, empty)
         tl.store(out_ptr + row * PARTS + PART_Z, empty)
         tl.store(out_ptr + row * PARTS + PART_CORRECT, 0.0)
+        tl.store(out_ptr + row * PARTS + PART_ENTROPY, empty)
     elif PHASE != GRADIENT:
         for column in tl.static_range(COLUMNS):
             tl.store(out_ptr + row * COLUMNS + column, 0.0)
@@ -219,6 +245,7 @@ def distill_fwd_kernel(
         ref_index = -1
         rkl_d = 0.0
         rkl_offset = 0.0
+        q_log_q = 0.0  # sum_j q_j log q_j of the student's entropy over these columns: FUSED pass 1, SUMS pass 2
         if (PHASE == FUSED) | (PHASE == STATS):
             # ---- pass 1: running statistics (maxima in logit units) ----
             m_s = NEG_INF
@@ -227,6 +254,8 @@ def distill_fwd_kernel(
             m_t = NEG_INF
             z_t = 0.0
             rkl_acc = 0.0  # sum exp((s - m_s) / T) * ((s - m_s) - (t - t_ref)) / T
+            # sum e log e of the entropy's distribution: the student at T with KD, else at T = 1 (CE's statistics)
+            e_log_e = 0.0
             for start in range(0, vocab, BLOCK_V):
                 cols = start + offsets
                 mask = cols < vocab
@@ -251,6 +280,9 @@ def distill_fwd_kernel(
                         block_terms = _weighted(e_s, ((s - ref_new) - (t - t_ref_new)) * inv_t)
                         rkl_acc = alpha_s * (rkl_acc + carried) + tl.sum(block_terms, axis=0)
                         t_ref = t_ref_new
+                    if PHASE == FUSED:
+                        shift_s = (_finite_or_zero(m_s) - ref_new) * inv_t
+                        e_log_e = _fold_e_log_e(e_log_e, z_s, alpha_s, shift_s, e_s, (s - ref_new) * inv_t)
                     z_s = z_s * alpha_s + tl.sum(e_s, axis=0)
                     alpha_t = tl.where(t_max_new != m_t, tl.exp((m_t - t_max_new) * inv_t), 1.0)
                     z_t = z_t * alpha_t + tl.sum(tl.exp((t - _finite_or_zero(t_max_new)) * inv_t), axis=0)
@@ -260,7 +292,11 @@ def distill_fwd_kernel(
                         ref_index = tl.where(block_max > m_s, block_index, ref_index)
                 if HAS_CE and not CE_FROM_TEMPERED:
                     alpha_c = tl.where(moved, tl.exp(m_s - m_new), 1.0)
-                    z_c = z_c * alpha_c + tl.sum(tl.exp(s - ref_new), axis=0)
+                    e_c = tl.exp(s - ref_new)
+                    if (PHASE == FUSED) and not HAS_KD:
+                        e_log_e = _fold_e_log_e(e_log_e, z_c, alpha_c, _finite_or_zero(m_s) - ref_new, e_c,
+                                                s - ref_new)
+                    z_c = z_c * alpha_c + tl.sum(e_c, axis=0)
                 m_s = m_new
             ref_s = _finite_or_zero(m_s)
             ref_t = _finite_or_zero(m_t)
@@ -271,6 +307,10 @@ def distill_fwd_kernel(
             if CE_FROM_TEMPERED:
                 log_z_c = log_z_s
             rkl_d = rkl_acc / z_s
+            if HAS_KD:
+                q_log_q = e_log_e / z_s - log_z_s
+            elif HAS_CE:
+                q_log_q = e_log_e / z_c - log_z_c
             rkl_offset = (ref_t - t_ref) * inv_t - log_z_s + log_z_t
         else:
             # SUMS / GRADIENT: the global log-sum-exps (references 0)
@@ -292,6 +332,7 @@ def distill_fwd_kernel(
             tl.store(out_ptr + row * COLUMNS, stats_s)
             tl.store(out_ptr + row * COLUMNS + 1, stats_t)
             tl.store(out_ptr + row * COLUMNS + 2, stats_c)
+            tl.store(out_ptr + row * COLUMNS + SUM_ENTROPY, 0.0)
         else:
             total_d = 0.0
             if PHASE == GRADIENT:
@@ -314,6 +355,7 @@ def distill_fwd_kernel(
             label_coef = row_scale * ce_weight * (1.0 - label_smoothing)
             uniform_coef = row_scale * ce_weight * label_smoothing * inv_global_vocab
             s_acc = tl.zeros([BLOCK_V], dtype=tl.float32)  # sum_j (s_j - ref_c): a smoothed target's uniform part
+            q_log_q_acc = tl.zeros([BLOCK_V], dtype=tl.float32)  # SUMS (FUSED has it from pass 1)
             for start in range(0, vocab, BLOCK_V):
                 cols = start + offsets
                 mask = cols < vocab
@@ -322,6 +364,12 @@ def distill_fwd_kernel(
                 q = tl.exp(ls)
                 if SMOOTH:
                     s_acc += tl.where(mask, s - ref_c, 0.0)
+                if PHASE == SUMS:
+                    # The student's entropy at T with KD (q is at hand), else at T = 1 from the CE's statistics.
+                    if HAS_KD:
+                        q_log_q_acc += _q_log_q(ls, mask)
+                    elif HAS_CE:
+                        q_log_q_acc += _q_log_q((s - ref_c) - log_z_c, mask)
                 grad_kd = tl.zeros([BLOCK_V], dtype=tl.float32)
                 if HAS_KD:
                     t = _load(t_row, cols, mask)
@@ -351,6 +399,8 @@ def distill_fwd_kernel(
                                          uniform_coef, CE_FROM_TEMPERED)
                     tl.store(g_row + cols, grad.to(g_row.dtype.element_ty), mask=mask)
             kd = tl.sum(kd_acc, axis=0)
+            if PHASE == SUMS:
+                q_log_q = tl.sum(q_log_q_acc, axis=0)
             row_d = tl.sum(d_acc, axis=0)
             target = _ce_target(in_range, s_label, ref_c, s_acc, label_smoothing, inv_global_vocab, SMOOTH)
             if (DIVERGENCE == REVERSE_KL) & (PHASE == FUSED):
@@ -380,7 +430,7 @@ def distill_fwd_kernel(
 
             # ref_s: the row's largest logit (a tie counts as a hit); in SUMS ref_c is 0
             _store_outputs(out_ptr, row, kd, row_d, target, log_z_c, lse_c, in_range & (s_label >= ref_s),
-                           z_loss_weight, HAS_KD, HAS_CE, PHASE)
+                           z_loss_weight, q_log_q, HAS_KD, HAS_CE, PHASE)
     else:
         _store_skipped_row(out_ptr, row, poisoned, PHASE)  # a label out of range poisons the total
         if WRITE_GRAD:

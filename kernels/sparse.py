@@ -5,11 +5,13 @@ groups   the entries of each column (an id listed twice is two buckets of one co
 pass 0   FUSED / STATS: the row's max;  # read row
 pass 1   the tempered exps' sum in float64, and the same exps at the distinct ids (computed alike), so that the
          student's mass outside the ids is their difference to float64's precision (never a float32 total minus a
-         float32 part); CE's own sum;  # read row
+         float32 part); CE's own sum; without a gradient to write, sum e log e (the student's entropy);  # read row
 buckets  the teacher's K + 1 buckets (its rest in float64) against the student's: the divergence, the gradient at
          the ids' columns (a column's entries summed), the factor q_j is multiplied by at every other column
-last     the gradient, q * factor + CE everywhere, then (after a barrier) the ids' columns;  # read row, write row
+last     the gradient, q * factor + CE everywhere, then (after a barrier) the ids' columns; q log q (the student's
+         entropy) in the pass that reads q anyway;  # read row, write row
 SUMS and GRADIENT take the global log-sum-exps in place of passes 0 and 1; the shard at col_offset 0 adds the rest.
+SUMS without a gradient to write sums q log q in a read of its own (with a smoothed CE's sum).
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ from kdfast.kernels.distill import (
     GRADIENT,
     REVERSE_KL,
     STATS,
+    SUM_ENTROPY,
     SUMS,
     _ce_target,
     _finite_or_zero,
     _load,
     _mixture_term_and_score,
+    _q_log_q,
     _store_outputs,
     _store_skipped_row,
     _weighted,
@@ -132,10 +136,12 @@ def sparse_fwd_kernel(
         log_z_c = 0.0
         log_rest = NEG_INF  # log of the student's mass outside the ids, relative to log z's reference
         s_acc = tl.zeros([BLOCK_V], dtype=tl.float32)  # sum_j (s_j - ref): a smoothed CE target's uniform part
-        if SMOOTH and (PHASE == SUMS):  # (FUSED sums it in pass 1), read before the gradient may overwrite it
-            for start in range(0, vocab, BLOCK_V):
-                cols = start + offsets
-                s_acc += tl.where(cols < vocab, _load(s_row, cols, cols < vocab), 0.0)
+        # The student's entropy over these columns, from sum_j q_j log q_j: in the last pass where it writes the
+        # gradient (q is at hand there, and pass 1's float64 sum already takes many registers), else in pass 1
+        # (FUSED: sum_j e_j log e_j, e_j = exp((s_j - ref) / T), as log z is not yet known) or in a read of its
+        # own (SUMS). Without KD the kernel runs at T = 1: the entropy's rule.
+        ENTROPY: tl.constexpr = (HAS_KD or HAS_CE) and (PHASE != GRADIENT)
+        q_log_q = 0.0
         if (PHASE == FUSED) | (PHASE == STATS):
             # ---- pass 0: the max ----
             m = NEG_INF
@@ -146,10 +152,14 @@ def sparse_fwd_kernel(
             # ---- pass 1: the exps' sums (float64), against the final max ----
             z = tl.zeros([BLOCK_V], dtype=tl.float64)
             z_c = tl.zeros([BLOCK_V], dtype=tl.float32)
+            e_log_e = 0.0
             for start in range(0, vocab, BLOCK_V):
                 cols = start + offsets
                 s = _load(s_row, cols, cols < vocab)
-                z += tl.exp((s - ref) * inv_t).to(tl.float64)
+                e = tl.exp((s - ref) * inv_t)
+                z += e.to(tl.float64)
+                if ENTROPY and not WRITE_GRAD and (PHASE == FUSED):
+                    e_log_e += tl.sum(_weighted(e, (s - ref) * inv_t), axis=0)
                 if HAS_CE and not CE_FROM_TEMPERED:
                     z_c += tl.exp(s - ref)
                 if SMOOTH:
@@ -159,6 +169,8 @@ def sparse_fwd_kernel(
             log_z_c = tl.log(tl.sum(z_c, axis=0))
             if CE_FROM_TEMPERED:
                 log_z_c = log_z
+            if ENTROPY and not WRITE_GRAD:  # sum q log q = sum e (log e - log z) / z
+                q_log_q = e_log_e / total.to(tl.float32) - log_z
             if HAS_KD:
                 at_ids = tl.sum(tl.where(first, tl.exp((s_ids - ref) * inv_t), 0.0).to(tl.float64), axis=0)
                 outside = (total - at_ids).to(tl.float32)  # <= 0 only by rounding where the ids hold ~everything
@@ -174,6 +186,17 @@ def sparse_fwd_kernel(
                 log_z = log_z_c
             if CE_FROM_TEMPERED:
                 log_z_c = log_z
+            # Read before the gradient may overwrite the row: a smoothed CE's sum (FUSED sums it in pass 1), and
+            # the entropy's terms where no gradient pass reads the row.
+            entropy_here: tl.constexpr = ENTROPY and not WRITE_GRAD
+            if (PHASE == SUMS) and (SMOOTH or entropy_here):
+                for start in range(0, vocab, BLOCK_V):
+                    cols = start + offsets
+                    s = _load(s_row, cols, cols < vocab)
+                    if SMOOTH:
+                        s_acc += tl.where(cols < vocab, s, 0.0)
+                    if entropy_here:
+                        q_log_q += tl.sum(_q_log_q(s * inv_t - log_z, cols < vocab), axis=0)
 
         if PHASE == STATS:
             stats_s = 0.0
@@ -187,6 +210,7 @@ def sparse_fwd_kernel(
             tl.store(out_ptr + row * COLUMNS, stats_s)
             tl.store(out_ptr + row * COLUMNS + 1, stats_rest)
             tl.store(out_ptr + row * COLUMNS + 2, stats_c)
+            tl.store(out_ptr + row * COLUMNS + SUM_ENTROPY, 0.0)
         else:
             if PHASE == FUSED:
                 log_rest = log_rest - log_z  # as the shards' phases have it: relative to the normaliser
@@ -259,11 +283,15 @@ def sparse_fwd_kernel(
             label_coef = row_scale * ce_weight * (1.0 - label_smoothing)
             uniform_coef = row_scale * ce_weight * label_smoothing * inv_global_vocab
             if WRITE_GRAD:
+                entropy_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
                 for start in range(0, vocab, BLOCK_V):
                     cols = start + offsets
                     mask = cols < vocab
                     s = _load(s_row, cols, mask)
-                    q_block = tl.exp((s - ref) * inv_t - log_z)
+                    log_q_block = (s - ref) * inv_t - log_z
+                    q_block = tl.exp(log_q_block)
+                    if ENTROPY:
+                        entropy_acc += tl.where(mask, _weighted(q_block, log_q_block), 0.0)
                     grad = tl.zeros([BLOCK_V], dtype=tl.float32)
                     if HAS_KD:
                         grad = kd_coef * _weighted(q_block, tl.zeros([BLOCK_V], dtype=tl.float32) + rest_factor)
@@ -273,6 +301,8 @@ def sparse_fwd_kernel(
                             ce_prob = tl.exp((s - ref) - log_z_c)
                         grad += soft_coef * ce_prob - tl.where(cols == local_label, label_coef, 0.0) - uniform_coef
                     tl.store(g_row + cols, grad.to(g_row.dtype.element_ty), mask=mask)
+                if ENTROPY:
+                    q_log_q = tl.sum(entropy_acc, axis=0)
                 if HAS_KD:
                     tl.debug_barrier()  # the ids' columns below are written after the dense pass's
                     grad_ids = kd_coef * id_grads
@@ -288,7 +318,7 @@ def sparse_fwd_kernel(
             target = _ce_target(label_in_range, s_label, ref, s_acc, label_smoothing, inv_global_vocab, SMOOTH)
             # ref: the row's largest logit (a tie counts as a hit); in SUMS it is 0
             _store_outputs(out_ptr, row, kd, row_d, target, log_z_c, lse_c, label_in_range & (s_label >= ref),
-                           z_loss_weight, HAS_KD, HAS_CE, PHASE)
+                           z_loss_weight, q_log_q, HAS_KD, HAS_CE, PHASE)
     else:
         _store_skipped_row(out_ptr, row, poisoned, PHASE)  # a label or id out of range poisons the total
         if WRITE_GRAD:

@@ -7,6 +7,12 @@ import torch
 if not torch.cuda.is_available():
     # Must be set before kernels are decorated (the first import of kdfast.kernels.distill).
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# torch.compile's on-disk graph cache is keyed by the graph, not by kdfast's version: a graph compiled by an older
+# kdfast (its ops' outputs another shape) would be reused. Each test session compiles into a cache of its own.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="kdfast-inductor-")
 
 import pytest  # noqa: E402
 

@@ -12,9 +12,11 @@ from kdfast.kernel_abi import (
     PART_CE,
     PART_COLUMNS,
     PART_CORRECT,
+    PART_ENTROPY,
     PART_KD,
     PART_Z,
     STAT_COLUMNS,
+    SUM_ENTROPY,
     Divergence,
     Phase,
     PhaseCall,
@@ -53,7 +55,8 @@ def test_phases_match_the_header():
     assert int(re.search(r"kStatColumns = (\d+)", HEADER).group(1)) == STAT_COLUMNS
     assert int(re.search(r"kPartColumns = (\d+)", HEADER).group(1)) == PART_COLUMNS
     assert _enum("PartColumn") == {"kPartKd": PART_KD, "kPartCe": PART_CE, "kPartZ": PART_Z,
-                                   "kPartCorrect": PART_CORRECT}
+                                   "kPartCorrect": PART_CORRECT, "kPartEntropy": PART_ENTROPY}
+    assert SUM_ENTROPY == STAT_COLUMNS - 1  # the SUMS column after the three the header names
 
 
 @pytest.mark.parametrize("enum_name,names", [("IntSetting", INT_SETTINGS), ("FloatSetting", FLOAT_SETTINGS)])

@@ -217,8 +217,9 @@ def test_evaluate_reports_the_distillation_loss(tmp_path):
 
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_the_loss_parts_are_logged_beside_the_loss(tmp_path, accumulation):
-    """kd_loss and ce_loss (before their weights) and token_accuracy, from the loss's own pass; with the weights they
-    give the logged loss, and they equal the float64 reference's terms (no step moves the weights: lr 0)."""
+    """kd_loss and ce_loss (before their weights), the student's entropy at T and token_accuracy, from the loss's own
+    pass; with the weights they give the logged loss, and they equal the float64 reference's terms (no step moves
+    the weights: lr 0)."""
     student, teacher = student_and_teacher()
     batch = token_batch()
     with torch.no_grad():  # labels that the student's argmax hits at every other position: accuracy near 1/2
@@ -243,7 +244,10 @@ def test_the_loss_parts_are_logged_beside_the_loss(tmp_path, accumulation):
     labels = batch["labels"][:, 1:]
     kept = labels != -100
     accuracy = (((logits.argmax(-1) == labels) & kept).sum() / kept.sum()).item()
+    log_q = (logits.double() / SETTINGS["temperature"]).log_softmax(-1)
+    entropy = (-(log_q.exp() * log_q).sum(-1)[kept]).mean().item()
     for entry in logs:
+        assert entry["entropy"] == pytest.approx(entropy, abs=2e-4)
         assert entry["kd_loss"] == pytest.approx(kd, abs=2e-4)
         assert entry["ce_loss"] == pytest.approx(ce, abs=2e-4)
         total = SETTINGS["kd_weight"] * SETTINGS["temperature"] ** 2 * entry["kd_loss"] + SETTINGS["ce_weight"] * \

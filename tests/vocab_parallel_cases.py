@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 import kdfast
 from kdfast.distributed import count_traffic
+from kdfast.kernel_abi import STAT_COLUMNS
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 ROWS, VOCAB, HIDDEN = 12, 48, 16  # 48: equal shards for 2 and 3 ranks
@@ -157,9 +158,9 @@ def traffic_case():
     assert sent[(8, 10)] == sent[(8, 400)], sent
     calls, small = sent[(8, 10)]
     assert calls == 3, f"expected the check exchange, one all-gather and one all-reduce; got {calls} calls"
-    # float32 [rows, 3] twice, plus the fixed 7 x int64 check.
-    assert small == 8 * 3 * 4 * 2 + 7 * 8, sent
-    assert sent[(64, 10)][1] == 64 * 3 * 4 * 2 + 7 * 8, sent
+    # float32 [rows, STAT_COLUMNS] twice, plus the fixed 7 x int64 check.
+    assert small == 8 * STAT_COLUMNS * 4 * 2 + 7 * 8, sent
+    assert sent[(64, 10)][1] == 64 * STAT_COLUMNS * 4 * 2 + 7 * 8, sent
 
 
 def error_case(kind):
@@ -209,7 +210,8 @@ def ddp_case():
 
 
 def components_case(form, reduction):
-    """return_components over shards equals the single-process parts (the accuracy needs the global row max)."""
+    """return_components over shards equals the single-process parts (the accuracy needs the global row max, the
+    entropy the ranks' sums of q log q)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     start, stop = shard_bounds(world, True)[rank]
     student, teacher, labels = _inputs()
@@ -224,7 +226,7 @@ def components_case(form, reduction):
         _, expected = kdfast.sparse_distill_loss(student, ids, logprobs, labels, backend="torch", **settings)
         _, parts = kdfast.sparse_distill_loss(student[..., start:stop], ids, logprobs, labels,
                                               process_group=dist.group.WORLD, vocab_range=(start, stop), **settings)
-    for name in ("kd", "ce", "accuracy"):
+    for name in ("kd", "ce", "accuracy", "entropy"):
         _close(getattr(parts, name), getattr(expected, name), name)
 
 

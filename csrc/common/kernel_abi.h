@@ -27,14 +27,17 @@ enum Divergence : int {
 
 // docs/DESIGN.md, "Shards and phases".
 enum Phase : int { kPhaseFused = 0, kPhaseStats = 1, kPhaseSums = 2, kPhaseGradient = 3 };
-// STATS: lse of student at T, teacher at T, student at 1; SUMS: terms, D, the CE target's logit (the label's, or with
-// label smoothing eps: (1 - eps) s_label + eps / V * sum_j s_j)
-constexpr int kStatColumns = 3;
+// STATS: lse of student at T, teacher at T, student at 1, and 0; SUMS: terms, D, the CE target's logit (the label's,
+// or with label smoothing eps: (1 - eps) s_label + eps / V * sum_j s_j), and sum_j q_j log q_j over these columns
+// (q the student's softmax at T from the global lse; at T = 1 for CE alone; 0 without either): minus the ranks' sum
+// is the entropy.
+constexpr int kStatColumns = 4;
 // FUSED: each row's parts before any weight: the divergence, the CE (NaN for a label out of range), the z-loss
-// log(Z)^2 of the student at T = 1, and 1 where the student's largest logit is the label's. The total is formed from
-// them on the Python side.
-constexpr int kPartColumns = 4;
-enum PartColumn : int { kPartKd = 0, kPartCe = 1, kPartZ = 2, kPartCorrect = 3 };
+// log(Z)^2 of the student at T = 1, 1 where the student's largest logit is the label's, and the student's entropy at
+// T, -sum_j q_j log q_j (at T = 1 for CE alone, 0 without either; a skipped row writes there what it writes for the
+// divergence). The total is formed from them on the Python side.
+constexpr int kPartColumns = 5;
+enum PartColumn : int { kPartKd = 0, kPartCe = 1, kPartZ = 2, kPartCorrect = 3, kPartEntropy = 4 };
 
 // Positions in the int and float settings lists the ops take.
 enum IntSetting : int {

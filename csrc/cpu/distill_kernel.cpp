@@ -4,7 +4,7 @@
 //           A shard's STATS reads the row once (stats_pass.h); its SUMS and GRADIENT take one pass from the global
 //           log-sum-exps (shard_pass.h).
 //   pass 1  tempered exps into a per-thread scratch row that stays in L2, their sums, and the centred sums that
-//           give forward and reverse KL without another pass
+//           give forward and reverse KL and the student's entropy without another pass
 //   pass 2  mixtures (JSD, skews): per-element loss terms and scores d_j = h_j - h_r (h = dL/dq), D = sum q d
 //   pass 3  the gradient: forward KL straight from the exps (q - p), reverse KL as q (c_j - D) with
 //           c_j = ((s_j - s_r) - (t_j - t_r)) / T, the mixtures as q (d_j - D)
@@ -41,14 +41,15 @@ RowStats row_references(const float* s, const float* t, const DistillArgs& a) {
   return st;
 }
 
-// Pass 1: the exps into scratch, their sums and the KL sums.
+// Pass 1: the exps into scratch, their sums, the KL sums and sum_j e_j d_j for the student's entropy (at T with a
+// divergence, from the tempered exps; for CE alone at T = 1, from CE's own).
 void exp_pass(const float* s, const float* t, const DistillArgs& a, Scratch& w, const NextRow& next, RowStats& st) {
   const int64_t vocab = a.vocab;
   const float inv_t = a.inv_temperature;
   float* es = w.exp_student.data();
   float* et = w.exp_teacher.data();
   float* ec = w.exp_ce.data();
-  VFloat z_s_acc{}, z_t_acc{}, z_ce_acc{}, fkl_acc{}, rkl_acc{};
+  VFloat z_s_acc{}, z_t_acc{}, z_ce_acc{}, fkl_acc{}, rkl_acc{}, entropy_acc{};
   const bool ce_from_tempered = a.has_ce && a.has_kd && (a.temperature_power == 1 || a.temperature_power == 2);
   if (a.has_kd) {
     const float rs = st.ref_s, rt = st.ref_t, tr = st.t_at_ref;
@@ -69,6 +70,7 @@ void exp_pass(const float* s, const float* t, const DistillArgs& a, Scratch& w, 
       store(et + j, e_t);
       accumulate(z_s_acc, e_s);
       accumulate(z_t_acc, e_t);
+      accumulate(entropy_acc, weighted(e_s, ds));
       // Centred on both maxima so that a constant offset between the models cannot cancel away digits.
       if (want_fkl) accumulate(fkl_acc, weighted(e_t, dt - ds));
       // Centred on r: c_r = 0 exactly, and c_j is a difference of logit differences.
@@ -78,11 +80,14 @@ void exp_pass(const float* s, const float* t, const DistillArgs& a, Scratch& w, 
   }
   if (a.has_ce && !ce_from_tempered) {
     const float rc = st.ref_ce;
+    const bool ce_alone = !a.has_kd;  // the entropy is then CE's, at T = 1
     for_lanes(vocab, [&](int64_t j, auto zero) {
       using F = decltype(zero);
-      const F e = fast_exp(load<F>(s + j) - rc);
+      const F d = load<F>(s + j) - rc;
+      const F e = fast_exp(d);
       store(ec + j, e);
       accumulate(z_ce_acc, e);
+      if (ce_alone) accumulate(entropy_acc, weighted(e, d));
     });
   }
   const float z_s = horizontal_sum(z_s_acc), z_t = horizontal_sum(z_t_acc);
@@ -96,6 +101,12 @@ void exp_pass(const float* s, const float* t, const DistillArgs& a, Scratch& w, 
   st.forward_kl = horizontal_sum(fkl_acc) * st.inv_z_t - st.log_z_t + st.log_z_s;
   st.centred = horizontal_sum(rkl_acc) * st.inv_z_s;
   st.rkl_offset = (st.ref_t - st.t_at_ref) * inv_t - st.log_z_s + st.log_z_t;
+  const float entropy_sum = horizontal_sum(entropy_acc);
+  if (a.has_kd) {
+    st.entropy = entropy_from_sums(st.log_z_s, st.inv_z_s, entropy_sum);
+  } else if (a.has_ce) {
+    st.entropy = entropy_from_sums(st.log_z_ce, st.inv_z_ce, entropy_sum);
+  }
 }
 
 // The score at the reference entry (fused calls), computed as pass 2 computes it there; 0 without one.
@@ -158,7 +169,7 @@ void process_row(const float* s, const float* t, int64_t row, int64_t label, Gra
     const ShardSums sums = shard_row(s, t, g, row, row_scale, held ? local_label : -1, a);
     if (a.phase == kPhaseSums) {
       float* out = a.out + row * kStatColumns;
-      out[0] = sums.kd, out[1] = sums.d, out[2] = target;
+      out[0] = sums.kd, out[1] = sums.d, out[2] = target, out[3] = sums.q_log_q;
     }
     return;
   }

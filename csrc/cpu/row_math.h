@@ -154,12 +154,13 @@ struct RowStats {
   float forward_kl;  // over these columns
   float centred;     // reverse KL's D = sum_j q_j c_j: the gradient's row sum
   float rkl_offset;  // reverse KL = D + rkl_offset (log q_r - log p_r)
+  float entropy;     // the student's: at T with a divergence, at T = 1 for CE alone, else 0 (kernel_abi.h)
   int64_t ref_index;  // r: the student's argmax (fused reverse KL and mixtures), else -1
 };
 
 // A fused row's parts (kPartColumns, before any weight): the divergence, the CE against its target (log sum exp(s)
 // - target = log z - (target - ref), the difference taken first: |s| may be ~1e3), the z-loss log(Z)^2 at T = 1,
-// and whether the label's logit is the row's largest (ref_s; a tie counts as a hit).
+// whether the label's logit is the row's largest (ref_s; a tie counts as a hit), and the student's entropy.
 inline void write_fused_parts(const DistillArgs& a, int64_t row, float kd, const RowStats& st, float s_label,
                               bool in_range, float shifted_sum) {
   const float lse_ce = st.ref_ce + st.log_z_ce;
@@ -168,13 +169,19 @@ inline void write_fused_parts(const DistillArgs& a, int64_t row, float kd, const
   parts[kPartCe] = a.has_ce ? st.log_z_ce - ce_target_logit(a, s_label - st.ref_ce, shifted_sum) : 0.0f;
   parts[kPartZ] = a.z_loss_weight != 0.0f ? lse_ce * lse_ce : 0.0f;
   parts[kPartCorrect] = in_range && s_label >= st.ref_s ? 1.0f : 0.0f;
+  parts[kPartEntropy] = st.entropy;
 }
+
+// The entropy -sum_j q_j log q_j of q_j = e_j / Z, e_j = exp(d_j), from Z and sum_j e_j d_j (`weighted`: an entry
+// of -inf adds 0): log Z - (sum e d) / Z, both terms >= 0 when d_j <= 0, so nothing cancels.
+inline float entropy_from_sums(float log_z, float inv_z, float weighted_sum) { return log_z - weighted_sum * inv_z; }
 
 // An ignored row (0), or a fused row with a label or id out of range (NaN: it poisons the total).
 inline void write_skipped_row(const DistillArgs& a, int64_t row, float loss) {
   if (a.phase == kPhaseFused) {
     float* parts = a.out + row * kPartColumns;
     parts[kPartKd] = loss, parts[kPartCe] = loss, parts[kPartZ] = loss, parts[kPartCorrect] = 0.0f;
+    parts[kPartEntropy] = loss;
   }
   if (a.phase == kPhaseStats || a.phase == kPhaseSums) {
     for (int c = 0; c < kStatColumns; ++c) a.out[row * kStatColumns + c] = 0.0f;

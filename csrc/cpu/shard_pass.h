@@ -2,7 +2,8 @@
 // row from the global log-sum-exps. Its probabilities are final as soon as they are computed, so the divergence's
 // sums and the gradient come out of the same loop, with nothing kept between passes. Log-probabilities are
 // (x - T lse) / T; the centring on a reference entry needs the row's argmax, which no shard knows: D is then the
-// plain sum of q * h over the vocabulary (the GRADIENT phase takes it from row_totals).
+// plain sum of q * h over the vocabulary (the GRADIENT phase takes it from row_totals). SUMS also adds up
+// sum_j q_j log q_j for the student's entropy: q at T from the global lse with a divergence, at T = 1 for CE alone.
 #pragma once
 
 #include "row_math.h"
@@ -14,10 +15,12 @@ enum ShardKd : int { kShardNoKd = 0, kShardForwardKL = 1, kShardReverseKL = 2, k
 struct ShardSums {
   float kd;  // the divergence's terms over these columns
   float d;   // D: the gradient's row sum over these columns (reverse KL: the same as kd)
+  float q_log_q;  // sum_j q_j log q_j over these columns (0 without a divergence or CE)
 };
 
 struct ShardRow {
-  float ref_s, ref_t, ref_ce;  // T lse_s, T lse_t (logit units), lse_c
+  // T lse_s, T lse_t (logit units), lse_c; for CE alone ref_s is lse_c and inv_t_s 1: q is then CE's softmax
+  float ref_s, ref_t, ref_ce, inv_t_s;
   float inv_z_ce;              // softmax(s) at T = 1 from the tempered probabilities: q * this (T = 1), q^2 * this
   float total_d;               // GRADIENT: the global D
   float kd_coef;
@@ -29,12 +32,15 @@ ShardSums shard_loop(const float* s, const float* t, GradT* g, const ShardRow& r
   const float inv_t = a.inv_temperature;
   const MixtureConstants mc(a.beta);
   const int divergence = a.divergence;
-  VFloat kd_acc{}, d_acc{};
+  VFloat kd_acc{}, d_acc{}, entropy_acc{};
+  // SUMS alone reports it; without a divergence or CE no student statistics were given
+  const bool want_entropy = a.phase == kPhaseSums && (a.has_kd || a.has_ce);
   for_lanes(a.vocab, [&](int64_t j, auto zero) {
     using F = decltype(zero);
     const F sj = load<F>(s + j);
-    const F ls = (sj - r.ref_s) * inv_t;
+    const F ls = (sj - r.ref_s) * r.inv_t_s;  // log q_j
     const F q = fast_exp(ls);
+    if (want_entropy) accumulate(entropy_acc, weighted(q, ls));
     F grad_kd = zero;
     if constexpr (kKd != kShardNoKd) {
       const F lt = (load<F>(t + j) - r.ref_t) * inv_t;
@@ -60,7 +66,8 @@ ShardSums shard_loop(const float* s, const float* t, GradT* g, const ShardRow& r
       F ce = zero;
       if constexpr (kCe == kCeFromTempered) ce = q * r.inv_z_ce;
       if constexpr (kCe == kCeFromTemperedSquared) ce = q * q * r.inv_z_ce;
-      if constexpr (kCe == kCeFromOwnExps) ce = fast_exp(sj - r.ref_ce);
+      // CE alone: q is already its softmax (ref_s = lse_c at T = 1)
+      if constexpr (kCe == kCeFromOwnExps) ce = kKd == kShardNoKd ? q : fast_exp(sj - r.ref_ce);
       if constexpr (kCe == kNoCe) {
         store_grad(g + j, r.kd_coef * grad_kd);
       } else {
@@ -69,7 +76,7 @@ ShardSums shard_loop(const float* s, const float* t, GradT* g, const ShardRow& r
     }
   });
   const float kd = horizontal_sum(kd_acc);
-  return {kd, kKd == kShardReverseKL ? kd : horizontal_sum(d_acc)};
+  return {kd, kKd == kShardReverseKL ? kd : horizontal_sum(d_acc), horizontal_sum(entropy_acc)};
 }
 
 template <int kCe, typename GradT>
@@ -89,7 +96,8 @@ ShardSums shard_row(const float* s, const float* t, GradT* g, int64_t row, float
                     const DistillArgs& a) {
   const float* lse = a.row_stats + row * kStatColumns;
   ShardRow r{};
-  r.ref_s = lse[0] * a.temperature;
+  r.ref_s = a.has_kd ? lse[0] * a.temperature : lse[2];
+  r.inv_t_s = a.has_kd ? a.inv_temperature : 1.0f;
   r.ref_t = lse[1] * a.temperature;
   r.ref_ce = lse[2];
   r.total_d = a.phase == kPhaseGradient ? a.row_totals[row * kStatColumns + 1] : 0.0f;

@@ -2,8 +2,9 @@
 // math in PyTorch). Per row of the student's logits and the teacher's K (id, log-prob) pairs:
 //   pass 0   FUSED / STATS: the row's max (the only pass that reads memory)
 //   groups   the entries sorted by column: an id listed twice is two buckets of one column (sparse_math.py)
-//   pass 1   tempered exps into scratch, their sum, CE's, and the student's mass outside the ids, summed over
-//            those columns (a vector holding ids adds its other lanes), never as the total minus the ids' part
+//   pass 1   tempered exps into scratch, their sum, CE's, sum_j e_j d_j for the student's entropy, and the
+//            student's mass outside the ids, summed over those columns (a vector holding ids adds its other lanes),
+//            never as the total minus the ids' part
 //   buckets  the teacher's K + 1 buckets (its rest 1 - sum(p) in float64) against the student's: the divergence,
 //            the gradient at the ids' columns (a column's entries summed) and the factor q_j is multiplied by at
 //            every other column
@@ -169,7 +170,9 @@ BucketSums bucket_math(const DistillArgs& a, Buckets& b, bool centre, const floa
   return {kd, row_sum, b.log_q[n - 1] == -INFINITY ? 0.0f : b.scores[n - 1] - d};
 }
 
-// Pass 1 (exps into scratch and their sums) and, for a whole row or STATS, the mass outside the ids.
+// Pass 1 (exps into scratch and their sums) and, for a whole row or STATS, the mass outside the ids. The exps are at
+// T with a divergence and at T = 1 for CE alone: either way the student's entropy comes from them (st.entropy; SUMS:
+// sum_j q_j log q_j over these columns, the exps being the probabilities there).
 // next_row: the next row's logits, prefetched into L2 while this row computes (pass 0, the only pass that reads
 // memory, would otherwise wait on DRAM while the core idles).
 void exp_pass(const float* s, const DistillArgs& a, const float* given, Scratch& w, Buckets& b, RowStats& st,
@@ -181,7 +184,7 @@ void exp_pass(const float* s, const DistillArgs& a, const float* given, Scratch&
   const bool ce_own = a.has_ce && !(a.has_kd && (a.temperature_power == 1 || a.temperature_power == 2));
   float* es = w.exp_student.data();
   float* ec = w.exp_ce.data();
-  VFloat z_acc{}, z_ce_acc{}, rest_acc{};
+  VFloat z_acc{}, z_ce_acc{}, rest_acc{}, entropy_acc{};
   const float rs = st.ref_s, rc = st.ref_ce;
   // The mass outside the ids is summed here, over those columns alone: a vector holding ids adds its other lanes
   // (the ids' columns sorted, so one comparison a vector finds them).
@@ -194,9 +197,11 @@ void exp_pass(const float* s, const DistillArgs& a, const float* given, Scratch&
       __builtin_prefetch(next_row + j * next_row_bytes, 0, 2);
     }
     const F sj = load<F>(s + j);
-    const F e = fast_exp((sj - rs) * inv_t);
+    const F d = (sj - rs) * inv_t;
+    const F e = fast_exp(d);
     store(es + j, e);
     accumulate(z_acc, e);
+    accumulate(entropy_acc, weighted(e, d));
     if (want_rest) {
       constexpr int64_t kWidth = std::is_same_v<F, VFloat> ? kLanes : 1;
       if (next < held && b.sorted[next] < j + kWidth) {
@@ -220,8 +225,10 @@ void exp_pass(const float* s, const DistillArgs& a, const float* given, Scratch&
       accumulate(z_ce_acc, c);
     }
   });
+  const bool want_entropy = a.has_kd || a.has_ce;  // else the exps are of no statistics
   if (given != nullptr) {  // the exps are the probabilities; CE's softmax at T = 1 from them, or its own exps
     st.log_z_s = 0.0f, st.inv_z_s = 1.0f, st.log_z_ce = 0.0f, st.inv_z_ce = 1.0f;
+    st.entropy = want_entropy ? horizontal_sum(entropy_acc) : 0.0f;  // sum q log q: SUMS negates it over the ranks
     if (a.has_ce && !ce_own) st.inv_z_ce = std::exp(a.temperature_power * given[0] - given[2]);
     *log_z_rest = given[1] - given[0];  // log of the student's mass outside the ids (natural units of Q)
     return;
@@ -229,6 +236,7 @@ void exp_pass(const float* s, const DistillArgs& a, const float* given, Scratch&
   const float z = horizontal_sum(z_acc);
   st.log_z_s = std::log(z);
   st.inv_z_s = 1.0f / z;
+  st.entropy = want_entropy ? entropy_from_sums(st.log_z_s, st.inv_z_s, horizontal_sum(entropy_acc)) : 0.0f;
   const float z_ce = (ce_squared || ce_own) ? horizontal_sum(z_ce_acc) : z;
   st.log_z_ce = std::log(z_ce);
   st.inv_z_ce = 1.0f / z_ce;
@@ -276,6 +284,7 @@ void sparse_row(const float* s, const int64_t* ids, int64_t row, int64_t label, 
     out[0] = a.has_kd ? st.ref_s * inv_t + st.log_z_s : 0.0f;
     out[1] = a.has_kd ? st.ref_s * inv_t + log_z_rest : 0.0f;
     out[2] = a.has_ce ? st.ref_ce + st.log_z_ce : 0.0f;
+    out[3] = 0.0f;
     return;
   }
   BucketSums sums{0.0f, 0.0f, 0.0f};
@@ -314,6 +323,7 @@ void sparse_row(const float* s, const int64_t* ids, int64_t row, int64_t label, 
   } else if (a.phase == kPhaseSums) {
     float* out = a.out + row * kStatColumns;
     out[0] = sums.kd, out[1] = sums.row_sum, out[2] = ce_target_logit(a, s_label, shifted_sum);
+    out[3] = st.entropy;
   }
 }
 

@@ -105,9 +105,10 @@ void row_log_sum_exps(const float* s, const float* t, int64_t vocab, float inv_t
   if (t != nullptr) teacher.finish<kStatsNoCe>(t, full, vocab, inv_t, &out[1], nullptr);
 }
 
-// Out: [log sum exp(s / T), log sum exp(t / T), log sum exp(s)] (0 for what the settings do not use).
+// Out: [log sum exp(s / T), log sum exp(t / T), log sum exp(s), 0] (0 for what the settings do not use; the last
+// column is SUMS' alone).
 inline void stats_row(const float* s, const float* t, const DistillArgs& a, float* out) {
-  out[0] = out[1] = out[2] = 0.0f;
+  out[0] = out[1] = out[2] = out[3] = 0.0f;
   if (!a.has_kd) {  // CE alone: its sum at T = 1 is the "tempered" one
     row_log_sum_exps<kStatsNoCe>(s, nullptr, a.vocab, 1.0f, out);
     out[2] = a.has_ce ? out[0] : 0.0f;

@@ -10,6 +10,8 @@
 // tempered one (the max is the same logit at every temperature). Reverse KL and the mixtures also keep the
 // reference entry r, the student's argmax (ref_col), with the teacher's logit there (t_ref): reverse KL's acc is
 // sum 2^(ds) * ((s - m_s) - (t - t_ref)) * k, which is 0 at r and has no cancellation near a dominant entry.
+// e_d is sum 2^(ds) * ds, ds = (s - m_s) * k <= 0: the student's entropy at the kernel's temperature is
+// ln2 * (log2 z_s - e_d / z_s), two terms >= 0 (nothing cancels), with no pass of its own.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -117,11 +119,12 @@ constexpr bool kCentred = MODE == kModeReverseKL || MODE == kModeMixture;
 
 struct Stats {
   float m_s, z_s, m_t, z_t, acc, z_c, t_ref, ref_col;  // ref_col: a column index (exact in float below 2^24)
+  float e_d;                                           // sum 2^(ds) * ds: the student's entropy
 };
-constexpr int kStatsFloats = 8;
+constexpr int kStatsFloats = 9;
 
 __device__ __forceinline__ Stats empty_stats() {
-  return Stats{kNegInf, 0.0f, kNegInf, 0.0f, 0.0f, 0.0f, 0.0f, -1.0f};
+  return Stats{kNegInf, 0.0f, kNegInf, 0.0f, 0.0f, 0.0f, 0.0f, -1.0f, 0.0f};
 }
 
 // Re-expresses a partial state relative to new maxima (m_s, m_t >= its own) and, in the centred modes, a new
@@ -144,6 +147,8 @@ __device__ __forceinline__ Stats rebase(const Stats& a, float m_s, float m_t, fl
   r.m_s = m_s, r.m_t = m_t;
   r.t_ref = t_ref, r.ref_col = ref_col;
   r.z_s = a.z_s * scale_s;
+  // Every exponent moves by -ds and every exp scales by 2^-ds; a state holding only -inf has nothing to move.
+  r.e_d = a.z_s == 0.0f ? 0.0f : scale_s * (a.e_d - ds * a.z_s);
   r.z_t = a.z_t * scale_t;
   if (ce_stats == kCeSquared) r.z_c = a.z_c * scale_s * scale_s;
   if (ce_stats == kCeOwn) r.z_c = a.z_c * (raw_ds == 0.0f ? 1.0f : fast_exp2(-raw_ds * kLog2e));
@@ -162,7 +167,7 @@ __device__ __forceinline__ Stats merge(const Stats& a, const Stats& b, float k, 
   }
   const Stats x = rebase<MODE>(a, m_s, m_t, t_ref, ref_col, k, ce_stats);
   const Stats y = rebase<MODE>(b, m_s, m_t, t_ref, ref_col, k, ce_stats);
-  return Stats{m_s, x.z_s + y.z_s, m_t, x.z_t + y.z_t, x.acc + y.acc, x.z_c + y.z_c, t_ref, ref_col};
+  return Stats{m_s, x.z_s + y.z_s, m_t, x.z_t + y.z_t, x.acc + y.acc, x.z_c + y.z_c, t_ref, ref_col, x.e_d + y.e_d};
 }
 
 // Folds N elements (s, t: raw logits of student and teacher; the first at column `col`) into a thread's running
@@ -200,6 +205,7 @@ __device__ __forceinline__ void accumulate(Stats& st, const float (&s)[N], const
     const float ds = (s[i] - ref_s) * k;
     const float e_s = fast_exp2(ds);
     st.z_s += e_s;
+    st.e_d += weighted(e_s, ds);  // a logit of -inf adds 0
     if (ce_stats == kCeSquared) st.z_c += e_s * e_s;
     if (ce_stats == kCeOwn) st.z_c += fast_exp2((s[i] - ref_s) * kLog2e);
     if (kKD) {
@@ -221,6 +227,7 @@ __device__ __forceinline__ Stats shuffle_xor(const Stats& a, int lane_mask) {
   b.z_t = __shfl_xor_sync(0xffffffffu, a.z_t, lane_mask);
   b.acc = __shfl_xor_sync(0xffffffffu, a.acc, lane_mask);
   b.z_c = __shfl_xor_sync(0xffffffffu, a.z_c, lane_mask);
+  b.e_d = __shfl_xor_sync(0xffffffffu, a.e_d, lane_mask);
   if (kCentred<MODE>) {
     b.t_ref = __shfl_xor_sync(0xffffffffu, a.t_ref, lane_mask);
     b.ref_col = __shfl_xor_sync(0xffffffffu, a.ref_col, lane_mask);

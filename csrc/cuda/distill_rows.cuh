@@ -8,7 +8,7 @@
 // Forward KL in bf16 moves 2 + 2 + 2 + 2 + 2 = 10 bytes per element. The last pass runs in the opposite
 // direction to the pass before it, so it starts on the part of the row that is still in L2.
 // FUSED, few long rows (splits > 1): the same passes as three kernels over vocab ranges, whose blocks exchange
-// their partial statistics through a small workspace [rows, splits, 11] floats.
+// their partial statistics through a small workspace (kWorkspaceStats + kWorkspaceTerms floats per range).
 // A vocab shard's phases (docs/DESIGN.md, "Shards and phases"), one block per row: STATS (pass 1 alone, the
 // log-sum-exps out), then SUMS or GRADIENT (one pass from the global log-sum-exps).
 // Reverse KL and the mixtures are centred on the student's argmax r (fused): reverse KL's gradient is
@@ -141,6 +141,7 @@ struct RowConstants {
   float t_ref;         // reverse KL's centring reference
   int64_t ref_col;     // r, the reference entry (centred modes), else -1
   float h_ref;         // mixtures: the score at r
+  float entropy;       // the student's, -sum q ln q, at the kernel's temperature (T = 1 without KD)
 };
 
 template <int MODE>
@@ -155,6 +156,7 @@ __device__ __forceinline__ RowConstants row_constants(const Launch& L, const Sta
   k.closed_kd = k.rkl_d = k.h_ref = 0.0f;
   k.t_ref = st.t_ref;
   k.ref_col = kCentred<MODE> ? static_cast<int64_t>(st.ref_col) : -1;
+  k.entropy = kLn2 * (k.log2_z_s - st.e_d / st.z_s);
   if (MODE == kModeForwardKL) k.closed_kd = kLn2 * (st.acc / st.z_t - k.log2_z_t + k.log2_z_s);
   if (MODE == kModeReverseKL) {
     k.rkl_d = kLn2 * (st.acc / st.z_s);
@@ -305,8 +307,9 @@ __device__ __forceinline__ float ce_target(const DistillArgs& a, bool in_range, 
 
 // A fused row's parts (kPartColumns, before any weight), written by one thread: the divergence, the CE (log sum
 // exp(s) - target = ln z_c - (target - max), the difference taken first: |s| may be ~1e3), the z-loss, and whether
-// the label's logit is the row's largest (a tie counts). A row whose label is out of range (refused on the host
-// where that costs no sync) is poisoned: NaN parts.
+// the label's logit is the row's largest (a tie counts), and the student's entropy (at T with KD; CE alone: at T = 1,
+// where the kernel runs; neither: 0). A row whose label is out of range (refused on the host where that costs no
+// sync) is poisoned: NaN parts.
 template <int MODE>
 __device__ __forceinline__ void write_row_parts(const Launch& L, const RowConstants& k, float mixture_kd,
                                                 bool label_ok, bool in_range, float s_label, float shifted_sum,
@@ -321,6 +324,7 @@ __device__ __forceinline__ void write_row_parts(const Launch& L, const RowConsta
   parts[kPartCe] = a.has_ce ? (poisoned ? nan : kLn2 * k.log2_z_c - target) : 0.0f;
   parts[kPartZ] = a.has_ce && a.z_loss_weight != 0.0f ? (poisoned ? nan : lse * lse) : 0.0f;
   parts[kPartCorrect] = in_range && s_label >= k.ref_s ? 1.0f : 0.0f;
+  parts[kPartEntropy] = poisoned ? nan : (MODE != kModeCeOnly || a.has_ce ? k.entropy : 0.0f);
 }
 
 // ---- FUSED, one block per row ----
@@ -347,20 +351,15 @@ __global__ void __launch_bounds__(kThreads) distill_row_kernel(const Launch L) {
   const RowConstants k = row_constants<MODE>(L, st);
   float2 sums = make_float2(0.0f, 0.0f);
   if (MODE == kModeMixture) sums = range_mixture_sums(L, p, k, 0, a.vocab, true, sum_scratch);
-  // Label smoothing's sum, read before the gradient may overwrite the logits; in shared memory, not a register
-  // live through the gradient pass.
-  __shared__ float shifted_sum;
-  if (smoothing(a)) {
-    const float sum = range_shifted_sum(p, k.ref_s, 0, a.vocab, sum_scratch);
-    if (threadIdx.x == 0) shifted_sum = sum;
+  // Label smoothing's sum, read before the gradient may overwrite the logits.
+  const float shifted_sum = smoothing(a) ? range_shifted_sum(p, k.ref_s, 0, a.vocab, sum_scratch) : 0.0f;
+  // The parts before the gradient pass: nothing of them then stays live through it.
+  if (threadIdx.x == 0) {
+    write_row_parts<MODE>(L, k, sums.x, label_ok, in_range, s_label, shifted_sum, a.out + row * kPartColumns);
   }
   if (p.g) {
     const float row_scale = *a.grad_scale;
     range_gradient<MODE, EXTRAS>(L, p, k, sums.y, lab.label, row_scale, 0, a.vocab, MODE != kModeMixture);
-  }
-  if (threadIdx.x == 0) {
-    write_row_parts<MODE>(L, k, sums.x, label_ok, in_range, s_label, smoothing(a) ? shifted_sum : 0.0f,
-                          a.out + row * kPartColumns);
   }
 }
 
@@ -385,7 +384,8 @@ __device__ __forceinline__ Stats merged_split_stats(const Launch& L, int64_t row
   const float* ws = L.a.workspace + row * L.a.splits * kWorkspaceStats;
   Stats total = empty_stats();
   for (int i = 0; i < L.a.splits; ++i, ws += kWorkspaceStats) {
-    total = merge<MODE>(total, Stats{ws[0], ws[1], ws[2], ws[3], ws[4], ws[5], ws[6], ws[7]}, L.k, L.ce_stats);
+    total = merge<MODE>(total, Stats{ws[0], ws[1], ws[2], ws[3], ws[4], ws[5], ws[6], ws[7], ws[8]}, L.k,
+                        L.ce_stats);
   }
   return total;
 }
@@ -420,7 +420,7 @@ __global__ void __launch_bounds__(kThreads) distill_split_stats_kernel(const Lau
     a.workspace[(sp.row * a.splits + sp.index) * kWorkspaceStats + kStatsFloats + 1] = range_sum;
     float* ws = a.workspace + (sp.row * a.splits + sp.index) * kWorkspaceStats;
     ws[0] = st.m_s, ws[1] = st.z_s, ws[2] = st.m_t, ws[3] = st.z_t, ws[4] = st.acc, ws[5] = st.z_c;
-    ws[6] = st.t_ref, ws[7] = st.ref_col;
+    ws[6] = st.t_ref, ws[7] = st.ref_col, ws[8] = st.e_d;
     // The label's logit, read here: the gradient kernel may write over the logits (inplace_backward).
     if (sp.index == 0) ws[kStatsFloats] = lab.column >= 0 ? load1(p.s + lab.column) : 0.0f;
   }
@@ -455,23 +455,24 @@ __global__ void __launch_bounds__(kThreads) distill_split_gradient_kernel(const 
     return;
   }
   const bool label_ok = lab.label_ok, in_range = lab.column >= 0;
-  const RowConstants k = row_constants<MODE>(L, merged_split_stats<MODE>(L, sp.row));
   float2 sums = make_float2(0.0f, 0.0f);
   if (MODE == kModeMixture) {
     const float* ws = a.workspace + a.batch * a.rows_per_batch * a.splits * kWorkspaceStats +
                       sp.row * a.splits * kWorkspaceTerms;
     for (int i = 0; i < a.splits; ++i) sums.x += ws[2 * i], sums.y += ws[2 * i + 1];
   }
-  if (p.g) range_gradient<MODE, EXTRAS>(L, p, k, sums.y, lab.label, *a.grad_scale, sp.begin, sp.end, true);
-  if (sp.index == 0 && threadIdx.x == 0) {
+  const RowConstants k = row_constants<MODE>(L, merged_split_stats<MODE>(L, sp.row));
+  if (sp.index == 0 && threadIdx.x == 0) {  // before the gradient pass: nothing of them stays live through it
     const float s_label = a.workspace[sp.row * a.splits * kWorkspaceStats + kStatsFloats];
     const float shifted_sum = smoothing(a) ? split_shifted_sum(L, sp.row, k.ref_s) : 0.0f;
     write_row_parts<MODE>(L, k, sums.x, label_ok, in_range, s_label, shifted_sum, a.out + sp.row * kPartColumns);
   }
+  if (p.g) range_gradient<MODE, EXTRAS>(L, p, k, sums.y, lab.label, *a.grad_scale, sp.begin, sp.end, true);
 }
 
 // ---- a vocab shard: STATS, one block per row ----
-// Out: the row's log-sum-exps over this shard [student at T, teacher at T, student at 1] (natural log).
+// Out: the row's log-sum-exps over this shard [student at T, teacher at T, student at 1] (natural log), and 0 where
+// SUMS puts its entropy sum.
 template <typename S, typename T, int MODE>
 __global__ void __launch_bounds__(kThreads) distill_stats_kernel(const Launch L) {
   __shared__ Stats stats_scratch[kThreads / 32];
@@ -491,13 +492,14 @@ __global__ void __launch_bounds__(kThreads) distill_stats_kernel(const Launch L)
     // At T = 1 (or without KD, where the kernel runs at T = 1) the tempered sum is CE's own.
     const float log2_z_c = L.ce_stats == kCeShared ? ref_s * L.k + log2f(st.z_s) : ref_s * kLog2e + log2f(st.z_c);
     out[2] = a.has_ce ? kLn2 * log2_z_c : 0.0f;
+    out[3] = 0.0f;
   }
 }
 
 // ---- a vocab shard: SUMS or GRADIENT from the global log-sum-exps, one pass, one block per row ----
 // SUMS out: [divergence terms, D, the CE target's logit (the label's, 0 where another rank holds it; smoothed with
-// label smoothing)]; forward KL and CE also
-// write their gradient. GRADIENT: q (c - D) (reverse KL, c = log q - log p), q (h - D) (mixtures).
+// label smoothing), sum q ln q over these columns (q at T from the global lse; CE alone: at T = 1)]; forward KL and
+// CE also write their gradient. GRADIENT: q (c - D) (reverse KL, c = log q - log p), q (h - D) (mixtures).
 template <typename S, typename T, int MODE, int PHASE>
 __global__ void __launch_bounds__(kThreads) distill_shard_kernel(const Launch L) {
   __shared__ float2 sum_scratch[kThreads / 32];
@@ -526,6 +528,7 @@ __global__ void __launch_bounds__(kThreads) distill_shard_kernel(const Launch L)
   const int ce_stats = L.ce_stats;
   const bool smooth = PHASE == kPhaseSums && smoothing(a);
   float s_sum = 0.0f;  // label smoothing: this shard's sum of s (references are 0 here)
+  float q_log2_q = 0.0f;  // SUMS: the entropy's share, sum q log2 q (log2 q = lq: the global lse is in log2_z_s)
   float2 acc = make_float2(0.0f, 0.0f);
   for_each_block_of_row<MODE != kModeCeOnly>(p, 0, a.vocab, false, [&](int64_t col, auto& s, auto& t) {
     constexpr int N = kLanesOf<decltype(s)>;
@@ -559,17 +562,20 @@ __global__ void __launch_bounds__(kThreads) distill_shard_kernel(const Launch L)
         g[i] += ce.soft * ce_prob - (col + i == lab.label ? ce.label : 0.0f) - ce.uniform;
       }
       if (smooth) s_sum += s[i];
+      if (PHASE == kPhaseSums) q_log2_q += weighted(q, lq);  // a logit of -inf adds 0
     }
     if (p.g) store_block(p.g, col, g);
   });
   if (PHASE == kPhaseSums) {
     const float2 sums = block_sum2<kThreads>(acc, sum_scratch);
-    const float shard_sum = smooth ? block_sum2<kThreads>(make_float2(s_sum, 0.0f), sum_scratch).x : 0.0f;
+    // label smoothing's sum of s and the entropy's sum, in one reduction
+    const float2 more = block_sum2<kThreads>(make_float2(s_sum, q_log2_q), sum_scratch);
     if (threadIdx.x == 0) {
       float* out = a.out + row * kStatColumns;
       out[0] = sums.x;
       out[1] = MODE == kModeReverseKL ? sums.x : sums.y;
-      out[2] = ce_target(a, lab.column >= 0, s_label, 0.0f, shard_sum);  // this shard's share of the target
+      out[2] = ce_target(a, lab.column >= 0, s_label, 0.0f, smooth ? more.x : 0.0f);  // this shard's share
+      out[3] = MODE != kModeCeOnly || a.has_ce ? kLn2 * more.y : 0.0f;
     }
   }
 }

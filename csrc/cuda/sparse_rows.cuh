@@ -5,7 +5,8 @@
 //            comparisons, in the workspace)
 //   pass 0   FUSED / STATS: the row's max                                                   read row
 //   pass 1   the tempered exps' sum in float64, and the same exps at the distinct ids, so that the student's mass
-//            outside the ids is their difference to float64's precision; CE's sum            read row
+//            outside the ids is their difference to float64's precision; CE's sum; the entropy's  read row
+//   sums     label smoothing's sum of s; SUMS: the entropy's share (it has no pass 1)       read row
 //   buckets  the teacher's K + 1 buckets (its rest in float64) against the student's (threads over K; a column's
 //            entries summed)
 //   last     the gradient, q * factor + CE everywhere, then (after a barrier) the ids' columns  read row, write row
@@ -42,21 +43,34 @@ struct Min {
   __device__ int operator()(int x, int y) const { return min(x, y); }
 };
 
-// A row's per-id arrays in the workspace.
-struct IdArrays {
-  float* column;    // [K] the id's column in this call's range, or -1 (exact in float below 2^24 columns)
-  float* logit;     // [K] the student's logit there, kept: the gradient may overwrite the logits
-  float* log_q;     // [K] base 2
-  float* log_p;     // [K] base 2
-  float* gradient;  // [K] d/da at the ids' columns
-  float* first;     // [K] 1 where the entry is the first held one of its column
-  float* score;     // [K] the entry's own score (or P), before its column's entries are summed
-};
 constexpr int kIdArrays = 7;
+
+// One of a row's per-id arrays in the workspace, whose K entries hold their kIdArrays values side by side: every
+// array is then a constant offset from the row's one base pointer (folded into the loads), where K-strided arrays
+// would each keep a register through the kernel.
+struct IdArray {
+  float* first_entry;
+  __device__ __forceinline__ float& operator[](int64_t k) const { return first_entry[k * kIdArrays]; }
+};
+
+struct IdArrays {
+  IdArray column;    // [K] the id's column in this call's range, or -1 (exact in float below 2^24 columns)
+  IdArray logit;     // [K] the student's logit there, kept: the gradient may overwrite the logits
+  IdArray log_q;     // [K] base 2
+  IdArray log_p;     // [K] base 2
+  IdArray gradient;  // [K] d/da at the ids' columns
+  IdArray first;     // [K] 1 where the entry is the first held one of its column
+  IdArray score;     // [K] the entry's own score (or P), before its column's entries are summed
+};
+
+__device__ __forceinline__ IdArrays id_arrays(float* row_workspace) {
+  return IdArrays{{row_workspace}, {row_workspace + 1}, {row_workspace + 2}, {row_workspace + 3},
+                  {row_workspace + 4}, {row_workspace + 5}, {row_workspace + 6}};
+}
 
 // Per entry k, the sum of `values` over the entries of its column: the first's value plus each further one's and
 // `extra` (a lone entry keeps its value bit for bit; every entry of a column gets the same float).
-__device__ __forceinline__ float column_sum(const IdArrays& sh, int64_t k_count, int64_t k, const float* values,
+__device__ __forceinline__ float column_sum(const IdArrays& sh, int64_t k_count, int64_t k, const IdArray& values,
                                             float extra) {
   float sum = 0.0f;
 #pragma unroll 1
@@ -76,8 +90,10 @@ __device__ __forceinline__ void bucket_scores(const Launch& L, int mode, float l
   mixture_terms(L.a.divergence, L.a.beta, L.log2_beta, L.log2_1m_beta, lq, lp, fast_exp2(lq), fast_exp2(lp), term, h);
 }
 
+// At most 64 registers (4 blocks of 256 threads a multiprocessor): left to itself ptxas trades this kernel's
+// registers for occupancy by spilling.
 template <typename S, int MODE>
-__global__ void __launch_bounds__(kThreads) sparse_row_kernel(const Launch L) {
+__global__ void __launch_bounds__(kThreads, 4) sparse_row_kernel(const Launch L) {
   __shared__ double double_scratch[kThreads / 32];
   __shared__ float float_scratch[kThreads / 32];
   __shared__ int int_scratch[kThreads / 32];
@@ -89,14 +105,7 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(const Launch L) {
   const int64_t* ids = a.teacher_ids + bi * a.ids_stride_b + ri * a.ids_stride_r;
   const float* logprobs = static_cast<const float*>(a.teacher_logprobs) + bi * a.logprobs_stride_b +
                           ri * a.logprobs_stride_r;
-  IdArrays sh;
-  sh.column = a.workspace + row * k_count * kIdArrays;
-  sh.logit = sh.column + k_count;
-  sh.log_q = sh.logit + k_count;
-  sh.log_p = sh.log_q + k_count;
-  sh.gradient = sh.log_p + k_count;
-  sh.first = sh.gradient + k_count;
-  sh.score = sh.first + k_count;
+  const IdArrays sh = id_arrays(a.workspace + row * k_count * kIdArrays);
 
   const RowLabel lab = row_label(a, row);
   int bad = 0;
@@ -112,7 +121,7 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(const Launch L) {
       lab.keep && a.phase == kPhaseFused && (__syncthreads_or(bad) || (a.ce_weight != 0.0f && !lab.label_ok));
   if (!lab.keep || poisoned) {
     if (p.g) range_zero(p.g, 0, a.vocab);
-    if (threadIdx.x < kPartColumns && a.phase == kPhaseFused) {  // kd and CE NaN when poisoned; no hit
+    if (threadIdx.x < kPartColumns && a.phase == kPhaseFused) {  // all but the hit NaN when poisoned
       a.out[row * kPartColumns + threadIdx.x] =
           poisoned && threadIdx.x != kPartCorrect ? __int_as_float(0x7fc00000) : 0.0f;
     }
@@ -121,7 +130,9 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(const Launch L) {
     }
     return;
   }
-  const float s_label = (lab.column >= 0 && threadIdx.x == 0) ? load1(p.s + lab.column) : 0.0f;
+  const bool in_range = lab.column >= 0;  // (a flag, not the 64-bit column, stays live)
+  __shared__ float s_label;
+  if (threadIdx.x == 0) s_label = in_range ? load1(p.s + lab.column) : 0.0f;
   __syncthreads();  // the label's logit and the ids' are read before any thread writes the gradient over the logits
   int distinct = 0;  // this thread's share of the distinct columns the ids hold
   for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {
@@ -132,6 +143,9 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(const Launch L) {
   }
   const bool covered = block_reduce(distinct, int_scratch, Add{}) == a.vocab;  // the ids hold every column: no rest
   const int ce_stats = L.ce_stats;
+  // The student's entropy at the kernel's temperature (T = 1 without KD): FUSED -sum q ln q, SUMS sum q log2 q over
+  // these columns. In shared memory, not a register through the passes below; thread 0 writes and reads it.
+  __shared__ float row_entropy;
   float ref = 0.0f, log2_z = 0.0f, log2_z_c = 0.0f, log2_rest = kNegInf;  // log2_rest: relative to log2_z
   const bool later_phase = a.phase == kPhaseSums || a.phase == kPhaseGradient;
   if (!later_phase) {
@@ -143,13 +157,15 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(const Launch L) {
     });
     ref = safe_ref(block_reduce(m, float_scratch, Max{}));
     double z = 0.0;
-    float z_c = 0.0f;
+    float z_c = 0.0f, e_d = 0.0f;  // e_d: sum e * d, d = (s - ref) * k <= 0, for the student's entropy
     for_each_block_of_row<false>(p, 0, a.vocab, false, [&](int64_t, auto& s, auto&) {
       constexpr int N = kLanesOf<decltype(s)>;
 #pragma unroll
       for (int i = 0; i < N; ++i) {
-        const float e = fast_exp2((s[i] - ref) * L.k);
+        const float d = (s[i] - ref) * L.k;
+        const float e = fast_exp2(d);
         z += e;
+        e_d += weighted(e, d);  // a logit of -inf adds 0
         if (ce_stats == kCeSquared) z_c += e * e;
         if (ce_stats == kCeOwn) z_c += fast_exp2((s[i] - ref) * kLog2e);
       }
@@ -157,6 +173,11 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(const Launch L) {
     const double total = block_reduce(z, double_scratch, Add{});
     log2_z = log2f(static_cast<float>(total));
     log2_z_c = ce_stats == kCeShared ? log2_z : log2f(block_reduce(z_c, float_scratch, Add{}));
+    if (a.phase == kPhaseFused) {
+      // -sum q ln q = ln2 (log2 z - sum e d / z): both terms >= 0, nothing cancels
+      const float entropy = kLn2 * (log2_z - block_reduce(e_d, float_scratch, Add{}) / static_cast<float>(total));
+      if (threadIdx.x == 0) row_entropy = entropy;
+    }
     if (kKD) {
       double at_ids = 0.0;  // the same exps as pass 1's, at the distinct ids
       for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {
@@ -180,22 +201,36 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(const Launch L) {
       out[0] = kKD ? kLn2 * (ref * L.k + log2_z) : 0.0f;
       out[1] = kKD ? kLn2 * (ref * L.k + log2_z + log2_rest) : 0.0f;
       out[2] = a.has_ce ? kLn2 * (ref * kLog2e + log2_z_c) : 0.0f;
+      out[3] = 0.0f;
     }
     return;
   }
 
-  // Label smoothing: sum_j (s_j - ref) over these columns, read before the gradient may overwrite them; kept in
-  // shared memory (thread 0 reads it at the end) rather than a register through the passes below.
+  // Over these columns, read before the gradient may overwrite them: label smoothing's sum_j (s_j - ref) and, in
+  // SUMS, the entropy's share sum_j q_j log2 q_j (ref is 0 there, log2_z the global lse). In shared memory (thread 0
+  // writes the parts) rather than registers through the passes below.
   __shared__ float shifted_sum;
-  if (a.has_ce && a.label_smoothing != 0.0f && a.phase != kPhaseGradient) {
-    float acc = 0.0f;
+  const bool smooth = a.has_ce && a.label_smoothing != 0.0f && a.phase != kPhaseGradient;
+  const bool sums_entropy = a.phase == kPhaseSums;
+  if (smooth || sums_entropy) {
+    float acc = 0.0f, q_log2_q = 0.0f;
     for_each_block_of_row<false>(p, 0, a.vocab, false, [&](int64_t, auto& s, auto&) {
       constexpr int N = kLanesOf<decltype(s)>;
 #pragma unroll
-      for (int i = 0; i < N; ++i) acc += s[i] - ref;
+      for (int i = 0; i < N; ++i) {
+        if (smooth) acc += s[i] - ref;
+        if (sums_entropy) {
+          const float lq = (s[i] - ref) * L.k - log2_z;
+          q_log2_q += weighted(fast_exp2(lq), lq);  // a logit of -inf adds 0
+        }
+      }
     });
-    acc = block_reduce(acc, float_scratch, Add{});
-    if (threadIdx.x == 0) shifted_sum = acc;
+    if (smooth) acc = block_reduce(acc, float_scratch, Add{});
+    if (sums_entropy) q_log2_q = block_reduce(q_log2_q, float_scratch, Add{});
+    if (threadIdx.x == 0) {
+      shifted_sum = acc;
+      if (sums_entropy) row_entropy = q_log2_q;  // (FUSED's is pass 1's)
+    }
   }
 
   // ---- the buckets ----
@@ -298,6 +333,28 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(const Launch L) {
     __syncthreads();
   }
 
+  // ---- the row's outputs, written before the last pass so that nothing of them stays live through it ----
+  if (threadIdx.x == 0) {
+    // The CE target's logit relative to ref: the label's, or (1 - eps) s_label + eps / V sum s smoothed.
+    const float eps = a.label_smoothing;
+    float target = in_range ? s_label - ref : 0.0f;
+    if (smoothing(a)) target = (1.0f - eps) * target + eps * shifted_sum / static_cast<float>(a.global_vocab);
+    const bool has_entropy = kKD || a.has_ce;  // with KD, or CE alone (at T = 1); neither: 0
+    if (a.phase == kPhaseFused) {
+      const float lse = ref + kLn2 * log2_z_c;
+      float* parts = a.out + row * kPartColumns;
+      parts[kPartKd] = kKD ? kd : 0.0f;
+      parts[kPartCe] = a.has_ce ? kLn2 * log2_z_c - target : 0.0f;
+      parts[kPartZ] = a.has_ce && a.z_loss_weight != 0.0f ? lse * lse : 0.0f;
+      parts[kPartCorrect] = in_range && s_label >= ref ? 1.0f : 0.0f;  // ref: the row's largest logit
+      parts[kPartEntropy] = has_entropy ? row_entropy : 0.0f;
+    } else if (a.phase == kPhaseSums) {
+      float* out = a.out + row * kStatColumns;
+      out[0] = kd, out[1] = row_d, out[2] = target;  // (ref is 0 here)
+      out[3] = has_entropy ? kLn2 * row_entropy : 0.0f;
+    }
+  }
+
   // ---- last pass: the gradient, then the ids' columns ----
   if (p.g) {
     const float row_scale = *a.grad_scale;
@@ -343,23 +400,6 @@ __global__ void __launch_bounds__(kThreads) sparse_row_kernel(const Launch L) {
       float g = kKD ? kd_coef * weighted(q, rest_factor) : 0.0f;
       g += ce.soft * ce_probability(ce_stats, q, s_label, ref, squared_ce, log2_z_c) - ce.uniform - ce.label;
       store1(p.g + lab.label, g);
-    }
-  }
-  if (threadIdx.x == 0) {
-    // The CE target's logit relative to ref: the label's, or (1 - eps) s_label + eps / V sum s smoothed.
-    const float eps = a.label_smoothing;
-    float target = lab.column >= 0 ? s_label - ref : 0.0f;
-    if (smoothing(a)) target = (1.0f - eps) * target + eps * shifted_sum / static_cast<float>(a.global_vocab);
-    if (a.phase == kPhaseFused) {
-      const float lse = ref + kLn2 * log2_z_c;
-      float* parts = a.out + row * kPartColumns;
-      parts[kPartKd] = kKD ? kd : 0.0f;
-      parts[kPartCe] = a.has_ce ? kLn2 * log2_z_c - target : 0.0f;
-      parts[kPartZ] = a.has_ce && a.z_loss_weight != 0.0f ? lse * lse : 0.0f;
-      parts[kPartCorrect] = lab.column >= 0 && s_label >= ref ? 1.0f : 0.0f;  // ref: the row's largest logit
-    } else if (a.phase == kPhaseSums) {
-      float* out = a.out + row * kStatColumns;
-      out[0] = kd, out[1] = row_d, out[2] = target;  // (ref is 0 here)
     }
   }
 }

@@ -26,7 +26,8 @@ def _normalisers(x, inv_t, given):
 
 
 def _chunk_rows(s, t, labels, row_scale, opts: LossOptions, call: PhaseCall, given, totals, want_grad: bool):
-    """This chunk's outputs ([R] for FUSED, [R, 3] for STATS and SUMS, None for GRADIENT) and gradient."""
+    """This chunk's outputs ([R, PART_COLUMNS] for FUSED, [R, STAT_COLUMNS] for STATS and SUMS, None for GRADIENT)
+    and gradient."""
     rows, vocab = s.shape
     inv_t = 1.0 / opts.temperature
     zeros = torch.zeros(rows, dtype=torch.float32, device=s.device)
@@ -39,7 +40,7 @@ def _chunk_rows(s, t, labels, row_scale, opts: LossOptions, call: PhaseCall, giv
     if call.phase == Phase.STATS:
         columns = [(ref_s * inv_t + log_z_s)[:, 0] if opts.has_kd else zeros,
                    (ref_t * inv_t + log_z_t)[:, 0] if opts.has_kd else zeros,
-                   (ref_c + log_z_c)[:, 0] if opts.has_ce else zeros]
+                   (ref_c + log_z_c)[:, 0] if opts.has_ce else zeros, zeros]
         out = torch.stack(columns, dim=-1)
         return (torch.where(keep[:, None], out, torch.zeros_like(out)) if keep is not None else out), None
 
@@ -50,6 +51,9 @@ def _chunk_rows(s, t, labels, row_scale, opts: LossOptions, call: PhaseCall, giv
         if call.phase == Phase.GRADIENT:
             row_sum = totals[:, 1]
     label_cols = torch_rows.label_columns(s, labels, ref_c, opts, call, zeros)
+    q_log_q = None
+    if call.phase != Phase.GRADIENT:
+        q_log_q = torch_rows.entropy_q_log_q(s, ls, ref_c, log_z_c, opts)
     grad = None
     if want_grad:
         grad = torch.zeros_like(s)
@@ -58,7 +62,8 @@ def _chunk_rows(s, t, labels, row_scale, opts: LossOptions, call: PhaseCall, giv
         if opts.has_ce:
             torch_rows.add_ce_gradient(grad, s, ref_c, log_z_c, label_cols, opts)
         grad *= row_scale
-    return torch_rows.phase_outputs(kd, row_sum, label_cols, ref_c, log_z_c, keep, grad, opts, call, zeros)
+    return torch_rows.phase_outputs(kd, row_sum, label_cols, ref_c, log_z_c, keep, grad, opts, call, zeros,
+                                    q_log_q)
 
 
 def forward_rows(student, teacher, labels, grad_scale, grad, opts: LossOptions, call: PhaseCall = FUSED):

@@ -1,5 +1,6 @@
 """What the torch backends (a dense teacher's and a sparse one's) share around their divergence: the label's column
-in a chunk of rows, the CE family's gradient (kdfast.divergences.ce_coefficients), and each phase's outputs."""
+in a chunk of rows, the CE family's gradient (kdfast.divergences.ce_coefficients), the student's entropy, and each
+phase's outputs."""
 
 from __future__ import annotations
 
@@ -46,20 +47,32 @@ def add_ce_gradient(grad, s, ref_c, log_z_c, labels: LabelColumns, opts: LossOpt
         grad.scatter_add_(-1, labels.column[:, None], -label * labels.held.to(grad.dtype)[:, None])
 
 
+def entropy_q_log_q(s, tempered_log_q, ref_c, log_z_c, opts: LossOptions):
+    """sum_j q_j log q_j [R] over these columns for the entropy the parts log: q the student's softmax at T
+    (`tempered_log_q`, its log-probabilities) with a divergence, else at T = 1 from the CE's statistics (a CE-only
+    call); None with neither."""
+    if opts.has_kd:
+        return divergences.q_log_q(tempered_log_q)
+    if opts.has_ce:
+        return divergences.q_log_q((s - ref_c) - log_z_c)
+    return None
+
+
 def phase_outputs(kd, row_sum, labels: LabelColumns, ref_c, log_z_c, keep, grad, opts: LossOptions,
-                  call: PhaseCall, zeros):
-    """(FUSED: the rows' parts; SUMS: [divergence terms, D, the CE target's logit]; GRADIENT: None) and the gradient,
-    with ignored rows zeroed."""
+                  call: PhaseCall, zeros, q_log_q=None):
+    """(FUSED: the rows' parts; SUMS: [divergence terms, D, the CE target's logit, sum q log q]; GRADIENT: None) and
+    the gradient, with ignored rows zeroed. `q_log_q`: entropy_q_log_q's row sums (None: 0)."""
     if call.phase == Phase.FUSED:
+        entropy = -q_log_q if q_log_q is not None else None
         out = divergences.fused_parts(kd, labels.logit, labels.held, ref_c[:, 0], log_z_c[:, 0], opts, zeros,
-                                      labels.shifted_sum, labels.global_vocab)
+                                      labels.shifted_sum, labels.global_vocab, entropy)
         if opts.needs_labels and grad is not None:
             grad.masked_fill_(~labels.held[:, None], 0.0)
     elif call.phase == Phase.SUMS:
         target = divergences.ce_target_logit(opts, labels.logit if labels.logit is not None else zeros,
                                              labels.shifted_sum, labels.global_vocab)
-        out = torch.stack([kd if kd is not None else zeros, row_sum if row_sum is not None else zeros, target],
-                          dim=-1)
+        out = torch.stack([kd if kd is not None else zeros, row_sum if row_sum is not None else zeros, target,
+                           q_log_q if q_log_q is not None else zeros], dim=-1)
     else:
         out = None
     if keep is not None:

@@ -38,7 +38,7 @@ def _chunk_rows(s, ids, logprobs, labels, row_scale, opts: SparseOptions, call: 
     if call.phase == Phase.STATS:
         out = torch.stack([(ref_s * inv_t + log_z_s)[:, 0] if opts.has_kd else zeros,
                            (ref_s * inv_t + log_z_rest)[:, 0] if opts.has_kd else zeros,
-                           (ref_c + log_z_c)[:, 0] if opts.has_ce else zeros], dim=-1)
+                           (ref_c + log_z_c)[:, 0] if opts.has_ce else zeros, zeros], dim=-1)
         return (torch.where(keep[:, None], out, torch.zeros_like(out)) if keep is not None else out), None
 
     log_q = (s - ref_s) * inv_t - log_z_s
@@ -59,6 +59,9 @@ def _chunk_rows(s, ids, logprobs, labels, row_scale, opts: SparseOptions, call: 
             id_gradients, rest_factor = sparse_math.bucket_gradient(log_q_buckets, log_p_buckets, scores, row_sum,
                                                                     leader, opts)
     label_cols = torch_rows.label_columns(s, labels, ref_c, opts, call, zeros)
+    q_log_q = None
+    if call.phase != Phase.GRADIENT:  # the student's row is dense here too: its entropy is a dense teacher's
+        q_log_q = torch_rows.entropy_q_log_q(s, log_q, ref_c, log_z_c, opts)
     grad = None
     if want_grad:
         grad = torch.zeros_like(s)
@@ -73,7 +76,8 @@ def _chunk_rows(s, ids, logprobs, labels, row_scale, opts: SparseOptions, call: 
         if opts.has_ce:
             torch_rows.add_ce_gradient(grad, s, ref_c, log_z_c, label_cols, opts)
         grad *= row_scale
-    return torch_rows.phase_outputs(kd, row_sum, label_cols, ref_c, log_z_c, keep, grad, opts, call, zeros)
+    return torch_rows.phase_outputs(kd, row_sum, label_cols, ref_c, log_z_c, keep, grad, opts, call, zeros,
+                                    q_log_q)
 
 
 def sparse_forward_rows(student, teacher: SparseTargets, labels, grad_scale, grad, opts: SparseOptions,

@@ -12,17 +12,18 @@ class LoggedParts:
         self._batches = 0
 
     def add(self, parts, scale: float = 1.0) -> None:
-        """`parts`: one micro-batch's LossComponents. kd, ce and z are summed like the loss (each micro-batch's share
-        of its optimizer step); the token accuracy is averaged over micro-batches."""
+        """`parts`: one micro-batch's LossComponents. kd, ce, z and the student's entropy are summed like the loss
+        (each micro-batch's share of its optimizer step); the token accuracy is averaged over micro-batches."""
         for name, value, factor in (("kd_loss", parts.kd, scale), ("ce_loss", parts.ce, scale),
-                                    ("z_loss", parts.z_loss, scale), ("token_accuracy", parts.accuracy, 1.0)):
+                                    ("z_loss", parts.z_loss, scale), ("entropy", parts.entropy, scale),
+                                    ("token_accuracy", parts.accuracy, 1.0)):
             if value is not None:
                 value = value.detach().float() * factor
                 self._sums[name] = self._sums[name] + value if name in self._sums else value
         self._batches += 1
 
     def pop(self, optimizer_steps: int) -> dict[str, float]:
-        """The averages since the last pop (kd_loss, ce_loss, z_loss per optimizer step, token_accuracy per
+        """The averages since the last pop (kd_loss, ce_loss, z_loss, entropy per optimizer step, token_accuracy per
         micro-batch), and a fresh start."""
         out = {}
         for name, total in self._sums.items():

@@ -32,7 +32,7 @@ class DistillationTrainer(Trainer):
     `total = kd_weight · T² · divergence + ce_weight · CE` per kept token, averaged over the batch's label tokens
     (`num_items_in_batch`, so gradient accumulation gives the loss of the whole accumulated batch), plus
     `z_loss_weight · log(Z)²` and the CE's `label_smoothing` when set. The parts are logged beside the loss as
-    `kd_loss`, `ce_loss`, `z_loss` and `token_accuracy`.
+    `kd_loss`, `ce_loss`, `z_loss`, `entropy` (the student's, at T, per token) and `token_accuracy`.
 
     The teacher is one of:
     - `teacher_model`: run in eval mode under no_grad, on the student's device and dtype;
@@ -79,7 +79,7 @@ class DistillationTrainer(Trainer):
             if trainer_kwargs.get("data_collator") is None:
                 pad = getattr(tokenizer, "pad_token_id", None)
                 trainer_kwargs["data_collator"] = SparseTeacherCollator(pad_token_id=pad if pad is not None else 0)
-        # The loss's parts come from the same pass; they are logged beside the loss (kd_loss, ce_loss, token_accuracy).
+        # The loss's parts come from the same pass; they are logged beside the loss (kd_loss, ce_loss, entropy, ...).
         self.distill_options = self.distill_options.replace(return_components=True)
         self._logged_parts = LoggedParts()
         super().__init__(model=model, args=args, **trainer_kwargs)
