@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kdfast.kernel_abi import PART_COLUMNS, SparseTargets
+from kdfast.logit_maps import LogitMap
 from kdfast.options import LossOptions
 
 # Bytes the chunk's logits (both models) may take: small enough that the loss adds little to the step's
@@ -33,6 +34,7 @@ class TeacherHead:
     weight: torch.Tensor
     bias: torch.Tensor | None
     dtype: torch.dtype  # its GEMM's dtype
+    logit_map: LogitMap = LogitMap()  # its logit scale and softcap
 
 
 @dataclass
@@ -45,7 +47,7 @@ class Heads:
     student_bias: torch.Tensor | None
     teacher: TeacherHead | SparseTargets
     labels: torch.Tensor | None  # [N] int64, contiguous
-    softcap: float | None
+    student_map: LogitMap  # the student's logit scale and softcap
     student_dtype: torch.dtype  # the GEMMs' dtype (autocast's, or the inputs' promoted type)
     fp32_logits: bool = False
 
@@ -85,7 +87,7 @@ def chunk_rows(chunk_size, heads: Heads) -> int:
     per_row = heads.vocab * student_bytes
     if heads.dense_teacher:
         per_row += heads.vocab * heads.logits_dtype(heads.teacher.dtype).itemsize
-    if heads.softcap is not None:
+    if heads.student_map.softcap is not None:
         per_row += heads.vocab * student_bytes  # the uncapped student logits, kept for the chain rule
     if student_bytes != heads.student_dtype.itemsize:
         per_row += heads.vocab * heads.student_dtype.itemsize  # the gradient rounded for the backward GEMMs
@@ -103,7 +105,7 @@ class ChunkBuffers:
         self.student = torch.empty(rows, heads.vocab, dtype=heads.logits_dtype(heads.student_dtype), device=device)
         self.teacher = (torch.empty(rows, heads.vocab, dtype=heads.logits_dtype(heads.teacher.dtype), device=device)
                         if heads.dense_teacher else None)
-        self.uncapped = torch.empty_like(self.student) if heads.softcap is not None else None
+        self.uncapped = torch.empty_like(self.student) if heads.student_map.softcap is not None else None
         self.gemm_grad = (torch.empty(rows, heads.vocab, dtype=heads.student_dtype, device=device)
                           if self.student.dtype != heads.student_dtype else None)
 
@@ -179,35 +181,35 @@ def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted
     logits_weight_s = gemm_weight(heads.student_weight, heads.student_dtype, buffers.student)
     teacher = heads.teacher
     weight_t = gemm_weight(teacher.weight, teacher.dtype, buffers.teacher) if heads.dense_teacher else None
+    student_map = heads.student_map
+    # Without a softcap the student's scale is a constant factor of its gradient: the kernel applies it with the
+    # reduction's, and no pass over the chunk is added.
+    kernel_scale = grad_scale * student_map.slope if student_map.softcap is None else grad_scale
     for start in range(0, heads.rows, step):
         rows = slice(start, start + step)
         count = min(step, heads.rows - start)
         hidden = heads.student_hidden[rows].to(heads.student_dtype)
         if heads.dense_teacher:
             teacher_rows = _logits_into(buffers.teacher[:count], teacher.hidden[rows], weight_t, teacher.bias)
-            if heads.softcap is not None:
-                teacher_rows.div_(heads.softcap).tanh_().mul_(heads.softcap)
-            teacher_rows = teacher_rows.unsqueeze(0)
-        else:  # a sparse teacher's log-probs are final: the softcap is the student's alone
+            teacher_rows = teacher.logit_map.apply_(teacher_rows).unsqueeze(0)
+        else:  # a sparse teacher's log-probs are final: the map is the student's alone
             teacher_rows = SparseTargets(teacher.ids[rows].unsqueeze(0), teacher.logprobs[rows].unsqueeze(0))
-        student = buffers.student[:count]
-        if heads.softcap is not None:
+        if student_map.softcap is not None:
             uncapped = _logits_into(buffers.uncapped[:count], hidden, logits_weight_s, heads.student_bias)
-            torch.div(uncapped, heads.softcap, out=student).tanh_().mul_(heads.softcap)
+            student = student_map.capped_into(uncapped, buffers.student[:count])
         else:
-            _logits_into(student, hidden, logits_weight_s, heads.student_bias)
+            student = student_map.apply_(_logits_into(buffers.student[:count], hidden, logits_weight_s,
+                                                      heads.student_bias))
         labels = heads.labels[rows] if heads.labels is not None else None
         grad = student.unsqueeze(0) if wanted.any else None  # dlogits overwrite the chunk's logits
-        parts[rows] = rows_kernel(student.unsqueeze(0), teacher_rows, labels, grad_scale, grad, opts)
+        parts[rows] = rows_kernel(student.unsqueeze(0), teacher_rows, labels, kernel_scale, grad, opts)
         if not wanted.any:
             continue
         grad_logits = student
         if row_weights is not None:
             grad_logits.mul_(row_weights[rows, None].to(grad_logits.dtype))
-        if heads.softcap is not None:
-            # d/dz [c tanh(z / c)] = 1 - tanh(z / c)^2
-            tanh = uncapped.div_(heads.softcap).tanh_()
-            grad_logits.mul_(tanh.mul_(tanh).neg_().add_(1.0))
+        if student_map.softcap is not None:
+            student_map.chain_(grad_logits, uncapped)
         if wanted.bias:  # before any rounding of the gradient for the GEMMs
             d_bias += grad_logits.sum(0, dtype=torch.float32)
         if buffers.gemm_grad is not None:

@@ -14,6 +14,7 @@ import torch
 
 from kdfast.kernel_abi import SparseTargets
 from kdfast.linear_chunks import Heads, TeacherHead, Wanted, run_chunks
+from kdfast.logit_maps import LogitMap
 from kdfast.options import LossOptions
 from kdfast.reduction import reduced_outputs, reduction_scale
 from kdfast.saved_gradient import rescale_gradient_
@@ -30,13 +31,14 @@ def gemm_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """How the chunks run: the head's logit post-processing, the chunk size, and the rows kernel (a device's or a
+    """How the chunks run: each head's logit scale and softcap, the chunk size, and the rows kernel (a device's or a
     vocab shard's)."""
 
-    softcap: float | None
+    student_map: LogitMap
     chunk_size: int | str
     rows_kernel: object
     fp32_logits: bool = False  # logits kept in float32 where the GEMMs are 16-bit
+    teacher_map: LogitMap = LogitMap()  # a dense teacher's (a sparse teacher's log-probs are final)
 
 
 class LinearDistillFunction(torch.autograd.Function):
@@ -48,12 +50,12 @@ class LinearDistillFunction(torch.autograd.Function):
         labels = flat_labels(labels)
         if isinstance(teacher, TeacherHead):
             teacher = TeacherHead(teacher.hidden.reshape(-1, teacher.hidden.shape[-1]), teacher.weight, teacher.bias,
-                                  gemm_dtype(teacher.hidden, teacher.weight))
+                                  gemm_dtype(teacher.hidden, teacher.weight), plan.teacher_map)
         else:
             k = teacher.ids.shape[-1]
             teacher = SparseTargets(teacher.ids.reshape(-1, k), teacher.logprobs.reshape(-1, k))
         heads = Heads(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias, teacher,
-                      labels, plan.softcap, gemm_dtype(student_hidden, student_weight), plan.fp32_logits)
+                      labels, plan.student_map, gemm_dtype(student_hidden, student_weight), plan.fp32_logits)
         wanted = Wanted(ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                         student_bias is not None and ctx.needs_input_grad[2])
         scale = reduction_scale(labels, heads.rows, opts, num_items_in_batch, student_hidden.device)

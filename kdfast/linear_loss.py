@@ -9,6 +9,7 @@ import torch
 from kdfast.dispatch import device_rows
 from kdfast.linear_chunks import TeacherHead
 from kdfast.linear_function import ChunkPlan, LinearDistillFunction
+from kdfast.logit_maps import logit_maps
 from kdfast.options import LossOptions
 from kdfast.reduction import returned
 from kdfast.shared_vocab import heads_cut_to_vocab
@@ -16,7 +17,9 @@ from kdfast.validation import check_chunk_settings, check_labels_for, check_line
 
 
 def linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
-                        student_bias=None, teacher_bias=None, softcap=None, chunk_size="auto", fp32_logits=False,
+                        student_bias=None, teacher_bias=None, softcap=None, student_softcap=None,
+                        teacher_softcap=None, student_logit_scale=1.0, teacher_logit_scale=1.0,
+                        chunk_size="auto", fp32_logits=False,
                         divergence="forward_kl", beta=0.5, temperature=1.0, kd_weight=1.0, ce_weight=0.0,
                         t2_scale=True, ignore_index=-100, reduction="mean", num_items_in_batch=None,
                         inplace_backward=False, backend="auto", return_components=False, vocab_size=None,
@@ -26,7 +29,10 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_
     teacher_bias, labels, ...)`, computed `chunk_size` tokens at a time ("auto": sized from a memory budget).
 
     Hidden states are [..., H_s] and [..., H_t] (the sizes may differ), weights [V, H_s] and [V, H_t], biases
-    [V]. `softcap` applies Gemma-2's `c * tanh(z / c)` to both models' logits before the temperature.
+    [V]. Each head's logits are post-processed as the models (and TRL) do it, in this order: the bias, times
+    `student_logit_scale` / `teacher_logit_scale` (Cohere's `logit_scale`, Granite's 1 / `logits_scaling`), then
+    Gemma-2's softcap `c * tanh(z / c)` (`softcap` for both models, or `student_softcap` / `teacher_softcap` each),
+    then the temperature. No weight or hidden state is rescaled for it.
     `fp32_logits`: with 16-bit GEMMs, the chunk's logits are kept in float32 as the GEMM accumulated them, never
     rounded to 16 bits before the softmax (on CUDA the GEMM writes float32; elsewhere it runs in float32).
     Gradients flow to student_hidden, student_weight and student_bias; the teacher is a constant. Under
@@ -47,15 +53,20 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_
                        vocab_size=vocab_size, label_smoothing=label_smoothing, z_loss_weight=z_loss_weight)
     return fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, opts,
                              student_bias=student_bias, teacher_bias=teacher_bias, softcap=softcap,
+                             student_softcap=student_softcap, teacher_softcap=teacher_softcap,
+                             student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
                              chunk_size=chunk_size, fp32_logits=fp32_logits, num_items_in_batch=num_items_in_batch,
                              process_group=process_group, vocab_range=vocab_range,
                              reduce_hidden_grad=reduce_hidden_grad)
 
 
 def fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, opts: LossOptions, *,
-                      student_bias=None, teacher_bias=None, softcap=None, chunk_size="auto", fp32_logits=False,
+                      student_bias=None, teacher_bias=None, softcap=None, student_softcap=None, teacher_softcap=None,
+                      student_logit_scale=1.0, teacher_logit_scale=1.0, chunk_size="auto", fp32_logits=False,
                       num_items_in_batch=None, process_group=None, vocab_range=None, reduce_hidden_grad=True):
     """`linear_distill_loss` with its loss settings already in one record."""
+    student_map, teacher_map = logit_maps(softcap, student_softcap, teacher_softcap, student_logit_scale,
+                                          teacher_logit_scale)
     student_weight, student_bias, teacher_weight, teacher_bias = heads_cut_to_vocab(
         opts, process_group, student_weight, student_bias, teacher_weight, teacher_bias)
 
@@ -82,7 +93,7 @@ def fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_we
     teacher = TeacherHead(teacher_hidden.detach(), teacher_weight.detach(),
                           teacher_bias.detach() if teacher_bias is not None else None, teacher_hidden.dtype)
     return apply_linear(student_hidden, student_weight, student_bias, labels, num_items_in_batch, opts,
-                        ChunkPlan(softcap, chunk_size, rows_kernel, fp32_logits), teacher)
+                        ChunkPlan(student_map, chunk_size, rows_kernel, fp32_logits, teacher_map), teacher)
 
 
 # The chunk loop is driven from the host (a Python loop of GEMMs and kernel calls): torch.compile runs the
@@ -94,22 +105,27 @@ def apply_linear(student_hidden, student_weight, student_bias, labels, num_items
 
 
 class LinearDistillLoss(torch.nn.Module):
-    """`linear_distill_loss` with its settings fixed at construction: takes `softcap`, `chunk_size`, `fp32_logits`,
-    `process_group`, `vocab_range`, `reduce_hidden_grad` and every loss setting keyword of `distill_loss`."""
+    """`linear_distill_loss` with its settings fixed at construction: takes `softcap`, `student_softcap`,
+    `teacher_softcap`, `student_logit_scale`, `teacher_logit_scale`, `chunk_size`, `fp32_logits`, `process_group`,
+    `vocab_range`, `reduce_hidden_grad` and every loss setting keyword of `distill_loss`."""
 
-    def __init__(self, *, softcap=None, chunk_size="auto", fp32_logits=False, process_group=None, vocab_range=None,
+    def __init__(self, *, softcap=None, student_softcap=None, teacher_softcap=None, student_logit_scale=1.0,
+                 teacher_logit_scale=1.0, chunk_size="auto", fp32_logits=False, process_group=None, vocab_range=None,
                  reduce_hidden_grad=True, **settings):
         super().__init__()
         # Validated now, so a bad setting fails where the module is built rather than at the first step.
         self.options = LossOptions.build("LinearDistillLoss", **settings)
         check_chunk_settings(softcap, chunk_size, fp32_logits)
+        self.head_settings = dict(softcap=softcap, student_softcap=student_softcap, teacher_softcap=teacher_softcap,
+                                  student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale)
+        logit_maps(**self.head_settings)
         self.softcap, self.chunk_size, self.fp32_logits = softcap, chunk_size, fp32_logits
         self.process_group, self.vocab_range, self.reduce_hidden_grad = process_group, vocab_range, reduce_hidden_grad
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
                 student_bias=None, teacher_bias=None, num_items_in_batch=None):
         return fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, self.options,
-                                 student_bias=student_bias, teacher_bias=teacher_bias, softcap=self.softcap,
+                                 student_bias=student_bias, teacher_bias=teacher_bias, **self.head_settings,
                                  chunk_size=self.chunk_size, fp32_logits=self.fp32_logits,
                                  num_items_in_batch=num_items_in_batch,
                                  process_group=self.process_group, vocab_range=self.vocab_range,

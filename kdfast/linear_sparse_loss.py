@@ -10,6 +10,7 @@ from kdfast.dispatch import device_rows
 from kdfast.kernel_abi import SparseTargets
 from kdfast.linear_function import ChunkPlan
 from kdfast.linear_loss import apply_linear
+from kdfast.logit_maps import logit_maps
 from kdfast.shared_vocab import heads_cut_to_vocab
 from kdfast.sparse_options import SparseOptions
 from kdfast.validation import (
@@ -22,8 +23,8 @@ from kdfast.validation import (
 
 
 def linear_sparse_distill_loss(student_hidden, student_weight, teacher_ids, teacher_logprobs, labels=None, *,
-                               student_bias=None, softcap=None, chunk_size="auto", fp32_logits=False,
-                               divergence="forward_kl", beta=0.5,
+                               student_bias=None, softcap=None, logit_scale=1.0, chunk_size="auto",
+                               fp32_logits=False, divergence="forward_kl", beta=0.5,
                                temperature=1.0, teacher_temperature=None, tail="bucket", kd_weight=1.0,
                                ce_weight=0.0, t2_scale=True, ignore_index=-100, reduction="mean",
                                num_items_in_batch=None, inplace_backward=False, backend="auto",
@@ -31,7 +32,8 @@ def linear_sparse_distill_loss(student_hidden, student_weight, teacher_ids, teac
                                process_group=None, vocab_range=None, reduce_hidden_grad=True):
     """`sparse_distill_loss(student_hidden @ student_weight.T + student_bias, teacher_ids, teacher_logprobs, labels,
     ...)`, computed `chunk_size` tokens at a time. `teacher_ids` / `teacher_logprobs` are [..., K] with the hidden
-    states' leading shape. `softcap` applies to the student's logits (the teacher's log-probs are final);
+    states' leading shape. `logit_scale` then `softcap` apply to the student's logits after the bias and before the
+    temperature (the teacher's log-probs are final);
     `fp32_logits` as for `linear_distill_loss`. Gradients
     flow to student_hidden, student_weight and student_bias. Vocab parallel as for `linear_distill_loss` (the
     student head's rows a rank's shard; teacher ids global)."""
@@ -41,17 +43,19 @@ def linear_sparse_distill_loss(student_hidden, student_weight, teacher_ids, teac
                          inplace_backward=inplace_backward, backend=backend, return_components=return_components,
                          vocab_size=vocab_size, label_smoothing=label_smoothing, z_loss_weight=z_loss_weight)
     return fused_linear_sparse_loss(student_hidden, student_weight, teacher_ids, teacher_logprobs, labels, opts,
-                                    student_bias=student_bias, softcap=softcap, chunk_size=chunk_size,
+                                    student_bias=student_bias, softcap=softcap, logit_scale=logit_scale,
+                                    chunk_size=chunk_size,
                                     fp32_logits=fp32_logits, num_items_in_batch=num_items_in_batch,
                                     process_group=process_group,
                                     vocab_range=vocab_range, reduce_hidden_grad=reduce_hidden_grad)
 
 
 def fused_linear_sparse_loss(student_hidden, student_weight, teacher_ids, teacher_logprobs, labels,
-                             opts: SparseOptions, *, student_bias=None, softcap=None, chunk_size="auto",
-                             fp32_logits=False, num_items_in_batch=None, process_group=None, vocab_range=None,
-                             reduce_hidden_grad=True):
+                             opts: SparseOptions, *, student_bias=None, softcap=None, logit_scale=1.0,
+                             chunk_size="auto", fp32_logits=False, num_items_in_batch=None, process_group=None,
+                             vocab_range=None, reduce_hidden_grad=True):
     """`linear_sparse_distill_loss` with its loss settings already in one record."""
+    student_map = logit_maps(softcap, student_logit_scale=logit_scale)[0]
     student_weight, student_bias, _, _ = heads_cut_to_vocab(opts, process_group, student_weight, student_bias)
 
     def check(vocab):
@@ -80,25 +84,29 @@ def fused_linear_sparse_loss(student_hidden, student_weight, teacher_ids, teache
         rows_kernel = device_rows(opts, student_hidden.device)
     teacher = SparseTargets(teacher_ids.to(torch.int64), teacher_logprobs.detach())
     return apply_linear(student_hidden, student_weight, student_bias, labels, num_items_in_batch, opts,
-                        ChunkPlan(softcap, chunk_size, rows_kernel, fp32_logits), teacher)
+                        ChunkPlan(student_map, chunk_size, rows_kernel, fp32_logits), teacher)
 
 
 class LinearSparseDistillLoss(torch.nn.Module):
-    """`linear_sparse_distill_loss` with its settings fixed at construction: `softcap`, `chunk_size`, `fp32_logits`,
+    """`linear_sparse_distill_loss` with its settings fixed at construction: `softcap`, `logit_scale`, `chunk_size`,
+    `fp32_logits`,
     `process_group`, `vocab_range`, `reduce_hidden_grad` and every loss setting of `sparse_distill_loss`."""
 
-    def __init__(self, *, softcap=None, chunk_size="auto", fp32_logits=False, process_group=None, vocab_range=None,
-                 reduce_hidden_grad=True, **settings):
+    def __init__(self, *, softcap=None, logit_scale=1.0, chunk_size="auto", fp32_logits=False, process_group=None,
+                 vocab_range=None, reduce_hidden_grad=True, **settings):
         super().__init__()
         self.options = SparseOptions.build("LinearSparseDistillLoss", **settings)
         check_chunk_settings(softcap, chunk_size, fp32_logits)
-        self.softcap, self.chunk_size, self.fp32_logits = softcap, chunk_size, fp32_logits
+        logit_maps(softcap, student_logit_scale=logit_scale)
+        self.softcap, self.logit_scale = softcap, logit_scale
+        self.chunk_size, self.fp32_logits = chunk_size, fp32_logits
         self.process_group, self.vocab_range, self.reduce_hidden_grad = process_group, vocab_range, reduce_hidden_grad
 
     def forward(self, student_hidden, student_weight, teacher_ids, teacher_logprobs, labels=None, student_bias=None,
                 num_items_in_batch=None):
         return fused_linear_sparse_loss(student_hidden, student_weight, teacher_ids, teacher_logprobs, labels,
                                         self.options, student_bias=student_bias, softcap=self.softcap,
+                                        logit_scale=self.logit_scale,
                                         chunk_size=self.chunk_size, fp32_logits=self.fp32_logits,
                                         num_items_in_batch=num_items_in_batch,
                                         process_group=self.process_group, vocab_range=self.vocab_range,

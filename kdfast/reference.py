@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from kdfast.logit_maps import LogitMap, logit_maps
 from kdfast.options import LossOptions
 
 
@@ -84,9 +85,7 @@ def _reduced_reference(student_logits, kd, labels, opts: LossOptions, num_items_
     """kd_scale * kd + ce_weight * CE + z_loss_weight * log(Z)^2 per row, ignored rows dropped, then the
     reduction."""
     lead_shape = student_logits.shape[:-1]
-    keep = torch.ones(lead_shape, dtype=torch.bool, device=student_logits.device)
-    if labels is not None:
-        keep = labels != opts.ignore_index
+    keep = _kept_rows(student_logits, labels, opts)
     rows = torch.zeros(lead_shape, dtype=student_logits.dtype, device=student_logits.device)
     if opts.has_kd:
         rows = rows + opts.kd_scale * kd
@@ -100,6 +99,16 @@ def _reduced_reference(student_logits, kd, labels, opts: LossOptions, num_items_
         rows = rows + opts.ce_weight * ce
     if opts.z_loss_weight != 0.0:  # PaLM's z-loss: log(Z)^2 of the student at T = 1
         rows = rows + opts.z_loss_weight * torch.logsumexp(student_logits, dim=-1) ** 2
+    return _reduce_rows(rows, keep, opts, num_items_in_batch)
+
+
+def _kept_rows(student_logits, labels, opts: LossOptions):
+    keep = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
+    return keep if labels is None else labels != opts.ignore_index
+
+
+def _reduce_rows(rows, keep, opts: LossOptions, num_items_in_batch):
+    """Per-row values, ignored rows dropped, reduced as the loss is."""
     rows = torch.where(keep, rows, torch.zeros_like(rows))
     if opts.reduction == "none":
         return rows
@@ -111,22 +120,42 @@ def _reduced_reference(student_logits, kd, labels, opts: LossOptions, num_items_
     return total / keep.sum().clamp(min=1)
 
 
+def student_entropy_reference(student_logits, labels=None, *, num_items_in_batch=None,
+                              dtype: torch.dtype | None = torch.float64, **options) -> torch.Tensor:
+    """`LossComponents.entropy` computed naively: -sum_j q_j log q_j of q = softmax(student / T) (T = 1 for a loss
+    without a divergence: the CE's), per kept row, reduced as the loss is. Any loss's settings are taken (the
+    sparse teacher's too: the student's row is dense whatever the teacher)."""
+    opts = LossOptions(**{k: v for k, v in options.items() if k in LossOptions.FIELD_NAMES})
+    student = student_logits.to(dtype) if dtype is not None else student_logits
+    if opts.vocab_size is not None:
+        student = student[..., :opts.vocab_size]
+    log_q = torch.log_softmax(student / (opts.temperature if opts.has_kd else 1.0), dim=-1)
+    q = log_q.exp()
+    entropy = -torch.where(q == 0, torch.zeros_like(q), q * log_q).sum(-1)  # 0 * log 0 = 0: -inf logits add nothing
+    return _reduce_rows(entropy, _kept_rows(student, labels, opts), opts, num_items_in_batch)
+
+
 def linear_distill_loss_reference(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
-                                  student_bias=None, teacher_bias=None, softcap=None, chunk_size=None,
-                                  dtype: torch.dtype | None = torch.float64, **options) -> torch.Tensor:
-    """The contract of `kdfast.linear_distill_loss`: full logits of both heads, then the logits-level
-    reference (`chunk_size` is accepted and ignored: the reference has no chunks)."""
-    def head_logits(hidden, weight, bias):
+                                  student_bias=None, teacher_bias=None, softcap=None, student_softcap=None,
+                                  teacher_softcap=None, student_logit_scale=1.0, teacher_logit_scale=1.0,
+                                  chunk_size=None, dtype: torch.dtype | None = torch.float64,
+                                  **options) -> torch.Tensor:
+    """The contract of `kdfast.linear_distill_loss`: full logits of both heads (bias, scale, softcap), then the
+    logits-level reference (`chunk_size` is accepted and ignored: the reference has no chunks)."""
+    student_map, teacher_map = logit_maps(softcap, student_softcap, teacher_softcap, student_logit_scale,
+                                          teacher_logit_scale)
+
+    def head_logits(hidden, weight, bias, logit_map):
         if dtype is not None:
             hidden, weight = hidden.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
         logits = hidden @ weight.t()
         if bias is not None:
             logits = logits + bias
-        return softcap * torch.tanh(logits / softcap) if softcap is not None else logits
+        return logit_map.reference(logits)
 
-    return distill_loss_reference(head_logits(student_hidden, student_weight, student_bias),
-                                  head_logits(teacher_hidden, teacher_weight, teacher_bias), labels,
+    return distill_loss_reference(head_logits(student_hidden, student_weight, student_bias, student_map),
+                                  head_logits(teacher_hidden, teacher_weight, teacher_bias, teacher_map), labels,
                                   dtype=dtype, **options)
 
 
@@ -177,7 +206,7 @@ def sparse_distill_loss_reference(student_logits, teacher_ids, teacher_logprobs,
 
 
 def linear_sparse_distill_loss_reference(student_hidden, student_weight, teacher_ids, teacher_logprobs, labels=None, *,
-                                         student_bias=None, softcap=None, chunk_size=None,
+                                         student_bias=None, softcap=None, logit_scale=1.0, chunk_size=None,
                                          dtype: torch.dtype | None = torch.float64, **options) -> torch.Tensor:
     """The contract of `kdfast.linear_sparse_distill_loss`: the student's full logits, then the sparse reference."""
     hidden, weight = student_hidden, student_weight
@@ -188,6 +217,5 @@ def linear_sparse_distill_loss_reference(student_hidden, student_weight, teacher
     logits = hidden @ weight.t()
     if bias is not None:
         logits = logits + bias
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
+    logits = LogitMap(logit_scale, softcap).reference(logits)
     return sparse_distill_loss_reference(logits, teacher_ids, teacher_logprobs, labels, dtype=dtype, **options)

@@ -38,23 +38,38 @@ def _text_config(model):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+# The names model families give the factor they multiply their logits by before any softcap, in the order TRL's
+# DistillationTrainer reads them: Cohere's `logit_scale`, `output_multiplier`, Falcon-H1's `lm_head_multiplier`.
+_SCALE_NAMES = ("logit_scale", "output_multiplier", "lm_head_multiplier")
+
+
 def logit_scale(model) -> float:
-    """The factor a model applies to its logits before any softcap: Cohere's `logit_scale` multiplies, Granite's
-    `logits_scaling` divides. 1 for most models."""
+    """The factor a model applies to its logits (after the head's bias, before any softcap), read from its text
+    config exactly as TRL reads it: the first of _SCALE_NAMES that is set (a real 0.0 kept), else `logits_scaling`,
+    which Granite and MiniCPM3 divide by and HyperCLOVA X multiplies by; 1 for most models."""
     config = _text_config(model)
-    scale = getattr(config, "logit_scale", None)
-    if scale is None and getattr(config, "logits_scaling", None):
-        scale = 1.0 / config.logits_scaling
-    return 1.0 if scale is None else float(scale)
+    for name in _SCALE_NAMES:
+        scale = getattr(config, name, None)
+        if scale is not None:
+            return float(scale)
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling is None:
+        return 1.0
+    return float(scaling) if getattr(config, "model_type", None) == "hyperclovax" else 1.0 / float(scaling)
 
 
-def final_softcap(student, teacher) -> float | None:
-    """Gemma-2's `final_logit_softcapping`, which the fused loss applies to both models alike."""
-    caps = [getattr(_text_config(model), "final_logit_softcapping", None) for model in (student, teacher)]
-    if caps[0] != caps[1]:
-        raise ValueError(f"the student's final_logit_softcapping ({caps[0]}) and the teacher's ({caps[1]}) differ; "
-                         "kdfast applies one softcap to both models")
-    return caps[0]
+def final_softcap(model) -> float | None:
+    """Gemma-2's `final_logit_softcapping`, applied after the logit scale (None: no cap)."""
+    return getattr(_text_config(model), "final_logit_softcapping", None)
+
+
+def head_settings(student, teacher=None) -> dict:
+    """The fused linear loss's per-model logit keywords for two causal LMs (or the student alone, for a sparse
+    teacher whose log-probs are final)."""
+    if teacher is None:
+        return {"softcap": final_softcap(student), "logit_scale": logit_scale(student)}
+    return {"student_softcap": final_softcap(student), "teacher_softcap": final_softcap(teacher),
+            "student_logit_scale": logit_scale(student), "teacher_logit_scale": logit_scale(teacher)}
 
 
 def distill_from_hidden(student, teacher, student_hidden, teacher_hidden, labels, options: LossOptions, *,
@@ -62,19 +77,12 @@ def distill_from_hidden(student, teacher, student_hidden, teacher_hidden, labels
     """The fused loss between two causal LMs' heads over already-shifted hidden states and labels. Heads padded past
     the tokenizer are cut to `options.vocab_size` by the loss itself."""
     student_head, teacher_head = output_head(student), output_head(teacher)
-    softcap = final_softcap(student, teacher)
-    # A logit scale is folded into the hidden states: (s·h)Wᵀ = s·(hWᵀ), and autograd carries s into d hidden.
-    student_scale, teacher_scale = logit_scale(student), logit_scale(teacher)
-    if student_scale != 1.0:
-        student_hidden = student_hidden * student_scale
-    if teacher_scale != 1.0:
-        teacher_hidden = teacher_hidden * teacher_scale
     with whole_head(student, student_head), whole_head(teacher, teacher_head, frozen=True):
         # The teacher is frozen here even where its trainer left requires_grad on (TRL does).
         teacher_bias = teacher_head.bias.detach() if teacher_head.bias is not None else None
         return fused_linear_loss(student_hidden, student_head.weight, teacher_hidden.detach(),
                                  teacher_head.weight.detach(), labels, options, student_bias=student_head.bias,
-                                 teacher_bias=teacher_bias, softcap=softcap, chunk_size=chunk_size,
+                                 teacher_bias=teacher_bias, **head_settings(student, teacher), chunk_size=chunk_size,
                                  fp32_logits=fp32_logits,
                                  num_items_in_batch=num_items_in_batch)
 
@@ -100,13 +108,9 @@ def sparse_distill_from_hidden(student, student_hidden, teacher_ids, teacher_log
     """The fused loss of a causal LM's head against a sparse teacher, over already-aligned hidden states, teacher rows
     [..., K] and labels (a head padded past the tokenizer is cut to `options.vocab_size` by the loss itself)."""
     head = output_head(student)
-    scale = logit_scale(student)
-    if scale != 1.0:
-        student_hidden = student_hidden * scale
-    softcap = getattr(_text_config(student), "final_logit_softcapping", None)
     with whole_head(student, head):
         return fused_linear_sparse_loss(student_hidden, head.weight, teacher_ids, teacher_logprobs, labels, options,
-                                        student_bias=head.bias, softcap=softcap, chunk_size=chunk_size,
+                                        student_bias=head.bias, **head_settings(student), chunk_size=chunk_size,
                                         fp32_logits=fp32_logits,
                                         num_items_in_batch=num_items_in_batch)
 

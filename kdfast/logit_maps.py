@@ -1,0 +1,115 @@
+"""What an LM head does to its GEMM's output, per model, in the order the models (and TRL's trainers) apply it: the
+bias (in the GEMM), times the logit scale, then Gemma-2's softcap c * tanh(z / c), then (where the caller folds it
+in, as kdfast.linear_token_logprobs does) the division by the temperature.
+
+The scale is applied to the logits, never folded into the hidden states: (s h) W^T + b is not s (h W^T + b) when the
+head has a bias."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LogitMap:
+    scale: float = 1.0
+    softcap: float | None = None
+    # Last, after the softcap. Free: it joins the scale's multiply without a softcap and the cap's final multiply
+    # (c / T) with one. The distillation losses leave it at 1: their kernels divide by T themselves.
+    temperature: float = 1.0
+
+    @property
+    def slope(self) -> float:
+        """d mapped / d GEMM output without a softcap, a constant (with one, chain_ adds 1 - tanh^2)."""
+        return self.scale / self.temperature
+
+    @property
+    def gemm_factor(self) -> float:
+        """The part of the map a GEMM can take in its alpha (and the bias in its beta): all of it without a softcap,
+        scale / c (the tanh's argument) with one; cap_ does the rest."""
+        return self.slope if self.softcap is None else self.scale / self.softcap
+
+    def cap_(self, tanh_arg: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """With a softcap, after a GEMM that applied gemm_factor: tanh in place in `tanh_arg` (tanh_chain_ reads it)
+        and c / T * tanh written into `out` (tanh_arg itself where no chain rule follows), which it returns."""
+        return torch.mul(tanh_arg.tanh_(), self.softcap / self.temperature, out=out)
+
+    def tanh_chain_(self, grad: torch.Tensor, tanh: torch.Tensor) -> torch.Tensor:
+        """chain_ from cap_'s tanh: grad times slope * (1 - tanh^2), in place. Overwrites `tanh`."""
+        # slope * (1 - tanh^2) in the ops the unscaled chain already took.
+        return grad.mul_(tanh.mul_(tanh).mul_(-self.slope).add_(self.slope))
+
+    def apply_(self, logits: torch.Tensor) -> torch.Tensor:
+        """Maps the GEMM's output in place and returns it."""
+        if self.softcap is None:
+            return logits.mul_(self.slope) if self.slope != 1.0 else logits
+        if self.scale != 1.0:
+            logits.mul_(self.scale)
+        return logits.div_(self.softcap).tanh_().mul_(self.softcap / self.temperature)
+
+    def capped_into(self, uncapped: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """With a softcap: scales the GEMM's output `uncapped` in place (the chain rule reads it) and writes the
+        capped logits into `out`, which it returns."""
+        if self.scale != 1.0:
+            uncapped.mul_(self.scale)
+        return torch.div(uncapped, self.softcap, out=out).tanh_().mul_(self.softcap / self.temperature)
+
+    def chain_(self, grad: torch.Tensor, uncapped: torch.Tensor | None) -> torch.Tensor:
+        """grad (d loss / d mapped logits) times d mapped / d GEMM output, in place: scale / T * (1 - tanh(z / c)^2).
+        Overwrites `uncapped`."""
+        if self.softcap is not None:
+            return self.tanh_chain_(grad, uncapped.div_(self.softcap).tanh_())
+        return grad.mul_(self.slope) if self.slope != 1.0 else grad
+
+    def reference(self, logits: torch.Tensor) -> torch.Tensor:
+        """The map out of place (autograd follows it): for references and eager paths."""
+        logits = logits * self.scale if self.scale != 1.0 else logits
+        logits = self.softcap * torch.tanh(logits / self.softcap) if self.softcap is not None else logits
+        return logits / self.temperature if self.temperature != 1.0 else logits
+
+
+def _check_scale(name: str, value) -> float:
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_softcap(name: str, value) -> float | None:
+    if value is None:
+        return None
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be None or a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_temperature(value) -> float:
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def tempered_map(logit_scale=1.0, softcap=None, temperature=1.0) -> LogitMap:
+    """One head's map with the temperature folded in, from the public keywords (checked, each error naming its
+    keyword)."""
+    return LogitMap(_check_scale("logit_scale", logit_scale), _check_softcap("softcap", softcap),
+                    _check_temperature(temperature))
+
+
+def logit_maps(softcap=None, student_softcap=None, teacher_softcap=None, student_logit_scale=1.0,
+               teacher_logit_scale=1.0) -> tuple[LogitMap, LogitMap]:
+    """The student's and the teacher's maps from the public keywords: `softcap` is both models' cap, or each model's
+    own through `student_softcap` / `teacher_softcap` (not both ways at once)."""
+    softcap = _check_softcap("softcap", softcap)
+    student_softcap = _check_softcap("student_softcap", student_softcap)
+    teacher_softcap = _check_softcap("teacher_softcap", teacher_softcap)
+    if softcap is not None and (student_softcap is not None or teacher_softcap is not None):
+        raise ValueError("pass softcap (both models' cap) or student_softcap / teacher_softcap (each model's), "
+                         "not both")
+    if softcap is not None:
+        student_softcap = teacher_softcap = softcap
+    return (LogitMap(_check_scale("student_logit_scale", student_logit_scale), student_softcap),
+            LogitMap(_check_scale("teacher_logit_scale", teacher_logit_scale), teacher_softcap))
