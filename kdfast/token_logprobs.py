@@ -1,0 +1,270 @@
+"""Per-token log-probabilities of a linear LM head, and the entropy of its distribution, without [N, V] logits:
+`linear_token_logprobs`, what the sampled-token estimators of on-policy distillation take (the reverse-KL advantage
+log q - log p is two calls, one per model).
+
+q = softmax(softcap(logit_scale * (hidden @ weight.T + bias)) / temperature), TRL's order. One chunk of logits
+exists at a time; each row's log-sum-exp, -log q(token) and entropy come from kdfast's own CE kernel (a CE-only call
+at T = 1 on logits that already hold the temperature). Forward is loss-only and keeps O(N) tensors; backward
+recomputes each chunk's logits and lets the kernel write q - onehot(token) over them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kdfast.dispatch import device_rows
+from kdfast.kernel_abi import PART_CE, PART_ENTROPY
+from kdfast.linear_chunks import CHUNK_BUDGET_BYTES, Wanted, _accumulate_weight_grad
+from kdfast.linear_function import gemm_dtype
+from kdfast.logit_maps import LogitMap, tempered_map
+from kdfast.options import LossOptions
+from kdfast.validation import (
+    _check_bias,
+    _check_floating,
+    _check_one_device,
+    _label_check_costs_no_sync,
+    check_chunk_settings,
+)
+
+
+def linear_token_logprobs(hidden, weight, token_ids, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None,
+                          return_entropy=False, chunk_size="auto", backend="auto"):
+    """log q(token) per row, float32 and shaped like `token_ids`, for hidden states [..., H], a head [V, H] (+ bias
+    [V]) and token ids [...] in [0, V); with `return_entropy`, (log-probs, the entropy of q per row). Both outputs
+    are differentiable to hidden, weight and bias. `chunk_size`: rows per chunk of logits ("auto": from a memory
+    budget). Under torch.autocast the GEMMs run in autocast's dtype; sums are float32."""
+    logit_map = tempered_map(logit_scale, softcap, temperature)
+    _check_inputs(hidden, weight, token_ids, bias, return_entropy, chunk_size)
+    # CE alone with weight 1 at T = 1: the kernel's PART_CE is -log q(token), PART_ENTROPY q's entropy.
+    opts = LossOptions(kd_weight=0.0, ce_weight=1.0, reduction="none", backend=backend)
+    plan = TokenPlan(logit_map, chunk_size, device_rows(opts, hidden.device), opts)
+    logprobs, entropy = _apply(hidden, weight, bias, token_ids, plan)
+    return (logprobs, entropy) if return_entropy else logprobs
+
+
+@dataclass(frozen=True)
+class TokenPlan:
+    """How the chunks run: the head's map (the temperature folded in), the chunk size, the rows kernel and its
+    settings (CE alone)."""
+
+    logit_map: LogitMap
+    chunk_size: int | str
+    rows_kernel: object
+    opts: LossOptions
+
+
+# The chunk loop is driven from the host: torch.compile calls it as is rather than tracing into it.
+@torch.compiler.disable
+def _apply(hidden, weight, bias, token_ids, plan):
+    return TokenLogprobsFunction.apply(hidden, weight, bias, token_ids, plan)
+
+
+def _check_inputs(hidden, weight, token_ids, bias, return_entropy, chunk_size) -> None:
+    _check_floating("hidden", hidden, "[..., hidden]")
+    _check_floating("weight", weight, "[vocab, hidden]")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape [..., hidden], got a 0-d tensor")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
+        raise ValueError(f"weight must have shape [vocab, {hidden.shape[-1]}] (vocab >= 1, the hidden size of "
+                         f"hidden), got {tuple(weight.shape)}")
+    vocab = weight.shape[0]
+    _check_bias("bias", bias, vocab)
+    _check_one_device(hidden, weight, bias)
+    if not isinstance(token_ids, torch.Tensor):
+        raise ValueError(f"token_ids must be an integer torch.Tensor, got {type(token_ids).__name__}")
+    if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or token_ids.dtype == torch.bool:
+        raise ValueError(f"token_ids must be an integer tensor (int64 token ids), got dtype {token_ids.dtype}")
+    if tuple(token_ids.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"token_ids shape {tuple(token_ids.shape)} must equal hidden's leading shape "
+                         f"{tuple(hidden.shape[:-1])}: one token per row of hidden")
+    if token_ids.device != hidden.device:
+        raise ValueError(f"token_ids are on {token_ids.device} but hidden is on {hidden.device}")
+    # As for labels: reading the range on a GPU is a host sync; there the kernels mark an out-of-range row NaN.
+    if token_ids.numel() and _label_check_costs_no_sync(token_ids):
+        bad = (token_ids < 0) | (token_ids >= vocab)
+        if bool(bad.any()):
+            raise ValueError(f"token_ids must lie in [0, {vocab}) (the vocab size of weight); found "
+                             f"{token_ids[bad][0].item()}")
+    if not isinstance(return_entropy, bool):
+        raise ValueError(f"return_entropy must be True or False, got {return_entropy!r}")
+    check_chunk_settings(None, chunk_size)
+
+
+@dataclass
+class Rows:
+    """One call's inputs flattened: hidden [N, H], the head [V, H] (+ bias [V]) and the token ids [N] int64."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    token_ids: torch.Tensor
+    gemm: torch.dtype  # the GEMMs' dtype (autocast's, or the inputs' promoted type); the chunk's logits have it
+
+    @property
+    def count(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def vocab(self) -> int:
+        return self.weight.shape[0]
+
+
+def chunk_rows(chunk_size, rows: Rows, row_bytes: int) -> int:
+    """Rows per chunk: `chunk_size`, or as many as the device's budget allows at `row_bytes` per row (multiples of
+    16, at least 16)."""
+    if chunk_size != "auto":
+        return min(int(chunk_size), max(rows.count, 1))
+    budget = CHUNK_BUDGET_BYTES.get(rows.hidden.device.type, CHUNK_BUDGET_BYTES["cpu"])
+    return min(max(16, budget // row_bytes // 16 * 16), max(rows.count, 1))
+
+
+class TokenLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, token_ids, plan: TokenPlan):
+        ctx.set_materialize_grads(False)  # an output with no gradient (the entropy, often) costs nothing
+        lead_shape = hidden.shape[:-1]
+        rows = Rows(hidden.reshape(-1, hidden.shape[-1]), weight, bias, token_ids.reshape(-1).long().contiguous(),
+                    gemm_dtype(hidden, weight))
+        # The chunks' casts and GEMMs are ours: autocast must not cast them again.
+        with torch.autocast(hidden.device.type, enabled=False):
+            logprobs, entropy = _forward_chunks(rows, plan)
+        logprobs, entropy = logprobs.view(lead_shape), entropy.view(lead_shape)
+        wanted = Wanted(ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        if wanted.any:
+            ctx.rows, ctx.plan, ctx.wanted, ctx.hidden_shape = rows, plan, wanted, hidden.shape
+            # Saved so that autograd refuses a backward after any of them was modified in place.
+            ctx.save_for_backward(hidden, weight, bias, logprobs, entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        if grad_logprobs is None and grad_entropy is None:
+            return None, None, None, None, None
+        _, weight, bias, logprobs, entropy = ctx.saved_tensors
+        flat = [g.reshape(-1).float() if g is not None else None for g in (grad_logprobs, grad_entropy)]
+        with torch.autocast(logprobs.device.type, enabled=False):
+            d_hidden, d_weight, d_bias = _backward_chunks(ctx.rows, ctx.plan, ctx.wanted, logprobs.reshape(-1),
+                                                          entropy.reshape(-1), *flat)
+        return (d_hidden.view(ctx.hidden_shape) if d_hidden is not None else None,
+                d_weight.to(weight.dtype) if d_weight is not None else None,
+                d_bias.to(bias.dtype) if d_bias is not None else None, None, None)
+
+
+def _forward_chunks(rows: Rows, plan: TokenPlan):
+    """log q(token) [N] and the entropy of q [N], float32; no gradient work."""
+    device = rows.hidden.device
+    logprobs = torch.empty(rows.count, dtype=torch.float32, device=device)
+    entropy = torch.empty(rows.count, dtype=torch.float32, device=device)
+    step = chunk_rows(plan.chunk_size, rows, rows.vocab * rows.gemm.itemsize)
+    buffer = torch.empty(min(step, rows.count), rows.vocab, dtype=rows.gemm, device=device)
+    weight = rows.weight.to(rows.gemm)  # one cast for all chunks (a no-op when equal)
+    one = torch.ones((), dtype=torch.float32, device=device)
+    for start in range(0, rows.count, step):
+        chunk = slice(start, start + step)
+        logits = _mapped_logits(buffer[:min(step, rows.count - start)], None, rows.hidden[chunk].to(rows.gemm),
+                                weight, rows.bias, plan.logit_map).unsqueeze(0)
+        # Without a divergence the teacher argument is not read: the student stands in for it.
+        parts = plan.rows_kernel(logits, logits, rows.token_ids[chunk], one, None, plan.opts)
+        logprobs[chunk] = parts[:, PART_CE].neg()
+        entropy[chunk] = parts[:, PART_ENTROPY]
+    return logprobs, entropy
+
+
+def _backward_chunks(rows: Rows, plan: TokenPlan, wanted: Wanted, logprobs, entropy, grad_logprobs, grad_entropy):
+    """d hidden (hidden's dtype), d weight and d bias (float32) of sum(grad_logprobs * log q(token) + grad_entropy *
+    entropy); either grad may be None (no such term)."""
+    device, logit_map = rows.hidden.device, plan.logit_map
+    d_hidden = torch.empty(rows.hidden.shape, dtype=rows.hidden.dtype, device=device) if wanted.hidden else None
+    d_weight = torch.zeros(rows.weight.shape, dtype=torch.float32, device=device) if wanted.weight else None
+    d_bias = torch.zeros(rows.vocab, dtype=torch.float32, device=device) if wanted.bias else None
+    capped = logit_map.softcap is not None
+    row_bytes = rows.vocab * rows.gemm.itemsize * (2 if capped else 1)
+    if grad_entropy is not None:
+        row_bytes += rows.vocab * 4  # the entropy term's coefficient, float32
+    step = chunk_rows(plan.chunk_size, rows, row_bytes)
+    size = (min(step, rows.count), rows.vocab)
+    buffer = torch.empty(size, dtype=rows.gemm, device=device)
+    tanh_buffer = torch.empty(size, dtype=rows.gemm, device=device) if capped else None
+    entropy_buffer = torch.empty(size, dtype=torch.float32, device=device) if grad_entropy is not None else None
+    weight = rows.weight.to(rows.gemm)
+    one = torch.ones((), dtype=torch.float32, device=device)
+    # The gradient's constant factor: the map's slope without a softcap (tanh_chain_ applies it with one).
+    slope = logit_map.slope if not capped else 1.0
+    for start in range(0, rows.count, step):
+        chunk = slice(start, start + step)
+        count = min(step, rows.count - start)
+        hidden = rows.hidden[chunk].to(rows.gemm)
+        tanh = tanh_buffer[:count] if capped else None
+        logits = _mapped_logits(buffer[:count], tanh, hidden, weight, rows.bias, logit_map)
+        token_ids = rows.token_ids[chunk]
+        if grad_entropy is not None:
+            entropy_grads = (logprobs[chunk], entropy[chunk], _rows_or_zeros(grad_logprobs, chunk, count, device),
+                             grad_entropy[chunk])
+            coefficient = _entropy_coefficient(logits, token_ids, *entropy_grads, entropy_buffer[:count])
+        plan.rows_kernel(logits.unsqueeze(0), logits.unsqueeze(0), token_ids, one, logits.unsqueeze(0), plan.opts)
+        grad = logits  # now q - onehot(token)
+        if grad_entropy is None:
+            # d log q(t) / dz = -(q - onehot): the row weight joins the small side of each GEMM, not a pass over V.
+            row_factor = grad_logprobs[chunk].mul(-slope)
+        else:
+            _add_entropy_term_(grad, coefficient, token_ids, *entropy_grads)
+            row_factor = torch.full((count,), -slope, dtype=torch.float32, device=device)
+        if capped:
+            logit_map.tanh_chain_(grad, tanh)
+        _accumulate(grad, row_factor[:, None], hidden, weight, chunk, d_hidden, d_weight, d_bias)
+    return d_hidden, d_weight, d_bias
+
+
+def _mapped_logits(out, tanh_out, hidden, weight, bias, logit_map: LogitMap):
+    """The chunk's logits, mapped, in `out`; with a softcap the tanh is kept in `tanh_out` for the chain rule (None:
+    no chain rule follows, `out` takes it). The map's constant rides in the GEMM's alpha and beta: no pass over the
+    chunk for it, and 16-bit logits are rounded once rather than after the product, the bias and each factor."""
+    into = tanh_out if logit_map.softcap is not None and tanh_out is not None else out
+    factor = logit_map.gemm_factor
+    if bias is not None:
+        torch.addmm(bias.to(into.dtype), hidden, weight.t(), beta=factor, alpha=factor, out=into)
+    elif factor == 1.0:
+        torch.mm(hidden, weight.t(), out=into)
+    else:  # beta 0: the buffer's old values are not read
+        torch.addmm(into, hidden, weight.t(), beta=0.0, alpha=factor, out=into)
+    return logit_map.cap_(into, out) if logit_map.softcap is not None else out
+
+
+def _rows_or_zeros(grad, chunk, count, device):
+    return grad[chunk] if grad is not None else torch.zeros(count, dtype=torch.float32, device=device)
+
+
+def _entropy_coefficient(logits, token_ids, logprobs, entropy, grad_logprobs, grad_entropy, out):
+    """g_l + g_H (log q_j + H) per element, float32, in one pass over the chunk's logits before the kernel overwrites
+    them: log q_j = z_j - lse, with lse = z_token - log q(token) from the forward's log q(token) (never the log of
+    q, which underflows to 0)."""
+    z_token = logits.gather(1, token_ids[:, None]).float()
+    row_constant = grad_logprobs[:, None] + grad_entropy[:, None] * ((entropy + logprobs)[:, None] - z_token)
+    return torch.addcmul(row_constant, logits, grad_entropy[:, None], out=out)
+
+
+def _add_entropy_term_(grad, coefficient, token_ids, logprobs, entropy, grad_logprobs, grad_entropy) -> None:
+    """grad: q - onehot(t) in, -(d / dz of g_l log q(t) + g_H H) out, before the map's chain rule. With L_j =
+    log q_j + H: d log q(t) / dz_j = -(q_j - onehot_j) and dH / dz_j = -q_j L_j, so the sum is
+    -(q_j - onehot_j) (g_l + g_H L_j) off the token and -(q_t (g_l + g_H L_t) - g_l) at it; the caller's row factor
+    supplies the minus. The token's entry is written from float32 values (L_t = log q(t) + H): (q_t - 1)
+    (g_l + g_H L_t) + g_H L_t in the chunk's dtype would cancel to nothing in 16 bits."""
+    grad.mul_(coefficient)
+    coefficient_t = grad_logprobs + grad_entropy * (logprobs + entropy)
+    token_entry = logprobs.exp().mul_(coefficient_t).sub_(grad_logprobs)
+    grad.scatter_(1, token_ids[:, None], token_entry[:, None].to(grad.dtype))
+
+
+def _accumulate(grad, row_factor, hidden, weight, chunk, d_hidden, d_weight, d_bias) -> None:
+    """With G = row_factor * grad (never formed): d hidden[chunk] = G W, d W += G^T X, d bias += sum over rows of G."""
+    if d_bias is not None:
+        if grad.dtype == torch.float32:
+            d_bias.addmv_(grad.t(), row_factor.view(-1))
+        else:  # 16-bit: no mixed-dtype GEMV; its sums are float32 inside, rounded once per chunk
+            d_bias += torch.mv(grad.t(), row_factor.view(-1).to(grad.dtype)).float()
+    if d_hidden is not None:
+        d_hidden[chunk] = (grad @ weight).float().mul_(row_factor)
+    if d_weight is not None:
+        _accumulate_weight_grad(d_weight, grad, (hidden.float() * row_factor).to(grad.dtype))

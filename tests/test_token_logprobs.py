@@ -1,0 +1,233 @@
+"""kdfast.linear_token_logprobs against float64 torch (log_softmax gathered at the token, the entropy) and against
+TRL's ChunkedLogProbFunction: values, and the gradients of hidden, weight and bias of a weighted sum of either or
+both outputs; every backend, bias, logit scale, softcap, temperature, chunks splitting the rows, 3-D hidden, bf16,
+autocast; bad inputs; the peak memory of a step."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BACKENDS, device_for
+
+import kdfast
+from kdfast.memory import extra_peak_bytes_in_child
+
+TOLERANCES = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (3e-2, 3e-2)}
+# The logprobs' gradient alone (the entropy unused: backward gets no gradient for it), the entropy's alone, both.
+TERMS = ["logprobs", "entropy", "both"]
+# bias, logit_scale, softcap, temperature
+SETTINGS = [
+    (False, 1.0, None, 1.0),
+    (True, 1.0, None, 0.7),
+    (True, 1.7, None, 2.0),
+    (False, 0.5, 3.0, 1.0),
+    (True, 1.3, 4.0, 0.7),
+    (True, 1.0, 2.5, 2.0),
+]
+
+
+def make_inputs(lead_shape, hidden_size, vocab, dtype=torch.float32, bias=True, device="cpu", seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(dtype).to(device)
+
+    return dict(hidden=randn(*lead_shape, hidden_size), weight=randn(vocab, hidden_size, scale=0.5),
+                bias=randn(vocab) if bias else None,
+                token_ids=torch.randint(0, vocab, lead_shape, generator=generator).to(device))
+
+
+def reference(hidden, weight, bias, token_ids, logit_scale=1.0, softcap=None, temperature=1.0):
+    """(log q(token), entropy of q) in float64 from full logits, in TRL's order: bias, scale, softcap, temperature."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    log_q = (logits / temperature).log_softmax(-1)
+    return log_q.gather(-1, token_ids[..., None].long()).squeeze(-1), -(log_q.exp() * log_q).sum(-1)
+
+
+def weighted_sum(logprobs, entropy, terms, seed=5):
+    generator = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(logprobs.shape, generator=generator).to(logprobs.device, logprobs.dtype) for _ in "ab"]
+    total = 0
+    if terms in ("logprobs", "both"):
+        total = total + (logprobs * weights[0]).sum()
+    if terms in ("entropy", "both"):
+        total = total + (entropy * weights[1]).sum()
+    return total
+
+
+def leaves(inputs, dtype=None):
+    """Copies of the float inputs that require grad (in `dtype` when given); the token ids as they are."""
+    return {k: (v.detach().to(dtype or v.dtype).requires_grad_(True) if k != "token_ids" and v is not None else v)
+            for k, v in inputs.items()}
+
+
+def assert_matches_reference(inputs, backend, terms="both", tolerance=None, autocast=False, **settings):
+    ours = leaves(inputs)
+    with torch.autocast(ours["hidden"].device.type, enabled=autocast):
+        logprobs, entropy = kdfast.linear_token_logprobs(**ours, return_entropy=True, backend=backend, **settings)
+    assert logprobs.dtype == entropy.dtype == torch.float32
+    assert logprobs.shape == entropy.shape == inputs["token_ids"].shape
+    weighted_sum(logprobs, entropy, terms).backward()
+    theirs = leaves(inputs, torch.float64)
+    ref_logprobs, ref_entropy = reference(**theirs, **{k: v for k, v in settings.items() if k != "chunk_size"})
+    weighted_sum(ref_logprobs, ref_entropy, terms).backward()
+    rtol, atol = tolerance or TOLERANCES[inputs["hidden"].dtype]
+    torch.testing.assert_close(logprobs.double(), ref_logprobs, rtol=rtol, atol=atol)
+    torch.testing.assert_close(entropy.double(), ref_entropy, rtol=rtol, atol=atol)
+    for name, tensor in ours.items():
+        if name != "token_ids" and tensor is not None:
+            assert tensor.grad.dtype == tensor.dtype, f"d {name} has the dtype of {name}"
+            torch.testing.assert_close(tensor.grad.double(), theirs[name].grad, rtol=rtol, atol=atol,
+                                       msg=lambda text, name=name: f"d {name}: {text}")
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("bias,logit_scale,softcap,temperature", SETTINGS)
+@pytest.mark.parametrize("terms", TERMS)
+def test_matches_float64_reference(backend, bias, logit_scale, softcap, temperature, terms):
+    inputs = make_inputs((2, 9), 16, 131, bias=bias, device=device_for(backend))
+    assert_matches_reference(inputs, backend, terms, logit_scale=logit_scale, softcap=softcap,
+                             temperature=temperature, chunk_size=5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias,logit_scale,softcap,temperature", [SETTINGS[2], SETTINGS[4]])
+def test_every_backend_matches_float64_reference(backend, bias, logit_scale, softcap, temperature):
+    """The Triton kernel (its interpreter off a GPU) too, on fewer settings: the interpreter is slow."""
+    inputs = make_inputs((2, 7), 16, 131, bias=bias, device=device_for(backend))
+    assert_matches_reference(inputs, backend, "both", logit_scale=logit_scale, softcap=softcap,
+                             temperature=temperature, chunk_size=4)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 16, 64, "auto"])
+@pytest.mark.parametrize("lead_shape", [(37,), (3, 5, 4)])
+def test_chunk_sizes_and_shapes(chunk_size, lead_shape):
+    inputs = make_inputs(lead_shape, 12, 97)
+    assert_matches_reference(inputs, "auto", "both", softcap=5.0, temperature=0.7, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("terms", TERMS)
+def test_bfloat16_inputs(backend, terms):
+    """The GEMMs and the chunk's logits are bf16 (the logits rounded to ~3 digits); sums stay float32."""
+    inputs = make_inputs((24,), 32, 257, dtype=torch.bfloat16, device=device_for(backend))
+    assert_matches_reference(inputs, backend, terms, tolerance=(5e-2, 5e-2), temperature=0.7, chunk_size=7)
+
+
+@pytest.mark.parametrize("softcap", [None, 4.0])
+def test_autocast_runs_the_gemms_in_its_dtype(softcap):
+    inputs = make_inputs((2, 10), 32, 257)
+    assert_matches_reference(inputs, "auto", "both", tolerance=(5e-2, 5e-2), autocast=True, softcap=softcap,
+                             temperature=2.0, chunk_size=6)
+
+
+@pytest.mark.parametrize("bias,logit_scale,softcap,temperature", SETTINGS)
+def test_equals_trl_chunked_logprob(bias, logit_scale, softcap, temperature):
+    """TRL's ChunkedLogProbFunction (trl/kernels/chunked_logprob.py) on the same inputs: values and gradients."""
+    chunked_logprob = pytest.importorskip("trl.kernels.chunked_logprob")
+    inputs = make_inputs((40,), 24, 301, bias=bias, seed=2)
+    ours, theirs = leaves(inputs), leaves(inputs)
+    logprobs, entropy = kdfast.linear_token_logprobs(**ours, logit_scale=logit_scale, softcap=softcap,
+                                                     temperature=temperature, return_entropy=True, chunk_size=16)
+    trl_logprobs, trl_entropy, *_ = chunked_logprob.ChunkedLogProbFunction.apply(
+        theirs["hidden"], theirs["weight"], theirs["bias"], theirs["token_ids"], temperature, 128, softcap,
+        logit_scale, ("entropy",))
+    torch.testing.assert_close(logprobs, trl_logprobs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy, trl_entropy, rtol=1e-5, atol=1e-5)
+    weighted_sum(logprobs, entropy, "both").backward()
+    weighted_sum(trl_logprobs, trl_entropy, "both").backward()
+    for name in ("hidden", "weight", "bias"):
+        if ours[name] is not None:
+            torch.testing.assert_close(ours[name].grad, theirs[name].grad, rtol=1e-4, atol=1e-5)
+
+
+def test_returns_the_logprobs_alone_by_default():
+    inputs = make_inputs((3, 4), 8, 29)
+    logprobs = kdfast.linear_token_logprobs(**inputs)
+    expected, _ = reference(**{k: v.double() if k != "token_ids" and v is not None else v for k, v in inputs.items()})
+    torch.testing.assert_close(logprobs.double(), expected, rtol=2e-5, atol=2e-5)
+
+
+def test_gradients_only_for_inputs_that_require_them():
+    inputs = make_inputs((10,), 8, 29)
+    weight = inputs["weight"].clone().requires_grad_(True)
+    logprobs, entropy = kdfast.linear_token_logprobs(inputs["hidden"], weight, inputs["token_ids"],
+                                                     bias=inputs["bias"], return_entropy=True)
+    (logprobs.sum() + entropy.sum()).backward()
+    assert weight.grad is not None and inputs["hidden"].grad is None and inputs["bias"].grad is None
+    with torch.no_grad():
+        assert not kdfast.linear_token_logprobs(**leaves(inputs)).requires_grad
+
+
+@pytest.mark.parametrize("terms", TERMS)
+def test_no_nan_when_probabilities_underflow(terms):
+    """Nearly one-hot rows (most q_j are 0 in float32): log q comes from the logits, never from log(q). Logits of
+    ~450 hold log q to ~450 * 2^-24 in float32 and the slope is 160, so the gradients (~450) agree to ~1e-5 of their
+    scale: the absolute tolerance is set from it."""
+    inputs = make_inputs((12,), 16, 211)
+    assert_matches_reference(inputs, "auto", terms, tolerance=(1e-4, 5e-2), logit_scale=40.0, temperature=0.25,
+                             chunk_size=5)
+
+
+def test_empty_input():
+    inputs = leaves(make_inputs((0,), 8, 29))
+    logprobs, entropy = kdfast.linear_token_logprobs(**inputs, return_entropy=True)
+    assert logprobs.shape == entropy.shape == (0,)
+    (logprobs.sum() + entropy.sum()).backward()
+    assert inputs["weight"].grad.abs().sum() == 0 and inputs["hidden"].grad.shape == (0, 8)
+
+
+def token_logprobs_step(device, tokens, hidden_size, vocab):
+    """Builds the inputs and returns one step: the log-probs and entropy, and their backward into hidden and head."""
+    inputs = make_inputs((tokens,), hidden_size, vocab, bias=False, device=device)
+    hidden, weight = inputs["hidden"].requires_grad_(True), inputs["weight"].requires_grad_(True)
+
+    def step():
+        logprobs, entropy = kdfast.linear_token_logprobs(hidden, weight, inputs["token_ids"], return_entropy=True)
+        (logprobs.sum() + entropy.sum()).backward()
+        hidden.grad = weight.grad = None  # so that every step allocates (and is charged for) them
+
+    return step
+
+
+def test_cpu_peak_is_a_fraction_of_one_logits_tensor():
+    """One chunk of logits (and the entropy term's buffer) at a time, never [tokens, vocab]."""
+    tokens, hidden_size, vocab = 4096, 64, 32_000
+    one_logits_tensor = tokens * vocab * 4
+    extra = extra_peak_bytes_in_child(f"{Path(__file__)}:token_logprobs_step", "cpu", tokens, hidden_size, vocab)
+    assert extra < one_logits_tensor / 4, f"extra peak {extra / 2**20:.0f} MiB"
+
+
+BAD_INPUTS = [  # changes to good inputs, and the argument the error must name
+    ({"token_ids": torch.zeros(6)}, "token_ids"),
+    ({"token_ids": torch.zeros(6, dtype=torch.bool)}, "token_ids"),
+    ({"token_ids": [0, 1, 2, 3, 4, 5]}, "token_ids"),
+    ({"token_ids": torch.zeros(5, dtype=torch.long)}, "token_ids"),
+    ({"token_ids": torch.full((6,), 29)}, "token_ids"),
+    ({"token_ids": torch.full((6,), -1)}, "token_ids"),
+    ({"weight": torch.randn(29, 9)}, "weight"),
+    ({"weight": torch.randn(29)}, "weight"),
+    ({"hidden": torch.ones(6, 8, dtype=torch.long)}, "hidden"),
+    ({"hidden": torch.randn(())}, "hidden"),
+    ({"bias": torch.randn(28)}, "bias"),
+    ({"temperature": 0.0}, "temperature"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"logit_scale": float("inf")}, "logit_scale"),
+    ({"softcap": 0.0}, "softcap"),
+    ({"chunk_size": 0}, "chunk_size"),
+    ({"return_entropy": "yes"}, "return_entropy"),
+    ({"backend": "gpu"}, "backend"),
+]
+
+
+@pytest.mark.parametrize("change,argument", BAD_INPUTS)
+def test_bad_inputs_raise_value_error_naming_the_argument(change, argument):
+    arguments = {**make_inputs((6,), 8, 29), **change}
+    with pytest.raises(ValueError, match=argument):
+        kdfast.linear_token_logprobs(**arguments)
