@@ -1,5 +1,5 @@
 """kdfast's ServerDistillationTrainer against TRL's own on the same inputs and the same top-k answer from a (stubbed)
-teacher server: equal loss and gradients where kdfast computes it (forward KL with the tail bucket), TRL's own loss
+teacher server: equal loss and gradients where kdfast computes it (every beta with the tail bucket), TRL's own loss
 elsewhere."""
 
 import copy
@@ -44,32 +44,45 @@ def trainers(tmp_path, monkeypatch):
 
 
 def server_answer(teacher, inputs, k, temperature):
-    """What TRL's server call returns: the teacher's top-k log-probs at each completion token, -inf at padding."""
+    """What TRL's server call returns: the teacher's top-k log-probs and its log-prob of the completion's own token at
+    each completion token, -inf at padding."""
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
     with torch.no_grad():
         logits = teacher(input_ids=ids).logits[:, inputs["prompt_ids"].shape[1] - 1:-1]
-    values, token_ids = torch.log_softmax(logits / temperature, -1).topk(k, -1)
+    logprobs = torch.log_softmax(logits / temperature, -1)
+    values, token_ids = logprobs.topk(k, -1)
+    actual = logprobs.gather(-1, inputs["completion_ids"][..., None])[..., 0]
     padding = inputs["completion_mask"] == 0
     values = values.masked_fill(padding[..., None], float("-inf"))
     return {"topk_logprobs": values, "topk_token_ids": token_ids.masked_fill(padding[..., None], 0),
-            "actual_logprobs": values[..., 0]}
+            "actual_logprobs": actual.masked_fill(padding, float("-inf"))}
 
 
-def make_inputs():
+def make_inputs(teacher=None, temperature=2.0):
+    """Two completions, the second padded. With a teacher, some completion tokens are its top-1 (the support's two
+    ids one column at beta > 0), as a sampled completion often is."""
     generator = torch.Generator().manual_seed(0)
     completion_mask = torch.ones(2, 6, dtype=torch.int64)
     completion_mask[1, 4:] = 0
-    return {"prompt_ids": torch.randint(2, 96, (2, 3), generator=generator),
-            "prompt_mask": torch.ones(2, 3, dtype=torch.int64),
-            "completion_ids": torch.randint(2, 96, (2, 6), generator=generator), "completion_mask": completion_mask}
+    inputs = {"prompt_ids": torch.randint(2, 96, (2, 3), generator=generator),
+              "prompt_mask": torch.ones(2, 3, dtype=torch.int64),
+              "completion_ids": torch.randint(2, 96, (2, 6), generator=generator), "completion_mask": completion_mask}
+    for position in range(0, 6, 2) if teacher is not None else ():
+        # Left to right: each choice changes the teacher's later answers.
+        top1 = server_answer(teacher, inputs, 1, temperature)["topk_token_ids"][..., 0]
+        inputs["completion_ids"][:, position] = top1[:, position]
+    return inputs
 
 
-@pytest.mark.parametrize("add_tail", [True, False])
-def test_matches_trls_loss_and_gradients(trainers, add_tail):
+@pytest.mark.parametrize(("beta", "add_tail"), [(0.0, True), (0.0, False), (0.5, True), (1.0, True),
+                                                (0.5, False)])
+def test_matches_trls_loss_and_gradients(trainers, beta, add_tail):
     student, teacher = student_and_teacher(head_scale=4.0)
-    theirs, ours = trainers(student, loss_add_tail=add_tail)
-    inputs = make_inputs()
-    answer = server_answer(teacher, inputs, 4, 2.0)
+    top_k = 4 if beta == 0 else 1  # TRL's config allows the top-1 alone with beta > 0
+    theirs, ours = trainers(student, beta=beta, loss_top_k=top_k, loss_add_tail=add_tail)
+    inputs = make_inputs(teacher)
+    answer = server_answer(teacher, inputs, top_k, 2.0)
+    assert int((answer["topk_token_ids"][..., 0] == inputs["completion_ids"]).sum()) >= 5
     for trainer in (theirs, ours):
         trainer._get_teacher_token_logprobs_from_server = lambda *args, **kwargs: answer
     head_calls = []
@@ -82,3 +95,16 @@ def test_matches_trls_loss_and_gradients(trainers, add_tail):
     our_loss.backward()
     for (name, mine), theirs_param in zip(ours.model.named_parameters(), theirs.model.parameters()):
         torch.testing.assert_close(mine.grad, theirs_param.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.0])
+def test_refuses_missing_teacher_logprobs_as_trl_does(trainers, beta):
+    student, teacher = student_and_teacher()
+    theirs, ours = trainers(student, beta=beta, loss_top_k=1)
+    inputs = make_inputs()
+    answer = server_answer(teacher, inputs, 1, 2.0)
+    answer["actual_logprobs"][0, 2] = float("-inf")
+    for trainer in (theirs, ours):
+        trainer._get_teacher_token_logprobs_from_server = lambda *args, **kwargs: answer
+        with pytest.raises(ValueError, match="missing actual-token logprobs for required reverse-KL positions: 1/10"):
+            trainer.compute_loss(trainer.model, inputs)

@@ -1,8 +1,8 @@
-"""What each rank runs in tests/test_trainer_sharded.py: `DistillationTrainer` and kdfast's TRL `GKDTrainer`
-under accelerate's FSDP2 plugin or DeepSpeed ZeRO-3 (set up by `TrainingArguments`, as `accelerate launch` with such
-a config sets them up), 2 gloo ranks on CPU, each taking half of every batch. The loss of each step, every
-parameter's gradient in the first step and the parameters after 3 SGD steps equal an unsharded student's trained on
-the whole batch in the same process.
+"""What each rank runs in tests/test_trainer_sharded.py: `DistillationTrainer`, kdfast's TRL `GKDTrainer` and its
+subclass of TRL's stable `DistillationTrainer` under accelerate's FSDP2 plugin or DeepSpeed ZeRO-3 (set up by
+`TrainingArguments`, as `accelerate launch` with such a config sets them up), 2 gloo ranks on CPU, each taking half
+of every batch. The loss of each step, every parameter's gradient in the first step and the parameters after 3 SGD
+steps equal an unsharded student's trained on the whole batch in the same process.
 
 The gradient is read from the first step's update, (before - after) / lr, because DeepSpeed's step runs inside
 its backward (no hook sees the whole gradient before it); for FSDP2 that is the same number.
@@ -45,11 +45,16 @@ def allow_sharding_on_cpu():
         original(self, *args, fsdp_plugin=fsdp_plugin, deepspeed_plugin=deepspeed_plugin, **kwargs)
         if self.distributed_type != DistributedType.MULTI_CPU:
             return
+        if fsdp_plugin is None and deepspeed_plugin is None and getattr(self, "kept_sharding", None) is not None:
+            # A later plain AcceleratorState() (TRL's trainers call accelerate's set_seed, which makes one) reads the
+            # process's type again: the plugin's stays.
+            self.distributed_type = self.kept_sharding
+            return
         if fsdp_plugin is not None:
-            self.distributed_type = DistributedType.FSDP
+            self.distributed_type = self.kept_sharding = DistributedType.FSDP
             self.fsdp_plugin = fsdp_plugin
         elif deepspeed_plugin is not None:
-            self.distributed_type = DistributedType.DEEPSPEED
+            self.distributed_type = self.kept_sharding = DistributedType.DEEPSPEED
             deepspeed_plugin.set_mixed_precision(self._mixed_precision)
             deepspeed_plugin.select(_from_accelerator_state=True)
             self.deepspeed_plugins = deepspeed_plugin
@@ -200,10 +205,62 @@ def trl_gkd_case(tmp_path, setup):
     _train_and_compare(trainer, expected, teacher_sharded=True)
 
 
+def trl_distillation_case(tmp_path, setup):
+    """kdfast's subclass of TRL's stable DistillationTrainer against TRL's loss (float64, from full logits) on an
+    unsharded student. Generation is TRL's and not under test here: each step trains on one fixed batch of
+    completions (each rank its half), which TRL's `_prepare_inputs` would otherwise generate."""
+    import warnings
+
+    from datasets import Dataset
+    from tiny_models import student_and_teacher, word_tokenizer
+    from trl import DistillationConfig
+
+    from kdfast.integrations.trl import DistillationTrainer
+    from kdfast.reference import distill_loss_reference
+
+    student, teacher = student_and_teacher(head_scale=4.0)
+    generator = torch.Generator().manual_seed(0)
+    batch = {"prompt_ids": torch.randint(2, 96, (4, 3), generator=generator),
+             "prompt_mask": torch.ones(4, 3, dtype=torch.long),
+             "completion_ids": torch.randint(2, 96, (4, 5), generator=generator),
+             "completion_mask": torch.ones(4, 5, dtype=torch.long)}
+    batch["completion_mask"][1, 3:] = 0
+    count = batch["completion_mask"].sum().float()
+
+    def hidden(model, inputs):
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        return model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1][:, -5:]
+
+    def batch_loss(model, inputs):  # TRL's loss on full logits: JSD at T = 2 summed over the completion tokens
+        kept = inputs["completion_mask"].bool()
+        with torch.no_grad():
+            teacher_logits = hidden(teacher, inputs)[kept] @ teacher.lm_head.weight.t()
+        student_logits = hidden(model, inputs)[kept] @ model.lm_head.weight.t()
+        return distill_loss_reference(student_logits, teacher_logits, divergence="jsd", beta=0.5, temperature=2.0,
+                                      t2_scale=False, reduction="sum").float() / count
+
+    expected = _reference_run(student_and_teacher(head_scale=4.0)[0], batch, batch_loss)
+
+    class FixedCompletions(DistillationTrainer):
+        def _prepare_inputs(self, generation_batch):
+            half = slice(2 * dist.get_rank(), 2 * dist.get_rank() + 2)
+            return {**{key: value[half] for key, value in batch.items()}, "num_items_in_batch": count}
+
+    args = _args(tmp_path, setup, config_cls=DistillationConfig, beta=0.5, temperature=2.0, max_completion_length=5,
+                 bf16=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = FixedCompletions(model=student, teacher_model=teacher, args=args, processing_class=word_tokenizer(),
+                                   train_dataset=Dataset.from_dict({"prompt": ["w2 w3"] * 8}))
+    _train_and_compare(trainer, expected)
+
+
 CASES = {"sharded-teacher": functools.partial(distillation_case, sparse=False),
          "replicated-teacher": functools.partial(distillation_case, sparse=False, shard_teacher=False),
          "sparse-teacher": functools.partial(distillation_case, sparse=True),
-         "trl-gkd": trl_gkd_case}
+         "trl-gkd": trl_gkd_case,
+         "trl-distillation": trl_distillation_case}
 
 
 def run_all(rank, world, port, setup_name, folder, out_path):

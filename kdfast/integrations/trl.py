@@ -1,6 +1,8 @@
-"""TRL's generalized JSD (GKD) on kdfast: `generalized_jsd_loss` with the signature and results of
+"""TRL on kdfast. GKD: `generalized_jsd_loss` with the signature and results of
 `trl.experimental.gkd.GKDTrainer.generalized_jsd_loss`, and a `GKDTrainer` whose loss comes from the hidden states
-through `linear_distill_loss`, so on-policy GKD never builds either model's logits."""
+through `linear_distill_loss`, so on-policy GKD never builds either model's logits. TRL's stable
+`DistillationTrainer` and its drop-in `chunked_divergence_loss`: kdfast.integrations.trl_distillation, reachable
+from here."""
 
 from __future__ import annotations
 
@@ -89,3 +91,13 @@ def gkd_options(beta: float) -> LossOptions:
     """TRL's GKD loss as kdfast settings: JSD with `beta` at temperature 1, no T², per label token."""
     return LossOptions(divergence="jsd", beta=beta, temperature=1.0, t2_scale=False, ignore_index=_TRL_IGNORE_INDEX,
                        reduction="mean")
+
+
+def __getattr__(name):
+    # TRL's stable DistillationTrainer (TRL >= 1.16) on kdfast, imported when asked for, so that an older TRL still
+    # gets the GKD integration above.
+    if name in ("DistillationTrainer", "chunked_divergence_loss"):
+        from kdfast.integrations import trl_distillation
+
+        return getattr(trl_distillation, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

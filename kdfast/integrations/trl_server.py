@@ -1,8 +1,10 @@
 """TRL's `ServerDistillationTrainer` (a teacher behind a vLLM server that returns its top-k log-probs per completion
-token) on kdfast: where TRL's loss is the forward KL over the K ids plus the rest (beta = 0, `loss_add_tail`), it is
-computed by `linear_sparse_distill_loss` from the student's last hidden states, so the student's logits are never
-built for the batch. TRL's other server losses (beta > 0: its top-1 reverse-KL estimate; no tail: both sides
-renormalised over the K ids) are not kdfast's contract, and run as TRL computes them."""
+token) on kdfast: with the tail bucket (`loss_add_tail`, TRL's default) every beta's loss is kdfast's sparse
+contract, the generalized JSD between the teacher's K + 1 buckets and the student's, computed by
+`linear_sparse_distill_loss` from the student's last hidden states, so the student's logits are never built for the
+batch. beta = 0: the server's top-k ids; beta > 0: TRL's top-1-plus-actual support (the teacher's top-1 and the
+completion's token, the second dropped where they are one token; the actual token alone at beta = 1). Without the
+tail (both sides renormalised over the ids) it is not kdfast's contract, and runs as TRL computes it."""
 
 from __future__ import annotations
 
@@ -27,12 +29,14 @@ _TRL_IGNORE_INDEX = -100
 
 
 class ServerDistillationTrainer(_TRLServerDistillationTrainer):
-    """TRL's `ServerDistillationTrainer` (same arguments and config). With `beta=0` and `loss_add_tail=True` its
-    loss, the forward KL between the teacher's K + 1 buckets and the student's at `temperature`, per completion
-    token, is kdfast's fused sparse loss (tail="bucket", no T² factor, as TRL's); other settings use TRL's own."""
+    """TRL's `ServerDistillationTrainer` (same arguments and config). With `loss_add_tail=True` its loss, the
+    generalized JSD with `beta` between the teacher's K + 1 buckets and the student's at `temperature`, per completion
+    token, is kdfast's fused sparse loss (tail="bucket", no T² factor, as TRL's); without the tail it is TRL's own."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.beta != 0 or not self.loss_add_tail or return_outputs:
+        # return_outputs asks for the student's logits, which the fused loss exists not to build; TRL's "argmax"
+        # reverse-KL token (its config refuses it for a server) is the student's argmax over its full row.
+        if not self.loss_add_tail or return_outputs or self.reverse_kl_top_1_mode != "sampled":
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         student = self.accelerator.unwrap_model(model)
         loss = run_through_wrapper(model, student, functools.partial(self._fused_loss, student), inputs)
@@ -52,15 +56,50 @@ class ServerDistillationTrainer(_TRLServerDistillationTrainer):
                   "prompt_attention_mask": prompt_mask}
         prompt_length = self._compute_prompt_length(inputs)
         teacher = self._get_teacher_token_logprobs_from_server(inputs, prompt_length)
-        logprobs, ids = teacher["topk_logprobs"], teacher["topk_token_ids"]
-        length = logprobs.shape[1]
-        held = logprobs > float("-inf")  # the server pads missing entries with -inf
-        ids = torch.where(held, ids, torch.full_like(ids, -1))
-        logprobs = torch.where(held, logprobs, torch.zeros_like(logprobs))
-        options = SparseOptions(divergence="forward_kl", temperature=self.temperature, t2_scale=False,
+        length = teacher["topk_logprobs"].shape[1]
+        labels = inputs["labels"][:, prompt_length:][:, :length]
+        if self.beta == 0:
+            ids, logprobs = server_topk_support(teacher)
+        else:
+            ids, logprobs = top1_actual_support(teacher, inputs["input_ids"][:, prompt_length:][:, :length], labels,
+                                                self.beta)
+        options = SparseOptions(divergence="jsd", beta=self.beta, temperature=self.temperature, t2_scale=False,
                                 ignore_index=_TRL_IGNORE_INDEX, reduction="mean", tail="bucket")
         with self.accelerator.autocast():
             hidden = last_hidden_state(student, inputs["input_ids"], inputs["attention_mask"])
             hidden = hidden[:, prompt_length - 1:-1][:, :length]
-            return sparse_distill_from_hidden(student, hidden, ids, logprobs,
-                                              inputs["labels"][:, prompt_length:][:, :length], options)
+            return sparse_distill_from_hidden(student, hidden, ids, logprobs, labels, options)
+
+
+def server_topk_support(teacher):
+    """beta = 0: the server's top-k ids and log-probs, its -inf padding as kdfast's (id -1, log-prob 0)."""
+    logprobs, ids = teacher["topk_logprobs"], teacher["topk_token_ids"]
+    held = logprobs > float("-inf")
+    return torch.where(held, ids, torch.full_like(ids, -1)), torch.where(held, logprobs, torch.zeros_like(logprobs))
+
+
+def top1_actual_support(teacher, completion_tokens, labels, beta):
+    """beta > 0: TRL's support, the teacher's top-1 id and the completion's actual token (the second -1 where it is
+    the top-1, so that the column counts once), or the actual token alone at beta = 1. A row in the loss without the
+    log-probs it needs is refused as TRL refuses it; rows out of the loss are padding."""
+    required = labels != _TRL_IGNORE_INDEX
+    actual_logprobs = teacher["actual_logprobs"]
+    _refuse_missing(required & ~torch.isfinite(actual_logprobs), required, "actual-token", "reverse-KL")
+    if beta == 1:
+        ids, logprobs = completion_tokens[..., None], actual_logprobs[..., None]
+    else:
+        top1_ids, top1_logprobs = teacher["topk_token_ids"][..., 0], teacher["topk_logprobs"][..., 0]
+        _refuse_missing(required & ~torch.isfinite(top1_logprobs), required, "top-1", "forward-KL")
+        actual_ids = torch.where(completion_tokens == top1_ids, torch.full_like(completion_tokens, -1),
+                                 completion_tokens)
+        ids = torch.stack([top1_ids, actual_ids], dim=-1)
+        logprobs = torch.stack([top1_logprobs, actual_logprobs], dim=-1)
+    ids = torch.where(required[..., None], ids, torch.full_like(ids, -1))
+    return ids, torch.where(ids >= 0, logprobs, torch.zeros_like(logprobs))
+
+
+def _refuse_missing(missing, required, what, used_for):
+    # TRL's own message, so that a failing server reads the same under either trainer.
+    if missing.any():
+        raise ValueError(f"Teacher server is missing {what} logprobs for required {used_for} positions: "
+                         f"{int(missing.sum())}/{int(required.sum())}.")
