@@ -26,7 +26,8 @@ test: setup
 
 bench: setup
 	# Huge pages for big CPU tensors (a torch setting): fresh [N, V] buffers otherwise cost 100+ ms of page faults.
-	THP_MEM_ALLOC_ENABLE=1 $(VENV)/bin/kdfast bench
+	# Short shapes, a few minutes; `make bench BENCH_ARGS=--full` runs the long shapes and every contender.
+	THP_MEM_ALLOC_ENABLE=1 $(VENV)/bin/kdfast bench $(BENCH_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

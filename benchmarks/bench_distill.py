@@ -1,12 +1,13 @@
 """Forward+backward of kdfast.distill_loss vs the same math in eager PyTorch and under torch.compile.
 
 Same inputs, same process; medians over repeats, ratios, and the extra peak memory of each contender
-(on the CPU measured in a fresh process per contender).
+(on the CPU measured in a fresh process per contender, with --full or --memory).
 CPU (default): 2048 x 32000 fp32, forward_kl + CE, T=2, against the copy-bandwidth floor (12 bytes per
-element: read both logits, write the gradient). CUDA: 8192 x 128256 bf16 with triton.testing.do_bench,
-reporting GB/s for the bytes each kernel must move.
+element: read both logits, write the gradient); --full adds torch.compile (a minute's compile on the CPU), rounds
+and the memory. CUDA: 8192 x 128256 bf16 with triton.testing.do_bench, reporting GB/s for the bytes each kernel
+must move.
 
-    python benchmarks/bench_distill.py [--tokens N --vocab V --dtype fp32 --repeats R]
+    python benchmarks/bench_distill.py [--full] [--tokens N --vocab V --dtype fp32 --repeats R --compile]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import platform
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -40,6 +42,8 @@ def results_folder() -> Path:
 
 RESULTS = results_folder()
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# `kdfast bench --full` on the CPU: what `make bench` leaves out to finish in minutes (on a GPU the defaults are full).
+FULL_SETTINGS = {} if torch.cuda.is_available() else {"compile": True, "repeats": 7, "memory": True}
 
 
 def time_methods(methods, device, repeats, warmup=2):
@@ -126,14 +130,22 @@ def memory_contender(settings: dict, name: str):
 
 
 def extra_peaks(methods, args, device, module_file, factory="memory_contender") -> dict:
-    """name -> extra peak bytes of one call. On the CPU each is measured in a fresh process (kdfast.memory), so
-    that neither the timing rounds nor the other contenders shape the heap it runs on."""
+    """name -> extra peak bytes of one call (None each without args.memory). On the CPU each is measured in a fresh
+    process (kdfast.memory), so that neither the timing rounds nor the other contenders shape the heap it runs on."""
+    if not getattr(args, "memory", True):
+        return dict.fromkeys(methods)
+    Console().print("[dim]measuring each one's peak memory...[/dim]")
     if device.type == "cuda":
         return {name: extra_peak_bytes(fn, device) for name, fn in methods.items()}
     # The settings go to the child as plain values (the CLI's namespace also holds its parser and handlers).
     settings = {key: value for key, value in vars(args).items()
                 if isinstance(value, (int, float, str, bool, list, tuple, type(None)))}
-    return {name: extra_peak_bytes_in_child(f"{module_file}:{factory}", settings, name) for name in methods}
+    # Two children at a time: each mostly starts Python and imports torch, one core's work, and a process's peak is
+    # its own whatever runs beside it.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        peaks = {name: pool.submit(extra_peak_bytes_in_child, f"{module_file}:{factory}", settings, name)
+                 for name in methods}
+        return {name: peak.result() for name, peak in peaks.items()}
 
 
 def run(args) -> list[dict]:
@@ -147,11 +159,10 @@ def run(args) -> list[dict]:
         raise SystemExit(f"kdfast disagrees with the reference ({check.item()} vs {truth.item()}): not timing it")
 
     console = Console(width=max(100, Console().width))
-    methods = contenders(student, teacher, labels, options, not args.no_compile)
+    methods = contenders(student, teacher, labels, options, args.compile)
     copy, copy_bytes = copy_method(student, device)
     console.print(f"[dim]timing {', '.join(methods)} and a copy, {args.repeats} interleaved rounds...[/dim]")
     medians = time_methods({**methods, "copy": copy}, device, args.repeats)
-    console.print("[dim]measuring each one's peak memory...[/dim]")
     peaks = extra_peaks(methods, args, device, __file__)
     rows = [{"method": name, "median_ms": medians[name], "extra_peak_bytes": peaks[name]} for name in methods]
     bandwidth = copy_bytes / (medians["copy"] / 1e3)
@@ -181,7 +192,7 @@ def report(console, rows, env, args, floor_ms, bandwidth):
     for row in rows:
         vs_compile = f"{row['speedup_vs_compile']:.2f}" if row["speedup_vs_compile"] else "-"
         table.add_row(row["method"], f"{row['median_ms']:.1f}", f"{row['speedup_vs_eager']:.2f}", vs_compile,
-                      f"{row['ratio_to_floor']:.2f}", f"{row['extra_peak_bytes'] / 2**20:.0f}")
+                      f"{row['ratio_to_floor']:.2f}", mib(row["extra_peak_bytes"]))
     console.print(table)
     if args.device == "cuda":
         for row in rows:
@@ -206,6 +217,24 @@ def write_csv(rows, env, name="bench_distill"):
     Console().print(f"wrote {path}")
 
 
+def add_full_option(parser: argparse.ArgumentParser, full_settings: dict) -> None:
+    """--full: the benchmark from `full_settings` (a script's FULL_SETTINGS: longer shapes, every contender), what
+    `kdfast bench --full` runs. Absent, it sets nothing (SUPPRESS), so that `kdfast bench --full <name>` keeps it."""
+    settings = ", ".join(f"{key.replace('_', '-')} {value}" for key, value in full_settings.items())
+    parser.add_argument("--full", action="store_true", default=argparse.SUPPRESS,
+                        help=f"the full run: {settings or 'as the defaults'} (the options given still win)")
+
+
+def parse_benchmark_args(parser: argparse.ArgumentParser, argv, full_settings: dict):
+    """A benchmark's options, from its FULL_SETTINGS under those given when argv holds --full."""
+    add_full_option(parser, full_settings)
+    args = parser.parse_args(argv)
+    if getattr(args, "full", False):
+        parser.set_defaults(**full_settings)
+        args = parser.parse_args(argv)
+    return args
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     cuda = torch.cuda.is_available()
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
@@ -215,14 +244,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--divergence", default="forward_kl")
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--ce-weight", type=float, default=0.5)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
+    parser.add_argument("--repeats", type=int, default=7 if cuda else 5)
+    add_compile_option(parser)
+    add_memory_option(parser)
+
+
+def add_memory_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
+                        help="also each contender's extra peak memory (default: on a GPU; on the CPU with --full, "
+                             "where each is measured in a process of its own, seconds apiece)")
+
+
+def mib(peak_bytes) -> str:
+    return "-" if peak_bytes is None else f"{peak_bytes / 2**20:.0f}"
+
+
+def add_compile_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
+                        help="the torch.compile contender (default: on a GPU; on the CPU with --full, where its "
+                             "compile takes a minute)")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
-    run(parser.parse_args(argv))
+    run(parse_benchmark_args(parser, argv, FULL_SETTINGS))
 
 
 if __name__ == "__main__":

@@ -3,10 +3,11 @@ vs eager PyTorch, torch.compile and Liger-Kernel's chunked LigerFusedLinearJSDLo
 alone (both heads forward, d hidden, d weight): the floor of any fused linear loss.
 
 Same inputs, same process; medians of interleaved rounds, ratios, and the extra peak memory of each (on the
-CPU measured in a fresh process per contender).
-CPU default: N=4096, H=256, V=32000 fp32, forward_kl + CE(0.5), T=2.
+CPU measured in a fresh process per contender, with --full or --memory).
+CPU default: N=512, H=256, V=32000 fp32, forward_kl + CE(0.5), T=2; --full: N=4096, torch.compile (a minute's
+compile on the CPU) and the memory. CUDA: N=8192, H_s=2048, H_t=4096, V=128256 bf16, torch.compile included.
 
-    python benchmarks/bench_linear.py [--tokens N --hidden H --vocab V --repeats R --no-compile]
+    python benchmarks/bench_linear.py [--full] [--tokens N --hidden H --vocab V --repeats R --compile]
 """
 
 from __future__ import annotations
@@ -21,10 +22,23 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or through `kdfast bench`
-from bench_distill import DTYPES, environment, extra_peaks, time_methods, write_csv  # noqa: E402
+from bench_distill import (  # noqa: E402
+    DTYPES,
+    add_compile_option,
+    add_memory_option,
+    environment,
+    extra_peaks,
+    mib,
+    parse_benchmark_args,
+    time_methods,
+    write_csv,
+)
 
 import kdfast  # noqa: E402
 from kdfast.reference import linear_distill_loss_reference  # noqa: E402
+
+# `kdfast bench --full` on the CPU: what `make bench` leaves out to finish in minutes (on a GPU the defaults are full).
+FULL_SETTINGS = {} if torch.cuda.is_available() else {"tokens": 4096, "repeats": 5, "compile": True, "memory": True}
 
 
 def make_inputs(args, device):
@@ -101,12 +115,11 @@ def run(args) -> list[dict]:
         raise SystemExit(f"kdfast disagrees with the reference ({check} vs {truth}): not timing it")
 
     console = Console(width=max(110, Console().width))
-    methods = contenders(inputs, options, not args.no_compile, args.chunk_size)
+    methods = contenders(inputs, options, args.compile, args.chunk_size)
     console.print(f"[dim]timing {', '.join(methods)}, {args.repeats} interleaved rounds...[/dim]")
-    medians = time_methods(methods, device, args.repeats)
+    medians = time_methods(methods, device, args.repeats, warmup=1)  # seconds per call on the CPU: one is enough
     one_logits = args.tokens * args.vocab * 4
     env = environment(device)
-    console.print("[dim]measuring each one's peak memory...[/dim]")
     peaks = extra_peaks(methods, args, device, __file__)
     rows = [{"method": name, "median_ms": medians[name], "extra_peak_bytes": peaks[name]} for name in methods]
     floor_ms = medians["four GEMMs alone (floor)"]
@@ -115,7 +128,8 @@ def run(args) -> list[dict]:
     for row in rows:
         row.update(env, tokens=args.tokens, hidden=args.hidden, teacher_hidden=args.teacher_hidden,
                    vocab=args.vocab, dtype=args.dtype, ratio_to_gemm_floor=row["median_ms"] / floor_ms,
-                   extra_peak_vs_one_logits_tensor=row["extra_peak_bytes"] / one_logits,
+                   extra_peak_vs_one_logits_tensor=(row["extra_peak_bytes"] / one_logits
+                                                    if row["extra_peak_bytes"] is not None else None),
                    **{f"speedup_vs_{key.split()[0].lower().replace('.', '_')}": (value / row["median_ms"]
                                                                                if value else None)
                       for key, value in reference.items()})
@@ -138,8 +152,8 @@ def report(console, rows, args, env):
     for row in rows:
         table.add_row(row["method"], f"{row['median_ms']:.0f}", ratio(row["speedup_vs_torch"]),
                       ratio(row["speedup_vs_torch_compile"]), ratio(row["speedup_vs_liger"]),
-                      f"{row['ratio_to_gemm_floor']:.2f}", f"{row['extra_peak_bytes'] / 2**20:.0f}",
-                      f"{row['extra_peak_vs_one_logits_tensor']:.2f}")
+                      f"{row['ratio_to_gemm_floor']:.2f}", mib(row["extra_peak_bytes"]),
+                      ratio(row["extra_peak_vs_one_logits_tensor"]))
     console.print(table)
     console.print(f"medians of {args.repeats} interleaved rounds; torch {env['torch']}, {env['threads']} threads; "
                   "extra peak: process RSS high-water mark above the memory held before the call (CPU)")
@@ -157,11 +171,12 @@ def add_shape_arguments(parser: argparse.ArgumentParser, cpu_tokens: int = 4096)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_shape_arguments(parser)
+    add_shape_arguments(parser, cpu_tokens=512)
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--ce-weight", type=float, default=0.5)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
+    parser.add_argument("--repeats", type=int, default=5 if torch.cuda.is_available() else 3)
+    add_compile_option(parser)
+    add_memory_option(parser)
     parser.add_argument("--chunk-size", type=lambda v: v if v == "auto" else int(v), default="auto",
                         help="kdfast's chunk_size (tokens per chunk)")
 
@@ -169,7 +184,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
-    run(parser.parse_args(argv))
+    run(parse_benchmark_args(parser, argv, FULL_SETTINGS))
 
 
 if __name__ == "__main__":

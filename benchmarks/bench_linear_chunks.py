@@ -24,6 +24,7 @@ from bench_linear import add_shape_arguments, make_inputs  # noqa: E402
 
 import kdfast  # noqa: E402
 from kdfast.linear_chunks import Heads, TeacherHead, chunk_rows  # noqa: E402
+from kdfast.logit_maps import LogitMap  # noqa: E402
 from kdfast.memory import extra_peak_bytes  # noqa: E402
 
 FLOOR = "four GEMMs alone (floor)"
@@ -39,8 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def auto_rows(inputs, fp32_logits: bool) -> int:
     """The rows "auto" picks for these inputs."""
     teacher = TeacherHead(inputs["teacher_hidden"], inputs["teacher_weight"], None, inputs["teacher_hidden"].dtype)
-    heads = Heads(inputs["student_hidden"], inputs["student_weight"], None, teacher, None, None,
-                  inputs["student_hidden"].dtype, fp32_logits)
+    heads = Heads(student_hidden=inputs["student_hidden"], student_weight=inputs["student_weight"], student_bias=None,
+                  teacher=teacher, labels=None, student_map=LogitMap(), student_dtype=inputs["student_hidden"].dtype,
+                  fp32_logits=fp32_logits)
     return chunk_rows("auto", heads)
 
 

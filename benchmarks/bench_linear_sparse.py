@@ -4,10 +4,11 @@ without a teacher), vs linear_distill_loss with a live teacher head as wide as t
 the eager top-k loss of the tools that do it today (the student's full logits).
 
 Same inputs, same process; medians of interleaved rounds, ratios, and the extra peak memory of each (on the CPU
-measured in a fresh process per contender).
-CPU default: N=4096, H_s=256, V=32000 fp32, K=32, forward_kl + CE(0.5), T=2; teacher heads H_t=256 and 1024.
+measured in a fresh process per contender, with --full or --memory).
+CPU default: N=512, H_s=256, V=32000 fp32, K=32, forward_kl + CE(0.5), T=2; teacher heads H_t=256 and 1024
+(--full: N=4096 and the memory).
 
-    python benchmarks/bench_linear_sparse.py [--tokens N --hidden H --vocab V --top-k K --wide-teacher H_t ...]
+    python benchmarks/bench_linear_sparse.py [--full] [--tokens N --hidden H --vocab V --top-k K --wide-teacher H_t]
 """
 
 from __future__ import annotations
@@ -21,13 +22,24 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or through `kdfast bench`
-from bench_distill import DTYPES, environment, extra_peaks, time_methods, write_csv  # noqa: E402
+from bench_distill import (  # noqa: E402
+    DTYPES,
+    add_memory_option,
+    environment,
+    extra_peaks,
+    mib,
+    parse_benchmark_args,
+    time_methods,
+    write_csv,
+)
 from bench_sparse import distillkit_style_loss, top_k_targets  # noqa: E402
 
 import kdfast  # noqa: E402
 from kdfast.reference import linear_sparse_distill_loss_reference  # noqa: E402
 
 SPARSE, NO_TEACHER = "kdfast linear_sparse_distill_loss", "kdfast same call, kd_weight=0 (plain CE)"
+# `kdfast bench --full` on the CPU: what `make bench` leaves out to finish in minutes (on a GPU the defaults are full).
+FULL_SETTINGS = {} if torch.cuda.is_available() else {"tokens": 4096, "memory": True}
 
 
 def live_teacher_name(width: int) -> str:
@@ -106,7 +118,6 @@ def run(args) -> list[dict]:
     methods = contenders(inputs, args)
     console.print(f"[dim]timing {', '.join(methods)}, {args.repeats} interleaved rounds...[/dim]")
     medians = time_methods(methods, device, args.repeats, warmup=1)  # seconds per call: one warm-up is enough
-    console.print("[dim]measuring each one's peak memory...[/dim]")
     peaks = extra_peaks(methods, args, device, __file__)
     env = environment(device)
     sparse_ms = medians[SPARSE]
@@ -127,7 +138,7 @@ def report(console, rows, args, env):
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in rows:
         table.add_row(row["method"], f"{row['median_ms']:.0f}", f"{row['time_vs_sparse']:.2f}",
-                      f"{row['time_vs_plain_ce']:.2f}", f"{row['extra_peak_bytes'] / 2**20:.0f}")
+                      f"{row['time_vs_plain_ce']:.2f}", mib(row["extra_peak_bytes"]))
     console.print(table)
     console.print(f"medians of {args.repeats} interleaved rounds; torch {env['torch']}, {env['threads']} threads; "
                   "'time / sparse' above 1 is that many times slower than the stored teacher; extra peak: process "
@@ -137,7 +148,7 @@ def report(console, rows, args, env):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     cuda = torch.cuda.is_available()
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
-    parser.add_argument("--tokens", type=int, default=8192 if cuda else 4096)
+    parser.add_argument("--tokens", type=int, default=8192 if cuda else 512)
     parser.add_argument("--hidden", type=int, default=2048 if cuda else 256)
     parser.add_argument("--wide-teacher", type=int, default=8192 if cuda else 1024,
                         help="the wider live teacher's hidden size (the other is as wide as the student)")
@@ -147,12 +158,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--ce-weight", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=3)
+    add_memory_option(parser)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
-    run(parser.parse_args(argv))
+    run(parse_benchmark_args(parser, argv, FULL_SETTINGS))
 
 
 if __name__ == "__main__":

@@ -4,11 +4,12 @@ torch.compile, against the copy-bandwidth floor of 8 bytes per element (read the
 gradient).
 
 Same inputs, same process; medians of interleaved rounds, ratios, and the extra peak memory of each contender (on
-the CPU measured in a fresh process per contender).
-CPU default: 2048 x 32000 fp32, K=32 (the teacher's top-32 at T=2), forward_kl + CE(0.5). CUDA: 8192 x 128256
-bf16, K=64, reporting GB/s for the bytes the kernel must move.
+the CPU measured in a fresh process per contender, with --full or --memory).
+CPU default: 2048 x 32000 fp32, K=32 (the teacher's top-32 at T=2), forward_kl + CE(0.5); --full adds
+torch.compile (a minute's compile on the CPU), rounds and the memory. CUDA: 8192 x 128256 bf16, K=64, reporting
+GB/s for the bytes the kernel must move.
 
-    python benchmarks/bench_sparse.py [--tokens N --vocab V --top-k K --dtype fp32 --repeats R --no-compile]
+    python benchmarks/bench_sparse.py [--full] [--tokens N --vocab V --top-k K --dtype fp32 --repeats R --compile]
 """
 
 from __future__ import annotations
@@ -22,12 +23,25 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or through `kdfast bench`
-from bench_distill import DTYPES, copy_method, environment, extra_peaks, time_methods, write_csv  # noqa: E402
+from bench_distill import (  # noqa: E402
+    DTYPES,
+    add_compile_option,
+    add_memory_option,
+    copy_method,
+    environment,
+    extra_peaks,
+    mib,
+    parse_benchmark_args,
+    time_methods,
+    write_csv,
+)
 
 import kdfast  # noqa: E402
 from kdfast.reference import sparse_distill_loss_reference  # noqa: E402
 
 FLOOR_BYTES_PER_ELEMENT = 8  # the student's logits read once (fp32), the gradient written once
+# `kdfast bench --full` on the CPU: what `make bench` leaves out to finish in minutes (on a GPU the defaults are full).
+FULL_SETTINGS = {} if torch.cuda.is_available() else {"compile": True, "repeats": 7, "memory": True}
 
 
 def top_k_targets(teacher_logits: torch.Tensor, k: int, temperature: float):
@@ -114,11 +128,10 @@ def run(args) -> list[dict]:
     check_against_reference(student, ids, logprobs, labels, args)
 
     console = Console(width=max(110, Console().width))
-    methods = contenders(student, ids, logprobs, labels, args, not args.no_compile)
+    methods = contenders(student, ids, logprobs, labels, args, args.compile)
     copy, copy_bytes = copy_method(student, device)
     console.print(f"[dim]timing {', '.join(methods)} and a copy, {args.repeats} interleaved rounds...[/dim]")
     medians = time_methods({**methods, "copy": copy}, device, args.repeats)
-    console.print("[dim]measuring each one's peak memory...[/dim]")
     peaks = extra_peaks(methods, args, device, __file__)
     bandwidth = copy_bytes / (medians["copy"] / 1e3)
     floor_bytes = student.numel() * (FLOOR_BYTES_PER_ELEMENT if device.type == "cpu" else 2 * student.element_size())
@@ -148,7 +161,7 @@ def report(console, rows, env, args, floor_ms, bandwidth):
     for row in rows:
         vs_compile = f"{row['speedup_vs_compile']:.2f}" if row["speedup_vs_compile"] else "-"
         table.add_row(row["method"], f"{row['median_ms']:.1f}", f"{row['speedup_vs_eager']:.2f}", vs_compile,
-                      f"{row['ratio_to_floor']:.2f}", f"{row['gbs']:.0f}", f"{row['extra_peak_bytes'] / 2**20:.0f}")
+                      f"{row['ratio_to_floor']:.2f}", f"{row['gbs']:.0f}", mib(row["extra_peak_bytes"]))
     console.print(table)
     per_element = FLOOR_BYTES_PER_ELEMENT if args.device == "cpu" else 2 * DTYPES[args.dtype].itemsize
     console.print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s -> floor ({per_element} bytes per element: the "
@@ -165,14 +178,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if cuda else "fp32")
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--ce-weight", type=float, default=0.5)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
+    parser.add_argument("--repeats", type=int, default=7 if cuda else 5)
+    add_compile_option(parser)
+    add_memory_option(parser)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
-    run(parser.parse_args(argv))
+    run(parse_benchmark_args(parser, argv, FULL_SETTINGS))
 
 
 if __name__ == "__main__":

@@ -3,12 +3,15 @@
 # floor, torch.compile and Liger (its wheel carried in .whl/) at N=8192 H_s=2048 H_t=4096 V=128256 bf16, with and
 # without float32 logits; the chunk size by measurement; errors against float64 on bf16 inputs (kdfast both ways,
 # Liger); the host's cost of a small call, eager and as a CUDA graph replay; a whole training step against full
-# logits and Liger; the logits-level kernels (no regression); then the GPU tests of these paths. Results:
-# benchmarks/results/ (and $OUT, when the device tool runs it). About 10 minutes in all with the build; where one
-# command may run 10 minutes at most, split it: STEPS="linear chunks precision" then STEPS="small step kernels tests"
-# (the kernels' build is cached between the two on the same machine).
+# logits and Liger; the logits-level kernels (no regression); kdfast against TRL's own Triton kernels at the same
+# shape (its DistillationTrainer's divergence at beta 0, 0.5, 1 and its chunked token log-probs; TRL 1.16 and the
+# packages its trainer module imports, transformers and accelerate among them, carried as wheels in .whl/ as Liger's
+# is); then the GPU tests of these paths. Results: benchmarks/results/ (and $OUT, when the device tool runs it). About
+# 12 minutes in all with the build; where one command may run 10 minutes at most, split it: STEPS="linear chunks
+# precision trl" then STEPS="small step kernels tests" (the kernels' build is cached between the two on the same
+# machine).
 set -uo pipefail
-STEPS=${STEPS:-linear chunks precision small step kernels tests}
+STEPS=${STEPS:-linear chunks precision trl small step kernels tests}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 source "$(dirname "$0")/gpu_env.sh"
 
@@ -20,6 +23,7 @@ step() {  # step NAME TIMEOUT SCRIPT [ARGS...]: one benchmark, its log and CSVs 
 want linear && step "fused linear vs GEMM floor, torch.compile, Liger" 300 benchmarks/bench_linear.py
 want chunks && step "chunk sizes" 150 benchmarks/bench_linear_chunks.py
 want precision && step "errors against float64 on bf16 inputs" 120 benchmarks/bench_linear_precision.py
+want trl && step "kdfast vs TRL's Triton kernels (N=8192, H_s=2048, H_t=4096, V=128256 bf16)" 180 benchmarks/bench_trl.py
 want small && step "small calls: host cost, launches, CUDA graph" 90 benchmarks/bench_small_calls.py
 want step && step "whole training step" 240 benchmarks/bench_train_step.py
 want kernels && step "logits-level kernels" 180 benchmarks/bench_gpu_kernels.py

@@ -1,11 +1,22 @@
 """kdfast: fused knowledge-distillation losses for large-vocabulary language models."""
 
-from kdfast.linear_loss import LinearDistillLoss, linear_distill_loss
-from kdfast.linear_sparse_loss import LinearSparseDistillLoss, linear_sparse_distill_loss
-from kdfast.loss import DistillLoss, distill_loss
-from kdfast.reduction import LossComponents
-from kdfast.sparse_loss import SparseDistillLoss, sparse_distill_loss
+import importlib
 
-__all__ = ["DistillLoss", "LinearDistillLoss", "LinearSparseDistillLoss", "LossComponents", "SparseDistillLoss",
-           "distill_loss", "linear_distill_loss", "linear_sparse_distill_loss", "sparse_distill_loss"]
+# name -> the module defining it, imported on first use: `kdfast --help` (kdfast.cli) must not wait for torch.
+_EXPORTS = {"DistillLoss": "loss", "distill_loss": "loss", "LinearDistillLoss": "linear_loss",
+            "linear_distill_loss": "linear_loss", "LinearSparseDistillLoss": "linear_sparse_loss",
+            "linear_sparse_distill_loss": "linear_sparse_loss", "LossComponents": "reduction",
+            "SparseDistillLoss": "sparse_loss", "sparse_distill_loss": "sparse_loss",
+            "linear_token_logprobs": "token_logprobs"}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])

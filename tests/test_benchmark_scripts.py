@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+import kdfast
+from kdfast.kernel_abi import STAT_COLUMNS
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -27,9 +30,10 @@ def test_bench_linear_smoke(tmp_path):
 
 def test_bench_sparse_smoke(tmp_path):
     _run(tmp_path, "benchmarks/bench_sparse.py", "--tokens", "64", "--vocab", "500", "--top-k", "8", "--repeats", "1",
-         "--no-compile")
+         "--no-compile", "--memory")
     rows = {r["method"]: r for r in csv.DictReader(next(tmp_path.glob("bench_sparse_*.csv")).open())}
     assert float(rows["torch eager (DistillKit-style top-k)"]["speedup_vs_eager"]) == 1.0
+    assert all(int(r["extra_peak_bytes"]) >= 0 for r in rows.values()), "each measured in a process of its own"
     assert float(rows["kdfast bucket (inplace_backward)"]["ratio_to_floor"]) > 0
 
 
@@ -52,7 +56,7 @@ def test_bench_vocab_parallel_smoke(tmp_path):
     _run(tmp_path, "benchmarks/bench_vocab_parallel.py", "--tokens", "32", "--vocab", "200", "--repeats", "1")
     rows = {r["method"]: r for r in csv.DictReader(next(tmp_path.glob("bench_vocab_parallel_*.csv")).open())}
     sent = int(rows["kdfast vocab-parallel"]["bytes_sent_per_rank"])
-    assert sent == 7 * 8 + 2 * 32 * 3 * 4, "the check exchange plus two [rows, 3] float32 collectives"
+    assert sent == 7 * 8 + 2 * 32 * STAT_COLUMNS * 4, "the check exchange plus two [rows, STAT_COLUMNS] float32 ones"
     assert int(rows["gather full logits + kdfast"]["bytes_sent_per_rank"]) == 2 * 32 * 100 * 4
     assert float(rows["kdfast on the shard alone"]["x_shard_alone"]) == 1.0
 
@@ -93,3 +97,16 @@ def test_bench_small_calls_smoke(tmp_path):
     _run(tmp_path, "benchmarks/bench_small_calls.py", "--vocab", "1000", "--calls", "3")
     rows = list(csv.DictReader(next(tmp_path.glob("bench_small_calls_*.csv")).open()))
     assert [r["backend"] for r in rows] == ["cpu", "torch"] and all(float(r["us_per_call"]) > 0 for r in rows)
+
+
+def test_bench_trl_smoke(tmp_path):
+    pytest.importorskip("trl.kernels.chunked_divergence")
+    _run(tmp_path, "benchmarks/bench_trl.py", "--tokens", "64", "--hidden", "16", "--teacher-hidden", "24",
+         "--vocab", "500", "--repeats", "1")
+    rows = {(r["task"], r["method"]): r for r in csv.DictReader(next(tmp_path.glob("bench_trl_*.csv")).open())}
+    for beta in ("0", "0.5", "1"):
+        theirs, ours = rows[f"divergence beta={beta}", "TRL"], rows[f"divergence beta={beta}", "kdfast"]
+        assert float(theirs["speedup_vs_trl"]) == 1.0 and float(ours["median_ms"]) > 0
+        assert float(ours["loss_rel_diff"]) < 1e-5 and float(ours["grad_weight_rel_l2"]) < 1e-4
+    if hasattr(kdfast, "linear_token_logprobs"):
+        assert float(rows["log-probs + entropy", "kdfast"]["entropy_rel_diff"]) < 1e-5

@@ -1,0 +1,239 @@
+"""Forward+backward of kdfast against TRL's own chunked kernels (trl/kernels/, TRL 1.16), each called as TRL calls
+it: the divergence of its DistillationTrainer (`_chunked_divergence_loss`: the generalized JSD, beta 0 = forward
+KL, 1 = reverse KL) against kdfast.linear_distill_loss(divergence="jsd", t2_scale=False, reduction="sum"), and the
+per-token log-probs of its fused causal-LM forward (`ChunkedLogProbFunction`), alone and with the entropy, against
+kdfast.linear_token_logprobs.
+
+Same inputs, one process; medians of interleaved rounds, each pair's ratio, and how far the two agree (the summed
+loss or log-probs, the entropy, the gradients of the student's hidden states and head). TRL folds its tiles in
+torch on the CPU and in Triton on a GPU.
+CPU default: N=256, H_s=256, H_t=384, V=32000 fp32, T=1, beta 0, 0.5, 1 (--full: N=2048 and each contender's
+extra peak memory, minutes). CUDA: N=8192, H_s=2048, H_t=4096, V=128256 bf16, and kdfast with fp32_logits (TRL
+keeps its logits in float32).
+
+    python benchmarks/bench_trl.py [--full] [--tokens N --hidden H_s --teacher-hidden H_t --vocab V --betas B ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import namedtuple
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or through `kdfast bench`
+from bench_distill import (  # noqa: E402
+    add_memory_option,
+    environment,
+    extra_peaks,
+    mib,
+    parse_benchmark_args,
+    time_methods,
+    write_csv,
+)
+from bench_linear import add_shape_arguments, make_inputs  # noqa: E402
+
+import kdfast  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+# `kdfast bench --full`: the issue's CPU shape (TRL takes tens of seconds a call there) and the memory of each.
+FULL_SETTINGS = {} if CUDA else {"tokens": 2048, "repeats": 5, "memory": True}
+TRL, KDFAST, KDFAST_FP32 = "TRL", "kdfast", "kdfast, fp32_logits"
+# What one call gives back: the summed loss (or log-probs) whose gradient is taken, the summed entropy (None where
+# not computed) and the gradients of the student's hidden states and head.
+Outcome = namedtuple("Outcome", "loss entropy grad_hidden grad_weight")
+# How far each is from TRL's outcome: relative L2 over the whole tensor.
+DIFFERENCES = ("loss_rel_diff", "entropy_rel_diff", "grad_hidden_rel_l2", "grad_weight_rel_l2")
+
+
+def trl_kernels():
+    """TRL's entry points: the DistillationTrainer's divergence, the log-prob Function and the vocabulary chunk its
+    fused forward passes to it."""
+    import trl
+
+    try:
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+    except ImportError as error:
+        if not (error.name or "").startswith("trl"):
+            raise
+        raise ModuleNotFoundError(f"TRL {trl.__version__} has no chunked kernels (TRL 1.16 has them)",
+                                  name="trl") from error
+    return _chunked_divergence_loss, ChunkedLogProbFunction, _CHUNKED_LOGPROB_CHUNK_SIZE
+
+
+def divergence_contenders(inputs, beta: float, args) -> dict:
+    """method -> zero-argument callable: the summed divergence of every token, its gradients and the entropy."""
+    chunked_divergence_loss, _, _ = trl_kernels()
+    hs, ws = inputs["student_hidden"], inputs["student_weight"]
+    ht, wt = inputs["teacher_hidden"], inputs["teacher_weight"]
+    every_token = torch.ones(1, hs.shape[0], dtype=torch.long, device=hs.device)
+
+    def trl():
+        h, w = hs.detach().requires_grad_(True), ws.detach().requires_grad_(True)
+        # [1, N, H] as the trainer passes a batch; num_items_in_batch=1 makes its loss the sum, as kdfast's here.
+        loss, entropy_sum, _ = chunked_divergence_loss(h[None], ht[None], w, wt, every_token, beta,
+                                                       num_items_in_batch=1, temperature=args.temperature)
+        return Outcome(loss.detach(), entropy_sum.detach(), *torch.autograd.grad(loss, (h, w)))
+
+    def ours(**options):
+        def call():
+            h, w = hs.detach().requires_grad_(True), ws.detach().requires_grad_(True)
+            loss, parts = kdfast.linear_distill_loss(h, w, ht, wt, divergence="jsd", beta=beta,
+                                                     temperature=args.temperature, t2_scale=False, reduction="sum",
+                                                     return_components=True, **options)
+            entropy = getattr(parts, "entropy", None)  # LossComponents.entropy, where this kdfast has it
+            return Outcome(loss.detach(), entropy, *torch.autograd.grad(loss, (h, w)))
+        return call
+
+    methods = {TRL: trl, KDFAST: ours()}
+    if hs.dtype != torch.float32:  # TRL's logits are float32 whatever the heads' dtype: kdfast's the same way
+        methods[KDFAST_FP32] = ours(fp32_logits=True)
+    return methods
+
+
+def logprob_contenders(inputs, with_entropy: bool, args) -> dict:
+    """method -> zero-argument callable: the summed log-probs of the tokens, their gradients and the entropy."""
+    _, chunked_logprob, vocab_chunk = trl_kernels()
+    hs, ws, tokens = inputs["student_hidden"], inputs["student_weight"], inputs["labels"]
+
+    def trl():
+        h, w = hs.detach().requires_grad_(True), ws.detach().requires_grad_(True)
+        logprobs, entropy, *_ = chunked_logprob.apply(h, w, None, tokens, args.temperature, vocab_chunk, None, 1.0,
+                                                      ("entropy",) if with_entropy else ())
+        loss = logprobs.sum()
+        return Outcome(loss.detach(), None if entropy is None else entropy.detach().sum(),
+                       *torch.autograd.grad(loss, (h, w)))
+
+    def ours():
+        h, w = hs.detach().requires_grad_(True), ws.detach().requires_grad_(True)
+        result = kdfast.linear_token_logprobs(h, w, tokens, temperature=args.temperature,
+                                              return_entropy=with_entropy)
+        logprobs, entropy = result if with_entropy else (result, None)
+        loss = logprobs.sum()
+        return Outcome(loss.detach(), None if entropy is None else entropy.detach().sum(),
+                       *torch.autograd.grad(loss, (h, w)))
+
+    return {TRL: trl, KDFAST: ours}
+
+
+def contenders(inputs, args) -> dict:
+    """task -> method -> callable; the token log-probs only where this kdfast has linear_token_logprobs."""
+    tasks = {f"divergence beta={beta:g}": divergence_contenders(inputs, beta, args) for beta in args.betas}
+    if hasattr(kdfast, "linear_token_logprobs"):
+        tasks["log-probs"] = logprob_contenders(inputs, False, args)
+        tasks["log-probs + entropy"] = logprob_contenders(inputs, True, args)
+    return tasks
+
+
+def flat(tasks: dict) -> dict:
+    return {f"{task}: {method}": fn for task, methods in tasks.items() for method, fn in methods.items()}
+
+
+def memory_contender(settings: dict, name: str):
+    """The contender `name` on freshly made inputs: what a child process measures (kdfast.memory)."""
+    args = argparse.Namespace(**settings)
+    return flat(contenders(make_inputs(args, torch.device(args.device)), args))[name]
+
+
+def relative_l2(ours: torch.Tensor | None, theirs: torch.Tensor | None) -> float | None:
+    if ours is None or theirs is None:
+        return None
+    ours, theirs = ours.double(), theirs.double()
+    return ((ours - theirs).norm() / theirs.norm().clamp_min(1e-30)).item()
+
+
+def agreement(tasks: dict, dtype: torch.dtype) -> dict:
+    """Each contender's differences from TRL's outcome ("task: method" -> DIFFERENCES; None for TRL's own), from
+    one call of each, which also warms them up. Speed is only reported for kdfast computing what TRL computes:
+    with float32 heads the losses must agree to 1e-3."""
+    differences = {}
+    for task, methods in tasks.items():
+        theirs = methods[TRL]()
+        differences[f"{task}: {TRL}"] = dict.fromkeys(DIFFERENCES)
+        for method, fn in methods.items():
+            if method == TRL:
+                continue
+            ours = fn()
+            differences[f"{task}: {method}"] = dict(zip(DIFFERENCES, (
+                relative_l2(ours.loss, theirs.loss), relative_l2(ours.entropy, theirs.entropy),
+                relative_l2(ours.grad_hidden, theirs.grad_hidden), relative_l2(ours.grad_weight, theirs.grad_weight))))
+            if dtype == torch.float32 and differences[f"{task}: {method}"]["loss_rel_diff"] > 1e-3:
+                raise SystemExit(f"{task}: kdfast's {ours.loss.item()} vs TRL's {theirs.loss.item()}: not timing it")
+    return differences
+
+
+def run(args) -> list[dict]:
+    import trl
+
+    device = torch.device(args.device)
+    inputs = make_inputs(args, device)
+    tasks = contenders(inputs, args)
+    console = Console(width=max(110, Console().width))
+    if "log-probs" not in tasks:
+        console.print("[yellow]this kdfast has no linear_token_logprobs: only the divergence is compared[/yellow]")
+    differences = agreement(tasks, inputs["student_hidden"].dtype)
+    methods = flat(tasks)
+    console.print(f"[dim]timing {len(methods)} calls, {args.repeats} interleaved rounds...[/dim]")
+    medians = time_methods(methods, device, args.repeats, warmup=0)  # the agreement's call was the warm-up
+    peaks = extra_peaks(methods, args, device, __file__)
+    env = environment(device)
+    rows = []
+    for task, task_methods in tasks.items():
+        for method in task_methods:
+            name = f"{task}: {method}"
+            rows.append({"task": task, "method": method, "median_ms": medians[name],
+                         "speedup_vs_trl": medians[f"{task}: {TRL}"] / medians[name], **differences[name],
+                         "extra_peak_bytes": peaks[name], **env, "trl": trl.__version__, "tokens": args.tokens,
+                         "hidden": args.hidden, "teacher_hidden": args.teacher_hidden, "vocab": args.vocab,
+                         "dtype": args.dtype, "temperature": args.temperature})
+    report(console, rows, args, env)
+    write_csv(rows, env, "bench_trl")
+    return rows
+
+
+def report(console, rows, args, env):
+    table = Table(title=f"kdfast vs TRL {rows[0]['trl']}'s chunked kernels, fwd+bwd, N={args.tokens}, "
+                        f"H_s={args.hidden}, H_t={args.teacher_hidden}, V={args.vocab} {args.dtype}, "
+                        f"T={args.temperature} on {env['device']}")
+    for column in ("task", "method", "median ms", "x TRL", "loss diff", "entropy diff", "d hidden diff",
+                   "d weight diff", "extra peak MiB"):
+        table.add_column(column, justify="left" if column in ("task", "method") else "right",
+                         no_wrap=column in ("task", "method"))
+
+    def difference(value):
+        return "-" if value is None else f"{value:.1e}"
+
+    for row in rows:
+        table.add_row(row["task"], row["method"], f"{row['median_ms']:.1f}", f"{row['speedup_vs_trl']:.2f}",
+                      *(difference(row[key]) for key in DIFFERENCES), mib(row["extra_peak_bytes"]))
+    console.print(table)
+    console.print(f"medians of {args.repeats} interleaved rounds; torch {env['torch']}, {env['threads']} threads; "
+                  "diff: relative difference (L2 over the tensor) from TRL's result on the same inputs; loss: the "
+                  "summed divergence or log-probs")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_shape_arguments(parser, cpu_tokens=256)
+    if not CUDA:
+        parser.set_defaults(teacher_hidden=384)  # a teacher wider than the student, as in a real pair
+    parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.5, 1.0],
+                        help="TRL's beta: 0 forward KL, 1 reverse KL, between them the generalized JSD")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    add_memory_option(parser)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    run(parse_benchmark_args(parser, argv, FULL_SETTINGS))
+
+
+if __name__ == "__main__":
+    main()
