@@ -7,9 +7,11 @@
     kdfast bench linear-precision      loss and gradient errors of the fused linear loss on bf16 heads vs float64
     kdfast bench linear-chunks | small-calls | train-step
                                        chunk sizes; a small call's host cost; a whole training step (GPU-sized)
+    kdfast bench teacher-cache         a teacher cache written locally, through a server, and by 2 processes
     kdfast profile [options]           peak memory over a sweep of shapes
     kdfast distill [options]           an end-to-end distillation run
     kdfast teacher-cache [options]     store a teacher's top-k next-token log-probs for distilling without it
+    kdfast teacher-cache convert       read or write the top-k datasets of axolotl, DistillKit and vLLM
     kdfast build                       compile the native kernels ahead of their first use
 
 Only the command named is imported, when it is named: a plain `pip install kdfast` has none of the extras the
@@ -34,10 +36,10 @@ BENCHMARKS = {"logits": "bench_distill", "linear": "bench_linear", "sparse": "be
 # Run only when named: several processes training real models, minutes on a CPU.
 NAMED_ONLY = {"sharded-memory": "bench_sharded_memory", "linear-precision": "bench_linear_precision",
               "linear-chunks": "bench_linear_chunks", "small-calls": "bench_small_calls",
-              "train-step": "bench_train_step"}
+              "train-step": "bench_train_step", "teacher-cache": "bench_teacher_cache"}
 # The extra (setup.py's extras_require) whose packages each command imports, and the benchmarks needing another.
 COMMAND_EXTRAS = {"bench": "bench", "profile": "bench", "distill": "integrations", "teacher-cache": "integrations"}
-BENCHMARK_EXTRAS = {"trl": "integrations"}  # TRL's own kernels
+BENCHMARK_EXTRAS = {"trl": "integrations", "teacher-cache": "integrations"}  # TRL's kernels; the cache's writer
 # What the CLI keeps in a benchmark's namespace: not the benchmark's options, and not all picklable (spawned ranks).
 CLI_SETTINGS = {"command", "benchmark", "handler", "module", "checked_by", "parser", "full"}
 HERE = Path(__file__).resolve().parent
@@ -173,7 +175,7 @@ def _add_distill(commands, named: list[str]) -> None:
     distill.set_defaults(handler=_distill, checked_by=arguments.check_args, parser=distill)
 
 
-def _add_teacher_cache(commands, named: list[str]) -> None:
+def _add_teacher_cache(commands, named: list[str], argv: list[str]) -> None:
     source = HERE / "teacher_cache" / "command.py"
     if named[:1] != ["teacher-cache"]:
         commands.add_parser("teacher-cache", help=read_without_importing(source, "DESCRIPTION"))
@@ -181,6 +183,14 @@ def _add_teacher_cache(commands, named: list[str]) -> None:
     from kdfast.teacher_cache import command
 
     cache = commands.add_parser("teacher-cache", help=command.DESCRIPTION, description=command.__doc__)
+    if argv[argv.index("teacher-cache") + 1:][:1] == ["convert"]:
+        from kdfast.teacher_cache import convert
+
+        which = cache.add_subparsers(dest="action", metavar="convert", required=True)
+        converter = which.add_parser("convert", help=convert.DESCRIPTION, description=convert.__doc__)
+        convert.add_arguments(converter)
+        converter.set_defaults(handler=convert.run, checked_by=convert.check_args, parser=converter)
+        return
     command.add_arguments(cache)
     cache.set_defaults(handler=command.run, checked_by=command.check_args, parser=cache)
 
@@ -194,7 +204,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     _add_bench(commands, named)
     _add_profile(commands, named)
     _add_distill(commands, named)
-    _add_teacher_cache(commands, named)
+    _add_teacher_cache(commands, named, argv)
     build = commands.add_parser("build", help="compile the native kernels ahead of their first use",
                                 description=_build.__doc__)
     build.set_defaults(handler=_build)

@@ -110,3 +110,13 @@ def test_bench_trl_smoke(tmp_path):
         assert float(ours["loss_rel_diff"]) < 1e-5 and float(ours["grad_weight_rel_l2"]) < 1e-4
     if hasattr(kdfast, "linear_token_logprobs"):
         assert float(rows["log-probs + entropy", "kdfast"]["entropy_rel_diff"]) < 1e-5
+
+
+def test_bench_teacher_cache_smoke(tmp_path):
+    _run(tmp_path, "benchmarks/bench_teacher_cache.py", "--windows", "4", "--seq-len", "17", "--top-k", "8",
+         "--repeats", "1")
+    rows = {r["method"]: r for r in csv.DictReader(next(tmp_path.glob("bench_teacher_cache_*.csv")).open())}
+    assert rows["local, 2 processes"]["shard_bytes_equal"] == "True", "the same bytes as one process"
+    assert all(rows[name]["ids_equal"] == "True" for name in rows)
+    assert float(rows["served, 8 in flight"]["writer_tokens_per_s"]) > 0
+

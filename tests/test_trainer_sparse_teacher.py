@@ -131,7 +131,7 @@ def test_a_cache_that_does_not_fit_is_refused_before_training(tmp_path, cache_an
     with pytest.raises(ValueError, match="log-probs at temperature 2.0 but the loss's temperature is 1.0"):
         trainer(temperature=1.0)
     assert trainer(temperature=1.0, tail="renormalize").distill_options.teacher_temperature == 2.0
-    with pytest.raises(ValueError, match="teacher_model or teacher_cache, not both"):
+    with pytest.raises(ValueError, match="pass one teacher, not teacher_model and teacher_cache"):
         trainer(teacher_model=teacher)
     with pytest.raises(ValueError, match="a teacher is required"):
         DistillationTrainer(model=student, args=args, train_dataset=[{"input_ids": [1, 2]}])

@@ -13,8 +13,14 @@ from transformers import Trainer
 
 from kdfast.integrations.causal_lm import batch_distill_loss, batch_sparse_distill_loss
 from kdfast.integrations.logged_parts import LoggedParts
+from kdfast.integrations.served_teacher import ServedTeacherLoader, served_teacher
 from kdfast.integrations.sharding import fsdp2_sharded_teacher, run_through_wrapper
-from kdfast.integrations.sparse_teacher import TEACHER_COLUMNS, sparse_options, sparse_training_data
+from kdfast.integrations.sparse_teacher import (
+    SERVED_TEMPERATURE,
+    TEACHER_COLUMNS,
+    sparse_options,
+    sparse_training_data,
+)
 from kdfast.options import LossOptions
 from kdfast.teacher_cache.collate import SparseTeacherCollator
 from kdfast.validation import check_chunk_settings
@@ -39,8 +45,12 @@ class DistillationTrainer(Trainer):
     - `teacher_cache`: a `kdfast teacher-cache` folder (or `TeacherCache`); it is the training data unless
       `train_dataset` is given, whose rows must then be the cache's windows in order. Its tokenizer must be the
       student's (`processing_class`), and for tail="bucket" its temperature the loss's;
-    - neither: `train_dataset` rows carry `teacher_ids` / `teacher_logprobs` ([tokens, K] or [tokens - 1, K]: row j
-      the teacher's distribution of token j), e.g. from an inference server.
+    - `teacher_server`: a teacher behind a vLLM server (its URL) or any `kdfast.teacher_cache.ServedTeacher`
+      (SGLang, requests in flight, timeouts), asked for each batch's top-`teacher_top_k` prompt log-probs while the
+      student trains on the batch before; its tokenizer is checked against the student's where the server
+      tokenizes, and its log-probs are the raw model's (T = 1);
+    - none of these: `train_dataset` rows carry `teacher_ids` / `teacher_logprobs` ([tokens, K] or [tokens - 1, K]:
+      row j the teacher's distribution of token j), e.g. from an inference server.
     `chunk_size` and `fp32_logits` are those of `kdfast.linear_distill_loss`.
     Under FSDP2 or DeepSpeed ZeRO-3 the teacher is sharded as the student is (`shard_teacher=True`, the default) or
     replicated whole on every process (`shard_teacher=False`: faster, when it fits).
@@ -55,13 +65,18 @@ class DistillationTrainer(Trainer):
     def __init__(self, model=None, teacher_model=None, args=None, *, teacher_cache=None, divergence="forward_kl",
                  temperature=1.0, kd_weight=0.5, ce_weight=0.5, beta=0.5, t2_scale=True, tail="bucket",
                  teacher_temperature=None, label_smoothing=0.0, z_loss_weight=0.0, chunk_size="auto", backend="auto",
-                 vocab_size=None, shard_teacher=True, fp32_logits=False, **trainer_kwargs):
-        if teacher_model is not None and teacher_cache is not None:
-            raise ValueError("pass teacher_model or teacher_cache, not both")
+                 vocab_size=None, shard_teacher=True, fp32_logits=False, teacher_server=None, teacher_top_k=20,
+                 **trainer_kwargs):
+        given = [name for name, value in (("teacher_model", teacher_model), ("teacher_cache", teacher_cache),
+                                          ("teacher_server", teacher_server)) if value is not None]
+        if len(given) > 1:
+            raise ValueError(f"pass one teacher, not {' and '.join(given)}")
+        if teacher_server is not None and (not isinstance(teacher_top_k, int) or teacher_top_k < 1):
+            raise ValueError(f"teacher_top_k must be an int >= 1, got {teacher_top_k!r}")
         check_chunk_settings(None, chunk_size, fp32_logits)
         self.chunk_size, self.shard_teacher, self.fp32_logits = chunk_size, shard_teacher, fp32_logits
         tokenizer = trainer_kwargs.get("processing_class")
-        self.teacher_cache = None
+        self.teacher_cache, self.served_teacher, self.teacher_top_k = None, None, teacher_top_k
         # Validated before the Trainer's own (slow) set-up, so a bad setting fails at once.
         if teacher_model is not None:
             self.distill_options = LossOptions(divergence=divergence, beta=beta, temperature=temperature,
@@ -69,16 +84,24 @@ class DistillationTrainer(Trainer):
                                                label_smoothing=label_smoothing, z_loss_weight=z_loss_weight,
                                                reduction="mean", backend=backend)
         else:
-            trainer_kwargs["train_dataset"], self.teacher_cache = sparse_training_data(
-                teacher_cache, trainer_kwargs.get("train_dataset"), tokenizer)
-            self.distill_options = sparse_options(self.teacher_cache, divergence=divergence, beta=beta,
+            if teacher_server is not None:
+                self.served_teacher = served_teacher(teacher_server, tokenizer)
+            else:
+                trainer_kwargs["train_dataset"], self.teacher_cache = sparse_training_data(
+                    teacher_cache, trainer_kwargs.get("train_dataset"), tokenizer)
+            stored, source = ((self.teacher_cache.settings.temperature, "the teacher cache")
+                              if self.teacher_cache is not None else
+                              (SERVED_TEMPERATURE, "the served teacher") if self.served_teacher is not None
+                              else (None, None))
+            self.distill_options = sparse_options(stored, source=source, divergence=divergence, beta=beta,
                                                   temperature=temperature, teacher_temperature=teacher_temperature,
                                                   tail=tail, kd_weight=kd_weight, ce_weight=ce_weight,
                                                   t2_scale=t2_scale, backend=backend,
                                                   label_smoothing=label_smoothing, z_loss_weight=z_loss_weight)
             if trainer_kwargs.get("data_collator") is None:
                 pad = getattr(tokenizer, "pad_token_id", None)
-                trainer_kwargs["data_collator"] = SparseTeacherCollator(pad_token_id=pad if pad is not None else 0)
+                trainer_kwargs["data_collator"] = SparseTeacherCollator(pad_token_id=pad if pad is not None else 0,
+                                                                        with_teacher=self.served_teacher is None)
         # The loss's parts come from the same pass; they are logged beside the loss (kd_loss, ce_loss, entropy, ...).
         self.distill_options = self.distill_options.replace(return_components=True)
         self._logged_parts = LoggedParts()
@@ -98,6 +121,18 @@ class DistillationTrainer(Trainer):
         # the loss as already normalised for gradient accumulation whenever it is given.
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
+
+    def get_train_dataloader(self):
+        loader = super().get_train_dataloader()
+        if self.served_teacher is None:
+            return loader
+        return ServedTeacherLoader(loader, self.served_teacher, self.teacher_top_k, self.vocab_size)
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        loader = super().get_eval_dataloader(eval_dataset)
+        if self.served_teacher is None:
+            return loader
+        return ServedTeacherLoader(loader, self.served_teacher, self.teacher_top_k, self.vocab_size)
 
     @property
     def vocab_size(self) -> int | None:

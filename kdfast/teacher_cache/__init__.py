@@ -1,11 +1,13 @@
-"""A teacher that is not in memory: its top-k (or sampled) next-token log-probs, computed once and stored in
-resumable shards (`build_teacher_cache`, `kdfast teacher-cache`), read back as a Dataset (`TeacherCache`) and
-batched with the labels (`SparseTeacherCollator`) for `linear_sparse_distill_loss`. Reading and writing need
+"""A teacher that is not in memory: its top-k (or sampled) next-token log-probs, computed once (here, by many
+processes, or by a server: `ServedTeacher`) and stored in resumable shards (`build_teacher_cache`, `kdfast
+teacher-cache`), read back as a Dataset (`TeacherCache`) and batched with the labels (`SparseTeacherCollator`) for
+`linear_sparse_distill_loss`; other tools' top-k datasets converted (`convert`). Reading and writing need
 safetensors, the command transformers too: imported on first use, so that `kdfast`'s other commands do not."""
 
 import importlib
 
-_EXPORTS = {"SparseTeacherCollator": "collate", "TeacherCache": "reader", "build_teacher_cache": "writer"}
+_EXPORTS = {"SparseTeacherCollator": "collate", "ServedTeacher": "served", "TeacherCache": "reader",
+            "build_teacher_cache": "writer", "convert": "convert"}
 __all__ = sorted(_EXPORTS)
 
 

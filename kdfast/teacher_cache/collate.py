@@ -1,10 +1,14 @@
 """Batches of examples that carry a sparse teacher: `teacher_ids` / `teacher_logprobs` rows aligned with the tokens
 (row j: the teacher's distribution of token j; a row for the first token may be left out, as inference servers leave
-it out of their prompt log-probs) are padded and shifted exactly as the labels are."""
+it out of their prompt log-probs) are padded and shifted exactly as the labels are. Examples with axolotl's columns
+(target_token_ids / target_logprobs / target_mask) or DistillKit's raw ones (token_ids / top_values) are read as
+kdfast's first (`peer_formats`)."""
 
 from __future__ import annotations
 
 import torch
+
+from kdfast.teacher_cache.peer_formats import as_kdfast_example
 
 IGNORE_INDEX = -100
 
@@ -25,14 +29,22 @@ def _rows(example: dict, name: str, tokens: int, index: int) -> torch.Tensor:
 class SparseTeacherCollator:
     """examples -> a batch of `input_ids` (padded with `pad_token_id`), `attention_mask`, `labels` (the example's, or
     its input_ids; -100 at padding), `teacher_ids` [B, S, K] (-1 at padding) and `teacher_logprobs` [B, S, K]
-    (float32, 0 at padding). Examples may differ in length and in K."""
+    (float32, 0 at padding). Examples may differ in length and in K, and carry kdfast's columns or a peer's.
+    `with_teacher=False`: examples of tokens only, whose teacher a server answers per batch afterwards (the batch then
+    has no teacher columns)."""
 
-    def __init__(self, pad_token_id: int = 0):
-        self.pad_token_id = pad_token_id
+    def __init__(self, pad_token_id: int = 0, with_teacher: bool = True):
+        self.pad_token_id, self.with_teacher = pad_token_id, with_teacher
 
     def __call__(self, examples: list[dict]) -> dict:
         if not examples:
             raise ValueError("no examples to collate")
+        if not self.with_teacher:  # rows of no targets, padded and shifted as any (then dropped)
+            no_targets = [{**example, "teacher_ids": torch.empty(len(example["input_ids"]), 0, dtype=torch.int64),
+                           "teacher_logprobs": torch.empty(len(example["input_ids"]), 0)} for example in examples]
+            batch = SparseTeacherCollator(self.pad_token_id)(no_targets)
+            return {name: value for name, value in batch.items() if name not in ("teacher_ids", "teacher_logprobs")}
+        examples = [as_kdfast_example(example, f"example {index}") for index, example in enumerate(examples)]
         missing = {"input_ids", "teacher_ids", "teacher_logprobs"} - set(examples[0])
         if missing:
             raise ValueError(f"examples need input_ids, teacher_ids and teacher_logprobs; missing {sorted(missing)}")

@@ -11,6 +11,8 @@ import torch
 # Parts of a fast tokenizer's serialised form that are call state, not the tokenizer: a call with truncation=True
 # changes them.
 _TOKENIZER_STATE_KEYS = ("truncation", "padding")
+# The weights' checksum sums int64 blocks of bytes: at most 255 * 65521 * 2**24 < 2**63 per block.
+_CHECKSUM_BLOCK_BYTES, _CHECKSUM_MODULUS = 1 << 24, 65521
 
 
 def digest(data: bytes | str) -> str:
@@ -38,13 +40,20 @@ def config_fingerprint(config) -> str:
 
 @torch.no_grad()
 def weights_checksum(model) -> str:
-    """Per parameter its name, shape, dtype, sum and sum of squares (float64, on the model's own device, so a
-    teacher on a GPU is not copied to the host): any retraining or another checkpoint changes it."""
+    """Per parameter its name, shape, dtype and two integer sums of its bytes, plain and weighted by position. Integer
+    sums are exact in any order, so the checksum is the same on any device and thread count (float sums are not: their
+    last digits follow the reduction's order, and a cache resumed with other threads looked like another teacher's).
+    Summed on the model's own device, a block at a time, so a teacher on a GPU is neither copied nor doubled."""
     parts = []
     for name, tensor in model.state_dict().items():
-        values = tensor.detach().double() if tensor.is_floating_point() else tensor.detach().to(torch.float64)
-        parts.append(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{values.sum().item():.17g}:"
-                     f"{values.square().sum().item():.17g}")
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        plain = weighted = 0
+        for start in range(0, data.numel(), _CHECKSUM_BLOCK_BYTES):
+            block = data[start:start + _CHECKSUM_BLOCK_BYTES].to(torch.int64)
+            position = torch.arange(start, start + block.numel(), device=block.device) % _CHECKSUM_MODULUS + 1
+            plain += int(block.sum())
+            weighted += int((block * position).sum())
+        parts.append(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{plain}:{weighted}")
     return digest("\n".join(parts))[:16]
 
 

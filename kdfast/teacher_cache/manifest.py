@@ -61,15 +61,16 @@ class Manifest:
     shards: dict = field(default_factory=dict)  # index -> {"file", "windows", "bytes", "sha256"}
     complete: bool = False
     stats: dict = field(default_factory=dict)
+    origin: dict = field(default_factory=dict)  # what computed the targets: a model here, or a server (API, model)
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, "version": VERSION, "settings": dataclasses.asdict(self.settings),
-                           "complete": self.complete, "stats": self.stats,
+                           "complete": self.complete, "stats": self.stats, "origin": self.origin,
                            "shards": {str(index): entry for index, entry in sorted(self.shards.items())}}, indent=1)
 
     @classmethod
-    def load(cls, folder: Path) -> Manifest:
-        path = folder / MANIFEST_NAME
+    def load(cls, folder: Path, name: str = MANIFEST_NAME) -> Manifest:
+        path = folder / name
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
@@ -78,10 +79,10 @@ class Manifest:
             raise ValueError(f"{path} is not a version-{VERSION} {FORMAT} manifest (format {data.get('format')!r}, "
                              f"version {data.get('version')!r})")
         return cls(CacheSettings(**data["settings"]), {int(k): v for k, v in data["shards"].items()},
-                   data["complete"], data.get("stats", {}))
+                   data["complete"], data.get("stats", {}), data.get("origin", {}))
 
-    def save(self, folder: Path) -> None:
-        write_atomically(folder / MANIFEST_NAME, self.to_json().encode())
+    def save(self, folder: Path, name: str = MANIFEST_NAME) -> None:
+        write_atomically(folder / name, self.to_json().encode())
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -99,7 +100,9 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.close(folder)
 
 
-def remove_temporaries(folder: Path) -> None:
-    """What a killed writer left under temporary names (only the lock holder calls this)."""
+def remove_temporaries(folder: Path, owned=lambda name: True) -> None:
+    """What a killed writer left under temporary names, for the files `owned(name)` says are the caller's (only the
+    holder of those files' lock calls this: another writer's temporaries may be in progress)."""
     for path in folder.glob(f"*{TEMPORARY_MARK}*"):
-        path.unlink(missing_ok=True)
+        if owned(path.name.split(TEMPORARY_MARK)[0]):
+            path.unlink(missing_ok=True)
