@@ -1,6 +1,6 @@
 """The `kdfast` command. Each subcommand has its own options (`kdfast <command> --help`):
 
-    kdfast bench [--full] [logits | linear | sparse | linear-sparse | vocab-parallel | trl] [options]
+    kdfast bench [--full] [logits | linear | sparse | linear-sparse | vocab-parallel | trl | multi-teacher] [options]
                                        the side-by-side benchmarks (all, or one), short by default; --full runs
                                        each at its full size with every contender; those below run when named
     kdfast bench sharded-memory        peak memory per process with the student sharded by FSDP2 (minutes)
@@ -32,7 +32,8 @@ from kdfast.package_files import package_folder
 
 # `kdfast bench <name>` -> the benchmark script (benchmarks/ in a checkout, kdfast/benchmarks in an install).
 BENCHMARKS = {"logits": "bench_distill", "linear": "bench_linear", "sparse": "bench_sparse",
-              "linear-sparse": "bench_linear_sparse", "vocab-parallel": "bench_vocab_parallel", "trl": "bench_trl"}
+              "linear-sparse": "bench_linear_sparse", "vocab-parallel": "bench_vocab_parallel", "trl": "bench_trl",
+              "multi-teacher": "bench_multi_teacher"}
 # Run only when named: several processes training real models, minutes on a CPU.
 NAMED_ONLY = {"sharded-memory": "bench_sharded_memory", "linear-precision": "bench_linear_precision",
               "linear-chunks": "bench_linear_chunks", "small-calls": "bench_small_calls",

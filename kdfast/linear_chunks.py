@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kdfast.kernel_abi import PART_COLUMNS, SparseTargets
+from kdfast.linear_teachers import AveragedRows, ChunkTeachers, TeacherHeads
 from kdfast.logit_maps import LogitMap
 from kdfast.options import LossOptions
 
@@ -40,12 +41,12 @@ class TeacherHead:
 @dataclass
 class Heads:
     """Flattened inputs of one call: the student's hidden [N, H] and head [V, H] (+ bias [V]), and the teacher: a
-    TeacherHead, or a sparse teacher's SparseTargets ([N, K] ids and log-probs)."""
+    TeacherHead, several (TeacherHeads), or a sparse teacher's SparseTargets ([N, K] ids and log-probs)."""
 
     student_hidden: torch.Tensor
     student_weight: torch.Tensor
     student_bias: torch.Tensor | None
-    teacher: TeacherHead | SparseTargets
+    teacher: TeacherHead | TeacherHeads | SparseTargets
     labels: torch.Tensor | None  # [N] int64, contiguous
     student_map: LogitMap  # the student's logit scale and softcap
     student_dtype: torch.dtype  # the GEMMs' dtype (autocast's, or the inputs' promoted type)
@@ -87,6 +88,8 @@ def chunk_rows(chunk_size, heads: Heads) -> int:
     per_row = heads.vocab * student_bytes
     if heads.dense_teacher:
         per_row += heads.vocab * heads.logits_dtype(heads.teacher.dtype).itemsize
+    elif isinstance(heads.teacher, TeacherHeads):
+        per_row += heads.vocab * 4 * heads.teacher.chunk_buffers
     if heads.student_map.softcap is not None:
         per_row += heads.vocab * student_bytes  # the uncapped student logits, kept for the chain rule
     if student_bytes != heads.student_dtype.itemsize:
@@ -181,6 +184,11 @@ def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted
     logits_weight_s = gemm_weight(heads.student_weight, heads.student_dtype, buffers.student)
     teacher = heads.teacher
     weight_t = gemm_weight(teacher.weight, teacher.dtype, buffers.teacher) if heads.dense_teacher else None
+    several = None
+    if isinstance(teacher, TeacherHeads):
+        several = ChunkTeachers(teacher, min(step, heads.rows), heads.vocab, device, gemm_weight)
+        if teacher.combine == "average":
+            rows_kernel = AveragedRows(rows_kernel)
     student_map = heads.student_map
     # Without a softcap the student's scale is a constant factor of its gradient: the kernel applies it with the
     # reduction's, and no pass over the chunk is added.
@@ -192,6 +200,8 @@ def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted
         if heads.dense_teacher:
             teacher_rows = _logits_into(buffers.teacher[:count], teacher.hidden[rows], weight_t, teacher.bias)
             teacher_rows = teacher.logit_map.apply_(teacher_rows).unsqueeze(0)
+        elif several is not None:
+            teacher_rows = several.rows(rows, count, _logits_into)
         else:  # a sparse teacher's log-probs are final: the map is the student's alone
             teacher_rows = SparseTargets(teacher.ids[rows].unsqueeze(0), teacher.logprobs[rows].unsqueeze(0))
         if student_map.softcap is not None:
@@ -201,6 +211,8 @@ def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted
             student = student_map.apply_(_logits_into(buffers.student[:count], hidden, logits_weight_s,
                                                       heads.student_bias))
         labels = heads.labels[rows] if heads.labels is not None else None
+        if several is not None:
+            several.record_divergences(rows, student.unsqueeze(0), labels, kernel_scale, opts, rows_kernel)
         grad = student.unsqueeze(0) if wanted.any else None  # dlogits overwrite the chunk's logits
         parts[rows] = rows_kernel(student.unsqueeze(0), teacher_rows, labels, kernel_scale, grad, opts)
         if not wanted.any:

@@ -14,9 +14,10 @@ import torch
 
 from kdfast.kernel_abi import SparseTargets
 from kdfast.linear_chunks import Heads, TeacherHead, Wanted, run_chunks
+from kdfast.linear_teachers import TeacherHeads
 from kdfast.logit_maps import LogitMap
 from kdfast.options import LossOptions
-from kdfast.reduction import reduced_outputs, reduction_scale
+from kdfast.reduction import reduced_outputs, reduced_per_teacher, reduction_scale
 from kdfast.saved_gradient import rescale_gradient_
 from kdfast.views import flat_labels
 
@@ -45,12 +46,22 @@ class LinearDistillFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, labels, num_items_in_batch, opts: LossOptions,
                 plan: ChunkPlan, teacher):
-        """`teacher`: a TeacherHead (its tensors [..., H_t]) or SparseTargets ([..., K]), constants either way."""
+        """`teacher`: a TeacherHead (its tensors [..., H_t]), several (TeacherHeads) or SparseTargets ([..., K]),
+        constants every way."""
         lead_shape = student_hidden.shape[:-1]
         labels = flat_labels(labels)
         if isinstance(teacher, TeacherHead):
             teacher = TeacherHead(teacher.hidden.reshape(-1, teacher.hidden.shape[-1]), teacher.weight, teacher.bias,
                                   gemm_dtype(teacher.hidden, teacher.weight), plan.teacher_map)
+        elif isinstance(teacher, TeacherHeads):
+            flattened = [TeacherHead(head.hidden.reshape(-1, head.hidden.shape[-1]), head.weight, head.bias,
+                                     gemm_dtype(head.hidden, head.weight), head.logit_map) for head in teacher.heads]
+            # Each teacher's own divergence per row, for the components (filled by the chunks).
+            per_teacher = (torch.zeros(labels.numel() if labels is not None else teacher.log_weights.shape[0],
+                                       len(flattened), device=student_hidden.device)
+                           if opts.return_components else None)
+            teacher = TeacherHeads(flattened, teacher.log_weights, teacher.combine, teacher.temperature,
+                                   teacher.native_mixing, per_teacher)
         else:
             k = teacher.ids.shape[-1]
             teacher = SparseTargets(teacher.ids.reshape(-1, k), teacher.logprobs.reshape(-1, k))
@@ -75,7 +86,13 @@ class LinearDistillFunction(torch.autograd.Function):
                                                                plan.rows_kernel)
                 d_hidden = plan.rows_kernel.reduce_hidden_grad(d_hidden)
                 ctx.save_for_backward(*LinearDistillFunction._as_input_dtypes(ctx, d_hidden, d_weight, d_bias))
-        return reduced_outputs(ctx, parts, lead_shape, labels, opts, scale)
+        outputs = reduced_outputs(ctx, parts, lead_shape, labels, opts, scale)
+        if not isinstance(teacher, TeacherHeads) or not opts.return_components:
+            return outputs
+        summary = reduced_per_teacher(teacher.per_teacher, lead_shape, opts, scale)
+        teacher.per_teacher = None  # a backward that runs the chunks again need not find them again
+        ctx.mark_non_differentiable(summary)
+        return (*outputs, summary)
 
     @staticmethod
     def _as_input_dtypes(ctx, d_hidden, d_weight, d_bias):

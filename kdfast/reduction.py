@@ -4,6 +4,7 @@ for logging (`return_components=True`)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -22,13 +23,16 @@ class LossComponents:
     logits / T), as TRL logs it; with kd_weight=0 (a CE-only loss) that of softmax(student logits) at T = 1, the CE's
     distribution. Reduced as the loss is: "mean" sums the kept rows' and divides as the loss does (by the kept rows
     or num_items_in_batch), "sum" sums, "none" gives it per row (0 for an ignored row); None when the loss has
-    neither a divergence nor a CE term. Last, with a default, so that positional construction keeps working."""
+    neither a divergence nor a CE term. `teachers`: with several teachers (`multi_teacher_distill_loss`), each one's
+    own divergence reduced as the loss ([M], or [..., M] for reduction="none"); None otherwise. The last two have
+    defaults, so that positional construction keeps working."""
 
     kd: torch.Tensor | None
     ce: torch.Tensor | None
     z_loss: torch.Tensor | None
     accuracy: torch.Tensor | None
     entropy: torch.Tensor | None = None
+    teachers: torch.Tensor | None = None
 
 
 def reduction_scale(labels, rows: int, opts: LossOptions, num_items_in_batch, device) -> torch.Tensor:
@@ -94,6 +98,15 @@ def returned(outputs, opts: LossOptions, labels):
     return loss, loss_components(summary, opts, labels is not None)
 
 
+def returned_with_teachers(outputs, opts: LossOptions, labels):
+    """`returned` for several teachers: with return_components, (loss, LossComponents whose `teachers` is each
+    teacher's own divergence) from the Function's (loss, summary, per-teacher summary)."""
+    if not opts.return_components:
+        return outputs
+    loss, summary, per_teacher = outputs
+    return loss, dataclasses.replace(loss_components(summary, opts, labels is not None), teachers=per_teacher)
+
+
 def reduced_outputs(ctx, parts, lead_shape, labels, opts: LossOptions, scale):
     """A Function's outputs from the kernels' parts: the loss, and with return_components the summary of its parts
     (kdfast.reduction.component_summary), which has no gradient."""
@@ -103,3 +116,12 @@ def reduced_outputs(ctx, parts, lead_shape, labels, opts: LossOptions, scale):
     summary = component_summary(parts, lead_shape, labels, opts, scale)
     ctx.mark_non_differentiable(summary)
     return loss, summary
+
+
+def reduced_per_teacher(per_teacher: torch.Tensor, lead_shape, opts: LossOptions, scale) -> torch.Tensor:
+    """Each teacher's divergence reduced as the loss: [M] ("mean", "sum") or [..., M] ("none")."""
+    if opts.reduction == "none":
+        return per_teacher.view(*lead_shape, per_teacher.shape[-1])
+    total = per_teacher.sum(0)
+    return total * scale if opts.reduction == "mean" else total
+

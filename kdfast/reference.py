@@ -219,3 +219,50 @@ def linear_sparse_distill_loss_reference(student_hidden, student_weight, teacher
         logits = logits + bias
     logits = LogitMap(logit_scale, softcap).reference(logits)
     return sparse_distill_loss_reference(logits, teacher_ids, teacher_logprobs, labels, dtype=dtype, **options)
+
+
+def teacher_weights_reference(weights, teachers: list, labels, opts: LossOptions) -> torch.Tensor:
+    """[..., M] per-row weights summing to 1 (the contract of `kdfast.teacher_weights`), in the teachers' dtype."""
+    count, lead = len(teachers), teachers[0].shape[:-1]
+    if weights is None:
+        return torch.full((*lead, count), 1.0 / count, dtype=teachers[0].dtype)
+    if isinstance(weights, str):
+        safe = torch.where(labels != opts.ignore_index, labels, torch.zeros_like(labels))
+        label_logprob = torch.stack([torch.log_softmax(t, -1).gather(-1, safe[..., None])[..., 0] for t in teachers],
+                                    dim=-1)
+        if weights == "confidence":
+            return torch.softmax(label_logprob, dim=-1)
+        onehot = torch.zeros_like(label_logprob)
+        flat, out = label_logprob.reshape(-1, count), onehot.reshape(-1, count)
+        for row in range(flat.shape[0]):  # the lowest CE; on ties the lowest index
+            values = flat[row].tolist()
+            out[row, values.index(max(values))] = 1.0
+        return onehot
+    weights = torch.as_tensor(weights, dtype=teachers[0].dtype)
+    weights = weights.expand(*lead, count) if weights.shape == (count,) else weights
+    return weights / weights.sum(-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).tiny)
+
+
+def multi_teacher_distill_loss_reference(student_logits, teacher_logits, labels=None, *, weights=None,
+                                         combine="mixture", num_items_in_batch=None,
+                                         dtype: torch.dtype | None = torch.float64, **options) -> torch.Tensor:
+    """The contract of `kdfast.multi_teacher_distill_loss`, naively in `dtype`: the mixture's log-probabilities as a
+    log-sum-exp of log w_m + log p_m, or each teacher's divergence weighed."""
+    opts = LossOptions(**{k: v for k, v in options.items() if k not in ("inplace_backward", "backend")})
+    teachers = list(teacher_logits.unbind(0)) if isinstance(teacher_logits, torch.Tensor) else list(teacher_logits)
+    width = opts.vocab_size or student_logits.shape[-1]
+    student_logits = student_logits.to(dtype or student_logits.dtype)[..., :width]
+    teachers = [teacher.to(dtype or teacher.dtype)[..., :width] for teacher in teachers]
+    kd = None
+    if opts.has_kd:
+        row_weights = teacher_weights_reference(weights, teachers, labels, opts)
+        divergence = _trl_convention(opts.divergence, opts.beta)
+        log_q = torch.log_softmax(student_logits / opts.temperature, dim=-1)
+        log_p = torch.stack([torch.log_softmax(t / opts.temperature, dim=-1) for t in teachers])  # [M, ..., V]
+        moved = row_weights.movedim(-1, 0)[..., None]
+        if combine == "mixture":
+            kd = divergence_of(torch.logsumexp(log_p + moved.log(), dim=0), log_q, divergence, opts.beta)
+        else:
+            kd = sum(moved[m, ..., 0] * divergence_of(log_p[m], log_q, divergence, opts.beta)
+                     for m in range(len(teachers)))
+    return _reduced_reference(student_logits, kd, labels, opts, num_items_in_batch)

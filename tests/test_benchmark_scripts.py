@@ -120,3 +120,12 @@ def test_bench_teacher_cache_smoke(tmp_path):
     assert all(rows[name]["ids_equal"] == "True" for name in rows)
     assert float(rows["served, 8 in flight"]["writer_tokens_per_s"]) > 0
 
+
+def test_bench_multi_teacher_smoke(tmp_path):
+    _run(tmp_path, "benchmarks/bench_multi_teacher.py", "--tokens", "32", "--linear-tokens", "32", "--vocab", "500",
+         "--repeats", "1")
+    found = next(tmp_path.glob("bench_multi_teacher_*.csv"))
+    rows = {(r["form"], r["method"]): r for r in csv.DictReader(found.open())}
+    assert float(rows["logits", "loop of 3 kdfast calls (average)"]["x_loop"]) == 1.0
+    assert float(rows["linear", "5 GEMMs alone (floor)"]["x_floor"]) == 1.0
+    assert float(rows["logits", "kdfast mixture"]["x_floor"]) > 0

@@ -176,6 +176,25 @@ def distillation_case(tmp_path, setup, *, sparse: bool, shard_teacher: bool = Tr
     _train_and_compare(trainer, expected, teacher_sharded=None if sparse else shard_teacher)
 
 
+def multi_teacher_case(tmp_path, setup):
+    """Two teacher models of different hidden sizes, weighed 1:3, each sharded as the student is."""
+    from tiny_models import as_examples, student_and_teacher, tiny_llama, token_batch
+
+    from kdfast.integrations.causal_lm import batch_multi_teacher_loss
+    from kdfast.integrations.transformers import DistillationTrainer
+    from kdfast.options import LossOptions
+
+    student, teacher = student_and_teacher(head_scale=4.0)
+    teachers, weights, opts = [teacher, tiny_llama(48, seed=2)], [1.0, 3.0], LossOptions(**SETTINGS)
+    batch = token_batch()
+    expected = _reference_run(student_and_teacher(head_scale=4.0)[0], batch,
+                              lambda model, inputs: batch_multi_teacher_loss(model, teachers, inputs, opts,
+                                                                             weights=weights))
+    trainer = DistillationTrainer(model=student, teacher_model=teachers, args=_args(tmp_path, setup),
+                                  train_dataset=as_examples(batch), teacher_weights=weights, **SETTINGS)
+    _train_and_compare(trainer, expected)
+
+
 def trl_gkd_case(tmp_path, setup):
     """kdfast's TRL GKDTrainer (off-policy, lmbda 0) with its teacher sharded. Rows of equal length, so that each
     process's share of the tokens is the same."""
@@ -259,6 +278,7 @@ def trl_distillation_case(tmp_path, setup):
 CASES = {"sharded-teacher": functools.partial(distillation_case, sparse=False),
          "replicated-teacher": functools.partial(distillation_case, sparse=False, shard_teacher=False),
          "sparse-teacher": functools.partial(distillation_case, sparse=True),
+         "multi-teacher": multi_teacher_case,
          "trl-gkd": trl_gkd_case,
          "trl-distillation": trl_distillation_case}
 

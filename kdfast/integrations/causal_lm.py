@@ -4,10 +4,13 @@ architectures: only `get_decoder()`, `get_output_embeddings()` and config attrib
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from kdfast.integrations.sharding import run_through_wrapper, whole_head
 from kdfast.linear_loss import fused_linear_loss
+from kdfast.linear_multi_teacher import fused_linear_multi_teacher_loss
 from kdfast.linear_sparse_loss import fused_linear_sparse_loss
 from kdfast.options import LossOptions
 from kdfast.sparse_options import SparseOptions
@@ -100,6 +103,34 @@ def batch_distill_loss(student, teacher, inputs, options: LossOptions, *, chunk_
     return distill_from_hidden(student, teacher, student_hidden, teacher_hidden, inputs["labels"][:, 1:], options,
                                chunk_size=chunk_size, fp32_logits=fp32_logits,
                                num_items_in_batch=num_items_in_batch)
+
+
+def batch_multi_teacher_loss(student, teachers: list, inputs, options: LossOptions, *, weights=None,
+                             combine="mixture", chunk_size="auto", fp32_logits=False, num_items_in_batch=None):
+    """The fused loss of one batch against several teacher models (each one's hidden states under no_grad, each
+    head's own logit scale and softcap). Without `weights`, a batch's `teacher_id` column ([batch] indices) routes
+    each example to its teacher."""
+    input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
+    student_hidden = last_hidden_state(student, input_ids, attention_mask)[:, :-1]
+    with torch.no_grad():
+        teacher_hidden = [run_through_wrapper(teacher, teacher, last_hidden_state, teacher, input_ids,
+                                              attention_mask)[:, :-1] for teacher in teachers]
+    if weights is None and "teacher_id" in inputs:
+        routed = torch.nn.functional.one_hot(inputs["teacher_id"].reshape(-1).long(), len(teachers)).float()
+        weights = routed[:, None, :].expand(*student_hidden.shape[:-1], len(teachers))
+    student_head, heads = output_head(student), [output_head(teacher) for teacher in teachers]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(whole_head(student, student_head))
+        for teacher, head in zip(teachers, heads):
+            stack.enter_context(whole_head(teacher, head, frozen=True))
+        return fused_linear_multi_teacher_loss(
+            student_hidden, student_head.weight, teacher_hidden, [head.weight.detach() for head in heads],
+            inputs["labels"][:, 1:], options, student_bias=student_head.bias,
+            teacher_bias=[head.bias.detach() if head.bias is not None else None for head in heads], weights=weights,
+            combine=combine, student_softcap=final_softcap(student),
+            teacher_softcap=[final_softcap(teacher) for teacher in teachers], student_logit_scale=logit_scale(student),
+            teacher_logit_scale=[logit_scale(teacher) for teacher in teachers], chunk_size=chunk_size,
+            fp32_logits=fp32_logits, num_items_in_batch=num_items_in_batch)
 
 
 def sparse_distill_from_hidden(student, student_hidden, teacher_ids, teacher_logprobs, labels,

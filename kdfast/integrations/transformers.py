@@ -11,7 +11,7 @@ import functools
 import torch
 from transformers import Trainer
 
-from kdfast.integrations.causal_lm import batch_distill_loss, batch_sparse_distill_loss
+from kdfast.integrations.causal_lm import batch_distill_loss, batch_multi_teacher_loss, batch_sparse_distill_loss
 from kdfast.integrations.logged_parts import LoggedParts
 from kdfast.integrations.served_teacher import ServedTeacherLoader, served_teacher
 from kdfast.integrations.sharding import fsdp2_sharded_teacher, run_through_wrapper
@@ -21,6 +21,7 @@ from kdfast.integrations.sparse_teacher import (
     sparse_options,
     sparse_training_data,
 )
+from kdfast.multi_teacher import COMBINES
 from kdfast.options import LossOptions
 from kdfast.teacher_cache.collate import SparseTeacherCollator
 from kdfast.validation import check_chunk_settings
@@ -41,7 +42,10 @@ class DistillationTrainer(Trainer):
     `kd_loss`, `ce_loss`, `z_loss`, `entropy` (the student's, at T, per token) and `token_accuracy`.
 
     The teacher is one of:
-    - `teacher_model`: run in eval mode under no_grad, on the student's device and dtype;
+    - `teacher_model`: run in eval mode under no_grad, on the student's device and dtype; or a list of models (of any
+      hidden sizes), mixed (`teacher_combine="mixture"`) or averaged ("average") with `teacher_weights` (those of
+      `kdfast.multi_teacher_distill_loss`; without them, a dataset column `teacher_id` routes each example to one
+      teacher, else they weigh 1/M each);
     - `teacher_cache`: a `kdfast teacher-cache` folder (or `TeacherCache`); it is the training data unless
       `train_dataset` is given, whose rows must then be the cache's windows in order. Its tokenizer must be the
       student's (`processing_class`), and for tail="bucket" its temperature the loss's;
@@ -66,13 +70,22 @@ class DistillationTrainer(Trainer):
                  temperature=1.0, kd_weight=0.5, ce_weight=0.5, beta=0.5, t2_scale=True, tail="bucket",
                  teacher_temperature=None, label_smoothing=0.0, z_loss_weight=0.0, chunk_size="auto", backend="auto",
                  vocab_size=None, shard_teacher=True, fp32_logits=False, teacher_server=None, teacher_top_k=20,
-                 **trainer_kwargs):
+                 teacher_weights=None, teacher_combine="mixture", **trainer_kwargs):
         given = [name for name, value in (("teacher_model", teacher_model), ("teacher_cache", teacher_cache),
                                           ("teacher_server", teacher_server)) if value is not None]
         if len(given) > 1:
             raise ValueError(f"pass one teacher, not {' and '.join(given)}")
         if teacher_server is not None and (not isinstance(teacher_top_k, int) or teacher_top_k < 1):
             raise ValueError(f"teacher_top_k must be an int >= 1, got {teacher_top_k!r}")
+        several = isinstance(teacher_model, (list, tuple))
+        if several and not teacher_model:
+            raise ValueError("teacher_model is an empty list: pass one teacher model or several")
+        if not several and (teacher_weights is not None or teacher_combine != "mixture"):
+            raise ValueError("teacher_weights and teacher_combine weigh several teachers: pass teacher_model as a "
+                             "list of models")
+        if teacher_combine not in COMBINES:
+            raise ValueError(f"teacher_combine must be one of {COMBINES}, got {teacher_combine!r}")
+        self.teacher_weights, self.teacher_combine = teacher_weights, teacher_combine
         check_chunk_settings(None, chunk_size, fp32_logits)
         self.chunk_size, self.shard_teacher, self.fp32_logits = chunk_size, shard_teacher, fp32_logits
         tokenizer = trainer_kwargs.get("processing_class")
@@ -116,7 +129,10 @@ class DistillationTrainer(Trainer):
                                  f"{self.teacher_cache.settings.vocab_size} tokens")
         # The loss itself cuts heads padded past the tokenizer (and refuses a model narrower than it).
         self.distill_options = self.distill_options.replace(vocab_size=vocab_size)
-        self.teacher_model = self._placed_teacher(teacher_model) if teacher_model is not None else None
+        if isinstance(teacher_model, (list, tuple)):
+            self.teacher_model = [self._placed_teacher(teacher) for teacher in teacher_model]
+        else:
+            self.teacher_model = self._placed_teacher(teacher_model) if teacher_model is not None else None
         # compute_loss divides by num_items_in_batch: have the Trainer count it (over the shifted labels) and take
         # the loss as already normalised for gradient accumulation whenever it is given.
         self.model_accepts_loss_kwargs = True
@@ -142,7 +158,7 @@ class DistillationTrainer(Trainer):
     def _set_signature_columns_if_needed(self):
         # The teacher's columns are not arguments of the student's forward, but the loss needs them.
         super()._set_signature_columns_if_needed()
-        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *TEACHER_COLUMNS]))
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *TEACHER_COLUMNS, "teacher_id"]))
 
     def _placed_teacher(self, teacher):
         teacher.eval()
@@ -188,6 +204,13 @@ class DistillationTrainer(Trainer):
                 loss, parts = batch_sparse_distill_loss(student, inputs, self.distill_options,
                                                         chunk_size=self.chunk_size, fp32_logits=self.fp32_logits,
                                                         num_items_in_batch=num_items_in_batch)
+        elif isinstance(self.teacher_model, list):
+            teachers = [self.accelerator.unwrap_model(teacher) for teacher in self.teacher_model]
+            with self.accelerator.autocast():
+                loss, parts = batch_multi_teacher_loss(student, teachers, inputs, self.distill_options,
+                                                       weights=self.teacher_weights, combine=self.teacher_combine,
+                                                       chunk_size=self.chunk_size, fp32_logits=self.fp32_logits,
+                                                       num_items_in_batch=num_items_in_batch)
         else:
             teacher = self.accelerator.unwrap_model(self.teacher_model)
             with self.accelerator.autocast():

@@ -1,0 +1,123 @@
+"""The fused linear form with several teachers: `linear_multi_teacher_distill_loss`. The chunks of
+`linear_distill_loss` with a `linear_teachers.TeacherHeads` kind: per chunk each teacher's GEMM, then one loss
+kernel over the chunk (the mixture), or one per teacher (the average); no logits of all tokens are ever held."""
+
+from __future__ import annotations
+
+import torch
+
+from kdfast.dispatch import device_rows
+from kdfast.linear_chunks import TeacherHead
+from kdfast.linear_function import ChunkPlan, LinearDistillFunction
+from kdfast.linear_teachers import TeacherHeads
+from kdfast.logit_maps import logit_maps
+from kdfast.multi_teacher import COMBINES, native_mixing
+from kdfast.options import LossOptions
+from kdfast.reduction import returned_with_teachers
+from kdfast.shared_vocab import heads_cut_to_vocab
+from kdfast.teacher_weights import label_logprobs, row_log_weights
+from kdfast.validation import check_labels_for, check_linear_inputs, check_num_items
+
+
+def _teacher_lists(teacher_hidden, teacher_weight, teacher_bias) -> tuple[list, list, list]:
+    if not isinstance(teacher_hidden, (list, tuple)) or not teacher_hidden:
+        raise ValueError("teacher_hidden must be a non-empty list/tuple of M tensors [..., H_m] (one per teacher)")
+    count = len(teacher_hidden)
+    if not isinstance(teacher_weight, (list, tuple)) or len(teacher_weight) != count:
+        raise ValueError(f"teacher_weight must be a list/tuple of {count} tensors [V, H_m], one per teacher_hidden")
+    if teacher_bias is None:
+        teacher_bias = [None] * count
+    if not isinstance(teacher_bias, (list, tuple)) or len(teacher_bias) != count:
+        raise ValueError(f"teacher_bias must be None or a list/tuple of {count} entries (a tensor [V] or None)")
+    return list(teacher_hidden), list(teacher_weight), list(teacher_bias)
+
+
+def _per_teacher(name: str, value, count: int) -> list:
+    """One setting per teacher: a list/tuple of `count`, or one value for all."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise ValueError(f"{name} must be one value or a list of {count} (one per teacher), got {len(value)}")
+        return list(value)
+    return [value] * count
+
+
+def linear_multi_teacher_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
+                                      student_bias=None, teacher_bias=None, weights=None, combine="mixture",
+                                      softcap=None, student_softcap=None, teacher_softcap=None,
+                                      student_logit_scale=1.0, teacher_logit_scale=1.0, chunk_size="auto",
+                                      fp32_logits=False, divergence="forward_kl", beta=0.5, temperature=1.0,
+                                      kd_weight=1.0, ce_weight=0.0, t2_scale=True, ignore_index=-100,
+                                      reduction="mean", num_items_in_batch=None, backend="auto",
+                                      return_components=False, vocab_size=None, label_smoothing=0.0,
+                                      z_loss_weight=0.0):
+    """`multi_teacher_distill_loss` of the heads' logits, computed `chunk_size` tokens at a time: `teacher_hidden`,
+    `teacher_weight` (and `teacher_bias`) are lists of M ([..., H_m], [V, H_m], [V] or None; the hidden sizes may
+    differ per teacher). Each teacher's logits take `teacher_softcap` / `teacher_logit_scale` (one value for all, or
+    a list of M: teachers of different families), or `softcap`, as in `linear_distill_loss`. weights="confidence" /
+    "min_ce" run each teacher's head once more, forward only, to find its probability of the label.
+    `return_components=True` adds `teachers`, each teacher's own divergence reduced as the loss: with the mixture
+    that is one more forward pass of the loss kernel per teacher and chunk (the average has them from its calls)."""
+    opts = LossOptions(divergence=divergence, beta=beta, temperature=temperature, kd_weight=kd_weight,
+                       ce_weight=ce_weight, t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
+                       backend=backend, return_components=return_components, vocab_size=vocab_size,
+                       label_smoothing=label_smoothing, z_loss_weight=z_loss_weight)
+    return fused_linear_multi_teacher_loss(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, opts, student_bias=student_bias,
+        teacher_bias=teacher_bias, weights=weights, combine=combine, softcap=softcap, student_softcap=student_softcap,
+        teacher_softcap=teacher_softcap, student_logit_scale=student_logit_scale,
+        teacher_logit_scale=teacher_logit_scale, chunk_size=chunk_size, fp32_logits=fp32_logits,
+        num_items_in_batch=num_items_in_batch)
+
+
+def fused_linear_multi_teacher_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                                    opts: LossOptions, *, student_bias=None, teacher_bias=None, weights=None,
+                                    combine="mixture", softcap=None, student_softcap=None, teacher_softcap=None,
+                                    student_logit_scale=1.0, teacher_logit_scale=1.0, chunk_size="auto",
+                                    fp32_logits=False, num_items_in_batch=None):
+    """`linear_multi_teacher_distill_loss` with its loss settings already in one record."""
+    if combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
+    hiddens, head_weights, biases = _teacher_lists(teacher_hidden, teacher_weight, teacher_bias)
+    caps, scales = _per_teacher("teacher_softcap", teacher_softcap, len(hiddens)), \
+        _per_teacher("teacher_logit_scale", teacher_logit_scale, len(hiddens))
+    student_map = logit_maps(softcap, student_softcap, None, student_logit_scale, 1.0)[0]
+    teacher_maps = [logit_maps(softcap, student_softcap, cap, student_logit_scale, scale)[1]
+                    for cap, scale in zip(caps, scales)]
+    heads = []
+    for index, (hidden, weight, bias, teacher_map) in enumerate(zip(hiddens, head_weights, biases, teacher_maps)):
+        cut_student, cut_student_bias, weight, bias = heads_cut_to_vocab(opts, None, student_weight, student_bias,
+                                                                         weight, bias)
+        try:
+            check_linear_inputs(student_hidden, cut_student, hidden, weight, cut_student_bias, bias, softcap,
+                                chunk_size, opts, fp32_logits)
+        except ValueError as error:
+            raise ValueError(f"teacher {index}: {error}") from None
+        heads.append(TeacherHead(hidden.detach(), weight.detach(), bias.detach() if bias is not None else None,
+                                 hidden.dtype, teacher_map))
+    student_weight, student_bias, *_ = heads_cut_to_vocab(opts, None, student_weight, student_bias)
+    check_labels_for(labels, tuple(student_hidden.shape[:-1]), student_weight.shape[0], student_hidden.device, opts,
+                     "the hidden states")
+    check_num_items(num_items_in_batch)
+
+    def teacher_logits(index, start, stop):
+        head = heads[index]
+        hidden = head.hidden.reshape(-1, head.hidden.shape[-1])[start:stop]
+        logits = torch.nn.functional.linear(hidden.float(), head.weight.float(),
+                                            head.bias.float() if head.bias is not None else None)
+        return head.logit_map.apply_(logits)
+
+    log_weights = row_log_weights(weights, len(heads), labels, tuple(student_hidden.shape[:-1]), opts,
+                                  student_hidden.device,
+                                  lambda: label_logprobs(teacher_logits, len(heads), labels, student_weight.shape[0],
+                                                         opts))
+    teachers = TeacherHeads(heads, log_weights, combine, opts.temperature,
+                            combine == "mixture" and native_mixing(opts, student_hidden.device))
+    plan = ChunkPlan(student_map, chunk_size, device_rows(opts, student_hidden.device), fp32_logits)
+    return _apply(student_hidden, student_weight, student_bias, labels, num_items_in_batch, opts, plan, teachers)
+
+
+# The chunk loop is driven from the host: torch.compile calls it as is rather than tracing into it.
+@torch.compiler.disable
+def _apply(student_hidden, student_weight, student_bias, labels, num_items_in_batch, opts, plan, teachers):
+    return returned_with_teachers(LinearDistillFunction.apply(student_hidden, student_weight, student_bias, labels,
+                                                              num_items_in_batch, opts, plan, teachers), opts, labels)

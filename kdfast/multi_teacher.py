@@ -1,0 +1,243 @@
+"""Several teachers at once: `multi_teacher_distill_loss`. combine="mixture" takes the divergence to the teachers'
+mixture p_bar = sum_m w_m p_m (probabilities at T); combine="average" the weighted sum of each teacher's divergence,
+sum_m w_m D(p_m || q). Weights: `kdfast.teacher_weights`.
+
+A mixture is a teacher kind the one fused path carries: per chunk of rows, T * log p_bar (a log-sum-exp over the
+teachers of log w_m + log p_m, each log p_m centred on its row's largest logit before the temperature divides) is a
+teacher's logits whose softmax at T is p_bar, and the single-teacher op on the chosen backend (C++, CUDA, Triton,
+torch) takes it from there: the divergence, the CE, the gradient, every numerical guard. "average" runs that op
+once per teacher (and once for the CE) and weighs each row's divergence and gradient. Only a chunk of rows is
+ever mixed at once, and one gradient [..., V] is kept for backward."""
+
+from __future__ import annotations
+
+import torch
+
+from kdfast.dispatch import device_rows
+from kdfast.kernel_abi import PART_CE, PART_COLUMNS, PART_CORRECT, PART_ENTROPY, PART_KD, PART_Z
+from kdfast.options import LossOptions
+from kdfast.reduction import reduced_outputs, reduced_per_teacher, reduction_scale, returned_with_teachers
+from kdfast.saved_gradient import saved_gradient_times
+from kdfast.teacher_weights import label_logprobs, row_log_weights
+from kdfast.validation import check_labels, check_num_items, check_pair
+from kdfast.views import flat_labels
+
+COMBINES = ("mixture", "average")
+_CHUNK_ELEMENTS = 1 << 22  # elements of one teacher's chunk: M float32 temporaries of 16 MiB for the mixture
+
+
+def teacher_list(teacher_logits) -> list:
+    """The M teachers as a list of tensors: a list/tuple as given, a tensor [M, ..., V] unbound (views)."""
+    if isinstance(teacher_logits, torch.Tensor):
+        if teacher_logits.dim() < 2:
+            raise ValueError(f"teacher_logits as one tensor must be [M, ..., vocab], got shape "
+                             f"{tuple(teacher_logits.shape)}")
+        return list(teacher_logits.unbind(0))
+    if not isinstance(teacher_logits, (list, tuple)) or not teacher_logits:
+        raise ValueError(f"teacher_logits must be a non-empty list/tuple of M tensors [..., vocab] or one tensor "
+                         f"[M, ..., vocab], got {type(teacher_logits).__name__}")
+    return list(teacher_logits)
+
+
+def check_teachers(student_logits, teachers: list, opts: LossOptions) -> None:
+    for index, teacher in enumerate(teachers):
+        if not isinstance(teacher, torch.Tensor):
+            raise ValueError(f"teacher_logits[{index}] must be a tensor, got {type(teacher).__name__}")
+        try:
+            check_pair(student_logits, teacher, opts)
+        except ValueError as error:
+            raise ValueError(f"teacher_logits[{index}]: {error}") from None
+        if teacher.shape != teachers[0].shape:
+            raise ValueError(f"teacher_logits[{index}] has shape {tuple(teacher.shape)} but teacher_logits[0] "
+                             f"{tuple(teachers[0].shape)}: the teachers must have one shape")
+
+
+def multi_teacher_distill_loss(student_logits, teacher_logits, labels=None, *, weights=None, combine="mixture",
+                               divergence="forward_kl", beta=0.5, temperature=1.0, kd_weight=1.0, ce_weight=0.0,
+                               t2_scale=True, ignore_index=-100, reduction="mean", num_items_in_batch=None,
+                               backend="auto", return_components=False, vocab_size=None, label_smoothing=0.0,
+                               z_loss_weight=0.0):
+    """`distill_loss` against M teachers (a list/tuple of M tensors [..., V], or one tensor [M, ..., V]).
+
+    weights: None (1/M each), M numbers, a tensor [..., M] (per row, e.g. a routing one-hot), "confidence" (per row
+    w_m proportional to p_m(label) at T = 1) or "min_ce" (per row all weight on the teacher with the lowest CE on the
+    label; ties: the lowest index); normalised per row, no gradient. combine: "mixture" (divergence(p_bar || q),
+    p_bar = sum_m w_m p_m at T) or "average" (sum_m w_m divergence(p_m || q)). With M = 1 both are `distill_loss`.
+    `return_components=True` adds `teachers`: each teacher's own divergence, reduced as the loss ([M], or [..., M]
+    with reduction="none")."""
+    if combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
+    opts = LossOptions(divergence=divergence, beta=beta, temperature=temperature, kd_weight=kd_weight,
+                       ce_weight=ce_weight, t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
+                       backend=backend, return_components=return_components, vocab_size=vocab_size,
+                       label_smoothing=label_smoothing, z_loss_weight=z_loss_weight)
+    teachers = teacher_list(teacher_logits)
+    check_teachers(student_logits, teachers, opts)
+    check_labels(labels, student_logits, opts)
+    check_num_items(num_items_in_batch)
+    width = opts.vocab_size or student_logits.shape[-1]
+    def chunk(index, start, stop):
+        return teachers[index].reshape(-1, teachers[index].shape[-1])[start:stop]
+
+    log_weights = row_log_weights(weights, len(teachers), labels, tuple(student_logits.shape[:-1]), opts,
+                                  student_logits.device, lambda: label_logprobs(chunk, len(teachers), labels, width,
+                                                                                opts))
+    return returned_with_teachers(MultiTeacherFunction.apply(student_logits, labels, num_items_in_batch, opts,
+                                                             tuple(teachers), log_weights, combine), opts, labels)
+
+
+def native_mixing(opts: LossOptions, device) -> bool:
+    """Whether the C++ kernel mixes the teachers' rows (one pass per teacher for its statistics, one for the
+    mixture): on the CPU wherever the C++ backend may run; the torch statement below elsewhere."""
+    if device.type != "cpu" or opts.backend not in ("auto", "cpu"):
+        return False
+    from kdfast.native_build import cpu_extension_or_none
+
+    return cpu_extension_or_none() is not None
+
+
+def mixed_teacher(teachers: list, rows: slice, log_weights: torch.Tensor, width: int, temperature: float,
+                  out: torch.Tensor | None = None):
+    """T * log p_bar over `rows` of the flattened teachers, [rows, width] float32: logits whose softmax at T is the
+    mixture. Each log p_m is (t - max) / T - log z (never t / T - ..., which rounds by |max| / T). With `out` (a
+    float32 buffer of at least that many rows) the C++ kernel writes it there; else the torch statement."""
+    chunks = [teacher.reshape(-1, teacher.shape[-1])[rows, :width].float() for teacher in teachers]
+    if out is not None:
+        out = out[:chunks[0].shape[0]]
+        torch.ops.kdfast_cpu.mix_teachers(chunks, log_weights[rows].contiguous(), temperature, out)
+        return out
+    log_p = []
+    for logits in chunks:
+        centred = (logits - logits.amax(-1, keepdim=True)) / temperature
+        log_p.append(centred - torch.logsumexp(centred, dim=-1, keepdim=True))
+    mixed = torch.logsumexp(torch.stack(log_p) + log_weights[rows].t()[:, :, None], dim=0)
+    return mixed.mul_(temperature)
+
+
+class MultiTeacherFunction(torch.autograd.Function):
+    """Forward runs the single-teacher op per chunk of rows (on the mixture, or per teacher) and keeps the gradient;
+    backward rescales it."""
+
+    @staticmethod
+    def forward(ctx, student_logits, labels, num_items_in_batch, opts: LossOptions, teachers, log_weights, combine):
+        lead_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+        width = opts.vocab_size or vocab
+        student = student_logits.reshape(-1, vocab)
+        flat = flat_labels(labels)
+        rows = student.shape[0]
+        scale = reduction_scale(flat, rows, opts, num_items_in_batch, student.device)
+        want_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(student) if want_grad else None
+        if grad is not None and width < vocab:
+            grad[:, width:] = 0.0  # padding columns: in no softmax
+        parts = torch.zeros(rows, PART_COLUMNS, device=student.device)
+        per_teacher = torch.zeros(rows, len(teachers), device=student.device)
+        # The mixture is formed a chunk at a time; the average's calls take every row at once (no buffer between).
+        chunk = max(1, _CHUNK_ELEMENTS // width) if combine == "mixture" else max(rows, 1)
+        call = _ChunkCall(student, flat, scale, opts.replace(vocab_size=None), width, grad)
+        # The C++ mixing writes one reused buffer: a fresh one per chunk costs its page faults each time.
+        mixed_rows = (torch.empty(min(chunk, rows), width, device=student.device)
+                      if combine == "mixture" and native_mixing(opts, student.device) else None)
+        for start in range(0, rows, chunk):
+            span = slice(start, min(start + chunk, rows))
+            if combine == "mixture":
+                teacher = mixed_teacher(teachers, span, log_weights, width, opts.temperature, mixed_rows)
+                parts[span] = call.run(span, teacher, call.opts)
+                if opts.return_components and opts.has_kd:
+                    for index, one in enumerate(teachers):
+                        per_teacher[span, index] = call.divergence(span, one)
+            else:
+                parts[span] = _average_chunk(call, span, teachers, log_weights, opts, per_teacher)
+        if opts.return_components and not opts.has_kd:
+            per_teacher.zero_()
+        if grad is not None:
+            ctx.save_for_backward(grad.view(student_logits.shape))
+        ctx.reduction = opts.reduction
+        outputs = reduced_outputs(ctx, parts, lead_shape, labels, opts, scale)
+        if not opts.return_components:
+            return outputs
+        teacher_summary = reduced_per_teacher(per_teacher, lead_shape, opts, scale)
+        ctx.mark_non_differentiable(teacher_summary)
+        return (*outputs, teacher_summary)
+
+    @staticmethod
+    def backward(ctx, grad_output, *summary_grads):
+        return saved_gradient_times(ctx, grad_output), None, None, None, None, None, None
+
+
+class _ChunkCall:
+    """The single-teacher kernel on a chunk of rows, its gradient written (or added, times a row weight) straight into
+    `grad`: the device's rows kernel (kdfast.dispatch) takes an output buffer, so no chunk's gradient is allocated
+    and copied."""
+
+    def __init__(self, student, labels, scale, opts: LossOptions, width: int, grad):
+        self.student, self.labels, self.scale, self.opts, self.width, self.grad = \
+            student, labels, scale, opts, width, grad
+        self.rows_kernel = device_rows(opts, student.device)
+        self.scratch = None  # for gradients that are added, not written: allocated once
+
+    def run(self, span: slice, teacher: torch.Tensor, opts: LossOptions, row_weight=None,
+            accumulate: bool = False) -> torch.Tensor:
+        """The kernel on `span`; its gradient (times `row_weight` per row) written into those rows of `grad`, or added
+        to what an earlier call wrote there (`accumulate`)."""
+        student = self.student[span, :self.width].unsqueeze(0)  # a view: the kernels take a row stride
+        labels = self.labels[span] if self.labels is not None else None
+        if self.grad is None:
+            return self.rows_kernel(student, teacher.unsqueeze(0), labels, self.scale, None, opts)
+        target = self.grad[span, :self.width]
+        direct = not accumulate and row_weight is None
+        if not direct and self.scratch is None:
+            self.scratch = torch.empty_like(target)
+        out = target if direct else self.scratch[:target.shape[0]]
+        parts = self.rows_kernel(student, teacher.unsqueeze(0), labels, self.scale, out.unsqueeze(0), opts)
+        if direct:
+            return parts
+        if row_weight is None:
+            target.add_(out)
+        elif accumulate:
+            target.addcmul_(out, row_weight[:, None].to(out.dtype))
+        else:
+            torch.mul(out, row_weight[:, None].to(out.dtype), out=target)
+        return parts
+
+    @torch.no_grad()
+    def divergence(self, span: slice, teacher: torch.Tensor) -> torch.Tensor:
+        """One teacher's divergence per row (for logging: no gradient)."""
+        logits = teacher.reshape(-1, teacher.shape[-1])[span, :self.width]
+        student = self.student[span, :self.width].unsqueeze(0)
+        labels = self.labels[span] if self.labels is not None else None
+        kd_only = self.opts.replace(ce_weight=0.0, z_loss_weight=0.0, label_smoothing=0.0)
+        return self.rows_kernel(student, logits.unsqueeze(0), labels, self.scale, None, kd_only)[:, PART_KD]
+
+
+def _average_chunk(call: _ChunkCall, span: slice, teachers: list, log_weights, opts: LossOptions,
+                   per_teacher: torch.Tensor) -> torch.Tensor:
+    """sum_m w_m (divergence and gradient of teacher m) per row, and the CE family once: the chunk's parts. With the
+    same weights in every row the CE rides in the call of the heaviest teacher, its weights divided by that
+    teacher's (w c / w = c); per-row weights take a CE call of its own."""
+    weights = log_weights[span].exp()
+    parts = torch.zeros(span.stop - span.start, PART_COLUMNS, device=weights.device)
+    has_ce = opts.needs_labels or opts.z_loss_weight != 0.0
+    carrier = int(weights[0].argmax()) if has_ce and log_weights.stride(0) == 0 and opts.has_kd else None
+    if opts.has_kd:
+        kd_only = call.opts.replace(ce_weight=0.0, z_loss_weight=0.0, label_smoothing=0.0)
+        for index, teacher in enumerate(teachers):
+            logits = teacher.reshape(-1, teacher.shape[-1])[span, :call.width]
+            settings = kd_only
+            if index == carrier:
+                share = float(weights[0, index])
+                settings = call.opts.replace(ce_weight=opts.ce_weight / share, z_loss_weight=opts.z_loss_weight / share)
+            teacher_parts = call.run(span, logits, settings, row_weight=weights[:, index], accumulate=index > 0)
+            per_teacher[span, index] = teacher_parts[:, PART_KD]
+            parts[:, PART_KD] += weights[:, index] * teacher_parts[:, PART_KD]
+            # The student's entropy and accuracy: the same from every call.
+            parts[:, [PART_ENTROPY, PART_CORRECT]] = teacher_parts[:, [PART_ENTROPY, PART_CORRECT]]
+            if index == carrier:
+                parts[:, [PART_CE, PART_Z]] = teacher_parts[:, [PART_CE, PART_Z]]
+    if has_ce and carrier is None:
+        logits = teachers[0].reshape(-1, teachers[0].shape[-1])[span, :call.width]
+        ce_parts = call.run(span, logits, call.opts.replace(kd_weight=0.0), accumulate=opts.has_kd)
+        if opts.has_kd:
+            ce_parts[:, [PART_KD, PART_ENTROPY]] = parts[:, [PART_KD, PART_ENTROPY]]
+        parts = ce_parts
+    return parts

@@ -1,0 +1,87 @@
+"""How much each of several teachers counts in each row, as normalised log-weights [rows, M] (float32): uniform,
+M static numbers, a per-row tensor [..., M] (a routing one-hot), "confidence" (w_m proportional to the teacher's
+probability of the label at T = 1) or "min_ce" (all weight on the teacher with the lowest cross-entropy on the
+label, the lowest index on ties). Log-weights, because a mixture is a log-sum-exp of log w_m + log p_m and a zero
+weight is then -inf, which drops that teacher exactly."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from kdfast.options import LossOptions
+
+WEIGHT_MODES = ("confidence", "min_ce")
+_CHUNK_ELEMENTS = 1 << 22  # a teacher's rows read a chunk at a time: 16 MiB of float32 temporaries
+
+
+def _checks_cost_no_sync(device: torch.device) -> bool:
+    """The data checks need the host: free on the CPU; on a GPU only when asked for (as the labels' check)."""
+    if torch.compiler.is_compiling():
+        return False
+    return device.type == "cpu" or os.environ.get("KDFAST_CHECK_LABELS") == "1"
+
+
+def row_log_weights(weights, count: int, labels, lead_shape: tuple, opts: LossOptions, device,
+                    label_logprobs) -> torch.Tensor:
+    """[rows, M] log-weights, each row's summing to 1 in probability. `label_logprobs()`: [rows, M] each teacher's
+    log-probability of the label at T = 1 (0 at ignored rows), asked for only by the modes that need it."""
+    rows = math.prod(lead_shape)
+    if weights is None:  # the same in every row: an expanded row (stride 0), as static weights
+        return torch.full((count,), -math.log(count), device=device).expand(rows, count)
+    if isinstance(weights, str):
+        if weights not in WEIGHT_MODES:
+            raise ValueError(f"weights must be None, {count} numbers, a tensor [..., {count}] or one of "
+                             f"{WEIGHT_MODES}, got {weights!r}")
+        if labels is None:
+            raise ValueError(f"weights={weights!r} weighs the teachers by their probability of the label: it needs "
+                             "labels")
+        label_logprob = label_logprobs()
+        if weights == "confidence":
+            return torch.log_softmax(label_logprob, dim=-1)
+        best = label_logprob.argmax(dim=-1, keepdim=True)  # the first of equal maxima: the lowest index
+        return torch.full_like(label_logprob, -math.inf).scatter_(-1, best, 0.0)
+    weights = torch.as_tensor(weights, dtype=torch.float32, device=device).detach()
+    if lead_shape and weights.shape == (*lead_shape, count):
+        return _per_row(weights.reshape(rows, count), labels, opts)
+    if weights.shape != (count,):
+        raise ValueError(f"weights must hold {count} numbers (one per teacher) or be a tensor {(*lead_shape, count)} "
+                         f"(one row of {count} per token), got shape {tuple(weights.shape)}")
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or not float(weights.sum()) > 0:
+        raise ValueError(f"weights must be finite, >= 0 and not all 0, got {weights.tolist()}")
+    return (weights / weights.sum()).log().expand(rows, count)
+
+
+def _per_row(weights: torch.Tensor, labels, opts: LossOptions) -> torch.Tensor:
+    totals = weights.sum(-1, keepdim=True)
+    if _checks_cost_no_sync(weights.device):
+        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+            raise ValueError("weights must be finite and >= 0 in every row")
+        kept = torch.ones_like(totals[:, 0], dtype=torch.bool) if labels is None else \
+            labels.reshape(-1) != opts.ignore_index
+        empty = (totals[:, 0] <= 0) & kept
+        if bool(empty.any()):
+            raise ValueError(f"weights are all 0 in row {int(empty.nonzero()[0])}: each kept row needs a teacher")
+    # An ignored row's weights do not matter: uniform keeps its (dropped) terms finite.
+    uniform = torch.full_like(weights, 1.0 / weights.shape[-1])
+    return torch.where(totals > 0, weights / totals.clamp(min=torch.finfo(torch.float32).tiny), uniform).log()
+
+
+@torch.no_grad()
+def label_logprobs(teacher_chunks, count: int, labels: torch.Tensor, width: int, opts: LossOptions) -> torch.Tensor:
+    """[rows, M]: each teacher's log-probability of the label at T = 1 over the shared columns (0 at ignored rows).
+    `teacher_chunks(index, start, stop)` gives teacher `index`'s logits [stop - start, >= width] for those rows."""
+    flat = labels.reshape(-1)
+    keep = flat != opts.ignore_index
+    column = torch.where(keep, flat, torch.zeros_like(flat)).clamp(0, width - 1)
+    out = torch.zeros(flat.numel(), count, device=flat.device)
+    step = max(1, _CHUNK_ELEMENTS // width)
+    for index in range(count):
+        for start in range(0, flat.numel(), step):
+            stop = min(start + step, flat.numel())
+            logits = teacher_chunks(index, start, stop)[:, :width].float()
+            picked = logits.gather(-1, column[start:stop, None])[:, 0]
+            out[start:stop, index] = picked - torch.logsumexp(logits, dim=-1)
+    return torch.where(keep[:, None], out, torch.zeros_like(out))

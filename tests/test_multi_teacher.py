@@ -1,0 +1,281 @@
+"""Several teachers at once, held to the float64 reference: every divergence, both combine modes, every weights mode,
+M in {1, 2, 3}, on every backend, loss and gradient; with M = 1 both modes are the single-teacher loss; each
+teacher's own divergence in the components; bad input named."""
+
+import itertools
+
+import pytest
+import torch
+from conftest import BACKENDS
+
+import kdfast
+from kdfast.reference import distill_loss_reference, multi_teacher_distill_loss_reference
+
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
+WEIGHTS = [None, "static", "rows", "confidence", "min_ce"]
+ROWS, VOCAB = 7, 37
+
+
+def make_inputs(teachers: int, seed: int = 0, scale: float = 3.0):
+    generator = torch.Generator().manual_seed(seed)
+    student = torch.randn(ROWS, VOCAB, generator=generator) * scale
+    stacked = torch.randn(teachers, ROWS, VOCAB, generator=generator) * scale
+    labels = torch.randint(0, VOCAB, (ROWS,), generator=generator)
+    labels[2] = -100
+    return student, stacked, labels
+
+
+def weights_for(mode, teachers: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed + 1)
+    if mode == "static":
+        return [float(i + 1) for i in range(teachers)]
+    if mode == "rows":
+        rows = torch.rand(ROWS, teachers, generator=generator)
+        rows[0] = 0.0
+        rows[0, -1] = 1.0  # a routing one-hot row
+        return rows
+    return mode
+
+
+def assert_matches_reference(student, teachers, labels, *, return_components=False, want="parts", **settings):
+    """kdfast's loss and the student's gradient against the float64 reference; the components (or the gradient)."""
+    s = student.clone().requires_grad_()
+    outputs = kdfast.multi_teacher_distill_loss(s, teachers, labels, return_components=return_components, **settings)
+    loss, parts = outputs if return_components else (outputs, None)
+    loss.backward()
+    settings.pop("backend", None)
+    s64 = student.double().requires_grad_()
+    stacked = torch.stack(list(teachers)).double()
+    expected = multi_teacher_distill_loss_reference(s64, stacked, labels, **settings)
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-4, atol=2e-6)
+    return s.grad if want == "gradient" else parts
+
+
+# Every divergence and combine; the weights mode, M and the backend cycle through the cases.
+CASES = [(divergence, combine, WEIGHTS[i % len(WEIGHTS)], 1 + i % 3)
+         for i, (divergence, combine) in enumerate(itertools.product(DIVERGENCES, ["mixture", "average"]))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence, combine, weights, teachers", CASES)
+def test_loss_and_gradient_equal_the_float64_reference(backend, divergence, combine, weights, teachers):
+    student, stacked, labels = make_inputs(teachers)
+    settings = dict(divergence=divergence, beta=0.3, temperature=1.7, kd_weight=0.8, ce_weight=0.4,
+                    weights=weights_for(weights, teachers), combine=combine)
+    assert_matches_reference(student, list(stacked), labels, backend=backend, **settings)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("combine", ["mixture", "average"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_one_teacher_is_the_single_teacher_loss(backend, combine, divergence):
+    student, stacked, labels = make_inputs(1, seed=4)
+    settings = dict(divergence=divergence, temperature=2.0, ce_weight=0.3, backend=backend)
+    one = kdfast.multi_teacher_distill_loss(student, stacked, labels, combine=combine, **settings)
+    torch.testing.assert_close(one, kdfast.distill_loss(student, stacked[0], labels, **settings), rtol=1e-5,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions_num_items_and_components(reduction):
+    student, stacked, labels = make_inputs(3, seed=2)
+    settings = dict(temperature=1.5, ce_weight=0.5, reduction=reduction, weights=[1.0, 0.0, 3.0])
+    loss, parts = kdfast.multi_teacher_distill_loss(student, stacked, labels, return_components=True, **settings)
+    expected = multi_teacher_distill_loss_reference(student, stacked, labels, **settings)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    assert parts.teachers.shape == ((ROWS, 3) if reduction == "none" else (3,))
+    for index in range(3):  # each teacher's own divergence, reduced as the loss
+        own = distill_loss_reference(student, stacked[index], labels, temperature=1.5, kd_weight=1.0,
+                                     t2_scale=False, reduction=reduction)
+        torch.testing.assert_close(parts.teachers[..., index].double(), own, rtol=1e-5, atol=1e-6)
+    if reduction == "mean":
+        counted = kdfast.multi_teacher_distill_loss(student, stacked, labels, num_items_in_batch=11, **settings)
+        torch.testing.assert_close(counted.double(), multi_teacher_distill_loss_reference(
+            student, stacked, labels, num_items_in_batch=11, **settings), rtol=1e-5, atol=1e-6)
+
+
+def test_a_zero_weight_teacher_drops_out_and_mixture_is_not_average():
+    student, stacked, labels = make_inputs(3, seed=5)
+    settings = dict(divergence="reverse_kl", temperature=1.0, ce_weight=0.2)
+    dropped = kdfast.multi_teacher_distill_loss(student, stacked, labels, weights=[2.0, 0.0, 2.0], **settings)
+    two = kdfast.multi_teacher_distill_loss(student, stacked[[0, 2]], labels, **settings)
+    torch.testing.assert_close(dropped, two, rtol=1e-6, atol=1e-6)
+    average = kdfast.multi_teacher_distill_loss(student, stacked, labels, combine="average", **settings)
+    assert not torch.allclose(average, kdfast.multi_teacher_distill_loss(student, stacked, labels, **settings))
+
+
+def test_min_ce_routes_each_row_to_its_best_teacher_and_ties_to_the_lowest_index():
+    student, stacked, labels = make_inputs(2, seed=6)
+    stacked[1, 3] = stacked[0, 3]  # a tie in row 3: the lowest index wins
+    routed = kdfast.multi_teacher_distill_loss(student, stacked, labels, weights="min_ce", reduction="none")
+    log_p = torch.log_softmax(stacked.double(), dim=-1)
+    safe = labels.clamp(min=0)
+    best = (log_p.gather(-1, safe.expand(2, -1)[..., None])[..., 0]).argmax(0)
+    assert best[3] == 0
+    for row in range(ROWS):
+        if labels[row] == -100:
+            assert routed[row] == 0
+            continue
+        own = distill_loss_reference(student[row], stacked[best[row], row], reduction="none")
+        torch.testing.assert_close(routed[row].double(), own, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_input_names_the_argument():
+    student, stacked, labels = make_inputs(2)
+    call = kdfast.multi_teacher_distill_loss
+    cases = [
+        (dict(teacher_logits=[stacked[0], stacked[1, :, :-1]]), r"teacher_logits\[1\]: teacher_logits vocab size"),
+        (dict(teacher_logits=[stacked[0], stacked[1, :-1]]), r"teacher_logits\[1\]: teacher_logits shape"),
+        (dict(teacher_logits=[]), "non-empty list"),
+        (dict(weights=[1.0, 2.0, 3.0]), "weights must hold 2 numbers"),
+        (dict(weights=[1.0, -1.0]), "weights must be finite, >= 0 and not all 0"),
+        (dict(weights=[0.0, 0.0]), "not all 0"),
+        (dict(weights=torch.zeros(ROWS, 2)), "weights are all 0 in row 0"),
+        (dict(weights=-torch.ones(ROWS, 2)), "weights must be finite and >= 0 in every row"),
+        (dict(weights="confidence", labels=None), "weights='confidence' .* needs labels"),
+        (dict(weights="min_ce", labels=None), "weights='min_ce' .* needs labels"),
+        (dict(weights="best"), "weights must be None"),
+        (dict(combine="sum"), "combine must be one of"),
+    ]
+    for changes, message in cases:
+        arguments = {"teacher_logits": list(stacked), "labels": labels, **changes}
+        with pytest.raises(ValueError, match=message):
+            call(student, arguments.pop("teacher_logits"), arguments.pop("labels"), **arguments)
+
+
+def test_teachers_and_weights_get_no_gradient():
+    student, stacked, labels = make_inputs(2)
+    weights = torch.rand(ROWS, 2, requires_grad=True)
+    s = student.clone().requires_grad_()
+    kdfast.multi_teacher_distill_loss(s, list(stacked), labels, weights=weights).backward()
+    assert weights.grad is None and s.grad is not None
+    with pytest.raises(ValueError, match=r"teacher_logits\[0\]: teacher_logits requires grad"):
+        kdfast.multi_teacher_distill_loss(s, [stacked[0].clone().requires_grad_(), stacked[1]], labels)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [0.25, 4.0])
+@pytest.mark.parametrize("combine", ["mixture", "average"])
+def test_every_divergence_keeps_its_digits_at_large_logits(backend, temperature, combine):
+    """The single-teacher promise, 1e-4 of float64 at |logits| ~ 1e3, holds for the mixture (its log-probabilities
+    are centred before the temperature divides)."""
+    student, stacked, labels = make_inputs(3, seed=9, scale=1e3 / 3)
+    for divergence in DIVERGENCES:
+        settings = dict(divergence=divergence, temperature=temperature, weights=[1.0, 2.0, 3.0], combine=combine)
+        loss = kdfast.multi_teacher_distill_loss(student, stacked, labels, backend=backend, **settings)
+        expected = multi_teacher_distill_loss_reference(student, stacked, labels, **settings)
+        torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-4, msg=divergence)
+
+
+def linear_inputs(teachers: int, hidden_sizes=(8, 12, 10), rows=ROWS, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    student_hidden = torch.randn(rows, 6, generator=generator)
+    student_weight = torch.randn(VOCAB, 6, generator=generator)
+    hiddens = [torch.randn(rows, hidden_sizes[m], generator=generator) for m in range(teachers)]
+    weights = [torch.randn(VOCAB, hidden_sizes[m], generator=generator) for m in range(teachers)]
+    biases = [torch.randn(VOCAB, generator=generator) if m % 2 else None for m in range(teachers)]
+    labels = torch.randint(0, VOCAB, (rows,), generator=generator)
+    labels[1] = -100
+    return student_hidden, student_weight, hiddens, weights, biases, labels
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("combine", ["mixture", "average"])
+@pytest.mark.parametrize("weights, teachers, reduction", [(None, 2, "mean"), ("confidence", 3, "sum"),
+                                                          ("min_ce", 2, "none"), ("static", 3, "mean"),
+                                                          ("rows", 1, "mean")])
+def test_fused_linear_form_equals_the_reference_of_its_heads(backend, combine, weights, teachers, reduction):
+    """Teachers of different hidden sizes, with and without a bias, chunks of 3 rows (a part chunk at the end)."""
+    student_hidden, student_weight, hiddens, head_weights, biases, labels = linear_inputs(teachers)
+    settings = dict(divergence="jsd", beta=0.4, temperature=1.5, ce_weight=0.3, reduction=reduction,
+                    weights=weights_for(weights, teachers), combine=combine)
+    h, w = student_hidden.clone().requires_grad_(), student_weight.clone().requires_grad_()
+    loss = kdfast.linear_multi_teacher_distill_loss(h, w, hiddens, head_weights, labels, teacher_bias=biases,
+                                                    chunk_size=3, backend=backend, **settings)
+    (loss.sum() if reduction == "none" else loss).backward()
+    h64, w64 = student_hidden.double().requires_grad_(), student_weight.double().requires_grad_()
+    teacher_logits = [torch.nn.functional.linear(x.double(), y.double(), b.double() if b is not None else None)
+                      for x, y, b in zip(hiddens, head_weights, biases)]
+    expected = multi_teacher_distill_loss_reference(h64 @ w64.t(), teacher_logits, labels, **settings)
+    (expected.sum() if reduction == "none" else expected).backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_linear_form_names_bad_teachers():
+    student_hidden, student_weight, hiddens, head_weights, biases, labels = linear_inputs(2)
+    call = kdfast.linear_multi_teacher_distill_loss
+    with pytest.raises(ValueError, match="teacher_weight must be a list/tuple of 2 tensors"):
+        call(student_hidden, student_weight, hiddens, head_weights[:1], labels)
+    with pytest.raises(ValueError, match=r"teacher 1: teacher_weight must have shape \[vocab, 12\]"):
+        call(student_hidden, student_weight, hiddens, [head_weights[0], head_weights[0]], labels)
+    with pytest.raises(ValueError, match="teacher_bias must be None or a list/tuple of 2"):
+        call(student_hidden, student_weight, hiddens, head_weights, labels, teacher_bias=biases[1])
+    with pytest.raises(ValueError, match="weights='min_ce' .* needs labels"):
+        call(student_hidden, student_weight, hiddens, head_weights, weights="min_ce")
+
+
+def test_the_cpu_mixing_kernel_equals_the_torch_statement():
+    """The C++ mixing: its fast path (a sum of the scaled exps, one log), the log-sum-exp where every teacher's entry
+    underflowed, a zero weight, a column of -inf in every teacher, and a part vector block at the row's end."""
+    from kdfast.multi_teacher import mixed_teacher
+    from kdfast.native_build import load_cpu_extension
+
+    load_cpu_extension()
+    generator = torch.Generator().manual_seed(11)
+    teachers = list(torch.randn(3, 5, 45, generator=generator) * 40)
+    teachers[0][:, 7] = teachers[1][:, 7] = teachers[2][:, 7] = -float("inf")
+    log_weights = torch.log_softmax(torch.randn(5, 3, generator=generator), dim=-1)
+    log_weights[2, 1] = -float("inf")
+    for temperature in (0.25, 1.0, 3.0):
+        native = mixed_teacher(teachers, slice(0, 5), log_weights, 45, temperature, out=torch.empty(8, 45))
+        statement = mixed_teacher(teachers, slice(0, 5), log_weights, 45, temperature)
+        assert bool(torch.isneginf(native[:, 7]).all())
+        finite = torch.isfinite(statement)
+        assert bool((finite == torch.isfinite(native)).all())
+        torch.testing.assert_close(native[finite], statement[finite], rtol=1e-5, atol=1e-4 * temperature)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("combine", ["mixture", "average"])
+def test_fused_linear_form_gives_each_teachers_divergence(backend, combine):
+    student_hidden, student_weight, hiddens, head_weights, biases, labels = linear_inputs(3)
+    settings = dict(temperature=1.5, ce_weight=0.3, reduction="sum", combine=combine, weights=[1.0, 2.0, 0.5])
+    loss, parts = kdfast.linear_multi_teacher_distill_loss(student_hidden, student_weight, hiddens, head_weights,
+                                                           labels, teacher_bias=biases, chunk_size=3,
+                                                           backend=backend, return_components=True, **settings)
+    student_logits = student_hidden.double() @ student_weight.double().t()
+    for index, (x, y, b) in enumerate(zip(hiddens, head_weights, biases)):
+        teacher = torch.nn.functional.linear(x.double(), y.double(), b.double() if b is not None else None)
+        own = distill_loss_reference(student_logits, teacher, labels, temperature=1.5, t2_scale=False,
+                                     reduction="sum")
+        torch.testing.assert_close(parts.teachers[index].double(), own, rtol=1e-5, atol=1e-5)
+    assert parts.kd is not None and parts.entropy is not None
+
+
+@pytest.mark.parametrize("weights", [None, "static", "rows"])
+@pytest.mark.parametrize("combine", ["mixture", "average"])
+def test_the_ce_family_is_counted_once(combine, weights):
+    """CE with label smoothing and the z-loss: once per row whatever M (the average folds them into one teacher's call
+    when every row has the same weights)."""
+    student, stacked, labels = make_inputs(3, seed=12)
+    settings = dict(temperature=2.0, ce_weight=0.6, label_smoothing=0.1, z_loss_weight=1e-3, combine=combine,
+                    weights=weights_for(weights, 3))
+    parts = assert_matches_reference(student, stacked, labels, return_components=True, **settings)
+    ce_only = distill_loss_reference(student, stacked[0], labels, kd_weight=0.0, ce_weight=1.0, label_smoothing=0.1)
+    torch.testing.assert_close(parts.ce.double(), ce_only, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("combine", ["mixture", "average"])
+def test_heads_padded_past_the_vocabulary(backend, combine):
+    """vocab_size: the columns both models share; the student's padding columns get no gradient."""
+    generator = torch.Generator().manual_seed(13)
+    student, teachers = torch.randn(6, 40, generator=generator), torch.randn(2, 6, 44, generator=generator)
+    labels, weights = torch.randint(0, 30, (6,), generator=generator), torch.rand(6, 2, generator=generator)
+    settings = dict(vocab_size=30, ce_weight=0.5, combine=combine, weights=weights, temperature=1.3)
+    gradient = assert_matches_reference(student, teachers, labels, backend=backend, **settings, want="gradient")
+    assert bool((gradient[:, 30:] == 0).all())

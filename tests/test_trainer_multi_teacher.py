@@ -1,0 +1,89 @@
+"""DistillationTrainer with several teacher models (of different hidden sizes): its loss is the float64 reference of
+the models' logits for each combine mode and weights, a `teacher_id` column routes each example to its teacher,
+training runs, and settings for several teachers are refused with one."""
+
+import copy
+
+import pytest
+import torch
+from tiny_models import VOCAB, student_and_teacher, tiny_llama, token_batch, training_args
+
+from kdfast.integrations.transformers import DistillationTrainer
+from kdfast.reference import distill_loss_reference, multi_teacher_distill_loss_reference
+
+SETTINGS = dict(divergence="jsd", beta=0.3, temperature=2.0, kd_weight=0.7, ce_weight=0.4)
+
+
+def teachers():
+    return [student_and_teacher()[1], tiny_llama(48, seed=2, final_logit_softcapping=20.0)]
+
+
+def logits64(model, batch):
+    with torch.no_grad():
+        return copy.deepcopy(model).double()(input_ids=batch["input_ids"],
+                                             attention_mask=batch["attention_mask"]).logits[:, :-1]
+
+
+@pytest.mark.parametrize("combine, weights", [("mixture", None), ("mixture", [1.0, 3.0]), ("average", "min_ce"),
+                                              ("average", "confidence")])
+def test_loss_equals_the_reference_of_the_models_logits(tmp_path, combine, weights):
+    student, models = student_and_teacher()[0], teachers()
+    batch = token_batch()
+    trainer = DistillationTrainer(model=student, teacher_model=models, args=training_args(tmp_path),
+                                  teacher_weights=weights, teacher_combine=combine, **SETTINGS)
+    loss = trainer.compute_loss(trainer.model, batch)
+    expected = multi_teacher_distill_loss_reference(logits64(student, batch), [logits64(t, batch) for t in models],
+                                                    batch["labels"][:, 1:], weights=weights, combine=combine,
+                                                    **SETTINGS)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_teacher_id_column_routes_each_example(tmp_path):
+    student, models = student_and_teacher()[0], teachers()
+    batch = {**token_batch(), "teacher_id": torch.tensor([1, 0, 0, 1])}
+    trainer = DistillationTrainer(model=student, teacher_model=models, args=training_args(tmp_path), **SETTINGS)
+    loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=30)
+    student_logits, labels = logits64(student, batch), batch["labels"][:, 1:]
+    per_example = [distill_loss_reference(student_logits[row], logits64(models[int(teacher)], batch)[row],
+                                          labels[row], reduction="sum", **SETTINGS)
+                   for row, teacher in enumerate(batch["teacher_id"])]
+    torch.testing.assert_close(loss.double(), sum(per_example) / 30, rtol=1e-5, atol=1e-6)
+
+
+def test_trains_with_two_teachers(tmp_path):
+    student, models = student_and_teacher()[0], teachers()
+    rows = [{"input_ids": row, "labels": row, "teacher_id": index % 2}
+            for index, row in enumerate(torch.randint(2, VOCAB, (8, 12), generator=torch.Generator().manual_seed(4)))]
+    args = training_args(tmp_path, max_steps=6, learning_rate=1e-2, lr_scheduler_type="constant")
+    trainer = DistillationTrainer(model=student, teacher_model=models, args=args, train_dataset=rows, **SETTINGS)
+    batch = trainer.data_collator(rows[:4])
+    with torch.no_grad():
+        before = trainer.compute_loss(trainer.model, batch).item()
+    trainer.train()
+    with torch.no_grad():
+        after = trainer.compute_loss(trainer.model, batch).item()
+    assert after < before, (before, after)
+
+
+def test_settings_for_several_teachers_are_refused_with_one(tmp_path):
+    student, teacher = student_and_teacher()
+    args = training_args(tmp_path)
+    with pytest.raises(ValueError, match="teacher_weights and teacher_combine weigh several teachers"):
+        DistillationTrainer(model=student, teacher_model=teacher, args=args, teacher_weights=[1.0])
+    with pytest.raises(ValueError, match="teacher_combine must be one of"):
+        DistillationTrainer(model=student, teacher_model=teachers(), args=args, teacher_combine="vote")
+    with pytest.raises(ValueError, match="teacher_model is an empty list"):
+        DistillationTrainer(model=student, teacher_model=[], args=args)
+
+
+def test_each_teachers_divergence_is_logged(tmp_path):
+    student, models = student_and_teacher()[0], teachers()
+    rows = [{"input_ids": row, "labels": row}
+            for row in torch.randint(2, VOCAB, (4, 12), generator=torch.Generator().manual_seed(5))]
+    args = training_args(tmp_path, max_steps=2, logging_strategy="steps", logging_steps=1)
+    trainer = DistillationTrainer(model=student, teacher_model=models, args=args, train_dataset=rows, **SETTINGS)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and all({"kd_loss_teacher_0", "kd_loss_teacher_1", "kd_loss", "entropy"} <= set(entry)
+                          for entry in logged)
+    assert logged[0]["kd_loss_teacher_0"] != logged[0]["kd_loss_teacher_1"]
