@@ -5,7 +5,8 @@ weight, and one per teacher) in the fused linear form.
 
 Same inputs, one process; medians of interleaved rounds and ratios. CPU default: M = 3 teachers, 512 x 32000 fp32,
 forward KL + CE(0.5); linear: M = 2 teachers (H 256 and 384), 1024 tokens, H_s = 256, V = 32000 (--full: 2048
-tokens at the logits level and 4096 in the linear form, torch.compile, 5 rounds).
+tokens at the logits level and 4096 in the linear form, torch.compile, 5 rounds, and the fused linear contenders'
+extra peak memory, each in a fresh process).
 
     python benchmarks/bench_multi_teacher.py [--full] [--tokens N --linear-tokens N --vocab V --repeats R]
 """
@@ -21,12 +22,21 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or through `kdfast bench`
-from bench_distill import copy_method, environment, parse_benchmark_args, time_methods, write_csv  # noqa: E402
+from bench_distill import (  # noqa: E402
+    add_memory_option,
+    copy_method,
+    environment,
+    extra_peaks,
+    mib,
+    parse_benchmark_args,
+    time_methods,
+    write_csv,
+)
 
 import kdfast  # noqa: E402
 from kdfast.reference import multi_teacher_distill_loss_reference  # noqa: E402
 
-FULL_SETTINGS = {"tokens": 2048, "linear_tokens": 4096, "compile": True, "repeats": 5}
+FULL_SETTINGS = {"tokens": 2048, "linear_tokens": 4096, "compile": True, "repeats": 5, "memory": True}
 TEACHER_HIDDEN = (256, 384)
 
 
@@ -92,6 +102,11 @@ def linear_contenders(args):
                for combine in ("mixture", "average")}}
 
 
+def linear_memory_contender(settings: dict, name: str):
+    """The fused linear contender `name` on freshly made inputs: what a child process measures (kdfast.memory)."""
+    return linear_contenders(argparse.Namespace(**settings))[name]
+
+
 def run(args) -> list[dict]:
     console = Console(width=max(120, Console().width))
     device, env = torch.device("cpu"), environment(torch.device("cpu"))
@@ -104,15 +119,17 @@ def run(args) -> list[dict]:
     floor_ms = student.numel() * 4 * (args.teachers + 2) / bandwidth * 1e3
     rows = [{"form": "logits", "method": name, "median_ms": ms, "x_floor": ms / floor_ms,
              "x_loop": medians[f"loop of {args.teachers} kdfast calls (average)"] / ms, "floor_ms": floor_ms,
-             "tokens": args.tokens, "vocab": args.vocab, "teachers": args.teachers, **env}
+             "extra_peak_bytes": None, "tokens": args.tokens, "vocab": args.vocab, "teachers": args.teachers, **env}
             for name, ms in medians.items()]
     linear = linear_contenders(args)
     console.print(f"[dim]timing {len(linear)} fused linear contenders...[/dim]")
     linear_medians = time_methods(linear, device, args.repeats, warmup=1)
+    peaks = extra_peaks(linear, args, device, __file__, factory="linear_memory_contender")
     gemm_ms = linear_medians[next(iter(linear))]
     rows += [{"form": "linear", "method": name, "median_ms": ms, "x_floor": ms / gemm_ms,
               "x_loop": linear_medians["loop of 2 kdfast linear calls (average)"] / ms, "floor_ms": gemm_ms,
-              "tokens": args.linear_tokens, "vocab": args.vocab, "teachers": len(TEACHER_HIDDEN), **env}
+              "extra_peak_bytes": peaks[name], "tokens": args.linear_tokens, "vocab": args.vocab,
+              "teachers": len(TEACHER_HIDDEN), **env}
              for name, ms in linear_medians.items()]
     report(console, rows, args)
     write_csv(rows, env, name="bench_multi_teacher")
@@ -126,10 +143,11 @@ def report(console, rows, args) -> None:
                         ("linear", f"{len(TEACHER_HIDDEN)} teacher heads (H {TEACHER_HIDDEN}), {args.linear_tokens} "
                                    f"tokens, H_s {args.hidden}, V {args.vocab}; floor: the GEMMs alone")):
         table = Table(title=f"{title} (medians of {args.repeats} interleaved rounds)")
-        for column in ("method", "median ms", "x floor", "loop / this"):
+        for column in ("method", "median ms", "x floor", "loop / this", "extra peak MiB"):
             table.add_column(column, justify="left" if column == "method" else "right")
         for row in (r for r in rows if r["form"] == form):
-            table.add_row(row["method"], f"{row['median_ms']:.1f}", f"{row['x_floor']:.2f}", f"{row['x_loop']:.2f}")
+            table.add_row(row["method"], f"{row['median_ms']:.1f}", f"{row['x_floor']:.2f}", f"{row['x_loop']:.2f}",
+                          mib(row.get("extra_peak_bytes")))
         console.print(table)
 
 
@@ -143,6 +161,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ce-weight", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    add_memory_option(parser)
 
 
 def main(argv=None):

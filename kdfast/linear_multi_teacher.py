@@ -11,7 +11,7 @@ from kdfast.linear_chunks import TeacherHead
 from kdfast.linear_function import ChunkPlan, LinearDistillFunction
 from kdfast.linear_teachers import TeacherHeads
 from kdfast.logit_maps import logit_maps
-from kdfast.multi_teacher import COMBINES, native_mixing
+from kdfast.multi_teacher import COMBINES, native_mixing, refuse_vocab_parallel
 from kdfast.options import LossOptions
 from kdfast.reduction import returned_with_teachers
 from kdfast.shared_vocab import heads_cut_to_vocab
@@ -49,7 +49,7 @@ def linear_multi_teacher_distill_loss(student_hidden, student_weight, teacher_hi
                                       kd_weight=1.0, ce_weight=0.0, t2_scale=True, ignore_index=-100,
                                       reduction="mean", num_items_in_batch=None, backend="auto",
                                       return_components=False, vocab_size=None, label_smoothing=0.0,
-                                      z_loss_weight=0.0):
+                                      z_loss_weight=0.0, process_group=None, vocab_range=None):
     """`multi_teacher_distill_loss` of the heads' logits, computed `chunk_size` tokens at a time: `teacher_hidden`,
     `teacher_weight` (and `teacher_bias`) are lists of M ([..., H_m], [V, H_m], [V] or None; the hidden sizes may
     differ per teacher). Each teacher's logits take `teacher_softcap` / `teacher_logit_scale` (one value for all, or
@@ -57,6 +57,7 @@ def linear_multi_teacher_distill_loss(student_hidden, student_weight, teacher_hi
     "min_ce" run each teacher's head once more, forward only, to find its probability of the label.
     `return_components=True` adds `teachers`, each teacher's own divergence reduced as the loss: with the mixture
     that is one more forward pass of the loss kernel per teacher and chunk (the average has them from its calls)."""
+    refuse_vocab_parallel(process_group, vocab_range)
     opts = LossOptions(divergence=divergence, beta=beta, temperature=temperature, kd_weight=kd_weight,
                        ce_weight=ce_weight, t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
                        backend=backend, return_components=return_components, vocab_size=vocab_size,

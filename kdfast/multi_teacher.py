@@ -26,6 +26,13 @@ COMBINES = ("mixture", "average")
 _CHUNK_ELEMENTS = 1 << 22  # elements of one teacher's chunk: M float32 temporaries of 16 MiB for the mixture
 
 
+def refuse_vocab_parallel(process_group, vocab_range) -> None:
+    if process_group is not None or vocab_range is not None:
+        raise ValueError("several teachers are not offered under vocab parallelism yet (each teacher's statistics "
+                         "would be exchanged between the ranks): gather the vocabulary shards, or distil from one "
+                         "teacher per call")
+
+
 def teacher_list(teacher_logits) -> list:
     """The M teachers as a list of tensors: a list/tuple as given, a tensor [M, ..., V] unbound (views)."""
     if isinstance(teacher_logits, torch.Tensor):
@@ -56,7 +63,7 @@ def multi_teacher_distill_loss(student_logits, teacher_logits, labels=None, *, w
                                divergence="forward_kl", beta=0.5, temperature=1.0, kd_weight=1.0, ce_weight=0.0,
                                t2_scale=True, ignore_index=-100, reduction="mean", num_items_in_batch=None,
                                backend="auto", return_components=False, vocab_size=None, label_smoothing=0.0,
-                               z_loss_weight=0.0):
+                               z_loss_weight=0.0, process_group=None, vocab_range=None):
     """`distill_loss` against M teachers (a list/tuple of M tensors [..., V], or one tensor [M, ..., V]).
 
     weights: None (1/M each), M numbers, a tensor [..., M] (per row, e.g. a routing one-hot), "confidence" (per row
@@ -64,7 +71,8 @@ def multi_teacher_distill_loss(student_logits, teacher_logits, labels=None, *, w
     label; ties: the lowest index); normalised per row, no gradient. combine: "mixture" (divergence(p_bar || q),
     p_bar = sum_m w_m p_m at T) or "average" (sum_m w_m divergence(p_m || q)). With M = 1 both are `distill_loss`.
     `return_components=True` adds `teachers`: each teacher's own divergence, reduced as the loss ([M], or [..., M]
-    with reduction="none")."""
+    with reduction="none"). Vocab parallelism (`process_group`, `vocab_range`) is refused for now."""
+    refuse_vocab_parallel(process_group, vocab_range)
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
     opts = LossOptions(divergence=divergence, beta=beta, temperature=temperature, kd_weight=kd_weight,

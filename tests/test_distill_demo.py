@@ -98,3 +98,25 @@ def test_cached_teacher_students_are_reported_and_the_cache_reused(tmp_path, cap
     capsys.readouterr()
     distill_main(arguments)
     assert "reused from an earlier run" in " ".join(capsys.readouterr().out.split())
+
+
+def test_several_teachers_one_per_domain(tmp_path):
+    """--teachers 2: a teacher per half of the text, students of their mixture, of each alone and of plain CE, each
+    model's perplexity per domain; the Markdown and the CSV agree."""
+    data = tmp_path / "corpus.txt"
+    data.write_text(TEXT + "\n".join(f"class Shape{i}:\n    sides = {i % 9}\n" for i in range(400)))
+    distill_main(["--data", str(data), "--teachers", "2", "--steps", "2", "--teacher-steps", "2", "--seq-len", "16",
+                  "--batch-size", "2", "--eval-windows", "8", "--vocab-size", "300", "--cache-dir",
+                  str(tmp_path / "cache"), "--out", str(tmp_path / "out")])
+    with (tmp_path / "out" / "distill_teachers_x86_64.csv").open() as handle:
+        rows = {row["model"]: row for row in csv.DictReader(handle)}
+    assert set(rows) == {"teacher 1 (its domain's text)", "teacher 2 (its domain's text)",
+                         "student, the teachers' mixture", "student, teacher 1 alone", "student, teacher 2 alone",
+                         "student, plain cross-entropy"}
+    markdown = (tmp_path / "out" / "distill_teachers_x86_64.md").read_text()
+    for name, row in rows.items():
+        assert float(row["domain 1"]) > 1 and float(row["domain 2"]) > 1
+        assert f"| {name} | {row['domain 1']} | {row['domain 2']} | {row['all domains']} |" in markdown
+    assert len(list((tmp_path / "cache").glob("teacher-*/kdfast_teacher.json"))) == 2, "one teacher per domain"
+    with pytest.raises(SystemExit):
+        distill_main(["--teachers", "2", "--teacher-cache"])

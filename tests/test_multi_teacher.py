@@ -138,6 +138,7 @@ def test_bad_input_names_the_argument():
         (dict(weights="min_ce", labels=None), "weights='min_ce' .* needs labels"),
         (dict(weights="best"), "weights must be None"),
         (dict(combine="sum"), "combine must be one of"),
+        (dict(vocab_range=(0, VOCAB)), "not offered under vocab parallelism yet"),
     ]
     for changes, message in cases:
         arguments = {"teacher_logits": list(stacked), "labels": labels, **changes}

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-samples", type=int, nargs="*", default=[32], metavar="N",
                         help="also a student on n samples per token from the teacher, with counts (tail="
                              "'renormalize': the unbiased sampled estimator); default 32, none to skip")
+    parser.add_argument("--teachers", type=int, default=1,
+                        help="N > 1: a teacher per contiguous part (domain) of the text, and students of their "
+                             "mixture, of each alone and of plain CE, with each model's perplexity per domain")
     parser.add_argument("--eval-windows", type=int, default=160, help="held-out windows of --seq-len tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -49,6 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_args(parser: argparse.ArgumentParser, args) -> None:
     if args.steps < 1:
         parser.error("--steps must be >= 1")
+    if args.teachers < 1:
+        parser.error(f"--teachers must be >= 1, got {args.teachers}")
+    if args.teachers > 1 and (args.teacher or args.student or args.teacher_cache):
+        parser.error("--teachers trains its own teachers, one per domain: it takes neither --teacher, --student "
+                     "nor --teacher-cache")
     if args.student and not args.teacher:
         parser.error("--student needs --teacher (the tokenizer comes from the teacher's checkpoint)")
     if min(args.cache_k + args.cache_samples) < 1:

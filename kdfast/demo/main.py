@@ -6,7 +6,9 @@ student trained with plain cross-entropy on identical batches, and reports what 
 - with --teacher-cache, students trained on the teacher's stored top-k log-probs (k = 32, 8, 64; a teacher cache
   over the students' own batches), the first beside the others and against plain CE at its own wall time;
 - the per-step cost and extra peak memory of kdfast's fused loss vs the same loss computed eagerly;
-- loss curves (PNG), a Markdown table and a CSV.
+- loss curves (PNG), a Markdown table and a CSV;
+- with --teachers N, a teacher per domain of the text instead, and students of their mixture, of each one alone
+  and of plain CE at equal steps, each model's perplexity on each domain (kdfast.demo.several_teachers).
 
 Default data: the Python standard library's sources, with a BPE tokenizer trained on them. The teacher is
 trained on the first run and cached, keyed by its settings and the corpus. `--teacher DIR --student DIR
@@ -117,6 +119,44 @@ def main(argv=None):
     return run(parse_args(argv))
 
 
+def run_several_teachers(args, corpus, device, console, started):
+    """--teachers N: a teacher per domain, and students of their mixture, of each alone, and of plain CE."""
+    from kdfast.demo import several_teachers
+
+    parts = several_teachers.domains(corpus, args.teachers)
+    teachers = []
+    with progress_bar(console) as progress:
+        for part in parts:
+            teacher, _ = get_teacher(args, part, device, console, progress)
+            teachers.append(teacher.eval().requires_grad_(False))
+    vocab = len(corpus.tokenizer)
+    settings = dict(divergence=args.divergence, temperature=args.temperature, kd_weight=args.kd_weight,
+                    ce_weight=args.ce_weight)
+    windows = held_out_windows(corpus.held_out, args.seq_len, args.eval_windows)
+
+    def student_run(name, loss_step):
+        student = new_model(STUDENT_SIZE, teachers[0].get_output_embeddings().weight.shape[0], args.seq_len,
+                            args.seed).to(device)
+        optimizer = adamw(student, args.lr)
+        return Run(name, student, loss_step, Batches(corpus.train, args.batch_size, args.seq_len, args.seed),
+                   optimizer, warmup_then_constant(optimizer, 30), eval_windows=windows, eval_batch=args.batch_size,
+                   eval_every=max(1, args.steps // 3))
+
+    students = [student_run("student, the teachers' mixture", several_teachers.mixture_step(teachers, settings,
+                                                                                             vocab))]
+    students += [student_run(f"student, teacher {index + 1} alone", fused_distill_step(teacher, settings, vocab))
+                 for index, teacher in enumerate(teachers)]
+    plain = student_run("student, plain cross-entropy", cross_entropy_step)
+    with progress_bar(console) as progress:
+        for run in [*students, plain]:
+            train_steps(run, args.steps, progress)
+    models = {f"teacher {index + 1} (its domain's text)": teacher for index, teacher in enumerate(teachers)}
+    models.update({run.result.name: run.model for run in [*students, plain]})
+    rows = several_teachers.perplexities(models, parts, args)
+    several_teachers.write_report(rows, args, console, time.perf_counter() - started, str(device))
+    return 0
+
+
 def run(args):
     console = Console()
     device = torch.device(args.device)
@@ -126,6 +166,8 @@ def run(args):
         corpus = load_corpus(args.data, args.vocab_size, args.teacher, args.cache_dir)
     console.print(f"corpus: {corpus.description}; {corpus.train.numel() / 1e6:.2f} M training tokens, "
                   f"{corpus.held_out.numel() / 1e3:.0f} k held-out tokens, vocabulary {len(corpus.tokenizer)}")
+    if args.teachers > 1:
+        return run_several_teachers(args, corpus, device, console, started)
     windows = held_out_windows(corpus.held_out, args.seq_len, args.eval_windows)
     with progress_bar(console) as progress:
         teacher, teacher_record = get_teacher(args, corpus, device, console, progress)

@@ -175,15 +175,19 @@ def print_and_write(summary: Summary, console, out_dir: Path):
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"distill_demo_{device_tag(summary.device)}"
-    with stem.with_suffix(".csv").open("w", newline="") as handle:
+    stem.with_suffix(".md").write_text(
+        f"# kdfast distill ({datetime.date.today()}, torch {torch.__version__}, {summary.device})\n\n"
+        f"Corpus: {summary.corpus}. Loss settings: {summary.settings}. Held-out: {summary.eval_tokens} tokens.\n\n"
+        + csv_and_markdown(table, stem.with_suffix(".csv")) + "\n" + "".join(f"- {line}\n" for line in lines))
+    plot(summary, stem.with_suffix(".png"))
+    console.print(f"wrote {stem}.md, .csv and .png")
+
+
+def csv_and_markdown(table: list[dict], csv_path) -> str:
+    """Writes the rows (dicts of one set of keys) to `csv_path` and returns them as a Markdown table."""
+    with open(csv_path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(table[0]))
         writer.writeheader()
         writer.writerows(table)
     header = "| " + " | ".join(table[0]) + " |\n| " + " | ".join("---" for _ in table[0]) + " |\n"
-    body = "".join("| " + " | ".join(str(v) for v in row.values()) + " |\n" for row in table)
-    stem.with_suffix(".md").write_text(
-        f"# kdfast distill ({datetime.date.today()}, torch {torch.__version__}, {summary.device})\n\n"
-        f"Corpus: {summary.corpus}. Loss settings: {summary.settings}. Held-out: {summary.eval_tokens} tokens.\n\n"
-        + header + body + "\n" + "".join(f"- {line}\n" for line in lines))
-    plot(summary, stem.with_suffix(".png"))
-    console.print(f"wrote {stem}.md, .csv and .png")
+    return header + "".join("| " + " | ".join(str(v) for v in row.values()) + " |\n" for row in table)

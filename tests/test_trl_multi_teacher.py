@@ -1,0 +1,87 @@
+"""kdfast's TRL `DistillationTrainer` with several teacher models: two copies of one teacher give the single teacher's
+loss, entropy and gradients; two different teachers (of different hidden sizes, one softcapped) give the float64
+mixture (or average) of their full logits over the completion tokens; each teacher's divergence is logged; training
+runs."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from test_trl_distillation import _completion_batch, _config
+from tiny_models import student_and_teacher, tiny_llama, word_tokenizer
+
+from kdfast.integrations.trl import DistillationTrainer
+from kdfast.reference import multi_teacher_distill_loss_reference
+
+
+def _trainer(tmp_path, student, teachers, **settings):
+    from datasets import Dataset
+
+    dataset = Dataset.from_dict({"prompt": ["w2 w3 w4", "w5 w6", "w7 w8 w9 w10", "w11"] * 2})
+    config = {key: settings.pop(key) for key in ("beta", "temperature", "max_steps", "learning_rate")
+              if key in settings}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return DistillationTrainer(model=student, teacher_model=teachers, args=_config(tmp_path, **config),
+                                   processing_class=word_tokenizer(), train_dataset=dataset, **settings)
+
+
+def _loss_and_grads(trainer, batch):
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    return loss.detach(), trainer._metrics["train"]["entropy"][-1], \
+        {name: p.grad for name, p in trainer.model.named_parameters()}
+
+
+def test_two_copies_of_one_teacher_are_that_teacher(tmp_path):
+    student, teacher = student_and_teacher(head_scale=30.0)
+    batch = _completion_batch()
+    single = _loss_and_grads(_trainer(tmp_path, copy.deepcopy(student), copy.deepcopy(teacher), beta=0.5), batch)
+    several = _loss_and_grads(_trainer(tmp_path, copy.deepcopy(student),
+                                       [copy.deepcopy(teacher), copy.deepcopy(teacher)], beta=0.5), batch)
+    torch.testing.assert_close(several[0], single[0], rtol=1e-5, atol=1e-6)
+    assert several[1] == pytest.approx(single[1], rel=1e-5)
+    for name, grad in several[2].items():
+        torch.testing.assert_close(grad, single[2][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("combine, weights", [("mixture", [1.0, 3.0]), ("average", None)])
+def test_two_teachers_equal_the_float64_reference(tmp_path, combine, weights):
+    student = student_and_teacher(head_scale=30.0)[0]
+    teachers = [student_and_teacher(head_scale=30.0)[1], tiny_llama(48, seed=2, final_logit_softcapping=5.0)]
+    batch = _completion_batch()
+    trainer = _trainer(tmp_path, student, teachers, beta=0.3, temperature=2.0, teacher_weights=weights,
+                       teacher_combine=combine)
+    loss = trainer.compute_loss(trainer.model, batch)
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    keep = batch["completion_ids"].shape[1]
+
+    def logits64(model):  # the positions that predict the completion tokens, as the trainer takes them
+        model = copy.deepcopy(model).double()
+        with torch.no_grad():
+            hidden = trainer._get_last_hidden_state(model, input_ids, attention_mask, keep)
+            return model.lm_head(hidden) if getattr(model.config, "final_logit_softcapping", None) is None else \
+                torch.tanh(model.lm_head(hidden) / 5.0) * 5.0
+
+    mask = batch["completion_mask"].bool()
+    expected = multi_teacher_distill_loss_reference(
+        logits64(student)[mask], [logits64(t)[mask] for t in teachers], weights=weights, combine=combine,
+        divergence="jsd", beta=0.3, temperature=2.0, t2_scale=False, reduction="sum") / batch["num_items_in_batch"]
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    logged = {key for key in trainer._metrics["train"] if key.startswith("divergence/teacher_")}
+    assert logged == {"divergence/teacher_0", "divergence/teacher_1"}
+
+
+def test_trains_with_two_teachers_and_refuses_what_one_teacher_cannot_take(tmp_path):
+    student, teacher = student_and_teacher()
+    trainer = _trainer(tmp_path, student, [teacher, tiny_llama(48, seed=3)], max_steps=2, learning_rate=1e-3)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2 and all("divergence/teacher_1" in entry for entry in logs)
+    with pytest.raises(ValueError, match="teacher_weights and teacher_combine weigh several teachers"):
+        _trainer(tmp_path, student, teacher, teacher_weights=[1.0])
+    with pytest.raises(ValueError, match="teacher_model as a list takes loaded models"):
+        _trainer(tmp_path, student, [teacher, "some/checkpoint"])
