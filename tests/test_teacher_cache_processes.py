@@ -2,6 +2,7 @@
 folder ends with the one manifest and the same shard files, byte for byte, as one process writes; a part rerun
 resumes it; a cache begun with one process count is finished with another."""
 
+import fcntl
 import json
 import os
 import subprocess
@@ -79,6 +80,39 @@ def test_a_part_rerun_resumes_and_another_process_count_finishes(teacher, tmp_pa
     again = build_teacher_cache(model, windows, tmp_path, tokenizer=tokenizer, **SETTINGS)
     assert again.stats["shards_computed"] == 0, "a complete cache is kept by any later run"
     assert cache.stats["shards_computed"] < single.settings.num_shards
+
+
+def _unfinish_part(folder: Path, name: str) -> None:
+    """The part as its writer leaves it after its last shard and before it marks the part complete."""
+    part = json.loads((folder / name).read_text())
+    (folder / name).write_text(json.dumps({**part, "complete": False, "stats": {}}))
+
+
+def test_a_part_whose_writer_still_runs_is_left_to_merge_itself(teacher, tmp_path):
+    """Every shard listed is not enough: a part whose writer holds its lock has not finished, and merging it then
+    counted one process of two (a race torchrun's two processes met)."""
+    model, tokenizer, _, windows, single = teacher
+    build_teacher_cache(model, windows, tmp_path, tokenizer=tokenizer, process_index=1, num_processes=2, **SETTINGS)
+    _unfinish_part(tmp_path, "manifest-1-of-2.json")
+    with open(tmp_path / ".lock-1-of-2", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert build_teacher_cache(model, windows, tmp_path, tokenizer=tokenizer, process_index=0, num_processes=2,
+                                   **SETTINGS) is None, "process 1 still runs: it merges, not process 0"
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    last = build_teacher_cache(model, windows, tmp_path, tokenizer=tokenizer, process_index=1, num_processes=2,
+                               **SETTINGS)
+    _same_cache(tmp_path, single)
+    assert last.stats["processes"] == 2
+
+
+def test_a_part_whose_writer_died_does_not_hold_the_merge(teacher, tmp_path):
+    model, tokenizer, _, windows, single = teacher
+    build_teacher_cache(model, windows, tmp_path, tokenizer=tokenizer, process_index=1, num_processes=2, **SETTINGS)
+    _unfinish_part(tmp_path, "manifest-1-of-2.json")  # and no process holds its lock
+    cache = build_teacher_cache(model, windows, tmp_path, tokenizer=tokenizer, process_index=0, num_processes=2,
+                                **SETTINGS)
+    _same_cache(tmp_path, single)
+    assert cache.stats["processes"] == 1, "only the part that finished counts"
 
 
 def test_bad_process_settings_name_the_argument(teacher, tmp_path):

@@ -80,6 +80,8 @@ def merge_parts(folder: Path, settings: CacheSettings, stats_of) -> bool:
                      if not manifest.settings.differences(settings)}
         main = manifests.get(MANIFEST_NAME)
         if main is None or not main.complete:
+            if any(_still_written(folder, name) for name, manifest in manifests.items() if not manifest.complete):
+                return False  # its writer merges when it finishes (its part may list every shard already)
             shards = {}
             for manifest in manifests.values():
                 shards.update(manifest.shards)
@@ -94,6 +96,23 @@ def merge_parts(folder: Path, settings: CacheSettings, stats_of) -> bool:
             if name != MANIFEST_NAME:
                 (folder / name).unlink(missing_ok=True)
     return True
+
+
+def _still_written(folder: Path, part_name: str) -> bool:
+    """Whether the writer of an unfinished part holds its lock (alive; one killed left a stale part to ignore)."""
+    match = PART_NAME.fullmatch(part_name)
+    if match is None:
+        return False
+    lock = folder / WriterPart(int(match.group(1)), int(match.group(2))).lock_name
+    if not lock.exists():
+        return False
+    with open(lock, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
 
 
 def _summed_work(finished: list[Manifest], settings: CacheSettings) -> dict:
