@@ -38,6 +38,7 @@ from kdfast.reference import multi_teacher_distill_loss_reference  # noqa: E402
 
 FULL_SETTINGS = {"tokens": 2048, "linear_tokens": 4096, "compile": True, "repeats": 5, "memory": True}
 TEACHER_HIDDEN = (256, 384)
+LARGE_CHUNK = 1024
 
 
 def grad_of(loss_fn, *inputs):
@@ -66,6 +67,10 @@ def logits_contenders(args):
     for combine in ("mixture", "average"):
         methods[f"kdfast {combine}"] = lambda combine=combine: grad_of(
             lambda x: kdfast.multi_teacher_distill_loss(x, teachers, labels, combine=combine, **settings), student)
+    # Overwritten by its gradient on every call (the same work each time), as bench_distill's in-place contender.
+    work = student.clone()
+    methods["kdfast mixture (inplace_backward)"] = lambda: grad_of(
+        lambda x: kdfast.multi_teacher_distill_loss(x, teachers, labels, inplace_backward=True, **settings), work)
     truth = multi_teacher_distill_loss_reference(student, teachers, labels, **settings).item()
     if abs(kdfast.multi_teacher_distill_loss(student, teachers, labels, **settings).item() - truth) > 1e-3:
         raise SystemExit("kdfast's mixture disagrees with the float64 reference: not timing it")
@@ -94,12 +99,17 @@ def linear_contenders(args):
         return sum(kdfast.linear_distill_loss(h, w, x, y, labels, **settings)
                    for x, y in zip(teacher_hidden, teacher_weight)) / len(teacher_hidden)
 
+    def multi(combine, chunk_size="auto"):
+        return lambda: grad_of(lambda h, w: kdfast.linear_multi_teacher_distill_loss(
+            h, w, teacher_hidden, teacher_weight, labels, combine=combine, chunk_size=chunk_size, **settings),
+            hidden, weight)
+
+    # chunk_size="auto" keeps a chunk within the CPU's memory budget (48 MiB for all the models' logits); larger
+    # chunks buy GEMM efficiency with memory, so one larger chunk is timed beside it.
     return {f"{3 + len(TEACHER_HIDDEN)} GEMMs alone (floor)": gemm_floor,
             "loop of 2 kdfast linear calls (average)": lambda: grad_of(loop, hidden, weight),
-            **{f"kdfast linear {combine}": lambda combine=combine: grad_of(
-                lambda h, w: kdfast.linear_multi_teacher_distill_loss(h, w, teacher_hidden, teacher_weight, labels,
-                                                                      combine=combine, **settings), hidden, weight)
-               for combine in ("mixture", "average")}}
+            "kdfast linear mixture": multi("mixture"), "kdfast linear average": multi("average"),
+            f"kdfast linear mixture (chunk_size={LARGE_CHUNK})": multi("mixture", LARGE_CHUNK)}
 
 
 def linear_memory_contender(settings: dict, name: str):

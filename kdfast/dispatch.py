@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from kdfast.kernel_abi import FUSED, PhaseCall, SparseTargets
+from kdfast.kernel_abi import FUSED, MixedTeachers, PhaseCall, SparseTargets
 from kdfast.options import BACKENDS, LossOptions
 
 
@@ -91,7 +91,16 @@ class DeviceRows:
         self.module = backend_module(backend)
 
     def __call__(self, student, teacher, labels, grad_scale, grad, opts: LossOptions, call: PhaseCall = FUSED):
-        """`teacher`: a dense teacher's logits, or a sparse teacher's SparseTargets."""
+        """`teacher`: a dense teacher's logits, a sparse teacher's SparseTargets, or several MixedTeachers (mixed in
+        the kernel where the backend can, else a chunk at a time by kdfast.teacher_mixture)."""
+        if isinstance(teacher, MixedTeachers):
+            native = getattr(self.module, "mixture_forward_rows", None)
+            if native is not None:
+                return native(student, teacher, labels, grad_scale, grad, opts, call)
+            from kdfast.teacher_mixture import mixture_rows_by_chunks
+
+            return mixture_rows_by_chunks(self.module.forward_rows, student, teacher, labels, grad_scale, grad, opts,
+                                          call)
         if isinstance(teacher, SparseTargets):
             return self.module.sparse_forward_rows(student, teacher, labels, grad_scale, grad, opts, call)
         return self.module.forward_rows(student, teacher, labels, grad_scale, grad, opts, call)

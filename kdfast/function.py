@@ -23,8 +23,10 @@ def _fused_forward(ctx, student_logits, labels, num_items_in_batch, opts: LossOp
     grad = None
     if want_grad and opts.inplace_backward:
         parts = inplace_op(student, labels, scale)
-        # The gradient now lives in the student's own storage (or in the copy, when one was needed).
-        grad = student.reshape(student_logits.shape) if student_copied else student_logits
+        # The gradient now lives in the student's own storage (or in the copy, when one was needed). A detached alias,
+        # not the logits themselves: autograd then takes it as the leaf's .grad as it is, where the tensor that
+        # requires the gradient would be cloned (a full [N, V] copy, 20% of the call on the CPU).
+        grad = student.reshape(student_logits.shape) if student_copied else student_logits.detach()
     else:
         parts, fresh = fresh_op(student, labels, scale, want_grad)
         if want_grad:

@@ -73,6 +73,22 @@ class SparseTargets:
         return SparseTargets(self.ids[index], self.logprobs[index])
 
 
+@dataclass(frozen=True)
+class MixedTeachers:
+    """Several dense teachers, in the place of one's logits: M tensors [batch, rows, V] of one dtype and layout,
+    mixed per row as p_bar = sum_m w_m softmax(t_m / T), with `log_weights` [batch * rows, M] float32 (log w_m, -inf
+    for a teacher that does not count in a row; M contiguous, a row stride of 0 for the same weights everywhere)."""
+
+    teachers: tuple
+    log_weights: torch.Tensor
+
+    def rows(self, index) -> MixedTeachers:
+        """Rows `index` (a slice) of a [1, rows, V] batch."""
+        return MixedTeachers(tuple(teacher[:, index] for teacher in self.teachers), self.log_weights[index])
+
+
+MAX_MIXED_TEACHERS = 64  # kernel_abi.h, kMaxMixedTeachers
+
 FUSED = PhaseCall()
 
 # The native kernels take their settings as two lists in this order (csrc/common/kernel_abi.h, IntSetting and

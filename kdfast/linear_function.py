@@ -60,8 +60,7 @@ class LinearDistillFunction(torch.autograd.Function):
             per_teacher = (torch.zeros(labels.numel() if labels is not None else teacher.log_weights.shape[0],
                                        len(flattened), device=student_hidden.device)
                            if opts.return_components else None)
-            teacher = TeacherHeads(flattened, teacher.log_weights, teacher.combine, teacher.temperature,
-                                   teacher.native_mixing, per_teacher)
+            teacher = TeacherHeads(flattened, teacher.log_weights, teacher.combine, teacher.temperature, per_teacher)
         else:
             k = teacher.ids.shape[-1]
             teacher = SparseTargets(teacher.ids.reshape(-1, k), teacher.logprobs.reshape(-1, k))

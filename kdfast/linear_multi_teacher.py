@@ -11,7 +11,7 @@ from kdfast.linear_chunks import TeacherHead
 from kdfast.linear_function import ChunkPlan, LinearDistillFunction
 from kdfast.linear_teachers import TeacherHeads
 from kdfast.logit_maps import logit_maps
-from kdfast.multi_teacher import COMBINES, native_mixing, refuse_vocab_parallel
+from kdfast.multi_teacher import COMBINES, refuse_vocab_parallel
 from kdfast.options import LossOptions
 from kdfast.reduction import returned_with_teachers
 from kdfast.shared_vocab import heads_cut_to_vocab
@@ -111,8 +111,7 @@ def fused_linear_multi_teacher_loss(student_hidden, student_weight, teacher_hidd
                                   student_hidden.device,
                                   lambda: label_logprobs(teacher_logits, len(heads), labels, student_weight.shape[0],
                                                          opts))
-    teachers = TeacherHeads(heads, log_weights, combine, opts.temperature,
-                            combine == "mixture" and native_mixing(opts, student_hidden.device))
+    teachers = TeacherHeads(heads, log_weights, combine, opts.temperature)
     plan = ChunkPlan(student_map, chunk_size, device_rows(opts, student_hidden.device), fp32_logits)
     return _apply(student_hidden, student_weight, student_bias, labels, num_items_in_batch, opts, plan, teachers)
 

@@ -2,28 +2,29 @@
 mixture p_bar = sum_m w_m p_m (probabilities at T); combine="average" the weighted sum of each teacher's divergence,
 sum_m w_m D(p_m || q). Weights: `kdfast.teacher_weights`.
 
-A mixture is a teacher kind the one fused path carries: per chunk of rows, T * log p_bar (a log-sum-exp over the
-teachers of log w_m + log p_m, each log p_m centred on its row's largest logit before the temperature divides) is a
-teacher's logits whose softmax at T is p_bar, and the single-teacher op on the chosen backend (C++, CUDA, Triton,
-torch) takes it from there: the divergence, the CE, the gradient, every numerical guard. "average" runs that op
-once per teacher (and once for the CE) and weighs each row's divergence and gradient. Only a chunk of rows is
-ever mixed at once, and one gradient [..., V] is kept for backward."""
+A mixture is a teacher kind the one fused path carries (`kernel_abi.MixedTeachers`): the rows kernel of the chosen
+backend takes the M teachers and the rows' log-weights in the place of one teacher's logits. The C++ kernel mixes each
+row in its own scratch (M exps and one log per column beside the student's exp; nothing of [N, V] written); other
+backends mix a chunk of rows into T * log p_bar (`teacher_mixture.py`), logits whose softmax at T is p_bar, and run
+their single-teacher kernel on it: the divergence, the CE, the gradient, every numerical guard come with the kernel.
+"average" runs the single-teacher op once per teacher (and once for the CE) and weighs each row's divergence and
+gradient. One gradient [..., V] is kept for backward (the student's own storage with `inplace_backward=True` and the
+mixture)."""
 
 from __future__ import annotations
 
 import torch
 
 from kdfast.dispatch import device_rows
-from kdfast.kernel_abi import PART_CE, PART_COLUMNS, PART_CORRECT, PART_ENTROPY, PART_KD, PART_Z
+from kdfast.kernel_abi import PART_CE, PART_COLUMNS, PART_CORRECT, PART_ENTROPY, PART_KD, PART_Z, MixedTeachers
 from kdfast.options import LossOptions
 from kdfast.reduction import reduced_outputs, reduced_per_teacher, reduction_scale, returned_with_teachers
 from kdfast.saved_gradient import saved_gradient_times
-from kdfast.teacher_weights import label_logprobs, row_log_weights
+from kdfast.teacher_weights import label_logprobs, row_log_weights, static_shares
 from kdfast.validation import check_labels, check_num_items, check_pair
 from kdfast.views import flat_labels
 
 COMBINES = ("mixture", "average")
-_CHUNK_ELEMENTS = 1 << 22  # elements of one teacher's chunk: M float32 temporaries of 16 MiB for the mixture
 
 
 def refuse_vocab_parallel(process_group, vocab_range) -> None:
@@ -62,8 +63,8 @@ def check_teachers(student_logits, teachers: list, opts: LossOptions) -> None:
 def multi_teacher_distill_loss(student_logits, teacher_logits, labels=None, *, weights=None, combine="mixture",
                                divergence="forward_kl", beta=0.5, temperature=1.0, kd_weight=1.0, ce_weight=0.0,
                                t2_scale=True, ignore_index=-100, reduction="mean", num_items_in_batch=None,
-                               backend="auto", return_components=False, vocab_size=None, label_smoothing=0.0,
-                               z_loss_weight=0.0, process_group=None, vocab_range=None):
+                               inplace_backward=False, backend="auto", return_components=False, vocab_size=None,
+                               label_smoothing=0.0, z_loss_weight=0.0, process_group=None, vocab_range=None):
     """`distill_loss` against M teachers (a list/tuple of M tensors [..., V], or one tensor [M, ..., V]).
 
     weights: None (1/M each), M numbers, a tensor [..., M] (per row, e.g. a routing one-hot), "confidence" (per row
@@ -71,14 +72,16 @@ def multi_teacher_distill_loss(student_logits, teacher_logits, labels=None, *, w
     label; ties: the lowest index); normalised per row, no gradient. combine: "mixture" (divergence(p_bar || q),
     p_bar = sum_m w_m p_m at T) or "average" (sum_m w_m divergence(p_m || q)). With M = 1 both are `distill_loss`.
     `return_components=True` adds `teachers`: each teacher's own divergence, reduced as the loss ([M], or [..., M]
-    with reduction="none"). Vocab parallelism (`process_group`, `vocab_range`) is refused for now."""
+    with reduction="none"). `inplace_backward=True` writes the mixture's gradient over `student_logits` (as
+    `distill_loss` does; the average's calls each read them, so it keeps a buffer). Vocab parallelism
+    (`process_group`, `vocab_range`) is refused for now."""
     refuse_vocab_parallel(process_group, vocab_range)
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
     opts = LossOptions(divergence=divergence, beta=beta, temperature=temperature, kd_weight=kd_weight,
                        ce_weight=ce_weight, t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
-                       backend=backend, return_components=return_components, vocab_size=vocab_size,
-                       label_smoothing=label_smoothing, z_loss_weight=z_loss_weight)
+                       inplace_backward=inplace_backward, backend=backend, return_components=return_components,
+                       vocab_size=vocab_size, label_smoothing=label_smoothing, z_loss_weight=z_loss_weight)
     teachers = teacher_list(teacher_logits)
     check_teachers(student_logits, teachers, opts)
     check_labels(labels, student_logits, opts)
@@ -90,72 +93,42 @@ def multi_teacher_distill_loss(student_logits, teacher_logits, labels=None, *, w
     log_weights = row_log_weights(weights, len(teachers), labels, tuple(student_logits.shape[:-1]), opts,
                                   student_logits.device, lambda: label_logprobs(chunk, len(teachers), labels, width,
                                                                                 opts))
+    shares = static_shares(weights, len(teachers))
     return returned_with_teachers(MultiTeacherFunction.apply(student_logits, labels, num_items_in_batch, opts,
-                                                             tuple(teachers), log_weights, combine), opts, labels)
-
-
-def native_mixing(opts: LossOptions, device) -> bool:
-    """Whether the C++ kernel mixes the teachers' rows (one pass per teacher for its statistics, one for the
-    mixture): on the CPU wherever the C++ backend may run; the torch statement below elsewhere."""
-    if device.type != "cpu" or opts.backend not in ("auto", "cpu"):
-        return False
-    from kdfast.native_build import cpu_extension_or_none
-
-    return cpu_extension_or_none() is not None
-
-
-def mixed_teacher(teachers: list, rows: slice, log_weights: torch.Tensor, width: int, temperature: float,
-                  out: torch.Tensor | None = None):
-    """T * log p_bar over `rows` of the flattened teachers, [rows, width] float32: logits whose softmax at T is the
-    mixture. Each log p_m is (t - max) / T - log z (never t / T - ..., which rounds by |max| / T). With `out` (a
-    float32 buffer of at least that many rows) the C++ kernel writes it there; else the torch statement."""
-    chunks = [teacher.reshape(-1, teacher.shape[-1])[rows, :width].float() for teacher in teachers]
-    if out is not None:
-        out = out[:chunks[0].shape[0]]
-        torch.ops.kdfast_cpu.mix_teachers(chunks, log_weights[rows].contiguous(), temperature, out)
-        return out
-    log_p = []
-    for logits in chunks:
-        centred = (logits - logits.amax(-1, keepdim=True)) / temperature
-        log_p.append(centred - torch.logsumexp(centred, dim=-1, keepdim=True))
-    mixed = torch.logsumexp(torch.stack(log_p) + log_weights[rows].t()[:, :, None], dim=0)
-    return mixed.mul_(temperature)
+                                                             tuple(teachers), log_weights, combine, shares),
+                                  opts, labels)
 
 
 class MultiTeacherFunction(torch.autograd.Function):
-    """Forward runs the single-teacher op per chunk of rows (on the mixture, or per teacher) and keeps the gradient;
-    backward rescales it."""
+    """Forward runs the single-teacher op on the mixture (one `MixedTeachers` call over every row), or once per teacher,
+    and keeps the gradient; backward rescales it."""
 
     @staticmethod
-    def forward(ctx, student_logits, labels, num_items_in_batch, opts: LossOptions, teachers, log_weights, combine):
+    def forward(ctx, student_logits, labels, num_items_in_batch, opts: LossOptions, teachers, log_weights, combine,
+                shares):
         lead_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
         width = opts.vocab_size or vocab
         student = student_logits.reshape(-1, vocab)
         flat = flat_labels(labels)
         rows = student.shape[0]
+        every_row = slice(0, rows)
         scale = reduction_scale(flat, rows, opts, num_items_in_batch, student.device)
         want_grad = ctx.needs_input_grad[0]
-        grad = torch.empty_like(student) if want_grad else None
+        # The average's calls each read the student: only the mixture's one call can write over it.
+        in_place = want_grad and opts.inplace_backward and combine == "mixture"
+        grad = (student if in_place else torch.empty_like(student)) if want_grad else None
+        call = _ChunkCall(student, flat, scale, opts.replace(vocab_size=None, inplace_backward=False), width, grad)
+        teacher_rows = [teacher.reshape(-1, teacher.shape[-1])[:, :width] for teacher in teachers]
+        per_teacher = torch.zeros(rows, len(teachers), device=student.device)
+        if combine == "mixture":
+            if opts.return_components and opts.has_kd:  # before an in-place gradient overwrites the student
+                for index, one in enumerate(teacher_rows):
+                    per_teacher[:, index] = call.divergence(every_row, one)
+            parts = call.run(every_row, MixedTeachers(tuple(teacher_rows), log_weights), call.opts)
+        else:
+            parts = _average_chunk(call, every_row, teacher_rows, log_weights, opts, per_teacher, shares)
         if grad is not None and width < vocab:
             grad[:, width:] = 0.0  # padding columns: in no softmax
-        parts = torch.zeros(rows, PART_COLUMNS, device=student.device)
-        per_teacher = torch.zeros(rows, len(teachers), device=student.device)
-        # The mixture is formed a chunk at a time; the average's calls take every row at once (no buffer between).
-        chunk = max(1, _CHUNK_ELEMENTS // width) if combine == "mixture" else max(rows, 1)
-        call = _ChunkCall(student, flat, scale, opts.replace(vocab_size=None), width, grad)
-        # The C++ mixing writes one reused buffer: a fresh one per chunk costs its page faults each time.
-        mixed_rows = (torch.empty(min(chunk, rows), width, device=student.device)
-                      if combine == "mixture" and native_mixing(opts, student.device) else None)
-        for start in range(0, rows, chunk):
-            span = slice(start, min(start + chunk, rows))
-            if combine == "mixture":
-                teacher = mixed_teacher(teachers, span, log_weights, width, opts.temperature, mixed_rows)
-                parts[span] = call.run(span, teacher, call.opts)
-                if opts.return_components and opts.has_kd:
-                    for index, one in enumerate(teachers):
-                        per_teacher[span, index] = call.divergence(span, one)
-            else:
-                parts[span] = _average_chunk(call, span, teachers, log_weights, opts, per_teacher)
         if opts.return_components and not opts.has_kd:
             per_teacher.zero_()
         if grad is not None:
@@ -170,7 +143,14 @@ class MultiTeacherFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, *summary_grads):
-        return saved_gradient_times(ctx, grad_output), None, None, None, None, None, None
+        return saved_gradient_times(ctx, grad_output), None, None, None, None, None, None, None
+
+
+def _batched(teacher):
+    """A [rows, V] teacher (or several) as the [1, rows, V] batch the rows kernels take."""
+    if isinstance(teacher, MixedTeachers):
+        return MixedTeachers(tuple(one.unsqueeze(0) for one in teacher.teachers), teacher.log_weights)
+    return teacher.unsqueeze(0)
 
 
 class _ChunkCall:
@@ -191,13 +171,13 @@ class _ChunkCall:
         student = self.student[span, :self.width].unsqueeze(0)  # a view: the kernels take a row stride
         labels = self.labels[span] if self.labels is not None else None
         if self.grad is None:
-            return self.rows_kernel(student, teacher.unsqueeze(0), labels, self.scale, None, opts)
+            return self.rows_kernel(student, _batched(teacher), labels, self.scale, None, opts)
         target = self.grad[span, :self.width]
         direct = not accumulate and row_weight is None
         if not direct and self.scratch is None:
             self.scratch = torch.empty_like(target)
         out = target if direct else self.scratch[:target.shape[0]]
-        parts = self.rows_kernel(student, teacher.unsqueeze(0), labels, self.scale, out.unsqueeze(0), opts)
+        parts = self.rows_kernel(student, _batched(teacher), labels, self.scale, out.unsqueeze(0), opts)
         if direct:
             return parts
         if row_weight is None:
@@ -211,7 +191,7 @@ class _ChunkCall:
     @torch.no_grad()
     def divergence(self, span: slice, teacher: torch.Tensor) -> torch.Tensor:
         """One teacher's divergence per row (for logging: no gradient)."""
-        logits = teacher.reshape(-1, teacher.shape[-1])[span, :self.width]
+        logits = teacher[span]
         student = self.student[span, :self.width].unsqueeze(0)
         labels = self.labels[span] if self.labels is not None else None
         kd_only = self.opts.replace(ce_weight=0.0, z_loss_weight=0.0, label_smoothing=0.0)
@@ -219,21 +199,21 @@ class _ChunkCall:
 
 
 def _average_chunk(call: _ChunkCall, span: slice, teachers: list, log_weights, opts: LossOptions,
-                   per_teacher: torch.Tensor) -> torch.Tensor:
+                   per_teacher: torch.Tensor, shares: tuple | None) -> torch.Tensor:
     """sum_m w_m (divergence and gradient of teacher m) per row, and the CE family once: the chunk's parts. With the
-    same weights in every row the CE rides in the call of the heaviest teacher, its weights divided by that
-    teacher's (w c / w = c); per-row weights take a CE call of its own."""
+    same weights in every row, known to the host (`shares`), the CE rides in the call of the heaviest teacher, its
+    weights divided by that teacher's (w c / w = c); other weights take a CE call of its own."""
     weights = log_weights[span].exp()
     parts = torch.zeros(span.stop - span.start, PART_COLUMNS, device=weights.device)
     has_ce = opts.needs_labels or opts.z_loss_weight != 0.0
-    carrier = int(weights[0].argmax()) if has_ce and log_weights.stride(0) == 0 and opts.has_kd else None
+    carrier = max(range(len(shares)), key=shares.__getitem__) if has_ce and shares and opts.has_kd else None
     if opts.has_kd:
         kd_only = call.opts.replace(ce_weight=0.0, z_loss_weight=0.0, label_smoothing=0.0)
         for index, teacher in enumerate(teachers):
-            logits = teacher.reshape(-1, teacher.shape[-1])[span, :call.width]
+            logits = teacher[span]
             settings = kd_only
             if index == carrier:
-                share = float(weights[0, index])
+                share = shares[index]
                 settings = call.opts.replace(ce_weight=opts.ce_weight / share, z_loss_weight=opts.z_loss_weight / share)
             teacher_parts = call.run(span, logits, settings, row_weight=weights[:, index], accumulate=index > 0)
             per_teacher[span, index] = teacher_parts[:, PART_KD]
@@ -243,7 +223,7 @@ def _average_chunk(call: _ChunkCall, span: slice, teachers: list, log_weights, o
             if index == carrier:
                 parts[:, [PART_CE, PART_Z]] = teacher_parts[:, [PART_CE, PART_Z]]
     if has_ce and carrier is None:
-        logits = teachers[0].reshape(-1, teachers[0].shape[-1])[span, :call.width]
+        logits = teachers[0][span]
         ce_parts = call.run(span, logits, call.opts.replace(kd_weight=0.0), accumulate=opts.has_kd)
         if opts.has_kd:
             ce_parts[:, [PART_KD, PART_ENTROPY]] = parts[:, [PART_KD, PART_ENTROPY]]

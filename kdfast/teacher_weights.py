@@ -43,15 +43,31 @@ def row_log_weights(weights, count: int, labels, lead_shape: tuple, opts: LossOp
             return torch.log_softmax(label_logprob, dim=-1)
         best = label_logprob.argmax(dim=-1, keepdim=True)  # the first of equal maxima: the lowest index
         return torch.full_like(label_logprob, -math.inf).scatter_(-1, best, 0.0)
-    weights = torch.as_tensor(weights, dtype=torch.float32, device=device).detach()
+    # Numbers are checked and normalised on the host, then copied: no device sync for static weights.
+    weights = torch.as_tensor(weights, dtype=torch.float32,
+                              device=weights.device if isinstance(weights, torch.Tensor) else "cpu").detach()
     if lead_shape and weights.shape == (*lead_shape, count):
-        return _per_row(weights.reshape(rows, count), labels, opts)
+        return _per_row(weights.to(device).reshape(rows, count), labels, opts)
     if weights.shape != (count,):
         raise ValueError(f"weights must hold {count} numbers (one per teacher) or be a tensor {(*lead_shape, count)} "
                          f"(one row of {count} per token), got shape {tuple(weights.shape)}")
-    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or not float(weights.sum()) > 0:
+    if _checks_cost_no_sync(weights.device) and (not bool(torch.isfinite(weights).all()) or
+                                                 bool((weights < 0).any()) or not float(weights.sum()) > 0):
         raise ValueError(f"weights must be finite, >= 0 and not all 0, got {weights.tolist()}")
-    return (weights / weights.sum()).log().expand(rows, count)
+    return (weights / weights.sum()).log().to(device).expand(rows, count)
+
+
+def static_shares(weights, count: int) -> tuple | None:
+    """Each teacher's normalised weight when every row has the same weights and the host knows them (None, numbers,
+    a CPU tensor [M]); else None. The average gives the CE to the heaviest teacher's call without a device sync."""
+    if weights is None:
+        return (1.0 / count,) * count
+    if isinstance(weights, str) or (isinstance(weights, torch.Tensor) and weights.device.type != "cpu"):
+        return None
+    values = torch.as_tensor(weights, dtype=torch.float64)
+    if values.shape != (count,):
+        return None
+    return tuple((values / values.sum()).tolist())
 
 
 def _per_row(weights: torch.Tensor, labels, opts: LossOptions) -> torch.Tensor:

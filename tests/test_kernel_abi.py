@@ -103,3 +103,9 @@ def test_record_round_trips_through_its_text():
     ("skew_reverse_kl", 0.2, Divergence.SKEW_REVERSE_KL)])
 def test_effective_divergence(divergence, beta, effective):
     assert LossOptions(divergence=divergence, beta=beta).effective_divergence == effective
+
+
+def test_the_most_mixed_teachers_match_the_header():
+    from kdfast.kernel_abi import MAX_MIXED_TEACHERS
+
+    assert int(re.search(r"kMaxMixedTeachers = (\d+);", HEADER).group(1)) == MAX_MIXED_TEACHERS

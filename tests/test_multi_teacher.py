@@ -219,25 +219,37 @@ def test_fused_linear_form_names_bad_teachers():
         call(student_hidden, student_weight, hiddens, head_weights, weights="min_ce")
 
 
-def test_the_cpu_mixing_kernel_equals_the_torch_statement():
-    """The C++ mixing: its fast path (a sum of the scaled exps, one log), the log-sum-exp where every teacher's entry
-    underflowed, a zero weight, a column of -inf in every teacher, and a part vector block at the row's end."""
-    from kdfast.multi_teacher import mixed_teacher
-    from kdfast.native_build import load_cpu_extension
-
-    load_cpu_extension()
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16])
+def test_the_cpu_kernel_mixes_underflowed_columns_zero_weights_and_16_bit_teachers(divergence, teacher_dtype):
+    """The C++ kernel mixes each row in its scratch: its fast path (a sum of the scaled exps, one log), the log-sum-exp
+    where every teacher's entry underflowed (|t| / T ~ 600), a zero weight, a column of -inf in every teacher (in
+    two of three under reverse KL, which a teacher without mass makes infinite), a part vector block at the row's
+    end (V = 45), and 16-bit teachers widened row by row."""
     generator = torch.Generator().manual_seed(11)
-    teachers = list(torch.randn(3, 5, 45, generator=generator) * 40)
-    teachers[0][:, 7] = teachers[1][:, 7] = teachers[2][:, 7] = -float("inf")
-    log_weights = torch.log_softmax(torch.randn(5, 3, generator=generator), dim=-1)
-    log_weights[2, 1] = -float("inf")
+    student = torch.randn(5, 45, generator=generator) * 4
+    teachers = (torch.randn(3, 5, 45, generator=generator) * 40).to(teacher_dtype)
+    teachers[1:, :, 7] = -float("inf")
+    if divergence != "reverse_kl":
+        teachers[0, :, 7] = -float("inf")
+    weights = torch.rand(5, 3, generator=generator) + 0.1
+    weights[2, 1] = 0.0
+    labels = torch.randint(0, 45, (5,), generator=generator)
     for temperature in (0.25, 1.0, 3.0):
-        native = mixed_teacher(teachers, slice(0, 5), log_weights, 45, temperature, out=torch.empty(8, 45))
-        statement = mixed_teacher(teachers, slice(0, 5), log_weights, 45, temperature)
-        assert bool(torch.isneginf(native[:, 7]).all())
-        finite = torch.isfinite(statement)
-        assert bool((finite == torch.isfinite(native)).all())
-        torch.testing.assert_close(native[finite], statement[finite], rtol=1e-5, atol=1e-4 * temperature)
+        assert_matches_reference(student, teachers, labels, weights=weights, divergence=divergence,
+                                 temperature=temperature, ce_weight=0.5, backend="cpu")
+
+
+def test_inplace_backward_writes_the_mixtures_gradient_over_the_student():
+    student, stacked, labels = make_inputs(3, seed=4)
+    expected = assert_matches_reference(student, stacked, labels, want="gradient", ce_weight=0.5, temperature=2.0)
+    for backend in ("cpu", "torch"):
+        s = student.clone().requires_grad_()
+        storage = s.detach()
+        kdfast.multi_teacher_distill_loss(s, stacked, labels, ce_weight=0.5, temperature=2.0, inplace_backward=True,
+                                          backend=backend).backward()
+        torch.testing.assert_close(s.grad, expected, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(storage, expected, rtol=1e-5, atol=1e-7, msg="the logits' storage holds it")
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
@@ -280,3 +292,13 @@ def test_heads_padded_past_the_vocabulary(backend, combine):
     settings = dict(vocab_size=30, ce_weight=0.5, combine=combine, weights=weights, temperature=1.3)
     gradient = assert_matches_reference(student, teachers, labels, backend=backend, **settings, want="gradient")
     assert bool((gradient[:, 30:] == 0).all())
+
+
+def test_static_shares_are_known_to_the_host_without_a_device_tensor():
+    """The average gives the CE to its heaviest teacher's call by the host's shares: no device sync on a GPU."""
+    from kdfast.teacher_weights import static_shares
+
+    assert static_shares(None, 4) == (0.25,) * 4
+    assert static_shares([1.0, 3.0], 2) == (0.25, 0.75)
+    assert static_shares(torch.tensor([2.0, 2.0, 4.0]), 3) == (0.25, 0.25, 0.5)
+    assert static_shares("min_ce", 2) is None and static_shares(torch.ones(5, 2), 2) is None

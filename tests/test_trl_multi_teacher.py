@@ -47,8 +47,10 @@ def test_two_copies_of_one_teacher_are_that_teacher(tmp_path):
         torch.testing.assert_close(grad, single[2][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("combine, weights", [("mixture", [1.0, 3.0]), ("average", None)])
+@pytest.mark.parametrize("combine, weights", [("mixture", [1.0, 3.0]), ("average", None), ("mixture", "confidence"),
+                                             ("average", "min_ce")])
 def test_two_teachers_equal_the_float64_reference(tmp_path, combine, weights):
+    """The label modes weigh each teacher by its probability of the completion's token (the policy's sample)."""
     student = student_and_teacher(head_scale=30.0)[0]
     teachers = [student_and_teacher(head_scale=30.0)[1], tiny_llama(48, seed=2, final_logit_softcapping=5.0)]
     batch = _completion_batch()
@@ -68,7 +70,8 @@ def test_two_teachers_equal_the_float64_reference(tmp_path, combine, weights):
 
     mask = batch["completion_mask"].bool()
     expected = multi_teacher_distill_loss_reference(
-        logits64(student)[mask], [logits64(t)[mask] for t in teachers], weights=weights, combine=combine,
+        logits64(student)[mask], [logits64(t)[mask] for t in teachers],
+        batch["completion_ids"][mask] if isinstance(weights, str) else None, weights=weights, combine=combine,
         divergence="jsd", beta=0.3, temperature=2.0, t2_scale=False, reduction="sum") / batch["num_items_in_batch"]
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
     logged = {key for key in trainer._metrics["train"] if key.startswith("divergence/teacher_")}

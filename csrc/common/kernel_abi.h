@@ -70,6 +70,9 @@ enum Tail : int { kTailDense = 0, kTailBucket = 1, kTailRenormalize = 2 };
 constexpr double kTeacherRestFloor = 1e-7;
 constexpr float kStudentRestFloorLog = -87.3365f;
 
+// The most teachers one mixed call takes.
+constexpr int kMaxMixedTeachers = 64;
+
 struct DistillArgs {
   // data pointers; grad may alias student (inplace_backward) and is null when no gradient is wanted
   const void* student;
@@ -107,6 +110,12 @@ struct DistillArgs {
   const void* teacher_logprobs;
   ScalarKind logprob_kind;
   int64_t topk, ids_stride_b, ids_stride_r, logprobs_stride_b, logprobs_stride_r;
+  // several dense teachers mixed (mix_count > 0, CPU, FUSED phase), in place of `teacher`: M row pointers sharing
+  // teacher_kind and the teacher strides, and per row log w_m (-inf: the teacher does not count), M contiguous, with
+  // row stride mix_weights_stride (0: every row has the same weights)
+  const void* const* mix_teachers;
+  int64_t mix_count, mix_weights_stride;
+  const float* mix_log_weights;
   // CUDA only: splits > 1 cuts each row into vocab ranges handled by separate blocks, whose partial statistics
   // meet in `workspace`
   int splits;

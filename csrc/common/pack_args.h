@@ -7,6 +7,7 @@
 #include <c10/util/ArrayRef.h>
 
 #include <optional>
+#include <vector>
 
 #include "kernel_abi.h"
 
@@ -21,6 +22,9 @@ constexpr const char* kSparseDistillForwardSchema =
     "sparse_distill_forward(Tensor student, Tensor teacher_ids, Tensor teacher_logprobs, Tensor? labels, "
     "Tensor grad_scale, Tensor(a!)? grad, Tensor? row_stats, Tensor? row_totals, int[] int_settings, "
     "float[] float_settings) -> Tensor";
+constexpr const char* kMixtureDistillForwardSchema =
+    "mixture_distill_forward(Tensor student, Tensor[] teachers, Tensor log_weights, Tensor? labels, "
+    "Tensor grad_scale, Tensor(a!)? grad, int[] int_settings, float[] float_settings) -> Tensor";
 
 #define KDFAST_CHECK_DEVICE(x, device_type) \
   TORCH_CHECK((x).device().type() == (device_type), #x " must be on ", (device_type), ", got ", (x).device())
@@ -189,6 +193,49 @@ inline PackedCall pack_sparse_args(const at::Tensor& student, const at::Tensor& 
   a.ids_stride_r = ids.stride(1);
   a.logprobs_stride_b = logprobs.stride(0);
   a.logprobs_stride_r = logprobs.stride(1);
+  return call;
+}
+
+// Several dense teachers mixed per row (the FUSED phase): M tensors shaped like the student, of one dtype and one
+// layout, and log-weights [rows, M] float32 (M contiguous; a row stride of 0 when every row has the same weights).
+// `rows_out` holds the M data pointers the args point at: it must outlive the call.
+inline PackedCall pack_mixture_args(const at::Tensor& student, at::TensorList teachers, const at::Tensor& log_weights,
+                                    const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
+                                    const std::optional<at::Tensor>& grad, c10::IntArrayRef ints,
+                                    c10::ArrayRef<double> floats, c10::DeviceType device_type,
+                                    std::vector<const void*>& rows_out) {
+  PackedCall call = pack_common(student, labels, grad_scale, grad, std::nullopt, std::nullopt, ints, floats,
+                                device_type);
+  DistillArgs& a = call.args;
+  TORCH_CHECK(a.phase == kPhaseFused && a.tail == kTailDense,
+              "mixture_distill_forward is a fused call over whole rows of dense teachers");
+  const int64_t count = static_cast<int64_t>(teachers.size());
+  TORCH_CHECK(count >= 1 && count <= kMaxMixedTeachers, "mixture_distill_forward takes 1 to ", kMaxMixedTeachers,
+              " teachers, got ", count);
+  const at::Tensor& first = teachers[0];
+  rows_out.clear();
+  for (const at::Tensor& teacher : teachers) {
+    KDFAST_CHECK_DEVICE(teacher, device_type);
+    KDFAST_CHECK_ROWS_VIEW(teacher);
+    TORCH_CHECK(teacher.sizes() == student.sizes(), "every teacher must be shaped like the student ",
+                student.sizes(), ", got ", teacher.sizes());
+    TORCH_CHECK(teacher.scalar_type() == first.scalar_type() && teacher.strides() == first.strides(),
+                "the teachers must share one dtype and one layout (strides)");
+    rows_out.push_back(teacher.data_ptr());
+  }
+  const int64_t rows = a.batch * a.rows_per_batch;
+  KDFAST_CHECK_DEVICE(log_weights, device_type);
+  TORCH_CHECK(log_weights.scalar_type() == at::kFloat && log_weights.dim() == 2 && log_weights.size(0) == rows &&
+                  log_weights.size(1) == count && (log_weights.stride(1) == 1 || count == 1),
+              "log_weights must be a float32 [", rows, ", ", count, "] tensor with M contiguous, got ",
+              log_weights.sizes());
+  a.teacher_kind = scalar_kind(first, "teacher_logits");
+  a.teacher_stride_b = first.stride(0);
+  a.teacher_stride_r = first.stride(1);
+  a.mix_teachers = rows_out.data();
+  a.mix_count = count;
+  a.mix_log_weights = log_weights.data_ptr<float>();
+  a.mix_weights_stride = log_weights.stride(0);
   return call;
 }
 

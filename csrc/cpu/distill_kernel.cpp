@@ -8,6 +8,8 @@
 //   pass 2  mixtures (JSD, skews): per-element loss terms and scores d_j = h_j - h_r (h = dL/dq), D = sum q d
 //   pass 3  the gradient: forward KL straight from the exps (q - p), reverse KL as q (c_j - D) with
 //           c_j = ((s_j - s_r) - (t_j - t_r)) / T, the mixtures as q (d_j - D)
+// Several teachers (mixture_row.h) are mixed into scratch before pass 0, which then takes the teacher's reference as 0
+// (log p_bar <= 0) and pass 1 reads the teacher's exps (p_bar) instead of computing them.
 // Centring on r keeps the gradient near a dominant entry free of cancellation: there q_r ~ 1 and the old
 // u_r - q_r U subtracted two numbers of the loss's size. The student gradient is (kd_scale / T) * dL/da plus the
 // CE family's soft * softmax(s) - label * onehot(label) - uniform (kernel_abi.h), times the reduction's scale.
@@ -16,6 +18,7 @@
 #include <limits>
 
 #include "gradient_pass.h"
+#include "mixture_row.h"
 #include "row_math.h"
 #include "shard_pass.h"
 #include "stats_pass.h"
@@ -30,7 +33,7 @@ RowStats row_references(const float* s, const float* t, const DistillArgs& a) {
   st.ref_s = row_max(s, a.vocab);
   st.ref_ce = st.ref_s;
   if (!a.has_kd) return st;
-  st.ref_t = row_max(t, a.vocab);
+  st.ref_t = a.mix_count > 0 ? 0.0f : row_max(t, a.vocab);  // a mixture's row is T log p_bar <= 0
   st.t_at_ref = st.ref_t;
   if (a.phase == kPhaseFused && a.divergence != kForwardKL) {
     st.ref_index = first_index_of(s, a.vocab, st.ref_s);
@@ -55,6 +58,7 @@ void exp_pass(const float* s, const float* t, const DistillArgs& a, Scratch& w, 
     const float rs = st.ref_s, rt = st.ref_t, tr = st.t_at_ref;
     const bool want_fkl = a.divergence == kForwardKL, want_rkl = a.divergence == kReverseKL;
     const bool ce_squared = a.has_ce && a.temperature_power == 2;
+    const bool teacher_exps_given = a.mix_count > 0;  // p_bar, against the reference 0
     for_lanes(vocab, [&](int64_t j, auto zero) {
       using F = decltype(zero);
       if (std::is_same_v<F, VFloat> && next.student != nullptr) {  // one 64-byte line per block and row
@@ -65,9 +69,14 @@ void exp_pass(const float* s, const float* t, const DistillArgs& a, Scratch& w, 
       const F ds = (sj - rs) * inv_t;
       const F dt = (tj - rt) * inv_t;
       const F e_s = fast_exp(ds);
-      const F e_t = fast_exp(dt);
+      F e_t;
+      if (teacher_exps_given) {
+        e_t = load<F>(et + j);
+      } else {
+        e_t = fast_exp(dt);
+        store(et + j, e_t);
+      }
       store(es + j, e_s);
-      store(et + j, e_t);
       accumulate(z_s_acc, e_s);
       accumulate(z_t_acc, e_t);
       accumulate(entropy_acc, weighted(e_s, ds));
@@ -212,13 +221,18 @@ void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
     return static_cast<const TeacherT*>(a.teacher) + (row / a.rows_per_batch) * a.teacher_stride_b +
            (row % a.rows_per_batch) * a.teacher_stride_r;
   };
+  auto mixed_teacher_row = [&](int64_t m, int64_t row) {
+    return static_cast<const TeacherT*>(a.mix_teachers[m]) + (row / a.rows_per_batch) * a.teacher_stride_b +
+           (row % a.rows_per_batch) * a.teacher_stride_r;
+  };
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t b = row / a.rows_per_batch, r = row % a.rows_per_batch;
     const StudentT* s_raw = student_row(row);
-    const TeacherT* t_raw = teacher_row(row);
+    const TeacherT* t_raw = a.mix_count > 0 ? nullptr : teacher_row(row);
     NextRow next;
     if (row + 1 < row_end) {
-      next = {reinterpret_cast<const char*>(student_row(row + 1)), reinterpret_cast<const char*>(teacher_row(row + 1)),
+      next = {reinterpret_cast<const char*>(student_row(row + 1)),
+              reinterpret_cast<const char*>(a.mix_count > 0 ? mixed_teacher_row(0, row + 1) : teacher_row(row + 1)),
               static_cast<int>(sizeof(StudentT)), static_cast<int>(sizeof(TeacherT))};
     }
     StudentT* g = a.grad == nullptr ? nullptr
@@ -236,7 +250,14 @@ void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
       continue;
     }
     const float* s = widen_row(s_raw, a.vocab, scratch.student);
-    const float* t = a.has_kd ? widen_row(t_raw, a.vocab, scratch.teacher) : nullptr;
+    const float* t = nullptr;
+    if (a.has_kd && a.mix_count > 0) {
+      const TeacherT* rows[kMaxMixedTeachers];
+      for (int64_t m = 0; m < a.mix_count; ++m) rows[m] = mixed_teacher_row(m, row);
+      t = mixture_row(rows, a.mix_count, a.mix_log_weights + row * a.mix_weights_stride, a, scratch);
+    } else if (a.has_kd) {
+      t = widen_row(t_raw, a.vocab, scratch.teacher);
+    }
     process_row(s, t, row, label, g, row_scale, a, scratch, next);
   }
 }

@@ -74,19 +74,27 @@ def chunked_multi_teacher_divergence_loss(student_hidden_states, teacher_hidden_
                                           teacher_lm_head_biases=None, student_logit_scale=1.0,
                                           teacher_logit_scales=1.0, student_final_logit_softcapping=None,
                                           teacher_final_logit_softcappings=None, temperature=1.0, *, weights=None,
-                                          combine="mixture", chunk_size="auto", backend="auto"):
+                                          combine="mixture", completion_ids=None, chunk_size="auto", backend="auto"):
     """`chunked_divergence_loss` against several teachers (lists, one entry per teacher; hidden sizes may differ),
     mixed or averaged with `weights` as `kdfast.linear_multi_teacher_distill_loss` takes them (per-row weights:
-    [B, K, M]). Returns TRL's triple and each teacher's own divergence summed over the tokens ([M], detached)."""
+    [B, K, M]; "confidence" and "min_ce" weigh each teacher by its probability of the completion's token,
+    `completion_ids` [B, K]). Returns TRL's triple and each teacher's own divergence summed over the tokens ([M],
+    detached)."""
     valid = completion_mask.reshape(-1) != 0
     kept = valid.nonzero().squeeze(1)
     student = student_hidden_states.reshape(-1, student_hidden_states.shape[-1]).index_select(0, kept)
     teachers = [hidden.reshape(-1, hidden.shape[-1]).index_select(0, kept).detach() for hidden in teacher_hidden_states]
     if isinstance(weights, torch.Tensor) and weights.dim() > 1:
         weights = weights.reshape(-1, weights.shape[-1]).index_select(0, kept.to(weights.device))
+    labels = None
+    if isinstance(weights, str):  # the teachers' confidence in the tokens the policy sampled
+        if completion_ids is None:
+            raise ValueError(f"weights={weights!r} weighs each teacher by its probability of the completion's token: "
+                             "pass completion_ids")
+        labels = completion_ids.reshape(-1).to(kept.device).index_select(0, kept)
     options = trl_jsd_options(beta, temperature).replace(backend=backend)
     total, parts = fused_linear_multi_teacher_loss(
-        student, student_lm_head_weight, teachers, [weight.detach() for weight in teacher_lm_head_weights], None,
+        student, student_lm_head_weight, teachers, [weight.detach() for weight in teacher_lm_head_weights], labels,
         options, student_bias=student_lm_head_bias,
         teacher_bias=[b.detach() if b is not None else None for b in teacher_lm_head_biases or [None] * len(teachers)],
         weights=weights, combine=combine, student_softcap=student_final_logit_softcapping,
@@ -154,7 +162,7 @@ class DistillationTrainer(_TRLDistillationTrainer):
                                                      **multimodal)
         if self.teacher_models is not None:
             return self._several_teachers_loss(unwrapped_student, student_hidden, input_ids, attention_mask,
-                                               logits_to_keep, multimodal, loss_mask, num_items_in_batch)
+                                               logits_to_keep, multimodal, loss_mask, num_items_in_batch, inputs)
         self.teacher_model.eval()
         unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
         with torch.no_grad():
@@ -174,7 +182,7 @@ class DistillationTrainer(_TRLDistillationTrainer):
         return loss, entropy_sum, n_valid
 
     def _several_teachers_loss(self, unwrapped_student, student_hidden, input_ids, attention_mask, logits_to_keep,
-                               multimodal, loss_mask, num_items_in_batch):
+                               multimodal, loss_mask, num_items_in_batch, inputs):
         unwrapped, hidden = [], []
         for teacher in self.teacher_models:
             teacher.eval()
@@ -195,7 +203,7 @@ class DistillationTrainer(_TRLDistillationTrainer):
                 student_head.bias, [head.bias for head in heads], logit_scale(unwrapped_student),
                 [logit_scale(teacher) for teacher in unwrapped], final_softcap(unwrapped_student),
                 [final_softcap(teacher) for teacher in unwrapped], self.temperature, weights=self.teacher_weights,
-                combine=self.teacher_combine)
+                combine=self.teacher_combine, completion_ids=inputs["completion_ids"])
         self._teacher_divergences = (per_teacher.detach(), n_valid.detach())
         return loss, entropy_sum, n_valid
 

@@ -1,0 +1,97 @@
+// A teacher kind for the CPU row kernel: several teachers' rows mixed into one (docs/DESIGN.md, "Several teachers").
+// Per row, in scratch that stays in L2, before the kernel's own passes:
+//   per teacher  its max, its exps e_j = exp((t_j - max) / T) (centred before the temperature divides: |t| / T may
+//                be ~1e4, and t / T - max / T would round every log-probability by that much) and their sum z, then
+//                p_bar_j += (w_m / z_m) e_j into the teacher-exp row
+//   once         the teacher row T * log p_bar_j: one log and no exp per column. Where p_bar_j is below float32's
+//                normal range (every teacher's entry underflowed) the log-sum-exp of log w_m - log z_m + (t - max) / T
+//                is taken instead, never the log of an underflowed sum (-inf there would make reverse KL infinite).
+// The kernel then reads p_bar as its teacher exps against the reference 0 (log p_bar <= 0): a mixture costs M exps and
+// one log per column beside the student's exp, and no [rows, V] mixture is written to memory and read back.
+#pragma once
+
+#include <cmath>
+
+#include "row_math.h"
+
+namespace kdfast_cpu {
+
+// Below this a mixture's probability is recomputed as a log-sum-exp (the fast log takes normal floats only).
+constexpr float kSmallestMixture = 1e-30f;
+
+// The exact log p_bar at column j from the teachers' raw rows: the rare columns where every teacher underflowed.
+template <typename TeacherT>
+float exact_log_mixture(const TeacherT* const* rows, const float* maxima, const float* offsets, int64_t count,
+                        int64_t j, float inv_t) {
+  float terms[kMaxMixedTeachers];
+  float hi = -INFINITY;
+  for (int64_t m = 0; m < count; ++m) {
+    terms[m] = offsets[m] == -INFINITY ? -INFINITY : (to_float(rows[m][j]) - maxima[m]) * inv_t + offsets[m];
+    hi = terms[m] > hi ? terms[m] : hi;
+  }
+  if (hi == -INFINITY) return hi;  // no teacher has mass here: -inf, not NaN
+  float total = 0.0f;
+  for (int64_t m = 0; m < count; ++m) total += std::exp(terms[m] - hi);
+  return hi + std::log(total);
+}
+
+// Writes the mixture of `count` teacher rows with log-weights `log_weights` (-inf: the teacher does not count) into
+// w.teacher (T * log p_bar, the kernel's teacher logits) and w.exp_teacher (p_bar); returns w.teacher.
+template <typename TeacherT>
+const float* mixture_row(const TeacherT* const* rows, int64_t count, const float* log_weights, const DistillArgs& a,
+                         Scratch& w) {
+  const int64_t vocab = a.vocab;
+  const float inv_t = a.inv_temperature;
+  float* mixed = w.exp_teacher.data();
+  float* exps = w.mix_exps.data();
+  float maxima[kMaxMixedTeachers], offsets[kMaxMixedTeachers];
+  bool first = true;
+  for (int64_t m = 0; m < count; ++m) {
+    const float* t = widen_row(rows[m], vocab, w.mix_widened);
+    const float top = row_max(t, vocab);
+    maxima[m] = top;
+    offsets[m] = -INFINITY;
+    // A row of -inf (no mass) or a zero weight: the teacher adds nothing.
+    if (!std::isfinite(top) || log_weights[m] == -INFINITY) continue;
+    VFloat sum_acc{};
+    for_lanes(vocab, [&](int64_t j, auto zero) {
+      using F = decltype(zero);
+      const F value = fast_exp((load<F>(t + j) - top) * inv_t);
+      store(exps + j, value);
+      accumulate(sum_acc, value);
+    });
+    const float sum = horizontal_sum(sum_acc);
+    offsets[m] = log_weights[m] - std::log(sum);
+    const float factor = std::exp(log_weights[m]) / sum;
+    for_lanes(vocab, [&](int64_t j, auto zero) {
+      using F = decltype(zero);
+      const F share = load<F>(exps + j) * factor;
+      store(mixed + j, first ? share : load<F>(mixed + j) + share);
+    });
+    first = false;
+  }
+  float* out = w.teacher.data();
+  if (first) {  // no teacher counts in this row: no mass anywhere, as a teacher row of -inf
+    for (int64_t j = 0; j < vocab; ++j) mixed[j] = 0.0f, out[j] = -INFINITY;
+    return out;
+  }
+  const float temperature = a.temperature;
+  for_lanes(vocab, [&](int64_t j, auto zero) {
+    using F = decltype(zero);
+    const F total = load<F>(mixed + j);
+    const auto small = total < kSmallestMixture;
+    // fast_log_ge1 holds below 1 too for normal x (measured: 4e-6 absolute over [1e-30, 1]); no division.
+    F log_mixed = fast_log_ge1(small ? splat<F>(1.0f) : total);
+    if constexpr (std::is_same_v<F, VFloat>) {
+      for (int lane = 0; lane < kLanes; ++lane) {
+        if (small[lane]) log_mixed[lane] = exact_log_mixture(rows, maxima, offsets, count, j + lane, inv_t);
+      }
+    } else if (small) {
+      log_mixed = exact_log_mixture(rows, maxima, offsets, count, j, inv_t);
+    }
+    store(out + j, log_mixed * temperature);
+  });
+  return out;
+}
+
+}  // namespace kdfast_cpu

@@ -1,0 +1,47 @@
+"""Several teachers as one teacher kind (`kernel_abi.MixedTeachers`) on any backend. The C++ kernel mixes each row
+in its own scratch (csrc/cpu/mixture_row.h); elsewhere (CUDA, Triton, torch) a chunk of rows is mixed by the torch
+statement below into T * log p_bar, logits whose softmax at T is the mixture, and the backend's single-teacher rows
+kernel takes it from there: every divergence, the CE family and the numerical guards come with it."""
+
+from __future__ import annotations
+
+import torch
+
+from kdfast.kernel_abi import FUSED, PART_COLUMNS, MixedTeachers, Phase, PhaseCall
+from kdfast.options import LossOptions
+
+_CHUNK_ELEMENTS = 1 << 22  # elements of one teacher's chunk: M float32 temporaries of 16 MiB
+
+
+def mixed_logits(teachers, log_weights: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T * log sum_m w_m softmax(t_m / T) of M chunks [C, V] (any float dtype) and log-weights [C, M], float32.
+    Each log p_m is (t - max) / T - log z (never t / T - ..., which rounds by |max| / T); a teacher whose weight is
+    0 (log-weight -inf) drops out exactly."""
+    log_p = []
+    for logits in teachers:
+        centred = (logits.float() - logits.float().amax(-1, keepdim=True)) / temperature
+        log_p.append(centred - torch.logsumexp(centred, dim=-1, keepdim=True))
+    mixed = torch.logsumexp(torch.stack(log_p) + log_weights.t()[:, :, None], dim=0)
+    return mixed.mul_(temperature)
+
+
+def mixture_rows_by_chunks(forward_rows, student, teacher: MixedTeachers, labels, grad_scale, grad,
+                           opts: LossOptions, call: PhaseCall = FUSED) -> torch.Tensor:
+    """A backend's single-teacher `forward_rows` over chunks of rows, each chunk's teachers mixed first: the rows'
+    parts [batch * rows, PART_COLUMNS], the gradient written into `grad` ([batch, rows, V], or None)."""
+    if call.phase != Phase.FUSED:
+        raise ValueError("several teachers are mixed in fused calls only (no vocab-parallel phases)")
+    batch, rows_per_batch, vocab = student.shape
+    parts = torch.empty(batch * rows_per_batch, PART_COLUMNS, dtype=torch.float32, device=student.device)
+    step = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+    for b in range(batch):
+        for start in range(0, rows_per_batch, step):
+            span = slice(start, min(start + step, rows_per_batch))
+            flat = slice(b * rows_per_batch + span.start, b * rows_per_batch + span.stop)
+            chunk_labels = labels[flat] if labels is not None else None
+            mixed = (mixed_logits([t[b, span] for t in teacher.teachers], teacher.log_weights[flat], opts.temperature)
+                     if opts.has_kd else student[b, span])
+            chunk_grad = grad[b, span].unsqueeze(0) if grad is not None else None
+            parts[flat] = forward_rows(student[b, span].unsqueeze(0), mixed.unsqueeze(0), chunk_labels, grad_scale,
+                                       chunk_grad, opts, call)
+    return parts
