@@ -8,7 +8,8 @@ _EXPORTS = {"DistillLoss": "loss", "distill_loss": "loss", "LinearDistillLoss": 
             "linear_sparse_distill_loss": "linear_sparse_loss", "LossComponents": "reduction",
             "SparseDistillLoss": "sparse_loss", "sparse_distill_loss": "sparse_loss",
             "linear_token_logprobs": "token_logprobs", "multi_teacher_distill_loss": "multi_teacher",
-            "linear_multi_teacher_distill_loss": "linear_multi_teacher"}
+            "linear_multi_teacher_distill_loss": "linear_multi_teacher", "VocabMap": "vocab_map",
+            "cross_vocab_distill_loss": "cross_vocab"}
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
 

@@ -1,6 +1,7 @@
 """The `kdfast` command. Each subcommand has its own options (`kdfast <command> --help`):
 
-    kdfast bench [--full] [logits | linear | sparse | linear-sparse | vocab-parallel | trl | multi-teacher] [options]
+    kdfast bench [--full] [logits | linear | sparse | linear-sparse | vocab-parallel | trl | multi-teacher |
+                  cross-vocab] [options]
                                        the side-by-side benchmarks (all, or one), short by default; --full runs
                                        each at its full size with every contender; those below run when named
     kdfast bench sharded-memory        peak memory per process with the student sharded by FSDP2 (minutes)
@@ -33,14 +34,15 @@ from kdfast.package_files import package_folder
 # `kdfast bench <name>` -> the benchmark script (benchmarks/ in a checkout, kdfast/benchmarks in an install).
 BENCHMARKS = {"logits": "bench_distill", "linear": "bench_linear", "sparse": "bench_sparse",
               "linear-sparse": "bench_linear_sparse", "vocab-parallel": "bench_vocab_parallel", "trl": "bench_trl",
-              "multi-teacher": "bench_multi_teacher"}
+              "multi-teacher": "bench_multi_teacher", "cross-vocab": "bench_cross_vocab"}
 # Run only when named: several processes training real models, minutes on a CPU.
 NAMED_ONLY = {"sharded-memory": "bench_sharded_memory", "linear-precision": "bench_linear_precision",
               "linear-chunks": "bench_linear_chunks", "small-calls": "bench_small_calls",
               "train-step": "bench_train_step", "teacher-cache": "bench_teacher_cache"}
 # The extra (setup.py's extras_require) whose packages each command imports, and the benchmarks needing another.
 COMMAND_EXTRAS = {"bench": "bench", "profile": "bench", "distill": "integrations", "teacher-cache": "integrations"}
-BENCHMARK_EXTRAS = {"trl": "integrations", "teacher-cache": "integrations"}  # TRL's kernels; the cache's writer
+# TRL's kernels and its GOLD loss; the cache's writer
+BENCHMARK_EXTRAS = {"trl": "integrations", "cross-vocab": "integrations", "teacher-cache": "integrations"}
 # What the CLI keeps in a benchmark's namespace: not the benchmark's options, and not all picklable (spawned ranks).
 CLI_SETTINGS = {"command", "benchmark", "handler", "module", "checked_by", "parser", "full"}
 HERE = Path(__file__).resolve().parent

@@ -266,3 +266,44 @@ def multi_teacher_distill_loss_reference(student_logits, teacher_logits, labels=
             kd = sum(moved[m, ..., 0] * divergence_of(log_p[m], log_q, divergence, opts.beta)
                      for m in range(len(teachers)))
     return _reduced_reference(student_logits, kd, labels, opts, num_items_in_batch)
+
+
+def cross_vocab_distill_loss_reference(student_logits, teacher_logits, labels=None, *, vocab_map, method="hybrid",
+                                       matched_weight=None, unmatched_weight=None, student_temperature=None,
+                                       teacher_temperature=None, num_items_in_batch=None,
+                                       dtype: torch.dtype | None = torch.float64, **options) -> torch.Tensor:
+    """The contract of `kdfast.cross_vocab_distill_loss`, naively in `dtype`: "mapped" as the divergence between the
+    two models' buckets (each matched token, and the rest), "uld" / "hybrid" as `kdfast.uld` states GOLD's."""
+    from kdfast.uld import hybrid_weights, matched_divergence, sorted_l1
+
+    options = {k: v for k, v in options.items() if k not in ("inplace_backward", "backend")}
+    temperature = options.pop("temperature", 1.0)
+    t_s = temperature if student_temperature is None else student_temperature
+    t_t = temperature if teacher_temperature is None else teacher_temperature
+    opts = LossOptions(temperature=t_s, **options)
+    if dtype is not None:
+        student_logits, teacher_logits = student_logits.to(dtype), teacher_logits.to(dtype)
+    log_q = torch.log_softmax(student_logits / t_s, dim=-1)
+    log_p = torch.log_softmax(teacher_logits / t_t, dim=-1)
+    s_ids, t_ids = vocab_map.student_ids, vocab_map.teacher_ids
+    divergence = _trl_convention(opts.divergence, opts.beta)
+    if method == "mapped":
+        def buckets(log_probs, ids):
+            picked = log_probs[..., ids]
+            rest = torch.log1p(-picked.exp().sum(-1, keepdim=True).clamp(max=1.0))
+            return torch.cat([picked, rest], dim=-1)
+
+        kd = divergence_of(buckets(log_p, t_ids), buckets(log_q, s_ids), divergence, opts.beta)
+    elif method == "uld":
+        kd = sorted_l1(log_q.exp(), log_p.exp())
+    else:
+        q, p = log_q.exp(), log_p.exp()
+        s_rest = torch.ones(q.shape[-1], dtype=torch.bool)
+        s_rest[s_ids] = False
+        t_rest = torch.ones(p.shape[-1], dtype=torch.bool)
+        t_rest[t_ids] = False
+        weight, rest_weight = hybrid_weights(t_ids.numel(), p.shape[-1], matched_weight, unmatched_weight)
+        kd = weight * matched_divergence(q[..., s_ids], p[..., t_ids], divergence, opts.beta)
+        if bool(s_rest.any()) and bool(t_rest.any()):
+            kd = kd + rest_weight * sorted_l1(q[..., s_rest], p[..., t_rest])
+    return _reduced_reference(student_logits, kd, labels, opts, num_items_in_batch)

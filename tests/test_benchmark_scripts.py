@@ -129,3 +129,11 @@ def test_bench_multi_teacher_smoke(tmp_path):
     assert float(rows["logits", "loop of 3 kdfast calls (average)"]["x_loop"]) == 1.0
     assert float(rows["linear", "5 GEMMs alone (floor)"]["x_floor"]) == 1.0
     assert float(rows["logits", "kdfast mixture"]["x_floor"]) > 0
+
+
+def test_bench_cross_vocab_smoke(tmp_path):
+    _run(tmp_path, "benchmarks/bench_cross_vocab.py", "--rows", "16", "--student-vocab", "300", "--teacher-vocab",
+         "400", "--shared", "200", "--repeats", "1")
+    rows = {r["method"]: r for r in csv.DictReader(next(tmp_path.glob("bench_cross_vocab_*.csv")).open())}
+    assert float(rows["TRL ULDLoss (uld)"]["trl_over_this"]) == 1.0
+    assert int(rows["kdfast mapped"]["matched"]) == 200 and float(rows["kdfast uld"]["x_floor"]) > 0

@@ -7,6 +7,7 @@
 
 #include "../common/pack_args.h"
 #include "distill_kernel.h"
+#include "sorted_l1.h"
 #include "sparse_kernel.h"
 
 namespace {
@@ -51,16 +52,41 @@ at::Tensor mixture_distill_forward(const at::Tensor& student, at::TensorList tea
   return call.out;
 }
 
+// ULD's sorted L1 per row of two probability tables [rows, V_s] and [rows, V_t] (contiguous float32), and its
+// subgradient at each student column into `sign` when given.
+at::Tensor sorted_l1(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& sign) {
+  for (const at::Tensor* x : {&student, &teacher}) {
+    KDFAST_CHECK_DEVICE(*x, c10::DeviceType::CPU);
+    TORCH_CHECK(x->scalar_type() == at::kFloat && x->dim() == 2 && x->is_contiguous(),
+                "sorted_l1 takes contiguous float32 [rows, V] probabilities, got ", x->sizes());
+  }
+  TORCH_CHECK(student.size(0) == teacher.size(0), "sorted_l1: the two tables must have the same rows");
+  TORCH_CHECK(student.size(1) > 0 && teacher.size(1) > 0 && student.size(1) < (int64_t{1} << 31),
+              "sorted_l1: each table needs 1 to 2^31 - 1 columns");
+  if (sign.has_value()) {
+    TORCH_CHECK(sign->scalar_type() == at::kFloat && sign->is_contiguous() && sign->sizes() == student.sizes(),
+                "sign must be a contiguous float32 tensor shaped like the student's table");
+  }
+  at::Tensor loss = at::empty({student.size(0)}, student.options());
+  const kdfast_cpu::SortedL1Args args{student.data_ptr<float>(), teacher.data_ptr<float>(), student.size(0),
+                                      student.size(1), teacher.size(1), loss.data_ptr<float>(),
+                                      sign.has_value() ? sign->data_ptr<float>() : nullptr};
+  at::parallel_for(0, args.rows, 1, [&](int64_t begin, int64_t end) { kdfast_cpu::sorted_l1_rows_cpu(args, begin, end); });
+  return loss;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(kdfast_cpu, m) {
   m.def(kdfast::kDistillForwardSchema);
   m.def(kdfast::kSparseDistillForwardSchema);
   m.def(kdfast::kMixtureDistillForwardSchema);
+  m.def("sorted_l1(Tensor student, Tensor teacher, Tensor(a!)? sign) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kdfast_cpu, CPU, m) {
   m.impl("distill_forward", &distill_forward);
   m.impl("sparse_distill_forward", &sparse_distill_forward);
   m.impl("mixture_distill_forward", &mixture_distill_forward);
+  m.impl("sorted_l1", &sorted_l1);
 }

@@ -45,14 +45,19 @@ struct Buckets {
 // The entries grouped by column (after b.column is set).
 void group_entries(int64_t k_count, Buckets& b) {
   b.held = 0;
+  bool ascending = true;  // held entries already by column (a vocabulary map's ids are): no sort of K per row
   for (int64_t k = 0; k < k_count; ++k) {
     b.leader[k] = k;
     b.first[k] = 0;
-    if (b.column[k] >= 0) b.order[b.held++] = k;
+    if (b.column[k] < 0) continue;
+    if (b.held > 0 && b.column[b.order[b.held - 1]] > b.column[k]) ascending = false;
+    b.order[b.held++] = k;
   }
-  std::sort(b.order.begin(), b.order.begin() + b.held, [&](int64_t i, int64_t j) {
-    return b.column[i] < b.column[j] || (b.column[i] == b.column[j] && i < j);
-  });
+  if (!ascending) {
+    std::sort(b.order.begin(), b.order.begin() + b.held, [&](int64_t i, int64_t j) {
+      return b.column[i] < b.column[j] || (b.column[i] == b.column[j] && i < j);
+    });
+  }
   b.distinct = 0;
   for (int64_t i = 0; i < b.held; ++i) {
     const int64_t k = b.order[i];

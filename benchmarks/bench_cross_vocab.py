@@ -1,0 +1,158 @@
+"""A teacher with another tokenizer: forward+backward of kdfast.cross_vocab_distill_loss ("uld", "hybrid", "mapped")
+against TRL's GOLD `ULDLoss` (plain ULD and its hybrid) on the same aligned rows, and the copy floor (the student's
+and the teacher's logits read once, the gradient written once).
+
+Same inputs, one process; medians of interleaved rounds and ratios; each contender's result is checked against
+TRL's (or the float64 reference) before it is timed. CPU default: 512 aligned rows, V_s = 32000, V_t = 40000, a
+map of 24000 shared tokens (--full: 2048 rows, 5 rounds).
+
+    python benchmarks/bench_cross_vocab.py [--full] [--rows N --student-vocab V --teacher-vocab V --repeats R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or through `kdfast bench`
+from bench_distill import environment, parse_benchmark_args, time_methods, write_csv  # noqa: E402
+
+import kdfast  # noqa: E402
+from kdfast.reference import cross_vocab_distill_loss_reference  # noqa: E402
+
+FULL_SETTINGS = {"rows": 2048, "repeats": 5}
+
+
+class Vocabulary:
+    def __init__(self, vocab: dict):
+        self.vocab = vocab
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+
+def vocabularies(args):
+    """Two made-up vocabularies sharing `args.shared` token strings, the student's in a shuffled order."""
+    generator = torch.Generator().manual_seed(2)
+    teacher = {f"t{i}": i for i in range(args.teacher_vocab)}
+    shared = torch.randperm(args.teacher_vocab, generator=generator)[:args.shared].tolist()
+    strings = [f"t{i}" for i in shared] + [f"s{i}" for i in range(args.student_vocab - args.shared)]
+    order = torch.randperm(args.student_vocab, generator=generator).tolist()
+    student = {strings[position]: index for index, position in enumerate(order)}
+    return Vocabulary(student), Vocabulary(teacher)
+
+
+def trl_uld(student_vocab, teacher_vocab, hybrid: bool):
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.gold.gold_trainer import ULDLoss
+
+    config = SimpleNamespace(uld_crossentropy_weight=0.0, uld_distillation_weight=1.0, uld_student_temperature=1.0,
+                             uld_teacher_temperature=1.0, uld_skip_student_eos=False, uld_skip_teacher_eos=False,
+                             use_extended_uld=False, uld_token_merge_strategy="observed", uld_use_hybrid_loss=hybrid,
+                             uld_hybrid_matched_weight=None, uld_hybrid_unmatched_weight=None, beta=0.5)
+    return ULDLoss(config, student_tokenizer=student_vocab if hybrid else None,
+                   teacher_tokenizer=teacher_vocab if hybrid else None)
+
+
+def contenders(args):
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(args.rows, args.student_vocab, generator=generator) * 2
+    teacher = torch.randn(args.rows, args.teacher_vocab, generator=generator) * 2
+    student_vocab, teacher_vocab = vocabularies(args)
+    vocab_map = kdfast.VocabMap.from_tokenizers(student_vocab, teacher_vocab)
+    positions = torch.zeros(1, args.rows, dtype=torch.int64)  # one sample, every position an answer token
+
+    def trl(hybrid):
+        loss_fn = trl_uld(student_vocab, teacher_vocab, hybrid)
+
+        def loss(x):
+            return loss_fn(student_logits=x.unsqueeze(0), teacher_logits=teacher.unsqueeze(0),
+                           student_labels=positions, teacher_labels=positions, student_input_ids=positions,
+                           teacher_input_ids=positions).reshape(())
+        return loss
+
+    def ours(method):
+        divergence = "jsd" if method == "hybrid" else "forward_kl"
+        return lambda x: kdfast.cross_vocab_distill_loss(x, teacher, vocab_map=vocab_map, method=method,
+                                                         divergence=divergence, t2_scale=False)
+
+    losses = {"TRL ULDLoss (uld)": trl(False), "kdfast uld": ours("uld"), "TRL ULDLoss (hybrid)": trl(True),
+              "kdfast hybrid": ours("hybrid"), "kdfast mapped": ours("mapped")}
+    check(losses, student, teacher, vocab_map)
+    methods = {name: (lambda loss=loss: backward(loss, student)) for name, loss in losses.items()}
+    return methods, student, teacher, vocab_map
+
+
+def backward(loss_fn, student):
+    leaf = student.detach().requires_grad_()
+    torch.autograd.grad(loss_fn(leaf), leaf)
+
+
+def check(losses, student, teacher, vocab_map):
+    """Only a result that agrees is timed: kdfast's against TRL's (uld, hybrid) or the float64 reference (mapped)."""
+    for ours, theirs in (("kdfast uld", "TRL ULDLoss (uld)"), ("kdfast hybrid", "TRL ULDLoss (hybrid)")):
+        a, b = float(losses[ours](student)), float(losses[theirs](student))
+        if abs(a - b) > 1e-4 * max(1.0, abs(b)):
+            raise SystemExit(f"{ours} ({a}) disagrees with {theirs} ({b}): not timing it")
+    mapped = float(losses["kdfast mapped"](student))
+    truth = float(cross_vocab_distill_loss_reference(student, teacher, vocab_map=vocab_map, method="mapped",
+                                                     t2_scale=False))
+    if abs(mapped - truth) > 1e-4 * max(1.0, abs(truth)):
+        raise SystemExit(f"kdfast mapped ({mapped}) disagrees with the float64 reference ({truth}): not timing it")
+
+
+def run(args) -> list[dict]:
+    console = Console(width=max(120, Console().width))
+    device, env = torch.device("cpu"), environment(torch.device("cpu"))
+    methods, student, teacher, vocab_map = contenders(args)
+    source, target = torch.cat([student, teacher], dim=1), torch.empty(args.rows, args.student_vocab * 2 +
+                                                                       args.teacher_vocab)
+    methods["copy"] = lambda: target[:, :source.shape[1]].copy_(source)
+    console.print(f"[dim]timing {len(methods) - 1} contenders and a copy, {args.repeats} rounds...[/dim]")
+    medians = time_methods(methods, device, args.repeats, warmup=1)
+    copy_ms = medians.pop("copy")
+    # The floor: both logits read once and the student's gradient written once, at the copy's bandwidth (a copy
+    # reads and writes the same bytes).
+    floor_ms = copy_ms * (2 * args.student_vocab + args.teacher_vocab) / (2 * source.shape[1])
+    rows = [{"method": name, "median_ms": ms, "x_floor": ms / floor_ms, "floor_ms": floor_ms, "rows": args.rows,
+             "student_vocab": args.student_vocab, "teacher_vocab": args.teacher_vocab, "matched": vocab_map.matched,
+             **env} for name, ms in medians.items()]
+    for row in rows:
+        against = "TRL ULDLoss (hybrid)" if "hybrid" in row["method"] else "TRL ULDLoss (uld)"
+        row["trl_over_this"] = medians[against] / row["median_ms"]
+    table = Table(title=f"{args.rows} aligned rows, V_s {args.student_vocab}, V_t {args.teacher_vocab}, "
+                        f"{vocab_map.matched} shared tokens, fp32 fwd+bwd (medians of {args.repeats} interleaved "
+                        "rounds)")
+    for column in ("method", "median ms", "x copy floor", "TRL / this"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in rows:
+        table.add_row(row["method"], f"{row['median_ms']:.1f}", f"{row['x_floor']:.2f}",
+                      f"{row['trl_over_this']:.2f}")
+    console.print(table)
+    write_csv(rows, env, name="bench_cross_vocab")
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rows", type=int, default=512)
+    parser.add_argument("--student-vocab", type=int, default=32000)
+    parser.add_argument("--teacher-vocab", type=int, default=40000)
+    parser.add_argument("--shared", type=int, default=24000)
+    parser.add_argument("--repeats", type=int, default=3)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    run(parse_benchmark_args(parser, argv, FULL_SETTINGS))
+
+
+if __name__ == "__main__":
+    main()

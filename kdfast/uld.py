@@ -1,0 +1,121 @@
+"""The Universal Logit Distillation terms of `cross_vocab_distill_loss`, per row of aligned logits, as TRL's GOLD
+computes them (`ULDLoss`): the L1 distance between the two models' probability vectors sorted in decreasing order,
+zero-padded to the longer one, summed over ranks; and GOLD's hybrid, a divergence over the probability columns both
+vocabularies hold (unrenormalised, each probability floored at 1e-8 as GOLD floors it) plus that sorted L1 over the
+rest. The sort is the cost: on the CPU a C++ radix sort per row (csrc/cpu/sorted_l1.cpp) that also writes the
+subgradient at each student column; elsewhere torch.sort, its gradient through the sort's permutation by autograd.
+Either runs on a chunk of rows, so nothing of [N, V] is kept beyond the gradient."""
+
+from __future__ import annotations
+
+import torch
+
+PROBABILITY_FLOOR = 1e-8  # GOLD's clamp of the matched probabilities under the logarithm
+HYBRID_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def sorted_l1(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+    """Per row, sum_k |sort(a)_k - sort(b)_k| with both sorted in decreasing order and the narrower zero-padded."""
+    a = student_probs.sort(dim=-1, descending=True).values
+    b = teacher_probs.sort(dim=-1, descending=True).values
+    width = max(a.shape[-1], b.shape[-1])
+    a = torch.nn.functional.pad(a, (0, width - a.shape[-1]))
+    b = torch.nn.functional.pad(b, (0, width - b.shape[-1]))
+    return (a - b).abs().sum(-1)
+
+
+def native_sort_available(backend: str, device: torch.device) -> bool:
+    """Whether the C++ sorted L1 runs: CPU tensors, where the C++ backend may run and is built."""
+    if device.type != "cpu" or backend not in ("auto", "cpu"):
+        return False
+    from kdfast.native_build import cpu_extension_or_none
+
+    return cpu_extension_or_none() is not None
+
+
+class NativeSortedL1(torch.autograd.Function):
+    """`sorted_l1` by the C++ radix sort: the loss per row and, when wanted, its subgradient in the same pass."""
+
+    @staticmethod
+    def forward(ctx, student_probs, teacher_probs):
+        sign = torch.empty_like(student_probs) if ctx.needs_input_grad[0] else None
+        loss = torch.ops.kdfast_cpu.sorted_l1(student_probs.contiguous(), teacher_probs.float().contiguous(), sign)
+        ctx.save_for_backward(sign)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (sign,) = ctx.saved_tensors
+        return sign * grad_loss[:, None], None
+
+
+def matched_divergence(student_probs: torch.Tensor, teacher_probs: torch.Tensor, divergence: str,
+                       beta: float) -> torch.Tensor:
+    """Per row, GOLD's generalized JSD on probability columns (`logits_are_probs=True`): forward KL(t || s), reverse
+    KL(s || t), or beta KL(t || m) + (1 - beta) KL(s || m) with m = (1 - beta) s + beta t, every probability floored
+    at 1e-8 both under the log and as the weight."""
+    log_s = student_probs.clamp_min(PROBABILITY_FLOOR).log()
+    log_t = teacher_probs.clamp_min(PROBABILITY_FLOOR).log()
+    if divergence == "forward_kl":
+        terms = log_t.exp() * (log_t - log_s)
+    elif divergence == "reverse_kl":
+        terms = log_s.exp() * (log_s - log_t)
+    else:
+        log_m = torch.logaddexp(log_s + torch.log1p(torch.tensor(-beta, dtype=log_s.dtype)),
+                                log_t + torch.log(torch.tensor(beta, dtype=log_t.dtype)))
+        terms = beta * log_t.exp() * (log_t - log_m) + (1.0 - beta) * log_s.exp() * (log_s - log_m)
+    return terms.sum(-1)
+
+
+def hybrid_weights(matched: int, teacher_vocab: int, matched_weight, unmatched_weight) -> tuple[float, float]:
+    """GOLD's default: the matched share of the teacher's logits, n_matched / V_t, and the rest."""
+    if matched_weight is None and unmatched_weight is None:
+        share = matched / max(1, teacher_vocab)
+        return share, 1.0 - share
+    if matched_weight is None or unmatched_weight is None:
+        raise ValueError("matched_weight and unmatched_weight go together (both None: GOLD's matched share)")
+    for name, value in (("matched_weight", matched_weight), ("unmatched_weight", unmatched_weight)):
+        if not float(value) >= 0.0:
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    return float(matched_weight), float(unmatched_weight)
+
+
+class UldTerms:
+    """The chunk math of method "uld" or "hybrid" for one vocabulary map: row losses from the chunk's student
+    logits (with autograd) and teacher logits (without)."""
+
+    def __init__(self, method: str, vocab_map, student_vocab: int, teacher_vocab: int, divergence: str, beta: float,
+                 student_temperature: float, teacher_temperature: float, matched_weight, unmatched_weight, device,
+                 native: bool = False):
+        self.method, self.divergence, self.beta = method, divergence, beta
+        self.sorted_l1 = NativeSortedL1.apply if native else sorted_l1
+        self.student_temperature, self.teacher_temperature = student_temperature, teacher_temperature
+        if method == "hybrid":
+            student_ids, teacher_ids = vocab_map.student_ids.to(device), vocab_map.teacher_ids.to(device)
+            self.student_matched, self.teacher_matched = student_ids, teacher_ids
+            self.student_rest = _complement(student_ids, student_vocab, device)
+            self.teacher_rest = _complement(teacher_ids, teacher_vocab, device)
+            self.weights = hybrid_weights(teacher_ids.numel(), teacher_vocab, matched_weight, unmatched_weight)
+
+    def teacher_probs(self, teacher_logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(teacher_logits.float() / self.teacher_temperature, dim=-1)
+
+    def row_losses(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor):
+        """(the rows' divergence, the student's entropy at its temperature) for a chunk: [C] each."""
+        log_q = torch.log_softmax(student_logits.float() / self.student_temperature, dim=-1)
+        q = log_q.exp()
+        entropy = -(q * log_q).sum(-1).detach()
+        if self.method == "uld":
+            return self.sorted_l1(q, teacher_probs), entropy
+        matched = matched_divergence(q[:, self.student_matched], teacher_probs[:, self.teacher_matched],
+                                     self.divergence, self.beta)
+        rest = (self.sorted_l1(q[:, self.student_rest], teacher_probs[:, self.teacher_rest])
+                if self.student_rest.numel() and self.teacher_rest.numel() else torch.zeros_like(matched))
+        matched_weight, rest_weight = self.weights
+        return matched_weight * matched + rest_weight * rest, entropy
+
+
+def _complement(ids: torch.Tensor, width: int, device) -> torch.Tensor:
+    keep = torch.ones(width, dtype=torch.bool, device=device)
+    keep[ids] = False
+    return keep.nonzero().squeeze(1)

@@ -1,0 +1,93 @@
+"""Which tokens two vocabularies share: `VocabMap`, the exact token-string matches of a student's and a teacher's
+tokenizers (their `get_vocab()`, no normalisation, as TRL's GOLD matches them), kept with both tokenizers'
+fingerprints so that a map is never used with tokenizers it was not built from."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+FORMAT = "kdfast-vocab-map/1"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A digest of the tokenizer's vocabulary (token string -> id, added tokens included)."""
+    vocab = sorted(_vocab(tokenizer).items())
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def _vocab(tokenizer) -> dict:
+    if not hasattr(tokenizer, "get_vocab"):
+        raise ValueError(f"a tokenizer with get_vocab() is needed, got {type(tokenizer).__name__}")
+    return dict(tokenizer.get_vocab())
+
+
+@dataclass(frozen=True)
+class VocabMap:
+    """student_ids[k] and teacher_ids[k] are one token string (int64 tensors [K], student ids ascending);
+    student_size / teacher_size the vocabularies' sizes (their largest id + 1)."""
+
+    student_ids: torch.Tensor
+    teacher_ids: torch.Tensor
+    student_size: int
+    teacher_size: int
+    student_fingerprint: str = ""
+    teacher_fingerprint: str = ""
+
+    @classmethod
+    def from_tokenizers(cls, student_tokenizer, teacher_tokenizer) -> VocabMap:
+        student, teacher = _vocab(student_tokenizer), _vocab(teacher_tokenizer)
+        pairs = sorted((student_id, teacher[token]) for token, student_id in student.items() if token in teacher)
+        ids = torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2)
+        return cls(ids[:, 0].contiguous(), ids[:, 1].contiguous(), max(student.values()) + 1,
+                   max(teacher.values()) + 1, tokenizer_fingerprint(student_tokenizer),
+                   tokenizer_fingerprint(teacher_tokenizer))
+
+    @property
+    def matched(self) -> int:
+        return self.student_ids.numel()
+
+    def __repr__(self) -> str:
+        return (f"VocabMap({self.matched} tokens matched: {self.matched / max(self.student_size, 1):.1%} of the "
+                f"student's {self.student_size}, {self.matched / max(self.teacher_size, 1):.1%} of the teacher's "
+                f"{self.teacher_size})")
+
+    def check_tokenizers(self, student_tokenizer, teacher_tokenizer) -> None:
+        """A ValueError unless the map was built from these two tokenizers."""
+        for name, tokenizer, expected in (("student_tokenizer", student_tokenizer, self.student_fingerprint),
+                                          ("teacher_tokenizer", teacher_tokenizer, self.teacher_fingerprint)):
+            if expected and tokenizer_fingerprint(tokenizer) != expected:
+                raise ValueError(f"{name} is not the tokenizer this vocab_map was built from (fingerprint "
+                                 f"{tokenizer_fingerprint(tokenizer)}, the map's {expected}): rebuild it with "
+                                 "VocabMap.from_tokenizers")
+
+    def check_logits(self, student_vocab: int, teacher_vocab: int) -> None:
+        """A ValueError unless every matched id is a column of logits of these widths."""
+        for name, ids, width in (("student_logits", self.student_ids, student_vocab),
+                                 ("teacher_logits", self.teacher_ids, teacher_vocab)):
+            if ids.numel() and int(ids.max()) >= width:
+                raise ValueError(f"vocab_map matches token id {int(ids.max())} but {name} has {width} columns: the map "
+                                 "was built from another tokenizer")
+
+    def to(self, device) -> VocabMap:
+        return VocabMap(self.student_ids.to(device), self.teacher_ids.to(device), self.student_size,
+                        self.teacher_size, self.student_fingerprint, self.teacher_fingerprint)
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps({
+            "format": FORMAT, "student_size": self.student_size, "teacher_size": self.teacher_size,
+            "student_fingerprint": self.student_fingerprint, "teacher_fingerprint": self.teacher_fingerprint,
+            "student_ids": self.student_ids.tolist(), "teacher_ids": self.teacher_ids.tolist()}))
+
+    @classmethod
+    def load(cls, path) -> VocabMap:
+        data = json.loads(Path(path).read_text())
+        if data.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a kdfast vocabulary map ({FORMAT})")
+        return cls(torch.tensor(data["student_ids"], dtype=torch.int64),
+                   torch.tensor(data["teacher_ids"], dtype=torch.int64), data["student_size"], data["teacher_size"],
+                   data["student_fingerprint"], data["teacher_fingerprint"])

@@ -1,0 +1,184 @@
+"""A teacher with another tokenizer: the vocabulary map of two BPE tokenizers trained here (exact token-string matches,
+saved and loaded with both fingerprints), and cross_vocab_distill_loss held to the float64 reference (every method,
+on the C++ and torch backends), to distill_loss where the tokenizers are one, and to TRL's GOLD `ULDLoss` (plain ULD
+and the hybrid) on aligned rows; bad input named."""
+
+import os
+
+import pytest
+import torch
+
+import kdfast
+from kdfast.demo.corpus import train_tokenizer
+from kdfast.reference import cross_vocab_distill_loss_reference
+
+TEXT = [" ".join(f"def function_{i}(value): return value * {i} + {i % 7}" for i in range(60)),
+        " ".join(f"the {word} runs over {i} hills" for i, word in enumerate(["fox", "dog", "cat", "owl"] * 15))]
+
+
+class Vocabulary:
+    """A tokenizer as the map reads it: get_vocab() alone (TRL's tests pass such objects too)."""
+
+    def __init__(self, vocab: dict):
+        self.vocab = vocab
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+
+# The teacher's strings tok0..tok12; the student holds seven of them in another order and four of its own.
+TEACHER_VOCAB = {f"tok{i}": i for i in range(13)}
+STUDENT_VOCAB = {**{f"tok{t}": s for s, t in enumerate([5, 0, 12, 3, 9, 7, 1])}, **{f"own{s}": s for s in range(7, 11)}}
+
+
+@pytest.fixture(scope="module")
+def vocab_map():
+    return kdfast.VocabMap.from_tokenizers(Vocabulary(STUDENT_VOCAB), Vocabulary(TEACHER_VOCAB))
+
+
+def aligned_rows(seed=0, rows=6, scale=2.0):
+    generator = torch.Generator().manual_seed(seed)
+    student = torch.randn(rows, 11, generator=generator) * scale
+    teacher = torch.randn(rows, 13, generator=generator) * scale
+    labels = torch.randint(0, 11, (rows,), generator=generator)
+    labels[2] = -100
+    return student, teacher, labels
+
+
+def test_the_map_of_two_bpe_tokenizers_is_their_shared_token_strings(tmp_path):
+    student_tokenizer, teacher_tokenizer = train_tokenizer(TEXT, 300), train_tokenizer(TEXT[:1], 400)
+    vmap = kdfast.VocabMap.from_tokenizers(student_tokenizer, teacher_tokenizer)
+    student, teacher = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    shared = set(student) & set(teacher)
+    assert vmap.matched == len(shared) > 0
+    names = {token: index for token, index in student.items()}
+    inverse = {index: token for token, index in names.items()}
+    for s_id, t_id in zip(vmap.student_ids.tolist(), vmap.teacher_ids.tolist()):
+        assert teacher[inverse[s_id]] == t_id
+    assert f"{vmap.matched} tokens matched" in repr(vmap) and "% of the student's" in repr(vmap)
+    vmap.save(tmp_path / "map.json")
+    loaded = kdfast.VocabMap.load(tmp_path / "map.json")
+    assert torch.equal(loaded.student_ids, vmap.student_ids) and torch.equal(loaded.teacher_ids, vmap.teacher_ids)
+    loaded.check_tokenizers(student_tokenizer, teacher_tokenizer)
+    with pytest.raises(ValueError, match="teacher_tokenizer is not the tokenizer this vocab_map was built from"):
+        loaded.check_tokenizers(student_tokenizer, student_tokenizer)
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a kdfast vocabulary map"):
+        kdfast.VocabMap.load(tmp_path / "other.json")
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+def test_mapped_with_one_tokenizer_is_distill_loss(divergence):
+    vocab = Vocabulary({f"t{i}": i for i in range(37)})
+    vmap = kdfast.VocabMap.from_tokenizers(vocab, vocab)
+    generator = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(5, 37, generator=generator) * 3, torch.randn(5, 37, generator=generator) * 3
+    labels = torch.randint(0, 37, (5,), generator=generator)
+    settings = dict(divergence=divergence, temperature=2.0, ce_weight=0.5)
+    s1, s2 = student.clone().requires_grad_(), student.clone().requires_grad_()
+    mapped = kdfast.cross_vocab_distill_loss(s1, teacher, labels, vocab_map=vmap, method="mapped", **settings)
+    dense = kdfast.distill_loss(s2, teacher, labels, **settings)
+    mapped.backward()
+    dense.backward()
+    torch.testing.assert_close(mapped, dense, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-4, atol=1e-6)
+
+
+CASES = [("mapped", "forward_kl"), ("mapped", "reverse_kl"), ("mapped", "jsd"), ("mapped", "skew_forward_kl"),
+         ("uld", "forward_kl"), ("hybrid", "forward_kl"), ("hybrid", "reverse_kl"), ("hybrid", "jsd")]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("method, divergence", CASES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_loss_and_gradient_equal_the_float64_reference(vocab_map, backend, method, divergence, reduction):
+    student, teacher, labels = aligned_rows()
+    settings = dict(vocab_map=vocab_map, method=method, divergence=divergence, beta=0.3, temperature=1.5,
+                    teacher_temperature=0.7, ce_weight=0.3, reduction=reduction)
+    s = student.clone().requires_grad_()
+    loss = kdfast.cross_vocab_distill_loss(s, teacher, labels, backend=backend, **settings)
+    (loss.sum() if reduction == "none" else loss).backward()
+    s64 = student.double().requires_grad_()
+    expected = cross_vocab_distill_loss_reference(s64, teacher, labels, **settings)
+    (expected.sum() if reduction == "none" else expected).backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_hybrid_weights_num_items_and_components(vocab_map):
+    student, teacher, labels = aligned_rows(seed=5)
+    settings = dict(vocab_map=vocab_map, method="hybrid", matched_weight=0.6, unmatched_weight=0.4, ce_weight=0.5,
+                    num_items_in_batch=9)
+    loss, parts = kdfast.cross_vocab_distill_loss(student, teacher, labels, return_components=True, **settings)
+    expected = cross_vocab_distill_loss_reference(student, teacher, labels, **settings)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    assert parts.kd is not None and parts.ce is not None and parts.entropy is not None
+    torch.testing.assert_close(loss, parts.kd + 0.5 * parts.ce, rtol=1e-5, atol=1e-6)
+
+
+def _trl_uld(config_settings, student_vocab=None, teacher_vocab=None):
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    gold = pytest.importorskip("trl.experimental.gold.gold_trainer")
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(**{"uld_crossentropy_weight": 0.0, "uld_distillation_weight": 1.0,
+                                "uld_student_temperature": 1.0, "uld_teacher_temperature": 1.0,
+                                "uld_skip_student_eos": False, "uld_skip_teacher_eos": False,
+                                "use_extended_uld": False, "uld_token_merge_strategy": "observed",
+                                "uld_use_hybrid_loss": student_vocab is not None, "uld_hybrid_matched_weight": None,
+                                "uld_hybrid_unmatched_weight": None, "beta": 0.5, **config_settings})
+    tokenizers = (Vocabulary(student_vocab), Vocabulary(teacher_vocab)) if student_vocab else (None, None)
+    return gold.ULDLoss(config, student_tokenizer=tokenizers[0], teacher_tokenizer=tokenizers[1])
+
+
+TRL_CASES = [({}, False), ({"uld_student_temperature": 2.0, "uld_teacher_temperature": 0.5,
+                            "uld_distillation_weight": 0.7}, False),
+             ({}, True), ({"beta": 0.0}, True), ({"beta": 1.0}, True),
+             ({"uld_hybrid_matched_weight": 0.6, "uld_hybrid_unmatched_weight": 0.4, "beta": 0.3}, True)]
+
+
+@pytest.mark.parametrize("config_settings, hybrid", TRL_CASES)
+def test_equals_trls_gold_uld_loss_on_aligned_rows(vocab_map, config_settings, hybrid):
+    """One sample whose answer positions are aligned one to one (TRL's positional mode): TRL's loss is the mean of
+    the rows' ULD (or hybrid), kdfast's with reduction="mean"; the gradients of both are the student logits'."""
+    student, teacher, _ = aligned_rows(seed=7, rows=5)
+    uld = _trl_uld(config_settings, STUDENT_VOCAB if hybrid else None, TEACHER_VOCAB if hybrid else None)
+    labels = torch.zeros(1, 5, dtype=torch.int64)  # every position an answer token
+    s_trl = student.clone().unsqueeze(0).requires_grad_()
+    expected = uld(student_logits=s_trl, teacher_logits=teacher.unsqueeze(0), student_labels=labels,
+                   teacher_labels=labels, student_input_ids=labels, teacher_input_ids=labels)
+    expected.backward()
+    s = student.clone().requires_grad_()
+    beta = config_settings.get("beta", 0.5)
+    loss = kdfast.cross_vocab_distill_loss(
+        s, teacher, vocab_map=vocab_map, method="hybrid" if hybrid else "uld",
+        divergence="jsd" if hybrid else "forward_kl", beta=beta,
+        student_temperature=config_settings.get("uld_student_temperature", 1.0),
+        teacher_temperature=config_settings.get("uld_teacher_temperature", 1.0),
+        kd_weight=config_settings.get("uld_distillation_weight", 1.0), t2_scale=False,
+        matched_weight=config_settings.get("uld_hybrid_matched_weight"),
+        unmatched_weight=config_settings.get("uld_hybrid_unmatched_weight"))
+    loss.backward()
+    torch.testing.assert_close(loss, expected.reshape(()), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.grad, s_trl.grad[0], rtol=1e-4, atol=1e-6)
+
+
+def test_bad_input_names_the_argument(vocab_map):
+    student, teacher, labels = aligned_rows()
+    call = kdfast.cross_vocab_distill_loss
+    with pytest.raises(ValueError, match="method must be one of"):
+        call(student, teacher, vocab_map=vocab_map, method="sorted")
+    with pytest.raises(ValueError, match="vocab_map must be a kdfast.VocabMap"):
+        call(student, teacher, vocab_map={1: 2})
+    with pytest.raises(ValueError, match="must have the same rows"):
+        call(student, teacher[:4], vocab_map=vocab_map)
+    with pytest.raises(ValueError, match="method='uld' compares sorted probabilities"):
+        call(student, teacher, vocab_map=vocab_map, method="uld", divergence="reverse_kl")
+    with pytest.raises(ValueError, match="method='hybrid' takes divergence in"):
+        call(student, teacher, vocab_map=vocab_map, method="hybrid", divergence="tvd")
+    with pytest.raises(ValueError, match="teacher_logits has 9 columns|teacher_logits"):
+        call(student, teacher[:, :9], vocab_map=vocab_map)
+    with pytest.raises(ValueError, match="matched_weight and unmatched_weight go together"):
+        call(student, teacher, vocab_map=vocab_map, matched_weight=0.5)
+    with pytest.raises(ValueError, match="teacher_temperature must be a number > 0"):
+        call(student, teacher, vocab_map=vocab_map, teacher_temperature=0.0)
