@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from kdfast.dispatch import device_rows
+from kdfast.kernel_abi import MAX_MIXED_TEACHERS
 from kdfast.linear_chunks import TeacherHead
 from kdfast.linear_function import ChunkPlan, LinearDistillFunction
 from kdfast.linear_teachers import TeacherHeads
@@ -23,6 +24,8 @@ def _teacher_lists(teacher_hidden, teacher_weight, teacher_bias) -> tuple[list, 
     if not isinstance(teacher_hidden, (list, tuple)) or not teacher_hidden:
         raise ValueError("teacher_hidden must be a non-empty list/tuple of M tensors [..., H_m] (one per teacher)")
     count = len(teacher_hidden)
+    if count > MAX_MIXED_TEACHERS:  # what one kernel call mixes (kernel_abi.h)
+        raise ValueError(f"teacher_hidden holds {count} teachers; at most {MAX_MIXED_TEACHERS} are taken")
     if not isinstance(teacher_weight, (list, tuple)) or len(teacher_weight) != count:
         raise ValueError(f"teacher_weight must be a list/tuple of {count} tensors [V, H_m], one per teacher_hidden")
     if teacher_bias is None:

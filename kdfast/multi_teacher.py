@@ -16,7 +16,16 @@ from __future__ import annotations
 import torch
 
 from kdfast.dispatch import device_rows
-from kdfast.kernel_abi import PART_CE, PART_COLUMNS, PART_CORRECT, PART_ENTROPY, PART_KD, PART_Z, MixedTeachers
+from kdfast.kernel_abi import (
+    MAX_MIXED_TEACHERS,
+    PART_CE,
+    PART_COLUMNS,
+    PART_CORRECT,
+    PART_ENTROPY,
+    PART_KD,
+    PART_Z,
+    MixedTeachers,
+)
 from kdfast.options import LossOptions
 from kdfast.reduction import reduced_outputs, reduced_per_teacher, reduction_scale, returned_with_teachers
 from kdfast.saved_gradient import saved_gradient_times
@@ -40,11 +49,15 @@ def teacher_list(teacher_logits) -> list:
         if teacher_logits.dim() < 2:
             raise ValueError(f"teacher_logits as one tensor must be [M, ..., vocab], got shape "
                              f"{tuple(teacher_logits.shape)}")
-        return list(teacher_logits.unbind(0))
-    if not isinstance(teacher_logits, (list, tuple)) or not teacher_logits:
+        teachers = list(teacher_logits.unbind(0))
+    elif not isinstance(teacher_logits, (list, tuple)) or not teacher_logits:
         raise ValueError(f"teacher_logits must be a non-empty list/tuple of M tensors [..., vocab] or one tensor "
                          f"[M, ..., vocab], got {type(teacher_logits).__name__}")
-    return list(teacher_logits)
+    else:
+        teachers = list(teacher_logits)
+    if len(teachers) > MAX_MIXED_TEACHERS:  # what one kernel call mixes (kernel_abi.h)
+        raise ValueError(f"teacher_logits holds {len(teachers)} teachers; at most {MAX_MIXED_TEACHERS} are taken")
+    return teachers
 
 
 def check_teachers(student_logits, teachers: list, opts: LossOptions) -> None:

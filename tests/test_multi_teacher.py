@@ -302,3 +302,9 @@ def test_static_shares_are_known_to_the_host_without_a_device_tensor():
     assert static_shares([1.0, 3.0], 2) == (0.25, 0.75)
     assert static_shares(torch.tensor([2.0, 2.0, 4.0]), 3) == (0.25, 0.25, 0.5)
     assert static_shares("min_ce", 2) is None and static_shares(torch.ones(5, 2), 2) is None
+
+
+def test_more_teachers_than_one_call_mixes_is_refused_by_name():
+    student = torch.zeros(2, 5)
+    with pytest.raises(ValueError, match="teacher_logits holds 65 teachers; at most 64"):
+        kdfast.multi_teacher_distill_loss(student, torch.zeros(65, 2, 5))
