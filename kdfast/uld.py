@@ -2,9 +2,10 @@
 computes them (`ULDLoss`): the L1 distance between the two models' probability vectors sorted in decreasing order,
 zero-padded to the longer one, summed over ranks; and GOLD's hybrid, a divergence over the probability columns both
 vocabularies hold (unrenormalised, each probability floored at 1e-8 as GOLD floors it) plus that sorted L1 over the
-rest. The sort is the cost: on the CPU a C++ radix sort per row (csrc/cpu/sorted_l1.cpp) that also writes the
-subgradient at each student column; elsewhere torch.sort, its gradient through the sort's permutation by autograd.
-Either runs on a chunk of rows, so nothing of [N, V] is kept beyond the gradient."""
+rest. The sort is the cost: on the CPU one C++ pass per row (csrc/cpu/uld_rows.cpp: the student's softmax, a radix
+sort of both sides, the divergence on the matched columns, the gradient through the softmax); elsewhere torch.sort,
+its gradient through the sort's permutation by autograd. Either runs on a chunk of rows, so nothing of [N, V] is
+kept beyond the gradient."""
 
 from __future__ import annotations
 
@@ -24,29 +25,16 @@ def sorted_l1(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch
     return (a - b).abs().sum(-1)
 
 
+DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}  # csrc/cpu/uld_rows.h, MatchedDivergence
+
+
 def native_sort_available(backend: str, device: torch.device) -> bool:
-    """Whether the C++ sorted L1 runs: CPU tensors, where the C++ backend may run and is built."""
+    """Whether the C++ ULD rows run: CPU tensors, where the C++ backend may run and is built."""
     if device.type != "cpu" or backend not in ("auto", "cpu"):
         return False
     from kdfast.native_build import cpu_extension_or_none
 
     return cpu_extension_or_none() is not None
-
-
-class NativeSortedL1(torch.autograd.Function):
-    """`sorted_l1` by the C++ radix sort: the loss per row and, when wanted, its subgradient in the same pass."""
-
-    @staticmethod
-    def forward(ctx, student_probs, teacher_probs):
-        sign = torch.empty_like(student_probs) if ctx.needs_input_grad[0] else None
-        loss = torch.ops.kdfast_cpu.sorted_l1(student_probs.contiguous(), teacher_probs.float().contiguous(), sign)
-        ctx.save_for_backward(sign)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        (sign,) = ctx.saved_tensors
-        return sign * grad_loss[:, None], None
 
 
 def matched_divergence(student_probs: torch.Tensor, teacher_probs: torch.Tensor, divergence: str,
@@ -82,40 +70,56 @@ def hybrid_weights(matched: int, teacher_vocab: int, matched_weight, unmatched_w
 
 class UldTerms:
     """The chunk math of method "uld" or "hybrid" for one vocabulary map: row losses from the chunk's student
-    logits (with autograd) and teacher logits (without)."""
+    logits and teacher probabilities, by the C++ pass (`native_rows`) or with autograd (`row_losses`)."""
 
     def __init__(self, method: str, vocab_map, student_vocab: int, teacher_vocab: int, divergence: str, beta: float,
                  student_temperature: float, teacher_temperature: float, matched_weight, unmatched_weight, device,
                  native: bool = False):
-        self.method, self.divergence, self.beta = method, divergence, beta
-        self.sorted_l1 = NativeSortedL1.apply if native else sorted_l1
+        self.method, self.divergence, self.beta, self.native = method, divergence, beta, native
         self.student_temperature, self.teacher_temperature = student_temperature, teacher_temperature
+        self.weights = (1.0, 1.0)
+        self.columns = (None, None, None, None)
         if method == "hybrid":
             student_ids, teacher_ids = vocab_map.student_ids.to(device), vocab_map.teacher_ids.to(device)
-            self.student_matched, self.teacher_matched = student_ids, teacher_ids
-            self.student_rest = _complement(student_ids, student_vocab, device)
-            self.teacher_rest = _complement(teacher_ids, teacher_vocab, device)
+            self.student_matched, self.teacher_matched = student_ids.contiguous(), teacher_ids.contiguous()
+            self.student_rest = complement_columns(student_ids, student_vocab, device)
+            self.teacher_rest = complement_columns(teacher_ids, teacher_vocab, device)
             self.weights = hybrid_weights(teacher_ids.numel(), teacher_vocab, matched_weight, unmatched_weight)
+            self.columns = (self.student_matched, self.teacher_matched, self.student_rest, self.teacher_rest)
 
     def teacher_probs(self, teacher_logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(teacher_logits.float() / self.teacher_temperature, dim=-1)
+        logits = teacher_logits.float()
+        return torch.softmax(logits / self.teacher_temperature if self.teacher_temperature != 1.0 else logits, dim=-1)
 
-    def row_losses(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor):
-        """(the rows' divergence, the student's entropy at its temperature) for a chunk: [C] each."""
+    def native_rows(self, student_logits, teacher_probs, student_log_mass, row_scale, grad, mass_grad,
+                    grad_scale: float, accumulate: bool):
+        """(loss [C], entropy [C]) by the C++ pass; grad_scale * row_scale times the gradient written (or added)
+        into `grad` (float32 [C, V_s]) and the log-mass's into `mass_grad` [C]."""
+        settings = [1.0 / self.student_temperature, self.beta, *self.weights, grad_scale]
+        return torch.ops.kdfast_cpu.uld_rows(
+            student_logits.float().contiguous(), teacher_probs.contiguous(), student_log_mass, row_scale,
+            *self.columns, grad, mass_grad, DIVERGENCE_CODES[self.divergence], settings, accumulate)
+
+    def row_losses(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_log_mass=None):
+        """(the rows' divergence, the student's entropy at its temperature) for a chunk: [C] each. A group of merged
+        tokens scales its row's probabilities by exp(student_log_mass) [C] (GOLD's unnormalised merge); the entropy
+        is the row's own."""
         log_q = torch.log_softmax(student_logits.float() / self.student_temperature, dim=-1)
         q = log_q.exp()
         entropy = -(q * log_q).sum(-1).detach()
+        if student_log_mass is not None:
+            q = q * student_log_mass.exp()[:, None]
         if self.method == "uld":
-            return self.sorted_l1(q, teacher_probs), entropy
+            return sorted_l1(q, teacher_probs), entropy
         matched = matched_divergence(q[:, self.student_matched], teacher_probs[:, self.teacher_matched],
                                      self.divergence, self.beta)
-        rest = (self.sorted_l1(q[:, self.student_rest], teacher_probs[:, self.teacher_rest])
+        rest = (sorted_l1(q[:, self.student_rest], teacher_probs[:, self.teacher_rest])
                 if self.student_rest.numel() and self.teacher_rest.numel() else torch.zeros_like(matched))
         matched_weight, rest_weight = self.weights
         return matched_weight * matched + rest_weight * rest, entropy
 
 
-def _complement(ids: torch.Tensor, width: int, device) -> torch.Tensor:
+def complement_columns(ids: torch.Tensor, width: int, device) -> torch.Tensor:
     keep = torch.ones(width, dtype=torch.bool, device=device)
     keep[ids] = False
     return keep.nonzero().squeeze(1)

@@ -65,13 +65,12 @@ class VocabMap:
                                  f"{tokenizer_fingerprint(tokenizer)}, the map's {expected}): rebuild it with "
                                  "VocabMap.from_tokenizers")
 
-    def check_logits(self, student_vocab: int, teacher_vocab: int) -> None:
-        """A ValueError unless every matched id is a column of logits of these widths."""
-        for name, ids, width in (("student_logits", self.student_ids, student_vocab),
-                                 ("teacher_logits", self.teacher_ids, teacher_vocab)):
+    def check_logits(self, student_vocab: int, teacher_vocab: int, names=("student_logits", "teacher_logits")) -> None:
+        """A ValueError unless every matched id is a column of logits (or a row of heads: `names`) of these widths."""
+        for name, ids, width in zip(names, (self.student_ids, self.teacher_ids), (student_vocab, teacher_vocab)):
             if ids.numel() and int(ids.max()) >= width:
-                raise ValueError(f"vocab_map matches token id {int(ids.max())} but {name} has {width} columns: the map "
-                                 "was built from another tokenizer")
+                raise ValueError(f"vocab_map matches token id {int(ids.max())} but {name} has a vocabulary of "
+                                 f"{width}: the map was built from another tokenizer")
 
     def to(self, device) -> VocabMap:
         return VocabMap(self.student_ids.to(device), self.teacher_ids.to(device), self.student_size,

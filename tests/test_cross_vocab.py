@@ -182,3 +182,16 @@ def test_bad_input_names_the_argument(vocab_map):
         call(student, teacher, vocab_map=vocab_map, matched_weight=0.5)
     with pytest.raises(ValueError, match="teacher_temperature must be a number > 0"):
         call(student, teacher, vocab_map=vocab_map, teacher_temperature=0.0)
+
+
+def test_mapped_forward_kl_with_no_student_bucket_is_refused():
+    """Every student token matched, the teacher holding more: forward KL's rest term P_r log(P_r / 0) is infinite.
+    Refused for forward KL; reverse KL (whose rest term is 0 log 0 = 0) equals the float64 reference."""
+    nested = kdfast.VocabMap(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2]), 3, 4)
+    student, teacher = torch.randn(5, 3), torch.randn(5, 4)
+    with pytest.raises(ValueError, match="matches every one of the student's 3 tokens but the teacher holds 1 more"):
+        kdfast.cross_vocab_distill_loss(student, teacher, vocab_map=nested, method="mapped")
+    loss = kdfast.cross_vocab_distill_loss(student, teacher, vocab_map=nested, method="mapped", divergence="reverse_kl")
+    expected = cross_vocab_distill_loss_reference(student, teacher, vocab_map=nested, method="mapped",
+                                                  divergence="reverse_kl")
+    torch.testing.assert_close(loss.double(), expected.double(), rtol=1e-5, atol=1e-6)

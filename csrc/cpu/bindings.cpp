@@ -3,12 +3,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <tuple>
 #include <vector>
 
 #include "../common/pack_args.h"
 #include "distill_kernel.h"
-#include "sorted_l1.h"
+#include "mapped_target.h"
 #include "sparse_kernel.h"
+#include "uld_rows.h"
 
 namespace {
 
@@ -52,27 +54,116 @@ at::Tensor mixture_distill_forward(const at::Tensor& student, at::TensorList tea
   return call.out;
 }
 
-// ULD's sorted L1 per row of two probability tables [rows, V_s] and [rows, V_t] (contiguous float32), and its
-// subgradient at each student column into `sign` when given.
-at::Tensor sorted_l1(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& sign) {
-  for (const at::Tensor* x : {&student, &teacher}) {
+const int64_t* optional_ids(const std::optional<at::Tensor>& ids, const char* name) {
+  if (!ids.has_value()) return nullptr;
+  TORCH_CHECK(ids->scalar_type() == at::kLong && ids->dim() == 1 && ids->is_contiguous(), name,
+              " must be contiguous int64 [K]");
+  return ids->data_ptr<int64_t>();
+}
+
+// ULD (or GOLD's hybrid, given the matched and unmatched columns) per row of student logits [rows, V_s] and teacher
+// probabilities [rows, V_t] (contiguous float32): (loss [rows], entropy [rows]); grad_scale times row_scale (0 for an
+// ignored row) times the gradient with respect to the logits into `grad` (written, or added with `accumulate`) and
+// to the log-mass into `mass_grad`.
+// float_settings: 1 / T, beta, matched weight, rest weight, grad_scale.
+std::tuple<at::Tensor, at::Tensor> uld_rows(const at::Tensor& student_logits, const at::Tensor& teacher_probs,
+                                            const std::optional<at::Tensor>& student_log_mass,
+                                            const std::optional<at::Tensor>& row_scale,
+                                            const std::optional<at::Tensor>& matched_student,
+                                            const std::optional<at::Tensor>& matched_teacher,
+                                            const std::optional<at::Tensor>& rest_student,
+                                            const std::optional<at::Tensor>& rest_teacher,
+                                            const std::optional<at::Tensor>& grad,
+                                            const std::optional<at::Tensor>& mass_grad, int64_t divergence,
+                                            c10::ArrayRef<double> float_settings, bool accumulate) {
+  for (const at::Tensor* x : {&student_logits, &teacher_probs}) {
     KDFAST_CHECK_DEVICE(*x, c10::DeviceType::CPU);
     TORCH_CHECK(x->scalar_type() == at::kFloat && x->dim() == 2 && x->is_contiguous(),
-                "sorted_l1 takes contiguous float32 [rows, V] probabilities, got ", x->sizes());
+                "uld_rows takes contiguous float32 [rows, V] tables, got ", x->sizes());
   }
-  TORCH_CHECK(student.size(0) == teacher.size(0), "sorted_l1: the two tables must have the same rows");
-  TORCH_CHECK(student.size(1) > 0 && teacher.size(1) > 0 && student.size(1) < (int64_t{1} << 31),
-              "sorted_l1: each table needs 1 to 2^31 - 1 columns");
-  if (sign.has_value()) {
-    TORCH_CHECK(sign->scalar_type() == at::kFloat && sign->is_contiguous() && sign->sizes() == student.sizes(),
-                "sign must be a contiguous float32 tensor shaped like the student's table");
+  const int64_t rows = student_logits.size(0);
+  TORCH_CHECK(teacher_probs.size(0) == rows, "uld_rows: the two tables must have the same rows");
+  TORCH_CHECK(student_logits.size(1) > 0 && teacher_probs.size(1) > 0 && student_logits.size(1) < (int64_t{1} << 31),
+              "uld_rows: each table needs 1 to 2^31 - 1 columns");
+  TORCH_CHECK(float_settings.size() == 5, "uld_rows: float_settings holds 1 / T, beta, two weights and grad_scale");
+  TORCH_CHECK(matched_student.has_value() == matched_teacher.has_value() &&
+              matched_student.has_value() == rest_student.has_value() &&
+              matched_student.has_value() == rest_teacher.has_value(),
+              "uld_rows: the hybrid takes matched and rest columns of both sides, plain ULD none");
+  TORCH_CHECK(!matched_student.has_value() || matched_student->numel() == matched_teacher->numel(),
+              "uld_rows: matched_student and matched_teacher must pair up");
+  auto check_rows = [&](const std::optional<at::Tensor>& t, const char* name, bool table) {
+    if (!t.has_value()) return static_cast<float*>(nullptr);
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                (table ? t->sizes() == student_logits.sizes() : t->numel() == rows), name,
+                " must be contiguous float32 shaped ", table ? "like the student's logits" : "[rows]");
+    return t->data_ptr<float>();
+  };
+  at::Tensor loss = at::empty({rows}, student_logits.options());
+  at::Tensor entropy = at::empty({rows}, student_logits.options());
+  kdfast_cpu::UldRowsArgs args{};
+  args.student_logits = student_logits.data_ptr<float>();
+  args.teacher_probs = teacher_probs.data_ptr<float>();
+  args.student_log_mass = student_log_mass.has_value() ? check_rows(student_log_mass, "student_log_mass", false)
+                                                       : nullptr;
+  args.row_scale = check_rows(row_scale, "row_scale", false);
+  args.rows = rows;
+  args.student_width = student_logits.size(1);
+  args.teacher_width = teacher_probs.size(1);
+  args.inv_temperature = static_cast<float>(float_settings[0]);
+  args.matched_student = optional_ids(matched_student, "matched_student");
+  args.matched_teacher = optional_ids(matched_teacher, "matched_teacher");
+  args.matched = matched_student.has_value() ? matched_student->numel() : 0;
+  args.rest_student = optional_ids(rest_student, "rest_student");
+  args.rest_student_count = rest_student.has_value() ? rest_student->numel() : 0;
+  args.rest_teacher = optional_ids(rest_teacher, "rest_teacher");
+  args.rest_teacher_count = rest_teacher.has_value() ? rest_teacher->numel() : 0;
+  TORCH_CHECK(divergence >= 0 && divergence <= 2, "uld_rows: divergence is 0 (forward KL), 1 (reverse KL) or 2 (JSD)");
+  args.divergence = static_cast<kdfast_cpu::MatchedDivergence>(divergence);
+  args.beta = static_cast<float>(float_settings[1]);
+  args.matched_weight = static_cast<float>(float_settings[2]);
+  args.rest_weight = static_cast<float>(float_settings[3]);
+  args.grad_scale = static_cast<float>(float_settings[4]);
+  args.loss = loss.data_ptr<float>();
+  args.entropy = entropy.data_ptr<float>();
+  args.grad = check_rows(grad, "grad", true);
+  args.mass_grad = check_rows(mass_grad, "mass_grad", false);
+  args.accumulate = accumulate;
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) { kdfast_cpu::uld_rows_cpu(args, begin, end); });
+  return {loss, entropy};
+}
+
+// The dense teacher logits [rows, V_s] whose forward KL to the student is method "mapped"'s (csrc/cpu/mapped_target.h),
+// from the teacher's logits [rows, V_t] and the student's [rows, V_s] (contiguous float32), into `target`.
+void mapped_target(const at::Tensor& teacher_logits, const at::Tensor& student_logits, const at::Tensor& matched_student,
+                   const at::Tensor& matched_teacher, const at::Tensor& rest_student, const at::Tensor& rest_teacher,
+                   double student_temperature, double teacher_temperature, const at::Tensor& target) {
+  for (const at::Tensor* x : {&teacher_logits, &student_logits, &target}) {
+    KDFAST_CHECK_DEVICE(*x, c10::DeviceType::CPU);
+    TORCH_CHECK(x->scalar_type() == at::kFloat && x->dim() == 2 && x->is_contiguous(),
+                "mapped_target takes contiguous float32 [rows, V] tables, got ", x->sizes());
   }
-  at::Tensor loss = at::empty({student.size(0)}, student.options());
-  const kdfast_cpu::SortedL1Args args{student.data_ptr<float>(), teacher.data_ptr<float>(), student.size(0),
-                                      student.size(1), teacher.size(1), loss.data_ptr<float>(),
-                                      sign.has_value() ? sign->data_ptr<float>() : nullptr};
-  at::parallel_for(0, args.rows, 1, [&](int64_t begin, int64_t end) { kdfast_cpu::sorted_l1_rows_cpu(args, begin, end); });
-  return loss;
+  TORCH_CHECK(target.sizes() == student_logits.sizes() && teacher_logits.size(0) == student_logits.size(0),
+              "mapped_target: the target is shaped like the student's logits, the teacher's rows are theirs");
+  TORCH_CHECK(matched_student.numel() == matched_teacher.numel() && rest_student.numel() > 0,
+              "mapped_target: matched columns pair up and the student has unmatched columns");
+  kdfast_cpu::MappedTargetArgs args{};
+  args.teacher_logits = teacher_logits.data_ptr<float>();
+  args.student_logits = student_logits.data_ptr<float>();
+  args.matched_student = optional_ids(matched_student, "matched_student");
+  args.matched_teacher = optional_ids(matched_teacher, "matched_teacher");
+  args.matched = matched_student.numel();
+  args.rest_student = optional_ids(rest_student, "rest_student");
+  args.rest_student_count = rest_student.numel();
+  args.rest_teacher = optional_ids(rest_teacher, "rest_teacher");
+  args.rest_teacher_count = rest_teacher.numel();
+  args.rows = student_logits.size(0);
+  args.student_width = student_logits.size(1);
+  args.teacher_width = teacher_logits.size(1);
+  args.student_temperature = static_cast<float>(student_temperature);
+  args.teacher_temperature = static_cast<float>(teacher_temperature);
+  args.target = target.data_ptr<float>();
+  at::parallel_for(0, args.rows, 1, [&](int64_t begin, int64_t end) { kdfast_cpu::mapped_target_rows_cpu(args, begin, end); });
 }
 
 }  // namespace
@@ -81,12 +172,19 @@ TORCH_LIBRARY(kdfast_cpu, m) {
   m.def(kdfast::kDistillForwardSchema);
   m.def(kdfast::kSparseDistillForwardSchema);
   m.def(kdfast::kMixtureDistillForwardSchema);
-  m.def("sorted_l1(Tensor student, Tensor teacher, Tensor(a!)? sign) -> Tensor");
+  m.def("uld_rows(Tensor student_logits, Tensor teacher_probs, Tensor? student_log_mass, Tensor? row_scale, "
+        "Tensor? matched_student, "
+        "Tensor? matched_teacher, Tensor? rest_student, Tensor? rest_teacher, Tensor(a!)? grad, Tensor(b!)? mass_grad, "
+        "int divergence, float[] float_settings, bool accumulate) -> (Tensor, Tensor)");
+  m.def("mapped_target(Tensor teacher_logits, Tensor student_logits, Tensor matched_student, Tensor matched_teacher, "
+        "Tensor rest_student, Tensor rest_teacher, float student_temperature, float teacher_temperature, "
+        "Tensor(a!) target) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kdfast_cpu, CPU, m) {
   m.impl("distill_forward", &distill_forward);
   m.impl("sparse_distill_forward", &sparse_distill_forward);
   m.impl("mixture_distill_forward", &mixture_distill_forward);
-  m.impl("sorted_l1", &sorted_l1);
+  m.impl("uld_rows", &uld_rows);
+  m.impl("mapped_target", &mapped_target);
 }

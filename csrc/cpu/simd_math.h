@@ -63,6 +63,19 @@ inline float horizontal_max(VFloat x) {
   return best;
 }
 
+// max over a row of x * scale (-inf for an empty row), vectorised.
+inline float row_max_scaled(const float* x, int64_t width, float scale) {
+  const int64_t vector_end = width - width % kLanes;
+  VFloat top_lanes = splat<VFloat>(-INFINITY);
+  for (int64_t j = 0; j < vector_end; j += kLanes) {
+    const VFloat v = load<VFloat>(x + j) * scale;
+    top_lanes = v > top_lanes ? v : top_lanes;
+  }
+  float top = vector_end > 0 ? horizontal_max(top_lanes) : -INFINITY;
+  for (int64_t j = vector_end; j < width; ++j) top = x[j] * scale > top ? x[j] * scale : top;
+  return top;
+}
+
 // exp(x) with about 2 ulp error for x <= 88: exp(x) = 2^n * exp(r), |r| <= ln2/2, exp(r) by a degree-6
 // polynomial. The kernel calls it on centred logits (x <= 0). exp(x < -87.3) = 0 (no denormals, so also
 // exp(-inf) = 0), NaN stays NaN.

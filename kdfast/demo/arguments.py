@@ -42,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teachers", type=int, default=1,
                         help="N > 1: a teacher per contiguous part (domain) of the text, and students of their "
                              "mixture, of each alone and of plain CE, with each model's perplexity per domain")
+    parser.add_argument("--cross-tokenizer", action="store_true",
+                        help="students of another tokenizer (a BPE of --student-vocab-size tokens) than the "
+                             "teacher's: one distilled across the vocabularies (GOLD's hybrid), one of plain CE")
+    parser.add_argument("--student-vocab-size", type=int, default=4096,
+                        help="with --cross-tokenizer: the students' BPE vocabulary (default 4096)")
     parser.add_argument("--eval-windows", type=int, default=160, help="held-out windows of --seq-len tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -57,6 +62,12 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
     if args.teachers > 1 and (args.teacher or args.student or args.teacher_cache):
         parser.error("--teachers trains its own teachers, one per domain: it takes neither --teacher, --student "
                      "nor --teacher-cache")
+    if args.cross_tokenizer and (args.teachers > 1 or args.student or args.teacher_cache):
+        parser.error("--cross-tokenizer trains its students from scratch with their own tokenizer, from one "
+                     "teacher: it takes neither --teachers, --student nor --teacher-cache")
+    if args.cross_tokenizer and not args.teacher and args.student_vocab_size == args.vocab_size:
+        parser.error("--cross-tokenizer needs --student-vocab-size other than --vocab-size (else both tokenizers "
+                     "are one)")
     if args.student and not args.teacher:
         parser.error("--student needs --teacher (the tokenizer comes from the teacher's checkpoint)")
     if min(args.cache_k + args.cache_samples) < 1:

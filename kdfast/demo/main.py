@@ -8,7 +8,9 @@ student trained with plain cross-entropy on identical batches, and reports what 
 - the per-step cost and extra peak memory of kdfast's fused loss vs the same loss computed eagerly;
 - loss curves (PNG), a Markdown table and a CSV;
 - with --teachers N, a teacher per domain of the text instead, and students of their mixture, of each one alone
-  and of plain CE at equal steps, each model's perplexity on each domain (kdfast.demo.several_teachers).
+  and of plain CE at equal steps, each model's perplexity on each domain (kdfast.demo.several_teachers);
+- with --cross-tokenizer, students of another tokenizer than the teacher's: one distilled across the two
+  vocabularies, one of plain CE, at equal steps and equal wall time (kdfast.demo.cross_tokenizer).
 
 Default data: the Python standard library's sources, with a BPE tokenizer trained on them. The teacher is
 trained on the first run and cached, keyed by its settings and the corpus. `--teacher DIR --student DIR
@@ -168,6 +170,10 @@ def run(args):
                   f"{corpus.held_out.numel() / 1e3:.0f} k held-out tokens, vocabulary {len(corpus.tokenizer)}")
     if args.teachers > 1:
         return run_several_teachers(args, corpus, device, console, started)
+    if args.cross_tokenizer:
+        from kdfast.demo import cross_tokenizer
+
+        return cross_tokenizer.run(args, corpus, device, console, started)
     windows = held_out_windows(corpus.held_out, args.seq_len, args.eval_windows)
     with progress_bar(console) as progress:
         teacher, teacher_record = get_teacher(args, corpus, device, console, progress)

@@ -12,6 +12,7 @@ import torch
 from transformers import Trainer
 
 from kdfast.integrations.causal_lm import batch_distill_loss, batch_multi_teacher_loss, batch_sparse_distill_loss
+from kdfast.integrations.cross_tokenizer import TEXT_COLUMN, batch_cross_vocab_loss, trainer_settings
 from kdfast.integrations.logged_parts import LoggedParts
 from kdfast.integrations.served_teacher import ServedTeacherLoader, served_teacher
 from kdfast.integrations.sharding import fsdp2_sharded_teacher, run_through_wrapper
@@ -56,6 +57,10 @@ class DistillationTrainer(Trainer):
     - none of these: `train_dataset` rows carry `teacher_ids` / `teacher_logprobs` ([tokens, K] or [tokens - 1, K]:
       row j the teacher's distribution of token j), e.g. from an inference server.
     `chunk_size` and `fp32_logits` are those of `kdfast.linear_distill_loss`.
+    With `teacher_tokenizer` the teacher model has another tokenizer than the student's `processing_class`: rows
+    with a `text` column are tokenised by both and aligned (`CrossTokenizerCollator`, the default collator), and the
+    loss is `kd_weight · linear_cross_vocab_distill_loss(method=cross_vocab)` ("hybrid", "uld" or "mapped") over
+    the aligned groups plus `ce_weight · CE` of the student on its own tokens (`batch_cross_vocab_loss`).
     Under FSDP2 or DeepSpeed ZeRO-3 the teacher is sharded as the student is (`shard_teacher=True`, the default) or
     replicated whole on every process (`shard_teacher=False`: faster, when it fits).
     With a sparse teacher `tail` and `teacher_temperature` are those of `kdfast.linear_sparse_distill_loss`, and the
@@ -70,7 +75,8 @@ class DistillationTrainer(Trainer):
                  temperature=1.0, kd_weight=0.5, ce_weight=0.5, beta=0.5, t2_scale=True, tail="bucket",
                  teacher_temperature=None, label_smoothing=0.0, z_loss_weight=0.0, chunk_size="auto", backend="auto",
                  vocab_size=None, shard_teacher=True, fp32_logits=False, teacher_server=None, teacher_top_k=20,
-                 teacher_weights=None, teacher_combine="mixture", **trainer_kwargs):
+                 teacher_weights=None, teacher_combine="mixture", teacher_tokenizer=None, cross_vocab="hybrid",
+                 **trainer_kwargs):
         given = [name for name, value in (("teacher_model", teacher_model), ("teacher_cache", teacher_cache),
                                           ("teacher_server", teacher_server)) if value is not None]
         if len(given) > 1:
@@ -80,6 +86,9 @@ class DistillationTrainer(Trainer):
         several = isinstance(teacher_model, (list, tuple))
         if several and not teacher_model:
             raise ValueError("teacher_model is an empty list: pass one teacher model or several")
+        if teacher_tokenizer is not None and (teacher_model is None or several):
+            raise ValueError("teacher_tokenizer needs a single teacher_model (the teacher of that tokenizer), not a "
+                             "teacher cache, a served teacher or a list of models")
         if not several and (teacher_weights is not None or teacher_combine != "mixture"):
             raise ValueError("teacher_weights and teacher_combine weigh several teachers: pass teacher_model as a "
                              "list of models")
@@ -115,6 +124,12 @@ class DistillationTrainer(Trainer):
                 pad = getattr(tokenizer, "pad_token_id", None)
                 trainer_kwargs["data_collator"] = SparseTeacherCollator(pad_token_id=pad if pad is not None else 0,
                                                                         with_teacher=self.served_teacher is None)
+        self.vocab_map = None
+        if teacher_tokenizer is not None or cross_vocab != "hybrid":  # a cross_vocab without one is refused there
+            self.vocab_map, self.cross_settings = trainer_settings(
+                teacher_tokenizer, tokenizer, cross_vocab, self.distill_options, teacher_temperature,
+                {"label_smoothing": label_smoothing, "z_loss_weight": z_loss_weight, "fp32_logits": fp32_logits},
+                trainer_kwargs)
         # The loss's parts come from the same pass; they are logged beside the loss (kd_loss, ce_loss, entropy, ...).
         self.distill_options = self.distill_options.replace(return_components=True)
         self._logged_parts = LoggedParts()
@@ -158,7 +173,11 @@ class DistillationTrainer(Trainer):
     def _set_signature_columns_if_needed(self):
         # The teacher's columns are not arguments of the student's forward, but the loss needs them.
         super()._set_signature_columns_if_needed()
-        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *TEACHER_COLUMNS, "teacher_id"]))
+        # A teacher of another tokenizer: the collator tokenises the text column (other trainers' collators pad
+        # token columns only, so there it stays dropped).
+        text = [TEXT_COLUMN] if self.vocab_map is not None else []
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *TEACHER_COLUMNS, "teacher_id",
+                                                      *text]))
 
     def _placed_teacher(self, teacher):
         teacher.eval()
@@ -211,6 +230,12 @@ class DistillationTrainer(Trainer):
                                                        weights=self.teacher_weights, combine=self.teacher_combine,
                                                        chunk_size=self.chunk_size, fp32_logits=self.fp32_logits,
                                                        num_items_in_batch=num_items_in_batch)
+        elif self.vocab_map is not None:  # a teacher of another tokenizer
+            teacher = self.accelerator.unwrap_model(self.teacher_model)
+            with self.accelerator.autocast():
+                loss, parts = batch_cross_vocab_loss(student, teacher, inputs, self.vocab_map,
+                                                     chunk_size=self.chunk_size, num_items_in_batch=num_items_in_batch,
+                                                     **self.cross_settings)
         else:
             teacher = self.accelerator.unwrap_model(self.teacher_model)
             with self.accelerator.autocast():

@@ -1,8 +1,8 @@
 """TRL on kdfast. GKD: `generalized_jsd_loss` with the signature and results of
 `trl.experimental.gkd.GKDTrainer.generalized_jsd_loss`, and a `GKDTrainer` whose loss comes from the hidden states
 through `linear_distill_loss`, so on-policy GKD never builds either model's logits. TRL's stable
-`DistillationTrainer` and its drop-in `chunked_divergence_loss`: kdfast.integrations.trl_distillation, reachable
-from here."""
+`DistillationTrainer` and its drop-in `chunked_divergence_loss`: kdfast.integrations.trl_distillation; GOLD's
+cross-tokenizer `GOLDTrainer` and `ULDLoss`: kdfast.integrations.trl_gold; both reachable from here."""
 
 from __future__ import annotations
 
@@ -100,4 +100,8 @@ def __getattr__(name):
         from kdfast.integrations import trl_distillation
 
         return getattr(trl_distillation, name)
+    if name in ("GOLDTrainer", "ULDLoss"):  # TRL's cross-tokenizer GOLD on kdfast
+        from kdfast.integrations import trl_gold
+
+        return getattr(trl_gold, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,230 @@
+"""The chunk loop of cross-vocabulary distillation, shared by the logits form (`cross_vocab.py`) and the fused linear
+form (`linear_cross_vocab.py`): they differ only in where a chunk of rows' logits comes from and where its gradient
+goes, a `RowSource` (`LogitRows` here: rows of a logits tensor; `HeadRows` there: a GEMM of hidden rows).
+
+Per chunk of loss rows (aligned groups, or rows 0..N-1 without an alignment): "mapped" hands the student's rows and
+the teacher's log-probs at the matched columns to the sparse rows kernel of the backend; "uld" and "hybrid" take the
+CE family from the dense rows kernel (kd_weight 0) and the GOLD terms of `kdfast.uld` with autograd on the chunk.
+A group of merged tokens (`kdfast.alignment`) multiplies its base row's probabilities by its other tokens'
+probabilities: their log-probs are summed into a log-mass per group before the loop; the loop yields d loss / d
+log-mass, and a last pass over the merged tokens' rows turns it into their gradient."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kdfast.alignment import SideRows, TokenAlignment
+from kdfast.dispatch import device_rows
+from kdfast.kernel_abi import PART_COLUMNS, PART_ENTROPY, PART_KD, Divergence, SparseTargets
+from kdfast.options import LossOptions
+from kdfast.sparse_options import SparseOptions
+from kdfast.uld import PROBABILITY_FLOOR, UldTerms, complement_columns
+
+CHUNK_ELEMENTS = 1 << 22  # a chunk's [rows, V] float32 temporaries: 16 MiB each
+_LOG_FLOOR = math.log(PROBABILITY_FLOOR)
+
+
+class LogitRows:
+    """Rows of a logits tensor [N, V]; their gradient into `grad` (the input's shape), written through views where
+    the rows are a slice and added at their indices where an alignment gathers them (grad then starts zeroed)."""
+
+    def __init__(self, logits: torch.Tensor, grad: torch.Tensor | None = None):
+        self.logits, self.grad = logits, grad
+        self.width, self.count = logits.shape[-1], logits.shape[0]
+
+    def read(self, index) -> torch.Tensor:
+        return self.logits[index] if isinstance(index, slice) else self.logits.index_select(0, index)
+
+    def grad_buffer(self, index, count: int) -> torch.Tensor:
+        if isinstance(index, slice):
+            return self.grad[index]
+        return torch.empty(count, self.width, dtype=self.grad.dtype, device=self.grad.device)
+
+    def commit(self, index, buffer: torch.Tensor) -> None:
+        if not isinstance(index, slice):
+            self.grad.index_add_(0, index, buffer.to(self.grad.dtype))
+
+
+@dataclass(frozen=True)
+class CrossVocabPlan:
+    """Everything a pass needs besides the rows: the method, the map, the alignment (None: row i with row i), the
+    teacher's temperature, the hybrid's weights, the GOLD terms."""
+
+    method: str
+    vocab_map: object
+    alignment: TokenAlignment | None
+    teacher_temperature: float
+    terms: UldTerms | None
+    chunk_rows: int | None = None  # None: from CHUNK_ELEMENTS
+    rest: tuple | None = None  # "mapped": the unmatched columns of the student and the teacher (`unmatched_columns`)
+    native: bool = False  # the C++ passes run (CPU tensors, the extension built)
+
+
+def unmatched_columns(vocab_map, student_vocab: int, teacher_vocab: int, device) -> tuple:
+    """(the student's columns no map entry holds, the teacher's), int64."""
+    return tuple(complement_columns(ids.to(device), width, device)
+                 for ids, width in ((vocab_map.student_ids, student_vocab), (vocab_map.teacher_ids, teacher_vocab)))
+
+
+def loss_rows(plan: CrossVocabPlan, student_rows: int) -> int:
+    return plan.alignment.groups if plan.alignment is not None else student_rows
+
+
+def cross_vocab_parts(student, teacher, labels, scale, opts: LossOptions, plan: CrossVocabPlan, want_grad: bool):
+    """The loss rows' parts [rows, PART_COLUMNS]; with want_grad, their gradient committed to `student`."""
+    rows = loss_rows(plan, student.count)
+    device = scale.device
+    parts = torch.zeros(rows, PART_COLUMNS, device=device)
+    alignment = plan.alignment
+    merges = plan.method != "mapped" and alignment is not None and (
+        alignment.student.extra_rows.numel() or alignment.teacher.extra_rows.numel())
+    student_mass = _log_mass(student, alignment.student, rows, plan.terms.student_temperature) if merges else None
+    teacher_mass = _log_mass(teacher, alignment.teacher, rows, plan.teacher_temperature) if merges else None
+    mass_grad = torch.zeros(rows, device=device) if merges and want_grad else None
+    for span in chunks(rows, max(student.width, teacher.width), plan.chunk_rows):
+        student_index = span if alignment is None else alignment.student.base[span]
+        teacher_index = span if alignment is None else alignment.teacher.base[span]
+        count = span.stop - span.start
+        chunk_labels = labels[span] if labels is not None else None
+        student_logits = student.read(student_index)
+        teacher_logits = teacher.read(teacher_index)
+        grad = student.grad_buffer(student_index, count) if want_grad else None
+        if plan.method == "mapped":
+            parts[span] = _mapped_chunk(student_logits, teacher_logits, chunk_labels, scale, grad, opts, plan)
+        else:
+            masses = (student_mass[span], teacher_mass[span]) if merges else None
+            chunk_mass_grad = _uld_chunk(student_logits, teacher_logits, chunk_labels, scale, grad, opts, plan,
+                                         parts[span], masses)
+            if mass_grad is not None:
+                mass_grad[span] = chunk_mass_grad
+        if grad is not None:
+            student.commit(student_index, grad)
+    if mass_grad is not None:
+        _merged_rows_grad(student, alignment.student, mass_grad, plan.terms.student_temperature)
+    return parts
+
+
+def chunks(rows: int, width: int, chunk_rows: int | None = None) -> list[slice]:
+    step = chunk_rows or max(1, CHUNK_ELEMENTS // max(width, 1))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _mapped_chunk(student_logits, teacher_logits, labels, scale, grad, opts: LossOptions, plan: CrossVocabPlan):
+    """The sparse rows kernel on the chunk, the teacher's log-probs at T_t gathered at the matched columns; for forward
+    KL on the CPU, the dense rows kernel on an equivalent dense target (csrc/cpu/mapped_target.cpp: the teacher's rest
+    mass P_r spread over the student's unmatched columns as the student spreads its own, P_r q_j / Q_r; the
+    gradient q - target is then the bucket KL's, since d/dz of -P_r log Q_r puts exactly that at each rest column).
+    With an alignment it compares the groups' base rows (a divergence needs normalised rows: no merges)."""
+    vocab_map = plan.vocab_map
+    grad_rows = grad.unsqueeze(0) if grad is not None else None
+    # A student whose every column is matched has nowhere to spread the teacher's rest: the sparse kernel takes it.
+    if (opts.effective_divergence == Divergence.FORWARD_KL and plan.native and plan.rest is not None
+            and plan.rest[0].numel()):
+        target = torch.empty(student_logits.shape, dtype=torch.float32)
+        torch.ops.kdfast_cpu.mapped_target(teacher_logits.float().contiguous(), student_logits.float().contiguous(),
+                                           vocab_map.student_ids, vocab_map.teacher_ids, *plan.rest,
+                                           opts.temperature, plan.teacher_temperature, target)
+        return device_rows(opts, student_logits.device)(student_logits.unsqueeze(0), target.unsqueeze(0), labels,
+                                                        scale, grad_rows, opts)
+    count, matched = student_logits.shape[0], vocab_map.matched
+    teacher = teacher_logits.float()
+    log_p = torch.log_softmax(teacher / plan.teacher_temperature if plan.teacher_temperature != 1.0 else teacher,
+                              dim=-1)
+    sparse = SparseOptions(**{name: getattr(opts, name) for name in LossOptions.FIELD_NAMES}, tail="bucket")
+    targets = SparseTargets(vocab_map.student_ids.expand(1, count, matched),
+                            log_p.index_select(1, vocab_map.teacher_ids).unsqueeze(0))
+    return device_rows(sparse, student_logits.device)(student_logits.unsqueeze(0), targets, labels, scale, grad_rows,
+                                                      sparse)
+
+
+def _uld_chunk(student_logits, teacher_logits, labels, scale, grad, opts: LossOptions, plan: CrossVocabPlan, parts,
+               masses):
+    """Fills the chunk's parts (CE family from the dense kernel, then the GOLD row losses) and its gradient; returns
+    d loss / d student log-mass per row when the rows merge tokens."""
+    if opts.has_ce:
+        ce_only = opts.replace(kd_weight=0.0)
+        parts.copy_(device_rows(ce_only, student_logits.device)(
+            student_logits.unsqueeze(0), student_logits.unsqueeze(0), labels, scale,
+            grad.unsqueeze(0) if grad is not None else None, ce_only))
+    elif grad is not None and not opts.has_kd:
+        grad.zero_()
+    if not opts.has_kd:
+        return None
+    terms = plan.terms
+    teacher_probs = terms.teacher_probs(teacher_logits)
+    if masses is not None:
+        teacher_probs.mul_(masses[1].exp()[:, None])
+    if terms.native:
+        return _native_uld_chunk(student_logits, teacher_probs, labels, scale, grad, opts, terms, parts, masses)
+    with torch.enable_grad():
+        logits = student_logits.detach().float().requires_grad_(grad is not None)
+        student_mass = masses[0].detach().requires_grad_(grad is not None) if masses is not None else None
+        losses, entropy = terms.row_losses(logits, teacher_probs, student_mass)
+        if labels is not None:
+            kept = labels != opts.ignore_index
+            losses = torch.where(kept, losses, torch.zeros_like(losses))
+            entropy = torch.where(kept, entropy, torch.zeros_like(entropy))
+        mass_grad = None
+        if grad is not None:
+            inputs = (logits,) if student_mass is None else (logits, student_mass)
+            found = torch.autograd.grad(losses.sum() * (scale * opts.kd_scale), inputs)
+            if opts.has_ce:
+                grad += found[0].to(grad.dtype)
+            else:  # the first gradient these rows get: written, not added to a zeroed buffer
+                grad.copy_(found[0])
+            mass_grad = found[1] if student_mass is not None else None
+    parts[:, PART_KD] = losses.detach()
+    parts[:, PART_ENTROPY] = entropy
+    return mass_grad
+
+
+def _native_uld_chunk(student_logits, teacher_probs, labels, scale, grad, opts: LossOptions, terms: UldTerms, parts,
+                      masses):
+    """The C++ pass (csrc/cpu/uld_rows.cpp): loss, entropy and the gradient of a chunk in one pass per row; ignored
+    rows are skipped there (row scale 0)."""
+    row_scale = (labels != opts.ignore_index).float() if labels is not None else None
+    mass_grad = torch.empty(student_logits.shape[0]) if masses is not None and grad is not None else None
+    into = grad if grad is None or grad.dtype == torch.float32 else torch.empty(grad.shape)
+    losses, entropy = terms.native_rows(student_logits, teacher_probs, masses[0] if masses is not None else None,
+                                        row_scale, into, mass_grad, float(scale) * opts.kd_scale,
+                                        accumulate=opts.has_ce and into is grad)
+    if into is not grad and opts.has_ce:  # a 16-bit gradient: the pass wrote float32
+        grad.add_(into)
+    elif into is not grad:
+        grad.copy_(into)
+    parts[:, PART_KD] = losses
+    parts[:, PART_ENTROPY] = entropy
+    return mass_grad
+
+
+def _merged_token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float):
+    """(log q(id) per row at the temperature, floored at log 1e-8 as GOLD floors q; q itself) for merged tokens."""
+    log_q = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return log_q.gather(1, ids[:, None]).squeeze(1), log_q
+
+
+def _log_mass(source, side: SideRows, rows: int, temperature: float) -> torch.Tensor:
+    """Per group, the sum of its merged tokens' floored log-probs (0 for a group of one token)."""
+    mass = torch.zeros(rows, device=side.base.device)
+    for span in chunks(side.extra_rows.numel(), source.width):
+        token_logprobs, _ = _merged_token_logprobs(source.read(side.extra_rows[span]), side.extra_ids[span],
+                                                   temperature)
+        mass.index_add_(0, side.extra_groups[span], token_logprobs.clamp_min(_LOG_FLOOR))
+    return mass
+
+
+def _merged_rows_grad(student, side: SideRows, mass_grad: torch.Tensor, temperature: float) -> None:
+    """d loss / d z at each merged token's row: g (onehot(id) - q) / T, g its group's d loss / d log-mass (0 where
+    the floor held the log-prob: the clamp passes no gradient)."""
+    for span in chunks(side.extra_rows.numel(), student.width):
+        index, ids = side.extra_rows[span], side.extra_ids[span]
+        token_logprobs, log_q = _merged_token_logprobs(student.read(index), ids, temperature)
+        factor = torch.where(token_logprobs > _LOG_FLOOR, mass_grad[side.extra_groups[span]], 0.0) / temperature
+        grad = log_q.exp_().mul_(-factor[:, None])
+        grad.scatter_add_(1, ids[:, None], factor[:, None])
+        buffer = student.grad_buffer(index, grad.shape[0])
+        buffer.copy_(grad)
+        student.commit(index, buffer)

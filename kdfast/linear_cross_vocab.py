@@ -1,0 +1,160 @@
+"""`linear_cross_vocab_distill_loss`: `cross_vocab_distill_loss` from the two models' hidden states and LM heads of
+different vocabularies, a chunk of rows' logits at a time (no [N, V] tensor of either model). The chunk loop is the
+logits form's (`kdfast.cross_vocab_rows`); here a `HeadRows` makes a chunk's logits by a GEMM of the hidden rows it
+is asked for (aligned groups gather them) and takes their gradient back through the head: d hidden at those rows,
+d weight and d bias summed, in forward (backward rescales them, as the other fused linear forms do)."""
+
+from __future__ import annotations
+
+import torch
+
+from kdfast.alignment import TokenAlignment
+from kdfast.cross_vocab import check_alignment, check_settings, cross_vocab_options, mapped_rest, uld_terms
+from kdfast.cross_vocab_rows import CrossVocabPlan, cross_vocab_parts, loss_rows
+from kdfast.logit_maps import LogitMap, logit_maps
+from kdfast.options import LossOptions
+from kdfast.reduction import reduced_outputs, reduction_scale, returned
+from kdfast.saved_gradient import rescale_gradient_
+from kdfast.uld import native_sort_available
+from kdfast.validation import _check_bias, _check_floating, _check_one_device, check_chunk_settings, check_labels_for
+from kdfast.views import flat_labels
+
+
+class HeadRows:
+    """Rows of `hidden @ weight.T + bias`, mapped by the head's `LogitMap`, float32; their gradient into d hidden
+    (float32 [N, H], rows added at their indices), d weight and d bias (float32 sums). The last rows read are the
+    ones `commit` takes back (the loop reads a chunk, then commits its gradient)."""
+
+    def __init__(self, hidden, weight, bias, logit_map: LogitMap, wanted=(False, False, False)):
+        self.hidden, self.logit_map = hidden, logit_map
+        self.weight = weight.float()
+        self.bias = bias.float() if bias is not None else None
+        self.width, self.count = weight.shape[0], hidden.shape[0]
+        want_hidden, want_weight, want_bias = wanted
+        self.d_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if want_hidden else None
+        self.d_weight = torch.zeros_like(self.weight) if want_weight else None
+        self.d_bias = torch.zeros_like(self.bias) if want_bias and bias is not None else None
+        self._rows = self._uncapped = None
+
+    def read(self, index) -> torch.Tensor:
+        rows = self.hidden[index] if isinstance(index, slice) else self.hidden.index_select(0, index)
+        self._rows = rows.float()
+        logits = (torch.addmm(self.bias, self._rows, self.weight.t()) if self.bias is not None
+                  else self._rows @ self.weight.t())
+        if self.logit_map.softcap is not None:
+            self._uncapped = logits
+            return self.logit_map.capped_into(logits, torch.empty_like(logits))
+        return self.logit_map.apply_(logits)
+
+    def grad_buffer(self, index, count: int) -> torch.Tensor:
+        return torch.empty(count, self.width, dtype=torch.float32, device=self.hidden.device)
+
+    def commit(self, index, grad: torch.Tensor) -> None:
+        grad = self.logit_map.chain_(grad, self._uncapped)
+        if self.d_hidden is not None:
+            if isinstance(index, slice):
+                self.d_hidden[index] += grad @ self.weight
+            else:
+                self.d_hidden.index_add_(0, index, grad @ self.weight)
+        if self.d_weight is not None:
+            self.d_weight.addmm_(grad.t(), self._rows)
+        if self.d_bias is not None:
+            self.d_bias += grad.sum(0)
+
+
+def linear_cross_vocab_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
+                                    vocab_map, alignment=None, method="hybrid", student_bias=None, teacher_bias=None,
+                                    softcap=None, student_softcap=None, teacher_softcap=None, student_logit_scale=1.0,
+                                    teacher_logit_scale=1.0, chunk_size="auto", matched_weight=None,
+                                    unmatched_weight=None, divergence="forward_kl", beta=0.5, temperature=1.0,
+                                    student_temperature=None, teacher_temperature=None, kd_weight=1.0,
+                                    ce_weight=0.0, t2_scale=True, ignore_index=-100, reduction="mean",
+                                    num_items_in_batch=None, backend="auto", return_components=False):
+    """`cross_vocab_distill_loss` of the heads' logits (student [..., H_s] @ [V_s, H_s]^T + bias, teacher [..., H_t]
+    @ [V_t, H_t]^T + bias, each mapped as `linear_distill_loss` maps it: scale, then softcap), `chunk_size` rows at a
+    time ("auto": 16 MiB of float32 logits per model). Gradients flow to student_hidden, student_weight and
+    student_bias. reduction "mean" or "sum" (per-row losses of aligned rows: the logits form)."""
+    if reduction == "none":
+        raise ValueError("linear_cross_vocab_distill_loss takes reduction 'mean' or 'sum' (its weight gradient is "
+                         "summed in the pass); per-row losses: cross_vocab_distill_loss on the logits")
+    opts, teacher_temperature = cross_vocab_options(
+        method, vocab_map, temperature, student_temperature, teacher_temperature, divergence=divergence, beta=beta,
+        kd_weight=kd_weight, ce_weight=ce_weight, t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
+        backend=backend, return_components=return_components)
+    maps = logit_maps(softcap, student_softcap, teacher_softcap, student_logit_scale, teacher_logit_scale)
+    _check_heads(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                 chunk_size)
+    names = ("student_weight", "teacher_weight")
+    vocabs = (student_weight.shape[0], teacher_weight.shape[0])
+    if alignment is not None:
+        check_alignment(alignment, (student_hidden.numel() // student_hidden.shape[-1],
+                                    teacher_hidden.numel() // teacher_hidden.shape[-1]), vocabs,
+                        ("student_hidden", "teacher_hidden"))
+    elif teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} and student_hidden "
+                         f"{tuple(student_hidden.shape)} must have the same rows (aligned positions); rows of two "
+                         "tokenizations take alignment=")
+    check_settings(vocab_map, method, opts, teacher_temperature, vocabs, names)
+    rows = alignment.groups if alignment is not None else student_hidden.numel() // student_hidden.shape[-1]
+    lead = (rows,) if alignment is not None else tuple(student_hidden.shape[:-1])
+    check_labels_for(labels, lead, student_weight.shape[0], student_hidden.device, opts,
+                     "the alignment's groups" if alignment is not None else "the hidden states")
+    settings = (method, vocab_map, alignment, float(teacher_temperature), matched_weight, unmatched_weight, maps,
+                None if chunk_size == "auto" else chunk_size)
+    return returned(LinearCrossVocabFunction.apply(student_hidden, student_weight, student_bias,
+                                                   teacher_hidden.detach(), teacher_weight.detach(),
+                                                   teacher_bias.detach() if teacher_bias is not None else None,
+                                                   labels, num_items_in_batch, opts, settings), opts, labels)
+
+
+def _check_heads(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                 chunk_size) -> None:
+    for prefix, hidden, weight, bias in (("student", student_hidden, student_weight, student_bias),
+                                         ("teacher", teacher_hidden, teacher_weight, teacher_bias)):
+        _check_floating(f"{prefix}_hidden", hidden, f"[..., hidden_{prefix[0]}]")
+        _check_floating(f"{prefix}_weight", weight, f"[vocab_{prefix[0]}, hidden_{prefix[0]}]")
+        if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+            raise ValueError(f"{prefix}_weight {tuple(weight.shape)} must be [vocab, {hidden.shape[-1]}] for "
+                             f"{prefix}_hidden {tuple(hidden.shape)}")
+        _check_bias(f"{prefix}_bias", bias, weight.shape[0])
+    _check_one_device(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
+    check_chunk_settings(None, chunk_size)
+
+
+class LinearCrossVocabFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                labels, num_items_in_batch, opts: LossOptions, settings):
+        method, vocab_map, alignment, teacher_temperature, matched_weight, unmatched_weight, maps, chunk = settings
+        device = student_hidden.device
+        wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], student_bias is not None and
+                  ctx.needs_input_grad[2])
+        student = HeadRows(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias,
+                           maps[0], wanted)
+        teacher = HeadRows(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight, teacher_bias,
+                           maps[1])
+        alignment = alignment.to(device) if isinstance(alignment, TokenAlignment) else None
+        plan = CrossVocabPlan(method, vocab_map.to(device), alignment, teacher_temperature,
+                              uld_terms(method, vocab_map, student.width, teacher.width, opts, teacher_temperature,
+                                        matched_weight, unmatched_weight, device), chunk,
+                              mapped_rest(method, vocab_map, student.width, teacher.width, device),
+                              native_sort_available(opts.backend, device))
+        rows = loss_rows(plan, student.count)
+        flat = flat_labels(labels)
+        scale = reduction_scale(flat, rows, opts, num_items_in_batch, device)
+        with torch.autocast(device.type, enabled=False), torch.no_grad():
+            parts = cross_vocab_parts(student, teacher, flat, scale, opts, plan, any(wanted))
+        ctx.save_for_backward(
+            student.d_hidden.view(student_hidden.shape).to(student_hidden.dtype) if wanted[0] else None,
+            student.d_weight.to(student_weight.dtype) if wanted[1] else None,
+            student.d_bias.to(student_bias.dtype) if wanted[2] else None)
+        ctx.reduction = opts.reduction
+        lead_shape = (rows,) if alignment is not None else student_hidden.shape[:-1]
+        return reduced_outputs(ctx, parts, lead_shape, labels, opts, scale)
+
+    @staticmethod
+    def backward(ctx, grad_output, *summary_grad):
+        grads = ctx.saved_tensors
+        for grad in grads:
+            rescale_gradient_(grad, grad_output)
+        return (*grads[:1], grads[1], grads[2], None, None, None, None, None, None, None)
