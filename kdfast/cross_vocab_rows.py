@@ -123,6 +123,8 @@ def _mapped_chunk(student_logits, teacher_logits, labels, scale, grad, opts: Los
     # A student whose every column is matched has nowhere to spread the teacher's rest: the sparse kernel takes it.
     if (opts.effective_divergence == Divergence.FORWARD_KL and plan.native and plan.rest is not None
             and plan.rest[0].numel()):
+        if opts.label_smoothing == 0.0 and opts.z_loss_weight == 0.0:
+            return _fused_mapped_kl(student_logits, teacher_logits, labels, scale, grad, opts, plan)
         target = torch.empty(student_logits.shape, dtype=torch.float32)
         torch.ops.kdfast_cpu.mapped_target(teacher_logits.float().contiguous(), student_logits.float().contiguous(),
                                            vocab_map.student_ids, vocab_map.teacher_ids, *plan.rest,
@@ -138,6 +140,19 @@ def _mapped_chunk(student_logits, teacher_logits, labels, scale, grad, opts: Los
                             log_p.index_select(1, vocab_map.teacher_ids).unsqueeze(0))
     return device_rows(sparse, student_logits.device)(student_logits.unsqueeze(0), targets, labels, scale, grad_rows,
                                                       sparse)
+
+
+def _fused_mapped_kl(student_logits, teacher_logits, labels, scale, grad, opts: LossOptions, plan: CrossVocabPlan):
+    """Forward KL and CE in one C++ pass per row (csrc/cpu/mapped_target.cpp, mapped_kl_rows): the target is never
+    written; each model's row is read from memory once and the gradient written once."""
+    into = grad if grad is None or grad.dtype == torch.float32 else torch.empty(grad.shape)
+    settings = [opts.temperature, plan.teacher_temperature, opts.kd_scale, opts.ce_weight, float(scale)]
+    parts = torch.ops.kdfast_cpu.mapped_kl_rows(
+        teacher_logits.float().contiguous(), student_logits.float().contiguous(), plan.vocab_map.student_ids,
+        plan.vocab_map.teacher_ids, *plan.rest, labels, into, opts.ignore_index, settings)
+    if into is not grad:  # a 16-bit gradient: the pass wrote float32
+        grad.copy_(into)
+    return parts
 
 
 def _uld_chunk(student_logits, teacher_logits, labels, scale, grad, opts: LossOptions, plan: CrossVocabPlan, parts,

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from conftest import BACKENDS, device_for
 
 import kdfast
 from kdfast.demo.corpus import train_tokenizer
@@ -88,21 +89,24 @@ CASES = [("mapped", "forward_kl"), ("mapped", "reverse_kl"), ("mapped", "jsd"), 
          ("uld", "forward_kl"), ("hybrid", "forward_kl"), ("hybrid", "reverse_kl"), ("hybrid", "jsd")]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method, divergence", CASES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_loss_and_gradient_equal_the_float64_reference(vocab_map, backend, method, divergence, reduction):
+    """Every backend: the C++ passes on the CPU; elsewhere the CE family and "mapped" from that backend's rows
+    kernels (Triton under its interpreter off the GPU) and ULD as torch statements."""
     student, teacher, labels = aligned_rows()
     settings = dict(vocab_map=vocab_map, method=method, divergence=divergence, beta=0.3, temperature=1.5,
                     teacher_temperature=0.7, ce_weight=0.3, reduction=reduction)
-    s = student.clone().requires_grad_()
-    loss = kdfast.cross_vocab_distill_loss(s, teacher, labels, backend=backend, **settings)
+    device = device_for(backend)
+    s = student.clone().to(device).requires_grad_()
+    loss = kdfast.cross_vocab_distill_loss(s, teacher.to(device), labels.to(device), backend=backend, **settings)
     (loss.sum() if reduction == "none" else loss).backward()
     s64 = student.double().requires_grad_()
     expected = cross_vocab_distill_loss_reference(s64, teacher, labels, **settings)
     (expected.sum() if reduction == "none" else expected).backward()
-    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss.double().cpu(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.grad.double().cpu(), s64.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_hybrid_weights_num_items_and_components(vocab_map):
@@ -195,3 +199,57 @@ def test_mapped_forward_kl_with_no_student_bucket_is_refused():
     expected = cross_vocab_distill_loss_reference(student, teacher, vocab_map=nested, method="mapped",
                                                   divergence="reverse_kl")
     torch.testing.assert_close(loss.double(), expected.double(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_mapped_components_agree_across_backends(vocab_map, temperature):
+    """The C++ fused forward KL (the cpu backend) against the sparse kernel's bucket algebra in torch: the loss, every
+    component (accuracy and entropy included) and the gradient."""
+    student, teacher, labels = aligned_rows(seed=11, rows=9)
+    found = {}
+    for backend in ("cpu", "torch"):
+        s = student.clone().requires_grad_()
+        loss, parts = kdfast.cross_vocab_distill_loss(s, teacher, labels, vocab_map=vocab_map, method="mapped",
+                                                      temperature=temperature, ce_weight=0.4, backend=backend,
+                                                      return_components=True)
+        loss.backward()
+        found[backend] = (loss, parts, s.grad)
+    (loss_c, parts_c, grad_c), (loss_t, parts_t, grad_t) = found["cpu"], found["torch"]
+    torch.testing.assert_close(loss_c, loss_t, rtol=1e-5, atol=1e-6)
+    for name in ("kd", "ce", "accuracy", "entropy"):
+        torch.testing.assert_close(getattr(parts_c, name), getattr(parts_t, name), rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(grad_c, grad_t, rtol=1e-4, atol=1e-6)
+
+
+def test_mapped_with_a_vanishing_rest_stays_finite_and_exact(vocab_map):
+    """A student whose mass on its unmatched tokens underflows float32 (logits 120 below the rest) and a teacher
+    whose own rest underflows: the fused pass takes those rests by gathers and agrees with the float64 reference."""
+    student, teacher, labels = aligned_rows(seed=4)
+    rest = [s for s in range(11) if s not in vocab_map.student_ids.tolist()]
+    student[:3, rest] -= 120.0
+    teacher_rest = [t for t in range(13) if t not in vocab_map.teacher_ids.tolist()]
+    teacher[3:, teacher_rest] -= 120.0
+    s = student.clone().requires_grad_()
+    loss = kdfast.cross_vocab_distill_loss(s, teacher, labels, vocab_map=vocab_map, method="mapped", ce_weight=0.2,
+                                           backend="cpu")
+    loss.backward()
+    s64 = student.double().requires_grad_()
+    expected = bucket_kl_by_log_sum_exps(s64, teacher.double(), labels, vocab_map, ce_weight=0.2)
+    expected.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
+
+
+def bucket_kl_by_log_sum_exps(student, teacher, labels, vocab_map, ce_weight):
+    """The bucket KL with each rest's log-mass as a log-sum-exp of its own columns (the reference takes 1 - sum,
+    which is 0 when the rest underflows), plus the CE; mean over the kept rows."""
+    log_q, log_p = student.log_softmax(-1), teacher.log_softmax(-1)
+    s_rest = [j for j in range(student.shape[-1]) if j not in vocab_map.student_ids.tolist()]
+    t_rest = [j for j in range(teacher.shape[-1]) if j not in vocab_map.teacher_ids.tolist()]
+    log_p_k, log_q_k = log_p[:, vocab_map.teacher_ids], log_q[:, vocab_map.student_ids]
+    log_p_r, log_q_r = log_p[:, t_rest].logsumexp(-1), log_q[:, s_rest].logsumexp(-1)
+    kl = (log_p_k.exp() * (log_p_k - log_q_k)).sum(-1) + log_p_r.exp() * (log_p_r - log_q_r)
+    kept = labels != -100
+    ce = -log_q.gather(1, labels.clamp_min(0)[:, None]).squeeze(1)
+    return ((kl + ce_weight * ce) * kept).sum() / kept.sum()

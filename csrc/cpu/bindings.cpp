@@ -166,6 +166,67 @@ void mapped_target(const at::Tensor& teacher_logits, const at::Tensor& student_l
   at::parallel_for(0, args.rows, 1, [&](int64_t begin, int64_t end) { kdfast_cpu::mapped_target_rows_cpu(args, begin, end); });
 }
 
+// Method "mapped" under forward KL fused (csrc/cpu/mapped_target.h, MappedKlArgs): the parts [rows, 5] and the
+// gradient written into `grad`. float_settings: T_s, T_t, kd_scale, ce_weight, grad_scale.
+at::Tensor mapped_kl_rows(const at::Tensor& teacher_logits, const at::Tensor& student_logits,
+                          const at::Tensor& matched_student, const at::Tensor& matched_teacher,
+                          const at::Tensor& rest_student, const at::Tensor& rest_teacher,
+                          const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& grad,
+                          int64_t ignore_index, c10::ArrayRef<double> float_settings) {
+  for (const at::Tensor* x : {&teacher_logits, &student_logits}) {
+    KDFAST_CHECK_DEVICE(*x, c10::DeviceType::CPU);
+    TORCH_CHECK(x->scalar_type() == at::kFloat && x->dim() == 2 && x->is_contiguous(),
+                "mapped_kl_rows takes contiguous float32 [rows, V] tables, got ", x->sizes());
+  }
+  const int64_t rows = student_logits.size(0);
+  TORCH_CHECK(teacher_logits.size(0) == rows, "mapped_kl_rows: the two tables must have the same rows");
+  TORCH_CHECK(matched_student.numel() == matched_teacher.numel() && rest_student.numel() > 0,
+              "mapped_kl_rows: matched columns pair up and the student has unmatched columns");
+  TORCH_CHECK(float_settings.size() == 5, "mapped_kl_rows: float_settings holds T_s, T_t, kd_scale, ce_weight and "
+              "grad_scale");
+  if (labels.has_value()) {
+    TORCH_CHECK(labels->scalar_type() == at::kLong && labels->is_contiguous() && labels->numel() == rows,
+                "labels must be contiguous int64 [rows]");
+  }
+  if (grad.has_value()) {
+    TORCH_CHECK(grad->scalar_type() == at::kFloat && grad->is_contiguous() && grad->sizes() == student_logits.sizes(),
+                "grad must be contiguous float32 shaped like the student's logits");
+  }
+  at::Tensor parts = at::empty({rows, 5}, student_logits.options());
+  kdfast_cpu::MappedKlArgs args{};
+  kdfast_cpu::MappedTargetArgs& map = args.map;
+  map.teacher_logits = teacher_logits.data_ptr<float>();
+  map.student_logits = student_logits.data_ptr<float>();
+  map.matched_student = optional_ids(matched_student, "matched_student");
+  map.matched_teacher = optional_ids(matched_teacher, "matched_teacher");
+  map.matched = matched_student.numel();
+  map.rest_student = optional_ids(rest_student, "rest_student");
+  map.rest_student_count = rest_student.numel();
+  map.rest_teacher = optional_ids(rest_teacher, "rest_teacher");
+  map.rest_teacher_count = rest_teacher.numel();
+  map.rows = rows;
+  map.student_width = student_logits.size(1);
+  map.teacher_width = teacher_logits.size(1);
+  map.student_temperature = static_cast<float>(float_settings[0]);
+  map.teacher_temperature = static_cast<float>(float_settings[1]);
+  // Column masks of the unmatched columns: the kernel sums each side's rest in its vector pass, without gathers.
+  std::vector<float> student_rest_mask(map.student_width, 0.0f), teacher_rest_mask(map.teacher_width, 0.0f);
+  for (int64_t k = 0; k < map.rest_student_count; ++k) student_rest_mask[map.rest_student[k]] = 1.0f;
+  for (int64_t k = 0; k < map.rest_teacher_count; ++k) teacher_rest_mask[map.rest_teacher[k]] = 1.0f;
+  args.student_rest_mask = student_rest_mask.data();
+  args.teacher_rest_mask = teacher_rest_mask.data();
+  args.labels = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
+  args.ignore_index = ignore_index;
+  args.kd_scale = static_cast<float>(float_settings[2]);
+  args.ce_weight = static_cast<float>(float_settings[3]);
+  args.grad_scale = static_cast<float>(float_settings[4]);
+  args.parts = parts.data_ptr<float>();
+  args.part_columns = 5;
+  args.grad = grad.has_value() ? grad->data_ptr<float>() : nullptr;
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) { kdfast_cpu::mapped_kl_rows_cpu(args, begin, end); });
+  return parts;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(kdfast_cpu, m) {
@@ -179,6 +240,9 @@ TORCH_LIBRARY(kdfast_cpu, m) {
   m.def("mapped_target(Tensor teacher_logits, Tensor student_logits, Tensor matched_student, Tensor matched_teacher, "
         "Tensor rest_student, Tensor rest_teacher, float student_temperature, float teacher_temperature, "
         "Tensor(a!) target) -> ()");
+  m.def("mapped_kl_rows(Tensor teacher_logits, Tensor student_logits, Tensor matched_student, Tensor matched_teacher, "
+        "Tensor rest_student, Tensor rest_teacher, Tensor? labels, Tensor(a!)? grad, int ignore_index, "
+        "float[] float_settings) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kdfast_cpu, CPU, m) {
@@ -187,4 +251,5 @@ TORCH_LIBRARY_IMPL(kdfast_cpu, CPU, m) {
   m.impl("mixture_distill_forward", &mixture_distill_forward);
   m.impl("uld_rows", &uld_rows);
   m.impl("mapped_target", &mapped_target);
+  m.impl("mapped_kl_rows", &mapped_kl_rows);
 }

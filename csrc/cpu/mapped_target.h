@@ -25,3 +25,25 @@ struct MappedTargetArgs {
 void mapped_target_rows_cpu(const MappedTargetArgs& args, int64_t begin, int64_t end);
 
 }  // namespace kdfast_cpu
+
+namespace kdfast_cpu {
+
+// Method "mapped" under forward KL in one pass per row, without a target written: the loss's parts (the divergence,
+// the CE at T = 1, whether the argmax is the label, the entropy at T) and the gradient of
+// grad_scale * (kd_scale * KL + ce_weight * CE) with respect to the student's logits, written. Rows whose label is
+// ignore_index get zeros. Label smoothing and the z-loss take the target and the dense kernel instead.
+struct MappedKlArgs {
+  MappedTargetArgs map;  // teacher and student logits, the columns, the temperatures (its target unused)
+  const float* student_rest_mask;  // [student_width]: 1 at the student's unmatched columns, else 0
+  const float* teacher_rest_mask;  // [teacher_width]: the teacher's
+  const int64_t* labels;  // [rows] or null
+  int64_t ignore_index;
+  float kd_scale, ce_weight, grad_scale;
+  float* parts;  // [rows, part_columns]: kd, ce, z (left 0), correct, entropy
+  int64_t part_columns;
+  float* grad;   // [rows, student_width] or null
+};
+
+void mapped_kl_rows_cpu(const MappedKlArgs& args, int64_t begin, int64_t end);
+
+}  // namespace kdfast_cpu
