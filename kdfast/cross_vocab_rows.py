@@ -113,24 +113,15 @@ def chunks(rows: int, width: int, chunk_rows: int | None = None) -> list[slice]:
 
 
 def _mapped_chunk(student_logits, teacher_logits, labels, scale, grad, opts: LossOptions, plan: CrossVocabPlan):
-    """The sparse rows kernel on the chunk, the teacher's log-probs at T_t gathered at the matched columns; for forward
-    KL on the CPU, the dense rows kernel on an equivalent dense target (csrc/cpu/mapped_target.cpp: the teacher's rest
-    mass P_r spread over the student's unmatched columns as the student spreads its own, P_r q_j / Q_r; the
-    gradient q - target is then the bucket KL's, since d/dz of -P_r log Q_r puts exactly that at each rest column).
-    With an alignment it compares the groups' base rows (a divergence needs normalised rows: no merges)."""
+    """The sparse rows kernel on the chunk, the teacher's log-probs at T_t gathered at the matched columns; forward KL
+    on the CPU in one C++ pass (`_fused_mapped_kl`). With an alignment it compares the groups' base rows (a
+    divergence needs normalised rows: no merges)."""
     vocab_map = plan.vocab_map
     grad_rows = grad.unsqueeze(0) if grad is not None else None
     # A student whose every column is matched has nowhere to spread the teacher's rest: the sparse kernel takes it.
     if (opts.effective_divergence == Divergence.FORWARD_KL and plan.native and plan.rest is not None
             and plan.rest[0].numel()):
-        if opts.label_smoothing == 0.0 and opts.z_loss_weight == 0.0:
-            return _fused_mapped_kl(student_logits, teacher_logits, labels, scale, grad, opts, plan)
-        target = torch.empty(student_logits.shape, dtype=torch.float32)
-        torch.ops.kdfast_cpu.mapped_target(teacher_logits.float().contiguous(), student_logits.float().contiguous(),
-                                           vocab_map.student_ids, vocab_map.teacher_ids, *plan.rest,
-                                           opts.temperature, plan.teacher_temperature, target)
-        return device_rows(opts, student_logits.device)(student_logits.unsqueeze(0), target.unsqueeze(0), labels,
-                                                        scale, grad_rows, opts)
+        return _fused_mapped_kl(student_logits, teacher_logits, labels, scale, grad, opts, plan)
     count, matched = student_logits.shape[0], vocab_map.matched
     teacher = teacher_logits.float()
     log_p = torch.log_softmax(teacher / plan.teacher_temperature if plan.teacher_temperature != 1.0 else teacher,
@@ -143,8 +134,10 @@ def _mapped_chunk(student_logits, teacher_logits, labels, scale, grad, opts: Los
 
 
 def _fused_mapped_kl(student_logits, teacher_logits, labels, scale, grad, opts: LossOptions, plan: CrossVocabPlan):
-    """Forward KL and CE in one C++ pass per row (csrc/cpu/mapped_target.cpp, mapped_kl_rows): the target is never
-    written; each model's row is read from memory once and the gradient written once."""
+    """Forward KL and CE in one C++ pass per row (csrc/cpu/mapped_rows.cpp): the teacher's rest mass P_r spread over
+    the student's unmatched columns as the student spreads its own, target_j = P_r q_j / Q_r, makes the bucket KL a
+    dense one whose gradient q - target is the bucket KL's (d/dz of -P_r log Q_r puts exactly that at each rest
+    column); the target is never written, each model's row is read from memory once and the gradient written once."""
     into = grad if grad is None or grad.dtype == torch.float32 else torch.empty(grad.shape)
     settings = [opts.temperature, plan.teacher_temperature, opts.kd_scale, opts.ce_weight, float(scale)]
     parts = torch.ops.kdfast_cpu.mapped_kl_rows(

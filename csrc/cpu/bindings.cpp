@@ -8,7 +8,7 @@
 
 #include "../common/pack_args.h"
 #include "distill_kernel.h"
-#include "mapped_target.h"
+#include "mapped_rows.h"
 #include "sparse_kernel.h"
 #include "uld_rows.h"
 
@@ -133,21 +133,12 @@ std::tuple<at::Tensor, at::Tensor> uld_rows(const at::Tensor& student_logits, co
   return {loss, entropy};
 }
 
-// The dense teacher logits [rows, V_s] whose forward KL to the student is method "mapped"'s (csrc/cpu/mapped_target.h),
-// from the teacher's logits [rows, V_t] and the student's [rows, V_s] (contiguous float32), into `target`.
-void mapped_target(const at::Tensor& teacher_logits, const at::Tensor& student_logits, const at::Tensor& matched_student,
-                   const at::Tensor& matched_teacher, const at::Tensor& rest_student, const at::Tensor& rest_teacher,
-                   double student_temperature, double teacher_temperature, const at::Tensor& target) {
-  for (const at::Tensor* x : {&teacher_logits, &student_logits, &target}) {
-    KDFAST_CHECK_DEVICE(*x, c10::DeviceType::CPU);
-    TORCH_CHECK(x->scalar_type() == at::kFloat && x->dim() == 2 && x->is_contiguous(),
-                "mapped_target takes contiguous float32 [rows, V] tables, got ", x->sizes());
-  }
-  TORCH_CHECK(target.sizes() == student_logits.sizes() && teacher_logits.size(0) == student_logits.size(0),
-              "mapped_target: the target is shaped like the student's logits, the teacher's rows are theirs");
-  TORCH_CHECK(matched_student.numel() == matched_teacher.numel() && rest_student.numel() > 0,
-              "mapped_target: matched columns pair up and the student has unmatched columns");
-  kdfast_cpu::MappedTargetArgs args{};
+// The two models' tables and the map's columns of a "mapped" call (its outputs are the caller's).
+kdfast_cpu::MappedColumns map_args(const at::Tensor& teacher_logits, const at::Tensor& student_logits,
+                                      const at::Tensor& matched_student, const at::Tensor& matched_teacher,
+                                      const at::Tensor& rest_student, const at::Tensor& rest_teacher,
+                                      double student_temperature, double teacher_temperature) {
+  kdfast_cpu::MappedColumns args{};
   args.teacher_logits = teacher_logits.data_ptr<float>();
   args.student_logits = student_logits.data_ptr<float>();
   args.matched_student = optional_ids(matched_student, "matched_student");
@@ -162,11 +153,10 @@ void mapped_target(const at::Tensor& teacher_logits, const at::Tensor& student_l
   args.teacher_width = teacher_logits.size(1);
   args.student_temperature = static_cast<float>(student_temperature);
   args.teacher_temperature = static_cast<float>(teacher_temperature);
-  args.target = target.data_ptr<float>();
-  at::parallel_for(0, args.rows, 1, [&](int64_t begin, int64_t end) { kdfast_cpu::mapped_target_rows_cpu(args, begin, end); });
+  return args;
 }
 
-// Method "mapped" under forward KL fused (csrc/cpu/mapped_target.h, MappedKlArgs): the parts [rows, 5] and the
+// Method "mapped" under forward KL fused (csrc/cpu/mapped_rows.h, MappedKlArgs): the parts [rows, 5] and the
 // gradient written into `grad`. float_settings: T_s, T_t, kd_scale, ce_weight, grad_scale.
 at::Tensor mapped_kl_rows(const at::Tensor& teacher_logits, const at::Tensor& student_logits,
                           const at::Tensor& matched_student, const at::Tensor& matched_teacher,
@@ -194,21 +184,9 @@ at::Tensor mapped_kl_rows(const at::Tensor& teacher_logits, const at::Tensor& st
   }
   at::Tensor parts = at::empty({rows, 5}, student_logits.options());
   kdfast_cpu::MappedKlArgs args{};
-  kdfast_cpu::MappedTargetArgs& map = args.map;
-  map.teacher_logits = teacher_logits.data_ptr<float>();
-  map.student_logits = student_logits.data_ptr<float>();
-  map.matched_student = optional_ids(matched_student, "matched_student");
-  map.matched_teacher = optional_ids(matched_teacher, "matched_teacher");
-  map.matched = matched_student.numel();
-  map.rest_student = optional_ids(rest_student, "rest_student");
-  map.rest_student_count = rest_student.numel();
-  map.rest_teacher = optional_ids(rest_teacher, "rest_teacher");
-  map.rest_teacher_count = rest_teacher.numel();
-  map.rows = rows;
-  map.student_width = student_logits.size(1);
-  map.teacher_width = teacher_logits.size(1);
-  map.student_temperature = static_cast<float>(float_settings[0]);
-  map.teacher_temperature = static_cast<float>(float_settings[1]);
+  args.map = map_args(teacher_logits, student_logits, matched_student, matched_teacher, rest_student, rest_teacher,
+                      float_settings[0], float_settings[1]);
+  const kdfast_cpu::MappedColumns& map = args.map;
   // Column masks of the unmatched columns: the kernel sums each side's rest in its vector pass, without gathers.
   std::vector<float> student_rest_mask(map.student_width, 0.0f), teacher_rest_mask(map.teacher_width, 0.0f);
   for (int64_t k = 0; k < map.rest_student_count; ++k) student_rest_mask[map.rest_student[k]] = 1.0f;
@@ -237,9 +215,6 @@ TORCH_LIBRARY(kdfast_cpu, m) {
         "Tensor? matched_student, "
         "Tensor? matched_teacher, Tensor? rest_student, Tensor? rest_teacher, Tensor(a!)? grad, Tensor(b!)? mass_grad, "
         "int divergence, float[] float_settings, bool accumulate) -> (Tensor, Tensor)");
-  m.def("mapped_target(Tensor teacher_logits, Tensor student_logits, Tensor matched_student, Tensor matched_teacher, "
-        "Tensor rest_student, Tensor rest_teacher, float student_temperature, float teacher_temperature, "
-        "Tensor(a!) target) -> ()");
   m.def("mapped_kl_rows(Tensor teacher_logits, Tensor student_logits, Tensor matched_student, Tensor matched_teacher, "
         "Tensor rest_student, Tensor rest_teacher, Tensor? labels, Tensor(a!)? grad, int ignore_index, "
         "float[] float_settings) -> Tensor");
@@ -250,6 +225,5 @@ TORCH_LIBRARY_IMPL(kdfast_cpu, CPU, m) {
   m.impl("sparse_distill_forward", &sparse_distill_forward);
   m.impl("mixture_distill_forward", &mixture_distill_forward);
   m.impl("uld_rows", &uld_rows);
-  m.impl("mapped_target", &mapped_target);
   m.impl("mapped_kl_rows", &mapped_kl_rows);
 }

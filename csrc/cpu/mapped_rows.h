@@ -1,13 +1,12 @@
-// A teacher of another vocabulary as dense teacher logits over the student's vocabulary, for the forward KL of
-// method "mapped" (docs/DESIGN.md, "Teachers with another tokenizer"): the dense kernel on this target gives the
-// bucket algebra's loss and gradient. No torch headers.
+// Method "mapped" of a teacher of another vocabulary under forward KL (docs/DESIGN.md, "Teachers with another
+// tokenizer"), in one pass per row. No torch headers.
 #pragma once
 
 #include <cstdint>
 
 namespace kdfast_cpu {
 
-struct MappedTargetArgs {
+struct MappedColumns {
   const float* teacher_logits;  // [rows, teacher_width]
   const float* student_logits;  // [rows, student_width]
   const int64_t* matched_student;
@@ -19,10 +18,7 @@ struct MappedTargetArgs {
   int64_t rest_teacher_count;
   int64_t rows, student_width, teacher_width;
   float student_temperature, teacher_temperature;
-  float* target;  // [rows, student_width]
 };
-
-void mapped_target_rows_cpu(const MappedTargetArgs& args, int64_t begin, int64_t end);
 
 }  // namespace kdfast_cpu
 
@@ -31,9 +27,9 @@ namespace kdfast_cpu {
 // Method "mapped" under forward KL in one pass per row, without a target written: the loss's parts (the divergence,
 // the CE at T = 1, whether the argmax is the label, the entropy at T) and the gradient of
 // grad_scale * (kd_scale * KL + ce_weight * CE) with respect to the student's logits, written. Rows whose label is
-// ignore_index get zeros. Label smoothing and the z-loss take the target and the dense kernel instead.
+// ignore_index get zeros.
 struct MappedKlArgs {
-  MappedTargetArgs map;  // teacher and student logits, the columns, the temperatures (its target unused)
+  MappedColumns map;  // teacher and student logits, the columns, the temperatures
   const float* student_rest_mask;  // [student_width]: 1 at the student's unmatched columns, else 0
   const float* teacher_rest_mask;  // [teacher_width]: the teacher's
   const int64_t* labels;  // [rows] or null
