@@ -28,9 +28,9 @@ class SideRows:
     extra_ids: torch.Tensor
     extra_groups: torch.Tensor
 
-    def shifted(self, row_offset: int, group_offset: int) -> SideRows:
-        return SideRows(self.base + row_offset, self.extra_rows + row_offset, self.extra_ids,
-                        self.extra_groups + group_offset)
+    def groups_from(self, first_group: int) -> SideRows:
+        """The same rows, their groups numbered from `first_group` (a sample's place in a joined batch)."""
+        return SideRows(self.base, self.extra_rows, self.extra_ids, self.extra_groups + first_group)
 
     def to(self, device) -> SideRows:
         return SideRows(*(tensor.to(device) for tensor in (self.base, self.extra_rows, self.extra_ids,
@@ -85,7 +85,7 @@ class TokenAlignment:
         samples = []
         for index, alignment in enumerate(alignments):
             for name in sides:
-                sides[name].append(getattr(alignment, name).shifted(0, starts))
+                sides[name].append(getattr(alignment, name).groups_from(starts))
             samples.append(torch.full_like(alignment.sample, index))
             starts += alignment.groups
         joined = {name: SideRows(*(torch.cat([getattr(side, field) for side in parts]) for field in
