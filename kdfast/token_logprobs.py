@@ -4,8 +4,9 @@ log q - log p is two calls, one per model).
 
 q = softmax(softcap(logit_scale * (hidden @ weight.T + bias)) / temperature), TRL's order. One chunk of logits
 exists at a time; each row's log-sum-exp, -log q(token) and entropy come from kdfast's own CE kernel (a CE-only call
-at T = 1 on logits that already hold the temperature). Forward is loss-only and keeps O(N) tensors; backward
-recomputes each chunk's logits and lets the kernel write q - onehot(token) over them.
+at T = 1 on logits that already hold the temperature). Forward is loss-only and keeps O(N) tensors and, when a
+gradient will be asked for, its last chunk of logits; backward takes that chunk first, recomputes the others' logits
+in its buffer, and lets the kernel write q - onehot(token) over them. Chunks are spread evenly over the rows.
 """
 
 from __future__ import annotations
@@ -112,12 +113,26 @@ class Rows:
 
 
 def chunk_rows(chunk_size, rows: Rows, row_bytes: int) -> int:
-    """Rows per chunk: `chunk_size`, or as many as the device's budget allows at `row_bytes` per row (multiples of
-    16, at least 16)."""
+    """Rows per chunk: `chunk_size`, or as many as the device's budget allows at `row_bytes` per row (at least 16),
+    spread evenly over the chunks that takes: no short last chunk whose GEMMs run below speed."""
     if chunk_size != "auto":
         return min(int(chunk_size), max(rows.count, 1))
     budget = CHUNK_BUDGET_BYTES.get(rows.hidden.device.type, CHUNK_BUDGET_BYTES["cpu"])
-    return min(max(16, budget // row_bytes // 16 * 16), max(rows.count, 1))
+    most = max(16, budget // row_bytes // 16 * 16)
+    if rows.count <= most:
+        return max(rows.count, 1)
+    chunks = -(-rows.count // most)
+    return -(-rows.count // chunks)
+
+
+@dataclass
+class KeptChunk:
+    """The forward's last chunk of logits, kept for the backward, which then skips that chunk's GEMM: it is the
+    buffer the backward would allocate anyway, only allocated earlier."""
+
+    start: int
+    rows: int
+    buffer: torch.Tensor  # the forward's whole chunk buffer; the chunk's logits are its first `rows` rows
 
 
 class TokenLogprobsFunction(torch.autograd.Function):
@@ -128,12 +143,14 @@ class TokenLogprobsFunction(torch.autograd.Function):
         rows = Rows(hidden.reshape(-1, hidden.shape[-1]), weight, bias, token_ids.reshape(-1).long().contiguous(),
                     gemm_dtype(hidden, weight))
         # The chunks' casts and GEMMs are ours: autocast must not cast them again.
-        with torch.autocast(hidden.device.type, enabled=False):
-            logprobs, entropy = _forward_chunks(rows, plan)
-        logprobs, entropy = logprobs.view(lead_shape), entropy.view(lead_shape)
         wanted = Wanted(ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        # With a softcap the backward also needs the tanh, which the forward does not keep: it recomputes all.
+        keep = wanted.any and plan.logit_map.softcap is None
+        with torch.autocast(hidden.device.type, enabled=False):
+            logprobs, entropy, kept = _forward_chunks(rows, plan, keep)
+        logprobs, entropy = logprobs.view(lead_shape), entropy.view(lead_shape)
         if wanted.any:
-            ctx.rows, ctx.plan, ctx.wanted, ctx.hidden_shape = rows, plan, wanted, hidden.shape
+            ctx.rows, ctx.plan, ctx.wanted, ctx.hidden_shape, ctx.kept = rows, plan, wanted, hidden.shape, kept
             # Saved so that autograd refuses a backward after any of them was modified in place.
             ctx.save_for_backward(hidden, weight, bias, logprobs, entropy)
         return logprobs, entropy
@@ -144,16 +161,19 @@ class TokenLogprobsFunction(torch.autograd.Function):
             return None, None, None, None, None
         _, weight, bias, logprobs, entropy = ctx.saved_tensors
         flat = [g.reshape(-1).float() if g is not None else None for g in (grad_logprobs, grad_entropy)]
+        # The kept logits are overwritten by the gradient: a second backward (retain_graph) recomputes them.
+        kept, ctx.kept = ctx.kept, None
         with torch.autocast(logprobs.device.type, enabled=False):
             d_hidden, d_weight, d_bias = _backward_chunks(ctx.rows, ctx.plan, ctx.wanted, logprobs.reshape(-1),
-                                                          entropy.reshape(-1), *flat)
+                                                          entropy.reshape(-1), *flat, kept)
         return (d_hidden.view(ctx.hidden_shape) if d_hidden is not None else None,
                 d_weight.to(weight.dtype) if d_weight is not None else None,
                 d_bias.to(bias.dtype) if d_bias is not None else None, None, None)
 
 
-def _forward_chunks(rows: Rows, plan: TokenPlan):
-    """log q(token) [N] and the entropy of q [N], float32; no gradient work."""
+def _forward_chunks(rows: Rows, plan: TokenPlan, keep: bool):
+    """log q(token) [N] and the entropy of q [N], float32, and (with `keep`) the last chunk's logits as a KeptChunk;
+    no gradient work."""
     device = rows.hidden.device
     logprobs = torch.empty(rows.count, dtype=torch.float32, device=device)
     entropy = torch.empty(rows.count, dtype=torch.float32, device=device)
@@ -169,15 +189,19 @@ def _forward_chunks(rows: Rows, plan: TokenPlan):
         parts = plan.rows_kernel(logits, logits, rows.token_ids[chunk], one, None, plan.opts)
         logprobs[chunk] = parts[:, PART_CE].neg()
         entropy[chunk] = parts[:, PART_ENTROPY]
-    return logprobs, entropy
+    kept = KeptChunk(start, logits.shape[1], buffer) if keep and rows.count else None
+    return logprobs, entropy, kept
 
 
-def _backward_chunks(rows: Rows, plan: TokenPlan, wanted: Wanted, logprobs, entropy, grad_logprobs, grad_entropy):
+def _backward_chunks(rows: Rows, plan: TokenPlan, wanted: Wanted, logprobs, entropy, grad_logprobs, grad_entropy,
+                     kept: KeptChunk | None):
     """d hidden (hidden's dtype), d weight and d bias (float32) of sum(grad_logprobs * log q(token) + grad_entropy *
-    entropy); either grad may be None (no such term)."""
+    entropy); either grad may be None (no such term). The `kept` chunk, when given, is taken first and without its
+    GEMM, and its buffer then serves the other chunks."""
     device, logit_map = rows.hidden.device, plan.logit_map
     d_hidden = torch.empty(rows.hidden.shape, dtype=rows.hidden.dtype, device=device) if wanted.hidden else None
-    d_weight = torch.zeros(rows.weight.shape, dtype=torch.float32, device=device) if wanted.weight else None
+    # d weight's first chunk writes it (no pass of zeros over [V, H] first).
+    d_weight = torch.empty(rows.weight.shape, dtype=torch.float32, device=device) if wanted.weight else None
     d_bias = torch.zeros(rows.vocab, dtype=torch.float32, device=device) if wanted.bias else None
     capped = logit_map.softcap is not None
     row_bytes = rows.vocab * rows.gemm.itemsize * (2 if capped else 1)
@@ -185,19 +209,25 @@ def _backward_chunks(rows: Rows, plan: TokenPlan, wanted: Wanted, logprobs, entr
         row_bytes += rows.vocab * 4  # the entropy term's coefficient, float32
     step = chunk_rows(plan.chunk_size, rows, row_bytes)
     size = (min(step, rows.count), rows.vocab)
-    buffer = torch.empty(size, dtype=rows.gemm, device=device)
+    if kept is not None and (kept.rows > size[0] or kept.buffer.shape[0] < size[0]):
+        kept = None  # more rows than this backward's chunks may take (the entropy's term needs room): recomputed
+    # The kept chunk's buffer serves the other chunks too: the backward allocates none of its own.
+    buffer = kept.buffer[:size[0]] if kept is not None else torch.empty(size, dtype=rows.gemm, device=device)
     tanh_buffer = torch.empty(size, dtype=rows.gemm, device=device) if capped else None
     entropy_buffer = torch.empty(size, dtype=torch.float32, device=device) if grad_entropy is not None else None
     weight = rows.weight.to(rows.gemm)
     one = torch.ones((), dtype=torch.float32, device=device)
     # The gradient's constant factor: the map's slope without a softcap (tanh_chain_ applies it with one).
     slope = logit_map.slope if not capped else 1.0
-    for start in range(0, rows.count, step):
-        chunk = slice(start, start + step)
-        count = min(step, rows.count - start)
+    first = True
+    for start, count in _backward_order(rows.count, step, kept):
+        chunk = slice(start, start + count)
         hidden = rows.hidden[chunk].to(rows.gemm)
         tanh = tanh_buffer[:count] if capped else None
-        logits = _mapped_logits(buffer[:count], tanh, hidden, weight, rows.bias, logit_map)
+        if kept is not None and start == kept.start:
+            logits = buffer[:count]  # the forward left this chunk's logits here
+        else:
+            logits = _mapped_logits(buffer[:count], tanh, hidden, weight, rows.bias, logit_map)
         token_ids = rows.token_ids[chunk]
         if grad_entropy is not None:
             entropy_grads = (logprobs[chunk], entropy[chunk], _rows_or_zeros(grad_logprobs, chunk, count, device),
@@ -213,8 +243,20 @@ def _backward_chunks(rows: Rows, plan: TokenPlan, wanted: Wanted, logprobs, entr
             row_factor = torch.full((count,), -slope, dtype=torch.float32, device=device)
         if capped:
             logit_map.tanh_chain_(grad, tanh)
-        _accumulate(grad, row_factor[:, None], hidden, weight, chunk, d_hidden, d_weight, d_bias)
+        _accumulate(grad, row_factor[:, None], hidden, weight, chunk, d_hidden, d_weight, d_bias, first)
+        first = False
+    if d_weight is not None and first:
+        d_weight.zero_()  # no rows
     return d_hidden, d_weight, d_bias
+
+
+def _backward_order(count: int, step: int, kept: KeptChunk | None) -> list[tuple[int, int]]:
+    """(start, rows) of the backward's chunks: the kept chunk first (its logits are in the buffer), then the rest
+    by `step`."""
+    if kept is None:
+        return [(start, min(step, count - start)) for start in range(0, count, step)]
+    head = [(kept.start, kept.rows)]
+    return head + [(start, min(step, kept.start - start)) for start in range(0, kept.start, step)]
 
 
 def _mapped_logits(out, tanh_out, hidden, weight, bias, logit_map: LogitMap):
@@ -257,8 +299,9 @@ def _add_entropy_term_(grad, coefficient, token_ids, logprobs, entropy, grad_log
     grad.scatter_(1, token_ids[:, None], token_entry[:, None].to(grad.dtype))
 
 
-def _accumulate(grad, row_factor, hidden, weight, chunk, d_hidden, d_weight, d_bias) -> None:
-    """With G = row_factor * grad (never formed): d hidden[chunk] = G W, d W += G^T X, d bias += sum over rows of G."""
+def _accumulate(grad, row_factor, hidden, weight, chunk, d_hidden, d_weight, d_bias, first: bool) -> None:
+    """With G = row_factor * grad (never formed): d hidden[chunk] = G W, d W += G^T X (the `first` chunk writes
+    d W), d bias += sum over rows of G."""
     if d_bias is not None:
         if grad.dtype == torch.float32:
             d_bias.addmv_(grad.t(), row_factor.view(-1))
@@ -267,4 +310,10 @@ def _accumulate(grad, row_factor, hidden, weight, chunk, d_hidden, d_weight, d_b
     if d_hidden is not None:
         d_hidden[chunk] = (grad @ weight).float().mul_(row_factor)
     if d_weight is not None:
-        _accumulate_weight_grad(d_weight, grad, (hidden.float() * row_factor).to(grad.dtype))
+        scaled = (hidden.float() * row_factor).to(grad.dtype)
+        if first and grad.dtype == d_weight.dtype:
+            torch.mm(grad.t(), scaled, out=d_weight)
+        else:
+            if first:
+                d_weight.zero_()
+            _accumulate_weight_grad(d_weight, grad, scaled)

@@ -182,6 +182,33 @@ def test_empty_input():
     assert inputs["weight"].grad.abs().sum() == 0 and inputs["hidden"].grad.shape == (0, 8)
 
 
+@pytest.mark.parametrize("terms", TERMS)
+def test_a_second_backward_recomputes_the_kept_chunk(terms):
+    """The forward keeps its last chunk of logits for the backward, which overwrites them with the gradient: a
+    second backward through the same graph (retain_graph) must recompute them, and so give the same gradients (to
+    float32 rounding: the chunks are summed in another order)."""
+    inputs = leaves(make_inputs((11,), 8, 29))
+    logprobs, entropy = kdfast.linear_token_logprobs(**inputs, return_entropy=True, chunk_size=4)
+    total = weighted_sum(logprobs, entropy, terms)
+    first = torch.autograd.grad(total, (inputs["hidden"], inputs["weight"], inputs["bias"]), retain_graph=True)
+    second = torch.autograd.grad(total, (inputs["hidden"], inputs["weight"], inputs["bias"]))
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("terms", TERMS)
+def test_budget_chunks_spread_evenly(monkeypatch, terms):
+    """chunk_size "auto" under a budget of a few rows: 37 rows in even chunks, the forward's last one kept (and, with
+    the entropy's gradient, whose backward chunks are smaller, recomputed)."""
+    from kdfast import token_logprobs
+
+    inputs = make_inputs((37,), 8, 29)
+    monkeypatch.setitem(token_logprobs.CHUNK_BUDGET_BYTES, "cpu", 16 * 29 * 4)
+    rows = token_logprobs.Rows(inputs["hidden"], inputs["weight"], None, inputs["token_ids"], torch.float32)
+    assert token_logprobs.chunk_rows("auto", rows, 29 * 4) == 13  # 3 chunks of 13, 13, 11 rather than 16, 16, 5
+    assert_matches_reference(inputs, "auto", terms, temperature=0.7)
+
+
 def token_logprobs_step(device, tokens, hidden_size, vocab):
     """Builds the inputs and returns one step: the log-probs and entropy, and their backward into hidden and head."""
     inputs = make_inputs((tokens,), hidden_size, vocab, bias=False, device=device)
