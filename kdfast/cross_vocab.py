@@ -40,7 +40,8 @@ def cross_vocab_distill_loss(student_logits, teacher_logits, labels=None, *, voc
     divergence; "hybrid" forward KL, reverse KL or JSD(beta) on the matched columns as GOLD computes it
     (probabilities unrenormalised, floored at 1e-8), with `matched_weight` / `unmatched_weight` (default: the matched
     share of the teacher's vocabulary, and the rest); "uld" compares sorted probabilities and takes no divergence.
-    CE, ignore_index, reductions, num_items_in_batch and components are `distill_loss`'s."""
+    CE, ignore_index, reductions, num_items_in_batch and components are `distill_loss`'s; the hybrid's components
+    also carry `matched` and `unmatched`, its two parts before their weights (as TRL's GOLD logs them)."""
     opts, teacher_temperature = cross_vocab_options(
         method, vocab_map, temperature, student_temperature, teacher_temperature, divergence=divergence, beta=beta,
         kd_weight=kd_weight, ce_weight=ce_weight, t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
@@ -162,7 +163,7 @@ class CrossVocabFunction(torch.autograd.Function):
         if grad is not None:
             ctx.save_for_backward(grad.view(student_logits.shape))
         ctx.reduction = opts.reduction
-        ctx.row_groups = _row_groups(alignment, student.shape[0]) if alignment is not None else None
+        ctx.row_groups = row_groups(alignment, student.shape[0]) if alignment is not None else None
         return reduced_outputs(ctx, parts, lead_shape, labels, opts, scale)
 
     @staticmethod
@@ -176,7 +177,7 @@ class CrossVocabFunction(torch.autograd.Function):
         return saved_gradient_times(ctx, grad_output), None, None, None, None, None
 
 
-def _row_groups(alignment: TokenAlignment, rows: int) -> torch.Tensor:
+def row_groups(alignment: TokenAlignment, rows: int) -> torch.Tensor:
     """The group of each student row, -1 (the appended zero) for rows of no group."""
     groups = torch.full((rows,), -1, dtype=torch.int64, device=alignment.sample.device)
     groups[alignment.student.base] = torch.arange(alignment.groups, device=groups.device)

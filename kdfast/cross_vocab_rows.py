@@ -20,6 +20,7 @@ from kdfast.alignment import SideRows, TokenAlignment
 from kdfast.dispatch import device_rows
 from kdfast.kernel_abi import PART_COLUMNS, PART_ENTROPY, PART_KD, Divergence, SparseTargets
 from kdfast.options import LossOptions
+from kdfast.reduction import PART_MATCHED, PART_SPLIT_COLUMNS
 from kdfast.sparse_options import SparseOptions
 from kdfast.uld import PROBABILITY_FLOOR, UldTerms, complement_columns
 
@@ -74,10 +75,12 @@ def loss_rows(plan: CrossVocabPlan, student_rows: int) -> int:
 
 
 def cross_vocab_parts(student, teacher, labels, scale, opts: LossOptions, plan: CrossVocabPlan, want_grad: bool):
-    """The loss rows' parts [rows, PART_COLUMNS]; with want_grad, their gradient committed to `student`."""
+    """The loss rows' parts [rows, PART_COLUMNS], for the hybrid [rows, PART_SPLIT_COLUMNS]: its matched and
+    unmatched parts before their weights follow (kdfast.reduction reduces them for LossComponents); with want_grad,
+    their gradient committed to `student`."""
     rows = loss_rows(plan, student.count)
     device = scale.device
-    parts = torch.zeros(rows, PART_COLUMNS, device=device)
+    parts = torch.zeros(rows, PART_SPLIT_COLUMNS if plan.method == "hybrid" else PART_COLUMNS, device=device)
     alignment = plan.alignment
     merges = plan.method != "mapped" and alignment is not None and (
         alignment.student.extra_rows.numel() or alignment.teacher.extra_rows.numel())
@@ -154,7 +157,7 @@ def _uld_chunk(student_logits, teacher_logits, labels, scale, grad, opts: LossOp
     d loss / d student log-mass per row when the rows merge tokens."""
     if opts.has_ce:
         ce_only = opts.replace(kd_weight=0.0)
-        parts.copy_(device_rows(ce_only, student_logits.device)(
+        parts[:, :PART_COLUMNS].copy_(device_rows(ce_only, student_logits.device)(
             student_logits.unsqueeze(0), student_logits.unsqueeze(0), labels, scale,
             grad.unsqueeze(0) if grad is not None else None, ce_only))
     elif grad is not None and not opts.has_kd:
@@ -170,11 +173,12 @@ def _uld_chunk(student_logits, teacher_logits, labels, scale, grad, opts: LossOp
     with torch.enable_grad():
         logits = student_logits.detach().float().requires_grad_(grad is not None)
         student_mass = masses[0].detach().requires_grad_(grad is not None) if masses is not None else None
-        losses, entropy = terms.row_losses(logits, teacher_probs, student_mass)
+        losses, entropy, split = terms.row_losses(logits, teacher_probs, student_mass)
         if labels is not None:
             kept = labels != opts.ignore_index
             losses = torch.where(kept, losses, torch.zeros_like(losses))
             entropy = torch.where(kept, entropy, torch.zeros_like(entropy))
+            split = torch.where(kept[:, None], split, torch.zeros_like(split)) if split is not None else None
         mass_grad = None
         if grad is not None:
             inputs = (logits,) if student_mass is None else (logits, student_mass)
@@ -186,6 +190,8 @@ def _uld_chunk(student_logits, teacher_logits, labels, scale, grad, opts: LossOp
             mass_grad = found[1] if student_mass is not None else None
     parts[:, PART_KD] = losses.detach()
     parts[:, PART_ENTROPY] = entropy
+    if split is not None:
+        parts[:, PART_MATCHED:] = split
     return mass_grad
 
 
@@ -196,15 +202,17 @@ def _native_uld_chunk(student_logits, teacher_probs, labels, scale, grad, opts: 
     row_scale = (labels != opts.ignore_index).float() if labels is not None else None
     mass_grad = torch.empty(student_logits.shape[0]) if masses is not None and grad is not None else None
     into = grad if grad is None or grad.dtype == torch.float32 else torch.empty(grad.shape)
-    losses, entropy = terms.native_rows(student_logits, teacher_probs, masses[0] if masses is not None else None,
-                                        row_scale, into, mass_grad, float(scale) * opts.kd_scale,
-                                        accumulate=opts.has_ce and into is grad)
+    losses, entropy, split = terms.native_rows(student_logits, teacher_probs,
+                                               masses[0] if masses is not None else None, row_scale, into, mass_grad,
+                                               float(scale) * opts.kd_scale, accumulate=opts.has_ce and into is grad)
     if into is not grad and opts.has_ce:  # a 16-bit gradient: the pass wrote float32
         grad.add_(into)
     elif into is not grad:
         grad.copy_(into)
     parts[:, PART_KD] = losses
     parts[:, PART_ENTROPY] = entropy
+    if split.shape[1]:  # the hybrid's parts before their weights
+        parts[:, PART_MATCHED:] = split
     return mass_grad
 
 

@@ -9,7 +9,14 @@ from __future__ import annotations
 import torch
 
 from kdfast.alignment import TokenAlignment
-from kdfast.cross_vocab import check_alignment, check_settings, cross_vocab_options, mapped_rest, uld_terms
+from kdfast.cross_vocab import (
+    check_alignment,
+    check_settings,
+    cross_vocab_options,
+    mapped_rest,
+    row_groups,
+    uld_terms,
+)
 from kdfast.cross_vocab_rows import CrossVocabPlan, cross_vocab_parts, loss_rows
 from kdfast.logit_maps import LogitMap, logit_maps
 from kdfast.options import LossOptions
@@ -25,8 +32,9 @@ class HeadRows:
     (float32 [N, H], rows added at their indices), d weight and d bias (float32 sums). The last rows read are the
     ones `commit` takes back (the loop reads a chunk, then commits its gradient)."""
 
-    def __init__(self, hidden, weight, bias, logit_map: LogitMap, wanted=(False, False, False)):
-        self.hidden, self.logit_map = hidden, logit_map
+    def __init__(self, hidden, weight, bias, logit_map: LogitMap, wanted=(False, False, False), row_weights=None):
+        # row_weights [N] (reduction "none"): each row's gradient times its loss row's grad_output before the GEMMs.
+        self.hidden, self.logit_map, self.row_weights = hidden, logit_map, row_weights
         self.weight = weight.float()
         self.bias = bias.float() if bias is not None else None
         self.width, self.count = weight.shape[0], hidden.shape[0]
@@ -50,6 +58,9 @@ class HeadRows:
         return torch.empty(count, self.width, dtype=torch.float32, device=self.hidden.device)
 
     def commit(self, index, grad: torch.Tensor) -> None:
+        if self.row_weights is not None:
+            weights = self.row_weights[index] if isinstance(index, slice) else self.row_weights.index_select(0, index)
+            grad.mul_(weights[:, None])
         grad = self.logit_map.chain_(grad, self._uncapped)
         if self.d_hidden is not None:
             if isinstance(index, slice):
@@ -73,10 +84,9 @@ def linear_cross_vocab_distill_loss(student_hidden, student_weight, teacher_hidd
     """`cross_vocab_distill_loss` of the heads' logits (student [..., H_s] @ [V_s, H_s]^T + bias, teacher [..., H_t]
     @ [V_t, H_t]^T + bias, each mapped as `linear_distill_loss` maps it: scale, then softcap), `chunk_size` rows at a
     time ("auto": 16 MiB of float32 logits per model). Gradients flow to student_hidden, student_weight and
-    student_bias. reduction "mean" or "sum" (per-row losses of aligned rows: the logits form)."""
-    if reduction == "none":
-        raise ValueError("linear_cross_vocab_distill_loss takes reduction 'mean' or 'sum' (its weight gradient is "
-                         "summed in the pass); per-row losses: cross_vocab_distill_loss on the logits")
+    student_bias. With reduction "mean" or "sum" they are summed in the forward's pass; with "none" (a loss per row,
+    or per group of an alignment) the forward computes the losses alone and backward runs the chunks again, each
+    row's gradient times its grad_output before it reaches the head's GEMMs."""
     opts, teacher_temperature = cross_vocab_options(
         method, vocab_map, temperature, student_temperature, teacher_temperature, divergence=divergence, beta=beta,
         kd_weight=kd_weight, ce_weight=ce_weight, t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
@@ -121,40 +131,78 @@ def _check_heads(student_hidden, student_weight, student_bias, teacher_hidden, t
     check_chunk_settings(None, chunk_size)
 
 
+def _plan(settings, opts: LossOptions, student: HeadRows, teacher: HeadRows, device) -> CrossVocabPlan:
+    method, vocab_map, alignment, teacher_temperature, matched_weight, unmatched_weight, _, chunk = settings
+    alignment = alignment.to(device) if isinstance(alignment, TokenAlignment) else None
+    return CrossVocabPlan(method, vocab_map.to(device), alignment, teacher_temperature,
+                          uld_terms(method, vocab_map, student.width, teacher.width, opts, teacher_temperature,
+                                    matched_weight, unmatched_weight, device), chunk,
+                          mapped_rest(method, vocab_map, student.width, teacher.width, device),
+                          native_sort_available(opts.backend, device))
+
+
+def _heads(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, maps,
+           wanted=(False, False, False), row_weights=None) -> tuple[HeadRows, HeadRows]:
+    return (HeadRows(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias, maps[0],
+                     wanted, row_weights),
+            HeadRows(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight, teacher_bias, maps[1]))
+
+
 class LinearCrossVocabFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                 labels, num_items_in_batch, opts: LossOptions, settings):
-        method, vocab_map, alignment, teacher_temperature, matched_weight, unmatched_weight, maps, chunk = settings
         device = student_hidden.device
         wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], student_bias is not None and
                   ctx.needs_input_grad[2])
-        student = HeadRows(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias,
-                           maps[0], wanted)
-        teacher = HeadRows(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight, teacher_bias,
-                           maps[1])
-        alignment = alignment.to(device) if isinstance(alignment, TokenAlignment) else None
-        plan = CrossVocabPlan(method, vocab_map.to(device), alignment, teacher_temperature,
-                              uld_terms(method, vocab_map, student.width, teacher.width, opts, teacher_temperature,
-                                        matched_weight, unmatched_weight, device), chunk,
-                              mapped_rest(method, vocab_map, student.width, teacher.width, device),
-                              native_sort_available(opts.backend, device))
+        per_row = opts.reduction == "none"
+        heads = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
+        # Per-row losses: their gradients wait for grad_output, so this pass computes the losses alone.
+        student, teacher = _heads(*heads, settings[6], (False, False, False) if per_row else wanted)
+        plan = _plan(settings, opts, student, teacher, device)
         rows = loss_rows(plan, student.count)
         flat = flat_labels(labels)
         scale = reduction_scale(flat, rows, opts, num_items_in_batch, device)
         with torch.autocast(device.type, enabled=False), torch.no_grad():
-            parts = cross_vocab_parts(student, teacher, flat, scale, opts, plan, any(wanted))
-        ctx.save_for_backward(
-            student.d_hidden.view(student_hidden.shape).to(student_hidden.dtype) if wanted[0] else None,
-            student.d_weight.to(student_weight.dtype) if wanted[1] else None,
-            student.d_bias.to(student_bias.dtype) if wanted[2] else None)
+            parts = cross_vocab_parts(student, teacher, flat, scale, opts, plan, any(wanted) and not per_row)
+        if per_row:
+            ctx.save_for_backward(*heads)
+            ctx.settings, ctx.opts, ctx.labels, ctx.scale, ctx.wanted = settings, opts, flat, scale, wanted
+        else:
+            ctx.save_for_backward(
+                student.d_hidden.view(student_hidden.shape).to(student_hidden.dtype) if wanted[0] else None,
+                student.d_weight.to(student_weight.dtype) if wanted[1] else None,
+                student.d_bias.to(student_bias.dtype) if wanted[2] else None)
         ctx.reduction = opts.reduction
-        lead_shape = (rows,) if alignment is not None else student_hidden.shape[:-1]
+        lead_shape = (rows,) if plan.alignment is not None else student_hidden.shape[:-1]
         return reduced_outputs(ctx, parts, lead_shape, labels, opts, scale)
 
     @staticmethod
     def backward(ctx, grad_output, *summary_grad):
+        if ctx.reduction == "none":
+            return (*_per_row_backward(ctx, grad_output), None, None, None, None, None, None, None)
         grads = ctx.saved_tensors
         for grad in grads:
             rescale_gradient_(grad, grad_output)
         return (*grads[:1], grads[1], grads[2], None, None, None, None, None, None, None)
+
+
+def _per_row_backward(ctx, grad_output):
+    """d student_hidden, d student_weight, d student_bias of sum(grad_output * per-row losses): the chunks again,
+    each student row's gradient times the grad_output of its loss row (its group's under an alignment; 0 for a row
+    of no group)."""
+    heads = ctx.saved_tensors
+    student_hidden, student_weight, student_bias = heads[:3]
+    device = student_hidden.device
+    alignment = ctx.settings[2]
+    weights = grad_output.reshape(-1).float()
+    if isinstance(alignment, TokenAlignment):
+        rows = student_hidden.numel() // student_hidden.shape[-1]
+        weights = torch.cat([weights, weights.new_zeros(1)])[row_groups(alignment.to(device), rows)]
+    student, teacher = _heads(*heads, ctx.settings[6], ctx.wanted, weights)
+    plan = _plan(ctx.settings, ctx.opts, student, teacher, device)
+    with torch.autocast(device.type, enabled=False), torch.no_grad():
+        cross_vocab_parts(student, teacher, ctx.labels, ctx.scale, ctx.opts, plan, True)
+    return (student.d_hidden.view(student_hidden.shape).to(student_hidden.dtype) if ctx.wanted[0] else None,
+            student.d_weight.to(student_weight.dtype) if ctx.wanted[1] else None,
+            student.d_bias.to(student_bias.dtype) if ctx.wanted[2] else None)

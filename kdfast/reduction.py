@@ -9,8 +9,13 @@ from dataclasses import dataclass
 
 import torch
 
-from kdfast.kernel_abi import PART_CE, PART_CORRECT, PART_ENTROPY, PART_KD, PART_Z
+from kdfast.kernel_abi import PART_CE, PART_COLUMNS, PART_CORRECT, PART_ENTROPY, PART_KD, PART_Z
 from kdfast.options import LossOptions
+
+# GOLD's hybrid (kdfast.cross_vocab) appends two columns to its parts: the matched divergence and the unmatched
+# sorted L1, each before its weight. No kernel writes them; the reductions below carry them when present.
+PART_MATCHED, PART_UNMATCHED = PART_COLUMNS, PART_COLUMNS + 1
+PART_SPLIT_COLUMNS = PART_COLUMNS + 2
 
 
 @dataclass(frozen=True)
@@ -24,8 +29,12 @@ class LossComponents:
     distribution. Reduced as the loss is: "mean" sums the kept rows' and divides as the loss does (by the kept rows
     or num_items_in_batch), "sum" sums, "none" gives it per row (0 for an ignored row); None when the loss has
     neither a divergence nor a CE term. `teachers`: with several teachers (`multi_teacher_distill_loss`), each one's
-    own divergence reduced as the loss ([M], or [..., M] for reduction="none"); None otherwise. The last two have
-    defaults, so that positional construction keeps working."""
+    own divergence reduced as the loss ([M], or [..., M] for reduction="none"); None otherwise. `matched` and
+    `unmatched`: for `cross_vocab_distill_loss` (and its linear form) with method="hybrid", GOLD's two parts before
+    their weights, matched_weight * matched + unmatched_weight * unmatched = kd: the divergence over the tokens both
+    vocabularies hold and the sorted L1 over the rest (0 where either side has no rest), reduced as the loss is (0
+    for an ignored row with "none"); None for other methods and losses, and when kd_weight is 0. The fields from
+    `entropy` on have defaults, so that positional construction keeps working."""
 
     kd: torch.Tensor | None
     ce: torch.Tensor | None
@@ -33,6 +42,8 @@ class LossComponents:
     accuracy: torch.Tensor | None
     entropy: torch.Tensor | None = None
     teachers: torch.Tensor | None = None
+    matched: torch.Tensor | None = None
+    unmatched: torch.Tensor | None = None
 
 
 def reduction_scale(labels, rows: int, opts: LossOptions, num_items_in_batch, device) -> torch.Tensor:
@@ -69,25 +80,30 @@ def weighted_total(parts: torch.Tensor, opts: LossOptions) -> torch.Tensor:
 
 def component_summary(parts: torch.Tensor, lead_shape, labels, opts: LossOptions, scale: torch.Tensor) -> torch.Tensor:
     """The parts reduced one by one, as a tensor (an autograd Function's second output): [PART_COLUMNS] (the
-    divergence, the CE, the z-loss and the entropy reduced as the loss, the accuracy over the kept rows), or
-    [*lead_shape, PART_COLUMNS] per row for reduction="none"."""
+    divergence, the CE, the z-loss and the entropy reduced as the loss, the accuracy over the kept rows; the
+    hybrid's matched and unmatched parts after them, reduced as the loss, when `parts` has those columns), or
+    [*lead_shape, columns] per row for reduction="none"."""
     parts = parts.detach()
     if opts.reduction == "none":
         return parts.view(*lead_shape, parts.shape[-1])
     sums = parts.sum(0)
     factor = scale if opts.reduction == "mean" else torch.ones_like(scale)
     kept = (labels != opts.ignore_index).sum() if labels is not None else torch.zeros((), device=parts.device)
+    split = [sums[PART_MATCHED] * factor, sums[PART_UNMATCHED] * factor] if parts.shape[-1] > PART_COLUMNS else []
     return torch.stack([sums[PART_KD] * factor, sums[PART_CE] * factor, sums[PART_Z] * factor,
-                        sums[PART_CORRECT] / kept.clamp(min=1).to(sums.dtype), sums[PART_ENTROPY] * factor])
+                        sums[PART_CORRECT] / kept.clamp(min=1).to(sums.dtype), sums[PART_ENTROPY] * factor, *split])
 
 
 def loss_components(summary: torch.Tensor, opts: LossOptions, has_labels: bool) -> LossComponents:
     """component_summary's tensor as the record users get."""
+    split = opts.has_kd and summary.shape[-1] > PART_COLUMNS
     return LossComponents(summary[..., PART_KD] if opts.has_kd else None,
                           summary[..., PART_CE] if opts.ce_weight != 0.0 else None,
                           summary[..., PART_Z] if opts.z_loss_weight != 0.0 else None,
                           summary[..., PART_CORRECT] if has_labels else None,
-                          summary[..., PART_ENTROPY] if opts.has_kd or opts.needs_labels else None)
+                          summary[..., PART_ENTROPY] if opts.has_kd or opts.needs_labels else None,
+                          matched=summary[..., PART_MATCHED] if split else None,
+                          unmatched=summary[..., PART_UNMATCHED] if split else None)
 
 
 def returned(outputs, opts: LossOptions, labels):

@@ -93,15 +93,17 @@ class UldTerms:
 
     def native_rows(self, student_logits, teacher_probs, student_log_mass, row_scale, grad, mass_grad,
                     grad_scale: float, accumulate: bool):
-        """(loss [C], entropy [C]) by the C++ pass; grad_scale * row_scale times the gradient written (or added)
-        into `grad` (float32 [C, V_s]) and the log-mass's into `mass_grad` [C]."""
+        """(loss [C], entropy [C], split [C, 2]: the hybrid's matched and unmatched parts unweighted, [C, 0] for
+        plain ULD) by the C++ pass; grad_scale * row_scale times the gradient written (or added) into `grad`
+        (float32 [C, V_s]) and the log-mass's into `mass_grad` [C]."""
         settings = [1.0 / self.student_temperature, self.beta, *self.weights, grad_scale]
         return torch.ops.kdfast_cpu.uld_rows(
             student_logits.float().contiguous(), teacher_probs.contiguous(), student_log_mass, row_scale,
             *self.columns, grad, mass_grad, DIVERGENCE_CODES[self.divergence], settings, accumulate)
 
     def row_losses(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_log_mass=None):
-        """(the rows' divergence, the student's entropy at its temperature) for a chunk: [C] each. A group of merged
+        """For a chunk: (the rows' divergence [C], the student's entropy at its temperature [C], and for the hybrid
+        its matched and unmatched parts before their weights [C, 2], detached, None for plain ULD). A group of merged
         tokens scales its row's probabilities by exp(student_log_mass) [C] (GOLD's unnormalised merge); the entropy
         is the row's own."""
         log_q = torch.log_softmax(student_logits.float() / self.student_temperature, dim=-1)
@@ -110,13 +112,14 @@ class UldTerms:
         if student_log_mass is not None:
             q = q * student_log_mass.exp()[:, None]
         if self.method == "uld":
-            return sorted_l1(q, teacher_probs), entropy
+            return sorted_l1(q, teacher_probs), entropy, None
         matched = matched_divergence(q[:, self.student_matched], teacher_probs[:, self.teacher_matched],
                                      self.divergence, self.beta)
         rest = (sorted_l1(q[:, self.student_rest], teacher_probs[:, self.teacher_rest])
                 if self.student_rest.numel() and self.teacher_rest.numel() else torch.zeros_like(matched))
         matched_weight, rest_weight = self.weights
-        return matched_weight * matched + rest_weight * rest, entropy
+        split = torch.stack([matched.detach(), rest.detach()], dim=-1)
+        return matched_weight * matched + rest_weight * rest, entropy, split
 
 
 def complement_columns(ids: torch.Tensor, width: int, device) -> torch.Tensor:

@@ -1,27 +1,18 @@
 """Two tokenizations of one text: `align_tokenizations` against TRL's GOLD (`ULDLoss._align_by_byte_offsets`, the
 merge of split tokens), and `cross_vocab_distill_loss(alignment=...)` equal to GOLD's ULDLoss with byte offsets
 (use_extended_uld, both merge strategies, uld and hybrid): loss and gradient, a batch of two samples of different
-lengths. Bad input named."""
+lengths, and the hybrid's matched/unmatched parts (LossComponents) as GOLD keeps them for its last sample. Bad input
+named."""
 
 import os
 import random
 
 import pytest
 import torch
+from small_vocab_map import STUDENT_VOCAB, TEACHER_VOCAB, Vocabulary
 
 import kdfast
 from kdfast.alignment import _groups_by_ends
-
-STUDENT_VOCAB, TEACHER_VOCAB = 11, 13
-
-
-class Vocabulary:
-    def __init__(self, vocab: dict):
-        self.vocab = vocab
-
-    def get_vocab(self):
-        return dict(self.vocab)
-
 
 TEACHER_STRINGS = {f"tok{i}": i for i in range(TEACHER_VOCAB)}
 STUDENT_STRINGS = {**{f"tok{t}": s for s, t in enumerate([5, 0, 12, 3, 9, 7, 1])},
@@ -136,15 +127,22 @@ def test_equals_golds_uld_loss_with_byte_offsets(merge, hybrid, temperatures, se
     alignment = kdfast_alignment(samples, ids, logits["student"].shape[1], merge)
     vmap = kdfast.VocabMap.from_tokenizers(Vocabulary(STUDENT_STRINGS), Vocabulary(TEACHER_STRINGS))
     s = logits["student"].clone().requires_grad_()
-    per_group = kdfast.cross_vocab_distill_loss(
+    per_group, parts = kdfast.cross_vocab_distill_loss(
         s, logits["teacher"], vocab_map=vmap, alignment=alignment, method="hybrid" if hybrid else "uld",
         divergence="jsd" if hybrid else "forward_kl", beta=0.5, student_temperature=temperatures[0],
-        teacher_temperature=temperatures[1], t2_scale=False, reduction="none")
+        teacher_temperature=temperatures[1], t2_scale=False, reduction="none", return_components=True)
     assert per_group.shape == (alignment.groups,)
     loss = gold_per_sample_mean(per_group, alignment, 2)
     loss.backward()
     torch.testing.assert_close(loss, expected.reshape(()), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(s.grad, s_trl.grad, rtol=1e-4, atol=1e-6)
+    if not hybrid:
+        assert parts.matched is None and parts.unmatched is None and not hasattr(uld, "last_matched_loss")
+        return
+    # GOLD keeps its last sample's parts, each the mean over that sample's groups, before the hybrid's weights.
+    last = alignment.sample == 1
+    torch.testing.assert_close(parts.matched[last].mean(), uld.last_matched_loss.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(parts.unmatched[last].mean(), uld.last_unmatched_loss.detach(), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

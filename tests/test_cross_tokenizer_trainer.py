@@ -132,6 +132,11 @@ def test_the_trainer_trains_and_logs_the_parts(tmp_path, tokenizers, method):
     for entry in logged:
         assert torch.isfinite(torch.tensor(entry["loss"]))
         assert "kd_loss" in entry and "ce_loss" in entry
+        # GOLD's hybrid splits its divergence into the matched tokens' and the rest's, logged under TRL's names.
+        split = {"matched_loss", "unmatched_loss"} & entry.keys()
+        assert split == ({"matched_loss", "unmatched_loss"} if method == "hybrid" else set())
+        if split:
+            assert entry["matched_loss"] >= 0 and entry["unmatched_loss"] >= 0
     assert any(not param.equal(old) for param, old in zip(trainer.model.parameters(), before))
     assert torch.isfinite(torch.tensor(trainer.evaluate()["eval_loss"]))
 

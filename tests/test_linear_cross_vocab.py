@@ -1,29 +1,20 @@
 """`linear_cross_vocab_distill_loss` equals `cross_vocab_distill_loss` of the heads' logits (every method, with and
-without an alignment that merges tokens, biases, per-model scale and softcap, small chunks): loss, components and
-the gradients of the student's hidden states, weight and bias; bad input named."""
+without an alignment that merges tokens, biases, per-model scale and softcap, small chunks, reductions "mean" and
+"none"): loss, components (the hybrid's matched and unmatched parts included) and the gradients of the student's
+hidden states, weight and bias; bad input named."""
 
 import pytest
 import torch
+from small_vocab_map import STUDENT_VOCAB, TEACHER_VOCAB, Vocabulary, small_vocab_map
 
 import kdfast
 
-STUDENT_VOCAB, TEACHER_VOCAB, H_S, H_T = 11, 13, 6, 5
-
-
-class Vocabulary:
-    def __init__(self, vocab: dict):
-        self.vocab = vocab
-
-    def get_vocab(self):
-        return dict(self.vocab)
+H_S, H_T = 6, 5
 
 
 @pytest.fixture(scope="module")
 def vocab_map():
-    teacher = {f"tok{i}": i for i in range(TEACHER_VOCAB)}
-    student = {**{f"tok{t}": s for s, t in enumerate([5, 0, 12, 3, 9, 7, 1])},
-               **{f"own{s}": s for s in range(7, STUDENT_VOCAB)}}
-    return kdfast.VocabMap.from_tokenizers(Vocabulary(student), Vocabulary(teacher))
+    return small_vocab_map()
 
 
 def heads(seed: int, rows: int = 7):
@@ -57,9 +48,19 @@ CASES = [("mapped", "forward_kl", False), ("mapped", "jsd", True), ("uld", "forw
          ("uld", "forward_kl", True), ("hybrid", "jsd", False), ("hybrid", "reverse_kl", True)]
 
 
+def seeded(loss):
+    """The loss's backward seed: a scalar's own, and random per-row weights (some 0, some negative) for "none"."""
+    if loss.dim() == 0:
+        return loss
+    weights = torch.randn(loss.shape, generator=torch.Generator().manual_seed(4))
+    weights[0] = 0.0
+    return (loss * weights).sum()
+
+
 @pytest.mark.parametrize("method, divergence, aligned", CASES)
 @pytest.mark.parametrize("maps", [((1.0, None), (1.0, None)), ((0.5, 3.0), (2.0, None))])
-def test_equals_the_logits_form(vocab_map, method, divergence, aligned, maps):
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_equals_the_logits_form(vocab_map, method, divergence, aligned, maps, reduction):
     tensors = heads(3)
     align = alignment() if aligned else None
     rows = align.groups if aligned else tensors["student_hidden"].shape[0]
@@ -68,23 +69,29 @@ def test_equals_the_logits_form(vocab_map, method, divergence, aligned, maps):
     labels = torch.randint(0, STUDENT_VOCAB, (rows,), generator=torch.Generator().manual_seed(1))
     labels[1] = -100
     settings = dict(vocab_map=vocab_map, alignment=align, method=method, divergence=divergence, beta=0.3,
-                    temperature=1.5, teacher_temperature=0.8, ce_weight=0.4, return_components=True)
+                    temperature=1.5, teacher_temperature=0.8, ce_weight=0.4, return_components=True,
+                    reduction=reduction)
     leaves = {name: tensors[name].clone().requires_grad_() for name in ("student_hidden", "student_weight",
                                                                        "student_bias")}
     student_logits, teacher_logits = logits_of({**tensors, **leaves}, maps)
     expected, expected_parts = kdfast.cross_vocab_distill_loss(student_logits, teacher_logits.detach(), labels,
                                                                **settings)
-    expected.backward()
+    seeded(expected).backward()
     found_leaves = {name: tensors[name].clone().requires_grad_() for name in leaves}
     loss, parts = kdfast.linear_cross_vocab_distill_loss(
         found_leaves["student_hidden"], found_leaves["student_weight"], tensors["teacher_hidden"],
         tensors["teacher_weight"], labels, student_bias=found_leaves["student_bias"],
         teacher_bias=tensors["teacher_bias"], student_logit_scale=maps[0][0], student_softcap=maps[0][1],
         teacher_logit_scale=maps[1][0], teacher_softcap=maps[1][1], chunk_size=3, **settings)
-    loss.backward()
+    seeded(loss).backward()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(parts.kd, expected_parts.kd, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(parts.entropy, expected_parts.entropy, rtol=1e-5, atol=1e-6)
+    for name in ("matched", "unmatched"):  # the hybrid's parts before their weights; None for other methods
+        if method == "hybrid":
+            torch.testing.assert_close(getattr(parts, name), getattr(expected_parts, name), rtol=1e-5, atol=1e-6)
+        else:
+            assert getattr(parts, name) is None and getattr(expected_parts, name) is None
     for name, leaf in found_leaves.items():
         torch.testing.assert_close(leaf.grad, leaves[name].grad, rtol=1e-4, atol=1e-6, msg=name)
 
@@ -93,8 +100,6 @@ def test_bad_input_names_the_argument(vocab_map):
     t = heads(0)
     call = kdfast.linear_cross_vocab_distill_loss
     args = (t["student_hidden"], t["student_weight"], t["teacher_hidden"][:7], t["teacher_weight"])
-    with pytest.raises(ValueError, match="reduction 'mean' or 'sum'"):
-        call(*args, vocab_map=vocab_map, reduction="none")
     with pytest.raises(ValueError, match=r"teacher_weight \(13, 4\) must be \[vocab, 5\]"):
         call(*args[:3], t["teacher_weight"][:, :4], vocab_map=vocab_map)
     with pytest.raises(ValueError, match="must have the same rows"):

@@ -2,8 +2,10 @@
 trained here on a small text (they share most token strings and split words differently); batches are built by TRL's
 own pieces (its dataset preparation, `DataCollatorForChatML`, `build_teacher_inputs_from_texts`). On them kdfast's
 `ULDLoss` gives TRL's `ULDLoss` loss and student-logit gradient for plain and hybrid ULD, extended and positional
-alignment, both merges, EOS skips, temperatures, weights, and samples with nothing to score; the trainer's loss and
-parameter gradients equal TRL's trainer's on one batch, and two off-policy steps of `train()` train as TRL's do."""
+alignment, both merges, EOS skips, temperatures, weights, and samples with nothing to score, and sets the hybrid's
+`last_matched_loss` / `last_unmatched_loss` to TRL's values; the trainer's loss and parameter gradients equal TRL's
+trainer's on one batch, and two off-policy steps of `train()` train and log (the matched/unmatched split included)
+as TRL's do."""
 
 import copy
 import dataclasses
@@ -109,17 +111,28 @@ def loss_and_grad(loss_cls, config, tokenizers, batch, logits):
     student = logits[0].clone().requires_grad_()
     loss = loss_fn(student_logits=student, teacher_logits=logits[1], **batch)
     loss.sum().backward()
-    return loss.detach(), student.grad
+    return loss.detach(), student.grad, loss_fn
+
+
+def assert_same_split(loss_fn, trl_loss_fn):
+    """The hybrid's matched/unmatched parts TRL's trainer logs: set by both or by neither, and equal."""
+    for name in ("last_matched_loss", "last_unmatched_loss"):
+        assert hasattr(loss_fn, name) == hasattr(trl_loss_fn, name), name
+        if hasattr(trl_loss_fn, name):
+            found, expected = getattr(loss_fn, name), getattr(trl_loss_fn, name).detach()
+            assert found.shape == expected.shape == () and not found.requires_grad
+            torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-8, msg=name)
 
 
 def assert_same_as_trl(config, tokenizers, batch, logits=None):
     logits = logits_for(batch, tokenizers) if logits is None else logits
-    loss, grad = loss_and_grad(ULDLoss, config, tokenizers, batch, logits)
-    expected, expected_grad = loss_and_grad(TRLULDLoss, config, tokenizers, batch, logits)
+    loss, grad, loss_fn = loss_and_grad(ULDLoss, config, tokenizers, batch, logits)
+    expected, expected_grad, trl_loss_fn = loss_and_grad(TRLULDLoss, config, tokenizers, batch, logits)
     assert loss.shape == expected.shape
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-8)
     error = (grad - expected_grad).norm() / expected_grad.norm().clamp_min(1e-30)
     assert error <= 1e-5, f"student-logit gradient: relative L2 error {error:.2e}"
+    assert_same_split(loss_fn, trl_loss_fn)
     return loss
 
 
@@ -221,7 +234,7 @@ def trainers(tokenizers, tmp_path_factory):
     dataset = Dataset.from_list(chat_examples(CHATS + [(c, p) for p, c in CHATS[:1]]))
     config = gold_config(root, teacher_tokenizer_name_or_path=str(root / "teacher"), uld_use_hybrid_loss=True,
                          uld_token_merge_strategy="bayesian", uld_crossentropy_weight=0.2, max_steps=2,
-                         learning_rate=1e-2)
+                         learning_rate=1e-2, logging_strategy="steps", logging_steps=1)
 
     def build(trainer_cls):
         return trainer_cls(model=copy.deepcopy(student), teacher_model=copy.deepcopy(teacher), args=config,
@@ -245,18 +258,18 @@ def test_trainer_loss_and_gradients_equal_trls(trainers):
         results.append((loss.detach(), {name: p.grad.clone() for name, p in each.model.named_parameters()}))
     (loss, grads), (expected, expected_grads) = results
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-8)
-    # TRL logs the hybrid's matched/unmatched split of its last sample; kdfast's loss has no such split to report.
+    # The hybrid's matched/unmatched split of the last sample, which TRL's compute_loss adds to its logs.
     assert hasattr(trl_trainer.uld_loss_fn, "last_matched_loss")
-    assert not hasattr(trainer.uld_loss_fn, "last_matched_loss")
+    assert_same_split(trainer.uld_loss_fn, trl_trainer.uld_loss_fn)
     for name, grad in grads.items():
         error = (grad - expected_grads[name]).norm() / expected_grads[name].norm().clamp_min(1e-30)
         assert error <= 1e-4, f"{name}.grad: relative L2 error {error:.2e}"
 
 
 def test_two_training_steps_train_as_trls(trainers):
-    """Off-policy (lmbda=0) steps: the student changes, and the run's mean loss is TRL's trainer's (same seed, same
-    batches)."""
-    results, before = [], {}
+    """Off-policy (lmbda=0) steps: the student changes, the run's mean loss is TRL's trainer's (same seed, same
+    batches), and so is each step's log, the hybrid's matched_loss / unmatched_loss included."""
+    results, logs, before = [], [], {}
     for each in trainers:
         each.model.zero_grad()  # the gradients of the test above must not reach the first step
         before = {name: p.detach().clone() for name, p in each.model.named_parameters()}
@@ -264,6 +277,14 @@ def test_two_training_steps_train_as_trls(trainers):
         assert each.state.global_step == 2
         changed = [name for name, p in each.model.named_parameters() if not torch.equal(p.detach(), before[name])]
         assert "lm_head.weight" in changed and len(changed) > len(before) // 2
+        logs.append([entry for entry in each.state.log_history if "loss" in entry])
     expected, loss = results
     assert torch.isfinite(torch.tensor(loss)) and loss > 0
     assert loss == pytest.approx(expected, rel=1e-4)
+    expected_logs, found_logs = logs
+    assert len(found_logs) == len(expected_logs) == 2
+    for found, wanted in zip(found_logs, expected_logs):
+        assert {"matched_loss", "unmatched_loss"} <= set(wanted) and set(found) == set(wanted)
+        for name in ("loss", "matched_loss", "unmatched_loss"):
+            # TRL rounds them to 4 decimals: one unit of the last place apart at most
+            assert found[name] == pytest.approx(wanted[name], abs=1.5e-4), name

@@ -62,20 +62,18 @@ const int64_t* optional_ids(const std::optional<at::Tensor>& ids, const char* na
 }
 
 // ULD (or GOLD's hybrid, given the matched and unmatched columns) per row of student logits [rows, V_s] and teacher
-// probabilities [rows, V_t] (contiguous float32): (loss [rows], entropy [rows]); grad_scale times row_scale (0 for an
+// probabilities [rows, V_t] (contiguous float32): (loss [rows], entropy [rows], split [rows, 2]: the hybrid's
+// matched and unmatched parts before their weights, [rows, 0] for plain ULD); grad_scale times row_scale (0 for an
 // ignored row) times the gradient with respect to the logits into `grad` (written, or added with `accumulate`) and
 // to the log-mass into `mass_grad`.
 // float_settings: 1 / T, beta, matched weight, rest weight, grad_scale.
-std::tuple<at::Tensor, at::Tensor> uld_rows(const at::Tensor& student_logits, const at::Tensor& teacher_probs,
-                                            const std::optional<at::Tensor>& student_log_mass,
-                                            const std::optional<at::Tensor>& row_scale,
-                                            const std::optional<at::Tensor>& matched_student,
-                                            const std::optional<at::Tensor>& matched_teacher,
-                                            const std::optional<at::Tensor>& rest_student,
-                                            const std::optional<at::Tensor>& rest_teacher,
-                                            const std::optional<at::Tensor>& grad,
-                                            const std::optional<at::Tensor>& mass_grad, int64_t divergence,
-                                            c10::ArrayRef<double> float_settings, bool accumulate) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> uld_rows(
+    const at::Tensor& student_logits, const at::Tensor& teacher_probs,
+    const std::optional<at::Tensor>& student_log_mass, const std::optional<at::Tensor>& row_scale,
+    const std::optional<at::Tensor>& matched_student, const std::optional<at::Tensor>& matched_teacher,
+    const std::optional<at::Tensor>& rest_student, const std::optional<at::Tensor>& rest_teacher,
+    const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& mass_grad, int64_t divergence,
+    c10::ArrayRef<double> float_settings, bool accumulate) {
   for (const at::Tensor* x : {&student_logits, &teacher_probs}) {
     KDFAST_CHECK_DEVICE(*x, c10::DeviceType::CPU);
     TORCH_CHECK(x->scalar_type() == at::kFloat && x->dim() == 2 && x->is_contiguous(),
@@ -101,6 +99,7 @@ std::tuple<at::Tensor, at::Tensor> uld_rows(const at::Tensor& student_logits, co
   };
   at::Tensor loss = at::empty({rows}, student_logits.options());
   at::Tensor entropy = at::empty({rows}, student_logits.options());
+  at::Tensor split = at::empty({rows, matched_student.has_value() ? 2 : 0}, student_logits.options());
   kdfast_cpu::UldRowsArgs args{};
   args.student_logits = student_logits.data_ptr<float>();
   args.teacher_probs = teacher_probs.data_ptr<float>();
@@ -126,11 +125,12 @@ std::tuple<at::Tensor, at::Tensor> uld_rows(const at::Tensor& student_logits, co
   args.grad_scale = static_cast<float>(float_settings[4]);
   args.loss = loss.data_ptr<float>();
   args.entropy = entropy.data_ptr<float>();
+  args.split = matched_student.has_value() ? split.data_ptr<float>() : nullptr;
   args.grad = check_rows(grad, "grad", true);
   args.mass_grad = check_rows(mass_grad, "mass_grad", false);
   args.accumulate = accumulate;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) { kdfast_cpu::uld_rows_cpu(args, begin, end); });
-  return {loss, entropy};
+  return {loss, entropy, split};
 }
 
 // The two models' tables and the map's columns of a "mapped" call (its outputs are the caller's).
@@ -214,7 +214,7 @@ TORCH_LIBRARY(kdfast_cpu, m) {
   m.def("uld_rows(Tensor student_logits, Tensor teacher_probs, Tensor? student_log_mass, Tensor? row_scale, "
         "Tensor? matched_student, "
         "Tensor? matched_teacher, Tensor? rest_student, Tensor? rest_teacher, Tensor(a!)? grad, Tensor(b!)? mass_grad, "
-        "int divergence, float[] float_settings, bool accumulate) -> (Tensor, Tensor)");
+        "int divergence, float[] float_settings, bool accumulate) -> (Tensor, Tensor, Tensor)");
   m.def("mapped_kl_rows(Tensor teacher_logits, Tensor student_logits, Tensor matched_student, Tensor matched_teacher, "
         "Tensor rest_student, Tensor rest_teacher, Tensor? labels, Tensor(a!)? grad, int ignore_index, "
         "float[] float_settings) -> Tensor");

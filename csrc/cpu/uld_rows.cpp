@@ -211,6 +211,7 @@ void uld_rows_cpu(const UldRowsArgs& a, int64_t begin, int64_t end) {
     const float row_scale = a.row_scale != nullptr ? a.row_scale[row] : 1.0f;
     if (row_scale == 0.0f) {  // an ignored row: no loss, no gradient, no work
       a.loss[row] = a.entropy[row] = 0.0f;
+      if (a.split != nullptr) a.split[2 * row] = a.split[2 * row + 1] = 0.0f;
       if (a.grad != nullptr && !a.accumulate) std::fill(a.grad + row * width, a.grad + (row + 1) * width, 0.0f);
       if (a.mass_grad != nullptr) a.mass_grad[row] = 0.0f;
       continue;
@@ -223,12 +224,19 @@ void uld_rows_cpu(const UldRowsArgs& a, int64_t begin, int64_t end) {
       loss = sorted_l1(w, p, m, nullptr, width, nullptr, a.teacher_width, 1.0f);
     } else {
       const float log_m = a.student_log_mass != nullptr ? a.student_log_mass[row] : 0.0f;
-      loss = a.matched_weight * matched_divergence(a, w, z, p, m, log_m - log_total);
+      const double matched = matched_divergence(a, w, z, p, m, log_m - log_total);
+      double rest = 0.0;
       if (a.rest_student_count > 0 && a.rest_teacher_count > 0) {
-        loss += a.rest_weight * sorted_l1(w, p, m, a.rest_student, a.rest_student_count, a.rest_teacher,
-                                          a.rest_teacher_count, a.rest_weight);
+        rest = sorted_l1(w, p, m, a.rest_student, a.rest_student_count, a.rest_teacher, a.rest_teacher_count,
+                         a.rest_weight);
       } else {
         for (int64_t k = 0; k < a.rest_student_count; ++k) w.g[a.rest_student[k]] = 0.0f;
+      }
+      loss = a.matched_weight * matched + a.rest_weight * rest;
+      // The two parts before their weights, for logging (GOLD logs them): they are at hand, the sum drops them.
+      if (a.split != nullptr) {
+        a.split[2 * row] = static_cast<float>(matched);
+        a.split[2 * row + 1] = static_cast<float>(rest);
       }
     }
     a.loss[row] = static_cast<float>(loss);

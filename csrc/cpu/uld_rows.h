@@ -31,6 +31,7 @@ struct UldRowsArgs {
   // outputs
   float* loss;       // [rows]
   float* entropy;    // [rows]: the student's entropy at T (of the row before any merge)
+  float* split;      // [rows, 2]: the hybrid's matched divergence and unmatched sorted L1, unweighted; or null
   float* grad;       // [rows, student_width]: grad_scale * d loss / d logits, written or added; or null
   float* mass_grad;  // [rows]: grad_scale * d loss / d student_log_mass, or null
   float grad_scale;

@@ -178,7 +178,9 @@ def batch_cross_vocab_loss(student, teacher, inputs, vocab_map: VocabMap, *, met
         ce, share = -logprobs.sum() / num_items_in_batch, count / num_items_in_batch
     kd = kd * share
     loss = kd_weight * kd + ce_weight * ce
-    return loss, LossComponents(kd=parts.kd * share, ce=ce.detach(), z_loss=None, accuracy=None)
+    scaled = {name: getattr(parts, name) * share if getattr(parts, name) is not None else None
+              for name in ("kd", "matched", "unmatched")}
+    return loss, LossComponents(ce=ce.detach(), z_loss=None, accuracy=None, **scaled)
 
 
 def trainer_settings(teacher_tokenizer, student_tokenizer, method, options, teacher_temperature,

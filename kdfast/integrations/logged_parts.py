@@ -12,15 +12,18 @@ class LoggedParts:
         self._batches = 0
 
     def add(self, parts, scale: float = 1.0) -> None:
-        """`parts`: one micro-batch's LossComponents. kd, ce, z, the student's entropy and, with several teachers,
-        each one's own divergence (`kd_loss_teacher_<m>`) are summed like the loss (each micro-batch's share of its
+        """`parts`: one micro-batch's LossComponents. kd, ce, z, the student's entropy, with several teachers each
+        one's own divergence (`kd_loss_teacher_<m>`) and, for GOLD's hybrid, its matched and unmatched parts
+        (`matched_loss`, `unmatched_loss`, TRL's names) are summed like the loss (each micro-batch's share of its
         optimizer step); the token accuracy is averaged over micro-batches."""
         teachers = getattr(parts, "teachers", None)
         each = [(f"kd_loss_teacher_{index}", value, scale) for index, value in enumerate(teachers)] \
             if teachers is not None else []
         for name, value, factor in (("kd_loss", parts.kd, scale), ("ce_loss", parts.ce, scale),
                                     ("z_loss", parts.z_loss, scale), ("entropy", parts.entropy, scale),
-                                    ("token_accuracy", parts.accuracy, 1.0), *each):
+                                    ("token_accuracy", parts.accuracy, 1.0),
+                                    ("matched_loss", getattr(parts, "matched", None), scale),
+                                    ("unmatched_loss", getattr(parts, "unmatched", None), scale), *each):
             if value is not None:
                 value = value.detach().float() * factor
                 self._sums[name] = self._sums[name] + value if name in self._sums else value

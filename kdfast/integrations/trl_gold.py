@@ -12,8 +12,8 @@ The result is TRL's: the same loss and gradients for plain and hybrid ULD, `use_
 and "bayesian" merges, both temperatures and every weight; TRL's cross-entropy term is TRL's own code. Two freedoms:
 where a row holds exactly tied student probabilities, the sorted L1's subgradient depends on which tied column takes
 which rank, and kdfast's sort may order ties otherwise than torch.sort; and the loss is float32 whatever the logits'
-dtype (TRL's is the logits' dtype). `last_matched_loss` / `last_unmatched_loss` are not set (see `ULDLoss`), so the
-trainer logs no matched/unmatched split for the hybrid instead of a made-up one."""
+dtype (TRL's is the logits' dtype). The hybrid's `last_matched_loss` / `last_unmatched_loss`, which TRL's trainer
+logs as `matched_loss` / `unmatched_loss`, are TRL's values (see `ULDLoss`), read from the same fused call."""
 
 from __future__ import annotations
 
@@ -45,9 +45,15 @@ class ULDLoss(_TRLULDLoss):
     """TRL's `ULDLoss` (built from the same `GOLDConfig` and tokenizers; `__call__` and its cross-entropy term are
     TRL's) whose distillation term is kdfast's fused cross-vocabulary loss over the batch's aligned groups.
 
-    TRL sets `last_matched_loss` / `last_unmatched_loss` to the last sample's matched and unmatched parts of the
-    hybrid; the fused loss returns each group's weighted sum only, so they are left unset: TRL's `compute_loss` then
-    logs no matched/unmatched split (setting them to None would log a split of zeros)."""
+    For the hybrid it sets `last_matched_loss` / `last_unmatched_loss` as TRL does: the parts of the last sample of
+    the batch that has groups to score (TRL's last call of `_compute_hybrid_uld_loss`), each the mean over that
+    sample's aligned groups of its unweighted part (TRL's "batchmean" of the matched divergence, and its sorted L1
+    summed and divided by the groups), before hybrid_matched_weight / hybrid_unmatched_weight and
+    distillation_weight, as 0-dim detached float32 tensors (TRL's are the logits' dtype and carry autograd history;
+    its trainer only calls `.item()` on them). They are read from the fused call's `LossComponents` (per group,
+    reduction "none"), not computed again. As in TRL, plain ULD and batches with no group to score leave them as
+    they were (unset before the first hybrid sample), and TRL's `compute_loss` adds each micro-batch's values to
+    its `matched_loss` / `unmatched_loss` logs."""
 
     def __init__(self, config, student_tokenizer=None, teacher_tokenizer=None, device=None):
         super().__init__(config, student_tokenizer=student_tokenizer, teacher_tokenizer=teacher_tokenizer,
@@ -130,14 +136,19 @@ class ULDLoss(_TRLULDLoss):
         alignment = TokenAlignment.cat(alignments)
         hybrid = self.method == "hybrid"
         divergence = hybrid_divergence(self.beta) if hybrid else "forward_kl"
-        group_losses = cross_vocab_distill_loss(
+        group_losses, parts = cross_vocab_distill_loss(
             student_logits.reshape(-1, student_logits.shape[-1]), teacher_logits.reshape(-1, teacher_logits.shape[-1]),
             vocab_map=self.vocab_map, alignment=alignment, method=self.method, divergence=divergence,
             beta=self.beta if divergence == "jsd" else 0.5,
             matched_weight=self.hybrid_matched_weight if hybrid else None,
             unmatched_weight=self.hybrid_unmatched_weight if hybrid else None,
             student_temperature=self.student_temperature, teacher_temperature=self.teacher_temperature,
-            t2_scale=False, reduction="none")  # GOLD's ULD has no T^2 factor
+            t2_scale=False, reduction="none", return_components=True)  # GOLD's ULD has no T^2 factor
+        if hybrid:
+            # TRL keeps the last sample's parts, each averaged over its groups: the batch's last groups here.
+            last = alignments[-1].groups
+            self.last_matched_loss = parts.matched[-last:].mean()
+            self.last_unmatched_loss = parts.unmatched[-last:].mean()
         # TRL: each sample's loss is the mean over its groups; the batch's the mean over all samples.
         sample = torch.tensor(owners, dtype=torch.int64)[alignment.sample].to(group_losses.device)
         sums = group_losses.new_zeros(batch_size).index_add(0, sample, group_losses)
