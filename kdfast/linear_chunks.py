@@ -90,6 +90,10 @@ def chunk_rows(chunk_size, heads: Heads) -> int:
         per_row += heads.vocab * heads.logits_dtype(heads.teacher.dtype).itemsize
     elif isinstance(heads.teacher, TeacherHeads):
         per_row += heads.vocab * 4 * heads.teacher.chunk_buffers
+        # Each model keeps the share of the budget it has beside one teacher (half): more teachers would otherwise
+        # shrink the chunk to GEMMs of a few rows, which run slowly (on this CPU 128 rows cost up to 1.5x the
+        # whole GEMM, 256 rows and more its speed).
+        budget = budget * (1 + heads.teacher.chunk_buffers) // 2
     if heads.student_map.softcap is not None:
         per_row += heads.vocab * student_bytes  # the uncapped student logits, kept for the chain rule
     if student_bytes != heads.student_dtype.itemsize:

@@ -4,12 +4,12 @@ sum_m w_m D(p_m || q). Weights: `kdfast.teacher_weights`.
 
 A mixture is a teacher kind the one fused path carries (`kernel_abi.MixedTeachers`): the rows kernel of the chosen
 backend takes the M teachers and the rows' log-weights in the place of one teacher's logits. The C++ kernel mixes each
-row in its own scratch (M exps and one log per column beside the student's exp; nothing of [N, V] written); other
-backends mix a chunk of rows into T * log p_bar (`teacher_mixture.py`), logits whose softmax at T is p_bar, and run
-their single-teacher kernel on it: the divergence, the CE, the gradient, every numerical guard come with the kernel.
-"average" runs the single-teacher op once per teacher (and once for the CE) and weighs each row's divergence and
-gradient. One gradient [..., V] is kept for backward (the student's own storage with `inplace_backward=True` and the
-mixture)."""
+row in its own scratch (M exps and one log per column beside the student's exp; nothing of [N, V] written), the
+Triton kernel at each read of the teacher (kernels/mixture.py); CUDA and torch mix a chunk of rows into
+T * log p_bar (`teacher_mixture.py`), logits whose softmax at T is p_bar, and run their single-teacher kernel on it:
+the divergence, the CE, the gradient, every numerical guard come with the kernel. "average" runs the single-teacher
+op once per teacher (and once for the CE) and weighs each row's divergence and gradient. One gradient [..., V] is
+kept for backward (the student's own storage with `inplace_backward=True` and the mixture)."""
 
 from __future__ import annotations
 

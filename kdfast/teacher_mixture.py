@@ -1,7 +1,8 @@
 """Several teachers as one teacher kind (`kernel_abi.MixedTeachers`) on any backend. The C++ kernel mixes each row
-in its own scratch (csrc/cpu/mixture_row.h); elsewhere (CUDA, Triton, torch) a chunk of rows is mixed by the torch
-statement below into T * log p_bar, logits whose softmax at T is the mixture, and the backend's single-teacher rows
-kernel takes it from there: every divergence, the CE family and the numerical guards come with it."""
+in its own scratch (csrc/cpu/mixture_row.h) and the Triton kernel at each read of the teacher (kernels/mixture.py);
+elsewhere (CUDA, torch) a chunk of rows is mixed by the torch statement below into T * log p_bar, logits whose
+softmax at T is the mixture, and the backend's single-teacher rows kernel takes it from there: every divergence, the
+CE family and the numerical guards come with it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,17 @@ from kdfast.kernel_abi import FUSED, PART_COLUMNS, MixedTeachers, Phase, PhaseCa
 from kdfast.options import LossOptions
 
 _CHUNK_ELEMENTS = 1 << 22  # elements of one teacher's chunk: M float32 temporaries of 16 MiB
+
+
+def kernel_teachers(teacher: MixedTeachers, call: PhaseCall) -> list:
+    """The teachers as a mixing kernel reads them (the C++ one, the Triton one): one dtype and one layout, float32
+    contiguous copies where they differ; fused calls only."""
+    if call.phase != Phase.FUSED:
+        raise ValueError("several teachers are mixed in fused calls only (no vocab-parallel phases)")
+    teachers, first = list(teacher.teachers), teacher.teachers[0]
+    if any(t.dtype != first.dtype or t.stride() != first.stride() for t in teachers):
+        teachers = [t.float().contiguous() for t in teachers]
+    return teachers
 
 
 def mixed_logits(teachers, log_weights: torch.Tensor, temperature: float) -> torch.Tensor:

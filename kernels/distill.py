@@ -8,6 +8,8 @@ pass 2  per-element loss terms (SUMS: and q log q); forward/reverse KL also writ
         # read 2 x row (+ write row)
 pass 3  FUSED JSD and skews only: their gradient needs D = sum(q * d) from pass 2;  # read 2 x row, write row
 SUMS and GRADIENT take the global log-sum-exps instead of pass 1 and run pass 2 alone.
+Several teachers (FUSED, MIX_TEACHERS): a pre-pass reads each teacher's row once for its max and sum-exp, and each
+pass's teacher block is their mixture, M rows read (kernels/mixture.py).
 Memory traffic for forward KL in bf16: 2 + 2 + 2 + 2 (reads) + 2 (write) = 10 bytes per element.
 The gradient is (kd_scale / T) * dL/da plus the CE family's soft * softmax(s) - label * onehot - uniform (the CE's
 smoothed target and the z-loss; kernel_abi.h), times the reduction's scale;
@@ -26,6 +28,7 @@ import triton.language as tl
 
 from kdfast import kernel_abi
 from kdfast.kernel_abi import PART_COLUMNS, STAT_COLUMNS, Divergence, Phase
+from kdfast.kernels.mixture import mixed_teacher, mixture_prepass
 
 FORWARD_KL = tl.constexpr(int(Divergence.FORWARD_KL))
 REVERSE_KL = tl.constexpr(int(Divergence.REVERSE_KL))
@@ -119,6 +122,16 @@ def _load(row_ptr, cols, mask):
 
 
 @triton.jit
+def _teacher(t_row, cols, mask, mix_offsets_ptr, mix_row, teachers, inv_t, MIX_TEACHERS: tl.constexpr):
+    """A block of the teacher's logits: the one teacher's, or the mixture's in logit units (kernels/mixture.py)."""
+    if MIX_TEACHERS:
+        t = mixed_teacher(t_row, mix_offsets_ptr, mix_row, teachers, cols, mask, inv_t)
+    else:
+        t = _load(t_row, cols, mask)
+    return t
+
+
+@triton.jit
 def _ce_grad(s, q, ref_c, log_z_c, cols, local_label, soft_coef, label_coef, uniform_coef,
              CE_FROM_TEMPERED: tl.constexpr):
     """The CE family's gradient, times the row scale: soft * softmax(s) - label * onehot(label) - uniform
@@ -196,18 +209,22 @@ def distill_fwd_kernel(
     # loss settings
     inv_t, beta, log_beta, log_1m_beta, kd_scale, ce_weight, label_smoothing, inv_global_vocab, z_loss_weight,
     ignore_index,
+    # several teachers (MIX_TEACHERS): element offsets of each from teacher_ptr, log-weights, the pre-pass's scratch
+    mix_offsets_ptr, log_weights_ptr, log_weights_stride, mix_scratch_ptr, teachers,
     DIVERGENCE: tl.constexpr, PHASE: tl.constexpr, HAS_KD: tl.constexpr, HAS_CE: tl.constexpr,
     CE_FROM_TEMPERED: tl.constexpr, HAS_LABELS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
-    NEEDS_LABELS: tl.constexpr, SMOOTH: tl.constexpr,
+    NEEDS_LABELS: tl.constexpr, SMOOTH: tl.constexpr, MIX_TEACHERS: tl.constexpr,
 ):
     # HAS_CE: the student's statistics at T = 1 (the CE term, or the z-loss alone); NEEDS_LABELS: the CE term (its
-    # weight is not 0); SMOOTH: label smoothing, whose target needs sum_j s_j.
+    # weight is not 0); SMOOTH: label smoothing, whose target needs sum_j s_j; MIX_TEACHERS: the teacher is p_bar
+    # of several (FUSED only), each read of it mixed again from their rows.
     row = tl.program_id(0).to(tl.int64)
     batch_index = row // rows_per_batch
     row_index = row % rows_per_batch
     s_row = student_ptr + batch_index * student_stride_b + row_index * student_stride_r
     t_row = teacher_ptr + batch_index * teacher_stride_b + row_index * teacher_stride_r
     g_row = grad_ptr + batch_index * grad_stride_b + row_index * grad_stride_r
+    mix_row = mix_scratch_ptr + row * 2 * teachers
     offsets = tl.arange(0, BLOCK_V)
     NEG_INF: tl.constexpr = float("-inf")
 
@@ -246,6 +263,9 @@ def distill_fwd_kernel(
         rkl_d = 0.0
         rkl_offset = 0.0
         q_log_q = 0.0  # sum_j q_j log q_j of the student's entropy over these columns: FUSED pass 1, SUMS pass 2
+        if MIX_TEACHERS and HAS_KD:
+            mixture_prepass(t_row, mix_offsets_ptr, log_weights_ptr + row * log_weights_stride, mix_row, teachers,
+                            vocab, inv_t, BLOCK_V)
         if (PHASE == FUSED) | (PHASE == STATS):
             # ---- pass 1: running statistics (maxima in logit units) ----
             m_s = NEG_INF
@@ -265,7 +285,7 @@ def distill_fwd_kernel(
                 ref_new = _finite_or_zero(m_new)
                 moved = m_new != m_s
                 if HAS_KD:
-                    t = _load(t_row, cols, mask)
+                    t = _teacher(t_row, cols, mask, mix_offsets_ptr, mix_row, teachers, inv_t, MIX_TEACHERS)
                     t_max_new = tl.maximum(m_t, tl.max(t, axis=0))
                     alpha_s = tl.where(moved, tl.exp((m_s - m_new) * inv_t), 1.0)
                     e_s = tl.exp((s - ref_new) * inv_t)
@@ -340,7 +360,10 @@ def distill_fwd_kernel(
             # The mixtures' score at r (fused): h_r, from s_r = the row's max.
             h_ref = 0.0
             if (DIVERGENCE >= JSD) & (PHASE == FUSED) & HAS_KD:
-                t_r = tl.load(t_row + ref_index).to(tl.float32)
+                if MIX_TEACHERS:
+                    t_r = mixed_teacher(t_row, mix_offsets_ptr, mix_row, teachers, ref_index, ref_index >= 0, inv_t)
+                else:
+                    t_r = tl.load(t_row + ref_index).to(tl.float32)
                 lt_r = (t_r - ref_t) * inv_t - log_z_t
                 ref_terms, h_ref = _mixture_term_and_score(-log_z_s, lt_r, tl.exp(-log_z_s), tl.exp(lt_r), beta,
                                                            log_beta, log_1m_beta, DIVERGENCE)
@@ -372,7 +395,7 @@ def distill_fwd_kernel(
                         q_log_q_acc += _q_log_q((s - ref_c) - log_z_c, mask)
                 grad_kd = tl.zeros([BLOCK_V], dtype=tl.float32)
                 if HAS_KD:
-                    t = _load(t_row, cols, mask)
+                    t = _teacher(t_row, cols, mask, mix_offsets_ptr, mix_row, teachers, inv_t, MIX_TEACHERS)
                     lt = (t - ref_t) * inv_t - log_z_t
                     p = tl.exp(lt)
                     if DIVERGENCE == FORWARD_KL:
@@ -416,7 +439,7 @@ def distill_fwd_kernel(
                     cols = start + offsets
                     mask = cols < vocab
                     s = _load(s_row, cols, mask)
-                    t = _load(t_row, cols, mask)
+                    t = _teacher(t_row, cols, mask, mix_offsets_ptr, mix_row, teachers, inv_t, MIX_TEACHERS)
                     ls = (s - ref_s) * inv_t - log_z_s
                     lt = (t - ref_t) * inv_t - log_z_t
                     q = tl.exp(ls)
@@ -445,9 +468,10 @@ def launch_config(vocab: int) -> tuple[int, int]:
     return block, (8 if block >= 2048 else 4)
 
 
-def distill_forward_rows(student, teacher, labels, grad_scale, grad, opts, call) -> torch.Tensor:
+def distill_forward_rows(student, teacher, labels, grad_scale, grad, opts, call, mixture=None) -> torch.Tensor:
     """Launches one program per row of the [batch, rows, vocab] views in `call`'s phase (settings: the record
-    `opts`); returns the phase's float32 outputs."""
+    `opts`); returns the phase's float32 outputs. `mixture`: (offsets, log_weights) of several teachers, `teacher`
+    the first of them (kdfast.backends.triton_backend.mixture_forward_rows), FUSED only."""
     batch, rows_per_batch, vocab = student.shape
     rows = batch * rows_per_batch
     shape = {Phase.FUSED: (rows, PART_COLUMNS), Phase.GRADIENT: (0,)}.get(call.phase, (rows, STAT_COLUMNS))
@@ -460,6 +484,11 @@ def distill_forward_rows(student, teacher, labels, grad_scale, grad, opts, call)
     beta = opts.beta
     stats = call.row_stats if call.row_stats is not None else out
     totals = call.row_totals if call.row_totals is not None else out
+    offsets, log_weights, weights_stride, scratch, teachers = out, out, 0, out, 0  # unread without MIX_TEACHERS
+    if mixture is not None:
+        offsets, log_weights = mixture
+        weights_stride, teachers = log_weights.stride(0), offsets.numel()
+        scratch = torch.empty(rows, teachers, 2, dtype=torch.float32, device=student.device)
     distill_fwd_kernel[(rows,)](
         student, teacher, labels if labels is not None else out, grad_arg, out, grad_scale, stats, totals,
         rows_per_batch, vocab, int(call.col_offset),
@@ -469,10 +498,11 @@ def distill_forward_rows(student, teacher, labels, grad_scale, grad, opts, call)
         math.log(beta) if beta > 0 else -math.inf, math.log1p(-beta) if beta < 1 else -math.inf,
         float(opts.kd_scale), float(opts.ce_weight), float(opts.label_smoothing),
         1.0 / (call.global_vocab or vocab), float(opts.z_loss_weight), int(opts.ignore_index),
+        offsets, log_weights, weights_stride, scratch, teachers,
         DIVERGENCE=opts.divergence_code, PHASE=int(call.phase), HAS_KD=opts.has_kd, HAS_CE=opts.has_ce,
         # CE reuses the student's tempered statistics at T = 1.
         CE_FROM_TEMPERED=opts.has_ce and opts.has_kd and opts.temperature == 1.0,
         HAS_LABELS=labels is not None, WRITE_GRAD=write_grad, BLOCK_V=block_v, NEEDS_LABELS=opts.needs_labels,
-        SMOOTH=opts.has_ce and opts.label_smoothing != 0.0, num_warps=num_warps,
+        SMOOTH=opts.has_ce and opts.label_smoothing != 0.0, MIX_TEACHERS=mixture is not None, num_warps=num_warps,
     )
     return out

@@ -131,6 +131,18 @@ def test_bench_multi_teacher_smoke(tmp_path):
     assert float(rows["logits", "kdfast mixture"]["x_floor"]) > 0
 
 
+def test_bench_multi_teacher_dtype_and_heads(tmp_path):
+    """--dtype and the heads' sizes: the CSV (beyond the CPU fp32 run's columns) says them, and has no failure."""
+    _run(tmp_path, "benchmarks/bench_multi_teacher.py", "--tokens", "16", "--linear-tokens", "16", "--vocab", "300",
+         "--repeats", "1", "--dtype", "bf16", "--hidden", "16", "--teacher-hidden", "24", "32", "48")
+    rows = {(r["form"], r["method"]): r
+            for r in csv.DictReader(next(tmp_path.glob("bench_multi_teacher_*.csv")).open())}
+    assert float(rows["linear", "6 GEMMs alone (floor)"]["x_floor"]) == 1.0
+    assert float(rows["linear", "loop of 3 kdfast linear calls (average)"]["x_loop"]) == 1.0
+    assert {(r["dtype"], r["hidden"], r["teacher_hidden"], r["error"]) for r in rows.values()} == {
+        ("bf16", "16", "24 32 48", "")}
+
+
 def test_bench_cross_vocab_smoke(tmp_path):
     _run(tmp_path, "benchmarks/bench_cross_vocab.py", "--rows", "16", "--student-vocab", "300", "--teacher-vocab",
          "400", "--shared", "200", "--repeats", "1")

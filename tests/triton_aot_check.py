@@ -34,7 +34,7 @@ def compile_kernel(dtype: str, capability: int, num_warps: int, kernel=distill.d
             signature[name] = "constexpr"
         elif name in ("student_ptr", "teacher_ptr", "grad_ptr"):
             signature[name] = POINTER_TYPES[dtype]
-        elif name in ("labels_ptr", "ids_ptr"):
+        elif name in ("labels_ptr", "ids_ptr", "mix_offsets_ptr"):
             signature[name] = "*i64"
         elif name.endswith("_ptr"):
             signature[name] = "*fp32"
@@ -85,6 +85,8 @@ def variants():
         for flags in SHARD_FLAGS:
             write_grad = flags["WRITE_GRAD"] and not (flags["PHASE"] == 2 and divergence != 0)
             yield capability, divergence, "bf16", dict(flags, WRITE_GRAD=write_grad)
+        # Several teachers mixed in the kernel (fused only).
+        yield capability, divergence, "bf16", dict(FUSED_FLAGS[0], MIX_TEACHERS=1)
         # A sparse teacher (K = 64), bucket: fused, then the shard's phases.
         for flags in [FUSED_FLAGS[0], *SHARD_FLAGS]:
             write_grad = flags["WRITE_GRAD"] and not (flags["PHASE"] == 2 and divergence != 0)
@@ -95,6 +97,8 @@ def report(variant) -> str:
     capability, divergence, dtype, flags = variant
     block_v, num_warps = distill.launch_config(128_256)
     kernel = sparse.sparse_fwd_kernel if "TAIL" in flags else distill.distill_fwd_kernel
+    if kernel is distill.distill_fwd_kernel:
+        flags = {"MIX_TEACHERS": 0, **flags}
     compiled = compile_kernel(dtype, capability, num_warps, kernel, DIVERGENCE=divergence, BLOCK_V=block_v, **flags)
     ptx = compiled.asm["ptx"]
     loads = sorted(set(re.findall(r"ld\.global(?:\.[a-z0-9]+)*", ptx)))

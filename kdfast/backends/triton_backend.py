@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from kdfast.kernel_abi import FUSED, PhaseCall, SparseTargets
+import torch
+
+from kdfast.kernel_abi import FUSED, MixedTeachers, PhaseCall, SparseTargets
 from kdfast.options import LossOptions
+from kdfast.teacher_mixture import kernel_teachers
 
 
 def forward_rows(student, teacher, labels, grad_scale, grad, opts: LossOptions, call: PhaseCall = FUSED):
@@ -17,3 +20,37 @@ def sparse_forward_rows(student, teacher: SparseTargets, labels, grad_scale, gra
     from kdfast.kernels.sparse import sparse_forward_rows as launch
 
     return launch(student, teacher.ids, teacher.logprobs, labels, grad_scale, grad, opts, call)
+
+
+def teacher_offsets(teachers) -> torch.Tensor:
+    """Each teacher's element offset from the first's data (int64 [M], on their device): the kernel takes one
+    pointer, and teacher m's rows are the first's plus this offset, in the first's strides."""
+    first = teachers[0]
+    size = first.element_size()
+    offsets = []
+    for index, teacher in enumerate(teachers):
+        if teacher.dtype != first.dtype or teacher.stride() != first.stride() or teacher.device != first.device:
+            raise ValueError(f"teacher {index} is {teacher.dtype} with strides {teacher.stride()} on "
+                             f"{teacher.device}, teacher 0 {first.dtype} with {first.stride()} on {first.device}: "
+                             "the teachers of one mixture must share dtype, layout and device")
+        distance = teacher.data_ptr() - first.data_ptr()
+        if distance % size:
+            raise ValueError(f"teacher {index} starts {distance} bytes from teacher 0, not a whole number of "
+                             f"{first.dtype} elements")
+        offsets.append(distance // size)
+    return torch.tensor(offsets, dtype=torch.int64).to(first.device, non_blocking=True)
+
+
+def mixture_forward_rows(student, teacher: MixedTeachers, labels, grad_scale, grad, opts: LossOptions,
+                         call: PhaseCall = FUSED):
+    """Several teachers mixed per row inside the kernel (kernels/mixture.py): fused calls only."""
+    teachers = kernel_teachers(teacher, call)
+    if not opts.has_kd:
+        return forward_rows(student, student, labels, grad_scale, grad, opts, call)
+    from kdfast.kernels.distill import distill_forward_rows
+
+    log_weights = teacher.log_weights.float()
+    if log_weights.stride(-1) != 1:
+        log_weights = log_weights.contiguous()
+    mixture = (teacher_offsets(teachers), log_weights)
+    return distill_forward_rows(student, teachers[0], labels, grad_scale, grad, opts, call, mixture)

@@ -1,0 +1,73 @@
+"""Several teachers mixed inside the Triton row kernel (docs/DESIGN.md, "A mixture is not a new loss"):
+p_bar = sum_m w_m softmax(t_m / T), handed to kernels/distill.py's passes as the logits T * log p_bar, whose softmax
+at T is p_bar, so that every divergence, the CE family and the numerical guards are the single teacher's.
+
+Triton takes no list of pointers: the teachers share one dtype and one layout, and teacher m's row is teacher 0's
+plus m's element offset (`offsets_ptr`, int64). Per row a pre-pass writes each teacher's (ref_m, log w_m - log z_m)
+into a float32 scratch row [M, 2]; every later read of the teacher recomputes the mixture from the M rows (no
+[rows, V] mixture is written)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _finite_or_zero(reference):
+    # A max of +-inf (no mass, an inf logit) must not be subtracted: inf - inf is NaN.
+    return tl.where((reference == float("-inf")) | (reference == float("inf")), 0.0, reference)
+
+
+@triton.jit
+def mixture_prepass(t_row, offsets_ptr, log_weights_row, scratch_row, teachers, vocab, inv_t,
+                    BLOCK_V: tl.constexpr):
+    """scratch_row[2m], [2m + 1] = ref_m (teacher m's max over the row, 0 if not finite) and log w_m - log z_m,
+    z_m = sum_j exp((t_mj - ref_m) / T); -inf for a teacher that adds nothing to this row (its weight is 0, or its
+    row is all -inf, as the C++ kernel drops it), which the mixed reads then never load."""
+    offsets = tl.arange(0, BLOCK_V)
+    for m in range(teachers):
+        log_weight = tl.load(log_weights_row + m)
+        top = tl.full([], float("-inf"), tl.float32)
+        z = tl.full([], 0.0, tl.float32)
+        if log_weight != float("-inf"):  # a routed-away teacher costs no read of its row
+            row = t_row + tl.load(offsets_ptr + m)
+            for start in range(0, vocab, BLOCK_V):
+                cols = start + offsets
+                t = tl.load(row + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+                top_new = tl.maximum(top, tl.max(t, axis=0))
+                alpha = tl.where(top_new != top, tl.exp((top - top_new) * inv_t), 1.0)
+                z = z * alpha + tl.sum(tl.exp((t - _finite_or_zero(top_new)) * inv_t), axis=0)
+                top = top_new
+        tl.store(scratch_row + 2 * m, _finite_or_zero(top))
+        tl.store(scratch_row + 2 * m + 1, tl.where(z > 0.0, log_weight - tl.log(z), float("-inf")))
+    # On a GPU one thread stores a scalar and every thread of the program reads it back in the later passes.
+    tl.debug_barrier()
+
+
+@triton.jit
+def _mixture_term(t_row, offsets_ptr, scratch_row, m, cols, mask, inv_t):
+    """(t_m - ref_m) / T + log w_m - log z_m at `cols`; -inf for a dropped teacher, whose row is not loaded."""
+    log_scale = tl.load(scratch_row + 2 * m + 1)
+    row = t_row + tl.load(offsets_ptr + m)
+    # (tl.where: the interpreter cannot `&` a block mask with a splatted scalar condition)
+    keep = tl.where(log_scale != float("-inf"), mask, False)
+    t = tl.load(row + cols, mask=keep, other=float("-inf")).to(tl.float32)
+    # Centred before the temperature divides: t / T - ref / T would round every term by |ref| / T.
+    return (t - tl.load(scratch_row + 2 * m)) * inv_t + log_scale
+
+
+@triton.jit
+def mixed_teacher(t_row, offsets_ptr, scratch_row, teachers, cols, mask, inv_t):
+    """The mixture's logits at `cols` (a block, or one column), float32: T * log p_bar, with log p_bar the exact
+    log-sum-exp over m of the terms (their max, then a sum of exps; never the log of an underflowed sum): -inf
+    where no teacher has mass, and masked lanes -inf as a single teacher's load gives them."""
+    hi = tl.zeros_like(cols).to(tl.float32) + float("-inf")
+    for m in range(teachers):
+        hi = tl.maximum(hi, _mixture_term(t_row, offsets_ptr, scratch_row, m, cols, mask, inv_t))
+    base = _finite_or_zero(hi)
+    total = tl.zeros_like(hi)
+    for m in range(teachers):  # each block read again, not held: M is a run-time count
+        total += tl.exp(_mixture_term(t_row, offsets_ptr, scratch_row, m, cols, mask, inv_t) - base)
+    # A NaN term poisons the sum even where maximum dropped it (on a GPU).
+    return (base + tl.log(total)) * (1.0 / inv_t)

@@ -1,0 +1,126 @@
+"""Several teachers mixed inside the Triton row kernel (kernels/mixture.py), held to the torch backend and the float64
+reference: every divergence, M in {1, 2, 3, 5}, zero weights in some rows, -inf columns, bf16 teachers, T in
+{0.5, 1, 2}, the CE with ignored rows; loss and the student's gradient. Under the interpreter on a CPU."""
+
+import math
+
+import pytest
+import torch
+from conftest import device_for
+
+import kdfast
+from kdfast.kernel_abi import FUSED, MixedTeachers, Phase, PhaseCall
+from kdfast.options import LossOptions
+from kdfast.reference import multi_teacher_distill_loss_reference
+
+pytest.importorskip("triton")
+
+from kdfast.backends import triton_backend  # noqa: E402
+
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
+ROWS, VOCAB = 6, 45
+DEVICE = device_for("triton")
+
+
+def make_inputs(teachers: int, divergence: str, teacher_dtype=torch.float32, seed: int = 0):
+    """Teachers [M, ROWS, VOCAB] with -inf columns: two in teacher 1, and (but under reverse KL, which a teacher
+    without mass where the student has some makes infinite) column 7 in every teacher; per-row weights with a
+    routing one-hot row and a zero weight. Labels with two ignored rows."""
+    generator = torch.Generator().manual_seed(seed)
+    student = torch.randn(ROWS, VOCAB, generator=generator) * 4
+    stacked = torch.randn(teachers, ROWS, VOCAB, generator=generator) * 4
+    if teachers > 1:
+        stacked[1, :, [3, 20]] = -math.inf
+    if divergence != "reverse_kl":
+        stacked[:, :, 7] = -math.inf
+    weights = torch.rand(ROWS, teachers, generator=generator) + 0.1
+    weights[0] = 0.0
+    weights[0, 0] = 1.0  # only teacher 0 counts in row 0
+    if teachers > 1:
+        weights[3, 1] = 0.0
+    labels = torch.randint(0, VOCAB, (ROWS,), generator=generator)
+    labels[[2, 5]] = -100
+    return student.to(DEVICE), stacked.to(teacher_dtype).to(DEVICE), weights.to(DEVICE), labels.to(DEVICE)
+
+
+def loss_and_gradient(student, teachers, labels, backend, **settings):
+    s = student.clone().requires_grad_()
+    loss = kdfast.multi_teacher_distill_loss(s, teachers, labels, backend=backend, **settings)
+    loss.backward()
+    return loss.detach(), s.grad
+
+
+def reference_loss_and_gradient(student, teachers, labels, **settings):
+    s64 = student.double().requires_grad_()
+    expected = multi_teacher_distill_loss_reference(s64, torch.stack(list(teachers)).double(), labels, **settings)
+    expected.backward()
+    return expected.detach(), s64.grad
+
+
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("teachers", [1, 2, 3, 5])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_the_kernel_mixture_equals_torch_and_the_float64_reference(divergence, teachers, teacher_dtype):
+    student, stacked, weights, labels = make_inputs(teachers, divergence, teacher_dtype, seed=teachers)
+    for temperature in (0.5, 1.0, 2.0):
+        settings = dict(divergence=divergence, beta=0.3, temperature=temperature, ce_weight=0.5, weights=weights,
+                        combine="mixture")
+        loss, grad = loss_and_gradient(student, list(stacked), labels, "triton", **settings)
+        torch_loss, torch_grad = loss_and_gradient(student, list(stacked), labels, "torch", **settings)
+        expected, expected_grad = reference_loss_and_gradient(student, stacked, labels, **settings)
+        case = f"{divergence}, M={teachers}, {teacher_dtype}, T={temperature}"
+        assert bool(torch.isfinite(loss)), case
+        torch.testing.assert_close(loss, torch_loss, rtol=1e-5, atol=1e-6, msg=case)
+        torch.testing.assert_close(grad, torch_grad, rtol=1e-4, atol=1e-6, msg=case)
+        torch.testing.assert_close(loss.double().cpu(), expected.cpu(), rtol=1e-5, atol=1e-6, msg=case)
+        torch.testing.assert_close(grad.double().cpu(), expected_grad.cpu(), rtol=1e-4, atol=2e-6, msg=case)
+
+
+def test_the_fused_path_is_taken(monkeypatch):
+    """No chunk of rows is mixed by torch: the backend has its own entry, with and without the KD term."""
+    import kdfast.teacher_mixture
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Triton backend mixed a chunk with torch")
+
+    monkeypatch.setattr(kdfast.teacher_mixture, "mixture_rows_by_chunks", refuse)
+    student, stacked, weights, labels = make_inputs(3, "jsd", seed=7)
+    for kd_weight in (1.0, 0.0):
+        settings = dict(divergence="jsd", temperature=2.0, ce_weight=0.5, kd_weight=kd_weight, weights=weights)
+        loss, grad = loss_and_gradient(student, list(stacked), labels, "triton", **settings)
+        expected, expected_grad = reference_loss_and_gradient(student, stacked, labels, **settings)
+        torch.testing.assert_close(loss.double().cpu(), expected.cpu(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad.double().cpu(), expected_grad.cpu(), rtol=1e-4, atol=2e-6)
+
+
+def test_teachers_apart_in_memory_and_of_two_dtypes():
+    """Teachers in allocations of their own (offsets from teacher 0 either way), then of two dtypes (widened to one,
+    as the C++ backend does), and the same weights in every row (a row stride of 0)."""
+    student, stacked, _, labels = make_inputs(3, "forward_kl", seed=3)
+    apart = [teacher.clone() for teacher in stacked]
+    settings = dict(temperature=1.0, ce_weight=0.5, weights=[1.0, 0.0, 2.0])
+    expected, expected_grad = reference_loss_and_gradient(student, stacked, labels, **settings)
+    for teachers in (apart, [apart[0], apart[1].bfloat16(), apart[2]]):
+        loss, grad = loss_and_gradient(student, teachers, labels, "triton", **settings)
+        torch.testing.assert_close(loss, loss_and_gradient(student, teachers, labels, "torch", **settings)[0],
+                                   rtol=1e-5, atol=1e-6)
+        if teachers is apart:
+            torch.testing.assert_close(loss.double().cpu(), expected.cpu(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(grad.double().cpu(), expected_grad.cpu(), rtol=1e-4, atol=2e-6)
+
+
+def test_offsets_refuse_teachers_of_another_layout_and_phases_other_than_fused():
+    student, stacked, weights, labels = make_inputs(2, "forward_kl")
+    first = stacked[0].unsqueeze(0)
+    other = stacked[1].t().contiguous().t().unsqueeze(0)  # the same values, columns apart
+    with pytest.raises(ValueError, match="teacher 1 .*: the teachers of one mixture must share dtype, layout"):
+        triton_backend.teacher_offsets([first, other])
+    assert triton_backend.teacher_offsets([first, stacked[1].unsqueeze(0)]).tolist() == [0, ROWS * VOCAB]
+    mixed = MixedTeachers((first, stacked[1].unsqueeze(0)), weights.log())
+    grad_scale = torch.ones(1, device=DEVICE)
+    with pytest.raises(ValueError, match="fused calls only"):
+        triton_backend.mixture_forward_rows(student.unsqueeze(0), mixed, labels, grad_scale, None, LossOptions(),
+                                            PhaseCall(Phase.STATS))
+    parts = triton_backend.mixture_forward_rows(student.unsqueeze(0), mixed, labels, grad_scale, None, LossOptions(),
+                                                FUSED)
+    assert parts.shape == (ROWS, 5) and bool(torch.isfinite(parts).all())
