@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import torch
 
-from kdfast.dispatch import device_rows
 from kdfast.kernel_abi import MAX_MIXED_TEACHERS
 from kdfast.linear_chunks import TeacherHead
 from kdfast.linear_function import ChunkPlan, LinearDistillFunction
 from kdfast.linear_teachers import TeacherHeads
 from kdfast.logit_maps import logit_maps
-from kdfast.multi_teacher import COMBINES, refuse_vocab_parallel
+from kdfast.multi_teacher import COMBINES, check_sharded_weights, rows_kernel_for
 from kdfast.options import LossOptions
 from kdfast.reduction import returned_with_teachers
 from kdfast.shared_vocab import heads_cut_to_vocab
@@ -59,8 +58,10 @@ def linear_multi_teacher_distill_loss(student_hidden, student_weight, teacher_hi
     a list of M: teachers of different families), or `softcap`, as in `linear_distill_loss`. weights="confidence" /
     "min_ce" run each teacher's head once more, forward only, to find its probability of the label.
     `return_components=True` adds `teachers`, each teacher's own divergence reduced as the loss: with the mixture
-    that is one more forward pass of the loss kernel per teacher and chunk (the average has them from its calls)."""
-    refuse_vocab_parallel(process_group, vocab_range)
+    that is one more forward pass of the loss kernel per teacher and chunk (the average has them from its calls).
+    Vocab parallel as `linear_distill_loss` (every head this rank's rows `vocab_range`), each teacher normalised over
+    the ranks; weights static or per row there."""
+    check_sharded_weights(weights, process_group, vocab_range)
     opts = LossOptions(divergence=divergence, beta=beta, temperature=temperature, kd_weight=kd_weight,
                        ce_weight=ce_weight, t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
                        backend=backend, return_components=return_components, vocab_size=vocab_size,
@@ -70,14 +71,15 @@ def linear_multi_teacher_distill_loss(student_hidden, student_weight, teacher_hi
         teacher_bias=teacher_bias, weights=weights, combine=combine, softcap=softcap, student_softcap=student_softcap,
         teacher_softcap=teacher_softcap, student_logit_scale=student_logit_scale,
         teacher_logit_scale=teacher_logit_scale, chunk_size=chunk_size, fp32_logits=fp32_logits,
-        num_items_in_batch=num_items_in_batch)
+        num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_range=vocab_range)
 
 
 def fused_linear_multi_teacher_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                                     opts: LossOptions, *, student_bias=None, teacher_bias=None, weights=None,
                                     combine="mixture", softcap=None, student_softcap=None, teacher_softcap=None,
                                     student_logit_scale=1.0, teacher_logit_scale=1.0, chunk_size="auto",
-                                    fp32_logits=False, num_items_in_batch=None):
+                                    fp32_logits=False, num_items_in_batch=None, process_group=None,
+                                    vocab_range=None, reduce_hidden_grad=True):
     """`linear_multi_teacher_distill_loss` with its loss settings already in one record."""
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
@@ -88,20 +90,29 @@ def fused_linear_multi_teacher_loss(student_hidden, student_weight, teacher_hidd
     teacher_maps = [logit_maps(softcap, student_softcap, cap, student_logit_scale, scale)[1]
                     for cap, scale in zip(caps, scales)]
     heads = []
-    for index, (hidden, weight, bias, teacher_map) in enumerate(zip(hiddens, head_weights, biases, teacher_maps)):
-        cut_student, cut_student_bias, weight, bias = heads_cut_to_vocab(opts, None, student_weight, student_bias,
-                                                                         weight, bias)
-        try:
-            check_linear_inputs(student_hidden, cut_student, hidden, weight, cut_student_bias, bias, softcap,
-                                chunk_size, opts, fp32_logits)
-        except ValueError as error:
-            raise ValueError(f"teacher {index}: {error}") from None
-        heads.append(TeacherHead(hidden.detach(), weight.detach(), bias.detach() if bias is not None else None,
-                                 hidden.dtype, teacher_map))
-    student_weight, student_bias, *_ = heads_cut_to_vocab(opts, None, student_weight, student_bias)
-    check_labels_for(labels, tuple(student_hidden.shape[:-1]), student_weight.shape[0], student_hidden.device, opts,
-                     "the hidden states")
-    check_num_items(num_items_in_batch)
+
+    def check():
+        for index, (hidden, weight, bias, teacher_map) in enumerate(zip(hiddens, head_weights, biases,
+                                                                        teacher_maps)):
+            cut_student, cut_student_bias, weight, bias = heads_cut_to_vocab(opts, process_group, student_weight,
+                                                                             student_bias, weight, bias)
+            try:
+                check_linear_inputs(student_hidden, cut_student, hidden, weight, cut_student_bias, bias, softcap,
+                                    chunk_size, opts, fp32_logits)
+            except ValueError as error:
+                raise ValueError(f"teacher {index}: {error}") from None
+            heads.append(TeacherHead(hidden.detach(), weight.detach(), bias.detach() if bias is not None else None,
+                                     hidden.dtype, teacher_map))
+        # Over vocab shards labels are global token ids, checked in the ranks' exchange against the whole vocabulary.
+        vocab = heads_cut_to_vocab(opts, None, student_weight, student_bias)[0].shape[0] if process_group is None \
+            else 2**62
+        check_labels_for(labels, tuple(student_hidden.shape[:-1]), vocab, student_hidden.device, opts,
+                         "the hidden states")
+        check_num_items(num_items_in_batch)
+
+    rows_kernel = rows_kernel_for(opts, check, lambda: student_weight.shape[0], student_hidden, labels,
+                                  process_group, vocab_range, reduce_hidden_grad)
+    student_weight, student_bias, *_ = heads_cut_to_vocab(opts, process_group, student_weight, student_bias)
 
     def teacher_logits(index, start, stop):
         head = heads[index]
@@ -115,7 +126,7 @@ def fused_linear_multi_teacher_loss(student_hidden, student_weight, teacher_hidd
                                   lambda: label_logprobs(teacher_logits, len(heads), labels, student_weight.shape[0],
                                                          opts))
     teachers = TeacherHeads(heads, log_weights, combine, opts.temperature)
-    plan = ChunkPlan(student_map, chunk_size, device_rows(opts, student_hidden.device), fp32_logits)
+    plan = ChunkPlan(student_map, chunk_size, rows_kernel, fp32_logits)
     return _apply(student_hidden, student_weight, student_bias, labels, num_items_in_batch, opts, plan, teachers)
 
 

@@ -30,17 +30,37 @@ from kdfast.options import LossOptions
 from kdfast.reduction import reduced_outputs, reduced_per_teacher, reduction_scale, returned_with_teachers
 from kdfast.saved_gradient import saved_gradient_times
 from kdfast.teacher_weights import label_logprobs, row_log_weights, static_shares
-from kdfast.validation import check_labels, check_num_items, check_pair
+from kdfast.validation import check_labels, check_labels_for, check_num_items, check_pair
 from kdfast.views import flat_labels
 
 COMBINES = ("mixture", "average")
 
 
-def refuse_vocab_parallel(process_group, vocab_range) -> None:
-    if process_group is not None or vocab_range is not None:
-        raise ValueError("several teachers are not offered under vocab parallelism yet (each teacher's statistics "
-                         "would be exchanged between the ranks): gather the vocabulary shards, or distil from one "
-                         "teacher per call")
+def check_sharded_weights(weights, process_group, vocab_range) -> None:
+    """Over vocab shards a teacher's probability of the label needs its whole row: "confidence" and "min_ce" are
+    not offered there (static or per-row weights are)."""
+    if process_group is None and vocab_range is not None:
+        raise ValueError("vocab_range needs a process_group (the ranks that hold the other shards)")
+    if process_group is not None and isinstance(weights, str):
+        raise ValueError(f"weights={weights!r} reads each teacher's probability of the label over the whole "
+                         "vocabulary, which vocab shards do not hold: give static or per-row weights there")
+
+
+def rows_kernel_for(opts: LossOptions, check, local_vocab, rows_of: torch.Tensor, labels, process_group, vocab_range,
+                    reduce_hidden_grad: bool = True):
+    """The rows kernel of one device (DeviceRows), or of this rank's vocab shard (ShardedRows) once every rank's
+    inputs passed `check` and the ranks agreed on the shards; `check()` raises ValueError for bad input."""
+    if process_group is None:
+        check()
+        return device_rows(opts, rows_of.device)
+    from kdfast.distributed import check_then_agree
+    from kdfast.shared_vocab import refuse_over_shards
+    from kdfast.vocab_parallel import ShardedRows
+
+    refuse_over_shards(opts)
+    shard = check_then_agree(check, local_vocab, rows_of, process_group, vocab_range, labels, opts,
+                             reduce_hidden_grad)
+    return ShardedRows(device_rows(opts, rows_of.device), shard)
 
 
 def teacher_list(teacher_logits) -> list:
@@ -86,9 +106,11 @@ def multi_teacher_distill_loss(student_logits, teacher_logits, labels=None, *, w
     p_bar = sum_m w_m p_m at T) or "average" (sum_m w_m divergence(p_m || q)). With M = 1 both are `distill_loss`.
     `return_components=True` adds `teachers`: each teacher's own divergence, reduced as the loss ([M], or [..., M]
     with reduction="none"). `inplace_backward=True` writes the mixture's gradient over `student_logits` (as
-    `distill_loss` does; the average's calls each read them, so it keeps a buffer). Vocab parallelism
-    (`process_group`, `vocab_range`) is refused for now."""
-    refuse_vocab_parallel(process_group, vocab_range)
+    `distill_loss` does; the average's calls each read them, so it keeps a buffer). Vocab parallel: with a
+    `process_group` every logits tensor is this rank's shard (`vocab_range`, or the shards in rank order, as in
+    `distill_loss`), each teacher normalised over the ranks by an exchange of 8 bytes per row and teacher; weights
+    static or per row there."""
+    check_sharded_weights(weights, process_group, vocab_range)
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
     opts = LossOptions(divergence=divergence, beta=beta, temperature=temperature, kd_weight=kd_weight,
@@ -96,9 +118,18 @@ def multi_teacher_distill_loss(student_logits, teacher_logits, labels=None, *, w
                        inplace_backward=inplace_backward, backend=backend, return_components=return_components,
                        vocab_size=vocab_size, label_smoothing=label_smoothing, z_loss_weight=z_loss_weight)
     teachers = teacher_list(teacher_logits)
-    check_teachers(student_logits, teachers, opts)
-    check_labels(labels, student_logits, opts)
-    check_num_items(num_items_in_batch)
+
+    def check():
+        check_teachers(student_logits, teachers, opts)
+        if process_group is None:
+            check_labels(labels, student_logits, opts)
+        else:  # global token ids: their range is checked in the ranks' exchange, against the global vocabulary
+            check_labels_for(labels, tuple(student_logits.shape[:-1]), 2**62, student_logits.device, opts,
+                             "the logits")
+        check_num_items(num_items_in_batch)
+
+    kernel = rows_kernel_for(opts, check, lambda: student_logits.shape[-1], student_logits, labels, process_group,
+                             vocab_range)
     width = opts.vocab_size or student_logits.shape[-1]
     def chunk(index, start, stop):
         return teachers[index].reshape(-1, teachers[index].shape[-1])[start:stop]
@@ -108,7 +139,7 @@ def multi_teacher_distill_loss(student_logits, teacher_logits, labels=None, *, w
                                                                                 opts))
     shares = static_shares(weights, len(teachers))
     return returned_with_teachers(MultiTeacherFunction.apply(student_logits, labels, num_items_in_batch, opts,
-                                                             tuple(teachers), log_weights, combine, shares),
+                                                             tuple(teachers), log_weights, combine, shares, kernel),
                                   opts, labels)
 
 
@@ -118,7 +149,7 @@ class MultiTeacherFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_logits, labels, num_items_in_batch, opts: LossOptions, teachers, log_weights, combine,
-                shares):
+                shares, kernel):
         lead_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
         width = opts.vocab_size or vocab
         student = student_logits.reshape(-1, vocab)
@@ -130,7 +161,8 @@ class MultiTeacherFunction(torch.autograd.Function):
         # The average's calls each read the student: only the mixture's one call can write over it.
         in_place = want_grad and opts.inplace_backward and combine == "mixture"
         grad = (student if in_place else torch.empty_like(student)) if want_grad else None
-        call = _ChunkCall(student, flat, scale, opts.replace(vocab_size=None, inplace_backward=False), width, grad)
+        call = _ChunkCall(student, flat, scale, opts.replace(vocab_size=None, inplace_backward=False), width, grad,
+                          kernel)
         teacher_rows = [teacher.reshape(-1, teacher.shape[-1])[:, :width] for teacher in teachers]
         per_teacher = torch.zeros(rows, len(teachers), device=student.device)
         if combine == "mixture":
@@ -156,7 +188,7 @@ class MultiTeacherFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, *summary_grads):
-        return saved_gradient_times(ctx, grad_output), None, None, None, None, None, None, None
+        return saved_gradient_times(ctx, grad_output), None, None, None, None, None, None, None, None
 
 
 def _batched(teacher):
@@ -171,10 +203,10 @@ class _ChunkCall:
     `grad`: the device's rows kernel (kdfast.dispatch) takes an output buffer, so no chunk's gradient is allocated
     and copied."""
 
-    def __init__(self, student, labels, scale, opts: LossOptions, width: int, grad):
+    def __init__(self, student, labels, scale, opts: LossOptions, width: int, grad, rows_kernel):
         self.student, self.labels, self.scale, self.opts, self.width, self.grad = \
             student, labels, scale, opts, width, grad
-        self.rows_kernel = device_rows(opts, student.device)
+        self.rows_kernel = rows_kernel  # the device's (kdfast.dispatch) or a vocab shard's (kdfast.vocab_parallel)
         self.scratch = None  # for gradients that are added, not written: allocated once
 
     def run(self, span: slice, teacher: torch.Tensor, opts: LossOptions, row_weight=None,

@@ -26,6 +26,7 @@ from kdfast.kernel_abi import (
     PART_KD,
     PART_Z,
     SUM_ENTROPY,
+    MixedTeachers,
     Phase,
     PhaseCall,
 )
@@ -89,6 +90,12 @@ class ShardedRows:
         self.kernel, self.shard = kernel, shard
 
     def __call__(self, student, teacher, labels, grad_scale, grad, opts: LossOptions, call: PhaseCall = FUSED):
+        """`teacher`: a dense teacher's shard, a sparse teacher's SparseTargets, or several teachers' shards
+        (MixedTeachers), mixed a chunk of rows at a time into one dense teacher normalised over every rank."""
+        if isinstance(teacher, MixedTeachers):
+            from kdfast.teacher_mixture import mixture_rows_by_chunks
+
+            return mixture_rows_by_chunks(self, student, teacher, labels, grad_scale, grad, opts, call, self.shard)
         return sharded_rows(self.kernel, student, teacher, labels, grad_scale, grad, opts, self.shard)
 
     def reduce_hidden_grad(self, d_hidden):

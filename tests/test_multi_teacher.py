@@ -138,7 +138,9 @@ def test_bad_input_names_the_argument():
         (dict(weights="min_ce", labels=None), "weights='min_ce' .* needs labels"),
         (dict(weights="best"), "weights must be None"),
         (dict(combine="sum"), "combine must be one of"),
-        (dict(vocab_range=(0, VOCAB)), "not offered under vocab parallelism yet"),
+        (dict(vocab_range=(0, VOCAB)), "vocab_range needs a process_group"),
+        # Refused before any exchange, so no initialised group is needed to see it.
+        (dict(weights="confidence", process_group=object()), "weights='confidence' reads each teacher's probability"),
     ]
     for changes, message in cases:
         arguments = {"teacher_logits": list(stacked), "labels": labels, **changes}

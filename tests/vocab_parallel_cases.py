@@ -255,6 +255,57 @@ def ce_options_case(form):
     _close(shard.grad, full.grad[..., start:stop], "gradient shard")
 
 
+def multi_teacher_case(form, combine, divergence, weights_kind):
+    """Several teachers over shards (each normalised over the ranks) equal the single process's full-vocabulary
+    result: loss, each teacher's divergence, and the student's gradient shard (hidden, weight and bias in the fused
+    linear form); static weights, or per-row weights with a zero (a teacher routed away in some rows)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    start, stop = shard_bounds(world, True)[rank]
+    generator = torch.Generator().manual_seed(5)
+    teachers = [torch.randn(ROWS, VOCAB, generator=generator) * 3 for _ in range(3)]
+    labels = torch.randint(0, VOCAB, (ROWS,), generator=generator)
+    labels[::5] = -100
+    weights = [0.2, 0.5, 0.3] if weights_kind == "static" else torch.rand(ROWS, 3, generator=generator)
+    if weights_kind == "rows":
+        weights[::2, 1] = 0.0
+    settings = dict(SETTINGS, divergence=divergence, combine=combine, weights=weights, return_components=True)
+    group = dict(process_group=dist.group.WORLD, vocab_range=(start, stop))
+    weighted = torch.linspace(0.5, 1.5, ROWS)
+    if form == "logits":
+        student = torch.randn(ROWS, VOCAB, generator=generator) * 3
+        full = student.clone().requires_grad_(True)
+        expected, expected_parts = kdfast.multi_teacher_distill_loss(full, teachers, labels, backend="torch",
+                                                                     **settings)
+        shard = student[:, start:stop].clone().requires_grad_(True)
+        loss, parts = kdfast.multi_teacher_distill_loss(shard, [t[:, start:stop] for t in teachers], labels, **group,
+                                                        **settings)
+        expected.backward()
+        loss.backward()
+        _close(shard.grad, full.grad[:, start:stop], "gradient shard")
+    else:
+        hidden = torch.randn(ROWS, HIDDEN, generator=generator)
+        weight, bias = torch.randn(VOCAB, HIDDEN, generator=generator), torch.randn(VOCAB, generator=generator)
+        t_hidden = [torch.randn(ROWS, HIDDEN + 4 * m, generator=generator) for m in range(2)]
+        t_weight = [torch.randn(VOCAB, HIDDEN + 4 * m, generator=generator) for m in range(2)]
+        settings = dict(settings, weights=[0.4, 0.6] if weights_kind == "static" else weights[:, :2],
+                        reduction="none", chunk_size=5)
+        full = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+        expected, expected_parts = kdfast.linear_multi_teacher_distill_loss(
+            full[0], full[1], t_hidden, t_weight, labels, student_bias=full[2], backend="torch", **settings)
+        (expected * weighted).sum().backward()
+        mine = [hidden.clone().requires_grad_(True), weight[start:stop].clone().requires_grad_(True),
+                bias[start:stop].clone().requires_grad_(True)]
+        loss, parts = kdfast.linear_multi_teacher_distill_loss(
+            mine[0], mine[1], t_hidden, [w[start:stop] for w in t_weight], labels, student_bias=mine[2], **group,
+            **settings)
+        (loss * weighted).sum().backward()
+        _close(mine[0].grad, full[0].grad, "hidden gradient")
+        _close(mine[1].grad, full[1].grad[start:stop], "weight gradient shard")
+        _close(mine[2].grad, full[2].grad[start:stop], "bias gradient shard")
+    _close(loss, expected, "loss")
+    _close(parts.teachers, expected_parts.teachers, "each teacher's divergence")
+
+
 def cases(world):
     listed = {}
     for divergence in DIVERGENCES:
@@ -282,6 +333,13 @@ def cases(world):
                                           ("one_rank_bad_dtype", "teacher_logits", "refused their inputs"))
     listed["error-labels-out-of-range"] = (expect_error, ("labels_out_of_range", "labels must lie in"))
     listed["ddp-step"] = (ddp_case, ())
+    for form, combine, divergence, weights_kind in (("logits", "mixture", "forward_kl", "static"),
+                                                    ("logits", "mixture", "jsd", "rows"),
+                                                    ("logits", "average", "reverse_kl", "rows"),
+                                                    ("linear", "mixture", "skew_forward_kl", "rows"),
+                                                    ("linear", "average", "forward_kl", "static")):
+        listed[f"multi-teacher-{form}-{combine}-{divergence}-{weights_kind}"] = (
+            multi_teacher_case, (form, combine, divergence, weights_kind))
     return listed
 
 
