@@ -11,7 +11,7 @@ from kdfast.linear_chunks import TeacherHead
 from kdfast.linear_function import ChunkPlan, LinearDistillFunction
 from kdfast.linear_teachers import TeacherHeads
 from kdfast.logit_maps import logit_maps
-from kdfast.multi_teacher import COMBINES, check_sharded_weights, rows_kernel_for
+from kdfast.multi_teacher import COMBINES, check_group, rows_kernel_for
 from kdfast.options import LossOptions
 from kdfast.reduction import returned_with_teachers
 from kdfast.shared_vocab import heads_cut_to_vocab
@@ -60,8 +60,8 @@ def linear_multi_teacher_distill_loss(student_hidden, student_weight, teacher_hi
     `return_components=True` adds `teachers`, each teacher's own divergence reduced as the loss: with the mixture
     that is one more forward pass of the loss kernel per teacher and chunk (the average has them from its calls).
     Vocab parallel as `linear_distill_loss` (every head this rank's rows `vocab_range`), each teacher normalised over
-    the ranks; weights static or per row there."""
-    check_sharded_weights(weights, process_group, vocab_range)
+    the ranks."""
+    check_group(process_group, vocab_range)
     opts = LossOptions(divergence=divergence, beta=beta, temperature=temperature, kd_weight=kd_weight,
                        ce_weight=ce_weight, t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
                        backend=backend, return_components=return_components, vocab_size=vocab_size,
@@ -124,7 +124,7 @@ def fused_linear_multi_teacher_loss(student_hidden, student_weight, teacher_hidd
     log_weights = row_log_weights(weights, len(heads), labels, tuple(student_hidden.shape[:-1]), opts,
                                   student_hidden.device,
                                   lambda: label_logprobs(teacher_logits, len(heads), labels, student_weight.shape[0],
-                                                         opts))
+                                                         opts, getattr(rows_kernel, "shard", None)))
     teachers = TeacherHeads(heads, log_weights, combine, opts.temperature)
     plan = ChunkPlan(student_map, chunk_size, rows_kernel, fp32_logits)
     return _apply(student_hidden, student_weight, student_bias, labels, num_items_in_batch, opts, plan, teachers)

@@ -36,14 +36,9 @@ from kdfast.views import flat_labels
 COMBINES = ("mixture", "average")
 
 
-def check_sharded_weights(weights, process_group, vocab_range) -> None:
-    """Over vocab shards a teacher's probability of the label needs its whole row: "confidence" and "min_ce" are
-    not offered there (static or per-row weights are)."""
+def check_group(process_group, vocab_range) -> None:
     if process_group is None and vocab_range is not None:
         raise ValueError("vocab_range needs a process_group (the ranks that hold the other shards)")
-    if process_group is not None and isinstance(weights, str):
-        raise ValueError(f"weights={weights!r} reads each teacher's probability of the label over the whole "
-                         "vocabulary, which vocab shards do not hold: give static or per-row weights there")
 
 
 def rows_kernel_for(opts: LossOptions, check, local_vocab, rows_of: torch.Tensor, labels, process_group, vocab_range,
@@ -108,9 +103,8 @@ def multi_teacher_distill_loss(student_logits, teacher_logits, labels=None, *, w
     with reduction="none"). `inplace_backward=True` writes the mixture's gradient over `student_logits` (as
     `distill_loss` does; the average's calls each read them, so it keeps a buffer). Vocab parallel: with a
     `process_group` every logits tensor is this rank's shard (`vocab_range`, or the shards in rank order, as in
-    `distill_loss`), each teacher normalised over the ranks by an exchange of 8 bytes per row and teacher; weights
-    static or per row there."""
-    check_sharded_weights(weights, process_group, vocab_range)
+    `distill_loss`), each teacher normalised over the ranks by an exchange of 8 bytes per row and teacher."""
+    check_group(process_group, vocab_range)
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
     opts = LossOptions(divergence=divergence, beta=beta, temperature=temperature, kd_weight=kd_weight,
@@ -136,7 +130,7 @@ def multi_teacher_distill_loss(student_logits, teacher_logits, labels=None, *, w
 
     log_weights = row_log_weights(weights, len(teachers), labels, tuple(student_logits.shape[:-1]), opts,
                                   student_logits.device, lambda: label_logprobs(chunk, len(teachers), labels, width,
-                                                                                opts))
+                                                                                opts, getattr(kernel, "shard", None)))
     shares = static_shares(weights, len(teachers))
     return returned_with_teachers(MultiTeacherFunction.apply(student_logits, labels, num_items_in_batch, opts,
                                                              tuple(teachers), log_weights, combine, shares, kernel),

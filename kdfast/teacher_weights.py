@@ -86,18 +86,38 @@ def _per_row(weights: torch.Tensor, labels, opts: LossOptions) -> torch.Tensor:
 
 
 @torch.no_grad()
-def label_logprobs(teacher_chunks, count: int, labels: torch.Tensor, width: int, opts: LossOptions) -> torch.Tensor:
+def label_logprobs(teacher_chunks, count: int, labels: torch.Tensor, width: int, opts: LossOptions,
+                   shard=None) -> torch.Tensor:
     """[rows, M]: each teacher's log-probability of the label at T = 1 over the shared columns (0 at ignored rows).
-    `teacher_chunks(index, start, stop)` gives teacher `index`'s logits [stop - start, >= width] for those rows."""
+    `teacher_chunks(index, start, stop)` gives teacher `index`'s logits [stop - start, >= width] for those rows. With
+    a vocab `shard` (kdfast.distributed.VocabShard) they are its `width` columns and the labels global ids: each row's
+    log-sum-exp and label logit come from the ranks' exchange (every rank takes the same chunks of rows)."""
     flat = labels.reshape(-1)
     keep = flat != opts.ignore_index
-    column = torch.where(keep, flat, torch.zeros_like(flat)).clamp(0, width - 1)
+    offset = shard.start if shard is not None else 0
+    held = keep & (flat >= offset) & (flat < offset + width)
+    column = torch.where(held, flat - offset, torch.zeros_like(flat)).clamp(0, width - 1)
     out = torch.zeros(flat.numel(), count, device=flat.device)
-    step = max(1, _CHUNK_ELEMENTS // width)
+    step = max(1, _CHUNK_ELEMENTS // (shard.vocab if shard is not None else width))
     for index in range(count):
         for start in range(0, flat.numel(), step):
             stop = min(start + step, flat.numel())
             logits = teacher_chunks(index, start, stop)[:, :width].float()
             picked = logits.gather(-1, column[start:stop, None])[:, 0]
-            out[start:stop, index] = picked - torch.logsumexp(logits, dim=-1)
+            if shard is None:
+                out[start:stop, index] = picked - torch.logsumexp(logits, dim=-1)
+            else:
+                out[start:stop, index] = _shard_label_logprob(logits, picked, held[start:stop], shard.group)
     return torch.where(keep[:, None], out, torch.zeros_like(out))
+
+
+def _shard_label_logprob(logits, picked, held, group) -> torch.Tensor:
+    """log p(label) over every rank's columns: the row's max over the ranks, then one sum of [rows, 2] (the sum of
+    exps under that max, and the label's logit from the one rank that holds it)."""
+    from kdfast.distributed import all_reduce_max, all_reduce_sum
+
+    top = all_reduce_max(logits.amax(-1), group)
+    top = torch.where(top.isfinite(), top, torch.zeros_like(top))
+    sums = torch.stack([(logits - top[:, None]).exp().sum(-1), torch.where(held, picked, 0.0)], dim=-1)
+    total, label_logit = all_reduce_sum(sums, group).unbind(-1)
+    return label_logit - top - total.log()
