@@ -221,12 +221,14 @@ def test_mapped_components_agree_across_backends(vocab_map, temperature):
     torch.testing.assert_close(grad_c, grad_t, rtol=1e-4, atol=1e-6)
 
 
-def test_mapped_with_a_vanishing_rest_stays_finite_and_exact(vocab_map):
-    """A student whose mass on its unmatched tokens underflows float32 (logits 120 below the rest) and a teacher
-    whose own rest underflows: the fused pass takes those rests by gathers and agrees with the float64 reference."""
+@pytest.mark.parametrize("shift", [120.0, 40.0, 10.0])
+def test_mapped_with_a_vanishing_rest_stays_finite_and_exact(vocab_map, shift):
+    """A student whose mass on its unmatched tokens is small (logits `shift` below the rest: at 120 it underflows
+    float32) and a teacher whose own rest underflows: the fused pass takes underflowed rests by gathers, each
+    unmatched target P_r q_j / Q_r without forming the ratio, and agrees with the float64 reference."""
     student, teacher, labels = aligned_rows(seed=4)
     rest = [s for s in range(11) if s not in vocab_map.student_ids.tolist()]
-    student[:3, rest] -= 120.0
+    student[:3, rest] -= shift
     teacher_rest = [t for t in range(13) if t not in vocab_map.teacher_ids.tolist()]
     teacher[3:, teacher_rest] -= 120.0
     s = student.clone().requires_grad_()
