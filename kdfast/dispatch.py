@@ -115,3 +115,23 @@ class DeviceRows:
 
 def device_rows(opts: LossOptions, device: torch.device) -> DeviceRows:
     return DeviceRows(resolve_backend(opts.backend, device, sparse=opts.tail_code != 0))
+
+
+def rows_kernel_for(opts: LossOptions, check, local_vocab, rows_of: torch.Tensor, labels, process_group, vocab_range,
+                    reduce_hidden_grad: bool = True):
+    """The rows kernel of one device (DeviceRows), or of this rank's vocab shard (ShardedRows) once every rank's
+    inputs passed `check` and the ranks agreed on the shards (`local_vocab()`: this rank's columns); `check()` raises
+    ValueError for bad input, on every rank when one rank's input is bad."""
+    if process_group is None:
+        if vocab_range is not None:
+            raise ValueError("vocab_range needs a process_group (the ranks that hold the other shards)")
+        check()
+        return device_rows(opts, rows_of.device)
+    from kdfast.distributed import check_then_agree
+    from kdfast.shared_vocab import refuse_over_shards
+    from kdfast.vocab_parallel import ShardedRows
+
+    refuse_over_shards(opts)
+    shard = check_then_agree(check, local_vocab, rows_of, process_group, vocab_range, labels, opts,
+                             reduce_hidden_grad)
+    return ShardedRows(device_rows(opts, rows_of.device), shard)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from kdfast.dispatch import device_rows
+from kdfast.dispatch import rows_kernel_for
 from kdfast.linear_chunks import TeacherHead
 from kdfast.linear_function import ChunkPlan, LinearDistillFunction
 from kdfast.logit_maps import logit_maps
@@ -77,19 +77,11 @@ def fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_we
                          "the hidden states")
         check_num_items(num_items_in_batch)
 
-    if process_group is not None:
-        from kdfast.distributed import check_then_agree
-        from kdfast.vocab_parallel import ShardedRows
-
-        # Labels are global token ids: their range is checked in the exchange, against the global vocabulary.
-        shard = check_then_agree(lambda: check(2**62), lambda: student_weight.shape[0], student_hidden, process_group,
-                                 vocab_range, labels, opts, reduce_hidden_grad)
-        rows_kernel = ShardedRows(device_rows(opts, student_hidden.device), shard)
-    else:
-        if vocab_range is not None:
-            raise ValueError("vocab_range needs a process_group (the ranks that hold the other shards)")
-        check(student_weight.shape[0] if isinstance(student_weight, torch.Tensor) else 0)
-        rows_kernel = device_rows(opts, student_hidden.device)
+    # Over shards labels are global token ids: their range is checked in the exchange, against the global vocabulary.
+    vocab = 2**62 if process_group is not None else (
+        student_weight.shape[0] if isinstance(student_weight, torch.Tensor) else 0)
+    rows_kernel = rows_kernel_for(opts, lambda: check(vocab), lambda: student_weight.shape[0], student_hidden, labels,
+                                  process_group, vocab_range, reduce_hidden_grad)
     teacher = TeacherHead(teacher_hidden.detach(), teacher_weight.detach(),
                           teacher_bias.detach() if teacher_bias is not None else None, teacher_hidden.dtype)
     return apply_linear(student_hidden, student_weight, student_bias, labels, num_items_in_batch, opts,

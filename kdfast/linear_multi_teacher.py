@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import torch
 
+from kdfast.dispatch import rows_kernel_for
 from kdfast.kernel_abi import MAX_MIXED_TEACHERS
 from kdfast.linear_chunks import TeacherHead
 from kdfast.linear_function import ChunkPlan, LinearDistillFunction
 from kdfast.linear_teachers import TeacherHeads
 from kdfast.logit_maps import logit_maps
-from kdfast.multi_teacher import COMBINES, check_group, rows_kernel_for
+from kdfast.multi_teacher import COMBINES
 from kdfast.options import LossOptions
 from kdfast.reduction import returned_with_teachers
 from kdfast.shared_vocab import heads_cut_to_vocab
@@ -61,7 +62,6 @@ def linear_multi_teacher_distill_loss(student_hidden, student_weight, teacher_hi
     that is one more forward pass of the loss kernel per teacher and chunk (the average has them from its calls).
     Vocab parallel as `linear_distill_loss` (every head this rank's rows `vocab_range`), each teacher normalised over
     the ranks."""
-    check_group(process_group, vocab_range)
     opts = LossOptions(divergence=divergence, beta=beta, temperature=temperature, kd_weight=kd_weight,
                        ce_weight=ce_weight, t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
                        backend=backend, return_components=return_components, vocab_size=vocab_size,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kdfast.dispatch import device_rows
+from kdfast.dispatch import rows_kernel_for
 from kdfast.kernel_abi import (
     MAX_MIXED_TEACHERS,
     PART_CE,
@@ -34,28 +34,6 @@ from kdfast.validation import check_labels, check_labels_for, check_num_items, c
 from kdfast.views import flat_labels
 
 COMBINES = ("mixture", "average")
-
-
-def check_group(process_group, vocab_range) -> None:
-    if process_group is None and vocab_range is not None:
-        raise ValueError("vocab_range needs a process_group (the ranks that hold the other shards)")
-
-
-def rows_kernel_for(opts: LossOptions, check, local_vocab, rows_of: torch.Tensor, labels, process_group, vocab_range,
-                    reduce_hidden_grad: bool = True):
-    """The rows kernel of one device (DeviceRows), or of this rank's vocab shard (ShardedRows) once every rank's
-    inputs passed `check` and the ranks agreed on the shards; `check()` raises ValueError for bad input."""
-    if process_group is None:
-        check()
-        return device_rows(opts, rows_of.device)
-    from kdfast.distributed import check_then_agree
-    from kdfast.shared_vocab import refuse_over_shards
-    from kdfast.vocab_parallel import ShardedRows
-
-    refuse_over_shards(opts)
-    shard = check_then_agree(check, local_vocab, rows_of, process_group, vocab_range, labels, opts,
-                             reduce_hidden_grad)
-    return ShardedRows(device_rows(opts, rows_of.device), shard)
 
 
 def teacher_list(teacher_logits) -> list:
@@ -104,7 +82,6 @@ def multi_teacher_distill_loss(student_logits, teacher_logits, labels=None, *, w
     `distill_loss` does; the average's calls each read them, so it keeps a buffer). Vocab parallel: with a
     `process_group` every logits tensor is this rank's shard (`vocab_range`, or the shards in rank order, as in
     `distill_loss`), each teacher normalised over the ranks by an exchange of 8 bytes per row and teacher."""
-    check_group(process_group, vocab_range)
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
     opts = LossOptions(divergence=divergence, beta=beta, temperature=temperature, kd_weight=kd_weight,
