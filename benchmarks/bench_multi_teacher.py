@@ -10,8 +10,8 @@ extra peak memory, each in a fresh process).
 On a GPU (--device cuda, e.g. --dtype bf16 --tokens 8192 --vocab 128256 --hidden 2048 --teacher-hidden 2048 4096,
 as benchmarks/gpu_check_linear.sh runs it): the inputs made on the device, triton.testing.do_bench medians, the copy
 floor measured on the device, each contender's extra peak memory from torch.cuda's peak counters, and the mixture
-also with backend="triton" (the teachers mixed inside the kernel, kernels/mixture.py) and backend="cuda" (the CUDA
-kernel fed a chunk of rows mixed by torch, kdfast/teacher_mixture.py). A contender that raises on the device is
+also with backend="triton" (the teachers mixed inside the kernel, kernels/mixture.py) and backend="cuda" (mixed
+inside the CUDA kernel, csrc/cuda/mixed_teachers.cuh). A contender that raises on the device is
 reported as failed (the table's last column, the CSV's `error`), and one whose loss disagrees with the float64
 reference (on the first rows) is not timed.
 
@@ -48,7 +48,7 @@ from kdfast.reference import multi_teacher_distill_loss_reference  # noqa: E402
 FULL_SETTINGS = {"tokens": 2048, "linear_tokens": 4096, "compile": True, "repeats": 5, "memory": True}
 TEACHER_HIDDEN = (256, 384)
 LARGE_CHUNK = 1024
-# The explicit GPU backends of the mixture, beside "auto" (on a GPU: the CUDA kernels' rows, mixed by Triton's kernel).
+# The explicit GPU backends of the mixture, beside "auto" (on a GPU: Triton's kernel, until a GPU run has timed both).
 GPU_BACKENDS = ("triton", "cuda")
 # The loss is checked against the float64 reference on the first rows only on a GPU (the reference's float64
 # temporaries of the whole [M, N, V] would take tens of GiB); every row on the CPU.

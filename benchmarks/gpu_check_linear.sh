@@ -7,7 +7,7 @@
 # shape (its DistillationTrainer's divergence at beta 0, 0.5, 1 and its chunked token log-probs; TRL 1.16 and the
 # packages its trainer module imports, transformers and accelerate among them, carried as wheels in .whl/ as Liger's
 # is); several teachers (bench_multi_teacher.py: the mixture with the teachers mixed inside the Triton kernel against
-# the CUDA kernel fed a torch-mixed chunk, the average, a loop of single-teacher calls and eager torch, at M=3
+# the CUDA kernel mixing them in its own passes, the average, a loop of single-teacher calls and eager torch, at M=3
 # N=8192 V=128256 bf16 logits, and the fused linear form with M=2 teachers, H 2048 and 4096, N=8192 H_s=2048; about
 # 1 to 2 minutes); then the GPU tests of these paths. Results: benchmarks/results/ (and $OUT, when the device tool
 # runs it). About 14 minutes in all with the build; where one command may run 10 minutes at most, split it:
@@ -37,7 +37,8 @@ if want tests; then
   echo "== GPU tests of these paths" | tee -a "$LOGS/gpu_linear_check.txt"
   timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider -p no:benchmark -n "${TEST_WORKERS:-8}" \
     tests/test_cuda_step.py tests/test_fp32_logits.py tests/test_linear_loss.py tests/test_cuda_backend.py \
-    tests/test_numerics.py tests/test_multi_teacher.py tests/test_triton_mixture.py -rfE 2>&1 | tail -n 60 \
+    tests/test_numerics.py tests/test_multi_teacher.py tests/test_triton_mixture.py tests/test_cuda_mixture.py \
+    -rfE 2>&1 | tail -n 60 \
     | tee -a "$LOGS/gpu_linear_check.txt" || status=1
 fi
 [ -L kdfast/kernels ] && rm kdfast/kernels

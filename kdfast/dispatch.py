@@ -95,9 +95,9 @@ class DeviceRows:
         the kernel where the backend can, else a chunk at a time by kdfast.teacher_mixture)."""
         if isinstance(teacher, MixedTeachers):
             native = getattr(self.module, "mixture_forward_rows", None)
-            if native is None and self.backend == "cuda" and opts.backend == "auto" and triton_available():
-                # No CUDA kernel mixes: Triton's mixes in its kernel, where the torch statement writes M float32
-                # temporaries per chunk (neither has been timed on a GPU yet; the fused one reads and writes less).
+            if self.backend == "cuda" and opts.backend == "auto" and triton_available():
+                # Both GPU kernels mix in the kernel; "auto" takes Triton's, whose mixture is also tested under the
+                # interpreter, until a GPU run has timed the two (backend="cuda" takes the CUDA kernel's).
                 native = backend_module("triton").mixture_forward_rows
             if native is not None:
                 return native(student, teacher, labels, grad_scale, grad, opts, call)

@@ -1,6 +1,7 @@
 """Several teachers as one teacher kind (`kernel_abi.MixedTeachers`) on any backend. The C++ kernel mixes each row
-in its own scratch (csrc/cpu/mixture_row.h) and the Triton kernel at each read of the teacher (kernels/mixture.py);
-elsewhere (CUDA, torch) a chunk of rows is mixed by the torch statement below into T * log p_bar, logits whose
+in its own scratch (csrc/cpu/mixture_row.h), the Triton and CUDA kernels at each read of the teacher
+(kernels/mixture.py, csrc/cuda/mixed_teachers.cuh); elsewhere (torch, and CUDA for teachers of another dtype than the
+student's) a chunk of rows is mixed by the torch statement below into T * log p_bar, logits whose
 softmax at T is the mixture, and the backend's single-teacher rows kernel takes it from there: every divergence, the
 CE family and the numerical guards come with it."""
 

@@ -110,9 +110,10 @@ struct DistillArgs {
   const void* teacher_logprobs;
   ScalarKind logprob_kind;
   int64_t topk, ids_stride_b, ids_stride_r, logprobs_stride_b, logprobs_stride_r;
-  // several dense teachers mixed (mix_count > 0, CPU, FUSED phase), in place of `teacher`: M row pointers sharing
-  // teacher_kind and the teacher strides, and per row log w_m (-inf: the teacher does not count), M contiguous, with
-  // row stride mix_weights_stride (0: every row has the same weights)
+  // several dense teachers mixed (mix_count > 0, FUSED phase), in place of `teacher`: M data pointers sharing
+  // teacher_kind and the teacher strides (a host array on the CPU, a device array for CUDA), and per row log w_m
+  // (-inf: the teacher does not count), M contiguous, with row stride mix_weights_stride (0: every row has the same
+  // weights)
   const void* const* mix_teachers;
   int64_t mix_count, mix_weights_stride;
   const float* mix_log_weights;

@@ -42,6 +42,36 @@ at::Tensor distill_forward(const at::Tensor& student, const at::Tensor& teacher,
   return call.out;
 }
 
+// Several teachers of the student's dtype mixed in the kernel (mixed_teachers.cuh): the M data pointers go to the
+// device as a table (a copy of M * 8 bytes that does not wait for the stream), the pre-pass's [rows, M, 2] into the
+// workspace; one block per row.
+at::Tensor mixture_distill_forward(const at::Tensor& student, at::TensorList teachers, const at::Tensor& log_weights,
+                                   const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
+                                   const std::optional<at::Tensor>& grad, c10::IntArrayRef int_settings,
+                                   c10::ArrayRef<double> float_settings) {
+  const c10::cuda::CUDAGuard device_guard(student.device());
+  std::vector<const void*> teacher_rows;
+  auto call = kdfast::pack_mixture_args(student, teachers, log_weights, labels, grad_scale, grad, int_settings,
+                                        float_settings, c10::DeviceType::CUDA, teacher_rows);
+  kdfast::DistillArgs& args = call.args;
+  TORCH_CHECK(args.has_kd, "mixture_distill_forward mixes teachers for a divergence (kd_weight 0 needs none)");
+  TORCH_CHECK(args.teacher_kind == args.student_kind, "the CUDA mixing kernel reads teachers of the student's dtype ",
+              student.scalar_type(), ", got ", teachers[0].scalar_type());
+  const at::Tensor addresses = at::empty({args.mix_count}, at::TensorOptions().dtype(at::kLong));
+  int64_t* address = addresses.data_ptr<int64_t>();
+  for (const void* data : teacher_rows) *address++ = reinterpret_cast<int64_t>(data);
+  const at::Tensor table = addresses.to(student.options().dtype(at::kLong), /*non_blocking=*/true);
+  const int64_t rows = args.batch * args.rows_per_batch;
+  const at::Tensor workspace =
+      at::empty({kdfast_cuda::mixture_workspace_floats(rows, args.mix_count)}, call.out.options());
+  args.mix_teachers = reinterpret_cast<const void* const*>(table.data_ptr<int64_t>());
+  args.workspace = workspace.data_ptr<float>();
+  args.splits = 1;
+  const cudaError_t error = kdfast_cuda::launch_distill(args, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(error == cudaSuccess, "kdfast CUDA kernel launch failed: ", cudaGetErrorString(error));
+  return call.out;
+}
+
 at::Tensor sparse_distill_forward(const at::Tensor& student, const at::Tensor& teacher_ids,
                                   const at::Tensor& teacher_logprobs, const std::optional<at::Tensor>& labels,
                                   const at::Tensor& grad_scale, const std::optional<at::Tensor>& grad,
@@ -66,9 +96,11 @@ at::Tensor sparse_distill_forward(const at::Tensor& student, const at::Tensor& t
 TORCH_LIBRARY(kdfast_cuda, m) {
   m.def(kdfast::kDistillForwardSchema);
   m.def(kdfast::kSparseDistillForwardSchema);
+  m.def(kdfast::kMixtureDistillForwardSchema);
 }
 
 TORCH_LIBRARY_IMPL(kdfast_cuda, CUDA, m) {
   m.impl("distill_forward", &distill_forward);
   m.impl("sparse_distill_forward", &sparse_distill_forward);
+  m.impl("mixture_distill_forward", &mixture_distill_forward);
 }

@@ -22,8 +22,11 @@ int choose_splits(int64_t rows, int64_t vocab, int multiprocessors);
 
 int64_t workspace_floats(int64_t rows, int splits);
 
-// Enqueues the kernels of args.phase on `stream`; returns the launch error, if any.
+// Enqueues the kernels of args.phase on `stream`; returns the launch error, if any. With args.mix_count > 0 (FUSED,
+// one block per row, teachers of the student's dtype) args.mix_teachers is a device array of the M teachers' data
+// and args.workspace holds mixture_workspace_floats(rows, M) floats.
 cudaError_t launch_distill(const DistillArgs& args, cudaStream_t stream);
+int64_t mixture_workspace_floats(int64_t rows, int64_t teachers);
 
 // A sparse teacher: its per-id workspace (args.workspace) holds sparse_workspace_floats(rows, K) floats.
 int64_t sparse_workspace_floats(int64_t rows, int64_t topk);

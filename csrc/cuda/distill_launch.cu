@@ -10,6 +10,9 @@ namespace kdfast_cuda {
 cudaError_t launch_student_bf16(const Launch& launch, cudaStream_t stream);
 cudaError_t launch_student_fp16(const Launch& launch, cudaStream_t stream);
 cudaError_t launch_student_fp32(const Launch& launch, cudaStream_t stream);
+cudaError_t launch_mixture_bf16(const Launch& launch, cudaStream_t stream);
+cudaError_t launch_mixture_fp16(const Launch& launch, cudaStream_t stream);
+cudaError_t launch_mixture_fp32(const Launch& launch, cudaStream_t stream);
 cudaError_t launch_sparse_bf16(const Launch& launch, cudaStream_t stream);
 cudaError_t launch_sparse_fp16(const Launch& launch, cudaStream_t stream);
 cudaError_t launch_sparse_fp32(const Launch& launch, cudaStream_t stream);
@@ -31,6 +34,8 @@ int choose_splits(int64_t rows, int64_t vocab, int multiprocessors) {
 int64_t workspace_floats(int64_t rows, int splits) {
   return splits > 1 ? rows * splits * (kWorkspaceStats + kWorkspaceTerms) : 0;
 }
+
+int64_t mixture_workspace_floats(int64_t rows, int64_t teachers) { return rows * teachers * 2; }
 
 int64_t sparse_workspace_floats(int64_t rows, int64_t topk) { return rows * topk * kIdArrays; }
 
@@ -63,6 +68,13 @@ cudaError_t launch_distill(const DistillArgs& args, cudaStream_t stream) {
   if (args.batch * args.rows_per_batch == 0) return cudaSuccess;
   if (const cudaError_t error = check_labels(args, stream); error != cudaSuccess) return error;
   const Launch launch = make_launch(args);
+  if (args.mix_count > 0) {  // several teachers of the student's dtype
+    switch (args.student_kind) {
+      case ScalarKind::kBFloat16: return launch_mixture_bf16(launch, stream);
+      case ScalarKind::kFloat16: return launch_mixture_fp16(launch, stream);
+      default: return launch_mixture_fp32(launch, stream);
+    }
+  }
   switch (args.student_kind) {
     case ScalarKind::kBFloat16: return launch_student_bf16(launch, stream);
     case ScalarKind::kFloat16: return launch_student_fp16(launch, stream);

@@ -19,6 +19,7 @@
 
 #include "distill_kernel.h"
 #include "distill_math.cuh"
+#include "mixed_teachers.cuh"
 
 namespace kdfast_cuda {
 
@@ -39,7 +40,7 @@ struct Launch {
 template <typename S, typename T>
 struct RowPointers {
   const S* s;
-  const T* t;
+  typename TeacherRowOf<T>::type t;  // a pointer, or several teachers' rows (Mixed<E>: mixed_teachers.cuh)
   S* g;
   bool vector_ok;  // every row pointer 16-byte aligned: 8-element vector accesses
 };
@@ -50,10 +51,18 @@ __device__ __forceinline__ RowPointers<S, T> row_pointers(const Launch& L, int64
   const int64_t b = row / a.rows_per_batch, r = row % a.rows_per_batch;
   RowPointers<S, T> p;
   p.s = static_cast<const S*>(a.student) + b * a.student_stride_b + r * a.student_stride_r;
-  p.t = static_cast<const T*>(a.teacher) + b * a.teacher_stride_b + r * a.teacher_stride_r;
+  if constexpr (kIsMixed<T>) {
+    p.t = mixed_row<typename T::Element>(a, L.k, row, b * a.teacher_stride_b + r * a.teacher_stride_r);
+  } else {
+    p.t = static_cast<const T*>(a.teacher) + b * a.teacher_stride_b + r * a.teacher_stride_r;
+  }
   p.g = a.grad ? static_cast<S*>(a.grad) + b * a.grad_stride_b + r * a.grad_stride_r : nullptr;
   const auto misaligned = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) != 0; };
-  p.vector_ok = !misaligned(p.s) && !(a.has_kd && misaligned(p.t)) && !(p.g && misaligned(p.g));
+  if constexpr (kIsMixed<T>) {
+    p.vector_ok = !misaligned(p.s) && aligned_rows(p.t) && !(p.g && misaligned(p.g));
+  } else {
+    p.vector_ok = !misaligned(p.s) && !(a.has_kd && misaligned(p.t)) && !(p.g && misaligned(p.g));
+  }
   return p;
 }
 
@@ -70,16 +79,16 @@ __device__ __forceinline__ void for_each_block_of_row(const RowPointers<S, T>& p
     const int64_t c1 = begin + 8 * (reverse ? vectors - 1 - i1 : i1);
     float s0[8], t0[8] = {}, s1[8], t1[8] = {};
     load8(p.s + c0, s0);
-    if (KD) load8(p.t + c0, t0);
+    if (KD) load_teacher8(p.t, c0, t0);
     if (second) {
       load8(p.s + c1, s1);
-      if (KD) load8(p.t + c1, t1);
+      if (KD) load_teacher8(p.t, c1, t1);
     }
     fn(c0, s0, t0);
     if (second) fn(c1, s1, t1);
   }
   for (int64_t col = begin + 8 * vectors + threadIdx.x; col < end; col += kThreads) {
-    float s1[1] = {load1(p.s + col)}, t1[1] = {KD ? load1(p.t + col) : 0.0f};
+    float s1[1] = {load1(p.s + col)}, t1[1] = {KD ? load_teacher1(p.t, col) : 0.0f};
     fn(col, s1, t1);
   }
 }
@@ -630,6 +639,32 @@ cudaError_t launch_pair(const Launch& L, cudaStream_t stream) {
     case kForwardKL: return launch_mode<S, T, kModeForwardKL>(L, stream);
     case kReverseKL: return launch_mode<S, T, kModeReverseKL>(L, stream);
     default: return launch_mode<S, T, kModeMixture>(L, stream);
+  }
+}
+
+// Several teachers of the student's dtype (mixed_teachers.cuh; FUSED, one block per row): the pre-pass into the
+// workspace, then the row kernel reading the mixture. The vocab-parallel phases mix on the host (ShardedRows).
+template <typename S, int MODE>
+cudaError_t launch_mixed_rows(const Launch& L, cudaStream_t stream) {
+  const unsigned rows = static_cast<unsigned>(L.a.batch * L.a.rows_per_batch);
+  if (L.a.has_ce && (L.a.label_smoothing != 0.0f || L.a.z_loss_weight != 0.0f)) {
+    distill_row_kernel<S, Mixed<S>, MODE, true><<<rows, kThreads, 0, stream>>>(L);
+  } else {
+    distill_row_kernel<S, Mixed<S>, MODE, false><<<rows, kThreads, 0, stream>>>(L);
+  }
+  return cudaGetLastError();
+}
+
+template <typename S>
+cudaError_t launch_mixture_student(const Launch& L, cudaStream_t stream) {
+  if (L.a.phase != kPhaseFused || L.a.splits > 1 || !L.a.has_kd) return cudaErrorInvalidValue;
+  const dim3 prepass_blocks(static_cast<unsigned>(L.a.batch * L.a.rows_per_batch), static_cast<unsigned>(L.a.mix_count));
+  mixture_prepass_kernel<S, kThreads><<<prepass_blocks, kThreads, 0, stream>>>(L.a, L.k);
+  if (const cudaError_t error = cudaGetLastError(); error != cudaSuccess) return error;
+  switch (L.a.divergence) {
+    case kForwardKL: return launch_mixed_rows<S, kModeForwardKL>(L, stream);
+    case kReverseKL: return launch_mixed_rows<S, kModeReverseKL>(L, stream);
+    default: return launch_mixed_rows<S, kModeMixture>(L, stream);
   }
 }
 
