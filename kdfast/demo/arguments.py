@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="N > 1: a teacher per contiguous part (domain) of the text, and students of their "
                              "mixture, of each alone and of plain CE, with each model's perplexity per domain")
     parser.add_argument("--cross-tokenizer", action="store_true",
-                        help="students of another tokenizer (a BPE of --student-vocab-size tokens) than the "
+                        help="students of another tokenizer (a BPE of --student-vocab-size tokens, trained on other "
+                             "documents, digits apart) than the "
                              "teacher's: one distilled across the vocabularies (GOLD's hybrid), one of plain CE")
     parser.add_argument("--student-vocab-size", type=int, default=4096,
                         help="with --cross-tokenizer: the students' BPE vocabulary (default 4096)")
@@ -65,9 +66,6 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
     if args.cross_tokenizer and (args.teachers > 1 or args.student or args.teacher_cache):
         parser.error("--cross-tokenizer trains its students from scratch with their own tokenizer, from one "
                      "teacher: it takes neither --teachers, --student nor --teacher-cache")
-    if args.cross_tokenizer and not args.teacher and args.student_vocab_size == args.vocab_size:
-        parser.error("--cross-tokenizer needs --student-vocab-size other than --vocab-size (else both tokenizers "
-                     "are one)")
     if args.student and not args.teacher:
         parser.error("--student needs --teacher (the tokenizer comes from the teacher's checkpoint)")
     if min(args.cache_k + args.cache_samples) < 1:

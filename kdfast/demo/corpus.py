@@ -47,12 +47,23 @@ def file_documents(path: Path) -> tuple[list[str], list[str], str]:
     return [text[:cut]], [text[cut:]], f"{path.name}: {len(text) / 1e6:.1f} M characters, last 5% held out"
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
+# The other tokenizer of `kdfast distill --cross-tokenizer`'s students. A smaller BPE of the same text and rules would
+# be a prefix of the teacher's (every student token a teacher token, no teacher token split); this one is trained on
+# every other training document (other counts, so other merges) with each digit a token of its own (as Llama 3's
+# and Qwen's tokenizers split numbers, GPT-2's not), so that the vocabularies share part of their tokens and each
+# side's tokens are merged against the other's, as between two real models' tokenizers.
+OTHER_TOKENIZER = "other"
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, split_digits: bool = False):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                         backend.pre_tokenizer])
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -69,9 +80,11 @@ def encode(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
-def load_corpus(data: Path | None, vocab_size: int, tokenizer_dir: Path | None, cache_dir: Path) -> Corpus:
+def load_corpus(data: Path | None, vocab_size: int, tokenizer_dir: Path | None, cache_dir: Path,
+                style: str = "") -> Corpus:
     """The tokenizer comes from `tokenizer_dir` (a checkpoint's), else from the cache, else it is trained and
-    cached: a cached teacher is only valid with the exact tokenizer it was trained with."""
+    cached: a cached teacher is only valid with the exact tokenizer it was trained with. `style` OTHER_TOKENIZER:
+    the cross-tokenizer students' BPE (see there), else the default run's."""
     train_texts, held_out_texts, description = file_documents(data) if data else stdlib_documents()
     digest = hashlib.sha256()
     for text in train_texts + held_out_texts:
@@ -82,14 +95,15 @@ def load_corpus(data: Path | None, vocab_size: int, tokenizer_dir: Path | None, 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
         digest.update(str(Path(tokenizer_dir).resolve()).encode())
     else:
-        digest.update(f"bpe-{vocab_size}".encode())
+        digest.update(f"bpe-{vocab_size}{'-' + style if style else ''}".encode())
         tokenizer_path = cache_dir / f"tokenizer-{digest.hexdigest()[:16]}"
         if (tokenizer_path / "tokenizer.json").exists():
             from transformers import PreTrainedTokenizerFast
 
             tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_path)
         else:
-            tokenizer = train_tokenizer(train_texts, vocab_size)
+            other = style == OTHER_TOKENIZER
+            tokenizer = train_tokenizer(train_texts[::2] if other else train_texts, vocab_size, split_digits=other)
             tokenizer.save_pretrained(tokenizer_path)
     if tokenizer.eos_token_id is None:
         raise SystemExit("the tokenizer has no end-of-text token (eos_token): documents could not be separated")

@@ -1,11 +1,12 @@
 """`kdfast distill --cross-tokenizer`: the demo's teacher (trained once with the BPE tokenizer of --vocab-size tokens,
 and cached as the default run caches it) teaches students of ANOTHER tokenizer, a BPE of --student-vocab-size tokens
-trained on the same training text. Two students of that tokenizer train on identical batches, stepping in turn: one
-with kdfast's cross-vocabulary loss (`batch_cross_vocab_loss`: GOLD's hybrid over the aligned groups of the two
-tokenizations, from both models' hidden states and heads, plus the student's CE), one with plain cross-entropy,
-which then goes on alone until it has trained as long (equal wall time). Held-out perplexity is per student token,
-so the students compare directly; bits per byte (every model on the same held-out text) puts the teacher beside
-them."""
+trained on every other training document with each digit a token (corpus.OTHER_TOKENIZER: the two vocabularies share
+part of their tokens, and each side's tokens are merged against the other's). Two students of that tokenizer train
+on identical batches, stepping in turn: one with kdfast's cross-vocabulary loss (`batch_cross_vocab_loss`: GOLD's
+hybrid over the aligned groups of the two tokenizations, from both models' hidden states and heads, plus the
+student's CE), one with plain cross-entropy, which then goes on alone until it has trained as long (equal wall
+time). Held-out perplexity is per student token, so the students compare directly; bits per byte (every model on the
+same held-out text) puts the teacher beside them."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 import kdfast
 from kdfast.demo import report
-from kdfast.demo.corpus import load_corpus
+from kdfast.demo.corpus import OTHER_TOKENIZER, load_corpus
 from kdfast.demo.main import adamw, get_teacher, progress_bar
 from kdfast.demo.models import STUDENT_SIZE, new_model, parameter_count
 from kdfast.demo.training import (
@@ -136,7 +137,7 @@ def run(args, corpus, device, console, started):
         teacher, teacher_record = get_teacher(args, corpus, device, console, progress)
     teacher.eval().requires_grad_(False)
     with console.status("the students' tokenizer"):
-        students = load_corpus(args.data, args.student_vocab_size, None, args.cache_dir)
+        students = load_corpus(args.data, args.student_vocab_size, None, args.cache_dir, OTHER_TOKENIZER)
     student_tokenizer = students.tokenizer
     vocab_map = kdfast.VocabMap.from_tokenizers(student_tokenizer, teacher_tokenizer)
     console.print(f"students' tokenizer: BPE of {len(student_tokenizer)} tokens, {students.train.numel() / 1e6:.2f} M "
