@@ -109,6 +109,12 @@ class DeviceRows:
             return self.module.sparse_forward_rows(student, teacher, labels, grad_scale, grad, opts, call)
         return self.module.forward_rows(student, teacher, labels, grad_scale, grad, opts, call)
 
+    def fills_teacher_divergences(self, opts: LossOptions) -> bool:
+        """Whether this device's mixing kernel writes each teacher's own divergence (`MixedTeachers.divergences`)
+        in the call itself; elsewhere the caller runs the kernel once per teacher for them."""
+        fills = getattr(self.module, "fills_teacher_divergences", None)
+        return fills is not None and fills(opts) and not (self.backend == "cuda" and opts.backend == "auto")
+
     def reduce_hidden_grad(self, d_hidden):
         return d_hidden  # one device holds the whole vocabulary: d hidden is complete
 
@@ -135,3 +141,10 @@ def rows_kernel_for(opts: LossOptions, check, local_vocab, rows_of: torch.Tensor
     shard = check_then_agree(check, local_vocab, rows_of, process_group, vocab_range, labels, opts,
                              reduce_hidden_grad)
     return ShardedRows(device_rows(opts, rows_of.device), shard)
+
+
+def teacher_divergences_in_kernel(rows_kernel, opts: LossOptions) -> bool:
+    """Whether `rows_kernel` (a DeviceRows, or a vocab shard's ShardedRows) writes each mixed teacher's own divergence
+    in its mixing call (`MixedTeachers.divergences`)."""
+    fills = getattr(rows_kernel, "fills_teacher_divergences", None)
+    return fills is not None and fills(opts)

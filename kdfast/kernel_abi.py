@@ -77,14 +77,19 @@ class SparseTargets:
 class MixedTeachers:
     """Several dense teachers, in the place of one's logits: M tensors [batch, rows, V] of one dtype and layout,
     mixed per row as p_bar = sum_m w_m softmax(t_m / T), with `log_weights` [batch * rows, M] float32 (log w_m, -inf
-    for a teacher that does not count in a row; M contiguous, a row stride of 0 for the same weights everywhere)."""
+    for a teacher that does not count in a row; M contiguous, a row stride of 0 for the same weights everywhere).
+    `divergences`: [batch * rows, M] float32 where a rows kernel that can (`DeviceRows.fills_teacher_divergences`)
+    writes each teacher's own divergence per row beside the mixture's loss, or None."""
 
     teachers: tuple
     log_weights: torch.Tensor
+    divergences: torch.Tensor | None = None
 
     def rows(self, index) -> MixedTeachers:
         """Rows `index` (a slice) of a [1, rows, V] batch."""
-        return MixedTeachers(tuple(teacher[:, index] for teacher in self.teachers), self.log_weights[index])
+        divergences = self.divergences[index] if self.divergences is not None else None
+        return MixedTeachers(tuple(teacher[:, index] for teacher in self.teachers), self.log_weights[index],
+                             divergences)
 
 
 MAX_MIXED_TEACHERS = 64  # kernel_abi.h, kMaxMixedTeachers

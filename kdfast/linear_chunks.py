@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kdfast.dispatch import teacher_divergences_in_kernel
 from kdfast.kernel_abi import PART_COLUMNS, SparseTargets
 from kdfast.linear_teachers import AveragedRows, ChunkTeachers, TeacherHeads
 from kdfast.logit_maps import LogitMap
@@ -190,7 +191,8 @@ def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted
     weight_t = gemm_weight(teacher.weight, teacher.dtype, buffers.teacher) if heads.dense_teacher else None
     several = None
     if isinstance(teacher, TeacherHeads):
-        several = ChunkTeachers(teacher, min(step, heads.rows), heads.vocab, device, gemm_weight)
+        several = ChunkTeachers(teacher, min(step, heads.rows), heads.vocab, device, gemm_weight,
+                                teacher.combine == "mixture" and teacher_divergences_in_kernel(rows_kernel, opts))
         if teacher.combine == "average":
             rows_kernel = AveragedRows(rows_kernel)
     student_map = heads.student_map

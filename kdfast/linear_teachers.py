@@ -47,8 +47,11 @@ class AveragedTeacherRows:
 class ChunkTeachers:
     """The chunk's teacher input for the loss kernel, from `TeacherHeads`, with buffers allocated once per call."""
 
-    def __init__(self, teachers: TeacherHeads, rows: int, vocab: int, device, weight_for):
+    def __init__(self, teachers: TeacherHeads, rows: int, vocab: int, device, weight_for,
+                 divergences_in_kernel: bool = False):
         self.teachers = teachers
+        # The rows kernel writes each teacher's own divergence in the mixture's call (no call per teacher).
+        self.divergences_in_kernel = divergences_in_kernel and teachers.per_teacher is not None
         self.buffers = [torch.empty(rows, vocab, dtype=torch.float32, device=device) for _ in teachers.heads]
         self.chunks = None
         # Each head's weight as its GEMM writes float32 logits (kdfast.linear_chunks.gemm_weight), cast once.
@@ -63,12 +66,13 @@ class ChunkTeachers:
             per_teacher = teachers.per_teacher[rows] if teachers.per_teacher is not None else None
             return AveragedTeacherRows([chunk.unsqueeze(0) for chunk in chunks], teachers.log_weights[rows].exp(),
                                        per_teacher)
-        return MixedTeachers(tuple(chunk.unsqueeze(0) for chunk in chunks), teachers.log_weights[rows])
+        divergences = teachers.per_teacher[rows] if self.divergences_in_kernel else None
+        return MixedTeachers(tuple(chunk.unsqueeze(0) for chunk in chunks), teachers.log_weights[rows], divergences)
 
     def record_divergences(self, rows: slice, student, labels, scale, opts: LossOptions, rows_kernel) -> None:
         """Each teacher's own divergence per row of the chunk into `per_teacher`, from the student's logits before the
         kernel writes their gradient (forward only; none for the average, whose calls give them)."""
-        if self.teachers.per_teacher is None or self.teachers.combine == "average":
+        if self.teachers.per_teacher is None or self.teachers.combine == "average" or self.divergences_in_kernel:
             return
         kd_only = opts.replace(ce_weight=0.0, z_loss_weight=0.0, label_smoothing=0.0)
         for index, chunk in enumerate(self.chunks):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kdfast.dispatch import rows_kernel_for
+from kdfast.dispatch import rows_kernel_for, teacher_divergences_in_kernel
 from kdfast.kernel_abi import (
     MAX_MIXED_TEACHERS,
     PART_CE,
@@ -137,10 +137,13 @@ class MultiTeacherFunction(torch.autograd.Function):
         teacher_rows = [teacher.reshape(-1, teacher.shape[-1])[:, :width] for teacher in teachers]
         per_teacher = torch.zeros(rows, len(teachers), device=student.device)
         if combine == "mixture":
-            if opts.return_components and opts.has_kd:  # before an in-place gradient overwrites the student
+            wanted = opts.return_components and opts.has_kd
+            in_kernel = wanted and teacher_divergences_in_kernel(kernel, call.opts)
+            if wanted and not in_kernel:  # before an in-place gradient overwrites the student
                 for index, one in enumerate(teacher_rows):
                     per_teacher[:, index] = call.divergence(every_row, one)
-            parts = call.run(every_row, MixedTeachers(tuple(teacher_rows), log_weights), call.opts)
+            mixed = MixedTeachers(tuple(teacher_rows), log_weights, per_teacher if in_kernel else None)
+            parts = call.run(every_row, mixed, call.opts)
         else:
             parts = _average_chunk(call, every_row, teacher_rows, log_weights, opts, per_teacher, shares)
         if grad is not None and width < vocab:
@@ -165,7 +168,8 @@ class MultiTeacherFunction(torch.autograd.Function):
 def _batched(teacher):
     """A [rows, V] teacher (or several) as the [1, rows, V] batch the rows kernels take."""
     if isinstance(teacher, MixedTeachers):
-        return MixedTeachers(tuple(one.unsqueeze(0) for one in teacher.teachers), teacher.log_weights)
+        return MixedTeachers(tuple(one.unsqueeze(0) for one in teacher.teachers), teacher.log_weights,
+                             teacher.divergences)
     return teacher.unsqueeze(0)
 
 

@@ -121,6 +121,9 @@ struct DistillArgs {
   // meet in `workspace`
   int splits;
   float* workspace;
+  // [rows, M] contiguous, or null: each mixed teacher's own forward KL per row (CPU, forward KL), written beside the
+  // mixture's loss from the exps the mixture takes anyway (kept rows; 0 for an ignored row)
+  float* mix_divergences;
 };
 
 // The CE family's per-row gradient coefficients (see DistillArgs), given the reduction's scale and the row's

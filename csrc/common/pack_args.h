@@ -24,7 +24,8 @@ constexpr const char* kSparseDistillForwardSchema =
     "float[] float_settings) -> Tensor";
 constexpr const char* kMixtureDistillForwardSchema =
     "mixture_distill_forward(Tensor student, Tensor[] teachers, Tensor log_weights, Tensor? labels, "
-    "Tensor grad_scale, Tensor(a!)? grad, int[] int_settings, float[] float_settings) -> Tensor";
+    "Tensor grad_scale, Tensor(a!)? grad, Tensor(b!)? teacher_divergences, int[] int_settings, "
+    "float[] float_settings) -> Tensor";
 
 #define KDFAST_CHECK_DEVICE(x, device_type) \
   TORCH_CHECK((x).device().type() == (device_type), #x " must be on ", (device_type), ", got ", (x).device())
@@ -201,7 +202,8 @@ inline PackedCall pack_sparse_args(const at::Tensor& student, const at::Tensor& 
 // `rows_out` holds the M data pointers the args point at: it must outlive the call.
 inline PackedCall pack_mixture_args(const at::Tensor& student, at::TensorList teachers, const at::Tensor& log_weights,
                                     const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
-                                    const std::optional<at::Tensor>& grad, c10::IntArrayRef ints,
+                                    const std::optional<at::Tensor>& grad,
+                                    const std::optional<at::Tensor>& teacher_divergences, c10::IntArrayRef ints,
                                     c10::ArrayRef<double> floats, c10::DeviceType device_type,
                                     std::vector<const void*>& rows_out) {
   PackedCall call = pack_common(student, labels, grad_scale, grad, std::nullopt, std::nullopt, ints, floats,
@@ -236,6 +238,17 @@ inline PackedCall pack_mixture_args(const at::Tensor& student, at::TensorList te
   a.mix_count = count;
   a.mix_log_weights = log_weights.data_ptr<float>();
   a.mix_weights_stride = log_weights.stride(0);
+  a.mix_divergences = nullptr;
+  if (teacher_divergences.has_value()) {
+    const at::Tensor& out = *teacher_divergences;
+    KDFAST_CHECK_DEVICE(out, device_type);
+    TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == rows && out.size(1) == count &&
+                    out.is_contiguous(),
+                "teacher_divergences must be a contiguous float32 [", rows, ", ", count, "] tensor, got ", out.sizes());
+    TORCH_CHECK(a.has_kd && a.divergence == kForwardKL,
+                "teacher_divergences: each teacher's own divergence is written in the kernel for forward KL only");
+    a.mix_divergences = out.data_ptr<float>();
+  }
   return call;
 }
 

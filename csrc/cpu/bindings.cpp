@@ -44,11 +44,12 @@ at::Tensor sparse_distill_forward(const at::Tensor& student, const at::Tensor& t
 // fused kernel (csrc/cpu/mixture_row.h).
 at::Tensor mixture_distill_forward(const at::Tensor& student, at::TensorList teachers, const at::Tensor& log_weights,
                                    const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
-                                   const std::optional<at::Tensor>& grad, c10::IntArrayRef int_settings,
+                                   const std::optional<at::Tensor>& grad,
+                                   const std::optional<at::Tensor>& teacher_divergences, c10::IntArrayRef int_settings,
                                    c10::ArrayRef<double> float_settings) {
   std::vector<const void*> teacher_rows;
-  auto call = kdfast::pack_mixture_args(student, teachers, log_weights, labels, grad_scale, grad, int_settings,
-                                        float_settings, c10::DeviceType::CPU, teacher_rows);
+  auto call = kdfast::pack_mixture_args(student, teachers, log_weights, labels, grad_scale, grad, teacher_divergences,
+                                        int_settings, float_settings, c10::DeviceType::CPU, teacher_rows);
   const int64_t rows = call.args.batch * call.args.rows_per_batch;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) { kdfast_cpu::distill_rows_cpu(call.args, begin, end); });
   return call.out;

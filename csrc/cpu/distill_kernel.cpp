@@ -185,6 +185,9 @@ void process_row(const float* s, const float* t, int64_t row, int64_t label, Gra
   if (a.phase == kPhaseStats) return stats_row(s, t, a, a.out + row * kStatColumns);
   RowStats st = row_references(s, t, a);
   exp_pass(s, t, a, w, next, st);
+  if (a.mix_divergences != nullptr) {  // each mixed teacher's forward KL, but log z_s (mixture_row.h)
+    for (int64_t m = 0; m < a.mix_count; ++m) a.mix_divergences[row * a.mix_count + m] = w.mix_own_kl[m] + st.log_z_s;
+  }
   float kd = 0.0f, row_sum = 0.0f;
   KdSource kd_source = kNoKd;
   if (a.has_kd && a.divergence == kForwardKL) {
@@ -206,6 +209,12 @@ void process_row(const float* s, const float* t, int64_t row, int64_t label, Gra
     write_gradient(g, kd_source, terms, held ? local_label : -1, a, st, w);
   }
   write_fused_parts(a, row, kd, st, s_label, in_range, shifted_sum);
+}
+
+// A skipped row's own divergence of each mixed teacher (when they are written): `value` for all.
+void skip_own_divergences(const DistillArgs& a, int64_t row, float value) {
+  if (a.mix_divergences == nullptr) return;
+  for (int64_t m = 0; m < a.mix_count; ++m) a.mix_divergences[row * a.mix_count + m] = value;
 }
 
 template <typename StudentT, typename TeacherT>
@@ -240,12 +249,14 @@ void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
     const int64_t label = a.labels != nullptr ? a.labels[row] : 0;
     if (a.labels != nullptr && label == a.ignore_index) {
       write_skipped_row(a, row, 0.0f);
+      skip_own_divergences(a, row, 0.0f);
       if (g != nullptr) zero_row(g, a.vocab);
       continue;
     }
     // The host check refuses these; never read out of bounds. (A shard holds only some labels: not an error.)
     if (a.phase == kPhaseFused && a.ce_weight != 0.0f && (label < 0 || label >= a.vocab)) {
       write_skipped_row(a, row, std::numeric_limits<float>::quiet_NaN());
+      skip_own_divergences(a, row, std::numeric_limits<float>::quiet_NaN());
       if (g != nullptr) zero_row(g, a.vocab);
       continue;
     }
@@ -254,7 +265,8 @@ void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
     if (a.has_kd && a.mix_count > 0) {
       const TeacherT* rows[kMaxMixedTeachers];
       for (int64_t m = 0; m < a.mix_count; ++m) rows[m] = mixed_teacher_row(m, row);
-      t = mixture_row(rows, a.mix_count, a.mix_log_weights + row * a.mix_weights_stride, a, scratch);
+      t = mixture_row(rows, a.mix_count, a.mix_log_weights + row * a.mix_weights_stride, a, scratch,
+                      a.mix_divergences != nullptr ? s : nullptr);
     } else if (a.has_kd) {
       t = widen_row(t_raw, a.vocab, scratch.teacher);
     }

@@ -8,9 +8,14 @@
 //                is taken instead, never the log of an underflowed sum (-inf there would make reverse KL infinite).
 // The kernel then reads p_bar as its teacher exps against the reference 0 (log p_bar <= 0): a mixture costs M exps and
 // one log per column beside the student's exp, and no [rows, V] mixture is written to memory and read back.
+// Each teacher's own forward KL (DistillArgs::mix_divergences, for the trainers' per-teacher logs) comes from the same
+// exps: KL(p_m || q) = sum_j e_j (dt_j - ds_j) / z_m - log z_m + log z_s, with dt and ds centred on each row's max (as
+// the kernel's own forward KL), so it costs two FMAs per column and teacher and no pass of its own; teachers of weight
+// 0 in the row then take their exps too (they are not mixed). log z_s is added by the kernel once its exp pass has it.
 #pragma once
 
 #include <cmath>
+#include <limits>
 
 #include "row_math.h"
 
@@ -36,31 +41,41 @@ float exact_log_mixture(const TeacherT* const* rows, const float* maxima, const 
 }
 
 // Writes the mixture of `count` teacher rows with log-weights `log_weights` (-inf: the teacher does not count) into
-// w.teacher (T * log p_bar, the kernel's teacher logits) and w.exp_teacher (p_bar); returns w.teacher.
+// w.teacher (T * log p_bar, the kernel's teacher logits) and w.exp_teacher (p_bar); returns w.teacher. With the
+// student's row `student` (else null), each teacher's forward KL but log z_s into w.mix_own_kl (NaN for a teacher row
+// without a finite max).
 template <typename TeacherT>
 const float* mixture_row(const TeacherT* const* rows, int64_t count, const float* log_weights, const DistillArgs& a,
-                         Scratch& w) {
+                         Scratch& w, const float* student) {
   const int64_t vocab = a.vocab;
   const float inv_t = a.inv_temperature;
   float* mixed = w.exp_teacher.data();
   float* exps = w.mix_exps.data();
   float maxima[kMaxMixedTeachers], offsets[kMaxMixedTeachers];
+  const bool own = student != nullptr;
+  const float student_top = own ? row_max(student, vocab) : 0.0f;
   bool first = true;
   for (int64_t m = 0; m < count; ++m) {
     const float* t = widen_row(rows[m], vocab, w.mix_widened);
     const float top = row_max(t, vocab);
     maxima[m] = top;
     offsets[m] = -INFINITY;
-    // A row of -inf (no mass) or a zero weight: the teacher adds nothing.
-    if (!std::isfinite(top) || log_weights[m] == -INFINITY) continue;
-    VFloat sum_acc{};
+    w.mix_own_kl[m] = std::numeric_limits<float>::quiet_NaN();
+    // A row of -inf (no mass) or a zero weight: the teacher adds nothing (but its own divergence, when wanted).
+    const bool counts = std::isfinite(top) && log_weights[m] != -INFINITY;
+    if (!std::isfinite(top) || (!counts && !own)) continue;
+    VFloat sum_acc{}, own_acc{};
     for_lanes(vocab, [&](int64_t j, auto zero) {
       using F = decltype(zero);
-      const F value = fast_exp((load<F>(t + j) - top) * inv_t);
-      store(exps + j, value);
+      const F dt = (load<F>(t + j) - top) * inv_t;
+      const F value = fast_exp(dt);
+      if (counts) store(exps + j, value);
       accumulate(sum_acc, value);
+      if (own) accumulate(own_acc, weighted(value, dt - (load<F>(student + j) - student_top) * inv_t));
     });
     const float sum = horizontal_sum(sum_acc);
+    if (own) w.mix_own_kl[m] = horizontal_sum(own_acc) / sum - std::log(sum);
+    if (!counts) continue;
     offsets[m] = log_weights[m] - std::log(sum);
     const float factor = std::exp(log_weights[m]) / sum;
     for_lanes(vocab, [&](int64_t j, auto zero) {

@@ -47,14 +47,16 @@ at::Tensor distill_forward(const at::Tensor& student, const at::Tensor& teacher,
 // workspace; one block per row.
 at::Tensor mixture_distill_forward(const at::Tensor& student, at::TensorList teachers, const at::Tensor& log_weights,
                                    const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
-                                   const std::optional<at::Tensor>& grad, c10::IntArrayRef int_settings,
+                                   const std::optional<at::Tensor>& grad,
+                                   const std::optional<at::Tensor>& teacher_divergences, c10::IntArrayRef int_settings,
                                    c10::ArrayRef<double> float_settings) {
   const c10::cuda::CUDAGuard device_guard(student.device());
   std::vector<const void*> teacher_rows;
-  auto call = kdfast::pack_mixture_args(student, teachers, log_weights, labels, grad_scale, grad, int_settings,
-                                        float_settings, c10::DeviceType::CUDA, teacher_rows);
+  auto call = kdfast::pack_mixture_args(student, teachers, log_weights, labels, grad_scale, grad, teacher_divergences,
+                                        int_settings, float_settings, c10::DeviceType::CUDA, teacher_rows);
   kdfast::DistillArgs& args = call.args;
   TORCH_CHECK(args.has_kd, "mixture_distill_forward mixes teachers for a divergence (kd_weight 0 needs none)");
+  TORCH_CHECK(!teacher_divergences.has_value(), "the CUDA mixing kernel does not write each teacher's divergence");
   TORCH_CHECK(args.teacher_kind == args.student_kind, "the CUDA mixing kernel reads teachers of the student's dtype ",
               student.scalar_type(), ", got ", teachers[0].scalar_type());
   const at::Tensor addresses = at::empty({args.mix_count}, at::TensorOptions().dtype(at::kLong));

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kdfast.kernel_abi import FUSED, MixedTeachers, PhaseCall, SparseTargets, native_settings
+from kdfast.kernel_abi import FUSED, Divergence, MixedTeachers, PhaseCall, SparseTargets, native_settings
 from kdfast.native_build import cpu_extension_or_none, load_cpu_extension
 from kdfast.options import LossOptions
 from kdfast.teacher_mixture import kernel_teachers
@@ -36,4 +36,11 @@ def mixture_forward_rows(student, teacher: MixedTeachers, labels, grad_scale, gr
         return forward_rows(student, student, labels, grad_scale, grad, opts, call)
     ops = load_cpu_extension()
     ints, floats = native_settings(opts, call)
-    return ops.mixture_distill_forward(student, teachers, teacher.log_weights, labels, grad_scale, grad, ints, floats)
+    return ops.mixture_distill_forward(student, teachers, teacher.log_weights, labels, grad_scale, grad,
+                                       teacher.divergences, ints, floats)
+
+
+def fills_teacher_divergences(opts: LossOptions) -> bool:
+    """Whether the mixing kernel writes each teacher's own divergence (MixedTeachers.divergences) beside the mixture's
+    loss: forward KL (also TRL's JSD at beta 0), from the exps the mixture takes anyway (csrc/cpu/mixture_row.h)."""
+    return opts.has_kd and opts.effective_divergence == Divergence.FORWARD_KL

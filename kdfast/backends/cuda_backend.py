@@ -61,4 +61,4 @@ def mixture_forward_rows(student, teacher: MixedTeachers, labels, grad_scale, gr
     log_weights = teacher.log_weights.float()
     if log_weights.stride(-1) != 1:
         log_weights = log_weights.contiguous()
-    return ops.mixture_distill_forward(student, teachers, log_weights, labels, grad_scale, grad, ints, floats)
+    return ops.mixture_distill_forward(student, teachers, log_weights, labels, grad_scale, grad, None, ints, floats)
