@@ -94,13 +94,9 @@ class DeviceRows:
         """`teacher`: a dense teacher's logits, a sparse teacher's SparseTargets, or several MixedTeachers (mixed in
         the kernel where the backend can, else a chunk at a time by kdfast.teacher_mixture)."""
         if isinstance(teacher, MixedTeachers):
-            native = getattr(self.module, "mixture_forward_rows", None)
-            if self.backend == "cuda" and opts.backend == "auto" and triton_available():
-                # Both GPU kernels mix in the kernel; "auto" takes Triton's, whose mixture is also tested under the
-                # interpreter, until a GPU run has timed the two (backend="cuda" takes the CUDA kernel's).
-                native = backend_module("triton").mixture_forward_rows
-            if native is not None:
-                return native(student, teacher, labels, grad_scale, grad, opts, call)
+            mixer = self._mixer(opts)
+            if mixer is not None:
+                return mixer.mixture_forward_rows(student, teacher, labels, grad_scale, grad, opts, call)
             from kdfast.teacher_mixture import mixture_rows_by_chunks
 
             return mixture_rows_by_chunks(self.module.forward_rows, student, teacher, labels, grad_scale, grad, opts,
@@ -109,11 +105,19 @@ class DeviceRows:
             return self.module.sparse_forward_rows(student, teacher, labels, grad_scale, grad, opts, call)
         return self.module.forward_rows(student, teacher, labels, grad_scale, grad, opts, call)
 
+    def _mixer(self, opts: LossOptions):
+        """The backend module whose kernel mixes several teachers on this device, or None (torch mixes a chunk)."""
+        if self.backend == "cuda" and opts.backend == "auto" and triton_available():
+            # Both GPU kernels mix in the kernel; "auto" takes Triton's, whose mixture is also tested under the
+            # interpreter, until a GPU run has timed the two (backend="cuda" takes the CUDA kernel's).
+            return backend_module("triton")
+        return self.module if hasattr(self.module, "mixture_forward_rows") else None
+
     def fills_teacher_divergences(self, opts: LossOptions) -> bool:
         """Whether this device's mixing kernel writes each teacher's own divergence (`MixedTeachers.divergences`)
         in the call itself; elsewhere the caller runs the kernel once per teacher for them."""
-        fills = getattr(self.module, "fills_teacher_divergences", None)
-        return fills is not None and fills(opts) and not (self.backend == "cuda" and opts.backend == "auto")
+        fills = getattr(self._mixer(opts), "fills_teacher_divergences", None)
+        return fills is not None and fills(opts)
 
     def reduce_hidden_grad(self, d_hidden):
         return d_hidden  # one device holds the whole vocabulary: d hidden is complete
