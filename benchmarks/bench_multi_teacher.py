@@ -57,7 +57,8 @@ GPU_CHECK_ROWS, LINEAR_CHECK_ROWS = 1024, 256
 
 def grad_of(loss_fn, *inputs):
     leaves = [x.detach().requires_grad_(True) for x in inputs]
-    torch.autograd.grad(loss_fn(*leaves), leaves)
+    loss = loss_fn(*leaves)
+    torch.autograd.grad(loss[0] if isinstance(loss, tuple) else loss, leaves)  # (loss, components) with components
 
 
 def describe(error: BaseException) -> str:
@@ -99,6 +100,9 @@ def logits_contenders(args, student, teachers, labels):
     for combine in ("mixture", "average"):
         methods[f"kdfast {combine}"] = lambda combine=combine: grad_of(
             lambda x: kdfast.multi_teacher_distill_loss(x, teachers, labels, combine=combine, **settings), student)
+    # What the trainers call every step: each teacher's own divergence beside the loss, to log it.
+    methods["kdfast mixture, return_components"] = lambda: grad_of(
+        lambda x: kdfast.multi_teacher_distill_loss(x, teachers, labels, return_components=True, **settings), student)
     if on_gpu(args):
         for backend in GPU_BACKENDS:
             methods[mixture_name(backend)] = lambda backend=backend: grad_of(
@@ -174,16 +178,17 @@ def linear_contenders(args, inputs=None):
         return sum(kdfast.linear_distill_loss(h, w, x, y, labels, **settings)
                    for x, y in zip(teacher_hidden, teacher_weight)) / len(teacher_hidden)
 
-    def multi(combine, chunk_size="auto", backend="auto"):
+    def multi(combine, chunk_size="auto", backend="auto", return_components=False):
         return lambda: grad_of(lambda h, w: kdfast.linear_multi_teacher_distill_loss(
             h, w, teacher_hidden, teacher_weight, labels, combine=combine, chunk_size=chunk_size, backend=backend,
-            **settings), hidden, weight)
+            return_components=return_components, **settings), hidden, weight)
 
     # chunk_size="auto" keeps a chunk within the CPU's memory budget (48 MiB for all the models' logits); larger
     # chunks buy GEMM efficiency with memory, so one larger chunk is timed beside it.
     methods = {f"{3 + len(teacher_hidden)} GEMMs alone (floor)": gemm_floor,
                linear_loop_name(len(teacher_hidden)): lambda: grad_of(loop, hidden, weight),
                "kdfast linear mixture": multi("mixture"), "kdfast linear average": multi("average"),
+               "kdfast linear mixture, return_components": multi("mixture", return_components=True),
                f"kdfast linear mixture (chunk_size={LARGE_CHUNK})": multi("mixture", LARGE_CHUNK)}
     if on_gpu(args):
         methods.update({linear_mixture_name(backend): multi("mixture", backend=backend) for backend in GPU_BACKENDS})
