@@ -28,7 +28,7 @@ import triton.language as tl
 
 from kdfast import kernel_abi
 from kdfast.kernel_abi import PART_COLUMNS, STAT_COLUMNS, Divergence, Phase
-from kdfast.kernels.mixture import mixed_teacher, mixture_prepass
+from kdfast.kernels.mixture import mixed_teacher, mixture_prepass, own_forward_kl
 
 FORWARD_KL = tl.constexpr(int(Divergence.FORWARD_KL))
 REVERSE_KL = tl.constexpr(int(Divergence.REVERSE_KL))
@@ -211,9 +211,12 @@ def distill_fwd_kernel(
     ignore_index,
     # several teachers (MIX_TEACHERS): element offsets of each from teacher_ptr, log-weights, the pre-pass's scratch
     mix_offsets_ptr, log_weights_ptr, log_weights_stride, mix_scratch_ptr, teachers,
+    # OWN_KL (forward KL of mixed teachers): each teacher's own forward KL per row, [rows, teachers]
+    own_ptr,
     DIVERGENCE: tl.constexpr, PHASE: tl.constexpr, HAS_KD: tl.constexpr, HAS_CE: tl.constexpr,
     CE_FROM_TEMPERED: tl.constexpr, HAS_LABELS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
-    NEEDS_LABELS: tl.constexpr, SMOOTH: tl.constexpr, MIX_TEACHERS: tl.constexpr,
+    NEEDS_LABELS: tl.constexpr, SMOOTH: tl.constexpr, MIX_TEACHERS: tl.constexpr, OWN_KL: tl.constexpr,
+    OWN_BLOCK: tl.constexpr,
 ):
     # HAS_CE: the student's statistics at T = 1 (the CE term, or the z-loss alone); NEEDS_LABELS: the CE term (its
     # weight is not 0); SMOOTH: label smoothing, whose target needs sum_j s_j; MIX_TEACHERS: the teacher is p_bar
@@ -225,6 +228,7 @@ def distill_fwd_kernel(
     t_row = teacher_ptr + batch_index * teacher_stride_b + row_index * teacher_stride_r
     g_row = grad_ptr + batch_index * grad_stride_b + row_index * grad_stride_r
     mix_row = mix_scratch_ptr + row * 2 * teachers
+    own_row = own_ptr + row * teachers
     offsets = tl.arange(0, BLOCK_V)
     NEG_INF: tl.constexpr = float("-inf")
 
@@ -265,7 +269,7 @@ def distill_fwd_kernel(
         q_log_q = 0.0  # sum_j q_j log q_j of the student's entropy over these columns: FUSED pass 1, SUMS pass 2
         if MIX_TEACHERS and HAS_KD:
             mixture_prepass(t_row, mix_offsets_ptr, log_weights_ptr + row * log_weights_stride, mix_row, teachers,
-                            vocab, inv_t, BLOCK_V)
+                            vocab, inv_t, own_row, BLOCK_V, OWN_KL)
         if (PHASE == FUSED) | (PHASE == STATS):
             # ---- pass 1: running statistics (maxima in logit units) ----
             m_s = NEG_INF
@@ -379,6 +383,7 @@ def distill_fwd_kernel(
             uniform_coef = row_scale * ce_weight * label_smoothing * inv_global_vocab
             s_acc = tl.zeros([BLOCK_V], dtype=tl.float32)  # sum_j (s_j - ref_c): a smoothed target's uniform part
             q_log_q_acc = tl.zeros([BLOCK_V], dtype=tl.float32)  # SUMS (FUSED has it from pass 1)
+            own_acc = tl.zeros([OWN_BLOCK], dtype=tl.float32)  # OWN_KL: each teacher's own forward KL
             for start in range(0, vocab, BLOCK_V):
                 cols = start + offsets
                 mask = cols < vocab
@@ -401,6 +406,9 @@ def distill_fwd_kernel(
                     if DIVERGENCE == FORWARD_KL:
                         kd_acc += tl.where(mask, _weighted(p, lt - ls), 0.0)
                         grad_kd = q - p
+                        if OWN_KL:
+                            own_acc = own_forward_kl(t_row, mix_offsets_ptr, mix_row, own_row, teachers, cols, mask,
+                                                     inv_t, ls, own_acc, OWN_BLOCK)
                     elif DIVERGENCE == REVERSE_KL:
                         if PHASE == FUSED:
                             grad_kd = _weighted(q, ((s - ref_s) - (t - t_ref)) * inv_t - rkl_d)
@@ -451,11 +459,19 @@ def distill_fwd_kernel(
                                          uniform_coef, CE_FROM_TEMPERED)
                     tl.store(g_row + cols, grad.to(g_row.dtype.element_ty), mask=mask)
 
+            if OWN_KL:
+                own_index = tl.arange(0, OWN_BLOCK)
+                tl.debug_barrier()  # every read of own_row's log z_m is done before it is overwritten
+                tl.store(own_row + own_index, own_acc, mask=own_index < teachers)
             # ref_s: the row's largest logit (a tie counts as a hit); in SUMS ref_c is 0
             _store_outputs(out_ptr, row, kd, row_d, target, log_z_c, lse_c, in_range & (s_label >= ref_s),
                            z_loss_weight, q_log_q, HAS_KD, HAS_CE, PHASE)
     else:
         _store_skipped_row(out_ptr, row, poisoned, PHASE)  # a label out of range poisons the total
+        if OWN_KL:  # as the row's divergence: 0, or NaN for a label out of range
+            own_index = tl.arange(0, OWN_BLOCK)
+            skipped = tl.zeros([OWN_BLOCK], dtype=tl.float32) + tl.where(poisoned, float("nan"), 0.0)
+            tl.store(own_row + own_index, skipped, mask=own_index < teachers)
         if WRITE_GRAD:
             for start in range(0, vocab, BLOCK_V):
                 cols = start + offsets
@@ -468,10 +484,12 @@ def launch_config(vocab: int) -> tuple[int, int]:
     return block, (8 if block >= 2048 else 4)
 
 
-def distill_forward_rows(student, teacher, labels, grad_scale, grad, opts, call, mixture=None) -> torch.Tensor:
+def distill_forward_rows(student, teacher, labels, grad_scale, grad, opts, call, mixture=None,
+                         own_divergences=None) -> torch.Tensor:
     """Launches one program per row of the [batch, rows, vocab] views in `call`'s phase (settings: the record
     `opts`); returns the phase's float32 outputs. `mixture`: (offsets, log_weights) of several teachers, `teacher`
-    the first of them (kdfast.backends.triton_backend.mixture_forward_rows), FUSED only."""
+    the first of them (kdfast.backends.triton_backend.mixture_forward_rows), FUSED only; `own_divergences`: a
+    contiguous float32 [rows, M] where each of them gets its own forward KL per row (forward KL only)."""
     batch, rows_per_batch, vocab = student.shape
     rows = batch * rows_per_batch
     shape = {Phase.FUSED: (rows, PART_COLUMNS), Phase.GRADIENT: (0,)}.get(call.phase, (rows, STAT_COLUMNS))
@@ -489,6 +507,10 @@ def distill_forward_rows(student, teacher, labels, grad_scale, grad, opts, call,
         offsets, log_weights = mixture
         weights_stride, teachers = log_weights.stride(0), offsets.numel()
         scratch = torch.empty(rows, teachers, 2, dtype=torch.float32, device=student.device)
+    own_kl = own_divergences is not None
+    if own_kl and (mixture is None or opts.divergence_code != 0 or tuple(own_divergences.shape) != (rows, teachers)):
+        raise ValueError(f"own_divergences: each mixed teacher's own forward KL, [{rows}, {teachers}], is written for "
+                         "several teachers under forward KL only")
     distill_fwd_kernel[(rows,)](
         student, teacher, labels if labels is not None else out, grad_arg, out, grad_scale, stats, totals,
         rows_per_batch, vocab, int(call.col_offset),
@@ -498,11 +520,12 @@ def distill_forward_rows(student, teacher, labels, grad_scale, grad, opts, call,
         math.log(beta) if beta > 0 else -math.inf, math.log1p(-beta) if beta < 1 else -math.inf,
         float(opts.kd_scale), float(opts.ce_weight), float(opts.label_smoothing),
         1.0 / (call.global_vocab or vocab), float(opts.z_loss_weight), int(opts.ignore_index),
-        offsets, log_weights, weights_stride, scratch, teachers,
+        offsets, log_weights, weights_stride, scratch, teachers, own_divergences if own_kl else out,
         DIVERGENCE=opts.divergence_code, PHASE=int(call.phase), HAS_KD=opts.has_kd, HAS_CE=opts.has_ce,
         # CE reuses the student's tempered statistics at T = 1.
         CE_FROM_TEMPERED=opts.has_ce and opts.has_kd and opts.temperature == 1.0,
         HAS_LABELS=labels is not None, WRITE_GRAD=write_grad, BLOCK_V=block_v, NEEDS_LABELS=opts.needs_labels,
-        SMOOTH=opts.has_ce and opts.label_smoothing != 0.0, MIX_TEACHERS=mixture is not None, num_warps=num_warps,
+        SMOOTH=opts.has_ce and opts.label_smoothing != 0.0, MIX_TEACHERS=mixture is not None, OWN_KL=own_kl,
+        OWN_BLOCK=triton.next_power_of_2(max(teachers, 1)) if own_kl else 1, num_warps=num_warps,
     )
     return out

@@ -20,17 +20,19 @@ def _finite_or_zero(reference):
 
 
 @triton.jit
-def mixture_prepass(t_row, offsets_ptr, log_weights_row, scratch_row, teachers, vocab, inv_t,
-                    BLOCK_V: tl.constexpr):
+def mixture_prepass(t_row, offsets_ptr, log_weights_row, scratch_row, teachers, vocab, inv_t, own_row,
+                    BLOCK_V: tl.constexpr, OWN_KL: tl.constexpr):
     """scratch_row[2m], [2m + 1] = ref_m (teacher m's max over the row, 0 if not finite) and log w_m - log z_m,
     z_m = sum_j exp((t_mj - ref_m) / T); -inf for a teacher that adds nothing to this row (its weight is 0, or its
-    row is all -inf, as the C++ kernel drops it), which the mixed reads then never load."""
+    row is all -inf, as the C++ kernel drops it), which the mixed reads then never load. OWN_KL (each teacher's own
+    forward KL wanted, `own_forward_kl`): every teacher's max and z are taken, a routed-away one's too, and
+    own_row[m] = log z_m (NaN without a finite max)."""
     offsets = tl.arange(0, BLOCK_V)
     for m in range(teachers):
         log_weight = tl.load(log_weights_row + m)
         top = tl.full([], float("-inf"), tl.float32)
         z = tl.full([], 0.0, tl.float32)
-        if log_weight != float("-inf"):  # a routed-away teacher costs no read of its row
+        if (log_weight != float("-inf")) or OWN_KL:  # a routed-away teacher costs no read of its row
             row = t_row + tl.load(offsets_ptr + m)
             for start in range(0, vocab, BLOCK_V):
                 cols = start + offsets
@@ -41,6 +43,9 @@ def mixture_prepass(t_row, offsets_ptr, log_weights_row, scratch_row, teachers, 
                 top = top_new
         tl.store(scratch_row + 2 * m, _finite_or_zero(top))
         tl.store(scratch_row + 2 * m + 1, tl.where(z > 0.0, log_weight - tl.log(z), float("-inf")))
+        if OWN_KL:
+            finite = (top != float("-inf")) & (top != float("inf"))
+            tl.store(own_row + m, tl.where(finite, tl.log(z), float("nan")))
     # On a GPU one thread stores a scalar and every thread of the program reads it back in the later passes.
     tl.debug_barrier()
 
@@ -71,3 +76,18 @@ def mixed_teacher(t_row, offsets_ptr, scratch_row, teachers, cols, mask, inv_t):
         total += tl.exp(_mixture_term(t_row, offsets_ptr, scratch_row, m, cols, mask, inv_t) - base)
     # A NaN term poisons the sum even where maximum dropped it (on a GPU).
     return (base + tl.log(total)) * (1.0 / inv_t)
+
+
+@triton.jit
+def own_forward_kl(t_row, offsets_ptr, scratch_row, own_row, teachers, cols, mask, inv_t, log_q, own_acc,
+                   OWN_BLOCK: tl.constexpr):
+    """own_acc [OWN_BLOCK] plus this block's sum_j p_mj (log p_mj - log q_j) for each teacher m: its own forward KL
+    over the row once every block has added in (log p_m from the pre-pass's max and own_row's log z_m)."""
+    index = tl.arange(0, OWN_BLOCK)
+    for m in range(teachers):
+        t = tl.load(t_row + tl.load(offsets_ptr + m) + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        log_p = (t - tl.load(scratch_row + 2 * m)) * inv_t - tl.load(own_row + m)
+        p = tl.exp(log_p)
+        terms = tl.where(mask, tl.where(p == 0.0, 0.0, p * (log_p - log_q)), 0.0)
+        own_acc = tl.where(index == m, own_acc + tl.sum(terms, axis=0), own_acc)
+    return own_acc

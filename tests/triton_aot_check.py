@@ -87,6 +87,8 @@ def variants():
             yield capability, divergence, "bf16", dict(flags, WRITE_GRAD=write_grad)
         # Several teachers mixed in the kernel (fused only).
         yield capability, divergence, "bf16", dict(FUSED_FLAGS[0], MIX_TEACHERS=1)
+        if divergence == Divergence.FORWARD_KL:  # ... with each teacher's own forward KL (4 teachers' accumulators)
+            yield capability, divergence, "bf16", dict(FUSED_FLAGS[0], MIX_TEACHERS=1, OWN_KL=1, OWN_BLOCK=4)
         # A sparse teacher (K = 64), bucket: fused, then the shard's phases.
         for flags in [FUSED_FLAGS[0], *SHARD_FLAGS]:
             write_grad = flags["WRITE_GRAD"] and not (flags["PHASE"] == 2 and divergence != 0)
@@ -98,7 +100,7 @@ def report(variant) -> str:
     block_v, num_warps = distill.launch_config(128_256)
     kernel = sparse.sparse_fwd_kernel if "TAIL" in flags else distill.distill_fwd_kernel
     if kernel is distill.distill_fwd_kernel:
-        flags = {"MIX_TEACHERS": 0, **flags}
+        flags = {"MIX_TEACHERS": 0, "OWN_KL": 0, "OWN_BLOCK": 1, **flags}
     compiled = compile_kernel(dtype, capability, num_warps, kernel, DIVERGENCE=divergence, BLOCK_V=block_v, **flags)
     ptx = compiled.asm["ptx"]
     loads = sorted(set(re.findall(r"ld\.global(?:\.[a-z0-9]+)*", ptx)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kdfast.kernel_abi import FUSED, MixedTeachers, PhaseCall, SparseTargets
+from kdfast.kernel_abi import FUSED, Divergence, MixedTeachers, PhaseCall, SparseTargets
 from kdfast.options import LossOptions
 from kdfast.teacher_mixture import kernel_teachers
 
@@ -53,4 +53,11 @@ def mixture_forward_rows(student, teacher: MixedTeachers, labels, grad_scale, gr
     if log_weights.stride(-1) != 1:
         log_weights = log_weights.contiguous()
     mixture = (teacher_offsets(teachers), log_weights)
-    return distill_forward_rows(student, teachers[0], labels, grad_scale, grad, opts, call, mixture)
+    return distill_forward_rows(student, teachers[0], labels, grad_scale, grad, opts, call, mixture,
+                                teacher.divergences)
+
+
+def fills_teacher_divergences(opts: LossOptions) -> bool:
+    """Whether the mixing kernel writes each teacher's own divergence (MixedTeachers.divergences) beside the mixture's
+    loss: forward KL (also TRL's JSD at beta 0), in its loss pass (kernels/mixture.py, own_forward_kl)."""
+    return opts.has_kd and opts.effective_divergence == Divergence.FORWARD_KL
