@@ -508,7 +508,8 @@ def distill_forward_rows(student, teacher, labels, grad_scale, grad, opts, call,
         weights_stride, teachers = log_weights.stride(0), offsets.numel()
         scratch = torch.empty(rows, teachers, 2, dtype=torch.float32, device=student.device)
     own_kl = own_divergences is not None
-    if own_kl and (mixture is None or opts.divergence_code != 0 or tuple(own_divergences.shape) != (rows, teachers)):
+    if own_kl and (mixture is None or opts.effective_divergence != Divergence.FORWARD_KL
+                   or tuple(own_divergences.shape) != (rows, teachers)):
         raise ValueError(f"own_divergences: each mixed teacher's own forward KL, [{rows}, {teachers}], is written for "
                          "several teachers under forward KL only")
     distill_fwd_kernel[(rows,)](

@@ -32,7 +32,7 @@ def mixture_prepass(t_row, offsets_ptr, log_weights_row, scratch_row, teachers, 
         log_weight = tl.load(log_weights_row + m)
         top = tl.full([], float("-inf"), tl.float32)
         z = tl.full([], 0.0, tl.float32)
-        if (log_weight != float("-inf")) or OWN_KL:  # a routed-away teacher costs no read of its row
+        if (log_weight != float("-inf")) or OWN_KL:  # a routed-away teacher's row is read for OWN_KL alone
             row = t_row + tl.load(offsets_ptr + m)
             for start in range(0, vocab, BLOCK_V):
                 cols = start + offsets
