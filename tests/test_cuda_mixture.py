@@ -4,11 +4,11 @@ T in {0.5, 1, 2}, the CE with ignored rows, float32 and bf16; rows that are not 
 against the Triton kernel's mixture, the gradient written over the logits, the fused linear form, and teachers of
 another dtype than the student's (mixed with torch)."""
 
-import math
 from types import SimpleNamespace
 
 import pytest
 import torch
+from mixture_cases import mixture_inputs
 
 import kdfast
 from kdfast.reference import multi_teacher_distill_loss_reference
@@ -22,23 +22,9 @@ TOLERANCES = {torch.float32: ((1e-5, 1e-6), (1e-4, 2e-6)), torch.bfloat16: ((1e-
 
 
 def make_inputs(teachers: int, divergence: str, dtype, rows=6, vocab=45, seed=0):
-    """Teachers [M, rows, vocab] with -inf columns (two in teacher 1 and, but under reverse KL, column 7 in every
-    teacher), per-row weights with a routing one-hot row and a zero weight, labels with two ignored rows."""
-    generator = torch.Generator().manual_seed(seed)
-    student = torch.randn(rows, vocab, generator=generator) * 4
-    stacked = torch.randn(teachers, rows, vocab, generator=generator) * 4
-    if teachers > 1:
-        stacked[1, :, [3, 20]] = -math.inf
-    if divergence != "reverse_kl":
-        stacked[:, :, 7] = -math.inf
-    weights = torch.rand(rows, teachers, generator=generator) + 0.1
-    weights[0] = 0.0
-    weights[0, 0] = 1.0
-    if teachers > 1:
-        weights[3, 1] = 0.0
-    labels = torch.randint(0, vocab, (rows,), generator=generator)
-    labels[[2, 5]] = -100
-    return (student.to(dtype).cuda(), stacked.to(dtype).cuda(), weights.cuda(), labels.cuda())
+    """mixture_cases.mixture_inputs on the GPU, the student and the teachers in `dtype`."""
+    student, stacked, weights, labels = mixture_inputs(teachers, divergence, rows, vocab, seed)
+    return student.to(dtype).cuda(), stacked.to(dtype).cuda(), weights.cuda(), labels.cuda()
 
 
 def loss_and_gradient(student, teachers, labels, backend, **settings):

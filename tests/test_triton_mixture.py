@@ -2,11 +2,11 @@
 reference: every divergence, M in {1, 2, 3, 5}, zero weights in some rows, -inf columns, bf16 teachers, T in
 {0.5, 1, 2}, the CE with ignored rows; loss and the student's gradient. Under the interpreter on a CPU."""
 
-import math
 
 import pytest
 import torch
 from conftest import device_for
+from mixture_cases import mixture_inputs
 
 import kdfast
 from kdfast.kernel_abi import FUSED, MixedTeachers, Phase, PhaseCall
@@ -23,23 +23,8 @@ DEVICE = device_for("triton")
 
 
 def make_inputs(teachers: int, divergence: str, teacher_dtype=torch.float32, seed: int = 0):
-    """Teachers [M, ROWS, VOCAB] with -inf columns: two in teacher 1, and (but under reverse KL, which a teacher
-    without mass where the student has some makes infinite) column 7 in every teacher; per-row weights with a
-    routing one-hot row and a zero weight. Labels with two ignored rows."""
-    generator = torch.Generator().manual_seed(seed)
-    student = torch.randn(ROWS, VOCAB, generator=generator) * 4
-    stacked = torch.randn(teachers, ROWS, VOCAB, generator=generator) * 4
-    if teachers > 1:
-        stacked[1, :, [3, 20]] = -math.inf
-    if divergence != "reverse_kl":
-        stacked[:, :, 7] = -math.inf
-    weights = torch.rand(ROWS, teachers, generator=generator) + 0.1
-    weights[0] = 0.0
-    weights[0, 0] = 1.0  # only teacher 0 counts in row 0
-    if teachers > 1:
-        weights[3, 1] = 0.0
-    labels = torch.randint(0, VOCAB, (ROWS,), generator=generator)
-    labels[[2, 5]] = -100
+    """mixture_cases.mixture_inputs on the Triton backend's device, the teachers in `teacher_dtype`."""
+    student, stacked, weights, labels = mixture_inputs(teachers, divergence, ROWS, VOCAB, seed)
     return student.to(DEVICE), stacked.to(teacher_dtype).to(DEVICE), weights.to(DEVICE), labels.to(DEVICE)
 
 
