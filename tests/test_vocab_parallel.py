@@ -4,8 +4,8 @@ both world sizes run once per session in spawned processes, and each case is rep
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import vocab_parallel_cases
+from rank_cases import spawn_ranks
 
 WORLDS = (2, 3)
 
@@ -15,13 +15,8 @@ def outcomes(tmp_path_factory):
     results = {}
     for world in WORLDS:
         folder = tmp_path_factory.mktemp(f"world{world}")
-        outs = [folder / f"rank{rank}.pt" for rank in range(world)]
-        context = mp.start_processes(_worker, args=(world, str(folder / "store"), [str(p) for p in outs]),
-                                     nprocs=world, join=False, start_method="spawn")
-        while not context.join(timeout=300):
-            pass
-        for rank, out in enumerate(outs):
-            for name, error in torch.load(out).items():
+        for rank, outcome in enumerate(spawn_ranks(_worker, world, folder, str(folder / "store"))):
+            for name, error in outcome.items():
                 results[(world, name, rank)] = error
     return results
 
