@@ -189,7 +189,7 @@ def _environment():
 def test_kill_dash_nine_then_rerun_finishes_the_same_cache(teacher, tmp_path):
     _, tokenizer, teacher_folder, _ = teacher
     text = tmp_path / "text.txt"
-    text.write_text(TEXT * 6)  # ~700 windows, one teacher forward each: seconds of work
+    text.write_text(TEXT * 3)  # ~350 windows, one teacher forward each: seconds of work, the kill after 20
     out = tmp_path / "cache"
     process = subprocess.Popen(_command(teacher_folder, text, out), env=_environment(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, start_new_session=True)
