@@ -27,8 +27,8 @@ def _report_rows(out_dir):
 
 
 def test_cli_smoke_run_with_five_steps(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "kdfast.cli", "distill", "--steps", "5", "--eval-windows", "8", "--cache-dir",
-                             str(tmp_path / "cache"), "--out", str(tmp_path / "out")],
+    result = subprocess.run([sys.executable, "-m", "kdfast.cli", "distill", "--steps", "5", "--eval-windows", "8",
+                             "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = _report_rows(tmp_path / "out")
