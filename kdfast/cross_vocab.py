@@ -31,7 +31,8 @@ def cross_vocab_distill_loss(student_logits, teacher_logits, labels=None, *, voc
                              method="hybrid", matched_weight=None, unmatched_weight=None, divergence="forward_kl",
                              beta=0.5, temperature=1.0, student_temperature=None, teacher_temperature=None,
                              kd_weight=1.0, ce_weight=0.0, t2_scale=True, ignore_index=-100, reduction="mean",
-                             num_items_in_batch=None, backend="auto", return_components=False):
+                             num_items_in_batch=None, inplace_backward=False, backend="auto",
+                             return_components=False):
     """Distillation from a teacher of another vocabulary. Without `alignment`, row i of both logits is one position;
     with a `kdfast.TokenAlignment` the loss's rows are its G groups (labels [G], "none" returns [G]), each the base
     rows of both logits with the group's other tokens' probabilities multiplied in as GOLD merges them (method
@@ -41,12 +42,18 @@ def cross_vocab_distill_loss(student_logits, teacher_logits, labels=None, *, voc
     (probabilities unrenormalised, floored at 1e-8), with `matched_weight` / `unmatched_weight` (default: the matched
     share of the teacher's vocabulary, and the rest); "uld" compares sorted probabilities and takes no divergence.
     CE, ignore_index, reductions, num_items_in_batch and components are `distill_loss`'s; the hybrid's components
-    also carry `matched` and `unmatched`, its two parts before their weights (as TRL's GOLD logs them)."""
+    also carry `matched` and `unmatched`, its two parts before their weights (as TRL's GOLD logs them).
+    `inplace_backward=True` writes the gradient over the student logits' storage as `distill_loss` does (rows
+    without an alignment; nothing else may need those logits afterwards)."""
     opts, teacher_temperature = cross_vocab_options(
         method, vocab_map, temperature, student_temperature, teacher_temperature, divergence=divergence, beta=beta,
         kd_weight=kd_weight, ce_weight=ce_weight, t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
-        backend=backend, return_components=return_components)
+        inplace_backward=inplace_backward, backend=backend, return_components=return_components)
     _check(student_logits, teacher_logits, vocab_map, method, opts, teacher_temperature, alignment)
+    if opts.inplace_backward and alignment is not None:
+        raise ValueError("inplace_backward=True takes rows without an alignment (an alignment gathers the student's "
+                         "rows into groups and adds their gradient back): pass alignment=None or "
+                         "inplace_backward=False")
     if alignment is None:
         check_labels(labels, student_logits, opts)
     else:
@@ -156,12 +163,19 @@ class CrossVocabFunction(torch.autograd.Function):
         flat = flat_labels(labels)
         scale = reduction_scale(flat, rows, opts, num_items_in_batch, device)
         want_grad = ctx.needs_input_grad[0]
-        # An alignment gathers rows and adds their gradient at them: rows of no group keep zeros.
-        grad = (torch.zeros_like(student) if alignment is not None else torch.empty_like(student)) if want_grad \
-            else None
-        parts = cross_vocab_parts(LogitRows(student, grad), LogitRows(teacher), flat, scale, opts, plan, want_grad)
+        in_place = want_grad and opts.inplace_backward
+        if in_place:
+            grad = student
+        else:  # an alignment gathers rows and adds their gradient at them: rows of no group keep zeros
+            grad = (torch.zeros_like(student) if alignment is not None else torch.empty_like(student)) if want_grad \
+                else None
+        parts = cross_vocab_parts(LogitRows(student, grad, in_place), LogitRows(teacher), flat, scale, opts, plan,
+                                  want_grad)
         if grad is not None:
-            ctx.save_for_backward(grad.view(student_logits.shape))
+            # In place into the logits' own storage: a detached alias of them (autograd then takes it as the leaf's
+            # .grad as it is), or the rows' copy when reshaping them needed one.
+            aliases = in_place and grad.data_ptr() == student_logits.data_ptr()
+            ctx.save_for_backward(student_logits.detach() if aliases else grad.view(student_logits.shape))
         ctx.reduction = opts.reduction
         ctx.row_groups = row_groups(alignment, student.shape[0]) if alignment is not None else None
         return reduced_outputs(ctx, parts, lead_shape, labels, opts, scale)

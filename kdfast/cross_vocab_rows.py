@@ -30,22 +30,33 @@ _LOG_FLOOR = math.log(PROBABILITY_FLOOR)
 
 class LogitRows:
     """Rows of a logits tensor [N, V]; their gradient into `grad` (the input's shape), written through views where
-    the rows are a slice and added at their indices where an alignment gathers them (grad then starts zeroed)."""
+    the rows are a slice and added at their indices where an alignment gathers them (grad then starts zeroed).
+    `in_place` (inplace_backward, rows taken as slices): `grad` is the logits themselves; a pass that reads each row
+    wholly before writing its gradient writes there directly, any other into a chunk of scratch copied over the
+    chunk's rows once the pass is done with them."""
 
-    def __init__(self, logits: torch.Tensor, grad: torch.Tensor | None = None):
-        self.logits, self.grad = logits, grad
+    def __init__(self, logits: torch.Tensor, grad: torch.Tensor | None = None, in_place: bool = False):
+        self.logits, self.grad, self.in_place = logits, grad, in_place
         self.width, self.count = logits.shape[-1], logits.shape[0]
+        self._scratch = None
 
     def read(self, index) -> torch.Tensor:
         return self.logits[index] if isinstance(index, slice) else self.logits.index_select(0, index)
 
-    def grad_buffer(self, index, count: int) -> torch.Tensor:
+    def grad_buffer(self, index, count: int, may_overwrite: bool = False) -> torch.Tensor:
+        if self.in_place and not may_overwrite:
+            if self._scratch is None or self._scratch.shape[0] < count:
+                self._scratch = torch.empty(count, self.width, dtype=self.grad.dtype, device=self.grad.device)
+            return self._scratch[:count]
         if isinstance(index, slice):
             return self.grad[index]
         return torch.empty(count, self.width, dtype=self.grad.dtype, device=self.grad.device)
 
     def commit(self, index, buffer: torch.Tensor) -> None:
-        if not isinstance(index, slice):
+        if self.in_place:
+            if buffer.data_ptr() != self.grad[index].data_ptr():
+                self.grad[index].copy_(buffer)
+        elif not isinstance(index, slice):
             self.grad.index_add_(0, index, buffer.to(self.grad.dtype))
 
 
@@ -87,6 +98,7 @@ def cross_vocab_parts(student, teacher, labels, scale, opts: LossOptions, plan: 
     student_mass = _log_mass(student, alignment.student, rows, plan.terms.student_temperature) if merges else None
     teacher_mass = _log_mass(teacher, alignment.teacher, rows, plan.teacher_temperature) if merges else None
     mass_grad = torch.zeros(rows, device=device) if merges and want_grad else None
+    fused_mapped_kl = plan.method == "mapped" and fuses_mapped_kl(opts, plan)  # reads a row, then writes it
     for span in chunks(rows, max(student.width, teacher.width), plan.chunk_rows):
         student_index = span if alignment is None else alignment.student.base[span]
         teacher_index = span if alignment is None else alignment.teacher.base[span]
@@ -94,7 +106,7 @@ def cross_vocab_parts(student, teacher, labels, scale, opts: LossOptions, plan: 
         chunk_labels = labels[span] if labels is not None else None
         student_logits = student.read(student_index)
         teacher_logits = teacher.read(teacher_index)
-        grad = student.grad_buffer(student_index, count) if want_grad else None
+        grad = student.grad_buffer(student_index, count, may_overwrite=fused_mapped_kl) if want_grad else None
         if plan.method == "mapped":
             parts[span] = _mapped_chunk(student_logits, teacher_logits, chunk_labels, scale, grad, opts, plan)
         else:
@@ -115,15 +127,20 @@ def chunks(rows: int, width: int, chunk_rows: int | None = None) -> list[slice]:
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
+def fuses_mapped_kl(opts: LossOptions, plan: CrossVocabPlan) -> bool:
+    """Whether method "mapped" runs as one C++ pass per row (`_fused_mapped_kl`): forward KL on the CPU. A student
+    whose every column is matched has nowhere to spread the teacher's rest: the sparse kernel takes it."""
+    return (opts.effective_divergence == Divergence.FORWARD_KL and plan.native and plan.rest is not None
+            and bool(plan.rest[0].numel()))
+
+
 def _mapped_chunk(student_logits, teacher_logits, labels, scale, grad, opts: LossOptions, plan: CrossVocabPlan):
     """The sparse rows kernel on the chunk, the teacher's log-probs at T_t gathered at the matched columns; forward KL
     on the CPU in one C++ pass (`_fused_mapped_kl`). With an alignment it compares the groups' base rows (a
     divergence needs normalised rows: no merges)."""
     vocab_map = plan.vocab_map
     grad_rows = grad.unsqueeze(0) if grad is not None else None
-    # A student whose every column is matched has nowhere to spread the teacher's rest: the sparse kernel takes it.
-    if (opts.effective_divergence == Divergence.FORWARD_KL and plan.native and plan.rest is not None
-            and plan.rest[0].numel()):
+    if fuses_mapped_kl(opts, plan):
         return _fused_mapped_kl(student_logits, teacher_logits, labels, scale, grad, opts, plan)
     count, matched = student_logits.shape[0], vocab_map.matched
     teacher = teacher_logits.float()
@@ -141,12 +158,13 @@ def _fused_mapped_kl(student_logits, teacher_logits, labels, scale, grad, opts: 
     the student's unmatched columns as the student spreads its own, target_j = P_r q_j / Q_r, makes the bucket KL a
     dense one whose gradient q - target is the bucket KL's (d/dz of -P_r log Q_r puts exactly that at each rest
     column); the target is never written, each model's row is read from memory once and the gradient written once."""
-    into = grad if grad is None or grad.dtype == torch.float32 else torch.empty(grad.shape)
+    direct = grad is None or (grad.dtype == torch.float32 and grad.is_contiguous())
+    into = grad if direct else torch.empty(grad.shape)
     settings = [opts.temperature, plan.teacher_temperature, opts.kd_scale, opts.ce_weight, float(scale)]
     parts = torch.ops.kdfast_cpu.mapped_kl_rows(
         teacher_logits.float().contiguous(), student_logits.float().contiguous(), plan.vocab_map.student_ids,
         plan.vocab_map.teacher_ids, *plan.rest, labels, into, opts.ignore_index, settings)
-    if into is not grad:  # a 16-bit gradient: the pass wrote float32
+    if into is not grad:  # a 16-bit gradient, or rows with a stride (in place): the pass wrote float32 rows
         grad.copy_(into)
     return parts
 
@@ -201,7 +219,8 @@ def _native_uld_chunk(student_logits, teacher_probs, labels, scale, grad, opts: 
     rows are skipped there (row scale 0)."""
     row_scale = (labels != opts.ignore_index).float() if labels is not None else None
     mass_grad = torch.empty(student_logits.shape[0]) if masses is not None and grad is not None else None
-    into = grad if grad is None or grad.dtype == torch.float32 else torch.empty(grad.shape)
+    direct = grad is None or (grad.dtype == torch.float32 and grad.is_contiguous())
+    into = grad if direct else torch.empty(grad.shape)
     losses, entropy, split = terms.native_rows(student_logits, teacher_probs,
                                                masses[0] if masses is not None else None, row_scale, into, mass_grad,
                                                float(scale) * opts.kd_scale, accumulate=opts.has_ce and into is grad)

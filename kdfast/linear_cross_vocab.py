@@ -54,7 +54,7 @@ class HeadRows:
             return self.logit_map.capped_into(logits, torch.empty_like(logits))
         return self.logit_map.apply_(logits)
 
-    def grad_buffer(self, index, count: int) -> torch.Tensor:
+    def grad_buffer(self, index, count: int, may_overwrite: bool = False) -> torch.Tensor:
         return torch.empty(count, self.width, dtype=torch.float32, device=self.hidden.device)
 
     def commit(self, index, grad: torch.Tensor) -> None:

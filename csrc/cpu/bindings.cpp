@@ -192,6 +192,18 @@ at::Tensor mapped_kl_rows(const at::Tensor& teacher_logits, const at::Tensor& st
   std::vector<float> student_rest_mask(map.student_width, 0.0f), teacher_rest_mask(map.teacher_width, 0.0f);
   for (int64_t k = 0; k < map.rest_student_count; ++k) student_rest_mask[map.rest_student[k]] = 1.0f;
   for (int64_t k = 0; k < map.rest_teacher_count; ++k) teacher_rest_mask[map.rest_teacher[k]] = 1.0f;
+  // Each student column's teacher column (-1: unmatched), so that the gradient's pass gathers the teacher's
+  // probabilities in column order. The student's matched columns are distinct (one token string each).
+  std::vector<int32_t> teacher_column(map.student_width, -1);
+  for (int64_t k = 0; k < map.matched; ++k) {
+    const int64_t column = map.matched_student[k];
+    TORCH_CHECK(column >= 0 && column < map.student_width && map.matched_teacher[k] >= 0 &&
+                map.matched_teacher[k] < map.teacher_width, "mapped_kl_rows: matched pair ", k, " (",
+                column, ", ", map.matched_teacher[k], ") is outside the logits");
+    TORCH_CHECK(teacher_column[column] < 0, "mapped_kl_rows: student column ", column, " is matched twice");
+    teacher_column[column] = static_cast<int32_t>(map.matched_teacher[k]);
+  }
+  args.teacher_column = teacher_column.data();
   args.student_rest_mask = student_rest_mask.data();
   args.teacher_rest_mask = teacher_rest_mask.data();
   args.labels = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;

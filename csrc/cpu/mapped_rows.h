@@ -32,6 +32,7 @@ struct MappedKlArgs {
   MappedColumns map;  // teacher and student logits, the columns, the temperatures
   const float* student_rest_mask;  // [student_width]: 1 at the student's unmatched columns, else 0
   const float* teacher_rest_mask;  // [teacher_width]: the teacher's
+  const int32_t* teacher_column;  // [student_width]: a matched column's teacher column, else -1
   const int64_t* labels;  // [rows] or null
   int64_t ignore_index;
   float kd_scale, ce_weight, grad_scale;

@@ -99,6 +99,25 @@ inline F fast_exp(F x) {
   return x > 88.7228f ? splat<F>(INFINITY) : result;
 }
 
+// fast_exp for x <= 0 or NaN (logits centred on their row's max): the same polynomial without the overflow clamps,
+// a fifth fewer instructions in the passes that take one exp per element.
+template <typename F>
+inline F fast_exp_centred(F x) {
+  const F clamped = x < -87.3365f ? splat<F>(-87.3365f) : x;
+  const F n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  F r = clamped - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  F poly = splat<F>(1.9875691500e-4f);
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  poly = poly * r * r + r + 1.0f;
+  const F result = poly * bits_as_float((round_to_int(n) + 127) << 23);
+  return x < -87.3365f ? splat<F>(0.0f) : result;
+}
+
 // log(x) for x in [1, 2^126) (the kernel only takes log(1 + exp(-d)), in [1, 2]), about 2 ulp:
 // x = 2^e * m, m in [sqrt(1/2), sqrt(2)), log(m) by a series in f = (m - 1) / (m + 1).
 template <typename F>
