@@ -76,15 +76,12 @@ inline float row_max_scaled(const float* x, int64_t width, float scale) {
   return top;
 }
 
-// exp(x) with about 2 ulp error for x <= 88: exp(x) = 2^n * exp(r), |r| <= ln2/2, exp(r) by a degree-6
-// polynomial. The kernel calls it on centred logits (x <= 0). exp(x < -87.3) = 0 (no denormals, so also
-// exp(-inf) = 0), NaN stays NaN.
+// exp(x) for x in [-87.3365, 88], about 2 ulp: exp(x) = 2^n * exp(r), |r| <= ln2/2, exp(r) by a degree-6 polynomial.
 template <typename F>
-inline F fast_exp(F x) {
-  const F clamped = x > 88.0f ? splat<F>(88.0f) : (x < -87.3365f ? splat<F>(-87.3365f) : x);
+inline F exp_in_range(F x) {
   // Round to nearest by the 1.5 * 2^23 trick: branch-free and identical for scalar and vector.
-  const F n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  F r = clamped - n * 0.693359375f;
+  const F n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  F r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
   F poly = splat<F>(1.9875691500e-4f);
   poly = poly * r + 1.3981999507e-3f;
@@ -93,28 +90,25 @@ inline F fast_exp(F x) {
   poly = poly * r + 1.6666665459e-1f;
   poly = poly * r + 5.0000001201e-1f;
   poly = poly * r * r + r + 1.0f;
-  F result = poly * bits_as_float((round_to_int(n) + 127) << 23);
+  return poly * bits_as_float((round_to_int(n) + 127) << 23);
+}
+
+// exp(x) with about 2 ulp error for x <= 88. The kernel calls it on centred logits (x <= 0). exp(x < -87.3) = 0 (no
+// denormals, so also exp(-inf) = 0), NaN stays NaN.
+template <typename F>
+inline F fast_exp(F x) {
+  const F clamped = x > 88.0f ? splat<F>(88.0f) : (x < -87.3365f ? splat<F>(-87.3365f) : x);
+  F result = exp_in_range(clamped);
   result = x < -87.3365f ? splat<F>(0.0f) : result;
   // NaN needs no select: every comparison above is false for it, and the polynomial carries it through.
   return x > 88.7228f ? splat<F>(INFINITY) : result;
 }
 
-// fast_exp for x <= 0 or NaN (logits centred on their row's max): the same polynomial without the overflow clamps,
-// a fifth fewer instructions in the passes that take one exp per element.
+// fast_exp for x <= 0 or NaN (logits centred on their row's max) without the overflow clamps: a fifth fewer
+// instructions in the passes that take one exp per element.
 template <typename F>
 inline F fast_exp_centred(F x) {
-  const F clamped = x < -87.3365f ? splat<F>(-87.3365f) : x;
-  const F n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  F r = clamped - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  F poly = splat<F>(1.9875691500e-4f);
-  poly = poly * r + 1.3981999507e-3f;
-  poly = poly * r + 8.3334519073e-3f;
-  poly = poly * r + 4.1665795894e-2f;
-  poly = poly * r + 1.6666665459e-1f;
-  poly = poly * r + 5.0000001201e-1f;
-  poly = poly * r * r + r + 1.0f;
-  const F result = poly * bits_as_float((round_to_int(n) + 127) << 23);
+  const F result = exp_in_range(x < -87.3365f ? splat<F>(-87.3365f) : x);
   return x < -87.3365f ? splat<F>(0.0f) : result;
 }
 
