@@ -310,12 +310,15 @@ def test_more_teachers_than_one_call_mixes_is_refused_by_name():
         kdfast.multi_teacher_distill_loss(student, torch.zeros(65, 2, 5))
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
 @pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("offset", [0.0, 1e3])
-def test_the_cpu_kernel_writes_each_teachers_forward_kl_in_the_mixtures_call(monkeypatch, teacher_dtype, offset):
-    """return_components with forward KL on the C++ kernel: each teacher's own divergence comes from the mixing call
-    itself (no single-teacher call runs), equal to the float64 reference per teacher in every row: a routed-away teacher
-    (weight 0 in that row) included, -inf columns, an ignored row (0), logits far from 0 (centred sums), both forms."""
+def test_the_cpu_kernel_writes_each_teachers_divergence_in_the_mixtures_call(monkeypatch, teacher_dtype, offset,
+                                                                             divergence):
+    """return_components with forward or reverse KL on the C++ kernel: each teacher's own divergence comes from the
+    mixing call itself (no single-teacher call runs), equal to the float64 reference per teacher in every row: a
+    routed-away teacher (weight 0 in that row) included, -inf columns (reverse KL: infinite), an ignored row (0),
+    logits far from 0 (centred sums), both forms."""
     from kdfast.backends import cpu_backend
 
     def refuse(*args, **kwargs):
@@ -327,22 +330,24 @@ def test_the_cpu_kernel_writes_each_teachers_forward_kl_in_the_mixtures_call(mon
     stacked[1, :, [4, 11]] = -float("inf")
     weights = weights_for("rows", 3, seed=21)
     for temperature in (1.0, 2.0):
-        settings = dict(temperature=temperature, ce_weight=0.5, weights=weights, backend="cpu")
+        settings = dict(temperature=temperature, ce_weight=0.5, weights=weights, divergence=divergence, backend="cpu")
         _, parts = kdfast.multi_teacher_distill_loss(student, stacked, labels, reduction="none",
                                                      return_components=True, **settings)
         for index in range(3):
             own = distill_loss_reference(student.double(), stacked[index].double(), labels, temperature=temperature,
-                                         t2_scale=False, reduction="none")
+                                         divergence=divergence, t2_scale=False, reduction="none")
             torch.testing.assert_close(parts.teachers[..., index].double(), own, rtol=1e-5, atol=2e-5)
         assert bool((parts.teachers[2] == 0).all()), "an ignored row has no divergence"
     student_hidden, student_weight, hiddens, head_weights, biases, labels = linear_inputs(3)
     _, parts = kdfast.linear_multi_teacher_distill_loss(student_hidden, student_weight, hiddens, head_weights, labels,
                                                         teacher_bias=biases, chunk_size=3, temperature=1.5,
-                                                        reduction="sum", backend="cpu", return_components=True)
+                                                        reduction="sum", divergence=divergence, backend="cpu",
+                                                        return_components=True)
     student_logits = student_hidden.double() @ student_weight.double().t()
     for index, (x, y, b) in enumerate(zip(hiddens, head_weights, biases)):
         teacher = torch.nn.functional.linear(x.double(), y.double(), b.double() if b is not None else None)
-        own = distill_loss_reference(student_logits, teacher, labels, temperature=1.5, t2_scale=False, reduction="sum")
+        own = distill_loss_reference(student_logits, teacher, labels, temperature=1.5, divergence=divergence,
+                                     t2_scale=False, reduction="sum")
         torch.testing.assert_close(parts.teachers[index].double(), own, rtol=1e-5, atol=1e-5)
 
 
@@ -356,7 +361,7 @@ def test_teacher_divergences_in_the_kernel_are_refused_for_other_divergences():
     from kdfast.options import LossOptions
 
     ints, floats = native_settings(LossOptions(divergence="jsd"))
-    with pytest.raises(RuntimeError, match="teacher_divergences: .* forward KL only"):
+    with pytest.raises(RuntimeError, match=r"teacher_divergences: .* forward KL \(and reverse KL on the CPU\) only"):
         ops.mixture_distill_forward(student.unsqueeze(0), [t.unsqueeze(0) for t in stacked], log_weights, labels,
                                     torch.ones(1), None, torch.zeros(ROWS, 2), ints, floats)
     ints, floats = native_settings(LossOptions())

@@ -185,8 +185,9 @@ void process_row(const float* s, const float* t, int64_t row, int64_t label, Gra
   if (a.phase == kPhaseStats) return stats_row(s, t, a, a.out + row * kStatColumns);
   RowStats st = row_references(s, t, a);
   exp_pass(s, t, a, w, next, st);
-  if (a.mix_divergences != nullptr) {  // each mixed teacher's forward KL, but log z_s (mixture_row.h)
-    for (int64_t m = 0; m < a.mix_count; ++m) a.mix_divergences[row * a.mix_count + m] = w.mix_own_kl[m] + st.log_z_s;
+  if (a.mix_divergences != nullptr) {  // each mixed teacher's forward KL but log z_s, or its whole reverse KL
+    const float add = a.divergence == kForwardKL ? st.log_z_s : 0.0f;
+    for (int64_t m = 0; m < a.mix_count; ++m) a.mix_divergences[row * a.mix_count + m] = w.mix_own_kl[m] + add;
   }
   float kd = 0.0f, row_sum = 0.0f;
   KdSource kd_source = kNoKd;

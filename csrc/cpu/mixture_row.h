@@ -12,6 +12,9 @@
 // exps: KL(p_m || q) = sum_j e_j (dt_j - ds_j) / z_m - log z_m + log z_s, with dt and ds centred on each row's max (as
 // the kernel's own forward KL), so it costs two FMAs per column and teacher and no pass of its own; teachers of weight
 // 0 in the row then take their exps too (they are not mixed). log z_s is added by the kernel once its exp pass has it.
+// Each one's reverse KL (TRL's DistillationConfig default, beta 1) weighs by the student's q instead: KL(q || p_m) =
+// sum_j e_sj (ds_j - dt_j) / z_s - log z_s + log z_m, from the student's exps taken once before the teachers (one exp
+// per column; the kernel's exp pass takes them again) and the teachers' own; the value is whole when written.
 #pragma once
 
 #include <cmath>
@@ -43,7 +46,7 @@ float exact_log_mixture(const TeacherT* const* rows, const float* maxima, const 
 // Writes the mixture of `count` teacher rows with log-weights `log_weights` (-inf: the teacher does not count) into
 // w.teacher (T * log p_bar, the kernel's teacher logits) and w.exp_teacher (p_bar); returns w.teacher. With the
 // student's row `student` (else null), each teacher's forward KL but log z_s into w.mix_own_kl (NaN for a teacher row
-// without a finite max).
+// without a finite max); under reverse KL the whole reverse KL.
 template <typename TeacherT>
 const float* mixture_row(const TeacherT* const* rows, int64_t count, const float* log_weights, const DistillArgs& a,
                          Scratch& w, const float* student) {
@@ -53,7 +56,22 @@ const float* mixture_row(const TeacherT* const* rows, int64_t count, const float
   float* exps = w.mix_exps.data();
   float maxima[kMaxMixedTeachers], offsets[kMaxMixedTeachers];
   const bool own = student != nullptr;
+  const bool own_reverse = own && a.divergence == kReverseKL;
   const float student_top = own ? row_max(student, vocab) : 0.0f;
+  float* student_exps = w.exp_student.data();  // reverse KL's: the kernel's exp pass writes the same values later
+  float log_z_s = 0.0f, inv_z_s = 0.0f;
+  if (own_reverse) {
+    VFloat z_acc{};
+    for_lanes(vocab, [&](int64_t j, auto zero) {
+      using F = decltype(zero);
+      const F e = fast_exp((load<F>(student + j) - student_top) * inv_t);
+      store(student_exps + j, e);
+      accumulate(z_acc, e);
+    });
+    const float z_s = horizontal_sum(z_acc);
+    log_z_s = std::log(z_s);
+    inv_z_s = 1.0f / z_s;
+  }
   bool first = true;
   for (int64_t m = 0; m < count; ++m) {
     const float* t = widen_row(rows[m], vocab, w.mix_widened);
@@ -71,10 +89,21 @@ const float* mixture_row(const TeacherT* const* rows, int64_t count, const float
       const F value = fast_exp(dt);
       if (counts) store(exps + j, value);
       accumulate(sum_acc, value);
-      if (own) accumulate(own_acc, weighted(value, dt - (load<F>(student + j) - student_top) * inv_t));
+      if (own) {
+        const F ds = (load<F>(student + j) - student_top) * inv_t;
+        if (own_reverse) {
+          accumulate(own_acc, weighted(load<F>(student_exps + j), ds - dt));
+        } else {
+          accumulate(own_acc, weighted(value, dt - ds));
+        }
+      }
     });
     const float sum = horizontal_sum(sum_acc);
-    if (own) w.mix_own_kl[m] = horizontal_sum(own_acc) / sum - std::log(sum);
+    if (own_reverse) {
+      w.mix_own_kl[m] = horizontal_sum(own_acc) * inv_z_s - log_z_s + std::log(sum);
+    } else if (own) {
+      w.mix_own_kl[m] = horizontal_sum(own_acc) / sum - std::log(sum);
+    }
     if (!counts) continue;
     offsets[m] = log_weights[m] - std::log(sum);
     const float factor = std::exp(log_weights[m]) / sum;

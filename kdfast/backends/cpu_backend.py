@@ -42,5 +42,6 @@ def mixture_forward_rows(student, teacher: MixedTeachers, labels, grad_scale, gr
 
 def fills_teacher_divergences(opts: LossOptions) -> bool:
     """Whether the mixing kernel writes each teacher's own divergence (MixedTeachers.divergences) beside the mixture's
-    loss: forward KL (also TRL's JSD at beta 0), from the exps the mixture takes anyway (csrc/cpu/mixture_row.h)."""
-    return opts.has_kd and opts.effective_divergence == Divergence.FORWARD_KL
+    loss: forward KL (also TRL's JSD at beta 0), from the exps the mixture takes anyway, and reverse KL (TRL's beta 1),
+    from those and the student's (csrc/cpu/mixture_row.h)."""
+    return opts.has_kd and opts.effective_divergence in (Divergence.FORWARD_KL, Divergence.REVERSE_KL)
