@@ -28,8 +28,10 @@ import triton.language as tl
 
 from kdfast import kernel_abi
 from kdfast.kernel_abi import PART_COLUMNS, STAT_COLUMNS, Divergence, Phase
-from kdfast.kernels.mixture import mixed_teacher, mixture_prepass, own_forward_kl
+from kdfast.kernels.mixture import mixed_teacher, mixture_prepass, own_divergence
 
+# The divergences whose value per mixed teacher the loss pass writes (OWN_KL).
+OWN_DIVERGENCES = (Divergence.FORWARD_KL, Divergence.REVERSE_KL)
 FORWARD_KL = tl.constexpr(int(Divergence.FORWARD_KL))
 REVERSE_KL = tl.constexpr(int(Divergence.REVERSE_KL))
 JSD = tl.constexpr(int(Divergence.JSD))
@@ -211,7 +213,7 @@ def distill_fwd_kernel(
     ignore_index,
     # several teachers (MIX_TEACHERS): element offsets of each from teacher_ptr, log-weights, the pre-pass's scratch
     mix_offsets_ptr, log_weights_ptr, log_weights_stride, mix_scratch_ptr, teachers,
-    # OWN_KL (forward KL of mixed teachers): each teacher's own forward KL per row, [rows, teachers]
+    # OWN_KL (forward or reverse KL of mixed teachers): each teacher's own divergence per row, [rows, teachers]
     own_ptr,
     DIVERGENCE: tl.constexpr, PHASE: tl.constexpr, HAS_KD: tl.constexpr, HAS_CE: tl.constexpr,
     CE_FROM_TEMPERED: tl.constexpr, HAS_LABELS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -383,7 +385,7 @@ def distill_fwd_kernel(
             uniform_coef = row_scale * ce_weight * label_smoothing * inv_global_vocab
             s_acc = tl.zeros([BLOCK_V], dtype=tl.float32)  # sum_j (s_j - ref_c): a smoothed target's uniform part
             q_log_q_acc = tl.zeros([BLOCK_V], dtype=tl.float32)  # SUMS (FUSED has it from pass 1)
-            own_acc = tl.zeros([OWN_BLOCK], dtype=tl.float32)  # OWN_KL: each teacher's own forward KL
+            own_acc = tl.zeros([OWN_BLOCK], dtype=tl.float32)  # OWN_KL: each teacher's own divergence
             for start in range(0, vocab, BLOCK_V):
                 cols = start + offsets
                 mask = cols < vocab
@@ -407,9 +409,12 @@ def distill_fwd_kernel(
                         kd_acc += tl.where(mask, _weighted(p, lt - ls), 0.0)
                         grad_kd = q - p
                         if OWN_KL:
-                            own_acc = own_forward_kl(t_row, mix_offsets_ptr, mix_row, own_row, teachers, cols, mask,
-                                                     inv_t, ls, own_acc, OWN_BLOCK)
+                            own_acc = own_divergence(t_row, mix_offsets_ptr, mix_row, own_row, teachers, cols, mask,
+                                                     inv_t, ls, own_acc, OWN_BLOCK, False)
                     elif DIVERGENCE == REVERSE_KL:
+                        if OWN_KL:
+                            own_acc = own_divergence(t_row, mix_offsets_ptr, mix_row, own_row, teachers, cols, mask,
+                                                     inv_t, ls, own_acc, OWN_BLOCK, True)
                         if PHASE == FUSED:
                             grad_kd = _weighted(q, ((s - ref_s) - (t - t_ref)) * inv_t - rkl_d)
                         else:
@@ -508,10 +513,10 @@ def distill_forward_rows(student, teacher, labels, grad_scale, grad, opts, call,
         weights_stride, teachers = log_weights.stride(0), offsets.numel()
         scratch = torch.empty(rows, teachers, 2, dtype=torch.float32, device=student.device)
     own_kl = own_divergences is not None
-    if own_kl and (mixture is None or opts.effective_divergence != Divergence.FORWARD_KL
+    if own_kl and (mixture is None or opts.effective_divergence not in OWN_DIVERGENCES
                    or tuple(own_divergences.shape) != (rows, teachers)):
-        raise ValueError(f"own_divergences: each mixed teacher's own forward KL, [{rows}, {teachers}], is written for "
-                         "several teachers under forward KL only")
+        raise ValueError(f"own_divergences: each mixed teacher's own divergence, [{rows}, {teachers}], is written for "
+                         "several teachers under forward KL and reverse KL only")
     distill_fwd_kernel[(rows,)](
         student, teacher, labels if labels is not None else out, grad_arg, out, grad_scale, stats, totals,
         rows_per_batch, vocab, int(call.col_offset),

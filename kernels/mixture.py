@@ -25,7 +25,7 @@ def mixture_prepass(t_row, offsets_ptr, log_weights_row, scratch_row, teachers, 
     """scratch_row[2m], [2m + 1] = ref_m (teacher m's max over the row, 0 if not finite) and log w_m - log z_m,
     z_m = sum_j exp((t_mj - ref_m) / T); -inf for a teacher that adds nothing to this row (its weight is 0, or its
     row is all -inf, as the C++ kernel drops it), which the mixed reads then never load. OWN_KL (each teacher's own
-    forward KL wanted, `own_forward_kl`): every teacher's max and z are taken, a routed-away one's too, and
+    divergence wanted, `own_divergence`): every teacher's max and z are taken, a routed-away one's too, and
     own_row[m] = log z_m (NaN without a finite max)."""
     offsets = tl.arange(0, BLOCK_V)
     for m in range(teachers):
@@ -79,15 +79,20 @@ def mixed_teacher(t_row, offsets_ptr, scratch_row, teachers, cols, mask, inv_t):
 
 
 @triton.jit
-def own_forward_kl(t_row, offsets_ptr, scratch_row, own_row, teachers, cols, mask, inv_t, log_q, own_acc,
-                   OWN_BLOCK: tl.constexpr):
-    """own_acc [OWN_BLOCK] plus this block's sum_j p_mj (log p_mj - log q_j) for each teacher m: its own forward KL
-    over the row once every block has added in (log p_m from the pre-pass's max and own_row's log z_m)."""
+def own_divergence(t_row, offsets_ptr, scratch_row, own_row, teachers, cols, mask, inv_t, log_q, own_acc,
+                   OWN_BLOCK: tl.constexpr, REVERSE: tl.constexpr):
+    """own_acc [OWN_BLOCK] plus this block's terms of each teacher m's own divergence: forward KL's
+    sum_j p_mj (log p_mj - log q_j), or with REVERSE reverse KL's sum_j q_j (log q_j - log p_mj); the row's value once
+    every block has added in (log p_m from the pre-pass's max and own_row's log z_m)."""
     index = tl.arange(0, OWN_BLOCK)
+    q = tl.exp(log_q)
     for m in range(teachers):
         t = tl.load(t_row + tl.load(offsets_ptr + m) + cols, mask=mask, other=float("-inf")).to(tl.float32)
         log_p = (t - tl.load(scratch_row + 2 * m)) * inv_t - tl.load(own_row + m)
-        p = tl.exp(log_p)
-        terms = tl.where(mask, tl.where(p == 0.0, 0.0, p * (log_p - log_q)), 0.0)
+        if REVERSE:
+            terms = tl.where(mask, tl.where(q == 0.0, 0.0, q * (log_q - log_p)), 0.0)
+        else:
+            p = tl.exp(log_p)
+            terms = tl.where(mask, tl.where(p == 0.0, 0.0, p * (log_p - log_q)), 0.0)
         own_acc = tl.where(index == m, own_acc + tl.sum(terms, axis=0), own_acc)
     return own_acc

@@ -111,26 +111,27 @@ def test_offsets_refuse_teachers_of_another_layout_and_phases_other_than_fused()
     assert parts.shape == (ROWS, 5) and bool(torch.isfinite(parts).all())
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
 @pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("teachers", [1, 2, 5])
-def test_each_teachers_forward_kl_comes_from_the_mixing_call(monkeypatch, teachers, teacher_dtype):
-    """return_components under forward KL: each teacher's own divergence is accumulated in the kernel's loss pass (no
-    single-teacher call runs), equal to the float64 reference per teacher in every row: a routed-away teacher (weight
-    0 there) included, -inf columns, ignored rows 0; then the fused linear form."""
+def test_each_teachers_divergence_comes_from_the_mixing_call(monkeypatch, teachers, teacher_dtype, divergence):
+    """return_components under forward or reverse KL: each teacher's own divergence is accumulated in the kernel's loss
+    pass (no single-teacher call runs), equal to the float64 reference per teacher in every row: a routed-away teacher
+    (weight 0 there) included, -inf columns (reverse KL: infinite), ignored rows 0; then the fused linear form."""
     from kdfast.reference import distill_loss_reference
 
     def refuse(*args, **kwargs):
         raise AssertionError("a single-teacher call ran for a teacher's own divergence")
 
     monkeypatch.setattr(triton_backend, "forward_rows", refuse)
-    student, stacked, weights, labels = make_inputs(teachers, "forward_kl", teacher_dtype, seed=20 + teachers)
+    student, stacked, weights, labels = make_inputs(teachers, divergence, teacher_dtype, seed=20 + teachers)
     for temperature in (1.0, 2.0):
         _, parts = kdfast.multi_teacher_distill_loss(student, list(stacked), labels, weights=weights, ce_weight=0.5,
-                                                     temperature=temperature, reduction="none", backend="triton",
-                                                     return_components=True)
+                                                     temperature=temperature, divergence=divergence,
+                                                     reduction="none", backend="triton", return_components=True)
         for index in range(teachers):
             own = distill_loss_reference(student.double(), stacked[index].double(), labels, temperature=temperature,
-                                         t2_scale=False, reduction="none")
+                                         divergence=divergence, t2_scale=False, reduction="none")
             torch.testing.assert_close(parts.teachers[..., index].double().cpu(), own.cpu(), rtol=1e-5, atol=2e-5)
         assert bool((parts.teachers[[2, 5]] == 0).all()), "ignored rows have no divergence"
     generator = torch.Generator().manual_seed(3)
@@ -138,20 +139,20 @@ def test_each_teachers_forward_kl_comes_from_the_mixing_call(monkeypatch, teache
     heads = [torch.randn(VOCAB, 8, generator=generator) for _ in range(teachers)]
     _, parts = kdfast.linear_multi_teacher_distill_loss(hidden.to(DEVICE), weight.to(DEVICE),
                                                         [hidden.to(DEVICE)] * teachers, [h.to(DEVICE) for h in heads],
-                                                        labels, chunk_size=4, reduction="sum", backend="triton",
-                                                        return_components=True)
+                                                        labels, chunk_size=4, reduction="sum", divergence=divergence,
+                                                        backend="triton", return_components=True)
     for index, head in enumerate(heads):
         own = distill_loss_reference((hidden @ weight.t()).double(), (hidden @ head.t()).double(), labels.cpu(),
-                                     t2_scale=False, reduction="sum")
+                                     divergence=divergence, t2_scale=False, reduction="sum")
         torch.testing.assert_close(parts.teachers[index].double().cpu(), own, rtol=1e-5, atol=2e-5)
 
 
-def test_own_divergences_are_refused_outside_forward_kl():
+def test_own_divergences_are_refused_outside_forward_and_reverse_kl():
     from kdfast.kernels.distill import distill_forward_rows
 
     student, stacked, weights, labels = make_inputs(2, "jsd")
     teachers = [teacher.unsqueeze(0) for teacher in stacked]
     mixture = (triton_backend.teacher_offsets(teachers), weights.log())
-    with pytest.raises(ValueError, match=r"own_divergences: .*\[6, 2\].* forward KL only"):
+    with pytest.raises(ValueError, match=r"own_divergences: .*\[6, 2\].* forward KL and reverse KL only"):
         distill_forward_rows(student.unsqueeze(0), teachers[0], labels, torch.ones(1, device=DEVICE), None,
                              LossOptions(divergence="jsd"), FUSED, mixture, torch.zeros(ROWS, 2, device=DEVICE))

@@ -87,7 +87,7 @@ def variants():
             yield capability, divergence, "bf16", dict(flags, WRITE_GRAD=write_grad)
         # Several teachers mixed in the kernel (fused only).
         yield capability, divergence, "bf16", dict(FUSED_FLAGS[0], MIX_TEACHERS=1)
-        if divergence == Divergence.FORWARD_KL:  # ... with each teacher's own forward KL (4 teachers' accumulators)
+        if divergence in distill.OWN_DIVERGENCES:  # ... with each teacher's own divergence (4 teachers' accumulators)
             yield capability, divergence, "bf16", dict(FUSED_FLAGS[0], MIX_TEACHERS=1, OWN_KL=1, OWN_BLOCK=4)
         # A sparse teacher (K = 64), bucket: fused, then the shard's phases.
         for flags in [FUSED_FLAGS[0], *SHARD_FLAGS]:

@@ -59,5 +59,6 @@ def mixture_forward_rows(student, teacher: MixedTeachers, labels, grad_scale, gr
 
 def fills_teacher_divergences(opts: LossOptions) -> bool:
     """Whether the mixing kernel writes each teacher's own divergence (MixedTeachers.divergences) beside the mixture's
-    loss: forward KL (also TRL's JSD at beta 0), in its loss pass (kernels/mixture.py, own_forward_kl)."""
-    return opts.has_kd and opts.effective_divergence == Divergence.FORWARD_KL
+    loss: forward KL (also TRL's JSD at beta 0) and reverse KL (beta 1), in its loss pass (kernels/mixture.py,
+    own_divergence)."""
+    return opts.has_kd and opts.effective_divergence in (Divergence.FORWARD_KL, Divergence.REVERSE_KL)
