@@ -76,6 +76,7 @@ class UldTerms:
                  student_temperature: float, teacher_temperature: float, matched_weight, unmatched_weight, device,
                  native: bool = False):
         self.method, self.divergence, self.beta, self.native = method, divergence, beta, native
+        self._probs = None  # the teacher's probabilities of a chunk (`teacher_probs`), one buffer for every chunk
         self.student_temperature, self.teacher_temperature = student_temperature, teacher_temperature
         self.weights = (1.0, 1.0)
         self.columns = (None, None, None, None)
@@ -88,8 +89,20 @@ class UldTerms:
             self.columns = (self.student_matched, self.teacher_matched, self.student_rest, self.teacher_rest)
 
     def teacher_probs(self, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """softmax(teacher_logits / T_t) of a chunk, into one buffer that every chunk of the call reuses (valid until
+        the next chunk's): a fresh [chunk, V_t] tensor per chunk had the OS zero its pages every time, a fifth of a
+        ULD call on the CPU."""
         logits = teacher_logits.float()
-        return torch.softmax(logits / self.teacher_temperature if self.teacher_temperature != 1.0 else logits, dim=-1)
+        if logits.device.type != "cpu":  # a GPU's caching allocator hands the same memory back anyway
+            return torch.softmax(logits / self.teacher_temperature if self.teacher_temperature != 1.0 else logits,
+                                 dim=-1)
+        buffer = self._probs
+        if buffer is None or buffer.shape[0] < logits.shape[0] or buffer.shape[1:] != logits.shape[1:]:
+            buffer = self._probs = torch.empty(logits.shape, dtype=torch.float32)
+        probs = buffer[:logits.shape[0]]
+        if self.teacher_temperature != 1.0:  # the CPU's softmax reads each element before writing it: in place is safe
+            logits = torch.div(logits, self.teacher_temperature, out=probs)
+        return torch.ops.aten._softmax.out(logits, -1, False, out=probs)
 
     def native_rows(self, student_logits, teacher_probs, student_log_mass, row_scale, grad, mass_grad,
                     grad_scale: float, accumulate: bool):
