@@ -84,6 +84,7 @@ double matched_dot(const float* teacher_exp, const float* z, const int32_t* teac
   }
   return total * scale;
 }
+
 }  // namespace
 
 }  // namespace kdfast_cpu
@@ -93,10 +94,11 @@ namespace kdfast_cpu {
 // Per row, with x = z / T_s: lse = log sum exp(x), q = exp(x - lse); the teacher's lse at T_t and its rest
 // log P_r = log (sum over its unmatched columns) - log (sum over all); the student's log Q_r the same way. The KL is
 // sum_k P_k (log P_k - log q_k) + P_r (log P_r - log Q_r), with sum_k P_k log P_k summed in the teacher's vector pass
-// (a column mask) and sum_k P_k log q_k = sum_k P_k x_(s_k) - lse sum_k P_k by one gather loop, the only per-id work.
-// Its gradient is (q_j - target_j) / T with target_j = P_k at a matched column and exp(x_j - lse_r + log P_r) at an
-// unmatched one (P_r q_j / Q_r without the ratio, which overflows when Q_r underflows). Every read after a row's
-// first is of cache-hot memory: each model's row is read from memory once and the gradient written once.
+// (a column mask) and sum_k P_k log q_k = sum_k P_k x_(s_k) - lse sum_k P_k, whose gathers (the only per-id work) run
+// in the gradient's vector pass. Its gradient is (q_j - target_j) / T with target_j = P_k at a matched column and
+// P_r q_j / Q_r at an unmatched one (by the ratio while it is moderate, else exp(x_j - lse_r + log P_r): the ratio
+// overflows when Q_r underflows). Every read after a row's first is of cache-hot memory: each model's row is read
+// from memory once and the gradient written once.
 void mapped_kl_rows_cpu(const MappedKlArgs& a, int64_t begin, int64_t end) {
   const MappedColumns& m = a.map;
   const float inv_student = 1.0f / m.student_temperature, inv_teacher = 1.0f / m.teacher_temperature;

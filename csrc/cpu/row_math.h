@@ -17,7 +17,8 @@ using namespace kdfast;  // the divergence and phase codes
 struct Scratch {
   std::vector<float> student, teacher, exp_student, exp_teacher, exp_ce;
   std::vector<float> mix_exps, mix_widened;  // several teachers: one teacher's exps, its widened 16-bit row
-  float mix_own_kl[kMaxMixedTeachers];  // several teachers: each one's forward KL but log z_s (mixture_row.h)
+  // several teachers: each one's forward KL but log z_s, or its whole reverse KL (mixture_row.h)
+  float mix_own_kl[kMaxMixedTeachers];
   void reserve(int64_t vocab) {
     for (auto* buffer : {&student, &teacher, &exp_student, &exp_teacher, &exp_ce, &mix_exps, &mix_widened}) {
       if (static_cast<int64_t>(buffer->size()) < vocab) buffer->resize(vocab);
