@@ -90,8 +90,8 @@ class UldTerms:
 
     def teacher_probs(self, teacher_logits: torch.Tensor) -> torch.Tensor:
         """softmax(teacher_logits / T_t) of a chunk, into one buffer that every chunk of the call reuses (valid until
-        the next chunk's): a fresh [chunk, V_t] tensor per chunk had the OS zero its pages every time, a fifth of a
-        ULD call on the CPU."""
+        the next chunk's): a fresh [chunk, V_t] tensor per chunk had the OS zero its pages every time (perf of a ULD
+        loop on the CPU: page clearing 10.1% of its samples before, 7.4% after)."""
         logits = teacher_logits.float()
         if logits.device.type != "cpu":  # a GPU's caching allocator hands the same memory back anyway
             return torch.softmax(logits / self.teacher_temperature if self.teacher_temperature != 1.0 else logits,
