@@ -26,8 +26,8 @@ _SIMD_FLAGS = {
                "-mprefer-vector-width=512"],
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
 }
-CPU_SOURCES = ("cpu/distill_kernel.cpp", "cpu/sparse_kernel.cpp", "cpu/uld_rows.cpp", "cpu/mapped_rows.cpp",
-               "cpu/bindings.cpp")
+CPU_SOURCES = ("cpu/distill_kernel.cpp", "cpu/sparse_kernel.cpp", "cpu/uld_rows.cpp", "cpu/sorted_l1.cpp",
+               "cpu/mapped_rows.cpp", "cpu/bindings.cpp")
 CUDA_SOURCES = ("cuda/distill_launch.cu", "cuda/distill_rows_bf16.cu", "cuda/distill_rows_fp16.cu",
                 "cuda/distill_rows_fp32.cu", "cuda/bindings.cpp")
 

@@ -2,8 +2,9 @@
 computes them (`ULDLoss`): the L1 distance between the two models' probability vectors sorted in decreasing order,
 zero-padded to the longer one, summed over ranks; and GOLD's hybrid, a divergence over the probability columns both
 vocabularies hold (unrenormalised, each probability floored at 1e-8 as GOLD floors it) plus that sorted L1 over the
-rest. The sort is the cost: on the CPU one C++ pass per row (csrc/cpu/uld_rows.cpp: the student's softmax, a radix
-sort of both sides, the divergence on the matched columns, the gradient through the softmax); elsewhere torch.sort,
+rest. The sort is the cost: on the CPU one C++ pass per row (csrc/cpu/uld_rows.cpp: the student's softmax, the
+sorted L1 with most values bucketed rather than sorted, the divergence on the matched columns, the gradient through
+the softmax); elsewhere torch.sort,
 its gradient through the sort's permutation by autograd. Either runs on a chunk of rows, so nothing of [N, V] is
 kept beyond the gradient."""
 
@@ -86,7 +87,11 @@ class UldTerms:
             self.student_rest = complement_columns(student_ids, student_vocab, device)
             self.teacher_rest = complement_columns(teacher_ids, teacher_vocab, device)
             self.weights = hybrid_weights(teacher_ids.numel(), teacher_vocab, matched_weight, unmatched_weight)
-            self.columns = (self.student_matched, self.teacher_matched, self.student_rest, self.teacher_rest)
+            # The C++ pass takes the pairs in the teacher's column order: it gathers from the teacher's row, which
+            # comes from memory, in one sweep, and from the student's, which it has just read, at random.
+            by_teacher = torch.argsort(self.teacher_matched)
+            self.columns = (self.student_matched[by_teacher].contiguous(),
+                            self.teacher_matched[by_teacher].contiguous(), self.student_rest, self.teacher_rest)
 
     def teacher_probs(self, teacher_logits: torch.Tensor) -> torch.Tensor:
         """softmax(teacher_logits / T_t) of a chunk, into one buffer that every chunk of the call reuses (valid until

@@ -9,6 +9,7 @@
 #include "../common/pack_args.h"
 #include "distill_kernel.h"
 #include "mapped_rows.h"
+#include "sorted_l1.h"
 #include "sparse_kernel.h"
 #include "uld_rows.h"
 
@@ -134,6 +135,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> uld_rows(
   return {loss, entropy, split};
 }
 
+// The sorted L1 alone (sorted_l1.cpp), per row of a [rows, N_a] and b [rows, N_b] (contiguous float32, values >= 0):
+// (sum_r |a_(r) - b_(r)| [rows] in float64, its subgradient with respect to a [rows, N_a]). ULD's core, exposed so
+// that its tests hold it to a float64 sort on crafted values (ties, zeros, tiny and huge values).
+std::tuple<at::Tensor, at::Tensor> sorted_l1_rows(const at::Tensor& a, const at::Tensor& b) {
+  for (const at::Tensor* x : {&a, &b}) {
+    KDFAST_CHECK_DEVICE(*x, c10::DeviceType::CPU);
+    TORCH_CHECK(x->scalar_type() == at::kFloat && x->dim() == 2 && x->is_contiguous() && x->size(1) > 0 &&
+                x->size(1) < (int64_t{1} << 31),
+                "sorted_l1_rows takes contiguous float32 [rows, N] tables (1 <= N < 2^31), got ", x->sizes());
+  }
+  TORCH_CHECK(a.size(0) == b.size(0), "sorted_l1_rows: a and b must have the same rows");
+  at::Tensor loss = at::empty({a.size(0)}, a.options().dtype(at::kDouble));
+  at::Tensor grad = at::empty(a.sizes(), a.options());
+  const int64_t width_a = a.size(1), width_b = b.size(1);
+  at::parallel_for(0, a.size(0), 1, [&](int64_t begin, int64_t end) {
+    kdfast_cpu::SortedL1Scratch scratch;
+    for (int64_t row = begin; row < end; ++row) {
+      loss.data_ptr<double>()[row] = kdfast_cpu::sorted_l1(scratch, a.data_ptr<float>() + row * width_a, width_a,
+                                                           b.data_ptr<float>() + row * width_b, width_b, 1.0f,
+                                                           grad.data_ptr<float>() + row * width_a);
+    }
+  });
+  return {loss, grad};
+}
+
 // The two models' tables and the map's columns of a "mapped" call (its outputs are the caller's).
 kdfast_cpu::MappedColumns map_args(const at::Tensor& teacher_logits, const at::Tensor& student_logits,
                                       const at::Tensor& matched_student, const at::Tensor& matched_teacher,
@@ -228,6 +254,7 @@ TORCH_LIBRARY(kdfast_cpu, m) {
         "Tensor? matched_student, "
         "Tensor? matched_teacher, Tensor? rest_student, Tensor? rest_teacher, Tensor(a!)? grad, Tensor(b!)? mass_grad, "
         "int divergence, float[] float_settings, bool accumulate) -> (Tensor, Tensor, Tensor)");
+  m.def("sorted_l1_rows(Tensor a, Tensor b) -> (Tensor, Tensor)");
   m.def("mapped_kl_rows(Tensor teacher_logits, Tensor student_logits, Tensor matched_student, Tensor matched_teacher, "
         "Tensor rest_student, Tensor rest_teacher, Tensor? labels, Tensor(a!)? grad, int ignore_index, "
         "float[] float_settings) -> Tensor");
@@ -238,5 +265,6 @@ TORCH_LIBRARY_IMPL(kdfast_cpu, CPU, m) {
   m.impl("sparse_distill_forward", &sparse_distill_forward);
   m.impl("mixture_distill_forward", &mixture_distill_forward);
   m.impl("uld_rows", &uld_rows);
+  m.impl("sorted_l1_rows", &sorted_l1_rows);
   m.impl("mapped_kl_rows", &mapped_kl_rows);
 }

@@ -1,8 +1,4 @@
-// ULD and GOLD's hybrid by a radix sort per row. Probabilities are floats >= 0, whose bit patterns order as unsigned
-// integers do; their complements order them decreasingly. Three passes of 11 bits sort a row of 32000 in about a
-// tenth of a comparison sort's time (torch.sort's on this CPU), and a pass whose digit is the same for the whole row
-// (the high bits of probabilities often are) is skipped. The student's values are sorted with their column indices
-// (the subgradient goes back to them); the teacher's values alone.
+// ULD and GOLD's hybrid, a row at a time; the sorted L1 is sorted_l1.cpp's (most values bucketed, not sorted).
 //
 // Per row: sigma = softmax(z / T) and the entropy; q = m sigma (m: a merged group's factor); g_j = d loss / d q_j (the
 // sign of q_j - p at j's rank for the sorted L1; the divergence's derivative on matched columns); then the softmax's
@@ -16,97 +12,43 @@
 #include <vector>
 
 #include "simd_math.h"
+#include "sorted_l1.h"
 
 namespace kdfast_cpu {
 namespace {
 
-constexpr int kDigitBits = 11;
-constexpr int kBuckets = 1 << kDigitBits;
-constexpr int kPasses = (32 + kDigitBits - 1) / kDigitBits;
 constexpr float kProbabilityFloor = 1e-8f;  // GOLD's clamp of the matched probabilities
 
-uint32_t descending_key(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  return ~bits;  // value >= 0: larger values, smaller keys
-}
-
-float key_value(uint32_t key) {
-  const uint32_t bits = ~key;
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
-}
-
-// Sorts keys[0, n) ascending, carrying `payload` when given; `keys_tmp` / `payload_tmp` are scratch of n. The
-// result may end in either buffer: returns whether it is in the scratch ones.
-bool radix_sort(uint32_t* keys, uint32_t* keys_tmp, uint32_t* payload, uint32_t* payload_tmp, int64_t n) {
-  if (n == 0) return false;
-  uint32_t counts[kPasses][kBuckets] = {};
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t key = keys[i];
-    for (int pass = 0; pass < kPasses; ++pass) ++counts[pass][(key >> (pass * kDigitBits)) & (kBuckets - 1)];
-  }
-  bool swapped = false;
-  for (int pass = 0; pass < kPasses; ++pass) {
-    uint32_t* count = counts[pass];
-    const int shift = pass * kDigitBits;
-    if (count[(keys[0] >> shift) & (kBuckets - 1)] == static_cast<uint32_t>(n)) continue;  // one digit: in order
-    uint32_t offset = 0;
-    for (int bucket = 0; bucket < kBuckets; ++bucket) {
-      const uint32_t c = count[bucket];
-      count[bucket] = offset;
-      offset += c;
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t key = keys[i];
-      const uint32_t to = count[(key >> shift) & (kBuckets - 1)]++;
-      keys_tmp[to] = key;
-      if (payload != nullptr) payload_tmp[to] = payload[i];
-    }
-    std::swap(keys, keys_tmp);
-    std::swap(payload, payload_tmp);
-    swapped = !swapped;
-  }
-  return swapped;
-}
-
 struct RowScratch {
-  std::vector<float> sigma, g, pairs;
-  std::vector<uint32_t> student_keys, student_tmp, index, index_tmp, teacher_keys, teacher_tmp;
+  std::vector<float> sigma, g, pairs, student_values, teacher_values, rest_grad;
+  SortedL1Scratch sorted;
   void reserve(int64_t student_width, int64_t teacher_width) {
     for (auto* v : {&sigma, &g}) v->resize(student_width);
-    for (auto* v : {&student_keys, &student_tmp, &index, &index_tmp}) v->resize(student_width);
-    for (auto* v : {&teacher_keys, &teacher_tmp}) v->resize(teacher_width);
   }
 };
 
 // The sorted L1 of q at `student_columns` (all when null) and p at `teacher_columns`; g_j = its subgradient at each
-// of those student columns, times `weight`.
-double sorted_l1(RowScratch& w, const float* p, float m, const int64_t* student_columns, int64_t student_count,
-                 const int64_t* teacher_columns, int64_t teacher_count, float weight) {
-  for (int64_t k = 0; k < student_count; ++k) {
-    const int64_t j = student_columns != nullptr ? student_columns[k] : k;
-    w.student_keys[k] = descending_key(m * w.sigma[j]);
-    w.index[k] = static_cast<uint32_t>(j);
+// of those student columns, times `weight`. A whole unmerged row is read in place; a part, or a merged group's
+// m * sigma, is gathered first.
+double sorted_l1_part(RowScratch& w, const float* p, float m, const int64_t* student_columns, int64_t student_count,
+                      const int64_t* teacher_columns, int64_t teacher_count, float weight) {
+  const float* q = w.sigma.data();
+  if (student_columns != nullptr || m != 1.0f) {
+    w.student_values.resize(student_count);
+    for (int64_t k = 0; k < student_count; ++k) {
+      w.student_values[k] = m * w.sigma[student_columns != nullptr ? student_columns[k] : k];
+    }
+    q = w.student_values.data();
   }
-  for (int64_t k = 0; k < teacher_count; ++k) {
-    w.teacher_keys[k] = descending_key(p[teacher_columns != nullptr ? teacher_columns[k] : k]);
+  if (teacher_columns != nullptr) {
+    w.teacher_values.resize(teacher_count);
+    for (int64_t k = 0; k < teacher_count; ++k) w.teacher_values[k] = p[teacher_columns[k]];
+    p = w.teacher_values.data();
   }
-  const bool student_moved = radix_sort(w.student_keys.data(), w.student_tmp.data(), w.index.data(),
-                                        w.index_tmp.data(), student_count);
-  const bool teacher_moved = radix_sort(w.teacher_keys.data(), w.teacher_tmp.data(), nullptr, nullptr, teacher_count);
-  const uint32_t* student_keys = student_moved ? w.student_tmp.data() : w.student_keys.data();
-  const uint32_t* index = student_moved ? w.index_tmp.data() : w.index.data();
-  const uint32_t* teacher_keys = teacher_moved ? w.teacher_tmp.data() : w.teacher_keys.data();
-  double total = 0.0;
-  for (int64_t k = 0; k < std::max(student_count, teacher_count); ++k) {
-    const float x = k < student_count ? key_value(student_keys[k]) : 0.0f;
-    const float y = k < teacher_count ? key_value(teacher_keys[k]) : 0.0f;
-    const float diff = x - y;
-    total += std::fabs(diff);
-    if (k < student_count) w.g[index[k]] = diff > 0.0f ? weight : (diff < 0.0f ? -weight : 0.0f);
-  }
+  if (student_columns == nullptr) return sorted_l1(w.sorted, q, student_count, p, teacher_count, weight, w.g.data());
+  w.rest_grad.resize(student_count);
+  const double total = sorted_l1(w.sorted, q, student_count, p, teacher_count, weight, w.rest_grad.data());
+  for (int64_t k = 0; k < student_count; ++k) w.g[student_columns[k]] = w.rest_grad[k];
   return total;
 }
 
@@ -166,8 +108,23 @@ double matched_divergence(const UldRowsArgs& a, RowScratch& w, const float* z, c
     }
     total += term;
     const int64_t j = a.matched_student[k];
-    w.g[j] = m * w.sigma[j] > kProbabilityFloor ? a.matched_weight * derivative : 0.0f;
+    w.g[j] = s[k] > kProbabilityFloor ? a.matched_weight * derivative : 0.0f;  // s[k] > floor: m sigma_j was
   }
+  return total;
+}
+
+// sum_j g_j sigma_j: float products summed in kLanes double lanes (one double chain had been a fifth of a hybrid row:
+// an add's latency per element).
+double dot_in_double(const float* g, const float* sigma, int64_t width) {
+  typedef double VDouble __attribute__((vector_size(kLanes * sizeof(double))));
+  const int64_t vector_end = width - width % kLanes;
+  VDouble lanes = {};
+  for (int64_t j = 0; j < vector_end; j += kLanes) {
+    lanes += __builtin_convertvector(load<VFloat>(g + j) * load<VFloat>(sigma + j), VDouble);
+  }
+  double total = 0.0;
+  for (int lane = 0; lane < kLanes; ++lane) total += lanes[lane];
+  for (int64_t j = vector_end; j < width; ++j) total += static_cast<double>(g[j] * sigma[j]);
   return total;
 }
 
@@ -217,18 +174,21 @@ void uld_rows_cpu(const UldRowsArgs& a, int64_t begin, int64_t end) {
       continue;
     }
     const float* p = a.teacher_probs + row * a.teacher_width;
+    // The teacher's row into L2 while the student's softmax computes: the hybrid gathers it by column, and those
+    // gathers from memory had been 44% of a hybrid row (perf).
+    for (int64_t j = 0; j < a.teacher_width; j += 64 / sizeof(float)) __builtin_prefetch(p + j, 0, 2);
     const float log_total = softmax_row(z, width, a.inv_temperature, w.sigma.data(), &a.entropy[row]);
     const float m = a.student_log_mass != nullptr ? std::exp(a.student_log_mass[row]) : 1.0f;
     double loss;
     if (a.matched_student == nullptr) {
-      loss = sorted_l1(w, p, m, nullptr, width, nullptr, a.teacher_width, 1.0f);
+      loss = sorted_l1_part(w, p, m, nullptr, width, nullptr, a.teacher_width, 1.0f);
     } else {
       const float log_m = a.student_log_mass != nullptr ? a.student_log_mass[row] : 0.0f;
       const double matched = matched_divergence(a, w, z, p, m, log_m - log_total);
       double rest = 0.0;
       if (a.rest_student_count > 0 && a.rest_teacher_count > 0) {
-        rest = sorted_l1(w, p, m, a.rest_student, a.rest_student_count, a.rest_teacher, a.rest_teacher_count,
-                         a.rest_weight);
+        rest = sorted_l1_part(w, p, m, a.rest_student, a.rest_student_count, a.rest_teacher, a.rest_teacher_count,
+                              a.rest_weight);
       } else {
         for (int64_t k = 0; k < a.rest_student_count; ++k) w.g[a.rest_student[k]] = 0.0f;
       }
@@ -241,8 +201,7 @@ void uld_rows_cpu(const UldRowsArgs& a, int64_t begin, int64_t end) {
     }
     a.loss[row] = static_cast<float>(loss);
     if (a.grad == nullptr) continue;
-    double dot = 0.0;
-    for (int64_t j = 0; j < width; ++j) dot += static_cast<double>(w.g[j]) * w.sigma[j];
+    const double dot = dot_in_double(w.g.data(), w.sigma.data(), width);
     const float factor = a.grad_scale * row_scale * m * a.inv_temperature;
     const float centre = static_cast<float>(dot);
     float* out = a.grad + row * width;
