@@ -174,9 +174,6 @@ void uld_rows_cpu(const UldRowsArgs& a, int64_t begin, int64_t end) {
       continue;
     }
     const float* p = a.teacher_probs + row * a.teacher_width;
-    // The teacher's row into L2 while the student's softmax computes: the hybrid gathers it by column, and those
-    // gathers from memory had been 44% of a hybrid row (perf).
-    for (int64_t j = 0; j < a.teacher_width; j += 64 / sizeof(float)) __builtin_prefetch(p + j, 0, 2);
     const float log_total = softmax_row(z, width, a.inv_temperature, w.sigma.data(), &a.entropy[row]);
     const float m = a.student_log_mass != nullptr ? std::exp(a.student_log_mass[row]) : 1.0f;
     double loss;
