@@ -28,10 +28,9 @@ import triton.language as tl
 
 from kdfast import kernel_abi
 from kdfast.kernel_abi import PART_COLUMNS, STAT_COLUMNS, Divergence, Phase
+from kdfast.kernels.divergence_terms import mixture_term_and_score, weighted
 from kdfast.kernels.mixture import mixed_teacher, mixture_prepass, own_divergence
 
-# The divergences whose value per mixed teacher the loss pass writes (OWN_KL).
-OWN_DIVERGENCES = (Divergence.FORWARD_KL, Divergence.REVERSE_KL)
 FORWARD_KL = tl.constexpr(int(Divergence.FORWARD_KL))
 REVERSE_KL = tl.constexpr(int(Divergence.REVERSE_KL))
 JSD = tl.constexpr(int(Divergence.JSD))
@@ -53,53 +52,8 @@ MAX_BLOCK_V = 4096
 
 
 @triton.jit
-def _weighted(prob, log_ratio):
-    # 0 * anything = 0: a zero probability adds nothing, even against log 0 = -inf.
-    return tl.where(prob == 0.0, 0.0, prob * log_ratio)
-
-
-@triton.jit
-def _log_add_exp(a, b):
-    hi = tl.maximum(a, b)
-    lo = tl.minimum(a, b)
-    # log(1 + x) with tl.log: libdevice's log1p is not available under the interpreter.
-    result = tl.where(hi == float("-inf"), hi, hi + tl.log(1.0 + tl.exp(lo - hi)))
-    # On a GPU maximum / minimum drop a NaN operand (the interpreter keeps it); the row's loss must see it.
-    return tl.where((a != a) | (b != b), a + b, result)
-
-
-@triton.jit
 def _finite_or_zero(reference):
     return tl.where((reference == float("-inf")) | (reference == float("inf")), 0.0, reference)
-
-
-@triton.jit
-def _mixture_term_and_score(ls, lt, q, p, beta, log_beta, log_1m_beta, DIVERGENCE: tl.constexpr):
-    """Per-element divergence terms and scores h = dL/dq (up to a constant) of JSD and the skews (beta > 0), from
-    x = log p - log q: log(m / q) and log(m / p) are log-sum-exps of x and a constant, exact in both limits of a
-    near-one-hot row (no difference of two large log-probabilities)."""
-    x = lt - ls
-    if DIVERGENCE == JSD:  # m = b p + (1 - b) q
-        # Each log ratio a log-sum-exp of its own (log(p / m) as x - log(m / q) loses |x| * eps where p dominates);
-        # both share log1p(exp(-|y|)), y = x + log(b / (1 - b)), and swap exactly with p and q at b = 0.5. A NaN
-        # reaches both through the shared term (maximum drops it on a GPU).
-        shared = tl.log(1.0 + tl.exp(-tl.abs(x + (log_beta - log_1m_beta))))
-        log_m_over_q = tl.maximum(x + log_beta, log_1m_beta) + shared
-        log_m_over_p = tl.maximum(log_1m_beta - x, log_beta) + shared
-        terms = -beta * _weighted(p, log_m_over_p) - (1.0 - beta) * _weighted(q, log_m_over_q)
-        h = -(1.0 - beta) * log_m_over_q
-    elif DIVERGENCE == SKEW_FORWARD_KL:  # KL(p || m), m = b p + (1 - b) q: p / m <= 1 / b
-        log_m_over_p = _log_add_exp(log_beta + tl.zeros_like(x), log_1m_beta - x)
-        terms = -_weighted(p, log_m_over_p)
-        h = -(1.0 - beta) * tl.exp(-log_m_over_p)
-    elif DIVERGENCE == TVD:  # 0.5 * sum |p - q|; h its subgradient, -0.5 where q == p (Liger's LigerTVDLoss)
-        terms = 0.5 * tl.abs(p - q)
-        h = tl.where(q > p, 0.5, -0.5) + tl.zeros_like(x)
-    else:  # skew reverse KL: KL(q || m), m = (1 - b) p + b q: q / m <= 1 / b
-        log_m_over_q = _log_add_exp(log_beta + tl.zeros_like(x), x + log_1m_beta)
-        terms = -_weighted(q, log_m_over_q)
-        h = -log_m_over_q - beta * tl.exp(-log_m_over_q)
-    return terms, h
 
 
 @triton.jit
@@ -108,13 +62,13 @@ def _fold_e_log_e(acc, z, alpha, shift, e, d):
     to the new running max: each earlier d_j gains shift = (old ref - new ref) / T and each e_j the factor alpha.
     The row's sum q log q is then acc / z - log z."""
     carried = tl.where(z == 0.0, 0.0, z * shift)
-    return alpha * (acc + carried) + tl.sum(_weighted(e, d), axis=0)
+    return alpha * (acc + carried) + tl.sum(weighted(e, d), axis=0)
 
 
 @triton.jit
 def _q_log_q(log_q, mask):
     """A block's terms q log q of the entropy, from log q: 0 where q = 0 (a -inf logit, a masked lane)."""
-    return tl.where(mask, _weighted(tl.exp(log_q), log_q), 0.0)
+    return tl.where(mask, weighted(tl.exp(log_q), log_q), 0.0)
 
 
 @triton.jit
@@ -213,7 +167,7 @@ def distill_fwd_kernel(
     ignore_index,
     # several teachers (MIX_TEACHERS): element offsets of each from teacher_ptr, log-weights, the pre-pass's scratch
     mix_offsets_ptr, log_weights_ptr, log_weights_stride, mix_scratch_ptr, teachers,
-    # OWN_KL (forward or reverse KL of mixed teachers): each teacher's own divergence per row, [rows, teachers]
+    # OWN_KL (mixed teachers): each teacher's own divergence per row, [rows, teachers]
     own_ptr,
     DIVERGENCE: tl.constexpr, PHASE: tl.constexpr, HAS_KD: tl.constexpr, HAS_CE: tl.constexpr,
     CE_FROM_TEMPERED: tl.constexpr, HAS_LABELS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -303,7 +257,7 @@ def distill_fwd_kernel(
                         t_ref_new = tl.where(block_max > m_s, t_candidate, t_ref)
                         shift = ((_finite_or_zero(m_s) - ref_new) + (t_ref_new - t_ref)) * inv_t
                         carried = tl.where(z_s == 0.0, 0.0, z_s * shift)
-                        block_terms = _weighted(e_s, ((s - ref_new) - (t - t_ref_new)) * inv_t)
+                        block_terms = weighted(e_s, ((s - ref_new) - (t - t_ref_new)) * inv_t)
                         rkl_acc = alpha_s * (rkl_acc + carried) + tl.sum(block_terms, axis=0)
                         t_ref = t_ref_new
                     if PHASE == FUSED:
@@ -371,7 +325,7 @@ def distill_fwd_kernel(
                 else:
                     t_r = tl.load(t_row + ref_index).to(tl.float32)
                 lt_r = (t_r - ref_t) * inv_t - log_z_t
-                ref_terms, h_ref = _mixture_term_and_score(-log_z_s, lt_r, tl.exp(-log_z_s), tl.exp(lt_r), beta,
+                ref_terms, h_ref = mixture_term_and_score(-log_z_s, lt_r, tl.exp(-log_z_s), tl.exp(lt_r), beta,
                                                            log_beta, log_1m_beta, DIVERGENCE)
 
             # ---- pass 2: loss terms (and the gradient of all but the fused mixtures) ----
@@ -406,26 +360,32 @@ def distill_fwd_kernel(
                     lt = (t - ref_t) * inv_t - log_z_t
                     p = tl.exp(lt)
                     if DIVERGENCE == FORWARD_KL:
-                        kd_acc += tl.where(mask, _weighted(p, lt - ls), 0.0)
+                        kd_acc += tl.where(mask, weighted(p, lt - ls), 0.0)
                         grad_kd = q - p
                         if OWN_KL:
                             own_acc = own_divergence(t_row, mix_offsets_ptr, mix_row, own_row, teachers, cols, mask,
-                                                     inv_t, ls, own_acc, OWN_BLOCK, False)
+                                                     inv_t, ls, own_acc, beta, log_beta, log_1m_beta, OWN_BLOCK,
+                                                     DIVERGENCE)
                     elif DIVERGENCE == REVERSE_KL:
                         if OWN_KL:
                             own_acc = own_divergence(t_row, mix_offsets_ptr, mix_row, own_row, teachers, cols, mask,
-                                                     inv_t, ls, own_acc, OWN_BLOCK, True)
+                                                     inv_t, ls, own_acc, beta, log_beta, log_1m_beta, OWN_BLOCK,
+                                                     DIVERGENCE)
                         if PHASE == FUSED:
-                            grad_kd = _weighted(q, ((s - ref_s) - (t - t_ref)) * inv_t - rkl_d)
+                            grad_kd = weighted(q, ((s - ref_s) - (t - t_ref)) * inv_t - rkl_d)
                         else:
-                            kd_acc += tl.where(mask, _weighted(q, ls - lt), 0.0)
-                            grad_kd = _weighted(q, (ls - lt) - total_d)
+                            kd_acc += tl.where(mask, weighted(q, ls - lt), 0.0)
+                            grad_kd = weighted(q, (ls - lt) - total_d)
                     else:
-                        terms, h = _mixture_term_and_score(ls, lt, q, p, beta, log_beta, log_1m_beta, DIVERGENCE)
+                        terms, h = mixture_term_and_score(ls, lt, q, p, beta, log_beta, log_1m_beta, DIVERGENCE)
+                        if OWN_KL:
+                            own_acc = own_divergence(t_row, mix_offsets_ptr, mix_row, own_row, teachers, cols, mask,
+                                                     inv_t, ls, own_acc, beta, log_beta, log_1m_beta, OWN_BLOCK,
+                                                     DIVERGENCE)
                         d = tl.where(cols == ref_index, 0.0, h - h_ref)
                         kd_acc += tl.where(mask, terms, 0.0)
-                        d_acc += tl.where(mask, _weighted(q, d), 0.0)
-                        grad_kd = _weighted(q, d - total_d)
+                        d_acc += tl.where(mask, weighted(q, d), 0.0)
+                        grad_kd = weighted(q, d - total_d)
                 writes = WRITE_GRAD and ((DIVERGENCE == FORWARD_KL) or (not HAS_KD) or (PHASE == GRADIENT)
                                          or ((DIVERGENCE == REVERSE_KL) and (PHASE == FUSED)))
                 if writes:
@@ -456,9 +416,9 @@ def distill_fwd_kernel(
                     ls = (s - ref_s) * inv_t - log_z_s
                     lt = (t - ref_t) * inv_t - log_z_t
                     q = tl.exp(ls)
-                    unused_terms, h = _mixture_term_and_score(ls, lt, q, tl.exp(lt), beta, log_beta, log_1m_beta,
+                    unused_terms, h = mixture_term_and_score(ls, lt, q, tl.exp(lt), beta, log_beta, log_1m_beta,
                                                               DIVERGENCE)
-                    grad = kd_coef * _weighted(q, tl.where(cols == ref_index, 0.0, h - h_ref) - row_d)
+                    grad = kd_coef * weighted(q, tl.where(cols == ref_index, 0.0, h - h_ref) - row_d)
                     if HAS_CE:
                         grad += _ce_grad(s, q, ref_c, log_z_c, cols, local_label, soft_coef, label_coef,
                                          uniform_coef, CE_FROM_TEMPERED)
@@ -513,10 +473,9 @@ def distill_forward_rows(student, teacher, labels, grad_scale, grad, opts, call,
         weights_stride, teachers = log_weights.stride(0), offsets.numel()
         scratch = torch.empty(rows, teachers, 2, dtype=torch.float32, device=student.device)
     own_kl = own_divergences is not None
-    if own_kl and (mixture is None or opts.effective_divergence not in OWN_DIVERGENCES
-                   or tuple(own_divergences.shape) != (rows, teachers)):
+    if own_kl and (mixture is None or not opts.has_kd or tuple(own_divergences.shape) != (rows, teachers)):
         raise ValueError(f"own_divergences: each mixed teacher's own divergence, [{rows}, {teachers}], is written for "
-                         "several teachers under forward KL and reverse KL only")
+                         "several teachers in a call with a divergence only")
     distill_fwd_kernel[(rows,)](
         student, teacher, labels if labels is not None else out, grad_arg, out, grad_scale, stats, totals,
         rows_per_batch, vocab, int(call.col_offset),

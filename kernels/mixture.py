@@ -12,6 +12,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kdfast.kernel_abi import Divergence
+from kdfast.kernels.divergence_terms import mixture_term_and_score, weighted
+
+FORWARD_KL = tl.constexpr(int(Divergence.FORWARD_KL))
+REVERSE_KL = tl.constexpr(int(Divergence.REVERSE_KL))
+
 
 @triton.jit
 def _finite_or_zero(reference):
@@ -79,20 +85,23 @@ def mixed_teacher(t_row, offsets_ptr, scratch_row, teachers, cols, mask, inv_t):
 
 
 @triton.jit
-def own_divergence(t_row, offsets_ptr, scratch_row, own_row, teachers, cols, mask, inv_t, log_q, own_acc,
-                   OWN_BLOCK: tl.constexpr, REVERSE: tl.constexpr):
-    """own_acc [OWN_BLOCK] plus this block's terms of each teacher m's own divergence: forward KL's
-    sum_j p_mj (log p_mj - log q_j), or with REVERSE reverse KL's sum_j q_j (log q_j - log p_mj); the row's value once
-    every block has added in (log p_m from the pre-pass's max and own_row's log z_m)."""
+def own_divergence(t_row, offsets_ptr, scratch_row, own_row, teachers, cols, mask, inv_t, log_q, own_acc, beta,
+                   log_beta, log_1m_beta, OWN_BLOCK: tl.constexpr, DIVERGENCE: tl.constexpr):
+    """own_acc [OWN_BLOCK] plus this block's terms of each teacher m's own divergence against the student (log q):
+    forward KL's sum_j p_mj (log p_mj - log q_j), reverse KL's sum_j q_j (log q_j - log p_mj), or the other
+    divergences' terms as the loss pass takes them (divergence_terms.py); the row's value once every block has added
+    in (log p_m from the pre-pass's max and own_row's log z_m)."""
     index = tl.arange(0, OWN_BLOCK)
     q = tl.exp(log_q)
     for m in range(teachers):
         t = tl.load(t_row + tl.load(offsets_ptr + m) + cols, mask=mask, other=float("-inf")).to(tl.float32)
         log_p = (t - tl.load(scratch_row + 2 * m)) * inv_t - tl.load(own_row + m)
-        if REVERSE:
-            terms = tl.where(mask, tl.where(q == 0.0, 0.0, q * (log_q - log_p)), 0.0)
+        if DIVERGENCE == FORWARD_KL:
+            terms = weighted(tl.exp(log_p), log_p - log_q)
+        elif DIVERGENCE == REVERSE_KL:
+            terms = weighted(q, log_q - log_p)
         else:
-            p = tl.exp(log_p)
-            terms = tl.where(mask, tl.where(p == 0.0, 0.0, p * (log_p - log_q)), 0.0)
-        own_acc = tl.where(index == m, own_acc + tl.sum(terms, axis=0), own_acc)
+            terms, unused_h = mixture_term_and_score(log_q, log_p, q, tl.exp(log_p), beta, log_beta, log_1m_beta,
+                                                     DIVERGENCE)
+        own_acc = tl.where(index == m, own_acc + tl.sum(tl.where(mask, terms, 0.0), axis=0), own_acc)
     return own_acc

@@ -35,13 +35,12 @@ from kdfast.kernels.distill import (
     _ce_target,
     _finite_or_zero,
     _load,
-    _mixture_term_and_score,
     _q_log_q,
     _store_outputs,
     _store_skipped_row,
-    _weighted,
     launch_config,
 )
+from kdfast.kernels.divergence_terms import mixture_term_and_score, weighted
 from kdfast.sparse_math import SCORE_CONSTANT
 from kdfast.sparse_options import STUDENT_REST_FLOOR_LOG, TEACHER_REST_FLOOR
 
@@ -54,10 +53,10 @@ STUDENT_FLOOR_LOG = tl.constexpr(STUDENT_REST_FLOOR_LOG)
 def _scores(log_q, log_p, beta, log_beta, log_1m_beta, DIVERGENCE: tl.constexpr):
     """Per-bucket divergence terms and scores h (reverse KL and the mixtures)."""
     if DIVERGENCE == REVERSE_KL:
-        terms = _weighted(tl.exp(log_q), log_q - log_p)
+        terms = weighted(tl.exp(log_q), log_q - log_p)
         h = log_q - log_p
     else:
-        terms, h = _mixture_term_and_score(log_q, log_p, tl.exp(log_q), tl.exp(log_p), beta, log_beta, log_1m_beta,
+        terms, h = mixture_term_and_score(log_q, log_p, tl.exp(log_q), tl.exp(log_p), beta, log_beta, log_1m_beta,
                                            DIVERGENCE)
     return terms, h
 
@@ -159,7 +158,7 @@ def sparse_fwd_kernel(
                 e = tl.exp((s - ref) * inv_t)
                 z += e.to(tl.float64)
                 if ENTROPY and not WRITE_GRAD and (PHASE == FUSED):
-                    e_log_e += tl.sum(_weighted(e, (s - ref) * inv_t), axis=0)
+                    e_log_e += tl.sum(weighted(e, (s - ref) * inv_t), axis=0)
                 if HAS_CE and not CE_FROM_TEMPERED:
                     z_c += tl.exp(s - ref)
                 if SMOOTH:
@@ -246,8 +245,8 @@ def sparse_fwd_kernel(
                     p_rest = tl.exp(log_p_rest)
                     q_rest = tl.exp(log_rest)
                     p_total = tl.sum(p, axis=0) + p_rest
-                    kd = tl.sum(tl.where(held, _weighted(p, log_p - log_q), 0.0), axis=0)
-                    kd += tl.where(owns_rest, _weighted(p_rest, log_p_rest - log_rest), 0.0)
+                    kd = tl.sum(tl.where(held, weighted(p, log_p - log_q), 0.0), axis=0)
+                    kd += tl.where(owns_rest, weighted(p_rest, log_p_rest - log_rest), 0.0)
                     id_grads = tl.exp(log_q) * p_total - tl.sum(tl.where(same, p[None, :], 0.0), axis=1)
                     rest_factor = p_total - tl.where(q_rest > 0.0, p_rest / tl.where(q_rest > 0.0, q_rest, 1.0), 0.0)
                 else:
@@ -267,12 +266,12 @@ def sparse_fwd_kernel(
                     q = tl.exp(log_q)
                     q_rest = tl.exp(log_rest)
                     kd = tl.sum(tl.where(held, terms, 0.0), axis=0) + tl.where(owns_rest, rest_term, 0.0)
-                    row_d = tl.sum(tl.where(first, _weighted(q, h), 0.0), axis=0)  # D: once a column
-                    row_d += tl.where(owns_rest, _weighted(q_rest, rest_h), 0.0)
+                    row_d = tl.sum(tl.where(first, weighted(q, h), 0.0), axis=0)  # D: once a column
+                    row_d += tl.where(owns_rest, weighted(q_rest, rest_h), 0.0)
                     d = row_d
                     if PHASE == GRADIENT:
                         d = tl.load(row_totals_ptr + row * COLUMNS + 1)
-                    id_grads = _weighted(q, h - d)
+                    id_grads = weighted(q, h - d)
                     rest_factor = tl.where(q_rest > 0.0, rest_h - d, 0.0)  # no column outside the ids: unused
 
             # ---- last pass: the gradient ----
@@ -291,10 +290,10 @@ def sparse_fwd_kernel(
                     log_q_block = (s - ref) * inv_t - log_z
                     q_block = tl.exp(log_q_block)
                     if ENTROPY:
-                        entropy_acc += tl.where(mask, _weighted(q_block, log_q_block), 0.0)
+                        entropy_acc += tl.where(mask, weighted(q_block, log_q_block), 0.0)
                     grad = tl.zeros([BLOCK_V], dtype=tl.float32)
                     if HAS_KD:
-                        grad = kd_coef * _weighted(q_block, tl.zeros([BLOCK_V], dtype=tl.float32) + rest_factor)
+                        grad = kd_coef * weighted(q_block, tl.zeros([BLOCK_V], dtype=tl.float32) + rest_factor)
                     if HAS_CE:
                         ce_prob = q_block
                         if not CE_FROM_TEMPERED:

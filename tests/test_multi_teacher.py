@@ -310,15 +310,16 @@ def test_more_teachers_than_one_call_mixes_is_refused_by_name():
         kdfast.multi_teacher_distill_loss(student, torch.zeros(65, 2, 5))
 
 
-@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+@pytest.mark.parametrize("divergence, beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1),
+                                              ("skew_forward_kl", 0.3), ("skew_reverse_kl", 0.3), ("tvd", 0.5)])
 @pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("offset", [0.0, 1e3])
 def test_the_cpu_kernel_writes_each_teachers_divergence_in_the_mixtures_call(monkeypatch, teacher_dtype, offset,
-                                                                             divergence):
-    """return_components with forward or reverse KL on the C++ kernel: each teacher's own divergence comes from the
-    mixing call itself (no single-teacher call runs), equal to the float64 reference per teacher in every row: a
-    routed-away teacher (weight 0 in that row) included, -inf columns (reverse KL: infinite), an ignored row (0),
-    logits far from 0 (centred sums), both forms."""
+                                                                             divergence, beta):
+    """return_components on the C++ kernel, every divergence: each teacher's own divergence comes from the mixing
+    call itself (no single-teacher call runs), equal to the float64 reference per teacher in every row: a routed-away
+    teacher (weight 0 in that row) included, -inf columns (reverse KL: infinite), an ignored row (0), logits far
+    from 0 (centred sums), both forms."""
     from kdfast.backends import cpu_backend
 
     def refuse(*args, **kwargs):
@@ -330,28 +331,29 @@ def test_the_cpu_kernel_writes_each_teachers_divergence_in_the_mixtures_call(mon
     stacked[1, :, [4, 11]] = -float("inf")
     weights = weights_for("rows", 3, seed=21)
     for temperature in (1.0, 2.0):
-        settings = dict(temperature=temperature, ce_weight=0.5, weights=weights, divergence=divergence, backend="cpu")
+        settings = dict(temperature=temperature, ce_weight=0.5, weights=weights, divergence=divergence, beta=beta,
+                        backend="cpu")
         _, parts = kdfast.multi_teacher_distill_loss(student, stacked, labels, reduction="none",
                                                      return_components=True, **settings)
         for index in range(3):
             own = distill_loss_reference(student.double(), stacked[index].double(), labels, temperature=temperature,
-                                         divergence=divergence, t2_scale=False, reduction="none")
+                                         divergence=divergence, beta=beta, t2_scale=False, reduction="none")
             torch.testing.assert_close(parts.teachers[..., index].double(), own, rtol=1e-5, atol=2e-5)
         assert bool((parts.teachers[2] == 0).all()), "an ignored row has no divergence"
     student_hidden, student_weight, hiddens, head_weights, biases, labels = linear_inputs(3)
     _, parts = kdfast.linear_multi_teacher_distill_loss(student_hidden, student_weight, hiddens, head_weights, labels,
                                                         teacher_bias=biases, chunk_size=3, temperature=1.5,
-                                                        reduction="sum", divergence=divergence, backend="cpu",
-                                                        return_components=True)
+                                                        reduction="sum", divergence=divergence, beta=beta,
+                                                        backend="cpu", return_components=True)
     student_logits = student_hidden.double() @ student_weight.double().t()
     for index, (x, y, b) in enumerate(zip(hiddens, head_weights, biases)):
         teacher = torch.nn.functional.linear(x.double(), y.double(), b.double() if b is not None else None)
         own = distill_loss_reference(student_logits, teacher, labels, temperature=1.5, divergence=divergence,
-                                     t2_scale=False, reduction="sum")
+                                     beta=beta, t2_scale=False, reduction="sum")
         torch.testing.assert_close(parts.teachers[index].double(), own, rtol=1e-5, atol=1e-5)
 
 
-def test_teacher_divergences_in_the_kernel_are_refused_for_other_divergences():
+def test_teacher_divergences_in_the_kernel_are_refused_without_a_divergence():
     from kdfast.native_build import load_cpu_extension
 
     student, stacked, labels = make_inputs(2)
@@ -360,8 +362,8 @@ def test_teacher_divergences_in_the_kernel_are_refused_for_other_divergences():
     from kdfast.kernel_abi import native_settings
     from kdfast.options import LossOptions
 
-    ints, floats = native_settings(LossOptions(divergence="jsd"))
-    with pytest.raises(RuntimeError, match=r"teacher_divergences: .* forward KL \(and reverse KL on the CPU\) only"):
+    ints, floats = native_settings(LossOptions(kd_weight=0.0, ce_weight=1.0))
+    with pytest.raises(RuntimeError, match=r"teacher_divergences: .* in the kernel of a call with a divergence"):
         ops.mixture_distill_forward(student.unsqueeze(0), [t.unsqueeze(0) for t in stacked], log_weights, labels,
                                     torch.ones(1), None, torch.zeros(ROWS, 2), ints, floats)
     ints, floats = native_settings(LossOptions())

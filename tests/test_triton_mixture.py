@@ -111,11 +111,16 @@ def test_offsets_refuse_teachers_of_another_layout_and_phases_other_than_fused()
     assert parts.shape == (ROWS, 5) and bool(torch.isfinite(parts).all())
 
 
-@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
-@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("teachers", [1, 2, 5])
+# Forward and reverse KL (their own branches of the loss pass) on the whole grid; the other divergences share one
+# branch: 5 bf16 teachers each.
+OWN_CASES = [(divergence, teachers, dtype) for divergence in ("forward_kl", "reverse_kl") for teachers in (1, 2, 5)
+             for dtype in (torch.float32, torch.bfloat16)]
+OWN_CASES += [(divergence, 5, torch.bfloat16) for divergence in DIVERGENCES[2:]]
+
+
+@pytest.mark.parametrize("divergence, teachers, teacher_dtype", OWN_CASES)
 def test_each_teachers_divergence_comes_from_the_mixing_call(monkeypatch, teachers, teacher_dtype, divergence):
-    """return_components under forward or reverse KL: each teacher's own divergence is accumulated in the kernel's loss
+    """return_components under every divergence: each teacher's own divergence is accumulated in the kernel's loss
     pass (no single-teacher call runs), equal to the float64 reference per teacher in every row: a routed-away teacher
     (weight 0 there) included, -inf columns (reverse KL: infinite), ignored rows 0; then the fused linear form."""
     from kdfast.reference import distill_loss_reference
@@ -147,12 +152,14 @@ def test_each_teachers_divergence_comes_from_the_mixing_call(monkeypatch, teache
         torch.testing.assert_close(parts.teachers[index].double().cpu(), own, rtol=1e-5, atol=2e-5)
 
 
-def test_own_divergences_are_refused_outside_forward_and_reverse_kl():
+def test_own_divergences_are_refused_without_a_divergence_or_of_another_shape():
     from kdfast.kernels.distill import distill_forward_rows
 
     student, stacked, weights, labels = make_inputs(2, "jsd")
     teachers = [teacher.unsqueeze(0) for teacher in stacked]
     mixture = (triton_backend.teacher_offsets(teachers), weights.log())
-    with pytest.raises(ValueError, match=r"own_divergences: .*\[6, 2\].* forward KL and reverse KL only"):
-        distill_forward_rows(student.unsqueeze(0), teachers[0], labels, torch.ones(1, device=DEVICE), None,
-                             LossOptions(divergence="jsd"), FUSED, mixture, torch.zeros(ROWS, 2, device=DEVICE))
+    for opts, shape in ((LossOptions(kd_weight=0.0, ce_weight=1.0), (ROWS, 2)), (LossOptions(divergence="jsd"),
+                                                                                 (ROWS, 3))):
+        with pytest.raises(ValueError, match=r"own_divergences: .*\[6, 2\].* in a call with a divergence only"):
+            distill_forward_rows(student.unsqueeze(0), teachers[0], labels, torch.ones(1, device=DEVICE), None, opts,
+                                 FUSED, mixture, torch.zeros(*shape, device=DEVICE))

@@ -78,6 +78,10 @@ SHARD_FLAGS = [dict(PHASE=1, HAS_KD=True, HAS_CE=True, CE_FROM_TEMPERED=True, HA
                     NEEDS_LABELS=True, SMOOTH=False)]
 
 
+# Each mixed teacher's own divergence: its three branches in the loss pass (forward KL, reverse KL, the others').
+OWN_CHECKED = (Divergence.FORWARD_KL, Divergence.REVERSE_KL, Divergence.JSD)
+
+
 def variants():
     for capability, divergence in itertools.product([80, 90], range(len(Divergence))):
         for dtype, flags in itertools.product(["bf16", "fp16", "fp32"], FUSED_FLAGS):
@@ -87,7 +91,7 @@ def variants():
             yield capability, divergence, "bf16", dict(flags, WRITE_GRAD=write_grad)
         # Several teachers mixed in the kernel (fused only).
         yield capability, divergence, "bf16", dict(FUSED_FLAGS[0], MIX_TEACHERS=1)
-        if divergence in distill.OWN_DIVERGENCES:  # ... with each teacher's own divergence (4 teachers' accumulators)
+        if divergence in OWN_CHECKED:  # ... with each teacher's own divergence (4 teachers' accumulators)
             yield capability, divergence, "bf16", dict(FUSED_FLAGS[0], MIX_TEACHERS=1, OWN_KL=1, OWN_BLOCK=4)
         # A sparse teacher (K = 64), bucket: fused, then the shard's phases.
         for flags in [FUSED_FLAGS[0], *SHARD_FLAGS]:

@@ -245,10 +245,9 @@ inline PackedCall pack_mixture_args(const at::Tensor& student, at::TensorList te
     TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == rows && out.size(1) == count &&
                     out.is_contiguous(),
                 "teacher_divergences must be a contiguous float32 [", rows, ", ", count, "] tensor, got ", out.sizes());
-    const bool written =
-        a.divergence == kForwardKL || (device_type == c10::DeviceType::CPU && a.divergence == kReverseKL);
-    TORCH_CHECK(a.has_kd && written, "teacher_divergences: each teacher's own divergence is written in the kernel for "
-                "forward KL (and reverse KL on the CPU) only");
+    const bool written = a.divergence == kForwardKL || device_type == c10::DeviceType::CPU;
+    TORCH_CHECK(a.has_kd && written, "teacher_divergences: each teacher's own divergence is written in the kernel of "
+                "a call with a divergence, under forward KL on a GPU, under every divergence on the CPU");
     a.mix_divergences = out.data_ptr<float>();
   }
   return call;

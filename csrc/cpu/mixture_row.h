@@ -14,7 +14,10 @@
 // 0 in the row then take their exps too (they are not mixed). log z_s is added by the kernel once its exp pass has it.
 // Each one's reverse KL (TRL's DistillationConfig default, beta 1) weighs by the student's q instead: KL(q || p_m) =
 // sum_j e_sj (ds_j - dt_j) / z_s - log z_s + log z_m, from the student's exps taken once before the teachers (one exp
-// per column; the kernel's exp pass takes them again) and the teachers' own; the value is whole when written.
+// per column; the kernel's exp pass takes them again) and the teachers' own; the value is whole when written. Under
+// the other divergences (JSD, the skews, TVD: GKD's default is JSD) each teacher's own value takes one more sweep of
+// that teacher's row once its sum is known, the kernel's mixture_term_and_score at each column from the same exps
+// (JSD: an exp and a log per column and teacher), in place of a forward pass of the loss kernel per teacher.
 #pragma once
 
 #include <cmath>
@@ -43,10 +46,30 @@ float exact_log_mixture(const TeacherT* const* rows, const float* maxima, const 
   return hi + std::log(total);
 }
 
+// One teacher's own divergence (JSD, a skew or TVD) against the student, summed over the row from both sides' exps
+// (e_t = exp((t - top) / T) in `exps`, z its sum; the student's the same way), the kernel's own terms at each column.
+inline float own_divergence_sweep(const float* t, float top, const float* exps, float z, const float* student,
+                                  float student_top, const float* student_exps, float log_z_s, float inv_z_s,
+                                  const DistillArgs& a) {
+  const MixtureConstants mc(a.beta);
+  const float inv_t = a.inv_temperature, log_z = std::log(z), inv_z = 1.0f / z;
+  VFloat total{};
+  for_lanes(a.vocab, [&](int64_t j, auto zero) {
+    using F = decltype(zero);
+    const F ls = (load<F>(student + j) - student_top) * inv_t - log_z_s;
+    const F lt = (load<F>(t + j) - top) * inv_t - log_z;
+    F term, h;
+    mixture_term_and_score<F>(a.divergence, mc.beta, mc.log_beta, mc.log_1m_beta, ls, lt,
+                              load<F>(student_exps + j) * inv_z_s, load<F>(exps + j) * inv_z, term, h);
+    accumulate(total, term);
+  });
+  return horizontal_sum(total);
+}
+
 // Writes the mixture of `count` teacher rows with log-weights `log_weights` (-inf: the teacher does not count) into
 // w.teacher (T * log p_bar, the kernel's teacher logits) and w.exp_teacher (p_bar); returns w.teacher. With the
 // student's row `student` (else null), each teacher's forward KL but log z_s into w.mix_own_kl (NaN for a teacher row
-// without a finite max); under reverse KL the whole reverse KL.
+// without a finite max); under the other divergences the whole value.
 template <typename TeacherT>
 const float* mixture_row(const TeacherT* const* rows, int64_t count, const float* log_weights, const DistillArgs& a,
                          Scratch& w, const float* student) {
@@ -57,10 +80,11 @@ const float* mixture_row(const TeacherT* const* rows, int64_t count, const float
   float maxima[kMaxMixedTeachers], offsets[kMaxMixedTeachers];
   const bool own = student != nullptr;
   const bool own_reverse = own && a.divergence == kReverseKL;
+  const bool own_other = own && a.divergence != kForwardKL && !own_reverse;  // per column terms, after each sum
   const float student_top = own ? row_max(student, vocab) : 0.0f;
-  float* student_exps = w.exp_student.data();  // reverse KL's: the kernel's exp pass writes the same values later
+  float* student_exps = w.exp_student.data();  // the kernel's exp pass writes the same values later
   float log_z_s = 0.0f, inv_z_s = 0.0f;
-  if (own_reverse) {
+  if (own_reverse || own_other) {
     VFloat z_acc{};
     for_lanes(vocab, [&](int64_t j, auto zero) {
       using F = decltype(zero);
@@ -87,9 +111,9 @@ const float* mixture_row(const TeacherT* const* rows, int64_t count, const float
       using F = decltype(zero);
       const F dt = (load<F>(t + j) - top) * inv_t;
       const F value = fast_exp(dt);
-      if (counts) store(exps + j, value);
+      if (counts || own_other) store(exps + j, value);
       accumulate(sum_acc, value);
-      if (own) {
+      if (own && !own_other) {
         const F ds = (load<F>(student + j) - student_top) * inv_t;
         if (own_reverse) {
           accumulate(own_acc, weighted(load<F>(student_exps + j), ds - dt));
@@ -99,7 +123,10 @@ const float* mixture_row(const TeacherT* const* rows, int64_t count, const float
       }
     });
     const float sum = horizontal_sum(sum_acc);
-    if (own_reverse) {
+    if (own_other) {
+      w.mix_own_kl[m] = own_divergence_sweep(t, top, exps, sum, student, student_top, student_exps, log_z_s, inv_z_s,
+                                             a);
+    } else if (own_reverse) {
       w.mix_own_kl[m] = horizontal_sum(own_acc) * inv_z_s - log_z_s + std::log(sum);
     } else if (own) {
       w.mix_own_kl[m] = horizontal_sum(own_acc) / sum - std::log(sum);

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kdfast.kernel_abi import FUSED, Divergence, MixedTeachers, PhaseCall, SparseTargets, native_settings
+from kdfast.kernel_abi import FUSED, MixedTeachers, PhaseCall, SparseTargets, native_settings
 from kdfast.native_build import cpu_extension_or_none, load_cpu_extension
 from kdfast.options import LossOptions
 from kdfast.teacher_mixture import kernel_teachers
@@ -42,6 +42,6 @@ def mixture_forward_rows(student, teacher: MixedTeachers, labels, grad_scale, gr
 
 def fills_teacher_divergences(opts: LossOptions) -> bool:
     """Whether the mixing kernel writes each teacher's own divergence (MixedTeachers.divergences) beside the mixture's
-    loss: forward KL (also TRL's JSD at beta 0), from the exps the mixture takes anyway, and reverse KL (TRL's beta 1),
-    from those and the student's (csrc/cpu/mixture_row.h)."""
-    return opts.has_kd and opts.effective_divergence in (Divergence.FORWARD_KL, Divergence.REVERSE_KL)
+    loss: under every divergence, from the exps the mixture takes anyway and the student's (forward KL two FMAs a
+    column and teacher; the others a sweep of each teacher's row; csrc/cpu/mixture_row.h)."""
+    return opts.has_kd

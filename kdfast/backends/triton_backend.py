@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kdfast.kernel_abi import FUSED, Divergence, MixedTeachers, PhaseCall, SparseTargets
+from kdfast.kernel_abi import FUSED, MixedTeachers, PhaseCall, SparseTargets
 from kdfast.options import LossOptions
 from kdfast.teacher_mixture import kernel_teachers
 
@@ -59,6 +59,5 @@ def mixture_forward_rows(student, teacher: MixedTeachers, labels, grad_scale, gr
 
 def fills_teacher_divergences(opts: LossOptions) -> bool:
     """Whether the mixing kernel writes each teacher's own divergence (MixedTeachers.divergences) beside the mixture's
-    loss: forward KL (also TRL's JSD at beta 0) and reverse KL (beta 1), in its loss pass (kernels/mixture.py,
-    own_divergence)."""
-    return opts.has_kd and opts.effective_divergence in (Divergence.FORWARD_KL, Divergence.REVERSE_KL)
+    loss: under every divergence, in its loss pass (kernels/mixture.py, own_divergence)."""
+    return opts.has_kd
