@@ -21,7 +21,7 @@ constexpr float kProbabilityFloor = 1e-8f;  // GOLD's clamp of the matched proba
 struct RowScratch {
   std::vector<float> sigma, g, pairs, student_values, teacher_values, rest_grad;
   SortedL1Scratch sorted;
-  void reserve(int64_t student_width, int64_t teacher_width) {
+  void reserve(int64_t student_width) {
     for (auto* v : {&sigma, &g}) v->resize(student_width);
   }
 };
@@ -161,7 +161,7 @@ float softmax_row(const float* z, int64_t width, float inv_temperature, float* s
 
 void uld_rows_cpu(const UldRowsArgs& a, int64_t begin, int64_t end) {
   thread_local RowScratch w;
-  w.reserve(a.student_width, a.teacher_width);
+  w.reserve(a.student_width);
   const int64_t width = a.student_width;
   for (int64_t row = begin; row < end; ++row) {
     const float* z = a.student_logits + row * width;
