@@ -240,6 +240,26 @@ def test_the_cpu_kernel_mixes_underflowed_columns_zero_weights_and_16_bit_teache
                                  temperature=temperature, ce_weight=0.5, backend="cpu")
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16])
+def test_the_cpu_kernel_streams_each_teacher_once_past_routed_away_teachers(divergence, teacher_dtype):
+    """The C++ mixture's teacher passes take the max of the row read next and add the previous teacher's share: each
+    row's routing skips the first, a middle, the last or all but one of four teachers, so the next row is another
+    teacher or the student after any of them; rows of 203 columns (full vector blocks and a tail), the student's
+    argmax anywhere in its row (the centring of reverse KL and JSD)."""
+    generator = torch.Generator().manual_seed(5)
+    student = torch.randn(7, 203, generator=generator) * 3
+    student[1, 202] = 40.0  # the student's max in the tail
+    student[2, 0] = 40.0
+    teachers = (torch.randn(4, 7, 203, generator=generator) * 3).to(teacher_dtype)
+    weights = torch.tensor([[0, 1, 1, 1], [1, 0, 1, 1], [1, 1, 1, 0], [0, 0, 0, 1], [1, 0, 0, 0], [0, 1, 0, 1],
+                            [1, 1, 1, 1]], dtype=torch.float32) * (torch.rand(7, 4, generator=generator) + 0.5)
+    labels = torch.randint(0, 203, (7,), generator=generator)
+    for temperature in (0.5, 2.0):
+        assert_matches_reference(student, list(teachers), labels, weights=weights, divergence=divergence,
+                                 temperature=temperature, ce_weight=0.5, backend="cpu")
+
+
 def test_inplace_backward_writes_the_mixtures_gradient_over_the_student():
     student, stacked, labels = make_inputs(3, seed=4)
     expected = assert_matches_reference(student, stacked, labels, want="gradient", ce_weight=0.5, temperature=2.0)

@@ -27,10 +27,11 @@ namespace kdfast_cpu {
 namespace {
 
 // Pass 0: the maxima, and for reverse KL and the mixtures (fused) the reference entry r.
-RowStats row_references(const float* s, const float* t, const DistillArgs& a) {
+RowStats row_references(const float* s, const float* t, const DistillArgs& a, const Scratch& w) {
   RowStats st{};
   st.ref_index = -1;
-  st.ref_s = row_max(s, a.vocab);
+  const bool mixed = a.has_kd && a.mix_count > 0;  // mixture_row took the student's max beside its passes
+  st.ref_s = mixed ? w.mix_student_max : row_max(s, a.vocab);
   st.ref_ce = st.ref_s;
   if (!a.has_kd) return st;
   st.ref_t = a.mix_count > 0 ? 0.0f : row_max(t, a.vocab);  // a mixture's row is T log p_bar <= 0
@@ -183,7 +184,7 @@ void process_row(const float* s, const float* t, int64_t row, int64_t label, Gra
     return;
   }
   if (a.phase == kPhaseStats) return stats_row(s, t, a, a.out + row * kStatColumns);
-  RowStats st = row_references(s, t, a);
+  RowStats st = row_references(s, t, a, w);
   exp_pass(s, t, a, w, next, st);
   if (a.mix_divergences != nullptr) {  // each mixed teacher's forward KL but log z_s, or its whole reverse KL
     const float add = a.divergence == kForwardKL ? st.log_z_s : 0.0f;
@@ -266,8 +267,8 @@ void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
     if (a.has_kd && a.mix_count > 0) {
       const TeacherT* rows[kMaxMixedTeachers];
       for (int64_t m = 0; m < a.mix_count; ++m) rows[m] = mixed_teacher_row(m, row);
-      t = mixture_row(rows, a.mix_count, a.mix_log_weights + row * a.mix_weights_stride, a, scratch,
-                      a.mix_divergences != nullptr ? s : nullptr);
+      t = mixture_row(rows, a.mix_count, a.mix_log_weights + row * a.mix_weights_stride, a, scratch, s,
+                      a.mix_divergences != nullptr);
     } else if (a.has_kd) {
       t = widen_row(t_raw, a.vocab, scratch.teacher);
     }

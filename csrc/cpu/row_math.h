@@ -16,11 +16,15 @@ using namespace kdfast;  // the divergence and phase codes
 
 struct Scratch {
   std::vector<float> student, teacher, exp_student, exp_teacher, exp_ce;
-  std::vector<float> mix_exps, mix_widened;  // several teachers: one teacher's exps, its widened 16-bit row
+  // several teachers (mixture_row.h): one teacher's exps and the previous one's (the plain mixture alternates them),
+  // a widened 16-bit row
+  std::vector<float> mix_exps, mix_exps_previous, mix_widened;
   // several teachers: each one's forward KL but log z_s, or its whole reverse KL (mixture_row.h)
   float mix_own_kl[kMaxMixedTeachers];
+  float mix_student_max;  // the student row's max, taken by mixture_row while it streams the teachers' rows
   void reserve(int64_t vocab) {
-    for (auto* buffer : {&student, &teacher, &exp_student, &exp_teacher, &exp_ce, &mix_exps, &mix_widened}) {
+    for (auto* buffer : {&student, &teacher, &exp_student, &exp_teacher, &exp_ce, &mix_exps, &mix_exps_previous,
+                         &mix_widened}) {
       if (static_cast<int64_t>(buffer->size()) < vocab) buffer->resize(vocab);
     }
   }
@@ -60,20 +64,25 @@ inline void for_lanes(int64_t vocab, Body&& body) {
 inline void accumulate(VFloat& acc, VFloat value) { acc += value; }
 inline void accumulate(VFloat& acc, float value) { acc[0] += value; }
 
-inline float row_max(const float* x, int64_t vocab) {
-  VFloat best = splat<VFloat>(-INFINITY);
+// A row's max taken block by block (vector lanes, then the scalar tail), alone or beside another pass's work.
+struct RunningMax {
+  VFloat lanes = splat<VFloat>(-INFINITY);
   float tail = -INFINITY;
+  void add(VFloat v) { lanes = v > lanes ? v : lanes; }
+  void add(float v) { tail = v > tail ? v : tail; }
+  float value() const {
+    const float head = horizontal_max(lanes);
+    return head > tail ? head : tail;
+  }
+};
+
+inline float row_max(const float* x, int64_t vocab) {
+  RunningMax best;
   for_lanes(vocab, [&](int64_t j, auto zero) {
     using F = decltype(zero);
-    const F v = load<F>(x + j);
-    if constexpr (std::is_same_v<F, VFloat>) {
-      best = v > best ? v : best;
-    } else {
-      tail = v > tail ? v : tail;
-    }
+    best.add(load<F>(x + j));
   });
-  const float head = horizontal_max(best);
-  return head > tail ? head : tail;
+  return best.value();
 }
 
 // sum_j (x_j - ref): label smoothing's uniform part of the CE target (its mean logit, relative to ref).

@@ -63,6 +63,13 @@ inline float horizontal_max(VFloat x) {
   return best;
 }
 
+inline bool any_lane(VInt mask) {
+  for (int lane = 0; lane < kLanes; ++lane) {
+    if (mask[lane]) return true;
+  }
+  return false;
+}
+
 // max over a row of x * scale (-inf for an empty row), vectorised.
 inline float row_max_scaled(const float* x, int64_t width, float scale) {
   const int64_t vector_end = width - width % kLanes;
@@ -113,9 +120,10 @@ inline F fast_exp_centred(F x) {
 }
 
 // log(x) for x in [1, 2^126) (the kernel only takes log(1 + exp(-d)), in [1, 2]), about 2 ulp:
-// x = 2^e * m, m in [sqrt(1/2), sqrt(2)), log(m) by a series in f = (m - 1) / (m + 1).
+// x = 2^e * m, m in [sqrt(1/2), sqrt(2)), log(m) by a series in f = (m - 1) / (m + 1). Always inlined: GCC once
+// called it out of line (through the PLT) in the mixture's log pass, a quarter of that kernel's samples.
 template <typename F>
-inline F fast_log_ge1(F x) {
+inline __attribute__((always_inline)) F fast_log_ge1(F x) {
   const auto bits = float_as_bits(x);
   auto exponent = ((bits >> 23) & 0xff) - 127;
   F mantissa = bits_as_float((bits & 0x007fffff) | 0x3f800000);

@@ -12,13 +12,6 @@ namespace kdfast_cpu {
 
 constexpr int64_t kStatsBlock = 16 * kLanes;  // elements per block: 1 KiB of float32 at AVX-512
 
-inline bool any_lane(VInt mask) {
-  for (int lane = 0; lane < kLanes; ++lane) {
-    if (mask[lane]) return true;
-  }
-  return false;
-}
-
 // CE's sum at T = 1 beside a tempered one: none, the squares of the tempered exps (T = 2), or its own exps.
 enum StatsCe : int { kStatsNoCe = 0, kStatsSquares = 1, kStatsOwn = 2 };
 
