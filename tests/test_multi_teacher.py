@@ -246,7 +246,8 @@ def test_the_cpu_kernel_streams_each_teacher_once_past_routed_away_teachers(dive
     """The C++ mixture's teacher passes take the max of the row read next and add the previous teacher's share: each
     row's routing skips the first, a middle, the last or all but one of four teachers, so the next row is another
     teacher or the student after any of them; rows of 203 columns (full vector blocks and a tail), the student's
-    argmax anywhere in its row (the centring of reverse KL and JSD)."""
+    argmax anywhere in its row (the centring of reverse KL and JSD); with return_components every teacher's own
+    divergence from the same passes, a routed-away teacher's too."""
     generator = torch.Generator().manual_seed(5)
     student = torch.randn(7, 203, generator=generator) * 3
     student[1, 202] = 40.0  # the student's max in the tail
@@ -256,8 +257,15 @@ def test_the_cpu_kernel_streams_each_teacher_once_past_routed_away_teachers(dive
                             [1, 1, 1, 1]], dtype=torch.float32) * (torch.rand(7, 4, generator=generator) + 0.5)
     labels = torch.randint(0, 203, (7,), generator=generator)
     for temperature in (0.5, 2.0):
-        assert_matches_reference(student, list(teachers), labels, weights=weights, divergence=divergence,
-                                 temperature=temperature, ce_weight=0.5, backend="cpu")
+        settings = dict(weights=weights, divergence=divergence, temperature=temperature, ce_weight=0.5, backend="cpu")
+        assert_matches_reference(student, list(teachers), labels, **settings)
+        assert_matches_reference(student, list(teachers), labels, return_components=True, **settings)
+        _, parts = kdfast.multi_teacher_distill_loss(student, list(teachers), labels, reduction="none",
+                                                     return_components=True, **settings)
+        for index in range(4):
+            own = distill_loss_reference(student.double(), teachers[index].double(), labels, temperature=temperature,
+                                         divergence=divergence, t2_scale=False, reduction="none")
+            torch.testing.assert_close(parts.teachers[..., index].double(), own, rtol=1e-5, atol=2e-5)
 
 
 def test_inplace_backward_writes_the_mixtures_gradient_over_the_student():

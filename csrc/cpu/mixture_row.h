@@ -21,8 +21,8 @@
 // per column; the kernel's exp pass takes them again) and the teachers' own; the value is whole when written. Under
 // the other divergences (JSD, the skews, TVD: GKD's default is JSD) each teacher's own value takes one more sweep of
 // that teacher's row once its sum is known, the kernel's mixture_term_and_score at each column from the same exps
-// (JSD: an exp and a log per column and teacher), in place of a forward pass of the loss kernel per teacher. These
-// passes keep the plain order (a max pass, an exp pass, a mixing pass per teacher).
+// (JSD: an exp and a log per column and teacher), in place of a forward pass of the loss kernel per teacher. The own
+// sums ride on the teachers' passes; the student's max (and for reverse KL and the others its exps) come first.
 #pragma once
 
 #include <cmath>
@@ -71,9 +71,13 @@ inline float own_divergence_sweep(const float* t, float top, const float* exps, 
   return horizontal_sum(total);
 }
 
-// How a teacher's pass of the plain mixture adds the previous teacher's share into the mixture row: not at all (the
-// first teacher), as its first share, or onto the shares before it.
+// How a teacher's pass adds the pending share (the last teacher's that counts) into the mixture row: not at all, as
+// the row's first share, or onto the shares before it.
 enum MixStep : int { kMixNone = 0, kMixFirst = 1, kMixAdd = 2 };
+
+// Which teacher's own divergence a pass sums beside its exps (DistillArgs::mix_divergences): none, forward KL, reverse
+// KL, or another divergence (a sweep after the pass, from the exps it stored).
+enum OwnDivergence : int { kOwnNone = 0, kOwnForward = 1, kOwnReverse = 2, kOwnOther = 3 };
 
 // A teacher's exps not yet added into the mixture row: exps * factor (factor = w_m / z_m) joins it in the next pass.
 struct PendingShare {
@@ -81,156 +85,145 @@ struct PendingShare {
   float factor = 0.0f;
 };
 
-// One teacher's pass of the plain mixture: its exps e_j = exp((t_j - top) / T) into `exps` (returns their sum), and
-// beside them the max of the row read next (`next`) and the pending share of the teacher before it. The exps leave
-// the core's time to the memory reads: each row streams in once, during a pass that computes.
-template <bool kNextMax, int kStep>
-float streamed_teacher_pass(const float* t, float top, const DistillArgs& a, float* exps, const float* next,
-                            RunningMax& next_max, const PendingShare& pending, float* mixed) {
+// The student's row as the teachers' own divergences read it: its max, its exps and sum (reverse KL and the others).
+struct StudentRow {
+  const float* s;
+  float top, log_z = 0.0f, inv_z = 0.0f;
+  const float* exps = nullptr;
+};
+
+// One teacher's pass: its exps e_j = exp((t_j - top) / T) into `exps` (their sum into *z), and beside them the max of
+// the row read next (`next`), the pending share of the teacher before it and, with kOwn, the sum its own divergence
+// needs (returned). The exps leave the core's time to the memory reads: each row streams in once, during a pass that
+// computes.
+template <int kStep, int kOwn>
+float teacher_pass(const float* t, float top, const DistillArgs& a, float* exps, float* z, const float* next,
+                   RunningMax& next_max, const PendingShare& pending, float* mixed, const StudentRow& student) {
   const float inv_t = a.inv_temperature;
-  VFloat z{};
+  VFloat z_acc{}, own_acc{};
   for_lanes(a.vocab, [&](int64_t j, auto zero) {
     using F = decltype(zero);
-    const F e = fast_exp_centred((load<F>(t + j) - top) * inv_t);
+    const F dt = (load<F>(t + j) - top) * inv_t;
+    const F e = fast_exp_centred(dt);
     store(exps + j, e);
-    accumulate(z, e);
-    if constexpr (kNextMax) next_max.add(load<F>(next + j));
+    accumulate(z_acc, e);
+    next_max.add(load<F>(next + j));
     if constexpr (kStep == kMixFirst) store(mixed + j, load<F>(pending.exps + j) * pending.factor);
     if constexpr (kStep == kMixAdd) store(mixed + j, load<F>(mixed + j) + load<F>(pending.exps + j) * pending.factor);
+    if constexpr (kOwn == kOwnForward || kOwn == kOwnReverse) {
+      const F ds = (load<F>(student.s + j) - student.top) * inv_t;
+      if constexpr (kOwn == kOwnForward) accumulate(own_acc, weighted(e, dt - ds));
+      if constexpr (kOwn == kOwnReverse) accumulate(own_acc, weighted(load<F>(student.exps + j), ds - dt));
+    }
   });
-  return horizontal_sum(z);
+  *z = horizontal_sum(z_acc);
+  return horizontal_sum(own_acc);
 }
 
-template <bool kNextMax>
-float streamed_teacher_pass(int step, const float* t, float top, const DistillArgs& a, float* exps, const float* next,
-                            RunningMax& next_max, const PendingShare& pending, float* mixed) {
+template <int kOwn>
+float teacher_pass_at_step(int step, const float* t, float top, const DistillArgs& a, float* exps, float* z,
+                           const float* next, RunningMax& next_max, const PendingShare& pending, float* mixed,
+                           const StudentRow& student) {
   switch (step) {
-    case kMixFirst: return streamed_teacher_pass<kNextMax, kMixFirst>(t, top, a, exps, next, next_max, pending, mixed);
-    case kMixAdd: return streamed_teacher_pass<kNextMax, kMixAdd>(t, top, a, exps, next, next_max, pending, mixed);
-    default: return streamed_teacher_pass<kNextMax, kMixNone>(t, top, a, exps, next, next_max, pending, mixed);
+    case kMixFirst: return teacher_pass<kMixFirst, kOwn>(t, top, a, exps, z, next, next_max, pending, mixed, student);
+    case kMixAdd: return teacher_pass<kMixAdd, kOwn>(t, top, a, exps, z, next, next_max, pending, mixed, student);
+    default: return teacher_pass<kMixNone, kOwn>(t, top, a, exps, z, next, next_max, pending, mixed, student);
   }
 }
 
-// The plain mixture (no teacher's own divergence wanted): one pass per teacher that counts, each also taking the max
-// of the next row (the next teacher's float32 row, else the student's: w.mix_student_max) and adding the previous
-// teacher's share, the two exps rows alternating; no pass only reads a row for its max or only mixes. Returns the
-// step the last share needs (kMixNone: no teacher counts) with that share in `pending`.
+// Turns the runtime (own divergence, step) pair into one branch-free loop instantiation.
+inline float run_teacher_pass(int own, int step, const float* t, float top, const DistillArgs& a, float* exps,
+                              float* z, const float* next, RunningMax& next_max, const PendingShare& pending,
+                              float* mixed, const StudentRow& student) {
+  switch (own) {
+    case kOwnForward:
+      return teacher_pass_at_step<kOwnForward>(step, t, top, a, exps, z, next, next_max, pending, mixed, student);
+    case kOwnReverse:
+      return teacher_pass_at_step<kOwnReverse>(step, t, top, a, exps, z, next, next_max, pending, mixed, student);
+    case kOwnOther:
+      return teacher_pass_at_step<kOwnOther>(step, t, top, a, exps, z, next, next_max, pending, mixed, student);
+    default:
+      return teacher_pass_at_step<kOwnNone>(step, t, top, a, exps, z, next, next_max, pending, mixed, student);
+  }
+}
+
+// The student's max (and for reverse KL and the other divergences its exps, into w.exp_student, which the kernel's
+// exp pass writes again later) before the teachers, when their own divergences are wanted.
+inline StudentRow student_for_own(const float* s, int own, const DistillArgs& a, Scratch& w) {
+  StudentRow student{s, row_max(s, a.vocab)};
+  if (own != kOwnReverse && own != kOwnOther) return student;
+  float* exps = w.exp_student.data();
+  VFloat z_acc{};
+  for_lanes(a.vocab, [&](int64_t j, auto zero) {
+    using F = decltype(zero);
+    const F e = fast_exp((load<F>(s + j) - student.top) * a.inv_temperature);
+    store(exps + j, e);
+    accumulate(z_acc, e);
+  });
+  const float z = horizontal_sum(z_acc);
+  student.log_z = std::log(z);
+  student.inv_z = 1.0f / z;
+  student.exps = exps;
+  return student;
+}
+
+// The mixture's teacher passes, one per teacher (with own divergences wanted, a teacher of weight 0 in the row takes
+// its exps too, unmixed; else it is skipped). Each pass also takes the max of the next row it will read (the next
+// teacher's float32 row; a 16-bit row is widened and its max taken there) and adds the pending share; the two exps
+// rows alternate. Returns the step the mixture's last pass needs with the pending share in `pending`, and whether any
+// teacher counts.
 template <typename TeacherT>
-int mix_streamed(const TeacherT* const* rows, int64_t count, const float* log_weights, const DistillArgs& a,
-                 Scratch& w, const float* student, float* maxima, float* offsets, PendingShare& pending) {
+bool mix_teachers(const TeacherT* const* rows, int64_t count, const float* log_weights, const DistillArgs& a,
+                  Scratch& w, const float* s, int own, float* maxima, float* offsets, PendingShare& pending,
+                  int* last_step) {
   float* mixed = w.exp_teacher.data();
   float* buffers[2] = {w.mix_exps.data(), w.mix_exps_previous.data()};
-  int step = kMixNone, parity = 0;
+  const StudentRow student = own != kOwnNone ? student_for_own(s, own, a, w) : StudentRow{s, 0.0f};
+  bool student_max_known = own != kOwnNone;
+  if (student_max_known) w.mix_student_max = student.top;
+  bool mixed_has_shares = false, has_pending = false;
+  int parity = 0;
   int64_t known_index = -1;  // the teacher whose max the last pass took
   float known_max = 0.0f;
-  bool student_max_known = false;
+  auto takes_a_pass = [&](int64_t m) { return own != kOwnNone || log_weights[m] != -INFINITY; };
   for (int64_t m = 0; m < count; ++m) {
     maxima[m] = -INFINITY;
     offsets[m] = -INFINITY;
     w.mix_own_kl[m] = std::numeric_limits<float>::quiet_NaN();
-    if (log_weights[m] == -INFINITY) continue;  // a zero weight: the teacher adds nothing
+    if (!takes_a_pass(m)) continue;  // a zero weight: the teacher adds nothing
     const float* t = widen_row(rows[m], a.vocab, w.mix_widened);
     const float top = known_index == m ? known_max : row_max(t, a.vocab);
     maxima[m] = top;
     if (!std::isfinite(top)) continue;  // a row of -inf (no mass)
     int64_t next = m + 1;
-    while (next < count && log_weights[next] == -INFINITY) ++next;
-    const float* next_row = student;
+    while (next < count && !takes_a_pass(next)) ++next;
+    const float* next_row = s;  // after the last teacher, the student's row (its max, when not taken already)
     if (next < count) {
-      if constexpr (std::is_same_v<TeacherT, float>) {
-        next_row = rows[next];
-      } else {
-        next_row = nullptr;  // a 16-bit row is widened first, its max taken there
-      }
+      if constexpr (std::is_same_v<TeacherT, float>) next_row = rows[next];
     }
+    const int step = !has_pending ? kMixNone : mixed_has_shares ? kMixAdd : kMixFirst;
     RunningMax next_max;
     float* exps = buffers[parity];
-    const float z = next_row != nullptr
-                        ? streamed_teacher_pass<true>(step, t, top, a, exps, next_row, next_max, pending, mixed)
-                        : streamed_teacher_pass<false>(step, t, top, a, exps, next_row, next_max, pending, mixed);
-    if (next_row != nullptr && next < count) known_index = next, known_max = next_max.value();
-    if (next_row == student) student_max_known = true, w.mix_student_max = next_max.value();
-    step = step == kMixNone ? kMixFirst : kMixAdd;
+    float z;
+    const float own_sum = run_teacher_pass(own, step, t, top, a, exps, &z, next_row, next_max, pending, mixed, student);
+    if (next_row != s) known_index = next, known_max = next_max.value();
+    if (next_row == s && !student_max_known) student_max_known = true, w.mix_student_max = next_max.value();
+    if (has_pending) mixed_has_shares = true, has_pending = false;
+    if (own == kOwnForward) w.mix_own_kl[m] = own_sum / z - std::log(z);
+    if (own == kOwnReverse) w.mix_own_kl[m] = own_sum * student.inv_z - student.log_z + std::log(z);
+    if (own == kOwnOther) {
+      w.mix_own_kl[m] = own_divergence_sweep(t, top, exps, z, s, student.top, student.exps, student.log_z,
+                                             student.inv_z, a);
+    }
+    if (log_weights[m] == -INFINITY) continue;  // its own divergence only
     offsets[m] = log_weights[m] - std::log(z);
     pending = {exps, std::exp(log_weights[m]) / z};
+    has_pending = true;
     parity ^= 1;
   }
-  if (!student_max_known) w.mix_student_max = row_max(student, a.vocab);
-  return step;
-}
-
-// The mixture with each teacher's own divergence (DistillArgs::mix_divergences): a teacher's exps, its own divergence
-// and its share, pass by pass; teachers of weight 0 take their exps too. Returns whether any teacher counts.
-template <typename TeacherT>
-bool mix_with_own_divergences(const TeacherT* const* rows, int64_t count, const float* log_weights,
-                              const DistillArgs& a, Scratch& w, const float* student, float* maxima, float* offsets) {
-  const int64_t vocab = a.vocab;
-  const float inv_t = a.inv_temperature;
-  float* mixed = w.exp_teacher.data();
-  float* exps = w.mix_exps.data();
-  const bool own_reverse = a.divergence == kReverseKL;
-  const bool own_other = a.divergence != kForwardKL && !own_reverse;  // per column terms, after each sum
-  const float student_top = row_max(student, vocab);
-  w.mix_student_max = student_top;
-  float* student_exps = w.exp_student.data();  // the kernel's exp pass writes the same values later
-  float log_z_s = 0.0f, inv_z_s = 0.0f;
-  if (own_reverse || own_other) {
-    VFloat z_acc{};
-    for_lanes(vocab, [&](int64_t j, auto zero) {
-      using F = decltype(zero);
-      const F e = fast_exp((load<F>(student + j) - student_top) * inv_t);
-      store(student_exps + j, e);
-      accumulate(z_acc, e);
-    });
-    const float z_s = horizontal_sum(z_acc);
-    log_z_s = std::log(z_s);
-    inv_z_s = 1.0f / z_s;
-  }
-  bool first = true;
-  for (int64_t m = 0; m < count; ++m) {
-    const float* t = widen_row(rows[m], vocab, w.mix_widened);
-    const float top = row_max(t, vocab);
-    maxima[m] = top;
-    offsets[m] = -INFINITY;
-    w.mix_own_kl[m] = std::numeric_limits<float>::quiet_NaN();
-    const bool counts = std::isfinite(top) && log_weights[m] != -INFINITY;
-    if (!std::isfinite(top)) continue;
-    VFloat sum_acc{}, own_acc{};
-    for_lanes(vocab, [&](int64_t j, auto zero) {
-      using F = decltype(zero);
-      const F dt = (load<F>(t + j) - top) * inv_t;
-      const F value = fast_exp(dt);
-      if (counts || own_other) store(exps + j, value);
-      accumulate(sum_acc, value);
-      if (!own_other) {
-        const F ds = (load<F>(student + j) - student_top) * inv_t;
-        if (own_reverse) {
-          accumulate(own_acc, weighted(load<F>(student_exps + j), ds - dt));
-        } else {
-          accumulate(own_acc, weighted(value, dt - ds));
-        }
-      }
-    });
-    const float sum = horizontal_sum(sum_acc);
-    if (own_other) {
-      w.mix_own_kl[m] = own_divergence_sweep(t, top, exps, sum, student, student_top, student_exps, log_z_s, inv_z_s,
-                                             a);
-    } else if (own_reverse) {
-      w.mix_own_kl[m] = horizontal_sum(own_acc) * inv_z_s - log_z_s + std::log(sum);
-    } else {
-      w.mix_own_kl[m] = horizontal_sum(own_acc) / sum - std::log(sum);
-    }
-    if (!counts) continue;
-    offsets[m] = log_weights[m] - std::log(sum);
-    const float factor = std::exp(log_weights[m]) / sum;
-    for_lanes(vocab, [&](int64_t j, auto zero) {
-      using F = decltype(zero);
-      const F share = load<F>(exps + j) * factor;
-      store(mixed + j, first ? share : load<F>(mixed + j) + share);
-    });
-    first = false;
-  }
-  return !first;
+  if (!student_max_known) w.mix_student_max = row_max(s, a.vocab);
+  *last_step = !has_pending ? kMixNone : mixed_has_shares ? kMixAdd : kMixFirst;
+  return has_pending || mixed_has_shares;
 }
 
 // The last pass: the pending share joins the mixture row p_bar (kStep as the teacher passes), and the teacher row
@@ -274,21 +267,18 @@ template <typename TeacherT>
 const float* mixture_row(const TeacherT* const* rows, int64_t count, const float* log_weights, const DistillArgs& a,
                          Scratch& w, const float* student, bool own) {
   float maxima[kMaxMixedTeachers], offsets[kMaxMixedTeachers];
+  const int own_kind = !own ? kOwnNone
+                       : a.divergence == kForwardKL ? kOwnForward
+                       : a.divergence == kReverseKL ? kOwnReverse
+                                                    : kOwnOther;
   PendingShare pending;
   int step = kMixNone;
-  bool any = true;
-  if (own) {
-    any = mix_with_own_divergences(rows, count, log_weights, a, w, student, maxima, offsets);
-  } else {
-    step = mix_streamed(rows, count, log_weights, a, w, student, maxima, offsets, pending);
-    any = step != kMixNone;
-  }
+  const bool any = mix_teachers(rows, count, log_weights, a, w, student, own_kind, maxima, offsets, pending, &step);
   float* out = w.teacher.data();
   if (!any) {  // no teacher counts in this row: no mass anywhere, as a teacher row of -inf
     for (int64_t j = 0; j < a.vocab; ++j) w.exp_teacher[j] = 0.0f, out[j] = -INFINITY;
     return out;
   }
-  // The last teacher's share is still pending after its pass (the first alone: its whole mixture).
   if (step == kMixFirst) {
     finish_mixture<kMixFirst>(rows, count, maxima, offsets, pending, a, w);
   } else if (step == kMixAdd) {
