@@ -152,3 +152,18 @@ def teacher_divergences_in_kernel(rows_kernel, opts: LossOptions) -> bool:
     in its mixing call (`MixedTeachers.divergences`)."""
     fills = getattr(rows_kernel, "fills_teacher_divergences", None)
     return fills is not None and fills(opts)
+
+
+def average_runs_as_mixture(rows_kernel, opts: LossOptions) -> bool:
+    """Whether combine="average" runs as the mixture's one call. Under forward KL the average's gradient,
+    sum_m w_m (q - p_m) / T, is the mixture's (q - p_bar) / T (each row's weights sum to 1), and its value
+    sum_m w_m KL(p_m || q) is the weighted sum of the teachers' own divergences, which a kernel that writes them in its
+    mixing call gives: one call in place of one per teacher (`average_of_teacher_divergences`)."""
+    return opts.has_kd and opts.divergence == "forward_kl" and teacher_divergences_in_kernel(rows_kernel, opts)
+
+
+def average_of_teacher_divergences(divergences: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
+    """sum_m w_m D_m per row from [rows, M] divergences and log-weights; a teacher of weight 0 adds 0 (its own
+    divergence may be NaN: a row of -inf)."""
+    weights = log_weights.exp()
+    return torch.where(weights > 0, weights * divergences, 0.0).sum(-1)

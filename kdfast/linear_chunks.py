@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kdfast.dispatch import teacher_divergences_in_kernel
+from kdfast.dispatch import average_runs_as_mixture, teacher_divergences_in_kernel
 from kdfast.kernel_abi import PART_COLUMNS, SparseTargets
-from kdfast.linear_teachers import AveragedRows, ChunkTeachers, TeacherHeads
+from kdfast.linear_teachers import AverageAsMixture, AveragedRows, ChunkTeachers, TeacherHeads
 from kdfast.logit_maps import LogitMap
 from kdfast.options import LossOptions
 
@@ -191,9 +191,13 @@ def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted
     weight_t = gemm_weight(teacher.weight, teacher.dtype, buffers.teacher) if heads.dense_teacher else None
     several = None
     if isinstance(teacher, TeacherHeads):
+        as_mixture = teacher.combine == "average" and average_runs_as_mixture(rows_kernel, opts)
         several = ChunkTeachers(teacher, min(step, heads.rows), heads.vocab, device, gemm_weight,
-                                teacher.combine == "mixture" and teacher_divergences_in_kernel(rows_kernel, opts))
-        if teacher.combine == "average":
+                                teacher.combine == "mixture" and teacher_divergences_in_kernel(rows_kernel, opts),
+                                as_mixture)
+        if as_mixture:
+            rows_kernel = AverageAsMixture(rows_kernel)
+        elif teacher.combine == "average":
             rows_kernel = AveragedRows(rows_kernel)
     student_map = heads.student_map
     # Without a softcap the student's scale is a constant factor of its gradient: the kernel applies it with the

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kdfast.dispatch import average_of_teacher_divergences
 from kdfast.kernel_abi import PART_COLUMNS, PART_CORRECT, PART_ENTROPY, PART_KD, MixedTeachers
 from kdfast.options import LossOptions
 
@@ -45,13 +46,18 @@ class AveragedTeacherRows:
 
 
 class ChunkTeachers:
-    """The chunk's teacher input for the loss kernel, from `TeacherHeads`, with buffers allocated once per call."""
+    """The chunk's teacher input for the loss kernel, from `TeacherHeads`, with buffers allocated once per call.
+    `average_as_mixture`: combine="average" runs as the mixture's call (`dispatch.average_runs_as_mixture`), each
+    teacher's own divergence written by the kernel (into a buffer of the chunk's when no components are kept)."""
 
     def __init__(self, teachers: TeacherHeads, rows: int, vocab: int, device, weight_for,
-                 divergences_in_kernel: bool = False):
+                 divergences_in_kernel: bool = False, average_as_mixture: bool = False):
         self.teachers = teachers
+        self.average_as_mixture = average_as_mixture
         # The rows kernel writes each teacher's own divergence in the mixture's call (no call per teacher).
-        self.divergences_in_kernel = divergences_in_kernel and teachers.per_teacher is not None
+        self.divergences_in_kernel = (divergences_in_kernel or average_as_mixture) and teachers.per_teacher is not None
+        self.own_divergences = (torch.empty(rows, len(teachers.heads), dtype=torch.float32, device=device)
+                                if average_as_mixture and teachers.per_teacher is None else None)
         self.buffers = [torch.empty(rows, vocab, dtype=torch.float32, device=device) for _ in teachers.heads]
         self.chunks = None
         # Each head's weight as its GEMM writes float32 logits (kdfast.linear_chunks.gemm_weight), cast once.
@@ -62,11 +68,13 @@ class ChunkTeachers:
         self.chunks = chunks = [
             head.logit_map.apply_(logits_into(buffer[:count], head.hidden[rows], weight, head.bias))
             for head, weight, buffer in zip(teachers.heads, self.weights, self.buffers)]
-        if teachers.combine == "average":
+        if teachers.combine == "average" and not self.average_as_mixture:
             per_teacher = teachers.per_teacher[rows] if teachers.per_teacher is not None else None
             return AveragedTeacherRows([chunk.unsqueeze(0) for chunk in chunks], teachers.log_weights[rows].exp(),
                                        per_teacher)
         divergences = teachers.per_teacher[rows] if self.divergences_in_kernel else None
+        if self.own_divergences is not None:
+            divergences = self.own_divergences[:count]
         return MixedTeachers(tuple(chunk.unsqueeze(0) for chunk in chunks), teachers.log_weights[rows], divergences)
 
     def record_divergences(self, rows: slice, student, labels, scale, opts: LossOptions, rows_kernel) -> None:
@@ -78,6 +86,22 @@ class ChunkTeachers:
         for index, chunk in enumerate(self.chunks):
             parts = rows_kernel(student, chunk.unsqueeze(0), labels, scale, None, kd_only)
             self.teachers.per_teacher[rows, index] = parts[:, PART_KD]
+
+
+class AverageAsMixture:
+    """The loss kernel for combine="average" run as the mixture's call (`dispatch.average_runs_as_mixture`): its
+    gradient, and the KD part sum_m w_m KL(p_m || q) from each teacher's own divergence the kernel wrote."""
+
+    def __init__(self, rows_kernel):
+        self.rows_kernel = rows_kernel
+
+    def __call__(self, student, teachers: MixedTeachers, labels, scale, grad, opts: LossOptions):
+        parts = self.rows_kernel(student, teachers, labels, scale, grad, opts)
+        parts[:, PART_KD] = average_of_teacher_divergences(teachers.divergences, teachers.log_weights)
+        return parts
+
+    def reduce_hidden_grad(self, d_hidden):
+        return self.rows_kernel.reduce_hidden_grad(d_hidden)
 
 
 class AveragedRows:

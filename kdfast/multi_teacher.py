@@ -8,14 +8,20 @@ row in its own scratch (M exps and one log per column beside the student's exp; 
 Triton kernel at each read of the teacher (kernels/mixture.py); CUDA and torch mix a chunk of rows into
 T * log p_bar (`teacher_mixture.py`), logits whose softmax at T is p_bar, and run their single-teacher kernel on it:
 the divergence, the CE, the gradient, every numerical guard come with the kernel. "average" runs the single-teacher
-op once per teacher (and once for the CE) and weighs each row's divergence and gradient. One gradient [..., V] is
-kept for backward (the student's own storage with `inplace_backward=True` and the mixture)."""
+op once per teacher (and once for the CE) and weighs each row's divergence and gradient; under forward KL, where the
+kernel writes each teacher's own divergence, it is the mixture's one call (`dispatch.average_runs_as_mixture`). One
+gradient [..., V] is kept for backward (the student's own storage with `inplace_backward=True` and one call)."""
 
 from __future__ import annotations
 
 import torch
 
-from kdfast.dispatch import rows_kernel_for, teacher_divergences_in_kernel
+from kdfast.dispatch import (
+    average_of_teacher_divergences,
+    average_runs_as_mixture,
+    rows_kernel_for,
+    teacher_divergences_in_kernel,
+)
 from kdfast.kernel_abi import (
     MAX_MIXED_TEACHERS,
     PART_CE,
@@ -129,8 +135,9 @@ class MultiTeacherFunction(torch.autograd.Function):
         every_row = slice(0, rows)
         scale = reduction_scale(flat, rows, opts, num_items_in_batch, student.device)
         want_grad = ctx.needs_input_grad[0]
-        # The average's calls each read the student: only the mixture's one call can write over it.
-        in_place = want_grad and opts.inplace_backward and combine == "mixture"
+        one_call = combine == "mixture" or average_runs_as_mixture(kernel, opts.replace(vocab_size=None))
+        # The average's calls each read the student: only one call can write over it.
+        in_place = want_grad and opts.inplace_backward and one_call
         grad = (student if in_place else torch.empty_like(student)) if want_grad else None
         call = _ChunkCall(student, flat, scale, opts.replace(vocab_size=None, inplace_backward=False), width, grad,
                           kernel)
@@ -144,6 +151,9 @@ class MultiTeacherFunction(torch.autograd.Function):
                     per_teacher[:, index] = call.divergence(every_row, one)
             mixed = MixedTeachers(tuple(teacher_rows), log_weights, per_teacher if in_kernel else None)
             parts = call.run(every_row, mixed, call.opts)
+        elif one_call:  # the average under forward KL: the mixture's gradient, the teachers' own divergences weighed
+            parts = call.run(every_row, MixedTeachers(tuple(teacher_rows), log_weights, per_teacher), call.opts)
+            parts[:, PART_KD] = average_of_teacher_divergences(per_teacher, log_weights)
         else:
             parts = _average_chunk(call, every_row, teacher_rows, log_weights, opts, per_teacher, shares)
         if grad is not None and width < vocab:

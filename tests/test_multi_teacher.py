@@ -268,6 +268,53 @@ def test_the_cpu_kernel_streams_each_teacher_once_past_routed_away_teachers(dive
             torch.testing.assert_close(parts.teachers[..., index].double(), own, rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_forward_kl_average_is_one_mixing_call(monkeypatch, backend):
+    """combine="average" under forward KL on a kernel that writes each teacher's own divergence: one mixing call (no
+    single-teacher call), the loss, gradient and components of the float64 reference, in place too; a routed-away
+    teacher whose row is all -inf (its own divergence NaN) adds nothing; the linear form the same."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    from kdfast.backends import cpu_backend, triton_backend
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a single-teacher call ran")
+
+    monkeypatch.setattr(cpu_backend if backend == "cpu" else triton_backend, "forward_rows", refuse)
+    student, stacked, labels = make_inputs(3, seed=8)
+    weights = weights_for("rows", 3, seed=8)
+    settings = dict(combine="average", weights=weights, temperature=1.5, ce_weight=0.4, backend=backend)
+    parts = assert_matches_reference(student, stacked, labels, return_components=True, **settings)
+    assert parts.teachers.shape == (3,)
+    gradient = assert_matches_reference(student, stacked, labels, want="gradient", **settings)
+    in_place = student.clone().requires_grad_()
+    kdfast.multi_teacher_distill_loss(in_place, stacked, labels, inplace_backward=True, **settings).backward()
+    torch.testing.assert_close(in_place.grad, gradient)
+    assert in_place.grad.data_ptr() == in_place.data_ptr(), "one call writes the gradient over the logits"
+
+    routed = weights.clone()
+    routed[:, 1] = 0.0
+    empty = stacked.clone()
+    empty[1, 3] = -float("inf")  # teacher 1 has no mass in row 3, where its weight is 0
+    expected = kdfast.multi_teacher_distill_loss(student, stacked, labels, **{**settings, "weights": routed})
+    loss = kdfast.multi_teacher_distill_loss(student, empty, labels, **{**settings, "weights": routed})
+    assert torch.isfinite(loss) and torch.equal(loss, expected)
+
+    student_hidden, student_weight, hiddens, head_weights, biases, labels = linear_inputs(3)
+    for components in (False, True):
+        out = kdfast.linear_multi_teacher_distill_loss(student_hidden, student_weight, hiddens, head_weights, labels,
+                                                       teacher_bias=biases, combine="average", chunk_size=3,
+                                                       temperature=1.5, ce_weight=0.4, backend=backend,
+                                                       return_components=components)
+        loss = out[0] if components else out
+        student_logits = student_hidden.double() @ student_weight.double().t()
+        teachers = torch.stack([torch.nn.functional.linear(x.double(), y.double(), None if b is None else b.double())
+                                for x, y, b in zip(hiddens, head_weights, biases)])
+        expected = multi_teacher_distill_loss_reference(student_logits, teachers, labels, combine="average",
+                                                        temperature=1.5, ce_weight=0.4)
+        torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_inplace_backward_writes_the_mixtures_gradient_over_the_student():
     student, stacked, labels = make_inputs(3, seed=4)
     expected = assert_matches_reference(student, stacked, labels, want="gradient", ce_weight=0.5, temperature=2.0)
