@@ -45,73 +45,117 @@ RowStats row_references(const float* s, const float* t, const DistillArgs& a, co
   return st;
 }
 
+// What pass 1 sums beside the exps, as template flags: each loop instantiation keeps only its own accumulators in
+// registers and has no branch inside (with runtime flags GCC kept every accumulator and spilled some to the stack).
+enum ExpSums : int {
+  kSumForwardKl = 1,      // sum_j e_t (dt - ds): forward KL
+  kSumReverseKl = 2,      // sum_j e_s c_j: reverse KL
+  kSumCeSquares = 4,      // sum_j e_s^2: CE's sum at T = 2
+  kTeacherExpsGiven = 8,  // a mixture's p_bar in the teacher-exp row, not computed
+};
+
+template <int kSums>
+void tempered_exps(const float* s, const float* t, const DistillArgs& a, Scratch& w, const NextRow& next,
+                   const RowStats& st, float* sums) {
+  const float inv_t = a.inv_temperature;
+  float* es = w.exp_student.data();
+  float* et = w.exp_teacher.data();
+  const float rs = st.ref_s, rt = st.ref_t, tr = st.t_at_ref;
+  VFloat z_s_acc{}, z_t_acc{}, z_ce_acc{}, fkl_acc{}, rkl_acc{}, entropy_acc{};
+  for_lanes(a.vocab, [&](int64_t j, auto zero) {
+    using F = decltype(zero);
+    if (std::is_same_v<F, VFloat> && next.student != nullptr) {  // one 64-byte line per block and row
+      __builtin_prefetch(next.student + j * next.student_element_bytes, 0, 2);
+      __builtin_prefetch(next.teacher + j * next.teacher_element_bytes, 0, 2);
+    }
+    const F sj = load<F>(s + j), tj = load<F>(t + j);
+    const F ds = (sj - rs) * inv_t;
+    const F dt = (tj - rt) * inv_t;
+    // Both are centred on their row's max (a mixture's log p_bar is <= 0): no overflow clamps.
+    const F e_s = fast_exp_centred(ds);
+    F e_t;
+    if constexpr ((kSums & kTeacherExpsGiven) != 0) {
+      e_t = load<F>(et + j);
+    } else {
+      e_t = fast_exp_centred(dt);
+      store(et + j, e_t);
+    }
+    store(es + j, e_s);
+    accumulate(z_s_acc, e_s);
+    accumulate(z_t_acc, e_t);
+    accumulate(entropy_acc, weighted(e_s, ds));
+    // Centred on both maxima so that a constant offset between the models cannot cancel away digits.
+    if constexpr ((kSums & kSumForwardKl) != 0) accumulate(fkl_acc, weighted(e_t, dt - ds));
+    // Centred on r: c_r = 0 exactly, and c_j is a difference of logit differences.
+    if constexpr ((kSums & kSumReverseKl) != 0) accumulate(rkl_acc, weighted(e_s, ((sj - rs) - (tj - tr)) * inv_t));
+    if constexpr ((kSums & kSumCeSquares) != 0) accumulate(z_ce_acc, e_s * e_s);  // exp(s - m) = exp((s - m) / 2)^2
+  });
+  sums[0] = horizontal_sum(z_s_acc), sums[1] = horizontal_sum(z_t_acc), sums[2] = horizontal_sum(z_ce_acc);
+  sums[3] = horizontal_sum(fkl_acc), sums[4] = horizontal_sum(rkl_acc), sums[5] = horizontal_sum(entropy_acc);
+}
+
+// The runtime flags to one instantiation of tempered_exps (forward and reverse KL never both).
+template <int kSums>
+void tempered_exps_with(int flags, const float* s, const float* t, const DistillArgs& a, Scratch& w,
+                        const NextRow& next, const RowStats& st, float* sums) {
+  if constexpr (kSums == 0) {
+    switch (flags & ~kTeacherExpsGiven) {
+      case kSumForwardKl: return tempered_exps_with<kSumForwardKl>(flags, s, t, a, w, next, st, sums);
+      case kSumReverseKl: return tempered_exps_with<kSumReverseKl>(flags, s, t, a, w, next, st, sums);
+      case kSumCeSquares: return tempered_exps_with<kSumCeSquares>(flags, s, t, a, w, next, st, sums);
+      case kSumForwardKl | kSumCeSquares:
+        return tempered_exps_with<kSumForwardKl | kSumCeSquares>(flags, s, t, a, w, next, st, sums);
+      case kSumReverseKl | kSumCeSquares:
+        return tempered_exps_with<kSumReverseKl | kSumCeSquares>(flags, s, t, a, w, next, st, sums);
+      default: break;  // none of them
+    }
+  }
+  if ((flags & kTeacherExpsGiven) != 0) return tempered_exps<kSums | kTeacherExpsGiven>(s, t, a, w, next, st, sums);
+  return tempered_exps<kSums>(s, t, a, w, next, st, sums);
+}
+
 // Pass 1: the exps into scratch, their sums, the KL sums and sum_j e_j d_j for the student's entropy (at T with a
 // divergence, from the tempered exps; for CE alone at T = 1, from CE's own).
 void exp_pass(const float* s, const float* t, const DistillArgs& a, Scratch& w, const NextRow& next, RowStats& st) {
   const int64_t vocab = a.vocab;
   const float inv_t = a.inv_temperature;
-  float* es = w.exp_student.data();
-  float* et = w.exp_teacher.data();
   float* ec = w.exp_ce.data();
-  VFloat z_s_acc{}, z_t_acc{}, z_ce_acc{}, fkl_acc{}, rkl_acc{}, entropy_acc{};
+  float sums[6] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};  // z_s, z_t, z_ce, forward KL, reverse KL, entropy
   const bool ce_from_tempered = a.has_ce && a.has_kd && (a.temperature_power == 1 || a.temperature_power == 2);
   if (a.has_kd) {
-    const float rs = st.ref_s, rt = st.ref_t, tr = st.t_at_ref;
-    const bool want_fkl = a.divergence == kForwardKL, want_rkl = a.divergence == kReverseKL;
-    const bool ce_squared = a.has_ce && a.temperature_power == 2;
-    const bool teacher_exps_given = a.mix_count > 0;  // p_bar, against the reference 0
-    for_lanes(vocab, [&](int64_t j, auto zero) {
-      using F = decltype(zero);
-      if (std::is_same_v<F, VFloat> && next.student != nullptr) {  // one 64-byte line per block and row
-        __builtin_prefetch(next.student + j * next.student_element_bytes, 0, 2);
-        __builtin_prefetch(next.teacher + j * next.teacher_element_bytes, 0, 2);
-      }
-      const F sj = load<F>(s + j), tj = load<F>(t + j);
-      const F ds = (sj - rs) * inv_t;
-      const F dt = (tj - rt) * inv_t;
-      const F e_s = fast_exp(ds);
-      F e_t;
-      if (teacher_exps_given) {
-        e_t = load<F>(et + j);
-      } else {
-        e_t = fast_exp(dt);
-        store(et + j, e_t);
-      }
-      store(es + j, e_s);
-      accumulate(z_s_acc, e_s);
-      accumulate(z_t_acc, e_t);
-      accumulate(entropy_acc, weighted(e_s, ds));
-      // Centred on both maxima so that a constant offset between the models cannot cancel away digits.
-      if (want_fkl) accumulate(fkl_acc, weighted(e_t, dt - ds));
-      // Centred on r: c_r = 0 exactly, and c_j is a difference of logit differences.
-      if (want_rkl) accumulate(rkl_acc, weighted(e_s, ((sj - rs) - (tj - tr)) * inv_t));
-      if (ce_squared) accumulate(z_ce_acc, e_s * e_s);  // exp(s - m) = exp((s - m) / 2)^2
-    });
+    const int flags = (a.divergence == kForwardKL ? kSumForwardKl : 0) |
+                      (a.divergence == kReverseKL ? kSumReverseKl : 0) |
+                      (a.has_ce && a.temperature_power == 2 ? kSumCeSquares : 0) |
+                      (a.mix_count > 0 ? kTeacherExpsGiven : 0);  // p_bar, against the reference 0
+    tempered_exps_with<0>(flags, s, t, a, w, next, st, sums);
   }
+  VFloat z_ce_acc{}, entropy_acc{};
   if (a.has_ce && !ce_from_tempered) {
     const float rc = st.ref_ce;
     const bool ce_alone = !a.has_kd;  // the entropy is then CE's, at T = 1
     for_lanes(vocab, [&](int64_t j, auto zero) {
       using F = decltype(zero);
       const F d = load<F>(s + j) - rc;
-      const F e = fast_exp(d);
+      const F e = fast_exp_centred(d);
       store(ec + j, e);
       accumulate(z_ce_acc, e);
       if (ce_alone) accumulate(entropy_acc, weighted(e, d));
     });
+    sums[2] = horizontal_sum(z_ce_acc);
+    if (ce_alone) sums[5] = horizontal_sum(entropy_acc);
   }
-  const float z_s = horizontal_sum(z_s_acc), z_t = horizontal_sum(z_t_acc);
-  const float z_ce = (ce_from_tempered && a.temperature_power == 1) ? z_s : horizontal_sum(z_ce_acc);
+  const float z_s = sums[0], z_t = sums[1];
+  const float z_ce = (ce_from_tempered && a.temperature_power == 1) ? z_s : sums[2];
   st.log_z_s = std::log(z_s);
   st.log_z_t = std::log(z_t);
   st.inv_z_s = 1.0f / z_s;
   st.inv_z_t = 1.0f / z_t;
   st.log_z_ce = std::log(z_ce);
   st.inv_z_ce = 1.0f / z_ce;
-  st.forward_kl = horizontal_sum(fkl_acc) * st.inv_z_t - st.log_z_t + st.log_z_s;
-  st.centred = horizontal_sum(rkl_acc) * st.inv_z_s;
+  st.forward_kl = sums[3] * st.inv_z_t - st.log_z_t + st.log_z_s;
+  st.centred = sums[4] * st.inv_z_s;
   st.rkl_offset = (st.ref_t - st.t_at_ref) * inv_t - st.log_z_s + st.log_z_t;
-  const float entropy_sum = horizontal_sum(entropy_acc);
+  const float entropy_sum = sums[5];
   if (a.has_kd) {
     st.entropy = entropy_from_sums(st.log_z_s, st.inv_z_s, entropy_sum);
   } else if (a.has_ce) {
