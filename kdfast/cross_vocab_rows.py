@@ -149,8 +149,34 @@ def _mapped_chunk(student_logits, teacher_logits, labels, scale, grad, opts: Los
     sparse = SparseOptions(**{name: getattr(opts, name) for name in LossOptions.FIELD_NAMES}, tail="bucket")
     targets = SparseTargets(vocab_map.student_ids.expand(1, count, matched),
                             log_p.index_select(1, vocab_map.teacher_ids).unsqueeze(0))
-    return device_rows(sparse, student_logits.device)(student_logits.unsqueeze(0), targets, labels, scale, grad_rows,
-                                                      sparse)
+    parts = device_rows(sparse, student_logits.device)(student_logits.unsqueeze(0), targets, labels, scale,
+                                                       grad_rows, sparse)
+    if matched == student_logits.shape[-1] and opts.has_kd:
+        parts[:, PART_KD] += _lone_teacher_rest_term(targets.logprobs[0], labels, opts)
+    return parts
+
+
+def _lone_teacher_rest_term(matched_log_p, labels, opts: LossOptions) -> torch.Tensor:
+    """The divergence's term of the teacher's rest where the student matches every column, so that its own rest is
+    empty (Q_r = 0): the sparse algebra drops a rest no student bucket meets (there it is the rounding of ids that
+    cover the row), but a map's teacher holds real mass off the map. A constant in the student's logits (no
+    gradient): JSD(beta) -beta P_r log beta, skew forward KL -P_r log beta, TVD P_r / 2, the reverse KLs 0 (q log q
+    at q = 0); forward KL is refused for such a map (infinite)."""
+    rest = (1.0 - matched_log_p.double().exp().sum(-1)).clamp(min=0.0)
+    divergence, beta = opts.effective_divergence, opts.beta
+    if divergence == Divergence.JSD:
+        term = -beta * math.log(beta) * rest
+    elif divergence == Divergence.SKEW_FORWARD_KL:
+        term = -math.log(beta) * rest
+    elif divergence == Divergence.TVD:
+        term = 0.5 * rest
+    else:
+        term = torch.zeros_like(rest)
+    if labels is not None:
+        term = torch.where(labels == opts.ignore_index, 0.0, term)
+    return term.float()
+
+
 
 
 def _fused_mapped_kl(student_logits, teacher_logits, labels, scale, grad, opts: LossOptions, plan: CrossVocabPlan):

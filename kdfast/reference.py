@@ -290,6 +290,8 @@ def cross_vocab_distill_loss_reference(student_logits, teacher_logits, labels=No
     if method == "mapped":
         def buckets(log_probs, ids):
             picked = log_probs[..., ids]
+            if ids.numel() == log_probs.shape[-1]:  # every column matched: the rest is empty, not 1 - sum's rounding
+                return torch.cat([picked, torch.full_like(picked[..., :1], -math.inf)], dim=-1)
             rest = torch.log1p(-picked.exp().sum(-1, keepdim=True).clamp(max=1.0))
             return torch.cat([picked, rest], dim=-1)
 
