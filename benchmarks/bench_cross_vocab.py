@@ -4,9 +4,12 @@ and the teacher's logits read once, the gradient written once).
 
 Same inputs, one process; medians of interleaved rounds and ratios; each contender's result is checked against
 TRL's (or the float64 reference) before it is timed. CPU default: 512 aligned rows, V_s = 32000, V_t = 40000, a
-map of 24000 shared tokens (--full: 2048 rows, 5 rounds).
+map of 24000 shared tokens (--full: 2048 rows, 5 rounds). On a GPU (--device cuda): the same contenders on the
+device (triton.testing.do_bench medians), "mapped" on its Triton kernel and, beside it, on the torch backend (the
+teacher's log-softmax and its gathered copy per chunk, then the sparse algebra in torch).
 
     python benchmarks/bench_cross_vocab.py [--full] [--rows N --student-vocab V --teacher-vocab V --repeats R]
+                                           [--device cuda]
 """
 
 from __future__ import annotations
@@ -62,15 +65,17 @@ def trl_uld(student_vocab, teacher_vocab, hybrid: bool):
 
 
 IN_PLACE = "kdfast mapped (inplace_backward)"
+TORCH_MAPPED = "kdfast mapped (torch backend)"
 
 
-def contenders(args):
+def contenders(args, device):
     generator = torch.Generator().manual_seed(0)
-    student = torch.randn(args.rows, args.student_vocab, generator=generator) * 2
-    teacher = torch.randn(args.rows, args.teacher_vocab, generator=generator) * 2
+    student = (torch.randn(args.rows, args.student_vocab, generator=generator) * 2).to(device)
+    teacher = (torch.randn(args.rows, args.teacher_vocab, generator=generator) * 2).to(device)
     student_vocab, teacher_vocab = vocabularies(args)
     vocab_map = kdfast.VocabMap.from_tokenizers(student_vocab, teacher_vocab)
-    positions = torch.zeros(1, args.rows, dtype=torch.int64)  # one sample, every position an answer token
+    # one sample, every position an answer token
+    positions = torch.zeros(1, args.rows, dtype=torch.int64, device=device)
 
     def trl(hybrid):
         loss_fn = trl_uld(student_vocab, teacher_vocab, hybrid)
@@ -89,6 +94,8 @@ def contenders(args):
     losses = {"TRL ULDLoss (uld)": trl(False), "kdfast uld": ours("uld"), "TRL ULDLoss (hybrid)": trl(True),
               "kdfast hybrid": ours("hybrid"), "kdfast mapped": ours("mapped"),
               IN_PLACE: ours("mapped", inplace_backward=True)}
+    if device.type == "cuda":
+        losses[TORCH_MAPPED] = ours("mapped", backend="torch")
     check(losses, student, teacher, vocab_map)
     # The in-place contender overwrites its logits with the gradient on every call (the same work each time);
     # re-filling them is the caller's next forward, not the loss's.
@@ -110,6 +117,8 @@ def check(losses, student, teacher, vocab_map):
         if abs(a - b) > 1e-4 * max(1.0, abs(b)):
             raise SystemExit(f"{ours} ({a}) disagrees with {theirs} ({b}): not timing it")
     mapped = float(losses["kdfast mapped"](student))
+    if TORCH_MAPPED in losses and abs(float(losses[TORCH_MAPPED](student)) - mapped) > 1e-4 * max(1.0, abs(mapped)):
+        raise SystemExit(f"{TORCH_MAPPED} disagrees with kdfast mapped: not timing them")
     if float(losses[IN_PLACE](student)) != mapped:
         raise SystemExit(f"{IN_PLACE} disagrees with kdfast mapped: not timing it")
     truth = float(cross_vocab_distill_loss_reference(student, teacher, vocab_map=vocab_map, method="mapped",
@@ -120,10 +129,11 @@ def check(losses, student, teacher, vocab_map):
 
 def run(args) -> list[dict]:
     console = Console(width=max(120, Console().width))
-    device, env = torch.device("cpu"), environment(torch.device("cpu"))
-    methods, student, teacher, vocab_map = contenders(args)
-    source, target = torch.cat([student, teacher], dim=1), torch.empty(args.rows, args.student_vocab * 2 +
-                                                                       args.teacher_vocab)
+    device = torch.device(args.device)
+    env = environment(device)
+    methods, student, teacher, vocab_map = contenders(args, device)
+    source = torch.cat([student, teacher], dim=1)
+    target = torch.empty(args.rows, args.student_vocab * 2 + args.teacher_vocab, device=device)
     methods["copy"] = lambda: target[:, :source.shape[1]].copy_(source)
     console.print(f"[dim]timing {len(methods) - 1} contenders and a copy, {args.repeats} rounds...[/dim]")
     medians = time_methods(methods, device, args.repeats, warmup=1)
@@ -156,6 +166,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher-vocab", type=int, default=40000)
     parser.add_argument("--shared", type=int, default=24000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu (the default) or cuda")
 
 
 def main(argv=None):

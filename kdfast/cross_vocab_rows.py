@@ -3,8 +3,9 @@ form (`linear_cross_vocab.py`): they differ only in where a chunk of rows' logit
 goes, a `RowSource` (`LogitRows` here: rows of a logits tensor; `HeadRows` there: a GEMM of hidden rows).
 
 Per chunk of loss rows (aligned groups, or rows 0..N-1 without an alignment): "mapped" hands the student's rows and
-the teacher's log-probs at the matched columns to the sparse rows kernel of the backend; "uld" and "hybrid" take the
-CE family from the dense rows kernel (kd_weight 0) and the GOLD terms of `kdfast.uld` with autograd on the chunk.
+the teacher's log-probs at the matched columns to the sparse rows kernel of the backend (forward KL on the CPU and
+every divergence on Triton: a pass of their own, reading the teacher's rows through the map); "uld" and "hybrid" take
+the CE family from the dense rows kernel (kd_weight 0) and the GOLD terms of `kdfast.uld` with autograd on the chunk.
 A group of merged tokens (`kdfast.alignment`) multiplies its base row's probabilities by its other tokens'
 probabilities: their log-probs are summed into a log-mass per group before the loop; the loop yields d loss / d
 log-mass, and a last pass over the merged tokens' rows turns it into their gradient."""
@@ -12,12 +13,12 @@ log-mass, and a last pass over the merged tokens' rows turns it into their gradi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from kdfast.alignment import SideRows, TokenAlignment
-from kdfast.dispatch import device_rows
+from kdfast.dispatch import device_rows, resolve_backend
 from kdfast.kernel_abi import PART_COLUMNS, PART_ENTROPY, PART_KD, Divergence, SparseTargets
 from kdfast.options import LossOptions
 from kdfast.reduction import PART_MATCHED, PART_SPLIT_COLUMNS
@@ -73,6 +74,20 @@ class CrossVocabPlan:
     chunk_rows: int | None = None  # None: from CHUNK_ELEMENTS
     rest: tuple | None = None  # "mapped": the unmatched columns of the student and the teacher (`unmatched_columns`)
     native: bool = False  # the C++ passes run (CPU tensors, the extension built)
+    tables: dict = field(default_factory=dict, compare=False)  # `mapped_tables`, made once a forward
+
+
+def mapped_tables(plan: CrossVocabPlan, student_vocab: int, teacher_vocab: int, device) -> tuple:
+    """The map as the Triton "mapped" kernel reads it: each student column's teacher column (int32 [V_s], -1 off the
+    map), 1 at the teacher's unmatched columns (int8 [V_t]), and whether every student column is matched."""
+    if "mapped" not in plan.tables:
+        vocab_map = plan.vocab_map
+        teacher_column = torch.full((student_vocab,), -1, dtype=torch.int32, device=device)
+        teacher_column[vocab_map.student_ids] = vocab_map.teacher_ids.to(device=device, dtype=torch.int32)
+        teacher_unmatched = torch.ones(teacher_vocab, dtype=torch.int8, device=device)
+        teacher_unmatched[vocab_map.teacher_ids] = 0
+        plan.tables["mapped"] = (teacher_column, teacher_unmatched, vocab_map.matched == student_vocab)
+    return plan.tables["mapped"]
 
 
 def unmatched_columns(vocab_map, student_vocab: int, teacher_vocab: int, device) -> tuple:
@@ -98,7 +113,8 @@ def cross_vocab_parts(student, teacher, labels, scale, opts: LossOptions, plan: 
     student_mass = _log_mass(student, alignment.student, rows, plan.terms.student_temperature) if merges else None
     teacher_mass = _log_mass(teacher, alignment.teacher, rows, plan.teacher_temperature) if merges else None
     mass_grad = torch.zeros(rows, device=device) if merges and want_grad else None
-    fused_mapped_kl = plan.method == "mapped" and fuses_mapped_kl(opts, plan)  # reads a row, then writes it
+    # A pass that reads each row wholly before writing its gradient may write over the logits (inplace_backward).
+    one_pass_mapped = plan.method == "mapped" and (fuses_mapped_kl(opts, plan) or runs_triton_mapped(opts, device))
     for span in chunks(rows, max(student.width, teacher.width), plan.chunk_rows):
         student_index = span if alignment is None else alignment.student.base[span]
         teacher_index = span if alignment is None else alignment.teacher.base[span]
@@ -106,7 +122,7 @@ def cross_vocab_parts(student, teacher, labels, scale, opts: LossOptions, plan: 
         chunk_labels = labels[span] if labels is not None else None
         student_logits = student.read(student_index)
         teacher_logits = teacher.read(teacher_index)
-        grad = student.grad_buffer(student_index, count, may_overwrite=fused_mapped_kl) if want_grad else None
+        grad = student.grad_buffer(student_index, count, may_overwrite=one_pass_mapped) if want_grad else None
         if plan.method == "mapped":
             parts[span] = _mapped_chunk(student_logits, teacher_logits, chunk_labels, scale, grad, opts, plan)
         else:
@@ -134,14 +150,22 @@ def fuses_mapped_kl(opts: LossOptions, plan: CrossVocabPlan) -> bool:
             and bool(plan.rest[0].numel()))
 
 
+def runs_triton_mapped(opts: LossOptions, device) -> bool:
+    """Whether method "mapped" runs on the Triton kernel (`_triton_mapped`): where the sparse rows would."""
+    return resolve_backend(opts.backend, device, sparse=True) == "triton"
+
+
 def _mapped_chunk(student_logits, teacher_logits, labels, scale, grad, opts: LossOptions, plan: CrossVocabPlan):
     """The sparse rows kernel on the chunk, the teacher's log-probs at T_t gathered at the matched columns; forward KL
-    on the CPU in one C++ pass (`_fused_mapped_kl`). With an alignment it compares the groups' base rows (a
-    divergence needs normalised rows: no merges)."""
+    on the CPU in one C++ pass (`_fused_mapped_kl`), every divergence on Triton in one program per row
+    (`_triton_mapped`). With an alignment it compares the groups' base rows (a divergence needs normalised rows: no
+    merges)."""
     vocab_map = plan.vocab_map
     grad_rows = grad.unsqueeze(0) if grad is not None else None
     if fuses_mapped_kl(opts, plan):
         return _fused_mapped_kl(student_logits, teacher_logits, labels, scale, grad, opts, plan)
+    if runs_triton_mapped(opts, student_logits.device):
+        return _triton_mapped(student_logits, teacher_logits, labels, scale, grad, opts, plan)
     count, matched = student_logits.shape[0], vocab_map.matched
     teacher = teacher_logits.float()
     log_p = torch.log_softmax(teacher / plan.teacher_temperature if plan.teacher_temperature != 1.0 else teacher,
@@ -177,8 +201,6 @@ def _lone_teacher_rest_term(matched_log_p, labels, opts: LossOptions) -> torch.T
     return term.float()
 
 
-
-
 def _fused_mapped_kl(student_logits, teacher_logits, labels, scale, grad, opts: LossOptions, plan: CrossVocabPlan):
     """Forward KL and CE in one C++ pass per row (csrc/cpu/mapped_rows.cpp): the teacher's rest mass P_r spread over
     the student's unmatched columns as the student spreads its own, target_j = P_r q_j / Q_r, makes the bucket KL a
@@ -191,6 +213,23 @@ def _fused_mapped_kl(student_logits, teacher_logits, labels, scale, grad, opts: 
         teacher_logits.float().contiguous(), student_logits.float().contiguous(), plan.vocab_map.student_ids,
         plan.vocab_map.teacher_ids, *plan.rest, labels, into, opts.ignore_index, settings)
     if into is not grad:  # a 16-bit gradient, or rows with a stride (in place): the pass wrote float32 rows
+        grad.copy_(into)
+    return parts
+
+
+def _triton_mapped(student_logits, teacher_logits, labels, scale, grad, opts: LossOptions, plan: CrossVocabPlan):
+    """Every divergence in one Triton program per row (kernels/mapped.py): the teacher's dense row read through the
+    map, its matched columns streamed block by block (the sparse kernel holds its K ids as one block, and a map's
+    K ~ V fits no GPU's registers); no log-softmax of the teacher or gathered copy is written."""
+    from kdfast.kernels.mapped import mapped_forward_rows
+
+    student, teacher = (logits if logits.stride(-1) == 1 else logits.contiguous()
+                        for logits in (student_logits, teacher_logits))
+    tables = mapped_tables(plan, student.shape[-1], teacher.shape[-1], student.device)
+    direct = grad is None or grad.stride(-1) == 1
+    into = grad if direct else torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+    parts = mapped_forward_rows(student, teacher, tables, labels, scale, into, opts, plan.teacher_temperature)
+    if into is not grad:
         grad.copy_(into)
     return parts
 

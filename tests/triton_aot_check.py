@@ -1,5 +1,6 @@
-"""Compiles the Triton kernels (a dense teacher's and a sparse one's) ahead of time for real GPUs and reports what
-ptxas says; run without TRITON_INTERPRET (the interpreter replaces the kernels). Prints one JSON line per variant.
+"""Compiles the Triton kernels (a dense teacher's, a sparse one's, and that of a teacher of another vocabulary read
+through a map) ahead of time for real GPUs and reports what ptxas says; run without TRITON_INTERPRET (the interpreter
+replaces the kernels). Prints one JSON line per variant.
 
     python tests/triton_aot_check.py
 """
@@ -18,7 +19,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from kdfast.kernel_abi import Divergence
-from kdfast.kernels import distill, sparse
+from kdfast.kernels import distill, mapped, sparse
 
 POINTER_TYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 FLOAT_ARGS = {"inv_t", "beta", "log_beta", "log_1m_beta", "kd_scale", "ce_weight", "label_smoothing",
@@ -36,6 +37,8 @@ def compile_kernel(dtype: str, capability: int, num_warps: int, kernel=distill.d
             signature[name] = POINTER_TYPES[dtype]
         elif name in ("labels_ptr", "ids_ptr", "mix_offsets_ptr"):
             signature[name] = "*i64"
+        elif name in ("column_ptr", "unmatched_ptr"):  # a map's tables: int32 teacher columns, an int8 mask
+            signature[name] = "*i32" if name == "column_ptr" else "*i8"
         elif name.endswith("_ptr"):
             signature[name] = "*fp32"
         else:
@@ -78,6 +81,11 @@ SHARD_FLAGS = [dict(PHASE=1, HAS_KD=True, HAS_CE=True, CE_FROM_TEMPERED=True, HA
                     NEEDS_LABELS=True, SMOOTH=False)]
 
 
+# A teacher of another vocabulary through a map (kernels/mapped.py), fused: forward KL's branch and the scores'.
+MAPPED_CHECKED = (Divergence.FORWARD_KL, Divergence.JSD)
+MAPPED_FLAGS = dict(HAS_KD=True, HAS_CE=True, CE_FROM_TEMPERED=False, HAS_LABELS=True, WRITE_GRAD=True,
+                    COVERED=False, MAPPED=1)
+
 # Each mixed teacher's own divergence: its three branches in the loss pass (forward KL, reverse KL, the others').
 OWN_CHECKED = (Divergence.FORWARD_KL, Divergence.REVERSE_KL, Divergence.JSD)
 
@@ -97,12 +105,16 @@ def variants():
         for flags in [FUSED_FLAGS[0], *SHARD_FLAGS]:
             write_grad = flags["WRITE_GRAD"] and not (flags["PHASE"] == 2 and divergence != 0)
             yield capability, divergence, "bf16", dict(flags, WRITE_GRAD=write_grad, TAIL=1, BLOCK_K=64)
+        if divergence in MAPPED_CHECKED:
+            yield capability, divergence, "bf16", MAPPED_FLAGS
 
 
 def report(variant) -> str:
     capability, divergence, dtype, flags = variant
     block_v, num_warps = distill.launch_config(128_256)
     kernel = sparse.sparse_fwd_kernel if "TAIL" in flags else distill.distill_fwd_kernel
+    if flags.get("MAPPED"):
+        kernel, flags = mapped.mapped_fwd_kernel, {k: v for k, v in flags.items() if k != "MAPPED"}
     if kernel is distill.distill_fwd_kernel:
         flags = {"MIX_TEACHERS": 0, "OWN_KL": 0, "OWN_BLOCK": 1, **flags}
     compiled = compile_kernel(dtype, capability, num_warps, kernel, DIVERGENCE=divergence, BLOCK_V=block_v, **flags)
