@@ -6,7 +6,8 @@ Same inputs, one process; medians of interleaved rounds and ratios; each contend
 TRL's (or the float64 reference) before it is timed. CPU default: 512 aligned rows, V_s = 32000, V_t = 40000, a
 map of 24000 shared tokens (--full: 2048 rows, 5 rounds). On a GPU (--device cuda): the same contenders on the
 device (triton.testing.do_bench medians), "mapped" on its Triton kernel and, beside it, on the torch backend (the
-teacher's log-softmax and its gathered copy per chunk, then the sparse algebra in torch).
+teacher's log-softmax and its gathered copy per chunk, then the sparse algebra in torch) and on the CUDA backend
+(that gathered copy, then the CUDA sparse kernel).
 
     python benchmarks/bench_cross_vocab.py [--full] [--rows N --student-vocab V --teacher-vocab V --repeats R]
                                            [--device cuda]
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or t
 from bench_distill import environment, parse_benchmark_args, time_methods, write_csv  # noqa: E402
 
 import kdfast  # noqa: E402
+from kdfast.native_build import cuda_extension_or_none  # noqa: E402
 from kdfast.reference import cross_vocab_distill_loss_reference  # noqa: E402
 
 FULL_SETTINGS = {"rows": 2048, "repeats": 5}
@@ -66,6 +68,7 @@ def trl_uld(student_vocab, teacher_vocab, hybrid: bool):
 
 IN_PLACE = "kdfast mapped (inplace_backward)"
 TORCH_MAPPED = "kdfast mapped (torch backend)"
+CUDA_MAPPED = "kdfast mapped (cuda backend)"
 
 
 def contenders(args, device):
@@ -96,6 +99,8 @@ def contenders(args, device):
               IN_PLACE: ours("mapped", inplace_backward=True)}
     if device.type == "cuda":
         losses[TORCH_MAPPED] = ours("mapped", backend="torch")
+        if cuda_extension_or_none() is not None:  # the CUDA sparse kernel over the map's ascending ids
+            losses[CUDA_MAPPED] = ours("mapped", backend="cuda")
     check(losses, student, teacher, vocab_map)
     # The in-place contender overwrites its logits with the gradient on every call (the same work each time);
     # re-filling them is the caller's next forward, not the loss's.
@@ -117,8 +122,9 @@ def check(losses, student, teacher, vocab_map):
         if abs(a - b) > 1e-4 * max(1.0, abs(b)):
             raise SystemExit(f"{ours} ({a}) disagrees with {theirs} ({b}): not timing it")
     mapped = float(losses["kdfast mapped"](student))
-    if TORCH_MAPPED in losses and abs(float(losses[TORCH_MAPPED](student)) - mapped) > 1e-4 * max(1.0, abs(mapped)):
-        raise SystemExit(f"{TORCH_MAPPED} disagrees with kdfast mapped: not timing them")
+    for other in (TORCH_MAPPED, CUDA_MAPPED):
+        if other in losses and abs(float(losses[other](student)) - mapped) > 1e-4 * max(1.0, abs(mapped)):
+            raise SystemExit(f"{other} disagrees with kdfast mapped: not timing them")
     if float(losses[IN_PLACE](student)) != mapped:
         raise SystemExit(f"{IN_PLACE} disagrees with kdfast mapped: not timing it")
     truth = float(cross_vocab_distill_loss_reference(student, teacher, vocab_map=vocab_map, method="mapped",

@@ -10,8 +10,8 @@
 # the CUDA kernel mixing them in its own passes, the average, a loop of single-teacher calls and eager torch, at M=3
 # N=8192 V=128256 bf16 logits, and the fused linear form with M=2 teachers, H 2048 and 4096, N=8192 H_s=2048; about
 # 1 to 2 minutes); a teacher of another vocabulary (bench_cross_vocab.py, 2048 aligned rows, V_s 32000, V_t 40000:
-# "mapped" on its Triton kernel against the torch backend, uld and hybrid against TRL's ULDLoss; under a minute); then
-# the GPU tests of these paths. Results: benchmarks/results/ (and $OUT, when the device tool runs it). About 15
+# "mapped" on its Triton kernel against the torch and CUDA backends, uld and hybrid against TRL's ULDLoss; under a
+# minute); then the GPU tests of these paths. Results: benchmarks/results/ (and $OUT, when the device tool runs it). About 15
 # minutes in all with the build; where one command may run 10 minutes at most, split it:
 # STEPS="linear chunks precision trl" then STEPS="small step kernels multi cross tests" (the kernels' build is cached
 # between the two on the same machine).
@@ -42,7 +42,7 @@ if want tests; then
   timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider -p no:benchmark -n "${TEST_WORKERS:-8}" \
     tests/test_cuda_step.py tests/test_fp32_logits.py tests/test_linear_loss.py tests/test_cuda_backend.py \
     tests/test_numerics.py tests/test_multi_teacher.py tests/test_triton_mixture.py tests/test_cuda_mixture.py \
-    tests/test_triton_mapped.py tests/test_cross_vocab.py -rfE 2>&1 | tail -n 60 \
+    tests/test_triton_mapped.py tests/test_cross_vocab.py tests/test_sparse_loss.py -rfE 2>&1 | tail -n 60 \
     | tee -a "$LOGS/gpu_linear_check.txt" || status=1
 fi
 [ -L kdfast/kernels ] && rm kdfast/kernels

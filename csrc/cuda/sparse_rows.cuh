@@ -2,7 +2,8 @@
 // math in PyTorch), one block per row, in any phase. Each row's K (id, log-prob) pairs and what the kernel derives
 // from them live in a workspace of sparse_workspace_floats(rows, K) floats (global memory: K may be large).
 //   groups   each entry's column's first entry (an id listed twice is two buckets of one column; K^2 / threads
-//            comparisons, in the workspace)
+//            comparisons, in the workspace), none where the held ids ascend (a vocabulary map's do): each column is
+//            then held once
 //   pass 0   FUSED / STATS: the row's max                                                   read row
 //   pass 1   the tempered exps' sum in float64, and the same exps at the distinct ids, so that the student's mass
 //            outside the ids is their difference to float64's precision; CE's sum; the entropy's  read row
@@ -69,9 +70,11 @@ __device__ __forceinline__ IdArrays id_arrays(float* row_workspace) {
 }
 
 // Per entry k, the sum of `values` over the entries of its column: the first's value plus each further one's and
-// `extra` (a lone entry keeps its value bit for bit; every entry of a column gets the same float).
+// `extra` (a lone entry keeps its value bit for bit; every entry of a column gets the same float). `distinct`: every
+// column is held once, so the entry is its column's only one.
 __device__ __forceinline__ float column_sum(const IdArrays& sh, int64_t k_count, int64_t k, const IdArray& values,
-                                            float extra) {
+                                            float extra, bool distinct) {
+  if (distinct) return values[k];
   float sum = 0.0f;
 #pragma unroll 1
   for (int64_t j = 0; j < k_count; ++j) {
@@ -134,10 +137,21 @@ __global__ void __launch_bounds__(kThreads, 4) sparse_row_kernel(const Launch L)
   __shared__ float s_label;
   if (threadIdx.x == 0) s_label = in_range ? load1(p.s + lab.column) : 0.0f;
   __syncthreads();  // the label's logit and the ids' are read before any thread writes the gradient over the logits
+  // Held ids in strictly ascending columns, padding and other shards' ids only after them (a vocabulary map's
+  // ids): each column is held once and no entry looks back over the others (K^2 / 2 / threads comparisons: about
+  // a million a thread at a map's K ~ 24,000, where this check takes K / threads). Kept in shared memory for the
+  // column sums below, not in a register.
+  __shared__ int ids_ascend;
+  int out_of_order = 0;
+  for (int64_t k = threadIdx.x + 1; k < k_count; k += kThreads) {
+    out_of_order |= sh.column[k] >= 0.0f && !(sh.column[k - 1] >= 0.0f && sh.column[k - 1] < sh.column[k]);
+  }
+  const bool ascend = !__syncthreads_or(out_of_order);
+  if (threadIdx.x == 0) ids_ascend = ascend;  // read after the barriers of the block reductions below
   int distinct = 0;  // this thread's share of the distinct columns the ids hold
   for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {
     bool first = sh.column[k] >= 0.0f;
-    for (int64_t j = 0; j < k && first; ++j) first = sh.column[j] != sh.column[k];
+    for (int64_t j = 0; j < k && first && !ascend; ++j) first = sh.column[j] != sh.column[k];
     sh.first[k] = first ? 1.0f : 0.0f;
     distinct += first;
   }
@@ -275,7 +289,7 @@ __global__ void __launch_bounds__(kThreads, 4) sparse_row_kernel(const Launch L)
            (owns_rest ? kLn2 * weighted(p_rest, log2_p_rest - log2_rest) : 0.0f);
       for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {  // q_j sum(P) - the P of j's entries
         if (sh.column[k] >= 0.0f) {
-          sh.gradient[k] = fast_exp2(sh.log_q[k]) * p_total - column_sum(sh, k_count, k, sh.score, 0.0f);
+          sh.gradient[k] = fast_exp2(sh.log_q[k]) * p_total - column_sum(sh, k_count, k, sh.score, 0.0f, ids_ascend);
         }
       }
       rest_factor = p_total - (q_rest > 0.0f ? p_rest / q_rest : 0.0f);
@@ -310,7 +324,7 @@ __global__ void __launch_bounds__(kThreads, 4) sparse_row_kernel(const Launch L)
       // (kdfast/sparse_math.py, SCORE_CONSTANT).
       const float extra = (MODE == kModeReverseKL || a.divergence == kSkewReverseKL) ? 1.0f : 0.0f;
       for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {
-        if (sh.column[k] >= 0.0f) sh.gradient[k] = column_sum(sh, k_count, k, sh.score, extra);
+        if (sh.column[k] >= 0.0f) sh.gradient[k] = column_sum(sh, k_count, k, sh.score, extra, ids_ascend);
       }
       __syncthreads();
       if (reference >= 0) h_ref = sh.gradient[reference];
