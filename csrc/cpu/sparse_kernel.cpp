@@ -128,32 +128,49 @@ BucketSums bucket_math(const DistillArgs& a, Buckets& b, bool centre, const floa
   float kd = 0.0f, row_sum = 0.0f;
   // A teacher's rest meets no student bucket where the ids cover the row: it is rounding, and adds nothing.
   if (b.log_q[n - 1] == -INFINITY) b.log_p[n - 1] = -INFINITY;
+  // The buckets' exps and terms run in vectors: a vocabulary map's K ~ 24,000 ids per row made them the row's cost.
+  const float* log_q = b.log_q.data();
+  const float* log_p = b.log_p.data();
   if (a.divergence == kForwardKL) {
     // d/da_j = q_j sum(P) - q_j sum(P_b / Q_b) over j's buckets: sum(P) is 1, but for a renormalised row with no ids.
+    for_lanes(n, [&](int64_t i, auto zero) {
+      using F = decltype(zero);
+      store(b.terms.data() + i, fast_exp(load<F>(log_p + i)));  // P, summed per column below
+    });
     float total = 0.0f;
-    for (int64_t i = 0; i < n; ++i) {
-      b.terms[i] = std::exp(b.log_p[i]);  // P, summed per column below
-      total += b.terms[i];
-    }
+    for (int64_t i = 0; i < n; ++i) total += b.terms[i];
     column_sums(b, n - 1, b.terms, 0.0f, b.column_sums, b.scores);
     for (int64_t i = 0; i < n; ++i) {
       if (b.counted[i]) kd += weighted(b.terms[i], b.log_p[i] - b.log_q[i]);
-      if (i < n - 1) b.id_gradients[i] = std::exp(b.log_q[i]) * total - b.scores[i];
     }
+    for_lanes(n - 1, [&](int64_t i, auto zero) {
+      using F = decltype(zero);
+      store(b.id_gradients.data() + i, fast_exp(load<F>(log_q + i)) * total - load<F>(b.scores.data() + i));
+    });
     const float rest_q = std::exp(b.log_q[n - 1]), rest_p = std::exp(b.log_p[n - 1]);
     return {kd, 0.0f, total - (rest_q > 0.0f ? rest_p / rest_q : 0.0f)};
   }
   const MixtureConstants mc(a.beta);
+  const bool reverse = a.divergence == kReverseKL;
+  float* q_of = b.id_gradients.data();  // each bucket's Q, until its gradient is formed from it below
+  for_lanes(n, [&](int64_t i, auto zero) {
+    using F = decltype(zero);
+    const F lq = load<F>(log_q + i), lp = load<F>(log_p + i);
+    const F q = fast_exp(lq);
+    F term, score;
+    if (reverse) {
+      score = lq - lp;
+      term = weighted(q, score);
+    } else {
+      mixture_term_and_score<F>(a.divergence, mc.beta, mc.log_beta, mc.log_1m_beta, lq, lp, q, fast_exp(lp), term,
+                                score);
+    }
+    store(q_of + i, q);
+    store(b.terms.data() + i, term);
+    store(b.scores.data() + i, score);
+  });
   int64_t reference = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const float q = std::exp(b.log_q[i]), p = std::exp(b.log_p[i]);
-    if (a.divergence == kReverseKL) {
-      b.terms[i] = weighted(q, b.log_q[i] - b.log_p[i]);
-      b.scores[i] = b.log_q[i] - b.log_p[i];
-    } else {
-      mixture_term_and_score<float>(a.divergence, mc.beta, mc.log_beta, mc.log_1m_beta, b.log_q[i], b.log_p[i], q, p,
-                                    b.terms[i], b.scores[i]);
-    }
     if (b.log_q[i] > b.log_q[reference]) reference = i;
   }
   // A column's score: its entries' scores and, per further entry, the constant the score leaves out (the +1 of
@@ -167,10 +184,10 @@ BucketSums bucket_math(const DistillArgs& a, Buckets& b, bool centre, const floa
   for (int64_t i = 0; i < n; ++i) {
     if (!b.counted[i]) continue;
     kd += b.terms[i];
-    if (i == n - 1 || b.first[i]) row_sum += weighted(std::exp(b.log_q[i]), b.scores[i]);  // D: once a column
+    if (i == n - 1 || b.first[i]) row_sum += weighted(q_of[i], b.scores[i]);  // D: once a column
   }
   const float d = given_d != nullptr ? *given_d : row_sum;
-  for (int64_t i = 0; i + 1 < n; ++i) b.id_gradients[i] = weighted(std::exp(b.log_q[i]), b.scores[i] - d);
+  for (int64_t i = 0; i + 1 < n; ++i) b.id_gradients[i] = weighted(q_of[i], b.scores[i] - d);
   // No column outside the ids (Q_rest = 0): nothing takes the rest's factor, whose score is then undefined.
   return {kd, row_sum, b.log_q[n - 1] == -INFINITY ? 0.0f : b.scores[n - 1] - d};
 }
