@@ -1,6 +1,6 @@
-"""A teacher with another tokenizer: forward+backward of kdfast.cross_vocab_distill_loss ("uld", "hybrid", "mapped")
-against TRL's GOLD `ULDLoss` (plain ULD and its hybrid) on the same aligned rows, and the copy floor (the student's
-and the teacher's logits read once, the gradient written once).
+"""A teacher with another tokenizer: forward+backward of kdfast.cross_vocab_distill_loss ("uld", "hybrid", "mapped"
+under forward KL and under JSD) against TRL's GOLD `ULDLoss` (plain ULD and its hybrid) on the same aligned rows, and
+the copy floor (the student's and the teacher's logits read once, the gradient written once).
 
 Same inputs, one process; medians of interleaved rounds and ratios; each contender's result is checked against
 TRL's (or the float64 reference) before it is timed. CPU default: 512 aligned rows, V_s = 32000, V_t = 40000, a
@@ -69,6 +69,7 @@ def trl_uld(student_vocab, teacher_vocab, hybrid: bool):
 IN_PLACE = "kdfast mapped (inplace_backward)"
 TORCH_MAPPED = "kdfast mapped (torch backend)"
 CUDA_MAPPED = "kdfast mapped (cuda backend)"
+JSD_MAPPED = "kdfast mapped (jsd)"
 
 
 def contenders(args, device):
@@ -89,14 +90,14 @@ def contenders(args, device):
                            teacher_input_ids=positions).reshape(())
         return loss
 
-    def ours(method, **keywords):
-        divergence = "jsd" if method == "hybrid" else "forward_kl"
+    def ours(method, divergence=None, **keywords):
+        divergence = divergence or ("jsd" if method == "hybrid" else "forward_kl")
         return lambda x: kdfast.cross_vocab_distill_loss(x, teacher, vocab_map=vocab_map, method=method,
                                                          divergence=divergence, t2_scale=False, **keywords)
 
     losses = {"TRL ULDLoss (uld)": trl(False), "kdfast uld": ours("uld"), "TRL ULDLoss (hybrid)": trl(True),
               "kdfast hybrid": ours("hybrid"), "kdfast mapped": ours("mapped"),
-              IN_PLACE: ours("mapped", inplace_backward=True)}
+              IN_PLACE: ours("mapped", inplace_backward=True), JSD_MAPPED: ours("mapped", divergence="jsd")}
     if device.type == "cuda":
         losses[TORCH_MAPPED] = ours("mapped", backend="torch")
         if cuda_extension_or_none() is not None:  # the CUDA sparse kernel over the map's ascending ids
@@ -127,10 +128,12 @@ def check(losses, student, teacher, vocab_map):
             raise SystemExit(f"{other} disagrees with kdfast mapped: not timing them")
     if float(losses[IN_PLACE](student)) != mapped:
         raise SystemExit(f"{IN_PLACE} disagrees with kdfast mapped: not timing it")
-    truth = float(cross_vocab_distill_loss_reference(student, teacher, vocab_map=vocab_map, method="mapped",
-                                                     t2_scale=False))
-    if abs(mapped - truth) > 1e-4 * max(1.0, abs(truth)):
-        raise SystemExit(f"kdfast mapped ({mapped}) disagrees with the float64 reference ({truth}): not timing it")
+    for name, divergence in (("kdfast mapped", "forward_kl"), (JSD_MAPPED, "jsd")):
+        ours = float(losses[name](student))
+        truth = float(cross_vocab_distill_loss_reference(student, teacher, vocab_map=vocab_map, method="mapped",
+                                                         divergence=divergence, t2_scale=False))
+        if abs(ours - truth) > 1e-4 * max(1.0, abs(truth)):
+            raise SystemExit(f"{name} ({ours}) disagrees with the float64 reference ({truth}): not timing it")
 
 
 def run(args) -> list[dict]:

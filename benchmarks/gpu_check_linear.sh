@@ -42,7 +42,7 @@ if want tests; then
   timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider -p no:benchmark -n "${TEST_WORKERS:-8}" \
     tests/test_cuda_step.py tests/test_fp32_logits.py tests/test_linear_loss.py tests/test_cuda_backend.py \
     tests/test_numerics.py tests/test_multi_teacher.py tests/test_triton_mixture.py tests/test_cuda_mixture.py \
-    tests/test_triton_mapped.py tests/test_cross_vocab.py tests/test_sparse_loss.py -rfE 2>&1 | tail -n 60 \
+    tests/test_mapped_kernels.py tests/test_cross_vocab.py tests/test_sparse_loss.py -rfE 2>&1 | tail -n 60 \
     | tee -a "$LOGS/gpu_linear_check.txt" || status=1
 fi
 [ -L kdfast/kernels ] && rm kdfast/kernels

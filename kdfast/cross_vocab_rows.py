@@ -114,7 +114,7 @@ def cross_vocab_parts(student, teacher, labels, scale, opts: LossOptions, plan: 
     teacher_mass = _log_mass(teacher, alignment.teacher, rows, plan.teacher_temperature) if merges else None
     mass_grad = torch.zeros(rows, device=device) if merges and want_grad else None
     # A pass that reads each row wholly before writing its gradient may write over the logits (inplace_backward).
-    one_pass_mapped = plan.method == "mapped" and (fuses_mapped_kl(opts, plan) or runs_triton_mapped(opts, device))
+    one_pass_mapped = plan.method == "mapped" and (fuses_mapped(opts, plan) or runs_triton_mapped(opts, device))
     for span in chunks(rows, max(student.width, teacher.width), plan.chunk_rows):
         student_index = span if alignment is None else alignment.student.base[span]
         teacher_index = span if alignment is None else alignment.teacher.base[span]
@@ -143,11 +143,12 @@ def chunks(rows: int, width: int, chunk_rows: int | None = None) -> list[slice]:
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
-def fuses_mapped_kl(opts: LossOptions, plan: CrossVocabPlan) -> bool:
-    """Whether method "mapped" runs as one C++ pass per row (`_fused_mapped_kl`): forward KL on the CPU. A student
-    whose every column is matched has nowhere to spread the teacher's rest: the sparse kernel takes it."""
-    return (opts.effective_divergence == Divergence.FORWARD_KL and plan.native and plan.rest is not None
-            and bool(plan.rest[0].numel()))
+def fuses_mapped(opts: LossOptions, plan: CrossVocabPlan) -> bool:
+    """Whether method "mapped" runs as one C++ pass per row (`_fused_mapped`): every divergence on the CPU. Under
+    forward KL a student whose every column is matched has nowhere to spread the teacher's rest (the loss is
+    infinite): the sparse kernel takes it."""
+    return (plan.native and plan.rest is not None
+            and (opts.effective_divergence != Divergence.FORWARD_KL or bool(plan.rest[0].numel())))
 
 
 def runs_triton_mapped(opts: LossOptions, device) -> bool:
@@ -156,14 +157,14 @@ def runs_triton_mapped(opts: LossOptions, device) -> bool:
 
 
 def _mapped_chunk(student_logits, teacher_logits, labels, scale, grad, opts: LossOptions, plan: CrossVocabPlan):
-    """The sparse rows kernel on the chunk, the teacher's log-probs at T_t gathered at the matched columns; forward KL
-    on the CPU in one C++ pass (`_fused_mapped_kl`), every divergence on Triton in one program per row
-    (`_triton_mapped`). With an alignment it compares the groups' base rows (a divergence needs normalised rows: no
-    merges)."""
+    """The chunk's parts and gradient: on the CPU one C++ pass per row (`_fused_mapped`), on Triton one program per
+    row (`_triton_mapped`), every divergence; elsewhere (and forward KL against a student whose every column is
+    matched) the sparse rows kernel, the teacher's log-probs at T_t gathered at the matched columns. With an alignment
+    it compares the groups' base rows (a divergence needs normalised rows: no merges)."""
     vocab_map = plan.vocab_map
     grad_rows = grad.unsqueeze(0) if grad is not None else None
-    if fuses_mapped_kl(opts, plan):
-        return _fused_mapped_kl(student_logits, teacher_logits, labels, scale, grad, opts, plan)
+    if fuses_mapped(opts, plan):
+        return _fused_mapped(student_logits, teacher_logits, labels, scale, grad, opts, plan)
     if runs_triton_mapped(opts, student_logits.device):
         return _triton_mapped(student_logits, teacher_logits, labels, scale, grad, opts, plan)
     count, matched = student_logits.shape[0], vocab_map.matched
@@ -201,17 +202,20 @@ def _lone_teacher_rest_term(matched_log_p, labels, opts: LossOptions) -> torch.T
     return term.float()
 
 
-def _fused_mapped_kl(student_logits, teacher_logits, labels, scale, grad, opts: LossOptions, plan: CrossVocabPlan):
-    """Forward KL and CE in one C++ pass per row (csrc/cpu/mapped_rows.cpp): the teacher's rest mass P_r spread over
-    the student's unmatched columns as the student spreads its own, target_j = P_r q_j / Q_r, makes the bucket KL a
-    dense one whose gradient q - target is the bucket KL's (d/dz of -P_r log Q_r puts exactly that at each rest
-    column); the target is never written, each model's row is read from memory once and the gradient written once."""
+def _fused_mapped(student_logits, teacher_logits, labels, scale, grad, opts: LossOptions, plan: CrossVocabPlan):
+    """The divergence and CE in one C++ pass per row (csrc/cpu/mapped_rows.cpp), each model's row read from memory
+    once and the gradient written once. Forward KL: the teacher's rest mass P_r spread over the student's unmatched
+    columns as the student spreads its own, target_j = P_r q_j / Q_r, makes the bucket KL a dense one whose gradient
+    q - target is the bucket KL's (d/dz of -P_r log Q_r puts exactly that at each rest column), the target never
+    written; the others: the sparse algebra's buckets, the teacher's log P gathered through the map."""
     direct = grad is None or (grad.dtype == torch.float32 and grad.is_contiguous())
     into = grad if direct else torch.empty(grad.shape)
-    settings = [opts.temperature, plan.teacher_temperature, opts.kd_scale, opts.ce_weight, float(scale)]
-    parts = torch.ops.kdfast_cpu.mapped_kl_rows(
+    settings = [opts.temperature, plan.teacher_temperature, opts.kd_scale, opts.ce_weight, float(scale),
+                float(opts.beta)]
+    parts = torch.ops.kdfast_cpu.mapped_rows(
         teacher_logits.float().contiguous(), student_logits.float().contiguous(), plan.vocab_map.student_ids,
-        plan.vocab_map.teacher_ids, *plan.rest, labels, into, opts.ignore_index, settings)
+        plan.vocab_map.teacher_ids, *plan.rest, labels, into, opts.ignore_index, int(opts.effective_divergence),
+        settings)
     if into is not grad:  # a 16-bit gradient, or rows with a stride (in place): the pass wrote float32 rows
         grad.copy_(into)
     return parts

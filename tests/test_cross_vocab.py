@@ -328,7 +328,7 @@ def test_inplace_backward_refuses_an_alignment(vocab_map):
                                         alignment=alignment, inplace_backward=True)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])  # Triton: tests/test_triton_mapped.py
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])  # Triton: tests/test_mapped_kernels.py
 @pytest.mark.parametrize("divergence", ["reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"])
 def test_mapped_keeps_the_teachers_rest_where_the_student_matches_every_column(backend, divergence):
     """The student's rest is empty (Q_r = 0) but the teacher's holds real mass off the map: its term (a constant of

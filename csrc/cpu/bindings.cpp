@@ -183,24 +183,27 @@ kdfast_cpu::MappedColumns map_args(const at::Tensor& teacher_logits, const at::T
   return args;
 }
 
-// Method "mapped" under forward KL fused (csrc/cpu/mapped_rows.h, MappedKlArgs): the parts [rows, 5] and the
-// gradient written into `grad`. float_settings: T_s, T_t, kd_scale, ce_weight, grad_scale.
-at::Tensor mapped_kl_rows(const at::Tensor& teacher_logits, const at::Tensor& student_logits,
-                          const at::Tensor& matched_student, const at::Tensor& matched_teacher,
-                          const at::Tensor& rest_student, const at::Tensor& rest_teacher,
-                          const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& grad,
-                          int64_t ignore_index, c10::ArrayRef<double> float_settings) {
+// Method "mapped" fused (csrc/cpu/mapped_rows.h, MappedArgs): the parts [rows, 5] and the gradient written into
+// `grad`. float_settings: T_s, T_t, kd_scale, ce_weight, grad_scale, beta.
+at::Tensor mapped_rows(const at::Tensor& teacher_logits, const at::Tensor& student_logits,
+                       const at::Tensor& matched_student, const at::Tensor& matched_teacher,
+                       const at::Tensor& rest_student, const at::Tensor& rest_teacher,
+                       const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& grad,
+                       int64_t ignore_index, int64_t divergence, c10::ArrayRef<double> float_settings) {
   for (const at::Tensor* x : {&teacher_logits, &student_logits}) {
     KDFAST_CHECK_DEVICE(*x, c10::DeviceType::CPU);
     TORCH_CHECK(x->scalar_type() == at::kFloat && x->dim() == 2 && x->is_contiguous(),
-                "mapped_kl_rows takes contiguous float32 [rows, V] tables, got ", x->sizes());
+                "mapped_rows takes contiguous float32 [rows, V] tables, got ", x->sizes());
   }
   const int64_t rows = student_logits.size(0);
-  TORCH_CHECK(teacher_logits.size(0) == rows, "mapped_kl_rows: the two tables must have the same rows");
-  TORCH_CHECK(matched_student.numel() == matched_teacher.numel() && rest_student.numel() > 0,
-              "mapped_kl_rows: matched columns pair up and the student has unmatched columns");
-  TORCH_CHECK(float_settings.size() == 5, "mapped_kl_rows: float_settings holds T_s, T_t, kd_scale, ce_weight and "
-              "grad_scale");
+  TORCH_CHECK(teacher_logits.size(0) == rows, "mapped_rows: the two tables must have the same rows");
+  TORCH_CHECK(divergence >= kdfast::kForwardKL && divergence <= kdfast::kTVD, "mapped_rows: unknown divergence ",
+              divergence);
+  TORCH_CHECK(matched_student.numel() == matched_teacher.numel(), "mapped_rows: matched columns pair up");
+  TORCH_CHECK(divergence != kdfast::kForwardKL || rest_student.numel() > 0,
+              "mapped_rows: forward KL needs a student column off the map");
+  TORCH_CHECK(float_settings.size() == 6, "mapped_rows: float_settings holds T_s, T_t, kd_scale, ce_weight, "
+              "grad_scale and beta");
   if (labels.has_value()) {
     TORCH_CHECK(labels->scalar_type() == at::kLong && labels->is_contiguous() && labels->numel() == rows,
                 "labels must be contiguous int64 [rows]");
@@ -210,7 +213,7 @@ at::Tensor mapped_kl_rows(const at::Tensor& teacher_logits, const at::Tensor& st
                 "grad must be contiguous float32 shaped like the student's logits");
   }
   at::Tensor parts = at::empty({rows, 5}, student_logits.options());
-  kdfast_cpu::MappedKlArgs args{};
+  kdfast_cpu::MappedArgs args{};
   args.map = map_args(teacher_logits, student_logits, matched_student, matched_teacher, rest_student, rest_teacher,
                       float_settings[0], float_settings[1]);
   const kdfast_cpu::MappedColumns& map = args.map;
@@ -224,9 +227,9 @@ at::Tensor mapped_kl_rows(const at::Tensor& teacher_logits, const at::Tensor& st
   for (int64_t k = 0; k < map.matched; ++k) {
     const int64_t column = map.matched_student[k];
     TORCH_CHECK(column >= 0 && column < map.student_width && map.matched_teacher[k] >= 0 &&
-                map.matched_teacher[k] < map.teacher_width, "mapped_kl_rows: matched pair ", k, " (",
+                map.matched_teacher[k] < map.teacher_width, "mapped_rows: matched pair ", k, " (",
                 column, ", ", map.matched_teacher[k], ") is outside the logits");
-    TORCH_CHECK(teacher_column[column] < 0, "mapped_kl_rows: student column ", column, " is matched twice");
+    TORCH_CHECK(teacher_column[column] < 0, "mapped_rows: student column ", column, " is matched twice");
     teacher_column[column] = static_cast<int32_t>(map.matched_teacher[k]);
   }
   args.teacher_column = teacher_column.data();
@@ -237,10 +240,12 @@ at::Tensor mapped_kl_rows(const at::Tensor& teacher_logits, const at::Tensor& st
   args.kd_scale = static_cast<float>(float_settings[2]);
   args.ce_weight = static_cast<float>(float_settings[3]);
   args.grad_scale = static_cast<float>(float_settings[4]);
+  args.divergence = static_cast<int>(divergence);
+  args.beta = static_cast<float>(float_settings[5]);
   args.parts = parts.data_ptr<float>();
   args.part_columns = 5;
   args.grad = grad.has_value() ? grad->data_ptr<float>() : nullptr;
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) { kdfast_cpu::mapped_kl_rows_cpu(args, begin, end); });
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) { kdfast_cpu::mapped_rows_cpu(args, begin, end); });
   return parts;
 }
 
@@ -255,8 +260,8 @@ TORCH_LIBRARY(kdfast_cpu, m) {
         "Tensor? matched_teacher, Tensor? rest_student, Tensor? rest_teacher, Tensor(a!)? grad, Tensor(b!)? mass_grad, "
         "int divergence, float[] float_settings, bool accumulate) -> (Tensor, Tensor, Tensor)");
   m.def("sorted_l1_rows(Tensor a, Tensor b) -> (Tensor, Tensor)");
-  m.def("mapped_kl_rows(Tensor teacher_logits, Tensor student_logits, Tensor matched_student, Tensor matched_teacher, "
-        "Tensor rest_student, Tensor rest_teacher, Tensor? labels, Tensor(a!)? grad, int ignore_index, "
+  m.def("mapped_rows(Tensor teacher_logits, Tensor student_logits, Tensor matched_student, Tensor matched_teacher, "
+        "Tensor rest_student, Tensor rest_teacher, Tensor? labels, Tensor(a!)? grad, int ignore_index, int divergence, "
         "float[] float_settings) -> Tensor");
 }
 
@@ -266,5 +271,5 @@ TORCH_LIBRARY_IMPL(kdfast_cpu, CPU, m) {
   m.impl("mixture_distill_forward", &mixture_distill_forward);
   m.impl("uld_rows", &uld_rows);
   m.impl("sorted_l1_rows", &sorted_l1_rows);
-  m.impl("mapped_kl_rows", &mapped_kl_rows);
+  m.impl("mapped_rows", &mapped_rows);
 }

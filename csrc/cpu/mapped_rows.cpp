@@ -1,8 +1,9 @@
-// Method "mapped" under forward KL in one pass per row. The teacher's rest mass spread over the student's unmatched
+// Method "mapped" in one pass per row. Under forward KL the teacher's rest mass spread over the student's unmatched
 // columns as the student spreads its own, target_j = P_r q_j / Q_r, makes the bucket KL a dense one: the rest's term
 // is P_r log(P_r / Q_r) and the gradient q - target is the bucket KL's exactly (docs/DESIGN.md, "Teachers with
-// another tokenizer", derives it). P_r and Q_r are summed over each side's own unmatched columns, never as 1 - sum(P_k), which cancels when
-// they are small.
+// another tokenizer", derives it). Every other divergence takes the sparse kernel's bucket algebra over the matched
+// columns and one rest bucket a side, the teacher's log P gathered through the map (`divergence_row`). P_r and Q_r
+// are summed over each side's own unmatched columns, never as 1 - sum(P_k), which cancels when they are small.
 #include "mapped_rows.h"
 
 #include <immintrin.h>
@@ -12,6 +13,7 @@
 #include <cstring>
 #include <vector>
 
+#include "row_math.h"
 #include "simd_math.h"
 
 namespace kdfast_cpu {
@@ -65,14 +67,15 @@ VFloat gather_matched(const float* base, VInt column) {
 #endif
 }
 
-// sum over the matched student columns j of teacher_exp[teacher_column[j]] * scale * z[j] (the forward-only pass).
+// sum over the matched student columns j of teacher_exp[teacher_column[j]] * scale * z[j] (the forward-only pass,
+// and the gradient's pass's rare row that met 0 * -inf): a -inf logit where the teacher's exp is 0 adds 0.
 double matched_dot(const float* teacher_exp, const float* z, const int32_t* teacher_column, int64_t width,
                    float scale) {
   const int64_t vector_end = width - width % kLanes;
   double total = 0.0;
   VFloat lanes = splat<VFloat>(0.0f);
   for (int64_t j = 0; j < vector_end; j += kLanes) {
-    lanes += gather_matched(teacher_exp, load_columns(teacher_column + j)) * load<VFloat>(z + j);
+    lanes += weighted(gather_matched(teacher_exp, load_columns(teacher_column + j)), load<VFloat>(z + j));
     if ((j / kLanes) % kFlushEvery == kFlushEvery - 1) {
       total += horizontal_sum(lanes);
       lanes = splat<VFloat>(0.0f);
@@ -80,9 +83,155 @@ double matched_dot(const float* teacher_exp, const float* z, const int32_t* teac
   }
   total += horizontal_sum(lanes);
   for (int64_t j = vector_end; j < width; ++j) {
-    if (teacher_column[j] >= 0) total += static_cast<double>(teacher_exp[teacher_column[j]]) * z[j];
+    const float p = teacher_column[j] >= 0 ? teacher_exp[teacher_column[j]] : 0.0f;
+    if (p > 0.0f) total += static_cast<double>(p) * z[j];  // (a logit of -inf at p = 0 adds 0)
   }
   return total * scale;
+}
+
+// sum_j e_j x_j with x_j = y_j * scale - shift over the columns `rest_mask` leaves out (null: every column), where
+// e_j > 0: the rare row whose vector sum met 0 * -inf (a logit of -inf) is summed again this way.
+double guarded_e_x_sum(const float* e, const float* y, int64_t width, float scale, float shift,
+                       const float* rest_mask) {
+  double total = 0.0;
+  for (int64_t j = 0; j < width; ++j) {
+    if (e[j] > 0.0f && (rest_mask == nullptr || rest_mask[j] == 0.0f)) {
+      total += static_cast<double>(e[j]) * (y[j] * scale - shift);
+    }
+  }
+  return total;
+}
+
+// A bucket's divergence term and its score h (dL/dQ up to a constant), from log Q and log P, as the sparse kernel's
+// bucket algebra has them (csrc/cpu/sparse_kernel.cpp, bucket_math); not forward KL.
+template <typename F>
+inline void bucket_term_and_score(int divergence, const MixtureConstants& mc, F log_q, F log_p, F q, F& term, F& h) {
+  if (divergence == kReverseKL) {
+    h = log_q - log_p;
+    term = weighted(q, h);
+    return;
+  }
+  mixture_term_and_score<F>(divergence, mc.beta, mc.log_beta, mc.log_1m_beta, log_q, log_p, q, fast_exp(log_p), term,
+                            h);
+}
+
+// The first of the student's matched columns holding their largest logit (-1: none matched), by lanes.
+int64_t largest_matched(const float* z, const int32_t* teacher_column, int64_t width) {
+  const int64_t vector_end = width - width % kLanes;
+  VFloat best = splat<VFloat>(-INFINITY);
+  VInt best_at = {}, at = {};
+  for (int lane = 0; lane < kLanes; ++lane) at[lane] = lane, best_at[lane] = -1;
+  for (int64_t j = 0; j < vector_end; j += kLanes, at += kLanes) {
+    const VFloat zj = load<VFloat>(z + j);
+    const VInt take = (load_columns(teacher_column + j) >= 0) & (zj > best);  // strictly: a lane keeps its first
+    best = take ? zj : best;
+    best_at = take ? at : best_at;
+  }
+  float top = -INFINITY;
+  int64_t found = -1;
+  for (int lane = 0; lane < kLanes; ++lane) {
+    if (best_at[lane] >= 0 && (best[lane] > top || (best[lane] == top && best_at[lane] < found))) {
+      top = best[lane], found = best_at[lane];
+    }
+  }
+  for (int64_t j = vector_end; j < width; ++j) {
+    if (teacher_column[j] >= 0 && z[j] > top) top = z[j], found = j;
+  }
+  return found;
+}
+
+// One row's two sides after their passes, in the units the buckets take (x = z / T_s, y = t / T_t).
+struct MappedRow {
+  const float* z;
+  const float* t;
+  const float* student_exp;  // exp(x - top), kept from the student's pass
+  float top, log_sum;        // the student's largest x and log sum exp(x - top): log q = x - top - log_sum
+  float teacher_shift;       // log P = y - teacher_shift at a matched column
+  float log_q_rest, log_p_rest;  // the rest buckets (-inf: none)
+  float lse_one;                 // log sum exp(z): CE's softmax at T = 1
+};
+
+// Every divergence but forward KL: the divergence over the K matched buckets and the rest, its gradient
+// q_j (h_j - h_ref - D) at a matched column and q_j (h_r - h_ref - D) off the map, centred as the sparse kernel
+// centres it on the student's largest bucket (h_ref), D = sum_b Q_b (h_b - h_ref). The scores are kept in `scores`
+// between the buckets' pass and the gradient's, both over cache-hot rows. Returns the divergence.
+float divergence_row(const MappedArgs& a, const MappedRow& r, float* grad, int64_t label, std::vector<float>& scores) {
+  const MappedColumns& m = a.map;
+  const int64_t width = m.student_width, vector_end = width - width % kLanes;
+  const float inv_student = 1.0f / m.student_temperature, inv_teacher = 1.0f / m.teacher_temperature;
+  const MixtureConstants mc(a.beta);
+  const int divergence = a.divergence;
+  const auto log_q_at = [&](float zj) { return (zj * inv_student - r.top) - r.log_sum; };
+  const auto log_p_at = [&](int32_t column) { return r.t[column] * inv_teacher - r.teacher_shift; };
+  float rest_term, rest_h;
+  const float q_rest = std::exp(r.log_q_rest);
+  bucket_term_and_score<float>(divergence, mc, r.log_q_rest, r.log_p_rest, q_rest, rest_term, rest_h);
+  // The centre: the student's largest bucket, its rest where that holds more than its largest matched column.
+  const int64_t star = largest_matched(r.z, a.teacher_column, width);
+  float h_ref = rest_h;
+  if (star >= 0 && !(r.log_q_rest > log_q_at(r.z[star]))) {
+    float star_term;
+    const float star_log_q = log_q_at(r.z[star]);
+    bucket_term_and_score<float>(divergence, mc, star_log_q, log_p_at(a.teacher_column[star]), std::exp(star_log_q),
+                                 star_term, h_ref);
+  }
+  const bool keep_scores = grad != nullptr;
+  float* h_of = scores.data();
+  const float inv_sum = std::exp(-r.log_sum);
+  double kd = 0.0, d = 0.0;
+  VFloat kd_lanes = splat<VFloat>(0.0f), d_lanes = splat<VFloat>(0.0f);
+  for (int64_t j = 0; j < vector_end; j += kLanes) {
+    const VInt column = load_columns(a.teacher_column + j);
+    const VInt matched = column >= 0;
+    const VFloat log_q = (load<VFloat>(r.z + j) * inv_student - r.top) - r.log_sum;
+    const VFloat log_p = gather_matched(r.t, column) * inv_teacher - r.teacher_shift;  // (unmatched lanes: unused)
+    const VFloat q = load<VFloat>(r.student_exp + j) * inv_sum;
+    VFloat term, h;
+    bucket_term_and_score<VFloat>(divergence, mc, log_q, log_p, q, term, h);
+    kd_lanes += matched ? term : splat<VFloat>(0.0f);
+    d_lanes += matched ? weighted(q, h - h_ref) : splat<VFloat>(0.0f);
+    if (keep_scores) store(h_of + j, h - h_ref);
+    if ((j / kLanes) % kFlushEvery == kFlushEvery - 1) {  // float lanes summed into a double every few hundred
+      kd += horizontal_sum(kd_lanes), d += horizontal_sum(d_lanes);
+      kd_lanes = d_lanes = splat<VFloat>(0.0f);
+    }
+  }
+  kd += horizontal_sum(kd_lanes), d += horizontal_sum(d_lanes);
+  for (int64_t j = vector_end; j < width; ++j) {
+    const int32_t column = a.teacher_column[j];
+    if (column < 0) continue;
+    const float log_q = log_q_at(r.z[j]);
+    float term, h;
+    bucket_term_and_score<float>(divergence, mc, log_q, log_p_at(column), r.student_exp[j] * inv_sum, term, h);
+    kd += term;
+    d += weighted(r.student_exp[j] * inv_sum, h - h_ref);
+    if (keep_scores) h_of[j] = h - h_ref;
+  }
+  kd += rest_term;  // (a student whose every column is matched: the teacher's rest against Q_r = 0)
+  d += weighted(q_rest, rest_h - h_ref);
+  if (grad == nullptr) return static_cast<float>(kd);
+  const float row_d = static_cast<float>(d);
+  const float rest_factor = q_rest > 0.0f ? rest_h - h_ref - row_d : 0.0f;  // no column off the map: unused
+  const float kd_coef = a.grad_scale * a.kd_scale * inv_student, ce = a.grad_scale * a.ce_weight;
+  const bool has_ce = label >= 0 && ce != 0.0f;
+  const bool tempered = m.student_temperature != 1.0f;
+  const float lse_one = r.lse_one;
+  for (int64_t j = 0; j < vector_end; j += kLanes) {
+    const VFloat zj = load<VFloat>(r.z + j);
+    const VFloat q = load<VFloat>(r.student_exp + j) * inv_sum;
+    const VInt matched = load_columns(a.teacher_column + j) >= 0;
+    const VFloat factor = matched ? load<VFloat>(h_of + j) - row_d : splat<VFloat>(rest_factor);
+    VFloat g = kd_coef * weighted(q, factor);
+    if (has_ce) g += ce * (tempered ? fast_exp(zj - lse_one) : q);
+    store(grad + j, g);
+  }
+  for (int64_t j = vector_end; j < width; ++j) {
+    const float q = r.student_exp[j] * inv_sum;
+    const float factor = a.teacher_column[j] >= 0 ? h_of[j] - row_d : rest_factor;
+    grad[j] = kd_coef * weighted(q, factor) + (has_ce ? ce * (tempered ? fast_exp(r.z[j] - lse_one) : q) : 0.0f);
+  }
+  if (has_ce) grad[label] -= ce;
+  return static_cast<float>(kd);
 }
 
 }  // namespace
@@ -99,7 +248,7 @@ namespace kdfast_cpu {
 // P_r q_j / Q_r at an unmatched one (by the ratio while it is moderate, else exp(x_j - lse_r + log P_r): the ratio
 // overflows when Q_r underflows). Every read after a row's first is of cache-hot memory: each model's row is read
 // from memory once and the gradient written once.
-void mapped_kl_rows_cpu(const MappedKlArgs& a, int64_t begin, int64_t end) {
+void mapped_rows_cpu(const MappedArgs& a, int64_t begin, int64_t end) {
   const MappedColumns& m = a.map;
   const float inv_student = 1.0f / m.student_temperature, inv_teacher = 1.0f / m.teacher_temperature;
   const int64_t width = m.student_width, vector_end = width - width % kLanes;
@@ -107,9 +256,10 @@ void mapped_kl_rows_cpu(const MappedKlArgs& a, int64_t begin, int64_t end) {
   const bool tempered = m.student_temperature != 1.0f;
   // Each row's exps, kept in cache between its passes: the gradient's pass multiplies the student's by 1 / sum instead
   // of taking them again, and gathers the teacher's.
-  thread_local std::vector<float> student_exp, teacher_exp;
+  thread_local std::vector<float> student_exp, teacher_exp, scores;
   student_exp.resize(width);
   teacher_exp.resize(teacher_width);
+  if (a.divergence != kForwardKL) scores.resize(width);
   for (int64_t row = begin; row < end; ++row) {
     const float* z = m.student_logits + row * width;
     const float* t = m.teacher_logits + row * teacher_width;
@@ -138,22 +288,25 @@ void mapped_kl_rows_cpu(const MappedKlArgs& a, int64_t begin, int64_t end) {
       weighted_lanes += e * x;
       rest_lanes += e * load<VFloat>(a.student_rest_mask + j);
     }
-    double sum = horizontal_sum(sum_lanes), weighted = horizontal_sum(weighted_lanes);
+    double sum = horizontal_sum(sum_lanes), e_x_sum = horizontal_sum(weighted_lanes);
     double rest = horizontal_sum(rest_lanes);
     for (int64_t j = vector_end; j < width; ++j) {
       const float x = z[j] * inv_student - top;
       const float e = fast_exp_centred(x);
       student_exp[j] = e;
       sum += e;
-      weighted += static_cast<double>(e) * x;
+      e_x_sum += static_cast<double>(e) * x;
       rest += e * a.student_rest_mask[j];
     }
     const float lse = static_cast<float>(top + std::log(sum));
-    parts[4] = static_cast<float>(std::log(sum) - weighted / sum);
-    // A student rest below exp(-87) of its largest probability underflows the masked sum: gathered then, exactly.
-    const float student_rest_lse = rest > 0.0 ? static_cast<float>(top + std::log(rest))
-                                              : gathered_log_sum_exp(z, m.rest_student, m.rest_student_count,
-                                                                     inv_student, 0.0f);
+    if (std::isnan(e_x_sum)) e_x_sum = guarded_e_x_sum(student_exp.data(), z, width, inv_student, top, nullptr);
+    parts[4] = static_cast<float>(std::log(sum) - e_x_sum / sum);
+    // A student rest below exp(-87) of its largest probability underflows the masked sum: gathered then, exactly;
+    // a rest of -inf logits alone counts exp(-87) of it, as the sparse algebra floors it (forward KL stays finite).
+    float student_rest_lse = rest > 0.0 ? static_cast<float>(top + std::log(rest))
+                                        : gathered_log_sum_exp(z, m.rest_student, m.rest_student_count, inv_student,
+                                                               0.0f);
+    if (student_rest_lse == -INFINITY && m.rest_student_count > 0) student_rest_lse = top + kStudentRestFloorLog;
     const float lse_one = tempered ? row_log_sum_exp(z, width, 1.0f) : lse;
     if (label >= 0) {
       parts[1] = lse_one - z[label];
@@ -185,9 +338,25 @@ void mapped_kl_rows_cpu(const MappedKlArgs& a, int64_t begin, int64_t end) {
       t_rest += e * a.teacher_rest_mask[j];
       t_plogp += static_cast<double>(e) * x * (1.0f - a.teacher_rest_mask[j]);
     }
+    if (std::isnan(t_plogp)) {
+      t_plogp = guarded_e_x_sum(texp, t, teacher_width, inv_teacher, teacher_top, a.teacher_rest_mask);
+    }
     const double log_t_sum = std::log(t_sum);
     // A teacher rest below exp(-87) of its largest probability is no mass that counts: log P_r = -inf.
     const float log_rest = t_rest > 0.0 ? static_cast<float>(std::log(t_rest) - log_t_sum) : -INFINITY;
+    if (a.divergence != kForwardKL) {
+      // The rests floored as the sparse algebra floors them: the teacher's under reverse KL's logarithm, the
+      // student's log at exp(-87) of its largest exp; a student whose every column is matched has none.
+      const double p_rest = a.divergence == kReverseKL ? std::max(t_rest / t_sum, kTeacherRestFloor) : t_rest / t_sum;
+      const float log_sum = static_cast<float>(std::log(sum));
+      MappedRow sides{z, t, student_exp.data(), top, log_sum, static_cast<float>(teacher_top + log_t_sum),
+                      m.rest_student_count == 0
+                          ? -INFINITY
+                          : std::max(student_rest_lse - top, kStudentRestFloorLog) - log_sum,
+                      p_rest > 0.0 ? static_cast<float>(std::log(p_rest)) : -INFINITY, lse_one};
+      parts[0] = divergence_row(a, sides, grad, label, scores);
+      continue;
+    }
     const double matched_mass = (t_sum - t_rest) / t_sum;
     // sum_k P_k log P_k = sum_k (e_k / S)(x_k - log S) over the matched columns.
     const double matched_plogp = t_plogp / t_sum - log_t_sum * matched_mass;
@@ -243,6 +412,8 @@ void mapped_kl_rows_cpu(const MappedKlArgs& a, int64_t begin, int64_t end) {
       }
       grad[j] = kd * (qj - target) + (has_ce ? ce * (tempered ? fast_exp(z[j] - lse_one) : qj) : 0.0f);
     }
+    // A -inf logit where P is 0 made its product 0 * -inf: the rare row is summed again, guarded.
+    if (std::isnan(paired)) paired = matched_dot(texp, z, a.teacher_column, width, inv_t_sum);
     finish_kl(paired);
     if (has_ce) grad[label] -= ce;
   }

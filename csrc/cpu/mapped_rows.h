@@ -1,5 +1,5 @@
-// Method "mapped" of a teacher of another vocabulary under forward KL (docs/DESIGN.md, "Teachers with another
-// tokenizer"), in one pass per row. No torch headers.
+// Method "mapped" of a teacher of another vocabulary (docs/DESIGN.md, "Teachers with another tokenizer"), in one
+// pass per row, every divergence. No torch headers.
 #pragma once
 
 #include <cstdint>
@@ -24,23 +24,25 @@ struct MappedColumns {
 
 namespace kdfast_cpu {
 
-// Method "mapped" under forward KL in one pass per row, without a target written: the loss's parts (the divergence,
-// the CE at T = 1, whether the argmax is the label, the entropy at T) and the gradient of
-// grad_scale * (kd_scale * KL + ce_weight * CE) with respect to the student's logits, written. Rows whose label is
-// ignore_index get zeros.
-struct MappedKlArgs {
+// Method "mapped" in one pass per row: the loss's parts (the divergence, the CE at T = 1, whether the argmax is the
+// label, the entropy at T) and the gradient of grad_scale * (kd_scale * divergence + ce_weight * CE) with respect to
+// the student's logits, written. Rows whose label is ignore_index get zeros. Forward KL needs a student column off
+// the map (else it is infinite); the others take a student whose every column is matched.
+struct MappedArgs {
   MappedColumns map;  // teacher and student logits, the columns, the temperatures
   const float* student_rest_mask;  // [student_width]: 1 at the student's unmatched columns, else 0
   const float* teacher_rest_mask;  // [teacher_width]: the teacher's
   const int32_t* teacher_column;  // [student_width]: a matched column's teacher column, else -1
   const int64_t* labels;  // [rows] or null
   int64_t ignore_index;
+  int divergence;  // kernel_abi.h's Divergence
+  float beta;      // JSD's and the skews'
   float kd_scale, ce_weight, grad_scale;
   float* parts;  // [rows, part_columns]: kd, ce, z (left 0), correct, entropy
   int64_t part_columns;
   float* grad;   // [rows, student_width] or null
 };
 
-void mapped_kl_rows_cpu(const MappedKlArgs& args, int64_t begin, int64_t end);
+void mapped_rows_cpu(const MappedArgs& args, int64_t begin, int64_t end);
 
 }  // namespace kdfast_cpu

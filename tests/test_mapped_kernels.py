@@ -1,20 +1,18 @@
-"""Method "mapped" on the Triton kernel (kernels/mapped.py; under TRITON_INTERPRET=1 on the CPU): the teacher's dense
-row read through the map, never the sparse kernel (whose K ids in one block no GPU holds at a real map's K ~ V), held
-to the float64 reference under every divergence, at rows wider than a block, with both temperatures, CE, ignored rows,
-a student whose every column is matched, near-one-hot rows, masked columns, 16-bit logits, rows with a stride and the
-gradient written over the logits; its components equal the torch backend's."""
+"""Method "mapped" on its one-pass-per-row kernels, the C++ one (csrc/cpu/mapped_rows.cpp) and the Triton one
+(kernels/mapped.py; under TRITON_INTERPRET=1 on the CPU): the teacher's dense row read through the map, never the
+sparse kernels (whose K ids a row no GPU holds in one block at a real map's K ~ V, and whose scalar buckets were the
+CPU's cost), held to the float64 reference under every divergence, at rows wider than a block, with both
+temperatures, CE, ignored rows, a student whose every column is matched, near-one-hot rows, masked columns, 16-bit
+logits, rows with a stride and the gradient written over the logits; their components equal the torch backend's."""
 
 import pytest
 import torch
 from conftest import device_for
 
 import kdfast
-import kdfast.kernels.sparse as sparse_kernel
+import kdfast.backends.cpu_backend as cpu_backend
 from kdfast.reference import cross_vocab_distill_loss_reference
 
-pytest.importorskip("triton")
-
-DEVICE = device_for("triton")
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 
 
@@ -37,13 +35,19 @@ def vocab_map(student_vocab: int, teacher_vocab: int, shared: int, seed: int = 0
                                            Vocabulary(teacher))
 
 
-@pytest.fixture(autouse=True)
-def no_sparse_kernel(monkeypatch):
-    """Every call here must take the mapped kernel: the sparse one refuses to run."""
+@pytest.fixture(params=["cpu", "triton"])
+def backend(request, monkeypatch):
+    """The kernel under test; every call here must take it: the sparse kernels refuse to run."""
     def refuse(*args, **kwargs):
-        raise AssertionError("method='mapped' on Triton ran the sparse kernel")
+        raise AssertionError(f"method='mapped' on {request.param} ran a sparse kernel")
 
-    monkeypatch.setattr(sparse_kernel, "sparse_forward_rows", refuse)
+    if request.param == "triton":
+        pytest.importorskip("triton")
+        import kdfast.kernels.sparse as sparse_kernel
+
+        monkeypatch.setattr(sparse_kernel, "sparse_forward_rows", refuse)
+    monkeypatch.setattr(cpu_backend, "sparse_forward_rows", refuse)
+    return request.param
 
 
 def rows(student_vocab, teacher_vocab, count=5, scale=2.0, seed=1):
@@ -55,10 +59,12 @@ def rows(student_vocab, teacher_vocab, count=5, scale=2.0, seed=1):
     return student, teacher, labels
 
 
-def check_against_reference(student, teacher, labels, vmap, rtol=1e-5, grad_rtol=1e-4, grad_atol=1e-6, **settings):
-    s = student.detach().to(DEVICE).requires_grad_()
-    loss = kdfast.cross_vocab_distill_loss(s, teacher.to(DEVICE), labels.to(DEVICE), vocab_map=vmap, method="mapped",
-                                           backend="triton", **settings)
+def check_against_reference(backend, student, teacher, labels, vmap, rtol=1e-5, grad_rtol=1e-4, grad_atol=1e-6,
+                            **settings):
+    device = device_for(backend)
+    s = student.detach().to(device).requires_grad_()
+    loss = kdfast.cross_vocab_distill_loss(s, teacher.to(device), labels.to(device), vocab_map=vmap, method="mapped",
+                                           backend=backend, **settings)
     reduction = settings.get("reduction", "mean")
     (loss.sum() if reduction == "none" else loss).backward()
     loss, grad = loss.cpu(), s.grad.cpu()
@@ -73,25 +79,25 @@ def check_against_reference(student, teacher, labels, vmap, rtol=1e-5, grad_rtol
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("temperatures", [(1.0, 1.0), (1.5, 0.7)])
-def test_every_divergence_over_rows_wider_than_a_block(divergence, temperatures):
+def test_every_divergence_over_rows_wider_than_a_block(backend, divergence, temperatures):
     """5000 student and 6000 teacher columns: each pass walks two blocks of 4096, the second partly masked."""
     vmap = vocab_map(5000, 6000, 3500)
     student, teacher, labels = rows(5000, 6000)
-    check_against_reference(student, teacher, labels, vmap, divergence=divergence, beta=0.3,
+    check_against_reference(backend, student, teacher, labels, vmap, divergence=divergence, beta=0.3,
                             temperature=temperatures[0], teacher_temperature=temperatures[1], ce_weight=0.3)
 
 
 @pytest.mark.parametrize("divergence", ["reverse_kl", "jsd", "tvd", "skew_reverse_kl"])
-def test_a_student_whose_every_column_is_matched(divergence):
+def test_a_student_whose_every_column_is_matched(backend, divergence):
     """No rest bucket on either side: the teacher's extra mass is dropped as the sparse algebra drops it."""
     vmap = vocab_map(300, 420, 300)
     student, teacher, labels = rows(300, 420)
-    check_against_reference(student, teacher, labels, vmap, divergence=divergence, ce_weight=0.2,
+    check_against_reference(backend, student, teacher, labels, vmap, divergence=divergence, ce_weight=0.2,
                             reduction="none")
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_near_one_hot_rows_and_masked_columns(divergence):
+def test_near_one_hot_rows_and_masked_columns(backend, divergence):
     """Logits 30x the usual spread (the scores centred on the student's largest bucket keep the gradient), a row
     whose largest bucket is its rest, and columns at -inf on both sides, off the map (at a matched column one KL or
     the other is infinite). Reverse KL's scores log q - log p reach ~100 here, where float32 keeps ~1e-5 of them
@@ -107,48 +113,50 @@ def test_near_one_hot_rows_and_masked_columns(divergence):
     student[0, student_rest[1:18]] = float("-inf")
     teacher[2, teacher_off_map.nonzero().flatten()[:50]] = float("-inf")
     labels[0] = int(vmap.student_ids[0])
-    loss = check_against_reference(student, teacher, labels, vmap, divergence=divergence, beta=0.5, ce_weight=0.4,
-                                   rtol=1e-4, grad_rtol=2e-4, grad_atol=5e-5 if "reverse" in divergence else 1e-6)
+    loss = check_against_reference(backend, student, teacher, labels, vmap, divergence=divergence, beta=0.5,
+                                   ce_weight=0.4, rtol=1e-4, grad_rtol=2e-4,
+                                   grad_atol=5e-5 if "reverse" in divergence else 1e-6)
     assert torch.isfinite(loss)
 
 
-def test_components_equal_the_torch_backend_and_in_place_writes_the_same_gradient():
+def test_components_equal_the_torch_backend_and_in_place_writes_the_same_gradient(backend):
     vmap = vocab_map(700, 900, 500)
-    student, teacher, labels = (x.to(DEVICE) for x in rows(700, 900, seed=7))
+    student, teacher, labels = (x.to(device_for(backend)) for x in rows(700, 900, seed=7))
     settings = dict(vocab_map=vmap, method="mapped", divergence="jsd", beta=0.3, temperature=2.0, ce_weight=0.5,
                     return_components=True)
     found = {}
-    for backend in ("triton", "torch"):
+    for name in (backend, "torch"):
         s = student.clone().requires_grad_()
-        loss, parts = kdfast.cross_vocab_distill_loss(s, teacher, labels, backend=backend, **settings)
+        loss, parts = kdfast.cross_vocab_distill_loss(s, teacher, labels, backend=name, **settings)
         loss.backward()
-        found[backend] = (loss, parts, s.grad)
-    (loss, parts, grad), (torch_loss, torch_parts, torch_grad) = found["triton"], found["torch"]
+        found[name] = (loss, parts, s.grad)
+    (loss, parts, grad), (torch_loss, torch_parts, torch_grad) = found[backend], found["torch"]
     torch.testing.assert_close(loss, torch_loss, rtol=1e-5, atol=1e-6)
     for name in ("kd", "ce", "entropy", "accuracy"):
         torch.testing.assert_close(getattr(parts, name), getattr(torch_parts, name), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, torch_grad, rtol=1e-4, atol=1e-7)
     work = student.clone()
     leaf = work.detach().requires_grad_()
-    in_place, _ = kdfast.cross_vocab_distill_loss(leaf, teacher, labels, backend="triton", inplace_backward=True,
+    in_place, _ = kdfast.cross_vocab_distill_loss(leaf, teacher, labels, backend=backend, inplace_backward=True,
                                                   **settings)
     (written,) = torch.autograd.grad(in_place, leaf)
     assert written.data_ptr() == work.data_ptr()
     torch.testing.assert_close(written, grad, rtol=0, atol=0)
 
 
-def test_sixteen_bit_logits_and_rows_with_a_stride():
+def test_sixteen_bit_logits_and_rows_with_a_stride(backend):
+    device = device_for(backend)
     vmap = vocab_map(400, 500, 300)
     student, teacher, labels = rows(400, 500, seed=9)
-    wide = torch.randn(5, 460, device=DEVICE)
-    wide[:, :400] = student.to(DEVICE)
+    wide = torch.randn(5, 460, device=device)
+    wide[:, :400] = student.to(device)
     strided = wide[:, :400]  # rows 460 apart: check_against_reference hands the kernel this view as it is
     assert strided.stride(0) == 460
-    check_against_reference(strided, teacher, labels, vmap, divergence="reverse_kl", ce_weight=0.3)
+    check_against_reference(backend, strided, teacher, labels, vmap, divergence="reverse_kl", ce_weight=0.3)
     half_student, half_teacher = student.bfloat16(), teacher.bfloat16()
-    s = half_student.detach().to(DEVICE).requires_grad_()
-    loss = kdfast.cross_vocab_distill_loss(s, half_teacher.to(DEVICE), labels.to(DEVICE), vocab_map=vmap,
-                                           method="mapped", backend="triton", divergence="forward_kl", ce_weight=0.3)
+    s = half_student.detach().to(device).requires_grad_()
+    loss = kdfast.cross_vocab_distill_loss(s, half_teacher.to(device), labels.to(device), vocab_map=vmap,
+                                           method="mapped", backend=backend, divergence="forward_kl", ce_weight=0.3)
     loss.backward()
     assert s.grad.dtype == torch.bfloat16
     loss, grad = loss.cpu(), s.grad.cpu()
@@ -160,7 +168,7 @@ def test_sixteen_bit_logits_and_rows_with_a_stride():
     torch.testing.assert_close(grad.double(), s32.grad.double(), rtol=1e-2, atol=1e-5)
 
 
-def test_a_dominant_matched_bucket_keeps_its_small_gradient():
+def test_a_dominant_matched_bucket_keeps_its_small_gradient(backend):
     """The student's mass on one matched column (1 - 1e-6) where the teacher's is e^-30: reverse KL's scores there
     are ~30, and the gradient at that column (~1e-5) is the difference of two such numbers unless the scores are
     centred on the largest bucket, as the sparse kernel centres them."""
@@ -170,26 +178,27 @@ def test_a_dominant_matched_bucket_keeps_its_small_gradient():
         column = int(vmap.student_ids[row * 7])
         student[row, column] = 22.0
         teacher[row, int(vmap.teacher_ids[row * 7])] = -30.0
-    check_against_reference(student, teacher, labels, vmap, divergence="reverse_kl", ce_weight=0.0,
+    check_against_reference(backend, student, teacher, labels, vmap, divergence="reverse_kl", ce_weight=0.0,
                             grad_rtol=1e-3, grad_atol=1e-8)
 
 
 @pytest.mark.parametrize("divergence, empty", [("reverse_kl", "teacher"), ("forward_kl", "student"),
                                                ("jsd", "student")])
-def test_an_empty_rest_is_floored_as_the_sparse_algebra_floors_it(divergence, empty):
+def test_an_empty_rest_is_floored_as_the_sparse_algebra_floors_it(backend, divergence, empty):
     """A rest whose every column is -inf: the teacher's under reverse KL (floored at 1e-7), the student's (its log
     floored at -87.3 against its largest exp): finite, and the torch backend's sparse algebra's value and gradient."""
     vmap = vocab_map(400, 500, 300)
-    student, teacher, labels = (x.to(DEVICE) for x in rows(400, 500, seed=13))
+    device = device_for(backend)
+    student, teacher, labels = (x.to(device) for x in rows(400, 500, seed=13))
     side, ids, width = (teacher, vmap.teacher_ids, 500) if empty == "teacher" else (student, vmap.student_ids, 400)
-    off_map = torch.ones(width, dtype=torch.bool, device=DEVICE)
-    off_map[ids.to(DEVICE)] = False
+    off_map = torch.ones(width, dtype=torch.bool, device=device)
+    off_map[ids.to(device)] = False
     side[:, off_map] = float("-inf")
-    labels[labels >= 0] = vmap.student_ids[:4].to(DEVICE)  # a label at a -inf logit would make the CE infinite
+    labels[labels >= 0] = vmap.student_ids[:4].to(device)  # a label at a -inf logit would make the CE infinite
     found = []
-    for backend in ("triton", "torch"):
+    for name in (backend, "torch"):
         s = student.clone().requires_grad_()
-        loss = kdfast.cross_vocab_distill_loss(s, teacher, labels, vocab_map=vmap, method="mapped", backend=backend,
+        loss = kdfast.cross_vocab_distill_loss(s, teacher, labels, vocab_map=vmap, method="mapped", backend=name,
                                                divergence=divergence, ce_weight=0.2)
         loss.backward()
         found.append((loss, s.grad))
