@@ -176,8 +176,8 @@ float reference_score(const float* t, const DistillArgs& a, const RowStats& st, 
 
 // Pass 2 (mixtures): returns the sum of the loss terms over these columns; writes d_j = h_j - h_ref into the
 // teacher-exp slot (each entry read just before) and sets *d_sum = sum_j q_j d_j.
-float mixture_pass(const float* s, const float* t, const DistillArgs& a, const RowStats& st, Scratch& w,
-                   float* d_sum) {
+__attribute__((flatten)) float mixture_pass(const float* s, const float* t, const DistillArgs& a, const RowStats& st,
+                                            Scratch& w, float* d_sum) {
   const MixtureConstants mc(a.beta);
   const float h_ref = reference_score(t, a, st, mc);
   const float inv_t = a.inv_temperature;

@@ -155,7 +155,8 @@ struct MappedRow {
 // q_j (h_j - h_ref - D) at a matched column and q_j (h_r - h_ref - D) off the map, centred as the sparse kernel
 // centres it on the student's largest bucket (h_ref), D = sum_b Q_b (h_b - h_ref). The scores are kept in `scores`
 // between the buckets' pass and the gradient's, both over cache-hot rows. Returns the divergence.
-float divergence_row(const MappedArgs& a, const MappedRow& r, float* grad, int64_t label, std::vector<float>& scores) {
+__attribute__((flatten)) float divergence_row(const MappedArgs& a, const MappedRow& r, float* grad, int64_t label,
+                                              std::vector<float>& scores) {
   const MappedColumns& m = a.map;
   const int64_t width = m.student_width, vector_end = width - width % kLanes;
   const float inv_student = 1.0f / m.student_temperature, inv_teacher = 1.0f / m.teacher_temperature;

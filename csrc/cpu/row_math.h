@@ -119,7 +119,9 @@ inline F weighted(F prob, F log_ratio) {
 
 // A mixture's loss term at one element and its score h = dL/dq (up to a constant, which centring removes), from
 // x = log p - log q: log(m / q) and log(m / p) are log-sum-exps of x and a constant, exact in both limits of a
-// near-one-hot row (no difference of two large log-probabilities). beta > 0 here (beta = 0 is a plain KL).
+// near-one-hot row (no difference of two large log-probabilities). beta > 0 here (beta = 0 is a plain KL). The
+// loops that call it per vector are `flatten`ed: GCC called it out of line there (its outputs through memory, a third
+// of the mixture's own-divergence sweep's samples), while inlining it everywhere slowed the forward KL mixture.
 template <typename F>
 inline void mixture_term_and_score(int divergence, float beta, float log_beta, float log_1m_beta, F ls, F lt, F q,
                                    F p, F& term, F& h) {

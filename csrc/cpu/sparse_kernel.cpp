@@ -123,7 +123,7 @@ struct BucketSums {
 
 // The buckets' divergence over the counted ones, D, the gradient at the ids' columns (into b.id_gradients) and
 // the rest's factor; `centre`: on the student's largest bucket (a whole row); `given_d`: the global D (GRADIENT).
-BucketSums bucket_math(const DistillArgs& a, Buckets& b, bool centre, const float* given_d) {
+__attribute__((flatten)) BucketSums bucket_math(const DistillArgs& a, Buckets& b, bool centre, const float* given_d) {
   const int64_t n = a.topk + 1;
   float kd = 0.0f, row_sum = 0.0f;
   // A teacher's rest meets no student bucket where the ids cover the row: it is rounding, and adds nothing.
