@@ -102,19 +102,6 @@ double guarded_e_x_sum(const float* e, const float* y, int64_t width, float scal
   return total;
 }
 
-// A bucket's divergence term and its score h (dL/dQ up to a constant), from log Q and log P, as the sparse kernel's
-// bucket algebra has them (csrc/cpu/sparse_kernel.cpp, bucket_math); not forward KL.
-template <typename F>
-inline void bucket_term_and_score(int divergence, const MixtureConstants& mc, F log_q, F log_p, F q, F& term, F& h) {
-  if (divergence == kReverseKL) {
-    h = log_q - log_p;
-    term = weighted(q, h);
-    return;
-  }
-  mixture_term_and_score<F>(divergence, mc.beta, mc.log_beta, mc.log_1m_beta, log_q, log_p, q, fast_exp(log_p), term,
-                            h);
-}
-
 // The first of the student's matched columns holding their largest logit (-1: none matched), by lanes.
 int64_t largest_matched(const float* z, const int32_t* teacher_column, int64_t width) {
   const int64_t vector_end = width - width % kLanes;

@@ -208,6 +208,19 @@ struct MixtureConstants {
       : beta(b), log_beta(b > 0.0f ? std::log(b) : -INFINITY), log_1m_beta(b < 1.0f ? std::log1p(-b) : -INFINITY) {}
 };
 
+// A sparse or mapped bucket's divergence term and its score h (dL/dQ up to a constant), from its log Q and log P
+// (the sparse algebra's buckets: csrc/cpu/sparse_kernel.cpp, mapped_rows.cpp); not forward KL.
+template <typename F>
+inline void bucket_term_and_score(int divergence, const MixtureConstants& mc, F log_q, F log_p, F q, F& term, F& h) {
+  if (divergence == kReverseKL) {
+    h = log_q - log_p;
+    term = weighted(q, h);
+    return;
+  }
+  mixture_term_and_score<F>(divergence, mc.beta, mc.log_beta, mc.log_1m_beta, log_q, log_p, q, fast_exp(log_p), term,
+                            h);
+}
+
 // How the gradient pass finds softmax(s)_j at temperature 1: from the tempered exps (T = 1: as they are,
 // T = 2: squared) or from the separate exps pass 1 kept. A template parameter, so each loop is branch-free.
 enum CeSource : int { kNoCe = 0, kCeFromTempered = 1, kCeFromTemperedSquared = 2, kCeFromOwnExps = 3 };

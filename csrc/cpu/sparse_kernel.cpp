@@ -151,20 +151,13 @@ __attribute__((flatten)) BucketSums bucket_math(const DistillArgs& a, Buckets& b
     return {kd, 0.0f, total - (rest_q > 0.0f ? rest_p / rest_q : 0.0f)};
   }
   const MixtureConstants mc(a.beta);
-  const bool reverse = a.divergence == kReverseKL;
   float* q_of = b.id_gradients.data();  // each bucket's Q, until its gradient is formed from it below
   for_lanes(n, [&](int64_t i, auto zero) {
     using F = decltype(zero);
-    const F lq = load<F>(log_q + i), lp = load<F>(log_p + i);
+    const F lq = load<F>(log_q + i);
     const F q = fast_exp(lq);
     F term, score;
-    if (reverse) {
-      score = lq - lp;
-      term = weighted(q, score);
-    } else {
-      mixture_term_and_score<F>(a.divergence, mc.beta, mc.log_beta, mc.log_1m_beta, lq, lp, q, fast_exp(lp), term,
-                                score);
-    }
+    bucket_term_and_score<F>(a.divergence, mc, lq, load<F>(log_p + i), q, term, score);
     store(q_of + i, q);
     store(b.terms.data() + i, term);
     store(b.scores.data() + i, score);
