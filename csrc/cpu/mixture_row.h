@@ -54,9 +54,10 @@ float exact_log_mixture(const TeacherT* const* rows, const float* maxima, const 
 // One teacher's own divergence (JSD, a skew or TVD) against the student, summed over the row from both sides' exps
 // (e_t = exp((t - top) / T) in `exps`, z its sum; the student's the same way), the kernel's own terms at each column.
 // (flatten: the per-column terms inlined; noinline: the teachers' pass loop stays as small as forward KL needs it)
-__attribute__((noinline, flatten)) inline float own_divergence_sweep(const float* t, float top, const float* exps, float z, const float* student,
-                                  float student_top, const float* student_exps, float log_z_s, float inv_z_s,
-                                  const DistillArgs& a) {
+__attribute__((noinline, flatten)) inline float own_divergence_sweep(const float* t, float top, const float* exps,
+                                                                     float z, const float* student, float student_top,
+                                                                     const float* student_exps, float log_z_s,
+                                                                     float inv_z_s, const DistillArgs& a) {
   const MixtureConstants mc(a.beta);
   const float inv_t = a.inv_temperature, log_z = std::log(z), inv_z = 1.0f / z;
   VFloat total{};
