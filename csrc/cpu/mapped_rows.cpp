@@ -156,10 +156,10 @@ __attribute__((flatten)) float divergence_row(const MappedArgs& a, const MappedR
   bucket_term_and_score<float>(divergence, mc, r.log_q_rest, r.log_p_rest, q_rest, rest_term, rest_h);
   // The centre: the student's largest bucket, its rest where that holds more than its largest matched column.
   const int64_t star = largest_matched(r.z, a.teacher_column, width);
+  const float star_log_q = star >= 0 ? log_q_at(r.z[star]) : -INFINITY;
   float h_ref = rest_h;
-  if (star >= 0 && !(r.log_q_rest > log_q_at(r.z[star]))) {
+  if (star >= 0 && !(r.log_q_rest > star_log_q)) {
     float star_term;
-    const float star_log_q = log_q_at(r.z[star]);
     bucket_term_and_score<float>(divergence, mc, star_log_q, log_p_at(a.teacher_column[star]), std::exp(star_log_q),
                                  star_term, h_ref);
   }
@@ -326,9 +326,6 @@ void mapped_rows_cpu(const MappedArgs& a, int64_t begin, int64_t end) {
       t_rest += e * a.teacher_rest_mask[j];
       t_plogp += static_cast<double>(e) * x * (1.0f - a.teacher_rest_mask[j]);
     }
-    if (std::isnan(t_plogp)) {
-      t_plogp = guarded_e_x_sum(texp, t, teacher_width, inv_teacher, teacher_top, a.teacher_rest_mask);
-    }
     const double log_t_sum = std::log(t_sum);
     // A teacher rest below exp(-87) of its largest probability is no mass that counts: log P_r = -inf.
     const float log_rest = t_rest > 0.0 ? static_cast<float>(std::log(t_rest) - log_t_sum) : -INFINITY;
@@ -344,6 +341,9 @@ void mapped_rows_cpu(const MappedArgs& a, int64_t begin, int64_t end) {
                       p_rest > 0.0 ? static_cast<float>(std::log(p_rest)) : -INFINITY, lse_one};
       parts[0] = divergence_row(a, sides, grad, label, scores);
       continue;
+    }
+    if (std::isnan(t_plogp)) {  // forward KL's alone
+      t_plogp = guarded_e_x_sum(texp, t, teacher_width, inv_teacher, teacher_top, a.teacher_rest_mask);
     }
     const double matched_mass = (t_sum - t_rest) / t_sum;
     // sum_k P_k log P_k = sum_k (e_k / S)(x_k - log S) over the matched columns.
