@@ -1,4 +1,5 @@
 // Instantiates the dense, the mixed and the sparse row kernels for bf16 student logits (teacher: bf16 or float32).
+#include "row_launchers.cuh"
 #include "sparse_rows.cuh"
 
 namespace kdfast_cuda {

@@ -1,4 +1,5 @@
 // Instantiates the dense, the mixed and the sparse row kernels for fp16 student logits (teacher: fp16 or float32).
+#include "row_launchers.cuh"
 #include "sparse_rows.cuh"
 
 namespace kdfast_cuda {
