@@ -62,7 +62,7 @@ def fused_linear_sparse_loss(student_hidden, student_weight, teacher_ids, teache
         check_linear_student(student_hidden, student_weight, student_bias, softcap, chunk_size, fp32_logits)
         lead_shape = tuple(student_hidden.shape[:-1])
         check_sparse_targets(teacher_ids, teacher_logprobs, lead_shape, vocab, student_hidden.device, opts,
-                             "the hidden states")
+                             "the hidden states", labels)
         check_labels_for(labels, lead_shape, vocab, student_hidden.device, opts, "the hidden states")
         check_num_items(num_items_in_batch)
 

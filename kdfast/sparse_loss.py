@@ -64,7 +64,7 @@ def _check(student_logits, teacher_ids, teacher_logprobs, labels, num_items_in_b
         check_vocab_size(opts.vocab_size, student_logits=student_logits.shape[-1])
     check_sparse_targets(teacher_ids, teacher_logprobs, tuple(student_logits.shape[:-1]),
                          vocab or opts.vocab_size or student_logits.shape[-1], student_logits.device, opts,
-                         "the student logits")
+                         "the student logits", labels)
     check_num_items(num_items_in_batch)
 
 

@@ -167,9 +167,10 @@ def check_chunk_settings(softcap, chunk_size, fp32_logits=False) -> None:
 
 
 def check_sparse_targets(teacher_ids, teacher_logprobs, lead_shape: tuple, vocab: int, device, opts: LossOptions,
-                         what: str) -> None:
+                         what: str, labels=None) -> None:
     """teacher_ids: integer [..., K] (one row per row of `what`, -1 = padding) within [-1, vocab);
-    teacher_logprobs: float of the same shape, on the same device, not requiring grad."""
+    teacher_logprobs: float of the same shape, on the same device, not requiring grad, log-probabilities in the rows
+    the loss keeps (`labels` not ignore_index; every row without labels)."""
     if not isinstance(teacher_ids, torch.Tensor):
         raise ValueError(f"teacher_ids must be an integer torch.Tensor of shape [..., K], got "
                          f"{type(teacher_ids).__name__}")
@@ -197,3 +198,38 @@ def check_sparse_targets(teacher_ids, teacher_logprobs, lead_shape: tuple, vocab
         if bool(bad.any()):
             raise ValueError(f"teacher_ids must lie in [0, {vocab}) or be -1 (padding); found "
                              f"{teacher_ids[bad][0].item()}")
+    if opts.has_kd and teacher_ids.numel() and _label_check_costs_no_sync(teacher_logprobs):
+        _check_teacher_logprobs(teacher_ids, teacher_logprobs, getattr(opts, "tail", "bucket"),
+                                _kept_rows(labels, lead_shape, opts))
+
+
+# A row's held probabilities sum to at most 1. The slack is 16-bit storage's: bf16 moves a log-prob by up to 2^-9 of
+# its size, a few parts in a thousand of the row's mass. Top-k logits passed for log-probs, the likely slip, sum far
+# above it.
+_TEACHER_MASS_SLACK = 1e-2
+
+
+def _kept_rows(labels, lead_shape: tuple, opts: LossOptions):
+    """The rows the loss reads ([..., 1]), or None for all: a collator may fill the ignored ones with anything."""
+    if isinstance(labels, torch.Tensor) and tuple(labels.shape) == tuple(lead_shape):
+        return (labels != opts.ignore_index).unsqueeze(-1)
+    return None
+
+
+def _check_teacher_logprobs(teacher_ids, teacher_logprobs, tail: str, kept) -> None:
+    """At held ids of kept rows: no NaN or +inf, and (tail="bucket", whose rest is 1 - sum p) a row's mass at most 1.
+    Under tail="renormalize" the K values are normalised over the ids, so any finite scale is the same teacher."""
+    held = teacher_ids >= 0 if kept is None else (teacher_ids >= 0) & kept
+    values = teacher_logprobs.detach()
+    bad = held & (torch.isnan(values) | (values == math.inf))
+    if bool(bad.any()):
+        raise ValueError(f"teacher_logprobs must be log-probabilities (finite, or -inf for p = 0) at every held id; "
+                         f"found {values[bad][0].item()}")
+    if tail != "bucket":
+        return
+    mass = torch.where(held, values.double().exp(), 0.0).sum(-1)
+    worst = mass.max().item() if mass.numel() else 0.0
+    if worst > 1.0 + _TEACHER_MASS_SLACK:
+        raise ValueError(f"teacher_logprobs must be log-probabilities at the loss's temperature: a row's held "
+                         f"probabilities sum to {worst:.4g} > 1 (logits instead of log-probs? take log_softmax over "
+                         f"the full vocabulary first, or pass tail='renormalize' for the top-k cross-entropy)")

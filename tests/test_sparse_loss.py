@@ -189,6 +189,57 @@ def test_bad_input_is_a_clear_value_error(change, extra, match):
         kdfast.sparse_distill_loss(**arguments, **extra)
 
 
+def test_logits_passed_for_logprobs_are_refused_under_the_bucket_tail():
+    # The teacher's rest is 1 - sum p: top-k logits in its place sum far above 1 and would train on a made-up teacher.
+    # (Checked where it costs no host sync: CPU tensors, or KDFAST_CHECK_LABELS=1.)
+    student, ids, _ = _inputs()
+    with pytest.raises(ValueError, match=r"teacher_logprobs must be log-probabilities at the loss's temperature: a "
+                                         r"row's held probabilities sum to [0-9.e+]+ > 1"):
+        kdfast.sparse_distill_loss(student, ids, torch.randn(4, 3) + 8.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_renormalize_takes_logits_as_their_log_softmax(backend):
+    # tail="renormalize" normalises over the ids, so top-k logits are the same teacher as their log-softmax.
+    student, ids, _ = _inputs()
+    top_logits = torch.randn(4, 3) + 8.0
+    device = device_for(backend)
+    losses = [kdfast.sparse_distill_loss(student.to(device), ids.to(device), values.to(device), tail="renormalize",
+                                         backend=backend).cpu()
+              for values in (top_logits, top_logits.log_softmax(-1))]
+    torch.testing.assert_close(losses[0], losses[1])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_logprob_at_a_held_id_is_refused(bad):
+    student, ids, logprobs = _inputs()
+    logprobs[2, 1] = bad
+    with pytest.raises(ValueError, match=r"teacher_logprobs must be log-probabilities \(finite, or -inf for p = 0\)"):
+        kdfast.sparse_distill_loss(student, ids, logprobs)
+
+
+def test_what_the_loss_does_not_read_may_hold_anything():
+    # Padding ids and rows whose label is ignore_index: a collator may fill them with zeros or NaN.
+    student, ids, logprobs = _inputs()
+    labels = torch.tensor([1, 2, -100, 3])
+    ids[0, 2] = -1
+    expected = kdfast.sparse_distill_loss(student, ids, logprobs, labels, ce_weight=0.5)
+    filled_ids, filled = ids.clone(), logprobs.clone()
+    filled[0, 2] = float("nan")  # at the padding id
+    filled_ids[2], filled[2] = 0, 0.0  # the ignored row: K copies of p = 1
+    torch.testing.assert_close(kdfast.sparse_distill_loss(student, filled_ids, filled, labels, ce_weight=0.5),
+                               expected)
+
+
+def test_sixteen_bit_rounding_of_a_full_row_is_accepted():
+    # bf16 log-probs of ids that cover the row sum a little above 1; that is storage, not a wrong teacher.
+    student = torch.randn(4, 10)
+    ids = torch.arange(10).expand(4, 10)
+    logprobs = (torch.randn(4, 10) * 3).log_softmax(-1).bfloat16()
+    assert (logprobs.double().exp().sum(-1) > 1).any()
+    assert torch.isfinite(kdfast.sparse_distill_loss(student, ids, logprobs))
+
+
 def test_teacher_logprobs_requiring_grad_are_refused():
     student, ids, logprobs = _inputs()
     with pytest.raises(ValueError, match="teacher_logprobs requires grad"):
