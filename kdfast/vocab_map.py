@@ -28,8 +28,9 @@ def _vocab(tokenizer) -> dict:
 
 @dataclass(frozen=True)
 class VocabMap:
-    """student_ids[k] and teacher_ids[k] are one token string (int64 tensors [K], student ids ascending);
-    student_size / teacher_size the vocabularies' sizes (their largest id + 1)."""
+    """student_ids[k] and teacher_ids[k] are one token string (int64 tensors [K], student ids ascending where
+    `from_tokenizers` or `load` builds it; any order works); student_size / teacher_size the vocabularies' sizes
+    (their largest id + 1). A map built by hand is checked as one from tokenizers would be: each id once a side."""
 
     student_ids: torch.Tensor
     teacher_ids: torch.Tensor
@@ -37,6 +38,26 @@ class VocabMap:
     teacher_size: int
     student_fingerprint: str = ""
     teacher_fingerprint: str = ""
+
+    def __post_init__(self):
+        for name, ids in (("student_ids", self.student_ids), ("teacher_ids", self.teacher_ids)):
+            if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype != torch.int64:
+                raise ValueError(f"VocabMap.{name} must be an int64 tensor [K] of token ids, got "
+                                 f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}")
+        if self.student_ids.shape != self.teacher_ids.shape:
+            raise ValueError(f"VocabMap.student_ids {tuple(self.student_ids.shape)} and teacher_ids "
+                             f"{tuple(self.teacher_ids.shape)} must pair up: one matched token each")
+        if self.student_ids.device.type != "cpu":
+            return  # moved by `to()` from a map checked on the CPU; reading values on a GPU would be a sync
+        # Two student tokens on one teacher token would count its probability twice, and the other way round.
+        for name, ids, size in (("student_ids", self.student_ids, self.student_size),
+                                ("teacher_ids", self.teacher_ids, self.teacher_size)):
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
+                raise ValueError(f"VocabMap.{name} must lie in [0, {size}) (the vocabulary's size), got ids from "
+                                 f"{int(ids.min())} to {int(ids.max())}")
+            if ids.unique().numel() != ids.numel():
+                raise ValueError(f"VocabMap.{name} must hold each token id once (an exact token-string match is "
+                                 f"one to one); {ids.numel() - ids.unique().numel()} repeated")
 
     @classmethod
     def from_tokenizers(cls, student_tokenizer, teacher_tokenizer) -> VocabMap:
@@ -73,6 +94,8 @@ class VocabMap:
                                  f"{width}: the map was built from another tokenizer")
 
     def to(self, device) -> VocabMap:
+        if self.student_ids.device == torch.device(device) and self.teacher_ids.device == torch.device(device):
+            return self
         return VocabMap(self.student_ids.to(device), self.teacher_ids.to(device), self.student_size,
                         self.teacher_size, self.student_fingerprint, self.teacher_fingerprint)
 

@@ -188,6 +188,30 @@ def test_bad_input_names_the_argument(vocab_map):
         call(student, teacher, vocab_map=vocab_map, teacher_temperature=0.0)
 
 
+@pytest.mark.parametrize("student_ids,teacher_ids,match", [
+    ([0, 1, 1, 5], [3, 4, 0, 11], r"VocabMap.student_ids must hold each token id once .* 1 repeated"),
+    # Two student tokens on one teacher token: its probability would count twice (before, a silent wrong loss).
+    ([0, 1, 2, 5], [3, 3, 0, 11], r"VocabMap.teacher_ids must hold each token id once"),
+    ([-1, 1, 2, 5], [3, 4, 0, 11], r"VocabMap.student_ids must lie in \[0, 10\) .* from -1 to 5"),
+    ([0, 1, 2, 5], [3, 4, 0, 12], r"VocabMap.teacher_ids must lie in \[0, 12\)"),
+    ([0, 1, 2], [3, 4, 0, 11], r"VocabMap.student_ids \(3,\) and teacher_ids \(4,\) must pair up"),
+    ([0.0, 1.0], [3.0, 4.0], r"VocabMap.student_ids must be an int64 tensor \[K\]"),
+])
+def test_a_hand_built_map_is_checked_as_one_from_tokenizers(student_ids, teacher_ids, match):
+    with pytest.raises(ValueError, match=match):
+        kdfast.VocabMap(torch.tensor(student_ids), torch.tensor(teacher_ids), 10, 12)
+
+
+def test_a_hand_built_map_in_any_order_gives_the_same_loss():
+    student, teacher = torch.randn(4, 10), torch.randn(4, 12)
+    ascending = kdfast.VocabMap(torch.tensor([0, 1, 2, 5]), torch.tensor([3, 4, 0, 11]), 10, 12)
+    shuffled = kdfast.VocabMap(torch.tensor([5, 1, 2, 0]), torch.tensor([11, 4, 0, 3]), 10, 12)
+    for method in ("mapped", "hybrid"):
+        torch.testing.assert_close(kdfast.cross_vocab_distill_loss(student, teacher, vocab_map=shuffled, method=method),
+                                   kdfast.cross_vocab_distill_loss(student, teacher, vocab_map=ascending,
+                                                                   method=method))
+
+
 def test_mapped_forward_kl_with_no_student_bucket_is_refused():
     """Every student token matched, the teacher holding more: forward KL's rest term P_r log(P_r / 0) is infinite.
     Refused for forward KL; reverse KL (whose rest term is 0 log 0 = 0) equals the float64 reference."""
