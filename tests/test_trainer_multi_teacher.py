@@ -50,6 +50,19 @@ def test_a_teacher_id_column_routes_each_example(tmp_path):
     torch.testing.assert_close(loss.double(), sum(per_example) / 30, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("teacher_id,match", [
+    (torch.tensor([1, 0, 2, 1]), r"teacher_id column must index the 2 teachers \(0..1\), got values from 0 to 2"),
+    (torch.tensor([1, -1, 0, 1]), r"teacher_id column must index the 2 teachers \(0..1\), got values from -1 to 1"),
+    (torch.tensor([1.0, 0.0, 0.0, 1.0]), "teacher_id column must hold integer teacher indices"),
+])
+def test_a_teacher_id_outside_the_teachers_is_a_clear_error(tmp_path, teacher_id, match):
+    # Before, torch's one_hot said "Class values must be smaller than num_classes", after every teacher's forward.
+    student, models = student_and_teacher()[0], teachers()
+    trainer = DistillationTrainer(model=student, teacher_model=models, args=training_args(tmp_path), **SETTINGS)
+    with pytest.raises(ValueError, match=match):
+        trainer.compute_loss(trainer.model, {**token_batch(), "teacher_id": teacher_id})
+
+
 def test_trains_with_two_teachers(tmp_path):
     student, models = student_and_teacher()[0], teachers()
     rows = [{"input_ids": row, "labels": row, "teacher_id": index % 2}

@@ -111,12 +111,12 @@ def batch_multi_teacher_loss(student, teachers: list, inputs, options: LossOptio
     head's own logit scale and softcap). Without `weights`, a batch's `teacher_id` column ([batch] indices) routes
     each example to its teacher."""
     input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
+    routed = _routing(inputs["teacher_id"], len(teachers)) if weights is None and "teacher_id" in inputs else None
     student_hidden = last_hidden_state(student, input_ids, attention_mask)[:, :-1]
     with torch.no_grad():
         teacher_hidden = [run_through_wrapper(teacher, teacher, last_hidden_state, teacher, input_ids,
                                               attention_mask)[:, :-1] for teacher in teachers]
-    if weights is None and "teacher_id" in inputs:
-        routed = torch.nn.functional.one_hot(inputs["teacher_id"].reshape(-1).long(), len(teachers)).float()
+    if routed is not None:
         weights = routed[:, None, :].expand(*student_hidden.shape[:-1], len(teachers))
     student_head, heads = output_head(student), [output_head(teacher) for teacher in teachers]
     with contextlib.ExitStack() as stack:
@@ -158,3 +158,19 @@ def batch_sparse_distill_loss(student, inputs, options: SparseOptions, *, chunk_
     return sparse_distill_from_hidden(student, hidden, inputs["teacher_ids"][:, 1:], inputs["teacher_logprobs"][:, 1:],
                                       inputs["labels"][:, 1:], options, chunk_size=chunk_size, fp32_logits=fp32_logits,
                                       num_items_in_batch=num_items_in_batch)
+
+
+def _routing(teacher_id: torch.Tensor, count: int) -> torch.Tensor:
+    """[batch, count] one-hot rows from the `teacher_id` column, checked before any forward pass where that costs no
+    sync (on a GPU, one_hot's scatter asserts on the device instead)."""
+    teacher_id = torch.as_tensor(teacher_id).reshape(-1)
+    if teacher_id.dtype.is_floating_point or teacher_id.dtype == torch.bool:
+        raise ValueError(f"the batch's teacher_id column must hold integer teacher indices, got dtype "
+                         f"{teacher_id.dtype}")
+    if teacher_id.device.type == "cpu" and teacher_id.numel():
+        low, high = int(teacher_id.min()), int(teacher_id.max())
+        if low < 0 or high >= count:
+            raise ValueError(f"the batch's teacher_id column must index the {count} teachers (0..{count - 1}), got "
+                             f"values from {low} to {high}")
+    return torch.nn.functional.one_hot(teacher_id.long(), count).float()
+
