@@ -57,6 +57,28 @@ def row_log_weights(weights, count: int, labels, lead_shape: tuple, opts: LossOp
     return (weights / weights.sum()).log().to(device).expand(rows, count)
 
 
+def check_trainer_weights(weights, count: int) -> None:
+    """A trainer's `teacher_weights` where it is built, not at its first step after every teacher's forward: None, a
+    mode, or `count` finite numbers >= 0 that are not all 0 (per-row weights come from a `teacher_id` column)."""
+    if weights is None:
+        return
+    if isinstance(weights, str):
+        if weights not in WEIGHT_MODES:
+            raise ValueError(f"teacher_weights must be None, {count} numbers or one of {WEIGHT_MODES}, got "
+                             f"{weights!r}")
+        return
+    try:
+        values = torch.as_tensor(weights, dtype=torch.float64, device="cpu")
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"teacher_weights must be None, {count} numbers or one of {WEIGHT_MODES}, got "
+                         f"{weights!r}") from None
+    if values.shape != (count,):
+        raise ValueError(f"teacher_weights must hold {count} numbers (one per teacher), got shape "
+                         f"{tuple(values.shape)}")
+    if not bool(torch.isfinite(values).all()) or bool((values < 0).any()) or not float(values.sum()) > 0:
+        raise ValueError(f"teacher_weights must be finite, >= 0 and not all 0, got {values.tolist()}")
+
+
 def static_shares(weights, count: int) -> tuple | None:
     """Each teacher's normalised weight when every row has the same weights and the host knows them (None, numbers,
     a CPU tensor [M]); else None. The average gives the CE to the heaviest teacher's call without a device sync."""

@@ -89,6 +89,22 @@ def test_settings_for_several_teachers_are_refused_with_one(tmp_path):
         DistillationTrainer(model=student, teacher_model=[], args=args)
 
 
+@pytest.mark.parametrize("weights,match", [
+    ([1.0, 2.0, 3.0], r"teacher_weights must hold 2 numbers \(one per teacher\), got shape \(3,\)"),
+    ([1.0, -2.0], r"teacher_weights must be finite, >= 0 and not all 0, got \[1.0, -2.0\]"),
+    ([0.0, 0.0], "teacher_weights must be finite, >= 0 and not all 0"),
+    ([float("nan"), 1.0], "teacher_weights must be finite, >= 0 and not all 0"),
+    ("confident", r"teacher_weights must be None, 2 numbers or one of \('confidence', 'min_ce'\)"),
+    ({"a": 1}, "teacher_weights must be None, 2 numbers or one of"),
+])
+def test_bad_teacher_weights_fail_where_the_trainer_is_built(tmp_path, weights, match):
+    # Before, they failed at the first step, after every teacher's forward pass.
+    student = student_and_teacher()[0]
+    with pytest.raises(ValueError, match=match):
+        DistillationTrainer(model=student, teacher_model=teachers(), args=training_args(tmp_path),
+                            teacher_weights=weights)
+
+
 def test_each_teachers_divergence_is_logged(tmp_path):
     student, models = student_and_teacher()[0], teachers()
     rows = [{"input_ids": row, "labels": row}

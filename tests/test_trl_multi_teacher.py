@@ -88,3 +88,5 @@ def test_trains_with_two_teachers_and_refuses_what_one_teacher_cannot_take(tmp_p
         _trainer(tmp_path, student, teacher, teacher_weights=[1.0])
     with pytest.raises(ValueError, match="teacher_model as a list takes loaded models"):
         _trainer(tmp_path, student, [teacher, "some/checkpoint"])
+    with pytest.raises(ValueError, match=r"teacher_weights must hold 2 numbers \(one per teacher\)"):
+        _trainer(tmp_path, student, [teacher, tiny_llama(48, seed=3)], teacher_weights=[1.0, 2.0, 3.0])

@@ -25,6 +25,7 @@ from kdfast.integrations.sparse_teacher import (
 from kdfast.multi_teacher import COMBINES
 from kdfast.options import LossOptions
 from kdfast.teacher_cache.collate import SparseTeacherCollator
+from kdfast.teacher_weights import check_trainer_weights
 from kdfast.validation import check_chunk_settings
 
 
@@ -44,9 +45,9 @@ class DistillationTrainer(Trainer):
 
     The teacher is one of:
     - `teacher_model`: run in eval mode under no_grad, on the student's device and dtype; or a list of models (of any
-      hidden sizes), mixed (`teacher_combine="mixture"`) or averaged ("average") with `teacher_weights` (those of
-      `kdfast.multi_teacher_distill_loss`; without them, a dataset column `teacher_id` routes each example to one
-      teacher, else they weigh 1/M each);
+      hidden sizes), mixed (`teacher_combine="mixture"`) or averaged ("average") with `teacher_weights` (M numbers,
+      "confidence" or "min_ce", as `kdfast.multi_teacher_distill_loss` takes them, checked here; without them, a
+      dataset column `teacher_id` routes each example to one teacher, else they weigh 1/M each);
     - `teacher_cache`: a `kdfast teacher-cache` folder (or `TeacherCache`); it is the training data unless
       `train_dataset` is given, whose rows must then be the cache's windows in order. Its tokenizer must be the
       student's (`processing_class`), and for tail="bucket" its temperature the loss's;
@@ -94,6 +95,8 @@ class DistillationTrainer(Trainer):
                              "list of models")
         if teacher_combine not in COMBINES:
             raise ValueError(f"teacher_combine must be one of {COMBINES}, got {teacher_combine!r}")
+        if several:
+            check_trainer_weights(teacher_weights, len(teacher_model))
         self.teacher_weights, self.teacher_combine = teacher_weights, teacher_combine
         check_chunk_settings(None, chunk_size, fp32_logits)
         self.chunk_size, self.shard_teacher, self.fp32_logits = chunk_size, shard_teacher, fp32_logits

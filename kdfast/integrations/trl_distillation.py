@@ -17,6 +17,7 @@ from kdfast.linear_loss import fused_linear_loss
 from kdfast.linear_multi_teacher import fused_linear_multi_teacher_loss
 from kdfast.multi_teacher import COMBINES
 from kdfast.options import LossOptions
+from kdfast.teacher_weights import check_trainer_weights
 
 try:
     from trl import DistillationTrainer as _TRLDistillationTrainer
@@ -126,6 +127,8 @@ class DistillationTrainer(_TRLDistillationTrainer):
                              "list of models")
         if teacher_combine not in COMBINES:
             raise ValueError(f"teacher_combine must be one of {COMBINES}, got {teacher_combine!r}")
+        if several:
+            check_trainer_weights(teacher_weights, len(teacher_model))
         super().__init__(model, teacher_model[0] if several else teacher_model, args, *rest, **kwargs)
         self.teacher_weights, self.teacher_combine = teacher_weights, teacher_combine
         self._teacher_divergences = None
