@@ -33,43 +33,83 @@ class LogitMap:
         scale / c (the tanh's argument) with one; cap_ does the rest."""
         return self.slope if self.softcap is None else self.scale / self.softcap
 
-    def cap_(self, tanh_arg: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """With a softcap, after a GEMM that applied gemm_factor: tanh in place in `tanh_arg` (tanh_chain_ reads it)
-        and c / T * tanh written into `out` (tanh_arg itself where no chain rule follows), which it returns."""
-        return torch.mul(tanh_arg.tanh_(), self.softcap / self.temperature, out=out)
+    # 16-bit logits are capped in float32 and rounded once, as the GEMM's output was: a division, a tanh and a
+    # product in bf16 round three more times (a probability moved by ~1%), and a tanh kept in bf16 loses 1 - tanh^2
+    # near +-1 to cancellation. So a 16-bit chunk keeps the tanh's argument, and the chain rule takes the tanh again.
 
-    def tanh_chain_(self, grad: torch.Tensor, tanh: torch.Tensor) -> torch.Tensor:
-        """chain_ from cap_'s tanh: grad times slope * (1 - tanh^2), in place. Overwrites `tanh`."""
-        # slope * (1 - tanh^2) in the ops the unscaled chain already took.
-        return grad.mul_(tanh.mul_(tanh).mul_(-self.slope).add_(self.slope))
+    def cap_(self, tanh_arg: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """With a softcap, after a GEMM that applied gemm_factor: c / T * tanh written into `out` (tanh_arg itself
+        where no chain rule follows), which it returns. `tanh_arg` then holds what tanh_chain_ reads: the tanh
+        (float32) or its argument unchanged (16-bit)."""
+        if tanh_arg.dtype == torch.float32:
+            return torch.mul(tanh_arg.tanh_(), self.softcap / self.temperature, out=out)
+        for rows in _row_blocks(out):
+            out[rows] = tanh_arg[rows].float().tanh_().mul_(self.softcap / self.temperature)
+        return out
+
+    def tanh_chain_(self, grad: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """chain_ from what cap_ kept: grad times slope * (1 - tanh^2), in place. Overwrites a float32 `kept`."""
+        if kept.dtype == torch.float32:
+            # slope * (1 - tanh^2) in the ops the unscaled chain already took.
+            return grad.mul_(kept.mul_(kept).mul_(-self.slope).add_(self.slope))
+        return self._chain_in_float32_(grad, kept, 1.0)
 
     def apply_(self, logits: torch.Tensor) -> torch.Tensor:
         """Maps the GEMM's output in place and returns it."""
         if self.softcap is None:
             return logits.mul_(self.slope) if self.slope != 1.0 else logits
+        if logits.dtype != torch.float32:
+            return self.capped_into(logits, logits)
         if self.scale != 1.0:
             logits.mul_(self.scale)
         return logits.div_(self.softcap).tanh_().mul_(self.softcap / self.temperature)
 
     def capped_into(self, uncapped: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """With a softcap: scales the GEMM's output `uncapped` in place (the chain rule reads it) and writes the
-        capped logits into `out`, which it returns."""
+        """With a softcap: the capped logits of the GEMM's output `uncapped` written into `out`, which it returns;
+        chain_ then reads `uncapped` (float32: scaled in place; 16-bit: left as it is, the scale taken in float32)."""
+        if uncapped.dtype != torch.float32:
+            factor = self.scale / self.softcap
+            for rows in _row_blocks(out):
+                out[rows] = uncapped[rows].float().mul_(factor).tanh_().mul_(self.softcap / self.temperature)
+            return out
         if self.scale != 1.0:
             uncapped.mul_(self.scale)
         return torch.div(uncapped, self.softcap, out=out).tanh_().mul_(self.softcap / self.temperature)
 
     def chain_(self, grad: torch.Tensor, uncapped: torch.Tensor | None) -> torch.Tensor:
         """grad (d loss / d mapped logits) times d mapped / d GEMM output, in place: scale / T * (1 - tanh(z / c)^2).
-        Overwrites `uncapped`."""
-        if self.softcap is not None:
-            return self.tanh_chain_(grad, uncapped.div_(self.softcap).tanh_())
-        return grad.mul_(self.slope) if self.slope != 1.0 else grad
+        Overwrites a float32 `uncapped`."""
+        if self.softcap is None:
+            return grad.mul_(self.slope) if self.slope != 1.0 else grad
+        if uncapped.dtype != torch.float32:
+            return self._chain_in_float32_(grad, uncapped, self.scale / self.softcap)
+        return self.tanh_chain_(grad, uncapped.div_(self.softcap).tanh_())
+
+    def _chain_in_float32_(self, grad: torch.Tensor, argument: torch.Tensor, factor: float) -> torch.Tensor:
+        """grad times slope * (1 - tanh(factor * argument)^2), the tanh and the product in float32, grad rounded
+        once."""
+        for rows in _row_blocks(grad):
+            tanh = argument[rows].float().mul_(factor).tanh_()
+            grad[rows] = grad[rows].float().mul_(tanh.mul_(tanh).mul_(-self.slope).add_(self.slope))
+        return grad
 
     def reference(self, logits: torch.Tensor) -> torch.Tensor:
         """The map out of place (autograd follows it): for references and eager paths."""
         logits = logits * self.scale if self.scale != 1.0 else logits
         logits = self.softcap * torch.tanh(logits / self.softcap) if self.softcap is not None else logits
         return logits / self.temperature if self.temperature != 1.0 else logits
+
+
+# A 16-bit chunk's float32 temporaries are taken this many bytes at a time, not a float32 copy of the chunk: small
+# on the CPU (its chunk budget is 48 MiB), larger on a GPU, where each block costs a few kernel launches.
+_BLOCK_BYTES = {"cpu": 8 * 2**20, "cuda": 64 * 2**20}
+
+
+def _row_blocks(tensor: torch.Tensor):
+    """Slices of the rows of a [rows, V] tensor, each row block's float32 copy about _BLOCK_BYTES."""
+    elements = _BLOCK_BYTES.get(tensor.device.type, _BLOCK_BYTES["cpu"]) // 4
+    step = max(1, elements // max(tensor.shape[-1], 1))
+    return [slice(start, start + step) for start in range(0, tensor.shape[0], step)]
 
 
 def _check_scale(name: str, value) -> float:

@@ -107,3 +107,33 @@ def test_a_vlm_is_read_through_its_text_config():
     assert head_settings(student, teacher) == {"student_softcap": 30.0, "teacher_softcap": 50.0,
                                                "student_logit_scale": 0.5, "teacher_logit_scale": 1.0}
     assert head_settings(student) == {"softcap": 30.0, "logit_scale": 0.5}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale", [1.0, 0.7])
+def test_a_16_bit_softcap_rounds_once(dtype, scale):
+    # The cap of 16-bit logits is taken in float32 and rounded once; the chain rule takes the tanh again in float32.
+    # Before, a division, a tanh and a product each rounded to 16 bits (a probability moved by ~1%), and a 16-bit tanh
+    # lost 1 - tanh^2 near +-1 to cancellation (Liger's CE cases with a softcap found it).
+    from kdfast.logit_maps import LogitMap
+
+    generator = torch.Generator().manual_seed(0)
+    gemm_output = (torch.randn(64, 300, generator=generator) * 40).to(dtype)
+    grad = torch.randn(64, 300, generator=generator).to(dtype)
+    logit_map = LogitMap(scale=scale, softcap=30.0, temperature=1.0)
+    z = gemm_output.double() * scale
+    tanh = torch.tanh(z / 30.0)
+    ulp = torch.finfo(dtype).eps
+    for capped in (logit_map.capped_into(gemm_output.clone(), torch.empty_like(gemm_output)),
+                   logit_map.apply_(gemm_output.clone())):
+        assert capped.dtype == dtype
+        torch.testing.assert_close(capped.double(), 30.0 * tanh, rtol=ulp / 2, atol=0.0)
+    expected_grad = grad.double() * scale * (1 - tanh ** 2)
+    chained = logit_map.chain_(grad.clone(), gemm_output.clone())
+    # 1 - tanh^2 in float32 cancels near +-1 down to float32's spacing there (~1e-7 absolute), not 16 bits'.
+    torch.testing.assert_close(chained.double(), expected_grad, rtol=ulp / 2, atol=1e-6)
+    kept = gemm_output.clone().mul_(scale / 30.0)  # what token_logprobs' GEMM writes (gemm_factor in its alpha)
+    capped = logit_map.cap_(kept, torch.empty_like(kept))
+    torch.testing.assert_close(capped.double(), 30.0 * torch.tanh(kept.double()), rtol=ulp / 2, atol=0.0)
+    torch.testing.assert_close(logit_map.tanh_chain_(grad.clone(), kept).double(),
+                               grad.double() * scale * (1 - torch.tanh(kept.double()) ** 2), rtol=ulp / 2, atol=1e-6)
