@@ -1,0 +1,239 @@
+"""Liger-Kernel's fused linear cross-entropy cases (test/transformers/test_fused_linear_cross_entropy.py) on kdfast's
+fused linear CE term, every backend; how Liger's settings map onto kdfast's is in tests/liger_cases.py."""
+
+import pytest
+import torch
+from conftest import BACKENDS, device_for
+from liger_cases import (
+    BF16,
+    F64,
+    FL_LLAMA,
+    FP16,
+    FP32,
+    as_leaf,
+    ce_with_z_loss,
+    close,
+    dev,
+    ignore_some,
+    leaf,
+    rounded_head,
+    sized,
+    verify,
+)
+
+import kdfast
+
+# ----------------------------------------------------------------------------------------------------------------
+# test/transformers/test_fused_linear_cross_entropy.py (LigerFusedLinearCrossEntropyLoss)
+# ----------------------------------------------------------------------------------------------------------------
+
+FLCE_ODD = (4, 47, 31, 123)
+FLCE_MEAN_BF16, FLCE_MEAN_FP32 = ("mean", 1.0, BF16, 5e-3, 5e-2), ("mean", 1.0, FP32, 1e-5, 5e-4)
+FLCE_SUM_BF16, FLCE_SUM_FP32 = ("sum", 1.0, BF16, 5e-0, 5e1), ("sum", 1.0, FP32, 1e-3, 5e-2)
+# Liger's two rows: defaults, then every option at once. Its second row also passes per-class CE weights, which
+# kdfast does not have: that one argument is left out.
+FLCE_PLAIN = (0.0, -100, 0.0, None, False)  # label_smoothing, ignore_index, lse_square_scale, softcap, return_z_loss
+FLCE_ALL = (0.1, 42, 1e-4, 30.0, True)
+
+
+def flce_inputs(backend, shape, dtype, scalar, bias, gen):
+    """Liger's order: the head rand(V, H), its bias rand(V), hidden randn(B*T, H) times `scalar`, labels."""
+    B, T, H, V = shape
+    B, T, V = sized(backend, B, T, V, t_cap=2)
+    weight = torch.rand(V, H, generator=gen, dtype=dtype)
+    bias_ = torch.rand(V, generator=gen, dtype=dtype) if bias else None
+    hidden = torch.randn(B * T, H, generator=gen, dtype=dtype) * scalar
+    labels = torch.randint(0, V, (B * T,), generator=gen)
+    return hidden, weight, bias_, labels
+
+
+def kdfast_flce(x, w, b, labels, backend, softcap=None, module=False, **settings):
+    rows, vocab = x.shape[0], w.shape[0]
+    unused_teacher = (torch.zeros(rows, 1, dtype=x.dtype, device=x.device),
+                      torch.zeros(vocab, 1, dtype=x.dtype, device=x.device))
+    settings = dict(kd_weight=0.0, ce_weight=1.0, backend=backend, **settings)
+    if module:
+        return kdfast.LinearDistillLoss(softcap=softcap, **settings)(x, w, *unused_teacher, labels, student_bias=b)
+    return kdfast.linear_distill_loss(x, w, *unused_teacher, labels, student_bias=b, softcap=softcap, **settings)
+
+
+def flce_reference(hidden, weight, bias, labels, dtype, reduction="mean", ignore_index=-100, label_smoothing=0.0,
+                   lse_square_scale=0.0, softcap=None, z_only=False):
+    """Liger's TorchLMHeadCE: nn.Linear in `dtype`, then float32, the softcap, CrossEntropyWithZLoss."""
+
+    def reference(precision):
+        h, w, b = as_leaf(hidden, precision), as_leaf(weight, precision), as_leaf(bias, precision)
+        logits = rounded_head(h, w, b, dtype, two_roundings=True)
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        total, z_loss = ce_with_z_loss(logits, labels, reduction, ignore_index, label_smoothing, lse_square_scale)
+        return (z_loss if z_only else total), [h, w, b]
+
+    return reference
+
+
+def _flce_case(backend, shape, reduction, scalar, dtype, atol, rtol, bias, case, forward_only):
+    device = device_for(backend)
+    label_smoothing, ignore_index, lse_square_scale, softcap, return_z_loss = case
+    gen = torch.Generator().manual_seed(42)
+    hidden, weight, bias_, labels = flce_inputs(backend, shape, dtype, scalar, bias, gen)
+    ignore_some(labels, ignore_index, gen)
+    settings = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                    lse_square_scale=lse_square_scale, softcap=softcap)
+    x, w, b = leaf(hidden, device), leaf(weight, device), leaf(bias_, device)
+    with torch.set_grad_enabled(not forward_only):
+        result = kdfast_flce(x, w, b, labels.to(device), backend, softcap=softcap, reduction=reduction,
+                             ignore_index=ignore_index, label_smoothing=label_smoothing,
+                             z_loss_weight=lse_square_scale, return_components=return_z_loss)
+    out = result[0] if return_z_loss else result
+    if return_z_loss:
+        z = result[1].z_loss * lse_square_scale
+        verify(z, None, flce_reference(hidden, weight, bias_, labels, dtype, z_only=True, **settings), dtype, atol,
+               rtol)
+    verify(out, None if forward_only else [x, w, b], flce_reference(hidden, weight, bias_, labels, dtype, **settings),
+           dtype, atol, rtol)
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction, scalar, dtype, atol, rtol, shape, bias, case", [
+    (*FLCE_MEAN_BF16, FL_LLAMA, True, FLCE_PLAIN), (*FLCE_MEAN_BF16, FLCE_ODD, False, FLCE_ALL),
+    (*FLCE_MEAN_FP32, FLCE_ODD, True, FLCE_PLAIN), (*FLCE_MEAN_FP32, FL_LLAMA, False, FLCE_ALL),
+    (*FLCE_SUM_BF16, FLCE_ODD, True, FLCE_ALL), (*FLCE_SUM_FP32, FL_LLAMA, False, FLCE_PLAIN)])
+def test_fused_linear_ce_correctness(backend, reduction, scalar, dtype, atol, rtol, shape, bias, case):
+    _flce_case(backend, shape, reduction, scalar, dtype, atol, rtol, bias, case, forward_only=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction, scalar, dtype, atol, rtol, shape, bias, case", [
+    (*FLCE_MEAN_FP32, FL_LLAMA, True, FLCE_ALL), (*FLCE_SUM_BF16, FLCE_ODD, False, FLCE_PLAIN)])
+def test_fused_linear_ce_correctness_with_forward_only(backend, reduction, scalar, dtype, atol, rtol, shape, bias,
+                                                       case):
+    out = _flce_case(backend, shape, reduction, scalar, dtype, atol, rtol, bias, case, forward_only=True)
+    assert not out.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        out.backward(gradient=torch.ones_like(out))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape, scalar, dtype, atol, rtol, bias", [((2, 2, 8, 8), 1.0, BF16, 5e-3, 5e-2, True),
+                                                                    ((9, 7, 41, 41), 1.0, FP32, 1e-5, 5e-4, False)])
+def test_fused_linear_ce_correctness_functional(backend, shape, scalar, dtype, atol, rtol, bias):
+    """Liger's functional form against its autograd Function (ignore -100, z-loss 1e-4, smoothing 0.1, mean, softcap
+    30, the z-loss returned, a random upstream gradient; ce_weight=None only: kdfast has no class weights); here the
+    function against the module, and the reference."""
+    device = device_for(backend)
+    B, T, H, V = shape
+    B, T, V = sized(backend, B, T, V, t_cap=2)
+    gen = torch.Generator().manual_seed(42)
+    hidden = torch.randn(B * T, H, generator=gen, dtype=dtype) * scalar
+    labels = torch.randint(0, V, (B * T,), generator=gen)
+    weight = torch.randn(V, H, generator=gen, dtype=dtype)
+    bias_ = torch.randn(V, generator=gen, dtype=dtype) if bias else None
+    settings = dict(reduction="mean", ignore_index=-100, label_smoothing=0.1, lse_square_scale=1e-4, softcap=30.0)
+    kd_settings = dict(ignore_index=-100, z_loss_weight=1e-4, label_smoothing=0.1, reduction="mean",
+                       return_components=True)
+    x1, x2 = leaf(hidden, device), leaf(hidden, device)
+    w, b = weight.to(device), dev(bias_, device)
+    y1, parts1 = kdfast_flce(x1, w, b, labels.to(device), backend, softcap=30.0, module=True, **kd_settings)
+    y2, parts2 = kdfast_flce(x2, w, b, labels.to(device), backend, softcap=30.0, **kd_settings)
+    close(y1, y2, atol, rtol)
+    close(parts1.z_loss, parts2.z_loss, atol, rtol)
+    verify(parts2.z_loss * 1e-4, None, flce_reference(hidden, weight, bias_, labels, dtype, z_only=True, **settings),
+           dtype, atol, rtol)
+    up = torch.randn((), generator=gen, dtype=F64)
+    y1.backward(up.to(y1.dtype).to(device))
+    verify(y2, [x2], flce_reference(hidden, weight, bias_, labels, dtype, **settings), dtype, atol, rtol, up)
+    close(x1.grad, x2.grad, atol, rtol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction, scalar, dtype, atol, rtol, shape, bias, return_token_accuracy", [
+    (*FLCE_MEAN_BF16, FL_LLAMA, True, True), (*FLCE_MEAN_FP32, FLCE_ODD, False, True),
+    (*FLCE_MEAN_FP32, FL_LLAMA, True, False)])
+def test_fused_linear_ce_correctness_with_token_accuracy(backend, reduction, scalar, dtype, atol, rtol, shape, bias,
+                                                         return_token_accuracy):
+    device = device_for(backend)
+    gen = torch.Generator().manual_seed(42)
+    hidden, weight, bias_, labels = flce_inputs(backend, shape, dtype, scalar, bias, gen)
+    ignore_some(labels, -100, gen)
+    x, w, b = leaf(hidden, device), leaf(weight, device), leaf(bias_, device)
+    result = kdfast_flce(x, w, b, labels.to(device), backend, reduction=reduction,
+                         return_components=return_token_accuracy)
+    if return_token_accuracy:
+        out, parts = result
+        with torch.no_grad():  # Liger's expectation: the argmax of the logits computed in the inputs' dtype
+            logits = hidden @ weight.T + (bias_ if bias else 0)
+            keep = labels != -100
+            expected = ((logits.argmax(dim=-1) == labels) & keep).sum().float() / keep.sum().float()
+        close(parts.accuracy, expected, atol, rtol)
+    else:
+        out = result
+        assert isinstance(out, torch.Tensor)
+    verify(out, [x, w, b], flce_reference(hidden, weight, bias_, labels, dtype, reduction), dtype, atol, rtol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias, cast_dtype, atol, rtol, shape", [(True, BF16, 5e-3, 5e-2, FL_LLAMA),
+                                                                 (True, FP16, 5e-3, 5e-2, FLCE_ODD),
+                                                                 (False, BF16, 5e-3, 5e-2, FLCE_ODD),
+                                                                 (False, FP16, 5e-3, 5e-2, FL_LLAMA)])
+def test_fused_linear_ce_amp(backend, bias, cast_dtype, atol, rtol, shape):
+    """A float32 head and hidden states, the loss and its backward under torch.autocast (Liger's accum_dtype axis has
+    no kdfast counterpart). Liger leaves the bias at nn.Linear's initialisation: the same here, drawn once."""
+    device = device_for(backend)
+    B, T, H, V = shape
+    B, T, V = sized(backend, B, T, V)
+    gen = torch.Generator().manual_seed(42)
+    weight = torch.rand(V, H, generator=gen)
+    bias_ = (torch.rand(V, generator=gen) * 2 - 1) / H**0.5 if bias else None
+    hidden = torch.randn(B * T, H, generator=gen)
+    labels = torch.randint(0, V, (B * T,), generator=gen)
+    x, w, b = leaf(hidden, device), leaf(weight, device), leaf(bias_, device)
+    with torch.autocast(device_type=device, dtype=cast_dtype):
+        out = kdfast_flce(x, w, b, labels.to(device), backend)
+        verify(out, [x, w, b], flce_reference(hidden, weight, bias_, labels, cast_dtype), cast_dtype, atol, rtol)
+    assert x.grad.dtype == FP32 and w.grad.dtype == FP32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("return_token_accuracy", [False, True])
+def test_fused_linear_ce_structured_output(backend, return_token_accuracy):
+    """Liger's 3-token case: the loss equals torch's CE within 1e-6, from the function and from the module, and the
+    token accuracy when asked for (Liger's z-loss field: kdfast reports the z-loss only when its weight is set)."""
+    device = device_for(backend)
+    hidden = torch.tensor([[0.2, -0.1], [1.0, 0.5], [-0.3, 0.7]])
+    weight = torch.tensor([[0.5, -0.4], [-0.2, 0.3], [0.1, 0.6]])
+    bias = torch.tensor([0.1, -0.2, 0.05])
+    labels = torch.tensor([0, 1, 2])
+    logits = hidden @ weight.T + bias
+    for module in (False, True):
+        x = leaf(hidden, device)
+        result = kdfast_flce(x, weight.to(device), bias.to(device), labels.to(device), backend, module=module,
+                             return_components=return_token_accuracy)
+        loss = result[0] if return_token_accuracy else result
+        assert isinstance(loss, torch.Tensor) and loss.shape == ()
+        if return_token_accuracy:
+            close(result[1].accuracy, (logits.argmax(dim=-1) == labels).float().mean(), 1e-6, 0)
+        verify(loss, [x], flce_reference(hidden, weight, bias, labels, FP32), FP32, 1e-6, 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape, bias", [((2, 16, 32, 64), True), ((1, 32, 64, 128), False)])
+def test_fused_linear_ce_reduction_none_per_token_grad_output(backend, shape, bias):
+    """reduction="none" with a non-uniform per-token upstream gradient: each row's weight must reach the hidden,
+    weight and bias gradients before they are summed (a uniform one would hide a scalar upstream gradient)."""
+    device = device_for(backend)
+    atol = rtol = 1e-4
+    B, T, H, V = shape
+    B, T, V = sized(backend, B, T, V)
+    gen = torch.Generator().manual_seed(42)
+    hidden = torch.randn(B * T, H, generator=gen) * 0.1
+    weight = torch.randn(V, H, generator=gen) * 0.1
+    bias_ = torch.randn(V, generator=gen) * 0.1 if bias else None
+    labels = torch.randint(0, V, (B * T,), generator=gen)
+    up = (torch.rand(B * T, generator=gen) + 0.5).double()
+    x, w, b = leaf(hidden, device), leaf(weight, device), leaf(bias_, device)
+    out = kdfast_flce(x, w, b, labels.to(device), backend, reduction="none")
+    verify(out, [x, w, b], flce_reference(hidden, weight, bias_, labels, FP32, reduction="none"), FP32, atol, rtol,
+           up)
