@@ -488,26 +488,26 @@ def test_dopd_regime_losses_on_its_rows(backend):
     teacher_ids = teacher.topk(LIGHT_TOPK, dim=-1).indices
     student_ids = student.topk(LIGHT_TOPK, dim=-1).indices
     sparse = dict(divergence="reverse_kl", tail="bucket", reduction="none", backend=backend)
+
+    def student_support(weight):
+        """kdfast and TRL on the privileged student's top-k ids with the tail, weighted as the regime weighs them."""
+        return (lambda s: kdfast.sparse_distill_loss(s, student_ids.to(device),
+                                                     log_privileged.gather(-1, student_ids).to(device),
+                                                     kd_weight=weight, **sparse),
+                lambda s: weight * loss_utils.compute_topk_self_distillation_loss(
+                    s, privileged.double(), distillation_topk=LIGHT_TOPK, distillation_alpha=1.0,
+                    distillation_add_tail=True))
+
     regimes = {
         "regime1": (lambda s: kdfast.sparse_distill_loss(s, teacher_ids.to(device),
                                                          log_teacher.gather(-1, teacher_ids).to(device), **sparse),
                     lambda s: teacher_support_reference(loss_utils, s, teacher.double(), LIGHT_TOPK)),
-        "regime2": (lambda s: kdfast.sparse_distill_loss(s, student_ids.to(device),
-                                                         log_privileged.gather(-1, student_ids).to(device),
-                                                         kd_weight=SELF_REG_WEIGHT, **sparse),
-                    lambda s: SELF_REG_WEIGHT * loss_utils.compute_topk_self_distillation_loss(
-                        s, privileged.double(), distillation_topk=LIGHT_TOPK, distillation_alpha=1.0,
-                        distillation_add_tail=True)),
+        "regime2": student_support(SELF_REG_WEIGHT),
         "regime3": (lambda s: kdfast.distill_loss(s, teacher.to(device), divergence="jsd", beta=0.5,
                                                   reduction="none", backend=backend),
                     lambda s: loss_utils.compute_full_logit_self_distillation_loss(s, teacher.double(),
                                                                                    distillation_alpha=0.5)),
-        "regime4": (lambda s: kdfast.sparse_distill_loss(s, student_ids.to(device),
-                                                         log_privileged.gather(-1, student_ids).to(device),
-                                                         kd_weight=STUDENT_CONSISTENCY_WEIGHT, **sparse),
-                    lambda s: STUDENT_CONSISTENCY_WEIGHT * loss_utils.compute_topk_self_distillation_loss(
-                        s, privileged.double(), distillation_topk=LIGHT_TOPK, distillation_alpha=1.0,
-                        distillation_add_tail=True)),
+        "regime4": student_support(STUDENT_CONSISTENCY_WEIGHT),
     }
     routed_to = ["regime1", "regime3", "regime4", "regime2", "regime2"]
     for name, (ours, theirs) in regimes.items():

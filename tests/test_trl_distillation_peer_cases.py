@@ -321,12 +321,8 @@ def jsd_quarter_trainer(tmp_path_factory):
     return distillation_trainer(tmp_path_factory.mktemp("distillation"), beta=0.25)
 
 
-def test_distillation_loss_normalizes_by_num_items_in_batch(jsd_quarter_trainer):
-    """test_loss_normalizes_by_num_items_in_batch (DistillationTrainer): with num_items_in_batch the local valid
-    count, sum / N is the local mean; twice that count halves the loss. (TRL's beta there is 0.5; 0.25 here, the
-    trainer shared with the next case.)"""
-    trainer, batch = jsd_quarter_trainer, completion_batch()
-    num_valid = batch["completion_mask"].sum()
+def assert_num_items_scales_the_mean(trainer, batch, num_valid):
+    """TRL's check: num_items_in_batch = the valid tokens gives the local mean; twice that, half of it."""
     trainer.model.eval()
     with torch.no_grad():
         loss_mean = trainer.compute_loss(trainer.model, batch)
@@ -335,6 +331,15 @@ def test_distillation_loss_normalizes_by_num_items_in_batch(jsd_quarter_trainer)
     assert loss_mean > 1e-3
     torch.testing.assert_close(loss_global, loss_mean, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(loss_double, loss_mean / 2, rtol=1e-4, atol=1e-6)
+
+
+def test_distillation_loss_normalizes_by_num_items_in_batch(jsd_quarter_trainer):
+    """test_loss_normalizes_by_num_items_in_batch (DistillationTrainer): with num_items_in_batch the local valid
+    count, sum / N is the local mean; twice that count halves the loss. (TRL's beta there is 0.5; 0.25 here, the
+    trainer shared with the next case.)"""
+    trainer, batch = jsd_quarter_trainer, completion_batch()
+    num_valid = batch["completion_mask"].sum()
+    assert_num_items_scales_the_mean(trainer, batch, num_valid)
 
 
 def test_distillation_compute_loss_matches_full_logit_reference(jsd_quarter_trainer):
@@ -405,14 +410,7 @@ def test_gkd_loss_normalizes_by_num_items_in_batch(gkd_trainer):
     CPU): num_items_in_batch = the valid tokens gives the local mean; twice that, half of it."""
     trainer, batch = gkd_trainer, gkd_batch(prompt_lengths=(4, 4), completion_lengths=(6, 3))
     num_valid = (batch["labels"] != -100).sum()
-    trainer.model.eval()
-    with torch.no_grad():
-        loss_mean = trainer.compute_loss(trainer.model, batch)
-        loss_global = trainer.compute_loss(trainer.model, batch, num_items_in_batch=num_valid)
-        loss_double = trainer.compute_loss(trainer.model, batch, num_items_in_batch=num_valid * 2)
-    assert loss_mean > 1e-3
-    torch.testing.assert_close(loss_global, loss_mean, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(loss_double, loss_mean / 2, rtol=1e-4, atol=1e-6)
+    assert_num_items_scales_the_mean(trainer, batch, num_valid)
 
 
 def test_gkd_loss_covers_all_completion_tokens_with_variable_length_prompts(gkd_trainer):
