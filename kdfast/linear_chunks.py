@@ -26,6 +26,11 @@ CHUNK_BUDGET_BYTES = {"cpu": 48 * 2**20, "cuda": 512 * 2**20}
 # The weight gradient of 16-bit heads is summed in float32; each chunk's product is added a vocab slice at
 # a time so that its 16-bit temporary stays this small.
 WEIGHT_GRAD_SLICE_BYTES = 64 * 2**20
+# Several teacher heads on the CPU: their GEMMs in chunks of fewer rows than this run well below the whole-size
+# GEMMs' speed, and the mixture pays it once per model (measured on a Zen 5, N=4096, V=32000, two teachers, fp32:
+# the call took 1.26-1.34x the five whole-size GEMMs in chunks of 192 rows, 1.14-1.19x in chunks of 384, no less in
+# chunks of 448 to 1024). Still one chunk of logits per model.
+SEVERAL_TEACHERS_MIN_ROWS = {"cpu": 384}
 
 
 @dataclass
@@ -91,15 +96,16 @@ def chunk_rows(chunk_size, heads: Heads) -> int:
         per_row += heads.vocab * heads.logits_dtype(heads.teacher.dtype).itemsize
     elif isinstance(heads.teacher, TeacherHeads):
         per_row += heads.vocab * 4 * heads.teacher.chunk_buffers
-        # Each model keeps the share of the budget it has beside one teacher (half): more teachers would otherwise
-        # shrink the chunk to GEMMs of a few rows, which run slowly (on this CPU 128 rows cost up to 1.5x the
-        # whole GEMM, 256 rows and more its speed).
+        # Each model keeps the share of the budget it has beside one teacher (half), and on the CPU at least
+        # SEVERAL_TEACHERS_MIN_ROWS rows: more teachers would otherwise shrink the chunk to GEMMs that run slowly.
         budget = budget * (1 + heads.teacher.chunk_buffers) // 2
     if heads.student_map.softcap is not None:
         per_row += heads.vocab * student_bytes  # the uncapped student logits, kept for the chain rule
     if student_bytes != heads.student_dtype.itemsize:
         per_row += heads.vocab * heads.student_dtype.itemsize  # the gradient rounded for the backward GEMMs
     rows = max(16, budget // per_row // 16 * 16)
+    if isinstance(heads.teacher, TeacherHeads):
+        rows = max(rows, SEVERAL_TEACHERS_MIN_ROWS.get(heads.student_hidden.device.type, 0))
     return min(rows, max(heads.rows, 1))
 
 

@@ -9,6 +9,9 @@ from conftest import BACKENDS, device_for
 from helpers import make_labels
 
 import kdfast
+from kdfast.linear_chunks import SEVERAL_TEACHERS_MIN_ROWS, Heads, TeacherHead, chunk_rows
+from kdfast.linear_teachers import TeacherHeads
+from kdfast.logit_maps import LogitMap
 from kdfast.reference import linear_distill_loss_reference
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
@@ -78,6 +81,20 @@ def test_chunk_sizes(chunk_size):
     heads = make_heads((38,), 16, 24, 257)
     labels = make_labels((38,), 257, "some")
     assert_linear_matches_reference(heads, labels, "auto", chunk_size=chunk_size, ce_weight=0.5, temperature=2.0)
+
+
+def test_auto_chunks_of_several_teacher_heads_keep_cpu_gemms_whole_sized():
+    # The budget alone would give two fp32 teachers at V=32000 chunks of 192 rows, whose GEMMs run slowly on the CPU.
+    vocab, rows = 32_000, 4096
+    weight = torch.empty(vocab, 1)
+    teacher = TeacherHead(torch.empty(rows, 1), weight, None, torch.float32)
+    several = TeacherHeads([teacher, teacher], torch.zeros(rows, 2), "mixture", 1.0)
+    heads = Heads(torch.empty(rows, 1), weight, None, several, None, LogitMap(), torch.float32)
+    assert chunk_rows("auto", heads) == SEVERAL_TEACHERS_MIN_ROWS["cpu"] == 384
+    assert chunk_rows("auto", Heads(torch.empty(100, 1), weight, None, several, None, LogitMap(), torch.float32)) == 100
+    assert chunk_rows(64, heads) == 64, "a chunk size given is kept"
+    single = Heads(torch.empty(rows, 1), weight, None, teacher, None, LogitMap(), torch.float32)
+    assert chunk_rows("auto", single) == 192, "one teacher keeps the budget's chunk (48 MiB of both models' logits)"
 
 
 @pytest.mark.parametrize("kd_weight,ce_weight,t2_scale", [(1.0, 0.0, True), (0.0, 1.0, True), (0.3, 0.7, False)])
