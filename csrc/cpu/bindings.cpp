@@ -217,10 +217,10 @@ at::Tensor mapped_rows(const at::Tensor& teacher_logits, const at::Tensor& stude
   args.map = map_args(teacher_logits, student_logits, matched_student, matched_teacher, rest_student, rest_teacher,
                       float_settings[0], float_settings[1]);
   const kdfast_cpu::MappedColumns& map = args.map;
-  // Column masks of the unmatched columns: the kernel sums each side's rest in its vector pass, without gathers.
-  std::vector<float> student_rest_mask(map.student_width, 0.0f), teacher_rest_mask(map.teacher_width, 0.0f);
-  for (int64_t k = 0; k < map.rest_student_count; ++k) student_rest_mask[map.rest_student[k]] = 1.0f;
-  for (int64_t k = 0; k < map.rest_teacher_count; ++k) teacher_rest_mask[map.rest_teacher[k]] = 1.0f;
+  // The teacher's unmatched columns as byte flags: the kernel sums each side's rest in its vector pass, without
+  // gathers (the student's from teacher_column < 0). Bytes, not floats, so that a row's working set stays in L2.
+  std::vector<uint8_t> teacher_rest(map.teacher_width, 0);
+  for (int64_t k = 0; k < map.rest_teacher_count; ++k) teacher_rest[map.rest_teacher[k]] = 1;
   // Each student column's teacher column (-1: unmatched), so that the gradient's pass gathers the teacher's
   // probabilities in column order. The student's matched columns are distinct (one token string each).
   std::vector<int32_t> teacher_column(map.student_width, -1);
@@ -233,8 +233,7 @@ at::Tensor mapped_rows(const at::Tensor& teacher_logits, const at::Tensor& stude
     teacher_column[column] = static_cast<int32_t>(map.matched_teacher[k]);
   }
   args.teacher_column = teacher_column.data();
-  args.student_rest_mask = student_rest_mask.data();
-  args.teacher_rest_mask = teacher_rest_mask.data();
+  args.teacher_rest = teacher_rest.data();
   args.labels = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
   args.ignore_index = ignore_index;
   args.kd_scale = static_cast<float>(float_settings[2]);

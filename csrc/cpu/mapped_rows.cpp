@@ -67,6 +67,20 @@ VFloat gather_matched(const float* base, VInt column) {
 #endif
 }
 
+// kLanes byte flags as int lanes, by one widening load where the build has it (GCC's __builtin_convertvector
+// from bytes extracted them one at a time): a column mask a quarter of a float mask's size.
+VInt load_flags(const uint8_t* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<VInt>(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__AVX2__)
+  return reinterpret_cast<VInt>(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
+  VInt v;
+  for (int lane = 0; lane < kLanes; ++lane) v[lane] = p[lane];
+  return v;
+#endif
+}
+
 // sum over the matched student columns j of teacher_exp[teacher_column[j]] * scale * z[j] (the forward-only pass,
 // and the gradient's pass's rare row that met 0 * -inf): a -inf logit where the teacher's exp is 0 adds 0.
 double matched_dot(const float* teacher_exp, const float* z, const int32_t* teacher_column, int64_t width,
@@ -89,13 +103,13 @@ double matched_dot(const float* teacher_exp, const float* z, const int32_t* teac
   return total * scale;
 }
 
-// sum_j e_j x_j with x_j = y_j * scale - shift over the columns `rest_mask` leaves out (null: every column), where
+// sum_j e_j x_j with x_j = y_j * scale - shift over the columns `rest` does not flag (null: every column), where
 // e_j > 0: the rare row whose vector sum met 0 * -inf (a logit of -inf) is summed again this way.
 double guarded_e_x_sum(const float* e, const float* y, int64_t width, float scale, float shift,
-                       const float* rest_mask) {
+                       const uint8_t* rest) {
   double total = 0.0;
   for (int64_t j = 0; j < width; ++j) {
-    if (e[j] > 0.0f && (rest_mask == nullptr || rest_mask[j] == 0.0f)) {
+    if (e[j] > 0.0f && (rest == nullptr || rest[j] == 0)) {
       total += static_cast<double>(e[j]) * (y[j] * scale - shift);
     }
   }
@@ -274,7 +288,7 @@ void mapped_rows_cpu(const MappedArgs& a, int64_t begin, int64_t end) {
       store(student_exp.data() + j, e);
       sum_lanes += e;
       weighted_lanes += e * x;
-      rest_lanes += e * load<VFloat>(a.student_rest_mask + j);
+      rest_lanes += load_columns(a.teacher_column + j) < 0 ? e : splat<VFloat>(0.0f);
     }
     double sum = horizontal_sum(sum_lanes), e_x_sum = horizontal_sum(weighted_lanes);
     double rest = horizontal_sum(rest_lanes);
@@ -284,7 +298,7 @@ void mapped_rows_cpu(const MappedArgs& a, int64_t begin, int64_t end) {
       student_exp[j] = e;
       sum += e;
       e_x_sum += static_cast<double>(e) * x;
-      rest += e * a.student_rest_mask[j];
+      if (a.teacher_column[j] < 0) rest += e;
     }
     const float lse = static_cast<float>(top + std::log(sum));
     if (std::isnan(e_x_sum)) e_x_sum = guarded_e_x_sum(student_exp.data(), z, width, inv_student, top, nullptr);
@@ -310,11 +324,11 @@ void mapped_rows_cpu(const MappedArgs& a, int64_t begin, int64_t end) {
       __builtin_prefetch(t_ahead + j, 0, 2);
       const VFloat x = load<VFloat>(t + j) * inv_teacher - teacher_top;
       const VFloat e = fast_exp_centred(x);
-      const VFloat rest_mask = load<VFloat>(a.teacher_rest_mask + j);
+      const VInt rest = load_flags(a.teacher_rest + j) != 0;
       store(texp + j, e);
       t_sum_lanes += e;
-      t_rest_lanes += e * rest_mask;
-      t_plogp_lanes += e * x * (1.0f - rest_mask);
+      t_rest_lanes += rest ? e : splat<VFloat>(0.0f);
+      t_plogp_lanes += rest ? splat<VFloat>(0.0f) : e * x;
     }
     double t_sum = horizontal_sum(t_sum_lanes), t_rest = horizontal_sum(t_rest_lanes);
     double t_plogp = horizontal_sum(t_plogp_lanes);
@@ -323,8 +337,11 @@ void mapped_rows_cpu(const MappedArgs& a, int64_t begin, int64_t end) {
       const float e = fast_exp_centred(x);
       texp[j] = e;
       t_sum += e;
-      t_rest += e * a.teacher_rest_mask[j];
-      t_plogp += static_cast<double>(e) * x * (1.0f - a.teacher_rest_mask[j]);
+      if (a.teacher_rest[j]) {
+        t_rest += e;
+      } else {
+        t_plogp += static_cast<double>(e) * x;
+      }
     }
     const double log_t_sum = std::log(t_sum);
     // A teacher rest below exp(-87) of its largest probability is no mass that counts: log P_r = -inf.
@@ -343,7 +360,7 @@ void mapped_rows_cpu(const MappedArgs& a, int64_t begin, int64_t end) {
       continue;
     }
     if (std::isnan(t_plogp)) {  // forward KL's alone
-      t_plogp = guarded_e_x_sum(texp, t, teacher_width, inv_teacher, teacher_top, a.teacher_rest_mask);
+      t_plogp = guarded_e_x_sum(texp, t, teacher_width, inv_teacher, teacher_top, a.teacher_rest);
     }
     const double matched_mass = (t_sum - t_rest) / t_sum;
     // sum_k P_k log P_k = sum_k (e_k / S)(x_k - log S) over the matched columns.

@@ -30,9 +30,8 @@ namespace kdfast_cpu {
 // the map (else it is infinite); the others take a student whose every column is matched.
 struct MappedArgs {
   MappedColumns map;  // teacher and student logits, the columns, the temperatures
-  const float* student_rest_mask;  // [student_width]: 1 at the student's unmatched columns, else 0
-  const float* teacher_rest_mask;  // [teacher_width]: the teacher's
-  const int32_t* teacher_column;  // [student_width]: a matched column's teacher column, else -1
+  const int32_t* teacher_column;  // [student_width]: a matched column's teacher column, else -1 (the student's rest)
+  const uint8_t* teacher_rest;    // [teacher_width]: 1 at the teacher's unmatched columns, else 0
   const int64_t* labels;  // [rows] or null
   int64_t ignore_index;
   int divergence;  // kernel_abi.h's Divergence
