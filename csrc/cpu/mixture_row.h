@@ -32,6 +32,9 @@
 
 namespace kdfast_cpu {
 
+// How far ahead (floats) a teacher's pass asks for the row it reads next from memory.
+constexpr int64_t kPrefetchAhead = 2048;
+
 // Below this a mixture's probability is recomputed as a log-sum-exp (the fast log takes normal floats only).
 constexpr float kSmallestMixture = 1e-30f;
 
@@ -102,6 +105,14 @@ template <int kStep, int kOwn>
 float teacher_pass(const float* t, float top, const DistillArgs& a, float* exps, float* z, const float* next,
                    RunningMax& next_max, const PendingShare& pending, float* mixed, const StudentRow& student) {
   const float inv_t = a.inv_temperature;
+  // Locals, not the references' fields: a float store to the rows may alias those, so the compiler kept the running
+  // max in memory (a store and a dependent load a vector) and reloaded the share's factor every vector.
+  RunningMax ahead = next_max;
+  const float* const share = pending.exps;
+  const float factor = pending.factor;
+  const float* const student_s = student.s;
+  const float* const student_exps = student.exps;
+  const float student_top = student.top;
   VFloat z_acc{}, own_acc{};
   for_lanes(a.vocab, [&](int64_t j, auto zero) {
     using F = decltype(zero);
@@ -109,15 +120,17 @@ float teacher_pass(const float* t, float top, const DistillArgs& a, float* exps,
     const F e = fast_exp_centred(dt);
     store(exps + j, e);
     accumulate(z_acc, e);
-    next_max.add(load<F>(next + j));
-    if constexpr (kStep == kMixFirst) store(mixed + j, load<F>(pending.exps + j) * pending.factor);
-    if constexpr (kStep == kMixAdd) store(mixed + j, load<F>(mixed + j) + load<F>(pending.exps + j) * pending.factor);
+    __builtin_prefetch(next + j + kPrefetchAhead, 0, 3);
+    ahead.add(load<F>(next + j));
+    if constexpr (kStep == kMixFirst) store(mixed + j, load<F>(share + j) * factor);
+    if constexpr (kStep == kMixAdd) store(mixed + j, load<F>(mixed + j) + load<F>(share + j) * factor);
     if constexpr (kOwn == kOwnForward || kOwn == kOwnReverse) {
-      const F ds = (load<F>(student.s + j) - student.top) * inv_t;
+      const F ds = (load<F>(student_s + j) - student_top) * inv_t;
       if constexpr (kOwn == kOwnForward) accumulate(own_acc, weighted(e, dt - ds));
-      if constexpr (kOwn == kOwnReverse) accumulate(own_acc, weighted(load<F>(student.exps + j), ds - dt));
+      if constexpr (kOwn == kOwnReverse) accumulate(own_acc, weighted(load<F>(student_exps + j), ds - dt));
     }
   });
+  next_max = ahead;
   *z = horizontal_sum(z_acc);
   return horizontal_sum(own_acc);
 }
@@ -239,12 +252,14 @@ void finish_mixture(const TeacherT* const* rows, int64_t count, const float* max
   // Whether any column fell below kSmallestMixture: OR-ed lane by lane, looked at once after the loop (a test per
   // lane and column was a fifth of this pass).
   VInt any_small{};
+  const float* const share = pending.exps;  // locals, as in teacher_pass
+  const float factor = pending.factor;
   for_lanes(a.vocab, [&](int64_t j, auto zero) {
     using F = decltype(zero);
     F total;
     if constexpr (kStep == kMixNone) total = load<F>(mixed + j);
-    if constexpr (kStep == kMixFirst) total = load<F>(pending.exps + j) * pending.factor;
-    if constexpr (kStep == kMixAdd) total = load<F>(mixed + j) + load<F>(pending.exps + j) * pending.factor;
+    if constexpr (kStep == kMixFirst) total = load<F>(share + j) * factor;
+    if constexpr (kStep == kMixAdd) total = load<F>(mixed + j) + load<F>(share + j) * factor;
     if constexpr (kStep != kMixNone) store(mixed + j, total);
     const auto small = total < kSmallestMixture;
     if constexpr (std::is_same_v<F, VFloat>) {
