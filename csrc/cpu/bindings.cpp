@@ -218,7 +218,8 @@ at::Tensor mapped_rows(const at::Tensor& teacher_logits, const at::Tensor& stude
                       float_settings[0], float_settings[1]);
   const kdfast_cpu::MappedColumns& map = args.map;
   // The teacher's unmatched columns as byte flags: the kernel sums each side's rest in its vector pass, without
-  // gathers (the student's from teacher_column < 0). Bytes, not floats, so that a row's working set stays in L2.
+  // gathers (the student's from teacher_column < 0). Bytes, not floats: a quarter of the bytes beside a row's
+  // working set in L2.
   std::vector<uint8_t> teacher_rest(map.teacher_width, 0);
   for (int64_t k = 0; k < map.rest_teacher_count; ++k) teacher_rest[map.rest_teacher[k]] = 1;
   // Each student column's teacher column (-1: unmatched), so that the gradient's pass gathers the teacher's

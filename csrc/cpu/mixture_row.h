@@ -32,7 +32,8 @@
 
 namespace kdfast_cpu {
 
-// How far ahead (floats) a teacher's pass asks for the row it reads next from memory.
+// How far ahead (floats) a teacher's pass asks for the row it reads next from memory (8 KiB: the fewest cycles of
+// 2, 4, 8 and 16 KiB on a Zen 5, 2048 x 32000, M = 3).
 constexpr int64_t kPrefetchAhead = 2048;
 
 // Below this a mixture's probability is recomputed as a log-sum-exp (the fast log takes normal floats only).
