@@ -54,7 +54,7 @@ def vocabularies(args):
     return Vocabulary(student), Vocabulary(teacher)
 
 
-def trl_uld(student_vocab, teacher_vocab, hybrid: bool):
+def trl_uld(student_vocab, teacher_vocab, hybrid: bool, device: torch.device):
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from trl.experimental.gold.gold_trainer import ULDLoss
 
@@ -62,8 +62,9 @@ def trl_uld(student_vocab, teacher_vocab, hybrid: bool):
                              uld_teacher_temperature=1.0, uld_skip_student_eos=False, uld_skip_teacher_eos=False,
                              use_extended_uld=False, uld_token_merge_strategy="observed", uld_use_hybrid_loss=hybrid,
                              uld_hybrid_matched_weight=None, uld_hybrid_unmatched_weight=None, beta=0.5)
+    # The device as GOLDTrainer passes it: the hybrid's map of matched ids lives there.
     return ULDLoss(config, student_tokenizer=student_vocab if hybrid else None,
-                   teacher_tokenizer=teacher_vocab if hybrid else None)
+                   teacher_tokenizer=teacher_vocab if hybrid else None, device=device)
 
 
 IN_PLACE = "kdfast mapped (inplace_backward)"
@@ -82,7 +83,7 @@ def contenders(args, device):
     positions = torch.zeros(1, args.rows, dtype=torch.int64, device=device)
 
     def trl(hybrid):
-        loss_fn = trl_uld(student_vocab, teacher_vocab, hybrid)
+        loss_fn = trl_uld(student_vocab, teacher_vocab, hybrid, device)
 
         def loss(x):
             return loss_fn(student_logits=x.unsqueeze(0), teacher_logits=teacher.unsqueeze(0),

@@ -23,7 +23,7 @@ timeout "${SPARSE_TIMEOUT:-120}" "$PYTHON" benchmarks/bench_sparse.py --no-compi
 cp "$RESULTS"/bench_sparse_* "$LOGS"/ 2>/dev/null
 
 echo "== GPU tests (every backend; the ahead-of-time compile checks run in CI instead)" | tee "$LOGS/gpu_tests.txt"
-timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" tests \
+timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -P -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" tests \
   --ignore=tests/test_triton_aot.py --ignore=tests/test_cuda_compile.py -rfE >"$LOGS/gpu_tests_full.txt" 2>&1 \
   || status=1
 grep -E "^(FAILED|ERROR)|^E  |passed|failed" "$LOGS/gpu_tests_full.txt" | tail -n 80 | tee -a "$LOGS/gpu_tests.txt"

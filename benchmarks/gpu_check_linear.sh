@@ -14,41 +14,66 @@
 # minute); then the GPU tests of these paths. Results: benchmarks/results/ (and $OUT, when the device tool runs it). About 15
 # minutes in all with the build; where one command may run 10 minutes at most, split it:
 # STEPS="linear chunks precision trl" then STEPS="small step kernels multi cross tests" (the kernels' build is cached
-# between the two on the same machine).
+# between the two on the same machine). Steps run in the order STEPS names them; step `suite` runs the whole test suite
+# on the GPU but for the files that test only the CPU or the build (their CPU time would crowd the GPU's tests out of a
+# short lease; CI runs them).
 set -uo pipefail
 STEPS=${STEPS:-linear chunks precision trl small step kernels multi cross tests}
-want() { [[ " $STEPS " == *" $1 "* ]]; }
 source "$(dirname "$0")/gpu_env.sh"
 
+collect() {  # few files come back from a device run: this run's CSVs and logs so far, in one archive in $OUT
+  [ -n "${OUT:-}" ] || return 0
+  mkdir -p /tmp/gpu_collected
+  cp "$RESULTS"/*_nvidia_* /tmp/gpu_collected/ 2>/dev/null
+  find "$OUT" -maxdepth 1 -type f ! -name gpu_linear_results.tgz -exec cp {} /tmp/gpu_collected/ \;
+  tar -czf "$OUT/gpu_linear_results.tgz" -C /tmp/gpu_collected .
+  find "$OUT" -maxdepth 1 -type f ! -name gpu_linear_check.txt ! -name gpu_linear_results.tgz -delete
+}
 step() {  # step NAME TIMEOUT SCRIPT [ARGS...]: one benchmark, its log and CSVs beside the others
   local name=$1 limit=$2; shift 2
   echo "== $name" | tee -a "$LOGS/gpu_linear_check.txt"
   timeout "$limit" "$PYTHON" "$@" 2>&1 | tee -a "$LOGS/gpu_linear_check.txt" || status=1
 }
-want linear && step "fused linear vs GEMM floor, torch.compile, Liger" 300 benchmarks/bench_linear.py
-want chunks && step "chunk sizes" 150 benchmarks/bench_linear_chunks.py
-want precision && step "errors against float64 on bf16 inputs" 120 benchmarks/bench_linear_precision.py
-want trl && step "kdfast vs TRL's Triton kernels (N=8192, H_s=2048, H_t=4096, V=128256 bf16)" 180 benchmarks/bench_trl.py
-want small && step "small calls: host cost, launches, CUDA graph" 90 benchmarks/bench_small_calls.py
-want step && step "whole training step" 240 benchmarks/bench_train_step.py
-want kernels && step "logits-level kernels" 180 benchmarks/bench_gpu_kernels.py
-want multi && step "several teachers (M=3 N=8192 V=128256 bf16; linear M=2 H 2048, 4096)" 180 \
-  benchmarks/bench_multi_teacher.py --device cuda --dtype bf16 --memory --repeats 5 --tokens 8192 --vocab 128256 \
-  --teachers 3 --linear-tokens 8192 --hidden 2048 --teacher-hidden 2048 4096
-want cross && step "another vocabulary (2048 rows, V_s 32000, V_t 40000)" 90 benchmarks/bench_cross_vocab.py \
-  --device cuda --rows 2048 --repeats 5
-if want tests; then
-  echo "== GPU tests of these paths" | tee -a "$LOGS/gpu_linear_check.txt"
-  timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider -p no:benchmark -n "${TEST_WORKERS:-8}" \
-    tests/test_cuda_step.py tests/test_fp32_logits.py tests/test_linear_loss.py tests/test_cuda_backend.py \
-    tests/test_numerics.py tests/test_multi_teacher.py tests/test_triton_mixture.py tests/test_cuda_mixture.py \
-    tests/test_mapped_kernels.py tests/test_cross_vocab.py tests/test_sparse_loss.py -rfE 2>&1 | tail -n 60 \
-    | tee -a "$LOGS/gpu_linear_check.txt" || status=1
-fi
+pytest_step() {  # pytest_step NAME TIMEOUT LOG [PYTEST ARGS...]: the failures and the summary in the check's log
+  local name=$1 limit=$2 log=$3; shift 3
+  echo "== $name" | tee -a "$LOGS/gpu_linear_check.txt"
+  # -v: each outcome is logged as it comes, so a run stopped at its limit still says what failed
+  timeout "$limit" "$PYTHON" -P -m pytest -v -p no:cacheprovider -p no:benchmark -n "${TEST_WORKERS:-15}" -rfE "$@" \
+    >"$LOGS/$log" 2>&1 || status=1
+  grep -E "FAILED|ERROR|^E  | passed| failed" "$LOGS/$log" | tail -n 60 | tee -a "$LOGS/gpu_linear_check.txt"
+}
+# CPU-only or build-only files (the nvcc and AOT compile checks, the benchmark and demo smoke runs, pip installs,
+# multi-process CPU trainers, a kill -9 of cache writers): CI runs them.
+CPU_ONLY_TESTS=(test_triton_aot test_cuda_compile test_benchmark_scripts test_distill_demo
+  test_distill_demo_cross_tokenizer test_package_install test_build_lock test_teacher_cache_processes test_fsdp2
+  test_deepspeed_zero3 test_trainer_sharded)
+CPU_ONLY_IGNORES=()
+for name in "${CPU_ONLY_TESTS[@]}"; do CPU_ONLY_IGNORES+=("--ignore=tests/$name.py"); done
+
+for name in $STEPS; do
+  case $name in
+    linear) step "fused linear vs GEMM floor, torch.compile, Liger" 300 benchmarks/bench_linear.py ;;
+    chunks) step "chunk sizes" 150 benchmarks/bench_linear_chunks.py ;;
+    precision) step "errors against float64 on bf16 inputs" 120 benchmarks/bench_linear_precision.py ;;
+    trl) step "kdfast vs TRL's Triton kernels (N=8192, H_s=2048, H_t=4096, V=128256 bf16)" "${TRL_TIMEOUT:-180}" \
+      benchmarks/bench_trl.py ;;
+    small) step "small calls: host cost, launches, CUDA graph" 90 benchmarks/bench_small_calls.py ;;
+    step) step "whole training step" 240 benchmarks/bench_train_step.py ;;
+    kernels) step "logits-level kernels" 180 benchmarks/bench_gpu_kernels.py ;;
+    multi) step "several teachers (M=3 N=8192 V=128256 bf16; linear M=2 H 2048, 4096)" "${MULTI_TIMEOUT:-180}" \
+      benchmarks/bench_multi_teacher.py --device cuda --dtype bf16 --memory --repeats 5 --tokens 8192 --vocab 128256 \
+      --teachers 3 --linear-tokens 8192 --hidden 2048 --teacher-hidden 2048 4096 ;;
+    cross) step "another vocabulary (2048 rows, V_s 32000, V_t 40000)" "${CROSS_TIMEOUT:-90}" benchmarks/bench_cross_vocab.py \
+      --device cuda --rows 2048 --repeats 5 ;;
+    tests) pytest_step "GPU tests of these paths" "${TEST_TIMEOUT:-240}" gpu_linear_tests.txt ${TEST_FILES:-\
+      tests/test_cuda_step.py tests/test_fp32_logits.py tests/test_linear_loss.py tests/test_cuda_backend.py \
+      tests/test_numerics.py tests/test_multi_teacher.py tests/test_triton_mixture.py tests/test_cuda_mixture.py \
+      tests/test_mapped_kernels.py tests/test_cross_vocab.py tests/test_sparse_loss.py} ;;
+    suite) pytest_step "the test suite on the GPU (every backend; CPU-only files left to CI)" \
+      "${TEST_TIMEOUT:-240}" gpu_suite_tests.txt tests "${CPU_ONLY_IGNORES[@]}" ;;
+    *) echo "unknown step $name" >&2; status=1 ;;
+  esac
+  collect
+done
 [ -L kdfast/kernels ] && rm kdfast/kernels
-if [ -n "${OUT:-}" ]; then  # few files come back from a device run: this run's CSVs and logs in one archive
-  cp "$RESULTS"/*_nvidia_* "$OUT"/ 2>/dev/null
-  (cd "$OUT" && tar -czf /tmp/gpu_linear_results.tgz -- * && find . -type f ! -name gpu_linear_check.txt -delete \
-    && mv /tmp/gpu_linear_results.tgz .)
-fi
 exit $status

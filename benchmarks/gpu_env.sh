@@ -6,7 +6,12 @@ PYTHON=${PYTHON:-python3}
 RESULTS=benchmarks/results
 LOGS=${OUT:-$RESULTS}
 mkdir -p "$RESULTS" "$LOGS"
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+# The repository's root stays off sys.path (pytest runs as `python -P -m pytest`): its kernels/ folder would shadow the
+# Hugging Face `kernels` package, which transformers 5.17 imports wherever it finds one (and fails on kdfast's, seen on
+# an H200 on 2026-12-04); a folder holding only a link to kdfast/ puts the package on the path instead.
+mkdir -p /tmp/kdfast-src && ln -sfn "$PWD/kdfast" /tmp/kdfast-src/kdfast
+# No empty entry either: Python reads one as the current folder, the checkout's root.
+export PYTHONPATH="/tmp/kdfast-src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 # kdfast.kernels maps to kernels/ only through the package install; without one, link it for the run.
 [ -e kdfast/kernels ] || ln -s ../kernels kdfast/kernels
 if compgen -G ".whl/*.whl" >/dev/null; then

@@ -38,8 +38,11 @@ def log_normaliser(x: torch.Tensor, inv_t: float) -> tuple[torch.Tensor, torch.T
     return reference, torch.logsumexp((x - reference) * inv_t, dim=-1, keepdim=True)
 
 
-def _log_add_exp(a, b) -> torch.Tensor:
-    return torch.logaddexp(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32))
+def _log_add_exp(constant: float, x: torch.Tensor) -> torch.Tensor:
+    """log(exp(constant) + exp(x)) in float32. The constant is made on x's device: logaddexp takes no CPU scalar
+    beside CUDA tensors (the skew divergences of the torch backend failed on a GPU, seen on an H200 on 2026-12-04)."""
+    x = x.float()
+    return torch.logaddexp(x.new_tensor(constant), x)
 
 
 def jsd_log_ratios(x, log_beta: float, log_1m_beta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -225,7 +225,7 @@ def teacher_weights_reference(weights, teachers: list, labels, opts: LossOptions
     """[..., M] per-row weights summing to 1 (the contract of `kdfast.teacher_weights`), in the teachers' dtype."""
     count, lead = len(teachers), teachers[0].shape[:-1]
     if weights is None:
-        return torch.full((*lead, count), 1.0 / count, dtype=teachers[0].dtype)
+        return torch.full((*lead, count), 1.0 / count, dtype=teachers[0].dtype, device=teachers[0].device)
     if isinstance(weights, str):
         safe = torch.where(labels != opts.ignore_index, labels, torch.zeros_like(labels))
         label_logprob = torch.stack([torch.log_softmax(t, -1).gather(-1, safe[..., None])[..., 0] for t in teachers],
@@ -238,7 +238,7 @@ def teacher_weights_reference(weights, teachers: list, labels, opts: LossOptions
             values = flat[row].tolist()
             out[row, values.index(max(values))] = 1.0
         return onehot
-    weights = torch.as_tensor(weights, dtype=teachers[0].dtype)
+    weights = torch.as_tensor(weights, dtype=teachers[0].dtype, device=teachers[0].device)
     weights = weights.expand(*lead, count) if weights.shape == (count,) else weights
     return weights / weights.sum(-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).tiny)
 
@@ -300,9 +300,9 @@ def cross_vocab_distill_loss_reference(student_logits, teacher_logits, labels=No
         kd = sorted_l1(log_q.exp(), log_p.exp())
     else:
         q, p = log_q.exp(), log_p.exp()
-        s_rest = torch.ones(q.shape[-1], dtype=torch.bool)
+        s_rest = torch.ones(q.shape[-1], dtype=torch.bool, device=q.device)
         s_rest[s_ids] = False
-        t_rest = torch.ones(p.shape[-1], dtype=torch.bool)
+        t_rest = torch.ones(p.shape[-1], dtype=torch.bool, device=p.device)
         t_rest[t_ids] = False
         weight, rest_weight = hybrid_weights(t_ids.numel(), p.shape[-1], matched_weight, unmatched_weight)
         kd = weight * matched_divergence(q[..., s_ids], p[..., t_ids], divergence, opts.beta)

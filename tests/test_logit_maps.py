@@ -6,7 +6,7 @@ import types
 
 import pytest
 import torch
-from conftest import BACKENDS
+from conftest import BACKENDS, device_for
 from helpers import make_labels
 from test_linear_loss import assert_linear_matches_reference, make_heads
 from test_linear_sparse_loss import assert_matches_reference as assert_sparse_linear_matches_reference
@@ -29,8 +29,8 @@ CASES = [  # student scale, teacher scale, student cap, teacher cap
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_per_model_scale_and_softcap_match_reference(backend, student_scale, teacher_scale, student_cap, teacher_cap,
                                                      reduction):
-    heads = make_heads((2, 9), 16, 24, 131, bias=True)
-    labels = make_labels((2, 9), 131, "some")
+    heads = make_heads((2, 9), 16, 24, 131, bias=True, device=device_for(backend))
+    labels = make_labels((2, 9), 131, "some", device=device_for(backend))
     assert_linear_matches_reference(heads, labels, backend, divergence="jsd", beta=0.3, temperature=2.0,
                                     ce_weight=0.5, reduction=reduction, chunk_size=5,
                                     student_logit_scale=student_scale, teacher_logit_scale=teacher_scale,
@@ -58,8 +58,8 @@ def test_module_takes_the_per_model_settings():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sparse_linear_scale_and_softcap_match_reference(backend):
-    inputs = make_inputs((2, 7), 16, 97, 5)
-    labels = make_labels((2, 7), 97, "some")
+    inputs = make_inputs((2, 7), 16, 97, 5, device=device_for(backend))
+    labels = make_labels((2, 7), 97, "some", device=device_for(backend))
     assert_sparse_linear_matches_reference(inputs, labels, backend, logit_scale=0.4, softcap=6.0, temperature=2.0,
                                            ce_weight=0.3, chunk_size=4)
 

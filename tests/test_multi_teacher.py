@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import BACKENDS
+from conftest import BACKENDS, device_for
 
 import kdfast
 from kdfast.reference import distill_loss_reference, multi_teacher_distill_loss_reference
@@ -16,16 +16,17 @@ WEIGHTS = [None, "static", "rows", "confidence", "min_ce"]
 ROWS, VOCAB = 7, 37
 
 
-def make_inputs(teachers: int, seed: int = 0, scale: float = 3.0):
+def make_inputs(teachers: int, seed: int = 0, scale: float = 3.0, device="cpu"):
+    """The same numbers on every device (drawn on the CPU), so that a GPU backend meets the CPU's cases."""
     generator = torch.Generator().manual_seed(seed)
     student = torch.randn(ROWS, VOCAB, generator=generator) * scale
     stacked = torch.randn(teachers, ROWS, VOCAB, generator=generator) * scale
     labels = torch.randint(0, VOCAB, (ROWS,), generator=generator)
     labels[2] = -100
-    return student, stacked, labels
+    return student.to(device), stacked.to(device), labels.to(device)
 
 
-def weights_for(mode, teachers: int, seed: int = 0):
+def weights_for(mode, teachers: int, seed: int = 0, device="cpu"):
     generator = torch.Generator().manual_seed(seed + 1)
     if mode == "static":
         return [float(i + 1) for i in range(teachers)]
@@ -33,8 +34,15 @@ def weights_for(mode, teachers: int, seed: int = 0):
         rows = torch.rand(ROWS, teachers, generator=generator)
         rows[0] = 0.0
         rows[0, -1] = 1.0  # a routing one-hot row
-        return rows
+        return rows.to(device)
     return mode
+
+
+def on_cpu(value):
+    """The float64 references run on the CPU whatever device the case ran on."""
+    if isinstance(value, (list, tuple)):
+        return [on_cpu(item) for item in value]
+    return value.cpu() if isinstance(value, torch.Tensor) else value
 
 
 def assert_matches_reference(student, teachers, labels, *, return_components=False, want="parts", **settings):
@@ -43,13 +51,13 @@ def assert_matches_reference(student, teachers, labels, *, return_components=Fal
     outputs = kdfast.multi_teacher_distill_loss(s, teachers, labels, return_components=return_components, **settings)
     loss, parts = outputs if return_components else (outputs, None)
     loss.backward()
-    settings.pop("backend", None)
-    s64 = student.double().requires_grad_()
-    stacked = torch.stack(list(teachers)).double()
-    expected = multi_teacher_distill_loss_reference(s64, stacked, labels, **settings)
+    settings = {key: on_cpu(value) for key, value in settings.items() if key != "backend"}
+    s64 = student.detach().cpu().double().requires_grad_()
+    stacked = torch.stack(on_cpu(list(teachers))).double()
+    expected = multi_teacher_distill_loss_reference(s64, stacked, on_cpu(labels), **settings)
     expected.backward()
-    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-4, atol=2e-6)
+    torch.testing.assert_close(loss.cpu().double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.grad.cpu().double(), s64.grad, rtol=1e-4, atol=2e-6)
     return s.grad if want == "gradient" else parts
 
 
@@ -61,9 +69,9 @@ CASES = [(divergence, combine, WEIGHTS[i % len(WEIGHTS)], 1 + i % 3)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence, combine, weights, teachers", CASES)
 def test_loss_and_gradient_equal_the_float64_reference(backend, divergence, combine, weights, teachers):
-    student, stacked, labels = make_inputs(teachers)
+    student, stacked, labels = make_inputs(teachers, device=device_for(backend))
     settings = dict(divergence=divergence, beta=0.3, temperature=1.7, kd_weight=0.8, ce_weight=0.4,
-                    weights=weights_for(weights, teachers), combine=combine)
+                    weights=weights_for(weights, teachers, device=device_for(backend)), combine=combine)
     assert_matches_reference(student, list(stacked), labels, backend=backend, **settings)
 
 
@@ -71,7 +79,7 @@ def test_loss_and_gradient_equal_the_float64_reference(backend, divergence, comb
 @pytest.mark.parametrize("combine", ["mixture", "average"])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_one_teacher_is_the_single_teacher_loss(backend, combine, divergence):
-    student, stacked, labels = make_inputs(1, seed=4)
+    student, stacked, labels = make_inputs(1, seed=4, device=device_for(backend))
     settings = dict(divergence=divergence, temperature=2.0, ce_weight=0.3, backend=backend)
     one = kdfast.multi_teacher_distill_loss(student, stacked, labels, combine=combine, **settings)
     torch.testing.assert_close(one, kdfast.distill_loss(student, stacked[0], labels, **settings), rtol=1e-5,
@@ -163,14 +171,16 @@ def test_every_divergence_keeps_its_digits_at_large_logits(backend, temperature,
     """The single-teacher promise, 1e-4 of float64 at |logits| ~ 1e3, holds for the mixture (its log-probabilities
     are centred before the temperature divides)."""
     student, stacked, labels = make_inputs(3, seed=9, scale=1e3 / 3)
+    device = device_for(backend)
     for divergence in DIVERGENCES:
         settings = dict(divergence=divergence, temperature=temperature, weights=[1.0, 2.0, 3.0], combine=combine)
-        loss = kdfast.multi_teacher_distill_loss(student, stacked, labels, backend=backend, **settings)
+        loss = kdfast.multi_teacher_distill_loss(student.to(device), stacked.to(device), labels.to(device),
+                                                 backend=backend, **settings)
         expected = multi_teacher_distill_loss_reference(student, stacked, labels, **settings)
-        torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-4, msg=divergence)
+        torch.testing.assert_close(loss.cpu().double(), expected, rtol=1e-4, atol=1e-4, msg=divergence)
 
 
-def linear_inputs(teachers: int, hidden_sizes=(8, 12, 10), rows=ROWS, seed=3):
+def linear_inputs(teachers: int, hidden_sizes=(8, 12, 10), rows=ROWS, seed=3, device="cpu"):
     generator = torch.Generator().manual_seed(seed)
     student_hidden = torch.randn(rows, 6, generator=generator)
     student_weight = torch.randn(VOCAB, 6, generator=generator)
@@ -179,7 +189,9 @@ def linear_inputs(teachers: int, hidden_sizes=(8, 12, 10), rows=ROWS, seed=3):
     biases = [torch.randn(VOCAB, generator=generator) if m % 2 else None for m in range(teachers)]
     labels = torch.randint(0, VOCAB, (rows,), generator=generator)
     labels[1] = -100
-    return student_hidden, student_weight, hiddens, weights, biases, labels
+    moved = [None if b is None else b.to(device) for b in biases]
+    return (student_hidden.to(device), student_weight.to(device), [h.to(device) for h in hiddens],
+            [w.to(device) for w in weights], moved, labels.to(device))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -189,21 +201,23 @@ def linear_inputs(teachers: int, hidden_sizes=(8, 12, 10), rows=ROWS, seed=3):
                                                           ("rows", 1, "mean")])
 def test_fused_linear_form_equals_the_reference_of_its_heads(backend, combine, weights, teachers, reduction):
     """Teachers of different hidden sizes, with and without a bias, chunks of 3 rows (a part chunk at the end)."""
-    student_hidden, student_weight, hiddens, head_weights, biases, labels = linear_inputs(teachers)
+    device = device_for(backend)
+    student_hidden, student_weight, hiddens, head_weights, biases, labels = linear_inputs(teachers, device=device)
     settings = dict(divergence="jsd", beta=0.4, temperature=1.5, ce_weight=0.3, reduction=reduction,
-                    weights=weights_for(weights, teachers), combine=combine)
+                    weights=weights_for(weights, teachers, device=device), combine=combine)
     h, w = student_hidden.clone().requires_grad_(), student_weight.clone().requires_grad_()
     loss = kdfast.linear_multi_teacher_distill_loss(h, w, hiddens, head_weights, labels, teacher_bias=biases,
                                                     chunk_size=3, backend=backend, **settings)
     (loss.sum() if reduction == "none" else loss).backward()
-    h64, w64 = student_hidden.double().requires_grad_(), student_weight.double().requires_grad_()
+    h64, w64 = student_hidden.cpu().double().requires_grad_(), student_weight.cpu().double().requires_grad_()
     teacher_logits = [torch.nn.functional.linear(x.double(), y.double(), b.double() if b is not None else None)
-                      for x, y, b in zip(hiddens, head_weights, biases)]
-    expected = multi_teacher_distill_loss_reference(h64 @ w64.t(), teacher_logits, labels, **settings)
+                      for x, y, b in zip(on_cpu(hiddens), on_cpu(head_weights), on_cpu(biases))]
+    settings = {key: on_cpu(value) for key, value in settings.items()}
+    expected = multi_teacher_distill_loss_reference(h64 @ w64.t(), teacher_logits, labels.cpu(), **settings)
     (expected.sum() if reduction == "none" else expected).backward()
-    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss.cpu().double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.grad.cpu().double(), h64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad.cpu().double(), w64.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_fused_linear_form_names_bad_teachers():
@@ -281,8 +295,9 @@ def test_forward_kl_average_is_one_mixing_call(monkeypatch, backend):
         raise AssertionError("a single-teacher call ran")
 
     monkeypatch.setattr(cpu_backend if backend == "cpu" else triton_backend, "forward_rows", refuse)
-    student, stacked, labels = make_inputs(3, seed=8)
-    weights = weights_for("rows", 3, seed=8)
+    device = device_for(backend)
+    student, stacked, labels = make_inputs(3, seed=8, device=device)
+    weights = weights_for("rows", 3, seed=8, device=device)
     settings = dict(combine="average", weights=weights, temperature=1.5, ce_weight=0.4, backend=backend)
     parts = assert_matches_reference(student, stacked, labels, return_components=True, **settings)
     assert parts.teachers.shape == (3,)
@@ -302,17 +317,18 @@ def test_forward_kl_average_is_one_mixing_call(monkeypatch, backend):
 
     student_hidden, student_weight, hiddens, head_weights, biases, labels = linear_inputs(3)
     for components in (False, True):
-        out = kdfast.linear_multi_teacher_distill_loss(student_hidden, student_weight, hiddens, head_weights, labels,
-                                                       teacher_bias=biases, combine="average", chunk_size=3,
-                                                       temperature=1.5, ce_weight=0.4, backend=backend,
-                                                       return_components=components)
+        out = kdfast.linear_multi_teacher_distill_loss(
+            student_hidden.to(device), student_weight.to(device), [h.to(device) for h in hiddens],
+            [w.to(device) for w in head_weights], labels.to(device),
+            teacher_bias=[None if b is None else b.to(device) for b in biases], combine="average", chunk_size=3,
+            temperature=1.5, ce_weight=0.4, backend=backend, return_components=components)
         loss = out[0] if components else out
         student_logits = student_hidden.double() @ student_weight.double().t()
         teachers = torch.stack([torch.nn.functional.linear(x.double(), y.double(), None if b is None else b.double())
                                 for x, y, b in zip(hiddens, head_weights, biases)])
         expected = multi_teacher_distill_loss_reference(student_logits, teachers, labels, combine="average",
                                                         temperature=1.5, ce_weight=0.4)
-        torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loss.cpu().double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_inplace_backward_writes_the_mixtures_gradient_over_the_student():
