@@ -78,10 +78,11 @@ def _load(row_ptr, cols, mask):
 
 
 @triton.jit
-def _teacher(t_row, cols, mask, mix_offsets_ptr, mix_row, teachers, inv_t, MIX_TEACHERS: tl.constexpr):
+def _teacher(t_row, cols, mask, mix_offsets_ptr, mix_row, teachers, inv_t, MIX_TEACHERS: tl.constexpr,
+             MIX_ONCE: tl.constexpr):
     """A block of the teacher's logits: the one teacher's, or the mixture's in logit units (kernels/mixture.py)."""
     if MIX_TEACHERS:
-        t = mixed_teacher(t_row, mix_offsets_ptr, mix_row, teachers, cols, mask, inv_t)
+        t = mixed_teacher(t_row, mix_offsets_ptr, mix_row, teachers, cols, mask, inv_t, MIX_ONCE)
     else:
         t = _load(t_row, cols, mask)
     return t
@@ -172,11 +173,14 @@ def distill_fwd_kernel(
     DIVERGENCE: tl.constexpr, PHASE: tl.constexpr, HAS_KD: tl.constexpr, HAS_CE: tl.constexpr,
     CE_FROM_TEMPERED: tl.constexpr, HAS_LABELS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
     NEEDS_LABELS: tl.constexpr, SMOOTH: tl.constexpr, MIX_TEACHERS: tl.constexpr, OWN_KL: tl.constexpr,
-    OWN_BLOCK: tl.constexpr,
+    OWN_BLOCK: tl.constexpr, MIX_ONCE: tl.constexpr,
 ):
     # HAS_CE: the student's statistics at T = 1 (the CE term, or the z-loss alone); NEEDS_LABELS: the CE term (its
     # weight is not 0); SMOOTH: label smoothing, whose target needs sum_j s_j; MIX_TEACHERS: the teacher is p_bar
-    # of several (FUSED only), each read of it mixed again from their rows.
+    # of several (FUSED only), each read of it mixed again from their rows; MIX_ONCE: each teacher's block read once
+    # per pass, and no teacher read in pass 1 where the mixture's statistics are known (its log-sum-exp at T is
+    # log sum p_bar = 0) and reverse KL's reference sum is not wanted.
+    MIX_KNOWN_STATS: tl.constexpr = MIX_TEACHERS and MIX_ONCE and (DIVERGENCE != REVERSE_KL)
     row = tl.program_id(0).to(tl.int64)
     batch_index = row // rows_per_batch
     row_index = row % rows_per_batch
@@ -245,8 +249,10 @@ def distill_fwd_kernel(
                 ref_new = _finite_or_zero(m_new)
                 moved = m_new != m_s
                 if HAS_KD:
-                    t = _teacher(t_row, cols, mask, mix_offsets_ptr, mix_row, teachers, inv_t, MIX_TEACHERS)
-                    t_max_new = tl.maximum(m_t, tl.max(t, axis=0))
+                    if not MIX_KNOWN_STATS:
+                        t = _teacher(t_row, cols, mask, mix_offsets_ptr, mix_row, teachers, inv_t, MIX_TEACHERS,
+                                     MIX_ONCE)
+                        t_max_new = tl.maximum(m_t, tl.max(t, axis=0))
                     alpha_s = tl.where(moved, tl.exp((m_s - m_new) * inv_t), 1.0)
                     e_s = tl.exp((s - ref_new) * inv_t)
                     if (DIVERGENCE == REVERSE_KL) & (PHASE == FUSED):
@@ -264,9 +270,10 @@ def distill_fwd_kernel(
                         shift_s = (_finite_or_zero(m_s) - ref_new) * inv_t
                         e_log_e = _fold_e_log_e(e_log_e, z_s, alpha_s, shift_s, e_s, (s - ref_new) * inv_t)
                     z_s = z_s * alpha_s + tl.sum(e_s, axis=0)
-                    alpha_t = tl.where(t_max_new != m_t, tl.exp((m_t - t_max_new) * inv_t), 1.0)
-                    z_t = z_t * alpha_t + tl.sum(tl.exp((t - _finite_or_zero(t_max_new)) * inv_t), axis=0)
-                    m_t = t_max_new
+                    if not MIX_KNOWN_STATS:
+                        alpha_t = tl.where(t_max_new != m_t, tl.exp((m_t - t_max_new) * inv_t), 1.0)
+                        z_t = z_t * alpha_t + tl.sum(tl.exp((t - _finite_or_zero(t_max_new)) * inv_t), axis=0)
+                        m_t = t_max_new
                     if (DIVERGENCE != FORWARD_KL) & (PHASE == FUSED):
                         block_index = start + tl.argmax(s, axis=0)
                         ref_index = tl.where(block_max > m_s, block_index, ref_index)
@@ -282,6 +289,9 @@ def distill_fwd_kernel(
             ref_t = _finite_or_zero(m_t)
             log_z_s = tl.log(z_s)
             log_z_t = tl.log(z_t)
+            if MIX_KNOWN_STATS:  # T * log p_bar: reference 0, log-sum-exp 0
+                ref_t = 0.0
+                log_z_t = 0.0
             ref_c = ref_s
             log_z_c = tl.log(z_c)
             if CE_FROM_TEMPERED:
@@ -321,7 +331,8 @@ def distill_fwd_kernel(
             h_ref = 0.0
             if (DIVERGENCE >= JSD) & (PHASE == FUSED) & HAS_KD:
                 if MIX_TEACHERS:
-                    t_r = mixed_teacher(t_row, mix_offsets_ptr, mix_row, teachers, ref_index, ref_index >= 0, inv_t)
+                    t_r = mixed_teacher(t_row, mix_offsets_ptr, mix_row, teachers, ref_index, ref_index >= 0, inv_t,
+                                        MIX_ONCE)
                 else:
                     t_r = tl.load(t_row + ref_index).to(tl.float32)
                 lt_r = (t_r - ref_t) * inv_t - log_z_t
@@ -356,7 +367,7 @@ def distill_fwd_kernel(
                         q_log_q_acc += _q_log_q((s - ref_c) - log_z_c, mask)
                 grad_kd = tl.zeros([BLOCK_V], dtype=tl.float32)
                 if HAS_KD:
-                    t = _teacher(t_row, cols, mask, mix_offsets_ptr, mix_row, teachers, inv_t, MIX_TEACHERS)
+                    t = _teacher(t_row, cols, mask, mix_offsets_ptr, mix_row, teachers, inv_t, MIX_TEACHERS, MIX_ONCE)
                     lt = (t - ref_t) * inv_t - log_z_t
                     p = tl.exp(lt)
                     if DIVERGENCE == FORWARD_KL:
@@ -412,7 +423,7 @@ def distill_fwd_kernel(
                     cols = start + offsets
                     mask = cols < vocab
                     s = _load(s_row, cols, mask)
-                    t = _teacher(t_row, cols, mask, mix_offsets_ptr, mix_row, teachers, inv_t, MIX_TEACHERS)
+                    t = _teacher(t_row, cols, mask, mix_offsets_ptr, mix_row, teachers, inv_t, MIX_TEACHERS, MIX_ONCE)
                     ls = (s - ref_s) * inv_t - log_z_s
                     lt = (t - ref_t) * inv_t - log_z_t
                     q = tl.exp(ls)
@@ -450,11 +461,12 @@ def launch_config(vocab: int) -> tuple[int, int]:
 
 
 def distill_forward_rows(student, teacher, labels, grad_scale, grad, opts, call, mixture=None,
-                         own_divergences=None) -> torch.Tensor:
+                         own_divergences=None, mix_reads_once: bool = False) -> torch.Tensor:
     """Launches one program per row of the [batch, rows, vocab] views in `call`'s phase (settings: the record
     `opts`); returns the phase's float32 outputs. `mixture`: (offsets, log_weights) of several teachers, `teacher`
     the first of them (kdfast.backends.triton_backend.mixture_forward_rows), FUSED only; `own_divergences`: a
-    contiguous float32 [rows, M] where each of them gets its own forward KL per row (forward KL only)."""
+    contiguous float32 [rows, M] where each of them gets its own forward KL per row (forward KL only);
+    `mix_reads_once`: the mixture's MIX_ONCE reads (kdfast.backends.triton_backend.mixture_reads_once)."""
     batch, rows_per_batch, vocab = student.shape
     rows = batch * rows_per_batch
     shape = {Phase.FUSED: (rows, PART_COLUMNS), Phase.GRADIENT: (0,)}.get(call.phase, (rows, STAT_COLUMNS))
@@ -491,6 +503,7 @@ def distill_forward_rows(student, teacher, labels, grad_scale, grad, opts, call,
         CE_FROM_TEMPERED=opts.has_ce and opts.has_kd and opts.temperature == 1.0,
         HAS_LABELS=labels is not None, WRITE_GRAD=write_grad, BLOCK_V=block_v, NEEDS_LABELS=opts.needs_labels,
         SMOOTH=opts.has_ce and opts.label_smoothing != 0.0, MIX_TEACHERS=mixture is not None, OWN_KL=own_kl,
-        OWN_BLOCK=triton.next_power_of_2(max(teachers, 1)) if own_kl else 1, num_warps=num_warps,
+        OWN_BLOCK=triton.next_power_of_2(max(teachers, 1)) if own_kl else 1,
+        MIX_ONCE=mixture is not None and mix_reads_once, num_warps=num_warps,
     )
     return out

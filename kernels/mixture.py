@@ -69,10 +69,13 @@ def _mixture_term(t_row, offsets_ptr, scratch_row, m, cols, mask, inv_t):
 
 
 @triton.jit
-def mixed_teacher(t_row, offsets_ptr, scratch_row, teachers, cols, mask, inv_t):
+def mixed_teacher(t_row, offsets_ptr, scratch_row, teachers, cols, mask, inv_t, ONCE: tl.constexpr):
     """The mixture's logits at `cols` (a block, or one column), float32: T * log p_bar, with log p_bar the exact
-    log-sum-exp over m of the terms (their max, then a sum of exps; never the log of an underflowed sum): -inf
-    where no teacher has mass, and masked lanes -inf as a single teacher's load gives them."""
+    log-sum-exp over m of the terms (never the log of an underflowed sum): -inf where no teacher has mass, and masked
+    lanes -inf as a single teacher's load gives them. Either their max, then a sum of exps (each teacher's block read
+    twice), or with ONCE a running log-sum-exp over m (each read once; one exp a term as well: exp(-|term - max|))."""
+    if ONCE:
+        return _mixed_teacher_once(t_row, offsets_ptr, scratch_row, teachers, cols, mask, inv_t)
     hi = tl.zeros_like(cols).to(tl.float32) + float("-inf")
     for m in range(teachers):
         hi = tl.maximum(hi, _mixture_term(t_row, offsets_ptr, scratch_row, m, cols, mask, inv_t))
@@ -82,6 +85,24 @@ def mixed_teacher(t_row, offsets_ptr, scratch_row, teachers, cols, mask, inv_t):
         total += tl.exp(_mixture_term(t_row, offsets_ptr, scratch_row, m, cols, mask, inv_t) - base)
     # A NaN term poisons the sum even where maximum dropped it (on a GPU).
     return (base + tl.log(total)) * (1.0 / inv_t)
+
+
+@triton.jit
+def _mixed_teacher_once(t_row, offsets_ptr, scratch_row, teachers, cols, mask, inv_t):
+    """mixed_teacher's value from one read of each teacher's block: `total` is the sum of exp(term - hi) under the
+    running max `hi`, rescaled when a term passes it. A term of -inf adds nothing (its exp would be exp(NaN) while
+    hi is -inf too); a NaN term makes the sum NaN, as the two-read form's does; a +inf term (an inf logit) is +inf."""
+    hi = tl.zeros_like(cols).to(tl.float32) + float("-inf")
+    total = tl.zeros_like(hi)
+    for m in range(teachers):
+        term = _mixture_term(t_row, offsets_ptr, scratch_row, m, cols, mask, inv_t)
+        bigger = term > hi
+        e = tl.exp(tl.where(bigger, hi - term, term - hi))
+        e = tl.where(term == float("-inf"), 0.0, e)
+        total = tl.where(bigger, total * e + 1.0, total + e)
+        hi = tl.maximum(hi, term)
+    mixed = tl.where(hi == float("inf"), hi, _finite_or_zero(hi) + tl.log(total))
+    return mixed * (1.0 / inv_t)
 
 
 @triton.jit

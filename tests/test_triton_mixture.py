@@ -42,10 +42,14 @@ def reference_loss_and_gradient(student, teachers, labels, **settings):
     return expected.detach(), s64.grad
 
 
+@pytest.mark.parametrize("reads", ["twice", "once"])
 @pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("teachers", [1, 2, 3, 5])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_the_kernel_mixture_equals_torch_and_the_float64_reference(divergence, teachers, teacher_dtype):
+def test_the_kernel_mixture_equals_torch_and_the_float64_reference(monkeypatch, divergence, teachers, teacher_dtype,
+                                                                   reads):
+    """Both forms of the mixing kernel's reads (KDFAST_TRITON_MIX_READS)."""
+    monkeypatch.setenv("KDFAST_TRITON_MIX_READS", reads)
     student, stacked, weights, labels = make_inputs(teachers, divergence, teacher_dtype, seed=teachers)
     for temperature in (0.5, 1.0, 2.0):
         settings = dict(divergence=divergence, beta=0.3, temperature=temperature, ce_weight=0.5, weights=weights,
@@ -118,12 +122,15 @@ OWN_CASES = [(divergence, teachers, dtype) for divergence in ("forward_kl", "rev
 OWN_CASES += [(divergence, 5, torch.bfloat16) for divergence in DIVERGENCES[2:]]
 
 
+@pytest.mark.parametrize("reads", ["twice", "once"])
 @pytest.mark.parametrize("divergence, teachers, teacher_dtype", OWN_CASES)
-def test_each_teachers_divergence_comes_from_the_mixing_call(monkeypatch, teachers, teacher_dtype, divergence):
+def test_each_teachers_divergence_comes_from_the_mixing_call(monkeypatch, teachers, teacher_dtype, divergence, reads):
     """return_components under every divergence: each teacher's own divergence is accumulated in the kernel's loss
     pass (no single-teacher call runs), equal to the float64 reference per teacher in every row: a routed-away teacher
     (weight 0 there) included, -inf columns (reverse KL: infinite), ignored rows 0; then the fused linear form."""
     from kdfast.reference import distill_loss_reference
+
+    monkeypatch.setenv("KDFAST_TRITON_MIX_READS", reads)
 
     def refuse(*args, **kwargs):
         raise AssertionError("a single-teacher call ran for a teacher's own divergence")
@@ -163,3 +170,10 @@ def test_own_divergences_are_refused_without_a_divergence_or_of_another_shape():
         with pytest.raises(ValueError, match=r"own_divergences: .*\[6, 2\].* in a call with a divergence only"):
             distill_forward_rows(student.unsqueeze(0), teachers[0], labels, torch.ones(1, device=DEVICE), None, opts,
                                  FUSED, mixture, torch.zeros(*shape, device=DEVICE))
+
+
+def test_the_reads_setting_is_named_when_wrong(monkeypatch):
+    monkeypatch.setenv("KDFAST_TRITON_MIX_READS", "thrice")
+    student, stacked, weights, labels = make_inputs(2, "forward_kl")
+    with pytest.raises(ValueError, match="KDFAST_TRITON_MIX_READS must be 'twice' or 'once', got 'thrice'"):
+        kdfast.multi_teacher_distill_loss(student, list(stacked), labels, weights=weights, backend="triton")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from kdfast.kernel_abi import FUSED, MixedTeachers, PhaseCall, SparseTargets
@@ -54,7 +56,18 @@ def mixture_forward_rows(student, teacher: MixedTeachers, labels, grad_scale, gr
         log_weights = log_weights.contiguous()
     mixture = (teacher_offsets(teachers), log_weights)
     return distill_forward_rows(student, teachers[0], labels, grad_scale, grad, opts, call, mixture,
-                                teacher.divergences)
+                                teacher.divergences, mix_reads_once=mixture_reads_once())
+
+
+def mixture_reads_once() -> bool:
+    """KDFAST_TRITON_MIX_READS: "twice" (the default: the form timed on an H200) or "once", the mixing kernel's
+    reads of each teacher's block (kernels/mixture.py, mixed_teacher) and, "once", no teacher read in the first pass
+    where the mixture's statistics are known: 40-60% fewer teacher reads, to be timed on a GPU
+    (`benchmarks/bench_multi_teacher.py` times both there) before it becomes the default."""
+    value = os.environ.get("KDFAST_TRITON_MIX_READS", "twice")
+    if value not in ("twice", "once"):
+        raise ValueError(f"KDFAST_TRITON_MIX_READS must be 'twice' or 'once', got {value!r}")
+    return value == "once"
 
 
 def fills_teacher_divergences(opts: LossOptions) -> bool:
