@@ -173,14 +173,13 @@ def distill_fwd_kernel(
     DIVERGENCE: tl.constexpr, PHASE: tl.constexpr, HAS_KD: tl.constexpr, HAS_CE: tl.constexpr,
     CE_FROM_TEMPERED: tl.constexpr, HAS_LABELS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
     NEEDS_LABELS: tl.constexpr, SMOOTH: tl.constexpr, MIX_TEACHERS: tl.constexpr, OWN_KL: tl.constexpr,
-    OWN_BLOCK: tl.constexpr, MIX_ONCE: tl.constexpr,
+    OWN_BLOCK: tl.constexpr, MIX_ONCE: tl.constexpr, MIX_KNOWN_STATS: tl.constexpr,
 ):
     # HAS_CE: the student's statistics at T = 1 (the CE term, or the z-loss alone); NEEDS_LABELS: the CE term (its
     # weight is not 0); SMOOTH: label smoothing, whose target needs sum_j s_j; MIX_TEACHERS: the teacher is p_bar
     # of several (FUSED only), each read of it mixed again from their rows; MIX_ONCE: each teacher's block read once
-    # per pass, and no teacher read in pass 1 where the mixture's statistics are known (its log-sum-exp at T is
-    # log sum p_bar = 0) and reverse KL's reference sum is not wanted.
-    MIX_KNOWN_STATS: tl.constexpr = MIX_TEACHERS and MIX_ONCE and (DIVERGENCE != REVERSE_KL)
+    # per pass; MIX_KNOWN_STATS (with MIX_ONCE, but for reverse KL, whose pass-1 reference sum reads the teacher): no
+    # teacher read in pass 1, the mixture's statistics being known (its log-sum-exp at T is log sum p_bar = 0).
     row = tl.program_id(0).to(tl.int64)
     batch_index = row // rows_per_batch
     row_index = row % rows_per_batch
@@ -504,6 +503,8 @@ def distill_forward_rows(student, teacher, labels, grad_scale, grad, opts, call,
         HAS_LABELS=labels is not None, WRITE_GRAD=write_grad, BLOCK_V=block_v, NEEDS_LABELS=opts.needs_labels,
         SMOOTH=opts.has_ce and opts.label_smoothing != 0.0, MIX_TEACHERS=mixture is not None, OWN_KL=own_kl,
         OWN_BLOCK=triton.next_power_of_2(max(teachers, 1)) if own_kl else 1,
-        MIX_ONCE=mixture is not None and mix_reads_once, num_warps=num_warps,
+        MIX_ONCE=mixture is not None and mix_reads_once,
+        MIX_KNOWN_STATS=mixture is not None and mix_reads_once and opts.divergence_code != int(Divergence.REVERSE_KL),
+        num_warps=num_warps,
     )
     return out

@@ -99,6 +99,9 @@ def variants():
             yield capability, divergence, "bf16", dict(flags, WRITE_GRAD=write_grad)
         # Several teachers mixed in the kernel (fused only).
         yield capability, divergence, "bf16", dict(FUSED_FLAGS[0], MIX_TEACHERS=1)
+        # ... each teacher's block read once per pass (KDFAST_TRITON_MIX_READS=once)
+        yield capability, divergence, "bf16", dict(FUSED_FLAGS[0], MIX_TEACHERS=1, MIX_ONCE=1,
+                                                   MIX_KNOWN_STATS=int(divergence != Divergence.REVERSE_KL))
         if divergence in OWN_CHECKED:  # ... with each teacher's own divergence (4 teachers' accumulators)
             yield capability, divergence, "bf16", dict(FUSED_FLAGS[0], MIX_TEACHERS=1, OWN_KL=1, OWN_BLOCK=4)
         # A sparse teacher (K = 64), bucket: fused, then the shard's phases.
@@ -116,7 +119,7 @@ def report(variant) -> str:
     if flags.get("MAPPED"):
         kernel, flags = mapped.mapped_fwd_kernel, {k: v for k, v in flags.items() if k != "MAPPED"}
     if kernel is distill.distill_fwd_kernel:
-        flags = {"MIX_TEACHERS": 0, "OWN_KL": 0, "OWN_BLOCK": 1, **flags}
+        flags = {"MIX_TEACHERS": 0, "OWN_KL": 0, "OWN_BLOCK": 1, "MIX_ONCE": 0, "MIX_KNOWN_STATS": 0, **flags}
     compiled = compile_kernel(dtype, capability, num_warps, kernel, DIVERGENCE=divergence, BLOCK_V=block_v, **flags)
     ptx = compiled.asm["ptx"]
     loads = sorted(set(re.findall(r"ld\.global(?:\.[a-z0-9]+)*", ptx)))
