@@ -2,21 +2,23 @@
 # The fused linear loss on a GPU in one run (docs/DESIGN.md, "The fused linear loss on a GPU"): against its four-GEMM
 # floor, torch.compile and Liger (its wheel carried in .whl/) at N=8192 H_s=2048 H_t=4096 V=128256 bf16, with and
 # without float32 logits; the chunk size by measurement; errors against float64 on bf16 inputs (kdfast both ways,
-# Liger); the host's cost of a small call, eager and as a CUDA graph replay; a whole training step against full
-# logits and Liger; the logits-level kernels (no regression); kdfast against TRL's own Triton kernels at the same
-# shape (its DistillationTrainer's divergence at beta 0, 0.5, 1 and its chunked token log-probs; TRL 1.16 and the
-# packages its trainer module imports, transformers and accelerate among them, carried as wheels in .whl/ as Liger's
-# is); several teachers (bench_multi_teacher.py: the mixture with the teachers mixed inside the Triton kernel against
-# the CUDA kernel mixing them in its own passes, the average, a loop of single-teacher calls and eager torch, at M=3
-# N=8192 V=128256 bf16 logits, and the fused linear form with M=2 teachers, H 2048 and 4096, N=8192 H_s=2048; about
-# 1 to 2 minutes); a teacher of another vocabulary (bench_cross_vocab.py, 2048 aligned rows, V_s 32000, V_t 40000:
-# "mapped" on its Triton kernel against the torch and CUDA backends, uld and hybrid against TRL's ULDLoss; under a
-# minute); then the GPU tests of these paths. Results: benchmarks/results/ (and $OUT, when the device tool runs it). About 15
-# minutes in all with the build; where one command may run 10 minutes at most, split it:
-# STEPS="linear chunks precision trl" then STEPS="small step kernels multi cross tests" (the kernels' build is cached
-# between the two on the same machine). Steps run in the order STEPS names them; step `suite` runs the whole test suite
-# on the GPU but for the files that test only the CPU or the build (their CPU time would crowd the GPU's tests out of a
-# short lease; CI runs them).
+# Liger); the host's cost of a small call, eager and as a CUDA graph replay; a whole training step against full logits
+# and Liger; the logits-level kernels (no regression); kdfast against TRL's own Triton kernels at the same shape (its
+# DistillationTrainer's divergence at beta 0, 0.5, 1 and its chunked token log-probs; TRL 1.16 and the packages its
+# trainer module imports, transformers and accelerate among them, carried as wheels in .whl/ as Liger's is: trl,
+# datasets, dill and multiprocess at TRL 1.16's versions); several teachers (bench_multi_teacher.py: the mixture with
+# the teachers mixed inside the Triton kernel against the CUDA kernel mixing them in its own passes, the average, a
+# loop of single-teacher calls and eager torch, at M=3 N=8192 V=128256 bf16 logits, and the fused linear form with M=2
+# teachers, H 2048 and 4096, N=8192 H_s=2048; about 1 to 2 minutes); a teacher of another vocabulary
+# (bench_cross_vocab.py, 2048 aligned rows, V_s 32000, V_t 40000: "mapped" on its Triton kernel against the torch and
+# CUDA backends, uld and hybrid against TRL's ULDLoss; under a minute); then the GPU tests of these paths. Results:
+# benchmarks/results/ (and $OUT, when the device tool runs it). About 15 minutes in all with the build; where one
+# command may run 10 minutes at most, split it: STEPS="linear chunks precision trl" then STEPS="small step kernels
+# multi cross tests" (the kernels' build is cached between the two on the same machine). Seen on an H200 on
+# 2026-12-04: the build 53 s, `trl` about 60 s, `multi` about 95 s, `tests` on five of its files 64 s; `suite` reached
+# 36% in 200 s. Steps run in the order STEPS names them; step `suite` runs the whole test suite on the GPU but for the
+# files that test only the CPU or the build (their CPU time would crowd the GPU's tests out of a short lease; CI runs
+# them).
 set -uo pipefail
 STEPS=${STEPS:-linear chunks precision trl small step kernels multi cross tests}
 source "$(dirname "$0")/gpu_env.sh"
