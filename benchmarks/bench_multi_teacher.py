@@ -23,10 +23,10 @@ reference (on the first rows) is not timed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 from rich.console import Console
@@ -92,24 +92,11 @@ READS_ONCE = "triton-once"
 READS_ONCE_NAME = "kdfast mixture (backend=triton, reads once)"
 
 
-@contextlib.contextmanager
-def triton_reads_once():
-    previous = os.environ.get("KDFAST_TRITON_MIX_READS")
-    os.environ["KDFAST_TRITON_MIX_READS"] = "once"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("KDFAST_TRITON_MIX_READS")
-        else:
-            os.environ["KDFAST_TRITON_MIX_READS"] = previous
-
-
 def mixture_call(backend: str, student, teachers, labels, **settings):
     """multi_teacher_distill_loss on `backend`, or on Triton reading each teacher once (READS_ONCE)."""
     if backend != READS_ONCE:
         return kdfast.multi_teacher_distill_loss(student, teachers, labels, backend=backend, **settings)
-    with triton_reads_once():
+    with mock.patch.dict(os.environ, {"KDFAST_TRITON_MIX_READS": "once"}):
         return kdfast.multi_teacher_distill_loss(student, teachers, labels, backend="triton", **settings)
 
 
