@@ -19,12 +19,12 @@ at::Tensor distill_forward(const at::Tensor& student, const at::Tensor& teacher,
   auto call = kdfast::pack_distill_args(student, teacher, labels, grad_scale, grad, row_stats, row_totals,
                                         int_settings, float_settings, c10::DeviceType::CUDA);
   kdfast::DistillArgs& args = call.args;
-  TORCH_CHECK(!args.has_kd || kdfast_cuda::supported_pair(args.student_kind, args.teacher_kind),
+  KDFAST_CHECK(!args.has_kd || kdfast_cuda::supported_pair(args.student_kind, args.teacher_kind),
               "teacher_logits must have the student's dtype or float32, got ", teacher.scalar_type(), " for ",
               student.scalar_type(), " student logits");
   const int64_t rows = args.batch * args.rows_per_batch;
   int multiprocessors = 0;
-  TORCH_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, student.get_device()) ==
+  KDFAST_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, student.get_device()) ==
                   cudaSuccess, "could not read the device's multiprocessor count");
   // A shard's phases run one block per row; only a whole row (FUSED) is split over blocks.
   if (args.phase != kdfast::kPhaseFused) {
@@ -38,7 +38,7 @@ at::Tensor distill_forward(const at::Tensor& student, const at::Tensor& teacher,
     args.workspace = workspace.data_ptr<float>();
   }
   const cudaError_t error = kdfast_cuda::launch_distill(args, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(error == cudaSuccess, "kdfast CUDA kernel launch failed: ", cudaGetErrorString(error));
+  KDFAST_CHECK(error == cudaSuccess, "kdfast CUDA kernel launch failed: ", cudaGetErrorString(error));
   return call.out;
 }
 
@@ -55,9 +55,9 @@ at::Tensor mixture_distill_forward(const at::Tensor& student, at::TensorList tea
   auto call = kdfast::pack_mixture_args(student, teachers, log_weights, labels, grad_scale, grad, teacher_divergences,
                                         int_settings, float_settings, c10::DeviceType::CUDA, teacher_rows);
   kdfast::DistillArgs& args = call.args;
-  TORCH_CHECK(args.has_kd, "mixture_distill_forward mixes teachers for a divergence (kd_weight 0 needs none)");
-  TORCH_CHECK(!teacher_divergences.has_value(), "the CUDA mixing kernel does not write each teacher's divergence");
-  TORCH_CHECK(args.teacher_kind == args.student_kind, "the CUDA mixing kernel reads teachers of the student's dtype ",
+  KDFAST_CHECK(args.has_kd, "mixture_distill_forward mixes teachers for a divergence (kd_weight 0 needs none)");
+  KDFAST_CHECK(!teacher_divergences.has_value(), "the CUDA mixing kernel does not write each teacher's divergence");
+  KDFAST_CHECK(args.teacher_kind == args.student_kind, "the CUDA mixing kernel reads teachers of the student's dtype ",
               student.scalar_type(), ", got ", teachers[0].scalar_type());
   const at::Tensor addresses = at::empty({args.mix_count}, at::TensorOptions().dtype(at::kLong));
   int64_t* address = addresses.data_ptr<int64_t>();
@@ -70,7 +70,7 @@ at::Tensor mixture_distill_forward(const at::Tensor& student, at::TensorList tea
   args.workspace = workspace.data_ptr<float>();
   args.splits = 1;
   const cudaError_t error = kdfast_cuda::launch_distill(args, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(error == cudaSuccess, "kdfast CUDA kernel launch failed: ", cudaGetErrorString(error));
+  KDFAST_CHECK(error == cudaSuccess, "kdfast CUDA kernel launch failed: ", cudaGetErrorString(error));
   return call.out;
 }
 
@@ -81,7 +81,7 @@ at::Tensor sparse_distill_forward(const at::Tensor& student, const at::Tensor& t
                                   const std::optional<at::Tensor>& row_totals, c10::IntArrayRef int_settings,
                                   c10::ArrayRef<double> float_settings) {
   const c10::cuda::CUDAGuard device_guard(student.device());
-  TORCH_CHECK(teacher_logprobs.scalar_type() == at::kFloat, "the CUDA sparse kernel takes float32 teacher_logprobs");
+  KDFAST_CHECK(teacher_logprobs.scalar_type() == at::kFloat, "the CUDA sparse kernel takes float32 teacher_logprobs");
   auto call = kdfast::pack_sparse_args(student, teacher_ids, teacher_logprobs, labels, grad_scale, grad, row_stats,
                                        row_totals, int_settings, float_settings, c10::DeviceType::CUDA);
   kdfast::DistillArgs& args = call.args;
@@ -89,7 +89,7 @@ at::Tensor sparse_distill_forward(const at::Tensor& student, const at::Tensor& t
   at::Tensor workspace = at::empty({kdfast_cuda::sparse_workspace_floats(rows, args.topk)}, call.out.options());
   args.workspace = workspace.data_ptr<float>();
   const cudaError_t error = kdfast_cuda::launch_sparse(args, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(error == cudaSuccess, "kdfast CUDA kernel launch failed: ", cudaGetErrorString(error));
+  KDFAST_CHECK(error == cudaSuccess, "kdfast CUDA kernel launch failed: ", cudaGetErrorString(error));
   return call.out;
 }
 
