@@ -48,3 +48,16 @@ def _cpu_kernel_builds():
     assert cpu_extension_or_none() is not None, "the C++ CPU kernel failed to build"
     if torch.cuda.is_available():
         assert cuda_extension_or_none() is not None, "the CUDA kernels failed to build"
+
+
+def source_environment(**extra) -> dict:
+    """The environment of a subprocess that imports kdfast as this process does: the folder holding the kdfast package
+    imported here first (the source tree's root; on the GPU machine a folder linking kdfast/ alone, which keeps the
+    root's kernels/ from shadowing Hugging Face's `kernels` package that transformers imports), then this process's
+    PYTHONPATH (wheels carried there)."""
+    import kdfast
+
+    home = os.path.dirname(os.path.dirname(os.path.abspath(kdfast.__file__)))
+    inherited = [part for part in os.environ.get("PYTHONPATH", "").split(os.pathsep) if part and part != home]
+    path = os.pathsep.join([home, *inherited])
+    return {**os.environ, "PYTHONPATH": path, **extra}

@@ -68,9 +68,10 @@ def check_against_reference(backend, student, teacher, labels, vmap, rtol=1e-5, 
     reduction = settings.get("reduction", "mean")
     (loss.sum() if reduction == "none" else loss).backward()
     loss, grad = loss.cpu(), s.grad.cpu()
-    s64 = student.double().requires_grad_()
-    expected = cross_vocab_distill_loss_reference(s64, teacher.double(), labels, vocab_map=vmap, method="mapped",
-                                                  **settings)
+    # The float64 reference on the CPU, whichever device the rows came on (a strided view may come on the GPU).
+    s64 = student.detach().cpu().double().requires_grad_()
+    expected = cross_vocab_distill_loss_reference(s64, teacher.cpu().double(), labels.cpu(), vocab_map=vmap,
+                                                  method="mapped", **settings)
     (expected.sum() if reduction == "none" else expected).backward()
     torch.testing.assert_close(loss.double(), expected, rtol=rtol, atol=1e-6)
     torch.testing.assert_close(grad.double(), s64.grad, rtol=grad_rtol, atol=grad_atol)

@@ -4,13 +4,12 @@ API and model name in the manifest, resumable after a server that gave up mid-wa
 refused, and the command's --server path."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import source_environment
 
 from kdfast.demo import models
 from kdfast.demo.corpus import train_tokenizer
@@ -19,7 +18,6 @@ from kdfast.teacher_cache.data import text_tokens, token_windows
 from kdfast.teacher_cache.local_server import serving
 from kdfast.teacher_cache.served import ServedTeacher
 
-ROOT = Path(__file__).resolve().parent.parent
 TEXT = "\n".join(f"def function_{i}(value):\n    return value * {i} + {i % 7}\n" for i in range(60))
 SETTINGS = {"k": 8, "windows_per_shard": 8, "show_progress": False}
 FAST = {"request_timeout": 10.0, "backoff": 0.01}
@@ -96,10 +94,10 @@ def test_the_command_writes_a_served_cache(teacher, tmp_path):
             [sys.executable, "-m", "kdfast.cli", "teacher-cache", "--server", url, "--tokenizer", str(folder),
              "--text", str(folder / "text.txt"), "--out", str(tmp_path / "cache"), "--seq-len", "17", "--top-k", "8",
              "--windows-per-shard", "8", "--requests-in-flight", "2", "--request-timeout", "30"],
-            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+            env=source_environment(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     _assert_same_targets(TeacherCache(tmp_path / "cache"), local)
     refused = subprocess.run([sys.executable, "-m", "kdfast.cli", "teacher-cache", "--server", url, "--text",
                               str(folder / "text.txt"), "--out", str(tmp_path / "other")],
-                             env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+                             env=source_environment(), capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--server needs --tokenizer" in refused.stderr

@@ -9,10 +9,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import source_environment
 
 from kdfast.demo import models
 from kdfast.demo.corpus import train_tokenizer
@@ -20,7 +20,6 @@ from kdfast.teacher_cache import SparseTeacherCollator, TeacherCache, build_teac
 from kdfast.teacher_cache.data import token_windows
 from kdfast.teacher_cache.targets import sampled_targets, top_k_targets
 
-ROOT = Path(__file__).resolve().parent.parent
 TEXT = "\n".join(f"def function_{i}(value):\n    return value * {i} + {i % 7}\n" for i in range(400))
 
 
@@ -183,7 +182,7 @@ def _command(teacher_folder, text_file, out, *extra):
 
 
 def _environment():
-    return {**os.environ, "PYTHONPATH": str(ROOT)}  # the source tree, installed or not
+    return source_environment()
 
 
 def test_kill_dash_nine_then_rerun_finishes_the_same_cache(teacher, tmp_path):

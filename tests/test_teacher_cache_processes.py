@@ -4,20 +4,19 @@ resumes it; a cache begun with one process count is finished with another."""
 
 import fcntl
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import source_environment
 
 from kdfast.demo import models
 from kdfast.demo.corpus import train_tokenizer
 from kdfast.teacher_cache import TeacherCache, build_teacher_cache
 from kdfast.teacher_cache.data import text_tokens, token_windows
 
-ROOT = Path(__file__).resolve().parent.parent
 TEXT = "\n".join(f"def function_{i}(value):\n    return value * {i} + {i % 7}\n" for i in range(200))
 SETTINGS = {"k": 8, "windows_per_shard": 16, "show_progress": False}
 
@@ -129,7 +128,7 @@ def _command(teacher_folder, text_file, out, *extra):
 
 
 def _environment():
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # the source tree, installed or not
+    return source_environment(OMP_NUM_THREADS="1")
 
 
 def test_two_job_array_processes_make_the_cache_one_process_makes(teacher, tmp_path):
