@@ -175,5 +175,5 @@ def test_own_divergences_are_refused_without_a_divergence_or_of_another_shape():
 def test_the_reads_setting_is_named_when_wrong(monkeypatch):
     monkeypatch.setenv("KDFAST_TRITON_MIX_READS", "thrice")
     student, stacked, weights, labels = make_inputs(2, "forward_kl")
-    with pytest.raises(ValueError, match="KDFAST_TRITON_MIX_READS must be 'twice' or 'once', got 'thrice'"):
+    with pytest.raises(ValueError, match="KDFAST_TRITON_MIX_READS must be 'once' or 'twice', got 'thrice'"):
         kdfast.multi_teacher_distill_loss(student, list(stacked), labels, weights=weights, backend="triton")
