@@ -25,7 +25,12 @@ from kdfast.reduction import PART_MATCHED, PART_SPLIT_COLUMNS
 from kdfast.sparse_options import SparseOptions
 from kdfast.uld import PROBABILITY_FLOOR, UldTerms, complement_columns
 
-CHUNK_ELEMENTS = 1 << 22  # a chunk's [rows, V] float32 temporaries: 16 MiB each
+CHUNK_ELEMENTS = 1 << 22  # a chunk's [rows, V] float32 temporaries on the CPU: 16 MiB each, near its caches
+# On a GPU a chunk is a launch (the Triton "mapped" kernel: one program a row) or a dozen (torch's ULD): at the CPU's
+# size, 104 rows of V_t = 40000, one launch did not fill an H200's 132 SMs, and 20 chunks of ULD launched 20 times
+# the kernels of one (an H200, 2048 rows, 2026-12-04: mapped 9.8x its copy floor, uld 1.5x TRL's time, whose
+# ULDLoss sorts all rows at once). 128 MiB a temporary: 838 rows at V 40000.
+GPU_CHUNK_ELEMENTS = 1 << 25
 _LOG_FLOOR = math.log(PROBABILITY_FLOOR)
 
 
@@ -115,7 +120,7 @@ def cross_vocab_parts(student, teacher, labels, scale, opts: LossOptions, plan: 
     mass_grad = torch.zeros(rows, device=device) if merges and want_grad else None
     # A pass that reads each row wholly before writing its gradient may write over the logits (inplace_backward).
     one_pass_mapped = plan.method == "mapped" and (fuses_mapped(opts, plan) or runs_triton_mapped(opts, device))
-    for span in chunks(rows, max(student.width, teacher.width), plan.chunk_rows):
+    for span in chunks(rows, max(student.width, teacher.width), plan.chunk_rows, device):
         student_index = span if alignment is None else alignment.student.base[span]
         teacher_index = span if alignment is None else alignment.teacher.base[span]
         count = span.stop - span.start
@@ -138,8 +143,9 @@ def cross_vocab_parts(student, teacher, labels, scale, opts: LossOptions, plan: 
     return parts
 
 
-def chunks(rows: int, width: int, chunk_rows: int | None = None) -> list[slice]:
-    step = chunk_rows or max(1, CHUNK_ELEMENTS // max(width, 1))
+def chunks(rows: int, width: int, chunk_rows: int | None = None, device=None) -> list[slice]:
+    elements = CHUNK_ELEMENTS if device is None or torch.device(device).type == "cpu" else GPU_CHUNK_ELEMENTS
+    step = chunk_rows or max(1, elements // max(width, 1))
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 

@@ -374,3 +374,39 @@ def test_mapped_keeps_the_teachers_rest_where_the_student_matches_every_column(b
     expected.sum().backward()
     torch.testing.assert_close(loss.double().cpu(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(s.grad.double().cpu(), s64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_gpu_chunk_holds_more_rows_than_a_cpu_chunk():
+    """A chunk is sized by the device: near the CPU's caches, and on a GPU large enough to fill it in one launch."""
+    from kdfast.cross_vocab_rows import chunks
+
+    assert len(chunks(2048, 40000, device=torch.device("cpu"))) == 20
+    assert len(chunks(2048, 40000, device=torch.device("cuda"))) == 3
+    assert chunks(10, 40000, chunk_rows=4, device="cuda") == [slice(0, 4), slice(4, 8), slice(8, 10)]
+
+
+@pytest.mark.parametrize("method", ["mapped", "uld", "hybrid"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunks_of_rows_give_the_loss_and_gradient_of_one_chunk(monkeypatch, vocab_map, backend, method):
+    """Every chunk size gives one call's loss and gradient: chunks of 1, 2 and 4 of 9 rows against all 9 at once."""
+    import kdfast.cross_vocab_rows as rows
+
+    device = device_for(backend)
+    student, teacher, labels = (x.to(device) for x in aligned_rows(seed=5, rows=9))
+
+    def loss_and_grad():
+        s = student.detach().clone().requires_grad_()
+        divergence = {} if method == "uld" else {"divergence": "jsd"}
+        loss = kdfast.cross_vocab_distill_loss(s, teacher, labels, vocab_map=vocab_map, method=method,
+                                               temperature=1.5, ce_weight=0.4, backend=backend, **divergence)
+        loss.backward()
+        return loss.detach(), s.grad
+
+    whole = loss_and_grad()
+    for rows_per_chunk in (1, 2, 4):
+        width = 13  # the teacher's vocabulary, the wider of the two
+        monkeypatch.setattr(rows, "CHUNK_ELEMENTS", width * rows_per_chunk)
+        monkeypatch.setattr(rows, "GPU_CHUNK_ELEMENTS", width * rows_per_chunk)
+        chunked = loss_and_grad()
+        torch.testing.assert_close(chunked[0], whole[0], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(chunked[1], whole[1], rtol=1e-5, atol=1e-7)
