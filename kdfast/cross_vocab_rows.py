@@ -174,7 +174,11 @@ def _mapped_chunk(student_logits, teacher_logits, labels, scale, grad, opts: Los
     if runs_triton_mapped(opts, student_logits.device):
         return _triton_mapped(student_logits, teacher_logits, labels, scale, grad, opts, plan)
     count, matched = student_logits.shape[0], vocab_map.matched
-    teacher = teacher_logits.float()
+    # The torch backend's sparse algebra takes the teacher's rest as 1 - sum(p) over the gathered log-probs: from
+    # float64 ones it is exact where a rest is tiny (float32 ones left it noise of ~1e-7, the reverse-KL floor's size:
+    # a row's loss moved by 0.1 between two builds of torch's CPU kernels). The native kernels take float32.
+    exact_rest = resolve_backend(opts.backend, student_logits.device, sparse=True) == "torch"
+    teacher = teacher_logits.double() if exact_rest else teacher_logits.float()
     log_p = torch.log_softmax(teacher / plan.teacher_temperature if plan.teacher_temperature != 1.0 else teacher,
                               dim=-1)
     sparse = SparseOptions(**{name: getattr(opts, name) for name in LossOptions.FIELD_NAMES}, tail="bucket")

@@ -206,3 +206,18 @@ def test_an_empty_rest_is_floored_as_the_sparse_algebra_floors_it(backend, diver
     assert torch.isfinite(found[0][0])
     torch.testing.assert_close(found[0][0], found[1][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(found[0][1], found[1][1], rtol=1e-4, atol=1e-7)
+    # And the floored algebra in float64 on the dense teacher's exact log-probs: a rest that is exactly 0 is the
+    # floor's, not the float32 rounding of 1 - sum(p) (which is of the floor's size, and moved the torch backend's
+    # reverse KL by 0.1 in a row between two builds of torch's CPU kernels).
+    from kdfast.reference import sparse_distill_loss_reference
+
+    rows_count = student.shape[0]
+    s64 = student.detach().cpu().double().requires_grad_()
+    log_p = torch.log_softmax(teacher.cpu().double(), dim=-1)[:, vmap.teacher_ids]
+    expected = sparse_distill_loss_reference(s64, vmap.student_ids.expand(rows_count, -1), log_p, labels.cpu(),
+                                             divergence=divergence, ce_weight=0.2)
+    expected.backward()
+    torch.testing.assert_close(found[0][0].cpu().double(), expected, rtol=1e-5, atol=1e-6)
+    if empty == "teacher":  # (the reference differentiates the student's floor through its largest logit; not so
+        # the kernels, for which the floor is a constant of the row)
+        torch.testing.assert_close(found[0][1].cpu().double(), s64.grad, rtol=1e-4, atol=1e-7)

@@ -16,6 +16,11 @@ from kdfast.sparse_options import SparseOptions
 _CHUNK_ELEMENTS = 1 << 24
 
 
+def _widened(logprobs: torch.Tensor) -> torch.Tensor:
+    """Log-probs in float32, or float64 where they came so (kept: see the teacher's rest in `_chunk_rows`)."""
+    return logprobs if logprobs.dtype == torch.float64 else logprobs.float()
+
+
 def _chunk_rows(s, ids, logprobs, labels, row_scale, opts: SparseOptions, call: PhaseCall, given, totals,
                 want_grad: bool):
     rows, vocab = s.shape
@@ -44,7 +49,9 @@ def _chunk_rows(s, ids, logprobs, labels, row_scale, opts: SparseOptions, call: 
     log_q = (s - ref_s) * inv_t - log_z_s
     kd = row_sum = id_gradients = rest_factor = None
     if opts.has_kd:
-        log_p_ids, log_p_rest = sparse_math.teacher_buckets(ids, logprobs, opts)
+        # The rest 1 - sum(p) from float64 log-probs where a caller has them (a dense teacher's, method="mapped"):
+        # float32 ones round each p by ~1e-7 of itself, as much as the reverse-KL floor of a rest.
+        log_p_ids, log_p_rest = (x.float() for x in sparse_math.teacher_buckets(ids, logprobs, opts))
         log_q_ids = torch.where(held, log_q.gather(-1, safe_ids), torch.full_like(log_p_ids, -math.inf))
         log_q_buckets = torch.cat([log_q_ids, log_z_rest - log_z_s], dim=-1)
         log_p_buckets = torch.cat([log_p_ids, log_p_rest[:, None]], dim=-1)
@@ -92,7 +99,7 @@ def sparse_forward_rows(student, teacher: SparseTargets, labels, grad_scale, gra
             stop = min(start + step, rows_per_batch)
             flat = slice(b * rows_per_batch + start, b * rows_per_batch + stop)
             chunk_out, chunk_grad = _chunk_rows(
-                student[b, start:stop].float(), teacher.ids[b, start:stop], teacher.logprobs[b, start:stop].float(),
+                student[b, start:stop].float(), teacher.ids[b, start:stop], _widened(teacher.logprobs[b, start:stop]),
                 labels[flat] if labels is not None else None, grad_scale, opts, call,
                 call.row_stats[flat] if call.row_stats is not None else None,
                 call.row_totals[flat] if call.row_totals is not None else None, grad is not None)
