@@ -15,8 +15,8 @@
 # benchmarks/results/ (and $OUT, when the device tool runs it). About 15 minutes in all with the build; where one
 # command may run 10 minutes at most, split it: STEPS="linear chunks precision trl" then STEPS="small step kernels
 # multi cross tests" (the kernels' build is cached between the two on the same machine). Seen on an H200 on
-# 2026-12-04: the build 53 s, `trl` about 60 s, `multi` about 95 s, `tests` on five of its files 64 s; `suite` reached
-# 36% in 200 s. Steps run in the order STEPS names them; step `suite` runs the whole test suite on the GPU but for the
+# 2026-12-04: the build 43-53 s, `trl` about 60 s, `multi` about 95 s, `tests` on five of its files 64 s and on nine
+# 104 s; `suite` reached 36% in 200 s, and without those nine files 77% in 320 s. Steps run in the order STEPS names them; step `suite` runs the whole test suite on the GPU but for the
 # files that test only the CPU or the build (their CPU time would crowd the GPU's tests out of a short lease; CI runs
 # them).
 set -uo pipefail
