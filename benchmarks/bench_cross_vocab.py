@@ -7,7 +7,7 @@ TRL's (or the float64 reference) before it is timed. CPU default: 512 aligned ro
 map of 24000 shared tokens (--full: 2048 rows, 5 rounds). On a GPU (--device cuda): the same contenders on the
 device (triton.testing.do_bench medians), "mapped" on its Triton kernel and, beside it, on the torch backend (the
 teacher's log-softmax and its gathered copy per chunk, then the sparse algebra in torch) and on the CUDA backend
-(that gathered copy, then the CUDA sparse kernel).
+(that gathered copy, then the CUDA sparse kernel), and uld and mapped in the CPU's chunks of rows beside the GPU's.
 
     python benchmarks/bench_cross_vocab.py [--full] [--rows N --student-vocab V --teacher-vocab V --repeats R]
                                            [--device cuda]
@@ -20,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import torch
 from rich.console import Console
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or t
 from bench_distill import environment, parse_benchmark_args, time_methods, write_csv  # noqa: E402
 
 import kdfast  # noqa: E402
+from kdfast import cross_vocab_rows  # noqa: E402
 from kdfast.native_build import cuda_extension_or_none  # noqa: E402
 from kdfast.reference import cross_vocab_distill_loss_reference  # noqa: E402
 
@@ -71,6 +73,16 @@ IN_PLACE = "kdfast mapped (inplace_backward)"
 TORCH_MAPPED = "kdfast mapped (torch backend)"
 CUDA_MAPPED = "kdfast mapped (cuda backend)"
 JSD_MAPPED = "kdfast mapped (jsd)"
+# On a GPU, the rows in chunks of the CPU's size (kdfast.cross_vocab_rows.CHUNK_ELEMENTS), as before the GPU's own
+# chunk size: the two timed side by side until a run has measured the change.
+CPU_CHUNKS = " (the CPU's chunks)"
+
+
+def in_cpu_sized_chunks(loss):
+    def chunked(x):
+        with mock.patch.object(cross_vocab_rows, "GPU_CHUNK_ELEMENTS", cross_vocab_rows.CHUNK_ELEMENTS):
+            return loss(x)
+    return chunked
 
 
 def contenders(args, device):
@@ -101,6 +113,8 @@ def contenders(args, device):
               IN_PLACE: ours("mapped", inplace_backward=True), JSD_MAPPED: ours("mapped", divergence="jsd")}
     if device.type == "cuda":
         losses[TORCH_MAPPED] = ours("mapped", backend="torch")
+        for name in ("kdfast uld", "kdfast mapped"):
+            losses[name + CPU_CHUNKS] = in_cpu_sized_chunks(losses[name])
         if cuda_extension_or_none() is not None:  # the CUDA sparse kernel over the map's ascending ids
             losses[CUDA_MAPPED] = ours("mapped", backend="cuda")
     check(losses, student, teacher, vocab_map)
@@ -127,6 +141,11 @@ def check(losses, student, teacher, vocab_map):
     for other in (TORCH_MAPPED, CUDA_MAPPED):
         if other in losses and abs(float(losses[other](student)) - mapped) > 1e-4 * max(1.0, abs(mapped)):
             raise SystemExit(f"{other} disagrees with kdfast mapped: not timing them")
+    for name in ("kdfast uld", "kdfast mapped"):
+        if name + CPU_CHUNKS in losses:
+            ours, chunked = float(losses[name](student)), float(losses[name + CPU_CHUNKS](student))
+            if abs(chunked - ours) > 1e-5 * max(1.0, abs(ours)):
+                raise SystemExit(f"{name + CPU_CHUNKS} ({chunked}) disagrees with {name} ({ours}): not timing them")
     if float(losses[IN_PLACE](student)) != mapped:
         raise SystemExit(f"{IN_PLACE} disagrees with kdfast mapped: not timing it")
     for name, divergence in (("kdfast mapped", "forward_kl"), (JSD_MAPPED, "jsd")):
