@@ -32,7 +32,7 @@ constexpr const char* kMixtureDistillForwardSchema =
   KDFAST_CHECK((x).device().type() == (device_type), #x " must be on ", (device_type), ", got ", (x).device())
 #define KDFAST_CHECK_ROWS_VIEW(x) \
   KDFAST_CHECK((x).dim() == 3 && ((x).stride(2) == 1 || (x).size(2) == 1), \
-              #x " must be a [batch, rows, vocab] view with vocab stride 1")
+               #x " must be a [batch, rows, vocab] view with vocab stride 1")
 
 inline ScalarKind scalar_kind(const at::Tensor& x, const char* name) {
   switch (x.scalar_type()) {
@@ -49,7 +49,7 @@ inline void check_row_table(const std::optional<at::Tensor>& table, const char* 
   KDFAST_CHECK_DEVICE(*table, device_type);
   KDFAST_CHECK(table->scalar_type() == at::kFloat && table->is_contiguous() && table->dim() == 2 &&
                   table->size(0) == rows && table->size(1) == kStatColumns,
-              name, " must be a contiguous float32 [", rows, ", ", kStatColumns, "] tensor, got ", table->sizes());
+               name, " must be a contiguous float32 [", rows, ", ", kStatColumns, "] tensor, got ", table->sizes());
 }
 
 struct PackedCall {
@@ -63,8 +63,8 @@ inline PackedCall pack_common(const at::Tensor& student, const std::optional<at:
                               const std::optional<at::Tensor>& row_stats, const std::optional<at::Tensor>& row_totals,
                               c10::IntArrayRef ints, c10::ArrayRef<double> floats, c10::DeviceType device_type) {
   KDFAST_CHECK(ints.size() == kIntSettingCount && floats.size() == kFloatSettingCount, "kdfast: expected ",
-              kIntSettingCount, " int and ", kFloatSettingCount, " float settings, got ", ints.size(), " and ",
-              floats.size(), " (the Python package and the compiled kernel disagree: rebuild with `kdfast build`)");
+               kIntSettingCount, " int and ", kFloatSettingCount, " float settings, got ", ints.size(), " and ",
+               floats.size(), " (the Python package and the compiled kernel disagree: rebuild with `kdfast build`)");
   KDFAST_CHECK_DEVICE(student, device_type);
   KDFAST_CHECK_DEVICE(grad_scale, device_type);
   KDFAST_CHECK_ROWS_VIEW(student);
@@ -81,7 +81,7 @@ inline PackedCall pack_common(const at::Tensor& student, const std::optional<at:
   a.tail = static_cast<int>(ints[kSettingTail]);
   a.global_vocab = ints[kSettingGlobalVocab];
   KDFAST_CHECK(a.divergence >= kForwardKL && a.divergence <= kTVD, "unknown divergence code ",
-              a.divergence);
+               a.divergence);
   KDFAST_CHECK(a.phase >= kPhaseFused && a.phase <= kPhaseGradient, "unknown phase ", a.phase);
   KDFAST_CHECK(a.tail >= kTailDense && a.tail <= kTailRenormalize, "unknown tail code ", a.tail);
   KDFAST_CHECK(a.phase != kPhaseFused || a.col_offset == 0, "a fused call covers the whole row (col_offset 0)");
@@ -106,29 +106,29 @@ inline PackedCall pack_common(const at::Tensor& student, const std::optional<at:
   // Unknown (0): a whole row's own columns. A shard's caller passes the whole vocabulary (label smoothing needs it).
   if (a.global_vocab <= 0) a.global_vocab = a.col_offset + a.vocab;
   KDFAST_CHECK(a.global_vocab >= a.col_offset + a.vocab, "global_vocab ", a.global_vocab, " < the shard's end ",
-              a.col_offset + a.vocab);
+               a.col_offset + a.vocab);
   const int64_t rows = a.batch * a.rows_per_batch;
   if (labels.has_value()) {
     KDFAST_CHECK_DEVICE(*labels, device_type);
     KDFAST_CHECK(labels->scalar_type() == at::kLong && labels->is_contiguous() && labels->numel() == rows,
-                "labels must be a contiguous int64 tensor with one entry per row");
+                 "labels must be a contiguous int64 tensor with one entry per row");
     a.labels = labels->data_ptr<int64_t>();
   }
   if (grad.has_value()) {
     KDFAST_CHECK_DEVICE(*grad, device_type);
     KDFAST_CHECK_ROWS_VIEW(*grad);
     KDFAST_CHECK(grad->sizes() == student.sizes() && grad->scalar_type() == student.scalar_type(),
-                "grad must match the student logits' shape and dtype");
+                 "grad must match the student logits' shape and dtype");
     KDFAST_CHECK(a.phase != kPhaseStats, "the STATS phase writes no gradient");
     KDFAST_CHECK(a.phase != kPhaseSums || !a.has_kd || a.divergence == kForwardKL,
-                "in the SUMS phase only forward KL and CE write their gradient (the others need GRADIENT)");
+                 "in the SUMS phase only forward KL and CE write their gradient (the others need GRADIENT)");
     a.grad = grad->data_ptr();
     a.grad_stride_b = grad->stride(0);
     a.grad_stride_r = grad->stride(1);
   }
   KDFAST_CHECK(a.phase != kPhaseGradient || grad.has_value(), "the GRADIENT phase needs a grad to write");
   KDFAST_CHECK(a.phase != kPhaseGradient || (a.has_kd && a.divergence != kForwardKL),
-              "the GRADIENT phase is for reverse KL and the mixtures (forward KL and CE write theirs in SUMS)");
+               "the GRADIENT phase is for reverse KL and the mixtures (forward KL and CE write theirs in SUMS)");
   if (a.phase == kPhaseSums || a.phase == kPhaseGradient) {
     check_row_table(row_stats, "row_stats", rows, device_type);
     a.row_stats = row_stats->data_ptr<float>();
@@ -162,7 +162,7 @@ inline PackedCall pack_distill_args(const at::Tensor& student, const at::Tensor&
   KDFAST_CHECK_DEVICE(teacher, device_type);
   KDFAST_CHECK_ROWS_VIEW(teacher);
   KDFAST_CHECK(teacher.sizes() == student.sizes(), "teacher shape ", teacher.sizes(), " != student shape ",
-              student.sizes());
+               student.sizes());
   KDFAST_CHECK(teacher.device() == student.device(), "teacher and student logits must be on one device");
   call.args.teacher = teacher.data_ptr();
   call.args.teacher_kind = scalar_kind(teacher, "teacher_logits");
@@ -184,9 +184,9 @@ inline PackedCall pack_sparse_args(const at::Tensor& student, const at::Tensor& 
   KDFAST_CHECK_DEVICE(logprobs, device_type);
   KDFAST_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 3 && ids.size(0) == a.batch &&
                   ids.size(1) == a.rows_per_batch && (ids.stride(2) == 1 || ids.size(2) == 1),
-              "teacher_ids must be an int64 [batch, rows, K] view with K contiguous, got ", ids.sizes());
+               "teacher_ids must be an int64 [batch, rows, K] view with K contiguous, got ", ids.sizes());
   KDFAST_CHECK(logprobs.sizes() == ids.sizes() && (logprobs.stride(2) == 1 || logprobs.size(2) == 1),
-              "teacher_logprobs must be shaped like teacher_ids with K contiguous, got ", logprobs.sizes());
+               "teacher_logprobs must be shaped like teacher_ids with K contiguous, got ", logprobs.sizes());
   a.teacher_ids = ids.data_ptr<int64_t>();
   a.teacher_logprobs = logprobs.data_ptr();
   a.logprob_kind = scalar_kind(logprobs, "teacher_logprobs");
@@ -211,27 +211,27 @@ inline PackedCall pack_mixture_args(const at::Tensor& student, at::TensorList te
                                 device_type);
   DistillArgs& a = call.args;
   KDFAST_CHECK(a.phase == kPhaseFused && a.tail == kTailDense,
-              "mixture_distill_forward is a fused call over whole rows of dense teachers");
+               "mixture_distill_forward is a fused call over whole rows of dense teachers");
   const int64_t count = static_cast<int64_t>(teachers.size());
   KDFAST_CHECK(count >= 1 && count <= kMaxMixedTeachers, "mixture_distill_forward takes 1 to ", kMaxMixedTeachers,
-              " teachers, got ", count);
+               " teachers, got ", count);
   const at::Tensor& first = teachers[0];
   rows_out.clear();
   for (const at::Tensor& teacher : teachers) {
     KDFAST_CHECK_DEVICE(teacher, device_type);
     KDFAST_CHECK_ROWS_VIEW(teacher);
     KDFAST_CHECK(teacher.sizes() == student.sizes(), "every teacher must be shaped like the student ",
-                student.sizes(), ", got ", teacher.sizes());
+                 student.sizes(), ", got ", teacher.sizes());
     KDFAST_CHECK(teacher.scalar_type() == first.scalar_type() && teacher.strides() == first.strides(),
-                "the teachers must share one dtype and one layout (strides)");
+                 "the teachers must share one dtype and one layout (strides)");
     rows_out.push_back(teacher.data_ptr());
   }
   const int64_t rows = a.batch * a.rows_per_batch;
   KDFAST_CHECK_DEVICE(log_weights, device_type);
   KDFAST_CHECK(log_weights.scalar_type() == at::kFloat && log_weights.dim() == 2 && log_weights.size(0) == rows &&
                   log_weights.size(1) == count && (log_weights.stride(1) == 1 || count == 1),
-              "log_weights must be a float32 [", rows, ", ", count, "] tensor with M contiguous, got ",
-              log_weights.sizes());
+               "log_weights must be a float32 [", rows, ", ", count, "] tensor with M contiguous, got ",
+               log_weights.sizes());
   a.teacher_kind = scalar_kind(first, "teacher_logits");
   a.teacher_stride_b = first.stride(0);
   a.teacher_stride_r = first.stride(1);
@@ -245,10 +245,11 @@ inline PackedCall pack_mixture_args(const at::Tensor& student, at::TensorList te
     KDFAST_CHECK_DEVICE(out, device_type);
     KDFAST_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == rows && out.size(1) == count &&
                     out.is_contiguous(),
-                "teacher_divergences must be a contiguous float32 [", rows, ", ", count, "] tensor, got ", out.sizes());
+                 "teacher_divergences must be a contiguous float32 [", rows, ", ", count, "] tensor, got ",
+                 out.sizes());
     const bool written = a.divergence == kForwardKL || device_type == c10::DeviceType::CPU;
     KDFAST_CHECK(a.has_kd && written, "teacher_divergences: each teacher's own divergence is written in the kernel of "
-                "a call with a divergence, under forward KL on a GPU, under every divergence on the CPU");
+                 "a call with a divergence, under forward KL on a GPU, under every divergence on the CPU");
     a.mix_divergences = out.data_ptr<float>();
   }
   return call;

@@ -59,7 +59,7 @@ at::Tensor mixture_distill_forward(const at::Tensor& student, at::TensorList tea
 const int64_t* optional_ids(const std::optional<at::Tensor>& ids, const char* name) {
   if (!ids.has_value()) return nullptr;
   KDFAST_CHECK(ids->scalar_type() == at::kLong && ids->dim() == 1 && ids->is_contiguous(), name,
-              " must be contiguous int64 [K]");
+               " must be contiguous int64 [K]");
   return ids->data_ptr<int64_t>();
 }
 
@@ -79,24 +79,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> uld_rows(
   for (const at::Tensor* x : {&student_logits, &teacher_probs}) {
     KDFAST_CHECK_DEVICE(*x, c10::DeviceType::CPU);
     KDFAST_CHECK(x->scalar_type() == at::kFloat && x->dim() == 2 && x->is_contiguous(),
-                "uld_rows takes contiguous float32 [rows, V] tables, got ", x->sizes());
+                 "uld_rows takes contiguous float32 [rows, V] tables, got ", x->sizes());
   }
   const int64_t rows = student_logits.size(0);
   KDFAST_CHECK(teacher_probs.size(0) == rows, "uld_rows: the two tables must have the same rows");
   KDFAST_CHECK(student_logits.size(1) > 0 && teacher_probs.size(1) > 0 && student_logits.size(1) < (int64_t{1} << 31),
-              "uld_rows: each table needs 1 to 2^31 - 1 columns");
+               "uld_rows: each table needs 1 to 2^31 - 1 columns");
   KDFAST_CHECK(float_settings.size() == 5, "uld_rows: float_settings holds 1 / T, beta, two weights and grad_scale");
   KDFAST_CHECK(matched_student.has_value() == matched_teacher.has_value() &&
-              matched_student.has_value() == rest_student.has_value() &&
-              matched_student.has_value() == rest_teacher.has_value(),
-              "uld_rows: the hybrid takes matched and rest columns of both sides, plain ULD none");
+               matched_student.has_value() == rest_student.has_value() &&
+               matched_student.has_value() == rest_teacher.has_value(),
+               "uld_rows: the hybrid takes matched and rest columns of both sides, plain ULD none");
   KDFAST_CHECK(!matched_student.has_value() || matched_student->numel() == matched_teacher->numel(),
-              "uld_rows: matched_student and matched_teacher must pair up");
+               "uld_rows: matched_student and matched_teacher must pair up");
   auto check_rows = [&](const std::optional<at::Tensor>& t, const char* name, bool table) {
     if (!t.has_value()) return static_cast<float*>(nullptr);
     KDFAST_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() &&
-                (table ? t->sizes() == student_logits.sizes() : t->numel() == rows), name,
-                " must be contiguous float32 shaped ", table ? "like the student's logits" : "[rows]");
+                 (table ? t->sizes() == student_logits.sizes() : t->numel() == rows), name,
+                 " must be contiguous float32 shaped ", table ? "like the student's logits" : "[rows]");
     return t->data_ptr<float>();
   };
   at::Tensor loss = at::empty({rows}, student_logits.options());
@@ -142,8 +142,8 @@ std::tuple<at::Tensor, at::Tensor> sorted_l1_rows(const at::Tensor& a, const at:
   for (const at::Tensor* x : {&a, &b}) {
     KDFAST_CHECK_DEVICE(*x, c10::DeviceType::CPU);
     KDFAST_CHECK(x->scalar_type() == at::kFloat && x->dim() == 2 && x->is_contiguous() && x->size(1) > 0 &&
-                x->size(1) < (int64_t{1} << 31),
-                "sorted_l1_rows takes contiguous float32 [rows, N] tables (1 <= N < 2^31), got ", x->sizes());
+                 x->size(1) < (int64_t{1} << 31),
+                 "sorted_l1_rows takes contiguous float32 [rows, N] tables (1 <= N < 2^31), got ", x->sizes());
   }
   KDFAST_CHECK(a.size(0) == b.size(0), "sorted_l1_rows: a and b must have the same rows");
   at::Tensor loss = at::empty({a.size(0)}, a.options().dtype(at::kDouble));
@@ -193,24 +193,24 @@ at::Tensor mapped_rows(const at::Tensor& teacher_logits, const at::Tensor& stude
   for (const at::Tensor* x : {&teacher_logits, &student_logits}) {
     KDFAST_CHECK_DEVICE(*x, c10::DeviceType::CPU);
     KDFAST_CHECK(x->scalar_type() == at::kFloat && x->dim() == 2 && x->is_contiguous(),
-                "mapped_rows takes contiguous float32 [rows, V] tables, got ", x->sizes());
+                 "mapped_rows takes contiguous float32 [rows, V] tables, got ", x->sizes());
   }
   const int64_t rows = student_logits.size(0);
   KDFAST_CHECK(teacher_logits.size(0) == rows, "mapped_rows: the two tables must have the same rows");
   KDFAST_CHECK(divergence >= kdfast::kForwardKL && divergence <= kdfast::kTVD, "mapped_rows: unknown divergence ",
-              divergence);
+               divergence);
   KDFAST_CHECK(matched_student.numel() == matched_teacher.numel(), "mapped_rows: matched columns pair up");
   KDFAST_CHECK(divergence != kdfast::kForwardKL || rest_student.numel() > 0,
-              "mapped_rows: forward KL needs a student column off the map");
+               "mapped_rows: forward KL needs a student column off the map");
   KDFAST_CHECK(float_settings.size() == 6, "mapped_rows: float_settings holds T_s, T_t, kd_scale, ce_weight, "
-              "grad_scale and beta");
+               "grad_scale and beta");
   if (labels.has_value()) {
     KDFAST_CHECK(labels->scalar_type() == at::kLong && labels->is_contiguous() && labels->numel() == rows,
-                "labels must be contiguous int64 [rows]");
+                 "labels must be contiguous int64 [rows]");
   }
   if (grad.has_value()) {
     KDFAST_CHECK(grad->scalar_type() == at::kFloat && grad->is_contiguous() && grad->sizes() == student_logits.sizes(),
-                "grad must be contiguous float32 shaped like the student's logits");
+                 "grad must be contiguous float32 shaped like the student's logits");
   }
   at::Tensor parts = at::empty({rows, 5}, student_logits.options());
   kdfast_cpu::MappedArgs args{};
@@ -228,8 +228,8 @@ at::Tensor mapped_rows(const at::Tensor& teacher_logits, const at::Tensor& stude
   for (int64_t k = 0; k < map.matched; ++k) {
     const int64_t column = map.matched_student[k];
     KDFAST_CHECK(column >= 0 && column < map.student_width && map.matched_teacher[k] >= 0 &&
-                map.matched_teacher[k] < map.teacher_width, "mapped_rows: matched pair ", k, " (",
-                column, ", ", map.matched_teacher[k], ") is outside the logits");
+                 map.matched_teacher[k] < map.teacher_width, "mapped_rows: matched pair ", k, " (",
+                 column, ", ", map.matched_teacher[k], ") is outside the logits");
     KDFAST_CHECK(teacher_column[column] < 0, "mapped_rows: student column ", column, " is matched twice");
     teacher_column[column] = static_cast<int32_t>(map.matched_teacher[k]);
   }

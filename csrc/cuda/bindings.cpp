@@ -20,8 +20,8 @@ at::Tensor distill_forward(const at::Tensor& student, const at::Tensor& teacher,
                                         int_settings, float_settings, c10::DeviceType::CUDA);
   kdfast::DistillArgs& args = call.args;
   KDFAST_CHECK(!args.has_kd || kdfast_cuda::supported_pair(args.student_kind, args.teacher_kind),
-              "teacher_logits must have the student's dtype or float32, got ", teacher.scalar_type(), " for ",
-              student.scalar_type(), " student logits");
+               "teacher_logits must have the student's dtype or float32, got ", teacher.scalar_type(), " for ",
+               student.scalar_type(), " student logits");
   const int64_t rows = args.batch * args.rows_per_batch;
   int multiprocessors = 0;
   KDFAST_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, student.get_device()) ==
@@ -58,7 +58,7 @@ at::Tensor mixture_distill_forward(const at::Tensor& student, at::TensorList tea
   KDFAST_CHECK(args.has_kd, "mixture_distill_forward mixes teachers for a divergence (kd_weight 0 needs none)");
   KDFAST_CHECK(!teacher_divergences.has_value(), "the CUDA mixing kernel does not write each teacher's divergence");
   KDFAST_CHECK(args.teacher_kind == args.student_kind, "the CUDA mixing kernel reads teachers of the student's dtype ",
-              student.scalar_type(), ", got ", teachers[0].scalar_type());
+               student.scalar_type(), ", got ", teachers[0].scalar_type());
   const at::Tensor addresses = at::empty({args.mix_count}, at::TensorOptions().dtype(at::kLong));
   int64_t* address = addresses.data_ptr<int64_t>();
   for (const void* data : teacher_rows) *address++ = reinterpret_cast<int64_t>(data);
