@@ -231,21 +231,26 @@ class _ChunkCall:
 def _average_chunk(call: _ChunkCall, span: slice, teachers: list, log_weights, opts: LossOptions,
                    per_teacher: torch.Tensor, shares: tuple | None) -> torch.Tensor:
     """sum_m w_m (divergence and gradient of teacher m) per row, and the CE family once: the chunk's parts. With the
-    same weights in every row, known to the host (`shares`), the CE rides in the call of the heaviest teacher, its
-    weights divided by that teacher's (w c / w = c); other weights take a CE call of its own."""
+    same weights in every row, known to the host (`shares`, all > 0), each call's divergence weight is w_m times the
+    loss's (its gradient comes weighted: the first call writes it, the others add theirs, no pass rescales a gradient)
+    and the CE rides in the call of the heaviest teacher, which goes first; other weights scale each call's gradient
+    by its row's w_m and take a CE call of its own."""
     weights = log_weights[span].exp()
     parts = torch.zeros(span.stop - span.start, PART_COLUMNS, device=weights.device)
     has_ce = opts.needs_labels or opts.z_loss_weight != 0.0
-    carrier = max(range(len(shares)), key=shares.__getitem__) if has_ce and shares and opts.has_kd else None
+    folded = shares is not None and min(shares) > 0.0
+    carrier = max(range(len(shares)), key=shares.__getitem__) if has_ce and folded and opts.has_kd else None
     if opts.has_kd:
         kd_only = call.opts.replace(ce_weight=0.0, z_loss_weight=0.0, label_smoothing=0.0)
-        for index, teacher in enumerate(teachers):
-            logits = teacher[span]
-            settings = kd_only
-            if index == carrier:
-                share = shares[index]
-                settings = call.opts.replace(ce_weight=opts.ce_weight / share, z_loss_weight=opts.z_loss_weight / share)
-            teacher_parts = call.run(span, logits, settings, row_weight=weights[:, index], accumulate=index > 0)
+        order = sorted(range(len(teachers)), key=lambda index: index != carrier)  # the carrier's call first
+        for position, index in enumerate(order):
+            logits = teachers[index][span]
+            if not folded:
+                teacher_parts = call.run(span, logits, kd_only, row_weight=weights[:, index], accumulate=position > 0)
+            else:
+                settings = call.opts if index == carrier else kd_only
+                settings = settings.replace(kd_weight=call.opts.kd_weight * shares[index])
+                teacher_parts = call.run(span, logits, settings, accumulate=position > 0)
             per_teacher[span, index] = teacher_parts[:, PART_KD]
             parts[:, PART_KD] += weights[:, index] * teacher_parts[:, PART_KD]
             # The student's entropy and accuracy: the same from every call.
