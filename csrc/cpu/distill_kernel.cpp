@@ -61,7 +61,7 @@ void tempered_exps(const float* s, const float* t, const DistillArgs& a, Scratch
   float* es = w.exp_student.data();
   float* et = w.exp_teacher.data();
   const float rs = st.ref_s, rt = st.ref_t, tr = st.t_at_ref;
-  VFloat z_s_acc{}, z_t_acc{}, z_ce_acc{}, fkl_acc{}, rkl_acc{}, entropy_acc{};
+  LaneSum z_s_acc{}, z_t_acc{}, z_ce_acc{}, fkl_acc{}, rkl_acc{}, entropy_acc{};
   for_lanes(a.vocab, [&](int64_t j, auto zero) {
     using F = decltype(zero);
     if (std::is_same_v<F, VFloat> && next.student != nullptr) {  // one 64-byte line per block and row
@@ -129,7 +129,7 @@ void exp_pass(const float* s, const float* t, const DistillArgs& a, Scratch& w, 
                       (a.mix_count > 0 ? kTeacherExpsGiven : 0);  // p_bar, against the reference 0
     tempered_exps_with<0>(flags, s, t, a, w, next, st, sums);
   }
-  VFloat z_ce_acc{}, entropy_acc{};
+  LaneSum z_ce_acc{}, entropy_acc{};
   if (a.has_ce && !ce_from_tempered) {
     const float rc = st.ref_ce;
     const bool ce_alone = !a.has_kd;  // the entropy is then CE's, at T = 1
@@ -183,7 +183,7 @@ __attribute__((flatten)) float mixture_pass(const float* s, const float* t, cons
   const float inv_t = a.inv_temperature;
   const float* es = w.exp_student.data();
   float* et = w.exp_teacher.data();
-  VFloat kd_acc{}, d_acc{};
+  LaneSum kd_acc{}, d_acc{};
   const int divergence = a.divergence;
   for_lanes(a.vocab, [&](int64_t j, auto zero) {
     using F = decltype(zero);

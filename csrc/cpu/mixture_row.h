@@ -64,7 +64,7 @@ __attribute__((noinline, flatten)) inline float own_divergence_sweep(const float
                                                                      float inv_z_s, const DistillArgs& a) {
   const MixtureConstants mc(a.beta);
   const float inv_t = a.inv_temperature, log_z = std::log(z), inv_z = 1.0f / z;
-  VFloat total{};
+  LaneSum total{};
   for_lanes(a.vocab, [&](int64_t j, auto zero) {
     using F = decltype(zero);
     const F ls = (load<F>(student + j) - student_top) * inv_t - log_z_s;
@@ -114,7 +114,7 @@ float teacher_pass(const float* t, float top, const DistillArgs& a, float* exps,
   const float* const student_s = student.s;
   const float* const student_exps = student.exps;
   const float student_top = student.top;
-  VFloat z_acc{}, own_acc{};
+  LaneSum z_acc{}, own_acc{};
   for_lanes(a.vocab, [&](int64_t j, auto zero) {
     using F = decltype(zero);
     const F dt = (load<F>(t + j) - top) * inv_t;
@@ -169,7 +169,7 @@ inline StudentRow student_for_own(const float* s, int own, const DistillArgs& a,
   StudentRow student{s, row_max(s, a.vocab)};
   if (own != kOwnReverse && own != kOwnOther) return student;
   float* exps = w.exp_student.data();
-  VFloat z_acc{};
+  LaneSum z_acc{};
   for_lanes(a.vocab, [&](int64_t j, auto zero) {
     using F = decltype(zero);
     const F e = fast_exp((load<F>(s + j) - student.top) * a.inv_temperature);

@@ -32,7 +32,7 @@ ShardSums shard_loop(const float* s, const float* t, GradT* g, const ShardRow& r
   const float inv_t = a.inv_temperature;
   const MixtureConstants mc(a.beta);
   const int divergence = a.divergence;
-  VFloat kd_acc{}, d_acc{}, entropy_acc{};
+  LaneSum kd_acc{}, d_acc{}, entropy_acc{};
   // SUMS alone reports it; without a divergence or CE no student statistics were given
   const bool want_entropy = a.phase == kPhaseSums && (a.has_kd || a.has_ce);
   for_lanes(a.vocab, [&](int64_t j, auto zero) {

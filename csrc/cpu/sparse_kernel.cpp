@@ -199,7 +199,7 @@ void exp_pass(const float* s, const DistillArgs& a, const float* given, Scratch&
   const bool ce_own = a.has_ce && !(a.has_kd && (a.temperature_power == 1 || a.temperature_power == 2));
   float* es = w.exp_student.data();
   float* ec = w.exp_ce.data();
-  VFloat z_acc{}, z_ce_acc{}, rest_acc{}, entropy_acc{};
+  LaneSum z_acc{}, z_ce_acc{}, rest_acc{}, entropy_acc{};
   const float rs = st.ref_s, rc = st.ref_ce;
   // The mass outside the ids is summed here, over those columns alone: a vector holding ids adds its other lanes
   // (the ids' columns sorted, so one comparison a vector finds them).
