@@ -59,15 +59,11 @@ inline void for_lanes(int64_t vocab, Body&& body) {
   for (; j < vocab; ++j) body(j, 0.0f);
 }
 
-// Vector accumulators; the scalar tail adds into lane 0.
-inline void accumulate(VFloat& acc, VFloat value) { acc += value; }
-inline void accumulate(VFloat& acc, float value) { acc[0] += value; }
-
-// A row's sum in float lanes, folded into a double every kFoldEvery vectors: each lane then adds a few dozen terms in
-// float, not a row's thousands (32000 columns: 2000 a lane at AVX-512's 16 lanes, 8000 at the 4 of a build without
-// AVX2, as on ARM). Measured on 256 rows of 32000, worst row against float64: AVX-512 2.6e-6 before, 9.1e-7 after
-// (reverse KL; TVD 5.2e-7 and 1.2e-7), the 4-lane build 7.5e-6 and 1.0e-6 (its TVD had missed Liger's rtol of 1e-6);
-// the kernel's perf samples 1.1% more (two runs each, within their spread).
+// A row's sum in float lanes (the scalar tail adds into lane 0), folded into a double every kFoldEvery vectors: each
+// lane then adds a few dozen terms in float, not a row's thousands (32000 columns: 2000 a lane at AVX-512's 16 lanes,
+// 8000 at the 4 of a build without AVX2, as on ARM). Measured on 256 rows of 32000, worst row against float64: AVX-512
+// 2.6e-6 before, 9.1e-7 after (reverse KL; TVD 5.2e-7 and 1.2e-7), the 4-lane build 7.5e-6 and 1.0e-6 (its TVD had
+// missed Liger's rtol of 1e-6); the kernel's perf samples 1.1% more (two runs each, within their spread).
 constexpr int kFoldEvery = 64;
 struct LaneSum {
   VFloat lanes{};
