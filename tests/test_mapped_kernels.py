@@ -221,3 +221,26 @@ def test_an_empty_rest_is_floored_as_the_sparse_algebra_floors_it(backend, diver
     if empty == "teacher":  # (the reference differentiates the student's floor through its largest logit; not so
         # the kernels, for which the floor is a constant of the row)
         torch.testing.assert_close(found[0][1].cpu().double(), s64.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_a_student_wider_than_its_teacher_and_tied_largest_logits(backend):
+    """700 student columns beside 500 teacher ones (each pass takes the other side's max on the way: over the
+    shorter row, then the longer one's rest), an ignored row between kept ones, and rows whose largest logit is tied:
+    the accuracy counts a label at any of the tied columns, as `LossComponents.accuracy` says and the other kernels
+    count it (the C++ kernel had counted only the first, torch.argmax's)."""
+    vmap = vocab_map(700, 500, 300)
+    student, teacher, labels = rows(700, 500, count=7, seed=15)
+    labels[4] = -100
+    top = student.max(dim=1).values
+    for row, tied, label in ((0, [5, 650], 5), (2, [40, 600], 600), (3, [699], 699), (5, [10, 20], 30)):
+        student[row, tied] = top[row] + 1.0
+        labels[row] = label
+    check_against_reference(backend, student, teacher, labels, vmap, divergence="jsd", ce_weight=0.3,
+                            temperature=1.5)
+    check_against_reference(backend, student, teacher, labels, vmap, divergence="forward_kl", ce_weight=0.3)
+    device = device_for(backend)
+    _, parts = kdfast.cross_vocab_distill_loss(student.to(device), teacher.to(device), labels.to(device),
+                                               vocab_map=vmap, method="mapped", backend=backend, ce_weight=0.3,
+                                               temperature=1.5, reduction="none", return_components=True)
+    assert labels[1] == -100 and student[6, labels[6]] < top[6]  # rows 1 and 4 ignored, row 6 a plain miss
+    torch.testing.assert_close(parts.accuracy.cpu(), torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0]))

@@ -24,8 +24,8 @@ struct MappedColumns {
 
 namespace kdfast_cpu {
 
-// Method "mapped" in one pass per row: the loss's parts (the divergence, the CE at T = 1, whether the argmax is the
-// label, the entropy at T) and the gradient of grad_scale * (kd_scale * divergence + ce_weight * CE) with respect to
+// Method "mapped" in one pass per row: the loss's parts (the divergence, the CE at T = 1, whether the label's logit is
+// the row's largest, the entropy at T) and the gradient of grad_scale * (kd_scale * divergence + ce_weight * CE) with respect to
 // the student's logits, written. Rows whose label is ignore_index get zeros. Forward KL needs a student column off
 // the map (else it is infinite); the others take a student whose every column is matched.
 struct MappedArgs {

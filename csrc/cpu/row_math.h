@@ -122,10 +122,8 @@ inline float ce_target_logit(const DistillArgs& a, float s_label_shifted, float 
 }
 
 inline int64_t first_index_of(const float* x, int64_t vocab, float value) {
-  for (int64_t j = 0; j < vocab; ++j) {
-    if (x[j] == value) return j;
-  }
-  return 0;
+  const int64_t found = first_index_scaled(x, vocab, 1.0f, value);  // x * 1 is x, NaN included
+  return found < 0 ? 0 : found;
 }
 
 // 0 * (anything) = 0: a zero probability adds nothing even against a log of -inf.

@@ -83,6 +83,23 @@ inline float row_max_scaled(const float* x, int64_t width, float scale) {
   return top;
 }
 
+// The first j with x[j] * scale == value, or -1. The scalar loop (an early exit, which GCC does not vectorise) took a
+// row's argmax at about a column a cycle, half a row on average; here a block of vectors is compared, its hits OR-ed
+// lane by lane and looked at once, and only the block that holds one is searched column by column.
+inline int64_t first_index_scaled(const float* x, int64_t width, float scale, float value) {
+  constexpr int64_t kBlock = 16 * kLanes;
+  int64_t j = 0;
+  for (; j + kBlock <= width; j += kBlock) {
+    VInt hits{};
+    for (int64_t k = j; k < j + kBlock; k += kLanes) hits |= load<VFloat>(x + k) * scale == value;
+    if (any_lane(hits)) break;
+  }
+  for (; j < width; ++j) {
+    if (x[j] * scale == value) return j;
+  }
+  return -1;
+}
+
 // exp(x) for x in [-87.3365, 88], about 2 ulp: exp(x) = 2^n * exp(r), |r| <= ln2/2, exp(r) by a degree-6 polynomial.
 template <typename F>
 inline F exp_in_range(F x) {
