@@ -385,10 +385,41 @@ def test_a_gpu_chunk_holds_more_rows_than_a_cpu_chunk():
     assert chunks(10, 40000, chunk_rows=4, device="cuda") == [slice(0, 4), slice(4, 8), slice(8, 10)]
 
 
+@pytest.mark.parametrize("dtype, calls", [(torch.float32, 1), (torch.bfloat16, 3)])
+def test_the_cpu_mapped_pass_takes_float32_rows_in_one_call(monkeypatch, vocab_map, dtype, calls):
+    """"mapped"'s one C++ pass reads float32 rows where they lie and writes the gradient there: all rows in one call
+    (its threads started once), whatever the chunk size; 16-bit rows, which it converts a chunk at a time, stay in
+    chunks (here of 4 rows)."""
+    import kdfast.cross_vocab_rows as rows
+
+    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 13 * 4)
+    seen = []
+    fused = rows._fused_mapped
+    monkeypatch.setattr(rows, "_fused_mapped", lambda student, *rest: seen.append(student.shape[0]) or
+                        fused(student, *rest))
+    student, teacher, labels = (x.to(dtype) if x.is_floating_point() else x for x in aligned_rows(seed=6, rows=9))
+    for in_place in (False, True):
+        seen.clear()
+        s = student.clone().requires_grad_()
+        loss = kdfast.cross_vocab_distill_loss(s, teacher, labels, vocab_map=vocab_map, method="mapped",
+                                               divergence="jsd", ce_weight=0.4, backend="cpu",
+                                               inplace_backward=in_place)
+        (grad,) = torch.autograd.grad(loss, s)
+        assert len(seen) == calls and sum(seen) == 9
+        s64 = student.double().requires_grad_()
+        expected = cross_vocab_distill_loss_reference(s64, teacher.double(), labels, vocab_map=vocab_map,
+                                                      method="mapped", divergence="jsd", ce_weight=0.4)
+        expected.backward()
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(loss.double(), expected, rtol=tolerance, atol=1e-6)
+        torch.testing.assert_close(grad.double(), s64.grad, rtol=tolerance, atol=1e-5 if calls == 1 else 1e-3)
+
+
 @pytest.mark.parametrize("method", ["mapped", "uld", "hybrid"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_chunks_of_rows_give_the_loss_and_gradient_of_one_chunk(monkeypatch, vocab_map, backend, method):
-    """Every chunk size gives one call's loss and gradient: chunks of 1, 2 and 4 of 9 rows against all 9 at once."""
+    """Every chunk size gives one call's loss and gradient: chunks of 1, 2 and 4 of 9 rows against all 9 at once (the
+    C++ "mapped" pass takes float32 rows in one call whatever the size, the test above)."""
     import kdfast.cross_vocab_rows as rows
 
     device = device_for(backend)
