@@ -9,6 +9,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace kdfast_cpu {
 
 #if defined(__AVX512F__)
@@ -100,9 +104,9 @@ inline int64_t first_index_scaled(const float* x, int64_t width, float scale, fl
   return -1;
 }
 
-// exp(x) for x in [-87.3365, 88], about 2 ulp: exp(x) = 2^n * exp(r), |r| <= ln2/2, exp(r) by a degree-6 polynomial.
+// exp(x) = 2^n * exp(r), |r| <= ln2/2: returns exp(r) by a degree-6 polynomial, and n (a float holding an integer).
 template <typename F>
-inline F exp_in_range(F x) {
+inline F exp_reduced(F x, F* n_out) {
   // Round to nearest by the 1.5 * 2^23 trick: branch-free and identical for scalar and vector.
   const F n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   F r = x - n * 0.693359375f;
@@ -113,7 +117,15 @@ inline F exp_in_range(F x) {
   poly = poly * r + 4.1665795894e-2f;
   poly = poly * r + 1.6666665459e-1f;
   poly = poly * r + 5.0000001201e-1f;
-  poly = poly * r * r + r + 1.0f;
+  *n_out = n;
+  return poly * r * r + r + 1.0f;
+}
+
+// exp(x) for x in [-87.3365, 88], about 2 ulp: 2^n is built from its bits (n + 127 must be a normal exponent).
+template <typename F>
+inline F exp_in_range(F x) {
+  F n;
+  const F poly = exp_reduced(x, &n);
   return poly * bits_as_float((round_to_int(n) + 127) << 23);
 }
 
@@ -136,17 +148,28 @@ inline F fast_exp_centred(F x) {
   return x < -87.3365f ? splat<F>(0.0f) : result;
 }
 
+#if defined(__AVX512F__)
+// The same values with AVX-512's vscalefps, poly * 2^n in one instruction for any n: no clamp of x before the
+// polynomial, no exponent bits built, and x < -87.3365 zeroed by the instruction's mask (-inf there makes the
+// polynomial NaN, which the mask drops; a NaN x keeps its lane and stays NaN). Six instructions of about twenty fewer
+// an exp (measured alone on a Zen 5: 1.67 ns against 2.37 a vector of 16); the values are the generic form's, bit for
+// bit, since scaling by 2^n is exact wherever that form's product is.
+template <>
+inline VFloat fast_exp_centred<VFloat>(VFloat x) {
+  VFloat n;
+  const VFloat poly = exp_reduced(x, &n);
+  const __m512 v = reinterpret_cast<__m512>(x);
+  const __mmask16 kept = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-87.3365f), _CMP_NLT_UQ);  // x >= -87.3365 or NaN
+  return reinterpret_cast<VFloat>(
+      _mm512_maskz_scalef_ps(kept, reinterpret_cast<__m512>(poly), reinterpret_cast<__m512>(n)));
+}
+#endif
+
 // log(x) for x in [1, 2^126) (the kernel only takes log(1 + exp(-d)), in [1, 2]), about 2 ulp:
 // x = 2^e * m, m in [sqrt(1/2), sqrt(2)), log(m) by a series in f = (m - 1) / (m + 1). Always inlined: GCC once
 // called it out of line (through the PLT) in the mixture's log pass, a quarter of that kernel's samples.
 template <typename F>
-inline __attribute__((always_inline)) F fast_log_ge1(F x) {
-  const auto bits = float_as_bits(x);
-  auto exponent = ((bits >> 23) & 0xff) - 127;
-  F mantissa = bits_as_float((bits & 0x007fffff) | 0x3f800000);
-  const auto upper = mantissa > 1.41421356f;
-  mantissa = upper ? mantissa * 0.5f : mantissa;
-  exponent = upper ? exponent + 1 : exponent;
+inline __attribute__((always_inline)) F log_of_parts(F x, F mantissa, F exponent) {
   const F f = (mantissa - 1.0f) / (mantissa + 1.0f);
   const F f2 = f * f;
   F series = splat<F>(0.1420889f);
@@ -156,9 +179,36 @@ inline __attribute__((always_inline)) F fast_log_ge1(F x) {
   series = series * f2 + 0.2857142874f;
   series = series * f2 + 0.3999999999f;
   series = series * f2 + 0.6666666667f;
-  const F result = int_to_float(exponent) * 0.693147180559945f + f * (2.0f + f2 * series);
+  const F result = exponent * 0.693147180559945f + f * (2.0f + f2 * series);
   return x != x ? x : result;
 }
+
+template <typename F>
+inline __attribute__((always_inline)) F fast_log_ge1(F x) {
+  const auto bits = float_as_bits(x);
+  auto exponent = ((bits >> 23) & 0xff) - 127;
+  F mantissa = bits_as_float((bits & 0x007fffff) | 0x3f800000);
+  const auto upper = mantissa > 1.41421356f;
+  mantissa = upper ? mantissa * 0.5f : mantissa;
+  exponent = upper ? exponent + 1 : exponent;
+  return log_of_parts(x, mantissa, int_to_float(exponent));
+}
+
+#if defined(__AVX512F__)
+// The same values (for the positive normal x every caller passes: checked bit for bit over all of them) with
+// AVX-512's vgetmantps and vgetexpps, which take m in [1, 2) and e as a float in one instruction each, where the
+// generic form shifts, masks and converts the bits.
+template <>
+inline __attribute__((always_inline)) VFloat fast_log_ge1<VFloat>(VFloat x) {
+  const __m512 v = reinterpret_cast<__m512>(x);
+  __m512 mantissa = _mm512_getmant_ps(v, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);
+  __m512 exponent = _mm512_getexp_ps(v);
+  const __mmask16 upper = _mm512_cmp_ps_mask(mantissa, _mm512_set1_ps(1.41421356f), _CMP_GT_OQ);
+  mantissa = _mm512_mask_mul_ps(mantissa, upper, mantissa, _mm512_set1_ps(0.5f));
+  exponent = _mm512_mask_add_ps(exponent, upper, exponent, _mm512_set1_ps(1.0f));
+  return log_of_parts(x, reinterpret_cast<VFloat>(mantissa), reinterpret_cast<VFloat>(exponent));
+}
+#endif
 
 // log(exp(a) + exp(b)) without forming the sum: a mixture's log-probability (docs/DESIGN.md, numerics).
 template <typename F>
