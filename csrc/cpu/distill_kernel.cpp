@@ -9,7 +9,8 @@
 //   pass 3  the gradient: forward KL straight from the exps (q - p), reverse KL as q (c_j - D) with
 //           c_j = ((s_j - s_r) - (t_j - t_r)) / T, the mixtures as q (d_j - D)
 // Several teachers (mixture_row.h) are mixed into scratch before pass 0, which then takes the teacher's reference as 0
-// (log p_bar <= 0) and pass 1 reads the teacher's exps (p_bar) instead of computing them.
+// (log p_bar <= 0) and pass 1 reads the teacher's exps (p_bar) instead of computing them; under forward KL pass 1 also
+// adds the last teacher's share into p_bar and takes log p_bar itself.
 // Centring on r keeps the gradient near a dominant entry free of cancellation: there q_r ~ 1 and the old
 // u_r - q_r U subtracted two numbers of the loss's size. The student gradient is (kd_scale / T) * dL/da plus the
 // CE family's soft * softmax(s) - label * onehot(label) - uniform (kernel_abi.h), times the reduction's scale.
@@ -52,15 +53,22 @@ enum ExpSums : int {
   kSumReverseKl = 2,      // sum_j e_s c_j: reverse KL
   kSumCeSquares = 4,      // sum_j e_s^2: CE's sum at T = 2
   kTeacherExpsGiven = 8,  // a mixture's p_bar in the teacher-exp row, not computed
+  kMixLogFirst = 16,      // a mixture's last share is p_bar (its only one), and log p_bar is taken here (forward KL)
+  kMixLogAdd = 32,        // a mixture's last share joins the shares in the teacher-exp row, and the same
 };
+constexpr int kTeacherModes = kTeacherExpsGiven | kMixLogFirst | kMixLogAdd;
 
+// (flatten: with the mixture's log in its loop GCC called the lane loop out of line, its six sums kept in memory
+// behind the closure, a memory add a sum and vector)
 template <int kSums>
-void tempered_exps(const float* s, const float* t, const DistillArgs& a, Scratch& w, const NextRow& next,
-                   const RowStats& st, float* sums) {
+__attribute__((flatten)) void tempered_exps(const float* s, const float* t, const DistillArgs& a, Scratch& w,
+                                            const NextRow& next, const RowStats& st, float* sums) {
   const float inv_t = a.inv_temperature;
   float* es = w.exp_student.data();
   float* et = w.exp_teacher.data();
   const float rs = st.ref_s, rt = st.ref_t, tr = st.t_at_ref;
+  const float* const share = w.mix_share;  // locals: the stores below may alias the scratch's fields
+  const float factor = w.mix_share_factor;
   LaneSum z_s_acc{}, z_t_acc{}, z_ce_acc{}, fkl_acc{}, rkl_acc{}, entropy_acc{};
   for_lanes(a.vocab, [&](int64_t j, auto zero) {
     using F = decltype(zero);
@@ -68,17 +76,26 @@ void tempered_exps(const float* s, const float* t, const DistillArgs& a, Scratch
       __builtin_prefetch(next.student + j * next.student_element_bytes, 0, 2);
       __builtin_prefetch(next.teacher + j * next.teacher_element_bytes, 0, 2);
     }
-    const F sj = load<F>(s + j), tj = load<F>(t + j);
+    const F sj = load<F>(s + j);
     const F ds = (sj - rs) * inv_t;
-    const F dt = (tj - rt) * inv_t;
     // Both are centred on their row's max (a mixture's log p_bar is <= 0): no overflow clamps.
     const F e_s = fast_exp_centred(ds);
-    F e_t;
-    if constexpr ((kSums & kTeacherExpsGiven) != 0) {
-      e_t = load<F>(et + j);
-    } else {
-      e_t = fast_exp_centred(dt);
+    F e_t, dt, tj = zero;  // (tj: reverse KL's, never with a deferred mixture log)
+    if constexpr ((kSums & (kMixLogFirst | kMixLogAdd)) != 0) {
+      // The mixture's last share joins p_bar here, and its log is the teacher's centred logit (mixture_row.h).
+      e_t = load<F>(share + j) * factor;
+      if constexpr ((kSums & kMixLogAdd) != 0) e_t = load<F>(et + j) + load<F>(share + j) * factor;
       store(et + j, e_t);
+      dt = fast_log_ge1(e_t);
+    } else {
+      tj = load<F>(t + j);
+      dt = (tj - rt) * inv_t;
+      if constexpr ((kSums & kTeacherExpsGiven) != 0) {
+        e_t = load<F>(et + j);
+      } else {
+        e_t = fast_exp_centred(dt);
+        store(et + j, e_t);
+      }
     }
     store(es + j, e_s);
     accumulate(z_s_acc, e_s);
@@ -99,7 +116,7 @@ template <int kSums>
 void tempered_exps_with(int flags, const float* s, const float* t, const DistillArgs& a, Scratch& w,
                         const NextRow& next, const RowStats& st, float* sums) {
   if constexpr (kSums == 0) {
-    switch (flags & ~kTeacherExpsGiven) {
+    switch (flags & ~kTeacherModes) {
       case kSumForwardKl: return tempered_exps_with<kSumForwardKl>(flags, s, t, a, w, next, st, sums);
       case kSumReverseKl: return tempered_exps_with<kSumReverseKl>(flags, s, t, a, w, next, st, sums);
       case kSumCeSquares: return tempered_exps_with<kSumCeSquares>(flags, s, t, a, w, next, st, sums);
@@ -111,6 +128,10 @@ void tempered_exps_with(int flags, const float* s, const float* t, const Distill
     }
   }
   if ((flags & kTeacherExpsGiven) != 0) return tempered_exps<kSums | kTeacherExpsGiven>(s, t, a, w, next, st, sums);
+  if constexpr ((kSums & kSumForwardKl) != 0) {  // a deferred mixture log: forward KL's alone
+    if ((flags & kMixLogFirst) != 0) return tempered_exps<kSums | kMixLogFirst>(s, t, a, w, next, st, sums);
+    if ((flags & kMixLogAdd) != 0) return tempered_exps<kSums | kMixLogAdd>(s, t, a, w, next, st, sums);
+  }
   return tempered_exps<kSums>(s, t, a, w, next, st, sums);
 }
 
@@ -126,7 +147,10 @@ void exp_pass(const float* s, const float* t, const DistillArgs& a, Scratch& w, 
     const int flags = (a.divergence == kForwardKL ? kSumForwardKl : 0) |
                       (a.divergence == kReverseKL ? kSumReverseKl : 0) |
                       (a.has_ce && a.temperature_power == 2 ? kSumCeSquares : 0) |
-                      (a.mix_count > 0 ? kTeacherExpsGiven : 0);  // p_bar, against the reference 0
+                      (a.mix_count == 0     ? 0
+                       : !w.mix_log_deferred ? kTeacherExpsGiven  // p_bar, against the reference 0
+                       : w.mix_share_first   ? kMixLogFirst
+                                             : kMixLogAdd);
     tempered_exps_with<0>(flags, s, t, a, w, next, st, sums);
   }
   LaneSum z_ce_acc{}, entropy_acc{};
@@ -312,7 +336,7 @@ void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
       const TeacherT* rows[kMaxMixedTeachers];
       for (int64_t m = 0; m < a.mix_count; ++m) rows[m] = mixed_teacher_row(m, row);
       t = mixture_row(rows, a.mix_count, a.mix_log_weights + row * a.mix_weights_stride, a, scratch, s,
-                      a.mix_divergences != nullptr);
+                      a.mix_divergences != nullptr, a.phase == kPhaseFused && a.divergence == kForwardKL);
     } else if (a.has_kd) {
       t = widen_row(t_raw, a.vocab, scratch.teacher);
     }

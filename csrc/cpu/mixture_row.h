@@ -281,9 +281,14 @@ void finish_mixture(const TeacherT* const* rows, int64_t count, const float* max
 // w.teacher (T * log p_bar, the kernel's teacher logits) and w.exp_teacher (p_bar), and the student row's max into
 // w.mix_student_max; returns w.teacher. With `own`, each teacher's forward KL but log z_s into w.mix_own_kl (NaN for
 // a teacher row without a finite max); under the other divergences the whole value.
+// With `defer_log` (the fused phase's forward KL, whose gradient q - p_bar needs no log p_bar and whose loss weighs
+// it by p_bar) the last pass is left to the kernel's exp pass (w.mix_log_deferred): the last share joins p_bar and
+// log p_bar is taken there, beside the student's exps, and T * log p_bar is neither written nor read back. A column
+// where every teacher underflowed then takes the log of its underflowed p_bar, which the loss weighs by that p_bar
+// (0 for 0: `weighted`), so the exact log-sum-exp that reverse KL needs there is not taken.
 template <typename TeacherT>
 const float* mixture_row(const TeacherT* const* rows, int64_t count, const float* log_weights, const DistillArgs& a,
-                         Scratch& w, const float* student, bool own) {
+                         Scratch& w, const float* student, bool own, bool defer_log) {
   float maxima[kMaxMixedTeachers], offsets[kMaxMixedTeachers];
   const int own_kind = !own ? kOwnNone
                        : a.divergence == kForwardKL ? kOwnForward
@@ -293,6 +298,13 @@ const float* mixture_row(const TeacherT* const* rows, int64_t count, const float
   int step = kMixNone;
   const bool any = mix_teachers(rows, count, log_weights, a, w, student, own_kind, maxima, offsets, pending, &step);
   float* out = w.teacher.data();
+  w.mix_log_deferred = defer_log && any && step != kMixNone;
+  if (w.mix_log_deferred) {
+    w.mix_share_first = step == kMixFirst;
+    w.mix_share = pending.exps;
+    w.mix_share_factor = pending.factor;
+    return out;
+  }
   if (!any) {  // no teacher counts in this row: no mass anywhere, as a teacher row of -inf
     for (int64_t j = 0; j < a.vocab; ++j) w.exp_teacher[j] = 0.0f, out[j] = -INFINITY;
     return out;

@@ -21,6 +21,11 @@ struct Scratch {
   // several teachers: each one's forward KL but log z_s, or its whole reverse KL (mixture_row.h)
   float mix_own_kl[kMaxMixedTeachers];
   float mix_student_max;  // the student row's max, taken by mixture_row while it streams the teachers' rows
+  // A mixture whose last share and log are left to the kernel's exp pass (forward KL, mixture_row.h): that share's
+  // exps and factor, and whether it is the row's only one (else it joins the shares in exp_teacher).
+  bool mix_log_deferred = false, mix_share_first = false;
+  const float* mix_share = nullptr;
+  float mix_share_factor = 0.0f;
   void reserve(int64_t vocab) {
     for (auto* buffer : {&student, &teacher, &exp_student, &exp_teacher, &exp_ce, &mix_exps, &mix_exps_previous,
                          &mix_widened}) {
