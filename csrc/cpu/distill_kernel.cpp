@@ -55,8 +55,9 @@ enum ExpSums : int {
   kTeacherExpsGiven = 8,  // a mixture's p_bar in the teacher-exp row, not computed
   kMixLogFirst = 16,      // a mixture's last share is p_bar (its only one), and log p_bar is taken here (forward KL)
   kMixLogAdd = 32,        // a mixture's last share joins the shares in the teacher-exp row, and the same
+  kNextMaxima = 64,       // a mixture's next row: its student's and first teacher's maxima beside their prefetches
 };
-constexpr int kTeacherModes = kTeacherExpsGiven | kMixLogFirst | kMixLogAdd;
+constexpr int kTeacherModes = kTeacherExpsGiven | kMixLogFirst | kMixLogAdd | kNextMaxima;
 
 // (flatten: with the mixture's log in its loop GCC called the lane loop out of line, its six sums kept in memory
 // behind the closure, a memory add a sum and vector)
@@ -69,10 +70,21 @@ __attribute__((flatten)) void tempered_exps(const float* s, const float* t, cons
   const float rs = st.ref_s, rt = st.ref_t, tr = st.t_at_ref;
   const float* const share = w.mix_share;  // locals: the stores below may alias the scratch's fields
   const float factor = w.mix_share_factor;
+  // kNextMaxima: float32 rows, asked for 8 KiB ahead of where their maxima are taken (mixture_row.h's passes do so)
+  const float* const next_s = reinterpret_cast<const float*>(next.student);
+  const float* const next_t = reinterpret_cast<const float*>(next.teacher);
+  RunningMax next_s_max, next_t_max;
   LaneSum z_s_acc{}, z_t_acc{}, z_ce_acc{}, fkl_acc{}, rkl_acc{}, entropy_acc{};
   for_lanes(a.vocab, [&](int64_t j, auto zero) {
     using F = decltype(zero);
-    if (std::is_same_v<F, VFloat> && next.student != nullptr) {  // one 64-byte line per block and row
+    if constexpr ((kSums & kNextMaxima) != 0) {
+      if constexpr (std::is_same_v<F, VFloat>) {
+        __builtin_prefetch(next_s + j + kPrefetchAhead, 0, 3);
+        __builtin_prefetch(next_t + j + kPrefetchAhead, 0, 3);
+      }
+      next_s_max.add(load<F>(next_s + j));
+      next_t_max.add(load<F>(next_t + j));
+    } else if (std::is_same_v<F, VFloat> && next.student != nullptr) {  // one 64-byte line per block and row
       __builtin_prefetch(next.student + j * next.student_element_bytes, 0, 2);
       __builtin_prefetch(next.teacher + j * next.teacher_element_bytes, 0, 2);
     }
@@ -107,8 +119,25 @@ __attribute__((flatten)) void tempered_exps(const float* s, const float* t, cons
     if constexpr ((kSums & kSumReverseKl) != 0) accumulate(rkl_acc, weighted(e_s, ((sj - rs) - (tj - tr)) * inv_t));
     if constexpr ((kSums & kSumCeSquares) != 0) accumulate(z_ce_acc, e_s * e_s);  // exp(s - m) = exp((s - m) / 2)^2
   });
+  if constexpr ((kSums & kNextMaxima) != 0) {
+    w.mix_next_known = true;
+    w.mix_next_student_max = next_s_max.value();
+    w.mix_next_first_max = next_t_max.value();
+  }
   sums[0] = horizontal_sum(z_s_acc), sums[1] = horizontal_sum(z_t_acc), sums[2] = horizontal_sum(z_ce_acc);
   sums[3] = horizontal_sum(fkl_acc), sums[4] = horizontal_sum(rkl_acc), sums[5] = horizontal_sum(entropy_acc);
+}
+
+// The teacher's mode (its exps computed, given, or a mixture's last share and log taken here) to one instantiation.
+template <int kSums>
+void with_teacher_mode(int mode, const float* s, const float* t, const DistillArgs& a, Scratch& w, const NextRow& next,
+                       const RowStats& st, float* sums) {
+  if (mode == kTeacherExpsGiven) return tempered_exps<kSums | kTeacherExpsGiven>(s, t, a, w, next, st, sums);
+  if constexpr ((kSums & kSumForwardKl) != 0) {  // a deferred mixture log: forward KL's alone
+    if (mode == kMixLogFirst) return tempered_exps<kSums | kMixLogFirst>(s, t, a, w, next, st, sums);
+    if (mode == kMixLogAdd) return tempered_exps<kSums | kMixLogAdd>(s, t, a, w, next, st, sums);
+  }
+  return tempered_exps<kSums>(s, t, a, w, next, st, sums);
 }
 
 // The runtime flags to one instantiation of tempered_exps (forward and reverse KL never both).
@@ -127,12 +156,9 @@ void tempered_exps_with(int flags, const float* s, const float* t, const Distill
       default: break;  // none of them
     }
   }
-  if ((flags & kTeacherExpsGiven) != 0) return tempered_exps<kSums | kTeacherExpsGiven>(s, t, a, w, next, st, sums);
-  if constexpr ((kSums & kSumForwardKl) != 0) {  // a deferred mixture log: forward KL's alone
-    if ((flags & kMixLogFirst) != 0) return tempered_exps<kSums | kMixLogFirst>(s, t, a, w, next, st, sums);
-    if ((flags & kMixLogAdd) != 0) return tempered_exps<kSums | kMixLogAdd>(s, t, a, w, next, st, sums);
-  }
-  return tempered_exps<kSums>(s, t, a, w, next, st, sums);
+  const int mode = flags & (kTeacherExpsGiven | kMixLogFirst | kMixLogAdd);
+  if ((flags & kNextMaxima) != 0) return with_teacher_mode<kSums | kNextMaxima>(mode, s, t, a, w, next, st, sums);
+  return with_teacher_mode<kSums>(mode, s, t, a, w, next, st, sums);
 }
 
 // Pass 1: the exps into scratch, their sums, the KL sums and sum_j e_j d_j for the student's entropy (at T with a
@@ -150,7 +176,11 @@ void exp_pass(const float* s, const float* t, const DistillArgs& a, Scratch& w, 
                       (a.mix_count == 0     ? 0
                        : !w.mix_log_deferred ? kTeacherExpsGiven  // p_bar, against the reference 0
                        : w.mix_share_first   ? kMixLogFirst
-                                             : kMixLogAdd);
+                                             : kMixLogAdd) |
+                      (a.mix_count > 0 && next.student != nullptr && next.student_element_bytes == 4 &&
+                               next.teacher_element_bytes == 4
+                           ? kNextMaxima
+                           : 0);
     tempered_exps_with<0>(flags, s, t, a, w, next, st, sums);
   }
   LaneSum z_ce_acc{}, entropy_acc{};
@@ -321,6 +351,7 @@ void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
       write_skipped_row(a, row, 0.0f);
       skip_own_divergences(a, row, 0.0f);
       if (g != nullptr) zero_row(g, a.vocab);
+      scratch.mix_next_known = false;  // the maxima taken for this row
       continue;
     }
     // The host check refuses these; never read out of bounds. (A shard holds only some labels: not an error.)
@@ -328,6 +359,7 @@ void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
       write_skipped_row(a, row, std::numeric_limits<float>::quiet_NaN());
       skip_own_divergences(a, row, std::numeric_limits<float>::quiet_NaN());
       if (g != nullptr) zero_row(g, a.vocab);
+      scratch.mix_next_known = false;  // the maxima taken for this row
       continue;
     }
     const float* s = widen_row(s_raw, a.vocab, scratch.student);
