@@ -1,6 +1,7 @@
 // CPU distillation row kernel (docs/DESIGN.md, "Algorithms" and "Shards and phases"). Per row:
-//   pass 0  FUSED / STATS: the max of both rows (the only pass that reads memory; 16-bit rows are widened into
-//           scratch here) and, for reverse KL and the mixtures, the student's argmax r, the reference entry.
+//   pass 0  FUSED / STATS: the max of both rows (16-bit rows are widened into scratch here; float32 rows' maxima
+//           the row before took in its pass 1, which streams this row in from memory beside its exps) and, for
+//           reverse KL and the mixtures, the student's argmax r, the reference entry.
 //           A shard's STATS reads the row once (stats_pass.h); its SUMS and GRADIENT take one pass from the global
 //           log-sum-exps (shard_pass.h).
 //   pass 1  tempered exps into a per-thread scratch row that stays in L2, their sums, and the centred sums that
@@ -28,14 +29,17 @@ namespace kdfast_cpu {
 namespace {
 
 // Pass 0: the maxima, and for reverse KL and the mixtures (fused) the reference entry r.
-RowStats row_references(const float* s, const float* t, const DistillArgs& a, const Scratch& w) {
+RowStats row_references(const float* s, const float* t, const DistillArgs& a, Scratch& w) {
   RowStats st{};
   st.ref_index = -1;
   const bool mixed = a.has_kd && a.mix_count > 0;  // mixture_row took the student's max beside its passes
-  st.ref_s = mixed ? w.mix_student_max : row_max(s, a.vocab);
+  const bool carried = w.next_known;               // the row before took both maxima beside its exps
+  w.next_known = false;
+  st.ref_s = mixed ? w.mix_student_max : carried ? w.next_student_max : row_max(s, a.vocab);
   st.ref_ce = st.ref_s;
   if (!a.has_kd) return st;
-  st.ref_t = a.mix_count > 0 ? 0.0f : row_max(t, a.vocab);  // a mixture's row is T log p_bar <= 0
+  // A mixture's row is T log p_bar <= 0.
+  st.ref_t = a.mix_count > 0 ? 0.0f : carried ? w.next_teacher_max : row_max(t, a.vocab);
   st.t_at_ref = st.ref_t;
   if (a.phase == kPhaseFused && a.divergence != kForwardKL) {
     st.ref_index = first_index_of(s, a.vocab, st.ref_s);
@@ -55,7 +59,7 @@ enum ExpSums : int {
   kTeacherExpsGiven = 8,  // a mixture's p_bar in the teacher-exp row, not computed
   kMixLogFirst = 16,      // a mixture's last share is p_bar (its only one), and log p_bar is taken here (forward KL)
   kMixLogAdd = 32,        // a mixture's last share joins the shares in the teacher-exp row, and the same
-  kNextMaxima = 64,       // a mixture's next row: its student's and first teacher's maxima beside their prefetches
+  kNextMaxima = 64,       // the next row's student and teacher maxima, beside the prefetches of those rows
 };
 constexpr int kTeacherModes = kTeacherExpsGiven | kMixLogFirst | kMixLogAdd | kNextMaxima;
 
@@ -70,7 +74,8 @@ __attribute__((flatten)) void tempered_exps(const float* s, const float* t, cons
   const float rs = st.ref_s, rt = st.ref_t, tr = st.t_at_ref;
   const float* const share = w.mix_share;  // locals: the stores below may alias the scratch's fields
   const float factor = w.mix_share_factor;
-  // kNextMaxima: float32 rows, asked for 8 KiB ahead of where their maxima are taken (mixture_row.h's passes do so)
+  // kNextMaxima: float32 rows, asked for 8 KiB ahead of where their maxima are taken (as mixture_row.h's passes
+  // ask for theirs), so that the next row reads neither for its max alone
   const float* const next_s = reinterpret_cast<const float*>(next.student);
   const float* const next_t = reinterpret_cast<const float*>(next.teacher);
   RunningMax next_s_max, next_t_max;
@@ -120,9 +125,9 @@ __attribute__((flatten)) void tempered_exps(const float* s, const float* t, cons
     if constexpr ((kSums & kSumCeSquares) != 0) accumulate(z_ce_acc, e_s * e_s);  // exp(s - m) = exp((s - m) / 2)^2
   });
   if constexpr ((kSums & kNextMaxima) != 0) {
-    w.mix_next_known = true;
-    w.mix_next_student_max = next_s_max.value();
-    w.mix_next_first_max = next_t_max.value();
+    w.next_known = true;
+    w.next_student_max = next_s_max.value();
+    w.next_teacher_max = next_t_max.value();
   }
   sums[0] = horizontal_sum(z_s_acc), sums[1] = horizontal_sum(z_t_acc), sums[2] = horizontal_sum(z_ce_acc);
   sums[3] = horizontal_sum(fkl_acc), sums[4] = horizontal_sum(rkl_acc), sums[5] = horizontal_sum(entropy_acc);
@@ -177,8 +182,7 @@ void exp_pass(const float* s, const float* t, const DistillArgs& a, Scratch& w, 
                        : !w.mix_log_deferred ? kTeacherExpsGiven  // p_bar, against the reference 0
                        : w.mix_share_first   ? kMixLogFirst
                                              : kMixLogAdd) |
-                      (a.mix_count > 0 && next.student != nullptr && next.student_element_bytes == 4 &&
-                               next.teacher_element_bytes == 4
+                      (next.student != nullptr && next.student_element_bytes == 4 && next.teacher_element_bytes == 4
                            ? kNextMaxima
                            : 0);
     tempered_exps_with<0>(flags, s, t, a, w, next, st, sums);
@@ -351,7 +355,7 @@ void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
       write_skipped_row(a, row, 0.0f);
       skip_own_divergences(a, row, 0.0f);
       if (g != nullptr) zero_row(g, a.vocab);
-      scratch.mix_next_known = false;  // the maxima taken for this row
+      scratch.next_known = false;  // the maxima taken for this row
       continue;
     }
     // The host check refuses these; never read out of bounds. (A shard holds only some labels: not an error.)
@@ -359,7 +363,7 @@ void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
       write_skipped_row(a, row, std::numeric_limits<float>::quiet_NaN());
       skip_own_divergences(a, row, std::numeric_limits<float>::quiet_NaN());
       if (g != nullptr) zero_row(g, a.vocab);
-      scratch.mix_next_known = false;  // the maxima taken for this row
+      scratch.next_known = false;  // the maxima taken for this row
       continue;
     }
     const float* s = widen_row(s_raw, a.vocab, scratch.student);

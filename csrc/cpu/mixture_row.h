@@ -165,9 +165,9 @@ inline float run_teacher_pass(int own, int step, const float* t, float top, cons
 
 // The student's max (and for reverse KL and the other divergences its exps, into w.exp_student, which the kernel's
 // exp pass writes again later) before the teachers, when their own divergences are wanted; `carried`: the max the
-// row before took (Scratch::mix_next_known).
+// row before took (Scratch::next_known).
 inline StudentRow student_for_own(const float* s, int own, const DistillArgs& a, Scratch& w, bool carried) {
-  StudentRow student{s, carried ? w.mix_next_student_max : row_max(s, a.vocab)};
+  StudentRow student{s, carried ? w.next_student_max : row_max(s, a.vocab)};
   if (own != kOwnReverse && own != kOwnOther) return student;
   float* exps = w.exp_student.data();
   LaneSum z_acc{};
@@ -194,8 +194,8 @@ bool mix_teachers(const TeacherT* const* rows, int64_t count, const float* log_w
                   Scratch& w, const float* s, int own, float* maxima, float* offsets, PendingShare& pending,
                   int* last_step) {
   // The student's and the first teacher's maxima, when the row before took them beside its exps.
-  const bool carried = w.mix_next_known;
-  w.mix_next_known = false;
+  const bool carried = w.next_known;
+  w.next_known = false;
   float* mixed = w.exp_teacher.data();
   float* buffers[2] = {w.mix_exps.data(), w.mix_exps_previous.data()};
   const StudentRow student = own != kOwnNone ? student_for_own(s, own, a, w, carried) : StudentRow{s, 0.0f};
@@ -212,7 +212,7 @@ bool mix_teachers(const TeacherT* const* rows, int64_t count, const float* log_w
     w.mix_own_kl[m] = std::numeric_limits<float>::quiet_NaN();
     if (!takes_a_pass(m)) continue;  // a zero weight: the teacher adds nothing
     const float* t = widen_row(rows[m], a.vocab, w.mix_widened);
-    const float top = known_index == m ? known_max : m == 0 && carried ? w.mix_next_first_max : row_max(t, a.vocab);
+    const float top = known_index == m ? known_max : m == 0 && carried ? w.next_teacher_max : row_max(t, a.vocab);
     maxima[m] = top;
     if (!std::isfinite(top)) continue;  // a row of -inf (no mass)
     int64_t next = m + 1;

@@ -26,10 +26,11 @@ struct Scratch {
   bool mix_log_deferred = false, mix_share_first = false;
   const float* mix_share = nullptr;
   float mix_share_factor = 0.0f;
-  // The next row's student max and first teacher's max, taken by this row's exp pass beside its prefetches of those
-  // rows (float32 rows, the fused phase); valid for the next mixture_row call only (a skipped row drops them).
-  bool mix_next_known = false;
-  float mix_next_student_max = 0.0f, mix_next_first_max = 0.0f;
+  // The next row's student max and its teacher's (a mixture's first teacher's), taken by this row's exp pass beside
+  // its prefetches of those rows (float32 rows, the fused phase); valid for the next row only, which takes them
+  // (row_references, mixture_row) or drops them (skipped).
+  bool next_known = false;
+  float next_student_max = 0.0f, next_teacher_max = 0.0f;
   void reserve(int64_t vocab) {
     for (auto* buffer : {&student, &teacher, &exp_student, &exp_teacher, &exp_ce, &mix_exps, &mix_exps_previous,
                          &mix_widened}) {
