@@ -32,10 +32,6 @@
 
 namespace kdfast_cpu {
 
-// How far ahead (floats) a teacher's pass asks for the row it reads next from memory (8 KiB: the fewest cycles of
-// 2, 4, 8 and 16 KiB on a Zen 5, 2048 x 32000, M = 3).
-constexpr int64_t kPrefetchAhead = 2048;
-
 // Below this a mixture's probability is recomputed as a log-sum-exp (the fast log takes normal floats only).
 constexpr float kSmallestMixture = 1e-30f;
 
@@ -173,7 +169,7 @@ inline StudentRow student_for_own(const float* s, int own, const DistillArgs& a,
   LaneSum z_acc{};
   for_lanes(a.vocab, [&](int64_t j, auto zero) {
     using F = decltype(zero);
-    const F e = fast_exp((load<F>(s + j) - student.top) * a.inv_temperature);
+    const F e = fast_exp_centred((load<F>(s + j) - student.top) * a.inv_temperature);
     store(exps + j, e);
     accumulate(z_acc, e);
   });

@@ -39,12 +39,12 @@ ShardSums shard_loop(const float* s, const float* t, GradT* g, const ShardRow& r
     using F = decltype(zero);
     const F sj = load<F>(s + j);
     const F ls = (sj - r.ref_s) * r.inv_t_s;  // log q_j
-    const F q = fast_exp(ls);
+    const F q = fast_exp_centred(ls);
     if (want_entropy) accumulate(entropy_acc, weighted(q, ls));
     F grad_kd = zero;
     if constexpr (kKd != kShardNoKd) {
       const F lt = (load<F>(t + j) - r.ref_t) * inv_t;
-      const F p = fast_exp(lt);
+      const F p = fast_exp_centred(lt);
       if constexpr (kKd == kShardForwardKL) {
         accumulate(kd_acc, weighted(p, lt - ls));
         grad_kd = q - p;
@@ -67,7 +67,7 @@ ShardSums shard_loop(const float* s, const float* t, GradT* g, const ShardRow& r
       if constexpr (kCe == kCeFromTempered) ce = q * r.inv_z_ce;
       if constexpr (kCe == kCeFromTemperedSquared) ce = q * q * r.inv_z_ce;
       // CE alone: q is already its softmax (ref_s = lse_c at T = 1)
-      if constexpr (kCe == kCeFromOwnExps) ce = kKd == kShardNoKd ? q : fast_exp(sj - r.ref_ce);
+      if constexpr (kCe == kCeFromOwnExps) ce = kKd == kShardNoKd ? q : fast_exp_centred(sj - r.ref_ce);
       if constexpr (kCe == kNoCe) {
         store_grad(g + j, r.kd_coef * grad_kd);
       } else {

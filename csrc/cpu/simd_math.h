@@ -140,8 +140,8 @@ inline F fast_exp(F x) {
   return x > 88.7228f ? splat<F>(INFINITY) : result;
 }
 
-// fast_exp for x <= 0 or NaN (logits centred on their row's max) without the overflow clamps: a fifth fewer
-// instructions in the passes that take one exp per element.
+// fast_exp for x <= 0 or NaN (logits centred on their row's max, or log-probabilities) without the overflow clamps:
+// a fifth fewer instructions in the passes that take one exp per element, and fast_exp's values for every x <= 88.
 // (The generic form keeps its own name: tests/test_simd_math.py holds the AVX-512 form below to it.)
 template <typename F>
 inline F fast_exp_centred_generic(F x) {

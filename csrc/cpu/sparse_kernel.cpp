@@ -188,8 +188,9 @@ __attribute__((flatten)) BucketSums bucket_math(const DistillArgs& a, Buckets& b
 // Pass 1 (exps into scratch and their sums) and, for a whole row or STATS, the mass outside the ids. The exps are at
 // T with a divergence and at T = 1 for CE alone: either way the student's entropy comes from them (st.entropy; SUMS:
 // sum_j q_j log q_j over these columns, the exps being the probabilities there).
-// next_row: the next row's logits, prefetched into L2 while this row computes (pass 0, the only pass that reads
-// memory, would otherwise wait on DRAM while the core idles).
+// next_row: the next row's logits, prefetched into L2 while this row computes (pass 0 would otherwise wait on DRAM
+// while the core idles); float32 ones 8 KiB ahead, their max taken here for the next row (Scratch::next_known), which
+// then reads no row for its max alone.
 void exp_pass(const float* s, const DistillArgs& a, const float* given, Scratch& w, Buckets& b, RowStats& st,
               float* log_z_rest, const char* next_row, int next_row_bytes) {
   const float inv_t = a.has_kd ? a.inv_temperature : 1.0f;
@@ -206,14 +207,20 @@ void exp_pass(const float* s, const DistillArgs& a, const float* given, Scratch&
   const bool want_rest = given == nullptr && a.has_kd;
   const int64_t held = want_rest ? b.held : 0;  // b.sorted: the held columns, ascending (group_entries)
   int64_t next = 0;  // the first sorted id column not yet passed
+  const float* const ahead = given == nullptr && next_row_bytes == 4 ? reinterpret_cast<const float*>(next_row)
+                                                                     : nullptr;
+  RunningMax next_max;
   for_lanes(a.vocab, [&](int64_t j, auto zero) {
     using F = decltype(zero);
-    if (std::is_same_v<F, VFloat> && next_row != nullptr) {  // one 64-byte line per vector: the next row into L2
+    if (ahead != nullptr) {
+      if constexpr (std::is_same_v<F, VFloat>) __builtin_prefetch(ahead + j + kPrefetchAhead, 0, 3);
+      next_max.add(load<F>(ahead + j));
+    } else if (std::is_same_v<F, VFloat> && next_row != nullptr) {  // one 64-byte line per vector: into L2
       __builtin_prefetch(next_row + j * next_row_bytes, 0, 2);
     }
     const F sj = load<F>(s + j);
     const F d = (sj - rs) * inv_t;
-    const F e = fast_exp(d);
+    const F e = fast_exp_centred(d);  // d <= 0: s is centred on its max (later phases: on T times its lse)
     store(es + j, e);
     accumulate(z_acc, e);
     accumulate(entropy_acc, weighted(e, d));
@@ -235,11 +242,12 @@ void exp_pass(const float* s, const DistillArgs& a, const float* given, Scratch&
     }
     if (ce_squared) accumulate(z_ce_acc, e * e);
     if (ce_own) {
-      const F c = fast_exp(sj - rc);
+      const F c = fast_exp_centred(sj - rc);
       store(ec + j, c);
       accumulate(z_ce_acc, c);
     }
   });
+  if (ahead != nullptr) w.next_known = true, w.next_student_max = next_max.value();
   const bool want_entropy = a.has_kd || a.has_ce;  // else the exps are of no statistics
   if (given != nullptr) {  // the exps are the probabilities; CE's softmax at T = 1 from them, or its own exps
     st.log_z_s = 0.0f, st.inv_z_s = 1.0f, st.log_z_ce = 0.0f, st.inv_z_ce = 1.0f;
@@ -289,8 +297,9 @@ void sparse_row(const float* s, const int64_t* ids, int64_t row, int64_t label, 
     st.ref_s = a.has_kd ? given[0] * a.temperature : given[2];
     st.ref_ce = given[2];
   } else {
-    st.ref_s = st.ref_ce = row_max(s, a.vocab);
+    st.ref_s = st.ref_ce = w.next_known ? w.next_student_max : row_max(s, a.vocab);
   }
+  w.next_known = false;  // taken, or of no use to a later phase
   float log_z_rest = -INFINITY;
   exp_pass(s, a, given, w, b, st, &log_z_rest, next_row, next_row_bytes);
   const float inv_t = a.has_kd ? a.inv_temperature : 1.0f;
@@ -362,6 +371,7 @@ void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
     if (a.labels != nullptr && label == a.ignore_index) {
       write_skipped_row(a, row, 0.0f);
       if (g != nullptr) zero_row(g, a.vocab);
+      scratch.next_known = false;  // the max taken for this row
       continue;
     }
     bool poisoned = a.phase == kPhaseFused && a.ce_weight != 0.0f && (label < 0 || label >= a.vocab);
@@ -371,6 +381,7 @@ void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
     if (poisoned) {
       write_skipped_row(a, row, std::numeric_limits<float>::quiet_NaN());
       if (g != nullptr) zero_row(g, a.vocab);
+      scratch.next_known = false;  // the max taken for this row
       continue;
     }
     for (int64_t k = 0; k < a.topk; ++k) buckets.logprobs[k] = logprob_at(a, lp, k);

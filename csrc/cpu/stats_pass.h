@@ -23,10 +23,10 @@ struct LaneSums {
   void raise_to(VFloat block_max, float inv_t) {
     if (!any_lane(block_max > m)) return;
     const VFloat m_new = block_max > m ? block_max : m;
-    const VFloat scale = m == m_new ? splat<VFloat>(1.0f) : fast_exp((m - m_new) * inv_t);
+    const VFloat scale = m == m_new ? splat<VFloat>(1.0f) : fast_exp_centred((m - m_new) * inv_t);
     z *= scale;
     if constexpr (kCe == kStatsSquares) z_ce *= scale * scale;
-    if constexpr (kCe == kStatsOwn) z_ce *= m == m_new ? splat<VFloat>(1.0f) : fast_exp(m - m_new);
+    if constexpr (kCe == kStatsOwn) z_ce *= m == m_new ? splat<VFloat>(1.0f) : fast_exp_centred(m - m_new);
     m = m_new;
   }
 
@@ -34,10 +34,10 @@ struct LaneSums {
 
   template <int kCe>
   void add(VFloat v, VFloat ref, float inv_t) {
-    const VFloat e = fast_exp((v - ref) * inv_t);
+    const VFloat e = fast_exp_centred((v - ref) * inv_t);
     z += e;
     if constexpr (kCe == kStatsSquares) z_ce += e * e;
-    if constexpr (kCe == kStatsOwn) z_ce += fast_exp(v - ref);
+    if constexpr (kCe == kStatsOwn) z_ce += fast_exp_centred(v - ref);
   }
 
   // [log sum exp(x / T), log sum exp(x)] with the scalar tail x[full, vocab), against one reference: the max.

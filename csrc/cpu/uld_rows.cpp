@@ -136,7 +136,7 @@ float softmax_row(const float* z, int64_t width, float inv_temperature, float* s
   VFloat total_lanes = splat<VFloat>(0.0f), weighted_lanes = splat<VFloat>(0.0f);
   for (int64_t j = 0; j < vector_end; j += kLanes) {
     const VFloat x = load<VFloat>(z + j) * inv_temperature - top;
-    const VFloat e = fast_exp(x);
+    const VFloat e = fast_exp_centred(x);
     store(sigma + j, e);
     total_lanes += e;
     weighted_lanes += e * x;
@@ -144,7 +144,7 @@ float softmax_row(const float* z, int64_t width, float inv_temperature, float* s
   double total = horizontal_sum(total_lanes), weighted = horizontal_sum(weighted_lanes);
   for (int64_t j = vector_end; j < width; ++j) {
     const float x = z[j] * inv_temperature - top;
-    const float e = fast_exp(x);
+    const float e = fast_exp_centred(x);
     sigma[j] = e;
     total += e;
     weighted += static_cast<double>(e) * x;
