@@ -61,7 +61,7 @@ enum ExpSums : int {
   kMixLogAdd = 32,        // a mixture's last share joins the shares in the teacher-exp row, and the same
   kNextMaxima = 64,       // the next row's student and teacher maxima, beside the prefetches of those rows
 };
-constexpr int kTeacherModes = kTeacherExpsGiven | kMixLogFirst | kMixLogAdd | kNextMaxima;
+constexpr int kNotSums = kTeacherExpsGiven | kMixLogFirst | kMixLogAdd | kNextMaxima;  // the flags that pick a mode
 
 // (flatten: with the mixture's log in its loop GCC called the lane loop out of line, its six sums kept in memory
 // behind the closure, a memory add a sum and vector)
@@ -150,7 +150,7 @@ template <int kSums>
 void tempered_exps_with(int flags, const float* s, const float* t, const DistillArgs& a, Scratch& w,
                         const NextRow& next, const RowStats& st, float* sums) {
   if constexpr (kSums == 0) {
-    switch (flags & ~kTeacherModes) {
+    switch (flags & ~kNotSums) {
       case kSumForwardKl: return tempered_exps_with<kSumForwardKl>(flags, s, t, a, w, next, st, sums);
       case kSumReverseKl: return tempered_exps_with<kSumReverseKl>(flags, s, t, a, w, next, st, sums);
       case kSumCeSquares: return tempered_exps_with<kSumCeSquares>(flags, s, t, a, w, next, st, sums);
