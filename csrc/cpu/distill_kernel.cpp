@@ -29,12 +29,11 @@ namespace kdfast_cpu {
 namespace {
 
 // Pass 0: the maxima, and for reverse KL and the mixtures (fused) the reference entry r.
-RowStats row_references(const float* s, const float* t, const DistillArgs& a, Scratch& w) {
+RowStats row_references(const float* s, const float* t, int64_t row, const DistillArgs& a, const Scratch& w) {
   RowStats st{};
   st.ref_index = -1;
   const bool mixed = a.has_kd && a.mix_count > 0;  // mixture_row took the student's max beside its passes
-  const bool carried = w.next_known;               // the row before took both maxima beside its exps
-  w.next_known = false;
+  const bool carried = w.next_row == row;           // the row before took both maxima beside its exps
   st.ref_s = mixed ? w.mix_student_max : carried ? w.next_student_max : row_max(s, a.vocab);
   st.ref_ce = st.ref_s;
   if (!a.has_kd) return st;
@@ -125,7 +124,7 @@ __attribute__((flatten)) void tempered_exps(const float* s, const float* t, cons
     if constexpr ((kSums & kSumCeSquares) != 0) accumulate(z_ce_acc, e_s * e_s);  // exp(s - m) = exp((s - m) / 2)^2
   });
   if constexpr ((kSums & kNextMaxima) != 0) {
-    w.next_known = true;
+    w.next_row = next.row;
     w.next_student_max = next_s_max.value();
     w.next_teacher_max = next_t_max.value();
   }
@@ -286,7 +285,7 @@ void process_row(const float* s, const float* t, int64_t row, int64_t label, Gra
     return;
   }
   if (a.phase == kPhaseStats) return stats_row(s, t, a, a.out + row * kStatColumns);
-  RowStats st = row_references(s, t, a, w);
+  RowStats st = row_references(s, t, row, a, w);
   exp_pass(s, t, a, w, next, st);
   if (a.mix_divergences != nullptr) {  // each mixed teacher's forward KL but log z_s, or its whole reverse KL
     const float add = a.divergence == kForwardKL ? st.log_z_s : 0.0f;
@@ -325,6 +324,7 @@ template <typename StudentT, typename TeacherT>
 void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
   thread_local Scratch scratch;
   scratch.reserve(a.vocab);
+  scratch.next_row = -1;
   const float row_scale = a.grad != nullptr ? *a.grad_scale : 0.0f;
   auto student_row = [&](int64_t row) {
     return static_cast<const StudentT*>(a.student) + (row / a.rows_per_batch) * a.student_stride_b +
@@ -346,7 +346,7 @@ void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
     if (row + 1 < row_end) {
       next = {reinterpret_cast<const char*>(student_row(row + 1)),
               reinterpret_cast<const char*>(a.mix_count > 0 ? mixed_teacher_row(0, row + 1) : teacher_row(row + 1)),
-              static_cast<int>(sizeof(StudentT)), static_cast<int>(sizeof(TeacherT))};
+              static_cast<int>(sizeof(StudentT)), static_cast<int>(sizeof(TeacherT)), row + 1};
     }
     StudentT* g = a.grad == nullptr ? nullptr
                                     : static_cast<StudentT*>(a.grad) + b * a.grad_stride_b + r * a.grad_stride_r;
@@ -355,7 +355,6 @@ void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
       write_skipped_row(a, row, 0.0f);
       skip_own_divergences(a, row, 0.0f);
       if (g != nullptr) zero_row(g, a.vocab);
-      scratch.next_known = false;  // the maxima taken for this row
       continue;
     }
     // The host check refuses these; never read out of bounds. (A shard holds only some labels: not an error.)
@@ -363,7 +362,6 @@ void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
       write_skipped_row(a, row, std::numeric_limits<float>::quiet_NaN());
       skip_own_divergences(a, row, std::numeric_limits<float>::quiet_NaN());
       if (g != nullptr) zero_row(g, a.vocab);
-      scratch.next_known = false;  // the maxima taken for this row
       continue;
     }
     const float* s = widen_row(s_raw, a.vocab, scratch.student);
@@ -371,7 +369,7 @@ void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
     if (a.has_kd && a.mix_count > 0) {
       const TeacherT* rows[kMaxMixedTeachers];
       for (int64_t m = 0; m < a.mix_count; ++m) rows[m] = mixed_teacher_row(m, row);
-      t = mixture_row(rows, a.mix_count, a.mix_log_weights + row * a.mix_weights_stride, a, scratch, s,
+      t = mixture_row(rows, a.mix_count, a.mix_log_weights + row * a.mix_weights_stride, row, a, scratch, s,
                       a.mix_divergences != nullptr, a.phase == kPhaseFused && a.divergence == kForwardKL);
     } else if (a.has_kd) {
       t = widen_row(t_raw, a.vocab, scratch.teacher);

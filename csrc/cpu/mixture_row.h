@@ -161,7 +161,7 @@ inline float run_teacher_pass(int own, int step, const float* t, float top, cons
 
 // The student's max (and for reverse KL and the other divergences its exps, into w.exp_student, which the kernel's
 // exp pass writes again later) before the teachers, when their own divergences are wanted; `carried`: the max the
-// row before took (Scratch::next_known).
+// row before took (Scratch::next_row).
 inline StudentRow student_for_own(const float* s, int own, const DistillArgs& a, Scratch& w, bool carried) {
   StudentRow student{s, carried ? w.next_student_max : row_max(s, a.vocab)};
   if (own != kOwnReverse && own != kOwnOther) return student;
@@ -186,12 +186,11 @@ inline StudentRow student_for_own(const float* s, int own, const DistillArgs& a,
 // rows alternate. Returns the step the mixture's last pass needs with the pending share in `pending`, and whether any
 // teacher counts.
 template <typename TeacherT>
-bool mix_teachers(const TeacherT* const* rows, int64_t count, const float* log_weights, const DistillArgs& a,
-                  Scratch& w, const float* s, int own, float* maxima, float* offsets, PendingShare& pending,
-                  int* last_step) {
+bool mix_teachers(const TeacherT* const* rows, int64_t count, const float* log_weights, int64_t row,
+                  const DistillArgs& a, Scratch& w, const float* s, int own, float* maxima, float* offsets,
+                  PendingShare& pending, int* last_step) {
   // The student's and the first teacher's maxima, when the row before took them beside its exps.
-  const bool carried = w.next_known;
-  w.next_known = false;
+  const bool carried = w.next_row == row;
   float* mixed = w.exp_teacher.data();
   float* buffers[2] = {w.mix_exps.data(), w.mix_exps_previous.data()};
   const StudentRow student = own != kOwnNone ? student_for_own(s, own, a, w, carried) : StudentRow{s, 0.0f};
@@ -287,8 +286,8 @@ void finish_mixture(const TeacherT* const* rows, int64_t count, const float* max
 // where every teacher underflowed then takes the log of its underflowed p_bar, which the loss weighs by that p_bar
 // (0 for 0: `weighted`), so the exact log-sum-exp that reverse KL needs there is not taken.
 template <typename TeacherT>
-const float* mixture_row(const TeacherT* const* rows, int64_t count, const float* log_weights, const DistillArgs& a,
-                         Scratch& w, const float* student, bool own, bool defer_log) {
+const float* mixture_row(const TeacherT* const* rows, int64_t count, const float* log_weights, int64_t row,
+                         const DistillArgs& a, Scratch& w, const float* student, bool own, bool defer_log) {
   float maxima[kMaxMixedTeachers], offsets[kMaxMixedTeachers];
   const int own_kind = !own ? kOwnNone
                        : a.divergence == kForwardKL ? kOwnForward
@@ -296,7 +295,8 @@ const float* mixture_row(const TeacherT* const* rows, int64_t count, const float
                                                     : kOwnOther;
   PendingShare pending;
   int step = kMixNone;
-  const bool any = mix_teachers(rows, count, log_weights, a, w, student, own_kind, maxima, offsets, pending, &step);
+  const bool any =
+      mix_teachers(rows, count, log_weights, row, a, w, student, own_kind, maxima, offsets, pending, &step);
   float* out = w.teacher.data();
   w.mix_log_deferred = defer_log && any && step != kMixNone;
   if (w.mix_log_deferred) {

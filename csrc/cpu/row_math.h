@@ -26,10 +26,10 @@ struct Scratch {
   bool mix_log_deferred = false, mix_share_first = false;
   const float* mix_share = nullptr;
   float mix_share_factor = 0.0f;
-  // The next row's student max and its teacher's (a mixture's first teacher's), taken by this row's exp pass beside
-  // its prefetches of those rows (float32 rows, the fused phase); valid for the next row only, which takes them
-  // (row_references, mixture_row) or drops them (skipped).
-  bool next_known = false;
+  // A row's student max and its teacher's (a mixture's first teacher's), taken by the exp pass of the row before it
+  // beside its prefetches of that row (float32 rows), and the row they belong to (-1: none; each call's rows start
+  // with none, so a row skipped or a call ended leaves nothing another row could take).
+  int64_t next_row = -1;
   float next_student_max = 0.0f, next_teacher_max = 0.0f;
   void reserve(int64_t vocab) {
     for (auto* buffer : {&student, &teacher, &exp_student, &exp_teacher, &exp_ce, &mix_exps, &mix_exps_previous,
@@ -54,6 +54,7 @@ struct NextRow {
   const char* student = nullptr;
   const char* teacher = nullptr;
   int student_element_bytes = 4, teacher_element_bytes = 4;
+  int64_t row = -1;  // the next row's index
 };
 
 // How far ahead (floats) a pass asks for a row it reads from memory beside its own work (8 KiB: the fewest cycles

@@ -189,10 +189,10 @@ __attribute__((flatten)) BucketSums bucket_math(const DistillArgs& a, Buckets& b
 // T with a divergence and at T = 1 for CE alone: either way the student's entropy comes from them (st.entropy; SUMS:
 // sum_j q_j log q_j over these columns, the exps being the probabilities there).
 // next_row: the next row's logits, prefetched into L2 while this row computes (pass 0 would otherwise wait on DRAM
-// while the core idles); float32 ones 8 KiB ahead, their max taken here for the next row (Scratch::next_known), which
+// while the core idles); float32 ones 8 KiB ahead, their max taken here for the next row (Scratch::next_row), which
 // then reads no row for its max alone.
-void exp_pass(const float* s, const DistillArgs& a, const float* given, Scratch& w, Buckets& b, RowStats& st,
-              float* log_z_rest, const char* next_row, int next_row_bytes) {
+void exp_pass(const float* s, int64_t row, const DistillArgs& a, const float* given, Scratch& w, Buckets& b,
+              RowStats& st, float* log_z_rest, const char* next_row, int next_row_bytes) {
   const float inv_t = a.has_kd ? a.inv_temperature : 1.0f;
   // CE's softmax at T = 1 as the gradient pass reads it (gradient_pass.h): the tempered exps (T = 1), their squares
   // (T = 2), or its own exps (other temperatures, and CE alone).
@@ -247,7 +247,7 @@ void exp_pass(const float* s, const DistillArgs& a, const float* given, Scratch&
       accumulate(z_ce_acc, c);
     }
   });
-  if (ahead != nullptr) w.next_known = true, w.next_student_max = next_max.value();
+  if (ahead != nullptr) w.next_row = row + 1, w.next_student_max = next_max.value();
   const bool want_entropy = a.has_kd || a.has_ce;  // else the exps are of no statistics
   if (given != nullptr) {  // the exps are the probabilities; CE's softmax at T = 1 from them, or its own exps
     st.log_z_s = 0.0f, st.inv_z_s = 1.0f, st.log_z_ce = 0.0f, st.inv_z_ce = 1.0f;
@@ -297,11 +297,10 @@ void sparse_row(const float* s, const int64_t* ids, int64_t row, int64_t label, 
     st.ref_s = a.has_kd ? given[0] * a.temperature : given[2];
     st.ref_ce = given[2];
   } else {
-    st.ref_s = st.ref_ce = w.next_known ? w.next_student_max : row_max(s, a.vocab);
+    st.ref_s = st.ref_ce = w.next_row == row ? w.next_student_max : row_max(s, a.vocab);
   }
-  w.next_known = false;  // taken, or of no use to a later phase
   float log_z_rest = -INFINITY;
-  exp_pass(s, a, given, w, b, st, &log_z_rest, next_row, next_row_bytes);
+  exp_pass(s, row, a, given, w, b, st, &log_z_rest, next_row, next_row_bytes);
   const float inv_t = a.has_kd ? a.inv_temperature : 1.0f;
   if (a.phase == kPhaseStats) {
     float* out = a.out + row * kStatColumns;
@@ -356,6 +355,7 @@ void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
   thread_local Scratch scratch;
   thread_local Buckets buckets;
   scratch.reserve(a.vocab);
+  scratch.next_row = -1;
   buckets.reserve(a.topk);
   const float row_scale = a.grad != nullptr ? *a.grad_scale : 0.0f;
   for (int64_t row = row_begin; row < row_end; ++row) {
@@ -371,7 +371,6 @@ void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
     if (a.labels != nullptr && label == a.ignore_index) {
       write_skipped_row(a, row, 0.0f);
       if (g != nullptr) zero_row(g, a.vocab);
-      scratch.next_known = false;  // the max taken for this row
       continue;
     }
     bool poisoned = a.phase == kPhaseFused && a.ce_weight != 0.0f && (label < 0 || label >= a.vocab);
@@ -381,7 +380,6 @@ void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
     if (poisoned) {
       write_skipped_row(a, row, std::numeric_limits<float>::quiet_NaN());
       if (g != nullptr) zero_row(g, a.vocab);
-      scratch.next_known = false;  // the max taken for this row
       continue;
     }
     for (int64_t k = 0; k < a.topk; ++k) buckets.logprobs[k] = logprob_at(a, lp, k);
