@@ -184,8 +184,8 @@ def runs_triton_mapped(opts: LossOptions, device) -> bool:
 def _mapped_chunk(student_logits, teacher_logits, labels, scale, grad, opts: LossOptions, plan: CrossVocabPlan):
     """The chunk's parts and gradient: on the CPU one C++ pass per row (`_fused_mapped`), on Triton one program per
     row (`_triton_mapped`), every divergence; elsewhere (and forward KL against a student whose every column is
-    matched) the sparse rows kernel, the teacher's log-probs at T_t gathered at the matched columns. With an alignment
-    it compares the groups' base rows (a divergence needs normalised rows: no merges)."""
+    matched) the sparse rows kernel: the teacher's log-probs at T_t gathered at the matched columns, its rest given.
+    With an alignment it compares the groups' base rows (a divergence needs normalised rows: no merges)."""
     vocab_map = plan.vocab_map
     grad_rows = grad.unsqueeze(0) if grad is not None else None
     if fuses_mapped(opts, plan):
@@ -193,30 +193,42 @@ def _mapped_chunk(student_logits, teacher_logits, labels, scale, grad, opts: Los
     if runs_triton_mapped(opts, student_logits.device):
         return _triton_mapped(student_logits, teacher_logits, labels, scale, grad, opts, plan)
     count, matched = student_logits.shape[0], vocab_map.matched
-    # The torch backend's sparse algebra takes the teacher's rest as 1 - sum(p) over the gathered log-probs: from
-    # float64 ones it is exact where a rest is tiny (float32 ones left it noise of ~1e-7, the reverse-KL floor's size:
-    # a row's loss moved by 0.1 between two builds of torch's CPU kernels). The native kernels take float32.
-    exact_rest = resolve_backend(opts.backend, student_logits.device, sparse=True) == "torch"
-    teacher = teacher_logits.double() if exact_rest else teacher_logits.float()
-    log_p = torch.log_softmax(teacher / plan.teacher_temperature if plan.teacher_temperature != 1.0 else teacher,
-                              dim=-1)
-    sparse = SparseOptions(**{name: getattr(opts, name) for name in LossOptions.FIELD_NAMES}, tail="bucket")
-    targets = SparseTargets(vocab_map.student_ids.expand(1, count, matched),
-                            log_p.index_select(1, vocab_map.teacher_ids).unsqueeze(0))
+    # The torch backend's algebra takes float64 log-probs, the native kernels float32 ones; either way the teacher's
+    # rest is given (tail="given"), summed over its own unmatched columns.
+    exact = resolve_backend(opts.backend, student_logits.device, sparse=True) == "torch"
+    teacher_rest = plan.rest[1] if plan.rest is not None else complement_columns(
+        vocab_map.teacher_ids, teacher_logits.shape[-1], teacher_logits.device)
+    log_p = mapped_teacher_log_probs(teacher_logits, vocab_map.teacher_ids, teacher_rest, plan.teacher_temperature,
+                                     torch.float64 if exact else torch.float32)
+    sparse = SparseOptions(**{name: getattr(opts, name) for name in LossOptions.FIELD_NAMES}, tail="given")
+    targets = SparseTargets(vocab_map.student_ids.expand(1, count, matched), log_p.unsqueeze(0))
     parts = device_rows(sparse, student_logits.device)(student_logits.unsqueeze(0), targets, labels, scale,
                                                        grad_rows, sparse)
     if matched == student_logits.shape[-1] and opts.has_kd:
-        parts[:, PART_KD] += _lone_teacher_rest_term(targets.logprobs[0], labels, opts)
+        parts[:, PART_KD] += _lone_teacher_rest_term(log_p[:, -1], labels, opts)
     return parts
 
 
-def _lone_teacher_rest_term(matched_log_p, labels, opts: LossOptions) -> torch.Tensor:
+def mapped_teacher_log_probs(teacher_logits, teacher_ids, rest_columns, temperature: float, dtype) -> torch.Tensor:
+    """[rows, K + 1]: log softmax(t / T_t) at the map's K teacher columns, then the log of the teacher's rest, summed
+    over its unmatched columns `rest_columns` (-inf: none), in `dtype`. The sparse kernels take that rest as given
+    (tail="given"): as 1 - sum(p) of float32 log-probs, which share their normaliser's rounding, it was wrong by ~1e-7
+    (measured on the C++ sparse kernel: a reverse KL whose teacher rest is 4e-6 came out 6e-3 off the float64
+    reference, 1e-4 at a rest of 2e-4)."""
+    teacher = teacher_logits.to(dtype)
+    if temperature != 1.0:
+        teacher = teacher / temperature
+    rest = torch.logsumexp(teacher.index_select(1, rest_columns), dim=-1, keepdim=True)
+    return torch.cat([teacher.index_select(1, teacher_ids), rest], dim=-1) - torch.logsumexp(teacher, -1, keepdim=True)
+
+
+def _lone_teacher_rest_term(log_rest, labels, opts: LossOptions) -> torch.Tensor:
     """The divergence's term of the teacher's rest where the student matches every column, so that its own rest is
     empty (Q_r = 0): the sparse algebra drops a rest no student bucket meets (there it is the rounding of ids that
     cover the row), but a map's teacher holds real mass off the map. A constant in the student's logits (no
     gradient): JSD(beta) -beta P_r log beta, skew forward KL -P_r log beta, TVD P_r / 2, the reverse KLs 0 (q log q
     at q = 0); forward KL is refused for such a map (infinite)."""
-    rest = (1.0 - matched_log_p.double().exp().sum(-1)).clamp(min=0.0)
+    rest = log_rest.double().exp()
     divergence, beta = opts.effective_divergence, opts.beta
     if divergence == Divergence.JSD:
         term = -beta * math.log(beta) * rest

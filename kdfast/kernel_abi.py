@@ -64,7 +64,7 @@ class PhaseCall:
 @dataclass(frozen=True)
 class SparseTargets:
     """A sparse teacher's rows, in the place of its logits: [batch, rows, K] global token ids (-1: padding) and their
-    log-probabilities, K contiguous."""
+    log-probabilities, K contiguous (K + 1 under tail="given": the rest's last)."""
 
     ids: torch.Tensor
     logprobs: torch.Tensor

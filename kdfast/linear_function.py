@@ -62,8 +62,8 @@ class LinearDistillFunction(torch.autograd.Function):
                            if opts.return_components else None)
             teacher = TeacherHeads(flattened, teacher.log_weights, teacher.combine, teacher.temperature, per_teacher)
         else:
-            k = teacher.ids.shape[-1]
-            teacher = SparseTargets(teacher.ids.reshape(-1, k), teacher.logprobs.reshape(-1, k))
+            teacher = SparseTargets(teacher.ids.reshape(-1, teacher.ids.shape[-1]),  # (K + 1 log-probs: a given rest)
+                                    teacher.logprobs.reshape(-1, teacher.logprobs.shape[-1]))
         heads = Heads(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias, teacher,
                       labels, plan.student_map, gemm_dtype(student_hidden, student_weight), plan.fp32_logits)
         wanted = Wanted(ctx.needs_input_grad[0], ctx.needs_input_grad[1],

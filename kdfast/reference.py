@@ -162,7 +162,8 @@ def linear_distill_loss_reference(student_hidden, student_weight, teacher_hidden
 def sparse_distill_loss_reference(student_logits, teacher_ids, teacher_logprobs, labels=None, *,
                                   num_items_in_batch=None, dtype: torch.dtype | None = torch.float64, **options):
     """The contract of `kdfast.sparse_distill_loss`, computed naively: the student's full softmax at T, its
-    probabilities at the teacher's ids and, for tail="bucket", its mass outside them summed over those columns."""
+    probabilities at the teacher's ids and, for tail="bucket" (or "given"), its mass outside them summed over those
+    columns."""
     from kdfast.kernel_abi import Divergence
     from kdfast.sparse_options import STUDENT_REST_FLOOR_LOG, TEACHER_REST_FLOOR, SparseOptions
 
@@ -183,8 +184,13 @@ def sparse_distill_loss_reference(student_logits, teacher_ids, teacher_logprobs,
         kd = _xlogx_ratio(log_p.exp(), log_p, log_q_ids).sum(-1)
         kd = torch.where(valid.any(-1), kd, torch.zeros_like(kd))  # no teacher ids: nothing to match
     else:
+        given = opts.tail == "given"  # the rest's log-prob after the K
+        rest_p = logprobs[..., -1:].exp() if given else None
+        if given:
+            logprobs, minus_inf = logprobs[..., :-1], minus_inf[..., :-1]
         p = torch.where(valid, logprobs.exp(), torch.zeros_like(logprobs))
-        rest_p = (1.0 - p.sum(-1, keepdim=True)).clamp_min(0.0)  # below 0: rounding
+        if not given:
+            rest_p = (1.0 - p.sum(-1, keepdim=True)).clamp_min(0.0)  # below 0: rounding
         if opts.effective_divergence == Divergence.REVERSE_KL:  # the teacher under a log's denominator
             rest_p = rest_p.clamp_min(TEACHER_REST_FLOOR)
         hits = torch.zeros(student.shape, dtype=torch.int64, device=student.device).scatter_add(-1, ids, valid.long())

@@ -28,7 +28,9 @@ def sparse_distill_loss(student_logits, teacher_ids, teacher_logprobs, labels=No
     1 - sum p, at least 1e-7 under reverse KL; none where the ids hold every column) and the student's (q at the K
     ids and its mass outside them); an id listed twice is two buckets of one column (both terms, both gradients);
     tail="renormalize" (forward KL): sum_k P_k (log P_k - log q_k), P = p / sum p, the top-k cross-entropy (with
-    log-probs log(count / n) of n samples from the teacher, the unbiased sampled estimator).
+    log-probs log(count / n) of n samples from the teacher, the unbiased sampled estimator);
+    tail="given": as "bucket", with the rest's log-probability given after each row's K (`teacher_logprobs`
+    [..., K + 1]), where the teacher can sum it exactly (1 - sum p of float32 log-probs is off by ~1e-7).
     The CE mix, T^2 scaling, ignore_index, reductions, num_items_in_batch, inplace_backward and vocab parallelism
     (the logits' last dimension a rank's shard; teacher ids global), `return_components` and `vocab_size` (ids
     must lie below it) are those of `distill_loss`.

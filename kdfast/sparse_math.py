@@ -45,8 +45,9 @@ def group_sum(values, leader) -> torch.Tensor:
 
 def teacher_buckets(ids, logprobs, opts: SparseOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """(log P at the K ids [R, K], log P of the rest [R]); -inf for padding ids and for no rest. The rest is
-    1 - sum(p) as computed (below 0: rounding, none), at least TEACHER_REST_FLOOR where the divergence puts it under
-    a logarithm's denominator (reverse KL): finite for any teacher, exact above the floor."""
+    1 - sum(p) as computed (below 0: rounding, none) or as given (tail="given": `logprobs` [R, K + 1]), at least
+    TEACHER_REST_FLOOR where the divergence puts it under a logarithm's denominator (reverse KL): finite for any
+    teacher, exact above the floor."""
     valid = ids >= 0
     minus_inf = torch.full_like(logprobs, -math.inf)
     if opts.tail == "renormalize":
@@ -54,9 +55,12 @@ def teacher_buckets(ids, logprobs, opts: SparseOptions) -> tuple[torch.Tensor, t
         total = torch.logsumexp(scaled, dim=-1, keepdim=True)
         log_p = torch.where(valid, scaled - torch.where(torch.isinf(total), torch.zeros_like(total), total), minus_inf)
         return log_p, torch.full_like(logprobs[:, 0], -math.inf)
+    if opts.tail == "given":  # the rest's log-prob last (K + 1 a row)
+        logprobs, given = logprobs[:, :-1], logprobs[:, -1]
+        minus_inf = minus_inf[:, :-1]
     log_p = torch.where(valid, logprobs, minus_inf)
     # 1 - sum(p) in float64 (K terms a row): in float32 a rest of 1e-5 would carry a relative error of 1e-2.
-    rest = 1.0 - log_p.double().exp().sum(-1)
+    rest = given.double().exp() if opts.tail == "given" else 1.0 - log_p.double().exp().sum(-1)
     if opts.effective_divergence == Divergence.REVERSE_KL:
         rest = rest.clamp_min(TEACHER_REST_FLOOR)
     log_rest = torch.where(rest > 0, rest.clamp_min(1e-300).log(), torch.full_like(rest, -math.inf))

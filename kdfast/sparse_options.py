@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from kdfast.kernel_abi import Divergence
 from kdfast.options import LossOptions, _is_number, field_names
 
-TAILS = {"bucket": 1, "renormalize": 2}  # the kernels' codes (0 is a dense teacher)
+# The kernels' codes (0 is a dense teacher). "given": the bucket algebra with the teacher's rest given as a row's
+# log-prob K (K + 1 log-probs a row), where 1 - sum(p) of float32 log-probs would cancel.
+TAILS = {"bucket": 1, "renormalize": 2, "given": 3}
 # The teacher's rest is 1 - sum(p) as computed (float64; below 0 it is rounding: none). Reverse KL puts it under a
 # logarithm's denominator, where a near-certain teacher's rest of ~0 would make the loss +inf and the gradient NaN:
 # there it counts at least this much (TRL's server loss floors it at 1 - exp(-1e-7) alike).
@@ -23,7 +25,8 @@ STUDENT_REST_FLOOR_LOG = -87.3365
 class SparseOptions(LossOptions):
     """tail="bucket": the teacher's K probabilities and its rest 1 - sum(p) against the student's probabilities at the
     K ids and its mass outside them (every divergence). tail="renormalize" (forward KL only): sum_k P_k (log P_k -
-    log q_k) with P the K probabilities renormalised, re-tempered from `teacher_temperature` to T when given."""
+    log q_k) with P the K probabilities renormalised, re-tempered from `teacher_temperature` to T when given.
+    tail="given": as "bucket", with the rest's log-probability given after the K log-probs of each row."""
 
     tail: str = "bucket"
     teacher_temperature: float | None = None

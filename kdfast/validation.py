@@ -169,8 +169,8 @@ def check_chunk_settings(softcap, chunk_size, fp32_logits=False) -> None:
 def check_sparse_targets(teacher_ids, teacher_logprobs, lead_shape: tuple, vocab: int, device, opts: LossOptions,
                          what: str, labels=None) -> None:
     """teacher_ids: integer [..., K] (one row per row of `what`, -1 = padding) within [-1, vocab);
-    teacher_logprobs: float of the same shape, on the same device, not requiring grad, log-probabilities in the rows
-    the loss keeps (`labels` not ignore_index; every row without labels)."""
+    teacher_logprobs: float of the same shape (K + 1 columns under tail="given"), on the same device, not requiring
+    grad, log-probabilities in the rows the loss keeps (`labels` not ignore_index; every row without labels)."""
     if not isinstance(teacher_ids, torch.Tensor):
         raise ValueError(f"teacher_ids must be an integer torch.Tensor of shape [..., K], got "
                          f"{type(teacher_ids).__name__}")
@@ -183,9 +183,12 @@ def check_sparse_targets(teacher_ids, teacher_logprobs, lead_shape: tuple, vocab
                          f"{tuple(lead_shape)} plus K: one row of K teacher ids per row")
     if teacher_ids.shape[-1] < 1:
         raise ValueError(f"teacher_ids must hold at least one id per row (K >= 1), got {tuple(teacher_ids.shape)}")
-    if teacher_logprobs.shape != teacher_ids.shape:
+    given = getattr(opts, "tail", None) == "given"  # the rest's log-prob after each row's K
+    expected = (*teacher_ids.shape[:-1], teacher_ids.shape[-1] + 1) if given else tuple(teacher_ids.shape)
+    if tuple(teacher_logprobs.shape) != expected:
         raise ValueError(f"teacher_logprobs shape {tuple(teacher_logprobs.shape)} must equal teacher_ids shape "
-                         f"{tuple(teacher_ids.shape)}")
+                         f"{tuple(teacher_ids.shape)}"
+                         + (" plus one column (tail='given': the rest's log-probability last)" if given else ""))
     for name, tensor in (("teacher_ids", teacher_ids), ("teacher_logprobs", teacher_logprobs)):
         if tensor.device != device:
             raise ValueError(f"{name} is on {tensor.device} but {what} are on {device}")
@@ -217,15 +220,21 @@ def _kept_rows(labels, lead_shape: tuple, opts: LossOptions):
 
 
 def _check_teacher_logprobs(teacher_ids, teacher_logprobs, tail: str, kept) -> None:
-    """At held ids of kept rows: no NaN or +inf, and (tail="bucket", whose rest is 1 - sum p) a row's mass at most 1.
-    Under tail="renormalize" the K values are normalised over the ids, so any finite scale is the same teacher."""
+    """At held ids of kept rows (and a given rest): no NaN or +inf, and (tail="bucket", whose rest is 1 - sum p, and
+    "given") a row's mass at most 1. Under tail="renormalize" the K values are normalised over the ids, so any finite
+    scale is the same teacher."""
     held = teacher_ids >= 0 if kept is None else (teacher_ids >= 0) & kept
     values = teacher_logprobs.detach()
+    rest = None
+    if tail == "given":  # the rest's log-prob last: held as the ids are
+        values, rest = values[..., :-1], values[..., -1:]
+        held = torch.cat([held, held.new_ones(rest.shape) if kept is None else kept], dim=-1)
+        values = torch.cat([values, rest], dim=-1)
     bad = held & (torch.isnan(values) | (values == math.inf))
     if bool(bad.any()):
-        raise ValueError(f"teacher_logprobs must be log-probabilities (finite, or -inf for p = 0) at every held id; "
-                         f"found {values[bad][0].item()}")
-    if tail != "bucket":
+        raise ValueError(f"teacher_logprobs must be log-probabilities (finite, or -inf for p = 0) at every held id"
+                         f"{' and the given rest' if rest is not None else ''}; found {values[bad][0].item()}")
+    if tail == "renormalize":
         return
     mass = torch.where(held, values.double().exp(), 0.0).sum(-1)
     worst = mass.max().item() if mass.numel() else 0.0

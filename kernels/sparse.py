@@ -45,6 +45,7 @@ from kdfast.sparse_math import SCORE_CONSTANT
 from kdfast.sparse_options import STUDENT_REST_FLOOR_LOG, TEACHER_REST_FLOOR
 
 RENORMALIZE = tl.constexpr(2)
+GIVEN = tl.constexpr(3)  # the rest's log-prob given, a row's log-prob K (kdfast/sparse_options.py)
 TEACHER_FLOOR = tl.constexpr(TEACHER_REST_FLOOR)
 STUDENT_FLOOR_LOG = tl.constexpr(STUDENT_REST_FLOOR_LOG)
 
@@ -228,8 +229,12 @@ def sparse_fwd_kernel(
                     log_p_rest = NEG_INF
                 else:
                     log_p = tl.where(valid, logprobs, NEG_INF)
-                    p_sum = tl.sum(tl.where(valid, tl.exp(logprobs.to(tl.float64)), 0.0), axis=0)
-                    rest_p = 1.0 - p_sum  # as computed (below 0: rounding, none), floored under reverse KL's log
+                    if TAIL == GIVEN:
+                        rest_p = tl.exp(tl.load(logprobs_ptr + batch_index * lp_stride_b + row_index * lp_stride_r
+                                                + topk).to(tl.float64))
+                    else:  # as computed (below 0: rounding, none)
+                        rest_p = 1.0 - tl.sum(tl.where(valid, tl.exp(logprobs.to(tl.float64)), 0.0), axis=0)
+                    # floored under reverse KL's log
                     if DIVERGENCE == REVERSE_KL:
                         rest_p = tl.maximum(rest_p, TEACHER_FLOOR)
                     # (a floor float32 holds as a normal number: Triton makes smaller literals float64)

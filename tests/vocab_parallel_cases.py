@@ -109,6 +109,9 @@ def sparse_case(divergence, tail, reduction, uneven):
     labels = torch.randint(0, VOCAB, (ROWS,), generator=generator)
     labels[::5] = -100
     ids, logprobs = _sparse_teacher()
+    if tail == "given":  # the rest as the teacher reports it (here half of 1 - sum(p)), after each row's K
+        rest = 0.5 * (1.0 - torch.where(ids >= 0, logprobs.double().exp(), 0.0).sum(-1, keepdim=True))
+        logprobs = torch.cat([logprobs, rest.log().float()], dim=-1)
     settings = dict(temperature=2.0, kd_weight=0.8, ce_weight=0.3, beta=0.3, divergence=divergence, tail=tail,
                     reduction=reduction)
     full = student.clone().requires_grad_(True)
@@ -323,6 +326,7 @@ def cases(world):
         listed[f"linear-sparse-{divergence}-none"] = (linear_sparse_case, (divergence, "none"))
     listed["sparse-forward_kl-renormalize-sum-equal"] = (sparse_case, ("forward_kl", "renormalize", "sum", False))
     listed["sparse-jsd-bucket-none-equal"] = (sparse_case, ("jsd", "bucket", "none", False))
+    listed["sparse-reverse_kl-given-mean-uneven"] = (sparse_case, ("reverse_kl", "given", "mean", True))
     for form in ("logits", "sparse"):
         for reduction in ("mean", "none"):
             listed[f"components-{form}-{reduction}"] = (components_case, (form, reduction))

@@ -63,8 +63,10 @@ enum FloatSetting : int {
   kFloatSettingCount = 7
 };
 
-// A sparse teacher's treatment of the mass outside its K ids (0: a dense teacher).
-enum Tail : int { kTailDense = 0, kTailBucket = 1, kTailRenormalize = 2 };
+// A sparse teacher's treatment of the mass outside its K ids (0: a dense teacher). kTailGiven: the bucket algebra
+// with the teacher's rest given, its log-probability in a row's log-prob K (the log-probs hold K + 1 per row), where
+// 1 - sum(p) of float32 log-probs would cancel (a vocabulary map's teacher, whose rest the caller sums exactly).
+enum Tail : int { kTailDense = 0, kTailBucket = 1, kTailRenormalize = 2, kTailGiven = 3 };
 // A sparse teacher's rest 1 - sum(p) under reverse KL's logarithm counts at least this much; the student's mass
 // outside the ids at least exp(this) of its row's largest tempered exp (kdfast/sparse_options.py says why).
 constexpr double kTeacherRestFloor = 1e-7;

@@ -83,7 +83,7 @@ inline PackedCall pack_common(const at::Tensor& student, const std::optional<at:
   KDFAST_CHECK(a.divergence >= kForwardKL && a.divergence <= kTVD, "unknown divergence code ",
                a.divergence);
   KDFAST_CHECK(a.phase >= kPhaseFused && a.phase <= kPhaseGradient, "unknown phase ", a.phase);
-  KDFAST_CHECK(a.tail >= kTailDense && a.tail <= kTailRenormalize, "unknown tail code ", a.tail);
+  KDFAST_CHECK(a.tail >= kTailDense && a.tail <= kTailGiven, "unknown tail code ", a.tail);
   KDFAST_CHECK(a.phase != kPhaseFused || a.col_offset == 0, "a fused call covers the whole row (col_offset 0)");
   const double temperature = floats[kSettingTemperature];
   a.beta = static_cast<float>(floats[kSettingBeta]);
@@ -171,7 +171,8 @@ inline PackedCall pack_distill_args(const at::Tensor& student, const at::Tensor&
   return call;
 }
 
-// A sparse teacher: [batch, rows, K] global token ids and their log-probabilities, K contiguous.
+// A sparse teacher: [batch, rows, K] global token ids and their log-probabilities, K contiguous (K + 1 with a given
+// rest, kTailGiven: its log-probability last).
 inline PackedCall pack_sparse_args(const at::Tensor& student, const at::Tensor& ids, const at::Tensor& logprobs,
                                    const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
                                    const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& row_stats,
@@ -185,8 +186,11 @@ inline PackedCall pack_sparse_args(const at::Tensor& student, const at::Tensor& 
   KDFAST_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 3 && ids.size(0) == a.batch &&
                   ids.size(1) == a.rows_per_batch && (ids.stride(2) == 1 || ids.size(2) == 1),
                "teacher_ids must be an int64 [batch, rows, K] view with K contiguous, got ", ids.sizes());
-  KDFAST_CHECK(logprobs.sizes() == ids.sizes() && (logprobs.stride(2) == 1 || logprobs.size(2) == 1),
-               "teacher_logprobs must be shaped like teacher_ids with K contiguous, got ", logprobs.sizes());
+  const int64_t given = a.tail == kTailGiven ? 1 : 0;
+  KDFAST_CHECK(logprobs.dim() == 3 && logprobs.size(0) == ids.size(0) && logprobs.size(1) == ids.size(1) &&
+                   logprobs.size(2) == ids.size(2) + given && (logprobs.stride(2) == 1 || logprobs.size(2) == 1),
+               "teacher_logprobs must be shaped like teacher_ids", given ? " plus one column (the given rest)" : "",
+               " with K contiguous, got ", logprobs.sizes(), " against ", ids.sizes());
   a.teacher_ids = ids.data_ptr<int64_t>();
   a.teacher_logprobs = logprobs.data_ptr();
   a.logprob_kind = scalar_kind(logprobs, "teacher_logprobs");

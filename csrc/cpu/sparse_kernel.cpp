@@ -111,8 +111,8 @@ void teacher_buckets(const DistillArgs& a, const int64_t* ids, Buckets& b) {
     b.log_p[k] = ids[k] >= 0 ? b.logprobs[k] : minus_inf;
     if (ids[k] >= 0) sum += std::exp(static_cast<double>(b.logprobs[k]));
   }
-  // As computed (below 0: rounding, none); under reverse KL's logarithm at least the floor (kernel_abi.h).
-  double rest = 1.0 - sum;
+  // As computed (below 0: rounding, none) or as given; under reverse KL's logarithm at least the floor (kernel_abi.h).
+  double rest = a.tail == kTailGiven ? std::exp(static_cast<double>(b.logprobs[k_count])) : 1.0 - sum;
   if (a.divergence == kReverseKL) rest = std::max(rest, kTeacherRestFloor);
   b.log_p[k_count] = rest > 0.0 ? static_cast<float>(std::log(rest)) : minus_inf;
 }
@@ -382,7 +382,7 @@ void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
       if (g != nullptr) zero_row(g, a.vocab);
       continue;
     }
-    for (int64_t k = 0; k < a.topk; ++k) buckets.logprobs[k] = logprob_at(a, lp, k);
+    for (int64_t k = 0; k < a.topk + (a.tail == kTailGiven ? 1 : 0); ++k) buckets.logprobs[k] = logprob_at(a, lp, k);
     const float* s = widen_row(s_raw, a.vocab, scratch.student);
     const char* next_row = nullptr;
     if (row + 1 < row_end) {

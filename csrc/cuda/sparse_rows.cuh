@@ -262,9 +262,10 @@ __global__ void __launch_bounds__(kThreads, 4) sparse_row_kernel(const Launch L)
     }
     mass = block_reduce(mass, double_scratch, Add{});
     const float log2_shift = renormalize ? (top + static_cast<float>(log(mass))) * kLog2e : 0.0f;
-    // As computed (below 0: rounding, none), floored under reverse KL's logarithm; none where no student bucket
-    // meets it (the ids cover the row: it is rounding).
-    const double rest = MODE == kModeReverseKL ? fmax(1.0 - mass, kTeacherRestFloor) : 1.0 - mass;
+    // As computed (below 0: rounding, none) or as given (kTailGiven: log-prob K), floored under reverse KL's
+    // logarithm; none where no student bucket meets it (the ids cover the row: it is rounding).
+    const double raw_rest = a.tail == kTailGiven ? exp(static_cast<double>(logprobs[k_count])) : 1.0 - mass;
+    const double rest = MODE == kModeReverseKL ? fmax(raw_rest, kTeacherRestFloor) : raw_rest;
     const float log2_p_rest =
         (renormalize || rest <= 0.0 || log2_rest == kNegInf) ? kNegInf : static_cast<float>(log2(rest));
     for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {

@@ -100,6 +100,10 @@ def sparse_options(stored_temperature, *, divergence, beta, temperature, teacher
     """The loss settings against a sparse teacher (`ce_settings`: label_smoothing, z_loss_weight). The temperature of
     the stored (or served) log-probs, when known, must be the loss's for tail="bucket", and is the default
     `teacher_temperature` of tail="renormalize" (which re-tempers)."""
+    if tail == "given":  # no cache, column or server holds a rest beside the K log-probs
+        holder = source or "a dataset's teacher columns"
+        raise ValueError(f"tail='given' needs each row's rest after its K log-probs, which {holder} does not hold: "
+                         f"use tail='bucket' (the rest 1 - sum p) or tail='renormalize'")
     if stored_temperature is not None:
         if tail == "renormalize" and teacher_temperature is None and stored_temperature != temperature:
             teacher_temperature = stored_temperature
