@@ -116,11 +116,11 @@ __attribute__((flatten)) void tempered_exps(const float* s, const float* t, cons
     store(es + j, e_s);
     accumulate(z_s_acc, e_s);
     accumulate(z_t_acc, e_t);
-    accumulate(entropy_acc, weighted(e_s, ds));
+    accumulate_weighted(entropy_acc, e_s, ds);
     // Centred on both maxima so that a constant offset between the models cannot cancel away digits.
-    if constexpr ((kSums & kSumForwardKl) != 0) accumulate(fkl_acc, weighted(e_t, dt - ds));
+    if constexpr ((kSums & kSumForwardKl) != 0) accumulate_weighted(fkl_acc, e_t, dt - ds);
     // Centred on r: c_r = 0 exactly, and c_j is a difference of logit differences.
-    if constexpr ((kSums & kSumReverseKl) != 0) accumulate(rkl_acc, weighted(e_s, ((sj - rs) - (tj - tr)) * inv_t));
+    if constexpr ((kSums & kSumReverseKl) != 0) accumulate_weighted(rkl_acc, e_s, ((sj - rs) - (tj - tr)) * inv_t);
     if constexpr ((kSums & kSumCeSquares) != 0) accumulate(z_ce_acc, e_s * e_s);  // exp(s - m) = exp((s - m) / 2)^2
   });
   if constexpr ((kSums & kNextMaxima) != 0) {
@@ -196,7 +196,7 @@ void exp_pass(const float* s, const float* t, const DistillArgs& a, Scratch& w, 
       const F e = fast_exp_centred(d);
       store(ec + j, e);
       accumulate(z_ce_acc, e);
-      if (ce_alone) accumulate(entropy_acc, weighted(e, d));
+      if (ce_alone) accumulate_weighted(entropy_acc, e, d);
     });
     sums[2] = horizontal_sum(z_ce_acc);
     if (ce_alone) sums[5] = horizontal_sum(entropy_acc);
@@ -253,7 +253,7 @@ __attribute__((flatten)) float mixture_pass(const float* s, const float* t, cons
     const F d = h - h_ref;
     store(et + j, d);
     accumulate(kd_acc, term);
-    accumulate(d_acc, weighted(q, d));
+    accumulate_weighted(d_acc, q, d);
   });
   float total_d = horizontal_sum(d_acc);
   if (st.ref_index >= 0) {  // d_r is 0 by definition, not merely up to rounding

@@ -123,8 +123,8 @@ float teacher_pass(const float* t, float top, const DistillArgs& a, float* exps,
     if constexpr (kStep == kMixAdd) store(mixed + j, load<F>(mixed + j) + load<F>(share + j) * factor);
     if constexpr (kOwn == kOwnForward || kOwn == kOwnReverse) {
       const F ds = (load<F>(student_s + j) - student_top) * inv_t;
-      if constexpr (kOwn == kOwnForward) accumulate(own_acc, weighted(e, dt - ds));
-      if constexpr (kOwn == kOwnReverse) accumulate(own_acc, weighted(load<F>(student_exps + j), ds - dt));
+      if constexpr (kOwn == kOwnForward) accumulate_weighted(own_acc, e, dt - ds);
+      if constexpr (kOwn == kOwnReverse) accumulate_weighted(own_acc, load<F>(student_exps + j), ds - dt);
     }
   });
   next_max = ahead;

@@ -94,6 +94,19 @@ inline void accumulate(LaneSum& acc, VFloat value) {
   }
 }
 inline void accumulate(LaneSum& acc, float value) { acc.lanes[0] += value; }
+// accumulate(acc, weighted(prob, x)) as one masked FMA a vector where a zero probability's lane keeps its sum (the
+// compare, a zeroing multiply and an add were three instructions).
+inline void accumulate_weighted(LaneSum& acc, VFloat prob, VFloat x) {
+  acc.lanes = prob != 0.0f ? prob * x + acc.lanes : acc.lanes;
+  if (++acc.count == kFoldEvery) {
+    acc.folded += horizontal_sum(acc.lanes);
+    acc.lanes = VFloat{};
+    acc.count = 0;
+  }
+}
+inline void accumulate_weighted(LaneSum& acc, float prob, float x) {
+  if (prob != 0.0f) acc.lanes[0] += prob * x;
+}
 inline float horizontal_sum(const LaneSum& acc) { return static_cast<float>(acc.folded + horizontal_sum(acc.lanes)); }
 
 // A row's max taken block by block (vector lanes, then the scalar tail), alone or beside another pass's work.

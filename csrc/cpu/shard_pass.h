@@ -40,25 +40,25 @@ ShardSums shard_loop(const float* s, const float* t, GradT* g, const ShardRow& r
     const F sj = load<F>(s + j);
     const F ls = (sj - r.ref_s) * r.inv_t_s;  // log q_j
     const F q = fast_exp_centred(ls);
-    if (want_entropy) accumulate(entropy_acc, weighted(q, ls));
+    if (want_entropy) accumulate_weighted(entropy_acc, q, ls);
     F grad_kd = zero;
     if constexpr (kKd != kShardNoKd) {
       const F lt = (load<F>(t + j) - r.ref_t) * inv_t;
       const F p = fast_exp_centred(lt);
       if constexpr (kKd == kShardForwardKL) {
-        accumulate(kd_acc, weighted(p, lt - ls));
+        accumulate_weighted(kd_acc, p, lt - ls);
         grad_kd = q - p;
       }
       if constexpr (kKd == kShardReverseKL) {
         const F c = ls - lt;
-        accumulate(kd_acc, weighted(q, c));
+        accumulate_weighted(kd_acc, q, c);
         grad_kd = weighted(q, c - r.total_d);
       }
       if constexpr (kKd == kShardMixture) {
         F term, h;
         mixture_term_and_score<F>(divergence, mc.beta, mc.log_beta, mc.log_1m_beta, ls, lt, q, p, term, h);
         accumulate(kd_acc, term);
-        accumulate(d_acc, weighted(q, h));
+        accumulate_weighted(d_acc, q, h);
         grad_kd = weighted(q, h - r.total_d);
       }
     }

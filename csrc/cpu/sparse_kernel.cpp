@@ -223,7 +223,7 @@ void exp_pass(const float* s, int64_t row, const DistillArgs& a, const float* gi
     const F e = fast_exp_centred(d);  // d <= 0: s is centred on its max (later phases: on T times its lse)
     store(es + j, e);
     accumulate(z_acc, e);
-    accumulate(entropy_acc, weighted(e, d));
+    accumulate_weighted(entropy_acc, e, d);
     if (want_rest) {
       constexpr int64_t kWidth = std::is_same_v<F, VFloat> ? kLanes : 1;
       if (next < held && b.sorted[next] < j + kWidth) {
