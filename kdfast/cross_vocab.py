@@ -16,6 +16,7 @@ import torch
 
 from kdfast.alignment import TokenAlignment
 from kdfast.cross_vocab_rows import CrossVocabPlan, LogitRows, cross_vocab_parts, loss_rows, unmatched_columns
+from kdfast.huge_pages import empty_gradient
 from kdfast.options import LossOptions
 from kdfast.reduction import reduced_outputs, reduction_scale, returned
 from kdfast.saved_gradient import saved_gradient_times
@@ -167,8 +168,9 @@ class CrossVocabFunction(torch.autograd.Function):
         if in_place:
             grad = student
         else:  # an alignment gathers rows and adds their gradient at them: rows of no group keep zeros
-            grad = (torch.zeros_like(student) if alignment is not None else torch.empty_like(student)) if want_grad \
-                else None
+            grad = empty_gradient(student) if want_grad else None
+            if grad is not None and alignment is not None:
+                grad.zero_()
         parts = cross_vocab_parts(LogitRows(student, grad, in_place), LogitRows(teacher), flat, scale, opts, plan,
                                   want_grad)
         if grad is not None:

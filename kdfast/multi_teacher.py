@@ -22,6 +22,7 @@ from kdfast.dispatch import (
     rows_kernel_for,
     teacher_divergences_in_kernel,
 )
+from kdfast.huge_pages import empty_gradient
 from kdfast.kernel_abi import (
     MAX_MIXED_TEACHERS,
     PART_CE,
@@ -138,7 +139,7 @@ class MultiTeacherFunction(torch.autograd.Function):
         one_call = combine == "mixture" or average_runs_as_mixture(kernel, opts.replace(vocab_size=None))
         # The average's calls each read the student: only one call can write over it.
         in_place = want_grad and opts.inplace_backward and one_call
-        grad = (student if in_place else torch.empty_like(student)) if want_grad else None
+        grad = (student if in_place else empty_gradient(student)) if want_grad else None
         call = _ChunkCall(student, flat, scale, opts.replace(vocab_size=None, inplace_backward=False), width, grad,
                           kernel)
         teacher_rows = [teacher.reshape(-1, teacher.shape[-1])[:, :width] for teacher in teachers]

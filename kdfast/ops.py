@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from kdfast.dispatch import device_rows, triton_available
+from kdfast.huge_pages import empty_gradient
 from kdfast.kernel_abi import PART_COLUMNS, SparseTargets
 from kdfast.options import LossOptions
 from kdfast.shared_vocab import shared_columns
@@ -33,7 +34,7 @@ def distill_forward(student: torch.Tensor, teacher: torch.Tensor, labels: torch.
                     grad_scale: torch.Tensor, want_grad: bool, settings: str) -> tuple[torch.Tensor, torch.Tensor]:
     """[batch, rows, vocab] views in; the rows' loss parts [batch * rows, PART_COLUMNS] float32 and the gradient (or
     an empty tensor)."""
-    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if want_grad else None
+    grad = empty_gradient(student) if want_grad else None
     loss_rows = _run(student, teacher, labels, grad_scale, grad, settings)
     if grad is None:
         grad = student.new_empty(0)
@@ -71,7 +72,7 @@ def sparse_distill_forward(student: torch.Tensor, ids: torch.Tensor, logprobs: t
                            labels: torch.Tensor | None, grad_scale: torch.Tensor, want_grad: bool,
                            settings: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A sparse teacher's distill_forward: [batch, rows, K] ids and log-probs in place of the teacher's logits."""
-    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if want_grad else None
+    grad = empty_gradient(student) if want_grad else None
     loss_rows = _run_sparse(student, ids, logprobs, labels, grad_scale, grad, settings)
     if grad is None:
         grad = student.new_empty(0)

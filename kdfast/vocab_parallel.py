@@ -17,6 +17,7 @@ import math
 import torch
 
 from kdfast.distributed import VocabShard, all_gather, all_reduce_max, all_reduce_sum
+from kdfast.huge_pages import empty_gradient
 from kdfast.kernel_abi import (
     FUSED,
     PART_CE,
@@ -119,7 +120,7 @@ class ShardedDistillFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad = student
             if not opts.inplace_backward:
-                grad = torch.empty_like(student, memory_format=torch.contiguous_format)
+                grad = empty_gradient(student)
         labels = flat_labels(labels)
         parts = sharded_rows(kernel, student, teacher, labels, scale, grad, opts, shard)
         if grad is not None:
