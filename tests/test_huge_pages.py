@@ -44,12 +44,13 @@ def _huge_kib_in(begin: int, end: int) -> int:
     """AnonHugePages of the mappings that overlap [begin, end) (/proc/self/smaps: the advice splits a mapping where
     it starts)."""
     total, overlaps = 0, False
-    for line in open("/proc/self/smaps"):
-        span = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
-        if span:
-            overlaps = int(span.group(1), 16) < end and begin < int(span.group(2), 16)
-        elif overlaps and line.startswith("AnonHugePages:"):
-            total += int(line.split()[1])
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            span = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
+            if span:
+                overlaps = int(span.group(1), 16) < end and begin < int(span.group(2), 16)
+            elif overlaps and line.startswith("AnonHugePages:"):
+                total += int(line.split()[1])
     return total
 
 
