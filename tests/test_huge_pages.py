@@ -64,3 +64,13 @@ def test_a_fresh_gradient_lies_in_huge_pages():
     (grad,) = torch.autograd.grad(kdfast.distill_loss(student, teacher, backend="cpu"), student)
     whole_pages_kib = (rows * vocab * 4 // HUGE_PAGE_BYTES - 1) * HUGE_PAGE_BYTES // 1024
     assert _huge_kib_in(grad.data_ptr(), grad.data_ptr() + rows * vocab * 4) >= whole_pages_kib
+
+
+def test_kdfast_huge_pages_0_asks_for_none(monkeypatch):
+    monkeypatch.setenv("KDFAST_HUGE_PAGES", "0")
+    huge_pages._madvise.cache_clear()
+    try:
+        assert huge_pages._madvise() is None
+    finally:
+        monkeypatch.delenv("KDFAST_HUGE_PAGES")
+        huge_pages._madvise.cache_clear()
