@@ -146,3 +146,37 @@ def test_the_trainers_refuse_a_given_rest_their_teachers_do_not_hold():
         sparse_options(1.0, tail="given", **settings)
     with pytest.raises(ValueError, match="a dataset's teacher columns does not hold"):
         sparse_options(None, tail="given", source=None, **settings)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_a_given_rest_at_its_edges(backend, divergence):
+    """Rows whose given rest is -inf (no mass off the ids; reverse KL floors it), rows of padding alone (the rest is
+    the whole teacher), and rows whose ids hold every column (no rest on either side, whatever is given): the
+    reference's values on every backend."""
+    vocab, k = 40, 40
+    generator = torch.Generator().manual_seed(10)
+    student = torch.randn(4, vocab, generator=generator) * 2
+    ids = torch.stack([torch.randperm(vocab, generator=generator)[:k] for _ in range(4)])
+    log_p = torch.log_softmax(torch.randn(4, k, generator=generator, dtype=torch.float64), dim=-1)
+    ids[0, 30:] = -1  # row 0: ten ids short, its rest given as -inf
+    log_p[0, :30] = torch.log_softmax(log_p[0, :30], dim=-1)
+    log_p[0, 30:] = -math.inf
+    ids[1, :] = -1  # row 1: padding alone, the teacher's whole mass in its rest
+    log_p[1, :] = -math.inf
+    rest = torch.tensor([[-math.inf], [0.0], [math.log(0.25)], [-math.inf]], dtype=torch.float64)
+    # rows 2 and 3 hold every column: their given rest meets no student bucket
+    labels = torch.tensor([3, 5, -100, 7])
+    with_rest = torch.cat([log_p, rest], dim=-1)
+    device = device_for(backend)
+    s = student.to(device).clone().requires_grad_()
+    loss = kdfast.sparse_distill_loss(s, ids.to(device), with_rest.float().to(device), labels.to(device), tail="given",
+                                      divergence=divergence, ce_weight=0.2, backend=backend, reduction="none")
+    loss.sum().backward()
+    s64 = student.detach().double().requires_grad_()
+    expected = sparse_distill_loss_reference(s64, ids, with_rest, labels, tail="given", divergence=divergence,
+                                             ce_weight=0.2, reduction="none")
+    expected.sum().backward()
+    assert torch.isfinite(loss).all()
+    torch.testing.assert_close(loss.detach().cpu().double(), expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.grad.cpu().double(), s64.grad, rtol=1e-4, atol=1e-6)
