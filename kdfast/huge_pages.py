@@ -8,10 +8,10 @@ request (`/sys/kernel/mm/transparent_hugepage/enabled` reads "[madvise]", the de
 for them before the buffer's first touch (madvise MADV_HUGEPAGE) faults it in 2 MiB at a time, as PyTorch's own
 `THP_MEM_ALLOC_ENABLE=1` does for every allocation; with "[always]" the kernel does so unasked, with "[never]" not at
 all, and off Linux there is nothing to ask. Measured in one process, interleaved, 2048 rows, fresh gradients, advice on
-against off: `distill_loss` 29-39 ms against 82-87, "mapped" 39-43 against 98-104, three teachers 42-55 against
-101-107 (one run of five measured the three teachers at 253 ms advised, the host's /proc/vmstat counting no
-compaction or reclaim stall). A kernel that must compact memory to find a huge page can stall the fault instead;
-`KDFAST_HUGE_PAGES=0` leaves the pages as they come.
+against off, eleven runs: `distill_loss` 26-44 ms against 82-93, "mapped" 38-54 against 98-108, three teachers
+42-76 against 101-116. A kernel that must compact memory to find a huge page stalls the fault: the run at 76 ms
+counted 1,435 compaction stalls in /proc/vmstat, and one other measured the three teachers at 253 ms advised (no
+stall counted). `KDFAST_HUGE_PAGES=0` leaves the pages as they come.
 """
 
 from __future__ import annotations
