@@ -4,7 +4,7 @@ A loss that is not computed in place returns a new [N, V] gradient each call (20
 library maps a buffer that large afresh every time and the kernel then faults it in 4 KiB at a time, zeroing each
 page: on the 2-core Zen 5 this project is measured on, `distill_loss` with a fresh gradient took 85-92 ms a call
 against 16 ms in place, most of the difference page faults. Where the kernel hands out transparent huge pages on
-request (`/sys/kernel/mm/transparent_hugepage/enabled` reads "[madvise]", the default of Ubuntu and others), asking
+request (`/sys/kernel/mm/transparent_hugepage/enabled` reads "[madvise]", as on the machines measured here), asking
 for them before the buffer's first touch (madvise MADV_HUGEPAGE) faults it in 2 MiB at a time, as PyTorch's own
 `THP_MEM_ALLOC_ENABLE=1` does for every allocation; with "[always]" the kernel does so unasked, with "[never]" not at
 all, and off Linux there is nothing to ask. Measured in one process, interleaved, 2048 rows, fresh gradients, advice on
