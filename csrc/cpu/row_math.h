@@ -85,24 +85,24 @@ struct LaneSum {
   double folded = 0.0;
   int count = 0;
 };
-inline void accumulate(LaneSum& acc, VFloat value) {
-  acc.lanes += value;
+// Every kFoldEvery vectors the float lanes are summed into the double.
+inline void count_and_fold(LaneSum& acc) {
   if (++acc.count == kFoldEvery) {
     acc.folded += horizontal_sum(acc.lanes);
     acc.lanes = VFloat{};
     acc.count = 0;
   }
 }
+inline void accumulate(LaneSum& acc, VFloat value) {
+  acc.lanes += value;
+  count_and_fold(acc);
+}
 inline void accumulate(LaneSum& acc, float value) { acc.lanes[0] += value; }
 // accumulate(acc, weighted(prob, x)) as one masked FMA a vector where a zero probability's lane keeps its sum (the
 // compare, a zeroing multiply and an add were three instructions).
 inline void accumulate_weighted(LaneSum& acc, VFloat prob, VFloat x) {
   acc.lanes = prob != 0.0f ? prob * x + acc.lanes : acc.lanes;
-  if (++acc.count == kFoldEvery) {
-    acc.folded += horizontal_sum(acc.lanes);
-    acc.lanes = VFloat{};
-    acc.count = 0;
-  }
+  count_and_fold(acc);
 }
 inline void accumulate_weighted(LaneSum& acc, float prob, float x) {
   if (prob != 0.0f) acc.lanes[0] += prob * x;
