@@ -8,8 +8,8 @@ request (`/sys/kernel/mm/transparent_hugepage/enabled` reads "[madvise]", as on 
 for them before the buffer's first touch (madvise MADV_HUGEPAGE) faults it in 2 MiB at a time, as PyTorch's own
 `THP_MEM_ALLOC_ENABLE=1` does for every allocation; with "[always]" the kernel does so unasked, with "[never]" not at
 all, and off Linux there is nothing to ask. Measured in one process, interleaved, 2048 rows, fresh gradients, advice on
-against off, eleven runs: `distill_loss` 26-44 ms against 82-93, "mapped" 38-54 against 98-108, three teachers
-42-76 against 101-116. A kernel that must compact memory to find a huge page stalls the fault: the run at 76 ms
+against off: `distill_loss` 26-44 ms against 82-93 and "mapped" 38-54 against 98-108 (eight runs), three teachers
+42-76 against 101-116 (eleven). A kernel that must compact memory to find a huge page stalls the fault: the run at 76 ms
 counted 1,435 compaction stalls in /proc/vmstat, and one other measured the three teachers at 253 ms advised (no
 stall counted). `KDFAST_HUGE_PAGES=0` leaves the pages as they come.
 """
