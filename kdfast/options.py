@@ -15,6 +15,7 @@ from kdfast.kernel_abi import Divergence
 DIVERGENCES = {d.setting: d for d in Divergence}
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
+FLOAT32_TINY = 2.0**-126  # float32's smallest normal number
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,14 @@ class LossOptions:
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
         if not (_is_number(self.beta) and 0.0 <= self.beta <= 1.0):
             raise ValueError(f"beta must be a number in [0, 1], got {self.beta!r}")
+        if 0.0 < self.beta < FLOAT32_TINY and self.divergence in ("skew_forward_kl", "skew_reverse_kl"):
+            # A skew's scores reach 1 / beta (p / m <= 1 / beta), which overflows float32 below its smallest normal:
+            # the gradient came out NaN at beta = 1e-40. (JSD's scores have no 1 / beta.)
+            raise ValueError(f"beta must be 0 or at least {FLOAT32_TINY:.4g} (float32's smallest normal number) for "
+                             f"divergence={self.divergence!r}, got {self.beta!r}")
+        if self.beta == 1.0 and self.divergence in ("skew_forward_kl", "skew_reverse_kl"):
+            raise ValueError(f"beta must be below 1 for divergence={self.divergence!r}: at beta = 1 the mixture is the "
+                             f"distribution it is compared with, so the loss is 0 whatever the student")
         for name in ("kd_weight", "ce_weight", "z_loss_weight"):
             value = getattr(self, name)
             if not (_is_number(value) and math.isfinite(value)):
