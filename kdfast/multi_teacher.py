@@ -239,6 +239,8 @@ def _average_chunk(call: _ChunkCall, span: slice, teachers: list, log_weights, o
     weights = log_weights[span].exp()
     parts = torch.zeros(span.stop - span.start, PART_COLUMNS, device=weights.device)
     has_ce = opts.needs_labels or opts.z_loss_weight != 0.0
+    if not opts.has_kd and not has_ce:  # no term: one call writes the zero gradient and the student's parts
+        return call.run(span, teachers[0][span], call.opts)
     folded = shares is not None and min(shares) > 0.0
     carrier = max(range(len(shares)), key=shares.__getitem__) if has_ce and folded and opts.has_kd else None
     if opts.has_kd:

@@ -60,9 +60,11 @@ def divergence_of(log_p, log_q, divergence: str, beta: float):
 
 def _trl_convention(divergence: str, beta: float) -> str:
     """TRL's generalized JSD at its ends: beta = 0 is forward KL and beta = 1 reverse KL (the mixture formula
-    alone would give 0 there)."""
+    alone would give 0 there); the skews at beta = 0 are the plain KLs (as LossOptions.effective_divergence)."""
     if divergence == "jsd" and beta in (0.0, 1.0):
         return "forward_kl" if beta == 0.0 else "reverse_kl"
+    if beta == 0.0 and divergence in ("skew_forward_kl", "skew_reverse_kl"):
+        return divergence.removeprefix("skew_")
     return divergence
 
 
@@ -274,6 +276,28 @@ def multi_teacher_distill_loss_reference(student_logits, teacher_logits, labels=
     return _reduced_reference(student_logits, kd, labels, opts, num_items_in_batch)
 
 
+def _mapped_buckets(log_probs, ids, teacher_floor: bool, student_logits=None):
+    """[..., K + 1]: the log-probs at the map's ids, then the rest's log-mass as a log-sum-exp of the columns off the
+    map (not 1 - sum, which is 0 below ~1e-16): -inf where every column is matched; the teacher's at least
+    TEACHER_REST_FLOOR under reverse KL's logarithm, the student's (given its tempered logits) at least
+    STUDENT_REST_FLOOR_LOG below its largest log-prob, as `sparse_distill_loss_reference` floors them."""
+    from kdfast.sparse_options import STUDENT_REST_FLOOR_LOG, TEACHER_REST_FLOOR
+
+    picked = log_probs[..., ids]
+    off_map = torch.ones(log_probs.shape[-1], dtype=torch.bool, device=log_probs.device)
+    off_map[ids] = False
+    rest = torch.full_like(picked[..., :1], -math.inf)
+    if bool(off_map.any()):  # -inf columns read as -1e4 (exp 0 in float64): a rest of them alone has gradient 0
+        rest_columns = log_probs[..., off_map]
+        rest = torch.where(torch.isinf(rest_columns), -1e4, rest_columns).logsumexp(-1, keepdim=True)
+    if teacher_floor:  # (also an empty rest: against a student's real one; none meets a student's empty one)
+        rest = rest.clamp_min(math.log(TEACHER_REST_FLOOR))
+    if student_logits is not None and bool(off_map.any()):  # e^-87.3 of the largest probability (its derivative too)
+        largest = student_logits.max(-1, keepdim=True).values
+        rest = torch.maximum(rest, STUDENT_REST_FLOOR_LOG + largest - student_logits.logsumexp(-1, keepdim=True))
+    return torch.cat([picked, rest], dim=-1)
+
+
 def cross_vocab_distill_loss_reference(student_logits, teacher_logits, labels=None, *, vocab_map, method="hybrid",
                                        matched_weight=None, unmatched_weight=None, student_temperature=None,
                                        teacher_temperature=None, num_items_in_batch=None,
@@ -294,14 +318,8 @@ def cross_vocab_distill_loss_reference(student_logits, teacher_logits, labels=No
     s_ids, t_ids = vocab_map.student_ids, vocab_map.teacher_ids
     divergence = _trl_convention(opts.divergence, opts.beta)
     if method == "mapped":
-        def buckets(log_probs, ids):
-            picked = log_probs[..., ids]
-            if ids.numel() == log_probs.shape[-1]:  # every column matched: the rest is empty, not 1 - sum's rounding
-                return torch.cat([picked, torch.full_like(picked[..., :1], -math.inf)], dim=-1)
-            rest = torch.log1p(-picked.exp().sum(-1, keepdim=True).clamp(max=1.0))
-            return torch.cat([picked, rest], dim=-1)
-
-        kd = divergence_of(buckets(log_p, t_ids), buckets(log_q, s_ids), divergence, opts.beta)
+        kd = divergence_of(_mapped_buckets(log_p, t_ids, divergence == "reverse_kl"),
+                           _mapped_buckets(log_q, s_ids, False, student_logits / t_s), divergence, opts.beta)
     elif method == "uld":
         kd = sorted_l1(log_q.exp(), log_p.exp())
     else:

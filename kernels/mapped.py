@@ -38,7 +38,7 @@ from kdfast.kernels.distill import (
     launch_config,
 )
 from kdfast.kernels.divergence_terms import weighted
-from kdfast.kernels.sparse import STUDENT_FLOOR_LOG, TEACHER_FLOOR, _scores
+from kdfast.kernels.sparse import SMALLEST_NORMAL, STUDENT_FLOOR_LOG, TEACHER_FLOOR, _scores
 
 
 @triton.jit
@@ -117,7 +117,7 @@ def mapped_fwd_kernel(
             rest_p = tl.sum(rest_t, axis=0) / total_t
             if DIVERGENCE == REVERSE_KL:
                 rest_p = tl.maximum(rest_p, TEACHER_FLOOR)
-            log_p_rest = tl.where(rest_p > 0.0, tl.log(tl.maximum(rest_p, 1e-30)), NEG_INF)
+            log_p_rest = tl.where(rest_p > 0.0, tl.log(tl.maximum(rest_p, SMALLEST_NORMAL)), NEG_INF)
         # ---- pass S: the student at T (at T = 1 without KD) ----
         m = NEG_INF
         m_matched = NEG_INF  # the largest matched logit and its first column
@@ -163,7 +163,7 @@ def mapped_fwd_kernel(
         log_rest = NEG_INF  # log Q_r, floored as the sparse kernel floors it
         if HAS_KD and not COVERED:
             rest_sum = tl.sum(z_rest, axis=0)
-            log_rest = tl.maximum(tl.where(rest_sum > 0.0, tl.log(tl.maximum(rest_sum, 1e-30)), NEG_INF),
+            log_rest = tl.maximum(tl.where(rest_sum > 0.0, tl.log(tl.maximum(rest_sum, SMALLEST_NORMAL)), NEG_INF),
                                   STUDENT_FLOOR_LOG) - log_z
         # ---- pass B: the buckets ----
         kd = 0.0

@@ -48,6 +48,10 @@ RENORMALIZE = tl.constexpr(2)
 GIVEN = tl.constexpr(3)  # the rest's log-prob given, a row's log-prob K (kdfast/sparse_options.py)
 TEACHER_FLOOR = tl.constexpr(TEACHER_REST_FLOOR)
 STUDENT_FLOOR_LOG = tl.constexpr(STUDENT_REST_FLOOR_LOG)
+# float32's smallest normal number (2^-126, the least literal Triton keeps float32): a sum's log is taken at least
+# here, not at 1e-30, which raised a student's rest between e^-87.3 and e^-69 of its largest probability to e^-69
+# (up to 18 nats of log Q_r under forward KL).
+SMALLEST_NORMAL = tl.constexpr(1.1754943508222875e-38)
 
 
 @triton.jit
@@ -60,6 +64,33 @@ def _scores(log_q, log_p, beta, log_beta, log_1m_beta, DIVERGENCE: tl.constexpr)
         terms, h = mixture_term_and_score(log_q, log_p, tl.exp(log_q), tl.exp(log_p), beta, log_beta, log_1m_beta,
                                            DIVERGENCE)
     return terms, h
+
+
+# A rest below this share of the row's float64 sum is summed again over its own columns: total - (the exps at the
+# ids) keeps ~1e-16 of the total, so a rest of 1e-16 cancelled to nothing and one of 1e-10 kept 4 digits.
+EXACT_REST_BELOW = tl.constexpr(2.0**-24)
+EXACT_COLUMNS = tl.constexpr(32)  # columns per step of that pass: a [32, BLOCK_K] comparison with the ids
+
+
+@triton.jit
+def _outside_log_sum_exp(s_row, vocab, local_ids, first, ref, inv_t):
+    """log sum exp((s_j - ref) / T) over the columns no id holds (-inf: none), against their own max so that no exp
+    underflows first; each column compared with the K ids (the rare row whose rest cancels in the main pass)."""
+    offsets = tl.arange(0, EXACT_COLUMNS)
+    top = float("-inf")
+    for start in range(0, vocab, EXACT_COLUMNS):
+        cols = start + offsets
+        held = tl.sum(tl.where((cols[:, None] == local_ids[None, :]) & first[None, :], 1, 0), axis=1) > 0
+        s = tl.where(held, float("-inf"), tl.load(s_row + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32))
+        top = tl.maximum(top, tl.max(s, axis=0))
+    total = tl.zeros([EXACT_COLUMNS], dtype=tl.float32)
+    if top > float("-inf"):
+        for start in range(0, vocab, EXACT_COLUMNS):
+            cols = start + offsets
+            held = tl.sum(tl.where((cols[:, None] == local_ids[None, :]) & first[None, :], 1, 0), axis=1) > 0
+            s = tl.load(s_row + cols, mask=(cols < vocab) & (held == 0), other=float("-inf")).to(tl.float32)
+            total += tl.exp((s - top) * inv_t)
+    return (top - ref) * inv_t + tl.log(tl.sum(total, axis=0))
 
 
 @triton.jit
@@ -174,7 +205,9 @@ def sparse_fwd_kernel(
             if HAS_KD:
                 at_ids = tl.sum(tl.where(first, tl.exp((s_ids - ref) * inv_t), 0.0).to(tl.float64), axis=0)
                 outside = (total - at_ids).to(tl.float32)  # <= 0 only by rounding where the ids hold ~everything
-                log_rest = tl.where(outside > 0.0, tl.log(tl.maximum(outside, 1e-30)), NEG_INF)
+                log_rest = tl.where(outside > 0.0, tl.log(tl.maximum(outside, SMALLEST_NORMAL)), NEG_INF)
+                if (outside < total.to(tl.float32) * EXACT_REST_BELOW) & (covered == 0):
+                    log_rest = _outside_log_sum_exp(s_row, vocab, local_ids, first, ref, inv_t)
                 # none where the ids cover the row, else at least the floor (sparse_options.py)
                 log_rest = tl.where(covered, NEG_INF, tl.maximum(log_rest, STUDENT_FLOOR_LOG))
         else:
@@ -237,8 +270,9 @@ def sparse_fwd_kernel(
                     # floored under reverse KL's log
                     if DIVERGENCE == REVERSE_KL:
                         rest_p = tl.maximum(rest_p, TEACHER_FLOOR)
-                    # (a floor float32 holds as a normal number: Triton makes smaller literals float64)
-                    log_p_rest = tl.where(rest_p > 0.0, tl.log(tl.maximum(rest_p.to(tl.float32), 1e-30)), NEG_INF)
+                    # (the smallest normal: Triton makes smaller literals float64)
+                    log_p_rest = tl.where(rest_p > 0.0, tl.log(tl.maximum(rest_p.to(tl.float32), SMALLEST_NORMAL)),
+                                          NEG_INF)
                 # A teacher's rest meets no student bucket where the ids cover the row: rounding, none.
                 log_p_rest = tl.where(log_rest == NEG_INF, NEG_INF, log_p_rest)
                 log_q = tl.where(held, (s_ids - ref) * inv_t - log_z, NEG_INF)

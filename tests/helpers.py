@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 import kdfast
@@ -9,6 +11,29 @@ from kdfast.reference import distill_loss_reference, sparse_distill_loss_referen
 
 # Tolerances per input dtype: the kernels accumulate in fp32; 16-bit inputs round the gradient on store.
 TOLERANCES = {torch.float32: (2e-5, 1e-5), torch.bfloat16: (2e-2, 1e-2), torch.float16: (5e-3, 2e-3)}
+
+
+def property_examples(default: int) -> int:
+    """Hypothesis examples per property test: `default` in CI (derandomised, repeatable), more where
+    KDFAST_PROPERTY_EXAMPLES asks for a wider search."""
+    return int(os.environ.get("KDFAST_PROPERTY_EXAMPLES", default))
+
+
+def skew_beta_refused(divergence: str, beta: float) -> bool:
+    """The betas kdfast refuses for a skew (kdfast/options.py): 1 (a loss of 0), and below float32's smallest normal."""
+    from kdfast.options import FLOAT32_TINY
+
+    return divergence.startswith("skew") and (beta == 1.0 or 0.0 < beta < FLOAT32_TINY)
+
+
+def floors_the_students_rest(student, ids, temperature) -> bool:
+    """Whether some row's mass off the ids is below e^-87.3 of its largest probability (the sparse algebra's floor)."""
+    from kdfast.sparse_options import STUDENT_REST_FLOOR_LOG
+
+    scaled = student.double() / temperature
+    held = torch.zeros(scaled.shape, dtype=torch.int64).scatter_add(-1, ids.clamp_min(0), (ids >= 0).long()) > 0
+    outside = scaled.masked_fill(held, -float("inf")).logsumexp(-1) - scaled.max(-1).values
+    return bool(((outside < STUDENT_REST_FLOOR_LOG) & ~held.all(-1)).any())
 
 
 def make_logits(shape, dtype, scale=3.0, seed=0, device="cpu"):

@@ -31,16 +31,6 @@ float row_log_sum_exp(const float* x, int64_t width, float scale) {
   return static_cast<float>(top + std::log(sum));
 }
 
-// log sum exp(x[columns] * scale) - shift, by gathers.
-float gathered_log_sum_exp(const float* x, const int64_t* columns, int64_t count, float scale, float shift) {
-  float top = -INFINITY;
-  for (int64_t k = 0; k < count; ++k) top = std::max(top, x[columns[k]] * scale - shift);
-  if (top == -INFINITY) return top;
-  double sum = 0.0;
-  for (int64_t k = 0; k < count; ++k) sum += fast_exp(x[columns[k]] * scale - shift - top);
-  return static_cast<float>(top + std::log(sum));
-}
-
 // Columns of the paired-up sums and gathers: float lanes for at most this many vectors, then a double.
 constexpr int64_t kFlushEvery = 32;
 
@@ -326,12 +316,12 @@ void mapped_rows_cpu(const MappedArgs& a, int64_t begin, int64_t end) {
     const float lse = static_cast<float>(top + std::log(sum));
     if (std::isnan(e_x_sum)) e_x_sum = guarded_e_x_sum(student_exp.data(), z, width, inv_student, top, nullptr);
     parts[4] = static_cast<float>(std::log(sum) - e_x_sum / sum);
-    // A student rest below exp(-87) of its largest probability underflows the masked sum: gathered then, exactly;
-    // a rest of -inf logits alone counts exp(-87) of it, as the sparse algebra floors it (forward KL stays finite).
-    float student_rest_lse = rest > 0.0 ? static_cast<float>(top + std::log(rest))
-                                        : gathered_log_sum_exp(z, m.rest_student, m.rest_student_count, inv_student,
-                                                               0.0f);
-    if (student_rest_lse == -INFINITY && m.rest_student_count > 0) student_rest_lse = top + kStudentRestFloorLog;
+    // A student rest below exp(-87.3) of its largest probability underflows the masked sum (fast_exp_centred is 0
+    // below): it counts that much, as the sparse algebra floors it on every backend, so that forward KL stays finite.
+    // The floor is relative to the largest logit, a constant: the rest's columns get no target then.
+    const bool rest_floored = rest == 0.0 && m.rest_student_count > 0;
+    const float student_rest_lse = rest > 0.0 ? static_cast<float>(top + std::log(rest))
+                                   : rest_floored ? top + kStudentRestFloorLog : -INFINITY;
     const float lse_one = tempered ? row_log_sum_exp(z, width, 1.0f) : lse;
     if (label >= 0) {
       parts[1] = lse_one - z[label];
@@ -412,11 +402,11 @@ void mapped_rows_cpu(const MappedArgs& a, int64_t begin, int64_t end) {
     }
     const float kd = a.grad_scale * a.kd_scale * inv_student, ce = a.grad_scale * a.ce_weight;
     // An unmatched column's target P_r q_j / Q_r is q_j times the ratio while the ratio is moderate; past e^20 it is
-    // exp(x_j + spread) (the ratio overflows when Q_r underflows, and q_j flushes to 0 first where the target may
-    // not). A teacher rest of 0 is ratio 0.
+    // exp(x_j + spread) (the ratio overflows where Q_r is tiny, and q_j flushes to 0 first where the target may
+    // not). A teacher rest of 0 is ratio 0, and so is a floored student rest (its columns' q_j are 0 too).
     const double log_ratio = static_cast<double>(log_rest) - log_student_rest;
-    const bool by_ratio = log_ratio < 20.0;
-    const float ratio = by_ratio ? static_cast<float>(std::exp(log_ratio)) : 0.0f;
+    const bool by_ratio = rest_floored || log_ratio < 20.0;
+    const float ratio = by_ratio && !rest_floored ? static_cast<float>(std::exp(log_ratio)) : 0.0f;
     const float spread = log_rest - student_rest_lse;
     const bool has_ce = label >= 0 && ce != 0.0f;
     // One pass writes every column's gradient: a matched column's target is the teacher's P_k (gathered from the

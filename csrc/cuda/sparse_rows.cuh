@@ -93,6 +93,45 @@ __device__ __forceinline__ void bucket_scores(const Launch& L, int mode, float l
   mixture_terms(L.a.divergence, L.a.beta, L.log2_beta, L.log2_1m_beta, lq, lp, fast_exp2(lq), fast_exp2(lp), term, h);
 }
 
+// A rest below this share of the row's float64 sum is summed again over its own columns: total - (the exps at the
+// ids) keeps ~1e-16 of the total, so a rest of 1e-16 cancelled to nothing and one of 1e-10 kept 4 digits.
+constexpr float kExactRestBelow = 0x1p-24f;
+
+// log2 of sum 2^((s_j - ref) k) over the columns no id holds (-inf: none), against their own max so that no exp
+// underflows first: the rare row whose rest cancels in pass 1. Each column is looked up among the ids (a binary
+// search where the held ids ascend, else a scan of the K); called by every thread of the block.
+template <typename S>
+__device__ float outside_log2_sum(const RowPointers<S, S>& p, const IdArrays& sh, int64_t k_count, bool ascend,
+                                  int64_t vocab, float ref, float k, float* scratch) {
+  const auto held = [&](int64_t j) {
+    const float column = static_cast<float>(j);
+    if (ascend) {  // held columns first, ascending; padding and other shards' ids (-1) after them
+      int64_t lo = 0, hi = k_count;
+      while (lo < hi) {
+        const int64_t mid = (lo + hi) / 2;
+        const float c = sh.column[mid];
+        if (c >= 0.0f && c < column) lo = mid + 1; else hi = mid;
+      }
+      return lo < k_count && sh.column[lo] == column;
+    }
+    for (int64_t e = 0; e < k_count; ++e) {
+      if (sh.column[e] == column) return true;
+    }
+    return false;
+  };
+  float top = kNegInf;
+  for (int64_t j = threadIdx.x; j < vocab; j += kThreads) {
+    if (!held(j)) top = fmaxf(top, load1(p.s + j));
+  }
+  top = block_reduce(top, scratch, Max{});
+  if (top == kNegInf) return kNegInf;
+  float sum = 0.0f;
+  for (int64_t j = threadIdx.x; j < vocab; j += kThreads) {
+    if (!held(j)) sum += fast_exp2((load1(p.s + j) - top) * k);
+  }
+  return (top - ref) * k + log2f(block_reduce(sum, scratch, Add{}));
+}
+
 // At most 64 registers (4 blocks of 256 threads a multiprocessor): left to itself ptxas trades this kernel's
 // registers for occupancy by spilling.
 template <typename S, int MODE>
@@ -199,7 +238,11 @@ __global__ void __launch_bounds__(kThreads, 4) sparse_row_kernel(const Launch L)
       }
       // <= 0 only by rounding where the ids hold ~everything; none where they cover the row, else floored
       const float outside = static_cast<float>(total - block_reduce(at_ids, double_scratch, Add{}));
-      const float log2_outside = fmaxf(outside > 0.0f ? log2f(outside) : kNegInf, kStudentRestFloorLog * kLog2e);
+      float log2_outside = outside > 0.0f ? log2f(outside) : kNegInf;
+      if (!covered && outside < static_cast<float>(total) * kExactRestBelow) {  // the same on every thread
+        log2_outside = outside_log2_sum(p, sh, k_count, ids_ascend != 0, a.vocab, ref, L.k, float_scratch);
+      }
+      log2_outside = fmaxf(log2_outside, kStudentRestFloorLog * kLog2e);
       log2_rest = covered ? kNegInf : log2_outside - log2_z;
     }
   } else {
