@@ -199,9 +199,8 @@ def sparse_distill_loss_reference(student_logits, teacher_ids, teacher_logprobs,
         outside = hits == 0  # True off the ids (padding ids all point at column 0: counted, not scattered)
         covered = ~outside.any(-1, keepdim=True)
         rest_q = (log_q.exp() * outside).sum(-1, keepdim=True)
-        # The student's rest at least exp(-87.3365) of its largest probability (float32's exps vanish below).
-        floor = (STUDENT_REST_FLOOR_LOG + log_q.max(-1, keepdim=True).values).exp()
-        rest_q = torch.where(rest_q < floor, floor, rest_q)
+        # The student's rest at least exp(-87.3365), float32's smallest normal, as a constant (its exps vanish below).
+        rest_q = rest_q.clamp_min(math.exp(STUDENT_REST_FLOOR_LOG))
         # Ids that cover the row leave no rest on either side (the teacher's is then rounding); log 0 = -inf without
         # a NaN gradient.
         rest_p = torch.where(covered, torch.zeros_like(rest_p), rest_p)
@@ -276,11 +275,11 @@ def multi_teacher_distill_loss_reference(student_logits, teacher_logits, labels=
     return _reduced_reference(student_logits, kd, labels, opts, num_items_in_batch)
 
 
-def _mapped_buckets(log_probs, ids, teacher_floor: bool, student_logits=None):
+def _mapped_buckets(log_probs, ids, teacher_floor: bool, student: bool):
     """[..., K + 1]: the log-probs at the map's ids, then the rest's log-mass as a log-sum-exp of the columns off the
     map (not 1 - sum, which is 0 below ~1e-16): -inf where every column is matched; the teacher's at least
-    TEACHER_REST_FLOOR under reverse KL's logarithm, the student's (given its tempered logits) at least
-    STUDENT_REST_FLOOR_LOG below its largest log-prob, as `sparse_distill_loss_reference` floors them."""
+    TEACHER_REST_FLOOR under reverse KL's logarithm, the student's at least exp(STUDENT_REST_FLOOR_LOG), as
+    `sparse_distill_loss_reference` floors them."""
     from kdfast.sparse_options import STUDENT_REST_FLOOR_LOG, TEACHER_REST_FLOOR
 
     picked = log_probs[..., ids]
@@ -292,9 +291,8 @@ def _mapped_buckets(log_probs, ids, teacher_floor: bool, student_logits=None):
         rest = torch.where(torch.isinf(rest_columns), -1e4, rest_columns).logsumexp(-1, keepdim=True)
     if teacher_floor:  # (also an empty rest: against a student's real one; none meets a student's empty one)
         rest = rest.clamp_min(math.log(TEACHER_REST_FLOOR))
-    if student_logits is not None and bool(off_map.any()):  # e^-87.3 of the largest probability (its derivative too)
-        largest = student_logits.max(-1, keepdim=True).values
-        rest = torch.maximum(rest, STUDENT_REST_FLOOR_LOG + largest - student_logits.logsumexp(-1, keepdim=True))
+    if student and bool(off_map.any()):
+        rest = rest.clamp_min(STUDENT_REST_FLOOR_LOG)
     return torch.cat([picked, rest], dim=-1)
 
 
@@ -318,8 +316,8 @@ def cross_vocab_distill_loss_reference(student_logits, teacher_logits, labels=No
     s_ids, t_ids = vocab_map.student_ids, vocab_map.teacher_ids
     divergence = _trl_convention(opts.divergence, opts.beta)
     if method == "mapped":
-        kd = divergence_of(_mapped_buckets(log_p, t_ids, divergence == "reverse_kl"),
-                           _mapped_buckets(log_q, s_ids, False, student_logits / t_s), divergence, opts.beta)
+        kd = divergence_of(_mapped_buckets(log_p, t_ids, divergence == "reverse_kl", False),
+                           _mapped_buckets(log_q, s_ids, False, True), divergence, opts.beta)
     elif method == "uld":
         kd = sorted_l1(log_q.exp(), log_p.exp())
     else:

@@ -70,9 +70,16 @@ def teacher_buckets(ids, logprobs, opts: SparseOptions) -> tuple[torch.Tensor, t
 def student_rest(log_sum_outside, covered) -> torch.Tensor:
     """log of the student's mass outside the ids, relative to the row's reference (log sum exp((s - ref) / T) over
     those columns): -inf where the ids cover every column, else at least STUDENT_REST_FLOOR_LOG, below which float32
-    exps vanish (so a student whose outside mass underflows still meets a teacher's rest with a finite loss)."""
+    exps vanish (a shard's report, as the kernels' STATS phase gives it; `floored_rest` floors the row's rest)."""
     floored = log_sum_outside.clamp_min(STUDENT_REST_FLOOR_LOG)
     return torch.where(covered, torch.full_like(floored, -math.inf), floored)
+
+
+def floored_rest(log_q_rest) -> torch.Tensor:
+    """log Q_rest, the student's mass outside the ids as a probability, at least STUDENT_REST_FLOOR_LOG (float32's
+    smallest normal): a constant there, so that forward KL against a teacher's rest stays finite where the student's
+    exps underflow; -inf (the ids cover every column) stays -inf."""
+    return torch.where(log_q_rest == -math.inf, log_q_rest, log_q_rest.clamp_min(STUDENT_REST_FLOOR_LOG))
 
 
 def bucket_parts(log_q, log_p, counted, leader, opts: SparseOptions, centre: bool):
@@ -115,10 +122,13 @@ def bucket_gradient(log_q, log_p, column_scores, row_sum, leader, opts: SparseOp
     if opts.effective_divergence == Divergence.FORWARD_KL:
         # d/da_j = q_j sum(P) - q_j sum_b(P_b / Q_b at j): sum(P) is 1, but for a renormalised row with no ids (0).
         p_rest = torch.where(log_q[:, -1] == -math.inf, 0.0, p[:, -1])  # a rest with no student bucket: none
-        total = p[:, :-1].sum(-1) + p_rest
+        # A floored rest is a constant: its term -P_r log Q_r moves no logit (neither through Q_r nor through the
+        # normaliser), so P_r leaves sum(P) and the rest's columns get no target.
+        floored = log_q[:, -1] <= STUDENT_REST_FLOOR_LOG
+        total = p[:, :-1].sum(-1) + torch.where(floored, 0.0, p_rest)
         rest_q = q[:, -1]
         safe = torch.where(rest_q > 0, rest_q, torch.ones_like(rest_q))
-        rest_factor = total - torch.where(rest_q > 0, p_rest / safe, torch.zeros_like(rest_q))
+        rest_factor = total - torch.where((rest_q > 0) & ~floored, p_rest / safe, torch.zeros_like(rest_q))
         return q[:, :-1] * total[:, None] - group_sum(p[:, :-1], leader), rest_factor
     # No column outside the ids (Q_rest = 0): nothing takes the rest's factor, whose score is then undefined.
     rest_factor = torch.where(q[:, -1] > 0, column_scores[:, -1] - row_sum, torch.zeros_like(row_sum))

@@ -16,8 +16,9 @@ TAILS = {"bucket": 1, "renormalize": 2, "given": 3}
 # there it counts at least this much (TRL's server loss floors it at 1 - exp(-1e-7) alike).
 TEACHER_REST_FLOOR = 1e-7
 # The student's mass outside the ids is summed from float32 exps relative to the row's largest logit, which vanish
-# below exp(-87.3365) (the smallest normal float32): its log counts at least that much where some column lies outside
-# the ids, so that forward KL against a teacher's rest stays finite. Where the ids cover the row it is none.
+# below exp(-87.3365) (the smallest normal float32): as a probability it counts at least that much where some column
+# lies outside the ids (sparse_math.floored_rest), so that forward KL against a teacher's rest stays finite. Where
+# the ids cover the row it is none.
 STUDENT_REST_FLOOR_LOG = -87.3365
 
 

@@ -160,11 +160,13 @@ def mapped_fwd_kernel(
         q_log_q = 0.0
         if ENTROPY and not WRITE_GRAD:
             q_log_q = tl.sum(e_log_e, axis=0) / total - log_z
-        log_rest = NEG_INF  # log Q_r, floored as the sparse kernel floors it
+        log_rest = NEG_INF  # log Q_r, floored as the sparse kernel floors it (a constant there)
+        floored = False
         if HAS_KD and not COVERED:
             rest_sum = tl.sum(z_rest, axis=0)
-            log_rest = tl.maximum(tl.where(rest_sum > 0.0, tl.log(tl.maximum(rest_sum, SMALLEST_NORMAL)), NEG_INF),
-                                  STUDENT_FLOOR_LOG) - log_z
+            log_rest = tl.where(rest_sum > 0.0, tl.log(tl.maximum(rest_sum, SMALLEST_NORMAL)), NEG_INF) - log_z
+            floored = log_rest <= STUDENT_FLOOR_LOG
+            log_rest = tl.maximum(log_rest, STUDENT_FLOOR_LOG)
         # ---- pass B: the buckets ----
         kd = 0.0
         row_d = 0.0
@@ -185,9 +187,11 @@ def mapped_fwd_kernel(
                     p = tl.exp(log_p)
                     kd_acc += tl.where(matched, weighted(p, log_p - log_q), 0.0)
                     p_acc += p
-                p_total = tl.sum(p_acc, axis=0) + p_rest
+                # (a floored rest moves no logit: P_r leaves sum(P), its columns get no target)
+                p_total = tl.sum(p_acc, axis=0) + tl.where(floored, 0.0, p_rest)
                 kd = tl.sum(kd_acc, axis=0) + weighted(p_rest, log_p_rest - log_rest)
-                rest_factor = p_total - tl.where(q_rest > 0.0, p_rest / tl.where(q_rest > 0.0, q_rest, 1.0), 0.0)
+                rest_factor = p_total - tl.where((q_rest > 0.0) & (floored == 0),
+                                                 p_rest / tl.where(q_rest > 0.0, q_rest, 1.0), 0.0)
             else:
                 rest_term, rest_h = _scores(log_rest, log_p_rest, beta, log_beta, log_1m_beta, DIVERGENCE)
                 # Centred on the student's largest bucket (as the sparse kernel centres): its score is then exactly 0.

@@ -247,6 +247,10 @@ def sparse_fwd_kernel(
         else:
             if PHASE == FUSED:
                 log_rest = log_rest - log_z  # as the shards' phases have it: relative to the normaliser
+            # The rest as a probability, at least float32's smallest normal, a constant there (sparse_math.py,
+            # floored_rest); -inf: none.
+            floored = log_rest <= STUDENT_FLOOR_LOG
+            log_rest = tl.where(log_rest == NEG_INF, NEG_INF, tl.maximum(log_rest, STUDENT_FLOOR_LOG))
             # ---- the buckets: the K ids and the rest ----
             kd = 0.0
             row_d = 0.0
@@ -283,11 +287,13 @@ def sparse_fwd_kernel(
                     p = tl.exp(log_p)
                     p_rest = tl.exp(log_p_rest)
                     q_rest = tl.exp(log_rest)
-                    p_total = tl.sum(p, axis=0) + p_rest
+                    # (a floored rest moves no logit: P_r leaves sum(P), its columns get no target)
+                    p_total = tl.sum(p, axis=0) + tl.where(floored, 0.0, p_rest)
                     kd = tl.sum(tl.where(held, weighted(p, log_p - log_q), 0.0), axis=0)
                     kd += tl.where(owns_rest, weighted(p_rest, log_p_rest - log_rest), 0.0)
                     id_grads = tl.exp(log_q) * p_total - tl.sum(tl.where(same, p[None, :], 0.0), axis=1)
-                    rest_factor = p_total - tl.where(q_rest > 0.0, p_rest / tl.where(q_rest > 0.0, q_rest, 1.0), 0.0)
+                    rest_factor = p_total - tl.where((q_rest > 0.0) & (floored == 0),
+                                                     p_rest / tl.where(q_rest > 0.0, q_rest, 1.0), 0.0)
                 else:
                     terms, h = _scores(log_q, log_p, beta, log_beta, log_1m_beta, DIVERGENCE)
                     rest_term, rest_h = _scores(log_rest, log_p_rest, beta, log_beta, log_1m_beta, DIVERGENCE)

@@ -26,16 +26,6 @@ def skew_beta_refused(divergence: str, beta: float) -> bool:
     return divergence.startswith("skew") and (beta == 1.0 or 0.0 < beta < FLOAT32_TINY)
 
 
-def floors_the_students_rest(student, ids, temperature) -> bool:
-    """Whether some row's mass off the ids is below e^-87.3 of its largest probability (the sparse algebra's floor)."""
-    from kdfast.sparse_options import STUDENT_REST_FLOOR_LOG
-
-    scaled = student.double() / temperature
-    held = torch.zeros(scaled.shape, dtype=torch.int64).scatter_add(-1, ids.clamp_min(0), (ids >= 0).long()) > 0
-    outside = scaled.masked_fill(held, -float("inf")).logsumexp(-1) - scaled.max(-1).values
-    return bool(((outside < STUDENT_REST_FLOOR_LOG) & ~held.all(-1)).any())
-
-
 def make_logits(shape, dtype, scale=3.0, seed=0, device="cpu"):
     generator = torch.Generator().manual_seed(seed)
     student = (torch.randn(shape, generator=generator) * scale).to(dtype).to(device)

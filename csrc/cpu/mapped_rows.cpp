@@ -316,12 +316,13 @@ void mapped_rows_cpu(const MappedArgs& a, int64_t begin, int64_t end) {
     const float lse = static_cast<float>(top + std::log(sum));
     if (std::isnan(e_x_sum)) e_x_sum = guarded_e_x_sum(student_exp.data(), z, width, inv_student, top, nullptr);
     parts[4] = static_cast<float>(std::log(sum) - e_x_sum / sum);
-    // A student rest below exp(-87.3) of its largest probability underflows the masked sum (fast_exp_centred is 0
-    // below): it counts that much, as the sparse algebra floors it on every backend, so that forward KL stays finite.
-    // The floor is relative to the largest logit, a constant: the rest's columns get no target then.
-    const bool rest_floored = rest == 0.0 && m.rest_student_count > 0;
-    const float student_rest_lse = rest > 0.0 ? static_cast<float>(top + std::log(rest))
-                                   : rest_floored ? top + kStudentRestFloorLog : -INFINITY;
+    // log Q_r, the student's rest as a probability: at least float32's smallest normal, as the sparse algebra floors
+    // it on every backend (kdfast/sparse_math.py, floored_rest), so that forward KL stays finite where the masked
+    // sum underflows (fast_exp_centred is 0 below exp(-87.3)); a constant there, whose columns get no target.
+    const bool has_rest = m.rest_student_count > 0;
+    const float raw_log_q_rest = rest > 0.0 ? static_cast<float>(std::log(rest) - std::log(sum)) : -INFINITY;
+    const bool rest_floored = has_rest && raw_log_q_rest <= kStudentRestFloorLog;
+    const float log_q_rest = has_rest ? std::max(raw_log_q_rest, kStudentRestFloorLog) : -INFINITY;
     const float lse_one = tempered ? row_log_sum_exp(z, width, 1.0f) : lse;
     if (label >= 0) {
       parts[1] = lse_one - z[label];
@@ -372,13 +373,10 @@ void mapped_rows_cpu(const MappedArgs& a, int64_t begin, int64_t end) {
     const float log_rest = t_rest > 0.0 ? static_cast<float>(std::log(t_rest) - log_t_sum) : -INFINITY;
     if (a.divergence != kForwardKL) {
       // The rests floored as the sparse algebra floors them: the teacher's under reverse KL's logarithm, the
-      // student's log at exp(-87) of its largest exp; a student whose every column is matched has none.
+      // student's above (a student whose every column is matched has none).
       const double p_rest = a.divergence == kReverseKL ? std::max(t_rest / t_sum, kTeacherRestFloor) : t_rest / t_sum;
       const float log_sum = static_cast<float>(std::log(sum));
-      MappedRow sides{z, t, student_exp.data(), top, log_sum, static_cast<float>(teacher_top + log_t_sum),
-                      m.rest_student_count == 0
-                          ? -INFINITY
-                          : std::max(student_rest_lse - top, kStudentRestFloorLog) - log_sum,
+      MappedRow sides{z, t, student_exp.data(), top, log_sum, static_cast<float>(teacher_top + log_t_sum), log_q_rest,
                       p_rest > 0.0 ? static_cast<float>(std::log(p_rest)) : -INFINITY, lse_one};
       parts[0] = divergence_row(a, sides, grad, label, scores);
       continue;
@@ -390,7 +388,9 @@ void mapped_rows_cpu(const MappedArgs& a, int64_t begin, int64_t end) {
     // sum_k P_k log P_k = sum_k (e_k / S)(x_k - log S) over the matched columns.
     const double matched_plogp = t_plogp / t_sum - log_t_sum * matched_mass;
     const float inv_t_sum = static_cast<float>(1.0 / t_sum);
-    const double log_student_rest = student_rest_lse - lse;  // log Q_r
+    const double log_student_rest = log_q_rest;
+    // A floored rest moves no logit: P_r leaves q_j's share sum(P), and the rest's columns get no target.
+    const float q_share = rest_floored ? static_cast<float>(matched_mass) : 1.0f;
     const auto finish_kl = [&](double paired) {  // paired = sum_k P_k z_(s_k)
       double kl = matched_plogp - (paired * inv_student - lse * matched_mass);
       if (log_rest > -INFINITY) kl += std::exp(static_cast<double>(log_rest)) * (log_rest - log_student_rest);
@@ -407,7 +407,7 @@ void mapped_rows_cpu(const MappedArgs& a, int64_t begin, int64_t end) {
     const double log_ratio = static_cast<double>(log_rest) - log_student_rest;
     const bool by_ratio = rest_floored || log_ratio < 20.0;
     const float ratio = by_ratio && !rest_floored ? static_cast<float>(std::exp(log_ratio)) : 0.0f;
-    const float spread = log_rest - student_rest_lse;
+    const float spread = log_rest - (lse + log_q_rest);
     const bool has_ce = label >= 0 && ce != 0.0f;
     // One pass writes every column's gradient: a matched column's target is the teacher's P_k (gathered from the
     // kept exps), an unmatched one's the rest spread as the student spreads its own; sum_k P_k z_(s_k) on the way.
@@ -422,7 +422,7 @@ void mapped_rows_cpu(const MappedArgs& a, int64_t begin, int64_t end) {
       const VFloat p = gather_matched(texp, column) * inv_t_sum;
       paired_lanes += p * zj;
       const VFloat rest_target = by_ratio ? qj * ratio : fast_exp(x + spread);
-      VFloat g = kd * (qj - (column >= 0 ? p : rest_target));
+      VFloat g = kd * (qj * q_share - (column >= 0 ? p : rest_target));
       if (has_ce) g += ce * (tempered ? fast_exp(zj - lse_one) : qj);
       store(grad + j, g);
       if ((j / kLanes) % kFlushEvery == kFlushEvery - 1) {  // float lanes summed into a double every few hundred
@@ -439,7 +439,7 @@ void mapped_rows_cpu(const MappedArgs& a, int64_t begin, int64_t end) {
         target = texp[column] * inv_t_sum;
         paired += static_cast<double>(target) * z[j];
       }
-      grad[j] = kd * (qj - target) + (has_ce ? ce * (tempered ? fast_exp(z[j] - lse_one) : qj) : 0.0f);
+      grad[j] = kd * (qj * q_share - target) + (has_ce ? ce * (tempered ? fast_exp(z[j] - lse_one) : qj) : 0.0f);
     }
     // A -inf logit where P is 0 made its product 0 * -inf: the rare row is summed again, guarded.
     if (std::isnan(paired)) paired = matched_dot(texp, z, a.teacher_column, width, inv_t_sum);

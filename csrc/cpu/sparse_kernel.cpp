@@ -137,8 +137,12 @@ __attribute__((flatten)) BucketSums bucket_math(const DistillArgs& a, Buckets& b
       using F = decltype(zero);
       store(b.terms.data() + i, fast_exp(load<F>(log_p + i)));  // P, summed per column below
     });
+    // A floored rest (kdfast/sparse_math.py, floored_rest) is a constant: P_r leaves sum(P), its columns get no
+    // target.
+    const bool floored = b.log_q[n - 1] <= kStudentRestFloorLog;
     float total = 0.0f;
-    for (int64_t i = 0; i < n; ++i) total += b.terms[i];
+    for (int64_t i = 0; i + 1 < n; ++i) total += b.terms[i];
+    if (!floored) total += b.terms[n - 1];
     column_sums(b, n - 1, b.terms, 0.0f, b.column_sums, b.scores);
     for (int64_t i = 0; i < n; ++i) {
       if (b.counted[i]) kd += weighted(b.terms[i], b.log_p[i] - b.log_q[i]);
@@ -148,7 +152,7 @@ __attribute__((flatten)) BucketSums bucket_math(const DistillArgs& a, Buckets& b
       store(b.id_gradients.data() + i, fast_exp(load<F>(log_q + i)) * total - load<F>(b.scores.data() + i));
     });
     const float rest_q = std::exp(b.log_q[n - 1]), rest_p = std::exp(b.log_p[n - 1]);
-    return {kd, 0.0f, total - (rest_q > 0.0f ? rest_p / rest_q : 0.0f)};
+    return {kd, 0.0f, total - (rest_q > 0.0f && !floored ? rest_p / rest_q : 0.0f)};
   }
   const MixtureConstants mc(a.beta);
   float* q_of = b.id_gradients.data();  // each bucket's Q, until its gradient is formed from it below
@@ -317,7 +321,9 @@ void sparse_row(const float* s, const int64_t* ids, int64_t row, int64_t label, 
       b.log_q[k] = b.column[k] >= 0 ? (s[b.column[k]] - st.ref_s) * inv_t - st.log_z_s : -INFINITY;
       b.counted[k] = b.column[k] >= 0;
     }
-    b.log_q[k_count] = given != nullptr ? log_z_rest : log_z_rest - st.log_z_s;
+    // The rest as a probability, at least float32's smallest normal (sparse_math.floored_rest); -inf: none.
+    const float log_q_rest = given != nullptr ? log_z_rest : log_z_rest - st.log_z_s;
+    b.log_q[k_count] = log_q_rest == -INFINITY ? log_q_rest : std::max(log_q_rest, kStudentRestFloorLog);
     b.counted[k_count] = a.col_offset == 0;  // one shard adds the rest bucket
     const float* given_d = a.phase == kPhaseGradient ? a.row_totals + row * kStatColumns + 1 : nullptr;
     sums = bucket_math(a, b, a.phase == kPhaseFused, given_d);

@@ -293,6 +293,10 @@ __global__ void __launch_bounds__(kThreads, 4) sparse_row_kernel(const Launch L)
   // ---- the buckets ----
   float kd = 0.0f, row_d = 0.0f, rest_factor = 1.0f;
   if (kKD) {
+    // The rest as a probability, at least float32's smallest normal, a constant there (kdfast/sparse_math.py,
+    // floored_rest): under forward KL its P_r then leaves sum(P) and its columns get no target.
+    const bool rest_floored = log2_rest <= kStudentRestFloorLog * kLog2e;
+    if (log2_rest != kNegInf) log2_rest = fmaxf(log2_rest, kStudentRestFloorLog * kLog2e);
     const bool renormalize = a.tail == kTailRenormalize;
     float top = kNegInf;
     for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {
@@ -328,7 +332,8 @@ __global__ void __launch_bounds__(kThreads, 4) sparse_row_kernel(const Launch L)
         p_sum += pk;
         if (sh.column[k] >= 0.0f) terms += kLn2 * weighted(pk, sh.log_p[k] - sh.log_q[k]);
       }
-      const float p_total = block_reduce(p_sum, float_scratch, Add{}) + p_rest;  // (its barrier orders sh.score)
+      const float p_total =  // (its barrier orders sh.score)
+          block_reduce(p_sum, float_scratch, Add{}) + (rest_floored ? 0.0f : p_rest);
       kd = block_reduce(terms, float_scratch, Add{}) +
            (owns_rest ? kLn2 * weighted(p_rest, log2_p_rest - log2_rest) : 0.0f);
       for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {  // q_j sum(P) - the P of j's entries
@@ -336,7 +341,7 @@ __global__ void __launch_bounds__(kThreads, 4) sparse_row_kernel(const Launch L)
           sh.gradient[k] = fast_exp2(sh.log_q[k]) * p_total - column_sum(sh, k_count, k, sh.score, 0.0f, ids_ascend);
         }
       }
-      rest_factor = p_total - (q_rest > 0.0f ? p_rest / q_rest : 0.0f);
+      rest_factor = p_total - (q_rest > 0.0f && !rest_floored ? p_rest / q_rest : 0.0f);
     } else {
       // centred on the student's largest bucket (a whole row)
       float h_ref = 0.0f, rest_term, rest_h;

@@ -53,7 +53,7 @@ def _chunk_rows(s, ids, logprobs, labels, row_scale, opts: SparseOptions, call: 
         # float32 ones round each p by ~1e-7 of itself, as much as the reverse-KL floor of a rest.
         log_p_ids, log_p_rest = (x.float() for x in sparse_math.teacher_buckets(ids, logprobs, opts))
         log_q_ids = torch.where(held, log_q.gather(-1, safe_ids), torch.full_like(log_p_ids, -math.inf))
-        log_q_buckets = torch.cat([log_q_ids, log_z_rest - log_z_s], dim=-1)
+        log_q_buckets = torch.cat([log_q_ids, sparse_math.floored_rest(log_z_rest - log_z_s)], dim=-1)
         log_p_buckets = torch.cat([log_p_ids, log_p_rest[:, None]], dim=-1)
         owns_rest = torch.full_like(held[:, :1], call.col_offset == 0)
         counted = torch.cat([held, owns_rest], dim=-1)
