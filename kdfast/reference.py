@@ -263,6 +263,9 @@ def multi_teacher_distill_loss_reference(student_logits, teacher_logits, labels=
     kd = None
     if opts.has_kd:
         row_weights = teacher_weights_reference(weights, teachers, labels, opts)
+        if labels is not None:  # an ignored row may weigh every teacher 0: uniform instead (it adds nothing), not NaN
+            ignored = (labels == opts.ignore_index)[..., None]
+            row_weights = torch.where(ignored, torch.full_like(row_weights, 1.0 / len(teachers)), row_weights)
         divergence = _trl_convention(opts.divergence, opts.beta)
         log_q = torch.log_softmax(student_logits / opts.temperature, dim=-1)
         log_p = torch.stack([torch.log_softmax(t / opts.temperature, dim=-1) for t in teachers])  # [M, ..., V]

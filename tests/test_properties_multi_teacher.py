@@ -81,10 +81,8 @@ def cases(draw):
     if options["reduction"] == "mean":
         options["num_items_in_batch"] = draw(st.sampled_from([None, 1, 7, 100.0, torch.tensor(5)]))
 
-    # A column no teacher gives mass to: not the only one, no label's ("confidence" and "min_ce" stay finite), and not
-    # column 0 when a row is ignored (the reference weighs such a row by the teachers' p(column 0), and its NaN would
-    # reach the gradient through the dropped row).
-    free = sorted(set(range(vocab)) - set(labels.flatten().tolist()) - ({0} if ignored != "none" else set()))
+    # A column no teacher gives mass to: not the only one, and no label's ("confidence" and "min_ce" stay finite).
+    free = sorted(set(range(vocab)) - set(labels.flatten().tolist()))
     if vocab > 1 and free and draw(st.booleans()) and _finite_with_a_hole(options["divergence"], options["beta"]):
         column = draw(st.sampled_from(free))
         for teacher in teachers:
@@ -126,15 +124,6 @@ def _on(value, device):
     return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
-def _reference_weights(weights):
-    """An ignored row's weights all 0 (kdfast takes them: only kept rows need a teacher) as uniform ones for the
-    reference, which would divide them to 0, mix to -inf and carry inf * 0 = NaN into that row's gradient under
-    reverse KL; any weights leave a dropped row's loss 0."""
-    if not isinstance(weights, torch.Tensor):
-        return weights
-    return torch.where(weights.sum(-1, keepdim=True) > 0, weights, torch.ones_like(weights))
-
-
 def assert_multi_matches_reference(student, teachers, labels, backend, *, stacked=False, **options):
     """Loss and gradient (through random output weights, as tests/helpers.py) against the float64 reference; with
     return_components the mixture's divergence and each teacher's own, reduced as the loss."""
@@ -149,7 +138,6 @@ def assert_multi_matches_reference(student, teachers, labels, backend, *, stacke
     (loss * out_weights.to(loss.device)).sum().backward()
 
     ref_options = {k: v for k, v in options.items() if k not in ("inplace_backward", "return_components")}
-    ref_options["weights"] = _reference_weights(options["weights"])
     s64 = student.double().requires_grad_(True)
     ref = multi_teacher_distill_loss_reference(s64, [t.double() for t in teachers], labels, **ref_options)
     if ref.requires_grad:
