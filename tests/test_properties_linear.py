@@ -59,6 +59,14 @@ def linear_cases(draw):
     return student, teacher, labels, options
 
 
+def assert_gradients_close(found: dict, expected: dict, rtol: float, atol: float):
+    """Each leaf's gradient (found on any device) against the float64 reference's, named on failure."""
+    for name, leaf in found.items():
+        if leaf is not None:
+            torch.testing.assert_close(leaf.grad.double().cpu(), expected[name].grad, rtol=rtol, atol=atol,
+                                       msg=lambda message, name=name: f"{name}.grad: {message}")
+
+
 def _logits(head):
     """The head's logits in float64 (bias included, no scale or cap)."""
     logits = head["hidden"].double() @ head["weight"].double().t()
@@ -91,10 +99,8 @@ def test_linear_distill_loss_matches_reference(case, backend):
                               for head, scale in ((student, options["student_logit_scale"]),
                                                   (teacher, options["teacher_logit_scale"]))))
     torch.testing.assert_close(loss.double().cpu(), ref.detach(), rtol=rtol, atol=atol)
-    for name in ("student_hidden", "student_weight", "student_bias"):
-        if ours[name] is not None:
-            torch.testing.assert_close(ours[name].grad.double().cpu(), theirs[name].grad, rtol=rtol, atol=atol,
-                                       msg=lambda message, name=name: f"{name}.grad: {message}")
+    assert_gradients_close({name: ours[name] for name in ("student_hidden", "student_weight", "student_bias")}, theirs,
+                           rtol, atol)
 
 
 @st.composite
@@ -133,10 +139,7 @@ def test_token_logprobs_match_reference(case, backend):
     rtol, atol = tolerances(logits.detach() / options["temperature"])
     torch.testing.assert_close(logprobs.double().cpu(), ref_logprobs.detach(), rtol=rtol, atol=atol)
     torch.testing.assert_close(entropy.double().cpu(), ref_entropy.detach(), rtol=rtol, atol=atol)
-    for name, value in ours.items():
-        if value is not None:
-            torch.testing.assert_close(value.grad.double().cpu(), theirs[name].grad, rtol=rtol, atol=atol,
-                                       msg=lambda message, name=name: f"{name}.grad: {message}")
+    assert_gradients_close(ours, theirs, rtol, atol)
 
 
 @st.composite
@@ -185,10 +188,7 @@ def test_linear_multi_teacher_matches_reference(case, backend):
     (ref * output_weights.double()).sum().backward()
     rtol, atol = tolerances(*(_logits(head) / options["temperature"] for head in (student, *teachers)))
     torch.testing.assert_close(loss.double().cpu(), ref.detach(), rtol=rtol, atol=atol)
-    for name, leaf in leaves.items():
-        if leaf is not None:
-            torch.testing.assert_close(leaf.grad.double().cpu(), theirs[name].grad, rtol=rtol, atol=atol,
-                                       msg=lambda message, name=name: f"{name}.grad: {message}")
+    assert_gradients_close(leaves, theirs, rtol, atol)
 
 
 @st.composite
@@ -235,7 +235,4 @@ def test_linear_sparse_matches_reference(case, backend):
     (ref * output_weights.double()).sum().backward()
     rtol, atol = tolerances(_logits(student) * options["logit_scale"] / options["temperature"])
     torch.testing.assert_close(loss.double().cpu(), ref.detach(), rtol=rtol, atol=atol)
-    for name, leaf in leaves.items():
-        if leaf is not None:
-            torch.testing.assert_close(leaf.grad.double().cpu(), theirs[name].grad, rtol=rtol, atol=atol,
-                                       msg=lambda message, name=name: f"{name}.grad: {message}")
+    assert_gradients_close(leaves, theirs, rtol, atol)
