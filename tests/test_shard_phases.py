@@ -19,9 +19,10 @@ DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_rever
 BOUNDS = [0, 13, 14, 61]  # uneven shards, one of a single column
 
 
-def sharded(kernel, student, teacher, labels, opts, grad_scale):
-    """`teacher`: dense logits (each shard gets its columns) or SparseTargets (every shard gets them whole)."""
-    shards = list(zip(BOUNDS[:-1], BOUNDS[1:]))
+def sharded(kernel, student, teacher, labels, opts, grad_scale, bounds=BOUNDS):
+    """`teacher`: dense logits (each shard gets its columns) or SparseTargets (every shard gets them whole); `bounds`:
+    the shards' first columns, then the vocabulary's width."""
+    shards = list(zip(bounds[:-1], bounds[1:]))
     sparse = isinstance(teacher, SparseTargets)
     views = [(student[..., a:b], teacher if sparse else teacher[..., a:b]) for a, b in shards]
     stats = torch.stack([kernel(s, t, labels, grad_scale, None, opts, PhaseCall(Phase.STATS, a))
@@ -29,7 +30,7 @@ def sharded(kernel, student, teacher, labels, opts, grad_scale):
     lse = torch.logsumexp(stats, dim=0)
     grads = [torch.empty_like(s) for s, _ in views]
     one_pass = not opts.gradient_needs_row_sums
-    vocab = BOUNDS[-1]
+    vocab = bounds[-1]
     sums = sum(kernel(s, t, labels, grad_scale, g if one_pass else None, opts,
                       PhaseCall(Phase.SUMS, a, lse, global_vocab=vocab))
                for (s, t), g, (a, _) in zip(views, grads, shards))

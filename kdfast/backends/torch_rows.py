@@ -68,9 +68,9 @@ def phase_outputs(kd, row_sum, labels: LabelColumns, ref_c, log_z_c, keep, grad,
                                       labels.shifted_sum, labels.global_vocab, entropy)
         if opts.needs_labels and grad is not None:
             grad.masked_fill_(~labels.held[:, None], 0.0)
-    elif call.phase == Phase.SUMS:
+    elif call.phase == Phase.SUMS:  # (no CE: no target, whatever label_smoothing says)
         target = divergences.ce_target_logit(opts, labels.logit if labels.logit is not None else zeros,
-                                             labels.shifted_sum, labels.global_vocab)
+                                             labels.shifted_sum, labels.global_vocab) if opts.has_ce else zeros
         out = torch.stack([kd if kd is not None else zeros, row_sum if row_sum is not None else zeros, target,
                            q_log_q if q_log_q is not None else zeros], dim=-1)
     else:
