@@ -77,9 +77,10 @@ def test_random_shards_equal_the_whole_row(case, backend):
     whole_grad = torch.empty_like(student)
     whole = weighted_total(kernel(student, teacher, labels, scale, whole_grad, opts), opts)
     loss, grad = sharded(kernel, student, teacher, labels, opts, scale, bounds)
-    # The shards sum in another order: fp32 rounding of log-probabilities as large as the logits / T (up to ~400),
-    # ~1e-7 of them each.
+    # The shards sum in another order, and the later phases' D is uncentred (docs/DESIGN.md, "Shards and phases"): a
+    # score h = log q - log p as large as both rows' ranges of logits / T against D of the same size, a few fp32
+    # roundings (~1.2e-7) of them each (measured: 2.8e-5 at ranges of 75 and 65, where the whole row errs by 3e-10).
     logits = [student] if isinstance(teacher, SparseTargets) else [student, teacher]
-    size = max(float(x.abs().max()) for x in logits) / opts.temperature
-    torch.testing.assert_close(loss, whole, rtol=1e-4, atol=1e-5 + 2e-7 * size)
-    torch.testing.assert_close(grad, whole_grad, rtol=1e-4, atol=1e-5 + 2e-7 * size)
+    size = sum(float(x.max() - x.min()) for x in logits) / opts.temperature
+    torch.testing.assert_close(loss, whole, rtol=1e-4, atol=1e-5 + 4e-7 * size)
+    torch.testing.assert_close(grad, whole_grad, rtol=1e-4, atol=1e-5 + 4e-7 * size)
