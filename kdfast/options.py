@@ -15,7 +15,10 @@ from kdfast.kernel_abi import Divergence
 DIVERGENCES = {d.setting: d for d in Divergence}
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
-FLOAT32_TINY = 2.0**-126  # float32's smallest normal number
+# The least beta a skew takes. Its scores reach 1 / beta (p / m <= 1 / beta) and its gradient q h: where q flushes to
+# 0 in float32 (below e^-87.3 of the row's largest, 1.2e-38) the kernels drop up to 1.2e-38 / beta of it (1.0 at
+# beta = 2^-126, measured), and below float32's smallest normal 1 / beta overflows (NaN at beta = 1e-40).
+SKEW_MIN_BETA = 1e-30
 
 
 @dataclass(frozen=True)
@@ -46,11 +49,10 @@ class LossOptions:
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
         if not (_is_number(self.beta) and 0.0 <= self.beta <= 1.0):
             raise ValueError(f"beta must be a number in [0, 1], got {self.beta!r}")
-        if 0.0 < self.beta < FLOAT32_TINY and self.divergence in ("skew_forward_kl", "skew_reverse_kl"):
-            # A skew's scores reach 1 / beta (p / m <= 1 / beta), which overflows float32 below its smallest normal:
-            # the gradient came out NaN at beta = 1e-40. (JSD's scores have no 1 / beta.)
-            raise ValueError(f"beta must be 0 or at least {FLOAT32_TINY:.4g} (float32's smallest normal number) for "
-                             f"divergence={self.divergence!r}, got {self.beta!r}")
+        if 0.0 < self.beta < SKEW_MIN_BETA and self.divergence in ("skew_forward_kl", "skew_reverse_kl"):
+            # (JSD's scores hold no 1 / beta)
+            raise ValueError(f"beta must be 0 or at least {SKEW_MIN_BETA:g} for divergence={self.divergence!r} (its "
+                             f"scores reach 1 / beta, beyond float32 below it), got {self.beta!r}")
         if self.beta == 1.0 and self.divergence in ("skew_forward_kl", "skew_reverse_kl"):
             raise ValueError(f"beta must be below 1 for divergence={self.divergence!r}: at beta = 1 the mixture is the "
                              f"distribution it is compared with, so the loss is 0 whatever the student")

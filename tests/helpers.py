@@ -20,10 +20,10 @@ def property_examples(default: int) -> int:
 
 
 def skew_beta_refused(divergence: str, beta: float) -> bool:
-    """The betas kdfast refuses for a skew (kdfast/options.py): 1 (a loss of 0), and below float32's smallest normal."""
-    from kdfast.options import FLOAT32_TINY
+    """The betas kdfast refuses for a skew (kdfast/options.py): 1 (a loss of 0), and below SKEW_MIN_BETA."""
+    from kdfast.options import SKEW_MIN_BETA
 
-    return divergence.startswith("skew") and (beta == 1.0 or 0.0 < beta < FLOAT32_TINY)
+    return divergence.startswith("skew") and (beta == 1.0 or 0.0 < beta < SKEW_MIN_BETA)
 
 
 def make_logits(shape, dtype, scale=3.0, seed=0, device="cpu"):

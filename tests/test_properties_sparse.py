@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import kdfast
 from kdfast.kernel_abi import Divergence
-from kdfast.options import DIVERGENCES
+from kdfast.options import DIVERGENCES, SKEW_MIN_BETA
 from kdfast.sparse_options import SparseOptions
 
 BUCKET_DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
@@ -172,7 +172,7 @@ def test_a_floored_student_rest_takes_the_floors_gradient(backend, tail):
 def test_skew_reverse_kl_at_a_beta_below_float32s_range_is_refused():
     """Found by the property test above: the score -log(m / q) - beta * q / m takes q / m up to 1 / beta, which
     overflows float32 for beta < ~3e-39, and kdfast's gradient came out NaN on every backend (the dense loss's too)
-    while its loss was right. Such a beta is now refused (kdfast/options.py); at float32's smallest normal the
+    while its loss was right. Such a beta is now refused (kdfast/options.py); at the least beta accepted the
     gradient is the reference's."""
     student, ids = torch.tensor([[0.0568, 0.0210, 0.0906]]), torch.tensor([[0, 1, 2]])
     logprobs = torch.tensor([[0.0, -55.0327, -111.5936]])
@@ -181,7 +181,7 @@ def test_skew_reverse_kl_at_a_beta_below_float32s_range_is_refused():
     for backend in BACKENDS:
         device = device_for(backend)
         assert_sparse_matches_reference(student.to(device), ids.to(device), logprobs.to(device), None, backend,
-                                        divergence="skew_reverse_kl", beta=torch.finfo(torch.float32).tiny)
+                                        divergence="skew_reverse_kl", beta=SKEW_MIN_BETA)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
