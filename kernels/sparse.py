@@ -73,23 +73,24 @@ EXACT_COLUMNS = tl.constexpr(32)  # columns per step of that pass: a [32, BLOCK_
 
 
 @triton.jit
+def _outside_logits(s_row, cols, vocab, local_ids, first):
+    """The block's logits, -inf at the columns an id holds (each column compared with the K ids) and past the row."""
+    held = tl.sum(tl.where((cols[:, None] == local_ids[None, :]) & first[None, :], 1, 0), axis=1) > 0
+    return tl.load(s_row + cols, mask=(cols < vocab) & (held == 0), other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
 def _outside_log_sum_exp(s_row, vocab, local_ids, first, ref, inv_t):
     """log sum exp((s_j - ref) / T) over the columns no id holds (-inf: none), against their own max so that no exp
-    underflows first; each column compared with the K ids (the rare row whose rest cancels in the main pass)."""
+    underflows first (the rare row whose rest cancels in the main pass)."""
     offsets = tl.arange(0, EXACT_COLUMNS)
     top = float("-inf")
     for start in range(0, vocab, EXACT_COLUMNS):
-        cols = start + offsets
-        held = tl.sum(tl.where((cols[:, None] == local_ids[None, :]) & first[None, :], 1, 0), axis=1) > 0
-        s = tl.where(held, float("-inf"), tl.load(s_row + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32))
-        top = tl.maximum(top, tl.max(s, axis=0))
+        top = tl.maximum(top, tl.max(_outside_logits(s_row, start + offsets, vocab, local_ids, first), axis=0))
     total = tl.zeros([EXACT_COLUMNS], dtype=tl.float32)
     if top > float("-inf"):
         for start in range(0, vocab, EXACT_COLUMNS):
-            cols = start + offsets
-            held = tl.sum(tl.where((cols[:, None] == local_ids[None, :]) & first[None, :], 1, 0), axis=1) > 0
-            s = tl.load(s_row + cols, mask=(cols < vocab) & (held == 0), other=float("-inf")).to(tl.float32)
-            total += tl.exp((s - top) * inv_t)
+            total += tl.exp((_outside_logits(s_row, start + offsets, vocab, local_ids, first) - top) * inv_t)
     return (top - ref) * inv_t + tl.log(tl.sum(total, axis=0))
 
 
