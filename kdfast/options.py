@@ -15,10 +15,12 @@ from kdfast.kernel_abi import Divergence
 DIVERGENCES = {d.setting: d for d in Divergence}
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
-# The least beta a skew takes. Its scores reach 1 / beta (p / m <= 1 / beta) and its gradient q h: where q flushes to
-# 0 in float32 (below e^-87.3 of the row's largest, 1.2e-38) the kernels drop up to 1.2e-38 / beta of it (1.0 at
-# beta = 2^-126, measured), and below float32's smallest normal 1 / beta overflows (NaN at beta = 1e-40).
-SKEW_MIN_BETA = 1e-30
+# The least beta a mixture (JSD, the skews) takes above 0. A skew's scores reach 1 / beta (p / m <= 1 / beta) and its
+# gradient q h: where q flushes to 0 in float32 (below e^-87.3 of the row's largest, 1.2e-38) the kernels drop up to
+# 1.2e-38 / beta of it (1.0 at beta = 2^-126, measured), and below float32's smallest normal 1 / beta overflows (NaN at
+# beta = 1e-40). JSD is about beta KL(p || q) there: below it the loss and its gradient drop under float32's normal
+# range (a GPU flushes them to 0; Triton's interpreter turned the arithmetic float64 and wrote a zero 16-bit gradient).
+MIN_BETA = 1e-30
 
 
 @dataclass(frozen=True)
@@ -49,10 +51,11 @@ class LossOptions:
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
         if not (_is_number(self.beta) and 0.0 <= self.beta <= 1.0):
             raise ValueError(f"beta must be a number in [0, 1], got {self.beta!r}")
-        if 0.0 < self.beta < SKEW_MIN_BETA and self.divergence in ("skew_forward_kl", "skew_reverse_kl"):
-            # (JSD's scores hold no 1 / beta)
-            raise ValueError(f"beta must be 0 or at least {SKEW_MIN_BETA:g} for divergence={self.divergence!r} (its "
-                             f"scores reach 1 / beta, beyond float32 below it), got {self.beta!r}")
+        if 0.0 < self.beta < MIN_BETA and self.divergence in ("jsd", "skew_forward_kl", "skew_reverse_kl"):
+            why = ("the loss is about beta KL(p || q), below float32's normal range; beta = 0 is forward KL"
+                   if self.divergence == "jsd" else "its scores reach 1 / beta, beyond float32 below it")
+            raise ValueError(f"beta must be 0 or at least {MIN_BETA:g} for divergence={self.divergence!r} ({why}), "
+                             f"got {self.beta!r}")
         if self.beta == 1.0 and self.divergence in ("skew_forward_kl", "skew_reverse_kl"):
             raise ValueError(f"beta must be below 1 for divergence={self.divergence!r}: at beta = 1 the mixture is the "
                              f"distribution it is compared with, so the loss is 0 whatever the student")

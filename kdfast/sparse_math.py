@@ -22,8 +22,9 @@ from kdfast.divergences import mixture_term_and_score, weighted
 from kdfast.kernel_abi import Divergence
 from kdfast.sparse_options import STUDENT_REST_FLOOR_LOG, TEACHER_REST_FLOOR, SparseOptions
 
-# dL/dQ minus the score `mixture_term_and_score` (or reverse KL's log Q - log P) returns: the +1 of Q log Q.
-SCORE_CONSTANT = {Divergence.REVERSE_KL: 1.0, Divergence.SKEW_REVERSE_KL: 1.0}
+# dL/dQ minus the score `mixture_term_and_score` (or reverse KL's log Q - log P) returns: the +1 of Q log Q. The skew
+# reverse KL's score carries its +1 (kdfast/divergences.py), so it is dL/dQ itself.
+SCORE_CONSTANT = {Divergence.REVERSE_KL: 1.0}
 
 
 def column_leaders(local_ids, held) -> torch.Tensor:

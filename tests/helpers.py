@@ -19,11 +19,12 @@ def property_examples(default: int) -> int:
     return int(os.environ.get("KDFAST_PROPERTY_EXAMPLES", default))
 
 
-def skew_beta_refused(divergence: str, beta: float) -> bool:
-    """The betas kdfast refuses for a skew (kdfast/options.py): 1 (a loss of 0), and below SKEW_MIN_BETA."""
-    from kdfast.options import SKEW_MIN_BETA
+def beta_refused(divergence: str, beta: float) -> bool:
+    """The betas kdfast refuses (kdfast/options.py): a skew's 1 (a loss of 0), and a mixture's below MIN_BETA."""
+    from kdfast.options import MIN_BETA
 
-    return divergence.startswith("skew") and (beta == 1.0 or 0.0 < beta < SKEW_MIN_BETA)
+    mixture = divergence == "jsd" or divergence.startswith("skew")
+    return (divergence.startswith("skew") and beta == 1.0) or (mixture and 0.0 < beta < MIN_BETA)
 
 
 def make_logits(shape, dtype, scale=3.0, seed=0, device="cpu"):

@@ -23,6 +23,7 @@ def _inputs(rows=4, vocab=10):
     ({"beta": -0.1}, None, None, r"beta must be a number in \[0, 1\]"),
     ({"beta": 1e-40, "divergence": "skew_reverse_kl"}, None, None, "beta must be 0 or at least 1e-30"),
     ({"beta": 2.0**-126, "divergence": "skew_forward_kl"}, None, None, "beta must be 0 or at least 1e-30"),
+    ({"beta": 1e-39, "divergence": "jsd"}, None, None, "beta must be 0 or at least 1e-30 for divergence='jsd'"),
     ({"beta": 1.0, "divergence": "skew_forward_kl"}, None, None, "beta must be below 1"),
     ({"beta": 1.0, "divergence": "skew_reverse_kl"}, None, None, "beta must be below 1"),
     ({"divergence": "kl"}, None, None, "divergence must be one of"),

@@ -2,7 +2,7 @@
 
 import torch
 from conftest import BACKENDS, device_for
-from helpers import assert_matches_reference, property_examples, skew_beta_refused
+from helpers import assert_matches_reference, beta_refused, property_examples
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -24,7 +24,7 @@ def cases(draw):
         beta=draw(st.floats(0, 1)), temperature=draw(st.floats(0.25, 5.0)),
         kd_weight=draw(st.floats(0.05, 2)), ce_weight=draw(st.floats(0, 2)), t2_scale=draw(st.booleans()),
         reduction=draw(st.sampled_from(["mean", "sum", "none"])))
-    assume(not skew_beta_refused(options["divergence"], options["beta"]))  # tests/test_errors.py's
+    assume(not beta_refused(options["divergence"], options["beta"]))  # tests/test_errors.py's
     return student, teacher, labels, options
 
 

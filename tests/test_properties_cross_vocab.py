@@ -13,7 +13,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import kdfast
-from kdfast.options import SKEW_MIN_BETA, LossOptions
+from kdfast.options import MIN_BETA, LossOptions
 from kdfast.reference import cross_vocab_distill_loss_reference
 from kdfast.uld import HYBRID_DIVERGENCES, complement_columns
 
@@ -110,7 +110,7 @@ def cases(draw):
 
     options = dict(
         method=method, divergence=draw(st.sampled_from(DIVERGENCES)) if method != "uld" else "forward_kl",
-        beta=draw(st.sampled_from([0.0, 1.0]) | st.floats(SKEW_MIN_BETA, 1.0)), temperature=temperature,
+        beta=draw(st.sampled_from([0.0, 1.0]) | st.floats(MIN_BETA, 1.0)), temperature=temperature,
         student_temperature=student_temperature,
         teacher_temperature=teacher_temperature, kd_weight=draw(st.floats(0.05, 2)),
         ce_weight=ce_weight, t2_scale=draw(st.booleans()),
@@ -183,7 +183,7 @@ def test_the_smallest_beta_accepted_keeps_a_finite_gradient(backend):
     vocab_map = kdfast.VocabMap(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2]), 4, 4)
     student, teacher = torch.tensor([[0.0, 1.0, 2.0, -1.0]]), torch.tensor([[0.0, 30.0, -150.0, 2.0]])
     assert_cross_vocab_matches_reference(student, teacher, None, vocab_map, backend, method="mapped",
-                                         divergence="skew_reverse_kl", beta=SKEW_MIN_BETA, temperature=1.0,
+                                         divergence="skew_reverse_kl", beta=MIN_BETA, temperature=1.0,
                                          student_temperature=None, teacher_temperature=None, kd_weight=1.0,
                                          ce_weight=0.0, t2_scale=True, reduction="mean", num_items_in_batch=None)
 

@@ -13,13 +13,13 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import kdfast
-from kdfast.options import SKEW_MIN_BETA
+from kdfast.options import MIN_BETA
 from kdfast.reference import distill_loss_reference, multi_teacher_distill_loss_reference
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"]
 SCALES = [0.1, 1.0, 10.0, 100.0]
-# Every beta the settings accept: 0, 1, and SKEW_MIN_BETA up to 1 (a skew refuses smaller ones).
-ACCEPTED_BETAS = st.sampled_from([0.0, 1.0]) | st.floats(SKEW_MIN_BETA, 1.0)
+# Every beta the settings accept: 0, 1, and MIN_BETA up to 1 (a skew refuses smaller ones).
+ACCEPTED_BETAS = st.sampled_from([0.0, 1.0]) | st.floats(MIN_BETA, 1.0)
 
 
 def _finite_with_a_hole(divergence: str, beta: float) -> bool:
@@ -228,7 +228,7 @@ def test_average_of_a_loss_without_terms_has_a_zero_gradient(backend):
 
 # Found by the search: a beta below float32's smallest normal made p / m (skew forward KL, where q / p underflows) or
 # q / m (skew reverse KL, beside a teachers' zero) overflow, the gradient 0 or NaN; such betas are refused now
-# (tests/test_errors.py), as are those below SKEW_MIN_BETA (at 2^-126 the gradient was 1.0 off where q flushed to
+# (tests/test_errors.py), as are those below MIN_BETA (at 2^-126 the gradient was 1.0 off where q flushed to
 # 0), and the smallest one accepted holds on the same rows.
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", ["skew_forward_kl", "skew_reverse_kl"])
@@ -240,7 +240,7 @@ def test_skews_at_the_smallest_beta_accepted(backend, divergence):
     else:  # a column where the teachers have no mass
         teachers = torch.randn(2, 1, 12, generator=generator) * 3
         teachers[..., 5] = -math.inf
-    options = dict(divergence=divergence, beta=SKEW_MIN_BETA, temperature=0.25, kd_weight=1.0, ce_weight=0.0,
+    options = dict(divergence=divergence, beta=MIN_BETA, temperature=0.25, kd_weight=1.0, ce_weight=0.0,
                    t2_scale=True, label_smoothing=0.0, z_loss_weight=0.0, reduction="mean", combine="mixture",
                    weights=None, return_components=False)
     assert_multi_matches_reference(student, list(teachers), None, backend, **options)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import kdfast
 from kdfast.kernel_abi import Divergence
-from kdfast.options import DIVERGENCES, SKEW_MIN_BETA
+from kdfast.options import DIVERGENCES, MIN_BETA
 from kdfast.sparse_options import SparseOptions
 
 BUCKET_DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
@@ -181,7 +181,7 @@ def test_skew_reverse_kl_at_a_beta_below_float32s_range_is_refused():
     for backend in BACKENDS:
         device = device_for(backend)
         assert_sparse_matches_reference(student.to(device), ids.to(device), logprobs.to(device), None, backend,
-                                        divergence="skew_reverse_kl", beta=SKEW_MIN_BETA)
+                                        divergence="skew_reverse_kl", beta=MIN_BETA)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

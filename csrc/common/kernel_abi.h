@@ -93,6 +93,7 @@ struct DistillArgs {
   // loss settings
   int divergence;
   float beta, temperature, inv_temperature, kd_scale, ce_weight;
+  float one_minus_beta;  // 1 - beta taken in double (a mixture's other weight; float 1 - beta loses it near 1)
   int temperature_power;  // 1 or 2 when T is that integer (CE reuses the tempered exps), else 0
   int64_t ignore_index;
   bool has_kd, has_ce;  // has_ce: the student's statistics at T = 1 are needed (the CE term, or the z-loss alone)

@@ -87,6 +87,7 @@ inline PackedCall pack_common(const at::Tensor& student, const std::optional<at:
   KDFAST_CHECK(a.phase != kPhaseFused || a.col_offset == 0, "a fused call covers the whole row (col_offset 0)");
   const double temperature = floats[kSettingTemperature];
   a.beta = static_cast<float>(floats[kSettingBeta]);
+  a.one_minus_beta = static_cast<float>(1.0 - floats[kSettingBeta]);
   a.temperature = static_cast<float>(temperature);
   a.inv_temperature = static_cast<float>(1.0 / temperature);
   a.kd_scale = static_cast<float>(floats[kSettingKdScale]);

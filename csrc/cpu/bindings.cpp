@@ -242,6 +242,7 @@ at::Tensor mapped_rows(const at::Tensor& teacher_logits, const at::Tensor& stude
   args.grad_scale = static_cast<float>(float_settings[4]);
   args.divergence = static_cast<int>(divergence);
   args.beta = static_cast<float>(float_settings[5]);
+  args.one_minus_beta = static_cast<float>(1.0 - float_settings[5]);
   args.parts = parts.data_ptr<float>();
   args.part_columns = 5;
   args.grad = grad.has_value() ? grad->data_ptr<float>() : nullptr;

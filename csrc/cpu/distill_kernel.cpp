@@ -227,7 +227,7 @@ float reference_score(const float* t, const DistillArgs& a, const RowStats& st, 
   const float lt = (t[st.ref_index] - st.ref_t) * a.inv_temperature - st.log_z_t;
   const float p = fast_exp((t[st.ref_index] - st.ref_t) * a.inv_temperature) * st.inv_z_t;
   float term, h;
-  mixture_term_and_score<float>(a.divergence, mc.beta, mc.log_beta, mc.log_1m_beta, ls, lt, st.inv_z_s, p, term, h);
+  mixture_term_and_score<float>(a.divergence, mc, ls, lt, st.inv_z_s, p, term, h);
   return h;
 }
 
@@ -235,7 +235,7 @@ float reference_score(const float* t, const DistillArgs& a, const RowStats& st, 
 // teacher-exp slot (each entry read just before) and sets *d_sum = sum_j q_j d_j.
 __attribute__((flatten)) float mixture_pass(const float* s, const float* t, const DistillArgs& a, const RowStats& st,
                                             Scratch& w, float* d_sum) {
-  const MixtureConstants mc(a.beta);
+  const MixtureConstants mc(a.beta, a.one_minus_beta);
   const float h_ref = reference_score(t, a, st, mc);
   const float inv_t = a.inv_temperature;
   const float* es = w.exp_student.data();
@@ -249,7 +249,7 @@ __attribute__((flatten)) float mixture_pass(const float* s, const float* t, cons
     const F ls = (load<F>(s + j) - st.ref_s) * inv_t - st.log_z_s;
     const F lt = (load<F>(t + j) - st.ref_t) * inv_t - st.log_z_t;
     F term, h;
-    mixture_term_and_score<F>(divergence, mc.beta, mc.log_beta, mc.log_1m_beta, ls, lt, q, p, term, h);
+    mixture_term_and_score<F>(divergence, mc, ls, lt, q, p, term, h);
     const F d = h - h_ref;
     store(et + j, d);
     accumulate(kd_acc, term);

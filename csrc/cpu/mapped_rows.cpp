@@ -158,7 +158,7 @@ __attribute__((flatten)) float divergence_row(const MappedArgs& a, const MappedR
   const MappedColumns& m = a.map;
   const int64_t width = m.student_width, vector_end = width - width % kLanes;
   const float inv_student = 1.0f / m.student_temperature, inv_teacher = 1.0f / m.teacher_temperature;
-  const MixtureConstants mc(a.beta);
+  const MixtureConstants mc(a.beta, a.one_minus_beta);
   const int divergence = a.divergence;
   const auto log_q_at = [&](float zj) { return (zj * inv_student - r.top) - r.log_sum; };
   const auto log_p_at = [&](int32_t column) { return r.t[column] * inv_teacher - r.teacher_shift; };

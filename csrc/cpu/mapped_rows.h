@@ -35,7 +35,7 @@ struct MappedArgs {
   const int64_t* labels;  // [rows] or null
   int64_t ignore_index;
   int divergence;  // kernel_abi.h's Divergence
-  float beta;      // JSD's and the skews'
+  float beta, one_minus_beta;  // JSD's and the skews' (1 - beta from the host's double)
   float kd_scale, ce_weight, grad_scale;
   float* parts;  // [rows, part_columns]: kd, ce, z (left 0), correct, entropy
   int64_t part_columns;

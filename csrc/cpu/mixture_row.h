@@ -58,7 +58,7 @@ __attribute__((noinline, flatten)) inline float own_divergence_sweep(const float
                                                                      float z, const float* student, float student_top,
                                                                      const float* student_exps, float log_z_s,
                                                                      float inv_z_s, const DistillArgs& a) {
-  const MixtureConstants mc(a.beta);
+  const MixtureConstants mc(a.beta, a.one_minus_beta);
   const float inv_t = a.inv_temperature, log_z = std::log(z), inv_z = 1.0f / z;
   LaneSum total{};
   for_lanes(a.vocab, [&](int64_t j, auto zero) {
@@ -66,7 +66,7 @@ __attribute__((noinline, flatten)) inline float own_divergence_sweep(const float
     const F ls = (load<F>(student + j) - student_top) * inv_t - log_z_s;
     const F lt = (load<F>(t + j) - top) * inv_t - log_z;
     F term, h;
-    mixture_term_and_score<F>(a.divergence, mc.beta, mc.log_beta, mc.log_1m_beta, ls, lt,
+    mixture_term_and_score<F>(a.divergence, mc, ls, lt,
                               load<F>(student_exps + j) * inv_z_s, load<F>(exps + j) * inv_z, term, h);
     accumulate(total, term);
   });

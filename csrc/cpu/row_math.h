@@ -160,32 +160,43 @@ inline F weighted(F prob, F log_ratio) {
   return prob == 0.0f ? splat<F>(0.0f) : prob * log_ratio;
 }
 
+// A mixture's weights, beta and 1 - beta, each rounded to float from the host's double, and their logs, each from the
+// smaller weight: 1 - beta in float from a float beta near 1 is off by up to 2^-25 absolute (19% at beta = 1 - 1e-7),
+// and so is log(beta) there, or log(1 - beta) near 0, as the log of a float that rounded to 1.
+struct MixtureConstants {
+  float beta, one_minus_beta, log_beta, log_1m_beta;
+  MixtureConstants(float b, float one_minus_b)
+      : beta(b), one_minus_beta(one_minus_b),
+        log_beta(b > 0.5f ? std::log1p(-one_minus_b) : (b > 0.0f ? std::log(b) : -INFINITY)),
+        log_1m_beta(b < 0.5f ? std::log1p(-b) : (one_minus_b > 0.0f ? std::log(one_minus_b) : -INFINITY)) {}
+};
+
 // A mixture's loss term at one element and its score h = dL/dq (up to a constant, which centring removes), from
 // x = log p - log q: log(m / q) and log(m / p) are log-sum-exps of x and a constant, exact in both limits of a
 // near-one-hot row (no difference of two large log-probabilities). beta > 0 here (beta = 0 is a plain KL). The
 // loops that call it per vector are `flatten`ed: GCC called it out of line there (its outputs through memory, a third
 // of the mixture's own-divergence sweep's samples), while inlining it everywhere slowed the forward KL mixture.
 template <typename F>
-inline void mixture_term_and_score(int divergence, float beta, float log_beta, float log_1m_beta, F ls, F lt, F q,
-                                   F p, F& term, F& h) {
+inline void mixture_term_and_score(int divergence, const MixtureConstants& mc, F ls, F lt, F q, F p, F& term, F& h) {
+  const float beta = mc.beta, one_minus_beta = mc.one_minus_beta, log_beta = mc.log_beta, log_1m_beta = mc.log_1m_beta;
   const F x = lt - ls;
   switch (divergence) {
     case kJSD: {  // m = b p + (1 - b) q
       // Each log ratio a log-sum-exp of its own (log(p / m) as x - log(m / q) loses |x| * eps where p dominates);
       // both share log1p(exp(-|y|)), y = x + log(b / (1 - b)), and swap exactly with p and q at b = 0.5.
       const F y = x + (log_beta - log_1m_beta);
-      const F shared = fast_log_ge1(1.0f + fast_exp(y < 0.0f ? y : -y));
+      const F shared = log1p_unit(fast_exp(y < 0.0f ? y : -y));
       const F to_q = x + log_beta, to_p = log_1m_beta - x;
       const F log_m_over_q = (to_q > log_1m_beta ? to_q : splat<F>(log_1m_beta)) + shared;
       const F log_m_over_p = (to_p > log_beta ? to_p : splat<F>(log_beta)) + shared;
-      term = -beta * weighted(p, log_m_over_p) - (1.0f - beta) * weighted(q, log_m_over_q);
-      h = -(1.0f - beta) * log_m_over_q;
+      term = -beta * weighted(p, log_m_over_p) - one_minus_beta * weighted(q, log_m_over_q);
+      h = -one_minus_beta * log_m_over_q;
       break;
     }
     case kSkewForwardKL: {  // KL(p || m), m = b p + (1 - b) q: p / m <= 1 / b
       const F log_m_over_p = log_add_exp(splat<F>(log_beta), log_1m_beta - x);
       term = -weighted(p, log_m_over_p);
-      h = -(1.0f - beta) * fast_exp(-log_m_over_p);
+      h = -one_minus_beta * fast_exp(-log_m_over_p);
       break;
     }
     case kTVD: {  // 0.5 * sum |p - q|; h its subgradient, -0.5 where q == p (Liger's LigerTVDLoss)
@@ -197,7 +208,9 @@ inline void mixture_term_and_score(int divergence, float beta, float log_beta, f
     default: {  // kSkewReverseKL: KL(q || m), m = (1 - b) p + b q: q / m <= 1 / b
       const F log_m_over_q = log_add_exp(splat<F>(log_beta), x + log_1m_beta);
       term = -weighted(q, log_m_over_q);
-      h = -log_m_over_q - beta * fast_exp(-log_m_over_q);
+      // -log(m / q) - b q / m shifted by +1 (centring drops it): (1 - b) p / m - log(m / q), with no O(1) part for
+      // the gradient's O(1 - b) to round against near b = 1 (3% of it lost at b = 0.9999).
+      h = one_minus_beta * fast_exp(x - log_m_over_q) - log_m_over_q;
       break;
     }
   }
@@ -245,12 +258,6 @@ inline void write_skipped_row(const DistillArgs& a, int64_t row, float loss) {
   }
 }
 
-struct MixtureConstants {
-  float beta, log_beta, log_1m_beta;
-  explicit MixtureConstants(float b)
-      : beta(b), log_beta(b > 0.0f ? std::log(b) : -INFINITY), log_1m_beta(b < 1.0f ? std::log1p(-b) : -INFINITY) {}
-};
-
 // A sparse or mapped bucket's divergence term and its score h (dL/dQ up to a constant), from its log Q and log P
 // (the sparse algebra's buckets: csrc/cpu/sparse_kernel.cpp, mapped_rows.cpp); not forward KL.
 template <typename F>
@@ -260,8 +267,7 @@ inline void bucket_term_and_score(int divergence, const MixtureConstants& mc, F 
     term = weighted(q, h);
     return;
   }
-  mixture_term_and_score<F>(divergence, mc.beta, mc.log_beta, mc.log_1m_beta, log_q, log_p, q, fast_exp(log_p), term,
-                            h);
+  mixture_term_and_score<F>(divergence, mc, log_q, log_p, q, fast_exp(log_p), term, h);
 }
 
 // How the gradient pass finds softmax(s)_j at temperature 1: from the tempered exps (T = 1: as they are,

@@ -30,7 +30,7 @@ struct ShardRow {
 template <int kKd, int kCe, typename GradT>
 ShardSums shard_loop(const float* s, const float* t, GradT* g, const ShardRow& r, const DistillArgs& a) {
   const float inv_t = a.inv_temperature;
-  const MixtureConstants mc(a.beta);
+  const MixtureConstants mc(a.beta, a.one_minus_beta);
   const int divergence = a.divergence;
   LaneSum kd_acc{}, d_acc{}, entropy_acc{};
   // SUMS alone reports it; without a divergence or CE no student statistics were given
@@ -56,7 +56,7 @@ ShardSums shard_loop(const float* s, const float* t, GradT* g, const ShardRow& r
       }
       if constexpr (kKd == kShardMixture) {
         F term, h;
-        mixture_term_and_score<F>(divergence, mc.beta, mc.log_beta, mc.log_1m_beta, ls, lt, q, p, term, h);
+        mixture_term_and_score<F>(divergence, mc, ls, lt, q, p, term, h);
         accumulate(kd_acc, term);
         accumulate_weighted(d_acc, q, h);
         grad_kd = weighted(q, h - r.total_d);

@@ -154,7 +154,7 @@ __attribute__((flatten)) BucketSums bucket_math(const DistillArgs& a, Buckets& b
     const float rest_q = std::exp(b.log_q[n - 1]), rest_p = std::exp(b.log_p[n - 1]);
     return {kd, 0.0f, total - (rest_q > 0.0f && !floored ? rest_p / rest_q : 0.0f)};
   }
-  const MixtureConstants mc(a.beta);
+  const MixtureConstants mc(a.beta, a.one_minus_beta);
   float* q_of = b.id_gradients.data();  // each bucket's Q, until its gradient is formed from it below
   for_lanes(n, [&](int64_t i, auto zero) {
     using F = decltype(zero);
@@ -170,9 +170,9 @@ __attribute__((flatten)) BucketSums bucket_math(const DistillArgs& a, Buckets& b
   for (int64_t i = 0; i < n; ++i) {
     if (b.log_q[i] > b.log_q[reference]) reference = i;
   }
-  // A column's score: its entries' scores and, per further entry, the constant the score leaves out (the +1 of
-  // Q log Q): sparse_math.py, SCORE_CONSTANT.
-  const bool has_constant = a.divergence == kReverseKL || a.divergence == kSkewReverseKL;
+  // A column's score: its entries' scores and, per further entry, the constant the score leaves out (reverse KL's
+  // +1 of Q log Q; the skew reverse KL's score holds its own): sparse_math.py, SCORE_CONSTANT.
+  const bool has_constant = a.divergence == kReverseKL;
   column_sums(b, n - 1, b.scores, has_constant ? 1.0f : 0.0f, b.column_sums, b.scores);
   if (centre) {
     const float score_r = b.scores[reference];

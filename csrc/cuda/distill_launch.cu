@@ -48,8 +48,16 @@ Launch make_launch(const DistillArgs& args) {
   // Without KD the kernel runs at T = 1, where cross-entropy shares the student's statistics.
   const float inv_t = args.has_kd ? args.inv_temperature : 1.0f;
   launch.k = kLog2e * inv_t;
-  launch.log2_beta = args.beta > 0.0f ? std::log2(args.beta) : -INFINITY;
-  launch.log2_1m_beta = args.beta < 1.0f ? std::log2(1.0f - args.beta) : -INFINITY;
+  // Each log from the smaller weight (csrc/cpu/row_math.h's MixtureConstants): the log of a float that rounded to
+  // 1 loses it (log(1 - beta) at beta = 1e-8, log(beta) at 1 - 1e-8).
+  launch.one_minus_beta = args.one_minus_beta;
+  launch.log2_beta = args.beta > 0.5f ? std::log1p(-args.one_minus_beta) * kLog2e
+                                      : (args.beta > 0.0f ? std::log2(args.beta) : -INFINITY);
+  launch.log2_1m_beta = args.beta < 0.5f ? std::log1p(-args.beta) * kLog2e
+                                         : (args.one_minus_beta > 0.0f ? std::log2(args.one_minus_beta) : -INFINITY);
+  // JSD's shared log2(1 + e) carries the loss's digits where a weight is small (the log ratios are then about that
+  // weight); elsewhere the path measured on an H200 (lg2.approx) stands until a GPU times the series there.
+  launch.exact_log1p = std::min(args.beta, args.one_minus_beta) < 0.0625f;
   if (!args.has_ce) {
     launch.ce_stats = kCeNone;
   } else if (!args.has_kd || args.inv_temperature == 1.0f) {

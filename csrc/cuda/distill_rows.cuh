@@ -31,7 +31,9 @@ constexpr int kWorkspaceTerms = 2;  // mixtures: sum of loss terms, D
 struct Launch {
   DistillArgs a;
   float k;             // log2(e) / T: exponents are (x - max) * k (T = 1 without KD)
+  float one_minus_beta;  // 1 - beta from the host's double (kernel_abi.h)
   float log2_beta, log2_1m_beta;
+  bool exact_log1p;  // JSD's log2(1 + e) by its series: beta or 1 - beta below 1/16 (distill_launch.cu)
   int ce_stats;        // CeStats
 };
 
@@ -111,29 +113,37 @@ __device__ Stats range_stats(const Launch& L, const RowPointers<S, T>& p, int64_
 // JSD and the skews: the element's loss term and score h = dL/dq (natural units, up to a constant), from
 // x = log2 p - log2 q: log2(m / q) and log2(m / p) are log-sum-exps of x and a constant, exact in both limits of a
 // near-one-hot row. beta > 0 here (beta = 0 is a plain KL).
-__device__ __forceinline__ void mixture_terms(int divergence, float beta, float log2_beta, float log2_1m_beta,
-                                              float lq, float lp, float q, float p, float& term, float& h) {
+__device__ __forceinline__ void mixture_terms(const Launch& L, float lq, float lp, float q, float p, float& term,
+                                              float& h) {
+  const int divergence = L.a.divergence;
+  const float beta = L.a.beta, one_minus_beta = L.one_minus_beta, log2_beta = L.log2_beta;
+  const float log2_1m_beta = L.log2_1m_beta;
   const float x = lp - lq;
   if (divergence == kJSD) {  // m = b p + (1 - b) q
     // Each log ratio a log-sum-exp of its own (log(p / m) as x - log(m / q) loses |x| * eps where p dominates);
     // both share log2(1 + 2^-|y|), y = x + log2(b / (1 - b)), and swap exactly with p and q at b = 0.5. A NaN
     // reaches both through the shared term (fmaxf drops it).
-    const float shared = fast_log2(1.0f + fast_exp2(-fabsf(x + (log2_beta - log2_1m_beta))));
+    const float e = fast_exp2(-fabsf(x + (log2_beta - log2_1m_beta)));
+    // lg2.approx(1 + e) (2^-22 absolute) where both weights are large, as measured on an H200; the exact series where
+    // one is small and the log ratios with it (Launch::exact_log1p).
+    const float shared = L.exact_log1p ? log2_1p_unit(e) : fast_log2(1.0f + e);
     const float log2_m_over_q = fmaxf(x + log2_beta, log2_1m_beta) + shared;
     const float log2_m_over_p = fmaxf(log2_1m_beta - x, log2_beta) + shared;
-    term = -kLn2 * (beta * weighted(p, log2_m_over_p) + (1.0f - beta) * weighted(q, log2_m_over_q));
-    h = -(1.0f - beta) * kLn2 * log2_m_over_q;
+    term = -kLn2 * (beta * weighted(p, log2_m_over_p) + one_minus_beta * weighted(q, log2_m_over_q));
+    h = -one_minus_beta * kLn2 * log2_m_over_q;
   } else if (divergence == kSkewForwardKL) {  // KL(p || m), m = b p + (1 - b) q: p / m <= 1 / b
     const float log2_m_over_p = log2_add_exp2(log2_beta, log2_1m_beta - x);
     term = -kLn2 * weighted(p, log2_m_over_p);
-    h = -(1.0f - beta) * fast_exp2(-log2_m_over_p);
+    h = -one_minus_beta * fast_exp2(-log2_m_over_p);
   } else if (divergence == kTVD) {  // 0.5 * sum |p - q|; h its subgradient, -0.5 where q == p (Liger's)
     term = 0.5f * fabsf(p - q);
     h = q > p ? 0.5f : -0.5f;
   } else {  // skew reverse KL: KL(q || m), m = (1 - b) p + b q: q / m <= 1 / b
     const float log2_m_over_q = log2_add_exp2(log2_beta, x + log2_1m_beta);
     term = -kLn2 * weighted(q, log2_m_over_q);
-    h = -kLn2 * log2_m_over_q - beta * fast_exp2(-log2_m_over_q);
+    // -ln(m / q) - b q / m shifted by +1 (centring drops it): (1 - b) p / m - ln(m / q), with no O(1) part for the
+    // gradient's O(1 - b) to round against near b = 1 (on the CPU, 3% of it lost at b = 0.9999).
+    h = one_minus_beta * fast_exp2(x - log2_m_over_q) - kLn2 * log2_m_over_q;
   }
 }
 
@@ -173,8 +183,7 @@ __device__ __forceinline__ RowConstants row_constants(const Launch& L, const Sta
     const float lq = -k.log2_z_s;  // s_r is the row's max
     const float lp = (st.t_ref - k.ref_t) * L.k - k.log2_z_t;
     float term;
-    mixture_terms(L.a.divergence, L.a.beta, L.log2_beta, L.log2_1m_beta, lq, lp, fast_exp2(lq), fast_exp2(lp), term,
-                  k.h_ref);
+    mixture_terms(L, lq, lp, fast_exp2(lq), fast_exp2(lp), term, k.h_ref);
   }
   return k;
 }
@@ -192,7 +201,7 @@ __device__ float2 range_mixture_sums(const Launch& L, const RowPointers<S, T>& p
       const float lq = (s[i] - k.ref_s) * L.k - k.log2_z_s, lp = (t[i] - k.ref_t) * L.k - k.log2_z_t;
       const float q = fast_exp2(lq);
       float term, h;
-      mixture_terms(a.divergence, a.beta, L.log2_beta, L.log2_1m_beta, lq, lp, q, fast_exp2(lp), term, h);
+      mixture_terms(L, lq, lp, q, fast_exp2(lp), term, h);
       acc.x += term;
       acc.y += col + i == k.ref_col ? 0.0f : weighted(q, h - k.h_ref);
     }
@@ -243,7 +252,7 @@ __device__ void range_gradient(const Launch& L, const RowPointers<S, T>& p, cons
       if (MODE == kModeReverseKL) grad_kd = weighted(q, kLn2 * (((s[i] - k.ref_s) - (t[i] - k.t_ref)) * L.k) - k.rkl_d);
       if (MODE == kModeMixture) {
         float term, h;
-        mixture_terms(a.divergence, a.beta, L.log2_beta, L.log2_1m_beta, lq, lp, q, fast_exp2(lp), term, h);
+        mixture_terms(L, lq, lp, q, fast_exp2(lp), term, h);
         grad_kd = weighted(q, (col + i == k.ref_col ? 0.0f : h - k.h_ref) - mixture_d);
       }
       g[i] = kd_coef * grad_kd;

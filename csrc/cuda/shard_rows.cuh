@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kThreads) distill_shard_kernel(const Launch L)
           grad_kd = weighted(q, c - total_d);
         } else {
           float term, h;
-          mixture_terms(a.divergence, a.beta, L.log2_beta, L.log2_1m_beta, lq, lp, q, pt, term, h);
+          mixture_terms(L, lq, lp, q, pt, term, h);
           acc.x += term;
           acc.y += weighted(q, h);
           grad_kd = weighted(q, h - total_d);

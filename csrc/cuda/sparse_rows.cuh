@@ -90,7 +90,7 @@ __device__ __forceinline__ void bucket_scores(const Launch& L, int mode, float l
     h = kLn2 * (lq - lp);
     return;
   }
-  mixture_terms(L.a.divergence, L.a.beta, L.log2_beta, L.log2_1m_beta, lq, lp, fast_exp2(lq), fast_exp2(lp), term, h);
+  mixture_terms(L, lq, lp, fast_exp2(lq), fast_exp2(lp), term, h);
 }
 
 // A rest below this share of the row's float64 sum is summed again over its own columns: total - (the exps at the
@@ -370,8 +370,8 @@ __global__ void __launch_bounds__(kThreads, 4) sparse_row_kernel(const Launch L)
       }
       __syncthreads();
       // A column's score: its entries' scores and, per further entry, the +1 of Q log Q the score leaves out
-      // (kdfast/sparse_math.py, SCORE_CONSTANT).
-      const float extra = (MODE == kModeReverseKL || a.divergence == kSkewReverseKL) ? 1.0f : 0.0f;
+      // (reverse KL; the skew reverse KL's score holds its own: kdfast/sparse_math.py, SCORE_CONSTANT).
+      const float extra = MODE == kModeReverseKL ? 1.0f : 0.0f;
       for (int64_t k = threadIdx.x; k < k_count; k += kThreads) {
         if (sh.column[k] >= 0.0f) sh.gradient[k] = column_sum(sh, k_count, k, sh.score, extra, ids_ascend);
       }
