@@ -27,7 +27,12 @@ def _log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> t
     """log(w * a + (1 - w) * b) as a log-sum-exp of log-probabilities (never log of underflowed sums)."""
     log_w = math.log(weight_a) if weight_a > 0 else -math.inf
     log_1mw = math.log1p(-weight_a) if weight_a < 1 else -math.inf
-    return torch.logsumexp(torch.stack([log_a + log_w, log_b + log_1mw]), dim=0)
+    # A column where both are -inf (a token both models mask) is -inf, with a zero gradient: logsumexp's own
+    # backward there is 0 * exp(-inf - -inf), NaN.
+    both_zero = (log_a == -math.inf) & (log_b == -math.inf)
+    log_a, log_b = log_a.masked_fill(both_zero, 0.0), log_b.masked_fill(both_zero, 0.0)
+    mixed = torch.logsumexp(torch.stack([log_a + log_w, log_b + log_1mw]), dim=0)
+    return mixed.masked_fill(both_zero, -math.inf)
 
 
 def divergence_rows(student_logits, teacher_logits, divergence: str, beta: float, temperature: float):
