@@ -28,6 +28,9 @@ from kdfast.vocab_map import VocabMap
 METHODS = ("mapped", "uld", "hybrid")
 
 
+# Driven from the host (a kernel object, several calls or chunks): torch.compile runs the model around it and calls
+# it as is, rather than tracing into it (README, "Backends").
+@torch.compiler.disable
 def cross_vocab_distill_loss(student_logits, teacher_logits, labels=None, *, vocab_map, alignment=None,
                              method="hybrid", matched_weight=None, unmatched_weight=None, divergence="forward_kl",
                              beta=0.5, temperature=1.0, student_temperature=None, teacher_temperature=None,

@@ -73,6 +73,9 @@ def check_teachers(student_logits, teachers: list, opts: LossOptions) -> None:
                              f"{tuple(teachers[0].shape)}: the teachers must have one shape")
 
 
+# Driven from the host (a kernel object, several calls or chunks): torch.compile runs the model around it and calls
+# it as is, rather than tracing into it (README, "Backends").
+@torch.compiler.disable
 def multi_teacher_distill_loss(student_logits, teacher_logits, labels=None, *, weights=None, combine="mixture",
                                divergence="forward_kl", beta=0.5, temperature=1.0, kd_weight=1.0, ce_weight=0.0,
                                t2_scale=True, ignore_index=-100, reduction="mean", num_items_in_batch=None,
