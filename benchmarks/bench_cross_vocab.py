@@ -1,6 +1,7 @@
 """A teacher with another tokenizer: forward+backward of kdfast.cross_vocab_distill_loss ("uld", "hybrid", "mapped"
 under forward KL and under JSD) against TRL's GOLD `ULDLoss` (plain ULD and its hybrid) on the same aligned rows, and
-the copy floor (the student's and the teacher's logits read once, the gradient written once).
+the floors of its bytes (the student's and the teacher's logits read once, the gradient written once) at the copy's
+bandwidth and at the memory's (bench_distill.inplace_method).
 
 Same inputs, one process; medians of interleaved rounds and ratios; each contender's result is checked against
 TRL's (or the float64 reference) before it is timed. CPU default: 512 aligned rows, V_s = 32000, V_t = 40000, a
@@ -27,7 +28,14 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or through `kdfast bench`
-from bench_distill import environment, parse_benchmark_args, time_methods, write_csv  # noqa: E402
+from bench_distill import (  # noqa: E402
+    environment,
+    floor_bandwidths,
+    inplace_method,
+    parse_benchmark_args,
+    time_methods,
+    write_csv,
+)
 
 import kdfast  # noqa: E402
 from kdfast import cross_vocab_rows  # noqa: E402
@@ -163,14 +171,19 @@ def run(args) -> list[dict]:
     methods, student, teacher, vocab_map = contenders(args, device)
     source = torch.cat([student, teacher], dim=1)
     target = torch.empty(args.rows, args.student_vocab * 2 + args.teacher_vocab, device=device)
-    methods["copy"] = lambda: target[:, :source.shape[1]].copy_(source)
-    console.print(f"[dim]timing {len(methods) - 1} contenders and a copy, {args.repeats} rounds...[/dim]")
-    medians = time_methods(methods, device, args.repeats, warmup=1)
-    copy_ms = medians.pop("copy")
-    # The floor: both logits read once and the student's gradient written once, at the copy's bandwidth (a copy
-    # reads and writes the same bytes).
-    floor_ms = copy_ms * (2 * args.student_vocab + args.teacher_vocab) / (2 * source.shape[1])
-    rows = [{"method": name, "median_ms": ms, "x_floor": ms / floor_ms, "floor_ms": floor_ms, "rows": args.rows,
+    floors = {"copy": (lambda: target[:, :source.shape[1]].copy_(source), 2 * source.numel() * 4)}
+    if device.type == "cpu":
+        floors["in-place pass"] = inplace_method(source, source, device)
+    console.print(f"[dim]timing {len(methods)} contenders and {', '.join(floors)}, {args.repeats} rounds...[/dim]")
+    medians = time_methods({**methods, **{name: fn for name, (fn, _) in floors.items()}}, device, args.repeats,
+                           warmup=1)
+    bandwidth, memory_bandwidth = floor_bandwidths(medians, floors)
+    # The floor: both logits read once and the student's gradient written once, at the copy's bandwidth and at the
+    # memory's (bench_distill.inplace_method).
+    floor_bytes = args.rows * (2 * args.student_vocab + args.teacher_vocab) * 4
+    floor_ms, memory_floor_ms = floor_bytes / bandwidth * 1e3, floor_bytes / memory_bandwidth * 1e3
+    rows = [{"method": name, "median_ms": ms, "x_floor": ms / floor_ms, "floor_ms": floor_ms,
+             "x_memory_floor": ms / memory_floor_ms, "memory_floor_ms": memory_floor_ms, "rows": args.rows,
              "student_vocab": args.student_vocab, "teacher_vocab": args.teacher_vocab, "matched": vocab_map.matched,
              **env} for name, ms in medians.items()]
     for row in rows:
@@ -179,11 +192,11 @@ def run(args) -> list[dict]:
     table = Table(title=f"{args.rows} aligned rows, V_s {args.student_vocab}, V_t {args.teacher_vocab}, "
                         f"{vocab_map.matched} shared tokens, fp32 fwd+bwd (medians of {args.repeats} interleaved "
                         "rounds)")
-    for column in ("method", "median ms", "x copy floor", "TRL / this"):
+    for column in ("method", "median ms", "x copy floor", "x memory floor", "TRL / this"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in rows:
         table.add_row(row["method"], f"{row['median_ms']:.1f}", f"{row['x_floor']:.2f}",
-                      f"{row['trl_over_this']:.2f}")
+                      f"{row['x_memory_floor']:.2f}", f"{row['trl_over_this']:.2f}")
     console.print(table)
     write_csv(rows, env, name="bench_cross_vocab")
     return rows

@@ -2,10 +2,11 @@
 
 Same inputs, same process; medians over repeats, ratios, and the extra peak memory of each contender
 (on the CPU measured in a fresh process per contender, with --full or --memory).
-CPU (default): 2048 x 32000 fp32, forward_kl + CE, T=2, against the copy-bandwidth floor (12 bytes per
-element: read both logits, write the gradient); --full adds torch.compile (a minute's compile on the CPU), rounds
-and the memory. CUDA: 8192 x 128256 bf16 with triton.testing.do_bench, reporting GB/s for the bytes each kernel
-must move.
+CPU (default): 2048 x 32000 fp32, forward_kl + CE, T=2, against two floors of 12 bytes per element (read both
+logits, write the gradient): at the copy's bandwidth, and at the memory's (the faster of the copy and an in-place
+pass, which a CPU copy's write-allocate undercounts: `inplace_method`); --full adds torch.compile (a minute's
+compile on the CPU), rounds and the memory. CUDA: 8192 x 128256 bf16 with triton.testing.do_bench, reporting
+GB/s for the bytes each kernel must move.
 
     python benchmarks/bench_distill.py [--full] [--tokens N --vocab V --dtype fp32 --repeats R --compile]
 """
@@ -97,6 +98,30 @@ def copy_method(student, device):
     return (lambda: dst.copy_(src)), 2 * src.numel() * src.element_size()  # read + write
 
 
+def inplace_method(student, teacher, device):
+    """The memory's own bandwidth, for the CPU's second floor: work += 1e-30 * teacher reads two logits-sized tensors
+    and writes one back over the lines it has just read, an in-place loss's pattern. A CPU's store first reads its
+    line (write-allocate), so a copy moves 3 bytes for the 2 it counts and its bandwidth undercounts the memory's: on
+    a 2-core Zen 5 this pass ran at 1.5x the copy's counted bandwidth (92-97 against 62-64 GB/s, 2048 x 32000 fp32,
+    2026-12-05). A GPU writes whole lines without reading them: there the copy is the floor."""
+    work, source = student.float().clone(), teacher.float()
+    return (lambda: work.add_(source, alpha=1e-30)), 3 * work.numel() * work.element_size()
+
+
+def floor_probes(student, teacher, device) -> dict:
+    """name -> (callable, bytes it moves): the copy everywhere, and on the CPU the in-place pass too."""
+    probes = {"copy": copy_method(student, device)}
+    if device.type == "cpu":
+        probes["in-place pass"] = inplace_method(student, teacher, device)
+    return probes
+
+
+def floor_bandwidths(medians: dict, probes: dict) -> tuple[float, float]:
+    """(the copy's counted bandwidth, the memory's: the fastest probe's), bytes/s, from the probes' medians (popped)."""
+    rates = {name: moved / (medians.pop(name) / 1e3) for name, (_, moved) in probes.items()}
+    return rates["copy"], max(rates.values())
+
+
 def kernel_bytes_for(args):
     """Bytes a fwd+bwd must move: both rows read once per pass, the gradient written, and on a GPU the
     backward's rescale by grad_output (read + write of the gradient: it cannot test for 1 without a sync)."""
@@ -160,15 +185,17 @@ def run(args) -> list[dict]:
 
     console = Console(width=max(100, Console().width))
     methods = contenders(student, teacher, labels, options, args.compile)
-    copy, copy_bytes = copy_method(student, device)
-    console.print(f"[dim]timing {', '.join(methods)} and a copy, {args.repeats} interleaved rounds...[/dim]")
-    medians = time_methods({**methods, "copy": copy}, device, args.repeats)
+    probes = floor_probes(student, teacher, device)
+    console.print(f"[dim]timing {', '.join(methods)} and {', '.join(probes)}, {args.repeats} interleaved "
+                  "rounds...[/dim]")
+    medians = time_methods({**methods, **{name: probe for name, (probe, _) in probes.items()}}, device, args.repeats)
     peaks = extra_peaks(methods, args, device, __file__)
     rows = [{"method": name, "median_ms": medians[name], "extra_peak_bytes": peaks[name]} for name in methods]
-    bandwidth = copy_bytes / (medians["copy"] / 1e3)
+    bandwidth, memory_bandwidth = floor_bandwidths(medians, probes)
     # CPU: 12 bytes per element (the issue's floor); GPU: the kernel's own pass traffic.
     floor_bytes = 3 * student.numel() * 4 if device.type == "cpu" else kernel_bytes_for(args)
     floor_ms = floor_bytes / bandwidth * 1e3
+    memory_floor_ms = floor_bytes / memory_bandwidth * 1e3
     eager_ms = rows[0]["median_ms"]
     compile_ms = next((r["median_ms"] for r in rows if r["method"] == "torch.compile"), None)
     env = environment(device)
@@ -178,7 +205,8 @@ def run(args) -> list[dict]:
                    speedup_vs_eager=eager_ms / row["median_ms"],
                    speedup_vs_compile=(compile_ms / row["median_ms"]) if compile_ms else None,
                    ratio_to_floor=row["median_ms"] / floor_ms, floor_ms=floor_ms,
-                   copy_bandwidth_gbs=bandwidth / 1e9)
+                   copy_bandwidth_gbs=bandwidth / 1e9, ratio_to_memory_floor=row["median_ms"] / memory_floor_ms,
+                   memory_floor_ms=memory_floor_ms, memory_bandwidth_gbs=memory_bandwidth / 1e9)
     report(console, rows, env, args, floor_ms, bandwidth)
     write_csv(rows, env)
     return rows
@@ -187,19 +215,24 @@ def run(args) -> list[dict]:
 def report(console, rows, env, args, floor_ms, bandwidth):
     table = Table(title=f"fwd+bwd, {args.tokens} x {args.vocab} {args.dtype}, {args.divergence} + CE "
                         f"(ce_weight={args.ce_weight}), T={args.temperature} on {env['device']}")
-    for column in ("method", "median ms", "x eager", "x compile", "x floor", "extra peak MiB"):
+    for column in ("method", "median ms", "x eager", "x compile", "x copy floor", "x memory floor",
+                   "extra peak MiB"):
         table.add_column(column, justify="right" if column != "method" else "left")
     for row in rows:
         vs_compile = f"{row['speedup_vs_compile']:.2f}" if row["speedup_vs_compile"] else "-"
         table.add_row(row["method"], f"{row['median_ms']:.1f}", f"{row['speedup_vs_eager']:.2f}", vs_compile,
-                      f"{row['ratio_to_floor']:.2f}", mib(row["extra_peak_bytes"]))
+                      f"{row['ratio_to_floor']:.2f}", f"{row['ratio_to_memory_floor']:.2f}",
+                      mib(row["extra_peak_bytes"]))
     console.print(table)
     if args.device == "cuda":
         for row in rows:
             if row["method"].startswith("kdfast"):
                 gbs = kernel_bytes_for(args) / (row["median_ms"] / 1e3) / 1e9
                 console.print(f"{row['method']}: {gbs:.0f} GB/s = {gbs / (bandwidth / 1e9):.0%} of copy bandwidth")
-    console.print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s -> floor {floor_ms:.1f} ms; "
+    memory = rows[0]["memory_bandwidth_gbs"]
+    console.print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s -> copy floor {floor_ms:.1f} ms; memory bandwidth "
+                  f"{memory:.1f} GB/s (the faster of the copy and an in-place pass) -> memory floor "
+                  f"{floor_ms * bandwidth / 1e9 / memory:.1f} ms; "
                   f"medians of {args.repeats}; "
                   f"torch {env['torch']}, {env['threads']} threads, {env['cpu_capability']}, "
                   f"THP_MEM_ALLOC_ENABLE={env['thp_mem_alloc']}")

@@ -36,9 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or t
 from bench_distill import (  # noqa: E402
     DTYPES,
     add_memory_option,
-    copy_method,
     environment,
     extra_peaks,
+    floor_bandwidths,
+    floor_probes,
     mib,
     parse_benchmark_args,
     time_methods,
@@ -270,13 +271,15 @@ def timed(methods: dict, device, repeats: int, warmup: int):
     return medians, failed
 
 
-def measured(console, methods: dict, failed: dict, device, repeats: int, warmup: int, what: str, floor=None):
-    """Probe and time the contenders not already failed: (name -> median ms, name -> why it failed). `floor`, a
-    (name, callable) timed with them and never failing, is the copy whose time gives the bandwidth."""
+def measured(console, methods: dict, failed: dict, device, repeats: int, warmup: int, what: str, floors=None):
+    """Probe and time the contenders not already failed: (name -> median ms, name -> why it failed). `floors`,
+    name -> callable timed with them and never failing, are the passes whose times give the bandwidths."""
+    floors = floors or {}
     failed = {**failed, **probe({name: fn for name, fn in methods.items() if name not in failed})}
     working = {name: fn for name, fn in methods.items() if name not in failed}
-    console.print(f"[dim]timing {len(working)} {what}{' and a copy' if floor else ''}, {repeats} rounds...[/dim]")
-    medians, late = timed({**working, **dict([floor] if floor else [])}, device, repeats, warmup)
+    console.print(f"[dim]timing {len(working)} {what}{''.join(f' and {name}' for name in floors)}, {repeats} "
+                  "rounds...[/dim]")
+    medians, late = timed({**working, **floors}, device, repeats, warmup)
     return medians, {**failed, **late}
 
 
@@ -316,18 +319,22 @@ def logits_rows(console, args, device, env) -> list[dict]:
                          **{mixture_name(b): b for b in GPU_BACKENDS}, READS_TWICE_NAME: READS_TWICE}, checks)
     refuse_on_cpu(failed, device)
     methods = logits_contenders(args, student, teachers, labels)
-    copy, copy_bytes = copy_method(student, device)
-    # Two warm-up calls each, as before: the probe's and one more (the copy's rounds interleaved with theirs).
+    probes = floor_probes(student, teachers[0], device)
+    # Two warm-up calls each, as before: the probe's and one more (the floors' rounds interleaved with theirs).
     medians, failed = measured(console, methods, failed, device, args.repeats, 1, "logits-level contenders",
-                               floor=("copy", copy))
-    bandwidth = copy_bytes / (medians.pop("copy") / 1e3)
+                               floors={name: fn for name, (fn, _) in probes.items()})
+    bandwidth, memory_bandwidth = floor_bandwidths(medians, probes)
     # On a GPU each contender's extra peak memory in this process; on the CPU not measured at this level.
     peaks = peaks_of(methods, medians, failed, args, device) if device.type == "cuda" else {}
-    # The floor: the student and the M teachers read once, the gradient written once, at the copy bandwidth.
-    floor_ms = student.numel() * student.element_size() * (args.teachers + 2) / bandwidth * 1e3
+    # The floor: the student and the M teachers read once, the gradient written once, at the copy bandwidth (and
+    # at the memory's: bench_distill.inplace_method).
+    floor_bytes = student.numel() * student.element_size() * (args.teachers + 2)
+    floor_ms, memory_floor_ms = floor_bytes / bandwidth * 1e3, floor_bytes / memory_bandwidth * 1e3
     loop_ms = medians.get(f"loop of {args.teachers} kdfast calls (average)")
     return [{"form": "logits", "method": name, "median_ms": medians.get(name),
              "x_floor": medians[name] / floor_ms if name in medians else None,
+             "x_memory_floor": medians[name] / memory_floor_ms if name in medians else None,
+             "memory_floor_ms": memory_floor_ms,
              "x_loop": loop_ms / medians[name] if name in medians and loop_ms else None, "floor_ms": floor_ms,
              "extra_peak_bytes": peaks.get(name), "tokens": args.tokens, "vocab": args.vocab,
              "teachers": args.teachers, **env, "error": failed.get(name)}
@@ -379,18 +386,21 @@ def run(args) -> list[dict]:
 def report(console, rows, args, env) -> None:
     for form, title in (("logits", f"{args.teachers} teachers, {args.tokens} x {args.vocab} {args.dtype} logits, "
                                    f"forward KL + CE({args.ce_weight}); floor: {args.teachers + 2} x "
-                                   f"{DTYPES[args.dtype].itemsize} bytes per element at the copy bandwidth"),
+                                   f"{DTYPES[args.dtype].itemsize} bytes per element at the copy bandwidth "
+                                   "(memory floor: at the faster of the copy and an in-place pass)"),
                         ("linear", f"{len(args.teacher_hidden)} teacher heads (H {tuple(args.teacher_hidden)}), "
                                    f"{args.linear_tokens} tokens, H_s {args.hidden}, V {args.vocab}; floor: the "
                                    "GEMMs alone")):
         on = "" if args.device == "cpu" else f" on {env['device']}"
         table = Table(title=f"{title}{on} (medians of {args.repeats} interleaved rounds)")
         failures = any(row.get("error") for row in rows)
-        columns = ["method", "median ms", "x floor", "loop / this", "extra peak MiB"] + ["failed"] * failures
+        columns = (["method", "median ms", "x floor"] + ["x memory floor"] * (form == "logits")
+                   + ["loop / this", "extra peak MiB"] + ["failed"] * failures)
         for column in columns:
             table.add_column(column, justify="left" if column in ("method", "failed") else "right")
         for row in (r for r in rows if r["form"] == form):
             cells = [row["method"], number(row["median_ms"], ".1f"), number(row["x_floor"], ".2f"),
+                     *([number(row["x_memory_floor"], ".2f")] if form == "logits" else []),
                      number(row["x_loop"], ".2f"), mib(row.get("extra_peak_bytes"))]
             table.add_row(*cells, *[row.get("error") or ""] * failures)
         console.print(table)

@@ -1,7 +1,7 @@
 """Forward+backward of kdfast.sparse_distill_loss (a teacher given as its top-k ids and log-probs) vs the same loss
 in eager PyTorch as DistillKit and axolotl write it (the student's full log-softmax, gathered at the ids) and under
-torch.compile, against the copy-bandwidth floor of 8 bytes per element (read the student's logits once, write the
-gradient).
+torch.compile, against two floors of 8 bytes per element (read the student's logits once, write the gradient): at the
+copy's bandwidth and at the memory's (bench_distill.inplace_method).
 
 Same inputs, same process; medians of interleaved rounds, ratios, and the extra peak memory of each contender (on
 the CPU measured in a fresh process per contender, with --full or --memory).
@@ -27,9 +27,10 @@ from bench_distill import (  # noqa: E402
     DTYPES,
     add_compile_option,
     add_memory_option,
-    copy_method,
     environment,
     extra_peaks,
+    floor_bandwidths,
+    floor_probes,
     mib,
     parse_benchmark_args,
     time_methods,
@@ -129,13 +130,15 @@ def run(args) -> list[dict]:
 
     console = Console(width=max(110, Console().width))
     methods = contenders(student, ids, logprobs, labels, args, args.compile)
-    copy, copy_bytes = copy_method(student, device)
-    console.print(f"[dim]timing {', '.join(methods)} and a copy, {args.repeats} interleaved rounds...[/dim]")
-    medians = time_methods({**methods, "copy": copy}, device, args.repeats)
+    probes = floor_probes(student, student, device)
+    console.print(f"[dim]timing {', '.join(methods)} and {', '.join(probes)}, {args.repeats} interleaved "
+                  "rounds...[/dim]")
+    medians = time_methods({**methods, **{name: probe for name, (probe, _) in probes.items()}}, device, args.repeats)
     peaks = extra_peaks(methods, args, device, __file__)
-    bandwidth = copy_bytes / (medians["copy"] / 1e3)
+    bandwidth, memory_bandwidth = floor_bandwidths(medians, probes)
     floor_bytes = student.numel() * (FLOOR_BYTES_PER_ELEMENT if device.type == "cpu" else 2 * student.element_size())
     floor_ms = floor_bytes / bandwidth * 1e3
+    memory_floor_ms = floor_bytes / memory_bandwidth * 1e3
     eager_ms = medians["torch eager (DistillKit-style top-k)"]
     compile_ms = medians.get("torch.compile (same)")
     env = environment(device)
@@ -147,7 +150,8 @@ def run(args) -> list[dict]:
                      "temperature": args.temperature, "ce_weight": args.ce_weight,
                      "speedup_vs_eager": eager_ms / ms, "speedup_vs_compile": compile_ms / ms if compile_ms else None,
                      "ratio_to_floor": ms / floor_ms, "floor_ms": floor_ms, "copy_bandwidth_gbs": bandwidth / 1e9,
-                     "gbs": floor_bytes / (ms / 1e3) / 1e9})
+                     "ratio_to_memory_floor": ms / memory_floor_ms, "memory_floor_ms": memory_floor_ms,
+                     "memory_bandwidth_gbs": memory_bandwidth / 1e9, "gbs": floor_bytes / (ms / 1e3) / 1e9})
     report(console, rows, env, args, floor_ms, bandwidth)
     write_csv(rows, env, "bench_sparse")
     return rows
@@ -156,16 +160,21 @@ def run(args) -> list[dict]:
 def report(console, rows, env, args, floor_ms, bandwidth):
     table = Table(title=f"sparse teacher fwd+bwd, {args.tokens} x {args.vocab} {args.dtype}, K={args.top_k}, "
                         f"forward_kl + CE({args.ce_weight}), T={args.temperature} on {env['device']}")
-    for column in ("method", "median ms", "x eager", "x compile", "x floor", "GB/s", "extra peak MiB"):
+    for column in ("method", "median ms", "x eager", "x compile", "x copy floor", "x memory floor", "GB/s",
+                   "extra peak MiB"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in rows:
         vs_compile = f"{row['speedup_vs_compile']:.2f}" if row["speedup_vs_compile"] else "-"
         table.add_row(row["method"], f"{row['median_ms']:.1f}", f"{row['speedup_vs_eager']:.2f}", vs_compile,
-                      f"{row['ratio_to_floor']:.2f}", f"{row['gbs']:.0f}", mib(row["extra_peak_bytes"]))
+                      f"{row['ratio_to_floor']:.2f}", f"{row['ratio_to_memory_floor']:.2f}", f"{row['gbs']:.0f}",
+                      mib(row["extra_peak_bytes"]))
     console.print(table)
     per_element = FLOOR_BYTES_PER_ELEMENT if args.device == "cpu" else 2 * DTYPES[args.dtype].itemsize
-    console.print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s -> floor ({per_element} bytes per element: the "
-                  f"logits read once, the gradient written) {floor_ms:.1f} ms; GB/s = floor bytes / time; medians of "
+    memory = rows[0]["memory_bandwidth_gbs"]
+    console.print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s -> copy floor ({per_element} bytes per element: the "
+                  f"logits read once, the gradient written) {floor_ms:.1f} ms; memory bandwidth {memory:.1f} GB/s "
+                  f"(the faster of the copy and an in-place pass) -> memory floor "
+                  f"{floor_ms * bandwidth / 1e9 / memory:.1f} ms; GB/s = floor bytes / time; medians of "
                   f"{args.repeats}; torch {env['torch']}, {env['threads']} threads")
 
 
