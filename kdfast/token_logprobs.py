@@ -206,7 +206,7 @@ def _backward_chunks(rows: Rows, plan: TokenPlan, wanted: Wanted, logprobs, entr
     capped = logit_map.softcap is not None
     row_bytes = rows.vocab * rows.gemm.itemsize * (2 if capped else 1)
     if grad_entropy is not None:
-        row_bytes += rows.vocab * 4  # the entropy term's coefficient, float32
+        row_bytes += rows.vocab * 4  # the entropy term's q log q, float32
     step = chunk_rows(plan.chunk_size, rows, row_bytes)
     size = (min(step, rows.count), rows.vocab)
     if kept is not None and (kept.rows > size[0] or kept.buffer.shape[0] < size[0]):
@@ -229,17 +229,15 @@ def _backward_chunks(rows: Rows, plan: TokenPlan, wanted: Wanted, logprobs, entr
         else:
             logits = _mapped_logits(buffer[:count], tanh, hidden, weight, rows.bias, logit_map)
         token_ids = rows.token_ids[chunk]
-        if grad_entropy is not None:
-            entropy_grads = (logprobs[chunk], entropy[chunk], _rows_or_zeros(grad_logprobs, chunk, count, device),
-                             grad_entropy[chunk])
-            coefficient = _entropy_coefficient(logits, token_ids, *entropy_grads, entropy_buffer[:count])
         plan.rows_kernel(logits.unsqueeze(0), logits.unsqueeze(0), token_ids, one, logits.unsqueeze(0), plan.opts)
         grad = logits  # now q - onehot(token)
         if grad_entropy is None:
             # d log q(t) / dz = -(q - onehot): the row weight joins the small side of each GEMM, not a pass over V.
             row_factor = grad_logprobs[chunk].mul(-slope)
         else:
-            _add_entropy_term_(grad, coefficient, token_ids, *entropy_grads)
+            entropy_grads = (logprobs[chunk], entropy[chunk], _rows_or_zeros(grad_logprobs, chunk, count, device),
+                             grad_entropy[chunk])
+            _add_entropy_term_(grad, entropy_buffer[:count], token_ids, *entropy_grads)
             row_factor = torch.full((count,), -slope, dtype=torch.float32, device=device)
         if capped:
             logit_map.tanh_chain_(grad, tanh)
@@ -278,22 +276,17 @@ def _rows_or_zeros(grad, chunk, count, device):
     return grad[chunk] if grad is not None else torch.zeros(count, dtype=torch.float32, device=device)
 
 
-def _entropy_coefficient(logits, token_ids, logprobs, entropy, grad_logprobs, grad_entropy, out):
-    """g_l + g_H (log q_j + H) per element, float32, in one pass over the chunk's logits before the kernel overwrites
-    them: log q_j = z_j - lse, with lse = z_token - log q(token) from the forward's log q(token) (never the log of
-    q, which underflows to 0)."""
-    z_token = logits.gather(1, token_ids[:, None]).float()
-    row_constant = grad_logprobs[:, None] + grad_entropy[:, None] * ((entropy + logprobs)[:, None] - z_token)
-    return torch.addcmul(row_constant, logits, grad_entropy[:, None], out=out)
-
-
-def _add_entropy_term_(grad, coefficient, token_ids, logprobs, entropy, grad_logprobs, grad_entropy) -> None:
+def _add_entropy_term_(grad, scratch, token_ids, logprobs, entropy, grad_logprobs, grad_entropy) -> None:
     """grad: q - onehot(t) in, -(d / dz of g_l log q(t) + g_H H) out, before the map's chain rule. With L_j =
     log q_j + H: d log q(t) / dz_j = -(q_j - onehot_j) and dH / dz_j = -q_j L_j, so the sum is
-    -(q_j - onehot_j) (g_l + g_H L_j) off the token and -(q_t (g_l + g_H L_t) - g_l) at it; the caller's row factor
-    supplies the minus. The token's entry is written from float32 values (L_t = log q(t) + H): (q_t - 1)
-    (g_l + g_H L_t) + g_H L_t in the chunk's dtype would cancel to nothing in 16 bits."""
-    grad.mul_(coefficient)
+    -(q_j (g_l + g_H H) + g_H q_j log q_j) off the token and -(q_t (g_l + g_H L_t) - g_l) at it; the caller's row factor
+    supplies the minus. q_j log q_j comes from the kernel's q itself, in float32 `scratch` (0 where q_j underflowed):
+    log q_j as z_j - lse lost eps |lse| at every column, 2% of a peaked row's gradient at |z / T| ~ 900. The token's
+    entry is written from float32 values (L_t = log q(t) + H): (q_t - 1) (g_l + g_H L_t) + g_H L_t in the chunk's
+    dtype would cancel to nothing in 16 bits."""
+    q = grad if grad.dtype == torch.float32 else scratch.copy_(grad)  # 16-bit q: its log taken in float32
+    q_log_q = torch.special.xlogy(q, q, out=scratch)  # NaN at the token (q - 1 < 0): rewritten below
+    grad.mul_((grad_logprobs + grad_entropy * entropy)[:, None]).add_(q_log_q.mul_(grad_entropy[:, None]))
     coefficient_t = grad_logprobs + grad_entropy * (logprobs + entropy)
     token_entry = logprobs.exp().mul_(coefficient_t).sub_(grad_logprobs)
     grad.scatter_(1, token_ids[:, None], token_entry[:, None].to(grad.dtype))
