@@ -173,7 +173,7 @@ def run(args) -> list[dict]:
     target = torch.empty(args.rows, args.student_vocab * 2 + args.teacher_vocab, device=device)
     floors = {"copy": (lambda: target[:, :source.shape[1]].copy_(source), 2 * source.numel() * 4)}
     if device.type == "cpu":
-        floors["in-place pass"] = inplace_method(source, source, device)
+        floors["in-place pass"] = inplace_method(source, source)
     console.print(f"[dim]timing {len(methods)} contenders and {', '.join(floors)}, {args.repeats} rounds...[/dim]")
     medians = time_methods({**methods, **{name: fn for name, (fn, _) in floors.items()}}, device, args.repeats,
                            warmup=1)

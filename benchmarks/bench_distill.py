@@ -98,7 +98,7 @@ def copy_method(student, device):
     return (lambda: dst.copy_(src)), 2 * src.numel() * src.element_size()  # read + write
 
 
-def inplace_method(student, teacher, device):
+def inplace_method(student, teacher):
     """The memory's own bandwidth, for the CPU's second floor: work += 1e-30 * teacher reads two logits-sized tensors
     and writes one back over the lines it has just read, an in-place loss's pattern. A CPU's store first reads its
     line (write-allocate), so a copy moves 3 bytes for the 2 it counts and its bandwidth undercounts the memory's: on
@@ -112,7 +112,7 @@ def floor_probes(student, teacher, device) -> dict:
     """name -> (callable, bytes it moves): the copy everywhere, and on the CPU the in-place pass too."""
     probes = {"copy": copy_method(student, device)}
     if device.type == "cpu":
-        probes["in-place pass"] = inplace_method(student, teacher, device)
+        probes["in-place pass"] = inplace_method(student, teacher)
     return probes
 
 
