@@ -154,6 +154,13 @@ def memory_contender(settings: dict, name: str):
     return contenders(student, teacher, labels, options, name == "torch.compile")[name]
 
 
+def plain_settings(args) -> dict:
+    """A benchmark's options as plain values, for a child process (the CLI's namespace also holds its parser and
+    handlers)."""
+    return {key: value for key, value in vars(args).items()
+            if isinstance(value, (int, float, str, bool, list, tuple, type(None)))}
+
+
 def extra_peaks(methods, args, device, module_file, factory="memory_contender") -> dict:
     """name -> extra peak bytes of one call (None each without args.memory). On the CPU each is measured in a fresh
     process (kdfast.memory), so that neither the timing rounds nor the other contenders shape the heap it runs on."""
@@ -162,9 +169,7 @@ def extra_peaks(methods, args, device, module_file, factory="memory_contender") 
     Console().print("[dim]measuring each one's peak memory...[/dim]")
     if device.type == "cuda":
         return {name: extra_peak_bytes(fn, device) for name, fn in methods.items()}
-    # The settings go to the child as plain values (the CLI's namespace also holds its parser and handlers).
-    settings = {key: value for key, value in vars(args).items()
-                if isinstance(value, (int, float, str, bool, list, tuple, type(None)))}
+    settings = plain_settings(args)
     # Two children at a time: each mostly starts Python and imports torch, one core's work, and a process's peak is
     # its own whatever runs beside it.
     with ThreadPoolExecutor(max_workers=2) as pool:

@@ -6,7 +6,10 @@ kdfast.linear_token_logprobs.
 
 Same inputs, one process; medians of interleaved rounds, each pair's ratio, and how far the two agree (the summed
 loss or log-probs, the entropy, the gradients of the student's hidden states and head). TRL folds its tiles in
-torch on the CPU and in Triton on a GPU.
+torch on the CPU and in Triton on a GPU. On the CPU TRL's fresh [N, 32768] float32 tiles are faulted in and zeroed
+by the OS on every call (glibc hands them back on free): each call's system time is reported, and every contender
+is timed again in a child process whose allocator keeps freed memory (benchmarks/freed_memory.py), the comparison
+with the page faults taken out.
 CPU default: N=256, H_s=256, H_t=384, V=32000 fp32, T=1, beta 0, 0.5, 1 (--full: N=2048 and each contender's
 extra peak memory, minutes). CUDA: N=8192, H_s=2048, H_t=4096, V=128256 bf16, and kdfast with fp32_logits (TRL
 keeps its logits in float32).
@@ -32,10 +35,12 @@ from bench_distill import (  # noqa: E402
     extra_peaks,
     mib,
     parse_benchmark_args,
+    plain_settings,
     time_methods,
     write_csv,
 )
 from bench_linear import add_shape_arguments, make_inputs  # noqa: E402
+from freed_memory import interleaved_medians, medians_with_freed_memory_kept  # noqa: E402
 
 import kdfast  # noqa: E402
 
@@ -141,6 +146,12 @@ def memory_contender(settings: dict, name: str):
     return flat(contenders(make_inputs(args, torch.device(args.device)), args))[name]
 
 
+def timing_contenders(settings: dict) -> dict:
+    """Every contender on freshly made inputs: what the child that keeps freed memory times (freed_memory.py)."""
+    args = argparse.Namespace(**settings)
+    return flat(contenders(make_inputs(args, torch.device(args.device)), args))
+
+
 def relative_l2(ours: torch.Tensor | None, theirs: torch.Tensor | None) -> float | None:
     if ours is None or theirs is None:
         return None
@@ -174,21 +185,34 @@ def run(args) -> list[dict]:
     device = torch.device(args.device)
     inputs = make_inputs(args, device)
     tasks = contenders(inputs, args)
-    console = Console(width=max(110, Console().width))
+    console = Console(width=max(150, Console().width))
     if "log-probs" not in tasks:
         console.print("[yellow]this kdfast has no linear_token_logprobs: only the divergence is compared[/yellow]")
     differences = agreement(tasks, inputs["student_hidden"].dtype)
     methods = flat(tasks)
     console.print(f"[dim]timing {len(methods)} calls, {args.repeats} interleaved rounds...[/dim]")
-    medians = time_methods(methods, device, args.repeats, warmup=0)  # the agreement's call was the warm-up
+    # the agreement's call was the warm-up
+    if device.type == "cuda":
+        medians, os_ms = time_methods(methods, device, args.repeats, warmup=0), dict.fromkeys(methods)
+    else:
+        medians, os_ms = interleaved_medians(methods, args.repeats)
+    kept = None
+    if device.type == "cpu" and args.memory_kept:
+        console.print("[dim]timing them again in a process whose allocator keeps freed memory...[/dim]")
+        kept = medians_with_freed_memory_kept(f"{__file__}:timing_contenders", plain_settings(args), args.repeats)
+    kept_medians, kept_os_ms = kept or (dict.fromkeys(methods), dict.fromkeys(methods))
     peaks = extra_peaks(methods, args, device, __file__)
     env = environment(device)
     rows = []
     for task, task_methods in tasks.items():
         for method in task_methods:
             name = f"{task}: {method}"
+            trl_kept = kept_medians[f"{task}: {TRL}"]
             rows.append({"task": task, "method": method, "median_ms": medians[name],
-                         "speedup_vs_trl": medians[f"{task}: {TRL}"] / medians[name], **differences[name],
+                         "speedup_vs_trl": medians[f"{task}: {TRL}"] / medians[name], "os_cpu_ms": os_ms[name],
+                         "median_ms_memory_kept": kept_medians[name],
+                         "speedup_vs_trl_memory_kept": trl_kept / kept_medians[name] if trl_kept else None,
+                         "os_cpu_ms_memory_kept": kept_os_ms[name], **differences[name],
                          "extra_peak_bytes": peaks[name], **env, "trl": trl.__version__, "tokens": args.tokens,
                          "hidden": args.hidden, "teacher_hidden": args.teacher_hidden, "vocab": args.vocab,
                          "dtype": args.dtype, "temperature": args.temperature})
@@ -201,21 +225,39 @@ def report(console, rows, args, env):
     table = Table(title=f"kdfast vs TRL {rows[0]['trl']}'s chunked kernels, fwd+bwd, N={args.tokens}, "
                         f"H_s={args.hidden}, H_t={args.teacher_hidden}, V={args.vocab} {args.dtype}, "
                         f"T={args.temperature} on {env['device']}")
-    for column in ("task", "method", "median ms", "x TRL", "loss diff", "entropy diff", "d hidden diff",
-                   "d weight diff", "extra peak MiB"):
+    kept = rows[0]["median_ms_memory_kept"] is not None
+    columns = ["task", "method", "median ms", "x TRL", "OS ms"]
+    columns += ["ms, freed memory kept", "x TRL, kept"] if kept else []
+    columns += ["loss diff", "entropy diff", "d hidden diff", "d weight diff", "extra peak MiB"]
+    for column in columns:
         table.add_column(column, justify="left" if column in ("task", "method") else "right",
                          no_wrap=column in ("task", "method"))
 
     def difference(value):
         return "-" if value is None else f"{value:.1e}"
 
+    def milliseconds(value):
+        return "-" if value is None else f"{value:.1f}"
+
     for row in rows:
-        table.add_row(row["task"], row["method"], f"{row['median_ms']:.1f}", f"{row['speedup_vs_trl']:.2f}",
-                      *(difference(row[key]) for key in DIFFERENCES), mib(row["extra_peak_bytes"]))
+        cells = [row["task"], row["method"], f"{row['median_ms']:.1f}", f"{row['speedup_vs_trl']:.2f}",
+                 milliseconds(row["os_cpu_ms"])]
+        if kept:
+            cells += [milliseconds(row["median_ms_memory_kept"]), f"{row['speedup_vs_trl_memory_kept']:.2f}"]
+        table.add_row(*cells, *(difference(row[key]) for key in DIFFERENCES), mib(row["extra_peak_bytes"]))
     console.print(table)
     console.print(f"medians of {args.repeats} interleaved rounds; torch {env['torch']}, {env['threads']} threads; "
                   "diff: relative difference (L2 over the tensor) from TRL's result on the same inputs; loss: the "
                   "summed divergence or log-probs")
+    if rows[0]["os_cpu_ms"] is not None:  # the CPU's
+        console.print("OS ms: the system CPU time of a call, all threads (the OS faulting in and zeroing the pages of "
+                      "new allocations: glibc's malloc returns big blocks to it on free)"
+                      + ("; freed memory kept: the same calls timed in a process whose allocator keeps freed memory "
+                         "(no page faults, for every contender alike: benchmarks/freed_memory.py)" if kept else ""))
+    for row in rows if kept else ():
+        if row["os_cpu_ms_memory_kept"] > 0.05 * row["median_ms_memory_kept"]:
+            console.print(f"[yellow]{row['task']}, {row['method']}: {row['os_cpu_ms_memory_kept']:.0f} ms of system "
+                          "time a call even with freed memory kept: its time there still holds page faults[/yellow]")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -226,6 +268,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TRL's beta: 0 forward KL, 1 reverse KL, between them the generalized JSD")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory-kept", action=argparse.BooleanOptionalAction, default=not CUDA,
+                        help="also time every contender in a process whose allocator keeps freed memory (default: "
+                             "on the CPU, where TRL's fresh tensors are otherwise faulted in and zeroed by the OS on "
+                             "every call)")
     add_memory_option(parser)
 
 

@@ -66,7 +66,7 @@ def extra_peak_bytes(fn, device: torch.device) -> int:
     return max(0, peak_bytes(device) - base)
 
 
-def _load(target: str):
+def load_target(target: str):
     """'package.module:function' or '/path/to/file.py:function' -> the function."""
     where, name = target.rsplit(":", 1)
     if where.endswith(".py"):
@@ -79,7 +79,7 @@ def _load(target: str):
 
 
 def _measure_here(target: str, args: tuple, device_type: str, warmup: int) -> int:
-    step = _load(target)(*args)  # builds the inputs and returns the step to measure
+    step = load_target(target)(*args)  # builds the inputs and returns the step to measure
     for _ in range(warmup):  # kernel loading and first-call set-up are not the step's memory
         step()
     return extra_peak_bytes(step, torch.device(device_type))

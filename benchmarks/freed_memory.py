@@ -1,0 +1,75 @@
+"""Timing on the CPU with freed memory kept by the allocator, in a process of its own.
+
+glibc's malloc serves a block above its mmap threshold (32 MiB at most) from fresh pages and hands them back to the
+OS on free, so a contender that allocates new [N, V] float32 tensors on every call has the OS fault in and zero
+every page of them again on every call: system time, on both cores, that can be most of its time (TRL's chunked
+kernels at N=2048, V=32000: 1.6-5 s of it a call, against tens of ms for kdfast's). That is real time for whoever runs
+it so, but not the contender's arithmetic, and under transparent huge pages it swings by 3x from call to call with
+the kernel's compaction. So the benchmarks that compare against such a contender also time every contender with the
+allocator told to keep what is freed (`mallopt`: no mmap for big blocks, no trimming), which takes the page faults
+out for all of them alike. A spawned child runs those rounds: the setting cannot be undone (it also ends glibc's
+dynamic threshold), and the benchmarks after it run in the parent's heap as it was.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import multiprocessing
+import resource
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+from kdfast.memory import load_target
+
+# mallopt's parameters (malloc.h): -1 as M_TRIM_THRESHOLD's value turns trimming off.
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Tells glibc's malloc to keep freed memory for the process's next allocations (True), or returns False where
+    the C library has no mallopt (not glibc): the caller then reports no such timing."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, -1) == 1
+
+
+def os_seconds() -> float:
+    """The system CPU time of this process so far, all its threads: page faults and the zeroing of new pages."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
+
+
+def interleaved_medians(methods: dict, repeats: int) -> tuple[dict, dict]:
+    """(name -> median wall ms, name -> median system CPU ms) of each call, one call of each method per round."""
+    wall = {name: [] for name in methods}
+    system = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            os_start, start = os_seconds(), time.perf_counter()
+            fn()
+            wall[name].append((time.perf_counter() - start) * 1e3)
+            system[name].append((os_seconds() - os_start) * 1e3)
+    return ({name: statistics.median(values) for name, values in wall.items()},
+            {name: statistics.median(values) for name, values in system.items()})
+
+
+def _time_here(target: str, settings: dict, repeats: int) -> tuple[dict, dict] | None:
+    methods = load_target(target)(settings)  # builds the inputs here, as the parent built its own
+    if not keep_freed_memory():
+        return None
+    for fn in methods.values():  # the heap grows to its size here (over several calls: the report shows what is left)
+        fn()
+        fn()
+    return interleaved_medians(methods, repeats)
+
+
+def medians_with_freed_memory_kept(target: str, settings: dict, repeats: int) -> tuple[dict, dict] | None:
+    """`target(settings)` ('file.py:function' or 'module:function') -> {name: zero-argument call}, timed in a spawned
+    process whose allocator keeps freed memory: (median wall ms, median system CPU ms) per name, or None where the
+    C library cannot be told so."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_time_here, target, settings, repeats).result()
