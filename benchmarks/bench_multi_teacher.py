@@ -47,6 +47,7 @@ from bench_distill import (  # noqa: E402
 )
 
 import kdfast  # noqa: E402
+from kdfast import cpu_gemm  # noqa: E402
 from kdfast.reference import multi_teacher_distill_loss_reference  # noqa: E402
 
 FULL_SETTINGS = {"tokens": 2048, "linear_tokens": 4096, "compile": True, "repeats": 5, "memory": True}
@@ -184,15 +185,14 @@ def linear_mixture_name(backend: str) -> str:
 def linear_contenders(args, inputs=None):
     hidden, weight, teacher_hidden, teacher_weight, labels = inputs or linear_inputs(args)
     settings = dict(temperature=args.temperature, ce_weight=args.ce_weight)
-    logits = torch.empty(args.linear_tokens, args.vocab, dtype=hidden.dtype, device=hidden.device)
     grad_weight = torch.empty_like(weight)
 
-    def gemm_floor():  # the student's forward, d hidden, d weight, and each teacher's forward
-        torch.mm(hidden, weight.t(), out=logits)
-        torch.mm(logits, weight)
-        torch.mm(logits.t(), hidden, out=grad_weight)
+    def gemm_floor():  # the student's forward, d hidden, d weight, and each teacher's forward, on kdfast's GEMMs
+        student = cpu_gemm.logits(hidden, weight)
+        cpu_gemm.product(student, weight)
+        torch.mm(student.t(), hidden, out=grad_weight)
         for x, w in zip(teacher_hidden, teacher_weight):
-            torch.mm(x, w.t(), out=logits)
+            cpu_gemm.logits(x, w)
 
     def loop(h, w):
         return sum(kdfast.linear_distill_loss(h, w, x, y, labels, **settings)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kdfast.cpu_gemm import on_onednn, onednn_logits, product_into
 from kdfast.dispatch import average_runs_as_mixture, teacher_divergences_in_kernel
 from kdfast.kernel_abi import PART_COLUMNS, SparseTargets
 from kdfast.linear_teachers import AverageAsMixture, AveragedRows, ChunkTeachers, TeacherHeads
@@ -152,8 +153,13 @@ def gemm_weight(weight: torch.Tensor, gemm: torch.dtype, logits: torch.Tensor) -
 
 
 def _logits_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """The chunk's logits: in `out`, or where the CPU's products run on oneDNN (kdfast.cpu_gemm) in the new tensor
+    that oneDNN writes them to, which then stands for `out` (never touched, its pages never become memory): one chunk
+    per model either way, as `run_chunks` lets the last chunk's go before it makes the next's."""
     if out.dtype != weight.dtype:  # float32 logits of 16-bit inputs, accumulated by the GEMM and never rounded
         torch.mm(hidden.to(weight.dtype), weight.t(), out_dtype=out.dtype, out=out)
+    elif on_onednn(out, weight):
+        out = onednn_logits(hidden.to(out.dtype), weight)
     else:
         torch.mm(hidden.to(out.dtype), weight.t(), out=out)
     if bias is not None:
@@ -209,7 +215,10 @@ def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted
     # Without a softcap the student's scale is a constant factor of its gradient: the kernel applies it with the
     # reduction's, and no pass over the chunk is added.
     kernel_scale = grad_scale * student_map.slope if student_map.softcap is None else grad_scale
+    student = teacher_rows = uncapped = grad = grad_logits = None
     for start in range(0, heads.rows, step):
+        # The last chunk's logits go before this chunk's are made (they may be new tensors: `_logits_into`).
+        student = teacher_rows = uncapped = grad = grad_logits = None  # noqa: F841
         rows = slice(start, start + step)
         count = min(step, heads.rows - start)
         hidden = heads.student_hidden[rows].to(heads.student_dtype)
@@ -243,7 +252,7 @@ def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted
         if buffers.gemm_grad is not None:
             grad_logits = buffers.gemm_grad[:count].copy_(grad_logits)
         if wanted.hidden and d_hidden.dtype == grad_logits.dtype:
-            torch.mm(grad_logits, weight_s, out=d_hidden[rows])
+            product_into(d_hidden[rows], grad_logits, weight_s)
         elif wanted.hidden:  # autocast: a 16-bit product for float32 hidden states
             d_hidden[rows] = grad_logits @ weight_s
         if wanted.weight:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from kdfast import cpu_gemm
 from kdfast.alignment import TokenAlignment
 from kdfast.cross_vocab import (
     check_alignment,
@@ -48,7 +49,7 @@ class HeadRows:
         rows = self.hidden[index] if isinstance(index, slice) else self.hidden.index_select(0, index)
         self._rows = rows.float()
         logits = (torch.addmm(self.bias, self._rows, self.weight.t()) if self.bias is not None
-                  else self._rows @ self.weight.t())
+                  else cpu_gemm.logits(self._rows, self.weight))
         if self.logit_map.softcap is not None:
             self._uncapped = logits
             return self.logit_map.capped_into(logits, torch.empty_like(logits))
@@ -64,15 +65,16 @@ class HeadRows:
         grad = self.logit_map.chain_(grad, self._uncapped)
         if self.d_hidden is not None:
             if isinstance(index, slice):
-                self.d_hidden[index] += grad @ self.weight
+                self.d_hidden[index] += cpu_gemm.product(grad, self.weight)
             else:
-                self.d_hidden.index_add_(0, index, grad @ self.weight)
+                self.d_hidden.index_add_(0, index, cpu_gemm.product(grad, self.weight))
         if self.d_weight is not None:
             self.d_weight.addmm_(grad.t(), self._rows)
         if self.d_bias is not None:
             self.d_bias += grad.sum(0)
 
 
+@torch.compiler.disable
 def linear_cross_vocab_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
                                     vocab_map, alignment=None, method="hybrid", student_bias=None, teacher_bias=None,
                                     softcap=None, student_softcap=None, teacher_softcap=None, student_logit_scale=1.0,

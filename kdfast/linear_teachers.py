@@ -65,6 +65,7 @@ class ChunkTeachers:
 
     def rows(self, rows: slice, count: int, logits_into):
         teachers = self.teachers
+        self.chunks = None  # the last chunk's logits go first (`logits_into` may make new tensors)
         self.chunks = chunks = [
             head.logit_map.apply_(logits_into(buffer[:count], head.hidden[rows], weight, head.bias))
             for head, weight, buffer in zip(teachers.heads, self.weights, self.buffers)]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kdfast import cpu_gemm
 from kdfast.dispatch import device_rows
 from kdfast.kernel_abi import PART_CE, PART_ENTROPY
 from kdfast.linear_chunks import CHUNK_BUDGET_BYTES, Wanted, _accumulate_weight_grad
@@ -301,7 +302,7 @@ def _accumulate(grad, row_factor, hidden, weight, chunk, d_hidden, d_weight, d_b
         else:  # 16-bit: no mixed-dtype GEMV; its sums are float32 inside, rounded once per chunk
             d_bias += torch.mv(grad.t(), row_factor.view(-1).to(grad.dtype)).float()
     if d_hidden is not None:
-        d_hidden[chunk] = (grad @ weight).float().mul_(row_factor)
+        d_hidden[chunk] = cpu_gemm.product(grad, weight).float().mul_(row_factor)
     if d_weight is not None:
         scaled = (hidden.float() * row_factor).to(grad.dtype)
         if first and grad.dtype == d_weight.dtype:

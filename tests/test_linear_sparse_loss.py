@@ -10,6 +10,7 @@ from conftest import BACKENDS, device_for
 from helpers import make_labels
 
 import kdfast
+from kdfast import cpu_gemm
 from kdfast.reference import linear_sparse_distill_loss_reference
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
@@ -101,13 +102,16 @@ def test_no_teacher_gemm_and_no_vocab_sized_teacher_buffer(monkeypatch):
     """Only the student's GEMMs run (forward into one chunk buffer, d hidden, d weight): three per chunk."""
     inputs = make_inputs((24,), 8, 50, 4, bias=False)
     calls = []
-    original = torch.mm
 
-    def counting_mm(a, b, *args, **kwargs):
-        calls.append((tuple(a.shape), tuple(b.shape)))
-        return original(a, b, *args, **kwargs)
+    def counting(product):
+        def counted(a, b, *args, **kwargs):
+            calls.append((tuple(a.shape), tuple(b.shape)))
+            return product(a, b, *args, **kwargs)
+        return counted
 
-    monkeypatch.setattr(torch, "mm", counting_mm)
+    cpu_gemm.onednn_products()  # (its one-time check of oneDNN is not the loss's)
+    monkeypatch.setattr(torch, "mm", counting(torch.mm))
+    monkeypatch.setattr(cpu_gemm, "_linear", counting(cpu_gemm._linear))  # an AMD CPU's products (oneDNN)
     hidden = inputs["student_hidden"].requires_grad_(True)
     kdfast.linear_sparse_distill_loss(hidden, inputs["student_weight"], inputs["teacher_ids"],
                                       inputs["teacher_logprobs"], chunk_size=8, backend="cpu").backward()
