@@ -30,7 +30,9 @@ WEIGHT_GRAD_SLICE_BYTES = 64 * 2**20
 # Several teacher heads on the CPU: their GEMMs in chunks of fewer rows than this run well below the whole-size
 # GEMMs' speed, and the mixture pays it once per model (measured on a Zen 5, N=4096, V=32000, two teachers, fp32:
 # the call took 1.26-1.34x the five whole-size GEMMs in chunks of 192 rows, 1.14-1.19x in chunks of 384, no less in
-# chunks of 448 to 1024). Still one chunk of logits per model.
+# chunks of 448 to 1024). Still one chunk of logits per model. That is MKL's products; oneDNN's (kdfast.cpu_gemm) are
+# at their fastest in the budget's own chunks, whose logits stay in the cache: the same call took 1.19-1.22 s in
+# chunks of 192 rows, 1.50-1.53 s in 256 and 1.66-1.70 s in 384, so they take no minimum.
 SEVERAL_TEACHERS_MIN_ROWS = {"cpu": 384}
 
 
@@ -105,7 +107,7 @@ def chunk_rows(chunk_size, heads: Heads) -> int:
     if student_bytes != heads.student_dtype.itemsize:
         per_row += heads.vocab * heads.student_dtype.itemsize  # the gradient rounded for the backward GEMMs
     rows = max(16, budget // per_row // 16 * 16)
-    if isinstance(heads.teacher, TeacherHeads):
+    if isinstance(heads.teacher, TeacherHeads) and not on_onednn(heads.student_hidden, heads.student_weight):
         rows = max(rows, SEVERAL_TEACHERS_MIN_ROWS.get(heads.student_hidden.device.type, 0))
     return min(rows, max(heads.rows, 1))
 

@@ -9,6 +9,7 @@ from conftest import BACKENDS, device_for
 from helpers import make_labels
 
 import kdfast
+from kdfast import cpu_gemm
 from kdfast.linear_chunks import SEVERAL_TEACHERS_MIN_ROWS, Heads, TeacherHead, chunk_rows
 from kdfast.linear_teachers import TeacherHeads
 from kdfast.logit_maps import LogitMap
@@ -83,18 +84,27 @@ def test_chunk_sizes(chunk_size):
     assert_linear_matches_reference(heads, labels, "auto", chunk_size=chunk_size, ce_weight=0.5, temperature=2.0)
 
 
-def test_auto_chunks_of_several_teacher_heads_keep_cpu_gemms_whole_sized():
-    # The budget alone would give two fp32 teachers at V=32000 chunks of 192 rows, whose GEMMs run slowly on the CPU.
+@pytest.mark.parametrize("library", ["blas", "onednn"])
+def test_auto_chunks_of_several_teacher_heads_keep_cpu_gemms_whole_sized(monkeypatch, library):
+    # The budget alone would give two fp32 teachers at V=32000 chunks of 192 rows, whose GEMMs run slowly on the
+    # CPU's BLAS (MKL); oneDNN's run fastest there (kdfast.cpu_gemm).
+    monkeypatch.setenv("KDFAST_CPU_GEMM", library)
+    cpu_gemm.onednn_products.cache_clear()
+    if library == "onednn" and not cpu_gemm.onednn_products():
+        pytest.skip("this torch has no oneDNN linear")
     vocab, rows = 32_000, 4096
     weight = torch.empty(vocab, 1)
     teacher = TeacherHead(torch.empty(rows, 1), weight, None, torch.float32)
     several = TeacherHeads([teacher, teacher], torch.zeros(rows, 2), "mixture", 1.0)
     heads = Heads(torch.empty(rows, 1), weight, None, several, None, LogitMap(), torch.float32)
-    assert chunk_rows("auto", heads) == SEVERAL_TEACHERS_MIN_ROWS["cpu"] == 384
+    expected = 192 if library == "onednn" else SEVERAL_TEACHERS_MIN_ROWS["cpu"]
+    assert chunk_rows("auto", heads) == expected and SEVERAL_TEACHERS_MIN_ROWS["cpu"] == 384
     assert chunk_rows("auto", Heads(torch.empty(100, 1), weight, None, several, None, LogitMap(), torch.float32)) == 100
     assert chunk_rows(64, heads) == 64, "a chunk size given is kept"
     single = Heads(torch.empty(rows, 1), weight, None, teacher, None, LogitMap(), torch.float32)
     assert chunk_rows("auto", single) == 192, "one teacher keeps the budget's chunk (48 MiB of both models' logits)"
+    monkeypatch.undo()
+    cpu_gemm.onednn_products.cache_clear()
 
 
 @pytest.mark.parametrize("kd_weight,ce_weight,t2_scale", [(1.0, 0.0, True), (0.0, 1.0, True), (0.3, 0.7, False)])
