@@ -33,9 +33,9 @@ from bench_distill import (  # noqa: E402
     time_methods,
     write_csv,
 )
+from gemm_floor import gemm_floor  # noqa: E402
 
 import kdfast  # noqa: E402
-from kdfast import cpu_gemm  # noqa: E402
 from kdfast.reference import linear_distill_loss_reference  # noqa: E402
 
 # `kdfast bench --full` on the CPU: what `make bench` leaves out to finish in minutes (on a GPU the defaults are full).
@@ -88,13 +88,8 @@ def contenders(inputs, options, with_compile, chunk_size="auto"):
             lambda h, w: kdfast.linear_distill_loss(h, w, ht, wt, labels, chunk_size=chunk_size, fp32_logits=True,
                                                     **options))
 
-    def four_gemms():  # as kdfast's chunks run them: on the CPU library kdfast.cpu_gemm picks
-        student = cpu_gemm.logits(hs, ws)
-        teacher = cpu_gemm.logits(ht, wt)  # noqa: F841 (the teacher's head: the second GEMM every method pays)
-        # d hidden and d weight, with the logits standing in for their gradient
-        cpu_gemm.product(student, ws), student.t() @ hs
-
-    methods["four GEMMs alone (floor)"] = four_gemms
+    # both heads' logits, d hidden and d weight: whole-size on a GPU, in kdfast's chunks on the CPU (gemm_floor.py)
+    methods["four GEMMs alone (floor)"] = gemm_floor(hs, ws, [ht], [wt])
     return methods
 
 

@@ -45,9 +45,9 @@ from bench_distill import (  # noqa: E402
     time_methods,
     write_csv,
 )
+from gemm_floor import gemm_floor  # noqa: E402
 
 import kdfast  # noqa: E402
-from kdfast import cpu_gemm  # noqa: E402
 from kdfast.reference import multi_teacher_distill_loss_reference  # noqa: E402
 
 FULL_SETTINGS = {"tokens": 2048, "linear_tokens": 4096, "compile": True, "repeats": 5, "memory": True}
@@ -185,14 +185,7 @@ def linear_mixture_name(backend: str) -> str:
 def linear_contenders(args, inputs=None):
     hidden, weight, teacher_hidden, teacher_weight, labels = inputs or linear_inputs(args)
     settings = dict(temperature=args.temperature, ce_weight=args.ce_weight)
-    grad_weight = torch.empty_like(weight)
 
-    def gemm_floor():  # the student's forward, d hidden, d weight, and each teacher's forward, on kdfast's GEMMs
-        student = cpu_gemm.logits(hidden, weight)
-        cpu_gemm.product(student, weight)
-        torch.mm(student.t(), hidden, out=grad_weight)
-        for x, w in zip(teacher_hidden, teacher_weight):
-            cpu_gemm.logits(x, w)
 
     def loop(h, w):
         return sum(kdfast.linear_distill_loss(h, w, x, y, labels, **settings)
@@ -205,7 +198,9 @@ def linear_contenders(args, inputs=None):
 
     # chunk_size="auto" keeps a chunk within the CPU's memory budget (48 MiB for all the models' logits); larger
     # chunks buy GEMM efficiency with memory, so one larger chunk is timed beside it.
-    methods = {f"{3 + len(teacher_hidden)} GEMMs alone (floor)": gemm_floor,
+    # the student's forward, d hidden, d weight, each teacher's forward (gemm_floor.py: in kdfast's chunks on the CPU)
+    methods = {f"{3 + len(teacher_hidden)} GEMMs alone (floor)": gemm_floor(hidden, weight, teacher_hidden,
+                                                                             teacher_weight),
                linear_loop_name(len(teacher_hidden)): lambda: grad_of(loop, hidden, weight),
                "kdfast linear mixture": multi("mixture"), "kdfast linear average": multi("average"),
                "kdfast linear mixture, return_components": multi("mixture", return_components=True),

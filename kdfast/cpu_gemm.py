@@ -5,7 +5,8 @@ AVX-512 Zen 5 it made 150-230 GFLOP/s, where oneDNN (in torch as well, for its f
 products, a chunk's logits (rows x H times H x V) and d hidden (rows x V times V x H), 2-2.6x faster. d weight (V x
 rows times rows x H) stays on the BLAS: oneDNN's was no faster with the transposed gradient. oneDNN writes the
 logits to a new tensor (it takes no output buffer): the fused linear loss's chunks use that tensor as the chunk's
-buffer (`linear_chunks._logits_into`); d hidden reads the head's weight through a transposed view, with no copy.
+buffer (`linear_chunks._logits_into`), the token log-probs copy it into theirs (one chunk more, for a moment:
+`token_logprobs._mapped_logits`); d hidden reads the head's weight through a transposed view, with no copy.
 
 `KDFAST_CPU_GEMM` chooses: "auto" (the default) oneDNN on an AMD CPU where torch has it, "onednn" wherever torch has
 it, "blas" torch's own products everywhere. The op is oneDNN's linear as torch registers it for its compiler
