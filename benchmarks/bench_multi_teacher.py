@@ -186,7 +186,6 @@ def linear_contenders(args, inputs=None):
     hidden, weight, teacher_hidden, teacher_weight, labels = inputs or linear_inputs(args)
     settings = dict(temperature=args.temperature, ce_weight=args.ce_weight)
 
-
     def loop(h, w):
         return sum(kdfast.linear_distill_loss(h, w, x, y, labels, **settings)
                    for x, y in zip(teacher_hidden, teacher_weight)) / len(teacher_hidden)

@@ -1,14 +1,14 @@
 """Timing on the CPU with freed memory kept by the allocator, in a process of its own.
 
-glibc's malloc serves a block above its mmap threshold (32 MiB at most) from fresh pages and hands them back to the
-OS on free, so a contender that allocates new [N, V] float32 tensors on every call has the OS fault in and zero
-every page of them again on every call: system time, on both cores, that can be most of its time (TRL's chunked
-kernels at N=2048, V=32000: 1.6-5 s of it a call, against tens of ms for kdfast's). That is real time for whoever runs
-it so, but not the contender's arithmetic, and under transparent huge pages it swings by 3x from call to call with
-the kernel's compaction. So the benchmarks that compare against such a contender also time every contender with the
-allocator told to keep what is freed (`mallopt`: no mmap for big blocks, no trimming), which takes the page faults
-out for all of them alike. A spawned child runs those rounds: the setting cannot be undone (it also ends glibc's
-dynamic threshold), and the benchmarks after it run in the parent's heap as it was.
+glibc's malloc serves a block above its mmap threshold (32 MiB at most) from fresh pages and hands them back to the OS
+on free, so a contender that allocates new [N, V] float32 tensors on every call has the OS fault in and zero every
+page of them again on every call: system time, on both cores, that can be most of its time (TRL's chunked kernels at
+N=2048, V=32000, 2026-12-05: 1.6-1.8 s of it a call, and 3-10 s under transparent huge pages, where it swings from
+call to call with the kernel's compaction; 0-10 ms for kdfast's). That is real time for whoever runs it so, but not
+the contender's arithmetic. So the benchmarks that compare against such a contender also time every contender with the
+allocator told to keep what is freed (`mallopt`: no mmap for big blocks, no trimming), which takes the page faults out
+for all of them alike. A spawned child runs those rounds: the setting cannot be undone (it also ends glibc's dynamic
+threshold), and the benchmarks after it run in the parent's heap as it was.
 """
 
 from __future__ import annotations

@@ -42,7 +42,10 @@ def gemm_floor(student_hidden, student_weight, teacher_hidden: list, teacher_wei
                 cpu_gemm.logits(x[start:start + step], w)
             student = cpu_gemm.logits(hidden, student_weight)  # standing in for its gradient below
             cpu_gemm.product(student, student_weight)
-            grad_weight.addmm_(student.t(), hidden) if student.dtype == grad_weight.dtype else student.t() @ hidden
+            if student.dtype == grad_weight.dtype:
+                grad_weight.addmm_(student.t(), hidden)
+            else:  # 16-bit heads: the product, summed in float32 as kdfast sums it
+                grad_weight += (student.t() @ hidden).float()
         return grad_weight
 
     return products

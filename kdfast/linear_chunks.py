@@ -217,7 +217,6 @@ def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted
     # Without a softcap the student's scale is a constant factor of its gradient: the kernel applies it with the
     # reduction's, and no pass over the chunk is added.
     kernel_scale = grad_scale * student_map.slope if student_map.softcap is None else grad_scale
-    student = teacher_rows = uncapped = grad = grad_logits = None
     for start in range(0, heads.rows, step):
         # The last chunk's logits go before this chunk's are made (they may be new tensors: `_logits_into`).
         student = teacher_rows = uncapped = grad = grad_logits = None  # noqa: F841
