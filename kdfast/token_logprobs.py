@@ -120,10 +120,11 @@ def chunk_rows(chunk_size, rows: Rows, row_bytes: int) -> int:
         return min(int(chunk_size), max(rows.count, 1))
     budget = CHUNK_BUDGET_BYTES.get(rows.hidden.device.type, CHUNK_BUDGET_BYTES["cpu"])
     if rows.gemm == torch.float32 and cpu_gemm.on_onednn(rows.hidden, rows.weight):
-        # oneDNN's product comes beside the chunk's buffer (`_mapped_logits`): half the budget each, which also keeps
-        # the chunk in the cache, where its products run fastest (N=2048, H=256, V=32000: 456 ms in chunks of 192
-        # rows against 597 in 384, and 722 on the BLAS)
-        budget //= 2
+        # oneDNN's product comes beside the chunk's buffer (`_mapped_logits`), and the C library's heap may keep a
+        # few such blocks between chunks: a quarter of the budget, which also keeps the chunk in the cache, where its
+        # products run fastest (N=2048, H=256, V=32000: 456 ms in chunks of 192 rows, 489 in 128, 597 in 384, and
+        # 722 on the BLAS; the extra peak of tests/test_token_logprobs.py's step reached 137 MiB in chunks of 192)
+        budget //= 4
     most = max(16, budget // row_bytes // 16 * 16)
     if rows.count <= most:
         return max(rows.count, 1)
