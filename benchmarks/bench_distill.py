@@ -18,12 +18,11 @@ import csv
 import datetime
 import os
 import platform
-import statistics
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from freed_memory import interleaved_medians
 from rich.console import Console
 from rich.table import Table
 
@@ -58,13 +57,7 @@ def time_methods(methods, device, repeats, warmup=2):
 
         return {name: triton.testing.do_bench(fn, warmup=25, rep=max(100, repeats * 20), return_mode="median")
                 for name, fn in methods.items()}
-    samples = {name: [] for name in methods}
-    for _ in range(repeats):
-        for name, fn in methods.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return interleaved_medians(methods, repeats)[0]
 
 
 def contenders(student, teacher, labels, options, compile_model):

@@ -35,8 +35,8 @@ def _cpu_vendor() -> str:
     return ""
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ w.T by oneDNN, a new tensor."""
+def onednn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T by oneDNN, a new tensor (callers check `on_onednn` first)."""
     return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
 
@@ -53,8 +53,8 @@ def onednn_products() -> bool:
     try:  # both layouts the chunks use, against torch's own product
         generator = torch.Generator().manual_seed(0)
         x, w = torch.randn(5, 7, generator=generator), torch.randn(6, 7, generator=generator)
-        ok = torch.allclose(_linear(x, w), x @ w.t(), rtol=1e-5, atol=1e-5)
-        return ok and torch.allclose(_linear(x @ w.t(), w.t()), (x @ w.t()) @ w, rtol=1e-5, atol=1e-4)
+        ok = torch.allclose(onednn_linear(x, w), x @ w.t(), rtol=1e-5, atol=1e-5)
+        return ok and torch.allclose(onednn_linear(x @ w.t(), w.t()), (x @ w.t()) @ w, rtol=1e-5, atol=1e-4)
     except (RuntimeError, TypeError, NotImplementedError):
         return False
 
@@ -65,27 +65,22 @@ def on_onednn(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and onednn_products()
 
 
-def onednn_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """hidden @ weight.T by oneDNN, a new tensor (callers check `on_onednn` first)."""
-    return _linear(hidden, weight)
-
-
 def logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """hidden @ weight.T, a new tensor."""
     if on_onednn(hidden, weight):
-        return _linear(hidden, weight)
+        return onednn_linear(hidden, weight)
     return hidden @ weight.t()
 
 
 def product_into(out: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """out = grad @ weight (grad [rows, V], weight [V, H], out [rows, H]): a chunk's d hidden."""
     if on_onednn(out, grad, weight):
-        return out.copy_(_linear(grad, weight.t()))
+        return out.copy_(onednn_linear(grad, weight.t()))
     return torch.mm(grad, weight, out=out)
 
 
 def product(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """grad @ weight, a new tensor: a chunk's d hidden."""
     if on_onednn(grad, weight):
-        return _linear(grad, weight.t())
+        return onednn_linear(grad, weight.t())
     return grad @ weight

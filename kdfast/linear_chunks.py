@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kdfast.cpu_gemm import on_onednn, onednn_logits, product_into
+from kdfast import cpu_gemm
 from kdfast.dispatch import average_runs_as_mixture, teacher_divergences_in_kernel
 from kdfast.kernel_abi import PART_COLUMNS, SparseTargets
 from kdfast.linear_teachers import AverageAsMixture, AveragedRows, ChunkTeachers, TeacherHeads
@@ -107,7 +107,7 @@ def chunk_rows(chunk_size, heads: Heads) -> int:
     if student_bytes != heads.student_dtype.itemsize:
         per_row += heads.vocab * heads.student_dtype.itemsize  # the gradient rounded for the backward GEMMs
     rows = max(16, budget // per_row // 16 * 16)
-    if isinstance(heads.teacher, TeacherHeads) and not on_onednn(heads.student_hidden, heads.student_weight):
+    if isinstance(heads.teacher, TeacherHeads) and not cpu_gemm.on_onednn(heads.student_hidden, heads.student_weight):
         rows = max(rows, SEVERAL_TEACHERS_MIN_ROWS.get(heads.student_hidden.device.type, 0))
     return min(rows, max(heads.rows, 1))
 
@@ -160,8 +160,8 @@ def _logits_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, 
     per model either way, as `run_chunks` lets the last chunk's go before it makes the next's."""
     if out.dtype != weight.dtype:  # float32 logits of 16-bit inputs, accumulated by the GEMM and never rounded
         torch.mm(hidden.to(weight.dtype), weight.t(), out_dtype=out.dtype, out=out)
-    elif on_onednn(out, weight):
-        out = onednn_logits(hidden.to(out.dtype), weight)
+    elif cpu_gemm.on_onednn(out, weight):
+        out = cpu_gemm.onednn_linear(hidden.to(out.dtype), weight)
     else:
         torch.mm(hidden.to(out.dtype), weight.t(), out=out)
     if bias is not None:
@@ -219,7 +219,7 @@ def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted
     kernel_scale = grad_scale * student_map.slope if student_map.softcap is None else grad_scale
     for start in range(0, heads.rows, step):
         # The last chunk's logits go before this chunk's are made (they may be new tensors: `_logits_into`).
-        student = teacher_rows = uncapped = grad = grad_logits = None  # noqa: F841
+        student = teacher_rows = uncapped = grad = grad_logits = None
         rows = slice(start, start + step)
         count = min(step, heads.rows - start)
         hidden = heads.student_hidden[rows].to(heads.student_dtype)
@@ -253,7 +253,7 @@ def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted
         if buffers.gemm_grad is not None:
             grad_logits = buffers.gemm_grad[:count].copy_(grad_logits)
         if wanted.hidden and d_hidden.dtype == grad_logits.dtype:
-            product_into(d_hidden[rows], grad_logits, weight_s)
+            cpu_gemm.product_into(d_hidden[rows], grad_logits, weight_s)
         elif wanted.hidden:  # autocast: a 16-bit product for float32 hidden states
             d_hidden[rows] = grad_logits @ weight_s
         if wanted.weight:

@@ -273,7 +273,7 @@ def _mapped_logits(out, tanh_out, hidden, weight, bias, logit_map: LogitMap):
     if cpu_gemm.on_onednn(into, hidden, weight):
         # oneDNN's product (kdfast.cpu_gemm) is a new tensor, with no alpha or beta: the bias and the factor follow
         # in the pass that copies it into the buffer (the kept chunk and the backward reuse that buffer)
-        product = cpu_gemm.onednn_logits(hidden, weight)
+        product = cpu_gemm.onednn_linear(hidden, weight)
         if bias is not None:
             product.add_(bias.to(product.dtype))
         torch.mul(product, factor, out=into)

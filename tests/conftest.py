@@ -61,3 +61,17 @@ def source_environment(**extra) -> dict:
     inherited = [part for part in os.environ.get("PYTHONPATH", "").split(os.pathsep) if part and part != home]
     path = os.pathsep.join([home, *inherited])
     return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+@pytest.fixture
+def gemm_library(monkeypatch):
+    """Sets KDFAST_CPU_GEMM for the rest of the test, the fused linear forms' CPU products (kdfast.cpu_gemm): the
+    choice is made once per process, so it is cleared around the test."""
+    from kdfast import cpu_gemm
+
+    def choose(setting: str) -> None:
+        monkeypatch.setenv("KDFAST_CPU_GEMM", setting)
+        cpu_gemm.onednn_products.cache_clear()
+
+    yield choose
+    cpu_gemm.onednn_products.cache_clear()

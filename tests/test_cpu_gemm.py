@@ -12,17 +12,6 @@ needs_onednn = pytest.mark.skipif(
     reason="this torch has no oneDNN linear")
 
 
-@pytest.fixture
-def gemm_library(monkeypatch):
-    """Sets KDFAST_CPU_GEMM for the rest of the test (the choice is made once per process: cleared around it)."""
-    def choose(setting: str) -> None:
-        monkeypatch.setenv("KDFAST_CPU_GEMM", setting)
-        cpu_gemm.onednn_products.cache_clear()
-
-    yield choose
-    cpu_gemm.onednn_products.cache_clear()
-
-
 def test_an_unknown_setting_is_refused(gemm_library):
     gemm_library("mkl")
     with pytest.raises(ValueError, match="KDFAST_CPU_GEMM must be one of auto, onednn, blas, got 'mkl'"):

@@ -85,11 +85,10 @@ def test_chunk_sizes(chunk_size):
 
 
 @pytest.mark.parametrize("library", ["blas", "onednn"])
-def test_auto_chunks_of_several_teacher_heads_keep_cpu_gemms_whole_sized(monkeypatch, library):
+def test_auto_chunks_of_several_teacher_heads_keep_cpu_gemms_whole_sized(gemm_library, library):
     # The budget alone would give two fp32 teachers at V=32000 chunks of 192 rows, whose GEMMs run slowly on the
     # CPU's BLAS (MKL); oneDNN's run fastest there (kdfast.cpu_gemm).
-    monkeypatch.setenv("KDFAST_CPU_GEMM", library)
-    cpu_gemm.onednn_products.cache_clear()
+    gemm_library(library)
     if library == "onednn" and not cpu_gemm.onednn_products():
         pytest.skip("this torch has no oneDNN linear")
     vocab, rows = 32_000, 4096
@@ -103,8 +102,6 @@ def test_auto_chunks_of_several_teacher_heads_keep_cpu_gemms_whole_sized(monkeyp
     assert chunk_rows(64, heads) == 64, "a chunk size given is kept"
     single = Heads(torch.empty(rows, 1), weight, None, teacher, None, LogitMap(), torch.float32)
     assert chunk_rows("auto", single) == 192, "one teacher keeps the budget's chunk (48 MiB of both models' logits)"
-    monkeypatch.undo()
-    cpu_gemm.onednn_products.cache_clear()
 
 
 @pytest.mark.parametrize("kd_weight,ce_weight,t2_scale", [(1.0, 0.0, True), (0.0, 1.0, True), (0.3, 0.7, False)])

@@ -111,7 +111,7 @@ def test_no_teacher_gemm_and_no_vocab_sized_teacher_buffer(monkeypatch):
 
     cpu_gemm.onednn_products()  # (its one-time check of oneDNN is not the loss's)
     monkeypatch.setattr(torch, "mm", counting(torch.mm))
-    monkeypatch.setattr(cpu_gemm, "_linear", counting(cpu_gemm._linear))  # an AMD CPU's products (oneDNN)
+    monkeypatch.setattr(cpu_gemm, "onednn_linear", counting(cpu_gemm.onednn_linear))  # an AMD CPU's products (oneDNN)
     hidden = inputs["student_hidden"].requires_grad_(True)
     kdfast.linear_sparse_distill_loss(hidden, inputs["student_weight"], inputs["teacher_ids"],
                                       inputs["teacher_logprobs"], chunk_size=8, backend="cpu").backward()
