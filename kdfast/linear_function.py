@@ -90,7 +90,7 @@ class LinearDistillFunction(torch.autograd.Function):
             return outputs
         summary = reduced_per_teacher(teacher.per_teacher, lead_shape, opts, scale)
         teacher.per_teacher = None  # a backward that runs the chunks again need not find them again
-        ctx.mark_non_differentiable(summary)
+        ctx.mark_non_differentiable(outputs[1], summary)  # both at once: a second call replaces the first
         return (*outputs, summary)
 
     @staticmethod

@@ -171,7 +171,7 @@ class MultiTeacherFunction(torch.autograd.Function):
         if not opts.return_components:
             return outputs
         teacher_summary = reduced_per_teacher(per_teacher, lead_shape, opts, scale)
-        ctx.mark_non_differentiable(teacher_summary)
+        ctx.mark_non_differentiable(outputs[1], teacher_summary)  # both at once: a second call replaces the first
         return (*outputs, teacher_summary)
 
     @staticmethod

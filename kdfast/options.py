@@ -21,6 +21,8 @@ BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 # beta = 1e-40). JSD is about beta KL(p || q) there: below it the loss and its gradient drop under float32's normal
 # range (a GPU flushes them to 0; Triton's interpreter turned the arithmetic float64 and wrote a zero 16-bit gradient).
 MIN_BETA = 1e-30
+# return_components=PER_ROW: the components per row (as reduction="none" gives them) whatever the loss's reduction.
+PER_ROW = "per_row"
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,9 @@ class LossOptions:
     reduction: str = "mean"
     inplace_backward: bool = False
     backend: str = "auto"
-    return_components: bool = False  # also return kdfast.LossComponents (the parts, the accuracy, the entropy)
+    # Also return kdfast.LossComponents (the parts, the accuracy, the entropy): True reduced as the loss, "per_row"
+    # one value per row whatever the loss's reduction.
+    return_components: bool | str = False
     vocab_size: int | None = None  # the vocabulary both models share; wider logits' extra columns are padding
     label_smoothing: float = 0.0  # the CE's target: (1 - eps) onehot + eps / V (PyTorch's definition)
     z_loss_weight: float = 0.0  # PaLM's z-loss, weight * log(Z)^2 of the student at T = 1
@@ -78,7 +82,12 @@ class LossOptions:
         object.__setattr__(self, "ignore_index", int(self.ignore_index))
         object.__setattr__(self, "t2_scale", bool(self.t2_scale))
         object.__setattr__(self, "inplace_backward", bool(self.inplace_backward))
-        object.__setattr__(self, "return_components", bool(self.return_components))
+        if isinstance(self.return_components, str):
+            if self.return_components != PER_ROW:
+                raise ValueError(f"return_components must be True, False or {PER_ROW!r}, got "
+                                 f"{self.return_components!r}")
+        else:
+            object.__setattr__(self, "return_components", bool(self.return_components))
         # Encoded once, as plain repr text that torch.compile can trace when it traces the record's construction
         # (the field names are a class attribute, set below each class: dataclasses.fields is not traceable).
         names = type(self).FIELD_NAMES
@@ -126,6 +135,11 @@ class LossOptions:
     def is_mixture(self) -> bool:
         """JSD and the skews: their gradient needs a per-element score and its row sum (docs/DESIGN.md)."""
         return self.effective_divergence not in (Divergence.FORWARD_KL, Divergence.REVERSE_KL)
+
+    @property
+    def components_per_row(self) -> bool:
+        """Whether the components come per row: reduction="none", or return_components="per_row"."""
+        return self.return_components == PER_ROW or (bool(self.return_components) and self.reduction == "none")
 
     @property
     def kd_scale(self) -> float:

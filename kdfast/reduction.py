@@ -33,8 +33,9 @@ class LossComponents:
     `unmatched`: for `cross_vocab_distill_loss` (and its linear form) with method="hybrid", GOLD's two parts before
     their weights, matched_weight * matched + unmatched_weight * unmatched = kd: the divergence over the tokens both
     vocabularies hold and the sorted L1 over the rest (0 where either side has no rest), reduced as the loss is (0
-    for an ignored row with "none"); None for other methods and losses, and when kd_weight is 0. The fields from
-    `entropy` on have defaults, so that positional construction keeps working."""
+    for an ignored row with "none"); None for other methods and losses, and when kd_weight is 0. With
+    return_components="per_row" every field is per row, as with reduction="none", whatever the loss's reduction.
+    The fields from `entropy` on have defaults, so that positional construction keeps working."""
 
     kd: torch.Tensor | None
     ce: torch.Tensor | None
@@ -82,9 +83,10 @@ def component_summary(parts: torch.Tensor, lead_shape, labels, opts: LossOptions
     """The parts reduced one by one, as a tensor (an autograd Function's second output): [PART_COLUMNS] (the
     divergence, the CE, the z-loss and the entropy reduced as the loss, the accuracy over the kept rows; the
     hybrid's matched and unmatched parts after them, reduced as the loss, when `parts` has those columns), or
-    [*lead_shape, columns] per row for reduction="none"."""
+    [*lead_shape, columns] per row for reduction="none" or return_components="per_row" (before any scale of the
+    reduction's)."""
     parts = parts.detach()
-    if opts.reduction == "none":
+    if opts.components_per_row:
         return parts.view(*lead_shape, parts.shape[-1])
     sums = parts.sum(0)
     factor = scale if opts.reduction == "mean" else torch.ones_like(scale)
@@ -135,8 +137,9 @@ def reduced_outputs(ctx, parts, lead_shape, labels, opts: LossOptions, scale):
 
 
 def reduced_per_teacher(per_teacher: torch.Tensor, lead_shape, opts: LossOptions, scale) -> torch.Tensor:
-    """Each teacher's divergence reduced as the loss: [M] ("mean", "sum") or [..., M] ("none")."""
-    if opts.reduction == "none":
+    """Each teacher's divergence reduced as the loss: [M] ("mean", "sum") or [..., M] ("none", or
+    return_components="per_row")."""
+    if opts.components_per_row:
         return per_teacher.view(*lead_shape, per_teacher.shape[-1])
     total = per_teacher.sum(0)
     return total * scale if opts.reduction == "mean" else total
