@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 import kdfast
+from kdfast import cpu_gemm
 from kdfast.memory import extra_peak_bytes, extra_peak_bytes_in_child
 from kdfast.reference import distill_loss_reference
 
@@ -122,9 +123,20 @@ def kernel_bytes_for(args):
     return args.tokens * args.vocab * DTYPES[args.dtype].itemsize * (2 * passes + 1 + 2)
 
 
+# A CPU's results are named by its architecture and maker (and so are their CSVs): the same benchmark's ratios differ
+# between them, kdfast's products coming from oneDNN on AMD and from MKL's AVX-512 kernels on Intel (kdfast.cpu_gemm).
+CPU_MAKERS = {"AuthenticAMD": "AMD", "GenuineIntel": "Intel"}
+
+
 def environment(device):
-    name = torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or platform.machine())
-    return {"device": name, "torch": torch.__version__, "kdfast": kdfast.__version__,
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        maker = CPU_MAKERS.get(cpu_gemm.cpu_field("vendor_id"))
+        name = " ".join(filter(None, (platform.processor() or platform.machine(), maker)))
+    return {"device": name, "cpu": cpu_gemm.cpu_field("model name"),
+            "cpu_products": None if device.type == "cuda" else "onednn" if cpu_gemm.onednn_products() else "blas",
+            "torch": torch.__version__, "kdfast": kdfast.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
             "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
@@ -237,7 +249,7 @@ def report(console, rows, env, args, floor_ms, bandwidth):
 
 
 def write_csv(rows, env, name="bench_distill"):
-    """RESULTS/<name>_<device>.csv, one row per method."""
+    """RESULTS/<name>_<device>.csv, one row per method (a CPU named by its architecture and maker: x86_64_amd)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     device_tag = "".join(c if c.isalnum() else "_" for c in env["device"]).strip("_").lower() or "cpu"
     path = RESULTS / f"{name}_{device_tag}.csv"

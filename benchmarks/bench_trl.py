@@ -2,14 +2,15 @@
 it: the divergence of its DistillationTrainer (`_chunked_divergence_loss`: the generalized JSD, beta 0 = forward
 KL, 1 = reverse KL) against kdfast.linear_distill_loss(divergence="jsd", t2_scale=False, reduction="sum"), and the
 per-token log-probs of its fused causal-LM forward (`ChunkedLogProbFunction`), alone and with the entropy, against
-kdfast.linear_token_logprobs.
+kdfast.linear_token_logprobs, and the loss of its async trainer (`_chunked_jsd_loss`: a served teacher's top-k
+log-probs and tail bucket, one teacher or several routed by row) against kdfast's drop-in (bench_trl_async.py).
 
 Same inputs, one process; medians of interleaved rounds, each pair's ratio, and how far the two agree (the summed
 loss or log-probs, the entropy, the gradients of the student's hidden states and head). TRL folds its tiles in
 torch on the CPU and in Triton on a GPU. On the CPU TRL's fresh [N, 32768] float32 tiles are faulted in and zeroed
-by the OS on every call (glibc hands them back on free): each call's system time is reported, and every contender
-is timed again in a child process whose allocator keeps freed memory (benchmarks/freed_memory.py), the comparison
-with the page faults taken out.
+by the OS on every call (glibc hands them back on free): each call's system time and page faults are reported, and
+every contender is timed again in a child process whose allocator keeps freed memory (benchmarks/freed_memory.py), the
+comparison with the page faults taken out.
 CPU default: N=256, H_s=256, H_t=384, V=32000 fp32, T=1, beta 0, 0.5, 1 (--full: N=2048 and each contender's
 extra peak memory, minutes). CUDA: N=8192, H_s=2048, H_t=4096, V=128256 bf16, and kdfast with fp32_logits (TRL
 keeps its logits in float32).
@@ -40,7 +41,8 @@ from bench_distill import (  # noqa: E402
     write_csv,
 )
 from bench_linear import add_shape_arguments, make_inputs  # noqa: E402
-from freed_memory import interleaved_medians, medians_with_freed_memory_kept  # noqa: E402
+from bench_trl_async import async_contenders, async_loss_available, served_candidates  # noqa: E402
+from freed_memory import Timings, interleaved_medians, medians_with_freed_memory_kept  # noqa: E402
 
 import kdfast  # noqa: E402
 
@@ -51,6 +53,9 @@ TRL, KDFAST, KDFAST_FP32 = "TRL", "kdfast", "kdfast, fp32_logits"
 # What one call gives back: the summed loss (or log-probs) whose gradient is taken, the summed entropy (None where
 # not computed) and the gradients of the student's hidden states and head.
 Outcome = namedtuple("Outcome", "loss entropy grad_hidden grad_weight")
+# A call in the process that keeps freed memory with more minor page faults than this (4 KiB pages, 1 MiB) is
+# reported: its time there is not free of them.
+FAULTS_WORTH_A_WARNING = 256
 # How far each is from TRL's outcome: relative L2 over the whole tensor.
 DIFFERENCES = ("loss_rel_diff", "entropy_rel_diff", "grad_hidden_rel_l2", "grad_weight_rel_l2")
 
@@ -127,12 +132,24 @@ def logprob_contenders(inputs, with_entropy: bool, args) -> dict:
     return {TRL: trl, KDFAST: ours}
 
 
+def _outcome_of(fn):
+    return lambda: Outcome(*fn())
+
+
 def contenders(inputs, args) -> dict:
-    """task -> method -> callable; the token log-probs only where this kdfast has linear_token_logprobs."""
+    """task -> method -> callable; the token log-probs only where this kdfast has linear_token_logprobs, the async
+    trainer's loss where this TRL has it."""
     tasks = {f"divergence beta={beta:g}": divergence_contenders(inputs, beta, args) for beta in args.betas}
     if hasattr(kdfast, "linear_token_logprobs"):
         tasks["log-probs"] = logprob_contenders(inputs, False, args)
         tasks["log-probs + entropy"] = logprob_contenders(inputs, True, args)
+    if args.async_teachers and async_loss_available():
+        candidates = served_candidates(inputs, args.top_k)
+        for teachers in args.async_teachers:
+            for beta in args.betas:
+                task = f"async top-{args.top_k} beta={beta:g}" + (f", {teachers} teachers" if teachers > 1 else "")
+                tasks[task] = {method: _outcome_of(fn)
+                               for method, fn in async_contenders(inputs, candidates, beta, teachers, args).items()}
     return tasks
 
 
@@ -192,27 +209,31 @@ def run(args) -> list[dict]:
     methods = flat(tasks)
     console.print(f"[dim]timing {len(methods)} calls, {args.repeats} interleaved rounds...[/dim]")
     # the agreement's call was the warm-up
+    unmeasured = dict.fromkeys(methods)
     if device.type == "cuda":
-        medians, os_ms = time_methods(methods, device, args.repeats, warmup=0), dict.fromkeys(methods)
+        timings = Timings(time_methods(methods, device, args.repeats, warmup=0), unmeasured, unmeasured)
     else:
-        medians, os_ms = interleaved_medians(methods, args.repeats)
+        timings = interleaved_medians(methods, args.repeats)
     kept = None
     if device.type == "cpu" and args.memory_kept:
         console.print("[dim]timing them again in a process whose allocator keeps freed memory...[/dim]")
         kept = medians_with_freed_memory_kept(f"{__file__}:timing_contenders", plain_settings(args), args.repeats)
-    kept_medians, kept_os_ms = kept or (dict.fromkeys(methods), dict.fromkeys(methods))
+    kept = kept or Timings(unmeasured, unmeasured, unmeasured)
+    medians = timings.wall
     peaks = extra_peaks(methods, args, device, __file__)
     env = environment(device)
     rows = []
     for task, task_methods in tasks.items():
         for method in task_methods:
             name = f"{task}: {method}"
-            trl_kept = kept_medians[f"{task}: {TRL}"]
+            trl_kept = kept.wall[f"{task}: {TRL}"]
             rows.append({"task": task, "method": method, "median_ms": medians[name],
-                         "speedup_vs_trl": medians[f"{task}: {TRL}"] / medians[name], "os_cpu_ms": os_ms[name],
-                         "median_ms_memory_kept": kept_medians[name],
-                         "speedup_vs_trl_memory_kept": trl_kept / kept_medians[name] if trl_kept else None,
-                         "os_cpu_ms_memory_kept": kept_os_ms[name], **differences[name],
+                         "speedup_vs_trl": medians[f"{task}: {TRL}"] / medians[name],
+                         "os_cpu_ms": timings.system[name], "page_faults": timings.faults[name],
+                         "median_ms_memory_kept": kept.wall[name],
+                         "speedup_vs_trl_memory_kept": trl_kept / kept.wall[name] if trl_kept else None,
+                         "os_cpu_ms_memory_kept": kept.system[name], "page_faults_memory_kept": kept.faults[name],
+                         **differences[name],
                          "extra_peak_bytes": peaks[name], **env, "trl": trl.__version__, "tokens": args.tokens,
                          "hidden": args.hidden, "teacher_hidden": args.teacher_hidden, "vocab": args.vocab,
                          "dtype": args.dtype, "temperature": args.temperature})
@@ -250,14 +271,15 @@ def report(console, rows, args, env):
                   "diff: relative difference (L2 over the tensor) from TRL's result on the same inputs; loss: the "
                   "summed divergence or log-probs")
     if rows[0]["os_cpu_ms"] is not None:  # the CPU's
-        console.print("OS ms: the system CPU time of a call, all threads (the OS faulting in and zeroing the pages of "
-                      "new allocations: glibc's malloc returns big blocks to it on free)"
+        console.print("OS ms: the system CPU time of a call, all threads (mostly the OS faulting in and zeroing the "
+                      "pages of new allocations, glibc's malloc returning big blocks to it on free; the CSV has each "
+                      "call's page faults)"
                       + ("; freed memory kept: the same calls timed in a process whose allocator keeps freed memory "
                          "(no page faults, for every contender alike: benchmarks/freed_memory.py)" if kept else ""))
     for row in rows if kept else ():
-        if row["os_cpu_ms_memory_kept"] > 0.05 * row["median_ms_memory_kept"]:
-            console.print(f"[yellow]{row['task']}, {row['method']}: {row['os_cpu_ms_memory_kept']:.0f} ms of system "
-                          "time a call even with freed memory kept: its time there still holds page faults[/yellow]")
+        if row["page_faults_memory_kept"] > FAULTS_WORTH_A_WARNING:
+            console.print(f"[yellow]{row['task']}, {row['method']}: {row['page_faults_memory_kept']:.0f} page faults a "
+                          "call even with freed memory kept: its time there still holds some[/yellow]")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -267,6 +289,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.5, 1.0],
                         help="TRL's beta: 0 forward KL, 1 reverse KL, between them the generalized JSD")
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--async-teachers", type=int, nargs="*", default=[1, 3],
+                        help="the async trainer's loss (trl.experimental.async_distillation) with this many teachers, "
+                             "rows routed among them (none: not timed)")
+    parser.add_argument("--top-k", type=int, default=8, help="the served teacher's candidates per token (TRL's "
+                        "teacher_top_k), the completion's token added where it is not among them")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-kept", action=argparse.BooleanOptionalAction, default=not CUDA,
                         help="also time every contender in a process whose allocator keeps freed memory (default: "

@@ -20,6 +20,7 @@ import resource
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
+from typing import NamedTuple
 
 from kdfast.memory import load_target
 
@@ -38,26 +39,32 @@ def keep_freed_memory() -> bool:
     return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, -1) == 1
 
 
-def os_seconds() -> float:
-    """The system CPU time of this process so far, all its threads: page faults and the zeroing of new pages."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
+class Timings(NamedTuple):
+    """Per method name, the medians over the rounds of a call's wall ms, system CPU ms (all threads) and minor page
+    faults. System time is not all page faults: in a virtual machine, threads waiting for work spend some there too
+    (2-core Intel VM, 2026-12-05: kdfast's calls 40-64 ms of it a call with no page fault at all)."""
+
+    wall: dict
+    system: dict
+    faults: dict
 
 
-def interleaved_medians(methods: dict, repeats: int) -> tuple[dict, dict]:
-    """(name -> median wall ms, name -> median system CPU ms) of each call, one call of each method per round."""
-    wall = {name: [] for name in methods}
-    system = {name: [] for name in methods}
+def interleaved_medians(methods: dict, repeats: int) -> Timings:
+    """Each method's medians (`Timings`), one call of each method per round."""
+    samples = {name: [] for name in methods}
     for _ in range(repeats):
         for name, fn in methods.items():
-            os_start, start = os_seconds(), time.perf_counter()
+            before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             fn()
-            wall[name].append((time.perf_counter() - start) * 1e3)
-            system[name].append((os_seconds() - os_start) * 1e3)
-    return ({name: statistics.median(values) for name, values in wall.items()},
-            {name: statistics.median(values) for name, values in system.items()})
+            wall = (time.perf_counter() - start) * 1e3
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            samples[name].append((wall, (after.ru_stime - before.ru_stime) * 1e3, after.ru_minflt - before.ru_minflt))
+    medians = [{name: statistics.median(values[i] for values in samples[name]) for name in methods}
+               for i in range(3)]
+    return Timings(*medians)
 
 
-def _time_here(target: str, settings: dict, repeats: int) -> tuple[dict, dict] | None:
+def _time_here(target: str, settings: dict, repeats: int) -> Timings | None:
     methods = load_target(target)(settings)  # builds the inputs here, as the parent built its own
     if not keep_freed_memory():
         return None
@@ -67,9 +74,8 @@ def _time_here(target: str, settings: dict, repeats: int) -> tuple[dict, dict] |
     return interleaved_medians(methods, repeats)
 
 
-def medians_with_freed_memory_kept(target: str, settings: dict, repeats: int) -> tuple[dict, dict] | None:
+def medians_with_freed_memory_kept(target: str, settings: dict, repeats: int) -> Timings | None:
     """`target(settings)` ('file.py:function' or 'module:function') -> {name: zero-argument call}, timed in a spawned
-    process whose allocator keeps freed memory: (median wall ms, median system CPU ms) per name, or None where the
-    C library cannot be told so."""
+    process whose allocator keeps freed memory: its `Timings`, or None where the C library cannot be told so."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(_time_here, target, settings, repeats).result()

@@ -24,11 +24,12 @@ import torch
 SETTINGS = ("auto", "onednn", "blas")
 
 
-def _cpu_vendor() -> str:
+def cpu_field(name: str) -> str:
+    """A field of /proc/cpuinfo's first processor ("vendor_id", "model name"), or "" where there is none."""
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
-                if line.startswith("vendor_id"):
+                if line.split(":", 1)[0].strip() == name:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
@@ -46,7 +47,7 @@ def onednn_products() -> bool:
     setting = os.environ.get("KDFAST_CPU_GEMM", "auto")
     if setting not in SETTINGS:
         raise ValueError(f"KDFAST_CPU_GEMM must be one of {', '.join(SETTINGS)}, got {setting!r}")
-    if setting == "blas" or (setting == "auto" and _cpu_vendor() != "AuthenticAMD"):
+    if setting == "blas" or (setting == "auto" and cpu_field("vendor_id") != "AuthenticAMD"):
         return False
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False

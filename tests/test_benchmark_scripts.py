@@ -1,6 +1,7 @@
 """The benchmark and profiling commands run end to end on tiny shapes (results go to a temporary folder)."""
 
 import csv
+import importlib.util
 import platform
 import subprocess
 import sys
@@ -128,9 +129,15 @@ def test_bench_trl_smoke(tmp_path):
         assert float(ours["loss_rel_diff"]) < 1e-5 and float(ours["grad_weight_rel_l2"]) < 1e-4
     if hasattr(kdfast, "linear_token_logprobs"):
         assert float(rows["log-probs + entropy", "kdfast"]["entropy_rel_diff"]) < 1e-5
+    if importlib.util.find_spec("trl.experimental.async_distillation"):  # the async trainer's loss, 1 and 3 teachers
+        for task in ("async top-8 beta=0", "async top-8 beta=0.5, 3 teachers", "async top-8 beta=1, 3 teachers"):
+            ours = rows[task, "kdfast"]
+            assert float(ours["loss_rel_diff"]) < 1e-4 and float(ours["entropy_rel_diff"]) < 1e-5
+            assert float(ours["grad_hidden_rel_l2"]) < 1e-4 and float(ours["grad_weight_rel_l2"]) < 1e-4
     # the second timing, in a child whose allocator keeps freed memory (glibc here)
     for row in rows.values():
         assert float(row["median_ms_memory_kept"]) > 0 and float(row["os_cpu_ms"]) >= 0
+        assert float(row["page_faults"]) >= 0 and float(row["page_faults_memory_kept"]) >= 0
     assert float(rows["divergence beta=0", "TRL"]["speedup_vs_trl_memory_kept"]) == 1.0
 
 
