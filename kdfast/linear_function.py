@@ -17,7 +17,7 @@ from kdfast.linear_chunks import Heads, TeacherHead, Wanted, run_chunks
 from kdfast.linear_teachers import TeacherHeads
 from kdfast.logit_maps import LogitMap
 from kdfast.options import LossOptions
-from kdfast.reduction import reduced_outputs, reduced_per_teacher, reduction_scale
+from kdfast.reduction import reduced_outputs, reduction_scale, with_teacher_summary
 from kdfast.saved_gradient import rescale_gradient_
 from kdfast.views import flat_labels
 
@@ -88,10 +88,9 @@ class LinearDistillFunction(torch.autograd.Function):
         outputs = reduced_outputs(ctx, parts, lead_shape, labels, opts, scale)
         if not isinstance(teacher, TeacherHeads) or not opts.return_components:
             return outputs
-        summary = reduced_per_teacher(teacher.per_teacher, lead_shape, opts, scale)
-        teacher.per_teacher = None  # a backward that runs the chunks again need not find them again
-        ctx.mark_non_differentiable(outputs[1], summary)  # both at once: a second call replaces the first
-        return (*outputs, summary)
+        # A backward that runs the chunks again need not find them again.
+        per_teacher, teacher.per_teacher = teacher.per_teacher, None
+        return with_teacher_summary(ctx, outputs, per_teacher, lead_shape, opts, scale)
 
     @staticmethod
     def _as_input_dtypes(ctx, d_hidden, d_weight, d_bias):

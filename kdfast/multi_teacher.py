@@ -34,7 +34,7 @@ from kdfast.kernel_abi import (
     MixedTeachers,
 )
 from kdfast.options import LossOptions
-from kdfast.reduction import reduced_outputs, reduced_per_teacher, reduction_scale, returned_with_teachers
+from kdfast.reduction import reduced_outputs, reduction_scale, returned_with_teachers, with_teacher_summary
 from kdfast.saved_gradient import saved_gradient_times
 from kdfast.teacher_weights import label_logprobs, row_log_weights, static_shares
 from kdfast.validation import check_labels, check_labels_for, check_num_items, check_pair
@@ -170,9 +170,7 @@ class MultiTeacherFunction(torch.autograd.Function):
         outputs = reduced_outputs(ctx, parts, lead_shape, labels, opts, scale)
         if not opts.return_components:
             return outputs
-        teacher_summary = reduced_per_teacher(per_teacher, lead_shape, opts, scale)
-        ctx.mark_non_differentiable(outputs[1], teacher_summary)  # both at once: a second call replaces the first
-        return (*outputs, teacher_summary)
+        return with_teacher_summary(ctx, outputs, per_teacher, lead_shape, opts, scale)
 
     @staticmethod
     def backward(ctx, grad_output, *summary_grads):

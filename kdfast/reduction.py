@@ -136,11 +136,15 @@ def reduced_outputs(ctx, parts, lead_shape, labels, opts: LossOptions, scale):
     return loss, summary
 
 
-def reduced_per_teacher(per_teacher: torch.Tensor, lead_shape, opts: LossOptions, scale) -> torch.Tensor:
-    """Each teacher's divergence reduced as the loss: [M] ("mean", "sum") or [..., M] ("none", or
-    return_components="per_row")."""
+def with_teacher_summary(ctx, outputs, per_teacher: torch.Tensor, lead_shape, opts: LossOptions, scale) -> tuple:
+    """A several-teacher Function's outputs: `reduced_outputs`' (loss, summary) and each teacher's divergence reduced
+    as the loss ([M] for "mean" and "sum", [..., M] for "none" or return_components="per_row"), both summaries
+    marked without a gradient in one call (a second mark_non_differentiable replaces the first)."""
     if opts.components_per_row:
-        return per_teacher.view(*lead_shape, per_teacher.shape[-1])
-    total = per_teacher.sum(0)
-    return total * scale if opts.reduction == "mean" else total
+        teachers = per_teacher.view(*lead_shape, per_teacher.shape[-1])
+    else:
+        teachers = per_teacher.sum(0)
+        teachers = teachers * scale if opts.reduction == "mean" else teachers
+    ctx.mark_non_differentiable(outputs[1], teachers)
+    return (*outputs, teachers)
 
