@@ -2,8 +2,10 @@
 it: the divergence of its DistillationTrainer (`_chunked_divergence_loss`: the generalized JSD, beta 0 = forward
 KL, 1 = reverse KL) against kdfast.linear_distill_loss(divergence="jsd", t2_scale=False, reduction="sum"), and the
 per-token log-probs of its fused causal-LM forward (`ChunkedLogProbFunction`), alone and with the entropy, against
-kdfast.linear_token_logprobs, and the loss of its async trainer (`_chunked_jsd_loss`: a served teacher's top-k
-log-probs and tail bucket, one teacher or several routed by row) against kdfast's drop-in (bench_trl_async.py).
+kdfast.linear_token_logprobs, the loss of its async trainer (`_chunked_jsd_loss`: a served teacher's top-k
+log-probs and tail bucket, one teacher or several routed by row) against kdfast's drop-in (bench_trl_async.py), and
+the loss of its server trainer (the student's whole logits, then its own loss methods) against kdfast's subclass's
+fused sparse loss (bench_trl_server.py).
 
 Same inputs, one process; medians of interleaved rounds, each pair's ratio, and how far the two agree (the summed
 loss or log-probs, the entropy, the gradients of the student's hidden states and head). TRL folds its tiles in
@@ -42,6 +44,7 @@ from bench_distill import (  # noqa: E402
 )
 from bench_linear import add_shape_arguments, make_inputs  # noqa: E402
 from bench_trl_async import async_contenders, async_loss_available, served_candidates  # noqa: E402
+from bench_trl_server import served_top_k, server_contenders, server_loss_available  # noqa: E402
 from freed_memory import Timings, interleaved_medians, medians_with_freed_memory_kept  # noqa: E402
 
 import kdfast  # noqa: E402
@@ -56,6 +59,8 @@ Outcome = namedtuple("Outcome", "loss entropy grad_hidden grad_weight")
 # A call in the process that keeps freed memory with more minor page faults than this (4 KiB pages, 1 MiB) is
 # reported: its time there is not free of them.
 FAULTS_WORTH_A_WARNING = 256
+# The comparisons `--tasks` picks from, in the table's order.
+TASK_FAMILIES = ("divergence", "log-probs", "async", "server")
 # How far each is from TRL's outcome: relative L2 over the whole tensor.
 DIFFERENCES = ("loss_rel_diff", "entropy_rel_diff", "grad_hidden_rel_l2", "grad_weight_rel_l2")
 
@@ -137,19 +142,27 @@ def _outcome_of(fn):
 
 
 def contenders(inputs, args) -> dict:
-    """task -> method -> callable; the token log-probs only where this kdfast has linear_token_logprobs, the async
-    trainer's loss where this TRL has it."""
-    tasks = {f"divergence beta={beta:g}": divergence_contenders(inputs, beta, args) for beta in args.betas}
-    if hasattr(kdfast, "linear_token_logprobs"):
+    """task -> method -> callable, for the task families in `args.tasks`; the token log-probs only where this kdfast
+    has linear_token_logprobs, the async and server trainers' losses where this TRL has them."""
+    tasks = {}
+    if "divergence" in args.tasks:
+        tasks.update({f"divergence beta={beta:g}": divergence_contenders(inputs, beta, args) for beta in args.betas})
+    if "log-probs" in args.tasks and hasattr(kdfast, "linear_token_logprobs"):
         tasks["log-probs"] = logprob_contenders(inputs, False, args)
         tasks["log-probs + entropy"] = logprob_contenders(inputs, True, args)
-    if args.async_teachers and async_loss_available():
+    if "async" in args.tasks and args.async_teachers and async_loss_available():
         candidates = served_candidates(inputs, args.top_k)
         for teachers in args.async_teachers:
             for beta in args.betas:
                 task = f"async top-{args.top_k} beta={beta:g}" + (f", {teachers} teachers" if teachers > 1 else "")
                 tasks[task] = {method: _outcome_of(fn)
                                for method, fn in async_contenders(inputs, candidates, beta, teachers, args).items()}
+    if "server" in args.tasks and server_loss_available():
+        for beta in args.betas:
+            tasks[f"server top-{served_top_k(beta, args.top_k)} beta={beta:g}"] = {
+                method: _outcome_of(fn) for method, fn in server_contenders(inputs, beta, args).items()}
+    if not tasks:
+        raise SystemExit(f"nothing to time: none of the tasks {args.tasks} is available with this TRL and kdfast")
     return tasks
 
 
@@ -203,7 +216,7 @@ def run(args) -> list[dict]:
     inputs = make_inputs(args, device)
     tasks = contenders(inputs, args)
     console = Console(width=max(150, Console().width))
-    if "log-probs" not in tasks:
+    if "log-probs" in args.tasks and "log-probs" not in tasks:
         console.print("[yellow]this kdfast has no linear_token_logprobs: only the divergence is compared[/yellow]")
     differences = agreement(tasks, inputs["student_hidden"].dtype)
     methods = flat(tasks)
@@ -293,7 +306,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the async trainer's loss (trl.experimental.async_distillation) with this many teachers, "
                              "rows routed among them (none: not timed)")
     parser.add_argument("--top-k", type=int, default=8, help="the served teacher's candidates per token (TRL's "
-                        "teacher_top_k), the completion's token added where it is not among them")
+                        "teacher_top_k; the server trainer's loss_top_k at beta 0, its top-1 above), the completion's "
+                        "token added where it is not among them")
+    parser.add_argument("--tasks", nargs="+", choices=TASK_FAMILIES, default=list(TASK_FAMILIES),
+                        help="which comparisons to time (default: all): the DistillationTrainer's divergence, the "
+                             "token log-probs, the async trainer's loss, the server trainer's loss")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-kept", action=argparse.BooleanOptionalAction, default=not CUDA,
                         help="also time every contender in a process whose allocator keeps freed memory (default: "

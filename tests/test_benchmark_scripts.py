@@ -134,11 +134,24 @@ def test_bench_trl_smoke(tmp_path):
             ours = rows[task, "kdfast"]
             assert float(ours["loss_rel_diff"]) < 1e-4 and float(ours["entropy_rel_diff"]) < 1e-5
             assert float(ours["grad_hidden_rel_l2"]) < 1e-4 and float(ours["grad_weight_rel_l2"]) < 1e-4
+    if importlib.util.find_spec("trl.experimental.server_distillation"):  # the server trainer's loss, each beta
+        for task in ("server top-8 beta=0", "server top-1 beta=0.5", "server top-1 beta=1"):
+            ours = rows[task, "kdfast"]
+            assert float(ours["loss_rel_diff"]) < 1e-4 and ours["entropy_rel_diff"] == ""
+            assert float(ours["grad_hidden_rel_l2"]) < 1e-4 and float(ours["grad_weight_rel_l2"]) < 1e-4
     # the second timing, in a child whose allocator keeps freed memory (glibc here)
     for row in rows.values():
         assert float(row["median_ms_memory_kept"]) > 0 and float(row["os_cpu_ms"]) >= 0
         assert float(row["page_faults"]) >= 0 and float(row["page_faults_memory_kept"]) >= 0
     assert float(rows["divergence beta=0", "TRL"]["speedup_vs_trl_memory_kept"]) == 1.0
+
+
+def test_bench_trl_times_only_the_tasks_asked_for(tmp_path):
+    pytest.importorskip("trl.experimental.server_distillation")
+    _run(tmp_path, "benchmarks/bench_trl.py", "--tasks", "server", "--betas", "0", "--tokens", "32", "--hidden", "16",
+         "--teacher-hidden", "24", "--vocab", "300", "--top-k", "4", "--repeats", "1", "--no-memory-kept")
+    rows = list(csv.DictReader(next(tmp_path.glob("bench_trl_*.csv")).open()))
+    assert [(r["task"], r["method"]) for r in rows] == [("server top-4 beta=0", method) for method in ("TRL", "kdfast")]
 
 
 _FRESH_TENSOR_FAULTS = """
