@@ -1,6 +1,6 @@
 """Several teachers at once, held to the float64 reference: every divergence, both combine modes, every weights mode,
-M in {1, 2, 3}, on every backend, loss and gradient; with M = 1 both modes are the single-teacher loss; each
-teacher's own divergence in the components; bad input named."""
+M in {1, 2, 3}, on every backend, loss and gradient (M up to 7 on the C++ kernel, whose mixing changes past three);
+with M = 1 both modes are the single-teacher loss; each teacher's own divergence in the components; bad input named."""
 
 import itertools
 
@@ -280,6 +280,41 @@ def test_the_cpu_kernel_streams_each_teacher_once_past_routed_away_teachers(dive
             own = distill_loss_reference(student.double(), teachers[index].double(), labels, temperature=temperature,
                                          divergence=divergence, t2_scale=False, reduction="none")
             torch.testing.assert_close(parts.teachers[..., index].double(), own, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("count", [4, 5, 7])
+def test_the_cpu_kernel_keeps_three_shares_pending_and_adds_the_rest_into_the_mixture_row(divergence, count):
+    """The C++ mixture keeps up to three teachers' shares pending in a ring of four exps rows and sums them in its last
+    pass; a counted teacher's pass with three pending adds the oldest into the mixture row (several times with seven).
+    Rows route teachers away before, between and after the pending ones (with return_components a zero-weight
+    teacher still takes a pass, its exps in the ring's free row); in place too (forward KL then sums p_bar in the
+    kernel's exp pass, from the mixture row and three pending shares)."""
+    generator = torch.Generator().manual_seed(count)
+    rows, vocab = 9, 131
+    student = torch.randn(rows, vocab, generator=generator) * 3
+    teachers = list(torch.randn(count, rows, vocab, generator=generator) * 3)
+    routed = torch.rand(rows, count, generator=generator) < 0.7
+    weights = (torch.rand(rows, count, generator=generator) + 0.5) * routed
+    weights[0] = 1.0  # every teacher counts
+    weights[1, :] = 0.0
+    weights[1, -1] = 1.0  # the last one alone
+    weights[2, :3], weights[2, 3:] = 1.0, 0.0  # three pending, the rest routed away
+    weights[3, ::2], weights[3, 1::2] = 0.0, 1.0  # every other one
+    weights[weights.sum(dim=1) == 0, 0] = 1.0  # every row needs a teacher
+    labels = torch.randint(0, vocab, (rows,), generator=generator)
+    settings = dict(weights=weights, divergence=divergence, temperature=1.5, ce_weight=0.5, backend="cpu")
+    gradient = assert_matches_reference(student, teachers, labels, want="gradient", **settings)
+    assert_matches_reference(student, teachers, labels, return_components=True, **settings)
+    _, parts = kdfast.multi_teacher_distill_loss(student, teachers, labels, reduction="none", return_components=True,
+                                                 **settings)
+    for index in range(count):
+        own = distill_loss_reference(student.double(), teachers[index].double(), labels, temperature=1.5,
+                                     divergence=divergence, t2_scale=False, reduction="none")
+        torch.testing.assert_close(parts.teachers[..., index].double(), own, rtol=1e-5, atol=2e-5)
+    in_place = student.clone().requires_grad_()
+    kdfast.multi_teacher_distill_loss(in_place, teachers, labels, inplace_backward=True, **settings).backward()
+    torch.testing.assert_close(in_place.grad, gradient, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

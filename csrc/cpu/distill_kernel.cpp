@@ -11,7 +11,7 @@
 //           c_j = ((s_j - s_r) - (t_j - t_r)) / T, the mixtures as q (d_j - D)
 // Several teachers (mixture_row.h) are mixed into scratch before pass 0, which then takes the teacher's reference as 0
 // (log p_bar <= 0) and pass 1 reads the teacher's exps (p_bar) instead of computing them; under forward KL pass 1 also
-// adds the last teacher's share into p_bar and takes log p_bar itself.
+// sums p_bar from the teachers' last rows and takes log p_bar itself.
 // Centring on r keeps the gradient near a dominant entry free of cancellation: there q_r ~ 1 and the old
 // u_r - q_r U subtracted two numbers of the loss's size. The student gradient is (kd_scale / T) * dL/da plus the
 // CE family's soft * softmax(s) - label * onehot(label) - uniform (kernel_abi.h), times the reduction's scale.
@@ -56,23 +56,23 @@ enum ExpSums : int {
   kSumReverseKl = 2,      // sum_j e_s c_j: reverse KL
   kSumCeSquares = 4,      // sum_j e_s^2: CE's sum at T = 2
   kTeacherExpsGiven = 8,  // a mixture's p_bar in the teacher-exp row, not computed
-  kMixLogFirst = 16,      // a mixture's last share is p_bar (its only one), and log p_bar is taken here (forward KL)
-  kMixLogAdd = 32,        // a mixture's last share joins the shares in the teacher-exp row, and the same
+  kMixLog = 16,           // a mixture's p_bar is summed here from its last rows (kMixRows of them), and log p_bar
+                          // taken (forward KL)
   kNextMaxima = 64,       // the next row's student and teacher maxima, beside the prefetches of those rows
 };
-constexpr int kNotSums = kTeacherExpsGiven | kMixLogFirst | kMixLogAdd | kNextMaxima;  // the flags that pick a mode
+constexpr int kNotSums = kTeacherExpsGiven | kMixLog | kNextMaxima;  // the flags that pick a mode
 
 // (flatten: with the mixture's log in its loop GCC called the lane loop out of line, its six sums kept in memory
 // behind the closure, a memory add a sum and vector)
-template <int kSums>
+template <int kSums, int kMixRows = 0>
 __attribute__((flatten)) void tempered_exps(const float* s, const float* t, const DistillArgs& a, Scratch& w,
                                             const NextRow& next, const RowStats& st, float* sums) {
   const float inv_t = a.inv_temperature;
   float* es = w.exp_student.data();
   float* et = w.exp_teacher.data();
   const float rs = st.ref_s, rt = st.ref_t, tr = st.t_at_ref;
-  const float* const share = w.mix_share;  // locals: the stores below may alias the scratch's fields
-  const float factor = w.mix_share_factor;
+  MixtureSum last;  // a local copy: the stores below may alias the scratch's fields
+  for (int k = 0; k < kMixRows; ++k) last.add(w.mix_last_rows[k], w.mix_last_factors[k]);
   // kNextMaxima: float32 rows, asked for 8 KiB ahead of where their maxima are taken (as mixture_row.h's passes
   // ask for theirs), so that the next row reads neither for its max alone
   const float* const next_s = reinterpret_cast<const float*>(next.student);
@@ -97,10 +97,9 @@ __attribute__((flatten)) void tempered_exps(const float* s, const float* t, cons
     // Both are centred on their row's max (a mixture's log p_bar is <= 0): no overflow clamps.
     const F e_s = fast_exp_centred(ds);
     F e_t, dt, tj = zero;  // (tj: reverse KL's, never with a deferred mixture log)
-    if constexpr ((kSums & (kMixLogFirst | kMixLogAdd)) != 0) {
-      // The mixture's last share joins p_bar here, and its log is the teacher's centred logit (mixture_row.h).
-      e_t = load<F>(share + j) * factor;
-      if constexpr ((kSums & kMixLogAdd) != 0) e_t = load<F>(et + j) + load<F>(share + j) * factor;
+    if constexpr ((kSums & kMixLog) != 0) {
+      // p_bar is summed here from the mixture's last rows, and its log is the teacher's centred logit (mixture_row.h).
+      e_t = mixture_total<kMixRows, F>(last, j);
       store(et + j, e_t);
       dt = fast_log_ge1(e_t);
     } else {
@@ -132,14 +131,22 @@ __attribute__((flatten)) void tempered_exps(const float* s, const float* t, cons
   sums[3] = horizontal_sum(fkl_acc), sums[4] = horizontal_sum(rkl_acc), sums[5] = horizontal_sum(entropy_acc);
 }
 
-// The teacher's mode (its exps computed, given, or a mixture's last share and log taken here) to one instantiation.
+// The teacher's mode (its exps computed, given, or a mixture's sum and log taken here from its 1 to kMixLastRows last
+// rows) to one instantiation.
 template <int kSums>
 void with_teacher_mode(int mode, const float* s, const float* t, const DistillArgs& a, Scratch& w, const NextRow& next,
                        const RowStats& st, float* sums) {
   if (mode == kTeacherExpsGiven) return tempered_exps<kSums | kTeacherExpsGiven>(s, t, a, w, next, st, sums);
   if constexpr ((kSums & kSumForwardKl) != 0) {  // a deferred mixture log: forward KL's alone
-    if (mode == kMixLogFirst) return tempered_exps<kSums | kMixLogFirst>(s, t, a, w, next, st, sums);
-    if (mode == kMixLogAdd) return tempered_exps<kSums | kMixLogAdd>(s, t, a, w, next, st, sums);
+    static_assert(kMixLastRows == 4, "one instantiation per count of the mixture's last rows");
+    if (mode == kMixLog) {
+      switch (w.mix_last_count) {
+        case 1: return tempered_exps<kSums | kMixLog, 1>(s, t, a, w, next, st, sums);
+        case 2: return tempered_exps<kSums | kMixLog, 2>(s, t, a, w, next, st, sums);
+        case 3: return tempered_exps<kSums | kMixLog, 3>(s, t, a, w, next, st, sums);
+        default: return tempered_exps<kSums | kMixLog, 4>(s, t, a, w, next, st, sums);
+      }
+    }
   }
   return tempered_exps<kSums>(s, t, a, w, next, st, sums);
 }
@@ -160,7 +167,7 @@ void tempered_exps_with(int flags, const float* s, const float* t, const Distill
       default: break;  // none of them
     }
   }
-  const int mode = flags & (kTeacherExpsGiven | kMixLogFirst | kMixLogAdd);
+  const int mode = flags & (kTeacherExpsGiven | kMixLog);
   if ((flags & kNextMaxima) != 0) return with_teacher_mode<kSums | kNextMaxima>(mode, s, t, a, w, next, st, sums);
   return with_teacher_mode<kSums>(mode, s, t, a, w, next, st, sums);
 }
@@ -179,8 +186,7 @@ void exp_pass(const float* s, const float* t, const DistillArgs& a, Scratch& w, 
                       (a.has_ce && a.temperature_power == 2 ? kSumCeSquares : 0) |
                       (a.mix_count == 0     ? 0
                        : !w.mix_log_deferred ? kTeacherExpsGiven  // p_bar, against the reference 0
-                       : w.mix_share_first   ? kMixLogFirst
-                                             : kMixLogAdd) |
+                                             : kMixLog) |
                       (next.student != nullptr && next.student_element_bytes == 4 && next.teacher_element_bytes == 4
                            ? kNextMaxima
                            : 0);
@@ -323,7 +329,7 @@ void skip_own_divergences(const DistillArgs& a, int64_t row, float value) {
 template <typename StudentT, typename TeacherT>
 void run_rows(const DistillArgs& a, int64_t row_begin, int64_t row_end) {
   thread_local Scratch scratch;
-  scratch.reserve(a.vocab);
+  scratch.reserve(a.vocab, a.has_kd && a.mix_count > 0);
   scratch.next_row = -1;
   const float row_scale = a.grad != nullptr ? *a.grad_scale : 0.0f;
   auto student_row = [&](int64_t row) {

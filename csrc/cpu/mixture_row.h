@@ -1,12 +1,16 @@
 // A teacher kind for the CPU row kernel: several teachers' rows mixed into one (docs/DESIGN.md, "Several teachers").
 // Per row, in scratch that stays in L2, before the kernel's own passes:
 //   per teacher  its exps e_j = exp((t_j - max) / T) (centred before the temperature divides: |t| / T may be ~1e4,
-//                and t / T - max / T would round every log-probability by that much) and their sum z; its share
-//                (w_m / z_m) e_j joins p_bar in the next teacher's pass. Each pass also takes the max of the row read
-//                next (the next teacher's, the last one the student's), so every row streams in from memory once,
-//                during a pass that computes exps (measured on a Zen 3, 1 thread: the separate max passes were 17% of
-//                the mixing, the separate mixing passes 8%).
-//   once         the last share, then the teacher row T * log p_bar_j: one log and no exp per column. Where p_bar_j
+//                and t / T - max / T would round every log-probability by that much) and their sum z, in a ring of
+//                kMixPendingShares + 1 rows; its share (w_m / z_m) e_j stays pending there. Only when a fourth share
+//                would be pending does a pass add the oldest one into p_bar's row beside its exps. Each pass also takes
+//                the max of the row read next (the next teacher's, the last one the student's), so every row streams
+//                in from memory once, during a pass that computes exps (measured on a Zen 3, 1 thread: the separate
+//                max passes were 17% of the mixing, the separate mixing passes 8%).
+//   once         p_bar = the mixture row (when shares were added into it) + the pending shares, then the teacher row
+//                T * log p_bar_j: one log and no exp per column. Up to three teachers no pass writes p_bar's row
+//                before this one (on an Intel Xeon, M = 3: the passes that added a share into it, writing a fresh
+//                row, took 17% of the kernel's samples; 2026-12-05). Where p_bar_j
 //                is below float32's normal range (every teacher's entry underflowed) the log-sum-exp of
 //                log w_m - log z_m + (t - max) / T is taken instead, never the log of an underflowed sum (-inf there
 //                would make reverse KL infinite).
@@ -73,19 +77,43 @@ __attribute__((noinline, flatten)) inline float own_divergence_sweep(const float
   return horizontal_sum(total);
 }
 
-// How a teacher's pass adds the pending share (the last teacher's that counts) into the mixture row: not at all, as
-// the row's first share, or onto the shares before it.
+// How a teacher's pass adds the oldest pending share into the mixture row: not at all, as the row's first share, or
+// onto the shares before it.
 enum MixStep : int { kMixNone = 0, kMixFirst = 1, kMixAdd = 2 };
 
 // Which teacher's own divergence a pass sums beside its exps (DistillArgs::mix_divergences): none, forward KL, reverse
 // KL, or another divergence (a sweep after the pass, from the exps it stored).
 enum OwnDivergence : int { kOwnNone = 0, kOwnForward = 1, kOwnReverse = 2, kOwnOther = 3 };
 
-// A teacher's exps not yet added into the mixture row: exps * factor (factor = w_m / z_m) joins it in the next pass.
+// A teacher's exps not yet added into the mixture row: exps * factor (factor = w_m / z_m).
 struct PendingShare {
   const float* exps = nullptr;
   float factor = 0.0f;
 };
+
+// The rows the mixture's last pass adds up, each times its factor: the mixture row when shares were added into it
+// (factor 1), then the pending shares, oldest first (the teachers' order, so that p_bar sums in one order however
+// many teachers there are).
+struct MixtureSum {
+  const float* rows[kMixLastRows] = {};
+  float factors[kMixLastRows] = {};
+  int count = 0;
+  void add(const float* row, float factor) { rows[count] = row, factors[count] = factor, ++count; }
+  void drop_first() {
+    for (int k = 1; k < count; ++k) rows[k - 1] = rows[k], factors[k - 1] = factors[k];
+    --count;
+  }
+};
+
+// p_bar at column j from the last rows (kRows of them).
+template <int kRows, typename F>
+inline __attribute__((always_inline)) F mixture_total(const MixtureSum& sum, int64_t j) {
+  F total = load<F>(sum.rows[0] + j) * sum.factors[0];
+  if constexpr (kRows > 1) total = total + load<F>(sum.rows[1] + j) * sum.factors[1];
+  if constexpr (kRows > 2) total = total + load<F>(sum.rows[2] + j) * sum.factors[2];
+  if constexpr (kRows > 3) total = total + load<F>(sum.rows[3] + j) * sum.factors[3];
+  return total;
+}
 
 // The student's row as the teachers' own divergences read it: its max, its exps and sum (reverse KL and the others).
 struct StudentRow {
@@ -95,9 +123,9 @@ struct StudentRow {
 };
 
 // One teacher's pass: its exps e_j = exp((t_j - top) / T) into `exps` (their sum into *z), and beside them the max of
-// the row read next (`next`), the pending share of the teacher before it and, with kOwn, the sum its own divergence
-// needs (returned). The exps leave the core's time to the memory reads: each row streams in once, during a pass that
-// computes.
+// the row read next (`next`), the oldest pending share (`pending`, added into the mixture row with kStep) and, with
+// kOwn, the sum its own divergence needs (returned). The exps leave the core's time to the memory reads: each row
+// streams in once, during a pass that computes.
 template <int kStep, int kOwn>
 float teacher_pass(const float* t, float top, const DistillArgs& a, float* exps, float* z, const float* next,
                    RunningMax& next_max, const PendingShare& pending, float* mixed, const StudentRow& student) {
@@ -182,22 +210,22 @@ inline StudentRow student_for_own(const float* s, int own, const DistillArgs& a,
 
 // The mixture's teacher passes, one per teacher (with own divergences wanted, a teacher of weight 0 in the row takes
 // its exps too, unmixed; else it is skipped). Each pass also takes the max of the next row it will read (the next
-// teacher's float32 row; a 16-bit row is widened and its max taken there) and adds the pending share; the two exps
-// rows alternate. Returns the step the mixture's last pass needs with the pending share in `pending`, and whether any
-// teacher counts.
+// teacher's float32 row; a 16-bit row is widened and its max taken there) and, when its teacher's share would be one
+// pending share too many, adds the oldest into the mixture row. Returns the rows the mixture's last pass adds up in
+// `last`, and whether any teacher counts.
 template <typename TeacherT>
 bool mix_teachers(const TeacherT* const* rows, int64_t count, const float* log_weights, int64_t row,
                   const DistillArgs& a, Scratch& w, const float* s, int own, float* maxima, float* offsets,
-                  PendingShare& pending, int* last_step) {
+                  MixtureSum& last) {
   // The student's and the first teacher's maxima, when the row before took them beside its exps.
   const bool carried = w.next_row == row;
   float* mixed = w.exp_teacher.data();
-  float* buffers[2] = {w.mix_exps.data(), w.mix_exps_previous.data()};
   const StudentRow student = own != kOwnNone ? student_for_own(s, own, a, w, carried) : StudentRow{s, 0.0f};
   bool student_max_known = own != kOwnNone;
   if (student_max_known) w.mix_student_max = student.top;
-  bool mixed_has_shares = false, has_pending = false;
-  int parity = 0;
+  bool mixed_has_shares = false;
+  MixtureSum pending;  // the shares not yet added into the mixture row, oldest first
+  int64_t kept = 0;    // the shares kept so far: the next pass writes its exps into ring row kept % its size
   int64_t known_index = -1;  // the teacher whose max the last pass took
   float known_max = 0.0f;
   auto takes_a_pass = [&](int64_t m) { return own != kOwnNone || log_weights[m] != -INFINITY; };
@@ -216,51 +244,52 @@ bool mix_teachers(const TeacherT* const* rows, int64_t count, const float* log_w
     if (next < count) {
       if constexpr (std::is_same_v<TeacherT, float>) next_row = rows[next];
     }
-    const int step = !has_pending ? kMixNone : mixed_has_shares ? kMixAdd : kMixFirst;
+    const bool counts = log_weights[m] != -INFINITY;
+    // The oldest share joins the mixture row in this pass when this one's would be one too many pending. The ring
+    // row this pass writes is never a pending share's: at most kMixPendingShares of its rows are.
+    const bool adds_oldest = counts && pending.count == kMixPendingShares;
+    const int step = !adds_oldest ? kMixNone : mixed_has_shares ? kMixAdd : kMixFirst;
+    const PendingShare oldest{pending.rows[0], pending.factors[0]};
     RunningMax next_max;
-    float* exps = buffers[parity];
+    float* exps = w.mix_exps[kept % (kMixPendingShares + 1)].data();
     float z;
-    const float own_sum = run_teacher_pass(own, step, t, top, a, exps, &z, next_row, next_max, pending, mixed, student);
+    const float own_sum = run_teacher_pass(own, step, t, top, a, exps, &z, next_row, next_max, oldest, mixed, student);
     if (next_row != s) known_index = next, known_max = next_max.value();
     if (next_row == s && !student_max_known) student_max_known = true, w.mix_student_max = next_max.value();
-    if (has_pending) mixed_has_shares = true, has_pending = false;
+    if (adds_oldest) mixed_has_shares = true, pending.drop_first();
     if (own == kOwnForward) w.mix_own_kl[m] = own_sum / z - std::log(z);
     if (own == kOwnReverse) w.mix_own_kl[m] = own_sum * student.inv_z - student.log_z + std::log(z);
     if (own == kOwnOther) {
       w.mix_own_kl[m] = own_divergence_sweep(t, top, exps, z, s, student.top, student.exps, student.log_z,
                                              student.inv_z, a);
     }
-    if (log_weights[m] == -INFINITY) continue;  // its own divergence only
+    if (!counts) continue;  // its own divergence only
     offsets[m] = log_weights[m] - std::log(z);
-    pending = {exps, std::exp(log_weights[m]) / z};
-    has_pending = true;
-    parity ^= 1;
+    pending.add(exps, std::exp(log_weights[m]) / z);
+    ++kept;
   }
   if (!student_max_known) w.mix_student_max = row_max(s, a.vocab);
-  *last_step = !has_pending ? kMixNone : mixed_has_shares ? kMixAdd : kMixFirst;
-  return has_pending || mixed_has_shares;
+  last = MixtureSum{};
+  if (mixed_has_shares) last.add(mixed, 1.0f);
+  for (int k = 0; k < pending.count; ++k) last.add(pending.rows[k], pending.factors[k]);
+  return last.count > 0;
 }
 
-// The last pass: the pending share joins the mixture row p_bar (kStep as the teacher passes), and the teacher row
-// T * log p_bar is written.
-template <int kStep, typename TeacherT>
+// The last pass: the mixture row p_bar is written, the sum of the kRows last rows, and the teacher row T * log p_bar.
+template <int kRows, typename TeacherT>
 void finish_mixture(const TeacherT* const* rows, int64_t count, const float* maxima, const float* offsets,
-                    const PendingShare& pending, const DistillArgs& a, Scratch& w) {
+                    const MixtureSum& last, const DistillArgs& a, Scratch& w) {
   float* mixed = w.exp_teacher.data();
   float* out = w.teacher.data();
   const float temperature = a.temperature, inv_t = a.inv_temperature;
   // Whether any column fell below kSmallestMixture: OR-ed lane by lane, looked at once after the loop (a test per
   // lane and column was a fifth of this pass).
   VInt any_small{};
-  const float* const share = pending.exps;  // locals, as in teacher_pass
-  const float factor = pending.factor;
+  const MixtureSum sum = last;  // a local copy, as teacher_pass's locals: the stores below may alias `last`
   for_lanes(a.vocab, [&](int64_t j, auto zero) {
     using F = decltype(zero);
-    F total;
-    if constexpr (kStep == kMixNone) total = load<F>(mixed + j);
-    if constexpr (kStep == kMixFirst) total = load<F>(share + j) * factor;
-    if constexpr (kStep == kMixAdd) total = load<F>(mixed + j) + load<F>(share + j) * factor;
-    if constexpr (kStep != kMixNone) store(mixed + j, total);
+    const F total = mixture_total<kRows, F>(sum, j);
+    store(mixed + j, total);
     const auto small = total < kSmallestMixture;
     if constexpr (std::is_same_v<F, VFloat>) {
       any_small |= small;
@@ -281,7 +310,7 @@ void finish_mixture(const TeacherT* const* rows, int64_t count, const float* max
 // w.mix_student_max; returns w.teacher. With `own`, each teacher's forward KL but log z_s into w.mix_own_kl (NaN for
 // a teacher row without a finite max); under the other divergences the whole value.
 // With `defer_log` (the fused phase's forward KL, whose gradient q - p_bar needs no log p_bar and whose loss weighs
-// it by p_bar) the last pass is left to the kernel's exp pass (w.mix_log_deferred): the last share joins p_bar and
+// it by p_bar) the last pass is left to the kernel's exp pass (w.mix_log_deferred): p_bar is summed and
 // log p_bar is taken there, beside the student's exps, and T * log p_bar is neither written nor read back. A column
 // where every teacher underflowed then takes the log of its underflowed p_bar, which the loss weighs by that p_bar
 // (0 for 0: `weighted`), so the exact log-sum-exp that reverse KL needs there is not taken.
@@ -293,28 +322,24 @@ const float* mixture_row(const TeacherT* const* rows, int64_t count, const float
                        : a.divergence == kForwardKL ? kOwnForward
                        : a.divergence == kReverseKL ? kOwnReverse
                                                     : kOwnOther;
-  PendingShare pending;
-  int step = kMixNone;
-  const bool any =
-      mix_teachers(rows, count, log_weights, row, a, w, student, own_kind, maxima, offsets, pending, &step);
+  MixtureSum last;
+  const bool any = mix_teachers(rows, count, log_weights, row, a, w, student, own_kind, maxima, offsets, last);
   float* out = w.teacher.data();
-  w.mix_log_deferred = defer_log && any && step != kMixNone;
+  w.mix_log_deferred = defer_log && any;
   if (w.mix_log_deferred) {
-    w.mix_share_first = step == kMixFirst;
-    w.mix_share = pending.exps;
-    w.mix_share_factor = pending.factor;
+    w.mix_last_count = last.count;
+    for (int k = 0; k < last.count; ++k) w.mix_last_rows[k] = last.rows[k], w.mix_last_factors[k] = last.factors[k];
     return out;
   }
   if (!any) {  // no teacher counts in this row: no mass anywhere, as a teacher row of -inf
     for (int64_t j = 0; j < a.vocab; ++j) w.exp_teacher[j] = 0.0f, out[j] = -INFINITY;
     return out;
   }
-  if (step == kMixFirst) {
-    finish_mixture<kMixFirst>(rows, count, maxima, offsets, pending, a, w);
-  } else if (step == kMixAdd) {
-    finish_mixture<kMixAdd>(rows, count, maxima, offsets, pending, a, w);
-  } else {
-    finish_mixture<kMixNone>(rows, count, maxima, offsets, pending, a, w);
+  switch (last.count) {
+    case 1: finish_mixture<1>(rows, count, maxima, offsets, last, a, w); break;
+    case 2: finish_mixture<2>(rows, count, maxima, offsets, last, a, w); break;
+    case 3: finish_mixture<3>(rows, count, maxima, offsets, last, a, w); break;
+    default: finish_mixture<4>(rows, count, maxima, offsets, last, a, w); break;
   }
   return out;
 }

@@ -13,29 +13,41 @@ namespace kdfast_cpu {
 
 using namespace kdfast;  // the divergence and phase codes
 
+// Several teachers (mixture_row.h): the most teachers' shares a row keeps pending (their exps rows, not yet added into
+// the mixture row), and the rows the last pass adds up (those and the mixture row of the shares folded before them).
+constexpr int kMixPendingShares = 3;
+constexpr int kMixLastRows = kMixPendingShares + 1;
+
 struct Scratch {
   std::vector<float> student, teacher, exp_student, exp_teacher, exp_ce;
-  // several teachers (mixture_row.h): one teacher's exps and the previous one's (the plain mixture alternates them),
+  // several teachers (mixture_row.h): a ring of teachers' exps rows (the pending shares, and the one a pass writes),
   // a widened 16-bit row
-  std::vector<float> mix_exps, mix_exps_previous, mix_widened;
+  std::vector<float> mix_exps[kMixPendingShares + 1];
+  std::vector<float> mix_widened;
   // several teachers: each one's forward KL but log z_s, or its whole reverse KL (mixture_row.h)
   float mix_own_kl[kMaxMixedTeachers];
   float mix_student_max;  // the student row's max, taken by mixture_row while it streams the teachers' rows
-  // A mixture whose last share and log are left to the kernel's exp pass (forward KL, mixture_row.h): that share's
-  // exps and factor, and whether it is the row's only one (else it joins the shares in exp_teacher).
-  bool mix_log_deferred = false, mix_share_first = false;
-  const float* mix_share = nullptr;
-  float mix_share_factor = 0.0f;
+  // A mixture whose last sum and log are left to the kernel's exp pass (forward KL, mixture_row.h): the rows p_bar is
+  // the sum of, each times its factor (the mixture row, when shares were folded into it, with factor 1).
+  bool mix_log_deferred = false;
+  int mix_last_count = 0;
+  const float* mix_last_rows[kMixLastRows] = {};
+  float mix_last_factors[kMixLastRows] = {};
   // A row's student max and its teacher's (a mixture's first teacher's), taken by the exp pass of the row before it
   // beside its prefetches of that row (float32 rows), and the row they belong to (-1: none; each call's rows start
   // with none, so a row skipped or a call ended leaves nothing another row could take).
   int64_t next_row = -1;
   float next_student_max = 0.0f, next_teacher_max = 0.0f;
-  void reserve(int64_t vocab) {
-    for (auto* buffer : {&student, &teacher, &exp_student, &exp_teacher, &exp_ce, &mix_exps, &mix_exps_previous,
-                         &mix_widened}) {
+  // `mixing`: several teachers' rows too (only a mixture's rows read them)
+  void reserve(int64_t vocab, bool mixing = false) {
+    for (auto* buffer : {&student, &teacher, &exp_student, &exp_teacher, &exp_ce}) {
       if (static_cast<int64_t>(buffer->size()) < vocab) buffer->resize(vocab);
     }
+    if (!mixing) return;
+    for (auto& buffer : mix_exps) {
+      if (static_cast<int64_t>(buffer.size()) < vocab) buffer.resize(vocab);
+    }
+    if (static_cast<int64_t>(mix_widened.size()) < vocab) mix_widened.resize(vocab);
   }
 };
 
