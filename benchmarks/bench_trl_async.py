@@ -39,18 +39,25 @@ def async_loss_available() -> bool:
 
 
 @torch.no_grad()
-def served_candidates(inputs, top_k: int):
-    """(ids [N, K + 1], log-probs [N, K + 1], mask [N, K + 1], actual tokens [N]): the teacher head's top-k at T = 1 and
-    the actual token in a last column (masked out where it is among the top-k)."""
+def teacher_top_k(inputs, top_k: int, temperature: float = 1.0):
+    """The benchmark's teacher head as a server reports it: per row its top-k ids [N, K] and log-probs [N, K] at
+    `temperature`, and the log-prob of the row's actual token (the labels) [N, 1], float32."""
     hidden, weight, actual = inputs["teacher_hidden"], inputs["teacher_weight"], inputs["labels"]
     ids, logprobs, actual_logprobs = [], [], []
     for start in range(0, hidden.shape[0], SETUP_ROWS):
-        rows = torch.log_softmax((hidden[start:start + SETUP_ROWS] @ weight.t()).float(), dim=-1)
+        rows = torch.log_softmax((hidden[start:start + SETUP_ROWS] @ weight.t()).float() / temperature, dim=-1)
         top = rows.topk(top_k, dim=-1)
         ids.append(top.indices)
         logprobs.append(top.values)
         actual_logprobs.append(rows.gather(1, actual[start:start + SETUP_ROWS, None]))
-    ids, logprobs, actual_logprobs = torch.cat(ids), torch.cat(logprobs), torch.cat(actual_logprobs)
+    return torch.cat(ids), torch.cat(logprobs), torch.cat(actual_logprobs)
+
+
+def served_candidates(inputs, top_k: int):
+    """(ids [N, K + 1], log-probs [N, K + 1], mask [N, K + 1], actual tokens [N]): the teacher head's top-k at T = 1 and
+    the actual token in a last column (masked out where it is among the top-k)."""
+    actual = inputs["labels"]
+    ids, logprobs, actual_logprobs = teacher_top_k(inputs, top_k)
     listed = (ids == actual[:, None]).any(dim=-1, keepdim=True)
     ids = torch.cat([ids, torch.where(listed, -1, actual[:, None])], dim=1)
     logprobs = torch.cat([logprobs, torch.where(listed, float("-inf"), actual_logprobs)], dim=1)

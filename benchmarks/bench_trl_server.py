@@ -21,10 +21,11 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from bench_trl_async import teacher_top_k
 
-# Rows of the teacher head's logits made at a time while the served log-probs are picked (setup, not timed).
-SETUP_ROWS = 512
-_TRL_IGNORE_INDEX = -100
+import kdfast
+
+_TRL_IGNORE_INDEX = -100  # TRL's label for a position out of the loss
 
 
 def _modules():
@@ -50,20 +51,11 @@ def served_top_k(beta: float, top_k: int) -> int:
     return top_k if beta == 0 else 1
 
 
-@torch.no_grad()
 def served_logprobs(inputs, top_k: int, temperature: float) -> dict:
     """What TRL's `_get_teacher_token_logprobs_from_server` returns for one sequence of the benchmark's rows:
     `topk_logprobs` / `topk_token_ids` [1, N, K] and `actual_logprobs` [1, N] (the labels' log-probs), float32."""
-    hidden, weight, actual = inputs["teacher_hidden"], inputs["teacher_weight"], inputs["labels"]
-    top_logprobs, top_ids, actual_logprobs = [], [], []
-    for start in range(0, hidden.shape[0], SETUP_ROWS):
-        rows = torch.log_softmax((hidden[start:start + SETUP_ROWS] @ weight.t()).float() / temperature, dim=-1)
-        top = rows.topk(top_k, dim=-1)
-        top_logprobs.append(top.values)
-        top_ids.append(top.indices)
-        actual_logprobs.append(rows.gather(1, actual[start:start + SETUP_ROWS, None])[:, 0])
-    return {"topk_logprobs": torch.cat(top_logprobs)[None], "topk_token_ids": torch.cat(top_ids)[None],
-            "actual_logprobs": torch.cat(actual_logprobs)[None]}
+    ids, logprobs, actual_logprobs = teacher_top_k(inputs, top_k, temperature)
+    return {"topk_logprobs": logprobs[None], "topk_token_ids": ids[None], "actual_logprobs": actual_logprobs.T}
 
 
 def trl_trainer(beta: float, temperature: float, top_k: int):
@@ -99,8 +91,6 @@ def server_contenders(inputs, beta: float, args) -> dict:
         ids, logprobs = trl_server.top1_actual_support(served, labels, labels, beta)
 
     def kdfast_loss(h, w):
-        import kdfast
-
         return kdfast.linear_sparse_distill_loss(h, w, ids[0], logprobs[0], labels[0], divergence="jsd", beta=beta,
                                                  temperature=args.temperature, t2_scale=False, tail="bucket",
                                                  ignore_index=_TRL_IGNORE_INDEX, reduction="mean")

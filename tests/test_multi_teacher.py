@@ -61,6 +61,18 @@ def assert_matches_reference(student, teachers, labels, *, return_components=Fal
     return s.grad if want == "gradient" else parts
 
 
+def assert_each_teachers_divergence(student, teachers, labels, **settings):
+    """With return_components: the loss as the reference's, and each teacher's own divergence per row (a routed-away
+    teacher's too) as its single-teacher reference's."""
+    assert_matches_reference(student, teachers, labels, return_components=True, **settings)
+    _, parts = kdfast.multi_teacher_distill_loss(student, teachers, labels, reduction="none", return_components=True,
+                                                 **settings)
+    for index, teacher in enumerate(teachers):
+        own = distill_loss_reference(student.double(), teacher.double(), labels, temperature=settings["temperature"],
+                                     divergence=settings["divergence"], t2_scale=False, reduction="none")
+        torch.testing.assert_close(parts.teachers[..., index].double(), own, rtol=1e-5, atol=2e-5)
+
+
 # Every divergence and combine; the weights mode, M and the backend cycle through the cases.
 CASES = [(divergence, combine, WEIGHTS[i % len(WEIGHTS)], 1 + i % 3)
          for i, (divergence, combine) in enumerate(itertools.product(DIVERGENCES, ["mixture", "average"]))]
@@ -273,13 +285,7 @@ def test_the_cpu_kernel_streams_each_teacher_once_past_routed_away_teachers(dive
     for temperature in (0.5, 2.0):
         settings = dict(weights=weights, divergence=divergence, temperature=temperature, ce_weight=0.5, backend="cpu")
         assert_matches_reference(student, list(teachers), labels, **settings)
-        assert_matches_reference(student, list(teachers), labels, return_components=True, **settings)
-        _, parts = kdfast.multi_teacher_distill_loss(student, list(teachers), labels, reduction="none",
-                                                     return_components=True, **settings)
-        for index in range(4):
-            own = distill_loss_reference(student.double(), teachers[index].double(), labels, temperature=temperature,
-                                         divergence=divergence, t2_scale=False, reduction="none")
-            torch.testing.assert_close(parts.teachers[..., index].double(), own, rtol=1e-5, atol=2e-5)
+        assert_each_teachers_divergence(student, list(teachers), labels, **settings)
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
@@ -305,13 +311,7 @@ def test_the_cpu_kernel_keeps_three_shares_pending_and_adds_the_rest_into_the_mi
     labels = torch.randint(0, vocab, (rows,), generator=generator)
     settings = dict(weights=weights, divergence=divergence, temperature=1.5, ce_weight=0.5, backend="cpu")
     gradient = assert_matches_reference(student, teachers, labels, want="gradient", **settings)
-    assert_matches_reference(student, teachers, labels, return_components=True, **settings)
-    _, parts = kdfast.multi_teacher_distill_loss(student, teachers, labels, reduction="none", return_components=True,
-                                                 **settings)
-    for index in range(count):
-        own = distill_loss_reference(student.double(), teachers[index].double(), labels, temperature=1.5,
-                                     divergence=divergence, t2_scale=False, reduction="none")
-        torch.testing.assert_close(parts.teachers[..., index].double(), own, rtol=1e-5, atol=2e-5)
+    assert_each_teachers_divergence(student, teachers, labels, **settings)
     in_place = student.clone().requires_grad_()
     kdfast.multi_teacher_distill_loss(in_place, teachers, labels, inplace_backward=True, **settings).backward()
     torch.testing.assert_close(in_place.grad, gradient, rtol=1e-5, atol=1e-7)
