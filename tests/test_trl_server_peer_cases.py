@@ -4,7 +4,8 @@ expectations, kdfast's trainer (or the support and fused-loss functions its `com
 test naming the TRL test it ports. Where cheap, TRL's own trainer on the same inputs is a second oracle.
 
 Ported: test_build_teacher_request_inputs (the request kdfast's compute_loss makes, and its loss on an empty
-completion), TestGetTeacherTokenLogprobsFromServer, TestServerReverseKLPaddingMask,
+completion), TestGetTeacherTokenLogprobsFromServer, TestServerReverseKLPaddingMask (its sparse loss at beta 1 also in
+tests/test_sparse_peer_cases_more.py; here through the subclass's support functions at three betas),
 TestServerDistillationTrainerRaggedGrad and TestServerVsLocalTeacher (in that file until TRL removed its local top-1
 path, #6455; the local teacher's loss is rebuilt here from TRL's own sparse top-1 method).
 
