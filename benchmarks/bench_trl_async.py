@@ -30,12 +30,17 @@ def _modules():
     return trl_async, chunked_jsd_loss
 
 
-def async_loss_available() -> bool:
+def importable(load) -> bool:
+    """Whether `load()` finds what a task needs (TRL's experimental trainers come and go between its versions)."""
     try:
-        _modules()
+        load()
     except ImportError:
         return False
     return True
+
+
+def async_loss_available() -> bool:
+    return importable(_modules)
 
 
 @torch.no_grad()

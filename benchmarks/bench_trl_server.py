@@ -21,7 +21,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from bench_trl_async import teacher_top_k
+from bench_trl_async import importable, teacher_top_k
 
 import kdfast
 
@@ -39,11 +39,7 @@ def _modules():
 
 
 def server_loss_available() -> bool:
-    try:
-        _modules()
-    except ImportError:
-        return False
-    return True
+    return importable(_modules)
 
 
 def served_top_k(beta: float, top_k: int) -> int:
