@@ -71,8 +71,7 @@ __attribute__((flatten)) void tempered_exps(const float* s, const float* t, cons
   float* es = w.exp_student.data();
   float* et = w.exp_teacher.data();
   const float rs = st.ref_s, rt = st.ref_t, tr = st.t_at_ref;
-  MixtureSum last;  // a local copy: the stores below may alias the scratch's fields
-  for (int k = 0; k < kMixRows; ++k) last.add(w.mix_last_rows[k], w.mix_last_factors[k]);
+  const MixtureSum last = w.mix_last;  // a local copy: the stores below may alias the scratch's fields
   // kNextMaxima: float32 rows, asked for 8 KiB ahead of where their maxima are taken (as mixture_row.h's passes
   // ask for theirs), so that the next row reads neither for its max alone
   const float* const next_s = reinterpret_cast<const float*>(next.student);
@@ -140,7 +139,7 @@ void with_teacher_mode(int mode, const float* s, const float* t, const DistillAr
   if constexpr ((kSums & kSumForwardKl) != 0) {  // a deferred mixture log: forward KL's alone
     static_assert(kMixLastRows == 4, "one instantiation per count of the mixture's last rows");
     if (mode == kMixLog) {
-      switch (w.mix_last_count) {
+      switch (w.mix_last.count) {
         case 1: return tempered_exps<kSums | kMixLog, 1>(s, t, a, w, next, st, sums);
         case 2: return tempered_exps<kSums | kMixLog, 2>(s, t, a, w, next, st, sums);
         case 3: return tempered_exps<kSums | kMixLog, 3>(s, t, a, w, next, st, sums);

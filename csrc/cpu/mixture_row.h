@@ -91,20 +91,6 @@ struct PendingShare {
   float factor = 0.0f;
 };
 
-// The rows the mixture's last pass adds up, each times its factor: the mixture row when shares were added into it
-// (factor 1), then the pending shares, oldest first (the teachers' order, so that p_bar sums in one order however
-// many teachers there are).
-struct MixtureSum {
-  const float* rows[kMixLastRows] = {};
-  float factors[kMixLastRows] = {};
-  int count = 0;
-  void add(const float* row, float factor) { rows[count] = row, factors[count] = factor, ++count; }
-  void drop_first() {
-    for (int k = 1; k < count; ++k) rows[k - 1] = rows[k], factors[k - 1] = factors[k];
-    --count;
-  }
-};
-
 // p_bar at column j from the last rows (kRows of them).
 template <int kRows, typename F>
 inline __attribute__((always_inline)) F mixture_total(const MixtureSum& sum, int64_t j) {
@@ -327,8 +313,7 @@ const float* mixture_row(const TeacherT* const* rows, int64_t count, const float
   float* out = w.teacher.data();
   w.mix_log_deferred = defer_log && any;
   if (w.mix_log_deferred) {
-    w.mix_last_count = last.count;
-    for (int k = 0; k < last.count; ++k) w.mix_last_rows[k] = last.rows[k], w.mix_last_factors[k] = last.factors[k];
+    w.mix_last = last;
     return out;
   }
   if (!any) {  // no teacher counts in this row: no mass anywhere, as a teacher row of -inf

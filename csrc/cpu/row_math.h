@@ -18,6 +18,20 @@ using namespace kdfast;  // the divergence and phase codes
 constexpr int kMixPendingShares = 3;
 constexpr int kMixLastRows = kMixPendingShares + 1;
 
+// The rows a mixture's last pass adds up, each times its factor: the mixture row when shares were added into it
+// (factor 1), then the pending shares, oldest first (the teachers' order, so that p_bar sums in one order however
+// many teachers there are).
+struct MixtureSum {
+  const float* rows[kMixLastRows] = {};
+  float factors[kMixLastRows] = {};
+  int count = 0;
+  void add(const float* row, float factor) { rows[count] = row, factors[count] = factor, ++count; }
+  void drop_first() {
+    for (int k = 1; k < count; ++k) rows[k - 1] = rows[k], factors[k - 1] = factors[k];
+    --count;
+  }
+};
+
 struct Scratch {
   std::vector<float> student, teacher, exp_student, exp_teacher, exp_ce;
   // several teachers (mixture_row.h): a ring of teachers' exps rows (the pending shares, and the one a pass writes),
@@ -27,12 +41,10 @@ struct Scratch {
   // several teachers: each one's forward KL but log z_s, or its whole reverse KL (mixture_row.h)
   float mix_own_kl[kMaxMixedTeachers];
   float mix_student_max;  // the student row's max, taken by mixture_row while it streams the teachers' rows
-  // A mixture whose last sum and log are left to the kernel's exp pass (forward KL, mixture_row.h): the rows p_bar is
-  // the sum of, each times its factor (the mixture row, when shares were folded into it, with factor 1).
+  // A mixture whose last sum and log are left to the kernel's exp pass (forward KL, mixture_row.h), and the rows p_bar
+  // is the sum of there.
   bool mix_log_deferred = false;
-  int mix_last_count = 0;
-  const float* mix_last_rows[kMixLastRows] = {};
-  float mix_last_factors[kMixLastRows] = {};
+  MixtureSum mix_last;
   // A row's student max and its teacher's (a mixture's first teacher's), taken by the exp pass of the row before it
   // beside its prefetches of that row (float32 rows), and the row they belong to (-1: none; each call's rows start
   // with none, so a row skipped or a call ended leaves nothing another row could take).
