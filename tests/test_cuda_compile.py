@@ -1,5 +1,7 @@
-"""CI compiles the CUDA kernels for sm_80 and sm_90 with nvcc (no GPU needed), and syntax-checks the
-bindings against torch's headers, so a kernel or binding that does not compile cannot land."""
+"""CI compiles the CUDA kernels with nvcc (no GPU needed): to machine code for sm_90 (H100, H200) with ptxas's spill
+report, and through the front end to PTX for sm_80 (every line and every architecture branch compiles; the driver's
+ptxas is the same on an A100). It syntax-checks the bindings against torch's headers, so a kernel or binding that
+does not compile cannot land."""
 
 import re
 import shutil
@@ -11,27 +13,33 @@ import pytest
 
 CUDA_DIR = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
 NVCC = shutil.which("nvcc")
-ARCHS = ("80", "90")
+# ptxas for sm_80 as well took a third of the check's time and reported alike: the two architectures have the same
+# register file and per-thread limit, and their worst spill was 16 bytes each (the three dtypes' files, 2026-12-05).
+MACHINE_CODE_ARCHS, PTX_ARCHS = ("90",), ("80",)
 
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
 
 
 def _compile(source: Path, arch: str, out_dir: Path) -> tuple[str, str, subprocess.CompletedProcess]:
-    command = [NVCC, "-c", "-std=c++17", "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
-               str(source), "-o", str(out_dir / f"{source.stem}_sm{arch}.o")]
+    if arch in PTX_ARCHS:
+        target = ["-ptx", f"-arch=compute_{arch}", "-o", str(out_dir / f"{source.stem}_compute{arch}.ptx")]
+    else:
+        target = ["-c", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
+                  "-o", str(out_dir / f"{source.stem}_sm{arch}.o")]
+    command = [NVCC, "-std=c++17", "-O3", *target, str(source)]
     return source.name, arch, subprocess.run(command, capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("cuda_objects")
-    jobs = [(source, arch) for source in sorted(CUDA_DIR.glob("*.cu")) for arch in ARCHS]
+    jobs = [(source, arch) for source in sorted(CUDA_DIR.glob("*.cu")) for arch in (*MACHINE_CODE_ARCHS, *PTX_ARCHS)]
     with ThreadPoolExecutor(max_workers=2) as pool:
         return list(pool.map(lambda job: _compile(*job, out_dir), jobs))
 
 
 def test_every_cuda_source_compiles_for_sm80_and_sm90(compiled):
-    assert len(compiled) == 4 * len(ARCHS), [name for name, _, _ in compiled]
+    assert len(compiled) == 4 * len(MACHINE_CODE_ARCHS + PTX_ARCHS), [name for name, _, _ in compiled]
     failures = [(name, arch, result.stderr[-3000:]) for name, arch, result in compiled if result.returncode != 0]
     assert not failures, failures
 
@@ -39,7 +47,8 @@ def test_every_cuda_source_compiles_for_sm80_and_sm90(compiled):
 def test_kernels_do_not_spill(compiled):
     # ptxas -v prints "N bytes spill stores" per kernel; the three-pass mixture kernels may spill a word or
     # two at 256 threads, nothing more.
-    worst = max((int(n) for _, _, result in compiled for n in re.findall(r"(\d+) bytes spill stores", result.stderr)),
+    machine_code = [result for _, arch, result in compiled if arch in MACHINE_CODE_ARCHS]
+    worst = max((int(n) for result in machine_code for n in re.findall(r"(\d+) bytes spill stores", result.stderr)),
                 default=None)
     assert worst is not None, "ptxas reported no kernels"
     assert worst <= 16, f"a kernel spills {worst} bytes"
