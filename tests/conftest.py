@@ -9,7 +9,8 @@ import os
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 _WORKER_THREADS = None
 if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
-    _WORKER_THREADS = max(1, len(os.sched_getaffinity(0)) // _WORKERS)
+    _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # not macOS
+    _WORKER_THREADS = max(1, _CORES // _WORKERS)
     os.environ["OMP_NUM_THREADS"] = str(_WORKER_THREADS)
 
 import torch  # noqa: E402
