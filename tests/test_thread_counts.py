@@ -1,7 +1,10 @@
 """The C++ kernel splits rows between torch's threads. The suite's workers run on one thread each (tests/conftest.py),
-so this file runs every kernel form on 1, 2 and 3 threads: a row's loss and gradient do not depend on which thread
+so this file runs the kernel's forms (a dense teacher, a sparse one, several, another vocabulary's; the fused linear
+forms and the token log-probs) on 1, 2 and 3 threads: a row's loss and gradient do not depend on which thread
 took it, and the per-row results are reduced in one order, so the logits-level forms give the same bits; the fused
 linear forms add the BLAS products, whose blocking follows the thread count (within float32 rounding)."""
+
+import functools
 
 import pytest
 import torch
@@ -37,6 +40,7 @@ def _large_vocab_map() -> kdfast.VocabMap:
     return kdfast.VocabMap.from_tokenizers(Vocabulary(student), Vocabulary(teacher))
 
 
+@functools.cache  # built once a worker: the test ids come from its names
 def _logits_level_cases():
     student, teachers, labels = _inputs()
     top_logprobs, top_ids = torch.log_softmax(teachers[0], dim=-1).topk(20, dim=-1)
@@ -59,10 +63,6 @@ def _logits_level_cases():
     return cases, student
 
 
-LOGITS_LEVEL_CASES = ("dense jsd + ce", "dense reverse kl, T=2", "sparse top-20 bucket", "mixture of 5",
-                      "average of 3, jsd", "cross-vocab mapped", "cross-vocab uld", "cross-vocab hybrid")
-
-
 def _loss_and_gradients(loss_of, leaves, threads):
     torch.set_num_threads(threads)
     leaves = [leaf.clone().requires_grad_() for leaf in leaves]
@@ -71,7 +71,7 @@ def _loss_and_gradients(loss_of, leaves, threads):
     return [loss.detach(), *(leaf.grad for leaf in leaves)]
 
 
-@pytest.mark.parametrize("case", LOGITS_LEVEL_CASES)
+@pytest.mark.parametrize("case", list(_logits_level_cases()[0]))
 def test_logits_level_forms_give_the_same_bits_on_any_thread_count(case, restore_threads):
     cases, student = _logits_level_cases()
     one = _loss_and_gradients(cases[case], [student], 1)
@@ -81,6 +81,7 @@ def test_logits_level_forms_give_the_same_bits_on_any_thread_count(case, restore
             assert torch.equal(a, b), (case, threads, name, (a - b).abs().max().item())
 
 
+@functools.cache
 def _linear_cases():
     generator = torch.Generator().manual_seed(3)
     hidden = torch.randn(ROWS, HIDDEN, generator=generator)
@@ -104,8 +105,7 @@ def _linear_cases():
     return cases, [hidden, weight]
 
 
-@pytest.mark.parametrize("case", ("linear jsd + ce", "linear sparse", "linear mixture of 3",
-                                  "token log-probs and entropy"))
+@pytest.mark.parametrize("case", list(_linear_cases()[0]))
 def test_fused_linear_forms_agree_on_any_thread_count(case, restore_threads):
     cases, leaves = _linear_cases()
     one = _loss_and_gradients(cases[case], leaves, 1)
