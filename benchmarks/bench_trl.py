@@ -1,11 +1,11 @@
-"""Forward+backward of kdfast against TRL's own chunked kernels (trl/kernels/, TRL 1.16), each called as TRL calls
-it: the divergence of its DistillationTrainer (`_chunked_divergence_loss`: the generalized JSD, beta 0 = forward
-KL, 1 = reverse KL) against kdfast.linear_distill_loss(divergence="jsd", t2_scale=False, reduction="sum"), and the
-per-token log-probs of its fused causal-LM forward (`ChunkedLogProbFunction`), alone and with the entropy, against
-kdfast.linear_token_logprobs, the loss of its async trainer (`_chunked_jsd_loss`: a served teacher's top-k
-log-probs and tail bucket, one teacher or several routed by row) against kdfast's drop-in (bench_trl_async.py), and
-the loss of its server trainer (the student's whole logits, then its own loss methods) against kdfast's subclass's
-fused sparse loss (bench_trl_server.py).
+"""Forward+backward of kdfast against TRL's own chunked kernels (trl/kernels/, TRL 1.16), each called as TRL calls it:
+the divergence of its DistillationTrainer (`_chunked_divergence_loss`: the generalized JSD, beta 0 = forward KL, 1 =
+reverse KL) against kdfast.linear_distill_loss(divergence="jsd", t2_scale=False, reduction="sum"), and the per-token
+log-probs of its fused causal-LM forward (`ChunkedLogProbFunction`), alone, with the entropy and with a frozen head (d
+hidden alone, as under LoRA), against kdfast.linear_token_logprobs, the loss of its async trainer
+(`_chunked_jsd_loss`: a served teacher's top-k log-probs and tail bucket, one teacher or several routed by row)
+against kdfast's drop-in (bench_trl_async.py), and the loss of its server trainer (the student's whole logits, then
+its own loss methods) against kdfast's subclass's fused sparse loss (bench_trl_server.py).
 
 Same inputs, one process; medians of interleaved rounds, each pair's ratio, and how far the two agree (the summed
 loss or log-probs, the entropy, the gradients of the student's hidden states and head). TRL folds its tiles in
@@ -112,27 +112,32 @@ def divergence_contenders(inputs, beta: float, args) -> dict:
     return methods
 
 
-def logprob_contenders(inputs, with_entropy: bool, args) -> dict:
-    """method -> zero-argument callable: the summed log-probs of the tokens, their gradients and the entropy."""
+def logprob_contenders(inputs, with_entropy: bool, args, frozen_head: bool = False) -> dict:
+    """method -> zero-argument callable: the summed log-probs of the tokens, their gradients and the entropy. With
+    `frozen_head` the head gets no gradient (LoRA leaves the LM head frozen): d hidden alone."""
     _, chunked_logprob, vocab_chunk = trl_kernels()
     hs, ws, tokens = inputs["student_hidden"], inputs["student_weight"], inputs["labels"]
 
+    def leaves():
+        return hs.detach().requires_grad_(True), ws.detach().requires_grad_(not frozen_head)
+
+    def outcome(loss, entropy, h, w):
+        grads = torch.autograd.grad(loss, (h,) if frozen_head else (h, w))
+        return Outcome(loss.detach(), None if entropy is None else entropy.detach().sum(), *grads,
+                       *([None] if frozen_head else []))
+
     def trl():
-        h, w = hs.detach().requires_grad_(True), ws.detach().requires_grad_(True)
+        h, w = leaves()
         logprobs, entropy, *_ = chunked_logprob.apply(h, w, None, tokens, args.temperature, vocab_chunk, None, 1.0,
                                                       ("entropy",) if with_entropy else ())
-        loss = logprobs.sum()
-        return Outcome(loss.detach(), None if entropy is None else entropy.detach().sum(),
-                       *torch.autograd.grad(loss, (h, w)))
+        return outcome(logprobs.sum(), entropy, h, w)
 
     def ours():
-        h, w = hs.detach().requires_grad_(True), ws.detach().requires_grad_(True)
+        h, w = leaves()
         result = kdfast.linear_token_logprobs(h, w, tokens, temperature=args.temperature,
                                               return_entropy=with_entropy)
         logprobs, entropy = result if with_entropy else (result, None)
-        loss = logprobs.sum()
-        return Outcome(loss.detach(), None if entropy is None else entropy.detach().sum(),
-                       *torch.autograd.grad(loss, (h, w)))
+        return outcome(logprobs.sum(), entropy, h, w)
 
     return {TRL: trl, KDFAST: ours}
 
@@ -150,6 +155,7 @@ def contenders(inputs, args) -> dict:
     if "log-probs" in args.tasks and hasattr(kdfast, "linear_token_logprobs"):
         tasks["log-probs"] = logprob_contenders(inputs, False, args)
         tasks["log-probs + entropy"] = logprob_contenders(inputs, True, args)
+        tasks["log-probs, frozen head"] = logprob_contenders(inputs, False, args, frozen_head=True)
     if "async" in args.tasks and args.async_teachers and async_loss_available():
         candidates = served_candidates(inputs, args.top_k)
         for teachers in args.async_teachers:

@@ -7,6 +7,11 @@ exists at a time; each row's log-sum-exp, -log q(token) and entropy come from kd
 at T = 1 on logits that already hold the temperature). Forward is loss-only and keeps O(N) tensors and, when a
 gradient will be asked for, its last chunk of logits; backward takes that chunk first, recomputes the others' logits
 in its buffer, and lets the kernel write q - onehot(token) over them. Chunks are spread evenly over the rows.
+
+A frozen head (only hidden wants a gradient) with the log-probs the only output: d hidden's row i is g_i a_i with
+a_i = -(q_i - onehot(t_i)) W, which does not depend on g. The forward then has the kernel write q - onehot in the
+same pass as the statistics and takes a = that times W at once, [N, H] float32 kept; the backward scales its rows
+and runs no chunk: two GEMMs in all, not three (LoRA training leaves the LM head frozen).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ def linear_token_logprobs(hidden, weight, token_ids, *, bias=None, temperature=1
     _check_inputs(hidden, weight, token_ids, bias, return_entropy, chunk_size)
     # CE alone with weight 1 at T = 1: the kernel's PART_CE is -log q(token), PART_ENTROPY q's entropy.
     opts = LossOptions(kd_weight=0.0, ce_weight=1.0, reduction="none", backend=backend)
-    plan = TokenPlan(logit_map, chunk_size, device_rows(opts, hidden.device), opts)
+    plan = TokenPlan(logit_map, chunk_size, device_rows(opts, hidden.device), opts, return_entropy)
     logprobs, entropy = _apply(hidden, weight, bias, token_ids, plan)
     return (logprobs, entropy) if return_entropy else logprobs
 
@@ -55,6 +60,7 @@ class TokenPlan:
     chunk_size: int | str
     rows_kernel: object
     opts: LossOptions
+    entropy_returned: bool = True  # False: the entropy is never differentiated (the frozen head's direct d hidden)
 
 
 # The chunk loop is driven from the host: torch.compile calls it as is rather than tracing into it.
@@ -151,23 +157,28 @@ class TokenLogprobsFunction(torch.autograd.Function):
                     gemm_dtype(hidden, weight))
         # The chunks' casts and GEMMs are ours: autocast must not cast them again.
         wanted = Wanted(ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        # d hidden in the forward (module docstring): the head frozen and only the log-probs differentiable.
+        direct = wanted.hidden and not wanted.weight and not wanted.bias and not plan.entropy_returned
         # With a softcap the backward also needs the tanh, which the forward does not keep: it recomputes all.
-        keep = wanted.any and plan.logit_map.softcap is None
+        keep = wanted.any and plan.logit_map.softcap is None and not direct
         with torch.autocast(hidden.device.type, enabled=False):
-            logprobs, entropy, kept = _forward_chunks(rows, plan, keep)
+            logprobs, entropy, kept, direction = _forward_chunks(rows, plan, keep, direct)
         logprobs, entropy = logprobs.view(lead_shape), entropy.view(lead_shape)
         if wanted.any:
             ctx.rows, ctx.plan, ctx.wanted, ctx.hidden_shape, ctx.kept = rows, plan, wanted, hidden.shape, kept
             # Saved so that autograd refuses a backward after any of them was modified in place.
-            ctx.save_for_backward(hidden, weight, bias, logprobs, entropy)
+            ctx.save_for_backward(hidden, weight, bias, logprobs, entropy, direction)
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
         if grad_logprobs is None and grad_entropy is None:
             return None, None, None, None, None
-        _, weight, bias, logprobs, entropy = ctx.saved_tensors
+        _, weight, bias, logprobs, entropy, direction = ctx.saved_tensors
         flat = [g.reshape(-1).float() if g is not None else None for g in (grad_logprobs, grad_entropy)]
+        if direction is not None and grad_entropy is None:
+            d_hidden = direction.mul(flat[0][:, None]).to(ctx.rows.hidden.dtype)
+            return d_hidden.view(ctx.hidden_shape), None, None, None, None
         # The kept logits are overwritten by the gradient: a second backward (retain_graph) recomputes them.
         kept, ctx.kept = ctx.kept, None
         with torch.autocast(logprobs.device.type, enabled=False):
@@ -178,26 +189,36 @@ class TokenLogprobsFunction(torch.autograd.Function):
                 d_bias.to(bias.dtype) if d_bias is not None else None, None, None)
 
 
-def _forward_chunks(rows: Rows, plan: TokenPlan, keep: bool):
-    """log q(token) [N] and the entropy of q [N], float32, and (with `keep`) the last chunk's logits as a KeptChunk;
-    no gradient work."""
-    device = rows.hidden.device
+def _forward_chunks(rows: Rows, plan: TokenPlan, keep: bool, direct: bool):
+    """log q(token) [N] and the entropy of q [N], float32; with `keep` the last chunk's logits as a KeptChunk; with
+    `direct` d hidden per unit gradient of each row's log-prob ([N, H] float32, else None)."""
+    device, logit_map = rows.hidden.device, plan.logit_map
     logprobs = torch.empty(rows.count, dtype=torch.float32, device=device)
     entropy = torch.empty(rows.count, dtype=torch.float32, device=device)
-    step = chunk_rows(plan.chunk_size, rows, rows.vocab * rows.gemm.itemsize)
-    buffer = torch.empty(min(step, rows.count), rows.vocab, dtype=rows.gemm, device=device)
+    capped = direct and logit_map.softcap is not None  # the chain rule then needs the tanh
+    step = chunk_rows(plan.chunk_size, rows, rows.vocab * rows.gemm.itemsize * (2 if capped else 1))
+    size = (min(step, rows.count), rows.vocab)
+    buffer = torch.empty(size, dtype=rows.gemm, device=device)
+    tanh_buffer = torch.empty(size, dtype=rows.gemm, device=device) if capped else None
+    direction = torch.empty(rows.hidden.shape, dtype=torch.float32, device=device) if direct else None
     weight = rows.weight.to(rows.gemm)  # one cast for all chunks (a no-op when equal)
     one = torch.ones((), dtype=torch.float32, device=device)
     for start in range(0, rows.count, step):
-        chunk = slice(start, start + step)
-        logits = _mapped_logits(buffer[:min(step, rows.count - start)], None, rows.hidden[chunk].to(rows.gemm),
-                                weight, rows.bias, plan.logit_map).unsqueeze(0)
-        # Without a divergence the teacher argument is not read: the student stands in for it.
-        parts = plan.rows_kernel(logits, logits, rows.token_ids[chunk], one, None, plan.opts)
+        chunk, count = slice(start, start + step), min(step, rows.count - start)
+        tanh = tanh_buffer[:count] if capped else None
+        logits = _mapped_logits(buffer[:count], tanh, rows.hidden[chunk].to(rows.gemm), weight, rows.bias,
+                                logit_map).unsqueeze(0)
+        # Without a divergence the teacher argument is not read: the student stands in for it. With `direct` the
+        # kernel writes q - onehot(token) over the logits in the pass that takes the statistics.
+        parts = plan.rows_kernel(logits, logits, rows.token_ids[chunk], one, logits if direct else None, plan.opts)
         logprobs[chunk] = parts[:, PART_CE].neg()
         entropy[chunk] = parts[:, PART_ENTROPY]
+        if direct:
+            grad = logit_map.tanh_chain_(logits[0], tanh) if capped else logits[0]
+            # d log q(t) / dz = -(q - onehot) times the map's slope (the softcap's chain rule has applied it).
+            direction[chunk] = cpu_gemm.product(grad, weight).float().mul_(-1.0 if capped else -logit_map.slope)
     kept = KeptChunk(start, logits.shape[1], buffer) if keep and rows.count else None
-    return logprobs, entropy, kept
+    return logprobs, entropy, kept, direction
 
 
 def _backward_chunks(rows: Rows, plan: TokenPlan, wanted: Wanted, logprobs, entropy, grad_logprobs, grad_entropy,
