@@ -142,6 +142,30 @@ def test_token_logprobs_match_reference(case, backend):
     assert_gradients_close(ours, theirs, rtol, atol)
 
 
+@settings(max_examples=property_examples(30), deadline=None, derandomize=True)
+@given(case=token_cases(), backend=st.sampled_from(BACKENDS))
+def test_token_logprobs_frozen_head_match_reference(case, backend):
+    """A frozen head and the log-probs alone: d hidden taken in the forward (kdfast/token_logprobs.py)."""
+    head, token_ids, options = case
+    device = device_for(backend)
+    hidden = head["hidden"].detach().to(device).requires_grad_(True)
+    bias = head["bias"].to(device) if head["bias"] is not None else None
+    logprobs = kdfast.linear_token_logprobs(hidden, head["weight"].to(device), token_ids.to(device), bias=bias,
+                                            backend=backend, **options)
+    theirs = {k: (v.detach().double().requires_grad_(k == "hidden") if v is not None else None)
+              for k, v in head.items()}
+    logits = _logits(theirs) * options["logit_scale"]
+    if options["softcap"] is not None:
+        logits = options["softcap"] * torch.tanh(logits / options["softcap"])
+    ref_logprobs = torch.log_softmax(logits / options["temperature"], dim=-1).gather(-1, token_ids[..., None])[..., 0]
+    row_weights = torch.randn(token_ids.shape, generator=torch.Generator().manual_seed(5))
+    (logprobs * row_weights.to(device)).sum().backward()
+    (ref_logprobs * row_weights.double()).sum().backward()
+    rtol, atol = tolerances(logits.detach() / options["temperature"])
+    torch.testing.assert_close(logprobs.double().cpu(), ref_logprobs.detach(), rtol=rtol, atol=atol)
+    assert_gradients_close({"hidden": hidden}, {"hidden": theirs["hidden"]}, rtol, atol)
+
+
 @st.composite
 def multi_teacher_cases(draw):
     student, _, labels, options = draw(linear_cases())
