@@ -41,7 +41,8 @@ def linear_token_logprobs(hidden, weight, token_ids, *, bias=None, temperature=1
     """log q(token) per row, float32 and shaped like `token_ids`, for hidden states [..., H], a head [V, H] (+ bias
     [V]) and token ids [...] in [0, V); with `return_entropy`, (log-probs, the entropy of q per row). Both outputs
     are differentiable to hidden, weight and bias. `chunk_size`: rows per chunk of logits ("auto": from a memory
-    budget). Under torch.autocast the GEMMs run in autocast's dtype; sums are float32."""
+    budget). Under torch.autocast the GEMMs run in autocast's dtype; sums are float32. With a frozen head (only
+    `hidden` requires a gradient) and `return_entropy=False`, d hidden is taken in the forward: two GEMMs in all."""
     logit_map = tempered_map(logit_scale, softcap, temperature)
     _check_inputs(hidden, weight, token_ids, bias, return_entropy, chunk_size)
     # CE alone with weight 1 at T = 1: the kernel's PART_CE is -log q(token), PART_ENTROPY q's entropy.
