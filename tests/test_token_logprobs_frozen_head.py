@@ -108,3 +108,10 @@ def test_recomputes_where_the_forward_cannot_know_the_gradient(learns, backward_
     assert len(backward_chunks_counted) == 1
     expected, _ = reference(*(inputs[k].double() for k in ("hidden", "weight", "bias")), inputs["token_ids"])
     torch.testing.assert_close(logprobs.double(), expected, rtol=2e-5, atol=2e-5)
+
+
+def test_empty_input():
+    hidden = torch.randn(0, 8, requires_grad=True)
+    logprobs = kdfast.linear_token_logprobs(hidden, torch.randn(29, 8), torch.zeros(0, dtype=torch.long))
+    logprobs.sum().backward()
+    assert logprobs.shape == (0,) and hidden.grad.shape == (0, 8)
