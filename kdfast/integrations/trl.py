@@ -2,7 +2,9 @@
 `trl.experimental.gkd.GKDTrainer.generalized_jsd_loss`, and a `GKDTrainer` whose loss comes from the hidden states
 through `linear_distill_loss`, so on-policy GKD never builds either model's logits. TRL's stable
 `DistillationTrainer` and its drop-in `chunked_divergence_loss`: kdfast.integrations.trl_distillation; GOLD's
-cross-tokenizer `GOLDTrainer` and `ULDLoss`: kdfast.integrations.trl_gold; both reachable from here."""
+cross-tokenizer `GOLDTrainer` and `ULDLoss`: kdfast.integrations.trl_gold; the fused LM head of TRL's GRPO, RLOO,
+DPO, KTO and SFT trainers (`patch_trl_fused_lm_head`): kdfast.integrations.trl_fused_lm_head; all reachable from
+here."""
 
 from __future__ import annotations
 
@@ -104,4 +106,8 @@ def __getattr__(name):
         from kdfast.integrations import trl_gold
 
         return getattr(trl_gold, name)
+    if name in ("patch_trl_fused_lm_head", "KdfastChunkedLogProb"):  # TRL's fused LM head (GRPO, RLOO, ...)
+        from kdfast.integrations import trl_fused_lm_head
+
+        return getattr(trl_fused_lm_head, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

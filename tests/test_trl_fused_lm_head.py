@@ -1,0 +1,152 @@
+"""kdfast.integrations.trl.patch_trl_fused_lm_head: TRL's fused LM head (`add_fused_lm_head`, the forward of its GRPO,
+RLOO, DPO, KTO and SFT trainers) on kdfast. KdfastChunkedLogProb against TRL's ChunkedLogProbFunction (outputs and
+gradients, a head that learns and a frozen one, every logit post-processing); calls for outputs kdfast does not
+compute go to TRL's; a tiny causal LM's fused forward + backward equals TRL's; two GRPO steps train."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from test_token_logprobs import SETTINGS, make_inputs
+from tiny_models import tiny_llama, word_tokenizer
+
+chunked_logprob = pytest.importorskip("trl.kernels.chunked_logprob")
+trl_utils = pytest.importorskip("trl.trainer.utils")
+if not hasattr(trl_utils, "add_fused_lm_head"):
+    pytest.skip("this TRL has no fused LM head (TRL >= 1.16)", allow_module_level=True)
+
+from kdfast.integrations import trl_fused_lm_head  # noqa: E402
+from kdfast.integrations.trl import KdfastChunkedLogProb, patch_trl_fused_lm_head  # noqa: E402
+
+TRL_FUNCTION = chunked_logprob.ChunkedLogProbFunction
+
+
+@pytest.fixture
+def patched():
+    patch_trl_fused_lm_head()
+    yield
+    patch_trl_fused_lm_head(False)
+
+
+@pytest.fixture
+def kdfast_calls(monkeypatch):
+    """How many times kdfast's per-token log-probs ran."""
+    calls = []
+    original = trl_fused_lm_head.linear_token_logprobs
+    monkeypatch.setattr(trl_fused_lm_head, "linear_token_logprobs",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+def _apply(function, inputs, head_learns, outputs, temperature, softcap, logit_scale):
+    hidden = inputs["hidden"].clone().requires_grad_(True)
+    weight = inputs["weight"].clone().requires_grad_(head_learns)
+    bias = inputs["bias"].clone().requires_grad_(head_learns) if inputs["bias"] is not None else None
+    results = function.apply(hidden, weight, bias, inputs["token_ids"], temperature, 64, softcap, logit_scale,
+                             outputs)
+    generator = torch.Generator().manual_seed(3)
+    total = sum((r * torch.randn(r.shape, generator=generator)).sum() for r in results[:2] if r is not None)
+    total.backward()
+    return results, [t.grad for t in (hidden, weight, bias) if t is not None and t.requires_grad]
+
+
+@pytest.mark.parametrize("bias,logit_scale,softcap,temperature", SETTINGS)
+@pytest.mark.parametrize("outputs", [("log_probs",), ("log_probs", "entropy")])
+@pytest.mark.parametrize("head_learns", [True, False])
+def test_equals_trls_function(bias, logit_scale, softcap, temperature, outputs, head_learns, kdfast_calls):
+    inputs = make_inputs((40,), 24, 301, bias=bias, seed=2)
+    settings = (temperature, softcap, logit_scale)
+    theirs, their_grads = _apply(TRL_FUNCTION, inputs, head_learns, outputs, *settings)
+    ours, our_grads = _apply(KdfastChunkedLogProb, inputs, head_learns, outputs, *settings)
+    assert len(kdfast_calls) == 1
+    assert [r is None for r in ours] == [r is None for r in theirs]
+    for mine, trls in zip(ours[:2], theirs[:2]):
+        if trls is not None:
+            torch.testing.assert_close(mine, trls, rtol=1e-5, atol=1e-5)
+    assert len(our_grads) == len(their_grads)
+    for mine, trls in zip(our_grads, their_grads):
+        torch.testing.assert_close(mine, trls, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("extra", ["is_top1", "mean_logits", "log_sum_sq_probs"])
+def test_outputs_kdfast_does_not_compute_go_to_trls_function(extra, kdfast_calls):
+    inputs = make_inputs((12,), 8, 29, seed=4)
+    outputs = ("log_probs", "entropy", extra)
+    theirs, _ = _apply(TRL_FUNCTION, inputs, True, outputs, 1.0, None, 1.0)
+    ours, _ = _apply(KdfastChunkedLogProb, inputs, True, outputs, 1.0, None, 1.0)
+    assert kdfast_calls == []
+    for mine, trls in zip(ours, theirs):
+        assert (mine is None) == (trls is None)
+        if trls is not None:
+            torch.testing.assert_close(mine, trls, rtol=0, atol=0)
+
+
+def _fused_step(model, batch):
+    model.zero_grad()
+    out = model(**batch, fused_lm_head=True)
+    (out.loss + 0.1 * out.entropy.sum()).backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("frozen_head", [False, True])
+@pytest.mark.parametrize("config", [{}, {"final_logit_softcapping": 2.0}, {"logit_scale": 0.5}])
+def test_fused_forward_equals_trls(frozen_head, config, kdfast_calls):
+    """The model's own fused forward (TRL's masking, shift, loss and entropy) with kdfast underneath."""
+    model = tiny_llama(32, **config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)  # peaked rows: a nearly uniform head would hide an error in the gradient
+    model.lm_head.weight.requires_grad_(not frozen_head)
+    trl_utils.add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(2, 96, (3, 10), generator=generator)
+    labels = input_ids.clone()
+    labels[0, :4] = -100  # a prompt
+    batch = {"input_ids": input_ids, "labels": labels}
+    theirs, their_grads = _fused_step(model, batch)
+    patch_trl_fused_lm_head()
+    try:
+        ours, our_grads = _fused_step(model, batch)
+    finally:
+        patch_trl_fused_lm_head(False)
+    assert len(kdfast_calls) == 1 and trl_utils._ChunkedLogProbFunction is TRL_FUNCTION
+    for name in ("loss", "log_probs", "entropy"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), rtol=1e-5, atol=1e-5)
+    assert our_grads.keys() == their_grads.keys() and ("lm_head.weight" in our_grads) != frozen_head
+    for name, grad in our_grads.items():
+        error = (grad - their_grads[name]).norm() / their_grads[name].norm().clamp(min=1e-30)
+        assert error <= 1e-4, f"{name}.grad: relative L2 error {error:.2e}"
+
+
+def _completion_length(completions, **_):
+    return [float(len(completion)) for completion in completions]
+
+
+def test_grpo_trains_two_steps_on_kdfast(tmp_path, patched, kdfast_calls):
+    """TRL's GRPOTrainer as it is (its fused LM head, asked for the log-probs and the entropy) runs on kdfast."""
+    import trl
+    from datasets import Dataset
+
+    model = tiny_llama(32)
+    dataset = Dataset.from_dict({"prompt": ["w2 w3 w4", "w5 w6", "w7 w8 w9 w10", "w11"] * 2})
+    args = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2,
+                          max_completion_length=4, max_steps=2, learning_rate=1e-3, report_to=[], use_cpu=True,
+                          save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0, bf16=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trl.GRPOTrainer(model=model, reward_funcs=_completion_length, args=args,
+                                  processing_class=word_tokenizer(), train_dataset=dataset)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logs)
+    assert kdfast_calls, "the trainer's log-probs came from kdfast"
+    assert any(not torch.equal(p, b) for p, b in zip(trainer.model.parameters(), before))
+
+
+def test_unpatch_restores_trls_function():
+    patch_trl_fused_lm_head()
+    assert trl_utils._ChunkedLogProbFunction is KdfastChunkedLogProb
+    patch_trl_fused_lm_head(False)
+    assert trl_utils._ChunkedLogProbFunction is TRL_FUNCTION
+    assert copy.copy(trl_fused_lm_head.KDFAST_OUTPUTS) == {"log_probs", "entropy"}
