@@ -8,10 +8,10 @@ at T = 1 on logits that already hold the temperature). Forward is loss-only and 
 gradient will be asked for, its last chunk of logits; backward takes that chunk first, recomputes the others' logits
 in its buffer, and lets the kernel write q - onehot(token) over them. Chunks are spread evenly over the rows.
 
-A frozen head (only hidden wants a gradient) with the log-probs the only output: d hidden's row i is g_i a_i with
-a_i = -(q_i - onehot(t_i)) W, which does not depend on g. The forward then has the kernel write q - onehot in the
-same pass as the statistics and takes a = that times W at once, [N, H] float32 kept; the backward scales its rows
-and runs no chunk: two GEMMs in all, not three (LoRA training leaves the LM head frozen).
+A frozen head (only hidden wants a gradient) with the log-probs the only output: d hidden's row i is g_i a_i, with
+a_i = -(q_i - onehot(t_i)) W times the map's slope, which does not depend on g. The forward then has the kernel
+write q - onehot in the same pass as the statistics and takes a = that times W at once, [N, H] float32 kept; the
+backward scales its rows and runs no chunk: two GEMMs in all, not three (LoRA training leaves the LM head frozen).
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@ RLOO, DPO, KTO and SFT trainers) on kdfast. KdfastChunkedLogProb against TRL's C
 gradients, a head that learns and a frozen one, every logit post-processing); calls for outputs kdfast does not
 compute go to TRL's; a tiny causal LM's fused forward + backward equals TRL's; two GRPO steps train."""
 
-import copy
 import warnings
 
 import pytest
@@ -149,4 +148,3 @@ def test_unpatch_restores_trls_function():
     assert trl_utils._ChunkedLogProbFunction is KdfastChunkedLogProb
     patch_trl_fused_lm_head(False)
     assert trl_utils._ChunkedLogProbFunction is TRL_FUNCTION
-    assert copy.copy(trl_fused_lm_head.KDFAST_OUTPUTS) == {"log_probs", "entropy"}
