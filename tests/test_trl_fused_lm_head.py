@@ -148,3 +148,21 @@ def test_unpatch_restores_trls_function():
     assert trl_utils._ChunkedLogProbFunction is KdfastChunkedLogProb
     patch_trl_fused_lm_head(False)
     assert trl_utils._ChunkedLogProbFunction is TRL_FUNCTION
+
+
+@pytest.mark.parametrize("head_learns,outputs,on_kdfast", [
+    (True, ("log_probs",), False),  # the recompute reads the head
+    (False, ("log_probs", "entropy"), False),  # the entropy returned: the recompute reads the head
+    (False, ("log_probs",), True),  # d hidden in the forward: the backward reads no weight
+])
+def test_under_zero3_a_backward_that_reads_the_head_goes_to_trls_function(monkeypatch, kdfast_calls, head_learns,
+                                                                           outputs, on_kdfast):
+    # kdfast's view only: TRL's own function would then gather these plain tensors as ZeRO-3 parameters.
+    monkeypatch.setattr(trl_fused_lm_head, "_zero3_enabled", lambda: True)
+    inputs = make_inputs((12,), 8, 29, seed=4)
+    theirs, their_grads = _apply(TRL_FUNCTION, inputs, head_learns, outputs, 1.0, None, 1.0)
+    ours, our_grads = _apply(KdfastChunkedLogProb, inputs, head_learns, outputs, 1.0, None, 1.0)
+    assert len(kdfast_calls) == int(on_kdfast)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
+    for mine, trls in zip(our_grads, their_grads):
+        torch.testing.assert_close(mine, trls, rtol=1e-4, atol=1e-5)

@@ -1,15 +1,14 @@
 """TRL's fused LM head on kdfast. TRL 1.16's `add_fused_lm_head` (`trl.trainer.utils`), which its GRPO, RLOO, DPO, KTO
 and SFT trainers put on their models, scores each completion token's log-prob (and entropy) with its own
 `ChunkedLogProbFunction`, looked up by name on every call. `patch_trl_fused_lm_head()` puts `KdfastChunkedLogProb`
-under that name: the same call and five outputs, computed by `kdfast.linear_token_logprobs` (with a frozen head, as
-under LoRA, d hidden in the forward: two GEMMs rather than TRL's three). Calls that ask for what kdfast's kernel does
-not compute (`log_sum_sq_probs`, `mean_logits`, `is_top1`: SFT's and KTO's metrics) go to TRL's own function, as do
-calls whose backward would have to gather a ZeRO-3 head again (a head that learns under ZeRO-3: TRL's backward
-re-enters its gather, kdfast's recomputes from the weight it saved)."""
+under that name: the same call and five outputs, computed by `kdfast.linear_token_logprobs` (a frozen head asked for
+the log-probs alone takes d hidden in the forward: two GEMMs rather than TRL's three; GRPO and RLOO also ask for the
+entropy, which may get a gradient, so their backward recomputes as TRL's does). Calls that ask for what kdfast's
+kernel does not compute (`log_sum_sq_probs`, `mean_logits`, `is_top1`: SFT's and KTO's metrics) go to TRL's own
+function, as do calls whose backward would read a ZeRO-3 head again (a head that learns, or the entropy returned:
+TRL's backward re-enters its gather, kdfast's would recompute from the weight it saved, partitioned by then)."""
 
 from __future__ import annotations
-
-import torch
 
 from kdfast.token_logprobs import linear_token_logprobs
 
@@ -29,9 +28,14 @@ def _trl_function():
     return ChunkedLogProbFunction
 
 
-def _head_learns_under_zero3(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    if not any(t is not None and t.requires_grad for t in (weight, bias)):
-        return False
+def _backward_reads_a_zero3_head(hidden, weight, bias, outputs) -> bool:
+    """Whether kdfast's backward would recompute from the head (a head that learns, or the entropy returned: all
+    but a frozen head's d hidden taken in the forward) while ZeRO-3 partitions it after the forward."""
+    head_learns = any(t is not None and t.requires_grad for t in (weight, bias))
+    return (head_learns or (hidden.requires_grad and "entropy" in outputs)) and _zero3_enabled()
+
+
+def _zero3_enabled() -> bool:
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     return is_deepspeed_zero3_enabled()
@@ -44,7 +48,7 @@ class KdfastChunkedLogProb:
     @staticmethod
     def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None, logit_scale=1.0,
               outputs=("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")):
-        if not set(outputs) <= KDFAST_OUTPUTS or _head_learns_under_zero3(weight, bias):
+        if not set(outputs) <= KDFAST_OUTPUTS or _backward_reads_a_zero3_head(hidden, weight, bias, outputs):
             return _trl_function().apply(hidden, weight, bias, targets, temperature, chunk_size,
                                          final_logit_softcapping, logit_scale, outputs)
         with_entropy = "entropy" in outputs
