@@ -2,7 +2,8 @@
 the divergence of its DistillationTrainer (`_chunked_divergence_loss`: the generalized JSD, beta 0 = forward KL, 1 =
 reverse KL) against kdfast.linear_distill_loss(divergence="jsd", t2_scale=False, reduction="sum"), and the per-token
 log-probs of its fused causal-LM forward (`ChunkedLogProbFunction`), alone, with the entropy and with a frozen head (d
-hidden alone, as under LoRA), against kdfast.linear_token_logprobs, the loss of its async trainer
+hidden alone, as under LoRA), against kdfast.linear_token_logprobs, a one-layer model's fused LM head as TRL's GRPO
+trainer scores with it, on TRL's function and on kdfast's (bench_trl_fused_head.py), the loss of its async trainer
 (`_chunked_jsd_loss`: a served teacher's top-k log-probs and tail bucket, one teacher or several routed by row)
 against kdfast's drop-in (bench_trl_async.py), and the loss of its server trainer (the student's whole logits, then
 its own loss methods) against kdfast's subclass's fused sparse loss (bench_trl_server.py).
@@ -44,6 +45,7 @@ from bench_distill import (  # noqa: E402
 )
 from bench_linear import add_shape_arguments, make_inputs  # noqa: E402
 from bench_trl_async import async_contenders, async_loss_available, served_candidates  # noqa: E402
+from bench_trl_fused_head import fused_head_available, fused_head_contenders  # noqa: E402
 from bench_trl_server import served_top_k, server_contenders, server_loss_available  # noqa: E402
 from freed_memory import Timings, interleaved_medians, medians_with_freed_memory_kept  # noqa: E402
 
@@ -60,7 +62,7 @@ Outcome = namedtuple("Outcome", "loss entropy grad_hidden grad_weight")
 # reported: its time there is not free of them.
 FAULTS_WORTH_A_WARNING = 256
 # The comparisons `--tasks` picks from, in the table's order.
-TASK_FAMILIES = ("divergence", "log-probs", "async", "server")
+TASK_FAMILIES = ("divergence", "log-probs", "fused-head", "async", "server")
 # How far each is from TRL's outcome: relative L2 over the whole tensor.
 DIFFERENCES = ("loss_rel_diff", "entropy_rel_diff", "grad_hidden_rel_l2", "grad_weight_rel_l2")
 
@@ -156,6 +158,10 @@ def contenders(inputs, args) -> dict:
         tasks["log-probs"] = logprob_contenders(inputs, False, args)
         tasks["log-probs + entropy"] = logprob_contenders(inputs, True, args)
         tasks["log-probs, frozen head"] = logprob_contenders(inputs, False, args, frozen_head=True)
+    if "fused-head" in args.tasks and fused_head_available():
+        for frozen in (False, True):
+            tasks[f"fused LM head (GRPO), head {'frozen' if frozen else 'learns'}"] = {
+                method: _outcome_of(fn) for method, fn in fused_head_contenders(args, frozen).items()}
     if "async" in args.tasks and args.async_teachers and async_loss_available():
         candidates = served_candidates(inputs, args.top_k)
         for teachers in args.async_teachers:
