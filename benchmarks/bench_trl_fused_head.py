@@ -2,7 +2,8 @@
 trainers) for `bench_trl.py`: a one-layer causal LM's fused forward + backward as GRPO asks for it (the log-probs and
 the entropy of the completion tokens; TRL's loss plus 0.01 times the summed entropy), on TRL's own
 `ChunkedLogProbFunction` against the same model with `kdfast.integrations.trl.patch_trl_fused_lm_head()`. The head
-learns, or is frozen as under LoRA. The backbone (one layer) is the same work on both sides.
+learns, or is frozen as under LoRA. The model is float32 on every device (TRL's logits are float32 whatever the
+heads' dtype); its backbone (one layer) is the same work on both sides.
 
 What is compared: the loss, the summed entropy, the gradient reaching the backbone (its last norm's weight: d hidden
 flows through it) and the head's gradient.
