@@ -159,9 +159,9 @@ def contenders(inputs, args) -> dict:
         tasks["log-probs + entropy"] = logprob_contenders(inputs, True, args)
         tasks["log-probs, frozen head"] = logprob_contenders(inputs, False, args, frozen_head=True)
     if "fused-head" in args.tasks and fused_head_available():
-        for frozen in (False, True):
-            tasks[f"fused LM head (GRPO), head {'frozen' if frozen else 'learns'}"] = {
-                method: _outcome_of(fn) for method, fn in fused_head_contenders(args, frozen).items()}
+        for frozen, bonus in ((False, True), (True, True), (True, False)):
+            task = f"fused LM head (GRPO), head {'frozen' if frozen else 'learns'}" + ("" if bonus else ", no bonus")
+            tasks[task] = {method: _outcome_of(fn) for method, fn in fused_head_contenders(args, frozen, bonus).items()}
     if "async" in args.tasks and args.async_teachers and async_loss_available():
         candidates = served_candidates(inputs, args.top_k)
         for teachers in args.async_teachers:

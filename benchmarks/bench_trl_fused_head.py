@@ -1,9 +1,11 @@
 """TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`, the scoring forward of its GRPO, RLOO, DPO, KTO and SFT
 trainers) for `bench_trl.py`: a one-layer causal LM's fused forward + backward as GRPO asks for it (the log-probs and
-the entropy of the completion tokens; TRL's loss plus 0.01 times the summed entropy), on TRL's own
-`ChunkedLogProbFunction` against the same model with `kdfast.integrations.trl.patch_trl_fused_lm_head()`. The head
-learns, or is frozen as under LoRA. The model is float32 on every device (TRL's logits are float32 whatever the
-heads' dtype); its backbone (one layer) is the same work on both sides.
+the entropy of the completion tokens; TRL's loss plus 0.01 times the summed entropy, GRPO's entropy bonus, or the loss
+alone with the entropy only read, GRPO's default), on TRL's own `ChunkedLogProbFunction` against the same model with
+`kdfast.integrations.trl.patch_trl_fused_lm_head()`. The head learns, or is frozen as under LoRA. A frozen head's
+patch is told whether the entropy gets a gradient (`entropy_grad`): what its default learns in the first step,
+which is one GEMM dearer when the bonus is on. The model is float32 on every device (TRL's logits are float32 whatever
+the heads' dtype); its backbone (one layer) is the same work on both sides.
 
 What is compared: the loss, the summed entropy, the gradient reaching the backbone (its last norm's weight: d hidden
 flows through it) and the head's gradient.
@@ -42,7 +44,7 @@ def _model(args):
     return model.to(args.device)
 
 
-def fused_head_contenders(args, frozen_head: bool) -> dict:
+def fused_head_contenders(args, frozen_head: bool, entropy_bonus: bool = True) -> dict:
     """"TRL" / "kdfast" -> zero-argument callable: (loss, summed entropy, the backbone's last norm's gradient, the
     head's gradient or None) of one fused forward + backward over `args.tokens` scored tokens in 4 sequences."""
     _, patch = _modules()
@@ -53,11 +55,11 @@ def fused_head_contenders(args, frozen_head: bool) -> dict:
 
     def step(on_kdfast: bool):
         def call():
-            patch(on_kdfast)
+            patch(on_kdfast, entropy_grad=entropy_bonus)
             try:
                 model.zero_grad(set_to_none=True)
                 out = model(input_ids=input_ids, labels=input_ids, fused_lm_head=True)
-                (out.loss + 0.01 * out.entropy.sum()).backward()
+                (out.loss + 0.01 * out.entropy.sum() if entropy_bonus else out.loss).backward()
             finally:
                 patch(False)
             head = model.lm_head.weight.grad

@@ -12,6 +12,8 @@ A frozen head (only hidden wants a gradient) with the log-probs the only output:
 a_i = -(q_i - onehot(t_i)) W times the map's slope, which does not depend on g. The forward then has the kernel
 write q - onehot in the same pass as the statistics and takes a = that times W at once, [N, H] float32 kept; the
 backward scales its rows and runs no chunk: two GEMMs in all, not three (LoRA training leaves the LM head frozen).
+The same holds with the entropy returned when the caller says it will only be read (`entropy_grad=False`): which
+outputs a backward differentiates is known only then, so that is a guess, and a wrong one costs a recompute.
 """
 
 from __future__ import annotations
@@ -34,20 +36,24 @@ from kdfast.validation import (
     _label_check_costs_no_sync,
     check_chunk_settings,
 )
+from kdfast.zero3 import gathered
 
 
 def linear_token_logprobs(hidden, weight, token_ids, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None,
-                          return_entropy=False, chunk_size="auto", backend="auto"):
+                          return_entropy=False, entropy_grad=True, chunk_size="auto", backend="auto"):
     """log q(token) per row, float32 and shaped like `token_ids`, for hidden states [..., H], a head [V, H] (+ bias
     [V]) and token ids [...] in [0, V); with `return_entropy`, (log-probs, the entropy of q per row). Both outputs
     are differentiable to hidden, weight and bias. `chunk_size`: rows per chunk of logits ("auto": from a memory
     budget). Under torch.autocast the GEMMs run in autocast's dtype; sums are float32. With a frozen head (only
-    `hidden` requires a gradient) and `return_entropy=False`, d hidden is taken in the forward: two GEMMs in all."""
+    `hidden` requires a gradient) and `return_entropy=False`, d hidden is taken in the forward: two GEMMs in all.
+    `entropy_grad=False` says a returned entropy will only be read (logged, thresholded: GRPO without its entropy
+    bonus), so a frozen head takes that two-GEMM path with the entropy too; a gradient that reaches the entropy after
+    all is still exact, its backward recomputing the chunks (four GEMMs in all, one more than with True)."""
     logit_map = tempered_map(logit_scale, softcap, temperature)
-    _check_inputs(hidden, weight, token_ids, bias, return_entropy, chunk_size)
+    _check_inputs(hidden, weight, token_ids, bias, return_entropy, entropy_grad, chunk_size)
     # CE alone with weight 1 at T = 1: the kernel's PART_CE is -log q(token), PART_ENTROPY q's entropy.
     opts = LossOptions(kd_weight=0.0, ce_weight=1.0, reduction="none", backend=backend)
-    plan = TokenPlan(logit_map, chunk_size, device_rows(opts, hidden.device), opts, return_entropy)
+    plan = TokenPlan(logit_map, chunk_size, device_rows(opts, hidden.device), opts, return_entropy and entropy_grad)
     logprobs, entropy = _apply(hidden, weight, bias, token_ids, plan)
     return (logprobs, entropy) if return_entropy else logprobs
 
@@ -61,7 +67,8 @@ class TokenPlan:
     chunk_size: int | str
     rows_kernel: object
     opts: LossOptions
-    entropy_returned: bool = True  # False: the entropy is never differentiated (the frozen head's direct d hidden)
+    # False: the entropy is not returned, or is not expected to be differentiated (the frozen head's direct d hidden)
+    entropy_grad_expected: bool = True
 
 
 # The chunk loop is driven from the host: torch.compile calls it as is rather than tracing into it.
@@ -70,7 +77,7 @@ def _apply(hidden, weight, bias, token_ids, plan):
     return TokenLogprobsFunction.apply(hidden, weight, bias, token_ids, plan)
 
 
-def _check_inputs(hidden, weight, token_ids, bias, return_entropy, chunk_size) -> None:
+def _check_inputs(hidden, weight, token_ids, bias, return_entropy, entropy_grad, chunk_size) -> None:
     _check_floating("hidden", hidden, "[..., hidden]")
     _check_floating("weight", weight, "[vocab, hidden]")
     if hidden.dim() < 1:
@@ -96,8 +103,9 @@ def _check_inputs(hidden, weight, token_ids, bias, return_entropy, chunk_size) -
         if bool(bad.any()):
             raise ValueError(f"token_ids must lie in [0, {vocab}) (the vocab size of weight); found "
                              f"{token_ids[bad][0].item()}")
-    if not isinstance(return_entropy, bool):
-        raise ValueError(f"return_entropy must be True or False, got {return_entropy!r}")
+    for name, flag in (("return_entropy", return_entropy), ("entropy_grad", entropy_grad)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
     check_chunk_settings(None, chunk_size)
 
 
@@ -158,8 +166,8 @@ class TokenLogprobsFunction(torch.autograd.Function):
                     gemm_dtype(hidden, weight))
         # The chunks' casts and GEMMs are ours: autocast must not cast them again.
         wanted = Wanted(ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        # d hidden in the forward (module docstring): the head frozen and only the log-probs differentiable.
-        direct = wanted.hidden and not wanted.weight and not wanted.bias and not plan.entropy_returned
+        # d hidden in the forward (module docstring): the head frozen and only the log-probs expected to get a gradient.
+        direct = wanted.hidden and not wanted.weight and not wanted.bias and not plan.entropy_grad_expected
         # With a softcap the backward also needs the tanh, which the forward does not keep: it recomputes all.
         keep = wanted.any and plan.logit_map.softcap is None and not direct
         with torch.autocast(hidden.device.type, enabled=False):
@@ -180,9 +188,13 @@ class TokenLogprobsFunction(torch.autograd.Function):
         if direction is not None and grad_entropy is None:
             d_hidden = direction.mul(flat[0][:, None]).to(ctx.rows.hidden.dtype)
             return d_hidden.view(ctx.hidden_shape), None, None, None, None
+        # A head that learns, or an entropy differentiated after all (`entropy_grad=False` was a wrong guess; the
+        # forward's direction is then not used): every chunk's logits again.
         # The kept logits are overwritten by the gradient: a second backward (retain_graph) recomputes them.
         kept, ctx.kept = ctx.kept, None
-        with torch.autocast(logprobs.device.type, enabled=False):
+        # A ZeRO-3 head, whole in the forward (gathered by the caller), may be partitioned again by now: the
+        # parameters themselves are gathered where they are (ctx.rows holds them as passed).
+        with torch.autocast(logprobs.device.type, enabled=False), gathered(ctx.rows.weight, ctx.rows.bias):
             d_hidden, d_weight, d_bias = _backward_chunks(ctx.rows, ctx.plan, ctx.wanted, logprobs.reshape(-1),
                                                           entropy.reshape(-1), *flat, kept)
         return (d_hidden.view(ctx.hidden_shape) if d_hidden is not None else None,

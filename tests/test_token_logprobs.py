@@ -249,6 +249,7 @@ BAD_INPUTS = [  # changes to good inputs, and the argument the error must name
     ({"softcap": 0.0}, "softcap"),
     ({"chunk_size": 0}, "chunk_size"),
     ({"return_entropy": "yes"}, "return_entropy"),
+    ({"return_entropy": True, "entropy_grad": None}, "entropy_grad"),
     ({"backend": "gpu"}, "backend"),
 ]
 

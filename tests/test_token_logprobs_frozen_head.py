@@ -1,12 +1,14 @@
 """kdfast.linear_token_logprobs with a frozen head (only hidden wants a gradient) and the log-probs alone: d hidden is
 taken in the forward and the backward runs no chunk. Against float64 torch and the recomputing path on every
 backend, setting, chunking, 16-bit GEMMs, 3-D hidden, peaked rows and a second backward; and the path is taken only
-where it is exact (a head that learns, or an entropy that may be differentiated, recompute)."""
+where it is exact (a head that learns, or an entropy that may be differentiated, recompute). With the entropy
+returned and said to be only read (`entropy_grad=False`) the same path, and a gradient that reaches that entropy
+after all still exact."""
 
 import pytest
 import torch
 from conftest import BACKENDS, device_for
-from test_token_logprobs import SETTINGS, TOLERANCES, make_inputs, reference
+from test_token_logprobs import SETTINGS, TOLERANCES, make_inputs, reference, weighted_sum
 
 import kdfast
 from kdfast import token_logprobs
@@ -115,3 +117,28 @@ def test_empty_input():
     logprobs = kdfast.linear_token_logprobs(hidden, torch.randn(29, 8), torch.zeros(0, dtype=torch.long))
     logprobs.sum().backward()
     assert logprobs.shape == (0,) and hidden.grad.shape == (0, 8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("softcap", [None, 4.0])
+@pytest.mark.parametrize("entropy_differentiated", [False, True])
+def test_an_entropy_said_to_be_only_read(backend, softcap, entropy_differentiated, backward_chunks_counted):
+    """`entropy_grad=False`: the log-probs' d hidden comes from the forward and the entropy is the same; should the
+    entropy get a gradient after all (the guess was wrong), the backward recomputes every chunk, exactly."""
+    inputs = make_inputs((3, 7), 16, 131, bias=True, device=device_for(backend))
+    settings = dict(logit_scale=1.3, softcap=softcap, temperature=0.7)
+    terms = "both" if entropy_differentiated else "logprobs"
+    hidden = inputs["hidden"].clone().requires_grad_(True)
+    logprobs, entropy = kdfast.linear_token_logprobs(hidden, inputs["weight"], inputs["token_ids"],
+                                                     bias=inputs["bias"], return_entropy=True, entropy_grad=False,
+                                                     chunk_size=5, backend=backend, **settings)
+    weighted_sum(logprobs, entropy, terms).backward()
+    assert len(backward_chunks_counted) == int(entropy_differentiated)
+    exact = {k: inputs[k].double().requires_grad_(k == "hidden") for k in ("hidden", "weight", "bias")}
+    expected_logprobs, expected_entropy = reference(exact["hidden"], exact["weight"], exact["bias"],
+                                                    inputs["token_ids"], **settings)
+    weighted_sum(expected_logprobs, expected_entropy, terms).backward()
+    rtol, atol = TOLERANCES[torch.float32]
+    pairs = ((logprobs, expected_logprobs), (entropy, expected_entropy), (hidden.grad, exact["hidden"].grad))
+    for mine, expected in pairs:
+        torch.testing.assert_close(mine.double(), expected.detach(), rtol=rtol, atol=atol)

@@ -1,7 +1,8 @@
 """kdfast.integrations.trl.patch_trl_fused_lm_head: TRL's fused LM head (`add_fused_lm_head`, the forward of its GRPO,
 RLOO, DPO, KTO and SFT trainers) on kdfast. KdfastChunkedLogProb against TRL's ChunkedLogProbFunction (outputs and
 gradients, a head that learns and a frozen one, every logit post-processing); calls for outputs kdfast does not
-compute go to TRL's; a tiny causal LM's fused forward + backward equals TRL's; two GRPO steps train."""
+compute go to TRL's; a tiny causal LM's fused forward + backward equals TRL's; two GRPO steps train; a frozen head
+takes the two-GEMM path while the entropy gets no gradient, and the patch learns when it does."""
 
 import warnings
 
@@ -15,10 +16,27 @@ trl_utils = pytest.importorskip("trl.trainer.utils")
 if not hasattr(trl_utils, "add_fused_lm_head"):
     pytest.skip("this TRL has no fused LM head (TRL >= 1.16)", allow_module_level=True)
 
+from kdfast import token_logprobs  # noqa: E402
 from kdfast.integrations import trl_fused_lm_head  # noqa: E402
 from kdfast.integrations.trl import KdfastChunkedLogProb, patch_trl_fused_lm_head  # noqa: E402
 
 TRL_FUNCTION = chunked_logprob.ChunkedLogProbFunction
+
+
+@pytest.fixture(autouse=True)
+def fresh_entropy_guess(monkeypatch):
+    """Each test starts where a fresh patch does: no entropy gradient seen (the guess is process-wide)."""
+    monkeypatch.setattr(KdfastChunkedLogProb, "entropy_grad", "auto")
+    monkeypatch.setattr(KdfastChunkedLogProb, "entropy_grad_seen", False)
+
+
+@pytest.fixture
+def backward_chunks_counted(monkeypatch):
+    """How many times kdfast's backward recomputed chunks of logits (0: d hidden came from the forward)."""
+    calls = []
+    original = token_logprobs._backward_chunks
+    monkeypatch.setattr(token_logprobs, "_backward_chunks", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
 
 
 @pytest.fixture
@@ -38,14 +56,15 @@ def kdfast_calls(monkeypatch):
     return calls
 
 
-def _apply(function, inputs, head_learns, outputs, temperature, softcap, logit_scale):
+def _apply(function, inputs, head_learns, outputs, temperature, softcap, logit_scale, entropy_differentiated=True):
     hidden = inputs["hidden"].clone().requires_grad_(True)
     weight = inputs["weight"].clone().requires_grad_(head_learns)
     bias = inputs["bias"].clone().requires_grad_(head_learns) if inputs["bias"] is not None else None
     results = function.apply(hidden, weight, bias, inputs["token_ids"], temperature, 64, softcap, logit_scale,
                              outputs)
     generator = torch.Generator().manual_seed(3)
-    total = sum((r * torch.randn(r.shape, generator=generator)).sum() for r in results[:2] if r is not None)
+    differentiated = results[:2] if entropy_differentiated else results[:1]
+    total = sum((r * torch.randn(r.shape, generator=generator)).sum() for r in differentiated if r is not None)
     total.backward()
     return results, [t.grad for t in (hidden, weight, bias) if t is not None and t.requires_grad]
 
@@ -121,16 +140,14 @@ def _completion_length(completions, **_):
     return [float(len(completion)) for completion in completions]
 
 
-def test_grpo_trains_two_steps_on_kdfast(tmp_path, patched, kdfast_calls):
-    """TRL's GRPOTrainer as it is (its fused LM head, asked for the log-probs and the entropy) runs on kdfast."""
+def _grpo_train_two_steps(tmp_path, model, **config):
     import trl
     from datasets import Dataset
 
-    model = tiny_llama(32)
     dataset = Dataset.from_dict({"prompt": ["w2 w3 w4", "w5 w6", "w7 w8 w9 w10", "w11"] * 2})
     args = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2,
                           max_completion_length=4, max_steps=2, learning_rate=1e-3, report_to=[], use_cpu=True,
-                          save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0, bf16=False)
+                          save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0, bf16=False, **config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = trl.GRPOTrainer(model=model, reward_funcs=_completion_length, args=args,
@@ -139,8 +156,25 @@ def test_grpo_trains_two_steps_on_kdfast(tmp_path, patched, kdfast_calls):
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 2 and all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logs)
-    assert kdfast_calls, "the trainer's log-probs came from kdfast"
     assert any(not torch.equal(p, b) for p, b in zip(trainer.model.parameters(), before))
+
+
+def test_grpo_trains_two_steps_on_kdfast(tmp_path, patched, kdfast_calls):
+    """TRL's GRPOTrainer as it is (its fused LM head, asked for the log-probs and the entropy) runs on kdfast."""
+    _grpo_train_two_steps(tmp_path, tiny_llama(32))
+    assert kdfast_calls, "the trainer's log-probs came from kdfast"
+
+
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.01])
+def test_grpo_with_a_frozen_head(tmp_path, patched, kdfast_calls, backward_chunks_counted, entropy_coef):
+    """LoRA's case, the head frozen: without the entropy bonus (GRPO's default) every backward takes d hidden from
+    the forward; with it the patch sees the entropy's gradient and recomputes from then on."""
+    model = tiny_llama(32)
+    model.lm_head.weight.requires_grad_(False)
+    _grpo_train_two_steps(tmp_path, model, entropy_coef=entropy_coef)
+    assert kdfast_calls, "the trainer's log-probs came from kdfast"
+    assert KdfastChunkedLogProb.entropy_grad_seen == (entropy_coef > 0)
+    assert (len(backward_chunks_counted) > 0) == (entropy_coef > 0)
 
 
 def test_unpatch_restores_trls_function():
@@ -150,19 +184,47 @@ def test_unpatch_restores_trls_function():
     assert trl_utils._ChunkedLogProbFunction is TRL_FUNCTION
 
 
-@pytest.mark.parametrize("head_learns,outputs,on_kdfast", [
-    (True, ("log_probs",), False),  # the recompute reads the head
-    (False, ("log_probs", "entropy"), False),  # the entropy returned: the recompute reads the head
-    (False, ("log_probs",), True),  # d hidden in the forward: the backward reads no weight
-])
-def test_under_zero3_a_backward_that_reads_the_head_goes_to_trls_function(monkeypatch, kdfast_calls, head_learns,
-                                                                           outputs, on_kdfast):
-    # kdfast's view only: TRL's own function would then gather these plain tensors as ZeRO-3 parameters.
-    monkeypatch.setattr(trl_fused_lm_head, "_zero3_enabled", lambda: True)
-    inputs = make_inputs((12,), 8, 29, seed=4)
-    theirs, their_grads = _apply(TRL_FUNCTION, inputs, head_learns, outputs, 1.0, None, 1.0)
-    ours, our_grads = _apply(KdfastChunkedLogProb, inputs, head_learns, outputs, 1.0, None, 1.0)
-    assert len(kdfast_calls) == int(on_kdfast)
-    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
-    for mine, trls in zip(our_grads, their_grads):
+def _frozen_head_step(inputs, entropy_differentiated):
+    """KdfastChunkedLogProb's and TRL's log-probs, entropy and d hidden for a frozen head, GRPO's outputs."""
+    outputs, settings = ("log_probs", "entropy"), (0.7, 3.0, 1.0)  # temperature, softcap, logit scale
+    theirs, their_grads = _apply(TRL_FUNCTION, inputs, False, outputs, *settings, entropy_differentiated)
+    ours, our_grads = _apply(KdfastChunkedLogProb, inputs, False, outputs, *settings, entropy_differentiated)
+    for mine, trls in zip([*ours[:2], *our_grads], [*theirs[:2], *their_grads]):
         torch.testing.assert_close(mine, trls, rtol=1e-4, atol=1e-5)
+
+
+def test_a_frozen_head_learns_whether_the_entropy_gets_a_gradient(backward_chunks_counted):
+    """GRPO without its entropy bonus reads the entropy only: d hidden from the forward, no chunk recomputed. The first
+    backward that brings the entropy a gradient (the bonus) recomputes, still equal to TRL's, and from then on every
+    call recomputes as TRL's does; a new patch starts guessing again."""
+    inputs = make_inputs((40,), 24, 301, seed=2)
+    _frozen_head_step(inputs, entropy_differentiated=False)
+    assert backward_chunks_counted == [] and not KdfastChunkedLogProb.entropy_grad_seen
+    _frozen_head_step(inputs, entropy_differentiated=True)
+    assert len(backward_chunks_counted) == 1 and KdfastChunkedLogProb.entropy_grad_seen
+    _frozen_head_step(inputs, entropy_differentiated=False)
+    assert len(backward_chunks_counted) == 2
+    patch_trl_fused_lm_head()
+    patch_trl_fused_lm_head(False)
+    _frozen_head_step(inputs, entropy_differentiated=False)
+    assert len(backward_chunks_counted) == 2
+
+
+@pytest.mark.parametrize("entropy_grad", [True, False])
+def test_a_fixed_entropy_guess_is_kept(entropy_grad, backward_chunks_counted):
+    """True recomputes from the first call; False keeps the two-GEMM forward even after the entropy got a gradient
+    (exact, each such backward recomputing)."""
+    inputs = make_inputs((20,), 16, 131, seed=5)
+    patch_trl_fused_lm_head(entropy_grad=entropy_grad)
+    try:
+        for entropy_differentiated in (False, True, False):
+            _frozen_head_step(inputs, entropy_differentiated)
+    finally:
+        patch_trl_fused_lm_head(False)
+    assert len(backward_chunks_counted) == (3 if entropy_grad else 1)
+
+
+def test_a_bad_entropy_guess_is_refused():
+    with pytest.raises(ValueError, match="entropy_grad"):
+        patch_trl_fused_lm_head(entropy_grad="sometimes")
+    assert trl_utils._ChunkedLogProbFunction is TRL_FUNCTION

@@ -1,8 +1,8 @@
-"""What each rank runs in tests/test_trainer_sharded.py: `DistillationTrainer`, kdfast's TRL `GKDTrainer` and its
-subclass of TRL's stable `DistillationTrainer` under accelerate's FSDP2 plugin or DeepSpeed ZeRO-3 (set up by
-`TrainingArguments`, as `accelerate launch` with such a config sets them up), 2 gloo ranks on CPU, each taking half
-of every batch. The loss of each step, every parameter's gradient in the first step and the parameters after 3 SGD
-steps equal an unsharded student's trained on the whole batch in the same process.
+"""What each rank runs in tests/test_trainer_sharded.py: `DistillationTrainer`, kdfast's TRL `GKDTrainer`, its
+subclass of TRL's stable `DistillationTrainer` and TRL's fused LM head on kdfast under accelerate's FSDP2 plugin or
+DeepSpeed ZeRO-3 (set up by `TrainingArguments`, as `accelerate launch` with such a config sets them up), 2 gloo ranks
+on CPU, each taking half of every batch. The loss of each step, every parameter's gradient in the first step and the
+parameters after 3 SGD steps equal an unsharded student's trained on the whole batch in the same process.
 
 The gradient is read from the first step's update, (before - after) / lr, because DeepSpeed's step runs inside
 its backward (no hook sees the whole gradient before it); for FSDP2 that is the same number.
@@ -27,9 +27,11 @@ LR = 0.5
 SETTINGS = dict(divergence="jsd", beta=0.3, temperature=2.0, kd_weight=0.7, ce_weight=0.4)
 FSDP2 = dict(use_cpu=True, fsdp=True,
              fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
-# "auto" values are the Trainer's (batch size, clipping 0 = max_grad_norm); SGD is "untested" with ZeRO.
+# "auto" values are the Trainer's (batch size, clipping 0 = max_grad_norm); SGD is "untested" with ZeRO. Persistence
+# threshold 0: every parameter partitioned, however small (the default keeps these tiny models' whole).
 ZERO3 = dict(use_cpu=True, deepspeed={"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto",
-                                       "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True})
+                                       "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                                       "zero_allow_untested_optimizer": True})
 
 
 def allow_sharding_on_cpu():
@@ -63,11 +65,17 @@ def allow_sharding_on_cpu():
 
 
 def _whole(param):
-    """A parameter's whole value on this rank: a DTensor's full tensor, a ZeRO-3 partition's gathered fp32 one."""
+    """A parameter's whole value on this rank: a DTensor's full tensor, a ZeRO-3 partition's gathered fp32 one (or
+    the partition gathered, for a frozen parameter)."""
     if hasattr(param, "ds_id"):
+        import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 
-        return safe_get_full_fp32_param(param)
+        full = safe_get_full_fp32_param(param)
+        if full is not None:
+            return full
+        with deepspeed.zero.GatheredParameters([param]):  # a frozen parameter: no fp32 copy in the optimizer
+            return param.detach().clone()
     return (param.full_tensor() if hasattr(param, "full_tensor") else param).detach().clone()
 
 
@@ -104,7 +112,9 @@ def _reference_run(student, batch, batch_loss):
         loss.backward()
         losses.append(loss.detach())
         if first_grads is None:
-            first_grads = {name: p.grad.clone() for name, p in student.named_parameters()}
+            # A frozen parameter's "gradient" as the sharded run reads it from its update: zero.
+            first_grads = {name: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                           for name, p in student.named_parameters()}
         optimizer.step()
         optimizer.zero_grad()
     return losses, first_grads, {name: p.detach() for name, p in student.named_parameters()}
@@ -275,12 +285,69 @@ def trl_distillation_case(tmp_path, setup):
     _train_and_compare(trainer, expected)
 
 
+def trl_fused_head_case(tmp_path, setup, *, head_learns: bool, entropy_bonus: bool):
+    """TRL's fused LM head (`add_fused_lm_head`, GRPO's scoring forward) patched onto kdfast, its loss (TRL's: the
+    completion tokens' mean -log q, with 0.1 times their summed entropy as GRPO's entropy bonus adds it) trained by
+    a plain Trainer, every variant on kdfast. Under ZeRO-3 TRL gathers the head for the forward; a frozen head
+    without the bonus takes d hidden there, while a head that learns, or an entropy differentiated, is recomputed in
+    a backward that gathers the head again. Under FSDP2 TRL reads the head as a full tensor."""
+    from tiny_models import as_examples, tiny_llama, token_batch
+    from transformers import Trainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    from kdfast.integrations import trl_fused_lm_head
+    from kdfast.integrations.trl import patch_trl_fused_lm_head
+
+    temperature = 0.7
+
+    def student():
+        model = tiny_llama(32)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(4.0)  # peaked rows, as the other cases' heads
+        model.lm_head.weight.requires_grad_(head_learns)
+        return model
+
+    def batch_loss(model, inputs):  # TRL's fused loss from the model's full logits
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
+        labels = inputs["labels"][:, 1:]
+        kept = labels.ne(-100)
+        log_q = (logits[kept] / temperature).log_softmax(-1)
+        loss = -log_q.gather(-1, labels[kept][:, None]).sum() / kept.sum()
+        return loss - 0.1 * (log_q.exp() * log_q).sum() / kept.sum() if entropy_bonus else loss
+
+    batch = token_batch()
+    expected = _reference_run(student(), batch, batch_loss)
+
+    class FusedHeadTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = model(**inputs, fused_lm_head=True, num_items_in_batch=num_items_in_batch)
+            loss = out.loss + 0.1 * out.entropy.sum() / num_items_in_batch if entropy_bonus else out.loss
+            return loss * self.accelerator.num_processes  # as the Trainer scales a loss over the whole batch's tokens
+
+    model = student()
+    add_fused_lm_head(model, temperature=temperature, outputs=("log_probs", "entropy"))
+    calls, original = [], trl_fused_lm_head.linear_token_logprobs
+    trl_fused_lm_head.linear_token_logprobs = lambda *a, **k: calls.append(1) or original(*a, **k)
+    patch_trl_fused_lm_head()
+    try:
+        trainer = FusedHeadTrainer(model=model, args=_args(tmp_path, setup), train_dataset=as_examples(batch))
+        _train_and_compare(trainer, expected)
+    finally:
+        patch_trl_fused_lm_head(False)
+        trl_fused_lm_head.linear_token_logprobs = original
+    assert calls, "the fused head's log-probs came from kdfast"
+
+
 CASES = {"sharded-teacher": functools.partial(distillation_case, sparse=False),
          "replicated-teacher": functools.partial(distillation_case, sparse=False, shard_teacher=False),
          "sparse-teacher": functools.partial(distillation_case, sparse=True),
          "multi-teacher": multi_teacher_case,
          "trl-gkd": trl_gkd_case,
-         "trl-distillation": trl_distillation_case}
+         "trl-distillation": trl_distillation_case,
+         "trl-fused-head, frozen": functools.partial(trl_fused_head_case, head_learns=False, entropy_bonus=False),
+         "trl-fused-head, frozen, entropy bonus": functools.partial(trl_fused_head_case, head_learns=False,
+                                                                    entropy_bonus=True),
+         "trl-fused-head, head learns": functools.partial(trl_fused_head_case, head_learns=True, entropy_bonus=True)}
 
 
 def run_all(rank, world, port, setup_name, folder, out_path):

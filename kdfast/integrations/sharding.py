@@ -8,6 +8,8 @@ import contextlib
 
 import torch
 
+from kdfast.zero3 import gathered
+
 
 def run_through_wrapper(wrapper, inner, fn, *args):
     """Calls fn(*args) as `inner`'s forward, entered through `wrapper` (DDP, a DeepSpeed engine), so the wrapper
@@ -53,26 +55,6 @@ def whole_head(model, head, *, frozen: bool = False):
         trained = not frozen and torch.is_grad_enabled() and head.weight.requires_grad
         return _fsdp2_unsharded(model, head, trained)
     return gathered(head.weight, head.bias)
-
-
-def gathered(*params):
-    """Under DeepSpeed ZeRO-3 each rank holds a shard of every parameter; a weight used outside its module's own
-    forward (the LM heads here) must be gathered for the duration. A no-op otherwise."""
-    partitioned = list({id(p): p for p in params if p is not None and hasattr(p, "ds_id")}.values())
-    if not partitioned:
-        return contextlib.nullcontext()
-    return _zero3_gather(partitioned)
-
-
-def _zero3_gather(params):
-    import deepspeed
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    # Only what is sharded now: a parameter ZeRO-3 keeps whole (below its persistence threshold) or one a module's
-    # forward has already gathered must not be released on exit (DeepSpeed refuses to free an active parameter).
-    sharded = [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
-    # modifier_rank=None: read-only, nothing is written back to the shards on exit.
-    return deepspeed.zero.GatheredParameters(sharded, modifier_rank=None) if sharded else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
