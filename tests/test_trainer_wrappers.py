@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from tiny_models import student_and_teacher, token_batch, training_args
 
+from kdfast import zero3
 from kdfast.integrations import sharding
 from kdfast.integrations.transformers import DistillationTrainer
 
@@ -51,7 +52,7 @@ def test_zero3_partitioned_head_weights_are_gathered(tmp_path, monkeypatch):
         gathered.append(list(params))
         yield
 
-    monkeypatch.setattr(sharding, "_zero3_gather", record_gather)
+    monkeypatch.setattr(zero3, "_zero3_gather", record_gather)
     student, teacher = student_and_teacher(tie_word_embeddings=True)
     for model in (student, teacher):
         model.lm_head.weight.ds_id = id(model)  # what ZeRO-3 marks its partitioned parameters with
