@@ -3,10 +3,10 @@ the divergence of its DistillationTrainer (`_chunked_divergence_loss`: the gener
 reverse KL) against kdfast.linear_distill_loss(divergence="jsd", t2_scale=False, reduction="sum"), and the per-token
 log-probs of its fused causal-LM forward (`ChunkedLogProbFunction`), alone, with the entropy and with a frozen head (d
 hidden alone, as under LoRA), against kdfast.linear_token_logprobs, a one-layer model's fused LM head as TRL's GRPO
-trainer scores with it, on TRL's function and on kdfast's (bench_trl_fused_head.py), the loss of its async trainer
-(`_chunked_jsd_loss`: a served teacher's top-k log-probs and tail bucket, one teacher or several routed by row)
-against kdfast's drop-in (bench_trl_async.py), and the loss of its server trainer (the student's whole logits, then
-its own loss methods) against kdfast's subclass's fused sparse loss (bench_trl_server.py).
+and SFT trainers score with it, on TRL's function and on kdfast's (bench_trl_fused_head.py), the loss of its async
+trainer (`_chunked_jsd_loss`: a served teacher's top-k log-probs and tail bucket, one teacher or several routed by
+row) against kdfast's drop-in (bench_trl_async.py), and the loss of its server trainer (the student's whole logits,
+then its own loss methods) against kdfast's subclass's fused sparse loss (bench_trl_server.py).
 
 Same inputs, one process; medians of interleaved rounds, each pair's ratio, and how far the two agree (the summed
 loss or log-probs, the entropy, the gradients of the student's hidden states and head). TRL folds its tiles in
@@ -159,9 +159,12 @@ def contenders(inputs, args) -> dict:
         tasks["log-probs + entropy"] = logprob_contenders(inputs, True, args)
         tasks["log-probs, frozen head"] = logprob_contenders(inputs, False, args, frozen_head=True)
     if "fused-head" in args.tasks and fused_head_available():
-        for frozen, bonus in ((False, True), (True, True), (True, False)):
-            task = f"fused LM head (GRPO), head {'frozen' if frozen else 'learns'}" + ("" if bonus else ", no bonus")
-            tasks[task] = {method: _outcome_of(fn) for method, fn in fused_head_contenders(args, frozen, bonus).items()}
+        for trainer, frozen, bonus in (("GRPO", False, True), ("GRPO", True, True), ("GRPO", True, False),
+                                       ("SFT", False, False), ("SFT", True, False)):
+            task = (f"fused LM head ({trainer}), head {'frozen' if frozen else 'learns'}"
+                    + (", no bonus" if trainer == "GRPO" and not bonus else ""))
+            tasks[task] = {method: _outcome_of(fn)
+                           for method, fn in fused_head_contenders(args, frozen, bonus, trainer).items()}
     if "async" in args.tasks and args.async_teachers and async_loss_available():
         candidates = served_candidates(inputs, args.top_k)
         for teachers in args.async_teachers:

@@ -38,6 +38,11 @@ from kdfast.validation import (
 )
 from kdfast.zero3 import gathered
 
+# Per-row metrics a caller may ask for besides the log-probs and the entropy (TRL's fused head's names; neither has a
+# gradient): whether the token is the argmax of the mapped logits (the first one on ties, as torch.argmax) and their
+# mean over the vocabulary.
+METRICS = ("is_top1", "mean_logits")
+
 
 def linear_token_logprobs(hidden, weight, token_ids, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None,
                           return_entropy=False, entropy_grad=True, chunk_size="auto", backend="auto"):
@@ -49,13 +54,28 @@ def linear_token_logprobs(hidden, weight, token_ids, *, bias=None, temperature=1
     `entropy_grad=False` says a returned entropy will only be read (logged, thresholded: GRPO without its entropy
     bonus), so a frozen head takes that two-GEMM path with the entropy too; a gradient that reaches the entropy after
     all is still exact, its backward recomputing the chunks (four GEMMs in all, one more than with True)."""
+    logprobs, entropy, _ = linear_token_outputs(
+        hidden, weight, token_ids, bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+        return_entropy=return_entropy, entropy_grad=entropy_grad, chunk_size=chunk_size, backend=backend)
+    return (logprobs, entropy) if return_entropy else logprobs
+
+
+def linear_token_outputs(hidden, weight, token_ids, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None,
+                         return_entropy=False, entropy_grad=True, metrics=(), chunk_size="auto", backend="auto"):
+    """`linear_token_logprobs`'s outputs and the per-row `metrics` (names from METRICS) of the same pass:
+    (log-probs, the entropy or None, {name: tensor shaped like token_ids}); is_top1 is bool, mean_logits float32.
+    The metrics are read from each chunk's logits before the kernel's pass: one more read of the chunk each."""
     logit_map = tempered_map(logit_scale, softcap, temperature)
     _check_inputs(hidden, weight, token_ids, bias, return_entropy, entropy_grad, chunk_size)
+    if not isinstance(metrics, (tuple, list, frozenset, set)) or not set(metrics) <= set(METRICS):
+        raise ValueError(f"metrics must be a collection of names from {METRICS}, got {metrics!r}")
     # CE alone with weight 1 at T = 1: the kernel's PART_CE is -log q(token), PART_ENTROPY q's entropy.
     opts = LossOptions(kd_weight=0.0, ce_weight=1.0, reduction="none", backend=backend)
-    plan = TokenPlan(logit_map, chunk_size, device_rows(opts, hidden.device), opts, return_entropy and entropy_grad)
-    logprobs, entropy = _apply(hidden, weight, bias, token_ids, plan)
-    return (logprobs, entropy) if return_entropy else logprobs
+    plan = TokenPlan(logit_map, chunk_size, device_rows(opts, hidden.device), opts, return_entropy and entropy_grad,
+                     frozenset(metrics))
+    logprobs, entropy, *values = _apply(hidden, weight, bias, token_ids, plan)
+    found = {name: value for name, value in zip(METRICS, values) if name in plan.metrics}
+    return logprobs, entropy if return_entropy else None, found
 
 
 @dataclass(frozen=True)
@@ -69,6 +89,7 @@ class TokenPlan:
     opts: LossOptions
     # False: the entropy is not returned, or is not expected to be differentiated (the frozen head's direct d hidden)
     entropy_grad_expected: bool = True
+    metrics: frozenset = frozenset()  # names from METRICS
 
 
 # The chunk loop is driven from the host: torch.compile calls it as is rather than tracing into it.
@@ -171,16 +192,18 @@ class TokenLogprobsFunction(torch.autograd.Function):
         # With a softcap the backward also needs the tanh, which the forward does not keep: it recomputes all.
         keep = wanted.any and plan.logit_map.softcap is None and not direct
         with torch.autocast(hidden.device.type, enabled=False):
-            logprobs, entropy, kept, direction = _forward_chunks(rows, plan, keep, direct)
+            logprobs, entropy, kept, direction, metrics = _forward_chunks(rows, plan, keep, direct)
         logprobs, entropy = logprobs.view(lead_shape), entropy.view(lead_shape)
+        metrics = [metrics[name].view(lead_shape) if name in metrics else None for name in METRICS]
+        ctx.mark_non_differentiable(*(m for m in metrics if m is not None))
         if wanted.any:
             ctx.rows, ctx.plan, ctx.wanted, ctx.hidden_shape, ctx.kept = rows, plan, wanted, hidden.shape, kept
             # Saved so that autograd refuses a backward after any of them was modified in place.
             ctx.save_for_backward(hidden, weight, bias, logprobs, entropy, direction)
-        return logprobs, entropy
+        return logprobs, entropy, *metrics
 
     @staticmethod
-    def backward(ctx, grad_logprobs, grad_entropy):
+    def backward(ctx, grad_logprobs, grad_entropy, *_metrics):
         if grad_logprobs is None and grad_entropy is None:
             return None, None, None, None, None
         _, weight, bias, logprobs, entropy, direction = ctx.saved_tensors
@@ -204,7 +227,8 @@ class TokenLogprobsFunction(torch.autograd.Function):
 
 def _forward_chunks(rows: Rows, plan: TokenPlan, keep: bool, direct: bool):
     """log q(token) [N] and the entropy of q [N], float32; with `keep` the last chunk's logits as a KeptChunk; with
-    `direct` d hidden per unit gradient of each row's log-prob ([N, H] float32, else None)."""
+    `direct` d hidden per unit gradient of each row's log-prob ([N, H] float32, else None); the plan's metrics
+    ({name: [N]})."""
     device, logit_map = rows.hidden.device, plan.logit_map
     logprobs = torch.empty(rows.count, dtype=torch.float32, device=device)
     entropy = torch.empty(rows.count, dtype=torch.float32, device=device)
@@ -214,6 +238,8 @@ def _forward_chunks(rows: Rows, plan: TokenPlan, keep: bool, direct: bool):
     buffer = torch.empty(size, dtype=rows.gemm, device=device)
     tanh_buffer = torch.empty(size, dtype=rows.gemm, device=device) if capped else None
     direction = torch.empty(rows.hidden.shape, dtype=torch.float32, device=device) if direct else None
+    metrics = {name: torch.empty(rows.count, dtype=torch.bool if name == "is_top1" else torch.float32, device=device)
+               for name in plan.metrics}
     weight = rows.weight.to(rows.gemm)  # one cast for all chunks (a no-op when equal)
     one = torch.ones((), dtype=torch.float32, device=device)
     for start in range(0, rows.count, step):
@@ -221,6 +247,11 @@ def _forward_chunks(rows: Rows, plan: TokenPlan, keep: bool, direct: bool):
         tanh = tanh_buffer[:count] if capped else None
         logits = _mapped_logits(buffer[:count], tanh, rows.hidden[chunk].to(rows.gemm), weight, rows.bias,
                                 logit_map).unsqueeze(0)
+        # Before the kernel's pass, which may write the gradient over the logits.
+        if "is_top1" in metrics:
+            torch.eq(logits[0].argmax(-1), rows.token_ids[chunk], out=metrics["is_top1"][chunk])
+        if "mean_logits" in metrics:
+            torch.sum(logits[0], -1, dtype=torch.float32, out=metrics["mean_logits"][chunk]).div_(rows.vocab)
         # Without a divergence the teacher argument is not read: the student stands in for it. With `direct` the
         # kernel writes q - onehot(token) over the logits in the pass that takes the statistics.
         parts = plan.rows_kernel(logits, logits, rows.token_ids[chunk], one, logits if direct else None, plan.opts)
@@ -231,7 +262,7 @@ def _forward_chunks(rows: Rows, plan: TokenPlan, keep: bool, direct: bool):
             # d log q(t) / dz = -(q - onehot) times the map's slope (the softcap's chain rule has applied it).
             direction[chunk] = cpu_gemm.product(grad, weight).float().mul_(-1.0 if capped else -logit_map.slope)
     kept = KeptChunk(start, logits.shape[1], buffer) if keep and rows.count else None
-    return logprobs, entropy, kept, direction
+    return logprobs, entropy, kept, direction, metrics
 
 
 def _backward_chunks(rows: Rows, plan: TokenPlan, wanted: Wanted, logprobs, entropy, grad_logprobs, grad_entropy,

@@ -133,8 +133,9 @@ def test_bench_trl_smoke(tmp_path):
         assert float(frozen["grad_hidden_rel_l2"]) < 1e-5 and frozen["grad_weight_rel_l2"] == ""
     if importlib.util.find_spec("trl.trainer.utils") and hasattr(importlib.import_module("trl.trainer.utils"),
                                                                   "add_fused_lm_head"):  # TRL's GRPO head on kdfast
-        for head in ("learns", "frozen", "frozen, no bonus"):
-            ours = rows[f"fused LM head (GRPO), head {head}", "kdfast"]
+        for task in ("GRPO), head learns", "GRPO), head frozen", "GRPO), head frozen, no bonus", "SFT), head learns",
+                     "SFT), head frozen"):
+            ours, head = rows[f"fused LM head ({task}", "kdfast"], task.partition("head ")[2]
             assert float(ours["loss_rel_diff"]) < 1e-5 and float(ours["grad_hidden_rel_l2"]) < 1e-4
             assert (ours["grad_weight_rel_l2"] == "") == head.startswith("frozen")
     if importlib.util.find_spec("trl.experimental.async_distillation"):  # the async trainer's loss, 1 and 3 teachers

@@ -13,6 +13,7 @@ from conftest import BACKENDS, device_for
 import kdfast
 from kdfast import zero3
 from kdfast.memory import extra_peak_bytes_in_child
+from kdfast.token_logprobs import linear_token_outputs
 
 TOLERANCES = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (3e-2, 3e-2)}
 # The logprobs' gradient alone (the entropy unused: backward gets no gradient for it), the entropy's alone, both.
@@ -312,3 +313,44 @@ def test_a_backward_that_recomputes_gathers_a_zero3_head_again(monkeypatch, head
     hidden = inputs["hidden"].clone().requires_grad_(True)
     kdfast.linear_token_logprobs(hidden, weight, inputs["token_ids"], chunk_size=4).sum().backward()
     assert gathers == ([[weight]] if head_learns else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("softcap", [None, 2.5])
+@pytest.mark.parametrize("head_learns", [True, False])
+def test_metrics_of_the_same_pass(backend, softcap, head_learns):
+    """`linear_token_outputs`' metrics against float64: whether the token is the argmax and the mean of the mapped
+    logits (scale, softcap, temperature); the log-probs and gradients as without them, chunks splitting the rows."""
+    inputs = make_inputs((3, 11), 16, 131, device=device_for(backend))
+    logits = inputs["hidden"].double() @ inputs["weight"].double().T + inputs["bias"].double()
+    inputs["token_ids"][:, ::2] = logits.argmax(-1)[:, ::2]  # every other token the argmax
+    settings = dict(logit_scale=1.3, softcap=softcap, temperature=0.7)
+    hidden = inputs["hidden"].clone().requires_grad_(True)
+    weight = inputs["weight"].clone().requires_grad_(head_learns)
+    logprobs, entropy, metrics = token_outputs(hidden, weight, inputs, backend, metrics=("is_top1", "mean_logits"),
+                                               **settings)
+    plain_hidden = inputs["hidden"].clone().requires_grad_(True)
+    plain_weight = inputs["weight"].clone().requires_grad_(head_learns)
+    plain, _, none = token_outputs(plain_hidden, plain_weight, inputs, backend, metrics=(), **settings)
+    assert none == {} and entropy is not None
+    torch.testing.assert_close(logprobs, plain, rtol=0, atol=0)
+    logprobs.sum().backward()
+    plain.sum().backward()
+    torch.testing.assert_close(hidden.grad, plain_hidden.grad, rtol=0, atol=0)
+    mapped = logits * 1.3
+    mapped = softcap * torch.tanh(mapped / softcap) if softcap is not None else mapped
+    assert metrics["is_top1"].dtype == torch.bool and metrics["is_top1"].shape == (3, 11)
+    assert torch.equal(metrics["is_top1"], mapped.argmax(-1).eq(inputs["token_ids"]))
+    assert int(metrics["is_top1"].sum()) >= 18
+    torch.testing.assert_close(metrics["mean_logits"].double(), (mapped / 0.7).mean(-1), rtol=1e-5, atol=1e-5)
+
+
+def token_outputs(hidden, weight, inputs, backend, **settings):
+    return linear_token_outputs(hidden, weight, inputs["token_ids"], bias=inputs["bias"], return_entropy=True,
+                                entropy_grad=False, chunk_size=4, backend=backend, **settings)
+
+
+def test_an_unknown_metric_is_refused():
+    with pytest.raises(ValueError, match="metrics"):
+        token_outputs(*(make_inputs((6,), 8, 29)[k] for k in ("hidden", "weight")), make_inputs((6,), 8, 29), "auto",
+                      metrics=("log_sum_sq_probs",))

@@ -1,8 +1,9 @@
 """kdfast.integrations.trl.patch_trl_fused_lm_head: TRL's fused LM head (`add_fused_lm_head`, the forward of its GRPO,
 RLOO, DPO, KTO and SFT trainers) on kdfast. KdfastChunkedLogProb against TRL's ChunkedLogProbFunction (outputs and
 gradients, a head that learns and a frozen one, every logit post-processing); calls for outputs kdfast does not
-compute go to TRL's; a tiny causal LM's fused forward + backward equals TRL's; two GRPO steps train; a frozen head
-takes the two-GEMM path while the entropy gets no gradient, and the patch learns when it does."""
+compute (DPO's WPO weights) go to TRL's; SFT's, DPO's and KTO's metrics equal TRL's; a tiny causal LM's fused forward
++ backward equals TRL's; two GRPO steps train; a frozen head takes the two-GEMM path while the entropy gets no
+gradient, and the patch learns when it does."""
 
 import warnings
 
@@ -50,8 +51,8 @@ def patched():
 def kdfast_calls(monkeypatch):
     """How many times kdfast's per-token log-probs ran."""
     calls = []
-    original = trl_fused_lm_head.linear_token_logprobs
-    monkeypatch.setattr(trl_fused_lm_head, "linear_token_logprobs",
+    original = trl_fused_lm_head.linear_token_outputs
+    monkeypatch.setattr(trl_fused_lm_head, "linear_token_outputs",
                         lambda *a, **k: calls.append(1) or original(*a, **k))
     return calls
 
@@ -69,28 +70,59 @@ def _apply(function, inputs, head_learns, outputs, temperature, softcap, logit_s
     return results, [t.grad for t in (hidden, weight, bias) if t is not None and t.requires_grad]
 
 
+# What each trainer asks its fused head for: TRL's default (DPO's and KTO's reference models), GRPO and RLOO, SFT,
+# DPO, KTO.
+TRAINER_OUTPUTS = [("log_probs",), ("log_probs", "entropy"), ("log_probs", "entropy", "is_top1"),
+                   ("log_probs", "entropy", "mean_logits", "is_top1"), ("log_probs", "entropy", "mean_logits")]
+
+
+def assert_outputs_equal(ours, theirs):
+    assert [r is None for r in ours] == [r is None for r in theirs]
+    for mine, trls in zip(ours, theirs):
+        if trls is not None and trls.dtype == torch.bool:
+            assert mine.dtype == torch.bool and torch.equal(mine, trls)
+        elif trls is not None:
+            torch.testing.assert_close(mine, trls, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("bias,logit_scale,softcap,temperature", SETTINGS)
-@pytest.mark.parametrize("outputs", [("log_probs",), ("log_probs", "entropy")])
+@pytest.mark.parametrize("outputs", TRAINER_OUTPUTS)
 @pytest.mark.parametrize("head_learns", [True, False])
 def test_equals_trls_function(bias, logit_scale, softcap, temperature, outputs, head_learns, kdfast_calls):
     inputs = make_inputs((40,), 24, 301, bias=bias, seed=2)
+    if "is_top1" in outputs:  # every other token the argmax (no map reorders the logits)
+        logits = inputs["hidden"].double() @ inputs["weight"].double().T
+        logits = logits + inputs["bias"].double() if inputs["bias"] is not None else logits
+        inputs["token_ids"][::2] = logits.argmax(-1)[::2]
     settings = (temperature, softcap, logit_scale)
     theirs, their_grads = _apply(TRL_FUNCTION, inputs, head_learns, outputs, *settings)
     ours, our_grads = _apply(KdfastChunkedLogProb, inputs, head_learns, outputs, *settings)
     assert len(kdfast_calls) == 1
-    assert [r is None for r in ours] == [r is None for r in theirs]
-    for mine, trls in zip(ours[:2], theirs[:2]):
-        if trls is not None:
-            torch.testing.assert_close(mine, trls, rtol=1e-5, atol=1e-5)
+    assert_outputs_equal(ours, theirs)
+    if "is_top1" in outputs:
+        assert int(theirs[4].sum()) >= 20, "half the tokens the argmax: a weak test otherwise"
     assert len(our_grads) == len(their_grads)
     for mine, trls in zip(our_grads, their_grads):
         torch.testing.assert_close(mine, trls, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("extra", ["is_top1", "mean_logits", "log_sum_sq_probs"])
-def test_outputs_kdfast_does_not_compute_go_to_trls_function(extra, kdfast_calls):
+def test_is_top1_on_ties_is_the_first_argmax_as_trls(kdfast_calls):
+    """Tokens whose logit ties the row's maximum: only the first of the tied tokens counts as the argmax."""
+    inputs = make_inputs((12,), 8, 29, bias=False, seed=6)
+    inputs["weight"][20] = inputs["weight"][7]  # tokens 7 and 20: equal logits in every row
+    inputs["hidden"] = inputs["weight"][7].expand(12, 8) * 3.0  # ... and the largest ones
+    inputs["token_ids"] = torch.tensor([7, 20] * 6)
+    theirs, _ = _apply(TRL_FUNCTION, inputs, False, ("log_probs", "is_top1"), 1.0, None, 1.0)
+    ours, _ = _apply(KdfastChunkedLogProb, inputs, False, ("log_probs", "is_top1"), 1.0, None, 1.0)
+    assert theirs[4].tolist() == [True, False] * 6
+    assert_outputs_equal(ours, theirs)
+    assert len(kdfast_calls) == 1
+
+
+def test_wpo_weights_go_to_trls_function(kdfast_calls):
+    """`log_sum_sq_probs` (DPO's WPO weights) is TRL's alone: such calls run TRL's function."""
     inputs = make_inputs((12,), 8, 29, seed=4)
-    outputs = ("log_probs", "entropy", extra)
+    outputs = ("log_probs", "entropy", "log_sum_sq_probs")
     theirs, _ = _apply(TRL_FUNCTION, inputs, True, outputs, 1.0, None, 1.0)
     ours, _ = _apply(KdfastChunkedLogProb, inputs, True, outputs, 1.0, None, 1.0)
     assert kdfast_calls == []
@@ -228,3 +260,28 @@ def test_a_bad_entropy_guess_is_refused():
     with pytest.raises(ValueError, match="entropy_grad"):
         patch_trl_fused_lm_head(entropy_grad="sometimes")
     assert trl_utils._ChunkedLogProbFunction is TRL_FUNCTION
+
+
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_sft_trains_two_steps_on_kdfast(tmp_path, patched, kdfast_calls, backward_chunks_counted, frozen_head):
+    """TRL's SFTTrainer asks its fused head for the log-probs, the entropy and is_top1 (its token accuracy): all on
+    kdfast, the accuracy logged; the entropy is only read, so a frozen head (LoRA's) recomputes no chunk."""
+    import trl
+    from datasets import Dataset
+
+    model = tiny_llama(32)
+    model.lm_head.weight.requires_grad_(not frozen_head)
+    dataset = Dataset.from_dict({"text": ["w2 w3 w4 w5", "w6 w7", "w8 w9 w10 w11 w12", "w13 w14 w15"] * 2})
+    args = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3,
+                         report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
+                         bf16=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trl.SFTTrainer(model=model, args=args, processing_class=word_tokenizer(), train_dataset=dataset)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2 and all(0.0 <= entry["mean_token_accuracy"] <= 1.0 for entry in logs)
+    assert kdfast_calls, "the trainer's log-probs and accuracy came from kdfast"
+    assert (len(backward_chunks_counted) > 0) != frozen_head
+    assert any(not torch.equal(p, b) for p, b in zip(trainer.model.parameters(), before))

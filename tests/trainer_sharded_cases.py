@@ -326,15 +326,15 @@ def trl_fused_head_case(tmp_path, setup, *, head_learns: bool, entropy_bonus: bo
 
     model = student()
     add_fused_lm_head(model, temperature=temperature, outputs=("log_probs", "entropy"))
-    calls, original = [], trl_fused_lm_head.linear_token_logprobs
-    trl_fused_lm_head.linear_token_logprobs = lambda *a, **k: calls.append(1) or original(*a, **k)
+    calls, original = [], trl_fused_lm_head.linear_token_outputs
+    trl_fused_lm_head.linear_token_outputs = lambda *a, **k: calls.append(1) or original(*a, **k)
     patch_trl_fused_lm_head()
     try:
         trainer = FusedHeadTrainer(model=model, args=_args(tmp_path, setup), train_dataset=as_examples(batch))
         _train_and_compare(trainer, expected)
     finally:
         patch_trl_fused_lm_head(False)
-        trl_fused_lm_head.linear_token_logprobs = original
+        trl_fused_lm_head.linear_token_outputs = original
     assert calls, "the fused head's log-probs came from kdfast"
 
 
