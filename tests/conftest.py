@@ -1,5 +1,6 @@
 """Shared fixtures. Without a GPU the Triton kernels run under Triton's interpreter (docs/DESIGN.md, "Tests and CI")."""
 
+import contextlib
 import os
 
 # Each pytest-xdist worker takes its share of the cores for torch's threads: two workers of two OpenMP threads each on
@@ -89,3 +90,32 @@ def gemm_library(monkeypatch):
 
     yield choose
     cpu_gemm.onednn_products.cache_clear()
+
+
+@pytest.fixture
+def backward_chunks_counted(monkeypatch):
+    """How many times kdfast.linear_token_logprobs' backward recomputed chunks of logits (none: d hidden came from
+    the forward)."""
+    from kdfast import token_logprobs
+
+    calls = []
+    original = token_logprobs._backward_chunks
+    monkeypatch.setattr(token_logprobs, "_backward_chunks", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+@pytest.fixture
+def zero3_gathers(monkeypatch):
+    """The parameter lists kdfast.zero3 was asked to gather from DeepSpeed ZeRO-3 (nothing is gathered): mark a
+    tensor partitioned with `tensor.ds_id = ...`, as ZeRO-3 marks its parameters."""
+    from kdfast import zero3
+
+    gathers = []
+
+    @contextlib.contextmanager
+    def record_gather(params):
+        gathers.append(list(params))
+        yield
+
+    monkeypatch.setattr(zero3, "_zero3_gather", record_gather)
+    return gathers

@@ -3,7 +3,6 @@ TRL's ChunkedLogProbFunction: values, and the gradients of hidden, weight and bi
 both outputs; every backend, bias, logit scale, softcap, temperature, chunks splitting the rows, 3-D hidden, bf16,
 autocast; bad inputs; the peak memory of a step; a ZeRO-3 head gathered again by a backward that recomputes."""
 
-import contextlib
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,6 @@ import torch
 from conftest import BACKENDS, device_for
 
 import kdfast
-from kdfast import zero3
 from kdfast.memory import extra_peak_bytes_in_child
 from kdfast.token_logprobs import linear_token_outputs
 
@@ -295,24 +293,16 @@ def test_peaked_rows_entropy_gradient_is_exact_to_the_float32_logits(backend):
 
 
 @pytest.mark.parametrize("head_learns", [True, False])
-def test_a_backward_that_recomputes_gathers_a_zero3_head_again(monkeypatch, head_learns):
+def test_a_backward_that_recomputes_gathers_a_zero3_head_again(zero3_gathers, head_learns):
     """Under DeepSpeed ZeRO-3 the head whole in the forward may be partitioned again by the backward: a backward that
     recomputes from it enters kdfast.zero3's gather of that very parameter; a frozen head's d hidden, taken in the
     forward, reads no head and gathers nothing."""
-    gathers = []
-
-    @contextlib.contextmanager
-    def record_gather(params):
-        gathers.append(list(params))
-        yield
-
-    monkeypatch.setattr(zero3, "_zero3_gather", record_gather)
     inputs = make_inputs((10,), 8, 29)
     weight = torch.nn.Parameter(inputs["weight"], requires_grad=head_learns)
     weight.ds_id = 0  # what ZeRO-3 marks its partitioned parameters with
     hidden = inputs["hidden"].clone().requires_grad_(True)
     kdfast.linear_token_logprobs(hidden, weight, inputs["token_ids"], chunk_size=4).sum().backward()
-    assert gathers == ([[weight]] if head_learns else [])
+    assert zero3_gathers == ([[weight]] if head_learns else [])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -11,7 +11,6 @@ from conftest import BACKENDS, device_for
 from test_token_logprobs import SETTINGS, TOLERANCES, make_inputs, reference, weighted_sum
 
 import kdfast
-from kdfast import token_logprobs
 
 
 def frozen_head_step(inputs, dtype=None, autocast=False, **settings):
@@ -27,15 +26,6 @@ def frozen_head_step(inputs, dtype=None, autocast=False, **settings):
     row_weights = torch.randn(logprobs.shape, generator=torch.Generator().manual_seed(7)).to(logprobs)
     (logprobs * row_weights).sum().backward()
     return logprobs.detach(), hidden.grad
-
-
-@pytest.fixture
-def backward_chunks_counted(monkeypatch):
-    """How many times the backward's chunk loop ran."""
-    calls = []
-    original = token_logprobs._backward_chunks
-    monkeypatch.setattr(token_logprobs, "_backward_chunks", lambda *a, **k: calls.append(1) or original(*a, **k))
-    return calls
 
 
 def assert_matches_float64(inputs, tolerance, **settings):

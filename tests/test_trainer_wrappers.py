@@ -8,7 +8,6 @@ import torch
 import torch.distributed as dist
 from tiny_models import student_and_teacher, token_batch, training_args
 
-from kdfast import zero3
 from kdfast.integrations import sharding
 from kdfast.integrations.transformers import DistillationTrainer
 
@@ -44,22 +43,14 @@ def test_ddp_wrapped_student_enters_through_ddp_and_matches(tmp_path):
         torch.testing.assert_close(ddp_grad, plain_grad)
 
 
-def test_zero3_partitioned_head_weights_are_gathered(tmp_path, monkeypatch):
-    gathered = []
-
-    @contextlib.contextmanager
-    def record_gather(params):
-        gathered.append(list(params))
-        yield
-
-    monkeypatch.setattr(zero3, "_zero3_gather", record_gather)
+def test_zero3_partitioned_head_weights_are_gathered(tmp_path, zero3_gathers):
     student, teacher = student_and_teacher(tie_word_embeddings=True)
     for model in (student, teacher):
         model.lm_head.weight.ds_id = id(model)  # what ZeRO-3 marks its partitioned parameters with
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=training_args(tmp_path))
     trainer.compute_loss(trainer.model, token_batch()).backward()
-    assert len(gathered) == 2, "one gather per model's head"
-    for params, model in zip(gathered, (student, teacher)):
+    assert len(zero3_gathers) == 2, "one gather per model's head"
+    for params, model in zip(zero3_gathers, (student, teacher)):
         assert len(params) == 1 and params[0] is model.lm_head.weight
 
 

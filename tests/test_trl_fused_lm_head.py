@@ -17,7 +17,6 @@ trl_utils = pytest.importorskip("trl.trainer.utils")
 if not hasattr(trl_utils, "add_fused_lm_head"):
     pytest.skip("this TRL has no fused LM head (TRL >= 1.16)", allow_module_level=True)
 
-from kdfast import token_logprobs  # noqa: E402
 from kdfast.integrations import trl_fused_lm_head  # noqa: E402
 from kdfast.integrations.trl import KdfastChunkedLogProb, patch_trl_fused_lm_head  # noqa: E402
 
@@ -29,15 +28,6 @@ def fresh_entropy_guess(monkeypatch):
     """Each test starts where a fresh patch does: no entropy gradient seen (the guess is process-wide)."""
     monkeypatch.setattr(KdfastChunkedLogProb, "entropy_grad", "auto")
     monkeypatch.setattr(KdfastChunkedLogProb, "entropy_grad_seen", False)
-
-
-@pytest.fixture
-def backward_chunks_counted(monkeypatch):
-    """How many times kdfast's backward recomputed chunks of logits (0: d hidden came from the forward)."""
-    calls = []
-    original = token_logprobs._backward_chunks
-    monkeypatch.setattr(token_logprobs, "_backward_chunks", lambda *a, **k: calls.append(1) or original(*a, **k))
-    return calls
 
 
 @pytest.fixture
