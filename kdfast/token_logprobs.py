@@ -38,10 +38,10 @@ from kdfast.validation import (
 )
 from kdfast.zero3 import gathered
 
-# Per-row metrics a caller may ask for besides the log-probs and the entropy (TRL's fused head's names; neither has a
-# gradient): whether the token is the argmax of the mapped logits (the first one on ties, as torch.argmax) and their
-# mean over the vocabulary.
-METRICS = ("is_top1", "mean_logits")
+# Per-row metrics a caller may ask for besides the log-probs and the entropy (TRL's fused head's names; none has a
+# gradient): whether the token is the argmax of the mapped logits (the first one on ties, as torch.argmax), their mean
+# over the vocabulary, and log sum_j q_j^2 (DPO's WPO weights).
+METRICS = ("is_top1", "mean_logits", "log_sum_sq_probs")
 
 
 def linear_token_logprobs(hidden, weight, token_ids, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None,
@@ -248,15 +248,14 @@ def _forward_chunks(rows: Rows, plan: TokenPlan, keep: bool, direct: bool):
         logits = _mapped_logits(buffer[:count], tanh, rows.hidden[chunk].to(rows.gemm), weight, rows.bias,
                                 logit_map).unsqueeze(0)
         # Before the kernel's pass, which may write the gradient over the logits.
-        if "is_top1" in metrics:
-            torch.eq(logits[0].argmax(-1), rows.token_ids[chunk], out=metrics["is_top1"][chunk])
-        if "mean_logits" in metrics:
-            torch.sum(logits[0], -1, dtype=torch.float32, out=metrics["mean_logits"][chunk]).div_(rows.vocab)
+        _read_metrics({name: values[chunk] for name, values in metrics.items()}, logits[0], rows.token_ids[chunk])
         # Without a divergence the teacher argument is not read: the student stands in for it. With `direct` the
         # kernel writes q - onehot(token) over the logits in the pass that takes the statistics.
         parts = plan.rows_kernel(logits, logits, rows.token_ids[chunk], one, logits if direct else None, plan.opts)
         logprobs[chunk] = parts[:, PART_CE].neg()
         entropy[chunk] = parts[:, PART_ENTROPY]
+        if "log_sum_sq_probs" in metrics:
+            metrics["log_sum_sq_probs"][chunk] += 2.0 * logprobs[chunk]
         if direct:
             grad = logit_map.tanh_chain_(logits[0], tanh) if capped else logits[0]
             # d log q(t) / dz = -(q - onehot) times the map's slope (the softcap's chain rule has applied it).
@@ -318,6 +317,20 @@ def _backward_chunks(rows: Rows, plan: TokenPlan, wanted: Wanted, logprobs, entr
     if d_weight is not None and first:
         d_weight.zero_()  # no rows
     return d_hidden, d_weight, d_bias
+
+
+def _read_metrics(metrics: dict, logits, token_ids) -> None:
+    """Writes the asked-for metrics of a chunk's rows from its mapped logits [n, V]. log_sum_sq_probs gets LSE(2z) -
+    2 z_t here, what log sum q^2 = LSE(2z) - 2 LSE(z) is before LSE(z) = z_t - log q(t) is known: the caller adds
+    2 log q(t) after the kernel's pass. That one reads a float32 copy of the chunk (WPO's weights alone ask for it)."""
+    if "is_top1" in metrics:
+        torch.eq(logits.argmax(-1), token_ids, out=metrics["is_top1"])
+    if "mean_logits" in metrics:
+        torch.sum(logits, -1, dtype=torch.float32, out=metrics["mean_logits"]).div_(logits.shape[-1])
+    if "log_sum_sq_probs" in metrics:
+        doubled = logits.to(torch.float32, copy=True).mul_(2.0)
+        target = doubled.gather(-1, token_ids[:, None])[:, 0]
+        torch.logsumexp(doubled, -1, out=metrics["log_sum_sq_probs"]).sub_(target)
 
 
 def _backward_order(count: int, step: int, kept: KeptChunk | None) -> list[tuple[int, int]]:

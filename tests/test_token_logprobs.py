@@ -309,16 +309,17 @@ def test_a_backward_that_recomputes_gathers_a_zero3_head_again(zero3_gathers, he
 @pytest.mark.parametrize("softcap", [None, 2.5])
 @pytest.mark.parametrize("head_learns", [True, False])
 def test_metrics_of_the_same_pass(backend, softcap, head_learns):
-    """`linear_token_outputs`' metrics against float64: whether the token is the argmax and the mean of the mapped
-    logits (scale, softcap, temperature); the log-probs and gradients as without them, chunks splitting the rows."""
+    """`linear_token_outputs`' metrics against float64: whether the token is the argmax, the mean of the mapped logits
+    (scale, softcap, temperature) and log sum q^2; the log-probs and gradients as without them, chunks splitting the
+    rows."""
     inputs = make_inputs((3, 11), 16, 131, device=device_for(backend))
     logits = inputs["hidden"].double() @ inputs["weight"].double().T + inputs["bias"].double()
     inputs["token_ids"][:, ::2] = logits.argmax(-1)[:, ::2]  # every other token the argmax
     settings = dict(logit_scale=1.3, softcap=softcap, temperature=0.7)
     hidden = inputs["hidden"].clone().requires_grad_(True)
     weight = inputs["weight"].clone().requires_grad_(head_learns)
-    logprobs, entropy, metrics = token_outputs(hidden, weight, inputs, backend, metrics=("is_top1", "mean_logits"),
-                                               **settings)
+    logprobs, entropy, metrics = token_outputs(hidden, weight, inputs, backend,
+                                               metrics=("is_top1", "mean_logits", "log_sum_sq_probs"), **settings)
     plain_hidden = inputs["hidden"].clone().requires_grad_(True)
     plain_weight = inputs["weight"].clone().requires_grad_(head_learns)
     plain, _, none = token_outputs(plain_hidden, plain_weight, inputs, backend, metrics=(), **settings)
@@ -333,6 +334,8 @@ def test_metrics_of_the_same_pass(backend, softcap, head_learns):
     assert torch.equal(metrics["is_top1"], mapped.argmax(-1).eq(inputs["token_ids"]))
     assert int(metrics["is_top1"].sum()) >= 18
     torch.testing.assert_close(metrics["mean_logits"].double(), (mapped / 0.7).mean(-1), rtol=1e-5, atol=1e-5)
+    log_q = (mapped / 0.7).log_softmax(-1)
+    torch.testing.assert_close(metrics["log_sum_sq_probs"].double(), (2 * log_q).logsumexp(-1), rtol=1e-5, atol=1e-5)
 
 
 def token_outputs(hidden, weight, inputs, backend, **settings):
@@ -343,4 +346,4 @@ def token_outputs(hidden, weight, inputs, backend, **settings):
 def test_an_unknown_metric_is_refused():
     with pytest.raises(ValueError, match="metrics"):
         token_outputs(*(make_inputs((6,), 8, 29)[k] for k in ("hidden", "weight")), make_inputs((6,), 8, 29), "auto",
-                      metrics=("log_sum_sq_probs",))
+                      metrics=("top5",))

@@ -1,9 +1,9 @@
 """kdfast.integrations.trl.patch_trl_fused_lm_head: TRL's fused LM head (`add_fused_lm_head`, the forward of its GRPO,
 RLOO, DPO, KTO and SFT trainers) on kdfast. KdfastChunkedLogProb against TRL's ChunkedLogProbFunction (outputs and
-gradients, a head that learns and a frozen one, every logit post-processing); calls for outputs kdfast does not
-compute (DPO's WPO weights) go to TRL's; SFT's, DPO's and KTO's metrics equal TRL's; a tiny causal LM's fused forward
-+ backward equals TRL's; two GRPO steps train; a frozen head takes the two-GEMM path while the entropy gets no
-gradient, and the patch learns when it does."""
+gradients, a head that learns and a frozen one, every logit post-processing); calls for an output kdfast does not know
+go to TRL's; SFT's, DPO's and KTO's metrics equal TRL's; a tiny causal LM's fused forward + backward equals TRL's; two
+GRPO steps train; a frozen head takes the two-GEMM path while the entropy gets no gradient, and the patch learns when
+it does."""
 
 import warnings
 
@@ -61,9 +61,11 @@ def _apply(function, inputs, head_learns, outputs, temperature, softcap, logit_s
 
 
 # What each trainer asks its fused head for: TRL's default (DPO's and KTO's reference models), GRPO and RLOO, SFT,
-# DPO, KTO.
+# DPO, DPO with WPO weighting, KTO.
 TRAINER_OUTPUTS = [("log_probs",), ("log_probs", "entropy"), ("log_probs", "entropy", "is_top1"),
-                   ("log_probs", "entropy", "mean_logits", "is_top1"), ("log_probs", "entropy", "mean_logits")]
+                   ("log_probs", "entropy", "mean_logits", "is_top1"),
+                   ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs"),
+                   ("log_probs", "entropy", "mean_logits")]
 
 
 def assert_outputs_equal(ours, theirs):
@@ -109,10 +111,10 @@ def test_is_top1_on_ties_is_the_first_argmax_as_trls(kdfast_calls):
     assert len(kdfast_calls) == 1
 
 
-def test_wpo_weights_go_to_trls_function(kdfast_calls):
-    """`log_sum_sq_probs` (DPO's WPO weights) is TRL's alone: such calls run TRL's function."""
+def test_an_output_kdfast_does_not_know_goes_to_trls_function(kdfast_calls):
+    """A later TRL's output: the call runs TRL's own function."""
     inputs = make_inputs((12,), 8, 29, seed=4)
-    outputs = ("log_probs", "entropy", "log_sum_sq_probs")
+    outputs = ("log_probs", "entropy", "an_output_of_a_later_trl")
     theirs, _ = _apply(TRL_FUNCTION, inputs, True, outputs, 1.0, None, 1.0)
     ours, _ = _apply(KdfastChunkedLogProb, inputs, True, outputs, 1.0, None, 1.0)
     assert kdfast_calls == []

@@ -2,19 +2,19 @@
 and SFT trainers put on their models, scores each completion token's log-prob (and entropy) with its own
 `ChunkedLogProbFunction`, looked up by name on every call. `patch_trl_fused_lm_head()` puts `KdfastChunkedLogProb`
 under that name: the same call and five outputs, computed by `kdfast.linear_token_logprobs` (with SFT's, DPO's and
-KTO's metrics `is_top1` and `mean_logits` read from the same chunks). A frozen head takes d hidden in the forward, two
-GEMMs rather than TRL's three, when the entropy (every trainer but DPO's reference asks for it) will get no gradient:
-GRPO reads it for its metric and its high-entropy mask, and differentiates it only with its entropy bonus. Which it is
-shows only in the backward, so by default the patch learns it: frozen heads take the two-GEMM path until a gradient
-reaches an entropy the patch returned, and recompute as TRL does from then on (that first backward is exact too, at
-one GEMM more). Under ZeRO-3 TRL gathers the head for the forward and kdfast's backward gathers it again where it
-recomputes, as TRL's does. Calls that ask for `log_sum_sq_probs` (DPO's WPO weights) go to TRL's own function."""
+KTO's metrics `is_top1`, `mean_logits` and `log_sum_sq_probs` read from the same chunks). A frozen head takes d hidden
+in the forward, two GEMMs rather than TRL's three, when the entropy (every trainer but DPO's reference asks for it)
+will get no gradient: GRPO reads it for its metric and its high-entropy mask, and differentiates it only with its
+entropy bonus. Which it is shows only in the backward, so by default the patch learns it: frozen heads take the
+two-GEMM path until a gradient reaches an entropy the patch returned, and recompute as TRL does from then on (that
+first backward is exact too, at one GEMM more). Under ZeRO-3 TRL gathers the head for the forward and kdfast's
+backward gathers it again where it recomputes, as TRL's does."""
 
 from __future__ import annotations
 
 from kdfast.token_logprobs import METRICS, linear_token_outputs
 
-# What kdfast computes of TRL's outputs (log_sum_sq_probs, DPO's WPO weights, is not among them).
+# TRL 1.16's five outputs, all computed by kdfast; a call asking for any other (a later TRL's) goes to TRL's function.
 KDFAST_OUTPUTS = frozenset({"log_probs", "entropy", *METRICS})
 
 
@@ -65,7 +65,8 @@ class KdfastChunkedLogProb:
             return_entropy=with_entropy, entropy_grad=expected, metrics=[m for m in METRICS if m in outputs])
         if with_entropy and entropy.requires_grad and not expected and KdfastChunkedLogProb.entropy_grad == "auto":
             entropy.register_hook(KdfastChunkedLogProb._note_entropy_grad)
-        return logprobs, entropy, None, metrics.get("mean_logits"), metrics.get("is_top1")
+        return (logprobs, entropy, metrics.get("log_sum_sq_probs"), metrics.get("mean_logits"),
+                metrics.get("is_top1"))
 
 
 def patch_trl_fused_lm_head(enabled: bool = True, *, entropy_grad: bool | str = "auto") -> None:
