@@ -28,7 +28,8 @@ SETTINGS = dict(divergence="jsd", beta=0.3, temperature=2.0, kd_weight=0.7, ce_w
 FSDP2 = dict(use_cpu=True, fsdp=True,
              fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
 # "auto" values are the Trainer's (batch size, clipping 0 = max_grad_norm); SGD is "untested" with ZeRO. Persistence
-# threshold 0: every parameter partitioned, however small (the default keeps these tiny models' whole).
+# threshold 0: no parameter persistent, however small (under the default every parameter of these tiny models is, and
+# ZeRO-3 keeps a persistent parameter whole once fetched, where the others are released after each use).
 ZERO3 = dict(use_cpu=True, deepspeed={"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto",
                                        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
                                        "zero_allow_untested_optimizer": True})
