@@ -3,7 +3,7 @@ RLOO, DPO, KTO and SFT trainers) on kdfast. KdfastChunkedLogProb against TRL's C
 gradients, a head that learns and a frozen one, every logit post-processing); calls for an output kdfast does not know
 go to TRL's; SFT's, DPO's and KTO's metrics equal TRL's; a tiny causal LM's fused forward + backward equals TRL's; two
 GRPO steps train; a frozen head takes the two-GEMM path while the entropy gets no gradient, and the patch learns when
-it does."""
+it does; SFT and DPO (WPO's weights too) train with every call on kdfast."""
 
 import warnings
 
@@ -28,6 +28,15 @@ def fresh_entropy_guess(monkeypatch):
     """Each test starts where a fresh patch does: no entropy gradient seen (the guess is process-wide)."""
     monkeypatch.setattr(KdfastChunkedLogProb, "entropy_grad", "auto")
     monkeypatch.setattr(KdfastChunkedLogProb, "entropy_grad_seen", False)
+
+
+@pytest.fixture
+def trl_calls(monkeypatch):
+    """How many calls the patch handed to TRL's own function."""
+    calls = []
+    original = trl_fused_lm_head._trl_function
+    monkeypatch.setattr(trl_fused_lm_head, "_trl_function", lambda: calls.append(1) or original())
+    return calls
 
 
 @pytest.fixture
@@ -255,7 +264,8 @@ def test_a_bad_entropy_guess_is_refused():
 
 
 @pytest.mark.parametrize("frozen_head", [False, True])
-def test_sft_trains_two_steps_on_kdfast(tmp_path, patched, kdfast_calls, backward_chunks_counted, frozen_head):
+def test_sft_trains_two_steps_on_kdfast(tmp_path, patched, kdfast_calls, trl_calls, backward_chunks_counted,
+                                        frozen_head):
     """TRL's SFTTrainer asks its fused head for the log-probs, the entropy and is_top1 (its token accuracy): all on
     kdfast, the accuracy logged; the entropy is only read, so a frozen head (LoRA's) recomputes no chunk."""
     import trl
@@ -274,6 +284,30 @@ def test_sft_trains_two_steps_on_kdfast(tmp_path, patched, kdfast_calls, backwar
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 2 and all(0.0 <= entry["mean_token_accuracy"] <= 1.0 for entry in logs)
-    assert kdfast_calls, "the trainer's log-probs and accuracy came from kdfast"
+    assert kdfast_calls and trl_calls == [], "the trainer's log-probs and accuracy came from kdfast alone"
     assert (len(backward_chunks_counted) > 0) != frozen_head
     assert any(not torch.equal(p, b) for p, b in zip(trainer.model.parameters(), before))
+
+
+@pytest.mark.parametrize("use_weighting", [False, True])
+def test_dpo_trains_two_steps_on_kdfast(tmp_path, patched, kdfast_calls, trl_calls, use_weighting):
+    """TRL's DPOTrainer asks its fused head for the log-probs, the entropy, mean_logits and is_top1 (and, with WPO's
+    weighting, log_sum_sq_probs); its reference model for the log-probs: every call on kdfast, the metrics logged."""
+    import trl
+    from datasets import Dataset
+
+    dataset = Dataset.from_dict({"prompt": ["w2 w3", "w4 w5 w6", "w7", "w8 w9"] * 2,
+                                 "chosen": [" w10 w11", " w12", " w13 w14 w15", " w16"] * 2,
+                                 "rejected": [" w17", " w18 w19", " w20", " w21 w22"] * 2})
+    args = trl.DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3,
+                         report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
+                         bf16=False, use_weighting=use_weighting)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trl.DPOTrainer(model=tiny_llama(32), ref_model=tiny_llama(32), args=args,
+                                 processing_class=word_tokenizer(), train_dataset=dataset)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logs)
+    assert all(torch.isfinite(torch.tensor(entry["logits/chosen"])) for entry in logs)
+    assert kdfast_calls and trl_calls == [], "the trainer's log-probs and metrics came from kdfast alone"
