@@ -63,8 +63,9 @@ def linear_token_logprobs(hidden, weight, token_ids, *, bias=None, temperature=1
 def linear_token_outputs(hidden, weight, token_ids, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None,
                          return_entropy=False, entropy_grad=True, metrics=(), chunk_size="auto", backend="auto"):
     """`linear_token_logprobs`'s outputs and the per-row `metrics` (names from METRICS) of the same pass:
-    (log-probs, the entropy or None, {name: tensor shaped like token_ids}); is_top1 is bool, mean_logits float32.
-    The metrics are read from each chunk's logits before the kernel's pass: one more read of the chunk each."""
+    (log-probs, the entropy or None, {name: tensor shaped like token_ids}); is_top1 is bool, the others float32.
+    The metrics are read from each chunk's logits before the kernel's pass: one more read of the chunk each
+    (log_sum_sq_probs reads a float32 copy of it, one chunk-sized buffer beyond the chunk budget)."""
     logit_map = tempered_map(logit_scale, softcap, temperature)
     _check_inputs(hidden, weight, token_ids, bias, return_entropy, entropy_grad, chunk_size)
     if not isinstance(metrics, (tuple, list, frozenset, set)) or not set(metrics) <= set(METRICS):

@@ -258,8 +258,9 @@ def test_a_fixed_entropy_guess_is_kept(entropy_grad, backward_chunks_counted):
 
 
 def test_a_bad_entropy_guess_is_refused():
-    with pytest.raises(ValueError, match="entropy_grad"):
-        patch_trl_fused_lm_head(entropy_grad="sometimes")
+    for guess in ("sometimes", 1):
+        with pytest.raises(ValueError, match="entropy_grad"):
+            patch_trl_fused_lm_head(entropy_grad=guess)
     assert trl_utils._ChunkedLogProbFunction is TRL_FUNCTION
 
 

@@ -74,7 +74,7 @@ def patch_trl_fused_lm_head(enabled: bool = True, *, entropy_grad: bool | str = 
     kdfast (`enabled=False`: back to TRL's own function). `entropy_grad`: whether the entropy a frozen head returns
     will get a gradient (True: GRPO's entropy bonus is on; False: it is only read), or "auto" to learn it anew from
     the backwards (module docstring); a wrong guess is exact, one GEMM dearer than the right one."""
-    if entropy_grad not in (True, False, "auto"):
+    if not (isinstance(entropy_grad, bool) or entropy_grad == "auto"):
         raise ValueError(f"entropy_grad must be True, False or 'auto', got {entropy_grad!r}")
     trl_utils = _trl_utils()
     if not hasattr(trl_utils, "_ChunkedLogProbFunction"):
