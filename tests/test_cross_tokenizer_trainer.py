@@ -103,11 +103,38 @@ def test_the_loss_equals_the_full_logits_loss(tokenizers, method, divergence):
     for (name, param), reference in zip(student.named_parameters(), reference_student.parameters()):
         torch.testing.assert_close(param.grad, reference.grad, rtol=1e-4, atol=1e-6, msg=name)
     assert parts.kd is not None and parts.ce is not None
-    # The label tokens of an accumulated batch: this micro-batch's loss weighs by its share of them.
-    count = batch["labels"][:, 1:].ne(-100).sum()
+    # One of two equal micro-batches of an accumulated batch: half the loss.
+    count, groups = batch["labels"][:, 1:].ne(-100).sum(), batch["alignment"].groups
     halved, _ = batch_cross_vocab_loss(student, teacher, batch, vocab_map, method=method, **settings,
-                                       num_items_in_batch=2 * count)
+                                       num_items_in_batch=2 * count, groups_in_batch=torch.tensor(2 * groups))
     torch.testing.assert_close(halved, loss.detach() / 2, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["hybrid", "uld", "mapped"])
+def test_micro_batches_add_up_to_the_accumulated_batch(tokenizers, method):
+    """Each tokenizer is the coarser on one half of MIXED, so the two halves have different groups per label token:
+    the KD term must divide by the accumulated batch's groups, the CE by its label tokens."""
+    student_tokenizer, teacher_tokenizer = tokenizers
+    student, teacher = models(*tokenizers)
+    vocab_map = kdfast.VocabMap.from_tokenizers(student_tokenizer, teacher_tokenizer)
+    collate = CrossTokenizerCollator(student_tokenizer, teacher_tokenizer)
+    whole = collate([{"text": t} for t in MIXED])
+    halves = [collate([{"text": t} for t in MIXED[:3]]), collate([{"text": t} for t in MIXED[3:]])]
+    ratios = [half["alignment"].groups / half["labels"][:, 1:].ne(-100).sum().item() for half in halves]
+    assert abs(ratios[0] - ratios[1]) > 0.05, f"groups per label token {ratios}: a weak test"
+    count = whole["labels"][:, 1:].ne(-100).sum()
+    groups = torch.tensor(whole["alignment"].groups)
+    reference_student = copy.deepcopy(student)
+    expected, _ = batch_cross_vocab_loss(reference_student, teacher, whole, vocab_map, method=method, **SETTINGS)
+    expected.backward()
+    summed = sum(batch_cross_vocab_loss(student, teacher, half, vocab_map, method=method, **SETTINGS,
+                                        num_items_in_batch=count, groups_in_batch=groups)[0] for half in halves)
+    summed.backward()
+    torch.testing.assert_close(summed, expected, rtol=1e-5, atol=1e-6)
+    for (name, param), reference in zip(student.named_parameters(), reference_student.parameters()):
+        torch.testing.assert_close(param.grad, reference.grad, rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="groups_in_batch"):
+        batch_cross_vocab_loss(student, teacher, whole, vocab_map, num_items_in_batch=count)
 
 
 def trainer_for(tmp_path, tokenizers, **settings):
@@ -139,6 +166,30 @@ def test_the_trainer_trains_and_logs_the_parts(tmp_path, tokenizers, method):
             assert entry["matched_loss"] >= 0 and entry["unmatched_loss"] >= 0
     assert any(not param.equal(old) for param, old in zip(trainer.model.parameters(), before))
     assert torch.isfinite(torch.tensor(trainer.evaluate()["eval_loss"]))
+
+
+def test_gradient_accumulation_equals_the_whole_batch(tmp_path, tokenizers):
+    """Two micro-batches of 3 texts, one SGD step: the update is the whole batch's gradient (the Trainer counts the
+    accumulated batch's label tokens; the trainer its aligned groups)."""
+    import datasets
+
+    student_tokenizer, teacher_tokenizer = tokenizers
+    student, teacher = models(*tokenizers)
+    reference = copy.deepcopy(student)
+    vocab_map = kdfast.VocabMap.from_tokenizers(student_tokenizer, teacher_tokenizer)
+    whole = CrossTokenizerCollator(student_tokenizer, teacher_tokenizer)([{"text": t} for t in MIXED])
+    batch_cross_vocab_loss(reference, teacher, whole, vocab_map, **SETTINGS)[0].backward()
+    learning_rate = 0.5
+    args = training_args(tmp_path, max_steps=1, per_device_train_batch_size=3, gradient_accumulation_steps=2,
+                         optim="sgd", learning_rate=learning_rate, max_grad_norm=0.0, lr_scheduler_type="constant")
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, teacher_tokenizer=teacher_tokenizer,
+                                  processing_class=student_tokenizer, args=args,
+                                  train_dataset=datasets.Dataset.from_dict({"text": MIXED}), **SETTINGS)
+    trainer.train()
+    for (name, param), before in zip(student.named_parameters(), reference.parameters()):
+        slack = 4 * torch.finfo(torch.float32).eps * before.abs().max().item() / learning_rate
+        torch.testing.assert_close((before.detach() - param.detach()) / learning_rate, before.grad, rtol=1e-4,
+                                   atol=1e-6 + slack, msg=lambda m, name=name: f"gradient of {name}: {m}")
 
 
 def test_bad_settings_name_the_argument(tmp_path, tokenizers):

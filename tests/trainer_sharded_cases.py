@@ -1,8 +1,9 @@
-"""What each rank runs in tests/test_trainer_sharded.py: `DistillationTrainer`, kdfast's TRL `GKDTrainer`, its
-subclass of TRL's stable `DistillationTrainer` and TRL's fused LM head on kdfast under accelerate's FSDP2 plugin or
-DeepSpeed ZeRO-3 (set up by `TrainingArguments`, as `accelerate launch` with such a config sets them up), 2 gloo ranks
-on CPU, each taking half of every batch. The loss of each step, every parameter's gradient in the first step and the
-parameters after 3 SGD steps equal an unsharded student's trained on the whole batch in the same process.
+"""What each rank runs in tests/test_trainer_sharded.py: `DistillationTrainer` (one teacher, sharded or replicated,
+several, sparse, or of another tokenizer), kdfast's TRL `GKDTrainer`, its subclass of TRL's stable
+`DistillationTrainer` and TRL's fused LM head on kdfast under accelerate's FSDP2 plugin or DeepSpeed ZeRO-3 (set up by
+`TrainingArguments`, as `accelerate launch` with such a config sets them up), 2 gloo ranks on CPU, each taking half of
+every batch. The loss of each step, every parameter's gradient in the first step and the parameters after 3 SGD steps
+equal an unsharded student's trained on the whole batch in the same process.
 
 The gradient is read from the first step's update, (before - after) / lr, because DeepSpeed's step runs inside
 its backward (no hook sees the whole gradient before it); for FSDP2 that is the same number.
@@ -206,6 +207,32 @@ def multi_teacher_case(tmp_path, setup):
     _train_and_compare(trainer, expected)
 
 
+def cross_tokenizer_case(tmp_path, setup):
+    """A teacher of another tokenizer (GOLD's hybrid), sharded as the student is. The texts are of two kinds, each
+    tokenizer the coarser on one, so each rank's aligned groups per label token differ: the KD term divides by the
+    whole batch's groups, counted over the ranks."""
+    from datasets import Dataset
+    from test_cross_tokenizer_trainer import MIXED, TEXTS, models
+
+    from kdfast.demo.corpus import train_tokenizer
+    from kdfast.integrations.cross_tokenizer import CrossTokenizerCollator, batch_cross_vocab_loss
+    from kdfast.integrations.transformers import DistillationTrainer
+    from kdfast.vocab_map import VocabMap
+
+    tokenizers = train_tokenizer(TEXTS[:60], 300), train_tokenizer(TEXTS[60:], 360)
+    texts = MIXED[:2] + MIXED[3:5]
+    vocab_map = VocabMap.from_tokenizers(*tokenizers)
+    batch = CrossTokenizerCollator(*tokenizers)([{"text": text} for text in texts])
+    student, teacher = models(*tokenizers)
+    expected = _reference_run(models(*tokenizers)[0], batch,
+                              lambda model, inputs: batch_cross_vocab_loss(model, teacher, inputs, vocab_map,
+                                                                           **SETTINGS)[0])
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, teacher_tokenizer=tokenizers[1],
+                                  processing_class=tokenizers[0], args=_args(tmp_path, setup),
+                                  train_dataset=Dataset.from_dict({"text": texts}), **SETTINGS)
+    _train_and_compare(trainer, expected, teacher_sharded=True)
+
+
 def trl_gkd_case(tmp_path, setup):
     """kdfast's TRL GKDTrainer (off-policy, lmbda 0) with its teacher sharded. Rows of equal length, so that each
     process's share of the tokens is the same."""
@@ -343,6 +370,7 @@ CASES = {"sharded-teacher": functools.partial(distillation_case, sparse=False),
          "replicated-teacher": functools.partial(distillation_case, sparse=False, shard_teacher=False),
          "sparse-teacher": functools.partial(distillation_case, sparse=True),
          "multi-teacher": multi_teacher_case,
+         "cross-tokenizer": cross_tokenizer_case,
          "trl-gkd": trl_gkd_case,
          "trl-distillation": trl_distillation_case,
          "trl-fused-head, frozen": functools.partial(trl_fused_head_case, head_learns=False, entropy_bonus=False),

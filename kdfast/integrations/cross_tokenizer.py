@@ -21,6 +21,7 @@ from kdfast.token_logprobs import linear_token_logprobs
 from kdfast.vocab_map import VocabMap
 
 TEXT_COLUMN = "text"
+GROUPS_IN_BATCH = "groups_in_batch"
 _NO_LIMIT = 1_000_000  # a tokenizer's model_max_length at or past this is transformers' "not set"
 
 
@@ -140,14 +141,19 @@ def _head(head, size: int, name: str):
 
 def batch_cross_vocab_loss(student, teacher, inputs, vocab_map: VocabMap, *, method="hybrid", divergence="forward_kl",
                            beta=0.5, temperature=1.0, teacher_temperature=None, kd_weight=0.5, ce_weight=0.5,
-                           t2_scale=True, chunk_size="auto", backend="auto", num_items_in_batch=None):
+                           t2_scale=True, chunk_size="auto", backend="auto", num_items_in_batch=None,
+                           groups_in_batch=None):
     """(loss, LossComponents with kd and ce) of one `CrossTokenizerCollator` batch: the teacher's decoder under
     no_grad, the student's, then `kd_weight · KD + ce_weight · CE`. KD is `linear_cross_vocab_distill_loss` (its
     kd_weight 1, ce 0, T² included when `t2_scale`) averaged over the aligned groups; CE the student's mean
-    -log q(label) over its label tokens. With `num_items_in_batch` (the label tokens of a whole accumulated batch)
-    the CE is divided by it and the KD mean weighed by this micro-batch's share of those tokens, so the micro-batches'
-    losses add up to the accumulated batch's. Heads are cut to the map's vocabularies (rows past them are padding).
-    Called under the caller's autocast."""
+    -log q(label) over its label tokens. For a whole accumulated batch (micro-batches, ranks) give both of its
+    counts: `num_items_in_batch` (its label tokens) divides the CE's sum and `groups_in_batch` (its aligned groups)
+    the KD's, so that the micro-batches' losses add up to the accumulated batch's exactly (a micro-batch's groups
+    per label token vary with its text, so neither count stands in for the other). Heads are cut to the map's
+    vocabularies (rows past them are padding). Called under the caller's autocast."""
+    if (num_items_in_batch is None) != (groups_in_batch is None):
+        raise ValueError("num_items_in_batch (the accumulated batch's label tokens) and groups_in_batch (its aligned "
+                         "groups) are given together or not at all: the CE and the KD divide by one each")
     labels = inputs["labels"]
     student_hidden = last_hidden_state(student, inputs["input_ids"], inputs.get("attention_mask"))
     with torch.no_grad():
@@ -164,23 +170,28 @@ def batch_cross_vocab_loss(student, teacher, inputs, vocab_map: VocabMap, *, met
             student_bias=student_bias, teacher_bias=teacher_bias.detach() if teacher_bias is not None else None,
             **head_settings(student, teacher), chunk_size=chunk_size, divergence=divergence, beta=beta,
             temperature=temperature, teacher_temperature=teacher_temperature, kd_weight=1.0, ce_weight=0.0,
-            t2_scale=t2_scale, backend=backend, return_components=True)
+            t2_scale=t2_scale, num_items_in_batch=groups_in_batch, backend=backend, return_components=True)
         shifted = labels[:, 1:]
         kept = shifted.ne(-100)
         # Only the label tokens' rows: padding costs no head GEMM.
         logprobs = linear_token_logprobs(student_hidden[:, :-1][kept], student_weight, shifted[kept],
                                          bias=student_bias, logit_scale=logit_scale(student),
                                          softcap=final_softcap(student), chunk_size=chunk_size, backend=backend)
-    count = kept.sum()
-    if num_items_in_batch is None:
-        ce, share = -logprobs.sum() / count.clamp_min(1), 1.0
-    else:
-        ce, share = -logprobs.sum() / num_items_in_batch, count / num_items_in_batch
-    kd = kd * share
+    ce = -logprobs.sum() / (kept.sum().clamp_min(1) if num_items_in_batch is None else num_items_in_batch)
     loss = kd_weight * kd + ce_weight * ce
-    scaled = {name: getattr(parts, name) * share if getattr(parts, name) is not None else None
-              for name in ("kd", "matched", "unmatched")}
-    return loss, LossComponents(ce=ce.detach(), z_loss=None, accuracy=None, **scaled)
+    return loss, LossComponents(ce=ce.detach(), z_loss=None, accuracy=None, kd=parts.kd, matched=parts.matched,
+                                unmatched=parts.unmatched)
+
+
+def add_groups_in_batch(batch_samples: list, device, gather=None) -> None:
+    """Puts into each micro-batch of an accumulated batch `groups_in_batch`, the aligned groups of them all (of
+    every rank's too, summed by `gather` when given): the KD term's count, as the Trainer's num_items_in_batch is
+    the CE's."""
+    groups = torch.tensor(sum(batch["alignment"].groups for batch in batch_samples), device=device)
+    if gather is not None:
+        groups = gather(groups).sum()
+    for batch in batch_samples:
+        batch[GROUPS_IN_BATCH] = groups
 
 
 def trainer_settings(teacher_tokenizer, student_tokenizer, method, options, teacher_temperature,

@@ -12,7 +12,13 @@ import torch
 from transformers import Trainer
 
 from kdfast.integrations.causal_lm import batch_distill_loss, batch_multi_teacher_loss, batch_sparse_distill_loss
-from kdfast.integrations.cross_tokenizer import TEXT_COLUMN, batch_cross_vocab_loss, trainer_settings
+from kdfast.integrations.cross_tokenizer import (
+    GROUPS_IN_BATCH,
+    TEXT_COLUMN,
+    add_groups_in_batch,
+    batch_cross_vocab_loss,
+    trainer_settings,
+)
 from kdfast.integrations.logged_parts import LoggedParts
 from kdfast.integrations.served_teacher import ServedTeacherLoader, served_teacher
 from kdfast.integrations.sharding import fsdp2_sharded_teacher, run_through_wrapper
@@ -156,6 +162,27 @@ class DistillationTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
 
+    def _get_num_items_in_batch(self, batch_samples, device):
+        # Where transformers 5 counts the label tokens of an accumulated batch, and of each evaluation batch.
+        num_items_in_batch = super()._get_num_items_in_batch(batch_samples, device)
+        self._count_groups(batch_samples, num_items_in_batch)
+        return num_items_in_batch
+
+    def get_batch_samples(self, *args, **kwargs):
+        # Where transformers 4 counts them (without the method above).
+        batch_samples, num_items_in_batch = super().get_batch_samples(*args, **kwargs)
+        if batch_samples and GROUPS_IN_BATCH not in batch_samples[0]:
+            self._count_groups(batch_samples, num_items_in_batch)
+        return batch_samples, num_items_in_batch
+
+    def _count_groups(self, batch_samples, num_items_in_batch):
+        """A teacher of another tokenizer: the KD term averages over aligned groups, whose count per label token
+        varies with the text, so the accumulated batch's groups are counted as the Trainer counts its label tokens
+        (over every rank when it does)."""
+        if self.vocab_map is not None and num_items_in_batch is not None:
+            across = self.args.average_tokens_across_devices and self.args.world_size > 1
+            add_groups_in_batch(batch_samples, self.args.device, self.accelerator.gather if across else None)
+
     def get_train_dataloader(self):
         loader = super().get_train_dataloader()
         if self.served_teacher is None:
@@ -238,7 +265,7 @@ class DistillationTrainer(Trainer):
             with self.accelerator.autocast():
                 loss, parts = batch_cross_vocab_loss(student, teacher, inputs, self.vocab_map,
                                                      chunk_size=self.chunk_size, num_items_in_batch=num_items_in_batch,
-                                                     **self.cross_settings)
+                                                     groups_in_batch=inputs.get(GROUPS_IN_BATCH), **self.cross_settings)
         else:
             teacher = self.accelerator.unwrap_model(self.teacher_model)
             with self.accelerator.autocast():
