@@ -26,6 +26,7 @@ from kdfast.saved_gradient import rescale_gradient_
 from kdfast.uld import native_sort_available
 from kdfast.validation import _check_bias, _check_floating, _check_one_device, check_chunk_settings, check_labels_for
 from kdfast.views import flat_labels
+from kdfast.zero3 import gathered
 
 
 class HeadRows:
@@ -203,7 +204,9 @@ def _per_row_backward(ctx, grad_output):
         weights = torch.cat([weights, weights.new_zeros(1)])[row_groups(alignment.to(device), rows)]
     student, teacher = _heads(*heads, ctx.settings[6], ctx.wanted, weights)
     plan = _plan(ctx.settings, ctx.opts, student, teacher, device)
-    with torch.autocast(device.type, enabled=False), torch.no_grad():
+    # A ZeRO-3 head, whole in the forward (gathered by the caller), may be partitioned again by now (the teacher's
+    # was passed detached: it keeps the values it had).
+    with torch.autocast(device.type, enabled=False), torch.no_grad(), gathered(student_weight, student_bias):
         cross_vocab_parts(student, teacher, ctx.labels, ctx.scale, ctx.opts, plan, True)
     return (student.d_hidden.view(student_hidden.shape).to(student_hidden.dtype) if ctx.wanted[0] else None,
             student.d_weight.to(student_weight.dtype) if ctx.wanted[1] else None,

@@ -20,6 +20,7 @@ from kdfast.options import LossOptions
 from kdfast.reduction import reduced_outputs, reduction_scale, with_teacher_summary
 from kdfast.saved_gradient import rescale_gradient_
 from kdfast.views import flat_labels
+from kdfast.zero3 import gathered
 
 
 def gemm_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -109,7 +110,10 @@ class LinearDistillFunction(torch.autograd.Function):
             plan = ctx.plan
             weights = grad_output.reshape(-1).to(torch.float32)
             ones = torch.ones((), dtype=torch.float32, device=weights.device)
-            with torch.autocast(weights.device.type, enabled=False):
+            # A ZeRO-3 head, whole in the forward (gathered by the caller), may be partitioned again by now (the
+            # teachers' were passed detached: they keep the values they had).
+            head = (ctx.heads.student_weight, ctx.heads.student_bias)
+            with torch.autocast(weights.device.type, enabled=False), gathered(*head):
                 _, d_hidden, d_weight, d_bias = run_chunks(ctx.heads, ctx.opts, ones, ctx.wanted, plan.chunk_size,
                                                            plan.rows_kernel, row_weights=weights)
                 d_hidden = plan.rows_kernel.reduce_hidden_grad(d_hidden)

@@ -1,4 +1,4 @@
-"""The trainers' fused loss on a student in a real DeepSpeed ZeRO-3 engine, 2 gloo ranks on CPU
+"""The trainers' fused loss, and a per-row one, on a student in a real DeepSpeed ZeRO-3 engine, 2 gloo ranks on CPU
 (tests/deepspeed_cases.py): loss, gradients and 3 optimizer steps equal the unsharded student's."""
 
 import deepspeed_cases
