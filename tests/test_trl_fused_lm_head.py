@@ -3,7 +3,7 @@ RLOO, DPO, KTO and SFT trainers) on kdfast. KdfastChunkedLogProb against TRL's C
 gradients, a head that learns and a frozen one, every logit post-processing); calls for an output kdfast does not know
 go to TRL's; SFT's, DPO's and KTO's metrics equal TRL's; a tiny causal LM's fused forward + backward equals TRL's; two
 GRPO steps train; a frozen head takes the two-GEMM path while the entropy gets no gradient, and the patch learns when
-it does; SFT and DPO (WPO's weights too) train with every call on kdfast."""
+it does; SFT, DPO (WPO's weights too) and KTO train with every call on kdfast."""
 
 import warnings
 
@@ -312,3 +312,29 @@ def test_dpo_trains_two_steps_on_kdfast(tmp_path, patched, kdfast_calls, trl_cal
     assert len(logs) == 2 and all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logs)
     assert all(torch.isfinite(torch.tensor(entry["logits/chosen"])) for entry in logs)
     assert kdfast_calls and trl_calls == [], "the trainer's log-probs and metrics came from kdfast alone"
+
+
+def test_kto_trains_two_steps_on_kdfast(tmp_path, patched, kdfast_calls, trl_calls):
+    """TRL's KTOTrainer asks its fused head for the log-probs, the entropy and mean_logits (of the completions and of
+    the mismatched KL pairs), its reference model for the log-probs: every call on kdfast, the metrics logged."""
+    import trl
+    from datasets import Dataset
+
+    dataset = Dataset.from_dict({"prompt": ["w2 w3", "w4 w5 w6", "w7", "w8 w9"] * 2,
+                                 "completion": [" w10 w11", " w12", " w13 w14 w15", " w16"] * 2,
+                                 "label": [True, False, True, False] * 2})
+    args = trl.KTOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3,
+                         report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
+                         bf16=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trl.KTOTrainer(model=tiny_llama(32), ref_model=tiny_llama(32), args=args,
+                                 processing_class=word_tokenizer(), train_dataset=dataset)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logs)
+    logit_metrics = [key for key in logs[0] if key.startswith("logits/")]
+    assert logit_metrics and all(torch.isfinite(torch.tensor(entry[key])) for entry in logs for key in logit_metrics)
+    assert kdfast_calls and trl_calls == [], "the trainer's log-probs and metrics came from kdfast alone"
+    assert any(not torch.equal(p, b) for p, b in zip(trainer.model.parameters(), before))
