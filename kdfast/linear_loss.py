@@ -8,7 +8,8 @@ import torch
 
 from kdfast.dispatch import rows_kernel_for
 from kdfast.linear_chunks import TeacherHead
-from kdfast.linear_function import ChunkPlan, LinearDistillFunction
+from kdfast.linear_function import ChunkPlan, LinearDistillFunction, gemm_dtype
+from kdfast.linear_ops import CompiledLinearDistillFunction
 from kdfast.logit_maps import logit_maps
 from kdfast.options import LossOptions
 from kdfast.reduction import returned
@@ -77,6 +78,17 @@ def fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_we
                          "the hidden states")
         check_num_items(num_items_in_batch)
 
+    if torch.compiler.is_compiling() and process_group is None and opts.reduction != "none":
+        # Traced by torch.compile: the chunk loop as one custom op, so the step's graph stays whole.
+        if vocab_range is not None:
+            raise ValueError("vocab_range needs a process_group (the ranks that hold the other shards)")
+        check(student_weight.shape[0])
+        return returned(CompiledLinearDistillFunction.apply(
+            student_hidden, student_weight, student_bias, teacher_hidden.detach(), teacher_weight.detach(),
+            teacher_bias.detach() if teacher_bias is not None else None, labels, num_items_in_batch, opts,
+            (student_map.scale, student_map.softcap or 0.0, teacher_map.scale, teacher_map.softcap or 0.0),
+            (gemm_dtype(student_hidden, student_weight), gemm_dtype(teacher_hidden, teacher_weight)), chunk_size,
+            fp32_logits), opts, labels)
     # Over shards labels are global token ids: their range is checked in the exchange, against the global vocabulary.
     vocab = 2**62 if process_group is not None else (
         student_weight.shape[0] if isinstance(student_weight, torch.Tensor) else 0)

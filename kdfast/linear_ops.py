@@ -1,0 +1,94 @@
+"""The fused linear loss of one dense teacher head, reduced ("mean" or "sum"), as a torch.library custom op, so that a
+torch.compile'd step traces through it whole (`fullgraph=True` included) instead of breaking its graph there.
+
+`kdfast::linear_distill_forward` runs the same chunk loop as the eager Function (`linear_function.py`): the rows'
+loss parts and the gradients, final in the forward up to grad_output. The backend is resolved inside the op, so the
+compiler never traces the build or the availability checks; the settings record travels as its text, the heads'
+logit maps and GEMM dtypes as plain arguments (an op's schema takes no dataclass). `CompiledLinearDistillFunction`
+reduces the parts and rescales the saved gradients in backward, as `LinearDistillFunction` does. Eager calls keep
+`LinearDistillFunction` itself; per-row losses (reduction "none", whose backward runs the chunks again), several
+teachers, sparse teachers and vocab shards stay host-driven: one graph break."""
+
+from __future__ import annotations
+
+import torch
+
+from kdfast.dispatch import device_rows
+from kdfast.kernel_abi import PART_COLUMNS
+from kdfast.linear_chunks import Heads, TeacherHead, Wanted, run_chunks
+from kdfast.logit_maps import LogitMap
+from kdfast.options import LossOptions
+from kdfast.reduction import reduced_outputs, reduction_scale
+from kdfast.saved_gradient import rescale_gradient_
+from kdfast.views import flat_labels
+
+
+def _map(scale: float, softcap: float) -> LogitMap:
+    return LogitMap(scale, softcap if softcap > 0 else None)  # a softcap is > 0: 0 stands for none
+
+
+@torch.library.custom_op("kdfast::linear_distill_forward", mutates_args=())
+def linear_distill_forward(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                           student_bias: torch.Tensor | None, teacher_hidden: torch.Tensor,
+                           teacher_weight: torch.Tensor, teacher_bias: torch.Tensor | None,
+                           labels: torch.Tensor | None, grad_scale: torch.Tensor, wanted: list[bool],
+                           maps: list[float], student_dtype: torch.dtype, teacher_dtype: torch.dtype,
+                           chunk_size: int, fp32_logits: bool,
+                           settings: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hidden states [N, H] (the teacher's [N, H_t]), heads [V, H] and [V, H_t]; the rows' loss parts
+    [N, PART_COLUMNS] float32 and d hidden, d weight, d bias in their inputs' dtypes (an empty tensor where not
+    `wanted`). `maps`: the student's and the teacher's logit scale and softcap (0: none); the dtypes: each head's
+    GEMM's; `chunk_size` 0: "auto"."""
+    opts = LossOptions.decode(settings)
+    teacher = TeacherHead(teacher_hidden, teacher_weight, teacher_bias, teacher_dtype, _map(maps[2], maps[3]))
+    heads = Heads(student_hidden, student_weight, student_bias, teacher, labels, _map(maps[0], maps[1]),
+                  student_dtype, fp32_logits)
+    rows_kernel = device_rows(opts, student_hidden.device)
+    with torch.autocast(student_hidden.device.type, enabled=False), torch.no_grad():
+        parts, d_hidden, d_weight, d_bias = run_chunks(heads, opts, grad_scale, Wanted(*wanted),
+                                                       chunk_size or "auto", rows_kernel)
+    # A fresh empty tensor per missing gradient: an op's outputs may not alias each other.
+    return (parts, d_hidden if d_hidden is not None else student_hidden.new_empty(0),
+            d_weight.to(student_weight.dtype) if d_weight is not None else student_hidden.new_empty(0),
+            d_bias.to(student_bias.dtype) if d_bias is not None else student_hidden.new_empty(0))
+
+
+@linear_distill_forward.register_fake
+def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, grad_scale,
+      wanted, maps, student_dtype, teacher_dtype, chunk_size, fp32_logits, settings):
+    def like(tensor, want):
+        return torch.empty_like(tensor) if want else student_hidden.new_empty(0)
+
+    return (student_hidden.new_empty(student_hidden.shape[0], PART_COLUMNS, dtype=torch.float32),
+            like(student_hidden, wanted[0]), like(student_weight, wanted[1]),
+            like(student_bias, wanted[2]) if student_bias is not None else student_hidden.new_empty(0))
+
+
+class CompiledLinearDistillFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                labels, num_items_in_batch, opts: LossOptions, maps: tuple, gemm_dtypes: tuple, chunk_size,
+                fp32_logits: bool):
+        lead_shape = student_hidden.shape[:-1]
+        hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+        labels = flat_labels(labels)
+        scale = reduction_scale(labels, hidden.shape[0], opts, num_items_in_batch, hidden.device)
+        wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                  student_bias is not None and ctx.needs_input_grad[2]]
+        parts, d_hidden, d_weight, d_bias = linear_distill_forward(
+            hidden, student_weight, student_bias, teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
+            teacher_weight, teacher_bias, labels, scale, wanted, list(maps), *gemm_dtypes,
+            0 if chunk_size == "auto" else int(chunk_size), fp32_logits, opts.encoded())
+        ctx.wanted = wanted
+        ctx.save_for_backward(d_hidden.view(student_hidden.shape) if wanted[0] else d_hidden, d_weight, d_bias)
+        ctx.reduction = opts.reduction
+        return reduced_outputs(ctx, parts, lead_shape, labels, opts, scale)
+
+    @staticmethod
+    def backward(ctx, grad_output, *summary_grad):
+        grads = []
+        for grad, want in zip(ctx.saved_tensors, ctx.wanted):
+            if want:
+                rescale_gradient_(grad, grad_output)
+            grads.append(grad if want else None)
+        return (*grads, None, None, None, None, None, None, None, None, None, None)

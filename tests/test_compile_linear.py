@@ -1,0 +1,120 @@
+"""`linear_distill_loss` inside a torch.compile'd step with fullgraph=True (kdfast.linear_ops: the chunk loop as one
+custom op): the eager step's loss, components and gradients to hidden, weight and bias, for every head setting, both
+reductions, num_items_in_batch and autocast; the op passes torch.library's own checks (schema, fake tensor,
+aliasing); per-row losses still compile with a graph break. AOTAutograd's eager backend traces the graph as inductor
+would, without compiling C++ for it."""
+
+import pytest
+import torch
+from helpers import make_labels
+
+import kdfast
+from kdfast import linear_ops
+
+ROWS, VOCAB, HIDDEN, TEACHER_HIDDEN = 10, 40, 8, 12
+CASES = {
+    "plain": dict(),
+    "bias, sum": dict(bias=True, reduction="sum"),
+    "softcaps and scales": dict(student_softcap=3.0, teacher_softcap=5.0, student_logit_scale=1.3,
+                                teacher_logit_scale=0.8, bias=True),
+    "jsd, num_items_in_batch, chunks": dict(divergence="jsd", beta=0.3, temperature=2.0, num_items_in_batch=25,
+                                            chunk_size=4),
+    "components": dict(return_components=True, z_loss_weight=1e-3),
+}
+
+
+def _inputs(bias: bool):
+    generator = torch.Generator().manual_seed(5)
+    return {"hidden": torch.randn(2, ROWS // 2, HIDDEN, generator=generator),
+            "weight": torch.randn(VOCAB, HIDDEN, generator=generator) / 2,
+            "bias": torch.randn(VOCAB, generator=generator) if bias else None,
+            "teacher_hidden": torch.randn(2, ROWS // 2, TEACHER_HIDDEN, generator=generator),
+            "teacher_weight": torch.randn(VOCAB, TEACHER_HIDDEN, generator=generator) / 2,
+            "labels": make_labels((2, ROWS // 2), VOCAB, "some")}
+
+
+def _step(data, settings):
+    def step(hidden, weight, bias):  # a model in front of the loss, so that the graph holds work of its own
+        return kdfast.linear_distill_loss(torch.tanh(hidden) * 2.0, weight, data["teacher_hidden"],
+                                          data["teacher_weight"], data["labels"], student_bias=bias, ce_weight=0.5,
+                                          **settings)
+    return step
+
+
+def _run(step, data):
+    leaves = [data["hidden"].clone().requires_grad_(True), data["weight"].clone().requires_grad_(True),
+              data["bias"].clone().requires_grad_(True) if data["bias"] is not None else None]
+    out = step(*leaves)
+    loss, parts = out if isinstance(out, tuple) else (out, None)
+    (1.5 * loss).backward()  # a grad_output other than 1: the saved gradients are rescaled
+    return loss.detach(), parts, [leaf.grad if leaf is not None else None for leaf in leaves]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fullgraph_step_equals_eager(case):
+    settings = dict(CASES[case])
+    data = _inputs(settings.pop("bias", False))
+    step = _step(data, settings)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    expected = _run(step, data)
+    for _ in range(2):  # the second call runs the cached graph
+        loss, parts, grads = _run(compiled, data)
+        torch.testing.assert_close(loss, expected[0], rtol=1e-6, atol=1e-7)
+        for grad, reference in zip(grads, expected[2]):
+            assert (grad is None) == (reference is None)
+            if grad is not None:
+                torch.testing.assert_close(grad, reference, rtol=1e-6, atol=1e-7)
+        if parts is not None:
+            for name in ("kd", "ce", "z_loss", "accuracy", "entropy"):
+                torch.testing.assert_close(getattr(parts, name), getattr(expected[1], name), rtol=1e-6, atol=1e-7)
+
+
+def test_fullgraph_step_under_autocast_equals_eager():
+    data = _inputs(True)
+    step = _step(data, {})
+
+    def autocast_step(*leaves):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return step(*leaves)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(autocast_step, backend="aot_eager", fullgraph=True)
+    expected, got = _run(autocast_step, data), _run(compiled, data)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
+    for grad, reference in zip(got[2], expected[2]):
+        torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_the_op_passes_torch_librarys_checks():
+    data = _inputs(True)
+    hidden = data["hidden"].reshape(ROWS, HIDDEN)
+    # No input requires a gradient: the op is not differentiable itself (CompiledLinearDistillFunction around it is).
+    weight, bias = data["weight"], data["bias"]
+    settings = kdfast.options.LossOptions(ce_weight=0.5).encoded()
+    for wanted in ([True, True, True], [True, False, False]):
+        args = (hidden, weight, bias, data["teacher_hidden"].reshape(ROWS, TEACHER_HIDDEN), data["teacher_weight"],
+                None, data["labels"].reshape(-1), torch.full((), 0.1), wanted, [1.0, 0.0, 1.0, 0.0], torch.float32,
+                torch.float32, 0, False, settings)
+        torch.library.opcheck(linear_ops.linear_distill_forward, args,
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_per_row_losses_keep_their_graph_break():
+    data = _inputs(False)
+    step = _step(data, dict(reduction="none"))
+
+    def summed(*leaves):
+        return step(*leaves).sum()
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="(?i)disable|skip|graph break"):
+        torch.compile(summed, backend="aot_eager", fullgraph=True)(*_run_leaves(data))
+    torch._dynamo.reset()
+    expected, got = _run(summed, data), _run(torch.compile(summed, backend="aot_eager"), data)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got[2][1], expected[2][1], rtol=1e-6, atol=1e-7)
+
+
+def _run_leaves(data):
+    return data["hidden"].clone().requires_grad_(True), data["weight"].clone().requires_grad_(True), None
