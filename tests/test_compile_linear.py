@@ -6,6 +6,7 @@ would, without compiling C++ for it."""
 
 import pytest
 import torch
+from conftest import BACKENDS, device_for
 from helpers import make_labels
 
 import kdfast
@@ -21,16 +22,19 @@ CASES = {
                                             chunk_size=4),
     "components": dict(return_components=True, z_loss_weight=1e-3),
 }
+# The C++ kernel here; on a GPU machine the CUDA and Triton kernels too, on the GPU.
+COMPILE_BACKENDS = ["cpu"] + [backend for backend in BACKENDS if device_for(backend) == "cuda"]
 
 
-def _inputs(bias: bool):
+def _inputs(bias: bool, device="cpu"):
     generator = torch.Generator().manual_seed(5)
-    return {"hidden": torch.randn(2, ROWS // 2, HIDDEN, generator=generator),
+    data = {"hidden": torch.randn(2, ROWS // 2, HIDDEN, generator=generator),
             "weight": torch.randn(VOCAB, HIDDEN, generator=generator) / 2,
             "bias": torch.randn(VOCAB, generator=generator) if bias else None,
             "teacher_hidden": torch.randn(2, ROWS // 2, TEACHER_HIDDEN, generator=generator),
             "teacher_weight": torch.randn(VOCAB, TEACHER_HIDDEN, generator=generator) / 2,
             "labels": make_labels((2, ROWS // 2), VOCAB, "some")}
+    return {name: value.to(device) if value is not None else None for name, value in data.items()}
 
 
 def _step(data, settings):
@@ -50,11 +54,12 @@ def _run(step, data):
     return loss.detach(), parts, [leaf.grad if leaf is not None else None for leaf in leaves]
 
 
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_fullgraph_step_equals_eager(case):
+def test_fullgraph_step_equals_eager(case, backend):
     settings = dict(CASES[case])
-    data = _inputs(settings.pop("bias", False))
-    step = _step(data, settings)
+    data = _inputs(settings.pop("bias", False), device_for(backend))
+    step = _step(data, {**settings, "backend": backend})
     torch._dynamo.reset()
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     expected = _run(step, data)
