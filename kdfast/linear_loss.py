@@ -9,7 +9,7 @@ import torch
 from kdfast.dispatch import rows_kernel_for
 from kdfast.linear_chunks import TeacherHead
 from kdfast.linear_function import ChunkPlan, LinearDistillFunction, gemm_dtype
-from kdfast.linear_ops import CompiledLinearDistillFunction
+from kdfast.linear_ops import compiled_linear_loss
 from kdfast.logit_maps import logit_maps
 from kdfast.options import LossOptions
 from kdfast.reduction import returned
@@ -83,12 +83,10 @@ def fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_we
         if vocab_range is not None:
             raise ValueError("vocab_range needs a process_group (the ranks that hold the other shards)")
         check(student_weight.shape[0])
-        return returned(CompiledLinearDistillFunction.apply(
-            student_hidden, student_weight, student_bias, teacher_hidden.detach(), teacher_weight.detach(),
-            teacher_bias.detach() if teacher_bias is not None else None, labels, num_items_in_batch, opts,
-            (student_map.scale, student_map.softcap or 0.0, teacher_map.scale, teacher_map.softcap or 0.0),
-            (gemm_dtype(student_hidden, student_weight), gemm_dtype(teacher_hidden, teacher_weight)), chunk_size,
-            fp32_logits), opts, labels)
+        teacher = TeacherHead(teacher_hidden, teacher_weight, teacher_bias, gemm_dtype(teacher_hidden, teacher_weight),
+                              teacher_map)
+        return compiled_linear_loss(student_hidden, student_weight, student_bias, teacher, labels, num_items_in_batch,
+                                    opts, student_map, chunk_size, fp32_logits)
     # Over shards labels are global token ids: their range is checked in the exchange, against the global vocabulary.
     vocab = 2**62 if process_group is not None else (
         student_weight.shape[0] if isinstance(student_weight, torch.Tensor) else 0)

@@ -1,25 +1,28 @@
-"""The fused linear loss of one dense teacher head, reduced ("mean" or "sum"), as a torch.library custom op, so that a
-torch.compile'd step traces through it whole (`fullgraph=True` included) instead of breaking its graph there.
+"""The fused linear loss of one teacher (a dense head, or a sparse teacher's ids and log-probs), reduced ("mean" or
+"sum"), as a torch.library custom op, so that a torch.compile'd step traces through it whole (`fullgraph=True`
+included) instead of breaking its graph there.
 
 `kdfast::linear_distill_forward` runs the same chunk loop as the eager Function (`linear_function.py`): the rows'
 loss parts and the gradients, final in the forward up to grad_output. The backend is resolved inside the op, so the
-compiler never traces the build or the availability checks; the settings record travels as its text, the heads'
-logit maps and GEMM dtypes as plain arguments (an op's schema takes no dataclass). `CompiledLinearDistillFunction`
-reduces the parts and rescales the saved gradients in backward, as `LinearDistillFunction` does. Eager calls keep
-`LinearDistillFunction` itself; per-row losses (reduction "none", whose backward runs the chunks again), several
-teachers, sparse teachers and vocab shards stay host-driven: one graph break."""
+compiler never traces the build or the availability checks; the settings record travels as its text, the teacher as
+its tensors, the heads' logit maps and GEMM dtypes as plain arguments (an op's schema takes no dataclass).
+`CompiledLinearDistillFunction` reduces the parts and rescales the saved gradients in backward, as
+`LinearDistillFunction` does. Eager calls keep `LinearDistillFunction` itself; per-row losses (reduction "none",
+whose backward runs the chunks again), several teachers and vocab shards stay host-driven: one graph break."""
 
 from __future__ import annotations
 
 import torch
 
 from kdfast.dispatch import device_rows
-from kdfast.kernel_abi import PART_COLUMNS
+from kdfast.kernel_abi import PART_COLUMNS, SparseTargets
 from kdfast.linear_chunks import Heads, TeacherHead, Wanted, run_chunks
+from kdfast.linear_function import gemm_dtype
 from kdfast.logit_maps import LogitMap
 from kdfast.options import LossOptions
-from kdfast.reduction import reduced_outputs, reduction_scale
+from kdfast.reduction import reduced_outputs, reduction_scale, returned
 from kdfast.saved_gradient import rescale_gradient_
+from kdfast.sparse_options import SparseOptions
 from kdfast.views import flat_labels
 
 
@@ -29,19 +32,20 @@ def _map(scale: float, softcap: float) -> LogitMap:
 
 @torch.library.custom_op("kdfast::linear_distill_forward", mutates_args=())
 def linear_distill_forward(student_hidden: torch.Tensor, student_weight: torch.Tensor,
-                           student_bias: torch.Tensor | None, teacher_hidden: torch.Tensor,
-                           teacher_weight: torch.Tensor, teacher_bias: torch.Tensor | None,
+                           student_bias: torch.Tensor | None, teacher: list[torch.Tensor | None],
                            labels: torch.Tensor | None, grad_scale: torch.Tensor, wanted: list[bool],
                            maps: list[float], student_dtype: torch.dtype, teacher_dtype: torch.dtype,
-                           chunk_size: int, fp32_logits: bool,
-                           settings: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Hidden states [N, H] (the teacher's [N, H_t]), heads [V, H] and [V, H_t]; the rows' loss parts
+                           chunk_size: int, fp32_logits: bool, settings: str,
+                           sparse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The student's hidden states [N, H] and head [V, H]; the teacher's hidden states [N, H_t], head [V, H_t] and
+    bias (or None), or with `sparse` its ids [N, K] and log-probs [N, K or K + 1]. The rows' loss parts
     [N, PART_COLUMNS] float32 and d hidden, d weight, d bias in their inputs' dtypes (an empty tensor where not
     `wanted`). `maps`: the student's and the teacher's logit scale and softcap (0: none); the dtypes: each head's
     GEMM's; `chunk_size` 0: "auto"."""
-    opts = LossOptions.decode(settings)
-    teacher = TeacherHead(teacher_hidden, teacher_weight, teacher_bias, teacher_dtype, _map(maps[2], maps[3]))
-    heads = Heads(student_hidden, student_weight, student_bias, teacher, labels, _map(maps[0], maps[1]),
+    opts = (SparseOptions if sparse else LossOptions).decode(settings)
+    targets = (SparseTargets(*teacher) if sparse else
+               TeacherHead(*teacher, teacher_dtype, _map(maps[2], maps[3])))
+    heads = Heads(student_hidden, student_weight, student_bias, targets, labels, _map(maps[0], maps[1]),
                   student_dtype, fp32_logits)
     rows_kernel = device_rows(opts, student_hidden.device)
     with torch.autocast(student_hidden.device.type, enabled=False), torch.no_grad():
@@ -54,8 +58,8 @@ def linear_distill_forward(student_hidden: torch.Tensor, student_weight: torch.T
 
 
 @linear_distill_forward.register_fake
-def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, grad_scale,
-      wanted, maps, student_dtype, teacher_dtype, chunk_size, fp32_logits, settings):
+def _(student_hidden, student_weight, student_bias, teacher, labels, grad_scale, wanted, maps, student_dtype,
+      teacher_dtype, chunk_size, fp32_logits, settings, sparse):
     def like(tensor, want):
         return torch.empty_like(tensor) if want else student_hidden.new_empty(0)
 
@@ -64,11 +68,29 @@ def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weig
             like(student_bias, wanted[2]) if student_bias is not None else student_hidden.new_empty(0))
 
 
+def compiled_linear_loss(student_hidden, student_weight, student_bias, teacher, labels, num_items_in_batch,
+                         opts: LossOptions, student_map: LogitMap, chunk_size, fp32_logits: bool):
+    """The loss through the op, as `apply_linear` returns it: `teacher` a TeacherHead (its GEMM dtype and logit map;
+    its tensors constants) or SparseTargets, each [..., ·] with the hidden states' leading shape."""
+    if isinstance(teacher, SparseTargets):
+        tensors, sparse, teacher_map = [teacher.ids.to(torch.int64), teacher.logprobs.detach()], True, LogitMap()
+        tensors = [tensor.reshape(-1, tensor.shape[-1]) for tensor in tensors]
+    else:
+        tensors = [teacher.hidden.detach().reshape(-1, teacher.hidden.shape[-1]), teacher.weight.detach(),
+                   teacher.bias.detach() if teacher.bias is not None else None]
+        sparse, teacher_map = False, teacher.logit_map
+    maps = (student_map.scale, student_map.softcap or 0.0, teacher_map.scale, teacher_map.softcap or 0.0)
+    outputs = CompiledLinearDistillFunction.apply(
+        student_hidden, student_weight, student_bias, tuple(tensors), labels, num_items_in_batch, opts, maps,
+        (gemm_dtype(student_hidden, student_weight), teacher.dtype if not sparse else student_hidden.dtype),
+        chunk_size, fp32_logits, sparse)
+    return returned(outputs, opts, labels)
+
+
 class CompiledLinearDistillFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                labels, num_items_in_batch, opts: LossOptions, maps: tuple, gemm_dtypes: tuple, chunk_size,
-                fp32_logits: bool):
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher: tuple, labels, num_items_in_batch,
+                opts: LossOptions, maps: tuple, gemm_dtypes: tuple, chunk_size, fp32_logits: bool, sparse: bool):
         lead_shape = student_hidden.shape[:-1]
         hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
         labels = flat_labels(labels)
@@ -76,9 +98,8 @@ class CompiledLinearDistillFunction(torch.autograd.Function):
         wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                   student_bias is not None and ctx.needs_input_grad[2]]
         parts, d_hidden, d_weight, d_bias = linear_distill_forward(
-            hidden, student_weight, student_bias, teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
-            teacher_weight, teacher_bias, labels, scale, wanted, list(maps), *gemm_dtypes,
-            0 if chunk_size == "auto" else int(chunk_size), fp32_logits, opts.encoded())
+            hidden, student_weight, student_bias, list(teacher), labels, scale, wanted, list(maps), *gemm_dtypes,
+            0 if chunk_size == "auto" else int(chunk_size), fp32_logits, opts.encoded(), sparse)
         ctx.wanted = wanted
         ctx.save_for_backward(d_hidden.view(student_hidden.shape) if wanted[0] else d_hidden, d_weight, d_bias)
         ctx.reduction = opts.reduction

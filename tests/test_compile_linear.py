@@ -1,8 +1,8 @@
-"""`linear_distill_loss` inside a torch.compile'd step with fullgraph=True (kdfast.linear_ops: the chunk loop as one
-custom op): the eager step's loss, components and gradients to hidden, weight and bias, for every head setting, both
-reductions, num_items_in_batch and autocast; the op passes torch.library's own checks (schema, fake tensor,
-aliasing); per-row losses still compile with a graph break. AOTAutograd's eager backend traces the graph as inductor
-would, without compiling C++ for it."""
+"""`linear_distill_loss` and `linear_sparse_distill_loss` inside a torch.compile'd step with fullgraph=True
+(kdfast.linear_ops: the chunk loop as one custom op): the eager step's loss, components and gradients to hidden,
+weight and bias, for every head setting, both reductions, num_items_in_batch, a sparse teacher's tails and autocast;
+the op passes torch.library's own checks (schema, fake tensor, aliasing); per-row losses still compile with a graph
+break. AOTAutograd's eager backend traces the graph as inductor would, without compiling C++ for it."""
 
 import pytest
 import torch
@@ -21,6 +21,9 @@ CASES = {
     "jsd, num_items_in_batch, chunks": dict(divergence="jsd", beta=0.3, temperature=2.0, num_items_in_batch=25,
                                             chunk_size=4),
     "components": dict(return_components=True, z_loss_weight=1e-3),
+    "sparse": dict(sparse=True, bias=True, softcap=4.0, logit_scale=1.2),
+    "sparse, given tail, sum, components": dict(sparse=True, tail="given", reduction="sum", return_components=True,
+                                                divergence="reverse_kl", chunk_size=3),
 }
 # The C++ kernel here; on a GPU machine the CUDA and Triton kernels too, on the GPU.
 COMPILE_BACKENDS = ["cpu"] + [backend for backend in BACKENDS if device_for(backend) == "cuda"]
@@ -33,11 +36,23 @@ def _inputs(bias: bool, device="cpu"):
             "bias": torch.randn(VOCAB, generator=generator) if bias else None,
             "teacher_hidden": torch.randn(2, ROWS // 2, TEACHER_HIDDEN, generator=generator),
             "teacher_weight": torch.randn(VOCAB, TEACHER_HIDDEN, generator=generator) / 2,
-            "labels": make_labels((2, ROWS // 2), VOCAB, "some")}
+            "labels": make_labels((2, ROWS // 2), VOCAB, "some"),
+            "ids": torch.rand(2, ROWS // 2, VOCAB, generator=generator).argsort(-1)[..., :5],
+            "logprobs": torch.randn(2, ROWS // 2, 6, generator=generator).log_softmax(-1)}
     return {name: value.to(device) if value is not None else None for name, value in data.items()}
 
 
 def _step(data, settings):
+    settings = dict(settings)
+    if settings.pop("sparse", False):
+        # K = 5 ids; their log-probs and the rest's (read only with tail="given"), normalised together.
+        logprobs = data["logprobs"] if settings.get("tail") == "given" else data["logprobs"][..., :5]
+
+        def step(hidden, weight, bias):
+            return kdfast.linear_sparse_distill_loss(torch.tanh(hidden) * 2.0, weight, data["ids"], logprobs,
+                                                     data["labels"], student_bias=bias, ce_weight=0.5, **settings)
+        return step
+
     def step(hidden, weight, bias):  # a model in front of the loss, so that the graph holds work of its own
         return kdfast.linear_distill_loss(torch.tanh(hidden) * 2.0, weight, data["teacher_hidden"],
                                           data["teacher_weight"], data["labels"], student_bias=bias, ce_weight=0.5,
@@ -97,12 +112,17 @@ def test_the_op_passes_torch_librarys_checks():
     # No input requires a gradient: the op is not differentiable itself (CompiledLinearDistillFunction around it is).
     weight, bias = data["weight"], data["bias"]
     settings = kdfast.options.LossOptions(ce_weight=0.5).encoded()
+    sparse_settings = kdfast.sparse_options.SparseOptions(ce_weight=0.5).encoded()
     for wanted in ([True, True, True], [True, False, False]):
-        args = (hidden, weight, bias, data["teacher_hidden"].reshape(ROWS, TEACHER_HIDDEN), data["teacher_weight"],
-                None, data["labels"].reshape(-1), torch.full((), 0.1), wanted, [1.0, 0.0, 1.0, 0.0], torch.float32,
-                torch.float32, 0, False, settings)
-        torch.library.opcheck(linear_ops.linear_distill_forward, args,
-                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+        for teacher, sparse in (([data["teacher_hidden"].reshape(ROWS, TEACHER_HIDDEN), data["teacher_weight"],
+                                  None], False),
+                                ([data["ids"].reshape(ROWS, -1), data["logprobs"][..., :5].reshape(ROWS, -1)],
+                                 True)):
+            args = (hidden, weight, bias, teacher, data["labels"].reshape(-1), torch.full((), 0.1), wanted,
+                    [1.0, 0.0, 1.0, 0.0], torch.float32, torch.float32, 0, False,
+                    (sparse_settings if sparse else settings), sparse)
+            torch.library.opcheck(linear_ops.linear_distill_forward, args,
+                                  test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
 def test_per_row_losses_keep_their_graph_break():

@@ -1,8 +1,8 @@
 """Every loss inside a torch.compile'd step gives the eager step's loss and input gradient. The logits-level
-`distill_loss` and `sparse_distill_loss` are torch.library ops, and so is `linear_distill_loss`'s chunk loop
-(tests/test_compile_linear.py), so a step compiles whole (fullgraph=True); the others are driven from the host (chunk
-loops, several calls) and run where the compiled step calls them, a graph break (README, "Backends"). AOTAutograd's
-eager backend traces the graph as inductor would, without compiling C++ for it."""
+`distill_loss` and `sparse_distill_loss` are torch.library ops, and so is the chunk loop of `linear_distill_loss` and
+`linear_sparse_distill_loss` (tests/test_compile_linear.py), so a step compiles whole (fullgraph=True); the others are
+driven from the host (chunk loops, several calls) and run where the compiled step calls them, a graph break (README,
+"Backends"). AOTAutograd's eager backend traces the graph as inductor would, without compiling C++ for it."""
 
 import pytest
 import torch
@@ -47,7 +47,7 @@ def _losses():
         "linear_distill_loss": ("hidden", lambda x, d: kdfast.linear_distill_loss(
             x, d["weight"], d["teacher_hidden"], d["teacher_weight"], d["labels"], ce_weight=0.5), True),
         "linear_sparse_distill_loss": ("hidden", lambda x, d: kdfast.linear_sparse_distill_loss(
-            x, d["weight"], d["ids"], d["logprobs"], d["labels"], ce_weight=0.5), False),
+            x, d["weight"], d["ids"], d["logprobs"], d["labels"], ce_weight=0.5), True),
         "linear_multi_teacher_distill_loss": ("hidden", lambda x, d: kdfast.linear_multi_teacher_distill_loss(
             x, d["weight"], [d["teacher_hidden"]] * 2, [d["teacher_weight"], d["teacher_weight"] * 0.5],
             d["labels"]), False),
