@@ -30,26 +30,29 @@ def _map(scale: float, softcap: float) -> LogitMap:
     return LogitMap(scale, softcap if softcap > 0 else None)  # a softcap is > 0: 0 stands for none
 
 
+# Scalars and tensors only in the schema (no lists): torch 2.4's schema inference takes no builtin `list[...]`.
 @torch.library.custom_op("kdfast::linear_distill_forward", mutates_args=())
 def linear_distill_forward(student_hidden: torch.Tensor, student_weight: torch.Tensor,
-                           student_bias: torch.Tensor | None, teacher: list[torch.Tensor | None],
-                           labels: torch.Tensor | None, grad_scale: torch.Tensor, wanted: list[bool],
-                           maps: list[float], student_dtype: torch.dtype, teacher_dtype: torch.dtype,
-                           chunk_size: int, fp32_logits: bool, settings: str,
+                           student_bias: torch.Tensor | None, teacher_a: torch.Tensor, teacher_b: torch.Tensor,
+                           teacher_bias: torch.Tensor | None, labels: torch.Tensor | None, grad_scale: torch.Tensor,
+                           want_hidden: bool, want_weight: bool, want_bias: bool, student_scale: float,
+                           student_softcap: float, teacher_scale: float, teacher_softcap: float,
+                           student_dtype: torch.dtype, teacher_dtype: torch.dtype, chunk_size: int,
+                           fp32_logits: bool, settings: str,
                            sparse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The student's hidden states [N, H] and head [V, H]; the teacher's hidden states [N, H_t], head [V, H_t] and
-    bias (or None), or with `sparse` its ids [N, K] and log-probs [N, K or K + 1]. The rows' loss parts
-    [N, PART_COLUMNS] float32 and d hidden, d weight, d bias in their inputs' dtypes (an empty tensor where not
-    `wanted`). `maps`: the student's and the teacher's logit scale and softcap (0: none); the dtypes: each head's
-    GEMM's; `chunk_size` 0: "auto"."""
+    """The student's hidden states [N, H] and head [V, H]; the teacher's hidden states [N, H_t] and head [V, H_t]
+    (`teacher_a`, `teacher_b`) and bias, or with `sparse` its ids [N, K] and log-probs [N, K or K + 1]. The rows'
+    loss parts [N, PART_COLUMNS] float32 and d hidden, d weight, d bias in their inputs' dtypes (an empty tensor
+    where not wanted). Softcaps of 0: none; the dtypes: each head's GEMM's; `chunk_size` 0: "auto"."""
     opts = (SparseOptions if sparse else LossOptions).decode(settings)
-    targets = (SparseTargets(*teacher) if sparse else
-               TeacherHead(*teacher, teacher_dtype, _map(maps[2], maps[3])))
-    heads = Heads(student_hidden, student_weight, student_bias, targets, labels, _map(maps[0], maps[1]),
+    targets = (SparseTargets(teacher_a, teacher_b) if sparse else
+               TeacherHead(teacher_a, teacher_b, teacher_bias, teacher_dtype, _map(teacher_scale, teacher_softcap)))
+    heads = Heads(student_hidden, student_weight, student_bias, targets, labels, _map(student_scale, student_softcap),
                   student_dtype, fp32_logits)
     rows_kernel = device_rows(opts, student_hidden.device)
     with torch.autocast(student_hidden.device.type, enabled=False), torch.no_grad():
-        parts, d_hidden, d_weight, d_bias = run_chunks(heads, opts, grad_scale, Wanted(*wanted),
+        parts, d_hidden, d_weight, d_bias = run_chunks(heads, opts, grad_scale,
+                                                       Wanted(want_hidden, want_weight, want_bias),
                                                        chunk_size or "auto", rows_kernel)
     # A fresh empty tensor per missing gradient: an op's outputs may not alias each other.
     return (parts, d_hidden if d_hidden is not None else student_hidden.new_empty(0),
@@ -58,32 +61,33 @@ def linear_distill_forward(student_hidden: torch.Tensor, student_weight: torch.T
 
 
 @linear_distill_forward.register_fake
-def _(student_hidden, student_weight, student_bias, teacher, labels, grad_scale, wanted, maps, student_dtype,
-      teacher_dtype, chunk_size, fp32_logits, settings, sparse):
+def _(student_hidden, student_weight, student_bias, teacher_a, teacher_b, teacher_bias, labels, grad_scale,
+      want_hidden, want_weight, want_bias, *settings):
     def like(tensor, want):
         return torch.empty_like(tensor) if want else student_hidden.new_empty(0)
 
     return (student_hidden.new_empty(student_hidden.shape[0], PART_COLUMNS, dtype=torch.float32),
-            like(student_hidden, wanted[0]), like(student_weight, wanted[1]),
-            like(student_bias, wanted[2]) if student_bias is not None else student_hidden.new_empty(0))
+            like(student_hidden, want_hidden), like(student_weight, want_weight),
+            like(student_bias, want_bias) if student_bias is not None else student_hidden.new_empty(0))
 
 
 def compiled_linear_loss(student_hidden, student_weight, student_bias, teacher, labels, num_items_in_batch,
                          opts: LossOptions, student_map: LogitMap, chunk_size, fp32_logits: bool):
     """The loss through the op, as `apply_linear` returns it: `teacher` a TeacherHead (its GEMM dtype and logit map;
     its tensors constants) or SparseTargets, each [..., ·] with the hidden states' leading shape."""
+    # The teacher's tensors as rows ([N, K] ids and log-probs, or [N, H_t] hidden states) and its head as it is.
     if isinstance(teacher, SparseTargets):
-        tensors, sparse, teacher_map = [teacher.ids.to(torch.int64), teacher.logprobs.detach()], True, LogitMap()
-        tensors = [tensor.reshape(-1, tensor.shape[-1]) for tensor in tensors]
+        ids, logprobs = teacher.ids.to(torch.int64), teacher.logprobs.detach()
+        tensors = (ids.reshape(-1, ids.shape[-1]), logprobs.reshape(-1, logprobs.shape[-1]), None)
+        sparse, teacher_map, teacher_dtype = True, LogitMap(), student_hidden.dtype  # (no teacher GEMM)
     else:
-        tensors = [teacher.hidden.detach().reshape(-1, teacher.hidden.shape[-1]), teacher.weight.detach(),
-                   teacher.bias.detach() if teacher.bias is not None else None]
-        sparse, teacher_map = False, teacher.logit_map
+        tensors = (teacher.hidden.detach().reshape(-1, teacher.hidden.shape[-1]), teacher.weight.detach(),
+                   teacher.bias.detach() if teacher.bias is not None else None)
+        sparse, teacher_map, teacher_dtype = False, teacher.logit_map, teacher.dtype
     maps = (student_map.scale, student_map.softcap or 0.0, teacher_map.scale, teacher_map.softcap or 0.0)
     outputs = CompiledLinearDistillFunction.apply(
-        student_hidden, student_weight, student_bias, tuple(tensors), labels, num_items_in_batch, opts, maps,
-        (gemm_dtype(student_hidden, student_weight), teacher.dtype if not sparse else student_hidden.dtype),
-        chunk_size, fp32_logits, sparse)
+        student_hidden, student_weight, student_bias, tensors, labels, num_items_in_batch, opts, maps,
+        (gemm_dtype(student_hidden, student_weight), teacher_dtype), chunk_size, fp32_logits, sparse)
     return returned(outputs, opts, labels)
 
 
@@ -95,10 +99,10 @@ class CompiledLinearDistillFunction(torch.autograd.Function):
         hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
         labels = flat_labels(labels)
         scale = reduction_scale(labels, hidden.shape[0], opts, num_items_in_batch, hidden.device)
-        wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                  student_bias is not None and ctx.needs_input_grad[2]]
+        wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                  student_bias is not None and ctx.needs_input_grad[2])
         parts, d_hidden, d_weight, d_bias = linear_distill_forward(
-            hidden, student_weight, student_bias, list(teacher), labels, scale, wanted, list(maps), *gemm_dtypes,
+            hidden, student_weight, student_bias, *teacher, labels, scale, *wanted, *maps, *gemm_dtypes,
             0 if chunk_size == "auto" else int(chunk_size), fp32_logits, opts.encoded(), sparse)
         ctx.wanted = wanted
         ctx.save_for_backward(d_hidden.view(student_hidden.shape) if wanted[0] else d_hidden, d_weight, d_bias)

@@ -113,13 +113,13 @@ def test_the_op_passes_torch_librarys_checks():
     weight, bias = data["weight"], data["bias"]
     settings = kdfast.options.LossOptions(ce_weight=0.5).encoded()
     sparse_settings = kdfast.sparse_options.SparseOptions(ce_weight=0.5).encoded()
-    for wanted in ([True, True, True], [True, False, False]):
-        for teacher, sparse in (([data["teacher_hidden"].reshape(ROWS, TEACHER_HIDDEN), data["teacher_weight"],
-                                  None], False),
-                                ([data["ids"].reshape(ROWS, -1), data["logprobs"][..., :5].reshape(ROWS, -1)],
+    for wanted in ((True, True, True), (True, False, False)):
+        for teacher, sparse in (((data["teacher_hidden"].reshape(ROWS, TEACHER_HIDDEN), data["teacher_weight"],
+                                  None), False),
+                                ((data["ids"].reshape(ROWS, -1), data["logprobs"][..., :5].reshape(ROWS, -1), None),
                                  True)):
-            args = (hidden, weight, bias, teacher, data["labels"].reshape(-1), torch.full((), 0.1), wanted,
-                    [1.0, 0.0, 1.0, 0.0], torch.float32, torch.float32, 0, False,
+            args = (hidden, weight, bias, *teacher, data["labels"].reshape(-1), torch.full((), 0.1), *wanted, 1.0,
+                    0.0, 1.0, 0.0, torch.float32, torch.float32, 0, False,
                     (sparse_settings if sparse else settings), sparse)
             torch.library.opcheck(linear_ops.linear_distill_forward, args,
                                   test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
