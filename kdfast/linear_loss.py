@@ -9,7 +9,7 @@ import torch
 from kdfast.dispatch import rows_kernel_for
 from kdfast.linear_chunks import TeacherHead
 from kdfast.linear_function import ChunkPlan, LinearDistillFunction, gemm_dtype
-from kdfast.linear_ops import compiled_linear_loss
+from kdfast.linear_ops import compiled_linear_loss, runs_as_op
 from kdfast.logit_maps import logit_maps
 from kdfast.options import LossOptions
 from kdfast.reduction import returned
@@ -78,18 +78,15 @@ def fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_we
                          "the hidden states")
         check_num_items(num_items_in_batch)
 
-    if torch.compiler.is_compiling() and process_group is None and opts.reduction != "none":
-        # Traced by torch.compile: the chunk loop as one custom op, so the step's graph stays whole.
-        if vocab_range is not None:
-            raise ValueError("vocab_range needs a process_group (the ranks that hold the other shards)")
-        check(student_weight.shape[0])
+    # Over shards labels are global token ids: their range is checked in the exchange, against the global vocabulary.
+    vocab = 2**62 if process_group is not None else (
+        student_weight.shape[0] if isinstance(student_weight, torch.Tensor) else 0)
+    if runs_as_op(opts, process_group, vocab_range):  # traced by torch.compile: the chunk loop as one custom op
+        check(vocab)
         teacher = TeacherHead(teacher_hidden, teacher_weight, teacher_bias, gemm_dtype(teacher_hidden, teacher_weight),
                               teacher_map)
         return compiled_linear_loss(student_hidden, student_weight, student_bias, teacher, labels, num_items_in_batch,
                                     opts, student_map, chunk_size, fp32_logits)
-    # Over shards labels are global token ids: their range is checked in the exchange, against the global vocabulary.
-    vocab = 2**62 if process_group is not None else (
-        student_weight.shape[0] if isinstance(student_weight, torch.Tensor) else 0)
     rows_kernel = rows_kernel_for(opts, lambda: check(vocab), lambda: student_weight.shape[0], student_hidden, labels,
                                   process_group, vocab_range, reduce_hidden_grad)
     teacher = TeacherHead(teacher_hidden.detach(), teacher_weight.detach(),

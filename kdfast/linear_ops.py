@@ -26,6 +26,15 @@ from kdfast.sparse_options import SparseOptions
 from kdfast.views import flat_labels
 
 
+def runs_as_op(opts: LossOptions, process_group, vocab_range) -> bool:
+    """Whether torch.compile is tracing a call the op takes: one device's vocabulary, a reduced loss."""
+    if not torch.compiler.is_compiling() or process_group is not None or opts.reduction == "none":
+        return False
+    if vocab_range is not None:
+        raise ValueError("vocab_range needs a process_group (the ranks that hold the other shards)")
+    return True
+
+
 def _map(scale: float, softcap: float) -> LogitMap:
     return LogitMap(scale, softcap if softcap > 0 else None)  # a softcap is > 0: 0 stands for none
 

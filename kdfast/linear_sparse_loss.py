@@ -10,7 +10,7 @@ from kdfast.dispatch import device_rows
 from kdfast.kernel_abi import SparseTargets
 from kdfast.linear_function import ChunkPlan
 from kdfast.linear_loss import apply_linear
-from kdfast.linear_ops import compiled_linear_loss
+from kdfast.linear_ops import compiled_linear_loss, runs_as_op
 from kdfast.logit_maps import logit_maps
 from kdfast.shared_vocab import heads_cut_to_vocab
 from kdfast.sparse_options import SparseOptions
@@ -67,11 +67,8 @@ def fused_linear_sparse_loss(student_hidden, student_weight, teacher_ids, teache
         check_labels_for(labels, lead_shape, vocab, student_hidden.device, opts, "the hidden states")
         check_num_items(num_items_in_batch)
 
-    if torch.compiler.is_compiling() and process_group is None and opts.reduction != "none":
-        # Traced by torch.compile: the chunk loop as one custom op, so the step's graph stays whole.
-        if vocab_range is not None:
-            raise ValueError("vocab_range needs a process_group (the ranks that hold the other shards)")
-        check(student_weight.shape[0])
+    if runs_as_op(opts, process_group, vocab_range):  # traced by torch.compile: the chunk loop as one custom op
+        check(student_weight.shape[0] if isinstance(student_weight, torch.Tensor) else 0)
         return compiled_linear_loss(student_hidden, student_weight, student_bias,
                                     SparseTargets(teacher_ids, teacher_logprobs), labels, num_items_in_batch, opts,
                                     student_map, chunk_size, fp32_logits)

@@ -143,3 +143,18 @@ def test_per_row_losses_keep_their_graph_break():
 
 def _run_leaves(data):
     return data["hidden"].clone().requires_grad_(True), data["weight"].clone().requires_grad_(True), None
+
+
+def test_bad_input_is_refused_naming_the_argument_when_compiled():
+    """The input checks run while the step is traced: labels of the wrong shape are a ValueError naming them (with
+    fullgraph=True torch.compile reports it as the exception its traced code raised)."""
+    data = _inputs(False)
+    data["labels"] = data["labels"][:, :-1]
+    step = _step(data, {})
+    leaves = _run_leaves(data)
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="labels shape"):
+        torch.compile(step, backend="aot_eager")(*leaves)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="labels shape"):
+        torch.compile(step, backend="aot_eager", fullgraph=True)(*leaves)
