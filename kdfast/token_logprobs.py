@@ -29,6 +29,7 @@ from kdfast.linear_chunks import CHUNK_BUDGET_BYTES, Wanted, _accumulate_weight_
 from kdfast.linear_function import gemm_dtype
 from kdfast.logit_maps import LogitMap, tempered_map
 from kdfast.options import LossOptions
+from kdfast.token_ops import METRICS, compiled_token_outputs
 from kdfast.validation import (
     _check_bias,
     _check_floating,
@@ -37,11 +38,6 @@ from kdfast.validation import (
     check_chunk_settings,
 )
 from kdfast.zero3 import gathered
-
-# Per-row metrics a caller may ask for besides the log-probs and the entropy (TRL's fused head's names; none has a
-# gradient): whether the token is the argmax of the mapped logits (the first one on ties, as torch.argmax), their mean
-# over the vocabulary, and log sum_j q_j^2 (DPO's WPO weights).
-METRICS = ("is_top1", "mean_logits", "log_sum_sq_probs")
 
 
 def linear_token_logprobs(hidden, weight, token_ids, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None,
@@ -72,10 +68,14 @@ def linear_token_outputs(hidden, weight, token_ids, *, bias=None, temperature=1.
         raise ValueError(f"metrics must be a collection of names from {METRICS}, got {metrics!r}")
     # CE alone with weight 1 at T = 1: the kernel's PART_CE is -log q(token), PART_ENTROPY q's entropy.
     opts = LossOptions(kd_weight=0.0, ce_weight=1.0, reduction="none", backend=backend)
-    plan = TokenPlan(logit_map, chunk_size, device_rows(opts, hidden.device), opts, return_entropy and entropy_grad,
-                     frozenset(metrics))
-    logprobs, entropy, *values = _apply(hidden, weight, bias, token_ids, plan)
-    found = {name: value for name, value in zip(METRICS, values) if name in plan.metrics}
+    if torch.compiler.is_compiling():  # traced by torch.compile: the chunk loops as custom ops (kdfast.token_ops)
+        logprobs, entropy, *values = compiled_token_outputs(hidden, weight, bias, token_ids, logit_map, chunk_size,
+                                                            opts, return_entropy and entropy_grad, frozenset(metrics))
+    else:
+        plan = TokenPlan(logit_map, chunk_size, device_rows(opts, hidden.device), opts,
+                         return_entropy and entropy_grad, frozenset(metrics))
+        logprobs, entropy, *values = _apply(hidden, weight, bias, token_ids, plan)
+    found = {name: value for name, value in zip(METRICS, values) if name in metrics}
     return logprobs, entropy if return_entropy else None, found
 
 

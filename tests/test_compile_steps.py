@@ -1,8 +1,9 @@
 """Every loss inside a torch.compile'd step gives the eager step's loss and input gradient. The logits-level
-`distill_loss` and `sparse_distill_loss` are torch.library ops, and so is the chunk loop of `linear_distill_loss` and
-`linear_sparse_distill_loss` (tests/test_compile_linear.py), so a step compiles whole (fullgraph=True); the others are
-driven from the host (chunk loops, several calls) and run where the compiled step calls them, a graph break (README,
-"Backends"). AOTAutograd's eager backend traces the graph as inductor would, without compiling C++ for it."""
+`distill_loss` and `sparse_distill_loss` are torch.library ops, and so are the chunk loops of `linear_distill_loss`,
+`linear_sparse_distill_loss` and `linear_token_logprobs` (tests/test_compile_linear.py,
+tests/test_compile_token_logprobs.py), so a step compiles whole (fullgraph=True); the others are driven from the host
+(chunk loops, several calls) and run where the compiled step calls them, a graph break (README, "Backends").
+AOTAutograd's eager backend traces the graph as inductor would, without compiling C++ for it."""
 
 import pytest
 import torch
