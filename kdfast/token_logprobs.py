@@ -70,7 +70,7 @@ def linear_token_outputs(hidden, weight, token_ids, *, bias=None, temperature=1.
     opts = LossOptions(kd_weight=0.0, ce_weight=1.0, reduction="none", backend=backend)
     if torch.compiler.is_compiling():  # traced by torch.compile: the chunk loops as custom ops (kdfast.token_ops)
         logprobs, entropy, *values = compiled_token_outputs(hidden, weight, bias, token_ids, logit_map, chunk_size,
-                                                            opts, return_entropy and entropy_grad, frozenset(metrics))
+                                                            opts, return_entropy, entropy_grad, frozenset(metrics))
     else:
         plan = TokenPlan(logit_map, chunk_size, device_rows(opts, hidden.device), opts,
                          return_entropy and entropy_grad, frozenset(metrics))

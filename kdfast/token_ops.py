@@ -92,8 +92,9 @@ def token_logprobs_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
     None, for an output nothing differentiated; on a GPU telling them apart is a host sync, so there it recomputes.)"""
     from kdfast.token_logprobs import _backward_chunks
 
-    if direction.numel() and grad_logprobs is not None and (
-            grad_entropy is None or (grad_entropy.device.type == "cpu" and not bool(grad_entropy.any()))):
+    if grad_entropy is not None and grad_entropy.device.type == "cpu" and not bool(grad_entropy.any()):
+        grad_entropy = None  # no entropy term: its pass over every chunk is skipped
+    if direction.numel() and grad_logprobs is not None and grad_entropy is None:
         d_hidden = direction.mul(grad_logprobs[:, None]).to(hidden.dtype)
         return d_hidden, hidden.new_empty(0), hidden.new_empty(0)
     plan = _plan(scale, softcap, temperature, chunk_size, settings, (), hidden.device)
@@ -115,32 +116,36 @@ def _(hidden, weight, bias, token_ids, logprobs, entropy, direction, grad_logpro
 
 
 def compiled_token_outputs(hidden, weight, bias, token_ids, logit_map: LogitMap, chunk_size, opts: LossOptions,
-                           entropy_grad_expected: bool, metrics: frozenset):
+                           return_entropy: bool, entropy_grad: bool, metrics: frozenset):
     """`TokenLogprobsFunction`'s outputs through the ops: (log-probs, entropy, *METRICS' values, empty where not
-    asked for)."""
+    asked for). An entropy not returned is no differentiable output (its gradient then is None, not zeros)."""
     map_args = (logit_map.scale, logit_map.softcap or 0.0, logit_map.temperature, gemm_dtype(hidden, weight),
                 0 if chunk_size == "auto" else int(chunk_size), opts.encoded())
-    return CompiledTokenLogprobsFunction.apply(hidden, weight, bias, token_ids, map_args, entropy_grad_expected,
+    return CompiledTokenLogprobsFunction.apply(hidden, weight, bias, token_ids, map_args,
+                                               (return_entropy, return_entropy and entropy_grad),
                                                tuple(name in metrics for name in METRICS))
 
 
 class CompiledTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, token_ids, map_args: tuple, entropy_grad_expected: bool, asked: tuple):
+    def forward(ctx, hidden, weight, bias, token_ids, map_args: tuple, entropy_flags: tuple, asked: tuple):
         ctx.set_materialize_grads(False)  # an output with no gradient (the entropy, often) costs nothing
         lead_shape = hidden.shape[:-1]
         flat, ids = hidden.reshape(-1, hidden.shape[-1]), token_ids.reshape(-1).long()
         wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         # d hidden in the forward: the head frozen and only the log-probs expected to get a gradient.
+        returned, entropy_grad_expected = entropy_flags
         direct = wanted[0] and not wanted[1] and not wanted[2] and not entropy_grad_expected
         scale, softcap, temperature, gemm, chunk_size, settings = map_args
         logprobs, entropy, direction, *metrics = token_logprobs_forward(
             flat, weight, bias, ids, scale, softcap, temperature, gemm, chunk_size, direct, *asked, settings)
-        metrics = [value.view(lead_shape) if wanted else value for value, wanted in zip(metrics, asked)]
-        ctx.mark_non_differentiable(*metrics)
         ctx.wanted, ctx.direct, ctx.map_args, ctx.hidden_shape = wanted, direct, map_args, hidden.shape
         ctx.save_for_backward(flat, weight, bias, ids, logprobs, entropy, direction)
-        return logprobs.view(lead_shape), entropy.view(lead_shape), *metrics
+        # Marked as returned (views of the op's outputs): the metrics, and an entropy the caller does not get.
+        outputs = [logprobs.view(lead_shape), entropy.view(lead_shape),
+                   *(value.view(lead_shape) if wanted else value for value, wanted in zip(metrics, asked))]
+        ctx.mark_non_differentiable(*outputs[2:], *([] if returned else outputs[1:2]))
+        return tuple(outputs)
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy, *_metrics):
