@@ -6,9 +6,9 @@ and a frozen head's d hidden per unit gradient), `kdfast::token_logprobs_backwar
 logits again, for a head that learns or an entropy differentiated); both are `kdfast.token_logprobs`' own loops,
 with the backend resolved inside the op and the head's map and GEMM dtype as plain arguments (an op's schema takes
 no dataclass). Eager calls keep `TokenLogprobsFunction`, whose backward also reuses the forward's last chunk of
-logits: an op's outputs cannot carry that chunk, so the compiled backward recomputes it (one chunk's GEMM more). A
-ZeRO-3 head partitioned again by the backward is not gathered there (the op sees tensors, not DeepSpeed's
-parameters): under ZeRO-3, compile the model around the loss rather than through it."""
+logits: an op's outputs cannot carry that chunk, so the compiled backward recomputes it (one chunk's GEMM more). Nor
+does the compiled backward gather a ZeRO-3 head again, as the eager one does (the op sees tensors, not DeepSpeed's
+parameters)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from kdfast.options import LossOptions
 METRICS = ("is_top1", "mean_logits", "log_sum_sq_probs")
 
 
+# kdfast.token_logprobs imports this module: its loops and records are imported when an op runs.
 def _plan(scale, softcap, temperature, chunk_size, settings, metrics, device):
     from kdfast.token_logprobs import TokenPlan
 
