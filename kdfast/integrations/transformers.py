@@ -9,6 +9,7 @@ import copy
 import functools
 
 import torch
+from accelerate.utils import is_compiled_module
 from transformers import Trainer
 
 from kdfast.integrations.causal_lm import batch_distill_loss, batch_multi_teacher_loss, batch_sparse_distill_loss
@@ -143,6 +144,10 @@ class DistillationTrainer(Trainer):
         self.distill_options = self.distill_options.replace(return_components=True)
         self._logged_parts = LoggedParts()
         super().__init__(model=model, args=args, **trainer_kwargs)
+        if self.args.torch_compile and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            raise ValueError("torch_compile=True is not supported with FSDP or DeepSpeed by DistillationTrainer: its "
+                             "loss runs outside the model's forward, which the Trainer compiles; set "
+                             "torch_compile=False there")
         tokenizer = self.processing_class
         if vocab_size is None and tokenizer is not None and hasattr(tokenizer, "__len__"):
             vocab_size = len(tokenizer)
@@ -238,8 +243,11 @@ class DistillationTrainer(Trainer):
         if "labels" not in inputs:
             raise ValueError("DistillationTrainer needs `labels` in every batch (token ids, -100 where ignored), "
                              "e.g. from DataCollatorForLanguageModeling(tokenizer, mlm=False)")
-        student = self.accelerator.unwrap_model(model)
-        loss = run_through_wrapper(model, student, functools.partial(self._student_loss, student), inputs,
+        # Under `torch_compile` the Trainer's compiled wrapper would compile the model's forward, which the loss skips:
+        # the loss's own computation is compiled instead (`_batch_loss`), entered through the wrapper beneath.
+        wrapper = model._orig_mod if is_compiled_module(model) else model
+        student = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        loss = run_through_wrapper(wrapper, student, functools.partial(self._student_loss, student), inputs,
                                    num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every rank's tokens and DDP averages gradients over ranks.
@@ -248,36 +256,42 @@ class DistillationTrainer(Trainer):
 
     def _student_loss(self, student, inputs, num_items_in_batch):
         # Mixed precision comes from the Trainer's settings: the model's own (autocast-wrapped) forward is skipped.
-        if self.teacher_model is None:
-            with self.accelerator.autocast():
-                loss, parts = batch_sparse_distill_loss(student, inputs, self.distill_options,
-                                                        chunk_size=self.chunk_size, fp32_logits=self.fp32_logits,
-                                                        num_items_in_batch=num_items_in_batch)
-        elif isinstance(self.teacher_model, list):
-            teachers = [self.accelerator.unwrap_model(teacher) for teacher in self.teacher_model]
-            with self.accelerator.autocast():
-                loss, parts = batch_multi_teacher_loss(student, teachers, inputs, self.distill_options,
-                                                       weights=self.teacher_weights, combine=self.teacher_combine,
-                                                       chunk_size=self.chunk_size, fp32_logits=self.fp32_logits,
-                                                       num_items_in_batch=num_items_in_batch)
-        elif self.vocab_map is not None:  # a teacher of another tokenizer
-            teacher = self.accelerator.unwrap_model(self.teacher_model)
-            with self.accelerator.autocast():
-                loss, parts = batch_cross_vocab_loss(student, teacher, inputs, self.vocab_map,
-                                                     chunk_size=self.chunk_size, num_items_in_batch=num_items_in_batch,
-                                                     groups_in_batch=inputs.get(GROUPS_IN_BATCH), **self.cross_settings)
-        else:
-            teacher = self.accelerator.unwrap_model(self.teacher_model)
-            with self.accelerator.autocast():
-                loss, parts = batch_distill_loss(student, teacher, inputs, self.distill_options,
-                                                 chunk_size=self.chunk_size, fp32_logits=self.fp32_logits,
-                                                 num_items_in_batch=num_items_in_batch)
+        with self.accelerator.autocast():
+            loss, parts = self._compiled_batch_loss()(student, inputs, num_items_in_batch)
         if student.training:
             # Scaled as compute_loss scales the loss, so that the logged parts add up as the logged loss does.
             scale = (self.accelerator.num_processes
                      if self.args.average_tokens_across_devices and num_items_in_batch is not None else 1)
             self._logged_parts.add(parts, scale)
         return loss
+
+    def _compiled_batch_loss(self):
+        """`_batch_loss`, through `torch.compile` (the Trainer's backend and mode) when `torch_compile` is set."""
+        if getattr(self, "_batch_loss_fn", None) is None:
+            self._batch_loss_fn = self._batch_loss
+            if self.args.torch_compile:
+                options = self.accelerator.state.dynamo_plugin.to_kwargs()
+                self._batch_loss_fn = torch.compile(self._batch_loss, **options)
+        return self._batch_loss_fn
+
+    def _batch_loss(self, student, inputs, num_items_in_batch):
+        """(loss, LossComponents) of one batch against this trainer's teacher."""
+        if self.teacher_model is None:
+            return batch_sparse_distill_loss(student, inputs, self.distill_options, chunk_size=self.chunk_size,
+                                             fp32_logits=self.fp32_logits, num_items_in_batch=num_items_in_batch)
+        if isinstance(self.teacher_model, list):
+            teachers = [self.accelerator.unwrap_model(teacher) for teacher in self.teacher_model]
+            return batch_multi_teacher_loss(student, teachers, inputs, self.distill_options,
+                                            weights=self.teacher_weights, combine=self.teacher_combine,
+                                            chunk_size=self.chunk_size, fp32_logits=self.fp32_logits,
+                                            num_items_in_batch=num_items_in_batch)
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        if self.vocab_map is not None:  # a teacher of another tokenizer
+            return batch_cross_vocab_loss(student, teacher, inputs, self.vocab_map, chunk_size=self.chunk_size,
+                                          num_items_in_batch=num_items_in_batch,
+                                          groups_in_batch=inputs.get(GROUPS_IN_BATCH), **self.cross_settings)
+        return batch_distill_loss(student, teacher, inputs, self.distill_options, chunk_size=self.chunk_size,
+                                  fp32_logits=self.fp32_logits, num_items_in_batch=num_items_in_batch)
 
     def log(self, logs, *args, **kwargs):
         if "loss" in logs:  # a training log: the parts since the last one, averaged as the Trainer averages the loss

@@ -1,0 +1,51 @@
+"""`DistillationTrainer` with `torch_compile=True`: the Trainer compiles the model's forward, which the fused loss
+skips (it reads the decoder's hidden states and the head itself), so the trainer compiles the loss's own computation
+(the student's decoder, the teacher's, the fused loss) with the Trainer's backend; the steps equal the eager ones.
+FSDP and DeepSpeed with torch_compile are refused naming the setting."""
+
+import pytest
+import torch
+from tiny_models import as_examples, student_and_teacher, token_batch, training_args
+
+from kdfast.integrations.transformers import DistillationTrainer
+
+SETTINGS = dict(divergence="jsd", beta=0.3, temperature=2.0, kd_weight=0.7, ce_weight=0.4)
+
+
+def _train(tmp_path, compiled: bool):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    student, teacher = student_and_teacher(head_scale=4.0)
+    args = training_args(tmp_path, max_steps=3, optim="sgd", learning_rate=0.5, max_grad_norm=0.0,
+                         lr_scheduler_type="constant", torch_compile=compiled,
+                         **({"torch_compile_backend": "aot_eager"} if compiled else {}))
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                  train_dataset=as_examples(token_batch()), **SETTINGS)
+    trainer.train()
+    return [param.detach().clone() for param in student.parameters()], counters["stats"]["unique_graphs"]
+
+
+def test_the_compiled_trainer_steps_equal_the_eager_ones(tmp_path):
+    eager, eager_graphs = _train(tmp_path / "eager", False)
+    compiled, compiled_graphs = _train(tmp_path / "compiled", True)
+    assert eager_graphs == 0 and compiled_graphs >= 1, "the loss ran compiled"
+    for after, expected in zip(compiled, eager):
+        torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_with_fsdp_is_refused(tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    original = Trainer.__init__
+
+    def as_under_fsdp(self, *args, **kwargs):  # what the Trainer sets up under accelerate's FSDP plugin
+        original(self, *args, **kwargs)
+        self.is_fsdp_enabled = True
+
+    monkeypatch.setattr(Trainer, "__init__", as_under_fsdp)
+    student, teacher = student_and_teacher()
+    args = training_args(tmp_path, torch_compile=True, torch_compile_backend="aot_eager")
+    with pytest.raises(ValueError, match="torch_compile"):
+        DistillationTrainer(model=student, teacher_model=teacher, args=args, **SETTINGS)
