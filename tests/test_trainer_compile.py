@@ -49,3 +49,37 @@ def test_torch_compile_with_fsdp_is_refused(tmp_path, monkeypatch):
     args = training_args(tmp_path, torch_compile=True, torch_compile_backend="aot_eager")
     with pytest.raises(ValueError, match="torch_compile"):
         DistillationTrainer(model=student, teacher_model=teacher, args=args, **SETTINGS)
+
+
+def test_kdfast_gkd_trainer_compiles_its_loss(tmp_path):
+    """kdfast's TRL GKDTrainer under torch_compile: the loss compiled, equal to the eager trainer's (loss and
+    gradients)."""
+    import warnings
+
+    from datasets import Dataset
+    from tiny_models import word_tokenizer
+    from torch._dynamo.utils import counters
+    from trl.experimental.gkd import GKDConfig
+
+    from kdfast.integrations.trl import GKDTrainer
+
+    results = []
+    for torch_compile in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        student, teacher = student_and_teacher(head_scale=4.0)
+        args = training_args(tmp_path / str(torch_compile), beta=0.5, lmbda=0.0, max_new_tokens=4, bf16=False,
+                             config_cls=GKDConfig, torch_compile=torch_compile,
+                             **({"torch_compile_backend": "aot_eager"} if torch_compile else {}))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, processing_class=word_tokenizer(),
+                                 train_dataset=Dataset.from_dict({"messages": [[{"role": "user", "content": "w2"}]]}))
+        loss = trainer.compute_loss(trainer.model, dict(token_batch()))
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in student.parameters()], counters["stats"]["unique_graphs"]))
+    (expected, expected_grads, eager_graphs), (loss, grads, compiled_graphs) = results
+    assert eager_graphs == 0 and compiled_graphs >= 1, "the loss ran compiled"
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)

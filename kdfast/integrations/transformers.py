@@ -9,10 +9,10 @@ import copy
 import functools
 
 import torch
-from accelerate.utils import is_compiled_module
 from transformers import Trainer
 
 from kdfast.integrations.causal_lm import batch_distill_loss, batch_multi_teacher_loss, batch_sparse_distill_loss
+from kdfast.integrations.compiled_loss import check_compile_supported, compiled, entered_model
 from kdfast.integrations.cross_tokenizer import (
     GROUPS_IN_BATCH,
     TEXT_COLUMN,
@@ -144,10 +144,7 @@ class DistillationTrainer(Trainer):
         self.distill_options = self.distill_options.replace(return_components=True)
         self._logged_parts = LoggedParts()
         super().__init__(model=model, args=args, **trainer_kwargs)
-        if self.args.torch_compile and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
-            raise ValueError("torch_compile=True is not supported with FSDP or DeepSpeed by DistillationTrainer: its "
-                             "loss runs outside the model's forward, which the Trainer compiles; set "
-                             "torch_compile=False there")
+        check_compile_supported(self)
         tokenizer = self.processing_class
         if vocab_size is None and tokenizer is not None and hasattr(tokenizer, "__len__"):
             vocab_size = len(tokenizer)
@@ -243,10 +240,7 @@ class DistillationTrainer(Trainer):
         if "labels" not in inputs:
             raise ValueError("DistillationTrainer needs `labels` in every batch (token ids, -100 where ignored), "
                              "e.g. from DataCollatorForLanguageModeling(tokenizer, mlm=False)")
-        # Under `torch_compile` the Trainer's compiled wrapper would compile the model's forward, which the loss skips:
-        # the loss's own computation is compiled instead (`_batch_loss`), entered through the wrapper beneath.
-        wrapper = model._orig_mod if is_compiled_module(model) else model
-        student = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        wrapper, student = entered_model(self, model)  # under torch_compile `_batch_loss` is what compiles
         loss = run_through_wrapper(wrapper, student, functools.partial(self._student_loss, student), inputs,
                                    num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -257,22 +251,13 @@ class DistillationTrainer(Trainer):
     def _student_loss(self, student, inputs, num_items_in_batch):
         # Mixed precision comes from the Trainer's settings: the model's own (autocast-wrapped) forward is skipped.
         with self.accelerator.autocast():
-            loss, parts = self._compiled_batch_loss()(student, inputs, num_items_in_batch)
+            loss, parts = compiled(self, self._batch_loss)(student, inputs, num_items_in_batch)
         if student.training:
             # Scaled as compute_loss scales the loss, so that the logged parts add up as the logged loss does.
             scale = (self.accelerator.num_processes
                      if self.args.average_tokens_across_devices and num_items_in_batch is not None else 1)
             self._logged_parts.add(parts, scale)
         return loss
-
-    def _compiled_batch_loss(self):
-        """`_batch_loss`, through `torch.compile` (the Trainer's backend and mode) when `torch_compile` is set."""
-        if getattr(self, "_batch_loss_fn", None) is None:
-            self._batch_loss_fn = self._batch_loss
-            if self.args.torch_compile:
-                options = self.accelerator.state.dynamo_plugin.to_kwargs()
-                self._batch_loss_fn = torch.compile(self._batch_loss, **options)
-        return self._batch_loss_fn
 
     def _batch_loss(self, student, inputs, num_items_in_batch):
         """(loss, LossComponents) of one batch against this trainer's teacher."""

@@ -14,6 +14,7 @@ import warnings
 import torch
 
 from kdfast.integrations.causal_lm import batch_distill_loss
+from kdfast.integrations.compiled_loss import check_compile_supported, compiled, entered_model
 from kdfast.integrations.sharding import fsdp2_sharded_teacher, run_through_wrapper
 from kdfast.loss import distill_loss
 from kdfast.options import LossOptions
@@ -66,13 +67,14 @@ class GKDTrainer(_TRLGKDTrainer):
 
     def __init__(self, *args, shard_teacher=True, **kwargs):
         super().__init__(*args, **kwargs)
+        check_compile_supported(self)
         if shard_teacher and self.is_fsdp_enabled and self.accelerator.is_fsdp2:
             self.teacher_model = fsdp2_sharded_teacher(self.accelerator,
                                                        self.accelerator.unwrap_model(self.teacher_model))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        student = self.accelerator.unwrap_model(model)
-        loss = run_through_wrapper(model, student, functools.partial(self._student_loss, student), inputs,
+        wrapper, student = entered_model(self, model)  # under torch_compile the loss compiles (compiled_loss.py)
+        loss = run_through_wrapper(wrapper, student, functools.partial(self._student_loss, student), inputs,
                                    num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every process's tokens and the gradients are averaged over processes: the
@@ -85,8 +87,11 @@ class GKDTrainer(_TRLGKDTrainer):
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         self.teacher_model.eval()
         with self.accelerator.autocast():
-            return batch_distill_loss(student, teacher, inputs, gkd_options(self.beta),
-                                      num_items_in_batch=num_items_in_batch)
+            # One settings record while beta stays: a compiled loss's guards then hold from step to step.
+            if getattr(self, "_loss_options", None) is None or self._loss_options.beta != self.beta:
+                self._loss_options = gkd_options(self.beta)
+            return compiled(self, batch_distill_loss)(student, teacher, inputs, self._loss_options,
+                                                      num_items_in_batch=num_items_in_batch)
 
 
 def gkd_options(beta: float) -> LossOptions:
