@@ -24,13 +24,15 @@ def _train(tmp_path, compiled: bool):
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
                                   train_dataset=as_examples(token_batch()), **SETTINGS)
     trainer.train()
-    return [param.detach().clone() for param in student.parameters()], counters["stats"]["unique_graphs"]
+    return ([param.detach().clone() for param in student.parameters()], counters["stats"]["unique_graphs"],
+            dict(counters["graph_break"]))
 
 
 def test_the_compiled_trainer_steps_equal_the_eager_ones(tmp_path):
-    eager, eager_graphs = _train(tmp_path / "eager", False)
-    compiled, compiled_graphs = _train(tmp_path / "compiled", True)
+    eager, eager_graphs, _ = _train(tmp_path / "eager", False)
+    compiled, compiled_graphs, breaks = _train(tmp_path / "compiled", True)
     assert eager_graphs == 0 and compiled_graphs >= 1, "the loss ran compiled"
+    assert breaks == {}, "one graph: both decoders and the fused loss"
     for after, expected in zip(compiled, eager):
         torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-6)
 

@@ -251,7 +251,8 @@ class DistillationTrainer(Trainer):
     def _student_loss(self, student, inputs, num_items_in_batch):
         # Mixed precision comes from the Trainer's settings: the model's own (autocast-wrapped) forward is skipped.
         with self.accelerator.autocast():
-            loss, parts = compiled(self, self._batch_loss)(student, inputs, num_items_in_batch)
+            loss, parts = compiled(self, self._batch_loss)(student, self._unwrapped_teacher(), inputs,
+                                                           num_items_in_batch)
         if student.training:
             # Scaled as compute_loss scales the loss, so that the logged parts add up as the logged loss does.
             scale = (self.accelerator.num_processes
@@ -259,18 +260,23 @@ class DistillationTrainer(Trainer):
             self._logged_parts.add(parts, scale)
         return loss
 
-    def _batch_loss(self, student, inputs, num_items_in_batch):
-        """(loss, LossComponents) of one batch against this trainer's teacher."""
-        if self.teacher_model is None:
+    def _unwrapped_teacher(self):
+        """The teacher model(s) as `_batch_loss` takes them (None for a sparse teacher). Unwrapped here, outside the
+        compiled loss: accelerate's unwrapping reads package metadata, which torch.compile does not trace."""
+        if isinstance(self.teacher_model, list):
+            return [self.accelerator.unwrap_model(teacher) for teacher in self.teacher_model]
+        return self.accelerator.unwrap_model(self.teacher_model) if self.teacher_model is not None else None
+
+    def _batch_loss(self, student, teacher, inputs, num_items_in_batch):
+        """(loss, LossComponents) of one batch against `teacher` (`_unwrapped_teacher`'s)."""
+        if teacher is None:
             return batch_sparse_distill_loss(student, inputs, self.distill_options, chunk_size=self.chunk_size,
                                              fp32_logits=self.fp32_logits, num_items_in_batch=num_items_in_batch)
-        if isinstance(self.teacher_model, list):
-            teachers = [self.accelerator.unwrap_model(teacher) for teacher in self.teacher_model]
-            return batch_multi_teacher_loss(student, teachers, inputs, self.distill_options,
+        if isinstance(teacher, list):
+            return batch_multi_teacher_loss(student, teacher, inputs, self.distill_options,
                                             weights=self.teacher_weights, combine=self.teacher_combine,
                                             chunk_size=self.chunk_size, fp32_logits=self.fp32_logits,
                                             num_items_in_batch=num_items_in_batch)
-        teacher = self.accelerator.unwrap_model(self.teacher_model)
         if self.vocab_map is not None:  # a teacher of another tokenizer
             return batch_cross_vocab_loss(student, teacher, inputs, self.vocab_map, chunk_size=self.chunk_size,
                                           num_items_in_batch=num_items_in_batch,
