@@ -108,3 +108,31 @@ def test_refuses_missing_teacher_logprobs_as_trl_does(trainers, beta):
         trainer._get_teacher_token_logprobs_from_server = lambda *args, **kwargs: answer
         with pytest.raises(ValueError, match="missing actual-token logprobs for required reverse-KL positions: 1/10"):
             trainer.compute_loss(trainer.model, inputs)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_compiled_loss_equals_eager(trainers, beta):
+    """Under torch_compile kdfast's fused loss (the decoder and the loss, once the server has answered) is compiled
+    with the Trainer's backend: loss and gradients equal the eager trainer's."""
+    from torch._dynamo.utils import counters
+
+    student, teacher = student_and_teacher(head_scale=4.0)
+    top_k = 4 if beta == 0 else 1
+    inputs = make_inputs(teacher)
+    answer = server_answer(teacher, inputs, top_k, 2.0)
+    results = []
+    for torch_compile in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        settings = dict(beta=beta, loss_top_k=top_k, torch_compile=torch_compile,
+                        **({"torch_compile_backend": "aot_eager"} if torch_compile else {}))
+        _, ours = trainers(copy.deepcopy(student), **settings)
+        ours._get_teacher_token_logprobs_from_server = lambda *args, **kwargs: answer
+        loss = ours.compute_loss(ours.model, inputs)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in ours.model.parameters()], counters["stats"]["unique_graphs"]))
+    (expected, expected_grads, eager_graphs), (loss, grads, compiled_graphs) = results
+    assert eager_graphs == 0 and compiled_graphs >= 1, "the loss ran compiled"
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)

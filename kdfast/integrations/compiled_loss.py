@@ -1,9 +1,9 @@
 """The Trainer's `torch_compile` for a loss computed outside the model's forward (`DistillationTrainer`, kdfast's TRL
-`GKDTrainer`). With `torch_compile=True` the Trainer (through accelerate) compiles the model's forward, which they
-skip: they run the decoders and read the LM heads themselves. So the wrapper they enter is the one beneath
-torch.compile's (DDP's, or the model), and the loss's own computation is compiled instead, with the Trainer's backend
-and mode. Under FSDP or DeepSpeed the loss also gathers and unshards heads itself, which is not traced: torch_compile
-is refused there."""
+`GKDTrainer` and `ServerDistillationTrainer`). With `torch_compile=True` the Trainer (through accelerate) compiles the
+model's forward, which they skip: they run the decoders and read the LM heads themselves. So the wrapper they enter is
+the one beneath torch.compile's (DDP's, or the model), and the loss's own computation is compiled instead, with the
+Trainer's backend and mode. Under FSDP or DeepSpeed the loss also gathers and unshards heads itself, which is not
+traced: torch_compile is refused there."""
 
 from __future__ import annotations
 

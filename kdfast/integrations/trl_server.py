@@ -14,6 +14,7 @@ import warnings
 import torch
 
 from kdfast.integrations.causal_lm import last_hidden_state, sparse_distill_from_hidden
+from kdfast.integrations.compiled_loss import check_compile_supported, compiled, entered_model
 from kdfast.integrations.sharding import run_through_wrapper
 from kdfast.sparse_options import SparseOptions
 
@@ -33,13 +34,17 @@ class ServerDistillationTrainer(_TRLServerDistillationTrainer):
     generalized JSD with `beta` between the teacher's K + 1 buckets and the student's at `temperature`, per completion
     token, is kdfast's fused sparse loss (tail="bucket", no T² factor, as TRL's); without the tail it is TRL's own."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        check_compile_supported(self)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # return_outputs asks for the student's logits, which the fused loss exists not to build; TRL's "argmax"
         # reverse-KL token (its config refuses it for a server) is the student's argmax over its full row.
         if not self.loss_add_tail or return_outputs or self.reverse_kl_top_1_mode != "sampled":
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        student = self.accelerator.unwrap_model(model)
-        loss = run_through_wrapper(model, student, functools.partial(self._fused_loss, student), inputs)
+        wrapper, student = entered_model(self, model)  # under torch_compile the loss compiles (compiled_loss.py)
+        loss = run_through_wrapper(wrapper, student, functools.partial(self._fused_loss, student), inputs)
         # TRL's server path averages over the batch's own completion tokens, then scales for accumulation itself.
         if self.model.training:
             loss = loss / self.current_gradient_accumulation_steps
@@ -63,12 +68,27 @@ class ServerDistillationTrainer(_TRLServerDistillationTrainer):
         else:
             ids, logprobs = top1_actual_support(teacher, inputs["input_ids"][:, prompt_length:][:, :length], labels,
                                                 self.beta)
-        options = SparseOptions(divergence="jsd", beta=self.beta, temperature=self.temperature, t2_scale=False,
-                                ignore_index=_TRL_IGNORE_INDEX, reduction="mean", tail="bucket")
         with self.accelerator.autocast():
-            hidden = last_hidden_state(student, inputs["input_ids"], inputs["attention_mask"])
-            hidden = hidden[:, prompt_length - 1:-1][:, :length]
-            return sparse_distill_from_hidden(student, hidden, ids, logprobs, labels, options)
+            # The server's answer is in hand: the rest (the decoder, the fused loss) is what torch_compile compiles.
+            return compiled(self, _student_loss)(student, inputs["input_ids"], inputs["attention_mask"], prompt_length,
+                                                 ids, logprobs, labels, self._loss_options())
+
+    def _loss_options(self) -> SparseOptions:
+        """TRL's loss as kdfast settings, one record while beta and the temperature stay (a compiled loss's guards
+        then hold from step to step)."""
+        key = (self.beta, self.temperature)
+        if getattr(self, "_options", (None, None))[0] != key:
+            self._options = key, SparseOptions(divergence="jsd", beta=self.beta, temperature=self.temperature,
+                                               t2_scale=False, ignore_index=_TRL_IGNORE_INDEX, reduction="mean",
+                                               tail="bucket")
+        return self._options[1]
+
+
+def _student_loss(student, input_ids, attention_mask, prompt_length, ids, logprobs, labels, options):
+    """The fused sparse loss of the completion rows (the server's `ids` and `logprobs` over them)."""
+    hidden = last_hidden_state(student, input_ids, attention_mask)
+    hidden = hidden[:, prompt_length - 1:-1][:, :ids.shape[1]]
+    return sparse_distill_from_hidden(student, hidden, ids, logprobs, labels, options)
 
 
 def server_topk_support(teacher):
