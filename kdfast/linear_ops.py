@@ -1,14 +1,15 @@
-"""The fused linear loss of one teacher (a dense head, or a sparse teacher's ids and log-probs), reduced ("mean" or
-"sum"), as a torch.library custom op, so that a torch.compile'd step traces through it whole (`fullgraph=True`
-included) instead of breaking its graph there.
+"""The fused linear loss of one teacher (a dense head, or a sparse teacher's ids and log-probs) as a torch.library
+custom op, so that a torch.compile'd step traces through it whole (`fullgraph=True` included) instead of breaking its
+graph there.
 
 `kdfast::linear_distill_forward` runs the same chunk loop as the eager Function (`linear_function.py`): the rows'
 loss parts and the gradients, final in the forward up to grad_output. The backend is resolved inside the op, so the
 compiler never traces the build or the availability checks; the settings record travels as its text, the teacher as
 its tensors, the heads' logit maps and GEMM dtypes as plain arguments (an op's schema takes no dataclass).
 `CompiledLinearDistillFunction` reduces the parts and rescales the saved gradients in backward, as
-`LinearDistillFunction` does. Eager calls keep `LinearDistillFunction` itself; per-row losses (reduction "none",
-whose backward runs the chunks again), several teachers and vocab shards stay host-driven: one graph break."""
+`LinearDistillFunction` does; for per-row losses (reduction "none") the forward takes the losses alone and the
+backward runs the op again with each row's grad_output as its weight. Eager calls keep `LinearDistillFunction`
+itself; several teachers and vocab shards stay host-driven: one graph break."""
 
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ from kdfast.views import flat_labels
 
 
 def runs_as_op(opts: LossOptions, process_group, vocab_range) -> bool:
-    """Whether torch.compile is tracing a call the op takes: one device's vocabulary, a reduced loss."""
-    if not torch.compiler.is_compiling() or process_group is not None or opts.reduction == "none":
+    """Whether torch.compile is tracing a call the op takes: one device's vocabulary."""
+    if not torch.compiler.is_compiling() or process_group is not None:
         return False
     if vocab_range is not None:
         raise ValueError("vocab_range needs a process_group (the ranks that hold the other shards)")
@@ -44,15 +45,16 @@ def _map(scale: float, softcap: float) -> LogitMap:
 def linear_distill_forward(student_hidden: torch.Tensor, student_weight: torch.Tensor,
                            student_bias: torch.Tensor | None, teacher_a: torch.Tensor, teacher_b: torch.Tensor,
                            teacher_bias: torch.Tensor | None, labels: torch.Tensor | None, grad_scale: torch.Tensor,
-                           want_hidden: bool, want_weight: bool, want_bias: bool, student_scale: float,
-                           student_softcap: float, teacher_scale: float, teacher_softcap: float,
+                           row_weights: torch.Tensor | None, want_hidden: bool, want_weight: bool, want_bias: bool,
+                           student_scale: float, student_softcap: float, teacher_scale: float, teacher_softcap: float,
                            student_dtype: torch.dtype, teacher_dtype: torch.dtype, chunk_size: int,
                            fp32_logits: bool, settings: str,
                            sparse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The student's hidden states [N, H] and head [V, H]; the teacher's hidden states [N, H_t] and head [V, H_t]
     (`teacher_a`, `teacher_b`) and bias, or with `sparse` its ids [N, K] and log-probs [N, K or K + 1]. The rows'
     loss parts [N, PART_COLUMNS] float32 and d hidden, d weight, d bias in their inputs' dtypes (an empty tensor
-    where not wanted). Softcaps of 0: none; the dtypes: each head's GEMM's; `chunk_size` 0: "auto"."""
+    where not wanted), each row's gradient times `row_weights` [N] when given (a per-row loss's backward). Softcaps
+    of 0: none; the dtypes: each head's GEMM's; `chunk_size` 0: "auto"."""
     opts = (SparseOptions if sparse else LossOptions).decode(settings)
     targets = (SparseTargets(teacher_a, teacher_b) if sparse else
                TeacherHead(teacher_a, teacher_b, teacher_bias, teacher_dtype, _map(teacher_scale, teacher_softcap)))
@@ -62,7 +64,7 @@ def linear_distill_forward(student_hidden: torch.Tensor, student_weight: torch.T
     with torch.autocast(student_hidden.device.type, enabled=False), torch.no_grad():
         parts, d_hidden, d_weight, d_bias = run_chunks(heads, opts, grad_scale,
                                                        Wanted(want_hidden, want_weight, want_bias),
-                                                       chunk_size or "auto", rows_kernel)
+                                                       chunk_size or "auto", rows_kernel, row_weights=row_weights)
     # A fresh empty tensor per missing gradient: an op's outputs may not alias each other.
     return (parts, d_hidden if d_hidden is not None else student_hidden.new_empty(0),
             d_weight.to(student_weight.dtype) if d_weight is not None else student_hidden.new_empty(0),
@@ -71,7 +73,7 @@ def linear_distill_forward(student_hidden: torch.Tensor, student_weight: torch.T
 
 @linear_distill_forward.register_fake
 def _(student_hidden, student_weight, student_bias, teacher_a, teacher_b, teacher_bias, labels, grad_scale,
-      want_hidden, want_weight, want_bias, *settings):
+      row_weights, want_hidden, want_weight, want_bias, *settings):
     def like(tensor, want):
         return torch.empty_like(tensor) if want else student_hidden.new_empty(0)
 
@@ -110,19 +112,34 @@ class CompiledLinearDistillFunction(torch.autograd.Function):
         scale = reduction_scale(labels, hidden.shape[0], opts, num_items_in_batch, hidden.device)
         wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                   student_bias is not None and ctx.needs_input_grad[2])
+        # Per-row losses: each row's gradient waits for its grad_output, so the forward takes the losses alone and
+        # the backward runs the chunks again (the op again, with the rows' weights).
+        per_row = opts.reduction == "none"
+        settings = (*maps, *gemm_dtypes, 0 if chunk_size == "auto" else int(chunk_size), fp32_logits, opts.encoded(),
+                    sparse)
         parts, d_hidden, d_weight, d_bias = linear_distill_forward(
-            hidden, student_weight, student_bias, *teacher, labels, scale, *wanted, *maps, *gemm_dtypes,
-            0 if chunk_size == "auto" else int(chunk_size), fp32_logits, opts.encoded(), sparse)
-        ctx.wanted = wanted
-        ctx.save_for_backward(d_hidden.view(student_hidden.shape) if wanted[0] else d_hidden, d_weight, d_bias)
-        ctx.reduction = opts.reduction
+            hidden, student_weight, student_bias, *teacher, labels, scale, None,
+            *((False, False, False) if per_row else wanted), *settings)
+        ctx.wanted, ctx.per_row, ctx.reduction = wanted, per_row, opts.reduction
+        if per_row:
+            ctx.settings, ctx.hidden_shape = settings, student_hidden.shape
+            ctx.save_for_backward(hidden, student_weight, student_bias, *teacher, labels)
+        else:
+            ctx.save_for_backward(d_hidden.view(student_hidden.shape) if wanted[0] else d_hidden, d_weight, d_bias)
         return reduced_outputs(ctx, parts, lead_shape, labels, opts, scale)
 
     @staticmethod
     def backward(ctx, grad_output, *summary_grad):
-        grads = []
-        for grad, want in zip(ctx.saved_tensors, ctx.wanted):
-            if want:
-                rescale_gradient_(grad, grad_output)
-            grads.append(grad if want else None)
+        if ctx.per_row:
+            hidden, weight, bias, teacher_a, teacher_b, teacher_bias, labels = ctx.saved_tensors
+            ones = torch.ones((), dtype=torch.float32, device=hidden.device)
+            _, *saved = linear_distill_forward(hidden, weight, bias, teacher_a, teacher_b, teacher_bias, labels, ones,
+                                               grad_output.reshape(-1).float(), *ctx.wanted, *ctx.settings)
+            saved[0] = saved[0].view(ctx.hidden_shape) if ctx.wanted[0] else saved[0]
+        else:
+            saved = list(ctx.saved_tensors)
+            for grad, want in zip(saved, ctx.wanted):
+                if want:
+                    rescale_gradient_(grad, grad_output)
+        grads = [grad if want else None for grad, want in zip(saved, ctx.wanted)]
         return (*grads, None, None, None, None, None, None, None, None, None, None)

@@ -1,8 +1,8 @@
 """`linear_distill_loss` and `linear_sparse_distill_loss` inside a torch.compile'd step with fullgraph=True
 (kdfast.linear_ops: the chunk loop as one custom op): the eager step's loss, components and gradients to hidden,
-weight and bias, for every head setting, both reductions, num_items_in_batch, a sparse teacher's tails and autocast;
-the op passes torch.library's own checks (schema, fake tensor, aliasing); per-row losses still compile with a graph
-break. AOTAutograd's eager backend traces the graph as inductor would, without compiling C++ for it."""
+weight and bias, for every head setting, every reduction (per-row losses weighed), num_items_in_batch, a sparse
+teacher's tails and autocast; the op passes torch.library's own checks (schema, fake tensor, aliasing). AOTAutograd's
+eager backend traces the graph as inductor would, without compiling C++ for it."""
 
 import pytest
 import torch
@@ -24,6 +24,9 @@ CASES = {
     "sparse": dict(sparse=True, bias=True, softcap=4.0, logit_scale=1.2),
     "sparse, given tail, sum, components": dict(sparse=True, tail="given", reduction="sum", return_components=True,
                                                 divergence="reverse_kl", chunk_size=3),
+    # Per-row losses, weighed: the compiled backward runs the op again with each row's grad_output.
+    "per row": dict(reduction="none", bias=True, softcap=3.0, chunk_size=4),
+    "per row, sparse, components": dict(sparse=True, reduction="none", return_components=True),
 }
 # The C++ kernel here; on a GPU machine the CUDA and Triton kernels too, on the GPU.
 COMPILE_BACKENDS = ["cpu"] + [backend for backend in BACKENDS if device_for(backend) == "cuda"]
@@ -65,8 +68,10 @@ def _run(step, data):
               data["bias"].clone().requires_grad_(True) if data["bias"] is not None else None]
     out = step(*leaves)
     loss, parts = out if isinstance(out, tuple) else (out, None)
-    (1.5 * loss).backward()  # a grad_output other than 1: the saved gradients are rescaled
-    return loss.detach(), parts, [leaf.grad if leaf is not None else None for leaf in leaves]
+    weights = torch.linspace(0.5, 1.5, loss.numel(), device=loss.device).reshape(loss.shape)
+    (1.5 * weights * loss).sum().backward()  # grad_outputs other than 1: rescaled, or each row's own
+    loss = loss.detach()
+    return loss, parts, [leaf.grad if leaf is not None else None for leaf in leaves]
 
 
 @pytest.mark.parametrize("backend", COMPILE_BACKENDS)
@@ -113,32 +118,18 @@ def test_the_op_passes_torch_librarys_checks():
     weight, bias = data["weight"], data["bias"]
     settings = kdfast.options.LossOptions(ce_weight=0.5).encoded()
     sparse_settings = kdfast.sparse_options.SparseOptions(ce_weight=0.5).encoded()
-    for wanted in ((True, True, True), (True, False, False)):
+    # Every gradient for a reduced loss, or for a per-row loss's backward (each row weighed); d hidden alone.
+    for wanted, row_weights in (((True, True, True), None), ((True, True, True), torch.rand(ROWS)),
+                                ((True, False, False), None)):
         for teacher, sparse in (((data["teacher_hidden"].reshape(ROWS, TEACHER_HIDDEN), data["teacher_weight"],
                                   None), False),
                                 ((data["ids"].reshape(ROWS, -1), data["logprobs"][..., :5].reshape(ROWS, -1), None),
                                  True)):
-            args = (hidden, weight, bias, *teacher, data["labels"].reshape(-1), torch.full((), 0.1), *wanted, 1.0,
-                    0.0, 1.0, 0.0, torch.float32, torch.float32, 0, False,
+            args = (hidden, weight, bias, *teacher, data["labels"].reshape(-1), torch.full((), 0.1), row_weights,
+                    *wanted, 1.0, 0.0, 1.0, 0.0, torch.float32, torch.float32, 0, False,
                     (sparse_settings if sparse else settings), sparse)
             torch.library.opcheck(linear_ops.linear_distill_forward, args,
                                   test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
-
-
-def test_per_row_losses_keep_their_graph_break():
-    data = _inputs(False)
-    step = _step(data, dict(reduction="none"))
-
-    def summed(*leaves):
-        return step(*leaves).sum()
-
-    torch._dynamo.reset()
-    with pytest.raises(Exception, match="(?i)disable|skip|graph break"):
-        torch.compile(summed, backend="aot_eager", fullgraph=True)(*_run_leaves(data))
-    torch._dynamo.reset()
-    expected, got = _run(summed, data), _run(torch.compile(summed, backend="aot_eager"), data)
-    torch.testing.assert_close(got[0], expected[0], rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(got[2][1], expected[2][1], rtol=1e-6, atol=1e-7)
 
 
 def _run_leaves(data):
