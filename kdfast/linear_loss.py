@@ -81,7 +81,7 @@ def fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_we
     # Over shards labels are global token ids: their range is checked in the exchange, against the global vocabulary.
     vocab = 2**62 if process_group is not None else (
         student_weight.shape[0] if isinstance(student_weight, torch.Tensor) else 0)
-    if runs_as_op(opts, process_group, vocab_range):  # traced by torch.compile: the chunk loop as one custom op
+    if runs_as_op(process_group, vocab_range):  # traced by torch.compile: the chunk loop as one custom op
         check(vocab)
         teacher = TeacherHead(teacher_hidden, teacher_weight, teacher_bias, gemm_dtype(teacher_hidden, teacher_weight),
                               teacher_map)

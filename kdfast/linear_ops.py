@@ -27,7 +27,7 @@ from kdfast.sparse_options import SparseOptions
 from kdfast.views import flat_labels
 
 
-def runs_as_op(opts: LossOptions, process_group, vocab_range) -> bool:
+def runs_as_op(process_group, vocab_range) -> bool:
     """Whether torch.compile is tracing a call the op takes: one device's vocabulary."""
     if not torch.compiler.is_compiling() or process_group is not None:
         return False

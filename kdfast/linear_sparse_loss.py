@@ -67,7 +67,7 @@ def fused_linear_sparse_loss(student_hidden, student_weight, teacher_ids, teache
         check_labels_for(labels, lead_shape, vocab, student_hidden.device, opts, "the hidden states")
         check_num_items(num_items_in_batch)
 
-    if runs_as_op(opts, process_group, vocab_range):  # traced by torch.compile: the chunk loop as one custom op
+    if runs_as_op(process_group, vocab_range):  # traced by torch.compile: the chunk loop as one custom op
         check(student_weight.shape[0] if isinstance(student_weight, torch.Tensor) else 0)
         return compiled_linear_loss(student_hidden, student_weight, student_bias,
                                     SparseTargets(teacher_ids, teacher_logprobs), labels, num_items_in_batch, opts,
