@@ -174,6 +174,11 @@ def linear_inputs(args):
     return hidden, weight, teacher_hidden, teacher_weight, labels
 
 
+ROUTED_SEQUENCE = 256
+ROUTED_ONE_HOT = f"kdfast linear, sequences of {ROUTED_SEQUENCE} routed by one-hot weights"
+ROUTED = f"kdfast linear, sequences of {ROUTED_SEQUENCE} routed (each row's teacher index)"
+
+
 def linear_loop_name(teachers: int) -> str:
     return f"loop of {teachers} kdfast linear calls (average)"
 
@@ -190,10 +195,15 @@ def linear_contenders(args, inputs=None):
         return sum(kdfast.linear_distill_loss(h, w, x, y, labels, **settings)
                    for x, y in zip(teacher_hidden, teacher_weight)) / len(teacher_hidden)
 
-    def multi(combine, chunk_size="auto", backend="auto", return_components=False):
+    def multi(combine, chunk_size="auto", backend="auto", return_components=False, weights=None):
         return lambda: grad_of(lambda h, w: kdfast.linear_multi_teacher_distill_loss(
             h, w, teacher_hidden, teacher_weight, labels, combine=combine, chunk_size=chunk_size, backend=backend,
-            return_components=return_components, **settings), hidden, weight)
+            return_components=return_components, weights=weights, **settings), hidden, weight)
+
+    # Routed: each sequence of ROUTED_SEQUENCE tokens to one teacher in turn, as a `teacher_id` column routes
+    # examples; given as its one-hot weights (every head on every row) and as each row's teacher (its own head only).
+    route = (torch.arange(len(labels), device=labels.device) // ROUTED_SEQUENCE) % len(teacher_hidden)
+    one_hot = torch.nn.functional.one_hot(route, len(teacher_hidden)).float()
 
     # chunk_size="auto" keeps a chunk within the CPU's memory budget (48 MiB for all the models' logits); larger
     # chunks buy GEMM efficiency with memory, so one larger chunk is timed beside it.
@@ -203,7 +213,8 @@ def linear_contenders(args, inputs=None):
                linear_loop_name(len(teacher_hidden)): lambda: grad_of(loop, hidden, weight),
                "kdfast linear mixture": multi("mixture"), "kdfast linear average": multi("average"),
                "kdfast linear mixture, return_components": multi("mixture", return_components=True),
-               f"kdfast linear mixture (chunk_size={LARGE_CHUNK})": multi("mixture", LARGE_CHUNK)}
+               f"kdfast linear mixture (chunk_size={LARGE_CHUNK})": multi("mixture", LARGE_CHUNK),
+               ROUTED_ONE_HOT: multi("mixture", weights=one_hot), ROUTED: multi("mixture", weights=route)}
     if on_gpu(args):
         methods.update({linear_mixture_name(backend): multi("mixture", backend=backend) for backend in GPU_BACKENDS})
     return methods

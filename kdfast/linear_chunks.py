@@ -17,7 +17,7 @@ import torch
 from kdfast import cpu_gemm
 from kdfast.dispatch import average_runs_as_mixture, teacher_divergences_in_kernel
 from kdfast.kernel_abi import PART_COLUMNS, SparseTargets
-from kdfast.linear_teachers import AverageAsMixture, AveragedRows, ChunkTeachers, TeacherHeads
+from kdfast.linear_teachers import AverageAsMixture, AveragedRows, ChunkTeachers, RoutedChunkTeachers, TeacherHeads
 from kdfast.logit_maps import LogitMap
 from kdfast.options import LossOptions
 
@@ -204,7 +204,9 @@ def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted
     teacher = heads.teacher
     weight_t = gemm_weight(teacher.weight, teacher.dtype, buffers.teacher) if heads.dense_teacher else None
     several = None
-    if isinstance(teacher, TeacherHeads):
+    if isinstance(teacher, TeacherHeads) and teacher.route is not None:
+        several = RoutedChunkTeachers(teacher, min(step, heads.rows), heads.vocab, device, gemm_weight)
+    elif isinstance(teacher, TeacherHeads):
         as_mixture = teacher.combine == "average" and average_runs_as_mixture(rows_kernel, opts)
         several = ChunkTeachers(teacher, min(step, heads.rows), heads.vocab, device, gemm_weight,
                                 teacher.combine == "mixture" and teacher_divergences_in_kernel(rows_kernel, opts),
@@ -241,6 +243,8 @@ def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted
             several.record_divergences(rows, student.unsqueeze(0), labels, kernel_scale, opts, rows_kernel)
         grad = student.unsqueeze(0) if wanted.any else None  # dlogits overwrite the chunk's logits
         parts[rows] = rows_kernel(student.unsqueeze(0), teacher_rows, labels, kernel_scale, grad, opts)
+        if several is not None:
+            several.record_kernel_parts(rows, parts[rows])
         if not wanted.any:
             continue
         grad_logits = student

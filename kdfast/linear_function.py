@@ -58,10 +58,10 @@ class LinearDistillFunction(torch.autograd.Function):
             flattened = [TeacherHead(head.hidden.reshape(-1, head.hidden.shape[-1]), head.weight, head.bias,
                                      gemm_dtype(head.hidden, head.weight), head.logit_map) for head in teacher.heads]
             # Each teacher's own divergence per row, for the components (filled by the chunks).
-            per_teacher = (torch.zeros(labels.numel() if labels is not None else teacher.log_weights.shape[0],
-                                       len(flattened), device=student_hidden.device)
+            per_teacher = (torch.zeros(lead_shape.numel(), len(flattened), device=student_hidden.device)
                            if opts.return_components else None)
-            teacher = TeacherHeads(flattened, teacher.log_weights, teacher.combine, teacher.temperature, per_teacher)
+            teacher = TeacherHeads(flattened, teacher.log_weights, teacher.combine, teacher.temperature, per_teacher,
+                                   teacher.route)
         else:
             teacher = SparseTargets(teacher.ids.reshape(-1, teacher.ids.shape[-1]),  # (K + 1 log-probs: a given rest)
                                     teacher.logprobs.reshape(-1, teacher.logprobs.shape[-1]))

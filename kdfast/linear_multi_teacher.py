@@ -16,6 +16,7 @@ from kdfast.multi_teacher import COMBINES
 from kdfast.options import LossOptions
 from kdfast.reduction import returned_with_teachers
 from kdfast.shared_vocab import heads_cut_to_vocab
+from kdfast.teacher_routing import host_routing, is_routing
 from kdfast.teacher_weights import label_logprobs, row_log_weights
 from kdfast.validation import check_labels_for, check_linear_inputs, check_num_items
 
@@ -55,13 +56,15 @@ def linear_multi_teacher_distill_loss(student_hidden, student_weight, teacher_hi
                                       z_loss_weight=0.0, process_group=None, vocab_range=None):
     """`multi_teacher_distill_loss` of the heads' logits, computed `chunk_size` tokens at a time: `teacher_hidden`,
     `teacher_weight` (and `teacher_bias`) are lists of M ([..., H_m], [V, H_m], [V] or None; the hidden sizes may
-    differ per teacher). Each teacher's logits take `teacher_softcap` / `teacher_logit_scale` (one value for all, or
-    a list of M: teachers of different families), or `softcap`, as in `linear_distill_loss`. weights="confidence" /
-    "min_ce" run each teacher's head once more, forward only, to find its probability of the label.
-    `return_components=True` adds `teachers`, each teacher's own divergence reduced as the loss: with the mixture
-    that is one more forward pass of the loss kernel per teacher and chunk (the average has them from its calls).
-    Vocab parallel as `linear_distill_loss` (every head this rank's rows `vocab_range`), each teacher normalised over
-    the ranks."""
+    differ per teacher). Each teacher's logits take `teacher_softcap` / `teacher_logit_scale` (one value for all, or a
+    list of M: teachers of different families), or `softcap`, as in `linear_distill_loss`. Routed (`weights` each
+    row's teacher, an integer tensor [...]: `kdfast.teacher_routing`) only the row's own head runs on it, a teacher's
+    hidden states may hold its own rows alone ([n_m, H_m], in row order), and `teachers` is each teacher's share of
+    the divergence (its own rows'; the shares add up to the KD part). weights="confidence" / "min_ce" run each
+    teacher's head once more, forward only, to find its probability of the label. `return_components=True` adds
+    `teachers`, each teacher's own divergence reduced as the loss: with the mixture that is one more forward pass of
+    the loss kernel per teacher and chunk (the average has them from its calls). Vocab parallel as
+    `linear_distill_loss` (every head this rank's rows `vocab_range`), each teacher normalised over the ranks."""
     opts = LossOptions(divergence=divergence, beta=beta, temperature=temperature, kd_weight=kd_weight,
                        ce_weight=ce_weight, t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
                        backend=backend, return_components=return_components, vocab_size=vocab_size,
@@ -90,6 +93,7 @@ def fused_linear_multi_teacher_loss(student_hidden, student_weight, teacher_hidd
     teacher_maps = [logit_maps(softcap, student_softcap, cap, student_logit_scale, scale)[1]
                     for cap, scale in zip(caps, scales)]
     heads = []
+    routed = is_routing(weights, tuple(student_hidden.shape[:-1]))
 
     def check():
         for index, (hidden, weight, bias, teacher_map) in enumerate(zip(hiddens, head_weights, biases,
@@ -98,7 +102,7 @@ def fused_linear_multi_teacher_loss(student_hidden, student_weight, teacher_hidd
                                                                              student_bias, weight, bias)
             try:
                 check_linear_inputs(student_hidden, cut_student, hidden, weight, cut_student_bias, bias, softcap,
-                                    chunk_size, opts, fp32_logits)
+                                    chunk_size, opts, fp32_logits, routed)
             except ValueError as error:
                 raise ValueError(f"teacher {index}: {error}") from None
             heads.append(TeacherHead(hidden.detach(), weight.detach(), bias.detach() if bias is not None else None,
@@ -121,11 +125,17 @@ def fused_linear_multi_teacher_loss(student_hidden, student_weight, teacher_hidd
                                             head.bias.float() if head.bias is not None else None)
         return head.logit_map.apply_(logits)
 
-    log_weights = row_log_weights(weights, len(heads), labels, tuple(student_hidden.shape[:-1]), opts,
-                                  student_hidden.device,
-                                  lambda: label_logprobs(teacher_logits, len(heads), labels, student_weight.shape[0],
-                                                         opts, getattr(rows_kernel, "shard", None)))
-    teachers = TeacherHeads(heads, log_weights, combine, opts.temperature)
+    if routed:  # each row's own head alone: the mixture of one teacher, whichever `combine`
+        teachers = TeacherHeads(heads, None, combine, opts.temperature, route=host_routing(
+            weights, len(heads), [head.hidden.reshape(-1, head.hidden.shape[-1]).shape[0] for head in heads],
+            student_hidden.device))
+    else:
+        log_weights = row_log_weights(weights, len(heads), labels, tuple(student_hidden.shape[:-1]), opts,
+                                      student_hidden.device,
+                                      lambda: label_logprobs(teacher_logits, len(heads), labels,
+                                                             student_weight.shape[0], opts,
+                                                             getattr(rows_kernel, "shard", None)))
+        teachers = TeacherHeads(heads, log_weights, combine, opts.temperature)
     plan = ChunkPlan(student_map, chunk_size, rows_kernel, fp32_logits)
     return _apply(student_hidden, student_weight, student_bias, labels, num_items_in_batch, opts, plan, teachers)
 

@@ -15,24 +15,27 @@ import torch
 from kdfast.dispatch import average_of_teacher_divergences
 from kdfast.kernel_abi import PART_COLUMNS, PART_CORRECT, PART_ENTROPY, PART_KD, MixedTeachers
 from kdfast.options import LossOptions
+from kdfast.teacher_routing import Routing
 
 
 @dataclass
 class TeacherHeads:
     """M dense teachers (`linear_chunks.TeacherHead`, hidden states flattened to [N, H_m]) and their per-row
-    log-weights [N, M]."""
+    log-weights [N, M]; or, routed (`kdfast.teacher_routing.Routing`), each row's one teacher (no log-weights; a
+    teacher's hidden states may hold its own rows alone)."""
 
     heads: list
-    log_weights: torch.Tensor
+    log_weights: torch.Tensor | None
     combine: str
     temperature: float
     # [N, M] float32 to fill with each teacher's own divergence per row (return_components), else None.
     per_teacher: torch.Tensor | None = None
+    route: Routing | None = None
 
     @property
     def chunk_buffers(self) -> int:
-        """[rows, V] float32 buffers a chunk holds: every teacher's logits."""
-        return len(self.heads)
+        """[rows, V] float32 buffers a chunk holds: every teacher's logits, or routed the one teacher of each row."""
+        return 1 if self.route is not None else len(self.heads)
 
 
 @dataclass
@@ -78,6 +81,9 @@ class ChunkTeachers:
             divergences = self.own_divergences[:count]
         return MixedTeachers(tuple(chunk.unsqueeze(0) for chunk in chunks), teachers.log_weights[rows], divergences)
 
+    def record_kernel_parts(self, rows: slice, parts: torch.Tensor) -> None:
+        """Nothing: the mixture's divergences per teacher come from `record_divergences` or the kernel."""
+
     def record_divergences(self, rows: slice, student, labels, scale, opts: LossOptions, rows_kernel) -> None:
         """Each teacher's own divergence per row of the chunk into `per_teacher`, from the student's logits before the
         kernel writes their gradient (forward only; none for the average, whose calls give them)."""
@@ -87,6 +93,36 @@ class ChunkTeachers:
         for index, chunk in enumerate(self.chunks):
             parts = rows_kernel(student, chunk.unsqueeze(0), labels, scale, None, kd_only)
             self.teachers.per_teacher[rows, index] = parts[:, PART_KD]
+
+
+class RoutedChunkTeachers:
+    """The chunk's teacher for routed rows: one [rows, V] float32 buffer, each run of rows of one teacher written by
+    that teacher's GEMM (and logit map), so the rows kernel takes it as a single dense teacher. A row's divergence is
+    its teacher's own: with return_components it goes to that teacher's column (the others stay 0 on that row)."""
+
+    def __init__(self, teachers: TeacherHeads, rows: int, vocab: int, device, weight_for):
+        self.teachers = teachers
+        self.buffer = torch.empty(rows, vocab, dtype=torch.float32, device=device)
+        self.weights = [weight_for(head.weight, head.dtype, self.buffer) for head in teachers.heads]
+
+    def rows(self, rows: slice, count: int, logits_into):
+        chunk = self.buffer[:count]
+        for index, first, end, slot in self.teachers.route.runs(rows.start, rows.start + count):
+            head = self.teachers.heads[index]
+            out = chunk[first - rows.start:end - rows.start]
+            logits = logits_into(out, head.hidden[slot:slot + end - first], self.weights[index], head.bias)
+            if logits.data_ptr() != out.data_ptr():  # oneDNN wrote a tensor of its own (linear_chunks._logits_into)
+                out.copy_(logits)
+            head.logit_map.apply_(out)
+        return chunk.unsqueeze(0)
+
+    def record_divergences(self, rows: slice, student, labels, scale, opts: LossOptions, rows_kernel) -> None:
+        """Nothing before the kernel: each row's divergence is the kernel's own KD part."""
+
+    def record_kernel_parts(self, rows: slice, parts: torch.Tensor) -> None:
+        if self.teachers.per_teacher is not None:
+            self.teachers.per_teacher[rows].scatter_(1, self.teachers.route.device_teacher[rows, None],
+                                                     parts[:, PART_KD, None])
 
 
 class AverageAsMixture:

@@ -36,6 +36,7 @@ from kdfast.kernel_abi import (
 from kdfast.options import LossOptions
 from kdfast.reduction import reduced_outputs, reduction_scale, returned_with_teachers, with_teacher_summary
 from kdfast.saved_gradient import saved_gradient_times
+from kdfast.teacher_routing import is_routing
 from kdfast.teacher_weights import label_logprobs, row_log_weights, static_shares
 from kdfast.validation import check_labels, check_labels_for, check_num_items, check_pair
 from kdfast.views import flat_labels
@@ -83,15 +84,17 @@ def multi_teacher_distill_loss(student_logits, teacher_logits, labels=None, *, w
                                label_smoothing=0.0, z_loss_weight=0.0, process_group=None, vocab_range=None):
     """`distill_loss` against M teachers (a list/tuple of M tensors [..., V], or one tensor [M, ..., V]).
 
-    weights: None (1/M each), M numbers, a tensor [..., M] (per row, e.g. a routing one-hot), "confidence" (per row
-    w_m proportional to p_m(label) at T = 1) or "min_ce" (per row all weight on the teacher with the lowest CE on the
-    label; ties: the lowest index); normalised per row, no gradient. combine: "mixture" (divergence(p_bar || q),
-    p_bar = sum_m w_m p_m at T) or "average" (sum_m w_m divergence(p_m || q)). With M = 1 both are `distill_loss`.
-    `return_components=True` adds `teachers`: each teacher's own divergence, reduced as the loss ([M], or [..., M]
-    with reduction="none"). `inplace_backward=True` writes the mixture's gradient over `student_logits` (as
-    `distill_loss` does; the average's calls each read them, so it keeps a buffer). Vocab parallel: with a
-    `process_group` every logits tensor is this rank's shard (`vocab_range`, or the shards in rank order, as in
-    `distill_loss`), each teacher normalised over the ranks by an exchange of 8 bytes per row and teacher."""
+    weights: None (1/M each), M numbers, a tensor [..., M] (per row, e.g. a routing one-hot), each row's teacher (an
+    integer tensor [...]: its one-hot; `linear_multi_teacher_distill_loss` runs the row's own head alone),
+    "confidence" (per row w_m proportional to p_m(label) at T = 1) or "min_ce" (per row all weight on the teacher with
+    the lowest CE on the label; ties: the lowest index); normalised per row, no gradient. combine: "mixture"
+    (divergence(p_bar || q), p_bar = sum_m w_m p_m at T) or "average" (sum_m w_m divergence(p_m || q)). With M = 1
+    both are `distill_loss`. `return_components=True` adds `teachers`: each teacher's own divergence, reduced as the
+    loss ([M], or [..., M] with reduction="none"). `inplace_backward=True` writes the mixture's gradient over
+    `student_logits` (as `distill_loss` does; the average's calls each read them, so it keeps a buffer). Vocab
+    parallel: with a `process_group` every logits tensor is this rank's shard (`vocab_range`, or the shards in rank
+    order, as in `distill_loss`), each teacher normalised over the ranks by an exchange of 8 bytes per row and
+    teacher."""
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
     opts = LossOptions(divergence=divergence, beta=beta, temperature=temperature, kd_weight=kd_weight,
@@ -118,7 +121,7 @@ def multi_teacher_distill_loss(student_logits, teacher_logits, labels=None, *, w
     log_weights = row_log_weights(weights, len(teachers), labels, tuple(student_logits.shape[:-1]), opts,
                                   student_logits.device, lambda: label_logprobs(chunk, len(teachers), labels, width,
                                                                                 opts, getattr(kernel, "shard", None)))
-    shares = static_shares(weights, len(teachers))
+    shares = None if is_routing(weights, tuple(student_logits.shape[:-1])) else static_shares(weights, len(teachers))
     return returned_with_teachers(MultiTeacherFunction.apply(student_logits, labels, num_items_in_batch, opts,
                                                              tuple(teachers), log_weights, combine, shares, kernel),
                                   opts, labels)

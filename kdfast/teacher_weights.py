@@ -1,8 +1,8 @@
-"""How much each of several teachers counts in each row, as normalised log-weights [rows, M] (float32): uniform,
-M static numbers, a per-row tensor [..., M] (a routing one-hot), "confidence" (w_m proportional to the teacher's
-probability of the label at T = 1) or "min_ce" (all weight on the teacher with the lowest cross-entropy on the
-label, the lowest index on ties). Log-weights, because a mixture is a log-sum-exp of log w_m + log p_m and a zero
-weight is then -inf, which drops that teacher exactly."""
+"""How much each of several teachers counts in each row, as normalised log-weights [rows, M] (float32): uniform, M
+static numbers, a per-row tensor [..., M] (a routing one-hot), each row's teacher (`kdfast.teacher_routing`),
+"confidence" (w_m proportional to the teacher's probability of the label at T = 1) or "min_ce" (all weight on the
+teacher with the lowest cross-entropy on the label, the lowest index on ties). Log-weights, because a mixture is a
+log-sum-exp of log w_m + log p_m and a zero weight is then -inf, which drops that teacher exactly."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import os
 import torch
 
 from kdfast.options import LossOptions
+from kdfast.teacher_routing import is_routing, routing_log_weights
 
 WEIGHT_MODES = ("confidence", "min_ce")
 _CHUNK_ELEMENTS = 1 << 22  # a teacher's rows read a chunk at a time: 16 MiB of float32 temporaries
@@ -31,10 +32,12 @@ def row_log_weights(weights, count: int, labels, lead_shape: tuple, opts: LossOp
     rows = math.prod(lead_shape)
     if weights is None:  # the same in every row: an expanded row (stride 0), as static weights
         return torch.full((count,), -math.log(count), device=device).expand(rows, count)
+    if is_routing(weights, lead_shape):
+        return routing_log_weights(weights, count, device, _checks_cost_no_sync(weights.device))
     if isinstance(weights, str):
         if weights not in WEIGHT_MODES:
-            raise ValueError(f"weights must be None, {count} numbers, a tensor [..., {count}] or one of "
-                             f"{WEIGHT_MODES}, got {weights!r}")
+            raise ValueError(f"weights must be None, {count} numbers, a tensor [..., {count}], each row's teacher "
+                             f"(an integer tensor [...]) or one of {WEIGHT_MODES}, got {weights!r}")
         if labels is None:
             raise ValueError(f"weights={weights!r} weighs the teachers by their probability of the label: it needs "
                              "labels")
@@ -50,7 +53,8 @@ def row_log_weights(weights, count: int, labels, lead_shape: tuple, opts: LossOp
         return _per_row(weights.to(device).reshape(rows, count), labels, opts)
     if weights.shape != (count,):
         raise ValueError(f"weights must hold {count} numbers (one per teacher) or be a tensor {(*lead_shape, count)} "
-                         f"(one row of {count} per token), got shape {tuple(weights.shape)}")
+                         f"(one row of {count} per token) or each row's teacher (an integer tensor "
+                         f"{tuple(lead_shape)}), got shape {tuple(weights.shape)}")
     if _checks_cost_no_sync(weights.device) and (not bool(torch.isfinite(weights).all()) or
                                                  bool((weights < 0).any()) or not float(weights.sum()) > 0):
         raise ValueError(f"weights must be finite, >= 0 and not all 0, got {weights.tolist()}")

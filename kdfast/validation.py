@@ -118,12 +118,14 @@ def check_linear_student(student_hidden, student_weight, student_bias, softcap, 
 
 
 def check_linear_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
-                        teacher_bias, softcap, chunk_size, opts: LossOptions, fp32_logits=False) -> None:
-    """Shapes [..., H_s] / [V, H_s] / [V] for the student and [..., H_t] / [V, H_t] / [V] for the teacher."""
+                        teacher_bias, softcap, chunk_size, opts: LossOptions, fp32_logits=False,
+                        routed: bool = False) -> None:
+    """Shapes [..., H_s] / [V, H_s] / [V] for the student and [..., H_t] / [V, H_t] / [V] for the teacher. `routed`:
+    the teacher's hidden states may also be [n, H_t], the rows routed to it (their count checked with the routing)."""
     _check_floating("teacher_hidden", teacher_hidden, "[..., hidden_t]")
     _check_floating("teacher_weight", teacher_weight, "[vocab, hidden_t]")
     check_linear_student(student_hidden, student_weight, student_bias, softcap, chunk_size, fp32_logits)
-    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1] and not (routed and teacher_hidden.dim() == 2):
         raise ValueError(f"teacher_hidden leading shape {tuple(teacher_hidden.shape[:-1])} must equal "
                          f"student_hidden's {tuple(student_hidden.shape[:-1])}: one teacher row per token")
     if teacher_weight.dim() != 2 or teacher_weight.shape[1] != teacher_hidden.shape[-1]:

@@ -212,6 +212,8 @@ def test_bench_multi_teacher_smoke(tmp_path):
     assert float(rows["logits", "loop of 3 kdfast calls (average)"]["x_loop"]) == 1.0
     assert float(rows["linear", "5 GEMMs alone (floor)"]["x_floor"]) == 1.0
     assert all(_floors_agree(row) for (form, _), row in rows.items() if form == "logits")
+    routed = [row for (form, method), row in rows.items() if form == "linear" and "routed" in method]
+    assert len(routed) == 2 and all(float(row["median_ms"]) > 0 for row in routed)
 
 
 def test_bench_multi_teacher_dtype_and_heads(tmp_path):

@@ -1,6 +1,6 @@
-"""DistillationTrainer with several teacher models (of different hidden sizes): its loss is the float64 reference of
-the models' logits for each combine mode and weights, a `teacher_id` column routes each example to its teacher,
-training runs, and settings for several teachers are refused with one."""
+"""DistillationTrainer with several teacher models (of different hidden sizes): its loss is the float64 reference of the
+models' logits for each combine mode and weights, a `teacher_id` column routes each example to its teacher (whose
+model alone runs on it), training runs, and settings for several teachers are refused with one."""
 
 import copy
 
@@ -48,6 +48,22 @@ def test_a_teacher_id_column_routes_each_example(tmp_path):
                                           labels[row], reduction="sum", **SETTINGS)
                    for row, teacher in enumerate(batch["teacher_id"])]
     torch.testing.assert_close(loss.double(), sum(per_example) / 30, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("teacher_id", [[1, 0, 0, 1], [1, 1, 1, 1]])
+def test_a_routed_teacher_runs_on_its_own_examples_alone(tmp_path, teacher_id):
+    student, models = student_and_teacher()[0], teachers()
+    sizes = [[], []]
+    for index, model in enumerate(models):
+        model.model.register_forward_hook(lambda module, args, kwargs, out, index=index: sizes[index].append(
+            kwargs["input_ids"].shape[0]), with_kwargs=True)
+    trainer = DistillationTrainer(model=student, teacher_model=models, args=training_args(tmp_path), **SETTINGS)
+    loss, parts = trainer._batch_loss(trainer.model, models, {**token_batch(), "teacher_id": torch.tensor(teacher_id)},
+                                      None)
+    assert sizes == [[teacher_id.count(0)] if 0 in teacher_id else [], [teacher_id.count(1)]]
+    # Each teacher's share of the divergence: its own examples' (the shares add up to it).
+    torch.testing.assert_close(parts.teachers.sum(), parts.kd)
+    assert (parts.teachers[0] == 0) == (0 not in teacher_id)
 
 
 @pytest.mark.parametrize("teacher_id,match", [

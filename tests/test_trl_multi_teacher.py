@@ -86,7 +86,97 @@ def test_trains_with_two_teachers_and_refuses_what_one_teacher_cannot_take(tmp_p
     assert len(logs) == 2 and all("divergence/teacher_1" in entry for entry in logs)
     with pytest.raises(ValueError, match="teacher_weights and teacher_combine weigh several teachers"):
         _trainer(tmp_path, student, teacher, teacher_weights=[1.0])
-    with pytest.raises(ValueError, match="teacher_model as a list takes loaded models"):
+    with pytest.raises(ValueError, match="teacher_model as a list or dict takes loaded models"):
         _trainer(tmp_path, student, [teacher, "some/checkpoint"])
     with pytest.raises(ValueError, match=r"teacher_weights must hold 2 numbers \(one per teacher\)"):
         _trainer(tmp_path, student, [teacher, tiny_llama(48, seed=3)], teacher_weights=[1.0, 2.0, 3.0])
+
+
+def _forward_rows(model):
+    """The batch sizes of the model's forwards, recorded by a hook on its decoder."""
+    sizes = []
+    model.model.register_forward_hook(lambda module, args, kwargs, out: sizes.append(kwargs["input_ids"].shape[0]),
+                                      with_kwargs=True)
+    return sizes
+
+
+@pytest.mark.parametrize("route", [[1, 0, 1], [0, 0, 0]])
+def test_a_teacher_id_column_routes_each_sequence_to_its_teacher(tmp_path, route):
+    student = student_and_teacher(head_scale=30.0)[0]
+    teachers = {"short": student_and_teacher(head_scale=30.0)[1], "long": tiny_llama(48, seed=2,
+                                                                                     final_logit_softcapping=5.0)}
+    trainer = _trainer(tmp_path, student, teachers, beta=0.3, temperature=2.0)
+    sizes = {name: _forward_rows(model) for name, model in teachers.items()}
+    batch = {**_completion_batch(), "teacher_id": torch.tensor(route)}
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    assert sizes == {"short": [route.count(0)] if 0 in route else [], "long": [route.count(1)] if 1 in route else []}
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+
+    def logits64(model):
+        model = copy.deepcopy(model).double()
+        with torch.no_grad():
+            hidden = trainer._get_last_hidden_state(model, input_ids, attention_mask, batch["completion_ids"].shape[1])
+            return model.lm_head(hidden) if getattr(model.config, "final_logit_softcapping", None) is None else \
+                torch.tanh(model.lm_head(hidden) / 5.0) * 5.0
+
+    mask = batch["completion_mask"].bool()
+    one_hot = torch.nn.functional.one_hot(torch.tensor(route), 2)[:, None, :].expand(*mask.shape, 2)[mask].double()
+    expected = multi_teacher_distill_loss_reference(
+        logits64(student)[mask], [logits64(t)[mask] for t in teachers.values()], weights=one_hot, divergence="jsd",
+        beta=0.3, temperature=2.0, t2_scale=False, reduction="sum") / batch["num_items_in_batch"]
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    metrics = trainer._metrics["train"]
+    shares = [metrics[f"tokens/teacher_{name}"][-1] for name in teachers]
+    assert shares == pytest.approx([float((mask * (torch.tensor(route) == index)[:, None]).sum() / mask.sum())
+                                    for index in range(2)])
+    assert {f"divergence/teacher_{name}" for name in teachers} <= set(metrics)
+
+
+def test_routed_training_carries_the_column_through_generation(tmp_path):
+    from datasets import Dataset
+
+    student, teacher = student_and_teacher()
+    teachers = {"a": teacher, "b": tiny_llama(48, seed=3)}
+    trainer = _trainer(tmp_path, student, teachers, max_steps=2, learning_rate=1e-3)
+    # One batch of 4 per step: both teachers in each.
+    trainer.train_dataset = Dataset.from_dict({"prompt": ["w2 w3 w4", "w5 w6", "w7 w8 w9 w10", "w11"],
+                                               "teacher_id": ["a", "b", "b", "a"]})
+    sizes = {name: _forward_rows(model) for name, model in teachers.items()}
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2 and all({"tokens/teacher_a", "divergence/teacher_b"} <= set(entry) for entry in logs)
+    assert sizes == {"a": [2, 2], "b": [2, 2]}  # each teacher its own prompts, never the batch
+    trainer.train_dataset = Dataset.from_dict({"prompt": ["w2 w3"] * 4, "teacher_id": ["a", "c", "a", "b"]})
+    trainer.args.max_steps = 3
+    with pytest.raises(ValueError, match=r"teacher_id column must name one of the teachers \['a', 'b'\] \(or be its "
+                                         r"position, 0..1\), got 'c'"):
+        trainer.train()
+
+
+def test_the_routed_loss_function_takes_every_sequence_or_its_own():
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.ones(4, 5, dtype=torch.long)
+    mask[2, 3:] = 0
+    student, weight = torch.randn(4, 5, 16, generator=generator), torch.randn(40, 16, generator=generator)
+    hidden = [torch.randn(4, 5, size, generator=generator) for size in (16, 8)]
+    heads = [torch.randn(40, size, generator=generator) for size in (16, 8)]
+    route = torch.tensor([1, 0, 1, 1])
+    from kdfast.integrations.trl_distillation import chunked_multi_teacher_divergence_loss as loss_of
+
+    every = loss_of(student, hidden, weight, heads, mask, 0.5, teacher_index=route)
+    own = loss_of(student, [rows[route == index] for index, rows in enumerate(hidden)], weight, heads, mask, 0.5,
+                  teacher_index=route)
+    one_hot = loss_of(student, hidden, weight, heads, mask, 0.5,
+                      weights=torch.nn.functional.one_hot(route, 2)[:, None, :].expand(4, 5, 2).float())
+    for got in (every, own):
+        torch.testing.assert_close(got[0], one_hot[0])
+        torch.testing.assert_close(got[1], one_hot[1])
+        assert got[2] == one_hot[2]
+    torch.testing.assert_close(every[3].sum(), every[0] * mask.sum())  # the teachers' shares add up to the loss
+    with pytest.raises(ValueError, match=r"teacher_hidden_states\[0\] holds 2 sequences: it must hold every sequence "
+                                         r"\(4\) or only the 1 routed to teacher 0"):
+        loss_of(student, [hidden[0][:2], hidden[1]], weight, heads, mask, 0.5, teacher_index=route)
+    with pytest.raises(ValueError, match="teacher_index routes each sequence to one teacher: pass weights=None"):
+        loss_of(student, hidden, weight, heads, mask, 0.5, teacher_index=route, weights=[1.0, 1.0])

@@ -188,8 +188,10 @@ def distillation_case(tmp_path, setup, *, sparse: bool, shard_teacher: bool = Tr
     _train_and_compare(trainer, expected, teacher_sharded=None if sparse else shard_teacher)
 
 
-def multi_teacher_case(tmp_path, setup):
-    """Two teacher models of different hidden sizes, weighed 1:3, each sharded as the student is."""
+def multi_teacher_case(tmp_path, setup, *, routed: bool = False, shard_teacher: bool = True):
+    """Two teacher models of different hidden sizes, weighed 1:3, each sharded as the student is (or replicated). Or
+    routed by a `teacher_id` column in which one teacher has a single example, so that a rank has none of its: a
+    sharded teacher still runs its forward with the other ranks, a replicated one runs on its own examples alone."""
     from tiny_models import as_examples, student_and_teacher, tiny_llama, token_batch
 
     from kdfast.integrations.causal_lm import batch_multi_teacher_loss
@@ -199,11 +201,14 @@ def multi_teacher_case(tmp_path, setup):
     student, teacher = student_and_teacher(head_scale=4.0)
     teachers, weights, opts = [teacher, tiny_llama(48, seed=2)], [1.0, 3.0], LossOptions(**SETTINGS)
     batch = token_batch()
+    if routed:
+        batch["teacher_id"], weights = torch.tensor([0, 0, 1, 0]), None
     expected = _reference_run(student_and_teacher(head_scale=4.0)[0], batch,
                               lambda model, inputs: batch_multi_teacher_loss(model, teachers, inputs, opts,
                                                                              weights=weights))
     trainer = DistillationTrainer(model=student, teacher_model=teachers, args=_args(tmp_path, setup),
-                                  train_dataset=as_examples(batch), teacher_weights=weights, **SETTINGS)
+                                  train_dataset=as_examples(batch), teacher_weights=weights,
+                                  shard_teacher=shard_teacher, **SETTINGS)
     _train_and_compare(trainer, expected)
 
 
@@ -370,6 +375,8 @@ CASES = {"sharded-teacher": functools.partial(distillation_case, sparse=False),
          "replicated-teacher": functools.partial(distillation_case, sparse=False, shard_teacher=False),
          "sparse-teacher": functools.partial(distillation_case, sparse=True),
          "multi-teacher": multi_teacher_case,
+         "multi-teacher, routed": functools.partial(multi_teacher_case, routed=True),
+         "multi-teacher, routed, replicated": functools.partial(multi_teacher_case, routed=True, shard_teacher=False),
          "cross-tokenizer": cross_tokenizer_case,
          "trl-gkd": trl_gkd_case,
          "trl-distillation": trl_distillation_case,

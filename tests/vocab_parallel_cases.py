@@ -261,16 +261,17 @@ def ce_options_case(form):
 def multi_teacher_case(form, combine, divergence, weights_kind):
     """Several teachers over shards (each normalised over the ranks) equal the single process's full-vocabulary
     result: loss, each teacher's divergence, and the student's gradient shard (hidden, weight and bias in the fused
-    linear form); static weights, per-row weights with a zero (a teacher routed away in some rows), or "confidence" /
-    "min_ce" (each teacher's probability of the label read over the ranks)."""
+    linear form); static weights, per-row weights with a zero (a teacher routed away in some rows), each row's teacher
+    ("routed": only its head runs on the row), or "confidence" / "min_ce" (each teacher's probability of the label
+    read over the ranks)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     start, stop = shard_bounds(world, True)[rank]
     generator = torch.Generator().manual_seed(5)
     teachers = [torch.randn(ROWS, VOCAB, generator=generator) * 3 for _ in range(3)]
     labels = torch.randint(0, VOCAB, (ROWS,), generator=generator)
     labels[::5] = -100
-    weights = {"static": [0.2, 0.5, 0.3], "rows": torch.rand(ROWS, 3, generator=generator)}.get(weights_kind,
-                                                                                               weights_kind)
+    weights = {"static": [0.2, 0.5, 0.3], "rows": torch.rand(ROWS, 3, generator=generator),
+               "routed": torch.randint(0, 3, (ROWS,), generator=generator)}.get(weights_kind, weights_kind)
     if weights_kind == "rows":
         weights[::2, 1] = 0.0
     settings = dict(SETTINGS, divergence=divergence, combine=combine, weights=weights, return_components=True)
@@ -292,7 +293,8 @@ def multi_teacher_case(form, combine, divergence, weights_kind):
         weight, bias = torch.randn(VOCAB, HIDDEN, generator=generator), torch.randn(VOCAB, generator=generator)
         t_hidden = [torch.randn(ROWS, HIDDEN + 4 * m, generator=generator) for m in range(2)]
         t_weight = [torch.randn(VOCAB, HIDDEN + 4 * m, generator=generator) for m in range(2)]
-        two = {"static": [0.4, 0.6], "rows": weights[:, :2] if weights_kind == "rows" else None}
+        two = {"static": [0.4, 0.6], "rows": weights[:, :2] if weights_kind == "rows" else None,
+               "routed": weights % 2 if weights_kind == "routed" else None}
         settings = dict(settings, weights=two.get(weights_kind, weights_kind), reduction="none", chunk_size=5)
         full = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
         expected, expected_parts = kdfast.linear_multi_teacher_distill_loss(
@@ -347,7 +349,9 @@ def cases(world):
                                                     ("logits", "mixture", "forward_kl", "confidence"),
                                                     ("logits", "average", "jsd", "min_ce"),
                                                     ("linear", "mixture", "reverse_kl", "confidence"),
-                                                    ("linear", "mixture", "forward_kl", "min_ce")):
+                                                    ("linear", "mixture", "forward_kl", "min_ce"),
+                                                    ("logits", "average", "jsd", "routed"),
+                                                    ("linear", "mixture", "jsd", "routed")):
         listed[f"multi-teacher-{form}-{combine}-{divergence}-{weights_kind}"] = (
             multi_teacher_case, (form, combine, divergence, weights_kind))
     return listed

@@ -8,7 +8,7 @@ import contextlib
 
 import torch
 
-from kdfast.integrations.sharding import run_through_wrapper, whole_head
+from kdfast.integrations.sharding import collective_forward, run_through_wrapper, whole_head
 from kdfast.linear_loss import fused_linear_loss
 from kdfast.linear_multi_teacher import fused_linear_multi_teacher_loss
 from kdfast.linear_sparse_loss import fused_linear_sparse_loss
@@ -109,15 +109,16 @@ def batch_multi_teacher_loss(student, teachers: list, inputs, options: LossOptio
                              combine="mixture", chunk_size="auto", fp32_logits=False, num_items_in_batch=None):
     """The fused loss of one batch against several teacher models (each one's hidden states under no_grad, each
     head's own logit scale and softcap). Without `weights`, a batch's `teacher_id` column ([batch] indices) routes
-    each example to its teacher."""
+    each example to its teacher: each teacher model runs on its own examples alone (on all of them where its forward
+    is a collective of sharded ranks) and the loss runs each row's own head alone."""
     input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
-    routed = _routing(inputs["teacher_id"], len(teachers)) if weights is None and "teacher_id" in inputs else None
+    route = _routing(inputs["teacher_id"], len(teachers)) if weights is None and "teacher_id" in inputs else None
     student_hidden = last_hidden_state(student, input_ids, attention_mask)[:, :-1]
     with torch.no_grad():
-        teacher_hidden = [run_through_wrapper(teacher, teacher, last_hidden_state, teacher, input_ids,
-                                              attention_mask)[:, :-1] for teacher in teachers]
-    if routed is not None:
-        weights = routed[:, None, :].expand(*student_hidden.shape[:-1], len(teachers))
+        teacher_hidden = [_teacher_hidden(teacher, input_ids, attention_mask, route, index)
+                          for index, teacher in enumerate(teachers)]
+    if route is not None:
+        weights = route.to(student_hidden.device)[:, None].expand(student_hidden.shape[:-1])
     student_head, heads = output_head(student), [output_head(teacher) for teacher in teachers]
     with contextlib.ExitStack() as stack:
         stack.enter_context(whole_head(student, student_head))
@@ -160,17 +161,33 @@ def batch_sparse_distill_loss(student, inputs, options: SparseOptions, *, chunk_
                                       num_items_in_batch=num_items_in_batch)
 
 
-def _routing(teacher_id: torch.Tensor, count: int) -> torch.Tensor:
-    """[batch, count] one-hot rows from the `teacher_id` column, checked before any forward pass where that costs no
-    sync (on a GPU, one_hot's scatter asserts on the device instead)."""
+def _routing(teacher_id, count: int) -> torch.Tensor:
+    """[batch] int64 teacher indices on the host from the `teacher_id` column, checked before any forward pass (the
+    routed loss reads them on the host anyway)."""
     teacher_id = torch.as_tensor(teacher_id).reshape(-1)
     if teacher_id.dtype.is_floating_point or teacher_id.dtype == torch.bool:
         raise ValueError(f"the batch's teacher_id column must hold integer teacher indices, got dtype "
                          f"{teacher_id.dtype}")
-    if teacher_id.device.type == "cpu" and teacher_id.numel():
+    teacher_id = teacher_id.to("cpu", torch.int64)
+    if teacher_id.numel():
         low, high = int(teacher_id.min()), int(teacher_id.max())
         if low < 0 or high >= count:
             raise ValueError(f"the batch's teacher_id column must index the {count} teachers (0..{count - 1}), got "
                              f"values from {low} to {high}")
-    return torch.nn.functional.one_hot(teacher_id.long(), count).float()
+    return teacher_id
+
+
+def _teacher_hidden(teacher, input_ids, attention_mask, route, index: int) -> torch.Tensor:
+    """Teacher `index`'s last hidden states, position i predicting token i + 1: of every example ([batch, seq - 1,
+    H]), or routed, of its own examples only ([rows, H], the loss's routed form), unless its forward is a collective
+    (a sharded teacher: every rank runs it on the whole batch, whatever its routing)."""
+    if route is None or collective_forward(teacher):
+        return run_through_wrapper(teacher, teacher, last_hidden_state, teacher, input_ids, attention_mask)[:, :-1]
+    mine = (route == index).nonzero().flatten().to(input_ids.device)
+    if mine.numel() == 0:
+        head = output_head(teacher).weight
+        return head.new_empty(0, head.shape[-1])
+    hidden = last_hidden_state(teacher, input_ids.index_select(0, mine),
+                               attention_mask.index_select(0, mine) if attention_mask is not None else None)[:, :-1]
+    return hidden.reshape(-1, hidden.shape[-1])
 

@@ -38,6 +38,13 @@ def run_through_wrapper(wrapper, inner, fn, *args):
         restore()
 
 
+def collective_forward(model) -> bool:
+    """Whether every rank must run the model's forward together: FSDP2 modules in it, or parameters partitioned by
+    DeepSpeed ZeRO-3 (each forward gathers them from the ranks)."""
+    return any(_is_fsdp2(module) for module in model.modules()) or \
+        any(hasattr(parameter, "ds_id") for parameter in model.parameters())
+
+
 def _is_fsdp2(module) -> bool:
     try:
         from torch.distributed.fsdp import FSDPModule

@@ -12,11 +12,12 @@ import sys
 import torch
 
 from kdfast.integrations.causal_lm import final_softcap, head_settings, logit_scale, output_head
-from kdfast.integrations.sharding import whole_head
+from kdfast.integrations.sharding import collective_forward, whole_head
 from kdfast.linear_loss import fused_linear_loss
 from kdfast.linear_multi_teacher import fused_linear_multi_teacher_loss
 from kdfast.multi_teacher import COMBINES
 from kdfast.options import LossOptions
+from kdfast.teacher_routing import check_route_values
 from kdfast.teacher_weights import check_trainer_weights
 
 try:
@@ -59,6 +60,29 @@ def chunked_divergence_loss(student_hidden_states, teacher_hidden_states, studen
     return _divided(total, n_valid, num_items_in_batch), parts.entropy, n_valid
 
 
+def _routed_rows(teacher_hidden_states: list, completion_mask, teacher_index):
+    """Each teacher's hidden states of its own kept tokens ([n_m, H_m], in token order) and each kept token's teacher
+    ([n] int64), from `teacher_index` [B] and hidden states of every sequence [B, K, H_m] or of the teacher's own
+    [B_m, K, H_m]."""
+    batch = completion_mask.shape[0]
+    route = torch.as_tensor(teacher_index).reshape(-1).to("cpu", torch.int64)
+    if route.numel() != batch:
+        raise ValueError(f"teacher_index must hold one teacher per sequence ([{batch}]), got {route.numel()} values")
+    check_route_values(route, len(teacher_hidden_states))
+    valid = (completion_mask != 0).cpu()
+    rows = []
+    for index, hidden in enumerate(teacher_hidden_states):
+        mine = route == index
+        own = hidden.shape[0] != batch or bool(mine.all())  # only its sequences (the same thing when it has all)
+        if own and hidden.shape[0] != int(mine.sum()):
+            raise ValueError(f"teacher_hidden_states[{index}] holds {hidden.shape[0]} sequences: it must hold every "
+                             f"sequence ({batch}) or only the {int(mine.sum())} routed to teacher {index}")
+        tokens = (valid[mine] if own else valid & mine[:, None]).reshape(-1).nonzero().squeeze(1)
+        rows.append(hidden.reshape(-1, hidden.shape[-1]).index_select(0, tokens.to(hidden.device)).detach())
+    per_token = route[:, None].expand(valid.shape).reshape(-1)[valid.reshape(-1)]
+    return rows, per_token.to(completion_mask.device)
+
+
 def _divided(total, n_valid, num_items_in_batch):
     """The summed divergence over `num_items_in_batch`, else over the tokens, clamped as TRL clamps it: a fully masked
     batch is a differentiable 0, not 0 / 0."""
@@ -75,16 +99,24 @@ def chunked_multi_teacher_divergence_loss(student_hidden_states, teacher_hidden_
                                           teacher_lm_head_biases=None, student_logit_scale=1.0,
                                           teacher_logit_scales=1.0, student_final_logit_softcapping=None,
                                           teacher_final_logit_softcappings=None, temperature=1.0, *, weights=None,
-                                          combine="mixture", completion_ids=None, chunk_size="auto", backend="auto"):
+                                          combine="mixture", completion_ids=None, teacher_index=None,
+                                          chunk_size="auto", backend="auto"):
     """`chunked_divergence_loss` against several teachers (lists, one entry per teacher; hidden sizes may differ),
     mixed or averaged with `weights` as `kdfast.linear_multi_teacher_distill_loss` takes them (per-row weights:
     [B, K, M]; "confidence" and "min_ce" weigh each teacher by its probability of the completion's token,
-    `completion_ids` [B, K]). Returns TRL's triple and each teacher's own divergence summed over the tokens ([M],
-    detached)."""
+    `completion_ids` [B, K]), or routed: `teacher_index` [B] each sequence's one teacher, whose head alone runs on its
+    tokens and whose hidden states may be its own sequences' alone ([B_m, K, H_m], in order). Returns TRL's triple
+    and each teacher's own divergence summed over the tokens ([M], detached; routed, over its own tokens)."""
     valid = completion_mask.reshape(-1) != 0
     kept = valid.nonzero().squeeze(1)
     student = student_hidden_states.reshape(-1, student_hidden_states.shape[-1]).index_select(0, kept)
-    teachers = [hidden.reshape(-1, hidden.shape[-1]).index_select(0, kept).detach() for hidden in teacher_hidden_states]
+    if teacher_index is not None:
+        if weights is not None:
+            raise ValueError("teacher_index routes each sequence to one teacher: pass weights=None with it")
+        teachers, weights = _routed_rows(teacher_hidden_states, completion_mask, teacher_index)
+    else:
+        teachers = [hidden.reshape(-1, hidden.shape[-1]).index_select(0, kept).detach()
+                    for hidden in teacher_hidden_states]
     if isinstance(weights, torch.Tensor) and weights.dim() > 1:
         weights = weights.reshape(-1, weights.shape[-1]).index_select(0, kept.to(weights.device))
     labels = None
@@ -110,18 +142,26 @@ class DistillationTrainer(_TRLDistillationTrainer):
     the same loss, logged entropy and gradients as TRL's, with each model's logit scale and softcap read as TRL reads
     them. Generation (and everything else) is TRL's.
 
-    `teacher_model` may also be a list of models: TRL prepares the first, kdfast the others the same way (a ZeRO-3 or
-    FSDP engine, or accelerate's evaluation wrapper), and the divergence is to their mixture (`teacher_combine=
-    "mixture"`) or the weighted sum of each one's (`"average"`), with `teacher_weights` as
-    `kdfast.linear_multi_teacher_distill_loss` takes them; each teacher's own divergence per token is logged as
-    `divergence/teacher_<m>`."""
+    `teacher_model` may also be a list of models, or a dict of them by name: TRL prepares the first, kdfast the others
+    the same way (a ZeRO-3 or FSDP engine, or accelerate's evaluation wrapper), and the divergence is to their mixture
+    (`teacher_combine="mixture"`) or the weighted sum of each one's (`"average"`), with `teacher_weights` as
+    `kdfast.linear_multi_teacher_distill_loss` takes them. Without `teacher_weights`, a dataset column `teacher_id`
+    (a teacher's position, or its name in the dict) routes each prompt to one teacher: each teacher model runs on its
+    own sequences alone (on all of them where its forward is a collective of sharded ranks, or with images) and only
+    its head scores their tokens. Each teacher's own divergence per token it scores is logged as
+    `divergence/teacher_<m>` (its name in the dict), and routed, its share of the tokens as `tokens/teacher_<m>`."""
 
     def __init__(self, model=None, teacher_model=None, args=None, *rest, teacher_weights=None,
                  teacher_combine="mixture", **kwargs):
+        names = [str(name) for name in teacher_model] if isinstance(teacher_model, dict) else None
+        if names is not None:
+            teacher_model = list(teacher_model.values())
         several = isinstance(teacher_model, (list, tuple))
+        if several and not teacher_model:
+            raise ValueError("teacher_model is empty: pass one teacher model or several")
         if several and not all(hasattr(teacher, "get_output_embeddings") for teacher in teacher_model):
-            raise ValueError("teacher_model as a list takes loaded models (a path is TRL's to load: pass one teacher "
-                             "by name, or load each first)")
+            raise ValueError("teacher_model as a list or dict takes loaded models (a path is TRL's to load: pass one "
+                             "teacher by name, or load each first)")
         if not several and (teacher_weights is not None or teacher_combine != "mixture"):
             raise ValueError("teacher_weights and teacher_combine weigh several teachers: pass teacher_model as a "
                              "list of models")
@@ -134,6 +174,7 @@ class DistillationTrainer(_TRLDistillationTrainer):
         self._teacher_divergences = None
         self.teacher_models = [self.teacher_model, *map(self._prepared_teacher, teacher_model[1:])] if several \
             else None
+        self.teacher_names = names or [str(index) for index in range(len(teacher_model))] if several else None
 
     def _prepared_teacher(self, teacher):
         """A teacher prepared as TRL prepares its own (trl.DistillationTrainer.__init__)."""
@@ -141,15 +182,39 @@ class DistillationTrainer(_TRLDistillationTrainer):
             return sys.modules[_TRLDistillationTrainer.__module__].prepare_deepspeed(teacher, self.accelerator)
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.teacher_models is not None and "teacher_id" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "teacher_id"]
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if self.teacher_models is not None and self.teacher_weights is None and "teacher_id" in inputs[0]:
+            # A [B] tensor, so that TRL's shuffle and split of the generation batch carry it with its rows.
+            output["teacher_id"] = torch.tensor([self._teacher_position(row["teacher_id"]) for row in inputs],
+                                                device=output["prompt_ids"].device)
+        return output
+
+    def _teacher_position(self, teacher_id) -> int:
+        if isinstance(teacher_id, str) and teacher_id in self.teacher_names:
+            return self.teacher_names.index(teacher_id)
+        if isinstance(teacher_id, int) and not isinstance(teacher_id, bool) and 0 <= teacher_id < len(
+                self.teacher_names):
+            return teacher_id
+        raise ValueError(f"the dataset's teacher_id column must name one of the teachers {self.teacher_names} (or "
+                         f"be its position, 0..{len(self.teacher_names) - 1}), got {teacher_id!r}")
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self._teacher_divergences is not None:  # gathered here, outside the wrapped forward (as TRL's entropy)
             sums, tokens = self._teacher_divergences
             sums = self.accelerator.gather_for_metrics(sums.reshape(1, -1)).sum(0)
-            tokens = self.accelerator.gather_for_metrics(tokens.reshape(1)).sum()
+            tokens = self.accelerator.gather_for_metrics(tokens.reshape(1, -1)).sum(0)
             mode = "train" if self.model.training else "eval"
-            for index, total in enumerate((sums / tokens.clamp(min=1)).tolist()):
-                self._metrics[mode][f"divergence/teacher_{index}"].append(total)
+            for name, total, count in zip(self.teacher_names, sums.tolist(), tokens.tolist()):
+                self._metrics[mode][f"divergence/teacher_{name}"].append(total / max(count, 1))
+                if "teacher_id" in inputs:
+                    self._metrics[mode][f"tokens/teacher_{name}"].append(count / max(float(tokens.sum()), 1.0))
             self._teacher_divergences = None
         return result
 
@@ -186,14 +251,27 @@ class DistillationTrainer(_TRLDistillationTrainer):
 
     def _several_teachers_loss(self, unwrapped_student, student_hidden, input_ids, attention_mask, logits_to_keep,
                                multimodal, loss_mask, num_items_in_batch, inputs):
+        route = inputs.get("teacher_id") if self.teacher_weights is None else None
         unwrapped, hidden = [], []
-        for teacher in self.teacher_models:
+        for index, teacher in enumerate(self.teacher_models):
             teacher.eval()
             unwrapped.append(self.accelerator.unwrap_model(teacher))
+            # Routed, a teacher runs on its own sequences alone, unless its forward is a collective of sharded ranks
+            # (every rank runs it on its whole batch) or images ride along (their tensors are not per sequence).
+            mine = (route == index).nonzero().flatten() if route is not None and not multimodal and \
+                not collective_forward(unwrapped[-1]) else None
             with torch.no_grad():
-                hidden.append(self._forward_redirection(teacher, unwrapped[-1], self._get_last_hidden_state,
-                                                        unwrapped[-1], input_ids, attention_mask, logits_to_keep,
-                                                        **multimodal))
+                if mine is None:
+                    hidden.append(self._forward_redirection(teacher, unwrapped[-1], self._get_last_hidden_state,
+                                                            unwrapped[-1], input_ids, attention_mask, logits_to_keep,
+                                                            **multimodal))
+                elif mine.numel() == 0:
+                    head = output_head(unwrapped[-1]).weight
+                    hidden.append(head.new_empty(0, logits_to_keep, head.shape[-1]))
+                else:
+                    hidden.append(self._forward_redirection(teacher, unwrapped[-1], self._get_last_hidden_state,
+                                                            unwrapped[-1], input_ids.index_select(0, mine),
+                                                            attention_mask.index_select(0, mine), logits_to_keep))
         student_head, heads = output_head(unwrapped_student), [output_head(teacher) for teacher in unwrapped]
         with contextlib.ExitStack() as stack:
             stack.enter_context(whole_head(unwrapped_student, student_head))
@@ -206,8 +284,11 @@ class DistillationTrainer(_TRLDistillationTrainer):
                 student_head.bias, [head.bias for head in heads], logit_scale(unwrapped_student),
                 [logit_scale(teacher) for teacher in unwrapped], final_softcap(unwrapped_student),
                 [final_softcap(teacher) for teacher in unwrapped], self.temperature, weights=self.teacher_weights,
-                combine=self.teacher_combine, completion_ids=inputs["completion_ids"])
-        self._teacher_divergences = (per_teacher.detach(), n_valid.detach())
+                combine=self.teacher_combine, completion_ids=inputs["completion_ids"], teacher_index=route)
+        # The tokens each teacher scored: all of them, or routed, its own sequences'.
+        tokens = n_valid.expand(len(heads)) if route is None else torch.stack(
+            [(loss_mask[route == index] != 0).sum() for index in range(len(heads))])
+        self._teacher_divergences = (per_teacher.detach(), tokens.detach())
         return loss, entropy_sum, n_valid
 
 
