@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from kdfast.demo import models
 from kdfast.demo.corpus import train_tokenizer
@@ -101,8 +102,9 @@ def test_cached_teacher_students_are_reported_and_the_cache_reused(tmp_path, cap
 
 
 def test_several_teachers_one_per_domain(tmp_path):
-    """--teachers 2: a teacher per half of the text, students of their mixture, of each alone and of plain CE, each
-    model's perplexity per domain; the Markdown and the CSV agree."""
+    """--teachers 2: a teacher per half of the text, students of their mixture, of each window routed to its
+    domain's teacher, of each alone and of plain CE, each model's perplexity per domain; the Markdown and the CSV
+    agree."""
     data = tmp_path / "corpus.txt"
     data.write_text(TEXT + "\n".join(f"class Shape{i}:\n    sides = {i % 9}\n" for i in range(400)))
     distill_main(["--data", str(data), "--teachers", "2", "--steps", "2", "--teacher-steps", "2", "--seq-len", "16",
@@ -111,8 +113,8 @@ def test_several_teachers_one_per_domain(tmp_path):
     with (tmp_path / "out" / "distill_teachers_x86_64.csv").open() as handle:
         rows = {row["model"]: row for row in csv.DictReader(handle)}
     assert set(rows) == {"teacher 1 (its domain's text)", "teacher 2 (its domain's text)",
-                         "student, the teachers' mixture", "student, teacher 1 alone", "student, teacher 2 alone",
-                         "student, plain cross-entropy"}
+                         "student, the teachers' mixture", "student, each window routed to its domain's teacher",
+                         "student, teacher 1 alone", "student, teacher 2 alone", "student, plain cross-entropy"}
     markdown = (tmp_path / "out" / "distill_teachers_x86_64.md").read_text()
     for name, row in rows.items():
         assert float(row["domain 1"]) > 1 and float(row["domain 2"]) > 1
@@ -120,3 +122,38 @@ def test_several_teachers_one_per_domain(tmp_path):
     assert len(list((tmp_path / "cache").glob("teacher-*/kdfast_teacher.json"))) == 2, "one teacher per domain"
     with pytest.raises(SystemExit):
         distill_main(["--teachers", "2", "--teacher-cache"])
+
+
+def test_domain_batches_are_the_same_windows_with_their_domain():
+    from kdfast.demo.several_teachers import DomainBatches
+    from kdfast.demo.training import Batches
+
+    tokens = torch.arange(1000)
+    plain, routed = Batches(tokens, 8, 15, seed=3), DomainBatches(tokens, 8, 15, seed=3, count=3)
+    for _ in range(4):
+        windows, batch = next(plain), next(routed)
+        assert torch.equal(batch["windows"], windows)
+        # tokens are their own positions: a window's first token says where it starts
+        assert batch["teacher_id"].tolist() == [min(int(start) // 333, 2) for start in windows[:, 0]]
+
+
+def test_the_routed_student_learns_from_its_windows_teacher_alone():
+    from tiny_models import VOCAB, tiny_llama
+
+    import kdfast
+    from kdfast.demo.several_teachers import routed_step
+
+    student = tiny_llama(32, seed=0)
+    teachers = [tiny_llama(48, seed=1).requires_grad_(False), tiny_llama(64, seed=2).requires_grad_(False)]
+    windows = torch.randint(1, VOCAB, (4, 9), generator=torch.Generator().manual_seed(0))
+    route = torch.tensor([1, 0, 1, 1])
+    loss = routed_step(teachers, {"ce_weight": 0.5}, VOCAB)(student, {"windows": windows, "teacher_id": route})
+    with torch.no_grad():
+        hidden = [teacher.get_decoder()(input_ids=windows).last_hidden_state[:, :-1] for teacher in teachers]
+    expected = kdfast.linear_multi_teacher_distill_loss(
+        student.get_decoder()(input_ids=windows).last_hidden_state[:, :-1], student.lm_head.weight[:VOCAB], hidden,
+        [teacher.lm_head.weight[:VOCAB] for teacher in teachers], windows[:, 1:], ce_weight=0.5,
+        weights=torch.nn.functional.one_hot(route, 2)[:, None, :].expand(4, 8, 2).float())
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    only_first = routed_step(teachers, {}, VOCAB)(student, {"windows": windows, "teacher_id": torch.zeros(4).long()})
+    assert torch.isfinite(only_first)  # the second teacher has no window: it does not run

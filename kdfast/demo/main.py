@@ -7,8 +7,9 @@ student trained with plain cross-entropy on identical batches, and reports what 
   over the students' own batches), the first beside the others and against plain CE at its own wall time;
 - the per-step cost and extra peak memory of kdfast's fused loss vs the same loss computed eagerly;
 - loss curves (PNG), a Markdown table and a CSV;
-- with --teachers N, a teacher per domain of the text instead, and students of their mixture, of each one alone
-  and of plain CE at equal steps, each model's perplexity on each domain (kdfast.demo.several_teachers);
+- with --teachers N, a teacher per domain of the text instead, and students of their mixture, of each window routed
+  to its domain's teacher, of each one alone and of plain CE at equal steps, each model's perplexity on each domain
+  (kdfast.demo.several_teachers);
 - with --cross-tokenizer, students of another tokenizer than the teacher's: one distilled across the two
   vocabularies, one of plain CE, at equal steps and equal wall time (kdfast.demo.cross_tokenizer).
 
@@ -19,6 +20,7 @@ trained on the first run and cached, keyed by its settings and the corpus. `--te
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -134,7 +136,8 @@ def main(argv=None):
 
 
 def run_several_teachers(args, corpus, device, console, started):
-    """--teachers N: a teacher per domain, and students of their mixture, of each alone, and of plain CE."""
+    """--teachers N: a teacher per domain, and students of their mixture, of each window routed to its domain's
+    teacher, of each alone, and of plain CE."""
     from kdfast.demo import several_teachers
 
     parts = several_teachers.domains(corpus, args.teachers)
@@ -148,16 +151,19 @@ def run_several_teachers(args, corpus, device, console, started):
                     ce_weight=args.ce_weight)
     windows = held_out_windows(corpus.held_out, args.seq_len, args.eval_windows)
 
-    def student_run(name, loss_step):
+    def student_run(name, loss_step, batches=Batches):
         student = new_model(STUDENT_SIZE, teachers[0].get_output_embeddings().weight.shape[0], args.seq_len,
                             args.seed).to(device)
         optimizer = adamw(student, args.lr)
-        return Run(name, student, loss_step, Batches(corpus.train, args.batch_size, args.seq_len, args.seed),
+        return Run(name, student, loss_step, batches(corpus.train, args.batch_size, args.seq_len, args.seed),
                    optimizer, warmup_then_constant(optimizer, 30), eval_windows=windows, eval_batch=args.batch_size,
                    eval_every=max(1, args.steps // 3))
 
     students = [student_run("student, the teachers' mixture", several_teachers.mixture_step(teachers, settings,
-                                                                                             vocab))]
+                                                                                             vocab)),
+                student_run("student, each window routed to its domain's teacher",
+                            several_teachers.routed_step(teachers, settings, vocab),
+                            functools.partial(several_teachers.DomainBatches, count=len(teachers)))]
     students += [student_run(f"student, teacher {index + 1} alone", fused_distill_step(teacher, settings, vocab))
                  for index, teacher in enumerate(teachers)]
     plain = student_run("student, plain cross-entropy", cross_entropy_step)

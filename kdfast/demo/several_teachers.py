@@ -1,8 +1,9 @@
 """`kdfast distill --teachers N`: N teachers, each trained on its own contiguous part of the training text (its
 "domain": the standard library's files in order, so the parts hold different modules), and students trained on
-identical batches of the whole text, at equal steps: one distilled from the teachers' mixture, one from each
-teacher alone, one with plain cross-entropy. Each model's held-out perplexity is measured on each domain's held-out
-text (the held-out stream cut the same way) and on all of it; the table says what this run measured."""
+identical batches of the whole text, at equal steps: one distilled from the teachers' mixture, one with each window
+routed to its domain's teacher, one from each teacher alone, one with plain cross-entropy. Each model's held-out
+perplexity is measured on each domain's held-out text (the held-out stream cut the same way) and on all of it; the
+table says what this run measured."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 import kdfast
 from kdfast.demo import report
-from kdfast.demo.training import held_out_loss, held_out_windows
+from kdfast.demo.training import Batches, held_out_loss, held_out_windows
 
 
 def domains(corpus, count: int) -> list:
@@ -42,6 +43,44 @@ def mixture_step(teachers: list, settings: dict, vocab: int):
         return kdfast.linear_multi_teacher_distill_loss(
             student_hidden, model.get_output_embeddings().weight[:vocab], hidden,
             [teacher.get_output_embeddings().weight[:vocab] for teacher in teachers], batch[:, 1:], **settings)
+
+    return step
+
+
+class DomainBatches(Batches):
+    """The batches of `Batches` (same seed, same windows) with each window's domain: the part of the text, cut as
+    `domains` cuts it, that its first token lies in."""
+
+    def __init__(self, tokens, batch_size: int, seq_len: int, seed: int, count: int):
+        super().__init__(tokens, batch_size, seq_len, seed)
+        self.part, self.count = tokens.numel() // count, count
+
+    def __next__(self) -> dict:
+        starts = self.next_starts()
+        return {"windows": self.windows(starts), "teacher_id": (starts // self.part).clamp(max=self.count - 1)}
+
+
+def routed_step(teachers: list, settings: dict, vocab: int):
+    """The loss of a student whose every window learns from its own domain's teacher (`DomainBatches`): each teacher
+    runs on its windows alone, and kdfast's routed fused linear loss runs each row's own head alone."""
+
+    def step(model, batch):
+        windows, route = batch["windows"], batch["teacher_id"]
+        student_hidden = model.get_decoder()(input_ids=windows).last_hidden_state[:, :-1]
+        hidden = []
+        with torch.no_grad():
+            for index, teacher in enumerate(teachers):
+                mine = windows[route == index]
+                if mine.shape[0] == 0:
+                    head = teacher.get_output_embeddings().weight
+                    hidden.append(head.new_empty(0, head.shape[-1]))
+                    continue
+                states = teacher.get_decoder()(input_ids=mine).last_hidden_state[:, :-1]
+                hidden.append(states.reshape(-1, states.shape[-1]))
+        return kdfast.linear_multi_teacher_distill_loss(
+            student_hidden, model.get_output_embeddings().weight[:vocab], hidden,
+            [teacher.get_output_embeddings().weight[:vocab] for teacher in teachers], windows[:, 1:],
+            weights=route[:, None].expand(student_hidden.shape[:-1]), **settings)
 
     return step
 

@@ -27,8 +27,12 @@ class Batches:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __next__(self) -> torch.Tensor:
-        starts = torch.randint(0, self.tokens.numel() - self.seq_len - 1, (self.batch_size,),
-                               generator=self.generator)
+        return self.windows(self.next_starts())
+
+    def next_starts(self) -> torch.Tensor:
+        return torch.randint(0, self.tokens.numel() - self.seq_len - 1, (self.batch_size,), generator=self.generator)
+
+    def windows(self, starts: torch.Tensor) -> torch.Tensor:
         return torch.stack([self.tokens[s:s + self.seq_len + 1] for s in starts.tolist()])
 
 
