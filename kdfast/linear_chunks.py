@@ -148,9 +148,11 @@ def dtype_out_gemm(device_type: str, dtype: torch.dtype, accumulate: bool) -> bo
 
 def gemm_weight(weight: torch.Tensor, gemm: torch.dtype, logits: torch.Tensor) -> torch.Tensor:
     """The weight as the chunks' logits GEMMs take it: in the GEMM's dtype, or in float32 where float32 logits are
-    wanted and the device has no GEMM that writes them from 16-bit inputs (one cast per call)."""
+    wanted and the device has no GEMM that writes them from 16-bit inputs (one cast per call). That float32 copy is
+    of the weight rounded to the GEMM's dtype, as the 16-bit GEMM would read it (an autocast's float32 weight): the
+    logits are then the product of the same operands on every device, only not rounded."""
     if logits.dtype != gemm and not dtype_out_gemm(weight.device.type, gemm, accumulate=False):
-        return weight.to(logits.dtype)
+        return weight.to(gemm).to(logits.dtype)
     return weight.to(gemm)
 
 
@@ -226,7 +228,8 @@ def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted
         count = min(step, heads.rows - start)
         hidden = heads.student_hidden[rows].to(heads.student_dtype)
         if heads.dense_teacher:
-            teacher_rows = _logits_into(buffers.teacher[:count], teacher.hidden[rows], weight_t, teacher.bias)
+            teacher_rows = _logits_into(buffers.teacher[:count], teacher.hidden[rows].to(teacher.dtype), weight_t,
+                                        teacher.bias)
             teacher_rows = teacher.logit_map.apply_(teacher_rows).unsqueeze(0)
         elif several is not None:
             teacher_rows = several.rows(rows, count, _logits_into)

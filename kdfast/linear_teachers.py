@@ -70,7 +70,7 @@ class ChunkTeachers:
         teachers = self.teachers
         self.chunks = None  # the last chunk's logits go first (`logits_into` may make new tensors)
         self.chunks = chunks = [
-            head.logit_map.apply_(logits_into(buffer[:count], head.hidden[rows], weight, head.bias))
+            head.logit_map.apply_(logits_into(buffer[:count], head.hidden[rows].to(head.dtype), weight, head.bias))
             for head, weight, buffer in zip(teachers.heads, self.weights, self.buffers)]
         if teachers.combine == "average" and not self.average_as_mixture:
             per_teacher = teachers.per_teacher[rows] if teachers.per_teacher is not None else None
@@ -110,7 +110,8 @@ class RoutedChunkTeachers:
         for index, first, end, slot in self.teachers.route.runs(rows.start, rows.start + count):
             head = self.teachers.heads[index]
             out = chunk[first - rows.start:end - rows.start]
-            logits = logits_into(out, head.hidden[slot:slot + end - first], self.weights[index], head.bias)
+            logits = logits_into(out, head.hidden[slot:slot + end - first].to(head.dtype), self.weights[index],
+                                 head.bias)
             if logits.data_ptr() != out.data_ptr():  # oneDNN wrote a tensor of its own (linear_chunks._logits_into)
                 out.copy_(logits)
             head.logit_map.apply_(out)

@@ -82,6 +82,34 @@ def test_float32_inputs_are_unchanged():
     assert torch.equal(losses[0], losses[1])
 
 
+@pytest.mark.parametrize("teachers", [1, 2])
+def test_under_autocast_the_logits_are_of_the_operands_the_16_bit_gemms_read(teachers):
+    """float32 inputs under a bf16 autocast: the float32 logits are the product of the operands rounded to bf16, as
+    a GPU's 16-bit GEMM reads them (and TRL projects them), not of the unrounded float32 ones."""
+    hidden, weight, teacher_hidden, teacher_weight = (t.float() + 1e-3 * torch.randn(t.shape) for t in
+                                                      _bf16_heads("cpu"))
+    labels = make_labels((hidden.shape[0],), weight.shape[0], "some")
+
+    def loss(*inputs):
+        student, head, teacher, teacher_head = (tensor.clone().requires_grad_(index < 2)
+                                                for index, tensor in enumerate(inputs))
+        if teachers == 1:
+            value = kdfast.linear_distill_loss(student, head, teacher, teacher_head, labels, fp32_logits=True,
+                                               **SETTINGS)
+        else:
+            value = kdfast.linear_multi_teacher_distill_loss(student, head, [teacher, teacher * 0.5],
+                                                             [teacher_head, teacher_head], labels, fp32_logits=True,
+                                                             **SETTINGS)
+        value.backward()
+        return value, student.grad.float()
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = loss(hidden, weight, teacher_hidden, teacher_weight)
+    rounded = loss(*(t.to(torch.bfloat16) for t in (hidden, weight, teacher_hidden, teacher_weight)))
+    torch.testing.assert_close(autocast[0], rounded[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(autocast[1], rounded[1], rtol=1e-2, atol=1e-5)
+
+
 def test_bad_setting_names_the_argument():
     heads = _bf16_heads("cpu")
     with pytest.raises(ValueError, match="fp32_logits must be True or False"):

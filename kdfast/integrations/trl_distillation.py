@@ -44,7 +44,9 @@ def chunked_divergence_loss(student_hidden_states, teacher_hidden_states, studen
     tokens, heads [V, H_s] / [V, H_t] (+ biases), `completion_mask` [B, K] (nonzero: a token in the loss). Returns the
     loss (the divergence summed over the masked-in tokens, divided by `num_items_in_batch` when given, else by their
     count, at least 1), the sum of the student's entropy at `temperature` over them (detached), and their count.
-    Only the masked-in tokens are projected. The teacher is a constant."""
+    Only the masked-in tokens are projected, into float32 logits from operands in the GEMM's dtype, as TRL's
+    kernel projects them (16-bit logits would move a 16-bit model's loss, entropy and gradients off TRL's: by 0.2%,
+    28% and 44% in its bf16 test). The teacher is a constant."""
     valid = completion_mask.reshape(-1) != 0
     kept = valid.nonzero().squeeze(1)
     student = student_hidden_states.reshape(-1, student_hidden_states.shape[-1]).index_select(0, kept)
@@ -55,7 +57,8 @@ def chunked_divergence_loss(student_hidden_states, teacher_hidden_states, studen
         student_bias=student_lm_head_bias,
         teacher_bias=teacher_lm_head_bias.detach() if teacher_lm_head_bias is not None else None,
         student_softcap=student_final_logit_softcapping, teacher_softcap=teacher_final_logit_softcapping,
-        student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale, chunk_size=chunk_size)
+        student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale, chunk_size=chunk_size,
+        fp32_logits=True)
     n_valid = valid.sum()
     return _divided(total, n_valid, num_items_in_batch), parts.entropy, n_valid
 
@@ -132,7 +135,7 @@ def chunked_multi_teacher_divergence_loss(student_hidden_states, teacher_hidden_
         teacher_bias=[b.detach() if b is not None else None for b in teacher_lm_head_biases or [None] * len(teachers)],
         weights=weights, combine=combine, student_softcap=student_final_logit_softcapping,
         teacher_softcap=teacher_final_logit_softcappings, student_logit_scale=student_logit_scale,
-        teacher_logit_scale=teacher_logit_scales, chunk_size=chunk_size)
+        teacher_logit_scale=teacher_logit_scales, chunk_size=chunk_size, fp32_logits=True)
     n_valid = valid.sum()
     return _divided(total, n_valid, num_items_in_batch), parts.entropy, n_valid, parts.teachers
 
