@@ -4,6 +4,7 @@ own rows alone), each teacher's share of the divergence in the components, and c
 
 import pytest
 import torch
+from conftest import BACKENDS, device_for
 
 import kdfast
 
@@ -29,7 +30,7 @@ def _run(student, weight, bias, hidden, heads, labels, weights, grad_output=None
     student, weight, bias = (t.clone().requires_grad_() for t in (student, weight, bias))
     loss, parts = kdfast.linear_multi_teacher_distill_loss(
         student, weight, hidden, heads, labels, student_bias=bias, weights=weights, return_components=True,
-        teacher_bias=[None, torch.linspace(-1, 1, V), None][:len(hidden)],
+        teacher_bias=[None, torch.linspace(-1, 1, V, device=student.device), None][:len(hidden)],
         teacher_softcap=[None, 3.0, None][:len(hidden)], **settings)
     loss.backward(grad_output if grad_output is not None else torch.ones_like(loss))
     return loss.detach(), parts, student.grad, weight.grad, bias.grad
@@ -61,6 +62,20 @@ def test_routed_equals_its_one_hot(teachers, divergence, combine, own_rows):
     kept = (labels != -100).sum()
     torch.testing.assert_close(routed[1].teachers, (per_row * one_hot).sum(0) / kept, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(routed[1].teachers.sum(), routed[1].kd, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_routed_equals_its_one_hot_on_every_backend(backend):
+    """The routed chunk (one float32 buffer of each row's own teacher) is a dense teacher to every backend's kernel."""
+    device = device_for(backend)
+    student, weight, bias, hidden, heads, labels, route = (
+        [t.to(device) for t in value] if isinstance(value, list) else value.to(device) for value in _inputs())
+    settings = dict(divergence="jsd", ce_weight=0.3, chunk_size=6, backend=backend)
+    expected = _run(student, weight, bias, hidden, heads, labels, torch.nn.functional.one_hot(route, 3).float(),
+                    **settings)
+    routed = _run(student, weight, bias, _own_rows(hidden, route), heads, labels, route, **settings)
+    for got, want in zip((routed[0], *routed[2:]), (expected[0], *expected[2:])):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_per_row_losses_and_their_gradients_equal_the_one_hots():
