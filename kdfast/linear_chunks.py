@@ -97,6 +97,8 @@ def chunk_rows(chunk_size, heads: Heads) -> int:
     per_row = heads.vocab * student_bytes
     if heads.dense_teacher:
         per_row += heads.vocab * heads.logits_dtype(heads.teacher.dtype).itemsize
+    elif isinstance(heads.teacher, TeacherHeads) and heads.teacher.route is not None:
+        per_row += heads.vocab * routed_logits_dtype(heads).itemsize
     elif isinstance(heads.teacher, TeacherHeads):
         per_row += heads.vocab * 4 * heads.teacher.chunk_buffers
         # Each model keeps the share of the budget it has beside one teacher (half), and on the CPU at least
@@ -110,6 +112,13 @@ def chunk_rows(chunk_size, heads: Heads) -> int:
     if isinstance(heads.teacher, TeacherHeads) and not cpu_gemm.on_onednn(heads.student_hidden, heads.student_weight):
         rows = max(rows, SEVERAL_TEACHERS_MIN_ROWS.get(heads.student_hidden.device.type, 0))
     return min(rows, max(heads.rows, 1))
+
+
+def routed_logits_dtype(heads: Heads) -> torch.dtype:
+    """The dtype of a routed chunk's teacher logits: a single teacher's (its GEMM's, or float32 logits when asked for)
+    where every head's GEMM has one dtype, else float32."""
+    dtypes = {head.dtype for head in heads.teacher.heads}
+    return heads.logits_dtype(dtypes.pop()) if len(dtypes) == 1 else torch.float32
 
 
 class ChunkBuffers:
@@ -207,7 +216,8 @@ def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted
     weight_t = gemm_weight(teacher.weight, teacher.dtype, buffers.teacher) if heads.dense_teacher else None
     several = None
     if isinstance(teacher, TeacherHeads) and teacher.route is not None:
-        several = RoutedChunkTeachers(teacher, min(step, heads.rows), heads.vocab, device, gemm_weight)
+        several = RoutedChunkTeachers(teacher, min(step, heads.rows), heads.vocab, device, gemm_weight,
+                                      routed_logits_dtype(heads))
     elif isinstance(teacher, TeacherHeads):
         as_mixture = teacher.combine == "average" and average_runs_as_mixture(rows_kernel, opts)
         several = ChunkTeachers(teacher, min(step, heads.rows), heads.vocab, device, gemm_weight,

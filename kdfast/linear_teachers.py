@@ -96,13 +96,14 @@ class ChunkTeachers:
 
 
 class RoutedChunkTeachers:
-    """The chunk's teacher for routed rows: one [rows, V] float32 buffer, each run of rows of one teacher written by
-    that teacher's GEMM (and logit map), so the rows kernel takes it as a single dense teacher. A row's divergence is
-    its teacher's own: with return_components it goes to that teacher's column (the others stay 0 on that row)."""
+    """The chunk's teacher for routed rows: one [rows, V] buffer in a single teacher's logits dtype
+    (`linear_chunks.routed_logits_dtype`), each run of rows of one teacher written by that teacher's GEMM (and logit
+    map), so the rows kernel takes it as a single dense teacher. A row's divergence is its teacher's own: with
+    return_components it goes to that teacher's column (the others stay 0 on that row)."""
 
-    def __init__(self, teachers: TeacherHeads, rows: int, vocab: int, device, weight_for):
+    def __init__(self, teachers: TeacherHeads, rows: int, vocab: int, device, weight_for, dtype: torch.dtype):
         self.teachers = teachers
-        self.buffer = torch.empty(rows, vocab, dtype=torch.float32, device=device)
+        self.buffer = torch.empty(rows, vocab, dtype=dtype, device=device)
         self.weights = [weight_for(head.weight, head.dtype, self.buffer) for head in teachers.heads]
 
     def rows(self, rows: slice, count: int, logits_into):

@@ -112,6 +112,20 @@ def test_a_teacher_with_no_rows_takes_an_empty_tensor():
     torch.testing.assert_close(routed, single)
 
 
+@pytest.mark.parametrize("fp32_logits", [False, True])
+def test_under_autocast_a_routed_teacher_is_a_single_teacher(fp32_logits):
+    """Under a bf16 autocast the routed chunk holds a single teacher's logits dtype (bf16, or float32 logits when
+    asked for): every row routed to teacher 0 gives `linear_distill_loss` against it, to the bit."""
+    student, weight, bias, hidden, heads, labels, _ = _inputs()
+    route = torch.zeros(len(labels), dtype=torch.long)
+    settings = dict(divergence="reverse_kl", ce_weight=0.3, chunk_size=8, fp32_logits=fp32_logits)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routed = kdfast.linear_multi_teacher_distill_loss(student, weight, [hidden[0], hidden[1][:0]], heads[:2],
+                                                          labels, weights=route, **settings)
+        single = kdfast.linear_distill_loss(student, weight, hidden[0], heads[0], labels, **settings)
+    assert torch.equal(routed, single)
+
+
 @pytest.mark.parametrize("combine", ["mixture", "average"])
 def test_the_logits_form_takes_a_routing_as_its_one_hot(combine):
     generator = torch.Generator().manual_seed(1)
