@@ -267,14 +267,16 @@ def trl_gkd_case(tmp_path, setup):
     _train_and_compare(trainer, expected, teacher_sharded=True)
 
 
-def trl_distillation_case(tmp_path, setup):
+def trl_distillation_case(tmp_path, setup, *, routed: bool = False):
     """kdfast's subclass of TRL's stable DistillationTrainer against TRL's loss (float64, from full logits) on an
     unsharded student. Generation is TRL's and not under test here: each step trains on one fixed batch of
-    completions (each rank its half), which TRL's `_prepare_inputs` would otherwise generate."""
+    completions (each rank its half), which TRL's `_prepare_inputs` would otherwise generate. `routed`: two teachers
+    by name, each sequence routed to one by its `teacher_id` (rank 0's half has none of the second's: a sharded
+    teacher still runs its forward with the other rank)."""
     import warnings
 
     from datasets import Dataset
-    from tiny_models import student_and_teacher, word_tokenizer
+    from tiny_models import student_and_teacher, tiny_llama, word_tokenizer
     from trl import DistillationConfig
 
     from kdfast.integrations.trl import DistillationTrainer
@@ -288,6 +290,9 @@ def trl_distillation_case(tmp_path, setup):
              "completion_mask": torch.ones(4, 5, dtype=torch.long)}
     batch["completion_mask"][1, 3:] = 0
     count = batch["completion_mask"].sum().float()
+    teachers = [teacher, tiny_llama(48, seed=2)] if routed else [teacher]
+    if routed:
+        batch["teacher_id"] = torch.tensor([0, 0, 1, 0])
 
     def hidden(model, inputs):
         ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
@@ -296,8 +301,10 @@ def trl_distillation_case(tmp_path, setup):
 
     def batch_loss(model, inputs):  # TRL's loss on full logits: JSD at T = 2 summed over the completion tokens
         kept = inputs["completion_mask"].bool()
+        route = inputs.get("teacher_id", torch.zeros(kept.shape[0], dtype=torch.long))
         with torch.no_grad():
-            teacher_logits = hidden(teacher, inputs)[kept] @ teacher.lm_head.weight.t()
+            each = torch.stack([hidden(model, inputs) @ model.lm_head.weight.t() for model in teachers])
+            teacher_logits = each[route, torch.arange(kept.shape[0])][kept]
         student_logits = hidden(model, inputs)[kept] @ model.lm_head.weight.t()
         return distill_loss_reference(student_logits, teacher_logits, divergence="jsd", beta=0.5, temperature=2.0,
                                       t2_scale=False, reduction="sum").float() / count
@@ -313,7 +320,8 @@ def trl_distillation_case(tmp_path, setup):
                  bf16=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = FixedCompletions(model=student, teacher_model=teacher, args=args, processing_class=word_tokenizer(),
+        trainer = FixedCompletions(model=student, teacher_model=dict(zip("ab", teachers)) if routed else teacher,
+                                   args=args, processing_class=word_tokenizer(),
                                    train_dataset=Dataset.from_dict({"prompt": ["w2 w3"] * 8}))
     _train_and_compare(trainer, expected)
 
@@ -380,6 +388,7 @@ CASES = {"sharded-teacher": functools.partial(distillation_case, sparse=False),
          "cross-tokenizer": cross_tokenizer_case,
          "trl-gkd": trl_gkd_case,
          "trl-distillation": trl_distillation_case,
+         "trl-distillation, routed teachers": functools.partial(trl_distillation_case, routed=True),
          "trl-fused-head, frozen": functools.partial(trl_fused_head_case, head_learns=False, entropy_bonus=False),
          "trl-fused-head, frozen, entropy bonus": functools.partial(trl_fused_head_case, head_learns=False,
                                                                     entropy_bonus=True),
