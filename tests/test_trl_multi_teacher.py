@@ -19,7 +19,8 @@ def _trainer(tmp_path, student, teachers, **settings):
     from datasets import Dataset
 
     dataset = Dataset.from_dict({"prompt": ["w2 w3 w4", "w5 w6", "w7 w8 w9 w10", "w11"] * 2})
-    config = {key: settings.pop(key) for key in ("beta", "temperature", "max_steps", "learning_rate")
+    config = {key: settings.pop(key) for key in ("beta", "temperature", "max_steps", "learning_rate",
+                                                 "teacher_model_init_kwargs")
               if key in settings}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -86,8 +87,9 @@ def test_trains_with_two_teachers_and_refuses_what_one_teacher_cannot_take(tmp_p
     assert len(logs) == 2 and all("divergence/teacher_1" in entry for entry in logs)
     with pytest.raises(ValueError, match="teacher_weights and teacher_combine weigh several teachers"):
         _trainer(tmp_path, student, teacher, teacher_weights=[1.0])
-    with pytest.raises(ValueError, match="teacher_model as a list or dict takes loaded models"):
-        _trainer(tmp_path, student, [teacher, "some/checkpoint"])
+    with pytest.raises(ValueError, match=r"teacher_model as a list or dict takes causal LMs \(models with "
+                                         r"get_output_embeddings\(\)\) or their paths"):
+        _trainer(tmp_path, student, [teacher, torch.nn.Linear(2, 2)])
     with pytest.raises(ValueError, match=r"teacher_weights must hold 2 numbers \(one per teacher\)"):
         _trainer(tmp_path, student, [teacher, tiny_llama(48, seed=3)], teacher_weights=[1.0, 2.0, 3.0])
 
@@ -180,3 +182,19 @@ def test_the_routed_loss_function_takes_every_sequence_or_its_own():
         loss_of(student, [hidden[0][:2], hidden[1]], weight, heads, mask, 0.5, teacher_index=route)
     with pytest.raises(ValueError, match="teacher_index routes each sequence to one teacher: pass weights=None"):
         loss_of(student, hidden, weight, heads, mask, 0.5, teacher_index=route, weights=[1.0, 1.0])
+
+
+def test_teachers_given_by_path_are_loaded_as_trl_loads_its_own(tmp_path):
+    """A dict of checkpoint paths, TRL's newer multi-teacher form: each loaded (the first by TRL, the others by kdfast
+    with TRL's `teacher_model_init_kwargs`) and the loss that of the same models passed loaded."""
+    student = student_and_teacher(head_scale=30.0)[0]
+    models = {"short": student_and_teacher(head_scale=30.0)[1], "long": tiny_llama(48, seed=2)}
+    for name, model in models.items():
+        model.save_pretrained(tmp_path / name)
+    batch = _completion_batch()
+    by_path = _trainer(tmp_path, copy.deepcopy(student), {name: str(tmp_path / name) for name in models},
+                       teacher_model_init_kwargs={"dtype": "float32"})
+    loaded = _trainer(tmp_path, copy.deepcopy(student), models)
+    assert [type(model).__name__ for model in by_path.teacher_models] == ["LlamaForCausalLM"] * 2
+    assert by_path.teacher_models[1].config.hidden_size == 48
+    torch.testing.assert_close(by_path.compute_loss(by_path.model, batch), loaded.compute_loss(loaded.model, batch))

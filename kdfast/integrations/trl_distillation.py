@@ -22,6 +22,7 @@ from kdfast.teacher_weights import check_trainer_weights
 
 try:
     from trl import DistillationTrainer as _TRLDistillationTrainer
+    from trl.trainer.utils import create_model_from_path
 except ImportError as error:
     raise ImportError("kdfast.integrations.trl.DistillationTrainer needs TRL >= 1.16 (trl.DistillationTrainer)") \
         from error
@@ -145,14 +146,15 @@ class DistillationTrainer(_TRLDistillationTrainer):
     the same loss, logged entropy and gradients as TRL's, with each model's logit scale and softcap read as TRL reads
     them. Generation (and everything else) is TRL's.
 
-    `teacher_model` may also be a list of models, or a dict of them by name: TRL prepares the first, kdfast the others
-    the same way (a ZeRO-3 or FSDP engine, or accelerate's evaluation wrapper), and the divergence is to their mixture
-    (`teacher_combine="mixture"`) or the weighted sum of each one's (`"average"`), with `teacher_weights` as
-    `kdfast.linear_multi_teacher_distill_loss` takes them. Without `teacher_weights`, a dataset column `teacher_id`
-    (a teacher's position, or its name in the dict) routes each prompt to one teacher: each teacher model runs on its
-    own sequences alone (on all of them where its forward is a collective of sharded ranks, or with images) and only
-    its head scores their tokens. Each teacher's own divergence per token it scores is logged as
-    `divergence/teacher_<m>` (its name in the dict), and routed, its share of the tokens as `tokens/teacher_<m>`."""
+    `teacher_model` may also be a list of models (or paths, loaded as TRL loads its teacher), or a dict of them by
+    name: TRL prepares the first, kdfast the others the same way (a ZeRO-3 or FSDP engine, or accelerate's evaluation
+    wrapper), and the divergence is to their mixture (`teacher_combine="mixture"`) or the weighted sum of each one's
+    (`"average"`), with `teacher_weights` as `kdfast.linear_multi_teacher_distill_loss` takes them. Without
+    `teacher_weights`, a dataset column `teacher_id` (a teacher's position, or its name in the dict) routes each
+    prompt to one teacher: each teacher model runs on its own sequences alone (on all of them where its forward is a
+    collective of sharded ranks, or with images) and only its head scores their tokens. Each teacher's own divergence
+    per token it scores is logged as `divergence/teacher_<m>` (its name in the dict), and routed, its share of the
+    tokens as `tokens/teacher_<m>`."""
 
     def __init__(self, model=None, teacher_model=None, args=None, *rest, teacher_weights=None,
                  teacher_combine="mixture", **kwargs):
@@ -162,9 +164,10 @@ class DistillationTrainer(_TRLDistillationTrainer):
         several = isinstance(teacher_model, (list, tuple))
         if several and not teacher_model:
             raise ValueError("teacher_model is empty: pass one teacher model or several")
-        if several and not all(hasattr(teacher, "get_output_embeddings") for teacher in teacher_model):
-            raise ValueError("teacher_model as a list or dict takes loaded models (a path is TRL's to load: pass one "
-                             "teacher by name, or load each first)")
+        if several and not all(isinstance(teacher, str) or hasattr(teacher, "get_output_embeddings")
+                               for teacher in teacher_model):
+            raise ValueError("teacher_model as a list or dict takes causal LMs (models with get_output_embeddings()) "
+                             "or their paths")
         if not several and (teacher_weights is not None or teacher_combine != "mixture"):
             raise ValueError("teacher_weights and teacher_combine weigh several teachers: pass teacher_model as a "
                              "list of models")
@@ -175,9 +178,24 @@ class DistillationTrainer(_TRLDistillationTrainer):
         super().__init__(model, teacher_model[0] if several else teacher_model, args, *rest, **kwargs)
         self.teacher_weights, self.teacher_combine = teacher_weights, teacher_combine
         self._teacher_divergences = None
-        self.teacher_models = [self.teacher_model, *map(self._prepared_teacher, teacher_model[1:])] if several \
-            else None
+        self.teacher_models = [self.teacher_model, *(self._prepared_teacher(self._loaded_teacher(teacher))
+                                                     for teacher in teacher_model[1:])] if several else None
         self.teacher_names = names or [str(index) for index in range(len(teacher_model))] if several else None
+
+    def _loaded_teacher(self, teacher):
+        """A teacher given by its path, loaded as TRL loads its own (trl.DistillationTrainer.__init__:
+        `teacher_model_init_kwargs`, `teacher_model_revision`, remote code, no device_map across processes)."""
+        if not isinstance(teacher, str):
+            return teacher
+        kwargs = dict(self.args.teacher_model_init_kwargs or {})
+        dtype = kwargs.get("dtype")
+        kwargs["dtype"] = dtype if dtype in ("auto", None) else getattr(torch, dtype)
+        if self.args.teacher_model_revision is not None:
+            kwargs.setdefault("revision", self.args.teacher_model_revision)
+        if self.args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+            kwargs["device_map"] = None
+        kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
+        return create_model_from_path(teacher, **kwargs)
 
     def _prepared_teacher(self, teacher):
         """A teacher prepared as TRL prepares its own (trl.DistillationTrainer.__init__)."""
