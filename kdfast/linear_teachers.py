@@ -34,8 +34,9 @@ class TeacherHeads:
 
     @property
     def chunk_buffers(self) -> int:
-        """[rows, V] float32 buffers a chunk holds: every teacher's logits, or routed the one teacher of each row."""
-        return 1 if self.route is not None else len(self.heads)
+        """[rows, V] float32 buffers a chunk of mixed or averaged teachers holds: every teacher's logits (a routed chunk
+        holds one buffer: `linear_chunks.routed_logits_dtype`)."""
+        return len(self.heads)
 
 
 @dataclass
