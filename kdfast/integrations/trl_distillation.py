@@ -180,7 +180,7 @@ class DistillationTrainer(_TRLDistillationTrainer):
         self._teacher_divergences = None
         self.teacher_models = [self.teacher_model, *(self._prepared_teacher(self._loaded_teacher(teacher))
                                                      for teacher in teacher_model[1:])] if several else None
-        self.teacher_names = names or [str(index) for index in range(len(teacher_model))] if several else None
+        self.teacher_names = (names or [str(index) for index in range(len(teacher_model))]) if several else None
 
     def _loaded_teacher(self, teacher):
         """A teacher given by its path, loaded as TRL loads its own (trl.DistillationTrainer.__init__:
