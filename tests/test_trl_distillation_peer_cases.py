@@ -97,15 +97,21 @@ def test_chunked_matches_naive_full_vocab(beta, chunk_size, backend):
     assert n_valid.item() == int(inputs[4].sum().item())
 
 
-def test_chunked_ragged_mask_and_num_items():
-    """TRL's earlier test_matches_full_vocab_divergence: a ragged mask (completions of different lengths), 29 tokens,
-    chunk sizes 4, 5 and 64, num_items_in_batch = mask.sum()."""
+def ragged_inputs():
+    """TRL's earlier revision's `_tensors` (torch.manual_seed(0)): 3 completions of 7 tokens, 2 cut short."""
     g = torch.Generator().manual_seed(0)
     student_hidden, teacher_hidden = torch.randn(3, 7, 16, generator=g), torch.randn(3, 7, 16, generator=g)
     student_weight, teacher_weight = torch.randn(29, 16, generator=g), torch.randn(29, 16, generator=g)
     mask = torch.ones(3, 7)
     mask[0, 5:] = 0
     mask[2, 3:] = 0
+    return student_hidden, teacher_hidden, student_weight, teacher_weight, mask
+
+
+def test_chunked_ragged_mask_and_num_items():
+    """TRL's earlier test_matches_full_vocab_divergence: a ragged mask (completions of different lengths), 29 tokens,
+    chunk sizes 4, 5 and 64, num_items_in_batch = mask.sum()."""
+    student_hidden, teacher_hidden, student_weight, teacher_weight, mask = ragged_inputs()
     for beta in (0.0, 0.5, 1.0):
         expected = reference_chunked_divergence(student_hidden, teacher_hidden, student_weight, teacher_weight, mask,
                                                 beta)

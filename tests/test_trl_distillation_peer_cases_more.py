@@ -54,22 +54,11 @@ from test_trl_distillation_peer_cases import (  # noqa: E402
     chunked_inputs,
     completion_batch,
     distillation_trainer,
+    ragged_inputs,
     reference_chunked_divergence,
 )
 
 from kdfast.integrations.trl import DistillationTrainer, chunked_divergence_loss  # noqa: E402
-
-
-def ragged_inputs():
-    """The earlier revision's `_tensors` (torch.manual_seed(0)): 3 completions of 7 tokens, 2 cut short."""
-    g = torch.Generator().manual_seed(0)
-    student_hidden, teacher_hidden = torch.randn(3, 7, 16, generator=g), torch.randn(3, 7, 16, generator=g)
-    student_weight, teacher_weight = torch.randn(29, 16, generator=g), torch.randn(29, 16, generator=g)
-    mask = torch.ones(3, 7)
-    mask[0, 5:] = 0
-    mask[2, 3:] = 0
-    return student_hidden, teacher_hidden, student_weight, teacher_weight, mask
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # TestChunkedDivergenceLoss
