@@ -174,13 +174,15 @@ def multi_teacher_cases(draw):
     count = draw(st.integers(1, 3))
     teachers = [random_head(generator, lead, draw(st.integers(1, 48)), vocab, draw(st.sampled_from([0.3, 3.0, 30.0])),
                             draw(st.booleans())) for _ in range(count)]
-    weights = draw(st.sampled_from([None, "static", "rows", "confidence", "min_ce"]))
+    weights = draw(st.sampled_from([None, "static", "rows", "routed", "confidence", "min_ce"]))
     if weights == "static":
         weights = [draw(st.floats(0.1, 3)) for _ in range(count)]
     elif weights == "rows":  # a routing one-hot per row
         weights = torch.nn.functional.one_hot(torch.randint(0, count, lead, generator=generator), count).float()
+    elif weights == "routed":  # each row's teacher as an index: only its head runs; its hidden states its rows alone
+        weights = torch.randint(0, count, lead, generator=generator)
     options = {k: v for k, v in options.items() if k not in ("student_logit_scale", "teacher_logit_scale")}
-    return student, teachers, labels, dict(options, weights=weights,
+    return student, teachers, labels, dict(options, weights=weights, own_rows=draw(st.booleans()),
                                            combine=draw(st.sampled_from(["mixture", "average"])))
 
 
@@ -191,12 +193,19 @@ def test_linear_multi_teacher_matches_reference(case, backend):
     from kdfast.reference import multi_teacher_distill_loss_reference
 
     student, teachers, labels, options = case
+    options, own_rows = dict(options), options["own_rows"]
+    del options["own_rows"]
     device = device_for(backend)
     leaves = {k: (v.detach().to(device).requires_grad_(True) if v is not None else None) for k, v in student.items()}
     on_device = {**options, "weights": options["weights"].to(device)} if isinstance(options["weights"], torch.Tensor) \
         else options
+    routed = isinstance(options["weights"], torch.Tensor) and not options["weights"].dtype.is_floating_point
+    hidden = [t["hidden"].to(device) for t in teachers]
+    if routed and own_rows:  # each teacher's hidden states of its own rows alone, in row order
+        hidden = [rows.reshape(-1, rows.shape[-1])[options["weights"].reshape(-1).to(device) == index]
+                  for index, rows in enumerate(hidden)]
     loss = kdfast.linear_multi_teacher_distill_loss(
-        leaves["hidden"], leaves["weight"], [t["hidden"].to(device) for t in teachers],
+        leaves["hidden"], leaves["weight"], hidden,
         [t["weight"].to(device) for t in teachers], labels.to(device), student_bias=leaves["bias"],
         teacher_bias=[t["bias"].to(device) if t["bias"] is not None else None for t in teachers], backend=backend,
         **on_device)
@@ -206,6 +215,8 @@ def test_linear_multi_teacher_matches_reference(case, backend):
     theirs = {k: (v.detach().double().requires_grad_(True) if v is not None else None) for k, v in student.items()}
     reference_options = {k: v for k, v in options.items() if k not in ("chunk_size", "student_softcap",
                                                                          "teacher_softcap")}
+    if routed:  # the routing's loss is its one-hot's
+        reference_options["weights"] = torch.nn.functional.one_hot(options["weights"], len(teachers)).double()
     ref = multi_teacher_distill_loss_reference(student_map.reference(_logits(theirs)),
                                                [teacher_map.reference(_logits(t)) for t in teachers], labels,
                                                **reference_options)
