@@ -10,6 +10,8 @@ from kdfast.dispatch import rows_kernel_for
 from kdfast.kernel_abi import MAX_MIXED_TEACHERS
 from kdfast.linear_chunks import TeacherHead
 from kdfast.linear_function import ChunkPlan, LinearDistillFunction
+from kdfast.linear_multi_ops import compiled_multi_teacher_loss
+from kdfast.linear_ops import runs_as_op
 from kdfast.linear_teachers import TeacherHeads
 from kdfast.logit_maps import logit_maps
 from kdfast.multi_teacher import COMBINES
@@ -114,8 +116,11 @@ def fused_linear_multi_teacher_loss(student_hidden, student_weight, teacher_hidd
                          "the hidden states")
         check_num_items(num_items_in_batch)
 
-    rows_kernel = rows_kernel_for(opts, check, lambda: student_weight.shape[0], student_hidden, labels,
-                                  process_group, vocab_range, reduce_hidden_grad)
+    traced = runs_as_op(process_group, vocab_range)  # by torch.compile: the chunk loop as one custom op
+    if traced:
+        check()
+    rows_kernel = None if traced else rows_kernel_for(opts, check, lambda: student_weight.shape[0], student_hidden,
+                                                      labels, process_group, vocab_range, reduce_hidden_grad)
     student_weight, student_bias, *_ = heads_cut_to_vocab(opts, process_group, student_weight, student_bias)
 
     def teacher_logits(index, start, stop):
@@ -125,16 +130,19 @@ def fused_linear_multi_teacher_loss(student_hidden, student_weight, teacher_hidd
                                             head.bias.float() if head.bias is not None else None)
         return head.logit_map.apply_(logits)
 
+    log_weights = None if routed else row_log_weights(
+        weights, len(heads), labels, tuple(student_hidden.shape[:-1]), opts, student_hidden.device,
+        lambda: label_logprobs(teacher_logits, len(heads), labels, student_weight.shape[0], opts,
+                               getattr(rows_kernel, "shard", None)))
+    if traced:
+        return returned_with_teachers(compiled_multi_teacher_loss(
+            student_hidden, student_weight, student_bias, heads, log_weights, weights if routed else None, labels,
+            num_items_in_batch, opts, combine, student_map, chunk_size, fp32_logits), opts, labels)
     if routed:  # each row's own head alone: the mixture of one teacher, whichever `combine`
         teachers = TeacherHeads(heads, None, combine, opts.temperature, route=host_routing(
             weights, len(heads), [head.hidden.reshape(-1, head.hidden.shape[-1]).shape[0] for head in heads],
             student_hidden.device))
     else:
-        log_weights = row_log_weights(weights, len(heads), labels, tuple(student_hidden.shape[:-1]), opts,
-                                      student_hidden.device,
-                                      lambda: label_logprobs(teacher_logits, len(heads), labels,
-                                                             student_weight.shape[0], opts,
-                                                             getattr(rows_kernel, "shard", None)))
         teachers = TeacherHeads(heads, log_weights, combine, opts.temperature)
     plan = ChunkPlan(student_map, chunk_size, rows_kernel, fp32_logits)
     return _apply(student_hidden, student_weight, student_bias, labels, num_items_in_batch, opts, plan, teachers)

@@ -9,7 +9,7 @@ its tensors, the heads' logit maps and GEMM dtypes as plain arguments (an op's s
 `CompiledLinearDistillFunction` reduces the parts and rescales the saved gradients in backward, as
 `LinearDistillFunction` does; for per-row losses (reduction "none") the forward takes the losses alone and the
 backward runs the op again with each row's grad_output as its weight. Eager calls keep `LinearDistillFunction`
-itself; several teachers and vocab shards stay host-driven: one graph break."""
+itself; several teachers are `kdfast.linear_multi_ops`'; vocab shards stay host-driven: one graph break."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """Every loss inside a torch.compile'd step gives the eager step's loss and input gradient. The logits-level
 `distill_loss` and `sparse_distill_loss` are torch.library ops, and so are the chunk loops of `linear_distill_loss`,
-`linear_sparse_distill_loss` and `linear_token_logprobs` (tests/test_compile_linear.py,
-tests/test_compile_token_logprobs.py), so a step compiles whole (fullgraph=True); the others are driven from the host
-(chunk loops, several calls) and run where the compiled step calls them, a graph break (README, "Backends").
-AOTAutograd's eager backend traces the graph as inductor would, without compiling C++ for it."""
+`linear_sparse_distill_loss`, `linear_multi_teacher_distill_loss` and `linear_token_logprobs`
+(tests/test_compile_linear.py, tests/test_compile_multi_teacher.py, tests/test_compile_token_logprobs.py), so a step
+compiles whole (fullgraph=True); the others are driven from the host (chunk loops, several calls) and run where the
+compiled step calls them, a graph break (README, "Backends"). AOTAutograd's eager backend traces the graph as
+inductor would, without compiling C++ for it."""
 
 import pytest
 import torch
@@ -51,7 +52,7 @@ def _losses():
             x, d["weight"], d["ids"], d["logprobs"], d["labels"], ce_weight=0.5), True),
         "linear_multi_teacher_distill_loss": ("hidden", lambda x, d: kdfast.linear_multi_teacher_distill_loss(
             x, d["weight"], [d["teacher_hidden"]] * 2, [d["teacher_weight"], d["teacher_weight"] * 0.5],
-            d["labels"]), False),
+            d["labels"]), True),
         "linear_cross_vocab_distill_loss": ("hidden", lambda x, d: kdfast.linear_cross_vocab_distill_loss(
             x, d["weight"][:STUDENT_VOCAB], d["teacher_hidden"], d["teacher_weight"][:TEACHER_VOCAB],
             d["labels"] % STUDENT_VOCAB, vocab_map=vocab_map, method="uld"), False),

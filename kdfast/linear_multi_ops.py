@@ -1,0 +1,146 @@
+"""The fused linear loss of several teachers (`linear_multi_teacher_distill_loss`) as a torch.library custom op, so
+that a torch.compile'd step traces through it whole (`fullgraph=True` included), as `kdfast.linear_ops` does for one
+teacher.
+
+`kdfast::linear_multi_teacher_forward` runs the chunk loop of the eager Function with a `TeacherHeads` kind: each
+teacher's hidden states, head and bias as tensor lists, their rows' log-weights (computed while tracing, from any
+weights mode) or a routing (each row's teacher, read on the host inside the op), their logit maps as float lists and
+the GEMM dtypes as names (a schema takes no dtype list). It returns the rows' loss parts, the gradients, and each
+teacher's own divergence per row when the components are wanted. `CompiledLinearMultiTeacherFunction` reduces them as
+`LinearDistillFunction` does; for per-row losses its backward runs the op again with each row's grad_output."""
+
+from __future__ import annotations
+
+import torch
+
+from kdfast.dispatch import device_rows
+from kdfast.kernel_abi import PART_COLUMNS
+from kdfast.linear_chunks import Heads, TeacherHead, Wanted, run_chunks
+from kdfast.linear_function import gemm_dtype
+from kdfast.linear_ops import _map
+from kdfast.linear_teachers import TeacherHeads
+from kdfast.logit_maps import LogitMap
+from kdfast.options import LossOptions
+from kdfast.reduction import reduced_outputs, reduction_scale, with_teacher_summary
+from kdfast.saved_gradient import rescale_gradient_
+from kdfast.teacher_routing import host_routing
+from kdfast.views import flat_labels
+
+# Written out: torch 2.4's schema inference takes no list annotations.
+_SCHEMA = ("(Tensor student_hidden, Tensor student_weight, Tensor? student_bias, Tensor[] teacher_hidden, "
+           "Tensor[] teacher_weight, Tensor?[] teacher_bias, Tensor? log_weights, Tensor? route, Tensor? labels, "
+           "Tensor grad_scale, Tensor? row_weights, bool want_hidden, bool want_weight, bool want_bias, "
+           "bool want_teachers, float student_scale, float student_softcap, float[] teacher_scales, "
+           "float[] teacher_softcaps, str gemm_dtypes, int chunk_size, bool fp32_logits, str combine, str settings) "
+           "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+
+@torch.library.custom_op("kdfast::linear_multi_teacher_forward", mutates_args=(), schema=_SCHEMA)
+def linear_multi_teacher_forward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                 teacher_bias, log_weights, route, labels, grad_scale, row_weights, want_hidden,
+                                 want_weight, want_bias, want_teachers, student_scale, student_softcap, teacher_scales,
+                                 teacher_softcaps, gemm_dtypes, chunk_size, fp32_logits, combine, settings):
+    """The student's hidden states [N, H] and head [V, H]; each teacher's hidden states ([N, H_m], or routed its own
+    rows [n_m, H_m]), head [V, H_m] and bias; the rows' log-weights [N, M], or `route` [N] each row's teacher. The
+    rows' loss parts [N, PART_COLUMNS] float32, d hidden, d weight, d bias in their inputs' dtypes and each teacher's
+    own divergence per row [N, M] float32 (an empty tensor where not wanted). Softcaps of 0: none; `gemm_dtypes` the
+    student's GEMM dtype and each teacher's, by name, comma-separated; `chunk_size` 0: "auto"."""
+    opts = LossOptions.decode(settings)
+    student_dtype, *teacher_dtypes = (getattr(torch, name) for name in gemm_dtypes.split(","))
+    heads = [TeacherHead(hidden, weight, bias, dtype, _map(scale, cap)) for hidden, weight, bias, dtype, scale, cap
+             in zip(teacher_hidden, teacher_weight, teacher_bias, teacher_dtypes, teacher_scales, teacher_softcaps)]
+    rows = student_hidden.shape[0]
+    per_teacher = student_hidden.new_zeros(rows, len(heads), dtype=torch.float32) if want_teachers else None
+    routing = (host_routing(route, len(heads), [hidden.shape[0] for hidden in teacher_hidden], student_hidden.device)
+               if route is not None else None)
+    teachers = TeacherHeads(heads, log_weights, combine, opts.temperature, per_teacher, routing)
+    chunks = Heads(student_hidden, student_weight, student_bias, teachers, labels, _map(student_scale, student_softcap),
+                   student_dtype, fp32_logits)
+    with torch.autocast(student_hidden.device.type, enabled=False), torch.no_grad():
+        parts, d_hidden, d_weight, d_bias = run_chunks(chunks, opts, grad_scale,
+                                                       Wanted(want_hidden, want_weight, want_bias),
+                                                       chunk_size or "auto", device_rows(opts, student_hidden.device),
+                                                       row_weights=row_weights)
+    # A fresh empty tensor per missing output: an op's outputs may not alias each other.
+    return (parts, d_hidden if d_hidden is not None else student_hidden.new_empty(0),
+            d_weight.to(student_weight.dtype) if d_weight is not None else student_hidden.new_empty(0),
+            d_bias.to(student_bias.dtype) if d_bias is not None else student_hidden.new_empty(0),
+            per_teacher if per_teacher is not None else student_hidden.new_empty(0))
+
+
+@linear_multi_teacher_forward.register_fake
+def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, log_weights, route,
+      labels, grad_scale, row_weights, want_hidden, want_weight, want_bias, want_teachers, *settings):
+    def like(tensor, want):
+        return torch.empty_like(tensor) if want else student_hidden.new_empty(0)
+
+    rows = student_hidden.shape[0]
+    return (student_hidden.new_empty(rows, PART_COLUMNS, dtype=torch.float32), like(student_hidden, want_hidden),
+            like(student_weight, want_weight),
+            like(student_bias, want_bias) if student_bias is not None else student_hidden.new_empty(0),
+            student_hidden.new_empty(rows, len(teacher_hidden), dtype=torch.float32) if want_teachers
+            else student_hidden.new_empty(0))
+
+
+def compiled_multi_teacher_loss(student_hidden, student_weight, student_bias, heads: list, log_weights, route, labels,
+                                num_items_in_batch, opts: LossOptions, combine: str, student_map: LogitMap,
+                                chunk_size, fp32_logits: bool):
+    """The loss through the op, as `LinearDistillFunction` returns it for several teachers: `heads` the teachers'
+    `TeacherHead`s (constants), `log_weights` [N, M] or `route` (each row's teacher)."""
+    teachers = ([head.hidden.reshape(-1, head.hidden.shape[-1]) for head in heads], [head.weight for head in heads],
+                [head.bias for head in heads])
+    dtypes = ",".join(str(dtype).removeprefix("torch.") for dtype in
+                      (gemm_dtype(student_hidden, student_weight),
+                       *(gemm_dtype(head.hidden, head.weight) for head in heads)))
+    settings = (student_map.scale, student_map.softcap or 0.0, [head.logit_map.scale for head in heads],
+                [head.logit_map.softcap or 0.0 for head in heads], dtypes,
+                0 if chunk_size == "auto" else int(chunk_size), fp32_logits, combine, opts.encoded())
+    route = route.reshape(-1) if route is not None else None
+    return CompiledLinearMultiTeacherFunction.apply(student_hidden, student_weight, student_bias, labels,
+                                                    num_items_in_batch, opts, settings, log_weights, route, *teachers)
+
+
+class CompiledLinearMultiTeacherFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, labels, num_items_in_batch, opts: LossOptions,
+                settings: tuple, log_weights, route, teacher_hidden, teacher_weight, teacher_bias):
+        lead_shape = student_hidden.shape[:-1]
+        hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+        labels = flat_labels(labels)
+        scale = reduction_scale(labels, hidden.shape[0], opts, num_items_in_batch, hidden.device)
+        wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                  student_bias is not None and ctx.needs_input_grad[2])
+        # Per-row losses: each row's gradient waits for its grad_output (the op again in backward).
+        per_row = opts.reduction == "none"
+        teachers = (teacher_hidden, teacher_weight, teacher_bias, log_weights, route, labels)
+        parts, d_hidden, d_weight, d_bias, per_teacher = linear_multi_teacher_forward(
+            hidden, student_weight, student_bias, *teachers, scale, None,
+            *((False, False, False) if per_row else wanted), opts.return_components, *settings)
+        ctx.wanted, ctx.per_row, ctx.reduction = wanted, per_row, opts.reduction
+        if per_row:
+            # Lists of tensors are kept on ctx: the teachers are constants, never modified by the step.
+            ctx.settings, ctx.hidden_shape, ctx.teachers = settings, student_hidden.shape, teachers
+            ctx.save_for_backward(hidden, student_weight, student_bias)
+        else:
+            ctx.save_for_backward(d_hidden.view(student_hidden.shape) if wanted[0] else d_hidden, d_weight, d_bias)
+        outputs = reduced_outputs(ctx, parts, lead_shape, labels, opts, scale)
+        if not opts.return_components:
+            return outputs
+        return with_teacher_summary(ctx, outputs, per_teacher, lead_shape, opts, scale)
+
+    @staticmethod
+    def backward(ctx, grad_output, *summary_grads):
+        if ctx.per_row:
+            hidden, weight, bias = ctx.saved_tensors
+            ones = torch.ones((), dtype=torch.float32, device=hidden.device)
+            _, *saved, _ = linear_multi_teacher_forward(hidden, weight, bias, *ctx.teachers, ones,
+                                                        grad_output.reshape(-1).float(), *ctx.wanted, False,
+                                                        *ctx.settings)
+            saved[0] = saved[0].view(ctx.hidden_shape) if ctx.wanted[0] else saved[0]
+        else:
+            saved = list(ctx.saved_tensors)
+            for grad, want in zip(saved, ctx.wanted):
+                if want:
+                    rescale_gradient_(grad, grad_output)
+        grads = [grad if want else None for grad, want in zip(saved, ctx.wanted)]
+        return (*grads, None, None, None, None, None, None, None, None, None)

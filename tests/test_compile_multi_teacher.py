@@ -1,0 +1,121 @@
+"""`linear_multi_teacher_distill_loss` inside a torch.compile'd step with fullgraph=True (kdfast.linear_multi_ops: the
+chunk loop as one custom op): the eager step's loss, each teacher's divergence and the gradients to hidden, weight and
+bias, for both combine modes, every weights mode (routing included, with hidden states of each teacher's own rows),
+per-row losses weighed and autocast; the op passes torch.library's own checks."""
+
+import pytest
+import torch
+from conftest import BACKENDS, device_for
+from helpers import make_labels
+
+import kdfast
+from kdfast import linear_multi_ops
+from kdfast.options import LossOptions
+
+ROWS, VOCAB, HIDDEN, TEACHER_HIDDEN = 12, 40, 8, (12, 6)
+CASES = {
+    "mixture": dict(),
+    "average, static weights, sum": dict(combine="average", weights=[1.0, 3.0], reduction="sum"),
+    "per-row weights, components": dict(weights="rows", return_components=True, divergence="jsd"),
+    "confidence, softcaps, chunks": dict(weights="confidence", teacher_softcap=[None, 4.0], softcap=None,
+                                         student_softcap=3.0, chunk_size=5, ce_weight=0.5),
+    "min_ce, average, components": dict(weights="min_ce", combine="average", return_components=True),
+    "routed": dict(weights="routed", ce_weight=0.3),
+    "routed, own rows, components": dict(weights="routed", own_rows=True, return_components=True, chunk_size=4),
+    # Per-row losses, weighed: the compiled backward runs the op again with each row's grad_output.
+    "per row": dict(reduction="none", chunk_size=4, teacher_bias=True),
+    "per row, routed, own rows": dict(reduction="none", weights="routed", own_rows=True),
+}
+COMPILE_BACKENDS = ["cpu"] + [backend for backend in BACKENDS if device_for(backend) == "cuda"]
+
+
+def _inputs(device="cpu"):
+    generator = torch.Generator().manual_seed(3)
+    data = {"hidden": torch.randn(2, ROWS // 2, HIDDEN, generator=generator),
+            "weight": torch.randn(VOCAB, HIDDEN, generator=generator) / 2,
+            "bias": torch.randn(VOCAB, generator=generator),
+            "teacher_hidden": [torch.randn(2, ROWS // 2, size, generator=generator) for size in TEACHER_HIDDEN],
+            "teacher_weight": [torch.randn(VOCAB, size, generator=generator) / 2 for size in TEACHER_HIDDEN],
+            "teacher_bias": [None, torch.randn(VOCAB, generator=generator)],
+            "labels": make_labels((2, ROWS // 2), VOCAB, "some"),
+            "rows": torch.rand(2, ROWS // 2, 2, generator=generator) + 0.1,
+            "route": torch.randint(0, 2, (2, ROWS // 2), generator=generator)}
+    return {key: [t.to(device) if t is not None else None for t in value] if isinstance(value, list)
+            else value.to(device) for key, value in data.items()}
+
+
+def _step(data, settings):
+    settings = dict(settings)
+    own_rows = settings.pop("own_rows", False)
+    teacher_bias = data["teacher_bias"] if settings.pop("teacher_bias", False) else None
+    weights = settings.pop("weights", None)
+    weights = {"rows": data["rows"], "routed": data["route"]}.get(weights, weights) \
+        if isinstance(weights, str) else weights
+    hidden = data["teacher_hidden"]
+    if own_rows:  # each teacher's hidden states of its own rows alone
+        hidden = [rows[data["route"] == index] for index, rows in enumerate(hidden)]
+
+    def step(student_hidden, weight, bias):
+        return kdfast.linear_multi_teacher_distill_loss(student_hidden, weight, hidden, data["teacher_weight"],
+                                                        data["labels"], student_bias=bias, teacher_bias=teacher_bias,
+                                                        weights=weights, **settings)
+
+    return step
+
+
+def _run(step, data):
+    leaves = [data[name].clone().requires_grad_(True) for name in ("hidden", "weight", "bias")]
+    out = step(*leaves)
+    loss, parts = out if isinstance(out, tuple) else (out, None)
+    grad_weights = torch.linspace(0.5, 1.5, loss.numel(), device=loss.device).reshape(loss.shape)
+    (loss * grad_weights).sum().backward()
+    return loss.detach(), parts, [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_fullgraph_step_equals_eager(case, backend):
+    data = _inputs(device_for(backend))
+    step = _step(data, {**CASES[case], "backend": backend})
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    expected = _run(step, data)
+    for _ in range(2):  # the second call runs the cached graph
+        loss, parts, grads = _run(compiled, data)
+        torch.testing.assert_close(loss, expected[0], rtol=1e-6, atol=1e-7)
+        for grad, reference in zip(grads, expected[2]):
+            torch.testing.assert_close(grad, reference, rtol=1e-6, atol=1e-7)
+        if parts is not None:
+            for name in ("kd", "ce", "entropy", "teachers"):
+                torch.testing.assert_close(getattr(parts, name), getattr(expected[1], name), rtol=1e-6, atol=1e-7)
+
+
+def test_fullgraph_step_under_autocast_equals_eager():
+    data = _inputs()
+    step = _step(data, {"weights": "routed", "ce_weight": 0.5})
+
+    def autocast_step(*leaves):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return step(*leaves)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(autocast_step, backend="aot_eager", fullgraph=True)
+    expected, got = _run(autocast_step, data), _run(compiled, data)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
+    for grad, reference in zip(got[2], expected[2]):
+        torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_the_op_passes_torch_librarys_checks():
+    data = _inputs()
+    hidden, teachers = data["hidden"].reshape(ROWS, HIDDEN), [t.reshape(ROWS, -1) for t in data["teacher_hidden"]]
+    log_weights = torch.log(data["rows"].reshape(ROWS, 2) / data["rows"].reshape(ROWS, 2).sum(-1, keepdim=True))
+    settings = (1.0, 0.0, [1.0, 1.0], [0.0, 4.0], "float32,float32,float32", 0, False, "mixture",
+                LossOptions(ce_weight=0.5).encoded())
+    for weights, route, row_weights, wanted in ((log_weights, None, None, (True, True, True, True)),
+                                                (None, data["route"].reshape(-1), torch.rand(ROWS),
+                                                 (True, False, True, False))):
+        args = (hidden, data["weight"], data["bias"], teachers, data["teacher_weight"], data["teacher_bias"], weights,
+                route, data["labels"].reshape(-1), torch.full((), 0.1), row_weights, *wanted, *settings)
+        torch.library.opcheck(linear_multi_ops.linear_multi_teacher_forward, args,
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
