@@ -17,14 +17,12 @@ from kdfast.dispatch import device_rows
 from kdfast.kernel_abi import PART_COLUMNS
 from kdfast.linear_chunks import Heads, TeacherHead, Wanted, run_chunks
 from kdfast.linear_function import gemm_dtype
-from kdfast.linear_ops import _map
+from kdfast.linear_ops import _map, keep_for_backward, op_forward_inputs, student_gradients
 from kdfast.linear_teachers import TeacherHeads
 from kdfast.logit_maps import LogitMap
 from kdfast.options import LossOptions
-from kdfast.reduction import reduced_outputs, reduction_scale, with_teacher_summary
-from kdfast.saved_gradient import rescale_gradient_
+from kdfast.reduction import reduced_with_teachers
 from kdfast.teacher_routing import host_routing
-from kdfast.views import flat_labels
 
 # Written out: torch 2.4's schema inference takes no list annotations.
 _SCHEMA = ("(Tensor student_hidden, Tensor student_weight, Tensor? student_bias, Tensor[] teacher_hidden, "
@@ -104,43 +102,21 @@ class CompiledLinearMultiTeacherFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, labels, num_items_in_batch, opts: LossOptions,
                 settings: tuple, log_weights, route, teacher_hidden, teacher_weight, teacher_bias):
-        lead_shape = student_hidden.shape[:-1]
-        hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
-        labels = flat_labels(labels)
-        scale = reduction_scale(labels, hidden.shape[0], opts, num_items_in_batch, hidden.device)
-        wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                  student_bias is not None and ctx.needs_input_grad[2])
-        # Per-row losses: each row's gradient waits for its grad_output (the op again in backward).
-        per_row = opts.reduction == "none"
-        teachers = (teacher_hidden, teacher_weight, teacher_bias, log_weights, route, labels)
-        parts, d_hidden, d_weight, d_bias, per_teacher = linear_multi_teacher_forward(
-            hidden, student_weight, student_bias, *teachers, scale, None,
-            *((False, False, False) if per_row else wanted), opts.return_components, *settings)
-        ctx.wanted, ctx.per_row, ctx.reduction = wanted, per_row, opts.reduction
-        if per_row:
-            # Lists of tensors are kept on ctx: the teachers are constants, never modified by the step.
-            ctx.settings, ctx.hidden_shape, ctx.teachers = settings, student_hidden.shape, teachers
-            ctx.save_for_backward(hidden, student_weight, student_bias)
-        else:
-            ctx.save_for_backward(d_hidden.view(student_hidden.shape) if wanted[0] else d_hidden, d_weight, d_bias)
-        outputs = reduced_outputs(ctx, parts, lead_shape, labels, opts, scale)
-        if not opts.return_components:
-            return outputs
-        return with_teacher_summary(ctx, outputs, per_teacher, lead_shape, opts, scale)
+        lead_shape, hidden, labels, scale = op_forward_inputs(ctx, student_hidden, student_bias, labels,
+                                                              num_items_in_batch, opts)
+        # Lists of tensors are kept on ctx for a per-row backward: the teachers are constants of the step.
+        ctx.settings, ctx.teachers = settings, (teacher_hidden, teacher_weight, teacher_bias, log_weights, route,
+                                                labels)
+        parts, *grads, per_teacher = linear_multi_teacher_forward(
+            hidden, student_weight, student_bias, *ctx.teachers, scale, None,
+            *((False, False, False) if ctx.per_row else ctx.wanted), opts.return_components, *settings)
+        keep_for_backward(ctx, hidden, student_weight, student_bias, *grads)
+        return reduced_with_teachers(ctx, parts, per_teacher, lead_shape, labels, opts, scale)
 
     @staticmethod
     def backward(ctx, grad_output, *summary_grads):
-        if ctx.per_row:
-            hidden, weight, bias = ctx.saved_tensors
-            ones = torch.ones((), dtype=torch.float32, device=hidden.device)
-            _, *saved, _ = linear_multi_teacher_forward(hidden, weight, bias, *ctx.teachers, ones,
-                                                        grad_output.reshape(-1).float(), *ctx.wanted, False,
-                                                        *ctx.settings)
-            saved[0] = saved[0].view(ctx.hidden_shape) if ctx.wanted[0] else saved[0]
-        else:
-            saved = list(ctx.saved_tensors)
-            for grad, want in zip(saved, ctx.wanted):
-                if want:
-                    rescale_gradient_(grad, grad_output)
-        grads = [grad if want else None for grad, want in zip(saved, ctx.wanted)]
-        return (*grads, None, None, None, None, None, None, None, None, None)
+        def rerun(saved, ones, row_weights):
+            return linear_multi_teacher_forward(*saved, *ctx.teachers, ones, row_weights, *ctx.wanted, False,
+                                                *ctx.settings)[1:4]
+
+        return (*student_gradients(ctx, grad_output, rerun), None, None, None, None, None, None, None, None, None)

@@ -102,44 +102,60 @@ def compiled_linear_loss(student_hidden, student_weight, student_bias, teacher, 
     return returned(outputs, opts, labels)
 
 
+def op_forward_inputs(ctx, student_hidden, student_bias, labels, num_items_in_batch, opts: LossOptions):
+    """What a compiled Function's forward starts from: the hidden states' leading shape, the rows [N, H], the flat
+    labels and the reduction's scale; on `ctx` the wanted gradients and whether the loss is per row (reduction
+    "none": each row's gradient waits for its grad_output, so the forward takes the losses alone and the backward
+    runs the chunks again, the op again with the rows' weights)."""
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    labels = flat_labels(labels)
+    ctx.wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                  student_bias is not None and ctx.needs_input_grad[2])
+    ctx.per_row, ctx.hidden_shape = opts.reduction == "none", student_hidden.shape
+    return student_hidden.shape[:-1], hidden, labels, reduction_scale(labels, hidden.shape[0], opts,
+                                                                      num_items_in_batch, hidden.device)
+
+
+def keep_for_backward(ctx, hidden, student_weight, student_bias, d_hidden, d_weight, d_bias, *per_row_tensors):
+    """Per row the op's inputs (the student's, then `per_row_tensors`), else the final gradients."""
+    if ctx.per_row:
+        ctx.save_for_backward(hidden, student_weight, student_bias, *per_row_tensors)
+    else:
+        ctx.save_for_backward(d_hidden.view(ctx.hidden_shape) if ctx.wanted[0] else d_hidden, d_weight, d_bias)
+
+
+def student_gradients(ctx, grad_output, rerun) -> list:
+    """The backward's d hidden, d weight and d bias (None where not wanted): per row, `rerun(saved tensors, ones,
+    row weights)` runs the op again and returns its gradients; else the forward's, times grad_output."""
+    if ctx.per_row:
+        saved = ctx.saved_tensors
+        ones = torch.ones((), dtype=torch.float32, device=saved[0].device)
+        grads = list(rerun(saved, ones, grad_output.reshape(-1).float()))
+        grads[0] = grads[0].view(ctx.hidden_shape) if ctx.wanted[0] else grads[0]
+    else:
+        grads = list(ctx.saved_tensors)
+        for grad, want in zip(grads, ctx.wanted):
+            if want:
+                rescale_gradient_(grad, grad_output)
+    return [grad if want else None for grad, want in zip(grads, ctx.wanted)]
+
+
 class CompiledLinearDistillFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, teacher: tuple, labels, num_items_in_batch,
                 opts: LossOptions, maps: tuple, gemm_dtypes: tuple, chunk_size, fp32_logits: bool, sparse: bool):
-        lead_shape = student_hidden.shape[:-1]
-        hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
-        labels = flat_labels(labels)
-        scale = reduction_scale(labels, hidden.shape[0], opts, num_items_in_batch, hidden.device)
-        wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                  student_bias is not None and ctx.needs_input_grad[2])
-        # Per-row losses: each row's gradient waits for its grad_output, so the forward takes the losses alone and
-        # the backward runs the chunks again (the op again, with the rows' weights).
-        per_row = opts.reduction == "none"
-        settings = (*maps, *gemm_dtypes, 0 if chunk_size == "auto" else int(chunk_size), fp32_logits, opts.encoded(),
-                    sparse)
-        parts, d_hidden, d_weight, d_bias = linear_distill_forward(
-            hidden, student_weight, student_bias, *teacher, labels, scale, None,
-            *((False, False, False) if per_row else wanted), *settings)
-        ctx.wanted, ctx.per_row, ctx.reduction = wanted, per_row, opts.reduction
-        if per_row:
-            ctx.settings, ctx.hidden_shape = settings, student_hidden.shape
-            ctx.save_for_backward(hidden, student_weight, student_bias, *teacher, labels)
-        else:
-            ctx.save_for_backward(d_hidden.view(student_hidden.shape) if wanted[0] else d_hidden, d_weight, d_bias)
+        lead_shape, hidden, labels, scale = op_forward_inputs(ctx, student_hidden, student_bias, labels,
+                                                              num_items_in_batch, opts)
+        ctx.settings = (*maps, *gemm_dtypes, 0 if chunk_size == "auto" else int(chunk_size), fp32_logits,
+                        opts.encoded(), sparse)
+        parts, *grads = linear_distill_forward(hidden, student_weight, student_bias, *teacher, labels, scale, None,
+                                               *((False, False, False) if ctx.per_row else ctx.wanted), *ctx.settings)
+        keep_for_backward(ctx, hidden, student_weight, student_bias, *grads, *teacher, labels)
         return reduced_outputs(ctx, parts, lead_shape, labels, opts, scale)
 
     @staticmethod
     def backward(ctx, grad_output, *summary_grad):
-        if ctx.per_row:
-            hidden, weight, bias, teacher_a, teacher_b, teacher_bias, labels = ctx.saved_tensors
-            ones = torch.ones((), dtype=torch.float32, device=hidden.device)
-            _, *saved = linear_distill_forward(hidden, weight, bias, teacher_a, teacher_b, teacher_bias, labels, ones,
-                                               grad_output.reshape(-1).float(), *ctx.wanted, *ctx.settings)
-            saved[0] = saved[0].view(ctx.hidden_shape) if ctx.wanted[0] else saved[0]
-        else:
-            saved = list(ctx.saved_tensors)
-            for grad, want in zip(saved, ctx.wanted):
-                if want:
-                    rescale_gradient_(grad, grad_output)
-        grads = [grad if want else None for grad, want in zip(saved, ctx.wanted)]
-        return (*grads, None, None, None, None, None, None, None, None, None, None)
+        def rerun(saved, ones, row_weights):
+            return linear_distill_forward(*saved, ones, row_weights, *ctx.wanted, *ctx.settings)[1:]
+
+        return (*student_gradients(ctx, grad_output, rerun), None, None, None, None, None, None, None, None, None)

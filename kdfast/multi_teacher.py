@@ -34,7 +34,7 @@ from kdfast.kernel_abi import (
     MixedTeachers,
 )
 from kdfast.options import LossOptions
-from kdfast.reduction import reduced_outputs, reduction_scale, returned_with_teachers, with_teacher_summary
+from kdfast.reduction import reduced_with_teachers, reduction_scale, returned_with_teachers
 from kdfast.saved_gradient import saved_gradient_times
 from kdfast.teacher_routing import is_routing
 from kdfast.teacher_weights import label_logprobs, row_log_weights, static_shares
@@ -170,10 +170,7 @@ class MultiTeacherFunction(torch.autograd.Function):
         if grad is not None:
             ctx.save_for_backward(grad.view(student_logits.shape))
         ctx.reduction = opts.reduction
-        outputs = reduced_outputs(ctx, parts, lead_shape, labels, opts, scale)
-        if not opts.return_components:
-            return outputs
-        return with_teacher_summary(ctx, outputs, per_teacher, lead_shape, opts, scale)
+        return reduced_with_teachers(ctx, parts, per_teacher, lead_shape, labels, opts, scale)
 
     @staticmethod
     def backward(ctx, grad_output, *summary_grads):

@@ -136,6 +136,14 @@ def reduced_outputs(ctx, parts, lead_shape, labels, opts: LossOptions, scale):
     return loss, summary
 
 
+def reduced_with_teachers(ctx, parts, per_teacher, lead_shape, labels, opts: LossOptions, scale):
+    """`reduced_outputs`, and with return_components each teacher's divergence (`with_teacher_summary`)."""
+    outputs = reduced_outputs(ctx, parts, lead_shape, labels, opts, scale)
+    if not opts.return_components:
+        return outputs
+    return with_teacher_summary(ctx, outputs, per_teacher, lead_shape, opts, scale)
+
+
 def with_teacher_summary(ctx, outputs, per_teacher: torch.Tensor, lead_shape, opts: LossOptions, scale) -> tuple:
     """A several-teacher Function's outputs: `reduced_outputs`' (loss, summary) and each teacher's divergence reduced
     as the loss ([M] for "mean" and "sum", [..., M] for "none" or return_components="per_row"), both summaries

@@ -93,3 +93,37 @@ def assert_sparse_matches_reference(student, ids, logprobs, labels, backend, ext
     atol = atol * (1.0 + temperature**2 + abs(options.get("ce_weight", 0.0))) + extra_atol
     torch.testing.assert_close(loss.double().cpu(), ref.detach(), rtol=rtol, atol=atol)
     torch.testing.assert_close(s.grad.double().cpu(), s64.grad, rtol=rtol, atol=atol)
+
+
+def assert_compiled_step_equals_eager(step, run, data, part_names) -> None:
+    """`step` compiled whole (fullgraph, AOTAutograd's eager backend) gives the eager step's loss, gradients and the
+    components `part_names`, twice (the second call runs the cached graph); `run(step, data)` -> (loss, parts,
+    gradients)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    expected = run(step, data)
+    for _ in range(2):
+        loss, parts, grads = run(compiled, data)
+        torch.testing.assert_close(loss, expected[0], rtol=1e-6, atol=1e-7)
+        for grad, reference in zip(grads, expected[2]):
+            assert (grad is None) == (reference is None)
+            if grad is not None:
+                torch.testing.assert_close(grad, reference, rtol=1e-6, atol=1e-7)
+        if parts is not None:
+            for name in part_names:
+                torch.testing.assert_close(getattr(parts, name), getattr(expected[1], name), rtol=1e-6, atol=1e-7)
+
+
+def assert_compiled_under_autocast_equals_eager(step, run, data) -> None:
+    """`step` under a bf16 autocast, compiled whole (fullgraph, AOTAutograd's eager backend), gives the eager step's
+    loss and gradients; `run(step, data)` -> (loss, parts, gradients)."""
+    def autocast_step(*leaves):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return step(*leaves)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(autocast_step, backend="aot_eager", fullgraph=True)
+    expected, got = run(autocast_step, data), run(compiled, data)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
+    for grad, reference in zip(got[2], expected[2]):
+        torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-5)

@@ -7,7 +7,7 @@ eager backend traces the graph as inductor would, without compiling C++ for it."
 import pytest
 import torch
 from conftest import BACKENDS, device_for
-from helpers import make_labels
+from helpers import assert_compiled_step_equals_eager, assert_compiled_under_autocast_equals_eager, make_labels
 
 import kdfast
 from kdfast import linear_ops
@@ -79,36 +79,13 @@ def _run(step, data):
 def test_fullgraph_step_equals_eager(case, backend):
     settings = dict(CASES[case])
     data = _inputs(settings.pop("bias", False), device_for(backend))
-    step = _step(data, {**settings, "backend": backend})
-    torch._dynamo.reset()
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    expected = _run(step, data)
-    for _ in range(2):  # the second call runs the cached graph
-        loss, parts, grads = _run(compiled, data)
-        torch.testing.assert_close(loss, expected[0], rtol=1e-6, atol=1e-7)
-        for grad, reference in zip(grads, expected[2]):
-            assert (grad is None) == (reference is None)
-            if grad is not None:
-                torch.testing.assert_close(grad, reference, rtol=1e-6, atol=1e-7)
-        if parts is not None:
-            for name in ("kd", "ce", "z_loss", "accuracy", "entropy"):
-                torch.testing.assert_close(getattr(parts, name), getattr(expected[1], name), rtol=1e-6, atol=1e-7)
+    assert_compiled_step_equals_eager(_step(data, {**settings, "backend": backend}), _run, data,
+                                      ("kd", "ce", "z_loss", "accuracy", "entropy"))
 
 
 def test_fullgraph_step_under_autocast_equals_eager():
     data = _inputs(True)
-    step = _step(data, {})
-
-    def autocast_step(*leaves):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return step(*leaves)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(autocast_step, backend="aot_eager", fullgraph=True)
-    expected, got = _run(autocast_step, data), _run(compiled, data)
-    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
-    for grad, reference in zip(got[2], expected[2]):
-        torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-5)
+    assert_compiled_under_autocast_equals_eager(_step(data, {}), _run, data)
 
 
 def test_the_op_passes_torch_librarys_checks():

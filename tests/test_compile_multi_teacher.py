@@ -6,7 +6,7 @@ per-row losses weighed and autocast; the op passes torch.library's own checks.""
 import pytest
 import torch
 from conftest import BACKENDS, device_for
-from helpers import make_labels
+from helpers import assert_compiled_step_equals_eager, assert_compiled_under_autocast_equals_eager, make_labels
 
 import kdfast
 from kdfast import linear_multi_ops
@@ -76,34 +76,13 @@ def _run(step, data):
 @pytest.mark.parametrize("case", list(CASES))
 def test_fullgraph_step_equals_eager(case, backend):
     data = _inputs(device_for(backend))
-    step = _step(data, {**CASES[case], "backend": backend})
-    torch._dynamo.reset()
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    expected = _run(step, data)
-    for _ in range(2):  # the second call runs the cached graph
-        loss, parts, grads = _run(compiled, data)
-        torch.testing.assert_close(loss, expected[0], rtol=1e-6, atol=1e-7)
-        for grad, reference in zip(grads, expected[2]):
-            torch.testing.assert_close(grad, reference, rtol=1e-6, atol=1e-7)
-        if parts is not None:
-            for name in ("kd", "ce", "entropy", "teachers"):
-                torch.testing.assert_close(getattr(parts, name), getattr(expected[1], name), rtol=1e-6, atol=1e-7)
+    assert_compiled_step_equals_eager(_step(data, {**CASES[case], "backend": backend}), _run, data,
+                                      ("kd", "ce", "entropy", "teachers"))
 
 
 def test_fullgraph_step_under_autocast_equals_eager():
     data = _inputs()
-    step = _step(data, {"weights": "routed", "ce_weight": 0.5})
-
-    def autocast_step(*leaves):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return step(*leaves)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(autocast_step, backend="aot_eager", fullgraph=True)
-    expected, got = _run(autocast_step, data), _run(compiled, data)
-    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
-    for grad, reference in zip(got[2], expected[2]):
-        torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-5)
+    assert_compiled_under_autocast_equals_eager(_step(data, {"weights": "routed", "ce_weight": 0.5}), _run, data)
 
 
 def test_the_op_passes_torch_librarys_checks():
