@@ -177,13 +177,21 @@ def _routing(teacher_id, count: int) -> torch.Tensor:
     return teacher_id
 
 
+def own_examples(route, index: int, teacher):
+    """The examples routed to teacher `index` ([count] indices), for it to run on alone; None where it runs on all of
+    them: no routing, or a forward that is a collective of sharded ranks (every rank runs it on its whole batch)."""
+    if route is None or collective_forward(teacher):
+        return None
+    return (route == index).nonzero().flatten()
+
+
 def _teacher_hidden(teacher, input_ids, attention_mask, route, index: int) -> torch.Tensor:
     """Teacher `index`'s last hidden states, position i predicting token i + 1: of every example ([batch, seq - 1,
-    H]), or routed, of its own examples only ([rows, H], the loss's routed form), unless its forward is a collective
-    (a sharded teacher: every rank runs it on the whole batch, whatever its routing)."""
-    if route is None or collective_forward(teacher):
+    H]), or routed, of its own examples only ([rows, H], the loss's routed form; `own_examples`)."""
+    mine = own_examples(route, index, teacher)
+    if mine is None:
         return run_through_wrapper(teacher, teacher, last_hidden_state, teacher, input_ids, attention_mask)[:, :-1]
-    mine = (route == index).nonzero().flatten().to(input_ids.device)
+    mine = mine.to(input_ids.device)
     if mine.numel() == 0:
         head = output_head(teacher).weight
         return head.new_empty(0, head.shape[-1])

@@ -11,8 +11,8 @@ import sys
 
 import torch
 
-from kdfast.integrations.causal_lm import final_softcap, head_settings, logit_scale, output_head
-from kdfast.integrations.sharding import collective_forward, whole_head
+from kdfast.integrations.causal_lm import final_softcap, head_settings, logit_scale, output_head, own_examples
+from kdfast.integrations.sharding import whole_head
 from kdfast.linear_loss import fused_linear_loss
 from kdfast.linear_multi_teacher import fused_linear_multi_teacher_loss
 from kdfast.multi_teacher import COMBINES
@@ -277,22 +277,18 @@ class DistillationTrainer(_TRLDistillationTrainer):
         for index, teacher in enumerate(self.teacher_models):
             teacher.eval()
             unwrapped.append(self.accelerator.unwrap_model(teacher))
-            # Routed, a teacher runs on its own sequences alone, unless its forward is a collective of sharded ranks
-            # (every rank runs it on its whole batch) or images ride along (their tensors are not per sequence).
-            mine = (route == index).nonzero().flatten() if route is not None and not multimodal and \
-                not collective_forward(unwrapped[-1]) else None
+            # Routed, a teacher runs on its own sequences alone (`own_examples`), but on all of them where images
+            # ride along (their tensors are not per sequence).
+            mine = own_examples(route, index, unwrapped[-1]) if not multimodal else None
+            if mine is not None and mine.numel() == 0:
+                head = output_head(unwrapped[-1]).weight
+                hidden.append(head.new_empty(0, logits_to_keep, head.shape[-1]))
+                continue
+            ids, mask = (input_ids, attention_mask) if mine is None else \
+                (input_ids.index_select(0, mine), attention_mask.index_select(0, mine))
             with torch.no_grad():
-                if mine is None:
-                    hidden.append(self._forward_redirection(teacher, unwrapped[-1], self._get_last_hidden_state,
-                                                            unwrapped[-1], input_ids, attention_mask, logits_to_keep,
-                                                            **multimodal))
-                elif mine.numel() == 0:
-                    head = output_head(unwrapped[-1]).weight
-                    hidden.append(head.new_empty(0, logits_to_keep, head.shape[-1]))
-                else:
-                    hidden.append(self._forward_redirection(teacher, unwrapped[-1], self._get_last_hidden_state,
-                                                            unwrapped[-1], input_ids.index_select(0, mine),
-                                                            attention_mask.index_select(0, mine), logits_to_keep))
+                hidden.append(self._forward_redirection(teacher, unwrapped[-1], self._get_last_hidden_state,
+                                                        unwrapped[-1], ids, mask, logits_to_keep, **multimodal))
         student_head, heads = output_head(unwrapped_student), [output_head(teacher) for teacher in unwrapped]
         with contextlib.ExitStack() as stack:
             stack.enter_context(whole_head(unwrapped_student, student_head))
