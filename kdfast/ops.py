@@ -102,12 +102,13 @@ def _(student, ids, logprobs, labels, grad_scale, settings):
 @torch.library.custom_op("kdfast::scale_gradient_", mutates_args=("grad",))
 def scale_gradient_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
     """grad *= grad_output (one element). On a GPU the factor is read by the kernel, which writes nothing
-    when it is 1 (the usual loss.backward()), so neither a host sync nor a pass over the gradient is paid."""
+    when it is 1 (the usual loss.backward()), so neither a host sync nor a pass over the gradient is paid; on the
+    CPU the host reads it (free) and skips the pass."""
     if grad.is_cuda and grad.is_contiguous() and triton_gpu_available():
         from kdfast.kernels.rescale import scale_unless_one_
 
         scale_unless_one_(grad, grad_output.reshape(1).to(torch.float32))
-    else:
+    elif grad.is_cuda or grad_output.device.type != "cpu" or grad_output.numel() != 1 or not bool(grad_output == 1):
         grad.mul_(grad_output)
 
 
