@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from tiny_models import VOCAB, student_and_teacher, tiny_llama, token_batch, training_args
+from tiny_models import VOCAB, as_examples, student_and_teacher, tiny_llama, token_batch, training_args
 
 from kdfast.integrations.transformers import DistillationTrainer
 from kdfast.reference import distill_loss_reference, multi_teacher_distill_loss_reference
@@ -132,3 +132,54 @@ def test_each_teachers_divergence_is_logged(tmp_path):
     assert logged and all({"kd_loss_teacher_0", "kd_loss_teacher_1", "kd_loss", "entropy"} <= set(entry)
                           for entry in logged)
     assert logged[0]["kd_loss_teacher_0"] != logged[0]["kd_loss_teacher_1"]
+
+
+@pytest.mark.parametrize("teacher_id", [["prose", "code", "code", "prose"], [1, 0, 0, 1],
+                                        [torch.tensor(1), torch.tensor(0), torch.tensor(0), torch.tensor(1)]])
+def test_teachers_by_name_route_each_example_through_the_default_collator(tmp_path, teacher_id):
+    # The Trainer's default collator drops a string column without a word: named routes then weighed the teachers
+    # alike. Names, positions and 0-d tensors all reach the loss as positions.
+    student, models = student_and_teacher()[0], teachers()
+    trainer = DistillationTrainer(model=student, teacher_model={"code": models[0], "prose": models[1]},
+                                  args=training_args(tmp_path), **SETTINGS)
+    examples = [{**example, "teacher_id": name} for example, name in zip(as_examples(token_batch()), teacher_id)]
+    batch = trainer.data_collator(examples)
+    assert batch["teacher_id"].tolist() == [1, 0, 0, 1]
+    loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=30)
+    student_logits, labels = logits64(student, batch), batch["labels"][:, 1:]
+    per_example = [distill_loss_reference(student_logits[row], logits64(models[teacher], batch)[row], labels[row],
+                                          reduction="sum", **SETTINGS) for row, teacher in enumerate([1, 0, 0, 1])]
+    torch.testing.assert_close(loss.double(), sum(per_example) / 30, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("teacher_id,match", [
+    (["prose", "poetry", "code", "prose"], r"must name one of the teachers \['code', 'prose'\] \(or be its position, "
+                                           r"0..1\), got 'poetry'"),
+    ([1, 2, 0, 1], r"must name one of the teachers \['code', 'prose'\] .* got 2"),
+    ([True, False, False, True], "got True"),
+])
+def test_a_teacher_id_that_names_no_teacher_is_a_clear_error(tmp_path, teacher_id, match):
+    student, models = student_and_teacher()[0], teachers()
+    trainer = DistillationTrainer(model=student, teacher_model={"code": models[0], "prose": models[1]},
+                                  args=training_args(tmp_path), **SETTINGS)
+    examples = [{**example, "teacher_id": name} for example, name in zip(as_examples(token_batch()), teacher_id)]
+    with pytest.raises(ValueError, match=match):
+        trainer.data_collator(examples)
+    with pytest.raises(ValueError, match="examples \\[2\\] have no teacher_id where the others have one"):
+        trainer.data_collator([*examples[:2], {key: value for key, value in examples[2].items()
+                                               if key != "teacher_id"}])
+
+
+def test_named_teachers_train_and_log_under_their_names(tmp_path):
+    student, models = student_and_teacher()[0], teachers()
+    rows = [{"input_ids": row, "labels": row, "teacher_id": ("code", "prose")[index % 2]}
+            for index, row in enumerate(torch.randint(2, VOCAB, (4, 12), generator=torch.Generator().manual_seed(6)))]
+    args = training_args(tmp_path, max_steps=2, logging_strategy="steps", logging_steps=1)
+    trainer = DistillationTrainer(model=student, teacher_model={"code": models[0], "prose": models[1]}, args=args,
+                                  train_dataset=rows, **SETTINGS)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and all({"kd_loss_teacher_code", "kd_loss_teacher_prose", "kd_loss"} <= set(entry)
+                          for entry in logged)
+    # Routed, each teacher's share of the divergence: the two add up to it.
+    assert abs(logged[0]["kd_loss_teacher_code"] + logged[0]["kd_loss_teacher_prose"] - logged[0]["kd_loss"]) < 2e-4

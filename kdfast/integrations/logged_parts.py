@@ -7,18 +7,21 @@ import torch
 
 
 class LoggedParts:
-    def __init__(self):
+    def __init__(self, teacher_names: list[str] | None = None):
+        self.teacher_names = teacher_names  # several teachers' names (their positions where None)
         self._sums: dict[str, torch.Tensor] = {}
         self._batches = 0
 
     def add(self, parts, scale: float = 1.0) -> None:
         """`parts`: one micro-batch's LossComponents. kd, ce, z, the student's entropy, with several teachers each
-        one's own divergence (`kd_loss_teacher_<m>`) and, for GOLD's hybrid, its matched and unmatched parts
-        (`matched_loss`, `unmatched_loss`, TRL's names) are summed like the loss (each micro-batch's share of its
-        optimizer step); the token accuracy is averaged over micro-batches."""
+        one's own divergence (`kd_loss_teacher_<m>`, m its name or position) and, for GOLD's hybrid, its matched and
+        unmatched parts (`matched_loss`, `unmatched_loss`, TRL's names) are summed like the loss (each micro-batch's
+        share of its optimizer step); the token accuracy is averaged over micro-batches."""
         teachers = getattr(parts, "teachers", None)
-        each = [(f"kd_loss_teacher_{index}", value, scale) for index, value in enumerate(teachers)] \
-            if teachers is not None else []
+        each = []
+        if teachers is not None:
+            names = self.teacher_names or [str(index) for index in range(len(teachers))]
+            each = [(f"kd_loss_teacher_{name}", value, scale) for name, value in zip(names, teachers)]
         for name, value, factor in (("kd_loss", parts.kd, scale), ("ce_loss", parts.ce, scale),
                                     ("z_loss", parts.z_loss, scale), ("entropy", parts.entropy, scale),
                                     ("token_accuracy", parts.accuracy, 1.0),

@@ -29,6 +29,7 @@ from kdfast.integrations.sparse_teacher import (
     sparse_options,
     sparse_training_data,
 )
+from kdfast.integrations.teacher_names import TeacherIdCollator, named_teachers
 from kdfast.multi_teacher import COMBINES
 from kdfast.options import LossOptions
 from kdfast.teacher_cache.collate import SparseTeacherCollator
@@ -52,9 +53,11 @@ class DistillationTrainer(Trainer):
 
     The teacher is one of:
     - `teacher_model`: run in eval mode under no_grad, on the student's device and dtype; or a list of models (of any
-      hidden sizes), mixed (`teacher_combine="mixture"`) or averaged ("average") with `teacher_weights` (M numbers,
-      "confidence" or "min_ce", as `kdfast.multi_teacher_distill_loss` takes them, checked here; without them, a
-      dataset column `teacher_id` routes each example to one teacher, else they weigh 1/M each);
+      hidden sizes), or a dict of them by name, mixed (`teacher_combine="mixture"`) or averaged ("average") with
+      `teacher_weights` (M numbers, "confidence" or "min_ce", as `kdfast.multi_teacher_distill_loss` takes them,
+      checked here; without them, a dataset column `teacher_id`, a teacher's position or its name in the dict, routes
+      each example to one teacher, else they weigh 1/M each); each teacher's own divergence is logged as
+      `kd_loss_teacher_<m>` (its name in the dict);
     - `teacher_cache`: a `kdfast teacher-cache` folder (or `TeacherCache`); it is the training data unless
       `train_dataset` is given, whose rows must then be the cache's windows in order. Its tokenizer must be the
       student's (`processing_class`), and for tail="bucket" its temperature the loss's;
@@ -85,6 +88,7 @@ class DistillationTrainer(Trainer):
                  vocab_size=None, shard_teacher=True, fp32_logits=False, teacher_server=None, teacher_top_k=20,
                  teacher_weights=None, teacher_combine="mixture", teacher_tokenizer=None, cross_vocab="hybrid",
                  **trainer_kwargs):
+        teacher_model, names = named_teachers(teacher_model)
         given = [name for name, value in (("teacher_model", teacher_model), ("teacher_cache", teacher_cache),
                                           ("teacher_server", teacher_server)) if value is not None]
         if len(given) > 1:
@@ -142,8 +146,11 @@ class DistillationTrainer(Trainer):
                 trainer_kwargs)
         # The loss's parts come from the same pass; they are logged beside the loss (kd_loss, ce_loss, entropy, ...).
         self.distill_options = self.distill_options.replace(return_components=True)
-        self._logged_parts = LoggedParts()
+        self.teacher_names = (names or [str(index) for index in range(len(teacher_model))]) if several else None
+        self._logged_parts = LoggedParts(self.teacher_names)
         super().__init__(model=model, args=args, **trainer_kwargs)
+        if several and teacher_weights is None:  # a teacher_id column routes the examples: names become positions
+            self.data_collator = TeacherIdCollator(self.data_collator, self.teacher_names)
         check_compile_supported(self)
         tokenizer = self.processing_class
         if vocab_size is None and tokenizer is not None and hasattr(tokenizer, "__len__"):

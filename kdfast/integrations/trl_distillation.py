@@ -13,6 +13,7 @@ import torch
 
 from kdfast.integrations.causal_lm import final_softcap, head_settings, logit_scale, output_head, own_examples
 from kdfast.integrations.sharding import whole_head
+from kdfast.integrations.teacher_names import named_teachers, teacher_position
 from kdfast.linear_loss import fused_linear_loss
 from kdfast.linear_multi_teacher import fused_linear_multi_teacher_loss
 from kdfast.multi_teacher import COMBINES
@@ -158,9 +159,7 @@ class DistillationTrainer(_TRLDistillationTrainer):
 
     def __init__(self, model=None, teacher_model=None, args=None, *rest, teacher_weights=None,
                  teacher_combine="mixture", **kwargs):
-        names = [str(name) for name in teacher_model] if isinstance(teacher_model, dict) else None
-        if names is not None:
-            teacher_model = list(teacher_model.values())
+        teacher_model, names = named_teachers(teacher_model)
         several = isinstance(teacher_model, (list, tuple))
         if several and not teacher_model:
             raise ValueError("teacher_model is empty: pass one teacher model or several")
@@ -212,18 +211,9 @@ class DistillationTrainer(_TRLDistillationTrainer):
         output = super()._generate_and_score_completions(inputs)
         if self.teacher_models is not None and self.teacher_weights is None and "teacher_id" in inputs[0]:
             # A [B] tensor, so that TRL's shuffle and split of the generation batch carry it with its rows.
-            output["teacher_id"] = torch.tensor([self._teacher_position(row["teacher_id"]) for row in inputs],
-                                                device=output["prompt_ids"].device)
+            positions = [teacher_position(row["teacher_id"], self.teacher_names) for row in inputs]
+            output["teacher_id"] = torch.tensor(positions, device=output["prompt_ids"].device)
         return output
-
-    def _teacher_position(self, teacher_id) -> int:
-        if isinstance(teacher_id, str) and teacher_id in self.teacher_names:
-            return self.teacher_names.index(teacher_id)
-        if isinstance(teacher_id, int) and not isinstance(teacher_id, bool) and 0 <= teacher_id < len(
-                self.teacher_names):
-            return teacher_id
-        raise ValueError(f"the dataset's teacher_id column must name one of the teachers {self.teacher_names} (or "
-                         f"be its position, 0..{len(self.teacher_names) - 1}), got {teacher_id!r}")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

@@ -1,0 +1,55 @@
+"""Several teachers by name, for both trainers: `teacher_model` as a dict {name: model}, and a `teacher_id` column that
+holds each example's teacher as its name or its position."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping
+
+import torch
+
+TEACHER_ID = "teacher_id"
+
+
+def named_teachers(teacher_model):
+    """(the teachers as given, or a dict's values as a list; the dict's names, or None)."""
+    if isinstance(teacher_model, dict):
+        return list(teacher_model.values()), [str(name) for name in teacher_model]
+    return teacher_model, None
+
+
+def teacher_position(teacher_id, names: list[str]) -> int:
+    """The position of an example's teacher: its name, or its position itself (an integer, numpy's or a 0-d tensor's
+    included; not a bool)."""
+    if isinstance(teacher_id, torch.Tensor) and teacher_id.numel() == 1 and not teacher_id.dtype.is_floating_point \
+            and teacher_id.dtype != torch.bool:
+        teacher_id = int(teacher_id)
+    if isinstance(teacher_id, str) and teacher_id in names:
+        return names.index(teacher_id)
+    if isinstance(teacher_id, numbers.Integral) and not isinstance(teacher_id, bool) and \
+            0 <= int(teacher_id) < len(names):
+        return int(teacher_id)
+    raise ValueError(f"the dataset's teacher_id column must name one of the teachers {names} (or be its position, "
+                     f"0..{len(names) - 1}), got {teacher_id!r}")
+
+
+class TeacherIdCollator:
+    """A data collator whose examples' `teacher_id` (a name or a position) becomes the batch's [batch] int64 tensor of
+    teacher positions. The wrapped collator never sees the column: the Trainer's default collator drops a string
+    column without a word (the batch would then weigh every teacher alike), a tokenizer's padding refuses one."""
+
+    def __init__(self, collator, names: list[str]):
+        self.collator, self.names = collator, names
+
+    def __call__(self, features):
+        if not features or not isinstance(features[0], Mapping) or TEACHER_ID not in features[0]:
+            return self.collator(features)
+        missing = [index for index, feature in enumerate(features) if TEACHER_ID not in feature]
+        if missing:
+            raise ValueError(f"the batch's examples {missing} have no teacher_id where the others have one: route "
+                             "every example or none")
+        positions = [teacher_position(feature[TEACHER_ID], self.names) for feature in features]
+        batch = self.collator([{key: value for key, value in feature.items() if key != TEACHER_ID}
+                               for feature in features])
+        batch[TEACHER_ID] = torch.tensor(positions, dtype=torch.int64)
+        return batch
