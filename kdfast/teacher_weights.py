@@ -7,6 +7,7 @@ log-sum-exp of log w_m + log p_m and a zero weight is then -inf, which drops tha
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
@@ -46,6 +47,7 @@ def row_log_weights(weights, count: int, labels, lead_shape: tuple, opts: LossOp
             return torch.log_softmax(label_logprob, dim=-1)
         best = label_logprob.argmax(dim=-1, keepdim=True)  # the first of equal maxima: the lowest index
         return torch.full_like(label_logprob, -math.inf).scatter_(-1, best, 0.0)
+    _check_numbers(weights, count)
     # Numbers are checked and normalised on the host, then copied: no device sync for static weights.
     weights = torch.as_tensor(weights, dtype=torch.float32,
                               device=weights.device if isinstance(weights, torch.Tensor) else "cpu").detach()
@@ -59,6 +61,17 @@ def row_log_weights(weights, count: int, labels, lead_shape: tuple, opts: LossOp
                                                  bool((weights < 0).any()) or not float(weights.sum()) > 0):
         raise ValueError(f"weights must be finite, >= 0 and not all 0, got {weights.tolist()}")
     return (weights / weights.sum()).log().to(device).expand(rows, count)
+
+
+def _check_numbers(weights, count: int) -> None:
+    """M numbers as Python gives them, checked in Python: also while a compiler traces the call (a tensor's values are
+    read on the host only where that costs no sync and breaks no graph)."""
+    if not isinstance(weights, (list, tuple)) or len(weights) != count or \
+            not all(isinstance(value, numbers.Real) and not isinstance(value, bool) for value in weights):
+        return
+    values = [float(value) for value in weights]
+    if not all(math.isfinite(value) and value >= 0 for value in values) or not sum(values) > 0:
+        raise ValueError(f"weights must be finite, >= 0 and not all 0, got {values}")
 
 
 def check_trainer_weights(weights, count: int) -> None:
@@ -88,12 +101,16 @@ def static_shares(weights, count: int) -> tuple | None:
     a CPU tensor [M]); else None. The average gives the CE to the heaviest teacher's call without a device sync."""
     if weights is None:
         return (1.0 / count,) * count
-    if isinstance(weights, str) or (isinstance(weights, torch.Tensor) and weights.device.type != "cpu"):
+    if isinstance(weights, torch.Tensor):
+        # A tensor's values are read on the host: not while a compiler traces it (its rows' weights serve then).
+        if weights.device.type != "cpu" or weights.shape != (count,) or torch.compiler.is_compiling():
+            return None
+        weights = weights.tolist()
+    if isinstance(weights, str) or len(weights) != count or \
+            not all(isinstance(value, (int, float)) for value in weights):
         return None
-    values = torch.as_tensor(weights, dtype=torch.float64)
-    if values.shape != (count,):
-        return None
-    return tuple((values / values.sum()).tolist())
+    total = math.fsum(weights)
+    return tuple(value / total for value in weights) if total > 0 else None
 
 
 def _per_row(weights: torch.Tensor, labels, opts: LossOptions) -> torch.Tensor:

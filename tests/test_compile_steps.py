@@ -1,10 +1,11 @@
 """Every loss inside a torch.compile'd step gives the eager step's loss and input gradient. The logits-level
-`distill_loss` and `sparse_distill_loss` are torch.library ops, and so are the chunk loops of `linear_distill_loss`,
-`linear_sparse_distill_loss`, `linear_multi_teacher_distill_loss` and `linear_token_logprobs`
-(tests/test_compile_linear.py, tests/test_compile_multi_teacher.py, tests/test_compile_token_logprobs.py), so a step
-compiles whole (fullgraph=True); the others are driven from the host (chunk loops, several calls) and run where the
-compiled step calls them, a graph break (README, "Backends"). AOTAutograd's eager backend traces the graph as
-inductor would, without compiling C++ for it."""
+`distill_loss`, `sparse_distill_loss` and `multi_teacher_distill_loss` are torch.library ops, and so are the chunk
+loops of `linear_distill_loss`, `linear_sparse_distill_loss`, `linear_multi_teacher_distill_loss` and
+`linear_token_logprobs` (tests/test_compile_multi_teacher_logits.py, tests/test_compile_linear.py,
+tests/test_compile_multi_teacher.py, tests/test_compile_token_logprobs.py), so a step compiles whole (fullgraph=True);
+the others are driven from the host (chunk loops, several calls) and run where the compiled step calls them, a graph
+break (README, "Backends"). AOTAutograd's eager backend traces the graph as inductor would, without compiling C++ for
+it."""
 
 import pytest
 import torch
@@ -42,7 +43,7 @@ def _losses():
         "sparse_distill_loss": ("logits", lambda x, d: kdfast.sparse_distill_loss(
             x, d["ids"], d["logprobs"], d["labels"], ce_weight=0.5), True),
         "multi_teacher_distill_loss": ("logits", lambda x, d: kdfast.multi_teacher_distill_loss(
-            x, [d["teacher"], d["second_teacher"]], d["labels"], weights=[0.25, 0.75], ce_weight=0.5), False),
+            x, [d["teacher"], d["second_teacher"]], d["labels"], weights=[0.25, 0.75], ce_weight=0.5), True),
         "cross_vocab_distill_loss": ("logits", lambda x, d: kdfast.cross_vocab_distill_loss(
             x[:, :STUDENT_VOCAB], d["teacher"][:, :TEACHER_VOCAB], d["labels"] % STUDENT_VOCAB,
             vocab_map=vocab_map, method="hybrid", ce_weight=0.5), False),
