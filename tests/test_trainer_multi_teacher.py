@@ -183,3 +183,19 @@ def test_named_teachers_train_and_log_under_their_names(tmp_path):
                           for entry in logged)
     # Routed, each teacher's share of the divergence: the two add up to it.
     assert abs(logged[0]["kd_loss_teacher_code"] + logged[0]["kd_loss_teacher_prose"] - logged[0]["kd_loss"]) < 2e-4
+
+
+def test_a_dataset_teacher_id_that_names_no_teacher_fails_where_the_trainer_is_built(tmp_path):
+    # Not when that example's batch comes, minutes into a run or at the first evaluation.
+    student, models = student_and_teacher()[0], teachers()
+    rows = [{"input_ids": row, "labels": row, "teacher_id": name}
+            for row, name in zip(torch.randint(2, VOCAB, (3, 12), generator=torch.Generator().manual_seed(7)),
+                                 ["code", "prose", "code"])]
+    typo = [{**rows[0], "teacher_id": "poetry"}]
+    with pytest.raises(ValueError, match=r"train_dataset: .*\['code', 'prose'\].*got 'poetry'"):
+        DistillationTrainer(model=student, teacher_model={"code": models[0], "prose": models[1]},
+                            args=training_args(tmp_path), train_dataset=rows + typo, **SETTINGS)
+    with pytest.raises(ValueError, match=r"eval_dataset\['typo'\]: .*got 'poetry'"):
+        DistillationTrainer(model=student, teacher_model={"code": models[0], "prose": models[1]},
+                            args=training_args(tmp_path), train_dataset=rows,
+                            eval_dataset={"clean": rows, "typo": typo}, **SETTINGS)

@@ -33,6 +33,27 @@ def teacher_position(teacher_id, names: list[str]) -> int:
                      f"0..{len(names) - 1}), got {teacher_id!r}")
 
 
+def check_dataset_teacher_ids(dataset, names: list[str], what: str) -> None:
+    """Every `teacher_id` of a map-style dataset (a `datasets.Dataset`, or a list of dicts) names a teacher, checked
+    where the trainer is built rather than when that row's batch comes (minutes into a run, or at the first evaluation);
+    `what` names the dataset in the error. An iterable dataset is checked as its batches come."""
+    if isinstance(dataset, dict):  # several evaluation datasets by name
+        for name, one in dataset.items():
+            check_dataset_teacher_ids(one, names, f"{what}[{name!r}]")
+        return
+    if hasattr(dataset, "unique") and TEACHER_ID in (getattr(dataset, "column_names", None) or ()):
+        values = dataset.unique(TEACHER_ID)  # a datasets.Dataset (an IterableDataset has no unique: not scanned)
+    elif isinstance(dataset, list):
+        values = [row[TEACHER_ID] for row in dataset if isinstance(row, Mapping) and TEACHER_ID in row]
+    else:
+        return
+    for value in values:
+        try:
+            teacher_position(value, names)
+        except ValueError as error:
+            raise ValueError(f"{what}: {error}") from None
+
+
 class TeacherIdCollator:
     """A data collator whose examples' `teacher_id` (a name or a position) becomes the batch's [batch] int64 tensor of
     teacher positions. The wrapped collator never sees the column: the Trainer's default collator drops a string

@@ -29,7 +29,7 @@ from kdfast.integrations.sparse_teacher import (
     sparse_options,
     sparse_training_data,
 )
-from kdfast.integrations.teacher_names import TeacherIdCollator, named_teachers
+from kdfast.integrations.teacher_names import TeacherIdCollator, check_dataset_teacher_ids, named_teachers
 from kdfast.multi_teacher import COMBINES
 from kdfast.options import LossOptions
 from kdfast.teacher_cache.collate import SparseTeacherCollator
@@ -151,6 +151,8 @@ class DistillationTrainer(Trainer):
         super().__init__(model=model, args=args, **trainer_kwargs)
         if several and teacher_weights is None:  # a teacher_id column routes the examples: names become positions
             self.data_collator = TeacherIdCollator(self.data_collator, self.teacher_names)
+            check_dataset_teacher_ids(self.train_dataset, self.teacher_names, "train_dataset")
+            check_dataset_teacher_ids(self.eval_dataset, self.teacher_names, "eval_dataset")
         check_compile_supported(self)
         tokenizer = self.processing_class
         if vocab_size is None and tokenizer is not None and hasattr(tokenizer, "__len__"):

@@ -13,7 +13,7 @@ import torch
 
 from kdfast.integrations.causal_lm import final_softcap, head_settings, logit_scale, output_head, own_examples
 from kdfast.integrations.sharding import whole_head
-from kdfast.integrations.teacher_names import named_teachers, teacher_position
+from kdfast.integrations.teacher_names import check_dataset_teacher_ids, named_teachers, teacher_position
 from kdfast.linear_loss import fused_linear_loss
 from kdfast.linear_multi_teacher import fused_linear_multi_teacher_loss
 from kdfast.multi_teacher import COMBINES
@@ -49,6 +49,20 @@ def chunked_divergence_loss(student_hidden_states, teacher_hidden_states, studen
     Only the masked-in tokens are projected, into float32 logits from operands in the GEMM's dtype, as TRL's
     kernel projects them (16-bit logits would move a 16-bit model's loss, entropy and gradients off TRL's: by 0.2%,
     28% and 44% in its bf16 test). The teacher is a constant."""
+    total, entropy_sum, n_valid = divergence_sums(
+        student_hidden_states, teacher_hidden_states, student_lm_head_weight, teacher_lm_head_weight, completion_mask,
+        beta, student_lm_head_bias, teacher_lm_head_bias, student_logit_scale, teacher_logit_scale,
+        student_final_logit_softcapping, teacher_final_logit_softcapping, temperature, chunk_size=chunk_size,
+        backend=backend)
+    return _divided(total, n_valid, num_items_in_batch), entropy_sum, n_valid
+
+
+def divergence_sums(student_hidden_states, teacher_hidden_states, student_lm_head_weight, teacher_lm_head_weight,
+                    completion_mask, beta, student_lm_head_bias=None, teacher_lm_head_bias=None,
+                    student_logit_scale=1.0, teacher_logit_scale=1.0, student_final_logit_softcapping=None,
+                    teacher_final_logit_softcapping=None, temperature=1.0, *, chunk_size="auto", backend="auto"):
+    """`chunked_divergence_loss` before its division: the divergence summed over the masked-in tokens, the sum of the
+    student's entropy over them and their count."""
     valid = completion_mask.reshape(-1) != 0
     kept = valid.nonzero().squeeze(1)
     student = student_hidden_states.reshape(-1, student_hidden_states.shape[-1]).index_select(0, kept)
@@ -61,8 +75,7 @@ def chunked_divergence_loss(student_hidden_states, teacher_hidden_states, studen
         student_softcap=student_final_logit_softcapping, teacher_softcap=teacher_final_logit_softcapping,
         student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale, chunk_size=chunk_size,
         fp32_logits=True)
-    n_valid = valid.sum()
-    return _divided(total, n_valid, num_items_in_batch), parts.entropy, n_valid
+    return total, parts.entropy, valid.sum()
 
 
 def _routed_rows(teacher_hidden_states: list, completion_mask, teacher_index):
@@ -176,10 +189,25 @@ class DistillationTrainer(_TRLDistillationTrainer):
             check_trainer_weights(teacher_weights, len(teacher_model))
         super().__init__(model, teacher_model[0] if several else teacher_model, args, *rest, **kwargs)
         self.teacher_weights, self.teacher_combine = teacher_weights, teacher_combine
-        self._teacher_divergences = None
-        self.teacher_models = [self.teacher_model, *(self._prepared_teacher(self._loaded_teacher(teacher))
-                                                     for teacher in teacher_model[1:])] if several else None
+        self._teacher_divergences, self._teacher_windows = None, {}
         self.teacher_names = (names or [str(index) for index in range(len(teacher_model))]) if several else None
+        self.teacher_models = None
+        if several:
+            others = [self._loaded_teacher(teacher) for teacher in teacher_model[1:]]
+            for name, teacher in zip(self.teacher_names[1:], others):
+                self._check_vocabulary(name, teacher)  # TRL checks the first one's
+            self.teacher_models = [self.teacher_model, *(self._prepared_teacher(teacher) for teacher in others)]
+            if teacher_weights is None:  # the datasets' routes, here rather than when their rows' batches come
+                check_dataset_teacher_ids(self.train_dataset, self.teacher_names, "train_dataset")
+                check_dataset_teacher_ids(self.eval_dataset, self.teacher_names, "eval_dataset")
+
+    def _check_vocabulary(self, name: str, teacher) -> None:
+        """A teacher's vocabulary is the student's, as TRL checks its one teacher's."""
+        student, theirs = (model.config.get_text_config().vocab_size for model in (self.model, teacher))
+        if student != theirs:
+            raise ValueError(f"teacher_model[{name!r}] has vocab_size {theirs} but the student model has vocab_size "
+                             f"{student}: distillation compares the full next-token distributions, which needs one "
+                             "vocabulary (a teacher of another tokenizer: GOLDTrainer)")
 
     def _loaded_teacher(self, teacher):
         """A teacher given by its path, loaded as TRL loads its own (trl.DistillationTrainer.__init__:
@@ -221,13 +249,27 @@ class DistillationTrainer(_TRLDistillationTrainer):
             sums, tokens = self._teacher_divergences
             sums = self.accelerator.gather_for_metrics(sums.reshape(1, -1)).sum(0)
             tokens = self.accelerator.gather_for_metrics(tokens.reshape(1, -1)).sum(0)
-            mode = "train" if self.model.training else "eval"
-            for name, total, count in zip(self.teacher_names, sums.tolist(), tokens.tolist()):
-                self._metrics[mode][f"divergence/teacher_{name}"].append(total / max(count, 1))
-                if "teacher_id" in inputs:
-                    self._metrics[mode][f"tokens/teacher_{name}"].append(count / max(float(tokens.sum()), 1.0))
+            window = self._teacher_windows.setdefault("train" if self.model.training else "eval",
+                                                      [[0.0] * len(sums), [0.0] * len(sums), False])
+            window[0] = [kept + new for kept, new in zip(window[0], sums.tolist())]
+            window[1] = [kept + new for kept, new in zip(window[1], tokens.tolist())]
+            window[2] = window[2] or "teacher_id" in inputs
             self._teacher_divergences = None
         return result
+
+    def log(self, logs, start_time=None):
+        # Each teacher's divergence per token over the window's tokens (not a mean of its micro-batches' means), left
+        # out for a teacher that scored none (a mean over no token); routed, its share of the window's tokens.
+        mode = "train" if self.model.training else "eval"
+        window = self._teacher_windows.pop(mode, None)
+        if window is not None:
+            sums, counts, routed = window
+            for name, total, count in zip(self.teacher_names, sums, counts):
+                if count > 0:
+                    self._metrics[mode][f"divergence/teacher_{name}"] = [total / count]
+                if routed:
+                    self._metrics[mode][f"tokens/teacher_{name}"] = [count / max(sum(counts), 1.0)]
+        return super().log(logs, start_time)
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
@@ -239,7 +281,7 @@ class DistillationTrainer(_TRLDistillationTrainer):
         multimodal = {key: inputs[key] for key in _MULTIMODAL_KEYS if key in inputs}
         student_hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, logits_to_keep,
                                                      **multimodal)
-        if self.teacher_models is not None:
+        if self.teacher_models is not None and len(self.teacher_models) > 1:
             return self._several_teachers_loss(unwrapped_student, student_hidden, input_ids, attention_mask,
                                                logits_to_keep, multimodal, loss_mask, num_items_in_batch, inputs)
         self.teacher_model.eval()
@@ -253,12 +295,14 @@ class DistillationTrainer(_TRLDistillationTrainer):
         settings = head_settings(unwrapped_student, unwrapped_teacher)
         with whole_head(unwrapped_student, student_head), whole_head(unwrapped_teacher, teacher_head, frozen=True):
             device = student_head.weight.device
-            loss, entropy_sum, n_valid = chunked_divergence_loss(
+            total, entropy_sum, n_valid = divergence_sums(
                 student_hidden.to(device), teacher_hidden.to(device), student_head.weight, teacher_head.weight,
-                loss_mask.to(device), self.beta, num_items_in_batch, student_head.bias, teacher_head.bias,
+                loss_mask.to(device), self.beta, student_head.bias, teacher_head.bias,
                 settings["student_logit_scale"], settings["teacher_logit_scale"], settings["student_softcap"],
                 settings["teacher_softcap"], self.temperature)
-        return loss, entropy_sum, n_valid
+        if self.teacher_models is not None:  # one teacher by name: the one teacher's arithmetic, its metrics
+            self._teacher_divergences = (total.detach().reshape(1), n_valid.detach().reshape(1))
+        return _divided(total, n_valid, num_items_in_batch), entropy_sum, n_valid
 
     def _several_teachers_loss(self, unwrapped_student, student_hidden, input_ids, attention_mask, logits_to_keep,
                                multimodal, loss_mask, num_items_in_batch, inputs):
