@@ -19,7 +19,7 @@ from kdfast.cross_vocab_rows import CrossVocabPlan, LogitRows, cross_vocab_parts
 from kdfast.huge_pages import empty_gradient
 from kdfast.options import LossOptions
 from kdfast.reduction import reduced_outputs, reduction_scale, returned
-from kdfast.saved_gradient import saved_gradient_times
+from kdfast.saved_gradient import saved_gradient_times, saved_gradients
 from kdfast.uld import HYBRID_DIVERGENCES, UldTerms, native_sort_available
 from kdfast.validation import check_labels, check_labels_for, check_logits, check_num_items
 from kdfast.views import flat_labels
@@ -189,7 +189,7 @@ class CrossVocabFunction(torch.autograd.Function):
     def backward(ctx, grad_output, *summary_grad):
         if ctx.row_groups is not None and ctx.reduction == "none":
             # Each student row belongs to one group at most: its gradient scales by that group's grad_output.
-            (grad,) = ctx.saved_tensors
+            (grad,) = saved_gradients(ctx)
             per_group = torch.cat([grad_output.reshape(-1).to(grad.dtype), grad_output.new_zeros(1, dtype=grad.dtype)])
             grad.view(-1, grad.shape[-1]).mul_(per_group[ctx.row_groups][:, None])
             return grad, None, None, None, None, None

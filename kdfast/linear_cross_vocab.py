@@ -22,7 +22,7 @@ from kdfast.cross_vocab_rows import CrossVocabPlan, cross_vocab_parts, loss_rows
 from kdfast.logit_maps import LogitMap, logit_maps
 from kdfast.options import LossOptions
 from kdfast.reduction import reduced_outputs, reduction_scale, returned
-from kdfast.saved_gradient import rescale_gradient_
+from kdfast.saved_gradient import rescale_gradient_, saved_gradients
 from kdfast.uld import native_sort_available
 from kdfast.validation import _check_bias, _check_floating, _check_one_device, check_chunk_settings, check_labels_for
 from kdfast.views import flat_labels
@@ -184,7 +184,7 @@ class LinearCrossVocabFunction(torch.autograd.Function):
     def backward(ctx, grad_output, *summary_grad):
         if ctx.reduction == "none":
             return (*_per_row_backward(ctx, grad_output), None, None, None, None, None, None, None)
-        grads = ctx.saved_tensors
+        grads = saved_gradients(ctx)
         for grad in grads:
             rescale_gradient_(grad, grad_output)
         return (*grads[:1], grads[1], grads[2], None, None, None, None, None, None, None)

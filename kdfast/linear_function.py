@@ -18,7 +18,7 @@ from kdfast.linear_teachers import TeacherHeads
 from kdfast.logit_maps import LogitMap
 from kdfast.options import LossOptions
 from kdfast.reduction import reduced_outputs, reduction_scale, with_teacher_summary
-from kdfast.saved_gradient import rescale_gradient_
+from kdfast.saved_gradient import rescale_gradient_, saved_gradients
 from kdfast.views import flat_labels
 from kdfast.zero3 import gathered
 
@@ -119,7 +119,7 @@ class LinearDistillFunction(torch.autograd.Function):
                 d_hidden = plan.rows_kernel.reduce_hidden_grad(d_hidden)
             d_hidden, d_weight, d_bias = LinearDistillFunction._as_input_dtypes(ctx, d_hidden, d_weight, d_bias)
         else:
-            d_hidden, d_weight, d_bias = ctx.saved_tensors
+            d_hidden, d_weight, d_bias = saved_gradients(ctx)
             for grad in (d_hidden, d_weight, d_bias):
                 rescale_gradient_(grad, grad_output)
         return d_hidden, d_weight, d_bias, None, None, None, None, None

@@ -22,7 +22,7 @@ from kdfast.linear_function import gemm_dtype
 from kdfast.logit_maps import LogitMap
 from kdfast.options import LossOptions
 from kdfast.reduction import reduced_outputs, reduction_scale, returned
-from kdfast.saved_gradient import rescale_gradient_
+from kdfast.saved_gradient import rescale_gradient_, saved_gradients
 from kdfast.sparse_options import SparseOptions
 from kdfast.views import flat_labels
 
@@ -133,7 +133,7 @@ def student_gradients(ctx, grad_output, rerun) -> list:
         grads = list(rerun(saved, ones, grad_output.reshape(-1).float()))
         grads[0] = grads[0].view(ctx.hidden_shape) if ctx.wanted[0] else grads[0]
     else:
-        grads = list(ctx.saved_tensors)
+        grads = list(saved_gradients(ctx))
         for grad, want in zip(grads, ctx.wanted):
             if want:
                 rescale_gradient_(grad, grad_output)
