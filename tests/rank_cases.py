@@ -3,6 +3,8 @@ traceback}; the test process collects them and reports each case as its own test
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import socket
 import traceback
@@ -38,6 +40,22 @@ def spawn_ranks(worker, world: int, folder, *args) -> list[dict]:
     while not context.join(timeout=300):
         pass
     return [torch.load(out) for out in outs]
+
+
+def spawn_deepspeed_ranks(worker, world: int, folder, port: int, *args) -> list[dict]:
+    """`spawn_ranks` for ranks that meet at `port` and may start DeepSpeed. Its CPU all-reduce maps a 67 MB file per
+    rank in /dev/shm, named by the rendezvous' address and port, and never unlinks it: every run left them behind (17
+    GB of them filled this machine's memory after some hundred suites). Removed once the ranks have exited."""
+    try:
+        return spawn_ranks(worker, world, folder, port, *args)
+    finally:
+        _remove_deepspeed_buffers(port)
+
+
+def _remove_deepspeed_buffers(port: int) -> None:
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 def _then_exit(rank, worker, *args):

@@ -3,14 +3,14 @@
 
 import deepspeed_cases
 import pytest
-from rank_cases import failures, free_port, spawn_ranks
+from rank_cases import failures, free_port, spawn_deepspeed_ranks
 
 WORLD = 2
 
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
-    return spawn_ranks(_worker, WORLD, tmp_path_factory.mktemp("zero3"), free_port())
+    return spawn_deepspeed_ranks(_worker, WORLD, tmp_path_factory.mktemp("zero3"), free_port())
 
 
 def _worker(rank, world, port, outs):

@@ -6,7 +6,7 @@ reported as its own test."""
 
 import pytest
 import trainer_sharded_cases
-from rank_cases import failures, free_port, spawn_ranks
+from rank_cases import failures, free_port, spawn_deepspeed_ranks
 
 WORLD = 2
 SETUPS = ("fsdp2", "zero3")
@@ -15,7 +15,7 @@ SETUPS = ("fsdp2", "zero3")
 @pytest.fixture(scope="module", params=SETUPS)
 def outcomes(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"trainer_{request.param}")
-    return spawn_ranks(_worker, WORLD, folder, free_port(), request.param, str(folder))
+    return spawn_deepspeed_ranks(_worker, WORLD, folder, free_port(), request.param, str(folder))
 
 
 def _worker(rank, world, port, setup, folder, outs):
