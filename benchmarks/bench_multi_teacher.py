@@ -115,6 +115,9 @@ def logits_contenders(args, student, teachers, labels):
     if args.compile:
         compiled = torch.compile(eager)
         methods["torch.compile (same)"] = lambda: grad_of(compiled, student)
+        # kdfast's op traced into a compiled step (kdfast.multi_teacher_ops): the eager call's time, or a cost.
+        compiled_kdfast = torch.compile(lambda x: kdfast.multi_teacher_distill_loss(x, teachers, labels, **settings))
+        methods["kdfast mixture inside torch.compile"] = lambda: grad_of(compiled_kdfast, student)
     methods[f"loop of {args.teachers} kdfast calls (average)"] = lambda: grad_of(loop, student)
     for combine in ("mixture", "average"):
         methods[f"kdfast {combine}"] = lambda combine=combine: grad_of(
