@@ -23,14 +23,13 @@ from kdfast.huge_pages import empty_gradient
 from kdfast.kernel_abi import MAX_MIXED_TEACHERS
 from kdfast.linear_ops import runs_as_op
 from kdfast.multi_teacher_ops import CompiledMultiTeacherFunction
-from kdfast.multi_teacher_rows import multi_teacher_rows, runs_in_one_call
+from kdfast.multi_teacher_rows import flat_rows, kept_and_reduced, multi_teacher_rows, runs_in_one_call
 from kdfast.options import LossOptions
-from kdfast.reduction import reduced_with_teachers, reduction_scale, returned_with_teachers
+from kdfast.reduction import returned_with_teachers
 from kdfast.saved_gradient import saved_gradient_times
 from kdfast.teacher_routing import is_routing
 from kdfast.teacher_weights import label_logprobs, row_log_weights, static_shares
 from kdfast.validation import check_labels, check_labels_for, check_num_items, check_pair
-from kdfast.views import flat_labels
 
 COMBINES = ("mixture", "average")
 
@@ -143,20 +142,14 @@ class MultiTeacherFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, labels, num_items_in_batch, opts: LossOptions, teachers, log_weights, combine,
                 shares, kernel):
-        lead_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
-        student = student_logits.reshape(-1, vocab)
-        flat = flat_labels(labels)
-        scale = reduction_scale(flat, student.shape[0], opts, num_items_in_batch, student.device)
+        student, flat, scale = flat_rows(student_logits, labels, num_items_in_batch, opts)
         want_grad = ctx.needs_input_grad[0]
         # The average's calls each read the student: only one call can write over it.
         in_place = want_grad and opts.inplace_backward and runs_in_one_call(kernel, opts, combine)
         grad = (student if in_place else empty_gradient(student)) if want_grad else None
         parts, per_teacher = multi_teacher_rows(student, flat, scale, opts, teachers, log_weights, combine, shares,
                                                 kernel, grad)
-        if grad is not None:
-            ctx.save_for_backward(grad.view(student_logits.shape))
-        ctx.reduction = opts.reduction
-        return reduced_with_teachers(ctx, parts, per_teacher, lead_shape, labels, opts, scale)
+        return kept_and_reduced(ctx, grad, student_logits, parts, per_teacher, labels, opts, scale)
 
     @staticmethod
     def backward(ctx, grad_output, *summary_grads):

@@ -14,11 +14,9 @@ import torch
 from kdfast.dispatch import device_rows
 from kdfast.huge_pages import empty_gradient
 from kdfast.kernel_abi import PART_COLUMNS
-from kdfast.multi_teacher_rows import multi_teacher_rows, runs_in_one_call
+from kdfast.multi_teacher_rows import flat_rows, kept_and_reduced, multi_teacher_rows, runs_in_one_call
 from kdfast.options import LossOptions
-from kdfast.reduction import reduced_with_teachers, reduction_scale
 from kdfast.saved_gradient import saved_gradient_times
-from kdfast.views import flat_labels
 
 # Written out: torch 2.4's schema inference takes no list annotations.
 _INPUTS = ("Tensor[] teachers, Tensor log_weights, Tensor? labels, Tensor grad_scale, str combine, float[]? shares, "
@@ -78,23 +76,16 @@ class CompiledMultiTeacherFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, labels, num_items_in_batch, opts: LossOptions, teachers, log_weights, combine,
                 shares):
-        lead_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
-        student = student_logits.reshape(-1, vocab)
-        flat = flat_labels(labels)
-        scale = reduction_scale(flat, student.shape[0], opts, num_items_in_batch, student.device)
+        student, flat, scale = flat_rows(student_logits, labels, num_items_in_batch, opts)
         inputs = (list(teachers), log_weights, flat, scale, combine, list(shares) if shares is not None else None,
                   opts.encoded())
-        grad = None
         if ctx.needs_input_grad[0] and opts.inplace_backward:
             parts, per_teacher = multi_teacher_forward_inplace(student, *inputs)
             grad = student
         else:
             parts, fresh, per_teacher = multi_teacher_forward(student, *inputs, ctx.needs_input_grad[0])
             grad = fresh if ctx.needs_input_grad[0] else None
-        if grad is not None:
-            ctx.save_for_backward(grad.view(student_logits.shape))
-        ctx.reduction = opts.reduction
-        return reduced_with_teachers(ctx, parts, per_teacher, lead_shape, labels, opts, scale)
+        return kept_and_reduced(ctx, grad, student_logits, parts, per_teacher, labels, opts, scale)
 
     @staticmethod
     def backward(ctx, grad_output, *summary_grads):

@@ -9,6 +9,24 @@ import torch
 from kdfast.dispatch import average_of_teacher_divergences, average_runs_as_mixture, teacher_divergences_in_kernel
 from kdfast.kernel_abi import PART_CE, PART_COLUMNS, PART_CORRECT, PART_ENTROPY, PART_KD, PART_Z, MixedTeachers
 from kdfast.options import LossOptions
+from kdfast.reduction import reduced_with_teachers, reduction_scale
+from kdfast.views import flat_labels
+
+
+def flat_rows(student_logits, labels, num_items_in_batch, opts: LossOptions) -> tuple:
+    """A several-teacher Function's inputs as its rows take them: the student's rows [N, V], the labels flat and the
+    reduction's factor."""
+    student = student_logits.reshape(-1, student_logits.shape[-1])
+    flat = flat_labels(labels)
+    return student, flat, reduction_scale(flat, student.shape[0], opts, num_items_in_batch, student.device)
+
+
+def kept_and_reduced(ctx, grad, student_logits, parts, per_teacher, labels, opts: LossOptions, scale):
+    """A several-teacher Function's outputs from its rows' parts, the gradient (or None) kept for its backward."""
+    if grad is not None:
+        ctx.save_for_backward(grad.view(student_logits.shape))
+    ctx.reduction = opts.reduction
+    return reduced_with_teachers(ctx, parts, per_teacher, student_logits.shape[:-1], labels, opts, scale)
 
 
 def runs_in_one_call(kernel, opts: LossOptions, combine: str) -> bool:
