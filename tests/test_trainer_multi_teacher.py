@@ -199,3 +199,21 @@ def test_a_dataset_teacher_id_that_names_no_teacher_fails_where_the_trainer_is_b
         DistillationTrainer(model=student, teacher_model={"code": models[0], "prose": models[1]},
                             args=training_args(tmp_path), train_dataset=rows,
                             eval_dataset={"clean": rows, "typo": typo}, **SETTINGS)
+
+
+def test_a_one_entry_dict_is_the_single_teacher_bitwise(tmp_path):
+    # Not the several-teacher kernel's float32 rounding of the same math (TRL's multi-teacher trainer asks the same).
+    student, teacher = student_and_teacher()
+    batch = token_batch()  # no teacher_id column: one teacher needs none
+    losses, grads = [], []
+    for teacher_model in (teacher, {"only": teacher}):
+        trainer = DistillationTrainer(model=copy.deepcopy(student), teacher_model=teacher_model,
+                                      args=training_args(tmp_path), **SETTINGS)
+        loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=30)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([parameter.grad for parameter in trainer.model.parameters()])
+    assert torch.equal(losses[0], losses[1])
+    assert all(torch.equal(one, other) for one, other in zip(*grads))
+    trainer.log({"loss": losses[1].item()})
+    assert trainer.state.log_history[-1]["kd_loss_teacher_only"] == trainer.state.log_history[-1]["kd_loss"]

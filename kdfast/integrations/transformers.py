@@ -6,6 +6,7 @@ built for the whole batch."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 
 import torch
@@ -281,6 +282,11 @@ class DistillationTrainer(Trainer):
         if teacher is None:
             return batch_sparse_distill_loss(student, inputs, self.distill_options, chunk_size=self.chunk_size,
                                              fp32_logits=self.fp32_logits, num_items_in_batch=num_items_in_batch)
+        if isinstance(teacher, list) and len(teacher) == 1:  # one teacher by name: its arithmetic, bitwise
+            loss, parts = batch_distill_loss(student, teacher[0], inputs, self.distill_options,
+                                             chunk_size=self.chunk_size, fp32_logits=self.fp32_logits,
+                                             num_items_in_batch=num_items_in_batch)
+            return loss, dataclasses.replace(parts, teachers=parts.kd.reshape(1) if parts.kd is not None else None)
         if isinstance(teacher, list):
             return batch_multi_teacher_loss(student, teacher, inputs, self.distill_options,
                                             weights=self.teacher_weights, combine=self.teacher_combine,
