@@ -111,7 +111,8 @@ def test_settings_for_several_teachers_are_refused_with_one(tmp_path):
     ([0.0, 0.0], "teacher_weights must be finite, >= 0 and not all 0"),
     ([float("nan"), 1.0], "teacher_weights must be finite, >= 0 and not all 0"),
     ("confident", r"teacher_weights must be None, 2 numbers or one of \('confidence', 'min_ce'\)"),
-    ({"a": 1}, "teacher_weights must be None, 2 numbers or one of"),
+    ({"a": 1}, "teacher_weights as a dict weighs teachers by name: pass teacher_model as a dict of them"),
+    ({1, 2}, "teacher_weights must be None, 2 numbers or one of"),
 ])
 def test_bad_teacher_weights_fail_where_the_trainer_is_built(tmp_path, weights, match):
     # Before, they failed at the first step, after every teacher's forward pass.
@@ -217,3 +218,22 @@ def test_a_one_entry_dict_is_the_single_teacher_bitwise(tmp_path):
     assert all(torch.equal(one, other) for one, other in zip(*grads))
     trainer.log({"loss": losses[1].item()})
     assert trainer.state.log_history[-1]["kd_loss_teacher_only"] == trainer.state.log_history[-1]["kd_loss"]
+
+
+def test_teacher_weights_by_name_weigh_named_teachers(tmp_path):
+    student, models = student_and_teacher()[0], teachers()
+    batch = token_batch()
+    by_name = DistillationTrainer(model=student, teacher_model={"code": models[0], "prose": models[1]},
+                                  args=training_args(tmp_path), teacher_weights={"prose": 3.0, "code": 1.0},
+                                  **SETTINGS)
+    in_order = DistillationTrainer(model=student, teacher_model=models, args=training_args(tmp_path),
+                                   teacher_weights=[1.0, 3.0], **SETTINGS)
+    torch.testing.assert_close(by_name.compute_loss(by_name.model, batch), in_order.compute_loss(in_order.model, batch),
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"must name every teacher \['code', 'prose'\] once: missing \['prose'\], "
+                                         r"unknown \['poetry'\]"):
+        DistillationTrainer(model=student, teacher_model={"code": models[0], "prose": models[1]},
+                            args=training_args(tmp_path), teacher_weights={"code": 1.0, "poetry": 3.0})
+    with pytest.raises(ValueError, match="pass teacher_model as a dict of them"):
+        DistillationTrainer(model=student, teacher_model=models, args=training_args(tmp_path),
+                            teacher_weights={"code": 1.0, "prose": 3.0})

@@ -202,3 +202,12 @@ def test_teachers_given_by_path_are_loaded_as_trl_loads_its_own(tmp_path):
     assert [type(model).__name__ for model in by_path.teacher_models] == ["LlamaForCausalLM"] * 2
     assert by_path.teacher_models[1].config.hidden_size == 48
     torch.testing.assert_close(by_path.compute_loss(by_path.model, batch), loaded.compute_loss(loaded.model, batch))
+
+
+def test_teacher_weights_by_name_follow_the_teachers_order(tmp_path):
+    student, teacher = student_and_teacher()
+    teachers = {"short": teacher, "long": tiny_llama(48, seed=2)}
+    trainer = _trainer(tmp_path, student, teachers, teacher_weights={"long": 3.0, "short": 1.0})
+    assert trainer.teacher_names == ["short", "long"] and trainer.teacher_weights == [1.0, 3.0]
+    with pytest.raises(ValueError, match=r"must name every teacher \['short', 'long'\] once: missing \['long'\]"):
+        _trainer(tmp_path, student, teachers, teacher_weights={"short": 1.0})

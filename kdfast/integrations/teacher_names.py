@@ -18,6 +18,20 @@ def named_teachers(teacher_model):
     return teacher_model, None
 
 
+def weights_in_order(weights, names: list[str] | None):
+    """`teacher_weights` as the loss takes them: a dict by name (teachers given as a dict) becomes its numbers in the
+    teachers' order; anything else is as given."""
+    if not isinstance(weights, dict):
+        return weights
+    if names is None:
+        raise ValueError("teacher_weights as a dict weighs teachers by name: pass teacher_model as a dict of them")
+    given = {str(name): value for name, value in weights.items()}
+    if set(given) != set(names):
+        missing, unknown = sorted(set(names) - set(given)), sorted(set(given) - set(names))
+        raise ValueError(f"teacher_weights must name every teacher {names} once: missing {missing}, unknown {unknown}")
+    return [given[name] for name in names]
+
+
 def teacher_position(teacher_id, names: list[str]) -> int:
     """The position of an example's teacher: its name, or its position itself (an integer, numpy's or a 0-d tensor's
     included; not a bool)."""

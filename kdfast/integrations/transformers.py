@@ -30,7 +30,12 @@ from kdfast.integrations.sparse_teacher import (
     sparse_options,
     sparse_training_data,
 )
-from kdfast.integrations.teacher_names import TeacherIdCollator, check_dataset_teacher_ids, named_teachers
+from kdfast.integrations.teacher_names import (
+    TeacherIdCollator,
+    check_dataset_teacher_ids,
+    named_teachers,
+    weights_in_order,
+)
 from kdfast.multi_teacher import COMBINES
 from kdfast.options import LossOptions
 from kdfast.teacher_cache.collate import SparseTeacherCollator
@@ -55,9 +60,9 @@ class DistillationTrainer(Trainer):
     The teacher is one of:
     - `teacher_model`: run in eval mode under no_grad, on the student's device and dtype; or a list of models (of any
       hidden sizes), or a dict of them by name, mixed (`teacher_combine="mixture"`) or averaged ("average") with
-      `teacher_weights` (M numbers, "confidence" or "min_ce", as `kdfast.multi_teacher_distill_loss` takes them,
-      checked here; without them, a dataset column `teacher_id`, a teacher's position or its name in the dict, routes
-      each example to one teacher, else they weigh 1/M each); each teacher's own divergence is logged as
+      `teacher_weights` (M numbers, a dict by name, "confidence" or "min_ce", as `kdfast.multi_teacher_distill_loss`
+      takes them, checked here; without them, a dataset column `teacher_id`, a teacher's position or its name in the
+      dict, routes each example to one teacher, else they weigh 1/M each); each teacher's own divergence is logged as
       `kd_loss_teacher_<m>` (its name in the dict);
     - `teacher_cache`: a `kdfast teacher-cache` folder (or `TeacherCache`); it is the training data unless
       `train_dataset` is given, whose rows must then be the cache's windows in order. Its tokenizer must be the
@@ -90,6 +95,7 @@ class DistillationTrainer(Trainer):
                  teacher_weights=None, teacher_combine="mixture", teacher_tokenizer=None, cross_vocab="hybrid",
                  **trainer_kwargs):
         teacher_model, names = named_teachers(teacher_model)
+        teacher_weights = weights_in_order(teacher_weights, names)
         given = [name for name, value in (("teacher_model", teacher_model), ("teacher_cache", teacher_cache),
                                           ("teacher_server", teacher_server)) if value is not None]
         if len(given) > 1:

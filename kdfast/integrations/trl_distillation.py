@@ -13,7 +13,12 @@ import torch
 
 from kdfast.integrations.causal_lm import final_softcap, head_settings, logit_scale, output_head, own_examples
 from kdfast.integrations.sharding import whole_head
-from kdfast.integrations.teacher_names import check_dataset_teacher_ids, named_teachers, teacher_position
+from kdfast.integrations.teacher_names import (
+    check_dataset_teacher_ids,
+    named_teachers,
+    teacher_position,
+    weights_in_order,
+)
 from kdfast.linear_loss import fused_linear_loss
 from kdfast.linear_multi_teacher import fused_linear_multi_teacher_loss
 from kdfast.multi_teacher import COMBINES
@@ -163,7 +168,7 @@ class DistillationTrainer(_TRLDistillationTrainer):
     `teacher_model` may also be a list of models (or paths, loaded as TRL loads its teacher), or a dict of them by
     name: TRL prepares the first, kdfast the others the same way (a ZeRO-3 or FSDP engine, or accelerate's evaluation
     wrapper), and the divergence is to their mixture (`teacher_combine="mixture"`) or the weighted sum of each one's
-    (`"average"`), with `teacher_weights` as `kdfast.linear_multi_teacher_distill_loss` takes them. Without
+    (`"average"`), with `teacher_weights` as `kdfast.linear_multi_teacher_distill_loss` takes them (or by name). Without
     `teacher_weights`, a dataset column `teacher_id` (a teacher's position, or its name in the dict) routes each
     prompt to one teacher: each teacher model runs on its own sequences alone (on all of them where its forward is a
     collective of sharded ranks, or with images) and only its head scores their tokens. Each teacher's own divergence
@@ -173,6 +178,7 @@ class DistillationTrainer(_TRLDistillationTrainer):
     def __init__(self, model=None, teacher_model=None, args=None, *rest, teacher_weights=None,
                  teacher_combine="mixture", **kwargs):
         teacher_model, names = named_teachers(teacher_model)
+        teacher_weights = weights_in_order(teacher_weights, names)
         several = isinstance(teacher_model, (list, tuple))
         if several and not teacher_model:
             raise ValueError("teacher_model is empty: pass one teacher model or several")
