@@ -172,3 +172,15 @@ def _side_rows(groups: list, ids: torch.Tensor, rows: torch.Tensor, merge: str) 
     extra = torch.tensor(extra, dtype=torch.int64)
     return SideRows(rows[torch.tensor(base, dtype=torch.int64)], rows[extra], ids[extra],
                     torch.tensor(extra_groups, dtype=torch.int64))
+
+
+def check_alignment(alignment, rows: tuple, vocabs: tuple, names: tuple) -> None:
+    """A TokenAlignment whose rows and merged ids lie in both models' (rows, vocabulary)."""
+    if not isinstance(alignment, TokenAlignment):
+        raise ValueError(f"alignment must be a kdfast.TokenAlignment (kdfast.align_tokenizations), got "
+                         f"{type(alignment).__name__}")
+    if torch.compiler.is_compiling():  # values are read where the rows are (kdfast.cross_vocab_ops checks there)
+        return
+    for name, side, count, vocab in zip(names, (alignment.student, alignment.teacher), rows, vocabs):
+        side.check_rows(name, count)
+        side.check_ids(name, vocab)

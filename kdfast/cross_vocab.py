@@ -14,23 +14,18 @@ from __future__ import annotations
 
 import torch
 
-from kdfast.alignment import TokenAlignment
-from kdfast.cross_vocab_rows import CrossVocabPlan, LogitRows, cross_vocab_parts, loss_rows, unmatched_columns
-from kdfast.huge_pages import empty_gradient
+from kdfast.alignment import check_alignment
+from kdfast.cross_vocab_function import CrossVocabFunction
+from kdfast.cross_vocab_ops import CompiledCrossVocabFunction
 from kdfast.options import LossOptions
-from kdfast.reduction import reduced_outputs, reduction_scale, returned
-from kdfast.saved_gradient import saved_gradient_times, saved_gradients
-from kdfast.uld import HYBRID_DIVERGENCES, UldTerms, native_sort_available
+from kdfast.reduction import returned
+from kdfast.uld import HYBRID_DIVERGENCES, native_sort_available
 from kdfast.validation import check_labels, check_labels_for, check_logits, check_num_items
-from kdfast.views import flat_labels
 from kdfast.vocab_map import VocabMap
 
 METHODS = ("mapped", "uld", "hybrid")
 
 
-# Driven from the host (a kernel object, several calls or chunks): torch.compile runs the model around it and calls
-# it as is, rather than tracing into it (README, "Backends").
-@torch.compiler.disable
 def cross_vocab_distill_loss(student_logits, teacher_logits, labels=None, *, vocab_map, alignment=None,
                              method="hybrid", matched_weight=None, unmatched_weight=None, divergence="forward_kl",
                              beta=0.5, temperature=1.0, student_temperature=None, teacher_temperature=None,
@@ -65,6 +60,24 @@ def cross_vocab_distill_loss(student_logits, teacher_logits, labels=None, *, voc
                          student_logits.device, opts, "the alignment's groups")
     check_num_items(num_items_in_batch)
     settings = (method, vocab_map, alignment, float(teacher_temperature), matched_weight, unmatched_weight)
+    if torch.compiler.is_compiling() and runs_in_op(method, opts.backend, student_logits.device.type):
+        # Traced by torch.compile: the rows as one custom op.
+        return returned(CompiledCrossVocabFunction.apply(student_logits, teacher_logits.detach(), labels,
+                                                         num_items_in_batch, opts, settings), opts, labels)
+    return _host_driven_loss(student_logits, teacher_logits, labels, num_items_in_batch, opts, settings)
+
+
+@torch.compiler.assume_constant_result
+def runs_in_op(method: str, backend: str, device_type: str) -> bool:
+    """Whether a compiled step runs the rows as `kdfast.cross_vocab_ops`' op: "mapped" everywhere, ULD and the hybrid
+    where the C++ passes run them (their torch form takes its gradient by autograd, which an op's kernel has not)."""
+    return method == "mapped" or native_sort_available(backend, torch.device(device_type))
+
+
+# Driven from the host (a kernel object, several calls or chunks): torch.compile runs the model around it and calls
+# it as is, rather than tracing into it (README, "Backends"), where the op does not take the rows.
+@torch.compiler.disable
+def _host_driven_loss(student_logits, teacher_logits, labels, num_items_in_batch, opts, settings):
     return returned(CrossVocabFunction.apply(student_logits, teacher_logits.detach(), labels, num_items_in_batch, opts,
                                              settings), opts, labels)
 
@@ -106,7 +119,8 @@ def check_settings(vocab_map: VocabMap, method: str, opts: LossOptions, teacher_
     """The map fits both vocabularies; the method takes the divergence; the teacher's temperature is > 0."""
     if not (isinstance(teacher_temperature, (int, float)) and teacher_temperature > 0):
         raise ValueError(f"teacher_temperature must be a number > 0, got {teacher_temperature!r}")
-    vocab_map.check_logits(*vocabs, names=names)
+    if not torch.compiler.is_compiling():  # values are read where the rows are (kdfast.cross_vocab_ops checks there)
+        vocab_map.check_logits(*vocabs, names=names)
     divergence = opts.effective_divergence.name.lower()
     if method == "uld" and opts.divergence != "forward_kl":
         raise ValueError(f"method='uld' compares sorted probabilities and takes no divergence (got "
@@ -122,83 +136,3 @@ def check_settings(vocab_map: VocabMap, method: str, opts: LossOptions, teacher_
                          "that stays finite (reverse_kl, jsd, tvd)")
     if method != "uld" and vocab_map.matched == 0:
         raise ValueError(f"vocab_map matches no token: method={method!r} needs matched tokens (method='uld' does not)")
-
-
-def check_alignment(alignment, rows: tuple, vocabs: tuple, names: tuple) -> None:
-    """A TokenAlignment whose rows and merged ids lie in both models' (rows, vocabulary)."""
-    if not isinstance(alignment, TokenAlignment):
-        raise ValueError(f"alignment must be a kdfast.TokenAlignment (kdfast.align_tokenizations), got "
-                         f"{type(alignment).__name__}")
-    for name, side, count, vocab in zip(names, (alignment.student, alignment.teacher), rows, vocabs):
-        side.check_rows(name, count)
-        side.check_ids(name, vocab)
-
-
-def uld_terms(method: str, vocab_map: VocabMap, student_vocab: int, teacher_vocab: int, opts: LossOptions,
-              teacher_temperature: float, matched_weight, unmatched_weight, device) -> UldTerms | None:
-    if method == "mapped":
-        return None
-    return UldTerms(method, vocab_map, student_vocab, teacher_vocab, opts.effective_divergence.name.lower(), opts.beta,
-                    opts.temperature, teacher_temperature, matched_weight, unmatched_weight, device,
-                    native_sort_available(opts.backend, device))
-
-
-def mapped_rest(method: str, vocab_map: VocabMap, student_vocab: int, teacher_vocab: int, device):
-    return unmatched_columns(vocab_map, student_vocab, teacher_vocab, device) if method == "mapped" else None
-
-
-class CrossVocabFunction(torch.autograd.Function):
-    """Forward computes the rows' parts and the gradient a chunk of rows at a time; backward rescales it."""
-
-    @staticmethod
-    def forward(ctx, student_logits, teacher_logits, labels, num_items_in_batch, opts: LossOptions, settings):
-        method, vocab_map, alignment, teacher_temperature, matched_weight, unmatched_weight = settings
-        student = student_logits.reshape(-1, student_logits.shape[-1])
-        teacher = teacher_logits.reshape(-1, teacher_logits.shape[-1])
-        device = student.device
-        alignment = alignment.to(device) if alignment is not None else None
-        plan = CrossVocabPlan(method, vocab_map.to(device), alignment, teacher_temperature,
-                              uld_terms(method, vocab_map, student.shape[-1], teacher.shape[-1], opts,
-                                        teacher_temperature, matched_weight, unmatched_weight, device),
-                              rest=mapped_rest(method, vocab_map, student.shape[-1], teacher.shape[-1], device),
-                              native=native_sort_available(opts.backend, device))
-        rows = loss_rows(plan, student.shape[0])
-        lead_shape = student_logits.shape[:-1] if alignment is None else (rows,)
-        flat = flat_labels(labels)
-        scale = reduction_scale(flat, rows, opts, num_items_in_batch, device)
-        want_grad = ctx.needs_input_grad[0]
-        in_place = want_grad and opts.inplace_backward
-        if in_place:
-            grad = student
-        else:  # an alignment gathers rows and adds their gradient at them: rows of no group keep zeros
-            grad = empty_gradient(student) if want_grad else None
-            if grad is not None and alignment is not None:
-                grad.zero_()
-        parts = cross_vocab_parts(LogitRows(student, grad, in_place), LogitRows(teacher), flat, scale, opts, plan,
-                                  want_grad)
-        if grad is not None:
-            # In place into the logits' own storage: a detached alias of them (autograd then takes it as the leaf's
-            # .grad as it is), or the rows' copy when reshaping them needed one.
-            aliases = in_place and grad.data_ptr() == student_logits.data_ptr()
-            ctx.save_for_backward(student_logits.detach() if aliases else grad.view(student_logits.shape))
-        ctx.reduction = opts.reduction
-        ctx.row_groups = row_groups(alignment, student.shape[0]) if alignment is not None else None
-        return reduced_outputs(ctx, parts, lead_shape, labels, opts, scale)
-
-    @staticmethod
-    def backward(ctx, grad_output, *summary_grad):
-        if ctx.row_groups is not None and ctx.reduction == "none":
-            # Each student row belongs to one group at most: its gradient scales by that group's grad_output.
-            (grad,) = saved_gradients(ctx)
-            per_group = torch.cat([grad_output.reshape(-1).to(grad.dtype), grad_output.new_zeros(1, dtype=grad.dtype)])
-            grad.view(-1, grad.shape[-1]).mul_(per_group[ctx.row_groups][:, None])
-            return grad, None, None, None, None, None
-        return saved_gradient_times(ctx, grad_output), None, None, None, None, None
-
-
-def row_groups(alignment: TokenAlignment, rows: int) -> torch.Tensor:
-    """The group of each student row, -1 (the appended zero) for rows of no group."""
-    groups = torch.full((rows,), -1, dtype=torch.int64, device=alignment.sample.device)
-    groups[alignment.student.base] = torch.arange(alignment.groups, device=groups.device)
-    groups[alignment.student.extra_rows] = alignment.student.extra_groups
-    return groups

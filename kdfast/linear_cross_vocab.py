@@ -9,15 +9,9 @@ from __future__ import annotations
 import torch
 
 from kdfast import cpu_gemm
-from kdfast.alignment import TokenAlignment
-from kdfast.cross_vocab import (
-    check_alignment,
-    check_settings,
-    cross_vocab_options,
-    mapped_rest,
-    row_groups,
-    uld_terms,
-)
+from kdfast.alignment import TokenAlignment, check_alignment
+from kdfast.cross_vocab import check_settings, cross_vocab_options
+from kdfast.cross_vocab_function import mapped_rest, row_groups, uld_terms
 from kdfast.cross_vocab_rows import CrossVocabPlan, cross_vocab_parts, loss_rows
 from kdfast.logit_maps import LogitMap, logit_maps
 from kdfast.options import LossOptions

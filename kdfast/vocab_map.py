@@ -68,6 +68,17 @@ class VocabMap:
                    max(teacher.values()) + 1, tokenizer_fingerprint(student_tokenizer),
                    tokenizer_fingerprint(teacher_tokenizer))
 
+    @classmethod
+    def of_checked_ids(cls, student_ids, teacher_ids, student_size: int, teacher_size: int) -> VocabMap:
+        """A map of ids a VocabMap held already (checked when it was built): a custom op's tensors, whose map is made
+        again on every call without sorting its ids again."""
+        vocab_map = object.__new__(cls)
+        for name, value in (("student_ids", student_ids), ("teacher_ids", teacher_ids),
+                            ("student_size", student_size), ("teacher_size", teacher_size),
+                            ("student_fingerprint", ""), ("teacher_fingerprint", "")):
+            object.__setattr__(vocab_map, name, value)
+        return vocab_map
+
     @property
     def matched(self) -> int:
         return self.student_ids.numel()

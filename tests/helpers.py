@@ -95,6 +95,16 @@ def assert_sparse_matches_reference(student, ids, logprobs, labels, backend, ext
     torch.testing.assert_close(s.grad.double().cpu(), s64.grad, rtol=rtol, atol=atol)
 
 
+def weighted_step_outputs(step, leaves: list) -> tuple:
+    """(loss, components or None, the leaves' gradients) of `step(*leaves)`, its loss (per row or not) weighed
+    0.5..1.5 before the backward, so that a per-row backward sees a grad_output of its own in every row."""
+    out = step(*leaves)
+    loss, parts = out if isinstance(out, tuple) else (out, None)
+    grad_weights = torch.linspace(0.5, 1.5, loss.numel(), device=loss.device).reshape(loss.shape)
+    (loss * grad_weights).sum().backward()
+    return loss.detach(), parts, [leaf.grad for leaf in leaves]
+
+
 def assert_compiled_step_equals_eager(step, run, data, part_names) -> None:
     """`step` compiled whole (fullgraph, AOTAutograd's eager backend) gives the eager step's loss, gradients and the
     components `part_names`, twice (the second call runs the cached graph); `run(step, data)` -> (loss, parts,

@@ -6,7 +6,12 @@ per-row losses weighed and autocast; the op passes torch.library's own checks.""
 import pytest
 import torch
 from conftest import BACKENDS, device_for
-from helpers import assert_compiled_step_equals_eager, assert_compiled_under_autocast_equals_eager, make_labels
+from helpers import (
+    assert_compiled_step_equals_eager,
+    assert_compiled_under_autocast_equals_eager,
+    make_labels,
+    weighted_step_outputs,
+)
 
 import kdfast
 from kdfast import linear_multi_ops
@@ -64,12 +69,8 @@ def _step(data, settings):
 
 
 def _run(step, data):
-    leaves = [data[name].clone().requires_grad_(True) for name in ("hidden", "weight", "bias")]
-    out = step(*leaves)
-    loss, parts = out if isinstance(out, tuple) else (out, None)
-    grad_weights = torch.linspace(0.5, 1.5, loss.numel(), device=loss.device).reshape(loss.shape)
-    (loss * grad_weights).sum().backward()
-    return loss.detach(), parts, [leaf.grad for leaf in leaves]
+    return weighted_step_outputs(step, [data[name].clone().requires_grad_(True) for name in ("hidden", "weight",
+                                                                                           "bias")])
 
 
 @pytest.mark.parametrize("backend", COMPILE_BACKENDS)

@@ -6,7 +6,12 @@ losses weighed, a padded vocabulary and autocast; the ops pass torch.library's o
 import pytest
 import torch
 from conftest import BACKENDS, device_for
-from helpers import assert_compiled_step_equals_eager, assert_compiled_under_autocast_equals_eager, make_labels
+from helpers import (
+    assert_compiled_step_equals_eager,
+    assert_compiled_under_autocast_equals_eager,
+    make_labels,
+    weighted_step_outputs,
+)
 
 import kdfast
 from kdfast import multi_teacher_ops
@@ -57,12 +62,7 @@ def _step(data, settings):
 
 
 def _run(step, data):
-    leaf = data["student"].clone().requires_grad_(True)
-    out = step(leaf)
-    loss, parts = out if isinstance(out, tuple) else (out, None)
-    grad_weights = torch.linspace(0.5, 1.5, loss.numel(), device=loss.device).reshape(loss.shape)
-    (loss * grad_weights).sum().backward()
-    return loss.detach(), parts, [leaf.grad]
+    return weighted_step_outputs(step, [data["student"].clone().requires_grad_(True)])
 
 
 @pytest.mark.parametrize("backend", COMPILE_BACKENDS)

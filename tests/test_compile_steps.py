@@ -1,7 +1,8 @@
 """Every loss inside a torch.compile'd step gives the eager step's loss and input gradient. The logits-level
-`distill_loss`, `sparse_distill_loss` and `multi_teacher_distill_loss` are torch.library ops, and so are the chunk
-loops of `linear_distill_loss`, `linear_sparse_distill_loss`, `linear_multi_teacher_distill_loss` and
-`linear_token_logprobs` (tests/test_compile_multi_teacher_logits.py, tests/test_compile_linear.py,
+`distill_loss`, `sparse_distill_loss`, `multi_teacher_distill_loss` and `cross_vocab_distill_loss` (its ULD where the
+C++ passes run it) are torch.library ops, and so are the chunk loops of `linear_distill_loss`,
+`linear_sparse_distill_loss`, `linear_multi_teacher_distill_loss` and `linear_token_logprobs`
+(tests/test_compile_multi_teacher_logits.py, tests/test_compile_cross_vocab.py, tests/test_compile_linear.py,
 tests/test_compile_multi_teacher.py, tests/test_compile_token_logprobs.py), so a step compiles whole (fullgraph=True);
 the others are driven from the host (chunk loops, several calls) and run where the compiled step calls them, a graph
 break (README, "Backends"). AOTAutograd's eager backend traces the graph as inductor would, without compiling C++ for
@@ -46,7 +47,7 @@ def _losses():
             x, [d["teacher"], d["second_teacher"]], d["labels"], weights=[0.25, 0.75], ce_weight=0.5), True),
         "cross_vocab_distill_loss": ("logits", lambda x, d: kdfast.cross_vocab_distill_loss(
             x[:, :STUDENT_VOCAB], d["teacher"][:, :TEACHER_VOCAB], d["labels"] % STUDENT_VOCAB,
-            vocab_map=vocab_map, method="hybrid", ce_weight=0.5), False),
+            vocab_map=vocab_map, method="hybrid", ce_weight=0.5), True),
         "linear_distill_loss": ("hidden", lambda x, d: kdfast.linear_distill_loss(
             x, d["weight"], d["teacher_hidden"], d["teacher_weight"], d["labels"], ce_weight=0.5), True),
         "linear_sparse_distill_loss": ("hidden", lambda x, d: kdfast.linear_sparse_distill_loss(
