@@ -42,7 +42,7 @@ def alignment_tensors(alignment: TokenAlignment | None) -> list:
             *(getattr(alignment.teacher, name) for name in _SIDE_FIELDS), alignment.sample]
 
 
-def _alignment(tensors: list) -> TokenAlignment | None:
+def alignment_from_tensors(tensors: list) -> TokenAlignment | None:
     if not tensors:
         return None
     return TokenAlignment(SideRows(*tensors[:4]), SideRows(*tensors[4:8]), tensors[8])
@@ -57,8 +57,8 @@ def _rows(student, teacher, labels, grad_scale, map_student_ids, map_teacher_ids
     names, vocabs = ("student_logits", "teacher_logits"), (student.shape[-1], teacher.shape[-1])
     vocab_map.check_logits(*vocabs, names=names)
     if alignment:
-        check_alignment(_alignment(alignment), (student.shape[0], teacher.shape[0]), vocabs, names)
-    plan = cross_vocab_plan(method, vocab_map, _alignment(alignment), teacher_temperature, matched_weight,
+        check_alignment(alignment_from_tensors(alignment), (student.shape[0], teacher.shape[0]), vocabs, names)
+    plan = cross_vocab_plan(method, vocab_map, alignment_from_tensors(alignment), teacher_temperature, matched_weight,
                             unmatched_weight, opts, student.shape[-1], teacher.shape[-1], student.device)
     return parts_and_gradient(student, teacher, labels, grad_scale, opts, plan, want_grad, in_place)
 
@@ -114,7 +114,7 @@ class CompiledCrossVocabFunction(torch.autograd.Function):
                                                     num_items_in_batch, opts)
         inputs = (teacher, flat, scale, vocab_map.student_ids, vocab_map.teacher_ids, vocab_map.student_size,
                   vocab_map.teacher_size, alignment_tensors(alignment), method, float(teacher_temperature),
-                  _number(matched_weight), _number(unmatched_weight), opts.encoded())
+                  optional_float(matched_weight), optional_float(unmatched_weight), opts.encoded())
         if ctx.needs_input_grad[0] and opts.inplace_backward:
             parts = cross_vocab_forward_inplace(student, *inputs)
             grad = student
@@ -129,5 +129,5 @@ class CompiledCrossVocabFunction(torch.autograd.Function):
         return cross_vocab_backward(ctx, grad_output), None, None, None, None, None
 
 
-def _number(weight):
+def optional_float(weight):
     return float(weight) if weight is not None else None

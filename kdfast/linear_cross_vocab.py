@@ -8,68 +8,21 @@ from __future__ import annotations
 
 import torch
 
-from kdfast import cpu_gemm
 from kdfast.alignment import TokenAlignment, check_alignment
-from kdfast.cross_vocab import check_settings, cross_vocab_options
-from kdfast.cross_vocab_function import mapped_rest, row_groups, uld_terms
-from kdfast.cross_vocab_rows import CrossVocabPlan, cross_vocab_parts, loss_rows
-from kdfast.logit_maps import LogitMap, logit_maps
+from kdfast.cross_vocab import check_settings, cross_vocab_options, runs_in_op
+from kdfast.cross_vocab_function import row_groups
+from kdfast.cross_vocab_rows import cross_vocab_parts, loss_rows
+from kdfast.linear_cross_vocab_ops import CompiledLinearCrossVocabFunction
+from kdfast.linear_cross_vocab_rows import head_rows, head_rows_plan
+from kdfast.logit_maps import logit_maps
 from kdfast.options import LossOptions
 from kdfast.reduction import reduced_outputs, reduction_scale, returned
 from kdfast.saved_gradient import rescale_gradient_, saved_gradients
-from kdfast.uld import native_sort_available
 from kdfast.validation import _check_bias, _check_floating, _check_one_device, check_chunk_settings, check_labels_for
 from kdfast.views import flat_labels
 from kdfast.zero3 import gathered
 
 
-class HeadRows:
-    """Rows of `hidden @ weight.T + bias`, mapped by the head's `LogitMap`, float32; their gradient into d hidden
-    (float32 [N, H], rows added at their indices), d weight and d bias (float32 sums). The last rows read are the
-    ones `commit` takes back (the loop reads a chunk, then commits its gradient)."""
-
-    def __init__(self, hidden, weight, bias, logit_map: LogitMap, wanted=(False, False, False), row_weights=None):
-        # row_weights [N] (reduction "none"): each row's gradient times its loss row's grad_output before the GEMMs.
-        self.hidden, self.logit_map, self.row_weights = hidden, logit_map, row_weights
-        self.weight = weight.float()
-        self.bias = bias.float() if bias is not None else None
-        self.width, self.count = weight.shape[0], hidden.shape[0]
-        want_hidden, want_weight, want_bias = wanted
-        self.d_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if want_hidden else None
-        self.d_weight = torch.zeros_like(self.weight) if want_weight else None
-        self.d_bias = torch.zeros_like(self.bias) if want_bias and bias is not None else None
-        self._rows = self._uncapped = None
-
-    def read(self, index) -> torch.Tensor:
-        rows = self.hidden[index] if isinstance(index, slice) else self.hidden.index_select(0, index)
-        self._rows = rows.float()
-        logits = (torch.addmm(self.bias, self._rows, self.weight.t()) if self.bias is not None
-                  else cpu_gemm.logits(self._rows, self.weight))
-        if self.logit_map.softcap is not None:
-            self._uncapped = logits
-            return self.logit_map.capped_into(logits, torch.empty_like(logits))
-        return self.logit_map.apply_(logits)
-
-    def grad_buffer(self, index, count: int, may_overwrite: bool = False) -> torch.Tensor:
-        return torch.empty(count, self.width, dtype=torch.float32, device=self.hidden.device)
-
-    def commit(self, index, grad: torch.Tensor) -> None:
-        if self.row_weights is not None:
-            weights = self.row_weights[index] if isinstance(index, slice) else self.row_weights.index_select(0, index)
-            grad.mul_(weights[:, None])
-        grad = self.logit_map.chain_(grad, self._uncapped)
-        if self.d_hidden is not None:
-            if isinstance(index, slice):
-                self.d_hidden[index] += cpu_gemm.product(grad, self.weight)
-            else:
-                self.d_hidden.index_add_(0, index, cpu_gemm.product(grad, self.weight))
-        if self.d_weight is not None:
-            self.d_weight.addmm_(grad.t(), self._rows)
-        if self.d_bias is not None:
-            self.d_bias += grad.sum(0)
-
-
-@torch.compiler.disable
 def linear_cross_vocab_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
                                     vocab_map, alignment=None, method="hybrid", student_bias=None, teacher_bias=None,
                                     softcap=None, student_softcap=None, teacher_softcap=None, student_logit_scale=1.0,
@@ -108,10 +61,24 @@ def linear_cross_vocab_distill_loss(student_hidden, student_weight, teacher_hidd
                      "the alignment's groups" if alignment is not None else "the hidden states")
     settings = (method, vocab_map, alignment, float(teacher_temperature), matched_weight, unmatched_weight, maps,
                 None if chunk_size == "auto" else chunk_size)
-    return returned(LinearCrossVocabFunction.apply(student_hidden, student_weight, student_bias,
-                                                   teacher_hidden.detach(), teacher_weight.detach(),
-                                                   teacher_bias.detach() if teacher_bias is not None else None,
-                                                   labels, num_items_in_batch, opts, settings), opts, labels)
+    teacher = (teacher_hidden.detach(), teacher_weight.detach(),
+               teacher_bias.detach() if teacher_bias is not None else None)
+    if torch.compiler.is_compiling() and runs_in_op(method, opts.backend, student_hidden.device.type):
+        # Traced by torch.compile: the chunk loop as one custom op.
+        return returned(CompiledLinearCrossVocabFunction.apply(student_hidden, student_weight, student_bias, *teacher,
+                                                               labels, num_items_in_batch, opts, settings),
+                        opts, labels)
+    return _host_driven_loss(student_hidden, student_weight, student_bias, teacher, labels, num_items_in_batch, opts,
+                             settings)
+
+
+# The chunk loop is driven from the host: torch.compile calls it as is rather than tracing into it, where the op does
+# not take it (`cross_vocab.runs_in_op`).
+@torch.compiler.disable
+def _host_driven_loss(student_hidden, student_weight, student_bias, teacher, labels, num_items_in_batch, opts,
+                      settings):
+    return returned(LinearCrossVocabFunction.apply(student_hidden, student_weight, student_bias, *teacher, labels,
+                                                   num_items_in_batch, opts, settings), opts, labels)
 
 
 def _check_heads(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
@@ -128,23 +95,6 @@ def _check_heads(student_hidden, student_weight, student_bias, teacher_hidden, t
     check_chunk_settings(None, chunk_size)
 
 
-def _plan(settings, opts: LossOptions, student: HeadRows, teacher: HeadRows, device) -> CrossVocabPlan:
-    method, vocab_map, alignment, teacher_temperature, matched_weight, unmatched_weight, _, chunk = settings
-    alignment = alignment.to(device) if isinstance(alignment, TokenAlignment) else None
-    return CrossVocabPlan(method, vocab_map.to(device), alignment, teacher_temperature,
-                          uld_terms(method, vocab_map, student.width, teacher.width, opts, teacher_temperature,
-                                    matched_weight, unmatched_weight, device), chunk,
-                          mapped_rest(method, vocab_map, student.width, teacher.width, device),
-                          native_sort_available(opts.backend, device))
-
-
-def _heads(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, maps,
-           wanted=(False, False, False), row_weights=None) -> tuple[HeadRows, HeadRows]:
-    return (HeadRows(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias, maps[0],
-                     wanted, row_weights),
-            HeadRows(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight, teacher_bias, maps[1]))
-
-
 class LinearCrossVocabFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
@@ -155,8 +105,8 @@ class LinearCrossVocabFunction(torch.autograd.Function):
         per_row = opts.reduction == "none"
         heads = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
         # Per-row losses: their gradients wait for grad_output, so this pass computes the losses alone.
-        student, teacher = _heads(*heads, settings[6], (False, False, False) if per_row else wanted)
-        plan = _plan(settings, opts, student, teacher, device)
+        student, teacher = head_rows(*heads, settings[6], (False, False, False) if per_row else wanted)
+        plan = head_rows_plan(settings, opts, student, teacher, device)
         rows = loss_rows(plan, student.count)
         flat = flat_labels(labels)
         scale = reduction_scale(flat, rows, opts, num_items_in_batch, device)
@@ -196,8 +146,8 @@ def _per_row_backward(ctx, grad_output):
     if isinstance(alignment, TokenAlignment):
         rows = student_hidden.numel() // student_hidden.shape[-1]
         weights = torch.cat([weights, weights.new_zeros(1)])[row_groups(alignment.to(device), rows)]
-    student, teacher = _heads(*heads, ctx.settings[6], ctx.wanted, weights)
-    plan = _plan(ctx.settings, ctx.opts, student, teacher, device)
+    student, teacher = head_rows(*heads, ctx.settings[6], ctx.wanted, weights)
+    plan = head_rows_plan(ctx.settings, ctx.opts, student, teacher, device)
     # A ZeRO-3 head, whole in the forward (gathered by the caller), may be partitioned again by now (the teacher's
     # was passed detached: it keeps the values it had).
     with torch.autocast(device.type, enabled=False), torch.no_grad(), gathered(student_weight, student_bias):

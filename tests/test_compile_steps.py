@@ -1,12 +1,12 @@
 """Every loss inside a torch.compile'd step gives the eager step's loss and input gradient. The logits-level
 `distill_loss`, `sparse_distill_loss`, `multi_teacher_distill_loss` and `cross_vocab_distill_loss` (its ULD where the
 C++ passes run it) are torch.library ops, and so are the chunk loops of `linear_distill_loss`,
-`linear_sparse_distill_loss`, `linear_multi_teacher_distill_loss` and `linear_token_logprobs`
-(tests/test_compile_multi_teacher_logits.py, tests/test_compile_cross_vocab.py, tests/test_compile_linear.py,
-tests/test_compile_multi_teacher.py, tests/test_compile_token_logprobs.py), so a step compiles whole (fullgraph=True);
-the others are driven from the host (chunk loops, several calls) and run where the compiled step calls them, a graph
-break (README, "Backends"). AOTAutograd's eager backend traces the graph as inductor would, without compiling C++ for
-it."""
+`linear_sparse_distill_loss`, `linear_multi_teacher_distill_loss`, `linear_cross_vocab_distill_loss` and
+`linear_token_logprobs` (tests/test_compile_multi_teacher_logits.py, tests/test_compile_cross_vocab.py,
+tests/test_compile_linear.py, tests/test_compile_multi_teacher.py, tests/test_compile_linear_cross_vocab.py,
+tests/test_compile_token_logprobs.py), so a step compiles whole (fullgraph=True) with each; the vocab shards' losses
+and ULD's torch form (a GPU's) are driven from the host and run where a compiled step calls them, a graph break
+(README, "Backends"). AOTAutograd's eager backend traces the graph as inductor would, without compiling C++ for it."""
 
 import pytest
 import torch
@@ -57,9 +57,9 @@ def _losses():
             d["labels"]), True),
         "linear_cross_vocab_distill_loss": ("hidden", lambda x, d: kdfast.linear_cross_vocab_distill_loss(
             x, d["weight"][:STUDENT_VOCAB], d["teacher_hidden"], d["teacher_weight"][:TEACHER_VOCAB],
-            d["labels"] % STUDENT_VOCAB, vocab_map=vocab_map, method="uld"), False),
+            d["labels"] % STUDENT_VOCAB, vocab_map=vocab_map, method="uld"), True),
         "linear_token_logprobs": ("hidden", lambda x, d: kdfast.linear_token_logprobs(
-            x, d["weight"], d["labels"].clamp_min(0)).sum(), False),
+            x, d["weight"], d["labels"].clamp_min(0)).sum(), True),
     }
 
 
