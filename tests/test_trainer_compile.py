@@ -1,23 +1,26 @@
 """`DistillationTrainer` with `torch_compile=True`: the Trainer compiles the model's forward, which the fused loss
 skips (it reads the decoder's hidden states and the head itself), so the trainer compiles the loss's own computation
-(the student's decoder, the teacher's, the fused loss) with the Trainer's backend; the steps equal the eager ones.
+(the student's decoder, the teachers', the fused loss) with the Trainer's backend, in one graph with one teacher or
+the mixture of two; the steps equal the eager ones.
 FSDP and DeepSpeed with torch_compile are refused naming the setting."""
 
 import pytest
 import torch
-from tiny_models import as_examples, student_and_teacher, token_batch, training_args
+from tiny_models import as_examples, student_and_teacher, tiny_llama, token_batch, training_args
 
 from kdfast.integrations.transformers import DistillationTrainer
 
 SETTINGS = dict(divergence="jsd", beta=0.3, temperature=2.0, kd_weight=0.7, ce_weight=0.4)
 
 
-def _train(tmp_path, compiled: bool):
+def _train(tmp_path, compiled: bool, teachers: int = 1):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     student, teacher = student_and_teacher(head_scale=4.0)
+    if teachers == 2:  # their mixture: each one's hidden states and head, one several-teacher loss
+        teacher = {"a": teacher, "b": tiny_llama(48, seed=2)}
     args = training_args(tmp_path, max_steps=3, optim="sgd", learning_rate=0.5, max_grad_norm=0.0,
                          lr_scheduler_type="constant", torch_compile=compiled,
                          **({"torch_compile_backend": "aot_eager"} if compiled else {}))
@@ -28,11 +31,12 @@ def _train(tmp_path, compiled: bool):
             dict(counters["graph_break"]))
 
 
-def test_the_compiled_trainer_steps_equal_the_eager_ones(tmp_path):
-    eager, eager_graphs, _ = _train(tmp_path / "eager", False)
-    compiled, compiled_graphs, breaks = _train(tmp_path / "compiled", True)
+@pytest.mark.parametrize("teachers", [1, 2])
+def test_the_compiled_trainer_steps_equal_the_eager_ones(tmp_path, teachers):
+    eager, eager_graphs, _ = _train(tmp_path / "eager", False, teachers)
+    compiled, compiled_graphs, breaks = _train(tmp_path / "compiled", True, teachers)
     assert eager_graphs == 0 and compiled_graphs >= 1, "the loss ran compiled"
-    assert breaks == {}, "one graph: both decoders and the fused loss"
+    assert breaks == {}, "one graph: the decoders and the fused loss"
     for after, expected in zip(compiled, eager):
         torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-6)
 

@@ -4,11 +4,9 @@ architectures: only `get_decoder()`, `get_output_embeddings()` and config attrib
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from kdfast.integrations.sharding import collective_forward, run_through_wrapper, whole_head
+from kdfast.integrations.sharding import collective_forward, run_through_wrapper, whole_head, whole_heads
 from kdfast.linear_loss import fused_linear_loss
 from kdfast.linear_multi_teacher import fused_linear_multi_teacher_loss
 from kdfast.linear_sparse_loss import fused_linear_sparse_loss
@@ -120,10 +118,7 @@ def batch_multi_teacher_loss(student, teachers: list, inputs, options: LossOptio
     if route is not None:
         weights = route.to(student_hidden.device)[:, None].expand(student_hidden.shape[:-1])
     student_head, heads = output_head(student), [output_head(teacher) for teacher in teachers]
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(whole_head(student, student_head))
-        for teacher, head in zip(teachers, heads):
-            stack.enter_context(whole_head(teacher, head, frozen=True))
+    with whole_heads(student, student_head, teachers, heads):
         return fused_linear_multi_teacher_loss(
             student_hidden, student_head.weight, teacher_hidden, [head.weight.detach() for head in heads],
             inputs["labels"][:, 1:], options, student_bias=student_head.bias,

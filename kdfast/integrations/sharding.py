@@ -64,6 +64,24 @@ def whole_head(model, head, *, frozen: bool = False):
     return gathered(head.weight, head.bias)
 
 
+def whole_heads(student, student_head, teachers, teacher_heads):
+    """`whole_head` of the student's head and of every teacher's (frozen) at once: a no-op where every one is whole
+    already (which a compiled step traces; an ExitStack breaks its graph), else each one entered in turn."""
+    contexts = [whole_head(student, student_head),
+                *(whole_head(teacher, head, frozen=True) for teacher, head in zip(teachers, teacher_heads))]
+    if all(isinstance(context, contextlib.nullcontext) for context in contexts):
+        return contextlib.nullcontext()
+    return _entered(contexts)
+
+
+@contextlib.contextmanager
+def _entered(contexts):
+    with contextlib.ExitStack() as stack:
+        for context in contexts:
+            stack.enter_context(context)
+        yield
+
+
 @contextlib.contextmanager
 def _fsdp2_unsharded(model, head, trained: bool):
     """Unshards the FSDP2 unit that owns the head (the head's own, as accelerate makes it, or an ancestor's). A

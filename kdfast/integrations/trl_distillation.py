@@ -6,13 +6,12 @@ fused linear loss instead of TRL's chunked kernels. `chunked_divergence_loss` is
 
 from __future__ import annotations
 
-import contextlib
 import sys
 
 import torch
 
 from kdfast.integrations.causal_lm import final_softcap, head_settings, logit_scale, output_head, own_examples
-from kdfast.integrations.sharding import whole_head
+from kdfast.integrations.sharding import whole_head, whole_heads
 from kdfast.integrations.teacher_names import (
     check_dataset_teacher_ids,
     named_teachers,
@@ -330,10 +329,7 @@ class DistillationTrainer(_TRLDistillationTrainer):
                 hidden.append(self._forward_redirection(teacher, unwrapped[-1], self._get_last_hidden_state,
                                                         unwrapped[-1], ids, mask, logits_to_keep, **multimodal))
         student_head, heads = output_head(unwrapped_student), [output_head(teacher) for teacher in unwrapped]
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(whole_head(unwrapped_student, student_head))
-            for teacher, head in zip(unwrapped, heads):
-                stack.enter_context(whole_head(teacher, head, frozen=True))
+        with whole_heads(unwrapped_student, student_head, unwrapped, heads):
             device = student_head.weight.device
             loss, entropy_sum, n_valid, per_teacher = chunked_multi_teacher_divergence_loss(
                 student_hidden.to(device), [h.to(device) for h in hidden], student_head.weight,
