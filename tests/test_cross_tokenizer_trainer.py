@@ -206,3 +206,23 @@ def test_bad_settings_name_the_argument(tmp_path, tokenizers):
         kwargs = dict(model=student, teacher_model=teacher, args=args, processing_class=student_tokenizer)
         with pytest.raises(ValueError, match=name):
             DistillationTrainer(**{**kwargs, **settings})
+
+
+def test_compiled_steps_are_one_graph_and_equal_the_eager_ones(tmp_path, tokenizers):
+    # The cross-vocabulary op, and the CE over every row (padding weighed 0) where a mask's rows would be data.
+    from torch._dynamo.utils import counters
+
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        trainer = trainer_for(tmp_path / str(compiled), tokenizers, cross_vocab="hybrid")
+        trainer.args.torch_compile, trainer.args.torch_compile_backend = compiled, "aot_eager"
+        trainer.args.optim, trainer.args.max_grad_norm = "sgd", 0.0
+        trainer.train()
+        results.append(([param.detach().clone() for param in trainer.model.parameters()],
+                        counters["stats"]["unique_graphs"], dict(counters["graph_break"])))
+    (eager, eager_graphs, _), (compiled, compiled_graphs, breaks) = results
+    assert eager_graphs == 0 and compiled_graphs >= 1 and breaks == {}
+    for after, expected in zip(compiled, eager):
+        torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-6)

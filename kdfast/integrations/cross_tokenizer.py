@@ -173,10 +173,13 @@ def batch_cross_vocab_loss(student, teacher, inputs, vocab_map: VocabMap, *, met
             t2_scale=t2_scale, num_items_in_batch=groups_in_batch, backend=backend, return_components=True)
         shifted = labels[:, 1:]
         kept = shifted.ne(-100)
-        # Only the label tokens' rows: padding costs no head GEMM.
-        logprobs = linear_token_logprobs(student_hidden[:, :-1][kept], student_weight, shifted[kept],
-                                         bias=student_bias, logit_scale=logit_scale(student),
-                                         softcap=final_softcap(student), chunk_size=chunk_size, backend=backend)
+        head = dict(bias=student_bias, logit_scale=logit_scale(student), softcap=final_softcap(student),
+                    chunk_size=chunk_size, backend=backend)
+        if torch.compiler.is_compiling():  # a mask's rows are a shape of the data: every row, the others' weighed 0
+            logprobs = linear_token_logprobs(student_hidden[:, :-1], student_weight, shifted.clamp_min(0), **head)
+            logprobs = torch.where(kept, logprobs, torch.zeros_like(logprobs))
+        else:  # only the label tokens' rows: padding costs no head GEMM
+            logprobs = linear_token_logprobs(student_hidden[:, :-1][kept], student_weight, shifted[kept], **head)
     ce = -logprobs.sum() / (kept.sum().clamp_min(1) if num_items_in_batch is None else num_items_in_batch)
     loss = kd_weight * kd + ce_weight * ce
     return loss, LossComponents(ce=ce.detach(), z_loss=None, accuracy=None, kd=parts.kd, matched=parts.matched,
