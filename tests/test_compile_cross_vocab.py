@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import BACKENDS, device_for
 from helpers import assert_compiled_step_equals_eager, weighted_step_outputs
-from small_vocab_map import STUDENT_VOCAB, TEACHER_VOCAB, small_vocab_map
+from small_vocab_map import STUDENT_VOCAB, TEACHER_VOCAB, compiled_backends, small_alignment, small_vocab_map
 
 import kdfast
 from kdfast import cross_vocab_ops
@@ -26,17 +26,7 @@ CASES = {
     "uld, aligned, per row": dict(method="uld", aligned=True, reduction="none"),
     "mapped, aligned": dict(method="mapped", aligned=True, divergence="tvd"),
 }
-# ULD and the hybrid go through the op where the C++ passes run them; elsewhere (their torch form, which takes its
-# gradient by autograd) a compiled step calls them as they are (tests/test_compile_steps.py).
-COMPILE_BACKENDS = ["cpu"]
-MAPPED_BACKENDS = ["torch"] + [backend for backend in BACKENDS if device_for(backend) == "cuda"]
-
-
-def _alignment():
-    """Two tokenizations of one text of 8 bytes: the student's 4 tokens against the teacher's 3 (a teacher token
-    split in two student ones, a student token split in two teacher ones)."""
-    return kdfast.align_tokenizations([1, 2, 3, 4], [[0, 1], [1, 3], [3, 4], [4, 8]], [5, 6, 7, 8],
-                                      [[0, 3], [3, 4], [4, 6], [6, 8]])
+GPU_BACKENDS = [backend for backend in BACKENDS if device_for(backend) == "cuda"]
 
 
 def _inputs(device="cpu"):
@@ -52,7 +42,7 @@ def _step(data, settings):
     settings = dict(settings)
     vocab_map = small_vocab_map()
     if settings.pop("aligned", False):
-        alignment = _alignment()
+        alignment = small_alignment()
         labels = torch.tensor([3, -100, 5], device=data["labels"].device)[:alignment.groups]
 
         def step(student):  # rows of one sequence, read through the alignment
@@ -70,9 +60,7 @@ def _run(step, data):
     return weighted_step_outputs(step, [data["student"].clone().requires_grad_(True)])
 
 
-@pytest.mark.parametrize("case, backend", [(case, backend) for case in CASES for backend in COMPILE_BACKENDS] +
-                         [(case, backend) for case in CASES if CASES[case]["method"] == "mapped"
-                          for backend in MAPPED_BACKENDS])
+@pytest.mark.parametrize("case, backend", compiled_backends(CASES, GPU_BACKENDS))
 def test_fullgraph_step_equals_eager(case, backend):
     data = _inputs(device_for(backend))
     assert_compiled_step_equals_eager(_step(data, {**CASES[case], "backend": backend}), _run, data,
@@ -84,7 +72,7 @@ def test_the_ops_pass_torch_librarys_checks():
     vocab_map = small_vocab_map()
     student, teacher = data["student"].reshape(-1, STUDENT_VOCAB), data["teacher"].reshape(-1, TEACHER_VOCAB)
     labels, scale = data["labels"].reshape(-1), torch.full((), 0.1)
-    aligned = cross_vocab_ops.alignment_tensors(_alignment())
+    aligned = cross_vocab_ops.alignment_tensors(small_alignment())
     checks = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
     for method, alignment, weights, opts in (("hybrid", [], (None, None), LossOptions(ce_weight=0.5)),
                                              ("uld", aligned, (None, None), LossOptions()),
@@ -122,7 +110,7 @@ def test_a_map_or_alignment_of_other_rows_is_refused_inside_a_compiled_step():
     torch._dynamo.reset()
     with pytest.raises(ValueError, match="the map was built from another tokenizer"):
         torch.compile(step, backend="aot_eager", fullgraph=True)(data["student"].clone().requires_grad_(True))
-    alignment = _alignment()
+    alignment = small_alignment()
 
     def aligned(student):  # one sequence's rows: 2 student rows where the alignment names 4
         return kdfast.cross_vocab_distill_loss(student[0, :2], data["teacher"][1], vocab_map=vocab_map,

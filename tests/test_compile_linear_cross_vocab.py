@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import BACKENDS, device_for
 from helpers import assert_compiled_step_equals_eager, weighted_step_outputs
-from small_vocab_map import STUDENT_VOCAB, TEACHER_VOCAB, small_vocab_map
+from small_vocab_map import STUDENT_VOCAB, TEACHER_VOCAB, compiled_backends, small_alignment, small_vocab_map
 
 import kdfast
 from kdfast import cross_vocab_ops, linear_cross_vocab_ops
@@ -24,15 +24,7 @@ CASES = {
     "uld, aligned, per row": dict(method="uld", aligned=True, reduction="none"),
     "mapped, aligned": dict(method="mapped", aligned=True, divergence="tvd"),
 }
-# ULD and the hybrid go through the op where the C++ passes run them (their torch form takes its gradient by autograd).
-COMPILE_BACKENDS = ["cpu"]
-MAPPED_BACKENDS = ["torch"] + [backend for backend in BACKENDS if device_for(backend) == "cuda"]
-
-
-def _alignment():
-    """The student's 4 tokens of one text against the teacher's 4 (each side splits one of the other's)."""
-    return kdfast.align_tokenizations([1, 2, 3, 4], [[0, 1], [1, 3], [3, 4], [4, 8]], [5, 6, 7, 8],
-                                      [[0, 3], [3, 4], [4, 6], [6, 8]])
+GPU_BACKENDS = [backend for backend in BACKENDS if device_for(backend) == "cuda"]
 
 
 def _inputs(device="cpu"):
@@ -50,7 +42,7 @@ def _inputs(device="cpu"):
 
 def _step(data, settings, vocab_map):
     settings = dict(settings)
-    alignment = _alignment() if settings.pop("aligned", False) else None
+    alignment = small_alignment() if settings.pop("aligned", False) else None
     teacher = {"teacher_hidden": data["teacher_hidden"], "teacher_weight": data["teacher_weight"]}
     labels = data["labels"]
     if alignment is not None:  # one sequence's rows, read through the alignment
@@ -71,9 +63,7 @@ def _run(step, data):
                                                                                            "bias")])
 
 
-@pytest.mark.parametrize("case, backend", [(case, backend) for case in CASES for backend in COMPILE_BACKENDS] +
-                         [(case, backend) for case in CASES if CASES[case]["method"] == "mapped"
-                          for backend in MAPPED_BACKENDS])
+@pytest.mark.parametrize("case, backend", compiled_backends(CASES, GPU_BACKENDS))
 def test_fullgraph_step_equals_eager(case, backend):
     data = _inputs(device_for(backend))
     assert_compiled_step_equals_eager(_step(data, {**CASES[case], "backend": backend}, small_vocab_map()), _run,
@@ -83,7 +73,7 @@ def test_fullgraph_step_equals_eager(case, backend):
 def test_the_op_passes_torch_librarys_checks():
     data = _inputs()
     vocab_map = small_vocab_map()
-    aligned = cross_vocab_ops.alignment_tensors(_alignment())
+    aligned = cross_vocab_ops.alignment_tensors(small_alignment())
     hidden, teacher_hidden = data["hidden"].reshape(-1, HIDDEN), data["teacher_hidden"].reshape(-1, TEACHER_HIDDEN)
     checks = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
     for method, alignment, row_weights, opts in (("hybrid", [], None, LossOptions(ce_weight=0.5)),
