@@ -9,7 +9,7 @@ from kdfast import ops
 
 def saved_gradient_times(ctx, grad_output: torch.Tensor) -> torch.Tensor:
     """The gradient computed in forward, times grad_output (per row for "none"). In place: the buffer is ours
-    and used once (a retained second backward is refused by autograd's version check on the saved tensor)."""
+    (a retained graph's second backward after a scaling one is refused: `saved_gradients`)."""
     (grad,) = saved_gradients(ctx)
     if ctx.reduction == "none":
         grad.mul_(grad_output.unsqueeze(-1))
