@@ -31,13 +31,13 @@ def mapped_rest(method: str, vocab_map: VocabMap, student_vocab: int, teacher_vo
 
 
 def cross_vocab_plan(method: str, vocab_map: VocabMap, alignment, teacher_temperature: float, matched_weight,
-                     unmatched_weight, opts: LossOptions, student_vocab: int, teacher_vocab: int,
-                     device) -> CrossVocabPlan:
-    """What a pass needs besides the rows, on the rows' device."""
+                     unmatched_weight, opts: LossOptions, student_vocab: int, teacher_vocab: int, device,
+                     chunk_rows: int | None = None) -> CrossVocabPlan:
+    """What a pass needs besides the rows, on the rows' device (`chunk_rows` None: chunks by their elements)."""
     return CrossVocabPlan(method, vocab_map.to(device), alignment.to(device) if alignment is not None else None,
                           teacher_temperature,
                           uld_terms(method, vocab_map, student_vocab, teacher_vocab, opts, teacher_temperature,
-                                    matched_weight, unmatched_weight, device),
+                                    matched_weight, unmatched_weight, device), chunk_rows,
                           rest=mapped_rest(method, vocab_map, student_vocab, teacher_vocab, device),
                           native=native_sort_available(opts.backend, device))
 

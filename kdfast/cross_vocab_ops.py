@@ -56,10 +56,11 @@ def _rows(student, teacher, labels, grad_scale, map_student_ids, map_teacher_ids
     # The checks of values a traced call left out (a read would break the graph): here, before a kernel reads them.
     names, vocabs = ("student_logits", "teacher_logits"), (student.shape[-1], teacher.shape[-1])
     vocab_map.check_logits(*vocabs, names=names)
-    if alignment:
-        check_alignment(alignment_from_tensors(alignment), (student.shape[0], teacher.shape[0]), vocabs, names)
-    plan = cross_vocab_plan(method, vocab_map, alignment_from_tensors(alignment), teacher_temperature, matched_weight,
-                            unmatched_weight, opts, student.shape[-1], teacher.shape[-1], student.device)
+    aligned = alignment_from_tensors(alignment)
+    if aligned is not None:
+        check_alignment(aligned, (student.shape[0], teacher.shape[0]), vocabs, names)
+    plan = cross_vocab_plan(method, vocab_map, aligned, teacher_temperature, matched_weight, unmatched_weight, opts,
+                            *vocabs, student.device)
     return parts_and_gradient(student, teacher, labels, grad_scale, opts, plan, want_grad, in_place)
 
 

@@ -8,11 +8,10 @@ import torch
 
 from kdfast import cpu_gemm
 from kdfast.alignment import TokenAlignment
-from kdfast.cross_vocab_function import mapped_rest, uld_terms
+from kdfast.cross_vocab_function import cross_vocab_plan
 from kdfast.cross_vocab_rows import CrossVocabPlan
 from kdfast.logit_maps import LogitMap
 from kdfast.options import LossOptions
-from kdfast.uld import native_sort_available
 
 
 class HeadRows:
@@ -63,12 +62,9 @@ class HeadRows:
 
 def head_rows_plan(settings, opts: LossOptions, student: HeadRows, teacher: HeadRows, device) -> CrossVocabPlan:
     method, vocab_map, alignment, teacher_temperature, matched_weight, unmatched_weight, _, chunk = settings
-    alignment = alignment.to(device) if isinstance(alignment, TokenAlignment) else None
-    return CrossVocabPlan(method, vocab_map.to(device), alignment, teacher_temperature,
-                          uld_terms(method, vocab_map, student.width, teacher.width, opts, teacher_temperature,
-                                    matched_weight, unmatched_weight, device), chunk,
-                          mapped_rest(method, vocab_map, student.width, teacher.width, device),
-                          native_sort_available(opts.backend, device))
+    return cross_vocab_plan(method, vocab_map, alignment if isinstance(alignment, TokenAlignment) else None,
+                            teacher_temperature, matched_weight, unmatched_weight, opts, student.width, teacher.width,
+                            device, chunk)
 
 
 def head_rows(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, maps,
