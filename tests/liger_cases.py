@@ -186,3 +186,19 @@ def ce_with_z_loss(logits, labels, reduction, ignore_index, label_smoothing, lse
     lse2 = torch.where(keep, lse_square_scale * torch.logsumexp(logits, dim=-1) ** 2, 0.0)
     z_loss = {"mean": lse2.sum() / keep.sum(), "sum": lse2.sum(), "none": lse2}[reduction]
     return ce + z_loss, z_loss
+
+
+CAP = 12  # rows a case keeps under Triton's interpreter
+
+
+def some_rows(backend, n, cap=CAP):
+    """All n rows, or under Triton's interpreter the first cap // 2 and the last cap - cap // 2."""
+    if backend != "triton" or not INTERPRETED or n <= cap:
+        return torch.arange(n)
+    return torch.cat([torch.arange(cap // 2), torch.arange(n - (cap - cap // 2), n)])
+
+
+def rel_max_error(actual, expected):
+    """The sm90 suites' measure: max |actual - expected| over max |expected|."""
+    expected = expected.detach().cpu().double()
+    return ((actual.detach().cpu().double() - expected).abs().max() / expected.abs().max().clamp_min(1e-9)).item()
