@@ -4,6 +4,7 @@ traceback}; the test process collects them and reports each case as its own test
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import glob
 import os
 import socket
@@ -61,7 +62,9 @@ def _remove_deepspeed_buffers(port: int) -> None:
 def _then_exit(rank, worker, *args):
     """worker(rank, *args), then leave without the interpreter's teardown: the results are saved by then, and in
     that teardown a C++ thread of a gloo/FSDP2 run is sometimes destroyed still joinable (std::terminate, SIGABRT),
-    which would fail the run after every case passed."""
+    which would fail the run after every case passed. A crash prints each thread's Python stack first (a rank of
+    tests/test_fsdp2.py died once by SIGSEGV, in 1 of 8 CI runs, with nothing to say where)."""
+    faulthandler.enable()
     worker(rank, *args)
     os._exit(0)
 
