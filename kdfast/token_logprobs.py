@@ -25,7 +25,7 @@ import torch
 from kdfast import cpu_gemm
 from kdfast.dispatch import device_rows
 from kdfast.kernel_abi import PART_CE, PART_ENTROPY
-from kdfast.linear_chunks import CHUNK_BUDGET_BYTES, Wanted, _accumulate_weight_grad
+from kdfast.linear_chunks import CHUNK_BUDGET_BYTES, Wanted, _accumulate_weight_grad, gemm_weight
 from kdfast.linear_function import gemm_dtype
 from kdfast.logit_maps import LogitMap, tempered_map
 from kdfast.options import LossOptions
@@ -41,7 +41,8 @@ from kdfast.zero3 import gathered
 
 
 def linear_token_logprobs(hidden, weight, token_ids, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None,
-                          return_entropy=False, entropy_grad=True, chunk_size="auto", backend="auto"):
+                          return_entropy=False, entropy_grad=True, chunk_size="auto", fp32_logits=False,
+                          backend="auto"):
     """log q(token) per row, float32 and shaped like `token_ids`, for hidden states [..., H], a head [V, H] (+ bias
     [V]) and token ids [...] in [0, V); with `return_entropy`, (log-probs, the entropy of q per row). Both outputs
     are differentiable to hidden, weight and bias. `chunk_size`: rows per chunk of logits ("auto": from a memory
@@ -49,31 +50,38 @@ def linear_token_logprobs(hidden, weight, token_ids, *, bias=None, temperature=1
     `hidden` requires a gradient) and `return_entropy=False`, d hidden is taken in the forward: two GEMMs in all.
     `entropy_grad=False` says a returned entropy will only be read (logged, thresholded: GRPO without its entropy
     bonus), so a frozen head takes that two-GEMM path with the entropy too; a gradient that reaches the entropy after
-    all is still exact, its backward recomputing the chunks (four GEMMs in all, one more than with True)."""
+    all is still exact, its backward recomputing the chunks (four GEMMs in all, one more than with True).
+    `fp32_logits`: with 16-bit GEMMs, each chunk's logits are kept in float32 as the GEMM accumulated them, never
+    rounded to 16 bits (bf16 moves a logit of 16 by up to 1/32, and the log-probs with it); the backward's GEMMs take
+    the gradient rounded to 16 bits, as `linear_distill_loss(fp32_logits=True)` does (on CUDA the GEMM writes float32;
+    elsewhere it runs in float32 on the 16-bit operands' values)."""
     logprobs, entropy, _ = linear_token_outputs(
         hidden, weight, token_ids, bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
-        return_entropy=return_entropy, entropy_grad=entropy_grad, chunk_size=chunk_size, backend=backend)
+        return_entropy=return_entropy, entropy_grad=entropy_grad, chunk_size=chunk_size, fp32_logits=fp32_logits,
+        backend=backend)
     return (logprobs, entropy) if return_entropy else logprobs
 
 
 def linear_token_outputs(hidden, weight, token_ids, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None,
-                         return_entropy=False, entropy_grad=True, metrics=(), chunk_size="auto", backend="auto"):
+                         return_entropy=False, entropy_grad=True, metrics=(), chunk_size="auto", fp32_logits=False,
+                         backend="auto"):
     """`linear_token_logprobs`'s outputs and the per-row `metrics` (names from METRICS) of the same pass:
     (log-probs, the entropy or None, {name: tensor shaped like token_ids}); is_top1 is bool, the others float32.
     The metrics are read from each chunk's logits before the kernel's pass: one more read of the chunk each
     (log_sum_sq_probs reads a float32 copy of it, one chunk-sized buffer beyond the chunk budget)."""
     logit_map = tempered_map(logit_scale, softcap, temperature)
-    _check_inputs(hidden, weight, token_ids, bias, return_entropy, entropy_grad, chunk_size)
+    _check_inputs(hidden, weight, token_ids, bias, return_entropy, entropy_grad, chunk_size, fp32_logits)
     if not isinstance(metrics, (tuple, list, frozenset, set)) or not set(metrics) <= set(METRICS):
         raise ValueError(f"metrics must be a collection of names from {METRICS}, got {metrics!r}")
     # CE alone with weight 1 at T = 1: the kernel's PART_CE is -log q(token), PART_ENTROPY q's entropy.
     opts = LossOptions(kd_weight=0.0, ce_weight=1.0, reduction="none", backend=backend)
     if torch.compiler.is_compiling():  # traced by torch.compile: the chunk loops as custom ops (kdfast.token_ops)
         logprobs, entropy, *values = compiled_token_outputs(hidden, weight, bias, token_ids, logit_map, chunk_size,
-                                                            opts, return_entropy, entropy_grad, frozenset(metrics))
+                                                            opts, return_entropy, entropy_grad, frozenset(metrics),
+                                                            fp32_logits)
     else:
         plan = TokenPlan(logit_map, chunk_size, device_rows(opts, hidden.device), opts,
-                         return_entropy and entropy_grad, frozenset(metrics))
+                         return_entropy and entropy_grad, frozenset(metrics), fp32_logits)
         logprobs, entropy, *values = _apply(hidden, weight, bias, token_ids, plan)
     found = {name: value for name, value in zip(METRICS, values) if name in metrics}
     return logprobs, entropy if return_entropy else None, found
@@ -91,6 +99,7 @@ class TokenPlan:
     # False: the entropy is not returned, or is not expected to be differentiated (the frozen head's direct d hidden)
     entropy_grad_expected: bool = True
     metrics: frozenset = frozenset()  # names from METRICS
+    fp32_logits: bool = False  # the chunks' logits in float32 where the GEMMs are 16-bit
 
 
 # The chunk loop is driven from the host: torch.compile calls it as is rather than tracing into it.
@@ -99,7 +108,7 @@ def _apply(hidden, weight, bias, token_ids, plan):
     return TokenLogprobsFunction.apply(hidden, weight, bias, token_ids, plan)
 
 
-def _check_inputs(hidden, weight, token_ids, bias, return_entropy, entropy_grad, chunk_size) -> None:
+def _check_inputs(hidden, weight, token_ids, bias, return_entropy, entropy_grad, chunk_size, fp32_logits) -> None:
     _check_floating("hidden", hidden, "[..., hidden]")
     _check_floating("weight", weight, "[vocab, hidden]")
     if hidden.dim() < 1:
@@ -128,7 +137,7 @@ def _check_inputs(hidden, weight, token_ids, bias, return_entropy, entropy_grad,
     for name, flag in (("return_entropy", return_entropy), ("entropy_grad", entropy_grad)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
-    check_chunk_settings(None, chunk_size)
+    check_chunk_settings(None, chunk_size, fp32_logits)
 
 
 @dataclass
@@ -139,7 +148,20 @@ class Rows:
     weight: torch.Tensor
     bias: torch.Tensor | None
     token_ids: torch.Tensor
-    gemm: torch.dtype  # the GEMMs' dtype (autocast's, or the inputs' promoted type); the chunk's logits have it
+    gemm: torch.dtype  # the GEMMs' dtype (autocast's, or the inputs' promoted type)
+    fp32_logits: bool = False
+
+    @property
+    def logits_dtype(self) -> torch.dtype:
+        """The chunk's logits: float32 when asked for, else the GEMM's dtype."""
+        return torch.float32 if self.fp32_logits else self.gemm
+
+    def operands(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+        """The head as the logits GEMMs take it (one cast per call) and the dtype the hidden states are cast to for
+        it: the GEMM's, or with float32 logits on a device without a GEMM that writes them from 16-bit inputs, float32
+        of the 16-bit values (linear_chunks.gemm_weight)."""
+        weight = gemm_weight(self.weight, self.gemm, logits)
+        return weight, weight.dtype
 
     @property
     def count(self) -> int:
@@ -185,7 +207,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an output with no gradient (the entropy, often) costs nothing
         lead_shape = hidden.shape[:-1]
         rows = Rows(hidden.reshape(-1, hidden.shape[-1]), weight, bias, token_ids.reshape(-1).long().contiguous(),
-                    gemm_dtype(hidden, weight))
+                    gemm_dtype(hidden, weight), plan.fp32_logits)
         # The chunks' casts and GEMMs are ours: autocast must not cast them again.
         wanted = Wanted(ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         # d hidden in the forward (module docstring): the head frozen and only the log-probs expected to get a gradient.
@@ -234,20 +256,20 @@ def _forward_chunks(rows: Rows, plan: TokenPlan, keep: bool, direct: bool):
     logprobs = torch.empty(rows.count, dtype=torch.float32, device=device)
     entropy = torch.empty(rows.count, dtype=torch.float32, device=device)
     capped = direct and logit_map.softcap is not None  # the chain rule then needs the tanh
-    step = chunk_rows(plan.chunk_size, rows, rows.vocab * rows.gemm.itemsize * (2 if capped else 1))
+    step = chunk_rows(plan.chunk_size, rows, rows.vocab * rows.logits_dtype.itemsize * (2 if capped else 1))
     size = (min(step, rows.count), rows.vocab)
-    buffer = torch.empty(size, dtype=rows.gemm, device=device)
-    tanh_buffer = torch.empty(size, dtype=rows.gemm, device=device) if capped else None
+    buffer = torch.empty(size, dtype=rows.logits_dtype, device=device)
+    tanh_buffer = torch.empty(size, dtype=rows.logits_dtype, device=device) if capped else None
     direction = torch.empty(rows.hidden.shape, dtype=torch.float32, device=device) if direct else None
     metrics = {name: torch.empty(rows.count, dtype=torch.bool if name == "is_top1" else torch.float32, device=device)
                for name in plan.metrics}
-    weight = rows.weight.to(rows.gemm)  # one cast for all chunks (a no-op when equal)
+    weight, operand = rows.operands(buffer)  # one cast for all chunks (a no-op when equal)
     one = torch.ones((), dtype=torch.float32, device=device)
     for start in range(0, rows.count, step):
         chunk, count = slice(start, start + step), min(step, rows.count - start)
         tanh = tanh_buffer[:count] if capped else None
-        logits = _mapped_logits(buffer[:count], tanh, rows.hidden[chunk].to(rows.gemm), weight, rows.bias,
-                                logit_map).unsqueeze(0)
+        logits = _mapped_logits(buffer[:count], tanh, rows.hidden[chunk].to(rows.gemm).to(operand), weight,
+                                rows.bias, logit_map).unsqueeze(0)
         # Before the kernel's pass, which may write the gradient over the logits.
         _read_metrics({name: values[chunk] for name, values in metrics.items()}, logits[0], rows.token_ids[chunk])
         # Without a divergence the teacher argument is not read: the student stands in for it. With `direct` the
@@ -260,7 +282,8 @@ def _forward_chunks(rows: Rows, plan: TokenPlan, keep: bool, direct: bool):
         if direct:
             grad = logit_map.tanh_chain_(logits[0], tanh) if capped else logits[0]
             # d log q(t) / dz = -(q - onehot) times the map's slope (the softcap's chain rule has applied it).
-            direction[chunk] = cpu_gemm.product(grad, weight).float().mul_(-1.0 if capped else -logit_map.slope)
+            direction[chunk] = cpu_gemm.product(grad.to(operand), weight).float().mul_(
+                -1.0 if capped else -logit_map.slope)
     kept = KeptChunk(start, logits.shape[1], buffer) if keep and rows.count else None
     return logprobs, entropy, kept, direction, metrics
 
@@ -276,7 +299,7 @@ def _backward_chunks(rows: Rows, plan: TokenPlan, wanted: Wanted, logprobs, entr
     d_weight = torch.empty(rows.weight.shape, dtype=torch.float32, device=device) if wanted.weight else None
     d_bias = torch.zeros(rows.vocab, dtype=torch.float32, device=device) if wanted.bias else None
     capped = logit_map.softcap is not None
-    row_bytes = rows.vocab * rows.gemm.itemsize * (2 if capped else 1)
+    row_bytes = rows.vocab * rows.logits_dtype.itemsize * (2 if capped else 1)
     if grad_entropy is not None:
         row_bytes += rows.vocab * 4  # the entropy term's q log q, float32
     step = chunk_rows(plan.chunk_size, rows, row_bytes)
@@ -284,17 +307,18 @@ def _backward_chunks(rows: Rows, plan: TokenPlan, wanted: Wanted, logprobs, entr
     if kept is not None and (kept.rows > size[0] or kept.buffer.shape[0] < size[0]):
         kept = None  # more rows than this backward's chunks may take (the entropy's term needs room): recomputed
     # The kept chunk's buffer serves the other chunks too: the backward allocates none of its own.
-    buffer = kept.buffer[:size[0]] if kept is not None else torch.empty(size, dtype=rows.gemm, device=device)
-    tanh_buffer = torch.empty(size, dtype=rows.gemm, device=device) if capped else None
+    buffer = (kept.buffer[:size[0]] if kept is not None
+              else torch.empty(size, dtype=rows.logits_dtype, device=device))
+    tanh_buffer = torch.empty(size, dtype=rows.logits_dtype, device=device) if capped else None
     entropy_buffer = torch.empty(size, dtype=torch.float32, device=device) if grad_entropy is not None else None
-    weight = rows.weight.to(rows.gemm)
+    weight, operand = rows.operands(buffer)
     one = torch.ones((), dtype=torch.float32, device=device)
     # The gradient's constant factor: the map's slope without a softcap (tanh_chain_ applies it with one).
     slope = logit_map.slope if not capped else 1.0
     first = True
     for start, count in _backward_order(rows.count, step, kept):
         chunk = slice(start, start + count)
-        hidden = rows.hidden[chunk].to(rows.gemm)
+        hidden = rows.hidden[chunk].to(rows.gemm).to(operand)
         tanh = tanh_buffer[:count] if capped else None
         if kept is not None and start == kept.start:
             logits = buffer[:count]  # the forward left this chunk's logits here
@@ -349,7 +373,13 @@ def _mapped_logits(out, tanh_out, hidden, weight, bias, logit_map: LogitMap):
     chunk for it, and 16-bit logits are rounded once rather than after the product, the bias and each factor."""
     into = tanh_out if logit_map.softcap is not None and tanh_out is not None else out
     factor = logit_map.gemm_factor
-    if cpu_gemm.on_onednn(into, hidden, weight):
+    if into.dtype != weight.dtype:  # float32 logits written by a GEMM of 16-bit inputs (CUDA), then the map's pass
+        torch.mm(hidden, weight.t(), out_dtype=into.dtype, out=into)
+        if bias is not None:
+            into.add_(bias.to(into.dtype))
+        if factor != 1.0:
+            into.mul_(factor)
+    elif cpu_gemm.on_onednn(into, hidden, weight):
         # oneDNN's product (kdfast.cpu_gemm) is a new tensor, with no alpha or beta: the bias and the factor follow
         # in the pass that copies it into the buffer (the kept chunk and the backward reuse that buffer)
         product = cpu_gemm.onednn_linear(hidden, weight)
@@ -393,6 +423,8 @@ def _accumulate(grad, row_factor, hidden, weight, chunk, d_hidden, d_weight, d_b
             d_bias.addmv_(grad.t(), row_factor.view(-1))
         else:  # 16-bit: no mixed-dtype GEMV; its sums are float32 inside, rounded once per chunk
             d_bias += torch.mv(grad.t(), row_factor.view(-1).to(grad.dtype)).float()
+    if grad.dtype != weight.dtype:  # float32 logits, 16-bit GEMMs (CUDA): the gradient rounded for them, after d bias
+        grad = grad.to(weight.dtype)
     if d_hidden is not None:
         d_hidden[chunk] = cpu_gemm.product(grad, weight).float().mul_(row_factor)
     if d_weight is not None:

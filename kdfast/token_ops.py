@@ -35,17 +35,18 @@ def _plan(scale, softcap, temperature, chunk_size, settings, metrics, device):
                      device_rows(opts, device), opts, metrics=frozenset(metrics))
 
 
-def _rows(hidden, weight, bias, token_ids, gemm):
+def _rows(hidden, weight, bias, token_ids, gemm, fp32_logits):
     from kdfast.token_logprobs import Rows
 
-    return Rows(hidden, weight, bias, token_ids, gemm)
+    return Rows(hidden, weight, bias, token_ids, gemm, fp32_logits)
 
 
 # Scalars and tensors only in the schemas (no lists): torch 2.4's schema inference takes no builtin `list[...]`.
 @torch.library.custom_op("kdfast::token_logprobs_forward", mutates_args=())
 def token_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                            token_ids: torch.Tensor, scale: float, softcap: float, temperature: float,
-                           gemm: torch.dtype, chunk_size: int, direct: bool, is_top1: bool, mean_logits: bool,
+                           gemm: torch.dtype, fp32_logits: bool, chunk_size: int, direct: bool, is_top1: bool,
+                           mean_logits: bool,
                            log_sum_sq_probs: bool, settings: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                            torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hidden states [N, H], the head [V, H] (+ bias [V]) and token ids [N] int64: log q(token) and the entropy
@@ -57,8 +58,8 @@ def token_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: tor
     asked = [name for name, wanted in zip(METRICS, (is_top1, mean_logits, log_sum_sq_probs)) if wanted]
     plan = _plan(scale, softcap, temperature, chunk_size, settings, asked, hidden.device)
     with torch.autocast(hidden.device.type, enabled=False), torch.no_grad():
-        logprobs, entropy, _, direction, metrics = _forward_chunks(_rows(hidden, weight, bias, token_ids, gemm), plan,
-                                                                   False, direct)
+        logprobs, entropy, _, direction, metrics = _forward_chunks(
+            _rows(hidden, weight, bias, token_ids, gemm, fp32_logits), plan, False, direct)
     # A fresh empty tensor (of the output's dtype) per output not asked for: an op's outputs may not alias each other.
     return (logprobs, entropy, direction if direction is not None else hidden.new_empty(0, dtype=torch.float32),
             *(metrics[name] if name in metrics else hidden.new_empty(0, dtype=_metric_dtype(name)) for name in METRICS))
@@ -69,8 +70,8 @@ def _metric_dtype(name: str) -> torch.dtype:
 
 
 @token_logprobs_forward.register_fake
-def _(hidden, weight, bias, token_ids, scale, softcap, temperature, gemm, chunk_size, direct, is_top1, mean_logits,
-      log_sum_sq_probs, settings):
+def _(hidden, weight, bias, token_ids, scale, softcap, temperature, gemm, fp32_logits, chunk_size, direct, is_top1,
+      mean_logits, log_sum_sq_probs, settings):
     def rows(wanted, name=None):
         return hidden.new_empty(hidden.shape[0] if wanted else 0, dtype=_metric_dtype(name))
 
@@ -84,7 +85,7 @@ def token_logprobs_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
                             direction: torch.Tensor, grad_logprobs: torch.Tensor | None,
                             grad_entropy: torch.Tensor | None, want_hidden: bool,
                             want_weight: bool, want_bias: bool, scale: float, softcap: float, temperature: float,
-                            gemm: torch.dtype, chunk_size: int,
+                            gemm: torch.dtype, fp32_logits: bool, chunk_size: int,
                             settings: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """d hidden, d weight, d bias (each in its input's dtype; an empty tensor where not wanted) of
     sum(grad_logprobs * log q(token) + grad_entropy * entropy) over [N] rows, from every chunk's logits again; or,
@@ -100,9 +101,9 @@ def token_logprobs_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
         return d_hidden, hidden.new_empty(0), hidden.new_empty(0)
     plan = _plan(scale, softcap, temperature, chunk_size, settings, (), hidden.device)
     with torch.autocast(hidden.device.type, enabled=False), torch.no_grad():
-        d_hidden, d_weight, d_bias = _backward_chunks(
-            _rows(hidden, weight, bias, token_ids, gemm), plan, Wanted(want_hidden, want_weight, want_bias),
-            logprobs, entropy, grad_logprobs, grad_entropy, None)
+        rows = _rows(hidden, weight, bias, token_ids, gemm, fp32_logits)
+        d_hidden, d_weight, d_bias = _backward_chunks(rows, plan, Wanted(want_hidden, want_weight, want_bias),
+                                                      logprobs, entropy, grad_logprobs, grad_entropy, None)
     return (d_hidden if d_hidden is not None else hidden.new_empty(0),
             d_weight.to(weight.dtype) if d_weight is not None else hidden.new_empty(0),
             d_bias.to(bias.dtype) if d_bias is not None else hidden.new_empty(0))
@@ -117,11 +118,11 @@ def _(hidden, weight, bias, token_ids, logprobs, entropy, direction, grad_logpro
 
 
 def compiled_token_outputs(hidden, weight, bias, token_ids, logit_map: LogitMap, chunk_size, opts: LossOptions,
-                           return_entropy: bool, entropy_grad: bool, metrics: frozenset):
+                           return_entropy: bool, entropy_grad: bool, metrics: frozenset, fp32_logits: bool = False):
     """`TokenLogprobsFunction`'s outputs through the ops: (log-probs, entropy, *METRICS' values, empty where not
     asked for). An entropy not returned is no differentiable output (its gradient then is None, not zeros)."""
     map_args = (logit_map.scale, logit_map.softcap or 0.0, logit_map.temperature, gemm_dtype(hidden, weight),
-                0 if chunk_size == "auto" else int(chunk_size), opts.encoded())
+                fp32_logits, 0 if chunk_size == "auto" else int(chunk_size), opts.encoded())
     return CompiledTokenLogprobsFunction.apply(hidden, weight, bias, token_ids, map_args,
                                                (return_entropy, return_entropy and entropy_grad),
                                                tuple(name in metrics for name in METRICS))
@@ -137,9 +138,10 @@ class CompiledTokenLogprobsFunction(torch.autograd.Function):
         # d hidden in the forward: the head frozen and only the log-probs expected to get a gradient.
         returned, entropy_grad_expected = entropy_flags
         direct = wanted[0] and not wanted[1] and not wanted[2] and not entropy_grad_expected
-        scale, softcap, temperature, gemm, chunk_size, settings = map_args
+        scale, softcap, temperature, gemm, fp32_logits, chunk_size, settings = map_args
         logprobs, entropy, direction, *metrics = token_logprobs_forward(
-            flat, weight, bias, ids, scale, softcap, temperature, gemm, chunk_size, direct, *asked, settings)
+            flat, weight, bias, ids, scale, softcap, temperature, gemm, fp32_logits, chunk_size, direct, *asked,
+            settings)
         ctx.wanted, ctx.direct, ctx.map_args, ctx.hidden_shape = wanted, direct, map_args, hidden.shape
         ctx.save_for_backward(flat, weight, bias, ids, logprobs, entropy, direction)
         # Marked as returned (views of the op's outputs): the metrics, and an entropy the caller does not get.
@@ -155,9 +157,7 @@ class CompiledTokenLogprobsFunction(torch.autograd.Function):
         if ctx.direct and grads[1] is None:
             d_hidden = direction.mul(grads[0][:, None]).to(hidden.dtype)
             return d_hidden.view(ctx.hidden_shape), None, None, None, None, None, None
-        scale, softcap, temperature, gemm, chunk_size, settings = ctx.map_args
         d_hidden, d_weight, d_bias = token_logprobs_backward(
-            hidden, weight, bias, ids, logprobs, entropy, direction, *grads, *ctx.wanted, scale, softcap, temperature,
-            gemm, chunk_size, settings)
+            hidden, weight, bias, ids, logprobs, entropy, direction, *grads, *ctx.wanted, *ctx.map_args)
         return (d_hidden.view(ctx.hidden_shape) if ctx.wanted[0] else None, d_weight if ctx.wanted[1] else None,
                 d_bias if ctx.wanted[2] else None, None, None, None, None)

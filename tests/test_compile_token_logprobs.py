@@ -84,14 +84,15 @@ def test_the_ops_pass_torch_librarys_checks():
     checks = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
     for direct, metrics in ((False, (True, True, True)), (True, (False, False, False))):
         torch.library.opcheck(token_ops.token_logprobs_forward,
-                              (hidden, weight, bias, ids, 1.3, 4.0, 0.7, torch.float32, 4, direct, *metrics, settings),
+                              (hidden, weight, bias, ids, 1.3, 4.0, 0.7, torch.float32, False, 4, direct, *metrics,
+                               settings),
                               test_utils=checks)
     logprobs, entropy = torch.randn(9).neg().abs().neg(), torch.rand(9)
     for grads, wanted in (((torch.rand(9), None), (True, True, True)), ((torch.rand(9), torch.rand(9)),
                                                                          (True, False, False))):
         torch.library.opcheck(token_ops.token_logprobs_backward,
                               (hidden, weight, bias, ids, logprobs, entropy, torch.empty(0), *grads, *wanted, 1.0,
-                               0.0, 1.0, torch.float32, 0, settings), test_utils=checks)
+                               0.0, 1.0, torch.float32, False, 0, settings), test_utils=checks)
 
 
 def test_token_logprobs_alone_compile_whole():

@@ -251,6 +251,7 @@ BAD_INPUTS = [  # changes to good inputs, and the argument the error must name
     ({"chunk_size": 0}, "chunk_size"),
     ({"return_entropy": "yes"}, "return_entropy"),
     ({"return_entropy": True, "entropy_grad": None}, "entropy_grad"),
+    ({"fp32_logits": 1}, "fp32_logits"),
     ({"backend": "gpu"}, "backend"),
 ]
 
