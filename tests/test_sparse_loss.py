@@ -258,3 +258,35 @@ def test_out_of_range_ids_on_cuda_poison_their_row():
     for backend in ("cuda", "triton"):
         loss = kdfast.sparse_distill_loss(student, ids, logprobs, reduction="none", backend=backend)
         assert math.isnan(loss[2].item()) and torch.isfinite(loss[[0, 1, 3]]).all()
+
+
+def _many_entries(k=1025, vocab=1500, rows=3):
+    """Rows of K > 1024 distinct ids (the Triton kernel's [K, K] block would pass Triton's 2^20-element cap)."""
+    generator = torch.Generator().manual_seed(3)
+    student = torch.randn(rows, vocab, generator=generator)
+    ids = torch.stack([torch.randperm(vocab, generator=generator)[:k] for _ in range(rows)])
+    logprobs = (torch.randn(rows, k, generator=generator) * 2).log_softmax(-1) + math.log(0.9)
+    return student, ids, logprobs
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
+def test_more_entries_than_the_triton_kernel_takes_are_refused_by_name():
+    """Found by NeMo RL's top-k case of 10^6 entries (tests/test_nemo_rl_peer_cases.py): the kernel failed to build."""
+    student, ids, logprobs = (t.to(device_for("triton")) for t in _many_entries())
+    with pytest.raises(ValueError, match=r"teacher_ids has 1025 entries a row; backend='triton' takes at most 1024"):
+        kdfast.sparse_distill_loss(student, ids, logprobs, backend="triton")
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
+def test_more_entries_than_the_triton_kernel_takes_run_elsewhere_under_auto():
+    """"auto" resolved to Triton (a GPU's choice for a sparse teacher) runs K > 1024 on the CUDA kernel or PyTorch."""
+    from kdfast.dispatch import DeviceRows
+    from kdfast.kernel_abi import SparseTargets
+    from kdfast.sparse_options import SparseOptions
+
+    student, ids, logprobs = (t.to(device_for("triton")) for t in _many_entries())
+    opts = SparseOptions(reduction="none")
+    one = torch.ones((), device=student.device)
+    found = DeviceRows("triton")(student[None], SparseTargets(ids[None], logprobs[None]), None, one, None, opts)
+    expected = sparse_distill_loss_reference(student.double(), ids, logprobs.double(), reduction="none")
+    torch.testing.assert_close(found[:, 0].double().cpu(), expected.cpu(), rtol=1e-5, atol=1e-6)

@@ -17,8 +17,25 @@ def forward_rows(student, teacher, labels, grad_scale, grad, opts: LossOptions, 
     return distill_forward_rows(student, teacher if opts.has_kd else student, labels, grad_scale, grad, opts, call)
 
 
+# The sparse kernel compares a row's K ids pairwise as one [K, K] block (kernels/sparse.py), and Triton caps a block
+# at 2^20 elements.
+MAX_SPARSE_TOPK = 1024
+
+
 def sparse_forward_rows(student, teacher: SparseTargets, labels, grad_scale, grad, opts: LossOptions,
                         call: PhaseCall = FUSED):
+    """The sparse kernel for K <= MAX_SPARSE_TOPK entries a row; more are refused where Triton was asked for by name,
+    and otherwise ("auto" on a GPU) run by the CUDA kernel (its workspace holds any K) or PyTorch."""
+    topk = teacher.ids.shape[-1]
+    if topk > MAX_SPARSE_TOPK:
+        if opts.backend == "triton":
+            raise ValueError(f"teacher_ids has {topk} entries a row; backend='triton' takes at most {MAX_SPARSE_TOPK} "
+                             "(its kernel compares a row's ids as one [K, K] block): use backend='auto', 'cuda' or "
+                             "'torch'")
+        from kdfast.dispatch import backend_module, cuda_kernels_available
+
+        other = "cuda" if student.device.type == "cuda" and cuda_kernels_available() else "torch"
+        return backend_module(other).sparse_forward_rows(student, teacher, labels, grad_scale, grad, opts, call)
     from kdfast.kernels.sparse import sparse_forward_rows as launch
 
     return launch(student, teacher.ids, teacher.logprobs, labels, grad_scale, grad, opts, call)
