@@ -50,12 +50,13 @@ class TeacherHead:
 @dataclass
 class Heads:
     """Flattened inputs of one call: the student's hidden [N, H] and head [V, H] (+ bias [V]), and the teacher: a
-    TeacherHead, several (TeacherHeads), or a sparse teacher's SparseTargets ([N, K] ids and log-probs)."""
+    TeacherHead, several (TeacherHeads), a sparse teacher's SparseTargets ([N, K] ids and log-probs), or None where
+    the loss has no divergence (CE alone: no teacher is projected; the kernel is given the student's rows)."""
 
     student_hidden: torch.Tensor
     student_weight: torch.Tensor
     student_bias: torch.Tensor | None
-    teacher: TeacherHead | TeacherHeads | SparseTargets
+    teacher: TeacherHead | TeacherHeads | SparseTargets | None
     labels: torch.Tensor | None  # [N] int64, contiguous
     student_map: LogitMap  # the student's logit scale and softcap
     student_dtype: torch.dtype  # the GEMMs' dtype (autocast's, or the inputs' promoted type)
@@ -243,7 +244,7 @@ def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted
             teacher_rows = teacher.logit_map.apply_(teacher_rows).unsqueeze(0)
         elif several is not None:
             teacher_rows = several.rows(rows, count, _logits_into)
-        else:  # a sparse teacher's log-probs are final: the map is the student's alone
+        elif teacher is not None:  # a sparse teacher's log-probs are final: the map is the student's alone
             teacher_rows = SparseTargets(teacher.ids[rows].unsqueeze(0), teacher.logprobs[rows].unsqueeze(0))
         if student_map.softcap is not None:
             uncapped = _logits_into(buffers.uncapped[:count], hidden, logits_weight_s, heads.student_bias)
@@ -252,6 +253,8 @@ def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted
             student = student_map.apply_(_logits_into(buffers.student[:count], hidden, logits_weight_s,
                                                       heads.student_bias))
         labels = heads.labels[rows] if heads.labels is not None else None
+        if teacher is None:  # no divergence: the kernel does not read the teacher's argument
+            teacher_rows = student.unsqueeze(0)
         if several is not None:
             several.record_divergences(rows, student.unsqueeze(0), labels, kernel_scale, opts, rows_kernel)
         grad = student.unsqueeze(0) if wanted.any else None  # dlogits overwrite the chunk's logits

@@ -47,8 +47,8 @@ class LinearDistillFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, labels, num_items_in_batch, opts: LossOptions,
                 plan: ChunkPlan, teacher):
-        """`teacher`: a TeacherHead (its tensors [..., H_t]), several (TeacherHeads) or SparseTargets ([..., K]),
-        constants every way."""
+        """`teacher`: a TeacherHead (its tensors [..., H_t]), several (TeacherHeads), SparseTargets ([..., K]),
+        constants every way, or None (CE alone)."""
         lead_shape = student_hidden.shape[:-1]
         labels = flat_labels(labels)
         if isinstance(teacher, TeacherHead):
@@ -62,7 +62,7 @@ class LinearDistillFunction(torch.autograd.Function):
                            if opts.return_components else None)
             teacher = TeacherHeads(flattened, teacher.log_weights, teacher.combine, teacher.temperature, per_teacher,
                                    teacher.route)
-        else:
+        elif teacher is not None:
             teacher = SparseTargets(teacher.ids.reshape(-1, teacher.ids.shape[-1]),  # (K + 1 log-probs: a given rest)
                                     teacher.logprobs.reshape(-1, teacher.logprobs.shape[-1]))
         heads = Heads(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias, teacher,

@@ -14,7 +14,13 @@ from kdfast.logit_maps import logit_maps
 from kdfast.options import LossOptions
 from kdfast.reduction import returned
 from kdfast.shared_vocab import heads_cut_to_vocab
-from kdfast.validation import check_chunk_settings, check_labels_for, check_linear_inputs, check_num_items
+from kdfast.validation import (
+    check_chunk_settings,
+    check_labels_for,
+    check_linear_inputs,
+    check_linear_student,
+    check_num_items,
+)
 
 
 def linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
@@ -65,15 +71,21 @@ def fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_we
                       student_bias=None, teacher_bias=None, softcap=None, student_softcap=None, teacher_softcap=None,
                       student_logit_scale=1.0, teacher_logit_scale=1.0, chunk_size="auto", fp32_logits=False,
                       num_items_in_batch=None, process_group=None, vocab_range=None, reduce_hidden_grad=True):
-    """`linear_distill_loss` with its loss settings already in one record."""
+    """`linear_distill_loss` with its loss settings already in one record. Without a divergence (`kd_weight` 0) no
+    teacher is projected, and `teacher_hidden` / `teacher_weight` may be None (`linear_cross_entropy`)."""
     student_map, teacher_map = logit_maps(softcap, student_softcap, teacher_softcap, student_logit_scale,
                                           teacher_logit_scale)
     student_weight, student_bias, teacher_weight, teacher_bias = heads_cut_to_vocab(
         opts, process_group, student_weight, student_bias, teacher_weight, teacher_bias)
 
+    no_teacher = not opts.has_kd and teacher_hidden is None and teacher_weight is None and teacher_bias is None
+
     def check(vocab):
-        check_linear_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
-                            teacher_bias, softcap, chunk_size, opts, fp32_logits)
+        if no_teacher:
+            check_linear_student(student_hidden, student_weight, student_bias, softcap, chunk_size, fp32_logits)
+        else:
+            check_linear_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+                                teacher_bias, softcap, chunk_size, opts, fp32_logits)
         check_labels_for(labels, tuple(student_hidden.shape[:-1]), vocab, student_hidden.device, opts,
                          "the hidden states")
         check_num_items(num_items_in_batch)
@@ -83,14 +95,16 @@ def fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_we
         student_weight.shape[0] if isinstance(student_weight, torch.Tensor) else 0)
     if runs_as_op(process_group, vocab_range):  # traced by torch.compile: the chunk loop as one custom op
         check(vocab)
-        teacher = TeacherHead(teacher_hidden, teacher_weight, teacher_bias, gemm_dtype(teacher_hidden, teacher_weight),
-                              teacher_map)
+        teacher = None if not opts.has_kd else TeacherHead(teacher_hidden, teacher_weight, teacher_bias,
+                                                           gemm_dtype(teacher_hidden, teacher_weight), teacher_map)
         return compiled_linear_loss(student_hidden, student_weight, student_bias, teacher, labels, num_items_in_batch,
                                     opts, student_map, chunk_size, fp32_logits)
     rows_kernel = rows_kernel_for(opts, lambda: check(vocab), lambda: student_weight.shape[0], student_hidden, labels,
                                   process_group, vocab_range, reduce_hidden_grad)
-    teacher = TeacherHead(teacher_hidden.detach(), teacher_weight.detach(),
-                          teacher_bias.detach() if teacher_bias is not None else None, teacher_hidden.dtype)
+    # Without a divergence the kernel never reads the teacher: its GEMMs and its chunk of logits are left out.
+    teacher = None if not opts.has_kd else TeacherHead(
+        teacher_hidden.detach(), teacher_weight.detach(), teacher_bias.detach() if teacher_bias is not None else None,
+        teacher_hidden.dtype)
     return apply_linear(student_hidden, student_weight, student_bias, labels, num_items_in_batch, opts,
                         ChunkPlan(student_map, chunk_size, rows_kernel, fp32_logits, teacher_map), teacher)
 

@@ -43,7 +43,8 @@ def _map(scale: float, softcap: float) -> LogitMap:
 # Scalars and tensors only in the schema (no lists): torch 2.4's schema inference takes no builtin `list[...]`.
 @torch.library.custom_op("kdfast::linear_distill_forward", mutates_args=())
 def linear_distill_forward(student_hidden: torch.Tensor, student_weight: torch.Tensor,
-                           student_bias: torch.Tensor | None, teacher_a: torch.Tensor, teacher_b: torch.Tensor,
+                           student_bias: torch.Tensor | None, teacher_a: torch.Tensor | None,
+                           teacher_b: torch.Tensor | None,
                            teacher_bias: torch.Tensor | None, labels: torch.Tensor | None, grad_scale: torch.Tensor,
                            row_weights: torch.Tensor | None, want_hidden: bool, want_weight: bool, want_bias: bool,
                            student_scale: float, student_softcap: float, teacher_scale: float, teacher_softcap: float,
@@ -51,12 +52,13 @@ def linear_distill_forward(student_hidden: torch.Tensor, student_weight: torch.T
                            fp32_logits: bool, settings: str,
                            sparse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The student's hidden states [N, H] and head [V, H]; the teacher's hidden states [N, H_t] and head [V, H_t]
-    (`teacher_a`, `teacher_b`) and bias, or with `sparse` its ids [N, K] and log-probs [N, K or K + 1]. The rows'
+    (`teacher_a`, `teacher_b`) and bias, or with `sparse` its ids [N, K] and log-probs [N, K or K + 1], or None (CE
+    alone). The rows'
     loss parts [N, PART_COLUMNS] float32 and d hidden, d weight, d bias in their inputs' dtypes (an empty tensor
     where not wanted), each row's gradient times `row_weights` [N] when given (a per-row loss's backward). Softcaps
     of 0: none; the dtypes: each head's GEMM's; `chunk_size` 0: "auto"."""
     opts = (SparseOptions if sparse else LossOptions).decode(settings)
-    targets = (SparseTargets(teacher_a, teacher_b) if sparse else
+    targets = (None if teacher_a is None else SparseTargets(teacher_a, teacher_b) if sparse else
                TeacherHead(teacher_a, teacher_b, teacher_bias, teacher_dtype, _map(teacher_scale, teacher_softcap)))
     heads = Heads(student_hidden, student_weight, student_bias, targets, labels, _map(student_scale, student_softcap),
                   student_dtype, fp32_logits)
@@ -85,9 +87,12 @@ def _(student_hidden, student_weight, student_bias, teacher_a, teacher_b, teache
 def compiled_linear_loss(student_hidden, student_weight, student_bias, teacher, labels, num_items_in_batch,
                          opts: LossOptions, student_map: LogitMap, chunk_size, fp32_logits: bool):
     """The loss through the op, as `apply_linear` returns it: `teacher` a TeacherHead (its GEMM dtype and logit map;
-    its tensors constants) or SparseTargets, each [..., ·] with the hidden states' leading shape."""
+    its tensors constants) or SparseTargets, each [..., ·] with the hidden states' leading shape, or None (CE
+    alone)."""
     # The teacher's tensors as rows ([N, K] ids and log-probs, or [N, H_t] hidden states) and its head as it is.
-    if isinstance(teacher, SparseTargets):
+    if teacher is None:
+        tensors, sparse, teacher_map, teacher_dtype = (None, None, None), False, LogitMap(), student_hidden.dtype
+    elif isinstance(teacher, SparseTargets):
         ids, logprobs = teacher.ids.to(torch.int64), teacher.logprobs.detach()
         tensors = (ids.reshape(-1, ids.shape[-1]), logprobs.reshape(-1, logprobs.shape[-1]), None)
         sparse, teacher_map, teacher_dtype = True, LogitMap(), student_hidden.dtype  # (no teacher GEMM)

@@ -1,0 +1,46 @@
+"""The fused linear cross-entropy alone: `linear_cross_entropy`, what Cut Cross-Entropy's `linear_cross_entropy` and
+Liger-Kernel's fused linear CE compute, on the fused linear loss's own chunks with no teacher (the teacher kind
+"none": the kernel is given no divergence, and no teacher is projected)."""
+
+from __future__ import annotations
+
+from kdfast.linear_loss import fused_linear_loss
+from kdfast.logit_maps import _check_scale
+from kdfast.options import LossOptions
+from kdfast.validation import _check_bias, _check_floating, _check_one_device
+
+
+def linear_cross_entropy(hidden, weight, labels, *, bias=None, softcap=None, logit_scale=1.0, ignore_index=-100,
+                         reduction="mean", num_items_in_batch=None, label_smoothing=0.0, z_loss_weight=0.0,
+                         chunk_size="auto", fp32_logits=False, backend="auto", return_components=False,
+                         vocab_size=None, process_group=None, vocab_range=None, reduce_hidden_grad=True):
+    """`F.cross_entropy(softcap(logit_scale * (hidden @ weight.T + bias)), labels)` for hidden states [..., H], a head
+    [V, H] (+ bias [V]) and labels [...] (`ignore_index`: no loss, no gradient), computed `chunk_size` tokens at a
+    time: no [N, V] logits. `reduction` "mean" (over the kept labels, or `num_items_in_batch`), "sum" or "none";
+    `label_smoothing` and `z_loss_weight` (times log-sum-exp², PaLM's) as `distill_loss` takes them. Gradients flow
+    to hidden, weight and bias; the other settings are `linear_distill_loss`'s (`fp32_logits`, vocab parallelism)."""
+    _check_inputs(hidden, weight, labels, bias)
+    _check_scale("logit_scale", logit_scale)
+    opts = LossOptions(kd_weight=0.0, ce_weight=1.0, ignore_index=ignore_index, reduction=reduction, backend=backend,
+                       return_components=return_components, vocab_size=vocab_size, label_smoothing=label_smoothing,
+                       z_loss_weight=z_loss_weight)
+    return fused_linear_loss(hidden, weight, None, None, labels, opts, student_bias=bias, softcap=softcap,
+                             student_logit_scale=logit_scale, chunk_size=chunk_size, fp32_logits=fp32_logits,
+                             num_items_in_batch=num_items_in_batch, process_group=process_group,
+                             vocab_range=vocab_range, reduce_hidden_grad=reduce_hidden_grad)
+
+
+def _check_inputs(hidden, weight, labels, bias) -> None:
+    """This function's names for what `fused_linear_loss` checks again as the student's."""
+    _check_floating("hidden", hidden, "[tokens, hidden] or [batch, seq, hidden]")
+    _check_floating("weight", weight, "[vocab, hidden]")
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must have shape [tokens, hidden] or [batch, seq, hidden], got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape [vocab, {hidden.shape[-1]}] (the hidden size of hidden), got "
+                         f"{tuple(weight.shape)}")
+    _check_bias("bias", bias, weight.shape[0])
+    _check_one_device(hidden, weight, bias)
+    if labels is None:
+        raise ValueError("labels must be a tensor of token ids shaped like hidden's leading dims: cross-entropy needs "
+                         "them")
