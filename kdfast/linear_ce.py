@@ -7,7 +7,7 @@ from __future__ import annotations
 from kdfast.linear_loss import fused_linear_loss
 from kdfast.logit_maps import _check_scale
 from kdfast.options import LossOptions
-from kdfast.validation import _check_bias, _check_floating, _check_one_device
+from kdfast.validation import check_linear_student
 
 
 def linear_cross_entropy(hidden, weight, labels, *, bias=None, softcap=None, logit_scale=1.0, ignore_index=-100,
@@ -19,8 +19,12 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, softcap=None, log
     time: no [N, V] logits. `reduction` "mean" (over the kept labels, or `num_items_in_batch`), "sum" or "none";
     `label_smoothing` and `z_loss_weight` (times log-sum-exp², PaLM's) as `distill_loss` takes them. Gradients flow
     to hidden, weight and bias; the other settings are `linear_distill_loss`'s (`fp32_logits`, vocab parallelism)."""
-    _check_inputs(hidden, weight, labels, bias)
+    # In this function's names (fused_linear_loss checks the same as the student's).
+    check_linear_student(hidden, weight, bias, softcap, chunk_size, fp32_logits, prefix="")
     _check_scale("logit_scale", logit_scale)
+    if labels is None:
+        raise ValueError("labels must be a tensor of token ids shaped like hidden's leading dims: cross-entropy needs "
+                         "them")
     opts = LossOptions(kd_weight=0.0, ce_weight=1.0, ignore_index=ignore_index, reduction=reduction, backend=backend,
                        return_components=return_components, vocab_size=vocab_size, label_smoothing=label_smoothing,
                        z_loss_weight=z_loss_weight)
@@ -29,18 +33,3 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, softcap=None, log
                              num_items_in_batch=num_items_in_batch, process_group=process_group,
                              vocab_range=vocab_range, reduce_hidden_grad=reduce_hidden_grad)
 
-
-def _check_inputs(hidden, weight, labels, bias) -> None:
-    """This function's names for what `fused_linear_loss` checks again as the student's."""
-    _check_floating("hidden", hidden, "[tokens, hidden] or [batch, seq, hidden]")
-    _check_floating("weight", weight, "[vocab, hidden]")
-    if hidden.dim() < 2:
-        raise ValueError(f"hidden must have shape [tokens, hidden] or [batch, seq, hidden], got {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must have shape [vocab, {hidden.shape[-1]}] (the hidden size of hidden), got "
-                         f"{tuple(weight.shape)}")
-    _check_bias("bias", bias, weight.shape[0])
-    _check_one_device(hidden, weight, bias)
-    if labels is None:
-        raise ValueError("labels must be a tensor of token ids shaped like hidden's leading dims: cross-entropy needs "
-                         "them")

@@ -156,12 +156,11 @@ class Rows:
         """The chunk's logits: float32 when asked for, else the GEMM's dtype."""
         return torch.float32 if self.fp32_logits else self.gemm
 
-    def operands(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
-        """The head as the logits GEMMs take it (one cast per call) and the dtype the hidden states are cast to for
-        it: the GEMM's, or with float32 logits on a device without a GEMM that writes them from 16-bit inputs, float32
-        of the 16-bit values (linear_chunks.gemm_weight)."""
-        weight = gemm_weight(self.weight, self.gemm, logits)
-        return weight, weight.dtype
+    def gemm_head(self, logits: torch.Tensor) -> torch.Tensor:
+        """The head as the chunks' GEMMs take it (one cast per call; the hidden states and the gradient are cast to
+        its dtype): the GEMM's, or with float32 logits on a device without a GEMM that writes them from 16-bit
+        inputs, float32 of the 16-bit values (linear_chunks.gemm_weight)."""
+        return gemm_weight(self.weight, self.gemm, logits)
 
     @property
     def count(self) -> int:
@@ -263,12 +262,12 @@ def _forward_chunks(rows: Rows, plan: TokenPlan, keep: bool, direct: bool):
     direction = torch.empty(rows.hidden.shape, dtype=torch.float32, device=device) if direct else None
     metrics = {name: torch.empty(rows.count, dtype=torch.bool if name == "is_top1" else torch.float32, device=device)
                for name in plan.metrics}
-    weight, operand = rows.operands(buffer)  # one cast for all chunks (a no-op when equal)
+    weight = rows.gemm_head(buffer)  # one cast for all chunks (a no-op when equal)
     one = torch.ones((), dtype=torch.float32, device=device)
     for start in range(0, rows.count, step):
         chunk, count = slice(start, start + step), min(step, rows.count - start)
         tanh = tanh_buffer[:count] if capped else None
-        logits = _mapped_logits(buffer[:count], tanh, rows.hidden[chunk].to(rows.gemm).to(operand), weight,
+        logits = _mapped_logits(buffer[:count], tanh, rows.hidden[chunk].to(rows.gemm).to(weight.dtype), weight,
                                 rows.bias, logit_map).unsqueeze(0)
         # Before the kernel's pass, which may write the gradient over the logits.
         _read_metrics({name: values[chunk] for name, values in metrics.items()}, logits[0], rows.token_ids[chunk])
@@ -282,7 +281,7 @@ def _forward_chunks(rows: Rows, plan: TokenPlan, keep: bool, direct: bool):
         if direct:
             grad = logit_map.tanh_chain_(logits[0], tanh) if capped else logits[0]
             # d log q(t) / dz = -(q - onehot) times the map's slope (the softcap's chain rule has applied it).
-            direction[chunk] = cpu_gemm.product(grad.to(operand), weight).float().mul_(
+            direction[chunk] = cpu_gemm.product(grad.to(weight.dtype), weight).float().mul_(
                 -1.0 if capped else -logit_map.slope)
     kept = KeptChunk(start, logits.shape[1], buffer) if keep and rows.count else None
     return logprobs, entropy, kept, direction, metrics
@@ -311,14 +310,14 @@ def _backward_chunks(rows: Rows, plan: TokenPlan, wanted: Wanted, logprobs, entr
               else torch.empty(size, dtype=rows.logits_dtype, device=device))
     tanh_buffer = torch.empty(size, dtype=rows.logits_dtype, device=device) if capped else None
     entropy_buffer = torch.empty(size, dtype=torch.float32, device=device) if grad_entropy is not None else None
-    weight, operand = rows.operands(buffer)
+    weight = rows.gemm_head(buffer)
     one = torch.ones((), dtype=torch.float32, device=device)
     # The gradient's constant factor: the map's slope without a softcap (tanh_chain_ applies it with one).
     slope = logit_map.slope if not capped else 1.0
     first = True
     for start, count in _backward_order(rows.count, step, kept):
         chunk = slice(start, start + count)
-        hidden = rows.hidden[chunk].to(rows.gemm).to(operand)
+        hidden = rows.hidden[chunk].to(rows.gemm).to(weight.dtype)
         tanh = tanh_buffer[:count] if capped else None
         if kept is not None and start == kept.start:
             logits = buffer[:count]  # the forward left this chunk's logits here

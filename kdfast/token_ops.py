@@ -118,7 +118,7 @@ def _(hidden, weight, bias, token_ids, logprobs, entropy, direction, grad_logpro
 
 
 def compiled_token_outputs(hidden, weight, bias, token_ids, logit_map: LogitMap, chunk_size, opts: LossOptions,
-                           return_entropy: bool, entropy_grad: bool, metrics: frozenset, fp32_logits: bool = False):
+                           return_entropy: bool, entropy_grad: bool, metrics: frozenset, fp32_logits: bool):
     """`TokenLogprobsFunction`'s outputs through the ops: (log-probs, entropy, *METRICS' values, empty where not
     asked for). An entropy not returned is no differentiable output (its gradient then is None, not zeros)."""
     map_args = (logit_map.scale, logit_map.softcap or 0.0, logit_map.temperature, gemm_dtype(hidden, weight),

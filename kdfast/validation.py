@@ -102,17 +102,19 @@ def _check_floating(name: str, tensor, shape_text: str) -> None:
 
 
 def check_linear_student(student_hidden, student_weight, student_bias, softcap, chunk_size,
-                         fp32_logits=False) -> None:
-    """hidden [..., H_s], weight [V, H_s], bias [V]; the chunk settings."""
-    _check_floating("student_hidden", student_hidden, "[..., hidden_s]")
-    _check_floating("student_weight", student_weight, "[vocab, hidden_s]")
+                         fp32_logits=False, prefix="student_") -> None:
+    """hidden [..., H_s], weight [V, H_s], bias [V]; the chunk settings. `prefix`: of the arguments' names (""
+    where the function has no teacher: `linear_cross_entropy`'s hidden, weight and bias)."""
+    hidden_name, weight_name, size = f"{prefix}hidden", f"{prefix}weight", "hidden_s" if prefix else "hidden"
+    _check_floating(hidden_name, student_hidden, f"[..., {size}]")
+    _check_floating(weight_name, student_weight, f"[vocab, {size}]")
     if student_hidden.dim() < 2:
-        raise ValueError(f"student_hidden must have shape [tokens, hidden_s] or [batch, seq, hidden_s], got "
+        raise ValueError(f"{hidden_name} must have shape [tokens, {size}] or [batch, seq, {size}], got "
                          f"{tuple(student_hidden.shape)}")
     if student_weight.dim() != 2 or student_weight.shape[1] != student_hidden.shape[-1]:
-        raise ValueError(f"student_weight must have shape [vocab, {student_hidden.shape[-1]}] (the student hidden "
-                         f"size), got {tuple(student_weight.shape)}")
-    _check_bias("student_bias", student_bias, student_weight.shape[0])
+        raise ValueError(f"{weight_name} must have shape [vocab, {student_hidden.shape[-1]}] (the hidden size of "
+                         f"{hidden_name}), got {tuple(student_weight.shape)}")
+    _check_bias(f"{prefix}bias", student_bias, student_weight.shape[0])
     _check_one_device(student_hidden, student_weight, student_bias)
     check_chunk_settings(softcap, chunk_size, fp32_logits)
 
