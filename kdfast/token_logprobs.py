@@ -41,8 +41,8 @@ from kdfast.zero3 import gathered
 
 
 def linear_token_logprobs(hidden, weight, token_ids, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None,
-                          return_entropy=False, entropy_grad=True, chunk_size="auto", fp32_logits=False,
-                          backend="auto"):
+                          return_entropy=False, entropy_grad=True, ignore_index=None, chunk_size="auto",
+                          fp32_logits=False, backend="auto"):
     """log q(token) per row, float32 and shaped like `token_ids`, for hidden states [..., H], a head [V, H] (+ bias
     [V]) and token ids [...] in [0, V); with `return_entropy`, (log-probs, the entropy of q per row). Both outputs
     are differentiable to hidden, weight and bias. `chunk_size`: rows per chunk of logits ("auto": from a memory
@@ -57,24 +57,29 @@ def linear_token_logprobs(hidden, weight, token_ids, *, bias=None, temperature=1
     elsewhere it runs in float32 on the 16-bit operands' values)."""
     logprobs, entropy, _ = linear_token_outputs(
         hidden, weight, token_ids, bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
-        return_entropy=return_entropy, entropy_grad=entropy_grad, chunk_size=chunk_size, fp32_logits=fp32_logits,
-        backend=backend)
+        return_entropy=return_entropy, entropy_grad=entropy_grad, ignore_index=ignore_index, chunk_size=chunk_size,
+        fp32_logits=fp32_logits, backend=backend)
     return (logprobs, entropy) if return_entropy else logprobs
 
 
 def linear_token_outputs(hidden, weight, token_ids, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None,
-                         return_entropy=False, entropy_grad=True, metrics=(), chunk_size="auto", fp32_logits=False,
-                         backend="auto"):
+                         return_entropy=False, entropy_grad=True, metrics=(), ignore_index=None, chunk_size="auto",
+                         fp32_logits=False, backend="auto"):
     """`linear_token_logprobs`'s outputs and the per-row `metrics` (names from METRICS) of the same pass:
     (log-probs, the entropy or None, {name: tensor shaped like token_ids}); is_top1 is bool, the others float32.
     The metrics are read from each chunk's logits before the kernel's pass: one more read of the chunk each
-    (log_sum_sq_probs reads a float32 copy of it, one chunk-sized buffer beyond the chunk budget)."""
+    (log_sum_sq_probs reads a float32 copy of it, one chunk-sized buffer beyond the chunk budget). An ignored row's
+    metrics are 0 (is_top1 False)."""
     logit_map = tempered_map(logit_scale, softcap, temperature)
-    _check_inputs(hidden, weight, token_ids, bias, return_entropy, entropy_grad, chunk_size, fp32_logits)
+    _check_inputs(hidden, weight, token_ids, bias, return_entropy, entropy_grad, ignore_index, chunk_size,
+                  fp32_logits)
     if not isinstance(metrics, (tuple, list, frozenset, set)) or not set(metrics) <= set(METRICS):
         raise ValueError(f"metrics must be a collection of names from {METRICS}, got {metrics!r}")
-    # CE alone with weight 1 at T = 1: the kernel's PART_CE is -log q(token), PART_ENTROPY q's entropy.
-    opts = LossOptions(kd_weight=0.0, ce_weight=1.0, reduction="none", backend=backend)
+    # CE alone with weight 1 at T = 1: the kernel's PART_CE is -log q(token), PART_ENTROPY q's entropy; its rows at
+    # ignore_index are all 0, their gradient too. Without one the options' default stands: the check above has
+    # refused such ids (on a GPU, where it is not made, the kernels give them 0 rather than NaN).
+    opts = LossOptions(kd_weight=0.0, ce_weight=1.0, reduction="none", backend=backend,
+                       **({} if ignore_index is None else {"ignore_index": ignore_index}))
     if torch.compiler.is_compiling():  # traced by torch.compile: the chunk loops as custom ops (kdfast.token_ops)
         logprobs, entropy, *values = compiled_token_outputs(hidden, weight, bias, token_ids, logit_map, chunk_size,
                                                             opts, return_entropy, entropy_grad, frozenset(metrics),
@@ -108,7 +113,8 @@ def _apply(hidden, weight, bias, token_ids, plan):
     return TokenLogprobsFunction.apply(hidden, weight, bias, token_ids, plan)
 
 
-def _check_inputs(hidden, weight, token_ids, bias, return_entropy, entropy_grad, chunk_size, fp32_logits) -> None:
+def _check_inputs(hidden, weight, token_ids, bias, return_entropy, entropy_grad, ignore_index, chunk_size,
+                  fp32_logits) -> None:
     _check_floating("hidden", hidden, "[..., hidden]")
     _check_floating("weight", weight, "[vocab, hidden]")
     if hidden.dim() < 1:
@@ -128,11 +134,16 @@ def _check_inputs(hidden, weight, token_ids, bias, return_entropy, entropy_grad,
                          f"{tuple(hidden.shape[:-1])}: one token per row of hidden")
     if token_ids.device != hidden.device:
         raise ValueError(f"token_ids are on {token_ids.device} but hidden is on {hidden.device}")
+    if ignore_index is not None and (not isinstance(ignore_index, int) or isinstance(ignore_index, bool)):
+        raise ValueError(f"ignore_index must be an int or None, got {ignore_index!r}")
     # As for labels: reading the range on a GPU is a host sync; there the kernels mark an out-of-range row NaN.
     if token_ids.numel() and _label_check_costs_no_sync(token_ids):
         bad = (token_ids < 0) | (token_ids >= vocab)
+        if ignore_index is not None:
+            bad &= token_ids != ignore_index
         if bool(bad.any()):
-            raise ValueError(f"token_ids must lie in [0, {vocab}) (the vocab size of weight); found "
+            allowed = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
+            raise ValueError(f"token_ids must lie in [0, {vocab}) (the vocab size of weight){allowed}; found "
                              f"{token_ids[bad][0].item()}")
     for name, flag in (("return_entropy", return_entropy), ("entropy_grad", entropy_grad)):
         if not isinstance(flag, bool):
@@ -270,7 +281,8 @@ def _forward_chunks(rows: Rows, plan: TokenPlan, keep: bool, direct: bool):
         logits = _mapped_logits(buffer[:count], tanh, rows.hidden[chunk].to(rows.gemm).to(weight.dtype), weight,
                                 rows.bias, logit_map).unsqueeze(0)
         # Before the kernel's pass, which may write the gradient over the logits.
-        _read_metrics({name: values[chunk] for name, values in metrics.items()}, logits[0], rows.token_ids[chunk])
+        _read_metrics({name: values[chunk] for name, values in metrics.items()}, logits[0], rows.token_ids[chunk],
+                      plan.opts.ignore_index)
         # Without a divergence the teacher argument is not read: the student stands in for it. With `direct` the
         # kernel writes q - onehot(token) over the logits in the pass that takes the statistics.
         parts = plan.rows_kernel(logits, logits, rows.token_ids[chunk], one, logits if direct else None, plan.opts)
@@ -343,18 +355,25 @@ def _backward_chunks(rows: Rows, plan: TokenPlan, wanted: Wanted, logprobs, entr
     return d_hidden, d_weight, d_bias
 
 
-def _read_metrics(metrics: dict, logits, token_ids) -> None:
-    """Writes the asked-for metrics of a chunk's rows from its mapped logits [n, V]. log_sum_sq_probs gets LSE(2z) -
-    2 z_t here, what log sum q^2 = LSE(2z) - 2 LSE(z) is before LSE(z) = z_t - log q(t) is known: the caller adds
-    2 log q(t) after the kernel's pass. That one reads a float32 copy of the chunk (WPO's weights alone ask for it)."""
+def _read_metrics(metrics: dict, logits, token_ids, ignore_index: int) -> None:
+    """Writes the asked-for metrics of a chunk's rows from its mapped logits [n, V], 0 in the rows at `ignore_index`.
+    log_sum_sq_probs gets LSE(2z) - 2 z_t here, what log sum q^2 = LSE(2z) - 2 LSE(z) is before LSE(z) = z_t - log
+    q(t) is known: the caller adds 2 log q(t) (0 in an ignored row) after the kernel's pass. That one reads a float32
+    copy of the chunk (WPO's weights alone ask for it)."""
+    if not metrics:
+        return
     if "is_top1" in metrics:
         torch.eq(logits.argmax(-1), token_ids, out=metrics["is_top1"])
     if "mean_logits" in metrics:
         torch.sum(logits, -1, dtype=torch.float32, out=metrics["mean_logits"]).div_(logits.shape[-1])
     if "log_sum_sq_probs" in metrics:
         doubled = logits.to(torch.float32, copy=True).mul_(2.0)
-        target = doubled.gather(-1, token_ids[:, None])[:, 0]
+        # An ignored row's id may lie outside the vocabulary: any column serves, its value is zeroed below.
+        target = doubled.gather(-1, token_ids.clamp(0, logits.shape[-1] - 1)[:, None])[:, 0]
         torch.logsumexp(doubled, -1, out=metrics["log_sum_sq_probs"]).sub_(target)
+    ignored = token_ids == ignore_index  # no host read: a GPU's rows are zeroed whether any is ignored or not
+    for values in metrics.values():
+        values.masked_fill_(ignored, 0)
 
 
 def _backward_order(count: int, step: int, kept: KeptChunk | None) -> list[tuple[int, int]]:
@@ -411,7 +430,9 @@ def _add_entropy_term_(grad, scratch, token_ids, logprobs, entropy, grad_logprob
     grad.mul_((grad_logprobs + grad_entropy * entropy)[:, None]).add_(q_log_q.mul_(grad_entropy[:, None]))
     coefficient_t = grad_logprobs + grad_entropy * (logprobs + entropy)
     token_entry = logprobs.exp().mul_(coefficient_t).sub_(grad_logprobs)
-    grad.scatter_(1, token_ids[:, None], token_entry[:, None].to(grad.dtype))
+    # A row at ignore_index: q is 0 (the kernel's gradient), its log-prob and entropy 0, so its token entry is 0; its
+    # id may lie outside the vocabulary, and any column takes that 0.
+    grad.scatter_(1, token_ids.clamp(0, grad.shape[1] - 1)[:, None], token_entry[:, None].to(grad.dtype))
 
 
 def _accumulate(grad, row_factor, hidden, weight, chunk, d_hidden, d_weight, d_bias, first: bool) -> None:

@@ -175,9 +175,9 @@ def batch_cross_vocab_loss(student, teacher, inputs, vocab_map: VocabMap, *, met
         kept = shifted.ne(-100)
         head = dict(bias=student_bias, logit_scale=logit_scale(student), softcap=final_softcap(student),
                     chunk_size=chunk_size, backend=backend)
-        if torch.compiler.is_compiling():  # a mask's rows are a shape of the data: every row, the others' weighed 0
-            logprobs = linear_token_logprobs(student_hidden[:, :-1], student_weight, shifted.clamp_min(0), **head)
-            logprobs = torch.where(kept, logprobs, torch.zeros_like(logprobs))
+        if torch.compiler.is_compiling():  # a mask's rows are a shape of the data: every row, the ignored ones 0
+            logprobs = linear_token_logprobs(student_hidden[:, :-1], student_weight, shifted, ignore_index=-100,
+                                             **head)
         else:  # only the label tokens' rows: padding costs no head GEMM
             logprobs = linear_token_logprobs(student_hidden[:, :-1][kept], student_weight, shifted[kept], **head)
     ce = -logprobs.sum() / (kept.sum().clamp_min(1) if num_items_in_batch is None else num_items_in_batch)
