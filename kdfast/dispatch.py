@@ -130,7 +130,7 @@ def device_rows(opts: LossOptions, device: torch.device) -> DeviceRows:
 
 
 def rows_kernel_for(opts: LossOptions, check, local_vocab, rows_of: torch.Tensor, labels, process_group, vocab_range,
-                    reduce_hidden_grad: bool = True):
+                    reduce_hidden_grad: bool = True, labels_name: str = "labels"):
     """The rows kernel of one device (DeviceRows), or of this rank's vocab shard (ShardedRows) once every rank's
     inputs passed `check` and the ranks agreed on the shards (`local_vocab()`: this rank's columns); `check()` raises
     ValueError for bad input, on every rank when one rank's input is bad."""
@@ -145,7 +145,7 @@ def rows_kernel_for(opts: LossOptions, check, local_vocab, rows_of: torch.Tensor
 
     refuse_over_shards(opts)
     shard = check_then_agree(check, local_vocab, rows_of, process_group, vocab_range, labels, opts,
-                             reduce_hidden_grad)
+                             reduce_hidden_grad, labels_name)
     return ShardedRows(device_rows(opts, rows_of.device), shard)
 
 

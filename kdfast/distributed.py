@@ -20,6 +20,7 @@ class VocabShard:
     stop: int
     vocab: int  # the global vocabulary size
     reduce_hidden_grad: bool = True  # fused linear form: sum d hidden over the ranks
+    widest: int = 0  # the widest rank's shard: row chunks sized by it are the same on every rank (0: unknown)
 
     @property
     def size(self) -> int:
@@ -89,7 +90,7 @@ def _settings_code(opts: LossOptions) -> int:
 
 
 def check_then_agree(check, local_vocab, rows_of: torch.Tensor, process_group, vocab_range, labels,
-                     opts: LossOptions, reduce_hidden_grad: bool = True) -> VocabShard:
+                     opts: LossOptions, reduce_hidden_grad: bool = True, labels_name: str = "labels") -> VocabShard:
     """Runs this rank's input checks (`check()`, raising ValueError) and then the agreement exchange, which every
     rank must reach whatever its inputs: a failed check is carried through it, so all ranks raise instead of the
     others hanging. `local_vocab()` is this rank's shard size (called only when the checks passed); `rows_of`
@@ -103,15 +104,17 @@ def check_then_agree(check, local_vocab, rows_of: torch.Tensor, process_group, v
     rows = rows_of.numel() // max(rows_of.shape[-1], 1) if valid else -1
     device = rows_of.device if isinstance(rows_of, torch.Tensor) else None
     return agree_on_shard(process_group, vocab_range, local_vocab() if valid else 0, rows,
-                          labels if valid else None, opts, device, error, reduce_hidden_grad)
+                          labels if valid else None, opts, device, error, reduce_hidden_grad, labels_name)
 
 
 def agree_on_shard(process_group, vocab_range, local_vocab: int, rows: int, labels, opts: LossOptions, device,
-                   local_error: Exception | None = None, reduce_hidden_grad: bool = True) -> VocabShard:
+                   local_error: Exception | None = None, reduce_hidden_grad: bool = True,
+                   labels_name: str = "labels") -> VocabShard:
     """Exchanges [start, stop, rows, settings, label range, error flag] with every rank and checks that the
     ranges tile [0, V) and that rows, settings and labels agree. Every rank reaches the same verdict, so a
     mismatch raises the same ValueError everywhere. `local_error` is this rank's own input error, raised on
-    every rank after the exchange for the same reason."""
+    every rank after the exchange for the same reason. `labels_name`: the labels' argument, for its range error
+    ("token_ids" for kdfast.linear_token_logprobs, whose ids are no CE term's labels)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -136,8 +139,9 @@ def agree_on_shard(process_group, vocab_range, local_vocab: int, rows: int, labe
         nccl = dist.get_backend(process_group) == "nccl"
         device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     everyone = all_gather(mine.to(device), process_group).cpu().tolist()
-    _raise_on_mismatch(everyone, rank, local_error, opts)
-    return VocabShard(process_group, start, stop, max(row[1] for row in everyone), reduce_hidden_grad)
+    _raise_on_mismatch(everyone, rank, local_error, opts, labels_name)
+    return VocabShard(process_group, start, stop, max(row[1] for row in everyone), reduce_hidden_grad,
+                      max(row[1] - row[0] for row in everyone))
 
 
 def _label_range(labels, opts: LossOptions) -> tuple[int, int]:
@@ -150,7 +154,7 @@ def _label_range(labels, opts: LossOptions) -> tuple[int, int]:
     return int(kept.min()), int(kept.max())
 
 
-def _raise_on_mismatch(everyone, rank, local_error, opts: LossOptions) -> None:
+def _raise_on_mismatch(everyone, rank, local_error, opts: LossOptions, labels_name: str) -> None:
     failed = [r for r, row in enumerate(everyone) if row[6]]
     if failed:
         if local_error is not None:
@@ -174,5 +178,5 @@ def _raise_on_mismatch(everyone, rank, local_error, opts: LossOptions) -> None:
     high = max(row[5] for row in everyone)
     if high >= expected or low < 0:
         bad = high if high >= expected else low
-        raise ValueError(f"labels must lie in [0, {expected}) (global token ids) or equal ignore_index="
-                         f"{opts.ignore_index} when ce_weight > 0; found {bad}")
+        allowed = f" or equal ignore_index={opts.ignore_index} when ce_weight > 0" if labels_name == "labels" else ""
+        raise ValueError(f"{labels_name} must lie in [0, {expected}) (global token ids){allowed}; found {bad}")

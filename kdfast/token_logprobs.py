@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from kdfast import cpu_gemm
-from kdfast.dispatch import device_rows
+from kdfast.dispatch import rows_kernel_for
 from kdfast.kernel_abi import PART_CE, PART_ENTROPY
 from kdfast.linear_chunks import CHUNK_BUDGET_BYTES, Wanted, _accumulate_weight_grad, gemm_weight
 from kdfast.linear_function import gemm_dtype
@@ -42,7 +42,8 @@ from kdfast.zero3 import gathered
 
 def linear_token_logprobs(hidden, weight, token_ids, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None,
                           return_entropy=False, entropy_grad=True, ignore_index=None, chunk_size="auto",
-                          fp32_logits=False, backend="auto"):
+                          fp32_logits=False, backend="auto", process_group=None, vocab_range=None,
+                          reduce_hidden_grad=True):
     """log q(token) per row, float32 and shaped like `token_ids`, for hidden states [..., H], a head [V, H] (+ bias
     [V]) and token ids [...] in [0, V); with `return_entropy`, (log-probs, the entropy of q per row). Both outputs
     are differentiable to hidden, weight and bias. `chunk_size`: rows per chunk of logits ("auto": from a memory
@@ -54,39 +55,64 @@ def linear_token_logprobs(hidden, weight, token_ids, *, bias=None, temperature=1
     `fp32_logits`: with 16-bit GEMMs, each chunk's logits are kept in float32 as the GEMM accumulated them, never
     rounded to 16 bits (bf16 moves a logit of 16 by up to 1/32, and the log-probs with it); the backward's GEMMs take
     the gradient rounded to 16 bits, as `linear_distill_loss(fp32_logits=True)` does (on CUDA the GEMM writes float32;
-    elsewhere it runs in float32 on the 16-bit operands' values)."""
+    elsewhere it runs in float32 on the 16-bit operands' values). `ignore_index` (an int; None: every id must be a
+    token): rows whose id equals it get 0 for every output and no gradient, as torch's cross_entropy(reduction="none")
+    gives an ignored label (SFT labels with -100 need no mask or clamp first).
+    Vocab parallel (a tensor-parallel LM head): with a `process_group`, `weight` (and `bias`) are this rank's rows
+    `vocab_range` of the global head (default: equal contiguous shards in rank order), hidden states and token ids
+    (global) the same on every rank; each row's log-sum-exp, token logit and entropy sum are exchanged (O(rows) bytes
+    a chunk, never logits), so every rank gets the global log-probs and entropy, its shard's weight and bias
+    gradients, and the full d hidden, summed over the ranks unless `reduce_hidden_grad=False` leaves that to the
+    caller's own tensor-parallel layer."""
     logprobs, entropy, _ = linear_token_outputs(
         hidden, weight, token_ids, bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
         return_entropy=return_entropy, entropy_grad=entropy_grad, ignore_index=ignore_index, chunk_size=chunk_size,
-        fp32_logits=fp32_logits, backend=backend)
+        fp32_logits=fp32_logits, backend=backend, process_group=process_group, vocab_range=vocab_range,
+        reduce_hidden_grad=reduce_hidden_grad)
     return (logprobs, entropy) if return_entropy else logprobs
 
 
 def linear_token_outputs(hidden, weight, token_ids, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None,
                          return_entropy=False, entropy_grad=True, metrics=(), ignore_index=None, chunk_size="auto",
-                         fp32_logits=False, backend="auto"):
+                         fp32_logits=False, backend="auto", process_group=None, vocab_range=None,
+                         reduce_hidden_grad=True):
     """`linear_token_logprobs`'s outputs and the per-row `metrics` (names from METRICS) of the same pass:
     (log-probs, the entropy or None, {name: tensor shaped like token_ids}); is_top1 is bool, the others float32.
     The metrics are read from each chunk's logits before the kernel's pass: one more read of the chunk each
     (log_sum_sq_probs reads a float32 copy of it, one chunk-sized buffer beyond the chunk budget). An ignored row's
-    metrics are 0 (is_top1 False)."""
+    metrics are 0 (is_top1 False). Over vocab shards no metric is computed (each needs its own exchange)."""
     logit_map = tempered_map(logit_scale, softcap, temperature)
-    _check_inputs(hidden, weight, token_ids, bias, return_entropy, entropy_grad, ignore_index, chunk_size,
-                  fp32_logits)
+    sharded = process_group is not None or vocab_range is not None
+    if ignore_index is not None and (not isinstance(ignore_index, int) or isinstance(ignore_index, bool)):
+        raise ValueError(f"ignore_index must be an int or None, got {ignore_index!r}")
     if not isinstance(metrics, (tuple, list, frozenset, set)) or not set(metrics) <= set(METRICS):
         raise ValueError(f"metrics must be a collection of names from {METRICS}, got {metrics!r}")
+    if sharded and metrics:
+        raise ValueError(f"metrics {sorted(metrics)} are not computed over vocab shards (process_group): each would "
+                         "need an exchange of its own; ask for them on a whole head")
     # CE alone with weight 1 at T = 1: the kernel's PART_CE is -log q(token), PART_ENTROPY q's entropy; its rows at
     # ignore_index are all 0, their gradient too. Without one the options' default stands: the check above has
     # refused such ids (on a GPU, where it is not made, the kernels give them 0 rather than NaN).
     opts = LossOptions(kd_weight=0.0, ce_weight=1.0, reduction="none", backend=backend,
                        **({} if ignore_index is None else {"ignore_index": ignore_index}))
-    if torch.compiler.is_compiling():  # traced by torch.compile: the chunk loops as custom ops (kdfast.token_ops)
+
+    def check():
+        _check_inputs(hidden, weight, token_ids, bias, return_entropy, entropy_grad, ignore_index, chunk_size,
+                      fp32_logits, sharded)
+
+    # Traced by torch.compile: the chunk loops as custom ops (kdfast.token_ops); over vocab shards the eager loop
+    # runs as it is (a graph break), its collectives the host's.
+    if torch.compiler.is_compiling() and not sharded:
+        check()
         logprobs, entropy, *values = compiled_token_outputs(hidden, weight, bias, token_ids, logit_map, chunk_size,
                                                             opts, return_entropy, entropy_grad, frozenset(metrics),
                                                             fp32_logits)
     else:
-        plan = TokenPlan(logit_map, chunk_size, device_rows(opts, hidden.device), opts,
-                         return_entropy and entropy_grad, frozenset(metrics), fp32_logits)
+        # Over shards every rank checks its inputs, then the ranks agree on the shards and on the ids' global range.
+        rows_kernel = rows_kernel_for(opts, check, lambda: weight.shape[0], hidden, token_ids, process_group,
+                                      vocab_range, reduce_hidden_grad, "token_ids")
+        plan = TokenPlan(logit_map, chunk_size, rows_kernel, opts, return_entropy and entropy_grad,
+                         frozenset(metrics), fp32_logits)
         logprobs, entropy, *values = _apply(hidden, weight, bias, token_ids, plan)
     found = {name: value for name, value in zip(METRICS, values) if name in metrics}
     return logprobs, entropy if return_entropy else None, found
@@ -114,7 +140,7 @@ def _apply(hidden, weight, bias, token_ids, plan):
 
 
 def _check_inputs(hidden, weight, token_ids, bias, return_entropy, entropy_grad, ignore_index, chunk_size,
-                  fp32_logits) -> None:
+                  fp32_logits, sharded=False) -> None:
     _check_floating("hidden", hidden, "[..., hidden]")
     _check_floating("weight", weight, "[vocab, hidden]")
     if hidden.dim() < 1:
@@ -134,17 +160,16 @@ def _check_inputs(hidden, weight, token_ids, bias, return_entropy, entropy_grad,
                          f"{tuple(hidden.shape[:-1])}: one token per row of hidden")
     if token_ids.device != hidden.device:
         raise ValueError(f"token_ids are on {token_ids.device} but hidden is on {hidden.device}")
-    if ignore_index is not None and (not isinstance(ignore_index, int) or isinstance(ignore_index, bool)):
-        raise ValueError(f"ignore_index must be an int or None, got {ignore_index!r}")
-    # As for labels: reading the range on a GPU is a host sync; there the kernels mark an out-of-range row NaN.
+    # As for labels: reading the range on a GPU is a host sync; there the kernels mark an out-of-range row NaN. Over
+    # shards the ids are global: their upper bound is checked in the ranks' agreement, against the global vocabulary.
     if token_ids.numel() and _label_check_costs_no_sync(token_ids):
-        bad = (token_ids < 0) | (token_ids >= vocab)
+        bad = (token_ids < 0) | (token_ids >= vocab) if not sharded else token_ids < 0
         if ignore_index is not None:
             bad &= token_ids != ignore_index
         if bool(bad.any()):
             allowed = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
-            raise ValueError(f"token_ids must lie in [0, {vocab}) (the vocab size of weight){allowed}; found "
-                             f"{token_ids[bad][0].item()}")
+            bound = "[0, the global vocabulary)" if sharded else f"[0, {vocab}) (the vocab size of weight)"
+            raise ValueError(f"token_ids must lie in {bound}{allowed}; found {token_ids[bad][0].item()}")
     for name, flag in (("return_entropy", return_entropy), ("entropy_grad", entropy_grad)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
@@ -266,7 +291,8 @@ def _forward_chunks(rows: Rows, plan: TokenPlan, keep: bool, direct: bool):
     logprobs = torch.empty(rows.count, dtype=torch.float32, device=device)
     entropy = torch.empty(rows.count, dtype=torch.float32, device=device)
     capped = direct and logit_map.softcap is not None  # the chain rule then needs the tanh
-    step = chunk_rows(plan.chunk_size, rows, rows.vocab * rows.logits_dtype.itemsize * (2 if capped else 1))
+    row_bytes = _sized_width(rows, plan) * rows.logits_dtype.itemsize * (2 if capped else 1)
+    step = chunk_rows(plan.chunk_size, rows, row_bytes)
     size = (min(step, rows.count), rows.vocab)
     buffer = torch.empty(size, dtype=rows.logits_dtype, device=device)
     tanh_buffer = torch.empty(size, dtype=rows.logits_dtype, device=device) if capped else None
@@ -296,6 +322,8 @@ def _forward_chunks(rows: Rows, plan: TokenPlan, keep: bool, direct: bool):
             direction[chunk] = cpu_gemm.product(grad.to(weight.dtype), weight).float().mul_(
                 -1.0 if capped else -logit_map.slope)
     kept = KeptChunk(start, logits.shape[1], buffer) if keep and rows.count else None
+    if direct:  # over vocab shards each rank's direction covers its columns: the full one is their sum
+        direction = plan.rows_kernel.reduce_hidden_grad(direction)
     return logprobs, entropy, kept, direction, metrics
 
 
@@ -305,14 +333,18 @@ def _backward_chunks(rows: Rows, plan: TokenPlan, wanted: Wanted, logprobs, entr
     entropy); either grad may be None (no such term). The `kept` chunk, when given, is taken first and without its
     GEMM, and its buffer then serves the other chunks."""
     device, logit_map = rows.hidden.device, plan.logit_map
-    d_hidden = torch.empty(rows.hidden.shape, dtype=rows.hidden.dtype, device=device) if wanted.hidden else None
+    shard = getattr(plan.rows_kernel, "shard", None)  # a vocab shard's kernel (kdfast.vocab_parallel.ShardedRows)
+    # Over shards each rank's d hidden is a partial sum over its columns: float32 until the ranks' sum.
+    d_hidden = (torch.empty(rows.hidden.shape, dtype=rows.hidden.dtype if shard is None else torch.float32,
+                            device=device) if wanted.hidden else None)
     # d weight's first chunk writes it (no pass of zeros over [V, H] first).
     d_weight = torch.empty(rows.weight.shape, dtype=torch.float32, device=device) if wanted.weight else None
     d_bias = torch.zeros(rows.vocab, dtype=torch.float32, device=device) if wanted.bias else None
     capped = logit_map.softcap is not None
-    row_bytes = rows.vocab * rows.logits_dtype.itemsize * (2 if capped else 1)
+    width = _sized_width(rows, plan)
+    row_bytes = width * rows.logits_dtype.itemsize * (2 if capped else 1)
     if grad_entropy is not None:
-        row_bytes += rows.vocab * 4  # the entropy term's q log q, float32
+        row_bytes += width * 4  # the entropy term's q log q, float32
     step = chunk_rows(plan.chunk_size, rows, row_bytes)
     size = (min(step, rows.count), rows.vocab)
     if kept is not None and (kept.rows > size[0] or kept.buffer.shape[0] < size[0]):
@@ -344,7 +376,8 @@ def _backward_chunks(rows: Rows, plan: TokenPlan, wanted: Wanted, logprobs, entr
         else:
             entropy_grads = (logprobs[chunk], entropy[chunk], _rows_or_zeros(grad_logprobs, chunk, count, device),
                              grad_entropy[chunk])
-            _add_entropy_term_(grad, entropy_buffer[:count], token_ids, *entropy_grads)
+            _add_entropy_term_(grad, entropy_buffer[:count], *_token_columns(token_ids, rows.vocab, shard),
+                               *entropy_grads)
             row_factor = torch.full((count,), -slope, dtype=torch.float32, device=device)
         if capped:
             logit_map.tanh_chain_(grad, tanh)
@@ -352,7 +385,26 @@ def _backward_chunks(rows: Rows, plan: TokenPlan, wanted: Wanted, logprobs, entr
         first = False
     if d_weight is not None and first:
         d_weight.zero_()  # no rows
+    if shard is not None and d_hidden is not None:
+        d_hidden = plan.rows_kernel.reduce_hidden_grad(d_hidden).to(rows.hidden.dtype)
     return d_hidden, d_weight, d_bias
+
+
+def _sized_width(rows: Rows, plan: TokenPlan) -> int:
+    """The columns a chunk's row is sized by: the head's, or over vocab shards the widest rank's, so that every rank
+    runs the same chunks (each chunk's exchange is a collective that all of them must reach)."""
+    shard = getattr(plan.rows_kernel, "shard", None)
+    return rows.vocab if shard is None else max(shard.widest, rows.vocab)
+
+
+def _token_columns(token_ids, width: int, shard):
+    """Each row's token as a column of this chunk's logits (clamped into [0, width): an ignored id, or over vocab
+    shards a token another rank holds, reads any column) and, over shards, whether this rank holds it (else None)."""
+    if shard is None:
+        return token_ids.clamp(0, width - 1), None
+    local = token_ids - shard.start
+    held = (local >= 0) & (local < width)
+    return local.clamp(0, width - 1), held
 
 
 def _read_metrics(metrics: dict, logits, token_ids, ignore_index: int) -> None:
@@ -417,14 +469,15 @@ def _rows_or_zeros(grad, chunk, count, device):
     return grad[chunk] if grad is not None else torch.zeros(count, dtype=torch.float32, device=device)
 
 
-def _add_entropy_term_(grad, scratch, token_ids, logprobs, entropy, grad_logprobs, grad_entropy) -> None:
+def _add_entropy_term_(grad, scratch, columns, held, logprobs, entropy, grad_logprobs, grad_entropy) -> None:
     """grad: q - onehot(t) in, -(d / dz of g_l log q(t) + g_H H) out, before the map's chain rule. With L_j =
     log q_j + H: d log q(t) / dz_j = -(q_j - onehot_j) and dH / dz_j = -q_j L_j, so the sum is
     -(q_j (g_l + g_H H) + g_H q_j log q_j) off the token and -(q_t (g_l + g_H L_t) - g_l) at it; the caller's row factor
     supplies the minus. q_j log q_j comes from the kernel's q itself, in float32 `scratch` (0 where q_j underflowed):
     log q_j as z_j - lse lost eps |lse| at every column, 2% of a peaked row's gradient at |z / T| ~ 900. The token's
     entry is written from float32 values (L_t = log q(t) + H): (q_t - 1) (g_l + g_H L_t) + g_H L_t in the chunk's
-    dtype would cancel to nothing in 16 bits."""
+    dtype would cancel to nothing in 16 bits. `columns`: each row's token column; `held` (over vocab shards): whether
+    this rank's columns hold it, else the row keeps the formula off the token everywhere."""
     q = grad if grad.dtype == torch.float32 else scratch.copy_(grad)  # 16-bit q: its log taken in float32
     q_log_q = torch.special.xlogy(q, q, out=scratch)  # NaN at the token (q - 1 < 0): rewritten below
     grad.mul_((grad_logprobs + grad_entropy * entropy)[:, None]).add_(q_log_q.mul_(grad_entropy[:, None]))
@@ -432,7 +485,9 @@ def _add_entropy_term_(grad, scratch, token_ids, logprobs, entropy, grad_logprob
     token_entry = logprobs.exp().mul_(coefficient_t).sub_(grad_logprobs)
     # A row at ignore_index: q is 0 (the kernel's gradient), its log-prob and entropy 0, so its token entry is 0; its
     # id may lie outside the vocabulary, and any column takes that 0.
-    grad.scatter_(1, token_ids.clamp(0, grad.shape[1] - 1)[:, None], token_entry[:, None].to(grad.dtype))
+    if held is not None:  # another rank's token: the column read keeps the value it has
+        token_entry = torch.where(held, token_entry, grad.gather(1, columns[:, None])[:, 0].float())
+    grad.scatter_(1, columns[:, None], token_entry[:, None].to(grad.dtype))
 
 
 def _accumulate(grad, row_factor, hidden, weight, chunk, d_hidden, d_weight, d_bias, first: bool) -> None:
