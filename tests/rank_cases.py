@@ -43,6 +43,22 @@ def spawn_ranks(worker, world: int, folder, *args) -> list[dict]:
     return [torch.load(out) for out in outs]
 
 
+def spawn_gloo_cases(cases, world: int, folder) -> list[dict]:
+    """Runs `cases()` ({name: a callable, or (function, *args)}, built on each rank) on `world` spawned ranks of one
+    gloo group, one torch thread each (they share the machine's cores); returns each rank's results."""
+    return spawn_ranks(_gloo_worker, world, folder, str(folder / "store"), cases)
+
+
+def _gloo_worker(rank, world, store, cases, outs):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    run_cases({name: case if callable(case) else (lambda case=case: case[0](*case[1:]))
+               for name, case in cases().items()}, outs[rank])
+    dist.destroy_process_group()
+
+
 def spawn_deepspeed_ranks(worker, world: int, folder, port: int, *args) -> list[dict]:
     """`spawn_ranks` for ranks that meet at `port` and may start DeepSpeed. Its CPU all-reduce maps a 67 MB file per
     rank in /dev/shm, named by the rendezvous' address and port, and never unlinks it: every run left them behind (17

@@ -40,7 +40,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import BACKENDS, device_for
-from rank_cases import run_cases, spawn_ranks
+from rank_cases import failures, spawn_gloo_cases
 
 import kdfast
 
@@ -105,20 +105,16 @@ def vp_case(backend, dtype, ignored, z_loss):
         assert torch.allclose(mine, full, atol=tol), f"{what}: {(mine - full).abs().max().item()=} beyond {tol}"
 
 
-def _worker(rank, world, store, outs):
-    torch.set_num_threads(1)  # 4 ranks share the machine's cores
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    run_cases({name: (lambda args=args: vp_case(*args)) for name, args in cases().items()}, outs[rank])
-    dist.destroy_process_group()
+def cases_to_run() -> dict:
+    return {name: (vp_case, *args) for name, args in cases().items()}
 
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cce_vocab_parallel")
-    return spawn_ranks(_worker, WORLD, folder, str(folder / "store"))
+    return spawn_gloo_cases(cases_to_run, WORLD, tmp_path_factory.mktemp("cce_vocab_parallel"))
 
 
 @pytest.mark.parametrize("case", list(cases()))
 def test_vocab_parallel(outcomes, case):
-    failed = {rank: results[case] for rank, results in enumerate(outcomes) if results[case] is not None}
-    assert not failed, "\n".join(f"rank {rank}:\n{error}" for rank, error in failed.items())
+    failed = failures(outcomes, case)
+    assert not failed, failed

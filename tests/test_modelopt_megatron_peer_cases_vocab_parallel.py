@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from conftest import BACKENDS, device_for
-from rank_cases import failures, run_cases, spawn_ranks
+from rank_cases import failures, spawn_gloo_cases
 from test_modelopt_megatron_peer_cases import (
     kdfast_megatron_kl,
     kdfast_megatron_topk,
@@ -168,17 +168,9 @@ def cases() -> dict:
     return listed
 
 
-def _worker(rank, world, store, outs):
-    torch.set_num_threads(1)  # 4 ranks share the machine's cores
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    run_cases({name: (lambda case=case: case[0](*case[1:])) for name, case in cases().items()}, outs[rank])
-    dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("modelopt_vocab_parallel")
-    return spawn_ranks(_worker, WORLD, folder, str(folder / "store"))
+    return spawn_gloo_cases(cases, WORLD, tmp_path_factory.mktemp("modelopt_vocab_parallel"))
 
 
 @pytest.mark.parametrize("case", list(cases()))

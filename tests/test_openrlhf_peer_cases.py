@@ -27,7 +27,9 @@ gradient: a second or so a call on each rank).
   linspace(0.3, 1.3)): log q(label) is -CE with `kd_weight=0, ce_weight=1, reduction="none"`; kdfast's CE is at T =
   1, so the shard is divided by T before the call (autograd carries the 1 / T); an ignored row's CE and gradient are
   0 as the peer's. Its second check (against `compute_token_log_probs` of openrlhf/models/utils.py, dense) has the
-  same expectation.
+  same expectation. It and the entropy test below also run on `linear_token_logprobs(process_group=...)`, the fused
+  per-token form (an identity head's shard; T and the ignore index its own), in
+  tests/test_token_logprobs_vocab_parallel_peer_cases.py.
 - test_loss_parallel_compute_entropy_sharded (value and gradient, upstream linspace(0.1, 1.1)): H(q) = log V -
   KL(q || uniform), kdfast's reverse KL against a teacher of zero logits, differentiable; the value also as kdfast's
   `return_components` entropy (a metric, no gradient).
@@ -56,7 +58,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import BACKENDS, device_for
-from rank_cases import failures, run_cases, spawn_ranks
+from rank_cases import failures, spawn_gloo_cases
 
 import kdfast
 
@@ -260,17 +262,9 @@ def cases() -> dict:
     return listed
 
 
-def _worker(rank, world, store, outs):
-    torch.set_num_threads(1)  # the ranks share the machine's cores
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    run_cases({name: (lambda case=case: case[0](*case[1:])) for name, case in cases().items()}, outs[rank])
-    dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("openrlhf_loss_parallel")
-    return spawn_ranks(_worker, WORLD, folder, str(folder / "store"))
+    return spawn_gloo_cases(cases, WORLD, tmp_path_factory.mktemp("openrlhf_loss_parallel"))
 
 
 @pytest.mark.parametrize("case", list(cases()))

@@ -14,7 +14,9 @@ input). kdfast's two counterparts:
   chunk_size splits the rows (-1: one chunk), as kdfast's does: -1 is kdfast's "auto" (one chunk at these sizes).
 - the logits form `distill_loss(..., kd_weight=0, ce_weight=1, reduction="none")`, whose per-row CE is -log q(token)
   (it takes the peer's -inf as it is), and H(q) = log V - KL(q || uniform), its reverse KL against a teacher of zero
-  logits, differentiable; it is the form that takes a vocab-sharded process group.
+  logits, differentiable; the vocab-parallel cases below run on it with a vocab-sharded process group (and on the
+  fused kernel's vocab-parallel form, `linear_token_logprobs(process_group=...)`, in
+  tests/test_token_logprobs_vocab_parallel_peer_cases.py).
 
 Ported:
 - test_calculate_log_probs_and_entropy_matches_unfused_reference_single_rank (chunk_size -1, 1, 2, 8 x keep mask x
@@ -24,7 +26,8 @@ Ported:
 - ..._handles_empty_input: `test_empty_input` (no rows: log-probs and entropy of shape (0,)).
 - ..._matches_unfused_reference_vocab_parallel (2 ranks on gloo, vocabulary 6 in two equal shards, its four
   parametrised cases): the logits form with `process_group`, each rank's shard of the logits (and of the mask),
-  `test_vocab_parallel`. kdfast's logits form has no row chunks: the peer's chunk_size axis leaves its call as is.
+  `test_vocab_parallel`. kdfast's logits form has no row chunks: the peer's chunk_size axis leaves its call as is
+  (tests/test_token_logprobs_vocab_parallel_peer_cases.py runs these cases, chunks included, on the fused kernel).
   kdfast's addition, `kdfast_whole_shard_masked`: a keep mask that leaves one rank's whole shard of a row at -inf
   (the top-p set and the token all on the other rank), which the peer's mask never does; that rank's share of the
   row's normaliser is then 0 (its log-sum-exp -inf), and log-probs, entropy and gradient are still float64's.
@@ -45,7 +48,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import BACKENDS, device_for
-from rank_cases import failures, run_cases, spawn_ranks
+from rank_cases import failures, spawn_gloo_cases
 
 import kdfast
 
@@ -244,17 +247,13 @@ def vp_cases() -> dict:
             for name, (masked, with_entropy) in VP_CASES.items()}
 
 
-def _worker(rank, world, store, outs):
-    torch.set_num_threads(1)  # the ranks share the machine's cores
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    run_cases({name: (lambda args=args: vp_case(*args)) for name, args in vp_cases().items()}, outs[rank])
-    dist.destroy_process_group()
+def vp_cases_to_run() -> dict:
+    return {name: (vp_case, *args) for name, args in vp_cases().items()}
 
 
 @pytest.fixture(scope="module")
 def vp_outcomes(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("slime_vocab_parallel")
-    return spawn_ranks(_worker, VP_WORLD, folder, str(folder / "store"))
+    return spawn_gloo_cases(vp_cases_to_run, VP_WORLD, tmp_path_factory.mktemp("slime_vocab_parallel"))
 
 
 @pytest.mark.parametrize("case", list(vp_cases()))

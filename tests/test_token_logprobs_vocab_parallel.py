@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import BACKENDS, device_for
-from rank_cases import run_cases, spawn_ranks
+from rank_cases import failures, spawn_gloo_cases
 from test_token_logprobs import make_inputs, reference, weighted_sum
 
 import kdfast
@@ -153,23 +153,15 @@ def metrics_refused():
                              process_group=dist.group.WORLD, vocab_range=vocab_range)
 
 
-def _worker(rank, world, store, outs):
-    torch.set_num_threads(1)  # the ranks share the machine's cores
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    run_cases(cases(), outs[rank])
-    dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("token_logprobs_vocab_parallel")
-    return spawn_ranks(_worker, WORLD, folder, str(folder / "store"))
+    return spawn_gloo_cases(cases, WORLD, tmp_path_factory.mktemp("token_logprobs_vocab_parallel"))
 
 
 @pytest.mark.parametrize("case", list(cases()))
 def test_vocab_parallel(outcomes, case):
-    failed = {rank: results[case] for rank, results in enumerate(outcomes) if results[case] is not None}
-    assert not failed, "\n".join(f"rank {rank}:\n{error}" for rank, error in failed.items())
+    failed = failures(outcomes, case)
+    assert not failed, failed
 
 
 def test_vocab_range_without_group_is_refused():

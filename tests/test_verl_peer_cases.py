@@ -28,9 +28,10 @@ verl's tests/utils/test_linear_cross_entropy.py:
   peak memory is tests/test_token_logprobs.py's). The peer's `reduction` is "none" in all its tests, kdfast's only
   form (it has no reduction argument); its labels have no ignore index, nor have kdfast's token ids.
 
-verl's tests/utils/test_special_linear_cross_entropy_tp.py (test_linear_cross_entropy_tp.py before): left out.
-Its cases split the head's vocabulary over a torchrun process group (NCCL); `linear_token_logprobs` has no
-vocab-parallel form, and verify_torch_itself checks the peer's own TP torch reference.
+verl's tests/utils/test_special_linear_cross_entropy_tp.py (test_linear_cross_entropy_tp.py before): its cases split
+the head's vocabulary over a torchrun process group (NCCL); they run on `linear_token_logprobs(process_group=...)` over
+gloo ranks in tests/test_token_logprobs_vocab_parallel_peer_cases.py (verify_torch_itself, which checks the peer's own
+TP torch reference, is left out there).
 
 verl's tests/utils/test_cann_linear_ce_on_cpu.py (the NPU path's chunked CE + entropy backward, on the CPU):
 test_chunked_ce_entropy_backward_matches_torch and its CE-only twin (zero entropy upstream): `test_chunked_backward`,
