@@ -79,7 +79,9 @@ for name in $STEPS; do
       tests/test_compile_multi_teacher_logits.py tests/test_compile_cross_vocab.py \
       tests/test_compile_linear_cross_vocab.py tests/test_retained_backward.py \
       tests/test_liger_axolotl_peer_cases_newer.py tests/test_liger_scaled_ce_peer_cases.py \
-      tests/test_token_logprobs_fp32_logits.py tests/test_verl_peer_cases.py tests/test_nemo_rl_peer_cases.py} ;;
+      tests/test_token_logprobs_fp32_logits.py tests/test_verl_peer_cases.py tests/test_nemo_rl_peer_cases.py \
+      tests/test_token_logprobs_ignore_index.py tests/test_torchtune_peer_cases.py tests/test_modelopt_peer_cases.py \
+      tests/test_modelopt_megatron_peer_cases.py} ;;
     suite) pytest_step "the test suite on the GPU (every backend; CPU-only files left to CI)" \
       "${TEST_TIMEOUT:-240}" gpu_suite_tests.txt tests "${CPU_ONLY_IGNORES[@]}" ;;
     *) echo "unknown step $name" >&2; status=1 ;;
