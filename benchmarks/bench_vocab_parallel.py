@@ -1,12 +1,16 @@
 """Vocab-parallel distillation (kdfast's `process_group=`) vs what users do without it: gathering the full
 logits onto every rank and running the loss there. Per call (forward + backward, each rank's gradient shard):
-bytes each rank sends, and median time, side by side in the same processes.
+bytes each rank sends, and median time, side by side in the same processes. The same for the per-token log-probs
+and entropy of a vocab-parallel LM head (`linear_token_logprobs(process_group=...)`), against gathering the head's
+shards onto every rank.
 
-CPU default: 2 ranks on gloo, 2048 tokens x 32000 vocab fp32 (16000 per rank), forward_kl + CE(0.5), T=2; beside
-them, the fused kernel on each rank's columns alone (not the distributed loss: the yardstick of its overhead).
-With several GPUs (--device cuda), NCCL and one GPU per rank.
+CPU default: 2 ranks on gloo, 2048 tokens x 32000 vocab fp32 (16000 per rank), forward_kl + CE(0.5), T=2; the
+log-probs + 0.01 x the entropy of a head with hidden size 256 that learns; beside each, kdfast on each rank's columns
+alone (not the distributed call: the yardstick of its overhead). With several GPUs (--device cuda), NCCL and one GPU
+per rank.
 
-    python benchmarks/bench_vocab_parallel.py [--ranks R --tokens N --vocab V --repeats K --device cpu|cuda]
+    python benchmarks/bench_vocab_parallel.py [--ranks R --tokens N --vocab V --hidden H --repeats K
+                                               --device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ from kdfast.distributed import count_traffic  # noqa: E402
 
 VOCAB_PARALLEL, GATHER = "kdfast vocab-parallel", "gather full logits + kdfast"
 SHARD_ALONE = "kdfast on the shard alone"
+LOGPROBS_PARALLEL, LOGPROBS_GATHER = "kdfast vocab-parallel log-probs", "gather the head + kdfast log-probs"
+LOGPROBS_ALONE = "kdfast log-probs on the shard alone"
+# task -> (its methods: vocab-parallel, the gathering baseline, the shard alone)
+TASKS = {"loss": (VOCAB_PARALLEL, GATHER, SHARD_ALONE),
+         "token log-probs": (LOGPROBS_PARALLEL, LOGPROBS_GATHER, LOGPROBS_ALONE)}
 
 
 def loss_options(args) -> dict:
@@ -44,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=32_000)
+    parser.add_argument("--hidden", type=int, default=256, help="the log-probs' LM head's hidden size")
     parser.add_argument("--divergence", default="forward_kl")
     parser.add_argument("--repeats", type=int, default=7)
 
@@ -92,6 +102,35 @@ def contenders(student, teacher, labels, start, stop, options, traffic_bytes):
     return {VOCAB_PARALLEL: vocab_parallel, GATHER: gathered, SHARD_ALONE: shard_alone}
 
 
+def logprob_contenders(hidden, weight, token_ids, start, stop, traffic_bytes):
+    """Per-token log-probs + 0.01 x entropy of a head that learns, forward + backward: over this rank's rows of the
+    head, on the whole head gathered from the ranks' rows, and on this rank's rows alone (the yardstick)."""
+    group = dist.group.WORLD
+
+    def step(head, ids, **sharding):
+        x, w = hidden.detach().requires_grad_(True), head.detach().requires_grad_(True)
+        logprobs, entropy = kdfast.linear_token_logprobs(x, w, ids, return_entropy=True, **sharding)
+        (logprobs.sum() + 0.01 * entropy.sum()).backward()
+        return w
+
+    def vocab_parallel():
+        with count_traffic() as traffic:
+            step(weight, token_ids, process_group=group)
+        traffic_bytes[LOGPROBS_PARALLEL] = traffic.bytes
+
+    def gathered():
+        parts = [torch.empty_like(weight) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, weight.contiguous(), group=group)
+        traffic_bytes[LOGPROBS_GATHER] = weight.numel() * weight.element_size()
+        step(torch.cat(parts), token_ids).grad[start:stop]  # this rank's rows of d weight, as its shard needs them
+
+    def shard_alone():
+        step(weight, token_ids % weight.shape[0])
+        traffic_bytes[LOGPROBS_ALONE] = 0
+
+    return {LOGPROBS_PARALLEL: vocab_parallel, LOGPROBS_GATHER: gathered, LOGPROBS_ALONE: shard_alone}
+
+
 def worker(rank, args, store, out):
     device = torch.device(f"cuda:{rank}" if args.device == "cuda" else "cpu")
     if device.type == "cuda":
@@ -109,8 +148,11 @@ def worker(rank, args, store, out):
     student = full_student[:, start:stop].contiguous().to(device)
     teacher = full_teacher[:, start:stop].contiguous().to(device)
     del full_student, full_teacher
+    hidden = torch.randn(args.tokens, args.hidden, generator=generator).to(device)
+    head = (torch.randn(args.vocab, args.hidden, generator=generator) * args.hidden**-0.5)[start:stop].to(device)
     traffic = {}
-    methods = contenders(student, teacher, labels, start, stop, loss_options(args), traffic)
+    methods = {**contenders(student, teacher, labels, start, stop, loss_options(args), traffic),
+               **logprob_contenders(hidden, head, labels, start, stop, traffic)}
     samples = {name: [] for name in methods}
     for round_index in range(args.repeats + 1):  # round 0 warms up
         for name, fn in methods.items():
@@ -141,25 +183,27 @@ def run(args):
                            nprocs=args.ranks, start_method="spawn")
         results = torch.load(out)
     env = environment(torch.device(args.device if args.device == "cpu" else "cuda"))
-    baseline_ms, baseline_bytes = results[GATHER]
-    alone_ms = results[SHARD_ALONE][0]
-    rows = []
-    for name, (ms, sent) in results.items():
-        rows.append({"method": name, "ranks": args.ranks, "backend": "nccl" if args.device == "cuda" else "gloo",
-                     "tokens": args.tokens, "vocab": args.vocab, "divergence": args.divergence,
-                     "median_ms": round(ms, 2), "bytes_sent_per_rank": sent,
-                     "bytes_ratio_to_gather": round(sent / baseline_bytes, 6),
-                     "speedup_vs_gather": round(baseline_ms / ms, 2), "x_shard_alone": round(ms / alone_ms, 2), **env})
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    titles = {"loss": f"{loss_options(args)}", "token log-probs": f"log-probs + 0.01 entropy, hidden {args.hidden}"}
     console = Console(width=max(100, Console().width))
-    table = Table(title=f"vocab-parallel fwd+bwd, {args.ranks} ranks ({rows[0]['backend']}), {args.tokens} x "
-                        f"{args.vocab} fp32 ({args.vocab // args.ranks} per rank), {loss_options(args)}")
-    for column in ("method", "median ms", "x gather", "x shard alone", "bytes sent per rank", "bytes / gather"):
-        table.add_column(column, justify="left" if column == "method" else "right")
-    for row in rows:
-        table.add_row(row["method"], f"{row['median_ms']:.1f}", f"{row['speedup_vs_gather']:.2f}",
-                      f"{row['x_shard_alone']:.2f}", f"{row['bytes_sent_per_rank']:,}",
-                      f"{row['bytes_ratio_to_gather']:.2e}")
-    console.print(table)
+    rows = []
+    for task, (_, gather, alone) in TASKS.items():
+        (baseline_ms, baseline_bytes), alone_ms = results[gather], results[alone][0]
+        table = Table(title=f"vocab-parallel fwd+bwd, {args.ranks} ranks ({backend}), {args.tokens} x {args.vocab} "
+                            f"fp32 ({args.vocab // args.ranks} per rank), {titles[task]}")
+        for column in ("method", "median ms", "x gather", "x shard alone", "bytes sent per rank", "bytes / gather"):
+            table.add_column(column, justify="left" if column == "method" else "right")
+        for name in TASKS[task]:
+            ms, sent = results[name]
+            row = {"task": task, "method": name, "ranks": args.ranks, "backend": backend, "tokens": args.tokens,
+                   "vocab": args.vocab, "divergence": args.divergence if task == "loss" else "",
+                   "hidden": args.hidden if task != "loss" else "", "median_ms": round(ms, 2),
+                   "bytes_sent_per_rank": sent, "bytes_ratio_to_gather": round(sent / baseline_bytes, 6),
+                   "speedup_vs_gather": round(baseline_ms / ms, 2), "x_shard_alone": round(ms / alone_ms, 2), **env}
+            rows.append(row)
+            table.add_row(name, f"{row['median_ms']:.1f}", f"{row['speedup_vs_gather']:.2f}",
+                          f"{row['x_shard_alone']:.2f}", f"{sent:,}", f"{row['bytes_ratio_to_gather']:.2e}")
+        console.print(table)
     console.print(f"medians of {args.repeats} rounds (interleaved, barrier before each call), rank 0's clock, "
                   f"{torch.get_num_threads() // args.ranks or 1} thread(s) per rank; torch {env['torch']}")
     write_csv(rows, env, name=f"bench_vocab_parallel{'' if args.divergence == 'forward_kl' else '_' + args.divergence}")

@@ -78,6 +78,11 @@ def test_bench_vocab_parallel_smoke(tmp_path):
     assert sent == 7 * 8 + 2 * 32 * STAT_COLUMNS * 4, "the check exchange plus two [rows, STAT_COLUMNS] float32 ones"
     assert int(rows["gather full logits + kdfast"]["bytes_sent_per_rank"]) == 2 * 32 * 100 * 4
     assert float(rows["kdfast on the shard alone"]["x_shard_alone"]) == 1.0
+    # The log-probs: the check, the forward's and the backward's exchanges (one chunk each), and d hidden's sum.
+    sent = int(rows["kdfast vocab-parallel log-probs"]["bytes_sent_per_rank"])
+    assert sent == 7 * 8 + 2 * (2 * 32 * STAT_COLUMNS * 4) + 32 * 256 * 4
+    assert int(rows["gather the head + kdfast log-probs"]["bytes_sent_per_rank"]) == 100 * 256 * 4
+    assert float(rows["kdfast log-probs on the shard alone"]["x_shard_alone"]) == 1.0
 
 
 def test_bench_sharded_memory_smoke(tmp_path):
