@@ -102,7 +102,7 @@ def contenders(student, teacher, labels, start, stop, options, traffic_bytes):
     return {VOCAB_PARALLEL: vocab_parallel, GATHER: gathered, SHARD_ALONE: shard_alone}
 
 
-def logprob_contenders(hidden, weight, token_ids, start, stop, traffic_bytes):
+def logprob_contenders(hidden, weight, token_ids, traffic_bytes):
     """Per-token log-probs + 0.01 x entropy of a head that learns, forward + backward: over this rank's rows of the
     head, on the whole head gathered from the ranks' rows, and on this rank's rows alone (the yardstick)."""
     group = dist.group.WORLD
@@ -122,7 +122,7 @@ def logprob_contenders(hidden, weight, token_ids, start, stop, traffic_bytes):
         parts = [torch.empty_like(weight) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, weight.contiguous(), group=group)
         traffic_bytes[LOGPROBS_GATHER] = weight.numel() * weight.element_size()
-        step(torch.cat(parts), token_ids).grad[start:stop]  # this rank's rows of d weight, as its shard needs them
+        step(torch.cat(parts), token_ids)  # d weight whole on every rank: its rows start:stop are this rank's shard's
 
     def shard_alone():
         step(weight, token_ids % weight.shape[0])
@@ -152,7 +152,7 @@ def worker(rank, args, store, out):
     head = (torch.randn(args.vocab, args.hidden, generator=generator) * args.hidden**-0.5)[start:stop].to(device)
     traffic = {}
     methods = {**contenders(student, teacher, labels, start, stop, loss_options(args), traffic),
-               **logprob_contenders(hidden, head, labels, start, stop, traffic)}
+               **logprob_contenders(hidden, head, labels, traffic)}
     samples = {name: [] for name in methods}
     for round_index in range(args.repeats + 1):  # round 0 warms up
         for name, fn in methods.items():

@@ -132,6 +132,12 @@ class TokenPlan:
     metrics: frozenset = frozenset()  # names from METRICS
     fp32_logits: bool = False  # the chunks' logits in float32 where the GEMMs are 16-bit
 
+    @property
+    def shard(self):
+        """This rank's VocabShard when the rows kernel is a vocab shard's (kdfast.vocab_parallel.ShardedRows), else
+        None."""
+        return getattr(self.rows_kernel, "shard", None)
+
 
 # The chunk loop is driven from the host: torch.compile calls it as is rather than tracing into it.
 @torch.compiler.disable
@@ -333,7 +339,7 @@ def _backward_chunks(rows: Rows, plan: TokenPlan, wanted: Wanted, logprobs, entr
     entropy); either grad may be None (no such term). The `kept` chunk, when given, is taken first and without its
     GEMM, and its buffer then serves the other chunks."""
     device, logit_map = rows.hidden.device, plan.logit_map
-    shard = getattr(plan.rows_kernel, "shard", None)  # a vocab shard's kernel (kdfast.vocab_parallel.ShardedRows)
+    shard = plan.shard
     # Over shards each rank's d hidden is a partial sum over its columns: float32 until the ranks' sum.
     d_hidden = (torch.empty(rows.hidden.shape, dtype=rows.hidden.dtype if shard is None else torch.float32,
                             device=device) if wanted.hidden else None)
@@ -393,8 +399,7 @@ def _backward_chunks(rows: Rows, plan: TokenPlan, wanted: Wanted, logprobs, entr
 def _sized_width(rows: Rows, plan: TokenPlan) -> int:
     """The columns a chunk's row is sized by: the head's, or over vocab shards the widest rank's, so that every rank
     runs the same chunks (each chunk's exchange is a collective that all of them must reach)."""
-    shard = getattr(plan.rows_kernel, "shard", None)
-    return rows.vocab if shard is None else max(shard.widest, rows.vocab)
+    return rows.vocab if plan.shard is None else max(plan.shard.widest, rows.vocab)
 
 
 def _token_columns(token_ids, width: int, shard):
