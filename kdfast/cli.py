@@ -32,9 +32,10 @@ from pathlib import Path
 from kdfast.package_files import package_folder
 
 # `kdfast bench <name>` -> the benchmark script (benchmarks/ in a checkout, kdfast/benchmarks in an install).
-BENCHMARKS = {"logits": "bench_distill", "linear": "bench_linear", "sparse": "bench_sparse",
-              "linear-sparse": "bench_linear_sparse", "vocab-parallel": "bench_vocab_parallel", "trl": "bench_trl",
-              "multi-teacher": "bench_multi_teacher", "cross-vocab": "bench_cross_vocab"}
+BENCHMARKS = {"logits": "bench_distill", "ce": "bench_cross_entropy", "linear": "bench_linear",
+              "sparse": "bench_sparse", "linear-sparse": "bench_linear_sparse",
+              "vocab-parallel": "bench_vocab_parallel", "trl": "bench_trl", "multi-teacher": "bench_multi_teacher",
+              "cross-vocab": "bench_cross_vocab"}
 # Run only when named: several processes training real models, minutes on a CPU.
 NAMED_ONLY = {"sharded-memory": "bench_sharded_memory", "linear-precision": "bench_linear_precision",
               "linear-chunks": "bench_linear_chunks", "small-calls": "bench_small_calls",

@@ -47,6 +47,18 @@ def test_bench_logits_smoke(tmp_path):
         rows["kdfast (inplace_backward)"]["copy_bandwidth_gbs"])
 
 
+def test_bench_cross_entropy_smoke(tmp_path):
+    _run(tmp_path, "benchmarks/bench_cross_entropy.py", "--tokens", "256", "--vocab", "4000", "--repeats", "1",
+         "--no-compile", "--memory", "--label-smoothing", "0.1", "--z-loss-weight", "1e-4")
+    rows = {r["method"]: r for r in csv.DictReader(next(tmp_path.glob("bench_cross_entropy_*.csv")).open())}
+    assert set(rows) == {"torch eager", "kdfast (fresh gradient)", "kdfast (inplace_backward)"}
+    assert all(_floors_agree(row) for row in rows.values())
+    # The fresh gradient is one [256, 4000] float32 tensor (4 MB); in place there is none.
+    gradient = 256 * 4000 * 4
+    assert int(rows["kdfast (fresh gradient)"]["extra_peak_bytes"]) >= gradient
+    assert int(rows["kdfast (inplace_backward)"]["extra_peak_bytes"]) < gradient // 4
+
+
 def test_bench_sparse_smoke(tmp_path):
     _run(tmp_path, "benchmarks/bench_sparse.py", "--tokens", "64", "--vocab", "500", "--top-k", "8", "--repeats", "1",
          "--no-compile", "--memory")

@@ -1,0 +1,69 @@
+"""The cross-entropy alone on [..., V] logits: `F.cross_entropy` as Liger-Kernel's and flash-attn's
+`CrossEntropyLoss` compute it, on the distillation loss's own kernels with no teacher (the kernels read no teacher
+row when the loss has no divergence): one pass over the logits, the gradient written in the forward, over the
+logits' own storage with `inplace_backward=True`."""
+
+from __future__ import annotations
+
+import torch
+
+from kdfast.loss import logits_loss
+from kdfast.options import LossOptions
+from kdfast.shared_vocab import check_vocab_size
+from kdfast.validation import check_logits
+
+# The settings a cross-entropy takes; the rest of LossOptions (divergence, temperature, kd_weight, ...) are the
+# teacher's and are refused by name.
+CE_SETTINGS = ("ignore_index", "reduction", "label_smoothing", "z_loss_weight", "inplace_backward", "backend",
+               "return_components", "vocab_size")
+
+
+def cross_entropy(logits, labels, *, ignore_index=-100, reduction="mean", num_items_in_batch=None,
+                  label_smoothing=0.0, z_loss_weight=0.0, inplace_backward=False, backend="auto",
+                  return_components=False, vocab_size=None, process_group=None, vocab_range=None):
+    """`F.cross_entropy(logits, labels, ignore_index=, label_smoothing=)` for logits [..., V] and labels [...], plus
+    `z_loss_weight` times log-sum-exp² (PaLM's z-loss, flash-attn's `lse_square_scale`), float32 statistics whatever
+    the logits' dtype. `reduction` "mean" (over the kept labels, or `num_items_in_batch`), "sum" or "none" (per row,
+    0 where ignored). `inplace_backward=True` writes the gradient over the logits' storage: no [N, V] allocation,
+    and nothing else may read those logits afterwards. `return_components=True` returns `(loss,
+    kdfast.LossComponents)`: the CE and the z-loss before their weights, the token accuracy and the entropy of
+    softmax(logits), from the same pass. `vocab_size`, `process_group` / `vocab_range` (each rank its shard of the
+    columns, labels global ids) as `distill_loss` takes them."""
+    opts = _options(logits, labels, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                    z_loss_weight=z_loss_weight, inplace_backward=inplace_backward, backend=backend,
+                    return_components=return_components, vocab_size=vocab_size)
+    return logits_loss(logits, logits.detach(), labels, opts, num_items_in_batch=num_items_in_batch,
+                       process_group=process_group, vocab_range=vocab_range)
+
+
+def _options(logits, labels, **settings) -> LossOptions:
+    # Checked in this function's names first: the shared checks below would speak of a student and a teacher.
+    check_logits("logits", logits)
+    if labels is None:
+        raise ValueError(f"labels must be a tensor of token ids of shape {tuple(logits.shape[:-1])}: the "
+                         f"cross-entropy needs them")
+    if settings["vocab_size"] is not None:
+        check_vocab_size(settings["vocab_size"], logits=logits.shape[-1])
+    return LossOptions(kd_weight=0.0, ce_weight=1.0, **settings)
+
+
+class CrossEntropyLoss(torch.nn.Module):
+    """`cross_entropy` with its settings fixed at construction: `CrossEntropyLoss(label_smoothing=0.1,
+    inplace_backward=True)`; `forward(logits, labels, num_items_in_batch=None)`."""
+
+    def __init__(self, *, process_group=None, vocab_range=None, **settings):
+        super().__init__()
+        unknown = sorted(set(settings) - set(CE_SETTINGS))
+        if unknown:
+            raise TypeError(f"CrossEntropyLoss got unknown setting(s) {unknown}; the settings are "
+                            f"{list(CE_SETTINGS)} (a teacher's settings belong to kdfast.DistillLoss)")
+        # Validated now, so a bad setting fails where the module is built rather than at the first step.
+        LossOptions(kd_weight=0.0, ce_weight=1.0, **settings)
+        self.settings, self.process_group, self.vocab_range = settings, process_group, vocab_range
+
+    def forward(self, logits, labels, num_items_in_batch=None):
+        return cross_entropy(logits, labels, num_items_in_batch=num_items_in_batch, process_group=self.process_group,
+                             vocab_range=self.vocab_range, **self.settings)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={value!r}" for name, value in self.settings.items())
