@@ -4,10 +4,14 @@ Liger-Kernel's fused linear CE compute, on the fused linear loss's own chunks wi
 
 from __future__ import annotations
 
+import inspect
+
+import torch
+
 from kdfast.linear_loss import fused_linear_loss
 from kdfast.logit_maps import _check_scale
 from kdfast.options import LossOptions
-from kdfast.validation import check_linear_student
+from kdfast.validation import check_chunk_settings, check_linear_student
 
 
 def linear_cross_entropy(hidden, weight, labels, *, bias=None, softcap=None, logit_scale=1.0, ignore_index=-100,
@@ -33,3 +37,37 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, softcap=None, log
                              num_items_in_batch=num_items_in_batch, process_group=process_group,
                              vocab_range=vocab_range, reduce_hidden_grad=reduce_hidden_grad)
 
+
+
+# The loss record's share of linear_cross_entropy's settings (the rest are the head's, the chunks' and the shards').
+_LOSS_SETTINGS = ("ignore_index", "reduction", "label_smoothing", "z_loss_weight", "backend", "return_components",
+                  "vocab_size")
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """`linear_cross_entropy` with its settings fixed at construction: `LinearCrossEntropyLoss(softcap=30.0,
+    label_smoothing=0.1)`; `forward(hidden, weight, labels, bias=None, num_items_in_batch=None)`."""
+
+    def __init__(self, **settings):
+        super().__init__()
+        known = [name for name, parameter in inspect.signature(linear_cross_entropy).parameters.items()
+                 if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("bias", "num_items_in_batch")]
+        unknown = sorted(set(settings) - set(known))
+        if unknown:
+            raise TypeError(f"LinearCrossEntropyLoss got unknown setting(s) {unknown}; the settings are {known} (a "
+                            f"teacher's settings belong to kdfast.LinearDistillLoss)")
+        # Validated now, so a bad setting fails where the module is built rather than at the first step.
+        loss_settings = {name: settings[name] for name in _LOSS_SETTINGS if name in settings}
+        LossOptions(kd_weight=0.0, ce_weight=1.0, **loss_settings)
+        check_chunk_settings(settings.get("softcap"), settings.get("chunk_size", "auto"),
+                             settings.get("fp32_logits", False))
+        _check_scale("logit_scale", settings.get("logit_scale", 1.0))
+        self.settings = settings
+
+    def forward(self, hidden, weight, labels, bias=None, num_items_in_batch=None):
+        return linear_cross_entropy(hidden, weight, labels, bias=bias, num_items_in_batch=num_items_in_batch,
+                                    **self.settings)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={value!r}" for name, value in self.settings.items()
+                         if name not in ("process_group",))

@@ -155,3 +155,33 @@ def test_compiled_step_equals_eager():
         results.append((loss.detach(), hidden.grad, weight.grad))
     for eager, traced in zip(*results):
         torch.testing.assert_close(traced, eager, rtol=1e-6, atol=1e-6)
+
+
+def test_module_equals_function():
+    tensors, labels = make_inputs(rows=24)
+    settings = dict(softcap=20.0, logit_scale=0.8, label_smoothing=0.1, chunk_size=8, reduction="sum")
+    module = kdfast.LinearCrossEntropyLoss(**settings)
+    assert "softcap=20.0" in repr(module) and "chunk_size=8" in repr(module)
+    results = []
+    for call in (lambda h, w, b: module(h, w, labels, b, num_items_in_batch=5),
+                 lambda h, w, b: kdfast.linear_cross_entropy(h, w, labels, bias=b, num_items_in_batch=5, **settings)):
+        ours = leaves(tensors)
+        loss = call(ours["hidden"], ours["weight"], ours["bias"])
+        loss.backward()
+        results.append((loss.detach(), ours["hidden"].grad, ours["weight"].grad, ours["bias"].grad))
+    for from_module, from_function in zip(*results):
+        torch.testing.assert_close(from_module, from_function, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("settings,error,match", [
+    (dict(temperature=2.0), TypeError, r"unknown setting\(s\) \['temperature'\]"),
+    (dict(bias=None), TypeError, r"unknown setting\(s\) \['bias'\]"),
+    (dict(softcap=-1.0), ValueError, "softcap"),
+    (dict(chunk_size=0), ValueError, "chunk_size"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(label_smoothing=2.0), ValueError, "label_smoothing"),
+    (dict(logit_scale=float("nan")), ValueError, "logit_scale"),
+])
+def test_module_refuses_bad_settings_where_built(settings, error, match):
+    with pytest.raises(error, match=match):
+        kdfast.LinearCrossEntropyLoss(**settings)
