@@ -24,7 +24,7 @@ struct GradientTerms {
 };
 
 template <int kKd, int kCe, typename GradT>
-void write_gradient_loop(GradT* g, const GradientTerms& terms, const RowStats& st, const Scratch& w,
+void write_gradient_loop(GradT* g, const GradientTerms& terms, int64_t label, const RowStats& st, const Scratch& w,
                          const DistillArgs& a) {
   const float* es = w.exp_student.data();
   const float* et = w.exp_teacher.data();
@@ -49,21 +49,22 @@ void write_gradient_loop(GradT* g, const GradientTerms& terms, const RowStats& s
     if constexpr (kCe == kNoCe) {
       store_grad(g + j, terms.kd_coef * kd_part);
     } else {
-      store_grad(g + j, terms.kd_coef * kd_part + terms.ce.soft * ce_part - terms.ce.uniform);
+      store_grad_with_label(g, j, terms.kd_coef * kd_part + terms.ce.soft * ce_part - terms.ce.uniform, label,
+                            terms.ce.label);
     }
   });
 }
 
 // Turns the runtime (kd source, ce source) pair into one branch-free loop instantiation.
 template <int kCe, typename GradT>
-void write_gradient_ce(GradT* g, KdSource kd_source, const GradientTerms& terms, const RowStats& st,
+void write_gradient_ce(GradT* g, KdSource kd_source, const GradientTerms& terms, int64_t label, const RowStats& st,
                        const Scratch& w, const DistillArgs& a) {
   switch (kd_source) {
-    case kNoKd: return write_gradient_loop<kNoKd, kCe>(g, terms, st, w, a);
-    case kKdFromExps: return write_gradient_loop<kKdFromExps, kCe>(g, terms, st, w, a);
-    case kKdFromLogits: return write_gradient_loop<kKdFromLogits, kCe>(g, terms, st, w, a);
-    case kKdFromScores: return write_gradient_loop<kKdFromScores, kCe>(g, terms, st, w, a);
-    case kKdFromRestFactor: return write_gradient_loop<kKdFromRestFactor, kCe>(g, terms, st, w, a);
+    case kNoKd: return write_gradient_loop<kNoKd, kCe>(g, terms, label, st, w, a);
+    case kKdFromExps: return write_gradient_loop<kKdFromExps, kCe>(g, terms, label, st, w, a);
+    case kKdFromLogits: return write_gradient_loop<kKdFromLogits, kCe>(g, terms, label, st, w, a);
+    case kKdFromScores: return write_gradient_loop<kKdFromScores, kCe>(g, terms, label, st, w, a);
+    case kKdFromRestFactor: return write_gradient_loop<kKdFromRestFactor, kCe>(g, terms, label, st, w, a);
   }
 }
 
@@ -77,13 +78,15 @@ void write_gradient(GradT* g, KdSource kd_source, const GradientTerms& terms, in
                 : a.temperature_power == 2 ? kCeFromTemperedSquared
                                            : kCeFromOwnExps;
   }
+  // The label's -label * onehot(label) is added inside the loop, before the entry's rounding (store_grad_with_label).
   switch (ce_source) {
-    case kNoCe: write_gradient_ce<kNoCe>(g, kd_source, terms, st, w, a); break;
-    case kCeFromTempered: write_gradient_ce<kCeFromTempered>(g, kd_source, terms, st, w, a); break;
-    case kCeFromTemperedSquared: write_gradient_ce<kCeFromTemperedSquared>(g, kd_source, terms, st, w, a); break;
-    case kCeFromOwnExps: write_gradient_ce<kCeFromOwnExps>(g, kd_source, terms, st, w, a); break;
+    case kNoCe: write_gradient_ce<kNoCe>(g, kd_source, terms, -1, st, w, a); break;
+    case kCeFromTempered: write_gradient_ce<kCeFromTempered>(g, kd_source, terms, local_label, st, w, a); break;
+    case kCeFromTemperedSquared:
+      write_gradient_ce<kCeFromTemperedSquared>(g, kd_source, terms, local_label, st, w, a);
+      break;
+    case kCeFromOwnExps: write_gradient_ce<kCeFromOwnExps>(g, kd_source, terms, local_label, st, w, a); break;
   }
-  if (local_label >= 0) from_float(to_float(g[local_label]) - terms.ce.label, &g[local_label]);
 }
 
 }  // namespace kdfast_cpu

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "../common/kernel_abi.h"
@@ -88,6 +89,23 @@ constexpr int64_t kPrefetchAhead = 2048;
 template <typename GradT>
 inline void zero_row(GradT* g, int64_t vocab) {
   for (int64_t j = 0; j < vocab; ++j) from_float(0.0f, &g[j]);
+}
+
+// Stores a block of a row's gradient (scalar or vector) from column j, with the CE's -label_coef added at the label's
+// column when the block holds it: in float, before the one rounding to the gradient's dtype. Added to an entry
+// already rounded to 16 bits, p - 1 cancels: a bf16 p of 0.99966 is 1.0, and the label's gradient came out 0 where
+// it is -3.4e-4 (a confident model's every label). label < 0: none here.
+template <typename GradT, typename F>
+inline void store_grad_with_label(GradT* g, int64_t j, F value, int64_t label, float label_coef) {
+  const int64_t lane = label - j;
+  if (lane >= 0 && lane < static_cast<int64_t>(sizeof(F) / sizeof(float))) {
+    if constexpr (std::is_same_v<F, float>) {
+      value -= label_coef;
+    } else {
+      value[lane] -= label_coef;
+    }
+  }
+  store_grad(g + j, value);
 }
 
 // Runs body(j, F{}) over a row: F = VFloat on full vector blocks, then F = float on the tail.

@@ -28,7 +28,8 @@ struct ShardRow {
 };
 
 template <int kKd, int kCe, typename GradT>
-ShardSums shard_loop(const float* s, const float* t, GradT* g, const ShardRow& r, const DistillArgs& a) {
+ShardSums shard_loop(const float* s, const float* t, GradT* g, int64_t label, const ShardRow& r,
+                     const DistillArgs& a) {
   const float inv_t = a.inv_temperature;
   const MixtureConstants mc(a.beta, a.one_minus_beta);
   const int divergence = a.divergence;
@@ -71,7 +72,7 @@ ShardSums shard_loop(const float* s, const float* t, GradT* g, const ShardRow& r
       if constexpr (kCe == kNoCe) {
         store_grad(g + j, r.kd_coef * grad_kd);
       } else {
-        store_grad(g + j, r.kd_coef * grad_kd + r.ce.soft * ce - r.ce.uniform);
+        store_grad_with_label(g, j, r.kd_coef * grad_kd + r.ce.soft * ce - r.ce.uniform, label, r.ce.label);
       }
     }
   });
@@ -80,13 +81,13 @@ ShardSums shard_loop(const float* s, const float* t, GradT* g, const ShardRow& r
 }
 
 template <int kCe, typename GradT>
-ShardSums shard_loop_ce(ShardKd kd, const float* s, const float* t, GradT* g, const ShardRow& r,
+ShardSums shard_loop_ce(ShardKd kd, const float* s, const float* t, GradT* g, int64_t label, const ShardRow& r,
                         const DistillArgs& a) {
   switch (kd) {
-    case kShardNoKd: return shard_loop<kShardNoKd, kCe>(s, t, g, r, a);
-    case kShardForwardKL: return shard_loop<kShardForwardKL, kCe>(s, t, g, r, a);
-    case kShardReverseKL: return shard_loop<kShardReverseKL, kCe>(s, t, g, r, a);
-    default: return shard_loop<kShardMixture, kCe>(s, t, g, r, a);
+    case kShardNoKd: return shard_loop<kShardNoKd, kCe>(s, t, g, label, r, a);
+    case kShardForwardKL: return shard_loop<kShardForwardKL, kCe>(s, t, g, label, r, a);
+    case kShardReverseKL: return shard_loop<kShardReverseKL, kCe>(s, t, g, label, r, a);
+    default: return shard_loop<kShardMixture, kCe>(s, t, g, label, r, a);
   }
 }
 
@@ -117,13 +118,13 @@ ShardSums shard_row(const float* s, const float* t, GradT* g, int64_t row, float
     if (ce != kCeFromOwnExps) r.inv_z_ce = std::exp(a.temperature_power * lse[0] - lse[2]);
   }
   ShardSums sums{};
+  // The label's -label * onehot(label) is added inside the loop, before the entry's rounding (store_grad_with_label).
   switch (ce) {
-    case kNoCe: sums = shard_loop_ce<kNoCe>(kd, s, t, g, r, a); break;
-    case kCeFromTempered: sums = shard_loop_ce<kCeFromTempered>(kd, s, t, g, r, a); break;
-    case kCeFromTemperedSquared: sums = shard_loop_ce<kCeFromTemperedSquared>(kd, s, t, g, r, a); break;
-    case kCeFromOwnExps: sums = shard_loop_ce<kCeFromOwnExps>(kd, s, t, g, r, a); break;
+    case kNoCe: sums = shard_loop_ce<kNoCe>(kd, s, t, g, -1, r, a); break;
+    case kCeFromTempered: sums = shard_loop_ce<kCeFromTempered>(kd, s, t, g, local_label, r, a); break;
+    case kCeFromTemperedSquared: sums = shard_loop_ce<kCeFromTemperedSquared>(kd, s, t, g, local_label, r, a); break;
+    case kCeFromOwnExps: sums = shard_loop_ce<kCeFromOwnExps>(kd, s, t, g, local_label, r, a); break;
   }
-  if (g != nullptr && local_label >= 0) from_float(to_float(g[local_label]) - r.ce.label, &g[local_label]);
   return sums;
 }
 

@@ -336,16 +336,18 @@ void sparse_row(const float* s, const int64_t* ids, int64_t row, int64_t label, 
   if (g != nullptr) {
     GradientTerms terms{s, nullptr, nullptr, 0.0f, row_scale * a.kd_scale * a.inv_temperature,
                         ce_coefficients(a, row_scale, lse_ce), sums.rest_factor};
-    write_gradient(g, a.has_kd ? kKdFromRestFactor : kNoKd, terms, -1, a, st, w);
+    // The label's entry is formed in float and rounded once, in the row's loop or at the teacher's id that holds it.
+    const int64_t label_here = held ? local_label : -1;
+    write_gradient(g, a.has_kd ? kKdFromRestFactor : kNoKd, terms, label_here, a, st, w);
     if (a.has_kd) {
       for (int64_t k = 0; k < k_count; ++k) {
         const int64_t column = b.column[k];
         if (column < 0) continue;
         const float ce = a.has_ce ? terms.ce.soft * ce_probability(a, st, w, column) - terms.ce.uniform : 0.0f;
-        from_float(terms.kd_coef * b.id_gradients[k] + ce, &g[column]);
+        from_float(terms.kd_coef * b.id_gradients[k] + ce - (column == label_here ? terms.ce.label : 0.0f),
+                   &g[column]);
       }
     }
-    if (held) from_float(to_float(g[local_label]) - terms.ce.label, &g[local_label]);
   }
   if (a.phase == kPhaseFused) {
     write_fused_parts(a, row, sums.kd, st, s_label, in_range, shifted_sum);
