@@ -152,3 +152,83 @@ def test_centred_exp_is_within_about_an_ulp_over_its_domain(tmp_path):
     assert float(report["worst_ulps"]) <= 1.2, report  # 1.07 measured with AVX-512, 1.02 with the polynomial
     assert int(report["scalar_differs"]) == 0, report
     assert float.fromhex(report["zero"]) == 1.0 and float.fromhex(report["below"]) == 0.0, report
+
+
+SIXTEEN_BIT_CHECK = r"""
+#include <cstdio>
+#include "cpu/simd_math.h"
+using namespace kdfast_cpu;
+
+template <typename T>
+static long long check_stores(long long& checked) {
+  long long differ = 0;
+  alignas(64) float values[kLanes];
+  T vector_out[kLanes], scalar_out[kLanes];
+  // Ties to even (bf16 at 1 + 2^-8 and 1 + 3 * 2^-8, fp16 at 1 + 2^-11), fp16's largest and its overflow, subnormals.
+  const float specials[] = {0.0f, -0.0f, 1.0f, -1.0f, 1.00390625f, 1.01171875f, 1.00048828125f, 1e-40f, -3e-39f,
+                            6e-8f, 65504.0f, 65520.0f, 1e30f, -1e30f, __builtin_inff(), -__builtin_inff(),
+                            __builtin_nanf("")};
+  auto compare = [&]() {
+    VFloat v;
+    std::memcpy(&v, values, sizeof(v));
+    store_grad(vector_out, v);
+    for (int lane = 0; lane < kLanes; ++lane, ++checked) {
+      from_float(values[lane], &scalar_out[lane]);
+      if (vector_out[lane].bits != scalar_out[lane].bits && differ++ < 5)
+        std::printf("store %a: %x against %x\n", values[lane], vector_out[lane].bits, scalar_out[lane].bits);
+    }
+  };
+  for (uint64_t bits = 0; bits < (1ull << 32); bits += 997ull * kLanes) {  // float bit patterns, both signs
+    for (int lane = 0; lane < kLanes; ++lane) values[lane] = bits_as_float(static_cast<int32_t>(bits + lane));
+    compare();
+  }
+  for (float special : specials) {
+    for (int lane = 0; lane < kLanes; ++lane) values[lane] = special;
+    compare();
+  }
+  return differ;
+}
+
+template <typename T>
+static long long check_loads(long long& checked) {
+  long long differ = 0;
+  T in[kLanes];
+  for (uint32_t first = 0; first < 65536; first += kLanes) {
+    for (int lane = 0; lane < kLanes; ++lane) in[lane].bits = static_cast<uint16_t>(first + lane);
+    const VFloat wide = load_wide(in);
+    for (int lane = 0; lane < kLanes; ++lane, ++checked) {
+      const float scalar = to_float(in[lane]);
+      const bool both_nan = wide[lane] != wide[lane] && scalar != scalar;
+      const bool same = both_nan || float_as_bits(wide[lane]) == float_as_bits(scalar);
+      if (!same && differ++ < 5) std::printf("load %x: %a against %a\n", in[lane].bits, wide[lane], scalar);
+    }
+  }
+  return differ;
+}
+
+int main() {
+  long long checked = 0;
+  const long long differ = check_stores<BFloat16>(checked) + check_stores<Float16>(checked) +
+                           check_loads<BFloat16>(checked) + check_loads<Float16>(checked);
+  std::printf("checked %lld differ %lld\n", checked, differ);
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++, as the CPU kernel's build does")
+@pytest.mark.parametrize("flags", ["AVX512", "AVX2", "generic"])
+def test_16_bit_vector_conversions_equal_the_scalar_ones(tmp_path, flags):
+    """A 16-bit gradient block is stored, and a 16-bit row widened, a vector at a time (GCC kept the per-lane form
+    scalar: 16-bit rows ran at a third of float32's speed): bit for bit the scalar conversions (to nearest even, NaN
+    quiet, overflow to inf, subnormals), at each build's width. The AVX-512 build runs only on a CPU that has it."""
+    if flags == "AVX512" and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("needs a CPU with AVX-512 to run the AVX-512 build")
+    if flags == "AVX2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("needs a CPU with AVX2 to run the AVX2 build")
+    (tmp_path / "sixteen.cpp").write_text(SIXTEEN_BIT_CHECK)
+    program = tmp_path / "sixteen"
+    subprocess.run(["g++", "-O3", "-std=c++17", *_SIMD_FLAGS.get(flags, []), "-I", str(package_folder("csrc")),
+                    str(tmp_path / "sixteen.cpp"), "-o", str(program)], check=True, capture_output=True, text=True)
+    words = subprocess.run([str(program)], capture_output=True, text=True, check=True).stdout.split()
+    report = dict(zip(words[-4::2], words[-3::2]))
+    assert int(report["checked"]) > 2 * 2**32 // 997 and int(report["differ"]) == 0, " ".join(words)

@@ -68,7 +68,9 @@ struct Scratch {
 template <typename T>
 inline const float* widen_row(const T* row, int64_t vocab, std::vector<float>& out) {
   float* dst = out.data();
-  for (int64_t j = 0; j < vocab; ++j) dst[j] = to_float(row[j]);
+  int64_t j = 0;
+  for (; j + kLanes <= vocab; j += kLanes) store(dst + j, load_wide(row + j));
+  for (; j < vocab; ++j) dst[j] = to_float(row[j]);
   return dst;
 }
 inline const float* widen_row(const float* row, int64_t, std::vector<float>&) { return row; }
