@@ -13,16 +13,18 @@
 # (bench_cross_vocab.py, 2048 aligned rows, V_s 32000, V_t 40000: "mapped" on its Triton kernel against the torch and
 # CUDA backends, uld and hybrid against TRL's ULDLoss; under a minute); the cross-entropy alone on logits
 # (bench_cross_entropy.py, step `ce`: kdfast.cross_entropy against torch and Liger's CrossEntropyLoss at 8192 x 128256
-# bf16; seconds); then the GPU tests of these paths. Results:
+# bf16; seconds); a Hugging Face Llama's own loss against kdfast.patch_causal_lm and Liger's fused linear CE forward
+# (bench_causal_lm.py, step `causal-lm`: 2 layers, hidden 2048, V=128256, 4 x 2048 tokens bf16; seconds); then the GPU
+# tests of these paths. Results:
 # benchmarks/results/ (and $OUT, when the device tool runs it). About 15 minutes in all with the build; where one
 # command may run 10 minutes at most, split it: STEPS="linear chunks precision trl" then STEPS="small step kernels ce
-# multi cross tests" (the kernels' build is cached between the two on the same machine). Seen on an H200 on
+# causal-lm multi cross tests" (the kernels' build is cached between the two on the same machine). Seen on an H200 on
 # 2026-12-04: the build 43-53 s, `trl` about 60 s, `multi` about 95 s, `tests` on five of its files 64 s and on nine
 # 104 s; `suite` reached 36% in 200 s, and without those nine files 77% in 320 s. Steps run in the order STEPS names them; step `suite` runs the whole test suite on the GPU but for the
 # files that test only the CPU or the build (their CPU time would crowd the GPU's tests out of a short lease; CI runs
 # them).
 set -uo pipefail
-STEPS=${STEPS:-linear chunks precision trl small step kernels ce multi cross tests}
+STEPS=${STEPS:-linear chunks precision trl small step kernels ce causal-lm multi cross tests}
 source "$(dirname "$0")/gpu_env.sh"
 
 collect() {  # few files come back from a device run: this run's CSVs and logs so far, in one archive in $OUT
@@ -65,6 +67,8 @@ for name in $STEPS; do
     step) step "whole training step" 240 benchmarks/bench_train_step.py ;;
     kernels) step "logits-level kernels" 180 benchmarks/bench_gpu_kernels.py ;;
     ce) step "cross-entropy alone vs torch, Liger (8192 x 128256 bf16)" 90 benchmarks/bench_cross_entropy.py ;;
+    causal-lm) step "a Llama's own loss vs kdfast.patch_causal_lm, Liger (4 x 2048 tokens, V=128256 bf16)" 120 \
+      benchmarks/bench_causal_lm.py ;;
     multi) step "several teachers (M=3 N=8192 V=128256 bf16; linear M=2 H 2048, 4096)" "${MULTI_TIMEOUT:-180}" \
       benchmarks/bench_multi_teacher.py --device cuda --dtype bf16 --memory --repeats 5 --tokens 8192 --vocab 128256 \
       --teachers 3 --linear-tokens 8192 --hidden 2048 --teacher-hidden 2048 4096 ;;

@@ -36,10 +36,12 @@ BENCHMARKS = {"logits": "bench_distill", "ce": "bench_cross_entropy", "linear": 
               "sparse": "bench_sparse", "linear-sparse": "bench_linear_sparse",
               "vocab-parallel": "bench_vocab_parallel", "trl": "bench_trl", "multi-teacher": "bench_multi_teacher",
               "cross-vocab": "bench_cross_vocab"}
-# Run only when named: several processes training real models, minutes on a CPU.
+# Run only when named: several processes training real models, minutes on a CPU, or whole models' steps that
+# `make bench`'s five minutes leave no room for.
 NAMED_ONLY = {"sharded-memory": "bench_sharded_memory", "linear-precision": "bench_linear_precision",
               "linear-chunks": "bench_linear_chunks", "small-calls": "bench_small_calls",
-              "train-step": "bench_train_step", "teacher-cache": "bench_teacher_cache"}
+              "train-step": "bench_train_step", "teacher-cache": "bench_teacher_cache",
+              "causal-lm": "bench_causal_lm"}
 # The extra (setup.py's extras_require) whose packages each command imports, and the benchmarks needing another.
 COMMAND_EXTRAS = {"bench": "bench", "profile": "bench", "distill": "integrations", "teacher-cache": "integrations"}
 # TRL's kernels and its GOLD loss; the cache's writer

@@ -122,6 +122,16 @@ def test_bench_train_step_smoke(tmp_path):
     assert float(rows["kdfast (DistillationTrainer's loss)"]["median_ms"]) > 0
 
 
+def test_bench_causal_lm_smoke(tmp_path):
+    _run(tmp_path, "benchmarks/bench_causal_lm.py", "--batch", "2", "--length", "256", "--vocab", "8000",
+         "--hidden", "32", "--repeats", "1", "--memory")
+    rows = {r["method"]: r for r in csv.DictReader(next(tmp_path.glob("bench_causal_lm_*.csv")).open())}
+    own, fused = rows["the model's own loss (full logits)"], rows["kdfast.patch_causal_lm"]
+    assert float(own["speedup_vs_own_loss"]) == 1.0
+    # The model's own loss holds [512, 8000] float32 logits (16 MB) and their log-softmax and gradient.
+    assert int(own["extra_peak_bytes"]) > 2 * 512 * 8000 * 4 > int(fused["extra_peak_bytes"])
+
+
 def test_bench_linear_chunks_smoke(tmp_path):
     _run(tmp_path, "benchmarks/bench_linear_chunks.py", "--tokens", "64", "--hidden", "16", "--teacher-hidden", "24",
          "--vocab", "500", "--chunks", "16", "32", "--repeats", "1", "--dtype", "bf16")

@@ -379,6 +379,34 @@ def trl_fused_head_case(tmp_path, setup, *, head_learns: bool, entropy_bonus: bo
     assert calls, "the fused head's log-probs came from kdfast"
 
 
+def patched_causal_lm_case(tmp_path, setup):
+    """A plain Trainer on a model whose own loss is kdfast's (`patch_causal_lm`): the head's input recorded inside
+    the sharded forward, the head gathered (ZeRO-3) or unsharded (FSDP2) again for the fused loss, against the
+    unpatched model's own loss from its full logits."""
+    from tiny_models import as_examples, tiny_llama, token_batch
+    from transformers import Trainer
+
+    from kdfast.integrations import fused_causal_lm
+
+    def student():
+        model = tiny_llama(32)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(4.0)  # peaked rows, as the other cases' heads
+        return model
+
+    batch = token_batch()
+    expected = _reference_run(student(), batch, lambda model, inputs: model(**inputs).loss)
+    model = fused_causal_lm.patch_causal_lm(student())
+    calls, original = [], fused_causal_lm.linear_cross_entropy
+    fused_causal_lm.linear_cross_entropy = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        trainer = Trainer(model=model, args=_args(tmp_path, setup), train_dataset=as_examples(batch))
+        _train_and_compare(trainer, expected)
+    finally:
+        fused_causal_lm.linear_cross_entropy = original
+    assert len(calls) == STEPS, "each step's loss came from kdfast"
+
+
 CASES = {"sharded-teacher": functools.partial(distillation_case, sparse=False),
          "replicated-teacher": functools.partial(distillation_case, sparse=False, shard_teacher=False),
          "sparse-teacher": functools.partial(distillation_case, sparse=True),
@@ -392,7 +420,8 @@ CASES = {"sharded-teacher": functools.partial(distillation_case, sparse=False),
          "trl-fused-head, frozen": functools.partial(trl_fused_head_case, head_learns=False, entropy_bonus=False),
          "trl-fused-head, frozen, entropy bonus": functools.partial(trl_fused_head_case, head_learns=False,
                                                                     entropy_bonus=True),
-         "trl-fused-head, head learns": functools.partial(trl_fused_head_case, head_learns=True, entropy_bonus=True)}
+         "trl-fused-head, head learns": functools.partial(trl_fused_head_case, head_learns=True, entropy_bonus=True),
+         "patched-causal-lm": patched_causal_lm_case}
 
 
 def run_all(rank, world, port, setup_name, folder, out_path):

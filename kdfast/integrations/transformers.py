@@ -21,6 +21,7 @@ from kdfast.integrations.cross_tokenizer import (
     batch_cross_vocab_loss,
     trainer_settings,
 )
+from kdfast.integrations.fused_causal_lm import patch_causal_lm  # noqa: F401 (exported here)
 from kdfast.integrations.logged_parts import LoggedParts
 from kdfast.integrations.served_teacher import ServedTeacherLoader, served_teacher
 from kdfast.integrations.sharding import fsdp2_sharded_teacher, run_through_wrapper
