@@ -209,6 +209,23 @@ def test_settings_reach_the_loss():
     torch.testing.assert_close(smoothed, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("where", ["setting", "call"])
+def test_ignore_index_from_the_setting_or_the_call(where):
+    """`ignore_index` fixed by the patch, or passed to the call as ForCausalLMLoss takes it: labels equal to it (and
+    the shift's padding) carry no loss."""
+    model = tiny_llama().train()
+    batch = token_batch()
+    labels = batch["labels"].masked_fill(batch["labels"] == -100, 7)
+    labels[:, 3] = 7
+    if where == "setting":
+        loss = patch_causal_lm(copy.deepcopy(model), ignore_index=7)(**{**batch, "labels": labels}).loss
+    else:
+        loss = patch_causal_lm(copy.deepcopy(model))(**{**batch, "labels": labels}, ignore_index=7).loss
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=7)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_fully_ignored_batch_is_a_differentiable_zero():
     """Where the model's own mean divides 0 by 0 (NaN), kdfast's mean over no kept label is 0, with zero
     gradients (kdfast's reduction everywhere)."""
@@ -235,7 +252,7 @@ def test_a_logit_map_the_config_does_not_name_is_refused():
 
 
 def test_bad_settings_are_refused_at_the_patch():
-    with pytest.raises(TypeError, match="unknown setting"):
+    with pytest.raises(TypeError, match="temperature"):
         patch_causal_lm(tiny_llama(), temperature=2.0)
     with pytest.raises(ValueError, match="label_smoothing"):
         patch_causal_lm(tiny_llama(), label_smoothing=1.5)

@@ -17,27 +17,28 @@ from kdfast.integrations.causal_lm import head_settings, output_head
 from kdfast.integrations.sharding import whole_head
 from kdfast.linear_ce import LinearCrossEntropyLoss, linear_cross_entropy
 
-# linear_cross_entropy's settings a patch may fix; the head's map is read from the model, the reduction is the
-# model loss's own (mean over the kept labels, or the sum over `num_items_in_batch`).
-PATCH_SETTINGS = ("ignore_index", "label_smoothing", "z_loss_weight", "chunk_size", "fp32_logits", "backend")
 _PATCH_STATE = "_kdfast_fused_loss"  # the model's __dict__ entry: (the forward it replaced or None, settings)
 _MAP_CHECKED = "_kdfast_logit_map_checked"  # set once the probe has shown the model's logit map is the one read
 _PROBE = (0.75, 3.0)  # logits the head hands back in its place: exact in every float dtype
 
 
-def patch_causal_lm(model, enabled: bool = True, *, training_only: bool = True, **settings):
+def patch_causal_lm(model, enabled: bool = True, *, training_only: bool = True, ignore_index: int | None = None,
+                    label_smoothing: float = 0.0, z_loss_weight: float = 0.0, chunk_size="auto",
+                    fp32_logits: bool = False, backend: str = "auto"):
     """Computes `model`'s loss with `kdfast.linear_cross_entropy` whenever it is called with `labels` (or
     `shift_labels`) while training (`training_only=False`: in eval mode too); otherwise its forward is untouched.
     The fused call returns the model's own output with `loss` set and `logits=None`. Labels are shifted as
     `ForCausalLMLoss` shifts them, `num_items_in_batch` (passed by `transformers.Trainer`) divides the summed loss,
-    each model family's logit scale and final softcap are applied as the model applies them. `settings`: any of
-    PATCH_SETTINGS. A PEFT model is patched at its base model (the head must not carry an adapter). Returns `model`;
+    each model family's logit scale and final softcap are applied as the model applies them. `ignore_index` None:
+    the call's own `ignore_index` keyword, else -100 (ForCausalLMLoss's); the other settings are
+    `linear_cross_entropy`'s (the head's bias, scale and softcap are read from the model; the reduction is the model
+    loss's own). A PEFT model is patched at its base model (the head must not carry an adapter). Returns `model`;
     `patch_causal_lm(model, False)` restores the original forward."""
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    unknown = sorted(set(settings) - set(PATCH_SETTINGS))
-    if unknown:
-        raise TypeError(f"patch_causal_lm got unknown setting(s) {unknown}; the settings are {list(PATCH_SETTINGS)} "
-                        f"(the head's bias, scale and softcap are read from the model)")
+    settings = dict(label_smoothing=label_smoothing, z_loss_weight=z_loss_weight, chunk_size=chunk_size,
+                    fp32_logits=fp32_logits, backend=backend)
+    if ignore_index is not None:
+        settings["ignore_index"] = ignore_index
     _unpatch(target)
     if not enabled:
         return model
