@@ -238,6 +238,42 @@ def test_fully_ignored_batch_is_a_differentiable_zero():
     assert all(not parameter.grad.any() for parameter in model.parameters() if parameter.grad is not None)
 
 
+def test_a_deep_copy_of_a_patched_model_runs_its_own_weights():
+    """A reference or EMA model deep-copied from a patched one: its fused forward is its own, not the original's."""
+    patched = patch_causal_lm(tiny_llama().train())
+    clone = copy.deepcopy(patched)
+    with torch.no_grad():
+        clone.lm_head.weight.mul_(30.0)
+    batch = token_batch()
+    fused = clone(**batch)
+    assert fused.logits is None
+    own = patch_causal_lm(copy.deepcopy(clone), False)(**batch)
+    torch.testing.assert_close(fused.loss, own.loss, rtol=1e-5, atol=1e-6)
+    assert abs(patched(**batch).loss.item() - fused.loss.item()) > 1e-2
+
+
+def test_torch_compile_of_the_patched_model():
+    torch.manual_seed(0)
+    model = tiny_llama(layers=1).train()
+    patched = patch_causal_lm(copy.deepcopy(model))
+    batch = token_batch()
+    patched(**batch)  # the logit map's check reads the probe to the host: once, before compiling
+    # aot_eager: dynamo traces the patched forward and AOT autograd its backward, without code generation.
+    own, fused = model(**batch), torch.compile(patched, backend="aot_eager")(**batch)
+    assert fused.logits is None
+    torch.testing.assert_close(fused.loss, own.loss, rtol=1e-5, atol=1e-6)
+    own.loss.backward()
+    fused.loss.backward()
+    assert_same_gradients(model, patched)
+
+
+def test_a_replaced_head_is_named():
+    model = patch_causal_lm(tiny_llama().train())
+    model.resize_token_embeddings(VOCAB + 8)
+    with pytest.raises(ValueError, match="patch the model again"):
+        model(**token_batch())
+
+
 def test_a_logit_map_the_config_does_not_name_is_refused():
     class DoubledLogits(transformers.LlamaForCausalLM):
         def forward(self, *args, **kwargs):

@@ -7,7 +7,6 @@ config, and the loss is then computed from the recorded hidden states as the mod
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 
@@ -17,7 +16,6 @@ from kdfast.integrations.causal_lm import head_settings, output_head
 from kdfast.integrations.sharding import whole_head
 from kdfast.linear_ce import LinearCrossEntropyLoss, linear_cross_entropy
 
-_PATCH_STATE = "_kdfast_fused_loss"  # the model's __dict__ entry: (the forward it replaced or None, settings)
 _MAP_CHECKED = "_kdfast_logit_map_checked"  # set once the probe has shown the model's logit map is the one read
 _PROBE = (0.75, 3.0)  # logits the head hands back in its place: exact in every float dtype
 
@@ -33,7 +31,7 @@ def patch_causal_lm(model, enabled: bool = True, *, training_only: bool = True, 
     the call's own `ignore_index` keyword, else -100 (ForCausalLMLoss's); the other settings are
     `linear_cross_entropy`'s (the head's bias, scale and softcap are read from the model; the reduction is the model
     loss's own). A PEFT model is patched at its base model (the head must not carry an adapter). Returns `model`;
-    `patch_causal_lm(model, False)` restores the original forward."""
+    `patch_causal_lm(model, False)` restores the original forward. A deep copy of a patched model is patched too."""
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
     settings = dict(label_smoothing=label_smoothing, z_loss_weight=z_loss_weight, chunk_size=chunk_size,
                     fp32_logits=fp32_logits, backend=backend)
@@ -43,41 +41,80 @@ def patch_causal_lm(model, enabled: bool = True, *, training_only: bool = True, 
     if not enabled:
         return model
     # Refused now rather than at the first training step: no linear head, an adapter on it, a bad setting.
-    output_head(target)
+    head = output_head(target)
     LinearCrossEntropyLoss(**settings)
-    original = target.forward
-    replaced = target.__dict__.get("forward")
-
-    signature = inspect.signature(original)
-    extra_name = next((name for name, parameter in signature.parameters.items()
-                       if parameter.kind is inspect.Parameter.VAR_KEYWORD), None)
-
-    @functools.wraps(original)  # keeps the signature: Trainer reads **kwargs from it to pass num_items_in_batch
-    def forward(*args, **kwargs):
-        bound = signature.bind_partial(*args, **kwargs)
-        # The loss's keywords: named parameters, or in the extra keywords (a subclass's forward(*args, **kwargs)).
-        extra = bound.arguments.setdefault(extra_name, {}) if extra_name else {}
-        holder = bound.arguments if "labels" in signature.parameters else extra
-        if (holder.get("labels") is None and extra.get("shift_labels") is None) or \
-                (training_only and not target.training):
-            return original(*args, **kwargs)
-        labels = holder.pop("labels", None)
-        return _fused_forward(target, original, bound, labels, extra, settings)
-
-    target.forward = forward
-    target.__dict__[_PATCH_STATE] = (replaced, settings)
+    target.forward = _FusedLossForward(target, training_only, settings)
+    head.forward = _HeadRecorder(head)
     return model
 
 
+class _FusedLossForward:
+    """The patched model's forward. An object rather than a closure: a deep copy of the model (a reference model,
+    an EMA copy) must call its own copy's forward, and deepcopy remaps an object's attributes but not a closure's."""
+
+    def __init__(self, target, training_only: bool, settings: dict):
+        self.target, self.training_only, self.settings = target, training_only, settings
+        self.replaced = target.__dict__.get("forward")  # an instance forward of the model's own, put back on unpatch
+        self.original = target.forward
+        # Trainer reads **kwargs from the forward's signature to pass num_items_in_batch.
+        self.__signature__ = inspect.signature(self.original)
+        self.extra_name = next((name for name, parameter in self.__signature__.parameters.items()
+                                if parameter.kind is inspect.Parameter.VAR_KEYWORD), None)
+
+    def __call__(self, *args, **kwargs):
+        bound = self.__signature__.bind_partial(*args, **kwargs)
+        # The loss's keywords: named parameters, or in the extra keywords (a subclass's forward(*args, **kwargs)).
+        extra = bound.arguments.setdefault(self.extra_name, {}) if self.extra_name else {}
+        holder = bound.arguments if "labels" in self.__signature__.parameters else extra
+        if (holder.get("labels") is None and extra.get("shift_labels") is None) or \
+                (self.training_only and not self.target.training):
+            return self.original(*args, **kwargs)
+        labels = holder.pop("labels", None)
+        return _fused_forward(self.target, self.original, bound, labels, extra, self.settings)
+
+
+class _HeadRecorder:
+    """The LM head's forward while the model is patched: the head's own, except during a fused forward, when it
+    records its input and returns the probe. Installed once, at the patch: a module's forward assigned inside a
+    torch.compile'd forward is a side effect dynamo does not replay."""
+
+    def __init__(self, head):
+        self.head, self.replaced, self.recorded = head, head.__dict__.get("forward"), None
+
+    def __call__(self, hidden, *args, **kwargs):
+        if self.recorded is None:
+            own = self.replaced or type(self.head).forward.__get__(self.head)
+            return own(hidden, *args, **kwargs)
+        self.recorded.append(hidden)
+        probe = torch.tensor(_PROBE, dtype=hidden.dtype, device=hidden.device)
+        return probe.expand(*hidden.shape[:-1], len(_PROBE)).clone()
+
+
 def _unpatch(target) -> None:
-    if _PATCH_STATE not in target.__dict__:
+    patched = target.__dict__.get("forward")
+    if not isinstance(patched, _FusedLossForward):
         return
-    replaced, _ = target.__dict__.pop(_PATCH_STATE)
+    _restore(target, patched.replaced)
     target.__dict__.pop(_MAP_CHECKED, None)
+    head = output_head(target)
+    if isinstance(head.__dict__.get("forward"), _HeadRecorder):
+        _restore(head, head.__dict__["forward"].replaced)
+
+
+def _restore(module, replaced) -> None:
     if replaced is None:
-        target.__dict__.pop("forward", None)
+        module.__dict__.pop("forward", None)
     else:
-        target.forward = replaced
+        module.forward = replaced
+
+
+def _recorder(target) -> _HeadRecorder:
+    head = output_head(target)
+    recorder = head.__dict__.get("forward")
+    if not isinstance(recorder, _HeadRecorder):
+        raise ValueError(f"{type(target).__name__}'s LM head was replaced after patch_causal_lm (resized "
+                         f"embeddings?): patch the model again")
+    return recorder
 
 
 def _fused_forward(target, original, bound, labels, extra, settings):
@@ -85,23 +122,12 @@ def _fused_forward(target, original, bound, labels, extra, settings):
     num_items_in_batch = extra.pop("num_items_in_batch", None)
     shift_labels = extra.pop("shift_labels", None)
     ignore_index = settings.get("ignore_index", extra.pop("ignore_index", -100))
-    head = output_head(target)
-    recorded = []
-
-    def record(hidden):
-        recorded.append(hidden)
-        probe = torch.tensor(_PROBE, dtype=hidden.dtype, device=hidden.device)
-        return probe.expand(*hidden.shape[:-1], len(_PROBE)).clone()
-
-    own_forward = head.__dict__.get("forward")
-    head.forward = record
+    recorder = _recorder(target)
+    recorder.recorded = []
     try:
         output = original(*bound.args, **bound.kwargs)
     finally:
-        if own_forward is None:
-            del head.forward
-        else:
-            head.forward = own_forward
+        recorded, recorder.recorded = recorder.recorded, None
     if len(recorded) != 1:
         raise ValueError(f"{type(target).__name__}.forward called its LM head {len(recorded)} times; "
                          f"patch_causal_lm needs one call on the last hidden states")
@@ -113,6 +139,7 @@ def _fused_forward(target, original, bound, labels, extra, settings):
     if shift_labels is None:
         # ForCausalLMLoss's shift: position i predicts label i + 1, the last position nothing.
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    head = recorder.head
     with whole_head(target, head):
         loss = linear_cross_entropy(recorded[0], head.weight, shift_labels.to(recorded[0].device), bias=head.bias,
                                     **head_map, num_items_in_batch=num_items_in_batch,
