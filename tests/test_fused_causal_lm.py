@@ -1,10 +1,10 @@
 """kdfast.patch_causal_lm: a Hugging Face causal LM's own training loss (`model(..., labels=labels).loss`) computed by
 the fused linear cross-entropy. Against the unpatched model (its ForCausalLMLoss on the full logits): the loss and
 every parameter's gradient, for each way a model family maps its head's output to logits (none, Gemma-2's softcap,
-Cohere's scale, Granite's division, Falcon-H1's multiplier, Phi's biased head, tied embeddings, a VLM's text path),
-`num_items_in_batch`, `shift_labels`, positional labels, 16-bit weights, a PEFT model; eval and unlabelled calls
-untouched; a model whose logit map is not the one its config names refused; `transformers.Trainer` steps with
-gradient accumulation equal."""
+Cohere's scale, Granite's division, Falcon-H1's multiplier, Phi's biased head, tied embeddings, a VLM's text path, a
+mixture of experts whose loss adds its router loss), `num_items_in_batch`, `shift_labels`, positional labels, 16-bit
+weights, a PEFT model; eval and unlabelled calls untouched; a model whose logit map is not the one its config names
+refused; `transformers.Trainer` steps with gradient accumulation equal; another loss function refused."""
 
 import copy
 
@@ -40,6 +40,13 @@ def phi():
     return transformers.PhiForCausalLM(_small(transformers.PhiConfig))
 
 
+def mixtral():
+    """A mixture of experts whose loss adds its router's load-balancing loss when given labels."""
+    config = _small(transformers.MixtralConfig, num_local_experts=4, num_experts_per_tok=2,
+                    output_router_logits=True, router_aux_loss_coef=0.5)
+    return transformers.MixtralForCausalLM(config)
+
+
 def falcon_h1():
     config = _small(transformers.FalconH1Config, lm_head_multiplier=0.5, mamba_d_ssm=32, mamba_n_heads=4,
                     mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=8, head_dim=16)
@@ -64,7 +71,7 @@ def tied_llama():
     return tiny_llama(tie_word_embeddings=True)
 
 
-FAMILIES = [llama, tied_llama, gemma2, cohere, granite, phi, falcon_h1, qwen2_vl]
+FAMILIES = [llama, tied_llama, gemma2, cohere, granite, phi, falcon_h1, qwen2_vl, mixtral]
 
 
 def own_and_patched(make):
@@ -101,6 +108,24 @@ def test_loss_and_gradients_equal_the_models_own(make):
     assert_same_gradients(model, patched)
 
 
+def test_the_router_loss_is_kept():
+    model, patched = own_and_patched(mixtral)
+    batch = token_batch()
+    fused = patched(**batch)
+    assert fused.aux_loss is not None and fused.aux_loss.item() > 0
+    head = patched.get_output_embeddings()
+    hidden = patched.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+    ce = kdfast.linear_cross_entropy(hidden[:, :-1], head.weight, batch["labels"][:, 1:])
+    torch.testing.assert_close(fused.loss, ce + 0.5 * fused.aux_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_another_loss_function_is_refused():
+    model = tiny_llama()
+    model.loss_function = lambda logits, labels, **kwargs: logits.sum()
+    with pytest.raises(ValueError, match="not transformers' ForCausalLMLoss"):
+        patch_causal_lm(model)
+
+
 def test_the_logit_maps_change_the_loss():
     """The families above differ from a plain head: a patch that ignored the map would fail them."""
     for make in (gemma2, cohere, granite, falcon_h1):
@@ -129,7 +154,9 @@ def test_shift_labels_and_positional_labels():
     shifted = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[:, 1:].contiguous()
     own = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], shift_labels=shifted,
                 labels=batch["labels"])
-    fused = patched(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], shift_labels=shifted)
+    # Both, as Trainer passes them under context parallelism (each rank's shifted labels): shift_labels wins.
+    fused = patched(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], shift_labels=shifted,
+                    labels=torch.zeros_like(batch["labels"]))
     torch.testing.assert_close(fused.loss, own.loss, rtol=1e-5, atol=1e-6)
     # Llama's forward takes labels sixth: input_ids, attention_mask, position_ids, cache, inputs_embeds, labels.
     positional = patched(batch["input_ids"], batch["attention_mask"], None, None, None, batch["labels"])

@@ -1,9 +1,10 @@
 """`patch_causal_lm`: a Hugging Face causal LM whose training loss, `model(input_ids, labels=labels).loss`, is
 kdfast's fused linear cross-entropy over its last hidden states and LM head, so the [tokens, vocab] logits are never
-built. One generic hook at the LM head, not a copy of each architecture's forward: while the patched forward runs,
-the head records its input and hands back a two-column probe; the model's own code after the head (Gemma-2's
-softcap, Cohere's scale, Granite's division) runs on the probe, which checks the logit map kdfast reads from the
-config, and the loss is then computed from the recorded hidden states as the model's `ForCausalLMLoss` would."""
+built. Two generic hooks, not a copy of each architecture's forward: during a fused forward the LM head records its
+input and hands back a two-column probe, and the model's loss function (its `ForCausalLMLoss`) records the labels and
+keywords it is given and returns 0. The model's own code runs around both: its post-processing of the logits (Gemma-2's
+softcap, Cohere's scale, Granite's division) maps the probe, which checks the map kdfast reads from the config, and
+whatever it adds to the loss (a mixture of experts' router loss) is kept."""
 
 from __future__ import annotations
 
@@ -23,15 +24,15 @@ _PROBE = (0.75, 3.0)  # logits the head hands back in its place: exact in every 
 def patch_causal_lm(model, enabled: bool = True, *, training_only: bool = True, ignore_index: int | None = None,
                     label_smoothing: float = 0.0, z_loss_weight: float = 0.0, chunk_size="auto",
                     fp32_logits: bool = False, backend: str = "auto"):
-    """Computes `model`'s loss with `kdfast.linear_cross_entropy` whenever it is called with `labels` (or
-    `shift_labels`) while training (`training_only=False`: in eval mode too); otherwise its forward is untouched.
-    The fused call returns the model's own output with `loss` set and `logits=None`. Labels are shifted as
-    `ForCausalLMLoss` shifts them, `num_items_in_batch` (passed by `transformers.Trainer`) divides the summed loss,
-    each model family's logit scale and final softcap are applied as the model applies them. `ignore_index` None:
-    the call's own `ignore_index` keyword, else -100 (ForCausalLMLoss's); the other settings are
-    `linear_cross_entropy`'s (the head's bias, scale and softcap are read from the model; the reduction is the model
-    loss's own). A PEFT model is patched at its base model (the head must not carry an adapter). Returns `model`;
-    `patch_causal_lm(model, False)` restores the original forward. A deep copy of a patched model is patched too."""
+    """Computes `model`'s loss with `kdfast.linear_cross_entropy` whenever it is called with `labels` while training
+    (`training_only=False`: in eval mode too); otherwise its forward is untouched. The fused call returns the
+    model's own output with `loss` set and `logits=None`. The cross-entropy takes what the model hands its
+    `ForCausalLMLoss` (labels shifted as it shifts them, `shift_labels`, `num_items_in_batch`, which
+    `transformers.Trainer` passes, `ignore_index`), each model family's logit scale and final softcap are applied as
+    the model applies them, and what the model adds to its loss is added. `ignore_index` None: the call's own, else
+    -100 (ForCausalLMLoss's); the other settings are `linear_cross_entropy`'s (the reduction is the model loss's
+    own). A PEFT model is patched at its base model (the head must not carry an adapter). Returns `model`;
+    `patch_causal_lm(model, False)` restores it. A deep copy of a patched model is patched too."""
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
     settings = dict(label_smoothing=label_smoothing, z_loss_weight=z_loss_weight, chunk_size=chunk_size,
                     fp32_logits=fp32_logits, backend=backend)
@@ -40,12 +41,26 @@ def patch_causal_lm(model, enabled: bool = True, *, training_only: bool = True, 
     _unpatch(target)
     if not enabled:
         return model
-    # Refused now rather than at the first training step: no linear head, an adapter on it, a bad setting.
+    # Refused now rather than at the first training step: no linear head, an adapter on it, another loss, a bad
+    # setting.
     head = output_head(target)
+    _check_loss_function(target)
     LinearCrossEntropyLoss(**settings)
+    # Each installed once, here: a module's forward assigned inside a torch.compile'd forward is a side effect dynamo
+    # does not replay.
     target.forward = _FusedLossForward(target, training_only, settings)
     head.forward = _HeadRecorder(head)
+    target.loss_function = _LossRecorder(target.__dict__.get("_loss_function"))
     return model
+
+
+def _check_loss_function(target) -> None:
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    own = getattr(target, "loss_function", None)
+    if own is not ForCausalLMLoss:
+        raise ValueError(f"{type(target).__name__}'s loss function is {getattr(own, '__name__', own)!r}, not "
+                         f"transformers' ForCausalLMLoss: patch_causal_lm computes only the causal LM's cross-entropy")
 
 
 class _FusedLossForward:
@@ -58,25 +73,19 @@ class _FusedLossForward:
         self.original = target.forward
         # Trainer reads **kwargs from the forward's signature to pass num_items_in_batch.
         self.__signature__ = inspect.signature(self.original)
-        self.extra_name = next((name for name, parameter in self.__signature__.parameters.items()
-                                if parameter.kind is inspect.Parameter.VAR_KEYWORD), None)
 
     def __call__(self, *args, **kwargs):
-        bound = self.__signature__.bind_partial(*args, **kwargs)
-        # The loss's keywords: named parameters, or in the extra keywords (a subclass's forward(*args, **kwargs)).
-        extra = bound.arguments.setdefault(self.extra_name, {}) if self.extra_name else {}
-        holder = bound.arguments if "labels" in self.__signature__.parameters else extra
-        if (holder.get("labels") is None and extra.get("shift_labels") is None) or \
-                (self.training_only and not self.target.training):
+        arguments = self.__signature__.bind_partial(*args, **kwargs).arguments
+        # A forward of (*args, **kwargs) (a subclass's) holds labels among its extra keywords.
+        labels = arguments.get("labels", kwargs.get("labels"))
+        if labels is None or (self.training_only and not self.target.training):
             return self.original(*args, **kwargs)
-        labels = holder.pop("labels", None)
-        return _fused_forward(self.target, self.original, bound, labels, extra, self.settings)
+        return _fused_forward(self.target, self.original, args, kwargs, self.settings)
 
 
 class _HeadRecorder:
     """The LM head's forward while the model is patched: the head's own, except during a fused forward, when it
-    records its input and returns the probe. Installed once, at the patch: a module's forward assigned inside a
-    torch.compile'd forward is a side effect dynamo does not replay."""
+    records its input and returns the probe."""
 
     def __init__(self, head):
         self.head, self.replaced, self.recorded = head, head.__dict__.get("forward"), None
@@ -90,61 +99,82 @@ class _HeadRecorder:
         return probe.expand(*hidden.shape[:-1], len(_PROBE)).clone()
 
 
+class _LossRecorder:
+    """The model's loss function while it is patched: ForCausalLMLoss, except during a fused forward, when it records
+    the arguments it is given and returns a float32 0 to which the model adds its own terms."""
+
+    def __init__(self, replaced):
+        self.replaced, self.recorded = replaced, None  # replaced: a `_loss_function` set before the patch
+
+    def __call__(self, *args, **kwargs):
+        from transformers.loss.loss_utils import ForCausalLMLoss
+
+        if self.recorded is None:
+            return ForCausalLMLoss(*args, **kwargs)
+        call = inspect.signature(ForCausalLMLoss).bind(*args, **kwargs).arguments
+        self.recorded.append(call)
+        return torch.zeros((), dtype=torch.float32, device=call["logits"].device)
+
+
 def _unpatch(target) -> None:
     patched = target.__dict__.get("forward")
     if not isinstance(patched, _FusedLossForward):
         return
-    _restore(target, patched.replaced)
+    _restore(target, "forward", patched.replaced)
+    _restore(target, "_loss_function", target.__dict__["_loss_function"].replaced)
     target.__dict__.pop(_MAP_CHECKED, None)
     head = output_head(target)
     if isinstance(head.__dict__.get("forward"), _HeadRecorder):
-        _restore(head, head.__dict__["forward"].replaced)
+        _restore(head, "forward", head.__dict__["forward"].replaced)
 
 
-def _restore(module, replaced) -> None:
+def _restore(module, name: str, replaced) -> None:
     if replaced is None:
-        module.__dict__.pop("forward", None)
+        module.__dict__.pop(name, None)
     else:
-        module.forward = replaced
+        setattr(module, name, replaced)
 
 
-def _recorder(target) -> _HeadRecorder:
-    head = output_head(target)
-    recorder = head.__dict__.get("forward")
-    if not isinstance(recorder, _HeadRecorder):
-        raise ValueError(f"{type(target).__name__}'s LM head was replaced after patch_causal_lm (resized "
-                         f"embeddings?): patch the model again")
-    return recorder
+def _recorders(target) -> tuple[_HeadRecorder, _LossRecorder]:
+    head_recorder = output_head(target).__dict__.get("forward")
+    loss_recorder = target.__dict__.get("_loss_function")
+    if not isinstance(head_recorder, _HeadRecorder) or not isinstance(loss_recorder, _LossRecorder):
+        raise ValueError(f"{type(target).__name__}'s LM head or loss function was replaced after patch_causal_lm "
+                         f"(resized embeddings?): patch the model again")
+    return head_recorder, loss_recorder
 
 
-def _fused_forward(target, original, bound, labels, extra, settings):
-    # The model runs without its labels (its loss would need the logits) and without the loss's own keywords.
-    num_items_in_batch = extra.pop("num_items_in_batch", None)
-    shift_labels = extra.pop("shift_labels", None)
-    ignore_index = settings.get("ignore_index", extra.pop("ignore_index", -100))
-    recorder = _recorder(target)
-    recorder.recorded = []
+def _fused_forward(target, original, args, kwargs, settings):
+    head_recorder, loss_recorder = _recorders(target)
+    head_recorder.recorded, loss_recorder.recorded = [], []
     try:
-        output = original(*bound.args, **bound.kwargs)
+        output = original(*args, **kwargs)
     finally:
-        recorded, recorder.recorded = recorder.recorded, None
-    if len(recorded) != 1:
-        raise ValueError(f"{type(target).__name__}.forward called its LM head {len(recorded)} times; "
-                         f"patch_causal_lm needs one call on the last hidden states")
+        hidden, calls = head_recorder.recorded, loss_recorder.recorded
+        head_recorder.recorded = loss_recorder.recorded = None
+    name = type(target).__name__
+    if len(hidden) != 1 or len(calls) != 1:
+        raise ValueError(f"{name}.forward called its LM head {len(hidden)} times and its loss function {len(calls)} "
+                         f"times; patch_causal_lm needs one call of each (the head on the last hidden states)")
     if not hasattr(output, "logits"):
-        raise ValueError(f"{type(target).__name__}.forward returned {type(output).__name__}, not a ModelOutput: "
-                         f"patch_causal_lm needs return_dict=True (the default)")
+        raise ValueError(f"{name}.forward returned {type(output).__name__}, not a ModelOutput: patch_causal_lm needs "
+                         f"return_dict=True (the default)")
     head_map = head_settings(target)
     _check_logit_map(target, output.logits, head_map)
+    call, hidden = calls[0], hidden[0]
+    ignore_index = settings.get("ignore_index", call.get("ignore_index", -100))
+    shift_labels = call.get("shift_labels")
     if shift_labels is None:
         # ForCausalLMLoss's shift: position i predicts label i + 1, the last position nothing.
-        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    head = recorder.head
+        shift_labels = torch.nn.functional.pad(call["labels"], (0, 1), value=ignore_index)[..., 1:]
+    head = head_recorder.head
     with whole_head(target, head):
-        loss = linear_cross_entropy(recorded[0], head.weight, shift_labels.to(recorded[0].device), bias=head.bias,
-                                    **head_map, num_items_in_batch=num_items_in_batch,
-                                    **{"ignore_index": ignore_index, **settings})
-    fields = {name: value for name, value in output.items() if name not in ("loss", "logits")}
+        loss = linear_cross_entropy(hidden, head.weight, shift_labels.to(hidden.device), bias=head.bias, **head_map,
+                                    num_items_in_batch=call.get("num_items_in_batch"),
+                                    **{**settings, "ignore_index": ignore_index})
+    # The model's own terms (a router loss), added to the 0 its loss function returned.
+    loss = loss + output.loss.to(loss.device)
+    fields = {key: value for key, value in output.items() if key not in ("loss", "logits")}
     return type(output)(loss=loss, logits=None, **fields)
 
 
