@@ -1,10 +1,11 @@
 """kdfast.patch_causal_lm: a Hugging Face causal LM's own training loss (`model(..., labels=labels).loss`) computed by
 the fused linear cross-entropy. Against the unpatched model (its ForCausalLMLoss on the full logits): the loss and
 every parameter's gradient, for each way a model family maps its head's output to logits (none, Gemma-2's softcap,
-Cohere's scale, Granite's division, Falcon-H1's multiplier, Phi's biased head, tied embeddings, a VLM's text path, a
-mixture of experts whose loss adds its router loss), `num_items_in_batch`, `shift_labels`, positional labels, 16-bit
-weights, a PEFT model; eval and unlabelled calls untouched; a model whose logit map is not the one its config names
-refused; `transformers.Trainer` steps with gradient accumulation equal; another loss function refused."""
+Cohere's scale, Granite's division, MiniCPM3's division of the hidden states, Falcon-H1's multiplier, Phi's biased
+head, tied embeddings, a VLM's text path, a mixture of experts whose loss adds its router loss),
+`num_items_in_batch`, `shift_labels`, positional labels, 16-bit weights, a PEFT model; eval and unlabelled calls
+untouched; a model whose logit map is not the one its config names refused; `transformers.Trainer` steps with
+gradient accumulation equal; another loss function refused."""
 
 import copy
 
@@ -19,8 +20,8 @@ transformers = pytest.importorskip("transformers")
 
 
 def _small(config_cls, **settings):
-    return config_cls(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, **settings)
+    return config_cls(**{**dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=1, pad_token_id=0), **settings})
 
 
 def gemma2():
@@ -38,6 +39,14 @@ def granite():
 
 def phi():
     return transformers.PhiForCausalLM(_small(transformers.PhiConfig))
+
+
+def minicpm3():
+    """Divides the hidden states by `logits_scaling` (hidden_size / dim_model_base = 4) before its head, where
+    Granite divides the logits: the recorded input carries the scale, so the patch must not apply it again."""
+    config = _small(transformers.MiniCPM3Config, dim_model_base=8, q_lora_rank=16, kv_lora_rank=16,
+                    qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_key_value_heads=2)
+    return transformers.MiniCPM3ForCausalLM(config)
 
 
 def mixtral():
@@ -71,7 +80,7 @@ def tied_llama():
     return tiny_llama(tie_word_embeddings=True)
 
 
-FAMILIES = [llama, tied_llama, gemma2, cohere, granite, phi, falcon_h1, qwen2_vl, mixtral]
+FAMILIES = [llama, tied_llama, gemma2, cohere, granite, phi, falcon_h1, qwen2_vl, mixtral, minicpm3]
 
 
 def own_and_patched(make):
@@ -128,7 +137,7 @@ def test_another_loss_function_is_refused():
 
 def test_the_logit_maps_change_the_loss():
     """The families above differ from a plain head: a patch that ignored the map would fail them."""
-    for make in (gemma2, cohere, granite, falcon_h1):
+    for make in (gemma2, cohere, granite, falcon_h1, minicpm3):
         model, _ = own_and_patched(make)
         batch = token_batch()
         head = model.get_output_embeddings()

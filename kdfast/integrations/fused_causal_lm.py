@@ -17,7 +17,7 @@ from kdfast.integrations.causal_lm import head_settings, output_head
 from kdfast.integrations.sharding import whole_head
 from kdfast.linear_ce import LinearCrossEntropyLoss, linear_cross_entropy
 
-_MAP_CHECKED = "_kdfast_logit_map_checked"  # set once the probe has shown the model's logit map is the one read
+_LOGIT_MAP = "_kdfast_logit_map"  # the map the probe showed, kept after the first fused call
 _PROBE = (0.75, 3.0)  # logits the head hands back in its place: exact in every float dtype
 
 
@@ -122,7 +122,7 @@ def _unpatch(target) -> None:
         return
     _restore(target, "forward", patched.replaced)
     _restore(target, "_loss_function", target.__dict__["_loss_function"].replaced)
-    target.__dict__.pop(_MAP_CHECKED, None)
+    target.__dict__.pop(_LOGIT_MAP, None)
     head = output_head(target)
     if isinstance(head.__dict__.get("forward"), _HeadRecorder):
         _restore(head, "forward", head.__dict__["forward"].replaced)
@@ -159,8 +159,7 @@ def _fused_forward(target, original, args, kwargs, settings):
     if not hasattr(output, "logits"):
         raise ValueError(f"{name}.forward returned {type(output).__name__}, not a ModelOutput: patch_causal_lm needs "
                          f"return_dict=True (the default)")
-    head_map = head_settings(target)
-    _check_logit_map(target, output.logits, head_map)
+    head_map = _logit_map(target, output.logits)
     call, hidden = calls[0], hidden[0]
     ignore_index = settings.get("ignore_index", call.get("ignore_index", -100))
     shift_labels = call.get("shift_labels")
@@ -178,16 +177,22 @@ def _fused_forward(target, original, args, kwargs, settings):
     return type(output)(loss=loss, logits=None, **fields)
 
 
-def _check_logit_map(target, probe_logits, head_map) -> None:
-    """The model's code after its head, run on the probe, must be the map kdfast applies: the scale, then the cap.
-    Checked once per model (it reads the probe back to the host)."""
-    if target.__dict__.get(_MAP_CHECKED):
-        return
+def _logit_map(target, probe_logits) -> dict:
+    """The map the model's code after its head applies, as `linear_cross_entropy`'s logit_scale and softcap: the
+    config's scale then cap (TRL's reading), or the cap alone where the model applies its scale to the hidden states
+    before the head (MiniCPM3 divides them by `logits_scaling`), which the recorded input already carries. Found on
+    the first call (it reads the probe back to the host) and kept; a map that is neither is refused."""
+    if _LOGIT_MAP in target.__dict__:
+        return target.__dict__[_LOGIT_MAP]
     seen = probe_logits.reshape(-1, len(_PROBE))[0].float().tolist()
-    scale, cap = head_map["logit_scale"], head_map["softcap"]
-    expected = [scale * z if cap is None else cap * math.tanh(scale * z / cap) for z in _PROBE]
-    if not all(math.isclose(a, b, rel_tol=1e-2, abs_tol=1e-3) for a, b in zip(seen, expected)):
-        raise ValueError(f"{type(target).__name__} maps its LM head's output z to logits kdfast does not read from "
-                         f"its config (logit_scale={scale}, softcap={cap}): z = {list(_PROBE)} gave {seen}, "
-                         f"expected {expected}; patch_causal_lm cannot compute this model's loss")
-    target.__dict__[_MAP_CHECKED] = True
+    read = head_settings(target)
+    candidates = [read, {**read, "logit_scale": 1.0}]
+    for candidate in candidates:
+        scale, cap = candidate["logit_scale"], candidate["softcap"]
+        expected = [scale * z if cap is None else cap * math.tanh(scale * z / cap) for z in _PROBE]
+        if all(math.isclose(a, b, rel_tol=1e-2, abs_tol=1e-3) for a, b in zip(seen, expected)):
+            target.__dict__[_LOGIT_MAP] = candidate
+            return candidate
+    raise ValueError(f"{type(target).__name__} maps its LM head's output z to logits kdfast does not read from its "
+                     f"config (logit_scale={read['logit_scale']}, softcap={read['softcap']}): z = {list(_PROBE)} gave "
+                     f"{seen}; patch_causal_lm cannot compute this model's loss")
