@@ -104,17 +104,20 @@ def assert_same_gradients(model, patched, rtol=1e-4):
     assert checked > 0
 
 
-@pytest.mark.parametrize("make", FAMILIES)
-def test_loss_and_gradients_equal_the_models_own(make):
-    model, patched = own_and_patched(make)
-    batch = token_batch()
-    own = model(**batch)
-    fused = patched(**batch)
+def assert_same_loss_and_gradients(model, patched, own, fused):
+    """The fused output's loss is the model's own, with no logits, and so is every parameter's gradient."""
     assert fused.logits is None
     torch.testing.assert_close(fused.loss, own.loss, rtol=1e-5, atol=1e-6)
     own.loss.backward()
     fused.loss.backward()
     assert_same_gradients(model, patched)
+
+
+@pytest.mark.parametrize("make", FAMILIES)
+def test_loss_and_gradients_equal_the_models_own(make):
+    model, patched = own_and_patched(make)
+    batch = token_batch()
+    assert_same_loss_and_gradients(model, patched, model(**batch), patched(**batch))
 
 
 def test_the_router_loss_is_kept():
@@ -151,10 +154,7 @@ def test_num_items_in_batch_divides_the_sum():
     batch = token_batch()
     count = torch.tensor(7)
     own, fused = model(**batch, num_items_in_batch=count), patched(**batch, num_items_in_batch=count)
-    torch.testing.assert_close(fused.loss, own.loss, rtol=1e-5, atol=1e-6)
-    own.loss.backward()
-    fused.loss.backward()
-    assert_same_gradients(model, patched)
+    assert_same_loss_and_gradients(model, patched, own, fused)
 
 
 def test_shift_labels_and_positional_labels():
@@ -189,12 +189,7 @@ def test_peft_model_is_patched_at_its_base():
     own = peft.get_peft_model(model, config)
     fused = patch_causal_lm(copy.deepcopy(own))
     batch = token_batch()
-    own_out, fused_out = own(**batch), fused(**batch)
-    assert fused_out.logits is None
-    torch.testing.assert_close(fused_out.loss, own_out.loss, rtol=1e-5, atol=1e-6)
-    own_out.loss.backward()
-    fused_out.loss.backward()
-    assert_same_gradients(own, fused)
+    assert_same_loss_and_gradients(own, fused, own(**batch), fused(**batch))
 
 
 def test_peft_adapter_on_the_head_is_refused():
@@ -293,14 +288,10 @@ def test_torch_compile_of_the_patched_model():
     model = tiny_llama(layers=1).train()
     patched = patch_causal_lm(copy.deepcopy(model))
     batch = token_batch()
-    patched(**batch)  # the logit map's check reads the probe to the host: once, before compiling
+    patched(**batch)  # finding the logit map reads the probe to the host: once, before compiling
     # aot_eager: dynamo traces the patched forward and AOT autograd its backward, without code generation.
     own, fused = model(**batch), torch.compile(patched, backend="aot_eager")(**batch)
-    assert fused.logits is None
-    torch.testing.assert_close(fused.loss, own.loss, rtol=1e-5, atol=1e-6)
-    own.loss.backward()
-    fused.loss.backward()
-    assert_same_gradients(model, patched)
+    assert_same_loss_and_gradients(model, patched, own, fused)
 
 
 def test_a_replaced_head_is_named():
