@@ -283,3 +283,12 @@ def test_fp32_logits_reaches_the_loss(tmp_path):
     assert losses[True] != losses[False], "bf16 heads: float32 logits give another (closer) loss"
     with pytest.raises(ValueError, match="fp32_logits must be True or False"):
         make_trainer(tmp_path, student, teacher, fp32_logits="yes")
+
+
+def test_a_batch_with_images_is_refused(tmp_path):
+    """The losses run the decoders on input_ids alone: a vision-language batch's images would be dropped."""
+    student, teacher = student_and_teacher()
+    trainer = make_trainer(tmp_path, student, teacher)
+    batch = {**token_batch(), "pixel_values": torch.zeros(4, 3, 14, 14)}
+    with pytest.raises(ValueError, match=r"\['pixel_values'\]"):
+        trainer.compute_loss(trainer.model, batch)

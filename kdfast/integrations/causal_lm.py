@@ -13,6 +13,10 @@ from kdfast.linear_sparse_loss import fused_linear_sparse_loss
 from kdfast.options import LossOptions
 from kdfast.sparse_options import SparseOptions
 
+# The inputs TRL's `_get_last_hidden_state` passes on to a vision-language model's backbone.
+MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
+                   "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
 
 def output_head(model) -> torch.nn.Module:
     head = model.get_output_embeddings()

@@ -12,7 +12,12 @@ import functools
 import torch
 from transformers import Trainer
 
-from kdfast.integrations.causal_lm import batch_distill_loss, batch_multi_teacher_loss, batch_sparse_distill_loss
+from kdfast.integrations.causal_lm import (
+    MULTIMODAL_KEYS,
+    batch_distill_loss,
+    batch_multi_teacher_loss,
+    batch_sparse_distill_loss,
+)
 from kdfast.integrations.compiled_loss import check_compile_supported, compiled, entered_model
 from kdfast.integrations.cross_tokenizer import (
     GROUPS_IN_BATCH,
@@ -42,6 +47,9 @@ from kdfast.options import LossOptions
 from kdfast.teacher_cache.collate import SparseTeacherCollator
 from kdfast.teacher_weights import check_trainer_weights
 from kdfast.validation import check_chunk_settings
+
+# What only images bring (token_type_ids also come with some text tokenizers' batches).
+_IMAGE_KEYS = tuple(key for key in MULTIMODAL_KEYS if "token_type" not in key)
 
 
 def _floating_dtype(model) -> torch.dtype:
@@ -257,6 +265,11 @@ class DistillationTrainer(Trainer):
         if "labels" not in inputs:
             raise ValueError("DistillationTrainer needs `labels` in every batch (token ids, -100 where ignored), "
                              "e.g. from DataCollatorForLanguageModeling(tokenizer, mlm=False)")
+        images = sorted(key for key in _IMAGE_KEYS if inputs.get(key) is not None)
+        if images:
+            # The losses run the decoders on input_ids alone: images would be dropped, not distilled.
+            raise ValueError(f"DistillationTrainer distils text: the batch holds {images}, which its decoders would "
+                             f"not see; kdfast.integrations.trl.DistillationTrainer passes them to the models")
         wrapper, student = entered_model(self, model)  # under torch_compile `_batch_loss` is what compiles
         loss = run_through_wrapper(wrapper, student, functools.partial(self._student_loss, student), inputs,
                                    num_items_in_batch)

@@ -10,7 +10,14 @@ import sys
 
 import torch
 
-from kdfast.integrations.causal_lm import final_softcap, head_settings, logit_scale, output_head, own_examples
+from kdfast.integrations.causal_lm import (
+    MULTIMODAL_KEYS,
+    final_softcap,
+    head_settings,
+    logit_scale,
+    output_head,
+    own_examples,
+)
 from kdfast.integrations.sharding import whole_head, whole_heads
 from kdfast.integrations.teacher_names import (
     check_dataset_teacher_ids,
@@ -283,7 +290,7 @@ class DistillationTrainer(_TRLDistillationTrainer):
         if "tool_mask" in inputs:  # multi-turn: tool outputs are not the student's to learn
             loss_mask = loss_mask * inputs["tool_mask"]
         logits_to_keep = inputs["completion_ids"].size(1)
-        multimodal = {key: inputs[key] for key in _MULTIMODAL_KEYS if key in inputs}
+        multimodal = {key: inputs[key] for key in MULTIMODAL_KEYS if key in inputs}
         student_hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, logits_to_keep,
                                                      **multimodal)
         if self.teacher_models is not None and len(self.teacher_models) > 1:
@@ -344,7 +351,3 @@ class DistillationTrainer(_TRLDistillationTrainer):
         self._teacher_divergences = (per_teacher.detach(), tokens.detach())
         return loss, entropy_sum, n_valid
 
-
-# The inputs TRL's `_get_last_hidden_state` passes on to a vision-language model's backbone.
-_MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
-                    "token_type_ids", "mm_token_type_ids", "image_position_ids")
