@@ -285,10 +285,11 @@ def test_fp32_logits_reaches_the_loss(tmp_path):
         make_trainer(tmp_path, student, teacher, fp32_logits="yes")
 
 
-def test_a_batch_with_images_is_refused(tmp_path):
-    """The losses run the decoders on input_ids alone: a vision-language batch's images would be dropped."""
+def test_a_text_model_given_images_is_refused(tmp_path):
+    """Its backbone takes no pixel_values: a Llama decoder would drop them into its **kwargs unseen
+    (vision-language models: tests/test_trainer_vision_language.py)."""
     student, teacher = student_and_teacher()
     trainer = make_trainer(tmp_path, student, teacher)
     batch = {**token_batch(), "pixel_values": torch.zeros(4, 3, 14, 14)}
-    with pytest.raises(ValueError, match=r"\['pixel_values'\]"):
+    with pytest.raises(ValueError, match=r"LlamaModel takes no \['pixel_values'\]"):
         trainer.compute_loss(trainer.model, batch)

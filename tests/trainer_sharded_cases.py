@@ -1,9 +1,9 @@
 """What each rank runs in tests/test_trainer_sharded.py: `DistillationTrainer` (one teacher, sharded or replicated,
-several, sparse, or of another tokenizer), kdfast's TRL `GKDTrainer`, its subclass of TRL's stable
-`DistillationTrainer` and TRL's fused LM head on kdfast under accelerate's FSDP2 plugin or DeepSpeed ZeRO-3 (set up by
-`TrainingArguments`, as `accelerate launch` with such a config sets them up), 2 gloo ranks on CPU, each taking half of
-every batch. The loss of each step, every parameter's gradient in the first step and the parameters after 3 SGD steps
-equal an unsharded student's trained on the whole batch in the same process.
+several, sparse, of another tokenizer, or vision-language models on images), kdfast's TRL `GKDTrainer`, its subclass
+of TRL's stable `DistillationTrainer` and TRL's fused LM head on kdfast under accelerate's FSDP2 plugin or DeepSpeed
+ZeRO-3 (set up by `TrainingArguments`, as `accelerate launch` with such a config sets them up), 2 gloo ranks on CPU,
+each taking half of every batch. The loss of each step, every parameter's gradient in the first step and the
+parameters after 3 SGD steps equal an unsharded student's trained on the whole batch in the same process.
 
 The gradient is read from the first step's update, (before - after) / lr, because DeepSpeed's step runs inside
 its backward (no hook sees the whole gradient before it); for FSDP2 that is the same number.
@@ -407,6 +407,32 @@ def patched_causal_lm_case(tmp_path, setup):
     assert len(calls) == STEPS, "each step's loss came from kdfast"
 
 
+def vision_language_case(tmp_path, setup):
+    """LLaVA student and teacher on examples with an image each (the Trainer's default collator stacks them): the
+    images reach both models' multimodal backbones on every rank, the teacher sharded as the student is."""
+    from transformers import default_data_collator
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    from vision_batches import vision_models, with_labels
+
+    from kdfast.integrations.causal_lm import batch_distill_loss
+    from kdfast.integrations.transformers import DistillationTrainer
+    from kdfast.options import LossOptions
+
+    # A vision-language model builds its towers by from_config, which an earlier case's ZeRO-3 arguments (still
+    # alive) would partition as they are built; built whole here, as the text cases' models are, for the Trainer to
+    # partition.
+    unset_hf_deepspeed_config()
+    (student, teacher), make_batch = vision_models("llava")
+    batch = with_labels(make_batch(student, seed=17, rows=4))
+    opts = LossOptions(**SETTINGS)
+    expected = _reference_run(vision_models("llava")[0][0], batch,
+                              lambda model, inputs: batch_distill_loss(model, teacher, inputs, opts))
+    examples = [{key: value[row] for key, value in batch.items()} for row in range(4)]
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=_args(tmp_path, setup),
+                                  train_dataset=examples, data_collator=default_data_collator, **SETTINGS)
+    _train_and_compare(trainer, expected, teacher_sharded=True)
+
+
 CASES = {"sharded-teacher": functools.partial(distillation_case, sparse=False),
          "replicated-teacher": functools.partial(distillation_case, sparse=False, shard_teacher=False),
          "sparse-teacher": functools.partial(distillation_case, sparse=True),
@@ -421,7 +447,8 @@ CASES = {"sharded-teacher": functools.partial(distillation_case, sparse=False),
          "trl-fused-head, frozen, entropy bonus": functools.partial(trl_fused_head_case, head_learns=False,
                                                                     entropy_bonus=True),
          "trl-fused-head, head learns": functools.partial(trl_fused_head_case, head_learns=True, entropy_bonus=True),
-         "patched-causal-lm": patched_causal_lm_case}
+         "patched-causal-lm": patched_causal_lm_case,
+         "vision-language": vision_language_case}
 
 
 def run_all(rank, world, port, setup_name, folder, out_path):

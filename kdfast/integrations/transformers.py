@@ -13,7 +13,6 @@ import torch
 from transformers import Trainer
 
 from kdfast.integrations.causal_lm import (
-    MULTIMODAL_KEYS,
     batch_distill_loss,
     batch_multi_teacher_loss,
     batch_sparse_distill_loss,
@@ -42,14 +41,12 @@ from kdfast.integrations.teacher_names import (
     named_teachers,
     weights_in_order,
 )
+from kdfast.integrations.vision_inputs import IMAGE_KEYS
 from kdfast.multi_teacher import COMBINES
 from kdfast.options import LossOptions
 from kdfast.teacher_cache.collate import SparseTeacherCollator
 from kdfast.teacher_weights import check_trainer_weights
 from kdfast.validation import check_chunk_settings
-
-# What only images bring (token_type_ids also come with some text tokenizers' batches).
-_IMAGE_KEYS = tuple(key for key in MULTIMODAL_KEYS if "token_type" not in key)
 
 
 def _floating_dtype(model) -> torch.dtype:
@@ -93,8 +90,10 @@ class DistillationTrainer(Trainer):
     default collator is `SparseTeacherCollator`.
 
     Batches need `input_ids`, `labels` (-100 where ignored; unshifted, as `DataCollatorForLanguageModeling`
-    gives them) and optionally `attention_mask`. `vocab_size` is the tokenizer's vocabulary both models share
-    (default: the length of `processing_class` when given); LM-head rows past it are padding and are dropped.
+    gives them) and optionally `attention_mask`; for vision-language models the processor's image inputs
+    (`pixel_values`, `image_grid_thw`, ...), which reach the student's and the teachers' multimodal backbones.
+    `vocab_size` is the tokenizer's vocabulary both models share (default: the length of `processing_class` when
+    given); LM-head rows past it are padding and are dropped.
     """
 
     def __init__(self, model=None, teacher_model=None, args=None, *, teacher_cache=None, divergence="forward_kl",
@@ -265,11 +264,7 @@ class DistillationTrainer(Trainer):
         if "labels" not in inputs:
             raise ValueError("DistillationTrainer needs `labels` in every batch (token ids, -100 where ignored), "
                              "e.g. from DataCollatorForLanguageModeling(tokenizer, mlm=False)")
-        images = sorted(key for key in _IMAGE_KEYS if inputs.get(key) is not None)
-        if images:
-            # The losses run the decoders on input_ids alone: images would be dropped, not distilled.
-            raise ValueError(f"DistillationTrainer distils text: the batch holds {images}, which its decoders would "
-                             f"not see; kdfast.integrations.trl.DistillationTrainer passes them to the models")
+        self._check_images(inputs)
         wrapper, student = entered_model(self, model)  # under torch_compile `_batch_loss` is what compiles
         loss = run_through_wrapper(wrapper, student, functools.partial(self._student_loss, student), inputs,
                                    num_items_in_batch)
@@ -277,6 +272,19 @@ class DistillationTrainer(Trainer):
             # num_items_in_batch counts every rank's tokens and DDP averages gradients over ranks.
             loss = loss * self.accelerator.num_processes
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _check_images(self, inputs):
+        """A batch with images reaches the student and teacher models' multimodal backbones; a teacher that saw
+        text alone (a teacher cache, a served teacher's prompt log-probs) or a teacher of another tokenizer (the
+        collator aligns text) would be matched on rows whose images it never saw, so such a batch is refused."""
+        images = sorted(key for key in IMAGE_KEYS if inputs.get(key) is not None)
+        textual = ("teacher_cache" if self.teacher_cache is not None else
+                   "teacher_server" if self.served_teacher is not None else
+                   "teacher_tokenizer" if self.vocab_map is not None else None)
+        if images and textual:
+            raise ValueError(f"the batch holds images ({images}) but the teacher given by {textual} sees text alone: "
+                             f"distil a vision-language batch from a teacher_model (or dataset columns of teacher "
+                             f"log-probs computed with the images)")
 
     def _student_loss(self, student, inputs, num_items_in_batch):
         # Mixed precision comes from the Trainer's settings: the model's own (autocast-wrapped) forward is skipped.

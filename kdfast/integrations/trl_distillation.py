@@ -11,7 +11,6 @@ import sys
 import torch
 
 from kdfast.integrations.causal_lm import (
-    MULTIMODAL_KEYS,
     final_softcap,
     head_settings,
     logit_scale,
@@ -25,6 +24,7 @@ from kdfast.integrations.teacher_names import (
     teacher_position,
     weights_in_order,
 )
+from kdfast.integrations.vision_inputs import MULTIMODAL_KEYS
 from kdfast.linear_loss import fused_linear_loss
 from kdfast.linear_multi_teacher import fused_linear_multi_teacher_loss
 from kdfast.multi_teacher import COMBINES
