@@ -1,9 +1,9 @@
 """What each rank runs in tests/test_trainer_sharded.py: `DistillationTrainer` (one teacher, sharded or replicated,
-several, sparse, of another tokenizer, or vision-language models on images), kdfast's TRL `GKDTrainer`, its subclass
-of TRL's stable `DistillationTrainer` and TRL's fused LM head on kdfast under accelerate's FSDP2 plugin or DeepSpeed
-ZeRO-3 (set up by `TrainingArguments`, as `accelerate launch` with such a config sets them up), 2 gloo ranks on CPU,
-each taking half of every batch. The loss of each step, every parameter's gradient in the first step and the
-parameters after 3 SGD steps equal an unsharded student's trained on the whole batch in the same process.
+several, sparse, of another tokenizer, vision-language models on images, packed examples), kdfast's TRL `GKDTrainer`,
+its subclass of TRL's stable `DistillationTrainer` and TRL's fused LM head on kdfast under accelerate's FSDP2 plugin
+or DeepSpeed ZeRO-3 (set up by `TrainingArguments`, as `accelerate launch` with such a config sets them up), 2 gloo
+ranks on CPU, each taking half of every batch. The loss of each step, every parameter's gradient in the first step and
+the parameters after 3 SGD steps equal an unsharded student's trained on the whole batch in the same process.
 
 The gradient is read from the first step's update, (before - after) / lr, because DeepSpeed's step runs inside
 its backward (no hook sees the whole gradient before it); for FSDP2 that is the same number.
@@ -433,6 +433,29 @@ def vision_language_case(tmp_path, setup):
     _train_and_compare(trainer, expected, teacher_sharded=True)
 
 
+def packed_sequences_case(tmp_path, setup):
+    """Examples of different lengths packed by DataCollatorWithFlattening (each rank packs its own), the teacher
+    sharded as the student is: their positions reach both models on every rank."""
+    from tiny_models import VOCAB, student_and_teacher
+    from transformers import DataCollatorWithFlattening
+
+    from kdfast.integrations.causal_lm import batch_distill_loss
+    from kdfast.integrations.transformers import DistillationTrainer
+    from kdfast.options import LossOptions
+
+    generator = torch.Generator().manual_seed(5)
+    rows = [torch.randint(3, VOCAB, (length,), generator=generator).tolist() for length in (7, 5, 9, 4)]
+    student, teacher = student_and_teacher(head_scale=4.0)
+    opts = LossOptions(**SETTINGS)
+    whole = dict(DataCollatorWithFlattening(return_tensors="pt")([{"input_ids": row} for row in rows]))
+    expected = _reference_run(student_and_teacher(head_scale=4.0)[0], whole,
+                              lambda model, inputs: batch_distill_loss(model, teacher, inputs, opts))
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=_args(tmp_path, setup),
+                                  train_dataset=[{"input_ids": row} for row in rows],
+                                  data_collator=DataCollatorWithFlattening(), **SETTINGS)
+    _train_and_compare(trainer, expected, teacher_sharded=True)
+
+
 CASES = {"sharded-teacher": functools.partial(distillation_case, sparse=False),
          "replicated-teacher": functools.partial(distillation_case, sparse=False, shard_teacher=False),
          "sparse-teacher": functools.partial(distillation_case, sparse=True),
@@ -448,7 +471,8 @@ CASES = {"sharded-teacher": functools.partial(distillation_case, sparse=False),
                                                                     entropy_bonus=True),
          "trl-fused-head, head learns": functools.partial(trl_fused_head_case, head_learns=True, entropy_bonus=True),
          "patched-causal-lm": patched_causal_lm_case,
-         "vision-language": vision_language_case}
+         "vision-language": vision_language_case,
+         "packed-sequences": packed_sequences_case}
 
 
 def run_all(rank, world, port, setup_name, folder, out_path):

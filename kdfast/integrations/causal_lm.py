@@ -1,14 +1,17 @@
 """What the trainers need from a Hugging Face causal LM to distil without its logits: the decoder's last hidden
 states, the LM head's weight and bias, and the logit post-processing its config names. Generic over
 architectures: only `get_decoder()` (the multimodal `base_model` for a batch with images), `get_output_embeddings()`
-and config attributes are used."""
+and config attributes are used. Every model gets the ids with what else the batch says of them (`decoder_inputs`):
+packed examples' positions, images."""
 
 from __future__ import annotations
 
 import torch
 
-from kdfast.integrations.sharding import collective_forward, run_through_wrapper, whole_head, whole_heads
-from kdfast.integrations.vision_inputs import image_inputs, vision_backbone
+from kdfast.integrations.example_routing import example_routes, own_examples, token_routes
+from kdfast.integrations.packed_sequences import packing_inputs
+from kdfast.integrations.sharding import run_through_wrapper, whole_head, whole_heads
+from kdfast.integrations.vision_inputs import IMAGE_KEYS, image_inputs, vision_backbone
 from kdfast.linear_loss import fused_linear_loss
 from kdfast.linear_multi_teacher import fused_linear_multi_teacher_loss
 from kdfast.linear_sparse_loss import fused_linear_sparse_loss
@@ -30,14 +33,19 @@ def output_head(model) -> torch.nn.Module:
     return head
 
 
-def last_hidden_state(model, input_ids, attention_mask=None, images=None) -> torch.Tensor:
-    """The decoder's output before the LM head, [batch, seq, hidden]. With `images` (`image_inputs` of the batch),
-    the multimodal backbone's: the images merged into the sequence where their placeholder tokens stand."""
-    if images:
-        outputs = vision_backbone(model, images)(input_ids=input_ids, attention_mask=attention_mask, **images,
-                                                 use_cache=False)
-    else:
-        outputs = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+def decoder_inputs(inputs) -> dict:
+    """What a batch gives every model beside its ids and attention mask: the positions of packed examples (and
+    flash-attention's lengths of them), and its images."""
+    return {**packing_inputs(inputs), **image_inputs(inputs)}
+
+
+def last_hidden_state(model, input_ids, attention_mask=None, extra=None) -> torch.Tensor:
+    """The decoder's output before the LM head, [batch, seq, hidden]. `extra`: `decoder_inputs` of the batch; with
+    images, the multimodal backbone's output: the images merged into the sequence where their placeholders stand."""
+    extra = extra or {}
+    images = any(key in extra for key in IMAGE_KEYS)
+    decoder = vision_backbone(model, extra) if images else model.get_decoder()
+    outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, **extra, use_cache=False)
     return outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
 
 
@@ -98,14 +106,14 @@ def distill_from_hidden(student, teacher, student_hidden, teacher_hidden, labels
 def batch_distill_loss(student, teacher, inputs, options: LossOptions, *, chunk_size="auto", fp32_logits=False,
                        num_items_in_batch=None):
     """The fused loss of one batch: both decoders' last hidden states (the teacher's under no_grad), position i
-    predicting `inputs["labels"][:, i + 1]`; a batch's images reach both models. Called under the caller's
-    autocast."""
-    input_ids, attention_mask, images = inputs["input_ids"], inputs.get("attention_mask"), image_inputs(inputs)
-    student_hidden = last_hidden_state(student, input_ids, attention_mask, images)[:, :-1]
+    predicting `inputs["labels"][:, i + 1]`; the batch's `decoder_inputs` reach both models. Called under the
+    caller's autocast."""
+    input_ids, attention_mask, extra = inputs["input_ids"], inputs.get("attention_mask"), decoder_inputs(inputs)
+    student_hidden = last_hidden_state(student, input_ids, attention_mask, extra)[:, :-1]
     with torch.no_grad():
         # An FSDP2 teacher is entered through its own forward, which gathers its root's parameters (embeddings).
         teacher_hidden = run_through_wrapper(teacher, teacher, last_hidden_state, teacher, input_ids,
-                                             attention_mask, images)[:, :-1]
+                                             attention_mask, extra)[:, :-1]
     return distill_from_hidden(student, teacher, student_hidden, teacher_hidden, inputs["labels"][:, 1:], options,
                                chunk_size=chunk_size, fp32_logits=fp32_logits,
                                num_items_in_batch=num_items_in_batch)
@@ -116,15 +124,16 @@ def batch_multi_teacher_loss(student, teachers: list, inputs, options: LossOptio
     """The fused loss of one batch against several teacher models (each one's hidden states under no_grad, each
     head's own logit scale and softcap). Without `weights`, a batch's `teacher_id` column ([batch] indices) routes
     each example to its teacher: each teacher model runs on its own examples alone (on all of them where its forward
-    is a collective of sharded ranks, or the batch holds images) and the loss runs each row's own head alone."""
-    input_ids, attention_mask, images = inputs["input_ids"], inputs.get("attention_mask"), image_inputs(inputs)
-    route = _routing(inputs["teacher_id"], len(teachers)) if weights is None and "teacher_id" in inputs else None
-    student_hidden = last_hidden_state(student, input_ids, attention_mask, images)[:, :-1]
+    is a collective of sharded ranks, or the batch holds `decoder_inputs`) and the loss runs each row's own head
+    alone."""
+    input_ids, attention_mask, extra = inputs["input_ids"], inputs.get("attention_mask"), decoder_inputs(inputs)
+    route = example_routes(inputs["teacher_id"], len(teachers)) if weights is None and "teacher_id" in inputs else None
+    student_hidden = last_hidden_state(student, input_ids, attention_mask, extra)[:, :-1]
     with torch.no_grad():
-        teacher_hidden = [_teacher_hidden(teacher, input_ids, attention_mask, images, route, index)
+        teacher_hidden = [_teacher_hidden(teacher, input_ids, attention_mask, extra, route, index)
                           for index, teacher in enumerate(teachers)]
     if route is not None:
-        weights = route.to(student_hidden.device)[:, None].expand(student_hidden.shape[:-1])
+        weights = token_routes(route, input_ids, extra.get("position_ids")).to(student_hidden.device)[:, :-1]
     student_head, heads = output_head(student), [output_head(teacher) for teacher in teachers]
     with whole_heads(student, student_head, teachers, heads):
         return fused_linear_multi_teacher_loss(
@@ -158,44 +167,22 @@ def batch_sparse_distill_loss(student, inputs, options: SparseOptions, *, chunk_
     if missing:
         raise ValueError(f"a batch against a sparse teacher needs labels, teacher_ids and teacher_logprobs; missing "
                          f"{missing} (kdfast.teacher_cache.SparseTeacherCollator makes such batches)")
-    hidden = last_hidden_state(student, inputs["input_ids"], inputs.get("attention_mask"), image_inputs(inputs))[:, :-1]
+    hidden = last_hidden_state(student, inputs["input_ids"], inputs.get("attention_mask"),
+                               decoder_inputs(inputs))[:, :-1]
     return sparse_distill_from_hidden(student, hidden, inputs["teacher_ids"][:, 1:], inputs["teacher_logprobs"][:, 1:],
                                       inputs["labels"][:, 1:], options, chunk_size=chunk_size, fp32_logits=fp32_logits,
                                       num_items_in_batch=num_items_in_batch)
 
 
-def _routing(teacher_id, count: int) -> torch.Tensor:
-    """[batch] int64 teacher indices on the host from the `teacher_id` column, checked before any forward pass (the
-    routed loss reads them on the host anyway)."""
-    teacher_id = torch.as_tensor(teacher_id).reshape(-1)
-    if teacher_id.dtype.is_floating_point or teacher_id.dtype == torch.bool:
-        raise ValueError(f"the batch's teacher_id column must hold integer teacher indices, got dtype "
-                         f"{teacher_id.dtype}")
-    teacher_id = teacher_id.to("cpu", torch.int64)
-    if teacher_id.numel():
-        low, high = int(teacher_id.min()), int(teacher_id.max())
-        if low < 0 or high >= count:
-            raise ValueError(f"the batch's teacher_id column must index the {count} teachers (0..{count - 1}), got "
-                             f"values from {low} to {high}")
-    return teacher_id
-
-
-def own_examples(route, index: int, teacher):
-    """The examples routed to teacher `index` ([count] indices), for it to run on alone; None where it runs on all of
-    them: no routing, or a forward that is a collective of sharded ranks (every rank runs it on its whole batch)."""
-    if route is None or collective_forward(teacher):
-        return None
-    return (route == index).nonzero().flatten()
-
-
-def _teacher_hidden(teacher, input_ids, attention_mask, images, route, index: int) -> torch.Tensor:
+def _teacher_hidden(teacher, input_ids, attention_mask, extra, route, index: int) -> torch.Tensor:
     """Teacher `index`'s last hidden states, position i predicting token i + 1: of every example ([batch, seq - 1,
-    H]), or routed, of its own examples only ([rows, H], the loss's routed form; `own_examples`). A batch's images
-    are not split by example (Qwen-VL's patches of all images are one tensor): with them each teacher runs on all."""
-    mine = own_examples(route if not images else None, index, teacher)
+    H]), or routed, of its own examples only ([rows, H], the loss's routed form; `own_examples`). A batch's
+    `decoder_inputs` are not split by example (Qwen-VL's patches of all images are one tensor, flash-attention's
+    lengths one list): with them each teacher runs on all."""
+    mine = own_examples(route if not extra else None, index, teacher)
     if mine is None:
         return run_through_wrapper(teacher, teacher, last_hidden_state, teacher, input_ids, attention_mask,
-                                   images)[:, :-1]
+                                   extra)[:, :-1]
     mine = mine.to(input_ids.device)
     if mine.numel() == 0:
         head = output_head(teacher).weight

@@ -90,7 +90,8 @@ class DistillationTrainer(Trainer):
     default collator is `SparseTeacherCollator`.
 
     Batches need `input_ids`, `labels` (-100 where ignored; unshifted, as `DataCollatorForLanguageModeling`
-    gives them) and optionally `attention_mask`; for vision-language models the processor's image inputs
+    gives them) and optionally `attention_mask`, or the `position_ids` of packed examples (`DataCollatorWithFlattening`,
+    TRL's `padding_free`), which reach every model; for vision-language models the processor's image inputs
     (`pixel_values`, `image_grid_thw`, ...), which reach the student's and the teachers' multimodal backbones.
     `vocab_size` is the tokenizer's vocabulary both models share (default: the length of `processing_class` when
     given); LM-head rows past it are padding and are dropped.

@@ -15,8 +15,8 @@ from kdfast.integrations.causal_lm import (
     head_settings,
     logit_scale,
     output_head,
-    own_examples,
 )
+from kdfast.integrations.example_routing import own_examples
 from kdfast.integrations.sharding import whole_head, whole_heads
 from kdfast.integrations.teacher_names import (
     check_dataset_teacher_ids,

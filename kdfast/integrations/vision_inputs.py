@@ -22,16 +22,17 @@ def image_inputs(inputs) -> dict:
 
 
 def vision_backbone(model, images: dict):
-    """The module whose forward takes `images` with the input ids and returns the last hidden states before the LM
-    head: transformers' `base_model` (the multimodal wrapper of a vision-language model; a PEFT model's underlying
-    one), or `.model` where a pre-5.0 vision-language model's base model is itself. A model that does not take the
-    batch's image inputs by name is refused: a text model would drop them into its **kwargs unseen."""
+    """The module whose forward takes `images` (with whatever else the batch gives every model) and the input ids and
+    returns the last hidden states before the LM head: transformers' `base_model` (the multimodal wrapper of a
+    vision-language model; a PEFT model's underlying one), or `.model` where a pre-5.0 vision-language model's base
+    model is itself. A model that does not take the batch's image inputs by name is refused: a text model would drop
+    them into its **kwargs unseen."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = inner.base_model
     if backbone is inner:
         backbone = getattr(inner, "model", inner)
     accepted = inspect.signature(backbone.forward).parameters
-    missing = sorted(key for key in images if key not in accepted)
+    missing = sorted(key for key in images if key in MULTIMODAL_KEYS and key not in accepted)
     if missing:
         raise ValueError(f"the batch holds images but {type(inner).__name__}'s backbone {type(backbone).__name__} "
                          f"takes no {missing}: it would not see them; every model distilled on a vision-language "
