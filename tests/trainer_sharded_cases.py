@@ -1,9 +1,10 @@
 """What each rank runs in tests/test_trainer_sharded.py: `DistillationTrainer` (one teacher, sharded or replicated,
-several, sparse, of another tokenizer, vision-language models on images, packed examples), kdfast's TRL `GKDTrainer`,
-its subclass of TRL's stable `DistillationTrainer` and TRL's fused LM head on kdfast under accelerate's FSDP2 plugin
-or DeepSpeed ZeRO-3 (set up by `TrainingArguments`, as `accelerate launch` with such a config sets them up), 2 gloo
-ranks on CPU, each taking half of every batch. The loss of each step, every parameter's gradient in the first step and
-the parameters after 3 SGD steps equal an unsharded student's trained on the whole batch in the same process.
+several, sparse, of another tokenizer, given by a folder, vision-language models on images, packed examples), kdfast's
+TRL `GKDTrainer`, its subclass of TRL's stable `DistillationTrainer` and TRL's fused LM head on kdfast under
+accelerate's FSDP2 plugin or DeepSpeed ZeRO-3 (set up by `TrainingArguments`, as `accelerate launch` with such a
+config sets them up), 2 gloo ranks on CPU, each taking half of every batch. The loss of each step, every parameter's
+gradient in the first step and the parameters after 3 SGD steps equal an unsharded student's trained on the whole
+batch in the same process.
 
 The gradient is read from the first step's update, (before - after) / lr, because DeepSpeed's step runs inside
 its backward (no hook sees the whole gradient before it); for FSDP2 that is the same number.
@@ -456,6 +457,29 @@ def packed_sequences_case(tmp_path, setup):
     _train_and_compare(trainer, expected, teacher_sharded=True)
 
 
+def teacher_by_path_case(tmp_path, setup, *, shard_teacher: bool = True):
+    """The teacher given as a saved folder, loaded by the trainer after its set-up: under ZeRO-3 transformers
+    partitions it as it loads it (zero.Init), or loads it whole for a replicated teacher."""
+    from tiny_models import as_examples, student_and_teacher, token_batch
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from kdfast.integrations.causal_lm import batch_distill_loss
+    from kdfast.integrations.transformers import DistillationTrainer
+    from kdfast.options import LossOptions
+
+    unset_hf_deepspeed_config()  # an earlier case's ZeRO-3 arguments: the reference's models are built whole
+    student, teacher = student_and_teacher(head_scale=4.0)
+    folder = tmp_path / "teacher"
+    teacher.save_pretrained(folder)  # rank 0 writes it (the earlier cases set up the process group)
+    dist.barrier()
+    batch, opts = token_batch(), LossOptions(**SETTINGS)
+    expected = _reference_run(student_and_teacher(head_scale=4.0)[0], batch,
+                              lambda model, inputs: batch_distill_loss(model, teacher, inputs, opts))
+    trainer = DistillationTrainer(model=student, teacher_model=str(folder), args=_args(tmp_path, setup),
+                                  train_dataset=as_examples(batch), shard_teacher=shard_teacher, **SETTINGS)
+    _train_and_compare(trainer, expected, teacher_sharded=shard_teacher)
+
+
 CASES = {"sharded-teacher": functools.partial(distillation_case, sparse=False),
          "replicated-teacher": functools.partial(distillation_case, sparse=False, shard_teacher=False),
          "sparse-teacher": functools.partial(distillation_case, sparse=True),
@@ -472,7 +496,9 @@ CASES = {"sharded-teacher": functools.partial(distillation_case, sparse=False),
          "trl-fused-head, head learns": functools.partial(trl_fused_head_case, head_learns=True, entropy_bonus=True),
          "patched-causal-lm": patched_causal_lm_case,
          "vision-language": vision_language_case,
-         "packed-sequences": packed_sequences_case}
+         "packed-sequences": packed_sequences_case,
+         "teacher-by-path": teacher_by_path_case,
+         "teacher-by-path, replicated": functools.partial(teacher_by_path_case, shard_teacher=False)}
 
 
 def run_all(rank, world, port, setup_name, folder, out_path):

@@ -35,6 +35,7 @@ from kdfast.integrations.sparse_teacher import (
     sparse_options,
     sparse_training_data,
 )
+from kdfast.integrations.teacher_loading import is_model_name, load_teacher
 from kdfast.integrations.teacher_names import (
     TeacherIdCollator,
     check_dataset_teacher_ids,
@@ -64,12 +65,14 @@ class DistillationTrainer(Trainer):
     `kd_loss`, `ce_loss`, `z_loss`, `entropy` (the student's, at T, per token) and `token_accuracy`.
 
     The teacher is one of:
-    - `teacher_model`: run in eval mode under no_grad, on the student's device and dtype; or a list of models (of any
-      hidden sizes), or a dict of them by name, mixed (`teacher_combine="mixture"`) or averaged ("average") with
-      `teacher_weights` (M numbers, a dict by name, "confidence" or "min_ce", as `kdfast.multi_teacher_distill_loss`
-      takes them, checked here; without them, a dataset column `teacher_id`, a teacher's position or its name in the
-      dict, routes each example to one teacher, else they weigh 1/M each); each teacher's own divergence is logged as
-      `kd_loss_teacher_<m>` (its name in the dict);
+    - `teacher_model`: run in eval mode under no_grad, on the student's device and dtype (a Hub id or a local folder
+      is loaded, in the student's dtype, with `teacher_model_init_kwargs` for its `from_pretrained`, as TRL loads
+      one); or a list of models (of any hidden sizes), or a dict of them by name, mixed
+      (`teacher_combine="mixture"`) or averaged ("average") with `teacher_weights` (M numbers, a dict by name,
+      "confidence" or "min_ce", as `kdfast.multi_teacher_distill_loss` takes them, checked here; without them, a
+      dataset column `teacher_id`, a teacher's position or its name in the dict, routes each example to one teacher,
+      else they weigh 1/M each); each teacher's own divergence is logged as `kd_loss_teacher_<m>` (its name in the
+      dict);
     - `teacher_cache`: a `kdfast teacher-cache` folder (or `TeacherCache`); it is the training data unless
       `train_dataset` is given, whose rows must then be the cache's windows in order. Its tokenizer must be the
       student's (`processing_class`), and for tail="bucket" its temperature the loss's;
@@ -102,8 +105,13 @@ class DistillationTrainer(Trainer):
                  teacher_temperature=None, label_smoothing=0.0, z_loss_weight=0.0, chunk_size="auto", backend="auto",
                  vocab_size=None, shard_teacher=True, fp32_logits=False, teacher_server=None, teacher_top_k=20,
                  teacher_weights=None, teacher_combine="mixture", teacher_tokenizer=None, cross_vocab="hybrid",
-                 **trainer_kwargs):
+                 teacher_model_init_kwargs=None, **trainer_kwargs):
         teacher_model, names = named_teachers(teacher_model)
+        by_name = [teacher_model] if not isinstance(teacher_model, (list, tuple)) else teacher_model
+        if teacher_model_init_kwargs is not None and not any(is_model_name(teacher) for teacher in by_name):
+            raise ValueError("teacher_model_init_kwargs are from_pretrained keywords for a teacher given by name (a "
+                             "Hub id or a folder); teacher_model names none")
+        self.teacher_model_init_kwargs = teacher_model_init_kwargs
         teacher_weights = weights_in_order(teacher_weights, names)
         given = [name for name, value in (("teacher_model", teacher_model), ("teacher_cache", teacher_cache),
                                           ("teacher_server", teacher_server)) if value is not None]
@@ -237,6 +245,11 @@ class DistillationTrainer(Trainer):
                                                       *text]))
 
     def _placed_teacher(self, teacher):
+        if is_model_name(teacher):
+            # Loaded now, after the Trainer's set-up: under ZeRO-3 transformers then partitions it as it loads.
+            whole = self.is_deepspeed_enabled and not self.shard_teacher
+            teacher = load_teacher(teacher, self.teacher_model_init_kwargs, _floating_dtype(self.model),
+                                   replicated_under=self.args.hf_deepspeed_config if whole else None)
         teacher.eval()
         teacher.requires_grad_(False)
         if self.is_deepspeed_enabled:
