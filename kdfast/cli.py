@@ -91,10 +91,12 @@ def _run_benchmarks(args):
         args.module.run(argparse.Namespace(**options))
         return
     parse_benchmark_args = benchmark_module("bench_distill").parse_benchmark_args
+    started, took = time.perf_counter(), {}
     for name, module_name in BENCHMARKS.items():  # every one, with its defaults or (--full) its FULL_SETTINGS
         module = benchmark_module(module_name)
         parser = argparse.ArgumentParser(prog=f"kdfast bench {name}")
         module.add_arguments(parser)
+        start = time.perf_counter()
         try:
             module.run(parse_benchmark_args(parser, ["--full"] if args.full else [], full_settings(module)))
         except ModuleNotFoundError as error:  # a benchmark needing more than the bench extra: the others still run
@@ -102,6 +104,10 @@ def _run_benchmarks(args):
             if line is None:
                 raise
             print(f"skipped: {line}", file=sys.stderr)
+        took[name] = time.perf_counter() - start
+    # Where the run's minutes went: each benchmark's share, so a slow machine shows which one to run alone.
+    print(f"\nkdfast bench: {time.perf_counter() - started:.0f} s in all; "
+          + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in took.items()))
 
 
 def _profile(args):
