@@ -213,6 +213,29 @@ def test_evaluate_reports_the_distillation_loss(tmp_path):
     metrics = trainer.evaluate()
     expected = reference_loss(student, teacher, batch, **SETTINGS).item()
     assert abs(metrics["eval_loss"] - expected) < 1e-4 * max(1.0, abs(expected)), (metrics, expected)
+    kd = reference_loss(student, teacher, batch, **{**SETTINGS, "kd_weight": 1.0, "ce_weight": 0.0,
+                                                    "t2_scale": False}).item()
+    ce = reference_loss(student, teacher, batch, **{**SETTINGS, "kd_weight": 0.0, "ce_weight": 1.0}).item()
+    assert metrics["eval_kd_loss"] == pytest.approx(kd, rel=1e-4)
+    assert metrics["eval_ce_loss"] == pytest.approx(ce, rel=1e-4)
+    assert 0.0 <= metrics["eval_token_accuracy"] <= 1.0 and metrics["eval_entropy"] > 0
+
+
+def test_evaluations_parts_are_batch_means_as_its_loss_is(tmp_path):
+    """Two evaluation batches, two teachers: the parts, each teacher's divergence among them, averaged over the
+    batches as the Trainer averages eval_loss, add up to it with the loss's weights."""
+    student, teacher = student_and_teacher()
+    args = training_args(tmp_path, per_device_eval_batch_size=2)
+    trainer = DistillationTrainer(model=student, teacher_model={"big": teacher, "small": tiny_llama(48, seed=2)},
+                                  teacher_weights={"big": 1.0, "small": 3.0}, args=args,
+                                  eval_dataset=as_examples(token_batch()), **SETTINGS)
+    metrics = trainer.evaluate(metric_key_prefix="heldout")
+    temperature = SETTINGS["temperature"]
+    total = SETTINGS["kd_weight"] * temperature ** 2 * metrics["heldout_kd_loss"] + SETTINGS["ce_weight"] * \
+        metrics["heldout_ce_loss"]
+    assert total == pytest.approx(metrics["heldout_loss"], rel=1e-5)
+    assert {"heldout_kd_loss_teacher_big", "heldout_kd_loss_teacher_small"} <= set(metrics)
+    assert not trainer._logged_parts._sums, "an evaluation's parts stay out of the training logs"
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])

@@ -93,12 +93,14 @@ class _FirstStepParameters(TrainerCallback):
 
 
 def _recording_losses(trainer):
-    """Each compute_loss result of the trainer, detached, in order."""
+    """Each training compute_loss result of the trainer, detached, in order (an evaluation's, which returns its
+    outputs too, left out)."""
     losses, compute_loss = [], trainer.compute_loss
 
     def recorded(*args, **kwargs):
         loss = compute_loss(*args, **kwargs)
-        losses.append(loss.detach().clone())
+        if not kwargs.get("return_outputs"):
+            losses.append(loss.detach().clone())
         return loss
 
     trainer.compute_loss = recorded
@@ -187,6 +189,11 @@ def distillation_case(tmp_path, setup, *, sparse: bool, shard_teacher: bool = Tr
                                   args=_args(tmp_path, setup), train_dataset=as_examples(batch),
                                   shard_teacher=shard_teacher, **SETTINGS)
     _train_and_compare(trainer, expected, teacher_sharded=None if sparse else shard_teacher)
+    # An evaluation's parts, summed over the processes as its loss is gathered, add up to its loss.
+    metrics = trainer.evaluate(as_examples(batch))
+    total = SETTINGS["kd_weight"] * SETTINGS["temperature"] ** 2 * metrics["eval_kd_loss"] + \
+        SETTINGS["ce_weight"] * metrics["eval_ce_loss"]
+    torch.testing.assert_close(total, metrics["eval_loss"], rtol=1e-5, atol=1e-7)
 
 
 def multi_teacher_case(tmp_path, setup, *, routed: bool = False, shard_teacher: bool = True):

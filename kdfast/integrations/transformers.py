@@ -62,7 +62,8 @@ class DistillationTrainer(Trainer):
     `total = kd_weight · T² · divergence + ce_weight · CE` per kept token, averaged over the batch's label tokens
     (`num_items_in_batch`, so gradient accumulation gives the loss of the whole accumulated batch), plus
     `z_loss_weight · log(Z)²` and the CE's `label_smoothing` when set. The parts are logged beside the loss as
-    `kd_loss`, `ce_loss`, `z_loss`, `entropy` (the student's, at T, per token) and `token_accuracy`.
+    `kd_loss`, `ce_loss`, `z_loss`, `entropy` (the student's, at T, per token) and `token_accuracy`, and an
+    evaluation's metrics hold them (`eval_kd_loss`, ...).
 
     The teacher is one of:
     - `teacher_model`: run in eval mode under no_grad, on the student's device and dtype (a Hub id or a local folder
@@ -172,6 +173,7 @@ class DistillationTrainer(Trainer):
         self.distill_options = self.distill_options.replace(return_components=True)
         self.teacher_names = (names or [str(index) for index in range(len(teacher_model))]) if several else None
         self._logged_parts = LoggedParts(self.teacher_names)
+        self._eval_parts = None  # an evaluation's, while it runs
         super().__init__(model=model, args=args, **trainer_kwargs)
         if several and teacher_weights is None:  # a teacher_id column routes the examples: names become positions
             self.data_collator = TeacherIdCollator(self.data_collator, self.teacher_names)
@@ -305,11 +307,13 @@ class DistillationTrainer(Trainer):
         with self.accelerator.autocast():
             loss, parts = compiled(self, self._batch_loss)(student, self._unwrapped_teacher(), inputs,
                                                            num_items_in_batch)
+        # Scaled as compute_loss scales the loss, so that the logged parts add up as the logged loss does.
+        scale = (self.accelerator.num_processes
+                 if self.args.average_tokens_across_devices and num_items_in_batch is not None else 1)
         if student.training:
-            # Scaled as compute_loss scales the loss, so that the logged parts add up as the logged loss does.
-            scale = (self.accelerator.num_processes
-                     if self.args.average_tokens_across_devices and num_items_in_batch is not None else 1)
             self._logged_parts.add(parts, scale)
+        elif self._eval_parts is not None:
+            self._eval_parts.add(parts, scale)
         return loss
 
     def _unwrapped_teacher(self):
@@ -340,6 +344,22 @@ class DistillationTrainer(Trainer):
                                           groups_in_batch=inputs.get(GROUPS_IN_BATCH), **self.cross_settings)
         return batch_distill_loss(student, teacher, inputs, self.distill_options, chunk_size=self.chunk_size,
                                   fp32_logits=self.fp32_logits, num_items_in_batch=num_items_in_batch)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """The Trainer's loop, whose metrics gain the loss's parts (`eval_kd_loss`, `eval_ce_loss`, `eval_entropy`,
+        `eval_token_accuracy`, each teacher's divergence), averaged over the batches as `eval_loss` is."""
+        self._eval_parts = LoggedParts(self.teacher_names)
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+            parts = self._eval_parts.pop_batch_means(
+                (lambda tensor: self.accelerator.reduce(tensor, reduction="sum")) if self.args.world_size > 1
+                else None)
+        finally:
+            self._eval_parts = None
+        output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in parts.items()})
+        return output
 
     def log(self, logs, *args, **kwargs):
         if "loss" in logs:  # a training log: the parts since the last one, averaged as the Trainer averages the loss
