@@ -103,18 +103,30 @@ def distill_from_hidden(student, teacher, student_hidden, teacher_hidden, labels
                                  num_items_in_batch=num_items_in_batch)
 
 
+def scored_positions(inputs):
+    """(the positions whose next token the loss scores, as a slice of the sequence; their labels): positions [:-1]
+    and `labels[:, 1:]`, or, where the batch holds `shift_labels` (already shifted: a collator's, or context
+    parallelism's, whose split sequence's last position predicts the next split's first token), every position and
+    those, as transformers' causal LM loss takes them."""
+    shifted = inputs.get("shift_labels")
+    if shifted is not None:
+        return slice(None), shifted
+    return slice(None, -1), inputs["labels"][:, 1:]
+
+
 def batch_distill_loss(student, teacher, inputs, options: LossOptions, *, chunk_size="auto", fp32_logits=False,
                        num_items_in_batch=None):
     """The fused loss of one batch: both decoders' last hidden states (the teacher's under no_grad), position i
-    predicting `inputs["labels"][:, i + 1]`; the batch's `decoder_inputs` reach both models. Called under the
-    caller's autocast."""
+    predicting `inputs["labels"][:, i + 1]` (`scored_positions`); the batch's `decoder_inputs` reach both models.
+    Called under the caller's autocast."""
     input_ids, attention_mask, extra = inputs["input_ids"], inputs.get("attention_mask"), decoder_inputs(inputs)
-    student_hidden = last_hidden_state(student, input_ids, attention_mask, extra)[:, :-1]
+    positions, labels = scored_positions(inputs)
+    student_hidden = last_hidden_state(student, input_ids, attention_mask, extra)[:, positions]
     with torch.no_grad():
         # An FSDP2 teacher is entered through its own forward, which gathers its root's parameters (embeddings).
         teacher_hidden = run_through_wrapper(teacher, teacher, last_hidden_state, teacher, input_ids,
-                                             attention_mask, extra)[:, :-1]
-    return distill_from_hidden(student, teacher, student_hidden, teacher_hidden, inputs["labels"][:, 1:], options,
+                                             attention_mask, extra)[:, positions]
+    return distill_from_hidden(student, teacher, student_hidden, teacher_hidden, labels, options,
                                chunk_size=chunk_size, fp32_logits=fp32_logits,
                                num_items_in_batch=num_items_in_batch)
 
@@ -128,17 +140,18 @@ def batch_multi_teacher_loss(student, teachers: list, inputs, options: LossOptio
     alone."""
     input_ids, attention_mask, extra = inputs["input_ids"], inputs.get("attention_mask"), decoder_inputs(inputs)
     route = example_routes(inputs["teacher_id"], len(teachers)) if weights is None and "teacher_id" in inputs else None
-    student_hidden = last_hidden_state(student, input_ids, attention_mask, extra)[:, :-1]
+    positions, labels = scored_positions(inputs)
+    student_hidden = last_hidden_state(student, input_ids, attention_mask, extra)[:, positions]
     with torch.no_grad():
-        teacher_hidden = [_teacher_hidden(teacher, input_ids, attention_mask, extra, route, index)
+        teacher_hidden = [_teacher_hidden(teacher, input_ids, attention_mask, extra, route, index, positions)
                           for index, teacher in enumerate(teachers)]
     if route is not None:
-        weights = token_routes(route, input_ids, extra.get("position_ids")).to(student_hidden.device)[:, :-1]
+        weights = token_routes(route, input_ids, extra.get("position_ids")).to(student_hidden.device)[:, positions]
     student_head, heads = output_head(student), [output_head(teacher) for teacher in teachers]
     with whole_heads(student, student_head, teachers, heads):
         return fused_linear_multi_teacher_loss(
             student_hidden, student_head.weight, teacher_hidden, [head.weight.detach() for head in heads],
-            inputs["labels"][:, 1:], options, student_bias=student_head.bias,
+            labels, options, student_bias=student_head.bias,
             teacher_bias=[head.bias.detach() if head.bias is not None else None for head in heads], weights=weights,
             combine=combine, student_softcap=final_softcap(student),
             teacher_softcap=[final_softcap(teacher) for teacher in teachers], student_logit_scale=logit_scale(student),
@@ -167,6 +180,11 @@ def batch_sparse_distill_loss(student, inputs, options: SparseOptions, *, chunk_
     if missing:
         raise ValueError(f"a batch against a sparse teacher needs labels, teacher_ids and teacher_logprobs; missing "
                          f"{missing} (kdfast.teacher_cache.SparseTeacherCollator makes such batches)")
+    if inputs.get("shift_labels") is not None:
+        # The teacher's rows are aligned with the unshifted labels and shift with them; context parallelism, which
+        # brings shift_labels, splits the sequence but not these rows.
+        raise ValueError("a batch against a sparse teacher takes labels, not shift_labels: teacher_ids and "
+                         "teacher_logprobs are aligned with the unshifted labels")
     hidden = last_hidden_state(student, inputs["input_ids"], inputs.get("attention_mask"),
                                decoder_inputs(inputs))[:, :-1]
     return sparse_distill_from_hidden(student, hidden, inputs["teacher_ids"][:, 1:], inputs["teacher_logprobs"][:, 1:],
@@ -174,20 +192,21 @@ def batch_sparse_distill_loss(student, inputs, options: SparseOptions, *, chunk_
                                       num_items_in_batch=num_items_in_batch)
 
 
-def _teacher_hidden(teacher, input_ids, attention_mask, extra, route, index: int) -> torch.Tensor:
-    """Teacher `index`'s last hidden states, position i predicting token i + 1: of every example ([batch, seq - 1,
-    H]), or routed, of its own examples only ([rows, H], the loss's routed form; `own_examples`). A batch's
+def _teacher_hidden(teacher, input_ids, attention_mask, extra, route, index: int, positions) -> torch.Tensor:
+    """Teacher `index`'s last hidden states at the scored `positions`: of every example ([batch, positions, H]), or
+    routed, of its own examples only ([rows, H], the loss's routed form; `own_examples`). A batch's
     `decoder_inputs` are not split by example (Qwen-VL's patches of all images are one tensor, flash-attention's
     lengths one list): with them each teacher runs on all."""
     mine = own_examples(route if not extra else None, index, teacher)
     if mine is None:
         return run_through_wrapper(teacher, teacher, last_hidden_state, teacher, input_ids, attention_mask,
-                                   extra)[:, :-1]
+                                   extra)[:, positions]
     mine = mine.to(input_ids.device)
     if mine.numel() == 0:
         head = output_head(teacher).weight
         return head.new_empty(0, head.shape[-1])
     hidden = last_hidden_state(teacher, input_ids.index_select(0, mine),
-                               attention_mask.index_select(0, mine) if attention_mask is not None else None)[:, :-1]
+                               attention_mask.index_select(0, mine) if attention_mask is not None else None)
+    hidden = hidden[:, positions]
     return hidden.reshape(-1, hidden.shape[-1])
 
