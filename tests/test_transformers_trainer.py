@@ -118,7 +118,8 @@ def test_bf16_autocast_runs_the_decoders_in_bf16(tmp_path):
     hook = student.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
     loss = trainer.compute_loss(trainer.model, batch)
     hook.remove()
-    assert seen == [torch.bfloat16], "the Trainer's bf16 setting must reach the student's decoder"
+    # The loss's forward, after the first batch's check of the student's own logits (two forwards on a few tokens).
+    assert seen == [torch.bfloat16] * 3, "the Trainer's bf16 setting must reach the student's decoder"
     assert loss.dtype == torch.float32
     expected = reference_loss(student, teacher, batch, **SETTINGS)
     torch.testing.assert_close(loss.double(), expected, rtol=3e-2, atol=3e-2)

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 from test_trl_distillation import _completion_batch, _config
-from tiny_models import student_and_teacher, tiny_llama, word_tokenizer
+from tiny_models import skip_head_check, student_and_teacher, tiny_llama, word_tokenizer
 
 from kdfast.integrations.trl import DistillationTrainer
 from kdfast.reference import multi_teacher_distill_loss_reference
@@ -96,7 +96,9 @@ def test_trains_with_two_teachers_and_refuses_what_one_teacher_cannot_take(tmp_p
 
 
 def _forward_rows(model):
-    """The batch sizes of the model's forwards, recorded by a hook on its decoder."""
+    """The batch sizes of the model's forwards, recorded by a hook on its decoder (after the first batch's check of
+    its own logits, which runs it on a few tokens)."""
+    skip_head_check(model)
     sizes = []
     model.model.register_forward_hook(lambda module, args, kwargs, out: sizes.append(kwargs["input_ids"].shape[0]),
                                       with_kwargs=True)

@@ -77,3 +77,13 @@ def word_tokenizer(vocab=VOCAB):
     backend = Tokenizer(WordLevel(words, unk_token="<pad>"))
     backend.pre_tokenizer = Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>")
+
+
+def skip_head_check(model):
+    """Marks `model` as checked by the trainers' first-batch comparison of its own logits with the fused loss's
+    (kdfast.integrations.head_check): for a test that counts the model's forwards, or whose model's config names a
+    logit post-processing its forward does not apply (the check would rightly refuse it)."""
+    from kdfast.integrations.head_check import _CHECKED
+
+    model.__dict__[_CHECKED] = True
+    return model

@@ -26,6 +26,7 @@ from kdfast.integrations.cross_tokenizer import (
     trainer_settings,
 )
 from kdfast.integrations.fused_causal_lm import patch_causal_lm  # noqa: F401 (exported here)
+from kdfast.integrations.head_check import check_head_map
 from kdfast.integrations.logged_parts import LoggedParts
 from kdfast.integrations.served_teacher import ServedTeacherLoader, served_teacher
 from kdfast.integrations.sharding import fsdp2_sharded_teacher, run_through_wrapper
@@ -303,10 +304,11 @@ class DistillationTrainer(Trainer):
                              f"log-probs computed with the images)")
 
     def _student_loss(self, student, inputs, num_items_in_batch):
+        teacher = self._unwrapped_teacher()
         # Mixed precision comes from the Trainer's settings: the model's own (autocast-wrapped) forward is skipped.
         with self.accelerator.autocast():
-            loss, parts = compiled(self, self._batch_loss)(student, self._unwrapped_teacher(), inputs,
-                                                           num_items_in_batch)
+            self._check_heads(student, teacher, inputs)
+            loss, parts = compiled(self, self._batch_loss)(student, teacher, inputs, num_items_in_batch)
         # Scaled as compute_loss scales the loss, so that the logged parts add up as the logged loss does.
         scale = (self.accelerator.num_processes
                  if self.args.average_tokens_across_devices and num_items_in_batch is not None else 1)
@@ -315,6 +317,17 @@ class DistillationTrainer(Trainer):
         elif self._eval_parts is not None:
             self._eval_parts.add(parts, scale)
         return loss
+
+    def _check_heads(self, student, teacher, inputs):
+        """Each model's own logits against the fused loss's, on the first batch (`check_head_map`), outside the
+        compiled loss: a teacher of another tokenizer on its own ids."""
+        check_head_map(student, inputs)
+        if self.vocab_map is not None:
+            check_head_map(teacher, {"input_ids": inputs["teacher_input_ids"],
+                                     "attention_mask": inputs.get("teacher_attention_mask")})
+        elif teacher is not None:
+            for each in teacher if isinstance(teacher, list) else [teacher]:
+                check_head_map(each, inputs)
 
     def _unwrapped_teacher(self):
         """The teacher model(s) as `_batch_loss` takes them (None for a sparse teacher). Unwrapped here, outside the

@@ -15,6 +15,7 @@ import torch
 
 from kdfast.integrations.causal_lm import batch_distill_loss
 from kdfast.integrations.compiled_loss import check_compile_supported, compiled, entered_model
+from kdfast.integrations.head_check import check_head_map
 from kdfast.integrations.sharding import fsdp2_sharded_teacher, run_through_wrapper
 from kdfast.loss import distill_loss
 from kdfast.options import LossOptions
@@ -87,6 +88,8 @@ class GKDTrainer(_TRLGKDTrainer):
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         self.teacher_model.eval()
         with self.accelerator.autocast():
+            for model in (student, teacher):  # each one's own logits against the loss's, once (outside the compile)
+                check_head_map(model, inputs)
             # One settings record while beta stays: a compiled loss's guards then hold from step to step.
             if getattr(self, "_loss_options", None) is None or self._loss_options.beta != self.beta:
                 self._loss_options = gkd_options(self.beta)

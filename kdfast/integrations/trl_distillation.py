@@ -17,6 +17,7 @@ from kdfast.integrations.causal_lm import (
     output_head,
 )
 from kdfast.integrations.example_routing import own_examples
+from kdfast.integrations.head_check import check_head_map
 from kdfast.integrations.sharding import whole_head, whole_heads
 from kdfast.integrations.teacher_names import (
     check_dataset_teacher_ids,
@@ -291,6 +292,11 @@ class DistillationTrainer(_TRLDistillationTrainer):
             loss_mask = loss_mask * inputs["tool_mask"]
         logits_to_keep = inputs["completion_ids"].size(1)
         multimodal = {key: inputs[key] for key in MULTIMODAL_KEYS if key in inputs}
+        teachers = self.teacher_models if self.teacher_models is not None else [self.teacher_model]
+        for model in (unwrapped_student, *(self.accelerator.unwrap_model(teacher) for teacher in teachers
+                                            if teacher is not None)):
+            # Each model's own logits against the loss's, on its first call (head_check.py).
+            check_head_map(model, {"input_ids": input_ids, "attention_mask": attention_mask, **multimodal})
         student_hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, logits_to_keep,
                                                      **multimodal)
         if self.teacher_models is not None and len(self.teacher_models) > 1:
