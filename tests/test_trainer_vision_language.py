@@ -158,6 +158,7 @@ def test_trls_trainer_on_kdfast_equals_trls_own_with_images(tmp_path):
     if not hasattr(trl, "DistillationTrainer"):
         pytest.skip("TRL before 1.16 has no stable DistillationTrainer")
     from datasets import Dataset
+    from test_trl_distillation import loss_entropy_and_gradients
     from tiny_models import word_tokenizer
 
     from kdfast.integrations.trl import DistillationTrainer as TRLDistillationTrainer
@@ -179,11 +180,7 @@ def test_trls_trainer_on_kdfast_equals_trls_own_with_images(tmp_path):
             warnings.simplefilter("ignore")
             trainer = cls(model=copy.deepcopy(student), teacher_model=copy.deepcopy(teacher), args=config,
                           processing_class=word_tokenizer(), train_dataset=Dataset.from_dict({"prompt": ["w2"] * 2}))
-        trainer.model.train()
-        loss = trainer.compute_loss(trainer.model, dict(batch))
-        loss.backward()
-        results.append((loss.detach(), trainer._metrics["train"]["entropy"][-1],
-                        {name: param.grad for name, param in trainer.model.named_parameters()}))
+        results.append(loss_entropy_and_gradients(trainer, dict(batch)))
     (expected, expected_entropy, expected_grads), (loss, entropy, grads) = results
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
     assert entropy == pytest.approx(expected_entropy, rel=1e-4)

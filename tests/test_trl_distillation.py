@@ -123,6 +123,15 @@ def _completion_batch(seed=0, rows=3, prompt=4, completion=6, vocab=96, tool_mas
     return batch
 
 
+def loss_entropy_and_gradients(trainer, batch):
+    """A training compute_loss's loss, the entropy it logged and every parameter's gradient."""
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    return (loss.detach(), trainer._metrics["train"]["entropy"][-1],
+            {name: param.grad for name, param in trainer.model.named_parameters()})
+
+
 @pytest.mark.parametrize("beta,temperature,config,tool_mask", [
     (0.0, 1.0, {}, False),
     (0.5, 2.0, {}, True),
@@ -144,11 +153,7 @@ def test_trainer_loss_entropy_and_gradients_equal_trls(tmp_path, beta, temperatu
     for cls in (trl.DistillationTrainer, DistillationTrainer):
         trainer = _trainer(cls, tmp_path, copy.deepcopy(student), copy.deepcopy(teacher), beta=beta,
                            temperature=temperature)
-        trainer.model.train()
-        loss = trainer.compute_loss(trainer.model, _completion_batch(tool_mask=tool_mask))
-        loss.backward()
-        results.append((loss.detach(), trainer._metrics["train"]["entropy"][-1],
-                        {n: p.grad for n, p in trainer.model.named_parameters()}))
+        results.append(loss_entropy_and_gradients(trainer, _completion_batch(tool_mask=tool_mask)))
     (expected, expected_entropy, expected_grads), (loss, entropy, grads) = results
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
     assert entropy == pytest.approx(expected_entropy, rel=1e-4)
