@@ -99,3 +99,15 @@ def test_the_check_runs_once_per_model_and_leaves_its_mode(tmp_path):
     hook.remove()
     assert calls == [False], "one own forward, in eval mode, at the first batch"
     assert student.training
+
+
+class WithoutCacheArgument(transformers.LlamaForCausalLM):
+    """A remote-code forward with fixed arguments: no use_cache, no **kwargs."""
+
+    def forward(self, input_ids=None, attention_mask=None):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_a_forward_without_use_cache_is_checked():
+    torch.manual_seed(0)
+    check_head_map(WithoutCacheArgument(tiny_llama().config), token_batch())

@@ -8,6 +8,8 @@ failed deep inside the loss."""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from kdfast.integrations.causal_lm import head_settings, last_hidden_state, output_head
@@ -40,7 +42,7 @@ def check_head_map(model, inputs) -> None:
     model.eval()  # no dropout: the two forwards must see the same network
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            own = model(**probe, use_cache=False).logits.float()
+            own = model(**probe, **_no_cache(model)).logits.float()
             extra = {"position_ids": probe["position_ids"]} if "position_ids" in probe else None
             fused = _mapped_logits(model, _decoder_output(model, probe, extra))
     finally:
@@ -60,6 +62,13 @@ def check_head_map(model, inputs) -> None:
                          f"to {difference:.3g} on the batch's first tokens: its forward does more before its logits "
                          f"than kdfast reads, so kdfast cannot distil this model's logits")
     model.__dict__[_CHECKED] = True
+
+
+def _no_cache(model) -> dict:
+    """`use_cache=False` where the forward takes it (a remote-code model's may not)."""
+    parameters = inspect.signature(model.forward).parameters
+    takes = "use_cache" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    return {"use_cache": False} if takes else {}
 
 
 def _decoder_output(model, probe, extra) -> torch.Tensor:
