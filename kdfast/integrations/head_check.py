@@ -26,7 +26,11 @@ def check_head_map(model, inputs) -> None:
     differ from the fused loss's; once per model (kept on it). Skipped where the check cannot be run alone
     or cheaply: a model whose forward is a collective of sharded ranks (FSDP2, ZeRO-3), a batch with images (their
     inputs are the whole batch's)."""
-    if model.__dict__.get(_CHECKED) or collective_forward(model) or image_inputs(inputs):
+    if model.__dict__.get(_CHECKED) or image_inputs(inputs):
+        return
+    if collective_forward(model):
+        # Sharded for good: marked, so that no later step walks its modules and parameters to ask again.
+        model.__dict__[_CHECKED] = True
         return
     mask = inputs.get("attention_mask")
     # The first example's tokens from its first kept one (past a left padding).

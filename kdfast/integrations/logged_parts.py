@@ -46,12 +46,12 @@ class LoggedParts:
         """Every part's mean over the batches since the last pop, as the Trainer averages an evaluation's loss (each
         batch's loss once, every process's batches together: `reduce` sums a tensor over the processes), and a fresh
         start."""
-        count = torch.tensor(float(self._batches))
-        totals = {name: total.reshape(()) for name, total in self._sums.items()}
-        if reduce is not None:
-            count = reduce(count.to(next(iter(totals.values())).device) if totals else count)
-            totals = {name: reduce(total) for name, total in totals.items()}
-        # Not rounded: the Trainer leaves eval_loss as it is (a KL of a close student is 1e-3 or less).
-        out = {name: float(total) / max(1.0, float(count)) for name, total in totals.items()}
+        totals, batches = {name: total.reshape(()) for name, total in self._sums.items()}, self._batches
         self._sums, self._batches = {}, 0
-        return out
+        if not totals:
+            return {}
+        count = torch.tensor(float(batches), device=next(iter(totals.values())).device)
+        if reduce is not None:
+            count, totals = reduce(count), {name: reduce(total) for name, total in totals.items()}
+        # Not rounded: the Trainer leaves eval_loss as it is (a KL of a close student is 1e-3 or less).
+        return {name: float(total) / max(1.0, float(count)) for name, total in totals.items()}
