@@ -5,8 +5,10 @@ log-probs of its fused causal-LM forward (`ChunkedLogProbFunction`), alone, with
 hidden alone, as under LoRA), against kdfast.linear_token_logprobs, a one-layer model's fused LM head as TRL's GRPO
 and SFT trainers score with it, on TRL's function and on kdfast's (bench_trl_fused_head.py), the loss of its async
 trainer (`_chunked_jsd_loss`: a served teacher's top-k log-probs and tail bucket, one teacher or several routed by
-row) against kdfast's drop-in (bench_trl_async.py), and the loss of its server trainer (the student's whole logits,
-then its own loss methods) against kdfast's subclass's fused sparse loss (bench_trl_server.py).
+row) against kdfast's drop-in (bench_trl_async.py), the loss of its server trainer (the student's whole logits,
+then its own loss methods) against kdfast's subclass's fused sparse loss (bench_trl_server.py), and the
+self-distillation loss of its SDFT and SDPO trainers (both models' logits, then its loss helpers) against kdfast's
+subclasses' (bench_trl_self_distillation.py).
 
 Same inputs, one process; medians of interleaved rounds, each pair's ratio, and how far the two agree (the summed
 loss or log-probs, the entropy, the gradients of the student's hidden states and head). TRL folds its tiles in
@@ -46,6 +48,8 @@ from bench_distill import (  # noqa: E402
 from bench_linear import add_shape_arguments, make_inputs  # noqa: E402
 from bench_trl_async import async_contenders, async_loss_available, served_candidates  # noqa: E402
 from bench_trl_fused_head import fused_head_available, fused_head_contenders  # noqa: E402
+from bench_trl_self_distillation import MODES as SELF_DISTILLATION_MODES  # noqa: E402
+from bench_trl_self_distillation import self_distillation_available, self_distillation_contenders  # noqa: E402
 from bench_trl_server import served_top_k, server_contenders, server_loss_available  # noqa: E402
 from freed_memory import Timings, interleaved_medians, medians_with_freed_memory_kept  # noqa: E402
 
@@ -62,7 +66,7 @@ Outcome = namedtuple("Outcome", "loss entropy grad_hidden grad_weight")
 # reported: its time there is not free of them.
 FAULTS_WORTH_A_WARNING = 256
 # The comparisons `--tasks` picks from, in the table's order.
-TASK_FAMILIES = ("divergence", "log-probs", "fused-head", "async", "server")
+TASK_FAMILIES = ("divergence", "log-probs", "fused-head", "async", "server", "self-distillation")
 # How far each is from TRL's outcome: relative L2 over the whole tensor.
 DIFFERENCES = ("loss_rel_diff", "entropy_rel_diff", "grad_hidden_rel_l2", "grad_weight_rel_l2")
 
@@ -176,6 +180,10 @@ def contenders(inputs, args) -> dict:
         for beta in args.betas:
             tasks[f"server top-{served_top_k(beta, args.top_k)} beta={beta:g}"] = {
                 method: _outcome_of(fn) for method, fn in server_contenders(inputs, beta, args).items()}
+    if "self-distillation" in args.tasks and self_distillation_available():
+        for name, mode in SELF_DISTILLATION_MODES:
+            tasks[f"self-distillation, {name}"] = {
+                method: _outcome_of(fn) for method, fn in self_distillation_contenders(inputs, mode, args).items()}
     if not tasks:
         raise SystemExit(f"nothing to time: none of the tasks {args.tasks} is available with this TRL and kdfast")
     return tasks
@@ -325,7 +333,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "token added where it is not among them")
     parser.add_argument("--tasks", nargs="+", choices=TASK_FAMILIES, default=list(TASK_FAMILIES),
                         help="which comparisons to time (default: all): the DistillationTrainer's divergence, the "
-                             "token log-probs, the async trainer's loss, the server trainer's loss")
+                             "token log-probs, the async trainer's loss, the server trainer's loss, the SDFT / SDPO "
+                             "trainers' self-distillation loss")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-kept", action=argparse.BooleanOptionalAction, default=not CUDA,
                         help="also time every contender in a process whose allocator keeps freed memory (default: "

@@ -46,9 +46,10 @@ class ChunkPlan:
 class LinearDistillFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, labels, num_items_in_batch, opts: LossOptions,
-                plan: ChunkPlan, teacher):
+                plan: ChunkPlan, teacher, row_weights=None):
         """`teacher`: a TeacherHead (its tensors [..., H_t]), several (TeacherHeads), SparseTargets ([..., K]),
-        constants every way, or None (CE alone)."""
+        constants every way, or None (CE alone). `row_weights` [N] float32 (one teacher, reduction "mean" or
+        "sum"): each row's loss and gradient times its weight."""
         lead_shape = student_hidden.shape[:-1]
         labels = flat_labels(labels)
         if isinstance(teacher, TeacherHead):
@@ -83,10 +84,10 @@ class LinearDistillFunction(torch.autograd.Function):
                 ctx.save_for_backward(student_hidden, student_weight, student_bias)
             else:
                 parts, d_hidden, d_weight, d_bias = run_chunks(heads, opts, scale, wanted, plan.chunk_size,
-                                                               plan.rows_kernel)
+                                                               plan.rows_kernel, row_weights=row_weights)
                 d_hidden = plan.rows_kernel.reduce_hidden_grad(d_hidden)
                 ctx.save_for_backward(*LinearDistillFunction._as_input_dtypes(ctx, d_hidden, d_weight, d_bias))
-        outputs = reduced_outputs(ctx, parts, lead_shape, labels, opts, scale)
+        outputs = reduced_outputs(ctx, parts, lead_shape, labels, opts, scale, row_weights)
         if not isinstance(teacher, TeacherHeads) or not opts.return_components:
             return outputs
         # A backward that runs the chunks again need not find them again.
@@ -122,4 +123,4 @@ class LinearDistillFunction(torch.autograd.Function):
             d_hidden, d_weight, d_bias = saved_gradients(ctx)
             for grad in (d_hidden, d_weight, d_bias):
                 rescale_gradient_(grad, grad_output)
-        return d_hidden, d_weight, d_bias, None, None, None, None, None
+        return d_hidden, d_weight, d_bias, None, None, None, None, None, None

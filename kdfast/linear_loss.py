@@ -20,6 +20,8 @@ from kdfast.validation import (
     check_linear_inputs,
     check_linear_student,
     check_num_items,
+    check_row_weights,
+    flat_row_weights,
 )
 
 
@@ -31,7 +33,7 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_
                         t2_scale=True, ignore_index=-100, reduction="mean", num_items_in_batch=None,
                         inplace_backward=False, backend="auto", return_components=False, vocab_size=None,
                         label_smoothing=0.0, z_loss_weight=0.0, process_group=None, vocab_range=None,
-                        reduce_hidden_grad=True):
+                        reduce_hidden_grad=True, row_weights=None):
     """`distill_loss(student_hidden @ student_weight.T + student_bias, teacher_hidden @ teacher_weight.T +
     teacher_bias, labels, ...)`, computed `chunk_size` tokens at a time ("auto": sized from a memory budget).
 
@@ -47,6 +49,10 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_
     always overwritten by their gradient (they are the loss's own buffers), so `inplace_backward` changes
     nothing here; it is accepted so that every `distill_loss` keyword works (`return_components` too).
     `vocab_size` keeps the first `vocab_size` rows of heads padded to different sizes (the others get no gradient).
+    `row_weights` (float, the hidden states' leading shape, no gradient): each row's loss, parts and gradient times
+    its weight before the reduction ("mean" still divides by the kept rows or `num_items_in_batch`): a per-sequence
+    normalisation or an importance ratio at the cost of the plain loss, where reduction="none" and a weighted sum
+    would run the chunks again in backward. Not with reduction="none".
 
     Vocab parallel (tensor-parallel LM heads): with a `process_group`, both weights (and biases) are this rank's
     rows `vocab_range` of the global heads (default: equal contiguous shards in rank order); hidden states and
@@ -64,13 +70,14 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_
                              student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
                              chunk_size=chunk_size, fp32_logits=fp32_logits, num_items_in_batch=num_items_in_batch,
                              process_group=process_group, vocab_range=vocab_range,
-                             reduce_hidden_grad=reduce_hidden_grad)
+                             reduce_hidden_grad=reduce_hidden_grad, row_weights=row_weights)
 
 
 def fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, opts: LossOptions, *,
                       student_bias=None, teacher_bias=None, softcap=None, student_softcap=None, teacher_softcap=None,
                       student_logit_scale=1.0, teacher_logit_scale=1.0, chunk_size="auto", fp32_logits=False,
-                      num_items_in_batch=None, process_group=None, vocab_range=None, reduce_hidden_grad=True):
+                      num_items_in_batch=None, process_group=None, vocab_range=None, reduce_hidden_grad=True,
+                      row_weights=None):
     """`linear_distill_loss` with its loss settings already in one record. Without a divergence (`kd_weight` 0) no
     teacher is projected, and `teacher_hidden` / `teacher_weight` may be None (`linear_cross_entropy`)."""
     student_map, teacher_map = logit_maps(softcap, student_softcap, teacher_softcap, student_logit_scale,
@@ -89,7 +96,7 @@ def fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_we
         check_labels_for(labels, tuple(student_hidden.shape[:-1]), vocab, student_hidden.device, opts,
                          "the hidden states")
         check_num_items(num_items_in_batch)
-
+        check_row_weights(row_weights, tuple(student_hidden.shape[:-1]), student_hidden.device, opts)
     # Over shards labels are global token ids: their range is checked in the exchange, against the global vocabulary.
     vocab = 2**62 if process_group is not None else (
         student_weight.shape[0] if isinstance(student_weight, torch.Tensor) else 0)
@@ -98,7 +105,7 @@ def fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_we
         teacher = None if not opts.has_kd else TeacherHead(teacher_hidden, teacher_weight, teacher_bias,
                                                            gemm_dtype(teacher_hidden, teacher_weight), teacher_map)
         return compiled_linear_loss(student_hidden, student_weight, student_bias, teacher, labels, num_items_in_batch,
-                                    opts, student_map, chunk_size, fp32_logits)
+                                    opts, student_map, chunk_size, fp32_logits, flat_row_weights(row_weights))
     rows_kernel = rows_kernel_for(opts, lambda: check(vocab), lambda: student_weight.shape[0], student_hidden, labels,
                                   process_group, vocab_range, reduce_hidden_grad)
     # Without a divergence the kernel never reads the teacher: its GEMMs and its chunk of logits are left out.
@@ -106,15 +113,17 @@ def fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_we
         teacher_hidden.detach(), teacher_weight.detach(), teacher_bias.detach() if teacher_bias is not None else None,
         teacher_hidden.dtype)
     return apply_linear(student_hidden, student_weight, student_bias, labels, num_items_in_batch, opts,
-                        ChunkPlan(student_map, chunk_size, rows_kernel, fp32_logits, teacher_map), teacher)
+                        ChunkPlan(student_map, chunk_size, rows_kernel, fp32_logits, teacher_map), teacher,
+                        flat_row_weights(row_weights))
 
 
 # The chunk loop is driven from the host (a Python loop of GEMMs and kernel calls): torch.compile runs the
 # model around it and calls it as is, rather than tracing into the loop.
 @torch.compiler.disable
-def apply_linear(student_hidden, student_weight, student_bias, labels, num_items_in_batch, opts, plan, teacher):
+def apply_linear(student_hidden, student_weight, student_bias, labels, num_items_in_batch, opts, plan, teacher,
+                 row_weights=None):
     return returned(LinearDistillFunction.apply(student_hidden, student_weight, student_bias, labels,
-                                                num_items_in_batch, opts, plan, teacher), opts, labels)
+                                                num_items_in_batch, opts, plan, teacher, row_weights), opts, labels)
 
 
 class LinearDistillLoss(torch.nn.Module):
@@ -136,13 +145,13 @@ class LinearDistillLoss(torch.nn.Module):
         self.process_group, self.vocab_range, self.reduce_hidden_grad = process_group, vocab_range, reduce_hidden_grad
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
-                student_bias=None, teacher_bias=None, num_items_in_batch=None):
+                student_bias=None, teacher_bias=None, num_items_in_batch=None, row_weights=None):
         return fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, self.options,
                                  student_bias=student_bias, teacher_bias=teacher_bias, **self.head_settings,
                                  chunk_size=self.chunk_size, fp32_logits=self.fp32_logits,
                                  num_items_in_batch=num_items_in_batch,
                                  process_group=self.process_group, vocab_range=self.vocab_range,
-                                 reduce_hidden_grad=self.reduce_hidden_grad)
+                                 reduce_hidden_grad=self.reduce_hidden_grad, row_weights=row_weights)
 
     def extra_repr(self) -> str:
         o = self.options

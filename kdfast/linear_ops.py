@@ -85,10 +85,10 @@ def _(student_hidden, student_weight, student_bias, teacher_a, teacher_b, teache
 
 
 def compiled_linear_loss(student_hidden, student_weight, student_bias, teacher, labels, num_items_in_batch,
-                         opts: LossOptions, student_map: LogitMap, chunk_size, fp32_logits: bool):
+                         opts: LossOptions, student_map: LogitMap, chunk_size, fp32_logits: bool, row_weights=None):
     """The loss through the op, as `apply_linear` returns it: `teacher` a TeacherHead (its GEMM dtype and logit map;
     its tensors constants) or SparseTargets, each [..., ·] with the hidden states' leading shape, or None (CE
-    alone)."""
+    alone); `row_weights` [N] float32 or None."""
     # The teacher's tensors as rows ([N, K] ids and log-probs, or [N, H_t] hidden states) and its head as it is.
     if teacher is None:
         tensors, sparse, teacher_map, teacher_dtype = (None, None, None), False, LogitMap(), student_hidden.dtype
@@ -103,7 +103,7 @@ def compiled_linear_loss(student_hidden, student_weight, student_bias, teacher, 
     maps = (student_map.scale, student_map.softcap or 0.0, teacher_map.scale, teacher_map.softcap or 0.0)
     outputs = CompiledLinearDistillFunction.apply(
         student_hidden, student_weight, student_bias, tensors, labels, num_items_in_batch, opts, maps,
-        (gemm_dtype(student_hidden, student_weight), teacher_dtype), chunk_size, fp32_logits, sparse)
+        (gemm_dtype(student_hidden, student_weight), teacher_dtype), chunk_size, fp32_logits, sparse, row_weights)
     return returned(outputs, opts, labels)
 
 
@@ -148,19 +148,22 @@ def student_gradients(ctx, grad_output, rerun) -> list:
 class CompiledLinearDistillFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, teacher: tuple, labels, num_items_in_batch,
-                opts: LossOptions, maps: tuple, gemm_dtypes: tuple, chunk_size, fp32_logits: bool, sparse: bool):
+                opts: LossOptions, maps: tuple, gemm_dtypes: tuple, chunk_size, fp32_logits: bool, sparse: bool,
+                row_weights=None):
         lead_shape, hidden, labels, scale = op_forward_inputs(ctx, student_hidden, student_bias, labels,
                                                               num_items_in_batch, opts)
         ctx.settings = (*maps, *gemm_dtypes, 0 if chunk_size == "auto" else int(chunk_size), fp32_logits,
                         opts.encoded(), sparse)
-        parts, *grads = linear_distill_forward(hidden, student_weight, student_bias, *teacher, labels, scale, None,
+        parts, *grads = linear_distill_forward(hidden, student_weight, student_bias, *teacher, labels, scale,
+                                               row_weights,
                                                *((False, False, False) if ctx.per_row else ctx.wanted), *ctx.settings)
         keep_for_backward(ctx, hidden, student_weight, student_bias, *grads, *teacher, labels)
-        return reduced_outputs(ctx, parts, lead_shape, labels, opts, scale)
+        return reduced_outputs(ctx, parts, lead_shape, labels, opts, scale, row_weights)
 
     @staticmethod
     def backward(ctx, grad_output, *summary_grad):
         def rerun(saved, ones, row_weights):
             return linear_distill_forward(*saved, ones, row_weights, *ctx.wanted, *ctx.settings)[1:]
 
-        return (*student_gradients(ctx, grad_output, rerun), None, None, None, None, None, None, None, None, None)
+        return (*student_gradients(ctx, grad_output, rerun), None, None, None, None, None, None, None, None, None,
+                None)

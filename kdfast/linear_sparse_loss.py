@@ -19,7 +19,9 @@ from kdfast.validation import (
     check_labels_for,
     check_linear_student,
     check_num_items,
+    check_row_weights,
     check_sparse_targets,
+    flat_row_weights,
 )
 
 
@@ -30,14 +32,14 @@ def linear_sparse_distill_loss(student_hidden, student_weight, teacher_ids, teac
                                ce_weight=0.0, t2_scale=True, ignore_index=-100, reduction="mean",
                                num_items_in_batch=None, inplace_backward=False, backend="auto",
                                return_components=False, vocab_size=None, label_smoothing=0.0, z_loss_weight=0.0,
-                               process_group=None, vocab_range=None, reduce_hidden_grad=True):
+                               process_group=None, vocab_range=None, reduce_hidden_grad=True, row_weights=None):
     """`sparse_distill_loss(student_hidden @ student_weight.T + student_bias, teacher_ids, teacher_logprobs, labels,
     ...)`, computed `chunk_size` tokens at a time. `teacher_ids` / `teacher_logprobs` are [..., K] with the hidden
     states' leading shape. `logit_scale` then `softcap` apply to the student's logits after the bias and before the
     temperature (the teacher's log-probs are final);
     `fp32_logits` as for `linear_distill_loss`. Gradients
     flow to student_hidden, student_weight and student_bias. Vocab parallel as for `linear_distill_loss` (the
-    student head's rows a rank's shard; teacher ids global)."""
+    student head's rows a rank's shard; teacher ids global). `row_weights` as for `linear_distill_loss`."""
     opts = SparseOptions(divergence=divergence, beta=beta, temperature=temperature,
                          teacher_temperature=teacher_temperature, tail=tail, kd_weight=kd_weight, ce_weight=ce_weight,
                          t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
@@ -48,13 +50,14 @@ def linear_sparse_distill_loss(student_hidden, student_weight, teacher_ids, teac
                                     chunk_size=chunk_size,
                                     fp32_logits=fp32_logits, num_items_in_batch=num_items_in_batch,
                                     process_group=process_group,
-                                    vocab_range=vocab_range, reduce_hidden_grad=reduce_hidden_grad)
+                                    vocab_range=vocab_range, reduce_hidden_grad=reduce_hidden_grad,
+                                    row_weights=row_weights)
 
 
 def fused_linear_sparse_loss(student_hidden, student_weight, teacher_ids, teacher_logprobs, labels,
                              opts: SparseOptions, *, student_bias=None, softcap=None, logit_scale=1.0,
                              chunk_size="auto", fp32_logits=False, num_items_in_batch=None, process_group=None,
-                             vocab_range=None, reduce_hidden_grad=True):
+                             vocab_range=None, reduce_hidden_grad=True, row_weights=None):
     """`linear_sparse_distill_loss` with its loss settings already in one record."""
     student_map = logit_maps(softcap, student_logit_scale=logit_scale)[0]
     student_weight, student_bias, _, _ = heads_cut_to_vocab(opts, process_group, student_weight, student_bias)
@@ -66,12 +69,13 @@ def fused_linear_sparse_loss(student_hidden, student_weight, teacher_ids, teache
                              "the hidden states", labels)
         check_labels_for(labels, lead_shape, vocab, student_hidden.device, opts, "the hidden states")
         check_num_items(num_items_in_batch)
+        check_row_weights(row_weights, lead_shape, student_hidden.device, opts)
 
     if runs_as_op(process_group, vocab_range):  # traced by torch.compile: the chunk loop as one custom op
         check(student_weight.shape[0] if isinstance(student_weight, torch.Tensor) else 0)
         return compiled_linear_loss(student_hidden, student_weight, student_bias,
                                     SparseTargets(teacher_ids, teacher_logprobs), labels, num_items_in_batch, opts,
-                                    student_map, chunk_size, fp32_logits)
+                                    student_map, chunk_size, fp32_logits, flat_row_weights(row_weights))
     if process_group is not None:
         from kdfast.distributed import check_then_agree
         from kdfast.vocab_parallel import ShardedRows
@@ -90,7 +94,8 @@ def fused_linear_sparse_loss(student_hidden, student_weight, teacher_ids, teache
         rows_kernel = device_rows(opts, student_hidden.device)
     teacher = SparseTargets(teacher_ids.to(torch.int64), teacher_logprobs.detach())
     return apply_linear(student_hidden, student_weight, student_bias, labels, num_items_in_batch, opts,
-                        ChunkPlan(student_map, chunk_size, rows_kernel, fp32_logits), teacher)
+                        ChunkPlan(student_map, chunk_size, rows_kernel, fp32_logits), teacher,
+                        flat_row_weights(row_weights))
 
 
 class LinearSparseDistillLoss(torch.nn.Module):
@@ -109,14 +114,14 @@ class LinearSparseDistillLoss(torch.nn.Module):
         self.process_group, self.vocab_range, self.reduce_hidden_grad = process_group, vocab_range, reduce_hidden_grad
 
     def forward(self, student_hidden, student_weight, teacher_ids, teacher_logprobs, labels=None, student_bias=None,
-                num_items_in_batch=None):
+                num_items_in_batch=None, row_weights=None):
         return fused_linear_sparse_loss(student_hidden, student_weight, teacher_ids, teacher_logprobs, labels,
                                         self.options, student_bias=student_bias, softcap=self.softcap,
                                         logit_scale=self.logit_scale,
                                         chunk_size=self.chunk_size, fp32_logits=self.fp32_logits,
                                         num_items_in_batch=num_items_in_batch,
                                         process_group=self.process_group, vocab_range=self.vocab_range,
-                                        reduce_hidden_grad=self.reduce_hidden_grad)
+                                        reduce_hidden_grad=self.reduce_hidden_grad, row_weights=row_weights)
 
     def extra_repr(self) -> str:
         o = self.options

@@ -64,14 +64,24 @@ def reduction_scale(labels, rows: int, opts: LossOptions, num_items_in_batch, de
     return 1.0 / denominator
 
 
-def reduced(parts: torch.Tensor, lead_shape, opts: LossOptions, scale: torch.Tensor) -> torch.Tensor:
+def reduced(parts: torch.Tensor, lead_shape, opts: LossOptions, scale: torch.Tensor,
+            row_weights: torch.Tensor | None = None) -> torch.Tensor:
     """The returned loss from the kernels' parts [rows, PART_COLUMNS]: kd_scale * divergence + ce_weight * CE per row
     (a NaN part, from a label out of range, poisons its row whatever the weights), shaped like the labels ("none"),
-    summed, or summed times the scale."""
+    summed, or summed times the scale; each row times its weight first where `row_weights` [rows] are given."""
     if opts.reduction == "none":
         return weighted_total(parts, opts).view(lead_shape)
+    if row_weights is not None:
+        parts = weighted_rows(parts, row_weights)
     total = weighted_total(parts.sum(0), opts)
     return total * scale if opts.reduction == "mean" else total
+
+
+def weighted_rows(parts: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
+    """Each row's parts times its weight, but for the accuracy, which stays a count of hits."""
+    weighted = parts * row_weights.reshape(-1, 1).to(parts.dtype)
+    weighted[:, PART_CORRECT] = parts[:, PART_CORRECT]
+    return weighted
 
 
 def weighted_total(parts: torch.Tensor, opts: LossOptions) -> torch.Tensor:
@@ -79,16 +89,17 @@ def weighted_total(parts: torch.Tensor, opts: LossOptions) -> torch.Tensor:
     return total.add_(parts[..., PART_Z], alpha=opts.z_loss_weight) if opts.z_loss_weight != 0.0 else total
 
 
-def component_summary(parts: torch.Tensor, lead_shape, labels, opts: LossOptions, scale: torch.Tensor) -> torch.Tensor:
+def component_summary(parts: torch.Tensor, lead_shape, labels, opts: LossOptions, scale: torch.Tensor,
+                      row_weights: torch.Tensor | None = None) -> torch.Tensor:
     """The parts reduced one by one, as a tensor (an autograd Function's second output): [PART_COLUMNS] (the
-    divergence, the CE, the z-loss and the entropy reduced as the loss, the accuracy over the kept rows; the
-    hybrid's matched and unmatched parts after them, reduced as the loss, when `parts` has those columns), or
-    [*lead_shape, columns] per row for reduction="none" or return_components="per_row" (before any scale of the
-    reduction's)."""
+    divergence, the CE, the z-loss and the entropy reduced as the loss, each row times its weight where
+    `row_weights` are given; the accuracy over the kept rows; the hybrid's matched and unmatched parts after them,
+    reduced as the loss, when `parts` has those columns), or [*lead_shape, columns] per row for reduction="none" or
+    return_components="per_row" (before any scale or row weight)."""
     parts = parts.detach()
     if opts.components_per_row:
         return parts.view(*lead_shape, parts.shape[-1])
-    sums = parts.sum(0)
+    sums = (weighted_rows(parts, row_weights) if row_weights is not None else parts).sum(0)
     factor = scale if opts.reduction == "mean" else torch.ones_like(scale)
     kept = (labels != opts.ignore_index).sum() if labels is not None else torch.zeros((), device=parts.device)
     split = [sums[PART_MATCHED] * factor, sums[PART_UNMATCHED] * factor] if parts.shape[-1] > PART_COLUMNS else []
@@ -125,13 +136,13 @@ def returned_with_teachers(outputs, opts: LossOptions, labels):
     return loss, dataclasses.replace(loss_components(summary, opts, labels is not None), teachers=per_teacher)
 
 
-def reduced_outputs(ctx, parts, lead_shape, labels, opts: LossOptions, scale):
+def reduced_outputs(ctx, parts, lead_shape, labels, opts: LossOptions, scale, row_weights=None):
     """A Function's outputs from the kernels' parts: the loss, and with return_components the summary of its parts
-    (kdfast.reduction.component_summary), which has no gradient."""
-    loss = reduced(parts, lead_shape, opts, scale)
+    (kdfast.reduction.component_summary), which has no gradient. `row_weights` [rows]: each row's weight in both."""
+    loss = reduced(parts, lead_shape, opts, scale, row_weights)
     if not opts.return_components:
         return loss
-    summary = component_summary(parts, lead_shape, labels, opts, scale)
+    summary = component_summary(parts, lead_shape, labels, opts, scale, row_weights)
     ctx.mark_non_differentiable(summary)
     return loss, summary
 

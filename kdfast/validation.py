@@ -82,6 +82,32 @@ def check_labels_for(labels, lead_shape: tuple, vocab: int, device, opts: LossOp
                              f"when ce_weight > 0; found {first}")
 
 
+def check_row_weights(row_weights, lead_shape: tuple, device, opts) -> None:
+    """The per-row weights of the fused linear loss: None, or finite floats shaped as the hidden states' rows."""
+    if row_weights is None:
+        return
+    if opts.reduction == "none":
+        raise ValueError("row_weights needs reduction='mean' or 'sum'; with reduction='none' multiply the returned "
+                         "per-row losses instead")
+    if not isinstance(row_weights, torch.Tensor) or not row_weights.is_floating_point():
+        raise ValueError(f"row_weights must be a floating-point tensor of shape {list(lead_shape)} (the hidden "
+                         f"states' leading shape), got {type(row_weights).__name__}"
+                         f"{' of dtype ' + str(row_weights.dtype) if isinstance(row_weights, torch.Tensor) else ''}")
+    if tuple(row_weights.shape) != tuple(lead_shape):
+        raise ValueError(f"row_weights must have shape {list(lead_shape)} (the hidden states' leading shape), got "
+                         f"{list(row_weights.shape)}")
+    if row_weights.device != device:
+        raise ValueError(f"row_weights must be on {device} (the hidden states' device), got {row_weights.device}")
+    # A host sync, left out of a compiled graph (where it would be a data-dependent branch).
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(row_weights).all()):
+        raise ValueError("row_weights must be finite; found NaN or inf")
+
+
+def flat_row_weights(row_weights) -> torch.Tensor | None:
+    """Checked row weights as the chunks take them: [N] float32, without a gradient (a weight is a constant)."""
+    return None if row_weights is None else row_weights.detach().reshape(-1).to(torch.float32)
+
+
 def check_num_items(num_items_in_batch) -> None:
     if num_items_in_batch is None:
         return

@@ -1,10 +1,10 @@
 """What each rank runs in tests/test_trainer_sharded.py: `DistillationTrainer` (one teacher, sharded or replicated,
 several, sparse, of another tokenizer, given by a folder, vision-language models on images, packed examples), kdfast's
-TRL `GKDTrainer`, its subclass of TRL's stable `DistillationTrainer` and TRL's fused LM head on kdfast under
-accelerate's FSDP2 plugin or DeepSpeed ZeRO-3 (set up by `TrainingArguments`, as `accelerate launch` with such a
-config sets them up), 2 gloo ranks on CPU, each taking half of every batch. The loss of each step, every parameter's
-gradient in the first step and the parameters after 3 SGD steps equal an unsharded student's trained on the whole
-batch in the same process.
+TRL `GKDTrainer`, its subclasses of TRL's stable `DistillationTrainer` and of its `SDFTTrainer`, and TRL's fused LM
+head on kdfast under accelerate's FSDP2 plugin or DeepSpeed ZeRO-3 (set up by `TrainingArguments`, as `accelerate
+launch` with such a config sets them up), 2 gloo ranks on CPU, each taking half of every batch. The loss of each step,
+every parameter's gradient in the first step and the parameters after 3 SGD steps equal an unsharded student's trained
+on the whole batch in the same process.
 
 The gradient is read from the first step's update, (before - after) / lr, because DeepSpeed's step runs inside
 its backward (no hook sees the whole gradient before it); for FSDP2 that is the same number.
@@ -487,6 +487,89 @@ def teacher_by_path_case(tmp_path, setup, *, shard_teacher: bool = True):
     _train_and_compare(trainer, expected, teacher_sharded=shard_teacher)
 
 
+def trl_sdft_case(tmp_path, setup, *, mode: str):
+    """kdfast's subclass of TRL's SDFTTrainer, the student and TRL's frozen teacher (its initial weights, loaded from
+    the student's folder and sharded as TRL shards it) both sharded, against TRL's own loss helper on the logits of
+    an unsharded pair. Each step trains on one fixed batch (each rank its half) whose teacher prompts differ from the
+    student's, as privileged context makes them; generation is TRL's and not under test here."""
+    import warnings
+
+    from datasets import Dataset
+    from tiny_models import tiny_llama, word_tokenizer
+    from transformers import LlamaForCausalLM
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    from trl.experimental.sdft import SDFTConfig
+    from trl.experimental.sdft.loss_utils import (
+        compute_full_logit_self_distillation_loss,
+        compute_topk_self_distillation_loss,
+    )
+
+    from kdfast.integrations.trl import SDFTTrainer
+
+    unset_hf_deepspeed_config()  # an earlier case's ZeRO-3 arguments: the reference's models are built whole
+    model = tiny_llama(32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    if not dist.is_initialized():  # (run alone; the Trainer joins this group as it would an earlier case's)
+        dist.init_process_group("gloo")
+    folder = tmp_path / "model"
+    if dist.get_rank() == 0:  # transformers writes a model from rank 0 alone where a process group exists
+        model.save_pretrained(folder)
+        word_tokenizer().save_pretrained(folder)
+    dist.barrier()
+    generator = torch.Generator().manual_seed(3)
+    batch = {"prompt_ids": torch.randint(2, 96, (4, 3), generator=generator),
+             "prompt_mask": torch.ones(4, 3, dtype=torch.long),
+             "completion_ids": torch.randint(2, 96, (4, 5), generator=generator),
+             "completion_mask": torch.ones(4, 5, dtype=torch.long)}
+    batch["completion_mask"][1, 3:] = 0
+    teacher_prompts = torch.randint(2, 96, (4, 6), generator=generator)
+    batch["teacher_input_ids"] = torch.cat([teacher_prompts, batch["completion_ids"]], 1)
+    batch["teacher_attention_mask"] = torch.cat([torch.ones_like(teacher_prompts), batch["completion_mask"]], 1)
+    teacher = tiny_llama(32)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(8.0)
+
+    def logits(network, ids, mask):
+        return network(input_ids=ids, attention_mask=mask).logits[:, :-1][:, -5:]
+
+    def batch_loss(student, inputs):  # TRL's loss: each sequence's mean over its tokens, then the batch's mean
+        student_logits = logits(student, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+                                torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1))
+        with torch.no_grad():
+            teacher_logits = logits(teacher, inputs["teacher_input_ids"], inputs["teacher_attention_mask"])
+        if mode == "topk_logits":
+            per_token = compute_topk_self_distillation_loss(student_logits, teacher_logits, distillation_topk=10,
+                                                            distillation_alpha=0.5, distillation_add_tail=False)
+        else:
+            per_token = compute_full_logit_self_distillation_loss(student_logits, teacher_logits,
+                                                                  distillation_alpha=0.5)
+        mask = inputs["completion_mask"]
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+
+    reference = tiny_llama(32)
+    with torch.no_grad():
+        reference.lm_head.weight.mul_(8.0)
+    expected = _reference_run(reference, batch, batch_loss)
+
+    class FixedCompletions(SDFTTrainer):
+        def _prepare_inputs(self, generation_batch):
+            half = slice(2 * dist.get_rank(), 2 * dist.get_rank() + 2)
+            return {key: value[half] for key, value in batch.items()}
+
+    # The student loaded whole before the arguments set ZeRO-3 up (a path would be partitioned as it loads, before
+    # the comparison reads its initial values); TRL builds the teacher from its folder, partitioned.
+    student = LlamaForCausalLM.from_pretrained(folder)
+    args = _args(tmp_path, setup, config_cls=SDFTConfig, distillation_mode=mode, distillation_topk=10,
+                 distillation_alpha=0.5, max_completion_length=5, num_generations=1, bf16=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = FixedCompletions(model=student, args=args, processing_class=word_tokenizer(),
+                                   train_dataset=Dataset.from_dict({"prompt": ["w2 w3"] * 8,
+                                                                    "privileged_context": ["w4"] * 8}))
+    _train_and_compare(trainer, expected, teacher_sharded=True)
+
+
 CASES = {"sharded-teacher": functools.partial(distillation_case, sparse=False),
          "replicated-teacher": functools.partial(distillation_case, sparse=False, shard_teacher=False),
          "sparse-teacher": functools.partial(distillation_case, sparse=True),
@@ -505,7 +588,9 @@ CASES = {"sharded-teacher": functools.partial(distillation_case, sparse=False),
          "vision-language": vision_language_case,
          "packed-sequences": packed_sequences_case,
          "teacher-by-path": teacher_by_path_case,
-         "teacher-by-path, replicated": functools.partial(teacher_by_path_case, shard_teacher=False)}
+         "teacher-by-path, replicated": functools.partial(teacher_by_path_case, shard_teacher=False),
+         "trl-sdft, top-k": functools.partial(trl_sdft_case, mode="topk_logits"),
+         "trl-sdft, full vocabulary": functools.partial(trl_sdft_case, mode="full_logits")}
 
 
 def run_all(rank, world, port, setup_name, folder, out_path):

@@ -147,6 +147,36 @@ def linear_sparse_case(divergence, reduction):
     _close(mine[0].grad, full[0].grad, "hidden gradient")
 
 
+def row_weights_case(form):
+    """A loss whose rows are weighted (`row_weights`, "sum") equals the full vocabulary's per-row losses weighted and
+    summed, its gradient shards included."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    start, stop = shard_bounds(world, True)[rank]
+    generator = torch.Generator().manual_seed(5)
+    hs, ht = torch.randn(ROWS, HIDDEN, generator=generator), torch.randn(ROWS, HIDDEN, generator=generator)
+    ws, wt = torch.randn(VOCAB, HIDDEN, generator=generator), torch.randn(VOCAB, HIDDEN, generator=generator)
+    labels = torch.randint(0, VOCAB, (ROWS,), generator=generator)
+    row_weights = torch.rand(ROWS, generator=generator)
+    ids, logprobs = _sparse_teacher()
+    settings = dict(divergence="jsd", temperature=2.0, ce_weight=0.5, chunk_size=5)
+
+    def loss(hidden, weight, teacher_weight, **extra):
+        if form == "sparse":
+            return kdfast.linear_sparse_distill_loss(hidden, weight, ids, logprobs, labels, **settings, **extra)
+        return kdfast.linear_distill_loss(hidden, weight, ht, teacher_weight, labels, **settings, **extra)
+
+    full = [hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)]
+    expected = (loss(*full, wt, reduction="none", backend="torch") * row_weights).sum()
+    expected.backward()
+    mine = [hs.clone().requires_grad_(True), ws[start:stop].clone().requires_grad_(True)]
+    actual = loss(*mine, wt[start:stop], reduction="sum", row_weights=row_weights, process_group=dist.group.WORLD,
+                  vocab_range=(start, stop))
+    actual.backward()
+    _close(actual, expected, "loss")
+    _close(mine[1].grad, full[1].grad[start:stop], "weight gradient shard")
+    _close(mine[0].grad, full[0].grad, "hidden gradient")
+
+
 def traffic_case():
     """Bytes sent per call do not depend on the vocabulary, and grow linearly with the rows."""
     sent = {}
@@ -334,6 +364,8 @@ def cases(world):
             listed[f"components-{form}-{reduction}"] = (components_case, (form, reduction))
     listed["ce-options-logits"] = (ce_options_case, ("logits",))
     listed["ce-options-sparse"] = (ce_options_case, ("sparse",))
+    listed["row-weights-linear"] = (row_weights_case, ("dense",))
+    listed["row-weights-linear-sparse"] = (row_weights_case, ("sparse",))
     listed["traffic-is-o-rows"] = (traffic_case, ())
     listed["error-rows-differ"] = (expect_error, ("rows", "same tokens (rows)"))
     listed["error-ranges-gap"] = (expect_error, ("gap", "must tile [0, V)"))

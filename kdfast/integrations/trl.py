@@ -114,6 +114,10 @@ def __getattr__(name):
         from kdfast.integrations import trl_gold
 
         return getattr(trl_gold, name)
+    if name in ("SDFTTrainer", "SDPOTrainer"):  # TRL's self-distillation trainers on kdfast
+        from kdfast.integrations import trl_self_distillation
+
+        return getattr(trl_self_distillation, name)
     if name in ("patch_trl_fused_lm_head", "KdfastChunkedLogProb"):  # TRL's fused LM head (GRPO, RLOO, ...)
         from kdfast.integrations import trl_fused_lm_head
 

@@ -1,0 +1,143 @@
+"""The per-token objectives of TRL's self-distillation trainers (SDFT and SDPO, `trl.experimental`), computed from the
+two models' hidden states and heads by kdfast's fused kernels instead of from [B, T, V] logits. A teacher conditioned
+on privileged context (the student itself, its base weights or an EMA copy) and the student are compared over the
+completion tokens, each token's loss weighted and summed:
+
+- "full_logits": TRL's generalized JSD with `alpha` (0 forward KL, 1 reverse KL) between the two softmaxes at T:
+  `fused_linear_loss` with the weights as its row weights (the gradient final in the forward, four GEMMs);
+- "topk_logits": the same divergence over the student's own top-k tokens, renormalised over them, or with one tail
+  bucket each for the rest (`add_tail`): a GEMM per chunk of each head without a gradient finds the ids and the
+  logits there (`kdfast.top_k_support`); renormalised, the student's gradient goes through its K head rows alone;
+  with the tail it is `fused_linear_sparse_loss`'s bucket divergence;
+- "sampled_token": the reverse-KL estimator on the realised tokens, (log q - log p).detach() * log q, from
+  `linear_token_logprobs`.
+
+Every mode takes TRL's clipped importance ratio exp(log q - log q_old) (at most `is_clip`, detached) where the
+rollout's log-probs are given."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kdfast.linear_loss import fused_linear_loss
+from kdfast.linear_sparse_loss import fused_linear_sparse_loss
+from kdfast.loss import distill_loss
+from kdfast.options import LossOptions
+from kdfast.sparse_options import SparseOptions
+from kdfast.token_logprobs import linear_token_logprobs
+from kdfast.top_k_support import HeadMap, logits_at, student_logits_at, top_k_support
+
+MODES = ("full_logits", "topk_logits", "sampled_token")
+
+
+@dataclass(frozen=True)
+class SelfDistillationSettings:
+    """TRL's SDFTConfig / SDPOConfig loss fields: `distillation_mode`, `distillation_alpha`, `distillation_topk`,
+    `distillation_add_tail`, `distillation_is_clip` and the trainer's `temperature`."""
+
+    mode: str
+    alpha: float
+    topk: int | None
+    add_tail: bool
+    is_clip: float | None
+    temperature: float
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"distillation_mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "topk_logits" and self.topk is None:
+            raise ValueError("distillation_mode='topk_logits' requires distillation_topk to be set")
+        if self.mode == "sampled_token" and self.alpha != 1.0:
+            raise ValueError(f"distillation_mode='sampled_token' is reverse KL only: distillation_alpha must be 1.0, "
+                             f"got {self.alpha}")
+
+
+def _clipped_ratio(token_logprobs: torch.Tensor, old_logprobs: torch.Tensor, clip: float) -> torch.Tensor:
+    """TRL's importance weight: exp(log q - log q_old) clamped in log space to [-20, 20], then at most `clip`."""
+    return torch.exp((token_logprobs.detach() - old_logprobs.float()).clamp(-20.0, 20.0)).clamp(max=clip)
+
+
+def self_distillation_rows(student_hidden: torch.Tensor, student: HeadMap, teacher_hidden: torch.Tensor,
+                           teacher: HeadMap, token_ids: torch.Tensor, row_weights: torch.Tensor,
+                           settings: SelfDistillationSettings, old_logprobs: torch.Tensor | None = None):
+    """The kept completion tokens' objective: hidden states [n, H_s] / [n, H_t], the heads (their temperature
+    `settings.temperature`), the realised tokens [n], each token's weight [n] (TRL's per-sequence normalisation).
+    Returns (sum_r weight_r * ratio_r * loss_r, with its gradient to the student; sum_r ratio_r * loss_r, detached,
+    for TRL's logged mean), ratio_r the clipped importance ratio where `old_logprobs` [n] and `is_clip` are given,
+    else 1."""
+    clipping = settings.is_clip is not None and old_logprobs is not None
+    teacher_hidden = teacher_hidden.detach()
+    if settings.mode == "sampled_token":
+        return _sampled_token(student_hidden, student, teacher_hidden, teacher, token_ids, row_weights, settings,
+                              old_logprobs if clipping else None)
+    if settings.mode == "topk_logits":
+        return _top_k(student_hidden, student, teacher_hidden, teacher, token_ids, row_weights, settings,
+                      old_logprobs if clipping else None)
+    ratio = None
+    if clipping:
+        with torch.no_grad():
+            token_logprobs = linear_token_logprobs(student_hidden, student.weight, token_ids, bias=student.bias,
+                                                   temperature=settings.temperature, logit_scale=student.scale,
+                                                   softcap=student.softcap)
+        ratio = _clipped_ratio(token_logprobs, old_logprobs, settings.is_clip)
+    options = LossOptions(divergence="jsd", beta=settings.alpha, temperature=settings.temperature, t2_scale=False,
+                          reduction="sum", return_components="per_row")
+    weights = row_weights if ratio is None else row_weights * ratio
+    loss, parts = fused_linear_loss(student_hidden, student.weight, teacher_hidden, teacher.weight, None, options,
+                                    student_bias=student.bias, teacher_bias=_detached(teacher.bias),
+                                    student_softcap=student.softcap, teacher_softcap=teacher.softcap,
+                                    student_logit_scale=student.scale, teacher_logit_scale=teacher.scale,
+                                    row_weights=weights)
+    return loss, _metric_sum(parts.kd, ratio)
+
+
+def _top_k(student_hidden, student: HeadMap, teacher_hidden, teacher: HeadMap, token_ids, row_weights, settings,
+           old_logprobs):
+    """Over the student's top-k ids: renormalised (TRL's default) or with a tail bucket on each side."""
+    ids, values, _, token_logprobs = top_k_support(student_hidden.detach(), student, settings.topk,
+                                                   token_ids if old_logprobs is not None else None)
+    teacher_values, teacher_lse = logits_at(teacher_hidden, teacher, ids)
+    ratio = _clipped_ratio(token_logprobs, old_logprobs, settings.is_clip) if old_logprobs is not None else None
+    weights = row_weights if ratio is None else row_weights * ratio
+    if settings.add_tail:
+        # The teacher's log-probs at T over the student's ids; the kernel adds both rests as one bucket each.
+        options = SparseOptions(divergence="jsd", beta=settings.alpha, temperature=settings.temperature,
+                                t2_scale=False, reduction="sum", return_components="per_row", tail="bucket")
+        loss, parts = fused_linear_sparse_loss(student_hidden, student.weight, ids,
+                                               teacher_values - teacher_lse[:, None], None, options,
+                                               student_bias=student.bias, softcap=student.softcap,
+                                               logit_scale=student.scale, row_weights=weights)
+        return loss, _metric_sum(parts.kd, ratio)
+    # Renormalised over the K ids, each side's softmax over its K logits: the full log-sum-exp cancels.
+    student_values = student_logits_at(student_hidden, student, ids, values)
+    per_token = distill_loss(student_values, teacher_values, divergence="jsd", beta=settings.alpha,
+                             t2_scale=False, reduction="none")
+    return (per_token * weights).sum(), _metric_sum(per_token.detach(), ratio)
+
+
+def _sampled_token(student_hidden, student: HeadMap, teacher_hidden, teacher: HeadMap, token_ids, row_weights,
+                   settings, old_logprobs):
+    """TRL's sampled-token reverse KL: the gradient of (log q - log p).detach() * log q, q and p at T."""
+    def token_logprobs(hidden, head: HeadMap):
+        return linear_token_logprobs(hidden, head.weight, token_ids, bias=head.bias, temperature=settings.temperature,
+                                     logit_scale=head.scale, softcap=head.softcap)
+
+    student_logprobs = token_logprobs(student_hidden, student)
+    with torch.no_grad():
+        teacher_logprobs = token_logprobs(teacher_hidden, teacher)
+    per_token = (student_logprobs - teacher_logprobs).detach() * student_logprobs
+    ratio = (_clipped_ratio(student_logprobs, old_logprobs, settings.is_clip) if old_logprobs is not None
+             else None)
+    weights = row_weights if ratio is None else row_weights * ratio
+    return (per_token * weights).sum(), _metric_sum(per_token.detach(), ratio)
+
+
+def _metric_sum(per_token: torch.Tensor, ratio: torch.Tensor | None) -> torch.Tensor:
+    per_token = per_token.detach().float()
+    return (per_token if ratio is None else per_token * ratio).sum()
+
+
+def _detached(tensor):
+    return tensor.detach() if tensor is not None else None
