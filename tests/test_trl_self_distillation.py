@@ -203,6 +203,75 @@ def test_sdft_training_step_equals_trl(model_path, tmp_path):
         torch.testing.assert_close(results[1][name], parameter, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def _serve_from_the_teacher(trainer, top_k):
+    """TRL's server stubbed: `_get_teacher_token_logprobs_from_server` answers from the local teacher's logits of
+    the teacher's prompt at the trainer's temperature (its top-k log-probs and the realised tokens', -inf and id 0
+    past each completion, as TRL pads them), and the weight sync does nothing."""
+    from types import SimpleNamespace
+
+    teacher = trainer.teacher_model
+
+    def answer(inputs, logits_to_keep):
+        with torch.no_grad():
+            logits = teacher(input_ids=inputs["teacher_input_ids"],
+                             attention_mask=inputs["teacher_attention_mask"]).logits[:, :-1][:, -logits_to_keep:]
+            logprobs = torch.log_softmax(logits / trainer.temperature, dim=-1)
+        top = torch.topk(logprobs, top_k, dim=-1)
+        actual = logprobs.gather(-1, inputs["completion_ids"][..., None]).squeeze(-1)
+        ended = inputs["completion_mask"] == 0
+        return {"actual_logprobs": actual.masked_fill(ended, float("-inf")),
+                "topk_logprobs": top.values.masked_fill(ended[..., None], float("-inf")),
+                "topk_token_ids": top.indices.masked_fill(ended[..., None], 0)}
+
+    trainer.use_teacher_server = True
+    trainer.vllm_generation = SimpleNamespace(sync_weights=lambda: None)
+    trainer._last_loaded_step = 0
+    trainer._get_teacher_token_logprobs_from_server = answer
+    return trainer
+
+
+SERVED_CASES = [
+    dict(distillation_mode="sampled_token", distillation_alpha=1.0),
+    dict(distillation_mode="topk_logits", distillation_topk=10),  # renormalised over the teacher's top-k
+    dict(distillation_mode="topk_logits", distillation_topk=10, distillation_alpha=0.0, distillation_add_tail=True),
+    dict(distillation_mode="topk_logits", distillation_topk=20, distillation_alpha=1.0, distillation_add_tail=True,
+         num_loss_tokens_to_skip=1, temperature=0.8),
+]
+
+
+@pytest.mark.parametrize("clip", [True, False], ids=["clipped-ratio", "no-rollout-logprobs"])
+@pytest.mark.parametrize("case", SERVED_CASES, ids=lambda case: "-".join(f"{k}={v}" for k, v in case.items()))
+def test_sdft_with_a_served_teacher_equals_trl(model_path, tmp_path, case, clip):
+    """TRL's server path (`use_teacher_server`: the teacher's top-k and token log-probs from vLLM), its metric of the
+    student's distance from the server's log-probs included."""
+    trainer = _serve_from_the_teacher(_trainer(SDFTTrainer, model_path, tmp_path, **case),
+                                      case.get("distillation_topk") or 1)
+    expected = _assert_same_as_trl(trainer, TRLSDFTTrainer, _batch(old_logprobs=clip))
+    assert "self_distillation/server_logprob_abs_diff" in expected[1]
+
+
+def test_sdpo_with_a_served_teacher_equals_trl(model_path, tmp_path):
+    trainer = _serve_from_the_teacher(_trainer(SDPOTrainer, model_path, tmp_path), 1)
+    batch = _batch(old_logprobs=True)
+    batch["advantages"] = torch.tensor([0.8, -1.2, 0.3])
+    batch["self_distillation_mask"] = torch.tensor([1.0, 0.0, 1.0])
+    _assert_same_as_trl(trainer, TRLSDPOTrainer, batch)
+
+
+def test_served_teacher_missing_a_required_token_is_refused(model_path, tmp_path):
+    trainer = _serve_from_the_teacher(_trainer(SDFTTrainer, model_path, tmp_path, distillation_topk=10), 10)
+    served = trainer._get_teacher_token_logprobs_from_server
+
+    def short_answer(inputs, logits_to_keep):
+        answer = served(inputs, logits_to_keep)
+        answer["actual_logprobs"][0, 2] = float("-inf")
+        return answer
+
+    trainer._get_teacher_token_logprobs_from_server = short_answer
+    with pytest.raises(ValueError, match="no logprob for a required completion token"):
+        SDFTTrainer.compute_loss(trainer, trainer.model, _batch())
+
+
 SDPO_CASES = [
     dict(),  # SDPO's default: sampled-token reverse KL, all weight on the self-distillation
     dict(distillation_mode="full_logits", distillation_alpha=0.5),

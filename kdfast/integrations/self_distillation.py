@@ -13,7 +13,8 @@ completion tokens, each token's loss weighted and summed:
   `linear_token_logprobs`.
 
 Every mode takes TRL's clipped importance ratio exp(log q - log q_old) (at most `is_clip`, detached) where the
-rollout's log-probs are given."""
+rollout's log-probs are given. A teacher behind a vLLM server (`served_self_distillation_rows`) gives its top-k ids and
+log-probs and the realised token's: "topk_logits" is then over the teacher's ids, "sampled_token" the same estimator."""
 
 from __future__ import annotations
 
@@ -101,20 +102,67 @@ def _top_k(student_hidden, student: HeadMap, teacher_hidden, teacher: HeadMap, t
     teacher_values, teacher_lse = logits_at(teacher_hidden, teacher, ids)
     ratio = _clipped_ratio(token_logprobs, old_logprobs, settings.is_clip) if old_logprobs is not None else None
     weights = row_weights if ratio is None else row_weights * ratio
+    # With the tail the teacher's log-probs at T over the student's ids; renormalised its logits do as well.
+    teacher_rows = teacher_values - teacher_lse[:, None] if settings.add_tail else teacher_values
+    loss, per_token = _over_support(student_hidden, student, ids, values, teacher_rows, weights, settings)
+    return loss, _metric_sum(per_token, ratio)
+
+
+def _over_support(student_hidden, student: HeadMap, ids, student_values, teacher_rows, weights, settings):
+    """JSD(alpha) over the ids [n, K] (each row's loss and its weighted sum): with the tail (`add_tail`), the
+    teacher's K log-probs and its rest against the student's, the kernel adding both rests as one bucket each;
+    renormalised, each side's softmax over its K logits (the teacher's `teacher_rows` may be logits or log-probs:
+    the full log-sum-exp cancels), the student's gradient through its K head rows. `student_values`: the student's
+    mapped logits at the ids where already known."""
     if settings.add_tail:
-        # The teacher's log-probs at T over the student's ids; the kernel adds both rests as one bucket each.
         options = SparseOptions(divergence="jsd", beta=settings.alpha, temperature=settings.temperature,
                                 t2_scale=False, reduction="sum", return_components="per_row", tail="bucket")
-        loss, parts = fused_linear_sparse_loss(student_hidden, student.weight, ids,
-                                               teacher_values - teacher_lse[:, None], None, options,
+        loss, parts = fused_linear_sparse_loss(student_hidden, student.weight, ids, teacher_rows, None, options,
                                                student_bias=student.bias, softcap=student.softcap,
                                                logit_scale=student.scale, row_weights=weights)
-        return loss, _metric_sum(parts.kd, ratio)
-    # Renormalised over the K ids, each side's softmax over its K logits: the full log-sum-exp cancels.
-    student_values = student_logits_at(student_hidden, student, ids, values)
-    per_token = distill_loss(student_values, teacher_values, divergence="jsd", beta=settings.alpha,
-                             t2_scale=False, reduction="none")
-    return (per_token * weights).sum(), _metric_sum(per_token.detach(), ratio)
+        return loss, parts.kd
+    if student_values is None:
+        student_values, _ = logits_at(student_hidden.detach(), student, ids)
+    per_token = distill_loss(student_logits_at(student_hidden, student, ids, student_values), teacher_rows,
+                             divergence="jsd", beta=settings.alpha, t2_scale=False, reduction="none")
+    return (per_token * weights).sum(), per_token.detach()
+
+
+@dataclass(frozen=True)
+class ServedTeacher:
+    """What a teacher behind a vLLM server returns for the kept tokens (TRL's `_get_teacher_token_logprobs_from_server`
+    at the trainer's temperature): its top-k ids [n, K] and log-probs [n, K], and the realised token's log-prob
+    [n]."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    token_logprobs: torch.Tensor
+
+
+def served_self_distillation_rows(student_hidden: torch.Tensor, student: HeadMap, served: ServedTeacher,
+                                  token_ids: torch.Tensor, row_weights: torch.Tensor,
+                                  settings: SelfDistillationSettings, old_logprobs: torch.Tensor | None = None):
+    """`self_distillation_rows` against a served teacher: "sampled_token" against its token log-probs, "topk_logits"
+    over its own top-k ids (the server cannot score the student's). Returns the loss, the metric's sum, and the
+    student's log q(token) at T [n], detached (TRL logs its distance from the teacher's)."""
+    if settings.mode == "full_logits":
+        raise ValueError("a served teacher returns top-k log-probs, not its whole distribution: "
+                         "distillation_mode='full_logits' needs a local teacher")
+    sampled = settings.mode == "sampled_token"
+    with torch.set_grad_enabled(sampled and torch.is_grad_enabled()):
+        token_logprobs = linear_token_logprobs(student_hidden, student.weight, token_ids, bias=student.bias,
+                                               temperature=settings.temperature, logit_scale=student.scale,
+                                               softcap=student.softcap)
+    clipping = settings.is_clip is not None and old_logprobs is not None
+    ratio = _clipped_ratio(token_logprobs, old_logprobs, settings.is_clip) if clipping else None
+    weights = row_weights if ratio is None else row_weights * ratio
+    if sampled:
+        per_token = (token_logprobs - served.token_logprobs).detach() * token_logprobs
+        loss, per_token = (per_token * weights).sum(), per_token.detach()
+    else:
+        loss, per_token = _over_support(student_hidden, student, served.ids, None, served.logprobs.float(), weights,
+                                        settings)
+    return loss, _metric_sum(per_token, ratio), token_logprobs.detach()
 
 
 def _sampled_token(student_hidden, student: HeadMap, teacher_hidden, teacher: HeadMap, token_ids, row_weights,

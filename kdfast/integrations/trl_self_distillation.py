@@ -4,8 +4,8 @@ weights or an EMA copy) on the prompt with privileged context, keeps both models
 and compares them token by token; here only the decoders run, and the completion tokens' objective comes from their
 hidden states and heads through kdfast's kernels (`kdfast.integrations.self_distillation`). Generation, the teacher's
 set-up and its updates, the batches, the normalisation (each sequence's mean, then the batch's), the logged metrics
-and the division for gradient accumulation are TRL's. A teacher served by vLLM (`use_teacher_server=True`) returns
-log-probs, not hidden states: that path is TRL's own."""
+and the division for gradient accumulation are TRL's. A teacher served by vLLM (`use_teacher_server=True`) returns its
+top-k and token log-probs: the student's side of that objective is kdfast's too."""
 
 from __future__ import annotations
 
@@ -14,7 +14,12 @@ import torch
 from kdfast.integrations.causal_lm import head_settings, last_hidden_state, output_head
 from kdfast.integrations.compiled_loss import entered_model
 from kdfast.integrations.head_check import check_head_map
-from kdfast.integrations.self_distillation import SelfDistillationSettings, self_distillation_rows
+from kdfast.integrations.self_distillation import (
+    SelfDistillationSettings,
+    ServedTeacher,
+    self_distillation_rows,
+    served_self_distillation_rows,
+)
 from kdfast.integrations.sharding import run_through_wrapper, whole_heads
 from kdfast.token_logprobs import linear_token_logprobs
 from kdfast.top_k_support import HeadMap
@@ -39,14 +44,27 @@ class _FusedSelfDistillation:
                                         args.distillation_topk, bool(args.distillation_add_tail),
                                         args.distillation_is_clip, float(self.temperature))
 
-    def _fused_losses(self, model, inputs, *, distillation: bool, policy_logprobs: bool):
+    def _fused_losses(self, model, inputs, *, distillation: bool, policy_logprobs: bool, served: bool = False):
         """(the self-distillation loss, TRL-normalised, or None; the student's log-probs at T of the completion
-        tokens [B, L] with their gradient, or None)."""
+        tokens [B, L] with their gradient, or None). `served`: the teacher's log-probs come from TRL's vLLM server."""
         settings = self._distillation_settings() if distillation else None
         wrapper, student = entered_model(self, model)
-        teacher_hidden = self._teacher_hidden(inputs) if distillation else None
-        return run_through_wrapper(wrapper, student, self._student_losses, student, inputs, teacher_hidden, settings,
+        teacher = None
+        if distillation:
+            teacher = self._served_teacher(inputs) if served else self._teacher_hidden(inputs)
+        return run_through_wrapper(wrapper, student, self._student_losses, student, inputs, teacher, settings,
                                    policy_logprobs)
+
+    def _served_teacher(self, inputs) -> dict:
+        """TRL's server answer for the batch: the top-k ids and log-probs [B, L, K] and the realised tokens' log-probs
+        [B, L] (-inf past each completion), after TRL's weight sync where the step moved on."""
+        # Buffered batches are reused across optimizer steps, so the server's weights may lag the student's: TRL
+        # pushes them before scoring, every rank waiting for the main one's push.
+        if self.state.global_step != self._last_loaded_step:
+            self.vllm_generation.sync_weights()
+            self.accelerator.wait_for_everyone()
+            self._last_loaded_step = self.state.global_step
+        return self._get_teacher_token_logprobs_from_server(inputs, inputs["completion_ids"].shape[1])
 
     def _teacher_hidden(self, inputs) -> torch.Tensor:
         """The teacher's decoder output at the positions that predict the completion, [B, L, H_t], no gradient."""
@@ -63,7 +81,8 @@ class _FusedSelfDistillation:
                 check_head_map(teacher, probe)
             return run_through_wrapper(wrapper, teacher, hidden, probe["input_ids"], probe["attention_mask"])
 
-    def _student_losses(self, student, inputs, teacher_hidden, settings, policy_logprobs):
+    def _student_losses(self, student, inputs, teacher, settings, policy_logprobs):
+        """`teacher`: its hidden states [B, L, H_t] (a local teacher), or the server's answer (a dict)."""
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
@@ -71,15 +90,17 @@ class _FusedSelfDistillation:
             check_head_map(student, {"input_ids": ids, "attention_mask": mask})
         hidden = last_hidden_state(student, ids, mask)[:, :-1][:, -completion_ids.shape[1]:]
         student_head = output_head(student)
-        teacher = self.accelerator.unwrap_model(self.teacher_model) if settings is not None else None
-        teacher_head = output_head(teacher) if teacher is not None else None
-        with whole_heads(student, student_head, [teacher] if teacher is not None else [],
-                         [teacher_head] if teacher is not None else []):
+        local = settings is not None and not isinstance(teacher, dict)
+        teacher_model = self.accelerator.unwrap_model(self.teacher_model) if local else None
+        teacher_head = output_head(teacher_model) if local else None
+        with whole_heads(student, student_head, [teacher_model] if local else [], [teacher_head] if local else []):
             student_map = self._head_map(student, student_head)
             distillation = None
-            if settings is not None:
-                distillation = self._distillation(student_map, hidden, self._head_map(teacher, teacher_head, True),
-                                                  teacher_hidden, inputs, settings)
+            if local:
+                distillation = self._distillation(student_map, hidden, inputs, settings,
+                                                  (teacher, self._head_map(teacher_model, teacher_head, True)))
+            elif settings is not None:
+                distillation = self._distillation(student_map, hidden, inputs, settings, teacher)
             logprobs = self._token_logprobs(student_map, hidden, completion_ids, completion_mask) \
                 if policy_logprobs else None
         return distillation, logprobs
@@ -91,27 +112,49 @@ class _FusedSelfDistillation:
             weight, bias = weight.detach(), bias.detach() if bias is not None else None
         return HeadMap(weight, bias, settings["logit_scale"], settings["softcap"], float(self.temperature))
 
-    def _distillation(self, student: HeadMap, hidden, teacher: HeadMap, teacher_hidden, inputs, settings):
+    def _distillation(self, student: HeadMap, hidden, inputs, settings, teacher):
+        """TRL's self-distillation loss over the kept completion tokens and its logged metrics. `teacher`: (its hidden
+        states, its head) or the server's answer."""
         loss_mask = self._loss_mask(inputs)
         mode = "train" if self.model.training else "eval"
+        served = isinstance(teacher, dict)
+        if served:
+            required = loss_mask.bool()
+            if bool((required & ~torch.isfinite(teacher["actual_logprobs"])).any()):
+                raise ValueError("Teacher server returned no logprob for a required completion token.")
         if not bool(loss_mask.any()):
+            if served:
+                self._metrics[mode]["self_distillation/server_logprob_abs_diff"].append(0.0)
             self._log_self_distillation_metric(mode, 0.0)
             # Attached to the student's graph (its decoder and its head), so backward gives zeros, as TRL's does.
             zero = hidden.sum() + student.weight.sum()
             return zero * 0.0
-        flat_mask = loss_mask.reshape(-1)
-        kept = flat_mask.nonzero().squeeze(1)
+        kept = loss_mask.reshape(-1).nonzero().squeeze(1)
+
+        def rows(tensor):
+            return tensor.reshape(-1, *tensor.shape[2:]).index_select(0, kept)
+
         # TRL's normalisation: each token over its sequence's kept count (at least 1), then the mean over sequences.
         per_sequence = 1.0 / (loss_mask.sum(-1).clamp(min=1).float() * loss_mask.shape[0])
-        row_weights = (loss_mask.float() * per_sequence[:, None]).reshape(-1).index_select(0, kept)
+        row_weights = rows(loss_mask.float() * per_sequence[:, None])
         old = inputs.get("old_per_token_logps")
-        old = old.reshape(-1).index_select(0, kept) if old is not None else None
-        loss, metric_sum = self_distillation_rows(
-            hidden.reshape(-1, hidden.shape[-1]).index_select(0, kept), student,
-            teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).index_select(0, kept), teacher,
-            inputs["completion_ids"].reshape(-1).index_select(0, kept), row_weights, settings, old)
-        mean = metric_sum / loss_mask.sum().clamp(min=1)
-        self._log_self_distillation_metric(mode, self.accelerator.gather(mean).mean().item())
+        old = rows(old) if old is not None else None
+        count = loss_mask.sum().clamp(min=1)
+        token_ids = rows(inputs["completion_ids"])
+        if served:
+            answer = ServedTeacher(rows(teacher["topk_token_ids"]), rows(teacher["topk_logprobs"]),
+                                   rows(teacher["actual_logprobs"]))
+            loss, metric_sum, student_logprobs = served_self_distillation_rows(
+                rows(hidden), student, answer, token_ids, row_weights, settings, old)
+            # How far the student's scores of the realised tokens are from the server's (stale weights show here).
+            distance = (student_logprobs - answer.token_logprobs).abs().sum() / count
+            self._metrics[mode]["self_distillation/server_logprob_abs_diff"].append(
+                self.accelerator.gather(distance).mean().item())
+        else:
+            teacher_hidden, teacher_head = teacher
+            loss, metric_sum = self_distillation_rows(rows(hidden), student, rows(teacher_hidden), teacher_head,
+                                                      token_ids, row_weights, settings, old)
+        self._log_self_distillation_metric(mode, self.accelerator.gather(metric_sum / count).mean().item())
         return loss
 
     @staticmethod
@@ -134,14 +177,14 @@ class SDFTTrainer(_FusedSelfDistillation, _TRLSDFTTrainer):
     """TRL's `SDFTTrainer` (same arguments, `SDFTConfig`) whose loss comes from kdfast: every `distillation_mode`
     ("topk_logits", its default, over the student's own top-k; "full_logits"; "sampled_token"), `distillation_alpha`,
     `distillation_add_tail`, `distillation_is_clip`, `num_loss_tokens_to_skip`, the temperature and each model's logit
-    scale and softcap, without [B, T, V] logits. `use_teacher_server=True` runs TRL's own loss."""
+    scale and softcap, without [B, T, V] logits; with `use_teacher_server=True`, against the served teacher's top-k
+    or token log-probs."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
             raise ValueError("The SDFTTrainer does not support returning outputs")
-        if self.use_teacher_server:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss, _ = self._fused_losses(model, inputs, distillation=True, policy_logprobs=False)
+        loss, _ = self._fused_losses(model, inputs, distillation=True, policy_logprobs=False,
+                                     served=self.use_teacher_server)
         return self._accumulation_scaled(loss)
 
     def _loss_mask(self, inputs) -> torch.Tensor:
@@ -158,16 +201,17 @@ class SDPOTrainer(_FusedSelfDistillation, _TRLSDPOTrainer):
     `SDFTTrainer`'s does (every mode; `self_distillation_mask` per sequence), and whose policy term
     (`distillation_weight` < 1: TRL's clipped ratio of the completion tokens' log-probs times the advantages, each
     `loss_type`, token- or sequence-level importance sampling) takes the student's log-probs from
-    `linear_token_logprobs`. `use_teacher_server=True` runs TRL's own loss."""
+    `linear_token_logprobs`. A served teacher (`use_teacher_server=True`) scores where TRL asks it, the
+    self-distillation alone."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
             raise ValueError("The SDPOTrainer does not support returning outputs")
         weight = self.args.distillation_weight
-        if weight == 1.0 and self.use_teacher_server:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # TRL asks the server only when the loss is the self-distillation alone; mixed, its local teacher scores.
         distillation, logprobs = self._fused_losses(model, inputs, distillation=weight != 0.0,
-                                                    policy_logprobs=weight != 1.0)
+                                                    policy_logprobs=weight != 1.0,
+                                                    served=weight == 1.0 and self.use_teacher_server)
         if weight == 1.0:
             loss = distillation
         elif weight == 0.0:
