@@ -199,7 +199,8 @@ def _accumulate_weight_grad(acc: torch.Tensor, grad_logits: torch.Tensor, hidden
 def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted: Wanted, chunk_size, rows_kernel,
                row_weights: torch.Tensor | None = None):
     """The rows' loss parts [N, PART_COLUMNS] float32 and the wanted gradients (d hidden in the hidden's dtype;
-    d weight and d bias in float32), each already multiplied by grad_scale and, when given, by row_weights [N].
+    d weight and d bias in float32), each already multiplied by grad_scale and, when given, by row_weights [N], or by
+    the weights an object with `of_chunk(rows, parts)` forms from each chunk's parts (kdfast.sampled_token_loss).
     `rows_kernel` is the logits-level kernel of the device (kdfast.dispatch.DeviceRows) or of a vocab shard
     (kdfast.vocab_parallel.ShardedRows)."""
     device = heads.student_hidden.device
@@ -261,11 +262,15 @@ def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted
         parts[rows] = rows_kernel(student.unsqueeze(0), teacher_rows, labels, kernel_scale, grad, opts)
         if several is not None:
             several.record_kernel_parts(rows, parts[rows])
+        chunk_weights = None
+        if row_weights is not None:  # (weights formed from the chunk's own parts are asked for even without grads)
+            chunk_weights = (row_weights.of_chunk(rows, parts[rows]) if hasattr(row_weights, "of_chunk")
+                             else row_weights[rows])
         if not wanted.any:
             continue
         grad_logits = student
-        if row_weights is not None:
-            grad_logits.mul_(row_weights[rows, None].to(grad_logits.dtype))
+        if chunk_weights is not None:
+            grad_logits.mul_(chunk_weights[:, None].to(grad_logits.dtype))
         if student_map.softcap is not None:
             student_map.chain_(grad_logits, uncapped)
         if wanted.bias:  # before any rounding of the gradient for the GEMMs

@@ -87,7 +87,9 @@ class LinearDistillFunction(torch.autograd.Function):
                                                                plan.rows_kernel, row_weights=row_weights)
                 d_hidden = plan.rows_kernel.reduce_hidden_grad(d_hidden)
                 ctx.save_for_backward(*LinearDistillFunction._as_input_dtypes(ctx, d_hidden, d_weight, d_bias))
-        outputs = reduced_outputs(ctx, parts, lead_shape, labels, opts, scale, row_weights)
+        # Weights formed chunk by chunk from the parts (an `of_chunk` object) are a tensor once the chunks ran.
+        outputs = reduced_outputs(ctx, parts, lead_shape, labels, opts, scale, getattr(row_weights, "tensor",
+                                                                                     row_weights))
         if not isinstance(teacher, TeacherHeads) or not opts.return_components:
             return outputs
         # A backward that runs the chunks again need not find them again.

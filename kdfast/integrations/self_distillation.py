@@ -9,8 +9,9 @@ completion tokens, each token's loss weighted and summed:
   bucket each for the rest (`add_tail`): a GEMM per chunk of each head without a gradient finds the ids and the
   logits there (`kdfast.top_k_support`); renormalised, the student's gradient goes through its K head rows alone;
   with the tail it is `fused_linear_sparse_loss`'s bucket divergence;
-- "sampled_token": the reverse-KL estimator on the realised tokens, (log q - log p).detach() * log q, from
-  `linear_token_logprobs`.
+- "sampled_token": the reverse-KL estimator on the realised tokens, (log q - log p).detach() * log q, in one pass
+  over the student's head (`kdfast.sampled_token_loss`: each token's weight formed from its log q as the chunk's
+  kernel computes it, the gradient final in the forward), the teacher's log p from `linear_token_logprobs`.
 
 Every mode takes TRL's clipped importance ratio exp(log q - log q_old) (at most `is_clip`, detached) where the
 rollout's log-probs are given. A teacher behind a vLLM server (`served_self_distillation_rows`) gives its top-k ids and
@@ -26,6 +27,7 @@ from kdfast.linear_loss import fused_linear_loss
 from kdfast.linear_sparse_loss import fused_linear_sparse_loss
 from kdfast.loss import distill_loss
 from kdfast.options import LossOptions
+from kdfast.sampled_token_loss import linear_sampled_token_loss
 from kdfast.sparse_options import SparseOptions
 from kdfast.token_logprobs import linear_token_logprobs
 from kdfast.top_k_support import HeadMap, logits_at, student_logits_at, top_k_support
@@ -148,38 +150,42 @@ def served_self_distillation_rows(student_hidden: torch.Tensor, student: HeadMap
     if settings.mode == "full_logits":
         raise ValueError("a served teacher returns top-k log-probs, not its whole distribution: "
                          "distillation_mode='full_logits' needs a local teacher")
-    sampled = settings.mode == "sampled_token"
-    with torch.set_grad_enabled(sampled and torch.is_grad_enabled()):
+    clipping = settings.is_clip is not None and old_logprobs is not None
+    if settings.mode == "sampled_token":
+        return _sampled_token_loss(student_hidden, student, served.token_logprobs, token_ids, row_weights, settings,
+                                   old_logprobs if clipping else None)
+    with torch.no_grad():
         token_logprobs = linear_token_logprobs(student_hidden, student.weight, token_ids, bias=student.bias,
                                                temperature=settings.temperature, logit_scale=student.scale,
                                                softcap=student.softcap)
-    clipping = settings.is_clip is not None and old_logprobs is not None
     ratio = _clipped_ratio(token_logprobs, old_logprobs, settings.is_clip) if clipping else None
     weights = row_weights if ratio is None else row_weights * ratio
-    if sampled:
-        per_token = (token_logprobs - served.token_logprobs).detach() * token_logprobs
-        loss, per_token = (per_token * weights).sum(), per_token.detach()
-    else:
-        loss, per_token = _over_support(student_hidden, student, served.ids, None, served.logprobs.float(), weights,
-                                        settings)
-    return loss, _metric_sum(per_token, ratio), token_logprobs.detach()
+    loss, per_token = _over_support(student_hidden, student, served.ids, None, served.logprobs.float(), weights,
+                                    settings)
+    return loss, _metric_sum(per_token, ratio), token_logprobs
 
 
 def _sampled_token(student_hidden, student: HeadMap, teacher_hidden, teacher: HeadMap, token_ids, row_weights,
                    settings, old_logprobs):
     """TRL's sampled-token reverse KL: the gradient of (log q - log p).detach() * log q, q and p at T."""
-    def token_logprobs(hidden, head: HeadMap):
-        return linear_token_logprobs(hidden, head.weight, token_ids, bias=head.bias, temperature=settings.temperature,
-                                     logit_scale=head.scale, softcap=head.softcap)
-
-    student_logprobs = token_logprobs(student_hidden, student)
     with torch.no_grad():
-        teacher_logprobs = token_logprobs(teacher_hidden, teacher)
-    per_token = (student_logprobs - teacher_logprobs).detach() * student_logprobs
-    ratio = (_clipped_ratio(student_logprobs, old_logprobs, settings.is_clip) if old_logprobs is not None
-             else None)
-    weights = row_weights if ratio is None else row_weights * ratio
-    return (per_token * weights).sum(), _metric_sum(per_token.detach(), ratio)
+        teacher_logprobs = linear_token_logprobs(teacher_hidden, teacher.weight, token_ids, bias=teacher.bias,
+                                                 temperature=settings.temperature, logit_scale=teacher.scale,
+                                                 softcap=teacher.softcap)
+    loss, metric_sum, _ = _sampled_token_loss(student_hidden, student, teacher_logprobs, token_ids, row_weights,
+                                              settings, old_logprobs)
+    return loss, metric_sum
+
+
+def _sampled_token_loss(student_hidden, student: HeadMap, teacher_logprobs, token_ids, row_weights, settings,
+                        old_logprobs):
+    """The estimator in one pass over the student's head, each token's weight formed from its own log q as the
+    chunk's kernel computes it (`kdfast.sampled_token_loss`). Returns the loss, the metric's sum and log q."""
+    loss, logprobs, ratio = linear_sampled_token_loss(
+        student_hidden, student.weight, token_ids, teacher_logprobs, row_weights, bias=student.bias,
+        temperature=settings.temperature, logit_scale=student.scale, softcap=student.softcap, clip=settings.is_clip,
+        old_logprobs=old_logprobs)
+    return loss, _metric_sum((logprobs - teacher_logprobs.float()) * logprobs, ratio), logprobs
 
 
 def _metric_sum(per_token: torch.Tensor, ratio: torch.Tensor | None) -> torch.Tensor:
