@@ -17,6 +17,7 @@ import warnings
 
 import torch
 from bench_trl_async import importable
+from bench_trl_server import head_gradient_calls
 
 # (task name, TRL's loss-helper settings) in the table's order.
 MODES = (("SDFT default: top-100, renormalised, alpha=0.5", dict(mode="topk_logits", alpha=0.5, topk=100)),
@@ -74,11 +75,4 @@ def self_distillation_contenders(inputs, mode: dict, args) -> dict:
                                                            settings)
         return loss
 
-    def call(loss_fn):
-        def run():
-            h, w = hs.detach().requires_grad_(True), ws.detach().requires_grad_(True)
-            loss = loss_fn(h, w)
-            return (loss.detach(), None, *torch.autograd.grad(loss, (h, w)))
-        return run
-
-    return {"TRL": call(trl_loss), "kdfast": call(kdfast_loss)}
+    return head_gradient_calls(hs, ws, {"TRL": trl_loss, "kdfast": kdfast_loss})

@@ -91,6 +91,12 @@ def server_contenders(inputs, beta: float, args) -> dict:
                                                  temperature=args.temperature, t2_scale=False, tail="bucket",
                                                  ignore_index=_TRL_IGNORE_INDEX, reduction="mean")
 
+    return head_gradient_calls(hs, ws, {"TRL": trl_loss, "kdfast": kdfast_loss})
+
+
+def head_gradient_calls(hs, ws, losses: dict) -> dict:
+    """method -> zero-argument callable giving (loss, None, d hidden, d weight) of `losses[method](h, w)` on fresh
+    leaves of the student's hidden states `hs` and head `ws`."""
     def call(loss_fn):
         def run():
             h, w = hs.detach().requires_grad_(True), ws.detach().requires_grad_(True)
@@ -98,4 +104,4 @@ def server_contenders(inputs, beta: float, args) -> dict:
             return (loss.detach(), None, *torch.autograd.grad(loss, (h, w)))
         return run
 
-    return {"TRL": call(trl_loss), "kdfast": call(kdfast_loss)}
+    return {method: call(loss_fn) for method, loss_fn in losses.items()}

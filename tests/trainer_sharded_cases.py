@@ -275,6 +275,17 @@ def trl_gkd_case(tmp_path, setup):
     _train_and_compare(trainer, expected, teacher_sharded=True)
 
 
+def _completion_batch(generator):
+    """Four generated sequences as TRL's on-policy trainers hand them to compute_loss: prompts of 3 tokens,
+    completions of 5 (the second one ended after 3)."""
+    batch = {"prompt_ids": torch.randint(2, 96, (4, 3), generator=generator),
+             "prompt_mask": torch.ones(4, 3, dtype=torch.long),
+             "completion_ids": torch.randint(2, 96, (4, 5), generator=generator),
+             "completion_mask": torch.ones(4, 5, dtype=torch.long)}
+    batch["completion_mask"][1, 3:] = 0
+    return batch
+
+
 def trl_distillation_case(tmp_path, setup, *, routed: bool = False):
     """kdfast's subclass of TRL's stable DistillationTrainer against TRL's loss (float64, from full logits) on an
     unsharded student. Generation is TRL's and not under test here: each step trains on one fixed batch of
@@ -292,11 +303,7 @@ def trl_distillation_case(tmp_path, setup, *, routed: bool = False):
 
     student, teacher = student_and_teacher(head_scale=4.0)
     generator = torch.Generator().manual_seed(0)
-    batch = {"prompt_ids": torch.randint(2, 96, (4, 3), generator=generator),
-             "prompt_mask": torch.ones(4, 3, dtype=torch.long),
-             "completion_ids": torch.randint(2, 96, (4, 5), generator=generator),
-             "completion_mask": torch.ones(4, 5, dtype=torch.long)}
-    batch["completion_mask"][1, 3:] = 0
+    batch = _completion_batch(generator)
     count = batch["completion_mask"].sum().float()
     teachers = [teacher, tiny_llama(48, seed=2)] if routed else [teacher]
     if routed:
@@ -518,11 +525,7 @@ def trl_sdft_case(tmp_path, setup, *, mode: str):
         word_tokenizer().save_pretrained(folder)
     dist.barrier()
     generator = torch.Generator().manual_seed(3)
-    batch = {"prompt_ids": torch.randint(2, 96, (4, 3), generator=generator),
-             "prompt_mask": torch.ones(4, 3, dtype=torch.long),
-             "completion_ids": torch.randint(2, 96, (4, 5), generator=generator),
-             "completion_mask": torch.ones(4, 5, dtype=torch.long)}
-    batch["completion_mask"][1, 3:] = 0
+    batch = _completion_batch(generator)
     teacher_prompts = torch.randint(2, 96, (4, 6), generator=generator)
     batch["teacher_input_ids"] = torch.cat([teacher_prompts, batch["completion_ids"]], 1)
     batch["teacher_attention_mask"] = torch.cat([torch.ones_like(teacher_prompts), batch["completion_mask"]], 1)
