@@ -230,6 +230,55 @@ def _serve_from_the_teacher(trainer, top_k):
     return trainer
 
 
+def _family(name):
+    import transformers
+
+    small = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, pad_token_id=0)
+    if name == "gemma2-softcap":
+        return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**small, head_dim=16,
+                                                                        final_logit_softcapping=2.0))
+    return transformers.GraniteForCausalLM(transformers.GraniteConfig(**small, logits_scaling=0.25))
+
+
+@pytest.fixture(scope="module", params=["gemma2-softcap", "granite-scaled"])
+def family_path(request, tmp_path_factory):
+    """A model whose forward maps its head's output before the softmax (Gemma-2's softcap, Granite's division of the
+    logits by `logits_scaling`), saved with the tokenizer."""
+    torch.manual_seed(0)
+    model = _family(request.param)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    path = tmp_path_factory.mktemp(request.param) / "model"
+    model.save_pretrained(path)
+    word_tokenizer(VOCAB).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("mode", [dict(distillation_topk=10), dict(distillation_mode="full_logits"),
+                                  dict(distillation_mode="sampled_token", distillation_alpha=1.0)],
+                         ids=["topk", "full", "sampled"])
+def test_sdft_with_each_models_logit_map_equals_trl(family_path, tmp_path, mode):
+    """TRL compares the models' own logits (softcapped, scaled); kdfast applies the map each model's config names."""
+    trainer = _trainer(SDFTTrainer, family_path, tmp_path, **mode)
+    _assert_same_as_trl(trainer, TRLSDFTTrainer, _batch(old_logprobs=True))
+
+
+def test_sdft_evaluation_loss_equals_trl(model_path, tmp_path):
+    """An evaluation's compute_loss (no gradient, the models in eval mode): the same loss, logged as TRL's "eval"."""
+    trainer = _trainer(SDFTTrainer, model_path, tmp_path, distillation_topk=10)
+    trainer.model.eval()
+    results = []
+    for compute_loss in (TRLSDFTTrainer.compute_loss, SDFTTrainer.compute_loss):
+        trainer._metrics["eval"].clear()
+        with torch.no_grad():
+            loss = compute_loss(trainer, trainer.model, _batch())
+        results.append((loss, list(trainer._metrics["eval"]["self_distillation/distillation_loss"])))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(results[1][1]), torch.tensor(results[0][1]), rtol=1e-5, atol=1e-6)
+    assert not trainer._metrics["train"]
+
+
 SERVED_CASES = [
     dict(distillation_mode="sampled_token", distillation_alpha=1.0),
     dict(distillation_mode="topk_logits", distillation_topk=10),  # renormalised over the teacher's top-k
