@@ -57,7 +57,8 @@ import kdfast  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 # `kdfast bench --full`: the issue's CPU shape (TRL takes tens of seconds a call there) and the memory of each.
-FULL_SETTINGS = {} if CUDA else {"tokens": 2048, "repeats": 5, "memory": True}
+FULL_SETTINGS = {} if CUDA else {"tokens": 2048, "repeats": 5, "memory": True,
+                                  "self_distillation_modes": list(SELF_DISTILLATION_MODES)}
 TRL, KDFAST, KDFAST_FP32 = "TRL", "kdfast", "kdfast, fp32_logits"
 # What one call gives back: the summed loss (or log-probs) whose gradient is taken, the summed entropy (None where
 # not computed) and the gradients of the student's hidden states and head.
@@ -181,7 +182,8 @@ def contenders(inputs, args) -> dict:
             tasks[f"server top-{served_top_k(beta, args.top_k)} beta={beta:g}"] = {
                 method: _outcome_of(fn) for method, fn in server_contenders(inputs, beta, args).items()}
     if "self-distillation" in args.tasks and self_distillation_available():
-        for name, mode in SELF_DISTILLATION_MODES:
+        for key in args.self_distillation_modes:
+            name, mode = SELF_DISTILLATION_MODES[key]
             tasks[f"self-distillation, {name}"] = {
                 method: _outcome_of(fn) for method, fn in self_distillation_contenders(inputs, mode, args).items()}
     if not tasks:
@@ -331,6 +333,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=8, help="the served teacher's candidates per token (TRL's "
                         "teacher_top_k; the server trainer's loss_top_k at beta 0, its top-1 above), the completion's "
                         "token added where it is not among them")
+    parser.add_argument("--self-distillation-modes", nargs="*", choices=list(SELF_DISTILLATION_MODES),
+                        default=["top-k"], help="the SDFT / SDPO trainers' distillation modes timed (default: SDFT's "
+                        "default, the student's top-100; --full: every one)")
     parser.add_argument("--tasks", nargs="+", choices=TASK_FAMILIES, default=list(TASK_FAMILIES),
                         help="which comparisons to time (default: all): the DistillationTrainer's divergence, the "
                              "token log-probs, the async trainer's loss, the server trainer's loss, the SDFT / SDPO "

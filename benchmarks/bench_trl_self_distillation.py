@@ -19,10 +19,10 @@ import torch
 from bench_trl_async import importable
 from bench_trl_server import head_gradient_calls
 
-# (task name, TRL's loss-helper settings) in the table's order.
-MODES = (("SDFT default: top-100, renormalised, alpha=0.5", dict(mode="topk_logits", alpha=0.5, topk=100)),
-         ("full vocabulary, alpha=0.5", dict(mode="full_logits", alpha=0.5, topk=None)),
-         ("SDPO default: sampled token, alpha=1", dict(mode="sampled_token", alpha=1.0, topk=None)))
+# option value -> (task name, TRL's loss-helper settings), in the table's order.
+MODES = {"top-k": ("SDFT default: top-100, renormalised, alpha=0.5", dict(mode="topk_logits", alpha=0.5, topk=100)),
+         "full": ("full vocabulary, alpha=0.5", dict(mode="full_logits", alpha=0.5, topk=None)),
+         "sampled": ("SDPO default: sampled token, alpha=1", dict(mode="sampled_token", alpha=1.0, topk=None))}
 
 
 def _modules():
