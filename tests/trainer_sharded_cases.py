@@ -592,8 +592,8 @@ CASES = {"sharded-teacher": functools.partial(distillation_case, sparse=False),
          "packed-sequences": packed_sequences_case,
          "teacher-by-path": teacher_by_path_case,
          "teacher-by-path, replicated": functools.partial(teacher_by_path_case, shard_teacher=False),
-         "trl-sdft, top-k": functools.partial(trl_sdft_case, mode="topk_logits"),
-         "trl-sdft, full vocabulary": functools.partial(trl_sdft_case, mode="full_logits")}
+         # (the full-vocabulary mode is the fused linear loss that the trl-distillation cases shard already)
+         "trl-sdft, top-k": functools.partial(trl_sdft_case, mode="topk_logits")}
 
 
 def run_all(rank, world, port, setup_name, folder, out_path):
