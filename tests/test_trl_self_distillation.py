@@ -403,3 +403,57 @@ def test_settings_refuse_what_trl_refuses():
         SelfDistillationSettings("sampled_token", 0.5, None, False, None, 1.0)
     with pytest.raises(ValueError, match="distillation_mode"):
         SelfDistillationSettings("logits", 0.5, None, False, None, 1.0)
+
+
+class _RecordingTeacherClient:
+    """TRL's stand-in for the vLLM server client: records the scoring requests and answers with a fixed response."""
+
+    def __init__(self, response):
+        self.response, self.calls = response, []
+
+    def get_sequence_logprobs(self, **kwargs):
+        self.calls.append(kwargs)
+        return self.response
+
+
+def _ragged_server_case(cls, model_path, tmp_path, second_row_logprobs):
+    """TRL's test_server_loss_finite_with_masked_and_padded_rows (SDFT's and SDPO's) set-up, through TRL's own request
+    and padding of the server's ragged answer: row 0 fully masked (nothing scored), row 1 shorter than the batch (its
+    tail -inf); `second_row_logprobs` the top-2 of row 1's second token."""
+    trainer = _trainer(cls, model_path, tmp_path, distillation_mode="topk_logits", distillation_topk=2,
+                       distillation_alpha=0.5, distillation_add_tail=True, distillation_is_clip=None,
+                       max_completion_length=3)
+    trainer.use_teacher_server = True
+    batch = {"prompt_ids": torch.tensor([[10, 11], [12, 13]]), "prompt_mask": torch.tensor([[1, 1], [1, 1]]),
+             "completion_ids": torch.tensor([[14, 15, 16], [17, 18, 19]]),
+             "completion_mask": torch.tensor([[0, 0, 0], [1, 1, 0]]),
+             "teacher_input_ids": torch.tensor([[20, 21, 22, 14, 15, 16], [23, 24, 25, 17, 18, 19]]),
+             "teacher_attention_mask": torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])}
+    response = {"actual_logprobs": [[], [[-1.1], [second_row_logprobs[0]]]],
+                "logprobs": [[], [[-1.1, -1.5], second_row_logprobs]], "logprob_token_ids": [[], [[14, 15], [16, 17]]]}
+    trainer.teacher_client = _RecordingTeacherClient(response)
+    return trainer, batch
+
+
+@pytest.mark.parametrize("cls", [SDFTTrainer, SDPOTrainer], ids=["sdft", "sdpo"])
+def test_trl_case_server_loss_finite_with_masked_and_padded_rows(model_path, tmp_path, cls):
+    """The loss and every gradient are finite, the request asked for the top-2, and the loss is TRL's. (TRL's case
+    serves [-0.4, -0.9] for the second token, probabilities summing to 1.077: no distribution's, which TRL floors
+    and trains on; kdfast refuses it by name, below. Here the second token's are [-0.6, -1.2].)"""
+    trainer, batch = _ragged_server_case(cls, model_path, tmp_path, [-0.6, -1.2])
+    loss = cls.compute_loss(trainer, trainer.model, batch)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in trainer.model.parameters() if p.grad is not None)
+    assert trainer.teacher_client.calls[0]["top_logprobs"] == 2
+    trl_class = TRLSDFTTrainer if cls is SDFTTrainer else TRLSDPOTrainer
+    torch.testing.assert_close(loss.detach(), trl_class.compute_loss(trainer, trainer.model, batch).detach(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_served_top_k_above_one_is_refused_with_the_tail(model_path, tmp_path):
+    """TRL's own served values, [-0.4, -0.9] (0.670 + 0.407 = 1.077): with the tail bucket kdfast refuses them by
+    name rather than flooring a negative rest."""
+    trainer, batch = _ragged_server_case(SDFTTrainer, model_path, tmp_path, [-0.4, -0.9])
+    with pytest.raises(ValueError, match="teacher_logprobs must be log-probabilities"):
+        SDFTTrainer.compute_loss(trainer, trainer.model, batch)
