@@ -239,7 +239,7 @@ def check_sparse_targets(teacher_ids, teacher_logprobs, lead_shape: tuple, vocab
 # A row's held probabilities sum to at most 1. The slack is 16-bit storage's: bf16 moves a log-prob by up to 2^-9 of
 # its size, a few parts in a thousand of the row's mass. Top-k logits passed for log-probs, the likely slip, sum far
 # above it.
-_TEACHER_MASS_SLACK = 1e-2
+TEACHER_MASS_SLACK = 1e-2
 
 
 def _kept_rows(labels, lead_shape: tuple, opts: LossOptions):
@@ -268,7 +268,7 @@ def _check_teacher_logprobs(teacher_ids, teacher_logprobs, tail: str, kept) -> N
         return
     mass = torch.where(held, values.double().exp(), 0.0).sum(-1)
     worst = mass.max().item() if mass.numel() else 0.0
-    if worst > 1.0 + _TEACHER_MASS_SLACK:
+    if worst > 1.0 + TEACHER_MASS_SLACK:
         raise ValueError(f"teacher_logprobs must be log-probabilities at the loss's temperature: a row's held "
                          f"probabilities sum to {worst:.4g} > 1 (logits instead of log-probs? take log_softmax over "
                          f"the full vocabulary first, or pass tail='renormalize' for the top-k cross-entropy)")

@@ -455,5 +455,5 @@ def test_served_top_k_above_one_is_refused_with_the_tail(model_path, tmp_path):
     """TRL's own served values, [-0.4, -0.9] (0.670 + 0.407 = 1.077): with the tail bucket kdfast refuses them by
     name rather than flooring a negative rest."""
     trainer, batch = _ragged_server_case(SDFTTrainer, model_path, tmp_path, [-0.4, -0.9])
-    with pytest.raises(ValueError, match="teacher_logprobs must be log-probabilities"):
+    with pytest.raises(ValueError, match=r"teacher server's top-2 log-probs of a kept token sum to 1.077"):
         SDFTTrainer.compute_loss(trainer, trainer.model, batch)

@@ -31,6 +31,7 @@ from kdfast.sampled_token_loss import linear_sampled_token_loss
 from kdfast.sparse_options import SparseOptions
 from kdfast.token_logprobs import linear_token_logprobs
 from kdfast.top_k_support import HeadMap, logits_at, student_logits_at, top_k_support
+from kdfast.validation import TEACHER_MASS_SLACK
 
 MODES = ("full_logits", "topk_logits", "sampled_token")
 
@@ -160,6 +161,8 @@ def served_self_distillation_rows(student_hidden: torch.Tensor, student: HeadMap
                                                softcap=student.softcap)
     ratio = _clipped_ratio(token_logprobs, old_logprobs, settings.is_clip) if clipping else None
     weights = row_weights if ratio is None else row_weights * ratio
+    if settings.add_tail:
+        _check_served_mass(served.logprobs)
     loss, per_token = _over_support(student_hidden, student, served.ids, None, served.logprobs.float(), weights,
                                     settings)
     return loss, _metric_sum(per_token, ratio), token_logprobs
@@ -186,6 +189,17 @@ def _sampled_token_loss(student_hidden, student: HeadMap, teacher_logprobs, toke
         temperature=settings.temperature, logit_scale=student.scale, softcap=student.softcap, clip=settings.is_clip,
         old_logprobs=old_logprobs)
     return loss, _metric_sum((logprobs - teacher_logprobs.float()) * logprobs, ratio), logprobs
+
+
+def _check_served_mass(logprobs: torch.Tensor) -> None:
+    """A served top-k's probabilities sum to at most 1 (up to 16-bit storage's slack) where its rest is a bucket:
+    TRL floors a negative rest and trains on it; kdfast refuses it, naming the server."""
+    mass = logprobs.float().exp().sum(-1)
+    worst = float(mass.max()) if mass.numel() else 0.0
+    if worst > 1.0 + TEACHER_MASS_SLACK:
+        raise ValueError(f"the teacher server's top-{logprobs.shape[-1]} log-probs of a kept token sum to "
+                         f"{worst:.4g} > 1 in probability: no distribution's, so its rest (the tail bucket, "
+                         f"distillation_add_tail=True) would be negative; check what the server returns")
 
 
 def _metric_sum(per_token: torch.Tensor, ratio: torch.Tensor | None) -> torch.Tensor:
