@@ -20,6 +20,12 @@ from kdfast.logit_maps import tempered_map
 from kdfast.options import LossOptions
 
 
+def clipped_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, clip: float) -> torch.Tensor:
+    """TRL's importance weight, detached: exp(log q - log q_old) clamped in log space to [-20, 20], then at most
+    `clip`."""
+    return torch.exp((logprobs.detach() - old_logprobs.float()).clamp(-20.0, 20.0)).clamp(max=clip)
+
+
 class ChunkRowWeights:
     """Row weights that `run_chunks` asks for chunk by chunk, once the chunk's parts exist: here -w_r c_r from each
     row's log q(t_r) = -CE at the map's temperature (so that the cross-entropy's loss and gradient, times them, are
@@ -38,8 +44,7 @@ class ChunkRowWeights:
         self.logprobs[rows] = logprobs
         weight = self.row_weights[rows] * (logprobs - self.teacher_logprobs[rows])
         if self.ratio is not None:
-            # TRL's importance weight: exp(log q - log q_old) clamped in log space to [-20, 20], then at most clip.
-            ratio = torch.exp((logprobs - self.old_logprobs[rows]).clamp(-20.0, 20.0)).clamp(max=self.clip)
+            ratio = clipped_ratio(logprobs, self.old_logprobs[rows], self.clip)
             self.ratio[rows] = ratio
             weight = weight * ratio
         self.tensor[rows] = -weight

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kdfast.logit_maps import LogitMap
 from kdfast.zero3 import gathered
 
 # Elements of one chunk's [rows, V] logits, or of its [rows, K, H] gathered head rows in backward (64 MiB float32).
@@ -32,18 +33,19 @@ class HeadMap:
     softcap: float | None = None
     temperature: float = 1.0
 
+    @property
+    def logit_map(self) -> LogitMap:
+        return LogitMap(self.scale, self.softcap, self.temperature)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The mapped logits [n, V] in float32 from a GEMM in the head's dtype (as the model's forward makes them)."""
         raw = torch.nn.functional.linear(hidden.to(self.weight.dtype), self.weight, self.bias).float()
-        if self.scale != 1.0:
-            raw = raw * self.scale
-        if self.softcap is not None:
-            raw = torch.tanh(raw / self.softcap) * self.softcap
-        return raw / self.temperature
+        return self.logit_map.apply_(raw)
 
     def slope(self, mapped: torch.Tensor) -> torch.Tensor:
-        """d mapped / d GEMM output at the mapped values: scale / T, times 1 - tanh^2 under a softcap."""
-        slope = self.scale / self.temperature
+        """d mapped / d GEMM output at the mapped values: scale / T, times 1 - tanh^2 under a softcap (the tanh read
+        back from the mapped value, c / T * tanh)."""
+        slope = self.logit_map.slope
         if self.softcap is None:
             return torch.full_like(mapped, slope)
         tanh = mapped * (self.temperature / self.softcap)

@@ -27,7 +27,7 @@ from kdfast.linear_loss import fused_linear_loss
 from kdfast.linear_sparse_loss import fused_linear_sparse_loss
 from kdfast.loss import distill_loss
 from kdfast.options import LossOptions
-from kdfast.sampled_token_loss import linear_sampled_token_loss
+from kdfast.sampled_token_loss import clipped_ratio, linear_sampled_token_loss
 from kdfast.sparse_options import SparseOptions
 from kdfast.token_logprobs import linear_token_logprobs
 from kdfast.top_k_support import HeadMap, logits_at, student_logits_at, top_k_support
@@ -58,11 +58,6 @@ class SelfDistillationSettings:
                              f"got {self.alpha}")
 
 
-def _clipped_ratio(token_logprobs: torch.Tensor, old_logprobs: torch.Tensor, clip: float) -> torch.Tensor:
-    """TRL's importance weight: exp(log q - log q_old) clamped in log space to [-20, 20], then at most `clip`."""
-    return torch.exp((token_logprobs.detach() - old_logprobs.float()).clamp(-20.0, 20.0)).clamp(max=clip)
-
-
 def self_distillation_rows(student_hidden: torch.Tensor, student: HeadMap, teacher_hidden: torch.Tensor,
                            teacher: HeadMap, token_ids: torch.Tensor, row_weights: torch.Tensor,
                            settings: SelfDistillationSettings, old_logprobs: torch.Tensor | None = None):
@@ -85,7 +80,7 @@ def self_distillation_rows(student_hidden: torch.Tensor, student: HeadMap, teach
             token_logprobs = linear_token_logprobs(student_hidden, student.weight, token_ids, bias=student.bias,
                                                    temperature=settings.temperature, logit_scale=student.scale,
                                                    softcap=student.softcap)
-        ratio = _clipped_ratio(token_logprobs, old_logprobs, settings.is_clip)
+        ratio = clipped_ratio(token_logprobs, old_logprobs, settings.is_clip)
     options = LossOptions(divergence="jsd", beta=settings.alpha, temperature=settings.temperature, t2_scale=False,
                           reduction="sum", return_components="per_row")
     weights = row_weights if ratio is None else row_weights * ratio
@@ -103,7 +98,7 @@ def _top_k(student_hidden, student: HeadMap, teacher_hidden, teacher: HeadMap, t
     ids, values, _, token_logprobs = top_k_support(student_hidden.detach(), student, settings.topk,
                                                    token_ids if old_logprobs is not None else None)
     teacher_values, teacher_lse = logits_at(teacher_hidden, teacher, ids)
-    ratio = _clipped_ratio(token_logprobs, old_logprobs, settings.is_clip) if old_logprobs is not None else None
+    ratio = clipped_ratio(token_logprobs, old_logprobs, settings.is_clip) if old_logprobs is not None else None
     weights = row_weights if ratio is None else row_weights * ratio
     # With the tail the teacher's log-probs at T over the student's ids; renormalised its logits do as well.
     teacher_rows = teacher_values - teacher_lse[:, None] if settings.add_tail else teacher_values
@@ -159,7 +154,7 @@ def served_self_distillation_rows(student_hidden: torch.Tensor, student: HeadMap
         token_logprobs = linear_token_logprobs(student_hidden, student.weight, token_ids, bias=student.bias,
                                                temperature=settings.temperature, logit_scale=student.scale,
                                                softcap=student.softcap)
-    ratio = _clipped_ratio(token_logprobs, old_logprobs, settings.is_clip) if clipping else None
+    ratio = clipped_ratio(token_logprobs, old_logprobs, settings.is_clip) if clipping else None
     weights = row_weights if ratio is None else row_weights * ratio
     if settings.add_tail:
         _check_served_mass(served.logprobs)
