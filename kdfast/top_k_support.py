@@ -56,42 +56,58 @@ def _chunk_rows(columns: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(columns, 1))
 
 
+def _chunks(hidden: torch.Tensor, head: HeadMap):
+    """(rows, their mapped logits) chunk by chunk."""
+    step = _chunk_rows(head.weight.shape[0])
+    for start in range(0, hidden.shape[0], step):
+        part = slice(start, start + step)
+        yield part, head.logits(hidden[part])
+
+
+def _row_statistics(logits, part, token_ids, lse, token_logprobs) -> None:
+    """The chunk's log-sum-exp and log q(token), where asked for (None: not; each a pass over the chunk)."""
+    if lse is None:
+        return
+    lse[part] = torch.logsumexp(logits, dim=-1)
+    if token_logprobs is not None:
+        token_logprobs[part] = logits.gather(1, token_ids[part, None]).squeeze(1) - lse[part]
+
+
+def _outputs(hidden, token_ids, with_lse):
+    empty = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+    lse = torch.empty_like(empty) if with_lse or token_ids is not None else None
+    return lse, torch.empty_like(empty) if token_ids is not None else None
+
+
 @torch.no_grad()
-def top_k_support(hidden: torch.Tensor, head: HeadMap, k: int, token_ids: torch.Tensor | None = None):
+def top_k_support(hidden: torch.Tensor, head: HeadMap, k: int, token_ids: torch.Tensor | None = None, *,
+                  with_lse: bool = False):
     """Per row of `hidden` [N, H]: the ids [N, k] of the k largest mapped logits (torch.topk's order), those logits
-    [N, k], the log-sum-exp of the row [N] and, where `token_ids` [N] are given, log q(token) [N] (else None)."""
+    [N, k], the log-sum-exp of the row [N] where `with_lse` or `token_ids` asks for it (else None) and, where
+    `token_ids` [N] are given, log q(token) [N] (else None)."""
     if not 0 < k <= head.weight.shape[0]:
         raise ValueError(f"k must lie in [1, {head.weight.shape[0]}] (the head's vocabulary), got {k}")
-    rows = hidden.shape[0]
-    ids = torch.empty(rows, k, dtype=torch.int64, device=hidden.device)
-    values = torch.empty(rows, k, dtype=torch.float32, device=hidden.device)
-    lse = torch.empty(rows, dtype=torch.float32, device=hidden.device)
-    token_logprobs = None if token_ids is None else torch.empty(rows, dtype=torch.float32, device=hidden.device)
-    step = _chunk_rows(head.weight.shape[0])
-    for start in range(0, rows, step):
-        part = slice(start, start + step)
-        logits = head.logits(hidden[part])
+    ids = torch.empty(hidden.shape[0], k, dtype=torch.int64, device=hidden.device)
+    values = torch.empty(hidden.shape[0], k, dtype=torch.float32, device=hidden.device)
+    lse, token_logprobs = _outputs(hidden, token_ids, with_lse)
+    for part, logits in _chunks(hidden, head):
         top = torch.topk(logits, k, dim=-1)
         values[part], ids[part] = top.values, top.indices
-        lse[part] = torch.logsumexp(logits, dim=-1)
-        if token_ids is not None:
-            token_logprobs[part] = logits.gather(1, token_ids[part, None]).squeeze(1) - lse[part]
+        _row_statistics(logits, part, token_ids, lse, token_logprobs)
     return ids, values, lse, token_logprobs
 
 
 @torch.no_grad()
-def logits_at(hidden: torch.Tensor, head: HeadMap, ids: torch.Tensor):
-    """The mapped logits [N, K] of `hidden` [N, H] at `ids` [N, K], and each row's log-sum-exp [N]."""
-    rows = hidden.shape[0]
+def logits_at(hidden: torch.Tensor, head: HeadMap, ids: torch.Tensor, token_ids: torch.Tensor | None = None, *,
+              with_lse: bool = False):
+    """The mapped logits [N, K] of `hidden` [N, H] at `ids` [N, K]; each row's log-sum-exp [N] and log q(token) [N]
+    as `top_k_support` gives them (None where not asked for)."""
     values = torch.empty(ids.shape, dtype=torch.float32, device=hidden.device)
-    lse = torch.empty(rows, dtype=torch.float32, device=hidden.device)
-    step = _chunk_rows(head.weight.shape[0])
-    for start in range(0, rows, step):
-        part = slice(start, start + step)
-        logits = head.logits(hidden[part])
+    lse, token_logprobs = _outputs(hidden, token_ids, with_lse)
+    for part, logits in _chunks(hidden, head):
         values[part] = logits.gather(1, ids[part])
-        lse[part] = torch.logsumexp(logits, dim=-1)
-    return values, lse
+        _row_statistics(logits, part, token_ids, lse, token_logprobs)
+    return values, lse, token_logprobs
 
 
 class LogitsAtIds(torch.autograd.Function):

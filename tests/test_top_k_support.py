@@ -37,16 +37,19 @@ def test_support_equals_torch_on_the_full_logits(softcap, chunks):
     hidden, weight, bias, settings = _head(softcap)
     head = HeadMap(weight, bias, **settings)
     tokens = torch.randint(0, VOCAB, (ROWS,), generator=torch.Generator().manual_seed(1))
-    ids, values, lse, token_logprobs = top_k_support(hidden, head, K, tokens)
+    ids, values, lse, token_logprobs = top_k_support(hidden, head, K, tokens, with_lse=True)
     reference = _reference(hidden, weight, bias, **settings)
     top = torch.topk(reference, K)
     assert torch.equal(ids, top.indices)
     torch.testing.assert_close(values, top.values)
     torch.testing.assert_close(lse, reference.logsumexp(-1))
     torch.testing.assert_close(token_logprobs, reference.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1))
-    teacher_values, teacher_lse = logits_at(hidden, head, ids)
+    teacher_values, teacher_lse, teacher_logprobs = logits_at(hidden, head, ids, tokens, with_lse=True)
     torch.testing.assert_close(teacher_values, values)
     torch.testing.assert_close(teacher_lse, lse)
+    torch.testing.assert_close(teacher_logprobs, token_logprobs)
+    # Neither statistic where not asked for (each is a pass over the chunk's logits).
+    assert top_k_support(hidden, head, K)[2] is None and logits_at(hidden, head, ids)[1:] == (None, None)
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])

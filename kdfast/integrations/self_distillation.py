@@ -97,7 +97,8 @@ def _top_k(student_hidden, student: HeadMap, teacher_hidden, teacher: HeadMap, t
     """Over the student's top-k ids: renormalised (TRL's default) or with a tail bucket on each side."""
     ids, values, _, token_logprobs = top_k_support(student_hidden.detach(), student, settings.topk,
                                                    token_ids if old_logprobs is not None else None)
-    teacher_values, teacher_lse = logits_at(teacher_hidden, teacher, ids)
+    # The teacher's log-sum-exp only for the tail: renormalised, it cancels.
+    teacher_values, teacher_lse, _ = logits_at(teacher_hidden, teacher, ids, with_lse=settings.add_tail)
     ratio = clipped_ratio(token_logprobs, old_logprobs, settings.is_clip) if old_logprobs is not None else None
     weights = row_weights if ratio is None else row_weights * ratio
     # With the tail the teacher's log-probs at T over the student's ids; renormalised its logits do as well.
@@ -120,7 +121,7 @@ def _over_support(student_hidden, student: HeadMap, ids, student_values, teacher
                                                logit_scale=student.scale, row_weights=weights)
         return loss, parts.kd
     if student_values is None:
-        student_values, _ = logits_at(student_hidden.detach(), student, ids)
+        student_values = logits_at(student_hidden.detach(), student, ids)[0]
     per_token = distill_loss(student_logits_at(student_hidden, student, ids, student_values), teacher_rows,
                              divergence="jsd", beta=settings.alpha, t2_scale=False, reduction="none")
     return (per_token * weights).sum(), per_token.detach()
@@ -150,15 +151,14 @@ def served_self_distillation_rows(student_hidden: torch.Tensor, student: HeadMap
     if settings.mode == "sampled_token":
         return _sampled_token_loss(student_hidden, student, served.token_logprobs, token_ids, row_weights, settings,
                                    old_logprobs if clipping else None)
-    with torch.no_grad():
-        token_logprobs = linear_token_logprobs(student_hidden, student.weight, token_ids, bias=student.bias,
-                                               temperature=settings.temperature, logit_scale=student.scale,
-                                               softcap=student.softcap)
+    # One pass over the student's head for its logits at the teacher's ids and its log q(token) (the ratio and
+    # TRL's logged distance from the server's need the latter in every mode).
+    values, _, token_logprobs = logits_at(student_hidden.detach(), student, served.ids, token_ids)
     ratio = clipped_ratio(token_logprobs, old_logprobs, settings.is_clip) if clipping else None
     weights = row_weights if ratio is None else row_weights * ratio
     if settings.add_tail:
         _check_served_mass(served.logprobs)
-    loss, per_token = _over_support(student_hidden, student, served.ids, None, served.logprobs.float(), weights,
+    loss, per_token = _over_support(student_hidden, student, served.ids, values, served.logprobs.float(), weights,
                                     settings)
     return loss, _metric_sum(per_token, ratio), token_logprobs
 
