@@ -137,3 +137,16 @@ def assert_compiled_under_autocast_equals_eager(step, run, data) -> None:
     torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
     for grad, reference in zip(got[2], expected[2]):
         torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-5)
+
+
+def assert_same_trainer_outcome(actual, expected, rtol=1e-5) -> None:
+    """Two `compute_loss` results as (loss, logged metrics {name: [values]}, student gradients {name: tensor}): the
+    same loss and metrics within `rtol`, every gradient within 1e-5 of the largest expected gradient."""
+    torch.testing.assert_close(actual[0], expected[0], rtol=rtol, atol=1e-6)
+    assert actual[1].keys() == expected[1].keys()
+    for key in expected[1]:
+        torch.testing.assert_close(torch.tensor(actual[1][key]), torch.tensor(expected[1][key]), rtol=rtol, atol=1e-6)
+    assert actual[2].keys() == expected[2].keys()
+    scale = max(gradient.abs().max() for gradient in expected[2].values())
+    for name, gradient in expected[2].items():
+        torch.testing.assert_close(actual[2][name], gradient, rtol=0, atol=1e-5 * float(scale), msg=name)

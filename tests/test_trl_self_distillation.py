@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import assert_same_trainer_outcome
 from tiny_models import skip_head_check, tiny_llama, word_tokenizer
 
 pytest.importorskip("trl.experimental.sdft")
@@ -104,14 +105,7 @@ def _loss_metrics_gradients(trainer, compute_loss, batch):
 def _assert_same_as_trl(trainer, trl_cls, batch, rtol=1e-5):
     expected = _loss_metrics_gradients(trainer, trl_cls.compute_loss, batch)
     actual = _loss_metrics_gradients(trainer, type(trainer).compute_loss, batch)
-    torch.testing.assert_close(actual[0], expected[0], rtol=rtol, atol=1e-6)
-    assert actual[1].keys() == expected[1].keys()
-    for key in expected[1]:
-        torch.testing.assert_close(torch.tensor(actual[1][key]), torch.tensor(expected[1][key]), rtol=rtol, atol=1e-6)
-    assert actual[2].keys() == expected[2].keys()
-    scale = max(gradient.abs().max() for gradient in expected[2].values())
-    for name, gradient in expected[2].items():
-        torch.testing.assert_close(actual[2][name], gradient, rtol=0, atol=1e-5 * float(scale), msg=name)
+    assert_same_trainer_outcome(actual, expected, rtol)
     return expected
 
 

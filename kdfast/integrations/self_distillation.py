@@ -23,15 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
+from kdfast.integrations.support_divergence import check_served_mass, divergence_over_support
 from kdfast.linear_loss import fused_linear_loss
-from kdfast.linear_sparse_loss import fused_linear_sparse_loss
-from kdfast.loss import distill_loss
 from kdfast.options import LossOptions
 from kdfast.sampled_token_loss import clipped_ratio, linear_sampled_token_loss
-from kdfast.sparse_options import SparseOptions
 from kdfast.token_logprobs import linear_token_logprobs
-from kdfast.top_k_support import HeadMap, logits_at, student_logits_at, top_k_support
-from kdfast.validation import TEACHER_MASS_SLACK
+from kdfast.top_k_support import HeadMap, logits_at, top_k_support
 
 MODES = ("full_logits", "topk_logits", "sampled_token")
 
@@ -103,28 +100,9 @@ def _top_k(student_hidden, student: HeadMap, teacher_hidden, teacher: HeadMap, t
     weights = row_weights if ratio is None else row_weights * ratio
     # With the tail the teacher's log-probs at T over the student's ids; renormalised its logits do as well.
     teacher_rows = teacher_values - teacher_lse[:, None] if settings.add_tail else teacher_values
-    loss, per_token = _over_support(student_hidden, student, ids, values, teacher_rows, weights, settings)
+    loss, per_token = divergence_over_support(student_hidden, student, ids, values, teacher_rows, weights,
+                                              beta=settings.alpha, add_tail=settings.add_tail)
     return loss, _metric_sum(per_token, ratio)
-
-
-def _over_support(student_hidden, student: HeadMap, ids, student_values, teacher_rows, weights, settings):
-    """JSD(alpha) over the ids [n, K] (each row's loss and its weighted sum): with the tail (`add_tail`), the
-    teacher's K log-probs and its rest against the student's, the kernel adding both rests as one bucket each;
-    renormalised, each side's softmax over its K logits (the teacher's `teacher_rows` may be logits or log-probs:
-    the full log-sum-exp cancels), the student's gradient through its K head rows. `student_values`: the student's
-    mapped logits at the ids where already known."""
-    if settings.add_tail:
-        options = SparseOptions(divergence="jsd", beta=settings.alpha, temperature=settings.temperature,
-                                t2_scale=False, reduction="sum", return_components="per_row", tail="bucket")
-        loss, parts = fused_linear_sparse_loss(student_hidden, student.weight, ids, teacher_rows, None, options,
-                                               student_bias=student.bias, softcap=student.softcap,
-                                               logit_scale=student.scale, row_weights=weights)
-        return loss, parts.kd
-    if student_values is None:
-        student_values = logits_at(student_hidden.detach(), student, ids)[0]
-    per_token = distill_loss(student_logits_at(student_hidden, student, ids, student_values), teacher_rows,
-                             divergence="jsd", beta=settings.alpha, t2_scale=False, reduction="none")
-    return (per_token * weights).sum(), per_token.detach()
 
 
 @dataclass(frozen=True)
@@ -157,9 +135,9 @@ def served_self_distillation_rows(student_hidden: torch.Tensor, student: HeadMap
     ratio = clipped_ratio(token_logprobs, old_logprobs, settings.is_clip) if clipping else None
     weights = row_weights if ratio is None else row_weights * ratio
     if settings.add_tail:
-        _check_served_mass(served.logprobs)
-    loss, per_token = _over_support(student_hidden, student, served.ids, values, served.logprobs.float(), weights,
-                                    settings)
+        check_served_mass(served.logprobs, "distillation_add_tail")
+    loss, per_token = divergence_over_support(student_hidden, student, served.ids, values, served.logprobs.float(),
+                                              weights, beta=settings.alpha, add_tail=settings.add_tail)
     return loss, _metric_sum(per_token, ratio), token_logprobs
 
 
@@ -184,17 +162,6 @@ def _sampled_token_loss(student_hidden, student: HeadMap, teacher_logprobs, toke
         temperature=settings.temperature, logit_scale=student.scale, softcap=student.softcap, clip=settings.is_clip,
         old_logprobs=old_logprobs)
     return loss, _metric_sum((logprobs - teacher_logprobs.float()) * logprobs, ratio), logprobs
-
-
-def _check_served_mass(logprobs: torch.Tensor) -> None:
-    """A served top-k's probabilities sum to at most 1 (up to 16-bit storage's slack) where its rest is a bucket:
-    TRL floors a negative rest and trains on it; kdfast refuses it, naming the server."""
-    mass = logprobs.float().exp().sum(-1)
-    worst = float(mass.max()) if mass.numel() else 0.0
-    if worst > 1.0 + TEACHER_MASS_SLACK:
-        raise ValueError(f"the teacher server's top-{logprobs.shape[-1]} log-probs of a kept token sum to "
-                         f"{worst:.4g} > 1 in probability: no distribution's, so its rest (the tail bucket, "
-                         f"distillation_add_tail=True) would be negative; check what the server returns")
 
 
 def _metric_sum(per_token: torch.Tensor, ratio: torch.Tensor | None) -> torch.Tensor:
