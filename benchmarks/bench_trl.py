@@ -8,7 +8,8 @@ trainer (`_chunked_jsd_loss`: a served teacher's top-k log-probs and tail bucket
 row) against kdfast's drop-in (bench_trl_async.py), the loss of its server trainer (the student's whole logits,
 then its own loss methods) against kdfast's subclass's fused sparse loss (bench_trl_server.py), and the
 self-distillation loss of its SDFT and SDPO trainers (both models' logits, then its loss helpers) against kdfast's
-subclasses' (bench_trl_self_distillation.py).
+subclasses' (bench_trl_self_distillation.py), and the loss of its IW-OPD trainer (likewise) against kdfast's
+subclass's (bench_trl_iw_opd.py).
 
 Same inputs, one process; medians of interleaved rounds, each pair's ratio, and how far the two agree (the summed
 loss or log-probs, the entropy, the gradients of the student's hidden states and head). TRL folds its tiles in
@@ -48,6 +49,8 @@ from bench_distill import (  # noqa: E402
 from bench_linear import add_shape_arguments, make_inputs  # noqa: E402
 from bench_trl_async import async_contenders, async_loss_available, served_candidates  # noqa: E402
 from bench_trl_fused_head import fused_head_available, fused_head_contenders  # noqa: E402
+from bench_trl_iw_opd import MODES as IW_OPD_MODES  # noqa: E402
+from bench_trl_iw_opd import iw_opd_available, iw_opd_contenders  # noqa: E402
 from bench_trl_self_distillation import MODES as SELF_DISTILLATION_MODES  # noqa: E402
 from bench_trl_self_distillation import self_distillation_available, self_distillation_contenders  # noqa: E402
 from bench_trl_server import served_top_k, server_contenders, server_loss_available  # noqa: E402
@@ -58,7 +61,8 @@ import kdfast  # noqa: E402
 CUDA = torch.cuda.is_available()
 # `kdfast bench --full`: the issue's CPU shape (TRL takes tens of seconds a call there) and the memory of each.
 FULL_SETTINGS = {} if CUDA else {"tokens": 2048, "repeats": 5, "memory": True,
-                                  "self_distillation_modes": list(SELF_DISTILLATION_MODES)}
+                                  "self_distillation_modes": list(SELF_DISTILLATION_MODES),
+                                  "iw_opd_modes": list(IW_OPD_MODES)}
 TRL, KDFAST, KDFAST_FP32 = "TRL", "kdfast", "kdfast, fp32_logits"
 # What one call gives back: the summed loss (or log-probs) whose gradient is taken, the summed entropy (None where
 # not computed) and the gradients of the student's hidden states and head.
@@ -67,7 +71,7 @@ Outcome = namedtuple("Outcome", "loss entropy grad_hidden grad_weight")
 # reported: its time there is not free of them.
 FAULTS_WORTH_A_WARNING = 256
 # The comparisons `--tasks` picks from, in the table's order.
-TASK_FAMILIES = ("divergence", "log-probs", "fused-head", "async", "server", "self-distillation")
+TASK_FAMILIES = ("divergence", "log-probs", "fused-head", "async", "server", "self-distillation", "iw-opd")
 # How far each is from TRL's outcome: relative L2 over the whole tensor.
 DIFFERENCES = ("loss_rel_diff", "entropy_rel_diff", "grad_hidden_rel_l2", "grad_weight_rel_l2")
 
@@ -186,6 +190,11 @@ def contenders(inputs, args) -> dict:
             name, mode = SELF_DISTILLATION_MODES[key]
             tasks[f"self-distillation, {name}"] = {
                 method: _outcome_of(fn) for method, fn in self_distillation_contenders(inputs, mode, args).items()}
+    if "iw-opd" in args.tasks and iw_opd_available():
+        for key in args.iw_opd_modes:
+            name, mode = IW_OPD_MODES[key]
+            tasks[f"IW-OPD, {name}"] = {
+                method: _outcome_of(fn) for method, fn in iw_opd_contenders(inputs, mode, args).items()}
     if not tasks:
         raise SystemExit(f"nothing to time: none of the tasks {args.tasks} is available with this TRL and kdfast")
     return tasks
@@ -336,10 +345,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--self-distillation-modes", nargs="*", choices=list(SELF_DISTILLATION_MODES),
                         default=["top-k"], help="the SDFT / SDPO trainers' distillation modes timed (default: SDFT's "
                         "default, the student's top-100; --full: every one)")
+    parser.add_argument("--iw-opd-modes", nargs="*", choices=list(IW_OPD_MODES), default=["iw-opd"],
+                        help="the IW-OPD trainer's objectives timed (default: its default, the sampled-token IW-OPD; "
+                        "--full: every one)")
     parser.add_argument("--tasks", nargs="+", choices=TASK_FAMILIES, default=list(TASK_FAMILIES),
                         help="which comparisons to time (default: all): the DistillationTrainer's divergence, the "
                              "token log-probs, the async trainer's loss, the server trainer's loss, the SDFT / SDPO "
-                             "trainers' self-distillation loss")
+                             "trainers' self-distillation loss, the IW-OPD trainer's loss")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-kept", action=argparse.BooleanOptionalAction, default=not CUDA,
                         help="also time every contender in a process whose allocator keeps freed memory (default: "

@@ -66,3 +66,17 @@ def linear_sampled_token_loss(hidden, weight, token_ids, teacher_logprobs, row_w
                               clip)
     loss = apply_linear(hidden, weight, bias, token_ids, None, opts, plan, None, weights)
     return loss, weights.logprobs, weights.ratio
+
+
+def linear_weighted_nll(hidden, weight, token_ids, row_weights, *, bias=None, temperature=1.0, logit_scale=1.0,
+                        softcap=None, chunk_size="auto"):
+    """sum_r row_weights_r * -log q(token_r), q as in `linear_sampled_token_loss`: the policy-gradient form
+    -sum_r A_r log q(t_r) of a sampled-token objective, its weights (advantages, any sign) detached: a tensor [N]
+    known before the pass, or an object whose `of_chunk(rows, parts)` forms a chunk's from its parts (its log q is
+    -parts[:, PART_CE]) before the chunk's gradient GEMMs. One pass over the head, the gradient final in the forward.
+    Returns the loss, with its gradient to hidden, weight and bias."""
+    opts = LossOptions(kd_weight=0.0, ce_weight=1.0, reduction="sum")
+    plan = ChunkPlan(tempered_map(logit_scale, softcap, temperature), chunk_size, device_rows(opts, hidden.device))
+    if isinstance(row_weights, torch.Tensor):
+        row_weights = row_weights.detach().float()
+    return apply_linear(hidden, weight, bias, token_ids, None, opts, plan, None, row_weights)

@@ -98,6 +98,25 @@ def top_k_support(hidden: torch.Tensor, head: HeadMap, k: int, token_ids: torch.
 
 
 @torch.no_grad()
+def top_k_and_logits_at(hidden: torch.Tensor, head: HeadMap, k: int, ids: torch.Tensor, *, with_lse: bool = False):
+    """`top_k_support`'s ids and logits [N, k] and `logits_at`'s values at `ids` [N, K] in one pass over the head
+    (a union of two models' top-k needs the teacher's logits at both sets of ids). Returns (top ids, their logits,
+    the logits at `ids`, the log-sum-exp [N] where `with_lse`, else None)."""
+    if not 0 < k <= head.weight.shape[0]:
+        raise ValueError(f"k must lie in [1, {head.weight.shape[0]}] (the head's vocabulary), got {k}")
+    top_ids = torch.empty(hidden.shape[0], k, dtype=torch.int64, device=hidden.device)
+    top_values = torch.empty(hidden.shape[0], k, dtype=torch.float32, device=hidden.device)
+    values = torch.empty(ids.shape, dtype=torch.float32, device=hidden.device)
+    lse, _ = _outputs(hidden, None, with_lse)
+    for part, logits in _chunks(hidden, head):
+        top = torch.topk(logits, k, dim=-1)
+        top_values[part], top_ids[part] = top.values, top.indices
+        values[part] = logits.gather(1, ids[part])
+        _row_statistics(logits, part, None, lse, None)
+    return top_ids, top_values, values, lse
+
+
+@torch.no_grad()
 def logits_at(hidden: torch.Tensor, head: HeadMap, ids: torch.Tensor, token_ids: torch.Tensor | None = None, *,
               with_lse: bool = False):
     """The mapped logits [N, K] of `hidden` [N, H] at `ids` [N, K]; each row's log-sum-exp [N] and log q(token) [N]

@@ -2,8 +2,9 @@
 accelerator), 2 gloo ranks on CPU (tests/trainer_sharded_cases.py): each step's loss, the first step's gradients and
 the parameters after 3 steps equal an unsharded student's, with the teacher sharded, replicated, or sparse (dataset
 columns), and for vision-language models on batches with images; kdfast's TRL SDFTTrainer (its teacher sharded by TRL)
-against TRL's loss helpers; TRL's fused LM head patched onto kdfast under a plain Trainer; and a model whose own loss
-is kdfast's (`patch_causal_lm`) under a plain Trainer. Each case of each set-up is reported as its own test."""
+against TRL's loss helpers; kdfast's TRL IWOPDTrainer against its objective from an unsharded pair's logits; TRL's
+fused LM head patched onto kdfast under a plain Trainer; and a model whose own loss is kdfast's (`patch_causal_lm`)
+under a plain Trainer. Each case of each set-up is reported as its own test."""
 
 import pytest
 import trainer_sharded_cases

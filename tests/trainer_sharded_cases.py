@@ -573,6 +573,81 @@ def trl_sdft_case(tmp_path, setup, *, mode: str):
     _train_and_compare(trainer, expected, teacher_sharded=True)
 
 
+def trl_iw_opd_case(tmp_path, setup):
+    """kdfast's subclass of TRL's IWOPDTrainer (its default IW-OPD objective), the student and TRL's teacher (built
+    from its folder and prepared as TRL prepares it) both sharded, against the objective from the logits of an
+    unsharded pair. Each step trains on one fixed batch of completions (each rank its half, of different token
+    counts: the loss is divided by the window's count over both ranks); generation is TRL's and not under test."""
+    import warnings
+
+    from datasets import Dataset
+    from tiny_models import tiny_llama, word_tokenizer
+    from transformers import LlamaForCausalLM
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    from trl.experimental.iw_opd import IWOPDConfig
+
+    from kdfast.integrations.trl import IWOPDTrainer
+
+    unset_hf_deepspeed_config()  # an earlier case's ZeRO-3 arguments: the reference's models are built whole
+    if not dist.is_initialized():  # (run alone; the Trainer joins this group as it would an earlier case's)
+        dist.init_process_group("gloo")
+    models = {"student": tiny_llama(32), "teacher": tiny_llama(48, seed=1)}
+    tokenizer = word_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    for name, model in models.items():
+        with torch.no_grad():
+            model.lm_head.weight.mul_(8.0)
+        if dist.get_rank() == 0:  # transformers writes a model from rank 0 alone where a process group exists
+            model.save_pretrained(tmp_path / name)
+            tokenizer.save_pretrained(tmp_path / name)
+    dist.barrier()
+    completion = _completion_batch(torch.Generator().manual_seed(4))
+    labels = torch.where(completion["completion_mask"].bool(), completion["completion_ids"], -100)
+    batch = {"input_ids": torch.cat([completion["prompt_ids"], completion["completion_ids"]], 1),
+             "attention_mask": torch.cat([completion["prompt_mask"], completion["completion_mask"]], 1),
+             "labels": torch.cat([torch.full_like(completion["prompt_ids"], -100), labels], 1),
+             "prompts": completion["prompt_ids"], "prompt_attention_mask": completion["prompt_mask"]}
+    # The reference in float64: an embedding row's gradient sums terms that cancel, and float32 logits put one
+    # element of it 3e-4 off.
+    teacher = LlamaForCausalLM.from_pretrained(tmp_path / "teacher").double()
+
+    def batch_loss(student, inputs):  # IW-OPD from both models' log-softmaxes, gamma 0.5, per kept token
+        def logprobs(network):
+            logits = network(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+            return torch.log_softmax(logits[:, 2:-1], -1).gather(-1, inputs["input_ids"][:, 3:, None])[..., 0]
+
+        valid = inputs["labels"][:, 3:] != -100
+        student_logprobs = logprobs(student)
+        with torch.no_grad():
+            advantage = torch.where(valid, logprobs(teacher) - student_logprobs, 0.0)
+        before = advantage.abs().cumsum(1) - advantage.abs()
+        weight = 1 + 0.5 * (1 - before / advantage.abs().sum(1, keepdim=True))
+        return -(torch.where(valid, weight * advantage * student_logprobs, 0.0)).sum() / valid.sum()
+
+    losses, grads, params = _reference_run(LlamaForCausalLM.from_pretrained(tmp_path / "student").double(), batch,
+                                           batch_loss)
+    expected = ([loss.float() for loss in losses], {name: grad.float() for name, grad in grads.items()},
+                {name: param.float() for name, param in params.items()})
+
+    class FixedCompletions(IWOPDTrainer):
+        def _prepare_inputs(self, generation_batch):
+            half = slice(2 * dist.get_rank(), 2 * dist.get_rank() + 2)
+            self._buffered_inputs = [{key: value[half] for key, value in batch.items()}]
+            return self._buffered_inputs[0]
+
+    # The student loaded whole before the arguments set ZeRO-3 up (a path would be partitioned as it loads, before
+    # the comparison reads its initial values); TRL builds the teacher from its folder.
+    student = LlamaForCausalLM.from_pretrained(tmp_path / "student")
+    args = _args(tmp_path, setup, config_cls=IWOPDConfig, max_length=16, max_completion_length=5, bf16=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = FixedCompletions(model=student, teacher_model=str(tmp_path / "teacher"), args=args,
+                                   processing_class=tokenizer,
+                                   train_dataset=Dataset.from_dict({"messages": [[{"role": "user",
+                                                                                   "content": "w2 w3"}]] * 8}))
+    _train_and_compare(trainer, expected)
+
+
 CASES = {"sharded-teacher": functools.partial(distillation_case, sparse=False),
          "replicated-teacher": functools.partial(distillation_case, sparse=False, shard_teacher=False),
          "sparse-teacher": functools.partial(distillation_case, sparse=True),
@@ -593,7 +668,8 @@ CASES = {"sharded-teacher": functools.partial(distillation_case, sparse=False),
          "teacher-by-path": teacher_by_path_case,
          "teacher-by-path, replicated": functools.partial(teacher_by_path_case, shard_teacher=False),
          # (the full-vocabulary mode is the fused linear loss that the trl-distillation cases shard already)
-         "trl-sdft, top-k": functools.partial(trl_sdft_case, mode="topk_logits")}
+         "trl-sdft, top-k": functools.partial(trl_sdft_case, mode="topk_logits"),
+         "trl-iw-opd": trl_iw_opd_case}
 
 
 def run_all(rank, world, port, setup_name, folder, out_path):

@@ -2,9 +2,10 @@
 `trl.experimental.gkd.GKDTrainer.generalized_jsd_loss`, and a `GKDTrainer` whose loss comes from the hidden states
 through `linear_distill_loss`, so on-policy GKD never builds either model's logits. TRL's stable
 `DistillationTrainer` and its drop-in `chunked_divergence_loss`: kdfast.integrations.trl_distillation; GOLD's
-cross-tokenizer `GOLDTrainer` and `ULDLoss`: kdfast.integrations.trl_gold; the fused LM head of TRL's GRPO, RLOO,
-DPO, KTO and SFT trainers (`patch_trl_fused_lm_head`): kdfast.integrations.trl_fused_lm_head; all reachable from
-here."""
+cross-tokenizer `GOLDTrainer` and `ULDLoss`: kdfast.integrations.trl_gold; the self-distillation `SDFTTrainer` and
+`SDPOTrainer`: kdfast.integrations.trl_self_distillation; IW-OPD's `IWOPDTrainer`: kdfast.integrations.trl_iw_opd;
+the fused LM head of TRL's GRPO, RLOO, DPO, KTO and SFT trainers (`patch_trl_fused_lm_head`):
+kdfast.integrations.trl_fused_lm_head; all reachable from here."""
 
 from __future__ import annotations
 
@@ -118,6 +119,10 @@ def __getattr__(name):
         from kdfast.integrations import trl_self_distillation
 
         return getattr(trl_self_distillation, name)
+    if name == "IWOPDTrainer":  # TRL's importance-weighted on-policy distillation on kdfast
+        from kdfast.integrations import trl_iw_opd
+
+        return trl_iw_opd.IWOPDTrainer
     if name in ("patch_trl_fused_lm_head", "KdfastChunkedLogProb"):  # TRL's fused LM head (GRPO, RLOO, ...)
         from kdfast.integrations import trl_fused_lm_head
 
