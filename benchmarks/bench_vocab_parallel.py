@@ -9,7 +9,7 @@ log-probs + 0.01 x the entropy of a head with hidden size 256 that learns; besid
 alone (not the distributed call: the yardstick of its overhead). With several GPUs (--device cuda), NCCL and one GPU
 per rank.
 
-    python benchmarks/bench_vocab_parallel.py [--ranks R --tokens N --vocab V --hidden H --repeats K
+    python benchmarks/bench_vocab_parallel.py [--full] [--ranks R --tokens N --vocab V --hidden H --repeats K
                                                --device cpu|cuda]
 """
 
@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or through `kdfast bench`
-from bench_distill import environment, write_csv  # noqa: E402
+from bench_distill import environment, parse_benchmark_args, write_csv  # noqa: E402
 
 import kdfast  # noqa: E402
 from kdfast.distributed import count_traffic  # noqa: E402
@@ -39,6 +39,8 @@ VOCAB_PARALLEL, GATHER = "kdfast vocab-parallel", "gather full logits + kdfast"
 SHARD_ALONE = "kdfast on the shard alone"
 LOGPROBS_PARALLEL, LOGPROBS_GATHER = "kdfast vocab-parallel log-probs", "gather the head + kdfast log-probs"
 LOGPROBS_ALONE = "kdfast log-probs on the shard alone"
+# `kdfast bench --full`: two more rounds (the default's five keep `make bench` within its five minutes).
+FULL_SETTINGS = {"repeats": 7}
 # task -> (its methods: vocab-parallel, the gathering baseline, the shard alone)
 TASKS = {"loss": (VOCAB_PARALLEL, GATHER, SHARD_ALONE),
          "token log-probs": (LOGPROBS_PARALLEL, LOGPROBS_GATHER, LOGPROBS_ALONE)}
@@ -55,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", type=int, default=32_000)
     parser.add_argument("--hidden", type=int, default=256, help="the log-probs' LM head's hidden size")
     parser.add_argument("--divergence", default="forward_kl")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=5)
 
 
 def check_args(parser: argparse.ArgumentParser, args) -> None:
@@ -212,7 +214,7 @@ def run(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parse_benchmark_args(parser, argv, FULL_SETTINGS)
     check_args(parser, args)
     run(args)
 

@@ -41,7 +41,7 @@ def model_paths(tmp_path_factory):
     return _saved(root / "student", tiny_llama(32, vocab=VOCAB)), _saved(root / "teacher", tiny_llama(48, seed=1))
 
 
-def _trainer(cls, model_paths, tmp_path, *, teacher=True, **config):
+def _trainer(cls, model_paths, tmp_path, *, teacher=True, peft_config=None, **config):
     from datasets import Dataset
 
     settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=3, report_to=[], use_cpu=True,
@@ -55,7 +55,8 @@ def _trainer(cls, model_paths, tmp_path, *, teacher=True, **config):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = cls(model=model_paths[0], teacher_model=model_paths[1] if teacher else None,
-                      args=IWOPDConfig(**settings), processing_class=tokenizer, train_dataset=dataset)
+                      args=IWOPDConfig(**settings), processing_class=tokenizer, train_dataset=dataset,
+                      peft_config=peft_config)
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(), which these tests call past
     return trainer
 
@@ -132,6 +133,22 @@ def test_iw_opd_over_several_chunks_equals_trl(model_paths, tmp_path, monkeypatc
     trainer = _trainer(IWOPDTrainer, model_paths, tmp_path)
     _assert_same_as_trl(trainer, _batch())
     assert len(passes) == (3 if layout == "a-group-per-sequence" else 0)
+
+
+@pytest.mark.parametrize("case", [dict(), dict(distillation_objective="jsd", loss_top_k=8, beta=0.5)],
+                         ids=["iw_opd", "jsd-top-8"])
+def test_lora_student_equals_trl(model_paths, tmp_path, case):
+    """A PEFT student (its head frozen: the weighted cross-entropy pass takes d hidden alone)."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    trainer = _trainer(IWOPDTrainer, model_paths, tmp_path, peft_config=config, **case)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # an adapter that has learnt something
+        for name, parameter in trainer.model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+    expected = _assert_same_as_trl(trainer, _batch())
+    assert expected[2] and all("lora" in name for name in expected[2])
 
 
 JSD_CASES = [
