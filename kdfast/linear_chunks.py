@@ -90,6 +90,21 @@ class Wanted:
         return self.hidden or self.weight or self.bias
 
 
+def chunk_bounds(chunk_size, heads: Heads) -> list[tuple[int, int]]:
+    """(first row, rows) of each chunk: `chunk_size` rows at a time ("auto": from the memory budget), or, given a
+    tuple of lengths, chunks of those (groups of rows one chunk must hold whole: sequences whose row weights depend on
+    each other, formed from the chunk's own parts)."""
+    if isinstance(chunk_size, tuple):
+        if sum(chunk_size) != heads.rows or min(chunk_size, default=1) < 1:
+            raise ValueError(f"chunk lengths {chunk_size} must be positive and cover the {heads.rows} rows")
+        starts = [0]
+        for length in chunk_size[:-1]:
+            starts.append(starts[-1] + length)
+        return list(zip(starts, chunk_size, strict=True))
+    step = chunk_rows(chunk_size, heads)
+    return [(start, min(step, heads.rows - start)) for start in range(0, heads.rows, step)]
+
+
 def chunk_rows(chunk_size, heads: Heads) -> int:
     if chunk_size != "auto":
         return min(int(chunk_size), max(heads.rows, 1))
@@ -210,19 +225,20 @@ def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted
     d_weight = (torch.zeros(heads.student_weight.shape, dtype=torch.float32, device=device)
                 if wanted.weight else None)
     d_bias = torch.zeros(heads.vocab, dtype=torch.float32, device=device) if wanted.bias else None
-    step = chunk_rows(chunk_size, heads)
-    buffers = ChunkBuffers(min(step, heads.rows), heads)
+    bounds = chunk_bounds(chunk_size, heads)
+    largest = max((count for _, count in bounds), default=0)
+    buffers = ChunkBuffers(largest, heads)
     weight_s = heads.student_weight.to(heads.student_dtype)  # one cast for all chunks (a no-op when equal)
     logits_weight_s = gemm_weight(heads.student_weight, heads.student_dtype, buffers.student)
     teacher = heads.teacher
     weight_t = gemm_weight(teacher.weight, teacher.dtype, buffers.teacher) if heads.dense_teacher else None
     several = None
     if isinstance(teacher, TeacherHeads) and teacher.route is not None:
-        several = RoutedChunkTeachers(teacher, min(step, heads.rows), heads.vocab, device, gemm_weight,
+        several = RoutedChunkTeachers(teacher, largest, heads.vocab, device, gemm_weight,
                                       routed_logits_dtype(heads))
     elif isinstance(teacher, TeacherHeads):
         as_mixture = teacher.combine == "average" and average_runs_as_mixture(rows_kernel, opts)
-        several = ChunkTeachers(teacher, min(step, heads.rows), heads.vocab, device, gemm_weight,
+        several = ChunkTeachers(teacher, largest, heads.vocab, device, gemm_weight,
                                 teacher.combine == "mixture" and teacher_divergences_in_kernel(rows_kernel, opts),
                                 as_mixture)
         if as_mixture:
@@ -233,11 +249,10 @@ def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted
     # Without a softcap the student's scale is a constant factor of its gradient: the kernel applies it with the
     # reduction's, and no pass over the chunk is added.
     kernel_scale = grad_scale * student_map.slope if student_map.softcap is None else grad_scale
-    for start in range(0, heads.rows, step):
+    for start, count in bounds:
         # The last chunk's logits go before this chunk's are made (they may be new tensors: `_logits_into`).
         student = teacher_rows = uncapped = grad = grad_logits = None
-        rows = slice(start, start + step)
-        count = min(step, heads.rows - start)
+        rows = slice(start, start + count)
         hidden = heads.student_hidden[rows].to(heads.student_dtype)
         if heads.dense_teacher:
             teacher_rows = _logits_into(buffers.teacher[:count], teacher.hidden[rows].to(teacher.dtype), weight_t,

@@ -82,3 +82,30 @@ def test_sixteen_bit_head():
     # The chunk's logits are rounded to 16 bits (as the head's GEMM gives them): a few elements move by a few %.
     for got, wanted in zip(grads, torch.autograd.grad(expected, tensors)):
         assert float((got.double() - wanted.double()).norm() / wanted.double().norm()) < 2e-2
+
+
+@pytest.mark.parametrize("chunk_size", ["auto", 8, (5, 20, 12), (37,)], ids=str)
+def test_weighted_nll_equals_float64_over_any_chunks(chunk_size):
+    """`linear_weighted_nll`: sum_r w_r * -log q(t_r) with signed weights, over uniform chunks or given lengths (the
+    groups of whole sequences IW-OPD's weights need), against float64 autograd."""
+    from kdfast.sampled_token_loss import linear_weighted_nll
+
+    hidden, weight, bias, tokens, _, _, _ = _inputs()
+    signed = torch.randn(ROWS, generator=torch.Generator().manual_seed(3))
+    leaves = [tensor.detach().double().requires_grad_(True) for tensor in (hidden, weight, bias)]
+    logits = torch.nn.functional.linear(*leaves) / 1.3
+    expected = -(signed.double() * torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)).sum()
+    expected_grads = torch.autograd.grad(expected, leaves)
+    ours = [tensor.detach().requires_grad_(True) for tensor in (hidden, weight, bias)]
+    loss = linear_weighted_nll(ours[0], ours[1], tokens, signed, bias=ours[2], temperature=1.3, chunk_size=chunk_size)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(torch.autograd.grad(loss, ours), expected_grads, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_chunk_lengths_must_cover_the_rows():
+    from kdfast.sampled_token_loss import linear_weighted_nll
+
+    hidden, weight, _, tokens, _, row_weights, _ = _inputs()
+    with pytest.raises(ValueError, match="chunk lengths"):
+        linear_weighted_nll(hidden, weight, tokens, row_weights, chunk_size=(5, 20))

@@ -119,20 +119,21 @@ def test_iw_opd_loss_metrics_and_gradients_equal_trl(model_paths, tmp_path, case
 @pytest.mark.parametrize("layout", ["a-group-per-sequence", "sequence-past-a-chunk"])
 def test_iw_opd_over_several_chunks_equals_trl(model_paths, tmp_path, monkeypatch, layout):
     """Without rollout log-probs, whole sequences go through the head a group per chunk (here each its own: three
-    passes), or, a sequence being longer than a chunk may be, through `linear_token_logprobs`, weighted after."""
+    chunks of one call), or, a sequence being longer than a chunk may be, through `linear_token_logprobs`, weighted
+    after."""
     from kdfast.integrations import iw_opd
 
     monkeypatch.setattr(iw_opd, "MIN_GROUP_ROWS", 1)
     monkeypatch.setattr(iw_opd, "CHUNK_BUDGET_BYTES", {"cpu": 2 * VOCAB * 4})  # 2 rows: no two sequences fit
     if layout == "sequence-past-a-chunk":
         monkeypatch.setattr(iw_opd, "LONGEST_CHUNK_FACTOR", 0)
-    passes = []
+    chunks = []
     weighted_nll = iw_opd.linear_weighted_nll
-    monkeypatch.setattr(iw_opd, "linear_weighted_nll", lambda *args, **kwargs: passes.append(1) or
-                        weighted_nll(*args, **kwargs))
+    monkeypatch.setattr(iw_opd, "linear_weighted_nll", lambda *args, **kwargs: chunks.append(kwargs["chunk_size"])
+                        or weighted_nll(*args, **kwargs))
     trainer = _trainer(IWOPDTrainer, model_paths, tmp_path)
     _assert_same_as_trl(trainer, _batch())
-    assert len(passes) == (3 if layout == "a-group-per-sequence" else 0)
+    assert chunks == ([(6, 3, 6)] if layout == "a-group-per-sequence" else [])  # one call, a chunk per sequence
 
 
 @pytest.mark.parametrize("case", [dict(), dict(distillation_objective="jsd", loss_top_k=8, beta=0.5)],

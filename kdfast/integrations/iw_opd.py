@@ -88,32 +88,26 @@ def iw_opd_rows(student_hidden: torch.Tensor, student: HeadMap, token_ids: torch
 
     A token's weight needs the log q of every token of its sequence. With the rollout's log-probs (vLLM's) they are
     known before the student's pass: one cross-entropy pass with the weights as row weights, the gradient final in
-    the forward (three GEMMs of the head). Without, whole sequences go through the head a group at a time, each
-    group one chunk, whose weights are formed from the chunk's own log q before its gradient GEMMs (three GEMMs
-    too); a sequence too long for a chunk (past `LONGEST_CHUNK_FACTOR` times the fused losses' chunk) takes
+    the forward (three GEMMs of the head). Without, the pass's chunks are groups of whole sequences, and each chunk's
+    weights are formed from its own log q before its gradient GEMMs (three GEMMs too, one call, one weight gradient);
+    a sequence too long for a chunk (past `LONGEST_CHUNK_FACTOR` times the fused losses' chunk) takes
     `linear_token_logprobs` with its gradient, weighted after (four GEMMs)."""
+    head = dict(bias=student.bias, temperature=student.temperature, logit_scale=student.scale,
+                softcap=student.softcap)
     if rollout_logprobs is not None:
         advantages, magnitude, weights = _advantages(teacher_logprobs, rollout_logprobs, rows, settings)
         loss = linear_weighted_nll(student_hidden, student.weight, token_ids, rows.of(advantages) / denominator,
-                                   bias=student.bias, temperature=student.temperature, logit_scale=student.scale,
-                                   softcap=student.softcap)
+                                   **head)
         return loss, (advantages, magnitude, weights)
     groups = _sequence_groups(rows, student, student_hidden.device)
     if groups is None:
-        logprobs = linear_token_logprobs(student_hidden, student.weight, token_ids, bias=student.bias,
-                                         temperature=student.temperature, logit_scale=student.scale,
-                                         softcap=student.softcap)
+        logprobs = linear_token_logprobs(student_hidden, student.weight, token_ids, **head)
         advantages, magnitude, weights = _advantages(teacher_logprobs, logprobs.detach(), rows, settings)
         return -(rows.of(advantages) * logprobs).sum() / denominator, (advantages, magnitude, weights)
-    loss, metrics = 0.0, []
-    for sequences, kept in groups:
-        group = _GroupWeights(teacher_logprobs[kept], rows.valid[sequences], settings, denominator)
-        loss = loss + linear_weighted_nll(student_hidden[kept], student.weight, token_ids[kept], group,
-                                          bias=student.bias, temperature=student.temperature,
-                                          logit_scale=student.scale, softcap=student.softcap,
-                                          chunk_size=kept.stop - kept.start)
-        metrics.append(group.metrics)
-    return loss, tuple(torch.cat(parts) for parts in zip(*metrics, strict=True))
+    weights = _SequenceChunkWeights(groups, teacher_logprobs, rows, settings, denominator)
+    loss = linear_weighted_nll(student_hidden, student.weight, token_ids, weights, **head,
+                               chunk_size=tuple(kept.stop - kept.start for _, kept in groups))
+    return loss, weights.metrics
 
 
 # A group of whole sequences is one chunk of the head's logits: at most this many times the rows of the fused losses'
@@ -143,22 +137,28 @@ def _sequence_groups(rows: KeptRows, student: HeadMap, device):
     return groups
 
 
-class _GroupWeights:
-    """IW-OPD's row weights of a group of whole sequences (one chunk), formed from the chunk's own log q, which its
-    cross-entropy kernel computes: each token's w a / denominator. Keeps (w a, |a|, w) of the group's [S, L] rows."""
+class _SequenceChunkWeights:
+    """IW-OPD's row weights w a / denominator, formed chunk by chunk from each chunk's own log q (its cross-entropy
+    kernel's), each chunk a group of whole sequences. Keeps (w a, |a|, w) over the [B, L] batch for the metrics, and
+    every row's weight as `tensor` (which the loss's reduction reads)."""
 
-    def __init__(self, teacher_logprobs, valid, settings: IWOPDSettings, denominator):
-        self.teacher_logprobs, self.valid, self.settings, self.denominator = teacher_logprobs, valid, settings, \
-            denominator
-        self.rows = KeptRows(valid=valid)
-        self.metrics = self.tensor = None  # (the loss's reduction reads the weights of all rows as `tensor`)
+    def __init__(self, groups, teacher_logprobs, rows: KeptRows, settings: IWOPDSettings, denominator):
+        self.groups = {kept.start: (sequences, kept, KeptRows(valid=rows.valid[sequences])) for sequences, kept in
+                       groups}
+        self.teacher_logprobs, self.settings, self.denominator = teacher_logprobs, settings, denominator
+        self.tensor = torch.empty(rows.count, dtype=torch.float32, device=rows.valid.device)
+        self.metrics = tuple(torch.zeros(rows.valid.shape, dtype=torch.float32, device=rows.valid.device)
+                             for _ in range(3))
 
     def of_chunk(self, chunk: slice, parts: torch.Tensor) -> torch.Tensor:
-        if chunk.start != 0 or parts.shape[0] != self.rows.count:
+        sequences, kept, group = self.groups[chunk.start]
+        if parts.shape[0] != group.count:
             raise RuntimeError("an IW-OPD group of sequences must be one chunk of the head")
-        self.metrics = _advantages(self.teacher_logprobs, -parts[:, PART_CE], self.rows, self.settings)
-        self.tensor = self.rows.of(self.metrics[0]) / self.denominator
-        return self.tensor
+        for whole, part in zip(self.metrics, _advantages(self.teacher_logprobs[kept], -parts[:, PART_CE], group,
+                                                         self.settings), strict=True):
+            whole[sequences] = part
+        self.tensor[kept] = group.of(self.metrics[0][sequences]) / self.denominator
+        return self.tensor[kept]
 
 
 def _advantages(teacher_logprobs, rollout_logprobs, rows: KeptRows, settings: IWOPDSettings):
