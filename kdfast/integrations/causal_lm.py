@@ -17,6 +17,7 @@ from kdfast.linear_multi_teacher import fused_linear_multi_teacher_loss
 from kdfast.linear_sparse_loss import fused_linear_sparse_loss
 from kdfast.options import LossOptions
 from kdfast.sparse_options import SparseOptions
+from kdfast.top_k_support import HeadMap
 
 
 def output_head(model) -> torch.nn.Module:
@@ -86,6 +87,16 @@ def head_settings(student, teacher=None) -> dict:
         return {"softcap": final_softcap(student), "logit_scale": logit_scale(student)}
     return {"student_softcap": final_softcap(student), "teacher_softcap": final_softcap(teacher),
             "student_logit_scale": logit_scale(student), "teacher_logit_scale": logit_scale(teacher)}
+
+
+def head_map(model, head, temperature: float, frozen: bool = False) -> HeadMap:
+    """A causal LM's head and its logit map (bias, logit scale, softcap) at `temperature`; `frozen`: detached (a
+    teacher's head, which may be the student's own: a live or a PEFT base teacher)."""
+    settings = head_settings(model)
+    weight, bias = head.weight, head.bias
+    if frozen:
+        weight, bias = weight.detach(), bias.detach() if bias is not None else None
+    return HeadMap(weight, bias, settings["logit_scale"], settings["softcap"], float(temperature))
 
 
 def distill_from_hidden(student, teacher, student_hidden, teacher_hidden, labels, options: LossOptions, *,

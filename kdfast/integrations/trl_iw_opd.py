@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from kdfast.integrations.causal_lm import head_settings, last_hidden_state, output_head
+from kdfast.integrations.causal_lm import head_map, last_hidden_state, output_head
 from kdfast.integrations.compiled_loss import entered_model
 from kdfast.integrations.head_check import check_head_map
 from kdfast.integrations.iw_opd import (
@@ -118,21 +118,14 @@ class IWOPDTrainer(_TRLIWOPDTrainer):
         teacher_model = None if served else self.accelerator.unwrap_model(self.teacher_model)
         teachers, teacher_heads = ([], []) if served else ([teacher_model], [output_head(teacher_model)])
         with whole_heads(student, student_head, teachers, teacher_heads):
-            student_map = self._head_map(student, student_head)
-            teacher_map = None if served else self._head_map(teacher_model, teacher_heads[0], frozen=True)
+            student_map = head_map(student, student_head, self.temperature)
+            teacher_map = None if served else head_map(teacher_model, teacher_heads[0], self.temperature, frozen=True)
             rows = KeptRows(labels)
             if settings.objective == "iw_opd":
                 return self._iw_opd(student_map, hidden, teacher, teacher_map, tokens, rows, rollout, settings,
                                     num_items_in_batch)
             return self._divergence(student_map, hidden, teacher, teacher_map, tokens, labels, rows, settings,
                                     None if served else num_items_in_batch)
-
-    def _head_map(self, model, head, frozen=False) -> HeadMap:
-        settings = head_settings(model)
-        weight, bias = head.weight, head.bias
-        if frozen:
-            weight, bias = weight.detach(), bias.detach() if bias is not None else None
-        return HeadMap(weight, bias, settings["logit_scale"], settings["softcap"], float(self.temperature))
 
     def _iw_opd(self, student: HeadMap, hidden, teacher, teacher_map, tokens, rows: KeptRows, rollout, settings,
                 num_items_in_batch):
@@ -148,11 +141,9 @@ class IWOPDTrainer(_TRLIWOPDTrainer):
             raise ValueError(f"Teacher logprobs are missing for required IW-OPD positions: {missing}/{rows.count}.")
         if rows.count == 0:
             return _attached_zero(hidden, student)
-        denominator = num_items_in_batch if num_items_in_batch is not None else rows.count
-        if isinstance(denominator, torch.Tensor):
-            denominator = denominator.to(hidden.device)
         loss, (advantages, magnitude, weights) = iw_opd_rows(
-            student_rows, student, token_rows, teacher_logprobs, rows, settings, denominator,
+            student_rows, student, token_rows, teacher_logprobs, rows, settings,
+            _denominator(num_items_in_batch, rows, hidden.device),
             rows.of(rollout) if rollout is not None else None)
         self._log_iw_opd(rows, advantages, magnitude, weights)
         return loss
@@ -180,10 +171,14 @@ class IWOPDTrainer(_TRLIWOPDTrainer):
         else:
             total = local_divergence_sum(rows.of(hidden), student, rows.of(teacher), teacher_map, rows.of(tokens),
                                          settings)
-        denominator = num_items_in_batch if num_items_in_batch is not None else rows.count
-        if isinstance(denominator, torch.Tensor):
-            denominator = denominator.to(total.device)
-        return total / denominator
+        return total / _denominator(num_items_in_batch, rows, total.device)
+
+
+def _denominator(num_items_in_batch, rows: KeptRows, device):
+    """TRL's division: by `num_items_in_batch` where given, else by the kept tokens' count."""
+    if num_items_in_batch is None:
+        return rows.count
+    return num_items_in_batch.to(device) if isinstance(num_items_in_batch, torch.Tensor) else num_items_in_batch
 
 
 def _attached_zero(hidden, student: HeadMap):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kdfast.integrations.causal_lm import head_settings, last_hidden_state, output_head
+from kdfast.integrations.causal_lm import head_map, last_hidden_state, output_head
 from kdfast.integrations.compiled_loss import entered_model
 from kdfast.integrations.head_check import check_head_map
 from kdfast.integrations.self_distillation import (
@@ -94,23 +94,16 @@ class _FusedSelfDistillation:
         teacher_model = self.accelerator.unwrap_model(self.teacher_model) if local else None
         teacher_head = output_head(teacher_model) if local else None
         with whole_heads(student, student_head, [teacher_model] if local else [], [teacher_head] if local else []):
-            student_map = self._head_map(student, student_head)
+            student_map = head_map(student, student_head, self.temperature)
             distillation = None
             if local:
-                distillation = self._distillation(student_map, hidden, inputs, settings,
-                                                  (teacher, self._head_map(teacher_model, teacher_head, True)))
+                teacher_map = head_map(teacher_model, teacher_head, self.temperature, frozen=True)
+                distillation = self._distillation(student_map, hidden, inputs, settings, (teacher, teacher_map))
             elif settings is not None:
                 distillation = self._distillation(student_map, hidden, inputs, settings, teacher)
             logprobs = self._token_logprobs(student_map, hidden, completion_ids, completion_mask) \
                 if policy_logprobs else None
         return distillation, logprobs
-
-    def _head_map(self, model, head, frozen=False) -> HeadMap:
-        settings = head_settings(model)
-        weight, bias = head.weight, head.bias
-        if frozen:  # the teacher's head may be the student's own (a live or a PEFT base teacher): no gradient here
-            weight, bias = weight.detach(), bias.detach() if bias is not None else None
-        return HeadMap(weight, bias, settings["logit_scale"], settings["softcap"], float(self.temperature))
 
     def _distillation(self, student: HeadMap, hidden, inputs, settings, teacher):
         """TRL's self-distillation loss over the kept completion tokens and its logged metrics. `teacher`: (its hidden
