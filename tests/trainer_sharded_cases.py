@@ -125,7 +125,10 @@ def _reference_run(student, batch, batch_loss):
     return losses, first_grads, {name: p.detach() for name, p in student.named_parameters()}
 
 
-def _train_and_compare(trainer, expected, teacher_sharded=None):
+def _train_and_compare(trainer, expected, teacher_sharded=None, float32_params=None):
+    """`float32_params`: where the reference is float64, the parameters a float32 run of the same reference reached;
+    each final parameter is then allowed twice that run's largest distance from float64 (float32's own drift over
+    the steps), where it exceeds the common 1e-6."""
     from torch.distributed.fsdp import FSDPModule
 
     expected_losses, expected_grads, expected_params = expected
@@ -155,7 +158,10 @@ def _train_and_compare(trainer, expected, teacher_sharded=None):
         torch.testing.assert_close((initial[name] - after) / LR, expected_grads[name], rtol=1e-4, atol=1e-7 + slack,
                                    msg=lambda m, name=name: f"gradient of {name}: {m}")
     for name, param in trainer.model.named_parameters():
-        torch.testing.assert_close(_whole(param), expected_params[name], rtol=1e-5, atol=1e-6,
+        atol = 1e-6
+        if float32_params is not None:
+            atol = max(atol, 2 * (float32_params[name] - expected_params[name]).abs().max().item())
+        torch.testing.assert_close(_whole(param), expected_params[name], rtol=1e-5, atol=atol,
                                    msg=lambda m, name=name: f"{name} after {STEPS} steps: {m}")
 
 
@@ -628,6 +634,10 @@ def trl_iw_opd_case(tmp_path, setup):
                                            batch_loss)
     expected = ([loss.float() for loss in losses], {name: grad.float() for name, grad in grads.items()},
                 {name: param.float() for name, param in params.items()})
+    # The same reference in float32: its parameters after the steps drift from float64's by up to 2.4e-6 (the
+    # embedding; 1.1e-6 in a v_proj, measured on an Intel Xeon), past the common 1e-6 the sharded run is held to.
+    teacher = teacher.float()
+    float32_params = _reference_run(LlamaForCausalLM.from_pretrained(tmp_path / "student"), batch, batch_loss)[2]
 
     class FixedCompletions(IWOPDTrainer):
         def _prepare_inputs(self, generation_batch):
@@ -645,7 +655,7 @@ def trl_iw_opd_case(tmp_path, setup):
                                    processing_class=tokenizer,
                                    train_dataset=Dataset.from_dict({"messages": [[{"role": "user",
                                                                                    "content": "w2 w3"}]] * 8}))
-    _train_and_compare(trainer, expected)
+    _train_and_compare(trainer, expected, float32_params=float32_params)
 
 
 CASES = {"sharded-teacher": functools.partial(distillation_case, sparse=False),
