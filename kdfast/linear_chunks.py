@@ -181,19 +181,36 @@ def gemm_weight(weight: torch.Tensor, gemm: torch.dtype, logits: torch.Tensor) -
     return weight.to(gemm)
 
 
-def _logits_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
-    """The chunk's logits: in `out`, or where the CPU's products run on oneDNN (kdfast.cpu_gemm) in the new tensor
-    that oneDNN writes them to, which then stands for `out` (never touched, its pages never become memory): one chunk
-    per model either way, as `run_chunks` lets the last chunk's go before it makes the next's."""
+def _logits_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias, factor: float = 1.0
+                 ) -> torch.Tensor:
+    """The chunk's logits, `factor` (hidden @ weight.T + bias): in `out`, or where the CPU's products run on oneDNN
+    (kdfast.cpu_gemm) in the new tensor that oneDNN writes them to, which then stands for `out` (never touched, its
+    pages never become memory): one chunk per model either way, as `run_chunks` lets the last chunk's go before it
+    makes the next's. 16-bit logits are rounded once, as F.linear rounds them: the bias and the factor ride in the
+    GEMM's beta and alpha rather than each rounding the product again (a bf16 head with a bias otherwise put the
+    loss 3x further from float64 than F.linear's logits do)."""
     if out.dtype != weight.dtype:  # float32 logits of 16-bit inputs, accumulated by the GEMM and never rounded
         torch.mm(hidden.to(weight.dtype), weight.t(), out_dtype=out.dtype, out=out)
     elif cpu_gemm.on_onednn(out, weight):
         out = cpu_gemm.onednn_linear(hidden.to(out.dtype), weight)
-    else:
-        torch.mm(hidden.to(out.dtype), weight.t(), out=out)
-    if bias is not None:
+    elif bias is not None:
+        return torch.addmm(bias.to(out.dtype), hidden.to(out.dtype), weight.t(), beta=factor, alpha=factor, out=out)
+    elif factor == 1.0:
+        return torch.mm(hidden.to(out.dtype), weight.t(), out=out)
+    else:  # beta 0: the buffer's old values are not read
+        return torch.addmm(out, hidden.to(out.dtype), weight.t(), beta=0.0, alpha=factor, out=out)
+    if bias is not None:  # float32 logits here: one more float32 rounding, as the GEMM's own epilogue would
         out.add_(bias.to(out.dtype))
-    return out
+    return out.mul_(factor) if factor != 1.0 else out
+
+
+def mapped_logits_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias,
+                       logit_map: LogitMap) -> torch.Tensor:
+    """`_logits_into` mapped by the head's `logit_map` (its temperature 1: the kernels divide by T): without a
+    softcap the map is the GEMM's factor, with one it follows in float32 (`LogitMap.apply_`)."""
+    if logit_map.softcap is None:
+        return _logits_into(out, hidden, weight, bias, logit_map.slope)
+    return logit_map.apply_(_logits_into(out, hidden, weight, bias))
 
 
 def _accumulate_weight_grad(acc: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
@@ -255,19 +272,18 @@ def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted
         rows = slice(start, start + count)
         hidden = heads.student_hidden[rows].to(heads.student_dtype)
         if heads.dense_teacher:
-            teacher_rows = _logits_into(buffers.teacher[:count], teacher.hidden[rows].to(teacher.dtype), weight_t,
-                                        teacher.bias)
-            teacher_rows = teacher.logit_map.apply_(teacher_rows).unsqueeze(0)
+            teacher_rows = mapped_logits_into(buffers.teacher[:count], teacher.hidden[rows].to(teacher.dtype),
+                                              weight_t, teacher.bias, teacher.logit_map).unsqueeze(0)
         elif several is not None:
-            teacher_rows = several.rows(rows, count, _logits_into)
+            teacher_rows = several.rows(rows, count, mapped_logits_into)
         elif teacher is not None:  # a sparse teacher's log-probs are final: the map is the student's alone
             teacher_rows = SparseTargets(teacher.ids[rows].unsqueeze(0), teacher.logprobs[rows].unsqueeze(0))
         if student_map.softcap is not None:
             uncapped = _logits_into(buffers.uncapped[:count], hidden, logits_weight_s, heads.student_bias)
             student = student_map.capped_into(uncapped, buffers.student[:count])
         else:
-            student = student_map.apply_(_logits_into(buffers.student[:count], hidden, logits_weight_s,
-                                                      heads.student_bias))
+            student = mapped_logits_into(buffers.student[:count], hidden, logits_weight_s, heads.student_bias,
+                                         student_map)
         labels = heads.labels[rows] if heads.labels is not None else None
         if teacher is None:  # no divergence: the kernel does not read the teacher's argument
             teacher_rows = student.unsqueeze(0)

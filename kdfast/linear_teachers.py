@@ -71,7 +71,7 @@ class ChunkTeachers:
         teachers = self.teachers
         self.chunks = None  # the last chunk's logits go first (`logits_into` may make new tensors)
         self.chunks = chunks = [
-            head.logit_map.apply_(logits_into(buffer[:count], head.hidden[rows].to(head.dtype), weight, head.bias))
+            logits_into(buffer[:count], head.hidden[rows].to(head.dtype), weight, head.bias, head.logit_map)
             for head, weight, buffer in zip(teachers.heads, self.weights, self.buffers)]
         if teachers.combine == "average" and not self.average_as_mixture:
             per_teacher = teachers.per_teacher[rows] if teachers.per_teacher is not None else None
@@ -113,10 +113,9 @@ class RoutedChunkTeachers:
             head = self.teachers.heads[index]
             out = chunk[first - rows.start:end - rows.start]
             logits = logits_into(out, head.hidden[slot:slot + end - first].to(head.dtype), self.weights[index],
-                                 head.bias)
+                                 head.bias, head.logit_map)
             if logits.data_ptr() != out.data_ptr():  # oneDNN wrote a tensor of its own (linear_chunks._logits_into)
                 out.copy_(logits)
-            head.logit_map.apply_(out)
         return chunk.unsqueeze(0)
 
     def record_divergences(self, rows: slice, student, labels, scale, opts: LossOptions, rows_kernel) -> None:

@@ -63,7 +63,7 @@ def flce_reference(hidden, weight, bias, labels, dtype, reduction="mean", ignore
 
     def reference(precision):
         h, w, b = as_leaf(hidden, precision), as_leaf(weight, precision), as_leaf(bias, precision)
-        logits = rounded_head(h, w, b, dtype, two_roundings=True)
+        logits = rounded_head(h, w, b, dtype)
         if softcap:
             logits = softcap * torch.tanh(logits / softcap)
         total, z_loss = ce_with_z_loss(logits, labels, reduction, ignore_index, label_smoothing, lse_square_scale)

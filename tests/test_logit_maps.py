@@ -137,3 +137,44 @@ def test_a_16_bit_softcap_rounds_once(dtype, scale):
     torch.testing.assert_close(capped.double(), 30.0 * torch.tanh(kept.double()), rtol=ulp / 2, atol=0.0)
     torch.testing.assert_close(logit_map.tanh_chain_(grad.clone(), kept).double(),
                                grad.double() * scale * (1 - torch.tanh(kept.double()) ** 2), rtol=ulp / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale", [1.0, 0.7])
+def test_16_bit_heads_with_a_bias_and_a_scale_round_their_logits_once(backend, dtype, scale):
+    # A 16-bit head's logits are F.linear's, scaled and rounded once: the bias and the scale ride in the GEMM's beta
+    # and alpha. Before, the product was rounded, then the bias added and rounded, then the scale: a bf16 head with a
+    # bias put the loss 3x further from float64 than F.linear's logits (FLA's fused linear CE cases found it).
+    device = device_for(backend)
+    generator = torch.Generator().manual_seed(3)
+    rows, hidden, vocab = 24, 64, 1000
+
+    def head():
+        return (torch.randn(vocab, hidden, generator=generator).to(dtype),
+                torch.randn(vocab, generator=generator).to(dtype))
+
+    x, x_t = (torch.randn(rows, hidden, generator=generator).to(dtype) for _ in range(2))
+    (w, b), (w_t, b_t) = head(), head()
+    labels = torch.randint(0, vocab, (rows,), generator=generator)
+
+    def once(x, w, b):  # the float32 product of the 16-bit values, scaled, rounded to the dtype once
+        return (torch.nn.functional.linear(x.float(), w.float(), b.float()) * scale).to(dtype)
+
+    def twice(x, w, b):
+        return ((((x.float() @ w.float().t()).to(dtype) + b) * scale).to(dtype))
+
+    settings = dict(divergence="forward_kl", temperature=2.0, ce_weight=0.5, reduction="none", backend=backend)
+    args = [t.to(device) for t in (x, w, x_t, w_t)]
+    fused = kdfast.linear_distill_loss(*args, labels.to(device), student_bias=b.to(device),
+                                       teacher_bias=b_t.to(device), student_logit_scale=scale,
+                                       teacher_logit_scale=scale, chunk_size=8, **settings).cpu()
+
+    def on_logits(logits):
+        return kdfast.distill_loss(logits(x, w, b).to(device), logits(x_t, w_t, b_t).to(device), labels.to(device),
+                                   **settings).cpu()
+
+    from_once, from_twice = on_logits(once), on_logits(twice)
+    gap = (from_twice - from_once).abs().max().item()
+    assert gap > 1e-3  # the two roundings differ at these sizes, so the check below tells them apart
+    torch.testing.assert_close(fused, from_once, rtol=0.0, atol=gap / 100)
