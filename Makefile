@@ -23,11 +23,11 @@ $(STAMP): setup.py
 
 # Two workers on CI's 2 cores: the suite is mostly single-threaded interpreter and subprocess work (pytest took
 # 14.0 min against 22.7 serial on such a machine). Whole files per worker, so a module's fixture (the nvcc
-# compiles, the ranks' setups) runs once.
+# compiles, the ranks' setups) runs once; the longest files first (tests/file_order.py), not xdist's reorder.
 TEST_WORKERS ?= 2
 
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 bench: setup
 	# Huge pages for big CPU tensors (a torch setting): fresh [N, V] buffers otherwise cost 100+ ms of page faults.

@@ -29,8 +29,8 @@ setup(
         "integrations": ["transformers>=4.44", "trl>=0.12", "rich>=13", "matplotlib>=3.7", "safetensors>=0.4",
                          "requests>=2.28", "datasets>=2.18"],
         # liger-kernel: the side-by-side benchmarks; peft: the LoRA-student tests; deepspeed: ZeRO-3 on 2 CPU ranks;
-        # pytest-xdist: `make test` runs the suite on two workers.
-        "dev": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6", "ruff>=0.6", "triton>=3.0", "trl>=0.12",
+        # pytest-xdist: `make test` runs the suite on two workers (3.8: --no-loadscope-reorder, tests/file_order.py).
+        "dev": ["pytest>=8", "pytest-xdist>=3.8", "hypothesis>=6", "ruff>=0.6", "triton>=3.0", "trl>=0.12",
                 "transformers>=4.44", "liger-kernel>=0.5", "rich>=13", "matplotlib>=3.7", "peft>=0.13",
                 "safetensors>=0.4", "datasets>=2.18", "deepspeed>=0.16", "requests>=2.28"],
     },

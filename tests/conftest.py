@@ -30,6 +30,7 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="kdfast-inductor-")
 
 import pytest  # noqa: E402
+from file_order import pytest_collection_modifyitems  # noqa: E402, F401 (the hook, by its name)
 
 from kdfast.native_build import cpu_extension_or_none, cuda_extension_or_none  # noqa: E402
 
