@@ -250,11 +250,11 @@ LINEAR_INTERPRETED = [(512, 1024, 100000, 0.5), (1024, 2048, 32000, 1.0)]
 SOFTCAP_ROWS = list(itertools.product(T_CE, D_CUT, V_CUT))
 
 
-def linear_reference(linear, x, weight, bias, target, do, head):
+def linear_reference(x, weight, bias, target, do, head):
     """FLA's reference: its logits-level loss (the logits upcast to float32, times logit_scale, softcapped: `head`)
-    of the head's bf16 logits `linear(x, weight, bias)`, by torch; its loss and gradients under `do`."""
+    of the head's bf16 logits F.linear(x, weight, bias), by torch; its loss and gradients under `do`."""
     inputs = leaves("cpu", x, weight, bias)
-    loss = F.cross_entropy(head(linear(*inputs)), target)
+    loss = F.cross_entropy(head(F.linear(*inputs)), target)
     loss.backward(do)
     return [loss.detach()] + [t.grad for t in inputs]
 
@@ -275,7 +275,7 @@ def linear_case(backend, T, D, V, scale, softcap):
         return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
     do = torch.randn((), generator=gen).to(BF16)  # randn_like(ref): ref is float32; cast
-    ref = linear_reference(F.linear, x, weight, bias, target, do, head)
+    ref = linear_reference(x, weight, bias, target, do, head)
 
     device = device_for(backend)
     target_d, do_d = target.to(device), do.to(device)
@@ -325,7 +325,7 @@ def linear_case(backend, T, D, V, scale, softcap):
     def kdfast_head(logits):
         return head(logits).to(BF16).float()
 
-    kdfast_points = linear_reference(F.linear, x, weight, bias, target, do, kdfast_head)
+    kdfast_points = linear_reference(x, weight, bias, target, do, kdfast_head)
     others = checks(kdfast_points, ", FLA's reference with kdfast's rounding points")
     assert not others, "\n".join(failed + others)
     pytest.xfail("; ".join(failed) + f": {ROUNDING_POINTS}")
