@@ -104,6 +104,32 @@ def test_a_part_whose_writer_still_runs_is_left_to_merge_itself(teacher, tmp_pat
     assert last.stats["processes"] == 2
 
 
+def test_a_part_completed_while_the_merge_reads_counts_its_process(teacher, tmp_path, monkeypatch):
+    """Process 1 completes its part and lets go of its lock between process 0's read of the parts and its look at
+    that lock: the merge read the part again, or it merged with one process of two (torchrun's two processes met
+    this on a loaded 2-core machine)."""
+    from kdfast.teacher_cache import processes
+
+    model, tokenizer, _, windows, single = teacher
+    build_teacher_cache(model, windows, tmp_path, tokenizer=tokenizer, process_index=1, num_processes=2, **SETTINGS)
+    finished = (tmp_path / "manifest-1-of-2.json").read_text()
+    _unfinish_part(tmp_path, "manifest-1-of-2.json")
+    looked_at = []
+    still_written = processes._still_written
+
+    def process_1_finishes_first(folder, name):
+        looked_at.append(name)
+        (folder / "manifest-1-of-2.json").write_text(finished)  # written, then its lock let go
+        return still_written(folder, name)
+
+    monkeypatch.setattr(processes, "_still_written", process_1_finishes_first)
+    cache = build_teacher_cache(model, windows, tmp_path, tokenizer=tokenizer, process_index=0, num_processes=2,
+                                **SETTINGS)
+    assert looked_at == ["manifest-1-of-2.json"]
+    _same_cache(tmp_path, single)
+    assert cache.stats["processes"] == 2
+
+
 def test_a_part_whose_writer_died_does_not_hold_the_merge(teacher, tmp_path):
     model, tokenizer, _, windows, single = teacher
     build_teacher_cache(model, windows, tmp_path, tokenizer=tokenizer, process_index=1, num_processes=2, **SETTINGS)

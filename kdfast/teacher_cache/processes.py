@@ -80,8 +80,15 @@ def merge_parts(folder: Path, settings: CacheSettings, stats_of) -> bool:
                      if not manifest.settings.differences(settings)}
         main = manifests.get(MANIFEST_NAME)
         if main is None or not main.complete:
-            if any(_still_written(folder, name) for name, manifest in manifests.items() if not manifest.complete):
-                return False  # its writer merges when it finishes (its part may list every shard already)
+            for name, manifest in list(manifests.items()):
+                if manifest.complete:
+                    continue
+                if _still_written(folder, name):
+                    return False  # its writer merges when it finishes (its part may list every shard already)
+                # Its writer let go of its lock: the part is final now, and that writer may have completed it (and
+                # be waiting for this merge) since the read above.
+                with contextlib.suppress(FileNotFoundError):
+                    manifests[name] = Manifest.load(folder, name)
             shards = {}
             for manifest in manifests.values():
                 shards.update(manifest.shards)
