@@ -125,10 +125,11 @@ def _reference_run(student, batch, batch_loss):
     return losses, first_grads, {name: p.detach() for name, p in student.named_parameters()}
 
 
-def _train_and_compare(trainer, expected, teacher_sharded=None, float32_params=None):
-    """`float32_params`: where the reference is float64, the parameters a float32 run of the same reference reached;
-    each final parameter is then allowed twice that run's largest distance from float64 (float32's own drift over
-    the steps), where it exceeds the common 1e-6."""
+def _train_and_compare(trainer, expected, teacher_sharded=None, float32_reference=None):
+    """`float32_reference`: where the reference is float64, the first gradients and final parameters a float32 run of
+    the same reference reached; each first gradient and final parameter is then allowed twice that run's largest
+    distance from float64 (float32's own rounding, and its drift over the steps), where it exceeds the common
+    tolerance."""
     from torch.distributed.fsdp import FSDPModule
 
     expected_losses, expected_grads, expected_params = expected
@@ -154,13 +155,15 @@ def _train_and_compare(trainer, expected, teacher_sharded=None, float32_params=N
                                atol=1e-6)
     for name, after in callback.params.items():
         # The difference of two fp32 parameters is exact to their rounding: a few ulps of the parameter, over lr.
-        slack = 4 * torch.finfo(torch.float32).eps * initial[name].abs().max().item() / LR
-        torch.testing.assert_close((initial[name] - after) / LR, expected_grads[name], rtol=1e-4, atol=1e-7 + slack,
+        atol = 1e-7 + 4 * torch.finfo(torch.float32).eps * initial[name].abs().max().item() / LR
+        if float32_reference is not None:
+            atol = max(atol, 2 * (float32_reference[1][name] - expected_grads[name]).abs().max().item())
+        torch.testing.assert_close((initial[name] - after) / LR, expected_grads[name], rtol=1e-4, atol=atol,
                                    msg=lambda m, name=name: f"gradient of {name}: {m}")
     for name, param in trainer.model.named_parameters():
         atol = 1e-6
-        if float32_params is not None:
-            atol = max(atol, 2 * (float32_params[name] - expected_params[name]).abs().max().item())
+        if float32_reference is not None:
+            atol = max(atol, 2 * (float32_reference[2][name] - expected_params[name]).abs().max().item())
         torch.testing.assert_close(_whole(param), expected_params[name], rtol=1e-5, atol=atol,
                                    msg=lambda m, name=name: f"{name} after {STEPS} steps: {m}")
 
@@ -635,9 +638,11 @@ def trl_iw_opd_case(tmp_path, setup):
     expected = ([loss.float() for loss in losses], {name: grad.float() for name, grad in grads.items()},
                 {name: param.float() for name, param in params.items()})
     # The same reference in float32: its parameters after the steps drift from float64's by up to 2.4e-6 (the
-    # embedding; 1.1e-6 in a v_proj, measured on an Intel Xeon), past the common 1e-6 the sharded run is held to.
+    # embedding; 1.1e-6 in a v_proj, measured on an Intel Xeon), past the common 1e-6 the sharded run is held to;
+    # its first gradients by up to 2.9e-6 (the embedding, whose largest is 8.4): on an AMD EPYC the sharded run's
+    # embedding gradient missed the common tolerance by 1.4e-7 in one element whose terms cancel.
     teacher = teacher.float()
-    float32_params = _reference_run(LlamaForCausalLM.from_pretrained(tmp_path / "student"), batch, batch_loss)[2]
+    float32_reference = _reference_run(LlamaForCausalLM.from_pretrained(tmp_path / "student"), batch, batch_loss)
 
     class FixedCompletions(IWOPDTrainer):
         def _prepare_inputs(self, generation_batch):
@@ -655,7 +660,7 @@ def trl_iw_opd_case(tmp_path, setup):
                                    processing_class=tokenizer,
                                    train_dataset=Dataset.from_dict({"messages": [[{"role": "user",
                                                                                    "content": "w2 w3"}]] * 8}))
-    _train_and_compare(trainer, expected, float32_params=float32_params)
+    _train_and_compare(trainer, expected, float32_reference=float32_reference)
 
 
 CASES = {"sharded-teacher": functools.partial(distillation_case, sparse=False),
