@@ -24,10 +24,11 @@ def reports():
 
 
 def test_every_variant_compiles_for_sm80_and_sm90(reports):
-    # dense fused: dtypes x flag sets; dense shard phases in bf16; several teachers fused in bf16, read twice and once
-    # (under forward KL, reverse KL and JSD also with each one's own divergence); sparse fused and shard phases in
-    # bf16; a teacher through a map (forward KL and JSD) in bf16
-    assert len(reports) == 2 * len(Divergence) * (3 * 3 + 3 + 2 + 4) + 2 * 3 + 2 * 2
+    # dense fused: the flag sets in bf16, the first in fp16 and fp32; dense shard phases in bf16; several teachers
+    # fused in bf16, read twice and once (under forward KL, reverse KL and JSD also with each one's own divergence);
+    # sparse fused and shard phases in bf16; a teacher through a map (forward KL and JSD) in bf16
+    assert len(reports) == 2 * len(Divergence) * (3 + 2 + 3 + 2 + 4) + 2 * 3 + 2 * 2
+    assert {r["dtype"] for r in reports} == {"bf16", "fp16", "fp32"}
     assert sum(r["kernel"] == "mapped_fwd_kernel" for r in reports) == 2 * 2
     assert sum(r.get("OWN_KL") == 1 for r in reports) == 2 * 3
     assert sum(r.get("MIX_ONCE") == 1 for r in reports) == 2 * len(Divergence)
