@@ -7,11 +7,11 @@ head has a bias."""
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 
 import torch
+
+from kdfast.options import is_finite_number
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def _row_blocks(tensor: torch.Tensor):
 
 
 def _check_scale(name: str, value) -> float:
-    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)):
+    if not is_finite_number(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
@@ -121,13 +121,13 @@ def _check_scale(name: str, value) -> float:
 def _check_softcap(name: str, value) -> float | None:
     if value is None:
         return None
-    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+    if not (is_finite_number(value) and value > 0):
         raise ValueError(f"{name} must be None or a finite number > 0, got {value!r}")
     return float(value)
 
 
 def _check_temperature(value) -> float:
-    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+    if not (is_finite_number(value) and value > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
     return float(value)
 

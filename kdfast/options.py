@@ -51,7 +51,7 @@ class LossOptions:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if not (_is_number(self.temperature) and math.isfinite(self.temperature) and self.temperature > 0):
+        if not (is_finite_number(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
         if not (_is_number(self.beta) and 0.0 <= self.beta <= 1.0):
             raise ValueError(f"beta must be a number in [0, 1], got {self.beta!r}")
@@ -65,7 +65,7 @@ class LossOptions:
                              f"distribution it is compared with, so the loss is 0 whatever the student")
         for name in ("kd_weight", "ce_weight", "z_loss_weight"):
             value = getattr(self, name)
-            if not (_is_number(value) and math.isfinite(value)):
+            if not is_finite_number(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not (_is_number(self.label_smoothing) and 0.0 <= self.label_smoothing <= 1.0):
             raise ValueError(f"label_smoothing must be a number in [0, 1], got {self.label_smoothing!r}")
@@ -178,6 +178,13 @@ class LossOptions:
 
 def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_finite_number(value) -> bool:
+    """A real number, not a bool, neither infinite nor NaN. Compared rather than `math.isfinite`: under
+    `torch.compile(dynamic=True)` TorchDynamo treats `math.isfinite` as a torch op and breaks the graph there, where
+    comparisons of a constant fold (and of a symbolic float become guards)."""
+    return _is_number(value) and -math.inf < value < math.inf
 
 
 def field_names(cls) -> tuple[str, ...]:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from kdfast.kernel_abi import Divergence
-from kdfast.options import LossOptions, _is_number, field_names
+from kdfast.options import LossOptions, field_names, is_finite_number
 
 # The kernels' codes (0 is a dense teacher). "given": the bucket algebra with the teacher's rest given as a row's
 # log-prob K (K + 1 log-probs a row), where 1 - sum(p) of float32 log-probs would cancel.
@@ -39,8 +38,7 @@ class SparseOptions(LossOptions):
             if self.tail != "renormalize":
                 raise ValueError("teacher_temperature re-tempers stored log-probs and needs tail='renormalize' (with "
                                  "tail='bucket' the log-probs must already be at the loss's temperature)")
-            if not (_is_number(self.teacher_temperature) and math.isfinite(self.teacher_temperature)
-                    and self.teacher_temperature > 0):
+            if not (is_finite_number(self.teacher_temperature) and self.teacher_temperature > 0):
                 raise ValueError(f"teacher_temperature must be None or a finite number > 0, got "
                                  f"{self.teacher_temperature!r}")
             object.__setattr__(self, "teacher_temperature", float(self.teacher_temperature))

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from kdfast.options import LossOptions
+from kdfast.options import LossOptions, is_finite_number
 from kdfast.teacher_routing import is_routing, routing_log_weights
 
 WEIGHT_MODES = ("confidence", "min_ce")
@@ -70,7 +70,7 @@ def _check_numbers(weights, count: int) -> None:
             not all(isinstance(value, numbers.Real) and not isinstance(value, bool) for value in weights):
         return
     values = [float(value) for value in weights]
-    if not all(math.isfinite(value) and value >= 0 for value in values) or not sum(values) > 0:
+    if not all(is_finite_number(value) and value >= 0 for value in values) or not sum(values) > 0:
         raise ValueError(f"weights must be finite, >= 0 and not all 0, got {values}")
 
 

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from kdfast.options import LossOptions
+from kdfast.options import LossOptions, is_finite_number
 from kdfast.shared_vocab import check_vocab_size, mismatch_hint
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -187,7 +187,7 @@ def _check_one_device(*tensors) -> None:
 
 
 def check_chunk_settings(softcap, chunk_size, fp32_logits=False) -> None:
-    if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
+    if softcap is not None and not (is_finite_number(softcap) and softcap > 0):
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
     if chunk_size != "auto" and not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool)
                                      and chunk_size > 0):

@@ -83,3 +83,50 @@ def test_compiled_step_equals_eager(name):
     for loss, grad in results[1:]:
         torch.testing.assert_close(loss, results[0][0], rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(grad, results[0][1], rtol=1e-6, atol=1e-7)
+
+
+def _eager_and_compiled(step, compiled, start, *args):
+    results = []
+    for run in (step, compiled):
+        x = start.clone().requires_grad_(True)
+        loss = run(x, *args)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    (loss, grad), (expected, expected_grad) = results[1], results[0]
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", [name for name, (_, _, fullgraph) in _losses().items() if fullgraph])
+def test_dynamic_shapes_compile_whole(name):
+    """torch.compile(dynamic=True) traces every size as a symbol from the first call. The settings' checks once
+    called math.isfinite, which TorchDynamo takes for a torch op returning a bool there: a graph break on every
+    loss, an error under fullgraph=True."""
+    made_from, loss_of, _ = _losses()[name]
+    data = _inputs()
+
+    def step(x):
+        return loss_of(torch.tanh(x) * 3.0, data)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=True)
+    _eager_and_compiled(step, compiled, data["student"] if made_from == "logits" else data["hidden"])
+
+
+def test_a_temperature_passed_in_compiles_whole_at_each_value():
+    """A float argument of the compiled function is a symbol under dynamic=True (and after its value changed, under
+    automatic dynamic shapes): kdfast's settings guard on it, a graph per value, and break nothing."""
+    from torch._dynamo.utils import counters
+
+    data = _inputs()
+
+    def step(x, temperature):
+        return kdfast.distill_loss(torch.tanh(x) * 3.0, data["teacher"], data["labels"], ce_weight=0.5,
+                                   temperature=temperature)
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=True)
+    for temperature in (2.0, 3.0, 2.0):
+        _eager_and_compiled(step, compiled, data["student"], temperature)
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
