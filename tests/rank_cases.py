@@ -60,13 +60,26 @@ def _gloo_worker(rank, world, store, cases, outs):
 
 
 def spawn_deepspeed_ranks(worker, world: int, folder, port: int, *args) -> list[dict]:
-    """`spawn_ranks` for ranks that meet at `port` and may start DeepSpeed. Its CPU all-reduce maps a 67 MB file per
-    rank in /dev/shm, named by the rendezvous' address and port, and never unlinks it: every run left them behind (17
-    GB of them filled this machine's memory after some hundred suites). Removed once the ranks have exited."""
+    """`spawn_ranks` for ranks that meet at `port` and may start DeepSpeed, whose collectives then go through gloo
+    (`_without_shared_memory_collectives`). Its CPU all-reduce, where it ran, mapped a 67 MB file per rank in /dev/shm,
+    named by the rendezvous' address and port, and never unlinked it (17 GB of them filled this machine's memory after
+    some hundred suites): any left are removed once the ranks have exited."""
     try:
-        return spawn_ranks(worker, world, folder, port, *args)
+        return spawn_ranks(_without_shared_memory_collectives, world, folder, worker, port, *args)
     finally:
         _remove_deepspeed_buffers(port)
+
+
+def _without_shared_memory_collectives(rank, world, worker, *args):
+    """worker(rank, world, *args) with DeepSpeed's shared-memory collectives off, gloo's doing their work: DeepSpeed
+    compiles them (a C++ op) the first time a process starts its CPU backend, 66 CPU-seconds on a fresh machine (every
+    CI run) with every rank waiting, for a speed the tests do not measure."""
+    import importlib
+
+    backend = importlib.import_module("deepspeed.comm.torch")  # `deepspeed.comm.torch` is the torch it imports
+    assert callable(backend.build_shm_op), "DeepSpeed renamed what builds its shared-memory op"
+    backend.build_shm_op = lambda: None
+    worker(rank, world, *args)
 
 
 def _remove_deepspeed_buffers(port: int) -> None:
