@@ -74,7 +74,6 @@ def _without_shared_memory_collectives(rank, world, worker, *args):
     """worker(rank, world, *args) with DeepSpeed's shared-memory collectives off, gloo's doing their work: DeepSpeed
     compiles them (a C++ op) the first time a process starts its CPU backend, 66 CPU-seconds on a fresh machine (every
     CI run) with every rank waiting, for a speed the tests do not measure."""
-    import importlib
     import importlib.util
 
     if importlib.util.find_spec("deepspeed") is not None:  # the FSDP2 cases run without it
