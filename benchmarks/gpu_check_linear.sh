@@ -13,9 +13,9 @@
 # (bench_cross_vocab.py, 2048 aligned rows, V_s 32000, V_t 40000: "mapped" on its Triton kernel against the torch and
 # CUDA backends, uld and hybrid against TRL's ULDLoss; under a minute); the cross-entropy alone on logits
 # (bench_cross_entropy.py, step `ce`: kdfast.cross_entropy against torch and Liger's CrossEntropyLoss at 8192 x 128256
-# bf16; seconds); a Hugging Face Llama's own loss against kdfast.patch_causal_lm and Liger's fused linear CE forward
-# (bench_causal_lm.py, step `causal-lm`: 2 layers, hidden 2048, V=128256, 4 x 2048 tokens bf16; seconds); then the GPU
-# tests of these paths. Results:
+# bf16, then with softcap 30; seconds); a Hugging Face Llama's own loss against kdfast.patch_causal_lm and Liger's
+# fused linear CE forward (bench_causal_lm.py, step `causal-lm`: 2 layers, hidden 2048, V=128256, 4 x 2048 tokens
+# bf16; seconds); then the GPU tests of these paths. Results:
 # benchmarks/results/ (and $OUT, when the device tool runs it). About 15 minutes in all with the build; where one
 # command may run 10 minutes at most, split it: STEPS="linear chunks precision trl" then STEPS="small step kernels ce
 # causal-lm multi cross tests" (the kernels' build is cached between the two on the same machine). Seen on an H200 on
@@ -66,7 +66,9 @@ for name in $STEPS; do
     small) step "small calls: host cost, launches, CUDA graph" 90 benchmarks/bench_small_calls.py ;;
     step) step "whole training step" 240 benchmarks/bench_train_step.py ;;
     kernels) step "logits-level kernels" 180 benchmarks/bench_gpu_kernels.py ;;
-    ce) step "cross-entropy alone vs torch, Liger (8192 x 128256 bf16)" 90 benchmarks/bench_cross_entropy.py ;;
+    ce) step "cross-entropy alone vs torch, Liger (8192 x 128256 bf16)" 90 benchmarks/bench_cross_entropy.py
+      step "the same with Gemma-2's softcap 30 (the cap inside kdfast's and Liger's loss)" 90 \
+        benchmarks/bench_cross_entropy.py --softcap 30 ;;
     causal-lm) step "a Llama's own loss vs kdfast.patch_causal_lm, Liger (4 x 2048 tokens, V=128256 bf16)" 120 \
       benchmarks/bench_causal_lm.py ;;
     multi) step "several teachers (M=3 N=8192 V=128256 bf16; linear M=2 H 2048, 4096)" "${MULTI_TIMEOUT:-180}" \
@@ -77,8 +79,8 @@ for name in $STEPS; do
     tests) pytest_step "GPU tests of these paths" "${TEST_TIMEOUT:-240}" gpu_linear_tests.txt ${TEST_FILES:-\
       tests/test_cuda_step.py tests/test_fp32_logits.py tests/test_linear_loss.py tests/test_cuda_backend.py \
       tests/test_numerics.py tests/test_multi_teacher.py tests/test_triton_mixture.py tests/test_cuda_mixture.py \
-      tests/test_mapped_kernels.py tests/test_cross_vocab.py tests/test_sparse_loss.py tests/test_token_logprobs.py \
-      tests/test_entropy_part.py tests/test_logit_maps.py tests/test_linear_cross_vocab.py tests/test_given_rest.py \
+      tests/test_mapped_kernels.py tests/test_ce_softcap.py tests/test_cross_vocab.py tests/test_sparse_loss.py \
+      tests/test_token_logprobs.py tests/test_entropy_part.py tests/test_logit_maps.py tests/test_linear_cross_vocab.py tests/test_given_rest.py \
       tests/test_properties_sparse.py tests/test_properties_cross_vocab.py tests/test_properties_multi_teacher.py \
       tests/test_properties_shards.py tests/test_properties_dense_options.py tests/test_extreme_beta.py \
       tests/test_token_logprobs_frozen_head.py tests/test_compile_linear.py \

@@ -7,20 +7,24 @@ from __future__ import annotations
 
 import torch
 
+from kdfast.logit_maps import tempered_map
 from kdfast.loss import logits_loss
+from kdfast.mapped_logits_ce import MappedCrossEntropyFunction
 from kdfast.options import LossOptions
+from kdfast.reduction import returned
 from kdfast.shared_vocab import check_vocab_size
-from kdfast.validation import check_logits
+from kdfast.validation import check_labels, check_logits, check_num_items
 
 # The settings a cross-entropy takes; the rest of LossOptions (divergence, temperature, kd_weight, ...) are the
 # teacher's and are refused by name.
 CE_SETTINGS = ("ignore_index", "reduction", "label_smoothing", "z_loss_weight", "inplace_backward", "backend",
-               "return_components", "vocab_size")
+               "return_components", "vocab_size", "softcap", "logit_scale")
 
 
 def cross_entropy(logits, labels, *, ignore_index=-100, reduction="mean", num_items_in_batch=None,
                   label_smoothing=0.0, z_loss_weight=0.0, inplace_backward=False, backend="auto",
-                  return_components=False, vocab_size=None, process_group=None, vocab_range=None):
+                  return_components=False, vocab_size=None, softcap=None, logit_scale=1.0, process_group=None,
+                  vocab_range=None):
     """`F.cross_entropy(logits, labels, ignore_index=, label_smoothing=)` for logits [..., V] and labels [...], plus
     `z_loss_weight` times log-sum-exp² (PaLM's z-loss, flash-attn's `lse_square_scale`), float32 statistics whatever
     the logits' dtype. `reduction` "mean" (over the kept labels, or `num_items_in_batch`), "sum" or "none" (per row,
@@ -28,10 +32,24 @@ def cross_entropy(logits, labels, *, ignore_index=-100, reduction="mean", num_it
     and nothing else may read those logits afterwards. `return_components=True` returns `(loss,
     kdfast.LossComponents)`: the CE and the z-loss before their weights, the token accuracy and the entropy of
     softmax(logits), from the same pass. `vocab_size`, `process_group` / `vocab_range` (each rank its shard of the
-    columns, labels global ids) as `distill_loss` takes them."""
+    columns, labels global ids) as `distill_loss` takes them.
+
+    `logit_scale` and `softcap`: the CE of softcap * tanh(logit_scale * logits / softcap) (Gemma-2's
+    final_logit_softcapping; Liger-Kernel's `softcap`) or of logit_scale * logits, mapped a chunk of rows at a time
+    in float32 (kdfast.mapped_logits_ce): no [N, V] tensor beyond the gradient's (none with `inplace_backward`), and
+    the gradient is with respect to the logits before the map. Not over vocab shards."""
+    logit_map = tempered_map(logit_scale, softcap)
     opts = _options(logits, labels, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                     z_loss_weight=z_loss_weight, inplace_backward=inplace_backward, backend=backend,
                     return_components=return_components, vocab_size=vocab_size)
+    if logit_map.softcap is not None or logit_map.scale != 1.0:
+        if process_group is not None or vocab_range is not None:
+            raise ValueError("softcap and logit_scale are not supported over vocab shards (process_group / "
+                             "vocab_range): map each shard's logits before the call, or leave them out")
+        check_labels(labels, logits, opts)
+        check_num_items(num_items_in_batch)
+        return returned(MappedCrossEntropyFunction.apply(logits, labels, num_items_in_batch, opts, logit_map), opts,
+                        labels)
     return logits_loss(logits, logits.detach(), labels, opts, num_items_in_batch=num_items_in_batch,
                        process_group=process_group, vocab_range=vocab_range)
 
@@ -58,7 +76,9 @@ class CrossEntropyLoss(torch.nn.Module):
             raise TypeError(f"CrossEntropyLoss got unknown setting(s) {unknown}; the settings are "
                             f"{list(CE_SETTINGS)} (a teacher's settings belong to kdfast.DistillLoss)")
         # Validated now, so a bad setting fails where the module is built rather than at the first step.
-        LossOptions(kd_weight=0.0, ce_weight=1.0, **settings)
+        tempered_map(settings.get("logit_scale", 1.0), settings.get("softcap"))
+        LossOptions(kd_weight=0.0, ce_weight=1.0, **{name: value for name, value in settings.items()
+                                                      if name not in ("softcap", "logit_scale")})
         self.settings, self.process_group, self.vocab_range = settings, process_group, vocab_range
 
     def forward(self, logits, labels, num_items_in_batch=None):
