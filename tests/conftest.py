@@ -22,10 +22,12 @@ if _WORKER_THREADS is not None:
 if not torch.cuda.is_available():
     # Must be set before kernels are decorated (the first import of kdfast.kernels.distill).
     os.environ.setdefault("TRITON_INTERPRET", "1")
-if os.environ.get("TRITON_INTERPRET") == "1":  # a third of an interpreted kernel's time (tests/interpreter_patches.py)
-    from interpreter_patches import patch_once_per_launch
+if os.environ.get("TRITON_INTERPRET") == "1":  # work the interpreter repeats for nothing (tests/interpreter_patches.py)
+    from interpreter_patches import memoize_np_dtypes, patch_once_per_launch, type_tuples_lazily
 
     patch_once_per_launch()
+    memoize_np_dtypes()
+    type_tuples_lazily()
 # torch.compile's on-disk graph cache is keyed by the graph, not by kdfast's version: a graph compiled by an older
 # kdfast (its ops' outputs another shape) would be reused. Each test session compiles into a cache of its own.
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
