@@ -7,21 +7,20 @@ N=2048, V=32000, 2026-12-05: 1.6-1.8 s of it a call, and 3-10 s under transparen
 call to call with the kernel's compaction; 0-10 ms for kdfast's). That is real time for whoever runs it so, but not
 the contender's arithmetic. So the benchmarks that compare against such a contender also time every contender with the
 allocator told to keep what is freed (`mallopt`: no mmap for big blocks, no trimming), which takes the page faults out
-for all of them alike. A spawned child runs those rounds: the setting cannot be undone (it also ends glibc's dynamic
-threshold), and the benchmarks after it run in the parent's heap as it was.
+for all of them alike. A child process (kdfast.fresh_process) runs those rounds: the setting cannot be undone (it also
+ends glibc's dynamic threshold), and the benchmarks after it run in the parent's heap as it was.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import multiprocessing
 import resource
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from typing import NamedTuple
 
+from kdfast.fresh_process import run_in_fresh_process
 from kdfast.memory import load_target
 
 # mallopt's parameters (malloc.h): -1 as M_TRIM_THRESHOLD's value turns trimming off.
@@ -75,7 +74,6 @@ def _time_here(target: str, settings: dict, repeats: int) -> Timings | None:
 
 
 def medians_with_freed_memory_kept(target: str, settings: dict, repeats: int) -> Timings | None:
-    """`target(settings)` ('file.py:function' or 'module:function') -> {name: zero-argument call}, timed in a spawned
+    """`target(settings)` ('file.py:function' or 'module:function') -> {name: zero-argument call}, timed in a new
     process whose allocator keeps freed memory: its `Timings`, or None where the C library cannot be told so."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_time_here, target, settings, repeats).result()
+    return run_in_fresh_process(_time_here, target, settings, repeats)

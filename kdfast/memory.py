@@ -4,8 +4,8 @@ resident high-water mark on the CPU (reset through /proc/self/clear_refs).
 On the CPU, glibc keeps freed blocks for reuse, so a call whose buffers fit in memory an earlier call freed would
 measure as needing nothing. Each measurement therefore first trims the heap (malloc_trim hands free pages back;
 it changes no setting), so that the call is charged for every page it touches. `extra_peak_bytes_in_child`
-measures in a freshly spawned process, as a user's training process would see it, and leaves the caller's
-process untouched.
+measures in a fresh process (kdfast.fresh_process), as a user's training process would see it, and leaves the
+caller's process untouched.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import ctypes.util
 import functools
 import importlib
 import importlib.util
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
+
+from .fresh_process import run_in_fresh_process
 
 
 @functools.cache
@@ -86,8 +86,7 @@ def _measure_here(target: str, args: tuple, device_type: str, warmup: int) -> in
 
 
 def extra_peak_bytes_in_child(target: str, *args, device: str = "cpu", warmup: int = 1) -> int:
-    """The extra peak memory of a step measured in a fresh spawned process: `target(*args)` ('module:function' or
-    'file.py:function') builds the inputs there and returns a zero-argument step; after `warmup` calls, one call is
-    measured."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_measure_here, target, args, device, warmup).result()
+    """The extra peak memory of a step measured in a fresh process (kdfast.fresh_process): `target(*args)`
+    ('module:function' or 'file.py:function') builds the inputs there and returns a zero-argument step; after
+    `warmup` calls, one call is measured."""
+    return run_in_fresh_process(_measure_here, target, args, device, warmup)

@@ -13,6 +13,8 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
+from kdfast.fresh_process import fork_server_context, with_environment
+
 
 def run_cases(cases: dict, out_path: str) -> None:
     """On a rank: runs every case, saving None or the failure's text per case."""
@@ -34,10 +36,13 @@ def free_port() -> int:
 
 
 def spawn_ranks(worker, world: int, folder, *args) -> list[dict]:
-    """Runs worker(rank, world, *args, out_paths) on `world` spawned ranks; returns each rank's results."""
+    """Runs worker(rank, world, *args, out_paths) on `world` new processes, forked from a fork server that
+    imported torch and kdfast once (kdfast.fresh_process: the ranks of the 16 files that spawned them took 312 s of a
+    2-worker run, 223 forked); returns each rank's results."""
     outs = [str(folder / f"rank{rank}.pt") for rank in range(world)]
-    context = mp.start_processes(_then_exit, args=(worker, world, *args, outs), nprocs=world, join=False,
-                                 start_method="spawn")
+    start_method = fork_server_context().get_start_method()
+    context = mp.start_processes(_then_exit, args=(worker, dict(os.environ), world, *args, outs), nprocs=world,
+                                 join=False, start_method=start_method)
     while not context.join(timeout=300):
         pass
     return [torch.load(out) for out in outs]
@@ -89,13 +94,13 @@ def _remove_deepspeed_buffers(port: int) -> None:
             os.remove(path)
 
 
-def _then_exit(rank, worker, *args):
+def _then_exit(rank, worker, environment, *args):
     """worker(rank, *args), then leave without the interpreter's teardown: the results are saved by then, and in
     that teardown a C++ thread of a gloo/FSDP2 run is sometimes destroyed still joinable (std::terminate, SIGABRT),
     which would fail the run after every case passed. A crash prints each thread's Python stack first (a rank of
     tests/test_fsdp2.py died once by SIGSEGV, in 1 of 8 CI runs, with nothing to say where)."""
     faulthandler.enable()
-    worker(rank, *args)
+    with_environment(environment, worker, rank, *args)
     os._exit(0)
 
 
