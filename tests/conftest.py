@@ -2,6 +2,8 @@
 
 import contextlib
 import os
+import random
+import zlib
 
 # Each pytest-xdist worker takes its share of the cores for torch's threads: two workers of two OpenMP threads each on
 # CI's two cores spent a quarter of the suite's time spinning for each other (the whole suite 14.1 min against 18.6 on
@@ -70,6 +72,15 @@ def _cpu_kernel_builds():
     assert cpu_extension_or_none() is not None, "the C++ CPU kernel failed to build"
     if torch.cuda.is_available():
         assert cuda_extension_or_none() is not None, "the CUDA kernels failed to build"
+
+
+@pytest.fixture(autouse=True)
+def _seeded_random_state(request):
+    """Each test draws the same random inputs whichever tests ran before it in its worker: a seed of its own name.
+    Unseeded draws once passed locally and failed in CI, where another file order left the generator elsewhere."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def source_environment(**extra) -> dict:
