@@ -29,6 +29,9 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or through `kdfast bench`
 from bench_distill import environment, write_csv  # noqa: E402
 
+# Ranks forked from a server that has imported torch and kdfast: a spawned rank spent 4 CPU-seconds importing them.
+from kdfast.fresh_process import fork_server_context  # noqa: E402
+
 # (hidden, layers, intermediate, heads, kv heads) of the student and the teacher, and the vocabulary.
 SIZES = {"tiny": dict(student=(32, 2, 64, 4, 2), teacher=(64, 2, 128, 4, 2), vocab=96),
          "larger": dict(student=(1024, 8, 2816, 16, 4), teacher=(1536, 8, 4096, 16, 4), vocab=32_000)}
@@ -123,7 +126,8 @@ def run(args):
         with tempfile.TemporaryDirectory() as folder:
             out = Path(folder) / "result.pt"
             mp.start_processes(bench_sharded_memory.worker, args=(world, setup, args, str(Path(folder) / "store"),
-                                                                  str(out)), nprocs=world, start_method="spawn")
+                                                                  str(out)), nprocs=world,
+                               start_method=fork_server_context().get_start_method())
             per_rank = torch.load(out)
         worst = per_rank.max(dim=0).values  # the process that needs the most
         rows.append({"setup": setup, "processes": world, "size": args.size,

@@ -35,6 +35,9 @@ from bench_distill import environment, parse_benchmark_args, write_csv  # noqa: 
 import kdfast  # noqa: E402
 from kdfast.distributed import count_traffic  # noqa: E402
 
+# Ranks forked from a server that has imported torch and kdfast: a spawned rank spent 4 CPU-seconds importing them.
+from kdfast.fresh_process import fork_server_context  # noqa: E402
+
 VOCAB_PARALLEL, GATHER = "kdfast vocab-parallel", "gather full logits + kdfast"
 SHARD_ALONE = "kdfast on the shard alone"
 LOGPROBS_PARALLEL, LOGPROBS_GATHER = "kdfast vocab-parallel log-probs", "gather the head + kdfast log-probs"
@@ -182,7 +185,7 @@ def run(args):
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "results.pt"
         mp.start_processes(bench_vocab_parallel.worker, args=(args, str(Path(folder) / "store"), str(out)),
-                           nprocs=args.ranks, start_method="spawn")
+                           nprocs=args.ranks, start_method=fork_server_context().get_start_method())
         results = torch.load(out)
     env = environment(torch.device(args.device if args.device == "cpu" else "cuda"))
     backend = "nccl" if args.device == "cuda" else "gloo"

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from forked_command import run_command
 
 import kdfast
 from kdfast.kernel_abi import STAT_COLUMNS
@@ -24,7 +25,7 @@ THREADS = {name: os.environ[name] for name in ("OMP_NUM_THREADS",) if name in os
 def _run(tmp_path, *args):
     env = {"KDFAST_RESULTS_DIR": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(Path.home()),
            "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT), **THREADS}  # the source tree, installed or not
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = run_command(list(args), env=env, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result.stdout
 

@@ -2,11 +2,12 @@
 teacher cache. Every report number must come from the run: the Markdown and the CSV agree row by row."""
 
 import csv
-import subprocess
-import sys
+import os
+from pathlib import Path
 
 import pytest
 import torch
+from forked_command import run_command
 
 from kdfast.demo import models
 from kdfast.demo.corpus import train_tokenizer
@@ -29,10 +30,9 @@ def _report_rows(out_dir):
 
 def test_cli_smoke_run_with_five_steps(tmp_path):
     # The demo's models and corpus, on shorter batches (64 tokens x 4 rows): the same code path, a third of the time.
-    result = subprocess.run([sys.executable, "-m", "kdfast.cli", "distill", "--steps", "5", "--eval-windows", "8",
-                             "--seq-len", "64", "--batch-size", "4",
-                             "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")],
-                            capture_output=True, text=True, timeout=600)
+    result = run_command(["-m", "kdfast.cli", "distill", "--steps", "5", "--eval-windows", "8", "--seq-len", "64",
+                          "--batch-size", "4", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")],
+                         env=dict(os.environ), cwd=Path.cwd(), timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = _report_rows(tmp_path / "out")
     assert rows["student, distilled with kdfast"]["steps"] == "5"

@@ -4,12 +4,11 @@ API and model name in the manifest, resumable after a server that gave up mid-wa
 refused, and the command's --server path."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import source_environment
+from forked_command import run_command
 
 from kdfast.demo import models
 from kdfast.demo.corpus import train_tokenizer
@@ -90,14 +89,13 @@ def test_settings_a_server_cannot_honour_are_refused(teacher, tmp_path):
 def test_the_command_writes_a_served_cache(teacher, tmp_path):
     model, tokenizer, folder, _, local = teacher
     with serving(model, api="vllm", vocab_size=len(tokenizer)) as url:
-        result = subprocess.run(
-            [sys.executable, "-m", "kdfast.cli", "teacher-cache", "--server", url, "--tokenizer", str(folder),
+        result = run_command(
+            ["-m", "kdfast.cli", "teacher-cache", "--server", url, "--tokenizer", str(folder),
              "--text", str(folder / "text.txt"), "--out", str(tmp_path / "cache"), "--seq-len", "17", "--top-k", "8",
              "--windows-per-shard", "8", "--requests-in-flight", "2", "--request-timeout", "30"],
-            env=source_environment(), capture_output=True, text=True, timeout=300)
+            env=source_environment(), cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     _assert_same_targets(TeacherCache(tmp_path / "cache"), local)
-    refused = subprocess.run([sys.executable, "-m", "kdfast.cli", "teacher-cache", "--server", url, "--text",
-                              str(folder / "text.txt"), "--out", str(tmp_path / "other")],
-                             env=source_environment(), capture_output=True, text=True, timeout=120)
+    refused = run_command(["-m", "kdfast.cli", "teacher-cache", "--server", url, "--text", str(folder / "text.txt"),
+                           "--out", str(tmp_path / "other")], env=source_environment(), cwd=tmp_path, timeout=120)
     assert refused.returncode == 2 and "--server needs --tokenizer" in refused.stderr
