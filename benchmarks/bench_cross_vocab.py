@@ -4,7 +4,7 @@ the floors of its bytes (the student's and the teacher's logits read once, the g
 bandwidth and at the memory's (bench_distill.inplace_method).
 
 Same inputs, one process; medians of interleaved rounds and ratios; each contender's result is checked against
-TRL's (or the float64 reference) before it is timed. CPU default: 512 aligned rows, V_s = 32000, V_t = 40000, a
+TRL's (or the float64 reference) before it is timed. CPU default: 256 aligned rows, V_s = 32000, V_t = 40000, a
 map of 24000 shared tokens (--full: 2048 rows, 5 rounds). On a GPU (--device cuda): the same contenders on the
 device (triton.testing.do_bench medians), "mapped" on its Triton kernel and, beside it, on the torch backend (the
 teacher's log-softmax and its gathered copy per chunk, then the sparse algebra in torch) and on the CUDA backend
@@ -203,7 +203,7 @@ def run(args) -> list[dict]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rows", type=int, default=512)
+    parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--student-vocab", type=int, default=32000)
     parser.add_argument("--teacher-vocab", type=int, default=40000)
     parser.add_argument("--shared", type=int, default=24000)

@@ -4,7 +4,7 @@ kdfast.linear_multi_teacher_distill_loss against the floor of its GEMMs (the stu
 weight, and one per teacher) in the fused linear form.
 
 Same inputs, one process; medians of interleaved rounds and ratios. CPU default: M = 3 teachers, 512 x 32000 fp32,
-forward KL + CE(0.5); linear: M = 2 teachers (H 256 and 384), 1024 tokens, H_s = 256, V = 32000 (--full: 2048
+forward KL + CE(0.5); linear: M = 2 teachers (H 256 and 384), 512 tokens, H_s = 256, V = 32000 (--full: 2048
 tokens at the logits level and 4096 in the linear form, torch.compile, 5 rounds, and the fused linear contenders'
 extra peak memory, each in a fresh process).
 On a GPU (--device cuda, e.g. --dtype bf16 --tokens 8192 --vocab 128256 --hidden 2048 --teacher-hidden 2048 4096,
@@ -423,7 +423,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                         help="the logits' and the heads' dtype (bf16 for the GPU run)")
     parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--linear-tokens", type=int, default=1024)
+    parser.add_argument("--linear-tokens", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--hidden", type=int, default=256, help="the student's hidden size in the fused linear form")
     parser.add_argument("--teacher-hidden", type=int, nargs="+", default=list(TEACHER_HIDDEN),

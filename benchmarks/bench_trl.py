@@ -17,9 +17,9 @@ torch on the CPU and in Triton on a GPU. On the CPU TRL's fresh [N, 32768] float
 by the OS on every call (glibc hands them back on free): each call's system time and page faults are reported, and
 every contender is timed again in a child process whose allocator keeps freed memory (benchmarks/freed_memory.py), the
 comparison with the page faults taken out.
-CPU default: N=256, H_s=256, H_t=384, V=32000 fp32, T=1, beta 0, 0.5, 1 (--full: N=2048 and each contender's
-extra peak memory, minutes). CUDA: N=8192, H_s=2048, H_t=4096, V=128256 bf16, and kdfast with fp32_logits (TRL
-keeps its logits in float32).
+CPU default: the divergence and the log-probs, N=256, H_s=256, H_t=384, V=32000 fp32, T=1, beta 0, 0.5, 1 (--full:
+every comparison, N=2048 and each contender's extra peak memory, minutes). CUDA: N=8192, H_s=2048, H_t=4096, V=128256
+bf16, and kdfast with fp32_logits (TRL keeps its logits in float32).
 
     python benchmarks/bench_trl.py [--full] [--tokens N --hidden H_s --teacher-hidden H_t --vocab V --betas B ...]
 """
@@ -60,7 +60,12 @@ import kdfast  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 # `kdfast bench --full`: the issue's CPU shape (TRL takes tens of seconds a call there) and the memory of each.
-FULL_SETTINGS = {} if CUDA else {"tokens": 2048, "repeats": 5, "memory": True,
+# The comparisons `--tasks` picks from, in the table's order.
+TASK_FAMILIES = ("divergence", "log-probs", "fused-head", "async", "server", "self-distillation", "iw-opd")
+# `make bench` on the CPU: the DistillationTrainer's divergence and the token log-probs, the two kernels TRL ships;
+# every family took 151 s of its five minutes on a 2-core AMD EPYC (2026-12-07), these two 12 of its 44 calls.
+CPU_DEFAULT_TASKS = ("divergence", "log-probs")
+FULL_SETTINGS = {} if CUDA else {"tokens": 2048, "repeats": 5, "memory": True, "tasks": list(TASK_FAMILIES),
                                   "self_distillation_modes": list(SELF_DISTILLATION_MODES),
                                   "iw_opd_modes": list(IW_OPD_MODES)}
 TRL, KDFAST, KDFAST_FP32 = "TRL", "kdfast", "kdfast, fp32_logits"
@@ -70,8 +75,7 @@ Outcome = namedtuple("Outcome", "loss entropy grad_hidden grad_weight")
 # A call in the process that keeps freed memory with more minor page faults than this (4 KiB pages, 1 MiB) is
 # reported: its time there is not free of them.
 FAULTS_WORTH_A_WARNING = 256
-# The comparisons `--tasks` picks from, in the table's order.
-TASK_FAMILIES = ("divergence", "log-probs", "fused-head", "async", "server", "self-distillation", "iw-opd")
+
 # How far each is from TRL's outcome: relative L2 over the whole tensor.
 DIFFERENCES = ("loss_rel_diff", "entropy_rel_diff", "grad_hidden_rel_l2", "grad_weight_rel_l2")
 
@@ -348,9 +352,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iw-opd-modes", nargs="*", choices=list(IW_OPD_MODES), default=["iw-opd"],
                         help="the IW-OPD trainer's objectives timed (default: its default, the sampled-token IW-OPD; "
                         "--full: every one)")
-    parser.add_argument("--tasks", nargs="+", choices=TASK_FAMILIES, default=list(TASK_FAMILIES),
-                        help="which comparisons to time (default: all): the DistillationTrainer's divergence, the "
-                             "token log-probs, the async trainer's loss, the server trainer's loss, the SDFT / SDPO "
+    parser.add_argument("--tasks", nargs="+", choices=TASK_FAMILIES,
+                        default=list(TASK_FAMILIES if CUDA else CPU_DEFAULT_TASKS),
+                        help="which comparisons to time (default: all on a GPU, the divergence and the log-probs on "
+                             "the CPU; --full: all): the DistillationTrainer's divergence, the token log-probs, TRL's "
+                             "fused LM head, the async trainer's loss, the server trainer's loss, the SDFT / SDPO "
                              "trainers' self-distillation loss, the IW-OPD trainer's loss")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-kept", action=argparse.BooleanOptionalAction, default=not CUDA,

@@ -4,10 +4,10 @@ bytes each rank sends, and median time, side by side in the same processes. The 
 and entropy of a vocab-parallel LM head (`linear_token_logprobs(process_group=...)`), against gathering the head's
 shards onto every rank.
 
-CPU default: 2 ranks on gloo, 2048 tokens x 32000 vocab fp32 (16000 per rank), forward_kl + CE(0.5), T=2; the
-log-probs + 0.01 x the entropy of a head with hidden size 256 that learns; beside each, kdfast on each rank's columns
-alone (not the distributed call: the yardstick of its overhead). With several GPUs (--device cuda), NCCL and one GPU
-per rank.
+CPU default: 2 ranks on gloo, 1024 tokens x 32000 vocab fp32 (16000 per rank), forward_kl + CE(0.5), T=2, 3 rounds
+(--full: 2048 tokens, 7 rounds); the log-probs + 0.01 x the entropy of a head with hidden size 256 that learns; beside
+each, kdfast on each rank's columns alone (not the distributed call: the yardstick of its overhead). With several
+GPUs (--device cuda), NCCL and one GPU per rank.
 
     python benchmarks/bench_vocab_parallel.py [--full] [--ranks R --tokens N --vocab V --hidden H --repeats K
                                                --device cpu|cuda]
@@ -43,7 +43,9 @@ SHARD_ALONE = "kdfast on the shard alone"
 LOGPROBS_PARALLEL, LOGPROBS_GATHER = "kdfast vocab-parallel log-probs", "gather the head + kdfast log-probs"
 LOGPROBS_ALONE = "kdfast log-probs on the shard alone"
 # `kdfast bench --full`: two more rounds (the default's five keep `make bench` within its five minutes).
-FULL_SETTINGS = {"repeats": 7}
+# `make bench`: 1024 tokens and 3 rounds; the gathering contender alone took 9 s a call at 2048 tokens on a 2-core
+# AMD EPYC (2026-12-07), the benchmark 115 s of make bench's five minutes.
+FULL_SETTINGS = {"tokens": 2048, "repeats": 7}
 # task -> (its methods: vocab-parallel, the gathering baseline, the shard alone)
 TASKS = {"loss": (VOCAB_PARALLEL, GATHER, SHARD_ALONE),
          "token log-probs": (LOGPROBS_PARALLEL, LOGPROBS_GATHER, LOGPROBS_ALONE)}
@@ -56,11 +58,11 @@ def loss_options(args) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=32_000)
     parser.add_argument("--hidden", type=int, default=256, help="the log-probs' LM head's hidden size")
     parser.add_argument("--divergence", default="forward_kl")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
 
 
 def check_args(parser: argparse.ArgumentParser, args) -> None:
