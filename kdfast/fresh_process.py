@@ -1,7 +1,7 @@
 """New processes for measurements and test ranks, forked from multiprocessing's fork server rather than spawned.
 
 A spawned process imports torch, torch._dynamo (which torch's custom ops import on their first call) and kdfast
-itself: about 4 CPU-seconds on a 2-core machine, the whole cost of a small measurement. The fork server imports them
+itself: 3.4 CPU-seconds (4.3 s) on a 2-core machine, the whole cost of a small measurement. The fork server imports them
 once (and the parent's main script, as a spawned child would each time); each process is then a fork of it. The
 server only imports: no thread runs in it and CUDA is not initialised, so a fork of it starts as clean as a spawned
 process, and its heap holds only what those imports made (what a spawned process holds once it has imported them).

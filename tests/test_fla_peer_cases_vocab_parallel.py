@@ -19,8 +19,9 @@ randint(V, (1, N)) with every 7th -100 and the first four the shards' edges (0, 
 the vocabulary V being world x local_vocab. Options: "plain" (no bias); "combined" (a bias, label smoothing 0.1,
 logit_scale 0.3, softcap 3); "ignored" (every target -100); "confident" (bf16, "mean", local_vocab 67: x one-hot in
 column 0, the last head row 12 there, every target V - 1, the label's probability about 0.998). H 64 kept; N 63 cut to
-21 (every rank computes the full-vocabulary reference and its float64 twin, 4 ranks on 2 cores); local_vocab 67 and 4103
-kept, 65539 cut to 8195 (past a power of two by 3 as FLA's is, 3 of kdfast's Triton kernel's 4096-column blocks).
+21 (the group's first rank computes the full-vocabulary reference and its float64 twin and sends them to the others;
+4 ranks on 2 cores); local_vocab 67 and 4103 kept, 65539 cut to 8195 (past a power of two by 3 as FLA's is, 3 of
+kdfast's Triton kernel's 4096-column blocks).
 
 Expectations: FLA's: the loss and the gradients of twice it finite, and FLA's assert_close (ratio 1e-2, err_atol 1e-6, 0
 for "confident") on the loss, d x and this rank's rows of d weight and d bias against FLA's reference, torch's
@@ -162,14 +163,31 @@ def sharded_dx(d_raw, weight, world, local_vocab):
     return total
 
 
-@functools.lru_cache(maxsize=1)
 def expected(world, local_vocab, dtype, option, reduction):
-    """The draws, FLA's reference (float32 on the dtype's logits) and float64's, shared by a row's backends; and
-    torch's d x summed over the shards in the dtype (`sharded_dx`)."""
+    """The draws, FLA's reference (float32 on the dtype's logits) and float64's; and torch's d x summed over the
+    shards in the dtype (`sharded_dx`)."""
     x, weight, bias, target, settings = fla_draws(world, local_vocab, dtype, option)
     args = (x, weight, bias, target, settings, reduction)
     ref, d_raw = reference(*args, dtype)
     return args, ref, reference(*args, torch.float64)[0], sharded_dx(d_raw, weight, world, local_vocab)
+
+
+@functools.lru_cache(maxsize=1)
+def expected_on_the_group(world, *row):
+    """`expected`, shared by a row's backends, computed by the group's first rank and sent to the others: each rank
+    computing the same references was most of this file's time (4 ranks on 2 cores). Its exception, if any, is sent
+    too, so that no rank waits for a result that will not come."""
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = expected(world, *row)
+        except Exception as error:  # noqa: BLE001 (re-raised on every rank)
+            box[0] = error
+    if world > 1:
+        dist.broadcast_object_list(box, src=0, group=GROUPS[world])
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return box[0]
 
 
 def vp_case(backend, world, local_vocab, dtype, option, reduction):
@@ -180,7 +198,7 @@ def vp_case(backend, world, local_vocab, dtype, option, reduction):
     if dist.get_rank() >= world:
         return
     rank = dist.get_rank(group)
-    args, ref, truth, torch_dx = expected(world, local_vocab, dtype, option, reduction)
+    args, ref, truth, torch_dx = expected_on_the_group(world, local_vocab, dtype, option, reduction)
     x, weight, bias, target, settings = args[:5]
     start, end = rank * local_vocab, (rank + 1) * local_vocab
     device = device_for(backend)
