@@ -14,13 +14,13 @@ STAMP := $(VENV)/.kdfast-installed
 
 setup: $(STAMP)
 
+# torch through pip, which finds the local CPU build (uv does not look for it); the rest through uv: 8 s from an empty
+# cache where pip took 55 s from a warm one (a 2-core AMD EPYC, 2026-12-07); pip where uv cannot (an index it cannot
+# reach, say).
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	# The rest through uv: 8 s from an empty cache where pip took 55 s from a warm one (a 2-core AMD EPYC,
-	# 2026-12-07). pip where uv cannot install (an index uv cannot reach, say). torch stays pip's: pip finds the
-	# local CPU build, which uv does not look for.
 	( $(PY) -m pip install --quiet uv && $(VENV)/bin/uv pip install --quiet --python $(PY) \
 	    -e ".[dev]" "$(TRITON_SPEC)" "$(NUMPY_SPEC)" ) \
 	  || $(PY) -m pip install --quiet -e ".[dev]" "$(TRITON_SPEC)" "$(NUMPY_SPEC)"
