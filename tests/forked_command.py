@@ -1,11 +1,12 @@
 """`python script.py args` or `python -m module args`, run as a fork of the test worker's fork server
 (kdfast.fresh_process) rather than a new interpreter: the script runs as `__main__` with its own argv, working folder,
 environment, sys.path[0] and standard streams, and exits with its own code, but starts with torch and kdfast imported.
-A benchmark's smoke run spent 4-5 of its CPU-seconds importing them (22 smokes of tests/test_benchmark_scripts.py,
+A benchmark's smoke run spent 4-5 of its CPU-seconds importing them (20 smokes of tests/test_benchmark_scripts.py,
 2026-12-07).
 
-Where the worker's imports cannot be the script's, a new interpreter runs it as before: where the command asks for
-Triton's interpreter and this worker has not (a GPU machine), since kdfast's Triton kernels were made without it.
+What torch and kdfast read from the environment as they are imported is the worker's. Where the command's environment
+differs there, a new interpreter runs it as before: Triton's interpreter asked for where this worker has not (a GPU
+machine: kdfast's Triton kernels were made without it), or another OpenMP thread count (read as torch loads).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import tempfile
 from pathlib import Path
 
 from kdfast.fresh_process import fork_server_context, with_environment
+
+# The settings the fork server's imports have read (the module docstring).
+READ_AT_IMPORT = ("TRITON_INTERPRET", "OMP_NUM_THREADS")
 
 
 def _run_as_main(argv: list[str], cwd: str, stdout_path: str, stderr_path: str) -> None:
@@ -40,7 +44,7 @@ def _run_as_main(argv: list[str], cwd: str, stdout_path: str, stderr_path: str) 
 
 def forks_can_run(env: dict) -> bool:
     """Whether a fork of this worker's server is the process `env` asks for (module docstring)."""
-    return env.get("TRITON_INTERPRET", "0") == os.environ.get("TRITON_INTERPRET", "0")
+    return all(env.get(name) == os.environ.get(name) for name in READ_AT_IMPORT)
 
 
 def run_command(argv: list[str], *, env: dict, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
