@@ -4,8 +4,15 @@ resident high-water mark on the CPU (reset through /proc/self/clear_refs).
 On the CPU, glibc keeps freed blocks for reuse, so a call whose buffers fit in memory an earlier call freed would
 measure as needing nothing. Each measurement therefore first trims the heap (malloc_trim hands free pages back;
 it changes no setting), so that the call is charged for every page it touches. `extra_peak_bytes_in_child`
-measures in a fresh process (kdfast.fresh_process), as a user's training process would see it, and leaves the
-caller's process untouched.
+measures in a fresh process (kdfast.fresh_process) and leaves the caller's process untouched.
+
+In that child glibc's mmap threshold is pinned (`mallopt`), so that the peak is what the call holds live, as the
+caching allocator's peak is on CUDA. Left dynamic, the threshold rises to the size of the largest mapped block freed
+(up to 32 MiB), and blocks below it then come from the heap, which keeps up to twice that of freed pages resident: a
+call that frees and makes chunk-sized tensors was charged whatever of them the heap happened to keep. The fused linear
+loss's step (N=4096, H=256, V=32000, oneDNN's products, whose logits are a new tensor a chunk) measured 90.6-127.8 MiB
+in thirty fresh processes, 82.3-82.6 MiB in sixteen with it pinned (one thread or two), and 82.2-82.3 MiB on torch's
+BLAS (buffers made once a call) either way (2-core AMD EPYC, 2026-12-07).
 """
 
 from __future__ import annotations
@@ -20,6 +27,10 @@ from pathlib import Path
 import torch
 
 from .fresh_process import run_in_fresh_process
+
+# <malloc.h>: mallopt's parameter, and the threshold pinned in a measuring child (glibc's default starting value).
+M_MMAP_THRESHOLD = -3
+PINNED_MMAP_THRESHOLD = 128 * 1024
 
 
 @functools.cache
@@ -78,7 +89,16 @@ def load_target(target: str):
     return getattr(module, name)
 
 
+def _charge_blocks_while_live():
+    """Pins glibc's mmap threshold in this (measuring) process: blocks from 128 KiB up are mapped when made and unmapped
+    when freed, so they count while they live, not while the heap keeps them."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, PINNED_MMAP_THRESHOLD)
+
+
 def _measure_here(target: str, args: tuple, device_type: str, warmup: int) -> int:
+    _charge_blocks_while_live()
     step = load_target(target)(*args)  # builds the inputs and returns the step to measure
     for _ in range(warmup):  # kernel loading and first-call set-up are not the step's memory
         step()
@@ -86,7 +106,7 @@ def _measure_here(target: str, args: tuple, device_type: str, warmup: int) -> in
 
 
 def extra_peak_bytes_in_child(target: str, *args, device: str = "cpu", warmup: int = 1) -> int:
-    """The extra peak memory of a step measured in a fresh process (kdfast.fresh_process): `target(*args)`
-    ('module:function' or 'file.py:function') builds the inputs there and returns a zero-argument step; after
-    `warmup` calls, one call is measured."""
+    """The extra peak memory of a step measured in a fresh process (kdfast.fresh_process; its mmap threshold pinned,
+    as the module says): `target(*args)` ('module:function' or 'file.py:function') builds the inputs there and returns
+    a zero-argument step; after `warmup` calls, one call is measured."""
     return run_in_fresh_process(_measure_here, target, args, device, warmup)

@@ -220,11 +220,12 @@ def chunk_rows(chunk_size, rows: Rows, row_bytes: int) -> int:
         return min(int(chunk_size), max(rows.count, 1))
     budget = CHUNK_BUDGET_BYTES.get(rows.hidden.device.type, CHUNK_BUDGET_BYTES["cpu"])
     if rows.gemm == torch.float32 and cpu_gemm.on_onednn(rows.hidden, rows.weight):
-        # oneDNN's product comes beside the chunk's buffer (`_mapped_logits`), and the C library's heap may keep a
-        # few such blocks between chunks: a quarter of the budget, which also keeps the chunk in the cache, where its
-        # products run fastest (N=2048, H=256, V=32000: 456 ms in chunks of 192 rows, 489 in 128, 597 in 384, and
-        # 722 on the BLAS; the extra peak of tests/test_token_logprobs.py's step reached 137 MiB in chunks of 192)
-        budget //= 4
+        # oneDNN's product comes beside the chunk's buffer (`_mapped_logits`): two chunk-sized blocks, so half the
+        # budget each. Log-probs forward and backward at N=2048, H=256, V=32000, two threads, interleaved (2026-12-07):
+        # 1167 ms in chunks of 192 rows (half), 1209 in 256, 1275 in 128 and 1449 in 94 (a quarter); the extra peak of
+        # tests/test_token_logprobs.py's step 66.5-66.7 MiB live in chunks of 192 (kdfast.memory pins glibc's mmap
+        # threshold; left dynamic, the heap kept freed blocks and the step once measured 137 MiB)
+        budget //= 2
     most = max(16, budget // row_bytes // 16 * 16)
     if rows.count <= most:
         return max(rows.count, 1)

@@ -60,9 +60,11 @@ def test_bench_cross_entropy_smoke(tmp_path):
     rows = {r["method"]: r for r in csv.DictReader(next(tmp_path.glob("bench_cross_entropy_*.csv")).open())}
     assert set(rows) == {"torch eager", "kdfast (fresh gradient)", "kdfast (inplace_backward)"}
     assert all(_floors_agree(row) for row in rows.values())
-    # The fresh gradient is one [256, 4000] float32 tensor (4 MB); in place there is none.
+    # The fresh gradient is one [256, 4000] float32 tensor (4 MB); in place there is none. Linux keeps a process's
+    # resident-set count per CPU and folds it in by batches, so its high-water mark may miss some pages of the last
+    # ones touched (3.58-3.75 MiB measured for the 3.91 MiB gradient, 2 CPUs): half a MiB of slack.
     gradient = 256 * 4000 * 4
-    assert int(rows["kdfast (fresh gradient)"]["extra_peak_bytes"]) >= gradient
+    assert int(rows["kdfast (fresh gradient)"]["extra_peak_bytes"]) >= gradient - 2**19
     assert int(rows["kdfast (inplace_backward)"]["extra_peak_bytes"]) < gradient // 4
 
 

@@ -1,6 +1,7 @@
 """The fused linear loss holds one chunk of logits, never [tokens, vocab]: its extra peak memory for a training
-step's loss + backward stays under a quarter of one float32 [tokens, vocab] tensor, measured in a fresh process
-(as a user's training process sees it: no allocator setting changed) at N=4096, H=256, V=32000."""
+step's loss + backward stays under a quarter of one float32 [tokens, vocab] tensor, measured in a fresh process at
+N=4096, H=256, V=32000 (glibc's mmap threshold pinned there, so that the peak is what the step holds live, not what
+the heap happened to keep of the chunks it freed: kdfast/memory.py)."""
 
 from pathlib import Path
 
