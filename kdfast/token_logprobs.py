@@ -462,6 +462,8 @@ def _mapped_logits(out, tanh_out, hidden, weight, bias, logit_map: LogitMap):
         if bias is not None:
             product.add_(bias.to(product.dtype))
         torch.mul(product, factor, out=into)
+    elif cpu_gemm.widened(into, hidden, weight):  # 16-bit on a CPU without 16-bit GEMMs (kdfast.cpu_gemm)
+        cpu_gemm.widened_logits_into(into, hidden, weight, bias, factor)
     elif bias is not None:
         torch.addmm(bias.to(into.dtype), hidden, weight.t(), beta=factor, alpha=factor, out=into)
     elif factor == 1.0:

@@ -83,3 +83,72 @@ def test_fused_linear_losses_are_the_same_on_either_library(gemm_library, loss):
     assert cpu_gemm.onednn_products()
     for ours, theirs in zip(results["onednn"], results["blas"]):
         torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=2e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 16-bit products through float32 where torch has no 16-bit GEMM of its own (kdfast.cpu_gemm's docstring)
+# ---------------------------------------------------------------------------------------------------------------
+
+SIXTEEN_BIT = [torch.bfloat16, torch.float16]
+
+
+@pytest.fixture
+def sixteen_bit_gemms(monkeypatch):
+    """Chooses, for the rest of the test, whether this CPU's torch has 16-bit GEMMs of its own (False: kdfast
+    widens the products to float32)."""
+    def choose(native: bool) -> None:
+        monkeypatch.setattr(cpu_gemm, "native_sixteen_bit", lambda dtype: native)
+    return choose
+
+
+def _rounded_once(found, truth, dtype):
+    """found within one rounding to `dtype` (half its unit, plus float32's sums) of the float64 `truth`."""
+    unit = torch.finfo(dtype).eps
+    error = (found.double() - truth).abs()
+    assert bool((error <= unit * truth.abs() + 1e-6 * truth.abs().max()).all()), f"{error.max():.3g} off"
+
+
+@pytest.mark.parametrize("dtype", SIXTEEN_BIT, ids=str)
+def test_widened_products_are_rounded_once(sixteen_bit_gemms, dtype, monkeypatch):
+    sixteen_bit_gemms(False)
+    monkeypatch.setattr(cpu_gemm, "WIDENED_SLICE_BYTES", 4 * 37 * 100)  # several slices of every operand
+    generator = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(37, 24, generator=generator).to(dtype), torch.randn(1000, 24, generator=generator)
+    weight, bias = weight.to(dtype), torch.randn(1000, generator=generator).to(dtype)
+    grad = torch.randn(37, 1000, generator=generator).to(dtype)
+    assert cpu_gemm.widened(hidden, weight)
+    out = torch.empty(37, 24, dtype=dtype)
+    assert cpu_gemm.product_into(out, grad, weight) is out
+    _rounded_once(out, grad.double() @ weight.double(), dtype)
+    _rounded_once(cpu_gemm.product(grad, weight), grad.double() @ weight.double(), dtype)
+    logits = torch.empty(37, 1000, dtype=dtype)
+    cpu_gemm.widened_logits_into(logits, hidden, weight, bias, 0.5)
+    _rounded_once(logits, 0.5 * (hidden.double() @ weight.double().t() + bias.double()), dtype)
+    acc = torch.ones(1000, 24)
+    cpu_gemm.accumulate_transposed_product(acc, grad, hidden)
+    torch.testing.assert_close(acc.double(), 1 + grad.double().t() @ hidden.double(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", SIXTEEN_BIT, ids=str)
+@pytest.mark.parametrize("loss", [_single, _capped, _several, _log_probs], ids=lambda f: f.__name__.strip("_"))
+def test_widened_losses_are_as_close_to_float32_as_torchs_own(sixteen_bit_gemms, gemm_library, dtype, loss):
+    """Each fused linear form on 16-bit heads, its products widened and torch's own: both against the same form in
+    float32 on the same (rounded) values, the widened no further off than torch's own 16-bit products."""
+    gemm_library("blas")
+    heads = _heads(torch.Generator().manual_seed(1))
+    rounded = {key: [t.to(dtype) for t in value] if isinstance(value, list) else value.to(dtype)
+               if value.is_floating_point() else value for key, value in heads.items()}
+    results = {}
+    for name, values, native in (("float32", rounded, None), ("widened", rounded, False), ("torch", rounded, True)):
+        if native is None:  # float32 on the rounded values: the reference
+            values = {key: [t.float() for t in value] if isinstance(value, list) else value.float()
+                      if value.is_floating_point() else value for key, value in values.items()}
+        else:
+            sixteen_bit_gemms(native)
+        h, w = values["hidden"].clone().requires_grad_(True), values["weight"].clone().requires_grad_(True)
+        value = loss(h, w, values)
+        results[name] = [value.detach(), *torch.autograd.grad(value, (h, w))]
+    for what, reference, widened, own in zip(("loss", "d hidden", "d weight"), *results.values()):
+        def off(found, reference=reference):
+            return ((found.double() - reference.double()).norm() / reference.double().norm()).item()
+        assert off(widened) <= 1.5 * off(own) + 1e-6, f"{what}: widened {off(widened):.2e}, torch's {off(own):.2e}"
