@@ -75,7 +75,6 @@ Outcome = namedtuple("Outcome", "loss entropy grad_hidden grad_weight")
 # A call in the process that keeps freed memory with more minor page faults than this (4 KiB pages, 1 MiB) is
 # reported: its time there is not free of them.
 FAULTS_WORTH_A_WARNING = 256
-
 # How far each is from TRL's outcome: relative L2 over the whole tensor.
 DIFFERENCES = ("loss_rel_diff", "entropy_rel_diff", "grad_hidden_rel_l2", "grad_weight_rel_l2")
 
@@ -333,6 +332,13 @@ def report(console, rows, args, env):
                           "call even with freed memory kept: its time there still holds some[/yellow]")
 
 
+class EveryTaskForAll(argparse.Action):
+    """--tasks: the families named, or every one where "all" is."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, list(TASK_FAMILIES) if "all" in values else values)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_shape_arguments(parser, cpu_tokens=256)
     if not CUDA:
@@ -352,12 +358,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iw-opd-modes", nargs="*", choices=list(IW_OPD_MODES), default=["iw-opd"],
                         help="the IW-OPD trainer's objectives timed (default: its default, the sampled-token IW-OPD; "
                         "--full: every one)")
-    parser.add_argument("--tasks", nargs="+", choices=TASK_FAMILIES,
+    parser.add_argument("--tasks", nargs="+", choices=(*TASK_FAMILIES, "all"), action=EveryTaskForAll,
                         default=list(TASK_FAMILIES if CUDA else CPU_DEFAULT_TASKS),
-                        help="which comparisons to time (default: all on a GPU, the divergence and the log-probs on "
-                             "the CPU; --full: all): the DistillationTrainer's divergence, the token log-probs, TRL's "
-                             "fused LM head, the async trainer's loss, the server trainer's loss, the SDFT / SDPO "
-                             "trainers' self-distillation loss, the IW-OPD trainer's loss")
+                        help="which comparisons to time, or all (default: all on a GPU, the divergence and the "
+                             "log-probs on the CPU; --full: all): the DistillationTrainer's divergence, the token "
+                             "log-probs, TRL's fused LM head, the async trainer's loss, the server trainer's loss, "
+                             "the SDFT / SDPO trainers' self-distillation loss, the IW-OPD trainer's loss")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-kept", action=argparse.BooleanOptionalAction, default=not CUDA,
                         help="also time every contender in a process whose allocator keeps freed memory (default: "

@@ -102,7 +102,8 @@ def sixteen_bit_gemms(monkeypatch):
 
 
 def _rounded_once(found, truth, dtype):
-    """found within one rounding to `dtype` (half its unit, plus float32's sums) of the float64 `truth`."""
+    """found within one unit of `dtype` (relative; a rounding is half of one) of the float64 `truth`, plus float32's
+    sums."""
     unit = torch.finfo(dtype).eps
     error = (found.double() - truth).abs()
     assert bool((error <= unit * truth.abs() + 1e-6 * truth.abs().max()).all()), f"{error.max():.3g} off"
@@ -129,21 +130,25 @@ def test_widened_products_are_rounded_once(sixteen_bit_gemms, dtype, monkeypatch
     torch.testing.assert_close(acc.double(), 1 + grad.double().t() @ hidden.double(), rtol=1e-5, atol=1e-5)
 
 
+def _cast(heads: dict, dtype) -> dict:
+    """`_heads`' floating tensors (and lists of them) in `dtype`."""
+    def cast(value):
+        return [cast(t) for t in value] if isinstance(value, list) else (
+            value.to(dtype) if value.is_floating_point() else value)
+    return {key: cast(value) for key, value in heads.items()}
+
+
 @pytest.mark.parametrize("dtype", SIXTEEN_BIT, ids=str)
 @pytest.mark.parametrize("loss", [_single, _capped, _several, _log_probs], ids=lambda f: f.__name__.strip("_"))
 def test_widened_losses_are_as_close_to_float32_as_torchs_own(sixteen_bit_gemms, gemm_library, dtype, loss):
     """Each fused linear form on 16-bit heads, its products widened and torch's own: both against the same form in
     float32 on the same (rounded) values, the widened no further off than torch's own 16-bit products."""
     gemm_library("blas")
-    heads = _heads(torch.Generator().manual_seed(1))
-    rounded = {key: [t.to(dtype) for t in value] if isinstance(value, list) else value.to(dtype)
-               if value.is_floating_point() else value for key, value in heads.items()}
+    rounded = _cast(_heads(torch.Generator().manual_seed(1)), dtype)
     results = {}
-    for name, values, native in (("float32", rounded, None), ("widened", rounded, False), ("torch", rounded, True)):
-        if native is None:  # float32 on the rounded values: the reference
-            values = {key: [t.float() for t in value] if isinstance(value, list) else value.float()
-                      if value.is_floating_point() else value for key, value in values.items()}
-        else:
+    for name, native in (("float32", None), ("widened", False), ("torch", True)):
+        values = _cast(rounded, torch.float32) if native is None else rounded  # float32 on the rounded values
+        if native is not None:
             sixteen_bit_gemms(native)
         h, w = values["hidden"].clone().requires_grad_(True), values["weight"].clone().requires_grad_(True)
         value = loss(h, w, values)
