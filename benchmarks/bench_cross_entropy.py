@@ -8,9 +8,11 @@ and an in-place pass over the logits, which reads and writes the same lines as a
 2048 x 32000 fp32; --full adds torch.compile (a minute's compile on the CPU), rounds and the memory. CUDA: 8192 x
 128256 bf16 with triton.testing.do_bench; there the floor is the copy. --softcap C: the CE of Gemma-2's capped logits
 C * tanh(logits / C), the cap written in torch before the loss (eager, compiled), inside it (kdfast, Liger).
+--class-weights: per-class weights rand(V) (torch's `weight`, kdfast's `class_weights`).
 
     python benchmarks/bench_cross_entropy.py [--full] [--tokens N --vocab V --dtype fp32 --label-smoothing 0.1
-                                              --z-loss-weight 1e-4 --softcap 30 --repeats R --compile]
+                                              --z-loss-weight 1e-4 --softcap 30 --class-weights --repeats R
+                                              --compile]
 """
 
 from __future__ import annotations
@@ -39,13 +41,15 @@ import kdfast
 FULL_SETTINGS = {} if torch.cuda.is_available() else {"compile": True, "repeats": 7, "memory": True}
 
 
-def eager_cross_entropy(logits, labels, label_smoothing, z_loss_weight, softcap=None, dtype=torch.float32):
+def eager_cross_entropy(logits, labels, label_smoothing, z_loss_weight, softcap=None, class_weights=None,
+                        dtype=torch.float32):
     """What a training loop writes: torch's CE on float32 logits (capped first where there is a softcap, as Gemma-2's
-    forward caps them), PaLM's z-loss over the kept rows beside it."""
+    forward caps them; per-class weights where given), PaLM's z-loss over the kept rows beside it."""
     logits = logits.to(dtype)
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    weight = class_weights.to(dtype) if class_weights is not None else None
+    loss = F.cross_entropy(logits, labels, weight=weight, label_smoothing=label_smoothing)
     if z_loss_weight:
         kept = labels != -100
         loss = loss + z_loss_weight * (torch.logsumexp(logits, -1)[kept] ** 2).sum() / kept.sum().clamp(min=1)
@@ -84,7 +88,7 @@ def liger_loss(settings: dict):
         from liger_kernel.transformers import LigerCrossEntropyLoss
     except ImportError:
         return None
-    return LigerCrossEntropyLoss(label_smoothing=settings["label_smoothing"],
+    return LigerCrossEntropyLoss(weight=settings["class_weights"], label_smoothing=settings["label_smoothing"],
                                  lse_square_scale=settings["z_loss_weight"], softcap=settings["softcap"])
 
 
@@ -106,8 +110,9 @@ def make_inputs(args, device):
     logits = (torch.randn(args.tokens, args.vocab, generator=generator) * 3).to(DTYPES[args.dtype]).to(device)
     labels = torch.randint(0, args.vocab, (args.tokens,), generator=generator)
     labels[::50] = -100  # padding rows, as a batch has
+    class_weights = torch.rand(args.vocab, generator=generator).to(device) if args.class_weights else None
     return logits, labels.to(device), dict(label_smoothing=args.label_smoothing, z_loss_weight=args.z_loss_weight,
-                                           softcap=args.softcap)
+                                           softcap=args.softcap, class_weights=class_weights)
 
 
 def memory_contender(settings: dict, name: str):
@@ -138,6 +143,7 @@ def run(args) -> list[dict]:
     eager_ms, compile_ms = medians["torch eager"], medians.get("torch.compile")
     rows = [{"method": name, "median_ms": medians[name], "extra_peak_bytes": peaks[name], **env,
              "tokens": args.tokens, "vocab": args.vocab, "dtype": args.dtype, **settings,
+             "class_weights": args.class_weights,
              "speedup_vs_eager": eager_ms / medians[name],
              "speedup_vs_compile": compile_ms / medians[name] if compile_ms else None,
              "ratio_to_floor": medians[name] / floor_ms, "floor_ms": floor_ms,
@@ -151,8 +157,8 @@ def run(args) -> list[dict]:
 
 def report(console, rows, env, args):
     console.print(speed_table(f"cross-entropy fwd+bwd, {args.tokens} x {args.vocab} {args.dtype}, label_smoothing="
-                              f"{args.label_smoothing}, z_loss_weight={args.z_loss_weight}, softcap={args.softcap} on "
-                              f"{env['device']}", rows))
+                              f"{args.label_smoothing}, z_loss_weight={args.z_loss_weight}, softcap={args.softcap}"
+                              f"{', class weights' if args.class_weights else ''} on {env['device']}", rows))
     console.print(f"copy floor {rows[0]['floor_ms']:.1f} ms (copy bandwidth {rows[0]['copy_bandwidth_gbs']:.1f} "
                   f"GB/s), memory floor {rows[0]['memory_floor_ms']:.1f} ms; medians of {args.repeats}; torch "
                   f"{env['torch']}, {env['threads']} threads, THP_MEM_ALLOC_ENABLE={env['thp_mem_alloc']}")
@@ -163,6 +169,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-smoothing", type=float, default=0.0)
     parser.add_argument("--z-loss-weight", type=float, default=0.0)
     parser.add_argument("--softcap", type=float, default=None, help="Gemma-2's final_logit_softcapping (e.g. 30)")
+    parser.add_argument("--class-weights", action="store_true",
+                        help="per-class weights rand(V): torch's `weight`, kdfast's `class_weights`")
     parser.add_argument("--repeats", type=int, default=7 if torch.cuda.is_available() else 5)
     add_compile_option(parser)
     add_memory_option(parser)

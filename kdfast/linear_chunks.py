@@ -237,7 +237,9 @@ def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted
                row_weights: torch.Tensor | None = None):
     """The rows' loss parts [N, PART_COLUMNS] float32 and the wanted gradients (d hidden in the hidden's dtype;
     d weight and d bias in float32), each already multiplied by grad_scale and, when given, by row_weights [N], or by
-    the weights an object with `of_chunk(rows, parts)` forms from each chunk's parts (kdfast.sampled_token_loss).
+    the weights an object with `of_chunk(rows, parts)` forms from each chunk's parts (kdfast.sampled_token_loss; it
+    may also weigh the parts in place, `observe(rows, logits)` a chunk's logits before the kernel and
+    `add_to_gradient_(rows, grad_logits, kernel_scale)` after the weights: kdfast.class_weights).
     `rows_kernel` is the logits-level kernel of the device (kdfast.dispatch.DeviceRows) or of a vocab shard
     (kdfast.vocab_parallel.ShardedRows)."""
     device = heads.student_hidden.device
@@ -268,6 +270,8 @@ def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted
         elif teacher.combine == "average":
             rows_kernel = AveragedRows(rows_kernel)
     student_map = heads.student_map
+    # Weights that form part of the loss themselves (kdfast.class_weights) run the kernel with options of their own.
+    kernel_opts = getattr(row_weights, "kernel_options", opts)
     # Without a softcap the student's scale is a constant factor of its gradient: the kernel applies it with the
     # reduction's, and no pass over the chunk is added.
     kernel_scale = grad_scale * student_map.slope if student_map.softcap is None else grad_scale
@@ -294,8 +298,10 @@ def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted
             teacher_rows = student.unsqueeze(0)
         if several is not None:
             several.record_divergences(rows, student.unsqueeze(0), labels, kernel_scale, opts, rows_kernel)
+        if hasattr(row_weights, "observe"):  # weights that read the logits the kernel is about to overwrite
+            row_weights.observe(rows, student)
         grad = student.unsqueeze(0) if wanted.any else None  # dlogits overwrite the chunk's logits
-        parts[rows] = rows_kernel(student.unsqueeze(0), teacher_rows, labels, kernel_scale, grad, opts)
+        parts[rows] = rows_kernel(student.unsqueeze(0), teacher_rows, labels, kernel_scale, grad, kernel_opts)
         if several is not None:
             several.record_kernel_parts(rows, parts[rows])
         chunk_weights = None
@@ -307,6 +313,8 @@ def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted
         grad_logits = student
         if chunk_weights is not None:
             grad_logits.mul_(chunk_weights[:, None].to(grad_logits.dtype))
+        if hasattr(row_weights, "add_to_gradient_"):  # terms of the gradient that are not the kernel's times a weight
+            row_weights.add_to_gradient_(rows, grad_logits, kernel_scale)
         if student_map.softcap is not None:
             student_map.chain_(grad_logits, uncapped)
         if wanted.bias:  # before any rounding of the gradient for the GEMMs

@@ -77,9 +77,10 @@ class LinearDistillFunction(torch.autograd.Function):
         # The chunks' casts and GEMMs are ours: autocast must not cast them again.
         with torch.autocast(student_hidden.device.type, enabled=False):
             if opts.reduction == "none" and wanted.any:
+                # (Plain row weights are refused per row; weights that weigh the parts themselves are taken.)
                 parts, *_ = run_chunks(heads, opts, scale, Wanted(False, False, False), plan.chunk_size,
-                                           plan.rows_kernel)
-                ctx.heads, ctx.opts, ctx.wanted = heads, opts, wanted
+                                       plan.rows_kernel, row_weights=row_weights)
+                ctx.heads, ctx.opts, ctx.wanted, ctx.row_weights = heads, opts, wanted, row_weights
                 # Saved too so that autograd refuses a backward after they were modified in place.
                 ctx.save_for_backward(student_hidden, student_weight, student_bias)
             else:
@@ -112,11 +113,13 @@ class LinearDistillFunction(torch.autograd.Function):
         if ctx.reduction == "none":
             plan = ctx.plan
             weights = grad_output.reshape(-1).to(torch.float32)
-            ones = torch.ones((), dtype=torch.float32, device=weights.device)
+            if hasattr(ctx.row_weights, "for_upstream"):  # each row's gradient is its weights' times grad_output
+                weights = ctx.row_weights.for_upstream(weights)
+            ones = torch.ones((), dtype=torch.float32, device=grad_output.device)
             # A ZeRO-3 head, whole in the forward (gathered by the caller), may be partitioned again by now (the
             # teachers' were passed detached: they keep the values they had).
             head = (ctx.heads.student_weight, ctx.heads.student_bias)
-            with torch.autocast(weights.device.type, enabled=False), gathered(*head):
+            with torch.autocast(grad_output.device.type, enabled=False), gathered(*head):
                 _, d_hidden, d_weight, d_bias = run_chunks(ctx.heads, ctx.opts, ones, ctx.wanted, plan.chunk_size,
                                                            plan.rows_kernel, row_weights=weights)
                 d_hidden = plan.rows_kernel.reduce_hidden_grad(d_hidden)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from kdfast.class_weights import check_class_weights
 from kdfast.logit_maps import tempered_map
 from kdfast.loss import logits_loss
 from kdfast.mapped_logits_ce import MappedCrossEntropyFunction
@@ -14,6 +15,7 @@ from kdfast.options import LossOptions
 from kdfast.reduction import returned
 from kdfast.shared_vocab import check_vocab_size
 from kdfast.validation import check_labels, check_logits, check_num_items
+from kdfast.weighted_logits_ce import ClassWeightedCrossEntropyFunction
 
 # The settings a cross-entropy takes; the rest of LossOptions (divergence, temperature, kd_weight, ...) are the
 # teacher's and are refused by name.
@@ -23,8 +25,8 @@ CE_SETTINGS = ("ignore_index", "reduction", "label_smoothing", "z_loss_weight", 
 
 def cross_entropy(logits, labels, *, ignore_index=-100, reduction="mean", num_items_in_batch=None,
                   label_smoothing=0.0, z_loss_weight=0.0, inplace_backward=False, backend="auto",
-                  return_components=False, vocab_size=None, softcap=None, logit_scale=1.0, process_group=None,
-                  vocab_range=None):
+                  return_components=False, vocab_size=None, softcap=None, logit_scale=1.0, class_weights=None,
+                  process_group=None, vocab_range=None):
     """`F.cross_entropy(logits, labels, ignore_index=, label_smoothing=)` for logits [..., V] and labels [...], plus
     `z_loss_weight` times log-sum-exp² (PaLM's z-loss, flash-attn's `lse_square_scale`), float32 statistics whatever
     the logits' dtype. `reduction` "mean" (over the kept labels, or `num_items_in_batch`), "sum" or "none" (per row,
@@ -37,19 +39,35 @@ def cross_entropy(logits, labels, *, ignore_index=-100, reduction="mean", num_it
     `logit_scale` and `softcap`: the CE of softcap * tanh(logit_scale * logits / softcap) (Gemma-2's
     final_logit_softcapping; Liger-Kernel's `softcap`) or of logit_scale * logits, mapped a chunk of rows at a time
     in float32 (kdfast.mapped_logits_ce): no [N, V] tensor beyond the gradient's (none with `inplace_backward`), and
-    the gradient is with respect to the logits before the map. Not over vocab shards."""
+    the gradient is with respect to the logits before the map. Not over vocab shards.
+
+    `class_weights` [V] (`F.cross_entropy`'s `weight`, Liger-Kernel's `weight`): each kept row's CE times its label's
+    weight, label smoothing's uniform target weighted by them, "mean" dividing by the kept rows' label weights (or by
+    `num_items_in_batch`), any sign, all as PyTorch computes them; the z-loss, the entropy and the accuracy stay
+    unweighted (means over the kept rows, Liger-Kernel's z-loss). Weighed after the kernel in place
+    (kdfast.class_weights): no [N, V] tensor added; with label smoothing one more read of the logits. Not over vocab
+    shards."""
     logit_map = tempered_map(logit_scale, softcap)
     opts = _options(logits, labels, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                     z_loss_weight=z_loss_weight, inplace_backward=inplace_backward, backend=backend,
                     return_components=return_components, vocab_size=vocab_size)
+    if class_weights is not None:
+        if process_group is not None or vocab_range is not None:
+            raise ValueError("class_weights are not supported over vocab shards (process_group / vocab_range)")
+        check_class_weights(class_weights, opts.vocab_size or logits.shape[-1], logits.device, opts, labels)
     if logit_map.softcap is not None or logit_map.scale != 1.0:
         if process_group is not None or vocab_range is not None:
             raise ValueError("softcap and logit_scale are not supported over vocab shards (process_group / "
                              "vocab_range): map each shard's logits before the call, or leave them out")
         check_labels(labels, logits, opts)
         check_num_items(num_items_in_batch)
-        return returned(MappedCrossEntropyFunction.apply(logits, labels, num_items_in_batch, opts, logit_map), opts,
-                        labels)
+        return returned(MappedCrossEntropyFunction.apply(logits, labels, num_items_in_batch, opts, logit_map,
+                                                         class_weights), opts, labels)
+    if class_weights is not None:
+        check_labels(labels, logits, opts)
+        check_num_items(num_items_in_batch)
+        return returned(ClassWeightedCrossEntropyFunction.apply(logits, labels, num_items_in_batch, opts,
+                                                                class_weights), opts, labels)
     return logits_loss(logits, logits.detach(), labels, opts, num_items_in_batch=num_items_in_batch,
                        process_group=process_group, vocab_range=vocab_range)
 
@@ -67,9 +85,10 @@ def _options(logits, labels, **settings) -> LossOptions:
 
 class CrossEntropyLoss(torch.nn.Module):
     """`cross_entropy` with its settings fixed at construction: `CrossEntropyLoss(label_smoothing=0.1,
-    inplace_backward=True)`; `forward(logits, labels, num_items_in_batch=None)`."""
+    inplace_backward=True)`; `forward(logits, labels, num_items_in_batch=None)`. `class_weights` is kept as a
+    buffer."""
 
-    def __init__(self, *, process_group=None, vocab_range=None, **settings):
+    def __init__(self, *, class_weights=None, process_group=None, vocab_range=None, **settings):
         super().__init__()
         unknown = sorted(set(settings) - set(CE_SETTINGS))
         if unknown:
@@ -80,10 +99,12 @@ class CrossEntropyLoss(torch.nn.Module):
         LossOptions(kd_weight=0.0, ce_weight=1.0, **{name: value for name, value in settings.items()
                                                       if name not in ("softcap", "logit_scale")})
         self.settings, self.process_group, self.vocab_range = settings, process_group, vocab_range
+        # A buffer, as torch.nn.CrossEntropyLoss keeps its `weight`: `.to(device)` moves it with the module.
+        self.register_buffer("class_weights", class_weights)
 
     def forward(self, logits, labels, num_items_in_batch=None):
         return cross_entropy(logits, labels, num_items_in_batch=num_items_in_batch, process_group=self.process_group,
-                             vocab_range=self.vocab_range, **self.settings)
+                             vocab_range=self.vocab_range, class_weights=self.class_weights, **self.settings)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}={value!r}" for name, value in self.settings.items())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from kdfast import ops
+from kdfast.class_weights import ClassWeightedRows
 from kdfast.kernel_abi import PART_COLUMNS
 from kdfast.logit_maps import LogitMap
 from kdfast.options import LossOptions
@@ -53,11 +54,17 @@ def _chained_(grad: torch.Tensor, logit_map: LogitMap, kept: torch.Tensor) -> to
 
 class MappedCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, num_items_in_batch, opts: LossOptions, logit_map: LogitMap):
+    def forward(ctx, logits, labels, num_items_in_batch, opts: LossOptions, logit_map: LogitMap,
+                class_weights=None):
         lead_shape = logits.shape[:-1]
         batched, copied = as_rows_view(logits)  # [batch, rows, V]
         flat = flat_labels(labels)
         batch, rows, vocab = batched.shape
+        # Per-class weights (kdfast.class_weights) weigh each chunk's parts and gradient after its kernel.
+        weighted = None
+        if class_weights is not None:
+            weighted = ClassWeightedRows(class_weights, flat, opts, num_items_in_batch)
+            num_items_in_batch = weighted.denominator
         scale = reduction_scale(flat, batch * rows, opts, num_items_in_batch, batched.device)
         want_grad = ctx.needs_input_grad[0]
         if not want_grad:
@@ -66,7 +73,8 @@ class MappedCrossEntropyFunction(torch.autograd.Function):
             grad = batched  # the logits' storage (or the copy as_rows_view made): each chunk is read before written
         else:
             grad = torch.empty(batched.shape, dtype=logits.dtype, device=logits.device)
-        settings, step = opts.encoded(), min(chunk_rows(vocab, batched.device), max(rows, 1))
+        settings = (opts if weighted is None else weighted.kernel_options).encoded()
+        step = min(chunk_rows(vocab, batched.device), max(rows, 1))
         # The float32 chunks taken once (a fresh one per chunk costs the CPU its page faults each time); the second
         # only where there is a tanh to keep.
         mapped_rows = torch.empty(step, vocab, dtype=torch.float32, device=batched.device)
@@ -78,9 +86,16 @@ class MappedCrossEntropyFunction(torch.autograd.Function):
                 mapped, kept = mapped_rows[:stop - start], kept_rows[:stop - start]
                 _mapped_chunk_(batched[b, start:stop], logit_map, mapped, kept)
                 chunk_labels = flat[b * rows + start:b * rows + stop] if flat is not None else None
+                flat_rows = slice(b * rows + start, b * rows + stop)
+                if weighted is not None:
+                    weighted.observe(flat_rows, mapped)
                 # The CE reads no teacher (kd_weight is 0): the student's rows stand in, as kdfast.cross_entropy does.
                 parts.append(ops.distill_forward_inplace(mapped.unsqueeze(0), mapped.unsqueeze(0), chunk_labels, scale,
                                                          settings))
+                factors = weighted.of_chunk(flat_rows, parts[-1]) if weighted is not None else None
+                if grad is not None and factors is not None:
+                    mapped.mul_(factors[:, None])
+                    weighted.add_to_gradient_(flat_rows, mapped, scale)
                 if grad is not None:
                     grad[b, start:stop] = _chained_(mapped, logit_map, kept)
         if grad is not None:
@@ -90,4 +105,4 @@ class MappedCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, *summary_grad):
-        return saved_gradient_times(ctx, grad_output), None, None, None, None
+        return saved_gradient_times(ctx, grad_output), None, None, None, None, None

@@ -40,8 +40,9 @@ Cases: Liger's full cartesian products (about 460 cases a backend) take many min
 so each test takes a covering set of Liger's parameter rows: every value of every axis appears, with shapes and
 dtypes rotated among them. Shapes: B and V kept, T cut to 8 (C++ and PyTorch backends; 2 where a 16-bit GEMM or
 the identity head runs, slow on a CPU); under Triton's interpreter (about 30 ms a row) B * T cut to 4 and a
-vocabulary over 4096 to a tenth. Cases without a kdfast counterpart (per-class CE weights, predicted tokens, token
-scaling, accum_dtype, KLDivLoss's log_target=True fed probabilities, TVD's bf16 rows) are not ported.
+vocabulary over 4096 to a tenth. Cases without a kdfast counterpart (predicted tokens, token scaling, accum_dtype,
+KLDivLoss's log_target=True fed probabilities, TVD's bf16 rows) are not ported. Per-class CE weights (Liger's
+`weight` and `ce_weight`) are kdfast's `class_weights` of `kdfast.cross_entropy` and `linear_cross_entropy`.
 """
 
 
@@ -177,10 +178,11 @@ def dev(tensor, device):
 FL_LLAMA = (8, 128, 1024, 4096)  # Liger's fused linear (B, T, H, V)
 
 
-def ce_with_z_loss(logits, labels, reduction, ignore_index, label_smoothing, lse_square_scale):
-    """Liger's CrossEntropyWithZLoss: torch's CE plus lse_square_scale * lse^2 over the kept rows, reduced the same
-    way; returns (total, weighted z-loss)."""
-    ce = F.cross_entropy(logits, labels, reduction=reduction, ignore_index=ignore_index,
+def ce_with_z_loss(logits, labels, reduction, ignore_index, label_smoothing, lse_square_scale, weight=None):
+    """Liger's CrossEntropyWithZLoss: torch's CE (per-class `weight` where given) plus lse_square_scale * lse^2 over
+    the kept rows, reduced the same way (the z-loss unweighted, a mean over the kept rows); returns (total, weighted
+    z-loss)."""
+    ce = F.cross_entropy(logits, labels, weight=weight, reduction=reduction, ignore_index=ignore_index,
                          label_smoothing=label_smoothing)
     keep = labels != ignore_index
     lse2 = torch.where(keep, lse_square_scale * torch.logsumexp(logits, dim=-1) ** 2, 0.0)

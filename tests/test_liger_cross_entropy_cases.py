@@ -25,13 +25,15 @@ def ce_inputs(backend, shape, dtype, scalar=1.0, seed=0):
     return logits, labels, gen
 
 
-def kdfast_ce(x, labels, backend, softcap=None, module=False, **settings):
-    """kdfast's CE alone on logits x: the distillation loss's CE term, or with a softcap kdfast.cross_entropy's
-    (Liger's own API: the cap on the logits inside the loss)."""
-    if softcap is not None:
+def kdfast_ce(x, labels, backend, softcap=None, module=False, class_weights=None, **settings):
+    """kdfast's CE alone on logits x: the distillation loss's CE term, or with a softcap or per-class weights
+    kdfast.cross_entropy's (Liger's own API: the cap on the logits inside the loss, its `weight`)."""
+    if softcap is not None or class_weights is not None:
         if module:
-            return kdfast.CrossEntropyLoss(softcap=softcap, backend=backend, **settings)(x, labels)
-        return kdfast.cross_entropy(x, labels, softcap=softcap, backend=backend, **settings)
+            return kdfast.CrossEntropyLoss(softcap=softcap, backend=backend, class_weights=class_weights,
+                                           **settings)(x, labels)
+        return kdfast.cross_entropy(x, labels, softcap=softcap, backend=backend, class_weights=class_weights,
+                                    **settings)
     settings = dict(kd_weight=0.0, ce_weight=1.0, backend=backend, **settings)
     if module:
         return kdfast.DistillLoss(**settings)(x, x.detach(), labels)
@@ -39,26 +41,28 @@ def kdfast_ce(x, labels, backend, softcap=None, module=False, **settings):
 
 
 def ce_reference(logits, labels, reduction="mean", ignore_index=-100, label_smoothing=0.0, lse_square_scale=0.0,
-                 softcap=None, z_only=False):
+                 softcap=None, z_only=False, weight=None):
     """Liger's references on the logits (upcast; softcapped when there is a cap, as Liger's test writes it)."""
 
     def reference(precision):
         x = as_leaf(logits, precision)
         z = x if softcap is None else softcap * torch.tanh(x / softcap)
-        total, z_loss = ce_with_z_loss(z, labels, reduction, ignore_index, label_smoothing, lse_square_scale)
+        total, z_loss = ce_with_z_loss(z, labels, reduction, ignore_index, label_smoothing, lse_square_scale,
+                                       weight.to(precision) if weight is not None else None)
         return (z_loss if z_only else total), [x]
 
     return reference
 
 
 def _ce_check(backend, logits, labels, dtype, atol, rtol, reduction="mean", ignore_index=-100, label_smoothing=0.0,
-              lse_square_scale=0.0, softcap=None, upstream=None):
+              lse_square_scale=0.0, softcap=None, upstream=None, weight=None):
     device = device_for(backend)
     x = leaf(logits, device)
     out = kdfast_ce(x, labels.to(device), backend, softcap=softcap, reduction=reduction, ignore_index=ignore_index,
-                    label_smoothing=label_smoothing, z_loss_weight=lse_square_scale)
+                    label_smoothing=label_smoothing, z_loss_weight=lse_square_scale,
+                    class_weights=weight.to(device) if weight is not None else None)
     verify(out, [x], ce_reference(logits, labels, reduction, ignore_index, label_smoothing, lse_square_scale,
-                                  softcap), dtype, atol, rtol, upstream)
+                                  softcap, weight=weight), dtype, atol, rtol, upstream)
 
 
 def _z_loss_check(parts, logits, labels, dtype, atol, rtol, **settings):
@@ -174,6 +178,38 @@ def test_cross_entropy_correctness_with_z_loss_with_other_params(backend, label_
     if return_z_loss:
         _z_loss_check(result[1], logits, labels, dtype, atol, rtol, **settings)
     verify(out, [x], ce_reference(logits, labels, **settings), dtype, atol, rtol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction, shape, scalar, dtype, atol, rtol", [
+    ("sum", CE_LLAMA, *CE_FP32), ("mean", CE_ODD, *CE_FP32), ("none", CE_LLAMA, *CE_FP32),
+    ("sum", CE_ODD, *CE_BF16), ("mean", CE_LLAMA, *CE_BF16), ("none", CE_ODD, *CE_BF16)])
+def test_cross_entropy_correctness_with_weight(backend, reduction, shape, scalar, dtype, atol, rtol):
+    """Liger's per-class `weight` (rand(V) in the logits' dtype) against torch's CrossEntropyLoss(weight=)."""
+    logits, labels, gen = ce_inputs(backend, shape, dtype, scalar)
+    weight = torch.rand(logits.shape[-1], generator=gen, dtype=dtype)
+    _ce_check(backend, logits, labels, dtype, atol, rtol, reduction=reduction, weight=weight)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction, ignore_index, lse_square_scale, label_smoothing, softcap, shape, scalar, dtype, "
+                         "atol, rtol", [
+                             ("sum", -100, 1e-4, 0.1, 30.0, CE_LLAMA, *CE_FP32),
+                             ("mean", 42, 1e-5, 0.2, 40.0, CE_ODD, *CE_FP32),
+                             ("none", -100, 1e-4, 0.1, 30.0, CE_ODD, *CE_FP32),
+                             ("sum", 42, 1e-5, 0.2, 40.0, CE_ODD, *CE_BF16),
+                             ("mean", -100, 1e-4, 0.1, 30.0, CE_LLAMA, *CE_BF16),
+                             ("none", 42, 1e-5, 0.2, 40.0, CE_LLAMA, *CE_BF16)])
+def test_cross_entropy_correctness_with_weight_with_other_params(backend, reduction, ignore_index, lse_square_scale,
+                                                                 label_smoothing, softcap, shape, scalar, dtype,
+                                                                 atol, rtol):
+    """Every option with the weights (float32 rand(V)): Liger's CrossEntropyWithZLoss of the softcapped logits, its
+    z-loss unweighted over the kept rows."""
+    logits, labels, gen = ce_inputs(backend, shape, dtype, scalar)
+    weight = torch.rand(logits.shape[-1], generator=gen, dtype=FP32)
+    ignore_some(labels, ignore_index, gen)
+    _ce_check(backend, logits, labels, dtype, atol, rtol, reduction=reduction, ignore_index=ignore_index,
+              label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap, weight=weight)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

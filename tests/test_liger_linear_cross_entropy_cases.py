@@ -30,10 +30,11 @@ import kdfast
 FLCE_ODD = (4, 47, 31, 123)
 FLCE_MEAN_BF16, FLCE_MEAN_FP32 = ("mean", 1.0, BF16, 5e-3, 5e-2), ("mean", 1.0, FP32, 1e-5, 5e-4)
 FLCE_SUM_BF16, FLCE_SUM_FP32 = ("sum", 1.0, BF16, 5e-0, 5e1), ("sum", 1.0, FP32, 1e-3, 5e-2)
-# Liger's two rows: defaults, then every option at once. Its second row also passes per-class CE weights, which
-# kdfast does not have: that one argument is left out.
-FLCE_PLAIN = (0.0, -100, 0.0, None, False)  # label_smoothing, ignore_index, lse_square_scale, softcap, return_z_loss
-FLCE_ALL = (0.1, 42, 1e-4, 30.0, True)
+FLCE_NONE_BF16, FLCE_NONE_FP32 = ("none", 1.0, BF16, 5e-0, 5e1), ("none", 1.0, FP32, 1e-3, 5e-2)
+# Liger's two rows: defaults, then every option at once, per-class CE weights (float32 rand(V)) among them.
+# has_ce_weight, label_smoothing, ignore_index, lse_square_scale, softcap, return_z_loss
+FLCE_PLAIN = (False, 0.0, -100, 0.0, None, False)
+FLCE_ALL = (True, 0.1, 42, 1e-4, 30.0, True)
 
 
 def flce_inputs(backend, shape, dtype, scalar, bias, gen):
@@ -47,7 +48,15 @@ def flce_inputs(backend, shape, dtype, scalar, bias, gen):
     return hidden, weight, bias_, labels
 
 
-def kdfast_flce(x, w, b, labels, backend, softcap=None, module=False, **settings):
+def kdfast_flce(x, w, b, labels, backend, softcap=None, module=False, class_weights=None, **settings):
+    """The fused linear loss's CE term alone, or with per-class weights kdfast.linear_cross_entropy (Liger's
+    `ce_weight`)."""
+    if class_weights is not None:
+        if module:
+            return kdfast.LinearCrossEntropyLoss(softcap=softcap, backend=backend, class_weights=class_weights,
+                                                 **settings)(x, w, labels, bias=b)
+        return kdfast.linear_cross_entropy(x, w, labels, bias=b, softcap=softcap, backend=backend,
+                                           class_weights=class_weights, **settings)
     rows, vocab = x.shape[0], w.shape[0]
     unused_teacher = (torch.zeros(rows, 1, dtype=x.dtype, device=x.device),
                       torch.zeros(vocab, 1, dtype=x.dtype, device=x.device))
@@ -58,15 +67,17 @@ def kdfast_flce(x, w, b, labels, backend, softcap=None, module=False, **settings
 
 
 def flce_reference(hidden, weight, bias, labels, dtype, reduction="mean", ignore_index=-100, label_smoothing=0.0,
-                   lse_square_scale=0.0, softcap=None, z_only=False):
-    """Liger's TorchLMHeadCE: nn.Linear in `dtype`, then float32, the softcap, CrossEntropyWithZLoss."""
+                   lse_square_scale=0.0, softcap=None, z_only=False, ce_weight=None):
+    """Liger's TorchLMHeadCE: nn.Linear in `dtype`, then float32, the softcap, CrossEntropyWithZLoss (`ce_weight`
+    its per-class weights)."""
 
     def reference(precision):
         h, w, b = as_leaf(hidden, precision), as_leaf(weight, precision), as_leaf(bias, precision)
         logits = rounded_head(h, w, b, dtype)
         if softcap:
             logits = softcap * torch.tanh(logits / softcap)
-        total, z_loss = ce_with_z_loss(logits, labels, reduction, ignore_index, label_smoothing, lse_square_scale)
+        total, z_loss = ce_with_z_loss(logits, labels, reduction, ignore_index, label_smoothing, lse_square_scale,
+                                       ce_weight.to(precision) if ce_weight is not None else None)
         return (z_loss if z_only else total), [h, w, b]
 
     return reference
@@ -74,17 +85,19 @@ def flce_reference(hidden, weight, bias, labels, dtype, reduction="mean", ignore
 
 def _flce_case(backend, shape, reduction, scalar, dtype, atol, rtol, bias, case, forward_only):
     device = device_for(backend)
-    label_smoothing, ignore_index, lse_square_scale, softcap, return_z_loss = case
+    has_ce_weight, label_smoothing, ignore_index, lse_square_scale, softcap, return_z_loss = case
     gen = torch.Generator().manual_seed(42)
     hidden, weight, bias_, labels = flce_inputs(backend, shape, dtype, scalar, bias, gen)
+    ce_weight = torch.rand(weight.shape[0], generator=gen) if has_ce_weight else None
     ignore_some(labels, ignore_index, gen)
     settings = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                    lse_square_scale=lse_square_scale, softcap=softcap)
+                    lse_square_scale=lse_square_scale, softcap=softcap, ce_weight=ce_weight)
     x, w, b = leaf(hidden, device), leaf(weight, device), leaf(bias_, device)
     with torch.set_grad_enabled(not forward_only):
         result = kdfast_flce(x, w, b, labels.to(device), backend, softcap=softcap, reduction=reduction,
                              ignore_index=ignore_index, label_smoothing=label_smoothing,
-                             z_loss_weight=lse_square_scale, return_components=return_z_loss)
+                             z_loss_weight=lse_square_scale, return_components=return_z_loss,
+                             class_weights=dev(ce_weight, device))
     out = result[0] if return_z_loss else result
     if return_z_loss:
         z = result[1].z_loss * lse_square_scale
@@ -99,7 +112,8 @@ def _flce_case(backend, shape, reduction, scalar, dtype, atol, rtol, bias, case,
 @pytest.mark.parametrize("reduction, scalar, dtype, atol, rtol, shape, bias, case", [
     (*FLCE_MEAN_BF16, FL_LLAMA, True, FLCE_PLAIN), (*FLCE_MEAN_BF16, FLCE_ODD, False, FLCE_ALL),
     (*FLCE_MEAN_FP32, FLCE_ODD, True, FLCE_PLAIN), (*FLCE_MEAN_FP32, FL_LLAMA, False, FLCE_ALL),
-    (*FLCE_SUM_BF16, FLCE_ODD, True, FLCE_ALL), (*FLCE_SUM_FP32, FL_LLAMA, False, FLCE_PLAIN)])
+    (*FLCE_SUM_BF16, FLCE_ODD, True, FLCE_ALL), (*FLCE_SUM_FP32, FL_LLAMA, False, FLCE_PLAIN),
+    (*FLCE_NONE_FP32, FLCE_ODD, True, FLCE_ALL), (*FLCE_NONE_BF16, FL_LLAMA, False, FLCE_ALL)])
 def test_fused_linear_ce_correctness(backend, reduction, scalar, dtype, atol, rtol, shape, bias, case):
     _flce_case(backend, shape, reduction, scalar, dtype, atol, rtol, bias, case, forward_only=False)
 
@@ -116,12 +130,13 @@ def test_fused_linear_ce_correctness_with_forward_only(backend, reduction, scala
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape, scalar, dtype, atol, rtol, bias", [((2, 2, 8, 8), 1.0, BF16, 5e-3, 5e-2, True),
-                                                                    ((9, 7, 41, 41), 1.0, FP32, 1e-5, 5e-4, False)])
-def test_fused_linear_ce_correctness_functional(backend, shape, scalar, dtype, atol, rtol, bias):
+@pytest.mark.parametrize("shape, scalar, dtype, atol, rtol, bias, ce_weight", [
+    ((2, 2, 8, 8), 1.0, BF16, 5e-3, 5e-2, True, False), ((9, 7, 41, 41), 1.0, FP32, 1e-5, 5e-4, False, False),
+    ((2, 2, 8, 8), 1.0, BF16, 5e-3, 5e-2, False, True), ((9, 7, 41, 41), 1.0, FP32, 1e-5, 5e-4, True, True)])
+def test_fused_linear_ce_correctness_functional(backend, shape, scalar, dtype, atol, rtol, bias, ce_weight):
     """Liger's functional form against its autograd Function (ignore -100, z-loss 1e-4, smoothing 0.1, mean, softcap
-    30, the z-loss returned, a random upstream gradient; ce_weight=None only: kdfast has no class weights); here the
-    function against the module, and the reference."""
+    30, the z-loss returned, a random upstream gradient; per-class weights randn(V), of either sign, or none); here
+    the function against the module, and the reference."""
     device = device_for(backend)
     B, T, H, V = shape
     B, T, V = sized(backend, B, T, V, t_cap=2)
@@ -130,9 +145,11 @@ def test_fused_linear_ce_correctness_functional(backend, shape, scalar, dtype, a
     labels = torch.randint(0, V, (B * T,), generator=gen)
     weight = torch.randn(V, H, generator=gen, dtype=dtype)
     bias_ = torch.randn(V, generator=gen, dtype=dtype) if bias else None
-    settings = dict(reduction="mean", ignore_index=-100, label_smoothing=0.1, lse_square_scale=1e-4, softcap=30.0)
+    class_weights = torch.randn(V, generator=gen) if ce_weight else None
+    settings = dict(reduction="mean", ignore_index=-100, label_smoothing=0.1, lse_square_scale=1e-4, softcap=30.0,
+                    ce_weight=class_weights)
     kd_settings = dict(ignore_index=-100, z_loss_weight=1e-4, label_smoothing=0.1, reduction="mean",
-                       return_components=True)
+                       return_components=True, class_weights=dev(class_weights, device))
     x1, x2 = leaf(hidden, device), leaf(hidden, device)
     w, b = weight.to(device), dev(bias_, device)
     y1, parts1 = kdfast_flce(x1, w, b, labels.to(device), backend, softcap=30.0, module=True, **kd_settings)

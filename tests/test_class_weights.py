@@ -1,0 +1,188 @@
+"""Per-class weights on the cross-entropy (`class_weights` of kdfast.cross_entropy and linear_cross_entropy, PyTorch's
+`weight`): held to torch's F.cross_entropy(weight=) in float64 plus Liger-Kernel's z-loss (unweighted, over the
+kept rows), on the forms Liger's ported cases do not reach: batched and shifted logits, in place, padded
+vocabularies, num_items_in_batch, per-row upstream gradients, the components, the modules, and bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kdfast
+
+V = 53
+
+
+def weighted_ce_reference(logits, labels, class_weights, reduction="mean", label_smoothing=0.0, z_loss_weight=0.0,
+                          num_items_in_batch=None, ignore_index=-100):
+    """torch's weighted CE of [..., V] logits plus z_loss_weight * lse^2 over the kept rows; "mean" over the kept
+    rows' label weights (their count for the z-loss), or both over num_items_in_batch."""
+    flat, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    kept = flat_labels != ignore_index
+    ce = F.cross_entropy(flat, flat_labels, weight=class_weights, ignore_index=ignore_index,
+                         label_smoothing=label_smoothing, reduction="none")
+    z_rows = torch.where(kept, z_loss_weight * torch.logsumexp(flat, -1) ** 2, 0.0)
+    if reduction == "none":
+        return (ce + z_rows).view(labels.shape)
+    if reduction == "sum":
+        return ce.sum() + z_rows.sum()
+    if num_items_in_batch is not None:
+        return (ce.sum() + z_rows.sum()) / num_items_in_batch
+    return ce.sum() / class_weights[flat_labels[kept]].sum() + z_rows.sum() / kept.sum()
+
+
+def _inputs(shape=(3, 11), vocab=V, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(*shape, vocab, generator=gen) * 3).to(dtype)
+    labels = torch.randint(0, vocab, shape, generator=gen)
+    labels.view(-1)[::4] = -100
+    class_weights = torch.rand(vocab, generator=gen) * 2
+    return logits, labels, class_weights
+
+
+def _check(out, reference, leaves, reference_leaves, upstream, atol=2e-6):
+    torch.testing.assert_close(out.double(), reference.detach(), atol=atol, rtol=1e-5)
+    out.backward(upstream.to(out.dtype))
+    reference.backward(upstream.double())
+    for leaf, reference_leaf in zip(leaves, reference_leaves):
+        torch.testing.assert_close(leaf.grad.double(), reference_leaf.grad, atol=atol, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing, z_loss_weight", [(0.0, 0.0), (0.1, 0.0), (0.0, 1e-3), (0.2, 1e-4)])
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_cross_entropy_with_class_weights_matches_torch(backend, reduction, label_smoothing, z_loss_weight,
+                                                        inplace_backward):
+    logits, labels, class_weights = _inputs()
+    x = logits.clone().requires_grad_()
+    out = kdfast.cross_entropy(x * 1.0 if inplace_backward else x, labels, class_weights=class_weights,
+                               reduction=reduction, label_smoothing=label_smoothing, z_loss_weight=z_loss_weight,
+                               inplace_backward=inplace_backward, backend=backend)
+    x64 = logits.double().requires_grad_()
+    reference = weighted_ce_reference(x64, labels, class_weights.double(), reduction, label_smoothing, z_loss_weight)
+    upstream = torch.rand(labels.shape) + 0.5 if reduction == "none" else torch.tensor(1.7)
+    _check(out, reference, [x], [x64], upstream)
+
+
+def test_cross_entropy_with_class_weights_on_shifted_padded_logits_and_num_items():
+    """A causal LM's shifted view (non-contiguous rows), a padded vocabulary (`vocab_size`: the weights cover the
+    shared one; the padding gets no gradient), negative weights, and num_items_in_batch dividing both terms."""
+    logits, labels, class_weights = _inputs(shape=(2, 9), vocab=V + 7, seed=1)
+    class_weights = class_weights[:V] - 0.5
+    labels = labels.clamp(max=V - 1)
+    x = logits.clone().requires_grad_()
+    out = kdfast.cross_entropy(x[:, :-1], labels[:, 1:], class_weights=class_weights, vocab_size=V,
+                               label_smoothing=0.1, z_loss_weight=1e-3, num_items_in_batch=13)
+    x64 = logits.double().requires_grad_()
+    reference = weighted_ce_reference(x64[:, :-1, :V], labels[:, 1:], class_weights.double(), label_smoothing=0.1,
+                                      z_loss_weight=1e-3, num_items_in_batch=13)
+    _check(out, reference, [x], [x64], torch.tensor(0.8))
+    assert x.grad[..., V:].abs().max() == 0 and x.grad[:, -1].abs().max() == 0
+
+
+@pytest.mark.parametrize("softcap", [None, 20.0])
+def test_cross_entropy_with_class_weights_in_bf16_is_as_close_as_torch(softcap):
+    """bf16 logits: the loss in float32 from the rounded logits (torch's bf16 CE was 0.013-0.12 off here), the
+    gradient within two bf16 units of its largest entry (written in bf16, then weighed in place: torch's own bf16
+    gradient was 3.6e-4 to 9.8e-4 off, kdfast's 1.1e-4 to 4.6e-4, at a largest entry of 0.06-0.08)."""
+    logits, labels, class_weights = _inputs(dtype=torch.bfloat16, seed=2)
+    x = logits.clone().requires_grad_()
+    out = kdfast.cross_entropy(x, labels, class_weights=class_weights, label_smoothing=0.1, softcap=softcap)
+    out.backward()
+    x64 = logits.double().requires_grad_()
+    capped = x64 if softcap is None else softcap * torch.tanh(x64 / softcap)
+    reference = weighted_ce_reference(capped, labels, class_weights.double(), label_smoothing=0.1)
+    reference.backward()
+    torch.testing.assert_close(out.double(), reference.detach(), atol=1e-5, rtol=1e-5)
+    assert (x.grad.double() - x64.grad).abs().max() <= 2**-7 * x64.grad.abs().max()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("softcap, logit_scale, bias", [(None, 1.0, False), (30.0, 1.0, True), (None, 0.6, True)])
+def test_linear_cross_entropy_with_class_weights_matches_torch(reduction, softcap, logit_scale, bias):
+    """The fused linear form in chunks of 8 rows: each chunk's parts and gradient weighed before its GEMMs (and for
+    reduction="none" again in the backward's pass, times each row's grad_output)."""
+    gen = torch.Generator().manual_seed(3)
+    hidden, head = torch.randn(2, 13, 16, generator=gen), torch.randn(V, 16, generator=gen) * 0.5
+    head_bias = torch.randn(V, generator=gen) * 0.2 if bias else None
+    labels = torch.randint(0, V, (2, 13), generator=gen)
+    labels[0, ::3] = -100
+    class_weights = torch.randn(V, generator=gen)
+    leaves = [hidden.clone().requires_grad_(), head.clone().requires_grad_()]
+    leaves += [head_bias.clone().requires_grad_()] if bias else []
+    out = kdfast.linear_cross_entropy(leaves[0], leaves[1], labels, bias=leaves[2] if bias else None,
+                                      class_weights=class_weights, reduction=reduction, label_smoothing=0.1,
+                                      z_loss_weight=1e-3, softcap=softcap, logit_scale=logit_scale, chunk_size=8)
+    leaves64 = [leaf.detach().double().requires_grad_() for leaf in leaves]
+    logits = (leaves64[0] @ leaves64[1].T + (leaves64[2] if bias else 0)) * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    reference = weighted_ce_reference(logits, labels, class_weights.double(), reduction, 0.1, 1e-3)
+    upstream = torch.rand(labels.shape, generator=gen) + 0.5 if reduction == "none" else torch.tensor(1.3)
+    _check(out, reference, leaves, leaves64, upstream, atol=1e-5)
+
+
+def test_class_weights_components_weigh_the_ce_alone():
+    """With class weights the CE component is the weighted CE (the loss without its z-loss); the z-loss, the entropy
+    and the accuracy are those of the unweighted loss, as Liger-Kernel keeps its z-loss."""
+    logits, labels, class_weights = _inputs(seed=4)
+    loss, parts = kdfast.cross_entropy(logits, labels, class_weights=class_weights, z_loss_weight=1e-2,
+                                       return_components=True)
+    _, plain = kdfast.cross_entropy(logits, labels, z_loss_weight=1e-2, return_components=True)
+    weighted_ce = weighted_ce_reference(logits.double(), labels, class_weights.double())
+    torch.testing.assert_close(parts.ce.double(), weighted_ce, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(loss, parts.ce + 1e-2 * parts.z_loss)
+    for name in ("z_loss", "entropy", "accuracy"):
+        torch.testing.assert_close(getattr(parts, name), getattr(plain, name), atol=1e-6, rtol=1e-6)
+    hidden, head = torch.randn(33, 8), torch.randn(V, 8)
+    flat_labels = labels.reshape(-1)
+    linear, linear_parts = kdfast.linear_cross_entropy(hidden[:flat_labels.numel()], head, flat_labels,
+                                                       class_weights=class_weights, return_components="per_row")
+    torch.testing.assert_close(linear_parts.ce.sum() / class_weights[flat_labels[flat_labels != -100]].sum(), linear)
+
+
+def test_class_weights_all_zero_give_a_differentiable_zero():
+    """Kept rows whose classes all weigh 0: torch's mean is 0 / 0 = NaN; kdfast's a 0 with a zero gradient."""
+    logits, labels, _ = _inputs(seed=5)
+    x = logits.clone().requires_grad_()
+    loss = kdfast.cross_entropy(x, labels, class_weights=torch.zeros(V))
+    loss.backward()
+    assert loss.item() == 0.0 and x.grad.abs().max().item() == 0.0
+
+
+def test_class_weights_modules_keep_them_as_a_buffer():
+    logits, labels, class_weights = _inputs(seed=6)
+    module = kdfast.CrossEntropyLoss(class_weights=class_weights, label_smoothing=0.1)
+    assert torch.equal(module.state_dict()["class_weights"], class_weights)
+    torch.testing.assert_close(module(logits, labels), kdfast.cross_entropy(logits, labels, class_weights=class_weights,
+                                                                            label_smoothing=0.1))
+    linear = kdfast.LinearCrossEntropyLoss(class_weights=class_weights).to(torch.float64)
+    assert linear.class_weights.dtype == torch.float64
+    hidden, head = torch.randn(33, 8), torch.randn(V, 8)
+    flat_labels = labels.reshape(-1)
+    torch.testing.assert_close(linear(hidden, head, flat_labels),
+                               F.cross_entropy(hidden @ head.T, flat_labels, weight=class_weights))
+
+
+@pytest.mark.parametrize("class_weights, message", [
+    (torch.rand(V + 1), r"class_weights must have shape \[53\]"),
+    (torch.rand(V, 1), r"class_weights must have shape \[53\]"),
+    (torch.ones(V, dtype=torch.int64), "class_weights must be a floating-point tensor"),
+    ([1.0] * V, "class_weights must be a floating-point tensor"),
+    (torch.full((V,), float("nan")), "class_weights must be finite")])
+def test_bad_class_weights_are_refused_by_name(class_weights, message):
+    logits, labels, _ = _inputs(seed=7)
+    with pytest.raises(ValueError, match=message):
+        kdfast.cross_entropy(logits, labels, class_weights=class_weights)
+    with pytest.raises(ValueError, match=message):
+        kdfast.linear_cross_entropy(torch.randn(33, 8), torch.randn(V, 8), labels.reshape(-1),
+                                    class_weights=class_weights)
+
+
+def test_class_weights_over_vocab_shards_are_refused():
+    logits, labels, class_weights = _inputs(seed=8)
+    with pytest.raises(ValueError, match="class_weights are not supported over vocab shards"):
+        kdfast.cross_entropy(logits, labels, class_weights=class_weights, vocab_range=(0, V))
+    with pytest.raises(ValueError, match="class_weights are not supported over vocab shards"):
+        kdfast.linear_cross_entropy(torch.randn(33, 8), torch.randn(V, 8), labels.reshape(-1),
+                                    class_weights=class_weights, vocab_range=(0, V))
