@@ -6,6 +6,7 @@ vocabularies, num_items_in_batch, per-row upstream gradients, the components, th
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import BACKENDS, device_for
 
 import kdfast
 
@@ -44,7 +45,7 @@ def _check(out, reference, leaves, reference_leaves, upstream, atol=2e-6):
     out.backward(upstream.to(out.dtype))
     reference.backward(upstream.double())
     for leaf, reference_leaf in zip(leaves, reference_leaves):
-        torch.testing.assert_close(leaf.grad.double(), reference_leaf.grad, atol=atol, rtol=1e-4)
+        torch.testing.assert_close(leaf.grad.double().cpu(), reference_leaf.grad, atol=atol, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
@@ -62,6 +63,27 @@ def test_cross_entropy_with_class_weights_matches_torch(backend, reduction, labe
     reference = weighted_ce_reference(x64, labels, class_weights.double(), reduction, label_smoothing, z_loss_weight)
     upstream = torch.rand(labels.shape) + 0.5 if reduction == "none" else torch.tensor(1.7)
     _check(out, reference, [x], [x64], upstream)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_class_weights_on_every_backend_and_device(backend):
+    """Both forms with every option at once, on the backend's own device (CUDA and Triton on a GPU): the weighing
+    is torch's ops after each backend's kernel."""
+    device = device_for(backend)
+    logits, labels, class_weights = _inputs(seed=9)
+    settings = dict(class_weights=class_weights.to(device), label_smoothing=0.1, z_loss_weight=1e-3, backend=backend)
+    x = logits.clone().to(device).requires_grad_()
+    out = kdfast.cross_entropy(x * 1.0, labels.to(device), inplace_backward=True, **settings)
+    x64 = logits.double().requires_grad_()
+    _check(out.cpu(), weighted_ce_reference(x64, labels, class_weights.double(), label_smoothing=0.1,
+                                            z_loss_weight=1e-3), [x], [x64], torch.tensor(1.0))
+    hidden, head = torch.randn(labels.numel(), 16), torch.randn(V, 16) * 0.5
+    leaves = [hidden.clone().to(device).requires_grad_(), head.clone().to(device).requires_grad_()]
+    out = kdfast.linear_cross_entropy(*leaves, labels.reshape(-1).to(device), chunk_size=8, **settings)
+    leaves64 = [hidden.double().requires_grad_(), head.double().requires_grad_()]
+    reference = weighted_ce_reference(leaves64[0] @ leaves64[1].T, labels.reshape(-1), class_weights.double(),
+                                      label_smoothing=0.1, z_loss_weight=1e-3)
+    _check(out.cpu(), reference, leaves, leaves64, torch.tensor(1.0), atol=1e-5)
 
 
 def test_cross_entropy_with_class_weights_on_shifted_padded_logits_and_num_items():

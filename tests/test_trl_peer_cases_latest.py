@@ -41,7 +41,7 @@ routes a VLM's teachers over every sequence rather than refusing it); and test_t
 `teacher_id` column with two teachers, which kdfast answers by design with their mixture, 1/M each (README, "Several
 teachers at once").
 tests/distributed/test_distillation_trainer_multi_teacher.py (two gloo ranks against one process, a DTensor student
-head with unequal teacher groups per rank) is what tests/trainer_sharded_cases.py's trl_distillation_case runs on
+head with unequal teacher groups per rank) is what tests/trainer_sharded_trl_cases.py's trl_distillation_case runs on
 kdfast's trainer already (two routed teachers, a rank without the second's rows, under FSDP2 and ZeRO-3 on two gloo
 ranks, each step's loss, gradients and parameters against an unsharded student and TRL's float64 loss).
 
