@@ -85,8 +85,9 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                  and name not in ("bias", "num_items_in_batch", "class_weights")]
         unknown = sorted(set(settings) - set(known))
         if unknown:
-            raise TypeError(f"LinearCrossEntropyLoss got unknown setting(s) {unknown}; the settings are {known} (a "
-                            f"teacher's settings belong to kdfast.LinearDistillLoss)")
+            raise TypeError(f"LinearCrossEntropyLoss got unknown setting(s) {unknown}; the settings are "
+                            f"{[*known, 'class_weights']} (Liger's `ce_weight` is `class_weights` here; a teacher's "
+                            f"settings belong to kdfast.LinearDistillLoss)")
         # Validated now, so a bad setting fails where the module is built rather than at the first step.
         loss_settings = {name: settings[name] for name in _LOSS_SETTINGS if name in settings}
         LossOptions(kd_weight=0.0, ce_weight=1.0, **loss_settings)

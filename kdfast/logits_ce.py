@@ -93,7 +93,8 @@ class CrossEntropyLoss(torch.nn.Module):
         unknown = sorted(set(settings) - set(CE_SETTINGS))
         if unknown:
             raise TypeError(f"CrossEntropyLoss got unknown setting(s) {unknown}; the settings are "
-                            f"{list(CE_SETTINGS)} (a teacher's settings belong to kdfast.DistillLoss)")
+                            f"{[*CE_SETTINGS, 'class_weights']} (torch's `weight` is `class_weights` here; a teacher's "
+                            f"settings belong to kdfast.DistillLoss)")
         # Validated now, so a bad setting fails where the module is built rather than at the first step.
         tempered_map(settings.get("logit_scale", 1.0), settings.get("softcap"))
         LossOptions(kd_weight=0.0, ce_weight=1.0, **{name: value for name, value in settings.items()

@@ -208,3 +208,11 @@ def test_class_weights_over_vocab_shards_are_refused():
     with pytest.raises(ValueError, match="class_weights are not supported over vocab shards"):
         kdfast.linear_cross_entropy(torch.randn(33, 8), torch.randn(V, 8), labels.reshape(-1),
                                     class_weights=class_weights, vocab_range=(0, V))
+
+
+def test_modules_name_class_weights_for_the_peers_keywords():
+    """torch's `weight` and Liger's `ce_weight` passed to the modules: the error says what kdfast calls them."""
+    with pytest.raises(TypeError, match="torch's `weight` is `class_weights` here"):
+        kdfast.CrossEntropyLoss(weight=torch.ones(V))
+    with pytest.raises(TypeError, match="Liger's `ce_weight` is `class_weights` here"):
+        kdfast.LinearCrossEntropyLoss(ce_weight=torch.ones(V))
