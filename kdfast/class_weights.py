@@ -28,7 +28,8 @@ DOT_SLICE_BYTES = 16 * 2**20
 
 
 def check_class_weights(class_weights, vocab: int, device, opts: LossOptions, labels) -> None:
-    """None, or finite floats [vocab] on the logits' device (any sign, as PyTorch and Liger-Kernel take them)."""
+    """None, or floats [vocab] on the logits' device, finite (read on the CPU), of any sign (as PyTorch and
+    Liger-Kernel take them)."""
     if class_weights is None:
         return
     if not isinstance(class_weights, torch.Tensor) or not class_weights.is_floating_point():
@@ -43,8 +44,10 @@ def check_class_weights(class_weights, vocab: int, device, opts: LossOptions, la
         raise ValueError(f"class_weights must be on {device} (the logits' device), got {class_weights.device}")
     if labels is None:
         raise ValueError("class_weights weigh each row by its label's class: labels are needed")
-    # A host sync, left out of a compiled graph (where it would be a data-dependent branch).
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(class_weights).all()):
+    # Read where it costs no device sync (the loss keeps none: on a GPU a NaN weight shows as a NaN loss) and outside
+    # a compiled graph (where it would be a data-dependent branch).
+    on_host = class_weights.device.type == "cpu" and not torch.compiler.is_compiling()
+    if on_host and not bool(torch.isfinite(class_weights).all()):
         raise ValueError("class_weights must be finite; found NaN or inf")
 
 
