@@ -27,8 +27,8 @@ from kdfast.options import LossOptions
 DOT_SLICE_BYTES = 16 * 2**20
 
 
-def check_class_weights(class_weights, vocab: int, device, opts: LossOptions, labels) -> None:
-    """None, or floats [vocab] on the logits' device, finite (read on the CPU), of any sign (as PyTorch and
+def check_class_weights(class_weights, vocab: int, device=None) -> None:
+    """None, or floats [vocab] (on `device` where given), finite (read on the CPU), of any sign (as PyTorch and
     Liger-Kernel take them)."""
     if class_weights is None:
         return
@@ -40,10 +40,8 @@ def check_class_weights(class_weights, vocab: int, device, opts: LossOptions, la
     if tuple(class_weights.shape) != (vocab,):
         raise ValueError(f"class_weights must have shape [{vocab}] (one weight per class of the vocabulary), got "
                          f"{list(class_weights.shape)}")
-    if class_weights.device != device:
+    if device is not None and class_weights.device != device:
         raise ValueError(f"class_weights must be on {device} (the logits' device), got {class_weights.device}")
-    if labels is None:
-        raise ValueError("class_weights weigh each row by its label's class: labels are needed")
     # Read where it costs no device sync (the loss keeps none: on a GPU a NaN weight shows as a NaN loss) and outside
     # a compiled graph (where it would be a data-dependent branch).
     on_host = class_weights.device.type == "cpu" and not torch.compiler.is_compiling()

@@ -61,7 +61,7 @@ def _class_weighted(hidden, weight, labels, class_weights, opts: LossOptions, *,
     lead_shape = tuple(hidden.shape[:-1])
     check_labels_for(labels, lead_shape, weight.shape[0], hidden.device, opts, "the hidden states")
     check_num_items(num_items_in_batch)
-    check_class_weights(class_weights, weight.shape[0], hidden.device, opts, labels)
+    check_class_weights(class_weights, weight.shape[0], hidden.device)
     weighted = ClassWeightedRows(class_weights, flat_labels(labels), opts, num_items_in_batch)
     plan = ChunkPlan(student_map, chunk_size, device_rows(opts, hidden.device), fp32_logits)
     # Per row (reduction="none") the backward runs the chunks again, the rows weighed again times their grad_output.

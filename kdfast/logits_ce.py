@@ -54,7 +54,7 @@ def cross_entropy(logits, labels, *, ignore_index=-100, reduction="mean", num_it
     if class_weights is not None:
         if process_group is not None or vocab_range is not None:
             raise ValueError("class_weights are not supported over vocab shards (process_group / vocab_range)")
-        check_class_weights(class_weights, opts.vocab_size or logits.shape[-1], logits.device, opts, labels)
+        check_class_weights(class_weights, opts.vocab_size or logits.shape[-1], logits.device)
     if logit_map.softcap is not None or logit_map.scale != 1.0:
         if process_group is not None or vocab_range is not None:
             raise ValueError("softcap and logit_scale are not supported over vocab shards (process_group / "

@@ -268,6 +268,21 @@ def test_settings_reach_the_loss():
     torch.testing.assert_close(smoothed, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_class_weights_reach_the_loss():
+    """Per-class weights on a patched model's loss: torch's weighted CE of its own logits; refused by name when of
+    the wrong size, where the patch is made."""
+    model = tiny_llama().train()
+    batch = token_batch()
+    weights = torch.rand(VOCAB, generator=torch.Generator().manual_seed(3)) + 0.5
+    weighted = patch_causal_lm(copy.deepcopy(model), class_weights=weights, label_smoothing=0.1)(**batch).loss
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), batch["labels"][:, 1:].reshape(-1),
+                                                 weight=weights, label_smoothing=0.1)
+    torch.testing.assert_close(weighted, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=rf"class_weights must have shape \[{VOCAB}\]"):
+        patch_causal_lm(copy.deepcopy(model), class_weights=torch.ones(VOCAB + 1))
+
+
 @pytest.mark.parametrize("where", ["setting", "call"])
 def test_ignore_index_from_the_setting_or_the_call(where):
     """`ignore_index` fixed by the patch, or passed to the call as ForCausalLMLoss takes it: labels equal to it (and

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from kdfast.class_weights import check_class_weights
 from kdfast.integrations.causal_lm import head_settings, output_head
 from kdfast.integrations.sharding import whole_head
 from kdfast.linear_ce import LinearCrossEntropyLoss, linear_cross_entropy
@@ -23,7 +24,7 @@ _PROBE = (0.75, 3.0)  # logits the head hands back in its place: exact in every 
 
 def patch_causal_lm(model, enabled: bool = True, *, training_only: bool = True, ignore_index: int | None = None,
                     label_smoothing: float = 0.0, z_loss_weight: float = 0.0, chunk_size="auto",
-                    fp32_logits: bool = False, backend: str = "auto"):
+                    fp32_logits: bool = False, backend: str = "auto", class_weights=None):
     """Computes `model`'s loss with `kdfast.linear_cross_entropy` whenever it is called with `labels` while training
     (`training_only=False`: in eval mode too); otherwise its forward is untouched. The fused call returns the
     model's own output with `loss` set and `logits=None`. The cross-entropy takes what the model hands its
@@ -31,8 +32,10 @@ def patch_causal_lm(model, enabled: bool = True, *, training_only: bool = True, 
     `transformers.Trainer` passes, `ignore_index`), each model family's logit scale and final softcap are applied as
     the model applies them, and what the model adds to its loss is added. `ignore_index` None: the call's own, else
     -100 (ForCausalLMLoss's); the other settings are `linear_cross_entropy`'s (the reduction is the model loss's
-    own). A PEFT model is patched at its base model (the head must not carry an adapter). Returns `model`;
-    `patch_causal_lm(model, False)` restores it. A deep copy of a patched model is patched too."""
+    own). `class_weights` [V] weigh each label's class as `F.cross_entropy(weight=)` does (kept as given, taken to
+    the hidden states' device at each call). A PEFT model is patched at its base model (the head must not carry an
+    adapter). Returns `model`; `patch_causal_lm(model, False)` restores it. A deep copy of a patched model is patched
+    too."""
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
     settings = dict(label_smoothing=label_smoothing, z_loss_weight=z_loss_weight, chunk_size=chunk_size,
                     fp32_logits=fp32_logits, backend=backend)
@@ -46,6 +49,9 @@ def patch_causal_lm(model, enabled: bool = True, *, training_only: bool = True, 
     head = output_head(target)
     _check_loss_function(target)
     LinearCrossEntropyLoss(**settings)
+    if class_weights is not None:
+        check_class_weights(class_weights, head.weight.shape[0])
+        settings["class_weights"] = class_weights
     # Each installed once, here: a module's forward assigned inside a torch.compile'd forward is a side effect dynamo
     # does not replay.
     target.forward = _FusedLossForward(target, training_only, settings)
@@ -167,10 +173,13 @@ def _fused_forward(target, original, args, kwargs, settings):
         # ForCausalLMLoss's shift: position i predicts label i + 1, the last position nothing.
         shift_labels = torch.nn.functional.pad(call["labels"], (0, 1), value=ignore_index)[..., 1:]
     head = head_recorder.head
+    class_weights = settings.get("class_weights")
+    if class_weights is not None:  # the model may have moved since it was patched
+        class_weights = class_weights.to(hidden.device)
     with whole_head(target, head):
         loss = linear_cross_entropy(hidden, head.weight, shift_labels.to(hidden.device), bias=head.bias, **head_map,
                                     num_items_in_batch=call.get("num_items_in_batch"),
-                                    **{**settings, "ignore_index": ignore_index})
+                                    **{**settings, "ignore_index": ignore_index, "class_weights": class_weights})
     # The model's own terms (a router loss), added to the 0 its loss function returned.
     loss = loss + output.loss.to(loss.device)
     fields = {key: value for key, value in output.items() if key not in ("loss", "logits")}
