@@ -8,11 +8,13 @@ and an in-place pass over the logits, which reads and writes the same lines as a
 2048 x 32000 fp32; --full adds torch.compile (a minute's compile on the CPU), rounds and the memory. CUDA: 8192 x
 128256 bf16 with triton.testing.do_bench; there the floor is the copy. --softcap C: the CE of Gemma-2's capped logits
 C * tanh(logits / C), the cap written in torch before the loss (eager, compiled), inside it (kdfast, Liger).
---class-weights: per-class weights rand(V) (torch's `weight`, kdfast's `class_weights`).
+--class-weights: per-class weights rand(V) (torch's `weight`, kdfast's `class_weights`). --token-scaling dft: each
+token's loss times its label's detached probability (TRL's SFT `loss_type="dft"`), in eager PyTorch a second,
+gradient-free CE for the factors, as a training loop writes it.
 
     python benchmarks/bench_cross_entropy.py [--full] [--tokens N --vocab V --dtype fp32 --label-smoothing 0.1
-                                              --z-loss-weight 1e-4 --softcap 30 --class-weights --repeats R
-                                              --compile]
+                                              --z-loss-weight 1e-4 --softcap 30 --class-weights --token-scaling dft
+                                              --repeats R --compile]
 """
 
 from __future__ import annotations
@@ -42,17 +44,27 @@ FULL_SETTINGS = {} if torch.cuda.is_available() else {"compile": True, "repeats"
 
 
 def eager_cross_entropy(logits, labels, label_smoothing, z_loss_weight, softcap=None, class_weights=None,
-                        dtype=torch.float32):
+                        token_scaling=None, dtype=torch.float32):
     """What a training loop writes: torch's CE on float32 logits (capped first where there is a softcap, as Gemma-2's
-    forward caps them; per-class weights where given), PaLM's z-loss over the kept rows beside it."""
+    forward caps them; per-class weights where given), PaLM's z-loss over the kept rows beside it; with a token
+    scaling, both per row times p(label), from a CE without a gradient."""
     logits = logits.to(dtype)
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     weight = class_weights.to(dtype) if class_weights is not None else None
-    loss = F.cross_entropy(logits, labels, weight=weight, label_smoothing=label_smoothing)
+    kept = labels != -100
+    if token_scaling is None:
+        loss = F.cross_entropy(logits, labels, weight=weight, label_smoothing=label_smoothing)
+        scales = torch.ones(())
+    else:
+        with torch.no_grad():
+            scales = torch.exp(-F.cross_entropy(logits, labels, reduction="none"))
+        rows = F.cross_entropy(logits, labels, weight=weight, label_smoothing=label_smoothing, reduction="none")
+        denominator = kept.sum() if weight is None else weight[labels[kept]].sum()
+        loss = (rows * scales).sum() / denominator
     if z_loss_weight:
-        kept = labels != -100
-        loss = loss + z_loss_weight * (torch.logsumexp(logits, -1)[kept] ** 2).sum() / kept.sum().clamp(min=1)
+        z_rows = torch.logsumexp(logits, -1) ** 2 * scales
+        loss = loss + z_loss_weight * z_rows[kept].sum() / kept.sum().clamp(min=1)
     return loss
 
 
@@ -70,7 +82,8 @@ def contenders(logits, labels, settings: dict, compile_model: bool) -> dict:
     if compile_model:
         compiled = torch.compile(eager)
         methods["torch.compile"] = lambda: fwd_bwd(compiled, logits)
-    liger = liger_loss(settings) if logits.is_cuda else None
+    # Liger's token scaling is its fused linear CE's alone.
+    liger = liger_loss(settings) if logits.is_cuda and settings["token_scaling"] is None else None
     if liger is not None:
         methods["Liger CrossEntropyLoss"] = lambda: fwd_bwd(lambda x: liger(x, labels), logits)
     methods["kdfast (fresh gradient)"] = lambda: fwd_bwd(lambda x: kdfast.cross_entropy(x, labels, **settings), logits)
@@ -112,7 +125,8 @@ def make_inputs(args, device):
     labels[::50] = -100  # padding rows, as a batch has
     class_weights = torch.rand(args.vocab, generator=generator).to(device) if args.class_weights else None
     return logits, labels.to(device), dict(label_smoothing=args.label_smoothing, z_loss_weight=args.z_loss_weight,
-                                           softcap=args.softcap, class_weights=class_weights)
+                                           softcap=args.softcap, class_weights=class_weights,
+                                           token_scaling=args.token_scaling)
 
 
 def memory_contender(settings: dict, name: str):
@@ -158,7 +172,9 @@ def run(args) -> list[dict]:
 def report(console, rows, env, args):
     console.print(speed_table(f"cross-entropy fwd+bwd, {args.tokens} x {args.vocab} {args.dtype}, label_smoothing="
                               f"{args.label_smoothing}, z_loss_weight={args.z_loss_weight}, softcap={args.softcap}"
-                              f"{', class weights' if args.class_weights else ''} on {env['device']}", rows))
+                              f"{', class weights' if args.class_weights else ''}"
+                              f"{f', token scaling {args.token_scaling}' if args.token_scaling else ''} on "
+                              f"{env['device']}", rows))
     console.print(f"copy floor {rows[0]['floor_ms']:.1f} ms (copy bandwidth {rows[0]['copy_bandwidth_gbs']:.1f} "
                   f"GB/s), memory floor {rows[0]['memory_floor_ms']:.1f} ms; medians of {args.repeats}; torch "
                   f"{env['torch']}, {env['threads']} threads, THP_MEM_ALLOC_ENABLE={env['thp_mem_alloc']}")
@@ -171,6 +187,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--softcap", type=float, default=None, help="Gemma-2's final_logit_softcapping (e.g. 30)")
     parser.add_argument("--class-weights", action="store_true",
                         help="per-class weights rand(V): torch's `weight`, kdfast's `class_weights`")
+    parser.add_argument("--token-scaling", choices=["dft"], default=None,
+                        help="each token's loss times its label's detached probability (DFT: TRL's SFT loss_type)")
     parser.add_argument("--repeats", type=int, default=7 if torch.cuda.is_available() else 5)
     add_compile_option(parser)
     add_memory_option(parser)

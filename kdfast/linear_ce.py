@@ -8,13 +8,14 @@ import inspect
 
 import torch
 
-from kdfast.class_weights import ClassWeightedRows, check_class_weights
+from kdfast.class_weights import check_class_weights
 from kdfast.dispatch import device_rows
 from kdfast.linear_function import ChunkPlan
 from kdfast.linear_loss import apply_linear, fused_linear_loss
 from kdfast.logit_maps import _check_scale, tempered_map
 from kdfast.options import LossOptions
 from kdfast.shared_vocab import heads_cut_to_vocab
+from kdfast.token_scaling import check_token_scaling, weighed_rows
 from kdfast.validation import check_chunk_settings, check_labels_for, check_linear_student, check_num_items
 from kdfast.views import flat_labels
 
@@ -22,15 +23,17 @@ from kdfast.views import flat_labels
 def linear_cross_entropy(hidden, weight, labels, *, bias=None, softcap=None, logit_scale=1.0, ignore_index=-100,
                          reduction="mean", num_items_in_batch=None, label_smoothing=0.0, z_loss_weight=0.0,
                          chunk_size="auto", fp32_logits=False, backend="auto", return_components=False,
-                         vocab_size=None, class_weights=None, process_group=None, vocab_range=None,
-                         reduce_hidden_grad=True):
+                         vocab_size=None, class_weights=None, token_scaling=None, process_group=None,
+                         vocab_range=None, reduce_hidden_grad=True):
     """`F.cross_entropy(softcap(logit_scale * (hidden @ weight.T + bias)), labels)` for hidden states [..., H], a head
     [V, H] (+ bias [V]) and labels [...] (`ignore_index`: no loss, no gradient), computed `chunk_size` tokens at a
     time: no [N, V] logits. `reduction` "mean" (over the kept labels, or `num_items_in_batch`), "sum" or "none";
     `label_smoothing` and `z_loss_weight` (times log-sum-exp², PaLM's) as `distill_loss` takes them. Gradients flow
     to hidden, weight and bias; the other settings are `linear_distill_loss`'s (`fp32_logits`, vocab parallelism).
     `class_weights` [V] as `kdfast.cross_entropy` takes them (Liger-Kernel's fused linear CE's `ce_weight`), weighed
-    in each chunk before its gradient GEMMs; not over vocab shards."""
+    in each chunk before its gradient GEMMs; `token_scaling="dft"` as `kdfast.cross_entropy` takes it (Liger-Kernel's
+    `use_token_scaling=True`, TRL's SFT `loss_type="dft"`): each row's loss and gradient times its label's detached
+    probability, read from the chunk's kernel. Neither over vocab shards."""
     # In this function's names (fused_linear_loss checks the same as the student's).
     check_linear_student(hidden, weight, bias, softcap, chunk_size, fp32_logits, prefix="")
     _check_scale("logit_scale", logit_scale)
@@ -40,12 +43,14 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, softcap=None, log
     opts = LossOptions(kd_weight=0.0, ce_weight=1.0, ignore_index=ignore_index, reduction=reduction, backend=backend,
                        return_components=return_components, vocab_size=vocab_size, label_smoothing=label_smoothing,
                        z_loss_weight=z_loss_weight)
-    if class_weights is not None:
+    check_token_scaling(token_scaling)
+    if class_weights is not None or token_scaling is not None:
         if process_group is not None or vocab_range is not None:
-            raise ValueError("class_weights are not supported over vocab shards (process_group / vocab_range)")
-        return _class_weighted(hidden, weight, labels, class_weights, opts, bias=bias,
-                               student_map=tempered_map(logit_scale, softcap), chunk_size=chunk_size,
-                               fp32_logits=fp32_logits, num_items_in_batch=num_items_in_batch)
+            raise ValueError("class_weights and token_scaling are not supported over vocab shards (process_group / "
+                             "vocab_range)")
+        return _weighed(hidden, weight, labels, class_weights, token_scaling, opts, bias=bias,
+                        student_map=tempered_map(logit_scale, softcap), chunk_size=chunk_size,
+                        fp32_logits=fp32_logits, num_items_in_batch=num_items_in_batch)
     return fused_linear_loss(hidden, weight, None, None, labels, opts, student_bias=bias, softcap=softcap,
                              student_logit_scale=logit_scale, chunk_size=chunk_size, fp32_logits=fp32_logits,
                              num_items_in_batch=num_items_in_batch, process_group=process_group,
@@ -53,16 +58,18 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, softcap=None, log
 
 
 
-def _class_weighted(hidden, weight, labels, class_weights, opts: LossOptions, *, bias, student_map, chunk_size,
-                    fp32_logits, num_items_in_batch):
-    """`linear_cross_entropy` with per-class weights: the chunks' kernel without smoothing, each chunk's parts and
-    gradient weighed (kdfast.class_weights) before its gradient GEMMs, "mean" over the weighted denominator."""
+def _weighed(hidden, weight, labels, class_weights, token_scaling, opts: LossOptions, *, bias, student_map, chunk_size,
+             fp32_logits, num_items_in_batch):
+    """`linear_cross_entropy` with per-class weights and / or a token scaling: the chunks' kernel without smoothing,
+    each chunk's parts and gradient weighed (kdfast.class_weights, kdfast.token_scaling) before its gradient GEMMs,
+    "mean" over the weighted denominator."""
     weight, bias, _, _ = heads_cut_to_vocab(opts, None, weight, bias, None, None)
     lead_shape = tuple(hidden.shape[:-1])
     check_labels_for(labels, lead_shape, weight.shape[0], hidden.device, opts, "the hidden states")
     check_num_items(num_items_in_batch)
     check_class_weights(class_weights, weight.shape[0], hidden.device)
-    weighted = ClassWeightedRows(class_weights, flat_labels(labels), opts, num_items_in_batch)
+    weighted = weighed_rows(class_weights, token_scaling, flat_labels(labels), opts, num_items_in_batch,
+                            weight.shape[0])
     plan = ChunkPlan(student_map, chunk_size, device_rows(opts, hidden.device), fp32_logits)
     # Per row (reduction="none") the backward runs the chunks again, the rows weighed again times their grad_output.
     return apply_linear(hidden, weight, bias, labels, weighted.denominator, opts, plan, None, weighted)
@@ -86,8 +93,10 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         unknown = sorted(set(settings) - set(known))
         if unknown:
             raise TypeError(f"LinearCrossEntropyLoss got unknown setting(s) {unknown}; the settings are "
-                            f"{[*known, 'class_weights']} (Liger's `ce_weight` is `class_weights` here; a teacher's "
-                            f"settings belong to kdfast.LinearDistillLoss)")
+                            f"{[*known, 'class_weights']} (Liger's `ce_weight` is `class_weights` here, its "
+                            f"`use_token_scaling=True` is `token_scaling='dft'`; a teacher's settings belong to "
+                            f"kdfast.LinearDistillLoss)")
+        check_token_scaling(settings.get("token_scaling"))
         # Validated now, so a bad setting fails where the module is built rather than at the first step.
         loss_settings = {name: settings[name] for name in _LOSS_SETTINGS if name in settings}
         LossOptions(kd_weight=0.0, ce_weight=1.0, **loss_settings)

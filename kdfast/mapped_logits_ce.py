@@ -13,12 +13,12 @@ from __future__ import annotations
 import torch
 
 from kdfast import ops
-from kdfast.class_weights import ClassWeightedRows
 from kdfast.kernel_abi import PART_COLUMNS
 from kdfast.logit_maps import LogitMap
 from kdfast.options import LossOptions
 from kdfast.reduction import reduced_outputs, reduction_scale
 from kdfast.saved_gradient import saved_gradient_times
+from kdfast.token_scaling import weighed_rows
 from kdfast.views import as_rows_view, flat_labels
 
 # Bytes the (at most) two float32 chunks may take together. On the CPU small enough that the map's passes over a chunk
@@ -55,15 +55,15 @@ def _chained_(grad: torch.Tensor, logit_map: LogitMap, kept: torch.Tensor) -> to
 class MappedCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, num_items_in_batch, opts: LossOptions, logit_map: LogitMap,
-                class_weights=None):
+                class_weights=None, token_scaling=None):
         lead_shape = logits.shape[:-1]
         batched, copied = as_rows_view(logits)  # [batch, rows, V]
         flat = flat_labels(labels)
         batch, rows, vocab = batched.shape
-        # Per-class weights (kdfast.class_weights) weigh each chunk's parts and gradient after its kernel.
-        weighted = None
-        if class_weights is not None:
-            weighted = ClassWeightedRows(class_weights, flat, opts, num_items_in_batch)
+        # Per-class weights and token scalings (kdfast.token_scaling) weigh each chunk's parts and gradient after its
+        # kernel.
+        weighted = weighed_rows(class_weights, token_scaling, flat, opts, num_items_in_batch, opts.vocab_size or vocab)
+        if weighted is not None:
             num_items_in_batch = weighted.denominator
         scale = reduction_scale(flat, batch * rows, opts, num_items_in_batch, batched.device)
         want_grad = ctx.needs_input_grad[0]
@@ -105,4 +105,4 @@ class MappedCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, *summary_grad):
-        return saved_gradient_times(ctx, grad_output), None, None, None, None, None
+        return saved_gradient_times(ctx, grad_output), None, None, None, None, None, None

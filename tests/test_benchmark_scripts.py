@@ -56,15 +56,16 @@ def test_bench_logits_smoke(tmp_path):
 
 def test_bench_cross_entropy_smoke(tmp_path):
     _run(tmp_path, "benchmarks/bench_cross_entropy.py", "--tokens", "256", "--vocab", "4000", "--repeats", "1",
-         "--no-compile", "--memory", "--label-smoothing", "0.1", "--z-loss-weight", "1e-4", "--class-weights")
+         "--no-compile", "--memory", "--label-smoothing", "0.1", "--z-loss-weight", "1e-4", "--class-weights",
+         "--token-scaling", "dft")
     rows = {r["method"]: r for r in csv.DictReader(next(tmp_path.glob("bench_cross_entropy_*.csv")).open())}
     assert set(rows) == {"torch eager", "kdfast (fresh gradient)", "kdfast (inplace_backward)"}
-    assert all(row["class_weights"] == "True" for row in rows.values())
+    assert all(row["class_weights"] == "True" and row["token_scaling"] == "dft" for row in rows.values())
     assert all(_floors_agree(row) for row in rows.values())
-    # The fresh gradient is one [256, 4000] float32 tensor (4 MB); in place there is none (the class weights are
-    # weighed over the gradient in place, their rows' factors [256] apart). Linux keeps a process's
-    # resident-set count per CPU and folds it in by batches, so its high-water mark may miss some pages of the last
-    # ones touched (3.58-3.75 MiB measured for the 3.91 MiB gradient, 2 CPUs): half a MiB of slack.
+    # The fresh gradient is one [256, 4000] float32 tensor (4 MB); in place there is none (the class weights and
+    # the token scaling are weighed over the gradient in place, their rows' factors [256] apart). Linux keeps a
+    # process's resident-set count per CPU and folds it in by batches, so its high-water mark may miss some pages of
+    # the last ones touched (3.58-3.75 MiB measured for the 3.91 MiB gradient, 2 CPUs): half a MiB of slack.
     gradient = 256 * 4000 * 4
     assert int(rows["kdfast (fresh gradient)"]["extra_peak_bytes"]) >= gradient - 2**19
     assert int(rows["kdfast (inplace_backward)"]["extra_peak_bytes"]) < gradient // 4

@@ -203,9 +203,9 @@ def test_bad_class_weights_are_refused_by_name(class_weights, message):
 
 def test_class_weights_over_vocab_shards_are_refused():
     logits, labels, class_weights = _inputs(seed=8)
-    with pytest.raises(ValueError, match="class_weights are not supported over vocab shards"):
+    with pytest.raises(ValueError, match="class_weights and token_scaling are not supported over vocab shards"):
         kdfast.cross_entropy(logits, labels, class_weights=class_weights, vocab_range=(0, V))
-    with pytest.raises(ValueError, match="class_weights are not supported over vocab shards"):
+    with pytest.raises(ValueError, match="class_weights and token_scaling are not supported over vocab shards"):
         kdfast.linear_cross_entropy(torch.randn(33, 8), torch.randn(V, 8), labels.reshape(-1),
                                     class_weights=class_weights, vocab_range=(0, V))
 

@@ -283,6 +283,25 @@ def test_class_weights_reach_the_loss():
         patch_causal_lm(copy.deepcopy(model), class_weights=torch.ones(VOCAB + 1))
 
 
+
+def test_token_scaling_reaches_the_loss():
+    """`token_scaling="dft"` on a patched model's loss and gradient: TRL's SFT DFT loss of its own logits (each
+    token's -log p times p detached, over the kept tokens); refused by name when unknown, where the patch is made."""
+    model = tiny_llama().train()
+    batch = token_batch()
+    patched = patch_causal_lm(copy.deepcopy(model), token_scaling="dft")
+    patched(**batch).loss.backward()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    kept = labels != -100
+    log_probs = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0] * kept
+    expected = (-log_probs * log_probs.exp().detach()).sum() / kept.sum()
+    expected.backward()
+    torch.testing.assert_close(patched(**batch).loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(patched.lm_head.weight.grad, model.lm_head.weight.grad, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="token_scaling must be None or one of"):
+        patch_causal_lm(copy.deepcopy(model), token_scaling="DFT")
+
 @pytest.mark.parametrize("where", ["setting", "call"])
 def test_ignore_index_from_the_setting_or_the_call(where):
     """`ignore_index` fixed by the patch, or passed to the call as ForCausalLMLoss takes it: labels equal to it (and

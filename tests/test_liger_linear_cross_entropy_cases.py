@@ -1,5 +1,6 @@
 """Liger-Kernel's fused linear cross-entropy cases (test/transformers/test_fused_linear_cross_entropy.py) on kdfast's
-fused linear CE term, every backend; how Liger's settings map onto kdfast's is in tests/liger_cases.py."""
+fused linear CE term, every backend (its token scaling cases on `token_scaling="dft"`); how Liger's settings map onto
+kdfast's is in tests/liger_cases.py."""
 
 import pytest
 import torch
@@ -254,3 +255,71 @@ def test_fused_linear_ce_reduction_none_per_token_grad_output(backend, shape, bi
     out = kdfast_flce(x, w, b, labels.to(device), backend, reduction="none")
     verify(out, [x, w, b], flce_reference(hidden, weight, bias_, labels, FP32, reduction="none"), FP32, atol, rtol,
            up)
+
+
+# Liger's token scaling cases (`use_token_scaling=True`: kdfast's token_scaling="dft"), B, T, H, V = 2, 4, 8, 16, a
+# randn head and bias, no ignored labels; its expectation written as it writes it: the CE of x @ W.T + b times the
+# detached softmax probability of the target.
+def _token_scaling_inputs(gen):
+    B, T, H, V = 2, 4, 8, 16
+    hidden = torch.randn(B * T, H, generator=gen)
+    labels = torch.randint(0, V, (B * T,), generator=gen)
+    return hidden, labels, torch.randn(V, H, generator=gen), torch.randn(V, generator=gen)
+
+
+def _liger_token_scaled(x, weight, bias, labels):
+    logits = x @ weight.t() + bias
+    ce_loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
+    pred_probs = torch.softmax(logits, dim=-1).gather(1, labels.unsqueeze(-1)).squeeze(-1).detach()
+    return ce_loss * pred_probs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_ce_correctness_token_scaling(backend):
+    """Per-token losses (reduction="none") and the gradient of their sum, within Liger's 1e-4."""
+    device = device_for(backend)
+    hidden, labels, weight, bias = (t.to(device) for t in _token_scaling_inputs(torch.Generator().manual_seed(0)))
+    x1, x2 = leaf(hidden, device), leaf(hidden, device)
+    scaled = kdfast.linear_cross_entropy(x1, weight, labels, bias=bias, reduction="none", token_scaling="dft",
+                                         backend=backend)
+    expected = _liger_token_scaled(x2, weight, bias, labels)
+    assert torch.allclose(scaled, expected, atol=1e-4, rtol=1e-4)
+    scaled.sum().backward()
+    expected.sum().backward()
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_ce_correctness_token_scaling_consistency(backend):
+    """The function and the module agree within 1e-6 (reduction="sum"), loss and gradient."""
+    device = device_for(backend)
+    hidden, labels, weight, bias = (t.to(device) for t in _token_scaling_inputs(torch.Generator().manual_seed(1)))
+    x1, x2 = leaf(hidden, device), leaf(hidden, device)
+    functional = kdfast.linear_cross_entropy(x1, weight, labels, bias=bias, reduction="sum", token_scaling="dft",
+                                             backend=backend)
+    module = kdfast.LinearCrossEntropyLoss(reduction="sum", token_scaling="dft", backend=backend)(x2, weight, labels,
+                                                                                                 bias=bias)
+    assert torch.allclose(functional, module, atol=1e-6, rtol=1e-6)
+    functional.backward()
+    module.backward()
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("module", [False, True])
+def test_fused_linear_ce_correctness_token_scaling_functional_and_module(backend, module):
+    """Liger's `_functional` and `_module` cases: the summed scaled loss and its gradient within 1e-5."""
+    device = device_for(backend)
+    hidden, labels, weight, bias = (t.to(device) for t in _token_scaling_inputs(torch.Generator().manual_seed(2)))
+    x1, x2 = leaf(hidden, device), leaf(hidden, device)
+    settings = dict(reduction="sum", token_scaling="dft", backend=backend)
+    if module:
+        y1 = kdfast.LinearCrossEntropyLoss(**settings)(x1, weight, labels, bias=bias)
+    else:
+        y1 = kdfast.linear_cross_entropy(x1, weight, labels, bias=bias, ignore_index=-100, label_smoothing=0.0,
+                                         z_loss_weight=0.0, softcap=None, **settings)
+    y2 = _liger_token_scaled(x2, weight, bias, labels).sum()
+    assert torch.allclose(y1, y2, atol=1e-5, rtol=1e-5)
+    y1.backward()
+    y2.backward()
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
