@@ -10,10 +10,11 @@ and an in-place pass over the logits, which reads and writes the same lines as a
 C * tanh(logits / C), the cap written in torch before the loss (eager, compiled), inside it (kdfast, Liger).
 --class-weights: per-class weights rand(V) (torch's `weight`, kdfast's `class_weights`). --token-scaling dft: each
 token's loss times its label's detached probability (TRL's SFT `loss_type="dft"`), in eager PyTorch a second,
-gradient-free CE for the factors, as a training loop writes it.
+gradient-free CE for the factors, as a training loop writes it; --token-scaling eaft: times its top-20 entropy over 3
+(LlamaFactory's EAFT), in eager PyTorch a gradient-free topk.
 
     python benchmarks/bench_cross_entropy.py [--full] [--tokens N --vocab V --dtype fp32 --label-smoothing 0.1
-                                              --z-loss-weight 1e-4 --softcap 30 --class-weights --token-scaling dft
+                                              --z-loss-weight 1e-4 --softcap 30 --class-weights --token-scaling dft|eaft
                                               --repeats R --compile]
 """
 
@@ -58,7 +59,7 @@ def eager_cross_entropy(logits, labels, label_smoothing, z_loss_weight, softcap=
         scales = torch.ones(())
     else:
         with torch.no_grad():
-            scales = torch.exp(-F.cross_entropy(logits, labels, reduction="none"))
+            scales = token_scales(logits, labels, token_scaling)
         rows = F.cross_entropy(logits, labels, weight=weight, label_smoothing=label_smoothing, reduction="none")
         denominator = kept.sum() if weight is None else weight[labels[kept]].sum()
         loss = (rows * scales).sum() / denominator
@@ -66,6 +67,16 @@ def eager_cross_entropy(logits, labels, label_smoothing, z_loss_weight, softcap=
         z_rows = torch.logsumexp(logits, -1) ** 2 * scales
         loss = loss + z_loss_weight * z_rows[kept].sum() / kept.sum().clamp(min=1)
     return loss
+
+
+def token_scales(logits, labels, token_scaling: str) -> torch.Tensor:
+    """Each row's detached factor as the peers' eager code forms it: DFT's p(label) from a CE; EAFT's (top-20 entropy
+    / 3) (LlamaFactory's and ms-swift's topk over the float logits)."""
+    if token_scaling == "dft":
+        return torch.exp(-F.cross_entropy(logits, labels, reduction="none"))
+    top = torch.topk(logits, k=20, dim=-1).values
+    log_probs = top - torch.logsumexp(top, dim=-1, keepdim=True)
+    return -(log_probs.exp() * log_probs).sum(-1) / 3.0
 
 
 def contenders(logits, labels, settings: dict, compile_model: bool) -> dict:
@@ -187,8 +198,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--softcap", type=float, default=None, help="Gemma-2's final_logit_softcapping (e.g. 30)")
     parser.add_argument("--class-weights", action="store_true",
                         help="per-class weights rand(V): torch's `weight`, kdfast's `class_weights`")
-    parser.add_argument("--token-scaling", choices=["dft"], default=None,
-                        help="each token's loss times its label's detached probability (DFT: TRL's SFT loss_type)")
+    parser.add_argument("--token-scaling", choices=["dft", "eaft"], default=None,
+                        help="each token's loss times its label's detached probability (dft: TRL's SFT loss_type) or "
+                             "its top-20 entropy over 3 (eaft: LlamaFactory's)")
     parser.add_argument("--repeats", type=int, default=7 if torch.cuda.is_available() else 5)
     add_compile_option(parser)
     add_memory_option(parser)

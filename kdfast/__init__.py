@@ -12,7 +12,7 @@ _EXPORTS = {"DistillLoss": "loss", "distill_loss": "loss", "LinearDistillLoss": 
             "cross_vocab_distill_loss": "cross_vocab", "linear_cross_vocab_distill_loss": "linear_cross_vocab",
             "align_tokenizations": "alignment", "TokenAlignment": "alignment", "linear_cross_entropy": "linear_ce",
             "LinearCrossEntropyLoss": "linear_ce", "cross_entropy": "logits_ce", "CrossEntropyLoss": "logits_ce",
-            "patch_causal_lm": "integrations.fused_causal_lm"}
+            "patch_causal_lm": "integrations.fused_causal_lm", "EAFT": "token_scaling"}
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
 

@@ -31,9 +31,9 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, softcap=None, log
     `label_smoothing` and `z_loss_weight` (times log-sum-exp², PaLM's) as `distill_loss` takes them. Gradients flow
     to hidden, weight and bias; the other settings are `linear_distill_loss`'s (`fp32_logits`, vocab parallelism).
     `class_weights` [V] as `kdfast.cross_entropy` takes them (Liger-Kernel's fused linear CE's `ce_weight`), weighed
-    in each chunk before its gradient GEMMs; `token_scaling="dft"` as `kdfast.cross_entropy` takes it (Liger-Kernel's
-    `use_token_scaling=True`, TRL's SFT `loss_type="dft"`): each row's loss and gradient times its label's detached
-    probability, read from the chunk's kernel. Neither over vocab shards."""
+    in each chunk before its gradient GEMMs; `token_scaling` ("dft", "eaft" or kdfast.EAFT) as `kdfast.cross_entropy`
+    takes it (Liger-Kernel's `use_token_scaling=True` and `use_eaft=True`, TRL's SFT `loss_type="dft"`): each row's
+    loss and gradient times its detached factor, read from the chunk's kernel or logits. Neither over vocab shards."""
     # In this function's names (fused_linear_loss checks the same as the student's).
     check_linear_student(hidden, weight, bias, softcap, chunk_size, fp32_logits, prefix="")
     _check_scale("logit_scale", logit_scale)
@@ -94,7 +94,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         if unknown:
             raise TypeError(f"LinearCrossEntropyLoss got unknown setting(s) {unknown}; the settings are "
                             f"{[*known, 'class_weights']} (Liger's `ce_weight` is `class_weights` here, its "
-                            f"`use_token_scaling=True` is `token_scaling='dft'`; a teacher's settings belong to "
+                            f"`use_token_scaling=True` is `token_scaling='dft'` and its `use_eaft=True` "
+                            f"`token_scaling=kdfast.EAFT(alpha, top_k)`; a teacher's settings belong to "
                             f"kdfast.LinearDistillLoss)")
         check_token_scaling(settings.get("token_scaling"))
         # Validated now, so a bad setting fails where the module is built rather than at the first step.

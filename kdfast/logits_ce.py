@@ -51,8 +51,9 @@ def cross_entropy(logits, labels, *, ignore_index=-100, reduction="mean", num_it
 
     `token_scaling="dft"` (Dynamic Fine-Tuning: TRL's SFT `loss_type="dft"`, Liger-Kernel's `use_token_scaling`):
     each kept row's loss (the z-loss included) and gradient times its label's probability under softmax of the
-    (mapped) logits, detached; "mean" still over the kept rows; read from the kernel's own CE (kdfast.token_scaling).
-    Not over vocab shards."""
+    (mapped) logits, detached; "mean" still over the kept rows; read from the kernel's own CE. `token_scaling="eaft"`
+    or `kdfast.EAFT(alpha=1.0, top_k=20)` (Entropy-Adaptive Fine-Tuning, LlamaFactory's and Liger-Kernel's): times
+    (the entropy of the row's top-k softmax / 3)^alpha instead (kdfast.token_scaling). Not over vocab shards."""
     logit_map = tempered_map(logit_scale, softcap)
     opts = _options(logits, labels, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                     z_loss_weight=z_loss_weight, inplace_backward=inplace_backward, backend=backend,
@@ -102,8 +103,9 @@ class CrossEntropyLoss(torch.nn.Module):
         if unknown:
             raise TypeError(f"CrossEntropyLoss got unknown setting(s) {unknown}; the settings are "
                             f"{[*CE_SETTINGS, 'class_weights', 'token_scaling']} (torch's `weight` is `class_weights` "
-                            f"here, Liger-Kernel's `use_token_scaling=True` is `token_scaling='dft'`; a teacher's "
-                            f"settings belong to kdfast.DistillLoss)")
+                            f"here, Liger-Kernel's `use_token_scaling=True` is `token_scaling='dft'` and its "
+                            f"`use_eaft=True` `token_scaling=kdfast.EAFT(alpha, top_k)`; a teacher's settings belong "
+                            f"to kdfast.DistillLoss)")
         check_token_scaling(token_scaling)
         # Validated now, so a bad setting fails where the module is built rather than at the first step.
         tempered_map(settings.get("logit_scale", 1.0), settings.get("softcap"))

@@ -286,7 +286,8 @@ def test_class_weights_reach_the_loss():
 
 def test_token_scaling_reaches_the_loss():
     """`token_scaling="dft"` on a patched model's loss and gradient: TRL's SFT DFT loss of its own logits (each
-    token's -log p times p detached, over the kept tokens); refused by name when unknown, where the patch is made."""
+    token's -log p times p detached, over the kept tokens); "eaft" too; refused by name when unknown, where the patch
+    is made."""
     model = tiny_llama().train()
     batch = token_batch()
     patched = patch_causal_lm(copy.deepcopy(model), token_scaling="dft")
@@ -299,7 +300,15 @@ def test_token_scaling_reaches_the_loss():
     expected.backward()
     torch.testing.assert_close(patched(**batch).loss, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(patched.lm_head.weight.grad, model.lm_head.weight.grad, rtol=1e-4, atol=1e-6)
-    with pytest.raises(ValueError, match="token_scaling must be None or one of"):
+    # EAFT: each kept token's CE times (its top-20 entropy / 3), as LlamaFactory writes it.
+    eaft = patch_causal_lm(copy.deepcopy(model), token_scaling="eaft")(**batch).loss
+    with torch.no_grad():
+        top = logits.float()[kept].topk(20, dim=-1).values
+        log_probs_top = top - torch.logsumexp(top, -1, keepdim=True)
+        factors = -(log_probs_top.exp() * log_probs_top).sum(-1) / 3.0
+    ce = torch.nn.functional.cross_entropy(logits.float()[kept], labels[kept], reduction="none")
+    torch.testing.assert_close(eaft, (ce * factors).mean(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="token_scaling must be None, \"dft\""):
         patch_causal_lm(copy.deepcopy(model), token_scaling="DFT")
 
 @pytest.mark.parametrize("where", ["setting", "call"])

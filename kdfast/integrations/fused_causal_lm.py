@@ -25,7 +25,7 @@ _PROBE = (0.75, 3.0)  # logits the head hands back in its place: exact in every 
 def patch_causal_lm(model, enabled: bool = True, *, training_only: bool = True, ignore_index: int | None = None,
                     label_smoothing: float = 0.0, z_loss_weight: float = 0.0, chunk_size="auto",
                     fp32_logits: bool = False, backend: str = "auto", class_weights=None,
-                    token_scaling: str | None = None):
+                    token_scaling=None):
     """Computes `model`'s loss with `kdfast.linear_cross_entropy` whenever it is called with `labels` while training
     (`training_only=False`: in eval mode too); otherwise its forward is untouched. The fused call returns the
     model's own output with `loss` set and `logits=None`. The cross-entropy takes what the model hands its
@@ -33,11 +33,11 @@ def patch_causal_lm(model, enabled: bool = True, *, training_only: bool = True, 
     `transformers.Trainer` passes, `ignore_index`), each model family's logit scale and final softcap are applied as
     the model applies them, and what the model adds to its loss is added. `ignore_index` None: the call's own, else
     -100 (ForCausalLMLoss's); the other settings are `linear_cross_entropy`'s (the reduction is the model loss's
-    own). `class_weights` [V] weigh each label's class as `F.cross_entropy(weight=)` does (kept as given, taken to
-    the hidden states' device at each call); `token_scaling="dft"` scales each token's loss by its label's detached
-    probability (TRL's SFT `loss_type="dft"`). A PEFT model is patched at its base model (the head must not carry an
-    adapter). Returns `model`; `patch_causal_lm(model, False)` restores it. A deep copy of a patched model is patched
-    too."""
+    own). `class_weights` [V] weigh each label's class as `F.cross_entropy(weight=)` does (kept as given, taken to the
+    hidden states' device at each call); `token_scaling="dft"` scales each token's loss by its label's detached
+    probability (TRL's SFT `loss_type="dft"`), "eaft" or kdfast.EAFT by its top-k entropy. A PEFT model is patched at
+    its base model (the head must not carry an adapter). Returns `model`; `patch_causal_lm(model, False)` restores it.
+    A deep copy of a patched model is patched too."""
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
     settings = dict(label_smoothing=label_smoothing, z_loss_weight=z_loss_weight, chunk_size=chunk_size,
                     fp32_logits=fp32_logits, backend=backend, token_scaling=token_scaling)
