@@ -8,13 +8,11 @@ bf16, per-row upstream gradients, the components, the modules, a Hugging Face mo
 
 import pytest
 import torch
-import torch.nn.functional as F
+from ce_checks import V, weighted_ce_inputs, weighted_ce_reference
+from ce_checks import check_against_reference as _check
 from conftest import BACKENDS, device_for
 
 import kdfast
-
-V = 53
-
 
 EAFT_HALF = kdfast.EAFT(alpha=0.5, top_k=10)
 SCALINGS = ["dft", EAFT_HALF]
@@ -39,40 +37,17 @@ def dft_reference(logits, labels, reduction="mean", label_smoothing=0.0, z_loss_
     softmax(logits)[label] by default); "mean" divides the CE by the kept rows' label weights (their count without
     weights) and the z-loss by the kept rows, or both by num_items_in_batch."""
     flat, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
-    kept = flat_labels != ignore_index
-    ce = F.cross_entropy(flat, flat_labels, weight=class_weights, ignore_index=ignore_index,
-                         label_smoothing=label_smoothing, reduction="none")
-    lse = torch.logsumexp(flat, -1)
-    p = scaling_factors(flat, (flat_labels, kept), scaling)
-    ce, z_rows = ce * p, torch.where(kept, z_loss_weight * lse**2, 0.0) * p
-    if reduction == "none":
-        return (ce + z_rows).view(labels.shape)
-    if reduction == "sum":
-        return ce.sum() + z_rows.sum()
-    if num_items_in_batch is not None:
-        return (ce.sum() + z_rows.sum()) / num_items_in_batch
-    weights = kept.sum() if class_weights is None else class_weights[flat_labels[kept]].sum()
-    return ce.sum() / weights + z_rows.sum() / kept.sum()
+    factors = scaling_factors(flat, (flat_labels, flat_labels != ignore_index), scaling)
+    return weighted_ce_reference(logits, labels, class_weights, reduction, label_smoothing, z_loss_weight,
+                                 num_items_in_batch, ignore_index, row_factors=factors)
 
 
 def _inputs(shape=(3, 11), vocab=V, seed=0, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(*shape, vocab, generator=gen) * 3).to(dtype)
-    labels = torch.randint(0, vocab, shape, generator=gen)
-    labels.view(-1)[::4] = -100
+    logits, labels, class_weights = weighted_ce_inputs(shape, vocab, seed, dtype)
     # Some rows confident in their label, so that p spans (0, 1) and the scaling is not near-uniform.
     confident = labels.view(-1)[1::3]
     logits.view(-1, vocab)[1::3].scatter_(1, confident.clamp(min=0)[:, None], 12.0)
-    class_weights = torch.rand(vocab, generator=gen) * 2
     return logits, labels, class_weights
-
-
-def _check(out, reference, leaves, reference_leaves, upstream, atol=2e-6):
-    torch.testing.assert_close(out.double(), reference.detach(), atol=atol, rtol=1e-5)
-    out.backward(upstream.to(out.dtype))
-    reference.backward(upstream.double())
-    for leaf, reference_leaf in zip(leaves, reference_leaves):
-        torch.testing.assert_close(leaf.grad.double().cpu(), reference_leaf.grad, atol=atol, rtol=1e-4)
 
 
 def test_dft_is_trl_sft_loss():
