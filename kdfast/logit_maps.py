@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kdfast.cpu_softcap import softcap_chain_, softcap_into
 from kdfast.options import is_finite_number
 
 
@@ -42,6 +43,8 @@ class LogitMap:
         where no chain rule follows), which it returns. `tanh_arg` then holds what tanh_chain_ reads: the tanh
         (float32) or its argument unchanged (16-bit)."""
         if tanh_arg.dtype == torch.float32:
+            if softcap_into(tanh_arg, out, 1.0, self.softcap / self.temperature, keep_tanh=out is not tanh_arg):
+                return out
             return torch.mul(tanh_arg.tanh_(), self.softcap / self.temperature, out=out)
         for rows in _row_blocks(out):
             out[rows] = tanh_arg[rows].float().tanh_().mul_(self.softcap / self.temperature)
@@ -50,6 +53,8 @@ class LogitMap:
     def tanh_chain_(self, grad: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         """chain_ from what cap_ kept: grad times slope * (1 - tanh^2), in place. Overwrites a float32 `kept`."""
         if kept.dtype == torch.float32:
+            if softcap_chain_(grad, kept, 1.0, self.slope, from_tanh=True):
+                return grad
             # slope * (1 - tanh^2) in the ops the unscaled chain already took.
             return grad.mul_(kept.mul_(kept).mul_(-self.slope).add_(self.slope))
         return self._chain_in_float32_(grad, kept, 1.0)
@@ -60,6 +65,8 @@ class LogitMap:
             return logits.mul_(self.slope) if self.slope != 1.0 else logits
         if logits.dtype != torch.float32:
             return self.capped_into(logits, logits)
+        if softcap_into(logits, logits, self.scale / self.softcap, self.softcap / self.temperature, keep_tanh=False):
+            return logits
         if self.scale != 1.0:
             logits.mul_(self.scale)
         return logits.div_(self.softcap).tanh_().mul_(self.softcap / self.temperature)
@@ -74,6 +81,9 @@ class LogitMap:
             return out
         if self.scale != 1.0:
             uncapped.mul_(self.scale)
+        if out is not uncapped and softcap_into(uncapped, out, 1.0 / self.softcap, self.softcap / self.temperature,
+                                                keep_tanh=False):
+            return out
         return torch.div(uncapped, self.softcap, out=out).tanh_().mul_(self.softcap / self.temperature)
 
     def chain_(self, grad: torch.Tensor, uncapped: torch.Tensor | None) -> torch.Tensor:
@@ -83,6 +93,8 @@ class LogitMap:
             return grad.mul_(self.slope) if self.slope != 1.0 else grad
         if uncapped.dtype != torch.float32:
             return self._chain_in_float32_(grad, uncapped, self.scale / self.softcap)
+        if softcap_chain_(grad, uncapped, 1.0 / self.softcap, self.slope, from_tanh=False):
+            return grad
         return self.tanh_chain_(grad, uncapped.div_(self.softcap).tanh_())
 
     def _chain_in_float32_(self, grad: torch.Tensor, argument: torch.Tensor, factor: float) -> torch.Tensor:

@@ -27,7 +27,7 @@ _SIMD_FLAGS = {
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
 }
 CPU_SOURCES = ("cpu/distill_kernel.cpp", "cpu/sparse_kernel.cpp", "cpu/uld_rows.cpp", "cpu/sorted_l1.cpp",
-               "cpu/mapped_rows.cpp", "cpu/bindings.cpp")
+               "cpu/mapped_rows.cpp", "cpu/softcap_map.cpp", "cpu/bindings.cpp")
 CUDA_SOURCES = ("cuda/distill_launch.cu", "cuda/distill_rows_bf16.cu", "cuda/distill_rows_fp16.cu",
                 "cuda/distill_rows_fp32.cu", "cuda/bindings.cpp")
 
@@ -105,6 +105,10 @@ class _Extension:
             raise self._error
         return self._ops
 
+    def if_loaded(self):
+        """The ops namespace if this process has loaded it already, else None (never builds)."""
+        return self._ops
+
     def or_none(self):
         """The ops namespace, or None after one warning naming the fallback."""
         try:
@@ -159,6 +163,12 @@ def load_cpu_extension():
 
 def cpu_extension_or_none():
     return _cpu.or_none()
+
+
+def cpu_extension_if_loaded():
+    """The CPU kernel's ops if a kernel call (or `kdfast build`) loaded them in this process, else None: for glue
+    that may take them but must not start a build of its own (kdfast.cpu_softcap)."""
+    return _cpu.if_loaded()
 
 
 def load_cuda_extension():

@@ -9,6 +9,7 @@
 #include "../common/pack_args.h"
 #include "distill_kernel.h"
 #include "mapped_rows.h"
+#include "softcap_map.h"
 #include "sorted_l1.h"
 #include "sparse_kernel.h"
 #include "uld_rows.h"
@@ -250,6 +251,50 @@ at::Tensor mapped_rows(const at::Tensor& teacher_logits, const at::Tensor& stude
   return parts;
 }
 
+// Elements per thread's share of a softcap pass: a few microseconds of work, so that two threads split a chunk.
+constexpr int64_t kSoftcapGrain = 1 << 15;
+
+void check_float_table(const at::Tensor& x, const char* name) {
+  KDFAST_CHECK_DEVICE(x, c10::DeviceType::CPU);
+  KDFAST_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), name, " must be a contiguous float32 tensor, got ",
+               x.scalar_type(), " of shape ", x.sizes());
+}
+
+// The softcap's map (csrc/cpu/softcap_map.h) of `x` into `out`, or over `x` itself without it; `keep` SoftcapKeep's.
+void softcap_map(const at::Tensor& x, const std::optional<at::Tensor>& out, double in_scale, double out_scale,
+                 int64_t keep) {
+  check_float_table(x, "softcap_map's x");
+  KDFAST_CHECK(keep >= 0 && keep <= 2, "softcap_map: keep is 0, 1 or 2, got ", keep);
+  const auto what = static_cast<kdfast_cpu::SoftcapKeep>(keep);
+  KDFAST_CHECK(out.has_value() == (what != kdfast_cpu::SoftcapKeep::kMapped),
+               "softcap_map: `out` is given unless x takes the mapped values");
+  float* target = nullptr;
+  if (out.has_value()) {
+    check_float_table(*out, "softcap_map's out");
+    KDFAST_CHECK(out->sizes() == x.sizes() && out->data_ptr<float>() != x.data_ptr<float>(),
+                 "softcap_map: out must be shaped like x and apart from it");
+    target = out->data_ptr<float>();
+  }
+  float* source = x.data_ptr<float>();
+  at::parallel_for(0, x.numel(), kSoftcapGrain, [&](int64_t begin, int64_t end) {
+    kdfast_cpu::softcap_map(source, target, begin, end, static_cast<float>(in_scale), static_cast<float>(out_scale),
+                            what);
+  });
+}
+
+// grad *= slope * (1 - tanh^2), in place, the tanh `kept` (from_tanh) or tanh(in_scale * kept)
+// (csrc/cpu/softcap_map.h).
+void softcap_chain(const at::Tensor& grad, const at::Tensor& kept, double in_scale, double slope, bool from_tanh) {
+  check_float_table(grad, "softcap_chain's grad");
+  check_float_table(kept, "softcap_chain's kept");
+  KDFAST_CHECK(grad.sizes() == kept.sizes(), "softcap_chain: grad and kept must have the same shape");
+  float* g = grad.data_ptr<float>();
+  const float* k = kept.data_ptr<float>();
+  at::parallel_for(0, grad.numel(), kSoftcapGrain, [&](int64_t begin, int64_t end) {
+    kdfast_cpu::softcap_chain(g, k, begin, end, static_cast<float>(in_scale), static_cast<float>(slope), from_tanh);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(kdfast_cpu, m) {
@@ -264,6 +309,8 @@ TORCH_LIBRARY(kdfast_cpu, m) {
   m.def("mapped_rows(Tensor teacher_logits, Tensor student_logits, Tensor matched_student, Tensor matched_teacher, "
         "Tensor rest_student, Tensor rest_teacher, Tensor? labels, Tensor(a!)? grad, int ignore_index, int divergence, "
         "float[] float_settings) -> Tensor");
+  m.def("softcap_map(Tensor(a!) x, Tensor(b!)? out, float in_scale, float out_scale, int keep) -> ()");
+  m.def("softcap_chain(Tensor(a!) grad, Tensor kept, float in_scale, float slope, bool from_tanh) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kdfast_cpu, CPU, m) {
@@ -273,4 +320,6 @@ TORCH_LIBRARY_IMPL(kdfast_cpu, CPU, m) {
   m.impl("uld_rows", &uld_rows);
   m.impl("sorted_l1_rows", &sorted_l1_rows);
   m.impl("mapped_rows", &mapped_rows);
+  m.impl("softcap_map", &softcap_map);
+  m.impl("softcap_chain", &softcap_chain);
 }

@@ -297,6 +297,29 @@ inline __attribute__((always_inline)) F log1p_unit(F e) {
   return (f + f) * (1.0f + f2 * series);
 }
 
+// tanh(y), within 2 ulp, and d tanh / dy = 1 - tanh(y)^2, within 4 ulp however close tanh is to +-1: Gemma-2's
+// softcap and its chain rule (csrc/cpu/softcap_map.h). Below |y| = 0.625, y + y^3 P(y^2), P a degree-4 fit of
+// (tanh(y) - y) / y^3 (least squares in tanh's relative error over Chebyshev nodes of y^2, 0.75 ulp); above it, with
+// e = exp(-2|y|) <= 0.29, tanh = (1 - e) / (1 + e) and 1 - tanh^2 = 4e / (1 + e)^2, which keeps the small derivative's
+// digits that 1 - tanh^2 from a rounded tanh loses. NaN stays NaN; +-inf gives +-1 and 0.
+template <typename F>
+inline F fast_tanh(F y, F* derivative) {
+  const F magnitude = bits_as_float(float_as_bits(y) & 0x7fffffff);
+  const F z = magnitude * magnitude;
+  F poly = splat<F>(-5.704042501747608e-3f);
+  poly = poly * z + 2.0637862384319305e-2f;
+  poly = poly * z - 5.373915657401085e-2f;
+  poly = poly * z + 1.33314311504364e-1f;
+  poly = poly * z - 3.333328068256378e-1f;
+  const F small = magnitude + magnitude * z * poly;
+  const F e = fast_exp_centred(-2.0f * magnitude);
+  const F large = (1.0f - e) / (1.0f + e);
+  const auto near_zero = magnitude < 0.625f;
+  const F result = near_zero ? small : large;
+  *derivative = near_zero ? 1.0f - small * small : 4.0f * e / ((1.0f + e) * (1.0f + e));
+  return bits_as_float(float_as_bits(result) | (float_as_bits(y) & static_cast<int32_t>(0x80000000u)));
+}
+
 // log(exp(a) + exp(b)) without forming the sum: a mixture's log-probability (docs/DESIGN.md, numerics).
 template <typename F>
 inline F log_add_exp(F a, F b) {
