@@ -8,18 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from kdfast.native_build import cpu_extension_if_loaded
+from kdfast.native_build import loaded_cpu_ops_for
 
 KEEP_NOTHING, KEEP_TANH, KEEP_MAPPED = 0, 1, 2  # csrc/cpu/softcap_map.h's SoftcapKeep
 
 
 def _native(*tensors: torch.Tensor):
-    """The extension's ops when every tensor is a contiguous float32 CPU tensor outside a compiled graph, else None."""
-    if torch.compiler.is_compiling():
-        return None
-    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
-        return None
-    return cpu_extension_if_loaded()
+    return loaded_cpu_ops_for(*tensors)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool | None:

@@ -27,7 +27,7 @@ _SIMD_FLAGS = {
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
 }
 CPU_SOURCES = ("cpu/distill_kernel.cpp", "cpu/sparse_kernel.cpp", "cpu/uld_rows.cpp", "cpu/sorted_l1.cpp",
-               "cpu/mapped_rows.cpp", "cpu/softcap_map.cpp", "cpu/bindings.cpp")
+               "cpu/mapped_rows.cpp", "cpu/softcap_map.cpp", "cpu/topk_entropy.cpp", "cpu/bindings.cpp")
 CUDA_SOURCES = ("cuda/distill_launch.cu", "cuda/distill_rows_bf16.cu", "cuda/distill_rows_fp16.cu",
                 "cuda/distill_rows_fp32.cu", "cuda/bindings.cpp")
 
@@ -169,6 +169,20 @@ def cpu_extension_if_loaded():
     """The CPU kernel's ops if a kernel call (or `kdfast build`) loaded them in this process, else None: for glue
     that may take them but must not start a build of its own (kdfast.cpu_softcap)."""
     return _cpu.if_loaded()
+
+
+def loaded_cpu_ops_for(*tensors, rows_only: bool = False):
+    """`cpu_extension_if_loaded()` where every tensor is float32 on the CPU and contiguous (`rows_only`: 2-D with
+    contiguous rows), outside a compiled graph (to which the ops would be opaque); else None. Glue's passes that the
+    extension does faster than torch's ops (kdfast.cpu_softcap, the EAFT factor) take it through this."""
+    if torch.compiler.is_compiling():
+        return None
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != torch.float32:
+            return None
+        if not (t.dim() == 2 and t.stride(-1) == 1 if rows_only else t.is_contiguous()):
+            return None
+    return cpu_extension_if_loaded()
 
 
 def load_cuda_extension():

@@ -1,13 +1,14 @@
-"""The softcap's one-pass map and chain rule on the CPU (csrc/cpu/softcap_map.h, kdfast.cpu_softcap): tanh within 2
-ulp of float64 over every 61st float bit pattern in [-20, 20] (and the specials), its derivative 1 - tanh^2 from the
-argument within 3 float32 epsilons relative however small it is (torch's 1 - tanh^2 of a rounded tanh was 6% off
-there), and the torch ops it replaces interchangeable with it at every step (each leaves its tensors as the other
+"""The softcap's one-pass map and chain rule on the CPU (csrc/cpu/softcap_map.h, kdfast.cpu_softcap): tanh within 2 ulp
+of float64 over every 1021st float bit pattern in [-20, 20], a dense grid and the specials, its derivative 1 - tanh^2
+from the argument within 3 float32 epsilons relative however small it is (torch's 1 - tanh^2 of a rounded tanh was 6%
+off there), and the torch ops it replaces interchangeable with it at every step (each leaves its tensors as the other
 does), so that a chunk mapped one way may take its chain rule the other."""
 
 import pytest
 import torch
 
 import kdfast.cpu_softcap as cpu_softcap
+from kdfast import native_build
 from kdfast.logit_maps import LogitMap
 from kdfast.native_build import load_cpu_extension
 
@@ -21,10 +22,11 @@ def ops():
 
 
 def _sweep() -> torch.Tensor:
-    bits = torch.arange(0, 2**31, 61, dtype=torch.int64).to(torch.int32)
+    bits = torch.arange(0, 2**31, 1021, dtype=torch.int64).to(torch.int32)
     x = bits.view(torch.float32)
     x = x[torch.isfinite(x) & (x.abs() <= 20)]
-    return torch.cat([x, -x, torch.tensor([0.0, -0.0, 0.625, -0.625, 0.62499994, 43.7, -43.7])])
+    dense = torch.linspace(-20.0, 20.0, 400_001)  # every branch's whole range, its seam at 0.625 included
+    return torch.cat([x, -x, dense, torch.tensor([0.0, -0.0, 0.625, -0.625, 0.62499994, 43.7, -43.7])])
 
 
 def test_tanh_within_two_ulp_and_its_derivative_keeps_its_digits(ops):
@@ -126,6 +128,6 @@ def test_apply_in_place_and_the_paths_left_to_torch(ops):
 
 def test_the_map_starts_no_build(monkeypatch):
     """Glue takes the extension only once a kernel call has loaded it."""
-    monkeypatch.setattr(cpu_softcap, "cpu_extension_if_loaded", lambda: None)
+    monkeypatch.setattr(native_build, "cpu_extension_if_loaded", lambda: None)
     x = torch.randn(4, 64)
     assert not cpu_softcap.softcap_into(x, torch.empty_like(x), 1.0, 1.0, keep_tanh=False)

@@ -12,6 +12,7 @@
 #include "softcap_map.h"
 #include "sorted_l1.h"
 #include "sparse_kernel.h"
+#include "topk_entropy.h"
 #include "uld_rows.h"
 
 namespace {
@@ -295,6 +296,27 @@ void softcap_chain(const at::Tensor& grad, const at::Tensor& kept, double in_sca
   });
 }
 
+// EAFT's factor's entropy per row (csrc/cpu/topk_entropy.h) of float32 logits [rows, V] with contiguous rows (a
+// padded vocabulary's view of its first V columns too).
+at::Tensor topk_entropy(const at::Tensor& logits, int64_t k) {
+  KDFAST_CHECK_DEVICE(logits, c10::DeviceType::CPU);
+  KDFAST_CHECK(logits.scalar_type() == at::kFloat && logits.dim() == 2 && logits.stride(1) == 1,
+               "topk_entropy takes float32 [rows, V] logits with contiguous rows, got ", logits.scalar_type(),
+               " of shape ", logits.sizes());
+  const int64_t rows = logits.size(0), width = logits.size(1), row_stride = logits.stride(0);
+  KDFAST_CHECK(k >= 1 && k <= width, "topk_entropy: k must be in [1, ", width, "], got ", k);
+  at::Tensor entropy = at::empty({rows}, logits.options());
+  const float* base = logits.data_ptr<float>();
+  float* out = entropy.data_ptr<float>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> top(static_cast<size_t>(k));
+    for (int64_t row = begin; row < end; ++row) {
+      out[row] = kdfast_cpu::topk_entropy_row(base + row * row_stride, width, k, top.data());
+    }
+  });
+  return entropy;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(kdfast_cpu, m) {
@@ -311,6 +333,7 @@ TORCH_LIBRARY(kdfast_cpu, m) {
         "float[] float_settings) -> Tensor");
   m.def("softcap_map(Tensor(a!) x, Tensor(b!)? out, float in_scale, float out_scale, int keep) -> ()");
   m.def("softcap_chain(Tensor(a!) grad, Tensor kept, float in_scale, float slope, bool from_tanh) -> ()");
+  m.def("topk_entropy(Tensor logits, int k) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kdfast_cpu, CPU, m) {
@@ -322,4 +345,5 @@ TORCH_LIBRARY_IMPL(kdfast_cpu, CPU, m) {
   m.impl("mapped_rows", &mapped_rows);
   m.impl("softcap_map", &softcap_map);
   m.impl("softcap_chain", &softcap_chain);
+  m.impl("topk_entropy", &topk_entropy);
 }
