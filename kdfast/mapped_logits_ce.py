@@ -24,8 +24,10 @@ from kdfast.views import as_rows_view, flat_labels
 # Bytes the (at most) two float32 chunks may take together. On the CPU small enough that the map's passes over a chunk
 # find it in the last-level cache: at 2048 x 32000 with softcap 30, in place, a call took 181-194 ms in chunks of 32 to
 # 64 rows (8-16 MiB) against 211-239 ms in chunks of 98 (25 MiB) and 208-221 ms in chunks of 8 to 16, where each
-# chunk's kernel launch tells (2 threads of an AMD EPYC with a 32 MiB L3, medians of 5, two rounds).
-CHUNK_BYTES = {"cpu": 12 * 2**20, "cuda": 128 * 2**20}
+# chunk's kernel launch tells (2 threads of an AMD EPYC with a 32 MiB L3, medians of 5, two rounds). With the CPU
+# extension's one-pass cap (kdfast.cpu_softcap), 8 MiB: 124-148 ms against 131-160 at 12 MiB and 132-172 at 16 (two
+# sweeps of 9 interleaved rounds).
+CHUNK_BYTES = {"cpu": 8 * 2**20, "cuda": 128 * 2**20}
 
 
 def chunk_rows(vocab: int, device: torch.device) -> int:
