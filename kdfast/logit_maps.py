@@ -51,7 +51,7 @@ class LogitMap:
         return out
 
     def tanh_chain_(self, grad: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        """chain_ from what cap_ kept: grad times slope * (1 - tanh^2), in place. Overwrites a float32 `kept`."""
+        """chain_ from what cap_ kept: grad times slope * (1 - tanh^2), in place. May overwrite a float32 `kept`."""
         if kept.dtype == torch.float32:
             if softcap_chain_(grad, kept, 1.0, self.slope, from_tanh=True):
                 return grad

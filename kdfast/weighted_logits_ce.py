@@ -1,9 +1,9 @@
 """The cross-entropy of logits with per-class weights (`cross_entropy(class_weights=)`, kdfast.class_weights) and / or a
-token scaling (`token_scaling=`, kdfast.token_scaling): the plain CE kernel over every row in one call, then its parts
-and gradient weighed in place. Weighing a chunk of rows at a
-time, while it is in the cache, was slower here, its per-chunk calls costing more than the passes they saved (2048 x
-32000 fp32 in place, two threads of an AMD EPYC, interleaved medians: 59 ms in one call against 66-70 in chunks of
-49-196 rows, 45 unweighted; with label smoothing 95 against 110-131, 48 unweighted)."""
+token scaling (`token_scaling=`, kdfast.token_scaling): the plain CE kernel over every row in one call, then its
+parts and gradient weighed in place. Weighing a chunk of rows at a time, while it is in the cache, was slower here,
+its per-chunk calls costing more than the passes they saved (2048 x 32000 fp32 in place, two threads of an AMD EPYC,
+interleaved medians: 59 ms in one call against 66-70 in chunks of 49-196 rows, 45 unweighted; with label smoothing 95
+against 110-131, 48 unweighted)."""
 
 from __future__ import annotations
 
