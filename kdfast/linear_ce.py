@@ -58,6 +58,9 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, softcap=None, log
 
 
 
+# Host-driven as apply_linear is, checks and the backend's choice included: torch.compile calls it as is (traced, the
+# backend's choice stats the build folder, a graph break with a warning of its own).
+@torch.compiler.disable
 def _weighed(hidden, weight, labels, class_weights, token_scaling, opts: LossOptions, *, bias, student_map, chunk_size,
              fp32_logits, num_items_in_batch):
     """`linear_cross_entropy` with per-class weights and / or a token scaling: the chunks' kernel without smoothing,

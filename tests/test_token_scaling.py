@@ -258,3 +258,26 @@ def test_eaft_defaults_are_the_peers_and_top_k_past_the_vocabulary_takes_it_all(
     whole = kdfast.cross_entropy(logits, labels, token_scaling=kdfast.EAFT(top_k=10 * V))
     torch.testing.assert_close(whole.double(), dft_reference(logits.double(), labels, scaling=kdfast.EAFT(top_k=V)),
                                atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(token_scaling="eaft"), dict(token_scaling="dft", label_smoothing=0.1),
+    dict(class_weights=torch.rand(V, generator=torch.Generator().manual_seed(5)) + 0.5, label_smoothing=0.1)],
+    ids=["eaft", "dft-smoothing", "class-weights-smoothing"])
+def test_linear_weighed_forms_under_torch_compile(settings):
+    """torch.compile calls the weighed fused linear form as the host-driven loop it is (its one graph break the
+    deliberate skip, none inside its checks: tracing them stat'ed the build folder), equal to eager."""
+    from torch._dynamo.utils import counters
+
+    gen = torch.Generator().manual_seed(11)
+    hidden, head = torch.randn(40, 12, generator=gen), torch.randn(V, 12, generator=gen)
+    labels = torch.randint(0, V, (40,), generator=gen)
+    labels[::6] = -100
+    leaves, eager_leaves = [[hidden.clone().requires_grad_(), head.clone().requires_grad_()] for _ in range(2)]
+    counters.clear()
+    compiled = torch.compile(lambda h, w: kdfast.linear_cross_entropy(h, w, labels, chunk_size=8, **settings))
+    compiled(*leaves).backward()
+    kdfast.linear_cross_entropy(*eager_leaves, labels, chunk_size=8, **settings).backward()
+    assert all("_weighed" in reason for reason in counters["graph_break"]), dict(counters["graph_break"])
+    for leaf, eager in zip(leaves, eager_leaves):
+        torch.testing.assert_close(leaf.grad, eager.grad, atol=0, rtol=0)
