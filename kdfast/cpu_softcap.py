@@ -13,10 +13,6 @@ from kdfast.native_build import loaded_cpu_ops_for
 KEEP_NOTHING, KEEP_TANH, KEEP_MAPPED = 0, 1, 2  # csrc/cpu/softcap_map.h's SoftcapKeep
 
 
-def _native(*tensors: torch.Tensor):
-    return loaded_cpu_ops_for(*tensors)
-
-
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool | None:
     """True for the same elements, False for apart, None for a partial overlap (left to torch)."""
     if a.data_ptr() == b.data_ptr() and a.shape == b.shape:
@@ -28,7 +24,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool | None:
 def softcap_into(x: torch.Tensor, out: torch.Tensor, in_scale: float, out_scale: float, keep_tanh: bool) -> bool:
     """out = out_scale * tanh(in_scale * x), x then its tanh where `keep_tanh` (else unchanged; `out` may be x
     itself, which then takes the map). Returns False, having done nothing, where the extension cannot take it."""
-    ops = _native(x, out)
+    ops = loaded_cpu_ops_for(x, out)
     same = _same(x, out) if ops is not None else None
     if same is None or (same and keep_tanh):
         return False
@@ -42,7 +38,7 @@ def softcap_into(x: torch.Tensor, out: torch.Tensor, in_scale: float, out_scale:
 def softcap_chain_(grad: torch.Tensor, kept: torch.Tensor, in_scale: float, slope: float, from_tanh: bool) -> bool:
     """grad *= slope * (1 - tanh^2), tanh = `kept` (`from_tanh`) or tanh(in_scale * kept), computed from the
     argument with its digits near the cap. Returns False, having done nothing, where the extension cannot take it."""
-    ops = _native(grad, kept)
+    ops = loaded_cpu_ops_for(grad, kept)
     if ops is None or _same(grad, kept) is not False:
         return False
     ops.softcap_chain(grad, kept, in_scale, slope, from_tanh)

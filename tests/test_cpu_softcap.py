@@ -77,15 +77,15 @@ def test_map_keeps_what_it_says(ops):
 
 def _capped_chain(logit_map, raw, upstream, native_map, native_chain, monkeypatch, form):
     """One chunk mapped (`cap_` or `capped_into`) and chained, each step on the extension or on torch's ops."""
-    native = cpu_softcap._native
-    monkeypatch.setattr(cpu_softcap, "_native", native if native_map else lambda *tensors: None)
+    native = native_build.loaded_cpu_ops_for
+    monkeypatch.setattr(cpu_softcap, "loaded_cpu_ops_for", native if native_map else lambda *tensors: None)
     kept, out = raw.clone(), torch.empty_like(raw)
     if form == "cap":
         kept.mul_(logit_map.gemm_factor)
         logit_map.cap_(kept, out)
     else:
         logit_map.capped_into(kept, out)
-    monkeypatch.setattr(cpu_softcap, "_native", native if native_chain else lambda *tensors: None)
+    monkeypatch.setattr(cpu_softcap, "loaded_cpu_ops_for", native if native_chain else lambda *tensors: None)
     grad = upstream.clone()
     if form == "cap":
         logit_map.tanh_chain_(grad, kept)
