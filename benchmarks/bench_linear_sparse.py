@@ -1,7 +1,8 @@
 """Forward+backward of kdfast.linear_sparse_distill_loss (the student's hidden states and LM head, the teacher as
 its stored top-k ids and log-probs) vs the same call with kd_weight=0 (plain fused-linear CE: the cost of a step
-without a teacher), vs linear_distill_loss with a live teacher head as wide as the student's and 4x wider, and vs
-the eager top-k loss of the tools that do it today (the student's full logits).
+without a teacher), vs linear_distill_loss with a live teacher head as wide as the student's and 4x wider, vs
+the eager top-k loss of the tools that do it today (the student's full logits), and with the teacher's dense logits
+given: linear_student_distill_loss against distill_loss and eager PyTorch on the student's full logits.
 
 Same inputs, same process; medians of interleaved rounds, ratios, and the extra peak memory of each (on the CPU
 measured in a fresh process per contender, with --full or --memory).
@@ -35,9 +36,10 @@ from bench_distill import (  # noqa: E402
 from bench_sparse import distillkit_style_loss, top_k_targets  # noqa: E402
 
 import kdfast  # noqa: E402
-from kdfast.reference import linear_sparse_distill_loss_reference  # noqa: E402
+from kdfast.reference import distill_loss_reference, linear_sparse_distill_loss_reference  # noqa: E402
 
 SPARSE, NO_TEACHER = "kdfast linear_sparse_distill_loss", "kdfast same call, kd_weight=0 (plain CE)"
+GIVEN_LOGITS = "kdfast linear_student_distill_loss, teacher logits given"
 # `kdfast bench --full` on the CPU: what `make bench` leaves out to finish in minutes (on a GPU the defaults are full).
 FULL_SETTINGS = {} if torch.cuda.is_available() else {"tokens": 4096, "memory": True}
 
@@ -63,6 +65,7 @@ def make_inputs(args, device):
     hidden, weight = inputs[f"teacher_hidden_{args.hidden}"], inputs[f"teacher_weight_{args.hidden}"]
     teacher_logits = hidden.float() @ weight.float().t()
     inputs["teacher_ids"], inputs["teacher_logprobs"] = top_k_targets(teacher_logits, args.top_k, args.temperature)
+    inputs["teacher_logits"] = teacher_logits.to(dtype)  # the same teacher, dense (its forward's logits)
     return inputs
 
 
@@ -73,7 +76,7 @@ def loss_options(args) -> dict:
 def contenders(inputs, args):
     """name -> zero-argument callable: loss forward + gradients of the student's hidden states and head."""
     hs, ws, labels = inputs["student_hidden"], inputs["student_weight"], inputs["labels"]
-    ids, logprobs = inputs["teacher_ids"], inputs["teacher_logprobs"]
+    ids, logprobs, teacher_logits = inputs["teacher_ids"], inputs["teacher_logprobs"], inputs["teacher_logits"]
     options = loss_options(args)
 
     def fwd_bwd(loss_fn):
@@ -94,7 +97,14 @@ def contenders(inputs, args):
                 h, w, ids, logprobs, labels, **{**options, "kd_weight": 0.0})),
             live_teacher_name(args.hidden): live_teacher(args.hidden),
             live_teacher_name(args.wide_teacher): live_teacher(args.wide_teacher),
-            "torch eager top-k (student logits materialised)": lambda: fwd_bwd(eager)}
+            "torch eager top-k (student logits materialised)": lambda: fwd_bwd(eager),
+            GIVEN_LOGITS: lambda: fwd_bwd(lambda h, w: kdfast.linear_student_distill_loss(h, w, teacher_logits, labels,
+                                                                                       **options)),
+            "kdfast distill_loss, teacher logits given (student logits materialised)": lambda: fwd_bwd(
+                lambda h, w: kdfast.distill_loss(h @ w.t(), teacher_logits, labels, **options)),
+            "torch eager, teacher logits given (student logits materialised)": lambda: fwd_bwd(
+                lambda h, w: distill_loss_reference(h @ w.t(), teacher_logits, labels, dtype=torch.float32,
+                                                    **options))}
 
 
 def memory_contender(settings: dict, name: str):
@@ -111,8 +121,13 @@ def run(args) -> list[dict]:
                    labels=inputs["labels"])
     check = kdfast.linear_sparse_distill_loss(**student, **loss_options(args)).item()
     truth = linear_sparse_distill_loss_reference(**student, **loss_options(args)).item()
-    if abs(check - truth) > 1e-3 * max(1.0, abs(truth)):
-        raise SystemExit(f"kdfast disagrees with the reference ({check} vs {truth}): not timing it")
+    dense = kdfast.linear_student_distill_loss(inputs["student_hidden"], inputs["student_weight"],
+                                               inputs["teacher_logits"], inputs["labels"], **loss_options(args))
+    dense_truth = distill_loss_reference(inputs["student_hidden"].double() @ inputs["student_weight"].double().t(),
+                                         inputs["teacher_logits"], inputs["labels"], **loss_options(args))
+    for ours, theirs in ((check, truth), (dense.item(), dense_truth.item())):
+        if abs(ours - theirs) > 1e-3 * max(1.0, abs(theirs)):
+            raise SystemExit(f"kdfast disagrees with the reference ({ours} vs {theirs}): not timing it")
 
     console = Console(width=max(110, Console().width))
     methods = contenders(inputs, args)
@@ -131,9 +146,9 @@ def run(args) -> list[dict]:
 
 
 def report(console, rows, args, env):
-    table = Table(title=f"fused linear fwd+bwd on a stored teacher, N={args.tokens}, H_s={args.hidden}, "
-                        f"V={args.vocab} {args.dtype}, K={args.top_k}, forward_kl + CE({args.ce_weight}), "
-                        f"T={args.temperature} on {env['device']}")
+    table = Table(title=f"fused linear fwd+bwd on a stored teacher (top-k, or dense logits), N={args.tokens}, "
+                        f"H_s={args.hidden}, V={args.vocab} {args.dtype}, K={args.top_k}, "
+                        f"forward_kl + CE({args.ce_weight}), T={args.temperature} on {env['device']}")
     for column in ("method", "median ms", "time / sparse", "time / plain CE", "extra peak MiB"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in rows:

@@ -6,6 +6,8 @@ import importlib
 _EXPORTS = {"DistillLoss": "loss", "distill_loss": "loss", "LinearDistillLoss": "linear_loss",
             "linear_distill_loss": "linear_loss", "LinearSparseDistillLoss": "linear_sparse_loss",
             "linear_sparse_distill_loss": "linear_sparse_loss", "LossComponents": "reduction",
+            "linear_student_distill_loss": "linear_logits_teacher",
+            "LinearStudentDistillLoss": "linear_logits_teacher",
             "SparseDistillLoss": "sparse_loss", "sparse_distill_loss": "sparse_loss",
             "linear_token_logprobs": "token_logprobs", "multi_teacher_distill_loss": "multi_teacher",
             "linear_multi_teacher_distill_loss": "linear_multi_teacher", "VocabMap": "vocab_map",

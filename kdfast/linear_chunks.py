@@ -1,7 +1,7 @@
 """The chunked orchestrator of the fused linear loss (docs/DESIGN.md, "Algorithms"): tokens in chunks; per chunk
-the student's LM head on the platform's GEMM, the teacher's (a dense head's GEMM, or a sparse teacher's rows: no
-GEMM at all), the logits-level kernel for loss and dlogits in place, then d hidden = G W_s and d W_s += G^T X (and
-d b_s) accumulated. Only the loss kernel differs between devices.
+the student's LM head on the platform's GEMM, the teacher's (a dense head's GEMM, or the rows of given logits or of a
+sparse teacher: no GEMM at all), the logits-level kernel for loss and dlogits in place, then d hidden = G W_s and
+d W_s += G^T X (and d b_s) accumulated. Only the loss kernel differs between devices.
 
 At most one chunk of logits per model exists at a time, so memory is bounded by the chunk, not by
 tokens x vocab.
@@ -48,15 +48,39 @@ class TeacherHead:
 
 
 @dataclass
+class TeacherLogits:
+    """A dense teacher given as its logits [..., V_t], a constant (kdfast.linear_logits_teacher): each chunk reads its
+    rows, no GEMM. The first V columns count (V_t > V: a head padded wider than `vocab_size`)."""
+
+    logits: torch.Tensor
+
+    def rows(self, rows: slice, vocab: int) -> torch.Tensor:
+        """Flat rows `rows` [C, V], contiguous: a view where the rows are one run in memory (and no column is cut),
+        else a copy of the chunk alone. A view such as `logits[:, :-1]` of a [B, S, V] tensor is never copied whole:
+        its chunk is gathered by each row's index into the leading dimensions."""
+        logits = self.logits
+        if logits.dim() > 2:
+            try:
+                logits = logits.view(-1, logits.shape[-1])
+            except RuntimeError:
+                index = torch.arange(rows.start, rows.stop, device=logits.device)
+                logits = logits[torch.unravel_index(index, logits.shape[:-1])]
+                rows = slice(0, rows.stop - rows.start)
+        chunk = logits[rows, :vocab]
+        return chunk if chunk.is_contiguous() else chunk.contiguous()
+
+
+@dataclass
 class Heads:
     """Flattened inputs of one call: the student's hidden [N, H] and head [V, H] (+ bias [V]), and the teacher: a
-    TeacherHead, several (TeacherHeads), a sparse teacher's SparseTargets ([N, K] ids and log-probs), or None where
-    the loss has no divergence (CE alone: no teacher is projected; the kernel is given the student's rows)."""
+    TeacherHead, several (TeacherHeads), given logits (TeacherLogits), a sparse teacher's SparseTargets ([N, K] ids
+    and log-probs), or None where the loss has no divergence (CE alone: no teacher is projected; the kernel is given
+    the student's rows)."""
 
     student_hidden: torch.Tensor
     student_weight: torch.Tensor
     student_bias: torch.Tensor | None
-    teacher: TeacherHead | TeacherHeads | SparseTargets | None
+    teacher: TeacherHead | TeacherHeads | TeacherLogits | SparseTargets | None
     labels: torch.Tensor | None  # [N] int64, contiguous
     student_map: LogitMap  # the student's logit scale and softcap
     student_dtype: torch.dtype  # the GEMMs' dtype (autocast's, or the inputs' promoted type)
@@ -285,6 +309,8 @@ def run_chunks(heads: Heads, opts: LossOptions, grad_scale: torch.Tensor, wanted
                                               weight_t, teacher.bias, teacher.logit_map).unsqueeze(0)
         elif several is not None:
             teacher_rows = several.rows(rows, count, mapped_logits_into)
+        elif isinstance(teacher, TeacherLogits):  # given logits are final: the map is the student's alone
+            teacher_rows = teacher.rows(rows, heads.vocab).unsqueeze(0)
         elif teacher is not None:  # a sparse teacher's log-probs are final: the map is the student's alone
             teacher_rows = SparseTargets(teacher.ids[rows].unsqueeze(0), teacher.logprobs[rows].unsqueeze(0))
         if student_map.softcap is not None:

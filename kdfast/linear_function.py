@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from kdfast.kernel_abi import SparseTargets
-from kdfast.linear_chunks import Heads, TeacherHead, Wanted, run_chunks
+from kdfast.linear_chunks import Heads, TeacherHead, TeacherLogits, Wanted, run_chunks
 from kdfast.linear_teachers import TeacherHeads
 from kdfast.logit_maps import LogitMap
 from kdfast.options import LossOptions
@@ -47,9 +47,9 @@ class LinearDistillFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, labels, num_items_in_batch, opts: LossOptions,
                 plan: ChunkPlan, teacher, row_weights=None):
-        """`teacher`: a TeacherHead (its tensors [..., H_t]), several (TeacherHeads), SparseTargets ([..., K]),
-        constants every way, or None (CE alone). `row_weights` [N] float32 (one teacher, reduction "mean" or
-        "sum"): each row's loss and gradient times its weight."""
+        """`teacher`: a TeacherHead (its tensors [..., H_t]), several (TeacherHeads), TeacherLogits ([..., V]),
+        SparseTargets ([..., K]), constants every way, or None (CE alone). `row_weights` [N] float32 (one teacher,
+        reduction "mean" or "sum"): each row's loss and gradient times its weight."""
         lead_shape = student_hidden.shape[:-1]
         labels = flat_labels(labels)
         if isinstance(teacher, TeacherHead):
@@ -63,7 +63,7 @@ class LinearDistillFunction(torch.autograd.Function):
                            if opts.return_components else None)
             teacher = TeacherHeads(flattened, teacher.log_weights, teacher.combine, teacher.temperature, per_teacher,
                                    teacher.route)
-        elif teacher is not None:
+        elif teacher is not None and not isinstance(teacher, TeacherLogits):  # (given logits keep their shape)
             teacher = SparseTargets(teacher.ids.reshape(-1, teacher.ids.shape[-1]),  # (K + 1 log-probs: a given rest)
                                     teacher.logprobs.reshape(-1, teacher.logprobs.shape[-1]))
         heads = Heads(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias, teacher,

@@ -1,6 +1,6 @@
-"""The fused linear loss of one teacher (a dense head, or a sparse teacher's ids and log-probs) as a torch.library
-custom op, so that a torch.compile'd step traces through it whole (`fullgraph=True` included) instead of breaking its
-graph there.
+"""The fused linear loss of one teacher (a dense head, its given logits, or a sparse teacher's ids and log-probs) as a
+torch.library custom op, so that a torch.compile'd step traces through it whole (`fullgraph=True` included) instead of
+breaking its graph there.
 
 `kdfast::linear_distill_forward` runs the same chunk loop as the eager Function (`linear_function.py`): the rows'
 loss parts and the gradients, final in the forward up to grad_output. The backend is resolved inside the op, so the
@@ -17,7 +17,7 @@ import torch
 
 from kdfast.dispatch import device_rows
 from kdfast.kernel_abi import PART_COLUMNS, SparseTargets
-from kdfast.linear_chunks import Heads, TeacherHead, Wanted, run_chunks
+from kdfast.linear_chunks import Heads, TeacherHead, TeacherLogits, Wanted, run_chunks
 from kdfast.linear_function import gemm_dtype
 from kdfast.logit_maps import LogitMap
 from kdfast.options import LossOptions
@@ -50,15 +50,16 @@ def linear_distill_forward(student_hidden: torch.Tensor, student_weight: torch.T
                            student_scale: float, student_softcap: float, teacher_scale: float, teacher_softcap: float,
                            student_dtype: torch.dtype, teacher_dtype: torch.dtype, chunk_size: int,
                            fp32_logits: bool, settings: str,
-                           sparse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The student's hidden states [N, H] and head [V, H]; the teacher's hidden states [N, H_t] and head [V, H_t]
-    (`teacher_a`, `teacher_b`) and bias, or with `sparse` its ids [N, K] and log-probs [N, K or K + 1], or None (CE
-    alone). The rows'
-    loss parts [N, PART_COLUMNS] float32 and d hidden, d weight, d bias in their inputs' dtypes (an empty tensor
-    where not wanted), each row's gradient times `row_weights` [N] when given (a per-row loss's backward). Softcaps
-    of 0: none; the dtypes: each head's GEMM's; `chunk_size` 0: "auto"."""
-    opts = (SparseOptions if sparse else LossOptions).decode(settings)
-    targets = (None if teacher_a is None else SparseTargets(teacher_a, teacher_b) if sparse else
+                           teacher_kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The student's hidden states [N, H] and head [V, H]; the teacher (`teacher_kind`): "head", its hidden states
+    [N, H_t] and head [V, H_t] (`teacher_a`, `teacher_b`) and bias; "sparse", its ids [N, K] and log-probs [N, K or
+    K + 1]; "logits", its logits [N, V_t] (`teacher_a`); or None (CE alone). The rows' loss parts [N, PART_COLUMNS]
+    float32 and d hidden, d weight, d bias in their inputs' dtypes (an empty tensor where not wanted), each row's
+    gradient times `row_weights` [N] when given (a per-row loss's backward). Softcaps of 0: none; the dtypes: each
+    head's GEMM's; `chunk_size` 0: "auto"."""
+    opts = (SparseOptions if teacher_kind == "sparse" else LossOptions).decode(settings)
+    targets = (None if teacher_a is None else SparseTargets(teacher_a, teacher_b) if teacher_kind == "sparse" else
+               TeacherLogits(teacher_a) if teacher_kind == "logits" else
                TeacherHead(teacher_a, teacher_b, teacher_bias, teacher_dtype, _map(teacher_scale, teacher_softcap)))
     heads = Heads(student_hidden, student_weight, student_bias, targets, labels, _map(student_scale, student_softcap),
                   student_dtype, fp32_logits)
@@ -87,23 +88,27 @@ def _(student_hidden, student_weight, student_bias, teacher_a, teacher_b, teache
 def compiled_linear_loss(student_hidden, student_weight, student_bias, teacher, labels, num_items_in_batch,
                          opts: LossOptions, student_map: LogitMap, chunk_size, fp32_logits: bool, row_weights=None):
     """The loss through the op, as `apply_linear` returns it: `teacher` a TeacherHead (its GEMM dtype and logit map;
-    its tensors constants) or SparseTargets, each [..., ·] with the hidden states' leading shape, or None (CE
-    alone); `row_weights` [N] float32 or None."""
-    # The teacher's tensors as rows ([N, K] ids and log-probs, or [N, H_t] hidden states) and its head as it is.
+    its tensors constants), TeacherLogits or SparseTargets, each [..., ·] with the hidden states' leading shape, or
+    None (CE alone); `row_weights` [N] float32 or None."""
+    # The teacher's tensors as rows ([N, K] ids and log-probs, [N, V] logits or [N, H_t] hidden states) and its head
+    # as it is; the kinds without a GEMM have no map or GEMM dtype of their own.
+    kind, teacher_map, teacher_dtype = "head", LogitMap(), student_hidden.dtype
     if teacher is None:
-        tensors, sparse, teacher_map, teacher_dtype = (None, None, None), False, LogitMap(), student_hidden.dtype
+        tensors = (None, None, None)
     elif isinstance(teacher, SparseTargets):
         ids, logprobs = teacher.ids.to(torch.int64), teacher.logprobs.detach()
-        tensors = (ids.reshape(-1, ids.shape[-1]), logprobs.reshape(-1, logprobs.shape[-1]), None)
-        sparse, teacher_map, teacher_dtype = True, LogitMap(), student_hidden.dtype  # (no teacher GEMM)
+        tensors, kind = (ids.reshape(-1, ids.shape[-1]), logprobs.reshape(-1, logprobs.shape[-1]), None), "sparse"
+    elif isinstance(teacher, TeacherLogits):
+        logits = teacher.logits.detach()
+        tensors, kind = (logits.reshape(-1, logits.shape[-1]), None, None), "logits"
     else:
         tensors = (teacher.hidden.detach().reshape(-1, teacher.hidden.shape[-1]), teacher.weight.detach(),
                    teacher.bias.detach() if teacher.bias is not None else None)
-        sparse, teacher_map, teacher_dtype = False, teacher.logit_map, teacher.dtype
+        teacher_map, teacher_dtype = teacher.logit_map, teacher.dtype
     maps = (student_map.scale, student_map.softcap or 0.0, teacher_map.scale, teacher_map.softcap or 0.0)
     outputs = CompiledLinearDistillFunction.apply(
         student_hidden, student_weight, student_bias, tensors, labels, num_items_in_batch, opts, maps,
-        (gemm_dtype(student_hidden, student_weight), teacher_dtype), chunk_size, fp32_logits, sparse, row_weights)
+        (gemm_dtype(student_hidden, student_weight), teacher_dtype), chunk_size, fp32_logits, kind, row_weights)
     return returned(outputs, opts, labels)
 
 
@@ -148,12 +153,12 @@ def student_gradients(ctx, grad_output, rerun) -> list:
 class CompiledLinearDistillFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, teacher: tuple, labels, num_items_in_batch,
-                opts: LossOptions, maps: tuple, gemm_dtypes: tuple, chunk_size, fp32_logits: bool, sparse: bool,
+                opts: LossOptions, maps: tuple, gemm_dtypes: tuple, chunk_size, fp32_logits: bool, teacher_kind: str,
                 row_weights=None):
         lead_shape, hidden, labels, scale = op_forward_inputs(ctx, student_hidden, student_bias, labels,
                                                               num_items_in_batch, opts)
         ctx.settings = (*maps, *gemm_dtypes, 0 if chunk_size == "auto" else int(chunk_size), fp32_logits,
-                        opts.encoded(), sparse)
+                        opts.encoded(), teacher_kind)
         parts, *grads = linear_distill_forward(hidden, student_weight, student_bias, *teacher, labels, scale,
                                                row_weights,
                                                *((False, False, False) if ctx.per_row else ctx.wanted), *ctx.settings)

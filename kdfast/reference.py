@@ -221,16 +221,28 @@ def linear_sparse_distill_loss_reference(student_hidden, student_weight, teacher
                                          student_bias=None, softcap=None, logit_scale=1.0, chunk_size=None,
                                          dtype: torch.dtype | None = torch.float64, **options) -> torch.Tensor:
     """The contract of `kdfast.linear_sparse_distill_loss`: the student's full logits, then the sparse reference."""
-    hidden, weight = student_hidden, student_weight
-    bias = student_bias
+    logits = _student_logits(student_hidden, student_weight, student_bias, logit_scale, softcap, dtype)
+    return sparse_distill_loss_reference(logits, teacher_ids, teacher_logprobs, labels, dtype=dtype, **options)
+
+
+def _student_logits(hidden, weight, bias, logit_scale, softcap, dtype):
+    """A student head's full logits in `dtype`: the bias, then its logit scale and softcap."""
     if dtype is not None:
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     logits = hidden @ weight.t()
     if bias is not None:
         logits = logits + bias
-    logits = LogitMap(logit_scale, softcap).reference(logits)
-    return sparse_distill_loss_reference(logits, teacher_ids, teacher_logprobs, labels, dtype=dtype, **options)
+    return LogitMap(logit_scale, softcap).reference(logits)
+
+
+def linear_student_distill_loss_reference(student_hidden, student_weight, teacher_logits, labels=None, *,
+                                          student_bias=None, softcap=None, logit_scale=1.0, chunk_size=None,
+                                          dtype: torch.dtype | None = torch.float64, **options) -> torch.Tensor:
+    """The contract of `kdfast.linear_student_distill_loss`: the student's full logits, then the logits-level
+    reference with the teacher's logits as given."""
+    student_logits = _student_logits(student_hidden, student_weight, student_bias, logit_scale, softcap, dtype)
+    return distill_loss_reference(student_logits, teacher_logits, labels, dtype=dtype, **options)
 
 
 def teacher_weights_reference(weights, teachers: list, labels, opts: LossOptions) -> torch.Tensor:

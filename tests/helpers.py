@@ -150,3 +150,26 @@ def assert_same_trainer_outcome(actual, expected, rtol=1e-5) -> None:
     scale = max(gradient.abs().max() for gradient in expected[2].values())
     for name, gradient in expected[2].items():
         torch.testing.assert_close(actual[2][name], gradient, rtol=0, atol=1e-5 * float(scale), msg=name)
+
+
+def linear_loss_matches_reference(loss_fn, reference_fn, inputs, labels, tolerances, **options):
+    """A fused linear loss (`loss_fn(labels=, **inputs, **options)`) and the gradients of its `student_*` inputs,
+    under a random upstream gradient, against `reference_fn` on the same inputs, the student's in float64 on the CPU
+    (`chunk_size` is not passed to it). `tolerances`: (rtol, atol) per the hidden states' dtype. Returns the loss."""
+    ours = {k: (v.detach().clone().requires_grad_(k.startswith("student")) if v is not None else None)
+            for k, v in inputs.items()}
+    loss = loss_fn(labels=labels, **ours, **options)
+    weights = torch.randn(loss.shape, generator=torch.Generator().manual_seed(3)).to(loss.device)
+    (loss * weights).sum().backward()
+    theirs = {k: (v.detach().double().cpu().requires_grad_(True) if k.startswith("student") and v is not None
+                  else (v.cpu() if v is not None else None)) for k, v in inputs.items()}
+    ref = reference_fn(labels=labels.cpu() if labels is not None else None, **theirs,
+                       **{k: v for k, v in options.items() if k not in ("chunk_size", "backend")})
+    (ref * weights.double().cpu()).sum().backward()
+    rtol, atol = tolerances[inputs["student_hidden"].dtype]
+    torch.testing.assert_close(loss.double().cpu(), ref.detach(), rtol=rtol, atol=atol)
+    for name in ("student_hidden", "student_weight", "student_bias"):
+        if ours.get(name) is not None:
+            torch.testing.assert_close(ours[name].grad.double().cpu(), theirs[name].grad, rtol=rtol, atol=atol,
+                                       msg=lambda m, name=name: f"{name}.grad: {m}")
+    return loss

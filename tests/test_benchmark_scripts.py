@@ -86,6 +86,7 @@ def test_bench_linear_sparse_smoke(tmp_path):
     rows = {r["method"]: r for r in csv.DictReader(next(tmp_path.glob("bench_linear_sparse_*.csv")).open())}
     assert float(rows["kdfast linear_sparse_distill_loss"]["time_vs_sparse"]) == 1.0
     assert "kdfast linear_distill_loss, live teacher H_t=32" in rows
+    assert float(rows["kdfast linear_student_distill_loss, teacher logits given"]["median_ms"]) > 0
 
 
 @pytest.mark.filterwarnings("ignore")

@@ -98,13 +98,15 @@ def test_the_op_passes_torch_librarys_checks():
     # Every gradient for a reduced loss, or for a per-row loss's backward (each row weighed); d hidden alone.
     for wanted, row_weights in (((True, True, True), None), ((True, True, True), torch.rand(ROWS)),
                                 ((True, False, False), None)):
-        for teacher, sparse in (((data["teacher_hidden"].reshape(ROWS, TEACHER_HIDDEN), data["teacher_weight"],
-                                  None), False),
-                                ((data["ids"].reshape(ROWS, -1), data["logprobs"][..., :5].reshape(ROWS, -1), None),
-                                 True)):
+        teacher_logits = torch.randn(ROWS, weight.shape[0])
+        for teacher, kind in (((data["teacher_hidden"].reshape(ROWS, TEACHER_HIDDEN), data["teacher_weight"],
+                                None), "head"),
+                              ((data["ids"].reshape(ROWS, -1), data["logprobs"][..., :5].reshape(ROWS, -1), None),
+                               "sparse"),
+                              ((teacher_logits, None, None), "logits")):
             args = (hidden, weight, bias, *teacher, data["labels"].reshape(-1), torch.full((), 0.1), row_weights,
                     *wanted, 1.0, 0.0, 1.0, 0.0, torch.float32, torch.float32, 0, False,
-                    (sparse_settings if sparse else settings), sparse)
+                    (sparse_settings if kind == "sparse" else settings), kind)
             torch.library.opcheck(linear_ops.linear_distill_forward, args,
                                   test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 from conftest import BACKENDS, device_for
-from helpers import make_labels
+from helpers import linear_loss_matches_reference, make_labels
 
 import kdfast
 from kdfast import cpu_gemm
@@ -31,22 +31,8 @@ def make_inputs(lead_shape, hidden, vocab, k, dtype=torch.float32, bias=True, de
 
 
 def assert_matches_reference(inputs, labels, backend, **options):
-    ours = {k: (v.detach().clone().requires_grad_(k.startswith("student")) if v is not None else None)
-            for k, v in inputs.items()}
-    loss = kdfast.linear_sparse_distill_loss(labels=labels, backend=backend, **ours, **options)
-    weights = torch.randn(loss.shape, generator=torch.Generator().manual_seed(3)).to(loss.device)
-    (loss * weights).sum().backward()
-    theirs = {k: (v.detach().double().cpu().requires_grad_(True) if k.startswith("student") and v is not None
-                  else (v.cpu() if v is not None else None)) for k, v in inputs.items()}
-    ref = linear_sparse_distill_loss_reference(labels=labels.cpu() if labels is not None else None, **theirs,
-                                               **{k: v for k, v in options.items() if k != "chunk_size"})
-    (ref * weights.double().cpu()).sum().backward()
-    rtol, atol = TOLERANCES[inputs["student_hidden"].dtype]
-    torch.testing.assert_close(loss.double().cpu(), ref.detach(), rtol=rtol, atol=atol)
-    for name in ("student_hidden", "student_weight", "student_bias"):
-        if ours[name] is not None:
-            torch.testing.assert_close(ours[name].grad.double().cpu(), theirs[name].grad, rtol=rtol, atol=atol,
-                                       msg=lambda m, name=name: f"{name}.grad: {m}")
+    linear_loss_matches_reference(kdfast.linear_sparse_distill_loss, linear_sparse_distill_loss_reference, inputs,
+                                  labels, TOLERANCES, backend=backend, **options)
 
 
 def _grid():

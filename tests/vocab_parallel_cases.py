@@ -90,6 +90,29 @@ def linear_case(divergence, reduction, uneven, reduce_hidden_grad=True):
     _close(d_hidden, full[0].grad, "hidden gradient")
 
 
+def linear_student_case(divergence, reduction):
+    """The teacher's logits given (`linear_student_distill_loss`): each rank passes its shard's columns."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    start, stop = shard_bounds(world, True)[rank]
+    generator = torch.Generator().manual_seed(6)
+    hs, ws = torch.randn(ROWS, HIDDEN, generator=generator), torch.randn(VOCAB, HIDDEN, generator=generator)
+    teacher = torch.randn(ROWS, VOCAB, generator=generator) * 3
+    labels = torch.randint(0, VOCAB, (ROWS,), generator=generator)
+    labels[::4] = -100
+    settings = dict(SETTINGS, divergence=divergence, reduction=reduction, softcap=8.0, chunk_size=5)
+    full = [hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)]
+    expected = kdfast.linear_student_distill_loss(full[0], full[1], teacher, labels, backend="torch", **settings)
+    weights = torch.linspace(0.5, 1.5, expected.numel()).view(expected.shape)
+    (expected * weights).sum().backward()
+    mine = [hs.clone().requires_grad_(True), ws[start:stop].clone().requires_grad_(True)]
+    loss = kdfast.linear_student_distill_loss(mine[0], mine[1], teacher[:, start:stop], labels,
+                                              process_group=dist.group.WORLD, vocab_range=(start, stop), **settings)
+    (loss * weights).sum().backward()
+    _close(loss, expected, "loss")
+    _close(mine[1].grad, full[1].grad[start:stop], "weight gradient shard")
+    _close(mine[0].grad, full[0].grad, "hidden gradient")
+
+
 def _sparse_teacher(k=9, seed=2):
     generator = torch.Generator().manual_seed(seed)
     top = torch.log_softmax(torch.randn(ROWS, VOCAB, generator=generator) * 2, dim=-1).topk(k, dim=-1)
@@ -356,6 +379,8 @@ def cases(world):
     for divergence in DIVERGENCES:
         listed[f"sparse-{divergence}-bucket-mean-uneven"] = (sparse_case, (divergence, "bucket", "mean", True))
         listed[f"linear-sparse-{divergence}-none"] = (linear_sparse_case, (divergence, "none"))
+    for divergence, reduction in (("forward_kl", "mean"), ("reverse_kl", "none"), ("jsd", "sum")):
+        listed[f"linear-student-{divergence}-{reduction}"] = (linear_student_case, (divergence, reduction))
     listed["sparse-forward_kl-renormalize-sum-equal"] = (sparse_case, ("forward_kl", "renormalize", "sum", False))
     listed["sparse-jsd-bucket-none-equal"] = (sparse_case, ("jsd", "bucket", "none", False))
     listed["sparse-reverse_kl-given-mean-uneven"] = (sparse_case, ("reverse_kl", "given", "mean", True))
