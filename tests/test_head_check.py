@@ -82,8 +82,10 @@ def test_a_decoder_lookup_that_finds_the_head_is_refused():
 
 
 def test_the_trainer_refuses_such_a_teacher_at_its_first_batch(tmp_path):
+    """With teacher_logits="head" (by default the trainer takes its own logits: test_trainer_teacher_logits.py)."""
     student, _ = student_and_teacher()
-    trainer = DistillationTrainer(model=student, teacher_model=norm_head_llama(), args=training_args(tmp_path))
+    trainer = DistillationTrainer(model=student, teacher_model=norm_head_llama(), args=training_args(tmp_path),
+                                  teacher_logits="head")
     with pytest.raises(ValueError, match="LlamaForCausalLM's own logits differ"):
         trainer.compute_loss(trainer.model, token_batch())
 

@@ -1,7 +1,7 @@
 """`DistillationTrainer` with `torch_compile=True`: the Trainer compiles the model's forward, which the fused loss
 skips (it reads the decoder's hidden states and the head itself), so the trainer compiles the loss's own computation
-(the student's decoder, the teachers', the fused loss) with the Trainer's backend, in one graph with one teacher or
-the mixture of two; the steps equal the eager ones.
+(the student's decoder, the teachers', the fused loss) with the Trainer's backend, in one graph with one teacher, the
+mixture of two, or a teacher's own logits; the steps equal the eager ones.
 FSDP and DeepSpeed with torch_compile are refused naming the setting."""
 
 import pytest
@@ -21,17 +21,20 @@ def _train(tmp_path, compiled: bool, teachers: int = 1):
     student, teacher = student_and_teacher(head_scale=4.0)
     if teachers == 2:  # their mixture: each one's hidden states and head, one several-teacher loss
         teacher = {"a": teacher, "b": tiny_llama(48, seed=2)}
+    extra = {}
+    if teachers == "own logits":  # the teacher's whole forward and the student's fused head alone
+        teachers, extra = 1, {"teacher_logits": "own"}
     args = training_args(tmp_path, max_steps=3, optim="sgd", learning_rate=0.5, max_grad_norm=0.0,
                          lr_scheduler_type="constant", torch_compile=compiled,
                          **({"torch_compile_backend": "aot_eager"} if compiled else {}))
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
-                                  train_dataset=as_examples(token_batch()), **SETTINGS)
+                                  train_dataset=as_examples(token_batch()), **SETTINGS, **extra)
     trainer.train()
     return ([param.detach().clone() for param in student.parameters()], counters["stats"]["unique_graphs"],
             dict(counters["graph_break"]))
 
 
-@pytest.mark.parametrize("teachers", [1, 2])
+@pytest.mark.parametrize("teachers", [1, 2, "own logits"])
 def test_the_compiled_trainer_steps_equal_the_eager_ones(tmp_path, teachers):
     eager, eager_graphs, _ = _train(tmp_path / "eager", False, teachers)
     compiled, compiled_graphs, breaks = _train(tmp_path / "compiled", True, teachers)

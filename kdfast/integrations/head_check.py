@@ -46,7 +46,7 @@ def check_head_map(model, inputs) -> None:
     model.eval()  # no dropout: the two forwards must see the same network
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            own = model(**probe, **_no_cache(model)).logits.float()
+            own = model(**probe, **no_cache(model)).logits.float()
             extra = {"position_ids": probe["position_ids"]} if "position_ids" in probe else None
             fused = _mapped_logits(model, _decoder_output(model, probe, extra))
     finally:
@@ -68,7 +68,7 @@ def check_head_map(model, inputs) -> None:
     model.__dict__[_CHECKED] = True
 
 
-def _no_cache(model) -> dict:
+def no_cache(model) -> dict:
     """`use_cache=False` where the forward takes it (a remote-code model's may not)."""
     parameters = inspect.signature(model.forward).parameters
     takes = "use_cache" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())

@@ -37,6 +37,7 @@ from kdfast.integrations.sparse_teacher import (
     sparse_training_data,
 )
 from kdfast.integrations.teacher_loading import is_model_name, load_teacher
+from kdfast.integrations.teacher_logits import batch_distill_from_teacher_logits, check_mode, uses_own_logits
 from kdfast.integrations.teacher_names import (
     TeacherIdCollator,
     check_dataset_teacher_ids,
@@ -84,7 +85,10 @@ class DistillationTrainer(Trainer):
       tokenizes, and its log-probs are the raw model's (T = 1);
     - none of these: `train_dataset` rows carry `teacher_ids` / `teacher_logprobs` ([tokens, K] or [tokens - 1, K]:
       row j the teacher's distribution of token j), e.g. from an inference server.
-    `chunk_size` and `fp32_logits` are those of `kdfast.linear_distill_loss`.
+    `chunk_size` and `fp32_logits` are those of `kdfast.linear_distill_loss`. `teacher_logits` (one teacher model of
+    the student's tokenizer): "auto" fuses the teacher's head where its own logits are the head's (checked at the
+    first batch) and otherwise, with a warning, takes its own forward's logits, the student's head still fused
+    (`kdfast.linear_student_distill_loss`); "head" refuses such a teacher; "own" always takes its own logits.
     With `teacher_tokenizer` the teacher model has another tokenizer than the student's `processing_class`: rows
     with a `text` column are tokenised by both and aligned (`CrossTokenizerCollator`, the default collator), and the
     loss is `kd_weight · linear_cross_vocab_distill_loss(method=cross_vocab)` ("hybrid", "uld" or "mapped") over
@@ -107,7 +111,7 @@ class DistillationTrainer(Trainer):
                  teacher_temperature=None, label_smoothing=0.0, z_loss_weight=0.0, chunk_size="auto", backend="auto",
                  vocab_size=None, shard_teacher=True, fp32_logits=False, teacher_server=None, teacher_top_k=20,
                  teacher_weights=None, teacher_combine="mixture", teacher_tokenizer=None, cross_vocab="hybrid",
-                 teacher_model_init_kwargs=None, **trainer_kwargs):
+                 teacher_model_init_kwargs=None, teacher_logits="auto", **trainer_kwargs):
         teacher_model, names = named_teachers(teacher_model)
         by_name = [teacher_model] if not isinstance(teacher_model, (list, tuple)) else teacher_model
         if teacher_model_init_kwargs is not None and not any(is_model_name(teacher) for teacher in by_name):
@@ -132,6 +136,10 @@ class DistillationTrainer(Trainer):
                              "list of models")
         if teacher_combine not in COMBINES:
             raise ValueError(f"teacher_combine must be one of {COMBINES}, got {teacher_combine!r}")
+        check_mode(teacher_logits, single_teacher=teacher_model is not None and not several
+                   and teacher_tokenizer is None)
+        # Whether the teacher is distilled through its own forward's logits: decided at the first batch.
+        self.teacher_logits, self._own_teacher_logits = teacher_logits, False
         if several:
             check_trainer_weights(teacher_weights, len(teacher_model))
         self.teacher_weights, self.teacher_combine = teacher_weights, teacher_combine
@@ -325,9 +333,11 @@ class DistillationTrainer(Trainer):
         if self.vocab_map is not None:
             check_head_map(teacher, {"input_ids": inputs["teacher_input_ids"],
                                      "attention_mask": inputs.get("teacher_attention_mask")})
-        elif teacher is not None:
-            for each in teacher if isinstance(teacher, list) else [teacher]:
+        elif isinstance(teacher, list):
+            for each in teacher:
                 check_head_map(each, inputs)
+        elif teacher is not None:
+            self._own_teacher_logits = uses_own_logits(self.teacher_logits, teacher, inputs)
 
     def _unwrapped_teacher(self):
         """The teacher model(s) as `_batch_loss` takes them (None for a sparse teacher). Unwrapped here, outside the
@@ -355,8 +365,9 @@ class DistillationTrainer(Trainer):
             return batch_cross_vocab_loss(student, teacher, inputs, self.vocab_map, chunk_size=self.chunk_size,
                                           num_items_in_batch=num_items_in_batch,
                                           groups_in_batch=inputs.get(GROUPS_IN_BATCH), **self.cross_settings)
-        return batch_distill_loss(student, teacher, inputs, self.distill_options, chunk_size=self.chunk_size,
-                                  fp32_logits=self.fp32_logits, num_items_in_batch=num_items_in_batch)
+        batch_loss = batch_distill_from_teacher_logits if self._own_teacher_logits else batch_distill_loss
+        return batch_loss(student, teacher, inputs, self.distill_options, chunk_size=self.chunk_size,
+                          fp32_logits=self.fp32_logits, num_items_in_batch=num_items_in_batch)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):

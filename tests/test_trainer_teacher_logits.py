@@ -1,0 +1,72 @@
+"""DistillationTrainer with a teacher distilled through its own forward's logits (`teacher_logits`): "auto" takes them,
+with a warning, for a teacher whose forward does more before its logits than its head (a head that normalises its
+rows, logits scaled by a name no config shares), and the loss is the float64 one on both models' own logits; "own"
+takes them for any teacher (equal to the fused head's loss where the two agree); "head" refuses such a teacher
+(tests/test_head_check.py); the student's head is fused throughout; bad settings are refused by name."""
+
+import logging
+
+import pytest
+import torch
+from test_head_check import norm_head_llama, scaled_llama
+from tiny_models import reference_loss, student_and_teacher, token_batch, training_args
+
+from kdfast.integrations.transformers import DistillationTrainer
+
+SETTINGS = dict(divergence="jsd", beta=0.3, temperature=2.0, kd_weight=0.7, ce_weight=0.4)
+
+
+@pytest.mark.parametrize("make", [norm_head_llama, scaled_llama], ids=lambda make: make.__name__)
+def test_auto_takes_the_own_logits_of_a_teacher_whose_head_is_not_all(tmp_path, make, caplog):
+    student, _ = student_and_teacher(head_scale=4.0)
+    teacher = make()
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=training_args(tmp_path), **SETTINGS)
+    batch = token_batch()
+    with caplog.at_level(logging.WARNING, logger="kdfast.integrations.teacher_logits"):
+        loss = trainer.compute_loss(trainer.model, batch)
+    assert "own logits differ" in caplog.text and "teacher_logits='own'" in caplog.text
+    torch.testing.assert_close(loss.double(), reference_loss(student, teacher, batch, **SETTINGS), rtol=1e-5,
+                               atol=1e-6)
+    loss.backward()  # the student's head and decoder get their gradients through the fused head
+    assert student.lm_head.weight.grad is not None and student.model.layers[0].mlp.up_proj.weight.grad is not None
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kdfast.integrations.teacher_logits"):
+        trainer.compute_loss(trainer.model, batch)
+    assert not caplog.text, "the verdict is kept: one warning per teacher"
+
+
+def test_own_equals_the_fused_head_for_a_teacher_they_agree_on(tmp_path):
+    student, teacher = student_and_teacher(head_scale=4.0)
+    batch = token_batch()
+    losses = []
+    for mode in ("own", "head"):
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=training_args(tmp_path),
+                                      teacher_logits=mode, **SETTINGS)
+        losses.append(trainer.compute_loss(trainer.model, batch))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+
+
+def test_two_training_steps_on_a_teacher_with_its_own_logits(tmp_path):
+    from datasets import Dataset
+    from tiny_models import as_examples
+
+    student, _ = student_and_teacher()
+    data = Dataset.from_list(as_examples(token_batch(rows=8)))
+    trainer = DistillationTrainer(model=student, teacher_model=norm_head_llama(),
+                                  args=training_args(tmp_path, max_steps=2), train_dataset=data, **SETTINGS)
+    before = student.lm_head.weight.detach().clone()
+    trainer.train()
+    assert not torch.equal(before, student.lm_head.weight)
+    assert torch.isfinite(student.lm_head.weight).all()
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(teacher_logits="logits"), r"teacher_logits must be one of \('auto', 'head', 'own'\)"),
+    (dict(teacher_logits="own", several=True), "teacher_logits='own' needs a single teacher_model"),
+])
+def test_bad_settings_are_refused(tmp_path, change, message):
+    student, teacher = student_and_teacher()
+    several = change.pop("several", False)
+    with pytest.raises(ValueError, match=message):
+        DistillationTrainer(model=student, teacher_model=[teacher, teacher] if several else teacher,
+                            args=training_args(tmp_path), **change)
