@@ -1,5 +1,6 @@
 """kdfast.integrations.trl against TRL itself: `generalized_jsd_loss` gives TRL's values and gradients, and the
-kdfast `GKDTrainer` computes TRL's GKD loss (from hidden states) and runs its on-policy step."""
+kdfast `GKDTrainer` computes TRL's GKD loss (from hidden states, or a teacher's own logits where its head is not all
+its forward does) and runs its on-policy step."""
 
 import warnings
 
@@ -52,7 +53,7 @@ def test_elementwise_reduction_is_trls():
     torch.testing.assert_close(loss, TRL_LOSS(student, teacher, reduction="none"))
 
 
-def _gkd_trainers(tmp_path, beta, lmbda=0.0):
+def _gkd_trainers(tmp_path, beta, lmbda=0.0, make_teacher=None):
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig
 
@@ -61,6 +62,7 @@ def _gkd_trainers(tmp_path, beta, lmbda=0.0):
     trainers = []
     for cls in (trl_gkd.GKDTrainer, kdfast_trl.GKDTrainer):
         student, teacher = student_and_teacher(head_scale=30.0)
+        teacher = make_teacher() if make_teacher is not None else teacher
         # GKDConfig defaults to bf16 autocast; fp32 compares the two losses at fp32 precision.
         args = training_args(tmp_path, beta=beta, lmbda=lmbda, max_new_tokens=4, bf16=False, config_cls=GKDConfig)
         with warnings.catch_warnings():
@@ -70,9 +72,13 @@ def _gkd_trainers(tmp_path, beta, lmbda=0.0):
     return trainers
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_gkd_trainer_loss_and_gradients_equal_trls(tmp_path, beta):
-    trl_trainer, kdfast_trainer = _gkd_trainers(tmp_path, beta)
+@pytest.mark.parametrize("beta,teacher", [(0.0, None), (0.5, None), (1.0, None), (0.5, "norm head")])
+def test_gkd_trainer_loss_and_gradients_equal_trls(tmp_path, beta, teacher):
+    """"norm head": a teacher whose head normalises its rows, distilled through its own logits as TRL's trainer
+    distils it (teacher_logits="auto")."""
+    from test_head_check import norm_head_llama
+
+    trl_trainer, kdfast_trainer = _gkd_trainers(tmp_path, beta, make_teacher=norm_head_llama if teacher else None)
     batch = token_batch()
     results = []
     for trainer in (trl_trainer, kdfast_trainer):

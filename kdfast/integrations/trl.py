@@ -18,6 +18,7 @@ from kdfast.integrations.causal_lm import batch_distill_loss
 from kdfast.integrations.compiled_loss import check_compile_supported, compiled, entered_model
 from kdfast.integrations.head_check import check_head_map
 from kdfast.integrations.sharding import fsdp2_sharded_teacher, run_through_wrapper
+from kdfast.integrations.teacher_logits import batch_distill_from_teacher_logits, check_mode, uses_own_logits
 from kdfast.loss import distill_loss
 from kdfast.options import LossOptions
 
@@ -65,9 +66,13 @@ class GKDTrainer(_TRLGKDTrainer):
     kdfast's fused one: JSD with `args.beta` at temperature 1 (TRL's `temperature` is its sampling temperature
     and does not enter its loss), per label token or per `num_items_in_batch`, computed from both models' last
     hidden states and LM-head weights. Under accelerate's FSDP2 plugin the teacher is sharded as the student is
-    (`shard_teacher=True`, the default; TRL keeps a whole copy per process) or kept whole (`shard_teacher=False`)."""
+    (`shard_teacher=True`, the default; TRL keeps a whole copy per process) or kept whole (`shard_teacher=False`).
+    `teacher_logits` as kdfast's `DistillationTrainer` takes it: by default a teacher whose own logits are not its
+    head's (TRL's trainer takes its own forward's) is distilled through them, the student's head still fused."""
 
-    def __init__(self, *args, shard_teacher=True, **kwargs):
+    def __init__(self, *args, shard_teacher=True, teacher_logits="auto", **kwargs):
+        check_mode(teacher_logits, single_teacher=True)
+        self.teacher_logits = teacher_logits
         super().__init__(*args, **kwargs)
         check_compile_supported(self)
         if shard_teacher and self.is_fsdp_enabled and self.accelerator.is_fsdp2:
@@ -89,13 +94,16 @@ class GKDTrainer(_TRLGKDTrainer):
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         self.teacher_model.eval()
         with self.accelerator.autocast():
-            for model in (student, teacher):  # each one's own logits against the loss's, once (outside the compile)
-                check_head_map(model, inputs)
+            # Each one's own logits against the loss's, once (outside the compile); a teacher that fails it may be
+            # distilled through its own logits.
+            check_head_map(student, inputs)
+            own = uses_own_logits(self.teacher_logits, teacher, inputs)
             # One settings record while beta stays: a compiled loss's guards then hold from step to step.
             if getattr(self, "_loss_options", None) is None or self._loss_options.beta != self.beta:
                 self._loss_options = gkd_options(self.beta)
-            return compiled(self, batch_distill_loss)(student, teacher, inputs, self._loss_options,
-                                                      num_items_in_batch=num_items_in_batch)
+            batch_loss = batch_distill_from_teacher_logits if own else batch_distill_loss
+            return compiled(self, batch_loss)(student, teacher, inputs, self._loss_options,
+                                              num_items_in_batch=num_items_in_batch)
 
 
 def gkd_options(beta: float) -> LossOptions:
