@@ -91,8 +91,8 @@ def contenders(inputs, args):
         return distillkit_style_loss(h @ w.t(), ids, logprobs, labels, temperature=args.temperature,
                                      ce_weight=args.ce_weight)
 
-    return {SPARSE: lambda: fwd_bwd(lambda h, w: kdfast.linear_sparse_distill_loss(h, w, ids, logprobs, labels,
-                                                                                   **options)),
+    methods = {SPARSE: lambda: fwd_bwd(lambda h, w: kdfast.linear_sparse_distill_loss(h, w, ids, logprobs, labels,
+                                                                                      **options)),
             NO_TEACHER: lambda: fwd_bwd(lambda h, w: kdfast.linear_sparse_distill_loss(
                 h, w, ids, logprobs, labels, **{**options, "kd_weight": 0.0})),
             live_teacher_name(args.hidden): live_teacher(args.hidden),
@@ -105,6 +105,26 @@ def contenders(inputs, args):
             "torch eager, teacher logits given (student logits materialised)": lambda: fwd_bwd(
                 lambda h, w: distill_loss_reference(h @ w.t(), teacher_logits, labels, dtype=torch.float32,
                                                     **options))}
+    methods.update(liger_kl_contenders(hs, ws, teacher_logits, labels, args.temperature, fwd_bwd))
+    return methods
+
+
+def liger_kl_contenders(hs, ws, teacher_logits, labels, temperature, fwd_bwd) -> dict:
+    """On a GPU with Liger-Kernel: its LigerFusedLinearKLDivLoss (a student head against a given target
+    distribution, Triton only) and kdfast's given-logits form on the same work, the KL alone (no CE, no T^2, a mean
+    over the kept rows): Liger is given q = softmax(teacher / T), kdfast the teacher's logits."""
+    if hs.device.type != "cuda":
+        return {}
+    try:
+        from liger_kernel.transformers.fused_linear_kl_div import LigerFusedLinearKLDivLoss
+    except ImportError:
+        return {}
+    target = torch.softmax(teacher_logits.float() / temperature, dim=-1).to(hs.dtype)
+    liger = LigerFusedLinearKLDivLoss(reduction="batchmean", temperature=temperature)
+    return {"Liger LigerFusedLinearKLDivLoss (KL alone)": lambda: fwd_bwd(lambda h, w: liger(h, w, target, labels)),
+            "kdfast linear_student_distill_loss (KL alone)": lambda: fwd_bwd(
+                lambda h, w: kdfast.linear_student_distill_loss(h, w, teacher_logits, labels, temperature=temperature,
+                                                                t2_scale=False))}
 
 
 def memory_contender(settings: dict, name: str):

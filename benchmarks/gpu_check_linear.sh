@@ -15,16 +15,18 @@
 # (bench_cross_entropy.py, step `ce`: kdfast.cross_entropy against torch and Liger's CrossEntropyLoss at 8192 x 128256
 # bf16, then with softcap 30; seconds); a Hugging Face Llama's own loss against kdfast.patch_causal_lm and Liger's
 # fused linear CE forward (bench_causal_lm.py, step `causal-lm`: 2 layers, hidden 2048, V=128256, 4 x 2048 tokens
-# bf16; seconds); then the GPU tests of these paths. Results:
+# bf16; seconds); stored teachers (bench_linear_sparse.py, step `stored`: top-k, the dense logits given to
+# linear_student_distill_loss against Liger's LigerFusedLinearKLDivLoss, live heads; N=8192 H_s=2048 V=128256 bf16);
+# then the GPU tests of these paths. Results:
 # benchmarks/results/ (and $OUT, when the device tool runs it). About 15 minutes in all with the build; where one
 # command may run 10 minutes at most, split it: STEPS="linear chunks precision trl" then STEPS="small step kernels ce
-# causal-lm multi cross tests" (the kernels' build is cached between the two on the same machine). Seen on an H200 on
+# causal-lm multi cross stored tests" (the kernels' build is cached between the two on the same machine). Seen on an H200 on
 # 2026-12-04: the build 43-53 s, `trl` about 60 s, `multi` about 95 s, `tests` on five of its files 64 s and on nine
 # 104 s; `suite` reached 36% in 200 s, and without those nine files 77% in 320 s. Steps run in the order STEPS names them; step `suite` runs the whole test suite on the GPU but for the
 # files that test only the CPU or the build (their CPU time would crowd the GPU's tests out of a short lease; CI runs
 # them).
 set -uo pipefail
-STEPS=${STEPS:-linear chunks precision trl small step kernels ce causal-lm multi cross tests}
+STEPS=${STEPS:-linear chunks precision trl small step kernels ce causal-lm multi cross stored tests}
 source "$(dirname "$0")/gpu_env.sh"
 
 collect() {  # few files come back from a device run: this run's CSVs and logs so far, in one archive in $OUT
@@ -76,6 +78,8 @@ for name in $STEPS; do
       --teachers 3 --linear-tokens 8192 --hidden 2048 --teacher-hidden 2048 4096 ;;
     cross) step "another vocabulary (2048 rows, V_s 32000, V_t 40000)" "${CROSS_TIMEOUT:-90}" benchmarks/bench_cross_vocab.py \
       --device cuda --rows 2048 --repeats 5 ;;
+    stored) step "stored teachers: top-k, dense logits given (and Liger's fused linear KL), live heads" \
+      "${STORED_TIMEOUT:-150}" benchmarks/bench_linear_sparse.py ;;
     tests) pytest_step "GPU tests of these paths" "${TEST_TIMEOUT:-240}" gpu_linear_tests.txt ${TEST_FILES:-\
       tests/test_cuda_step.py tests/test_fp32_logits.py tests/test_linear_loss.py tests/test_cuda_backend.py \
       tests/test_numerics.py tests/test_multi_teacher.py tests/test_triton_mixture.py tests/test_cuda_mixture.py \
@@ -93,7 +97,8 @@ for name in $STEPS; do
       tests/test_modelopt_megatron_peer_cases.py tests/test_cross_entropy.py tests/test_flash_attn_peer_cases.py \
       tests/test_megatron_peer_cases.py tests/test_prime_rl_peer_cases.py tests/test_roll_peer_cases.py \
       tests/test_confident_label_gradient.py tests/test_transformer_engine_peer_cases.py tests/test_quack_peer_cases.py \
-      tests/test_class_weights.py tests/test_liger_cross_entropy_cases.py} ;;
+      tests/test_class_weights.py tests/test_liger_cross_entropy_cases.py tests/test_linear_student_loss.py \
+      tests/test_liger_linear_kl_div_cases.py} ;;
     suite) pytest_step "the test suite on the GPU (every backend; CPU-only files left to CI)" \
       "${TEST_TIMEOUT:-240}" gpu_suite_tests.txt tests "${CPU_ONLY_IGNORES[@]}" ;;
     *) echo "unknown step $name" >&2; status=1 ;;
