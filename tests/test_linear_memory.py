@@ -1,5 +1,6 @@
 """The fused linear loss holds one chunk of logits, never [tokens, vocab]: its extra peak memory for a training
-step's loss + backward stays under a quarter of one float32 [tokens, vocab] tensor, measured in a fresh process at
+step's loss + backward (a live teacher head, or the teacher's logits given) stays under a quarter of one float32
+[tokens, vocab] tensor, measured in a fresh process at
 N=4096, H=256, V=32000 (glibc's mmap threshold pinned there, so that the peak is what the step holds live, not what
 the heap happened to keep of the chunks it freed: kdfast/memory.py)."""
 
@@ -30,10 +31,30 @@ def linear_step(device, tokens, hidden, vocab):
     return step
 
 
-def test_cpu_peak_is_a_fraction_of_one_logits_tensor():
+def given_logits_step(device, tokens, hidden, vocab):
+    """`linear_step` with the teacher's logits given (`linear_student_distill_loss`), as a shifted view of [1, N + 1,
+    V] logits (not one run of rows: each chunk gathers its own). The given logits are an input, held before the step
+    like the hidden states; what the step adds is measured."""
+    generator = torch.Generator().manual_seed(0)
+    student_hidden = torch.randn(1, tokens, hidden, generator=generator).to(device).requires_grad_(True)
+    student_weight = (torch.randn(vocab, hidden, generator=generator) * 0.1).to(device).requires_grad_(True)
+    teacher_logits = torch.randn(1, tokens + 1, vocab, generator=generator).to(device)[:, :-1]
+    labels = torch.randint(0, vocab, (1, tokens), generator=generator).to(device)
+
+    def step():
+        loss = kdfast.linear_student_distill_loss(student_hidden, student_weight, teacher_logits, labels,
+                                                  ce_weight=0.5, temperature=2.0)
+        loss.backward()
+        student_hidden.grad = student_weight.grad = None
+
+    return step
+
+
+@pytest.mark.parametrize("factory", ["linear_step", "given_logits_step"])
+def test_cpu_peak_is_a_fraction_of_one_logits_tensor(factory):
     tokens, hidden, vocab = 4096, 256, 32_000
     one_logits_tensor = tokens * vocab * 4
-    extra = extra_peak_bytes_in_child(f"{Path(__file__)}:linear_step", "cpu", tokens, hidden, vocab)
+    extra = extra_peak_bytes_in_child(f"{Path(__file__)}:{factory}", "cpu", tokens, hidden, vocab)
     # The gradients themselves (student_weight.grad: 31 MiB, student_hidden.grad: 4 MiB) are part of "extra".
     assert extra < one_logits_tensor / 4, f"extra peak {extra / 2**20:.0f} MiB"
 
