@@ -1,5 +1,6 @@
 """Hypothesis-generated heads, chunk sizes and settings for the fused linear forms against their float64 references:
-`linear_distill_loss` (every student input's gradient) and `linear_token_logprobs` (log-probs, entropy, gradients).
+`linear_distill_loss` and `linear_student_distill_loss` (every student input's gradient) and `linear_token_logprobs`
+(log-probs, entropy, gradients).
 Chunk boundaries are where a linear form can go wrong and a logits-level test cannot see it, so the chunk size is
 drawn from 1 to past the row count."""
 
@@ -101,6 +102,39 @@ def test_linear_distill_loss_matches_reference(case, backend):
     torch.testing.assert_close(loss.double().cpu(), ref.detach(), rtol=rtol, atol=atol)
     assert_gradients_close({name: ours[name] for name in ("student_hidden", "student_weight", "student_bias")}, theirs,
                            rtol, atol)
+
+
+@settings(max_examples=property_examples(30), deadline=None, derandomize=True)
+@given(case=linear_cases(), backend=st.sampled_from(BACKENDS), teacher_dtype=st.sampled_from([torch.float32,
+                                                                                              torch.bfloat16]))
+def test_linear_student_distill_loss_matches_reference(case, backend, teacher_dtype):
+    """The teacher's logits given (its head's, mapped, in float32 or rounded to bf16), as a shifted view when the rows
+    have two leading dimensions: the reference reads the same given values."""
+    from kdfast.reference import linear_student_distill_loss_reference
+
+    student, teacher, labels, options = case
+    device = device_for(backend)
+    teacher_scale, teacher_cap = options.pop("teacher_logit_scale"), options.pop("teacher_softcap")
+    logits = _logits(teacher) * teacher_scale
+    if teacher_cap is not None:
+        logits = teacher_cap * torch.tanh(logits / teacher_cap)
+    given = logits.to(teacher_dtype)
+    if given.dim() == 3:  # a view of rows that are not one run in memory, as `logits[:, :-1]` is
+        given = torch.cat([given, given[:, :1]], dim=1)[:, :-1]
+    head = dict(softcap=options.pop("student_softcap"), logit_scale=options.pop("student_logit_scale"))
+    ours = {k: v.detach().to(device).requires_grad_(True) if v is not None else None for k, v in student.items()}
+    loss = kdfast.linear_student_distill_loss(ours["hidden"], ours["weight"], given.to(device), labels.to(device),
+                                              student_bias=ours["bias"], backend=backend, **head, **options)
+    output_weights = torch.randn(loss.shape, generator=torch.Generator().manual_seed(3))
+    (loss * output_weights.to(device)).sum().backward()
+    theirs = {k: v.detach().double().requires_grad_(True) if v is not None else None for k, v in student.items()}
+    ref = linear_student_distill_loss_reference(theirs["hidden"], theirs["weight"], given, labels,
+                                                student_bias=theirs["bias"], **head, **options)
+    (ref * output_weights.double()).sum().backward()
+    rtol, atol = tolerances(_logits(student) * head["logit_scale"] / options["temperature"],
+                            logits / options["temperature"])
+    torch.testing.assert_close(loss.double().cpu(), ref.detach(), rtol=rtol, atol=atol)
+    assert_gradients_close(ours, theirs, rtol, atol)
 
 
 @st.composite
