@@ -33,11 +33,14 @@ from trainer_sharded_trl_cases import (
 )
 
 
-def distillation_case(tmp_path, setup, *, sparse: bool, shard_teacher: bool = True):
+def distillation_case(tmp_path, setup, *, sparse: bool, shard_teacher: bool = True, teacher_logits: str = "auto"):
+    """`teacher_logits="own"`: the teacher's own forward (its hooks gathering a sharded teacher's parameters) gives
+    its logits, the student's head fused."""
     from fsdp2_cases import sparse_inputs
     from tiny_models import as_examples, student_and_teacher, token_batch
 
     from kdfast.integrations.causal_lm import batch_distill_loss, batch_sparse_distill_loss
+    from kdfast.integrations.teacher_logits import batch_distill_from_teacher_logits
     from kdfast.integrations.transformers import DistillationTrainer
     from kdfast.options import LossOptions
     from kdfast.sparse_options import SparseOptions
@@ -50,11 +53,12 @@ def distillation_case(tmp_path, setup, *, sparse: bool, shard_teacher: bool = Tr
         batch_loss = lambda model, inputs: batch_sparse_distill_loss(model, inputs, opts)  # noqa: E731
     else:
         opts = LossOptions(**SETTINGS)
-        batch_loss = lambda model, inputs: batch_distill_loss(model, teacher, inputs, opts)  # noqa: E731
+        loss_fn = batch_distill_from_teacher_logits if teacher_logits == "own" else batch_distill_loss
+        batch_loss = lambda model, inputs: loss_fn(model, teacher, inputs, opts)  # noqa: E731
     expected = reference_run(student_and_teacher(head_scale=4.0)[0], batch, batch_loss)
     trainer = DistillationTrainer(model=student, teacher_model=None if sparse else teacher,
                                   args=trainer_args(tmp_path, setup), train_dataset=as_examples(batch),
-                                  shard_teacher=shard_teacher, **SETTINGS)
+                                  shard_teacher=shard_teacher, teacher_logits=teacher_logits, **SETTINGS)
     train_and_compare(trainer, expected, teacher_sharded=None if sparse else shard_teacher)
     # An evaluation's parts, summed over the processes as its loss is gathered, add up to its loss.
     metrics = trainer.evaluate(as_examples(batch))
@@ -219,6 +223,7 @@ def teacher_by_path_case(tmp_path, setup, *, shard_teacher: bool = True):
 CASES = {"sharded-teacher": functools.partial(distillation_case, sparse=False),
          "replicated-teacher": functools.partial(distillation_case, sparse=False, shard_teacher=False),
          "sparse-teacher": functools.partial(distillation_case, sparse=True),
+         "sharded-teacher, own logits": functools.partial(distillation_case, sparse=False, teacher_logits="own"),
          "multi-teacher": multi_teacher_case,
          "multi-teacher, routed": functools.partial(multi_teacher_case, routed=True),
          "multi-teacher, routed, replicated": functools.partial(multi_teacher_case, routed=True, shard_teacher=False),
