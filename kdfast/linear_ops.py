@@ -53,10 +53,10 @@ def linear_distill_forward(student_hidden: torch.Tensor, student_weight: torch.T
                            teacher_kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The student's hidden states [N, H] and head [V, H]; the teacher (`teacher_kind`): "head", its hidden states
     [N, H_t] and head [V, H_t] (`teacher_a`, `teacher_b`) and bias; "sparse", its ids [N, K] and log-probs [N, K or
-    K + 1]; "logits", its logits [N, V_t] (`teacher_a`); or None (CE alone). The rows' loss parts [N, PART_COLUMNS]
-    float32 and d hidden, d weight, d bias in their inputs' dtypes (an empty tensor where not wanted), each row's
-    gradient times `row_weights` [N] when given (a per-row loss's backward). Softcaps of 0: none; the dtypes: each
-    head's GEMM's; `chunk_size` 0: "auto"."""
+    K + 1]; "logits", its logits [..., V_t] with N rows (`teacher_a`, as given); or None (CE alone). The rows' loss
+    parts [N, PART_COLUMNS] float32 and d hidden, d weight, d bias in their inputs' dtypes (an empty tensor where not
+    wanted), each row's gradient times `row_weights` [N] when given (a per-row loss's backward). Softcaps of 0: none;
+    the dtypes: each head's GEMM's; `chunk_size` 0: "auto"."""
     opts = (SparseOptions if teacher_kind == "sparse" else LossOptions).decode(settings)
     targets = (None if teacher_a is None else SparseTargets(teacher_a, teacher_b) if teacher_kind == "sparse" else
                TeacherLogits(teacher_a) if teacher_kind == "logits" else
@@ -98,9 +98,8 @@ def compiled_linear_loss(student_hidden, student_weight, student_bias, teacher, 
     elif isinstance(teacher, SparseTargets):
         ids, logprobs = teacher.ids.to(torch.int64), teacher.logprobs.detach()
         tensors, kind = (ids.reshape(-1, ids.shape[-1]), logprobs.reshape(-1, logprobs.shape[-1]), None), "sparse"
-    elif isinstance(teacher, TeacherLogits):
-        logits = teacher.logits.detach()
-        tensors, kind = (logits.reshape(-1, logits.shape[-1]), None, None), "logits"
+    elif isinstance(teacher, TeacherLogits):  # as given: a reshape would copy a view such as logits[:, :-1] whole
+        tensors, kind = (teacher.logits.detach(), None, None), "logits"
     else:
         tensors = (teacher.hidden.detach().reshape(-1, teacher.hidden.shape[-1]), teacher.weight.detach(),
                    teacher.bias.detach() if teacher.bias is not None else None)

@@ -147,8 +147,10 @@ def test_the_module_and_ce_alone():
 
 
 def test_under_torch_compile():
-    """A compiled step traces through it whole (`fullgraph=True`) and gives the eager loss and gradients."""
+    """A compiled step traces through it whole (`fullgraph=True`) and gives the eager loss and gradients, the
+    teacher's logits a shifted view (taken as given, never copied whole)."""
     inputs = make_inputs((2, 9), 16, 70)
+    inputs["teacher_logits"] = torch.randn(2, 10, 70, generator=torch.Generator().manual_seed(8))[:, 1:]
     labels = make_labels((2, 9), 70, "some")
 
     def step(hidden, weight, teacher, labels):
