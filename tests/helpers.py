@@ -155,7 +155,8 @@ def assert_same_trainer_outcome(actual, expected, rtol=1e-5) -> None:
 def linear_loss_matches_reference(loss_fn, reference_fn, inputs, labels, tolerances, **options):
     """A fused linear loss (`loss_fn(labels=, **inputs, **options)`) and the gradients of its `student_*` inputs,
     under a random upstream gradient, against `reference_fn` on the same inputs, the student's in float64 on the CPU
-    (`chunk_size` is not passed to it). `tolerances`: (rtol, atol) per the hidden states' dtype. Returns the loss."""
+    (`chunk_size`, `backend` and `fp32_logits` are not passed to it). `tolerances`: (rtol, atol) per the hidden
+    states' dtype. Returns the loss."""
     ours = {k: (v.detach().clone().requires_grad_(k.startswith("student")) if v is not None else None)
             for k, v in inputs.items()}
     loss = loss_fn(labels=labels, **ours, **options)
@@ -164,7 +165,7 @@ def linear_loss_matches_reference(loss_fn, reference_fn, inputs, labels, toleran
     theirs = {k: (v.detach().double().cpu().requires_grad_(True) if k.startswith("student") and v is not None
                   else (v.cpu() if v is not None else None)) for k, v in inputs.items()}
     ref = reference_fn(labels=labels.cpu() if labels is not None else None, **theirs,
-                       **{k: v for k, v in options.items() if k not in ("chunk_size", "backend")})
+                       **{k: v for k, v in options.items() if k not in ("chunk_size", "backend", "fp32_logits")})
     (ref * weights.double().cpu()).sum().backward()
     rtol, atol = tolerances[inputs["student_hidden"].dtype]
     torch.testing.assert_close(loss.double().cpu(), ref.detach(), rtol=rtol, atol=atol)

@@ -67,13 +67,24 @@ def test_chunk_sizes(chunk_size):
                              temperature=2.0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("teacher_dtype", [torch.bfloat16, torch.float16])
-def test_16_bit_teacher_logits(teacher_dtype):
+def test_16_bit_teacher_logits(backend, teacher_dtype):
     """A teacher's logits kept in 16 bits (its forward under autocast) are read as they are: the reference takes
     the same rounded values."""
-    inputs = make_inputs((3, 11), 16, 257, teacher_dtype=teacher_dtype)
-    assert_matches_reference(inputs, make_labels((3, 11), 257, "some"), chunk_size=8, ce_weight=0.3,
-                             temperature=2.0, divergence="jsd")
+    device = device_for(backend)
+    inputs = make_inputs((3, 11), 16, 257, teacher_dtype=teacher_dtype, device=device)
+    assert_matches_reference(inputs, make_labels((3, 11), 257, "some", device=device), backend, chunk_size=8,
+                             ce_weight=0.3, temperature=2.0, divergence="jsd")
+
+
+@pytest.mark.parametrize("fp32_logits", [False, True])
+def test_a_16_bit_student(fp32_logits):
+    """bf16 hidden states and head (their GEMM in bf16, its logits rounded or kept in float32) against bf16 teacher
+    logits, within bf16's tolerance of the float64 reference on the same rounded inputs."""
+    inputs = make_inputs((4, 9), 32, 301, dtype=torch.bfloat16, teacher_dtype=torch.bfloat16)
+    assert_matches_reference(inputs, make_labels((4, 9), 301, "some"), chunk_size=10, ce_weight=0.5,
+                             temperature=2.0, fp32_logits=fp32_logits)
 
 
 def test_a_shifted_view_of_the_logits_is_read_in_place():
