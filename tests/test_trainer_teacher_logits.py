@@ -2,16 +2,19 @@
 with a warning, for a teacher whose forward does more before its logits than its head (a head that normalises its
 rows, logits scaled by a name no config shares), and the loss is the float64 one on both models' own logits; "own"
 takes them for any teacher (equal to the fused head's loss where the two agree); "head" refuses such a teacher
-(tests/test_head_check.py); the student's head is fused throughout; bad settings are refused by name."""
+(tests/test_head_check.py); the student's head is fused throughout; a teacher that is any module returning logits
+(an ensemble) is distilled through them; bad settings are refused by name."""
 
+import copy
 import logging
 
 import pytest
 import torch
 from test_head_check import norm_head_llama, scaled_llama
-from tiny_models import reference_loss, student_and_teacher, token_batch, training_args
+from tiny_models import reference_loss, student_and_teacher, tiny_llama, token_batch, training_args
 
 from kdfast.integrations.transformers import DistillationTrainer
+from kdfast.reference import distill_loss_reference
 
 SETTINGS = dict(divergence="jsd", beta=0.3, temperature=2.0, kd_weight=0.7, ce_weight=0.4)
 
@@ -44,6 +47,46 @@ def test_own_equals_the_fused_head_for_a_teacher_they_agree_on(tmp_path):
                                       teacher_logits=mode, **SETTINGS)
         losses.append(trainer.compute_loss(trainer.model, batch))
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+
+
+class LogitEnsemble(torch.nn.Module):
+    """A teacher that is no causal LM: the average of two models' logits, returned as a plain tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.members = torch.nn.ModuleList([tiny_llama(48, seed=2), tiny_llama(64, seed=3)])
+
+    def forward(self, input_ids, attention_mask=None):
+        return sum(member(input_ids=input_ids, attention_mask=attention_mask).logits
+                   for member in self.members) / len(self.members)
+
+
+def test_a_teacher_module_that_returns_logits(tmp_path):
+    """Any module whose forward returns the logits is distilled through them ("auto", and "own"); "head" refuses it
+    by name, as it does a forward that returns no logits."""
+    student, _ = student_and_teacher(head_scale=4.0)
+    teacher = LogitEnsemble()
+    batch = token_batch()
+    with torch.no_grad():
+        expected = distill_loss_reference(
+            copy.deepcopy(student).double()(input_ids=batch["input_ids"],
+                                            attention_mask=batch["attention_mask"]).logits[:, :-1],
+            copy.deepcopy(teacher).double()(batch["input_ids"], batch["attention_mask"])[:, :-1],
+            batch["labels"][:, 1:], **SETTINGS)
+    for mode in ("auto", "own"):
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=training_args(tmp_path),
+                                      teacher_logits=mode, **SETTINGS)
+        loss = trainer.compute_loss(trainer.model, batch)
+        torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    trainer = DistillationTrainer(model=student, teacher_model=LogitEnsemble(), args=training_args(tmp_path),
+                                  teacher_logits="head", **SETTINGS)
+    with pytest.raises(ValueError, match="LogitEnsemble.* has no get_output_embeddings.* teacher_logits='own'"):
+        trainer.compute_loss(trainer.model, batch)
+    mute = LogitEnsemble()
+    mute.forward = lambda input_ids, attention_mask=None: {"hidden": input_ids}
+    trainer = DistillationTrainer(model=student, teacher_model=mute, args=training_args(tmp_path), **SETTINGS)
+    with pytest.raises(ValueError, match=r"must return its logits \[batch, seq, vocab\]"):
+        trainer.compute_loss(trainer.model, batch)
 
 
 def test_two_training_steps_on_a_teacher_with_its_own_logits(tmp_path):

@@ -6,7 +6,10 @@ the student's never do.
 
 `teacher_logits` of the trainers: "head" distils the teacher's head fused, and refuses at the first batch a teacher
 whose own logits differ from the head's (kdfast.integrations.head_check); "own" always takes its own logits; "auto"
-(the default) takes the head where the check passes and the own logits, with a warning, where it does not."""
+(the default) takes the head where the check passes and the own logits, with a warning, where it does not. A teacher
+that is no causal LM with a linear head (an ensemble's module, a wrapped model of another library: any module whose
+forward takes `input_ids` and `attention_mask` and returns the logits, or an output with `.logits`) has its own
+logits taken under "auto" and "own", and is refused by name under "head"."""
 
 from __future__ import annotations
 
@@ -48,6 +51,13 @@ def uses_own_logits(mode: str, teacher, inputs) -> bool:
     images it cannot probe alone, is checked again at the next)."""
     if mode == "own" or teacher.__dict__.get(_OWN_LOGITS):
         return True
+    if not has_linear_head(teacher):
+        if mode == "head":
+            raise ValueError(f"teacher_logits='head' but the teacher ({type(teacher).__name__}) has no "
+                             f"get_output_embeddings() LM head to fuse: pass teacher_logits='own' (or 'auto') to "
+                             f"distil it through its forward's logits")
+        teacher.__dict__[_OWN_LOGITS] = True
+        return True
     if mode == "head":
         check_head_map(teacher, inputs)
         return False
@@ -62,9 +72,21 @@ def uses_own_logits(mode: str, teacher, inputs) -> bool:
     return False
 
 
+def has_linear_head(model) -> bool:
+    """Whether the model names an LM head with a weight, as a Hugging Face causal LM does (`get_output_embeddings`)."""
+    getter = getattr(model, "get_output_embeddings", None)
+    return callable(getter) and isinstance(getattr(getter(), "weight", None), torch.Tensor)
+
+
 def own_logits(model, input_ids, attention_mask=None, extra=None) -> torch.Tensor:
-    """The model's own forward's logits, [batch, seq, V]."""
-    return model(input_ids=input_ids, attention_mask=attention_mask, **(extra or {}), **no_cache(model)).logits
+    """The model's own forward's logits, [batch, seq, V]: its output's `.logits`, or the output itself."""
+    output = model(input_ids=input_ids, attention_mask=attention_mask, **(extra or {}), **no_cache(model))
+    logits = getattr(output, "logits", output)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"the teacher's forward ({type(model).__name__}) must return its logits [batch, seq, vocab] "
+                         f"for input_ids {tuple(input_ids.shape)} (a tensor, or an output with .logits), got {got}")
+    return logits
 
 
 def batch_distill_from_teacher_logits(student, teacher, inputs, options: LossOptions, *, chunk_size="auto",

@@ -88,7 +88,9 @@ class DistillationTrainer(Trainer):
     `chunk_size` and `fp32_logits` are those of `kdfast.linear_distill_loss`. `teacher_logits` (one teacher model of
     the student's tokenizer): "auto" fuses the teacher's head where its own logits are the head's (checked at the
     first batch) and otherwise, with a warning, takes its own forward's logits, the student's head still fused
-    (`kdfast.linear_student_distill_loss`); "head" refuses such a teacher; "own" always takes its own logits.
+    (`kdfast.linear_student_distill_loss`); "head" refuses such a teacher; "own" always takes its own logits. A
+    teacher_model that is no causal LM (any module whose forward takes `input_ids` and `attention_mask` and returns
+    logits, e.g. an ensemble's) is distilled through its logits under "auto" and "own".
     With `teacher_tokenizer` the teacher model has another tokenizer than the student's `processing_class`: rows
     with a `text` column are tokenised by both and aligned (`CrossTokenizerCollator`, the default collator), and the
     loss is `kd_weight · linear_cross_vocab_distill_loss(method=cross_vocab)` ("hybrid", "uld" or "mapped") over
