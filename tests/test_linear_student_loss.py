@@ -99,6 +99,20 @@ def test_a_shifted_view_of_the_logits_is_read_in_place():
     torch.testing.assert_close(rows, teacher[:, :-1].reshape(-1, 97)[8:14], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("view", ["transposed", "every_other_row", "columns_cut", "contiguous"])
+def test_chunk_rows_of_any_view(view):
+    """`TeacherLogits.rows` gives each chunk's flat rows of whatever view it is handed, in the view's row order."""
+    base = torch.randn(6, 5, 40, generator=torch.Generator().manual_seed(9))
+    logits, vocab = {"transposed": (base.transpose(0, 1), 40), "every_other_row": (base[:, ::2], 40),
+                     "columns_cut": (base[..., :33], 33), "contiguous": (base, 40)}[view]
+    flat = logits.reshape(-1, logits.shape[-1])[:, :vocab]
+    teacher = TeacherLogits(logits)
+    for start, stop in ((0, 7), (7, 8), (8, flat.shape[0])):
+        rows = teacher.rows(slice(start, stop), vocab)
+        assert rows.is_contiguous()
+        torch.testing.assert_close(rows, flat[start:stop], rtol=0, atol=0)
+
+
 def test_padded_vocabularies():
     """`vocab_size`: the teacher's logits and the student's head both wider than the shared vocabulary."""
     inputs = make_inputs((12,), 16, 120)
