@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 from test_head_check import norm_head_llama, scaled_llama
-from tiny_models import reference_loss, student_and_teacher, tiny_llama, token_batch, training_args
+from tiny_models import LogitEnsemble, reference_loss, student_and_teacher, token_batch, training_args
 
 from kdfast.integrations.transformers import DistillationTrainer
 from kdfast.reference import distill_loss_reference
@@ -47,18 +47,6 @@ def test_own_equals_the_fused_head_for_a_teacher_they_agree_on(tmp_path):
                                       teacher_logits=mode, **SETTINGS)
         losses.append(trainer.compute_loss(trainer.model, batch))
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
-
-
-class LogitEnsemble(torch.nn.Module):
-    """A teacher that is no causal LM: the average of two models' logits, returned as a plain tensor."""
-
-    def __init__(self):
-        super().__init__()
-        self.members = torch.nn.ModuleList([tiny_llama(48, seed=2), tiny_llama(64, seed=3)])
-
-    def forward(self, input_ids, attention_mask=None):
-        return sum(member(input_ids=input_ids, attention_mask=attention_mask).logits
-                   for member in self.members) / len(self.members)
 
 
 def test_a_teacher_module_that_returns_logits(tmp_path):

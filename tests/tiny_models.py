@@ -29,6 +29,18 @@ def student_and_teacher(vocab=VOCAB, head_scale=1.0, **student_config):
     return models
 
 
+class LogitEnsemble(torch.nn.Module):
+    """A teacher that is no causal LM: the average of two models' logits, returned as a plain tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.members = torch.nn.ModuleList([tiny_llama(48, seed=2), tiny_llama(64, seed=3)])
+
+    def forward(self, input_ids, attention_mask=None):
+        return sum(member(input_ids=input_ids, attention_mask=attention_mask).logits
+                   for member in self.members) / len(self.members)
+
+
 def token_batch(rows=4, length=12, vocab=VOCAB, seed=0):
     """input_ids, attention_mask and labels with a padded tail per row (labels -100 there), as a
     language-modelling collator gives them."""

@@ -33,11 +33,12 @@ from trainer_sharded_trl_cases import (
 )
 
 
-def distillation_case(tmp_path, setup, *, sparse: bool, shard_teacher: bool = True, teacher_logits: str = "auto"):
+def distillation_case(tmp_path, setup, *, sparse: bool, shard_teacher: bool = True, teacher_logits: str = "auto",
+                      ensemble: bool = False):
     """`teacher_logits="own"`: the teacher's own forward (its hooks gathering a sharded teacher's parameters) gives
-    its logits, the student's head fused."""
+    its logits, the student's head fused; `ensemble`: the teacher a module averaging two models' logits (no head)."""
     from fsdp2_cases import sparse_inputs
-    from tiny_models import as_examples, student_and_teacher, token_batch
+    from tiny_models import LogitEnsemble, as_examples, student_and_teacher, token_batch
 
     from kdfast.integrations.causal_lm import batch_distill_loss, batch_sparse_distill_loss
     from kdfast.integrations.teacher_logits import batch_distill_from_teacher_logits
@@ -46,6 +47,7 @@ def distillation_case(tmp_path, setup, *, sparse: bool, shard_teacher: bool = Tr
     from kdfast.sparse_options import SparseOptions
 
     student, teacher = student_and_teacher(head_scale=4.0)
+    teacher = LogitEnsemble() if ensemble else teacher
     batch = token_batch()
     if sparse:
         batch = sparse_inputs(teacher, batch)
@@ -53,7 +55,7 @@ def distillation_case(tmp_path, setup, *, sparse: bool, shard_teacher: bool = Tr
         batch_loss = lambda model, inputs: batch_sparse_distill_loss(model, inputs, opts)  # noqa: E731
     else:
         opts = LossOptions(**SETTINGS)
-        loss_fn = batch_distill_from_teacher_logits if teacher_logits == "own" else batch_distill_loss
+        loss_fn = batch_distill_from_teacher_logits if teacher_logits == "own" or ensemble else batch_distill_loss
         batch_loss = lambda model, inputs: loss_fn(model, teacher, inputs, opts)  # noqa: E731
     expected = reference_run(student_and_teacher(head_scale=4.0)[0], batch, batch_loss)
     trainer = DistillationTrainer(model=student, teacher_model=None if sparse else teacher,
@@ -224,6 +226,7 @@ CASES = {"sharded-teacher": functools.partial(distillation_case, sparse=False),
          "replicated-teacher": functools.partial(distillation_case, sparse=False, shard_teacher=False),
          "sparse-teacher": functools.partial(distillation_case, sparse=True),
          "sharded-teacher, own logits": functools.partial(distillation_case, sparse=False, teacher_logits="own"),
+         "sharded-teacher, a module's logits": functools.partial(distillation_case, sparse=False, ensemble=True),
          "multi-teacher": multi_teacher_case,
          "multi-teacher, routed": functools.partial(multi_teacher_case, routed=True),
          "multi-teacher, routed, replicated": functools.partial(multi_teacher_case, routed=True, shard_teacher=False),
