@@ -46,6 +46,18 @@ class TeacherHead:
     dtype: torch.dtype  # its GEMM's dtype
     logit_map: LogitMap = LogitMap()  # its logit scale and softcap
 
+    @property
+    def row_count(self) -> int:
+        return self.hidden.shape[:-1].numel()
+
+    def prepared_weight(self, weight_for, logits: torch.Tensor) -> torch.Tensor:
+        """Its head as the chunks' GEMMs take it (`weight_for`: `gemm_weight`), cast once per call."""
+        return weight_for(self.weight, self.dtype, logits)
+
+    def chunk_into(self, out: torch.Tensor, rows: slice, weight, logits_into) -> torch.Tensor:
+        """Its mapped logits of the flat `rows` [C, V] in `out`, or in the tensor oneDNN wrote (`_logits_into`)."""
+        return logits_into(out, self.hidden[rows].to(self.dtype), weight, self.bias, self.logit_map)
+
 
 @dataclass
 class TeacherLogits:
@@ -54,10 +66,30 @@ class TeacherLogits:
 
     logits: torch.Tensor
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.logits.dtype
+
+    @property
+    def row_count(self) -> int:
+        return self.logits.shape[:-1].numel()
+
     def rows(self, rows: slice, vocab: int) -> torch.Tensor:
         """Flat rows `rows` [C, V], contiguous: a view where the rows are one run in memory (and no column is cut),
-        else a copy of the chunk alone. A view such as `logits[:, :-1]` of a [B, S, V] tensor is never copied whole:
-        its chunk is gathered by each row's index into the leading dimensions."""
+        else a copy of the chunk alone."""
+        chunk = self._flat_rows(rows, vocab)
+        return chunk if chunk.is_contiguous() else chunk.contiguous()
+
+    def prepared_weight(self, weight_for, logits: torch.Tensor) -> None:
+        """No head: its rows are read."""
+
+    def chunk_into(self, out: torch.Tensor, rows: slice, weight, logits_into) -> torch.Tensor:
+        """Its flat `rows` [C, V] copied into `out` (one of several teachers' chunk buffers), in `out`'s dtype."""
+        return out.copy_(self._flat_rows(rows, out.shape[1]))
+
+    def _flat_rows(self, rows: slice, vocab: int) -> torch.Tensor:
+        """Flat rows `rows` [C, V], a view where one exists. A view such as `logits[:, :-1]` of a [B, S, V] tensor is
+        never copied whole: its chunk is gathered by each row's index into the leading dimensions."""
         logits = self.logits
         if logits.dim() > 2:
             try:
@@ -66,16 +98,15 @@ class TeacherLogits:
                 index = torch.arange(rows.start, rows.stop, device=logits.device)
                 logits = logits[torch.unravel_index(index, logits.shape[:-1])]
                 rows = slice(0, rows.stop - rows.start)
-        chunk = logits[rows, :vocab]
-        return chunk if chunk.is_contiguous() else chunk.contiguous()
+        return logits[rows, :vocab]
 
 
 @dataclass
 class Heads:
     """Flattened inputs of one call: the student's hidden [N, H] and head [V, H] (+ bias [V]), and the teacher: a
-    TeacherHead, several (TeacherHeads), given logits (TeacherLogits), a sparse teacher's SparseTargets ([N, K] ids
-    and log-probs), or None where the loss has no divergence (CE alone: no teacher is projected; the kernel is given
-    the student's rows)."""
+    TeacherHead, several (TeacherHeads: each a TeacherHead or TeacherLogits), given logits (TeacherLogits), a sparse
+    teacher's SparseTargets ([N, K] ids and log-probs), or None where the loss has no divergence (CE alone: no teacher
+    is projected; the kernel is given the student's rows)."""
 
     student_hidden: torch.Tensor
     student_weight: torch.Tensor

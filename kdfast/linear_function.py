@@ -57,7 +57,8 @@ class LinearDistillFunction(torch.autograd.Function):
                                   gemm_dtype(teacher.hidden, teacher.weight), plan.teacher_map)
         elif isinstance(teacher, TeacherHeads):
             flattened = [TeacherHead(head.hidden.reshape(-1, head.hidden.shape[-1]), head.weight, head.bias,
-                                     gemm_dtype(head.hidden, head.weight), head.logit_map) for head in teacher.heads]
+                                     gemm_dtype(head.hidden, head.weight), head.logit_map)
+                         if isinstance(head, TeacherHead) else head for head in teacher.heads]  # (logits as given)
             # Each teacher's own divergence per row, for the components (filled by the chunks).
             per_teacher = (torch.zeros(lead_shape.numel(), len(flattened), device=student_hidden.device)
                            if opts.return_components else None)

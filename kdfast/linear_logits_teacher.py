@@ -57,9 +57,10 @@ def linear_student_distill_loss(student_hidden, student_weight, teacher_logits, 
                                      row_weights=row_weights)
 
 
-def check_teacher_logits(teacher_logits, student_hidden, vocab: int, opts: LossOptions) -> None:
+def check_teacher_logits(teacher_logits, student_hidden, vocab: int, opts: LossOptions, routed: bool = False) -> None:
     """[..., V] logits with the hidden states' leading shape, on their device, a constant; V the student head's rows
-    (at least `vocab_size` of them when it is given)."""
+    (at least `vocab_size` of them when it is given). `routed`: also [n, V], the rows routed to this teacher (their
+    count checked with the routing)."""
     check_logits("teacher_logits", teacher_logits)
     width = teacher_logits.shape[-1]
     if opts.vocab_size is not None:
@@ -67,7 +68,7 @@ def check_teacher_logits(teacher_logits, student_hidden, vocab: int, opts: LossO
     elif width != vocab:
         raise ValueError(f"teacher_logits vocab size {width} != student_weight vocab size {vocab}: both models must "
                          f"score the same vocabulary" + mismatch_hint(vocab, width))
-    if teacher_logits.shape[:-1] != student_hidden.shape[:-1]:
+    if teacher_logits.shape[:-1] != student_hidden.shape[:-1] and not (routed and teacher_logits.dim() == 2):
         raise ValueError(f"teacher_logits leading shape {tuple(teacher_logits.shape[:-1])} must equal "
                          f"student_hidden's {tuple(student_hidden.shape[:-1])}: one teacher row per token")
     if teacher_logits.device != student_hidden.device:

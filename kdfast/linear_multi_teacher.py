@@ -8,19 +8,27 @@ import torch
 
 from kdfast.dispatch import rows_kernel_for
 from kdfast.kernel_abi import MAX_MIXED_TEACHERS
-from kdfast.linear_chunks import TeacherHead
+from kdfast.linear_chunks import TeacherHead, TeacherLogits
 from kdfast.linear_function import ChunkPlan, LinearDistillFunction
+from kdfast.linear_logits_teacher import check_teacher_logits
+from kdfast.linear_loss import LinearDistillLoss
 from kdfast.linear_multi_ops import compiled_multi_teacher_loss
 from kdfast.linear_ops import runs_as_op
 from kdfast.linear_teachers import TeacherHeads
 from kdfast.logit_maps import logit_maps
-from kdfast.multi_teacher import COMBINES
+from kdfast.multi_teacher import check_combine, settings_repr
 from kdfast.options import LossOptions
 from kdfast.reduction import returned_with_teachers
 from kdfast.shared_vocab import heads_cut_to_vocab
 from kdfast.teacher_routing import host_routing, is_routing
 from kdfast.teacher_weights import label_logprobs, row_log_weights
-from kdfast.validation import check_labels_for, check_linear_inputs, check_num_items
+from kdfast.validation import (
+    check_chunk_settings,
+    check_labels_for,
+    check_linear_inputs,
+    check_linear_student,
+    check_num_items,
+)
 
 
 def _teacher_lists(teacher_hidden, teacher_weight, teacher_bias) -> tuple[list, list, list]:
@@ -30,11 +38,16 @@ def _teacher_lists(teacher_hidden, teacher_weight, teacher_bias) -> tuple[list, 
     if count > MAX_MIXED_TEACHERS:  # what one kernel call mixes (kernel_abi.h)
         raise ValueError(f"teacher_hidden holds {count} teachers; at most {MAX_MIXED_TEACHERS} are taken")
     if not isinstance(teacher_weight, (list, tuple)) or len(teacher_weight) != count:
-        raise ValueError(f"teacher_weight must be a list/tuple of {count} tensors [V, H_m], one per teacher_hidden")
+        raise ValueError(f"teacher_weight must be a list/tuple of {count} entries, one per teacher_hidden: a tensor "
+                         f"[V, H_m], or None where that teacher_hidden entry is the teacher's logits [..., V]")
     if teacher_bias is None:
         teacher_bias = [None] * count
     if not isinstance(teacher_bias, (list, tuple)) or len(teacher_bias) != count:
         raise ValueError(f"teacher_bias must be None or a list/tuple of {count} entries (a tensor [V] or None)")
+    for index, (weight, bias) in enumerate(zip(teacher_weight, teacher_bias)):
+        if weight is None and bias is not None:
+            raise ValueError(f"teacher_bias[{index}] is given but teacher_weight[{index}] is None: a teacher given as "
+                             f"its logits has them final (its bias already added); pass None")
     return list(teacher_hidden), list(teacher_weight), list(teacher_bias)
 
 
@@ -65,8 +78,12 @@ def linear_multi_teacher_distill_loss(student_hidden, student_weight, teacher_hi
     the divergence (its own rows'; the shares add up to the KD part). weights="confidence" / "min_ce" run each
     teacher's head once more, forward only, to find its probability of the label. `return_components=True` adds
     `teachers`, each teacher's own divergence reduced as the loss: with the mixture that is one more forward pass of
-    the loss kernel per teacher and chunk (the average has them from its calls). Vocab parallel as
-    `linear_distill_loss` (every head this rank's rows `vocab_range`), each teacher normalised over the ranks."""
+    the loss kernel per teacher and chunk (the average has them from its calls). A teacher whose `teacher_weight`
+    entry is None is given as its logits: its `teacher_hidden` entry is them, [..., V] in any float dtype (final, as
+    `linear_student_distill_loss` takes them: no map, no bias; routed, possibly its own rows alone [n_m, V]), read a
+    chunk at a time (`kdfast.linear_student_multi_teacher_distill_loss` takes every teacher so). Vocab parallel as
+    `linear_distill_loss` (every head this rank's rows `vocab_range`, given logits its columns), each teacher
+    normalised over the ranks."""
     opts = LossOptions(divergence=divergence, beta=beta, temperature=temperature, kd_weight=kd_weight,
                        ce_weight=ce_weight, t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
                        backend=backend, return_components=return_components, vocab_size=vocab_size,
@@ -86,8 +103,7 @@ def fused_linear_multi_teacher_loss(student_hidden, student_weight, teacher_hidd
                                     fp32_logits=False, num_items_in_batch=None, process_group=None,
                                     vocab_range=None, reduce_hidden_grad=True):
     """`linear_multi_teacher_distill_loss` with its loss settings already in one record."""
-    if combine not in COMBINES:
-        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
+    check_combine(combine)
     hiddens, head_weights, biases = _teacher_lists(teacher_hidden, teacher_weight, teacher_bias)
     caps, scales = _per_teacher("teacher_softcap", teacher_softcap, len(hiddens)), \
         _per_teacher("teacher_logit_scale", teacher_logit_scale, len(hiddens))
@@ -100,15 +116,12 @@ def fused_linear_multi_teacher_loss(student_hidden, student_weight, teacher_hidd
     def check():
         for index, (hidden, weight, bias, teacher_map) in enumerate(zip(hiddens, head_weights, biases,
                                                                         teacher_maps)):
-            cut_student, cut_student_bias, weight, bias = heads_cut_to_vocab(opts, process_group, student_weight,
-                                                                             student_bias, weight, bias)
             try:
-                check_linear_inputs(student_hidden, cut_student, hidden, weight, cut_student_bias, bias, softcap,
-                                    chunk_size, opts, fp32_logits, routed)
+                heads.append(_teacher_kind(student_hidden, student_weight, student_bias, hidden, weight, bias,
+                                           teacher_map, softcap, chunk_size, opts, fp32_logits, routed,
+                                           process_group))
             except ValueError as error:
                 raise ValueError(f"teacher {index}: {error}") from None
-            heads.append(TeacherHead(hidden.detach(), weight.detach(), bias.detach() if bias is not None else None,
-                                     hidden.dtype, teacher_map))
         # Over vocab shards labels are global token ids, checked in the ranks' exchange against the whole vocabulary.
         vocab = heads_cut_to_vocab(opts, None, student_weight, student_bias)[0].shape[0] if process_group is None \
             else 2**62
@@ -125,6 +138,8 @@ def fused_linear_multi_teacher_loss(student_hidden, student_weight, teacher_hidd
 
     def teacher_logits(index, start, stop):
         head = heads[index]
+        if isinstance(head, TeacherLogits):
+            return head.rows(slice(start, stop), student_weight.shape[0])
         hidden = head.hidden.reshape(-1, head.hidden.shape[-1])[start:stop]
         logits = torch.nn.functional.linear(hidden.float(), head.weight.float(),
                                             head.bias.float() if head.bias is not None else None)
@@ -140,12 +155,27 @@ def fused_linear_multi_teacher_loss(student_hidden, student_weight, teacher_hidd
             num_items_in_batch, opts, combine, student_map, chunk_size, fp32_logits), opts, labels)
     if routed:  # each row's own head alone: the mixture of one teacher, whichever `combine`
         teachers = TeacherHeads(heads, None, combine, opts.temperature, route=host_routing(
-            weights, len(heads), [head.hidden.reshape(-1, head.hidden.shape[-1]).shape[0] for head in heads],
-            student_hidden.device))
+            weights, len(heads), [head.row_count for head in heads], student_hidden.device))
     else:
         teachers = TeacherHeads(heads, log_weights, combine, opts.temperature)
     plan = ChunkPlan(student_map, chunk_size, rows_kernel, fp32_logits)
     return _apply(student_hidden, student_weight, student_bias, labels, num_items_in_batch, opts, plan, teachers)
+
+
+def _teacher_kind(student_hidden, student_weight, student_bias, hidden, weight, bias, teacher_map, softcap,
+                  chunk_size, opts: LossOptions, fp32_logits: bool, routed: bool, process_group):
+    """One teacher of the list, checked: a `TeacherHead` (its hidden states, head and bias), or with no head
+    (`weight` None) a `TeacherLogits` (`hidden` its logits)."""
+    cut_student, cut_student_bias, weight, bias = heads_cut_to_vocab(opts, process_group, student_weight,
+                                                                     student_bias, weight, bias)
+    if weight is None:
+        check_linear_student(student_hidden, cut_student, cut_student_bias, softcap, chunk_size, fp32_logits)
+        check_teacher_logits(hidden, student_hidden, cut_student.shape[0], opts, routed)
+        return TeacherLogits(hidden.detach())
+    check_linear_inputs(student_hidden, cut_student, hidden, weight, cut_student_bias, bias, softcap, chunk_size,
+                        opts, fp32_logits, routed)
+    return TeacherHead(hidden.detach(), weight.detach(), bias.detach() if bias is not None else None, hidden.dtype,
+                       teacher_map)
 
 
 # The chunk loop is driven from the host: torch.compile calls it as is rather than tracing into it.
@@ -153,3 +183,37 @@ def fused_linear_multi_teacher_loss(student_hidden, student_weight, teacher_hidd
 def _apply(student_hidden, student_weight, student_bias, labels, num_items_in_batch, opts, plan, teachers):
     return returned_with_teachers(LinearDistillFunction.apply(student_hidden, student_weight, student_bias, labels,
                                                               num_items_in_batch, opts, plan, teachers), opts, labels)
+
+
+class LinearMultiTeacherDistillLoss(torch.nn.Module):
+    """`linear_multi_teacher_distill_loss` with its settings fixed at construction: `weights` (a `weights` given to
+    `forward`, such as a batch's routing, takes their place), `combine`, the heads' `softcap`, `student_softcap`,
+    `teacher_softcap`, `student_logit_scale`, `teacher_logit_scale` (one value, or one per teacher), `chunk_size`,
+    `fp32_logits`, `process_group`, `vocab_range` and every loss setting of `distill_loss`."""
+
+    def __init__(self, *, weights=None, combine="mixture", softcap=None, student_softcap=None, teacher_softcap=None,
+                 student_logit_scale=1.0, teacher_logit_scale=1.0, chunk_size="auto", fp32_logits=False,
+                 process_group=None, vocab_range=None, **settings):
+        super().__init__()
+        # Validated now, so a bad setting fails where the module is built rather than at the first step.
+        self.options = LossOptions.build("LinearMultiTeacherDistillLoss", **settings)
+        check_combine(combine)
+        check_chunk_settings(softcap, chunk_size, fp32_logits)
+        self.head_settings = dict(softcap=softcap, student_softcap=student_softcap, teacher_softcap=teacher_softcap,
+                                  student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale)
+        self.weights, self.combine = weights, combine
+        self.softcap, self.chunk_size, self.fp32_logits = softcap, chunk_size, fp32_logits
+        self.process_group, self.vocab_range = process_group, vocab_range
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, student_bias=None,
+                teacher_bias=None, weights=None, num_items_in_batch=None):
+        return fused_linear_multi_teacher_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, labels, self.options,
+            student_bias=student_bias, teacher_bias=teacher_bias,
+            weights=self.weights if weights is None else weights, combine=self.combine, **self.head_settings,
+            chunk_size=self.chunk_size, fp32_logits=self.fp32_logits, num_items_in_batch=num_items_in_batch,
+            process_group=self.process_group, vocab_range=self.vocab_range)
+
+    def extra_repr(self) -> str:
+        return (f"combine={self.combine!r}, weights={settings_repr(self.weights)}, "
+                + LinearDistillLoss.extra_repr(self))

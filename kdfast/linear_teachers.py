@@ -1,10 +1,11 @@
 """Several dense teachers in the fused linear loss's chunks (`linear_chunks.run_chunks`): a `TeacherHeads` kind.
 
 Each teacher's GEMM writes the chunk's logits into a buffer of its own (allocated once per call) and its logit map
-applies. combine="mixture": the chunk's teacher is `kernel_abi.MixedTeachers` (the M chunks and the rows'
-log-weights), mixed by the rows kernel itself (the C++ kernel per row in its scratch; elsewhere
-`teacher_mixture.py`), which runs once per chunk, as for one teacher. combine="average": the kernel runs once per
-teacher on a copy of the student's logits (and once for the CE), each gradient weighed per row (`AveragedRows`)."""
+applies (a teacher given as its logits has its rows copied there). combine="mixture": the chunk's teacher is
+`kernel_abi.MixedTeachers` (the M chunks and the rows' log-weights), mixed by the rows kernel itself (the C++ kernel per
+row in its scratch; elsewhere `teacher_mixture.py`), which runs once per chunk, as for one teacher. combine="average":
+the kernel runs once per teacher on a copy of the student's logits (and once for the CE), each gradient weighed per row
+(`AveragedRows`)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ from kdfast.teacher_routing import Routing
 
 @dataclass
 class TeacherHeads:
-    """M dense teachers (`linear_chunks.TeacherHead`, hidden states flattened to [N, H_m]) and their per-row
+    """M dense teachers, each a `linear_chunks.TeacherHead` (hidden states flattened to [N, H_m]) or given as its
+    logits (`linear_chunks.TeacherLogits`, whose rows are copied into the chunk's buffer), and their per-row
     log-weights [N, M]; or, routed (`kdfast.teacher_routing.Routing`), each row's one teacher (no log-weights; a
-    teacher's hidden states may hold its own rows alone)."""
+    teacher's hidden states or logits may hold its own rows alone)."""
 
     heads: list
     log_weights: torch.Tensor | None
@@ -65,14 +67,13 @@ class ChunkTeachers:
         self.buffers = [torch.empty(rows, vocab, dtype=torch.float32, device=device) for _ in teachers.heads]
         self.chunks = None
         # Each head's weight as its GEMM writes float32 logits (kdfast.linear_chunks.gemm_weight), cast once.
-        self.weights = [weight_for(head.weight, head.dtype, self.buffers[0]) for head in teachers.heads]
+        self.weights = [head.prepared_weight(weight_for, self.buffers[0]) for head in teachers.heads]
 
     def rows(self, rows: slice, count: int, logits_into):
         teachers = self.teachers
         self.chunks = None  # the last chunk's logits go first (`logits_into` may make new tensors)
-        self.chunks = chunks = [
-            logits_into(buffer[:count], head.hidden[rows].to(head.dtype), weight, head.bias, head.logit_map)
-            for head, weight, buffer in zip(teachers.heads, self.weights, self.buffers)]
+        self.chunks = chunks = [head.chunk_into(buffer[:count], rows, weight, logits_into)
+                                for head, weight, buffer in zip(teachers.heads, self.weights, self.buffers)]
         if teachers.combine == "average" and not self.average_as_mixture:
             per_teacher = teachers.per_teacher[rows] if teachers.per_teacher is not None else None
             return AveragedTeacherRows([chunk.unsqueeze(0) for chunk in chunks], teachers.log_weights[rows].exp(),
@@ -105,15 +106,14 @@ class RoutedChunkTeachers:
     def __init__(self, teachers: TeacherHeads, rows: int, vocab: int, device, weight_for, dtype: torch.dtype):
         self.teachers = teachers
         self.buffer = torch.empty(rows, vocab, dtype=dtype, device=device)
-        self.weights = [weight_for(head.weight, head.dtype, self.buffer) for head in teachers.heads]
+        self.weights = [head.prepared_weight(weight_for, self.buffer) for head in teachers.heads]
 
     def rows(self, rows: slice, count: int, logits_into):
         chunk = self.buffer[:count]
         for index, first, end, slot in self.teachers.route.runs(rows.start, rows.start + count):
-            head = self.teachers.heads[index]
             out = chunk[first - rows.start:end - rows.start]
-            logits = logits_into(out, head.hidden[slot:slot + end - first].to(head.dtype), self.weights[index],
-                                 head.bias, head.logit_map)
+            logits = self.teachers.heads[index].chunk_into(out, slice(slot, slot + end - first), self.weights[index],
+                                                           logits_into)
             if logits.data_ptr() != out.data_ptr():  # oneDNN wrote a tensor of its own (linear_chunks._logits_into)
                 out.copy_(logits)
         return chunk.unsqueeze(0)

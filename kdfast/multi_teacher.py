@@ -82,12 +82,24 @@ def multi_teacher_distill_loss(student_logits, teacher_logits, labels=None, *, w
     parallel: with a `process_group` every logits tensor is this rank's shard (`vocab_range`, or the shards in rank
     order, as in `distill_loss`), each teacher normalised over the ranks by an exchange of 8 bytes per row and
     teacher."""
-    if combine not in COMBINES:
-        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
     opts = LossOptions(divergence=divergence, beta=beta, temperature=temperature, kd_weight=kd_weight,
                        ce_weight=ce_weight, t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
                        inplace_backward=inplace_backward, backend=backend, return_components=return_components,
                        vocab_size=vocab_size, label_smoothing=label_smoothing, z_loss_weight=z_loss_weight)
+    return multi_teacher_loss(student_logits, teacher_logits, labels, opts, weights=weights, combine=combine,
+                              num_items_in_batch=num_items_in_batch, process_group=process_group,
+                              vocab_range=vocab_range)
+
+
+def check_combine(combine) -> None:
+    if combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
+
+
+def multi_teacher_loss(student_logits, teacher_logits, labels, opts: LossOptions, *, weights=None, combine="mixture",
+                       num_items_in_batch=None, process_group=None, vocab_range=None):
+    """`multi_teacher_distill_loss` with its loss settings already in one record."""
+    check_combine(combine)
     teachers = teacher_list(teacher_logits)
 
     def check():
@@ -154,3 +166,34 @@ class MultiTeacherFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, *summary_grads):
         return saved_gradient_times(ctx, grad_output), None, None, None, None, None, None, None, None
+
+
+class MultiTeacherDistillLoss(torch.nn.Module):
+    """`multi_teacher_distill_loss` with its settings fixed at construction: `combine`, `weights` (a `weights` given
+    to `forward`, such as a batch's per-row tensor, takes their place), `process_group`, `vocab_range` and every loss
+    setting of `distill_loss`."""
+
+    def __init__(self, *, weights=None, combine="mixture", process_group=None, vocab_range=None, **settings):
+        super().__init__()
+        # Validated now, so a bad setting fails where the module is built rather than at the first step.
+        self.options = LossOptions.build("MultiTeacherDistillLoss", **settings)
+        check_combine(combine)
+        self.weights, self.combine = weights, combine
+        self.process_group, self.vocab_range = process_group, vocab_range
+
+    def forward(self, student_logits, teacher_logits, labels=None, weights=None, num_items_in_batch=None):
+        return multi_teacher_loss(student_logits, teacher_logits, labels, self.options,
+                                  weights=self.weights if weights is None else weights, combine=self.combine,
+                                  num_items_in_batch=num_items_in_batch, process_group=self.process_group,
+                                  vocab_range=self.vocab_range)
+
+    def extra_repr(self) -> str:
+        o = self.options
+        return (f"combine={self.combine!r}, weights={settings_repr(self.weights)}, divergence={o.divergence!r}, "
+                f"beta={o.beta}, temperature={o.temperature}, kd_weight={o.kd_weight}, ce_weight={o.ce_weight}, "
+                f"reduction={o.reduction!r}")
+
+
+def settings_repr(weights) -> str:
+    """Weights as a module's repr shows them: a tensor by its shape (its values may be many)."""
+    return f"tensor{tuple(weights.shape)}" if isinstance(weights, torch.Tensor) else repr(weights)

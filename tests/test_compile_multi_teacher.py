@@ -1,7 +1,8 @@
 """`linear_multi_teacher_distill_loss` inside a torch.compile'd step with fullgraph=True (kdfast.linear_multi_ops: the
 chunk loop as one custom op): the eager step's loss, each teacher's divergence and the gradients to hidden, weight and
 bias, for both combine modes, every weights mode (routing included, with hidden states of each teacher's own rows),
-per-row losses weighed and autocast; the op passes torch.library's own checks."""
+per-row losses weighed, teachers given as their logits (beside heads, as views) and autocast; the op passes
+torch.library's own checks."""
 
 import pytest
 import torch
@@ -30,6 +31,11 @@ CASES = {
     # Per-row losses, weighed: the compiled backward runs the op again with each row's grad_output.
     "per row": dict(reduction="none", chunk_size=4, teacher_bias=True),
     "per row, routed, own rows": dict(reduction="none", weights="routed", own_rows=True),
+    # Teachers given as their logits (`given`: their indices; the op takes them as given, no head).
+    "given logits, confidence, components": dict(given=(0, 1), weights="confidence", return_components=True),
+    "a head and given logits, routed, own rows": dict(given=(1,), weights="routed", own_rows=True, chunk_size=4,
+                                                      teacher_bias=True),
+    "given logits as a view, per row": dict(given=(0,), view=True, reduction="none", chunk_size=4),
 }
 COMPILE_BACKENDS = ["cpu"] + [backend for backend in BACKENDS if device_for(backend) == "cuda"]
 
@@ -56,13 +62,20 @@ def _step(data, settings):
     weights = settings.pop("weights", None)
     weights = {"rows": data["rows"], "routed": data["route"]}.get(weights, weights) \
         if isinstance(weights, str) else weights
-    hidden = data["teacher_hidden"]
-    if own_rows:  # each teacher's hidden states of its own rows alone
+    hidden, heads = list(data["teacher_hidden"]), list(data["teacher_weight"])
+    given, view = settings.pop("given", ()), settings.pop("view", False)
+    for index in given:  # this teacher given as its logits [2, ROWS // 2, V] (a view of a longer tensor: `view`)
+        logits = torch.nn.functional.linear(hidden[index], heads[index], (teacher_bias or data["teacher_bias"])[index])
+        hidden[index] = torch.cat([logits, logits[:, :1]], dim=1)[:, :-1] if view else logits
+        heads[index] = None
+        if teacher_bias is not None:
+            teacher_bias = [None if each == index else bias for each, bias in enumerate(teacher_bias)]
+    if own_rows:  # each teacher's hidden states (or logits) of its own rows alone
         hidden = [rows[data["route"] == index] for index, rows in enumerate(hidden)]
 
     def step(student_hidden, weight, bias):
-        return kdfast.linear_multi_teacher_distill_loss(student_hidden, weight, hidden, data["teacher_weight"],
-                                                        data["labels"], student_bias=bias, teacher_bias=teacher_bias,
+        return kdfast.linear_multi_teacher_distill_loss(student_hidden, weight, hidden, heads, data["labels"],
+                                                        student_bias=bias, teacher_bias=teacher_bias,
                                                         weights=weights, **settings)
 
     return step
@@ -92,10 +105,16 @@ def test_the_op_passes_torch_librarys_checks():
     log_weights = torch.log(data["rows"].reshape(ROWS, 2) / data["rows"].reshape(ROWS, 2).sum(-1, keepdim=True))
     settings = (1.0, 0.0, [1.0, 1.0], [0.0, 4.0], "float32,float32,float32", 0, False, "mixture",
                 LossOptions(ce_weight=0.5).encoded())
-    for weights, route, row_weights, wanted in ((log_weights, None, None, (True, True, True, True)),
-                                                (None, data["route"].reshape(-1), torch.rand(ROWS),
-                                                 (True, False, True, False))):
-        args = (hidden, data["weight"], data["bias"], teachers, data["teacher_weight"], data["teacher_bias"], weights,
-                route, data["labels"].reshape(-1), torch.full((), 0.1), row_weights, *wanted, *settings)
+    # The second teacher given as its logits: no head, no bias.
+    given = ([teachers[0], teachers[1] @ data["teacher_weight"][1].t()], [data["teacher_weight"][0], None],
+             [None, None])
+    for weights, route, row_weights, wanted, teacher_args in (
+            (log_weights, None, None, (True, True, True, True),
+             (teachers, data["teacher_weight"], data["teacher_bias"])),
+            (None, data["route"].reshape(-1), torch.rand(ROWS), (True, False, True, False),
+             (teachers, data["teacher_weight"], data["teacher_bias"])),
+            (log_weights, None, None, (True, True, False, True), given)):
+        args = (hidden, data["weight"], data["bias"], *teacher_args, weights, route, data["labels"].reshape(-1),
+                torch.full((), 0.1), row_weights, *wanted, *settings)
         torch.library.opcheck(linear_multi_ops.linear_multi_teacher_forward, args,
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

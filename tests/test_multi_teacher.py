@@ -235,7 +235,7 @@ def test_fused_linear_form_equals_the_reference_of_its_heads(backend, combine, w
 def test_fused_linear_form_names_bad_teachers():
     student_hidden, student_weight, hiddens, head_weights, biases, labels = linear_inputs(2)
     call = kdfast.linear_multi_teacher_distill_loss
-    with pytest.raises(ValueError, match="teacher_weight must be a list/tuple of 2 tensors"):
+    with pytest.raises(ValueError, match="teacher_weight must be a list/tuple of 2 entries"):
         call(student_hidden, student_weight, hiddens, head_weights[:1], labels)
     with pytest.raises(ValueError, match=r"teacher 1: teacher_weight must have shape \[vocab, 12\]"):
         call(student_hidden, student_weight, hiddens, [head_weights[0], head_weights[0]], labels)

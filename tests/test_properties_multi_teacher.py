@@ -1,7 +1,8 @@
 """Hypothesis-generated inputs for `multi_teacher_distill_loss` against its float64 reference on every backend: M = 1-3
 teachers (a list or one stacked tensor), every weights mode and combine, every divergence, the CE family, padded
-vocabularies, ignored rows, every reduction; the loss, the gradient and each teacher's own divergence; and the bad
-weights the docstring names refused."""
+vocabularies, ignored rows, every reduction; the loss, the gradient and each teacher's own divergence; the same cases
+through the fused linear form with the teachers given as their logits; and the bad weights the docstring names
+refused."""
 
 import math
 
@@ -124,15 +125,23 @@ def _on(value, device):
     return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
-def assert_multi_matches_reference(student, teachers, labels, backend, *, stacked=False, **options):
+def assert_multi_matches_reference(student, teachers, labels, backend, *, stacked=False, chunk_size=None, **options):
     """Loss and gradient (through random output weights, as tests/helpers.py) against the float64 reference; with
-    return_components the mixture's divergence and each teacher's own, reduced as the loss."""
+    return_components the mixture's divergence and each teacher's own, reduced as the loss. With a `chunk_size`, the
+    fused linear form with the teachers given as their logits: the student's logits are its hidden states through an
+    identity head (exact in float32), the gradient to those hidden states the logits'."""
     device = device_for(backend)
     moved = [teacher.to(device) for teacher in teachers]
     s = student.clone().to(device).requires_grad_(True)
     given_options = {key: _on(value, device) for key, value in options.items()}
-    out = kdfast.multi_teacher_distill_loss(s, torch.stack(moved) if stacked else moved, _on(labels, device),
-                                            backend=backend, **given_options)
+    given = torch.stack(moved) if stacked else moved
+    if chunk_size is None:
+        out = kdfast.multi_teacher_distill_loss(s, given, _on(labels, device), backend=backend, **given_options)
+    else:
+        given_options.pop("inplace_backward")
+        out = kdfast.linear_student_multi_teacher_distill_loss(
+            s, torch.eye(student.shape[-1], device=device), given, _on(labels, device), chunk_size=chunk_size,
+            backend=backend, **given_options)
     loss, parts = out if options["return_components"] else (out, None)
     out_weights = torch.randn(loss.shape, generator=torch.Generator().manual_seed(7))
     (loss * out_weights.to(loss.device)).sum().backward()
@@ -178,6 +187,13 @@ def assert_multi_matches_reference(student, teachers, labels, backend, *, stacke
 def test_random_teachers_match_reference(case, backend):
     student, teachers, labels, options = case
     assert_multi_matches_reference(student, teachers, labels, backend, **options)
+
+
+@settings(max_examples=property_examples(60), deadline=None, derandomize=True)
+@given(case=cases(), backend=st.sampled_from(BACKENDS), chunk_size=st.sampled_from(["auto", 1, 2, 5]))
+def test_teachers_given_as_logits_in_the_fused_linear_form_match_reference(case, backend, chunk_size):
+    student, teachers, labels, options = case
+    assert_multi_matches_reference(student, teachers, labels, backend, chunk_size=chunk_size, **options)
 
 
 @st.composite

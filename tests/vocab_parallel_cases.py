@@ -316,7 +316,8 @@ def multi_teacher_case(form, combine, divergence, weights_kind):
     result: loss, each teacher's divergence, and the student's gradient shard (hidden, weight and bias in the fused
     linear form); static weights, per-row weights with a zero (a teacher routed away in some rows), each row's teacher
     ("routed": only its head runs on the row), or "confidence" / "min_ce" (each teacher's probability of the label
-    read over the ranks)."""
+    read over the ranks). Form "mixed": the fused linear form with its second teacher given as its logits (this
+    rank's columns)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     start, stop = shard_bounds(world, True)[rank]
     generator = torch.Generator().manual_seed(5)
@@ -355,9 +356,11 @@ def multi_teacher_case(form, combine, divergence, weights_kind):
         (expected * weighted).sum().backward()
         mine = [hidden.clone().requires_grad_(True), weight[start:stop].clone().requires_grad_(True),
                 bias[start:stop].clone().requires_grad_(True)]
+        t_hidden, t_weight = list(t_hidden), [w[start:stop] for w in t_weight]
+        if form == "mixed":  # teacher 1 given as its logits: this rank's columns, no head
+            t_hidden[1], t_weight[1] = t_hidden[1] @ t_weight[1].t(), None
         loss, parts = kdfast.linear_multi_teacher_distill_loss(
-            mine[0], mine[1], t_hidden, [w[start:stop] for w in t_weight], labels, student_bias=mine[2], **group,
-            **settings)
+            mine[0], mine[1], t_hidden, t_weight, labels, student_bias=mine[2], **group, **settings)
         (loss * weighted).sum().backward()
         _close(mine[0].grad, full[0].grad, "hidden gradient")
         _close(mine[1].grad, full[1].grad[start:stop], "weight gradient shard")
@@ -408,7 +411,10 @@ def cases(world):
                                                     ("linear", "mixture", "reverse_kl", "confidence"),
                                                     ("linear", "mixture", "forward_kl", "min_ce"),
                                                     ("logits", "average", "jsd", "routed"),
-                                                    ("linear", "mixture", "jsd", "routed")):
+                                                    ("linear", "mixture", "jsd", "routed"),
+                                                    ("mixed", "mixture", "jsd", "routed"),
+                                                    ("mixed", "average", "forward_kl", "static"),
+                                                    ("mixed", "mixture", "reverse_kl", "confidence")):
         listed[f"multi-teacher-{form}-{combine}-{divergence}-{weights_kind}"] = (
             multi_teacher_case, (form, combine, divergence, weights_kind))
     return listed
