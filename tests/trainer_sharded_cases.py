@@ -69,24 +69,27 @@ def distillation_case(tmp_path, setup, *, sparse: bool, shard_teacher: bool = Tr
     torch.testing.assert_close(total, metrics["eval_loss"], rtol=1e-5, atol=1e-7)
 
 
-def multi_teacher_case(tmp_path, setup, *, routed: bool = False, shard_teacher: bool = True):
+def multi_teacher_case(tmp_path, setup, *, routed: bool = False, shard_teacher: bool = True, ensemble: bool = False):
     """Two teacher models of different hidden sizes, weighed 1:3, each sharded as the student is (or replicated). Or
     routed by a `teacher_id` column in which one teacher has a single example, so that a rank has none of its: a
-    sharded teacher still runs its forward with the other ranks, a replicated one runs on its own examples alone."""
-    from tiny_models import as_examples, student_and_teacher, tiny_llama, token_batch
+    sharded teacher still runs its forward with the other ranks, a replicated one runs on its own examples alone.
+    `ensemble`: the second teacher a module averaging two models' logits (no head), distilled through them."""
+    from tiny_models import LogitEnsemble, as_examples, student_and_teacher, tiny_llama, token_batch
 
     from kdfast.integrations.causal_lm import batch_multi_teacher_loss
     from kdfast.integrations.transformers import DistillationTrainer
     from kdfast.options import LossOptions
 
     student, teacher = student_and_teacher(head_scale=4.0)
-    teachers, weights, opts = [teacher, tiny_llama(48, seed=2)], [1.0, 3.0], LossOptions(**SETTINGS)
+    teachers = [teacher, LogitEnsemble() if ensemble else tiny_llama(48, seed=2)]
+    weights, opts = [1.0, 3.0], LossOptions(**SETTINGS)
     batch = token_batch()
     if routed:
         batch["teacher_id"], weights = torch.tensor([0, 0, 1, 0]), None
     expected = reference_run(student_and_teacher(head_scale=4.0)[0], batch,
                              lambda model, inputs: batch_multi_teacher_loss(model, teachers, inputs, opts,
-                                                                            weights=weights))
+                                                                            weights=weights,
+                                                                            own_logits_of=[False, ensemble]))
     trainer = DistillationTrainer(model=student, teacher_model=teachers, args=trainer_args(tmp_path, setup),
                                   train_dataset=as_examples(batch), teacher_weights=weights,
                                   shard_teacher=shard_teacher, **SETTINGS)
@@ -230,6 +233,7 @@ CASES = {"sharded-teacher": functools.partial(distillation_case, sparse=False),
          "multi-teacher": multi_teacher_case,
          "multi-teacher, routed": functools.partial(multi_teacher_case, routed=True),
          "multi-teacher, routed, replicated": functools.partial(multi_teacher_case, routed=True, shard_teacher=False),
+         "multi-teacher, routed, a module's logits": functools.partial(multi_teacher_case, routed=True, ensemble=True),
          "cross-tokenizer": cross_tokenizer_case,
          "trl-gkd": trl_gkd_case,
          "trl-distillation": trl_distillation_case,

@@ -6,6 +6,8 @@ packed examples' positions, images."""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from kdfast.integrations.example_routing import example_routes, own_examples, token_routes
@@ -125,6 +127,24 @@ def scored_positions(inputs):
     return slice(None, -1), inputs["labels"][:, 1:]
 
 
+def no_cache(model) -> dict:
+    """`use_cache=False` where the forward takes it (a remote-code model's may not)."""
+    parameters = inspect.signature(model.forward).parameters
+    takes = "use_cache" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    return {"use_cache": False} if takes else {}
+
+
+def own_logits(model, input_ids, attention_mask=None, extra=None) -> torch.Tensor:
+    """The model's own forward's logits, [batch, seq, V]: its output's `.logits`, or the output itself."""
+    output = model(input_ids=input_ids, attention_mask=attention_mask, **(extra or {}), **no_cache(model))
+    logits = getattr(output, "logits", output)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"the teacher's forward ({type(model).__name__}) must return its logits [batch, seq, vocab] "
+                         f"for input_ids {tuple(input_ids.shape)} (a tensor, or an output with .logits), got {got}")
+    return logits
+
+
 def batch_distill_loss(student, teacher, inputs, options: LossOptions, *, chunk_size="auto", fp32_logits=False,
                        num_items_in_batch=None):
     """The fused loss of one batch: both decoders' last hidden states (the teacher's under no_grad), position i
@@ -143,31 +163,43 @@ def batch_distill_loss(student, teacher, inputs, options: LossOptions, *, chunk_
 
 
 def batch_multi_teacher_loss(student, teachers: list, inputs, options: LossOptions, *, weights=None,
-                             combine="mixture", chunk_size="auto", fp32_logits=False, num_items_in_batch=None):
+                             combine="mixture", chunk_size="auto", fp32_logits=False, num_items_in_batch=None,
+                             own_logits_of=None):
     """The fused loss of one batch against several teacher models (each one's hidden states under no_grad, each
-    head's own logit scale and softcap). Without `weights`, a batch's `teacher_id` column ([batch] indices) routes
-    each example to its teacher: each teacher model runs on its own examples alone (on all of them where its forward
-    is a collective of sharded ranks, or the batch holds `decoder_inputs`) and the loss runs each row's own head
-    alone."""
+    head's own logit scale and softcap; or where `own_logits_of[m]`, teacher m's own forward's logits, read by the
+    chunks as given: `kdfast.integrations.teacher_logits`). Without `weights`, a batch's `teacher_id` column
+    ([batch] indices) routes each example to its teacher: each teacher model runs on its own examples alone (on all
+    of them where its forward is a collective of sharded ranks, or the batch holds `decoder_inputs`) and the loss
+    runs each row's own head alone."""
     input_ids, attention_mask, extra = inputs["input_ids"], inputs.get("attention_mask"), decoder_inputs(inputs)
     route = example_routes(inputs["teacher_id"], len(teachers)) if weights is None and "teacher_id" in inputs else None
     positions, labels = scored_positions(inputs)
     student_hidden = last_hidden_state(student, input_ids, attention_mask, extra)[:, positions]
+    student_head = output_head(student)
+    own = own_logits_of or [False] * len(teachers)
     with torch.no_grad():
-        teacher_hidden = [_teacher_hidden(teacher, input_ids, attention_mask, extra, route, index, positions)
-                          for index, teacher in enumerate(teachers)]
+        teacher_rows = [_teacher_rows(teacher, input_ids, attention_mask, extra, route, index, positions,
+                                      student_head if given else None)
+                        for index, (teacher, given) in enumerate(zip(teachers, own))]
     if route is not None:
         weights = token_routes(route, input_ids, extra.get("position_ids")).to(student_hidden.device)[:, positions]
-    student_head, heads = output_head(student), [output_head(teacher) for teacher in teachers]
-    with whole_heads(student, student_head, teachers, heads):
+    heads = [None if given else output_head(teacher) for teacher, given in zip(teachers, own)]
+    fused = [(teacher, head) for teacher, head in zip(teachers, heads) if head is not None]
+    with whole_heads(student, student_head, [teacher for teacher, _ in fused], [head for _, head in fused]):
+        # A teacher given as its logits: no head, bias or map (its logits are final).
         return fused_linear_multi_teacher_loss(
-            student_hidden, student_head.weight, teacher_hidden, [head.weight.detach() for head in heads],
-            labels, options, student_bias=student_head.bias,
-            teacher_bias=[head.bias.detach() if head.bias is not None else None for head in heads], weights=weights,
+            student_hidden, student_head.weight, teacher_rows,
+            [head.weight.detach() if head is not None else None for head in heads], labels, options,
+            student_bias=student_head.bias,
+            teacher_bias=[head.bias.detach() if head is not None and head.bias is not None else None
+                          for head in heads], weights=weights,
             combine=combine, student_softcap=final_softcap(student),
-            teacher_softcap=[final_softcap(teacher) for teacher in teachers], student_logit_scale=logit_scale(student),
-            teacher_logit_scale=[logit_scale(teacher) for teacher in teachers], chunk_size=chunk_size,
-            fp32_logits=fp32_logits, num_items_in_batch=num_items_in_batch)
+            teacher_softcap=[final_softcap(teacher) if head is not None else None
+                             for teacher, head in zip(teachers, heads)],
+            student_logit_scale=logit_scale(student),
+            teacher_logit_scale=[logit_scale(teacher) if head is not None else 1.0
+                                 for teacher, head in zip(teachers, heads)],
+            chunk_size=chunk_size, fp32_logits=fp32_logits, num_items_in_batch=num_items_in_batch)
 
 
 def sparse_distill_from_hidden(student, student_hidden, teacher_ids, teacher_logprobs, labels,
@@ -203,21 +235,28 @@ def batch_sparse_distill_loss(student, inputs, options: SparseOptions, *, chunk_
                                       num_items_in_batch=num_items_in_batch)
 
 
-def _teacher_hidden(teacher, input_ids, attention_mask, extra, route, index: int, positions) -> torch.Tensor:
-    """Teacher `index`'s last hidden states at the scored `positions`: of every example ([batch, positions, H]), or
-    routed, of its own examples only ([rows, H], the loss's routed form; `own_examples`). A batch's
+def _teacher_rows(teacher, input_ids, attention_mask, extra, route, index: int, positions,
+                  student_head=None) -> torch.Tensor:
+    """Teacher `index`'s last hidden states at the scored `positions`, or given the `student_head` (the teacher is
+    distilled through its own logits) its own forward's logits there: of every example ([batch, positions, ·]), or
+    routed, of its own examples only ([rows, ·], the loss's routed form; `own_examples`). A batch's
     `decoder_inputs` are not split by example (Qwen-VL's patches of all images are one tensor, flash-attention's
     lengths one list): with them each teacher runs on all."""
     mine = own_examples(route if not extra else None, index, teacher)
+    if mine is None and student_head is not None:
+        # The teacher's own forward, hooks and all: an FSDP2 or ZeRO-3 teacher gathers its parameters itself.
+        return own_logits(teacher, input_ids, attention_mask, extra)[:, positions]
     if mine is None:
         return run_through_wrapper(teacher, teacher, last_hidden_state, teacher, input_ids, attention_mask,
                                    extra)[:, positions]
     mine = mine.to(input_ids.device)
-    if mine.numel() == 0:
-        head = output_head(teacher).weight
-        return head.new_empty(0, head.shape[-1])
-    hidden = last_hidden_state(teacher, input_ids.index_select(0, mine),
-                               attention_mask.index_select(0, mine) if attention_mask is not None else None)
-    hidden = hidden[:, positions]
-    return hidden.reshape(-1, hidden.shape[-1])
+    if mine.numel() == 0:  # no rows: [0, V] logits (the student's vocabulary) or [0, H_t] hidden states
+        head = (student_head if student_head is not None else output_head(teacher)).weight
+        shape = getattr(head, "ds_shape", head.shape)  # (a ZeRO-3 partitioned weight: its whole shape)
+        return head.new_empty(0, shape[0] if student_head is not None else shape[-1])
+    rows = (own_logits if student_head is not None else last_hidden_state)(
+        teacher, input_ids.index_select(0, mine),
+        attention_mask.index_select(0, mine) if attention_mask is not None else None)
+    rows = rows[:, positions]
+    return rows.reshape(-1, rows.shape[-1])
 

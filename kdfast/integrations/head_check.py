@@ -8,11 +8,9 @@ failed deep inside the loss."""
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
-from kdfast.integrations.causal_lm import head_settings, last_hidden_state, output_head
+from kdfast.integrations.causal_lm import head_settings, last_hidden_state, no_cache, output_head
 from kdfast.integrations.packed_sequences import packing_inputs
 from kdfast.integrations.sharding import collective_forward
 from kdfast.integrations.vision_inputs import image_inputs
@@ -66,13 +64,6 @@ def check_head_map(model, inputs) -> None:
                          f"to {difference:.3g} on the batch's first tokens: its forward does more before its logits "
                          f"than kdfast reads, so kdfast cannot distil this model's logits")
     model.__dict__[_CHECKED] = True
-
-
-def no_cache(model) -> dict:
-    """`use_cache=False` where the forward takes it (a remote-code model's may not)."""
-    parameters = inspect.signature(model.forward).parameters
-    takes = "use_cache" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    return {"use_cache": False} if takes else {}
 
 
 def _decoder_output(model, probe, extra) -> torch.Tensor:

@@ -4,12 +4,12 @@ trainer runs the teacher's whole forward under no_grad and fuses the student's h
 (`kdfast.linear_student_distill_loss`). The teacher's [batch, seq, V] logits then exist for the step, in its dtype;
 the student's never do.
 
-`teacher_logits` of the trainers: "head" distils the teacher's head fused, and refuses at the first batch a teacher
-whose own logits differ from the head's (kdfast.integrations.head_check); "own" always takes its own logits; "auto"
-(the default) takes the head where the check passes and the own logits, with a warning, where it does not. A teacher
-that is no causal LM with a linear head (an ensemble's module, a wrapped model of another library: any module whose
-forward takes `input_ids` and `attention_mask` and returns the logits, or an output with `.logits`) has its own
-logits taken under "auto" and "own", and is refused by name under "head"."""
+`teacher_logits` of the trainers, for each teacher model: "head" distils the teacher's head fused, and refuses at the
+first batch a teacher whose own logits differ from the head's (kdfast.integrations.head_check); "own" always takes its
+own logits; "auto" (the default) takes the head where the check passes and the own logits, with a warning, where it does
+not. A teacher that is no causal LM with a linear head (an ensemble's module, a wrapped model of another library: any
+module whose forward takes `input_ids` and `attention_mask` and returns the logits, or an output with `.logits`) has its
+own logits taken under "auto" and "own", and is refused by name under "head"."""
 
 from __future__ import annotations
 
@@ -23,9 +23,10 @@ from kdfast.integrations.causal_lm import (
     last_hidden_state,
     logit_scale,
     output_head,
+    own_logits,
     scored_positions,
 )
-from kdfast.integrations.head_check import check_head_map, no_cache
+from kdfast.integrations.head_check import check_head_map
 from kdfast.integrations.sharding import whole_head
 from kdfast.linear_logits_teacher import fused_linear_student_loss
 from kdfast.options import LossOptions
@@ -35,13 +36,13 @@ _OWN_LOGITS = "_kdfast_own_logits"  # on a teacher model "auto" found its own lo
 logger = logging.getLogger(__name__)
 
 
-def check_mode(teacher_logits, *, single_teacher: bool) -> None:
-    """A known mode; "own" only for one teacher model of the student's tokenizer."""
+def check_mode(teacher_logits, *, teacher_models: bool) -> None:
+    """A known mode; "own" only for teacher models (one or several) of the student's tokenizer."""
     if teacher_logits not in MODES:
         raise ValueError(f"teacher_logits must be one of {MODES}, got {teacher_logits!r}")
-    if teacher_logits == "own" and not single_teacher:
-        raise ValueError("teacher_logits='own' needs a single teacher_model of the student's tokenizer (not several, "
-                         "a teacher cache, a served teacher or a teacher_tokenizer)")
+    if teacher_logits == "own" and not teacher_models:
+        raise ValueError("teacher_logits='own' needs teacher_model (one model or several) of the student's tokenizer "
+                         "(not a teacher cache, a served teacher or a teacher_tokenizer)")
 
 
 def uses_own_logits(mode: str, teacher, inputs) -> bool:
@@ -76,17 +77,6 @@ def has_linear_head(model) -> bool:
     """Whether the model names an LM head with a weight, as a Hugging Face causal LM does (`get_output_embeddings`)."""
     getter = getattr(model, "get_output_embeddings", None)
     return callable(getter) and isinstance(getattr(getter(), "weight", None), torch.Tensor)
-
-
-def own_logits(model, input_ids, attention_mask=None, extra=None) -> torch.Tensor:
-    """The model's own forward's logits, [batch, seq, V]: its output's `.logits`, or the output itself."""
-    output = model(input_ids=input_ids, attention_mask=attention_mask, **(extra or {}), **no_cache(model))
-    logits = getattr(output, "logits", output)
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
-        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"the teacher's forward ({type(model).__name__}) must return its logits [batch, seq, vocab] "
-                         f"for input_ids {tuple(input_ids.shape)} (a tensor, or an output with .logits), got {got}")
-    return logits
 
 
 def batch_distill_from_teacher_logits(student, teacher, inputs, options: LossOptions, *, chunk_size="auto",

@@ -85,10 +85,11 @@ class DistillationTrainer(Trainer):
       tokenizes, and its log-probs are the raw model's (T = 1);
     - none of these: `train_dataset` rows carry `teacher_ids` / `teacher_logprobs` ([tokens, K] or [tokens - 1, K]:
       row j the teacher's distribution of token j), e.g. from an inference server.
-    `chunk_size` and `fp32_logits` are those of `kdfast.linear_distill_loss`. `teacher_logits` (one teacher model of
-    the student's tokenizer): "auto" fuses the teacher's head where its own logits are the head's (checked at the
-    first batch) and otherwise, with a warning, takes its own forward's logits, the student's head still fused
-    (`kdfast.linear_student_distill_loss`); "head" refuses such a teacher; "own" always takes its own logits. A
+    `chunk_size` and `fp32_logits` are those of `kdfast.linear_distill_loss`. `teacher_logits` (for each teacher
+    model of the student's tokenizer): "auto" fuses the teacher's head where its own logits are the head's (checked
+    at the first batch) and otherwise, with a warning, takes its own forward's logits, the student's head still fused
+    (`kdfast.linear_student_distill_loss`; with several teachers, those teachers' logits beside the others' heads in
+    one `linear_multi_teacher_distill_loss`); "head" refuses such a teacher; "own" always takes its own logits. A
     teacher_model that is no causal LM (any module whose forward takes `input_ids` and `attention_mask` and returns
     logits, e.g. an ensemble's) is distilled through its logits under "auto" and "own".
     With `teacher_tokenizer` the teacher model has another tokenizer than the student's `processing_class`: rows
@@ -138,10 +139,11 @@ class DistillationTrainer(Trainer):
                              "list of models")
         if teacher_combine not in COMBINES:
             raise ValueError(f"teacher_combine must be one of {COMBINES}, got {teacher_combine!r}")
-        check_mode(teacher_logits, single_teacher=teacher_model is not None and not several
-                   and teacher_tokenizer is None)
-        # Whether the teacher is distilled through its own forward's logits: decided at the first batch.
-        self.teacher_logits, self._own_teacher_logits = teacher_logits, False
+        check_mode(teacher_logits, teacher_models=teacher_model is not None and teacher_tokenizer is None)
+        # Whether the teacher is distilled through its own forward's logits (several: a list, one per teacher):
+        # decided at the first batch.
+        self.teacher_logits = teacher_logits
+        self._own_teacher_logits = [False] * len(teacher_model) if several else False
         if several:
             check_trainer_weights(teacher_weights, len(teacher_model))
         self.teacher_weights, self.teacher_combine = teacher_weights, teacher_combine
@@ -336,8 +338,7 @@ class DistillationTrainer(Trainer):
             check_head_map(teacher, {"input_ids": inputs["teacher_input_ids"],
                                      "attention_mask": inputs.get("teacher_attention_mask")})
         elif isinstance(teacher, list):
-            for each in teacher:
-                check_head_map(each, inputs)
+            self._own_teacher_logits = [uses_own_logits(self.teacher_logits, each, inputs) for each in teacher]
         elif teacher is not None:
             self._own_teacher_logits = uses_own_logits(self.teacher_logits, teacher, inputs)
 
@@ -354,15 +355,16 @@ class DistillationTrainer(Trainer):
             return batch_sparse_distill_loss(student, inputs, self.distill_options, chunk_size=self.chunk_size,
                                              fp32_logits=self.fp32_logits, num_items_in_batch=num_items_in_batch)
         if isinstance(teacher, list) and len(teacher) == 1:  # one teacher by name: its arithmetic, bitwise
-            loss, parts = batch_distill_loss(student, teacher[0], inputs, self.distill_options,
-                                             chunk_size=self.chunk_size, fp32_logits=self.fp32_logits,
-                                             num_items_in_batch=num_items_in_batch)
+            batch_loss = batch_distill_from_teacher_logits if self._own_teacher_logits[0] else batch_distill_loss
+            loss, parts = batch_loss(student, teacher[0], inputs, self.distill_options, chunk_size=self.chunk_size,
+                                     fp32_logits=self.fp32_logits, num_items_in_batch=num_items_in_batch)
             return loss, dataclasses.replace(parts, teachers=parts.kd.reshape(1) if parts.kd is not None else None)
         if isinstance(teacher, list):
             return batch_multi_teacher_loss(student, teacher, inputs, self.distill_options,
                                             weights=self.teacher_weights, combine=self.teacher_combine,
                                             chunk_size=self.chunk_size, fp32_logits=self.fp32_logits,
-                                            num_items_in_batch=num_items_in_batch)
+                                            num_items_in_batch=num_items_in_batch,
+                                            own_logits_of=self._own_teacher_logits)
         if self.vocab_map is not None:  # a teacher of another tokenizer
             return batch_cross_vocab_loss(student, teacher, inputs, self.vocab_map, chunk_size=self.chunk_size,
                                           num_items_in_batch=num_items_in_batch,

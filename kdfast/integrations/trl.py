@@ -71,7 +71,7 @@ class GKDTrainer(_TRLGKDTrainer):
     head's (TRL's trainer takes its own forward's) is distilled through them, the student's head still fused."""
 
     def __init__(self, *args, shard_teacher=True, teacher_logits="auto", **kwargs):
-        check_mode(teacher_logits, single_teacher=True)
+        check_mode(teacher_logits, teacher_models=True)
         self.teacher_logits = teacher_logits
         super().__init__(*args, **kwargs)
         check_compile_supported(self)
