@@ -1,7 +1,8 @@
 """Several teachers: forward+backward of kdfast.multi_teacher_distill_loss (the mixture, and the average) against a
 loop of single-teacher kdfast calls, eager PyTorch (and torch.compile) and the copy floor at the logits level; and
 kdfast.linear_multi_teacher_distill_loss against the floor of its GEMMs (the student's forward, d hidden and d
-weight, and one per teacher) in the fused linear form.
+weight, and one per teacher) in the fused linear form, beside the same mixture with the teachers' logits given
+(linear_student_multi_teacher_distill_loss: no teacher GEMM in the step).
 
 Same inputs, one process; medians of interleaved rounds and ratios. CPU default: M = 3 teachers, 512 x 32000 fp32,
 forward KL + CE(0.5); linear: M = 2 teachers (H 256 and 384), 512 tokens, H_s = 256, V = 32000 (--full: 2048
@@ -181,6 +182,7 @@ def linear_inputs(args):
 ROUTED_SEQUENCE = 256
 ROUTED_ONE_HOT = f"kdfast linear, sequences of {ROUTED_SEQUENCE} routed by one-hot weights"
 ROUTED = f"kdfast linear, sequences of {ROUTED_SEQUENCE} routed (each row's teacher index)"
+GIVEN = "kdfast linear mixture, the teachers' logits given (linear_student_multi_teacher_distill_loss)"
 
 
 def linear_loop_name(teachers: int) -> str:
@@ -208,6 +210,14 @@ def linear_contenders(args, inputs=None):
     # examples; given as its one-hot weights (every head on every row) and as each row's teacher (its own head only).
     route = (torch.arange(len(labels), device=labels.device) // ROUTED_SEQUENCE) % len(teacher_hidden)
     one_hot = torch.nn.functional.one_hot(route, len(teacher_hidden)).float()
+    # The teachers' logits at hand (their forwards ran elsewhere, before the step): the chunks read their rows, no
+    # teacher GEMM runs; made once, outside the timing, as a caller would hold them.
+    with torch.no_grad():
+        given = [x @ w.t() for x, w in zip(teacher_hidden, teacher_weight)]
+
+    def given_logits():
+        return grad_of(lambda h, w: kdfast.linear_student_multi_teacher_distill_loss(h, w, given, labels, **settings),
+                       hidden, weight)
 
     # chunk_size="auto" keeps a chunk within the CPU's memory budget (48 MiB for all the models' logits); larger
     # chunks buy GEMM efficiency with memory, so one larger chunk is timed beside it.
@@ -218,7 +228,8 @@ def linear_contenders(args, inputs=None):
                "kdfast linear mixture": multi("mixture"), "kdfast linear average": multi("average"),
                "kdfast linear mixture, return_components": multi("mixture", return_components=True),
                f"kdfast linear mixture (chunk_size={LARGE_CHUNK})": multi("mixture", LARGE_CHUNK),
-               ROUTED_ONE_HOT: multi("mixture", weights=one_hot), ROUTED: multi("mixture", weights=route)}
+               ROUTED_ONE_HOT: multi("mixture", weights=one_hot), ROUTED: multi("mixture", weights=route),
+               GIVEN: given_logits}
     if on_gpu(args):
         methods.update({linear_mixture_name(backend): multi("mixture", backend=backend) for backend in GPU_BACKENDS})
     return methods
