@@ -39,12 +39,13 @@ def trl_gkd_case(tmp_path, setup):
 
 
 
-def trl_distillation_case(tmp_path, setup, *, routed: bool = False):
+def trl_distillation_case(tmp_path, setup, *, routed: bool = False, teacher_logits: str = "auto"):
     """kdfast's subclass of TRL's stable DistillationTrainer against TRL's loss (float64, from full logits) on an
     unsharded student. Generation is TRL's and not under test here: each step trains on one fixed batch of
     completions (each rank its half), which TRL's `_prepare_inputs` would otherwise generate. `routed`: two teachers
     by name, each sequence routed to one by its `teacher_id` (rank 0's half has none of the second's: a sharded
-    teacher still runs its forward with the other rank)."""
+    teacher still runs its forward with the other rank). `teacher_logits="own"`: each teacher's whole forward, through
+    its wrapper, gives its logits (the student's head fused)."""
     import warnings
 
     from datasets import Dataset
@@ -89,7 +90,7 @@ def trl_distillation_case(tmp_path, setup, *, routed: bool = False):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = FixedCompletions(model=student, teacher_model=dict(zip("ab", teachers)) if routed else teacher,
-                                   args=args, processing_class=word_tokenizer(),
+                                   args=args, processing_class=word_tokenizer(), teacher_logits=teacher_logits,
                                    train_dataset=Dataset.from_dict({"prompt": ["w2 w3"] * 8}))
     train_and_compare(trainer, expected)
 

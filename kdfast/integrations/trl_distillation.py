@@ -6,6 +6,7 @@ fused linear loss instead of TRL's chunked kernels. `chunked_divergence_loss` is
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 import torch
@@ -14,11 +15,13 @@ from kdfast.integrations.causal_lm import (
     final_softcap,
     head_settings,
     logit_scale,
+    no_cache,
     output_head,
 )
 from kdfast.integrations.example_routing import own_examples
 from kdfast.integrations.head_check import check_head_map
 from kdfast.integrations.sharding import whole_head, whole_heads
+from kdfast.integrations.teacher_logits import check_mode, uses_own_logits
 from kdfast.integrations.teacher_names import (
     check_dataset_teacher_ids,
     named_teachers,
@@ -26,6 +29,7 @@ from kdfast.integrations.teacher_names import (
     weights_in_order,
 )
 from kdfast.integrations.vision_inputs import MULTIMODAL_KEYS
+from kdfast.linear_logits_teacher import fused_linear_student_loss
 from kdfast.linear_loss import fused_linear_loss
 from kdfast.linear_multi_teacher import fused_linear_multi_teacher_loss
 from kdfast.multi_teacher import COMBINES
@@ -90,6 +94,24 @@ def divergence_sums(student_hidden_states, teacher_hidden_states, student_lm_hea
     return total, parts.entropy, valid.sum()
 
 
+def divergence_sums_of_logits(student_hidden_states, teacher_logits, student_lm_head_weight, completion_mask, beta,
+                              student_lm_head_bias=None, student_logit_scale=1.0, student_final_logit_softcapping=None,
+                              temperature=1.0, *, chunk_size="auto", backend="auto"):
+    """`divergence_sums` against the teacher's own logits [B, K, V] at the completion tokens (its forward's, final:
+    a teacher whose head is not all of its logits), the student's head fused: only the masked-in tokens' rows are
+    read (`kdfast.linear_student_distill_loss`)."""
+    valid = completion_mask.reshape(-1) != 0
+    kept = valid.nonzero().squeeze(1)
+    student = student_hidden_states.reshape(-1, student_hidden_states.shape[-1]).index_select(0, kept)
+    teacher = teacher_logits.reshape(-1, teacher_logits.shape[-1]).index_select(0, kept.to(teacher_logits.device))
+    options = trl_jsd_options(beta, temperature).replace(backend=backend)
+    total, parts = fused_linear_student_loss(
+        student, student_lm_head_weight, teacher.detach(), None, options, student_bias=student_lm_head_bias,
+        softcap=student_final_logit_softcapping, logit_scale=student_logit_scale, chunk_size=chunk_size,
+        fp32_logits=True)
+    return total, parts.entropy, valid.sum()
+
+
 def _routed_rows(teacher_hidden_states: list, completion_mask, teacher_index):
     """Each teacher's hidden states of its own kept tokens ([n_m, H_m], in token order) and each kept token's teacher
     ([n] int64), from `teacher_index` [B] and hidden states of every sequence [B, K, H_m] or of the teacher's own
@@ -135,8 +157,10 @@ def chunked_multi_teacher_divergence_loss(student_hidden_states, teacher_hidden_
     mixed or averaged with `weights` as `kdfast.linear_multi_teacher_distill_loss` takes them (per-row weights:
     [B, K, M]; "confidence" and "min_ce" weigh each teacher by its probability of the completion's token,
     `completion_ids` [B, K]), or routed: `teacher_index` [B] each sequence's one teacher, whose head alone runs on its
-    tokens and whose hidden states may be its own sequences' alone ([B_m, K, H_m], in order). Returns TRL's triple
-    and each teacher's own divergence summed over the tokens ([M], detached; routed, over its own tokens)."""
+    tokens and whose hidden states may be its own sequences' alone ([B_m, K, H_m], in order). A teacher whose
+    `teacher_lm_head_weights` entry is None is given as its own logits in `teacher_hidden_states` ([B, K, V], final).
+    Returns TRL's triple and each teacher's own divergence summed over the tokens ([M], detached; routed, over its own
+    tokens)."""
     valid = completion_mask.reshape(-1) != 0
     kept = valid.nonzero().squeeze(1)
     student = student_hidden_states.reshape(-1, student_hidden_states.shape[-1]).index_select(0, kept)
@@ -157,7 +181,8 @@ def chunked_multi_teacher_divergence_loss(student_hidden_states, teacher_hidden_
         labels = completion_ids.reshape(-1).to(kept.device).index_select(0, kept)
     options = trl_jsd_options(beta, temperature).replace(backend=backend)
     total, parts = fused_linear_multi_teacher_loss(
-        student, student_lm_head_weight, teachers, [weight.detach() for weight in teacher_lm_head_weights], labels,
+        student, student_lm_head_weight, teachers,
+        [weight.detach() if weight is not None else None for weight in teacher_lm_head_weights], labels,
         options, student_bias=student_lm_head_bias,
         teacher_bias=[b.detach() if b is not None else None for b in teacher_lm_head_biases or [None] * len(teachers)],
         weights=weights, combine=combine, student_softcap=student_final_logit_softcapping,
@@ -180,10 +205,18 @@ class DistillationTrainer(_TRLDistillationTrainer):
     prompt to one teacher: each teacher model runs on its own sequences alone (on all of them where its forward is a
     collective of sharded ranks, or with images) and only its head scores their tokens. Each teacher's own divergence
     per token it scores is logged as `divergence/teacher_<m>` (its name in the dict), and routed, its share of the
-    tokens as `tokens/teacher_<m>`."""
+    tokens as `tokens/teacher_<m>`.
+
+    `teacher_logits` as kdfast's own `DistillationTrainer` takes it, for each teacher model: by default ("auto") a
+    teacher whose own logits are not its head's (a head that normalises its rows, logits scaled by a name no config
+    shares; TRL's kernel would read the head's weight and distil other logits than the teacher's) is distilled
+    through its own forward's logits at the completion tokens, with a warning, the student's head still fused; "own"
+    takes every teacher's own logits, "head" refuses such a teacher."""
 
     def __init__(self, model=None, teacher_model=None, args=None, *rest, teacher_weights=None,
-                 teacher_combine="mixture", **kwargs):
+                 teacher_combine="mixture", teacher_logits="auto", **kwargs):
+        check_mode(teacher_logits, teacher_models=True)
+        self.teacher_logits = teacher_logits
         teacher_model, names = named_teachers(teacher_model)
         teacher_weights = weights_in_order(teacher_weights, names)
         several = isinstance(teacher_model, (list, tuple))
@@ -293,64 +326,104 @@ class DistillationTrainer(_TRLDistillationTrainer):
         logits_to_keep = inputs["completion_ids"].size(1)
         multimodal = {key: inputs[key] for key in MULTIMODAL_KEYS if key in inputs}
         teachers = self.teacher_models if self.teacher_models is not None else [self.teacher_model]
-        for model in (unwrapped_student, *(self.accelerator.unwrap_model(teacher) for teacher in teachers
-                                            if teacher is not None)):
-            # Each model's own logits against the loss's, on its first call (head_check.py).
-            check_head_map(model, {"input_ids": input_ids, "attention_mask": attention_mask, **multimodal})
+        probe = {"input_ids": input_ids, "attention_mask": attention_mask, **multimodal}
+        # Each model's own logits against the loss's, on its first call (head_check.py); a teacher that fails it (or
+        # every one, "own") is distilled through its own logits (teacher_logits.py).
+        check_head_map(unwrapped_student, probe)
+        own = [uses_own_logits(self.teacher_logits, self.accelerator.unwrap_model(teacher), probe)
+               for teacher in teachers if teacher is not None]
         student_hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, logits_to_keep,
                                                      **multimodal)
         if self.teacher_models is not None and len(self.teacher_models) > 1:
             return self._several_teachers_loss(unwrapped_student, student_hidden, input_ids, attention_mask,
-                                               logits_to_keep, multimodal, loss_mask, num_items_in_batch, inputs)
+                                               logits_to_keep, multimodal, loss_mask, num_items_in_batch, inputs, own)
         self.teacher_model.eval()
         unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+        student_head = output_head(unwrapped_student)
+        if own and own[0]:
+            with torch.no_grad():
+                teacher_logits = self._own_logits(self.teacher_model, unwrapped_teacher, input_ids, attention_mask,
+                                                  logits_to_keep, multimodal)
+            with whole_head(unwrapped_student, student_head):
+                device = student_head.weight.device
+                total, entropy_sum, n_valid = divergence_sums_of_logits(
+                    student_hidden.to(device), teacher_logits.to(device), student_head.weight, loss_mask.to(device),
+                    self.beta, student_head.bias, logit_scale(unwrapped_student), final_softcap(unwrapped_student),
+                    self.temperature)
+        else:
+            total, entropy_sum, n_valid = self._fused_heads_sums(unwrapped_student, student_head, unwrapped_teacher,
+                                                                 student_hidden, input_ids, attention_mask,
+                                                                 logits_to_keep, multimodal, loss_mask)
+        if self.teacher_models is not None:  # one teacher by name: the one teacher's arithmetic, its metrics
+            self._teacher_divergences = (total.detach().reshape(1), n_valid.detach().reshape(1))
+        return _divided(total, n_valid, num_items_in_batch), entropy_sum, n_valid
+
+    def _fused_heads_sums(self, unwrapped_student, student_head, unwrapped_teacher, student_hidden, input_ids,
+                          attention_mask, logits_to_keep, multimodal, loss_mask):
+        """`divergence_sums` of the student's and the one teacher's heads, fused."""
         with torch.no_grad():
             # Through the teacher's own wrapper, so FSDP / DeepSpeed gather its shards for the backbone.
             teacher_hidden = self._forward_redirection(self.teacher_model, unwrapped_teacher,
                                                        self._get_last_hidden_state, unwrapped_teacher, input_ids,
                                                        attention_mask, logits_to_keep, **multimodal)
-        student_head, teacher_head = output_head(unwrapped_student), output_head(unwrapped_teacher)
+        teacher_head = output_head(unwrapped_teacher)
         settings = head_settings(unwrapped_student, unwrapped_teacher)
         with whole_head(unwrapped_student, student_head), whole_head(unwrapped_teacher, teacher_head, frozen=True):
             device = student_head.weight.device
-            total, entropy_sum, n_valid = divergence_sums(
+            return divergence_sums(
                 student_hidden.to(device), teacher_hidden.to(device), student_head.weight, teacher_head.weight,
                 loss_mask.to(device), self.beta, student_head.bias, teacher_head.bias,
                 settings["student_logit_scale"], settings["teacher_logit_scale"], settings["student_softcap"],
                 settings["teacher_softcap"], self.temperature)
-        if self.teacher_models is not None:  # one teacher by name: the one teacher's arithmetic, its metrics
-            self._teacher_divergences = (total.detach().reshape(1), n_valid.detach().reshape(1))
-        return _divided(total, n_valid, num_items_in_batch), entropy_sum, n_valid
+
+    def _own_logits(self, teacher, unwrapped, input_ids, attention_mask, logits_to_keep, multimodal):
+        """The teacher's own forward's logits at the positions that predict the completion tokens ([B, K, V]), as
+        `_get_last_hidden_state` takes its hidden states there; its whole forward, through its own wrapper (FSDP and
+        DeepSpeed gather its shards)."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **multimodal, **no_cache(unwrapped)}
+        if "logits_to_keep" in inspect.signature(unwrapped.forward).parameters:
+            inputs["logits_to_keep"] = logits_to_keep + 1  # the last position predicts past the completion
+        logits = teacher(**inputs).logits
+        return logits[:, :-1][:, -logits_to_keep:]
 
     def _several_teachers_loss(self, unwrapped_student, student_hidden, input_ids, attention_mask, logits_to_keep,
-                               multimodal, loss_mask, num_items_in_batch, inputs):
+                               multimodal, loss_mask, num_items_in_batch, inputs, own):
         route = inputs.get("teacher_id") if self.teacher_weights is None else None
-        unwrapped, hidden = [], []
+        student_head = output_head(unwrapped_student)
+        unwrapped, rows = [], []
         for index, teacher in enumerate(self.teacher_models):
             teacher.eval()
             unwrapped.append(self.accelerator.unwrap_model(teacher))
             # Routed, a teacher runs on its own sequences alone (`own_examples`), but on all of them where images
             # ride along (their tensors are not per sequence).
             mine = own_examples(route, index, unwrapped[-1]) if not multimodal else None
-            if mine is not None and mine.numel() == 0:
-                head = output_head(unwrapped[-1]).weight
-                hidden.append(head.new_empty(0, logits_to_keep, head.shape[-1]))
+            if mine is not None and mine.numel() == 0:  # no sequence: [0, K, V] logits or [0, K, H_m] hidden states
+                head = (student_head if own[index] else output_head(unwrapped[-1])).weight
+                shape = getattr(head, "ds_shape", head.shape)  # (a ZeRO-3 partitioned weight: its whole shape)
+                rows.append(head.new_empty(0, logits_to_keep, shape[0] if own[index] else shape[-1]))
                 continue
             ids, mask = (input_ids, attention_mask) if mine is None else \
                 (input_ids.index_select(0, mine), attention_mask.index_select(0, mine))
             with torch.no_grad():
-                hidden.append(self._forward_redirection(teacher, unwrapped[-1], self._get_last_hidden_state,
-                                                        unwrapped[-1], ids, mask, logits_to_keep, **multimodal))
-        student_head, heads = output_head(unwrapped_student), [output_head(teacher) for teacher in unwrapped]
-        with whole_heads(unwrapped_student, student_head, unwrapped, heads):
+                rows.append(self._own_logits(teacher, unwrapped[-1], ids, mask, logits_to_keep, multimodal)
+                            if own[index] else
+                            self._forward_redirection(teacher, unwrapped[-1], self._get_last_hidden_state,
+                                                      unwrapped[-1], ids, mask, logits_to_keep, **multimodal))
+        # A teacher given as its own logits has no head in the loss (None), nor a map (its logits are final).
+        heads = [None if given else output_head(teacher) for teacher, given in zip(unwrapped, own)]
+        fused = [(teacher, head) for teacher, head in zip(unwrapped, heads) if head is not None]
+        with whole_heads(unwrapped_student, student_head, [t for t, _ in fused], [h for _, h in fused]):
             device = student_head.weight.device
             loss, entropy_sum, n_valid, per_teacher = chunked_multi_teacher_divergence_loss(
-                student_hidden.to(device), [h.to(device) for h in hidden], student_head.weight,
-                [head.weight for head in heads], loss_mask.to(device), self.beta, num_items_in_batch,
-                student_head.bias, [head.bias for head in heads], logit_scale(unwrapped_student),
-                [logit_scale(teacher) for teacher in unwrapped], final_softcap(unwrapped_student),
-                [final_softcap(teacher) for teacher in unwrapped], self.temperature, weights=self.teacher_weights,
-                combine=self.teacher_combine, completion_ids=inputs["completion_ids"], teacher_index=route)
+                student_hidden.to(device), [r.to(device) for r in rows], student_head.weight,
+                [head.weight if head is not None else None for head in heads], loss_mask.to(device), self.beta,
+                num_items_in_batch, student_head.bias, [head.bias if head is not None else None for head in heads],
+                logit_scale(unwrapped_student),
+                [logit_scale(teacher) if head is not None else 1.0 for teacher, head in zip(unwrapped, heads)],
+                final_softcap(unwrapped_student),
+                [final_softcap(teacher) if head is not None else None for teacher, head in zip(unwrapped, heads)],
+                self.temperature, weights=self.teacher_weights, combine=self.teacher_combine,
+                completion_ids=inputs["completion_ids"], teacher_index=route)
         # The tokens each teacher scored: all of them, or routed, its own sequences'.
         tokens = n_valid.expand(len(heads)) if route is None else torch.stack(
             [(loss_mask[route == index] != 0).sum() for index in range(len(heads))])
