@@ -1,6 +1,6 @@
 """The fused linear loss holds one chunk of logits, never [tokens, vocab]: its extra peak memory for a training
-step's loss + backward (a live teacher head, or the teacher's logits given) stays under a quarter of one float32
-[tokens, vocab] tensor, measured in a fresh process at
+step's loss + backward (a live teacher head, or the teacher's logits given, or two teachers' logits) stays under a
+quarter of one float32 [tokens, vocab] tensor, measured in a fresh process at
 N=4096, H=256, V=32000 (glibc's mmap threshold pinned there, so that the peak is what the step holds live, not what
 the heap happened to keep of the chunks it freed: kdfast/memory.py)."""
 
@@ -50,7 +50,26 @@ def given_logits_step(device, tokens, hidden, vocab):
     return step
 
 
-@pytest.mark.parametrize("factory", ["linear_step", "given_logits_step"])
+def given_teachers_step(device, tokens, hidden, vocab):
+    """`given_logits_step` with two teachers given as their logits (`linear_student_multi_teacher_distill_loss`, their
+    mixture): one a shifted view, the other bf16. Each chunk copies both teachers' rows into buffers of its own."""
+    generator = torch.Generator().manual_seed(0)
+    student_hidden = torch.randn(1, tokens, hidden, generator=generator).to(device).requires_grad_(True)
+    student_weight = (torch.randn(vocab, hidden, generator=generator) * 0.1).to(device).requires_grad_(True)
+    teachers = [torch.randn(1, tokens + 1, vocab, generator=generator).to(device)[:, :-1],
+                torch.randn(1, tokens, vocab, generator=generator).to(device, torch.bfloat16)]
+    labels = torch.randint(0, vocab, (1, tokens), generator=generator).to(device)
+
+    def step():
+        loss = kdfast.linear_student_multi_teacher_distill_loss(student_hidden, student_weight, teachers, labels,
+                                                                ce_weight=0.5, temperature=2.0)
+        loss.backward()
+        student_hidden.grad = student_weight.grad = None
+
+    return step
+
+
+@pytest.mark.parametrize("factory", ["linear_step", "given_logits_step", "given_teachers_step"])
 def test_cpu_peak_is_a_fraction_of_one_logits_tensor(factory):
     tokens, hidden, vocab = 4096, 256, 32_000
     one_logits_tensor = tokens * vocab * 4
