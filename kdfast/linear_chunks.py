@@ -84,8 +84,11 @@ class TeacherLogits:
         """No head: its rows are read."""
 
     def chunk_into(self, out: torch.Tensor, rows: slice, weight, logits_into) -> torch.Tensor:
-        """Its flat `rows` [C, V] copied into `out` (one of several teachers' chunk buffers), in `out`'s dtype."""
-        return out.copy_(self._flat_rows(rows, out.shape[1]))
+        """Its flat `rows` [C, V] for one of several teachers' chunk buffers `out`: a view of them where they are one
+        run in memory in `out`'s dtype (the kernels only read a teacher, as they read given logits; no copy), else
+        copied into `out`, in its dtype."""
+        chunk = self._flat_rows(rows, out.shape[1])
+        return chunk if chunk.dtype == out.dtype and chunk.is_contiguous() else out.copy_(chunk)
 
     def _flat_rows(self, rows: slice, vocab: int) -> torch.Tensor:
         """Flat rows `rows` [C, V], a view where one exists. A view such as `logits[:, :-1]` of a [B, S, V] tensor is
