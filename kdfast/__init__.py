@@ -15,6 +15,7 @@ _EXPORTS = {"DistillLoss": "loss", "distill_loss": "loss", "LinearDistillLoss": 
             "MultiTeacherDistillLoss": "multi_teacher", "linear_multi_teacher_distill_loss": "linear_multi_teacher",
             "LinearMultiTeacherDistillLoss": "linear_multi_teacher", "VocabMap": "vocab_map",
             "cross_vocab_distill_loss": "cross_vocab", "linear_cross_vocab_distill_loss": "linear_cross_vocab",
+            "linear_student_cross_vocab_distill_loss": "linear_cross_vocab",
             "align_tokenizations": "alignment", "TokenAlignment": "alignment", "linear_cross_entropy": "linear_ce",
             "LinearCrossEntropyLoss": "linear_ce", "cross_entropy": "logits_ce", "CrossEntropyLoss": "logits_ce",
             "patch_causal_lm": "integrations.fused_causal_lm", "EAFT": "token_scaling"}

@@ -18,7 +18,14 @@ from kdfast.logit_maps import logit_maps
 from kdfast.options import LossOptions
 from kdfast.reduction import reduced_outputs, reduction_scale, returned
 from kdfast.saved_gradient import rescale_gradient_, saved_gradients
-from kdfast.validation import _check_bias, _check_floating, _check_one_device, check_chunk_settings, check_labels_for
+from kdfast.validation import (
+    _check_bias,
+    _check_floating,
+    _check_one_device,
+    check_chunk_settings,
+    check_labels_for,
+    check_logits,
+)
 from kdfast.views import flat_labels
 from kdfast.zero3 import gathered
 
@@ -36,24 +43,31 @@ def linear_cross_vocab_distill_loss(student_hidden, student_weight, teacher_hidd
     time ("auto": 16 MiB of float32 logits per model). Gradients flow to student_hidden, student_weight and
     student_bias. With reduction "mean" or "sum" they are summed in the forward's pass; with "none" (a loss per row,
     or per group of an alignment) the forward computes the losses alone and backward runs the chunks again, each
-    row's gradient times its grad_output before it reaches the head's GEMMs."""
+    row's gradient times its grad_output before it reaches the head's GEMMs. `teacher_weight` None: the teacher is
+    given as its logits [..., V_t] in `teacher_hidden` (final: no bias, scale or softcap; what
+    `linear_student_cross_vocab_distill_loss` takes), read a chunk of rows at a time."""
     opts, teacher_temperature = cross_vocab_options(
         method, vocab_map, temperature, student_temperature, teacher_temperature, divergence=divergence, beta=beta,
         kd_weight=kd_weight, ce_weight=ce_weight, t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
         backend=backend, return_components=return_components)
     maps = logit_maps(softcap, student_softcap, teacher_softcap, student_logit_scale, teacher_logit_scale)
-    _check_heads(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+    given = teacher_weight is None
+    if given:
+        _check_given_teacher(teacher_hidden, teacher_bias, teacher_softcap, teacher_logit_scale)
+        _check_one_device(student_hidden, student_weight, teacher_hidden)
+    _check_heads(student_hidden, student_weight, student_bias, *((None,) * 3 if given else
+                                                                 (teacher_hidden, teacher_weight, teacher_bias)),
                  chunk_size)
-    names = ("student_weight", "teacher_weight")
-    vocabs = (student_weight.shape[0], teacher_weight.shape[0])
+    names = ("student_weight", "teacher_logits" if given else "teacher_weight")
+    vocabs = (student_weight.shape[0], teacher_hidden.shape[-1] if given else teacher_weight.shape[0])
     if alignment is not None:
         check_alignment(alignment, (student_hidden.numel() // student_hidden.shape[-1],
                                     teacher_hidden.numel() // teacher_hidden.shape[-1]), vocabs,
-                        ("student_hidden", "teacher_hidden"))
+                        ("student_hidden", "teacher_logits" if given else "teacher_hidden"))
     elif teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
-        raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} and student_hidden "
-                         f"{tuple(student_hidden.shape)} must have the same rows (aligned positions); rows of two "
-                         "tokenizations take alignment=")
+        raise ValueError(f"{'teacher_logits' if given else 'teacher_hidden'} {tuple(teacher_hidden.shape)} and "
+                         f"student_hidden {tuple(student_hidden.shape)} must have the same rows (aligned positions); "
+                         "rows of two tokenizations take alignment=")
     check_settings(vocab_map, method, opts, teacher_temperature, vocabs, names)
     rows = alignment.groups if alignment is not None else student_hidden.numel() // student_hidden.shape[-1]
     lead = (rows,) if alignment is not None else tuple(student_hidden.shape[:-1])
@@ -61,7 +75,7 @@ def linear_cross_vocab_distill_loss(student_hidden, student_weight, teacher_hidd
                      "the alignment's groups" if alignment is not None else "the hidden states")
     settings = (method, vocab_map, alignment, float(teacher_temperature), matched_weight, unmatched_weight, maps,
                 None if chunk_size == "auto" else chunk_size)
-    teacher = (teacher_hidden.detach(), teacher_weight.detach(),
+    teacher = (teacher_hidden.detach(), teacher_weight.detach() if not given else None,
                teacher_bias.detach() if teacher_bias is not None else None)
     if torch.compiler.is_compiling() and runs_in_op(method, opts.backend, student_hidden.device.type):
         # Traced by torch.compile: the chunk loop as one custom op.
@@ -81,10 +95,36 @@ def _host_driven_loss(student_hidden, student_weight, student_bias, teacher, lab
                                                    num_items_in_batch, opts, settings), opts, labels)
 
 
+def linear_student_cross_vocab_distill_loss(student_hidden, student_weight, teacher_logits, labels=None, *,
+                                            vocab_map, alignment=None, method="hybrid", student_bias=None,
+                                            softcap=None, logit_scale=1.0, chunk_size="auto", **settings):
+    """`linear_cross_vocab_distill_loss` with the teacher given as its logits [..., V_t] (its own forward under
+    no_grad, on its own tokenization: any float dtype, views read as they are): the student's head fused (its
+    `softcap` and `logit_scale`), the teacher's rows read a chunk at a time. `settings`: every other keyword of
+    `linear_cross_vocab_distill_loss` (the matched and unmatched weights, the divergence and loss settings)."""
+    return linear_cross_vocab_distill_loss(student_hidden, student_weight, teacher_logits, None, labels,
+                                           vocab_map=vocab_map, alignment=alignment, method=method,
+                                           student_bias=student_bias, student_softcap=softcap,
+                                           student_logit_scale=logit_scale, chunk_size=chunk_size, **settings)
+
+
+def _check_given_teacher(teacher_logits, teacher_bias, teacher_softcap, teacher_logit_scale) -> None:
+    check_logits("teacher_logits", teacher_logits)
+    if teacher_bias is not None or teacher_softcap is not None or teacher_logit_scale != 1.0:
+        raise ValueError("a teacher given as its logits has them final: pass no teacher_bias, teacher_softcap or "
+                         "teacher_logit_scale with it")
+    if teacher_logits.requires_grad:
+        raise ValueError("teacher_logits requires grad, but the teacher is a constant in kdfast: pass "
+                         "teacher_logits.detach() (or compute the teacher under torch.no_grad())")
+
+
 def _check_heads(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                  chunk_size) -> None:
-    for prefix, hidden, weight, bias in (("student", student_hidden, student_weight, student_bias),
-                                         ("teacher", teacher_hidden, teacher_weight, teacher_bias)):
+    """Each head's shapes (the teacher's where it has one: `teacher_weight` not None)."""
+    heads = [("student", student_hidden, student_weight, student_bias)]
+    if teacher_weight is not None:
+        heads.append(("teacher", teacher_hidden, teacher_weight, teacher_bias))
+    for prefix, hidden, weight, bias in heads:
         _check_floating(f"{prefix}_hidden", hidden, f"[..., hidden_{prefix[0]}]")
         _check_floating(f"{prefix}_weight", weight, f"[vocab_{prefix[0]}, hidden_{prefix[0]}]")
         if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:

@@ -26,7 +26,7 @@ from kdfast.vocab_map import VocabMap
 
 # Written out: torch 2.4's schema inference takes no list annotations.
 _SCHEMA = ("(Tensor student_hidden, Tensor student_weight, Tensor? student_bias, Tensor teacher_hidden, "
-           "Tensor teacher_weight, Tensor? teacher_bias, Tensor? labels, Tensor grad_scale, Tensor? row_weights, "
+           "Tensor? teacher_weight, Tensor? teacher_bias, Tensor? labels, Tensor grad_scale, Tensor? row_weights, "
            "bool want_hidden, bool want_weight, bool want_bias, Tensor map_student_ids, Tensor map_teacher_ids, "
            "int map_student_size, int map_teacher_size, Tensor[] alignment, str method, float teacher_temperature, "
            "float? matched_weight, float? unmatched_weight, float student_scale, float student_softcap, "
@@ -40,7 +40,8 @@ def linear_cross_vocab_forward(student_hidden, student_weight, student_bias, tea
                                map_student_ids, map_teacher_ids, map_student_size, map_teacher_size, alignment, method,
                                teacher_temperature, matched_weight, unmatched_weight, student_scale, student_softcap,
                                teacher_scale, teacher_softcap, chunk_size, settings):
-    """Both models' hidden states [N, H] / [N_t, H_t] and heads; the loss rows' parts (PART_SPLIT_COLUMNS for the
+    """Both models' hidden states [N, H] / [N_t, H_t] and heads (or, the teacher's head None, its logits as given
+    [..., V_t]); the loss rows' parts (PART_SPLIT_COLUMNS for the
     hybrid) and d hidden, d weight, d bias in their inputs' dtypes (an empty tensor where not wanted). `row_weights`
     [N]: each student row's gradient times its weight (a per-row backward). Softcaps of 0: none; `chunk_size` 0:
     "auto"."""
@@ -48,11 +49,12 @@ def linear_cross_vocab_forward(student_hidden, student_weight, student_bias, tea
     vocab_map = VocabMap.of_checked_ids(map_student_ids, map_teacher_ids, map_student_size, map_teacher_size)
     aligned = alignment_from_tensors(alignment)
     # The checks of values a traced call left out (a read would break the graph): here, before a kernel reads them.
-    vocabs = (student_weight.shape[0], teacher_weight.shape[0])
-    vocab_map.check_logits(*vocabs, names=("student_weight", "teacher_weight"))
+    given = teacher_weight is None  # the teacher's logits as given, [..., V_t]
+    vocabs = (student_weight.shape[0], teacher_hidden.shape[-1] if given else teacher_weight.shape[0])
+    vocab_map.check_logits(*vocabs, names=("student_weight", "teacher_logits" if given else "teacher_weight"))
     if aligned is not None:
-        check_alignment(aligned, (student_hidden.shape[0], teacher_hidden.shape[0]), vocabs,
-                        ("student_hidden", "teacher_hidden"))
+        check_alignment(aligned, (student_hidden.shape[0], teacher_hidden.numel() // teacher_hidden.shape[-1]),
+                        vocabs, ("student_hidden", "teacher_logits" if given else "teacher_hidden"))
     maps = (_map(student_scale, student_softcap), _map(teacher_scale, teacher_softcap))
     wanted = (want_hidden, want_weight, want_bias)
     student, teacher = head_rows(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
@@ -99,7 +101,9 @@ class CompiledLinearCrossVocabFunction(torch.autograd.Function):
                       student_bias is not None and ctx.needs_input_grad[2])
         ctx.per_row, ctx.hidden_shape = opts.reduction == "none", student_hidden.shape
         # Kept on ctx for a per-row backward: the teacher's tensors and the alignment are constants of the step.
-        ctx.teacher = (teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight, teacher_bias, flat)
+        # (Given logits pass as given: a reshape would copy a view such as logits[:, :-1] whole.)
+        ctx.teacher = (teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if teacher_weight is not None
+                       else teacher_hidden, teacher_weight, teacher_bias, flat)
         ctx.settings = (vocab_map.student_ids, vocab_map.teacher_ids, vocab_map.student_size, vocab_map.teacher_size,
                         alignment_tensors(alignment), method, float(teacher_temperature),
                         optional_float(matched_weight), optional_float(unmatched_weight), maps[0].scale,

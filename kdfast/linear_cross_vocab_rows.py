@@ -1,6 +1,7 @@
 """The rows of `linear_cross_vocab_distill_loss`, shared by its eager Function and its custom op
 (`kdfast.linear_cross_vocab_ops`): a `HeadRows` makes a chunk's logits by a GEMM of the hidden rows it is asked for
-(aligned groups gather them) and takes their gradient back through the head; the plan of a pass over two heads."""
+(aligned groups gather them) and takes their gradient back through the head (`GivenRows`: a teacher's given logits);
+the plan of a pass over two heads."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from kdfast import cpu_gemm
 from kdfast.alignment import TokenAlignment
 from kdfast.cross_vocab_function import cross_vocab_plan
 from kdfast.cross_vocab_rows import CrossVocabPlan
+from kdfast.linear_chunks import TeacherLogits
 from kdfast.logit_maps import LogitMap
 from kdfast.options import LossOptions
 
@@ -67,8 +69,26 @@ def head_rows_plan(settings, opts: LossOptions, student: HeadRows, teacher: Head
                             device, chunk)
 
 
+class GivenRows:
+    """Rows of a teacher given as its logits [..., V_t] (final: no map), float32, read a chunk at a time: a view such
+    as `logits[:, :-1]` is never copied whole (`linear_chunks.TeacherLogits`); gathered rows by their index into the
+    leading dimensions. A constant: no gradient is committed."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = TeacherLogits(logits)
+        self.width, self.count = logits.shape[-1], self.logits.row_count
+
+    def read(self, index) -> torch.Tensor:
+        if isinstance(index, slice):
+            return self.logits.rows(index, self.width).float()
+        logits = self.logits.logits
+        return logits[torch.unravel_index(index, logits.shape[:-1])].float()
+
+
 def head_rows(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, maps,
-           wanted=(False, False, False), row_weights=None) -> tuple[HeadRows, HeadRows]:
+              wanted=(False, False, False), row_weights=None) -> tuple[HeadRows, HeadRows | GivenRows]:
+    """Both models' rows; a teacher with no head (`teacher_weight` None) given as its logits in `teacher_hidden`."""
+    teacher = (GivenRows(teacher_hidden) if teacher_weight is None else
+               HeadRows(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight, teacher_bias, maps[1]))
     return (HeadRows(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias, maps[0],
-                     wanted, row_weights),
-            HeadRows(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight, teacher_bias, maps[1]))
+                     wanted, row_weights), teacher)
