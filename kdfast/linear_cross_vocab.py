@@ -97,15 +97,23 @@ def _host_driven_loss(student_hidden, student_weight, student_bias, teacher, lab
 
 def linear_student_cross_vocab_distill_loss(student_hidden, student_weight, teacher_logits, labels=None, *,
                                             vocab_map, alignment=None, method="hybrid", student_bias=None,
-                                            softcap=None, logit_scale=1.0, chunk_size="auto", **settings):
+                                            softcap=None, logit_scale=1.0, chunk_size="auto", matched_weight=None,
+                                            unmatched_weight=None, divergence="forward_kl", beta=0.5,
+                                            temperature=1.0, student_temperature=None, teacher_temperature=None,
+                                            kd_weight=1.0, ce_weight=0.0, t2_scale=True, ignore_index=-100,
+                                            reduction="mean", num_items_in_batch=None, backend="auto",
+                                            return_components=False):
     """`linear_cross_vocab_distill_loss` with the teacher given as its logits [..., V_t] (its own forward under
     no_grad, on its own tokenization: any float dtype, views read as they are): the student's head fused (its
-    `softcap` and `logit_scale`), the teacher's rows read a chunk at a time. `settings`: every other keyword of
-    `linear_cross_vocab_distill_loss` (the matched and unmatched weights, the divergence and loss settings)."""
-    return linear_cross_vocab_distill_loss(student_hidden, student_weight, teacher_logits, None, labels,
-                                           vocab_map=vocab_map, alignment=alignment, method=method,
-                                           student_bias=student_bias, student_softcap=softcap,
-                                           student_logit_scale=logit_scale, chunk_size=chunk_size, **settings)
+    `softcap` and `logit_scale`), the teacher's rows read a chunk at a time."""
+    return linear_cross_vocab_distill_loss(
+        student_hidden, student_weight, teacher_logits, None, labels, vocab_map=vocab_map, alignment=alignment,
+        method=method, student_bias=student_bias, student_softcap=softcap, student_logit_scale=logit_scale,
+        chunk_size=chunk_size, matched_weight=matched_weight, unmatched_weight=unmatched_weight,
+        divergence=divergence, beta=beta, temperature=temperature, student_temperature=student_temperature,
+        teacher_temperature=teacher_temperature, kd_weight=kd_weight, ce_weight=ce_weight, t2_scale=t2_scale,
+        ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch, backend=backend,
+        return_components=return_components)
 
 
 def _check_given_teacher(teacher_logits, teacher_bias, teacher_softcap, teacher_logit_scale) -> None:

@@ -182,12 +182,11 @@ def test_two_training_steps_with_a_head_and_an_ensemble(tmp_path):
 
 @pytest.mark.parametrize("change,message", [
     (dict(teacher_logits="logits"), r"teacher_logits must be one of \('auto', 'head', 'own'\)"),
-    (dict(teacher_logits="own", teacher_tokenizer=True), r"teacher_logits='own' needs teacher_model \(one model or "
-                                                         r"several\) of the student's tokenizer"),
+    (dict(teacher_logits="own", teacher_model=None, teacher_server="http://127.0.0.1:9"),
+     r"teacher_logits='own' needs teacher_model \(one model or several\), not a teacher cache or a served teacher"),
 ])
 def test_bad_settings_are_refused(tmp_path, change, message):
     student, teacher = student_and_teacher()
-    if change.get("teacher_tokenizer"):
-        change["teacher_tokenizer"] = word_tokenizer()
     with pytest.raises(ValueError, match=message):
-        DistillationTrainer(model=student, teacher_model=teacher, args=training_args(tmp_path), **change)
+        DistillationTrainer(**{"model": student, "teacher_model": teacher, "args": training_args(tmp_path),
+                               "processing_class": word_tokenizer(), **change})

@@ -96,10 +96,11 @@ def multi_teacher_case(tmp_path, setup, *, routed: bool = False, shard_teacher: 
     train_and_compare(trainer, expected)
 
 
-def cross_tokenizer_case(tmp_path, setup):
+def cross_tokenizer_case(tmp_path, setup, *, teacher_logits: str = "auto"):
     """A teacher of another tokenizer (GOLD's hybrid), sharded as the student is. The texts are of two kinds, each
     tokenizer the coarser on one, so each rank's aligned groups per label token differ: the KD term divides by the
-    whole batch's groups, counted over the ranks."""
+    whole batch's groups, counted over the ranks. `teacher_logits="own"`: the sharded teacher's whole forward gives
+    its logits."""
     from datasets import Dataset
     from test_cross_tokenizer_trainer import MIXED, TEXTS, models
 
@@ -118,7 +119,8 @@ def cross_tokenizer_case(tmp_path, setup):
                                                                           **SETTINGS)[0])
     trainer = DistillationTrainer(model=student, teacher_model=teacher, teacher_tokenizer=tokenizers[1],
                                   processing_class=tokenizers[0], args=trainer_args(tmp_path, setup),
-                                  train_dataset=Dataset.from_dict({"text": texts}), **SETTINGS)
+                                  train_dataset=Dataset.from_dict({"text": texts}), teacher_logits=teacher_logits,
+                                  **SETTINGS)
     train_and_compare(trainer, expected, teacher_sharded=True)
 
 
@@ -235,6 +237,7 @@ CASES = {"sharded-teacher": functools.partial(distillation_case, sparse=False),
          "multi-teacher, routed, replicated": functools.partial(multi_teacher_case, routed=True, shard_teacher=False),
          "multi-teacher, routed, a module's logits": functools.partial(multi_teacher_case, routed=True, ensemble=True),
          "cross-tokenizer": cross_tokenizer_case,
+         "cross-tokenizer, own logits": functools.partial(cross_tokenizer_case, teacher_logits="own"),
          "trl-gkd": trl_gkd_case,
          "trl-distillation": trl_distillation_case,
          "trl-distillation, routed teachers": functools.partial(trl_distillation_case, routed=True),

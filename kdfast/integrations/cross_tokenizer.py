@@ -8,12 +8,20 @@ both when it is given `teacher_tokenizer`."""
 from __future__ import annotations
 
 import bisect
+import contextlib
 
 import torch
 
 from kdfast.alignment import TokenAlignment, align_tokenizations
 from kdfast.cross_vocab import METHODS, check_settings
-from kdfast.integrations.causal_lm import final_softcap, head_settings, last_hidden_state, logit_scale, output_head
+from kdfast.integrations.causal_lm import (
+    final_softcap,
+    head_settings,
+    last_hidden_state,
+    logit_scale,
+    output_head,
+    own_logits,
+)
 from kdfast.integrations.sharding import run_through_wrapper, whole_head
 from kdfast.linear_cross_vocab import linear_cross_vocab_distill_loss
 from kdfast.reduction import LossComponents
@@ -142,7 +150,7 @@ def _head(head, size: int, name: str):
 def batch_cross_vocab_loss(student, teacher, inputs, vocab_map: VocabMap, *, method="hybrid", divergence="forward_kl",
                            beta=0.5, temperature=1.0, teacher_temperature=None, kd_weight=0.5, ce_weight=0.5,
                            t2_scale=True, chunk_size="auto", backend="auto", num_items_in_batch=None,
-                           groups_in_batch=None):
+                           groups_in_batch=None, own_logits_of_teacher=False):
     """(loss, LossComponents with kd and ce) of one `CrossTokenizerCollator` batch: the teacher's decoder under
     no_grad, the student's, then `kd_weight · KD + ce_weight · CE`. KD is `linear_cross_vocab_distill_loss` (its
     kd_weight 1, ce 0, T² included when `t2_scale`) averaged over the aligned groups; CE the student's mean
@@ -150,27 +158,38 @@ def batch_cross_vocab_loss(student, teacher, inputs, vocab_map: VocabMap, *, met
     counts: `num_items_in_batch` (its label tokens) divides the CE's sum and `groups_in_batch` (its aligned groups)
     the KD's, so that the micro-batches' losses add up to the accumulated batch's exactly (a micro-batch's groups
     per label token vary with its text, so neither count stands in for the other). Heads are cut to the map's
-    vocabularies (rows past them are padding). Called under the caller's autocast."""
+    vocabularies (rows past them are padding). `own_logits_of_teacher`: the teacher's own forward gives its logits
+    (their columns cut to its tokenizer's), read as given (`kdfast.integrations.teacher_logits`). Called under the
+    caller's autocast."""
     if (num_items_in_batch is None) != (groups_in_batch is None):
         raise ValueError("num_items_in_batch (the accumulated batch's label tokens) and groups_in_batch (its aligned "
                          "groups) are given together or not at all: the CE and the KD divide by one each")
     labels = inputs["labels"]
     student_hidden = last_hidden_state(student, inputs["input_ids"], inputs.get("attention_mask"))
+    teacher_ids, teacher_mask = inputs["teacher_input_ids"], inputs.get("teacher_attention_mask")
     with torch.no_grad():
-        # An FSDP2 teacher is entered through its own forward, which gathers its root's parameters (embeddings).
-        teacher_hidden = run_through_wrapper(teacher, teacher, last_hidden_state, teacher,
-                                             inputs["teacher_input_ids"], inputs.get("teacher_attention_mask"))
-    student_head, teacher_head = output_head(student), output_head(teacher)
-    with whole_head(student, student_head), whole_head(teacher, teacher_head, frozen=True):
+        if own_logits_of_teacher:  # its whole forward, hooks and all: a sharded teacher gathers its own parameters
+            teacher_rows = own_logits(teacher, teacher_ids, teacher_mask)[..., :vocab_map.teacher_size]
+        else:  # an FSDP2 teacher is entered through its own forward, which gathers its root's parameters
+            teacher_rows = run_through_wrapper(teacher, teacher, last_hidden_state, teacher, teacher_ids, teacher_mask)
+    student_head = output_head(student)
+    teacher_head = None if own_logits_of_teacher else output_head(teacher)
+    with whole_head(student, student_head), (whole_head(teacher, teacher_head, frozen=True) if teacher_head is not None
+                                             else contextlib.nullcontext()):
         student_weight, student_bias = _head(student_head, vocab_map.student_size, "student")
-        teacher_weight, teacher_bias = _head(teacher_head, vocab_map.teacher_size, "teacher")
+        if teacher_head is None:  # given logits: final, the student's map alone
+            teacher_weight = teacher_bias = None
+            maps = dict(student_logit_scale=logit_scale(student), student_softcap=final_softcap(student))
+        else:
+            teacher_weight, teacher_bias = (t.detach() if t is not None else None
+                                            for t in _head(teacher_head, vocab_map.teacher_size, "teacher"))
+            maps = head_settings(student, teacher)
         kd, parts = linear_cross_vocab_distill_loss(
-            student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(),
-            vocab_map=vocab_map, alignment=inputs["alignment"], method=method,
-            student_bias=student_bias, teacher_bias=teacher_bias.detach() if teacher_bias is not None else None,
-            **head_settings(student, teacher), chunk_size=chunk_size, divergence=divergence, beta=beta,
-            temperature=temperature, teacher_temperature=teacher_temperature, kd_weight=1.0, ce_weight=0.0,
-            t2_scale=t2_scale, num_items_in_batch=groups_in_batch, backend=backend, return_components=True)
+            student_hidden, student_weight, teacher_rows.detach(), teacher_weight, vocab_map=vocab_map,
+            alignment=inputs["alignment"], method=method, student_bias=student_bias, teacher_bias=teacher_bias,
+            **maps, chunk_size=chunk_size, divergence=divergence, beta=beta, temperature=temperature,
+            teacher_temperature=teacher_temperature, kd_weight=1.0, ce_weight=0.0, t2_scale=t2_scale,
+            num_items_in_batch=groups_in_batch, backend=backend, return_components=True)
         shifted = labels[:, 1:]
         kept = shifted.ne(-100)
         head = dict(bias=student_bias, logit_scale=logit_scale(student), softcap=final_softcap(student),

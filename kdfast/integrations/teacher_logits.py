@@ -37,12 +37,12 @@ logger = logging.getLogger(__name__)
 
 
 def check_mode(teacher_logits, *, teacher_models: bool) -> None:
-    """A known mode; "own" only for teacher models (one or several) of the student's tokenizer."""
+    """A known mode; "own" only for teacher models (one or several)."""
     if teacher_logits not in MODES:
         raise ValueError(f"teacher_logits must be one of {MODES}, got {teacher_logits!r}")
     if teacher_logits == "own" and not teacher_models:
-        raise ValueError("teacher_logits='own' needs teacher_model (one model or several) of the student's tokenizer "
-                         "(not a teacher cache, a served teacher or a teacher_tokenizer)")
+        raise ValueError("teacher_logits='own' needs teacher_model (one model or several), not a teacher cache or a "
+                         "served teacher")
 
 
 def uses_own_logits(mode: str, teacher, inputs) -> bool:

@@ -86,10 +86,11 @@ class DistillationTrainer(Trainer):
     - none of these: `train_dataset` rows carry `teacher_ids` / `teacher_logprobs` ([tokens, K] or [tokens - 1, K]:
       row j the teacher's distribution of token j), e.g. from an inference server.
     `chunk_size` and `fp32_logits` are those of `kdfast.linear_distill_loss`. `teacher_logits` (for each teacher
-    model of the student's tokenizer): "auto" fuses the teacher's head where its own logits are the head's (checked
-    at the first batch) and otherwise, with a warning, takes its own forward's logits, the student's head still fused
-    (`kdfast.linear_student_distill_loss`; with several teachers, those teachers' logits beside the others' heads in
-    one `linear_multi_teacher_distill_loss`); "head" refuses such a teacher; "own" always takes its own logits. A
+    model, of the student's tokenizer or another): "auto" fuses the teacher's head where its own logits are the
+    head's (checked at the first batch) and otherwise, with a warning, takes its own forward's logits, the student's
+    head still fused (`kdfast.linear_student_distill_loss`; with several teachers, those teachers' logits beside the
+    others' heads in one `linear_multi_teacher_distill_loss`; with a `teacher_tokenizer`,
+    `linear_student_cross_vocab_distill_loss`); "head" refuses such a teacher; "own" always takes its own logits. A
     teacher_model that is no causal LM (any module whose forward takes `input_ids` and `attention_mask` and returns
     logits, e.g. an ensemble's) is distilled through its logits under "auto" and "own".
     With `teacher_tokenizer` the teacher model has another tokenizer than the student's `processing_class`: rows
@@ -139,7 +140,7 @@ class DistillationTrainer(Trainer):
                              "list of models")
         if teacher_combine not in COMBINES:
             raise ValueError(f"teacher_combine must be one of {COMBINES}, got {teacher_combine!r}")
-        check_mode(teacher_logits, teacher_models=teacher_model is not None and teacher_tokenizer is None)
+        check_mode(teacher_logits, teacher_models=teacher_model is not None)
         # Whether the teacher is distilled through its own forward's logits (several: a list, one per teacher):
         # decided at the first batch.
         self.teacher_logits = teacher_logits
@@ -335,8 +336,9 @@ class DistillationTrainer(Trainer):
         compiled loss: a teacher of another tokenizer on its own ids."""
         check_head_map(student, inputs)
         if self.vocab_map is not None:
-            check_head_map(teacher, {"input_ids": inputs["teacher_input_ids"],
-                                     "attention_mask": inputs.get("teacher_attention_mask")})
+            self._own_teacher_logits = uses_own_logits(
+                self.teacher_logits, teacher, {"input_ids": inputs["teacher_input_ids"],
+                                               "attention_mask": inputs.get("teacher_attention_mask")})
         elif isinstance(teacher, list):
             self._own_teacher_logits = [uses_own_logits(self.teacher_logits, each, inputs) for each in teacher]
         elif teacher is not None:
@@ -368,7 +370,8 @@ class DistillationTrainer(Trainer):
         if self.vocab_map is not None:  # a teacher of another tokenizer
             return batch_cross_vocab_loss(student, teacher, inputs, self.vocab_map, chunk_size=self.chunk_size,
                                           num_items_in_batch=num_items_in_batch,
-                                          groups_in_batch=inputs.get(GROUPS_IN_BATCH), **self.cross_settings)
+                                          groups_in_batch=inputs.get(GROUPS_IN_BATCH),
+                                          own_logits_of_teacher=self._own_teacher_logits, **self.cross_settings)
         batch_loss = batch_distill_from_teacher_logits if self._own_teacher_logits else batch_distill_loss
         return batch_loss(student, teacher, inputs, self.distill_options, chunk_size=self.chunk_size,
                           fp32_logits=self.fp32_logits, num_items_in_batch=num_items_in_batch)
