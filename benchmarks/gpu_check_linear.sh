@@ -98,7 +98,8 @@ for name in $STEPS; do
       tests/test_megatron_peer_cases.py tests/test_prime_rl_peer_cases.py tests/test_roll_peer_cases.py \
       tests/test_confident_label_gradient.py tests/test_transformer_engine_peer_cases.py tests/test_quack_peer_cases.py \
       tests/test_class_weights.py tests/test_liger_cross_entropy_cases.py tests/test_linear_student_loss.py \
-      tests/test_liger_linear_kl_div_cases.py} ;;
+      tests/test_liger_linear_kl_div_cases.py tests/test_linear_student_multi_teacher.py \
+      tests/test_linear_student_cross_vocab.py tests/test_multi_teacher_modules.py} ;;
     suite) pytest_step "the test suite on the GPU (every backend; CPU-only files left to CI)" \
       "${TEST_TIMEOUT:-240}" gpu_suite_tests.txt tests "${CPU_ONLY_IGNORES[@]}" ;;
     *) echo "unknown step $name" >&2; status=1 ;;
