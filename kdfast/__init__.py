@@ -16,6 +16,8 @@ _EXPORTS = {"DistillLoss": "loss", "distill_loss": "loss", "LinearDistillLoss": 
             "LinearMultiTeacherDistillLoss": "linear_multi_teacher", "VocabMap": "vocab_map",
             "cross_vocab_distill_loss": "cross_vocab", "linear_cross_vocab_distill_loss": "linear_cross_vocab",
             "linear_student_cross_vocab_distill_loss": "linear_cross_vocab",
+            "CrossVocabDistillLoss": "cross_vocab_modules", "LinearCrossVocabDistillLoss": "cross_vocab_modules",
+            "LinearStudentCrossVocabDistillLoss": "cross_vocab_modules",
             "align_tokenizations": "alignment", "TokenAlignment": "alignment", "linear_cross_entropy": "linear_ce",
             "LinearCrossEntropyLoss": "linear_ce", "cross_entropy": "logits_ce", "CrossEntropyLoss": "logits_ce",
             "patch_causal_lm": "integrations.fused_causal_lm", "EAFT": "token_scaling"}
