@@ -4,6 +4,7 @@ quarter of one float32 [tokens, vocab] tensor, measured in a fresh process at
 N=4096, H=256, V=32000 (glibc's mmap threshold pinned there, so that the peak is what the step holds live, not what
 the heap happened to keep of the chunks it freed: kdfast/memory.py)."""
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -31,42 +32,31 @@ def linear_step(device, tokens, hidden, vocab):
     return step
 
 
-def given_logits_step(device, tokens, hidden, vocab):
+def _given_logits_step(device, tokens, hidden, vocab, several: bool):
     """`linear_step` with the teacher's logits given (`linear_student_distill_loss`), as a shifted view of [1, N + 1,
-    V] logits (not one run of rows: each chunk gathers its own). The given logits are an input, held before the step
-    like the hidden states; what the step adds is measured."""
+    V] logits (not one run of rows: each chunk gathers its own); `several`: two teachers given so
+    (`linear_student_multi_teacher_distill_loss`, their mixture), the shifted view and a bf16 one. The given logits
+    are inputs, held before the step like the hidden states; what the step adds is measured."""
     generator = torch.Generator().manual_seed(0)
     student_hidden = torch.randn(1, tokens, hidden, generator=generator).to(device).requires_grad_(True)
     student_weight = (torch.randn(vocab, hidden, generator=generator) * 0.1).to(device).requires_grad_(True)
     teacher_logits = torch.randn(1, tokens + 1, vocab, generator=generator).to(device)[:, :-1]
+    if several:
+        teacher_logits = [teacher_logits,
+                          torch.randn(1, tokens, vocab, generator=generator).to(device, torch.bfloat16)]
     labels = torch.randint(0, vocab, (1, tokens), generator=generator).to(device)
+    loss_fn = kdfast.linear_student_multi_teacher_distill_loss if several else kdfast.linear_student_distill_loss
 
     def step():
-        loss = kdfast.linear_student_distill_loss(student_hidden, student_weight, teacher_logits, labels,
-                                                  ce_weight=0.5, temperature=2.0)
+        loss = loss_fn(student_hidden, student_weight, teacher_logits, labels, ce_weight=0.5, temperature=2.0)
         loss.backward()
         student_hidden.grad = student_weight.grad = None
 
     return step
 
 
-def given_teachers_step(device, tokens, hidden, vocab):
-    """`given_logits_step` with two teachers given as their logits (`linear_student_multi_teacher_distill_loss`, their
-    mixture): one a shifted view, the other bf16. Each chunk copies both teachers' rows into buffers of its own."""
-    generator = torch.Generator().manual_seed(0)
-    student_hidden = torch.randn(1, tokens, hidden, generator=generator).to(device).requires_grad_(True)
-    student_weight = (torch.randn(vocab, hidden, generator=generator) * 0.1).to(device).requires_grad_(True)
-    teachers = [torch.randn(1, tokens + 1, vocab, generator=generator).to(device)[:, :-1],
-                torch.randn(1, tokens, vocab, generator=generator).to(device, torch.bfloat16)]
-    labels = torch.randint(0, vocab, (1, tokens), generator=generator).to(device)
-
-    def step():
-        loss = kdfast.linear_student_multi_teacher_distill_loss(student_hidden, student_weight, teachers, labels,
-                                                                ce_weight=0.5, temperature=2.0)
-        loss.backward()
-        student_hidden.grad = student_weight.grad = None
-
-    return step
+given_logits_step = functools.partial(_given_logits_step, several=False)
+given_teachers_step = functools.partial(_given_logits_step, several=True)
 
 
 @pytest.mark.parametrize("factory", ["linear_step", "given_logits_step", "given_teachers_step"])
