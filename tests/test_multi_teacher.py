@@ -496,3 +496,18 @@ def test_teacher_divergences_in_the_kernel_are_refused_without_a_divergence():
     with pytest.raises(RuntimeError, match=r"teacher_divergences must be a contiguous float32 \[7, 2\]"):
         ops.mixture_distill_forward(student.unsqueeze(0), [t.unsqueeze(0) for t in stacked], log_weights, labels,
                                     torch.ones(1), None, torch.zeros(ROWS, 3), ints, floats)
+
+
+def test_a_teachers_own_temperature_through_its_logit_scale():
+    """The README's recipe: teacher m softened at T_m where the loss's temperature is T, by teacher_logit_scale
+    T / T_m, is the float64 mixture of softmax(z_m / T_m) against the student's softmax at T."""
+    student_hidden, student_weight, hiddens, head_weights, _, labels = linear_inputs(2)
+    temperature, own = 2.0, [1.0, 4.0]
+    loss = kdfast.linear_multi_teacher_distill_loss(student_hidden, student_weight, hiddens, head_weights, labels,
+                                                    temperature=temperature,
+                                                    teacher_logit_scale=[temperature / t for t in own])
+    # Logits already at each teacher's own temperature, then at the loss's: z_m / T_m.
+    teachers = [(x.double() @ w.double().t()) * temperature / t for x, w, t in zip(hiddens, head_weights, own)]
+    expected = multi_teacher_distill_loss_reference(student_hidden.double() @ student_weight.double().t(), teachers,
+                                                    labels, temperature=temperature)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
