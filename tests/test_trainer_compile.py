@@ -1,12 +1,12 @@
 """`DistillationTrainer` with `torch_compile=True`: the Trainer compiles the model's forward, which the fused loss
 skips (it reads the decoder's hidden states and the head itself), so the trainer compiles the loss's own computation
 (the student's decoder, the teachers', the fused loss) with the Trainer's backend, in one graph with one teacher, the
-mixture of two, or a teacher's own logits; the steps equal the eager ones.
+mixture of two, or a teacher's own logits (alone, or a module's beside a head); the steps equal the eager ones.
 FSDP and DeepSpeed with torch_compile are refused naming the setting."""
 
 import pytest
 import torch
-from tiny_models import as_examples, student_and_teacher, tiny_llama, token_batch, training_args
+from tiny_models import LogitEnsemble, as_examples, student_and_teacher, tiny_llama, token_batch, training_args
 
 from kdfast.integrations.transformers import DistillationTrainer
 
@@ -24,6 +24,8 @@ def _train(tmp_path, compiled: bool, teachers: int = 1):
     extra = {}
     if teachers == "own logits":  # the teacher's whole forward and the student's fused head alone
         teachers, extra = 1, {"teacher_logits": "own"}
+    if teachers == "a head and a module's logits":  # two teachers, the second a module giving its logits
+        teacher, teachers = [teacher, LogitEnsemble()], 2
     args = training_args(tmp_path, max_steps=3, optim="sgd", learning_rate=0.5, max_grad_norm=0.0,
                          lr_scheduler_type="constant", torch_compile=compiled,
                          **({"torch_compile_backend": "aot_eager"} if compiled else {}))
@@ -34,7 +36,7 @@ def _train(tmp_path, compiled: bool, teachers: int = 1):
             dict(counters["graph_break"]))
 
 
-@pytest.mark.parametrize("teachers", [1, 2, "own logits"])
+@pytest.mark.parametrize("teachers", [1, 2, "own logits", "a head and a module's logits"])
 def test_the_compiled_trainer_steps_equal_the_eager_ones(tmp_path, teachers):
     eager, eager_graphs, _ = _train(tmp_path / "eager", False, teachers)
     compiled, compiled_graphs, breaks = _train(tmp_path / "compiled", True, teachers)
