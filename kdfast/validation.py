@@ -15,7 +15,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def check_logits(name: str, logits) -> None:
     if not isinstance(logits, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of shape [..., vocab], got {type(logits).__name__}")
+        raise ValueError(f"{name} must be a torch.Tensor of shape [..., vocab], got {type(logits).__name__}"
+                         + _several_teachers_hint(name, logits))
     if logits.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"{name} must be float32, bfloat16 or float16 logits, got dtype {logits.dtype}")
     if logits.dim() < 2:
@@ -120,9 +121,19 @@ def check_num_items(num_items_in_batch) -> None:
         raise ValueError(f"num_items_in_batch must be a positive number, got {num_items_in_batch!r}")
 
 
+def _several_teachers_hint(name: str, value) -> str:
+    """Where a list of teachers reached a one-teacher argument: the functions that take several."""
+    if not (name.startswith("teacher_") and isinstance(value, (list, tuple))):
+        return ""
+    return ("; several teachers are kdfast.multi_teacher_distill_loss (logits), linear_multi_teacher_distill_loss "
+            "(hidden states and heads) or linear_student_multi_teacher_distill_loss (the teachers' logits beside the "
+            "student's head)")
+
+
 def _check_floating(name: str, tensor, shape_text: str) -> None:
     if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of shape {shape_text}, got {type(tensor).__name__}")
+        raise ValueError(f"{name} must be a torch.Tensor of shape {shape_text}, got {type(tensor).__name__}"
+                         + _several_teachers_hint(name, tensor))
     if tensor.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"{name} must be float32, bfloat16 or float16, got dtype {tensor.dtype}")
 

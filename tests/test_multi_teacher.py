@@ -511,3 +511,13 @@ def test_a_teachers_own_temperature_through_its_logit_scale():
     expected = multi_teacher_distill_loss_reference(student_hidden.double() @ student_weight.double().t(), teachers,
                                                     labels, temperature=temperature)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("call", ["distill_loss", "linear_distill_loss", "linear_student_distill_loss"])
+def test_a_list_of_teachers_given_to_a_one_teacher_loss_names_the_several_teacher_ones(call):
+    hidden, weight = torch.randn(4, 6), torch.randn(VOCAB, 6)
+    teachers = {"distill_loss": (hidden @ weight.t(), [hidden @ weight.t()] * 2),
+                "linear_distill_loss": (hidden, weight, [hidden, hidden], [weight, weight]),
+                "linear_student_distill_loss": (hidden, weight, [hidden @ weight.t()] * 2)}[call]
+    with pytest.raises(ValueError, match="got list; several teachers are kdfast.multi_teacher_distill_loss"):
+        getattr(kdfast, call)(*teachers)
