@@ -90,18 +90,30 @@ class TeacherLogits:
         chunk = self._flat_rows(rows, out.shape[1])
         return chunk if chunk.dtype == out.dtype and chunk.is_contiguous() else out.copy_(chunk)
 
+    def rows_at(self, index: torch.Tensor) -> torch.Tensor:
+        """The flat rows at `index` ([C] int64) [C, V_t], gathered (an alignment's rows, a chunk of a view)."""
+        flat = self._flat()
+        if flat is not None:
+            return flat.index_select(0, index)
+        return self.logits[torch.unravel_index(index, self.logits.shape[:-1])]
+
+    def _flat(self) -> torch.Tensor | None:
+        """The logits as [N, V_t] rows, a view; None where there is none (a view such as `logits[:, :-1]` of a
+        [B, S, V] tensor, which is never copied whole: its rows are gathered by their index into the leading
+        dimensions)."""
+        if self.logits.dim() <= 2:
+            return self.logits
+        try:
+            return self.logits.view(-1, self.logits.shape[-1])
+        except RuntimeError:
+            return None
+
     def _flat_rows(self, rows: slice, vocab: int) -> torch.Tensor:
-        """Flat rows `rows` [C, V], a view where one exists. A view such as `logits[:, :-1]` of a [B, S, V] tensor is
-        never copied whole: its chunk is gathered by each row's index into the leading dimensions."""
-        logits = self.logits
-        if logits.dim() > 2:
-            try:
-                logits = logits.view(-1, logits.shape[-1])
-            except RuntimeError:
-                index = torch.arange(rows.start, rows.stop, device=logits.device)
-                logits = logits[torch.unravel_index(index, logits.shape[:-1])]
-                rows = slice(0, rows.stop - rows.start)
-        return logits[rows, :vocab]
+        """Flat rows `rows` [C, V], a view where one exists, else gathered (`rows_at`)."""
+        flat = self._flat()
+        if flat is not None:
+            return flat[rows, :vocab]
+        return self.rows_at(torch.arange(rows.start, rows.stop, device=self.logits.device))[:, :vocab]
 
 
 @dataclass

@@ -79,10 +79,8 @@ class GivenRows:
         self.width, self.count = logits.shape[-1], self.logits.row_count
 
     def read(self, index) -> torch.Tensor:
-        if isinstance(index, slice):
-            return self.logits.rows(index, self.width).float()
-        logits = self.logits.logits
-        return logits[torch.unravel_index(index, logits.shape[:-1])].float()
+        rows = self.logits.rows(index, self.width) if isinstance(index, slice) else self.logits.rows_at(index)
+        return rows.float()
 
 
 def head_rows(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, maps,
