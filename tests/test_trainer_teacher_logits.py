@@ -13,6 +13,7 @@ import pytest
 import torch
 from test_head_check import norm_head_llama, scaled_llama
 from tiny_models import (
+    VOCAB,
     LogitEnsemble,
     reference_loss,
     student_and_teacher,
@@ -190,3 +191,24 @@ def test_bad_settings_are_refused(tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
         DistillationTrainer(**{"model": student, "teacher_model": teacher, "args": training_args(tmp_path),
                                "processing_class": word_tokenizer(), **change})
+
+
+def test_a_teacher_of_own_logits_padded_past_the_tokenizer(tmp_path):
+    """Beside a head teacher, one whose head normalises its rows and is padded 8 rows past the tokenizer: its own
+    logits' columns past `vocab_size` (the tokenizer's length) are left out, as a padded head's rows are."""
+    from test_head_check import NormHead
+
+    student, teacher = student_and_teacher(head_scale=4.0)
+    padded = tiny_llama(48, vocab=VOCAB + 8, seed=2)
+    head = NormHead(48, VOCAB + 8, bias=False)
+    head.weight.data.copy_(padded.lm_head.weight.data * 3.0)
+    padded.lm_head = head
+    batch = token_batch()
+    trainer = DistillationTrainer(model=student, teacher_model=[teacher, padded], args=training_args(tmp_path),
+                                  processing_class=word_tokenizer(), **SETTINGS)
+    loss = trainer.compute_loss(trainer.model, batch)
+    assert trainer._own_teacher_logits == [False, True]
+    expected = multi_teacher_distill_loss_reference(
+        own_logits64(student, batch), [own_logits64(model, batch)[..., :VOCAB] for model in (teacher, padded)],
+        batch["labels"][:, 1:], **SETTINGS)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
