@@ -81,8 +81,7 @@ def divergence_sums(student_hidden_states, teacher_hidden_states, student_lm_hea
     student's entropy over them and their count."""
     valid = completion_mask.reshape(-1) != 0
     kept = valid.nonzero().squeeze(1)
-    student = student_hidden_states.reshape(-1, student_hidden_states.shape[-1]).index_select(0, kept)
-    teacher = teacher_hidden_states.reshape(-1, teacher_hidden_states.shape[-1]).index_select(0, kept)
+    student, teacher = _kept_rows(student_hidden_states, kept), _kept_rows(teacher_hidden_states, kept)
     options = trl_jsd_options(beta, temperature).replace(backend=backend)
     total, parts = fused_linear_loss(
         student, student_lm_head_weight, teacher.detach(), teacher_lm_head_weight.detach(), None, options,
@@ -102,14 +101,18 @@ def divergence_sums_of_logits(student_hidden_states, teacher_logits, student_lm_
     read (`kdfast.linear_student_distill_loss`)."""
     valid = completion_mask.reshape(-1) != 0
     kept = valid.nonzero().squeeze(1)
-    student = student_hidden_states.reshape(-1, student_hidden_states.shape[-1]).index_select(0, kept)
-    teacher = teacher_logits.reshape(-1, teacher_logits.shape[-1]).index_select(0, kept.to(teacher_logits.device))
+    student, teacher = _kept_rows(student_hidden_states, kept), _kept_rows(teacher_logits, kept)
     options = trl_jsd_options(beta, temperature).replace(backend=backend)
     total, parts = fused_linear_student_loss(
         student, student_lm_head_weight, teacher.detach(), None, options, student_bias=student_lm_head_bias,
         softcap=student_final_logit_softcapping, logit_scale=student_logit_scale, chunk_size=chunk_size,
         fp32_logits=True)
     return total, parts.entropy, valid.sum()
+
+
+def _kept_rows(tensor: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """The rows [n, ·] of `tensor` [B, K, ·] at the masked-in tokens `kept` (flat indices), on its device."""
+    return tensor.reshape(-1, tensor.shape[-1]).index_select(0, kept.to(tensor.device))
 
 
 def _routed_rows(teacher_hidden_states: list, completion_mask, teacher_index):
@@ -163,16 +166,15 @@ def chunked_multi_teacher_divergence_loss(student_hidden_states, teacher_hidden_
     tokens)."""
     valid = completion_mask.reshape(-1) != 0
     kept = valid.nonzero().squeeze(1)
-    student = student_hidden_states.reshape(-1, student_hidden_states.shape[-1]).index_select(0, kept)
+    student = _kept_rows(student_hidden_states, kept)
     if teacher_index is not None:
         if weights is not None:
             raise ValueError("teacher_index routes each sequence to one teacher: pass weights=None with it")
         teachers, weights = _routed_rows(teacher_hidden_states, completion_mask, teacher_index)
     else:
-        teachers = [hidden.reshape(-1, hidden.shape[-1]).index_select(0, kept).detach()
-                    for hidden in teacher_hidden_states]
+        teachers = [_kept_rows(hidden, kept).detach() for hidden in teacher_hidden_states]
     if isinstance(weights, torch.Tensor) and weights.dim() > 1:
-        weights = weights.reshape(-1, weights.shape[-1]).index_select(0, kept.to(weights.device))
+        weights = _kept_rows(weights, kept)
     labels = None
     if isinstance(weights, str):  # the teachers' confidence in the tokens the policy sampled
         if completion_ids is None:
